@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N]
+# The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
+# archive appended to the cached initramfs. Streams the test host's console, exits with the
+# scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/../kit/lib.sh"
+
+usage() {
+    sed -n '2,3s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+}
+
+scenario= enspeed= timeout=900 mem=3072 smp=2
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
+    --enspeed) enspeed=${2:?--enspeed needs a path}; shift 2 ;;
+    --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
+    --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
+    --smp) smp=${2:?--smp needs a count}; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage ;;
+    esac
+done
+[ -n "$scenario" ] || usage
+[ -f "$scenario" ] || die "scenario $scenario: no such file"
+[ -z "$enspeed" ] || [ -x "$enspeed" ] || die "enspeed binary $enspeed: not an executable file"
+
+ensure_tool qemu-system-x86_64 qemu-system-x86
+ensure_tool cpio cpio
+"$here/build.sh"
+TH=$CACHE/testhost
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/testhost-run.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# Left uncompressed: it may carry a large debug build of enspeed, and under TCG copying is
+# cheaper than decompressing.
+mkdir "$work/extra"
+install -m 0755 "$scenario" "$work/extra/scenario.sh"
+[ -z "$enspeed" ] || stage_elf "$work/extra" "$enspeed" usr/local/bin/enspeed
+cpio_dir "$work/extra" >"$work/extra.cpio"
+cpio_cat "$TH/initrd.img" "$work/extra.cpio" >"$work/initrd.img"
+
+log "booting the test host (TCG, $smp vCPUs, $mem MiB) with scenario $scenario${enspeed:+ and $enspeed}"
+start=$(date +%s.%N)
+set +e
+# No network device: nothing the guests send can leave the test host. TCG lacks a few of the
+# EPYC model's features (rdseed, sha-ni, ...) and warns about each once per vCPU; those
+# warnings are dropped, any other QEMU message still shows.
+timeout -k 10 "$timeout" qemu-system-x86_64 \
+    -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
+    -nographic -no-reboot -nic none \
+    -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
+    -append "console=ttyS0 panic=-1 quiet" \
+    </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+qemu_rc=${PIPESTATUS[0]}
+set -e
+elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+
+if [ "$qemu_rc" = 124 ]; then
+    log "timed out after $timeout s (elapsed $elapsed s); QEMU killed"
+    exit 124
+fi
+code=$(tr -d '\r' <"$work/console.log" | sed -n 's/^TESTHOST-EXIT \([0-9][0-9]*\)$/\1/p' | tail -n1)
+if [ -z "$code" ]; then
+    log "the test host stopped (QEMU exit $qemu_rc) without a TESTHOST-EXIT line; elapsed $elapsed s"
+    exit 125
+fi
+log "scenario exit code $code; elapsed $elapsed s"
+exit "$code"
