@@ -1,0 +1,169 @@
+//! What a VM is made of, and the parsing of the command-line forms of its
+//! devices (`--disk PATH[,readonly]`, `--net tap=NAME[,mac=MAC]`,
+//! `--serial stdout|FILE`). These forms are a stable interface: scripts and
+//! the node agent rely on them.
+
+use std::path::PathBuf;
+
+use crate::devices::virtio::net::parse_mac;
+
+/// A disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Read-only, removable media (ISO images).
+    pub readonly: bool,
+}
+
+/// A network card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name.
+    pub tap: String,
+    /// MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialTarget {
+    /// The VMM's standard output (and input, when it is a terminal).
+    Stdout,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// A whole VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image (bzImage or ELF).
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, before the VMM appends its device list.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Disks, in order.
+    pub disks: Vec<DiskConfig>,
+    /// NICs, in order.
+    pub nets: Vec<NetConfig>,
+    /// Serial console destination.
+    pub serial: SerialTarget,
+    /// Control socket path.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Parses `PATH[,readonly]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("disk path is empty")?;
+    let mut readonly = false;
+    for opt in parts {
+        match opt {
+            "readonly" | "ro" => readonly = true,
+            other => return Err(format!("unknown disk option {other:?} (expected readonly)")),
+        }
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        readonly,
+    })
+}
+
+/// A locally administered MAC derived from the tap name, so a VM keeps its
+/// address across restarts without one being given.
+fn default_mac(tap: &str) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+            Some(("mac", v)) => {
+                mac = Some(parse_mac(v).ok_or_else(|| format!("invalid MAC address {v:?}"))?)
+            }
+            _ => {
+                return Err(format!(
+                    "unknown network option {opt:?} (expected tap=NAME or mac=MAC)"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or("network card needs tap=NAME")?;
+    if tap.len() >= 16 {
+        return Err(format!("tap name {tap:?} is longer than 15 bytes"));
+    }
+    let mac = mac.unwrap_or_else(|| default_mac(&tap));
+    if mac[0] & 1 != 0 {
+        return Err("MAC address is a multicast address".into());
+    }
+    Ok(NetConfig { tap, mac })
+}
+
+/// Parses `stdout` or a file path.
+pub fn parse_serial(s: &str) -> Result<SerialTarget, String> {
+    match s {
+        "" => Err("serial target is empty".into()),
+        "stdout" => Ok(SerialTarget::Stdout),
+        path => Ok(SerialTarget::File(path.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            parse_disk("/a.img").unwrap(),
+            DiskConfig {
+                path: "/a.img".into(),
+                readonly: false
+            }
+        );
+        assert!(parse_disk("/a.iso,readonly").unwrap().readonly);
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk("/a.img,fast").is_err());
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let d = parse_net("tap=tap0").unwrap();
+        assert_eq!(d.mac, parse_net("tap=tap0").unwrap().mac);
+        assert_ne!(d.mac, parse_net("tap=tap1").unwrap().mac);
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+        assert!(parse_net("tap=").is_err());
+        assert!(parse_net("tap=x,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert!(parse_net("tap=t,speed=10").is_err());
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!(parse_serial("stdout").unwrap(), SerialTarget::Stdout);
+        assert_eq!(
+            parse_serial("/tmp/x").unwrap(),
+            SerialTarget::File("/tmp/x".into())
+        );
+        assert!(parse_serial("").is_err());
+    }
+}

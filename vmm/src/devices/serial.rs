@@ -1,0 +1,165 @@
+//! The 8250/16550 serial console (COM1) and where its output goes: the
+//! chosen sink (stdout or a file), an in-memory log of recent output, and any
+//! number of streaming clients of the control socket.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{lock, BusDevice};
+
+/// How much recent console output is kept for clients that attach late.
+const LOG_CAPACITY: usize = 256 * 1024;
+/// Chunks queued per streaming client before it counts as too slow.
+const CLIENT_QUEUE: usize = 1024;
+
+/// Raises an edge-triggered IRQ through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Console output fan-out, shared by the serial device and the control socket.
+pub struct Console {
+    sink: Mutex<Box<dyn Write + Send>>,
+    log: Mutex<VecDeque<u8>>,
+    clients: Mutex<Vec<SyncSender<Vec<u8>>>>,
+}
+
+impl Console {
+    /// A console writing to `sink`.
+    pub fn new(sink: Box<dyn Write + Send>) -> Arc<Self> {
+        Arc::new(Console {
+            sink: Mutex::new(sink),
+            log: Mutex::new(VecDeque::with_capacity(4096)),
+            clients: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records guest output and passes it on.
+    pub fn output(&self, data: &[u8]) {
+        {
+            let mut s = lock(&self.sink);
+            // A closed terminal must not stop the guest.
+            let _ = s.write_all(data).and_then(|_| s.flush());
+        }
+        {
+            let mut log = lock(&self.log);
+            let len = log.len();
+            let overflow = (len + data.len()).saturating_sub(LOG_CAPACITY);
+            log.drain(..overflow.min(len));
+            log.extend(data.iter().skip(data.len().saturating_sub(LOG_CAPACITY)));
+        }
+        // Slow or gone clients are dropped rather than allowed to stall the vCPU.
+        lock(&self.clients).retain(|c| match c.try_send(data.to_vec()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    /// The recent output still in the log.
+    pub fn history(&self) -> Vec<u8> {
+        lock(&self.log).iter().copied().collect()
+    }
+
+    /// Subscribes to future output; returns the history up to now and the stream.
+    pub fn subscribe(&self) -> (Vec<u8>, Receiver<Vec<u8>>) {
+        let (tx, rx) = sync_channel(CLIENT_QUEUE);
+        // Hold the log lock while registering so no byte is lost or doubled.
+        let log = lock(&self.log);
+        lock(&self.clients).push(tx);
+        (log.iter().copied().collect(), rx)
+    }
+}
+
+/// Adapter giving vm-superio a `Write` that feeds the console.
+pub struct ConsoleWriter(pub Arc<Console>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.output(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The serial port as a bus device.
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` and writing to `console`.
+    pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
+        SerialDevice {
+            serial: Serial::new(IrqTrigger(irq), ConsoleWriter(console)),
+        }
+    }
+
+    /// Queues bytes for the guest to read; returns how many fit in the FIFO.
+    pub fn input(&mut self, data: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(data).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), 1) = (u8::try_from(offset), data.len()) {
+            data[0] = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), 1) = (u8::try_from(offset), data.len()) {
+            if let Err(e) = self.serial.write(off, data[0]) {
+                tracing::warn!(error = ?e, "serial write failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_reaches_log_and_subscribers_and_history_is_bounded() {
+        let c = Console::new(Box::new(std::io::sink()));
+        c.output(b"hello ");
+        let (hist, rx) = c.subscribe();
+        assert_eq!(hist, b"hello ");
+        c.output(b"world");
+        assert_eq!(rx.recv().unwrap(), b"world");
+        c.output(&vec![b'x'; LOG_CAPACITY + 10]);
+        let h = c.history();
+        assert_eq!(h.len(), LOG_CAPACITY);
+        assert!(h.iter().all(|b| *b == b'x'));
+    }
+
+    #[test]
+    fn uart_transmits_through_the_console() {
+        let c = Console::new(Box::new(std::io::sink()));
+        let mut s = SerialDevice::new(EventFd::new(0).unwrap(), c.clone());
+        for b in b"ok\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(c.history(), b"ok\n");
+        // Wide or out-of-range accesses are ignored, not a panic.
+        s.write(0x1_0000, &[1]);
+        let mut d = [9u8; 2];
+        s.read(0, &mut d);
+        assert_eq!(d, [0, 0]);
+    }
+}

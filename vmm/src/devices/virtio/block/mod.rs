@@ -1,0 +1,433 @@
+//! virtio-blk over a file: read, write, flush, device id, and a read-only
+//! mode whose media can be changed or ejected while the guest runs (ISO
+//! images as CD-ROMs).
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::request::{Op, Request, SECTOR_SIZE};
+use super::worker::{QueueHandler, Worker};
+use super::{features, ids, read_config_bytes, Interrupt, VirtioDevice};
+use crate::bus::lock;
+use crate::memory::GuestMemory;
+
+const QUEUE_SIZE: u16 = 256;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open disk {path}: {err}")]
+    Open {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// Media change on a writable disk.
+    #[error("disk {0} is not removable media (only read-only disks are)")]
+    NotRemovable(PathBuf),
+}
+
+/// The file behind the disk; `None` when the media is ejected.
+struct Backend {
+    file: Option<File>,
+    path: Option<PathBuf>,
+    sectors: u64,
+}
+
+impl Backend {
+    fn open(path: &Path, readonly: bool) -> Result<Backend, BlockError> {
+        let err = |err| BlockError::Open {
+            path: path.to_owned(),
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        Ok(Backend {
+            file: Some(file),
+            path: Some(path.to_owned()),
+            sectors: len / SECTOR_SIZE,
+        })
+    }
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    backend: Arc<Mutex<Backend>>,
+    readonly: bool,
+    id: [u8; request::ID_LEN],
+    worker: Option<Worker<BlockWorker>>,
+    name: String,
+}
+
+impl Block {
+    /// Opens `path` as a disk; `readonly` disks are removable media.
+    pub fn new(path: &Path, readonly: bool) -> Result<Block, BlockError> {
+        let backend = Backend::open(path, readonly)?;
+        let mut id = [0u8; request::ID_LEN];
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Block {
+            backend: Arc::new(Mutex::new(backend)),
+            readonly,
+            id,
+            worker: None,
+            name,
+        })
+    }
+
+    /// Replaces (`Some`) or ejects (`None`) the media. The caller tells the
+    /// guest through a configuration-change interrupt.
+    pub fn change_media(&mut self, path: Option<&Path>) -> Result<(), BlockError> {
+        if !self.readonly {
+            let p = lock(&self.backend).path.clone().unwrap_or_default();
+            return Err(BlockError::NotRemovable(p));
+        }
+        let new = match path {
+            Some(p) => Backend::open(p, true)?,
+            None => Backend {
+                file: None,
+                path: None,
+                sectors: 0,
+            },
+        };
+        *lock(&self.backend) = new;
+        Ok(())
+    }
+
+    /// The current media path, if any.
+    pub fn media(&self) -> Option<PathBuf> {
+        lock(&self.backend).path.clone()
+    }
+
+    /// Whether the disk is read-only (removable) media.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn config(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&lock(&self.backend).sectors.to_le_bytes());
+        // seg_max: descriptors per request minus header and status.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        ids::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.readonly { F_RO } else { 0 };
+        features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | ro
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        _features: u64,
+        mut queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), String> {
+        let queue = queues.pop().ok_or("virtio-blk needs one queue")?;
+        let handler = BlockWorker {
+            mem,
+            queue,
+            backend: self.backend.clone(),
+            readonly: self.readonly,
+            id: self.id,
+            interrupt,
+            iovecs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+        };
+        let w = Worker::spawn(format!("blk-{}", self.name), handler, queue_evts)
+            .map_err(|e| format!("cannot start disk worker: {e}"))?;
+        self.worker = Some(w);
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+struct BlockWorker {
+    mem: GuestMemory,
+    queue: Queue,
+    backend: Arc<Mutex<Backend>>,
+    readonly: bool,
+    id: [u8; request::ID_LEN],
+    interrupt: Arc<Interrupt>,
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovec buffer only ever holds pointers into guest memory that
+// this worker owns a handle to; it is rebuilt for every request.
+unsafe impl Send for BlockWorker {}
+
+impl BlockWorker {
+    /// Runs one parsed request; returns the status byte and bytes written to the guest.
+    fn execute(&mut self, req: &Request) -> (u8, u32) {
+        use request::status::*;
+        let backend = lock(&self.backend);
+        let Some(file) = backend.file.as_ref() else {
+            // Ejected media: every access fails, as on an empty drive.
+            return (IOERR, 0);
+        };
+        match req.op {
+            Op::Read | Op::Write => {
+                if req.op == Op::Write && self.readonly {
+                    return (IOERR, 0);
+                }
+                let end = req
+                    .sector
+                    .checked_mul(SECTOR_SIZE)
+                    .and_then(|s| s.checked_add(req.data_len));
+                match end {
+                    Some(end) if end <= backend.sectors * SECTOR_SIZE => {}
+                    _ => return (IOERR, 0),
+                }
+                match transfer(&self.mem, &mut self.iovecs, file, req) {
+                    Ok(()) if req.op == Op::Read => (OK, req.data_len as u32),
+                    Ok(()) => (OK, 0),
+                    Err(e) => {
+                        tracing::warn!(error = %e, sector = req.sector, "disk I/O failed");
+                        (IOERR, 0)
+                    }
+                }
+            }
+            Op::Flush => match file.sync_data() {
+                Ok(()) => (OK, 0),
+                Err(e) => {
+                    tracing::warn!(error = %e, "disk flush failed");
+                    (IOERR, 0)
+                }
+            },
+            Op::GetId => {
+                // The id may span several guest buffers.
+                let mut off = 0usize;
+                for s in &req.data {
+                    let n = (s.len as usize).min(request::ID_LEN - off);
+                    if self
+                        .mem
+                        .write_slice(&self.id[off..off + n], s.addr)
+                        .is_err()
+                    {
+                        return (IOERR, 0);
+                    }
+                    off += n;
+                    if off == request::ID_LEN {
+                        break;
+                    }
+                }
+                (OK, request::ID_LEN as u32)
+            }
+        }
+    }
+}
+
+/// Moves a request's data with one preadv/pwritev, straight between the
+/// file and guest memory.
+fn transfer(
+    mem: &GuestMemory,
+    iovecs: &mut Vec<libc::iovec>,
+    file: &File,
+    req: &Request,
+) -> std::io::Result<()> {
+    iovecs.clear();
+    for s in &req.data {
+        let slice = mem
+            .get_slice(s.addr, s.len as usize)
+            .map_err(|e| std::io::Error::other(format!("guest buffer: {e}")))?;
+        iovecs.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    let mut offset = (req.sector * SECTOR_SIZE) as i64;
+    let mut iov: &mut [libc::iovec] = iovecs;
+    while !iov.is_empty() {
+        let n = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
+        // SAFETY: every iovec points into mapped guest memory checked by
+        // get_slice above, which stays mapped while `self.mem` lives.
+        let done = unsafe {
+            if req.op == Op::Read {
+                libc::preadv(file.as_raw_fd(), iov.as_ptr(), n, offset)
+            } else {
+                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n, offset)
+            }
+        };
+        if done < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if done == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shorter than disk",
+            ));
+        }
+        offset += done as i64;
+        // Skip what was transferred.
+        let mut left = done as usize;
+        while left > 0 && !iov.is_empty() {
+            if left >= iov[0].iov_len {
+                left -= iov[0].iov_len;
+                iov = &mut iov[1..];
+            } else {
+                iov[0].iov_base = iov[0].iov_base.wrapping_byte_add(left);
+                iov[0].iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl BlockWorker {
+    fn process(&mut self) {
+        loop {
+            if self.queue.disable_notification(&self.mem).is_err() {
+                return;
+            }
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let parsed = request::split_chain(chain, &self.mem)
+                    .and_then(|p| request::parse(p, &self.mem));
+                let (status_addr, status, len) = match parsed {
+                    Ok(req) => {
+                        let (st, len) = self.execute(&req);
+                        (Some(req.status), st, len)
+                    }
+                    Err((p, e)) => {
+                        tracing::debug!(error = %e, "refused virtio-blk request");
+                        let st = match e {
+                            request::RequestError::Unsupported(_) => request::status::UNSUPP,
+                            _ => request::status::IOERR,
+                        };
+                        (e.status_addr(&p), st, 0)
+                    }
+                };
+                let used = match status_addr {
+                    Some(a) if self.mem.write_obj(status, a).is_ok() => len + 1,
+                    _ => 0,
+                };
+                if let Err(e) = self.queue.add_used(&self.mem, head, used) {
+                    tracing::warn!(error = ?e, "cannot return a used buffer");
+                }
+            }
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_used();
+        }
+    }
+}
+
+impl QueueHandler for BlockWorker {
+    fn queue_notified(&mut self, _index: usize) {
+        self.process();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str, len: u64) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("enspeed-blk-{}-{name}", std::process::id()));
+        let f = File::create(&p).unwrap();
+        f.set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn config_reports_capacity_and_ro_feature() {
+        let p = tmp("cfg", 1 << 20);
+        let b = Block::new(&p, true).unwrap();
+        let mut c = [0u8; 8];
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 2048);
+        assert_ne!(b.features() & F_RO, 0);
+        let w = Block::new(&p, false).unwrap();
+        assert_eq!(w.features() & F_RO, 0);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn only_readonly_media_can_change_and_eject_empties_it() {
+        let p = tmp("media", 1 << 20);
+        let q = tmp("media2", 2 << 20);
+        let mut w = Block::new(&p, false).unwrap();
+        assert!(matches!(
+            w.change_media(None),
+            Err(BlockError::NotRemovable(_))
+        ));
+        let mut r = Block::new(&p, true).unwrap();
+        r.change_media(Some(&q)).unwrap();
+        assert_eq!(r.media(), Some(q.clone()));
+        let mut c = [0u8; 8];
+        r.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 4096);
+        r.change_media(None).unwrap();
+        r.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 0);
+        assert!(r
+            .change_media(Some(Path::new("/nonexistent/x.iso")))
+            .is_err());
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(q).unwrap();
+    }
+}

@@ -1,0 +1,117 @@
+//! A Linux tap interface carrying frames with a virtio-net header in front.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Length of the virtio 1.x net header that precedes every frame.
+pub const VNET_HDR_LEN: usize = 12;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+// _IOW('T', 202, int), _IOW('T', 216, int), _IOU('T', 208)
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Errors opening a tap.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The interface name is empty or too long.
+    #[error("invalid tap name {0:?} (1 to 15 bytes)")]
+    Name(String),
+    /// A system call failed.
+    #[error("cannot open tap {name}: {what}: {err}")]
+    Open {
+        /// Interface name.
+        name: String,
+        /// Which step.
+        what: &'static str,
+        /// Cause.
+        err: std::io::Error,
+    },
+}
+
+/// An open tap device, non-blocking.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Opens (creating if needed) tap interface `name` with vnet headers.
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(TapError::Name(name.into()));
+        }
+        let err = |what, err| TapError::Open {
+            name: name.into(),
+            what,
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| err("/dev/net/tun", e))?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let fd = file.as_raw_fd();
+        // SAFETY: the ioctls get valid pointers to properly sized values.
+        unsafe {
+            if libc::ioctl(fd, TUNSETIFF as _, &mut req) < 0 {
+                return Err(err("TUNSETIFF", std::io::Error::last_os_error()));
+            }
+            let hdr = VNET_HDR_LEN as libc::c_int;
+            if libc::ioctl(fd, TUNSETVNETHDRSZ as _, &hdr) < 0 {
+                return Err(err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
+            }
+            // No offloads: we negotiate no checksum or segmentation features.
+            if libc::ioctl(fd, TUNSETOFFLOAD as _, 0 as libc::c_ulong) < 0 {
+                return Err(err("TUNSETOFFLOAD", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Tap {
+            file,
+            name: name.into(),
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame (with header); `Ok(None)` when none is waiting.
+    pub fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self.file.read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one frame (with header).
+    pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.file.write(frame).map(|_| ())
+    }
+
+    /// The descriptor, for epoll.
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}

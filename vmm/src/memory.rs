@@ -1,0 +1,109 @@
+//! Guest RAM: one memfd, mapped shared, so that a vhost-user backend in
+//! another process can map the very same pages later.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// Guest memory as the rest of the VMM sees it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Errors while setting up guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create failed.
+    #[error("cannot create the memfd backing guest RAM: {0}")]
+    Memfd(std::io::Error),
+    /// Sizing the memfd failed.
+    #[error("cannot size guest RAM to {0} bytes: {1}")]
+    Size(u64, std::io::Error),
+    /// Mapping failed.
+    #[error("cannot map guest RAM: {0}")]
+    Map(vm_memory::mmap::FromRangesError),
+    /// Size is zero or too large.
+    #[error("guest RAM size {0} MiB is out of range (16 MiB to 1 TiB)")]
+    BadSize(u64),
+}
+
+/// The guest-physical ranges holding `size` bytes of RAM: below the 32-bit
+/// MMIO hole first, the rest from 4 GiB up.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Creates guest RAM of `mib` MiB backed by one memfd.
+pub fn create(mib: u64) -> Result<(GuestMemory, File), MemoryError> {
+    if !(16..=1 << 20).contains(&mib) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    let size = mib << 20;
+    let name = CString::new("enspeed-guest-ram").expect("no NUL in literal");
+    // SAFETY: name is a valid NUL-terminated string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| MemoryError::Size(size, e))?;
+
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (base, len) in ram_ranges(size) {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        let region =
+            GuestRegionMmap::from_range(base, len as usize, Some(FileOffset::new(clone, offset)))
+                .map_err(MemoryError::Map)?;
+        regions.push(region);
+        offset += len;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| MemoryError::Map(vm_memory::mmap::FromRangesError::Collection(e)))?;
+    Ok((mem, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_ram_is_one_region() {
+        let (mem, _f) = create(64).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert!(mem.read_obj::<u8>(GuestAddress(64 << 20)).is_err());
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(
+            r[1],
+            (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        assert!(matches!(create(0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(create(1 << 30), Err(MemoryError::BadSize(_))));
+    }
+}

@@ -1,0 +1,209 @@
+//! vCPU threads: each runs KVM_RUN and dispatches exits to the buses. The
+//! VM parks them for pause and stops them for power-off or reboot by
+//! setting a shared state and kicking them out of KVM_RUN with a signal.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::{lock, Bus};
+use crate::vm::VmEvent;
+
+/// What the VM wants its vCPUs to do.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Run {
+    /// Run the guest.
+    Go = 0,
+    /// Park until told otherwise.
+    Pause = 1,
+    /// Leave the thread.
+    Exit = 2,
+}
+
+/// State shared by the VM and all its vCPU threads.
+pub struct Control {
+    want: AtomicU8,
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Control {
+    /// Everyone running.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Control {
+            want: AtomicU8::new(Run::Go as u8),
+            parked: Mutex::new(0),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn want(&self) -> Run {
+        match self.want.load(Ordering::SeqCst) {
+            0 => Run::Go,
+            1 => Run::Pause,
+            _ => Run::Exit,
+        }
+    }
+
+    /// Sets what vCPUs should do and wakes parked ones.
+    pub fn set(&self, run: Run) {
+        self.want.store(run as u8, Ordering::SeqCst);
+        let _g = lock(&self.parked);
+        self.changed.notify_all();
+    }
+
+    /// How many vCPUs are parked.
+    pub fn parked(&self) -> usize {
+        *lock(&self.parked)
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler whose only job is to make KVM_RUN return EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts vCPU `id`.
+    pub fn spawn(
+        id: u8,
+        mut fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        control: Arc<Control>,
+        events: Sender<VmEvent>,
+    ) -> std::io::Result<VcpuThread> {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                // SIGRTMIN is blocked by default in no thread; nothing to unblock.
+                loop {
+                    match control.want() {
+                        Run::Exit => return,
+                        Run::Pause => {
+                            let mut parked = lock(&control.parked);
+                            *parked += 1;
+                            control.changed.notify_all();
+                            while control.want() == Run::Pause {
+                                parked = control
+                                    .changed
+                                    .wait(parked)
+                                    .unwrap_or_else(|p| p.into_inner());
+                            }
+                            *parked -= 1;
+                            continue;
+                        }
+                        Run::Go => {}
+                    }
+                    match fd.run() {
+                        Ok(exit) => match exit {
+                            VcpuExit::IoIn(port, data) => {
+                                pio.read(u64::from(port), data);
+                            }
+                            VcpuExit::IoOut(port, data) => {
+                                pio.write(u64::from(port), data);
+                            }
+                            VcpuExit::MmioRead(addr, data) => {
+                                if !mmio.read(addr, data) {
+                                    data.fill(0);
+                                }
+                            }
+                            VcpuExit::MmioWrite(addr, data) => {
+                                mmio.write(addr, data);
+                            }
+                            VcpuExit::Hlt => {
+                                // With an in-kernel LAPIC, HLT reaches us only when
+                                // the guest halted for good (interrupts off).
+                                tracing::info!(vcpu = id, "guest halted the CPU");
+                                let _ = events.send(VmEvent::Halted(id));
+                                control.set(Run::Pause);
+                            }
+                            VcpuExit::Shutdown => {
+                                // A triple fault: what a PC does is reset.
+                                tracing::info!(vcpu = id, "guest triple-faulted; resetting");
+                                let _ = events.send(VmEvent::Reset);
+                                control.set(Run::Pause);
+                            }
+                            VcpuExit::SystemEvent(kind, _) => {
+                                let ev = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                                    VmEvent::Reset
+                                } else {
+                                    VmEvent::PowerOff
+                                };
+                                let _ = events.send(ev);
+                                control.set(Run::Pause);
+                            }
+                            VcpuExit::FailEntry(reason, cpu) => {
+                                let _ = events.send(VmEvent::VcpuFailed(format!(
+                                "vCPU {id}: KVM entry failed, reason {reason:#x} on host CPU {cpu}"
+                            )));
+                                return;
+                            }
+                            VcpuExit::InternalError => {
+                                let _ = events.send(VmEvent::VcpuFailed(format!(
+                                    "vCPU {id}: KVM internal error"
+                                )));
+                                return;
+                            }
+                            VcpuExit::Intr => {}
+                            other => {
+                                tracing::debug!(vcpu = id, exit = ?other, "unhandled vCPU exit");
+                            }
+                        },
+                        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                        Err(e) => {
+                            let _ = events.send(VmEvent::VcpuFailed(format!(
+                                "vCPU {id}: KVM_RUN failed: {e}"
+                            )));
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(VcpuThread { handle })
+    }
+
+    /// Interrupts KVM_RUN so the thread looks at its orders.
+    pub fn kick(&self) {
+        let _ = self.handle.kill(kick_signal());
+    }
+
+    /// Whether the thread has ended.
+    pub fn finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(self) {
+        let _ = self.handle.join();
+    }
+}
+
+/// Kicks `threads` until `done` holds: a kick that lands just before
+/// KVM_RUN starts is lost, so one is not enough.
+pub fn kick_until(threads: &[VcpuThread], done: impl Fn() -> bool) {
+    while !done() {
+        for t in threads {
+            t.kick();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

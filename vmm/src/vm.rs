@@ -1,0 +1,635 @@
+//! One VM: building it from a [`VmConfig`], running it, and its power
+//! states.
+//!
+//! ```text
+//!            build + boot
+//!   (start) -------------> Running <----resume---- Paused
+//!                            |   \-----pause------>  |
+//!         power button       |                       |
+//!   ShuttingDown <-----------+                       |
+//!        | guest S5 / timeout, stop                  |
+//!        v                                           |
+//!      Off (process exits 0) <------- stop ----------+
+//!   Running --guest reset / Ctrl-Alt-Del reboot--> rebuilt, Running
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{self, DiskStatus, Request, Response, Status};
+use crate::arch::layout::*;
+use crate::arch::{acpi, boot, cpuid, regs};
+use crate::bus::{lock, Bus};
+use crate::config::{SerialTarget, VmConfig};
+use crate::devices::acpi_pm::{AcpiPm, ResetPort};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{Console, SerialDevice};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::net::{tap::Tap, Net};
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{self, Control, Run, VcpuThread};
+
+/// Things that happen to a VM, from its devices, vCPUs and control socket.
+pub enum VmEvent {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (keyboard controller, reset register, triple fault).
+    Reset,
+    /// A vCPU halted with no way to wake.
+    Halted(u8),
+    /// A vCPU cannot go on.
+    VcpuFailed(String),
+    /// A control-socket request and where to answer it.
+    Api(Request, Sender<Response>),
+    /// Keystrokes for the serial console.
+    SerialInput(Vec<u8>),
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or refused.
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM refused to {what}: {err}")]
+    KvmCall {
+        /// What we asked.
+        what: &'static str,
+        /// Why it failed.
+        err: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Kernel, initrd or boot data.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// vCPU register setup.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// A disk.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    /// A tap.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::tap::TapError),
+    /// Too many devices, a bad vCPU count, a bus clash.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// An OS call (threads, eventfds, files) failed.
+    #[error("{what}: {err}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// Why it failed.
+        err: std::io::Error,
+    },
+    /// A vCPU died.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |err| VmError::Io { what, err }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::KvmCall { what, err }
+}
+
+/// Why the VM ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest powered off.
+    PowerOff,
+    /// The host stopped it.
+    Stopped,
+}
+
+/// A virtio device with the index it has among its kind.
+enum VirtioSlot {
+    Disk(usize, Arc<Mutex<MmioTransport>>),
+    Net(Arc<Mutex<MmioTransport>>),
+}
+
+/// A built VM: memory, vCPUs and devices.
+struct Vm {
+    _vm: Arc<VmFd>,
+    _mem: GuestMemory,
+    _memfd: std::fs::File,
+    vcpus: Vec<VcpuThread>,
+    control: Arc<Control>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    pm: Arc<Mutex<AcpiPm>>,
+    virtio: Vec<VirtioSlot>,
+}
+
+/// Appends the virtio-mmio device list to the command line, the form
+/// Linux's `virtio_mmio.device=` parameter takes.
+fn cmdline_with_devices(base: &str, count: usize) -> String {
+    let mut s = base.trim().to_string();
+    for i in 0..count {
+        let addr = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        s.push_str(&format!(
+            " virtio_mmio.device=4K@{addr:#x}:{}",
+            VIRTIO_IRQS[i]
+        ));
+    }
+    s
+}
+
+impl Vm {
+    fn build(
+        cfg: &VmConfig,
+        console: &Arc<Console>,
+        events: &Sender<VmEvent>,
+    ) -> Result<Vm, VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > 64 {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested; 1 to 64 are supported",
+                cfg.vcpus
+            )));
+        }
+        let device_count = cfg.disks.len() + cfg.nets.len();
+        if device_count > VIRTIO_IRQS.len() {
+            return Err(VmError::Config(format!(
+                "{device_count} disks and NICs requested; at most {} are supported",
+                VIRTIO_IRQS.len()
+            )));
+        }
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm.set_identity_map_address(0xfffb_c000)
+            .map_err(kvm_err("set the identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+
+        let (mem, memfd) = memory::create(cfg.memory_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmError::Config(format!("guest RAM region: {e}")))?;
+            let r = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is mapped for as long as `mem` lives, which
+            // outlives the VM fd (both are owned by this Vm, VM fd dropped first
+            // only after vCPU threads are joined).
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
+        }
+
+        // Boot.
+        let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+        let initrd = cfg
+            .initrd
+            .as_deref()
+            .map(|p| boot::load_initrd(&mem, p))
+            .transpose()?;
+        let rsdp = acpi::write_tables(&mem, cfg.vcpus)?;
+        let cmdline = cmdline_with_devices(&cfg.cmdline, device_count);
+        boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp)?;
+
+        // Legacy devices.
+        let mut pio = Bus::default();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("wire the serial IRQ"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)
+            .map_err(kvm_err("wire the keyboard IRQ"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, events.clone())));
+        let sci_vm = vm.clone();
+        let pm = Arc::new(Mutex::new(AcpiPm::new(
+            Box::new(move |level| {
+                if let Err(e) = sci_vm.set_irq_line(SCI_IRQ, level) {
+                    tracing::warn!(error = %e, "cannot drive the SCI");
+                }
+            }),
+            events.clone(),
+        )));
+        let bus_err = |e: crate::bus::BusError| VmError::Config(e.to_string());
+        pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
+            .map_err(bus_err)?;
+        pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)
+            .map_err(bus_err)?;
+        pio.insert(pm.clone(), u64::from(PM1A_EVT_PORT), u64::from(ACPI_PM_LEN))
+            .map_err(bus_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(ResetPort::new(events.clone()))),
+            u64::from(RESET_PORT),
+            1,
+        )
+        .map_err(bus_err)?;
+
+        // Virtio devices: disks first, then NICs, in command-line order.
+        let mut mmio = Bus::default();
+        let mut virtio = Vec::new();
+        let mut slot = 0usize;
+        let mut add = |dev: Box<dyn crate::devices::virtio::VirtioDevice>| -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+            vm.register_irqfd(&irq, VIRTIO_IRQS[slot]).map_err(kvm_err("wire a virtio IRQ"))?;
+            let t = MmioTransport::new(dev, mem.clone(), irq).map_err(io_err("virtio transport"))?;
+            for (i, e) in t.queue_evts().iter().enumerate() {
+                let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+                if let Err(err) = vm.register_ioevent(e, &addr, i as u32) {
+                    // The MMIO handler forwards notifies itself; only slower.
+                    tracing::warn!(error = %err, "no ioeventfd for a virtio queue");
+                }
+            }
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(t.clone(), base, VIRTIO_MMIO_SIZE).map_err(bus_err)?;
+            slot += 1;
+            Ok(t)
+        };
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let t = add(Box::new(Block::new(&d.path, d.readonly)?))?;
+            virtio.push(VirtioSlot::Disk(i, t));
+        }
+        for n in &cfg.nets {
+            let t = add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?;
+            virtio.push(VirtioSlot::Net(t));
+        }
+
+        // vCPUs.
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let control = Control::new();
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report CPUID"))?;
+        let mut fds = Vec::new();
+        for id in 0..cfg.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            let mut c = base_cpuid.clone();
+            cpuid::patch(&mut c, id, cfg.vcpus);
+            fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_regs(&fd, kernel.entry)?;
+            regs::setup_sregs(&mem, &fd, kernel.entry)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lapic(&fd)?;
+            fds.push(fd);
+        }
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            vcpus.push(
+                VcpuThread::spawn(
+                    id as u8,
+                    fd,
+                    pio.clone(),
+                    mmio.clone(),
+                    control.clone(),
+                    events.clone(),
+                )
+                .map_err(io_err("start a vCPU thread"))?,
+            );
+        }
+        tracing::info!(vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, entry = ?kernel.entry, "VM started");
+        Ok(Vm {
+            _vm: vm,
+            _mem: mem,
+            _memfd: memfd,
+            vcpus,
+            control,
+            serial,
+            i8042,
+            pm,
+            virtio,
+        })
+    }
+
+    fn pause(&self) {
+        self.control.set(Run::Pause);
+        let n = self.vcpus.len();
+        vcpu::kick_until(&self.vcpus, || self.control.parked() == n);
+    }
+
+    fn resume(&self) {
+        self.control.set(Run::Go);
+    }
+
+    /// Stops every vCPU thread and device worker.
+    fn teardown(self) {
+        self.control.set(Run::Exit);
+        vcpu::kick_until(&self.vcpus, || self.vcpus.iter().all(|t| t.finished()));
+        for t in self.vcpus {
+            t.join();
+        }
+        for v in &self.virtio {
+            let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+            lock(t).device_mut().reset();
+        }
+    }
+
+    fn disk(&self, index: usize) -> Option<&Arc<Mutex<MmioTransport>>> {
+        self.virtio.iter().find_map(|v| match v {
+            VirtioSlot::Disk(i, t) if *i == index => Some(t),
+            _ => None,
+        })
+    }
+}
+
+/// What the run loop decided.
+enum Next {
+    Exit(Exit),
+    Reboot,
+}
+
+/// Runs the VM described by `cfg` until it powers off or is stopped; a
+/// guest reset rebuilds it and boots again.
+pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
+    vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
+    let sink: Box<dyn Write + Send> = match &cfg.serial {
+        SerialTarget::Stdout => Box::new(std::io::stdout()),
+        SerialTarget::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(io_err(format!("open serial log {}", p.display())))?,
+        ),
+    };
+    let console = Console::new(sink);
+    let (tx, rx) = channel();
+    if let Some(sock) = &cfg.api_socket {
+        api::serve(sock, tx.clone(), console.clone())
+            .map_err(io_err(format!("serve {}", sock.display())))?;
+    }
+    if cfg.serial == SerialTarget::Stdout && unsafe_isatty_stdin() {
+        forward_stdin(tx.clone());
+    }
+    let mut boots = 0u64;
+    loop {
+        boots += 1;
+        let vm = Vm::build(&cfg, &console, &tx)?;
+        let next = run_until_exit(&cfg, &vm, &rx, boots);
+        vm.teardown();
+        // Events the old VM's devices sent while it was going down are stale.
+        while let Ok(ev) = rx.try_recv() {
+            if let VmEvent::Api(_, reply) = ev {
+                let _ = reply.send(Response::err("the VM was restarting; try again"));
+            }
+        }
+        match next? {
+            Next::Exit(e) => {
+                if let Some(sock) = &cfg.api_socket {
+                    let _ = std::fs::remove_file(sock);
+                }
+                return Ok(e);
+            }
+            Next::Reboot => tracing::info!("guest reset; booting again"),
+        }
+    }
+}
+
+fn unsafe_isatty_stdin() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(std::io::stdin().as_raw_fd()) == 1 }
+}
+
+fn forward_stdin(tx: Sender<VmEvent>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || tx.send(VmEvent::SerialInput(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+        });
+}
+
+fn run_until_exit(
+    cfg: &VmConfig,
+    vm: &Vm,
+    rx: &Receiver<VmEvent>,
+    boots: u64,
+) -> Result<Next, VmError> {
+    let started = Instant::now();
+    let mut paused = false;
+    let mut shutdown_deadline: Option<Option<Instant>> = None;
+    let mut serial_backlog: Vec<u8> = Vec::new();
+    loop {
+        if !serial_backlog.is_empty() {
+            let n = lock(&vm.serial).input(&serial_backlog);
+            serial_backlog.drain(..n);
+        }
+        if let Some(Some(deadline)) = shutdown_deadline {
+            if Instant::now() >= deadline {
+                tracing::info!("guest did not power off in time; stopping it");
+                return Ok(Next::Exit(Exit::Stopped));
+            }
+        }
+        let ev = match rx.recv_timeout(Duration::from_millis(if serial_backlog.is_empty() {
+            200
+        } else {
+            5
+        })) {
+            Ok(ev) => ev,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Ok(Next::Exit(Exit::Stopped)),
+        };
+        match ev {
+            VmEvent::PowerOff => {
+                tracing::info!("guest powered off");
+                return Ok(Next::Exit(Exit::PowerOff));
+            }
+            VmEvent::Reset => return Ok(Next::Reboot),
+            VmEvent::Halted(id) => tracing::info!(vcpu = id, "vCPU halted"),
+            VmEvent::VcpuFailed(msg) => return Err(VmError::Vcpu(msg)),
+            VmEvent::SerialInput(bytes) => {
+                // Bounded: a client pasting megabytes must not grow us without limit.
+                if serial_backlog.len() < 1 << 20 {
+                    serial_backlog.extend_from_slice(&bytes);
+                }
+            }
+            VmEvent::Api(req, reply) => {
+                let (resp, next) = handle_api(
+                    cfg,
+                    vm,
+                    req,
+                    &mut paused,
+                    &mut shutdown_deadline,
+                    started,
+                    boots,
+                );
+                let _ = reply.send(resp);
+                if let Some(n) = next {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+}
+
+fn handle_api(
+    cfg: &VmConfig,
+    vm: &Vm,
+    req: Request,
+    paused: &mut bool,
+    shutdown: &mut Option<Option<Instant>>,
+    started: Instant,
+    boots: u64,
+) -> (Response, Option<Next>) {
+    match req {
+        Request::Status {} => {
+            let state = match (shutdown.is_some(), *paused) {
+                (true, _) => "shutting-down",
+                (false, true) => "paused",
+                (false, false) => "running",
+            };
+            let disks = cfg
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| DiskStatus {
+                    path: if d.readonly {
+                        vm.disk(i).and_then(|t| disk_media(t))
+                    } else {
+                        Some(d.path.clone())
+                    },
+                    readonly: d.readonly,
+                })
+                .collect();
+            let status = Status {
+                state: state.into(),
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory_mib,
+                boots,
+                uptime_secs: started.elapsed().as_secs_f64(),
+                disks,
+                pid: std::process::id(),
+            };
+            (
+                Response {
+                    ok: true,
+                    error: None,
+                    status: Some(status),
+                },
+                None,
+            )
+        }
+        Request::Pause {} => {
+            if !*paused {
+                vm.pause();
+                *paused = true;
+            }
+            (Response::ok(), None)
+        }
+        Request::Resume {} => {
+            if *paused {
+                vm.resume();
+                *paused = false;
+            }
+            (Response::ok(), None)
+        }
+        Request::Stop {} => (Response::ok(), Some(Next::Exit(Exit::Stopped))),
+        Request::Shutdown { timeout_secs } => {
+            if *paused {
+                return (
+                    Response::err("the VM is paused; resume it first or use stop"),
+                    None,
+                );
+            }
+            let listening = lock(&vm.pm).press_power_button();
+            *shutdown = Some(timeout_secs.map(|s| Instant::now() + Duration::from_secs(s)));
+            if listening {
+                (Response::ok(), None)
+            } else {
+                (
+                    Response {
+                        ok: true,
+                        error: Some("power button pressed, but the guest has not enabled ACPI power-button events".into()),
+                        status: None,
+                    },
+                    None,
+                )
+            }
+        }
+        Request::CtrlAltDel {} => {
+            lock(&vm.i8042).ctrl_alt_del();
+            (Response::ok(), None)
+        }
+        Request::Media { disk, path } => {
+            let Some(t) = vm.disk(disk) else {
+                return (
+                    Response::err(format!("no disk {disk}; the VM has {}", cfg.disks.len())),
+                    None,
+                );
+            };
+            let mut t = lock(t);
+            let dev = t.device_mut();
+            let result = match as_block(dev) {
+                Some(b) => b.change_media(path.as_deref()).map_err(|e| e.to_string()),
+                None => Err(format!("disk {disk} is not a block device")),
+            };
+            match result {
+                Ok(()) => {
+                    t.config_changed();
+                    (Response::ok(), None)
+                }
+                Err(e) => (Response::err(e), None),
+            }
+        }
+        Request::Serial {} => (
+            Response::err("serial is handled by the socket itself"),
+            None,
+        ),
+    }
+}
+
+fn disk_media(t: &Arc<Mutex<MmioTransport>>) -> Option<std::path::PathBuf> {
+    as_block(lock(t).device_mut()).and_then(|b| b.media())
+}
+
+fn as_block(dev: &mut dyn crate::devices::virtio::VirtioDevice) -> Option<&mut Block> {
+    dev.as_any_mut().downcast_mut::<Block>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_list_is_appended_in_linux_form() {
+        assert_eq!(
+            cmdline_with_devices(" console=ttyS0 ", 2),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(cmdline_with_devices("quiet", 0), "quiet");
+    }
+}
