@@ -122,11 +122,13 @@ impl VcpuThread {
                                 pio.write(u64::from(port), data);
                             }
                             VcpuExit::MmioRead(addr, data) => {
+                                tracing::trace!(vcpu = id, addr, len = data.len(), "mmio read");
                                 if !mmio.read(addr, data) {
                                     data.fill(0);
                                 }
                             }
                             VcpuExit::MmioWrite(addr, data) => {
+                                tracing::trace!(vcpu = id, addr, ?data, "mmio write");
                                 mmio.write(addr, data);
                             }
                             VcpuExit::Hlt => {
@@ -158,8 +160,13 @@ impl VcpuThread {
                                 return;
                             }
                             VcpuExit::InternalError => {
+                                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
+                                let (sub, data) = unsafe {
+                                    let i = &fd.get_kvm_run().__bindgen_anon_1.internal;
+                                    (i.suberror, i.data[..(i.ndata as usize).min(16)].to_vec())
+                                };
                                 let _ = events.send(VmEvent::VcpuFailed(format!(
-                                    "vCPU {id}: KVM internal error"
+                                    "vCPU {id}: KVM internal error, suberror {sub}, data {data:x?}"
                                 )));
                                 return;
                             }
