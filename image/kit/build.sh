@@ -22,6 +22,7 @@ OUT=$CACHE/kit
 mkdir -p "$CACHE/debs"
 
 kpkg=$(kernel_package)
+deb_resolve "$kpkg" busybox-static
 inputs=$(printf '%s %s\n' "$kpkg" "$(deb_version "$kpkg")" busybox-static "$(deb_version busybox-static)" \
     e2fsprogs "$(dpkg-query -W -f='${Version}' e2fsprogs)" modules "$KIT_MODULES")
 key=$(inputs_hash "$here/build.sh" "$here/lib.sh" "$here/init" "$here/acpi-power-button" <<<"$inputs")
