@@ -179,9 +179,11 @@ cpio_dev_console() {
     done
 }
 
-# cpio_dir DIR: a newc archive of DIR's contents on stdout, owned by root, stable order.
+# cpio_dir DIR: a newc archive of DIR's contents on stdout: owned by root, in a stable order,
+# mtimes set to 0, so the same inputs give the same archive. (Changes DIR's mtimes.)
 cpio_dir() {
-    (cd "$1" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) ||
+    (cd "$1" && find . -mindepth 1 -exec touch -h -d @0 {} + &&
+        find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) ||
         die "cpio failed on $1"
 }
 
