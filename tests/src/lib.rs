@@ -1,1 +1,317 @@
-//! Helpers for the whole-system tests in tests/tests.
+//! Helpers for the whole-system tests: find the `enspeed` binary and the
+//! test guest, run `enspeed vmm` as a real process, read its serial console
+//! line by line, and talk to its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `enspeed` binary next to the test executable (built by the test
+/// command before the tests run), or `$ENSPEED_BIN`.
+pub fn enspeed_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENSPEED_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/enspeed
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("enspeed");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p enspeed), or set ENSPEED_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The level-1 test guest ELF, built once per test process.
+pub fn testguest() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("ENSPEED_TESTGUEST") {
+            return p.into();
+        }
+        let script = repo_root().join("image/testguest/build.sh");
+        let out = Command::new("sh")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run testguest build.sh");
+        assert!(out.status.success(), "building the test guest failed");
+        let s = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            s.lines()
+                .last()
+                .expect("build.sh prints the ELF path")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// Whether /dev/kvm can run guests here. Tests that boot guests skip only
+/// when it is missing, and say so loudly.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("\n!!!!!!!! SKIPPED {test}: /dev/kvm is missing on this machine; no guest was booted !!!!!!!!\n");
+    false
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh directory for test `name`.
+    pub fn new(name: &str) -> Scratch {
+        let base = std::env::var_os("TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/tmp".into());
+        let p = base.join(format!("enspeed-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        Scratch(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+
+    /// A zero-filled file of `size` bytes.
+    pub fn disk(&self, f: &str, size: u64) -> PathBuf {
+        let p = self.path(f);
+        std::fs::File::create(&p)
+            .and_then(|h| h.set_len(size))
+            .expect("create disk file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `enspeed vmm` whose serial console is its stdout.
+pub struct Vmm {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+    /// The control socket, when one was asked for.
+    pub api: Option<PathBuf>,
+    started: Instant,
+}
+
+impl Vmm {
+    /// Starts `enspeed vmm` with `args` (plus `--serial stdout`).
+    pub fn start(args: &[String]) -> Vmm {
+        let mut cmd = Command::new(enspeed_bin());
+        cmd.arg("vmm").args(args).args(["--serial", "stdout"]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn enspeed vmm");
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for (stream, tag) in [
+            (
+                Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+                "",
+            ),
+            (
+                Box::new(child.stderr.take().expect("stderr")),
+                "[vmm stderr] ",
+            ),
+        ] {
+            let tx = tx.clone();
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    let line = format!("{tag}{}", line.trim_end_matches('\r'));
+                    seen.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let api = args
+            .iter()
+            .position(|a| a == "--api-socket")
+            .map(|i| PathBuf::from(&args[i + 1]));
+        Vmm {
+            child,
+            lines: rx,
+            seen,
+            api,
+            started,
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.seen.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `pat`; panics with the output on timeout.
+    pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return l,
+                Ok(l) if l.contains("tg: FAIL") => panic!(
+                    "guest reported {l:?} while waiting for {pat:?}\n{}",
+                    self.output()
+                ),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {pat:?} within {timeout:?}; output so far:\n{}",
+                        self.output()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "VMM output ended before {pat:?}; output:\n{}",
+                        self.output()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Time since the process was spawned.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait for vmm") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "VMM did not exit within {timeout:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends one request to the control socket and returns the parsed answer.
+    pub fn api(&self, request: &str) -> serde_json::Value {
+        let path = self.api.as_ref().expect("VMM started without --api-socket");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .expect("control socket answer");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the argument list for booting the test guest.
+pub fn guest_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--kernel".to_string(),
+        testguest().display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 {cmdline}"),
+        "--memory".into(),
+        "128".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A stamped block as the test guest's `stamp` action writes it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stamp {
+    /// Never written.
+    Empty,
+    /// A valid stamp of `seq`.
+    Seq(u64),
+    /// Header or checksum wrong.
+    Torn,
+}
+
+/// IEEE CRC-32 continued from `crc` (0 to start), as the guest computes it.
+pub fn crc32_update(crc: u32, data: &[u8]) -> u32 {
+    let mut c = !crc;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// Decodes stamped block `index` from a disk image.
+pub fn read_stamp(image: &[u8], index: u64) -> Stamp {
+    let b = &image[(index * 4096) as usize..((index + 1) * 4096) as usize];
+    if b.iter().all(|x| *x == 0) {
+        return Stamp::Empty;
+    }
+    let idx = u64::from_le_bytes(b[8..16].try_into().unwrap());
+    let seq = u64::from_le_bytes(b[16..24].try_into().unwrap());
+    let crc = u32::from_le_bytes(b[24..28].try_into().unwrap());
+    // The checksum covers the whole block except its own four bytes.
+    let expect = crc32_update(crc32_update(0, &b[..24]), &b[28..]);
+    if &b[0..8] != b"ENSPSTMP" || idx != index || crc != expect {
+        return Stamp::Torn;
+    }
+    Stamp::Seq(seq)
+}

@@ -1,0 +1,400 @@
+//! Level 1: `enspeed vmm` boots the project's test guest on this machine's
+//! /dev/kvm, and the guest drives every device the way a driver does.
+
+use std::process::Command;
+use std::time::Duration;
+
+use enspeed_tests::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+#[test]
+fn disk_io_flush_device_id_and_acpi_poweroff() {
+    if !kvm_available("disk_io_flush_device_id_and_acpi_poweroff") {
+        return;
+    }
+    let s = Scratch::new("blk");
+    let disk = s.disk("disk0.img", 16 << 20);
+    let mut vm = Vmm::start(&guest_args(
+        "tg.run=blk,blkid tg.blocks=64 tg.end=poweroff",
+        &["--disk", disk.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: entry", BOOT);
+    vm.wait_for("tg: blk dev=0 sectors=32768 ro=0 flush=1", BOOT);
+    vm.wait_for("tg: blk ok blocks=64", BOOT);
+    vm.wait_for("tg: blk id=disk0.img", BOOT);
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(
+        vm.wait_exit(BOOT).success(),
+        "guest poweroff must exit 0:\n{}",
+        vm.output()
+    );
+    // What the guest wrote reached the file.
+    let data = std::fs::read(&disk).unwrap();
+    assert!(
+        data.iter().any(|b| *b != 0),
+        "the guest's writes are not in the disk file"
+    );
+}
+
+#[test]
+fn readonly_disk_refuses_writes() {
+    if !kvm_available("readonly_disk_refuses_writes") {
+        return;
+    }
+    let s = Scratch::new("ro");
+    let disk = s.disk("cd.iso", 1 << 20);
+    let mut vm = Vmm::start(&guest_args(
+        "tg.run=blk tg.end=poweroff",
+        &["--disk", &format!("{},readonly", disk.display())],
+    ));
+    vm.wait_for("tg: blk dev=0 sectors=2048 ro=1", BOOT);
+    // The guest's write test must fail on read-only media.
+    let out = loop {
+        let l = vm.wait_for("tg: ", BOOT);
+        if l.contains("tg: done") {
+            break vm.output();
+        }
+    };
+    assert!(
+        out.contains("tg: FAIL") || out.contains("tg: done fail"),
+        "writes to read-only media succeeded:\n{out}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap().iter().all(|b| *b == 0),
+        "read-only media was modified"
+    );
+}
+
+#[test]
+fn every_acknowledged_stamped_write_is_on_disk() {
+    if !kvm_available("every_acknowledged_stamped_write_is_on_disk") {
+        return;
+    }
+    let s = Scratch::new("stamp");
+    let disk = s.disk("disk.img", 4 << 20);
+    let mut vm = Vmm::start(&guest_args(
+        "tg.run=stamp tg.blocks=16 tg.ops=48 tg.flushevery=8 tg.end=poweroff",
+        &["--disk", disk.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+    let mut last = std::collections::HashMap::new();
+    for l in vm.output().lines() {
+        if let Some(rest) = l.strip_prefix("tg: ack ") {
+            let mut blk = None;
+            let mut seq = None;
+            for kv in rest.split_whitespace() {
+                match kv.split_once('=') {
+                    Some(("blk", v)) => blk = v.parse::<u64>().ok(),
+                    Some(("seq", v)) => seq = v.parse::<u64>().ok(),
+                    _ => {}
+                }
+            }
+            last.insert(blk.unwrap(), seq.unwrap());
+        }
+    }
+    assert_eq!(
+        last.values().count(),
+        16,
+        "every block should have been acknowledged at least once"
+    );
+    let image = std::fs::read(&disk).unwrap();
+    for (blk, seq) in last {
+        assert_eq!(read_stamp(&image, blk), Stamp::Seq(seq), "block {blk}");
+    }
+}
+
+/// The same guest entered through the Linux 64-bit boot protocol instead of
+/// PVH: a copy of the ELF whose PVH note is renamed, so the loader falls
+/// back to the ELF entry point with boot_params in RSI.
+#[test]
+fn linux_64bit_entry_boots_too() {
+    if !kvm_available("linux_64bit_entry_boots_too") {
+        return;
+    }
+    let s = Scratch::new("entry64");
+    let mut elf = std::fs::read(testguest()).unwrap();
+    let pat: &[u8] = &[4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = elf
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .expect("test guest has a PVH note");
+    elf[at + 8] = 0x7f; // an unknown note type: no PVH entry
+    let kernel = s.path("testguest-64");
+    std::fs::write(&kernel, elf).unwrap();
+    let disk = s.disk("disk.img", 1 << 20);
+    let mut args = guest_args(
+        "tg.run=blk tg.blocks=8 tg.end=poweroff",
+        &["--disk", disk.to_str().unwrap()],
+    );
+    args[1] = kernel.display().to_string();
+    let mut vm = Vmm::start(&args);
+    vm.wait_for("tg: boot linux", BOOT);
+    vm.wait_for("tg: blk ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn several_vcpus_boot() {
+    if !kvm_available("several_vcpus_boot") {
+        return;
+    }
+    let mut vm = Vmm::start(&guest_args("tg.end=poweroff", &["--vcpus", "4"]));
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn ctrl_alt_del_reaches_the_keyboard_and_kbd_reset_reboots() {
+    if !kvm_available("ctrl_alt_del_reaches_the_keyboard_and_kbd_reset_reboots") {
+        return;
+    }
+    let s = Scratch::new("kbd");
+    let sock = s.path("api.sock");
+    let mut vm = Vmm::start(&guest_args(
+        "tg.run=kbd tg.kbdwait=2000000000 tg.end=kbd-reset",
+        &["--api-socket", sock.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: ready", BOOT);
+    let r = vm.api(r#"{"cmd":"ctrl-alt-del"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vm.wait_for("tg: kbd ctrl-alt-del", BOOT);
+    vm.wait_for("tg: end kbd-reset", BOOT);
+    // The keyboard-controller reset reboots the VM: the guest starts again.
+    vm.wait_for("tg: entry", BOOT);
+    vm.wait_for("tg: ready", BOOT);
+    let st = vm.api(r#"{"cmd":"status"}"#);
+    assert_eq!(st["status"]["boots"], 2, "{st}");
+    assert_eq!(vm.api(r#"{"cmd":"stop"}"#)["ok"], true);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn acpi_reset_register_reboots() {
+    if !kvm_available("acpi_reset_register_reboots") {
+        return;
+    }
+    let s = Scratch::new("acpireset");
+    let sock = s.path("api.sock");
+    let mut vm = Vmm::start(&guest_args(
+        "tg.end=reboot",
+        &["--api-socket", sock.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: end reboot", BOOT);
+    vm.wait_for("tg: entry", BOOT);
+    vm.wait_for("tg: end reboot", BOOT);
+    vm.wait_for("tg: entry", BOOT);
+    // A status request racing a reboot is refused with "try again".
+    let boots = (0..50)
+        .find_map(|_| {
+            let st = vm.api(r#"{"cmd":"status"}"#);
+            let b = st["status"]["boots"].as_u64();
+            if b.is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            b
+        })
+        .expect("status answered");
+    assert!(boots >= 3, "only {boots} boots");
+    vm.api(r#"{"cmd":"stop"}"#);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm_available("pause_stops_the_guest_and_resume_continues_it") {
+        return;
+    }
+    let s = Scratch::new("pause");
+    let sock = s.path("api.sock");
+    let disk = s.disk("disk.img", 4 << 20);
+    let mut vm = Vmm::start(&guest_args(
+        "tg.run=stamp tg.blocks=16 tg.ops=0",
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    ));
+    vm.wait_for("tg: ack", BOOT);
+    let count = |vm: &Vmm| vm.output().matches("tg: ack").count();
+    assert_eq!(vm.api(r#"{"cmd":"pause"}"#)["ok"], true);
+    assert_eq!(vm.api(r#"{"cmd":"status"}"#)["status"]["state"], "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let a = count(&vm);
+    std::thread::sleep(Duration::from_millis(700));
+    let b = count(&vm);
+    assert_eq!(a, b, "the guest kept running while paused");
+    assert_eq!(vm.api(r#"{"cmd":"resume"}"#)["ok"], true);
+    assert_eq!(vm.api(r#"{"cmd":"status"}"#)["status"]["state"], "running");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(count(&vm) > b, "the guest did not continue after resume");
+    assert_eq!(vm.api(r#"{"cmd":"stop"}"#)["ok"], true);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn shutdown_without_a_listening_guest_falls_back_to_stop_after_timeout() {
+    if !kvm_available("shutdown_without_a_listening_guest_falls_back_to_stop_after_timeout") {
+        return;
+    }
+    let s = Scratch::new("shutdown");
+    let sock = s.path("api.sock");
+    let mut vm = Vmm::start(&guest_args(
+        "tg.end=halt",
+        &["--api-socket", sock.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: done ok", BOOT);
+    let r = vm.api(r#"{"cmd":"shutdown","timeout_secs":1}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("not enabled"),
+        "{r}"
+    );
+    assert_eq!(
+        vm.api(r#"{"cmd":"status"}"#)["status"]["state"],
+        "shutting-down"
+    );
+    assert!(vm.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        !sock.exists(),
+        "the control socket should be removed on exit"
+    );
+}
+
+#[test]
+fn control_socket_rejects_bad_requests_and_changes_media() {
+    if !kvm_available("control_socket_rejects_bad_requests_and_changes_media") {
+        return;
+    }
+    let s = Scratch::new("media");
+    let sock = s.path("api.sock");
+    let disk = s.disk("disk.img", 1 << 20);
+    let iso = s.disk("a.iso", 2 << 20);
+    let iso2 = s.disk("b.iso", 3 << 20);
+    let mut vm = Vmm::start(&guest_args(
+        "tg.end=halt",
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--disk",
+            &format!("{},readonly", iso.display()),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    ));
+    vm.wait_for("tg: done ok", BOOT);
+    for bad in [
+        r#"{"cmd":"explode"}"#,
+        "garbage",
+        r#"{"cmd":"status","x":1}"#,
+        r#"{"cmd":"media","disk":9,"path":null}"#,
+    ] {
+        let r = vm.api(bad);
+        assert_eq!(r["ok"], false, "{bad} -> {r}");
+        assert!(
+            r["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad} -> {r}"
+        );
+    }
+    let r = vm.api(r#"{"cmd":"media","disk":0,"path":null}"#);
+    assert_eq!(r["ok"], false, "a writable disk is not removable: {r}");
+    let r = vm.api(&format!(
+        r#"{{"cmd":"media","disk":1,"path":"{}"}}"#,
+        iso2.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    let st = vm.api(r#"{"cmd":"status"}"#);
+    assert_eq!(st["status"]["disks"][1]["path"], iso2.display().to_string());
+    assert_eq!(
+        vm.api(r#"{"cmd":"media","disk":1,"path":null}"#)["ok"],
+        true
+    );
+    let st = vm.api(r#"{"cmd":"status"}"#);
+    assert!(st["status"]["disks"][1]["path"].is_null(), "{st}");
+    let r = vm.api(r#"{"cmd":"media","disk":1,"path":"/nonexistent.iso"}"#);
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"].as_str().unwrap().contains("/nonexistent.iso"),
+        "{r}"
+    );
+    vm.api(r#"{"cmd":"stop"}"#);
+    assert!(vm.wait_exit(BOOT).success());
+}
+
+#[test]
+fn serial_console_streams_history_over_the_control_socket() {
+    if !kvm_available("serial_console_streams_history_over_the_control_socket") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let s = Scratch::new("serial");
+    let sock = s.path("api.sock");
+    let mut vm = Vmm::start(&guest_args(
+        "tg.end=halt",
+        &["--api-socket", sock.to_str().unwrap()],
+    ));
+    vm.wait_for("tg: done ok", BOOT);
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"{\"cmd\":\"serial\"}\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("tg: done ok") {
+        let n = c.read(&mut buf).expect("serial stream");
+        assert!(
+            n > 0,
+            "stream closed early: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("{\"ok\":true}\n"), "{text}");
+    assert!(text.contains("tg: entry"), "{text}");
+}
+
+#[test]
+fn virtio_net_exchanges_arp_and_icmp_with_the_host_over_a_tap() {
+    if !kvm_available("virtio_net_exchanges_arp_and_icmp_with_the_host_over_a_tap") {
+        return;
+    }
+    let tap = format!("tgt{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    };
+    ip(&["tuntap", "add", &tap, "mode", "tap"]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(tap.clone());
+    let n = std::process::id() % 200 + 20;
+    let host_ip = format!("10.{n}.77.1");
+    let guest_ip = format!("10.{n}.77.2");
+    ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &tap]);
+    ip(&["link", "set", &tap, "up"]);
+    let mut vm = Vmm::start(&guest_args(
+        &format!("tg.run=net tg.ip={guest_ip} tg.peer={host_ip} tg.end=wait"),
+        &["--net", &format!("tap={tap},mac=52:54:00:aa:bb:cc")],
+    ));
+    vm.wait_for("tg: net ok", BOOT);
+    // And the host reaches the guest.
+    let ping = Command::new("ping")
+        .args(["-c", "3", "-W", "2", "-I", &tap, &guest_ip])
+        .output();
+    match ping {
+        Ok(out) => assert!(
+            out.status.success(),
+            "host could not ping the guest: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            vm.output()
+        ),
+        Err(e) => eprintln!("ping is not installed ({e}); guest-to-host path was checked"),
+    }
+}
