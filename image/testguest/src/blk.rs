@@ -45,8 +45,6 @@ struct ReqMem {
 
 /// One initialised virtio-blk device.
 pub struct Blk {
-    /// Position of the device on the command line.
-    pub index: usize,
     mmio: Mmio,
     vq: Virtq,
     /// Capacity in 512-byte sectors.
@@ -87,7 +85,6 @@ pub fn init(index: usize, mmio: Mmio) -> Result<(), Error> {
     mmio.driver_ok()?;
     let capacity = mmio.cfg64(0);
     let mut dev = Blk {
-        index,
         mmio,
         vq,
         capacity,

@@ -42,14 +42,6 @@ pub fn outl(port: u16, v: u32) {
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
 }
 
-/// Reads a 32-bit word from an I/O port.
-#[inline]
-pub fn inl(port: u16) -> u32 {
-    let v: u32;
-    // SAFETY: as for `outb`.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
-    v
-}
 
 /// Volatile 8-bit read of a physical address (identity-mapped below 4 GiB).
 #[inline]
@@ -72,12 +64,6 @@ pub fn rd32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
-/// Volatile 64-bit read of a physical address.
-#[inline]
-pub fn rd64(addr: u64) -> u64 {
-    // SAFETY: as for `rd8`.
-    unsafe { core::ptr::read_volatile(addr as *const u64) }
-}
 
 /// Volatile 8-bit write to a physical address.
 #[inline]

@@ -29,8 +29,6 @@ static BUFS: Global<[NetBufs; MAX_NET]> =
 
 /// One initialised virtio-net device.
 pub struct Net {
-    /// Position of the device on the command line.
-    pub index: usize,
     mmio: Mmio,
     rxq: Virtq,
     txq: Virtq,
@@ -75,7 +73,7 @@ pub fn init(index: usize, mmio: Mmio) -> Result<(), Error> {
         [0x02, 0x74, 0x67, 0x00, 0x00, index as u8]
     };
     let bufs = &mut BUFS.get()[*n];
-    let mut dev = Net { index, mmio, rxq, txq, mac, bufs, tx_free: [0; TX_N], ntx_free: TX_N, };
+    let mut dev = Net { mmio, rxq, txq, mac, bufs, tx_free: [0; TX_N], ntx_free: TX_N };
     for (i, t) in dev.tx_free.iter_mut().enumerate() {
         *t = i as u16;
     }
@@ -117,6 +115,7 @@ impl Net {
         while self.ntx_free == 0 {
             n += 1;
             if n > limit {
+                self.mmio.check()?;
                 return Err(Error::Timeout);
             }
             core::hint::spin_loop();

@@ -335,11 +335,6 @@ impl Virtq {
         self.nfree
     }
 
-    /// Chains in flight.
-    pub fn in_flight(&self) -> usize {
-        self.inflight.iter().filter(|i| i.active).count()
-    }
-
     /// Queues a descriptor chain (not yet visible to the device: see
     /// `kick`). `token` is handed back by `poll` on completion.
     pub fn add(&mut self, segs: &[Seg], token: u32) -> Result<(), Error> {
@@ -428,21 +423,5 @@ impl Virtq {
             d = self.next[d as usize];
         }
         Ok(Some((inf.token, len)))
-    }
-
-    /// Polls until one completion arrives or the timeout runs out.
-    pub fn wait(&mut self) -> Result<(u32, u32), Error> {
-        let limit = *TIMEOUT.get();
-        let mut n = 0u64;
-        loop {
-            if let Some(c) = self.poll()? {
-                return Ok(c);
-            }
-            n += 1;
-            if n > limit {
-                return Err(Error::Timeout);
-            }
-            core::hint::spin_loop();
-        }
     }
 }
