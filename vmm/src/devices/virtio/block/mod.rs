@@ -385,6 +385,105 @@ impl QueueHandler for BlockWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    /// Runs one request (header type/sector, one data buffer) through a
+    /// worker on a real file; returns the status byte and used length.
+    fn run(
+        path: &Path,
+        readonly: bool,
+        typ: u32,
+        sector: u64,
+        data: (u64, u32),
+    ) -> (u8, u32, GuestMemory) {
+        let mem = crate::memory::create(16).unwrap().0;
+        let q = MockSplitQueue::new(&mem, 16);
+        mem.write_obj(typ, GuestAddress(0x10000)).unwrap();
+        mem.write_obj(sector, GuestAddress(0x10008)).unwrap();
+        let write = if typ == request::kind::OUT {
+            0
+        } else {
+            VRING_DESC_F_WRITE as u16
+        };
+        let next = VRING_DESC_F_NEXT as u16;
+        let v = [
+            RawDescriptor::from(SplitDescriptor::new(0x10000, 16, next, 1)),
+            RawDescriptor::from(SplitDescriptor::new(data.0, data.1, write | next, 2)),
+            RawDescriptor::from(SplitDescriptor::new(
+                0x30000,
+                1,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ];
+        q.build_desc_chain(&v).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
+        let backend = Arc::new(Mutex::new(Backend::open(path, readonly).unwrap()));
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut w = BlockWorker {
+            mem: mem.clone(),
+            queue: q.create_queue().unwrap(),
+            backend,
+            readonly,
+            id: [0; request::ID_LEN],
+            interrupt: interrupt.clone(),
+            iovecs: Vec::new(),
+        };
+        w.process();
+        assert_ne!(
+            interrupt.status() & super::super::INT_VRING,
+            0,
+            "the guest must be told"
+        );
+        let used_len: u32 = mem.read_obj(q.used_addr().unchecked_add(4 + 4)).unwrap();
+        (mem.read_obj(GuestAddress(0x30000)).unwrap(), used_len, mem)
+    }
+
+    #[test]
+    fn writes_reach_the_file_and_reads_come_back() {
+        use std::os::unix::fs::FileExt;
+        let p = tmp("rw", 1 << 20);
+        let (st, used, mem) = run(&p, false, request::kind::IN, 0, (0x20000, 512));
+        assert_eq!((st, used), (request::status::OK, 513));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20000)).unwrap(), 0);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[0xab; 1024], 4096)
+            .unwrap();
+        let (st, used, mem) = run(&p, false, request::kind::IN, 8, (0x20000, 1024));
+        assert_eq!((st, used), (request::status::OK, 1025));
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x20000 + 1016)).unwrap(),
+            0xabab_abab_abab_abab
+        );
+        let (st, _, _) = run(&p, false, request::kind::OUT, 16, (0x20000, 512));
+        assert_eq!(st, request::status::OK);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_and_readonly_writes_fail_without_touching_the_file() {
+        let p = tmp("range", 1 << 20);
+        // Last sector is 2047: a read starting there of two sectors runs past the end.
+        let (st, used, _) = run(&p, false, request::kind::IN, 2047, (0x20000, 1024));
+        assert_eq!((st, used), (request::status::IOERR, 1));
+        let (st, _, _) = run(&p, false, request::kind::IN, u64::MAX / 256, (0x20000, 512));
+        assert_eq!(st, request::status::IOERR);
+        let (st, _, _) = run(&p, true, request::kind::OUT, 0, (0x20000, 512));
+        assert_eq!(st, request::status::IOERR);
+        let (st, _, _) = run(&p, false, 77, 0, (0x20000, 512));
+        assert_eq!(st, request::status::UNSUPP);
+        assert!(
+            std::fs::read(&p).unwrap().iter().all(|b| *b == 0),
+            "a refused request wrote to the file"
+        );
+        std::fs::remove_file(p).unwrap();
+    }
 
     fn tmp(name: &str, len: u64) -> PathBuf {
         let p = std::env::temp_dir().join(format!("enspeed-blk-{}-{name}", std::process::id()));

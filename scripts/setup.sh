@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing EnSpeed needs on a fresh Debian machine, and nothing by
+# hand: host tools from Debian's packages. Images for guests are built from unpacked .debs by
+# image/kit and image/testhost, never installed. Idempotent; quiet when all is there.
+set -euo pipefail
+
+# command  debian-package
+needs=(
+    "qemu-system-x86_64 qemu-system-x86"
+    "cpio cpio"
+    "mkfs.ext4 e2fsprogs"
+    "ip iproute2"
+    "ping iputils-ping"
+    "cc gcc"
+)
+missing=()
+for n in "${needs[@]}"; do
+    set -- $n
+    command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; }
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (the Rust toolchain) is missing" >&2; exit 1; }
+
+# Cargo's target directory lives outside the clone so reruns are incremental.
+echo "${CARGO_TARGET_DIR:-$HOME/.cache/enspeed/target}"
