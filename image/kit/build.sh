@@ -39,7 +39,6 @@ mkdir -p "$work/out" "$work/root"
 
 kroot=$(deb_unpack "$kpkg")
 bbroot=$(deb_unpack busybox-static)
-BUSYBOX=$bbroot/bin/busybox
 kver=$(ls "$kroot/lib/modules")
 printf 'kernel-release %s\n' "$kver" >>"$MANIFEST_FILE"
 printf 'e2fsprogs(host) %s\n' "$(dpkg-query -W -f='${Version}' e2fsprogs)" >>"$MANIFEST_FILE"
@@ -49,7 +48,7 @@ cp "$kroot/boot/vmlinuz-$kver" "$work/out/vmlinuz"
 root=$work/root
 mkdir -p "$root"/{proc,sys,dev,mnt,tmp,etc/acpi/PWRF,var/run}
 stage_busybox "$root" "$bbroot"
-stage_modules "$root" "$kroot" $KIT_MODULES
+stage_modules "$root" "$kroot" "$bbroot/bin/busybox" $KIT_MODULES
 printf '%s\n' $KIT_MODULES >"$root/etc/kit-modules"
 install -m 0755 "$here/init" "$root/init"
 install -m 0755 "$here/acpi-power-button" "$root/etc/acpi/PWRF/00000080"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for image/kit/build.sh, image/testhost/build.sh and image/testhost/run.sh.
 # Sourced, not run. Everything Debian-specific (apt, dpkg-deb, newc cpio) lives here so the
 # build scripts read as a list of what goes into each image.
@@ -102,20 +103,20 @@ stage_busybox() {
     done
 }
 
-# stage_modules ROOT KERNEL_PKG_ROOT MODULE...: copies MODULEs and everything they depend on
-# into ROOT/lib/modules/KVER. Dependencies come from the modules.dep that busybox depmod
-# ($BUSYBOX) writes for the unpacked kernel, since the .deb ships none. depmod is then run on
+# stage_modules ROOT KERNEL_PKG_ROOT BUSYBOX MODULE...: copies MODULEs and everything they
+# depend on into ROOT/lib/modules/KVER. Dependencies come from the modules.dep that busybox
+# depmod writes for the unpacked kernel, since the .deb ships none. depmod is then run on
 # the subset too, so busybox modprobe inside the image (and the kernel's request_module)
 # resolve names and load order.
 stage_modules() {
-    local root=$1 kroot=$2; shift 2
+    local root=$1 kroot=$2 busybox=$3; shift 3
     local kver moddir dep m line closure=() seen=" "
     kver=$(ls "$kroot/lib/modules")
     [ "$(printf '%s\n' "$kver" | wc -l)" = 1 ] || die "expected one kernel version in $kroot/lib/modules, found: $kver"
     moddir="$kroot/lib/modules/$kver"
     # The marker tells a complete modules.dep from one a killed earlier run left half written.
     if [ ! -e "$moddir/.depmod-done" ]; then
-        "$BUSYBOX" depmod -b "$kroot" "$kver" || die "busybox depmod failed on $kroot"
+        "$busybox" depmod -b "$kroot" "$kver" || die "busybox depmod failed on $kroot"
         touch "$moddir/.depmod-done"
     fi
     for m in "$@"; do
@@ -136,7 +137,7 @@ stage_modules() {
         mkdir -p "$root/lib/modules/$kver/$(dirname "$dep")"
         cp "$moddir/$dep" "$root/lib/modules/$kver/$dep"
     done
-    "$BUSYBOX" depmod -b "$root" "$kver" || die "busybox depmod failed on the staged modules"
+    "$busybox" depmod -b "$root" "$kver" || die "busybox depmod failed on the staged modules"
 }
 
 # stage_elf ROOT FILE DEST: copies an executable to ROOT/DEST with every shared library ldd

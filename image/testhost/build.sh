@@ -54,7 +54,6 @@ mkdir -p "$work/out"
 
 kroot=$(deb_unpack "$kpkg")
 bbroot=$(deb_unpack busybox-static)
-BUSYBOX=$bbroot/bin/busybox
 deb_unpack qemu-system-x86 >/dev/null
 dataroot=$(deb_unpack qemu-system-data)
 seabiosroot=$(deb_unpack seabios)
@@ -70,7 +69,7 @@ root=$work/root
 mkdir -p "$root"/{usr/bin,usr/sbin,usr/lib,usr/lib64,usr/local/bin,proc,sys,dev,tmp,run,etc,mnt,kit,usr/lib/testhost}
 for d in bin sbin lib lib64; do ln -s "usr/$d" "$root/$d"; done
 stage_busybox "$root" "$bbroot"
-stage_modules "$root" "$kroot" $TESTHOST_MODULES
+stage_modules "$root" "$kroot" "$bbroot/bin/busybox" $TESTHOST_MODULES
 printf '%s\n' $TESTHOST_MODULES >"$root/etc/testhost-modules"
 
 stage_elf "$root" "$qemu_bin" usr/bin/qemu-system-x86_64

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Helpers for test-host scenarios (tests/testhost/*.sh), installed in the test host as
 # /usr/lib/testhost/guest.sh: `. /usr/lib/testhost/guest.sh`. Busybox ash, not bash.
 #

@@ -14,7 +14,7 @@ usage() {
     exit 2
 }
 
-scenario= enspeed= timeout=900 mem=3072 smp=2
+scenario='' enspeed='' timeout=900 mem=3072 smp=2
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
