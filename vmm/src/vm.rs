@@ -212,7 +212,14 @@ impl Vm {
             .as_deref()
             .map(|p| boot::load_initrd(&mem, p))
             .transpose()?;
-        let rsdp = acpi::write_tables(&mem, cfg.vcpus)?;
+        let mmio_devices: Vec<acpi::MmioDevice> = (0..device_count)
+            .map(|i| acpi::MmioDevice {
+                base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+                len: VIRTIO_MMIO_SIZE,
+                irq: VIRTIO_IRQS[i],
+            })
+            .collect();
+        let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
         let cmdline = cmdline_with_devices(&cfg.cmdline, device_count);
         boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp)?;
 

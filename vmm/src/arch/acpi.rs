@@ -66,17 +66,81 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// Builds every table for a VM with `vcpus` CPUs and writes them at
-/// [`ACPI_START`]. Returns the RSDP's guest address.
-pub fn write_tables(mem: &GuestMemory, vcpus: u8) -> Result<GuestAddress, AcpiError> {
-    // DSDT: only the S5 sleep type; every device is found by the guest
-    // without AML (legacy ports, command-line virtio-mmio).
+/// A virtio-mmio transport as the DSDT describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioDevice {
+    /// Register window base.
+    pub base: u64,
+    /// Register window length.
+    pub len: u64,
+    /// Its (ISA) interrupt.
+    pub irq: u32,
+}
+
+/// The DSDT: the S5 sleep type, and one `LNRO0005` device per virtio-mmio
+/// transport, which is how kernels without command-line virtio-mmio
+/// support (Debian's) find them.
+fn dsdt(devices: &[MmioDevice]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&(S5_SLP_TYP as u8), &(S5_SLP_TYP as u8), &0u8, &0u8]),
     );
     dsdt.append_slice(&bytes(&s5));
+    let mems: Vec<aml::Memory32Fixed> = devices
+        .iter()
+        .map(|d| aml::Memory32Fixed::new(true, d.base as u32, d.len as u32))
+        .collect();
+    // Edge-triggered, active high: an irqfd delivers one pulse per signal.
+    let irqs: Vec<aml::Interrupt> = devices
+        .iter()
+        .map(|d| aml::Interrupt::new(true, true, false, false, d.irq))
+        .collect();
+    let crs: Vec<aml::ResourceTemplate> = mems
+        .iter()
+        .zip(&irqs)
+        .map(|(m, i)| aml::ResourceTemplate::new(vec![m, i]))
+        .collect();
+    let uids: Vec<u32> = (0..devices.len() as u32).collect();
+    let fields: Vec<[aml::Name; 3]> = crs
+        .iter()
+        .zip(&uids)
+        .map(|(c, u)| {
+            [
+                aml::Name::new("_HID".into(), &"LNRO0005"),
+                aml::Name::new("_UID".into(), u),
+                aml::Name::new("_CRS".into(), c),
+            ]
+        })
+        .collect();
+    let devs: Vec<aml::Device> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            aml::Device::new(
+                format!("VR{i:02X}").as_str().into(),
+                f.iter().map(|n| n as &dyn Aml).collect(),
+            )
+        })
+        .collect();
+    if !devs.is_empty() {
+        let sb = aml::Scope::new(
+            "\\_SB_".into(),
+            devs.iter().map(|d| d as &dyn Aml).collect(),
+        );
+        dsdt.append_slice(&bytes(&sb));
+    }
+    dsdt
+}
+
+/// Builds every table for a VM with `vcpus` CPUs and `devices`, and writes
+/// them at [`ACPI_START`]. Returns the RSDP's guest address.
+pub fn write_tables(
+    mem: &GuestMemory,
+    vcpus: u8,
+    devices: &[MmioDevice],
+) -> Result<GuestAddress, AcpiError> {
+    let dsdt = dsdt(devices);
 
     let mut madt = MADT::new(
         OEM_ID,
@@ -193,7 +257,19 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
         let (mem, _f) = crate::memory::create(64).unwrap();
-        let rsdp = write_tables(&mem, 4).unwrap();
+        let devs = [
+            MmioDevice {
+                base: 0xd000_0000,
+                len: 0x1000,
+                irq: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                len: 0x1000,
+                irq: 6,
+            },
+        ];
+        let rsdp = write_tables(&mem, 4, &devs).unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, rsdp).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -218,6 +294,10 @@ mod tests {
                 assert_eq!(&dsdt[..4], b"DSDT");
                 assert_eq!(sum(&dsdt), 0);
                 assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+                assert_eq!(dsdt.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+                assert!(dsdt.windows(4).any(|w| w == b"VR01"));
+                // Memory32Fixed of the second device carries its base.
+                assert!(dsdt.windows(4).any(|w| w == 0xd000_1000u32.to_le_bytes()));
                 assert_eq!(
                     u32::from_le_bytes(t[56..60].try_into().unwrap()),
                     PM1A_EVT_PORT as u32
