@@ -19,6 +19,15 @@ struct Cli {
 enum Command {
     /// Run one virtual machine (one process per VM). Exits 0 when the guest powers off.
     Vmm(VmmArgs),
+    /// Send one request to a VMM's control socket and print the answer; exits 1 if refused.
+    /// Example: enspeed vmm-api --socket /run/vm.sock '{"cmd":"shutdown","timeout_secs":30}'
+    VmmApi {
+        /// The VMM's --api-socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The request, one JSON object.
+        request: String,
+    },
 }
 
 #[derive(Args)]
@@ -52,6 +61,18 @@ struct VmmArgs {
     api_socket: Option<PathBuf>,
 }
 
+/// Sends `request` on the control socket; returns the answer line and its `ok`.
+fn vmm_api(socket: &std::path::Path, request: &str) -> std::io::Result<(String, bool)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.write_all(request.trim().as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let ok = line.contains("\"ok\":true");
+    Ok((line.trim_end().to_string(), ok))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -62,6 +83,20 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::VmmApi { socket, request } => match vmm_api(&socket, &request) {
+            Ok((answer, ok)) => {
+                println!("{answer}");
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("enspeed vmm-api: {}: {e}", socket.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Vmm(a) => {
             let cfg = VmConfig {
                 kernel: a.kernel,
