@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N]
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N] [--interactive]
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
 # scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout.
@@ -14,7 +14,7 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 mem=3072 smp=2
+scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive=
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
     --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
     --smp) smp=${2:?--smp needs a count}; shift 2 ;;
+    --interactive) interactive=1; shift ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -52,12 +53,23 @@ set +e
 # No network device: nothing the guests send can leave the test host. TCG lacks a few of the
 # EPYC model's features (rdseed, sha-ni, ...) and warns about each once per vCPU; those
 # warnings are dropped, any other QEMU message still shows.
-timeout -k 10 "$timeout" qemu-system-x86_64 \
-    -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
-    -nographic -no-reboot -nic none \
-    -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
-    -append "console=ttyS0 panic=-1 quiet" \
-    </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+if [ -n "$interactive" ]; then
+    # The terminal talks to the test host's console, and through it to the scenario's
+    # terminal; QEMU's escape is Ctrl-A X. --foreground lets QEMU read the terminal.
+    timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
+        -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
+        -nographic -no-reboot -nic none \
+        -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
+        -append "console=ttyS0 panic=-1 quiet testhost.interactive" \
+        2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+else
+    timeout -k 10 "$timeout" qemu-system-x86_64 \
+        -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
+        -nographic -no-reboot -nic none \
+        -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
+        -append "console=ttyS0 panic=-1 quiet" \
+        </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+fi
 qemu_rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')

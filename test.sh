@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests; level 1, `enspeed vmm` booting the project's test guest on this
+# machine's /dev/kvm; level 2, real Debian guests under `enspeed vmm` inside the test host.
+# Installs what it needs first. Cargo's target directory is outside the clone (~/.cache).
+set -euo pipefail
+cd "$(dirname "$0")"
+export CARGO_TARGET_DIR="$(scripts/setup.sh)"
+cargo build --release --workspace --bins
+image/testguest/build.sh >/dev/null
+image/testhost/build.sh
+cargo test --release --workspace

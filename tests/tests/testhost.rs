@@ -1,0 +1,47 @@
+//! Level 2: real Linux. Each test boots the test host (QEMU TCG with an
+//! emulated AMD-V) and runs one scenario in it, in which `enspeed vmm`
+//! boots the unmodified Debian kernel of the guest kit on the test host's
+//! KVM. The scenarios live in tests/testhost/; see image/testhost/README.md.
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use enspeed_tests::{enspeed_bin, repo_root};
+
+/// One test host at a time: each uses both cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn scenario(name: &str) {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root = repo_root();
+    let out = Command::new("bash")
+        .arg(root.join("image/testhost/run.sh"))
+        .arg("--scenario")
+        .arg(root.join("tests/testhost").join(name))
+        .arg("--enspeed")
+        .arg(enspeed_bin())
+        .args(["--timeout", "900"])
+        .output()
+        .expect("run image/testhost/run.sh");
+    let console = String::from_utf8_lossy(&out.stdout);
+    // Shown on failure (and with --nocapture): the whole test-host console.
+    println!("{console}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "scenario {name} failed with {:?}", out.status.code());
+    let pass = format!("PASS {}", name.trim_end_matches(".sh"));
+    assert!(console.contains(&pass), "scenario {name} did not report {pass:?}");
+}
+
+#[test]
+fn real_debian_guest_boots_and_writes_its_ext4_disk() {
+    scenario("enspeed-boot.sh");
+}
+
+#[test]
+fn real_debian_guest_reaches_the_test_host_over_a_tap() {
+    scenario("enspeed-net.sh");
+}
+
+#[test]
+fn real_debian_guest_power_life_pause_reboot_power_button_stop() {
+    scenario("enspeed-lifecycle.sh");
+}
