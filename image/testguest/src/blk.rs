@@ -160,14 +160,12 @@ impl Blk {
 
     /// Polls for one completion, bounded by the global timeout.
     fn wait_one(&mut self) -> Result<(u16, u8), Error> {
-        let limit = *crate::virtio::TIMEOUT.get();
-        let mut n = 0u64;
+        let dl = crate::virtio::deadline();
         loop {
             if let Some(c) = self.complete()? {
                 return Ok(c);
             }
-            n += 1;
-            if n > limit {
+            if dl.expired() {
                 self.mmio.check()?;
                 return Err(Error::Timeout);
             }
@@ -175,11 +173,18 @@ impl Blk {
         }
     }
 
-    /// One synchronous request; returns the status byte.
+    /// One synchronous request; returns the status byte. Completions of
+    /// requests abandoned by an earlier timeout are skipped, not mistaken
+    /// for this one.
     fn sync(&mut self, typ: u32, sector: u64, data: u64, len: u32) -> Result<u8, Error> {
-        self.submit(typ, sector, data, len)?;
+        let slot = self.submit(typ, sector, data, len)?;
         self.vq.kick();
-        Ok(self.wait_one()?.1)
+        loop {
+            let (s, status) = self.wait_one()?;
+            if s == slot {
+                return Ok(status);
+            }
+        }
     }
 
     /// A synchronous request that must succeed.

@@ -193,3 +193,59 @@ pub fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// TSC ticks per second (see `tsc_init`).
+static TSC_HZ: Global<u64> = Global::new(3_000_000_000);
+
+/// Works out the TSC frequency from CPUID: leaf 0x15 (crystal ratio), leaf
+/// 0x16 (base MHz), the hypervisor leaf 0x40000010 (kHz), else a 3 GHz
+/// guess. Waits are bounded in TSC time because poll-loop speed varies by
+/// orders of magnitude between TCG, KVM and this machine's kvm-pvm (where
+/// `pause` and port I/O are slow). Returns (Hz, source).
+pub fn tsc_init() -> (u64, &'static str) {
+    use core::arch::x86_64::__cpuid;
+    let max = __cpuid(0).eax;
+    let mut r = (0u64, "guess");
+    if max >= 0x15 {
+        let c = __cpuid(0x15);
+        if c.eax != 0 && c.ebx != 0 && c.ecx != 0 {
+            r = (c.ecx as u64 * c.ebx as u64 / c.eax as u64, "cpuid15");
+        }
+    }
+    if r.0 == 0 && max >= 0x16 {
+        let c = __cpuid(0x16);
+        if c.eax & 0xffff != 0 {
+            r = ((c.eax & 0xffff) as u64 * 1_000_000, "cpuid16");
+        }
+    }
+    if r.0 == 0 {
+        let hv = __cpuid(0x4000_0000).eax;
+        if (0x4000_0010..0x4000_0100).contains(&hv) {
+            let khz = __cpuid(0x4000_0010).eax;
+            if khz != 0 {
+                r = (khz as u64 * 1000, "hypervisor");
+            }
+        }
+    }
+    if r.0 < 100_000_000 {
+        r = (3_000_000_000, "guess");
+    }
+    *TSC_HZ.get() = r.0;
+    r
+}
+
+/// A point in TSC time after which a wait gives up.
+pub struct Deadline(u64);
+
+impl Deadline {
+    /// `ms` milliseconds from now.
+    pub fn after_ms(ms: u64) -> Deadline {
+        let ticks = (*TSC_HZ.get() as u128 * ms as u128 / 1000).min(u64::MAX as u128 / 2) as u64;
+        Deadline(rdtsc().saturating_add(ticks))
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(&self) -> bool {
+        rdtsc() > self.0
+    }
+}

@@ -12,9 +12,13 @@ const ST_AUX: u8 = 0x20; // the byte is from the mouse port
 
 /// Action `kbd`: polls the controller until Ctrl, Alt and (E0) Del have
 /// been pressed (translated set 1 as a PC sees them), then briefly waits
-/// for their releases. Bounded by `tg.kbdwait` poll loops.
+/// for their releases. Bounded by `tg.kbdwait` poll loops and, since a
+/// port read costs anything from nanoseconds (TCG) to many microseconds
+/// (kvm-pvm), also by `tg.kbdms` milliseconds of TSC time (default 60 s).
 pub fn act_kbd() {
     let limit = cmdline::num("tg.kbdwait", 200_000_000);
+    let dl = crate::io::Deadline::after_ms(cmdline::num("tg.kbdms", 60_000));
+    let mut release_dl: Option<crate::io::Deadline> = None;
     let mut codes = [0u8; 64];
     let mut n = 0;
     // Bits: 0 ctrl, 1 alt, 2 del made; 3 ctrl, 4 alt, 5 del released.
@@ -23,8 +27,7 @@ pub fn act_kbd() {
     say!("kbd waiting");
     let mut polls = 0u64;
     // After the three makes, allow a short extra wait for the releases.
-    let mut release_deadline = u64::MAX;
-    while polls < limit && polls < release_deadline && seen & 0x3f != 0x3f {
+    while polls < limit && !dl.expired() && !release_dl.as_ref().is_some_and(|d| d.expired()) && seen & 0x3f != 0x3f {
         polls += 1;
         let st = inb(STATUS);
         if st & ST_OBF == 0 {
@@ -53,8 +56,8 @@ pub fn act_kbd() {
             _ => 0,
         };
         e0 = false;
-        if seen & 7 == 7 && release_deadline == u64::MAX {
-            release_deadline = polls.saturating_add(limit / 10 + 1_000_000);
+        if seen & 7 == 7 && release_dl.is_none() {
+            release_dl = Some(crate::io::Deadline::after_ms(500));
         }
     }
     let list = heapless_hex(&codes[..n]);

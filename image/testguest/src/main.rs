@@ -129,7 +129,8 @@ fn run_actions() {
 
 /// Spins long enough for a VMM to act on a power-off/reset request.
 fn grace() {
-    for _ in 0..200_000_000u64 {
+    let dl = io::Deadline::after_ms(3000);
+    while !dl.expired() {
         core::hint::spin_loop();
     }
 }
@@ -186,7 +187,9 @@ extern "C" fn tg_main(kind: u64, info: u64) -> ! {
     *RSDP.get() = bi.rsdp;
     say!("cmdline {}", cmdline::text());
     say!("boot {} info=0x{:x} rsdp=0x{:x}", bi.proto, info, bi.rsdp);
-    *virtio::TIMEOUT.get() = cmdline::num("tg.timeout", *virtio::TIMEOUT.get()).max(1);
+    let (hz, src) = io::tsc_init();
+    say!("tsc mhz={} src={}", hz / 1_000_000, src);
+    *virtio::TIMEOUT_MS.get() = cmdline::num("tg.timeout", *virtio::TIMEOUT_MS.get()).max(1);
     probe_devices();
     say!("ready");
     run_actions();

@@ -4,7 +4,8 @@
 use crate::cmdline;
 use crate::io::Global;
 use crate::serial::Mac;
-use crate::virtio::{Error, Mmio, Seg, Virtq, TIMEOUT};
+use crate::io::Deadline;
+use crate::virtio::{deadline, Error, Mmio, Seg, Virtq, TIMEOUT_MS};
 use crate::{fail, say};
 
 /// VIRTIO_NET_F_MAC: the device provides a MAC in config space.
@@ -110,11 +111,9 @@ impl Net {
             return Err(Error::Other("frame too long"));
         }
         self.reap_tx()?;
-        let limit = *TIMEOUT.get();
-        let mut n = 0u64;
+        let dl = deadline();
         while self.ntx_free == 0 {
-            n += 1;
-            if n > limit {
+            if dl.expired() {
                 self.mmio.check()?;
                 return Err(Error::Timeout);
             }
@@ -153,15 +152,13 @@ impl Net {
         Ok(any)
     }
 
-    /// Services the device for up to `polls` iterations or until `done`.
-    fn wait_for(&mut self, st: &mut NetState, polls: u64, done: fn(&NetState) -> bool) -> Result<bool, Error> {
-        let mut n = 0;
-        while n < polls {
+    /// Services the device until `done` or the deadline.
+    fn wait_for(&mut self, st: &mut NetState, dl: Deadline, done: fn(&NetState) -> bool) -> Result<bool, Error> {
+        while !dl.expired() {
             self.service(st)?;
             if done(st) {
                 return Ok(true);
             }
-            n += 1;
             core::hint::spin_loop();
         }
         Ok(false)
@@ -341,12 +338,12 @@ pub fn act_net() {
 
 fn net_test(d: &mut Net, st: &mut NetState) -> Result<(), Error> {
     const TRIES: u64 = 5;
-    let per_try = (*TIMEOUT.get() / TRIES).max(1);
+    let per_try = (*TIMEOUT_MS.get() / TRIES).max(1);
     let mut f = [0u8; 128];
     for _ in 0..TRIES {
         let n = arp(&mut f, 1, d.mac, st.ip, [0; 6], st.peer, [0xff; 6]);
         d.send(&f[..n])?;
-        if d.wait_for(st, per_try, |s| s.peer_mac.is_some())? {
+        if d.wait_for(st, Deadline::after_ms(per_try), |s| s.peer_mac.is_some())? {
             break;
         }
     }
@@ -367,7 +364,7 @@ fn net_test(d: &mut Net, st: &mut NetState) -> Result<(), Error> {
         icmp[6..8].copy_from_slice(&seq.to_be_bytes());
         let n = ipv4_icmp(&mut f, d.mac, pmac, st.ip, st.peer, seq, &icmp);
         d.send(&f[..n])?;
-        if d.wait_for(st, per_try, |s| s.got_echo)? {
+        if d.wait_for(st, Deadline::after_ms(per_try), |s| s.got_echo)? {
             say!("net ok peer_mac={}", Mac(pmac));
             return Ok(());
         }

@@ -46,8 +46,13 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// Poll iterations before a wait gives up (overridable with `tg.timeout`).
-pub static TIMEOUT: Global<u64> = Global::new(400_000_000);
+/// Milliseconds (TSC time) before a device wait gives up (`tg.timeout`).
+pub static TIMEOUT_MS: Global<u64> = Global::new(30_000);
+
+/// Deadline for one device wait.
+pub fn deadline() -> crate::io::Deadline {
+    crate::io::Deadline::after_ms(*TIMEOUT_MS.get())
+}
 
 /// Errors from the transport or a queue. Printed after `tg: FAIL <what>`.
 #[derive(Clone, Copy, Debug)]
@@ -178,10 +183,9 @@ impl Mmio {
     /// of `wanted` the device offers. Returns the negotiated set.
     pub fn begin_init(&self, wanted: u64) -> Result<u64, Error> {
         self.w(reg::STATUS, 0);
-        let mut n = 0u64;
+        let dl = deadline();
         while self.status() != 0 {
-            n += 1;
-            if n > 10_000_000 {
+            if dl.expired() {
                 return Err(Error::ResetTimeout);
             }
             core::hint::spin_loop();
