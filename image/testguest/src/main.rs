@@ -247,7 +247,10 @@ extern "C" fn tg_exception(frame: *const u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    fail!("panic {}", info);
+    match info.location() {
+        Some(l) => fail!("panic {}:{} {}", l.file(), l.line(), info.message()),
+        None => fail!("panic {}", info.message()),
+    }
     say!("done fail");
     io::halt_forever()
 }

@@ -34,9 +34,11 @@ pub fn putb(b: u8) {
 struct Uart;
 
 impl Write for Uart {
+    /// Line breaks inside a message become spaces: every output line must
+    /// start with `tg: ` (the newline is added by `say`/`fail` only).
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
-            putb(b);
+            putb(if b == b'\n' || b == b'\r' { b' ' } else { b });
         }
         Ok(())
     }
