@@ -108,6 +108,13 @@ if [ "$TG_ACCEL" = kvm ]; then
         && echo guest-halted >>"$WORK/linux.log"
     check linux-entry "$WORK/linux.log" '^tg: entry$' '^tg: boot linux info=0x7000 rsdp=0x0$' \
         '^tg: cmdline console=ttyS0 tg.run=sleep' '^tg: done ok$' '^tg: end halt$' '^guest-halted$'
+    # Misbehaving devices (tools/kvmboot.py TG_FAKE) must give FAIL lines.
+    for mode in badid:'used-ring bad id 999' idxjump:'used-idx jumped by' biglen:'used-ring bad len' silent:timeout; do
+        TG_FAKE=${mode%%:*} timeout -k 5 60 python3 tools/kvmboot.py "$ELF" \
+            "virtio_mmio.device=512@0xd0000000:5 tg.run=blkid tg.timeout=1000 tg.end=halt" 30 >"$WORK/fake.log" 2>&1 \
+            && echo guest-halted >>"$WORK/fake.log"
+        check "fake-${mode%%:*}" "$WORK/fake.log" "^tg: FAIL blkid ${mode#*:}" '^tg: done fail$' '^guest-halted$'
+    done
 fi
 
 if [ "$(id -u)" = 0 ] && [ -c /dev/net/tun ] && ip netns add "$NS" 2>/dev/null; then

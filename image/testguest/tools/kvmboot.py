@@ -10,6 +10,12 @@ return 0, which the guest reports as bad magic).
 
 Usage: kvmboot.py ELF "command line" [max_seconds]
 Exit code 0 when the guest halted, 1 otherwise.
+
+TG_FAKE=badid|idxjump|biglen|silent adds a misbehaving virtio-blk at
+0xd0000000 (put virtio_mmio.device=512@0xd0000000:5 on the command line):
+on every notify it completes with an out-of-range id, jumps the used index,
+reports an oversized length, or never answers. The guest must print a
+`tg: FAIL` line in each case, never hang.
 """
 import ctypes
 import fcntl
@@ -70,6 +76,51 @@ def seg(base, limit, sel, typ, s=1, l=0, db=0, g=1):
     return struct.pack("<QIHBBBBBBBBBx", base, limit, sel, typ, 1, 0, db, s, l, g, 0, 0)
 
 
+FAKE_BASE = 0xd0000000
+
+
+class FakeBlk:
+    """A virtio-mmio v2 block device that returns garbage (see TG_FAKE)."""
+
+    def __init__(self, mode, mem):
+        self.mode, self.mem = mode, mem
+        self.status = self.fsel = self.used = self.avail = 0
+        self.used_idx = 0
+
+    def read(self, off):
+        return {0x000: 0x74726976, 0x004: 2, 0x008: 2, 0x00c: 0x554d4551,
+                0x010: 1 if self.fsel == 1 else 0,  # VERSION_1 only
+                0x034: 256, 0x070: self.status, 0x100: 2048}.get(off, 0)
+
+    def write(self, off, v):
+        if off == 0x014:
+            self.fsel = v
+        elif off == 0x070:
+            self.status = v
+        elif off in (0x090, 0x094, 0x0a0, 0x0a4):
+            name = "avail" if off < 0x0a0 else "used"
+            cur = getattr(self, name)
+            if off & 4:
+                setattr(self, name, (cur & 0xffffffff) | v << 32)
+            else:
+                setattr(self, name, (cur & ~0xffffffff) | v)
+        elif off == 0x050:
+            self.notify()
+
+    def notify(self):
+        m = self.mem
+        if self.mode == "silent":
+            return
+        aidx = struct.unpack_from("<H", m, self.avail + 2)[0]
+        head = struct.unpack_from("<H", m, self.avail + 4 + 2 * ((aidx - 1) % 256))[0]
+        ident, length, step = {"badid": (999, 1, 1), "idxjump": (head, 1, 1000),
+                               "biglen": (head, 1 << 20, 1)}[self.mode]
+        slot = self.used + 4 + 8 * (self.used_idx % 256)
+        m[slot:slot + 8] = struct.pack("<II", ident, length)
+        self.used_idx = (self.used_idx + step) & 0xffff
+        m[self.used + 2:self.used + 4] = struct.pack("<H", self.used_idx)
+
+
 def main():
     elf, cmdline = sys.argv[1], sys.argv[2].encode()
     limit = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
@@ -121,6 +172,7 @@ def main():
     struct.pack_into("<QQ", regs, 16 * 8, entry, 2)  # rip, rflags
     fcntl.ioctl(vcpu, KVM_SET_REGS, bytes(regs))
 
+    fake = FakeBlk(os.environ["TG_FAKE"], mem) if os.environ.get("TG_FAKE") else None
     size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
     run = mmap.mmap(vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     out = sys.stdout.buffer
@@ -139,9 +191,16 @@ def main():
             elif direction == 0:
                 val = 0x60 if port == 0x3fd else 0  # LSR: THR empty
                 run[off:off + sz * count] = bytes([val]) * (sz * count)
-        elif reason == 6:  # KVM_EXIT_MMIO: no devices, reads see zeros
-            if run[52] == 0:
-                run[40:48] = bytes(8)
+        elif reason == 6:  # KVM_EXIT_MMIO
+            phys, data, length, is_write = struct.unpack_from("<Q8sIB", run, 32)
+            off = phys - FAKE_BASE
+            if fake and 0 <= off < 0x200:
+                if is_write:
+                    fake.write(off, int.from_bytes(data[:length], "little"))
+                else:
+                    run[40:48] = fake.read(off).to_bytes(8, "little")
+            elif not is_write:
+                run[40:48] = bytes(8)  # no device: reads see zeros
         elif reason == 5:  # KVM_EXIT_HLT
             print("kvmboot: guest halted", file=sys.stderr)
             return 0
