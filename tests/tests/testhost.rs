@@ -26,9 +26,16 @@ fn scenario(name: &str) {
     let console = String::from_utf8_lossy(&out.stdout);
     // Shown on failure (and with --nocapture): the whole test-host console.
     println!("{console}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "scenario {name} failed with {:?}", out.status.code());
+    assert!(
+        out.status.success(),
+        "scenario {name} failed with {:?}",
+        out.status.code()
+    );
     let pass = format!("PASS {}", name.trim_end_matches(".sh"));
-    assert!(console.contains(&pass), "scenario {name} did not report {pass:?}");
+    assert!(
+        console.contains(&pass),
+        "scenario {name} did not report {pass:?}"
+    );
 }
 
 #[test]

@@ -402,11 +402,14 @@ pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
         let vm = Vm::build(&cfg, &console, &tx)?;
         let next = run_until_exit(&cfg, &vm, &rx, boots);
         vm.teardown();
-        // Events the old VM's devices sent while it was going down are stale.
-        while let Ok(ev) = rx.try_recv() {
-            if let VmEvent::Api(_, reply) = ev {
-                let _ = reply.send(Response::err("the VM was restarting; try again"));
-            }
+        // Device and vCPU events of the old VM are stale; requests are kept
+        // for the next boot, so a stop sent during a reboot is not lost.
+        let pending: Vec<VmEvent> = rx
+            .try_iter()
+            .filter(|ev| matches!(ev, VmEvent::Api(..) | VmEvent::SerialInput(_)))
+            .collect();
+        for ev in pending {
+            let _ = tx.send(ev);
         }
         match next? {
             Next::Exit(e) => {
