@@ -77,6 +77,25 @@ common64:
     mov %eax, %ss
     mov %eax, %fs
     mov %eax, %gs
+    # "tg: entry" goes out before anything else (clearing .bss touches
+    # megabytes), so a host can time process start to guest entry. The
+    # transmitter is polled like the Rust driver does; no UART setup needed.
+    lea entry_msg(%rip), %rsi
+1:
+    movb (%rsi), %bl
+    test %bl, %bl
+    jz 3f
+    mov $0x3fd, %dx
+2:
+    inb %dx, %al
+    test $0x20, %al
+    jz 2b
+    mov $0x3f8, %dx
+    mov %bl, %al
+    outb %al, %dx
+    inc %rsi
+    jmp 1b
+3:
     mov $__stack_top, %rsp
     mov $__bss_start, %edi      # .bss (stack included) is not live yet
     mov $__bss_end, %ecx
@@ -97,6 +116,9 @@ common64:
     cli
     hlt
     jmp 2b
+
+entry_msg:
+    .asciz "tg: entry\r\n"
 
     # ---- exception stubs: print and stop instead of triple-faulting ----
     .macro isr_noerr v

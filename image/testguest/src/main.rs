@@ -179,8 +179,8 @@ fn end() -> ! {
 /// (1 = Linux boot_params in `info`, 2 = PVH hvm_start_info in `info`).
 #[no_mangle]
 extern "C" fn tg_main(kind: u64, info: u64) -> ! {
+    // `tg: entry` was printed by common64 already.
     serial::init();
-    say!("entry");
     idt_init();
     let bi = boot_info(kind, info);
     cmdline::load(bi.cmdline);
