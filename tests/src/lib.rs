@@ -25,12 +25,12 @@ pub fn enspeed_bin() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/enspeed
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("enspeed");
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools)
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target profile dir");
+    }
+    let bin = dir.join("enspeed");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p enspeed), or set ENSPEED_BIN",
