@@ -28,6 +28,181 @@ enum Command {
         /// The request, one JSON object.
         request: String,
     },
+    /// Run the server's replicated disks (LiveSync): mirror links, resync, vhost-user-blk.
+    Blockd(BlockdArgs),
+    /// Manage the replicated disks of a blockd (create, attach a backup, status, promote, demote).
+    Disk(DiskArgs),
+}
+
+#[derive(Args)]
+struct BlockdArgs {
+    /// Data directory: one folder per disk.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Mirror address to listen on for primaries, host:port.
+    #[arg(long)]
+    listen: String,
+    /// Control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// A mirror link is declared down after this long without traffic.
+    #[arg(long, default_value_t = 2000)]
+    link_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct DiskArgs {
+    /// The blockd's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    #[command(subcommand)]
+    op: DiskOp,
+}
+
+#[derive(Subcommand)]
+enum DiskOp {
+    /// Create a disk: a primary (the first copy), or with --backup an empty backup.
+    Create {
+        /// Name, the same on both servers.
+        name: String,
+        /// Size: bytes, or with a K, M, G or T suffix.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Bitmap region size (default 1M).
+        #[arg(long, value_parser = parse_size)]
+        region_size: Option<u64>,
+        /// Create an empty backup that waits for its primary.
+        #[arg(long)]
+        backup: bool,
+    },
+    /// Show one disk, or all: role, generation, link, resync progress.
+    Status {
+        /// The disk; all when absent.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mirror a primary to the backup served by the blockd at PEER (host:port).
+    Attach {
+        /// The disk.
+        name: String,
+        /// The backup server's blockd mirror address.
+        peer: String,
+    },
+    /// Stop mirroring a primary (its writes stall until it is promoted to go on alone).
+    Detach {
+        /// The disk.
+        name: String,
+    },
+    /// Raise the generation: promote a backup, or let a primary go on alone.
+    Promote {
+        /// The disk.
+        name: String,
+        /// The new generation, above the current one.
+        #[arg(long)]
+        generation: u64,
+        /// Promote a backup whose data is not consistent.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a primary a backup again.
+    Demote {
+        /// The disk.
+        name: String,
+    },
+    /// Delete a disk that is not linked.
+    Delete {
+        /// The disk.
+        name: String,
+    },
+}
+
+/// Parses a size: bytes, or with a K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64M, 10G)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large"))
+}
+
+fn disk_request(op: &DiskOp) -> serde_json::Value {
+    use serde_json::json;
+    match op {
+        DiskOp::Create { name, size, region_size, backup } => {
+            json!({"cmd": "create", "name": name, "size": size, "region_size": region_size, "backup": backup})
+        }
+        DiskOp::Status { name, .. } => json!({"cmd": "status", "name": name}),
+        DiskOp::Attach { name, peer } => json!({"cmd": "attach", "name": name, "peer": peer}),
+        DiskOp::Detach { name } => json!({"cmd": "detach", "name": name}),
+        DiskOp::Promote { name, generation, force } => {
+            json!({"cmd": "promote", "name": name, "generation": generation, "force": force})
+        }
+        DiskOp::Demote { name } => json!({"cmd": "demote", "name": name}),
+        DiskOp::Delete { name } => json!({"cmd": "delete", "name": name}),
+    }
+}
+
+/// One line per disk, as `enspeed disk status` prints it.
+fn disk_line(d: &serde_json::Value) -> String {
+    let mut line = format!(
+        "{name}  {role} gen {gen}  data {data}  link {link}  out-of-sync {oos} B",
+        name = d["name"].as_str().unwrap_or("?"),
+        role = d["role"].as_str().unwrap_or("?"),
+        gen = d["generation"],
+        data = d["data"].as_str().map(str::to_owned).unwrap_or_else(|| d["data"].to_string()),
+        link = d["link"].as_str().unwrap_or("?"),
+        oos = d["out_of_sync_bytes"],
+    );
+    if let Some(p) = d["peer"].as_str() {
+        line += &format!("  peer {p}");
+    }
+    if let Some(r) = d["resync"].as_object() {
+        line += &format!(
+            "  resync{} {:.1}% ({} B left, {:.1} MB/s)",
+            if r["full"].as_bool() == Some(true) { " (full)" } else { "" },
+            r["percent"].as_f64().unwrap_or(0.0),
+            r["bytes_left"],
+            r["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6
+        );
+    }
+    if d["stalled_writes"].as_u64().unwrap_or(0) > 0 {
+        line += &format!("  stalled writes {}", d["stalled_writes"]);
+    }
+    if let Some(e) = d["last_error"].as_str() {
+        line += &format!("  last error: {e}");
+    }
+    line
+}
+
+fn disk_command(a: DiskArgs) -> ExitCode {
+    let request = disk_request(&a.op).to_string();
+    match blockrepl::daemon::call(&a.control, &request) {
+        Ok(resp) if resp.ok => {
+            match (&a.op, resp.disks) {
+                (DiskOp::Status { json: true, .. }, Some(disks)) => {
+                    println!("{}", serde_json::to_string_pretty(&disks).expect("JSON prints"))
+                }
+                (_, Some(disks)) => disks.iter().for_each(|d| println!("{}", disk_line(d))),
+                (_, None) => println!("ok"),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("enspeed disk: {}", resp.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("enspeed disk: {}: {e}", a.control.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -83,6 +258,26 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Blockd(a) => {
+            let cfg = blockrepl::daemon::Config {
+                dir: a.dir,
+                listen: a.listen,
+                control: a.control,
+                timing: blockrepl::replica::Timing {
+                    link_timeout: std::time::Duration::from_millis(a.link_timeout_ms.max(100)),
+                    ping_interval: std::time::Duration::from_millis(a.link_timeout_ms.max(100) / 5),
+                    ..Default::default()
+                },
+            };
+            match blockrepl::daemon::Blockd::open(cfg).and_then(|b| b.run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("enspeed blockd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Disk(a) => disk_command(a),
         Command::VmmApi { socket, request } => match vmm_api(&socket, &request) {
             Ok((answer, ok)) => {
                 println!("{answer}");

@@ -1,0 +1,177 @@
+//! The backup's side of a mirror link: it checks the primary's Hello,
+//! answers with what it holds, then applies frames in the order they arrive
+//! and acknowledges each once it is done (durably, for Flush, FUA writes and
+//! ResyncDone).
+//!
+//! Refused, with an Error frame and the connection closed, and without
+//! touching the disk: a primary of another disk, of another size, or of an
+//! older generation (a stale primary); a frame carrying another generation
+//! than the session's; any frame that fails its checks; any frame once this
+//! copy was promoted or a newer session replaced this one.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::meta::{DataState, Role};
+use crate::proto::{Frame, Hello, Kind, Welcome, FLAG_FUA};
+use crate::replica::{lock, Replica};
+use crate::store::check_range;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Serves the primary that said `hello` on `stream` until the link ends.
+pub fn serve(r: Arc<Replica>, stream: TcpStream, hello: Hello) {
+    let mut out = match stream.try_clone() {
+        Ok(s) => BufWriter::with_capacity(64 << 10, s),
+        Err(e) => {
+            tracing::warn!(disk = %r.name(), error = %e, "mirror session");
+            return;
+        }
+    };
+    let generation = hello.generation;
+    let (session, welcome) = match accept(&r, &hello) {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::warn!(disk = %r.name(), generation, why = %why, "primary refused");
+            let _ = Frame::error(1, generation, &why).write_to(&mut out).and_then(|()| out.flush());
+            return;
+        }
+    };
+    tracing::info!(disk = %r.name(), generation, full = welcome.needs_full_sync, "serving primary");
+    let full = welcome.needs_full_sync;
+    let sent = Frame::json(Kind::Welcome, 1, welcome.generation, &welcome).write_to(&mut out).and_then(|()| out.flush());
+    if sent.is_ok() {
+        let why = run(&r, session, &stream, &mut out, generation, full);
+        tracing::warn!(disk = %r.name(), why = %why, "mirror session ended");
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    let mut core = r.core();
+    if core.serving_session == Some(session) {
+        core.serving_session = None;
+    }
+}
+
+/// Checks `hello` against this copy; on success the session is the current one.
+fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
+    let mut meta = lock(&r.meta);
+    let m = meta.get().clone();
+    if m.role != Role::Backup {
+        return Err(format!("disk {} is {:?} here, not a backup", m.name, m.role));
+    }
+    if hello.capacity != m.capacity || hello.region_size != m.region_size {
+        return Err(format!(
+            "disk {} here has {} bytes in regions of {}, the primary's has {} in regions of {}",
+            m.name, m.capacity, m.region_size, hello.capacity, hello.region_size
+        ));
+    }
+    if hello.generation < m.generation {
+        return Err(format!(
+            "stale primary: its generation {} is older than this copy's {}",
+            hello.generation, m.generation
+        ));
+    }
+    if m.data == DataState::Empty {
+        if hello.disk_id.is_empty() {
+            return Err("the primary's disk has no identity".into());
+        }
+        if m.disk_id != hello.disk_id {
+            meta.update(|m| m.disk_id = hello.disk_id.clone()).map_err(|e| e.to_string())?;
+        }
+    } else if m.disk_id != hello.disk_id {
+        return Err(format!("disk {} here is {}, the primary's is {}", m.name, m.disk_id, hello.disk_id));
+    }
+    // A partial resync is enough when this copy holds exactly the generation
+    // the primary's bitmap runs from, or the primary's own generation.
+    let needs_full_sync = match m.data {
+        DataState::Empty | DataState::Inconsistent { full: true } => true,
+        _ => hello.bitmap_base == 0 || !(m.generation == hello.generation || m.generation == hello.bitmap_base),
+    };
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    r.core().serving_session = Some(session);
+    let bitmap = lock(&r.bitmap).to_bytes();
+    Ok((session, Welcome { generation: m.generation, needs_full_sync, bitmap }))
+}
+
+fn run(r: &Replica, session: u64, stream: &TcpStream, out: &mut BufWriter<TcpStream>, generation: u64, full: bool) -> String {
+    let reader = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    let _ = reader.set_read_timeout(Some(r.timing.link_timeout));
+    let mut reader = BufReader::with_capacity(256 << 10, reader);
+    let mut seq = 1u64;
+    let mut marked = false;
+    let mut synced = false;
+    loop {
+        let frame = match Frame::read_from(&mut reader) {
+            Ok(f) => f,
+            Err(e) => {
+                let why = format!("receiving from the primary: {e}");
+                let _ = Frame::error(seq + 1, generation, &why).write_to(out).and_then(|()| out.flush());
+                return why;
+            }
+        };
+        seq += 1;
+        let refuse = |out: &mut BufWriter<TcpStream>, why: String| {
+            let _ = Frame::error(seq, generation, &why).write_to(out).and_then(|()| out.flush());
+            why
+        };
+        {
+            let core = r.core();
+            if core.role != Role::Backup {
+                return refuse(out, format!("disk {} is no longer a backup here", r.name()));
+            }
+            if core.serving_session != Some(session) {
+                return refuse(out, "a newer connection from the primary replaced this one".into());
+            }
+        }
+        if frame.generation != generation {
+            return refuse(out, format!("frame of generation {} in a session of generation {generation}", frame.generation));
+        }
+        let result = match frame.kind {
+            Kind::Write | Kind::ResyncWrite => {
+                if !marked && !synced {
+                    // Writes before ResyncDone mix two histories.
+                    if let Err(e) = lock(&r.meta).update(|m| m.data = DataState::Inconsistent { full }) {
+                        return refuse(out, e.to_string());
+                    }
+                    marked = true;
+                }
+                check_range(r.capacity, frame.offset, frame.payload.len())
+                    .and_then(|()| r.data.write_all_at(&frame.payload, frame.offset))
+                    .and_then(|()| if frame.flags & FLAG_FUA != 0 { r.data.sync_data() } else { Ok(()) })
+                    .map_err(|e| format!("writing {} bytes at {}: {e}", frame.payload.len(), frame.offset))
+            }
+            Kind::Flush => r.data.sync_data().map_err(|e| format!("flushing: {e}")),
+            Kind::ResyncDone => {
+                let done = r.data.sync_data().map_err(|e| format!("flushing: {e}")).and_then(|()| {
+                    lock(&r.meta)
+                        .update(|m| {
+                            m.generation = generation;
+                            m.data = DataState::Consistent;
+                            m.bitmap_base = generation;
+                        })
+                        .map_err(|e| e.to_string())?;
+                    let mut bm = lock(&r.bitmap);
+                    let all = bm.set_regions();
+                    bm.clear(&all).map_err(|e| e.to_string())
+                });
+                if done.is_ok() {
+                    r.core().generation = generation;
+                    synced = true;
+                    tracing::info!(disk = %r.name(), generation, "in sync with the primary");
+                }
+                done
+            }
+            Kind::Ping => Ok(()),
+            other => return refuse(out, format!("unexpected {other:?} frame from the primary")),
+        };
+        let ack = Frame::ack(seq, generation, frame.seq, result.as_ref().err().map(String::as_str));
+        if let Err(e) = ack.write_to(out).and_then(|()| out.flush()) {
+            return format!("acknowledging to the primary: {e}");
+        }
+    }
+}

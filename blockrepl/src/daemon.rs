@@ -1,0 +1,348 @@
+//! `enspeed blockd`: the replicated disks of one server.
+//!
+//! It keeps every disk under its data directory (`DIR/NAME/{data,meta,bitmap}`),
+//! accepts mirror links from primaries on its TCP address, keeps the links of
+//! its own primaries to their backups, serves disks to VMMs over
+//! vhost-user-blk, and answers a control socket: one JSON request per line,
+//! one JSON answer per line (`{"ok":true,...}` or `{"ok":false,"error":...}`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{Frame, Hello, Kind};
+use crate::replica::{lock, LinkState, NewRole, Replica, Status, Timing};
+
+/// Longest control request accepted.
+const MAX_LINE: u64 = 64 * 1024;
+/// Default bitmap region: 1 MiB.
+pub const DEFAULT_REGION: u64 = 1 << 20;
+
+/// A request on the control socket.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Create a disk: the first copy (primary) or an empty backup.
+    Create {
+        /// Name, the same on both servers.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Bitmap region size in bytes (default 1 MiB).
+        #[serde(default)]
+        region_size: Option<u64>,
+        /// Create an empty backup instead of a primary.
+        #[serde(default)]
+        backup: bool,
+    },
+    /// Report one disk, or all.
+    Status {
+        /// The disk; all when absent.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Mirror a primary to the backup at `peer` (host:port of its blockd).
+    Attach {
+        /// The disk.
+        name: String,
+        /// The backup server's blockd address.
+        peer: String,
+    },
+    /// Stop mirroring a primary (its writes stall until it goes on alone).
+    Detach {
+        /// The disk.
+        name: String,
+    },
+    /// Raise the generation: promote a backup, or let a primary go on alone.
+    Promote {
+        /// The disk.
+        name: String,
+        /// The new generation, above the current one.
+        generation: u64,
+        /// Promote a backup whose data is not consistent.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Make a copy a backup again.
+    Demote {
+        /// The disk.
+        name: String,
+    },
+    /// Remove a disk that no VMM uses and that is not linked.
+    Delete {
+        /// The disk.
+        name: String,
+    },
+}
+
+/// The answer to a request.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What went wrong, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Disks, for `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<serde_json::Value>>,
+}
+
+impl Response {
+    fn ok() -> Self {
+        Response { ok: true, ..Default::default() }
+    }
+
+    fn err(msg: impl Into<String>) -> Self {
+        Response { ok: false, error: Some(msg.into()), disks: None }
+    }
+}
+
+/// How blockd runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Mirror address to listen on (host:port).
+    pub listen: String,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Link timings.
+    pub timing: Timing,
+}
+
+/// Errors starting blockd.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Setting up a directory, socket or listener failed.
+    #[error("blockd: {what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A disk in the data directory cannot be opened.
+    #[error("blockd: {0}")]
+    Disk(#[from] crate::replica::ReplicaError),
+}
+
+/// The server's disks.
+pub struct Blockd {
+    cfg: Config,
+    disks: Mutex<BTreeMap<String, Arc<Replica>>>,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+impl Blockd {
+    /// Opens every disk under the data directory and starts their connectors.
+    pub fn open(cfg: Config) -> Result<Arc<Blockd>, DaemonError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(io(format!("creating {}", cfg.dir.display())))?;
+        let mut disks = BTreeMap::new();
+        for entry in std::fs::read_dir(&cfg.dir).map_err(io(format!("reading {}", cfg.dir.display())))? {
+            let entry = entry.map_err(io(format!("reading {}", cfg.dir.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().join("meta").exists() {
+                continue;
+            }
+            let r = Replica::open(&cfg.dir, &name, cfg.timing)?;
+            crate::resync::start(&r).map_err(io("starting a connector"))?;
+            tracing::info!(disk = %name, role = ?r.meta().role, generation = r.meta().generation, "disk opened");
+            disks.insert(name, r);
+        }
+        Ok(Arc::new(Blockd { cfg, disks: Mutex::new(disks) }))
+    }
+
+    /// Runs blockd: the mirror listener on a thread, the control socket here.
+    pub fn run(self: &Arc<Self>) -> Result<(), DaemonError> {
+        let listener = TcpListener::bind(&self.cfg.listen).map_err(io(format!("listening on {}", self.cfg.listen)))?;
+        let _ = std::fs::remove_file(&self.cfg.control);
+        let control = UnixListener::bind(&self.cfg.control).map_err(io(format!("binding {}", self.cfg.control.display())))?;
+        tracing::info!(listen = %self.cfg.listen, control = %self.cfg.control.display(), "blockd ready");
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("mirror-listener".into())
+            .spawn(move || me.accept_mirrors(listener))
+            .map_err(io("starting the mirror listener"))?;
+        for conn in control.incoming() {
+            match conn {
+                Ok(c) => {
+                    let me = self.clone();
+                    let _ = std::thread::Builder::new().name("control".into()).spawn(move || me.control(c));
+                }
+                Err(e) => tracing::warn!(error = %e, "control socket accept"),
+            }
+        }
+        Ok(())
+    }
+
+    fn accept_mirrors(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    let me = self.clone();
+                    let _ = std::thread::Builder::new().name("mirror-session".into()).spawn(move || me.mirror(c));
+                }
+                Err(e) => tracing::warn!(error = %e, "mirror accept"),
+            }
+        }
+    }
+
+    /// A primary connected: read its Hello and hand it to the disk it names.
+    fn mirror(&self, stream: TcpStream) {
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(self.cfg.timing.link_timeout));
+        let refuse = |mut s: &TcpStream, why: String| {
+            tracing::warn!(peer = %peer, why = %why, "mirror connection refused");
+            let _ = Frame::error(1, 0, &why).write_to(&mut s);
+        };
+        let first = match Frame::read_from(&mut (&stream).take(u64::from(crate::proto::MAX_PAYLOAD) + 64)) {
+            Ok(f) if f.kind == Kind::Hello => f,
+            Ok(f) => return refuse(&stream, format!("expected Hello, got {:?}", f.kind)),
+            Err(e) => return refuse(&stream, format!("bad first frame: {e}")),
+        };
+        let hello: Hello = match first.parse_json() {
+            Ok(h) => h,
+            Err(e) => return refuse(&stream, e),
+        };
+        let Some(disk) = lock(&self.disks).get(&hello.disk).cloned() else {
+            return refuse(&stream, format!("no disk named {:?} on this server", hello.disk));
+        };
+        crate::backup::serve(disk, stream, hello);
+    }
+
+    fn control(&self, conn: UnixStream) {
+        let mut w = match conn.try_clone() {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        let mut r = BufReader::new(conn);
+        loop {
+            let mut line = String::new();
+            match (&mut r).take(MAX_LINE).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let resp = if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
+                let r = Response::err(format!("request longer than {MAX_LINE} bytes"));
+                let _ = reply(&mut w, &r);
+                return;
+            } else {
+                match serde_json::from_str::<Request>(line.trim()) {
+                    Ok(req) => self.handle(req),
+                    Err(e) => Response::err(format!("bad request: {e}")),
+                }
+            };
+            if reply(&mut w, &resp).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The disk named `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<Arc<Replica>> {
+        lock(&self.disks).get(name).cloned()
+    }
+
+    fn disk(&self, name: &str) -> Result<Arc<Replica>, String> {
+        lock(&self.disks).get(name).cloned().ok_or_else(|| format!("no disk named {name:?}"))
+    }
+
+    /// Carries out one control request.
+    pub fn handle(&self, req: Request) -> Response {
+        let result: Result<Response, String> = (|| match req {
+            Request::Create { name, size, region_size, backup } => {
+                let mut disks = lock(&self.disks);
+                if disks.contains_key(&name) {
+                    return Err(format!("disk {name} already exists"));
+                }
+                let role = if backup { NewRole::Backup } else { NewRole::Primary };
+                let r = Replica::create(&self.cfg.dir, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
+                    .map_err(|e| e.to_string())?;
+                crate::resync::start(&r).map_err(|e| format!("starting the connector of {name}: {e}"))?;
+                tracing::info!(disk = %name, size, backup, "disk created");
+                disks.insert(name, r);
+                Ok(Response::ok())
+            }
+            Request::Status { name } => {
+                let list: Vec<Status> = match name {
+                    Some(n) => vec![self.disk(&n)?.status()],
+                    None => lock(&self.disks).values().map(|d| d.status()).collect(),
+                };
+                let disks = list.into_iter().map(|s| serde_json::to_value(s).expect("status serializes")).collect();
+                Ok(Response { ok: true, error: None, disks: Some(disks) })
+            }
+            Request::Attach { name, peer } => {
+                self.disk(&name)?.set_peer(Some(peer)).map_err(|e| e.to_string())?;
+                Ok(Response::ok())
+            }
+            Request::Detach { name } => {
+                self.disk(&name)?.set_peer(None).map_err(|e| e.to_string())?;
+                Ok(Response::ok())
+            }
+            Request::Promote { name, generation, force } => {
+                self.disk(&name)?.raise_generation(generation, force).map_err(|e| e.to_string())?;
+                Ok(Response::ok())
+            }
+            Request::Demote { name } => {
+                self.disk(&name)?.demote().map_err(|e| e.to_string())?;
+                Ok(Response::ok())
+            }
+            Request::Delete { name } => {
+                let mut disks = lock(&self.disks);
+                let d = disks.get(&name).cloned().ok_or_else(|| format!("no disk named {name:?}"))?;
+                if d.status().link != LinkState::Down {
+                    return Err(format!("disk {name} is linked to its peer: detach or demote it first"));
+                }
+                d.stop();
+                disks.remove(&name);
+                std::fs::remove_dir_all(d.dir()).map_err(|e| format!("removing {}: {e}", d.dir().display()))?;
+                Ok(Response::ok())
+            }
+        })();
+        result.unwrap_or_else(Response::err)
+    }
+}
+
+fn reply(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).expect("responses serialize");
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+/// Sends one request line to the blockd control socket at `socket`; returns
+/// the answer.
+pub fn call(socket: &Path, request: &str) -> std::io::Result<Response> {
+    let mut s = UnixStream::connect(socket)?;
+    s.write_all(request.trim().as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad answer {line:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_unknowns_are_refused() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"create","name":"d","size":4096}"#).unwrap();
+        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false });
+        let r: Request = serde_json::from_str(r#"{"cmd":"promote","name":"d","generation":3}"#).unwrap();
+        assert_eq!(r, Request::Promote { name: "d".into(), generation: 3, force: false });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"create","name":"d","size":1,"color":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"promote","name":"d"}"#).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! LiveSync: a virtual disk mirrored synchronously between a primary and a
+//! backup server, served to the VMM over vhost-user-blk.
+//!
+//! - [`store`]: what the vhost-user-blk backend serves, a [`store::BlockStore`]:
+//!   a plain file or a [`replica::Replica`];
+//! - [`meta`] and [`bitmap`]: a copy's durable metadata (roles, generations)
+//!   and its bitmap of changed regions;
+//! - [`proto`]: the mirror protocol's frames;
+//! - [`replica`]: one copy and its write path; [`link`] and [`resync`]: the
+//!   primary's side of the mirror; [`backup`]: the backup's side;
+//! - [`vhost_blk`]: the vhost-user-blk backend that serves a store to a VMM;
+//! - [`daemon`]: `enspeed blockd`, the server's disks and their control socket.
+
+pub mod backup;
+pub mod bitmap;
+pub mod daemon;
+
+pub mod link;
+pub mod meta;
+pub mod proto;
+pub mod replica;
+pub mod resync;
+pub mod store;

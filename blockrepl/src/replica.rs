@@ -1,0 +1,785 @@
+//! One copy of a replicated disk: its data file, metadata and bitmap, its
+//! role, and the write path that mirrors every guest write to the backup.
+//!
+//! A guest write on the primary:
+//!
+//! 1. sets the bitmap bits of the regions it touches, durably (nothing to do
+//!    when they are set already);
+//! 2. is registered as pending (waiting while resync copies one of its regions);
+//! 3. goes to the backup as a Write frame, then to the local file;
+//! 4. completes when the local write is done and the backup acknowledged it.
+//!
+//! When the link is down, step 3's frame is not sent and the write stalls
+//! until either the backup returns and resync has copied its regions, or the
+//! caller raises the generation and the disk goes on alone.
+//!
+//! Lock order: `meta`, then `bitmap`, then `core`; a [`Link`]'s own locks are
+//! never held while taking any of these.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::bitmap::Bitmap;
+use crate::link::Link;
+use crate::meta::{DataState, Meta, MetaError, MetaFile, Role};
+use crate::store::{check_range, BlockStore, Done};
+
+/// Timings of the mirror link.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// The link is declared down when nothing arrived for this long.
+    pub link_timeout: Duration,
+    /// An idle link sends a Ping this often.
+    pub ping_interval: Duration,
+    /// A primary retries connecting to its backup this often.
+    pub retry_interval: Duration,
+    /// How often a primary in sync clears bitmap bits both sides hold.
+    pub clean_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            link_timeout: Duration::from_millis(2000),
+            ping_interval: Duration::from_millis(400),
+            retry_interval: Duration::from_millis(300),
+            clean_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Errors of replica management.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// Metadata failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// A file operation failed.
+    #[error("disk {disk}: {what}: {source}")]
+    Io {
+        /// The disk.
+        disk: String,
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The request does not fit the disk's state.
+    #[error("disk {disk}: {why}")]
+    Refused {
+        /// The disk.
+        disk: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Progress of a running resync, as the CLI shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ResyncProgress {
+    /// Whether every region is copied (new or diverged backup).
+    pub full: bool,
+    /// Bytes to copy in all.
+    pub total_bytes: u64,
+    /// Bytes copied so far.
+    pub done_bytes: u64,
+    /// Bytes still to copy.
+    pub bytes_left: u64,
+    /// Percent done.
+    pub percent: f64,
+    /// Copy rate so far, bytes per second.
+    pub rate_bytes_per_sec: u64,
+}
+
+/// The state of the mirror link, seen from this copy.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// No connection.
+    Down,
+    /// Connected, resync running.
+    Resyncing,
+    /// Connected, both copies hold the same data.
+    InSync,
+    /// Connected as the backup of a primary.
+    Serving,
+}
+
+/// What `enspeed disk status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// Disk name.
+    pub name: String,
+    /// Identity.
+    pub disk_id: String,
+    /// Size in bytes.
+    pub capacity: u64,
+    /// Bitmap region size.
+    pub region_size: u64,
+    /// Role.
+    pub role: Role,
+    /// Generation.
+    pub generation: u64,
+    /// Data state.
+    pub data: DataState,
+    /// Generation the bitmap is relative to.
+    pub bitmap_base: u64,
+    /// Backup address (primary side).
+    pub peer: Option<String>,
+    /// Link state.
+    pub link: LinkState,
+    /// Regions marked in the bitmap, in bytes.
+    pub out_of_sync_bytes: u64,
+    /// Writes waiting for the backup.
+    pub stalled_writes: usize,
+    /// Running resync, if any.
+    pub resync: Option<ResyncProgress>,
+    /// The last resync that finished, as it ended.
+    pub last_resync: Option<ResyncProgress>,
+    /// The last link or resync error.
+    pub last_error: Option<String>,
+}
+
+/// A pending guest write or flush.
+struct Pending {
+    done: Option<Done>,
+    regions: (u64, u64),
+    local: Option<io::Result<()>>,
+    remote: bool,
+    /// The link its frame went out on.
+    sent_on: Option<u64>,
+}
+
+/// Volatile state, under one lock.
+pub(crate) struct Core {
+    pub(crate) role: Role,
+    pub(crate) generation: u64,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// Local writes in progress, per region.
+    local_busy: HashMap<u64, u32>,
+    /// Writes not yet complete on both sides, per region.
+    unacked: HashMap<u64, u32>,
+    /// Regions written since the last clean pass.
+    touched: HashSet<u64>,
+    /// The region resync is copying now: writes to it wait.
+    resync_busy: Option<u64>,
+    pub(crate) link: Option<Arc<Link>>,
+    pub(crate) in_sync: bool,
+    pub(crate) serving_session: Option<u64>,
+    pub(crate) resync: Option<ResyncProgress>,
+    pub(crate) last_resync: Option<ResyncProgress>,
+    pub(crate) last_error: Option<String>,
+}
+
+/// One copy of a replicated disk.
+pub struct Replica {
+    pub(crate) name: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) data: File,
+    pub(crate) capacity: u64,
+    pub(crate) region_size: u64,
+    pub(crate) meta: Mutex<MetaFile>,
+    pub(crate) bitmap: Mutex<Bitmap>,
+    pub(crate) core: Mutex<Core>,
+    pub(crate) cond: Condvar,
+    pub(crate) timing: Timing,
+    pub(crate) stopping: AtomicBool,
+}
+
+/// How a new disk starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewRole {
+    /// The first copy: serves the guest alone until a backup is attached.
+    Primary,
+    /// An empty copy that waits for a primary's full sync.
+    Backup,
+}
+
+fn random_id() -> io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The largest region size accepted (one resync frame each).
+pub const MAX_REGION: u64 = 4 << 20;
+
+impl Replica {
+    /// Creates disk `name` of `capacity` bytes under `dir/name`.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        capacity: u64,
+        region_size: u64,
+        role: NewRole,
+        timing: Timing,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        let refused = |why: String| ReplicaError::Refused { disk: name.to_owned(), why };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
+            return Err(refused("a disk name is letters, digits, '-', '_' and '.', not starting with '.'".into()));
+        }
+        if capacity == 0 || capacity % 512 != 0 {
+            return Err(refused(format!("capacity {capacity} is not a positive multiple of 512")));
+        }
+        if !region_size.is_power_of_two() || !(4096..=MAX_REGION).contains(&region_size) {
+            return Err(refused(format!("region size {region_size} is not a power of two between 4 KiB and 4 MiB")));
+        }
+        let ddir = dir.join(name);
+        let io_err = |what: &str, source| ReplicaError::Io { disk: name.to_owned(), what: what.to_owned(), source };
+        std::fs::create_dir(&ddir).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                refused("already exists".into())
+            } else {
+                io_err("creating its directory", e)
+            }
+        })?;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(ddir.join("data"))
+            .map_err(|e| io_err("creating the data file", e))?;
+        data.set_len(capacity).map_err(|e| io_err("sizing the data file", e))?;
+        data.sync_all().map_err(|e| io_err("syncing the data file", e))?;
+        let meta = match role {
+            NewRole::Primary => Meta {
+                name: name.to_owned(),
+                disk_id: random_id().map_err(|e| io_err("reading /dev/urandom", e))?,
+                capacity,
+                region_size,
+                generation: 1,
+                role: Role::Standalone,
+                data: DataState::Consistent,
+                bitmap_base: 0,
+                peer: None,
+            },
+            NewRole::Backup => Meta {
+                name: name.to_owned(),
+                disk_id: String::new(),
+                capacity,
+                region_size,
+                generation: 0,
+                role: Role::Backup,
+                data: DataState::Empty,
+                bitmap_base: 0,
+                peer: None,
+            },
+        };
+        Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size)).map_err(|e| io_err("creating the bitmap", e))?;
+        MetaFile::create(&ddir.join("meta"), meta)?;
+        Replica::open(dir, name, timing)
+    }
+
+    /// Opens the existing disk `dir/name`.
+    pub fn open(dir: &Path, name: &str, timing: Timing) -> Result<Arc<Replica>, ReplicaError> {
+        let ddir = dir.join(name);
+        let io_err = |what: &str, source| ReplicaError::Io { disk: name.to_owned(), what: what.to_owned(), source };
+        let meta = MetaFile::open(&ddir.join("meta"))?;
+        let m = meta.get().clone();
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(ddir.join("data"))
+            .map_err(|e| io_err("opening the data file", e))?;
+        let len = data.metadata().map_err(|e| io_err("reading the data file's size", e))?.len();
+        if len != m.capacity {
+            return Err(ReplicaError::Refused {
+                disk: name.to_owned(),
+                why: format!("data file holds {len} bytes, metadata says {}", m.capacity),
+            });
+        }
+        let bitmap = Bitmap::open(&ddir.join("bitmap"), m.capacity.div_ceil(m.region_size))
+            .map_err(|e| io_err("opening the bitmap", e))?;
+        let core = Core {
+            role: m.role,
+            generation: m.generation,
+            next_id: 1,
+            pending: HashMap::new(),
+            local_busy: HashMap::new(),
+            unacked: HashMap::new(),
+            touched: HashSet::new(),
+            resync_busy: None,
+            link: None,
+            in_sync: false,
+            serving_session: None,
+            resync: None,
+            last_resync: None,
+            last_error: None,
+        };
+        Ok(Arc::new(Replica {
+            name: name.to_owned(),
+            dir: ddir,
+            data,
+            capacity: m.capacity,
+            region_size: m.region_size,
+            meta: Mutex::new(meta),
+            bitmap: Mutex::new(bitmap),
+            core: Mutex::new(core),
+            cond: Condvar::new(),
+            timing,
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    /// The disk's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The disk's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A copy of the durable record.
+    pub fn meta(&self) -> Meta {
+        lock(&self.meta).get().clone()
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    pub(crate) fn refused(&self, why: impl Into<String>) -> ReplicaError {
+        ReplicaError::Refused { disk: self.name.clone(), why: why.into() }
+    }
+
+    pub(crate) fn io_err(&self, what: &str, source: io::Error) -> ReplicaError {
+        ReplicaError::Io { disk: self.name.clone(), what: what.to_owned(), source }
+    }
+
+    /// The regions `offset..offset+len` touches, first and last.
+    pub(crate) fn regions_of(&self, offset: u64, len: u64) -> (u64, u64) {
+        let first = offset / self.region_size;
+        let last = (offset + len.max(1) - 1) / self.region_size;
+        (first, last)
+    }
+
+    /// What `enspeed disk status` shows.
+    pub fn status(&self) -> Status {
+        let m = self.meta();
+        let out_of_sync = lock(&self.bitmap).count() * self.region_size;
+        let core = self.core();
+        let link = match (&core.link, core.serving_session, core.in_sync) {
+            (Some(_), _, true) => LinkState::InSync,
+            (Some(_), _, false) => LinkState::Resyncing,
+            (None, Some(_), _) => LinkState::Serving,
+            (None, None, _) => LinkState::Down,
+        };
+        Status {
+            name: m.name,
+            disk_id: m.disk_id,
+            capacity: m.capacity,
+            region_size: m.region_size,
+            role: m.role,
+            generation: m.generation,
+            data: m.data,
+            bitmap_base: m.bitmap_base,
+            peer: m.peer,
+            link,
+            out_of_sync_bytes: out_of_sync.min(self.capacity),
+            stalled_writes: core.pending.values().filter(|p| !p.remote).count(),
+            resync: core.resync.clone(),
+            last_resync: core.last_resync.clone(),
+            last_error: core.last_error.clone(),
+        }
+    }
+
+    /// Sets (or with None, removes) the backup's mirror address.
+    pub fn set_peer(&self, peer: Option<String>) -> Result<(), ReplicaError> {
+        let mut meta = lock(&self.meta);
+        if meta.get().role == Role::Backup && peer.is_some() {
+            return Err(self.refused("a backup does not connect to a peer; attach it on the primary"));
+        }
+        meta.update(|m| m.peer = peer)?;
+        drop(meta);
+        self.drop_link("the backup was changed");
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// Raises the generation to `generation`: a backup is promoted, a primary
+    /// goes on alone; either way the result is Standalone, and writes stalled
+    /// for an unreachable backup complete. The control plane calls this after
+    /// a Raft commit. A backup whose data is not consistent is refused unless
+    /// `force`.
+    pub fn raise_generation(&self, generation: u64, force: bool) -> Result<(), ReplicaError> {
+        let mut meta = lock(&self.meta);
+        let m = meta.get().clone();
+        if generation <= m.generation {
+            return Err(self.refused(format!(
+                "generation {generation} is not above the current generation {}",
+                m.generation
+            )));
+        }
+        if m.role == Role::Backup && m.data != DataState::Consistent && !force {
+            return Err(self.refused(format!(
+                "this copy's data is {:?}: it cannot serve a guest (force to promote anyway)",
+                m.data
+            )));
+        }
+        // A backup in sync at its generation is the base of the changes from
+        // now on; a primary's bitmap already runs from its base.
+        let base = if m.role == Role::Backup { m.generation } else { m.bitmap_base };
+        meta.update(|m| {
+            m.generation = generation;
+            m.role = Role::Standalone;
+            m.bitmap_base = base;
+            if force {
+                m.data = DataState::Consistent;
+            }
+        })?;
+        let done = {
+            let mut core = self.core();
+            core.generation = generation;
+            core.role = Role::Standalone;
+            core.serving_session = None;
+            core.in_sync = false;
+            let link = core.link.take();
+            if let Some(l) = link {
+                l.kill();
+            }
+            self.complete_stalled(&mut core, None)
+        };
+        drop(meta);
+        tracing::info!(disk = %self.name, generation, base, "generation raised: standalone");
+        run_done(done);
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// Makes this copy a backup: it stops serving the guest and waits for a
+    /// primary. Refused while guest writes are pending.
+    pub fn demote(&self) -> Result<(), ReplicaError> {
+        let mut meta = lock(&self.meta);
+        if meta.get().role == Role::Backup {
+            return Ok(());
+        }
+        {
+            let core = self.core();
+            if !core.pending.is_empty() {
+                return Err(self.refused(format!("{} guest writes are still pending", core.pending.len())));
+            }
+        }
+        self.data.sync_data().map_err(|e| self.io_err("syncing before demotion", e))?;
+        meta.update(|m| {
+            m.role = Role::Backup;
+            m.peer = None;
+        })?;
+        let mut core = self.core();
+        core.role = Role::Backup;
+        core.in_sync = false;
+        if let Some(l) = core.link.take() {
+            l.kill();
+        }
+        drop(core);
+        drop(meta);
+        tracing::info!(disk = %self.name, "demoted to backup");
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// Drops the current link to the backup, if any (it will be retried).
+    pub(crate) fn drop_link(&self, why: &str) {
+        let link = self.core().link.take();
+        if let Some(l) = link {
+            tracing::warn!(disk = %self.name, why, "mirror link dropped");
+            l.kill();
+        }
+    }
+
+    /// The link `link_id` died: pending writes sent on it stall.
+    pub(crate) fn link_down(&self, link_id: u64, why: &str) {
+        let mut core = self.core();
+        if core.link.as_ref().is_some_and(|l| l.id() == link_id) {
+            core.link = None;
+            core.in_sync = false;
+            core.resync = None;
+            core.last_error = Some(why.to_owned());
+            tracing::warn!(disk = %self.name, why, "mirror link down");
+        }
+        drop(core);
+        self.cond.notify_all();
+    }
+
+    /// Completes, once the other half is done too, pending write `id`.
+    fn finish(&self, id: u64, local: Option<io::Result<()>>, remote: bool) {
+        let done = {
+            let mut core = self.core();
+            let Some(p) = core.pending.get_mut(&id) else { return };
+            if let Some(r) = local {
+                p.local = Some(r);
+            }
+            p.remote |= remote;
+            if p.local.is_none() || !p.remote {
+                return;
+            }
+            let p = core.pending.remove(&id).expect("present");
+            release(&mut core.unacked, p.regions);
+            vec![(p.done, p.local.unwrap_or(Ok(())))]
+        };
+        run_done(done);
+    }
+
+    /// An acknowledgement for pending write `id` arrived from the backup.
+    pub(crate) fn remote_done(&self, id: u64) {
+        self.finish(id, None, true);
+    }
+
+    /// Completes every pending write whose remote half is owed and that was
+    /// not sent on `current` (the stalled ones), returning their callbacks.
+    pub(crate) fn complete_stalled(&self, core: &mut Core, current: Option<u64>) -> Vec<(Option<Done>, io::Result<()>)> {
+        let ids: Vec<u64> = core
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.remote && (current.is_none() || p.sent_on != current))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let p = core.pending.get_mut(&id).expect("present");
+            p.remote = true;
+            if p.local.is_some() {
+                let p = core.pending.remove(&id).expect("present");
+                release(&mut core.unacked, p.regions);
+                out.push((p.done, p.local.unwrap_or(Ok(()))));
+            }
+        }
+        out
+    }
+
+    /// Waits until no local write is in progress on `region`, then marks it
+    /// as being copied: new writes to it wait until [`Replica::end_copy`].
+    pub(crate) fn begin_copy(&self, region: u64) {
+        let mut core = self.core();
+        while core.resync_busy.is_some() {
+            core = self.cond.wait(core).unwrap_or_else(|p| p.into_inner());
+        }
+        core.resync_busy = Some(region);
+        while core.local_busy.get(&region).copied().unwrap_or(0) > 0 {
+            core = self.cond.wait(core).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Ends the copy begun by [`Replica::begin_copy`].
+    pub(crate) fn end_copy(&self) {
+        self.core().resync_busy = None;
+        self.cond.notify_all();
+    }
+
+    /// Regions safe to clear now (no pending write, untouched since the last
+    /// pass); forgets what was touched.
+    pub(crate) fn clean_candidates(&self, set: &[u64]) -> Vec<u64> {
+        let mut core = self.core();
+        let c = set
+            .iter()
+            .copied()
+            .filter(|r| !core.touched.contains(r) && core.unacked.get(r).copied().unwrap_or(0) == 0)
+            .collect();
+        core.touched.clear();
+        c
+    }
+
+    /// Forgets which regions were written (before a barrier that covers them).
+    pub(crate) fn reset_touched(&self) {
+        self.core().touched.clear();
+    }
+
+    /// Of `candidates`, those still untouched; called with the bitmap locked.
+    pub(crate) fn still_clean(&self, candidates: &[u64]) -> Vec<u64> {
+        let core = self.core();
+        candidates
+            .iter()
+            .copied()
+            .filter(|r| !core.touched.contains(r) && core.unacked.get(r).copied().unwrap_or(0) == 0)
+            .collect()
+    }
+
+    /// Registers a write (regions given) or flush (None) and returns its id
+    /// and the link to send it on, if one is up.
+    fn register(&self, done: Done, regions: Option<(u64, u64)>) -> Result<(u64, Option<Arc<Link>>), Done> {
+        let mut core = self.core();
+        if core.role == Role::Backup {
+            return Err(done);
+        }
+        if let Some((first, last)) = regions {
+            while core.resync_busy.is_some_and(|r| (first..=last).contains(&r)) {
+                core = self.cond.wait(core).unwrap_or_else(|p| p.into_inner());
+            }
+            for r in first..=last {
+                *core.local_busy.entry(r).or_default() += 1;
+                *core.unacked.entry(r).or_default() += 1;
+                core.touched.insert(r);
+            }
+        }
+        let id = core.next_id;
+        core.next_id += 1;
+        // Standalone does not wait for the backup, but a connected backup
+        // (being resynced) still gets every write, in order.
+        let remote = core.role == Role::Standalone;
+        let link = core.link.clone();
+        core.pending.insert(
+            id,
+            Pending {
+                done: Some(done),
+                regions: regions.unwrap_or((1, 0)),
+                local: None,
+                remote,
+                sent_on: None,
+            },
+        );
+        Ok((id, link))
+    }
+
+    fn mark_sent(&self, id: u64, link_id: u64) {
+        if let Some(p) = self.core().pending.get_mut(&id) {
+            p.sent_on = Some(link_id);
+        }
+    }
+
+    fn local_finished(&self, regions: (u64, u64)) {
+        let mut core = self.core();
+        for r in regions.0..=regions.1 {
+            if let Some(n) = core.local_busy.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    core.local_busy.remove(&r);
+                }
+            }
+        }
+        drop(core);
+        self.cond.notify_all();
+    }
+
+    /// Stops background work (connector, sessions).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.drop_link("stopping");
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits on the condition variable for at most `d`.
+    pub(crate) fn wait_a_while(&self, d: Duration) {
+        let core = self.core();
+        let _ = self.cond.wait_timeout(core, d);
+    }
+
+    /// Publishes the progress of the running resync (None: none runs).
+    pub(crate) fn set_progress(&self, p: Option<ResyncProgress>) {
+        self.core().resync = p;
+    }
+
+    /// Makes the local data durable.
+    pub(crate) fn sync_local(&self) -> io::Result<()> {
+        self.data.sync_data()
+    }
+
+    /// Computes a progress record.
+    pub(crate) fn progress(full: bool, total: u64, done: u64, started: Instant) -> ResyncProgress {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        ResyncProgress {
+            full,
+            total_bytes: total,
+            done_bytes: done,
+            bytes_left: total - done,
+            percent: if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+            rate_bytes_per_sec: (done as f64 / secs) as u64,
+        }
+    }
+}
+
+fn release(unacked: &mut HashMap<u64, u32>, (first, last): (u64, u64)) {
+    for r in first..=last {
+        if let Some(n) = unacked.get_mut(&r) {
+            *n -= 1;
+            if *n == 0 {
+                unacked.remove(&r);
+            }
+        }
+    }
+}
+
+pub(crate) fn run_done(done: Vec<(Option<Done>, io::Result<()>)>) {
+    for (d, r) in done {
+        if let Some(d) = d {
+            d(r);
+        }
+    }
+}
+
+/// Locks `m`, taking the data of a poisoned lock (a panicked holder) as is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BlockStore for Replica {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn device_id(&self) -> String {
+        self.name.clone()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len())?;
+        if self.core().role == Role::Backup {
+            return Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name)));
+        }
+        self.data.read_exact_at(buf, offset)
+    }
+
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
+        if let Err(e) = check_range(self.capacity, offset, data.len()) {
+            return done(Err(e));
+        }
+        let regions = self.regions_of(offset, data.len() as u64);
+        if let Err(e) = lock(&self.bitmap).set_range(regions.0, regions.1) {
+            return done(Err(e));
+        }
+        let (id, link) = match self.register(done, Some(regions)) {
+            Ok(r) => r,
+            Err(done) => {
+                return done(Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name))))
+            }
+        };
+        if let Some(link) = link {
+            if link.send_write(id, offset, &data, fua).is_ok() {
+                self.mark_sent(id, link.id());
+            }
+        }
+        let local = self.data.write_all_at(&data, offset).and_then(|()| if fua { self.data.sync_data() } else { Ok(()) });
+        self.local_finished(regions);
+        self.finish(id, Some(local), false);
+    }
+
+    fn flush(&self, done: Done) {
+        let (id, link) = match self.register(done, None) {
+            Ok(r) => r,
+            Err(done) => {
+                return done(Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name))))
+            }
+        };
+        if let Some(link) = link {
+            if link.send_flush(id).is_ok() {
+                self.mark_sent(id, link.id());
+            }
+        }
+        let local = self.data.sync_data();
+        self.finish(id, Some(local), false);
+    }
+}

@@ -1,0 +1,420 @@
+//! Two blockd instances over real TCP on loopback (in this process), with a
+//! proxy between them that can cut the link: mirrored writes, stalls, going
+//! on alone, resync of only the changed regions, full sync while writing,
+//! stale primaries, and malformed frames.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockrepl::daemon::{Blockd, Config, Request};
+use blockrepl::meta::{DataState, Role};
+use blockrepl::proto::{Frame, Hello, Kind, Welcome};
+use blockrepl::replica::{LinkState, Replica, Timing};
+use blockrepl::store::BlockStore;
+
+const MIB: u64 = 1 << 20;
+
+fn timing() -> Timing {
+    Timing {
+        link_timeout: Duration::from_millis(1000),
+        ping_interval: Duration::from_millis(150),
+        retry_interval: Duration::from_millis(100),
+        clean_interval: Duration::from_millis(300),
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mirror-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Server {
+    blockd: Arc<Blockd>,
+    addr: String,
+    dir: PathBuf,
+}
+
+fn server(dir: &Path) -> Server {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = Config { dir: dir.to_owned(), listen: addr.clone(), control: dir.join("control.sock"), timing: timing() };
+    let blockd = Blockd::open(cfg).unwrap();
+    let b = blockd.clone();
+    std::thread::spawn(move || b.run().unwrap());
+    // The listener is up once the control socket exists.
+    wait_for("blockd to listen", || dir.join("control.sock").exists());
+    Server { blockd, addr, dir: dir.to_owned() }
+}
+
+impl Server {
+    fn req(&self, r: Request) {
+        let resp = self.blockd.handle(r);
+        assert!(resp.ok, "request failed: {:?}", resp.error);
+    }
+
+    fn try_req(&self, r: Request) -> Result<(), String> {
+        let resp = self.blockd.handle(r);
+        if resp.ok {
+            Ok(())
+        } else {
+            Err(resp.error.unwrap_or_default())
+        }
+    }
+
+    fn disk(&self, name: &str) -> Arc<Replica> {
+        self.blockd.get(name).unwrap()
+    }
+
+    fn data(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(name).join("data")).unwrap()
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP proxy that can cut the link (dropping connections, refusing new ones).
+struct Proxy {
+    addr: String,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+fn proxy(target: String) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let up = Arc::new(AtomicBool::new(true));
+    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let (u, c) = (up.clone(), conns.clone());
+    std::thread::spawn(move || {
+        for inbound in l.incoming() {
+            let inbound = inbound.unwrap();
+            if !u.load(Ordering::SeqCst) {
+                drop(inbound);
+                continue;
+            }
+            let Ok(outbound) = TcpStream::connect(&target) else { continue };
+            c.lock().unwrap().extend([inbound.try_clone().unwrap(), outbound.try_clone().unwrap()]);
+            for (mut from, mut to) in [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+            }
+        }
+    });
+    Proxy { addr, up, conns }
+}
+
+impl Proxy {
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Writes through the store; returns a receiver of the outcome.
+fn submit(d: &Replica, offset: u64, data: Vec<u8>) -> mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    d.write(offset, data, false, Box::new(move |r| tx.send(r).unwrap()));
+    rx
+}
+
+fn write(d: &Replica, offset: u64, data: Vec<u8>) {
+    submit(d, offset, data).recv_timeout(Duration::from_secs(10)).expect("write completes").expect("write succeeds");
+}
+
+fn flush(d: &Replica) {
+    let (tx, rx) = mpsc::channel();
+    d.flush(Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(Duration::from_secs(10)).expect("flush completes").expect("flush succeeds");
+}
+
+fn block(tag: u8, n: usize) -> Vec<u8> {
+    (0..n).map(|i| tag ^ (i as u8).wrapping_mul(31)).collect()
+}
+
+fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
+    let a = server(&scratch(&format!("{name}-a")));
+    let b = server(&scratch(&format!("{name}-b")));
+    let p = proxy(b.addr.clone());
+    a.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: false });
+    b.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: true });
+    a.req(Request::Attach { name: "d".into(), peer: p.addr.clone() });
+    wait_for("the first sync", || a.disk("d").status().link == LinkState::InSync);
+    (a, b, p)
+}
+
+#[test]
+fn writes_reach_both_copies_before_they_complete() {
+    let (a, b, _p) = pair("mirror", 16 * MIB);
+    let d = a.disk("d");
+    for i in 0..64u64 {
+        write(&d, (i * 7919 % 4096) * 4096, block(i as u8, 4096));
+    }
+    // A write completes only when the backup holds it: the backup's file
+    // matches right away, before any flush.
+    assert!(a.data("d") == b.data("d"), "backup differs from primary after acknowledged writes");
+    flush(&d);
+    let sb = b.disk("d").status();
+    assert_eq!((sb.role, sb.data, sb.generation), (Role::Backup, DataState::Consistent, 1));
+}
+
+#[test]
+fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_only_changed_regions() {
+    let (a, b, p) = pair("cut", 64 * MIB);
+    let d = a.disk("d");
+    for i in 0..64u64 {
+        write(&d, i * MIB, block(1, 4096));
+    }
+    flush(&d);
+    // Let the clean pass clear the bits of those regions: both hold them.
+    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+
+    p.cut();
+    wait_for("the link to go down", || d.status().link == LinkState::Down);
+    let stalled = submit(&d, 5 * MIB + 4096, block(2, 4096));
+    assert!(
+        stalled.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a write completed while the backup was unreachable and the primary was not told to go on alone"
+    );
+    assert!(d.status().stalled_writes >= 1);
+    // The control plane's decision: the backup is out of date, go on alone.
+    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    stalled.recv_timeout(Duration::from_secs(5)).expect("the stalled write completes").unwrap();
+    let s = d.status();
+    assert_eq!((s.role, s.generation, s.bitmap_base), (Role::Standalone, 2, 1));
+    // Changed while alone: regions 5 (the stalled write), 10, 11 and 40.
+    for off in [10 * MIB, 11 * MIB + 8192, 40 * MIB + MIB - 4096] {
+        write(&d, off, block(3, 4096));
+    }
+    assert_eq!(d.status().out_of_sync_bytes, 4 * MIB);
+
+    p.restore();
+    // Keep writing while the backup catches up.
+    let writer = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            for i in 0..200u64 {
+                write(&d, (i % 60) * MIB + 12288, block(i as u8, 4096));
+            }
+        })
+    };
+    wait_for("resync to finish", || d.status().link == LinkState::InSync);
+    writer.join().unwrap();
+    flush(&d);
+    // Only the marked regions, plus regions the writer touched meanwhile
+    // (the writer marks them too): never the whole 64 MiB.
+    let total = d.status().last_resync.expect("a resync ran").total_bytes;
+    assert!((4 * MIB..64 * MIB).contains(&total), "resync copied {total} bytes");
+    assert!(a.data("d") == b.data("d"), "copies differ after resync");
+    let sb = b.disk("d").status();
+    assert_eq!((sb.generation, sb.data), (2, DataState::Consistent));
+    assert_eq!(d.status().role, Role::Primary);
+}
+
+#[test]
+fn resync_after_going_alone_copies_exactly_the_changed_regions() {
+    let (a, b, p) = pair("exact", 256 * MIB);
+    let d = a.disk("d");
+    write(&d, 0, block(1, 4096));
+    flush(&d);
+    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+    p.cut();
+    wait_for("the link to go down", || d.status().link == LinkState::Down);
+    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    for r in [3u64, 100, 101, 255] {
+        write(&d, r * MIB + 512, block(r as u8, 8192));
+    }
+    let started = Instant::now();
+    p.restore();
+    wait_for("resync", || d.status().link == LinkState::InSync);
+    let took = started.elapsed();
+    let last = d.status().last_resync.expect("a resync ran");
+    assert_eq!((last.total_bytes, last.full), (4 * MIB, false), "resync should copy the 4 changed regions");
+    assert!(a.data("d") == b.data("d"));
+    eprintln!("resync of 4 changed MiB of 256 MiB took {took:?}");
+}
+
+#[test]
+fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
+    let a = server(&scratch("full-a"));
+    let b = server(&scratch("full-b"));
+    a.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: false });
+    let d = a.disk("d");
+    for i in 0..128u64 {
+        write(&d, i * MIB + (i % 7) * 4096, block(i as u8, 65536));
+    }
+    b.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: true });
+    a.req(Request::Attach { name: "d".into(), peer: b.addr.clone() });
+    let mut saw_full = false;
+    for i in 0..300u64 {
+        write(&d, ((i * 37) % 128) * MIB + 4096, block(!(i as u8), 4096));
+        if let Some(r) = d.status().resync {
+            saw_full |= r.full;
+        }
+    }
+    wait_for("full sync", || d.status().link == LinkState::InSync);
+    flush(&d);
+    assert!(saw_full || d.status().resync.is_none());
+    assert!(a.data("d") == b.data("d"), "copies differ after a full sync under writes");
+}
+
+#[test]
+fn a_stale_primary_is_refused() {
+    let (a, b, p) = pair("stale", 8 * MIB);
+    let d = a.disk("d");
+    write(&d, 0, block(1, 4096));
+    p.cut();
+    // Failover: the backup is promoted with a higher generation.
+    b.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    p.restore();
+    wait_for("the old primary to be refused", || {
+        d.status().last_error.is_some_and(|e| e.contains("not a backup"))
+    });
+    // Even as a backup again, the copy at generation 2 refuses generation 1.
+    b.req(Request::Demote { name: "d".into() });
+    wait_for("the stale primary to be refused", || {
+        d.status().last_error.is_some_and(|e| e.contains("stale primary"))
+    });
+    let stalled = submit(&d, 4096, block(9, 4096));
+    assert!(stalled.recv_timeout(Duration::from_millis(800)).is_err(), "a stale primary's write completed");
+    assert_eq!(b.data("d")[4096..8192], vec![0u8; 4096][..], "the stale primary's write reached the backup");
+}
+
+#[test]
+fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
+    let b = server(&scratch("refuse-b"));
+    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: None, backup: true });
+    let e = b.try_req(Request::Promote { name: "d".into(), generation: 5, force: false }).unwrap_err();
+    assert!(e.contains("Empty"), "{e}");
+    let e = b.try_req(Request::Promote { name: "d".into(), generation: 0, force: true }).unwrap_err();
+    assert!(e.contains("not above"), "{e}");
+}
+
+fn raw_session(b: &Server, generation: u64) -> (TcpStream, Welcome) {
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = Hello {
+        disk: "d".into(),
+        disk_id: "feedface".into(),
+        capacity: 8 * MIB,
+        region_size: MIB,
+        generation,
+        bitmap_base: 0,
+    };
+    Frame::json(Kind::Hello, 1, generation, &hello).write_to(&mut s).unwrap();
+    let reply = Frame::read_from(&mut s).unwrap();
+    assert_eq!(reply.kind, Kind::Welcome, "{}", reply.text());
+    (s, reply.parse_json().unwrap())
+}
+
+fn expect_error(s: &mut TcpStream, what: &str) -> String {
+    loop {
+        match Frame::read_from(s) {
+            Ok(f) if f.kind == Kind::Error => return f.text(),
+            Ok(f) if f.kind == Kind::Ack => panic!("{what}: the backup acknowledged it"),
+            Ok(f) => panic!("{what}: unexpected {:?}", f.kind),
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+#[test]
+fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk() {
+    let b = server(&scratch("malformed-b"));
+    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: Some(MIB), backup: true });
+    let zeros = b.data("d");
+
+    // Payload checksum wrong.
+    let (mut s, w) = raw_session(&b, 1);
+    assert!(w.needs_full_sync);
+    let mut f = Frame::new(Kind::Write, 2, 1);
+    f.offset = 4096;
+    f.payload = vec![0xee; 4096];
+    let mut bytes = f.to_bytes();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    s.write_all(&bytes).unwrap();
+    let why = expect_error(&mut s, "corrupt payload");
+    assert!(why.contains("checksum"), "{why}");
+
+    // Header bit flipped.
+    let (mut s, _) = raw_session(&b, 1);
+    let mut bytes = f.to_bytes();
+    bytes[26] ^= 0x10;
+    s.write_all(&bytes).unwrap();
+    let why = expect_error(&mut s, "corrupt header");
+    assert!(why.contains("checksum"), "{why}");
+
+    // Truncated: half a frame, then the primary goes away.
+    let (mut s, _) = raw_session(&b, 1);
+    let bytes = f.to_bytes();
+    s.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+
+    // A write beyond the end of the disk.
+    let (mut s, _) = raw_session(&b, 1);
+    let mut beyond = f.clone();
+    beyond.offset = 8 * MIB - 2048;
+    beyond.write_to(&mut s).unwrap();
+    let ack = Frame::read_from(&mut s).unwrap();
+    assert_eq!(ack.kind, Kind::Ack);
+    assert_ne!(ack.status, 0, "a write beyond the end was acknowledged as done");
+
+    // A frame of another generation inside the session.
+    let (mut s, _) = raw_session(&b, 1);
+    let mut other = f.clone();
+    other.generation = 7;
+    other.write_to(&mut s).unwrap();
+    let why = expect_error(&mut s, "wrong generation");
+    assert!(why.contains("generation"), "{why}");
+
+    // Garbage instead of a Hello.
+    let mut g = TcpStream::connect(&b.addr).unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    g.write_all(&[0x55; 200]).unwrap();
+    let why = expect_error(&mut g, "garbage hello");
+    assert!(why.contains("magic"), "{why}");
+
+    // A Hello for a disk that is not there.
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = Hello { disk: "nope".into(), disk_id: "1".into(), capacity: MIB, region_size: MIB, generation: 1, bitmap_base: 0 };
+    Frame::json(Kind::Hello, 1, 1, &hello).write_to(&mut s).unwrap();
+    let why = expect_error(&mut s, "unknown disk");
+    assert!(why.contains("no disk named"), "{why}");
+
+    assert!(b.data("d") == zeros, "a refused frame changed the disk");
+    // The backup is still usable by a well-behaved primary.
+    let (mut s, _) = raw_session(&b, 1);
+    let mut good = f.clone();
+    good.seq = 2;
+    good.write_to(&mut s).unwrap();
+    let ack = Frame::read_from(&mut s).unwrap();
+    assert_eq!((ack.kind, ack.status, ack.offset), (Kind::Ack, 0, 2));
+    assert_eq!(b.data("d")[4096..8192], vec![0xee; 4096][..]);
+}
