@@ -21,3 +21,4 @@ pub mod proto;
 pub mod replica;
 pub mod resync;
 pub mod store;
+pub mod vhost_blk;
