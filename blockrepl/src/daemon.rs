@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{Frame, Hello, Kind};
-use crate::replica::{lock, LinkState, NewRole, Replica, Status, Timing};
+use crate::replica::{lock, LinkState, NewRole, Replica, Timing};
+use crate::store::BlockStore;
+use crate::vhost_blk::VhostBlkServer;
 
 /// Longest control request accepted.
 const MAX_LINE: u64 = 64 * 1024;
@@ -130,12 +132,35 @@ pub enum DaemonError {
     /// A disk in the data directory cannot be opened.
     #[error("blockd: {0}")]
     Disk(#[from] crate::replica::ReplicaError),
+    /// A disk's services cannot start.
+    #[error("blockd: disk {0}: {1}")]
+    Start(String, String),
+}
+
+/// One disk of this server and the vhost-user-blk socket that serves it.
+struct Disk {
+    replica: Arc<Replica>,
+    vhost: VhostBlkServer,
 }
 
 /// The server's disks.
 pub struct Blockd {
     cfg: Config,
-    disks: Mutex<BTreeMap<String, Arc<Replica>>>,
+    disks: Mutex<BTreeMap<String, Disk>>,
+}
+
+/// The vhost-user-blk socket of the disk in `dir`: a VMM boots with
+/// `--disk vhost-user=DIR/vhost.sock`. A backup's socket refuses I/O.
+pub fn vhost_socket(disk_dir: &Path) -> PathBuf {
+    disk_dir.join("vhost.sock")
+}
+
+/// Starts what runs for each disk: its connector and its vhost-user-blk server.
+fn start_disk(r: Arc<Replica>) -> Result<Disk, String> {
+    crate::resync::start(&r).map_err(|e| format!("starting the connector of {}: {e}", r.name()))?;
+    let store: Arc<dyn BlockStore> = r.clone();
+    let vhost = crate::vhost_blk::spawn(&vhost_socket(r.dir()), store).map_err(|e| e.to_string())?;
+    Ok(Disk { replica: r, vhost })
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -155,9 +180,9 @@ impl Blockd {
                 continue;
             }
             let r = Replica::open(&cfg.dir, &name, cfg.timing)?;
-            crate::resync::start(&r).map_err(io("starting a connector"))?;
             tracing::info!(disk = %name, role = ?r.meta().role, generation = r.meta().generation, "disk opened");
-            disks.insert(name, r);
+            let d = start_disk(r).map_err(|e| DaemonError::Start(name.clone(), e))?;
+            disks.insert(name, d);
         }
         Ok(Arc::new(Blockd { cfg, disks: Mutex::new(disks) }))
     }
@@ -215,7 +240,7 @@ impl Blockd {
             Ok(h) => h,
             Err(e) => return refuse(&stream, e),
         };
-        let Some(disk) = lock(&self.disks).get(&hello.disk).cloned() else {
+        let Some(disk) = self.get(&hello.disk) else {
             return refuse(&stream, format!("no disk named {:?} on this server", hello.disk));
         };
         crate::backup::serve(disk, stream, hello);
@@ -251,11 +276,11 @@ impl Blockd {
 
     /// The disk named `name`, if there is one.
     pub fn get(&self, name: &str) -> Option<Arc<Replica>> {
-        lock(&self.disks).get(name).cloned()
+        lock(&self.disks).get(name).map(|d| d.replica.clone())
     }
 
     fn disk(&self, name: &str) -> Result<Arc<Replica>, String> {
-        lock(&self.disks).get(name).cloned().ok_or_else(|| format!("no disk named {name:?}"))
+        self.get(name).ok_or_else(|| format!("no disk named {name:?}"))
     }
 
     /// Carries out one control request.
@@ -269,17 +294,21 @@ impl Blockd {
                 let role = if backup { NewRole::Backup } else { NewRole::Primary };
                 let r = Replica::create(&self.cfg.dir, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
                     .map_err(|e| e.to_string())?;
-                crate::resync::start(&r).map_err(|e| format!("starting the connector of {name}: {e}"))?;
                 tracing::info!(disk = %name, size, backup, "disk created");
-                disks.insert(name, r);
+                disks.insert(name, start_disk(r)?);
                 Ok(Response::ok())
             }
             Request::Status { name } => {
-                let list: Vec<Status> = match name {
-                    Some(n) => vec![self.disk(&n)?.status()],
-                    None => lock(&self.disks).values().map(|d| d.status()).collect(),
+                let report = |d: &Disk| {
+                    let mut v = serde_json::to_value(d.replica.status()).expect("status serializes");
+                    v["vhost_socket"] = d.vhost.socket().display().to_string().into();
+                    v
                 };
-                let disks = list.into_iter().map(|s| serde_json::to_value(s).expect("status serializes")).collect();
+                let all = lock(&self.disks);
+                let disks = match name {
+                    Some(n) => vec![report(all.get(&n).ok_or_else(|| format!("no disk named {n:?}"))?)],
+                    None => all.values().map(report).collect(),
+                };
                 Ok(Response { ok: true, error: None, disks: Some(disks) })
             }
             Request::Attach { name, peer } => {
@@ -300,13 +329,15 @@ impl Blockd {
             }
             Request::Delete { name } => {
                 let mut disks = lock(&self.disks);
-                let d = disks.get(&name).cloned().ok_or_else(|| format!("no disk named {name:?}"))?;
-                if d.status().link != LinkState::Down {
+                let d = disks.get(&name).ok_or_else(|| format!("no disk named {name:?}"))?;
+                if d.replica.status().link != LinkState::Down {
                     return Err(format!("disk {name} is linked to its peer: detach or demote it first"));
                 }
-                d.stop();
-                disks.remove(&name);
-                std::fs::remove_dir_all(d.dir()).map_err(|e| format!("removing {}: {e}", d.dir().display()))?;
+                let d = disks.remove(&name).expect("present");
+                d.replica.stop();
+                let dir = d.replica.dir().to_owned();
+                d.vhost.stop().map_err(|e| format!("stopping the vhost-user server of {name}: {e}"))?;
+                std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
                 Ok(Response::ok())
             }
         })();

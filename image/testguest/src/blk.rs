@@ -348,7 +348,9 @@ pub fn act_stamp() {
     let every = cmdline::num("tg.flushevery", 8);
     let buf = &mut arena()[..4096];
     let addr = arena_addr(0);
-    let mut seq = 0u64;
+    // Runs after earlier ones continue above their numbers.
+    let mut seq = cmdline::num("tg.seqbase", 0);
+    let last = seq.saturating_add(ops);
     loop {
         seq += 1;
         let blk = seq % blocks;
@@ -365,7 +367,7 @@ pub fn act_stamp() {
             }
             say!("flushed seq={}", seq);
         }
-        if ops > 0 && seq >= ops {
+        if ops > 0 && seq >= last {
             return;
         }
     }
