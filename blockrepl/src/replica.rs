@@ -439,19 +439,19 @@ impl Replica {
                 m.data = DataState::Consistent;
             }
         })?;
-        let done = {
+        let (done, link) = {
             let mut core = self.core();
             core.generation = generation;
             core.role = Role::Standalone;
             core.serving_session = None;
             core.in_sync = false;
-            let link = core.link.take();
-            if let Some(l) = link {
-                l.kill();
-            }
-            self.complete_stalled(&mut core, None)
+            (self.complete_stalled(&mut core, None), core.link.take())
         };
         drop(meta);
+        // Killed outside the lock: a dying link reports to this replica.
+        if let Some(l) = link {
+            l.kill();
+        }
         tracing::info!(disk = %self.name, generation, base, "generation raised: standalone");
         run_done(done);
         self.cond.notify_all();
@@ -476,14 +476,16 @@ impl Replica {
             m.role = Role::Backup;
             m.peer = None;
         })?;
-        let mut core = self.core();
-        core.role = Role::Backup;
-        core.in_sync = false;
-        if let Some(l) = core.link.take() {
+        let link = {
+            let mut core = self.core();
+            core.role = Role::Backup;
+            core.in_sync = false;
+            core.link.take()
+        };
+        drop(meta);
+        if let Some(l) = link {
             l.kill();
         }
-        drop(core);
-        drop(meta);
         tracing::info!(disk = %self.name, "demoted to backup");
         self.cond.notify_all();
         Ok(())

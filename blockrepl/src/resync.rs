@@ -70,15 +70,20 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
         bitmap_base: m.bitmap_base,
     };
     let (link, welcome) = link::connect(r, peer, &hello)?;
-    {
+    let changed = {
         let mut core = r.core();
-        if core.generation != m.generation || core.role == Role::Backup || r.is_stopping() {
-            link.kill();
-            return Err("the disk changed while connecting".into());
+        let changed = core.generation != m.generation || core.role == Role::Backup || r.is_stopping();
+        if !changed {
+            core.link = Some(link.clone());
+            core.in_sync = false;
+            core.last_error = None;
         }
-        core.link = Some(link.clone());
-        core.in_sync = false;
-        core.last_error = None;
+        changed
+    };
+    if changed {
+        // Killed outside the lock: a dying link reports to the replica.
+        link.kill();
+        return Err("the disk changed while connecting".into());
     }
     tracing::info!(disk = %r.name(), peer, generation = m.generation, full = welcome.needs_full_sync, "mirror link up");
     let result = resync(r, &link, &welcome);

@@ -418,3 +418,24 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
     assert_eq!((ack.kind, ack.status, ack.offset), (Kind::Ack, 0, 2));
     assert_eq!(b.data("d")[4096..8192], vec![0xee; 4096][..]);
 }
+
+#[test]
+fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
+    let (a, b, _p) = pair("raise", 16 * MIB);
+    let d = a.disk("d");
+    write(&d, 3 * MIB, block(7, 4096));
+    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    wait_for("mirroring at generation 2", || {
+        let s = d.status();
+        s.link == LinkState::InSync && s.generation == 2
+    });
+    let last = d.status().last_resync.expect("a resync ran");
+    assert!(!last.full, "the backup was in sync at the base generation: no full sync needed");
+    write(&d, 4 * MIB, block(8, 4096));
+    assert!(a.data("d") == b.data("d"));
+    let sb = b.disk("d").status();
+    assert_eq!((sb.generation, sb.data), (2, DataState::Consistent));
+    // Demoting the primary while it is linked ends the link without hanging.
+    a.req(Request::Demote { name: "d".into() });
+    assert_eq!(d.status().role, Role::Backup);
+}
