@@ -222,7 +222,9 @@ struct VmmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// A disk: PATH[,readonly]. Repeat for more; read-only disks are removable media.
+    /// A disk: PATH[,readonly] (served by the VMM from a file; read-only disks are removable
+    /// media), or vhost-user=SOCKET (served by a vhost-user-blk backend such as `enspeed blockd`,
+    /// which decides whether it is read-only). Repeat for more.
     #[arg(long = "disk", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
     /// A network card: tap=NAME[,mac=MAC]. Repeat for more.

@@ -1,19 +1,31 @@
 //! What a VM is made of, and the parsing of the command-line forms of its
-//! devices (`--disk PATH[,readonly]`, `--net tap=NAME[,mac=MAC]`,
-//! `--serial stdout|FILE`). These forms are a stable interface: scripts and
+//! devices (`--disk PATH[,readonly]`, `--disk vhost-user=SOCKET`,
+//! `--net tap=NAME[,mac=MAC]`, `--serial stdout|FILE`). These forms are a stable interface: scripts and
 //! the node agent rely on them.
 
 use std::path::PathBuf;
 
 use crate::devices::virtio::net::parse_mac;
 
+/// Who serves a disk's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskKind {
+    /// The VMM itself, from a file.
+    File,
+    /// A vhost-user-blk backend (`enspeed blockd`) listening on a unix socket.
+    VhostUser,
+}
+
 /// A disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Backing file.
+    /// Backing file, or the backend's socket for a vhost-user disk.
     pub path: PathBuf,
-    /// Read-only, removable media (ISO images).
+    /// Read-only, removable media (ISO images). A vhost-user disk is never
+    /// removable; its backend decides whether it is read-only.
     pub readonly: bool,
+    /// Who serves the blocks.
+    pub kind: DiskKind,
 }
 
 /// A network card.
@@ -57,8 +69,25 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
-/// Parses `PATH[,readonly]`.
+/// Parses `PATH[,readonly]` or `vhost-user=SOCKET`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    if let Some(socket) = s.strip_prefix("vhost-user=") {
+        let mut parts = socket.split(',');
+        let socket = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("vhost-user socket path is empty")?;
+        if let Some(opt) = parts.next() {
+            return Err(format!(
+                "unknown vhost-user disk option {opt:?} (none are accepted: the backend decides read-only)"
+            ));
+        }
+        return Ok(DiskConfig {
+            path: socket.into(),
+            readonly: false,
+            kind: DiskKind::VhostUser,
+        });
+    }
     let mut parts = s.split(',');
     let path = parts
         .next()
@@ -74,6 +103,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig {
         path: path.into(),
         readonly,
+        kind: DiskKind::File,
     })
 }
 
@@ -134,12 +164,25 @@ mod tests {
             parse_disk("/a.img").unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: false
+                readonly: false,
+                kind: DiskKind::File,
             }
         );
         assert!(parse_disk("/a.iso,readonly").unwrap().readonly);
         assert!(parse_disk("").is_err());
         assert!(parse_disk("/a.img,fast").is_err());
+        assert_eq!(
+            parse_disk("vhost-user=/run/enspeed/vm1-disk0.sock").unwrap(),
+            DiskConfig {
+                path: "/run/enspeed/vm1-disk0.sock".into(),
+                readonly: false,
+                kind: DiskKind::VhostUser,
+            }
+        );
+        assert!(parse_disk("vhost-user=").is_err());
+        assert!(parse_disk("vhost-user=/s.sock,readonly").is_err());
+        // A file whose name merely contains the word stays a file.
+        assert_eq!(parse_disk("./vhost-user=x").unwrap().kind, DiskKind::File);
     }
 
     #[test]

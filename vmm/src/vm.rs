@@ -29,13 +29,14 @@ use crate::api::{self, DiskStatus, Request, Response, Status};
 use crate::arch::layout::*;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
-use crate::config::{SerialTarget, VmConfig};
+use crate::config::{DiskKind, SerialTarget, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ResetPort};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::net::{tap::Tap, Net};
+use crate::devices::virtio::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{self, Control, Run, VcpuThread};
 
@@ -84,6 +85,9 @@ pub enum VmError {
     /// A disk.
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
+    /// A disk's vhost-user backend.
+    #[error(transparent)]
+    VhostUser(#[from] crate::devices::virtio::vhost_user_blk::VhostUserBlkError),
     /// A tap.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
@@ -278,7 +282,11 @@ impl Vm {
             Ok(t)
         };
         for (i, d) in cfg.disks.iter().enumerate() {
-            let t = add(Box::new(Block::new(&d.path, d.readonly)?))?;
+            let dev: Box<dyn crate::devices::virtio::VirtioDevice> = match d.kind {
+                DiskKind::File => Box::new(Block::new(&d.path, d.readonly)?),
+                DiskKind::VhostUser => Box::new(VhostUserBlk::connect(&d.path)?),
+            };
+            let t = add(dev)?;
             virtio.push(VirtioSlot::Disk(i, t));
         }
         for n in &cfg.nets {
@@ -605,7 +613,9 @@ fn handle_api(
             let dev = t.device_mut();
             let result = match as_block(dev) {
                 Some(b) => b.change_media(path.as_deref()).map_err(|e| e.to_string()),
-                None => Err(format!("disk {disk} is not a block device")),
+                None => Err(format!(
+                    "disk {disk} is served by a vhost-user backend; it has no media to change"
+                )),
             };
             match result {
                 Ok(()) => {

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vhost_user_blk;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
