@@ -185,3 +185,27 @@ fn a_vmm_without_its_backend_refuses_to_start_and_names_the_socket() {
         "{out}"
     );
 }
+
+/// Above 3 GiB the guest's RAM is two regions of one memfd (the 32-bit MMIO
+/// hole between them): the backend maps both.
+#[test]
+fn guest_ram_split_around_the_mmio_hole_is_shared_whole() {
+    if !kvm_available("guest_ram_split_around_the_mmio_hole_is_shared_whole") {
+        return;
+    }
+    let s = Scratch::new("vhost-4g");
+    let disk = s.disk("disk.img", 4 << 20);
+    let sock = s.path("disk.sock");
+    let server = serve(&disk, false, &sock);
+    let mut args = guest_args(
+        "tg.run=blk tg.blocks=8 tg.end=poweroff",
+        &["--disk", &disk_arg(&sock)],
+    );
+    let mem = args.iter().position(|a| a == "--memory").unwrap();
+    args[mem + 1] = "4608".into();
+    let mut vm = Vmm::start(&args);
+    vm.wait_for("tg: blk ok blocks=8", BOOT);
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+    server.stop().expect("the backend stops cleanly");
+}

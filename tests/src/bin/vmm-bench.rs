@@ -1,14 +1,18 @@
 //! Side-by-side VMM benchmarks: `enspeed vmm` against QEMU (`-M microvm`)
 //! on the same test guest, the same disk file and this machine's /dev/kvm,
-//! interleaved run by run. Prints a Markdown table of medians and ratios.
+//! interleaved run by run. Prints a Markdown table of medians and ratios,
+//! then a second one: the same disk served by a vhost-user-blk backend (in
+//! this process, over the file) beside the VMM's own virtio-blk.
 //!
 //! Run with `scripts/bench.sh` (release build). Knobs: BENCH_RUNS (boot
 //! runs, default 10), BENCH_SECONDS_SCALE (multiplies op counts, default 1).
+//! `vmm-bench --vhost-user-only` prints only the second table (no QEMU needed).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blockrepl::store::FileStore;
 use enspeed_tests::{enspeed_bin, testguest, Scratch};
 
 const GUEST_MIB: u64 = 128;
@@ -185,7 +189,71 @@ fn make_disk(s: &Scratch, mib: u64) -> PathBuf {
     p
 }
 
+/// Runs the guest's `bench` action and returns IOPS, or MB/s for blocks of
+/// 64 KiB and more, timed between its start and done lines.
+fn bench_rate(engine: Engine, disk: &Path, mode: &str, bs: u64, qd: u64, ops: u64) -> f64 {
+    let cl = format!("tg.run=bench tg.mode={mode} tg.bs={bs} tg.qd={qd} tg.ops={ops} tg.end=halt");
+    let mut r = Run::start(engine, &cl, Some(disk));
+    let (t0, _) = r.wait("tg: bench start", Duration::from_secs(120));
+    let (t1, line) = r.wait("tg: bench done", Duration::from_secs(600));
+    let done: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("ops="))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let secs = (t1 - t0).as_secs_f64();
+    if bs >= 65536 {
+        done as f64 * bs as f64 / secs / 1e6
+    } else {
+        done as f64 / secs
+    }
+}
+
+/// (e) The disk file served by a vhost-user-blk backend in this process
+/// (a plain FileStore, not replicated) beside the VMM serving it itself.
+fn vhost_user_table(s: &Scratch, disk: &Path, scale: u64) {
+    let sock = s.path("bench-disk.sock");
+    let store = FileStore::open(disk, false).expect("open the bench disk");
+    let server = blockrepl::vhost_blk::spawn(&sock, std::sync::Arc::new(store))
+        .expect("start the vhost-user-blk backend");
+    // Engine::command passes the disk through as the --disk value.
+    let vhost = PathBuf::from(format!("vhost-user={}", sock.display()));
+    println!(
+        "| measure | size | in-process virtio-blk | vhost-user-blk | vhost-user / in-process |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for (mode, bs, qd, ops) in [
+        ("randwrite", 4096u64, 1u64, 4000u64),
+        ("randwrite", 4096, 32, 20000),
+        ("randread", 4096, 1, 4000),
+        ("randread", 4096, 32, 20000),
+        ("seqwrite", 131072, 4, 4000),
+        ("seqread", 131072, 4, 4000),
+    ] {
+        let ops = ops * scale;
+        let mut rate = [Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            rate[0].push(bench_rate(Engine::Enspeed, disk, mode, bs, qd, ops));
+            rate[1].push(bench_rate(Engine::Enspeed, &vhost, mode, bs, qd, ops));
+        }
+        let (a, b) = (median(&mut rate[0]), median(&mut rate[1]));
+        let unit = if bs >= 65536 { "MB/s" } else { "IOPS" };
+        println!(
+            "| virtio-blk {mode} {} KiB qd{qd} ({unit}, median of 3) | {ops} ops | {a:.1} | {b:.1} | {:.2} |",
+            bs / 1024,
+            b / a
+        );
+    }
+    server.stop().expect("the vhost-user-blk backend stops");
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--vhost-user-only") {
+        let s = Scratch::new("bench");
+        let disk = make_disk(&s, 256);
+        vhost_user_table(&s, &disk, env_num("BENCH_SCALE", 1));
+        return;
+    }
     let runs = env_num("BENCH_RUNS", 10) as usize;
     let scale = env_num("BENCH_SCALE", 1);
     let s = Scratch::new("bench");
@@ -238,23 +306,7 @@ fn main() {
         let mut rate = [Vec::new(), Vec::new()];
         for _ in 0..3 {
             for (i, e) in engines.iter().enumerate() {
-                let cl = format!(
-                    "tg.run=bench tg.mode={mode} tg.bs={bs} tg.qd={qd} tg.ops={ops} tg.end=halt"
-                );
-                let mut r = Run::start(*e, &cl, Some(&disk));
-                let (t0, _) = r.wait("tg: bench start", timeout);
-                let (t1, line) = r.wait("tg: bench done", Duration::from_secs(600));
-                let done: u64 = line
-                    .split_whitespace()
-                    .find_map(|kv| kv.strip_prefix("ops="))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap();
-                let secs = (t1 - t0).as_secs_f64();
-                rate[i].push(if bs >= 65536 {
-                    done as f64 * bs as f64 / secs / 1e6
-                } else {
-                    done as f64 / secs
-                });
+                rate[i].push(bench_rate(*e, &disk, mode, bs, qd, ops));
             }
         }
         let unit = if bs >= 65536 { "MB/s" } else { "IOPS" };
@@ -296,4 +348,6 @@ fn main() {
             v[0] / v[1]
         );
     }
+    println!();
+    vhost_user_table(&s, &disk, scale);
 }
