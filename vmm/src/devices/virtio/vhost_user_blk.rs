@@ -14,6 +14,8 @@
 //! If the backend goes away while the guest runs, the disk stops answering
 //! and the VMM logs it; the guest sees its requests time out. Reconnecting
 //! under a running guest would need in-flight tracking and is not done.
+//! A backend serves one frontend at a time: a VMM connecting while another
+//! is served waits for it to hang up, up to the reply timeout.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -284,12 +286,16 @@ impl VirtioDevice for VhostUserBlk {
         self.start(&mem, features, &queues, &queue_evts, &call)
             .map_err(|e| format!("vhost-user-blk backend {socket}: {e}"))?;
         let relay = CallRelay {
+            call,
             interrupt,
             socket_fd: self.frontend.as_raw_fd(),
             socket: socket.clone(),
             hung_up: self.hung_up.clone(),
         };
-        let relay = Worker::spawn(format!("vhost-blk-{socket}"), relay, vec![call])
+        // The call eventfd is an extra descriptor, not a queue: the worker
+        // wakes queues once when it starts, which would raise an interrupt
+        // for nothing.
+        let relay = Worker::spawn(format!("vhost-blk-{socket}"), relay, Vec::new())
             .map_err(|e| format!("cannot start the interrupt relay: {e}"))?;
         self.started = Some(Started {
             queues: queues.len(),
@@ -328,26 +334,19 @@ impl VirtioDevice for VhostUserBlk {
 /// Turns the backend's call eventfd into the guest's interrupt, and notices
 /// when the backend hangs up.
 struct CallRelay {
+    call: EventFd,
     interrupt: Arc<Interrupt>,
     socket_fd: RawFd,
     socket: String,
     hung_up: Arc<AtomicBool>,
 }
 
-impl QueueHandler for CallRelay {
-    // Also called once when the relay starts, which makes one spurious
-    // interrupt at DRIVER_OK; drivers ignore those.
-    fn queue_notified(&mut self, _index: usize) {
-        // Linux's virtio-mmio driver reads InterruptStatus, so the bit must
-        // be set: the irqfd alone would not do.
-        self.interrupt.signal_used();
-    }
+impl CallRelay {
+    const CALL: usize = 0;
+    const SOCKET: usize = 1;
 
-    fn extra_fds(&self) -> Vec<RawFd> {
-        vec![self.socket_fd]
-    }
-
-    fn extra_ready(&mut self, _index: usize) {
+    /// Whether the backend closed its end of the socket.
+    fn backend_hung_up(&self) -> bool {
         // The backend sends nothing unasked on this socket while the ring
         // runs, so readable means hung up; peek to be sure.
         let mut b = 0u8;
@@ -361,8 +360,32 @@ impl QueueHandler for CallRelay {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        if n == 0 && !self.hung_up.swap(true, Ordering::SeqCst) {
-            tracing::error!(socket = %self.socket, "vhost-user-blk backend hung up; the disk no longer answers the guest");
+        n == 0
+    }
+}
+
+impl QueueHandler for CallRelay {
+    // The relay watches no queue: the guest kicks the backend directly.
+    fn queue_notified(&mut self, _index: usize) {}
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        vec![self.call.as_raw_fd(), self.socket_fd]
+    }
+
+    fn extra_ready(&mut self, index: usize) {
+        match index {
+            // Watched edge-triggered: reading resets the count, and a call
+            // written after the read wakes the relay again. Linux's
+            // virtio-mmio driver reads InterruptStatus, so the bit must be
+            // set: the irqfd alone would not do.
+            Self::CALL if self.call.read().is_ok() => self.interrupt.signal_used(),
+            // Logged once, however often the socket wakes the relay.
+            Self::SOCKET
+                if self.backend_hung_up() && !self.hung_up.swap(true, Ordering::SeqCst) =>
+            {
+                tracing::error!(socket = %self.socket, "vhost-user-blk backend hung up; the disk no longer answers the guest");
+            }
+            _ => {}
         }
     }
 }
@@ -370,6 +393,134 @@ impl QueueHandler for CallRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::INT_VRING;
+    use blockrepl::store::FileStore;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes};
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A backend over a 1 MiB file whose first sector is 0x5a, and a device
+    /// connected to it.
+    fn backend(name: &str) -> (PathBuf, blockrepl::vhost_blk::VhostBlkServer, VhostUserBlk) {
+        let dir = std::env::temp_dir().join(format!("enspeed-vub-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        let mut data = vec![0u8; 1 << 20];
+        data[..512].fill(0x5a);
+        std::fs::write(&img, data).unwrap();
+        let store = Arc::new(FileStore::open(&img, false).unwrap());
+        let server = blockrepl::vhost_blk::spawn(&dir.join("sock"), store).unwrap();
+        let dev = VhostUserBlk::connect(server.socket()).unwrap();
+        (dir, server, dev)
+    }
+
+    /// Puts a one-sector read on a fresh ring at guest address 0 and starts
+    /// the device on it; returns the used ring's address.
+    fn start_read(
+        dev: &mut VhostUserBlk,
+        mem: &GuestMemory,
+        interrupt: &Arc<Interrupt>,
+        kick: &EventFd,
+    ) -> GuestAddress {
+        mem.write_slice(&[0u8; 0x1000], GuestAddress(0)).unwrap();
+        mem.write_obj(0u32, GuestAddress(0x20000)).unwrap();
+        mem.write_obj(0u64, GuestAddress(0x20008)).unwrap();
+        mem.write_slice(&[0u8; 512], GuestAddress(0x30000)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x40000)).unwrap();
+        let q = MockSplitQueue::new(mem, 16);
+        let w = VRING_DESC_F_WRITE as u16;
+        q.build_desc_chain(&[
+            RawDescriptor::from(SplitDescriptor::new(0x20000, 16, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x30000, 512, w, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x40000, 1, w, 0)),
+        ])
+        .unwrap();
+        let queue: Queue = q.create_queue().unwrap();
+        dev.activate(
+            mem.clone(),
+            features::VERSION_1,
+            vec![queue],
+            vec![kick.try_clone().unwrap()],
+            interrupt.clone(),
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+        q.used_addr()
+    }
+
+    #[test]
+    fn a_request_completes_through_the_backend_with_interrupt_status_and_reset_restarts() {
+        let (dir, server, mut dev) = backend("io");
+        assert_ne!(dev.features() & features::VERSION_1, 0);
+        assert_eq!(
+            dev.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        let mut cap = [0u8; 8];
+        dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+
+        let mem = crate::memory::create(16).unwrap().0;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(irqfd.try_clone().unwrap());
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // Twice: a reset stops the ring and the next DRIVER_OK starts it again.
+        for round in 0..2 {
+            let used = start_read(&mut dev, &mem, &interrupt, &kick);
+            let used_idx = || mem.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+            wait_until("used buffer", || used_idx() == 1);
+            wait_until("interrupt status", || interrupt.status() & INT_VRING != 0);
+            assert!(
+                irqfd.read().is_ok(),
+                "round {round}: the irqfd was not raised"
+            );
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40000)).unwrap(), 0);
+            assert_eq!(
+                mem.read_obj::<u64>(GuestAddress(0x30000 + 504)).unwrap(),
+                0x5a5a_5a5a_5a5a_5a5a
+            );
+            assert_eq!(mem.read_obj::<u32>(used.unchecked_add(8)).unwrap(), 513);
+            interrupt.ack(u32::MAX);
+            dev.reset();
+        }
+        drop(dev);
+        server.stop().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_backend_that_hangs_up_is_noticed_and_refuses_the_next_activation() {
+        let (dir, server, mut dev) = backend("hangup");
+        let mem = crate::memory::create(16).unwrap().0;
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        start_read(&mut dev, &mem, &interrupt, &kick);
+        server.stop().unwrap();
+        wait_until("hang-up noticed", || dev.hung_up.load(Ordering::SeqCst));
+        dev.reset();
+        let q: Queue = MockSplitQueue::new(&mem, 16).create_queue().unwrap();
+        let e = dev
+            .activate(
+                mem.clone(),
+                features::VERSION_1,
+                vec![q],
+                vec![kick],
+                interrupt,
+            )
+            .unwrap_err();
+        assert!(e.contains("gone"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn an_unreachable_backend_is_an_error_naming_the_socket() {
