@@ -26,6 +26,7 @@ pub mod request;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -307,7 +308,8 @@ fn serve_connection(
         err,
     };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(store, mem.clone()).map_err(start_err)?);
+    let disk: Arc<str> = socket.display().to_string().into();
+    let backend = Arc::new(BlkBackend::new(disk, store, mem.clone()).map_err(start_err)?);
     let mut daemon = VhostUserDaemon::new("vhost-blk-conn".into(), backend.clone(), mem)
         .map_err(|e| start_err(io::Error::other(e.to_string())))?;
     for handler in daemon.get_epoll_handlers() {
@@ -365,6 +367,8 @@ struct Queue {
 
 /// What serves one frontend connection.
 struct BlkBackend {
+    /// The socket, naming the disk in logs.
+    disk: Arc<str>,
     store: Arc<dyn BlockStore>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     queue: Arc<Queue>,
@@ -376,10 +380,13 @@ struct BlkBackend {
     features: u64,
     config: [u8; blk::CONFIG_LEN],
     id: [u8; ID_LEN],
+    /// A request without a status byte was logged as a warning.
+    warned: AtomicBool,
 }
 
 impl BlkBackend {
     fn new(
+        disk: Arc<str>,
         store: Arc<dyn BlockStore>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
@@ -404,6 +411,7 @@ impl BlkBackend {
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(BlkBackend {
+            disk,
             store,
             mem,
             queue: Arc::new(Queue {
@@ -415,6 +423,7 @@ impl BlkBackend {
             features,
             config,
             id,
+            warned: AtomicBool::new(false),
         })
     }
 
@@ -434,7 +443,7 @@ impl BlkBackend {
     fn process(&self, vring: &VringRwLock) {
         loop {
             if let Err(e) = vring.disable_notification() {
-                tracing::warn!(error = ?e, "cannot read the guest's ring");
+                tracing::warn!(disk = %self.disk, error = ?e, "cannot read the guest's ring");
                 return;
             }
             if !self.drain(vring) {
@@ -444,16 +453,17 @@ impl BlkBackend {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!(error = ?e, "cannot read the guest's ring");
+                    tracing::warn!(disk = %self.disk, error = ?e, "cannot read the guest's ring");
                     return;
                 }
             }
         }
     }
 
-    /// Takes requests until the ring is empty (true) or the budget is spent (false).
+    /// Takes up to a ring's worth of requests; false when the write budget
+    /// stopped it.
     fn drain(&self, vring: &VringRwLock) -> bool {
-        let mut emptied = true;
+        let mut throttled = false;
         // Synchronous completions are signalled once, after the batch.
         let mut completed = false;
         // Bounded: at most one ring's worth per call; the caller loops.
@@ -462,7 +472,7 @@ impl BlkBackend {
                 let mut inflight = lock(&self.queue.inflight);
                 if inflight.write_bytes >= WRITE_BUDGET {
                     inflight.throttled = true;
-                    emptied = false;
+                    throttled = true;
                     break;
                 }
                 let chain = vring
@@ -476,6 +486,7 @@ impl BlkBackend {
                 (chain, inflight.epoch)
             };
             let mut done = Completion {
+                disk: self.disk.clone(),
                 queue: self.queue.clone(),
                 vring: vring.clone(),
                 mem: self.mem.clone(),
@@ -494,12 +505,14 @@ impl BlkBackend {
                     completed |= self.execute(&mem, req, done);
                 }
                 Err(refused) => {
-                    tracing::debug!(error = %refused.error, "refused virtio-blk request");
-                    if refused.status.is_none() {
+                    // Once per connection: a guest must not flood the host's log.
+                    if refused.status.is_none() && !self.warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
-                            "virtio-blk request without a status byte; returned unanswered"
+                            disk = %self.disk,
+                            "virtio-blk request without a status byte; returned unanswered (further ones are logged at debug level)"
                         );
                     }
+                    tracing::debug!(disk = %self.disk, error = %refused.error, "refused virtio-blk request");
                     done.status = refused.status;
                     done.finish(refused.error.status(), 0);
                     completed = true;
@@ -507,9 +520,9 @@ impl BlkBackend {
             }
         }
         if completed && vring.needs_notification().unwrap_or(true) {
-            signal(vring);
+            signal(&self.disk, vring);
         }
-        emptied
+        !throttled
     }
 
     /// Runs one request. Returns whether it completed before returning, so
@@ -529,7 +542,7 @@ impl BlkBackend {
                 match result {
                     Ok(()) => done.finish(status::OK, req.data_len as u32),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector = req.sector, "read failed");
+                        tracing::warn!(disk = %self.disk, error = %e, sector = req.sector, "read failed");
                         done.finish(status::IOERR, 0);
                     }
                 }
@@ -547,7 +560,7 @@ impl BlkBackend {
                 let data = match request::gather(mem, &req.data, req.data_len) {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::warn!(error = %e, "write data unreadable");
+                        tracing::warn!(disk = %self.disk, error = %e, "write data unreadable");
                         done.finish(status::IOERR, 0);
                         return true;
                     }
@@ -590,6 +603,7 @@ impl BlkBackend {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::error!(
+                    disk = %self.disk,
                     requests = inflight.requests,
                     "the store did not complete requests in time; the guest will never see them"
                 );
@@ -609,9 +623,9 @@ impl BlkBackend {
     }
 }
 
-fn signal(vring: &VringRwLock) {
+fn signal(disk: &str, vring: &VringRwLock) {
     if let Err(e) = vring.signal_used_queue() {
-        tracing::warn!(error = %e, "cannot signal the guest");
+        tracing::warn!(disk, error = %e, "cannot signal the guest");
     }
 }
 
@@ -619,6 +633,7 @@ fn signal(vring: &VringRwLock) {
 /// impossible; dropping it unfinished (a store that lost the callback)
 /// answers with an I/O error.
 struct Completion {
+    disk: Arc<str>,
     queue: Arc<Queue>,
     vring: VringRwLock,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -637,7 +652,7 @@ impl Completion {
         match result {
             Ok(()) => self.finish(status::OK, 0),
             Err(e) => {
-                tracing::warn!(error = %e, "store request failed");
+                tracing::warn!(disk = %self.disk, error = %e, "store request failed");
                 self.finish(status::IOERR, 0)
             }
         }
@@ -652,6 +667,7 @@ impl Completion {
         let mut inflight = lock(&self.queue.inflight);
         if inflight.epoch != self.epoch {
             tracing::debug!(
+                disk = %self.disk,
                 head = self.head,
                 "completion after the ring stopped; dropped"
             );
@@ -663,9 +679,9 @@ impl Completion {
             _ => 0,
         };
         if let Err(e) = self.vring.add_used(self.head, used) {
-            tracing::warn!(error = ?e, "cannot return a used buffer");
+            tracing::warn!(disk = %self.disk, error = ?e, "cannot return a used buffer");
         } else if self.signal && self.vring.needs_notification().unwrap_or(true) {
-            signal(&self.vring);
+            signal(&self.disk, &self.vring);
         }
         inflight.requests -= 1;
         inflight.write_bytes -= self.write_bytes;
@@ -682,7 +698,7 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         if !self.finished {
-            tracing::warn!(head = self.head, "request dropped unanswered; failing it");
+            tracing::warn!(disk = %self.disk, head = self.head, "request dropped unanswered; failing it");
             self.signal = true;
             self.finish(status::IOERR, 0);
         }
@@ -730,7 +746,7 @@ impl VhostUserBackend for BlkBackend {
         let (consumer, notifier) = new_event_consumer_and_notifier(
             EventFlag::NONBLOCK | EventFlag::CLOEXEC,
         )
-        .map_err(|e| tracing::error!(error = %e, "cannot create the vring worker's exit eventfd"))
+        .map_err(|e| tracing::error!(disk = %self.disk, error = %e, "cannot create the vring worker's exit eventfd"))
         .ok()?;
         lock(&self.exit_consumers).push(consumer.as_raw_fd());
         Some((consumer, notifier))
@@ -757,7 +773,11 @@ impl VhostUserBackend for BlkBackend {
             0 => self.process(vring),
             RESUME_EVENT => {
                 let _ = self.resume.0.consume();
-                if vring.get_ref().get_queue().ready() {
+                let running = {
+                    let v = vring.get_ref();
+                    v.get_queue().ready() && v.is_enabled()
+                };
+                if running {
                     self.process(vring);
                 }
             }

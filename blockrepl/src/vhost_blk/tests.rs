@@ -493,7 +493,8 @@ fn the_next_frontend_is_served_after_one_hangs_up_and_stop_cuts_a_connection() {
 #[test]
 fn config_reads_beyond_the_structure_are_zero() {
     let (store, _rx) = HeldStore::new(1 << 20);
-    let b = BlkBackend::new(store, GuestMemoryAtomic::new(GuestMemoryMmap::new())).unwrap();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let b = BlkBackend::new("test".into(), store, mem).unwrap();
     assert_eq!(b.get_config(0, 8), 2048u64.to_le_bytes());
     assert_eq!(b.get_config(20, 8), [0, 2, 0, 0, 0, 0, 0, 0]);
     assert_eq!(b.get_config(4096, 4), [0; 4]);
