@@ -331,8 +331,14 @@ fn serve_connection(
     stop.track(daemon.shutdown_handle());
     let result = daemon.wait();
     stop.track(None);
+    use vhost::vhost_user::Error as ProtocolError;
+    use vhost_user_backend::Error as DaemonError;
     match result {
-        Ok(()) => tracing::info!(socket = %socket.display(), "vhost-user frontend disconnected"),
+        // A VMM that exits or reboots just closes the socket.
+        Ok(())
+        | Err(DaemonError::HandleRequest(
+            ProtocolError::Disconnected | ProtocolError::PartialMessage,
+        )) => tracing::info!(socket = %socket.display(), "vhost-user frontend disconnected"),
         Err(e) if stop.requested() => {
             tracing::debug!(socket = %socket.display(), error = %e, "connection cut by stop")
         }
