@@ -346,6 +346,7 @@ pub fn act_stamp() {
     }
     let ops = cmdline::num("tg.ops", 0);
     let every = cmdline::num("tg.flushevery", 8);
+    let ackevery = cmdline::num("tg.ackevery", 1).max(1);
     let buf = &mut arena()[..4096];
     let addr = arena_addr(0);
     // Runs after earlier ones continue above their numbers.
@@ -359,13 +360,19 @@ pub fn act_stamp() {
             fail!("stamp write blk={} seq={} {}", blk, seq, e);
             return;
         }
-        say!("ack blk={} seq={}", blk, seq);
+        // Every write before a printed ack completed too (one at a time).
+        let print = seq % ackevery == 0;
+        if print {
+            say!("ack blk={} seq={}", blk, seq);
+        }
         if every > 0 && seq % every == 0 {
             if let Err(e) = d.flush_cache() {
                 fail!("stamp flush seq={} {}", seq, e);
                 return;
             }
-            say!("flushed seq={}", seq);
+            if print {
+                say!("flushed seq={}", seq);
+            }
         }
         if ops > 0 && seq >= last {
             return;
