@@ -52,3 +52,8 @@ fn real_debian_guest_reaches_the_test_host_over_a_tap() {
 fn real_debian_guest_power_life_pause_reboot_power_button_stop() {
     scenario("enspeed-lifecycle.sh");
 }
+
+#[test]
+fn real_debian_guest_formats_writes_and_reads_its_livesync_disk() {
+    scenario("enspeed-livesync.sh");
+}
