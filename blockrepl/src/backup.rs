@@ -13,7 +13,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::meta::{DataState, Role};
 use crate::proto::{Frame, Hello, Kind, Welcome, FLAG_FUA};
@@ -44,7 +44,7 @@ pub fn serve(r: Arc<Replica>, stream: TcpStream, hello: Hello) {
     let full = welcome.needs_full_sync;
     let sent = Frame::json(Kind::Welcome, 1, welcome.generation, &welcome).write_to(&mut out).and_then(|()| out.flush());
     if sent.is_ok() {
-        let why = run(&r, session, &stream, &mut out, generation, full);
+        let why = run(&r, session, &stream, out, generation, full);
         tracing::warn!(disk = %r.name(), why = %why, "mirror session ended");
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -95,83 +95,181 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
     Ok((session, Welcome { generation: m.generation, needs_full_sync, bitmap }))
 }
 
-fn run(r: &Replica, session: u64, stream: &TcpStream, out: &mut BufWriter<TcpStream>, generation: u64, full: bool) -> String {
+/// Answers waiting for the syncer.
+#[derive(Default)]
+struct Pending {
+    /// (seq answered, error) in arrival order.
+    acks: Vec<(u64, Option<String>)>,
+    /// A write or flush among them must be durable before it is answered.
+    sync: bool,
+    /// The session ended: answer what is queued, then stop.
+    closed: bool,
+    /// Why answering failed, once it did.
+    failed: Option<String>,
+}
+
+/// Group commit: the applier queues the answer to every applied frame; the
+/// syncer takes all that are queued, makes them durable with one fdatasync
+/// when any needs it, and sends the answers, while the applier goes on with
+/// the frames that arrive meanwhile. Nothing is answered before what it
+/// promises is done, and a flush's fdatasync comes after every write applied
+/// before it.
+struct Answers {
+    pending: Mutex<Pending>,
+    cond: Condvar,
+}
+
+impl Answers {
+    fn push(&self, seq: u64, error: Option<String>, sync: bool) -> Result<(), String> {
+        let mut p = lock(&self.pending);
+        if let Some(f) = &p.failed {
+            return Err(f.clone());
+        }
+        p.acks.push((seq, error));
+        p.sync |= sync;
+        drop(p);
+        self.cond.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.cond.notify_one();
+    }
+
+    /// The syncer's loop.
+    fn run(&self, r: &Replica, out: &Mutex<BufWriter<TcpStream>>, stream: &TcpStream, generation: u64) {
+        let mut seq = 1u64;
+        let (mut batches, mut answered, mut syncs) = (0u64, 0u64, 0u64);
+        loop {
+            let (acks, sync) = {
+                let mut p = lock(&self.pending);
+                while p.acks.is_empty() && !p.closed {
+                    p = self.cond.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                if p.acks.is_empty() {
+                    tracing::debug!(disk = %r.name(), batches, answered, syncs, "syncer done");
+                    return;
+                }
+                (std::mem::take(&mut p.acks), std::mem::take(&mut p.sync))
+            };
+            batches += 1;
+            answered += acks.len() as u64;
+            syncs += u64::from(sync);
+            let synced = if sync { r.data.sync_data().map_err(|e| format!("flushing: {e}")) } else { Ok(()) };
+            let mut w = lock(out);
+            let sent = acks
+                .into_iter()
+                .try_for_each(|(acked, error)| {
+                    seq += 1;
+                    let error = error.or_else(|| synced.as_ref().err().cloned());
+                    Frame::ack(seq, generation, acked, error.as_deref()).write_to(&mut *w)
+                })
+                .and_then(|()| w.flush());
+            if let Err(e) = sent {
+                lock(&self.pending).failed = Some(format!("acknowledging to the primary: {e}"));
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Applies frames in arrival order on this thread; a syncer thread answers
+/// them (see [`Answers`]).
+fn run(r: &Replica, session: u64, stream: &TcpStream, out: BufWriter<TcpStream>, generation: u64, full: bool) -> String {
     let reader = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => return e.to_string(),
     };
     let _ = reader.set_read_timeout(Some(r.timing.link_timeout));
     let mut reader = BufReader::with_capacity(256 << 10, reader);
-    let mut seq = 1u64;
+    let out = Mutex::new(out);
+    let answers = Answers { pending: Mutex::default(), cond: Condvar::new() };
+    std::thread::scope(|scope| {
+        scope.spawn(|| answers.run(r, &out, stream, generation));
+        let why = apply(r, session, &mut reader, &answers, generation, full);
+        answers.close();
+        if let Some(refusal) = &why.1 {
+            let mut w = lock(&out);
+            let _ = Frame::error(0, generation, refusal).write_to(&mut *w).and_then(|()| w.flush());
+        }
+        why.0
+    })
+}
+
+/// Applies frames until the link ends; returns why, and the refusal to send
+/// the primary if it ended for a frame it sent.
+fn apply(r: &Replica, session: u64, reader: &mut BufReader<TcpStream>, answers: &Answers, generation: u64, full: bool) -> (String, Option<String>) {
     let mut marked = false;
     let mut synced = false;
+    let refuse = |why: String| (why.clone(), Some(why));
     loop {
-        let frame = match Frame::read_from(&mut reader) {
+        let frame = match Frame::read_from(reader) {
             Ok(f) => f,
-            Err(e) => {
-                let why = format!("receiving from the primary: {e}");
-                let _ = Frame::error(seq + 1, generation, &why).write_to(out).and_then(|()| out.flush());
-                return why;
-            }
-        };
-        seq += 1;
-        let refuse = |out: &mut BufWriter<TcpStream>, why: String| {
-            let _ = Frame::error(seq, generation, &why).write_to(out).and_then(|()| out.flush());
-            why
+            Err(e) => return refuse(format!("receiving from the primary: {e}")),
         };
         {
             let core = r.core();
             if core.role != Role::Backup {
-                return refuse(out, format!("disk {} is no longer a backup here", r.name()));
+                return refuse(format!("disk {} is no longer a backup here", r.name()));
             }
             if core.serving_session != Some(session) {
-                return refuse(out, "a newer connection from the primary replaced this one".into());
+                return refuse("a newer connection from the primary replaced this one".into());
             }
         }
         if frame.generation != generation {
-            return refuse(out, format!("frame of generation {} in a session of generation {generation}", frame.generation));
+            return refuse(format!("frame of generation {} in a session of generation {generation}", frame.generation));
         }
-        let result = match frame.kind {
+        let queued = match frame.kind {
             Kind::Write | Kind::ResyncWrite => {
                 if !marked && !synced {
                     // Writes before ResyncDone mix two histories.
                     if let Err(e) = lock(&r.meta).update(|m| m.data = DataState::Inconsistent { full }) {
-                        return refuse(out, e.to_string());
+                        return refuse(e.to_string());
                     }
                     marked = true;
                 }
-                check_range(r.capacity, frame.offset, frame.payload.len())
+                let done = check_range(r.capacity, frame.offset, frame.payload.len())
                     .and_then(|()| r.data.write_all_at(&frame.payload, frame.offset))
-                    .and_then(|()| if frame.flags & FLAG_FUA != 0 { r.data.sync_data() } else { Ok(()) })
-                    .map_err(|e| format!("writing {} bytes at {}: {e}", frame.payload.len(), frame.offset))
+                    .map_err(|e| format!("writing {} bytes at {}: {e}", frame.payload.len(), frame.offset));
+                let sync = done.is_ok() && frame.flags & FLAG_FUA != 0;
+                answers.push(frame.seq, done.err(), sync)
             }
-            Kind::Flush => r.data.sync_data().map_err(|e| format!("flushing: {e}")),
+            Kind::Flush => answers.push(frame.seq, None, true),
+            Kind::Ping => answers.push(frame.seq, None, false),
             Kind::ResyncDone => {
-                let done = r.data.sync_data().map_err(|e| format!("flushing: {e}")).and_then(|()| {
-                    lock(&r.meta)
-                        .update(|m| {
-                            m.generation = generation;
-                            m.data = DataState::Consistent;
-                            m.bitmap_base = generation;
-                        })
-                        .map_err(|e| e.to_string())?;
-                    let mut bm = lock(&r.bitmap);
-                    let all = bm.set_regions();
-                    bm.clear(&all).map_err(|e| e.to_string())
-                });
+                // Everything applied so far becomes durable here, before the
+                // record says this copy is consistent.
+                let done = r
+                    .data
+                    .sync_data()
+                    .map_err(|e| format!("flushing: {e}"))
+                    .and_then(|()| {
+                        lock(&r.meta)
+                            .update(|m| {
+                                m.generation = generation;
+                                m.data = DataState::Consistent;
+                                m.bitmap_base = generation;
+                            })
+                            .map_err(|e| e.to_string())
+                    })
+                    .and_then(|()| {
+                        let mut bm = lock(&r.bitmap);
+                        let all = bm.set_regions();
+                        bm.clear(&all).map_err(|e| e.to_string())
+                    });
                 if done.is_ok() {
                     r.core().generation = generation;
                     synced = true;
                     tracing::info!(disk = %r.name(), generation, "in sync with the primary");
                 }
-                done
+                answers.push(frame.seq, done.err(), false)
             }
-            Kind::Ping => Ok(()),
-            other => return refuse(out, format!("unexpected {other:?} frame from the primary")),
+            other => return refuse(format!("unexpected {other:?} frame from the primary")),
         };
-        let ack = Frame::ack(seq, generation, frame.seq, result.as_ref().err().map(String::as_str));
-        if let Err(e) = ack.write_to(out).and_then(|()| out.flush()) {
-            return format!("acknowledging to the primary: {e}");
+        if let Err(e) = queued {
+            return (e, None);
         }
     }
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Benchmarks LiveSync beside the local disk in one run (tests/src/bin/livesync-bench.rs):
+# local file, backup on loopback, backup in another network namespace with 0.2 ms RTT.
+# Needs root (network namespace, tc netem). Prints Markdown for BENCHMARKS.md.
+# Environment: BENCH_OPS (4 KiB writes per measurement, default 2000), BENCH_DIR (/var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="$(scripts/setup.sh)"
+cargo build --release -p enspeed -p enspeed-tests --bins >&2
+echo "## LiveSync: synchronous writes, local disk vs mirrored ($(date -u +%Y-%m-%d), $(nproc) cores)"
+echo
+"$CARGO_TARGET_DIR/release/livesync-bench"

@@ -1,0 +1,380 @@
+//! LiveSync beside the local disk, in one run: 4 KiB synchronous (FUA)
+//! write latency and IOPS at queue depth 1 and 32, and sequential write MB/s,
+//! on (1) a plain local file, (2) a replicated disk whose backup is an
+//! `enspeed blockd` on loopback, (3) the same with the backup in another
+//! network namespace behind a veth pair with 0.1 ms netem delay each way
+//! (0.2 ms round trip). The primary runs in this process on the library's
+//! write path (the one blockd serves over vhost-user-blk); every file lives
+//! on the same filesystem. Prints Markdown.
+//!
+//! Run with `scripts/bench-livesync.sh` (root, for the namespace). Knobs:
+//! BENCH_OPS (4 KiB writes per measurement, default 2000).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
+use blockrepl::store::{BlockStore, FileStore};
+use enspeed_tests::{enspeed_bin, Scratch};
+
+const DISK: u64 = 512 << 20;
+const NS: &str = "enspeed-bench";
+const NS_HOST_IP: &str = "10.199.0.1";
+const NS_PEER_IP: &str = "10.199.0.2";
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().expect("run a setup command");
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn teardown_ns() {
+    let _ = Command::new("ip").args(["link", "del", "esb0"]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip").args(["netns", "del", NS]).stderr(Stdio::null()).status();
+}
+
+/// Sets up the namespace and its veth pair; returns whether netem delays it.
+fn setup_ns() -> bool {
+    teardown_ns();
+    sh(&["ip", "netns", "add", NS]);
+    sh(&["ip", "link", "add", "esb0", "type", "veth", "peer", "name", "esb1"]);
+    sh(&["ip", "link", "set", "esb1", "netns", NS]);
+    sh(&["ip", "addr", "add", &format!("{NS_HOST_IP}/30"), "dev", "esb0"]);
+    sh(&["ip", "link", "set", "esb0", "up"]);
+    for c in [
+        vec!["ip", "addr", "add", &format!("{NS_PEER_IP}/30"), "dev", "esb1"],
+        vec!["ip", "link", "set", "esb1", "up"],
+        vec!["ip", "link", "set", "lo", "up"],
+    ] {
+        let mut a = vec!["ip", "netns", "exec", NS];
+        a.extend(c);
+        sh(&a);
+    }
+    let netem = |args: &[&str]| Command::new(args[0]).args(&args[1..]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    netem(&["tc", "qdisc", "add", "dev", "esb0", "root", "netem", "delay", "100us"])
+        && netem(&["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "esb1", "root", "netem", "delay", "100us"])
+}
+
+/// A TCP echo server on `addr` (run in the namespace: `livesync-bench echo ADDR`).
+fn echo_server(addr: &str) {
+    let l = std::net::TcpListener::bind(addr).expect("bind the echo server");
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        std::thread::spawn(move || {
+            let _ = c.set_nodelay(true);
+            let mut buf = [0u8; 64];
+            while let Ok(n) = std::io::Read::read(&mut c, &mut buf) {
+                if n == 0 || std::io::Write::write_all(&mut c, &buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Median TCP round trip to the echo server at `addr`, in ms.
+fn tcp_rtt_ms(addr: &str) -> f64 {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("echo server {addr}: {e}"),
+        }
+    };
+    c.set_nodelay(true).unwrap();
+    let mut times: Vec<f64> = (0..500)
+        .map(|_| {
+            let t0 = Instant::now();
+            c.write_all(&[7u8; 64]).unwrap();
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 64 {
+                got += c.read(&mut buf[got..]).unwrap();
+            }
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[times.len() / 2]
+}
+
+/// Relays TCP from a loopback port to `target`, holding every chunk `delay`
+/// in each direction; returns the loopback address.
+fn delay_relay(target: String, delay: Duration) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for inbound in l.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = std::net::TcpStream::connect(&target) else { continue };
+            for (from, to) in [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)] {
+                relay_one_way(from, to, delay);
+            }
+        }
+    });
+    addr
+}
+
+fn relay_one_way(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let _ = from.set_nodelay(true);
+    let _ = to.set_nodelay(true);
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            // Sleep most of the wait, spin the last stretch: sleeps overshoot.
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                if due - now > Duration::from_micros(60) {
+                    std::thread::sleep(due - now - Duration::from_micros(50));
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            if to.write_all(&chunk).is_err() {
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+struct Backup {
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a backup blockd listening on `ip`, optionally in the namespace,
+/// with an empty backup disk `d`.
+fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    // A fresh namespace has every port free; on loopback ask for one.
+    let port = if in_ns {
+        7700
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    };
+    let addr = format!("{ip}:{port}");
+    let control = dir.join("control.sock");
+    let mut cmd = if in_ns {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", NS]).arg(enspeed_bin());
+        c
+    } else {
+        Command::new(enspeed_bin())
+    };
+    cmd.arg("blockd").arg("--dir").arg(dir.join("disks")).args(["--listen", &addr, "--control"]).arg(&control);
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("spawn blockd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = blockrepl::daemon::call(&control, &format!(r#"{{"cmd":"create","name":"d","size":{DISK},"backup":true}}"#));
+        match r {
+            Ok(resp) if resp.ok => break,
+            Ok(resp) => panic!("creating the backup disk: {:?}", resp.error),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("blockd did not start: {e}"),
+        }
+    }
+    (Backup { child, _dir: dir.to_owned() }, addr)
+}
+
+/// A primary in this process mirrored to `peer`, in sync.
+fn primary(dir: &Path, peer: &str) -> Arc<Replica> {
+    std::fs::create_dir_all(dir).unwrap();
+    let r = Replica::create(dir, "d", DISK, 1 << 20, NewRole::Primary, Timing::default()).unwrap();
+    blockrepl::resync::start(&r).unwrap();
+    r.set_peer(Some(peer.to_owned())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while r.status().link != LinkState::InSync {
+        assert!(Instant::now() < deadline, "no sync with {peer}: {:?}", r.status().last_error);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r
+}
+
+fn write_wait(s: &dyn BlockStore, off: u64, data: Vec<u8>, fua: bool) {
+    let (tx, rx) = mpsc::channel();
+    s.write(off, data, fua, Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv().unwrap().expect("write");
+}
+
+struct Lat {
+    median_us: f64,
+    p99_us: f64,
+    iops: f64,
+}
+
+/// `ops` 4 KiB FUA writes at random offsets from `qd` threads.
+fn sync_writes(s: Arc<dyn BlockStore>, ops: usize, qd: usize) -> Lat {
+    let started = Instant::now();
+    let threads: Vec<_> = (0..qd)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9);
+                let mut lat = Vec::with_capacity(ops / qd);
+                for _ in 0..ops / qd {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = (x % (DISK / 4096)) * 4096;
+                    let t0 = Instant::now();
+                    write_wait(&*s, off, vec![(x & 0xff) as u8; 4096], true);
+                    lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Lat {
+        median_us: all[all.len() / 2],
+        p99_us: all[(all.len() * 99 / 100).min(all.len() - 1)],
+        iops: all.len() as f64 / secs,
+    }
+}
+
+/// 256 MiB of 1 MiB writes from 4 threads, then a flush: MB/s.
+fn seq_write(s: Arc<dyn BlockStore>) -> f64 {
+    let total: u64 = 256 << 20;
+    let started = Instant::now();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let part = total / 4;
+                for i in 0..part >> 20 {
+                    write_wait(&*s, t * part + (i << 20), vec![t as u8 + 1; 1 << 20], false);
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let (tx, rx) = mpsc::channel();
+    s.flush(Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv().unwrap().expect("flush");
+    total as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+struct Row {
+    name: String,
+    qd1: Lat,
+    qd32: Lat,
+    seq: f64,
+}
+
+fn measure(name: &str, s: Arc<dyn BlockStore>, ops: usize) -> Row {
+    eprintln!("measuring {name}");
+    // Warm up: one write in every 1 MiB region, so the file's blocks are
+    // allocated and every bitmap region is marked (a replicated disk marks a
+    // region durably on its first write; a running guest's working set is
+    // marked, and the first write to a cold region pays one extra fdatasync).
+    for r in 0..DISK >> 20 {
+        write_wait(&*s, r << 20, vec![1; 4096], false);
+    }
+    let _ = sync_writes(s.clone(), ops / 4, 4);
+    Row { name: name.into(), qd1: sync_writes(s.clone(), ops, 1), qd32: sync_writes(s.clone(), ops, 32), seq: seq_write(s) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("echo") {
+        echo_server(&args[2]);
+        return;
+    }
+    let ops: usize = std::env::var("BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+    std::env::set_var("TMPDIR", &base);
+    let scratch = Scratch::new("livesync-bench");
+    let dir = scratch.0.clone();
+
+    let local_path = dir.join("local.img");
+    std::fs::File::create(&local_path).unwrap().set_len(DISK).unwrap();
+    let local: Arc<dyn BlockStore> = Arc::new(FileStore::open(&local_path, false).unwrap());
+    let local = measure("local disk", local, ops);
+
+    let (b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false);
+    let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1);
+    let lo_row = measure("LiveSync, backup on loopback", lo.clone(), ops);
+    drop(lo);
+    drop(b1);
+    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    {
+        let a = echo_lo.clone();
+        std::thread::spawn(move || echo_server(&a));
+    }
+    let rtt_lo = tcp_rtt_ms(&echo_lo);
+
+    let netem = setup_ns();
+    let mut echo = Command::new("ip")
+        .args(["netns", "exec", NS])
+        .arg(std::env::current_exe().unwrap())
+        .args(["echo", &format!("{NS_PEER_IP}:7701")])
+        .spawn()
+        .expect("start the echo server in the namespace");
+    let (b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true);
+    let (peer, echo_addr, how) = if netem {
+        (addr2, format!("{NS_PEER_IP}:7701"), "tc netem 0.1 ms each way")
+    } else {
+        let d = Duration::from_micros(100);
+        (delay_relay(addr2, d), delay_relay(format!("{NS_PEER_IP}:7701"), d), "a relay holding each chunk 0.1 ms each way (no netem in this kernel)")
+    };
+    let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer);
+    let ns_name = "LiveSync, backup in another netns, +0.2 ms RTT";
+    let ns_row = measure(ns_name, ns.clone(), ops);
+    let rtt_ns = tcp_rtt_ms(&echo_addr);
+    drop(ns);
+    drop(b2);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    teardown_ns();
+
+    println!("Delay added by {how}; RTT is the median TCP round trip of 64 bytes on the same path.");
+    println!();
+    println!("| setup | RTT (ms) | 4K sync write qd1 median (us) | p99 (us) | qd1 IOPS | qd32 median (us) | qd32 p99 (us) | qd32 IOPS | seq write MB/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (r, rtt) in [(&local, 0.0), (&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
+        println!(
+            "| {} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.name, rtt, r.qd1.median_us, r.qd1.p99_us, r.qd1.iops, r.qd32.median_us, r.qd32.p99_us, r.qd32.iops, r.seq
+        );
+    }
+    println!();
+    println!("| setup | qd1 median / (local + RTT) | qd32 IOPS / local | seq MB/s / local |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (r, rtt) in [(&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
+        let floor = local.qd1.median_us + rtt * 1000.0;
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} |",
+            r.name,
+            r.qd1.median_us / floor,
+            r.qd32.iops / local.qd32.iops,
+            r.seq / local.seq
+        );
+    }
+}
