@@ -26,7 +26,7 @@ const MAX_LINE: u64 = 64 * 1024;
 pub const DEFAULT_REGION: u64 = 1 << 20;
 
 /// A request on the control socket.
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Create a disk: the first copy (primary) or an empty backup.
@@ -36,7 +36,7 @@ pub enum Request {
         /// Size in bytes.
         size: u64,
         /// Bitmap region size in bytes (default 1 MiB).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         region_size: Option<u64>,
         /// Create an empty backup instead of a primary.
         #[serde(default)]
@@ -45,7 +45,7 @@ pub enum Request {
     /// Report one disk, or all.
     Status {
         /// The disk; all when absent.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
     /// Mirror a primary to the backup at `peer` (host:port of its blockd).

@@ -132,20 +132,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large"))
 }
 
-fn disk_request(op: &DiskOp) -> serde_json::Value {
-    use serde_json::json;
+fn disk_request(op: &DiskOp) -> blockrepl::daemon::Request {
+    use blockrepl::daemon::Request;
     match op {
         DiskOp::Create { name, size, region_size, backup } => {
-            json!({"cmd": "create", "name": name, "size": size, "region_size": region_size, "backup": backup})
+            Request::Create { name: name.clone(), size: *size, region_size: *region_size, backup: *backup }
         }
-        DiskOp::Status { name, .. } => json!({"cmd": "status", "name": name}),
-        DiskOp::Attach { name, peer } => json!({"cmd": "attach", "name": name, "peer": peer}),
-        DiskOp::Detach { name } => json!({"cmd": "detach", "name": name}),
+        DiskOp::Status { name, .. } => Request::Status { name: name.clone() },
+        DiskOp::Attach { name, peer } => Request::Attach { name: name.clone(), peer: peer.clone() },
+        DiskOp::Detach { name } => Request::Detach { name: name.clone() },
         DiskOp::Promote { name, generation, force } => {
-            json!({"cmd": "promote", "name": name, "generation": generation, "force": force})
+            Request::Promote { name: name.clone(), generation: *generation, force: *force }
         }
-        DiskOp::Demote { name } => json!({"cmd": "demote", "name": name}),
-        DiskOp::Delete { name } => json!({"cmd": "delete", "name": name}),
+        DiskOp::Demote { name } => Request::Demote { name: name.clone() },
+        DiskOp::Delete { name } => Request::Delete { name: name.clone() },
     }
 }
 
@@ -182,7 +182,7 @@ fn disk_line(d: &serde_json::Value) -> String {
 }
 
 fn disk_command(a: DiskArgs) -> ExitCode {
-    let request = disk_request(&a.op).to_string();
+    let request = serde_json::to_string(&disk_request(&a.op)).expect("requests serialize");
     match blockrepl::daemon::call(&a.control, &request) {
         Ok(resp) if resp.ok => {
             match (&a.op, resp.disks) {
