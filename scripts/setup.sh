@@ -4,7 +4,7 @@
 # image/kit and image/testhost, never installed. Idempotent; quiet when all is there.
 set -euo pipefail
 
-# command  debian-package
+# command (or a file's path, globs allowed)  debian-package
 needs=(
     "qemu-system-x86_64 qemu-system-x86"
     "cpio cpio"
@@ -12,11 +12,16 @@ needs=(
     "ip iproute2"
     "ping iputils-ping"
     "cc gcc"
+    "/usr/include/rocksdb/c.h librocksdb-dev"
+    "/usr/lib/llvm-*/lib/libclang.so libclang-dev"
 )
 missing=()
 for n in "${needs[@]}"; do
     set -- $n
-    command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+    case "$1" in
+        /*) compgen -G "$1" >/dev/null || missing+=("$2") ;;
+        *) command -v "$1" >/dev/null 2>&1 || missing+=("$2") ;;
+    esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
