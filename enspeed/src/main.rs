@@ -32,6 +32,11 @@ enum Command {
     Blockd(BlockdArgs),
     /// Manage the replicated disks of a blockd (create, attach a backup, status, promote, demote).
     Disk(DiskArgs),
+    /// Run this server's member of the control plane (Raft over RocksDB): start a cluster with
+    /// --init, join one with --join ADDR, or restart from --data.
+    Server(control::cli::ServerArgs),
+    /// Talk to the control plane through any server: status, put, get, state, add/remove server.
+    Cluster(control::cli::ClusterArgs),
 }
 
 #[derive(Args)]
@@ -260,6 +265,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Server(a) => control::cli::server(a),
+        Command::Cluster(a) => control::cli::cluster(a),
         Command::Blockd(a) => {
             let cfg = blockrepl::daemon::Config {
                 dir: a.dir,

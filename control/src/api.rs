@@ -1,0 +1,299 @@
+//! The client protocol: one JSON object per line each way, on the server's listen address (a
+//! connection whose first byte is `{`).
+//!
+//! ```text
+//!   {"op":"status"}                                    this server's view
+//!   {"op":"put","key":K,"value":V}                     sugar for propose put
+//!   {"op":"get","key":K}                               linearizable read of one key
+//!   {"op":"propose","command":{"cmd":...}}             any state machine command
+//!   {"op":"read","query":{"query":"state"}}            linearizable read
+//!   {"op":"read","query":...,"local":true}             this server's applied state, maybe stale
+//!   {"op":"add_server","server":{"id":N,"address":A,"witness":false}}
+//!   {"op":"remove_server","id":N}
+//! answers
+//!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
+//! ```
+//!
+//! Any server takes any request: what needs the leader is forwarded to it (one hop, retried
+//! while an election runs, until the request timeout).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::node::{NodeError, NodeHandle};
+use crate::state_machine::{Command, Query, ServerRecord};
+use crate::transport::AddressBook;
+
+/// The longest request line accepted.
+const MAX_LINE: u64 = 1 << 20;
+
+/// A client request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// This server's status.
+    Status,
+    /// Set a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Read a key, linearizably.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Apply a command.
+    Propose {
+        /// The command.
+        command: Command,
+    },
+    /// Read the state.
+    Read {
+        /// What to read.
+        query: Query,
+        /// This server's applied state instead of a linearizable read.
+        #[serde(default)]
+        local: bool,
+    },
+    /// Add a voter.
+    AddServer {
+        /// The new server.
+        server: ServerRecord,
+    },
+    /// Remove a voter.
+    RemoveServer {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// A request as sent on the wire: `forwarded` is set by the server that forwards it, so the
+/// leader does not forward it again.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    request: Request,
+    #[serde(default)]
+    forwarded: bool,
+}
+
+/// An answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(result: Value) -> Response {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    fn err(error: impl ToString) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// Sends one request to the server at `address` and waits up to `timeout` for its answer.
+pub fn call(address: &str, request: &Request, timeout: Duration) -> io::Result<Response> {
+    call_envelope(
+        address,
+        &Envelope {
+            request: request.clone(),
+            forwarded: false,
+        },
+        timeout,
+    )
+}
+
+fn call_envelope(address: &str, env: &Envelope, timeout: Duration) -> io::Result<Response> {
+    use std::net::ToSocketAddrs;
+    let sa = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::other(format!("{address} resolves to nothing")))?;
+    let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    let mut line = serde_json::to_vec(env).expect("request serializes");
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    serde_json::from_str(&answer)
+        .map_err(|e| io::Error::other(format!("bad answer from {address}: {e}")))
+}
+
+/// Serves one client connection: a request per line, an answer per line, until it closes.
+pub fn serve_client(stream: TcpStream, node: &NodeHandle, book: &AddressBook, timeout: Duration) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut r).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') {
+            let _ = writeln!(
+                w,
+                "{}",
+                json!({"ok": false, "error": "request line too long"})
+            );
+            return;
+        }
+        let answer = match serde_json::from_str::<Envelope>(&line) {
+            Ok(env) => handle(env, node, book, timeout),
+            Err(e) => Response::err(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&answer).expect("response serializes");
+        out.push(b'\n');
+        if w.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers a request here, or forwards it to the leader; retries while there is none.
+fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duration) -> Response {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let local = match &env.request {
+            Request::Status => {
+                return match node.status() {
+                    Ok(s) => Response::ok(serde_json::to_value(s).expect("status serializes")),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::Put { key, value } => node
+                .propose(Command::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .map(outcome),
+            Request::Get { key } => node
+                .read(Query::Get { key: key.clone() }, false)
+                .map(Response::ok),
+            Request::Propose { command } => node.propose(command.clone()).map(outcome),
+            Request::Read { query, local } => node.read(query.clone(), *local).map(Response::ok),
+            Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
+            Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
+        };
+        let leader = match local {
+            Ok(r) => return r,
+            // The server that forwarded it knows better where to go next.
+            Err(e @ NodeError::NotLeader { .. }) if env.forwarded => return Response::err(e),
+            Err(NodeError::NotLeader { leader }) => leader,
+            Err(e) => return Response::err(e),
+        };
+        if let Some(leader) = leader {
+            let address = book
+                .read()
+                .expect("address book lock")
+                .get(&leader)
+                .cloned();
+            if let Some(address) = address {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
+                let fwd = Envelope {
+                    request: env.request.clone(),
+                    forwarded: true,
+                };
+                match call_envelope(&address, &fwd, left) {
+                    // The leader stepped down meanwhile: look again.
+                    Ok(r)
+                        if r.error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("server is not the leader")) => {}
+                    Ok(r) => return r,
+                    Err(e) => {
+                        tracing::debug!(leader, error = %e, "forwarding to the leader failed")
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Response::err(NodeError::NotLeader { leader });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn outcome(o: crate::state_machine::Outcome) -> Response {
+    match o {
+        Ok(v) => Response::ok(v),
+        Err(reason) => Response::err(format!("rejected: {reason}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let reqs = [
+            Request::Status,
+            Request::Put {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            Request::Get { key: "k".into() },
+            Request::Read {
+                query: Query::State,
+                local: true,
+            },
+            Request::AddServer {
+                server: ServerRecord {
+                    id: 4,
+                    address: "127.0.0.1:1".into(),
+                    witness: true,
+                    capacity: Default::default(),
+                },
+            },
+            Request::RemoveServer { id: 4 },
+            Request::Propose {
+                command: Command::Delete { key: "k".into() },
+            },
+        ];
+        for r in reqs {
+            let env = Envelope {
+                request: r.clone(),
+                forwarded: true,
+            };
+            let s = serde_json::to_string(&env).unwrap();
+            assert!(!s.contains('\n'));
+            let back: Envelope = serde_json::from_str(&s).unwrap();
+            assert_eq!(back.request, r);
+            assert!(back.forwarded);
+        }
+        let plain: Envelope = serde_json::from_str(r#"{"op":"get","key":"a"}"#).unwrap();
+        assert!(!plain.forwarded);
+        assert!(serde_json::from_str::<Envelope>(r#"{"op":"format_disks"}"#).is_err());
+        assert!(serde_json::from_str::<Envelope>(r#"{"op":"put","key":"a"}"#).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! The command lines of `enspeed server` and `enspeed cluster`, kept beside what they drive so
+//! the binary only dispatches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::api::{self, Request};
+use crate::node::NodeConfig;
+use crate::server::{self, Bootstrap, ServerConfig};
+use crate::state_machine::{Capacity, Command, Query, ServerRecord};
+
+/// `enspeed server`.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Raft id of this server, unique in the cluster, above 0.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+    /// Data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// host:port for other servers and clients; also the address this server is known by.
+    #[arg(long)]
+    listen: String,
+    /// Start a new cluster with this server as its only voter (ignored once DATA holds a state).
+    #[arg(long, conflicts_with = "join")]
+    init: bool,
+    /// Join the cluster of the server at this address (ignored once DATA holds a state).
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// Join as a witness: a voter that runs no VMs.
+    #[arg(long)]
+    witness: bool,
+    /// Memory offered to VMs, MiB.
+    #[arg(long, default_value_t = 0)]
+    memory_mib: u64,
+    /// Disk space offered to VMs, GiB.
+    #[arg(long, default_value_t = 0)]
+    disk_gib: u64,
+    /// vCPUs offered to VMs.
+    #[arg(long, default_value_t = 0)]
+    vcpus: u32,
+    /// Raft tick, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u64,
+    /// Ticks without a leader before an election.
+    #[arg(long, default_value_t = 10)]
+    election_ticks: usize,
+    /// Ticks between heartbeats.
+    #[arg(long, default_value_t = 1)]
+    heartbeat_ticks: usize,
+    /// Compact the log every this many applied entries.
+    #[arg(long, default_value_t = 1000)]
+    snapshot_every: u64,
+    /// How long a request may wait to be applied, milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+}
+
+/// Runs `enspeed server`.
+pub fn server(a: ServerArgs) -> ExitCode {
+    let mut node = NodeConfig::new(a.id);
+    node.tick = Duration::from_millis(a.tick_ms.max(1));
+    node.election_ticks = a.election_ticks;
+    node.heartbeat_ticks = a.heartbeat_ticks;
+    node.snapshot_every = a.snapshot_every.max(1);
+    node.request_timeout = Duration::from_millis(a.request_timeout_ms);
+    let bootstrap = match (a.init, a.join) {
+        (true, _) => Bootstrap::Init,
+        (false, Some(addr)) => Bootstrap::Join(addr),
+        (false, None) => Bootstrap::Restart,
+    };
+    let cfg = ServerConfig {
+        node,
+        data_dir: a.data,
+        listen: a.listen,
+        bootstrap,
+        witness: a.witness,
+        capacity: Capacity {
+            memory_mib: a.memory_mib,
+            disk_gib: a.disk_gib,
+            vcpus: a.vcpus,
+        },
+    };
+    match server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enspeed server {}: {e}", a.id);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `enspeed cluster`.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Any server of the cluster.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    server: String,
+    /// How long to wait for an answer, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    op: ClusterOp,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterOp {
+    /// This server's view: id, role, leader, term, commit, applied, last index, voters.
+    Status,
+    /// Set a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Read a key (linearizable).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Print every record (linearizable, or with --local this server's applied state).
+    State {
+        /// This server's applied state, without asking the leader.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Apply a state machine command given as JSON, e.g. '{"cmd":"delete","key":"k"}'.
+    Propose {
+        /// The command.
+        command: String,
+    },
+    /// Add a voter.
+    AddServer {
+        /// Its Raft id.
+        id: u64,
+        /// Its listen address.
+        address: String,
+        /// A witness: votes, runs no VMs.
+        #[arg(long)]
+        witness: bool,
+    },
+    /// Remove a voter.
+    RemoveServer {
+        /// Its Raft id.
+        id: u64,
+    },
+}
+
+/// Runs `enspeed cluster`: prints the result as JSON; exits 1 if refused.
+pub fn cluster(a: ClusterArgs) -> ExitCode {
+    let request = match a.op {
+        ClusterOp::Status => Request::Status,
+        ClusterOp::Put { key, value } => Request::Put { key, value },
+        ClusterOp::Get { key } => Request::Get { key },
+        ClusterOp::State { local } => Request::Read {
+            query: Query::State,
+            local,
+        },
+        ClusterOp::Propose { command } => match serde_json::from_str::<Command>(&command) {
+            Ok(command) => Request::Propose { command },
+            Err(e) => {
+                eprintln!("enspeed cluster: not a command: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        ClusterOp::AddServer {
+            id,
+            address,
+            witness,
+        } => Request::AddServer {
+            server: ServerRecord {
+                id,
+                address,
+                witness,
+                capacity: Capacity::default(),
+            },
+        },
+        ClusterOp::RemoveServer { id } => Request::RemoveServer { id },
+    };
+    match api::call(&a.server, &request, Duration::from_millis(a.timeout_ms)) {
+        Ok(r) if r.ok => {
+            let result = r.result.unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&result).expect("JSON prints")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("enspeed cluster: {}", r.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("enspeed cluster: {}: {e}", a.server);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! EnSpeed's control plane: the cluster's state in a Raft group (raft-rs) persisted in RocksDB.
+//!
+//! - `storage`: raft-rs `Storage` over RocksDB, with the applied state machine beside the log;
+//! - `state_machine`: the typed commands and the cluster records they change;
+//! - `node`: the thread that drives raft-rs and applies committed entries;
+//! - `transport`: Raft messages between servers over TCP;
+//! - `api`: the JSON-lines client protocol, forwarded to the leader;
+//! - `server`: `enspeed server`, which puts them together.
+
+pub mod api;
+pub mod cli;
+pub mod node;
+mod raft_log;
+pub mod server;
+pub mod state_machine;
+pub mod storage;
+pub mod transport;
+
+pub use node::{NodeConfig, NodeError, Status};
+pub use server::{Bootstrap, ServerConfig};
+pub use state_machine::{Capacity, Command, Query, ServerRecord};

@@ -1,0 +1,721 @@
+//! The Raft node: one thread owns the raft-rs `RawNode`, its RocksDB storage and the state
+//! machine, and handles everything through one channel of `Event`s.
+//!
+//! Each `Ready` is handled in the order raft-rs requires (see `RawNode::ready`):
+//!
+//! ```text
+//!   leader's messages ──> send at once (they do not depend on our own log)
+//!   snapshot          ──> install atomically (records, log base, applied, conf state), fsync
+//!   entries + hard state ──> one WriteBatch, fsync when raft says must_sync
+//!   persisted messages ──> send (votes and acks: only now are they true)
+//!   committed entries ──> apply: records + applied index (+ conf state) in one WriteBatch,
+//!                         then answer the waiting proposals
+//!   advance ──> LightReady: commit index written, messages sent, committed entries applied
+//!   read states ──> answer each read once applied >= its read index
+//! ```
+
+use std::collections::HashMap;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::state_machine::{Command, Outcome, Query, ServerRecord, StateMachine};
+use crate::storage::RaftStore;
+use crate::transport::{AddressBook, Transport};
+
+/// Raft timing and log compaction.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This server's Raft id.
+    pub id: u64,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Ticks without a leader before an election (randomized up to twice this).
+    pub election_ticks: usize,
+    /// Ticks between the leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Compact the log every this many applied entries; servers further behind get a snapshot.
+    pub snapshot_every: u64,
+    /// How long a request waits to be applied.
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults: 100 ms ticks, elections after about a second, heartbeats every 100 ms.
+    pub fn new(id: u64) -> NodeConfig {
+        NodeConfig {
+            id,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            snapshot_every: 1000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a request did not complete.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum NodeError {
+    /// Only the leader proposes and serves linearizable reads.
+    #[error("server is not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this server knows of.
+        leader: Option<u64>,
+    },
+    /// Not applied in time: it may still take effect.
+    #[error("timed out before the request was applied; it may still take effect")]
+    Timeout,
+    /// The leader stepped down with the request in flight: it may or may not take effect.
+    #[error("leadership changed before the request was applied; it may or may not take effect")]
+    LeadershipLost,
+    /// Raft or the membership rules refused it.
+    #[error("refused: {reason}")]
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The node's thread is gone.
+    #[error("the raft node has stopped")]
+    Stopped,
+}
+
+/// One server's view of the group. `commit`, `applied` and `last_index` are what is on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// This server.
+    pub id: u64,
+    /// Follower, PreCandidate, Candidate or Leader.
+    pub role: String,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Commit index (hard state).
+    pub commit: u64,
+    /// Last applied index.
+    pub applied: u64,
+    /// Index of the last log entry.
+    pub last_index: u64,
+    /// Index of the first log entry kept (the log before it was compacted into the state).
+    pub first_index: u64,
+    /// Voters, as of the applied index.
+    pub voters: Vec<u64>,
+    /// Whether this server was removed from the group.
+    pub removed: bool,
+}
+
+/// Everything the node thread reacts to.
+pub enum Event {
+    /// A message from a peer.
+    Raft(Box<Message>),
+    /// Propose a command; answered once applied.
+    Propose(Command, Sender<Result<Outcome, NodeError>>),
+    /// Add a voter; answered once the conf change is applied.
+    AddServer(ServerRecord, Sender<Result<Outcome, NodeError>>),
+    /// Remove a voter; answered once the conf change is applied.
+    RemoveServer(u64, Sender<Result<Outcome, NodeError>>),
+    /// Read the state: linearizable (ReadIndex on the leader) or, when `local`, this server's
+    /// applied state as it is.
+    Read {
+        query: Query,
+        local: bool,
+        reply: Sender<Result<Value, NodeError>>,
+    },
+    /// Report the status.
+    Status(Sender<Status>),
+    /// Messages to this peer were lost.
+    Unreachable(u64),
+    /// A snapshot message was written to the peer's connection, or lost.
+    SnapshotSent { to: u64, ok: bool },
+}
+
+/// A normal entry's data.
+#[derive(Serialize, Deserialize)]
+struct Proposal {
+    /// The server that proposed it: only it has someone waiting.
+    origin: u64,
+    /// Its request id there.
+    request: u64,
+    command: Command,
+}
+
+/// A conf change entry's context.
+#[derive(Serialize, Deserialize)]
+struct ConfContext {
+    origin: u64,
+    request: u64,
+    /// The record of a server being added.
+    server: Option<ServerRecord>,
+}
+
+struct Waiter<T> {
+    reply: Sender<Result<T, NodeError>>,
+    deadline: Instant,
+}
+
+struct PendingRead {
+    query: Query,
+    waiter: Waiter<Value>,
+    /// Known once the leader confirmed it still leads (ReadState).
+    index: Option<u64>,
+}
+
+/// A handle to the node thread, cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: Sender<Event>,
+    timeout: Duration,
+}
+
+impl NodeHandle {
+    fn call<T>(
+        &self,
+        make: impl FnOnce(Sender<Result<T, NodeError>>) -> Event,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = channel();
+        self.tx.send(make(tx)).map_err(|_| NodeError::Stopped)?;
+        match rx.recv_timeout(self.timeout + Duration::from_millis(100)) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(NodeError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// Proposes a command (leader only); returns its outcome once applied.
+    pub fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
+        self.call(|tx| Event::Propose(command, tx))
+    }
+
+    /// Adds a voter (leader only); returns once the change is applied.
+    pub fn add_server(&self, server: ServerRecord) -> Result<Outcome, NodeError> {
+        self.call(|tx| Event::AddServer(server, tx))
+    }
+
+    /// Removes a voter (leader only); returns once the change is applied.
+    pub fn remove_server(&self, id: u64) -> Result<Outcome, NodeError> {
+        self.call(|tx| Event::RemoveServer(id, tx))
+    }
+
+    /// Reads the state: linearizable (leader only) or, with `local`, this server's as it is.
+    pub fn read(&self, query: Query, local: bool) -> Result<Value, NodeError> {
+        self.call(|reply| Event::Read {
+            query,
+            local,
+            reply,
+        })
+    }
+
+    /// This server's status.
+    pub fn status(&self) -> Result<Status, NodeError> {
+        let (tx, rx) = channel();
+        self.tx
+            .send(Event::Status(tx))
+            .map_err(|_| NodeError::Stopped)?;
+        rx.recv_timeout(self.timeout)
+            .map_err(|_| NodeError::Stopped)
+    }
+}
+
+/// The node: run it on its own thread with `run`.
+pub struct Node {
+    cfg: NodeConfig,
+    raw: RawNode<RaftStore>,
+    sm: StateMachine,
+    transport: Arc<Transport>,
+    book: AddressBook,
+    rx: Receiver<Event>,
+    next_request: u64,
+    proposals: HashMap<u64, Waiter<Outcome>>,
+    /// Reads waiting for the leader to commit an entry of its term (raft-rs drops ReadIndex
+    /// requests before that).
+    reads_queued: Vec<(u64, PendingRead)>,
+    reads: HashMap<u64, PendingRead>,
+    role: StateRole,
+}
+
+/// What went wrong starting or running the node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Storage failed: the node stops rather than go on with a state it cannot persist.
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::Error),
+    /// The stored state machine does not load.
+    #[error("{0}")]
+    Load(#[from] crate::state_machine::LoadError),
+    /// raft-rs refused the configuration or the stored state.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+impl Node {
+    /// Creates the node over `store`; `events` is the channel whose sender `handle` and the
+    /// transport use.
+    pub fn new(
+        cfg: NodeConfig,
+        store: RaftStore,
+        transport: Arc<Transport>,
+        book: AddressBook,
+        events: (Sender<Event>, Receiver<Event>),
+        logger: &slog::Logger,
+    ) -> Result<(Node, NodeHandle), Error> {
+        let sm = StateMachine::load(&store.records()?)?;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: store.applied(),
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, store, logger)?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let handle = NodeHandle {
+            tx: events.0,
+            timeout: cfg.request_timeout,
+        };
+        let node = Node {
+            cfg,
+            raw,
+            sm,
+            transport,
+            book,
+            rx: events.1,
+            next_request: seed,
+            proposals: HashMap::new(),
+            reads_queued: Vec::new(),
+            reads: HashMap::new(),
+            role: StateRole::Follower,
+        };
+        node.publish_addresses();
+        Ok((node, handle))
+    }
+
+    /// Runs until every handle is dropped or storage fails.
+    pub fn run(mut self) -> Result<(), Error> {
+        let mut next_tick = Instant::now() + self.cfg.tick;
+        loop {
+            let now = Instant::now();
+            match self
+                .rx
+                .recv_timeout(next_tick.saturating_duration_since(now))
+            {
+                Ok(ev) => {
+                    self.handle(ev);
+                    // Take whatever else is queued so one Ready (one fsync) covers it all.
+                    for _ in 0..1024 {
+                        match self.rx.try_recv() {
+                            Ok(ev) => self.handle(ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if Instant::now() >= next_tick {
+                self.raw.tick();
+                next_tick += self.cfg.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.cfg.tick;
+                }
+                self.expire();
+            }
+            self.start_reads();
+            self.on_ready()?;
+        }
+    }
+
+    fn leader(&self) -> Option<u64> {
+        Some(self.raw.raft.leader_id).filter(|&l| l != 0)
+    }
+
+    fn not_leader(&self) -> Option<NodeError> {
+        (self.raw.raft.state != StateRole::Leader).then(|| NodeError::NotLeader {
+            leader: self.leader(),
+        })
+    }
+
+    fn waiter<T>(&self, reply: Sender<Result<T, NodeError>>) -> Waiter<T> {
+        Waiter {
+            reply,
+            deadline: Instant::now() + self.cfg.request_timeout,
+        }
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request = self.next_request.wrapping_add(1);
+        self.next_request
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Event::Propose(command, reply) => {
+                if let Some(e) = self.not_leader() {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let request = self.request_id();
+                let data = serde_json::to_vec(&Proposal {
+                    origin: self.cfg.id,
+                    request,
+                    command,
+                })
+                .expect("proposal serializes");
+                match self.raw.propose(vec![], data) {
+                    Ok(()) => {
+                        let w = self.waiter(reply);
+                        self.proposals.insert(request, w);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Refused {
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Event::AddServer(server, reply) => {
+                let id = server.id;
+                let member = self.raw.store().conf_state().voters.contains(&id);
+                if member && self.sm.servers.get(&id) == Some(&server) {
+                    let _ = reply.send(Ok(Ok(
+                        json!({ "voters": self.raw.store().conf_state().voters }),
+                    )));
+                    return;
+                }
+                self.conf_change(ConfChangeType::AddNode, id, Some(server), reply);
+            }
+            Event::RemoveServer(id, reply) => {
+                if !self.raw.store().conf_state().voters.contains(&id) {
+                    let _ = reply.send(Err(NodeError::Refused {
+                        reason: format!("server {id} is not a voter"),
+                    }));
+                    return;
+                }
+                if id == self.cfg.id && self.raw.raft.state == StateRole::Leader {
+                    // A leader does not remove itself: it hands leadership to the most
+                    // up-to-date follower, and the request is retried there.
+                    let to = self
+                        .raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .filter(|(&p, _)| p != id)
+                        .max_by_key(|(_, pr)| pr.matched)
+                        .map(|(&p, _)| p);
+                    if let Some(to) = to {
+                        tracing::info!(to, "handing leadership over before removing this server");
+                        self.raw.transfer_leader(to);
+                    }
+                    let _ = reply.send(Err(NodeError::NotLeader { leader: None }));
+                    return;
+                }
+                self.conf_change(ConfChangeType::RemoveNode, id, None, reply);
+            }
+            Event::Read {
+                query,
+                local,
+                reply,
+            } => {
+                if local {
+                    let _ = reply.send(Ok(self.sm.query(&query)));
+                    return;
+                }
+                if let Some(e) = self.not_leader() {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let id = self.request_id();
+                let waiter = self.waiter(reply);
+                self.reads_queued.push((
+                    id,
+                    PendingRead {
+                        query,
+                        waiter,
+                        index: None,
+                    },
+                ));
+            }
+            Event::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Event::Unreachable(id) => self.raw.report_unreachable(id),
+            Event::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+        }
+    }
+
+    fn conf_change(
+        &mut self,
+        kind: ConfChangeType,
+        id: u64,
+        server: Option<ServerRecord>,
+        reply: Sender<Result<Outcome, NodeError>>,
+    ) {
+        if let Some(e) = self.not_leader() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            let _ = reply.send(Err(NodeError::Refused {
+                reason: "another membership change is in progress".into(),
+            }));
+            return;
+        }
+        let request = self.request_id();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id;
+        let ctx = serde_json::to_vec(&ConfContext {
+            origin: self.cfg.id,
+            request,
+            server,
+        })
+        .expect("context serializes");
+        match self.raw.propose_conf_change(ctx, cc) {
+            Ok(()) => {
+                let w = self.waiter(reply);
+                self.proposals.insert(request, w);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Refused {
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let store = self.raw.store();
+        let cs = store.conf_state();
+        let mut voters = cs.voters.clone();
+        voters.sort_unstable();
+        let id = self.cfg.id;
+        Status {
+            id,
+            role: format!("{:?}", self.raw.raft.state),
+            leader: self.leader(),
+            term: self.raw.raft.term,
+            commit: store.hard_state().commit,
+            applied: store.applied(),
+            last_index: store.last(),
+            first_index: store.log_base() + 1,
+            removed: !voters.is_empty() && !voters.contains(&id) && !cs.learners.contains(&id),
+            voters,
+        }
+    }
+
+    /// Issues ReadIndex for queued reads once this leader has committed in its term.
+    fn start_reads(&mut self) {
+        if self.reads_queued.is_empty()
+            || self.raw.raft.state != StateRole::Leader
+            || !self.raw.raft.commit_to_current_term()
+        {
+            return;
+        }
+        for (id, read) in std::mem::take(&mut self.reads_queued) {
+            self.raw.read_index(id.to_be_bytes().to_vec());
+            self.reads.insert(id, read);
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.proposals.retain(|_, w| w.deadline > now);
+        self.reads.retain(|_, r| r.waiter.deadline > now);
+        self.reads_queued.retain(|(_, r)| r.waiter.deadline > now);
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.transport.send(m);
+        }
+    }
+
+    /// Publishes the committed servers' addresses to the transport.
+    fn publish_addresses(&self) {
+        let mut book = self.book.write().expect("address book lock");
+        for s in self.sm.servers.values() {
+            book.insert(s.id, s.address.clone());
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), Error> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            let was_leader = self.role == StateRole::Leader;
+            self.role = ss.raft_state;
+            tracing::info!(role = ?ss.raft_state, leader = ss.leader_id, term = self.raw.raft.term, "raft role");
+            if was_leader && ss.raft_state != StateRole::Leader {
+                for (_, w) in self.proposals.drain() {
+                    let _ = w.reply.send(Err(NodeError::LeadershipLost));
+                }
+                for (_, r) in self.reads.drain().chain(self.reads_queued.drain(..)) {
+                    let _ = r.waiter.reply.send(Err(NodeError::LeadershipLost));
+                }
+            }
+        }
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.raw.mut_store().apply_snapshot(&snap)?;
+            self.sm = StateMachine::load(&self.raw.store().records()?)?;
+            self.publish_addresses();
+            tracing::info!(
+                index = snap.get_metadata().index,
+                term = snap.get_metadata().term,
+                "installed a snapshot"
+            );
+        }
+        self.raw
+            .mut_store()
+            .append(rd.entries(), rd.hs(), rd.must_sync())?;
+        self.send(rd.take_persisted_messages());
+        for rs in rd.take_read_states() {
+            let id = rs
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if let Some(r) = self.reads.get_mut(&id) {
+                r.index = Some(rs.index);
+            }
+        }
+        self.apply(rd.take_committed_entries())?;
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.serve_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let mut writes = Vec::new();
+        let mut conf_state = None;
+        let mut replies: Vec<(u64, Outcome)> = Vec::new();
+        for e in &entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => {}
+                EntryType::EntryNormal => match serde_json::from_slice::<Proposal>(&e.data) {
+                    Ok(p) => {
+                        let outcome = self.sm.apply(&p.command, &mut writes);
+                        if p.origin == self.cfg.id {
+                            replies.push((p.request, outcome));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "committed entry does not decode; skipped")
+                    }
+                },
+                EntryType::EntryConfChange => {
+                    let cc = match ConfChange::parse_from_bytes(&e.data) {
+                        Ok(cc) => cc,
+                        Err(err) => {
+                            tracing::error!(index = e.index, error = %err, "committed conf change does not decode; skipped");
+                            continue;
+                        }
+                    };
+                    let ctx: Option<ConfContext> = serde_json::from_slice(&e.context).ok();
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    match cc.get_change_type() {
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if let Some(s) = ctx.as_ref().and_then(|c| c.server.as_ref()) {
+                                self.sm.add_server(s, &mut writes);
+                                self.book
+                                    .write()
+                                    .expect("address book lock")
+                                    .insert(s.id, s.address.clone());
+                            }
+                        }
+                        ConfChangeType::RemoveNode => {
+                            self.sm.remove_server(cc.node_id, &mut writes)
+                        }
+                    }
+                    tracing::info!(change = ?cc.get_change_type(), server = cc.node_id, voters = ?cs.voters, "membership changed");
+                    if let Some(c) = ctx.filter(|c| c.origin == self.cfg.id) {
+                        replies.push((c.request, Ok(json!({ "voters": cs.voters }))));
+                    }
+                    conf_state = Some(cs);
+                }
+                EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(&e.data) {
+                    Ok(cc) => conf_state = Some(self.raw.apply_conf_change(&cc)?),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "committed conf change does not decode; skipped")
+                    }
+                },
+            }
+        }
+        self.raw
+            .mut_store()
+            .apply(&writes, last, conf_state.as_ref())?;
+        for (request, outcome) in replies {
+            if let Some(w) = self.proposals.remove(&request) {
+                let _ = w.reply.send(Ok(outcome));
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.raw.store().applied();
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let r = self.reads.remove(&id).expect("listed");
+            let _ = r.waiter.reply.send(Ok(self.sm.query(&r.query)));
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), Error> {
+        let store = self.raw.store();
+        let applied = store.applied();
+        if applied.saturating_sub(store.log_base()) < self.cfg.snapshot_every {
+            return Ok(());
+        }
+        let from = store.log_base();
+        self.raw.mut_store().compact(applied)?;
+        tracing::info!(from, to = applied, "log compacted into the applied state");
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! `enspeed server`: one Raft member per physical server. One listen address serves both the
+//! other servers (Raft messages, see `transport`) and clients (JSON lines, see `api`), told
+//! apart by the first byte of a connection.
+//!
+//! A cluster starts with one server run with `--init`; every other server is started with
+//! `--join ADDR` (any member), asks the leader to add it as a voter, and catches up from the
+//! leader's log or a snapshot. Membership and addresses then live in the committed state, so a
+//! restart needs neither flag (they are ignored once the data directory holds a Raft state).
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::api::{self, Request};
+use crate::node::{Node, NodeConfig, NodeHandle};
+use crate::raft_log;
+use crate::state_machine::{Capacity, ServerRecord, StateMachine};
+use crate::storage::RaftStore;
+use crate::transport::{AddressBook, Transport};
+
+/// How a server comes up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Start a new cluster with this server as its only voter (if the data directory is empty).
+    Init,
+    /// Join the cluster that the server at this address belongs to (if the data directory is
+    /// empty).
+    Join(String),
+    /// Restart from the data directory, which must hold a Raft state.
+    Restart,
+}
+
+/// Everything `enspeed server` is told.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Raft id and timing.
+    pub node: NodeConfig,
+    /// Data directory (the RocksDB database lives in `raft/` under it).
+    pub data_dir: PathBuf,
+    /// host:port for servers and clients; also the address this server is known by.
+    pub listen: String,
+    /// Init, join or restart.
+    pub bootstrap: Bootstrap,
+    /// Join as a witness: it votes and runs no VMs.
+    pub witness: bool,
+    /// What this server offers to VMs.
+    pub capacity: Capacity,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Restarting from an empty data directory.
+    #[error(
+        "{0} holds no Raft state: start the first server with --init, the others with --join ADDR"
+    )]
+    Empty(PathBuf),
+    /// The listen address cannot be bound.
+    #[error("listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Storage failed.
+    #[error("{0}")]
+    Storage(#[from] crate::storage::Error),
+    /// The node failed.
+    #[error("{0}")]
+    Node(#[from] crate::node::Error),
+}
+
+/// Runs the server until its node stops (on a storage failure).
+pub fn run(cfg: ServerConfig) -> Result<(), Error> {
+    let id = cfg.node.id;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let mut store = RaftStore::open(&cfg.data_dir.join("raft"))?;
+    let me = ServerRecord {
+        id,
+        address: cfg.listen.clone(),
+        witness: cfg.witness,
+        capacity: cfg.capacity.clone(),
+    };
+    let must_join = match (&cfg.bootstrap, store.is_initialized()) {
+        (_, true) => None,
+        (Bootstrap::Init, false) => {
+            store.bootstrap(id, &StateMachine::initial_records(&me))?;
+            tracing::info!(server = id, "new cluster");
+            None
+        }
+        (Bootstrap::Join(addr), false) => Some(addr.clone()),
+        (Bootstrap::Restart, false) => return Err(Error::Empty(store.path().to_path_buf())),
+    };
+    let listener = TcpListener::bind(&cfg.listen).map_err(|source| Error::Listen {
+        address: cfg.listen.clone(),
+        source,
+    })?;
+
+    let book: AddressBook = Arc::new(RwLock::new(HashMap::new()));
+    let (tx, rx) = channel();
+    let transport = Transport::new(id, cfg.listen.clone(), Arc::clone(&book), tx.clone());
+    let (node, handle) = Node::new(
+        cfg.node.clone(),
+        store,
+        Arc::clone(&transport),
+        Arc::clone(&book),
+        (tx, rx),
+        &raft_log::logger(),
+    )?;
+    let node_thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || node.run())
+        .expect("spawn raft thread");
+
+    let timeout = cfg.node.request_timeout;
+    {
+        let handle = handle.clone();
+        let book = Arc::clone(&book);
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept(listener, transport, handle, book, timeout))
+            .expect("spawn accept thread");
+    }
+    tracing::info!(server = id, listen = %cfg.listen, "server up");
+
+    if let Some(addr) = must_join {
+        join(&addr, &me, timeout);
+    }
+    drop(handle);
+    node_thread.join().expect("raft thread panicked")?;
+    Ok(())
+}
+
+/// Asks the cluster at `addr` to add this server, until it answers yes.
+fn join(addr: &str, me: &ServerRecord, timeout: Duration) {
+    let req = Request::AddServer { server: me.clone() };
+    loop {
+        match api::call(addr, &req, timeout) {
+            Ok(r) if r.ok => {
+                tracing::info!(server = me.id, via = addr, "joined the cluster");
+                return;
+            }
+            Ok(r) => tracing::warn!(
+                server = me.id,
+                via = addr,
+                error = r.error.unwrap_or_default(),
+                "join refused; retrying"
+            ),
+            Err(e) => {
+                tracing::warn!(server = me.id, via = addr, error = %e, "join failed; retrying")
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn accept(
+    listener: TcpListener,
+    transport: Arc<Transport>,
+    node: NodeHandle,
+    book: AddressBook,
+    timeout: Duration,
+) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let (transport, node, book) = (Arc::clone(&transport), node.clone(), Arc::clone(&book));
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || serve(stream, &transport, &node, &book, timeout));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+/// Tells a client (`{`) from a peer (the transport's preface) by the first byte.
+fn serve(
+    stream: TcpStream,
+    transport: &Transport,
+    node: &NodeHandle,
+    book: &AddressBook,
+    timeout: Duration,
+) {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first) {
+        Ok(1) if first[0] == b'{' => api::serve_client(stream, node, book, timeout),
+        Ok(1) => transport.serve_peer(stream),
+        _ => {}
+    }
+}

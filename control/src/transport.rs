@@ -1,0 +1,383 @@
+//! Raft messages between servers over TCP.
+//!
+//! A connection opens with the preface `ENSPRAFT`, then a hello (sender's id, u64 BE; its
+//! address, u16 BE length and bytes), then frames: a u32 BE length and that many bytes of a
+//! raft-rs protobuf `Message`. Connections are one-way: each server dials every peer it sends
+//! to, and reads what peers send on the connections they dialled.
+//!
+//! Sending never blocks the Raft thread: each peer has a bounded queue and a thread that
+//! (re)connects and writes. Raft tolerates lost messages, so a full queue or a broken link drops
+//! them and tells the node (`report_unreachable`, and `report_snapshot` for snapshots).
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+
+use crate::node::Event;
+
+/// The first bytes of a peer connection (a client's first byte is `{`).
+pub const PREFACE: &[u8; 8] = b"ENSPRAFT";
+/// The largest frame accepted: a snapshot of the whole state machine must fit.
+pub const MAX_FRAME: usize = 64 << 20;
+/// The longest address in a hello.
+const MAX_ADDRESS: usize = 256;
+/// Messages waiting for one peer before new ones are dropped.
+const QUEUE: usize = 4096;
+/// How long to wait before dialling a peer that refused again.
+const REDIAL: Duration = Duration::from_millis(200);
+
+/// Where each server listens, by Raft id: from committed server records, hellos and joins.
+pub type AddressBook = Arc<RwLock<HashMap<u64, String>>>;
+
+/// Why a frame or hello was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or closed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The length prefix is zero or beyond `MAX_FRAME`.
+    #[error("frame length {0} out of range")]
+    Length(usize),
+    /// The bytes are not a raft message.
+    #[error("not a raft message: {0}")]
+    Decode(String),
+    /// The connection does not start with the preface and a sane hello.
+    #[error("bad hello: {0}")]
+    Hello(String),
+}
+
+/// Writes one message as a frame.
+pub fn write_frame(w: &mut impl Write, m: &Message) -> io::Result<()> {
+    let body = m.write_to_bytes().map_err(io::Error::other)?;
+    if body.is_empty() || body.len() > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "message of {} bytes cannot be framed",
+            body.len()
+        )));
+    }
+    w.write_all(&(body.len() as u32).to_be_bytes())?;
+    w.write_all(&body)
+}
+
+/// Reads one frame and decodes its message.
+pub fn read_frame(r: &mut impl Read) -> Result<Message, FrameError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(FrameError::Length(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Message::parse_from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Writes the preface and hello.
+pub fn write_hello(w: &mut impl Write, id: u64, address: &str) -> io::Result<()> {
+    if address.len() > MAX_ADDRESS {
+        return Err(io::Error::other(format!("address {address:?} too long")));
+    }
+    w.write_all(PREFACE)?;
+    w.write_all(&id.to_be_bytes())?;
+    w.write_all(&(address.len() as u16).to_be_bytes())?;
+    w.write_all(address.as_bytes())
+}
+
+/// Reads the preface and hello: the sender's id and address.
+pub fn read_hello(r: &mut impl Read) -> Result<(u64, String), FrameError> {
+    let mut preface = [0u8; 8];
+    r.read_exact(&mut preface)?;
+    if &preface != PREFACE {
+        return Err(FrameError::Hello("no preface".into()));
+    }
+    let mut id = [0u8; 8];
+    r.read_exact(&mut id)?;
+    let id = u64::from_be_bytes(id);
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len)?;
+    let len = u16::from_be_bytes(len) as usize;
+    if id == 0 || len == 0 || len > MAX_ADDRESS {
+        return Err(FrameError::Hello(format!(
+            "id {id}, address of {len} bytes"
+        )));
+    }
+    let mut addr = vec![0u8; len];
+    r.read_exact(&mut addr)?;
+    let addr =
+        String::from_utf8(addr).map_err(|_| FrameError::Hello("address is not UTF-8".into()))?;
+    Ok((id, addr))
+}
+
+/// The sending side for every peer, and the receiving side of each accepted peer connection.
+pub struct Transport {
+    id: u64,
+    address: String,
+    book: AddressBook,
+    events: Sender<Event>,
+    peers: Mutex<HashMap<u64, SyncSender<Message>>>,
+}
+
+impl Transport {
+    /// A transport for server `id`, listening on `address`, feeding received messages to
+    /// `events`.
+    pub fn new(
+        id: u64,
+        address: String,
+        book: AddressBook,
+        events: Sender<Event>,
+    ) -> Arc<Transport> {
+        Arc::new(Transport {
+            id,
+            address,
+            book,
+            events,
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Queues a message for its peer; drops it (and says so to the node) if the queue is full.
+    pub fn send(self: &Arc<Self>, m: Message) {
+        let to = m.to;
+        let mut peers = self.peers.lock().expect("peers lock");
+        let tx = peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = sync_channel(QUEUE);
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name(format!("raft-to-{to}"))
+                .spawn(move || me.peer_loop(to, rx))
+                .expect("spawn peer thread");
+            tx
+        });
+        match tx.try_send(m) {
+            Ok(()) => {}
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => {
+                tracing::debug!(server = to, "send queue full; message dropped");
+                self.failed(&[m]);
+            }
+        }
+    }
+
+    /// Tells the node its messages to a peer were lost.
+    fn failed(&self, batch: &[Message]) {
+        let Some(first) = batch.first() else { return };
+        let _ = self.events.send(Event::Unreachable(first.to));
+        for m in batch
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+        {
+            let _ = self.events.send(Event::SnapshotSent {
+                to: m.to,
+                ok: false,
+            });
+        }
+    }
+
+    fn dial(&self, to: u64) -> io::Result<BufWriter<TcpStream>> {
+        let addr = self
+            .book
+            .read()
+            .expect("address book lock")
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| io::Error::other(format!("no address for server {to}")))?;
+        let sa = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other(format!("{addr} resolves to nothing")))?;
+        let s = TcpStream::connect_timeout(&sa, Duration::from_millis(500))?;
+        s.set_nodelay(true)?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut w = BufWriter::with_capacity(64 << 10, s);
+        write_hello(&mut w, self.id, &self.address)?;
+        Ok(w)
+    }
+
+    fn peer_loop(&self, to: u64, rx: Receiver<Message>) {
+        let mut conn: Option<BufWriter<TcpStream>> = None;
+        let mut redial_at = Instant::now();
+        let mut logged_down = false;
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if conn.is_none() {
+                if Instant::now() < redial_at {
+                    self.failed(&batch);
+                    continue;
+                }
+                match self.dial(to) {
+                    Ok(c) => {
+                        if logged_down {
+                            tracing::info!(server = to, "raft link up");
+                        }
+                        logged_down = false;
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        if !logged_down {
+                            tracing::warn!(server = to, error = %e, "raft link down");
+                            logged_down = true;
+                        }
+                        redial_at = Instant::now() + REDIAL;
+                        self.failed(&batch);
+                        continue;
+                    }
+                }
+            }
+            let w = conn.as_mut().expect("connected");
+            let sent = batch
+                .iter()
+                .try_for_each(|m| write_frame(w, m))
+                .and_then(|()| w.flush());
+            match sent {
+                Ok(()) => {
+                    for m in batch
+                        .iter()
+                        .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                    {
+                        let _ = self.events.send(Event::SnapshotSent { to: m.to, ok: true });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(server = to, error = %e, "raft link broke");
+                    logged_down = true;
+                    conn = None;
+                    self.failed(&batch);
+                }
+            }
+        }
+    }
+
+    /// Reads an accepted peer connection until it closes or sends something malformed.
+    pub fn serve_peer(&self, stream: TcpStream) {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut r = BufReader::with_capacity(64 << 10, stream);
+        let (from, address) = match read_hello(&mut r) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "refused a peer connection");
+                return;
+            }
+        };
+        self.book
+            .write()
+            .expect("address book lock")
+            .insert(from, address);
+        loop {
+            match read_frame(&mut r) {
+                Ok(m) if m.to != self.id || m.from != from => {
+                    tracing::warn!(
+                        server = from,
+                        to = m.to,
+                        msg_from = m.from,
+                        "message for someone else; closing"
+                    );
+                    return;
+                }
+                Ok(m) => {
+                    if self.events.send(Event::Raft(Box::new(m))).is_err() {
+                        return;
+                    }
+                }
+                Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+                Err(e) => {
+                    tracing::warn!(server = from, error = %e, "closing a peer connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::{Entry, Snapshot};
+
+    fn message() -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.term = 7;
+        m.index = 41;
+        let e = Entry {
+            index: 42,
+            term: 7,
+            data: b"{\"cmd\":\"put\"}".to_vec().into(),
+            ..Default::default()
+        };
+        m.mut_entries().push(e);
+        m
+    }
+
+    #[test]
+    fn frames_and_hellos_round_trip() {
+        let mut buf = Vec::new();
+        write_hello(&mut buf, 3, "127.0.0.1:7003").unwrap();
+        write_frame(&mut buf, &message()).unwrap();
+        let mut snap = Message::default();
+        snap.set_msg_type(MessageType::MsgSnapshot);
+        snap.from = 1;
+        snap.to = 2;
+        let mut s = Snapshot::default();
+        s.mut_metadata().index = 9;
+        s.data = vec![7u8; 100_000].into();
+        snap.set_snapshot(s);
+        write_frame(&mut buf, &snap).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            read_hello(&mut r).unwrap(),
+            (3, "127.0.0.1:7003".to_string())
+        );
+        assert_eq!(read_frame(&mut r).unwrap(), message());
+        assert_eq!(read_frame(&mut r).unwrap(), snap);
+        assert!(matches!(read_frame(&mut r), Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn malformed_bytes_are_refused() {
+        let mut good = Vec::new();
+        write_frame(&mut good, &message()).unwrap();
+        // Truncated anywhere: an error, never a message.
+        for cut in 0..good.len() {
+            assert!(read_frame(&mut &good[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(
+            read_frame(&mut &[0u8, 0, 0, 0][..]),
+            Err(FrameError::Length(0))
+        ));
+        let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]),
+            Err(FrameError::Length(_))
+        ));
+        let mut garbage = 8u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 8]);
+        assert!(matches!(
+            read_frame(&mut &garbage[..]),
+            Err(FrameError::Decode(_))
+        ));
+        assert!(read_hello(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).is_err());
+        let mut zero_id = Vec::new();
+        write_hello(&mut zero_id, 0, "x:1").unwrap();
+        assert!(read_hello(&mut &zero_id[..]).is_err());
+        let mut long = PREFACE.to_vec();
+        long.extend_from_slice(&1u64.to_be_bytes());
+        long.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert!(read_hello(&mut &long[..]).is_err());
+    }
+}
