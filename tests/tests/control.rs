@@ -1,0 +1,451 @@
+//! The control plane with real processes: `enspeed server`s on loopback form a Raft cluster,
+//! lose their leader to SIGKILL, are all killed and restarted from disk, grow by a server that
+//! catches up from a snapshot after log compaction, and shrink again. Every check goes through
+//! the JSON-lines client protocol, as `enspeed cluster` does.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use enspeed_tests::*;
+use serde_json::{json, Value};
+
+/// The tests here each run a cluster; one at a time keeps elections free of CPU starvation.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `enspeed server` process, restartable on the same data directory and address.
+struct Server {
+    id: u64,
+    addr: String,
+    data: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn new(scratch: &Scratch, id: u64, extra: &[&str]) -> Server {
+        Server {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            data: scratch.path(&format!("server{id}")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        }
+    }
+
+    /// Starts the process with `bootstrap` (`--init`, `--join ADDR`, or nothing to restart).
+    fn start(&mut self, bootstrap: &[&str]) {
+        assert!(self.child.is_none(), "server {} already running", self.id);
+        std::fs::create_dir_all(&self.data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap();
+        let child = Command::new(enspeed_bin())
+            .args(["server", "--id", &self.id.to_string(), "--data"])
+            .arg(&self.data)
+            .args(["--listen", &self.addr])
+            .args(bootstrap)
+            .args(&self.extra)
+            .env("ENSPEED_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start enspeed server");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, like a power cut of this process.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
+    fn call(&self, req: Value) -> Result<Value, String> {
+        call(&self.addr, &req)
+    }
+
+    fn status(&self) -> Option<Value> {
+        self.call(json!({"op": "status"})).ok()
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        let r = self.call(json!({"op": "put", "key": key, "value": value}));
+        assert!(r.is_ok(), "put {key} via server {}: {r:?}", self.id);
+    }
+
+    fn get(&self, key: &str) -> Value {
+        let r = self.call(json!({"op": "get", "key": key}));
+        r.unwrap_or_else(|e| panic!("get {key} via server {}: {e}", self.id))["value"].clone()
+    }
+
+    /// This server's applied state, without asking the leader.
+    fn local_state(&self) -> Option<Value> {
+        self.call(json!({"op": "read", "query": {"query": "state"}, "local": true}))
+            .ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- server {} log ----\n{}", self.id, self.log());
+        }
+    }
+}
+
+/// One request on a new connection; the result, or the server's error.
+fn call(addr: &str, req: &Value) -> Result<Value, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{addr}: {e}: {line:?}"))?;
+    if v["ok"] == true {
+        Ok(v["result"].clone())
+    } else {
+        Err(v["error"].as_str().unwrap_or("?").to_string())
+    }
+}
+
+/// Polls `f` until it returns something, or panics after `WAIT`.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+/// What every server must show at any moment, above all after a restart.
+fn check_indexes(s: &Value) {
+    let (applied, commit, last) = (u(s, "applied"), u(s, "commit"), u(s, "last_index"));
+    assert!(
+        applied <= commit && commit <= last,
+        "server {}: applied {applied}, commit {commit}, last {last}",
+        s["id"]
+    );
+}
+
+fn voters(s: &Value) -> Vec<u64> {
+    s["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+/// The leader's id once every server in `servers` agrees on one that is among them.
+fn agreed_leader(servers: &[&Server]) -> u64 {
+    wait_for("a leader all servers agree on", || {
+        let ids: Vec<Option<u64>> = servers
+            .iter()
+            .map(|s| s.status().and_then(|st| st["leader"].as_u64()))
+            .collect();
+        let first = ids[0]?;
+        (ids.iter().all(|l| *l == Some(first)) && servers.iter().any(|s| s.id == first))
+            .then_some(first)
+    })
+}
+
+/// Waits until every server in `servers` has voters `want` and has applied what the first has.
+fn converged(servers: &[&Server], want: &[u64]) {
+    wait_for(&format!("voters {want:?} applied everywhere"), || {
+        let st: Vec<Value> = servers.iter().map(|s| s.status()).collect::<Option<_>>()?;
+        st.iter().for_each(check_indexes);
+        let applied = u(&st[0], "applied");
+        st.iter()
+            .all(|s| voters(s) == want && u(s, "applied") == applied)
+            .then_some(())
+    })
+}
+
+/// Starts server 1 with --init and the others with --join, and waits for them to agree.
+fn form_cluster(servers: &mut [Server]) {
+    servers[0].start(&["--init"]);
+    wait_for("server 1 to lead", || {
+        (servers[0].status()?["leader"] == 1).then_some(())
+    });
+    let seed = servers[0].addr.clone();
+    for s in servers.iter_mut().skip(1) {
+        s.start(&["--join", &seed]);
+    }
+    let ids: Vec<u64> = servers.iter().map(|s| s.id).collect();
+    converged(&servers.iter().collect::<Vec<_>>(), &ids);
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+#[test]
+fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("control-restart");
+    let mut servers: Vec<Server> = (1..=3).map(|id| Server::new(&scratch, id, &[])).collect();
+    form_cluster(&mut servers);
+
+    // Writes through every server (followers forward to the leader); reads from every server.
+    for i in 0..30 {
+        servers[i % 3].put(&format!("k{i}"), &format!("v{i}"));
+    }
+    for s in &servers {
+        for i in (0..30).step_by(7) {
+            assert_eq!(
+                s.get(&format!("k{i}")),
+                json!(format!("v{i}")),
+                "via server {}",
+                s.id
+            );
+        }
+    }
+
+    // Commit latency: sequential puts on one connection to the leader.
+    let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
+    {
+        let mut conn = TcpStream::connect(&servers[leader as usize - 1].addr).unwrap();
+        conn.set_nodelay(true).unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut lat = Vec::new();
+        let start = Instant::now();
+        for i in 0..200 {
+            let t = Instant::now();
+            let req =
+                json!({"op": "put", "key": format!("lat{i}"), "value": "x"}).to_string() + "\n";
+            conn.write_all(req.as_bytes()).unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert!(line.contains("\"ok\":true"), "{line}");
+            lat.push(t.elapsed());
+        }
+        let total = start.elapsed();
+        lat.sort();
+        eprintln!(
+            "commit latency, 3 servers on loopback, one client: p50 {:?}, p99 {:?}, {:.0} writes/s",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            200.0 / total.as_secs_f64()
+        );
+    }
+
+    // kill -9 the leader: the other two elect a new one; committed state is intact; writes go on.
+    let old = leader as usize - 1;
+    servers[old].kill9();
+    let killed = Instant::now();
+    let rest: Vec<&Server> = servers.iter().filter(|s| s.id != leader).collect();
+    let new_leader = agreed_leader(&rest);
+    assert_ne!(new_leader, leader);
+    eprintln!(
+        "new leader {new_leader} elected {:?} after kill -9 of leader {leader}",
+        killed.elapsed()
+    );
+    for s in &rest {
+        for i in 0..30 {
+            assert_eq!(
+                s.get(&format!("k{i}")),
+                json!(format!("v{i}")),
+                "via server {} after the leader died",
+                s.id
+            );
+        }
+    }
+    for i in 0..10 {
+        rest[i % 2].put(&format!("n{i}"), &format!("w{i}"));
+    }
+
+    // The old leader comes back from its disk and catches up.
+    servers[old].start(&[]);
+    converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3]);
+    let st = servers[old].local_state().unwrap();
+    assert_eq!(st["kv"]["n9"], "w9", "the restarted server caught up");
+
+    // Power cut of everything, then a restart from disk.
+    let before: Vec<Value> = servers.iter().map(|s| s.status().unwrap()).collect();
+    for s in &mut servers {
+        s.kill9();
+    }
+    for s in &mut servers {
+        s.start(&[]);
+    }
+    for (s, b) in servers.iter().zip(&before) {
+        let st = wait_for("status after restart", || s.status());
+        check_indexes(&st);
+        assert!(
+            u(&st, "commit") >= u(b, "commit") && u(&st, "last_index") >= u(b, "last_index"),
+            "server {} lost log: {b} then {st}",
+            s.id
+        );
+        assert_eq!(voters(&st), vec![1, 2, 3]);
+    }
+    agreed_leader(&servers.iter().collect::<Vec<_>>());
+    for s in &servers {
+        assert_eq!(s.get("k29"), json!("v29"));
+        assert_eq!(s.get("n9"), json!("w9"));
+        assert_eq!(s.get("lat199"), json!("x"));
+    }
+    servers[0].put("after-restart", "yes");
+    converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3]);
+    for s in &servers {
+        let st = s.local_state().unwrap();
+        assert_eq!(st["kv"]["after-restart"], "yes");
+        assert_eq!(st["kv"].as_object().unwrap().len(), 30 + 200 + 10 + 1);
+        check_indexes(&s.status().unwrap());
+    }
+}
+
+#[test]
+fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("control-membership");
+    let compact = ["--snapshot-every", "20"];
+    let mut servers: Vec<Server> = (1..=3)
+        .map(|id| Server::new(&scratch, id, &compact))
+        .collect();
+    form_cluster(&mut servers);
+    for i in 0..100 {
+        servers[i % 3].put(&format!("k{i}"), &i.to_string());
+    }
+    converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3]);
+    for s in &servers {
+        let st = s.status().unwrap();
+        assert!(
+            u(&st, "first_index") > 80,
+            "server {} compacted its log: {st}",
+            s.id
+        );
+    }
+
+    // A fourth server, a witness, joins through a follower; the log it would need is gone, so
+    // it must be sent a snapshot.
+    let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
+    let via = servers
+        .iter()
+        .find(|s| s.id != leader)
+        .unwrap()
+        .addr
+        .clone();
+    let mut s4 = Server::new(&scratch, 4, &compact);
+    s4.extra.push("--witness".into());
+    s4.start(&["--join", &via]);
+    servers.push(s4);
+    converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3, 4]);
+    let st4 = servers[3].status().unwrap();
+    assert!(
+        u(&st4, "first_index") > 80,
+        "server 4 started from a snapshot: {st4}"
+    );
+    assert!(
+        servers[3].log().contains("installed a snapshot"),
+        "server 4 says it installed a snapshot"
+    );
+    let state = servers[3].local_state().unwrap();
+    assert_eq!(state["kv"].as_object().unwrap().len(), 100);
+    assert_eq!(state["kv"]["k99"], "99");
+    assert_eq!(state["servers"]["4"]["witness"], true);
+    assert_eq!(state["servers"]["1"]["witness"], false);
+    // A witness holds no disk copy.
+    let disk = json!({"cmd": "create_disk", "name": "d0", "size": 1024, "primary": 1, "backup": 4, "generation": 1});
+    let refused = servers[3].call(json!({"op": "propose", "command": disk}));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("witness")),
+        "{refused:?}"
+    );
+
+    // Remove a follower, through the new server.
+    let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
+    let gone = servers
+        .iter()
+        .find(|s| s.id != leader && s.id != 4)
+        .unwrap()
+        .id;
+    servers[3]
+        .call(json!({"op": "remove_server", "id": gone}))
+        .unwrap();
+    let mut members: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != gone).collect();
+    let idx = |id: u64| id as usize - 1;
+    servers[idx(gone)].kill9();
+    converged(
+        &members
+            .iter()
+            .map(|&i| &servers[idx(i)])
+            .collect::<Vec<_>>(),
+        &members,
+    );
+    let state = servers[idx(members[0])]
+        .call(json!({"op": "read", "query": {"query": "state"}}))
+        .unwrap();
+    assert!(
+        state["servers"].get(gone.to_string()).is_none(),
+        "server {gone} forgotten: {state}"
+    );
+    servers[3].put("after-removal", "1");
+
+    // Remove the leader itself: it hands leadership over first.
+    let leader = agreed_leader(
+        &members
+            .iter()
+            .map(|&i| &servers[idx(i)])
+            .collect::<Vec<_>>(),
+    );
+    let other = *members.iter().find(|&&i| i != leader).unwrap();
+    servers[idx(other)]
+        .call(json!({"op": "remove_server", "id": leader}))
+        .unwrap();
+    members.retain(|&i| i != leader);
+    servers[idx(leader)].kill9();
+    converged(
+        &members
+            .iter()
+            .map(|&i| &servers[idx(i)])
+            .collect::<Vec<_>>(),
+        &members,
+    );
+    let new_leader = agreed_leader(
+        &members
+            .iter()
+            .map(|&i| &servers[idx(i)])
+            .collect::<Vec<_>>(),
+    );
+    assert_ne!(new_leader, leader);
+    servers[idx(members[0])].put("two-left", "ok");
+    for &i in &members {
+        assert_eq!(servers[idx(i)].get("two-left"), json!("ok"));
+        assert_eq!(servers[idx(i)].get("after-removal"), json!("1"));
+        assert_eq!(servers[idx(i)].get("k0"), json!("0"));
+    }
+}
