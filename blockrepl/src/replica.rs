@@ -43,6 +43,12 @@ pub struct Timing {
     pub retry_interval: Duration,
     /// How often a primary in sync clears bitmap bits both sides hold.
     pub clean_interval: Duration,
+    /// A region's bit is cleared only after this many passes without a
+    /// write: the working set stays marked, so a write rarely pays for
+    /// marking its region (like an activity log), and a resync after a
+    /// failure copies at most what was written in that time besides what
+    /// changed.
+    pub clean_after_passes: u32,
 }
 
 impl Default for Timing {
@@ -52,6 +58,7 @@ impl Default for Timing {
             ping_interval: Duration::from_millis(400),
             retry_interval: Duration::from_millis(300),
             clean_interval: Duration::from_secs(2),
+            clean_after_passes: 15,
         }
     }
 }
@@ -170,6 +177,8 @@ pub(crate) struct Core {
     unacked: HashMap<u64, u32>,
     /// Regions written since the last clean pass.
     touched: HashSet<u64>,
+    /// Set regions and the clean passes they have gone without a write.
+    idle_passes: HashMap<u64, u32>,
     /// The region resync is copying now: writes to it wait.
     resync_busy: Option<u64>,
     pub(crate) link: Option<Arc<Link>>,
@@ -308,6 +317,7 @@ impl Replica {
             local_busy: HashMap::new(),
             unacked: HashMap::new(),
             touched: HashSet::new(),
+            idle_passes: HashMap::new(),
             resync_busy: None,
             link: None,
             in_sync: false,
@@ -579,17 +589,23 @@ impl Replica {
         self.cond.notify_all();
     }
 
-    /// Regions safe to clear now (no pending write, untouched since the last
-    /// pass); forgets what was touched.
+    /// Regions safe to clear now: no pending write, and untouched for
+    /// `clean_after_passes` passes; forgets what was touched.
     pub(crate) fn clean_candidates(&self, set: &[u64]) -> Vec<u64> {
-        let mut core = self.core();
-        let c = set
-            .iter()
-            .copied()
-            .filter(|r| !core.touched.contains(r) && core.unacked.get(r).copied().unwrap_or(0) == 0)
-            .collect();
+        let mut guard = self.core();
+        let core = &mut *guard;
+        let mut idle = HashMap::with_capacity(set.len());
+        let mut candidates = Vec::new();
+        for &r in set {
+            let passes = if core.touched.contains(&r) { 0 } else { core.idle_passes.get(&r).copied().unwrap_or(0) + 1 };
+            idle.insert(r, passes);
+            if passes >= self.timing.clean_after_passes && core.unacked.get(&r).copied().unwrap_or(0) == 0 {
+                candidates.push(r);
+            }
+        }
+        core.idle_passes = idle;
         core.touched.clear();
-        c
+        candidates
     }
 
     /// Forgets which regions were written (before a barrier that covers them).

@@ -24,7 +24,8 @@ fn timing() -> Timing {
         link_timeout: Duration::from_millis(1000),
         ping_interval: Duration::from_millis(150),
         retry_interval: Duration::from_millis(100),
-        clean_interval: Duration::from_millis(300),
+        clean_interval: Duration::from_millis(200),
+        clean_after_passes: 2,
     }
 }
 

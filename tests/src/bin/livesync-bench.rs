@@ -8,7 +8,7 @@
 //! on the same filesystem. Prints Markdown.
 //!
 //! Run with `scripts/bench-livesync.sh` (root, for the namespace). Knobs:
-//! BENCH_OPS (4 KiB writes per measurement, default 2000).
+//! BENCH_OPS (4 KiB writes per measurement, default 2000), BENCH_ROUNDS (3).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -281,6 +281,59 @@ fn seq_write(s: Arc<dyn BlockStore>) -> f64 {
     total as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
+/// Two local files written in parallel, each write complete when both are:
+/// what two durable copies cost on this machine's one disk, the floor the
+/// replicated disk is held against here (on two servers each copy has its
+/// own disk).
+struct TwoFiles {
+    a: FileStore,
+    b: Arc<FileStore>,
+    jobs: std::sync::Mutex<mpsc::Sender<(u64, Vec<u8>, bool, mpsc::Sender<std::io::Result<()>>)>>,
+}
+
+impl TwoFiles {
+    fn new(a: &Path, b: &Path) -> TwoFiles {
+        let b = Arc::new(FileStore::open(b, false).unwrap());
+        let (tx, rx) = mpsc::channel::<(u64, Vec<u8>, bool, mpsc::Sender<std::io::Result<()>>)>();
+        let shared = Arc::new(std::sync::Mutex::new(rx));
+        for _ in 0..32 {
+            let (b, shared) = (b.clone(), shared.clone());
+            std::thread::spawn(move || loop {
+                let job = shared.lock().unwrap().recv();
+                let Ok((off, data, fua, reply)) = job else { return };
+                b.write(off, data, fua, Box::new(move |r| drop(reply.send(r))));
+            });
+        }
+        TwoFiles { a: FileStore::open(a, false).unwrap(), b, jobs: std::sync::Mutex::new(tx) }
+    }
+}
+
+impl BlockStore for TwoFiles {
+    fn capacity(&self) -> u64 {
+        self.a.capacity()
+    }
+    fn device_id(&self) -> String {
+        "two-files".into()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.a.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: blockrepl::store::Done) {
+        let (tx, rx) = mpsc::channel();
+        self.jobs.lock().unwrap().send((offset, data.clone(), fua, tx)).unwrap();
+        let (dtx, drx) = mpsc::channel();
+        self.a.write(offset, data, fua, Box::new(move |r| drop(dtx.send(r))));
+        let first = drx.recv().unwrap();
+        let second = rx.recv().unwrap();
+        done(first.and(second));
+    }
+    fn flush(&self, done: blockrepl::store::Done) {
+        let (tx, rx) = mpsc::channel();
+        self.b.flush(Box::new(move |r| drop(tx.send(r))));
+        self.a.flush(Box::new(move |r| done(r.and(rx.recv().unwrap()))));
+    }
+}
+
 struct Row {
     name: String,
     qd1: Lat,
@@ -288,17 +341,49 @@ struct Row {
     seq: f64,
 }
 
-fn measure(name: &str, s: Arc<dyn BlockStore>, ops: usize) -> Row {
-    eprintln!("measuring {name}");
-    // Warm up: one write in every 1 MiB region, so the file's blocks are
-    // allocated and every bitmap region is marked (a replicated disk marks a
-    // region durably on its first write; a running guest's working set is
-    // marked, and the first write to a cold region pays one extra fdatasync).
+/// One write in every 1 MiB region, so the file's blocks are allocated and
+/// every bitmap region is marked (a replicated disk marks a region durably on
+/// its first write; a running guest's working set is marked, and the first
+/// write to a cold region pays one extra fdatasync).
+fn warm(s: &Arc<dyn BlockStore>, ops: usize) {
     for r in 0..DISK >> 20 {
-        write_wait(&*s, r << 20, vec![1; 4096], false);
+        write_wait(&**s, r << 20, vec![1; 4096], false);
     }
     let _ = sync_writes(s.clone(), ops / 4, 4);
-    Row { name: name.into(), qd1: sync_writes(s.clone(), ops, 1), qd32: sync_writes(s.clone(), ops, 32), seq: seq_write(s) }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Runs every measurement on every store, store after store, `rounds` times,
+/// and keeps each figure's median over the rounds.
+fn measure_all(stores: &[(&str, Arc<dyn BlockStore>)], ops: usize, rounds: usize) -> Vec<Row> {
+    for (name, s) in stores {
+        eprintln!("warming {name}");
+        warm(s, ops);
+    }
+    let mut runs: Vec<Vec<(Lat, Lat, f64)>> = stores.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, s)) in stores.iter().enumerate() {
+            eprintln!("round {round}: {name}");
+            runs[i].push((sync_writes(s.clone(), ops, 1), sync_writes(s.clone(), ops, 32), seq_write(s.clone())));
+        }
+    }
+    stores
+        .iter()
+        .zip(runs)
+        .map(|((name, _), r)| {
+            let lat = |f: &dyn Fn(&(Lat, Lat, f64)) -> f64| median(r.iter().map(f).collect());
+            Row {
+                name: name.to_string(),
+                qd1: Lat { median_us: lat(&|x| x.0.median_us), p99_us: lat(&|x| x.0.p99_us), iops: lat(&|x| x.0.iops) },
+                qd32: Lat { median_us: lat(&|x| x.1.median_us), p99_us: lat(&|x| x.1.p99_us), iops: lat(&|x| x.1.iops) },
+                seq: lat(&|x| x.2),
+            }
+        })
+        .collect()
 }
 
 fn main() {
@@ -313,22 +398,20 @@ fn main() {
     let scratch = Scratch::new("livesync-bench");
     let dir = scratch.0.clone();
 
-    let local_path = dir.join("local.img");
-    std::fs::File::create(&local_path).unwrap().set_len(DISK).unwrap();
-    let local: Arc<dyn BlockStore> = Arc::new(FileStore::open(&local_path, false).unwrap());
-    let local = measure("local disk", local, ops);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    for f in ["local.img", "two-a.img", "two-b.img"] {
+        std::fs::File::create(dir.join(f)).unwrap().set_len(DISK).unwrap();
+    }
+    let local: Arc<dyn BlockStore> = Arc::new(FileStore::open(&dir.join("local.img"), false).unwrap());
+    let two: Arc<dyn BlockStore> = Arc::new(TwoFiles::new(&dir.join("two-a.img"), &dir.join("two-b.img")));
 
-    let (b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false);
+    let (_b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false);
     let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1);
-    let lo_row = measure("LiveSync, backup on loopback", lo.clone(), ops);
-    drop(lo);
-    drop(b1);
     let echo_lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     {
         let a = echo_lo.clone();
         std::thread::spawn(move || echo_server(&a));
     }
-    let rtt_lo = tcp_rtt_ms(&echo_lo);
 
     let netem = setup_ns();
     let mut echo = Command::new("ip")
@@ -337,7 +420,7 @@ fn main() {
         .args(["echo", &format!("{NS_PEER_IP}:7701")])
         .spawn()
         .expect("start the echo server in the namespace");
-    let (b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true);
+    let (_b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true);
     let (peer, echo_addr, how) = if netem {
         (addr2, format!("{NS_PEER_IP}:7701"), "tc netem 0.1 ms each way")
     } else {
@@ -345,34 +428,45 @@ fn main() {
         (delay_relay(addr2, d), delay_relay(format!("{NS_PEER_IP}:7701"), d), "a relay holding each chunk 0.1 ms each way (no netem in this kernel)")
     };
     let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer);
-    let ns_name = "LiveSync, backup in another netns, +0.2 ms RTT";
-    let ns_row = measure(ns_name, ns.clone(), ops);
+
+    let rows = measure_all(
+        &[
+            ("local disk", local),
+            ("two local files in parallel (two copies, one disk)", two),
+            ("LiveSync, backup on loopback", lo),
+            ("LiveSync, backup in another netns, +0.2 ms RTT", ns),
+        ],
+        ops,
+        rounds,
+    );
+    let rtt_lo = tcp_rtt_ms(&echo_lo);
     let rtt_ns = tcp_rtt_ms(&echo_addr);
-    drop(ns);
-    drop(b2);
     let _ = echo.kill();
     let _ = echo.wait();
     teardown_ns();
+    let [local, two, lo_row, ns_row] = <[Row; 4]>::try_from(rows).ok().expect("four rows");
 
-    println!("Delay added by {how}; RTT is the median TCP round trip of 64 bytes on the same path.");
+    println!("Delay added by {how}; RTT is the median TCP round trip of 64 bytes on the same path. Each figure is the median of {rounds} rounds; in each round every setup runs in turn.");
     println!();
     println!("| setup | RTT (ms) | 4K sync write qd1 median (us) | p99 (us) | qd1 IOPS | qd32 median (us) | qd32 p99 (us) | qd32 IOPS | seq write MB/s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (r, rtt) in [(&local, 0.0), (&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
+    for (r, rtt) in [(&local, 0.0), (&two, 0.0), (&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
         println!(
             "| {} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.name, rtt, r.qd1.median_us, r.qd1.p99_us, r.qd1.iops, r.qd32.median_us, r.qd32.p99_us, r.qd32.iops, r.seq
         );
     }
     println!();
-    println!("| setup | qd1 median / (local + RTT) | qd32 IOPS / local | seq MB/s / local |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| setup | qd1 median / (local + RTT) | qd1 median / (two local copies + RTT) | qd32 IOPS / local | seq MB/s / local |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for (r, rtt) in [(&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
         let floor = local.qd1.median_us + rtt * 1000.0;
+        let floor2 = two.qd1.median_us + rtt * 1000.0;
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.name,
             r.qd1.median_us / floor,
+            r.qd1.median_us / floor2,
             r.qd32.iops / local.qd32.iops,
             r.seq / local.seq
         );
