@@ -10,6 +10,7 @@
 //!   {"op":"read","query":...,"local":true}             this server's applied state, maybe stale
 //!   {"op":"add_server","server":{"id":N,"address":A,"witness":false}}
 //!   {"op":"remove_server","id":N}
+//!   {"op":"heartbeat","server":N}                      a node agent's heartbeat: the state
 //! answers
 //!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
 //! ```
@@ -71,6 +72,11 @@ pub enum Request {
     RemoveServer {
         /// Its id.
         id: u64,
+    },
+    /// A node agent's heartbeat; answers the state (linearizable).
+    Heartbeat {
+        /// The server whose agent sends it.
+        server: u64,
     },
 }
 
@@ -177,6 +183,25 @@ pub fn serve_client(stream: TcpStream, node: &NodeHandle, book: &AddressBook, ti
     }
 }
 
+/// Carries out `request` in this process (the node agent's way in): here, or forwarded to the
+/// leader, giving up after `timeout`.
+pub fn request(
+    request: Request,
+    node: &NodeHandle,
+    book: &AddressBook,
+    timeout: Duration,
+) -> Response {
+    handle(
+        Envelope {
+            request,
+            forwarded: false,
+        },
+        node,
+        book,
+        timeout,
+    )
+}
+
 /// Answers a request here, or forwards it to the leader; retries while there is none.
 fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duration) -> Response {
     let deadline = Instant::now() + timeout;
@@ -201,6 +226,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::Read { query, local } => node.read(query.clone(), *local).map(Response::ok),
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
+            Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
         };
         let leader = match local {
             Ok(r) => return r,
@@ -273,6 +299,8 @@ mod tests {
                     address: "127.0.0.1:1".into(),
                     witness: true,
                     capacity: Default::default(),
+                    mirror: String::new(),
+                    down: false,
                 },
             },
             Request::RemoveServer { id: 4 },

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use crate::agent::{AgentConfig, AgentTiming};
 use crate::api::{self, Request};
+use crate::failover::FailoverTiming;
 use crate::node::NodeConfig;
 use crate::server::{self, Bootstrap, ServerConfig};
-use crate::state_machine::{Capacity, Command, Query, ServerRecord};
+use crate::state_machine::{Capacity, Command, Pool, Query, ServerRecord};
 
 /// `enspeed server`.
 #[derive(Args, Debug)]
@@ -57,6 +59,56 @@ pub struct ServerArgs {
     /// How long a request may wait to be applied, milliseconds.
     #[arg(long, default_value_t = 5000)]
     request_timeout_ms: u64,
+    /// A storage pool for disk copies, PATH=GiB (e.g. /vms1=500); repeat for more. Without
+    /// one, --disk-gib is one pool.
+    #[arg(long = "pool", value_parser = parse_pool)]
+    pools: Vec<Pool>,
+    /// This server's blockd mirror address (default: the listen host, port + 100).
+    #[arg(long, value_name = "ADDR")]
+    blockd_listen: Option<String>,
+    /// blockd's data directory (default: DATA/disks).
+    #[arg(long)]
+    blockd_dir: Option<PathBuf>,
+    /// blockd declares a mirror link down after this long without traffic, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    link_timeout_ms: u64,
+    /// The leader declares a server down after this long without its heartbeat, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    lease_ms: u64,
+    /// A server without a quorum answer this long fences itself (kills its VMMs and blockd),
+    /// milliseconds; default half the lease. Must be well below the lease.
+    #[arg(long)]
+    fence_ms: Option<u64>,
+    /// Between a node agent's heartbeats, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Run no node agent (no blockd, no VMMs): a control-plane-only server.
+    #[arg(long)]
+    no_agent: bool,
+}
+
+fn parse_pool(s: &str) -> Result<Pool, String> {
+    let (path, gib) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PATH=GiB"))?;
+    let disk_gib = gib
+        .parse()
+        .map_err(|_| format!("{gib:?} is not a number of GiB"))?;
+    Ok(Pool {
+        path: path.to_string(),
+        disk_gib,
+    })
+}
+
+/// The listen address's host with the port plus 100.
+fn default_blockd_listen(listen: &str) -> String {
+    match listen.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(p) => format!("{host}:{}", p.wrapping_add(100)),
+            Err(_) => format!("{host}:7400"),
+        },
+        None => format!("{listen}:7400"),
+    }
 }
 
 /// Runs `enspeed server`.
@@ -72,16 +124,60 @@ pub fn server(a: ServerArgs) -> ExitCode {
         (false, Some(addr)) => Bootstrap::Join(addr),
         (false, None) => Bootstrap::Restart,
     };
+    let capacity = if a.witness {
+        Capacity::default()
+    } else {
+        Capacity {
+            memory_mib: a.memory_mib,
+            disk_gib: a.disk_gib,
+            vcpus: a.vcpus,
+            pools: a.pools,
+        }
+    };
+    let lease = Duration::from_millis(a.lease_ms.max(1));
+    let mut timing = AgentTiming::for_lease(lease);
+    timing.heartbeat = Duration::from_millis(a.heartbeat_ms.max(1));
+    if let Some(f) = a.fence_ms {
+        timing.fence_timeout = Duration::from_millis(f);
+    }
+    if timing.fence_timeout >= lease {
+        eprintln!(
+            "enspeed server {}: --fence-ms must be below --lease-ms",
+            a.id
+        );
+        return ExitCode::FAILURE;
+    }
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("enspeed server {}: cannot find its own binary: {e}", a.id);
+            return ExitCode::FAILURE;
+        }
+    };
+    let agent = (!a.witness && !a.no_agent).then(|| AgentConfig {
+        id: a.id,
+        dir: a.data.join("agent"),
+        blockd_dir: a.blockd_dir.clone().unwrap_or_else(|| a.data.join("disks")),
+        blockd_listen: a
+            .blockd_listen
+            .clone()
+            .unwrap_or_else(|| default_blockd_listen(&a.listen)),
+        link_timeout: Duration::from_millis(a.link_timeout_ms),
+        binary,
+        capacity: capacity.clone(),
+        timing,
+    });
     let cfg = ServerConfig {
         node,
         data_dir: a.data,
         listen: a.listen,
         bootstrap,
         witness: a.witness,
-        capacity: Capacity {
-            memory_mib: a.memory_mib,
-            disk_gib: a.disk_gib,
-            vcpus: a.vcpus,
+        capacity,
+        agent,
+        failover: FailoverTiming {
+            lease,
+            ..FailoverTiming::default()
         },
     };
     match server::run(cfg) {
@@ -177,6 +273,8 @@ pub fn cluster(a: ClusterArgs) -> ExitCode {
                 address,
                 witness,
                 capacity: Capacity::default(),
+                mirror: String::new(),
+                down: false,
             },
         },
         ClusterOp::RemoveServer { id } => Request::RemoveServer { id },

@@ -5,11 +5,18 @@
 //! - `node`: the thread that drives raft-rs and applies committed entries;
 //! - `transport`: Raft messages between servers over TCP;
 //! - `api`: the JSON-lines client protocol, forwarded to the leader;
+//! - `agent`: the node agent, which runs blockd and the VMMs as the state says and fences
+//!   the server when it loses the quorum;
+//! - `placement`: which servers hold a VM's disk copies;
+//! - `failover`: the leader's failure detector, which declares servers down;
 //! - `server`: `enspeed server`, which puts them together.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod failover;
 pub mod node;
+pub mod placement;
 mod raft_log;
 pub mod server;
 pub mod state_machine;

@@ -129,12 +129,32 @@ pub enum Event {
         local: bool,
         reply: Sender<Result<Value, NodeError>>,
     },
+    /// A server's node agent says it is alive; answered like a linearizable read of the whole
+    /// state, so the answer also proves this leader still had a quorum after it arrived.
+    Heartbeat {
+        server: u64,
+        reply: Sender<Result<Value, NodeError>>,
+    },
+    /// What the failure detector needs, if this server leads.
+    LeaderView(Sender<Option<LeaderView>>),
     /// Report the status.
     Status(Sender<Status>),
     /// Messages to this peer were lost.
     Unreachable(u64),
     /// A snapshot message was written to the peer's connection, or lost.
     SnapshotSent { to: u64, ok: bool },
+}
+
+/// The leader's view for failure detection: since when it leads, when it last heard each
+/// server's heartbeat (in this leadership), and its applied state.
+#[derive(Clone, Debug)]
+pub struct LeaderView {
+    /// When this server became the leader (or rather: first saw it had).
+    pub since: Instant,
+    /// The last heartbeat received from each server since then.
+    pub heard: HashMap<u64, Instant>,
+    /// The applied state.
+    pub state: StateMachine,
 }
 
 /// A normal entry's data.
@@ -213,6 +233,21 @@ impl NodeHandle {
         })
     }
 
+    /// Sends server `server`'s heartbeat (leader only); answers the state, linearizably.
+    pub fn heartbeat(&self, server: u64) -> Result<Value, NodeError> {
+        self.call(|reply| Event::Heartbeat { server, reply })
+    }
+
+    /// The failure detector's view, if this server leads and has committed in its term.
+    pub fn leader_view(&self) -> Result<Option<LeaderView>, NodeError> {
+        let (tx, rx) = channel();
+        self.tx
+            .send(Event::LeaderView(tx))
+            .map_err(|_| NodeError::Stopped)?;
+        rx.recv_timeout(self.timeout)
+            .map_err(|_| NodeError::Stopped)
+    }
+
     /// This server's status.
     pub fn status(&self) -> Result<Status, NodeError> {
         let (tx, rx) = channel();
@@ -239,6 +274,10 @@ pub struct Node {
     reads_queued: Vec<(u64, PendingRead)>,
     reads: HashMap<u64, PendingRead>,
     role: StateRole,
+    /// Since when this server leads (None while it does not).
+    leading_since: Option<Instant>,
+    /// Heartbeats heard in this leadership.
+    heard: HashMap<u64, Instant>,
 }
 
 /// What went wrong starting or running the node.
@@ -300,6 +339,8 @@ impl Node {
             reads_queued: Vec::new(),
             reads: HashMap::new(),
             role: StateRole::Follower,
+            leading_since: None,
+            heard: HashMap::new(),
         };
         node.publish_addresses();
         Ok((node, handle))
@@ -455,6 +496,37 @@ impl Node {
                     },
                 ));
             }
+            Event::Heartbeat { server, reply } => {
+                if let Some(e) = self.not_leader() {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.heard.insert(server, Instant::now());
+                let id = self.request_id();
+                let waiter = self.waiter(reply);
+                self.reads_queued.push((
+                    id,
+                    PendingRead {
+                        query: Query::State,
+                        waiter,
+                        index: None,
+                    },
+                ));
+            }
+            Event::LeaderView(reply) => {
+                let view = self
+                    .leading_since
+                    .filter(|_| {
+                        self.raw.raft.state == StateRole::Leader
+                            && self.raw.raft.commit_to_current_term()
+                    })
+                    .map(|since| LeaderView {
+                        since,
+                        heard: self.heard.clone(),
+                        state: self.sm.clone(),
+                    });
+                let _ = reply.send(view);
+            }
             Event::Status(reply) => {
                 let _ = reply.send(self.status());
             }
@@ -573,6 +645,15 @@ impl Node {
         if let Some(ss) = rd.ss() {
             let was_leader = self.role == StateRole::Leader;
             self.role = ss.raft_state;
+            if ss.raft_state == StateRole::Leader && !was_leader {
+                // Every server gets a whole lease from now: a heartbeat the previous leader
+                // answered was sent before a quorum voted for this one.
+                self.leading_since = Some(Instant::now());
+                self.heard.clear();
+            } else if ss.raft_state != StateRole::Leader {
+                self.leading_since = None;
+                self.heard.clear();
+            }
             tracing::info!(role = ?ss.raft_state, leader = ss.leader_id, term = self.raw.raft.term, "raft role");
             if was_leader && ss.raft_state != StateRole::Leader {
                 for (_, w) in self.proposals.drain() {

@@ -14,7 +14,9 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::agent::{self, AgentConfig};
 use crate::api::{self, Request};
+use crate::failover::{self, FailoverTiming};
 use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::raft_log;
 use crate::state_machine::{Capacity, ServerRecord, StateMachine};
@@ -48,6 +50,10 @@ pub struct ServerConfig {
     pub witness: bool,
     /// What this server offers to VMs.
     pub capacity: Capacity,
+    /// The node agent (blockd, VMMs); none on a witness.
+    pub agent: Option<AgentConfig>,
+    /// The failure detector's timings (used while this server leads).
+    pub failover: FailoverTiming,
 }
 
 /// Why the server could not start or stopped.
@@ -80,6 +86,9 @@ pub enum Error {
     /// The node failed.
     #[error("{0}")]
     Node(#[from] crate::node::Error),
+    /// A thread (agent, failure detector) cannot start.
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Runs the server until its node stops (on a storage failure).
@@ -95,6 +104,12 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         address: cfg.listen.clone(),
         witness: cfg.witness,
         capacity: cfg.capacity.clone(),
+        mirror: cfg
+            .agent
+            .as_ref()
+            .map(|a| a.blockd_listen.clone())
+            .unwrap_or_default(),
+        down: false,
     };
     let must_join = match (&cfg.bootstrap, store.is_initialized()) {
         (_, true) => None,
@@ -135,6 +150,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .name("accept".into())
             .spawn(move || accept(listener, transport, handle, book, timeout))
             .expect("spawn accept thread");
+    }
+    failover::start(cfg.failover, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
+    if let Some(a) = cfg.agent.clone().filter(|_| !cfg.witness) {
+        agent::start(a, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
     }
     tracing::info!(server = id, listen = %cfg.listen, "server up");
 

@@ -24,6 +24,33 @@ pub struct Capacity {
     /// vCPUs for guests.
     #[serde(default)]
     pub vcpus: u32,
+    /// Storage pools (e.g. /vms1, /vms2) that disk copies are placed in; when empty, one pool
+    /// named "" of `disk_gib`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
+}
+
+/// A storage pool of a server: a file system that holds disk copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Its path on the server, e.g. /vms1.
+    pub path: String,
+    /// Space for disk copies, GiB.
+    pub disk_gib: u64,
+}
+
+impl Capacity {
+    /// The pools disk copies go to: the listed ones, or one pool "" of `disk_gib`.
+    pub fn pools(&self) -> Vec<Pool> {
+        if self.pools.is_empty() {
+            vec![Pool {
+                path: String::new(),
+                disk_gib: self.disk_gib,
+            }]
+        } else {
+            self.pools.clone()
+        }
+    }
 }
 
 /// A member of the Raft group.
@@ -39,6 +66,12 @@ pub struct ServerRecord {
     /// What it offers to VMs (nothing for a witness).
     #[serde(default)]
     pub capacity: Capacity,
+    /// Its blockd's mirror address (host:port), where primaries reach its backup copies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mirror: String,
+    /// Declared down by the leader when its lease ran out; its VMs moved to their backups.
+    #[serde(default)]
+    pub down: bool,
 }
 
 /// A replicated (LiveSync) disk.
@@ -55,6 +88,13 @@ pub struct DiskRecord {
     pub backup: Option<u64>,
     /// Raised only by a committed command; mirror frames from an older generation are refused.
     pub generation: u64,
+    /// The pool each copy lives in, by server.
+    #[serde(default)]
+    pub pools: BTreeMap<u64, String>,
+    /// The primary reported its link to this backup in sync at this generation: the backup
+    /// holds every acknowledged write and may be promoted.
+    #[serde(default)]
+    pub backup_synced: bool,
 }
 
 /// A virtual machine, minimal for now.
@@ -72,6 +112,57 @@ pub struct VmRecord {
     /// Whether it should be running.
     #[serde(default)]
     pub running: bool,
+    /// The kernel (path on every server) it boots.
+    #[serde(default)]
+    pub kernel: String,
+    /// Its kernel command line; `{generation}` is replaced by its first disk's generation at
+    /// each boot, so a guest can tell boots on different copies apart.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// What a server's node agent saw of one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmObservation {
+    /// Its VMM process runs here.
+    pub running: bool,
+    /// The VMM's process id.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The disk generation it booted on.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// What a server's node agent saw of one disk copy (from its blockd).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskObservation {
+    /// primary, backup or standalone.
+    pub role: String,
+    /// The copy's generation.
+    pub generation: u64,
+    /// down, resyncing, in-sync or serving.
+    pub link: String,
+    /// The backup it mirrors to (primary side).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Bytes marked out of sync.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+}
+
+/// A server's report of what runs there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    /// VMs whose VMM runs (or ran) here, by name.
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmObservation>,
+    /// Disk copies in its blockd, by name.
+    #[serde(default)]
+    pub disks: BTreeMap<String, DiskObservation>,
+    /// Its blockd answers.
+    #[serde(default)]
+    pub blockd_up: bool,
 }
 
 /// A change to the cluster's state, proposed through Raft and applied once committed.
@@ -132,6 +223,68 @@ pub enum Command {
         /// The VM.
         name: String,
     },
+    /// A server's node agent says where its blockd listens and what it offers.
+    Register {
+        /// The server.
+        id: u64,
+        /// Its blockd's mirror address.
+        mirror: String,
+        /// What it offers to VMs.
+        capacity: Capacity,
+    },
+    /// Creates a VM and its disk (`NAME-0`), placed by `placement`: a primary and a backup on
+    /// two different servers with room.
+    CreateVm {
+        /// Name, unique in the cluster.
+        name: String,
+        /// Guest RAM, MiB.
+        memory_mib: u64,
+        /// vCPUs.
+        vcpus: u32,
+        /// Its disk's size, bytes.
+        disk_size: u64,
+        /// The kernel it boots.
+        kernel: String,
+        /// Its kernel command line.
+        #[serde(default)]
+        cmdline: String,
+        /// Start it once placed.
+        #[serde(default)]
+        running: bool,
+    },
+    /// Sets a VM's desired power state.
+    SetVmRunning {
+        /// The VM.
+        name: String,
+        /// Whether it should run.
+        running: bool,
+    },
+    /// The leader declares a server down (its lease ran out) or up again. Down moves every
+    /// disk it held, in this one entry (see `StateMachine::server_down`).
+    SetServerDown {
+        /// The server.
+        id: u64,
+        /// Down, or up again.
+        down: bool,
+    },
+    /// Gives a disk without a backup a new one (the leader, once a server has room).
+    SetDiskBackup {
+        /// The disk.
+        name: String,
+        /// The new backup server.
+        backup: u64,
+        /// The pool there.
+        pool: String,
+        /// The disk's current generation: a decision taken on an older state is refused.
+        generation: u64,
+    },
+    /// A server's node agent reports what runs there.
+    Observe {
+        /// The server.
+        id: u64,
+        /// What it saw.
+        observation: Observation,
+    },
 }
 
 /// A read of the applied state.
@@ -152,7 +305,7 @@ pub enum Query {
 pub type Outcome = Result<Value, String>;
 
 /// The applied state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateMachine {
     /// Key/value section.
     pub kv: BTreeMap<String, String>,
@@ -162,6 +315,9 @@ pub struct StateMachine {
     pub disks: BTreeMap<String, DiskRecord>,
     /// VMs, by name.
     pub vms: BTreeMap<String, VmRecord>,
+    /// What each server's node agent last reported.
+    #[serde(default)]
+    pub observed: BTreeMap<u64, Observation>,
 }
 
 /// What went wrong loading the stored records.
@@ -174,6 +330,14 @@ pub struct LoadError {
 
 fn server_key(id: u64) -> Vec<u8> {
     format!("server/{id:020}").into_bytes()
+}
+
+fn observed_key(id: u64) -> Vec<u8> {
+    format!("observed/{id:020}").into_bytes()
+}
+
+fn disk_key(name: &str) -> Vec<u8> {
+    format!("disk/{name}").into_bytes()
 }
 
 fn json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
@@ -209,6 +373,12 @@ impl StateMachine {
                 "vm" => {
                     let vm: VmRecord = serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
                     sm.vms.insert(vm.name.clone(), vm);
+                }
+                "observed" => {
+                    let id = name.parse().map_err(|_| err("bad server id".into()))?;
+                    let o: Observation =
+                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    sm.observed.insert(id, o);
                 }
                 _ => return Err(err("unknown kind".into())),
             }
@@ -299,6 +469,9 @@ impl StateMachine {
                         d.generation
                     ));
                 }
+                if d.primary != *primary || d.backup != *backup {
+                    d.backup_synced = false;
+                }
                 d.primary = *primary;
                 d.backup = *backup;
                 d.generation = *generation;
@@ -330,7 +503,198 @@ impl StateMachine {
                 writes.push((format!("vm/{name}").into_bytes(), None));
                 Ok(Value::Null)
             }
+            Command::Register {
+                id,
+                mirror,
+                capacity,
+            } => {
+                let s = self
+                    .servers
+                    .get_mut(id)
+                    .ok_or_else(|| format!("no server {id}"))?;
+                if s.witness && *capacity != Capacity::default() {
+                    return Err(format!("server {id} is a witness: it runs no VMs"));
+                }
+                s.mirror = mirror.clone();
+                s.capacity = capacity.clone();
+                writes.push((server_key(*id), Some(json_bytes(s))));
+                Ok(Value::Null)
+            }
+            Command::CreateVm {
+                name,
+                memory_mib,
+                vcpus,
+                disk_size,
+                kernel,
+                cmdline,
+                running,
+            } => {
+                if self.vms.contains_key(name) {
+                    return Err(format!("VM {name} exists"));
+                }
+                let disk_name = format!("{name}-0");
+                if self.disks.contains_key(&disk_name) {
+                    return Err(format!("disk {disk_name} exists"));
+                }
+                let p = crate::placement::place(self, *memory_mib, *disk_size)?;
+                let mut pools = BTreeMap::new();
+                pools.insert(p.primary.0, p.primary.1.clone());
+                pools.insert(p.backup.0, p.backup.1.clone());
+                let disk = DiskRecord {
+                    name: disk_name.clone(),
+                    size: *disk_size,
+                    primary: p.primary.0,
+                    backup: Some(p.backup.0),
+                    generation: 1,
+                    pools,
+                    backup_synced: false,
+                };
+                let vm = VmRecord {
+                    name: name.clone(),
+                    memory_mib: *memory_mib,
+                    vcpus: *vcpus,
+                    disks: vec![disk_name.clone()],
+                    running: *running,
+                    kernel: kernel.clone(),
+                    cmdline: cmdline.clone(),
+                };
+                writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
+                writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(&vm))));
+                self.disks.insert(disk_name.clone(), disk);
+                self.vms.insert(name.clone(), vm);
+                Ok(json!({
+                    "disk": disk_name,
+                    "primary": p.primary.0,
+                    "primary_pool": p.primary.1,
+                    "backup": p.backup.0,
+                    "backup_pool": p.backup.1,
+                }))
+            }
+            Command::SetVmRunning { name, running } => {
+                let vm = self
+                    .vms
+                    .get_mut(name)
+                    .ok_or_else(|| format!("no VM {name}"))?;
+                vm.running = *running;
+                writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(vm))));
+                Ok(Value::Null)
+            }
+            Command::SetServerDown { id, down } => {
+                let s = self
+                    .servers
+                    .get_mut(id)
+                    .ok_or_else(|| format!("no server {id}"))?;
+                if s.down == *down {
+                    return Ok(json!({ "changed": false }));
+                }
+                s.down = *down;
+                writes.push((server_key(*id), Some(json_bytes(s))));
+                if !*down {
+                    return Ok(json!({ "changed": true }));
+                }
+                Ok(self.server_down(*id, writes))
+            }
+            Command::SetDiskBackup {
+                name,
+                backup,
+                pool,
+                generation,
+            } => {
+                let d = self
+                    .disks
+                    .get(name)
+                    .ok_or_else(|| format!("no disk {name}"))?;
+                if d.generation != *generation {
+                    return Err(format!(
+                        "disk {name} is at generation {}, not {generation}",
+                        d.generation
+                    ));
+                }
+                if let Some(b) = d.backup {
+                    return Err(format!("disk {name} has a backup: server {b}"));
+                }
+                self.check_replicas(name, d.primary, Some(*backup))?;
+                if self.servers[backup].down {
+                    return Err(format!("disk {name}: server {backup} is down"));
+                }
+                let d = self.disks.get_mut(name).expect("checked");
+                d.backup = Some(*backup);
+                d.backup_synced = false;
+                d.pools.insert(*backup, pool.clone());
+                writes.push((disk_key(name), Some(json_bytes(d))));
+                Ok(Value::Null)
+            }
+            Command::Observe { id, observation } => {
+                if !self.servers.contains_key(id) {
+                    return Err(format!("no server {id}"));
+                }
+                for d in self.disks.values_mut().filter(|d| d.primary == *id) {
+                    let Some(o) = observation.disks.get(&d.name) else {
+                        continue;
+                    };
+                    let backup_mirror = d
+                        .backup
+                        .and_then(|b| self.servers.get(&b))
+                        .map(|s| s.mirror.as_str());
+                    let synced = o.generation == d.generation
+                        && o.link == "in-sync"
+                        && backup_mirror.is_some()
+                        && o.peer.as_deref() == backup_mirror;
+                    if synced != d.backup_synced && (synced || o.link == "resyncing") {
+                        d.backup_synced = synced;
+                        writes.push((disk_key(&d.name), Some(json_bytes(d))));
+                    }
+                }
+                writes.push((observed_key(*id), Some(json_bytes(observation))));
+                self.observed.insert(*id, observation.clone());
+                Ok(Value::Null)
+            }
         }
+    }
+
+    /// Server `id` was declared down: its lease ran out, so it has stopped its VMs itself.
+    /// Every disk it held changes in this one committed entry:
+    ///
+    /// ```text
+    ///   primary here, backup synced and up ──> the backup becomes primary, generation + 1,
+    ///                                          no backup (the leader picks one later)
+    ///   primary here, no usable backup     ──> unchanged: the VM waits for this server
+    ///   backup here                        ──> no backup, generation + 1: the primary goes
+    ///                                          on alone (its blockd bitmap keeps what changed)
+    /// ```
+    ///
+    /// Answers the disks that moved and those that wait.
+    fn server_down(&mut self, id: u64, writes: &mut Vec<RecordWrite>) -> Value {
+        let mut promoted = Vec::new();
+        let mut alone = Vec::new();
+        let mut stranded = Vec::new();
+        for d in self.disks.values_mut() {
+            if d.primary == id {
+                let usable = d
+                    .backup
+                    .filter(|b| d.backup_synced && self.servers.get(b).is_some_and(|s| !s.down));
+                let Some(b) = usable else {
+                    stranded.push(d.name.clone());
+                    continue;
+                };
+                d.primary = b;
+                d.backup = None;
+                d.generation += 1;
+                d.backup_synced = false;
+                d.pools.remove(&id);
+                promoted.push(json!({ "disk": d.name, "primary": b, "generation": d.generation }));
+            } else if d.backup == Some(id) {
+                d.backup = None;
+                d.generation += 1;
+                d.backup_synced = false;
+                d.pools.remove(&id);
+                alone.push(json!({ "disk": d.name, "generation": d.generation }));
+            } else {
+                continue;
+            }
+            writes.push((disk_key(&d.name), Some(json_bytes(d))));
+        }
+        json!({ "changed": true, "promoted": promoted, "alone": alone, "stranded": stranded })
     }
 
     /// A disk's copies live on two different servers, neither of them a witness.
@@ -384,6 +748,8 @@ mod tests {
             address: format!("127.0.0.1:{}", 7000 + id),
             witness,
             capacity: Capacity::default(),
+            mirror: String::new(),
+            down: false,
         }
     }
 
@@ -428,6 +794,8 @@ mod tests {
                 primary: 1,
                 backup: Some(2),
                 generation: 1,
+                pools: Default::default(),
+                backup_synced: false,
             }),
             Command::SetDiskReplicas {
                 name: "d0".into(),
@@ -441,6 +809,8 @@ mod tests {
                 vcpus: 1,
                 disks: vec!["d0".into()],
                 running: true,
+                kernel: String::new(),
+                cmdline: String::new(),
             }),
         ];
         for c in &cmds {
@@ -467,6 +837,8 @@ mod tests {
             primary,
             backup,
             generation: 5,
+            pools: Default::default(),
+            backup_synced: false,
         };
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)
@@ -498,6 +870,132 @@ mod tests {
         };
         assert_eq!(sm.apply(&cas, &mut w).unwrap()["set"], false);
         assert_eq!(w.len(), 1, "only the disk was written");
+    }
+
+    #[test]
+    fn a_server_declared_down_hands_its_disks_over_in_one_entry() {
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=3 {
+            sm.add_server(&server(id, false), &mut w);
+        }
+        let disk = |name: &str, primary, backup, synced| DiskRecord {
+            name: name.into(),
+            size: 1,
+            primary,
+            backup: Some(backup),
+            generation: 3,
+            pools: Default::default(),
+            backup_synced: synced,
+        };
+        sm.disks.insert("a".into(), disk("a", 1, 2, true));
+        sm.disks.insert("b".into(), disk("b", 2, 1, true));
+        sm.disks.insert("c".into(), disk("c", 1, 3, false));
+        let r = sm
+            .apply(&Command::SetServerDown { id: 1, down: true }, &mut w)
+            .unwrap();
+        assert!(sm.servers[&1].down);
+        // Primary here, backup in sync: promoted with a raised generation.
+        let a = &sm.disks["a"];
+        assert_eq!((a.primary, a.backup, a.generation), (2, None, 4));
+        // Backup here: the primary goes on alone, with a raised generation.
+        let b = &sm.disks["b"];
+        assert_eq!((b.primary, b.backup, b.generation), (2, None, 4));
+        // Primary here, backup never synced: it waits.
+        let c = &sm.disks["c"];
+        assert_eq!((c.primary, c.backup, c.generation), (1, Some(3), 3));
+        assert_eq!(r["stranded"][0], "c");
+        // Declaring it again changes nothing; up again leaves the disks where they are.
+        let again = sm
+            .apply(&Command::SetServerDown { id: 1, down: true }, &mut w)
+            .unwrap();
+        assert_eq!(again["changed"], false);
+        sm.apply(&Command::SetServerDown { id: 1, down: false }, &mut w)
+            .unwrap();
+        assert_eq!(sm.disks["a"].primary, 2);
+        // A new backup only on the current generation, never the primary.
+        let stale = Command::SetDiskBackup {
+            name: "a".into(),
+            backup: 1,
+            pool: String::new(),
+            generation: 3,
+        };
+        assert!(sm.apply(&stale, &mut w).is_err());
+        let own = Command::SetDiskBackup {
+            name: "a".into(),
+            backup: 2,
+            pool: String::new(),
+            generation: 4,
+        };
+        assert!(sm.apply(&own, &mut w).is_err());
+        let ok = Command::SetDiskBackup {
+            name: "a".into(),
+            backup: 1,
+            pool: String::new(),
+            generation: 4,
+        };
+        sm.apply(&ok, &mut w).unwrap();
+        assert_eq!(sm.disks["a"].backup, Some(1));
+        assert!(!sm.disks["a"].backup_synced);
+    }
+
+    #[test]
+    fn the_primary_reports_its_backup_in_sync() {
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=2 {
+            let mut s = server(id, false);
+            s.mirror = format!("10.0.0.{id}:7400");
+            sm.add_server(&s, &mut w);
+        }
+        sm.disks.insert(
+            "a".into(),
+            DiskRecord {
+                name: "a".into(),
+                size: 1,
+                primary: 1,
+                backup: Some(2),
+                generation: 2,
+                pools: Default::default(),
+                backup_synced: false,
+            },
+        );
+        let report = |link: &str, generation, peer: &str| Command::Observe {
+            id: 1,
+            observation: Observation {
+                disks: [(
+                    "a".to_string(),
+                    DiskObservation {
+                        role: "primary".into(),
+                        generation,
+                        link: link.into(),
+                        peer: Some(peer.into()),
+                        out_of_sync_bytes: 0,
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            },
+        };
+        sm.apply(&report("in-sync", 1, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced, "an older generation");
+        sm.apply(&report("in-sync", 2, "10.0.0.9:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced, "another peer");
+        sm.apply(&report("in-sync", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(sm.disks["a"].backup_synced);
+        sm.apply(&report("down", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(
+            sm.disks["a"].backup_synced,
+            "a link down keeps the backup's data"
+        );
+        sm.apply(&report("resyncing", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced);
+        assert!(sm.observed.contains_key(&1));
     }
 
     #[test]

@@ -1,0 +1,770 @@
+//! The node agent: runs inside `enspeed server` on every server that runs VMs. It supervises
+//! the server's `enspeed blockd` and one `enspeed vmm` per VM whose disk's primary is here, and
+//! makes them match the committed state; it reports what it sees back through Raft.
+//!
+//! Three threads:
+//!
+//! ```text
+//!   heartbeat  every interval: heartbeat to the leader; the answer is the state, read
+//!              linearizably, so it also proves a quorum still had this server in view
+//!   watchdog   no quorum answer for fence_timeout ──> fence: SIGKILL every VMM and blockd
+//!              (nothing here writes a disk any more), before the leader's lease on this
+//!              server (longer) can run out and the backups be promoted
+//!   reconcile  on each fresh state: blockd up; each disk copy in its role and generation;
+//!              each VM started where its disk's primary is, stopped elsewhere; report
+//! ```
+//!
+//! A fenced server starts nothing until a heartbeat sent after the fence is answered, and then
+//! only what that (linearizable) state says is its own.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockrepl::daemon::{self, Request as BlockdRequest};
+
+use crate::api::{self, Request};
+use crate::node::NodeHandle;
+use crate::state_machine::{
+    Capacity, Command as StateCommand, DiskObservation, DiskRecord, Observation, StateMachine,
+    VmObservation, VmRecord,
+};
+use crate::transport::AddressBook;
+
+/// What the agent is told.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This server.
+    pub id: u64,
+    /// Where the agent keeps VM files (serial logs, control sockets) and blockd's socket.
+    pub dir: PathBuf,
+    /// blockd's data directory (one folder per disk copy).
+    pub blockd_dir: PathBuf,
+    /// blockd's mirror address, host:port.
+    pub blockd_listen: String,
+    /// blockd's mirror link timeout.
+    pub link_timeout: Duration,
+    /// The `enspeed` binary that blockd and the VMMs run from.
+    pub binary: PathBuf,
+    /// What this server offers to VMs.
+    pub capacity: Capacity,
+    /// Timings.
+    pub timing: AgentTiming,
+}
+
+/// The agent's timings; the leader's lease on a server must be longer than `fence_timeout`
+/// plus the time to kill its processes.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentTiming {
+    /// Between heartbeats.
+    pub heartbeat: Duration,
+    /// Without a quorum answer this long, the server fences itself.
+    pub fence_timeout: Duration,
+    /// At most one observation report this often.
+    pub observe_every: Duration,
+    /// A VMM that crashed is restarted after this long.
+    pub restart_backoff: Duration,
+}
+
+impl AgentTiming {
+    /// Defaults for a lease of `lease`: heartbeats every 100 ms, fencing at half the lease.
+    pub fn for_lease(lease: Duration) -> AgentTiming {
+        AgentTiming {
+            heartbeat: Duration::from_millis(100),
+            fence_timeout: lease / 2,
+            observe_every: Duration::from_millis(500),
+            restart_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One VMM this agent started.
+struct VmProcess {
+    child: Child,
+    /// The disk generation it booted on.
+    generation: u64,
+}
+
+/// The processes this agent runs. Held only for quick, non-blocking steps: the watchdog
+/// takes it to fence.
+#[derive(Default)]
+struct Processes {
+    blockd: Option<Child>,
+    vmms: HashMap<String, VmProcess>,
+}
+
+/// The state as a quorum answered it.
+struct Fresh {
+    /// When the heartbeat it answered was sent.
+    sent: Instant,
+    state: StateMachine,
+}
+
+struct Shared {
+    cfg: AgentConfig,
+    node: NodeHandle,
+    book: AddressBook,
+    procs: Mutex<Processes>,
+    /// Set by the watchdog; cleared once a heartbeat sent after `fenced_at` is answered.
+    fenced: AtomicBool,
+    fenced_at: Mutex<Option<Instant>>,
+    /// When the last answered heartbeat was sent.
+    last_quorum: Mutex<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts the agent's threads.
+pub fn start(cfg: AgentConfig, node: NodeHandle, book: AddressBook) -> std::io::Result<()> {
+    std::fs::create_dir_all(&cfg.dir)?;
+    std::fs::create_dir_all(&cfg.blockd_dir)?;
+    let shared = Arc::new(Shared {
+        cfg,
+        node,
+        book,
+        procs: Mutex::new(Processes::default()),
+        fenced: AtomicBool::new(false),
+        fenced_at: Mutex::new(None),
+        last_quorum: Mutex::new(Instant::now()),
+    });
+    let (tx, rx) = channel();
+    {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("agent-heartbeat".into())
+            .spawn(move || s.heartbeats(tx))?;
+    }
+    {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("agent-watchdog".into())
+            .spawn(move || s.watchdog())?;
+    }
+    std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || Reconciler::new(shared).run(rx))?;
+    Ok(())
+}
+
+impl Shared {
+    fn heartbeats(&self, tx: std::sync::mpsc::Sender<Fresh>) {
+        let every = self.cfg.timing.heartbeat;
+        let wait = self.cfg.timing.fence_timeout.max(every);
+        loop {
+            let sent = Instant::now();
+            let r = api::request(
+                Request::Heartbeat {
+                    server: self.cfg.id,
+                },
+                &self.node,
+                &self.book,
+                wait,
+            );
+            let state = match (r.ok, r.result) {
+                (true, Some(v)) => match serde_json::from_value::<StateMachine>(v) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::error!(server = self.cfg.id, error = %e, "heartbeat answer is not a state");
+                        None
+                    }
+                },
+                _ => {
+                    tracing::debug!(server = self.cfg.id, error = ?r.error, "heartbeat not answered");
+                    None
+                }
+            };
+            if let Some(state) = state {
+                {
+                    let mut q = lock(&self.last_quorum);
+                    *q = (*q).max(sent);
+                }
+                if tx.send(Fresh { sent, state }).is_err() {
+                    return;
+                }
+            }
+            std::thread::sleep(every.saturating_sub(sent.elapsed()));
+        }
+    }
+
+    fn watchdog(&self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            if self.fenced.load(Ordering::SeqCst) {
+                continue;
+            }
+            let since = lock(&self.last_quorum).elapsed();
+            if since > self.cfg.timing.fence_timeout {
+                self.fence(since);
+            }
+        }
+    }
+
+    /// Kills every VMM and blockd at once: this server may have been declared down.
+    fn fence(&self, since: Duration) {
+        self.fenced.store(true, Ordering::SeqCst);
+        *lock(&self.fenced_at) = Some(Instant::now());
+        let mut p = lock(&self.procs);
+        let vms: Vec<String> = p.vmms.keys().cloned().collect();
+        for vm in p.vmms.values_mut() {
+            let _ = vm.child.kill();
+        }
+        if let Some(b) = p.blockd.as_mut() {
+            let _ = b.kill();
+        }
+        for vm in p.vmms.values_mut() {
+            let _ = vm.child.wait();
+        }
+        if let Some(b) = p.blockd.as_mut() {
+            let _ = b.wait();
+        }
+        p.vmms.clear();
+        p.blockd = None;
+        tracing::warn!(
+            server = self.cfg.id,
+            no_quorum_ms = since.as_millis() as u64,
+            vms = ?vms,
+            "fenced: no quorum answer in time; VMMs and blockd killed"
+        );
+    }
+
+    fn blockd_socket(&self) -> PathBuf {
+        self.cfg.dir.join("blockd.sock")
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.cfg.dir.join("vms").join(vm)
+    }
+
+    /// Proposes a command through the leader; logs a failure.
+    fn propose(&self, command: StateCommand) -> bool {
+        let what = format!("{command:?}");
+        let r = api::request(
+            Request::Propose { command },
+            &self.node,
+            &self.book,
+            Duration::from_secs(2),
+        );
+        if !r.ok {
+            tracing::warn!(server = self.cfg.id, command = %what.chars().take(120).collect::<String>(), error = ?r.error, "proposal failed");
+        }
+        r.ok
+    }
+}
+
+/// Runs a command whose process dies with this server's (the thread that spawns it lives as
+/// long as the process): a control plane that dies leaves no VMM or blockd running unfenced.
+fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn log_file(path: &Path) -> Stdio {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(f) => f.into(),
+        Err(_) => Stdio::null(),
+    }
+}
+
+/// The reconcile loop and what it remembers between passes.
+struct Reconciler {
+    s: Arc<Shared>,
+    /// When each VM's VMM last exited with a failure (restart backoff).
+    crashed: HashMap<String, Instant>,
+    /// VMs whose guest powered off, reported until the state says stopped.
+    powered_off: HashSet<String>,
+    last_report: Option<(Instant, Observation)>,
+    registered: bool,
+}
+
+/// A disk copy as blockd reports it.
+#[derive(Clone, Debug, Default)]
+struct Copy {
+    role: String,
+    generation: u64,
+    link: String,
+    peer: Option<String>,
+    out_of_sync_bytes: u64,
+    vhost_socket: String,
+}
+
+impl Reconciler {
+    fn new(s: Arc<Shared>) -> Reconciler {
+        Reconciler {
+            s,
+            crashed: HashMap::new(),
+            powered_off: HashSet::new(),
+            last_report: None,
+            registered: false,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Fresh>) {
+        let id = self.s.cfg.id;
+        loop {
+            let mut fresh = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(f) => Some(f),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            while let Ok(f) = rx.try_recv() {
+                fresh = Some(f);
+            }
+            self.reap();
+            let Some(fresh) = fresh else { continue };
+            // Only a state answered after the fence (if any) may start anything again.
+            if self.s.fenced.load(Ordering::SeqCst) {
+                let at = *lock(&self.s.fenced_at);
+                if at.is_some_and(|at| fresh.sent <= at) {
+                    continue;
+                }
+                tracing::info!(server = id, "back in the quorum: no longer fenced");
+                self.s.fenced.store(false, Ordering::SeqCst);
+            }
+            if fresh.sent.elapsed() > self.s.cfg.timing.fence_timeout {
+                continue;
+            }
+            self.pass(&fresh.state);
+        }
+    }
+
+    /// Reaps exited children.
+    fn reap(&mut self) {
+        let mut p = lock(&self.s.procs);
+        if let Some(b) = p.blockd.as_mut() {
+            if let Ok(Some(st)) = b.try_wait() {
+                tracing::warn!(server = self.s.cfg.id, status = %st, "blockd exited");
+                p.blockd = None;
+            }
+        }
+        let mut ended = Vec::new();
+        for (name, vm) in p.vmms.iter_mut() {
+            if let Ok(Some(st)) = vm.child.try_wait() {
+                ended.push((name.clone(), st));
+            }
+        }
+        for (name, st) in ended {
+            p.vmms.remove(&name);
+            if st.success() {
+                tracing::info!(vm = %name, "guest powered off");
+                self.powered_off.insert(name);
+            } else {
+                tracing::warn!(vm = %name, status = %st, "VMM ended");
+                self.crashed.insert(name, Instant::now());
+            }
+        }
+    }
+
+    fn pass(&mut self, state: &StateMachine) {
+        let id = self.s.cfg.id;
+        let Some(me) = state.servers.get(&id) else {
+            return;
+        };
+        if !self.registered
+            || me.mirror != self.s.cfg.blockd_listen
+            || me.capacity != self.s.cfg.capacity
+        {
+            self.registered = self.s.propose(StateCommand::Register {
+                id,
+                mirror: self.s.cfg.blockd_listen.clone(),
+                capacity: self.s.cfg.capacity.clone(),
+            });
+        }
+        if !self.ensure_blockd() {
+            return;
+        }
+        let copies = self.copies();
+        let Some(copies) = copies else { return };
+        let mut ready = HashSet::new();
+        for d in state.disks.values() {
+            if d.primary == id {
+                if self.primary_copy(state, d, copies.get(&d.name)) {
+                    ready.insert(d.name.clone());
+                }
+            } else if d.backup == Some(id) {
+                self.backup_copy(state, d, copies.get(&d.name));
+            }
+        }
+        self.vms(state, &ready, &copies);
+        for name in std::mem::take(&mut self.powered_off) {
+            if state.vms.get(&name).is_some_and(|vm| vm.running)
+                && !self.s.propose(StateCommand::SetVmRunning {
+                    name: name.clone(),
+                    running: false,
+                })
+            {
+                self.powered_off.insert(name);
+            }
+        }
+        self.report(state);
+    }
+
+    /// Starts blockd if it is not running; whether it answers.
+    fn ensure_blockd(&mut self) -> bool {
+        let socket = self.s.blockd_socket();
+        let mut p = lock(&self.s.procs);
+        if p.blockd.is_none() {
+            if self.s.fenced.load(Ordering::SeqCst) {
+                return false;
+            }
+            let _ = std::fs::remove_file(&socket);
+            let cfg = &self.s.cfg;
+            let mut cmd = Command::new(&cfg.binary);
+            cmd.arg("blockd")
+                .arg("--dir")
+                .arg(&cfg.blockd_dir)
+                .args(["--listen", &cfg.blockd_listen])
+                .arg("--control")
+                .arg(&socket)
+                .args([
+                    "--link-timeout-ms",
+                    &cfg.link_timeout.as_millis().to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&cfg.dir.join("blockd.log")));
+            match spawn_tied(&mut cmd) {
+                Ok(c) => {
+                    tracing::info!(server = cfg.id, pid = c.id(), listen = %cfg.blockd_listen, "blockd started");
+                    p.blockd = Some(c);
+                }
+                Err(e) => {
+                    tracing::error!(server = cfg.id, error = %e, "cannot start blockd");
+                    return false;
+                }
+            }
+        }
+        drop(p);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline || lock(&self.s.procs).blockd.is_none() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn blockd(&self, req: &BlockdRequest) -> Result<daemon::Response, String> {
+        let line = serde_json::to_string(req).expect("blockd requests serialize");
+        match daemon::call(&self.s.blockd_socket(), &line) {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err(r.error.unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The copies blockd holds, by disk name.
+    fn copies(&self) -> Option<BTreeMap<String, Copy>> {
+        let r = self
+            .blockd(&BlockdRequest::Status { name: None })
+            .map_err(|e| tracing::warn!(server = self.s.cfg.id, error = %e, "blockd status"))
+            .ok()?;
+        let mut out = BTreeMap::new();
+        for d in r.disks.unwrap_or_default() {
+            let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+            out.insert(
+                text("name"),
+                Copy {
+                    role: text("role"),
+                    generation: d["generation"].as_u64().unwrap_or(0),
+                    link: text("link"),
+                    peer: d["peer"].as_str().map(str::to_string),
+                    out_of_sync_bytes: d["out_of_sync_bytes"].as_u64().unwrap_or(0),
+                    vhost_socket: text("vhost_socket"),
+                },
+            );
+        }
+        Some(out)
+    }
+
+    fn request(&self, disk: &str, req: BlockdRequest) -> bool {
+        let what = format!("{req:?}");
+        match self.blockd(&req) {
+            Ok(_) => {
+                tracing::info!(server = self.s.cfg.id, disk, request = %what, "blockd done");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(server = self.s.cfg.id, disk, request = %what, error = %e, "blockd refused");
+                false
+            }
+        }
+    }
+
+    /// Makes the copy here the disk's primary at its generation, mirrored to its backup;
+    /// whether it can serve the VM.
+    fn primary_copy(&self, state: &StateMachine, d: &DiskRecord, copy: Option<&Copy>) -> bool {
+        let name = &d.name;
+        let Some(copy) = copy else {
+            // Only a disk that never failed over starts from an empty primary here.
+            if d.generation == 1 {
+                self.request(
+                    name,
+                    BlockdRequest::Create {
+                        name: name.clone(),
+                        size: d.size,
+                        region_size: None,
+                        backup: false,
+                    },
+                );
+            } else {
+                tracing::error!(disk = %name, generation = d.generation, "the primary copy is missing here");
+            }
+            return false;
+        };
+        if copy.generation < d.generation {
+            // The committed generation raise: a backup is promoted, or a primary goes on alone.
+            return self.request(
+                name,
+                BlockdRequest::Promote {
+                    name: name.clone(),
+                    generation: d.generation,
+                    force: false,
+                },
+            ) && self.attach(state, d, None);
+        }
+        if copy.generation > d.generation || copy.role == "backup" {
+            tracing::error!(disk = %name, generation = copy.generation, role = %copy.role, want = d.generation, "copy does not fit the state");
+            return false;
+        }
+        self.attach(state, d, copy.peer.as_deref());
+        true
+    }
+
+    /// Points the primary's mirror at the disk's backup (or at none).
+    fn attach(&self, state: &StateMachine, d: &DiskRecord, current: Option<&str>) -> bool {
+        let want = d
+            .backup
+            .and_then(|b| state.servers.get(&b))
+            .map(|s| s.mirror.clone())
+            .filter(|m| !m.is_empty());
+        if current == want.as_deref() {
+            return true;
+        }
+        let req = match want {
+            Some(peer) => BlockdRequest::Attach {
+                name: d.name.clone(),
+                peer,
+            },
+            None => BlockdRequest::Detach {
+                name: d.name.clone(),
+            },
+        };
+        self.request(&d.name, req)
+    }
+
+    /// Makes the copy here the disk's backup: created empty, or a returning primary demoted.
+    fn backup_copy(&self, state: &StateMachine, d: &DiskRecord, copy: Option<&Copy>) {
+        let name = &d.name;
+        match copy {
+            None => {
+                self.request(
+                    name,
+                    BlockdRequest::Create {
+                        name: name.clone(),
+                        size: d.size,
+                        region_size: None,
+                        backup: true,
+                    },
+                );
+            }
+            Some(c) if c.role != "backup" => {
+                // Nothing here may write it any more.
+                for vm in state.vms.values().filter(|vm| vm.disks.contains(name)) {
+                    self.stop_vm(&vm.name, "its disk is a backup here now");
+                }
+                self.request(name, BlockdRequest::Demote { name: name.clone() });
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn stop_vm(&self, name: &str, why: &str) {
+        let mut p = lock(&self.s.procs);
+        if let Some(mut vm) = p.vmms.remove(name) {
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+            tracing::info!(server = self.s.cfg.id, vm = %name, why, "VMM stopped");
+        }
+    }
+
+    /// Starts the VMs whose disks' primary copies are ready here; stops the others.
+    fn vms(
+        &mut self,
+        state: &StateMachine,
+        ready: &HashSet<String>,
+        copies: &BTreeMap<String, Copy>,
+    ) {
+        let id = self.s.cfg.id;
+        let me_down = state.servers.get(&id).is_none_or(|s| s.down);
+        let running: Vec<String> = lock(&self.s.procs).vmms.keys().cloned().collect();
+        for name in running {
+            let why = match state.vms.get(&name) {
+                None => Some("the VM was deleted"),
+                Some(vm) if !vm.running => Some("the VM should be stopped"),
+                Some(vm) if !self.is_primary_here(state, vm) => Some("its disk's primary moved"),
+                _ if me_down => Some("this server is declared down"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.stop_vm(&name, why);
+            }
+        }
+        if me_down {
+            return;
+        }
+        for vm in state.vms.values() {
+            if !vm.running
+                || !self.is_primary_here(state, vm)
+                || !vm.disks.iter().all(|d| ready.contains(d))
+                || lock(&self.s.procs).vmms.contains_key(&vm.name)
+                || self.powered_off.contains(&vm.name)
+            {
+                continue;
+            }
+            if self
+                .crashed
+                .get(&vm.name)
+                .is_some_and(|t| t.elapsed() < self.s.cfg.timing.restart_backoff)
+            {
+                continue;
+            }
+            self.start_vm(state, vm, copies);
+        }
+    }
+
+    fn is_primary_here(&self, state: &StateMachine, vm: &VmRecord) -> bool {
+        !vm.disks.is_empty()
+            && vm.disks.iter().all(|d| {
+                state
+                    .disks
+                    .get(d)
+                    .is_some_and(|d| d.primary == self.s.cfg.id)
+            })
+    }
+
+    fn start_vm(&mut self, state: &StateMachine, vm: &VmRecord, copies: &BTreeMap<String, Copy>) {
+        let dir = self.s.vm_dir(&vm.name);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::error!(vm = %vm.name, error = %e, "cannot create the VM's directory");
+            return;
+        }
+        let generation = vm
+            .disks
+            .first()
+            .and_then(|d| state.disks.get(d))
+            .map_or(0, |d| d.generation);
+        let api = dir.join("api.sock");
+        let _ = std::fs::remove_file(&api);
+        let mut cmd = Command::new(&self.s.cfg.binary);
+        cmd.arg("vmm")
+            .args(["--kernel", &vm.kernel])
+            .args([
+                "--cmdline",
+                &vm.cmdline.replace("{generation}", &generation.to_string()),
+            ])
+            .args(["--memory", &vm.memory_mib.to_string()])
+            .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
+        for d in &vm.disks {
+            let socket = copies
+                .get(d)
+                .map(|c| c.vhost_socket.clone())
+                .unwrap_or_default();
+            cmd.arg("--disk").arg(format!("vhost-user={socket}"));
+        }
+        cmd.arg("--serial")
+            .arg(dir.join("serial.log"))
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&dir.join("vmm.log")));
+        // Spawned under the lock, after checking the fence: the watchdog kills what is here.
+        let mut p = lock(&self.s.procs);
+        if self.s.fenced.load(Ordering::SeqCst) {
+            return;
+        }
+        match spawn_tied(&mut cmd) {
+            Ok(child) => {
+                tracing::info!(server = self.s.cfg.id, vm = %vm.name, pid = child.id(), generation, "VMM started");
+                p.vmms
+                    .insert(vm.name.clone(), VmProcess { child, generation });
+                self.crashed.remove(&vm.name);
+            }
+            Err(e) => {
+                tracing::error!(vm = %vm.name, error = %e, "cannot start the VMM");
+                self.crashed.insert(vm.name.clone(), Instant::now());
+            }
+        }
+    }
+
+    /// Reports what runs here when it changed, at most once per `observe_every`.
+    fn report(&mut self, state: &StateMachine) {
+        let Some(copies) = self.copies() else { return };
+        let mut o = Observation {
+            blockd_up: true,
+            ..Default::default()
+        };
+        for (name, c) in copies {
+            o.disks.insert(
+                name,
+                DiskObservation {
+                    role: c.role,
+                    generation: c.generation,
+                    link: c.link,
+                    peer: c.peer,
+                    // Rounded to MiB so a resync in progress does not report every pass.
+                    out_of_sync_bytes: c.out_of_sync_bytes >> 20 << 20,
+                },
+            );
+        }
+        for (name, vm) in lock(&self.s.procs).vmms.iter() {
+            o.vms.insert(
+                name.clone(),
+                VmObservation {
+                    running: true,
+                    pid: Some(vm.child.id()),
+                    generation: vm.generation,
+                },
+            );
+        }
+        let committed = state.observed.get(&self.s.cfg.id);
+        if committed == Some(&o) {
+            self.last_report = Some((Instant::now(), o));
+            return;
+        }
+        // Not again while the last report may still be on its way, nor more often than
+        // `observe_every`.
+        let too_soon = self.last_report.as_ref().is_some_and(|(t, last)| {
+            (*last == o && t.elapsed() < Duration::from_secs(2))
+                || t.elapsed() < self.s.cfg.timing.observe_every
+        });
+        if too_soon {
+            return;
+        }
+        self.s.propose(StateCommand::Observe {
+            id: self.s.cfg.id,
+            observation: o.clone(),
+        });
+        self.last_report = Some((Instant::now(), o));
+    }
+}
