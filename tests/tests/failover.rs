@@ -1,0 +1,639 @@
+//! Failover with real processes: two `enspeed server`s that run VMs and a witness, each in its
+//! own network namespace, joined by veth pairs to a bridge in a hub namespace. Each server's
+//! node agent runs its `enspeed blockd` and the VM's `enspeed vmm`; the VM is the level-1 test
+//! guest stamping blocks on its LiveSync disk.
+//!
+//! - power cut: every process of the VM's primary server is killed with SIGKILL; the VM boots
+//!   on the backup, and every write the guest saw acknowledged is there. Repeated: the killed
+//!   server is restarted, returns as the backup, is resynced, and is the next drill's target
+//!   (`FAILOVER_DRILLS`, default 4). Prints the time from the kill to the VMM on the backup.
+//! - partition: the primary's link is cut (bridge port down), not its power: it stops the VM
+//!   itself, the backup takes over, and when the link returns the old primary does not resume
+//!   the VM and becomes the resynced backup. Both namespaces are watched throughout: the VM
+//!   never runs in two places.
+//!
+//! Needs root (network namespaces) and /dev/kvm.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use enspeed_tests::*;
+use serde_json::{json, Value};
+
+/// One cluster at a time: the machine has two cores.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+const WAIT: Duration = Duration::from_secs(30);
+const BLOCKS: u64 = 16;
+const VM: &str = "vm1";
+const DISK: &str = "vm1-0";
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A hub namespace with a bridge, and one namespace per server linked to it.
+struct Net {
+    hub: String,
+    servers: Vec<String>,
+    subnet: String,
+}
+
+impl Net {
+    fn new(tag: &str, n: usize) -> Net {
+        let pid = std::process::id();
+        let hub = format!("es{pid}{tag}h");
+        let subnet = format!("10.{}.{}", 100 + pid % 100, if tag == "a" { 1 } else { 2 });
+        let _ = run(Command::new("ip").args(["netns", "del", &hub]));
+        ip(&["netns", "add", &hub]);
+        let mut net = Net {
+            hub: hub.clone(),
+            servers: Vec::new(),
+            subnet,
+        };
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        for i in 1..=n {
+            let ns = format!("es{pid}{tag}{i}");
+            let _ = run(Command::new("ip").args(["netns", "del", &ns]));
+            ip(&["netns", "add", &ns]);
+            net.servers.push(ns.clone());
+            let port = format!("p{i}");
+            ip(&[
+                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
+            ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &hub, "link", "set", &port, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.addr(i)),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{i}", self.subnet)
+    }
+
+    fn ns(&self, i: usize) -> &str {
+        &self.servers[i - 1]
+    }
+
+    /// Cuts (or restores) server `i`'s cable at the bridge.
+    fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("p{i}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// The processes in server `i`'s namespace: (pid, command line).
+    fn processes(&self, i: usize) -> Vec<(u32, String)> {
+        let out = run(Command::new("ip").args(["netns", "pids", self.ns(i)])).unwrap_or_default();
+        out.split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                // A zombie has an empty command line: it runs nothing.
+                (!cmd.is_empty()).then_some((pid, cmd))
+            })
+            .collect()
+    }
+
+    /// Whether a VMM runs in server `i`'s namespace.
+    fn vmm_running(&self, i: usize) -> bool {
+        self.processes(i).iter().any(|(_, c)| c.contains(" vmm "))
+    }
+
+    /// SIGKILL to every process of server `i`: a power cut.
+    fn power_cut(&self, i: usize) {
+        for _ in 0..3 {
+            for (pid, _) in self.processes(i) {
+                // SAFETY: kill(2) on a pid read from the namespace; no memory involved.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=self.servers.len() {
+            self.power_cut(i);
+        }
+        for ns in self.servers.iter().chain(std::iter::once(&self.hub)) {
+            let _ = run(Command::new("ip").args(["netns", "del", ns]));
+        }
+    }
+}
+
+/// One `enspeed server` in its namespace.
+struct Server {
+    id: usize,
+    addr: String,
+    data: PathBuf,
+    ns: String,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn new(net: &Net, scratch: &Scratch, id: usize, extra: &[&str]) -> Server {
+        Server {
+            id,
+            addr: format!("{}:7300", net.addr(id)),
+            data: scratch.path(&format!("server{id}")),
+            ns: net.ns(id).to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        }
+    }
+
+    fn start(&mut self, bootstrap: &[&str]) {
+        std::fs::create_dir_all(&self.data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(enspeed_bin())
+            .args(["server", "--id", &self.id.to_string(), "--data"])
+            .arg(&self.data)
+            .args(["--listen", &self.addr])
+            .args(bootstrap)
+            .args(&self.extra)
+            .env("ENSPEED_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start enspeed server");
+        self.child = Some(child);
+    }
+
+    /// Reaps the process after a power cut.
+    fn reap(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(self.data.join("agent/vms").join(VM).join("serial.log"))
+            .unwrap_or_default()
+    }
+
+    fn disk_data(&self) -> Vec<u8> {
+        std::fs::read(self.data.join("disks").join(DISK).join("data")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
+struct Cluster {
+    net: Net,
+    servers: Vec<Server>,
+    _scratch: Scratch,
+}
+
+impl Cluster {
+    /// Servers 1 and 2 run VMs; server 3 is the witness.
+    fn start(tag: &str) -> Cluster {
+        let scratch = Scratch::new(&format!("failover-{tag}"));
+        let net = Net::new(tag, 3);
+        let common = ["--memory-mib", "1024", "--disk-gib", "1"];
+        let mut servers: Vec<Server> = (1..=3)
+            .map(|i| {
+                if i == 3 {
+                    Server::new(&net, &scratch, i, &[])
+                } else {
+                    Server::new(&net, &scratch, i, &common)
+                }
+            })
+            .collect();
+        servers[0].start(&["--init"]);
+        let first = servers[0].addr.clone();
+        let mut c = Cluster {
+            net,
+            servers,
+            _scratch: scratch,
+        };
+        c.wait("server 1 to lead", |c| {
+            c.call(1, json!({"op": "status"}))
+                .ok()
+                .filter(|s| s["role"] == "Leader")
+        });
+        c.servers[1].start(&["--join", &first]);
+        c.servers[2].start(&["--join", &first, "--witness"]);
+        c.wait("both agents registered", |c| {
+            let s = c.state()?;
+            let ok = (1..=2).all(|i| {
+                s["servers"][i.to_string()]["mirror"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            });
+            ok.then_some(())
+        });
+        c
+    }
+
+    fn dump(&self) -> String {
+        let mut out = String::new();
+        for s in &self.servers {
+            out += &format!("---- server {} log ----\n{}\n", s.id, s.log());
+            let agent = s.data.join("agent");
+            for f in ["blockd.log", &format!("vms/{VM}/vmm.log")] {
+                let t = std::fs::read_to_string(agent.join(f)).unwrap_or_default();
+                out += &format!("---- server {} {f} ----\n{t}\n", s.id);
+            }
+        }
+        out
+    }
+
+    /// One request through `enspeed cluster`-style JSON lines, from server `via`'s namespace.
+    fn call(&self, via: usize, req: Value) -> Result<Value, String> {
+        let s = &self.servers[via - 1];
+        let script = format!(
+            "exec 3<>/dev/tcp/{}/7300; printf '%s\\n' '{}' >&3; head -n1 <&3",
+            self.net.addr(via),
+            req
+        );
+        let out = run(Command::new("ip").args([
+            "netns", "exec", &s.ns, "timeout", "10", "bash", "-c", &script,
+        ]))?;
+        let v: Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out:?}"))?;
+        if v["ok"] == true {
+            Ok(v["result"].clone())
+        } else {
+            Err(v["error"].as_str().unwrap_or("?").to_string())
+        }
+    }
+
+    /// The state, read linearizably through the witness.
+    fn state(&self) -> Option<Value> {
+        self.call(3, json!({"op": "read", "query": {"query": "state"}}))
+            .ok()
+    }
+
+    fn wait<T>(&self, what: &str, mut f: impl FnMut(&Cluster) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}\nstate: {:?}\n{}",
+                self.state(),
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn create_vm(&self) {
+        let cmdline = format!(
+            "console=ttyS0 tg.run=verify,stamp tg.blocks={BLOCKS} tg.ops=0 tg.ackevery=4 tg.flushevery=4 tg.seqbase={{generation}}000000 tg.end=halt"
+        );
+        let r = self.call(
+            3,
+            json!({"op": "propose", "command": {
+                "cmd": "create_vm", "name": VM, "memory_mib": 64, "vcpus": 1,
+                "disk_size": 16u64 << 20, "kernel": testguest().display().to_string(),
+                "cmdline": cmdline, "running": true,
+            }}),
+        );
+        let r = r.unwrap_or_else(|e| panic!("create_vm: {e}"));
+        eprintln!("placed: {r}");
+    }
+
+    fn disk(&self) -> Value {
+        self.state()
+            .map(|s| s["disks"][DISK].clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the VM runs on `primary`, mirrored in sync to the other server, and the
+    /// guest acknowledged some writes.
+    fn wait_protected(&self, primary: usize) {
+        let backup = 3 - primary;
+        self.wait("the disk placed and its backup in sync", |c| {
+            let d = c.disk();
+            (d["primary"] == primary && d["backup"] == backup && d["backup_synced"] == true)
+                .then_some(())
+        });
+        self.wait("the guest's acknowledged writes", |c| {
+            (highest_ack(&c.servers[primary - 1].serial(), 0) > 0 && c.net.vmm_running(primary))
+                .then_some(())
+        });
+        assert!(
+            !self.net.vmm_running(backup),
+            "the VM runs on its backup too"
+        );
+    }
+}
+
+/// The highest seq above `base` the guest's `tg: ack` lines report.
+fn highest_ack(serial: &str, base: u64) -> u64 {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("tg: ack blk="))
+        .filter_map(|rest| rest.split(" seq=").nth(1)?.trim().parse::<u64>().ok())
+        .filter(|s| *s > base)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Per block, the highest seq acknowledged in the run that started above `base` and reached
+/// `last` (writes go one at a time: an ack of `last` means every earlier one completed).
+fn acked_blocks(base: u64, last: u64) -> BTreeMap<u64, u64> {
+    let mut acks = BTreeMap::new();
+    for seq in (base + 1).max(last.saturating_sub(BLOCKS - 1))..=last {
+        acks.insert(seq % BLOCKS, seq);
+    }
+    acks
+}
+
+/// Checks the promoted copy: what the guest's `verify` saw when it booted there, and the data
+/// file, hold every acknowledged write. Blocks the new boot wrote (seq above `new_base`) count
+/// as newer.
+fn check_acknowledged(acks: &BTreeMap<u64, u64>, new_serial: &str, image: &[u8], new_base: u64) {
+    let seen: BTreeMap<u64, String> = new_serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("tg: verify blk="))
+        .filter_map(|r| {
+            let (b, rest) = r.split_once(' ')?;
+            Some((b.parse().ok()?, rest.to_string()))
+        })
+        .collect();
+    assert_eq!(
+        seen.len() as u64,
+        BLOCKS,
+        "the guest on the backup verified every block:\n{new_serial}"
+    );
+    for (&blk, &want) in acks {
+        let v = &seen[&blk];
+        let got: u64 = v
+            .strip_prefix("seq=")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("block {blk} is {v} on the backup, acknowledged seq {want}"));
+        assert!(
+            got >= want,
+            "block {blk}: the guest on the backup read seq {got}, below the acknowledged {want}"
+        );
+        match read_stamp(image, blk) {
+            Stamp::Seq(s) if s >= want || s > new_base => {}
+            other => {
+                panic!("block {blk} in the promoted data file: {other:?}, acknowledged seq {want}")
+            }
+        }
+    }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn power_cut_of_the_primary_the_vm_boots_on_its_backup_with_every_acknowledged_write() {
+    if !kvm_available("power_cut_of_the_primary") {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let drills: usize = std::env::var("FAILOVER_DRILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let mut c = Cluster::start("a");
+    c.create_vm();
+    let mut primary = c.disk()["primary"].as_u64().unwrap() as usize;
+    let (mut to_vmm, mut to_ready) = (Vec::new(), Vec::new());
+    for drill in 0..drills {
+        c.wait_protected(primary);
+        let backup = 3 - primary;
+        let generation = c.disk()["generation"].as_u64().unwrap();
+        let leader = c
+            .call(3, json!({"op": "status"}))
+            .ok()
+            .and_then(|s| s["leader"].as_u64());
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = Instant::now();
+        c.net.power_cut(primary);
+        let base = generation * 1_000_000;
+        let last = highest_ack(&c.servers[primary - 1].serial(), base);
+        assert!(last > base, "drill {drill}: no write acknowledged");
+        // The backup's VMM appears, then its guest prints.
+        let new_serial_len = c.servers[backup - 1].serial().len();
+        loop {
+            if c.net.vmm_running(backup) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < WAIT,
+                "drill {drill}: the VM did not start on server {backup}\nstate: {:?}\n{}",
+                c.state(),
+                c.dump()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let vmm = killed.elapsed();
+        let new_base = (generation + 1) * 1_000_000;
+        loop {
+            let s = c.servers[backup - 1].serial();
+            if s[new_serial_len.min(s.len())..].contains("tg: ready") {
+                break;
+            }
+            assert!(
+                killed.elapsed() < WAIT,
+                "drill {drill}: the guest did not start on server {backup}\n{}",
+                c.dump()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ready = killed.elapsed();
+        c.servers[primary - 1].reap();
+        eprintln!(
+            "drill {drill}: server {primary} (leader: {leader:?}) killed at ack {last}; VMM on server {backup} after {vmm:?}, guest ready after {ready:?}"
+        );
+        to_vmm.push(vmm);
+        to_ready.push(ready);
+        // What the guest saw acknowledged is on the promoted copy.
+        let acks = acked_blocks(base, last);
+        c.wait("the guest on the backup to verify its disk", |c| {
+            let s = c.servers[backup - 1].serial();
+            let s = &s[new_serial_len.min(s.len())..];
+            (s.matches("tg: verify blk=").count() as u64 >= BLOCKS).then(|| s.to_string())
+        });
+        let s = c.servers[backup - 1].serial();
+        check_acknowledged(
+            &acks,
+            &s[new_serial_len..],
+            &c.servers[backup - 1].disk_data(),
+            new_base,
+        );
+        let d = c.disk();
+        assert_eq!(
+            (d["primary"].as_u64(), d["generation"].as_u64()),
+            (Some(backup as u64), Some(generation + 1)),
+            "{d}"
+        );
+
+        // The killed server returns, is demoted and resynced as the backup: the next target.
+        c.servers[primary - 1].start(&[]);
+        primary = backup;
+    }
+    let (m_vmm, m_ready) = (median(&mut to_vmm), median(&mut to_ready));
+    eprintln!("failover over {drills} power cuts: median {m_vmm:?} to the VMM on the backup, {m_ready:?} to the guest's first line; all: {to_vmm:?}");
+    c.wait_protected(primary);
+}
+
+#[test]
+fn partition_of_the_primary_it_stops_the_vm_itself_and_returns_as_the_backup() {
+    if !kvm_available("partition_of_the_primary") {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("b");
+    c.create_vm();
+    let primary = c.disk()["primary"].as_u64().unwrap() as usize;
+    let backup = 3 - primary;
+    c.wait_protected(primary);
+    let generation = c.disk()["generation"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cut = Instant::now();
+    c.net.link(primary, false);
+    // Watch both servers until the VM runs on the backup: never on both.
+    let mut stopped_at = None;
+    loop {
+        let (on_p, on_b) = (c.net.vmm_running(primary), c.net.vmm_running(backup));
+        assert!(
+            !(on_p && on_b),
+            "the VM runs on both servers {:?} after the cut\n{}",
+            cut.elapsed(),
+            c.dump()
+        );
+        if !on_p && stopped_at.is_none() {
+            stopped_at = Some(cut.elapsed());
+        }
+        if on_b {
+            break;
+        }
+        assert!(
+            cut.elapsed() < WAIT,
+            "the VM did not move to server {backup}\n{}",
+            c.dump()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let moved = cut.elapsed();
+    eprintln!("partition: server {primary} stopped the VM itself after {:?}; VMM on server {backup} after {moved:?}", stopped_at.unwrap());
+    let base = generation * 1_000_000;
+    let last = highest_ack(&c.servers[primary - 1].serial(), base);
+    assert!(last > base, "no write acknowledged before the cut");
+    let new_serial_len = 0;
+    c.wait("the guest on the backup to verify its disk", |c| {
+        (c.servers[backup - 1]
+            .serial()
+            .matches("tg: verify blk=")
+            .count() as u64
+            >= BLOCKS)
+            .then_some(())
+    });
+    check_acknowledged(
+        &acked_blocks(base, last),
+        &c.servers[backup - 1].serial()[new_serial_len..],
+        &c.servers[backup - 1].disk_data(),
+        (generation + 1) * 1_000_000,
+    );
+
+    // Some seconds more cut off: the old primary starts nothing.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            !c.net.vmm_running(primary),
+            "the cut-off server restarted the VM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.net.link(primary, true);
+    let healed = Instant::now();
+    // It comes back as the backup, resynced, and never runs the VM.
+    loop {
+        assert!(
+            !c.net.vmm_running(primary),
+            "the returning server runs the VM"
+        );
+        assert!(
+            c.net.vmm_running(backup),
+            "the VM stopped on its new primary"
+        );
+        let d = c.disk();
+        if d["primary"] == backup && d["backup"] == primary && d["backup_synced"] == true {
+            break;
+        }
+        assert!(
+            healed.elapsed() < WAIT,
+            "server {primary} did not become the resynced backup: {d}\n{}",
+            c.dump()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "partition healed: server {primary} is the resynced backup after {:?}",
+        healed.elapsed()
+    );
+    let st = c.state().unwrap();
+    let copy = &st["observed"][primary.to_string()]["disks"][DISK];
+    assert_eq!(copy["role"], "backup", "{st}");
+    // The old copy was resynced from where it fell behind, not copied whole.
+    let p = &st["observed"][backup.to_string()]["disks"][DISK];
+    assert_eq!(p["link"], "in-sync", "{p}");
+    // Both copies hold the same blocks once the guest's writes are flushed through both.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert!(!c.net.vmm_running(primary));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
