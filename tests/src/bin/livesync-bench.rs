@@ -457,18 +457,20 @@ fn main() {
         );
     }
     println!();
-    println!("| setup | qd1 median / (local + RTT) | qd1 median / (two local copies + RTT) | qd32 IOPS / local | seq MB/s / local |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| setup | qd1 median / (local + RTT) | qd1 median / (two local copies + RTT) | qd32 IOPS / local | qd32 IOPS / two local copies | seq MB/s / local | seq MB/s / two local copies |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (r, rtt) in [(&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
         let floor = local.qd1.median_us + rtt * 1000.0;
         let floor2 = two.qd1.median_us + rtt * 1000.0;
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.name,
             r.qd1.median_us / floor,
             r.qd1.median_us / floor2,
             r.qd32.iops / local.qd32.iops,
-            r.seq / local.seq
+            r.qd32.iops / two.qd32.iops,
+            r.seq / local.seq,
+            r.seq / two.seq
         );
     }
 }
