@@ -72,11 +72,13 @@ pub struct AgentTiming {
 }
 
 impl AgentTiming {
-    /// Defaults for a lease of `lease`: heartbeats every 100 ms, fencing at half the lease.
+    /// Defaults for a lease of `lease`: heartbeats every 100 ms, fencing at 70% of the lease
+    /// (above the longest Raft election with the default ticks, 1 s, so replacing a dead leader
+    /// fences nobody; 0.6 s below the lease, to kill the VMMs).
     pub fn for_lease(lease: Duration) -> AgentTiming {
         AgentTiming {
             heartbeat: Duration::from_millis(100),
-            fence_timeout: lease / 2,
+            fence_timeout: lease * 7 / 10,
             observe_every: Duration::from_millis(500),
             restart_backoff: Duration::from_secs(1),
         }
@@ -224,8 +226,17 @@ impl Shared {
         if let Some(b) = p.blockd.as_mut() {
             let _ = b.wait();
         }
+        let killed = !vms.is_empty() || p.blockd.is_some();
         p.vmms.clear();
         p.blockd = None;
+        if !killed {
+            tracing::info!(
+                server = self.cfg.id,
+                no_quorum_ms = since.as_millis() as u64,
+                "fenced: no quorum answer in time; nothing ran"
+            );
+            return;
+        }
         tracing::warn!(
             server = self.cfg.id,
             no_quorum_ms = since.as_millis() as u64,

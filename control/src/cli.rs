@@ -45,7 +45,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 0)]
     vcpus: u32,
     /// Raft tick, milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     tick_ms: u64,
     /// Ticks without a leader before an election.
     #[arg(long, default_value_t = 10)]
@@ -76,7 +76,9 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2000)]
     lease_ms: u64,
     /// A server without a quorum answer this long fences itself (kills its VMMs and blockd),
-    /// milliseconds; default half the lease. Must be well below the lease.
+    /// milliseconds; default 70% of the lease. Must be below the lease (the margin covers
+    /// killing them) and above the longest election (2 x election ticks), or a leader's death
+    /// fences every server.
     #[arg(long)]
     fence_ms: Option<u64>,
     /// Between a node agent's heartbeats, milliseconds.
@@ -139,6 +141,13 @@ pub fn server(a: ServerArgs) -> ExitCode {
     timing.heartbeat = Duration::from_millis(a.heartbeat_ms.max(1));
     if let Some(f) = a.fence_ms {
         timing.fence_timeout = Duration::from_millis(f);
+    }
+    let longest_election = node.tick * (2 * node.election_ticks as u32);
+    if timing.fence_timeout <= longest_election + timing.heartbeat {
+        eprintln!(
+            "enspeed server {}: warning: the fence timeout ({:?}) is not above the longest election ({longest_election:?}) plus a heartbeat: a leader's death may fence every server",
+            a.id, timing.fence_timeout
+        );
     }
     if timing.fence_timeout >= lease {
         eprintln!(

@@ -47,11 +47,13 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults: 100 ms ticks, elections after about a second, heartbeats every 100 ms.
+    /// Defaults: 50 ms ticks, elections 0.5 to 1 s after the leader fell silent, heartbeats
+    /// every 50 ms. An election must end well within the node agents' fence timeout, or every
+    /// server fences itself while a dead leader is replaced (see `agent`).
     pub fn new(id: u64) -> NodeConfig {
         NodeConfig {
             id,
-            tick: Duration::from_millis(100),
+            tick: Duration::from_millis(50),
             election_ticks: 10,
             heartbeat_ticks: 1,
             snapshot_every: 1000,
