@@ -41,6 +41,11 @@ pub enum Request {
         /// Create an empty backup instead of a primary.
         #[serde(default)]
         backup: bool,
+        /// The storage pool (a directory, e.g. /vms1) to keep the copy in; the
+        /// data directory itself when absent. The data directory then holds a
+        /// link to it, so the disk is found again at start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PathBuf>,
     },
     /// Report one disk, or all.
     Status {
@@ -286,14 +291,27 @@ impl Blockd {
     /// Carries out one control request.
     pub fn handle(&self, req: Request) -> Response {
         let result: Result<Response, String> = (|| match req {
-            Request::Create { name, size, region_size, backup } => {
+            Request::Create { name, size, region_size, backup, pool } => {
                 let mut disks = lock(&self.disks);
                 if disks.contains_key(&name) {
                     return Err(format!("disk {name} already exists"));
                 }
                 let role = if backup { NewRole::Backup } else { NewRole::Primary };
-                let r = Replica::create(&self.cfg.dir, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
+                let pool = pool.filter(|p| !p.as_os_str().is_empty() && *p != self.cfg.dir);
+                let home = pool.as_deref().unwrap_or(&self.cfg.dir);
+                if pool.is_some() {
+                    let link = self.cfg.dir.join(&name);
+                    if link.symlink_metadata().is_ok() {
+                        return Err(format!("{} already exists", link.display()));
+                    }
+                    std::fs::create_dir_all(home).map_err(|e| format!("creating pool {}: {e}", home.display()))?;
+                }
+                let r = Replica::create(home, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
                     .map_err(|e| e.to_string())?;
+                if pool.is_some() {
+                    std::os::unix::fs::symlink(r.dir(), self.cfg.dir.join(&name))
+                        .map_err(|e| format!("linking {} into {}: {e}", r.dir().display(), self.cfg.dir.display()))?;
+                }
                 tracing::info!(disk = %name, size, backup, "disk created");
                 disks.insert(name, start_disk(r)?);
                 Ok(Response::ok())
@@ -335,9 +353,11 @@ impl Blockd {
                 }
                 let d = disks.remove(&name).expect("present");
                 d.replica.stop();
-                let dir = d.replica.dir().to_owned();
+                let dir = std::fs::canonicalize(d.replica.dir()).unwrap_or_else(|_| d.replica.dir().to_owned());
                 d.vhost.stop().map_err(|e| format!("stopping the vhost-user server of {name}: {e}"))?;
                 std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+                // The link from the data directory, when the copy was in a pool.
+                let _ = std::fs::remove_file(self.cfg.dir.join(&name));
                 Ok(Response::ok())
             }
         })();
@@ -369,7 +389,7 @@ mod tests {
     #[test]
     fn requests_parse_and_unknowns_are_refused() {
         let r: Request = serde_json::from_str(r#"{"cmd":"create","name":"d","size":4096}"#).unwrap();
-        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false });
+        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false, pool: None });
         let r: Request = serde_json::from_str(r#"{"cmd":"promote","name":"d","generation":3}"#).unwrap();
         assert_eq!(r, Request::Promote { name: "d".into(), generation: 3, force: false });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"create","name":"d","size":1,"color":1}"#).is_err());

@@ -535,6 +535,7 @@ impl Reconciler {
                         size: d.size,
                         region_size: None,
                         backup: false,
+                        pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
                     },
                 );
             } else {
@@ -595,6 +596,7 @@ impl Reconciler {
                         size: d.size,
                         region_size: None,
                         backup: true,
+                        pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
                     },
                 );
             }

@@ -79,6 +79,9 @@ enum DiskOp {
         /// Create an empty backup that waits for its primary.
         #[arg(long)]
         backup: bool,
+        /// Keep the copy in this storage pool (a directory such as /vms1).
+        #[arg(long)]
+        pool: Option<PathBuf>,
     },
     /// Show one disk, or all: role, generation, link, resync progress.
     Status {
@@ -140,9 +143,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn disk_request(op: &DiskOp) -> blockrepl::daemon::Request {
     use blockrepl::daemon::Request;
     match op {
-        DiskOp::Create { name, size, region_size, backup } => {
-            Request::Create { name: name.clone(), size: *size, region_size: *region_size, backup: *backup }
-        }
+        DiskOp::Create { name, size, region_size, backup, pool } => Request::Create {
+            name: name.clone(),
+            size: *size,
+            region_size: *region_size,
+            backup: *backup,
+            pool: pool.clone(),
+        },
         DiskOp::Status { name, .. } => Request::Status { name: name.clone() },
         DiskOp::Attach { name, peer } => Request::Attach { name: name.clone(), peer: peer.clone() },
         DiskOp::Detach { name } => Request::Detach { name: name.clone() },
