@@ -118,7 +118,7 @@ common64:
     jmp 2b
 
 entry_msg:
-    .asciz "tg: entry\r\n"
+    .asciz "tg: entry\n"
 
     # ---- exception stubs: print and stop instead of triple-faulting ----
     .macro isr_noerr v
