@@ -3,6 +3,7 @@
 
 use crate::cmdline;
 use crate::io::{crc32_update, rdtsc, Global, XorShift};
+use crate::usermode;
 use crate::virtio::{Error, Mmio, Seg, Virtq};
 use crate::{fail, say};
 
@@ -272,16 +273,19 @@ fn blk_test(d: &mut Blk) -> Result<(), Error> {
     } else {
         for k in 0..n {
             let s = sector_of(k);
-            pattern(wbuf, seed, s);
+            usermode::run(|| pattern(wbuf, seed, s));
             d.sync_ok(T_OUT, s, waddr, 4096)?;
         }
         d.flush_cache()?;
         for k in 0..n {
             let s = sector_of(k);
-            rbuf.fill(0xAA);
+            usermode::run(|| rbuf.fill(0xAA));
             d.sync_ok(T_IN, s, raddr, 4096)?;
-            pattern(wbuf, seed, s);
-            if wbuf[..] != rbuf[..] {
+            let same = usermode::run(|| {
+                pattern(wbuf, seed, s);
+                wbuf[..] == rbuf[..]
+            });
+            if !same {
                 fail!("blk mismatch sector={}", s);
                 return Err(Error::Other("data mismatch"));
             }
@@ -355,7 +359,7 @@ pub fn act_stamp() {
     loop {
         seq += 1;
         let blk = seq % blocks;
-        stamp_block(buf, blk, seq);
+        usermode::run(|| stamp_block(buf, blk, seq));
         if let Err(e) = d.sync_ok(T_OUT, blk * 8, addr, 4096) {
             fail!("stamp write blk={} seq={} {}", blk, seq, e);
             return;
@@ -380,6 +384,35 @@ pub fn act_stamp() {
     }
 }
 
+/// What `verify` found in a block.
+enum Found {
+    Empty,
+    Intact(u64),
+    Torn,
+}
+
+/// Classifies block `i` as read back into `buf`; `exp` is scratch space.
+fn classify(buf: &[u8], exp: &mut [u8], i: u64) -> Found {
+    if buf.iter().all(|&b| b == 0) {
+        return Found::Empty;
+    }
+    let index = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+    let seq = u64::from_le_bytes(buf[16..24].try_into().unwrap());
+    let crc = u32::from_le_bytes(buf[CRC_OFF..CRC_OFF + 4].try_into().unwrap());
+    let mut ok = &buf[..8] == STAMP_MAGIC && index == i && crc == stamp_crc(buf);
+    if ok {
+        // A valid checksum over the wrong payload would be a writer bug
+        // (or a misdirected write); count it as not intact too.
+        stamp_payload(exp, index, seq);
+        ok = buf[PAYLOAD_OFF..] == exp[PAYLOAD_OFF..];
+    }
+    if ok {
+        Found::Intact(seq)
+    } else {
+        Found::Torn
+    }
+}
+
 /// Action `verify`: classify every stamped block as valid, empty or torn.
 pub fn act_verify() {
     let Some(d) = need_dev("verify") else { return };
@@ -393,25 +426,13 @@ pub fn act_verify() {
             fail!("verify read blk={} {}", i, e);
             return;
         }
-        if buf.iter().all(|&b| b == 0) {
-            say!("verify blk={} empty", i);
-            continue;
-        }
-        let index = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-        let seq = u64::from_le_bytes(buf[16..24].try_into().unwrap());
-        let crc = u32::from_le_bytes(buf[CRC_OFF..CRC_OFF + 4].try_into().unwrap());
-        let mut ok = &buf[..8] == STAMP_MAGIC && index == i && crc == stamp_crc(buf);
-        if ok {
-            // A valid checksum over the wrong payload would be a writer bug
-            // (or a misdirected write); count it as not intact too.
-            stamp_payload(exp, index, seq);
-            ok = buf[PAYLOAD_OFF..] == exp[PAYLOAD_OFF..];
-        }
-        if ok {
-            say!("verify blk={} seq={}", i, seq);
-        } else {
-            say!("verify blk={} torn", i);
-            torn += 1;
+        match usermode::run(|| classify(buf, exp, i)) {
+            Found::Empty => say!("verify blk={} empty", i),
+            Found::Intact(seq) => say!("verify blk={} seq={}", i, seq),
+            Found::Torn => {
+                say!("verify blk={} torn", i);
+                torn += 1;
+            }
         }
     }
     say!("verify ok blocks={} torn={}", blocks, torn);

@@ -12,8 +12,10 @@
 //! `tg_main(kind, info)` with kind 1 = Linux boot_params, 2 = PVH.
 //!
 //! The page tables are fully initialised data (not built at run time):
-//! identity map of 0..4 GiB with 2 MiB pages, RW, cacheable (MMIO exits to
-//! the VMM regardless of the memory type the guest uses).
+//! identity map of 0..4 GiB with 2 MiB pages, RW, user-accessible (for the
+//! CPL 3 code of usermode.rs), cacheable (MMIO exits to the VMM regardless
+//! of the memory type the guest uses). CR4.SMEP/SMAP are cleared so that
+//! CPL 0 may use these user pages whatever the loader left in CR4.
 
 core::arch::global_asm!(
     r#"
@@ -100,13 +102,15 @@ common64:
     mov $__bss_start, %edi      # .bss (stack included) is not live yet
     mov $__bss_end, %ecx
     sub %rdi, %rcx
-    xor %eax, %eax
-    rep stosb
+    shr $3, %rcx                # both ends are 16-byte aligned (link.ld);
+    xor %eax, %eax              # 8 bytes a step: kvm-pvm emulates every
+    rep stosq                   # step at CPL 0 (see usermode.rs)
     mov %cr0, %rax
     and $0xfffffffffffffffb, %rax   # EM = 0: no FPU emulation
     or $0x22, %rax                  # MP | NE
     mov %rax, %cr0
     mov %cr4, %rax
+    and $~0x300000, %rax            # no SMEP/SMAP: all pages are user pages
     or $0x600, %rax                 # OSFXSR | OSXMMEXCPT: SSE usable
     mov %rax, %cr4
     mov %r14, %rdi
@@ -132,6 +136,8 @@ isr_\v:
     push $\v
     jmp isr_common
     .endm
+    # isr_6 (#UD) is reached through usermode.rs's tg_user_ud.
+    .global isr_6
     .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
     isr_noerr \v
     .endr
@@ -168,7 +174,8 @@ tg_isr_table:
     .quad pvh_start
     .balign 4
 
-    # ---- GDT: null, 64-bit code (0x08), data (0x10), 32-bit code (0x18) ----
+    # ---- GDT: null, 64-bit code (0x08), data (0x10), 32-bit code (0x18),
+    # user data (0x20) and 64-bit code (0x28) at DPL 3, TSS (0x30) ----
     .section .data.gdt, "aw"
     .balign 16
 gdt:
@@ -176,6 +183,11 @@ gdt:
     .quad 0x00af9a000000ffff
     .quad 0x00cf92000000ffff
     .quad 0x00cf9a000000ffff
+    .quad 0x00cff2000000ffff
+    .quad 0x00affa000000ffff
+    .global tg_gdt_tss
+tg_gdt_tss:
+    .quad 0, 0                  # filled in by usermode::init
 gdt_end:
     .balign 8
 gdt_desc:
@@ -186,18 +198,18 @@ gdt_desc:
     .section .data.pagetables, "aw"
     .balign 4096
 pml4:
-    .quad pdpt + 0x3            # present | writable
+    .quad pdpt + 0x7            # present | writable | user
     .fill 511, 8, 0
 pdpt:
-    .quad pd + 0x0003
-    .quad pd + 0x1003
-    .quad pd + 0x2003
-    .quad pd + 0x3003
+    .quad pd + 0x0007
+    .quad pd + 0x1007
+    .quad pd + 0x2007
+    .quad pd + 0x3007
     .fill 508, 8, 0
 pd:
     .set pg, 0
     .rept 2048
-    .quad (pg << 21) | 0x83     # present | writable | 2 MiB page
+    .quad (pg << 21) | 0x87     # present | writable | user | 2 MiB page
     .set pg, pg + 1
     .endr
 

@@ -35,6 +35,23 @@ pub fn inw(port: u16) -> u16 {
     v
 }
 
+/// Writes bytes to an I/O port one after the other, in a four-instruction
+/// loop (each instruction at CPL 0 is emulated under kvm-pvm, see
+/// usermode.rs). Not `rep outsb`: KVM hands a string OUT to the VMM as one
+/// write of all its bytes, and EnSpeed's serial port ignores writes longer
+/// than a byte.
+pub fn out_bytes(port: u16, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: reads `bytes` only; port I/O has no other memory effects.
+    unsafe {
+        asm!("2:", "lodsb", "out dx, al", "dec rcx", "jnz 2b",
+             inout("rsi") bytes.as_ptr() => _, inout("rcx") bytes.len() => _, in("dx") port, out("al") _,
+             options(nostack, readonly))
+    }
+}
+
 /// Writes a 32-bit word to an I/O port.
 #[inline]
 pub fn outl(port: u16, v: u32) {

@@ -19,6 +19,7 @@ mod kbd;
 mod mem;
 mod net;
 mod serial;
+mod usermode;
 mod virtio;
 
 use io::Global;
@@ -182,6 +183,7 @@ extern "C" fn tg_main(kind: u64, info: u64) -> ! {
     // `tg: entry` was printed by common64 already.
     serial::init();
     idt_init();
+    usermode::init();
     let bi = boot_info(kind, info);
     cmdline::load(bi.cmdline);
     *RSDP.get() = bi.rsdp;
@@ -213,14 +215,11 @@ extern "C" {
 }
 
 fn idt_init() {
-    let idt = &mut IDT.get().0;
     for v in 0..32 {
         // SAFETY: the table is static data emitted by boot.rs.
-        let h = unsafe { tg_isr_table[v] };
-        // 64-bit interrupt gate, present, DPL 0, selector 0x08.
-        idt[2 * v] = (h & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | ((h >> 16) & 0xffff) << 48;
-        idt[2 * v + 1] = h >> 32;
+        idt_gate(v, unsafe { tg_isr_table[v] });
     }
+    let idt = &IDT.get().0;
     #[repr(C, packed)]
     struct Ptr {
         limit: u16,
@@ -229,6 +228,14 @@ fn idt_init() {
     let p = Ptr { limit: (64 * 8 - 1) as u16, base: idt.as_ptr() as u64 };
     // SAFETY: the IDT is static and its gates point at valid stubs.
     unsafe { core::arch::asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags)) };
+}
+
+/// Points exception vector `v` (below 32) at handler `h`: 64-bit
+/// interrupt gate, present, DPL 0, selector 0x08.
+pub fn idt_gate(v: usize, h: u64) {
+    let idt = &mut IDT.get().0;
+    idt[2 * v] = (h & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | ((h >> 16) & 0xffff) << 48;
+    idt[2 * v + 1] = h >> 32;
 }
 
 /// Called by the exception stubs with a pointer to
@@ -247,6 +254,8 @@ extern "C" fn tg_exception(frame: *const u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    // At CPL 3 this cannot print; it leaves user mode and `run` reports.
+    usermode::panic_exit(info);
     match info.location() {
         Some(l) => fail!("panic {}:{} {}", l.file(), l.line(), info.message()),
         None => fail!("panic {}", info.message()),

@@ -1,6 +1,7 @@
 //! 16550 UART at I/O port 0x3f8 and the `tg: ` line protocol.
 
-use crate::io::{inb, outb};
+use crate::io::{inb, out_bytes, outb, Global};
+use crate::usermode;
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -8,6 +9,12 @@ const COM1: u16 = 0x3f8;
 
 /// Set once any `tg: FAIL` line has been printed; decides `done ok|fail`.
 static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Bytes the transmitter takes once LSR shows it empty: the 16550A's
+/// FIFO depth, or 1 without a FIFO.
+static TX_BURST: Global<u8> = Global::new(1);
+/// Bytes that may still be written before LSR must be polled again.
+static TX_ROOM: Global<u8> = Global::new(0);
 
 /// Minimal UART init: 115200 8N1, FIFOs on, no interrupts.
 pub fn init() {
@@ -18,45 +25,112 @@ pub fn init() {
     outb(COM1 + 3, 0x03); // 8N1, DLAB off
     outb(COM1 + 2, 0xC7); // FIFO on, clear both, 14-byte threshold
     outb(COM1 + 4, 0x03); // DTR | RTS
+    // IIR bits 7:6 read 11 when the FIFOs are really on (16550A).
+    *TX_BURST.get() = if inb(COM1 + 2) & 0xC0 == 0xC0 { 16 } else { 1 };
+    *TX_ROOM.get() = 0;
 }
 
-/// Writes one byte, waiting (bounded, so a missing UART cannot hang us)
-/// for the transmit holding register to be empty (LSR bit 5).
-pub fn putb(b: u8) {
-    let mut n = 0u32;
-    while inb(COM1 + 5) & 0x20 == 0 && n < 1_000_000 {
-        n += 1;
-        core::hint::spin_loop();
+/// Writes bytes to the UART. Every port access is a VM exit (about 10 us
+/// under kvm-pvm), so LSR is polled (bounded, so a missing UART cannot
+/// hang us) only once per FIFO load: when it shows the transmitter empty,
+/// `TX_BURST` bytes may follow.
+fn write_bytes(mut bytes: &[u8]) {
+    let room = TX_ROOM.get();
+    while !bytes.is_empty() {
+        if *room == 0 {
+            let mut n = 0u32;
+            while inb(COM1 + 5) & 0x20 == 0 && n < 1_000_000 {
+                n += 1;
+                core::hint::spin_loop();
+            }
+            *room = *TX_BURST.get();
+        }
+        let n = bytes.len().min(*room as usize);
+        out_bytes(COM1, &bytes[..n]);
+        *room -= n as u8;
+        bytes = &bytes[n..];
     }
-    outb(COM1, b);
 }
 
-struct Uart;
+/// Longest line formatted at CPL 3; longer ones are written as they are
+/// formatted, at CPL 0.
+const LINE_MAX: usize = 1024;
 
-impl Write for Uart {
-    /// Line breaks inside a message become spaces: every output line must
-    /// start with `tg: ` (the newline is added by `say`/`fail` only).
+/// One protocol line being formatted (without its newline).
+struct Line {
+    buf: [u8; LINE_MAX + 1],
+    len: usize,
+    full: bool,
+}
+
+static LINE: Global<Line> = Global::new(Line { buf: [0; LINE_MAX + 1], len: 0, full: false });
+
+impl Write for Line {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
-            putb(if b == b'\n' || b == b'\r' { b' ' } else { b });
+            if self.len == LINE_MAX {
+                self.full = true;
+                return Err(fmt::Error);
+            }
+            self.buf[self.len] = one_line(b);
+            self.len += 1;
         }
         Ok(())
     }
 }
 
+/// Writes straight to the UART as it is formatted.
+struct Uart;
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            write_bytes(&[one_line(b)]);
+        }
+        Ok(())
+    }
+}
+
+/// Line breaks inside a message become spaces: every output line must
+/// start with `tg: ` (the newline is added by `line` only).
+fn one_line(b: u8) -> u8 {
+    if b == b'\n' || b == b'\r' {
+        b' '
+    } else {
+        b
+    }
+}
+
+/// Prints `<prefix><args>\n`. core::fmt runs thousands of instructions per
+/// line, each emulated at CPL 0 under kvm-pvm (see usermode.rs), so the
+/// line is formatted at CPL 3 into a buffer first when it fits.
+fn line(prefix: &str, args: fmt::Arguments) {
+    let l = LINE.get();
+    let fits = usermode::run(|| {
+        l.len = 0;
+        l.full = false;
+        let _ = l.write_str(prefix).and_then(|()| l.write_fmt(args));
+        !l.full
+    });
+    if fits {
+        l.buf[l.len] = b'\n';
+        write_bytes(&l.buf[..l.len + 1]);
+    } else {
+        let _ = Uart.write_str(prefix);
+        let _ = Uart.write_fmt(args);
+        write_bytes(b"\n");
+    }
+}
+
 /// Prints one protocol line: `tg: <args>\n`.
 pub fn say(args: fmt::Arguments) {
-    let _ = Uart.write_str("tg: ");
-    let _ = Uart.write_fmt(args);
-    putb(b'\n');
+    line("tg: ", args);
 }
 
 /// Prints `tg: FAIL <args>` and remembers that the run failed.
 pub fn fail(args: fmt::Arguments) {
     FAILED.store(true, Ordering::Relaxed);
-    let _ = Uart.write_str("tg: FAIL ");
-    let _ = Uart.write_fmt(args);
-    putb(b'\n');
+    line("tg: FAIL ", args);
 }
 
 /// Whether any FAIL line was printed.
