@@ -25,42 +25,60 @@ const MAX_LINE: u64 = 64 * 1024;
 /// Default bitmap region: 1 MiB.
 pub const DEFAULT_REGION: u64 = 1 << 20;
 
-/// A request on the control socket.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+/// Parses a size: bytes, or with a K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64M, 10G)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large"))
+}
+
+/// A request on the control socket; also the subcommands of `enspeed disk`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, clap::Subcommand)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// Create a disk: the first copy (primary) or an empty backup.
+    /// Create a disk: a primary (the first copy), or with --backup an empty backup.
     Create {
         /// Name, the same on both servers.
         name: String,
-        /// Size in bytes.
+        /// Size: bytes, or with a K, M, G or T suffix.
+        #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Bitmap region size in bytes (default 1 MiB).
+        /// Bitmap region size (default 1M).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long, value_parser = parse_size)]
         region_size: Option<u64>,
-        /// Create an empty backup instead of a primary.
+        /// Create an empty backup that waits for its primary.
         #[serde(default)]
+        #[arg(long)]
         backup: bool,
-        /// The storage pool (a directory, e.g. /vms1) to keep the copy in; the
-        /// data directory itself when absent. The data directory then holds a
-        /// link to it, so the disk is found again at start.
+        /// Keep the copy in this storage pool (a directory such as /vms1); the
+        /// data directory then holds a link to it, so the disk is found again
+        /// at start. The data directory itself when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
         pool: Option<PathBuf>,
     },
-    /// Report one disk, or all.
+    /// Show one disk, or all: role, generation, link, resync progress.
     Status {
         /// The disk; all when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
-    /// Mirror a primary to the backup at `peer` (host:port of its blockd).
+    /// Mirror a primary to the backup served by the blockd at PEER (host:port).
     Attach {
         /// The disk.
         name: String,
-        /// The backup server's blockd address.
+        /// The backup server's blockd mirror address.
         peer: String,
     },
-    /// Stop mirroring a primary (its writes stall until it goes on alone).
+    /// Stop mirroring a primary (its writes stall until it is promoted to go on alone).
     Detach {
         /// The disk.
         name: String,
@@ -70,17 +88,19 @@ pub enum Request {
         /// The disk.
         name: String,
         /// The new generation, above the current one.
+        #[arg(long)]
         generation: u64,
         /// Promote a backup whose data is not consistent.
         #[serde(default)]
+        #[arg(long)]
         force: bool,
     },
-    /// Make a copy a backup again.
+    /// Make a primary a backup again.
     Demote {
         /// The disk.
         name: String,
     },
-    /// Remove a disk that no VMM uses and that is not linked.
+    /// Delete a disk that is not linked.
     Delete {
         /// The disk.
         name: String,

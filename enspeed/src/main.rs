@@ -60,105 +60,11 @@ struct DiskArgs {
     /// The blockd's control socket.
     #[arg(long)]
     control: PathBuf,
+    /// Print the answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
-    op: DiskOp,
-}
-
-#[derive(Subcommand)]
-enum DiskOp {
-    /// Create a disk: a primary (the first copy), or with --backup an empty backup.
-    Create {
-        /// Name, the same on both servers.
-        name: String,
-        /// Size: bytes, or with a K, M, G or T suffix.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        /// Bitmap region size (default 1M).
-        #[arg(long, value_parser = parse_size)]
-        region_size: Option<u64>,
-        /// Create an empty backup that waits for its primary.
-        #[arg(long)]
-        backup: bool,
-        /// Keep the copy in this storage pool (a directory such as /vms1).
-        #[arg(long)]
-        pool: Option<PathBuf>,
-    },
-    /// Show one disk, or all: role, generation, link, resync progress.
-    Status {
-        /// The disk; all when absent.
-        name: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Mirror a primary to the backup served by the blockd at PEER (host:port).
-    Attach {
-        /// The disk.
-        name: String,
-        /// The backup server's blockd mirror address.
-        peer: String,
-    },
-    /// Stop mirroring a primary (its writes stall until it is promoted to go on alone).
-    Detach {
-        /// The disk.
-        name: String,
-    },
-    /// Raise the generation: promote a backup, or let a primary go on alone.
-    Promote {
-        /// The disk.
-        name: String,
-        /// The new generation, above the current one.
-        #[arg(long)]
-        generation: u64,
-        /// Promote a backup whose data is not consistent.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Make a primary a backup again.
-    Demote {
-        /// The disk.
-        name: String,
-    },
-    /// Delete a disk that is not linked.
-    Delete {
-        /// The disk.
-        name: String,
-    },
-}
-
-/// Parses a size: bytes, or with a K, M, G or T suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64M, 10G)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large"))
-}
-
-fn disk_request(op: &DiskOp) -> blockrepl::daemon::Request {
-    use blockrepl::daemon::Request;
-    match op {
-        DiskOp::Create { name, size, region_size, backup, pool } => Request::Create {
-            name: name.clone(),
-            size: *size,
-            region_size: *region_size,
-            backup: *backup,
-            pool: pool.clone(),
-        },
-        DiskOp::Status { name, .. } => Request::Status { name: name.clone() },
-        DiskOp::Attach { name, peer } => Request::Attach { name: name.clone(), peer: peer.clone() },
-        DiskOp::Detach { name } => Request::Detach { name: name.clone() },
-        DiskOp::Promote { name, generation, force } => {
-            Request::Promote { name: name.clone(), generation: *generation, force: *force }
-        }
-        DiskOp::Demote { name } => Request::Demote { name: name.clone() },
-        DiskOp::Delete { name } => Request::Delete { name: name.clone() },
-    }
+    op: blockrepl::daemon::Request,
 }
 
 /// One line per disk, as `enspeed disk status` prints it.
@@ -194,15 +100,13 @@ fn disk_line(d: &serde_json::Value) -> String {
 }
 
 fn disk_command(a: DiskArgs) -> ExitCode {
-    let request = serde_json::to_string(&disk_request(&a.op)).expect("requests serialize");
+    let request = serde_json::to_string(&a.op).expect("requests serialize");
     match blockrepl::daemon::call(&a.control, &request) {
         Ok(resp) if resp.ok => {
-            match (&a.op, resp.disks) {
-                (DiskOp::Status { json: true, .. }, Some(disks)) => {
-                    println!("{}", serde_json::to_string_pretty(&disks).expect("JSON prints"))
-                }
-                (_, Some(disks)) => disks.iter().for_each(|d| println!("{}", disk_line(d))),
-                (_, None) => println!("ok"),
+            match resp.disks {
+                Some(disks) if a.json => println!("{}", serde_json::to_string_pretty(&disks).expect("JSON prints")),
+                Some(disks) => disks.iter().for_each(|d| println!("{}", disk_line(d))),
+                None => println!("ok"),
             }
             ExitCode::SUCCESS
         }
