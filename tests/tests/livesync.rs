@@ -165,11 +165,11 @@ fn the_guest_writes_through_vmm_and_the_backup_matches_byte_for_byte() {
     let b = Blockd::start(&s.path("b"));
     mirrored_pair(&a, &b, "32M");
     let mut vm = Vmm::start(&guest_args(
-        "tg.run=stamp,blkid tg.blocks=256 tg.ops=64 tg.ackevery=64 tg.flushevery=16 tg.end=poweroff",
+        "tg.run=stamp,blkid tg.blocks=256 tg.ops=2048 tg.ackevery=256 tg.flushevery=16 tg.end=poweroff",
         &["--disk", &format!("vhost-user={}", a.vhost_socket("d"))],
     ));
     vm.wait_for("tg: blk dev=0 sectors=65536 ro=0 flush=1", BOOT);
-    vm.wait_for("tg: ack blk=64 seq=64", BOOT);
+    vm.wait_for("tg: ack blk=0 seq=2048", BOOT);
     vm.wait_for("tg: blk id=d", BOOT);
     vm.wait_for("tg: done ok", BOOT);
     assert!(vm.wait_exit(BOOT).success());
