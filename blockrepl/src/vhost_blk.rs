@@ -21,8 +21,6 @@
 //! was stopped anyway is dropped instead of writing into a ring the guest has
 //! since reused.
 
-pub mod request;
-
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -34,6 +32,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_blk::{status, Op, Request, ID_LEN, SECTOR_SIZE};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -42,7 +41,6 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use self::request::{status, Op, Request, ID_LEN, SECTOR_SIZE};
 use crate::store::BlockStore;
 
 /// Descriptors in the one request queue.
@@ -505,7 +503,7 @@ impl BlkBackend {
                 finished: false,
             };
             let mem = self.mem.memory();
-            match request::parse(chain, &mem, MAX_REQUEST_BYTES) {
+            match virtio_blk::parse(chain, &mem, MAX_REQUEST_BYTES) {
                 Ok(req) => {
                     done.status = Some(req.status);
                     completed |= self.execute(&mem, req, done);
@@ -537,13 +535,13 @@ impl BlkBackend {
         let capacity = self.store.capacity();
         match req.op {
             Op::Read => {
-                let Some(offset) = request::disk_range(&req, capacity) else {
+                let Some(offset) = virtio_blk::disk_range(&req, capacity) else {
                     done.finish(status::IOERR, 0);
                     return true;
                 };
                 let mut buf = vec![0u8; req.data_len as usize];
                 let result = self.store.read(offset, &mut buf).and_then(|()| {
-                    request::scatter(mem, &req.data, &buf).map_err(io::Error::other)
+                    virtio_blk::scatter(mem, &req.data, &buf).map_err(io::Error::other)
                 });
                 match result {
                     Ok(()) => done.finish(status::OK, req.data_len as u32),
@@ -559,11 +557,11 @@ impl BlkBackend {
                     done.finish(status::IOERR, 0);
                     return true;
                 }
-                let Some(offset) = request::disk_range(&req, capacity) else {
+                let Some(offset) = virtio_blk::disk_range(&req, capacity) else {
                     done.finish(status::IOERR, 0);
                     return true;
                 };
-                let data = match request::gather(mem, &req.data, req.data_len) {
+                let data = match virtio_blk::gather(mem, &req.data, req.data_len) {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::warn!(disk = %self.disk, error = %e, "write data unreadable");
@@ -591,7 +589,7 @@ impl BlkBackend {
             }
             Op::GetId => {
                 let n = (req.data_len as usize).min(ID_LEN);
-                match request::scatter(mem, &req.data, &self.id[..n]) {
+                match virtio_blk::scatter(mem, &req.data, &self.id[..n]) {
                     Ok(()) => done.finish(status::OK, n as u32),
                     Err(_) => done.finish(status::IOERR, 0),
                 }

@@ -14,9 +14,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Address, FileOffset, GuestMemoryBackend, GuestRegionMmap};
 
-use super::request::kind;
 use super::*;
 use crate::store::{Done, FileStore};
+use virtio_blk::kind;
 
 const RING: u16 = 16;
 const DESC: u64 = 0x0;

@@ -2,18 +2,16 @@
 //! mode whose media can be changed or ejected while the guest runs (ISO
 //! images as CD-ROMs).
 
-pub mod request;
-
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use virtio_blk::{status, Op, Request, ID_LEN, SECTOR_SIZE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::request::{Op, Request, SECTOR_SIZE};
 use super::worker::{QueueHandler, Worker};
 use super::{features, ids, read_config_bytes, Interrupt, VirtioDevice};
 use crate::bus::lock;
@@ -72,7 +70,7 @@ impl Backend {
 pub struct Block {
     backend: Arc<Mutex<Backend>>,
     readonly: bool,
-    id: [u8; request::ID_LEN],
+    id: [u8; ID_LEN],
     worker: Option<Worker<BlockWorker>>,
     name: String,
 }
@@ -81,7 +79,7 @@ impl Block {
     /// Opens `path` as a disk; `readonly` disks are removable media.
     pub fn new(path: &Path, readonly: bool) -> Result<Block, BlockError> {
         let backend = Backend::open(path, readonly)?;
-        let mut id = [0u8; request::ID_LEN];
+        let mut id = [0u8; ID_LEN];
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -202,7 +200,7 @@ struct BlockWorker {
     queue: Queue,
     backend: Arc<Mutex<Backend>>,
     readonly: bool,
-    id: [u8; request::ID_LEN],
+    id: [u8; ID_LEN],
     interrupt: Arc<Interrupt>,
     iovecs: Vec<libc::iovec>,
 }
@@ -214,7 +212,7 @@ unsafe impl Send for BlockWorker {}
 impl BlockWorker {
     /// Runs one parsed request; returns the status byte and bytes written to the guest.
     fn execute(&mut self, req: &Request) -> (u8, u32) {
-        use request::status::*;
+        use status::{IOERR, OK};
         let backend = lock(&self.backend);
         let Some(file) = backend.file.as_ref() else {
             // Ejected media: every access fails, as on an empty drive.
@@ -225,15 +223,11 @@ impl BlockWorker {
                 if req.op == Op::Write && self.readonly {
                     return (IOERR, 0);
                 }
-                let end = req
-                    .sector
-                    .checked_mul(SECTOR_SIZE)
-                    .and_then(|s| s.checked_add(req.data_len));
-                match end {
-                    Some(end) if end <= backend.sectors * SECTOR_SIZE => {}
-                    _ => return (IOERR, 0),
-                }
-                match transfer(&self.mem, &mut self.iovecs, file, req) {
+                let Some(offset) = virtio_blk::disk_range(req, backend.sectors * SECTOR_SIZE)
+                else {
+                    return (IOERR, 0);
+                };
+                match transfer(&self.mem, &mut self.iovecs, file, req, offset) {
                     Ok(()) if req.op == Op::Read => (OK, req.data_len as u32),
                     Ok(()) => (OK, 0),
                     Err(e) => {
@@ -250,23 +244,11 @@ impl BlockWorker {
                 }
             },
             Op::GetId => {
-                // The id may span several guest buffers.
-                let mut off = 0usize;
-                for s in &req.data {
-                    let n = (s.len as usize).min(request::ID_LEN - off);
-                    if self
-                        .mem
-                        .write_slice(&self.id[off..off + n], s.addr)
-                        .is_err()
-                    {
-                        return (IOERR, 0);
-                    }
-                    off += n;
-                    if off == request::ID_LEN {
-                        break;
-                    }
+                // The id may span several guest buffers; parse checked they hold ID_LEN bytes.
+                if virtio_blk::scatter(&self.mem, &req.data, &self.id).is_err() {
+                    return (IOERR, 0);
                 }
-                (OK, request::ID_LEN as u32)
+                (OK, ID_LEN as u32)
             }
         }
     }
@@ -279,6 +261,7 @@ fn transfer(
     iovecs: &mut Vec<libc::iovec>,
     file: &File,
     req: &Request,
+    offset: u64,
 ) -> std::io::Result<()> {
     iovecs.clear();
     for s in &req.data {
@@ -290,7 +273,7 @@ fn transfer(
             iov_len: slice.len(),
         });
     }
-    let mut offset = (req.sector * SECTOR_SIZE) as i64;
+    let mut offset = offset as i64;
     let mut iov: &mut [libc::iovec] = iovecs;
     while !iov.is_empty() {
         let n = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
@@ -341,20 +324,17 @@ impl BlockWorker {
             }
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
-                let parsed = request::split_chain(chain, &self.mem)
-                    .and_then(|p| request::parse(p, &self.mem));
+                // No size limit: the device promises no size_max, and the
+                // chain's length is bounded by the queue.
+                let parsed = virtio_blk::parse(chain, &self.mem, u64::MAX);
                 let (status_addr, status, len) = match parsed {
                     Ok(req) => {
                         let (st, len) = self.execute(&req);
                         (Some(req.status), st, len)
                     }
-                    Err((p, e)) => {
-                        tracing::debug!(error = %e, "refused virtio-blk request");
-                        let st = match e {
-                            request::RequestError::Unsupported(_) => request::status::UNSUPP,
-                            _ => request::status::IOERR,
-                        };
-                        (e.status_addr(&p), st, 0)
+                    Err(refused) => {
+                        tracing::debug!(error = %refused.error, "refused virtio-blk request");
+                        (refused.status, refused.error.status(), 0)
                     }
                 };
                 let used = match status_addr {
@@ -403,7 +383,7 @@ mod tests {
         let q = MockSplitQueue::new(&mem, 16);
         mem.write_obj(typ, GuestAddress(0x10000)).unwrap();
         mem.write_obj(sector, GuestAddress(0x10008)).unwrap();
-        let write = if typ == request::kind::OUT {
+        let write = if typ == virtio_blk::kind::OUT {
             0
         } else {
             VRING_DESC_F_WRITE as u16
@@ -428,7 +408,7 @@ mod tests {
             queue: q.create_queue().unwrap(),
             backend,
             readonly,
-            id: [0; request::ID_LEN],
+            id: [0; ID_LEN],
             interrupt: interrupt.clone(),
             iovecs: Vec::new(),
         };
@@ -446,8 +426,8 @@ mod tests {
     fn writes_reach_the_file_and_reads_come_back() {
         use std::os::unix::fs::FileExt;
         let p = tmp("rw", 1 << 20);
-        let (st, used, mem) = run(&p, false, request::kind::IN, 0, (0x20000, 512));
-        assert_eq!((st, used), (request::status::OK, 513));
+        let (st, used, mem) = run(&p, false, virtio_blk::kind::IN, 0, (0x20000, 512));
+        assert_eq!((st, used), (status::OK, 513));
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20000)).unwrap(), 0);
         std::fs::File::options()
             .write(true)
@@ -455,14 +435,14 @@ mod tests {
             .unwrap()
             .write_all_at(&[0xab; 1024], 4096)
             .unwrap();
-        let (st, used, mem) = run(&p, false, request::kind::IN, 8, (0x20000, 1024));
-        assert_eq!((st, used), (request::status::OK, 1025));
+        let (st, used, mem) = run(&p, false, virtio_blk::kind::IN, 8, (0x20000, 1024));
+        assert_eq!((st, used), (status::OK, 1025));
         assert_eq!(
             mem.read_obj::<u64>(GuestAddress(0x20000 + 1016)).unwrap(),
             0xabab_abab_abab_abab
         );
-        let (st, _, _) = run(&p, false, request::kind::OUT, 16, (0x20000, 512));
-        assert_eq!(st, request::status::OK);
+        let (st, _, _) = run(&p, false, virtio_blk::kind::OUT, 16, (0x20000, 512));
+        assert_eq!(st, status::OK);
         std::fs::remove_file(p).unwrap();
     }
 
@@ -470,14 +450,20 @@ mod tests {
     fn out_of_range_and_readonly_writes_fail_without_touching_the_file() {
         let p = tmp("range", 1 << 20);
         // Last sector is 2047: a read starting there of two sectors runs past the end.
-        let (st, used, _) = run(&p, false, request::kind::IN, 2047, (0x20000, 1024));
-        assert_eq!((st, used), (request::status::IOERR, 1));
-        let (st, _, _) = run(&p, false, request::kind::IN, u64::MAX / 256, (0x20000, 512));
-        assert_eq!(st, request::status::IOERR);
-        let (st, _, _) = run(&p, true, request::kind::OUT, 0, (0x20000, 512));
-        assert_eq!(st, request::status::IOERR);
+        let (st, used, _) = run(&p, false, virtio_blk::kind::IN, 2047, (0x20000, 1024));
+        assert_eq!((st, used), (status::IOERR, 1));
+        let (st, _, _) = run(
+            &p,
+            false,
+            virtio_blk::kind::IN,
+            u64::MAX / 256,
+            (0x20000, 512),
+        );
+        assert_eq!(st, status::IOERR);
+        let (st, _, _) = run(&p, true, virtio_blk::kind::OUT, 0, (0x20000, 512));
+        assert_eq!(st, status::IOERR);
         let (st, _, _) = run(&p, false, 77, 0, (0x20000, 512));
-        assert_eq!(st, request::status::UNSUPP);
+        assert_eq!(st, status::UNSUPP);
         assert!(
             std::fs::read(&p).unwrap().iter().all(|b| *b == 0),
             "a refused request wrote to the file"
