@@ -1,0 +1,349 @@
+//! The Raft control plane's speed, in one run: three `enspeed server`s (control plane only) on
+//! loopback, data on the same filesystem; committed writes per second and commit latency with
+//! one client and with 16 concurrent clients, to the leader and through a follower (which
+//! forwards to the leader); linearizable read latency. Every request is one JSON line on a
+//! kept-open connection, as `enspeed cluster` sends it. Prints Markdown.
+//!
+//! `control-bench failover LOG` instead summarizes the output of the failover test's power-cut
+//! drills (`drill N: ... VMM on server B after D, guest ready after D`).
+//!
+//! Run with `scripts/bench-control.sh`. Knobs: BENCH_OPS (requests per measurement, default
+//! 2000), BENCH_DIR (where the servers keep their data, /var/tmp).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enspeed_tests::{enspeed_bin, Scratch};
+use serde_json::{json, Value};
+
+/// A kept-open client connection.
+struct Conn {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: &str) -> Conn {
+        let w = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        w.set_nodelay(true).unwrap();
+        w.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Conn { w, r }
+    }
+
+    fn call(&mut self, req: &Value) -> Result<Value, String> {
+        let mut line = serde_json::to_vec(req).unwrap();
+        line.push(b'\n');
+        self.w.write_all(&line).map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        self.r.read_line(&mut answer).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))?;
+        if v["ok"] == true {
+            Ok(v["result"].clone())
+        } else {
+            Err(v["error"].as_str().unwrap_or("?").to_string())
+        }
+    }
+}
+
+fn call(addr: &str, req: &Value) -> Option<Value> {
+    TcpStream::connect(addr).ok()?;
+    Conn::open(addr).call(req).ok()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    addr: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(id: usize, data: PathBuf, bootstrap: &[&str]) -> Server {
+    let addr = format!("127.0.0.1:{}", free_port());
+    std::fs::create_dir_all(&data).unwrap();
+    let log = std::fs::File::create(data.with_extension("log")).unwrap();
+    let child = Command::new(enspeed_bin())
+        .args(["server", "--id", &id.to_string(), "--data"])
+        .arg(&data)
+        .args(["--listen", &addr, "--no-agent"])
+        .args(bootstrap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start enspeed server");
+    Server { addr, child }
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// `clients` threads, each sending `ops / clients` requests made by `req` to `addr` one after
+/// another; the throughput and the sorted latencies.
+fn measure(
+    addr: &str,
+    clients: usize,
+    ops: usize,
+    req: fn(usize, usize) -> Value,
+) -> (f64, Vec<Duration>) {
+    let per = ops / clients;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let addr = addr.to_string();
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&addr);
+                (0..per)
+                    .map(|i| {
+                        let r = req(c, i);
+                        let t = Instant::now();
+                        conn.call(&r).unwrap_or_else(|e| panic!("{r}: {e}"));
+                        t.elapsed()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    (rate, lat)
+}
+
+fn put(c: usize, i: usize) -> Value {
+    json!({"op": "put", "key": format!("bench{c}.{}", i % 64), "value": format!("v{i}")})
+}
+
+fn get(c: usize, i: usize) -> Value {
+    json!({"op": "get", "key": format!("bench{c}.{}", i % 64)})
+}
+
+fn bench() {
+    let ops: usize = std::env::var("BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    std::env::set_var("TMPDIR", &base);
+    let scratch = Scratch::new("control-bench");
+    let mut servers = vec![start(1, scratch.path("server1"), &["--init"])];
+    let seed = servers[0].addr.clone();
+    wait_for("server 1 to lead", || {
+        (call(&seed, &json!({"op": "status"}))?["leader"] == 1).then_some(())
+    });
+    for id in 2..=3 {
+        servers.push(start(
+            id,
+            scratch.path(&format!("server{id}")),
+            &["--join", &seed],
+        ));
+    }
+    let leader = wait_for("three voters that agree on a leader", || {
+        let st: Vec<Value> = servers
+            .iter()
+            .map(|s| call(&s.addr, &json!({"op": "status"})))
+            .collect::<Option<_>>()?;
+        let l = st[0]["leader"].as_u64()?;
+        st.iter()
+            .all(|s| {
+                s["leader"].as_u64() == Some(l) && s["voters"].as_array().map(Vec::len) == Some(3)
+            })
+            .then_some(l as usize)
+    });
+    let leader_addr = servers[leader - 1].addr.clone();
+    let follower_addr = servers[leader % 3].addr.clone();
+    // Warm up: connections, RocksDB, the keys the reads will read.
+    measure(&leader_addr, 16, 16 * 64, |c, i| put(c, i));
+
+    println!("| Raft control plane, 3 servers on loopback | requests | per second | p50 | p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    let rows: [(&str, &str, usize, fn(usize, usize) -> Value); 6] = [
+        (
+            "committed writes, 1 client, to the leader",
+            &leader_addr,
+            1,
+            put,
+        ),
+        (
+            "committed writes, 16 clients, to the leader",
+            &leader_addr,
+            16,
+            put,
+        ),
+        (
+            "committed writes, 1 client, through a follower",
+            &follower_addr,
+            1,
+            put,
+        ),
+        (
+            "committed writes, 16 clients, through a follower",
+            &follower_addr,
+            16,
+            put,
+        ),
+        (
+            "linearizable reads, 1 client, at the leader",
+            &leader_addr,
+            1,
+            get,
+        ),
+        (
+            "linearizable reads, 1 client, through a follower",
+            &follower_addr,
+            1,
+            get,
+        ),
+    ];
+    for (what, addr, clients, req) in rows {
+        let (rate, lat) = measure(addr, clients, ops, req);
+        println!(
+            "| {what} | {} | {rate:.0} | {} | {} |",
+            lat.len(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99))
+        );
+    }
+}
+
+/// Parses a duration as Rust's `Debug` prints it (`1.2345s`, `812.5ms`, `40µs`).
+fn parse_debug_duration(s: &str) -> Option<Duration> {
+    let s = s.trim_end_matches(|c: char| c == ',' || c == ';');
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("µs") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ns") {
+        (n, 1e-9)
+    } else {
+        (s.strip_suffix('s')?, 1.0)
+    };
+    Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
+}
+
+/// The durations after `VMM on server N after` and `guest ready after` in each drill line.
+fn failover(log: &str) {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    let (mut vmm, mut ready) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| l.starts_with("drill ")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |tag: &[&str]| {
+            words
+                .windows(tag.len() + 1)
+                .find(|w| w[..tag.len()] == *tag)
+                .and_then(|w| parse_debug_duration(w[tag.len()]))
+        };
+        if let (Some(v), Some(r)) = (
+            words
+                .iter()
+                .position(|w| *w == "VMM")
+                .and_then(|i| words.get(i + 4))
+                .and_then(|w| parse_debug_duration(w)),
+            after(&["guest", "ready", "after"]),
+        ) {
+            vmm.push(v);
+            ready.push(r);
+        }
+    }
+    if vmm.is_empty() {
+        println!("| failover drills | no drill lines found in {log} | | |");
+        return;
+    }
+    vmm.sort();
+    ready.sort();
+    let s = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    println!("| Failover after a power cut of the VM's primary server (measured here) | drills | median | min .. max |");
+    println!("|---|---:|---:|---:|");
+    for (what, v) in [
+        (
+            "kill -9 of every process -> VMM running on the backup",
+            &vmm,
+        ),
+        (
+            "kill -9 of every process -> guest's first line on the backup",
+            &ready,
+        ),
+    ] {
+        println!(
+            "| {what} | {} | {} | {} .. {} |",
+            v.len(),
+            s(v[v.len() / 2]),
+            s(v[0]),
+            s(v[v.len() - 1])
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        None => bench(),
+        Some("failover") if args.len() == 3 => failover(&args[2]),
+        _ => {
+            eprintln!("usage: control-bench [failover LOG]");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_durations_parse() {
+        assert_eq!(
+            parse_debug_duration("1.5s"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_debug_duration("812.5ms,"),
+            Some(Duration::from_micros(812_500))
+        );
+        assert_eq!(
+            parse_debug_duration("40µs"),
+            Some(Duration::from_micros(40))
+        );
+        assert_eq!(parse_debug_duration("fast"), None);
+    }
+}
