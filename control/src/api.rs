@@ -138,7 +138,28 @@ fn call_envelope(address: &str, env: &Envelope, timeout: Duration) -> io::Result
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::other(format!("{address} resolves to nothing")))?;
-    let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(2)))?;
+    let s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(2)))?;
+    exchange(s, address, env, timeout).map_err(|e| io::Error::new(io::ErrorKind::Other, Sent(e)))
+}
+
+/// A request that reached the other end's socket before the error: it may have been carried out.
+#[derive(Debug)]
+struct Sent(io::Error);
+
+impl std::fmt::Display for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sent, then {}", self.0)
+    }
+}
+
+impl std::error::Error for Sent {}
+
+fn exchange(
+    mut s: TcpStream,
+    address: &str,
+    env: &Envelope,
+    timeout: Duration,
+) -> io::Result<Response> {
     s.set_read_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
     let mut line = serde_json::to_vec(env).expect("request serializes");
@@ -256,6 +277,14 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
                             .as_deref()
                             .is_some_and(|e| e.starts_with("server is not the leader")) => {}
                     Ok(r) => return r,
+                    // Sent and unanswered: the leader may have committed it. Forwarding it
+                    // again could apply it twice (a put over a later write, a compare-and-set
+                    // that succeeds twice); the client learns the outcome is unknown instead.
+                    Err(e) if e.get_ref().is_some_and(|e| e.is::<Sent>()) => {
+                        return Response::err(format!(
+                            "outcome unknown: forwarded to leader {leader} at {address}, no answer: {e}"
+                        ))
+                    }
                     Err(e) => {
                         tracing::debug!(leader, error = %e, "forwarding to the leader failed")
                     }
