@@ -109,6 +109,9 @@ pub enum Violation {
         ops: Vec<Operation>,
         /// The most operations with a known answer any order could explain.
         explained: usize,
+        /// Index in `ops` of the earliest-invoked answered operation that no order explained
+        /// after the longest explained prefix: where to look.
+        stuck: usize,
     },
     /// The search for this key gave up after visiting `states` states.
     Undecided {
@@ -126,14 +129,16 @@ impl fmt::Display for Violation {
                 key,
                 ops,
                 explained,
+                stuck,
             } => {
                 let known = ops.iter().filter(|o| o.answer != Answer::Unknown).count();
                 writeln!(
                     f,
-                    "key {key}: not linearizable; at most {explained} of its {known} answered operations can be ordered:"
+                    "key {key}: not linearizable; at most {explained} of its {known} answered operations can be ordered; around the first that cannot (>>):"
                 )?;
-                for o in ops {
-                    writeln!(f, "  {o}")?;
+                let from = stuck.saturating_sub(12);
+                for (i, o) in ops.iter().enumerate().skip(from).take(25) {
+                    writeln!(f, "{} {o}", if i == *stuck { ">>" } else { "  " })?;
                 }
                 Ok(())
             }
@@ -179,6 +184,7 @@ pub fn check(history: &[Operation]) -> Result<Summary, Violation> {
             linearized: vec![0; k.ops.len().div_ceil(64)],
             depth_known: 0,
             best: 0,
+            stuck: None,
         };
         let found = search.dfs(0, 0);
         sum.states += search.seen.len();
@@ -191,10 +197,18 @@ pub fn check(history: &[Operation]) -> Result<Summary, Violation> {
         if !found {
             let mut ops: Vec<Operation> = ops.into_iter().cloned().collect();
             ops.sort_by_key(|o| o.invoked);
+            let stuck = search
+                .stuck
+                .and_then(|at| {
+                    ops.iter()
+                        .position(|o| o.invoked == at && o.answer != Answer::Unknown)
+                })
+                .unwrap_or(0);
             return Err(Violation::NotLinearizable {
                 key: key.to_string(),
                 ops,
                 explained: search.best,
+                stuck,
             });
         }
     }
@@ -314,6 +328,8 @@ struct Search<'a> {
     linearized: Vec<u64>,
     depth_known: usize,
     best: usize,
+    /// When the first answered operation left out of the longest explained prefix was invoked.
+    stuck: Option<Duration>,
 }
 
 impl Search<'_> {
@@ -328,7 +344,12 @@ impl Search<'_> {
     /// Whether the operations not yet linearized, from `first` (every one before it is), can
     /// follow from `state`.
     fn dfs(&mut self, first: usize, state: State) -> bool {
-        self.best = self.best.max(self.depth_known);
+        if self.depth_known > self.best || self.stuck.is_none() {
+            self.best = self.depth_known;
+            self.stuck = (first..self.h.ops.len())
+                .find(|&i| !self.is_set(i) && self.h.ops[i].known)
+                .map(|i| self.h.ops[i].invoked);
+        }
         if self.depth_known == self.h.known {
             return true;
         }
@@ -408,7 +429,7 @@ mod tests {
         ];
         let err = check(&h).unwrap_err();
         assert!(
-            matches!(&err, Violation::NotLinearizable { key, explained: 1, .. } if key == "k"),
+            matches!(&err, Violation::NotLinearizable { key, explained: 1, stuck: 1, .. } if key == "k"),
             "{err}"
         );
         assert!(err.to_string().contains("c2 k get => -"), "{err}");
