@@ -261,30 +261,31 @@ fn parse_debug_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
 }
 
-/// The durations after `VMM on server N after` and `guest ready after` in each drill line.
-fn failover(log: &str) {
+/// The durations after `VMM on server B after` and `guest ready after` in each drill line.
+fn drills(log: &str) -> (Vec<Duration>, Vec<Duration>) {
     let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
     let (mut vmm, mut ready) = (Vec::new(), Vec::new());
     for line in text.lines().filter(|l| l.starts_with("drill ")) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let after = |tag: &[&str]| {
-            words
-                .windows(tag.len() + 1)
-                .find(|w| w[..tag.len()] == *tag)
-                .and_then(|w| parse_debug_duration(w[tag.len()]))
-        };
-        if let (Some(v), Some(r)) = (
-            words
-                .iter()
-                .position(|w| *w == "VMM")
-                .and_then(|i| words.get(i + 4))
-                .and_then(|w| parse_debug_duration(w)),
-            after(&["guest", "ready", "after"]),
-        ) {
+        // "... VMM on server B after D, guest ready after D"
+        let to_vmm = line
+            .split_once(" VMM on server ")
+            .and_then(|(_, rest)| rest.split_once(" after "))
+            .and_then(|(_, rest)| rest.split(',').next())
+            .and_then(parse_debug_duration);
+        let to_ready = line
+            .split_once(" guest ready after ")
+            .and_then(|(_, rest)| parse_debug_duration(rest.trim()));
+        if let (Some(v), Some(r)) = (to_vmm, to_ready) {
             vmm.push(v);
             ready.push(r);
         }
     }
+    (vmm, ready)
+}
+
+/// Prints the median and range of the failover drills in `log`.
+fn failover(log: &str) {
+    let (mut vmm, mut ready) = drills(log);
     if vmm.is_empty() {
         println!("| failover drills | no drill lines found in {log} | | |");
         return;
@@ -329,6 +330,16 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drill_lines_parse() {
+        let log = std::env::temp_dir().join(format!("control-bench-{}", std::process::id()));
+        std::fs::write(&log, "drill 0: server 1 (leader: Some(1)) killed at ack 1000560; VMM on server 2 after 2.966710218s, guest ready after 3.068818615s\n").unwrap();
+        let (vmm, ready) = drills(log.to_str().unwrap());
+        std::fs::remove_file(&log).unwrap();
+        assert_eq!(vmm, [Duration::from_nanos(2_966_710_218)]);
+        assert_eq!(ready, [Duration::from_nanos(3_068_818_615)]);
+    }
 
     #[test]
     fn debug_durations_parse() {
