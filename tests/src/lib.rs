@@ -1,6 +1,7 @@
 //! Helpers for the whole-system tests: find the `enspeed` binary and the
 //! test guest, run `enspeed vmm` as a real process, read its serial console
-//! line by line, and talk to its control socket.
+//! line by line, and talk to its control socket; run `enspeed server`s
+//! ([`cluster`]) in network namespaces ([`netns`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -10,7 +11,9 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod linearizability;
+pub mod netns;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

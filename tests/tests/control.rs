@@ -3,13 +3,10 @@
 //! catches up from a snapshot after log compaction, and shrink again. Every check goes through
 //! the JSON-lines client protocol, as `enspeed cluster` does.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use enspeed_tests::cluster::{self, free_port, CallError, Client, LogOnPanic, Server};
 use enspeed_tests::*;
 use serde_json::{json, Value};
 
@@ -17,77 +14,45 @@ use serde_json::{json, Value};
 static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 const WAIT: Duration = Duration::from_secs(20);
+const CLIENT: Client = Client {
+    connect: None,
+    read: Duration::from_secs(15),
+};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Server `id` on loopback, its data in `scratch`, printing its log if the test fails.
+fn server(scratch: &Scratch, id: u64, extra: &[&str]) -> Server {
+    let mut s = Server::new(
+        id,
+        format!("127.0.0.1:{}", free_port()),
+        scratch.path(&format!("server{id}")),
+        extra,
+    );
+    s.log_on_panic = LogOnPanic::All;
+    s
 }
 
-/// One `enspeed server` process, restartable on the same data directory and address.
-struct Server {
-    id: u64,
-    addr: String,
-    data: PathBuf,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn new(scratch: &Scratch, id: u64, extra: &[&str]) -> Server {
-        Server {
-            id,
-            addr: format!("127.0.0.1:{}", free_port()),
-            data: scratch.path(&format!("server{id}")),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        }
-    }
-
-    /// Starts the process with `bootstrap` (`--init`, `--join ADDR`, or nothing to restart).
-    fn start(&mut self, bootstrap: &[&str]) {
-        assert!(self.child.is_none(), "server {} already running", self.id);
-        std::fs::create_dir_all(&self.data).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.with_extension("log"))
-            .unwrap();
-        let child = Command::new(enspeed_bin())
-            .args(["server", "--id", &self.id.to_string(), "--data"])
-            .arg(&self.data)
-            .args(["--listen", &self.addr])
-            .args(bootstrap)
-            .args(&self.extra)
-            .env("ENSPEED_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start enspeed server");
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, like a power cut of this process.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
-    }
-
-    fn call(&self, req: Value) -> Result<Value, String> {
-        call(&self.addr, &req)
-    }
+/// The client protocol, on a new connection per request.
+trait Requests {
+    fn call(&self, req: Value) -> Result<Value, CallError>;
 
     fn status(&self) -> Option<Value> {
         self.call(json!({"op": "status"})).ok()
+    }
+
+    fn put(&self, key: &str, value: &str);
+
+    fn get(&self, key: &str) -> Value;
+
+    /// This server's applied state, without asking the leader.
+    fn local_state(&self) -> Option<Value> {
+        self.call(json!({"op": "read", "query": {"query": "state"}, "local": true}))
+            .ok()
+    }
+}
+
+impl Requests for Server {
+    fn call(&self, req: Value) -> Result<Value, CallError> {
+        CLIENT.call(&self.addr, &req)
     }
 
     fn put(&self, key: &str, value: &str) {
@@ -99,52 +64,11 @@ impl Server {
         let r = self.call(json!({"op": "get", "key": key}));
         r.unwrap_or_else(|e| panic!("get {key} via server {}: {e}", self.id))["value"].clone()
     }
-
-    /// This server's applied state, without asking the leader.
-    fn local_state(&self) -> Option<Value> {
-        self.call(json!({"op": "read", "query": {"query": "state"}, "local": true}))
-            .ok()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- server {} log ----\n{}", self.id, self.log());
-        }
-    }
-}
-
-/// One request on a new connection; the result, or the server's error.
-fn call(addr: &str, req: &Value) -> Result<Value, String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(format!("{req}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| format!("{addr}: {e}: {line:?}"))?;
-    if v["ok"] == true {
-        Ok(v["result"].clone())
-    } else {
-        Err(v["error"].as_str().unwrap_or("?").to_string())
-    }
 }
 
 /// Polls `f` until it returns something, or panics after `WAIT`.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    cluster::wait_for(what, WAIT, f)
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -197,16 +121,14 @@ fn converged(servers: &[&Server], want: &[u64]) {
 
 /// Starts server 1 with --init and the others with --join, and waits for them to agree.
 fn form_cluster(servers: &mut [Server]) {
-    servers[0].start(&["--init"]);
-    wait_for("server 1 to lead", || {
-        (servers[0].status()?["leader"] == 1).then_some(())
-    });
-    let seed = servers[0].addr.clone();
-    for s in servers.iter_mut().skip(1) {
-        s.start(&["--join", &seed]);
-    }
+    cluster::bootstrap(servers, &CLIENT, WAIT);
     let ids: Vec<u64> = servers.iter().map(|s| s.id).collect();
     converged(&servers.iter().collect::<Vec<_>>(), &ids);
+}
+
+/// The servers with ids `ids`, of `servers` numbered from 1.
+fn pick<'a>(servers: &'a [Server], ids: &[u64]) -> Vec<&'a Server> {
+    ids.iter().map(|&i| &servers[i as usize - 1]).collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -217,7 +139,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("control-restart");
-    let mut servers: Vec<Server> = (1..=3).map(|id| Server::new(&scratch, id, &[])).collect();
+    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, id, &[])).collect();
     form_cluster(&mut servers);
 
     // Writes through every server (followers forward to the leader); reads from every server.
@@ -238,19 +160,13 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     // Commit latency: sequential puts on one connection to the leader.
     let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
     {
-        let mut conn = TcpStream::connect(&servers[leader as usize - 1].addr).unwrap();
-        conn.set_nodelay(true).unwrap();
-        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut conn = CLIENT.open(&servers[leader as usize - 1].addr).unwrap();
         let mut lat = Vec::new();
         let start = Instant::now();
         for i in 0..200 {
             let t = Instant::now();
-            let req =
-                json!({"op": "put", "key": format!("lat{i}"), "value": "x"}).to_string() + "\n";
-            conn.write_all(req.as_bytes()).unwrap();
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            assert!(line.contains("\"ok\":true"), "{line}");
+            let r = conn.call(&json!({"op": "put", "key": format!("lat{i}"), "value": "x"}));
+            assert!(r.is_ok(), "{r:?}");
             lat.push(t.elapsed());
         }
         let total = start.elapsed();
@@ -333,9 +249,7 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("control-membership");
     let compact = ["--snapshot-every", "20"];
-    let mut servers: Vec<Server> = (1..=3)
-        .map(|id| Server::new(&scratch, id, &compact))
-        .collect();
+    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, id, &compact)).collect();
     form_cluster(&mut servers);
     for i in 0..100 {
         servers[i % 3].put(&format!("k{i}"), &i.to_string());
@@ -359,7 +273,7 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
         .unwrap()
         .addr
         .clone();
-    let mut s4 = Server::new(&scratch, 4, &compact);
+    let mut s4 = server(&scratch, 4, &compact);
     s4.extra.push("--witness".into());
     s4.start(&["--join", &via]);
     servers.push(s4);
@@ -382,7 +296,9 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     let disk = json!({"cmd": "create_disk", "name": "d0", "size": 1024, "primary": 1, "backup": 4, "generation": 1});
     let refused = servers[3].call(json!({"op": "propose", "command": disk}));
     assert!(
-        refused.as_ref().is_err_and(|e| e.contains("witness")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("witness")),
         "{refused:?}"
     );
 
@@ -399,13 +315,7 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     let mut members: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != gone).collect();
     let idx = |id: u64| id as usize - 1;
     servers[idx(gone)].kill9();
-    converged(
-        &members
-            .iter()
-            .map(|&i| &servers[idx(i)])
-            .collect::<Vec<_>>(),
-        &members,
-    );
+    converged(&pick(&servers, &members), &members);
     let state = servers[idx(members[0])]
         .call(json!({"op": "read", "query": {"query": "state"}}))
         .unwrap();
@@ -416,31 +326,15 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     servers[3].put("after-removal", "1");
 
     // Remove the leader itself: it hands leadership over first.
-    let leader = agreed_leader(
-        &members
-            .iter()
-            .map(|&i| &servers[idx(i)])
-            .collect::<Vec<_>>(),
-    );
+    let leader = agreed_leader(&pick(&servers, &members));
     let other = *members.iter().find(|&&i| i != leader).unwrap();
     servers[idx(other)]
         .call(json!({"op": "remove_server", "id": leader}))
         .unwrap();
     members.retain(|&i| i != leader);
     servers[idx(leader)].kill9();
-    converged(
-        &members
-            .iter()
-            .map(|&i| &servers[idx(i)])
-            .collect::<Vec<_>>(),
-        &members,
-    );
-    let new_leader = agreed_leader(
-        &members
-            .iter()
-            .map(|&i| &servers[idx(i)])
-            .collect::<Vec<_>>(),
-    );
+    converged(&pick(&servers, &members), &members);
+    let new_leader = agreed_leader(&pick(&servers, &members));
     assert_ne!(new_leader, leader);
     servers[idx(members[0])].put("two-left", "ok");
     for &i in &members {

@@ -15,11 +15,12 @@
 //! Needs root (network namespaces) and /dev/kvm.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use enspeed_tests::cluster::{parse_answer, wait_for_explained, Server};
+use enspeed_tests::netns::{run, Net};
 use enspeed_tests::*;
 use serde_json::{json, Value};
 
@@ -33,189 +34,25 @@ const DISK: &str = "vm1-0";
 /// What a server's log says when it fenced itself with something running.
 const FENCED: &str = "fenced: no quorum answer in time; VMMs and blockd killed";
 
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
-    }
+/// Server `i` of `net`, listening on port 7300 of its address.
+fn server(net: &Net, scratch: &Scratch, i: usize, extra: &[&str]) -> Server {
+    let mut s = Server::new(
+        i as u64,
+        format!("{}:7300", net.addr(i)),
+        scratch.path(&format!("server{i}")),
+        extra,
+    );
+    s.ns = Some(net.ns(i).to_string());
+    s
 }
 
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
+/// What a server's agent keeps of the VM.
+trait VmFiles {
+    fn serial(&self) -> String;
+    fn disk_data(&self) -> Vec<u8>;
 }
 
-/// A hub namespace with a bridge, and one namespace per server linked to it.
-struct Net {
-    hub: String,
-    servers: Vec<String>,
-    subnet: String,
-}
-
-impl Net {
-    fn new(tag: &str, n: usize) -> Net {
-        let pid = std::process::id();
-        let hub = format!("es{pid}{tag}h");
-        let subnet = format!("10.{}.{}", 100 + pid % 100, if tag == "a" { 1 } else { 2 });
-        let _ = run(Command::new("ip").args(["netns", "del", &hub]));
-        ip(&["netns", "add", &hub]);
-        let mut net = Net {
-            hub: hub.clone(),
-            servers: Vec::new(),
-            subnet,
-        };
-        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &hub, "link", "set", "br0", "up"]);
-        ip(&["-n", &hub, "link", "set", "lo", "up"]);
-        for i in 1..=n {
-            let ns = format!("es{pid}{tag}{i}");
-            let _ = run(Command::new("ip").args(["netns", "del", &ns]));
-            ip(&["netns", "add", &ns]);
-            net.servers.push(ns.clone());
-            let port = format!("p{i}");
-            ip(&[
-                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ]);
-            ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &hub, "link", "set", &port, "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", net.addr(i)),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        net
-    }
-
-    fn addr(&self, i: usize) -> String {
-        format!("{}.{i}", self.subnet)
-    }
-
-    fn ns(&self, i: usize) -> &str {
-        &self.servers[i - 1]
-    }
-
-    /// Cuts (or restores) server `i`'s cable at the bridge.
-    fn link(&self, i: usize, up: bool) {
-        ip(&[
-            "-n",
-            &self.hub,
-            "link",
-            "set",
-            &format!("p{i}"),
-            if up { "up" } else { "down" },
-        ]);
-    }
-
-    /// The processes in server `i`'s namespace: (pid, command line).
-    fn processes(&self, i: usize) -> Vec<(u32, String)> {
-        let out = run(Command::new("ip").args(["netns", "pids", self.ns(i)])).unwrap_or_default();
-        out.split_whitespace()
-            .filter_map(|p| p.parse::<u32>().ok())
-            .filter_map(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                // A zombie has an empty command line: it runs nothing.
-                (!cmd.is_empty()).then_some((pid, cmd))
-            })
-            .collect()
-    }
-
-    /// Whether a VMM runs in server `i`'s namespace.
-    fn vmm_running(&self, i: usize) -> bool {
-        self.processes(i).iter().any(|(_, c)| c.contains(" vmm "))
-    }
-
-    /// SIGKILL to every process of server `i`: a power cut.
-    fn power_cut(&self, i: usize) {
-        for _ in 0..3 {
-            for (pid, _) in self.processes(i) {
-                // SAFETY: kill(2) on a pid read from the namespace; no memory involved.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for i in 1..=self.servers.len() {
-            self.power_cut(i);
-        }
-        for ns in self.servers.iter().chain(std::iter::once(&self.hub)) {
-            let _ = run(Command::new("ip").args(["netns", "del", ns]));
-        }
-    }
-}
-
-/// One `enspeed server` in its namespace.
-struct Server {
-    id: usize,
-    addr: String,
-    data: PathBuf,
-    ns: String,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn new(net: &Net, scratch: &Scratch, id: usize, extra: &[&str]) -> Server {
-        Server {
-            id,
-            addr: format!("{}:7300", net.addr(id)),
-            data: scratch.path(&format!("server{id}")),
-            ns: net.ns(id).to_string(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        }
-    }
-
-    fn start(&mut self, bootstrap: &[&str]) {
-        std::fs::create_dir_all(&self.data).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.with_extension("log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(enspeed_bin())
-            .args(["server", "--id", &self.id.to_string(), "--data"])
-            .arg(&self.data)
-            .args(["--listen", &self.addr])
-            .args(bootstrap)
-            .args(&self.extra)
-            .env("ENSPEED_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start enspeed server");
-        self.child = Some(child);
-    }
-
-    /// Reaps the process after a power cut.
-    fn reap(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
-    }
-
+impl VmFiles for Server {
     fn serial(&self) -> String {
         std::fs::read_to_string(self.data.join("agent/vms").join(VM).join("serial.log"))
             .unwrap_or_default()
@@ -223,12 +60,6 @@ impl Server {
 
     fn disk_data(&self) -> Vec<u8> {
         std::fs::read(self.data.join("disks").join(DISK).join("data")).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.reap();
     }
 }
 
@@ -242,14 +73,14 @@ impl Cluster {
     /// Servers 1 and 2 run VMs; server 3 is the witness.
     fn start(tag: &str) -> Cluster {
         let scratch = Scratch::new(&format!("failover-{tag}"));
-        let net = Net::new(tag, 3);
+        let net = Net::new(tag, 3, if tag == "a" { 1 } else { 2 });
         let common = ["--memory-mib", "1024", "--disk-gib", "1"];
         let mut servers: Vec<Server> = (1..=3)
             .map(|i| {
                 if i == 3 {
-                    Server::new(&net, &scratch, i, &[])
+                    server(&net, &scratch, i, &[])
                 } else {
-                    Server::new(&net, &scratch, i, &common)
+                    server(&net, &scratch, i, &common)
                 }
             })
             .collect();
@@ -294,21 +125,22 @@ impl Cluster {
 
     /// One request through `enspeed cluster`-style JSON lines, from server `via`'s namespace.
     fn call(&self, via: usize, req: Value) -> Result<Value, String> {
-        let s = &self.servers[via - 1];
         let script = format!(
             "exec 3<>/dev/tcp/{}/7300; printf '%s\\n' '{}' >&3; head -n1 <&3",
             self.net.addr(via),
             req
         );
         let out = run(Command::new("ip").args([
-            "netns", "exec", &s.ns, "timeout", "10", "bash", "-c", &script,
+            "netns",
+            "exec",
+            self.net.ns(via),
+            "timeout",
+            "10",
+            "bash",
+            "-c",
+            &script,
         ]))?;
-        let v: Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out:?}"))?;
-        if v["ok"] == true {
-            Ok(v["result"].clone())
-        } else {
-            Err(v["error"].as_str().unwrap_or("?").to_string())
-        }
+        parse_answer(out.trim()).map_err(|e| e.to_string())
     }
 
     /// The state, read linearizably through the witness.
@@ -318,18 +150,25 @@ impl Cluster {
     }
 
     fn wait<T>(&self, what: &str, mut f: impl FnMut(&Cluster) -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = f(self) {
-                return v;
-            }
+        wait_for_explained(
+            what,
+            WAIT,
+            || f(self),
+            || format!("state: {:?}\n{}", self.state(), self.dump()),
+        )
+    }
+
+    /// Polls `done` every 5 ms (failover is timed to the millisecond) until it holds; panics
+    /// with `failed`, the state and the logs once `WAIT` has passed since `since`.
+    fn poll(&self, since: Instant, failed: &str, mut done: impl FnMut() -> bool) {
+        while !done() {
             assert!(
-                start.elapsed() < WAIT,
-                "timed out waiting for {what}\nstate: {:?}\n{}",
+                since.elapsed() < WAIT,
+                "{failed}\nstate: {:?}\n{}",
                 self.state(),
                 self.dump()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -468,34 +307,23 @@ fn power_cut_of_the_primary_the_vm_boots_on_its_backup_with_every_acknowledged_w
         assert!(last > base, "drill {drill}: no write acknowledged");
         // The backup's VMM appears, then its guest prints.
         let new_serial_len = c.servers[backup - 1].serial().len();
-        loop {
-            if c.net.vmm_running(backup) {
-                break;
-            }
-            assert!(
-                killed.elapsed() < WAIT,
-                "drill {drill}: the VM did not start on server {backup}\nstate: {:?}\n{}",
-                c.state(),
-                c.dump()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        c.poll(
+            killed,
+            &format!("drill {drill}: the VM did not start on server {backup}"),
+            || c.net.vmm_running(backup),
+        );
         let vmm = killed.elapsed();
         let new_base = (generation + 1) * 1_000_000;
-        loop {
-            let s = c.servers[backup - 1].serial();
-            if s[new_serial_len.min(s.len())..].contains("tg: ready") {
-                break;
-            }
-            assert!(
-                killed.elapsed() < WAIT,
-                "drill {drill}: the guest did not start on server {backup}\n{}",
-                c.dump()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        c.poll(
+            killed,
+            &format!("drill {drill}: the guest did not start on server {backup}"),
+            || {
+                let s = c.servers[backup - 1].serial();
+                s[new_serial_len.min(s.len())..].contains("tg: ready")
+            },
+        );
         let ready = killed.elapsed();
-        c.servers[primary - 1].reap();
+        c.servers[primary - 1].kill9();
         eprintln!(
             "drill {drill}: server {primary} (leader: {leader:?}) killed at ack {last}; VMM on server {backup} after {vmm:?}, guest ready after {ready:?}"
         );
@@ -556,27 +384,23 @@ fn partition_of_the_primary_it_stops_the_vm_itself_and_returns_as_the_backup() {
     c.net.link(primary, false);
     // Watch both servers until the VM runs on the backup: never on both.
     let mut stopped_at = None;
-    loop {
-        let (on_p, on_b) = (c.net.vmm_running(primary), c.net.vmm_running(backup));
-        assert!(
-            !(on_p && on_b),
-            "the VM runs on both servers {:?} after the cut\n{}",
-            cut.elapsed(),
-            c.dump()
-        );
-        if !on_p && stopped_at.is_none() {
-            stopped_at = Some(cut.elapsed());
-        }
-        if on_b {
-            break;
-        }
-        assert!(
-            cut.elapsed() < WAIT,
-            "the VM did not move to server {backup}\n{}",
-            c.dump()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    c.poll(
+        cut,
+        &format!("the VM did not move to server {backup}"),
+        || {
+            let (on_p, on_b) = (c.net.vmm_running(primary), c.net.vmm_running(backup));
+            assert!(
+                !(on_p && on_b),
+                "the VM runs on both servers {:?} after the cut\n{}",
+                cut.elapsed(),
+                c.dump()
+            );
+            if !on_p && stopped_at.is_none() {
+                stopped_at = Some(cut.elapsed());
+            }
+            on_b
+        },
+    );
     let moved = cut.elapsed();
     eprintln!("partition: server {primary} stopped the VM itself after {:?}; VMM on server {backup} after {moved:?}", stopped_at.unwrap());
     let base = generation * 1_000_000;

@@ -10,99 +10,31 @@
 //! Run with `scripts/bench-control.sh`. Knobs: BENCH_OPS (requests per measurement, default
 //! 2000), BENCH_DIR (where the servers keep their data, /var/tmp).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use enspeed_tests::{enspeed_bin, Scratch};
+use enspeed_tests::cluster::{self, free_port, Client, Server};
+use enspeed_tests::Scratch;
 use serde_json::{json, Value};
 
-/// A kept-open client connection.
-struct Conn {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
+/// The bench's clients wait this long for an answer.
+const CLIENT: Client = Client {
+    connect: None,
+    read: Duration::from_secs(30),
+};
+const WAIT: Duration = Duration::from_secs(30);
 
-impl Conn {
-    fn open(addr: &str) -> Conn {
-        let w = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        w.set_nodelay(true).unwrap();
-        w.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let r = BufReader::new(w.try_clone().unwrap());
-        Conn { w, r }
-    }
-
-    fn call(&mut self, req: &Value) -> Result<Value, String> {
-        let mut line = serde_json::to_vec(req).unwrap();
-        line.push(b'\n');
-        self.w.write_all(&line).map_err(|e| e.to_string())?;
-        let mut answer = String::new();
-        self.r.read_line(&mut answer).map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))?;
-        if v["ok"] == true {
-            Ok(v["result"].clone())
-        } else {
-            Err(v["error"].as_str().unwrap_or("?").to_string())
-        }
-    }
-}
-
-fn call(addr: &str, req: &Value) -> Option<Value> {
-    TcpStream::connect(addr).ok()?;
-    Conn::open(addr).call(req).ok()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    addr: String,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(id: usize, data: PathBuf, bootstrap: &[&str]) -> Server {
-    let addr = format!("127.0.0.1:{}", free_port());
-    std::fs::create_dir_all(&data).unwrap();
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
-    let child = Command::new(enspeed_bin())
-        .args(["server", "--id", &id.to_string(), "--data"])
-        .arg(&data)
-        .args(["--listen", &addr, "--no-agent"])
-        .args(bootstrap)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start enspeed server");
-    Server { addr, child }
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Server `id` on loopback, control plane only, its data in `scratch`.
+fn server(scratch: &Scratch, id: u64) -> Server {
+    let mut s = Server::new(
+        id,
+        format!("127.0.0.1:{}", free_port()),
+        scratch.path(&format!("server{id}")),
+        &["--no-agent"],
+    );
+    // The log level is the caller's (`ENSPEED_LOG`, warnings by default).
+    s.log_level = None;
+    s
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -127,7 +59,9 @@ fn measure(
         .map(|c| {
             let addr = addr.to_string();
             std::thread::spawn(move || {
-                let mut conn = Conn::open(&addr);
+                let mut conn = CLIENT
+                    .open(&addr)
+                    .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
                 (0..per)
                     .map(|i| {
                         let r = req(c, i);
@@ -166,22 +100,12 @@ fn bench() {
         .unwrap_or_else(|| "/var/tmp".into());
     std::env::set_var("TMPDIR", &base);
     let scratch = Scratch::new("control-bench");
-    let mut servers = vec![start(1, scratch.path("server1"), &["--init"])];
-    let seed = servers[0].addr.clone();
-    wait_for("server 1 to lead", || {
-        (call(&seed, &json!({"op": "status"}))?["leader"] == 1).then_some(())
-    });
-    for id in 2..=3 {
-        servers.push(start(
-            id,
-            scratch.path(&format!("server{id}")),
-            &["--join", &seed],
-        ));
-    }
-    let leader = wait_for("three voters that agree on a leader", || {
+    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, id)).collect();
+    cluster::bootstrap(&mut servers, &CLIENT, WAIT);
+    let leader = cluster::wait_for("three voters that agree on a leader", WAIT, || {
         let st: Vec<Value> = servers
             .iter()
-            .map(|s| call(&s.addr, &json!({"op": "status"})))
+            .map(|s| CLIENT.status(&s.addr))
             .collect::<Option<_>>()?;
         let l = st[0]["leader"].as_u64()?;
         st.iter()

@@ -1,0 +1,276 @@
+//! `enspeed server` processes for the whole-system tests and tools: start one (here or in a
+//! network namespace), kill it, restart it on the same data directory, form a cluster, and
+//! talk to it over the JSON-lines client protocol, as `enspeed cluster` does.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::enspeed_bin;
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns something, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_explained(what, timeout, f, String::new)
+}
+
+/// [`wait_for`], with what `explain` says (the cluster's state, its logs) in the panic message.
+pub fn wait_for_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    explain: impl Fn() -> String,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() >= timeout {
+            let why = explain();
+            let sep = if why.is_empty() { "" } else { "\n" };
+            panic!("timed out waiting for {what}{sep}{why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The result of a server's JSON-lines answer, or its error.
+pub fn parse_answer(line: &str) -> Result<Value, CallError> {
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| CallError::NoAnswer(format!("{e}: {line:?}")))?;
+    if v["ok"] == true {
+        Ok(v["result"].clone())
+    } else {
+        Err(CallError::Refused(
+            v["error"].as_str().unwrap_or("?").to_string(),
+        ))
+    }
+}
+
+/// Why a request got no result.
+#[derive(Debug)]
+pub enum CallError {
+    /// The connection failed: the request was never sent, it cannot have taken effect.
+    NotSent(String),
+    /// Sent, but no answer could be read: it may have taken effect.
+    NoAnswer(String),
+    /// The server answered with this error.
+    Refused(String),
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::NotSent(e) | CallError::NoAnswer(e) | CallError::Refused(e) => {
+                f.write_str(e)
+            }
+        }
+    }
+}
+
+/// How long a client waits to connect (`None`: as long as the system does) and for an answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    /// The connect timeout, if any.
+    pub connect: Option<Duration>,
+    /// The read timeout of every answer.
+    pub read: Duration,
+}
+
+impl Client {
+    /// A kept-open connection to `addr`.
+    pub fn open(&self, addr: &str) -> Result<Conn, CallError> {
+        let not_sent = |e: std::io::Error| CallError::NotSent(format!("{addr}: {e}"));
+        let w = match self.connect {
+            Some(t) => {
+                let sa: SocketAddr = addr.parse().unwrap();
+                TcpStream::connect_timeout(&sa, t).map_err(not_sent)?
+            }
+            None => TcpStream::connect(addr).map_err(not_sent)?,
+        };
+        w.set_nodelay(true).unwrap();
+        w.set_read_timeout(Some(self.read)).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Ok(Conn {
+            addr: addr.to_string(),
+            w,
+            r,
+        })
+    }
+
+    /// One request on a new connection.
+    pub fn call(&self, addr: &str, req: &Value) -> Result<Value, CallError> {
+        self.open(addr)?.call(req)
+    }
+
+    /// The server's status, if it answers.
+    pub fn status(&self, addr: &str) -> Option<Value> {
+        self.call(addr, &json!({"op": "status"})).ok()
+    }
+}
+
+/// A kept-open client connection: one JSON line out, one back, per request.
+pub struct Conn {
+    addr: String,
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Sends `req` and reads its answer.
+    pub fn call(&mut self, req: &Value) -> Result<Value, CallError> {
+        let addr = &self.addr;
+        self.w
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| CallError::NoAnswer(format!("{addr}: {e}")))?;
+        let mut line = String::new();
+        self.r
+            .read_line(&mut line)
+            .map_err(|e| CallError::NoAnswer(format!("{addr}: {e}")))?;
+        parse_answer(&line)
+    }
+}
+
+/// What of its log a [`Server`] prints when the test panics.
+#[derive(Clone, Copy, Debug)]
+pub enum LogOnPanic {
+    /// Nothing.
+    Nothing,
+    /// All of it.
+    All,
+    /// Its last lines.
+    Last(usize),
+}
+
+/// One `enspeed server` process, restartable on the same data directory and address. Its log
+/// (stderr) goes to `<data>.log`. Dropping it kills the process.
+pub struct Server {
+    /// Its Raft id.
+    pub id: u64,
+    /// Where it listens.
+    pub addr: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), or `None` for this one.
+    pub ns: Option<String>,
+    /// Arguments given on every start, after the bootstrap ones.
+    pub extra: Vec<String>,
+    /// `ENSPEED_LOG` for the process, or `None` to keep this process's.
+    pub log_level: Option<&'static str>,
+    /// What of the log to print when the test panics.
+    pub log_on_panic: LogOnPanic,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// A server not started yet, logging at `info`, printing nothing on a panic.
+    pub fn new(id: u64, addr: String, data: PathBuf, extra: &[&str]) -> Server {
+        Server {
+            id,
+            addr,
+            data,
+            ns: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log_level: Some("info"),
+            log_on_panic: LogOnPanic::Nothing,
+            child: None,
+        }
+    }
+
+    /// Starts the process with `bootstrap` (`--init`, `--join ADDR`, or nothing to restart).
+    pub fn start(&mut self, bootstrap: &[&str]) {
+        assert!(self.child.is_none(), "server {} already running", self.id);
+        std::fs::create_dir_all(&self.data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap();
+        // `ip netns exec` execs the server: the child is the server itself.
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(enspeed_bin());
+                c
+            }
+            None => Command::new(enspeed_bin()),
+        };
+        cmd.args(["server", "--id", &self.id.to_string(), "--data"])
+            .arg(&self.data)
+            .args(["--listen", &self.addr])
+            .args(bootstrap)
+            .args(&self.extra);
+        if let Some(level) = self.log_level {
+            cmd.env("ENSPEED_LOG", level);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start enspeed server");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, like a power cut of this process; also reaps it after a power cut of its
+    /// namespace.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if !std::thread::panicking() {
+            return;
+        }
+        match self.log_on_panic {
+            LogOnPanic::Nothing => {}
+            LogOnPanic::All => eprintln!("---- server {} log ----\n{}", self.id, self.log()),
+            LogOnPanic::Last(n) => {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(n).collect();
+                eprintln!("---- server {} log (last lines) ----", self.id);
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Starts the first server with `--init`, waits (up to `timeout`) until it leads, and starts
+/// the others with `--join` it.
+pub fn bootstrap(servers: &mut [Server], client: &Client, timeout: Duration) {
+    servers[0].start(&["--init"]);
+    let seed = servers[0].addr.clone();
+    wait_for("server 1 to lead", timeout, || {
+        (client.status(&seed)?["leader"] == 1).then_some(())
+    });
+    for s in servers.iter_mut().skip(1) {
+        s.start(&["--join", &seed]);
+    }
+}
