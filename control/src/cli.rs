@@ -47,8 +47,9 @@ pub struct ServerArgs {
     /// Raft tick, milliseconds.
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
-    /// Ticks without a leader before an election.
-    #[arg(long, default_value_t = 10)]
+    /// Ticks without a leader before an election (randomized up to twice that). Short, so that
+    /// two election rounds (a split vote after a leader's death) fit inside the fence timeout.
+    #[arg(long, default_value_t = 6)]
     election_ticks: usize,
     /// Ticks between heartbeats.
     #[arg(long, default_value_t = 1)]
@@ -73,7 +74,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 1000)]
     link_timeout_ms: u64,
     /// The leader declares a server down after this long without its heartbeat, milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2500)]
     lease_ms: u64,
     /// A server without a quorum answer this long fences itself (kills its VMMs and blockd),
     /// milliseconds; default 70% of the lease. Must be below the lease (the margin covers

@@ -54,7 +54,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             tick: Duration::from_millis(50),
-            election_ticks: 10,
+            election_ticks: 6,
             heartbeat_ticks: 1,
             snapshot_every: 1000,
             request_timeout: Duration::from_secs(5),
