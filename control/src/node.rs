@@ -400,6 +400,20 @@ impl Node {
         }
     }
 
+    /// Waits for proposal `request` to be applied, or answers at once that
+    /// raft-rs refused it.
+    fn track(&mut self, request: u64, reply: Sender<Result<Outcome, NodeError>>, proposed: raft::Result<()>) {
+        match proposed {
+            Ok(()) => {
+                let w = self.waiter(reply);
+                self.proposals.insert(request, w);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Refused { reason: e.to_string() }));
+            }
+        }
+    }
+
     fn request_id(&mut self) -> u64 {
         self.next_request = self.next_request.wrapping_add(1);
         self.next_request
@@ -424,17 +438,8 @@ impl Node {
                     command,
                 })
                 .expect("proposal serializes");
-                match self.raw.propose(vec![], data) {
-                    Ok(()) => {
-                        let w = self.waiter(reply);
-                        self.proposals.insert(request, w);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NodeError::Refused {
-                            reason: e.to_string(),
-                        }));
-                    }
-                }
+                let proposed = self.raw.propose(vec![], data);
+                self.track(request, reply, proposed);
             }
             Event::AddServer(server, reply) => {
                 let id = server.id;
@@ -571,17 +576,8 @@ impl Node {
             server,
         })
         .expect("context serializes");
-        match self.raw.propose_conf_change(ctx, cc) {
-            Ok(()) => {
-                let w = self.waiter(reply);
-                self.proposals.insert(request, w);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(NodeError::Refused {
-                    reason: e.to_string(),
-                }));
-            }
-        }
+        let proposed = self.raw.propose_conf_change(ctx, cc);
+        self.track(request, reply, proposed);
     }
 
     fn status(&self) -> Status {
