@@ -521,6 +521,20 @@ impl Reconciler {
         }
     }
 
+    /// Creates this server's copy of `d`, empty, in the pool placement chose here.
+    fn create_copy(&self, d: &DiskRecord, backup: bool) -> bool {
+        self.request(
+            &d.name,
+            BlockdRequest::Create {
+                name: d.name.clone(),
+                size: d.size,
+                region_size: None,
+                backup,
+                pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
+            },
+        )
+    }
+
     /// Makes the copy here the disk's primary at its generation, mirrored to its backup;
     /// whether it can serve the VM.
     fn primary_copy(&self, state: &StateMachine, d: &DiskRecord, copy: Option<&Copy>) -> bool {
@@ -528,16 +542,7 @@ impl Reconciler {
         let Some(copy) = copy else {
             // Only a disk that never failed over starts from an empty primary here.
             if d.generation == 1 {
-                self.request(
-                    name,
-                    BlockdRequest::Create {
-                        name: name.clone(),
-                        size: d.size,
-                        region_size: None,
-                        backup: false,
-                        pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
-                    },
-                );
+                self.create_copy(d, false);
             } else {
                 tracing::error!(disk = %name, generation = d.generation, "the primary copy is missing here");
             }
@@ -589,16 +594,7 @@ impl Reconciler {
         let name = &d.name;
         match copy {
             None => {
-                self.request(
-                    name,
-                    BlockdRequest::Create {
-                        name: name.clone(),
-                        size: d.size,
-                        region_size: None,
-                        backup: true,
-                        pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
-                    },
-                );
+                self.create_copy(d, true);
             }
             Some(c) if c.role != "backup" => {
                 // Nothing here may write it any more.
