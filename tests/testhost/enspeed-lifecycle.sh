@@ -35,7 +35,7 @@ wait_marks() {
     api '{"cmd":"shutdown","timeout_secs":60}'
 ) >/tmp/host.log 2>&1 &
 
-run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
+ENSPEED_LOG=info run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
     --cmdline "console=ttyS0 quiet kit.task=wait" --memory 256 --vcpus 2 \
     --serial stdout --api-socket /tmp/vmm.sock ||
     fail "enspeed vmm exited with $? (expected 0 when the guest powers off)"

@@ -140,7 +140,7 @@ impl VcpuThread {
                             }
                             VcpuExit::Shutdown => {
                                 // A triple fault: what a PC does is reset.
-                                tracing::info!(vcpu = id, "guest triple-faulted; resetting");
+                                tracing::warn!(vcpu = id, "guest triple-faulted; resetting");
                                 let _ = events.send(VmEvent::Reset);
                                 control.set(Run::Pause);
                             }

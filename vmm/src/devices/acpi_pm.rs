@@ -140,6 +140,7 @@ impl BusDevice for ResetPort {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         // Bit 2 starts the reset; the ACPI reset value sets it.
         if data.len() == 1 && data[0] & RESET_VALUE & 0x4 != 0 {
+            tracing::info!("guest reset through the ACPI reset register");
             let _ = self.events.send(VmEvent::Reset);
         }
     }

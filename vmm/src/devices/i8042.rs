@@ -154,6 +154,7 @@ impl I8042 {
             CMD_WRITE_OUTP => self.pending = Pending::OutputPort,
             CMD_WRITE_AUX => self.pending = Pending::AuxByte,
             CMD_RESET_CPU => {
+                tracing::info!("guest reset through the keyboard controller");
                 let _ = self.events.send(VmEvent::Reset);
             }
             _ => {}
@@ -233,6 +234,7 @@ impl BusDevice for I8042 {
                     Pending::CommandByte => self.cb = b,
                     // Bit 0 of the output port is the CPU reset line.
                     Pending::OutputPort if b & 1 == 0 => {
+                        tracing::info!("guest reset through the keyboard controller's output port");
                         let _ = self.events.send(VmEvent::Reset);
                     }
                     Pending::OutputPort | Pending::AuxByte => {}
