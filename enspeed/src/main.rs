@@ -74,7 +74,10 @@ fn disk_line(d: &serde_json::Value) -> String {
         name = d["name"].as_str().unwrap_or("?"),
         role = d["role"].as_str().unwrap_or("?"),
         gen = d["generation"],
-        data = d["data"].as_str().map(str::to_owned).unwrap_or_else(|| d["data"].to_string()),
+        data = d["data"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| d["data"].to_string()),
         link = d["link"].as_str().unwrap_or("?"),
         oos = d["out_of_sync_bytes"],
     );
@@ -84,7 +87,11 @@ fn disk_line(d: &serde_json::Value) -> String {
     if let Some(r) = d["resync"].as_object() {
         line += &format!(
             "  resync{} {:.1}% ({} B left, {:.1} MB/s)",
-            if r["full"].as_bool() == Some(true) { " (full)" } else { "" },
+            if r["full"].as_bool() == Some(true) {
+                " (full)"
+            } else {
+                ""
+            },
             r["percent"].as_f64().unwrap_or(0.0),
             r["bytes_left"],
             r["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6
@@ -104,7 +111,10 @@ fn disk_command(a: DiskArgs) -> ExitCode {
     match blockrepl::daemon::call(&a.control, &request) {
         Ok(resp) if resp.ok => {
             match resp.disks {
-                Some(disks) if a.json => println!("{}", serde_json::to_string_pretty(&disks).expect("JSON prints")),
+                Some(disks) if a.json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&disks).expect("JSON prints")
+                ),
                 Some(disks) => disks.iter().for_each(|d| println!("{}", disk_line(d))),
                 None => println!("ok"),
             }
@@ -173,6 +183,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
