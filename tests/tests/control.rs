@@ -1,12 +1,14 @@
-//! The control plane with real processes: `enspeed server`s on loopback form a Raft cluster,
-//! lose their leader to SIGKILL, are all killed and restarted from disk, grow by a server that
-//! catches up from a snapshot after log compaction, and shrink again. Every check goes through
-//! the JSON-lines client protocol, as `enspeed cluster` does.
+//! The control plane with real processes: `enspeed server`s, each in its own network namespace
+//! linked to the others by veth pairs through a bridge, form a Raft cluster, lose their leader
+//! to SIGKILL, are all killed and restarted from disk, grow by a server that catches up from a
+//! snapshot after log compaction, and shrink again. Every check goes through the JSON-lines
+//! client protocol, as `enspeed cluster` does. Needs root (network namespaces).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use enspeed_tests::cluster::{self, free_port, CallError, Client, LogOnPanic, Server};
+use enspeed_tests::cluster::{self, CallError, Client, LogOnPanic, Server};
+use enspeed_tests::netns::Net;
 use enspeed_tests::*;
 use serde_json::{json, Value};
 
@@ -19,14 +21,25 @@ const CLIENT: Client = Client {
     read: Duration::from_secs(15),
 };
 
-/// Server `id` on loopback, its data in `scratch`, printing its log if the test fails.
-fn server(scratch: &Scratch, id: u64, extra: &[&str]) -> Server {
+/// Namespaces for up to four servers on 10.x.10/24, reachable from the test over direct links
+/// (10.x.11-14); apart from the other tests' networks.
+fn network(tag: &str) -> Net {
+    let net = Net::new(tag, 4, 10);
+    net.add_client_links();
+    net
+}
+
+/// Server `id` in its namespace of `net`, its data in `scratch`, printing its log if the test
+/// fails.
+fn server(scratch: &Scratch, net: &Net, id: u64, extra: &[&str]) -> Server {
+    let i = id as usize;
     let mut s = Server::new(
         id,
-        format!("127.0.0.1:{}", free_port()),
+        format!("{}:7100", net.addr(i)),
         scratch.path(&format!("server{id}")),
         extra,
     );
+    s.ns = Some(net.ns(i).to_string());
     s.log_on_panic = LogOnPanic::All;
     s
 }
@@ -139,7 +152,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("control-restart");
-    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, id, &[])).collect();
+    let net = network("r");
+    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, &net, id, &[])).collect();
     form_cluster(&mut servers);
 
     // Writes through every server (followers forward to the leader); reads from every server.
@@ -172,7 +186,7 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
         let total = start.elapsed();
         lat.sort();
         eprintln!(
-            "commit latency, 3 servers on loopback, one client: p50 {:?}, p99 {:?}, {:.0} writes/s",
+            "commit latency, 3 servers in network namespaces, one client: p50 {:?}, p99 {:?}, {:.0} writes/s",
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             200.0 / total.as_secs_f64()
@@ -249,7 +263,10 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("control-membership");
     let compact = ["--snapshot-every", "20"];
-    let mut servers: Vec<Server> = (1..=3).map(|id| server(&scratch, id, &compact)).collect();
+    let net = network("m");
+    let mut servers: Vec<Server> = (1..=3)
+        .map(|id| server(&scratch, &net, id, &compact))
+        .collect();
     form_cluster(&mut servers);
     for i in 0..100 {
         servers[i % 3].put(&format!("k{i}"), &i.to_string());
@@ -273,7 +290,7 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
         .unwrap()
         .addr
         .clone();
-    let mut s4 = server(&scratch, 4, &compact);
+    let mut s4 = server(&scratch, &net, 4, &compact);
     s4.extra.push("--witness".into());
     s4.start(&["--join", &via]);
     servers.push(s4);
