@@ -7,10 +7,12 @@
 //! - `api`: the JSON-lines client protocol, forwarded to the leader;
 //! - `agent`: the node agent, which runs blockd and the VMMs as the state says and fences
 //!   the server when it loses the quorum;
+//! - `access`: users, sessions, what each role may do, the audit log;
 //! - `placement`: which servers hold a VM's disk copies;
 //! - `failover`: the leader's failure detector, which declares servers down;
 //! - `server`: `enspeed server`, which puts them together.
 
+pub mod access;
 pub mod agent;
 pub mod api;
 pub mod cli;

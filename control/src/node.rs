@@ -141,6 +141,8 @@ pub enum Event {
     LeaderView(Sender<Option<LeaderView>>),
     /// Report the status.
     Status(Sender<Status>),
+    /// Share the applied state as it is now, with its applied index.
+    Snapshot(Sender<(u64, Arc<StateMachine>)>),
     /// Messages to this peer were lost.
     Unreachable(u64),
     /// A snapshot message was written to the peer's connection, or lost.
@@ -250,6 +252,17 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
+    /// This server's applied state as it is now (maybe behind the leader's), and the index it
+    /// was applied to. Cheap: shared until the next entry is applied.
+    pub fn snapshot(&self) -> Result<(u64, Arc<StateMachine>), NodeError> {
+        let (tx, rx) = channel();
+        self.tx
+            .send(Event::Snapshot(tx))
+            .map_err(|_| NodeError::Stopped)?;
+        rx.recv_timeout(self.timeout)
+            .map_err(|_| NodeError::Stopped)
+    }
+
     /// This server's status.
     pub fn status(&self) -> Result<Status, NodeError> {
         let (tx, rx) = channel();
@@ -266,6 +279,8 @@ pub struct Node {
     cfg: NodeConfig,
     raw: RawNode<RaftStore>,
     sm: StateMachine,
+    /// `sm` as last shared by `Event::Snapshot`; dropped whenever `sm` changes.
+    shared: Option<Arc<StateMachine>>,
     transport: Arc<Transport>,
     book: AddressBook,
     rx: Receiver<Event>,
@@ -333,6 +348,7 @@ impl Node {
             cfg,
             raw,
             sm,
+            shared: None,
             transport,
             book,
             rx: events.1,
@@ -402,14 +418,21 @@ impl Node {
 
     /// Waits for proposal `request` to be applied, or answers at once that
     /// raft-rs refused it.
-    fn track(&mut self, request: u64, reply: Sender<Result<Outcome, NodeError>>, proposed: raft::Result<()>) {
+    fn track(
+        &mut self,
+        request: u64,
+        reply: Sender<Result<Outcome, NodeError>>,
+        proposed: raft::Result<()>,
+    ) {
         match proposed {
             Ok(()) => {
                 let w = self.waiter(reply);
                 self.proposals.insert(request, w);
             }
             Err(e) => {
-                let _ = reply.send(Err(NodeError::Refused { reason: e.to_string() }));
+                let _ = reply.send(Err(NodeError::Refused {
+                    reason: e.to_string(),
+                }));
             }
         }
     }
@@ -536,6 +559,13 @@ impl Node {
             }
             Event::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Event::Snapshot(reply) => {
+                let sm = self
+                    .shared
+                    .get_or_insert_with(|| Arc::new(self.sm.clone()))
+                    .clone();
+                let _ = reply.send((self.raw.store().applied(), sm));
             }
             Event::Unreachable(id) => self.raw.report_unreachable(id),
             Event::SnapshotSent { to, ok } => {
@@ -667,6 +697,7 @@ impl Node {
             let snap = rd.snapshot().clone();
             self.raw.mut_store().apply_snapshot(&snap)?;
             self.sm = StateMachine::load(&self.raw.store().records()?)?;
+            self.shared = None;
             self.publish_addresses();
             tracing::info!(
                 index = snap.get_metadata().index,
@@ -709,6 +740,7 @@ impl Node {
         let mut writes = Vec::new();
         let mut conf_state = None;
         let mut replies: Vec<(u64, Outcome)> = Vec::new();
+        self.shared = None;
         for e in &entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => {}

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::access::{self, AuditEntry, Quota, Role, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
 /// What a server offers to VMs.
@@ -115,10 +116,19 @@ pub struct VmRecord {
     /// The kernel (path on every server) it boots.
     #[serde(default)]
     pub kernel: String,
+    /// Its initramfs (path on every server), or empty for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub initrd: String,
     /// Its kernel command line; `{generation}` is replaced by its first disk's generation at
     /// each boot, so a guest can tell boots on different copies apart.
     #[serde(default)]
     pub cmdline: String,
+    /// Its VMID, unique in the cluster and never reused (0 for VMs made before VMIDs).
+    #[serde(default)]
+    pub id: u64,
+    /// The user who owns it; `None`: the cluster's own, seen by Managers only.
+    #[serde(default)]
+    pub owner: Option<u64>,
 }
 
 /// What a server's node agent saw of one VM.
@@ -245,6 +255,9 @@ pub enum Command {
         disk_size: u64,
         /// The kernel it boots.
         kernel: String,
+        /// Its initramfs, if any.
+        #[serde(default)]
+        initrd: String,
         /// Its kernel command line.
         #[serde(default)]
         cmdline: String,
@@ -285,6 +298,112 @@ pub enum Command {
         /// What it saw.
         observation: Observation,
     },
+    /// A change a person asked for: checked against what `actor` may do, applied, and
+    /// written to the audit log in the same batch (see `access`).
+    Act {
+        /// The user (0: the cluster itself, through its own protocol: may do anything).
+        actor: u64,
+        /// When it was asked for, ms since the epoch (set by the server that took it).
+        at_ms: u64,
+        /// What.
+        action: Action,
+    },
+}
+
+/// What a person can change (inside `Command::Act`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// Creates a user. Answers `{"id": N}`.
+    CreateUser {
+        /// Login name.
+        name: String,
+        /// Privilege level.
+        role: Role,
+        /// argon2id PHC string.
+        password: String,
+        /// A Regular User's Power User.
+        #[serde(default)]
+        parent: Option<u64>,
+        /// A Power User's quota.
+        #[serde(default)]
+        quota: Option<Quota>,
+    },
+    /// Sets a user's password (its own, or one the actor manages); ends its other sessions.
+    SetPassword {
+        /// The user.
+        user: u64,
+        /// argon2id PHC string.
+        password: String,
+        /// The session to keep (the one asking), by token hash.
+        #[serde(default)]
+        keep_session: Option<String>,
+    },
+    /// Sets a Power User's quota (Managers).
+    SetQuota {
+        /// The Power User.
+        user: u64,
+        /// The quota.
+        quota: Quota,
+    },
+    /// Deletes a user who owns no VM and has no users under it; ends its sessions.
+    DeleteUser {
+        /// The user.
+        user: u64,
+    },
+    /// Opens a session for `actor`, whose password the server taking the request checked.
+    Login {
+        /// The session.
+        session: SessionRecord,
+    },
+    /// Ends a session.
+    Logout {
+        /// SHA-256 of its token, hex.
+        token_hash: String,
+    },
+    /// Creates a VM for `owner`, placed like `Command::CreateVm`. Answers its VMID.
+    CreateVm {
+        /// Name, unique in the cluster.
+        name: String,
+        /// Owner.
+        owner: u64,
+        /// Guest RAM, MiB.
+        memory_mib: u64,
+        /// vCPUs.
+        vcpus: u32,
+        /// Its disk's size, bytes.
+        disk_size: u64,
+        /// The kernel it boots.
+        kernel: String,
+        /// Its initramfs, if any.
+        #[serde(default)]
+        initrd: String,
+        /// Its kernel command line.
+        #[serde(default)]
+        cmdline: String,
+        /// Start it once placed.
+        #[serde(default)]
+        running: bool,
+    },
+    /// Powers a VM on or off.
+    PowerVm {
+        /// VMID.
+        vm: u64,
+        /// On or off.
+        running: bool,
+    },
+    /// Deletes a powered-off VM and its disks.
+    DeleteVm {
+        /// VMID.
+        vm: u64,
+    },
+    /// Records a change made outside the state machine (a membership change).
+    Note {
+        /// What, e.g. `server.add`.
+        action: String,
+        /// On what.
+        target: String,
+    },
 }
 
 /// A read of the applied state.
@@ -296,8 +415,34 @@ pub enum Query {
         /// The key.
         key: String,
     },
-    /// Every record.
+    /// Every record but users, sessions and the audit log.
     State,
+    /// The users, without their password hashes.
+    Users,
+    /// Audit entries after `after` (a seq), oldest first, at most `limit`.
+    Audit {
+        /// Entries with a higher seq.
+        #[serde(default)]
+        after: u64,
+        /// At most this many (capped at 1000).
+        #[serde(default = "default_audit_limit")]
+        limit: u64,
+    },
+}
+
+fn default_audit_limit() -> u64 {
+    100
+}
+
+/// Ids handed out so far: never reused, even after a delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// The last VMID.
+    pub vm: u64,
+    /// The last user id.
+    pub user: u64,
+    /// The last audit seq.
+    pub audit: u64,
 }
 
 /// The result of applying a command: a value, or a reason it was refused (the same on every
@@ -318,6 +463,18 @@ pub struct StateMachine {
     /// What each server's node agent last reported.
     #[serde(default)]
     pub observed: BTreeMap<u64, Observation>,
+    /// Users, by id (not in `Query::State`: it holds password hashes).
+    #[serde(skip)]
+    pub users: BTreeMap<u64, UserRecord>,
+    /// Sessions, by token hash.
+    #[serde(skip)]
+    pub sessions: BTreeMap<String, SessionRecord>,
+    /// The newest `access::AUDIT_KEEP` audit entries, by seq.
+    #[serde(skip)]
+    pub audit: BTreeMap<u64, AuditEntry>,
+    /// Ids handed out so far.
+    #[serde(skip)]
+    pub counters: Counters,
 }
 
 /// What went wrong loading the stored records.
@@ -339,6 +496,20 @@ fn observed_key(id: u64) -> Vec<u8> {
 fn disk_key(name: &str) -> Vec<u8> {
     format!("disk/{name}").into_bytes()
 }
+
+fn user_key(id: u64) -> Vec<u8> {
+    format!("user/{id:020}").into_bytes()
+}
+
+fn session_key(hash: &str) -> Vec<u8> {
+    format!("session/{hash}").into_bytes()
+}
+
+fn audit_key(seq: u64) -> Vec<u8> {
+    format!("audit/{seq:020}").into_bytes()
+}
+
+const COUNTERS_KEY: &[u8] = b"meta/counters";
 
 fn json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
@@ -379,6 +550,24 @@ impl StateMachine {
                     let o: Observation =
                         serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
                     sm.observed.insert(id, o);
+                }
+                "user" => {
+                    let u: UserRecord =
+                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    sm.users.insert(u.id, u);
+                }
+                "session" => {
+                    let s: SessionRecord =
+                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    sm.sessions.insert(s.token_hash.clone(), s);
+                }
+                "audit" => {
+                    let a: AuditEntry =
+                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    sm.audit.insert(a.seq, a);
+                }
+                "meta" if name == "counters" => {
+                    sm.counters = serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
                 }
                 _ => return Err(err("unknown kind".into())),
             }
@@ -526,50 +715,25 @@ impl StateMachine {
                 vcpus,
                 disk_size,
                 kernel,
+                initrd,
                 cmdline,
                 running,
-            } => {
-                if self.vms.contains_key(name) {
-                    return Err(format!("VM {name} exists"));
-                }
-                let disk_name = format!("{name}-0");
-                if self.disks.contains_key(&disk_name) {
-                    return Err(format!("disk {disk_name} exists"));
-                }
-                let p = crate::placement::place(self, *memory_mib, *disk_size)?;
-                let mut pools = BTreeMap::new();
-                pools.insert(p.primary.0, p.primary.1.clone());
-                pools.insert(p.backup.0, p.backup.1.clone());
-                let disk = DiskRecord {
-                    name: disk_name.clone(),
-                    size: *disk_size,
-                    primary: p.primary.0,
-                    backup: Some(p.backup.0),
-                    generation: 1,
-                    pools,
-                    backup_synced: false,
-                };
-                let vm = VmRecord {
+            } => self.create_vm(
+                VmRecord {
                     name: name.clone(),
                     memory_mib: *memory_mib,
                     vcpus: *vcpus,
-                    disks: vec![disk_name.clone()],
+                    disks: Vec::new(),
                     running: *running,
                     kernel: kernel.clone(),
+                    initrd: initrd.clone(),
                     cmdline: cmdline.clone(),
-                };
-                writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
-                writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(&vm))));
-                self.disks.insert(disk_name.clone(), disk);
-                self.vms.insert(name.clone(), vm);
-                Ok(json!({
-                    "disk": disk_name,
-                    "primary": p.primary.0,
-                    "primary_pool": p.primary.1,
-                    "backup": p.backup.0,
-                    "backup_pool": p.backup.1,
-                }))
-            }
+                    id: 0,
+                    owner: None,
+                },
+                *disk_size,
+                writes,
+            ),
             Command::SetVmRunning { name, running } => {
                 let vm = self
                     .vms
@@ -649,6 +813,420 @@ impl StateMachine {
                 self.observed.insert(*id, observation.clone());
                 Ok(Value::Null)
             }
+            Command::Act {
+                actor,
+                at_ms,
+                action,
+            } => self.act(*actor, *at_ms, action, writes),
+        }
+    }
+
+    /// Creates `vm` (its id and disks filled in here) with one disk of `disk_size` bytes,
+    /// `NAME-0`, placed on two servers with room. Answers its VMID and placement.
+    fn create_vm(
+        &mut self,
+        mut vm: VmRecord,
+        disk_size: u64,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let name = vm.name.clone();
+        access::check_name("VM", &name)?;
+        if self.vms.contains_key(&name) {
+            return Err(format!("VM {name} exists"));
+        }
+        let disk_name = format!("{name}-0");
+        if self.disks.contains_key(&disk_name) {
+            return Err(format!("disk {disk_name} exists"));
+        }
+        let p = crate::placement::place(self, vm.memory_mib, disk_size)?;
+        let mut pools = BTreeMap::new();
+        pools.insert(p.primary.0, p.primary.1.clone());
+        pools.insert(p.backup.0, p.backup.1.clone());
+        let disk = DiskRecord {
+            name: disk_name.clone(),
+            size: disk_size,
+            primary: p.primary.0,
+            backup: Some(p.backup.0),
+            generation: 1,
+            pools,
+            backup_synced: false,
+        };
+        self.counters.vm += 1;
+        vm.id = self.counters.vm;
+        vm.disks = vec![disk_name.clone()];
+        writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+        writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
+        writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(&vm))));
+        let id = vm.id;
+        self.disks.insert(disk_name.clone(), disk);
+        self.vms.insert(name.clone(), vm);
+        Ok(json!({
+            "id": id,
+            "disk": disk_name,
+            "primary": p.primary.0,
+            "primary_pool": p.primary.1,
+            "backup": p.backup.0,
+            "backup_pool": p.backup.1,
+        }))
+    }
+
+    /// The VM with VMID `id`.
+    pub fn vm_by_id(&self, id: u64) -> Option<&VmRecord> {
+        self.vms.values().find(|vm| vm.id == id && id != 0)
+    }
+
+    /// The user named `name`.
+    pub fn user_by_name(&self, name: &str) -> Option<&UserRecord> {
+        self.users.values().find(|u| u.name == name)
+    }
+
+    /// Applies a person's change if `actor` may make it (see `access`), with its audit entry.
+    fn act(
+        &mut self,
+        actor: u64,
+        at_ms: u64,
+        action: &Action,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        // The cluster itself (actor 0) may do anything; a person must exist.
+        let who = match actor {
+            0 => None,
+            id => Some(
+                self.users
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| access::refuse(format!("no user {id}")))?,
+            ),
+        };
+        let manager = who.as_ref().is_none_or(|u| u.role == Role::Manager);
+        let (verb, target, result) = match action {
+            Action::CreateUser {
+                name,
+                role,
+                password,
+                parent,
+                quota,
+            } => {
+                access::check_name("user", name)?;
+                if self.user_by_name(name).is_some() {
+                    return Err(format!("user {name} exists"));
+                }
+                // A Power User creates Regular Users under itself, and nothing else.
+                let parent = match &who {
+                    Some(u) if u.role == Role::PowerUser => {
+                        if *role != Role::Regular || parent.is_some_and(|p| p != u.id) {
+                            return Err(access::refuse(
+                                "a Power User creates Regular Users under itself",
+                            ));
+                        }
+                        Some(u.id)
+                    }
+                    Some(u) if u.role == Role::Regular => {
+                        return Err(access::refuse("a Regular User creates no users"));
+                    }
+                    _ => *parent,
+                };
+                if let Some(p) = parent {
+                    if *role != Role::Regular {
+                        return Err("only a Regular User has a Power User above it".into());
+                    }
+                    if self.users.get(&p).is_none_or(|u| u.role != Role::PowerUser) {
+                        return Err(format!("user {p} is not a Power User"));
+                    }
+                }
+                let quota = match (role, &who) {
+                    (Role::PowerUser, Some(u)) if u.role != Role::Manager => None,
+                    (Role::PowerUser, _) => Some(quota.unwrap_or_default()),
+                    _ => None,
+                };
+                if password.is_empty() {
+                    return Err("a user needs a password".into());
+                }
+                self.counters.user += 1;
+                let u = UserRecord {
+                    id: self.counters.user,
+                    name: name.clone(),
+                    role: *role,
+                    parent,
+                    password: password.clone(),
+                    quota,
+                    created_ms: at_ms,
+                };
+                writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+                writes.push((user_key(u.id), Some(json_bytes(&u))));
+                let target = format!("user {} ({})", u.id, u.name);
+                let id = u.id;
+                self.users.insert(id, u);
+                ("user.create", target, json!({ "id": id }))
+            }
+            Action::SetPassword {
+                user,
+                password,
+                keep_session,
+            } => {
+                let target = self
+                    .users
+                    .get(user)
+                    .cloned()
+                    .ok_or_else(|| format!("no user {user}"))?;
+                if let Some(u) = &who {
+                    if u.id != *user && !access::may_manage_user(u, &target) {
+                        return Err(access::refuse(format!("user {user}")));
+                    }
+                }
+                if password.is_empty() {
+                    return Err("a user needs a password".into());
+                }
+                let u = self.users.get_mut(user).expect("checked");
+                u.password = password.clone();
+                writes.push((user_key(*user), Some(json_bytes(u))));
+                for hash in access::sessions_of(&self.sessions, *user) {
+                    if keep_session.as_ref() != Some(&hash) {
+                        self.sessions.remove(&hash);
+                        writes.push((session_key(&hash), None));
+                    }
+                }
+                (
+                    "user.password",
+                    format!("user {user} ({})", target.name),
+                    Value::Null,
+                )
+            }
+            Action::SetQuota { user, quota } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager sets quotas"));
+                }
+                let u = self
+                    .users
+                    .get_mut(user)
+                    .ok_or_else(|| format!("no user {user}"))?;
+                if u.role != Role::PowerUser {
+                    return Err(format!("user {user} is not a Power User"));
+                }
+                u.quota = Some(*quota);
+                writes.push((user_key(*user), Some(json_bytes(u))));
+                (
+                    "user.quota",
+                    format!("user {user} ({})", u.name),
+                    Value::Null,
+                )
+            }
+            Action::DeleteUser { user } => {
+                let target = self
+                    .users
+                    .get(user)
+                    .cloned()
+                    .ok_or_else(|| format!("no user {user}"))?;
+                if let Some(u) = &who {
+                    if u.id == *user {
+                        return Err("a user cannot delete itself".into());
+                    }
+                    if !access::may_manage_user(u, &target) {
+                        return Err(access::refuse(format!("user {user}")));
+                    }
+                }
+                if let Some(vm) = self.vms.values().find(|vm| vm.owner == Some(*user)) {
+                    return Err(format!(
+                        "user {} owns VM {} ({}): delete it first",
+                        target.name, vm.id, vm.name
+                    ));
+                }
+                if self.users.values().any(|u| u.parent == Some(*user)) {
+                    return Err(format!(
+                        "user {} has users under it: delete them first",
+                        target.name
+                    ));
+                }
+                if target.role == Role::Manager
+                    && self
+                        .users
+                        .values()
+                        .filter(|u| u.role == Role::Manager)
+                        .count()
+                        == 1
+                {
+                    return Err("the last Manager cannot be deleted".into());
+                }
+                self.users.remove(user);
+                writes.push((user_key(*user), None));
+                for hash in access::sessions_of(&self.sessions, *user) {
+                    self.sessions.remove(&hash);
+                    writes.push((session_key(&hash), None));
+                }
+                (
+                    "user.delete",
+                    format!("user {user} ({})", target.name),
+                    Value::Null,
+                )
+            }
+            Action::Login { session } => {
+                if who.as_ref().is_none_or(|u| u.id != session.user) {
+                    return Err(access::refuse("a session is opened by its own user"));
+                }
+                // Sessions that ran out go as new ones come.
+                let expired: Vec<String> = self
+                    .sessions
+                    .values()
+                    .filter(|s| s.expires_ms <= at_ms)
+                    .map(|s| s.token_hash.clone())
+                    .collect();
+                for hash in expired {
+                    self.sessions.remove(&hash);
+                    writes.push((session_key(&hash), None));
+                }
+                writes.push((session_key(&session.token_hash), Some(json_bytes(session))));
+                self.sessions
+                    .insert(session.token_hash.clone(), session.clone());
+                (
+                    "session.login",
+                    format!("user {}", session.user),
+                    Value::Null,
+                )
+            }
+            Action::Logout { token_hash } => {
+                let s = self.sessions.get(token_hash).ok_or("no such session")?;
+                if who.as_ref().is_some_and(|u| u.id != s.user) {
+                    return Err(access::refuse("another user's session"));
+                }
+                let user = s.user;
+                self.sessions.remove(token_hash);
+                writes.push((session_key(token_hash), None));
+                ("session.logout", format!("user {user}"), Value::Null)
+            }
+            Action::CreateVm {
+                name,
+                owner,
+                memory_mib,
+                vcpus,
+                disk_size,
+                kernel,
+                initrd,
+                cmdline,
+                running,
+            } => {
+                let o = self
+                    .users
+                    .get(owner)
+                    .cloned()
+                    .ok_or_else(|| format!("no user {owner}"))?;
+                if let Some(u) = &who {
+                    if !access::may_administer_vms_of(u, &o) {
+                        return Err(access::refuse(format!("VMs of user {}", o.name)));
+                    }
+                }
+                access::check_new_vm(self, &o, *memory_mib, *disk_size)?;
+                let vm = VmRecord {
+                    name: name.clone(),
+                    memory_mib: *memory_mib,
+                    vcpus: *vcpus,
+                    disks: Vec::new(),
+                    running: *running,
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: cmdline.clone(),
+                    id: 0,
+                    owner: Some(*owner),
+                };
+                let r = self.create_vm(vm, *disk_size, writes)?;
+                let target = format!("vm {} ({name}) of user {}", r["id"], o.name);
+                ("vm.create", target, r)
+            }
+            Action::PowerVm { vm, running } => {
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                if let Some(u) = &who {
+                    if !access::may_operate_vm(self, u, &v) {
+                        return Err(access::refuse(format!("VM {vm}")));
+                    }
+                }
+                let r = self.vms.get_mut(&v.name).expect("found");
+                r.running = *running;
+                writes.push((format!("vm/{}", v.name).into_bytes(), Some(json_bytes(r))));
+                let verb = if *running {
+                    "vm.power_on"
+                } else {
+                    "vm.power_off"
+                };
+                (verb, format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::DeleteVm { vm } => {
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                if let Some(u) = &who {
+                    let owner = v.owner.and_then(|o| self.users.get(&o));
+                    let allowed = match owner {
+                        Some(o) => access::may_administer_vms_of(u, o),
+                        None => u.role == Role::Manager,
+                    };
+                    if !allowed || !access::may_operate_vm(self, u, &v) {
+                        return Err(access::refuse(format!("VM {vm}")));
+                    }
+                }
+                let observed_running = self
+                    .observed
+                    .values()
+                    .any(|o| o.vms.get(&v.name).is_some_and(|x| x.running));
+                if v.running || observed_running {
+                    return Err(format!(
+                        "VM {vm} ({}) is powered on: power it off first",
+                        v.name
+                    ));
+                }
+                self.vms.remove(&v.name);
+                writes.push((format!("vm/{}", v.name).into_bytes(), None));
+                for d in &v.disks {
+                    if self.disks.remove(d).is_some() {
+                        writes.push((disk_key(d), None));
+                    }
+                }
+                ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::Note { action, target } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager changes the cluster"));
+                }
+                (action.as_str(), target.clone(), Value::Null)
+            }
+        };
+        self.audit(actor, at_ms, verb, target, writes);
+        Ok(result)
+    }
+
+    /// Appends an audit entry, dropping the oldest beyond `access::AUDIT_KEEP`.
+    fn audit(
+        &mut self,
+        actor: u64,
+        at_ms: u64,
+        action: &str,
+        target: String,
+        writes: &mut Vec<RecordWrite>,
+    ) {
+        self.counters.audit += 1;
+        let e = AuditEntry {
+            seq: self.counters.audit,
+            at_ms,
+            actor,
+            actor_name: match actor {
+                0 => "cluster".into(),
+                id => self
+                    .users
+                    .get(&id)
+                    .map_or_else(|| format!("user {id}"), |u| u.name.clone()),
+            },
+            action: action.to_string(),
+            target,
+        };
+        writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+        writes.push((audit_key(e.seq), Some(json_bytes(&e))));
+        self.audit.insert(e.seq, e);
+        while self.audit.len() as u64 > access::AUDIT_KEEP {
+            let (&oldest, _) = self.audit.iter().next().expect("not empty");
+            self.audit.remove(&oldest);
+            writes.push((audit_key(oldest), None));
         }
     }
 
@@ -734,6 +1312,21 @@ impl StateMachine {
         match q {
             Query::Get { key } => json!({ "value": self.kv.get(key) }),
             Query::State => serde_json::to_value(self).expect("state serializes"),
+            Query::Users => Value::Array(
+                self.users
+                    .values()
+                    .map(|u| {
+                        json!({ "id": u.id, "name": u.name, "role": u.role, "parent": u.parent, "quota": u.quota })
+                    })
+                    .collect(),
+            ),
+            Query::Audit { after, limit } => Value::Array(
+                self.audit
+                    .range(after.saturating_add(1)..)
+                    .take((*limit).min(1000) as usize)
+                    .map(|(_, e)| serde_json::to_value(e).expect("audit serializes"))
+                    .collect(),
+            ),
         }
     }
 }
@@ -810,7 +1403,10 @@ mod tests {
                 disks: vec!["d0".into()],
                 running: true,
                 kernel: String::new(),
+                initrd: String::new(),
                 cmdline: String::new(),
+                id: 1,
+                owner: None,
             }),
         ];
         for c in &cmds {
