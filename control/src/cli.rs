@@ -116,6 +116,11 @@ fn default_blockd_listen(listen: &str) -> String {
 
 /// Runs `enspeed server`.
 pub fn server(a: ServerArgs) -> ExitCode {
+    server_with(a, Vec::new())
+}
+
+/// `enspeed server` with more services beside the Raft node (the web orchestrator).
+pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> ExitCode {
     let mut node = NodeConfig::new(a.id);
     node.tick = Duration::from_millis(a.tick_ms.max(1));
     node.election_ticks = a.election_ticks;
@@ -189,6 +194,7 @@ pub fn server(a: ServerArgs) -> ExitCode {
             lease,
             ..FailoverTiming::default()
         },
+        services,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

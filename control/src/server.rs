@@ -54,6 +54,34 @@ pub struct ServerConfig {
     pub agent: Option<AgentConfig>,
     /// The failure detector's timings (used while this server leads).
     pub failover: FailoverTiming,
+    /// More services this server runs beside the Raft node (the web orchestrator), started
+    /// once the node runs.
+    pub services: Vec<Service>,
+}
+
+/// What a service started by `run` gets: the node and how to reach the other servers.
+#[derive(Clone)]
+pub struct ServiceContext {
+    /// This server's Raft id.
+    pub id: u64,
+    /// The Raft node.
+    pub node: NodeHandle,
+    /// The other servers' addresses.
+    pub book: AddressBook,
+    /// How long a request may wait for the leader.
+    pub timeout: Duration,
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+}
+
+/// A service `run` starts; an error stops the server from starting.
+#[derive(Clone)]
+pub struct Service(pub Arc<dyn Fn(ServiceContext) -> std::io::Result<()> + Send + Sync>);
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Service")
+    }
 }
 
 /// Why the server could not start or stopped.
@@ -154,6 +182,16 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     failover::start(cfg.failover, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
     if let Some(a) = cfg.agent.clone().filter(|_| !cfg.witness) {
         agent::start(a, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
+    }
+    for service in cfg.services {
+        (service.0)(ServiceContext {
+            id,
+            node: handle.clone(),
+            book: Arc::clone(&book),
+            timeout,
+            data_dir: cfg.data_dir.clone(),
+        })
+        .map_err(Error::Thread)?;
     }
     tracing::info!(server = id, listen = %cfg.listen, "server up");
 

@@ -1193,7 +1193,13 @@ impl StateMachine {
             }
         };
         self.audit(actor, at_ms, verb, target, writes);
-        Ok(result)
+        // The audit seq tells the server that took the request when its own state has it.
+        let mut result = match result {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        result.insert("audit".into(), json!(self.counters.audit));
+        Ok(Value::Object(result))
     }
 
     /// Appends an audit entry, dropping the oldest beyond `access::AUDIT_KEEP`.

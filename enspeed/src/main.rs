@@ -34,9 +34,17 @@ enum Command {
     Disk(DiskArgs),
     /// Run this server's member of the control plane (Raft over RocksDB): start a cluster with
     /// --init, join one with --join ADDR, or restart from --data.
-    Server(control::cli::ServerArgs),
+    Server(ServerCmd),
     /// Talk to the control plane through any server: status, put, get, state, add/remove server.
     Cluster(control::cli::ClusterArgs),
+}
+
+#[derive(Args)]
+struct ServerCmd {
+    #[command(flatten)]
+    server: control::cli::ServerArgs,
+    #[command(flatten)]
+    web: webui::WebArgs,
 }
 
 #[derive(Args)]
@@ -187,7 +195,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Server(a) => control::cli::server(a),
+        Command::Server(a) => match a.web.service() {
+            Ok(web) => control::cli::server_with(a.server, web.into_iter().collect()),
+            Err(e) => {
+                eprintln!("enspeed server: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cluster(a) => control::cli::cluster(a),
         Command::Blockd(a) => {
             let cfg = blockrepl::daemon::Config {

@@ -1,0 +1,110 @@
+//! The Raft node as the API uses it. Changes are proposed as `Command::Act` of the logged-in
+//! user, through this server (forwarded to the leader). Reads use this server's applied state;
+//! after a change made here, they wait until this server has applied it, so a client always
+//! sees its own writes, whichever server it talks to.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use control::api::{self, Request};
+use control::server::ServiceContext;
+use control::state_machine::{Action, Command, StateMachine};
+use hyper::StatusCode;
+use serde_json::Value;
+
+use crate::http::ApiError;
+
+/// The node, from the API's side.
+pub struct Cluster {
+    ctx: ServiceContext,
+    /// The highest audit seq of a change made through this server: reads wait for it.
+    written: AtomicU64,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Cluster {
+    /// Wraps the node of `ctx`.
+    pub fn new(ctx: ServiceContext) -> Cluster {
+        Cluster {
+            ctx,
+            written: AtomicU64::new(0),
+        }
+    }
+
+    /// This server's Raft id.
+    pub fn id(&self) -> u64 {
+        self.ctx.id
+    }
+
+    /// Proposes `action` as user `actor`; answers its result. A refusal by the state machine
+    /// becomes 403 (not allowed), 404 (no such thing) or 409 (does not fit the state).
+    pub async fn act(&self, actor: u64, action: Action) -> Result<Value, ApiError> {
+        let cmd = Command::Act {
+            actor,
+            at_ms: now_ms(),
+            action,
+        };
+        let (node, book, timeout) = (
+            self.ctx.node.clone(),
+            Arc::clone(&self.ctx.book),
+            self.ctx.timeout,
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            api::request(Request::Propose { command: cmd }, &node, &book, timeout)
+        })
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?;
+        if r.ok {
+            let v = r.result.unwrap_or(Value::Null);
+            if let Some(seq) = v.get("audit").and_then(Value::as_u64) {
+                self.written.fetch_max(seq, Ordering::SeqCst);
+            }
+            return Ok(v);
+        }
+        let e = r.error.unwrap_or_default();
+        Err(match e.strip_prefix("rejected: ") {
+            Some(reason) if reason.starts_with("forbidden") => ApiError::forbidden(reason),
+            Some(reason) if reason.starts_with("no ") => ApiError::not_found(reason),
+            Some(reason) => ApiError::new(StatusCode::CONFLICT, reason),
+            None => ApiError::unavailable(format!("the cluster cannot take it now: {e}")),
+        })
+    }
+
+    /// This server's applied state, once it holds every change made through this server.
+    pub async fn state(&self) -> Result<Arc<StateMachine>, ApiError> {
+        let want = self.written.load(Ordering::SeqCst);
+        let deadline = Instant::now() + self.ctx.timeout;
+        loop {
+            let node = self.ctx.node.clone();
+            let (_, sm) = tokio::task::spawn_blocking(move || node.snapshot())
+                .await
+                .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
+                .map_err(|e| ApiError::unavailable(format!("this server's state: {e}")))?;
+            if sm.counters.audit >= want {
+                return Ok(sm);
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::unavailable(
+                    "this server has not caught up with the cluster",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// This server's Raft status (leader, terms, indexes).
+    pub async fn status(&self) -> Result<control::Status, ApiError> {
+        let node = self.ctx.node.clone();
+        tokio::task::spawn_blocking(move || node.status())
+            .await
+            .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
+            .map_err(|e| ApiError::unavailable(format!("this server's status: {e}")))
+    }
+}

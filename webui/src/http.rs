@@ -1,0 +1,231 @@
+//! The HTTP side: hyper 1 connections, reading a request whole (bounded), JSON answers, and
+//! the one error type every handler returns.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::routes::App;
+
+/// The largest request body taken.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A response body.
+pub type Body = Full<Bytes>;
+
+/// A request, read whole.
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// The path, without the query.
+    pub path: String,
+    /// The query string.
+    pub query: String,
+    /// The headers.
+    pub headers: hyper::HeaderMap,
+    /// The body.
+    pub body: Bytes,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl Request {
+    /// A header's value, if it is there and readable.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as `T`: JSON, `application/json`, no unknown fields (the types deny them).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let ct = self.header("content-type").unwrap_or("");
+        if !ct.starts_with("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON, with Content-Type: application/json",
+            ));
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+    }
+
+    /// A query parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+    }
+}
+
+/// An error answer: its status and what to tell the client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The message.
+    pub message: String,
+    /// Seconds to wait before trying again (429).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    /// 503: the cluster could not take it now (no leader, a timeout).
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+/// A JSON answer with `status`.
+pub fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let body = serde_json::to_vec(v).expect("answers serialize");
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// 200 with `v`.
+pub fn ok<T: Serialize>(v: &T) -> Response<Body> {
+    json_response(StatusCode::OK, v)
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.status, &json!({ "error": e.message }));
+    if let Some(s) = e.retry_after {
+        r.headers_mut().insert("retry-after", HeaderValue::from(s));
+    }
+    r
+}
+
+/// Headers every answer carries: no caching of API answers, no framing, no sniffing.
+fn harden(r: &mut Response<Body>) {
+    let h = r.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    h.entry("cache-control")
+        .or_insert(HeaderValue::from_static("no-store"));
+}
+
+/// Accepts connections on `listener` and serves `app` on each, HTTP/1.1.
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
+    tracing::info!(address = ?listener.local_addr().ok(), "web server listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "web accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(20))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "web connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(app: Arc<App>, req: hyper::Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY} bytes"),
+        )
+    };
+    let mut r = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        error_response(&too_big())
+    } else {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Err(_) => error_response(&too_big()),
+            Ok(b) => {
+                let req = Request {
+                    method: parts.method,
+                    path: parts.uri.path().to_string(),
+                    query: parts.uri.query().unwrap_or("").to_string(),
+                    headers: parts.headers,
+                    body: b.to_bytes(),
+                    peer,
+                };
+                let method = req.method.clone();
+                let path = req.path.clone();
+                match app.route(req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if e.status.is_server_error() {
+                            tracing::warn!(%method, %path, status = %e.status, error = %e.message, "API request failed");
+                        }
+                        error_response(&e)
+                    }
+                }
+            }
+        }
+    };
+    harden(&mut r);
+    r
+}
+
+/// A JSON value's field as u64, for handlers reading proposal answers.
+pub fn field_u64(v: &Value, k: &str) -> Option<u64> {
+    v.get(k).and_then(Value::as_u64)
+}

@@ -1,0 +1,164 @@
+//! The API's OpenAPI 3.0 document, served at `/api/v1/openapi.json`. The authorization matrix
+//! test walks every operation listed here, so an endpoint missing from it is caught.
+
+use serde_json::{json, Value};
+
+/// Every operation: method, path (with `{id}`), summary, whether it changes something.
+pub const OPERATIONS: &[(&str, &str, &str)] = &[
+    (
+        "post",
+        "/session",
+        "Log in: sets the session cookie, answers the CSRF token",
+    ),
+    (
+        "get",
+        "/session",
+        "The logged-in user and the session's CSRF token",
+    ),
+    ("delete", "/session", "Log out"),
+    (
+        "get",
+        "/summary",
+        "Counts of the VMs (and, for a Manager, servers and users) the caller sees",
+    ),
+    ("get", "/vms", "The VMs the caller sees"),
+    ("post", "/vms", "Create a VM (Manager, Power User)"),
+    ("get", "/vms/{id}", "One VM"),
+    (
+        "delete",
+        "/vms/{id}",
+        "Delete a powered-off VM (Manager, Power User)",
+    ),
+    ("post", "/vms/{id}/power", "Power a VM on or off"),
+    ("get", "/users", "The users the caller sees"),
+    (
+        "post",
+        "/users",
+        "Create a user (Manager; Power User: Regular Users under itself)",
+    ),
+    ("get", "/users/{id}", "One user"),
+    ("patch", "/users/{id}", "Change a user's password or quota"),
+    ("delete", "/users/{id}", "Delete a user who owns no VM"),
+    ("get", "/servers", "The servers (Manager)"),
+    ("get", "/audit", "The audit log (Manager)"),
+    ("get", "/openapi.json", "This document"),
+];
+
+/// Whether `parts` (the path after /api/v1, split) names a path of `OPERATIONS`.
+pub fn known_path(parts: &[&str]) -> bool {
+    OPERATIONS.iter().any(|(_, p, _)| {
+        let want: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+        want.len() == parts.len() && want.iter().zip(parts).all(|(w, g)| *w == "{id}" || w == g)
+    })
+}
+
+fn schemas() -> Value {
+    json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "Login": {"type": "object", "required": ["name", "password"], "additionalProperties": false,
+            "properties": {"name": {"type": "string"}, "password": {"type": "string"}}},
+        "Session": {"type": "object", "properties": {
+            "user": {"$ref": "#/components/schemas/User"},
+            "csrf_token": {"type": "string"}, "expires_ms": {"type": "integer"}}},
+        "Quota": {"type": "object", "required": ["vms", "memory_mib", "disk_gib"], "additionalProperties": false,
+            "properties": {"vms": {"type": "integer"}, "memory_mib": {"type": "integer"}, "disk_gib": {"type": "integer"}}},
+        "User": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"},
+            "role": {"type": "string", "enum": ["manager", "power_user", "regular"]},
+            "parent": {"type": "integer", "nullable": true},
+            "quota": {"type": "object"}, "vm": {"type": "integer"}}},
+        "NewUser": {"type": "object", "required": ["name", "password", "role"], "additionalProperties": false,
+            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
+                "password": {"type": "string", "minLength": 8},
+                "role": {"type": "string", "enum": ["manager", "power_user", "regular"]},
+                "parent": {"type": "integer"}, "quota": {"$ref": "#/components/schemas/Quota"}}},
+        "UserChange": {"type": "object", "additionalProperties": false, "properties": {
+            "password": {"type": "string", "minLength": 8}, "quota": {"$ref": "#/components/schemas/Quota"}}},
+        "Vm": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"},
+            "owner": {"type": "integer", "nullable": true}, "owner_name": {"type": "string", "nullable": true},
+            "memory_mib": {"type": "integer"}, "vcpus": {"type": "integer"},
+            "disks": {"type": "array", "items": {"type": "integer"}},
+            "power": {"type": "string", "enum": ["on", "off"]},
+            "status": {"type": "string", "enum": ["running", "starting", "stopping", "stopped"]},
+            "primary": {"type": "object", "nullable": true}, "backup": {"type": "object", "nullable": true},
+            "replication": {"type": "object", "properties": {
+                "state": {"type": "string", "enum": ["in-sync", "resyncing", "degraded", "unknown"]},
+                "percent": {"type": "number"}, "generation": {"type": "integer"}}}}},
+        "NewVm": {"type": "object", "required": ["name", "memory_mib", "disk_gib"], "additionalProperties": false,
+            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
+                "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
+                "disk_gib": {"type": "integer", "minimum": 1}, "owner": {"type": "integer"}, "start": {"type": "boolean"}}},
+        "Power": {"type": "object", "required": ["action"], "additionalProperties": false,
+            "properties": {"action": {"type": "string", "enum": ["on", "off"]}}},
+    })
+}
+
+fn body_schema(method: &str, path: &str) -> Option<&'static str> {
+    match (method, path) {
+        ("post", "/session") => Some("Login"),
+        ("post", "/vms") => Some("NewVm"),
+        ("post", "/vms/{id}/power") => Some("Power"),
+        ("post", "/users") => Some("NewUser"),
+        ("patch", "/users/{id}") => Some("UserChange"),
+        _ => None,
+    }
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary) in OPERATIONS {
+        let mut op = json!({
+            "summary": summary,
+            "operationId": format!("{method}{}", path.replace(['/', '{', '}', '.'], "_")),
+            "responses": {
+                "200": {"description": "done"},
+                "default": {"description": "an error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            }
+        });
+        if path.contains("{id}") {
+            op["parameters"] = json!([{"name": "id", "in": "path", "required": true,
+                "schema": {"type": "integer"}}]);
+        }
+        if let Some(s) = body_schema(method, path) {
+            op["requestBody"] = json!({"required": true, "content": {"application/json":
+                {"schema": {"$ref": format!("#/components/schemas/{s}")}}}});
+        }
+        let public = matches!(
+            (*method, *path),
+            ("post", "/session") | ("get", "/openapi.json")
+        );
+        if public {
+            op["security"] = json!([]);
+        }
+        if *method != "get" && !public {
+            op["parameters"]
+                .as_array_mut()
+                .map(|a| a.push(csrf()))
+                .unwrap_or_else(|| op["parameters"] = json!([csrf()]));
+        }
+        paths
+            .entry(format!("/api/v1{path}"))
+            .or_insert_with(|| json!({}))[*method] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "EnSpeed orchestrator API",
+            "version": "1",
+            "description": "Every server serves this API. Log in with POST /api/v1/session; the session cookie is HttpOnly and SameSite=Strict; every change carries the session's CSRF token in X-CSRF-Token. Objects the caller may not see answer 404."
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": crate::auth::COOKIE}}
+        },
+        "security": [{"session": []}]
+    })
+}
+
+fn csrf() -> Value {
+    json!({"name": "X-CSRF-Token", "in": "header", "required": true, "schema": {"type": "string"}})
+}

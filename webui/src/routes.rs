@@ -1,0 +1,641 @@
+//! The endpoints of `/api/v1`. Each finds the caller's session, checks what the caller may see
+//! or do (`control::access`), and answers JSON; changes are proposed as the caller.
+//!
+//! ```text
+//!   POST   /api/v1/session             log in {name, password}: cookie + csrf_token
+//!   GET    /api/v1/session             who is logged in, the csrf_token
+//!   DELETE /api/v1/session             log out
+//!   GET    /api/v1/summary             counts of what the caller sees
+//!   GET    /api/v1/vms                 VMs the caller sees
+//!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?}
+//!   GET    /api/v1/vms/{id}            one VM
+//!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off"}
+//!   DELETE /api/v1/vms/{id}            delete a powered-off VM
+//!   GET    /api/v1/users               users the caller sees
+//!   POST   /api/v1/users               create {name, password, role, parent?, quota?}
+//!   GET    /api/v1/users/{id}          one user
+//!   PATCH  /api/v1/users/{id}          {password?, quota?}
+//!   DELETE /api/v1/users/{id}          delete
+//!   GET    /api/v1/servers             servers (Manager)
+//!   GET    /api/v1/audit?after=&limit= the audit log (Manager)
+//!   GET    /api/v1/openapi.json        this API's OpenAPI document
+//! ```
+//!
+//! A change needs the session's CSRF token in `X-CSRF-Token`. An object the caller may not see
+//! is answered 404, as if it did not exist; one it may see but not change, 403.
+
+use std::sync::Arc;
+
+use control::access::{self, Quota, Role, SessionRecord, UserRecord};
+use control::state_machine::{Action, StateMachine};
+use hyper::header::{HeaderValue, SET_COOKIE};
+use hyper::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{self, RateLimit};
+use crate::cluster::{now_ms, Cluster};
+use crate::http::{json_response, ok, ApiError, Body, Request};
+use crate::{openapi, views, WebConfig};
+
+/// The web service's state.
+pub struct App {
+    cfg: WebConfig,
+    cluster: Cluster,
+    logins: RateLimit,
+}
+
+/// A logged-in caller.
+struct Caller {
+    user: UserRecord,
+    session: SessionRecord,
+    state: Arc<StateMachine>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    name: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVm {
+    name: String,
+    memory_mib: u64,
+    #[serde(default = "one")]
+    vcpus: u32,
+    disk_gib: u64,
+    #[serde(default)]
+    owner: Option<u64>,
+    #[serde(default)]
+    start: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Power {
+    action: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    password: String,
+    role: Role,
+    #[serde(default)]
+    parent: Option<u64>,
+    #[serde(default)]
+    quota: Option<Quota>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    quota: Option<Quota>,
+}
+
+/// The largest VM the API creates: 1 TiB of RAM, 64 vCPUs, 64 TiB of disk.
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+const MAX_VCPUS: u32 = 64;
+const MAX_DISK_GIB: u64 = 64 << 10;
+
+impl App {
+    /// The service over `cluster`.
+    pub fn new(cfg: WebConfig, cluster: Cluster) -> App {
+        App {
+            cfg,
+            cluster,
+            logins: RateLimit::default(),
+        }
+    }
+
+    /// Answers one request.
+    pub async fn route(&self, req: Request) -> Result<Response<Body>, ApiError> {
+        let path = req.path.trim_end_matches('/').to_string();
+        let Some(rest) = path.strip_prefix("/api/v1") else {
+            return Err(ApiError::not_found(format!("no page {}", req.path)));
+        };
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        let m = req.method.clone();
+        match (m, parts.as_slice()) {
+            (Method::GET, ["openapi.json"]) => Ok(ok(&openapi::document())),
+            (Method::POST, ["session"]) => self.login(&req).await,
+            (Method::GET, ["session"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&json!({
+                    "user": views::user(&c.state, &c.user),
+                    "csrf_token": c.session.csrf,
+                    "expires_ms": c.session.expires_ms,
+                })))
+            }
+            (Method::DELETE, ["session"]) => {
+                let c = self.caller(&req, true).await?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::Logout {
+                            token_hash: c.session.token_hash.clone(),
+                        },
+                    )
+                    .await?;
+                let mut r = ok(&json!({ "logged_out": true }));
+                self.cookie(&mut r, None);
+                Ok(r)
+            }
+            (Method::GET, ["summary"]) => {
+                let c = self.caller(&req, false).await?;
+                self.summary(&c).await
+            }
+            (Method::GET, ["vms"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::vms(&c.state, &c.user)))
+            }
+            (Method::POST, ["vms"]) => {
+                let c = self.caller(&req, true).await?;
+                self.create_vm(&c, &req).await
+            }
+            (Method::GET, ["vms", id]) => {
+                let c = self.caller(&req, false).await?;
+                let vm = self.visible_vm(&c, id)?;
+                Ok(ok(&views::vm(&c.state, vm)))
+            }
+            (Method::POST, ["vms", id, "power"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let p: Power = req.json()?;
+                let running = match p.action.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "power action {other:?}: \"on\" or \"off\""
+                        )))
+                    }
+                };
+                self.cluster
+                    .act(c.user.id, Action::PowerVm { vm, running })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({ "id": vm, "power": p.action }),
+                ))
+            }
+            (Method::DELETE, ["vms", id]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                self.cluster.act(c.user.id, Action::DeleteVm { vm }).await?;
+                Ok(ok(&json!({ "deleted": vm })))
+            }
+            (Method::GET, ["users"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::users(&c.state, &c.user)))
+            }
+            (Method::POST, ["users"]) => {
+                let c = self.caller(&req, true).await?;
+                self.create_user(&c, &req).await
+            }
+            (Method::GET, ["users", id]) => {
+                let c = self.caller(&req, false).await?;
+                let u = self.visible_user(&c, id)?;
+                Ok(ok(&views::user(&c.state, u)))
+            }
+            (Method::PATCH, ["users", id]) => {
+                let c = self.caller(&req, true).await?;
+                self.change_user(&c, id, &req).await
+            }
+            (Method::DELETE, ["users", id]) => {
+                let c = self.caller(&req, true).await?;
+                let user = self.visible_user(&c, id)?.id;
+                self.cluster
+                    .act(c.user.id, Action::DeleteUser { user })
+                    .await?;
+                Ok(ok(&json!({ "deleted": user })))
+            }
+            (Method::GET, ["servers"]) => {
+                let c = self.caller(&req, false).await?;
+                manager_only(&c)?;
+                let leader = self.cluster.status().await?.leader;
+                Ok(ok(&views::servers(&c.state, leader)))
+            }
+            (Method::GET, ["audit"]) => {
+                let c = self.caller(&req, false).await?;
+                manager_only(&c)?;
+                let after = number_param(&req, "after")?.unwrap_or(0);
+                let limit = number_param(&req, "limit")?.unwrap_or(100).min(1000) as usize;
+                let entries: Vec<_> = c
+                    .state
+                    .audit
+                    .range(after.saturating_add(1)..)
+                    .take(limit)
+                    .map(|(_, e)| e)
+                    .collect();
+                Ok(ok(&entries))
+            }
+            (
+                _,
+                ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit", ..],
+            ) => {
+                let known = openapi::known_path(&parts);
+                if known {
+                    Err(ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!("{} is not allowed on {}", req.method, req.path),
+                    ))
+                } else {
+                    Err(ApiError::not_found(format!("no endpoint {}", req.path)))
+                }
+            }
+            _ => Err(ApiError::not_found(format!("no endpoint {}", req.path))),
+        }
+    }
+
+    fn cookie(&self, r: &mut Response<Body>, token: Option<&str>) {
+        // Plain HTTP is served on loopback only; HTTPS will set Secure.
+        let v = auth::set_cookie(token, self.cfg.session_ttl, false);
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            r.headers_mut().insert(SET_COOKIE, v);
+        }
+    }
+
+    /// The logged-in caller, and for a change (`change`), its CSRF token checked.
+    async fn caller(&self, req: &Request, change: bool) -> Result<Caller, ApiError> {
+        let token = auth::session_cookie(req.header("cookie"))
+            .ok_or_else(|| ApiError::unauthorized("not logged in"))?;
+        let hash = auth::token_hash(token);
+        // A session opened through another server may take a moment to arrive here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        let (state, session) = loop {
+            let state = self.cluster.state().await?;
+            if let Some(s) = state.sessions.get(&hash).cloned() {
+                break (state, s);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ApiError::unauthorized("not logged in: no such session"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        if session.expires_ms <= now_ms() {
+            return Err(ApiError::unauthorized("the session expired: log in again"));
+        }
+        let user = state
+            .users
+            .get(&session.user)
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("the session's user was deleted"))?;
+        if change {
+            let sent = req.header("x-csrf-token").unwrap_or("");
+            if sent.is_empty() {
+                return Err(ApiError::forbidden("missing CSRF token (X-CSRF-Token)"));
+            }
+            if !auth::same(sent, &session.csrf) {
+                return Err(ApiError::forbidden(
+                    "stale or wrong CSRF token (X-CSRF-Token)",
+                ));
+            }
+        }
+        Ok(Caller {
+            user,
+            session,
+            state,
+        })
+    }
+
+    async fn login(&self, req: &Request) -> Result<Response<Body>, ApiError> {
+        let l: Login = req.json()?;
+        let ip = req.peer.ip();
+        if let Some(wait) = self.logins.blocked(&l.name, ip) {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed logins: try again in {wait} s"),
+            );
+            e.retry_after = Some(wait);
+            return Err(e);
+        }
+        let state = self.cluster.state().await?;
+        let user = state.user_by_name(&l.name).cloned();
+        let hash = user.as_ref().map(|u| u.password.clone());
+        let password = l.password.clone();
+        let good =
+            tokio::task::spawn_blocking(move || auth::verify_password(&password, hash.as_deref()))
+                .await
+                .map_err(|e| ApiError::unavailable(format!("checking the password: {e}")))?;
+        let Some(user) = user.filter(|_| good) else {
+            self.logins.failed(&l.name, ip);
+            tracing::info!(name = %l.name, %ip, "failed login");
+            return Err(ApiError::unauthorized("wrong name or password"));
+        };
+        let token = auth::new_token();
+        let now = now_ms();
+        let session = SessionRecord {
+            token_hash: auth::token_hash(&token),
+            user: user.id,
+            csrf: auth::new_token(),
+            created_ms: now,
+            expires_ms: now + self.cfg.session_ttl.as_millis() as u64,
+        };
+        let csrf = session.csrf.clone();
+        let expires_ms = session.expires_ms;
+        self.cluster.act(user.id, Action::Login { session }).await?;
+        let state = self.cluster.state().await?;
+        let mut r = ok(&json!({
+            "user": views::user(&state, &user),
+            "csrf_token": csrf,
+            "expires_ms": expires_ms,
+        }));
+        self.cookie(&mut r, Some(&token));
+        Ok(r)
+    }
+
+    async fn summary(&self, c: &Caller) -> Result<Response<Body>, ApiError> {
+        let vms = views::vms(&c.state, &c.user);
+        let count = |f: &dyn Fn(&views::VmView) -> bool| vms.iter().filter(|v| f(v)).count();
+        let mut s = json!({
+            "vms": {
+                "total": vms.len(),
+                "running": count(&|v| v.status == "running"),
+                "stopped": count(&|v| v.status == "stopped"),
+            },
+            "replication": {
+                "in_sync": count(&|v| v.replication.state == "in-sync"),
+                "resyncing": count(&|v| v.replication.state == "resyncing"),
+                "degraded": count(&|v| v.replication.state == "degraded"),
+            },
+        });
+        if c.user.role == Role::Manager {
+            let st = self.cluster.status().await?;
+            let servers = &c.state.servers;
+            s["servers"] = json!({
+                "total": servers.len(),
+                "down": servers.values().filter(|s| s.down).count(),
+                "leader": st.leader,
+                "serving": self.cluster.id(),
+            });
+            s["users"] = json!(c.state.users.len());
+        }
+        Ok(ok(&s))
+    }
+
+    /// The VM with VMID `id` if the caller may see it; 404 otherwise.
+    fn visible_vm<'a>(
+        &self,
+        c: &'a Caller,
+        id: &str,
+    ) -> Result<&'a control::state_machine::VmRecord, ApiError> {
+        let n: u64 = id
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("VMID {id:?}: a number")))?;
+        c.state
+            .vm_by_id(n)
+            .filter(|vm| access::may_operate_vm(&c.state, &c.user, vm))
+            .ok_or_else(|| ApiError::not_found(format!("no VM {n}")))
+    }
+
+    /// The user `id` if the caller may see it; 404 otherwise.
+    fn visible_user<'a>(&self, c: &'a Caller, id: &str) -> Result<&'a UserRecord, ApiError> {
+        let n: u64 = id
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("user id {id:?}: a number")))?;
+        c.state
+            .users
+            .get(&n)
+            .filter(|u| access::may_see_user(&c.user, u))
+            .ok_or_else(|| ApiError::not_found(format!("no user {n}")))
+    }
+
+    async fn create_vm(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
+        let v: NewVm = req.json()?;
+        access::check_name("VM", &v.name).map_err(ApiError::bad_request)?;
+        if v.memory_mib == 0 || v.memory_mib > MAX_MEMORY_MIB {
+            return Err(ApiError::bad_request(format!(
+                "memory_mib {}: 1 to {MAX_MEMORY_MIB}",
+                v.memory_mib
+            )));
+        }
+        if v.vcpus == 0 || v.vcpus > MAX_VCPUS {
+            return Err(ApiError::bad_request(format!(
+                "vcpus {}: 1 to {MAX_VCPUS}",
+                v.vcpus
+            )));
+        }
+        if v.disk_gib == 0 || v.disk_gib > MAX_DISK_GIB {
+            return Err(ApiError::bad_request(format!(
+                "disk_gib {}: 1 to {MAX_DISK_GIB}",
+                v.disk_gib
+            )));
+        }
+        if c.user.role == Role::Regular {
+            return Err(ApiError::forbidden("a Regular User creates no VMs"));
+        }
+        let owner = v.owner.unwrap_or(c.user.id);
+        let o = c
+            .state
+            .users
+            .get(&owner)
+            .filter(|u| access::may_see_user(&c.user, u))
+            .ok_or_else(|| ApiError::not_found(format!("no user {owner}")))?;
+        if !access::may_administer_vms_of(&c.user, o) {
+            return Err(ApiError::forbidden(format!("VMs of user {}", o.name)));
+        }
+        if self.cfg.guest.kernel.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "this cluster has no guest image to boot VMs from (enspeed server --guest-kernel)",
+            ));
+        }
+        let r = self
+            .cluster
+            .act(
+                c.user.id,
+                Action::CreateVm {
+                    name: v.name.clone(),
+                    owner,
+                    memory_mib: v.memory_mib,
+                    vcpus: v.vcpus,
+                    disk_size: v.disk_gib << 30,
+                    kernel: self.cfg.guest.kernel.clone(),
+                    initrd: self.cfg.guest.initrd.clone(),
+                    cmdline: self.cfg.guest.cmdline.clone(),
+                    running: v.start,
+                },
+            )
+            .await?;
+        let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
+        let state = self.cluster.state().await?;
+        let view = state
+            .vm_by_id(id)
+            .map(|vm| serde_json::to_value(views::vm(&state, vm)).unwrap_or(Value::Null))
+            .unwrap_or(json!({ "id": id }));
+        Ok(json_response(StatusCode::CREATED, &view))
+    }
+
+    async fn create_user(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
+        let u: NewUser = req.json()?;
+        access::check_name("user", &u.name).map_err(ApiError::bad_request)?;
+        auth::check_password(&u.password).map_err(ApiError::bad_request)?;
+        match c.user.role {
+            Role::Manager => {}
+            Role::PowerUser
+                if u.role == Role::Regular && u.parent.is_none_or(|p| p == c.user.id) => {}
+            Role::PowerUser => {
+                return Err(ApiError::forbidden(
+                    "a Power User creates Regular Users under itself",
+                ))
+            }
+            Role::Regular => return Err(ApiError::forbidden("a Regular User creates no users")),
+        }
+        if u.quota.is_some() && (c.user.role != Role::Manager || u.role != Role::PowerUser) {
+            return Err(ApiError::bad_request(
+                "a quota is set by a Manager on a Power User",
+            ));
+        }
+        let password = u.password.clone();
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("hashing the password: {e}")))?
+            .map_err(ApiError::unavailable)?;
+        let parent = match c.user.role {
+            Role::PowerUser => Some(c.user.id),
+            _ => u.parent,
+        };
+        let r = self
+            .cluster
+            .act(
+                c.user.id,
+                Action::CreateUser {
+                    name: u.name,
+                    role: u.role,
+                    password: hash,
+                    parent,
+                    quota: u.quota,
+                },
+            )
+            .await?;
+        let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
+        let state = self.cluster.state().await?;
+        let view = state
+            .users
+            .get(&id)
+            .map(|u| serde_json::to_value(views::user(&state, u)).unwrap_or(Value::Null))
+            .unwrap_or(json!({ "id": id }));
+        Ok(json_response(StatusCode::CREATED, &view))
+    }
+
+    async fn change_user(
+        &self,
+        c: &Caller,
+        id: &str,
+        req: &Request,
+    ) -> Result<Response<Body>, ApiError> {
+        let target = self.visible_user(c, id)?.clone();
+        let ch: UserChange = req.json()?;
+        if ch.password.is_none() && ch.quota.is_none() {
+            return Err(ApiError::bad_request(
+                "nothing to change: password or quota",
+            ));
+        }
+        let own = target.id == c.user.id;
+        if !own && !access::may_manage_user(&c.user, &target) {
+            return Err(ApiError::forbidden(format!("user {}", target.id)));
+        }
+        if ch.quota.is_some() && c.user.role != Role::Manager {
+            return Err(ApiError::forbidden("only a Manager sets quotas"));
+        }
+        if let Some(p) = &ch.password {
+            auth::check_password(p).map_err(ApiError::bad_request)?;
+        }
+        if let Some(q) = ch.quota {
+            self.cluster
+                .act(
+                    c.user.id,
+                    Action::SetQuota {
+                        user: target.id,
+                        quota: q,
+                    },
+                )
+                .await?;
+        }
+        if let Some(p) = ch.password {
+            let hash = tokio::task::spawn_blocking(move || auth::hash_password(&p))
+                .await
+                .map_err(|e| ApiError::unavailable(format!("hashing the password: {e}")))?
+                .map_err(ApiError::unavailable)?;
+            self.cluster
+                .act(
+                    c.user.id,
+                    Action::SetPassword {
+                        user: target.id,
+                        password: hash,
+                        keep_session: own.then(|| c.session.token_hash.clone()),
+                    },
+                )
+                .await?;
+        }
+        let state = self.cluster.state().await?;
+        let u = state
+            .users
+            .get(&target.id)
+            .ok_or_else(|| ApiError::not_found(format!("no user {}", target.id)))?;
+        Ok(ok(&views::user(&state, u)))
+    }
+}
+
+/// Creates the Manager `name` (as the cluster itself) unless a user of that name exists;
+/// retries until the cluster has a leader.
+pub async fn ensure_manager(app: Arc<App>, name: String, password: String) {
+    let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
+        Ok(Ok(h)) => h,
+        other => {
+            tracing::error!(?other, "hashing the first Manager's password");
+            return;
+        }
+    };
+    loop {
+        if let Ok(state) = app.cluster.state().await {
+            if state.user_by_name(&name).is_some() {
+                return;
+            }
+        }
+        let action = Action::CreateUser {
+            name: name.clone(),
+            role: Role::Manager,
+            password: hash.clone(),
+            parent: None,
+            quota: None,
+        };
+        match app.cluster.act(0, action).await {
+            Ok(_) => {
+                tracing::info!(manager = %name, "created the first Manager");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e.message, "creating the first Manager; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn manager_only(c: &Caller) -> Result<(), ApiError> {
+    if c.user.role == Role::Manager {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("Managers only"))
+    }
+}
+
+fn number_param(req: &Request, name: &str) -> Result<Option<u64>, ApiError> {
+    req.param(name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request(format!("{name}={v:?}: a number")))
+        })
+        .transpose()
+}

@@ -1,0 +1,303 @@
+//! What the API shows of the state, and to whom: VMs with their placement, power and
+//! replication health; users without their password hashes; servers.
+
+use control::access::{self, Role, UserRecord};
+use control::state_machine::{StateMachine, VmRecord};
+use serde::Serialize;
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    /// Id.
+    pub id: u64,
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// A Regular User's Power User.
+    pub parent: Option<u64>,
+    /// A Power User's quota, with what its company uses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaView>,
+    /// The VM a Regular User owns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<u64>,
+}
+
+/// A quota and its use.
+#[derive(Debug, Serialize)]
+pub struct QuotaView {
+    /// VMs allowed.
+    pub vms: u32,
+    /// Memory allowed, MiB.
+    pub memory_mib: u64,
+    /// Disk allowed, GiB.
+    pub disk_gib: u64,
+    /// VMs in use.
+    pub used_vms: u32,
+    /// Memory in use, MiB.
+    pub used_memory_mib: u64,
+    /// Disk in use, GiB (rounded up).
+    pub used_disk_gib: u64,
+}
+
+/// A user's view.
+pub fn user(state: &StateMachine, u: &UserRecord) -> UserView {
+    let quota = u.quota.map(|q| {
+        let (vms, mem, disk) = access::company_usage(state, u.id);
+        QuotaView {
+            vms: q.vms,
+            memory_mib: q.memory_mib,
+            disk_gib: q.disk_gib,
+            used_vms: vms,
+            used_memory_mib: mem,
+            used_disk_gib: disk.div_ceil(1 << 30),
+        }
+    });
+    UserView {
+        id: u.id,
+        name: u.name.clone(),
+        role: u.role,
+        parent: u.parent,
+        quota,
+        vm: (u.role == Role::Regular)
+            .then(|| {
+                state
+                    .vms
+                    .values()
+                    .find(|vm| vm.owner == Some(u.id))
+                    .map(|vm| vm.id)
+            })
+            .flatten(),
+    }
+}
+
+/// The users `me` may see.
+pub fn users(state: &StateMachine, me: &UserRecord) -> Vec<UserView> {
+    state
+        .users
+        .values()
+        .filter(|u| access::may_see_user(me, u))
+        .map(|u| user(state, u))
+        .collect()
+}
+
+/// Where a copy of a VM's disk lives.
+#[derive(Debug, Serialize)]
+pub struct Copy {
+    /// The server.
+    pub server: u64,
+    /// Its address.
+    pub address: String,
+    /// The pool on it.
+    pub pool: String,
+    /// The server is declared down.
+    pub down: bool,
+}
+
+/// A VM's replication health, as its owner sees it.
+#[derive(Debug, Serialize)]
+pub struct Replication {
+    /// `in-sync`, `resyncing`, `degraded` (no usable backup: one copy only) or `unknown`.
+    pub state: &'static str,
+    /// While resyncing: how much of the disk is in sync, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// The disk's generation.
+    pub generation: u64,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct VmView {
+    /// VMID.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Owner id.
+    pub owner: Option<u64>,
+    /// Owner name.
+    pub owner_name: Option<String>,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Disk sizes, bytes, disk 0 first.
+    pub disks: Vec<u64>,
+    /// Whether it should run.
+    pub power: &'static str,
+    /// What runs: `running` (on its primary), `starting`, `stopping` or `stopped`.
+    pub status: &'static str,
+    /// Its primary copy.
+    pub primary: Option<Copy>,
+    /// Its backup copy.
+    pub backup: Option<Copy>,
+    /// Replication health of disk 0.
+    pub replication: Replication,
+}
+
+fn copy(
+    state: &StateMachine,
+    server: u64,
+    pools: &std::collections::BTreeMap<u64, String>,
+) -> Copy {
+    let s = state.servers.get(&server);
+    Copy {
+        server,
+        address: s.map(|s| s.address.clone()).unwrap_or_default(),
+        pool: pools.get(&server).cloned().unwrap_or_default(),
+        down: s.is_none_or(|s| s.down),
+    }
+}
+
+/// A VM's view.
+pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
+    let disk = vm.disks.first().and_then(|d| state.disks.get(d));
+    let running_anywhere = state
+        .observed
+        .values()
+        .any(|o| o.vms.get(&vm.name).is_some_and(|v| v.running));
+    let status = match (vm.running, running_anywhere) {
+        (true, true) => "running",
+        (true, false) => "starting",
+        (false, true) => "stopping",
+        (false, false) => "stopped",
+    };
+    let replication = match disk {
+        None => Replication {
+            state: "unknown",
+            percent: None,
+            generation: 0,
+        },
+        Some(d) => {
+            let seen = state
+                .observed
+                .get(&d.primary)
+                .and_then(|o| o.disks.get(&d.name));
+            let (st, percent) = match (d.backup, seen) {
+                (None, _) => ("degraded", None),
+                (Some(_), _) if d.backup_synced && seen.is_none_or(|o| o.link == "in-sync") => {
+                    ("in-sync", None)
+                }
+                (Some(_), Some(o)) if o.link == "resyncing" || o.out_of_sync_bytes > 0 => {
+                    let done = d.size.saturating_sub(o.out_of_sync_bytes) as f64;
+                    let pct = if d.size == 0 {
+                        0.0
+                    } else {
+                        done * 100.0 / d.size as f64
+                    };
+                    ("resyncing", Some((pct * 10.0).floor() / 10.0))
+                }
+                (Some(_), Some(o)) if o.link == "in-sync" => ("in-sync", None),
+                (Some(_), Some(_)) => ("degraded", None),
+                (Some(_), None) => ("unknown", None),
+            };
+            Replication {
+                state: st,
+                percent,
+                generation: d.generation,
+            }
+        }
+    };
+    let owner = vm.owner.and_then(|o| state.users.get(&o));
+    VmView {
+        id: vm.id,
+        name: vm.name.clone(),
+        owner: vm.owner,
+        owner_name: owner.map(|u| u.name.clone()),
+        memory_mib: vm.memory_mib,
+        vcpus: vm.vcpus,
+        disks: vm
+            .disks
+            .iter()
+            .filter_map(|d| state.disks.get(d))
+            .map(|d| d.size)
+            .collect(),
+        power: if vm.running { "on" } else { "off" },
+        status,
+        primary: disk.map(|d| copy(state, d.primary, &d.pools)),
+        backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools))),
+        replication,
+    }
+}
+
+/// The VMs `me` may see, by VMID.
+pub fn vms(state: &StateMachine, me: &UserRecord) -> Vec<VmView> {
+    let mut v: Vec<VmView> = state
+        .vms
+        .values()
+        .filter(|v| access::may_operate_vm(state, me, v))
+        .map(|v| vm(state, v))
+        .collect();
+    v.sort_by_key(|v| v.id);
+    v
+}
+
+/// A server as the Manager sees it.
+#[derive(Debug, Serialize)]
+pub struct ServerView {
+    /// Raft id.
+    pub id: u64,
+    /// Address.
+    pub address: String,
+    /// Votes, runs no VMs.
+    pub witness: bool,
+    /// Declared down.
+    pub down: bool,
+    /// The Raft leader now, as this server knows.
+    pub leader: bool,
+    /// Its blockd answers (as last reported).
+    pub blockd_up: bool,
+    /// Memory for guests, MiB.
+    pub memory_mib: u64,
+    /// Memory of the VMs whose primary it is, MiB.
+    pub used_memory_mib: u64,
+    /// Storage pools: path and GiB.
+    pub pools: Vec<(String, u64)>,
+    /// VMs whose primary copy it holds.
+    pub primary_vms: usize,
+    /// VMs whose backup copy it holds.
+    pub backup_vms: usize,
+}
+
+/// Every server.
+pub fn servers(state: &StateMachine, leader: Option<u64>) -> Vec<ServerView> {
+    state
+        .servers
+        .values()
+        .map(|s| {
+            let holds = |primary: bool| {
+                state.vms.values().filter(move |vm| {
+                    vm.disks
+                        .first()
+                        .and_then(|d| state.disks.get(d))
+                        .is_some_and(|d| {
+                            if primary {
+                                d.primary == s.id
+                            } else {
+                                d.backup == Some(s.id)
+                            }
+                        })
+                })
+            };
+            ServerView {
+                id: s.id,
+                address: s.address.clone(),
+                witness: s.witness,
+                down: s.down,
+                leader: leader == Some(s.id),
+                blockd_up: state.observed.get(&s.id).is_some_and(|o| o.blockd_up),
+                memory_mib: s.capacity.memory_mib,
+                used_memory_mib: holds(true).map(|vm| vm.memory_mib).sum(),
+                pools: s
+                    .capacity
+                    .pools()
+                    .into_iter()
+                    .map(|p| (p.path, p.disk_gib))
+                    .collect(),
+                primary_vms: holds(true).count(),
+                backup_vms: holds(false).count(),
+            }
+        })
+        .collect()
+}
