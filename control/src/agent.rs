@@ -693,6 +693,9 @@ impl Reconciler {
             ])
             .args(["--memory", &vm.memory_mib.to_string()])
             .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
+        if !vm.initrd.is_empty() {
+            cmd.args(["--initrd", &vm.initrd]);
+        }
         for d in &vm.disks {
             let socket = copies
                 .get(d)

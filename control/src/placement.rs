@@ -171,6 +171,7 @@ mod tests {
                 vcpus: 1,
                 disk_size: gib * GIB,
                 kernel: "/k".into(),
+                initrd: String::new(),
                 cmdline: String::new(),
                 running: true,
             },
