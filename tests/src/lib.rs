@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod linearizability;
 pub mod netns;
+pub mod web;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

@@ -216,6 +216,9 @@ impl App {
             (Method::DELETE, ["users", id]) => {
                 let c = self.caller(&req, true).await?;
                 let user = self.visible_user(&c, id)?.id;
+                if c.user.role == Role::Regular {
+                    return Err(ApiError::forbidden("a Regular User deletes no users"));
+                }
                 self.cluster
                     .act(c.user.id, Action::DeleteUser { user })
                     .await?;

@@ -1,0 +1,908 @@
+//! The orchestrator's REST API with real processes: three `enspeed server`s on loopback (two
+//! run VMs with their agents and blockd, one is a witness), each serving the API. Checked:
+//!
+//! - an authorization matrix: every operation of the OpenAPI document x Manager, Power User and
+//!   Regular User x their own, a subordinate's and a foreign object, each allowed or refused
+//!   as the roles say, and a refused change changes nothing;
+//! - bad input: malformed JSON, oversized bodies, unknown fields, the wrong content type,
+//!   a missing or stale CSRF token, an expired session, too many failed logins: each a clear
+//!   error and no change;
+//! - requests through a follower see their own writes; the audit log records every change.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use enspeed_tests::cluster::{self, free_port, Client, LogOnPanic, Server};
+use enspeed_tests::web::{Answer, Web};
+use enspeed_tests::*;
+use serde_json::{json, Value};
+
+/// One cluster at a time: the machine has two cores.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+const WAIT: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "manager-secret-1";
+const USER_PASSWORD: &str = "user-secret-1";
+
+struct Cluster {
+    servers: Vec<Server>,
+    web: Vec<String>,
+    _scratch: Scratch,
+}
+
+impl Cluster {
+    /// Servers 1 and 2 run VMs; server 3 is a witness. Every one serves the API.
+    fn start(tag: &str, extra: &[&str]) -> Cluster {
+        let scratch = Scratch::new(&format!("webui-{tag}"));
+        let pw = scratch.path("manager-password");
+        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+        let kernel = testguest().display().to_string();
+        let mut servers = Vec::new();
+        let mut web = Vec::new();
+        for i in 1..=3u64 {
+            let http = format!("127.0.0.1:{}", free_port());
+            let mut args: Vec<String> = vec![
+                "--http".into(),
+                http.clone(),
+                "--manager".into(),
+                "admin".into(),
+                "--manager-password-file".into(),
+                pw.display().to_string(),
+                "--guest-kernel".into(),
+                kernel.clone(),
+                "--guest-cmdline".into(),
+                "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
+            ];
+            if i < 3 {
+                args.extend(
+                    [
+                        "--memory-mib",
+                        "4096",
+                        "--disk-gib",
+                        "64",
+                        "--blockd-listen",
+                    ]
+                    .map(String::from),
+                );
+                args.push(format!("127.0.0.1:{}", free_port()));
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut s = Server::new(
+                i,
+                format!("127.0.0.1:{}", free_port()),
+                scratch.path(&format!("server{i}")),
+                &argv,
+            );
+            s.log_on_panic = LogOnPanic::Last(40);
+            servers.push(s);
+            web.push(format!("http://{http}"));
+        }
+        let client = Client {
+            connect: None,
+            read: Duration::from_secs(10),
+        };
+        cluster::bootstrap(&mut servers[..1], &client, WAIT);
+        let seed = servers[0].addr.clone();
+        servers[1].start(&["--join", &seed]);
+        servers[2].start(&["--join", &seed, "--witness"]);
+        let c = Cluster {
+            servers,
+            web,
+            _scratch: scratch,
+        };
+        // Both VM servers registered, and the first Manager exists.
+        cluster::wait_for(
+            "the agents registered and the Manager created",
+            WAIT,
+            || {
+                let mut w = Web::new(&c.web[0]);
+                (w.login("admin", PASSWORD).0 == 200).then_some(())?;
+                let servers = w.get("/api/v1/servers").1;
+                let n = servers
+                    .as_array()?
+                    .iter()
+                    .filter(|s| s["memory_mib"].as_u64() == Some(4096))
+                    .count();
+                let st = client.status(&c.servers[2].addr)?;
+                (n == 2 && st["voters"].as_array()?.len() == 3).then_some(())
+            },
+        );
+        c
+    }
+
+    fn manager(&self, server: usize) -> Web {
+        Web::logged_in(&self.web[server], "admin", PASSWORD)
+    }
+}
+
+/// What a case expects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Want {
+    /// 2xx.
+    Allowed,
+    /// 403: the caller sees it but may not do this.
+    Forbidden,
+    /// 404: the caller may not even see it.
+    Hidden,
+}
+
+/// The matrix's findings: every case run, and those that went wrong.
+#[derive(Default)]
+struct Matrix {
+    covered: BTreeSet<(String, String)>,
+    failures: Vec<String>,
+    cases: usize,
+}
+
+impl Matrix {
+    /// Runs `method path` as `who` and checks the answer against `want`; `template` is the
+    /// OpenAPI path it exercises.
+    fn case(
+        &mut self,
+        who: (&str, &Web),
+        method: &str,
+        template: &str,
+        path: &str,
+        body: Option<Value>,
+        want: Want,
+    ) -> Answer {
+        let r = who.1.send(method, path, body);
+        self.check(who.0, method, template, path, &r, want);
+        r
+    }
+
+    fn check(
+        &mut self,
+        who: &str,
+        method: &str,
+        template: &str,
+        path: &str,
+        r: &Answer,
+        want: Want,
+    ) {
+        self.cases += 1;
+        self.covered
+            .insert((method.to_lowercase(), template.to_string()));
+        let ok = match want {
+            Want::Allowed => (200..300).contains(&r.0),
+            Want::Forbidden => r.0 == 403,
+            Want::Hidden => r.0 == 404,
+        };
+        let has_error =
+            (200..300).contains(&r.0) || r.1["error"].as_str().is_some_and(|e| !e.is_empty());
+        if !ok || !has_error {
+            self.failures.push(format!(
+                "{who} {method} {path}: want {want:?}, got {} {}",
+                r.0, r.1
+            ));
+        }
+    }
+}
+
+fn id(v: &Answer) -> u64 {
+    assert!((200..300).contains(&v.0), "{v:?}");
+    v.1["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("an id in {v:?}"))
+}
+
+fn ids(v: &Answer) -> BTreeSet<u64> {
+    v.1.as_array()
+        .unwrap_or_else(|| panic!("a list: {v:?}"))
+        .iter()
+        .map(|x| x["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn new_vm(name: &str, owner: u64) -> Value {
+    json!({"name": name, "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "owner": owner})
+}
+
+fn new_user(name: &str, role: &str) -> Value {
+    json!({"name": name, "password": USER_PASSWORD, "role": role})
+}
+
+/// The number of audit entries and the VMs and users as the Manager sees them (what people
+/// set, not what the agents observe): what a refused change must leave as it was.
+fn fingerprint(m: &Web) -> (usize, Value, Value) {
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    let vms: Vec<Value> = m
+        .get("/api/v1/vms")
+        .1
+        .as_array()
+        .expect("the VM list")
+        .iter()
+        .map(|v| {
+            json!([
+                v["id"],
+                v["name"],
+                v["owner"],
+                v["power"],
+                v["memory_mib"],
+                v["disks"],
+                v["primary"]["server"],
+                v["backup"]["server"]
+            ])
+        })
+        .collect();
+    (
+        audit.as_array().map_or(0, Vec::len),
+        Value::Array(vms),
+        m.get("/api/v1/users").1,
+    )
+}
+
+#[test]
+fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("matrix", &[]);
+    let base = c.web[1].clone(); // a follower or the leader: any server serves the API
+    let m = c.manager(1);
+    let quota = json!({"vms": 6, "memory_mib": 1024, "disk_gib": 16});
+
+    // Two companies: Power Users p1 and p2 with their Regular Users.
+    let p1 = id(&m.send(
+        "POST",
+        "/api/v1/users",
+        Some(
+            json!({"name": "p1", "password": USER_PASSWORD, "role": "power_user", "quota": quota}),
+        ),
+    ));
+    let p2 = id(&m.send(
+        "POST",
+        "/api/v1/users",
+        Some(
+            json!({"name": "p2", "password": USER_PASSWORD, "role": "power_user", "quota": quota}),
+        ),
+    ));
+    let wp1 = Web::logged_in(&base, "p1", USER_PASSWORD);
+    let wp2 = Web::logged_in(&base, "p2", USER_PASSWORD);
+    let r1a = id(&wp1.send("POST", "/api/v1/users", Some(new_user("r1a", "regular"))));
+    let r1b = id(&wp1.send("POST", "/api/v1/users", Some(new_user("r1b", "regular"))));
+    let r2 = id(&wp2.send("POST", "/api/v1/users", Some(new_user("r2", "regular"))));
+    let wr = Web::logged_in(&base, "r1a", USER_PASSWORD);
+    let admin = 1u64;
+
+    // Their VMs.
+    let vm_m = id(&m.send("POST", "/api/v1/vms", Some(new_vm("vm-m", admin))));
+    let vm_p1 = id(&wp1.send("POST", "/api/v1/vms", Some(new_vm("vm-p1", p1))));
+    let vm_r1a = id(&wp1.send("POST", "/api/v1/vms", Some(new_vm("vm-r1a", r1a))));
+    let vm_r2 = id(&wp2.send("POST", "/api/v1/vms", Some(new_vm("vm-r2", r2))));
+    let all_vms: BTreeSet<u64> = [vm_m, vm_p1, vm_r1a, vm_r2].into();
+
+    let mut x = Matrix::default();
+    let (mw, pw, rw) = (
+        ("manager", &m),
+        ("power user p1", &wp1),
+        ("regular user r1a", &wr),
+    );
+
+    // Lists show exactly what each role may see.
+    for (who, want_vms, want_users) in [
+        (
+            mw,
+            all_vms.clone(),
+            BTreeSet::from([admin, p1, p2, r1a, r1b, r2]),
+        ),
+        (
+            pw,
+            BTreeSet::from([vm_p1, vm_r1a]),
+            BTreeSet::from([p1, r1a, r1b]),
+        ),
+        (rw, BTreeSet::from([vm_r1a]), BTreeSet::from([r1a])),
+    ] {
+        let v = x.case(who, "GET", "/vms", "/api/v1/vms", None, Want::Allowed);
+        assert_eq!(ids(&v), want_vms, "the VMs {} sees", who.0);
+        let u = x.case(who, "GET", "/users", "/api/v1/users", None, Want::Allowed);
+        assert_eq!(ids(&u), want_users, "the users {} sees", who.0);
+        let s = x.case(
+            who,
+            "GET",
+            "/summary",
+            "/api/v1/summary",
+            None,
+            Want::Allowed,
+        );
+        assert_eq!(
+            s.1["vms"]["total"],
+            want_vms.len(),
+            "{}'s summary: {}",
+            who.0,
+            s.1
+        );
+        let me = x.case(
+            who,
+            "GET",
+            "/session",
+            "/api/v1/session",
+            None,
+            Want::Allowed,
+        );
+        assert!(me.1["csrf_token"].as_str().is_some_and(|t| t.len() == 64));
+        let manager = who.0 == "manager";
+        let want = if manager {
+            Want::Allowed
+        } else {
+            Want::Forbidden
+        };
+        x.case(who, "GET", "/servers", "/api/v1/servers", None, want);
+        x.case(who, "GET", "/audit", "/api/v1/audit", None, want);
+        x.case(
+            who,
+            "GET",
+            "/openapi.json",
+            "/api/v1/openapi.json",
+            None,
+            Want::Allowed,
+        );
+    }
+
+    // Seeing and powering VMs: own, a subordinate's, a foreign one.
+    use Want::*;
+    let vm_cases = [
+        (mw, vm_m, Allowed),
+        (mw, vm_r1a, Allowed),
+        (mw, vm_r2, Allowed),
+        (pw, vm_p1, Allowed),
+        (pw, vm_r1a, Allowed),
+        (pw, vm_r2, Hidden),
+        (pw, vm_m, Hidden),
+        (rw, vm_r1a, Allowed),
+        (rw, vm_p1, Hidden),
+        (rw, vm_r2, Hidden),
+    ];
+    for (who, vm, want) in vm_cases {
+        let before = fingerprint(&m);
+        x.case(
+            who,
+            "GET",
+            "/vms/{id}",
+            &format!("/api/v1/vms/{vm}"),
+            None,
+            want,
+        );
+        let r = x.case(
+            who,
+            "POST",
+            "/vms/{id}/power",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "off"})),
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused power change changed nothing: {r:?}"
+            );
+        }
+    }
+
+    // Creating VMs: for oneself, for a subordinate, for a foreigner.
+    let create_cases = [
+        (mw, r1b, Allowed),
+        (pw, p1, Allowed),
+        (pw, r1b, Allowed),
+        (pw, r2, Hidden),
+        (pw, admin, Hidden),
+        (rw, r1a, Forbidden),
+        (rw, r1b, Forbidden),
+    ];
+    for (n, (who, owner, want)) in create_cases.into_iter().enumerate() {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/vms",
+            "/api/v1/vms",
+            Some(new_vm(&format!("new{n}"), owner)),
+            want,
+        );
+        if want == Allowed {
+            let vm = id(&r);
+            assert_eq!(r.1["owner"], owner);
+            // Deleting: the Manager any, the Power User its company's.
+            x.case(
+                who,
+                "DELETE",
+                "/vms/{id}",
+                &format!("/api/v1/vms/{vm}"),
+                None,
+                Allowed,
+            );
+        } else {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused create changed nothing: {r:?}"
+            );
+        }
+    }
+
+    // Deleting VMs one may not delete: a Regular User its own, anyone a foreign one.
+    for (who, vm, want) in [
+        (rw, vm_r1a, Forbidden),
+        (rw, vm_r2, Hidden),
+        (pw, vm_r2, Hidden),
+        (pw, vm_m, Hidden),
+    ] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "DELETE",
+            "/vms/{id}",
+            &format!("/api/v1/vms/{vm}"),
+            None,
+            want,
+        );
+        assert_eq!(
+            fingerprint(&m),
+            before,
+            "a refused delete changed nothing: {r:?}"
+        );
+    }
+
+    // Users: seeing, creating, changing and deleting.
+    for (who, user, want) in [
+        (mw, r2, Allowed),
+        (pw, p1, Allowed),
+        (pw, r1a, Allowed),
+        (pw, r2, Hidden),
+        (pw, p2, Hidden),
+        (pw, admin, Hidden),
+        (rw, r1a, Allowed),
+        (rw, r1b, Hidden),
+        (rw, p1, Hidden),
+    ] {
+        x.case(
+            who,
+            "GET",
+            "/users/{id}",
+            &format!("/api/v1/users/{user}"),
+            None,
+            want,
+        );
+    }
+    for (n, (who, role, want)) in [
+        (mw, "power_user", Allowed),
+        (mw, "manager", Allowed),
+        (pw, "regular", Allowed),
+        (pw, "power_user", Forbidden),
+        (pw, "manager", Forbidden),
+        (rw, "regular", Forbidden),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/users",
+            "/api/v1/users",
+            Some(new_user(&format!("t{n}"), role)),
+            want,
+        );
+        if want == Allowed {
+            let u = id(&r);
+            x.case(
+                who,
+                "DELETE",
+                "/users/{id}",
+                &format!("/api/v1/users/{u}"),
+                None,
+                Allowed,
+            );
+        } else {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused user create changed nothing: {r:?}"
+            );
+        }
+    }
+    // Throwaway users to change and delete: one in each company.
+    let t1 = id(&wp1.send("POST", "/api/v1/users", Some(new_user("tmp1", "regular"))));
+    let t2 = id(&wp2.send("POST", "/api/v1/users", Some(new_user("tmp2", "regular"))));
+    let pw_change = json!({"password": "another-secret-9"});
+    for (who, user, want) in [
+        (pw, t1, Allowed),
+        (pw, t2, Hidden),
+        (pw, admin, Hidden),
+        (rw, r1a, Allowed),
+        (rw, r1b, Hidden),
+        (rw, p1, Hidden),
+        (mw, t2, Allowed),
+    ] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "PATCH",
+            "/users/{id}",
+            &format!("/api/v1/users/{user}"),
+            Some(pw_change.clone()),
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused change changed nothing: {r:?}"
+            );
+        }
+    }
+    // A user's own password change keeps its session; quotas are the Manager's.
+    assert_eq!(
+        wr.get("/api/v1/session").0,
+        200,
+        "r1a's session survived its password change"
+    );
+    x.case(
+        pw,
+        "PATCH",
+        "/users/{id}",
+        &format!("/api/v1/users/{p1}"),
+        Some(json!({"quota": {"vms": 99, "memory_mib": 99999, "disk_gib": 999}})),
+        Forbidden,
+    );
+    x.case(
+        mw,
+        "PATCH",
+        "/users/{id}",
+        &format!("/api/v1/users/{p2}"),
+        Some(json!({"quota": {"vms": 7, "memory_mib": 2048, "disk_gib": 32}})),
+        Allowed,
+    );
+    for (who, user, want) in [
+        (rw, r1b, Hidden),
+        (rw, r1a, Forbidden),
+        (pw, t2, Hidden),
+        (pw, p2, Hidden),
+        (pw, t1, Allowed),
+        (mw, t2, Allowed),
+    ] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "DELETE",
+            "/users/{id}",
+            &format!("/api/v1/users/{user}"),
+            None,
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused delete changed nothing: {r:?}"
+            );
+        }
+    }
+
+    // Logging in and out, for each role; the old session is then gone, its CSRF token too.
+    for (name, pass) in [
+        ("admin", PASSWORD),
+        ("p1", USER_PASSWORD),
+        ("r1b", USER_PASSWORD),
+    ] {
+        let mut w = Web::new(&base);
+        let r = w.login(name, pass);
+        x.check(name, "POST", "/session", "/api/v1/session", &r, Allowed);
+        let out = w.send("DELETE", "/api/v1/session", None);
+        x.check(name, "DELETE", "/session", "/api/v1/session", &out, Allowed);
+        assert_eq!(w.get("/api/v1/vms").0, 401, "{name}'s session ended");
+    }
+
+    // Every operation of the OpenAPI document was exercised.
+    let doc = Web::new(&base).get("/api/v1/openapi.json");
+    assert_eq!(doc.0, 200, "the OpenAPI document needs no session");
+    let mut listed = BTreeSet::new();
+    for (path, ops) in doc.1["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            listed.insert((
+                method.clone(),
+                path.trim_start_matches("/api/v1").to_string(),
+            ));
+        }
+    }
+    assert_eq!(
+        x.covered, listed,
+        "the matrix covers every documented operation"
+    );
+
+    // Without a session, every operation but logging in and the document is refused.
+    let anon = Web::new(&base);
+    for (method, path) in &listed {
+        if (method == "post" && path == "/session") || path == "/openapi.json" {
+            continue;
+        }
+        let p = format!("/api/v1{}", path.replace("{id}", &vm_r1a.to_string()));
+        let r = anon.send(&method.to_uppercase(), &p, Some(json!({})));
+        if r.0 != 401 {
+            x.failures.push(format!(
+                "anonymous {method} {p}: want 401, got {} {}",
+                r.0, r.1
+            ));
+        }
+    }
+
+    // The audit log names who did what.
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    let entries = audit.as_array().unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e["actor_name"] == "p1" && e["action"] == "vm.create"));
+    assert!(entries
+        .iter()
+        .any(|e| e["actor_name"] == "admin" && e["action"] == "user.quota"));
+    assert!(entries
+        .iter()
+        .any(|e| e["actor_name"] == "r1a" && e["action"] == "user.password"));
+
+    eprintln!("authorization matrix: {} cases", x.cases);
+    assert!(
+        x.failures.is_empty(),
+        "{} of {} cases went wrong:\n{}",
+        x.failures.len(),
+        x.cases,
+        x.failures.join("\n")
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("bad", &["--session-ttl-secs", "3"]);
+    let m = c.manager(0);
+    let vm = id(&m.send("POST", "/api/v1/vms", Some(new_vm("v", 1))));
+    let before = fingerprint(&m);
+    let expect = |what: &str, r: Answer, status: u16, says: &str| {
+        assert_eq!(r.0, status, "{what}: {r:?}");
+        let e = r.1["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error message in {r:?}"));
+        assert!(e.contains(says), "{what}: {e:?} should say {says:?}");
+    };
+    let json_ct = |b: &str| Some(("application/json", b.to_string()));
+
+    expect(
+        "malformed JSON",
+        m.raw("POST", "/api/v1/vms", json_ct("{\"name\": "), true),
+        400,
+        "JSON",
+    );
+    expect(
+        "not an object",
+        m.raw("POST", "/api/v1/vms", json_ct("[1,2]"), true),
+        400,
+        "JSON",
+    );
+    expect(
+        "an unknown field",
+        m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "x", "memory_mib": 64, "disk_gib": 1, "colour": "red"})),
+        ),
+        400,
+        "unknown field",
+    );
+    expect(
+        "a missing field",
+        m.send("POST", "/api/v1/vms", Some(json!({"name": "x"}))),
+        400,
+        "missing field",
+    );
+    expect(
+        "a wrong type",
+        m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "x", "memory_mib": "lots", "disk_gib": 1})),
+        ),
+        400,
+        "invalid type",
+    );
+    expect(
+        "a bad name",
+        m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "../etc", "memory_mib": 64, "disk_gib": 1})),
+        ),
+        400,
+        "name",
+    );
+    expect(
+        "zero memory",
+        m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "x", "memory_mib": 0, "disk_gib": 1})),
+        ),
+        400,
+        "memory_mib",
+    );
+    expect(
+        "a form body",
+        m.raw(
+            "POST",
+            "/api/v1/vms",
+            Some(("application/x-www-form-urlencoded", "name=x".into())),
+            true,
+        ),
+        415,
+        "application/json",
+    );
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(100_000));
+    expect(
+        "an oversized body",
+        m.raw("POST", "/api/v1/vms", json_ct(&big), true),
+        413,
+        "over",
+    );
+    expect("a bad VMID", m.get("/api/v1/vms/abc"), 400, "VMID");
+    expect(
+        "no such endpoint",
+        m.get("/api/v1/nothing"),
+        404,
+        "no endpoint",
+    );
+    expect(
+        "a wrong method",
+        m.send("PUT", "/api/v1/vms", Some(json!({}))),
+        405,
+        "not allowed",
+    );
+    expect(
+        "a bad power action",
+        m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "explode"})),
+        ),
+        400,
+        "power action",
+    );
+    expect(
+        "no such VM",
+        m.send(
+            "POST",
+            "/api/v1/vms/999/power",
+            Some(json!({"action": "on"})),
+        ),
+        404,
+        "no VM 999",
+    );
+    expect(
+        "a weak password",
+        m.send(
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "u", "password": "short", "role": "regular"})),
+        ),
+        400,
+        "password",
+    );
+
+    // CSRF: missing, then stale (the token of an ended session).
+    expect(
+        "no CSRF token",
+        m.raw(
+            "POST",
+            "/api/v1/users",
+            json_ct(&new_user("u1", "regular").to_string()),
+            false,
+        ),
+        403,
+        "CSRF",
+    );
+    let mut other = c.manager(0);
+    let stale = other.csrf.clone();
+    assert_eq!(other.send("DELETE", "/api/v1/session", None).0, 200);
+    assert_eq!(other.login("admin", PASSWORD).0, 200);
+    other.csrf = stale;
+    expect(
+        "a stale CSRF token",
+        other.send("POST", "/api/v1/users", Some(new_user("u2", "regular"))),
+        403,
+        "CSRF",
+    );
+    assert_eq!(fingerprint(&m).1, before.1, "no VM changed");
+    assert_eq!(fingerprint(&m).2, before.2, "no user changed");
+
+    // Failed logins: a clear refusal, then the rate limit.
+    for _ in 0..5 {
+        expect(
+            "a wrong password",
+            Web::new(&c.web[0]).login("admin", "wrong-password"),
+            401,
+            "wrong name or password",
+        );
+    }
+    let limited = Web::new(&c.web[0]).login("admin", PASSWORD);
+    expect("the sixth try", limited, 429, "too many failed logins");
+    // Another server keeps its own count: the Manager still gets in there.
+    assert_eq!(Web::new(&c.web[1]).login("admin", PASSWORD).0, 200);
+
+    // An expired session (the servers here give sessions 3 s).
+    let w = c.manager(1);
+    assert_eq!(w.get("/api/v1/vms").0, 200);
+    std::thread::sleep(Duration::from_millis(3500));
+    expect("an expired session", w.get("/api/v1/vms"), 401, "expired");
+    expect(
+        "a change in an expired session",
+        w.send("POST", "/api/v1/vms", Some(new_vm("late", 1))),
+        401,
+        "expired",
+    );
+    let m = c.manager(1);
+    let after = fingerprint(&m);
+    assert_eq!((after.1, after.2), (before.1, before.2), "nothing changed");
+}
+
+#[test]
+fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("quota", &[]);
+    let m = c.manager(2); // through the witness: it serves the API too
+    let p = id(&m.send("POST", "/api/v1/users", Some(json!({"name": "p", "password": USER_PASSWORD, "role": "power_user", "quota": {"vms": 2, "memory_mib": 128, "disk_gib": 2}}))));
+    let wp = Web::logged_in(&c.web[2], "p", USER_PASSWORD);
+    let r = id(&wp.send("POST", "/api/v1/users", Some(new_user("r", "regular"))));
+    let a = wp.send("POST", "/api/v1/vms", Some(new_vm("a", r)));
+    assert_eq!(a.0, 201, "{a:?}");
+    let again = wp.send("POST", "/api/v1/vms", Some(new_vm("b", r)));
+    assert_eq!(again.0, 409, "a Regular User owns one VM: {again:?}");
+    assert!(again.1["error"].as_str().unwrap().contains("exactly one"));
+    let b = wp.send("POST", "/api/v1/vms", Some(new_vm("b", p)));
+    assert_eq!(b.0, 201, "{b:?}");
+    let over = wp.send("POST", "/api/v1/vms", Some(new_vm("c", p)));
+    assert_eq!(over.0, 409, "the third VM is over the quota: {over:?}");
+    assert!(over.1["error"].as_str().unwrap().contains("quota"));
+    // The Manager raises the quota; memory now limits.
+    let q = m.send(
+        "PATCH",
+        &format!("/api/v1/users/{p}"),
+        Some(json!({"quota": {"vms": 5, "memory_mib": 128, "disk_gib": 9}})),
+    );
+    assert_eq!(q.0, 200, "{q:?}");
+    assert_eq!(q.1["quota"]["used_vms"], 2);
+    let over = wp.send("POST", "/api/v1/vms", Some(new_vm("c", p)));
+    assert_eq!(over.0, 409, "{over:?}");
+    assert!(over.1["error"].as_str().unwrap().contains("memory"));
+    // Powering on starts the VM on its primary; status follows.
+    let vm = id(&a);
+    let wr = Web::logged_in(&c.web[0], "r", USER_PASSWORD);
+    assert_eq!(
+        wr.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "on"}))
+        )
+        .0,
+        202
+    );
+    cluster::wait_for("the VM running", WAIT, || {
+        (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running").then_some(())
+    });
+    let v = wr.get(&format!("/api/v1/vms/{vm}")).1;
+    assert_ne!(v["primary"]["server"], v["backup"]["server"], "{v}");
+    let deleting = wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None);
+    assert_eq!(deleting.0, 409, "a running VM is not deleted: {deleting:?}");
+    assert_eq!(
+        wr.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "off"}))
+        )
+        .0,
+        202
+    );
+    cluster::wait_for("the VM stopped", WAIT, || {
+        (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "stopped").then_some(())
+    });
+    assert_eq!(wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None).0, 200);
+    assert_eq!(wr.get(&format!("/api/v1/vms/{vm}")).0, 404);
+}
