@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use crate::cluster::{self, free_port, Client, LogOnPanic, Server};
+use crate::{testguest, Scratch};
+
 use serde_json::{json, Value};
 
 /// One logged-in (or not) client of one server's API.
@@ -120,5 +123,110 @@ impl Web {
         let text = resp.into_string().unwrap_or_default();
         let v = serde_json::from_str(&text).unwrap_or(Value::Null);
         (status, v, cookie)
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+/// The first Manager's (`admin`) password in a [`WebCluster`].
+pub const PASSWORD: &str = "manager-secret-1";
+/// A password for the users tests create.
+pub const USER_PASSWORD: &str = "user-secret-1";
+
+/// Three `enspeed server`s on loopback, each serving the API: servers 1 and 2 run VMs (the
+/// level-1 test guest) with their agents and blockd, server 3 is a witness; `admin` is the
+/// first Manager. Dropping it kills them.
+pub struct WebCluster {
+    /// The servers.
+    pub servers: Vec<Server>,
+    /// Each server's API, `http://127.0.0.1:PORT`.
+    pub web: Vec<String>,
+    _scratch: Scratch,
+}
+
+impl WebCluster {
+    /// Starts the cluster, `extra` given to every server, and waits until both VM servers
+    /// registered and the Manager can log in.
+    pub fn start(tag: &str, extra: &[&str]) -> WebCluster {
+        let scratch = Scratch::new(&format!("webui-{tag}"));
+        let pw = scratch.path("manager-password");
+        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+        let kernel = testguest().display().to_string();
+        let mut servers = Vec::new();
+        let mut web = Vec::new();
+        for i in 1..=3u64 {
+            let http = format!("127.0.0.1:{}", free_port());
+            let mut args: Vec<String> = vec![
+                "--http".into(),
+                http.clone(),
+                "--manager".into(),
+                "admin".into(),
+                "--manager-password-file".into(),
+                pw.display().to_string(),
+                "--guest-kernel".into(),
+                kernel.clone(),
+                "--guest-cmdline".into(),
+                "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
+            ];
+            if i < 3 {
+                args.extend(
+                    [
+                        "--memory-mib",
+                        "4096",
+                        "--disk-gib",
+                        "64",
+                        "--blockd-listen",
+                    ]
+                    .map(String::from),
+                );
+                args.push(format!("127.0.0.1:{}", free_port()));
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut s = Server::new(
+                i,
+                format!("127.0.0.1:{}", free_port()),
+                scratch.path(&format!("server{i}")),
+                &argv,
+            );
+            s.log_on_panic = LogOnPanic::Last(40);
+            servers.push(s);
+            web.push(format!("http://{http}"));
+        }
+        let client = Client {
+            connect: None,
+            read: Duration::from_secs(10),
+        };
+        cluster::bootstrap(&mut servers[..1], &client, WAIT);
+        let seed = servers[0].addr.clone();
+        servers[1].start(&["--join", &seed]);
+        servers[2].start(&["--join", &seed, "--witness"]);
+        let c = WebCluster {
+            servers,
+            web,
+            _scratch: scratch,
+        };
+        // Both VM servers registered, and the first Manager exists.
+        cluster::wait_for(
+            "the agents registered and the Manager created",
+            WAIT,
+            || {
+                let mut w = Web::new(&c.web[0]);
+                (w.login("admin", PASSWORD).0 == 200).then_some(())?;
+                let servers = w.get("/api/v1/servers").1;
+                let n = servers
+                    .as_array()?
+                    .iter()
+                    .filter(|s| s["memory_mib"].as_u64() == Some(4096))
+                    .count();
+                let st = client.status(&c.servers[2].addr)?;
+                (n == 2 && st["voters"].as_array()?.len() == 3).then_some(())
+            },
+        );
+        c
+    }
+
+    /// A client of server `server`'s (from 0) API logged in as `admin`.
+    pub fn manager(&self, server: usize) -> Web {
+        Web::logged_in(&self.web[server], "admin", PASSWORD)
     }
 }

@@ -13,109 +13,14 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use enspeed_tests::cluster::{self, free_port, Client, LogOnPanic, Server};
-use enspeed_tests::web::{Answer, Web};
-use enspeed_tests::*;
+use enspeed_tests::cluster;
+use enspeed_tests::web::{Answer, Web, WebCluster as Cluster, PASSWORD, USER_PASSWORD};
 use serde_json::{json, Value};
 
 /// One cluster at a time: the machine has two cores.
 static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 const WAIT: Duration = Duration::from_secs(30);
-const PASSWORD: &str = "manager-secret-1";
-const USER_PASSWORD: &str = "user-secret-1";
-
-struct Cluster {
-    servers: Vec<Server>,
-    web: Vec<String>,
-    _scratch: Scratch,
-}
-
-impl Cluster {
-    /// Servers 1 and 2 run VMs; server 3 is a witness. Every one serves the API.
-    fn start(tag: &str, extra: &[&str]) -> Cluster {
-        let scratch = Scratch::new(&format!("webui-{tag}"));
-        let pw = scratch.path("manager-password");
-        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-        let kernel = testguest().display().to_string();
-        let mut servers = Vec::new();
-        let mut web = Vec::new();
-        for i in 1..=3u64 {
-            let http = format!("127.0.0.1:{}", free_port());
-            let mut args: Vec<String> = vec![
-                "--http".into(),
-                http.clone(),
-                "--manager".into(),
-                "admin".into(),
-                "--manager-password-file".into(),
-                pw.display().to_string(),
-                "--guest-kernel".into(),
-                kernel.clone(),
-                "--guest-cmdline".into(),
-                "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
-            ];
-            if i < 3 {
-                args.extend(
-                    [
-                        "--memory-mib",
-                        "4096",
-                        "--disk-gib",
-                        "64",
-                        "--blockd-listen",
-                    ]
-                    .map(String::from),
-                );
-                args.push(format!("127.0.0.1:{}", free_port()));
-            }
-            args.extend(extra.iter().map(|s| s.to_string()));
-            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut s = Server::new(
-                i,
-                format!("127.0.0.1:{}", free_port()),
-                scratch.path(&format!("server{i}")),
-                &argv,
-            );
-            s.log_on_panic = LogOnPanic::Last(40);
-            servers.push(s);
-            web.push(format!("http://{http}"));
-        }
-        let client = Client {
-            connect: None,
-            read: Duration::from_secs(10),
-        };
-        cluster::bootstrap(&mut servers[..1], &client, WAIT);
-        let seed = servers[0].addr.clone();
-        servers[1].start(&["--join", &seed]);
-        servers[2].start(&["--join", &seed, "--witness"]);
-        let c = Cluster {
-            servers,
-            web,
-            _scratch: scratch,
-        };
-        // Both VM servers registered, and the first Manager exists.
-        cluster::wait_for(
-            "the agents registered and the Manager created",
-            WAIT,
-            || {
-                let mut w = Web::new(&c.web[0]);
-                (w.login("admin", PASSWORD).0 == 200).then_some(())?;
-                let servers = w.get("/api/v1/servers").1;
-                let n = servers
-                    .as_array()?
-                    .iter()
-                    .filter(|s| s["memory_mib"].as_u64() == Some(4096))
-                    .count();
-                let st = client.status(&c.servers[2].addr)?;
-                (n == 2 && st["voters"].as_array()?.len() == 3).then_some(())
-            },
-        );
-        c
-    }
-
-    fn manager(&self, server: usize) -> Web {
-        Web::logged_in(&self.web[server], "admin", PASSWORD)
-    }
-}
 
 /// What a case expects.
 #[derive(Clone, Copy, Debug, PartialEq)]
