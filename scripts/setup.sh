@@ -11,6 +11,7 @@ needs=(
     "mkfs.ext4 e2fsprogs"
     "ip iproute2"
     "ping iputils-ping"
+    "curl curl"
     "cc gcc"
     "/usr/include/rocksdb/c.h librocksdb-dev"
     "/usr/lib/llvm-*/lib/libclang.so libclang-dev"

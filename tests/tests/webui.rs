@@ -13,8 +13,9 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use enspeed_tests::cluster;
+use enspeed_tests::cluster::{self, free_port, LogOnPanic, Server};
 use enspeed_tests::web::{Answer, Web, WebCluster as Cluster, PASSWORD, USER_PASSWORD};
+use enspeed_tests::Scratch;
 use serde_json::{json, Value};
 
 /// One cluster at a time: the machine has two cores.
@@ -810,4 +811,79 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
     });
     assert_eq!(wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None).0, 200);
     assert_eq!(wr.get(&format!("/api/v1/vms/{vm}")).0, 404);
+}
+
+#[test]
+fn https_with_a_certificate_made_on_first_start_and_kept() {
+    let scratch = Scratch::new("webui-https");
+    let port = free_port();
+    let pw = scratch.path("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let args = [
+        "--no-agent".to_string(),
+        "--https".into(),
+        format!("127.0.0.1:{port}"),
+        "--manager".into(),
+        "admin".into(),
+        "--manager-password-file".into(),
+        pw.display().to_string(),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut s = Server::new(
+        1,
+        format!("127.0.0.1:{}", free_port()),
+        scratch.path("server1"),
+        &argv,
+    );
+    s.log_on_panic = LogOnPanic::Last(40);
+    s.start(&["--init"]);
+    let cert = s.data.join("web/tls/cert.pem");
+    let url = format!("https://localhost:{port}/api/v1/session");
+    let body = format!("{{\"name\":\"admin\",\"password\":\"{PASSWORD}\"}}");
+    // curl checks the certificate against itself: valid for localhost, a real TLS session.
+    let login = || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-i", "--cacert"])
+            .arg(&cert)
+            .args(["-H", "content-type: application/json", "-d", &body, &url])
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = cluster::wait_for("a login over HTTPS", WAIT, || {
+        let a = login();
+        a.starts_with("HTTP/1.1 200").then_some(a)
+    });
+    let lower = answer.to_lowercase();
+    assert!(lower.contains("set-cookie: enspeed_session="), "{answer}");
+    assert!(
+        lower.contains("; secure"),
+        "the cookie is Secure over HTTPS: {answer}"
+    );
+    assert!(
+        lower.contains("httponly") && lower.contains("samesite=strict"),
+        "{answer}"
+    );
+    assert!(lower.contains("strict-transport-security"), "{answer}");
+    // Plain HTTP on the HTTPS port gets no answer.
+    let plain = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{port}/api/v1/session"),
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+    // Restarted, the server keeps its certificate.
+    let first = std::fs::read(&cert).unwrap();
+    s.kill9();
+    s.start(&[]);
+    cluster::wait_for("a login over HTTPS after a restart", WAIT, || {
+        login().starts_with("HTTP/1.1 200").then_some(())
+    });
+    assert_eq!(std::fs::read(&cert).unwrap(), first, "the same certificate");
 }

@@ -37,6 +37,8 @@ pub struct Request {
     pub body: Bytes,
     /// The client's address.
     pub peer: SocketAddr,
+    /// Whether it came over HTTPS.
+    pub secure: bool,
 }
 
 impl Request {
@@ -150,9 +152,14 @@ fn harden(r: &mut Response<Body>) {
         .or_insert(HeaderValue::from_static("no-store"));
 }
 
-/// Accepts connections on `listener` and serves `app` on each, HTTP/1.1.
-pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
-    tracing::info!(address = ?listener.local_addr().ok(), "web server listening");
+/// Accepts connections on `listener` and serves `app` on each, HTTP/1.1; over TLS when `tls`
+/// is given.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    tracing::info!(address = ?listener.local_addr().ok(), https = tls.is_some(), "web server listening");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -164,23 +171,50 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
         };
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(20))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "web connection ended");
+            match tls {
+                None => connection(stream, peer, app, false).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(20),
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(s)) => connection(s, peer, app, true).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
 }
 
-async fn handle(app: Arc<App>, req: hyper::Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Serves one connection's requests.
+async fn connection<S>(stream: S, peer: SocketAddr, app: Arc<App>, secure: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let app = Arc::clone(&app);
+        async move { Ok::<_, Infallible>(handle(app, req, peer, secure).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(20))
+        .serve_connection(TokioIo::new(stream), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "web connection ended");
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    req: hyper::Request<Incoming>,
+    peer: SocketAddr,
+    secure: bool,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -206,6 +240,7 @@ async fn handle(app: Arc<App>, req: hyper::Request<Incoming>, peer: SocketAddr) 
                     headers: parts.headers,
                     body: b.to_bytes(),
                     peer,
+                    secure,
                 };
                 let method = req.method.clone();
                 let path = req.path.clone();
@@ -222,6 +257,12 @@ async fn handle(app: Arc<App>, req: hyper::Request<Incoming>, peer: SocketAddr) 
         }
     };
     harden(&mut r);
+    if secure {
+        r.headers_mut().insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     r
 }
 

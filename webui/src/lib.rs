@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod http;
 pub mod openapi;
 pub mod routes;
+pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -29,6 +30,10 @@ use control::server::{Service, ServiceContext};
 /// `enspeed server`'s web flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WebArgs {
+    /// Serve the UI and API over HTTPS here (a self-signed certificate is made on first start
+    /// in DATA/web/tls; replace cert.pem and key.pem with your own).
+    #[arg(long)]
+    pub https: Option<SocketAddr>,
     /// Serve the UI and API over plain HTTP here (loopback only: the demo and tests).
     #[arg(long)]
     pub http: Option<SocketAddr>,
@@ -56,6 +61,8 @@ pub struct WebArgs {
 /// What the web service needs beyond the node.
 #[derive(Clone, Debug)]
 pub struct WebConfig {
+    /// HTTPS address.
+    pub https: Option<SocketAddr>,
     /// Plain HTTP address (loopback).
     pub http: Option<SocketAddr>,
     /// Session lifetime.
@@ -80,12 +87,12 @@ pub struct GuestBoot {
 impl WebArgs {
     /// The service for `control::server::run`, or none when no address is given.
     pub fn service(&self) -> Result<Option<Service>, String> {
-        let Some(http) = self.http else {
+        if self.http.is_none() && self.https.is_none() {
             return Ok(None);
-        };
-        if !http.ip().is_loopback() {
+        }
+        if let Some(http) = self.http.filter(|a| !a.ip().is_loopback()) {
             return Err(format!(
-                "--http {http}: plain HTTP is for loopback only (the demo and tests)"
+                "--http {http}: plain HTTP is for loopback only (the demo and tests); use --https"
             ));
         }
         let manager = match (&self.manager, &self.manager_password_file) {
@@ -102,7 +109,8 @@ impl WebArgs {
         };
         let cfg = WebConfig {
             manager,
-            http: Some(http),
+            https: self.https,
+            http: self.http,
             session_ttl: Duration::from_secs(self.session_ttl_secs.max(1)),
             guest: GuestBoot {
                 kernel: self.guest_kernel.clone(),
@@ -123,11 +131,19 @@ pub fn start(cfg: WebConfig, ctx: ServiceContext) -> std::io::Result<()> {
         .thread_name("web")
         .enable_all()
         .build()?;
-    let listener = match cfg.http {
+    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("web address {addr}: {e}")))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let http = cfg.http.map(bind).transpose()?;
+    let https = match cfg.https {
         Some(addr) => {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Some(l)
+            let names = [addr.ip().to_string(), host_name()];
+            let tls = tls::server_config(&ctx.data_dir.join("web/tls"), &names)
+                .map_err(|e| std::io::Error::other(format!("HTTPS: {e}")))?;
+            Some((bind(addr)?, tokio_rustls::TlsAcceptor::from(tls)))
         }
         None => None,
     };
@@ -140,13 +156,28 @@ pub fn start(cfg: WebConfig, ctx: ServiceContext) -> std::io::Result<()> {
                 if let Some((name, password)) = manager {
                     tokio::spawn(routes::ensure_manager(Arc::clone(&app), name, password));
                 }
-                if let Some(l) = listener {
+                let mut servers = Vec::new();
+                for (l, tls) in http
+                    .map(|l| (l, None))
+                    .into_iter()
+                    .chain(https.map(|(l, a)| (l, Some(a))))
+                {
                     match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => http::serve(l, app).await,
+                        Ok(l) => servers.push(tokio::spawn(http::serve(l, Arc::clone(&app), tls))),
                         Err(e) => tracing::error!(error = %e, "web listener"),
                     }
+                }
+                for s in servers {
+                    let _ = s.await;
                 }
             })
         })?;
     Ok(())
+}
+
+/// This machine's host name, for the certificate.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

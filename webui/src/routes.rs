@@ -149,7 +149,7 @@ impl App {
                     )
                     .await?;
                 let mut r = ok(&json!({ "logged_out": true }));
-                self.cookie(&mut r, None);
+                self.cookie(&mut r, None, req.secure);
                 Ok(r)
             }
             (Method::GET, ["summary"]) => {
@@ -262,9 +262,9 @@ impl App {
         }
     }
 
-    fn cookie(&self, r: &mut Response<Body>, token: Option<&str>) {
-        // Plain HTTP is served on loopback only; HTTPS will set Secure.
-        let v = auth::set_cookie(token, self.cfg.session_ttl, false);
+    /// Sets (or clears) the session cookie; `Secure` over HTTPS.
+    fn cookie(&self, r: &mut Response<Body>, token: Option<&str>, secure: bool) {
+        let v = auth::set_cookie(token, self.cfg.session_ttl, secure);
         if let Ok(v) = HeaderValue::from_str(&v) {
             r.headers_mut().insert(SET_COOKIE, v);
         }
@@ -355,7 +355,7 @@ impl App {
             "csrf_token": csrf,
             "expires_ms": expires_ms,
         }));
-        self.cookie(&mut r, Some(&token));
+        self.cookie(&mut r, Some(&token), req.secure);
         Ok(r)
     }
 
