@@ -69,6 +69,8 @@ pub struct AgentTiming {
     pub observe_every: Duration,
     /// A VMM that crashed is restarted after this long.
     pub restart_backoff: Duration,
+    /// A guest asked to shut down (ACPI power button) is stopped hard after this long.
+    pub shutdown_timeout: Duration,
 }
 
 impl AgentTiming {
@@ -81,6 +83,7 @@ impl AgentTiming {
             fence_timeout: lease * 7 / 10,
             observe_every: Duration::from_millis(500),
             restart_backoff: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -302,6 +305,8 @@ struct Reconciler {
     crashed: HashMap<String, Instant>,
     /// VMs whose guest powered off, reported until the state says stopped.
     powered_off: HashSet<String>,
+    /// VMs whose guest was asked to shut down, and when.
+    stopping: HashMap<String, Instant>,
     last_report: Option<(Instant, Observation)>,
     registered: bool,
 }
@@ -323,6 +328,7 @@ impl Reconciler {
             s,
             crashed: HashMap::new(),
             powered_off: HashSet::new(),
+            stopping: HashMap::new(),
             last_report: None,
             registered: false,
         }
@@ -374,7 +380,12 @@ impl Reconciler {
         }
         for (name, st) in ended {
             p.vmms.remove(&name);
-            if st.success() {
+            // A shutdown the state asked for is not news to report (and the VM may have been
+            // powered on again meanwhile).
+            let asked = self.stopping.remove(&name).is_some();
+            if st.success() && asked {
+                tracing::info!(vm = %name, "guest shut down");
+            } else if st.success() {
                 tracing::info!(vm = %name, "guest powered off");
                 self.powered_off.insert(name);
             } else {
@@ -607,6 +618,45 @@ impl Reconciler {
         }
     }
 
+    /// Asks the guest of `name` to shut down (the ACPI power button, through its VMM's control
+    /// socket; the VMM stops it hard after `shutdown_timeout`), once; stops it here if it is
+    /// still running well after that.
+    fn shut_down(&mut self, name: &str) {
+        let timeout = self.s.cfg.timing.shutdown_timeout;
+        match self.stopping.get(name) {
+            Some(since) if since.elapsed() > timeout + Duration::from_secs(5) => {
+                self.stop_vm(name, "the guest did not shut down in time");
+                self.stopping.remove(name);
+            }
+            Some(_) => {}
+            None => {
+                self.stopping.insert(name.to_string(), Instant::now());
+                let socket = self.s.vm_dir(name).join("api.sock");
+                let (vm, server) = (name.to_string(), self.s.cfg.id);
+                let request = format!(
+                    "{{\"cmd\":\"shutdown\",\"timeout_secs\":{}}}\n",
+                    timeout.as_secs().max(1)
+                );
+                // The VMM answers once the guest is off or the timeout passed: not on this thread.
+                let _ = std::thread::Builder::new()
+                    .name("shutdown".into())
+                    .spawn(move || {
+                        use std::io::{Read, Write};
+                        let sent = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut s| {
+                            s.write_all(request.as_bytes())?;
+                            let mut answer = String::new();
+                            let _ = s.read_to_string(&mut answer);
+                            Ok(answer)
+                        });
+                        match sent {
+                            Ok(a) => tracing::info!(server, vm = %vm, answer = %a.trim(), "guest asked to shut down"),
+                            Err(e) => tracing::warn!(server, vm = %vm, error = %e, "cannot ask the guest to shut down"),
+                        }
+                    });
+            }
+        }
+    }
+
     fn stop_vm(&self, name: &str, why: &str) {
         let mut p = lock(&self.s.procs);
         if let Some(mut vm) = p.vmms.remove(name) {
@@ -629,6 +679,10 @@ impl Reconciler {
         for name in running {
             let why = match state.vms.get(&name) {
                 None => Some("the VM was deleted"),
+                Some(vm) if !vm.running && vm.graceful_stop && !me_down => {
+                    self.shut_down(&name);
+                    None
+                }
                 Some(vm) if !vm.running => Some("the VM should be stopped"),
                 Some(vm) if !self.is_primary_here(state, vm) => Some("its disk's primary moved"),
                 _ if me_down => Some("this server is declared down"),

@@ -88,6 +88,10 @@ pub struct ServerArgs {
     /// Run no node agent (no blockd, no VMMs): a control-plane-only server.
     #[arg(long)]
     no_agent: bool,
+    /// A VM powered off gracefully is stopped hard if its guest has not shut down after this
+    /// many seconds.
+    #[arg(long, default_value_t = 60)]
+    shutdown_timeout_secs: u64,
 }
 
 fn parse_pool(s: &str) -> Result<Pool, String> {
@@ -145,6 +149,7 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     let lease = Duration::from_millis(a.lease_ms.max(1));
     let mut timing = AgentTiming::for_lease(lease);
     timing.heartbeat = Duration::from_millis(a.heartbeat_ms.max(1));
+    timing.shutdown_timeout = Duration::from_secs(a.shutdown_timeout_secs.max(1));
     if let Some(f) = a.fence_ms {
         timing.fence_timeout = Duration::from_millis(f);
     }

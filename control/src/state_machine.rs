@@ -129,6 +129,10 @@ pub struct VmRecord {
     /// The user who owns it; `None`: the cluster's own, seen by Managers only.
     #[serde(default)]
     pub owner: Option<u64>,
+    /// While it should be stopped: the guest is asked first (ACPI power button) and stopped
+    /// hard only after the agent's shutdown timeout; when false, stopped at once.
+    #[serde(default)]
+    pub graceful_stop: bool,
 }
 
 /// What a server's node agent saw of one VM.
@@ -391,6 +395,9 @@ pub enum Action {
         vm: u64,
         /// On or off.
         running: bool,
+        /// Off at once, without asking the guest.
+        #[serde(default)]
+        force: bool,
     },
     /// Deletes a powered-off VM and its disks.
     DeleteVm {
@@ -730,6 +737,7 @@ impl StateMachine {
                     cmdline: cmdline.clone(),
                     id: 0,
                     owner: None,
+                    graceful_stop: false,
                 },
                 *disk_size,
                 writes,
@@ -1126,12 +1134,13 @@ impl StateMachine {
                     cmdline: cmdline.clone(),
                     id: 0,
                     owner: Some(*owner),
+                    graceful_stop: false,
                 };
                 let r = self.create_vm(vm, *disk_size, writes)?;
                 let target = format!("vm {} ({name}) of user {}", r["id"], o.name);
                 ("vm.create", target, r)
             }
-            Action::PowerVm { vm, running } => {
+            Action::PowerVm { vm, running, force } => {
                 let v = self
                     .vm_by_id(*vm)
                     .cloned()
@@ -1143,11 +1152,14 @@ impl StateMachine {
                 }
                 let r = self.vms.get_mut(&v.name).expect("found");
                 r.running = *running;
+                if !*running {
+                    r.graceful_stop = !*force;
+                }
                 writes.push((format!("vm/{}", v.name).into_bytes(), Some(json_bytes(r))));
-                let verb = if *running {
-                    "vm.power_on"
-                } else {
-                    "vm.power_off"
+                let verb = match (*running, *force) {
+                    (true, _) => "vm.power_on",
+                    (false, false) => "vm.power_off",
+                    (false, true) => "vm.force_off",
                 };
                 (verb, format!("vm {vm} ({})", v.name), Value::Null)
             }
@@ -1413,6 +1425,7 @@ mod tests {
                 cmdline: String::new(),
                 id: 1,
                 owner: None,
+                graceful_stop: false,
             }),
         ];
         for c in &cmds {

@@ -752,7 +752,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
 #[test]
 fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("quota", &[]);
+    let c = Cluster::start("quota", &["--shutdown-timeout-secs", "2"]);
     let m = c.manager(2); // through the witness: it serves the API too
     let p = id(&m.send("POST", "/api/v1/users", Some(json!({"name": "p", "password": USER_PASSWORD, "role": "power_user", "quota": {"vms": 2, "memory_mib": 128, "disk_gib": 2}}))));
     let wp = Web::logged_in(&c.web[2], "p", USER_PASSWORD);
@@ -797,18 +797,55 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
     assert_ne!(v["primary"]["server"], v["backup"]["server"], "{v}");
     let deleting = wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None);
     assert_eq!(deleting.0, 409, "a running VM is not deleted: {deleting:?}");
-    assert_eq!(
-        wr.send(
+    // Off: the guest is asked to shut down first (the test guest ignores the power button, so
+    // its VMM stops it after the servers' 2 s shutdown timeout); the status goes by "stopping".
+    let power = |action: &str| {
+        let r = wr.send(
             "POST",
             &format!("/api/v1/vms/{vm}/power"),
-            Some(json!({"action": "off"}))
-        )
-        .0,
-        202
+            Some(json!({ "action": action })),
+        );
+        assert_eq!(r.0, 202, "{action}: {r:?}");
+    };
+    power("off");
+    let stopping = wr.get(&format!("/api/v1/vms/{vm}")).1;
+    assert_eq!(stopping["power"], "off");
+    assert_eq!(stopping["status"], "stopping", "{stopping}");
+    cluster::wait_for("the VM stopped after its shutdown timeout", WAIT, || {
+        (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "stopped").then_some(())
+    });
+    let primary = v["primary"]["server"].as_u64().unwrap() as usize;
+    let agent_log = c.servers[primary - 1].log();
+    assert!(
+        agent_log.contains("guest asked to shut down"),
+        "the agent asked the guest first"
     );
+    // Force-off stops it at once.
+    power("on");
+    cluster::wait_for("the VM running again", WAIT, || {
+        (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running").then_some(())
+    });
+    let t = std::time::Instant::now();
+    power("force-off");
     cluster::wait_for("the VM stopped", WAIT, || {
         (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "stopped").then_some(())
     });
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "force-off took {:?}",
+        t.elapsed()
+    );
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    for verb in ["vm.power_on", "vm.power_off", "vm.force_off"] {
+        assert!(
+            audit
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == verb && e["actor_name"] == "r"),
+            "{verb} by r in the audit log"
+        );
+    }
     assert_eq!(wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None).0, 200);
     assert_eq!(wr.get(&format!("/api/v1/vms/{vm}")).0, 404);
 }

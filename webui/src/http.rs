@@ -20,6 +20,9 @@ use crate::routes::App;
 /// The largest request body taken.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Bodies up to this size that are too large are read and dropped before the refusal.
+const DRAIN_BODY: usize = 1 << 20;
+
 /// A response body.
 pub type Body = Full<Bytes>;
 
@@ -228,6 +231,11 @@ async fn handle(
         )
     };
     let mut r = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        // Read (and drop) a bounded part of it first, so that a client still sending sees the
+        // answer rather than a reset connection.
+        if declared.is_some_and(|n| n <= DRAIN_BODY as u64) {
+            let _ = Limited::new(body, DRAIN_BODY).collect().await;
+        }
         error_response(&too_big())
     } else {
         match Limited::new(body, MAX_BODY).collect().await {

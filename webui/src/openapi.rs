@@ -90,7 +90,8 @@ fn schemas() -> Value {
                 "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
                 "disk_gib": {"type": "integer", "minimum": 1}, "owner": {"type": "integer"}, "start": {"type": "boolean"}}},
         "Power": {"type": "object", "required": ["action"], "additionalProperties": false,
-            "properties": {"action": {"type": "string", "enum": ["on", "off"]}}},
+            "properties": {"action": {"type": "string", "enum": ["on", "off", "force-off"],
+                "description": "off: the guest is asked to shut down (ACPI power button) and stopped hard after the server's shutdown timeout; force-off: stopped at once"}}},
     })
 }
 

@@ -173,17 +173,18 @@ impl App {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
                 let p: Power = req.json()?;
-                let running = match p.action.as_str() {
-                    "on" => true,
-                    "off" => false,
+                let (running, force) = match p.action.as_str() {
+                    "on" => (true, false),
+                    "off" => (false, false),
+                    "force-off" => (false, true),
                     other => {
                         return Err(ApiError::bad_request(format!(
-                            "power action {other:?}: \"on\" or \"off\""
+                            "power action {other:?}: \"on\", \"off\" (the guest shuts down) or \"force-off\""
                         )))
                     }
                 };
                 self.cluster
-                    .act(c.user.id, Action::PowerVm { vm, running })
+                    .act(c.user.id, Action::PowerVm { vm, running, force })
                     .await?;
                 Ok(json_response(
                     StatusCode::ACCEPTED,
