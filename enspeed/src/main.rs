@@ -37,6 +37,36 @@ enum Command {
     Server(ServerCmd),
     /// Talk to the control plane through any server: status, put, get, state, add/remove server.
     Cluster(control::cli::ClusterArgs),
+    /// VMs through the API of any server: list, show, create, start, stop, delete.
+    Vm {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::VmCommand,
+    },
+    /// Users through the API: list, create, passwd, delete.
+    User {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::UserCommand,
+    },
+    /// The cluster's servers, through the API (Managers).
+    Servers {
+        #[command(flatten)]
+        login: webui::cli::Login,
+    },
+    /// The audit log, through the API (Managers).
+    Audit {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        /// Entries after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
 }
 
 #[derive(Args)]
@@ -203,6 +233,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Cluster(a) => control::cli::cluster(a),
+        Command::Vm { login, command } => webui::cli::vm(&login, command),
+        Command::User { login, command } => webui::cli::user(&login, command),
+        Command::Servers { login } => webui::cli::servers(&login),
+        Command::Audit {
+            login,
+            after,
+            limit,
+        } => webui::cli::audit(&login, after, limit),
         Command::Blockd(a) => {
             let cfg = blockrepl::daemon::Config {
                 dir: a.dir,

@@ -924,3 +924,96 @@ fn https_with_a_certificate_made_on_first_start_and_kept() {
     });
     assert_eq!(std::fs::read(&cert).unwrap(), first, "the same certificate");
 }
+
+#[test]
+fn the_enspeed_command_is_a_client_of_the_api() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("cli", &["--shutdown-timeout-secs", "2"]);
+    let run = |args: &[&str], user: &str, password: &str| {
+        let out = std::process::Command::new(enspeed_tests::enspeed_bin())
+            .args(args)
+            .env("ENSPEED_URL", &c.web[1])
+            .env("ENSPEED_USER", user)
+            .env("ENSPEED_PASSWORD", password)
+            .env("ENSPEED_NEW_PASSWORD", USER_PASSWORD)
+            .output()
+            .expect("run enspeed");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let ok = |args: &[&str]| {
+        let (good, text) = run(args, "admin", PASSWORD);
+        assert!(good, "enspeed {args:?}: {text}");
+        text
+    };
+    let out = ok(&[
+        "user",
+        "create",
+        "acme",
+        "--role",
+        "power_user",
+        "--quota",
+        "3,512,8",
+    ]);
+    assert!(out.contains("acme") && out.contains("0/3 VMs"), "{out}");
+    let (good, text) = run(
+        &["user", "create", "bob", "--role", "regular"],
+        "acme",
+        USER_PASSWORD,
+    );
+    assert!(good, "{text}");
+    let out = ok(&[
+        "vm", "create", "web1", "--memory", "64", "--disk", "1", "--owner", "3",
+    ]);
+    assert!(out.contains("web1") && out.contains("bob"), "{out}");
+    let list = ok(&["vm", "list"]);
+    assert!(list.contains("web1") && list.contains("stopped"), "{list}");
+    let json: Value = serde_json::from_str(&ok(&["vm", "list", "--json"])).unwrap();
+    let id = json[0]["id"].as_u64().unwrap().to_string();
+    // bob sees and starts his VM; acme's quota shows it.
+    let (good, text) = run(&["vm", "start", &id], "bob", USER_PASSWORD);
+    assert!(good, "{text}");
+    cluster::wait_for("web1 running", WAIT, || {
+        run(&["vm", "list"], "bob", USER_PASSWORD)
+            .1
+            .contains("running")
+            .then_some(())
+    });
+    let (good, text) = run(&["vm", "delete", &id], "bob", USER_PASSWORD);
+    assert!(
+        !good && text.contains("403"),
+        "bob may not delete his VM: {text}"
+    );
+    let (good, text) = run(&["servers"], "bob", USER_PASSWORD);
+    assert!(!good && text.contains("Managers only"), "{text}");
+    let servers = ok(&["servers"]);
+    assert!(
+        servers.contains("leader") && servers.contains("witness"),
+        "{servers}"
+    );
+    ok(&["vm", "force-stop", &id]);
+    cluster::wait_for("web1 stopped", WAIT, || {
+        ok(&["vm", "list"]).contains("stopped").then_some(())
+    });
+    ok(&["vm", "delete", &id]);
+    assert!(!ok(&["vm", "list"]).contains("web1"));
+    let audit = ok(&["audit"]);
+    for line in [
+        "user.create",
+        "vm.create",
+        "vm.power_on",
+        "vm.force_off",
+        "vm.delete",
+    ] {
+        assert!(audit.contains(line), "{line} in the audit log:\n{audit}");
+    }
+    let (good, text) = run(&["vm", "list"], "admin", "wrong-password");
+    assert!(
+        !good && text.contains("401") && text.contains("wrong name or password"),
+        "{text}"
+    );
+}

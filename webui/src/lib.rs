@@ -6,6 +6,7 @@
 //! - `cluster`: the Raft node as the API sees it: proposals as the logged-in user, reads of
 //!   this server's applied state that include the caller's own earlier writes;
 //! - `routes`: the endpoints, and what each role sees of the state (`views`);
+//! - `cli`: `enspeed vm|user|servers|audit`, the command-line client of the API;
 //! - `openapi`: the API's description.
 //!
 //! Every change is a `Command::Act` of the logged-in user: the state machine checks the
@@ -14,6 +15,7 @@
 //! Raft round trip.
 
 pub mod auth;
+pub mod cli;
 pub mod cluster;
 pub mod http;
 pub mod openapi;

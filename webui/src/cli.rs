@@ -1,0 +1,521 @@
+//! The `enspeed` command as a client of the REST API, the way `qm` or `gnt-instance` feel:
+//!
+//! ```text
+//!   enspeed vm list                     enspeed vm create NAME --memory 512 --disk 8 [--start]
+//!   enspeed vm show ID                  enspeed vm start|stop|force-stop ID
+//!   enspeed vm delete ID
+//!   enspeed user list                   enspeed user create NAME --role regular
+//!   enspeed user delete ID              enspeed user passwd ID
+//!   enspeed servers                     enspeed audit
+//! ```
+//!
+//! Each command logs in (`--user`, the password from `ENSPEED_PASSWORD` or
+//! `--password-file`), does its request with the session's CSRF token, and logs out. `--url`
+//! (or `ENSPEED_URL`) names any server; over HTTPS, `--ca-cert` trusts that server's
+//! certificate (DATA/web/tls/cert.pem).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// Where the API is and who logs in.
+#[derive(Args, Debug, Clone)]
+pub struct Login {
+    /// Any server's API.
+    #[arg(long, global = true, env = "ENSPEED_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Log in as.
+    #[arg(long, global = true, env = "ENSPEED_USER", default_value = "admin")]
+    pub user: String,
+    /// A file whose first line is the password (else ENSPEED_PASSWORD).
+    #[arg(long, global = true, env = "ENSPEED_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Trust this certificate (PEM) for HTTPS: the server's DATA/web/tls/cert.pem.
+    #[arg(long, global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `enspeed vm`.
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// The VMs you see.
+    List,
+    /// One VM, whole.
+    Show {
+        /// VMID.
+        id: u64,
+    },
+    /// Create a VM (its disk is mirrored on two servers).
+    Create {
+        /// Name.
+        name: String,
+        /// Memory, MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Disk, GiB.
+        #[arg(long, default_value_t = 8)]
+        disk: u64,
+        /// Owner's user id (default: you).
+        #[arg(long)]
+        owner: Option<u64>,
+        /// Power it on once created.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Power on.
+    Start {
+        /// VMID.
+        id: u64,
+    },
+    /// Power off: the guest is asked to shut down (ACPI), stopped hard after a timeout.
+    Stop {
+        /// VMID.
+        id: u64,
+    },
+    /// Power off at once.
+    ForceStop {
+        /// VMID.
+        id: u64,
+    },
+    /// Delete a powered-off VM and its disks.
+    Delete {
+        /// VMID.
+        id: u64,
+    },
+}
+
+/// `enspeed user`.
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// The users you see.
+    List,
+    /// Create a user; its password is read from ENSPEED_NEW_PASSWORD or --new-password-file.
+    Create {
+        /// Login name.
+        name: String,
+        /// manager, power_user or regular.
+        #[arg(long, default_value = "regular")]
+        role: String,
+        /// A Regular User's Power User (Managers; a Power User's users are its own).
+        #[arg(long)]
+        parent: Option<u64>,
+        /// A Power User's quota: VMs, memory MiB, disk GiB, as VMS,MIB,GIB.
+        #[arg(long)]
+        quota: Option<String>,
+        /// The new user's password file.
+        #[arg(long, env = "ENSPEED_NEW_PASSWORD_FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Set a user's password (ENSPEED_NEW_PASSWORD or --new-password-file).
+    Passwd {
+        /// User id.
+        id: u64,
+        /// The new password's file.
+        #[arg(long, env = "ENSPEED_NEW_PASSWORD_FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Delete a user who owns no VM.
+    Delete {
+        /// User id.
+        id: u64,
+    },
+}
+
+/// A logged-in API session.
+struct Session {
+    base: String,
+    agent: ureq::Agent,
+    cookie: String,
+    csrf: String,
+}
+
+fn password(file: &Option<PathBuf>, env: &str, what: &str) -> Result<String, String> {
+    if let Some(f) = file {
+        let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        return Ok(t.lines().next().unwrap_or("").to_string());
+    }
+    std::env::var(env).map_err(|_| format!("{what}: give a password file or set {env}"))
+}
+
+impl Session {
+    fn open(l: &Login) -> Result<Session, String> {
+        let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(60));
+        if let Some(ca) = &l.ca_cert {
+            b = b.tls_config(client_tls(ca)?);
+        }
+        let agent = b.build();
+        let base = l.url.trim_end_matches('/').to_string();
+        let pw = password(&l.password_file, "ENSPEED_PASSWORD", "logging in")?;
+        let r = agent
+            .post(&format!("{base}/api/v1/session"))
+            .send_json(json!({"name": l.user, "password": pw}));
+        let resp = answer(r, "log in")?;
+        let cookie = resp
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+            .ok_or("the login answer set no session cookie")?;
+        let v: Value = resp
+            .into_json()
+            .map_err(|e| format!("the login answer: {e}"))?;
+        let csrf = v["csrf_token"].as_str().unwrap_or("").to_string();
+        Ok(Session {
+            base,
+            agent,
+            cookie,
+            csrf,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let req = self
+            .agent
+            .request(method, &format!("{}/api/v1{path}", self.base))
+            .set("Cookie", &self.cookie)
+            .set("X-CSRF-Token", &self.csrf);
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let what = format!("{method} {path}");
+        answer(r, &what)?
+            .into_json()
+            .map_err(|e| format!("{what}: the answer: {e}"))
+    }
+
+    fn close(self) {
+        let _ = self.call("DELETE", "/session", None);
+    }
+}
+
+/// The answer, or what the API said went wrong.
+fn answer(r: Result<ureq::Response, ureq::Error>, what: &str) -> Result<ureq::Response, String> {
+    match r {
+        Ok(r) => Ok(r),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: Value = r.into_json().unwrap_or(Value::Null);
+            Err(format!(
+                "{what}: {code}: {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            ))
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+fn client_tls(ca: &std::path::Path) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::{self, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+fn run(
+    l: &Login,
+    f: impl FnOnce(&Session) -> Result<Value, String>,
+    table: fn(&Value),
+) -> ExitCode {
+    let s = match Session::open(l) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("enspeed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = f(&s);
+    s.close();
+    match r {
+        Ok(v) if l.json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            table(&v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("enspeed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn copy(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let pool = v["pool"].as_str().filter(|p| !p.is_empty());
+    format!(
+        "{}{}{}",
+        s(&v["address"]),
+        pool.map(|p| format!(":{p}")).unwrap_or_default(),
+        if v["down"] == true { " (down)" } else { "" }
+    )
+}
+
+fn replication(v: &Value) -> String {
+    match (v["state"].as_str(), v["percent"].as_f64()) {
+        (Some("resyncing"), Some(p)) => format!("resyncing {p:.1}%"),
+        (Some(st), _) => st.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn vm_table(v: &Value) {
+    let rows = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+    println!(
+        "{:>5}  {:<20} {:<12} {:>6} {:>4}  {:<9} {:<24} {:<24} REPLICATION",
+        "VMID", "NAME", "OWNER", "MiB", "CPU", "STATUS", "PRIMARY", "BACKUP"
+    );
+    for r in rows {
+        println!(
+            "{:>5}  {:<20} {:<12} {:>6} {:>4}  {:<9} {:<24} {:<24} {}",
+            s(&r["id"]),
+            s(&r["name"]),
+            s(&r["owner_name"]),
+            s(&r["memory_mib"]),
+            s(&r["vcpus"]),
+            s(&r["status"]),
+            copy(&r["primary"]),
+            copy(&r["backup"]),
+            replication(&r["replication"]),
+        );
+    }
+}
+
+fn user_table(v: &Value) {
+    let rows = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+    println!(
+        "{:>4}  {:<20} {:<11} {:>7}  {:<22} VM",
+        "ID", "NAME", "ROLE", "PARENT", "QUOTA (USED/LIMIT)"
+    );
+    for r in rows {
+        let q = &r["quota"];
+        let quota = if q.is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "{}/{} VMs {}/{} MiB {}/{} GiB",
+                q["used_vms"],
+                q["vms"],
+                q["used_memory_mib"],
+                q["memory_mib"],
+                q["used_disk_gib"],
+                q["disk_gib"]
+            )
+        };
+        println!(
+            "{:>4}  {:<20} {:<11} {:>7}  {:<22} {}",
+            s(&r["id"]),
+            s(&r["name"]),
+            s(&r["role"]),
+            s(&r["parent"]),
+            quota,
+            s(&r["vm"])
+        );
+    }
+}
+
+fn done(v: &Value) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn server_table(v: &Value) {
+    println!(
+        "{:>3}  {:<22} {:<8} {:<6} {:>12}  {:>7} {:>6}  POOLS",
+        "ID", "ADDRESS", "ROLE", "STATE", "MEMORY MiB", "PRIMARY", "BACKUP"
+    );
+    for r in v.as_array().cloned().unwrap_or_default() {
+        let role = if r["witness"] == true {
+            "witness"
+        } else if r["leader"] == true {
+            "leader"
+        } else {
+            "server"
+        };
+        let pools: Vec<String> = r["pools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| format!("{}={}GiB", s(&p[0]), s(&p[1])))
+            .collect();
+        println!(
+            "{:>3}  {:<22} {:<8} {:<6} {:>12}  {:>7} {:>6}  {}",
+            s(&r["id"]),
+            s(&r["address"]),
+            role,
+            if r["down"] == true { "down" } else { "up" },
+            format!("{}/{}", s(&r["used_memory_mib"]), s(&r["memory_mib"])),
+            s(&r["primary_vms"]),
+            s(&r["backup_vms"]),
+            pools.join(" ")
+        );
+    }
+}
+
+fn audit_table(v: &Value) {
+    for r in v.as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:>6}  {}  {:<12} {:<16} {}",
+            s(&r["seq"]),
+            s(&r["at_ms"]),
+            s(&r["actor_name"]),
+            s(&r["action"]),
+            s(&r["target"])
+        );
+    }
+}
+
+/// `enspeed vm ...`.
+pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
+    match cmd {
+        VmCommand::List => run(l, |s| s.call("GET", "/vms", None), vm_table),
+        VmCommand::Show { id } => run(
+            l,
+            |s| s.call("GET", &format!("/vms/{id}"), None),
+            |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        ),
+        VmCommand::Create {
+            name,
+            memory,
+            vcpus,
+            disk,
+            owner,
+            start,
+        } => {
+            let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
+            if let Some(o) = owner {
+                body["owner"] = json!(o);
+            }
+            run(l, |s| s.call("POST", "/vms", Some(body)), vm_table)
+        }
+        VmCommand::Start { id } => power(l, id, "on"),
+        VmCommand::Stop { id } => power(l, id, "off"),
+        VmCommand::ForceStop { id } => power(l, id, "force-off"),
+        VmCommand::Delete { id } => run(l, |s| s.call("DELETE", &format!("/vms/{id}"), None), done),
+    }
+}
+
+fn power(l: &Login, id: u64, action: &str) -> ExitCode {
+    run(
+        l,
+        |s| {
+            s.call(
+                "POST",
+                &format!("/vms/{id}/power"),
+                Some(json!({ "action": action })),
+            )
+        },
+        done,
+    )
+}
+
+/// `enspeed user ...`.
+pub fn user(l: &Login, cmd: UserCommand) -> ExitCode {
+    match cmd {
+        UserCommand::List => run(l, |s| s.call("GET", "/users", None), user_table),
+        UserCommand::Create {
+            name,
+            role,
+            parent,
+            quota,
+            new_password_file,
+        } => {
+            let pw = match password(&new_password_file, "ENSPEED_NEW_PASSWORD", "the new user") {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("enspeed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut body = json!({"name": name, "role": role, "password": pw});
+            if let Some(p) = parent {
+                body["parent"] = json!(p);
+            }
+            if let Some(q) = quota {
+                let n: Vec<u64> = q.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+                let [vms, mib, gib] = n[..] else {
+                    eprintln!("enspeed: --quota {q}: VMS,MIB,GIB");
+                    return ExitCode::FAILURE;
+                };
+                body["quota"] = json!({"vms": vms, "memory_mib": mib, "disk_gib": gib});
+            }
+            run(l, |s| s.call("POST", "/users", Some(body)), user_table)
+        }
+        UserCommand::Passwd {
+            id,
+            new_password_file,
+        } => {
+            let pw = match password(
+                &new_password_file,
+                "ENSPEED_NEW_PASSWORD",
+                "the new password",
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("enspeed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            run(
+                l,
+                |s| {
+                    s.call(
+                        "PATCH",
+                        &format!("/users/{id}"),
+                        Some(json!({ "password": pw })),
+                    )
+                },
+                user_table,
+            )
+        }
+        UserCommand::Delete { id } => {
+            run(l, |s| s.call("DELETE", &format!("/users/{id}"), None), done)
+        }
+    }
+}
+
+/// `enspeed servers`.
+pub fn servers(l: &Login) -> ExitCode {
+    run(l, |s| s.call("GET", "/servers", None), server_table)
+}
+
+/// `enspeed audit`.
+pub fn audit(l: &Login, after: u64, limit: u64) -> ExitCode {
+    run(
+        l,
+        |s| s.call("GET", &format!("/audit?after={after}&limit={limit}"), None),
+        audit_table,
+    )
+}
