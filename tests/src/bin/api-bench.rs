@@ -1,0 +1,207 @@
+//! Benchmarks the orchestrator's REST API on three `enspeed server`s on loopback: requests per
+//! second and latency of the VM list with 1,000 VMs, and of a power operation (a Raft commit
+//! of the caller's change with its audit entry), through the Raft leader and through a
+//! follower, with 1 and 8 clients on kept-alive connections. Prints Markdown.
+//!
+//! The node agents are off (`--no-agent`, and a lease long enough that no server is declared
+//! down): the figures are the API's and the control plane's, not 2,000 disk copies' resyncs.
+//! Environment: BENCH_VMS (1000), BENCH_SECS per measurement (5), BENCH_DIR (/var/tmp).
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use enspeed_tests::cluster::{self, free_port, Client, Server};
+use enspeed_tests::web::{Web, PASSWORD};
+use serde_json::json;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs `op` on `clients` threads for `secs`; answers (requests, per second, p50, p99).
+fn measure(
+    base: &str,
+    clients: usize,
+    secs: u64,
+    op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync>,
+) -> (usize, f64, Duration, Duration) {
+    let barrier = Arc::new(Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (base, op, barrier) = (base.to_string(), Arc::clone(&op), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let w = Web::logged_in(&base, "admin", PASSWORD);
+                barrier.wait();
+                let start = Instant::now();
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while start.elapsed() < Duration::from_secs(secs) {
+                    let t = Instant::now();
+                    let status = op(&w, c, n);
+                    assert!((200..300).contains(&status), "a request failed: {status}");
+                    lat.push(t.elapsed());
+                    n += 1;
+                }
+                (lat, start.elapsed())
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut wall = Duration::ZERO;
+    for t in threads {
+        let (lat, el) = t.join().expect("client thread");
+        all.extend(lat);
+        wall = wall.max(el);
+    }
+    all.sort();
+    let n = all.len();
+    (
+        n,
+        n as f64 / wall.as_secs_f64(),
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+    )
+}
+
+fn main() {
+    let vms = env("BENCH_VMS", 1000);
+    let secs = env("BENCH_SECS", 5);
+    let base_dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = std::path::PathBuf::from(base_dir)
+        .join(format!("enspeed-api-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let mut servers = Vec::new();
+    let mut web = Vec::new();
+    for i in 1..=3u64 {
+        let http = format!("127.0.0.1:{}", free_port());
+        let args = [
+            "--no-agent".to_string(),
+            "--lease-ms".into(),
+            "3600000".into(),
+            "--memory-mib".into(),
+            (vms * 64 + 1024).to_string(),
+            "--disk-gib".into(),
+            (vms + 16).to_string(),
+            "--http".into(),
+            http.clone(),
+            "--manager".into(),
+            "admin".into(),
+            "--manager-password-file".into(),
+            pw.display().to_string(),
+            "--guest-kernel".into(),
+            "/nonexistent/kernel".into(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut s = Server::new(
+            i,
+            format!("127.0.0.1:{}", free_port()),
+            dir.join(format!("server{i}")),
+            &argv,
+        );
+        s.log_level = Some("warn");
+        servers.push(s);
+        web.push(format!("http://{http}"));
+    }
+    let client = Client {
+        connect: None,
+        read: Duration::from_secs(10),
+    };
+    let wait = Duration::from_secs(30);
+    cluster::bootstrap(&mut servers, &client, wait);
+    cluster::wait_for("three voters and the Manager", wait, || {
+        let st = client.status(&servers[0].addr)?;
+        (st["voters"].as_array()?.len() == 3).then_some(())?;
+        (Web::new(&web[0]).login("admin", PASSWORD).0 == 200).then_some(())
+    });
+    let leader = client.status(&servers[0].addr).unwrap()["leader"]
+        .as_u64()
+        .unwrap() as usize;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let (lw, fw) = (web[leader - 1].clone(), web[follower - 1].clone());
+
+    let m = Web::logged_in(&lw, "admin", PASSWORD);
+    let t = Instant::now();
+    for i in 0..vms {
+        let r = m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": format!("vm{i:04}"), "memory_mib": 64, "vcpus": 1, "disk_gib": 1})),
+        );
+        assert_eq!(r.0, 201, "create vm{i}: {r:?}");
+    }
+    let created = t.elapsed();
+    let list = m.get("/api/v1/vms");
+    assert_eq!(list.1.as_array().map(Vec::len), Some(vms as usize));
+    let bytes = list.1.to_string().len();
+
+    println!(
+        "### Orchestrator API ({}, {} cores)",
+        chrono_date(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "{vms} VMs created one by one through the API in {:.1} s ({:.0} creates/s, each a Raft commit with its audit entry); the list is {} KiB of JSON.",
+        created.as_secs_f64(),
+        vms as f64 / created.as_secs_f64(),
+        bytes / 1024
+    );
+    println!();
+    println!("| request, 3 servers on loopback, agents off | via | clients | requests | per second | p50 | p99 |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let list_op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
+        Arc::new(|w: &Web, _, _| w.get("/api/v1/vms").0);
+    let vms_n = vms;
+    let power_op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
+        Arc::new(move |w: &Web, c: usize, n: u64| {
+            let id = (c as u64 * 97 + n) % vms_n + 1;
+            let action = if n % 2 == 0 { "on" } else { "force-off" };
+            w.send(
+                "POST",
+                &format!("/api/v1/vms/{id}/power"),
+                Some(json!({ "action": action })),
+            )
+            .0
+        });
+    for (what, op) in [
+        (format!("GET /api/v1/vms ({vms} VMs)"), &list_op),
+        ("POST /api/v1/vms/{id}/power".to_string(), &power_op),
+    ] {
+        for (via, base) in [("leader", &lw), ("follower", &fw)] {
+            for clients in [1, 8] {
+                let (n, rate, p50, p99) = measure(base, clients, secs, Arc::clone(op));
+                println!(
+                    "| {what} | {via} | {clients} | {n} | {rate:.0} | {} | {} |",
+                    ms(p50),
+                    ms(p99)
+                );
+            }
+        }
+    }
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Today's date, YYYY-MM-DD (UTC), without a date crate.
+fn chrono_date() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    out
+}
