@@ -7,13 +7,16 @@
 //!   this server's applied state that include the caller's own earlier writes;
 //! - `routes`: the endpoints, and what each role sees of the state (`views`);
 //! - `cli`: `enspeed vm|user|servers|audit`, the command-line client of the API;
-//! - `openapi`: the API's description.
+//! - `openapi`: the API's description;
+//! - `assets`: the UI's files (built from `webui/ui`, embedded by `build.rs`), served at
+//!   every path outside `/api`.
 //!
 //! Every change is a `Command::Act` of the logged-in user: the state machine checks the
 //! user's rights when it applies it and writes the audit entry, so the API cannot grant more
 //! than the roles allow. The API checks them first too, to answer 403 or 404 without a
 //! Raft round trip.
 
+pub mod assets;
 pub mod auth;
 pub mod cli;
 pub mod cluster;

@@ -121,6 +121,9 @@ impl App {
 
     /// Answers one request.
     pub async fn route(&self, req: Request) -> Result<Response<Body>, ApiError> {
+        if !crate::assets::is_api(&req.path) {
+            return crate::assets::serve(&req);
+        }
         let path = req.path.trim_end_matches('/').to_string();
         let Some(rest) = path.strip_prefix("/api/v1") else {
             return Err(ApiError::not_found(format!("no page {}", req.path)));

@@ -1,0 +1,82 @@
+// How values read on screen: roles, sizes, where a copy lives, replication and power states.
+
+import { h } from "./dom";
+import type { Copy, Replication, Role, VmStatus } from "./types";
+
+export const ROLE_NAMES: Record<Role, string> = {
+  manager: "Manager",
+  power_user: "Power User",
+  regular: "Regular User",
+};
+
+const GIB = 1024 * 1024 * 1024;
+const MIB = 1024 * 1024;
+
+/** A disk size in bytes: whole GiB as "8 GiB", else MiB. */
+export function bytes(n: number): string {
+  if (n >= GIB && n % GIB === 0) return `${n / GIB} GiB`;
+  return `${Math.round(n / MIB)} MiB`;
+}
+
+/** A size in MiB: "512 MiB", "2 GiB" when whole. */
+export function mib(n: number): string {
+  return n >= 1024 && n % 1024 === 0 ? `${n / 1024} GiB` : `${n} MiB`;
+}
+
+/** A storage pool's name: its path, or the server's default pool (path ""). */
+export function pool(path: string): string {
+  return path === "" ? "default pool" : path;
+}
+
+/** "address:pool", as the white paper's "192.168.1.162:/vms1". */
+export function copyPlace(c: Copy | null, none: string): HTMLElement {
+  if (!c) return h("span", { class: "muted" }, none);
+  return h(
+    "span",
+    { class: c.down ? "place down" : "place" },
+    c.pool === "" ? [c.address, h("span", { class: "muted" }, ` (${pool(c.pool)})`)] : `${c.address}:${c.pool}`,
+    c.down ? h("span", { class: "badge bad" }, "down") : null,
+  );
+}
+
+/** "in sync", "resyncing 42%", "degraded" or "unknown", coloured. */
+export function replication(r: Replication): HTMLElement {
+  switch (r.state) {
+    case "in-sync":
+      return h("span", { class: "badge good", "data-test": "replication" }, "in sync");
+    case "resyncing":
+      // Rounded down: 100% is shown only once the copy is in sync.
+      return h(
+        "span",
+        { class: "badge warn", "data-test": "replication" },
+        `resyncing ${Math.floor(r.percent ?? 0)}%`,
+      );
+    case "degraded":
+      return h(
+        "span",
+        { class: "badge bad", "data-test": "replication", title: "one copy only: no usable backup" },
+        "degraded",
+      );
+    default:
+      return h("span", { class: "badge", "data-test": "replication" }, "unknown");
+  }
+}
+
+const STATUS_CLASS: Record<VmStatus, string> = {
+  running: "good",
+  starting: "warn",
+  stopping: "warn",
+  stopped: "off",
+};
+
+/** A VM's power state as a badge. */
+export function status(s: VmStatus): HTMLElement {
+  return h("span", { class: `badge ${STATUS_CLASS[s] ?? ""}`, "data-test": "vm-status" }, s);
+}
+
+/** A time in ms since the epoch, local. */
+export function time(ms: number): string {
+  const d = new Date(ms);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}

@@ -1,0 +1,271 @@
+// Virtual Machines: the table of the 2008 product (VMID, Name (owner), Operations, Status,
+// Primary VMM, Backup VMM) with replication health, a detail row per VM, and for a Manager or
+// Power User a form to create one.
+
+import { api, message } from "../api";
+import { field, fill, h, value } from "../dom";
+import { bytes, copyPlace, mib, replication, ROLE_NAMES, status } from "../format";
+import type { PageContext } from "../page";
+import type { User, Vm } from "../types";
+
+/** The white paper's detail row shows four disks. */
+const DISK_SLOTS = 4;
+
+export function vmsPage(ctx: PageContext): void {
+  const me = ctx.me;
+  const creates = me.role !== "regular";
+  let vms: Vm[] = [];
+  let users: User[] = [];
+  /** VMs whose detail row is open. */
+  const expanded = new Set<number>();
+  /** A VM whose deletion waits for the user's confirmation. */
+  let confirming: number | null = null;
+  /** VMs with a request under way. */
+  const busy = new Set<number>();
+  let lastData = "";
+
+  const quota = h("p", { class: "quota hidden", "data-test": "quota" });
+  const table = h("div", { "data-test": "vms-table-wrap" });
+  const form = creates ? createForm() : null;
+  fill(
+    ctx.main,
+    h("h1", null, "Virtual Machines"),
+    quota,
+    form,
+    table,
+  );
+
+  const refresh = ctx.poll(async () => {
+    const [v, u] = await Promise.all([api<Vm[]>("GET", "/vms"), creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[])]);
+    const key = JSON.stringify([v, u]);
+    if (key === lastData) return;
+    lastData = key;
+    if (vms.length === 0 && me.role === "regular") for (const x of v) expanded.add(x.id);
+    vms = v;
+    users = u;
+    drawQuota();
+    if (form) drawOwners(form);
+    drawTable();
+  });
+
+  function drawQuota(): void {
+    const q = users.find((u) => u.id === me.id)?.quota;
+    if (!q) return;
+    fill(
+      quota,
+      h("b", null, "Your quota: "),
+      `${q.used_vms} of ${q.vms} VMs, ${mib(q.used_memory_mib)} of ${mib(q.memory_mib)} memory, ${q.used_disk_gib} of ${q.disk_gib} GiB disk in use`,
+    );
+    quota.classList.remove("hidden");
+  }
+
+  function drawOwners(f: HTMLFormElement): void {
+    const select = f.elements.namedItem("owner") as HTMLSelectElement;
+    const keep = select.value || String(me.id);
+    fill(
+      select,
+      users.map((u) =>
+        h(
+          "option",
+          { value: u.id, disabled: u.vm !== undefined },
+          `${u.name} (${ROLE_NAMES[u.role]})${u.vm !== undefined ? `: owns VM ${u.vm}` : ""}`,
+        ),
+      ),
+    );
+    select.value = keep;
+    if (select.selectedIndex < 0 || select.selectedOptions[0]?.disabled) select.value = String(me.id);
+  }
+
+  function createForm(): HTMLFormElement {
+    const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "form-error" });
+    const submit = h("button", { type: "submit", class: "primary", "data-test": "vm-create-submit" }, "Create VM");
+    const f = h(
+      "form",
+      { class: "card form-card", "data-test": "vm-create" },
+      h("h2", null, "Create a virtual machine"),
+      h(
+        "div",
+        { class: "row" },
+        field("Name", h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": "vm-name" })),
+        field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 1, value: 128, required: true, "data-test": "vm-memory" })),
+        field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: 1, required: true, "data-test": "vm-vcpus" })),
+        field("Disk 0 (GiB)", h("input", { name: "disk_gib", type: "number", min: 1, value: 1, required: true, "data-test": "vm-disk" })),
+        field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
+        h(
+          "label",
+          { class: "check" },
+          h("input", { type: "checkbox", name: "start", "data-test": "vm-start" }),
+          "power on when created",
+        ),
+        submit,
+      ),
+      error,
+    );
+    f.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      error.classList.add("hidden");
+      submit.disabled = true;
+      const name = value(f, "name");
+      try {
+        const vm = await api<Vm>("POST", "/vms", {
+          name,
+          memory_mib: Number(value(f, "memory_mib")),
+          vcpus: Number(value(f, "vcpus")),
+          disk_gib: Number(value(f, "disk_gib")),
+          owner: Number(value(f, "owner")),
+          start: (f.elements.namedItem("start") as HTMLInputElement).checked,
+        });
+        ctx.notify("info", `Created VM ${vm.id} (${vm.name})`);
+        (f.elements.namedItem("name") as HTMLInputElement).value = "";
+        refresh();
+      } catch (e) {
+        fill(error, `Could not create VM ${name}: ${message(e)}`);
+        error.classList.remove("hidden");
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    return f;
+  }
+
+  async function act(vm: Vm, what: string, method: string, path: string, body?: unknown): Promise<void> {
+    busy.add(vm.id);
+    drawTable();
+    try {
+      await api(method, path, body);
+      if (method === "DELETE") ctx.notify("info", `Deleted VM ${vm.id} (${vm.name})`);
+    } catch (e) {
+      ctx.notify("error", `Could not ${what} VM ${vm.id} (${vm.name}): ${message(e)}`);
+    } finally {
+      busy.delete(vm.id);
+      if (confirming === vm.id) confirming = null;
+      drawTable();
+      refresh();
+    }
+  }
+
+  function button(label: string, test: string, cls: string, onclick: () => void, disabled = false, title?: string): HTMLButtonElement {
+    return h("button", { type: "button", class: cls, "data-test": test, disabled, title, onclick }, label);
+  }
+
+  function operations(vm: Vm): HTMLElement {
+    const b = busy.has(vm.id);
+    if (confirming === vm.id) {
+      return h(
+        "div",
+        { class: "ops confirm", "data-test": "confirm-delete" },
+        h("span", null, "Delete it and its disks?"),
+        button("Yes, delete", "confirm-delete-yes", "danger", () => void act(vm, "delete", "DELETE", `/vms/${vm.id}`), b),
+        button("Cancel", "confirm-delete-no", "", () => {
+          confirming = null;
+          drawTable();
+        }),
+      );
+    }
+    const power = (action: string) => () => void act(vm, action.replace("-", " "), "POST", `/vms/${vm.id}/power`, { action });
+    const ops: HTMLElement[] = [];
+    if (vm.power === "on") {
+      ops.push(button("Power Off", "power-off", "", power("off"), b, "ask the guest to shut down; it is stopped hard if it does not"));
+    } else if (vm.status === "stopping") {
+      // Power Off asked the guest to shut down; the servers stop it hard only after a timeout.
+      ops.push(button("Force Off", "force-off", "danger", power("force-off"), b, "stop it at once, without waiting for the guest to shut down"));
+    } else {
+      ops.push(button("Power On", "power-on", "good", power("on"), b));
+    }
+    if (me.role !== "regular") {
+      const stopped = vm.status === "stopped" && vm.power === "off";
+      ops.push(
+        button(
+          "Delete",
+          "delete",
+          "danger",
+          () => {
+            confirming = vm.id;
+            drawTable();
+          },
+          b || !stopped,
+          stopped ? "delete this VM and its disks" : "power it off first: only a stopped VM is deleted",
+        ),
+      );
+    }
+    return h("div", { class: "ops" }, ops);
+  }
+
+  function detail(vm: Vm): HTMLElement {
+    const item = (k: string, v: string, test: string) =>
+      h("div", { class: "kv", "data-test": test }, h("span", { class: "k" }, k), h("span", { class: "v" }, v));
+    const disks = Array.from({ length: DISK_SLOTS }, (_, i) =>
+      item(`Disk${i}`, vm.disks[i] !== undefined ? bytes(vm.disks[i]) : "--", `vm-disk${i}`),
+    );
+    return h(
+      "tr",
+      { class: "detail", "data-test": "vm-detail", "data-vmid": vm.id },
+      h(
+        "td",
+        { colspan: 7 },
+        h(
+          "div",
+          { class: "kvs" },
+          item("Memory", mib(vm.memory_mib), "vm-memory-size"),
+          item("vCPUs", String(vm.vcpus), "vm-vcpu-count"),
+          disks,
+          item("MAC", "not known", "vm-mac"),
+          item("IP", "not known", "vm-ip"),
+          item("Disk generation", String(vm.replication.generation), "vm-generation"),
+        ),
+      ),
+    );
+  }
+
+  function drawTable(): void {
+    if (vms.length === 0) {
+      fill(
+        table,
+        h("p", { class: "empty", "data-test": "vms-empty" }, creates ? "No virtual machines yet: create one above." : "You own no virtual machine yet: your Power User creates it."),
+      );
+      return;
+    }
+    const rows: HTMLElement[] = [];
+    for (const vm of vms) {
+      const open = expanded.has(vm.id);
+      const toggle = h(
+        "button",
+        { type: "button", class: "link", "data-test": "vm-details-toggle", "aria-expanded": String(open), title: open ? "hide details" : "show details" },
+        h("span", { class: "caret" }, open ? "▾" : "▸"),
+        h("span", { "data-test": "vm-name" }, vm.name),
+      );
+      toggle.addEventListener("click", () => {
+        if (expanded.has(vm.id)) expanded.delete(vm.id);
+        else expanded.add(vm.id);
+        drawTable();
+      });
+      rows.push(
+        h(
+          "tr",
+          { "data-test": "vm-row", "data-vmid": vm.id, "data-name": vm.name, "data-status": vm.status, class: open ? "open" : "" },
+          h("td", { class: "num", "data-test": "vm-id" }, String(vm.id)),
+          h("td", null, toggle, h("span", { class: "muted", "data-test": "vm-owner-name" }, ` (${vm.owner_name ?? "nobody"})`)),
+          h("td", null, operations(vm)),
+          h("td", null, status(vm.status)),
+          h("td", { "data-test": "vm-primary" }, copyPlace(vm.primary, "--")),
+          h("td", { "data-test": "vm-backup" }, copyPlace(vm.backup, "No Backup VMM")),
+          h("td", null, replication(vm.replication)),
+        ),
+      );
+      if (open) rows.push(detail(vm));
+    }
+    fill(
+      table,
+      h(
+        "table",
+        { class: "grid vms", "data-test": "vms-table" },
+        h(
+          "thead",
+          null,
+          h("tr", null, ["VMID", "Name (owner)", "Operations", "Status", "Primary VMM", "Backup VMM", "Replication"].map((t) => h("th", null, t))),
+        ),
+        h("tbody", null, rows),
+      ),
+    );
+  }
+}

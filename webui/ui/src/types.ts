@@ -1,0 +1,94 @@
+// The JSON the API answers (webui/src/views.rs and routes.rs).
+
+export type Role = "manager" | "power_user" | "regular";
+
+/** A Power User's quota and what its company uses of it. */
+export interface Quota {
+  vms: number;
+  memory_mib: number;
+  disk_gib: number;
+  used_vms: number;
+  used_memory_mib: number;
+  used_disk_gib: number;
+}
+
+export interface User {
+  id: number;
+  name: string;
+  role: Role;
+  /** A Regular User's Power User. */
+  parent: number | null;
+  quota?: Quota;
+  /** The VM a Regular User owns. */
+  vm?: number;
+}
+
+/** Where one copy of a VM's disk lives. */
+export interface Copy {
+  server: number;
+  address: string;
+  pool: string;
+  down: boolean;
+}
+
+export interface Replication {
+  state: "in-sync" | "resyncing" | "degraded" | "unknown";
+  percent?: number;
+  generation: number;
+}
+
+export type VmStatus = "running" | "starting" | "stopping" | "stopped";
+
+export interface Vm {
+  id: number;
+  name: string;
+  owner: number | null;
+  owner_name: string | null;
+  memory_mib: number;
+  vcpus: number;
+  /** Disk sizes in bytes, disk 0 first. */
+  disks: number[];
+  power: "on" | "off";
+  status: VmStatus;
+  primary: Copy | null;
+  backup: Copy | null;
+  replication: Replication;
+}
+
+export interface Server {
+  id: number;
+  address: string;
+  witness: boolean;
+  down: boolean;
+  leader: boolean;
+  blockd_up: boolean;
+  memory_mib: number;
+  used_memory_mib: number;
+  /** Storage pools: path and GiB. */
+  pools: [string, number][];
+  primary_vms: number;
+  backup_vms: number;
+}
+
+export interface Summary {
+  vms: { total: number; running: number; stopped: number };
+  replication: { in_sync: number; resyncing: number; degraded: number };
+  /** A Manager's only. */
+  servers?: { total: number; down: number; leader: number | null; serving: number };
+  users?: number;
+}
+
+export interface AuditEntry {
+  seq: number;
+  at_ms: number;
+  actor: number;
+  actor_name: string;
+  action: string;
+  target: string;
+}
+
+export interface Session {
+  user: User;
+  csrf_token: string;
+  expires_ms: number;
+}
