@@ -1,0 +1,347 @@
+// EnSpeed's web UI in a real browser (Debian's Chromium, driven by playwright-core) against a
+// real cluster: a Manager, a Power User and a Regular User each in their own browser context,
+// each on a different server's UI. tests/tests/browser.rs starts the cluster and runs this.
+//
+// Environment:
+//   ENSPEED_WEB               the servers' base URLs, comma-separated (http://127.0.0.1:PORT)
+//   ENSPEED_MANAGER_PASSWORD  the first Manager's password
+//   ENSPEED_MANAGER           its name (admin)
+//   ENSPEED_ARTIFACTS         where screenshots go (default: the Cargo target dir's ui-screenshots)
+//   ENSPEED_CHROMIUM          the browser (/usr/bin/chromium)
+
+import assert from "node:assert/strict";
+import { mkdirSync, readdirSync, rmSync } from "node:fs";
+import { homedir } from "node:os";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const bases = (process.env.ENSPEED_WEB ?? "")
+  .split(",")
+  .map((s) => s.trim().replace(/\/+$/, ""))
+  .filter(Boolean);
+const managerName = process.env.ENSPEED_MANAGER ?? "admin";
+const managerPassword = process.env.ENSPEED_MANAGER_PASSWORD ?? "";
+if (bases.length === 0 || !managerPassword) {
+  console.error("ui.test.mjs: set ENSPEED_WEB (base URLs, comma-separated) and ENSPEED_MANAGER_PASSWORD");
+  process.exit(2);
+}
+const targetDir = process.env.CARGO_TARGET_DIR ?? path.join(homedir(), ".cache/enspeed/target");
+const artifacts = path.resolve(process.env.ENSPEED_ARTIFACTS ?? path.join(targetDir, "ui-screenshots"));
+mkdirSync(artifacts, { recursive: true });
+// This run's screenshots only.
+for (const f of readdirSync(artifacts)) if (f.endsWith(".png")) rmSync(path.join(artifacts, f));
+console.log(`screenshots go to ${artifacts}`);
+
+/** Distinct names per run, so a rerun against the same cluster works. */
+const tag = Date.now().toString(36).slice(-5);
+const POWER = `acme-${tag}`;
+const REGULAR = `alice-${tag}`;
+const VM = `web-${tag}`;
+const PASSWORD = "user-secret-1";
+const NEW_PASSWORD = "user-secret-2";
+
+const started = Date.now();
+let shots = 0;
+const problems = [];
+
+function step(text) {
+  console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${text}`);
+}
+
+async function shot(page, name) {
+  const file = path.join(artifacts, `${String(++shots).padStart(2, "0")}-${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  console.log(`  screenshot ${file}`);
+}
+
+/** Polls `probe` until it answers a truthy value; fails with `what` and the last value. */
+async function until(what, probe, timeoutMs = 20000) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${last})`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** What the user reads in `locator`, blanks folded. */
+async function text(locator) {
+  return (await locator.innerText({ timeout: 2000 })).replace(/\s+/g, " ").trim();
+}
+
+async function tabs(page) {
+  return (await page.locator("[data-test=tabs] a").allTextContents()).map((t) => t.trim());
+}
+
+/** A fresh browser context (its own cookies) with a page that records its errors. */
+async function newPage(browser, who) {
+  const context = await browser.newContext({ viewport: { width: 1360, height: 860 } });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => problems.push(`${who}: page error: ${e.message}`));
+  page.on("console", (m) => {
+    // The browser logs each 4xx answer it was given; those the UI handles on purpose.
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) problems.push(`${who}: console: ${m.text()}`);
+  });
+  return page;
+}
+
+async function login(page, base, name, password) {
+  const r = await page.goto(`${base}/`);
+  assert.equal(r.status(), 200);
+  await page.waitForSelector("[data-test=login-form]");
+  assert.equal(new URL(page.url()).pathname, "/login", "a visitor is sent to the login page");
+  await page.fill("[data-test=login-name]", name);
+  await page.fill("[data-test=login-password]", password);
+  await page.click("[data-test=login-submit]");
+  await page.waitForSelector("[data-test=header]:not(.hidden)");
+  assert.equal(await text(page.locator("[data-test=logout]")), `logout (${name})`);
+}
+
+async function openTab(page, tab) {
+  await page.click(`[data-test=tab-${tab}]`);
+  await page.waitForSelector(`[data-test=page][data-page=${tab}]`);
+}
+
+async function fillForm(page, form, fields) {
+  for (const [test, value] of Object.entries(fields)) {
+    const el = page.locator(`[data-test=${form}] [data-test=${test}]`);
+    if ((await el.evaluate((e) => e.tagName)) === "SELECT") await el.selectOption(String(value));
+    else await el.fill(String(value));
+  }
+}
+
+function vmRow(page, name) {
+  return page.locator(`[data-test=vm-row][data-name="${name}"]`);
+}
+
+function userRow(page, name) {
+  return page.locator(`[data-test=user-row][data-user="${name}"]`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.ENSPEED_CHROMIUM ?? "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+step(`Chromium ${browser.version()}; servers ${bases.join(" ")}`);
+const at = (i) => bases[i % bases.length];
+
+try {
+  // ---- The Manager, on the first server.
+  const m = await newPage(browser, "manager");
+  step("the login page, served with a Content-Security-Policy");
+  const index = await m.goto(`${at(0)}/vms`);
+  const csp = index.headers()["content-security-policy"] ?? "";
+  assert.match(csp, /default-src 'self'/, `CSP: ${csp}`);
+  assert.match(csp, /frame-ancestors 'none'/, `CSP: ${csp}`);
+  await m.waitForSelector("[data-test=login-form]");
+  assert.equal(await text(m.locator("[data-test=login-logo]")), "EnSpeed");
+  await shot(m, "login");
+
+  step("a wrong password is refused with the API's message");
+  await m.fill("[data-test=login-name]", `nobody-${tag}`);
+  await m.fill("[data-test=login-password]", "not-the-password");
+  await m.click("[data-test=login-submit]");
+  await m.waitForSelector("[data-test=login-error]:not(.hidden)");
+  assert.match(await text(m.locator("[data-test=login-error]")), /wrong name or password/);
+  await shot(m, "login-refused");
+
+  step("the Manager logs in and sees the cluster's health");
+  await login(m, at(0), managerName, managerPassword);
+  assert.deepEqual(await tabs(m), ["Summary", "VM Servers", "Virtual Machines", "Users", "Audit"]);
+  await until("the servers card", async () => /3 of 3 up/.test(await text(m.locator("[data-test=summary-servers]"))));
+  await until("a Raft leader", async () => /server \d/.test(await text(m.locator("[data-test=summary-leader]"))));
+  await shot(m, "manager-summary");
+
+  step("VM Servers: three servers, one leader, one witness");
+  await openTab(m, "servers");
+  await until("three server rows", async () => (await m.locator("[data-test=server-row]").count()) === 3);
+  assert.equal(await m.locator("[data-test=server-leader]").count(), 1);
+  assert.match(await text(m.locator("[data-test=servers-table]")), /witness/);
+  await shot(m, "manager-servers");
+
+  step(`the Manager creates the Power User ${POWER} with a quota`);
+  await openTab(m, "users");
+  await m.selectOption("[data-test=user-create] [data-test=user-role]", "power_user");
+  await m.waitForSelector("[data-test=user-create] [data-test=quota-vms]", { state: "visible" });
+  await fillForm(m, "user-create", {
+    "user-name": POWER,
+    "user-password": PASSWORD,
+    "quota-vms": 3,
+    "quota-memory": 1024,
+    "quota-disk": 10,
+  });
+  await m.click("[data-test=user-create-submit]");
+  await until(`${POWER} in the table`, async () => (await userRow(m, POWER).count()) === 1);
+  assert.equal(await text(userRow(m, POWER).locator("[data-test=user-role-name]")), "Power User");
+  assert.match(await text(userRow(m, POWER).locator("[data-test=user-quota]")), /^0\/3 VMs · 0 MiB\/1 GiB · 0\/10 GiB disk$/);
+
+  step("creating the same user again shows the API's error");
+  await fillForm(m, "user-create", { "user-name": POWER, "user-password": PASSWORD });
+  await m.click("[data-test=user-create-submit]");
+  await m.waitForSelector("[data-test=user-create] [data-test=form-error]:not(.hidden)");
+  assert.match(await text(m.locator("[data-test=user-create] [data-test=form-error]")), new RegExp(`user ${POWER} exists`));
+  await shot(m, "manager-users");
+
+  // ---- The Power User, on the second server.
+  const p = await newPage(browser, "power user");
+  step(`the Power User ${POWER} logs in (server 2): no VM Servers or Audit`);
+  await login(p, at(1), POWER, PASSWORD);
+  assert.deepEqual(await tabs(p), ["Summary", "Virtual Machines", "Users"]);
+
+  step(`it creates the Regular User ${REGULAR}`);
+  await openTab(p, "users");
+  assert.equal(await p.locator("[data-test=user-create] [data-test=user-role]").count(), 0, "a Power User creates Regular Users only");
+  await fillForm(p, "user-create", { "user-name": REGULAR, "user-password": PASSWORD });
+  await p.click("[data-test=user-create-submit]");
+  await until(`${REGULAR} in the table`, async () => (await userRow(p, REGULAR).count()) === 1);
+  assert.equal(await text(userRow(p, REGULAR).locator("[data-test=user-role-name]")), "Regular User");
+  await shot(p, "power-user-users");
+
+  step("a VM over the quota is refused, and the UI says why");
+  await openTab(p, "vms");
+  await until("the owner list", async () => (await p.locator(`[data-test=vm-owner] option`).count()) >= 2);
+  await fillForm(p, "vm-create", { "vm-name": `${VM}-big`, "vm-memory": 4096, "vm-vcpus": 1, "vm-disk": 1 });
+  await p.click("[data-test=vm-create-submit]");
+  await p.waitForSelector("[data-test=vm-create] [data-test=form-error]:not(.hidden)");
+  assert.match(await text(p.locator("[data-test=vm-create] [data-test=form-error]")), /quota/);
+  await shot(p, "power-user-quota-refused");
+
+  step(`it creates the VM ${VM} owned by ${REGULAR}`);
+  const owner = await p.locator("[data-test=vm-owner] option", { hasText: REGULAR }).getAttribute("value");
+  await fillForm(p, "vm-create", { "vm-name": VM, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-owner": owner });
+  await p.click("[data-test=vm-create-submit]");
+  await until(`${VM} in the table`, async () => (await vmRow(p, VM).count()) === 1);
+  assert.match(await text(vmRow(p, VM).locator("[data-test=vm-owner-name]")), new RegExp(`\\(${REGULAR}\\)`));
+  assert.equal(await text(vmRow(p, VM).locator("[data-test=vm-status]")), "stopped");
+  await until("the quota in use", async () => /1 of 3 VMs/.test(await text(p.locator("[data-test=quota]"))));
+  await shot(p, "power-user-vms");
+
+  // ---- The Regular User, on the third server.
+  const r = await newPage(browser, "regular user");
+  step(`the Regular User ${REGULAR} logs in (server 3): Summary and Virtual Machines only`);
+  await login(r, at(2), REGULAR, PASSWORD);
+  assert.deepEqual(await tabs(r), ["Summary", "Virtual Machines"]);
+  for (const t of ["servers", "users", "audit"]) assert.equal(await r.locator(`[data-test=tab-${t}]`).count(), 0, `no ${t} tab`);
+  await until("its VM's replication health", async () => (await r.locator("[data-test=summary-vm] [data-test=replication]").count()) === 1);
+  await shot(r, "regular-summary");
+
+  step("it sees only its VM, with its details");
+  await openTab(r, "vms");
+  await until("one VM", async () => (await r.locator("[data-test=vm-row]").count()) === 1);
+  assert.equal(await r.locator("[data-test=vm-row]").getAttribute("data-name"), VM);
+  const detail = r.locator("[data-test=vm-detail]");
+  await detail.waitFor();
+  const shown = (test) => text(detail.locator(`[data-test=${test}] .v`));
+  assert.equal(await shown("vm-memory-size"), "128 MiB");
+  assert.equal(await shown("vm-disk0"), "1 GiB");
+  for (const i of [1, 2, 3]) assert.equal(await shown(`vm-disk${i}`), "--", `disk ${i} absent`);
+  assert.equal(await shown("vm-mac"), "not known");
+  assert.equal(await shown("vm-ip"), "not known");
+  assert.equal(await r.locator("[data-test=vm-row] [data-test=delete]").count(), 0, "a Regular User has no Delete");
+  assert.match(await text(r.locator("[data-test=vm-primary]")), /^127\.0\.0\.1:\d+ \(default pool\)$/);
+
+  step("it powers the VM on; the status turns running without a reload");
+  await r.evaluate(() => {
+    window.__sameDocument = true;
+  });
+  await r.click("[data-test=vm-row] [data-test=power-on]");
+  await until("status running", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-status]"))) === "running", 90000);
+  assert.equal(await r.evaluate(() => window.__sameDocument), true, "the page was not reloaded");
+  assert.equal(await r.locator("[data-test=vm-row] [data-test=power-off]").count(), 1);
+  await shot(r, "regular-running");
+
+  step("the Manager sees it running, on its primary with a backup");
+  await openTab(m, "vms");
+  await until("the VM running for the Manager", async () => (await text(vmRow(m, VM).locator("[data-test=vm-status]"))) === "running");
+  await vmRow(m, VM).locator("[data-test=vm-details-toggle]").click();
+  await m.locator(`[data-test=vm-detail]`).first().waitFor();
+  assert.doesNotMatch(await text(vmRow(m, VM).locator("[data-test=vm-backup]")), /No Backup/);
+  await shot(m, "manager-vms");
+
+  step("the Power User cannot delete a running VM: its Delete waits for power off");
+  assert.equal(await vmRow(p, VM).locator("[data-test=delete]").isDisabled(), true);
+
+  step("the Regular User powers it off; the status turns stopped without a reload");
+  const status = () => text(r.locator("[data-test=vm-row] [data-test=vm-status]"));
+  await r.click("[data-test=vm-row] [data-test=power-off]");
+  const off = await until("status stopping or stopped", async () => ["stopping", "stopped"].includes(await status()) && (await status()));
+  if (off === "stopping") {
+    // The guest was asked to shut down (the test guest ignores the ACPI power button and
+    // would be stopped hard after the servers' 60 s timeout): Force Off stops it now.
+    await shot(r, "regular-stopping");
+    await r.click("[data-test=vm-row] [data-test=force-off]");
+  }
+  await until("status stopped", async () => (await status()) === "stopped", 90000);
+  assert.equal(await r.evaluate(() => window.__sameDocument), true, "the page was not reloaded");
+  assert.equal(await r.locator("[data-test=vm-row] [data-test=power-on]").count(), 1);
+  await shot(r, "regular-stopped");
+
+  step("the Regular User changes its own password");
+  await r.click("[data-test=account]");
+  await r.waitForSelector("[data-test=page][data-page=account]");
+  await r.fill("[data-test=account-password]", NEW_PASSWORD);
+  await r.fill("[data-test=account-password-again]", NEW_PASSWORD);
+  await r.click("[data-test=account-save]");
+  await r.waitForSelector("[data-test=info]");
+  await until("its account details", async () => /Regular User/.test(await text(r.locator("[data-test=account-about]"))));
+  await shot(r, "regular-account");
+  await r.click("[data-test=logout]");
+  await r.waitForSelector("[data-test=login-form]");
+  await login(r, at(2), REGULAR, NEW_PASSWORD);
+  await openTab(r, "vms");
+
+  step("the Power User deletes the VM");
+  await until("Delete enabled", async () => !(await vmRow(p, VM).locator("[data-test=delete]").isDisabled()));
+  await vmRow(p, VM).locator("[data-test=delete]").click();
+  await vmRow(p, VM).locator("[data-test=confirm-delete-yes]").click();
+  await until(`${VM} gone`, async () => (await vmRow(p, VM).count()) === 0);
+  await shot(p, "power-user-deleted");
+  await until("the Regular User's page empty", async () => (await r.locator("[data-test=vms-empty]").count()) === 1);
+  await shot(r, "regular-no-vm");
+
+  step("the Manager's audit log shows it all");
+  await openTab(m, "audit");
+  await until("audit entries", async () => (await m.locator("[data-test=audit-row]").count()) > 0);
+  const log = await text(m.locator("[data-test=audit-table]"));
+  for (const what of ["user.create", "vm.create", "vm.power_on", "vm.power_off", "vm.delete"]) assert.match(log, new RegExp(what.replace(".", "\\.")), `${what} in the audit log`);
+  assert.match(log, new RegExp(VM));
+  await shot(m, "manager-audit");
+
+  step("the Manager logs out");
+  await m.click("[data-test=logout]");
+  await m.waitForSelector("[data-test=login-form]");
+  const after = await m.request.get(`${at(0)}/api/v1/session`);
+  assert.equal(after.status(), 401, "the session is over");
+
+  assert.deepEqual(problems, [], "no script errors or CSP violations in the pages");
+  step(`passed; ${shots} screenshots in ${artifacts}`);
+} catch (e) {
+  console.error(`FAILED: ${e.stack ?? e}`);
+  if (problems.length) console.error(`page problems:\n  ${problems.join("\n  ")}`);
+  for (const ctx of browser.contexts()) {
+    for (const pg of ctx.pages()) {
+      const file = path.join(artifacts, `failure-${++shots}.png`);
+      await pg.screenshot({ path: file, fullPage: true }).catch(() => {});
+      console.error(`  screenshot at failure: ${file} (${pg.url()})`);
+    }
+  }
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

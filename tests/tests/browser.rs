@@ -1,0 +1,150 @@
+//! The web UI in a real browser: a three-server cluster on loopback (`WebCluster`), and
+//! `tests/browser/ui.test.mjs` driving Debian's Chromium through playwright-core as a Manager,
+//! a Power User and a Regular User, each on a different server: users and a VM created, the VM
+//! powered on and off by its owner with the status following without a reload, deleted by its
+//! Power User, what each role's tabs show. Screenshots of every page are kept in
+//! `$ENSPEED_ARTIFACTS` (default: the Cargo target directory's `ui-screenshots`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use enspeed_tests::web::{WebCluster, PASSWORD};
+use enspeed_tests::{enspeed_bin, kvm_available, repo_root};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Where the screenshots go: `$ENSPEED_ARTIFACTS`, else `<target>/ui-screenshots`.
+fn artifacts() -> PathBuf {
+    if let Some(d) = std::env::var_os("ENSPEED_ARTIFACTS") {
+        return d.into();
+    }
+    // <target>/release/enspeed
+    let bin = enspeed_bin();
+    let target = bin
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary lies in <target>/<profile>");
+    target.join("ui-screenshots")
+}
+
+/// Every server serves the embedded UI: `index.html` at every app path with the CSP and no
+/// caching, the hashed files it loads as immutable, a clear 404 for a missing hashed file, and
+/// 405 for a change outside the API.
+fn ui_files_are_served(base: &str) {
+    let get = |path: &str| match ureq::get(&format!("{base}{path}")).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {base}{path}: {e}"),
+    };
+    let mut script = None;
+    for path in ["/", "/vms", "/users/12", "/login"] {
+        let r = get(path);
+        assert_eq!(r.status(), 200, "GET {path}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/html; charset=utf-8"),
+            "GET {path}"
+        );
+        assert_eq!(r.header("cache-control"), Some("no-cache"), "GET {path}");
+        let csp = r
+            .header("content-security-policy")
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "GET {path}: CSP {csp:?}"
+        );
+        let html = r.into_string().expect("index.html");
+        assert!(html.contains("<div id=\"app\""), "GET {path}: {html}");
+        script = html
+            .split("src=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .map(str::to_string);
+    }
+    let script = script.expect("index.html loads a script");
+    let r = get(&script);
+    assert_eq!(r.status(), 200, "GET {script}");
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    let missing = get("/assets/no-such-file.js");
+    assert_eq!(missing.status(), 404);
+    assert!(missing.into_string().unwrap().contains("no UI file"));
+    match ureq::post(&format!("{base}/vms")).send_string("") {
+        Err(ureq::Error::Status(405, r)) => {
+            assert_eq!(r.header("allow"), Some("GET, HEAD"))
+        }
+        other => panic!("POST /vms: {other:?}"),
+    }
+    // The API is untouched: its own 404 for an unknown endpoint.
+    let api = get("/api/v1/nothing");
+    assert_eq!(api.status(), 404);
+    assert_eq!(api.header("content-type"), Some("application/json"));
+}
+
+#[test]
+fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
+    if !kvm_available("the_ui_in_chromium") {
+        return;
+    }
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium"
+    );
+    let dir = repo_root().join("tests/browser");
+    // Cheap when its node_modules already matches the lock.
+    let npm = Command::new(repo_root().join("scripts/npm-ci.sh"))
+        .arg(&dir)
+        .status()
+        .expect("run scripts/npm-ci.sh");
+    assert!(npm.success(), "npm ci in {} failed", dir.display());
+
+    let cluster = WebCluster::start("browser", &[]);
+    for base in &cluster.web {
+        ui_files_are_served(base);
+    }
+    let artifacts = artifacts();
+    println!(
+        "browser test: servers {:?}; screenshots in {}",
+        cluster.web,
+        artifacts.display()
+    );
+    let mut child = Command::new("node")
+        .arg("ui.test.mjs")
+        .current_dir(&dir)
+        .env("ENSPEED_WEB", cluster.web.join(","))
+        .env("ENSPEED_MANAGER", "admin")
+        .env("ENSPEED_MANAGER_PASSWORD", PASSWORD)
+        .env("ENSPEED_ARTIFACTS", &artifacts)
+        .env("ENSPEED_CHROMIUM", CHROMIUM)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node (scripts/setup.sh installs it)");
+    // Through the test harness's output, so it shows with --nocapture or on failure.
+    let stderr = child.stderr.take().expect("piped");
+    let errs = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        println!("{line}");
+    }
+    let status = child.wait().expect("wait for node");
+    errs.join().expect("stderr reader");
+    assert!(
+        status.success(),
+        "the browser test failed ({status}); screenshots in {}",
+        artifacts.display()
+    );
+}
