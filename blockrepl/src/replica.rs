@@ -469,23 +469,56 @@ impl Replica {
     }
 
     /// Makes this copy a backup: it stops serving the guest and waits for a
-    /// primary. Refused while guest writes are pending.
+    /// primary. The control plane demotes a copy only after a Raft commit made
+    /// another copy the primary, and after stopping the guest here: writes
+    /// still pending then (stalled, because the new primary refuses frames of
+    /// the old generation) were never acknowledged to anyone. They fail with an
+    /// error, once their local part is done; their regions stay marked in the
+    /// bitmap, so the resync from the new primary rewrites them here. Refused
+    /// while a local write does not finish.
     pub fn demote(&self) -> Result<(), ReplicaError> {
         let mut meta = lock(&self.meta);
         if meta.get().role == Role::Backup {
             return Ok(());
         }
-        {
-            let core = self.core();
-            if !core.pending.is_empty() {
-                return Err(self.refused(format!("{} guest writes are still pending", core.pending.len())));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let abandoned = loop {
+            let mut core = self.core();
+            if core.pending.values().all(|p| p.local.is_some()) {
+                let ids: Vec<u64> = core.pending.keys().copied().collect();
+                let mut out = Vec::new();
+                for id in ids {
+                    let p = core.pending.remove(&id).expect("listed");
+                    release(&mut core.unacked, p.regions);
+                    out.push((p.done, Err(io::Error::other(format!("disk {}: demoted to backup before the write was mirrored", self.name)))));
+                }
+                break out;
             }
+            if std::time::Instant::now() >= deadline {
+                return Err(self.refused(format!("{} guest writes are still being written locally", core.pending.len())));
+            }
+            drop(core);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        if !abandoned.is_empty() {
+            tracing::warn!(disk = %self.name, writes = abandoned.len(), "demoting: unacknowledged guest writes failed; their regions stay marked for the resync");
         }
-        self.data.sync_data().map_err(|e| self.io_err("syncing before demotion", e))?;
-        meta.update(|m| {
-            m.role = Role::Backup;
-            m.peer = None;
-        })?;
+        let made_backup = self
+            .data
+            .sync_data()
+            .map_err(|e| self.io_err("syncing before demotion", e))
+            .and_then(|()| {
+                meta.update(|m| {
+                    m.role = Role::Backup;
+                    m.peer = None;
+                })
+                .map_err(ReplicaError::from)
+            });
+        if let Err(e) = made_backup {
+            drop(meta);
+            run_done(abandoned);
+            return Err(e);
+        }
         let link = {
             let mut core = self.core();
             core.role = Role::Backup;
@@ -496,6 +529,7 @@ impl Replica {
         if let Some(l) = link {
             l.kill();
         }
+        run_done(abandoned);
         tracing::info!(disk = %self.name, "demoted to backup");
         self.cond.notify_all();
         Ok(())

@@ -305,6 +305,33 @@ fn a_stale_primary_is_refused() {
 }
 
 #[test]
+fn a_switchover_demotes_the_old_primary_its_stalled_write_fails_and_the_resync_rewrites_it() {
+    let (a, b, _p) = pair("switch", 16 * MIB);
+    let d = a.disk("d");
+    write(&d, 0, block(1, 4096));
+    flush(&d);
+    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+    // The control plane moves the disk: the backup is promoted first; the old primary's next
+    // write lands locally but is refused by the new primary, so it stalls.
+    b.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    let stalled = submit(&d, 3 * MIB, block(7, 4096));
+    assert!(stalled.recv_timeout(Duration::from_millis(800)).is_err(), "a write completed unmirrored");
+    // Then it stops the guest there and demotes the old primary: the write fails, never acknowledged.
+    a.req(Request::Demote { name: "d".into() });
+    let failed = stalled.recv_timeout(Duration::from_secs(5)).expect("the stalled write is answered");
+    assert!(failed.is_err(), "the unmirrored write was reported done");
+    assert_eq!(a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096], block(7, 4096)[..]);
+    assert_eq!(d.status().role, Role::Backup);
+    // The new primary takes the old one as its backup: the region the failed write touched is
+    // resynced from the new primary, so the copies agree again.
+    b.req(Request::Attach { name: "d".into(), peer: a.addr.clone() });
+    wait_for("the resync to the old primary", || b.disk("d").status().link == LinkState::InSync);
+    flush(&b.disk("d"));
+    assert!(a.data("d") == b.data("d"), "the old primary kept its unacknowledged write");
+    assert_eq!(a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096], vec![0u8; 4096][..]);
+}
+
+#[test]
 fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
     let b = server(&scratch("refuse-b"));
     b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: None, backup: true, pool: None });
