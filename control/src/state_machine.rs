@@ -404,6 +404,13 @@ pub enum Action {
         /// VMID.
         vm: u64,
     },
+    /// Moves a VM to its backup server (Managers): every disk's in-sync backup becomes its
+    /// primary, with a raised generation, and the old primary its backup; a running VM
+    /// restarts there.
+    MigrateVm {
+        /// VMID.
+        vm: u64,
+    },
     /// Records a change made outside the state machine (a membership change).
     Note {
         /// What, e.g. `server.add`.
@@ -1196,6 +1203,49 @@ impl StateMachine {
                     }
                 }
                 ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::MigrateVm { vm } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager migrates VMs"));
+                }
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                let mut moves = Vec::new();
+                for name in &v.disks {
+                    let d = self
+                        .disks
+                        .get(name)
+                        .ok_or_else(|| format!("VM {vm}: no disk {name}"))?;
+                    let b = d
+                        .backup
+                        .ok_or_else(|| format!("VM {vm}: disk {name} has no backup to move to"))?;
+                    if !d.backup_synced {
+                        return Err(format!(
+                            "VM {vm}: disk {name}'s backup on server {b} is not in sync yet"
+                        ));
+                    }
+                    if self.servers.get(&b).is_none_or(|s| s.down) {
+                        return Err(format!("VM {vm}: server {b} is down"));
+                    }
+                    moves.push((name.clone(), d.primary, b));
+                }
+                let mut to = 0;
+                for (name, from, b) in moves {
+                    let d = self.disks.get_mut(&name).expect("checked");
+                    d.primary = b;
+                    d.backup = Some(from);
+                    d.generation += 1;
+                    d.backup_synced = false;
+                    writes.push((disk_key(&name), Some(json_bytes(d))));
+                    to = b;
+                }
+                (
+                    "vm.migrate",
+                    format!("vm {vm} ({}) to server {to}", v.name),
+                    json!({ "server": to }),
+                )
             }
             Action::Note { action, target } => {
                 if !manager {

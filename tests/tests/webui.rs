@@ -286,6 +286,35 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         }
     }
 
+    // Migrating: the Manager's alone (once the disk's backup is in sync).
+    cluster::wait_for("vm-m's disk in sync", WAIT, || {
+        (m.get(&format!("/api/v1/vms/{vm_m}")).1["replication"]["state"] == "in-sync").then_some(())
+    });
+    for (who, vm, want) in [
+        (mw, vm_m, Allowed),
+        (pw, vm_p1, Forbidden),
+        (pw, vm_r2, Hidden),
+        (rw, vm_r1a, Forbidden),
+        (rw, vm_r2, Hidden),
+    ] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/vms/{id}/migrate",
+            &format!("/api/v1/vms/{vm}/migrate"),
+            Some(json!({})),
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused migration changed nothing: {r:?}"
+            );
+        }
+    }
+
     // Creating VMs: for oneself, for a subordinate, for a foreigner.
     let create_cases = [
         (mw, r1b, Allowed),
@@ -1016,4 +1045,75 @@ fn the_enspeed_command_is_a_client_of_the_api() {
         !good && text.contains("401") && text.contains("wrong name or password"),
         "{text}"
     );
+}
+
+#[test]
+fn a_manager_migrates_a_running_vm_to_its_backup_server() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("migrate", &[]);
+    let m = c.manager(0);
+    let r = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "mover", "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "start": true})),
+    );
+    let vm = id(&r);
+    let path = format!("/api/v1/vms/{vm}");
+    let ready = |m: &Web| {
+        let v = m.get(&path).1;
+        (v["status"] == "running" && v["replication"]["state"] == "in-sync").then_some(v)
+    };
+    let before = cluster::wait_for(
+        "the VM running, its disk in sync",
+        Duration::from_secs(120),
+        || ready(&m),
+    );
+    let (from, to) = (
+        before["primary"]["server"].as_u64().unwrap(),
+        before["backup"]["server"].as_u64().unwrap(),
+    );
+    let gen = before["replication"]["generation"].as_u64().unwrap();
+    let r = m.send("POST", &format!("{path}/migrate"), Some(json!({})));
+    assert_eq!(r.0, 202, "{r:?}");
+    assert_eq!(r.1["server"], to);
+    let after = cluster::wait_for_explained(
+        "the VM running on its old backup, in sync again",
+        Duration::from_secs(60),
+        || ready(&m).filter(|v| v["primary"]["server"] == to),
+        || {
+            let logs: Vec<String> = c.servers.iter().map(|s| s.log()).collect();
+            format!("VM: {}\n{}", m.get(&path).1, logs.join("\n----\n"))
+        },
+    );
+    assert_eq!(
+        after["backup"]["server"], from,
+        "the old primary is the backup now"
+    );
+    assert!(
+        after["replication"]["generation"].as_u64().unwrap() > gen,
+        "the generation rose"
+    );
+    let vmm_on = |server: u64| {
+        c.servers[server as usize - 1]
+            .log()
+            .matches("VMM started")
+            .count()
+    };
+    assert!(vmm_on(to) >= 1, "a VMM started on server {to}");
+    // Not yet in sync, or asked by someone else: refused, and nothing moves.
+    let p = id(&m.send("POST", "/api/v1/users", Some(json!({"name": "pp", "password": USER_PASSWORD, "role": "power_user", "quota": {"vms": 2, "memory_mib": 512, "disk_gib": 4}}))));
+    let wp = Web::logged_in(&c.web[0], "pp", USER_PASSWORD);
+    let own = id(&wp.send("POST", "/api/v1/vms", Some(new_vm("ppvm", p))));
+    let r = wp.send(
+        "POST",
+        &format!("/api/v1/vms/{own}/migrate"),
+        Some(json!({})),
+    );
+    assert_eq!(r.0, 403, "a Power User does not migrate: {r:?}");
+    let r = wp.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/migrate"),
+        Some(json!({})),
+    );
+    assert_eq!(r.0, 404, "nor sees the Manager's VM: {r:?}");
 }

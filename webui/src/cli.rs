@@ -26,7 +26,12 @@ use serde_json::{json, Value};
 #[derive(Args, Debug, Clone)]
 pub struct Login {
     /// Any server's API.
-    #[arg(long, global = true, env = "ENSPEED_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "ENSPEED_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// Log in as.
     #[arg(long, global = true, env = "ENSPEED_USER", default_value = "admin")]
@@ -89,6 +94,11 @@ pub enum VmCommand {
     },
     /// Delete a powered-off VM and its disks.
     Delete {
+        /// VMID.
+        id: u64,
+    },
+    /// Move a VM to its backup server (its disk's in-sync copy); a running VM restarts there.
+    Migrate {
         /// VMID.
         id: u64,
     },
@@ -424,6 +434,11 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
         VmCommand::Stop { id } => power(l, id, "off"),
         VmCommand::ForceStop { id } => power(l, id, "force-off"),
         VmCommand::Delete { id } => run(l, |s| s.call("DELETE", &format!("/vms/{id}"), None), done),
+        VmCommand::Migrate { id } => run(
+            l,
+            |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),
+            done,
+        ),
     }
 }
 

@@ -30,6 +30,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Delete a powered-off VM (Manager, Power User)",
     ),
     ("post", "/vms/{id}/power", "Power a VM on or off"),
+    (
+        "post",
+        "/vms/{id}/migrate",
+        "Move a VM to its backup server, which must be in sync (Manager); a running VM restarts there",
+    ),
     ("get", "/users", "The users the caller sees"),
     (
         "post",

@@ -9,7 +9,8 @@
 //!   GET    /api/v1/vms                 VMs the caller sees
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?}
 //!   GET    /api/v1/vms/{id}            one VM
-//!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off"}
+//!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
+//!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
 //!   GET    /api/v1/users               users the caller sees
 //!   POST   /api/v1/users               create {name, password, role, parent?, quota?}
@@ -194,6 +195,19 @@ impl App {
                     &json!({ "id": vm, "power": p.action }),
                 ))
             }
+            (Method::POST, ["vms", id, "migrate"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                manager_only(&c)?;
+                let r = self
+                    .cluster
+                    .act(c.user.id, Action::MigrateVm { vm })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({ "id": vm, "server": r.get("server") }),
+                ))
+            }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
@@ -328,8 +342,16 @@ impl App {
             e.retry_after = Some(wait);
             return Err(e);
         }
-        let state = self.cluster.state().await?;
-        let user = state.user_by_name(&l.name).cloned();
+        // A user created through another server may take a moment to arrive here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        let user = loop {
+            let state = self.cluster.state().await?;
+            let user = state.user_by_name(&l.name).cloned();
+            if user.is_some() || std::time::Instant::now() >= deadline {
+                break user;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let hash = user.as_ref().map(|u| u.password.clone());
         let password = l.password.clone();
         let good =
