@@ -319,6 +319,8 @@ struct Copy {
     link: String,
     peer: Option<String>,
     out_of_sync_bytes: u64,
+    /// Percent done of the resync running now.
+    resync_percent: Option<f64>,
     vhost_socket: String,
 }
 
@@ -511,6 +513,7 @@ impl Reconciler {
                     link: text("link"),
                     peer: d["peer"].as_str().map(str::to_string),
                     out_of_sync_bytes: d["out_of_sync_bytes"].as_u64().unwrap_or(0),
+                    resync_percent: d["resync"]["percent"].as_f64(),
                     vhost_socket: text("vhost_socket"),
                 },
             );
@@ -798,8 +801,10 @@ impl Reconciler {
                     generation: c.generation,
                     link: c.link,
                     peer: c.peer,
-                    // Rounded to MiB so a resync in progress does not report every pass.
+                    // Rounded (to MiB, to whole percent) so a resync in progress does not
+                    // report every pass.
                     out_of_sync_bytes: c.out_of_sync_bytes >> 20 << 20,
+                    resync_percent: c.resync_percent.map(|p| p.clamp(0.0, 100.0) as u8),
                 },
             );
         }

@@ -163,6 +163,9 @@ pub struct DiskObservation {
     /// Bytes marked out of sync.
     #[serde(default)]
     pub out_of_sync_bytes: u64,
+    /// While a resync runs: how much of it is done, whole percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_percent: Option<u8>,
 }
 
 /// A server's report of what runs there.
@@ -1636,6 +1639,7 @@ mod tests {
                         link: link.into(),
                         peer: Some(peer.into()),
                         out_of_sync_bytes: 0,
+                        resync_percent: None,
                     },
                 )]
                 .into(),

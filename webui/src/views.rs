@@ -180,11 +180,15 @@ pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
                     ("in-sync", None)
                 }
                 (Some(_), Some(o)) if o.link == "resyncing" || o.out_of_sync_bytes > 0 => {
-                    let done = d.size.saturating_sub(o.out_of_sync_bytes) as f64;
-                    let pct = if d.size == 0 {
-                        0.0
-                    } else {
-                        done * 100.0 / d.size as f64
+                    // The resync's own progress when one runs; else how much of the disk is
+                    // not marked out of sync.
+                    let pct = match o.resync_percent {
+                        Some(p) => f64::from(p),
+                        None if d.size == 0 => 0.0,
+                        None => {
+                            d.size.saturating_sub(o.out_of_sync_bytes) as f64 * 100.0
+                                / d.size as f64
+                        }
                     };
                     ("resyncing", Some((pct * 10.0).floor() / 10.0))
                 }
