@@ -274,6 +274,18 @@ try {
   assert.doesNotMatch(await text(vmRow(m, VM).locator("[data-test=vm-backup]")), /No Backup/);
   await shot(m, "manager-vms");
 
+  step("the Manager migrates the running VM to its backup server once in sync; the Regular User sees it move");
+  const primaryOf = async (page) => text(vmRow(page, VM).locator("[data-test=vm-primary]"));
+  const backupBefore = await text(vmRow(m, VM).locator("[data-test=vm-backup]"));
+  const migrate = vmRow(m, VM).locator("[data-test=migrate]");
+  await until("Migrate enabled (the backup in sync)", async () => !(await migrate.isDisabled()), 90000);
+  assert.equal(await vmRow(p, VM).locator("[data-test=migrate]").count(), 0, "a Power User has no Migrate");
+  await migrate.click();
+  await until("the VM on its old backup server", async () => (await primaryOf(m)) === backupBefore, 30000);
+  await until("the VM running again after the move", async () => (await text(vmRow(m, VM).locator("[data-test=vm-status]"))) === "running", 90000);
+  await until("the owner sees the new primary, without a reload", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-primary]"))) === backupBefore);
+  await shot(m, "manager-migrated");
+
   step("the Power User cannot delete a running VM: its Delete waits for power off");
   assert.equal(await vmRow(p, VM).locator("[data-test=delete]").isDisabled(), true);
 

@@ -378,7 +378,10 @@ fn server_table(v: &Value) {
             .cloned()
             .unwrap_or_default()
             .iter()
-            .map(|p| format!("{}={}GiB", s(&p[0]), s(&p[1])))
+            .map(|p| {
+                let path = p[0].as_str().filter(|p| !p.is_empty()).unwrap_or("default");
+                format!("{path}={}GiB", s(&p[1]))
+            })
             .collect();
         println!(
             "{:>3}  {:<22} {:<8} {:<6} {:>12}  {:>7} {:>6}  {}",

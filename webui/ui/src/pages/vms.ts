@@ -172,6 +172,22 @@ export function vmsPage(ctx: PageContext): void {
     } else {
       ops.push(button("Power On", "power-on", "good", power("on"), b));
     }
+    if (me.role === "manager" && vm.backup) {
+      // Moves the VM to its backup server; refused by the API until the backup is in sync.
+      const ready = vm.replication.state === "in-sync" && !vm.backup.down;
+      ops.push(
+        button(
+          "Migrate",
+          "migrate",
+          "",
+          () => void act(vm, "migrate", "POST", `/vms/${vm.id}/migrate`, {}),
+          b || !ready,
+          ready
+            ? `move it to its backup server ${vm.backup.address} (a running VM restarts there)`
+            : "its backup is not in sync yet",
+        ),
+      );
+    }
     if (me.role !== "regular") {
       const stopped = vm.status === "stopped" && vm.power === "off";
       ops.push(

@@ -1,0 +1,83 @@
+#!/bin/sh
+# The demo cluster: three `enspeed server`s on this machine (separate data directories and
+# ports on loopback), each serving the web UI and API, a Manager account, and a demo VM whose
+# disk is mirrored between two of them, booted from KERNEL (and INITRD). Prints the URL and
+# the credentials, then runs until interrupted (Ctrl-C), stopping the servers and their VMs.
+# Run again, it restarts the same cluster from DIR.
+#
+#   scripts/demo-cluster.sh ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]
+#
+# ./run.sh calls it, here or inside the test host. POSIX sh: it runs under busybox too.
+# HTTPS_ADDRESS is where server 1's HTTPS listens (default 127.0.0.1; servers 2 and 3 use the
+# next ports); plain HTTP is on 127.0.0.1:8080-8082.
+set -eu
+[ $# -ge 4 ] || { echo "usage: $0 ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]" >&2; exit 2; }
+ENSPEED=$1 KERNEL=$2 INITRD=$3 DIR=$4 HTTPS_IP=${5:-127.0.0.1}
+CMDLINE=${DEMO_CMDLINE:-console=ttyS0 quiet kit.task=wait}
+mkdir -p "$DIR"
+pw="$DIR/admin-password"
+if [ ! -s "$pw" ]; then
+    (umask 077; tr -dc 'A-Za-z0-9' </dev/urandom | head -c 16 >"$pw"; echo >>"$pw")
+fi
+PASSWORD=$(head -n1 "$pw")
+
+pids=""
+stop() {
+    trap - INT TERM EXIT
+    echo
+    echo "demo: stopping the servers (their VMs and disks stop with them)"
+    for p in $pids; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+for i in 1 2 3; do
+    if [ "$i" = 1 ]; then boot="--init"; else boot="--join 127.0.0.1:7401"; fi
+    # shellcheck disable=SC2086 # $boot is two words
+    ENSPEED_LOG=${ENSPEED_LOG:-info} "$ENSPEED" server --id "$i" --data "$DIR/server$i" \
+        --listen "127.0.0.1:740$i" $boot \
+        --memory-mib 1024 --disk-gib 16 --vcpus 4 \
+        --blockd-listen "127.0.0.1:750$i" \
+        --http "127.0.0.1:808$((i - 1))" --https "$HTTPS_IP:844$((i + 2))" \
+        --manager admin --manager-password-file "$pw" \
+        --guest-kernel "$KERNEL" --guest-initrd "$INITRD" --guest-cmdline "$CMDLINE" \
+        >>"$DIR/server$i.log" 2>&1 &
+    pids="$pids $!"
+done
+
+export ENSPEED_URL=http://127.0.0.1:8080 ENSPEED_USER=admin ENSPEED_PASSWORD="$PASSWORD"
+echo "demo: waiting for the cluster (logs: $DIR/server1.log ...)"
+n=0
+until "$ENSPEED" servers >/dev/null 2>&1; do
+    n=$((n + 1))
+    [ $n -lt 120 ] || { echo "demo: the cluster did not come up; see $DIR/server*.log" >&2; exit 1; }
+    sleep 1
+done
+if ! "$ENSPEED" vm list | grep -q ' demo '; then
+    "$ENSPEED" vm create demo --memory 256 --vcpus 1 --disk 2 --start >/dev/null
+fi
+
+serial=$(ls "$DIR"/server*/agent/vms/demo/serial.log 2>/dev/null | head -n1 || true)
+cat <<BANNER
+
+==== EnSpeed demo cluster: three servers on this machine ====
+
+  Web UI:    http://127.0.0.1:8080   (also :8081, :8082: every server serves it)
+             https://$HTTPS_IP:8443  (self-signed certificate, made on first start)
+  Manager:   admin / $PASSWORD   (kept in $pw)
+
+  The demo VM boots the guest kit's Debian kernel; its disk is mirrored between two servers.
+  From a shell:  ENSPEED_URL=$ENSPEED_URL ENSPEED_PASSWORD=$PASSWORD $ENSPEED vm list
+  Its serial console is logged on its primary server: $DIR/server*/agent/vms/demo/serial.log
+
+  Ctrl-C stops the cluster; ./run.sh again starts the same one.
+
+BANNER
+"$ENSPEED" servers || true
+"$ENSPEED" vm list || true
+[ -z "$serial" ] || echo "serial console: $serial"
+# Keep running until interrupted; show the VM list now and then.
+while :; do
+    sleep 30
+    "$ENSPEED" vm list 2>/dev/null | tail -n +2 || true
+done
