@@ -58,6 +58,22 @@ impl Control {
         self.changed.notify_all();
     }
 
+    /// Parks the vCPUs for a stop the guest itself caused (halt, triple fault, power event),
+    /// unless they were already told something else: the VM may have heard of the stop and set
+    /// `Exit` before this runs, and a `Pause` over it would leave the vCPU parked forever
+    /// while the VM waits for it to end (a reboot then hangs).
+    fn pause_if_running(&self) {
+        let (go, pause) = (Run::Go as u8, Run::Pause as u8);
+        if self
+            .want
+            .compare_exchange(go, pause, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            let _g = lock(&self.parked);
+            self.changed.notify_all();
+        }
+    }
+
     /// How many vCPUs are parked.
     pub fn parked(&self) -> usize {
         *lock(&self.parked)
@@ -135,14 +151,14 @@ impl VcpuThread {
                                 // With an in-kernel LAPIC, HLT reaches us only when
                                 // the guest halted for good (interrupts off).
                                 tracing::info!(vcpu = id, "guest halted the CPU");
+                                control.pause_if_running();
                                 let _ = events.send(VmEvent::Halted(id));
-                                control.set(Run::Pause);
                             }
                             VcpuExit::Shutdown => {
                                 // A triple fault: what a PC does is reset.
                                 tracing::warn!(vcpu = id, "guest triple-faulted; resetting");
+                                control.pause_if_running();
                                 let _ = events.send(VmEvent::Reset);
-                                control.set(Run::Pause);
                             }
                             VcpuExit::SystemEvent(kind, _) => {
                                 let ev = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
@@ -150,8 +166,8 @@ impl VcpuThread {
                                 } else {
                                     VmEvent::PowerOff
                                 };
+                                control.pause_if_running();
                                 let _ = events.send(ev);
-                                control.set(Run::Pause);
                             }
                             VcpuExit::FailEntry(reason, cpu) => {
                                 let _ = events.send(VmEvent::VcpuFailed(format!(
@@ -212,5 +228,24 @@ pub fn kick_until(threads: &[VcpuThread], done: impl Fn() -> bool) {
             t.kick();
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vcpus_own_stop_does_not_undo_the_vms_exit() {
+        // The VM heard of the triple fault and told the vCPUs to leave before the vCPU that
+        // saw it parked them: they must still leave.
+        let c = Control::new();
+        c.set(Run::Exit);
+        c.pause_if_running();
+        assert_eq!(c.want(), Run::Exit);
+        // Running: the vCPU's stop parks them.
+        let c = Control::new();
+        c.pause_if_running();
+        assert_eq!(c.want(), Run::Pause);
     }
 }
