@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{Frame, Hello, Kind};
+use crate::meta::Role;
 use crate::replica::{lock, LinkState, NewRole, Replica, Timing};
 use crate::store::BlockStore;
 use crate::vhost_blk::VhostBlkServer;
@@ -64,6 +65,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[arg(long)]
         pool: Option<PathBuf>,
+        /// Fill the new primary copy with the data of the disk FROM on this blockd (a clone;
+        /// FROM must not be written meanwhile: its VM is stopped).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        from: Option<String>,
     },
     /// Show one disk, or all: role, generation, link, resync progress.
     Status {
@@ -311,11 +317,26 @@ impl Blockd {
     /// Carries out one control request.
     pub fn handle(&self, req: Request) -> Response {
         let result: Result<Response, String> = (|| match req {
-            Request::Create { name, size, region_size, backup, pool } => {
+            Request::Create { name, size, region_size, backup, pool, from } => {
                 let mut disks = lock(&self.disks);
                 if disks.contains_key(&name) {
                     return Err(format!("disk {name} already exists"));
                 }
+                let source = match &from {
+                    None => None,
+                    Some(_) if backup => return Err(format!("disk {name}: a backup is filled by its primary, not from another disk")),
+                    Some(f) => {
+                        let d = disks.get(f).ok_or_else(|| format!("disk {name}: no disk {f} to copy from"))?;
+                        let st = d.replica.status();
+                        if st.capacity > size {
+                            return Err(format!("disk {name}: {size} bytes cannot hold disk {f}'s {}", st.capacity));
+                        }
+                        if st.role == Role::Backup {
+                            return Err(format!("disk {name}: disk {f} is a backup copy here; clone from its primary"));
+                        }
+                        Some((f.clone(), d.replica.dir().join("data"), st.capacity))
+                    }
+                };
                 let role = if backup { NewRole::Backup } else { NewRole::Primary };
                 let pool = pool.filter(|p| !p.as_os_str().is_empty() && *p != self.cfg.dir);
                 let home = pool.as_deref().unwrap_or(&self.cfg.dir);
@@ -328,6 +349,13 @@ impl Blockd {
                 }
                 let r = Replica::create(home, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
                     .map_err(|e| e.to_string())?;
+                if let Some((f, src, len)) = &source {
+                    let copied = crate::clone::copy_data(src, &r.dir().join("data"), *len).map_err(|e| {
+                        let _ = std::fs::remove_dir_all(r.dir());
+                        format!("disk {name}: copying disk {f}'s data: {e}")
+                    })?;
+                    tracing::info!(disk = %name, from = %f, copied, "filled from another disk");
+                }
                 if pool.is_some() {
                     std::os::unix::fs::symlink(r.dir(), self.cfg.dir.join(&name))
                         .map_err(|e| format!("linking {} into {}: {e}", r.dir().display(), self.cfg.dir.display()))?;
@@ -409,7 +437,7 @@ mod tests {
     #[test]
     fn requests_parse_and_unknowns_are_refused() {
         let r: Request = serde_json::from_str(r#"{"cmd":"create","name":"d","size":4096}"#).unwrap();
-        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false, pool: None });
+        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false, pool: None, from: None });
         let r: Request = serde_json::from_str(r#"{"cmd":"promote","name":"d","generation":3}"#).unwrap();
         assert_eq!(r, Request::Promote { name: "d".into(), generation: 3, force: false });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"create","name":"d","size":1,"color":1}"#).is_err());

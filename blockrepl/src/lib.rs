@@ -13,6 +13,7 @@
 
 pub mod backup;
 pub mod bitmap;
+pub mod clone;
 pub mod daemon;
 
 pub mod link;

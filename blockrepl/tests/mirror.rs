@@ -160,8 +160,8 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
     let a = server(&scratch(&format!("{name}-a")));
     let b = server(&scratch(&format!("{name}-b")));
     let p = proxy(b.addr.clone());
-    a.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: false, pool: None });
-    b.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: true, pool: None });
+    a.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: false, pool: None, from: None });
+    b.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: true, pool: None, from: None });
     a.req(Request::Attach { name: "d".into(), peer: p.addr.clone() });
     wait_for("the first sync", || a.disk("d").status().link == LinkState::InSync);
     (a, b, p)
@@ -262,12 +262,12 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
 fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
     let a = server(&scratch("full-a"));
     let b = server(&scratch("full-b"));
-    a.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: false, pool: None });
+    a.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: false, pool: None, from: None });
     let d = a.disk("d");
     for i in 0..128u64 {
         write(&d, i * MIB + (i % 7) * 4096, block(i as u8, 65536));
     }
-    b.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: true, pool: None });
+    b.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: true, pool: None, from: None });
     a.req(Request::Attach { name: "d".into(), peer: b.addr.clone() });
     let mut saw_full = false;
     for i in 0..300u64 {
@@ -334,7 +334,7 @@ fn a_switchover_demotes_the_old_primary_its_stalled_write_fails_and_the_resync_r
 #[test]
 fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
     let b = server(&scratch("refuse-b"));
-    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: None, backup: true, pool: None });
+    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: None, backup: true, pool: None, from: None });
     let e = b.try_req(Request::Promote { name: "d".into(), generation: 5, force: false }).unwrap_err();
     assert!(e.contains("Empty"), "{e}");
     let e = b.try_req(Request::Promote { name: "d".into(), generation: 0, force: true }).unwrap_err();
@@ -372,7 +372,7 @@ fn expect_error(s: &mut TcpStream, what: &str) -> String {
 #[test]
 fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk() {
     let b = server(&scratch("malformed-b"));
-    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: Some(MIB), backup: true, pool: None });
+    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: Some(MIB), backup: true, pool: None, from: None });
     let zeros = b.data("d");
 
     // Payload checksum wrong.
@@ -472,7 +472,7 @@ fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
 fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_it() {
     let a = server(&scratch("pool-a"));
     let pool = scratch("pool-vms1");
-    a.req(Request::Create { name: "p".into(), size: 8 * MIB, region_size: None, backup: false, pool: Some(pool.clone()) });
+    a.req(Request::Create { name: "p".into(), size: 8 * MIB, region_size: None, backup: false, pool: Some(pool.clone()), from: None });
     assert!(pool.join("p").join("data").exists(), "the copy is not in the pool");
     let link = a.dir.join("p");
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());

@@ -545,6 +545,8 @@ impl Reconciler {
                 region_size: None,
                 backup,
                 pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
+                // A clone's primary copy starts as its source's data (here, by placement).
+                from: d.clone_of.clone().filter(|_| !backup),
             },
         )
     }

@@ -94,6 +94,24 @@ pub fn place(sm: &StateMachine, memory_mib: u64, size: u64) -> Result<Placement,
     }
 }
 
+/// Places a clone's disk: its primary on `primary` (where the source's data is, so the copy is
+/// local), if it has room; its backup on the roomiest other server.
+pub fn place_on(sm: &StateMachine, primary: u64, memory_mib: u64, size: u64) -> Result<Placement, String> {
+    let c = candidates(sm, memory_mib, size);
+    let p = c
+        .iter()
+        .find(|(id, _)| *id == primary)
+        .ok_or_else(|| format!("server {primary} has no room for {memory_mib} MiB and a {size}-byte disk"))?;
+    let b = c
+        .iter()
+        .find(|(id, _)| *id != primary)
+        .ok_or_else(|| format!("no other server has room for {memory_mib} MiB and a {size}-byte disk"))?;
+    Ok(Placement {
+        primary: p.clone(),
+        backup: b.clone(),
+    })
+}
+
 /// A new backup for `disk` (which has none): the roomiest server other than its primary, or
 /// None while no server has room.
 pub fn pick_backup(sm: &StateMachine, disk: &DiskRecord) -> Option<(u64, String)> {

@@ -96,6 +96,10 @@ pub struct DiskRecord {
     /// holds every acknowledged write and may be promoted.
     #[serde(default)]
     pub backup_synced: bool,
+    /// A clone's disk: the disk whose data its primary copy is first filled with (on the same
+    /// server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
 }
 
 /// A virtual machine, minimal for now.
@@ -406,6 +410,18 @@ pub enum Action {
     DeleteVm {
         /// VMID.
         vm: u64,
+    },
+    /// Creates a copy of a powered-off VM: same memory, vCPUs and boot, its disk filled with
+    /// the source's data on the source's primary server, mirrored to another. Answers its
+    /// VMID.
+    CloneVm {
+        /// The source's VMID.
+        vm: u64,
+        /// The new VM's name.
+        name: String,
+        /// Its owner (default: the source's owner, or the actor for the cluster's own VMs).
+        #[serde(default)]
+        owner: Option<u64>,
     },
     /// Moves a VM to its backup server (Managers): every disk's in-sync backup becomes its
     /// primary, with a raised generation, and the old primary its backup; a running VM
@@ -750,6 +766,7 @@ impl StateMachine {
                     graceful_stop: false,
                 },
                 *disk_size,
+                None,
                 writes,
             ),
             Command::SetVmRunning { name, running } => {
@@ -845,6 +862,7 @@ impl StateMachine {
         &mut self,
         mut vm: VmRecord,
         disk_size: u64,
+        clone_of: Option<&DiskRecord>,
         writes: &mut Vec<RecordWrite>,
     ) -> Outcome {
         let name = vm.name.clone();
@@ -856,7 +874,10 @@ impl StateMachine {
         if self.disks.contains_key(&disk_name) {
             return Err(format!("disk {disk_name} exists"));
         }
-        let p = crate::placement::place(self, vm.memory_mib, disk_size)?;
+        let p = match clone_of {
+            None => crate::placement::place(self, vm.memory_mib, disk_size)?,
+            Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, disk_size)?,
+        };
         let mut pools = BTreeMap::new();
         pools.insert(p.primary.0, p.primary.1.clone());
         pools.insert(p.backup.0, p.backup.1.clone());
@@ -868,6 +889,7 @@ impl StateMachine {
             generation: 1,
             pools,
             backup_synced: false,
+            clone_of: clone_of.map(|d| d.name.clone()),
         };
         self.counters.vm += 1;
         vm.id = self.counters.vm;
@@ -1146,7 +1168,7 @@ impl StateMachine {
                     owner: Some(*owner),
                     graceful_stop: false,
                 };
-                let r = self.create_vm(vm, *disk_size, writes)?;
+                let r = self.create_vm(vm, *disk_size, None, writes)?;
                 let target = format!("vm {} ({name}) of user {}", r["id"], o.name);
                 ("vm.create", target, r)
             }
@@ -1206,6 +1228,67 @@ impl StateMachine {
                     }
                 }
                 ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::CloneVm { vm, name, owner } => {
+                let src = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                let owner = owner.or(src.owner).or(who.as_ref().map(|u| u.id));
+                let o = match owner {
+                    Some(id) => Some(
+                        self.users
+                            .get(&id)
+                            .cloned()
+                            .ok_or_else(|| format!("no user {id}"))?,
+                    ),
+                    None => None,
+                };
+                if let Some(u) = &who {
+                    let allowed = access::may_operate_vm(self, u, &src)
+                        && o.as_ref().is_some_and(|o| access::may_administer_vms_of(u, o));
+                    if !allowed {
+                        return Err(access::refuse(format!("cloning VM {vm}")));
+                    }
+                }
+                let running = self
+                    .observed
+                    .values()
+                    .any(|ob| ob.vms.get(&src.name).is_some_and(|x| x.running));
+                if src.running || running {
+                    return Err(format!(
+                        "VM {vm} ({}) is powered on: power it off to clone it",
+                        src.name
+                    ));
+                }
+                let disk = src
+                    .disks
+                    .first()
+                    .and_then(|d| self.disks.get(d))
+                    .cloned()
+                    .ok_or_else(|| format!("VM {vm} has no disk"))?;
+                if src.disks.len() > 1 {
+                    return Err(format!("VM {vm}: clones of VMs with several disks are not built yet"));
+                }
+                if let Some(o) = &o {
+                    access::check_new_vm(self, o, src.memory_mib, disk.size)?;
+                }
+                let copy = VmRecord {
+                    name: name.clone(),
+                    memory_mib: src.memory_mib,
+                    vcpus: src.vcpus,
+                    disks: Vec::new(),
+                    running: false,
+                    kernel: src.kernel.clone(),
+                    initrd: src.initrd.clone(),
+                    cmdline: src.cmdline.clone(),
+                    id: 0,
+                    owner,
+                    graceful_stop: false,
+                };
+                let r = self.create_vm(copy, disk.size, Some(&disk), writes)?;
+                let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
+                ("vm.clone", target, r)
             }
             Action::MigrateVm { vm } => {
                 if !manager {
@@ -1460,6 +1543,7 @@ mod tests {
                 generation: 1,
                 pools: Default::default(),
                 backup_synced: false,
+                clone_of: None,
             }),
             Command::SetDiskReplicas {
                 name: "d0".into(),
@@ -1507,6 +1591,7 @@ mod tests {
             generation: 5,
             pools: Default::default(),
             backup_synced: false,
+            clone_of: None,
         };
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)
@@ -1555,6 +1640,7 @@ mod tests {
             generation: 3,
             pools: Default::default(),
             backup_synced: synced,
+            clone_of: None,
         };
         sm.disks.insert("a".into(), disk("a", 1, 2, true));
         sm.disks.insert("b".into(), disk("b", 2, 1, true));
@@ -1626,6 +1712,7 @@ mod tests {
                 generation: 2,
                 pools: Default::default(),
                 backup_synced: false,
+                clone_of: None,
             },
         );
         let report = |link: &str, generation, peer: &str| Command::Observe {

@@ -315,6 +315,39 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         }
     }
 
+    // Cloning a powered-off VM: one's own or a subordinate's; the clone is then deleted.
+    for (n, (who, vm, want)) in [
+        (mw, vm_m, Allowed),
+        (pw, vm_p1, Allowed),
+        (pw, vm_r2, Hidden),
+        (rw, vm_r1a, Forbidden),
+        (rw, vm_r2, Hidden),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/vms/{id}/clone",
+            &format!("/api/v1/vms/{vm}/clone"),
+            Some(json!({ "name": format!("clone{n}") })),
+            want,
+        );
+        if want == Allowed {
+            let copy = id(&r);
+            let d = who.1.send("DELETE", &format!("/api/v1/vms/{copy}"), None);
+            assert_eq!(d.0, 200, "deleting the clone: {d:?}");
+        } else {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused clone changed nothing: {r:?}"
+            );
+        }
+    }
+
     // Creating VMs: for oneself, for a subordinate, for a foreigner.
     let create_cases = [
         (mw, r1b, Allowed),
@@ -1116,4 +1149,91 @@ fn a_manager_migrates_a_running_vm_to_its_backup_server() {
         Some(json!({})),
     );
     assert_eq!(r.0, 404, "nor sees the Manager's VM: {r:?}");
+}
+
+#[test]
+fn a_clone_starts_with_its_source_s_data_on_the_same_primary() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("clone", &["--shutdown-timeout-secs", "2"]);
+    let m = c.manager(0);
+    let src = id(&m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "base", "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "start": true})),
+    ));
+    let path = format!("/api/v1/vms/{src}");
+    cluster::wait_for("the source running", WAIT, || {
+        (m.get(&path).1["status"] == "running").then_some(())
+    });
+    let running = m.send(
+        "POST",
+        &format!("{path}/clone"),
+        Some(json!({"name": "copy"})),
+    );
+    assert_eq!(running.0, 409, "a running VM is not cloned: {running:?}");
+    // Let the guest stamp some blocks, then stop it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        m.send(
+            "POST",
+            &format!("{path}/power"),
+            Some(json!({"action": "force-off"}))
+        )
+        .0,
+        202
+    );
+    cluster::wait_for("the source stopped", WAIT, || {
+        (m.get(&path).1["status"] == "stopped").then_some(())
+    });
+    let r = m.send(
+        "POST",
+        &format!("{path}/clone"),
+        Some(json!({"name": "copy"})),
+    );
+    assert_eq!(r.0, 201, "{r:?}");
+    let copy = r.1.clone();
+    let source = m.get(&path).1;
+    assert_eq!(
+        copy["primary"]["server"], source["primary"]["server"],
+        "the copy is local"
+    );
+    assert_ne!(copy["backup"]["server"], copy["primary"]["server"]);
+    assert_eq!(
+        (copy["memory_mib"].clone(), copy["disks"].clone()),
+        (source["memory_mib"].clone(), source["disks"].clone())
+    );
+    let primary = source["primary"]["server"].as_u64().unwrap() as usize;
+    let disks = c.servers[primary - 1].data.join("disks");
+    let (a, b) = (disks.join("base-0/data"), disks.join("copy-0/data"));
+    let data = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
+    cluster::wait_for("the clone's copy made", WAIT, || b.exists().then_some(()));
+    let written = data(&a);
+    assert!(
+        written.iter().any(|&x| x != 0),
+        "the source guest wrote its disk"
+    );
+    assert!(written == data(&b), "the clone holds the source's data");
+    // Its backup is filled by the ordinary full sync, and it boots.
+    let cpath = format!("/api/v1/vms/{}", copy["id"]);
+    cluster::wait_for("the clone in sync", Duration::from_secs(120), || {
+        (m.get(&cpath).1["replication"]["state"] == "in-sync").then_some(())
+    });
+    let backup = copy["backup"]["server"].as_u64().unwrap() as usize;
+    let mirror = c.servers[backup - 1].data.join("disks/copy-0/data");
+    assert!(
+        data(&mirror) == written,
+        "the clone's backup holds the same data"
+    );
+    assert_eq!(
+        m.send(
+            "POST",
+            &format!("{cpath}/power"),
+            Some(json!({"action": "on"}))
+        )
+        .0,
+        202
+    );
+    cluster::wait_for("the clone running", WAIT, || {
+        (m.get(&cpath).1["status"] == "running").then_some(())
+    });
 }

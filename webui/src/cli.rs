@@ -97,6 +97,16 @@ pub enum VmCommand {
         /// VMID.
         id: u64,
     },
+    /// Copy a powered-off VM (its disk's data too) into a new VM.
+    Clone {
+        /// The source's VMID.
+        id: u64,
+        /// The new VM's name.
+        name: String,
+        /// The new VM's owner (default: the source's).
+        #[arg(long)]
+        owner: Option<u64>,
+    },
     /// Move a VM to its backup server (its disk's in-sync copy); a running VM restarts there.
     Migrate {
         /// VMID.
@@ -437,6 +447,17 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
         VmCommand::Stop { id } => power(l, id, "off"),
         VmCommand::ForceStop { id } => power(l, id, "force-off"),
         VmCommand::Delete { id } => run(l, |s| s.call("DELETE", &format!("/vms/{id}"), None), done),
+        VmCommand::Clone { id, name, owner } => {
+            let mut body = json!({ "name": name });
+            if let Some(o) = owner {
+                body["owner"] = json!(o);
+            }
+            run(
+                l,
+                |s| s.call("POST", &format!("/vms/{id}/clone"), Some(body)),
+                vm_table,
+            )
+        }
         VmCommand::Migrate { id } => run(
             l,
             |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),

@@ -11,6 +11,7 @@
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
+//!   POST   /api/v1/vms/{id}/clone      {name, owner?}: a copy of a powered-off VM
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
 //!   GET    /api/v1/users               users the caller sees
 //!   POST   /api/v1/users               create {name, password, role, parent?, quota?}
@@ -76,6 +77,14 @@ struct NewVm {
 
 fn one() -> u32 {
     1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Clone {
+    name: String,
+    #[serde(default)]
+    owner: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +203,44 @@ impl App {
                     StatusCode::ACCEPTED,
                     &json!({ "id": vm, "power": p.action }),
                 ))
+            }
+            (Method::POST, ["vms", id, "clone"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let body: Clone = req.json()?;
+                access::check_name("VM", &body.name).map_err(ApiError::bad_request)?;
+                if c.user.role == Role::Regular {
+                    return Err(ApiError::forbidden("a Regular User clones no VMs"));
+                }
+                if let Some(o) = body.owner {
+                    let owner = c
+                        .state
+                        .users
+                        .get(&o)
+                        .filter(|u| access::may_see_user(&c.user, u))
+                        .ok_or_else(|| ApiError::not_found(format!("no user {o}")))?;
+                    if !access::may_administer_vms_of(&c.user, owner) {
+                        return Err(ApiError::forbidden(format!("VMs of user {}", owner.name)));
+                    }
+                }
+                let r = self
+                    .cluster
+                    .act(
+                        c.user.id,
+                        Action::CloneVm {
+                            vm,
+                            name: body.name,
+                            owner: body.owner,
+                        },
+                    )
+                    .await?;
+                let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
+                let state = self.cluster.state().await?;
+                let view = state
+                    .vm_by_id(id)
+                    .map(|vm| serde_json::to_value(views::vm(&state, vm)).unwrap_or(Value::Null))
+                    .unwrap_or(json!({ "id": id }));
+                Ok(json_response(StatusCode::CREATED, &view))
             }
             (Method::POST, ["vms", id, "migrate"]) => {
                 let c = self.caller(&req, true).await?;
