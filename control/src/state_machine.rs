@@ -419,7 +419,7 @@ pub enum Action {
         vm: u64,
         /// The new VM's name.
         name: String,
-        /// Its owner (default: the source's owner, or the actor for the cluster's own VMs).
+        /// Its owner (default: the actor; for the cluster itself, the source's owner).
         #[serde(default)]
         owner: Option<u64>,
     },
@@ -1234,7 +1234,7 @@ impl StateMachine {
                     .vm_by_id(*vm)
                     .cloned()
                     .ok_or_else(|| format!("no VM {vm}"))?;
-                let owner = owner.or(src.owner).or(who.as_ref().map(|u| u.id));
+                let owner = owner.or(who.as_ref().map(|u| u.id)).or(src.owner);
                 let o = match owner {
                     Some(id) => Some(
                         self.users

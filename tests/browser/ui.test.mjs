@@ -318,6 +318,22 @@ try {
   await login(r, at(2), REGULAR, NEW_PASSWORD);
   await openTab(r, "vms");
 
+  step("the Power User clones the stopped VM from its detail row; the copy is the Power User's own");
+  const CLONE = `${VM}-copy`;
+  await vmRow(p, VM).locator("[data-test=vm-details-toggle]").click();
+  const cloneButton = p.locator(`[data-test=vm-detail][data-vmid] [data-test=clone]`).first();
+  await until("Clone VM enabled (the VM stopped)", async () => !(await cloneButton.isDisabled()));
+  p.once("dialog", (d) => void d.accept(CLONE));
+  await cloneButton.click();
+  await until(`${CLONE} listed`, async () => (await vmRow(p, CLONE).count()) === 1, 30000);
+  assert.match(await text(vmRow(p, CLONE)), new RegExp(POWER), "the copy belongs to the Power User");
+  await shot(p, "power-user-cloned");
+  assert.equal(await vmRow(r, CLONE).count(), 0, "the Regular User does not see the Power User's copy");
+  await until("the clone's Delete enabled", async () => !(await vmRow(p, CLONE).locator("[data-test=delete]").isDisabled()));
+  await vmRow(p, CLONE).locator("[data-test=delete]").click();
+  await vmRow(p, CLONE).locator("[data-test=confirm-delete-yes]").click();
+  await until(`${CLONE} gone`, async () => (await vmRow(p, CLONE).count()) === 0);
+
   step("the Power User deletes the VM");
   await until("Delete enabled", async () => !(await vmRow(p, VM).locator("[data-test=delete]").isDisabled()));
   await vmRow(p, VM).locator("[data-test=delete]").click();

@@ -103,7 +103,7 @@ pub enum VmCommand {
         id: u64,
         /// The new VM's name.
         name: String,
-        /// The new VM's owner (default: the source's).
+        /// The new VM's owner (default: you).
         #[arg(long)]
         owner: Option<u64>,
     },

@@ -229,6 +229,28 @@ export function vmsPage(ctx: PageContext): void {
           item("IP", "not known", "vm-ip"),
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
+        me.role === "regular" ? null : cloneButton(vm),
+      ),
+    );
+  }
+
+  // Clone VM, as the 2008 product had it in the detail row: a powered-off VM only (its disk
+  // is copied as it is); the new VM is the caller's own.
+  function cloneButton(vm: Vm): HTMLElement {
+    const stopped = vm.status === "stopped" && vm.power === "off";
+    return h(
+      "div",
+      { class: "ops" },
+      button(
+        "Clone VM",
+        "clone",
+        "",
+        () => {
+          const name = window.prompt(`Name of the copy of ${vm.name}:`, `${vm.name}-copy`);
+          if (name) void act(vm, "clone", "POST", `/vms/${vm.id}/clone`, { name });
+        },
+        busy.has(vm.id) || !stopped,
+        stopped ? "a new VM with a copy of this one's disk" : "power it off first: only a stopped VM is cloned",
       ),
     );
   }
