@@ -30,21 +30,34 @@ wait_marks() {
     echo "host: sending Ctrl-Alt-Del"
     api '{"cmd":"ctrl-alt-del"}' >/dev/null
     wait_marks enspeed "KIT: waiting for the power button" 2 || exit 1
-    api '{"cmd":"status"}' | grep -q '"boots":2' && echo "ok: the VM booted twice" || echo "FAIL: boots"
+    # Checked once the guest is gone, against the resets the VMM explains.
+    api '{"cmd":"status"}' | sed -n 's/.*"boots":\([0-9]*\).*/\1/p' >/tmp/boots
     echo "host: pressing the power button"
     api '{"cmd":"shutdown","timeout_secs":60}'
 ) >/tmp/host.log 2>&1 &
 
-ENSPEED_LOG=info run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
-    --cmdline "console=ttyS0 quiet kit.task=wait" --memory 256 --vcpus 2 \
-    --serial stdout --api-socket /tmp/vmm.sock ||
-    fail "enspeed vmm exited with $? (expected 0 when the guest powers off)"
+{
+    ENSPEED_LOG=info run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
+        --cmdline "console=ttyS0 quiet kit.task=wait" --memory 256 --vcpus 2 \
+        --serial stdout --api-socket /tmp/vmm.sock
+    echo $? >/tmp/enspeed.vmmrc
+} | tee /tmp/enspeed.out
+rc=$(cat /tmp/enspeed.vmmrc)
+[ "$rc" = 0 ] || fail "enspeed vmm exited with $rc (expected 0 when the guest powers off)"
 wait
 cat /tmp/host.log
 grep -q FAIL /tmp/host.log && fail "the host side of the scenario failed"
 
 [ "$(grep -cF " KIT: init reached" /tmp/enspeed.marks)" -eq 2 ] ||
     fail "expected two boots (Ctrl-Alt-Del reboots the guest)"
+# A Debian kernel under nested KVM inside TCG now and then triple-faults early in its boot; the
+# VMM resets it (and says so) and it boots again. Such a boot counts, and is reported; any
+# other extra boot is a failure.
+faults=$(grep -c "guest triple-faulted" /tmp/enspeed.out || true)
+boots=$(cat /tmp/boots 2>/dev/null)
+[ "$boots" = $((2 + faults)) ] && echo "ok: the VM booted twice (boots $boots, triple faults $faults)" ||
+    fail "boots: $boots, expected 2 plus $faults triple-faulted boot(s)"
+[ "$faults" = 0 ] || echo "NOTE: the guest triple-faulted $faults time(s) while booting; the VMM reset it and it booted again"
 expect enspeed "KIT: power button"
 expect_not enspeed "KIT: FAIL"
 
