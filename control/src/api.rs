@@ -330,6 +330,7 @@ mod tests {
                     capacity: Default::default(),
                     mirror: String::new(),
                     down: false,
+                    draining: false,
                 },
             },
             Request::RemoveServer { id: 4 },

@@ -296,6 +296,7 @@ pub fn cluster(a: ClusterArgs) -> ExitCode {
                 capacity: Capacity::default(),
                 mirror: String::new(),
                 down: false,
+                draining: false,
             },
         },
         ClusterOp::RemoveServer { id } => Request::RemoveServer { id },

@@ -140,6 +140,7 @@ mod tests {
                     capacity: Capacity::default(),
                     mirror: String::new(),
                     down: false,
+                    draining: false,
                 },
             );
         }

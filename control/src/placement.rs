@@ -44,7 +44,7 @@ fn pool_used(sm: &StateMachine, server: u64, pool: &str) -> u64 {
 
 /// A server that may take a copy: a member that is not a witness and not down.
 fn eligible(s: &ServerRecord) -> bool {
-    !s.witness && !s.down
+    !s.witness && !s.down && !s.draining
 }
 
 /// The pool of `s` with the most free space that holds `size` more bytes, and its free space.
@@ -146,6 +146,7 @@ mod tests {
                     capacity: Capacity::default(),
                     mirror: String::new(),
                     down: false,
+                    draining: false,
                 },
                 &mut w,
             );

@@ -138,6 +138,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .map(|a| a.blockd_listen.clone())
             .unwrap_or_default(),
         down: false,
+        draining: false,
     };
     let must_join = match (&cfg.bootstrap, store.is_initialized()) {
         (_, true) => None,

@@ -73,6 +73,9 @@ pub struct ServerRecord {
     /// Declared down by the leader when its lease ran out; its VMs moved to their backups.
     #[serde(default)]
     pub down: bool,
+    /// Being emptied by a Manager: nothing new is placed here.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A replicated (LiveSync) disk.
@@ -410,6 +413,14 @@ pub enum Action {
     DeleteVm {
         /// VMID.
         vm: u64,
+    },
+    /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
+    /// there moves to its in-sync backup (its VM restarts there), every backup copy there is
+    /// dropped, and the leader gives those disks new backups elsewhere. Refused, changing
+    /// nothing, when a primary there has no in-sync backup to move to.
+    DrainServer {
+        /// The server.
+        id: u64,
     },
     /// Creates a copy of a powered-off VM: same memory, vCPUs and boot, its disk filled with
     /// the source's data on the source's primary server, mirrored to another. Answers its
@@ -1229,6 +1240,45 @@ impl StateMachine {
                 }
                 ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
             }
+            Action::DrainServer { id } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager drains servers"));
+                }
+                let s = self.servers.get(id).ok_or_else(|| format!("no server {id}"))?;
+                if s.witness {
+                    return Err(format!("server {id} is a witness: it holds no disks"));
+                }
+                let mut moves = Vec::new();
+                for d in self.disks.values() {
+                    if d.primary == *id {
+                        let b = d
+                            .backup
+                            .filter(|b| d.backup_synced && self.servers.get(b).is_some_and(|s| !s.down))
+                            .ok_or_else(|| {
+                                format!("disk {} has no in-sync backup to move to; wait for it or delete its VM", d.name)
+                            })?;
+                        moves.push((d.name.clone(), Some(b)));
+                    } else if d.backup == Some(*id) {
+                        moves.push((d.name.clone(), None));
+                    }
+                }
+                let s = self.servers.get_mut(id).expect("checked");
+                s.draining = true;
+                writes.push((server_key(*id), Some(json_bytes(s))));
+                let n = moves.len();
+                for (name, new_primary) in moves {
+                    let d = self.disks.get_mut(&name).expect("listed");
+                    if let Some(b) = new_primary {
+                        d.primary = b;
+                    }
+                    d.backup = None;
+                    d.backup_synced = false;
+                    d.generation += 1;
+                    d.pools.remove(id);
+                    writes.push((disk_key(&name), Some(json_bytes(d))));
+                }
+                ("server.drain", format!("server {id}"), json!({ "disks_moved": n }))
+            }
             Action::CloneVm { vm, name, owner } => {
                 let src = self
                     .vm_by_id(*vm)
@@ -1497,6 +1547,7 @@ mod tests {
             capacity: Capacity::default(),
             mirror: String::new(),
             down: false,
+            draining: false,
         }
     }
 

@@ -51,10 +51,12 @@ enum Command {
         #[command(subcommand)]
         command: webui::cli::UserCommand,
     },
-    /// The cluster's servers, through the API (Managers).
+    /// The cluster's servers, through the API (Managers); drain or remove one.
     Servers {
         #[command(flatten)]
         login: webui::cli::Login,
+        #[command(subcommand)]
+        command: Option<webui::cli::ServerCommand>,
     },
     /// The audit log, through the API (Managers).
     Audit {
@@ -235,7 +237,7 @@ fn main() -> ExitCode {
         Command::Cluster(a) => control::cli::cluster(a),
         Command::Vm { login, command } => webui::cli::vm(&login, command),
         Command::User { login, command } => webui::cli::user(&login, command),
-        Command::Servers { login } => webui::cli::servers(&login),
+        Command::Servers { login, command } => webui::cli::servers(&login, command),
         Command::Audit {
             login,
             after,

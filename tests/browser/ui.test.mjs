@@ -351,6 +351,17 @@ try {
   assert.match(log, new RegExp(VM));
   await shot(m, "manager-audit");
 
+  step("the Manager drains server 2, then removes it from the cluster");
+  await openTab(m, "servers");
+  const row2 = m.locator("[data-test=server-row][data-server='2']");
+  await row2.waitFor();
+  await row2.locator("[data-test=server-drain]").click();
+  await until("server 2 draining", async () => (await row2.locator("[data-test=server-draining]").count()) === 1);
+  await until("Remove enabled", async () => !(await row2.locator("[data-test=server-remove]").isDisabled()));
+  await shot(m, "manager-server-drained");
+  await row2.locator("[data-test=server-remove]").click();
+  await until("server 2 gone", async () => (await m.locator("[data-test=server-row]").count()) === 2, 30000);
+
   step("the Manager logs out");
   await m.click("[data-test=logout]");
   await m.waitForSelector("[data-test=login-form]");

@@ -563,6 +563,76 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         assert_eq!(w.get("/api/v1/vms").0, 401, "{name}'s session ended");
     }
 
+    // Servers: draining and removing one are the Manager's alone. Server 1 goes; this test's
+    // clients talk to server 2.
+    for who in [pw, rw] {
+        let before = fingerprint(&m);
+        x.case(
+            who,
+            "POST",
+            "/servers/{id}/drain",
+            "/api/v1/servers/1/drain",
+            Some(json!({})),
+            Forbidden,
+        );
+        x.case(
+            who,
+            "DELETE",
+            "/servers/{id}",
+            "/api/v1/servers/1",
+            None,
+            Forbidden,
+        );
+        assert_eq!(
+            fingerprint(&m),
+            before,
+            "a refused server change changed nothing"
+        );
+    }
+    let early = m.send("DELETE", "/api/v1/servers/1", None);
+    assert_eq!(
+        early.0, 409,
+        "a server holding disk copies is not removed: {early:?}"
+    );
+    assert!(early.1["error"]
+        .as_str()
+        .unwrap()
+        .contains("drain it first"));
+    cluster::wait_for("every disk in sync", WAIT, || {
+        let vms = m.get("/api/v1/vms").1;
+        vms.as_array()?
+            .iter()
+            .all(|v| v["replication"]["state"] == "in-sync")
+            .then_some(())
+    });
+    x.case(
+        mw,
+        "POST",
+        "/servers/{id}/drain",
+        "/api/v1/servers/1/drain",
+        Some(json!({})),
+        Allowed,
+    );
+    let vms = m.get("/api/v1/vms").1;
+    for v in vms.as_array().unwrap() {
+        assert_ne!(v["primary"]["server"], 1, "{v}");
+        assert_ne!(v["backup"]["server"], 1, "{v}");
+    }
+    let servers = m.get("/api/v1/servers").1;
+    assert_eq!(servers[0]["draining"], true, "{servers}");
+    x.case(
+        mw,
+        "DELETE",
+        "/servers/{id}",
+        "/api/v1/servers/1",
+        None,
+        Allowed,
+    );
+    cluster::wait_for("server 1 gone", WAIT, || {
+        let s = m.get("/api/v1/servers").1;
+        (s.as_array()?.len() == 2 && s[0]["id"] == 2).then_some(())
+    });
+
     // Every operation of the OpenAPI document was exercised.
     let doc = Web::new(&base).get("/api/v1/openapi.json");
     assert_eq!(doc.0, 200, "the OpenAPI document needs no session");

@@ -6,7 +6,7 @@
 //!   enspeed vm delete ID
 //!   enspeed user list                   enspeed user create NAME --role regular
 //!   enspeed user delete ID              enspeed user passwd ID
-//!   enspeed servers                     enspeed audit
+//!   enspeed servers [drain ID | remove ID]   enspeed audit
 //! ```
 //!
 //! Each command logs in (`--user`, the password from `ENSPEED_PASSWORD` or
@@ -545,9 +545,36 @@ pub fn user(l: &Login, cmd: UserCommand) -> ExitCode {
     }
 }
 
-/// `enspeed servers`.
-pub fn servers(l: &Login) -> ExitCode {
-    run(l, |s| s.call("GET", "/servers", None), server_table)
+/// `enspeed servers [drain ID | remove ID]`.
+pub fn servers(l: &Login, cmd: Option<ServerCommand>) -> ExitCode {
+    match cmd {
+        None => run(l, |s| s.call("GET", "/servers", None), server_table),
+        Some(ServerCommand::Drain { id }) => run(
+            l,
+            |s| s.call("POST", &format!("/servers/{id}/drain"), Some(json!({}))),
+            done,
+        ),
+        Some(ServerCommand::Remove { id }) => run(
+            l,
+            |s| s.call("DELETE", &format!("/servers/{id}"), None),
+            done,
+        ),
+    }
+}
+
+/// `enspeed servers drain|remove`.
+#[derive(Subcommand, Debug)]
+pub enum ServerCommand {
+    /// Move a server's VMs to their backups and its backup copies elsewhere.
+    Drain {
+        /// Server id.
+        id: u64,
+    },
+    /// Remove a drained server from the cluster.
+    Remove {
+        /// Server id.
+        id: u64,
+    },
 }
 
 /// `enspeed audit`.

@@ -77,6 +77,28 @@ impl Cluster {
         })
     }
 
+    /// Removes server `id` from the Raft group (forwarded to the leader).
+    pub async fn remove_server(&self, id: u64) -> Result<(), ApiError> {
+        let (node, book, timeout) = (
+            self.ctx.node.clone(),
+            Arc::clone(&self.ctx.book),
+            self.ctx.timeout,
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            api::request(Request::RemoveServer { id }, &node, &book, timeout)
+        })
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("removing server {id}: {}", r.error.unwrap_or_default()),
+            ))
+        }
+    }
+
     /// This server's applied state, once it holds every change made through this server.
     pub async fn state(&self) -> Result<Arc<StateMachine>, ApiError> {
         let want = self.written.load(Ordering::SeqCst);

@@ -50,6 +50,16 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ("patch", "/users/{id}", "Change a user's password or quota"),
     ("delete", "/users/{id}", "Delete a user who owns no VM"),
     ("get", "/servers", "The servers (Manager)"),
+    (
+        "post",
+        "/servers/{id}/drain",
+        "Drain a server (Manager): its VMs move to their in-sync backups, its backup copies are replaced elsewhere, nothing new is placed there",
+    ),
+    (
+        "delete",
+        "/servers/{id}",
+        "Remove a drained server from the cluster (Manager); a new server joins with enspeed server --join",
+    ),
     ("get", "/audit", "The audit log (Manager)"),
     ("get", "/openapi.json", "This document"),
 ];

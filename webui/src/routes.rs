@@ -19,6 +19,8 @@
 //!   PATCH  /api/v1/users/{id}          {password?, quota?}
 //!   DELETE /api/v1/users/{id}          delete
 //!   GET    /api/v1/servers             servers (Manager)
+//!   POST   /api/v1/servers/{id}/drain  move every disk copy off it (Manager)
+//!   DELETE /api/v1/servers/{id}        remove a drained server from the cluster (Manager)
 //!   GET    /api/v1/audit?after=&limit= the audit log (Manager)
 //!   GET    /api/v1/openapi.json        this API's OpenAPI document
 //! ```
@@ -294,6 +296,52 @@ impl App {
                 manager_only(&c)?;
                 let leader = self.cluster.status().await?.leader;
                 Ok(ok(&views::servers(&c.state, leader)))
+            }
+            (Method::POST, ["servers", id, "drain"]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let id = server_id(&c, id)?;
+                let r = self
+                    .cluster
+                    .act(c.user.id, Action::DrainServer { id })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({ "id": id, "disks_moved": r.get("disks_moved") }),
+                ))
+            }
+            (Method::DELETE, ["servers", id]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let id = server_id(&c, id)?;
+                if let Some(d) =
+                    c.state.disks.values().find(|d| {
+                        d.primary == id || d.backup == Some(id) || d.pools.contains_key(&id)
+                    })
+                {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "server {id} holds a copy of disk {}: drain it first",
+                            d.name
+                        ),
+                    ));
+                }
+                if c.state.servers.len() <= 1 {
+                    return Err(ApiError::new(StatusCode::CONFLICT, "the last server stays"));
+                }
+                let address = c.state.servers[&id].address.clone();
+                self.cluster.remove_server(id).await?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::Note {
+                            action: "server.remove".into(),
+                            target: format!("server {id} ({address})"),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "removed": id })))
             }
             (Method::GET, ["audit"]) => {
                 let c = self.caller(&req, false).await?;
@@ -697,6 +745,18 @@ pub async fn ensure_manager(app: Arc<App>, name: String, password: String) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// Server `id` of the state, or 404.
+fn server_id(c: &Caller, id: &str) -> Result<u64, ApiError> {
+    let n: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("server id {id:?}: a number")))?;
+    c.state
+        .servers
+        .contains_key(&n)
+        .then_some(n)
+        .ok_or_else(|| ApiError::not_found(format!("no server {n}")))
 }
 
 fn manager_only(c: &Caller) -> Result<(), ApiError> {

@@ -248,6 +248,8 @@ pub struct ServerView {
     pub witness: bool,
     /// Declared down.
     pub down: bool,
+    /// Being emptied: nothing new is placed there.
+    pub draining: bool,
     /// The Raft leader now, as this server knows.
     pub leader: bool,
     /// Its blockd answers (as last reported).
@@ -289,6 +291,7 @@ pub fn servers(state: &StateMachine, leader: Option<u64>) -> Vec<ServerView> {
                 address: s.address.clone(),
                 witness: s.witness,
                 down: s.down,
+                draining: s.draining,
                 leader: leader == Some(s.id),
                 blockd_up: state.observed.get(&s.id).is_some_and(|o| o.blockd_up),
                 memory_mib: s.capacity.memory_mib,

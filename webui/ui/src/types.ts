@@ -60,6 +60,8 @@ export interface Server {
   address: string;
   witness: boolean;
   down: boolean;
+  /** Being emptied: nothing new is placed there. */
+  draining: boolean;
   leader: boolean;
   blockd_up: boolean;
   memory_mib: number;

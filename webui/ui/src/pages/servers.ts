@@ -1,7 +1,7 @@
 // VM Servers (Managers): every server of the cluster, its Raft role, health, capacity and
 // the VM copies it holds.
 
-import { api } from "../api";
+import { api, message } from "../api";
 import { fill, h } from "../dom";
 import { mib, pool } from "../format";
 import type { PageContext } from "../page";
@@ -18,10 +18,36 @@ export function serversPage(ctx: PageContext): void {
     h("h1", null, "VM Servers"),
     h("p", { class: "lead" }, "Every server holds a vote in the cluster's Raft group; a witness votes and runs no VMs."),
     table,
+    h(
+      "p",
+      { class: "muted", "data-test": "join-hint" },
+      "A new server joins from its own console: enspeed server --id N --data DIR --listen ADDR --join ",
+      h("span", { class: "mono", "data-test": "join-address" }, ""),
+      ". Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
+    ),
   );
   let last = "";
+  let busy = 0;
+  const act = async (what: string, method: string, s: Server): Promise<void> => {
+    busy = s.id;
+    last = "";
+    try {
+      await api(method, method === "DELETE" ? `/servers/${s.id}` : `/servers/${s.id}/drain`, method === "DELETE" ? undefined : {});
+      ctx.notify("info", `${what}: server ${s.id} (${s.address})`);
+    } catch (e) {
+      ctx.notify("error", `Could not ${what.toLowerCase()} server ${s.id} (${s.address}): ${message(e)}`);
+    } finally {
+      busy = 0;
+      last = "";
+    }
+  };
+  const button = (label: string, test: string, cls: string, disabled: boolean, title: string, onclick: () => void) =>
+    h("button", { type: "button", class: cls, "data-test": test, disabled, title, onclick }, label);
   ctx.poll(async () => {
     const servers = await api<Server[]>("GET", "/servers");
+    const leader = servers.find((s) => s.leader);
+    const hint = ctx.main.querySelector("[data-test=join-address]");
+    if (hint) hint.textContent = leader ? leader.address : "(the leader's address)";
     const key = JSON.stringify(servers);
     if (key === last) return;
     last = key;
@@ -33,7 +59,7 @@ export function serversPage(ctx: PageContext): void {
         h(
           "thead",
           null,
-          h("tr", null, ["Server", "Address", "Role", "State", "Storage (blockd)", "Memory used/total", "Pools", "Primary VMs", "Backup VMs"].map((t) => h("th", null, t))),
+          h("tr", null, ["Server", "Address", "Role", "State", "Storage (blockd)", "Memory used/total", "Pools", "Primary VMs", "Backup VMs", "Operations"].map((t) => h("th", null, t))),
         ),
         h(
           "tbody",
@@ -50,7 +76,12 @@ export function serversPage(ctx: PageContext): void {
                 s.leader ? h("span", { class: "badge info", "data-test": "server-leader" }, "leader") : "follower",
                 s.witness ? h("span", { class: "badge after" }, "witness") : null,
               ),
-              h("td", { "data-test": "server-state" }, badge(!s.down, "up", "down")),
+              h(
+                "td",
+                { "data-test": "server-state" },
+                badge(!s.down, "up", "down"),
+                s.draining ? h("span", { class: "badge after", "data-test": "server-draining" }, "draining") : null,
+              ),
               h("td", null, s.witness ? h("span", { class: "muted" }, "--") : badge(s.blockd_up, "up", "not answering")),
               h("td", null, s.witness ? h("span", { class: "muted" }, "--") : `${mib(s.used_memory_mib)} / ${mib(s.memory_mib)}`),
               h(
@@ -62,6 +93,25 @@ export function serversPage(ctx: PageContext): void {
               ),
               h("td", { class: "num" }, String(s.primary_vms)),
               h("td", { class: "num" }, String(s.backup_vms)),
+              h(
+                "td",
+                null,
+                h(
+                "div",
+                { class: "ops" },
+                s.witness
+                  ? null
+                  : button("Drain", "server-drain", "", busy !== 0 || (s.draining && s.primary_vms + s.backup_vms === 0), "move its VMs to their backups and its backup copies elsewhere", () => void act("Drain", "POST", s)),
+                button(
+                  "Remove",
+                  "server-remove",
+                  "danger",
+                  busy !== 0 || s.primary_vms + s.backup_vms > 0 || servers.length <= 1,
+                  s.primary_vms + s.backup_vms > 0 ? "drain it first: it holds VM disk copies" : "remove it from the cluster",
+                  () => void act("Remove", "DELETE", s),
+                ),
+                ),
+              ),
             ),
           ),
         ),
