@@ -96,16 +96,19 @@ pub fn place(sm: &StateMachine, memory_mib: u64, size: u64) -> Result<Placement,
 
 /// Places a clone's disk: its primary on `primary` (where the source's data is, so the copy is
 /// local), if it has room; its backup on the roomiest other server.
-pub fn place_on(sm: &StateMachine, primary: u64, memory_mib: u64, size: u64) -> Result<Placement, String> {
+pub fn place_on(
+    sm: &StateMachine,
+    primary: u64,
+    memory_mib: u64,
+    size: u64,
+) -> Result<Placement, String> {
     let c = candidates(sm, memory_mib, size);
-    let p = c
-        .iter()
-        .find(|(id, _)| *id == primary)
-        .ok_or_else(|| format!("server {primary} has no room for {memory_mib} MiB and a {size}-byte disk"))?;
-    let b = c
-        .iter()
-        .find(|(id, _)| *id != primary)
-        .ok_or_else(|| format!("no other server has room for {memory_mib} MiB and a {size}-byte disk"))?;
+    let p = c.iter().find(|(id, _)| *id == primary).ok_or_else(|| {
+        format!("server {primary} has no room for {memory_mib} MiB and a {size}-byte disk")
+    })?;
+    let b = c.iter().find(|(id, _)| *id != primary).ok_or_else(|| {
+        format!("no other server has room for {memory_mib} MiB and a {size}-byte disk")
+    })?;
     Ok(Placement {
         primary: p.clone(),
         backup: b.clone(),
@@ -129,7 +132,7 @@ pub fn pick_backup(sm: &StateMachine, disk: &DiskRecord) -> Option<(u64, String)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_machine::{Capacity, Command, Pool};
+    use crate::state_machine::{Capacity, Command, NewVm, Pool};
 
     /// (id, witness, memory MiB, pools as (path, GiB)).
     type Spec<'a> = (u64, bool, u64, &'a [(&'a str, u64)]);
@@ -184,7 +187,7 @@ mod tests {
         gib: u64,
     ) -> Result<serde_json::Value, String> {
         sm.apply(
-            &Command::CreateVm {
+            &Command::CreateVm(NewVm {
                 name: name.into(),
                 memory_mib,
                 vcpus: 1,
@@ -193,7 +196,7 @@ mod tests {
                 initrd: String::new(),
                 cmdline: String::new(),
                 running: true,
-            },
+            }),
             &mut Vec::new(),
         )
     }

@@ -258,27 +258,7 @@ pub enum Command {
     },
     /// Creates a VM and its disk (`NAME-0`), placed by `placement`: a primary and a backup on
     /// two different servers with room.
-    CreateVm {
-        /// Name, unique in the cluster.
-        name: String,
-        /// Guest RAM, MiB.
-        memory_mib: u64,
-        /// vCPUs.
-        vcpus: u32,
-        /// Its disk's size, bytes.
-        disk_size: u64,
-        /// The kernel it boots.
-        kernel: String,
-        /// Its initramfs, if any.
-        #[serde(default)]
-        initrd: String,
-        /// Its kernel command line.
-        #[serde(default)]
-        cmdline: String,
-        /// Start it once placed.
-        #[serde(default)]
-        running: bool,
-    },
+    CreateVm(NewVm),
     /// Sets a VM's desired power state.
     SetVmRunning {
         /// The VM.
@@ -322,6 +302,50 @@ pub enum Command {
         /// What.
         action: Action,
     },
+}
+
+/// A VM to create with one disk (`NAME-0`), placed by `placement`: a primary and a backup on
+/// two different servers with room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewVm {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Its disk's size, bytes.
+    pub disk_size: u64,
+    /// The kernel it boots.
+    pub kernel: String,
+    /// Its initramfs, if any.
+    #[serde(default)]
+    pub initrd: String,
+    /// Its kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Start it once placed.
+    #[serde(default)]
+    pub running: bool,
+}
+
+impl NewVm {
+    /// Its record, owned by `owner`, before placement fills in its id and disks.
+    fn record(&self, owner: Option<u64>) -> VmRecord {
+        VmRecord {
+            name: self.name.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disks: Vec::new(),
+            running: self.running,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            id: 0,
+            owner,
+            graceful_stop: false,
+        }
+    }
 }
 
 /// What a person can change (inside `Command::Act`).
@@ -377,27 +401,11 @@ pub enum Action {
     },
     /// Creates a VM for `owner`, placed like `Command::CreateVm`. Answers its VMID.
     CreateVm {
-        /// Name, unique in the cluster.
-        name: String,
         /// Owner.
         owner: u64,
-        /// Guest RAM, MiB.
-        memory_mib: u64,
-        /// vCPUs.
-        vcpus: u32,
-        /// Its disk's size, bytes.
-        disk_size: u64,
-        /// The kernel it boots.
-        kernel: String,
-        /// Its initramfs, if any.
-        #[serde(default)]
-        initrd: String,
-        /// Its kernel command line.
-        #[serde(default)]
-        cmdline: String,
-        /// Start it once placed.
-        #[serde(default)]
-        running: bool,
+        /// The VM.
+        #[serde(flatten)]
+        vm: NewVm,
     },
     /// Powers a VM on or off.
     PowerVm {
@@ -753,33 +761,7 @@ impl StateMachine {
                 writes.push((server_key(*id), Some(json_bytes(s))));
                 Ok(Value::Null)
             }
-            Command::CreateVm {
-                name,
-                memory_mib,
-                vcpus,
-                disk_size,
-                kernel,
-                initrd,
-                cmdline,
-                running,
-            } => self.create_vm(
-                VmRecord {
-                    name: name.clone(),
-                    memory_mib: *memory_mib,
-                    vcpus: *vcpus,
-                    disks: Vec::new(),
-                    running: *running,
-                    kernel: kernel.clone(),
-                    initrd: initrd.clone(),
-                    cmdline: cmdline.clone(),
-                    id: 0,
-                    owner: None,
-                    graceful_stop: false,
-                },
-                *disk_size,
-                None,
-                writes,
-            ),
+            Command::CreateVm(vm) => self.create_vm(vm.record(None), vm.disk_size, None, writes),
             Command::SetVmRunning { name, running } => {
                 let vm = self
                     .vms
@@ -1144,17 +1126,7 @@ impl StateMachine {
                 writes.push((session_key(token_hash), None));
                 ("session.logout", format!("user {user}"), Value::Null)
             }
-            Action::CreateVm {
-                name,
-                owner,
-                memory_mib,
-                vcpus,
-                disk_size,
-                kernel,
-                initrd,
-                cmdline,
-                running,
-            } => {
+            Action::CreateVm { owner, vm } => {
                 let o = self
                     .users
                     .get(owner)
@@ -1165,22 +1137,9 @@ impl StateMachine {
                         return Err(access::refuse(format!("VMs of user {}", o.name)));
                     }
                 }
-                access::check_new_vm(self, &o, *memory_mib, *disk_size)?;
-                let vm = VmRecord {
-                    name: name.clone(),
-                    memory_mib: *memory_mib,
-                    vcpus: *vcpus,
-                    disks: Vec::new(),
-                    running: *running,
-                    kernel: kernel.clone(),
-                    initrd: initrd.clone(),
-                    cmdline: cmdline.clone(),
-                    id: 0,
-                    owner: Some(*owner),
-                    graceful_stop: false,
-                };
-                let r = self.create_vm(vm, *disk_size, None, writes)?;
-                let target = format!("vm {} ({name}) of user {}", r["id"], o.name);
+                access::check_new_vm(self, &o, vm.memory_mib, vm.disk_size)?;
+                let r = self.create_vm(vm.record(Some(*owner)), vm.disk_size, None, writes)?;
+                let target = format!("vm {} ({}) of user {}", r["id"], vm.name, o.name);
                 ("vm.create", target, r)
             }
             Action::PowerVm { vm, running, force } => {
@@ -1244,7 +1203,10 @@ impl StateMachine {
                 if !manager {
                     return Err(access::refuse("only a Manager drains servers"));
                 }
-                let s = self.servers.get(id).ok_or_else(|| format!("no server {id}"))?;
+                let s = self
+                    .servers
+                    .get(id)
+                    .ok_or_else(|| format!("no server {id}"))?;
                 if s.witness {
                     return Err(format!("server {id} is a witness: it holds no disks"));
                 }
@@ -1277,7 +1239,11 @@ impl StateMachine {
                     d.pools.remove(id);
                     writes.push((disk_key(&name), Some(json_bytes(d))));
                 }
-                ("server.drain", format!("server {id}"), json!({ "disks_moved": n }))
+                (
+                    "server.drain",
+                    format!("server {id}"),
+                    json!({ "disks_moved": n }),
+                )
             }
             Action::CloneVm { vm, name, owner } => {
                 let src = self
@@ -1296,7 +1262,8 @@ impl StateMachine {
                 };
                 if let Some(u) = &who {
                     let allowed = access::may_operate_vm(self, u, &src)
-                        && o.as_ref().is_some_and(|o| access::may_administer_vms_of(u, o));
+                        && o.as_ref()
+                            .is_some_and(|o| access::may_administer_vms_of(u, o));
                     if !allowed {
                         return Err(access::refuse(format!("cloning VM {vm}")));
                     }
@@ -1318,7 +1285,9 @@ impl StateMachine {
                     .cloned()
                     .ok_or_else(|| format!("VM {vm} has no disk"))?;
                 if src.disks.len() > 1 {
-                    return Err(format!("VM {vm}: clones of VMs with several disks are not built yet"));
+                    return Err(format!(
+                        "VM {vm}: clones of VMs with several disks are not built yet"
+                    ));
                 }
                 if let Some(o) = &o {
                     access::check_new_vm(self, o, src.memory_mib, disk.size)?;
@@ -1538,6 +1507,24 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_creations_keep_their_wire_format() {
+        let c: Command = serde_json::from_str(
+            r#"{"cmd":"create_vm","name":"a","memory_mib":64,"vcpus":1,"disk_size":512,"kernel":"/k"}"#,
+        )
+        .unwrap();
+        assert!(matches!(&c, Command::CreateVm(v) if v.name == "a" && v.initrd.is_empty()));
+        let a: Command = serde_json::from_str(
+            r#"{"cmd":"act","actor":0,"at_ms":1,"action":{"kind":"create_vm","owner":2,"name":"b","memory_mib":64,"vcpus":1,"disk_size":512,"kernel":"/k","running":true}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&a, Command::Act { action: Action::CreateVm { owner: 2, vm }, .. } if vm.name == "b" && vm.running)
+        );
+        let back = serde_json::to_value(&a).unwrap();
+        assert_eq!(back["action"]["name"], "b", "flattened: {back}");
+    }
 
     fn server(id: u64, witness: bool) -> ServerRecord {
         ServerRecord {

@@ -31,7 +31,7 @@
 use std::sync::Arc;
 
 use control::access::{self, Quota, Role, SessionRecord, UserRecord};
-use control::state_machine::{Action, StateMachine};
+use control::state_machine::{self, Action, StateMachine};
 use hyper::header::{HeaderValue, SET_COOKIE};
 use hyper::{Method, Response, StatusCode};
 use serde::Deserialize;
@@ -581,15 +581,17 @@ impl App {
             .act(
                 c.user.id,
                 Action::CreateVm {
-                    name: v.name.clone(),
                     owner,
-                    memory_mib: v.memory_mib,
-                    vcpus: v.vcpus,
-                    disk_size: v.disk_gib << 30,
-                    kernel: self.cfg.guest.kernel.clone(),
-                    initrd: self.cfg.guest.initrd.clone(),
-                    cmdline: self.cfg.guest.cmdline.clone(),
-                    running: v.start,
+                    vm: state_machine::NewVm {
+                        name: v.name.clone(),
+                        memory_mib: v.memory_mib,
+                        vcpus: v.vcpus,
+                        disk_size: v.disk_gib << 30,
+                        kernel: self.cfg.guest.kernel.clone(),
+                        initrd: self.cfg.guest.initrd.clone(),
+                        cmdline: self.cfg.guest.cmdline.clone(),
+                        running: v.start,
+                    },
                 },
             )
             .await?;
