@@ -57,3 +57,8 @@ fn real_debian_guest_power_life_pause_reboot_power_button_stop() {
 fn real_debian_guest_formats_writes_and_reads_its_livesync_disk() {
     scenario("enspeed-livesync.sh");
 }
+
+#[test]
+fn real_debian_guest_fails_over_after_a_power_cut_with_its_disk_data() {
+    scenario("enspeed-failover.sh");
+}
