@@ -145,22 +145,32 @@ wait_until 60 "server 3 to know the leader" leads 1
 wait_until 60 "both agents registered" has_mirrors
 echo "ok: three servers, two with an agent, one witness"
 
-placed=$(cluster propose "{\"cmd\":\"create_vm\",\"name\":\"vm1\",\"memory_mib\":256,\"vcpus\":1,\"disk_size\":67108864,\"kernel\":\"$KIT/vmlinuz\",\"initrd\":\"$KIT/initrd.img\",\"cmdline\":\"$cmdline\",\"running\":true}") ||
+# synced P B: the VM's disk is primary on server P and in sync on server B.
+synced() {
+    case "$(disk_state)" in
+    *"backup:$2 backup_synced:true "*"primary:$1 "*) true ;;
+    *) false ;;
+    esac
+}
+
+# protected P B OFFSET: synced, the VM runs on P, and the guest's boot (from OFFSET of P's
+# serial console) has written its data.
+protected() {
+    synced "$1" "$2" && since "$1" "$3" | grep -q "KIT: fs ok" && vmm_running "$1"
+}
+
+# Created stopped and started once its disk is in sync, so that the first boot does not share
+# the test host's two emulated CPUs with the initial full sync.
+placed=$(cluster propose "{\"cmd\":\"create_vm\",\"name\":\"vm1\",\"memory_mib\":256,\"vcpus\":1,\"disk_size\":67108864,\"kernel\":\"$KIT/vmlinuz\",\"initrd\":\"$KIT/initrd.img\",\"cmdline\":\"$cmdline\",\"running\":false}") ||
     give_up "create_vm refused: $placed"
 echo "placed: $(echo "$placed" | tr -d ' \n')"
 primary=$(echo "$placed" | sed -n 's/.*"primary": \([0-9]*\).*/\1/p')
 backup=$((3 - primary))
 [ "$primary" = 1 ] || [ "$primary" = 2 ] || give_up "no primary in the answer"
-
-# protected P B OFFSET: the VM runs on P, its disk is primary on P and in sync on B, and the
-# guest's boot (from OFFSET of P's serial console) has written its data.
-protected() {
-    case "$(disk_state)" in
-    *"backup:$2 backup_synced:true "*"primary:$1 "*) ;;
-    *) return 1 ;;
-    esac
-    since "$1" "$3" | grep -q "KIT: fs ok" && vmm_running "$1"
-}
+wait_until 120 "the new disk in sync" synced "$primary" "$backup"
+vmm_running "$primary" && fail "the VM runs before it was started"
+cluster propose '{"cmd":"set_vm_running","name":"vm1","running":true}' >/dev/null ||
+    give_up "set_vm_running refused"
 
 boot_off=0 # where the guest's current boot starts in its primary's serial console
 drill=0
