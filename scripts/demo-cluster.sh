@@ -11,6 +11,16 @@
 # HTTPS_ADDRESS is where server 1's HTTPS listens (default 127.0.0.1; servers 2 and 3 use the
 # next ports); plain HTTP is on 127.0.0.1:8080-8082.
 set -eu
+# As a test-host scenario (image/testhost/run.sh --forward 8443 ...; KIT and ENSPEED set, no
+# arguments): the kit's kernel, the NIC on QEMU's user network up, HTTPS on every address so
+# the forwarded ports reach it.
+if [ $# -eq 0 ] && [ -n "${KIT:-}" ] && [ -n "${ENSPEED:-}" ]; then
+    ip link set lo up
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 ||
+        { echo "demo: the test host has no NIC (run.sh --forward PORT)" >&2; exit 1; }
+    set -- "$ENSPEED" "$KIT/vmlinuz" "$KIT/initrd.img" /tmp/demo 0.0.0.0
+    IN_TESTHOST=1
+fi
 [ $# -ge 4 ] || { echo "usage: $0 ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]" >&2; exit 2; }
 ENSPEED=$1 KERNEL=$2 INITRD=$3 DIR=$4 HTTPS_IP=${5:-127.0.0.1}
 CMDLINE=${DEMO_CMDLINE:-console=ttyS0 quiet kit.task=wait}
@@ -58,12 +68,19 @@ if ! "$ENSPEED" vm list | grep -q ' demo '; then
 fi
 
 serial=$(ls "$DIR"/server*/agent/vms/demo/serial.log 2>/dev/null | head -n1 || true)
+if [ -n "${IN_TESTHOST:-}" ]; then
+    WEB="  Web UI:    https://127.0.0.1:8443 on the machine that runs the test host (self-signed
+             certificate, made on first start; also :8444, :8445: every server serves it)
+             Inside the test host: http://127.0.0.1:8080"
+else
+    WEB="  Web UI:    http://127.0.0.1:8080   (also :8081, :8082: every server serves it)
+             https://$HTTPS_IP:8443  (self-signed certificate, made on first start)"
+fi
 cat <<BANNER
 
 ==== EnSpeed demo cluster: three servers on this machine ====
 
-  Web UI:    http://127.0.0.1:8080   (also :8081, :8082: every server serves it)
-             https://$HTTPS_IP:8443  (self-signed certificate, made on first start)
+$WEB
   Manager:   admin / $PASSWORD   (kept in $pw)
 
   The demo VM boots the guest kit's Debian kernel; its disk is mirrored between two servers.

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N] [--interactive]
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
+# --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
+# it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
-# scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout.
+# scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout, 125 when the test host
+# stopped without that line, 126 when its own kernel locked up or panicked.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,7 +17,7 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive=
+scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive= forwards=
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
@@ -23,6 +26,7 @@ while [ $# -gt 0 ]; do
     --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
     --smp) smp=${2:?--smp needs a count}; shift 2 ;;
     --interactive) interactive=1; shift ;;
+    --forward) forwards="$forwards,hostfwd=tcp:127.0.0.1:${2:?--forward needs a port}-:$2"; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -47,10 +51,16 @@ install -m 0755 "$scenario" "$work/extra/scenario.sh"
 cpio_dir "$work/extra" >"$work/extra.cpio"
 cpio_cat "$TH/initrd.img" "$work/extra.cpio" >"$work/initrd.img"
 
+nic=(-nic none)
+if [ -n "$forwards" ]; then
+    # restrict=on: the test host reaches nothing outside; only the forwarded ports come in.
+    nic=(-nic "user,model=virtio-net-pci,restrict=on$forwards")
+fi
 log "booting the test host (TCG, $smp vCPUs, $mem MiB) with scenario $scenario${enspeed:+ and $enspeed}"
 start=$(date +%s.%N)
 set +e
-# No network device: nothing the guests send can leave the test host. TCG lacks a few of the
+# No network device unless --forward, and then a restricted one: nothing the guests send
+# can leave the test host. TCG lacks a few of the
 # EPYC model's features (rdseed, sha-ni, ...) and warns about each once per vCPU; those
 # warnings are dropped, any other QEMU message still shows.
 if [ -n "$interactive" ]; then
@@ -58,22 +68,42 @@ if [ -n "$interactive" ]; then
     # terminal; QEMU's escape is Ctrl-A X. --foreground lets QEMU read the terminal.
     timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
         -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
-        -nographic -no-reboot -nic none \
+        -nographic -no-reboot "${nic[@]}" \
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
-        -append "console=ttyS0 panic=-1 quiet testhost.interactive" \
+        -append "console=ttyS0 panic=-1 quiet no_timer_check testhost.interactive" \
         2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
 else
-    timeout -k 10 "$timeout" qemu-system-x86_64 \
+    # The test host's own kernel now and then locks up or panics under the emulated AMD-V
+    # while a nested guest boots: stop QEMU then, rather than wait for the timeout, and say
+    # so (exit 126), so a caller can tell the test host's failure from the scenario's.
+    : >"$work/console.log"
+    (
+        while sleep 5; do
+            [ -d "$work" ] || exit 0
+            if grep -qE "watchdog: BUG: soft lockup|Kernel panic - not syncing" "$work/console.log" 2>/dev/null; then
+                grep -m1 -E "watchdog: BUG: soft lockup|Kernel panic - not syncing" "$work/console.log" >"$work/broken"
+                pkill -f "testhost-$$-qemu" || true
+                exit 0
+            fi
+        done
+    ) &
+    watcher=$!
+    timeout -k 10 "$timeout" qemu-system-x86_64 -name "testhost-$$-qemu" \
         -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
-        -nographic -no-reboot -nic none \
+        -nographic -no-reboot "${nic[@]}" \
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
-        -append "console=ttyS0 panic=-1 quiet" \
-        </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+        -append "console=ttyS0 panic=-1 quiet no_timer_check" \
+        </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee -a "$work/console.log"
+    kill "$watcher" 2>/dev/null || true
 fi
 qemu_rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
+if [ -s "$work/broken" ]; then
+    log "the test host's own kernel failed ($(tr -d '\r' <"$work/broken")); QEMU stopped after $elapsed s"
+    exit 126
+fi
 if [ "$qemu_rc" = 124 ]; then
     log "timed out after $timeout s (elapsed $elapsed s); QEMU killed"
     exit 124
