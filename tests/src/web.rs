@@ -67,6 +67,22 @@ impl Web {
         self.send("GET", path, None)
     }
 
+    /// GET `path`, reading the body without parsing it (benchmarks): its status and length.
+    pub fn fetch(&self, path: &str) -> (u16, usize) {
+        let mut req = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.set("Cookie", c);
+        }
+        let resp = match req.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(_) => return (0, 0),
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        let n = std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).unwrap_or(0);
+        (status, n)
+    }
+
     /// `method` `path` with a JSON `body`, the cookie and the CSRF token.
     pub fn send(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         self.raw(

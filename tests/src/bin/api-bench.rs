@@ -5,6 +5,7 @@
 //!
 //! The node agents are off (`--no-agent`, and a lease long enough that no server is declared
 //! down): the figures are the API's and the control plane's, not 2,000 disk copies' resyncs.
+//! The clients run on the same machine and read each answer whole (without parsing it).
 //! Environment: BENCH_VMS (1000), BENCH_SECS per measurement (5), BENCH_DIR (/var/tmp).
 
 use std::sync::{Arc, Barrier};
@@ -164,7 +165,7 @@ fn main() {
     println!("| request, 3 servers on loopback, agents off | via | clients | requests | per second | p50 | p99 |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     let list_op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
-        Arc::new(|w: &Web, _, _| w.get("/api/v1/vms").0);
+        Arc::new(|w: &Web, _, _| w.fetch("/api/v1/vms").0);
     let vms_n = vms;
     let power_op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
         Arc::new(move |w: &Web, c: usize, n: u64| {
