@@ -428,6 +428,7 @@ impl Reconciler {
             }
         }
         self.vms(state, &ready, &copies);
+        self.forget_deleted(state, &copies);
         for name in std::mem::take(&mut self.powered_off) {
             if state.vms.get(&name).is_some_and(|vm| vm.running)
                 && !self.s.propose(StateCommand::SetVmRunning {
@@ -620,6 +621,28 @@ impl Reconciler {
                 self.request(name, BlockdRequest::Demote { name: name.clone() });
             }
             Some(_) => {}
+        }
+    }
+
+    /// Deletes the copies of disks the state no longer has (their VM was deleted): a primary
+    /// copy is detached from its backup first, and a copy is deleted once its link is down,
+    /// on this pass or a later one. Copies of disks the state still has are kept, even where
+    /// it names other servers now: a returning server's copy may become a backup again and
+    /// then needs only a partial resync.
+    fn forget_deleted(&self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
+        for (name, c) in copies {
+            if state.disks.contains_key(name) {
+                continue;
+            }
+            if c.link != "down" {
+                if c.role != "backup" {
+                    self.request(name, BlockdRequest::Detach { name: name.clone() });
+                }
+                continue;
+            }
+            if self.request(name, BlockdRequest::Delete { name: name.clone() }) {
+                tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk");
+            }
         }
     }
 

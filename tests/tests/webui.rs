@@ -978,8 +978,18 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
             "{verb} by r in the audit log"
         );
     }
+    let name = v["name"].as_str().unwrap().to_string();
+    let copies = |i: usize| c.servers[i].data.join(format!("disks/{name}-0"));
+    assert!(
+        copies(0).exists() && copies(1).exists(),
+        "both VM servers hold a copy"
+    );
     assert_eq!(wp.send("DELETE", &format!("/api/v1/vms/{vm}"), None).0, 200);
     assert_eq!(wr.get(&format!("/api/v1/vms/{vm}")).0, 404);
+    // The agents delete the copies of the deleted VM's disk, on both servers.
+    cluster::wait_for("both copies deleted", WAIT, || {
+        (!copies(0).exists() && !copies(1).exists()).then_some(())
+    });
 }
 
 #[test]
