@@ -968,6 +968,13 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
         t.elapsed()
     );
     let audit = m.get("/api/v1/audit?limit=1000").1;
+    let all = audit.as_array().unwrap();
+    let newest = m.get("/api/v1/audit?newest=3").1;
+    assert_eq!(
+        newest.as_array().unwrap()[..],
+        all[all.len() - 3..],
+        "?newest=3 gives the last three entries, oldest first"
+    );
     for verb in ["vm.power_on", "vm.power_off", "vm.force_off"] {
         assert!(
             audit

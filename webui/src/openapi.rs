@@ -60,7 +60,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "/servers/{id}",
         "Remove a drained server from the cluster (Manager); a new server joins with enspeed server --join",
     ),
-    ("get", "/audit", "The audit log (Manager)"),
+    (
+        "get",
+        "/audit",
+        "The audit log (Manager): ?after=SEQ&limit=N oldest first from a seq, or ?newest=N its last N entries",
+    ),
     ("get", "/openapi.json", "This document"),
 ];
 

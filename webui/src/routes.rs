@@ -21,7 +21,8 @@
 //!   GET    /api/v1/servers             servers (Manager)
 //!   POST   /api/v1/servers/{id}/drain  move every disk copy off it (Manager)
 //!   DELETE /api/v1/servers/{id}        remove a drained server from the cluster (Manager)
-//!   GET    /api/v1/audit?after=&limit= the audit log (Manager)
+//!   GET    /api/v1/audit?after=&limit= the audit log (Manager), oldest first from a seq;
+//!          /api/v1/audit?newest=N       or its last N entries
 //!   GET    /api/v1/openapi.json        this API's OpenAPI document
 //! ```
 //!
@@ -346,15 +347,30 @@ impl App {
             (Method::GET, ["audit"]) => {
                 let c = self.caller(&req, false).await?;
                 manager_only(&c)?;
-                let after = number_param(&req, "after")?.unwrap_or(0);
                 let limit = number_param(&req, "limit")?.unwrap_or(100).min(1000) as usize;
-                let entries: Vec<_> = c
-                    .state
-                    .audit
-                    .range(after.saturating_add(1)..)
-                    .take(limit)
-                    .map(|(_, e)| e)
-                    .collect();
+                // `newest`: the last entries (a first page); `after`: what came since a seq.
+                let entries: Vec<_> = match number_param(&req, "newest")? {
+                    Some(n) => {
+                        let mut v: Vec<_> = c
+                            .state
+                            .audit
+                            .values()
+                            .rev()
+                            .take(n.min(1000) as usize)
+                            .collect();
+                        v.reverse();
+                        v
+                    }
+                    None => {
+                        let after = number_param(&req, "after")?.unwrap_or(0);
+                        c.state
+                            .audit
+                            .range(after.saturating_add(1)..)
+                            .take(limit)
+                            .map(|(_, e)| e)
+                            .collect()
+                    }
+                };
                 Ok(ok(&entries))
             }
             (

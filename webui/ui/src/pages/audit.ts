@@ -1,5 +1,5 @@
-// Audit (Managers): who changed what, newest first. The log is read forward from the last
-// entry seen, so each refresh asks only for what is new.
+// Audit (Managers): who changed what, newest first. The first load asks for the newest
+// entries; each refresh then reads forward from the last entry seen, only what is new.
 
 import { api } from "../api";
 import { fill, h } from "../dom";
@@ -15,12 +15,19 @@ const SHOWN = 500;
 export function auditPage(ctx: PageContext): void {
   let entries: AuditEntry[] = [];
   let after = 0;
+  let first = true;
   const note = h("p", { class: "lead", "data-test": "audit-note" });
   const table = h("div");
   fill(ctx.main, h("h1", null, "Audit"), note, table);
 
   ctx.poll(async () => {
     let added = 0;
+    if (first) {
+      entries = await api<AuditEntry[]>("GET", `/audit?newest=${SHOWN}`);
+      if (entries.length > 0) after = entries[entries.length - 1].seq;
+      added = entries.length;
+      first = false;
+    }
     for (;;) {
       const page = await api<AuditEntry[]>("GET", `/audit?after=${after}&limit=${PAGE}`);
       if (page.length > 0) after = page[page.length - 1].seq;
