@@ -563,6 +563,11 @@ fn audit_key(seq: u64) -> Vec<u8> {
 
 const COUNTERS_KEY: &[u8] = b"meta/counters";
 
+/// A stored record's JSON, or why it does not parse.
+fn record<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(v).map_err(|e| e.to_string())
+}
+
 fn json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
 }
@@ -584,43 +589,35 @@ impl StateMachine {
                     sm.kv.insert(name.to_string(), value);
                 }
                 "server" => {
-                    let s: ServerRecord =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let s: ServerRecord = record(v).map_err(err)?;
                     sm.servers.insert(s.id, s);
                 }
                 "disk" => {
-                    let d: DiskRecord =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let d: DiskRecord = record(v).map_err(err)?;
                     sm.disks.insert(d.name.clone(), d);
                 }
                 "vm" => {
-                    let vm: VmRecord = serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let vm: VmRecord = record(v).map_err(err)?;
                     sm.vms.insert(vm.name.clone(), vm);
                 }
                 "observed" => {
                     let id = name.parse().map_err(|_| err("bad server id".into()))?;
-                    let o: Observation =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let o: Observation = record(v).map_err(err)?;
                     sm.observed.insert(id, o);
                 }
                 "user" => {
-                    let u: UserRecord =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let u: UserRecord = record(v).map_err(err)?;
                     sm.users.insert(u.id, u);
                 }
                 "session" => {
-                    let s: SessionRecord =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let s: SessionRecord = record(v).map_err(err)?;
                     sm.sessions.insert(s.token_hash.clone(), s);
                 }
                 "audit" => {
-                    let a: AuditEntry =
-                        serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
+                    let a: AuditEntry = record(v).map_err(err)?;
                     sm.audit.insert(a.seq, a);
                 }
-                "meta" if name == "counters" => {
-                    sm.counters = serde_json::from_slice(v).map_err(|e| err(e.to_string()))?;
-                }
+                "meta" if name == "counters" => sm.counters = record(v).map_err(err)?,
                 _ => return Err(err("unknown kind".into())),
             }
         }

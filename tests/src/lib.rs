@@ -335,3 +335,13 @@ pub fn read_stamp(image: &[u8], index: u64) -> Stamp {
     }
     Stamp::Seq(seq)
 }
+
+/// The `p` quantile (0 to 1) of `sorted` latencies.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// A duration in milliseconds, two decimals, for the benchmark tables.
+pub fn ms(d: std::time::Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}

@@ -144,9 +144,6 @@ fn pick<'a>(servers: &'a [Server], ids: &[u64]) -> Vec<&'a Server> {
     ids.iter().map(|&i| &servers[i as usize - 1]).collect()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
 
 #[test]
 fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use enspeed_tests::cluster::{self, free_port, Client, Server};
 use enspeed_tests::web::{Web, PASSWORD};
+use enspeed_tests::{ms, percentile};
 use serde_json::json;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -22,13 +23,7 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
 
 /// Runs `op` on `clients` threads for `secs`; answers (requests, per second, p50, p99).
 fn measure(

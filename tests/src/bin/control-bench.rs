@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use enspeed_tests::cluster::{self, free_port, Client, Server};
-use enspeed_tests::Scratch;
+use enspeed_tests::{ms, percentile, Scratch};
 use serde_json::{json, Value};
 
 /// The bench's clients wait this long for an answer.
@@ -37,13 +37,7 @@ fn server(scratch: &Scratch, id: u64) -> Server {
     s
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
 
 /// `clients` threads, each sending `ops / clients` requests made by `req` to `addr` one after
 /// another; the throughput and the sorted latencies.
