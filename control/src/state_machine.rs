@@ -905,6 +905,13 @@ impl StateMachine {
         self.vms.values().find(|vm| vm.id == id && id != 0)
     }
 
+    /// Whether some server's agent reports the VMM of VM `name` running.
+    pub fn vm_observed_running(&self, name: &str) -> bool {
+        self.observed
+            .values()
+            .any(|o| o.vms.get(name).is_some_and(|v| v.running))
+    }
+
     /// The user named `name`.
     pub fn user_by_name(&self, name: &str) -> Option<&UserRecord> {
         self.users.values().find(|u| u.name == name)
@@ -1177,11 +1184,7 @@ impl StateMachine {
                         return Err(access::refuse(format!("VM {vm}")));
                     }
                 }
-                let observed_running = self
-                    .observed
-                    .values()
-                    .any(|o| o.vms.get(&v.name).is_some_and(|x| x.running));
-                if v.running || observed_running {
+                if v.running || self.vm_observed_running(&v.name) {
                     return Err(format!(
                         "VM {vm} ({}) is powered on: power it off first",
                         v.name
@@ -1265,11 +1268,7 @@ impl StateMachine {
                         return Err(access::refuse(format!("cloning VM {vm}")));
                     }
                 }
-                let running = self
-                    .observed
-                    .values()
-                    .any(|ob| ob.vms.get(&src.name).is_some_and(|x| x.running));
-                if src.running || running {
+                if src.running || self.vm_observed_running(&src.name) {
                     return Err(format!(
                         "VM {vm} ({}) is powered on: power it off to clone it",
                         src.name

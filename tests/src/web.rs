@@ -148,6 +148,23 @@ pub const PASSWORD: &str = "manager-secret-1";
 /// A password for the users tests create.
 pub const USER_PASSWORD: &str = "user-secret-1";
 
+/// The `enspeed server` arguments that serve the API on `http` (loopback), with the first
+/// Manager `admin` (its password in `password_file`) and VMs booting `kernel`.
+pub fn api_args(http: &str, password_file: &std::path::Path, kernel: &str) -> Vec<String> {
+    [
+        "--http",
+        http,
+        "--manager",
+        "admin",
+        "--manager-password-file",
+        &password_file.display().to_string(),
+        "--guest-kernel",
+        kernel,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Three `enspeed server`s on loopback, each serving the API: servers 1 and 2 run VMs (the
 /// level-1 test guest) with their agents and blockd, server 3 is a witness; `admin` is the
 /// first Manager. Dropping it kills them.
@@ -171,18 +188,11 @@ impl WebCluster {
         let mut web = Vec::new();
         for i in 1..=3u64 {
             let http = format!("127.0.0.1:{}", free_port());
-            let mut args: Vec<String> = vec![
-                "--http".into(),
-                http.clone(),
-                "--manager".into(),
-                "admin".into(),
-                "--manager-password-file".into(),
-                pw.display().to_string(),
-                "--guest-kernel".into(),
-                kernel.clone(),
+            let mut args = api_args(&http, &pw, &kernel);
+            args.extend([
                 "--guest-cmdline".into(),
                 "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
-            ];
+            ]);
             if i < 3 {
                 args.extend(
                     [

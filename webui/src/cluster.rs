@@ -46,21 +46,12 @@ impl Cluster {
     /// Proposes `action` as user `actor`; answers its result. A refusal by the state machine
     /// becomes 403 (not allowed), 404 (no such thing) or 409 (does not fit the state).
     pub async fn act(&self, actor: u64, action: Action) -> Result<Value, ApiError> {
-        let cmd = Command::Act {
+        let command = Command::Act {
             actor,
             at_ms: now_ms(),
             action,
         };
-        let (node, book, timeout) = (
-            self.ctx.node.clone(),
-            Arc::clone(&self.ctx.book),
-            self.ctx.timeout,
-        );
-        let r = tokio::task::spawn_blocking(move || {
-            api::request(Request::Propose { command: cmd }, &node, &book, timeout)
-        })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?;
+        let r = self.request(Request::Propose { command }).await?;
         if r.ok {
             let v = r.result.unwrap_or(Value::Null);
             if let Some(seq) = v.get("audit").and_then(Value::as_u64) {
@@ -77,18 +68,22 @@ impl Cluster {
         })
     }
 
-    /// Removes server `id` from the Raft group (forwarded to the leader).
-    pub async fn remove_server(&self, id: u64) -> Result<(), ApiError> {
+    /// Carries out `request` through this server (forwarded to the leader), off the async
+    /// threads: it may wait for an election.
+    async fn request(&self, request: Request) -> Result<api::Response, ApiError> {
         let (node, book, timeout) = (
             self.ctx.node.clone(),
             Arc::clone(&self.ctx.book),
             self.ctx.timeout,
         );
-        let r = tokio::task::spawn_blocking(move || {
-            api::request(Request::RemoveServer { id }, &node, &book, timeout)
-        })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?;
+        tokio::task::spawn_blocking(move || api::request(request, &node, &book, timeout))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))
+    }
+
+    /// Removes server `id` from the Raft group (forwarded to the leader).
+    pub async fn remove_server(&self, id: u64) -> Result<(), ApiError> {
+        let r = self.request(Request::RemoveServer { id }).await?;
         if r.ok {
             Ok(())
         } else {
@@ -118,6 +113,24 @@ impl Cluster {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// This server's applied state once `found` holds in it, or as it is after `wait`: for
+    /// what another server has just committed (a login, a new user) and this one may not have
+    /// applied yet.
+    pub async fn state_where(
+        &self,
+        wait: Duration,
+        found: impl Fn(&StateMachine) -> bool,
+    ) -> Result<Arc<StateMachine>, ApiError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let state = self.state().await?;
+            if found(&state) || Instant::now() >= deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -117,6 +117,9 @@ struct UserChange {
     quota: Option<Quota>,
 }
 
+/// How long a server waits for what another server has just committed (a session, a user).
+const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The largest VM the API creates: 1 TiB of RAM, 64 vCPUs, 64 TiB of disk.
 const MAX_MEMORY_MIB: u64 = 1 << 20;
 const MAX_VCPUS: u32 = 64;
@@ -237,13 +240,7 @@ impl App {
                         },
                     )
                     .await?;
-                let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
-                let state = self.cluster.state().await?;
-                let view = state
-                    .vm_by_id(id)
-                    .map(|vm| serde_json::to_value(views::vm(&state, vm)).unwrap_or(Value::Null))
-                    .unwrap_or(json!({ "id": id }));
-                Ok(json_response(StatusCode::CREATED, &view))
+                self.created_vm(&r).await
             }
             (Method::POST, ["vms", id, "migrate"]) => {
                 let c = self.caller(&req, true).await?;
@@ -405,17 +402,15 @@ impl App {
             .ok_or_else(|| ApiError::unauthorized("not logged in"))?;
         let hash = auth::token_hash(token);
         // A session opened through another server may take a moment to arrive here.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        let (state, session) = loop {
-            let state = self.cluster.state().await?;
-            if let Some(s) = state.sessions.get(&hash).cloned() {
-                break (state, s);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(ApiError::unauthorized("not logged in: no such session"));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        let state = self
+            .cluster
+            .state_where(ARRIVAL, |s| s.sessions.contains_key(&hash))
+            .await?;
+        let session = state
+            .sessions
+            .get(&hash)
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("not logged in: no such session"))?;
         if session.expires_ms <= now_ms() {
             return Err(ApiError::unauthorized("the session expired: log in again"));
         }
@@ -454,15 +449,12 @@ impl App {
             return Err(e);
         }
         // A user created through another server may take a moment to arrive here.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        let user = loop {
-            let state = self.cluster.state().await?;
-            let user = state.user_by_name(&l.name).cloned();
-            if user.is_some() || std::time::Instant::now() >= deadline {
-                break user;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        let user = self
+            .cluster
+            .state_where(ARRIVAL, |s| s.user_by_name(&l.name).is_some())
+            .await?
+            .user_by_name(&l.name)
+            .cloned();
         let hash = user.as_ref().map(|u| u.password.clone());
         let password = l.password.clone();
         let good =
@@ -611,6 +603,11 @@ impl App {
                 },
             )
             .await?;
+        self.created_vm(&r).await
+    }
+
+    /// 201 with the view of the VM a create or clone answered `r` for.
+    async fn created_vm(&self, r: &Value) -> Result<Response<Body>, ApiError> {
         let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
         let state = self.cluster.state().await?;
         let view = state

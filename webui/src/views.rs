@@ -153,11 +153,7 @@ fn copy(
 /// A VM's view.
 pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
     let disk = vm.disks.first().and_then(|d| state.disks.get(d));
-    let running_anywhere = state
-        .observed
-        .values()
-        .any(|o| o.vms.get(&vm.name).is_some_and(|v| v.running));
-    let status = match (vm.running, running_anywhere) {
+    let status = match (vm.running, state.vm_observed_running(&vm.name)) {
         (true, true) => "running",
         (true, false) => "starting",
         (false, true) => "stopping",

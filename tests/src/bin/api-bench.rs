@@ -12,7 +12,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use enspeed_tests::cluster::{self, free_port, Client, Server};
-use enspeed_tests::web::{Web, PASSWORD};
+use enspeed_tests::web::{api_args, Web, PASSWORD};
 use enspeed_tests::{ms, percentile};
 use serde_json::json;
 
@@ -22,8 +22,6 @@ fn env(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
-
-
 
 /// Runs `op` on `clients` threads for `secs`; answers (requests, per second, p50, p99).
 fn measure(
@@ -92,15 +90,10 @@ fn main() {
             (vms * 64 + 1024).to_string(),
             "--disk-gib".into(),
             (vms + 16).to_string(),
-            "--http".into(),
-            http.clone(),
-            "--manager".into(),
-            "admin".into(),
-            "--manager-password-file".into(),
-            pw.display().to_string(),
-            "--guest-kernel".into(),
-            "/nonexistent/kernel".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(api_args(&http, &pw, "/nonexistent/kernel"))
+        .collect::<Vec<String>>();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut s = Server::new(
             i,
