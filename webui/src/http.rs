@@ -13,7 +13,7 @@ use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::routes::App;
 
@@ -272,9 +272,4 @@ async fn handle(
         );
     }
     r
-}
-
-/// A JSON value's field as u64, for handlers reading proposal answers.
-pub fn field_u64(v: &Value, k: &str) -> Option<u64> {
-    v.get(k).and_then(Value::as_u64)
 }
