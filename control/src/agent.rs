@@ -253,7 +253,7 @@ impl Shared {
     }
 
     fn vm_dir(&self, vm: &str) -> PathBuf {
-        self.cfg.dir.join("vms").join(vm)
+        crate::console::vm_dir(&self.cfg.dir, vm)
     }
 
     /// Proposes a command through the leader; logs a failure.
@@ -659,7 +659,7 @@ impl Reconciler {
             Some(_) => {}
             None => {
                 self.stopping.insert(name.to_string(), Instant::now());
-                let socket = self.s.vm_dir(name).join("api.sock");
+                let socket = crate::console::api_socket(&self.s.vm_dir(name));
                 let (vm, server) = (name.to_string(), self.s.cfg.id);
                 let request = format!(
                     "{{\"cmd\":\"shutdown\",\"timeout_secs\":{}}}\n",
@@ -764,8 +764,10 @@ impl Reconciler {
             .first()
             .and_then(|d| state.disks.get(d))
             .map_or(0, |d| d.generation);
-        let api = dir.join("api.sock");
+        let api = crate::console::api_socket(&dir);
+        let vnc = crate::console::vnc_socket(&dir);
         let _ = std::fs::remove_file(&api);
+        let _ = std::fs::remove_file(&vnc);
         let mut cmd = Command::new(&self.s.cfg.binary);
         cmd.arg("vmm")
             .args(["--kernel", &vm.kernel])

@@ -11,6 +11,8 @@
 //!   {"op":"add_server","server":{"id":N,"address":A,"witness":false}}
 //!   {"op":"remove_server","id":N}
 //!   {"op":"heartbeat","server":N}                      a node agent's heartbeat: the state
+//!   {"op":"console","vm":NAME,"console":"serial"|"vnc"}  then the VM's console bytes (see
+//!                                                      `console`), on its primary server only
 //! answers
 //!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
 //! ```
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::console::{self, ConsoleKind};
 use crate::node::{NodeError, NodeHandle};
 use crate::state_machine::{Command, Query, ServerRecord};
 use crate::transport::AddressBook;
@@ -77,6 +80,13 @@ pub enum Request {
     Heartbeat {
         /// The server whose agent sends it.
         server: u64,
+    },
+    /// Turns the connection into VM `vm`'s console, on the server its VMM runs on.
+    Console {
+        /// The VM's name.
+        vm: String,
+        /// Which console.
+        console: ConsoleKind,
     },
 }
 
@@ -171,8 +181,24 @@ fn exchange(
         .map_err(|e| io::Error::other(format!("bad answer from {address}: {e}")))
 }
 
-/// Serves one client connection: a request per line, an answer per line, until it closes.
-pub fn serve_client(stream: TcpStream, node: &NodeHandle, book: &AddressBook, timeout: Duration) {
+/// What a server's client port needs beyond the node: who it is and where its VMMs live.
+#[derive(Clone, Debug)]
+pub struct Local {
+    /// This server's id.
+    pub id: u64,
+    /// Its node agent's directory; none on a witness.
+    pub agent_dir: Option<std::path::PathBuf>,
+}
+
+/// Serves one client connection: a request per line, an answer per line, until it closes; or,
+/// after a console request, the console's bytes.
+pub fn serve_client(
+    stream: TcpStream,
+    node: &NodeHandle,
+    book: &AddressBook,
+    local: &Local,
+    timeout: Duration,
+) {
     let _ = stream.set_nodelay(true);
     let Ok(mut w) = stream.try_clone() else {
         return;
@@ -193,6 +219,13 @@ pub fn serve_client(stream: TcpStream, node: &NodeHandle, book: &AddressBook, ti
             return;
         }
         let answer = match serde_json::from_str::<Envelope>(&line) {
+            Ok(Envelope {
+                request: Request::Console { vm, console },
+                ..
+            }) => {
+                let agent_dir = local.agent_dir.as_deref();
+                return console::serve(w, r, local.id, node, agent_dir, &vm, console);
+            }
             Ok(env) => handle(env, node, book, timeout),
             Err(e) => Response::err(format!("bad request: {e}")),
         };
@@ -248,6 +281,9 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
             Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
+            Request::Console { .. } => {
+                return Response::err("a console is opened as the first line of a connection")
+            }
         };
         let leader = match local {
             Ok(r) => return r,

@@ -5,6 +5,7 @@
 //! - `node`: the thread that drives raft-rs and applies committed entries;
 //! - `transport`: Raft messages between servers over TCP;
 //! - `api`: the JSON-lines client protocol, forwarded to the leader;
+//! - `console`: a VM's serial and graphical consoles relayed from its VMM to another server;
 //! - `agent`: the node agent, which runs blockd and the VMMs as the state says and fences
 //!   the server when it loses the quorum;
 //! - `access`: users, sessions, what each role may do, the audit log;
@@ -16,6 +17,7 @@ pub mod access;
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod console;
 pub mod failover;
 pub mod node;
 pub mod placement;

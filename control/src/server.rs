@@ -175,9 +175,17 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     {
         let handle = handle.clone();
         let book = Arc::clone(&book);
+        let local = api::Local {
+            id,
+            agent_dir: cfg
+                .agent
+                .as_ref()
+                .filter(|_| !cfg.witness)
+                .map(|a| a.dir.clone()),
+        };
         std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept(listener, transport, handle, book, timeout))
+            .spawn(move || accept(listener, transport, handle, book, local, timeout))
             .expect("spawn accept thread");
     }
     failover::start(cfg.failover, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
@@ -232,6 +240,7 @@ fn accept(
     transport: Arc<Transport>,
     node: NodeHandle,
     book: AddressBook,
+    local: api::Local,
     timeout: Duration,
 ) {
     for stream in listener.incoming() {
@@ -244,9 +253,10 @@ fn accept(
             }
         };
         let (transport, node, book) = (Arc::clone(&transport), node.clone(), Arc::clone(&book));
+        let local = local.clone();
         let spawned = std::thread::Builder::new()
             .name("conn".into())
-            .spawn(move || serve(stream, &transport, &node, &book, timeout));
+            .spawn(move || serve(stream, &transport, &node, &book, &local, timeout));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
@@ -259,11 +269,12 @@ fn serve(
     transport: &Transport,
     node: &NodeHandle,
     book: &AddressBook,
+    local: &api::Local,
     timeout: Duration,
 ) {
     let mut first = [0u8; 1];
     match stream.peek(&mut first) {
-        Ok(1) if first[0] == b'{' => api::serve_client(stream, node, book, timeout),
+        Ok(1) if first[0] == b'{' => api::serve_client(stream, node, book, local, timeout),
         Ok(1) => transport.serve_peer(stream),
         _ => {}
     }

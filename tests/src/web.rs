@@ -54,6 +54,41 @@ impl Web {
         (status, v)
     }
 
+    /// Opens VM `vm`'s `kind` console ("serial" or "vnc") as a browser does: a WebSocket with
+    /// the session cookie and this site's Origin (or `origin`). Answers the socket, or the
+    /// refusal's status and error.
+    pub fn console(
+        &self,
+        vm: u64,
+        kind: &str,
+        origin: Option<&str>,
+    ) -> Result<Console, (u16, String)> {
+        use tungstenite::client::IntoClientRequest;
+        let hostport = self.base.trim_start_matches("http://").to_string();
+        let url = format!("ws://{hostport}/api/v1/vms/{vm}/console/{kind}");
+        let mut req = url.into_client_request().expect("a WebSocket request");
+        let h = req.headers_mut();
+        let origin = origin.map_or_else(|| self.base.clone(), str::to_string);
+        h.insert("origin", origin.parse().unwrap());
+        if let Some(c) = &self.cookie {
+            h.insert("cookie", c.parse().unwrap());
+        }
+        let tcp = std::net::TcpStream::connect(&hostport).map_err(|e| (0, e.to_string()))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        match tungstenite::client::client(req, tcp) {
+            Ok((ws, _)) => Ok(Console { ws }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                let body = r.body().as_deref().unwrap_or_default();
+                let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                Err((
+                    r.status().as_u16(),
+                    v["error"].as_str().unwrap_or_default().to_string(),
+                ))
+            }
+            Err(e) => Err((0, e.to_string())),
+        }
+    }
+
     /// A client of the same server logged in as `name`; panics if the login fails.
     pub fn logged_in(base: &str, name: &str, password: &str) -> Web {
         let mut w = Web::new(base);
@@ -142,6 +177,53 @@ impl Web {
     }
 }
 
+/// A console opened through the API: the bytes of the VM's serial port or RFB server.
+pub struct Console {
+    ws: tungstenite::WebSocket<std::net::TcpStream>,
+}
+
+impl Console {
+    /// Sends `bytes` to the console, as keystrokes (serial) or client messages (RFB).
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(tungstenite::Message::Binary(bytes.to_vec().into()))
+            .expect("send on the console");
+    }
+
+    /// The next bytes from the console; none once it closed.
+    pub fn recv(&mut self) -> Option<Vec<u8>> {
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => return Some(b.to_vec()),
+                Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Reads until the text received contains `want`; panics after `within` or if the console
+    /// closes first. Answers all the text received.
+    pub fn read_until(&mut self, want: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {want:?} on the console in {within:?}: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            match self.recv() {
+                Some(b) => got.extend_from_slice(&b),
+                None => panic!(
+                    "the console closed before {want:?}: {:?}",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(30);
 /// The first Manager's (`admin`) password in a [`WebCluster`].
 pub const PASSWORD: &str = "manager-secret-1";
@@ -177,7 +259,8 @@ pub struct WebCluster {
 }
 
 impl WebCluster {
-    /// Starts the cluster, `extra` given to every server, and waits until both VM servers
+    /// Starts the cluster, `extra` given to every server (its `--guest-cmdline` replaces the
+    /// default one), and waits until both VM servers
     /// registered and the Manager can log in.
     pub fn start(tag: &str, extra: &[&str]) -> WebCluster {
         let scratch = Scratch::new(&format!("webui-{tag}"));
@@ -189,10 +272,12 @@ impl WebCluster {
         for i in 1..=3u64 {
             let http = format!("127.0.0.1:{}", free_port());
             let mut args = api_args(&http, &pw, &kernel);
-            args.extend([
-                "--guest-cmdline".into(),
-                "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
-            ]);
+            if !extra.contains(&"--guest-cmdline") {
+                args.extend([
+                    "--guest-cmdline".into(),
+                    "console=ttyS0 tg.run=stamp tg.blocks=4 tg.ops=0 tg.ackevery=1000000 tg.flushevery=0".into(),
+                ]);
+            }
             if i < 3 {
                 args.extend(
                     [

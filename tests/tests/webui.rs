@@ -59,6 +59,17 @@ impl Matrix {
         r
     }
 
+    /// Opens a console as `who` and checks the outcome like any case: opening is "allowed".
+    fn console_case(&mut self, who: (&str, &Web), kind: &str, vm: u64, want: Want) {
+        let r = match who.1.console(vm, kind, None) {
+            Ok(_) => (200, json!({ "opened": kind })),
+            Err((status, e)) => (status, json!({ "error": e })),
+        };
+        let template = format!("/vms/{{id}}/console/{kind}");
+        let path = format!("/api/v1/vms/{vm}/console/{kind}");
+        self.check(who.0, "GET", &template, &path, &r, want);
+    }
+
     fn check(
         &mut self,
         who: &str,
@@ -259,6 +270,48 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         (rw, vm_p1, Hidden),
         (rw, vm_r2, Hidden),
     ];
+    // Consoles: of running VMs, to those who may operate them.
+    for vm in [vm_r1a, vm_r2] {
+        let r = m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "on"})),
+        );
+        assert_eq!(r.0, 202, "{r:?}");
+    }
+    cluster::wait_for("vm-r1a and vm-r2 running", WAIT, || {
+        [vm_r1a, vm_r2]
+            .iter()
+            .all(|vm| m.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running")
+            .then_some(())
+    });
+    for (who, vm, want) in [
+        (mw, vm_r1a, Allowed),
+        (mw, vm_r2, Allowed),
+        (pw, vm_r1a, Allowed),
+        (pw, vm_r2, Hidden),
+        (rw, vm_r1a, Allowed),
+        (rw, vm_r2, Hidden),
+    ] {
+        for kind in ["serial", "vnc"] {
+            x.console_case(who, kind, vm, want);
+        }
+    }
+    for vm in [vm_r1a, vm_r2] {
+        let r = m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "force-off"})),
+        );
+        assert_eq!(r.0, 202, "{r:?}");
+    }
+    cluster::wait_for("vm-r1a and vm-r2 stopped", WAIT, || {
+        [vm_r1a, vm_r2]
+            .iter()
+            .all(|vm| m.get(&format!("/api/v1/vms/{vm}")).1["status"] == "stopped")
+            .then_some(())
+    });
+
     for (who, vm, want) in vm_cases {
         let before = fingerprint(&m);
         x.case(
@@ -657,7 +710,14 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             continue;
         }
         let p = format!("/api/v1{}", path.replace("{id}", &vm_r1a.to_string()));
-        let r = anon.send(&method.to_uppercase(), &p, Some(json!({})));
+        let r = if let Some(kind) = path.strip_prefix("/vms/{id}/console/") {
+            match anon.console(vm_r1a, kind, None) {
+                Ok(_) => (101, Value::Null),
+                Err((status, e)) => (status, json!({ "error": e })),
+            }
+        } else {
+            anon.send(&method.to_uppercase(), &p, Some(json!({})))
+        };
         if r.0 != 401 {
             x.failures.push(format!(
                 "anonymous {method} {p}: want 401, got {} {}",
@@ -1323,4 +1383,98 @@ fn a_clone_starts_with_its_source_s_data_on_the_same_primary() {
     cluster::wait_for("the clone running", WAIT, || {
         (m.get(&cpath).1["status"] == "running").then_some(())
     });
+}
+
+#[test]
+fn a_vm_s_serial_console_opens_in_the_browser_from_any_server_for_its_users_alone() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(
+        "console",
+        &[
+            "--guest-cmdline",
+            "console=ttyS0 tg.run=echo tg.echoms=600000",
+        ],
+    );
+    let m = c.manager(0);
+    id(&m.send(
+        "POST",
+        "/api/v1/users",
+        Some(
+            json!({"name": "p", "password": USER_PASSWORD, "role": "power_user",
+            "quota": {"vms": 2, "memory_mib": 256, "disk_gib": 4}}),
+        ),
+    ));
+    let wp = Web::logged_in(&c.web[0], "p", USER_PASSWORD);
+    let r = id(&wp.send("POST", "/api/v1/users", Some(new_user("r", "regular"))));
+    let other = id(&wp.send("POST", "/api/v1/users", Some(new_user("o", "regular"))));
+    let vm = id(&wp.send("POST", "/api/v1/vms", Some(new_vm("con", r))));
+    let off = id(&wp.send("POST", "/api/v1/vms", Some(new_vm("off", other))));
+    let on = wp.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/power"),
+        Some(json!({"action": "on"})),
+    );
+    assert_eq!(on.0, 202, "{on:?}");
+    cluster::wait_for("the VM running", WAIT, || {
+        (m.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running").then_some(())
+    });
+    let primary = m.get(&format!("/api/v1/vms/{vm}")).1["primary"]["server"]
+        .as_u64()
+        .unwrap();
+
+    // Its Regular User, through every server (the witness too): the history first, then
+    // keystrokes reach the guest, which echoes them.
+    for (i, web) in c.web.iter().enumerate() {
+        let wr = Web::logged_in(web, "r", USER_PASSWORD);
+        let mut con = wr
+            .console(vm, "serial", None)
+            .unwrap_or_else(|e| panic!("console through server {}: {e:?}", i + 1));
+        let history = con.read_until("tg: echo ready", WAIT);
+        assert!(history.contains("tg: entry"), "{history}");
+        let line = format!("hello from server {}", i + 1);
+        con.send(format!("{line}\r").as_bytes());
+        con.read_until(&format!("tg: echo {line}"), WAIT);
+        eprintln!(
+            "serial console of VM {vm} (on server {primary}) through server {}: echoed",
+            i + 1
+        );
+    }
+    // Its Power User too; the Manager too.
+    let mut con = wp
+        .console(vm, "serial", None)
+        .expect("the Power User's console");
+    con.read_until("tg: echo ready", WAIT);
+    let mut con = m
+        .console(vm, "serial", None)
+        .expect("the Manager's console");
+    con.read_until("tg: echo ready", WAIT);
+
+    // Refusals, each with its reason and before any upgrade.
+    let wo = Web::logged_in(&c.web[1], "o", USER_PASSWORD);
+    let e = wo.console(vm, "serial", None).err().expect("refused");
+    assert_eq!(e.0, 404, "another user's VM is hidden: {e:?}");
+    let e = wo.console(off, "serial", None).err().expect("refused");
+    assert_eq!(e.0, 409, "a VM that is off: {e:?}");
+    assert!(e.1.contains("is off"), "{e:?}");
+    let wr = Web::logged_in(&c.web[1], "r", USER_PASSWORD);
+    let e = wr
+        .console(vm, "serial", Some("http://evil.example"))
+        .err()
+        .expect("refused");
+    assert_eq!(e.0, 403, "a page of another site: {e:?}");
+    let e = Web::new(&c.web[1])
+        .console(vm, "serial", None)
+        .err()
+        .expect("refused");
+    assert_eq!(e.0, 401, "no session: {e:?}");
+    let e = wr.console(vm, "spice", None).err().expect("refused");
+    assert_eq!(e.0, 404, "no such console: {e:?}");
+    let plain = wr.get(&format!("/api/v1/vms/{vm}/console/serial"));
+    assert_eq!(plain.0, 426, "a console is a WebSocket: {plain:?}");
+
+    // The guest's "bye" ends its echo loop; the console stays open for output.
+    let mut con = wr.console(vm, "serial", None).expect("console");
+    con.read_until("tg: echo ready", WAIT);
+    con.send(b"bye\r");
+    con.read_until("tg: echo bye", WAIT);
 }

@@ -42,6 +42,8 @@ pub struct Request {
     pub peer: SocketAddr,
     /// Whether it came over HTTPS.
     pub secure: bool,
+    /// The connection, once answered with 101, for a WebSocket handshake.
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 impl Request {
@@ -206,7 +208,8 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(20))
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "web connection ended");
     }
@@ -214,10 +217,14 @@ where
 
 async fn handle(
     app: Arc<App>,
-    req: hyper::Request<Incoming>,
+    mut req: hyper::Request<Incoming>,
     peer: SocketAddr,
     secure: bool,
 ) -> Response<Body> {
+    let upgrade = req
+        .headers()
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -249,6 +256,7 @@ async fn handle(
                     body: b.to_bytes(),
                     peer,
                     secure,
+                    upgrade,
                 };
                 let method = req.method.clone();
                 let path = req.path.clone();

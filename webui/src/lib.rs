@@ -6,6 +6,7 @@
 //! - `cluster`: the Raft node as the API sees it: proposals as the logged-in user, reads of
 //!   this server's applied state that include the caller's own earlier writes;
 //! - `routes`: the endpoints, and what each role sees of the state (`views`);
+//! - `console`: the VM's serial and VNC consoles as WebSockets, relayed from its server;
 //! - `cli`: `enspeed vm|user|servers|audit`, the command-line client of the API;
 //! - `openapi`: the API's description;
 //! - `assets`: the UI's files (built from `webui/ui`, embedded by `build.rs`), served at
@@ -20,6 +21,7 @@ pub mod assets;
 pub mod auth;
 pub mod cli;
 pub mod cluster;
+pub mod console;
 pub mod http;
 pub mod openapi;
 pub mod routes;

@@ -40,6 +40,16 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "/vms/{id}/migrate",
         "Move a VM to its backup server, which must be in sync (Manager); a running VM restarts there",
     ),
+    (
+        "get",
+        "/vms/{id}/console/serial",
+        "The VM's serial console: a WebSocket (Upgrade: websocket) whose binary messages carry the serial port's bytes both ways, its recent history first; opened from any server, relayed from the VM's",
+    ),
+    (
+        "get",
+        "/vms/{id}/console/vnc",
+        "The VM's graphical console: a WebSocket carrying RFB 3.8 (VNC, no authentication: the session is), for noVNC; opened from any server, relayed from the VM's",
+    ),
     ("get", "/users", "The users the caller sees"),
     (
         "post",
@@ -147,6 +157,15 @@ pub fn document() -> Value {
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             }
         });
+        if path.contains("/console/") {
+            op["responses"] = json!({
+                "101": {"description": "switched to the WebSocket"},
+                "409": {"description": "the VM is off, or its server is down"},
+                "426": {"description": "not a WebSocket handshake"},
+                "default": {"description": "an error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            });
+        }
         if path.contains("{id}") {
             op["parameters"] = json!([{"name": "id", "in": "path", "required": true,
                 "schema": {"type": "integer"}}]);

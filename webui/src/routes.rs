@@ -41,7 +41,7 @@ use serde_json::{json, Value};
 use crate::auth::{self, RateLimit};
 use crate::cluster::{now_ms, Cluster};
 use crate::http::{json_response, ok, ApiError, Body, Request};
-use crate::{openapi, views, WebConfig};
+use crate::{console, openapi, views, WebConfig};
 
 /// The web service's state.
 pub struct App {
@@ -136,7 +136,7 @@ impl App {
     }
 
     /// Answers one request.
-    pub async fn route(&self, req: Request) -> Result<Response<Body>, ApiError> {
+    pub async fn route(&self, mut req: Request) -> Result<Response<Body>, ApiError> {
         if !crate::assets::is_api(&req.path) {
             return crate::assets::serve(&req);
         }
@@ -254,6 +254,21 @@ impl App {
                     StatusCode::ACCEPTED,
                     &json!({ "id": vm, "server": r.get("server") }),
                 ))
+            }
+            (Method::GET, ["vms", id, "console", kind]) => {
+                let kind = console::kind(kind)?;
+                let c = self.caller(&req, false).await?;
+                let vm = self.visible_vm(&c, id)?;
+                let accept = console::check_handshake(&req)?;
+                let (server, address) = self.vmm_server(&c.state, vm)?;
+                let stream = console::connect(&address, server, &vm.name, kind).await?;
+                console::upgrade(
+                    &mut req,
+                    accept,
+                    stream,
+                    vm.name.clone(),
+                    c.user.name.clone(),
+                )
             }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
@@ -530,6 +545,35 @@ impl App {
             .vm_by_id(n)
             .filter(|vm| access::may_operate_vm(&c.state, &c.user, vm))
             .ok_or_else(|| ApiError::not_found(format!("no VM {n}")))
+    }
+
+    /// The server that runs VM `vm`'s VMM (its disks' primary) and its client address; 409
+    /// when the VM is off or its server is down.
+    fn vmm_server(
+        &self,
+        state: &StateMachine,
+        vm: &control::state_machine::VmRecord,
+    ) -> Result<(u64, String), ApiError> {
+        let conflict = |why: String| ApiError::new(StatusCode::CONFLICT, why);
+        if !vm.running {
+            return Err(conflict(format!(
+                "VM {} is off: power it on first",
+                vm.name
+            )));
+        }
+        let server = vm
+            .disks
+            .first()
+            .and_then(|d| state.disks.get(d))
+            .map(|d| d.primary)
+            .ok_or_else(|| conflict(format!("VM {} has no disk yet", vm.name)))?;
+        match state.servers.get(&server) {
+            Some(s) if !s.down => Ok((server, s.address.clone())),
+            _ => Err(conflict(format!(
+                "VM {}: its server {server} is down; it restarts on its backup",
+                vm.name
+            ))),
+        }
     }
 
     /// The user `id` if the caller may see it; 404 otherwise.

@@ -115,6 +115,7 @@ fn run_actions() {
             "bench" => blk::act_bench(),
             "net" => net::act_net(),
             "kbd" => kbd::act_kbd(),
+            "echo" => serial::act_echo(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);
                 for _ in 0..n {

@@ -173,3 +173,36 @@ impl fmt::Display for Mac {
         write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
+
+/// Action `echo`: reads lines typed on the serial port and prints each back as
+/// `tg: echo LINE` (printable ASCII only, at most 64 bytes), until the line `bye` or
+/// `tg.echoms` milliseconds (default 30 s) pass. Polls the UART: the guest has no interrupts.
+pub fn act_echo() {
+    let dl = crate::io::Deadline::after_ms(crate::cmdline::num("tg.echoms", 30_000));
+    let mut line = [0u8; 64];
+    let mut n = 0;
+    say!("echo ready");
+    while !dl.expired() {
+        if inb(COM1 + 5) & 0x01 == 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        let b = inb(COM1);
+        if b == b'\r' || b == b'\n' {
+            if n == 0 {
+                continue;
+            }
+            // Only printable ASCII was kept.
+            let text = core::str::from_utf8(&line[..n]).unwrap_or("");
+            say!("echo {}", text);
+            if text == "bye" {
+                return;
+            }
+            n = 0;
+        } else if (0x20..0x7f).contains(&b) && n < line.len() {
+            line[n] = b;
+            n += 1;
+        }
+    }
+    say!("echo timeout");
+}

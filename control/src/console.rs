@@ -1,0 +1,264 @@
+//! A VM's consoles as byte streams between servers: the web server that a browser reaches
+//! asks the VM's primary server, on its client port, for the serial console or the graphical
+//! (RFB) console; once the answer line says yes, the connection carries the console's bytes
+//! both ways until either end closes.
+//!
+//! ```text
+//!   {"op":"console","vm":"web1","console":"serial"}  ->  {"ok":true,"result":{...}}\n  then bytes
+//!   {"op":"console","vm":"web1","console":"vnc"}     ->  {"ok":false,"error":"..."}\n   and close
+//! ```
+//!
+//! The serial stream starts with the console's recent history; the VNC stream is RFB from
+//! its first byte (the VMM's server, `enspeed vmm --vnc`).
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::node::NodeHandle;
+
+/// Which console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleKind {
+    /// The serial port: text, history first.
+    Serial,
+    /// The framebuffer and keyboard, as RFB.
+    Vnc,
+}
+
+impl ConsoleKind {
+    /// Its name in paths and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConsoleKind::Serial => "serial",
+            ConsoleKind::Vnc => "vnc",
+        }
+    }
+}
+
+/// Why a console cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such VM in the state.
+    #[error("no VM {0}")]
+    NoVm(String),
+    /// The VM is not running here.
+    #[error("VM {vm} does not run on server {server}")]
+    NotHere {
+        /// The VM.
+        vm: String,
+        /// This server.
+        server: u64,
+    },
+    /// This server runs no VMs (a witness, or no agent).
+    #[error("server {0} runs no VMs")]
+    NoAgent(u64),
+    /// The state cannot be read.
+    #[error("server {server}: {reason}")]
+    State {
+        /// This server.
+        server: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The VMM's socket cannot be reached.
+    #[error("VM {vm}: {console} console at {path}: {source}")]
+    Vmm {
+        /// The VM.
+        vm: String,
+        /// Which console.
+        console: &'static str,
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The VMM answered the serial request with a refusal.
+    #[error("VM {vm}: the VMM refused the serial console: {reason}")]
+    Refused {
+        /// The VM.
+        vm: String,
+        /// What it said.
+        reason: String,
+    },
+}
+
+/// The directory of VM `name`'s VMM sockets and logs under the agent's directory.
+pub fn vm_dir(agent_dir: &Path, name: &str) -> PathBuf {
+    agent_dir.join("vms").join(name)
+}
+
+/// The VMM's control socket in `dir`.
+pub fn api_socket(dir: &Path) -> PathBuf {
+    dir.join("api.sock")
+}
+
+/// The VMM's RFB socket in `dir`.
+pub fn vnc_socket(dir: &Path) -> PathBuf {
+    dir.join("vnc.sock")
+}
+
+/// Opens VM `vm`'s console on this server: checks that its VMM runs here, connects to the
+/// VMM and, for the serial console, asks for the stream. Answers the connected socket.
+pub fn open(
+    me: u64,
+    node: &NodeHandle,
+    agent_dir: Option<&Path>,
+    vm: &str,
+    kind: ConsoleKind,
+) -> Result<UnixStream, Error> {
+    let dir = agent_dir.ok_or(Error::NoAgent(me))?;
+    let (_, state) = node.snapshot().map_err(|e| Error::State {
+        server: me,
+        reason: e.to_string(),
+    })?;
+    let record = state
+        .vms
+        .get(vm)
+        .ok_or_else(|| Error::NoVm(vm.to_string()))?;
+    let here = !record.disks.is_empty()
+        && record
+            .disks
+            .iter()
+            .all(|d| state.disks.get(d).is_some_and(|d| d.primary == me));
+    if !here || !record.running {
+        return Err(Error::NotHere {
+            vm: vm.to_string(),
+            server: me,
+        });
+    }
+    let dir = vm_dir(dir, vm);
+    let path = match kind {
+        ConsoleKind::Serial => api_socket(&dir),
+        ConsoleKind::Vnc => vnc_socket(&dir),
+    };
+    let vmm_err = |source| Error::Vmm {
+        vm: vm.to_string(),
+        console: kind.name(),
+        path: path.clone(),
+        source,
+    };
+    let mut s = UnixStream::connect(&path).map_err(vmm_err)?;
+    if kind == ConsoleKind::Serial {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(vmm_err)?;
+        s.write_all(b"{\"cmd\":\"serial\"}\n").map_err(vmm_err)?;
+        let answer = read_answer(&mut s).map_err(vmm_err)?;
+        if answer.get("ok") != Some(&json!(true)) {
+            return Err(Error::Refused {
+                vm: vm.to_string(),
+                reason: answer
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no reason given")
+                    .to_string(),
+            });
+        }
+        s.set_read_timeout(None).map_err(vmm_err)?;
+    }
+    Ok(s)
+}
+
+/// Serves a console request that arrived on client connection `client` (its request line
+/// already read from `reader`): answers one line, then relays bytes both ways.
+pub fn serve(
+    client: TcpStream,
+    reader: BufReader<TcpStream>,
+    me: u64,
+    node: &NodeHandle,
+    agent_dir: Option<&Path>,
+    vm: &str,
+    kind: ConsoleKind,
+) {
+    let mut w = client;
+    let vmm = match open(me, node, agent_dir, vm, kind) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(vm, console = kind.name(), error = %e, "console refused");
+            let _ = writeln!(w, "{}", json!({"ok": false, "error": e.to_string()}));
+            return;
+        }
+    };
+    if writeln!(
+        w,
+        "{}",
+        json!({"ok": true, "result": {"vm": vm, "console": kind.name(), "server": me}})
+    )
+    .is_err()
+    {
+        return;
+    }
+    tracing::info!(vm, console = kind.name(), "console opened");
+    relay(reader, w, vmm);
+    tracing::info!(vm, console = kind.name(), "console closed");
+}
+
+/// Copies bytes between the client (whose reader may hold bytes already read) and the VMM
+/// until either side closes; then closes both.
+fn relay(mut from_client: BufReader<TcpStream>, client: TcpStream, vmm: UnixStream) {
+    let (Ok(mut to_vmm), Ok(mut from_vmm)) = (vmm.try_clone(), vmm.try_clone()) else {
+        return;
+    };
+    let mut to_client = client;
+    let up = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let _ = io::copy(&mut from_client, &mut to_vmm);
+            let _ = to_vmm.shutdown(Shutdown::Both);
+        });
+    let _ = io::copy(&mut from_vmm, &mut to_client);
+    let _ = to_client.shutdown(Shutdown::Both);
+    let _ = vmm.shutdown(Shutdown::Both);
+    if let Ok(t) = up {
+        let _ = t.join();
+    }
+}
+
+/// Reads one JSON answer line from `s`, byte by byte: what follows it is console output, not
+/// to be lost in a buffer.
+pub fn read_answer(s: &mut impl Read) -> io::Result<serde_json::Value> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() > 64 * 1024 {
+            return Err(io::Error::other("console answer line too long"));
+        }
+        if s.read(&mut b)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(b[0]);
+    }
+    serde_json::from_slice(&line).map_err(|e| io::Error::other(format!("bad console answer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_lines_stop_at_the_newline() {
+        let mut r: &[u8] = b"{\"ok\":true}\nRFB 003.008\n";
+        assert_eq!(read_answer(&mut r).unwrap(), json!({"ok": true}));
+        assert_eq!(r, b"RFB 003.008\n");
+        let mut short: &[u8] = b"{\"ok\":tr";
+        assert!(read_answer(&mut short).is_err());
+        let long = vec![b'x'; 70 * 1024];
+        assert!(read_answer(&mut long.as_slice()).is_err());
+    }
+
+    #[test]
+    fn kinds_are_named_in_requests() {
+        assert_eq!(serde_json::to_string(&ConsoleKind::Vnc).unwrap(), "\"vnc\"");
+        assert_eq!(
+            serde_json::from_str::<ConsoleKind>("\"serial\"").unwrap(),
+            ConsoleKind::Serial
+        );
+        assert!(serde_json::from_str::<ConsoleKind>("\"spice\"").is_err());
+    }
+}
