@@ -1,6 +1,7 @@
 //! The i8042 keyboard controller: enough of a PC's for a kernel to find a
-//! keyboard, receive Ctrl-Alt-Del from the host, and reset the machine by
-//! pulsing the CPU reset line (command 0xFE).
+//! keyboard, receive keys from the host (Ctrl-Alt-Del from the control
+//! socket, a console's typing from the RFB server), and reset the machine
+//! by pulsing the CPU reset line (command 0xFE).
 
 use std::collections::VecDeque;
 
@@ -42,14 +43,53 @@ const CMD_RESET_CPU: u8 = 0xfe;
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESEND: u8 = 0xfe;
 
-/// Most bytes queued toward the guest; beyond this, key events are dropped
-/// as a real controller's buffer would overflow.
+/// Most answers to the guest's own commands queued toward it; a guest
+/// flooding the controller with commands cannot grow the queue further.
 const BUF_MAX: usize = 64;
+/// Most bytes queued toward the guest when keys arrive: room for a few
+/// hundred keystrokes typed (or pasted) faster than the guest reads them.
+/// Beyond this, key events are dropped as a real keyboard's would be.
+const KEY_BUF_MAX: usize = 1024;
 
-/// Keys as scan code set 2 make codes (the keyboard's native set).
-const KEY_CTRL: &[u8] = &[0x14];
-const KEY_ALT: &[u8] = &[0x11];
-const KEY_DEL: &[u8] = &[0xe0, 0x71];
+/// A key as its scan code set 2 make code (the keyboard's native set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanCode {
+    /// Sent after an E0 prefix (the keys a PC/AT keyboard added).
+    pub extended: bool,
+    /// The make code.
+    pub code: u8,
+}
+
+impl ScanCode {
+    /// A key without prefix.
+    pub const fn plain(code: u8) -> ScanCode {
+        ScanCode {
+            extended: false,
+            code,
+        }
+    }
+
+    /// A key with the E0 prefix.
+    pub const fn extended(code: u8) -> ScanCode {
+        ScanCode {
+            extended: true,
+            code,
+        }
+    }
+}
+
+/// One press or release of a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyStroke {
+    /// Which key.
+    pub key: ScanCode,
+    /// Released rather than pressed.
+    pub release: bool,
+}
+
+const KEY_CTRL: ScanCode = ScanCode::plain(0x14);
+const KEY_ALT: ScanCode = ScanCode::plain(0x11);
+const KEY_DEL: ScanCode = ScanCode::extended(0x71);
 
 /// What a byte written to the data port means.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -92,6 +132,12 @@ impl I8042 {
         }
     }
 
+    fn push_key_byte(&mut self, b: u8) {
+        if self.buf.len() < KEY_BUF_MAX {
+            self.buf.push_back(b);
+        }
+    }
+
     /// Raises the keyboard IRQ if data waits and interrupts are enabled.
     fn kick(&mut self) {
         if !self.buf.is_empty() && self.cb & CB_KBD_INT != 0 {
@@ -99,32 +145,33 @@ impl I8042 {
         }
     }
 
-    /// Queues set-2 scan code bytes, translated to set 1 when the guest left
-    /// translation on (as a PC's controller does).
-    fn push_key(&mut self, code: &[u8], release: bool) {
-        if self.cb & CB_KBD_DISABLE != 0 {
+    /// Queues a key's set-2 bytes, translated to set 1 when the guest left
+    /// translation on (as a PC's controller does). A key is queued whole or
+    /// not at all, so a full queue never leaves half a scan code behind.
+    fn push_key(&mut self, key: ScanCode, release: bool) {
+        if self.cb & CB_KBD_DISABLE != 0 || self.buf.len() + 3 > KEY_BUF_MAX {
             return;
         }
-        if self.cb & CB_XLATE != 0 {
-            for &b in code {
-                match b {
-                    0xe0 => self.push(0xe0),
-                    b => {
-                        let s1 = translate(b);
-                        self.push(if release { s1 | 0x80 } else { s1 });
-                    }
-                }
-            }
-        } else {
-            let (last, prefix) = code.split_last().expect("key codes are not empty");
-            for &b in prefix {
-                self.push(b);
-            }
-            if release {
-                self.push(0xf0);
-            }
-            self.push(*last);
+        if key.extended {
+            self.push_key_byte(0xe0);
         }
+        if self.cb & CB_XLATE != 0 {
+            let s1 = translate(key.code);
+            self.push_key_byte(if release { s1 | 0x80 } else { s1 });
+        } else {
+            if release {
+                self.push_key_byte(0xf0);
+            }
+            self.push_key_byte(key.code);
+        }
+    }
+
+    /// Presses and releases keys, in order.
+    pub fn key_strokes(&mut self, strokes: &[KeyStroke]) {
+        for s in strokes {
+            self.push_key(s.key, s.release);
+        }
+        self.kick();
     }
 
     /// Presses and releases Ctrl-Alt-Del.
@@ -188,12 +235,101 @@ impl I8042 {
     }
 }
 
-/// Set 2 to set 1 for the make codes we generate.
-fn translate(code: u8) -> u8 {
+/// The controller's translation of a set-2 make code to set 1, for the
+/// keys of a 102-key PC keyboard (extended keys share their code's
+/// translation: E0 75, Up, is E0 48 as 75, keypad 8, is 48). Codes no key
+/// sends pass unchanged.
+pub(crate) fn translate(code: u8) -> u8 {
     match code {
-        0x14 => 0x1d,
-        0x11 => 0x38,
-        0x71 => 0x53,
+        0x76 => 0x01, // Esc
+        0x16 => 0x02, // 1
+        0x1e => 0x03,
+        0x26 => 0x04,
+        0x25 => 0x05,
+        0x2e => 0x06,
+        0x36 => 0x07,
+        0x3d => 0x08,
+        0x3e => 0x09,
+        0x46 => 0x0a,
+        0x45 => 0x0b, // 0
+        0x4e => 0x0c, // -
+        0x55 => 0x0d, // =
+        0x66 => 0x0e, // Backspace
+        0x0d => 0x0f, // Tab
+        0x15 => 0x10, // Q
+        0x1d => 0x11,
+        0x24 => 0x12,
+        0x2d => 0x13,
+        0x2c => 0x14,
+        0x35 => 0x15,
+        0x3c => 0x16,
+        0x43 => 0x17,
+        0x44 => 0x18,
+        0x4d => 0x19, // P
+        0x54 => 0x1a, // [
+        0x5b => 0x1b, // ]
+        0x5a => 0x1c, // Enter
+        0x14 => 0x1d, // Ctrl
+        0x1c => 0x1e, // A
+        0x1b => 0x1f,
+        0x23 => 0x20,
+        0x2b => 0x21,
+        0x34 => 0x22,
+        0x33 => 0x23,
+        0x3b => 0x24,
+        0x42 => 0x25,
+        0x4b => 0x26, // L
+        0x4c => 0x27, // ;
+        0x52 => 0x28, // '
+        0x0e => 0x29, // `
+        0x12 => 0x2a, // left Shift
+        0x5d => 0x2b, // backslash
+        0x1a => 0x2c, // Z
+        0x22 => 0x2d,
+        0x21 => 0x2e,
+        0x2a => 0x2f,
+        0x32 => 0x30,
+        0x31 => 0x31,
+        0x3a => 0x32, // M
+        0x41 => 0x33, // ,
+        0x49 => 0x34, // .
+        0x4a => 0x35, // /
+        0x59 => 0x36, // right Shift
+        0x7c => 0x37, // keypad *
+        0x11 => 0x38, // Alt
+        0x29 => 0x39, // Space
+        0x58 => 0x3a, // Caps Lock
+        0x05 => 0x3b, // F1
+        0x06 => 0x3c,
+        0x04 => 0x3d,
+        0x0c => 0x3e,
+        0x03 => 0x3f,
+        0x0b => 0x40,
+        0x83 => 0x41, // F7
+        0x0a => 0x42,
+        0x01 => 0x43,
+        0x09 => 0x44, // F10
+        0x77 => 0x45, // Num Lock
+        0x7e => 0x46, // Scroll Lock
+        0x6c => 0x47, // keypad 7, Home
+        0x75 => 0x48, // keypad 8, Up
+        0x7d => 0x49, // keypad 9, Page Up
+        0x7b => 0x4a, // keypad -
+        0x6b => 0x4b, // keypad 4, Left
+        0x73 => 0x4c, // keypad 5
+        0x74 => 0x4d, // keypad 6, Right
+        0x79 => 0x4e, // keypad +
+        0x69 => 0x4f, // keypad 1, End
+        0x72 => 0x50, // keypad 2, Down
+        0x7a => 0x51, // keypad 3, Page Down
+        0x70 => 0x52, // keypad 0, Insert
+        0x71 => 0x53, // keypad ., Delete
+        0x61 => 0x56, // the 102nd key
+        0x78 => 0x57, // F11
+        0x07 => 0x58, // F12
+        0x1f => 0x5b, // left Windows
+        0x27 => 0x5c, // right Windows
+        0x2f => 0x5d, // Menu
         other => other,
     }
 }
@@ -319,6 +455,36 @@ mod tests {
         d.write(DATA, &[0xed]);
         d.write(DATA, &[0x07]);
         assert_eq!(drain(&mut d), vec![KBD_ACK, KBD_ACK]);
+    }
+
+    #[test]
+    fn key_strokes_queue_whole_keys_up_to_a_bound() {
+        let (mut d, _rx) = dev();
+        let a = |release| KeyStroke {
+            key: ScanCode::plain(0x1c),
+            release,
+        };
+        let up = |release| KeyStroke {
+            key: ScanCode::extended(0x75),
+            release,
+        };
+        d.key_strokes(&[a(false), a(true), up(false), up(true)]);
+        assert_eq!(drain(&mut d), vec![0x1e, 0x9e, 0xe0, 0x48, 0xe0, 0xc8]);
+        // Untranslated set 2.
+        d.write(COMMAND, &[CMD_WRITE_CB]);
+        d.write(DATA, &[CB_KBD_INT]);
+        d.key_strokes(&[up(false), up(true)]);
+        assert_eq!(drain(&mut d), vec![0xe0, 0x75, 0xe0, 0xf0, 0x75]);
+        // A flood of keys stops at the bound, on a whole key.
+        let many = vec![up(true); 10_000];
+        d.key_strokes(&many);
+        let got = drain(&mut d);
+        assert!(got.len() <= KEY_BUF_MAX && got.len() > BUF_MAX);
+        assert_eq!(got.len() % 3, 0);
+        // A disabled keyboard sends nothing.
+        d.write(COMMAND, &[CMD_KBD_DISABLE]);
+        d.key_strokes(&[a(false)]);
+        assert!(drain(&mut d).is_empty());
     }
 
     #[test]
