@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
-    parse_disk, parse_net, parse_serial, DiskConfig, NetConfig, SerialTarget, VmConfig,
+    parse_disk, parse_framebuffer, parse_net, parse_serial, DiskConfig, NetConfig, SerialTarget,
+    VmConfig, VncConfig,
 };
 
 #[derive(Parser)]
@@ -202,6 +203,16 @@ struct VmmArgs {
     /// Control socket (JSON lines): status, pause, resume, shutdown, stop, ctrl-alt-del, media, serial.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Graphical console: a framebuffer for the guest (Linux finds it through boot_params, vesafb)
+    /// and an RFB (VNC) server on this unix socket, no authentication, owner-only access.
+    #[arg(long)]
+    vnc: Option<PathBuf>,
+    /// Framebuffer size WIDTHxHEIGHT, 32 bits a pixel (with --vnc).
+    #[arg(long, default_value = "1024x768", value_parser = parse_framebuffer, requires = "vnc")]
+    framebuffer: (u32, u32),
+    /// The VM's name, as its console shows it.
+    #[arg(long, default_value = "enspeed")]
+    name: String,
 }
 
 /// Sends `request` on the control socket; returns the answer line and its `ok`.
@@ -279,6 +290,7 @@ fn main() -> ExitCode {
         },
         Command::Vmm(a) => {
             let cfg = VmConfig {
+                name: a.name,
                 kernel: a.kernel,
                 initrd: a.initrd,
                 cmdline: a.cmdline,
@@ -288,6 +300,11 @@ fn main() -> ExitCode {
                 nets: a.nets,
                 serial: a.serial,
                 api_socket: a.api_socket,
+                vnc: a.vnc.map(|socket| VncConfig {
+                    socket,
+                    width: a.framebuffer.0,
+                    height: a.framebuffer.1,
+                }),
             };
             match vmm::vm::run(cfg) {
                 Ok(exit) => {

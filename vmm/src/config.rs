@@ -1,7 +1,7 @@
 //! What a VM is made of, and the parsing of the command-line forms of its
 //! devices (`--disk PATH[,readonly]`, `--disk vhost-user=SOCKET`,
-//! `--net tap=NAME[,mac=MAC]`, `--serial stdout|FILE`). These forms are a stable interface: scripts and
-//! the node agent rely on them.
+//! `--net tap=NAME[,mac=MAC]`, `--serial stdout|FILE`, `--framebuffer WxH`). These forms are a
+//! stable interface: scripts and the node agent rely on them.
 
 use std::path::PathBuf;
 
@@ -46,9 +46,22 @@ pub enum SerialTarget {
     File(PathBuf),
 }
 
+/// The graphical console: a framebuffer served over RFB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VncConfig {
+    /// The RFB server's unix socket.
+    pub socket: PathBuf,
+    /// Framebuffer width in pixels.
+    pub width: u32,
+    /// Framebuffer height in pixels.
+    pub height: u32,
+}
+
 /// A whole VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// The VM's name, as its console shows it.
+    pub name: String,
     /// Kernel image (bzImage or ELF).
     pub kernel: PathBuf,
     /// Initial ramdisk.
@@ -67,6 +80,8 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
+    /// Graphical console, if any.
+    pub vnc: Option<VncConfig>,
 }
 
 /// Parses `PATH[,readonly]` or `vhost-user=SOCKET`.
@@ -154,6 +169,19 @@ pub fn parse_serial(s: &str) -> Result<SerialTarget, String> {
     }
 }
 
+/// Parses a framebuffer size, `WIDTHxHEIGHT` (e.g. `1024x768`); the
+/// limits are checked when the framebuffer is created.
+pub fn parse_framebuffer(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("framebuffer size {s:?} is not WIDTHxHEIGHT"))?;
+    let n = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("framebuffer size {s:?} is not WIDTHxHEIGHT"))
+    };
+    Ok((n(w)?, n(h)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +226,15 @@ mod tests {
         assert!(parse_net("tap=x,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=averyveryverylongname").is_err());
         assert!(parse_net("tap=t,speed=10").is_err());
+    }
+
+    #[test]
+    fn framebuffer_sizes() {
+        assert_eq!(parse_framebuffer("1024x768").unwrap(), (1024, 768));
+        assert_eq!(parse_framebuffer("800X600").unwrap(), (800, 600));
+        for bad in ["", "1024", "x768", "1024x", "-1x5", "1024x768x2", "1e3x5"] {
+            assert!(parse_framebuffer(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod rfb;
 pub mod vcpu;
 pub mod vm;

@@ -31,13 +31,15 @@ use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
 use crate::config::{DiskKind, SerialTarget, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ResetPort};
-use crate::devices::i8042::I8042;
+use crate::devices::framebuffer::{Framebuffer, FramebufferError};
+use crate::devices::i8042::{KeyStroke, I8042};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::net::{tap::Tap, Net};
 use crate::devices::virtio::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestMemory};
+use crate::rfb;
 use crate::vcpu::{self, Control, Run, VcpuThread};
 
 /// Things that happen to a VM, from its devices, vCPUs and control socket.
@@ -54,6 +56,8 @@ pub enum VmEvent {
     Api(Request, Sender<Response>),
     /// Keystrokes for the serial console.
     SerialInput(Vec<u8>),
+    /// Key presses and releases for the keyboard (from the RFB console).
+    Keys(Vec<KeyStroke>),
 }
 
 /// Errors building or running a VM.
@@ -91,6 +95,9 @@ pub enum VmError {
     /// A tap.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
+    /// The framebuffer.
+    #[error(transparent)]
+    Framebuffer(#[from] FramebufferError),
     /// Too many devices, a bad vCPU count, a bus clash.
     #[error("invalid VM configuration: {0}")]
     Config(String),
@@ -136,6 +143,8 @@ struct Vm {
     _vm: Arc<VmFd>,
     _mem: GuestMemory,
     _memfd: std::fs::File,
+    /// Mapped into the VM as a memory slot: kept alive as long as the VM fd.
+    _fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
     control: Arc<Control>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -163,6 +172,7 @@ impl Vm {
         cfg: &VmConfig,
         console: &Arc<Console>,
         events: &Sender<VmEvent>,
+        fb: Option<&Arc<Framebuffer>>,
     ) -> Result<Vm, VmError> {
         if cfg.vcpus == 0 || cfg.vcpus > 64 {
             return Err(VmError::Config(format!(
@@ -208,6 +218,10 @@ impl Vm {
             // only after vCPU threads are joined).
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
         }
+        let lfb = match fb {
+            Some(fb) => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
+            None => None,
+        };
 
         // Boot.
         let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
@@ -225,7 +239,7 @@ impl Vm {
             .collect();
         let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
         let cmdline = cmdline_with_devices(&cfg.cmdline, device_count);
-        boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp)?;
+        boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp, lfb.as_ref())?;
 
         // Legacy devices.
         let mut pio = Bus::default();
@@ -335,6 +349,7 @@ impl Vm {
             _vm: vm,
             _mem: mem,
             _memfd: memfd,
+            _fb: fb.cloned(),
             vcpus,
             control,
             serial,
@@ -404,10 +419,20 @@ pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
     if cfg.serial == SerialTarget::Stdout && unsafe_isatty_stdin() {
         forward_stdin(tx.clone());
     }
+    let fb = match &cfg.vnc {
+        Some(v) => {
+            let fb = Arc::new(Framebuffer::new(v.width, v.height)?);
+            rfb::serve(&v.socket, fb.clone(), cfg.name.clone(), tx.clone())
+                .map_err(io_err(format!("serve {}", v.socket.display())))?;
+            tracing::info!(vm = %cfg.name, socket = %v.socket.display(), width = v.width, height = v.height, "RFB console");
+            Some(fb)
+        }
+        None => None,
+    };
     let mut boots = 0u64;
     loop {
         boots += 1;
-        let vm = Vm::build(&cfg, &console, &tx)?;
+        let vm = Vm::build(&cfg, &console, &tx, fb.as_ref())?;
         let next = run_until_exit(&cfg, &vm, &rx, boots);
         vm.teardown();
         // Device and vCPU events of the old VM are stale; requests are kept
@@ -424,11 +449,50 @@ pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
                 if let Some(sock) = &cfg.api_socket {
                     let _ = std::fs::remove_file(sock);
                 }
+                if let Some(v) = &cfg.vnc {
+                    let _ = std::fs::remove_file(&v.socket);
+                }
                 return Ok(e);
             }
             Next::Reboot => tracing::info!("guest reset; booting again"),
         }
     }
+}
+
+/// Gives the framebuffer to the VM as memory slot `slot` at
+/// [`FRAMEBUFFER_START`], black, and describes it for the boot data.
+fn map_framebuffer(
+    vm: &VmFd,
+    fb: &Framebuffer,
+    slot: u32,
+) -> Result<boot::LinearFramebuffer, VmError> {
+    if fb.size() > FRAMEBUFFER_MAX_SIZE {
+        return Err(VmError::Config(format!(
+            "a framebuffer of {} bytes does not fit its window",
+            fb.size()
+        )));
+    }
+    fb.clear();
+    let r = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: FRAMEBUFFER_START,
+        memory_size: fb.size(),
+        userspace_addr: fb.host_address(),
+        flags: 0,
+    };
+    // SAFETY: the mapping lives as long as the Framebuffer, which run()
+    // creates once and keeps (with the RFB server and every Vm holding
+    // clones) until the process ends, past every VM fd.
+    unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map the framebuffer"))?;
+    let side =
+        |v: u32| u16::try_from(v).map_err(|_| VmError::Config("framebuffer too large".into()));
+    Ok(boot::LinearFramebuffer {
+        base: FRAMEBUFFER_START,
+        size: fb.size(),
+        width: side(fb.width())?,
+        height: side(fb.height())?,
+        stride: side(fb.stride())?,
+    })
 }
 
 fn unsafe_isatty_stdin() -> bool {
@@ -489,6 +553,7 @@ fn run_until_exit(
             VmEvent::Reset => return Ok(Next::Reboot),
             VmEvent::Halted(id) => tracing::info!(vcpu = id, "vCPU halted"),
             VmEvent::VcpuFailed(msg) => return Err(VmError::Vcpu(msg)),
+            VmEvent::Keys(strokes) => lock(&vm.i8042).key_strokes(&strokes),
             VmEvent::SerialInput(bytes) => {
                 // Bounded: a client pasting megabytes must not grow us without limit.
                 if serial_backlog.len() < 1 << 20 {

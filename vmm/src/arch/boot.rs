@@ -67,6 +67,48 @@ pub enum BootError {
     BootData(String),
 }
 
+/// `screen_info.orig_video_isVGA` of a VESA linear framebuffer.
+const VIDEO_TYPE_VLFB: u8 = 0x23;
+/// `screen_info.capabilities`: `ext_lfb_base` holds the base's high half.
+const VIDEO_CAPABILITY_64BIT_BASE: u32 = 1 << 1;
+
+/// A linear framebuffer to tell the guest about: 32 bits a pixel, XRGB8888.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearFramebuffer {
+    /// Guest-physical address.
+    pub base: u64,
+    /// Bytes mapped there, a multiple of 64 KiB.
+    pub size: u64,
+    /// Width in pixels.
+    pub width: u16,
+    /// Height in pixels.
+    pub height: u16,
+    /// Bytes from one line to the next.
+    pub stride: u16,
+}
+
+/// Fills Linux's `screen_info` so that it finds a VESA linear framebuffer
+/// (sysfb registers it for vesafb, or simplefb where configured).
+fn screen_info(params: &mut boot_params, fb: &LinearFramebuffer) {
+    let si = &mut params.screen_info;
+    si.orig_video_isVGA = VIDEO_TYPE_VLFB;
+    si.lfb_width = fb.width;
+    si.lfb_height = fb.height;
+    si.lfb_depth = 32;
+    si.lfb_linelength = fb.stride;
+    si.lfb_base = fb.base as u32;
+    if fb.base >> 32 != 0 {
+        si.ext_lfb_base = (fb.base >> 32) as u32;
+        si.capabilities |= VIDEO_CAPABILITY_64BIT_BASE;
+    }
+    // In 64 KiB units for a VESA framebuffer.
+    si.lfb_size = u32::try_from(fb.size >> 16).unwrap_or(u32::MAX);
+    (si.red_size, si.red_pos) = (8, 16);
+    (si.green_size, si.green_pos) = (8, 8);
+    (si.blue_size, si.blue_pos) = (8, 0);
+    (si.rsvd_size, si.rsvd_pos) = (8, 24);
+}
+
 /// What the loaders produced: where to enter and where the initrd is.
 #[derive(Debug)]
 pub struct LoadedKernel {
@@ -141,8 +183,9 @@ pub fn load_initrd(mem: &GuestMemory, path: &Path) -> Result<(GuestAddress, u64)
     Ok((GuestAddress(addr), size))
 }
 
-/// The RAM map the guest is told about: [start, end) ranges and their types.
-fn memory_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
+/// The memory map the guest is told about: [start, end) ranges and their
+/// types, in address order.
+fn memory_map(mem: &GuestMemory, fb: Option<&LinearFramebuffer>) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (ACPI_START, ACPI_END, E820_RESERVED),
@@ -154,16 +197,24 @@ fn memory_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
             map.push((start, end, E820_RAM));
         }
     }
+    if let Some(fb) = fb {
+        map.push((fb.base, fb.base.saturating_add(fb.size), E820_RESERVED));
+    }
+    map.sort_by_key(|e| e.0);
     map
 }
 
 /// Writes the command line and the boot data for `kernel`'s entry mode.
+/// A framebuffer is reserved in the memory map either way, but only the
+/// Linux boot protocol can describe it (PVH's start info has no place for
+/// a screen).
 pub fn write_boot_data(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline: &str,
     initrd: Option<(GuestAddress, u64)>,
     rsdp: GuestAddress,
+    fb: Option<&LinearFramebuffer>,
 ) -> Result<(), BootError> {
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline)
@@ -171,7 +222,7 @@ pub fn write_boot_data(
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cmdline_len = cl.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
-    let map = memory_map(mem);
+    let map = memory_map(mem, fb);
 
     match kernel.entry {
         EntryMode::Linux64 { .. } => {
@@ -190,6 +241,9 @@ pub fn write_boot_data(
                 params.hdr.ramdisk_size = size as u32;
             }
             params.acpi_rsdp_addr = rsdp.raw_value();
+            if let Some(fb) = fb {
+                screen_info(&mut params, fb);
+            }
             if map.len() > params.e820_table.len() {
                 return Err(BootError::BootData("too many e820 entries".into()));
             }
@@ -253,10 +307,78 @@ mod tests {
     #[test]
     fn e820_covers_low_and_high_ram_and_reserves_acpi() {
         let (mem, _f) = crate::memory::create(128).unwrap();
-        let m = memory_map(&mem);
+        let m = memory_map(&mem, None);
         assert_eq!(m[0], (0, EBDA_START, E820_RAM));
         assert_eq!(m[1], (ACPI_START, ACPI_END, E820_RESERVED));
         assert_eq!(m[2], (HIMEM_START, 128 << 20, E820_RAM));
+        assert_eq!(m.len(), 3);
+    }
+
+    fn fb() -> LinearFramebuffer {
+        LinearFramebuffer {
+            base: FRAMEBUFFER_START,
+            size: 3 << 20,
+            width: 1024,
+            height: 768,
+            stride: 4096,
+        }
+    }
+
+    #[test]
+    fn framebuffer_is_reserved_and_described_in_screen_info() {
+        let (mem, _f) = crate::memory::create(64).unwrap();
+        let m = memory_map(&mem, Some(&fb()));
+        assert_eq!(
+            m.last(),
+            Some(&(
+                FRAMEBUFFER_START,
+                FRAMEBUFFER_START + (3 << 20),
+                E820_RESERVED
+            ))
+        );
+        let k = LoadedKernel {
+            entry: EntryMode::Linux64 { entry: 0x100000 },
+            setup_header: None,
+        };
+        write_boot_data(&mem, &k, "", None, GuestAddress(ACPI_START), Some(&fb())).unwrap();
+        let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let si = p.screen_info;
+        assert_eq!(si.orig_video_isVGA, VIDEO_TYPE_VLFB);
+        assert_eq!(
+            ({ si.lfb_width }, { si.lfb_height }, { si.lfb_depth }, {
+                si.lfb_linelength
+            }),
+            (1024, 768, 32, 4096)
+        );
+        assert_eq!(({ si.lfb_base }, { si.lfb_size }), (0xc000_0000, 48));
+        assert_eq!(({ si.capabilities }, { si.ext_lfb_base }), (0, 0));
+        assert_eq!(
+            [si.red_size, si.red_pos, si.green_size, si.green_pos],
+            [8, 16, 8, 8]
+        );
+        assert_eq!(
+            [si.blue_size, si.blue_pos, si.rsvd_size, si.rsvd_pos],
+            [8, 0, 8, 24]
+        );
+        // Byte offsets a guest reads (include/uapi/linux/screen_info.h).
+        let mut raw = [0u8; 0x40];
+        mem.read_slice(&mut raw, GuestAddress(ZERO_PAGE_START))
+            .unwrap();
+        assert_eq!(raw[0x0f], 0x23);
+        assert_eq!(&raw[0x18..0x1c], &0xc000_0000u32.to_le_bytes());
+        assert_eq!(&raw[0x24..0x26], &4096u16.to_le_bytes());
+        // Above 4 GiB, the high half goes to ext_lfb_base.
+        let high = LinearFramebuffer {
+            base: 0x1_2000_0000,
+            ..fb()
+        };
+        let mut p = boot_params::default();
+        screen_info(&mut p, &high);
+        assert_eq!(
+            ({ p.screen_info.lfb_base }, { p.screen_info.ext_lfb_base }),
+            (0x2000_0000, 1)
+        );
+        assert_eq!({ p.screen_info.capabilities }, VIDEO_CAPABILITY_64BIT_BASE);
     }
 
     #[test]
@@ -282,6 +404,7 @@ mod tests {
             "console=ttyS0 quiet",
             Some((GuestAddress(0x300_0000), 4096)),
             GuestAddress(ACPI_START),
+            None,
         )
         .unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -303,7 +426,7 @@ mod tests {
         };
         let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
         assert!(matches!(
-            write_boot_data(&mem, &k, &long, None, GuestAddress(ACPI_START)),
+            write_boot_data(&mem, &k, &long, None, GuestAddress(ACPI_START), None),
             Err(BootError::Cmdline(_))
         ));
     }

@@ -42,6 +42,11 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The framebuffer's window at the start of the MMIO hole: its own KVM
+/// memory slot (not guest RAM), reserved in the e820 map.
+pub const FRAMEBUFFER_START: u64 = 0xc000_0000;
+/// Largest framebuffer the window holds (4096x4096 at 32 bits per pixel).
+pub const FRAMEBUFFER_MAX_SIZE: u64 = 0x400_0000;
 /// First virtio-mmio transport window.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of each virtio-mmio window.

@@ -1,6 +1,8 @@
-//! Emulated devices: legacy PC pieces on port I/O and virtio on MMIO.
+//! Emulated devices: legacy PC pieces on port I/O, the linear framebuffer,
+//! and virtio on MMIO.
 
 pub mod acpi_pm;
+pub mod framebuffer;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

@@ -1,0 +1,201 @@
+//! The linear framebuffer: memory the guest draws into, 32 bits a pixel in
+//! XRGB8888 (a little-endian u32: blue in the low byte, then green, red,
+//! and an unused byte), one line after the other.
+//!
+//! It is an anonymous mapping of its own, not guest RAM: the VM hands it
+//! to KVM as a separate memory slot at
+//! [`FRAMEBUFFER_START`](crate::arch::layout::FRAMEBUFFER_START), so the
+//! guest's stores land in it without a VM exit, and the RFB server copies
+//! pixels out of it from its own threads. It lives as long as the VMM
+//! process, across guest reboots, so the RFB server keeps one for all boots.
+
+use crate::arch::layout::FRAMEBUFFER_MAX_SIZE;
+
+/// Bytes a pixel takes.
+pub const BYTES_PER_PIXEL: u32 = 4;
+/// The guest is told the framebuffer's size in 64 KiB units (VESA's), so
+/// the mapping is a multiple of that.
+const SIZE_GRANULE: u64 = 64 * 1024;
+/// Smallest width or height accepted.
+pub const MIN_SIDE: u32 = 16;
+/// Largest width or height accepted (Linux's screen_info holds u16 sides
+/// and a u16 line length).
+pub const MAX_SIDE: u32 = 4096;
+
+/// Errors creating a framebuffer.
+#[derive(Debug, thiserror::Error)]
+pub enum FramebufferError {
+    /// The requested size is out of range.
+    #[error(
+        "framebuffer {width}x{height} is out of range ({MIN_SIDE} to {MAX_SIDE} pixels a side)"
+    )]
+    BadSize {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+    },
+    /// mmap failed.
+    #[error("cannot map a {0}-byte framebuffer: {1}")]
+    Map(u64, std::io::Error),
+}
+
+/// A framebuffer's memory and shape.
+pub struct Framebuffer {
+    ptr: *mut u8,
+    len: usize,
+    width: u32,
+    height: u32,
+}
+
+// SAFETY: the mapping is plain memory owned by this value until drop; all
+// access goes through raw-pointer copies of whole pixels, which the guest
+// races with anyway (it writes through KVM whenever it likes), so a torn
+// pixel is the worst outcome, as on real hardware.
+unsafe impl Send for Framebuffer {}
+// SAFETY: as for Send: no method hands out references into the mapping.
+unsafe impl Sync for Framebuffer {}
+
+impl Framebuffer {
+    /// Maps a black framebuffer of `width` x `height` pixels.
+    pub fn new(width: u32, height: u32) -> Result<Framebuffer, FramebufferError> {
+        let bad = FramebufferError::BadSize { width, height };
+        if !(MIN_SIDE..=MAX_SIDE).contains(&width) || !(MIN_SIDE..=MAX_SIDE).contains(&height) {
+            return Err(bad);
+        }
+        let bytes = u64::from(width) * u64::from(height) * u64::from(BYTES_PER_PIXEL);
+        let size = bytes.div_ceil(SIZE_GRANULE) * SIZE_GRANULE;
+        if size > FRAMEBUFFER_MAX_SIZE {
+            return Err(bad);
+        }
+        let len = usize::try_from(size).map_err(|_| bad)?;
+        // SAFETY: an anonymous private mapping at an address the kernel
+        // chooses; the result is checked before use and unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(FramebufferError::Map(size, std::io::Error::last_os_error()));
+        }
+        Ok(Framebuffer {
+            ptr: ptr.cast(),
+            len,
+            width,
+            height,
+        })
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    /// Height in pixels.
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Bytes from one line to the next.
+    pub fn stride(&self) -> u32 {
+        self.width * BYTES_PER_PIXEL
+    }
+
+    /// Size of the mapping: what the guest sees, a multiple of 64 KiB.
+    pub fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Host address of the mapping, for KVM's memory slot.
+    pub fn host_address(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Paints everything black, as firmware does before a boot.
+    pub fn clear(&self) {
+        // SAFETY: the mapping is `len` writable bytes, alive while self is.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) };
+    }
+
+    /// Copies the pixels of the rectangle at (`x`, `y`) of `w` x `h` into
+    /// `dst`, line after line. Returns false, copying nothing, when the
+    /// rectangle does not lie inside the framebuffer or `dst` is too small.
+    pub fn read_rect(&self, x: u32, y: u32, w: u32, h: u32, dst: &mut [u32]) -> bool {
+        let inside = x.checked_add(w).is_some_and(|e| e <= self.width)
+            && y.checked_add(h).is_some_and(|e| e <= self.height);
+        let count = w as usize * h as usize;
+        if !inside || dst.len() < count {
+            return false;
+        }
+        for row in 0..h {
+            let offset = ((y + row) as usize * self.width as usize + x as usize) * 4;
+            let out = &mut dst[(row * w) as usize..((row + 1) * w) as usize];
+            // SAFETY: the source line lies inside the mapping (checked
+            // above), is 4-byte aligned (page-aligned base, whole pixels)
+            // and does not overlap `out`, which is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.ptr.add(offset).cast::<u32>(),
+                    out.as_mut_ptr(),
+                    w as usize,
+                )
+            };
+        }
+        true
+    }
+
+    /// Sets one pixel, as the guest would; for tests of the readers.
+    #[cfg(test)]
+    pub(crate) fn put(&self, x: u32, y: u32, xrgb: u32) {
+        assert!(x < self.width && y < self.height);
+        let offset = (y as usize * self.width as usize + x as usize) * 4;
+        // SAFETY: inside the mapping (asserted), aligned to 4.
+        unsafe { self.ptr.add(offset).cast::<u32>().write(xrgb) };
+    }
+}
+
+impl Drop for Framebuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` with this length, and no
+        // VM maps it any more (a VM holds the framebuffer while it runs).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_to_64k_and_absurd_ones_are_refused() {
+        let fb = Framebuffer::new(1024, 768).unwrap();
+        assert_eq!(fb.size(), 3 << 20);
+        assert_eq!(fb.stride(), 4096);
+        assert_eq!(Framebuffer::new(100, 100).unwrap().size(), 64 * 1024);
+        assert!(Framebuffer::new(0, 768).is_err());
+        assert!(Framebuffer::new(1024, 5000).is_err());
+    }
+
+    #[test]
+    fn rectangles_read_back_and_out_of_bounds_is_refused() {
+        let fb = Framebuffer::new(64, 32).unwrap();
+        fb.put(10, 5, 0x00ff_0000);
+        fb.put(11, 6, 0x0000_ff00);
+        let mut d = vec![0u32; 4];
+        assert!(fb.read_rect(10, 5, 2, 2, &mut d));
+        assert_eq!(d, vec![0x00ff_0000, 0, 0, 0x0000_ff00]);
+        assert!(!fb.read_rect(63, 0, 2, 1, &mut d));
+        assert!(!fb.read_rect(0, 31, 1, 2, &mut d));
+        assert!(!fb.read_rect(u32::MAX, 0, 2, 1, &mut d));
+        assert!(!fb.read_rect(0, 0, 5, 1, &mut d));
+        fb.clear();
+        assert!(fb.read_rect(10, 5, 2, 2, &mut d));
+        assert_eq!(d, vec![0; 4]);
+    }
+}

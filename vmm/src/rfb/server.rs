@@ -1,0 +1,559 @@
+//! The RFB server loop: a unix socket, a thread per client.
+//!
+//! ```text
+//!   connect -> version -> security (None) -> ClientInit -> ServerInit
+//!           -> messages <-> updates, until the client leaves or misbehaves
+//! ```
+//!
+//! Each client has its own pixel format, its own copy of the frame it was
+//! last sent, and its own keyboard state; a pending incremental update
+//! request is answered as soon as a tile differs from that copy (checked
+//! every [`POLL`]). Bytes that are not RFB, a message we refuse, or a
+//! client that stops reading what we send close that client only.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::keysym::Keyboard;
+use super::update::{ClientFrame, Converter};
+use super::wire::{
+    ClientInit, ClientMessage, PixelFormat, Rect, SecurityResult, SecurityTypes, ServerInit,
+    Version, WireError, SECURITY_NONE,
+};
+use crate::devices::framebuffer::Framebuffer;
+use crate::devices::i8042::KeyStroke;
+use crate::vm::VmEvent;
+
+/// Clients served at once; more are closed on arrival.
+pub const MAX_CLIENTS: usize = 16;
+/// Time a client has for the whole handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a write may block before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a pending incremental request looks for changes.
+pub const POLL: Duration = Duration::from_millis(30);
+/// How long a client with nothing pending waits in a read.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// Most bytes buffered from a client: well above the longest message we
+/// decode whole (a SetEncodings of 1024 encodings, 4100 bytes).
+const READ_BUF_MAX: usize = 16 * 1024;
+
+/// Why a client was closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client sent bytes we refuse.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The client closed the connection.
+    #[error("the client closed the connection")]
+    Closed,
+    /// The handshake took too long.
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+/// What every client thread shares.
+struct Shared {
+    fb: Arc<Framebuffer>,
+    name: String,
+    events: Sender<VmEvent>,
+    clients: AtomicUsize,
+}
+
+/// Serves RFB on a unix socket at `path` until the process exits: the
+/// framebuffer `fb` to every client, under the desktop name `name`, and
+/// their keys to the VM as [`VmEvent::Keys`]. Pointer events are accepted
+/// and ignored (the VM has no pointing device yet), as is the clipboard.
+/// There is no authentication (security type None): the socket is made
+/// accessible to its owner only, the local server process, which
+/// authenticates the people it proxies.
+pub fn serve(
+    path: &Path,
+    fb: Arc<Framebuffer>,
+    name: String,
+    events: Sender<VmEvent>,
+) -> std::io::Result<()> {
+    // A stale socket from a crashed VMM would make bind fail.
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let shared = Arc::new(Shared {
+        fb,
+        name,
+        events,
+        clients: AtomicUsize::new(0),
+    });
+    std::thread::Builder::new()
+        .name("rfb".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(vm = %shared.name, max = MAX_CLIENTS, "RFB client refused: too many clients");
+                    continue;
+                }
+                let shared2 = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("rfb-client".into())
+                    .spawn(move || serve_client(conn, &shared2));
+                if spawned.is_err() {
+                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// One client's thread, from connection to close.
+fn serve_client(conn: UnixStream, shared: &Shared) {
+    let vm = &shared.name;
+    let mut client = Client::new(conn, shared);
+    match client.run() {
+        Ok(()) | Err(ClientError::Closed) => tracing::debug!(%vm, "RFB client left"),
+        Err(e) => tracing::warn!(%vm, error = %e, "RFB client closed"),
+    }
+    client.release_keys();
+    shared.clients.fetch_sub(1, Ordering::SeqCst);
+}
+
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, WireError>;
+
+/// A pending FramebufferUpdateRequest.
+struct Pending {
+    area: Rect,
+    full: bool,
+}
+
+/// One client's connection and state.
+struct Client<'a> {
+    stream: UnixStream,
+    shared: &'a Shared,
+    buf: Vec<u8>,
+    /// Bytes of a ClientCutText's text still to be thrown away.
+    skip: usize,
+    converter: Converter,
+    frame: ClientFrame,
+    keyboard: Keyboard,
+    pending: Option<Pending>,
+}
+
+impl<'a> Client<'a> {
+    fn new(stream: UnixStream, shared: &'a Shared) -> Self {
+        Client {
+            stream,
+            shared,
+            buf: Vec::with_capacity(4096),
+            skip: 0,
+            converter: Converter::new(&PixelFormat::XRGB8888),
+            frame: ClientFrame::new(&shared.fb),
+            keyboard: Keyboard::default(),
+            pending: None,
+        }
+    }
+
+    fn run(&mut self) -> Result<(), ClientError> {
+        self.stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        self.handshake()?;
+        self.serve()
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Reads what the client sent, waiting at most `wait`. Returns whether
+    /// bytes came; end of stream is [`ClientError::Closed`].
+    fn fill(&mut self, wait: Duration) -> Result<bool, ClientError> {
+        if self.buf.len() >= READ_BUF_MAX {
+            // Cannot happen with the decoders' bounds; refuse rather than grow.
+            return Err(ClientError::Io(std::io::Error::other(
+                "client message larger than the read buffer",
+            )));
+        }
+        self.stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let mut tmp = [0u8; 4096];
+        let room = (READ_BUF_MAX - self.buf.len()).min(tmp.len());
+        match self.stream.read(&mut tmp[..room]) {
+            Ok(0) => Err(ClientError::Closed),
+            Ok(n) => {
+                self.discard_then_keep(&tmp[..n]);
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Appends new bytes, first dropping what belongs to skipped text.
+    fn discard_then_keep(&mut self, mut bytes: &[u8]) {
+        let drop = self.skip.min(bytes.len());
+        self.skip -= drop;
+        bytes = &bytes[drop..];
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Reads one handshake message, within the handshake's deadline.
+    fn read<T>(&mut self, decode: Decoder<T>, deadline: Instant) -> Result<T, ClientError> {
+        loop {
+            if let Some((v, n)) = decode(&self.buf)? {
+                self.buf.drain(..n);
+                return Ok(v);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT));
+            }
+            self.fill(left)?;
+        }
+    }
+
+    fn handshake(&mut self) -> Result<(), ClientError> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        self.send(&Version::V3_8.encode())?;
+        let version = self.read(Version::decode, deadline)?;
+        let mut out = Vec::new();
+        if version == Version::V3_3 {
+            // 3.3: the server decides, as a u32.
+            out.extend(u32::from(SECURITY_NONE).to_be_bytes());
+            self.send(&out)?;
+        } else {
+            SecurityTypes(vec![SECURITY_NONE]).encode(&mut out);
+            self.send(&out)?;
+            let chosen = self.read(|b| Ok(b.first().map(|&t| (t, 1))), deadline)?;
+            if chosen != SECURITY_NONE {
+                if version == Version::V3_8 {
+                    let mut out = Vec::new();
+                    SecurityResult::Failed("only security type None is offered".into())
+                        .encode(&mut out);
+                    let _ = self.send(&out);
+                }
+                return Err(WireError::BadSecurityType(chosen).into());
+            }
+            if version == Version::V3_8 {
+                let mut out = Vec::new();
+                SecurityResult::Ok.encode(&mut out);
+                self.send(&out)?;
+            }
+        }
+        // Sharing is always on: every client sees the same screen.
+        let _: ClientInit = self.read(ClientInit::decode, deadline)?;
+        let fb = &self.shared.fb;
+        let mut out = Vec::new();
+        ServerInit {
+            width: u16::try_from(fb.width()).unwrap_or(u16::MAX),
+            height: u16::try_from(fb.height()).unwrap_or(u16::MAX),
+            format: PixelFormat::XRGB8888,
+            name: self.shared.name.clone(),
+        }
+        .encode(&mut out);
+        self.send(&out)?;
+        tracing::info!(vm = %self.shared.name, ?version, "RFB client connected");
+        Ok(())
+    }
+
+    fn serve(&mut self) -> Result<(), ClientError> {
+        loop {
+            while let Some((msg, n)) = ClientMessage::decode(&self.buf)? {
+                self.buf.drain(..n);
+                self.handle(msg)?;
+            }
+            if self.pending.is_some() {
+                self.update()?;
+            }
+            let wait = if self.pending.is_some() {
+                POLL
+            } else {
+                IDLE_WAIT
+            };
+            self.fill(wait)?;
+        }
+    }
+
+    fn handle(&mut self, msg: ClientMessage) -> Result<(), ClientError> {
+        match msg {
+            ClientMessage::SetPixelFormat(f) => {
+                tracing::debug!(format = ?f, "RFB client pixel format");
+                self.converter = Converter::new(&f);
+            }
+            ClientMessage::SetEncodings(list) => {
+                // Raw is what every client decodes; it is all we send.
+                tracing::debug!(encodings = ?list, "RFB client encodings");
+            }
+            ClientMessage::FramebufferUpdateRequest { incremental, rect } => {
+                let full = !incremental || self.pending.as_ref().is_some_and(|p| p.full);
+                self.pending = Some(Pending { area: rect, full });
+            }
+            ClientMessage::KeyEvent { down, keysym } => {
+                let strokes = self.keyboard.event(keysym, down);
+                self.send_keys(strokes);
+            }
+            ClientMessage::PointerEvent { .. } => {}
+            ClientMessage::ClientCutText { len } => {
+                let len = len as usize;
+                let here = len.min(self.buf.len());
+                self.buf.drain(..here);
+                self.skip = len - here;
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the pending request if it is a full one, or if something
+    /// in its area changed.
+    fn update(&mut self) -> Result<(), ClientError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let rects = self.frame.changed(&self.shared.fb, p.area, p.full);
+        if rects.is_empty() && !p.full {
+            self.pending = Some(p);
+            return Ok(());
+        }
+        self.frame.send(&rects, &self.converter, &mut self.stream)?;
+        Ok(())
+    }
+
+    fn send_keys(&self, strokes: Vec<KeyStroke>) {
+        if !strokes.is_empty() {
+            let _ = self.shared.events.send(VmEvent::Keys(strokes));
+        }
+    }
+
+    /// Lets go of the keys the client held when it left.
+    fn release_keys(&mut self) {
+        let strokes = self.keyboard.release_all();
+        self.send_keys(strokes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::i8042::ScanCode;
+    use crate::rfb::wire::{RectHeader, UpdateHeader};
+    use std::sync::mpsc::{channel, Receiver};
+
+    fn server(name: &str) -> (std::path::PathBuf, Arc<Framebuffer>, Receiver<VmEvent>) {
+        let path = std::env::temp_dir().join(format!("enspeed-rfb-{name}-{}", std::process::id()));
+        let fb = Arc::new(Framebuffer::new(100, 70).unwrap());
+        let (tx, rx) = channel();
+        serve(&path, fb.clone(), "test-vm".into(), tx).unwrap();
+        (path, fb, rx)
+    }
+
+    fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        s.read_exact(&mut b).unwrap();
+        b
+    }
+
+    fn connect(path: &Path) -> (UnixStream, ServerInit) {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(read_n(&mut s, 12), b"RFB 003.008\n");
+        s.write_all(b"RFB 003.008\n").unwrap();
+        assert_eq!(read_n(&mut s, 2), [1, SECURITY_NONE]);
+        s.write_all(&[SECURITY_NONE, 1]).unwrap();
+        assert_eq!(read_n(&mut s, 4), [0, 0, 0, 0]);
+        let mut b = read_n(&mut s, 24);
+        let len = u32::from_be_bytes([b[20], b[21], b[22], b[23]]) as usize;
+        b.extend(read_n(&mut s, len));
+        let init = ServerInit::decode(&b).unwrap().unwrap().0;
+        (s, init)
+    }
+
+    fn closed(s: &mut UnixStream) -> bool {
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_update_keys_and_hostile_clients() {
+        let (path, fb, rx) = server("main");
+        fb.put(99, 69, 0x00ab_cdef);
+        let (mut s, init) = connect(&path);
+        assert_eq!(
+            (init.width, init.height, init.name.as_str()),
+            (100, 70, "test-vm")
+        );
+        assert_eq!(init.format, PixelFormat::XRGB8888);
+
+        let mut m = Vec::new();
+        ClientMessage::SetEncodings(vec![0, -223]).encode(&mut m);
+        ClientMessage::FramebufferUpdateRequest {
+            incremental: false,
+            rect: Rect {
+                x: 96,
+                y: 68,
+                w: 4,
+                h: 2,
+            },
+        }
+        .encode(&mut m);
+        // Some clipboard text, split across writes, is skipped.
+        ClientMessage::ClientCutText { len: 5 }.encode(&mut m);
+        m.extend(b"hel");
+        s.write_all(&m).unwrap();
+        s.write_all(b"lo").unwrap();
+        let hdr = UpdateHeader::decode(&read_n(&mut s, 4)).unwrap().unwrap().0;
+        assert_eq!(hdr.rects, 1);
+        let r = RectHeader::decode(&read_n(&mut s, 12)).unwrap().unwrap().0;
+        assert_eq!(
+            (r.rect.x, r.rect.y, r.rect.w, r.rect.h, r.encoding),
+            (96, 68, 4, 2, 0)
+        );
+        let px = read_n(&mut s, 4 * 8);
+        assert_eq!(&px[28..32], &0x00ab_cdefu32.to_le_bytes());
+
+        // An incremental request waits for a change.
+        let mut m = Vec::new();
+        ClientMessage::FramebufferUpdateRequest {
+            incremental: true,
+            rect: Rect {
+                x: 0,
+                y: 0,
+                w: 100,
+                h: 70,
+            },
+        }
+        .encode(&mut m);
+        s.write_all(&m).unwrap();
+        // (The first incremental request sends every tile not sent yet.)
+        let hdr = UpdateHeader::decode(&read_n(&mut s, 4)).unwrap().unwrap().0;
+        for _ in 0..hdr.rects {
+            let r = RectHeader::decode(&read_n(&mut s, 12)).unwrap().unwrap().0;
+            read_n(&mut s, 4 * usize::from(r.rect.w) * usize::from(r.rect.h));
+        }
+        s.write_all(&m).unwrap();
+        std::thread::sleep(POLL * 3);
+        s.set_nonblocking(true).unwrap();
+        assert!(s.read(&mut [0u8; 1]).is_err(), "an update without a change");
+        s.set_nonblocking(false).unwrap();
+        fb.put(1, 1, 0x0011_2233);
+        let hdr = UpdateHeader::decode(&read_n(&mut s, 4)).unwrap().unwrap().0;
+        assert_eq!(hdr.rects, 1);
+        let r = RectHeader::decode(&read_n(&mut s, 12)).unwrap().unwrap().0;
+        assert_eq!((r.rect.x, r.rect.y, r.rect.w, r.rect.h), (0, 0, 64, 64));
+        let px = read_n(&mut s, 4 * 64 * 64);
+        assert_eq!(&px[4 * 65..4 * 66], &0x0011_2233u32.to_le_bytes());
+
+        // Keys reach the VM as set-2 strokes; held ones are released when
+        // the client leaves.
+        let mut m = Vec::new();
+        ClientMessage::KeyEvent {
+            down: true,
+            keysym: u32::from(b'a'),
+        }
+        .encode(&mut m);
+        s.write_all(&m).unwrap();
+        let Ok(VmEvent::Keys(k)) = rx.recv_timeout(Duration::from_secs(5)) else {
+            panic!("no key event")
+        };
+        let a = ScanCode::plain(0x1c);
+        assert_eq!(
+            k,
+            vec![KeyStroke {
+                key: a,
+                release: false
+            }]
+        );
+
+        // Hostile clients are closed; the first one still works after.
+        let mut bad = UnixStream::connect(&path).unwrap();
+        bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(closed(&mut bad));
+        for msg in [
+            &[6u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x42],
+            &[0, 0, 0, 0, 8, 8, 0, 0, 0, 7, 0, 7, 0, 3, 0, 3, 6, 0, 0, 0],
+        ] {
+            let (mut c, _) = connect(&path);
+            c.write_all(msg).unwrap();
+            assert!(closed(&mut c), "{msg:?}");
+        }
+        let mut m = Vec::new();
+        ClientMessage::FramebufferUpdateRequest {
+            incremental: false,
+            rect: Rect {
+                x: 0,
+                y: 0,
+                w: 1,
+                h: 1,
+            },
+        }
+        .encode(&mut m);
+        s.write_all(&m).unwrap();
+        assert_eq!(read_n(&mut s, 4), [0, 0, 0, 1]);
+        read_n(&mut s, 12 + 4);
+        drop(s);
+        let Ok(VmEvent::Keys(k)) = rx.recv_timeout(Duration::from_secs(5)) else {
+            panic!("no key release")
+        };
+        assert_eq!(
+            k,
+            vec![KeyStroke {
+                key: a,
+                release: true
+            }]
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn old_versions_and_refused_security() {
+        let (path, _fb, _rx) = server("versions");
+        // 3.3: the server names the security type; no result follows.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_n(&mut s, 12);
+        s.write_all(b"RFB 003.003\n").unwrap();
+        assert_eq!(read_n(&mut s, 4), [0, 0, 0, 1]);
+        s.write_all(&[0]).unwrap();
+        assert_eq!(&read_n(&mut s, 4), &[0, 100, 0, 70]);
+        // 3.7: a list, and no SecurityResult for None.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_n(&mut s, 12);
+        s.write_all(b"RFB 003.007\n").unwrap();
+        assert_eq!(read_n(&mut s, 2), [1, 1]);
+        s.write_all(&[1, 1]).unwrap();
+        assert_eq!(&read_n(&mut s, 4), &[0, 100, 0, 70]);
+        // 3.8 choosing VNC authentication: refused with a reason.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_n(&mut s, 12);
+        s.write_all(b"RFB 003.008\n").unwrap();
+        read_n(&mut s, 2);
+        s.write_all(&[2]).unwrap();
+        let mut b = Vec::new();
+        s.read_to_end(&mut b).unwrap();
+        assert!(matches!(
+            SecurityResult::decode(&b),
+            Ok(Some((SecurityResult::Failed(_), _)))
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,297 @@
+//! What one client is sent: which parts of the framebuffer changed since
+//! its last update (compared tile by tile with the frame last sent to it),
+//! and their pixels in the client's pixel format, Raw encoded.
+
+use std::io::Write;
+
+use super::wire::{PixelFormat, Rect, RectHeader, UpdateHeader, ENCODING_RAW};
+use crate::devices::framebuffer::Framebuffer;
+
+/// Side of the square tiles compared between frames.
+pub const TILE: u32 = 64;
+
+/// Converts framebuffer pixels (XRGB8888) to a client's pixel format.
+pub struct Converter {
+    bytes: usize,
+    big_endian: bool,
+    red: [u32; 256],
+    green: [u32; 256],
+    blue: [u32; 256],
+}
+
+impl Converter {
+    /// A converter to `f`, which must have passed [`PixelFormat::check`].
+    /// Channels narrower than 8 bits keep their top bits.
+    pub fn new(f: &PixelFormat) -> Converter {
+        let table = |max: u16, shift: u8| {
+            let bits = 16 - max.leading_zeros();
+            let drop = 8u32.saturating_sub(bits);
+            let mut t = [0u32; 256];
+            for (v, e) in t.iter_mut().enumerate() {
+                *e = ((v as u32) >> drop)
+                    .checked_shl(u32::from(shift))
+                    .unwrap_or(0);
+            }
+            t
+        };
+        Converter {
+            bytes: usize::from(f.bits_per_pixel / 8).max(1),
+            big_endian: f.big_endian,
+            red: table(f.red_max, f.red_shift),
+            green: table(f.green_max, f.green_shift),
+            blue: table(f.blue_max, f.blue_shift),
+        }
+    }
+
+    /// Bytes a converted pixel takes.
+    pub fn bytes_per_pixel(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends `pixels`, converted, to `out`.
+    pub fn convert(&self, pixels: &[u32], out: &mut Vec<u8>) {
+        out.reserve(pixels.len() * self.bytes);
+        for &p in pixels {
+            let v = self.red[(p >> 16 & 0xff) as usize]
+                | self.green[(p >> 8 & 0xff) as usize]
+                | self.blue[(p & 0xff) as usize];
+            match (self.bytes, self.big_endian) {
+                (4, false) => out.extend(v.to_le_bytes()),
+                (4, true) => out.extend(v.to_be_bytes()),
+                (2, false) => out.extend((v as u16).to_le_bytes()),
+                (2, true) => out.extend((v as u16).to_be_bytes()),
+                _ => out.push(v as u8),
+            }
+        }
+    }
+}
+
+/// The frame last sent to one client.
+pub struct ClientFrame {
+    width: u32,
+    height: u32,
+    /// What the client was last sent, XRGB8888, line after line.
+    last: Vec<u32>,
+    /// Per tile: sent at least once (else it counts as changed).
+    sent: Vec<bool>,
+    tiles_x: u32,
+    scratch: Vec<u32>,
+    out: Vec<u8>,
+}
+
+impl ClientFrame {
+    /// A client that has been sent nothing yet, of a `fb`-sized screen.
+    pub fn new(fb: &Framebuffer) -> ClientFrame {
+        let (width, height) = (fb.width(), fb.height());
+        let tiles_x = width.div_ceil(TILE);
+        let tiles = tiles_x as usize * height.div_ceil(TILE) as usize;
+        ClientFrame {
+            width,
+            height,
+            last: vec![0; width as usize * height as usize],
+            sent: vec![false; tiles],
+            tiles_x,
+            scratch: vec![0; (TILE * TILE) as usize],
+            out: Vec::new(),
+        }
+    }
+
+    /// The part of `area` inside the screen.
+    fn clip(&self, area: Rect) -> Option<(u32, u32, u32, u32)> {
+        let x0 = u32::from(area.x);
+        let y0 = u32::from(area.y);
+        let x1 = (x0 + u32::from(area.w)).min(self.width);
+        let y1 = (y0 + u32::from(area.h)).min(self.height);
+        (x0 < x1 && y0 < y1).then_some((x0, y0, x1, y1))
+    }
+
+    /// Reads the tiles of `area` from `fb` and returns the rectangles to
+    /// send: the tiles whose pixels differ from what the client was last
+    /// sent (every tile when `full`), adjacent ones in a row merged. The
+    /// pixels read become the client's last frame.
+    pub fn changed(&mut self, fb: &Framebuffer, area: Rect, full: bool) -> Vec<Rect> {
+        let mut rects: Vec<Rect> = Vec::new();
+        let Some((x0, y0, x1, y1)) = self.clip(area) else {
+            return rects;
+        };
+        for ty in y0 / TILE..=(y1 - 1) / TILE {
+            let ry0 = (ty * TILE).max(y0);
+            let ry1 = ((ty + 1) * TILE).min(y1);
+            let mut run: Option<(u32, u32)> = None;
+            for tx in x0 / TILE..=(x1 - 1) / TILE {
+                let rx0 = (tx * TILE).max(x0);
+                let rx1 = ((tx + 1) * TILE).min(x1);
+                let (w, h) = (rx1 - rx0, ry1 - ry0);
+                let tile = (ty * self.tiles_x + tx) as usize;
+                let dirty = fb.read_rect(rx0, ry0, w, h, &mut self.scratch)
+                    && self.take(rx0, ry0, w, h, full || !self.sent[tile]);
+                if dirty {
+                    self.sent[tile] = true;
+                    run = match run {
+                        Some((a, b)) if b == rx0 => Some((a, rx1)),
+                        Some((a, b)) => {
+                            rects.push(rect(a, ry0, b - a, ry1 - ry0));
+                            Some((rx0, rx1))
+                        }
+                        None => Some((rx0, rx1)),
+                    };
+                }
+            }
+            if let Some((a, b)) = run {
+                rects.push(rect(a, ry0, b - a, ry1 - ry0));
+            }
+        }
+        rects
+    }
+
+    /// Compares the scratch tile with the last frame; if it differs (or
+    /// `force`), stores it there. Returns whether it was stored.
+    fn take(&mut self, x: u32, y: u32, w: u32, h: u32, force: bool) -> bool {
+        let mut differs = force;
+        for row in 0..h as usize {
+            let at = (y as usize + row) * self.width as usize + x as usize;
+            let new = &self.scratch[row * w as usize..(row + 1) * w as usize];
+            let old = &mut self.last[at..at + w as usize];
+            if differs || old != new {
+                differs = true;
+                old.copy_from_slice(new);
+            }
+        }
+        differs
+    }
+
+    /// Writes a FramebufferUpdate of `rects` (from [`Self::changed`]) in
+    /// Raw encoding, converted by `conv`.
+    pub fn send(
+        &mut self,
+        rects: &[Rect],
+        conv: &Converter,
+        w: &mut impl Write,
+    ) -> std::io::Result<()> {
+        self.out.clear();
+        let count = u16::try_from(rects.len()).unwrap_or(u16::MAX);
+        UpdateHeader { rects: count }.encode(&mut self.out);
+        for r in &rects[..usize::from(count)] {
+            RectHeader {
+                rect: *r,
+                encoding: ENCODING_RAW,
+            }
+            .encode(&mut self.out);
+            for row in 0..u32::from(r.h) {
+                let at = (u32::from(r.y) + row) as usize * self.width as usize + usize::from(r.x);
+                conv.convert(&self.last[at..at + usize::from(r.w)], &mut self.out);
+            }
+            // Flush a rectangle at a time: memory stays bounded by one run
+            // of tiles, whatever the screen size.
+            w.write_all(&self.out)?;
+            self.out.clear();
+        }
+        w.write_all(&self.out)
+    }
+}
+
+fn rect(x: u32, y: u32, w: u32, h: u32) -> Rect {
+    // Every value is within the framebuffer, whose sides fit in u16.
+    let c = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    Rect {
+        x: c(x),
+        y: c(y),
+        w: c(w),
+        h: c(h),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(fb: &Framebuffer) -> Rect {
+        rect(0, 0, fb.width(), fb.height())
+    }
+
+    #[test]
+    fn first_update_sends_all_then_only_changed_tiles() {
+        let fb = Framebuffer::new(200, 100).unwrap();
+        let mut c = ClientFrame::new(&fb);
+        // Never sent: even an incremental request gets everything, one
+        // merged rectangle per tile row.
+        let r = c.changed(&fb, whole(&fb), false);
+        assert_eq!(r, vec![rect(0, 0, 200, 64), rect(0, 64, 200, 36)]);
+        assert!(c.changed(&fb, whole(&fb), false).is_empty());
+        fb.put(70, 10, 0x123456);
+        fb.put(199, 99, 0xffffff);
+        let r = c.changed(&fb, whole(&fb), false);
+        assert_eq!(r, vec![rect(64, 0, 64, 64), rect(192, 64, 8, 36)]);
+        // Two changed tiles side by side merge; a gap splits.
+        fb.put(0, 0, 1);
+        fb.put(64, 0, 1);
+        fb.put(192, 0, 1);
+        let r = c.changed(&fb, whole(&fb), false);
+        assert_eq!(r, vec![rect(0, 0, 128, 64), rect(192, 0, 8, 64)]);
+        // A full request resends the area, clipped to the screen.
+        let r = c.changed(&fb, rect(150, 90, 1000, 1000), true);
+        assert_eq!(r, vec![rect(150, 90, 50, 10)]);
+        // Outside the screen: nothing.
+        assert!(c.changed(&fb, rect(300, 0, 10, 10), true).is_empty());
+        assert!(c.changed(&fb, rect(0, 0, 0, 10), true).is_empty());
+    }
+
+    #[test]
+    fn raw_update_carries_converted_pixels() {
+        let fb = Framebuffer::new(16, 16).unwrap();
+        fb.put(1, 0, 0x00ff_8040);
+        let mut c = ClientFrame::new(&fb);
+        let rects = c.changed(&fb, rect(0, 0, 2, 1), true);
+        let bgr_be = PixelFormat {
+            big_endian: true,
+            red_shift: 0,
+            blue_shift: 16,
+            ..PixelFormat::XRGB8888
+        };
+        let mut out = Vec::new();
+        c.send(&rects, &Converter::new(&bgr_be), &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                0, 0, 0, 1, // update, one rectangle
+                0, 0, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, // 2x1 at 0,0, Raw
+                0, 0, 0, 0, // black
+                0, 0x40, 0x80, 0xff, // BGR, big endian
+            ]
+        );
+    }
+
+    #[test]
+    fn narrow_channels_keep_their_top_bits() {
+        let rgb565 = PixelFormat {
+            bits_per_pixel: 16,
+            depth: 16,
+            red_max: 31,
+            green_max: 63,
+            blue_max: 31,
+            red_shift: 11,
+            green_shift: 5,
+            blue_shift: 0,
+            ..PixelFormat::XRGB8888
+        };
+        let mut out = Vec::new();
+        Converter::new(&rgb565).convert(&[0x00ff_8040, 0x00ff_ffff], &mut out);
+        let v = u16::from_le_bytes([out[0], out[1]]);
+        assert_eq!((v >> 11, v >> 5 & 63, v & 31), (31, 0x80 >> 2, 0x40 >> 3));
+        assert_eq!(u16::from_le_bytes([out[2], out[3]]), 0xffff);
+        let bgr233 = PixelFormat {
+            bits_per_pixel: 8,
+            depth: 8,
+            red_max: 7,
+            green_max: 7,
+            blue_max: 3,
+            red_shift: 0,
+            green_shift: 3,
+            blue_shift: 6,
+            ..PixelFormat::XRGB8888
+        };
+        out.clear();
+        Converter::new(&bgr233).convert(&[0x00ff_0000, 0x0000_00ff], &mut out);
+        assert_eq!(out, vec![7, 3 << 6]);
+    }
+}
