@@ -14,6 +14,7 @@ mod acpi;
 mod blk;
 mod boot;
 mod cmdline;
+mod fb;
 mod io;
 mod kbd;
 mod mem;
@@ -37,6 +38,8 @@ struct BootInfo {
 
 /// ACPI RSDP address from the loader (0 = scan for it).
 static RSDP: Global<u64> = Global::new(0);
+/// Linux `boot_params` from the loader (0 = entered through PVH).
+pub static BOOT_PARAMS: Global<u64> = Global::new(0);
 
 fn boot_info(kind: u64, info: u64) -> BootInfo {
     let readable = info != 0 && info < 0x1_0000_0000 - 0x1000;
@@ -115,6 +118,8 @@ fn run_actions() {
             "bench" => blk::act_bench(),
             "net" => net::act_net(),
             "kbd" => kbd::act_kbd(),
+            "keys" => kbd::act_keys(),
+            "fb" => fb::act_fb(),
             "echo" => serial::act_echo(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);
@@ -188,6 +193,9 @@ extern "C" fn tg_main(kind: u64, info: u64) -> ! {
     let bi = boot_info(kind, info);
     cmdline::load(bi.cmdline);
     *RSDP.get() = bi.rsdp;
+    if bi.proto == "linux" {
+        *BOOT_PARAMS.get() = info;
+    }
     say!("cmdline {}", cmdline::text());
     say!("boot {} info=0x{:x} rsdp=0x{:x}", bi.proto, info, bi.rsdp);
     let (hz, src) = io::tsc_init();
