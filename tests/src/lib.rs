@@ -1,7 +1,8 @@
 //! Helpers for the whole-system tests: find the `enspeed` binary and the
 //! test guest, run `enspeed vmm` as a real process, read its serial console
-//! line by line, and talk to its control socket; run `enspeed server`s
-//! ([`cluster`]) in network namespaces ([`netns`]).
+//! line by line, and talk to its control socket and its RFB console
+//! ([`rfb`]); run `enspeed server`s ([`cluster`]) in network namespaces
+//! ([`netns`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod linearizability;
 pub mod netns;
+pub mod rfb;
 pub mod web;
 
 /// The repository root.

@@ -101,24 +101,31 @@ fn every_acknowledged_stamped_write_is_on_disk() {
     }
 }
 
-/// The same guest entered through the Linux 64-bit boot protocol instead of
-/// PVH: a copy of the ELF whose PVH note is renamed, so the loader falls
-/// back to the ELF entry point with boot_params in RSI.
-#[test]
-fn linux_64bit_entry_boots_too() {
-    if !kvm_available("linux_64bit_entry_boots_too") {
-        return;
-    }
-    let s = Scratch::new("entry64");
+/// A copy of the test guest that the VMM enters through the Linux 64-bit
+/// boot protocol instead of PVH (with boot_params in RSI, where a
+/// framebuffer is described): its PVH note gets an unknown type, so the
+/// loader falls back to the ELF entry point.
+fn linux64_testguest(s: &Scratch) -> std::path::PathBuf {
     let mut elf = std::fs::read(testguest()).unwrap();
     let pat: &[u8] = &[4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
     let at = elf
         .windows(pat.len())
         .position(|w| w == pat)
         .expect("test guest has a PVH note");
-    elf[at + 8] = 0x7f; // an unknown note type: no PVH entry
+    elf[at + 8] = 0x7f;
     let kernel = s.path("testguest-64");
     std::fs::write(&kernel, elf).unwrap();
+    kernel
+}
+
+/// The same guest entered through the Linux 64-bit boot protocol.
+#[test]
+fn linux_64bit_entry_boots_too() {
+    if !kvm_available("linux_64bit_entry_boots_too") {
+        return;
+    }
+    let s = Scratch::new("entry64");
+    let kernel = linux64_testguest(&s);
     let disk = s.disk("disk.img", 1 << 20);
     let mut args = guest_args(
         "tg.run=blk tg.blocks=8 tg.end=poweroff",
@@ -387,4 +394,180 @@ fn virtio_net_exchanges_arp_and_icmp_with_the_host_over_a_tap() {
         ),
         Err(e) => eprintln!("ping is not installed ({e}); guest-to-host path was checked"),
     }
+}
+
+/// The test guest's `fb` pattern (image/testguest/src/fb.rs): colour bars
+/// in the top half, red = x, green = y, blue = x ^ y below.
+fn fb_pattern(x: u32, y: u32, w: u32, h: u32) -> u32 {
+    const BARS: [u32; 8] = [
+        0xffffff, 0xffff00, 0x00ffff, 0x00ff00, 0xff00ff, 0xff0000, 0x0000ff, 0x000000,
+    ];
+    if y < h / 2 {
+        BARS[(x * 8 / w) as usize]
+    } else {
+        (x & 0xff) << 16 | (y & 0xff) << 8 | ((x ^ y) & 0xff)
+    }
+}
+
+/// Asks `c` for the whole screen and checks every pixel against the
+/// pattern, at the precision of the client's pixel format.
+fn assert_pattern(c: &mut rfb::RfbClient) {
+    let (w, h) = (c.width, c.height);
+    c.request(false, 0, 0, w, h).unwrap();
+    let rects = c.read_update().unwrap();
+    let area: u32 = rects.iter().map(|r| u32::from(r.2) * u32::from(r.3)).sum();
+    assert_eq!(
+        area,
+        u32::from(w) * u32::from(h),
+        "a full update covers the screen once: {rects:?}"
+    );
+    let f = c.format();
+    for y in 0..h {
+        for x in 0..w {
+            let want = f.expect(fb_pattern(x.into(), y.into(), w.into(), h.into()));
+            assert_eq!(c.pixel(x, y), want, "pixel {x},{y} in {f:?}");
+        }
+    }
+}
+
+/// Starts the test guest, entered with boot_params, with a 640x480
+/// framebuffer on an RFB socket; it paints its pattern and then echoes
+/// `keylines` typed lines.
+fn start_fb_guest(s: &Scratch, keylines: u32) -> (Vmm, std::path::PathBuf) {
+    let sock = s.path("vnc.sock");
+    let api = s.path("api.sock");
+    let mut args = guest_args(
+        &format!("tg.run=fb,keys tg.keylines={keylines} tg.end=poweroff"),
+        &[
+            "--vnc",
+            sock.to_str().unwrap(),
+            "--framebuffer",
+            "640x480",
+            "--name",
+            "console-test",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    args[1] = linux64_testguest(s).display().to_string();
+    let mut vm = Vmm::start(&args);
+    vm.wait_for(
+        "tg: fb 640x480 bpp=32 stride=2560 base=0xc0000000 size=1245184",
+        BOOT,
+    );
+    vm.wait_for("tg: fb painted", BOOT);
+    (vm, sock)
+}
+
+/// The guest's drawing reaches RFB clients in the pixel formats they ask
+/// for, only changed tiles are resent, and keys typed through RFB reach
+/// the guest's i8042 as the right scan codes.
+#[test]
+fn framebuffer_and_keyboard_over_rfb() {
+    if !kvm_available("framebuffer_and_keyboard_over_rfb") {
+        return;
+    }
+    use rfb::{keysym::*, PixelFormat, RfbClient};
+    let s = Scratch::new("rfb");
+    let (mut vm, sock) = start_fb_guest(&s, 1);
+    let mut c = RfbClient::connect(&sock).unwrap();
+    assert_eq!(
+        (c.width, c.height, c.name.as_str()),
+        (640, 480, "console-test")
+    );
+    assert_eq!(c.server_format, PixelFormat::XRGB32);
+    c.set_encodings(&[0, -223]).unwrap();
+    assert_pattern(&mut c);
+    // Nothing changed: an incremental request is not answered yet.
+    c.request(true, 0, 0, 640, 480).unwrap();
+    assert!(
+        !c.pending(Duration::from_millis(300)).unwrap(),
+        "update without a change"
+    );
+    // Other clients at once, in other formats.
+    for f in [PixelFormat::BGR32_BE, PixelFormat::RGB565] {
+        let mut other = RfbClient::connect(&sock).unwrap();
+        other.set_pixel_format(f).unwrap();
+        assert_pattern(&mut other);
+    }
+
+    vm.wait_for("tg: keys waiting", BOOT);
+    c.key(SHIFT_L, true).unwrap();
+    c.tap(u32::from(b'H')).unwrap();
+    c.key(SHIFT_L, false).unwrap();
+    for k in [b'i', b' ', b'1', b'!'] {
+        // '!' without Shift held: the VMM adds it.
+        c.tap(u32::from(k)).unwrap();
+    }
+    for k in [F1, UP, BACKSPACE] {
+        c.tap(k).unwrap();
+    }
+    c.key(CONTROL_L, true).unwrap();
+    c.tap(u32::from(b'c')).unwrap();
+    c.key(CONTROL_L, false).unwrap();
+    c.tap(RETURN).unwrap();
+    let line = vm.wait_for("tg: keys scancodes=", BOOT);
+    assert_eq!(
+        line,
+        "tg: keys scancodes=2a,23,a3,aa,17,97,39,b9,02,82,2a,02,aa,82,3b,bb,\
+         e0,48,e0,c8,0e,8e,1d,2e,ae,9d,1c line=Hi 1!<f1><up><bs>^C"
+    );
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+    assert!(!sock.exists(), "the RFB socket should be removed on exit");
+}
+
+/// Clients that send garbage are closed one by one; the VM runs on and
+/// a well-behaved client still gets pictures and types.
+#[test]
+fn hostile_rfb_clients_are_closed_and_the_vm_runs_on() {
+    if !kvm_available("hostile_rfb_clients_are_closed_and_the_vm_runs_on") {
+        return;
+    }
+    use rfb::{closed_by_peer, connect_retrying, keysym::RETURN, PixelFormat, RfbClient};
+    use std::io::{Read, Write};
+    let s = Scratch::new("rfb-hostile");
+    let (mut vm, sock) = start_fb_guest(&s, 1);
+    let mut good = RfbClient::connect(&sock).unwrap();
+
+    // Not RFB at all.
+    let mut bad = connect_retrying(&sock).unwrap();
+    let mut version = [0u8; 12];
+    bad.read_exact(&mut version).unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(closed_by_peer(&mut bad), "garbage handshake");
+    // A clipboard of 4 GiB, an unknown message type.
+    for (what, bytes) in [
+        (
+            "huge ClientCutText",
+            vec![6u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        ),
+        ("unknown message type", vec![0x42, 1, 2, 3]),
+    ] {
+        let mut c = RfbClient::connect(&sock).unwrap();
+        c.stream().write_all(&bytes).unwrap();
+        assert!(closed_by_peer(c.stream()), "{what}");
+    }
+    // A colour-map pixel format.
+    let mut c = RfbClient::connect(&sock).unwrap();
+    c.set_pixel_format(PixelFormat {
+        bits_per_pixel: 8,
+        depth: 8,
+        true_colour: false,
+        ..PixelFormat::XRGB32
+    })
+    .unwrap();
+    assert!(closed_by_peer(c.stream()), "colour-map pixel format");
+
+    assert_eq!(vm.api(r#"{"cmd":"status"}"#)["status"]["state"], "running");
+    assert_pattern(&mut good);
+    vm.wait_for("tg: keys waiting", BOOT);
+    for k in [b'o', b'k'] {
+        good.tap(u32::from(k)).unwrap();
+    }
+    good.tap(RETURN).unwrap();
+    let line = vm.wait_for("tg: keys scancodes=", BOOT);
+    assert!(line.ends_with(" line=ok"), "{line}");
+    vm.wait_for("tg: done ok", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
 }
