@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub dir: PathBuf,
     /// blockd's data directory (one folder per disk copy).
     pub blockd_dir: PathBuf,
+    /// The ISO library's copy on this server (`library`).
+    pub library_dir: PathBuf,
     /// blockd's mirror address, host:port.
     pub blockd_listen: String,
     /// blockd's mirror link timeout.
@@ -274,6 +276,24 @@ impl Shared {
 
 /// Runs a command whose process dies with this server's (the thread that spawns it lives as
 /// long as the process): a control plane that dies leaves no VMM or blockd running unfenced.
+/// One request to a VMM's control socket; its answer, or why there is none (or a refusal).
+fn vmm_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+    if v["ok"] != serde_json::json!(true) {
+        return Err(v["error"].as_str().unwrap_or("refused").to_string());
+    }
+    Ok(v)
+}
+
 fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
     // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
     unsafe {
@@ -309,6 +329,11 @@ struct Reconciler {
     stopping: HashMap<String, Instant>,
     last_report: Option<(Instant, Observation)>,
     registered: bool,
+    /// Copies the ISO library's images to this server.
+    library: crate::library::Sync,
+    /// Each running VM's CD-ROM media as its VMM last said or was told, and when it was
+    /// last asked (a guest reboot rebuilds the VM with its first media).
+    media: HashMap<String, (Option<PathBuf>, Instant)>,
 }
 
 /// A disk copy as blockd reports it.
@@ -333,6 +358,8 @@ impl Reconciler {
             stopping: HashMap::new(),
             last_report: None,
             registered: false,
+            library: crate::library::Sync::default(),
+            media: HashMap::new(),
         }
     }
 
@@ -428,6 +455,14 @@ impl Reconciler {
             }
         }
         self.vms(state, &ready, &copies);
+        self.cdroms(state);
+        for iso in self.library.pass(state, id, &self.s.cfg.library_dir) {
+            self.s.propose(StateCommand::IsoHeld {
+                name: iso.name,
+                sha256: iso.sha256,
+                server: id,
+            });
+        }
         self.forget_deleted(state, &copies);
         for name in std::mem::take(&mut self.powered_off) {
             if state.vms.get(&name).is_some_and(|vm| vm.running)
@@ -685,6 +720,59 @@ impl Reconciler {
         }
     }
 
+    /// The file of the ISO in VM `vm`'s CD-ROM drive, if it has one this server holds.
+    fn cdrom_file(&self, state: &StateMachine, vm: &VmRecord) -> Option<PathBuf> {
+        let iso = state.isos.get(vm.cdrom.as_ref()?)?;
+        let path = crate::library::file(&self.s.cfg.library_dir, &iso.sha256);
+        path.exists().then_some(path)
+    }
+
+    /// Puts into each running VM's CD-ROM drive the ISO the state says (once this server
+    /// holds it), or ejects it; checks the VMM's media every few seconds.
+    fn cdroms(&mut self, state: &StateMachine) {
+        let running: Vec<String> = lock(&self.s.procs).vmms.keys().cloned().collect();
+        self.media.retain(|name, _| running.contains(name));
+        for name in running {
+            let Some(vm) = state.vms.get(&name) else {
+                continue;
+            };
+            let want = self.cdrom_file(state, vm);
+            let drive = vm.disks.len();
+            let socket = crate::console::api_socket(&self.s.vm_dir(&name));
+            let known = self.media.get(&name).cloned();
+            let stale = known
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() > Duration::from_secs(5));
+            let mut has = known.and_then(|(m, _)| m);
+            if stale {
+                match vmm_call(&socket, &serde_json::json!({"cmd": "status"})) {
+                    Ok(v) => {
+                        has = v["status"]["disks"][drive]["path"]
+                            .as_str()
+                            .map(PathBuf::from);
+                        self.media
+                            .insert(name.clone(), (has.clone(), Instant::now()));
+                    }
+                    // Starting, or gone: the next pass asks again.
+                    Err(_) => continue,
+                }
+            }
+            if has == want {
+                continue;
+            }
+            let req = serde_json::json!({"cmd": "media", "disk": drive, "path": want});
+            match vmm_call(&socket, &req) {
+                Ok(_) => {
+                    tracing::info!(server = self.s.cfg.id, vm = %name, media = ?want, "CD-ROM media changed");
+                    self.media.insert(name, (want, Instant::now()));
+                }
+                Err(e) => {
+                    tracing::warn!(server = self.s.cfg.id, vm = %name, error = %e, "cannot change the CD-ROM media")
+                }
+            }
+        }
+    }
+
     fn stop_vm(&self, name: &str, why: &str) {
         let mut p = lock(&self.s.procs);
         if let Some(mut vm) = p.vmms.remove(name) {
@@ -787,10 +875,24 @@ impl Reconciler {
                 .unwrap_or_default();
             cmd.arg("--disk").arg(format!("vhost-user={socket}"));
         }
+        // The CD-ROM drive, after the disks: the ISO if this server holds it yet, else empty
+        // (`cdroms` inserts it once copied).
+        let cdrom = self.cdrom_file(state, vm);
+        match &cdrom {
+            Some(path) => cmd
+                .arg("--disk")
+                .arg(format!("{},readonly", path.display())),
+            None => cmd.args(["--disk", "empty,readonly"]),
+        };
+        self.media.insert(vm.name.clone(), (cdrom, Instant::now()));
         cmd.arg("--serial")
             .arg(dir.join("serial.log"))
             .arg("--api-socket")
             .arg(&api)
+            // The graphical console, for the web server's VNC relay (`console`).
+            .arg("--vnc")
+            .arg(&vnc)
+            .args(["--name", &vm.name])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&dir.join("vmm.log")));

@@ -13,6 +13,7 @@
 //!   {"op":"heartbeat","server":N}                      a node agent's heartbeat: the state
 //!   {"op":"console","vm":NAME,"console":"serial"|"vnc"}  then the VM's console bytes (see
 //!                                                      `console`), on its primary server only
+//!   {"op":"iso_file","sha256":HASH}                    then the ISO image's bytes (`library`)
 //! answers
 //!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
 //! ```
@@ -80,6 +81,11 @@ pub enum Request {
     Heartbeat {
         /// The server whose agent sends it.
         server: u64,
+    },
+    /// Answers one line with the size of the library's image with `sha256`, then its bytes.
+    IsoFile {
+        /// The image's SHA-256.
+        sha256: String,
     },
     /// Turns the connection into VM `vm`'s console, on the server its VMM runs on.
     Console {
@@ -188,6 +194,8 @@ pub struct Local {
     pub id: u64,
     /// Its node agent's directory; none on a witness.
     pub agent_dir: Option<std::path::PathBuf>,
+    /// Its ISO library's directory.
+    pub library_dir: Option<std::path::PathBuf>,
 }
 
 /// Serves one client connection: a request per line, an answer per line, until it closes; or,
@@ -226,6 +234,10 @@ pub fn serve_client(
                 let agent_dir = local.agent_dir.as_deref();
                 return console::serve(w, r, local.id, node, agent_dir, &vm, console);
             }
+            Ok(Envelope {
+                request: Request::IsoFile { sha256 },
+                ..
+            }) => return crate::library::serve_file(w, local.library_dir.as_deref(), &sha256),
             Ok(env) => handle(env, node, book, timeout),
             Err(e) => Response::err(format!("bad request: {e}")),
         };
@@ -281,8 +293,8 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
             Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
-            Request::Console { .. } => {
-                return Response::err("a console is opened as the first line of a connection")
+            Request::Console { .. } | Request::IsoFile { .. } => {
+                return Response::err("a stream is asked for as the first line of a connection")
             }
         };
         let leader = match local {

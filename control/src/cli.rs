@@ -177,6 +177,7 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     let agent = (!a.witness && !a.no_agent).then(|| AgentConfig {
         id: a.id,
         dir: a.data.join("agent"),
+        library_dir: crate::library::dir(&a.data),
         blockd_dir: a.blockd_dir.clone().unwrap_or_else(|| a.data.join("disks")),
         blockd_listen: a
             .blockd_listen

@@ -9,6 +9,7 @@
 //! - `agent`: the node agent, which runs blockd and the VMMs as the state says and fences
 //!   the server when it loses the quorum;
 //! - `access`: users, sessions, what each role may do, the audit log;
+//! - `library`: the ISO images' files, uploaded to one server and copied to the others;
 //! - `placement`: which servers hold a VM's disk copies;
 //! - `failover`: the leader's failure detector, which declares servers down;
 //! - `server`: `enspeed server`, which puts them together.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod cli;
 pub mod console;
 pub mod failover;
+pub mod library;
 pub mod node;
 pub mod placement;
 mod raft_log;

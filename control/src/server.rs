@@ -182,6 +182,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
                 .as_ref()
                 .filter(|_| !cfg.witness)
                 .map(|a| a.dir.clone()),
+            // Every server keeps the uploads it takes (a witness too, for the others to copy).
+            library_dir: Some(crate::library::dir(&cfg.data_dir)),
         };
         std::thread::Builder::new()
             .name("accept".into())

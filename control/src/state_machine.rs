@@ -140,6 +140,28 @@ pub struct VmRecord {
     /// hard only after the agent's shutdown timeout; when false, stopped at once.
     #[serde(default)]
     pub graceful_stop: bool,
+    /// The ISO image in its CD-ROM drive (an `IsoRecord`'s name); none: empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<String>,
+}
+
+/// An ISO image of the library: a file every VM server keeps a copy of, named by its
+/// SHA-256, so that a VM finds its CD-ROM on whichever server it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoRecord {
+    /// Its name in the library, e.g. `debian-12.iso`.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// Who uploaded it.
+    pub uploaded_by: u64,
+    /// When, ms since the epoch.
+    pub uploaded_ms: u64,
+    /// The servers holding a checked copy.
+    #[serde(default)]
+    pub servers: std::collections::BTreeSet<u64>,
 }
 
 /// What a server's node agent saw of one VM.
@@ -239,6 +261,15 @@ pub enum Command {
     DeleteDisk {
         /// The disk.
         name: String,
+    },
+    /// A server's node agent holds a checked copy of an ISO image.
+    IsoHeld {
+        /// The ISO's name.
+        name: String,
+        /// The SHA-256 the copy has: it must be the ISO's.
+        sha256: String,
+        /// The server.
+        server: u64,
     },
     /// Creates or replaces a VM record.
     PutVm(VmRecord),
@@ -344,6 +375,7 @@ impl NewVm {
             id: 0,
             owner,
             graceful_stop: false,
+            cdrom: None,
         }
     }
 }
@@ -449,6 +481,31 @@ pub enum Action {
         /// VMID.
         vm: u64,
     },
+    /// Adds an uploaded ISO image to the library (Managers), held so far by the server that
+    /// took the upload; the other servers' agents copy it from there.
+    AddIso {
+        /// Its name.
+        name: String,
+        /// Bytes.
+        size: u64,
+        /// SHA-256, hex.
+        sha256: String,
+        /// The server holding it.
+        server: u64,
+    },
+    /// Removes an ISO image from the library (Managers); refused while a VM's CD-ROM holds it.
+    DeleteIso {
+        /// Its name.
+        name: String,
+    },
+    /// Puts an ISO image of the library into a VM's CD-ROM drive, or ejects it (`None`).
+    SetCdrom {
+        /// VMID.
+        vm: u64,
+        /// The ISO's name.
+        #[serde(default)]
+        iso: Option<String>,
+    },
     /// Records a change made outside the state machine (a membership change).
     Note {
         /// What, e.g. `server.add`.
@@ -515,6 +572,9 @@ pub struct StateMachine {
     /// What each server's node agent last reported.
     #[serde(default)]
     pub observed: BTreeMap<u64, Observation>,
+    /// The ISO library, by name.
+    #[serde(default)]
+    pub isos: BTreeMap<String, IsoRecord>,
     /// Users, by id (not in `Query::State`: it holds password hashes).
     #[serde(skip)]
     pub users: BTreeMap<u64, UserRecord>,
@@ -547,6 +607,10 @@ fn observed_key(id: u64) -> Vec<u8> {
 
 fn disk_key(name: &str) -> Vec<u8> {
     format!("disk/{name}").into_bytes()
+}
+
+fn iso_key(name: &str) -> Vec<u8> {
+    format!("iso/{name}").into_bytes()
 }
 
 fn user_key(id: u64) -> Vec<u8> {
@@ -599,6 +663,10 @@ impl StateMachine {
                 "vm" => {
                     let vm: VmRecord = record(v).map_err(err)?;
                     sm.vms.insert(vm.name.clone(), vm);
+                }
+                "iso" => {
+                    let i: IsoRecord = record(v).map_err(err)?;
+                    sm.isos.insert(i.name.clone(), i);
                 }
                 "observed" => {
                     let id = name.parse().map_err(|_| err("bad server id".into()))?;
@@ -836,6 +904,29 @@ impl StateMachine {
                 }
                 writes.push((observed_key(*id), Some(json_bytes(observation))));
                 self.observed.insert(*id, observation.clone());
+                Ok(Value::Null)
+            }
+            Command::IsoHeld {
+                name,
+                sha256,
+                server,
+            } => {
+                if !self.servers.contains_key(server) {
+                    return Err(format!("no server {server}"));
+                }
+                let iso = self
+                    .isos
+                    .get_mut(name)
+                    .ok_or_else(|| format!("no ISO {name}"))?;
+                if iso.sha256 != *sha256 {
+                    return Err(format!(
+                        "ISO {name} is {}, not {sha256}: replaced meanwhile",
+                        iso.sha256
+                    ));
+                }
+                if iso.servers.insert(*server) {
+                    writes.push((iso_key(name), Some(json_bytes(iso))));
+                }
                 Ok(Value::Null)
             }
             Command::Act {
@@ -1169,6 +1260,83 @@ impl StateMachine {
                 };
                 (verb, format!("vm {vm} ({})", v.name), Value::Null)
             }
+            Action::AddIso {
+                name,
+                size,
+                sha256,
+                server,
+            } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager adds to the library"));
+                }
+                access::check_name("ISO", name)?;
+                if self.isos.contains_key(name) {
+                    return Err(format!("ISO {name} exists: delete it first"));
+                }
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!("ISO {name}: {sha256:?} is not a SHA-256"));
+                }
+                if !self.servers.contains_key(server) {
+                    return Err(format!("no server {server}"));
+                }
+                let iso = IsoRecord {
+                    name: name.clone(),
+                    size: *size,
+                    sha256: sha256.to_ascii_lowercase(),
+                    uploaded_by: actor,
+                    uploaded_ms: at_ms,
+                    servers: [*server].into(),
+                };
+                writes.push((iso_key(name), Some(json_bytes(&iso))));
+                self.isos.insert(name.clone(), iso);
+                ("iso.add", format!("iso {name}"), Value::Null)
+            }
+            Action::DeleteIso { name } => {
+                if !manager {
+                    return Err(access::refuse("only a Manager deletes from the library"));
+                }
+                if !self.isos.contains_key(name) {
+                    return Err(format!("no ISO {name}"));
+                }
+                if let Some(v) = self.vms.values().find(|v| v.cdrom.as_ref() == Some(name)) {
+                    return Err(format!(
+                        "ISO {name} is in the CD-ROM drive of VM {} ({}): eject it first",
+                        v.id, v.name
+                    ));
+                }
+                self.isos.remove(name);
+                writes.push((iso_key(name), None));
+                ("iso.delete", format!("iso {name}"), Value::Null)
+            }
+            Action::SetCdrom { vm, iso } => {
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                if let Some(u) = &who {
+                    if !access::may_operate_vm(self, u, &v) {
+                        return Err(access::refuse(format!("VM {vm}")));
+                    }
+                }
+                if let Some(name) = iso {
+                    if !self.isos.contains_key(name) {
+                        return Err(format!("no ISO {name}"));
+                    }
+                }
+                let r = self.vms.get_mut(&v.name).expect("found");
+                r.cdrom = iso.clone();
+                writes.push((format!("vm/{}", v.name).into_bytes(), Some(json_bytes(r))));
+                let verb = if iso.is_some() {
+                    "vm.cdrom_insert"
+                } else {
+                    "vm.cdrom_eject"
+                };
+                let target = match iso {
+                    Some(i) => format!("vm {vm} ({}): {i}", v.name),
+                    None => format!("vm {vm} ({})", v.name),
+                };
+                (verb, target, Value::Null)
+            }
             Action::DeleteVm { vm } => {
                 let v = self
                     .vm_by_id(*vm)
@@ -1300,6 +1468,8 @@ impl StateMachine {
                     id: 0,
                     owner,
                     graceful_stop: false,
+                    // The same ISO, if any: the library is the same everywhere.
+                    cdrom: src.cdrom.clone(),
                 };
                 let r = self.create_vm(copy, disk.size, Some(&disk), writes)?;
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
@@ -1597,6 +1767,7 @@ mod tests {
                 id: 1,
                 owner: None,
                 graceful_stop: false,
+                cdrom: None,
             }),
         ];
         for c in &cmds {
@@ -1786,6 +1957,97 @@ mod tests {
             .unwrap();
         assert!(!sm.disks["a"].backup_synced);
         assert!(sm.observed.contains_key(&1));
+    }
+
+    #[test]
+    fn the_iso_library_is_the_managers_and_a_cdrom_takes_only_its_images() {
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=2 {
+            sm.add_server(&server(id, false), &mut w);
+        }
+        let mut act = |sm: &mut StateMachine, actor: u64, action: Action| {
+            let mut w = Vec::new();
+            sm.apply(
+                &Command::Act {
+                    actor,
+                    at_ms: 5,
+                    action,
+                },
+                &mut w,
+            )
+        };
+        let user = |name: &str, role: Role, parent: Option<u64>| Action::CreateUser {
+            name: name.into(),
+            role,
+            password: "h".into(),
+            parent,
+            quota: None,
+        };
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, user("m", Role::Manager, None)));
+        let p = id(act(&mut sm, 0, user("p", Role::PowerUser, None)));
+        let r = id(act(&mut sm, 0, user("r", Role::Regular, Some(p))));
+        let other = id(act(&mut sm, 0, user("o", Role::Regular, None)));
+        let mut vm = NewVm {
+            name: "v".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            disk_size: 1,
+            kernel: String::new(),
+            initrd: String::new(),
+            cmdline: String::new(),
+            running: false,
+        }
+        .record(Some(r));
+        vm.id = 7;
+        sm.vms.insert("v".into(), vm);
+        let sha = "ab".repeat(32);
+        let add = |name: &str, sha: &str| Action::AddIso {
+            name: name.into(),
+            size: 10,
+            sha256: sha.into(),
+            server: 1,
+        };
+        let refused = |r: Outcome| r.unwrap_err();
+        assert!(refused(act(&mut sm, p, add("a.iso", &sha))).starts_with("forbidden"));
+        assert!(refused(act(&mut sm, m, add("../a", &sha))).contains("name"));
+        assert!(refused(act(&mut sm, m, add("a.iso", "zz"))).contains("SHA-256"));
+        act(&mut sm, m, add("a.iso", &sha)).unwrap();
+        assert!(refused(act(&mut sm, m, add("a.iso", &sha))).contains("exists"));
+        assert_eq!(sm.isos["a.iso"].servers, [1].into());
+        // Server 2's agent copied it; a copy of other bytes is not taken.
+        let held = |sha: &str| Command::IsoHeld {
+            name: "a.iso".into(),
+            sha256: sha.into(),
+            server: 2,
+        };
+        assert!(sm.apply(&held(&"cd".repeat(32)), &mut w).is_err());
+        sm.apply(&held(&sha), &mut w).unwrap();
+        assert_eq!(sm.isos["a.iso"].servers, [1, 2].into());
+        // The VM's Regular User and its Power User change its CD-ROM; another user cannot.
+        let cdrom = |iso: Option<&str>| Action::SetCdrom {
+            vm: 7,
+            iso: iso.map(str::to_string),
+        };
+        assert!(refused(act(&mut sm, other, cdrom(Some("a.iso")))).starts_with("forbidden"));
+        assert!(refused(act(&mut sm, r, cdrom(Some("b.iso")))).contains("no ISO"));
+        act(&mut sm, r, cdrom(Some("a.iso"))).unwrap();
+        assert_eq!(sm.vms["v"].cdrom.as_deref(), Some("a.iso"));
+        // In a drive, it cannot be deleted; ejected, it can, by a Manager only.
+        let delete = || Action::DeleteIso {
+            name: "a.iso".into(),
+        };
+        assert!(refused(act(&mut sm, m, delete())).contains("eject"));
+        act(&mut sm, p, cdrom(None)).unwrap();
+        assert_eq!(sm.vms["v"].cdrom, None);
+        assert!(refused(act(&mut sm, p, delete())).starts_with("forbidden"));
+        act(&mut sm, m, delete()).unwrap();
+        assert!(sm.isos.is_empty());
+        let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
+        for want in ["iso.add", "vm.cdrom_insert", "vm.cdrom_eject", "iso.delete"] {
+            assert!(audit.contains(&want), "{want} in {audit:?}");
+        }
     }
 
     #[test]

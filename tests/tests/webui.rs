@@ -686,6 +686,80 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         (s.as_array()?.len() == 2 && s[0]["id"] == 2).then_some(())
     });
 
+    // The ISO library: the Manager's to fill and empty; everyone lists it; a VM's CD-ROM is
+    // changed by those who operate the VM.
+    let iso = |name: &str| format!("/api/v1/isos/{name}");
+    let upload = |w: &Web, name: &str| {
+        w.raw(
+            "PUT",
+            &iso(name),
+            Some(("application/octet-stream", format!("the bytes of {name}"))),
+            true,
+        )
+    };
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        let before = fingerprint(&m);
+        let r = upload(who.1, "matrix.iso");
+        x.check(who.0, "PUT", "/isos/{name}", &iso("matrix.iso"), &r, want);
+        if want != Allowed {
+            assert_eq!(fingerprint(&m), before, "a refused upload changed nothing");
+        }
+    }
+    for who in [mw, pw, rw] {
+        let l = x.case(who, "GET", "/isos", "/api/v1/isos", None, Allowed);
+        assert_eq!(l.1[0]["name"], "matrix.iso", "{l:?}");
+        assert_eq!(l.1[0]["size"], "the bytes of matrix.iso".len(), "{l:?}");
+    }
+    for (who, vm, want) in [
+        (mw, vm_r2, Allowed),
+        (pw, vm_r1a, Allowed),
+        (pw, vm_r2, Hidden),
+        (pw, vm_m, Hidden),
+        (rw, vm_r1a, Allowed),
+        (rw, vm_r2, Hidden),
+        (rw, vm_p1, Hidden),
+    ] {
+        let before = fingerprint(&m);
+        x.case(
+            who,
+            "POST",
+            "/vms/{id}/cdrom",
+            &format!("/api/v1/vms/{vm}/cdrom"),
+            Some(json!({"iso": "matrix.iso"})),
+            want,
+        );
+        if want == Allowed {
+            assert_eq!(m.get(&format!("/api/v1/vms/{vm}")).1["cdrom"], "matrix.iso");
+        } else {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused CD-ROM change changed nothing"
+            );
+        }
+    }
+    let in_use = m.send("DELETE", &iso("matrix.iso"), None);
+    assert_eq!(in_use.0, 409, "an ISO in a CD-ROM drive stays: {in_use:?}");
+    for vm in [vm_r1a, vm_r2] {
+        let r = m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/cdrom"),
+            Some(json!({"iso": null})),
+        );
+        assert_eq!(r.0, 200, "{r:?}");
+    }
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        x.case(
+            who,
+            "DELETE",
+            "/isos/{name}",
+            &iso("matrix.iso"),
+            None,
+            want,
+        );
+    }
+    assert_eq!(m.get("/api/v1/isos").1, json!([]));
+
     // Every operation of the OpenAPI document was exercised.
     let doc = Web::new(&base).get("/api/v1/openapi.json");
     assert_eq!(doc.0, 200, "the OpenAPI document needs no session");
@@ -709,7 +783,11 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         if (method == "post" && path == "/session") || path == "/openapi.json" {
             continue;
         }
-        let p = format!("/api/v1{}", path.replace("{id}", &vm_r1a.to_string()));
+        let p = format!(
+            "/api/v1{}",
+            path.replace("{id}", &vm_r1a.to_string())
+                .replace("{name}", "x.iso")
+        );
         let r = if let Some(kind) = path.strip_prefix("/vms/{id}/console/") {
             match anon.console(vm_r1a, kind, None) {
                 Ok(_) => (101, Value::Null),

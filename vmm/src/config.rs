@@ -1,5 +1,5 @@
 //! What a VM is made of, and the parsing of the command-line forms of its
-//! devices (`--disk PATH[,readonly]`, `--disk vhost-user=SOCKET`,
+//! devices (`--disk PATH[,readonly]`, `--disk empty,readonly`, `--disk vhost-user=SOCKET`,
 //! `--net tap=NAME[,mac=MAC]`, `--serial stdout|FILE`, `--framebuffer WxH`). These forms are a
 //! stable interface: scripts and the node agent rely on them.
 
@@ -115,8 +115,15 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
             other => return Err(format!("unknown disk option {other:?} (expected readonly)")),
         }
     }
+    // `empty,readonly`: a removable drive with no media yet (an empty path; a file named
+    // "empty" is `./empty`).
+    let path = match path {
+        "empty" if readonly => PathBuf::new(),
+        "empty" => return Err("an empty drive is removable media: write empty,readonly".into()),
+        p => p.into(),
+    };
     Ok(DiskConfig {
-        path: path.into(),
+        path,
         readonly,
         kind: DiskKind::File,
     })
@@ -197,6 +204,13 @@ mod tests {
             }
         );
         assert!(parse_disk("/a.iso,readonly").unwrap().readonly);
+        let empty = parse_disk("empty,readonly").unwrap();
+        assert!(empty.readonly && empty.path.as_os_str().is_empty());
+        assert!(parse_disk("empty").is_err());
+        assert_eq!(
+            parse_disk("./empty").unwrap().path,
+            PathBuf::from("./empty")
+        );
         assert!(parse_disk("").is_err());
         assert!(parse_disk("/a.img,fast").is_err());
         assert_eq!(

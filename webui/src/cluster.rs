@@ -43,6 +43,11 @@ impl Cluster {
         self.ctx.id
     }
 
+    /// This server's ISO library directory.
+    pub fn library_dir(&self) -> std::path::PathBuf {
+        control::library::dir(&self.ctx.data_dir)
+    }
+
     /// Proposes `action` as user `actor`; answers its result. A refusal by the state machine
     /// becomes 403 (not allowed), 404 (no such thing) or 409 (does not fit the state).
     pub async fn act(&self, actor: u64, action: Action) -> Result<Value, ApiError> {

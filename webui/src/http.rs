@@ -44,6 +44,14 @@ pub struct Request {
     pub secure: bool,
     /// The connection, once answered with 101, for a WebSocket handshake.
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// An upload's body, not read yet (`body` is then empty): see `is_upload`.
+    pub stream: Option<Incoming>,
+}
+
+/// Whether a request's body is an upload, streamed to its handler rather than read whole:
+/// an ISO image (`PUT /api/v1/isos/{name}`).
+fn is_upload(method: &Method, path: &str) -> bool {
+    *method == Method::PUT && path.starts_with("/api/v1/isos/")
 }
 
 impl Request {
@@ -226,6 +234,23 @@ async fn handle(
         .contains_key(hyper::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    if is_upload(&parts.method, parts.uri.path()) {
+        let req = Request {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            headers: parts.headers,
+            body: Bytes::new(),
+            peer,
+            secure,
+            upgrade,
+            stream: Some(body),
+        };
+        return finish(
+            app.route(req).await.unwrap_or_else(|e| error_response(&e)),
+            secure,
+        );
+    }
     let declared = parts
         .headers
         .get(hyper::header::CONTENT_LENGTH)
@@ -237,7 +262,7 @@ async fn handle(
             format!("the request body is over {MAX_BODY} bytes"),
         )
     };
-    let mut r = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    let r = if declared.is_some_and(|n| n > MAX_BODY as u64) {
         // Read (and drop) a bounded part of it first, so that a client still sending sees the
         // answer rather than a reset connection.
         if declared.is_some_and(|n| n <= DRAIN_BODY as u64) {
@@ -257,6 +282,7 @@ async fn handle(
                     peer,
                     secure,
                     upgrade,
+                    stream: None,
                 };
                 let method = req.method.clone();
                 let path = req.path.clone();
@@ -272,6 +298,11 @@ async fn handle(
             }
         }
     };
+    finish(r, secure)
+}
+
+/// The headers every answer gets.
+fn finish(mut r: Response<Body>, secure: bool) -> Response<Body> {
     harden(&mut r);
     if secure {
         r.headers_mut().insert(

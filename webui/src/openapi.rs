@@ -50,6 +50,26 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "/vms/{id}/console/vnc",
         "The VM's graphical console: a WebSocket carrying RFB 3.8 (VNC, no authentication: the session is), for noVNC; opened from any server, relayed from the VM's",
     ),
+    (
+        "post",
+        "/vms/{id}/cdrom",
+        "Put an ISO image of the library into the VM's CD-ROM drive, or eject it (null); a running guest sees the media change",
+    ),
+    (
+        "get",
+        "/isos",
+        "The ISO library: each image's size, SHA-256, the VM servers holding a checked copy, the VMs using it",
+    ),
+    (
+        "put",
+        "/isos/{name}",
+        "Upload an ISO image (Manager): the raw bytes as the body (application/octet-stream, Content-Length required, up to 64 GiB); the other servers copy it from this one",
+    ),
+    (
+        "delete",
+        "/isos/{name}",
+        "Delete an ISO image (Manager); refused while a VM's CD-ROM holds it",
+    ),
     ("get", "/users", "The users the caller sees"),
     (
         "post",
@@ -82,7 +102,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
 pub fn known_path(parts: &[&str]) -> bool {
     OPERATIONS.iter().any(|(_, p, _)| {
         let want: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
-        want.len() == parts.len() && want.iter().zip(parts).all(|(w, g)| *w == "{id}" || w == g)
+        want.len() == parts.len()
+            && want
+                .iter()
+                .zip(parts)
+                .all(|(w, g)| *w == "{id}" || *w == "{name}" || w == g)
     })
 }
 
@@ -118,7 +142,8 @@ fn schemas() -> Value {
             "primary": {"type": "object", "nullable": true}, "backup": {"type": "object", "nullable": true},
             "replication": {"type": "object", "properties": {
                 "state": {"type": "string", "enum": ["in-sync", "resyncing", "degraded", "unknown"]},
-                "percent": {"type": "number"}, "generation": {"type": "integer"}}}}},
+                "percent": {"type": "number"}, "generation": {"type": "integer"}}},
+            "cdrom": {"type": "string", "nullable": true}}},
         "NewVm": {"type": "object", "required": ["name", "memory_mib", "disk_gib"], "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
@@ -126,6 +151,9 @@ fn schemas() -> Value {
         "Clone": {"type": "object", "required": ["name"], "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "owner": {"type": "integer"}}},
+        "Cdrom": {"type": "object", "required": ["iso"], "additionalProperties": false,
+            "properties": {"iso": {"type": "string", "nullable": true,
+                "description": "an ISO's name in the library; null ejects"}}},
         "Power": {"type": "object", "required": ["action"], "additionalProperties": false,
             "properties": {"action": {"type": "string", "enum": ["on", "off", "force-off"],
                 "description": "off: the guest is asked to shut down (ACPI power button) and stopped hard after the server's shutdown timeout; force-off: stopped at once"}}},
@@ -138,6 +166,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
         ("post", "/vms") => Some("NewVm"),
         ("post", "/vms/{id}/power") => Some("Power"),
         ("post", "/vms/{id}/clone") => Some("Clone"),
+        ("post", "/vms/{id}/cdrom") => Some("Cdrom"),
         ("post", "/users") => Some("NewUser"),
         ("patch", "/users/{id}") => Some("UserChange"),
         _ => None,
@@ -169,6 +198,14 @@ pub fn document() -> Value {
         if path.contains("{id}") {
             op["parameters"] = json!([{"name": "id", "in": "path", "required": true,
                 "schema": {"type": "integer"}}]);
+        }
+        if path.contains("{name}") {
+            op["parameters"] = json!([{"name": "name", "in": "path", "required": true,
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"}}]);
+        }
+        if (*method, *path) == ("put", "/isos/{name}") {
+            op["requestBody"] = json!({"required": true, "content": {"application/octet-stream":
+                {"schema": {"type": "string", "format": "binary"}}}});
         }
         if let Some(s) = body_schema(method, path) {
             op["requestBody"] = json!({"required": true, "content": {"application/json":

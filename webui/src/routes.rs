@@ -117,6 +117,16 @@ struct UserChange {
     quota: Option<Quota>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cdrom {
+    /// The ISO to insert; null ejects.
+    iso: Option<String>,
+}
+
+/// The largest ISO image taken: 64 GiB.
+const MAX_ISO: u64 = 64 << 30;
+
 /// How long a server waits for what another server has just committed (a session, a user).
 const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -270,6 +280,44 @@ impl App {
                     c.user.name.clone(),
                 )
             }
+            (Method::POST, ["vms", id, "cdrom"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let body: Cdrom = req.json()?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::SetCdrom {
+                            vm,
+                            iso: body.iso.clone(),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "id": vm, "cdrom": body.iso })))
+            }
+            (Method::GET, ["isos"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::isos(&c.state)))
+            }
+            (Method::PUT, ["isos", name]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let name = name.to_string();
+                self.upload_iso(&c, &mut req, name).await
+            }
+            (Method::DELETE, ["isos", name]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::DeleteIso {
+                            name: name.to_string(),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "deleted": name })))
+            }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
@@ -387,7 +435,8 @@ impl App {
             }
             (
                 _,
-                ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit", ..],
+                ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit"
+                | "isos", ..],
             ) => {
                 let known = openapi::known_path(&parts);
                 if known {
@@ -574,6 +623,100 @@ impl App {
                 vm.name
             ))),
         }
+    }
+
+    /// Takes an ISO image upload: its body is written to this server's library as it arrives
+    /// (hashed on the way), then added to the library as held here.
+    async fn upload_iso(
+        &self,
+        c: &Caller,
+        req: &mut Request,
+        name: String,
+    ) -> Result<Response<Body>, ApiError> {
+        use http_body_util::BodyExt;
+        access::check_name("ISO", &name).map_err(ApiError::bad_request)?;
+        if c.state.isos.contains_key(&name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("ISO {name} exists: delete it first"),
+            ));
+        }
+        let length: u64 = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::LENGTH_REQUIRED,
+                    "an upload needs its Content-Length",
+                )
+            })?;
+        if length > MAX_ISO {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("ISO {name}: {length} bytes is over the {MAX_ISO}-byte limit"),
+            ));
+        }
+        if length == 0 {
+            return Err(ApiError::bad_request(format!("ISO {name} is empty")));
+        }
+        let mut body = req
+            .stream
+            .take()
+            .ok_or_else(|| ApiError::bad_request("no upload body"))?;
+        let dir = self.cluster.library_dir();
+        let store = |e: std::io::Error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing ISO {name} in {}: {e}", dir.display()),
+            )
+        };
+        let mut up = control::library::Upload::new(&dir).map_err(store)?;
+        let started = std::time::Instant::now();
+        let mut told = started;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(format!(
+                    "ISO {name}: the upload broke off after {} of {length} bytes: {e}",
+                    up.size()
+                ))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if up.size() + data.len() as u64 > length {
+                return Err(ApiError::bad_request(format!(
+                    "ISO {name}: more bytes than its Content-Length of {length}"
+                )));
+            }
+            tokio::task::block_in_place(|| up.write(&data)).map_err(store)?;
+            if told.elapsed() > std::time::Duration::from_secs(2) {
+                told = std::time::Instant::now();
+                tracing::info!(iso = %name, bytes = up.size(), of = length, "ISO upload progress");
+            }
+        }
+        if up.size() != length {
+            return Err(ApiError::bad_request(format!(
+                "ISO {name}: the upload ended after {} of {length} bytes",
+                up.size()
+            )));
+        }
+        let (sha256, size) = tokio::task::block_in_place(|| up.finish()).map_err(store)?;
+        tracing::info!(iso = %name, bytes = size, %sha256, ms = started.elapsed().as_millis() as u64, "ISO uploaded");
+        self.cluster
+            .act(
+                c.user.id,
+                Action::AddIso {
+                    name: name.clone(),
+                    size,
+                    sha256: sha256.clone(),
+                    server: self.cluster.id(),
+                },
+            )
+            .await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({ "name": name, "size": size, "sha256": sha256, "server": self.cluster.id() }),
+        ))
     }
 
     /// The user `id` if the caller may see it; 404 otherwise.

@@ -134,6 +134,8 @@ pub struct VmView {
     pub backup: Option<Copy>,
     /// Replication health of disk 0.
     pub replication: Replication,
+    /// The ISO in its CD-ROM drive; none: empty.
+    pub cdrom: Option<String>,
 }
 
 fn copy(
@@ -218,7 +220,63 @@ pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
         primary: disk.map(|d| copy(state, d.primary, &d.pools)),
         backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools))),
         replication,
+        cdrom: vm.cdrom.clone(),
     }
+}
+
+/// An ISO image of the library as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct IsoView {
+    /// Its name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Who uploaded it, by name (none once deleted).
+    pub uploaded_by: Option<String>,
+    /// When, ms since the epoch.
+    pub uploaded_ms: u64,
+    /// The VM servers holding a checked copy.
+    pub servers: Vec<u64>,
+    /// How many VM servers there are: once all hold it, every VM can use it anywhere.
+    pub vm_servers: usize,
+    /// VMIDs of the VMs whose CD-ROM holds it.
+    pub in_use_by: Vec<u64>,
+}
+
+/// The library's ISO images, by name.
+pub fn isos(state: &StateMachine) -> Vec<IsoView> {
+    let vm_servers: Vec<u64> = state
+        .servers
+        .values()
+        .filter(|s| !s.witness)
+        .map(|s| s.id)
+        .collect();
+    state
+        .isos
+        .values()
+        .map(|i| IsoView {
+            name: i.name.clone(),
+            size: i.size,
+            sha256: i.sha256.clone(),
+            uploaded_by: state.users.get(&i.uploaded_by).map(|u| u.name.clone()),
+            uploaded_ms: i.uploaded_ms,
+            servers: i
+                .servers
+                .iter()
+                .copied()
+                .filter(|s| vm_servers.contains(s))
+                .collect(),
+            vm_servers: vm_servers.len(),
+            in_use_by: state
+                .vms
+                .values()
+                .filter(|v| v.cdrom.as_ref() == Some(&i.name))
+                .map(|v| v.id)
+                .collect(),
+        })
+        .collect()
 }
 
 /// The VMs `me` may see, by VMID.

@@ -76,9 +76,18 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens `path` as a disk; `readonly` disks are removable media.
+    /// Opens `path` as a disk; `readonly` disks are removable media, and an empty `path`
+    /// makes such a drive with no media in it.
     pub fn new(path: &Path, readonly: bool) -> Result<Block, BlockError> {
-        let backend = Backend::open(path, readonly)?;
+        let backend = if readonly && path.as_os_str().is_empty() {
+            Backend {
+                file: None,
+                path: None,
+                sectors: 0,
+            }
+        } else {
+            Backend::open(path, readonly)?
+        };
         let mut id = [0u8; ID_LEN];
         let name = path
             .file_name()
@@ -512,6 +521,15 @@ mod tests {
         assert!(r
             .change_media(Some(Path::new("/nonexistent/x.iso")))
             .is_err());
+        // A drive may start empty and get its media later.
+        let mut e = Block::new(Path::new(""), true).unwrap();
+        assert_eq!(e.media(), None);
+        e.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 0);
+        e.change_media(Some(&q)).unwrap();
+        e.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 4096);
+        assert!(Block::new(Path::new(""), false).is_err());
         std::fs::remove_file(p).unwrap();
         std::fs::remove_file(q).unwrap();
     }
