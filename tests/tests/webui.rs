@@ -1556,3 +1556,163 @@ fn a_vm_s_serial_console_opens_in_the_browser_from_any_server_for_its_users_alon
     con.send(b"bye\r");
     con.read_until("tg: echo bye", WAIT);
 }
+
+/// The VMM's own view of VM `name`'s CD-ROM (its drive after one disk) on `server`.
+fn vmm_cdrom(server: &Server, name: &str) -> Option<Value> {
+    use std::io::{BufRead, Write};
+    let socket = server.data.join("agent/vms").join(name).join("api.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    let v: Value = serde_json::from_str(&line).ok()?;
+    let d = &v["status"]["disks"][1];
+    (d["readonly"] == true).then(|| d["path"].clone())
+}
+
+#[test]
+fn an_iso_uploaded_to_one_server_reaches_every_vm_server_and_the_cd_rom_of_a_running_vm() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("library", &[]);
+    // Through the witness: it takes the upload, the VM servers copy it from there.
+    let m = c.manager(2);
+    let content: String = (0..3 << 20)
+        .map(|i: u32| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26))
+        .collect();
+    let up = m.raw(
+        "PUT",
+        "/api/v1/isos/install.iso",
+        Some(("application/octet-stream", content.clone())),
+        true,
+    );
+    assert_eq!(up.0, 201, "{up:?}");
+    let sha = up.1["sha256"].as_str().unwrap().to_string();
+    let scratch = Scratch::new("library-check");
+    let local = scratch.path("install.iso");
+    std::fs::write(&local, &content).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha));
+    let again = m.raw(
+        "PUT",
+        "/api/v1/isos/install.iso",
+        Some(("application/octet-stream", "x".into())),
+        true,
+    );
+    assert_eq!(again.0, 409, "{again:?}");
+    let cut = m.raw(
+        "PUT",
+        "/api/v1/isos/empty.iso",
+        Some(("application/octet-stream", String::new())),
+        true,
+    );
+    assert_eq!(cut.0, 400, "{cut:?}");
+
+    cluster::wait_for("both VM servers hold the ISO", WAIT, || {
+        let l = m.get("/api/v1/isos").1;
+        (l[0]["servers"] == json!([1, 2]) && l[0]["vm_servers"] == 2).then_some(())
+    });
+    for s in &c.servers {
+        let copy = s.data.join("isos").join(format!("{sha}.iso"));
+        assert_eq!(
+            std::fs::read(&copy).unwrap_or_default(),
+            content.as_bytes(),
+            "server {}'s copy {}",
+            s.id,
+            copy.display()
+        );
+    }
+
+    // A running VM's CD-ROM: inserted, ejected, inserted; its VMM has what the state says.
+    let vm = id(&m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "inst", "memory_mib": 64, "disk_gib": 1, "start": true})),
+    ));
+    cluster::wait_for("the VM running", WAIT, || {
+        (m.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running").then_some(())
+    });
+    let primary = |m: &Web| {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        v["primary"]["server"].as_u64().unwrap() as usize - 1
+    };
+    let on = primary(&m);
+    assert_eq!(
+        vmm_cdrom(&c.servers[on], "inst"),
+        Some(Value::Null),
+        "the drive starts empty"
+    );
+    let cdrom = |iso: Value| {
+        let r = m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/cdrom"),
+            Some(json!({ "iso": iso })),
+        );
+        assert_eq!(r.0, 200, "{r:?}");
+    };
+    let iso_path = |s: &Server| json!(s.data.join("isos").join(format!("{sha}.iso")));
+    cdrom(json!("install.iso"));
+    cluster::wait_for("the ISO in the VMM's drive", WAIT, || {
+        (vmm_cdrom(&c.servers[on], "inst") == Some(iso_path(&c.servers[on]))).then_some(())
+    });
+    cdrom(Value::Null);
+    cluster::wait_for("the drive empty", WAIT, || {
+        (vmm_cdrom(&c.servers[on], "inst") == Some(Value::Null)).then_some(())
+    });
+    let r = m.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/cdrom"),
+        Some(json!({"iso": "nothing.iso"})),
+    );
+    assert_eq!(r.0, 404, "{r:?}");
+    cdrom(json!("install.iso"));
+    cluster::wait_for("the ISO in the VMM's drive again", WAIT, || {
+        (vmm_cdrom(&c.servers[on], "inst") == Some(iso_path(&c.servers[on]))).then_some(())
+    });
+
+    // Moved to its backup, the VM finds its CD-ROM there.
+    cluster::wait_for("the disk in sync", WAIT, || {
+        (m.get(&format!("/api/v1/vms/{vm}")).1["replication"]["state"] == "in-sync").then_some(())
+    });
+    let r = m.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/migrate"),
+        Some(json!({})),
+    );
+    assert_eq!(r.0, 202, "{r:?}");
+    cluster::wait_for("the VM running on its old backup", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "running" && primary(&m) != on).then_some(())
+    });
+    let moved = primary(&m);
+    cluster::wait_for("the ISO in the new VMM's drive", WAIT, || {
+        (vmm_cdrom(&c.servers[moved], "inst") == Some(iso_path(&c.servers[moved]))).then_some(())
+    });
+
+    // Deleted once ejected; every server deletes its copy.
+    let r = m.send("DELETE", "/api/v1/isos/install.iso", None);
+    assert_eq!(r.0, 409, "in a drive: {r:?}");
+    cdrom(Value::Null);
+    let r = m.send("DELETE", "/api/v1/isos/install.iso", None);
+    assert_eq!(r.0, 200, "{r:?}");
+    cluster::wait_for("the VM servers' copies deleted", WAIT, || {
+        c.servers[..2]
+            .iter()
+            .all(|s| !s.data.join("isos").join(format!("{sha}.iso")).exists())
+            .then_some(())
+    });
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    for want in ["iso.add", "vm.cdrom_insert", "vm.cdrom_eject", "iso.delete"] {
+        assert!(
+            audit
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == want),
+            "{want} audited"
+        );
+    }
+}
