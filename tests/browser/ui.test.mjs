@@ -37,6 +37,7 @@ const tag = Date.now().toString(36).slice(-5);
 const POWER = `acme-${tag}`;
 const REGULAR = `alice-${tag}`;
 const VM = `web-${tag}`;
+const ISO = `install-${tag}.iso`;
 const PASSWORD = "user-secret-1";
 const NEW_PASSWORD = "user-secret-2";
 
@@ -163,7 +164,7 @@ try {
 
   step("the Manager logs in and sees the cluster's health");
   await login(m, at(0), managerName, managerPassword);
-  assert.deepEqual(await tabs(m), ["Summary", "VM Servers", "Virtual Machines", "Users", "Audit"]);
+  assert.deepEqual(await tabs(m), ["Summary", "VM Servers", "Virtual Machines", "Library Mgmt", "Users", "Audit"]);
   await until("the servers card", async () => /3 of 3 up/.test(await text(m.locator("[data-test=summary-servers]"))));
   await until("a Raft leader", async () => /server \d/.test(await text(m.locator("[data-test=summary-leader]"))));
   await shot(m, "manager-summary");
@@ -174,6 +175,20 @@ try {
   assert.equal(await m.locator("[data-test=server-leader]").count(), 1);
   assert.match(await text(m.locator("[data-test=servers-table]")), /witness/);
   await shot(m, "manager-servers");
+
+  step("Library Mgmt: the Manager uploads an ISO image, with its progress; both VM servers get a copy");
+  await openTab(m, "library");
+  await m.waitForSelector("[data-test=isos-empty]");
+  await m.setInputFiles("[data-test=iso-file]", { name: "installer disc.iso", mimeType: "application/x-iso9660-image", buffer: Buffer.alloc(6 << 20, 0x41) });
+  assert.equal(await m.inputValue("[data-test=iso-name]"), "installer_disc.iso", "the name comes from the file");
+  await m.fill("[data-test=iso-name]", ISO);
+  await m.click("[data-test=iso-upload]");
+  await until("the upload done", async () => /Uploaded/.test(await text(m.locator("[data-test=iso-progress-text]"))), 60000);
+  await until("the ISO on both VM servers", async () => (await text(m.locator(`[data-test=iso-row][data-name="${ISO}"] [data-test=iso-ready]`))) === "2 of 2 VM servers", 60000);
+  assert.match(await text(m.locator(`[data-test=iso-row][data-name="${ISO}"]`)), /6 MiB/);
+  await shot(m, "manager-library");
+  await m.click("[data-test=iso-upload]");
+  await until("a second upload without a file is refused", async () => !(await m.locator("[data-test=iso-error]").evaluate((e) => e.classList.contains("hidden"))) || (await m.locator("[data-test=iso-file]:invalid").count()) === 1);
 
   step(`the Manager creates the Power User ${POWER} with a quota`);
   await openTab(m, "users");
@@ -285,6 +300,34 @@ try {
   await until("the VM running again after the move", async () => (await text(vmRow(m, VM).locator("[data-test=vm-status]"))) === "running", 90000);
   await until("the owner sees the new primary, without a reload", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-primary]"))) === backupBefore);
   await shot(m, "manager-migrated");
+
+  step("the Regular User opens its VM's serial console from the VMs page; what it types reaches the guest");
+  await r.click("[data-test=vm-row] [data-test=console]");
+  await r.waitForSelector("[data-test=page][data-page=console]");
+  await r.click("[data-test=console-serial]");
+  await until("the serial console connected", async () => (await r.locator("[data-test=console-state]").getAttribute("data-state")) === "connected", 30000);
+  const terminal = r.locator("[data-test=serial-terminal] .xterm-rows");
+  await until("the guest's serial output", async () => (await terminal.innerText()).includes("tg: echo ready"), 30000);
+  await r.locator("[data-test=serial-terminal]").click();
+  await r.keyboard.type(`typed by ${REGULAR}`);
+  await r.keyboard.press("Enter");
+  await until("the guest echoes the line", async () => (await terminal.innerText()).includes(`tg: echo typed by ${REGULAR}`), 30000);
+  await shot(r, "regular-serial-console");
+  await r.click("[data-test=console-back]");
+  await r.waitForSelector("[data-test=page][data-page=vms]");
+
+  step("the Regular User puts the library's ISO into its VM's CD-ROM drive, then ejects it");
+  const cdrom = r.locator("[data-test=vm-detail] [data-test=cdrom-select]");
+  await until("the ISO offered", async () => (await cdrom.locator(`option[value="${ISO}"]`).count()) === 1);
+  await cdrom.selectOption(ISO);
+  await until("the CD-ROM holds it", async () => (await r.locator("[data-test=vm-detail] [data-test=cdrom-eject]").count()) === 1);
+  assert.equal(await cdrom.inputValue(), ISO);
+  await openTab(m, "library");
+  await until("the Manager sees it in use", async () => /VM \d+/.test(await text(m.locator(`[data-test=iso-row][data-name="${ISO}"]`))));
+  assert.equal(await m.locator(`[data-test=iso-row][data-name="${ISO}"] [data-test=iso-delete]`).isDisabled(), true, "an ISO in use is not deleted");
+  await shot(r, "regular-cdrom");
+  await r.click("[data-test=vm-detail] [data-test=cdrom-eject]");
+  await until("the CD-ROM empty", async () => (await cdrom.inputValue()) === "" && (await r.locator("[data-test=vm-detail] [data-test=cdrom-eject]").count()) === 0);
 
   step("the Power User cannot delete a running VM: its Delete waits for power off");
   assert.equal(await vmRow(p, VM).locator("[data-test=delete]").isDisabled(), true);

@@ -105,7 +105,14 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .expect("run scripts/npm-ci.sh");
     assert!(npm.success(), "npm ci in {} failed", dir.display());
 
-    let cluster = WebCluster::start("browser", &[]);
+    // The test guest echoes what is typed on its serial console (tests the console page).
+    let cluster = WebCluster::start(
+        "browser",
+        &[
+            "--guest-cmdline",
+            "console=ttyS0 tg.run=echo tg.echoms=300000",
+        ],
+    );
     for base in &cluster.web {
         ui_files_are_served(base);
     }

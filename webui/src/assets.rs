@@ -16,9 +16,11 @@ mod embedded {
 }
 
 /// What the UI's pages may load and run: only this server's own files, no inline scripts,
-/// never inside a frame.
+/// never inside a frame. Inline styles are allowed: the serial console's terminal (xterm.js)
+/// sizes its grid with a style element it writes; noVNC draws its cursor from a data: image.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; base-uri 'self'; \
-     form-action 'self'; object-src 'none'; frame-ancestors 'none'";
+     form-action 'self'; object-src 'none'; frame-ancestors 'none'; \
+     style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:";
 
 /// Where the hashed, immutable files live.
 const HASHED: &str = "/assets/";

@@ -65,3 +65,39 @@ export async function api<T>(method: string, path: string, body?: unknown): Prom
 export function message(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
+
+/**
+ * PUTs `file` as the raw body of /api/v1`path` (an upload), calling `progress` with the
+ * bytes sent so far: fetch() cannot tell upload progress, XMLHttpRequest can.
+ */
+export function upload<T>(path: string, file: Blob, progress: (sent: number, total: number) => void): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const x = new XMLHttpRequest();
+    x.open("PUT", `/api/v1${path}`);
+    x.setRequestHeader("Content-Type", "application/octet-stream");
+    x.setRequestHeader("X-CSRF-Token", csrf);
+    x.responseType = "text";
+    x.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size);
+    x.onerror = () => reject(new ApiError(0, "the upload broke off: cannot reach the server"));
+    x.onload = () => {
+      let data: unknown = null;
+      try {
+        data = x.responseText ? JSON.parse(x.responseText) : null;
+      } catch {
+        data = null;
+      }
+      if (x.status >= 200 && x.status < 300) {
+        resolve(data as T);
+        return;
+      }
+      const said =
+        data && typeof data === "object" && typeof (data as { error?: unknown }).error === "string"
+          ? (data as { error: string }).error
+          : `${x.status} ${x.statusText || "error"}`;
+      const err = new ApiError(x.status, said);
+      if (x.status === 401 && onSessionLost) onSessionLost(err);
+      reject(err);
+    };
+    x.send(file);
+  });
+}

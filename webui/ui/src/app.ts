@@ -8,6 +8,7 @@ import { ROLE_NAMES } from "./format";
 import { POLL_MS, type Page, type PageContext } from "./page";
 import { accountPage } from "./pages/account";
 import { auditPage } from "./pages/audit";
+import { libraryPage } from "./pages/library";
 import { loginPage } from "./pages/login";
 import { serversPage } from "./pages/servers";
 import { summaryPage } from "./pages/summary";
@@ -30,14 +31,18 @@ const ROUTES: Route[] = [
   { path: "/summary", title: "Summary", page: summaryPage, roles: ALL, tab: true },
   { path: "/servers", title: "VM Servers", page: serversPage, roles: ["manager"], tab: true },
   { path: "/vms", title: "Virtual Machines", page: vmsPage, roles: ALL, tab: true },
+  { path: "/library", title: "Library Mgmt", page: libraryPage, roles: ["manager"], tab: true },
   { path: "/users", title: "Users", page: usersPage, roles: ["manager", "power_user"], tab: true },
   { path: "/audit", title: "Audit", page: auditPage, roles: ["manager"], tab: true },
   { path: "/account", title: "Your account", page: accountPage, roles: ALL, tab: false },
+  // The console's noVNC and xterm.js load only when a console is opened.
+  { path: "/console", title: "Console", page: (ctx) => void import("./pages/console").then((m) => m.consolePage(ctx)), roles: ALL, tab: false },
 ];
 
 /** One shown page: its pollers stop when it is left. */
 class Shown implements PageContext {
   private timers = new Set<number>();
+  private leaving: (() => void)[] = [];
   private dead = false;
 
   constructor(
@@ -90,10 +95,16 @@ class Shown implements PageContext {
     return () => void run();
   }
 
+  onLeave(f: () => void): void {
+    if (this.dead) f();
+    else this.leaving.push(f);
+  }
+
   stop(): void {
     this.dead = true;
     for (const t of this.timers) window.clearTimeout(t);
     this.timers.clear();
+    for (const f of this.leaving.splice(0)) f();
   }
 }
 

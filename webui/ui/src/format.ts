@@ -12,10 +12,12 @@ export const ROLE_NAMES: Record<Role, string> = {
 const GIB = 1024 * 1024 * 1024;
 const MIB = 1024 * 1024;
 
-/** A disk size in bytes: whole GiB as "8 GiB", else MiB. */
+/** A size in bytes: whole GiB as "8 GiB", else MiB (KiB or bytes when smaller). */
 export function bytes(n: number): string {
   if (n >= GIB && n % GIB === 0) return `${n / GIB} GiB`;
-  return `${Math.round(n / MIB)} MiB`;
+  if (n >= MIB) return `${Math.round(n / MIB)} MiB`;
+  if (n >= 1024) return `${Math.round(n / 1024)} KiB`;
+  return `${Math.round(n)} bytes`;
 }
 
 /** A size in MiB: "512 MiB", "2 GiB" when whole. */

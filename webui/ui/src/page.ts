@@ -17,6 +17,8 @@ export interface PageContext {
   poll(load: () => Promise<void>): () => void;
   /** Goes to another page of the app. */
   navigate(path: string): void;
+  /** Runs `f` when the user leaves the page (closes its consoles' sockets). */
+  onLeave(f: () => void): void;
 }
 
 /** A page: renders into `ctx.main` and keeps itself current with `ctx.poll`. */

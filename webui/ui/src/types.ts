@@ -53,6 +53,22 @@ export interface Vm {
   primary: Copy | null;
   backup: Copy | null;
   replication: Replication;
+  /** The ISO in its CD-ROM drive. */
+  cdrom?: string | null;
+}
+
+/** An ISO image of the library. */
+export interface Iso {
+  name: string;
+  size: number;
+  sha256: string;
+  uploaded_by: string | null;
+  uploaded_ms: number;
+  /** The VM servers holding a checked copy. */
+  servers: number[];
+  vm_servers: number;
+  /** VMIDs whose CD-ROM holds it. */
+  in_use_by: number[];
 }
 
 export interface Server {

@@ -6,7 +6,7 @@ import { api, message } from "../api";
 import { field, fill, h, value } from "../dom";
 import { bytes, copyPlace, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
-import type { User, Vm } from "../types";
+import type { Iso, User, Vm } from "../types";
 
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
@@ -16,6 +16,7 @@ export function vmsPage(ctx: PageContext): void {
   const creates = me.role !== "regular";
   let vms: Vm[] = [];
   let users: User[] = [];
+  let isos: Iso[] = [];
   /** VMs whose detail row is open. */
   const expanded = new Set<number>();
   /** A VM whose deletion waits for the user's confirmation. */
@@ -36,10 +37,15 @@ export function vmsPage(ctx: PageContext): void {
   );
 
   const refresh = ctx.poll(async () => {
-    const [v, u] = await Promise.all([api<Vm[]>("GET", "/vms"), creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[])]);
-    const key = JSON.stringify([v, u]);
+    const [v, u, i] = await Promise.all([
+      api<Vm[]>("GET", "/vms"),
+      creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[]),
+      api<Iso[]>("GET", "/isos"),
+    ]);
+    const key = JSON.stringify([v, u, i]);
     if (key === lastData) return;
     lastData = key;
+    isos = i;
     if (vms.length === 0 && me.role === "regular") for (const x of v) expanded.add(x.id);
     vms = v;
     users = u;
@@ -172,6 +178,16 @@ export function vmsPage(ctx: PageContext): void {
     } else {
       ops.push(button("Power On", "power-on", "good", power("on"), b));
     }
+    ops.push(
+      button(
+        "Console",
+        "console",
+        "",
+        () => ctx.navigate(`/console?vm=${vm.id}`),
+        vm.status !== "running",
+        vm.status === "running" ? "its screen and keyboard, and its serial console" : "power it on first",
+      ),
+    );
     if (me.role === "manager" && vm.backup) {
       // Moves the VM to its backup server; refused by the API until the backup is in sync.
       const ready = vm.replication.state === "in-sync" && !vm.backup.down;
@@ -225,11 +241,38 @@ export function vmsPage(ctx: PageContext): void {
           item("Memory", mib(vm.memory_mib), "vm-memory-size"),
           item("vCPUs", String(vm.vcpus), "vm-vcpu-count"),
           disks,
+          cdromItem(vm),
           item("MAC", "not known", "vm-mac"),
           item("IP", "not known", "vm-ip"),
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
         me.role === "regular" ? null : cloneButton(vm),
+      ),
+    );
+  }
+
+  // The CD-ROM drive: any ISO of the library, or empty; whoever operates the VM changes it.
+  function cdromItem(vm: Vm): HTMLElement {
+    const select = h(
+      "select",
+      { "data-test": "cdrom-select", "aria-label": `CD-ROM of VM ${vm.id}`, disabled: busy.has(vm.id) },
+      h("option", { value: "" }, "(empty)"),
+      isos.map((i) => h("option", { value: i.name }, i.name)),
+    );
+    select.value = vm.cdrom ?? "";
+    select.addEventListener("change", () => {
+      const iso = select.value || null;
+      void act(vm, iso ? `insert ${iso} into the CD-ROM of` : "eject the CD-ROM of", "POST", `/vms/${vm.id}/cdrom`, { iso });
+    });
+    return h(
+      "div",
+      { class: "kv wide", "data-test": "vm-cdrom" },
+      h("span", { class: "k" }, "CD-ROM"),
+      h(
+        "span",
+        { class: "v" },
+        select,
+        vm.cdrom ? button("Eject", "cdrom-eject", "", () => void act(vm, "eject the CD-ROM of", "POST", `/vms/${vm.id}/cdrom`, { iso: null }), busy.has(vm.id)) : null,
       ),
     );
   }
