@@ -301,12 +301,29 @@ try {
   await until("the owner sees the new primary, without a reload", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-primary]"))) === backupBefore);
   await shot(m, "manager-migrated");
 
-  step("the Regular User opens its VM's serial console from the VMs page; what it types reaches the guest");
+  step("the Regular User opens its VM's graphical console from the VMs page: the guest's screen, and its keyboard");
   await r.click("[data-test=vm-row] [data-test=console]");
   await r.waitForSelector("[data-test=page][data-page=console]");
+  await until("the graphical console connected", async () => (await r.locator("[data-test=console-state]").getAttribute("data-state")) === "connected", 30000);
+  // The test guest's colour bars: white, yellow, cyan, green... across the top half.
+  const pixel = (fx, fy) =>
+    r.evaluate(([fx, fy]) => {
+      const c = document.querySelector("[data-test=vnc-screen] canvas");
+      if (!c || c.width < 8) return null;
+      const d = c.getContext("2d").getImageData(Math.floor(c.width * fx), Math.floor(c.height * fy), 1, 1).data;
+      return [d[0], d[1], d[2]];
+    }, [fx, fy]);
+  await until("the guest's colour bars on the screen", async () => JSON.stringify(await pixel(1 / 16, 1 / 4)) === "[255,255,255]" && JSON.stringify(await pixel(3 / 16, 1 / 4)) === "[255,255,0]" && JSON.stringify(await pixel(5 / 16, 1 / 4)) === "[0,255,255]", 30000);
+  await shot(r, "regular-graphical-console");
+  await r.locator("[data-test=vnc-screen] canvas").click();
+  await r.keyboard.type("vnc ok");
+  await r.keyboard.press("Enter");
+
+  step("on its serial console, the guest says which keys it got; what the user types there reaches it too");
   await r.click("[data-test=console-serial]");
   await until("the serial console connected", async () => (await r.locator("[data-test=console-state]").getAttribute("data-state")) === "connected", 30000);
   const terminal = r.locator("[data-test=serial-terminal] .xterm-rows");
+  await until("the keys typed on the graphical console", async () => (await terminal.innerText()).includes("line=vnc ok"), 30000);
   await until("the guest's serial output", async () => (await terminal.innerText()).includes("tg: echo ready"), 30000);
   await r.locator("[data-test=serial-terminal]").click();
   await r.keyboard.type(`typed by ${REGULAR}`);

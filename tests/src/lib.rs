@@ -258,8 +258,9 @@ impl Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while let Ok(_) | Err(RecvTimeoutError::Timeout) =
-            self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        while let Ok(_) | Err(RecvTimeoutError::Timeout) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             if Instant::now() >= deadline {
                 break;
@@ -292,6 +293,23 @@ pub fn guest_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
     a
+}
+
+/// A copy of the test guest that the VMM enters through the Linux 64-bit
+/// boot protocol instead of PVH (with boot_params in RSI, where a
+/// framebuffer is described): its PVH note gets an unknown type, so the
+/// loader falls back to the ELF entry point.
+pub fn linux64_testguest(s: &Scratch) -> std::path::PathBuf {
+    let mut elf = std::fs::read(testguest()).unwrap();
+    let pat: &[u8] = &[4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = elf
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .expect("test guest has a PVH note");
+    elf[at + 8] = 0x7f;
+    let kernel = s.path("testguest-64");
+    std::fs::write(&kernel, elf).unwrap();
+    kernel
 }
 
 /// A stamped block as the test guest's `stamp` action writes it.

@@ -259,14 +259,22 @@ pub struct WebCluster {
 }
 
 impl WebCluster {
-    /// Starts the cluster, `extra` given to every server (its `--guest-cmdline` replaces the
-    /// default one), and waits until both VM servers
+    /// Starts the cluster, `extra` given to every server (its `--guest-cmdline` and
+    /// `--guest-kernel` replace the default ones), and waits until both VM servers
     /// registered and the Manager can log in.
     pub fn start(tag: &str, extra: &[&str]) -> WebCluster {
         let scratch = Scratch::new(&format!("webui-{tag}"));
         let pw = scratch.path("manager-password");
         std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-        let kernel = testguest().display().to_string();
+        let mut extra = extra.to_vec();
+        let kernel = match extra.iter().position(|a| *a == "--guest-kernel") {
+            Some(i) => {
+                let k = extra.get(i + 1).expect("--guest-kernel PATH").to_string();
+                extra.drain(i..=i + 1);
+                k
+            }
+            None => testguest().display().to_string(),
+        };
         let mut servers = Vec::new();
         let mut web = Vec::new();
         for i in 1..=3u64 {

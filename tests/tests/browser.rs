@@ -105,12 +105,18 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .expect("run scripts/npm-ci.sh");
     assert!(npm.success(), "npm ci in {} failed", dir.display());
 
-    // The test guest echoes what is typed on its serial console (tests the console page).
+    // For the console page, the test guest (entered with boot_params, which describe the
+    // framebuffer) paints its pattern, reads a line typed on the graphical console's keyboard,
+    // then echoes what is typed on its serial console.
+    let scratch = enspeed_tests::Scratch::new("browser-guest");
+    let kernel = enspeed_tests::linux64_testguest(&scratch);
     let cluster = WebCluster::start(
         "browser",
         &[
+            "--guest-kernel",
+            kernel.to_str().unwrap(),
             "--guest-cmdline",
-            "console=ttyS0 tg.run=echo tg.echoms=300000",
+            "console=ttyS0 tg.run=fb,keys,echo tg.keylines=1 tg.kbdms=300000 tg.echoms=300000",
         ],
     );
     for base in &cluster.web {

@@ -101,23 +101,6 @@ fn every_acknowledged_stamped_write_is_on_disk() {
     }
 }
 
-/// A copy of the test guest that the VMM enters through the Linux 64-bit
-/// boot protocol instead of PVH (with boot_params in RSI, where a
-/// framebuffer is described): its PVH note gets an unknown type, so the
-/// loader falls back to the ELF entry point.
-fn linux64_testguest(s: &Scratch) -> std::path::PathBuf {
-    let mut elf = std::fs::read(testguest()).unwrap();
-    let pat: &[u8] = &[4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
-    let at = elf
-        .windows(pat.len())
-        .position(|w| w == pat)
-        .expect("test guest has a PVH note");
-    elf[at + 8] = 0x7f;
-    let kernel = s.path("testguest-64");
-    std::fs::write(&kernel, elf).unwrap();
-    kernel
-}
-
 /// The same guest entered through the Linux 64-bit boot protocol.
 #[test]
 fn linux_64bit_entry_boots_too() {
