@@ -1464,7 +1464,7 @@ fn a_clone_starts_with_its_source_s_data_on_the_same_primary() {
 }
 
 #[test]
-fn a_vm_s_serial_console_opens_in_the_browser_from_any_server_for_its_users_alone() {
+fn a_vm_s_serial_and_graphical_consoles_open_from_any_server_for_its_users_alone() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start(
         "console",
@@ -1549,6 +1549,21 @@ fn a_vm_s_serial_console_opens_in_the_browser_from_any_server_for_its_users_alon
     assert_eq!(e.0, 404, "no such console: {e:?}");
     let plain = wr.get(&format!("/api/v1/vms/{vm}/console/serial"));
     assert_eq!(plain.0, 426, "a console is a WebSocket: {plain:?}");
+
+    // The graphical console through a server other than the VM's: RFB from its first byte.
+    let other_server = c
+        .web
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i as u64 + 1 != primary)
+        .map(|(_, w)| w)
+        .unwrap();
+    let mut vnc = Web::logged_in(other_server, "r", USER_PASSWORD)
+        .console(vm, "vnc", None)
+        .expect("the graphical console");
+    vnc.read_until("RFB 003.008\n", WAIT);
+    let e = wo.console(vm, "vnc", None).err().expect("refused");
+    assert_eq!(e.0, 404, "another user's VM is hidden: {e:?}");
 
     // The guest's "bye" ends its echo loop; the console stays open for output.
     let mut con = wr.console(vm, "serial", None).expect("console");
