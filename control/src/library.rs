@@ -3,8 +3,8 @@
 //! found on whichever server the VM runs, after a failover too.
 //!
 //! - An upload is written by the server that takes it (`Upload`): into a `.part` file, hashed
-//!   as it arrives, synced, then renamed into place; the API then records it
-//!   (`Action::AddIso`) as held by that server.
+//!   as it arrives and synced; the API records it (`Action::AddIso`) as held by that server,
+//!   then renames it into place (before, the clean-up below could take it for a deleted one).
 //! - The other servers' agents (`Sync`) copy it from a server holding it, over its client
 //!   port (`{"op":"iso_file","sha256":...}`, answered by one line, then the bytes), check its
 //!   SHA-256 and size, and record that they hold it (`Command::IsoHeld`).
@@ -45,7 +45,7 @@ pub struct Upload {
     out: File,
     hash: Sha256,
     size: u64,
-    placed: bool,
+    sealed: bool,
 }
 
 impl Upload {
@@ -67,7 +67,7 @@ impl Upload {
             out,
             hash: Sha256::new(),
             size: 0,
-            placed: false,
+            sealed: false,
         })
     }
 
@@ -89,19 +89,52 @@ impl Upload {
         hex(&self.hash.clone().finalize())
     }
 
-    /// Makes the file durable and puts it in place; answers its SHA-256 and size.
-    pub fn finish(mut self) -> io::Result<(String, u64)> {
-        let sha256 = self.sha256();
+    /// Makes the file durable, still under its temporary name: an image is put in place
+    /// (`Sealed::place`) only once the library lists it, or the agent's clean-up, which deletes
+    /// unlisted images, could take it first.
+    pub fn seal(mut self) -> io::Result<Sealed> {
         self.out.sync_all()?;
-        std::fs::rename(&self.part, file(&self.dir, &sha256))?;
-        self.placed = true;
-        File::open(&self.dir)?.sync_all()?;
-        Ok((sha256, self.size))
+        self.sealed = true;
+        Ok(Sealed {
+            sha256: self.sha256(),
+            size: self.size,
+            dir: self.dir.clone(),
+            part: self.part.clone(),
+            placed: false,
+        })
     }
 }
 
 impl Drop for Upload {
-    /// An upload abandoned before `finish` leaves nothing behind.
+    /// An upload abandoned before `seal` leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.sealed {
+            let _ = std::fs::remove_file(&self.part);
+        }
+    }
+}
+
+/// A whole, durable upload waiting to be put in place; dropped, it is deleted.
+pub struct Sealed {
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+    dir: PathBuf,
+    part: PathBuf,
+    placed: bool,
+}
+
+impl Sealed {
+    /// Renames it to `<sha256>.iso`, durably.
+    pub fn place(mut self) -> io::Result<()> {
+        std::fs::rename(&self.part, file(&self.dir, &self.sha256))?;
+        self.placed = true;
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl Drop for Sealed {
     fn drop(&mut self) {
         if !self.placed {
             let _ = std::fs::remove_file(&self.part);
@@ -188,7 +221,9 @@ pub fn fetch(
     if sha != iso.sha256 {
         return Err(what(format!("its SHA-256 is {sha}, not {}", iso.sha256)));
     }
-    up.finish().map_err(|e| what(e.to_string()))?;
+    up.seal()
+        .and_then(Sealed::place)
+        .map_err(|e| what(e.to_string()))?;
     progress(size);
     Ok(())
 }
@@ -322,10 +357,12 @@ mod tests {
         let mut up = Upload::new(&dir).unwrap();
         up.write(b"hello ").unwrap();
         up.write(b"iso").unwrap();
-        let (sha, size) = up.finish().unwrap();
-        // sha256("hello iso")
+        let sealed = up.seal().unwrap();
+        let (sha, size) = (sealed.sha256.clone(), sealed.size);
         assert_eq!(size, 9);
         assert!(is_sha256(&sha));
+        assert!(!file(&dir, &sha).exists(), "in place only once listed");
+        sealed.place().unwrap();
         assert_eq!(std::fs::read(file(&dir, &sha)).unwrap(), b"hello iso");
         let mut gone = Upload::new(&dir).unwrap();
         gone.write(b"half").unwrap();

@@ -48,6 +48,25 @@ pub struct Request {
     pub stream: Option<Incoming>,
 }
 
+/// Reads and drops what is left of a refused upload's body, up to `DRAIN_BODY` times 64 bytes
+/// and 10 s, so that a client still sending it reads the refusal rather than a broken pipe.
+pub async fn drain_upload(req: &mut Request) {
+    let Some(mut body) = req.stream.take() else {
+        return;
+    };
+    let drain = async {
+        let mut left = DRAIN_BODY as u64 * 64;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            if n >= left {
+                break;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+}
+
 /// Whether a request's body is an upload, streamed to its handler rather than read whole:
 /// an ISO image (`PUT /api/v1/isos/{name}`).
 fn is_upload(method: &Method, path: &str) -> bool {

@@ -300,10 +300,18 @@ impl App {
                 Ok(ok(&views::isos(&c.state)))
             }
             (Method::PUT, ["isos", name]) => {
-                let c = self.caller(&req, true).await?;
-                manager_only(&c)?;
                 let name = name.to_string();
-                self.upload_iso(&c, &mut req, name).await
+                let r = match self.caller(&req, true).await {
+                    Ok(c) => match manager_only(&c) {
+                        Ok(()) => self.upload_iso(&c, &mut req, name).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                if r.is_err() {
+                    crate::http::drain_upload(&mut req).await;
+                }
+                r
             }
             (Method::DELETE, ["isos", name]) => {
                 let c = self.caller(&req, true).await?;
@@ -700,7 +708,8 @@ impl App {
                 up.size()
             )));
         }
-        let (sha256, size) = tokio::task::block_in_place(|| up.finish()).map_err(store)?;
+        let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
+        let (sha256, size) = (sealed.sha256.clone(), sealed.size);
         tracing::info!(iso = %name, bytes = size, %sha256, ms = started.elapsed().as_millis() as u64, "ISO uploaded");
         self.cluster
             .act(
@@ -713,6 +722,8 @@ impl App {
                 },
             )
             .await?;
+        // Listed now: in place, it is not taken for a deleted image's file.
+        tokio::task::block_in_place(|| sealed.place()).map_err(store)?;
         Ok(json_response(
             StatusCode::CREATED,
             &json!({ "name": name, "size": size, "sha256": sha256, "server": self.cluster.id() }),
