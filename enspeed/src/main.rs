@@ -38,7 +38,8 @@ enum Command {
     Server(ServerCmd),
     /// Talk to the control plane through any server: status, put, get, state, add/remove server.
     Cluster(control::cli::ClusterArgs),
-    /// VMs through the API of any server: list, show, create, start, stop, delete.
+    /// VMs through the API of any server: list, show, create, start, stop, delete, clone,
+    /// migrate, cdrom.
     Vm {
         #[command(flatten)]
         login: webui::cli::Login,
@@ -51,6 +52,13 @@ enum Command {
         login: webui::cli::Login,
         #[command(subcommand)]
         command: webui::cli::UserCommand,
+    },
+    /// The ISO library, through the API: list; upload or delete (Managers).
+    Iso {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::IsoCommand,
     },
     /// The cluster's servers, through the API (Managers); drain or remove one.
     Servers {
@@ -249,6 +257,7 @@ fn main() -> ExitCode {
         Command::Vm { login, command } => webui::cli::vm(&login, command),
         Command::User { login, command } => webui::cli::user(&login, command),
         Command::Servers { login, command } => webui::cli::servers(&login, command),
+        Command::Iso { login, command } => webui::cli::iso(&login, command),
         Command::Audit {
             login,
             after,

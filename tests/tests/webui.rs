@@ -1282,6 +1282,42 @@ fn the_enspeed_command_is_a_client_of_the_api() {
         servers.contains("leader") && servers.contains("witness"),
         "{servers}"
     );
+    // The ISO library: the Manager uploads, with progress on stderr; bob uses it.
+    let scratch = Scratch::new("cli-iso");
+    let file = scratch.path("tools.iso");
+    std::fs::write(&file, vec![0x5a; 3 << 20]).unwrap();
+    let up = ok(&["iso", "upload", file.to_str().unwrap()]);
+    assert!(
+        up.contains("100%") && up.contains("\"name\":\"tools.iso\""),
+        "{up}"
+    );
+    let (good, text) = run(
+        &[
+            "iso",
+            "upload",
+            file.to_str().unwrap(),
+            "--name",
+            "mine.iso",
+        ],
+        "bob",
+        USER_PASSWORD,
+    );
+    assert!(!good && text.contains("403"), "bob uploads nothing: {text}");
+    cluster::wait_for("tools.iso on both VM servers", WAIT, || {
+        ok(&["iso", "list"]).contains("2/2").then_some(())
+    });
+    let (good, text) = run(&["vm", "cdrom", &id, "tools.iso"], "bob", USER_PASSWORD);
+    assert!(good, "{text}");
+    let shown: Value = serde_json::from_str(&ok(&["vm", "show", &id, "--json"])).unwrap();
+    assert_eq!(shown["cdrom"], "tools.iso", "{shown}");
+    assert!(ok(&["iso", "list"]).contains(&format!("VM {id}")));
+    let (good, text) = run(&["iso", "delete", "tools.iso"], "admin", PASSWORD);
+    assert!(!good && text.contains("eject it first"), "{text}");
+    let (good, text) = run(&["vm", "cdrom", &id], "bob", USER_PASSWORD);
+    assert!(good, "{text}");
+    ok(&["iso", "delete", "tools.iso"]);
+    assert!(!ok(&["iso", "list"]).contains("tools.iso"));
+
     ok(&["vm", "force-stop", &id]);
     cluster::wait_for("web1 stopped", WAIT, || {
         ok(&["vm", "list"]).contains("stopped").then_some(())

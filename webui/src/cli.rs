@@ -7,6 +7,9 @@
 //!   enspeed user list                   enspeed user create NAME --role regular
 //!   enspeed user delete ID              enspeed user passwd ID
 //!   enspeed servers [drain ID | remove ID]   enspeed audit
+//!   enspeed vm cdrom ID [ISO]           (no ISO: eject)
+//!   enspeed iso list                    enspeed iso upload FILE [--name NAME]
+//!   enspeed iso delete NAME
 //! ```
 //!
 //! Each command logs in (`--user`, the password from `ENSPEED_PASSWORD` or
@@ -112,6 +115,33 @@ pub enum VmCommand {
         /// VMID.
         id: u64,
     },
+    /// Put an ISO image of the library into the VM's CD-ROM drive; without ISO, eject it.
+    Cdrom {
+        /// VMID.
+        id: u64,
+        /// The ISO's name in the library.
+        iso: Option<String>,
+    },
+}
+
+/// `enspeed iso`.
+#[derive(Subcommand, Debug)]
+pub enum IsoCommand {
+    /// The ISO library.
+    List,
+    /// Upload an ISO image (Managers), showing its progress; every VM server then copies it.
+    Upload {
+        /// The image.
+        file: PathBuf,
+        /// Its name in the library (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete an ISO image no VM's CD-ROM holds (Managers).
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `enspeed user`.
@@ -213,8 +243,66 @@ impl Session {
             .map_err(|e| format!("{what}: the answer: {e}"))
     }
 
+    /// PUTs `file` as the raw body of `path`, printing its progress on stderr.
+    fn upload(&self, path: &str, file: &std::path::Path) -> Result<Value, String> {
+        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let size = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .len();
+        let body = Progress {
+            inner: f,
+            sent: 0,
+            size,
+            started: std::time::Instant::now(),
+            told: std::time::Instant::now(),
+        };
+        let r = self
+            .agent
+            .request("PUT", &format!("{}/api/v1{path}", self.base))
+            .timeout(Duration::from_secs(24 * 3600))
+            .set("Cookie", &self.cookie)
+            .set("X-CSRF-Token", &self.csrf)
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Length", &size.to_string())
+            .send(body);
+        eprintln!();
+        let what = format!("uploading {}", file.display());
+        answer(r, &what)?
+            .into_json()
+            .map_err(|e| format!("{what}: the answer: {e}"))
+    }
+
     fn close(self) {
         let _ = self.call("DELETE", "/session", None);
+    }
+}
+
+/// A file being sent, its progress printed on stderr about once a second.
+struct Progress {
+    inner: std::fs::File,
+    sent: u64,
+    size: u64,
+    started: std::time::Instant,
+    told: std::time::Instant,
+}
+
+impl std::io::Read for Progress {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sent += n as u64;
+        if self.told.elapsed() >= Duration::from_secs(1) || self.sent == self.size {
+            self.told = std::time::Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            eprint!(
+                "\r{:>3}%  {} of {} MiB  {:.1} MiB/s ",
+                (self.sent * 100).checked_div(self.size).unwrap_or(100),
+                self.sent >> 20,
+                self.size >> 20,
+                self.sent as f64 / secs / (1 << 20) as f64
+            );
+        }
+        Ok(n)
     }
 }
 
@@ -463,6 +551,69 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),
             done,
         ),
+        VmCommand::Cdrom { id, iso } => run(
+            l,
+            |s| {
+                s.call(
+                    "POST",
+                    &format!("/vms/{id}/cdrom"),
+                    Some(json!({ "iso": iso })),
+                )
+            },
+            done,
+        ),
+    }
+}
+
+/// `enspeed iso ...`.
+pub fn iso(l: &Login, cmd: IsoCommand) -> ExitCode {
+    match cmd {
+        IsoCommand::List => run(l, |s| s.call("GET", "/isos", None), iso_table),
+        IsoCommand::Upload { file, name } => {
+            let name = name.unwrap_or_else(|| {
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            run(l, |s| s.upload(&format!("/isos/{name}"), &file), done)
+        }
+        IsoCommand::Delete { name } => run(
+            l,
+            |s| s.call("DELETE", &format!("/isos/{name}"), None),
+            done,
+        ),
+    }
+}
+
+fn iso_table(v: &Value) {
+    println!(
+        "{:<32} {:>10}  {:<8} {:<12} SHA-256",
+        "NAME", "MiB", "READY ON", "IN USE BY"
+    );
+    for r in v.as_array().cloned().unwrap_or_default() {
+        let used: Vec<String> = r["in_use_by"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|v| format!("VM {v}"))
+            .collect();
+        println!(
+            "{:<32} {:>10}  {:<8} {:<12} {}",
+            s(&r["name"]),
+            r["size"].as_u64().unwrap_or(0) >> 20,
+            format!(
+                "{}/{}",
+                r["servers"].as_array().map_or(0, Vec::len),
+                s(&r["vm_servers"])
+            ),
+            if used.is_empty() {
+                "-".into()
+            } else {
+                used.join(",")
+            },
+            s(&r["sha256"])
+        );
     }
 }
 
