@@ -1586,6 +1586,34 @@ fn a_vm_s_serial_and_graphical_consoles_open_from_any_server_for_its_users_alone
     let plain = wr.get(&format!("/api/v1/vms/{vm}/console/serial"));
     assert_eq!(plain.0, 426, "a console is a WebSocket: {plain:?}");
 
+    // `enspeed vm console` is the same console in a terminal (here a pipe).
+    {
+        use std::io::{Read, Write};
+        let mut cli = std::process::Command::new(enspeed_tests::enspeed_bin())
+            .args(["vm", "console", &vm.to_string()])
+            .env("ENSPEED_URL", &c.web[2])
+            .env("ENSPEED_USER", "r")
+            .env("ENSPEED_PASSWORD", USER_PASSWORD)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run enspeed vm console");
+        let mut stdin = cli.stdin.take().unwrap();
+        stdin.write_all(b"typed in a terminal\r").unwrap();
+        let mut stdout = cli.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = stdout.read_to_end(&mut all);
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        drop(stdin);
+        let status = cli.wait().unwrap();
+        let text = reader.join().unwrap();
+        assert!(status.success(), "{status}: {text}");
+        assert!(text.contains("tg: echo typed in a terminal"), "{text}");
+    }
+
     // The graphical console through a server other than the VM's: RFB from its first byte.
     let other_server = c
         .web

@@ -8,6 +8,7 @@
 //!   enspeed user delete ID              enspeed user passwd ID
 //!   enspeed servers [drain ID | remove ID]   enspeed audit
 //!   enspeed vm cdrom ID [ISO]           (no ISO: eject)
+//!   enspeed vm console ID               (the serial console; Ctrl-] leaves)
 //!   enspeed iso list                    enspeed iso upload FILE [--name NAME]
 //!   enspeed iso delete NAME
 //! ```
@@ -112,6 +113,12 @@ pub enum VmCommand {
     },
     /// Move a VM to its backup server (its disk's in-sync copy); a running VM restarts there.
     Migrate {
+        /// VMID.
+        id: u64,
+    },
+    /// The VM's serial console in this terminal (Ctrl-] leaves it), through the API's
+    /// WebSocket, like `qm terminal`.
+    Console {
         /// VMID.
         id: u64,
     },
@@ -551,6 +558,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),
             done,
         ),
+        VmCommand::Console { id } => console(l, id),
         VmCommand::Cdrom { id, iso } => run(
             l,
             |s| {
@@ -562,6 +570,185 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             },
             done,
         ),
+    }
+}
+
+/// The byte that leaves the console: Ctrl-], as telnet and `virsh console` have it.
+const LEAVE: u8 = 0x1d;
+
+/// `enspeed vm console ID`: logs in, opens the serial console's WebSocket, and copies the
+/// terminal (raw, when it is one) to it and it to the terminal until Ctrl-] or its end.
+fn console(l: &Login, id: u64) -> ExitCode {
+    let s = match Session::open(l) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("enspeed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = console_session(l, &s, id);
+    s.close();
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enspeed: VM {id}'s console: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A byte stream to the server: TCP, or TLS over it.
+trait Stream: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> Stream for T {}
+
+fn console_session(l: &Login, s: &Session, id: u64) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+    let (tls, rest) = match s.base.split_once("://") {
+        Some(("https", r)) => (true, r),
+        Some(("http", r)) => (false, r),
+        _ => return Err(format!("{}: an http:// or https:// URL", s.base)),
+    };
+    let hostport = rest.split('/').next().unwrap_or(rest).to_string();
+    let url = format!(
+        "{}://{hostport}/api/v1/vms/{id}/console/serial",
+        if tls { "wss" } else { "ws" }
+    );
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    let h = req.headers_mut();
+    h.insert("cookie", s.cookie.parse().map_err(|_| "a bad cookie")?);
+    h.insert("origin", s.base.parse().map_err(|_| "a bad URL")?);
+    let tcp = std::net::TcpStream::connect(&hostport).map_err(|e| format!("{hostport}: {e}"))?;
+    // Short reads, so that one thread both reads the socket and sends what was typed.
+    tcp.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
+    let stream: Box<dyn Stream> = if tls {
+        let ca = l.ca_cert.as_ref().ok_or("HTTPS: give --ca-cert")?;
+        let host = hostport.rsplit_once(':').map_or(hostport.as_str(), |h| h.0);
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host}: {e}"))?;
+        let conn = tokio_rustls::rustls::ClientConnection::new(client_tls(ca)?, name)
+            .map_err(|e| e.to_string())?;
+        Box::new(tokio_rustls::rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
+    let mut ws = match tungstenite::client::client(req, stream) {
+        Ok((ws, _)) => ws,
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            let v: Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            return Err(format!(
+                "{}: {}",
+                r.status(),
+                v["error"].as_str().unwrap_or("refused")
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let raw = RawTerminal::enter();
+    if raw.is_some() {
+        eprint!("[connected to VM {id}'s serial console; Ctrl-] leaves]\r\n");
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let mut stdin_open = true;
+    // Piped input that ended: what the VM answers within this long is still shown.
+    let mut leave_at: Option<std::time::Instant> = None;
+    loop {
+        if leave_at.is_some_and(|t| t.elapsed() > Duration::ZERO) {
+            let _ = ws.close(None);
+            return Ok(());
+        }
+        match ws.read() {
+            Ok(Message::Binary(b)) => {
+                let _ = out.write_all(&b);
+                let _ = out.flush();
+            }
+            Ok(Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+        while stdin_open {
+            match rx.try_recv() {
+                Ok(mut bytes) => {
+                    let leave = raw.is_some() && bytes.contains(&LEAVE);
+                    if leave {
+                        bytes.truncate(bytes.iter().position(|b| *b == LEAVE).unwrap_or(0));
+                    }
+                    if !bytes.is_empty() {
+                        ws.send(Message::Binary(bytes.into()))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    if leave {
+                        let _ = ws.close(None);
+                        drop(raw);
+                        eprintln!();
+                        return Ok(());
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                // Input ended (a pipe): show the console 2 s more, then leave.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    stdin_open = false;
+                    leave_at = Some(std::time::Instant::now() + Duration::from_secs(2));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The terminal in raw mode (keys as they are typed, no echo) while it lives; `None` when
+/// standard input is not a terminal.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: isatty and tcgetattr only read the terminal's state into `old`, a plain C
+        // struct that lives on this stack frame.
+        let mut old: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::isatty(0) } != 1 || unsafe { libc::tcgetattr(0, &mut old) } != 0 {
+            return None;
+        }
+        let mut raw = old;
+        // SAFETY: cfmakeraw edits the struct it is given; tcsetattr applies it to stdin.
+        unsafe {
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+        }
+        Some(RawTerminal(old))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
     }
 }
 
