@@ -414,13 +414,13 @@ fn assert_pattern(c: &mut rfb::RfbClient) {
 }
 
 /// Starts the test guest, entered with boot_params, with a 640x480
-/// framebuffer on an RFB socket; it paints its pattern and then echoes
-/// `keylines` typed lines.
-fn start_fb_guest(s: &Scratch, keylines: u32) -> (Vmm, std::path::PathBuf) {
+/// framebuffer on an RFB socket, running `actions` (the first one `fb`:
+/// it paints its pattern).
+fn start_fb_guest(s: &Scratch, actions: &str) -> (Vmm, std::path::PathBuf) {
     let sock = s.path("vnc.sock");
     let api = s.path("api.sock");
     let mut args = guest_args(
-        &format!("tg.run=fb,keys tg.keylines={keylines} tg.end=poweroff"),
+        &format!("tg.run={actions} tg.end=poweroff"),
         &[
             "--vnc",
             sock.to_str().unwrap(),
@@ -443,8 +443,9 @@ fn start_fb_guest(s: &Scratch, keylines: u32) -> (Vmm, std::path::PathBuf) {
 }
 
 /// The guest's drawing reaches RFB clients in the pixel formats they ask
-/// for, only changed tiles are resent, and keys typed through RFB reach
-/// the guest's i8042 as the right scan codes.
+/// for, a change is sent once it happens (found through KVM's dirty log)
+/// and not before, and keys typed through RFB reach the guest's i8042 as
+/// the right scan codes.
 #[test]
 fn framebuffer_and_keyboard_over_rfb() {
     if !kvm_available("framebuffer_and_keyboard_over_rfb") {
@@ -452,7 +453,7 @@ fn framebuffer_and_keyboard_over_rfb() {
     }
     use rfb::{keysym::*, PixelFormat, RfbClient};
     let s = Scratch::new("rfb");
-    let (mut vm, sock) = start_fb_guest(&s, 1);
+    let (mut vm, sock) = start_fb_guest(&s, "fb,keys,fbfill,keys");
     let mut c = RfbClient::connect(&sock).unwrap();
     assert_eq!(
         (c.width, c.height, c.name.as_str()),
@@ -495,7 +496,31 @@ fn framebuffer_and_keyboard_over_rfb() {
         "tg: keys scancodes=2a,23,a3,aa,17,97,39,b9,02,82,2a,02,aa,82,3b,bb,\
          e0,48,e0,c8,0e,8e,1d,2e,ae,9d,1c line=Hi 1!<f1><up><bs>^C"
     );
+
+    // The guest paints the screen over: the pending incremental request
+    // is answered, as often as needed until the client has it all.
+    vm.wait_for("tg: fb filled", BOOT);
+    let fill = c.format().expect(0x336699);
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        c.read_update().unwrap();
+        let done = (0..480).all(|y| (0..640).all(|x| c.pixel(x, y) == fill));
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never fully arrived"
+        );
+        c.request(true, 0, 0, 640, 480).unwrap();
+    }
+    c.tap(RETURN).unwrap();
     vm.wait_for("tg: done ok", BOOT);
+    assert!(
+        !vm.output().contains("no dirty log"),
+        "KVM's dirty log of the framebuffer failed:\n{}",
+        vm.output()
+    );
     assert!(vm.wait_exit(BOOT).success());
     assert!(!sock.exists(), "the RFB socket should be removed on exit");
 }
@@ -510,7 +535,7 @@ fn hostile_rfb_clients_are_closed_and_the_vm_runs_on() {
     use rfb::{closed_by_peer, connect_retrying, keysym::RETURN, PixelFormat, RfbClient};
     use std::io::{Read, Write};
     let s = Scratch::new("rfb-hostile");
-    let (mut vm, sock) = start_fb_guest(&s, 1);
+    let (mut vm, sock) = start_fb_guest(&s, "fb,keys");
     let mut good = RfbClient::connect(&sock).unwrap();
 
     // Not RFB at all.

@@ -143,8 +143,8 @@ struct Vm {
     _vm: Arc<VmFd>,
     _mem: GuestMemory,
     _memfd: std::fs::File,
-    /// Mapped into the VM as a memory slot: kept alive as long as the VM fd.
-    _fb: Option<Arc<Framebuffer>>,
+    /// Mapped into the VM as a memory slot; told when the VM goes.
+    fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
     control: Arc<Control>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -349,7 +349,7 @@ impl Vm {
             _vm: vm,
             _mem: mem,
             _memfd: memfd,
-            _fb: fb.cloned(),
+            fb: fb.cloned(),
             vcpus,
             control,
             serial,
@@ -371,6 +371,9 @@ impl Vm {
 
     /// Stops every vCPU thread and device worker.
     fn teardown(self) {
+        if let Some(fb) = &self.fb {
+            fb.untrack();
+        }
         self.control.set(Run::Exit);
         vcpu::kick_until(&self.vcpus, || self.vcpus.iter().all(|t| t.finished()));
         for t in self.vcpus {
@@ -460,9 +463,10 @@ pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
 }
 
 /// Gives the framebuffer to the VM as memory slot `slot` at
-/// [`FRAMEBUFFER_START`], black, and describes it for the boot data.
+/// [`FRAMEBUFFER_START`], black, with KVM logging the guest's writes to it,
+/// and describes it for the boot data.
 fn map_framebuffer(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     fb: &Framebuffer,
     slot: u32,
 ) -> Result<boot::LinearFramebuffer, VmError> {
@@ -478,12 +482,13 @@ fn map_framebuffer(
         guest_phys_addr: FRAMEBUFFER_START,
         memory_size: fb.size(),
         userspace_addr: fb.host_address(),
-        flags: 0,
+        flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
     };
     // SAFETY: the mapping lives as long as the Framebuffer, which run()
     // creates once and keeps (with the RFB server and every Vm holding
     // clones) until the process ends, past every VM fd.
     unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map the framebuffer"))?;
+    fb.track(vm.clone(), slot);
     let side =
         |v: u32| u16::try_from(v).map_err(|_| VmError::Config("framebuffer too large".into()));
     Ok(boot::LinearFramebuffer {

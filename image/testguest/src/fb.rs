@@ -1,13 +1,19 @@
 //! Linear framebuffer: the `fb` action. Finds the framebuffer the way
 //! Linux does, in `boot_params.screen_info`, and paints a known pattern.
 
-use crate::io::{rd16, rd32, rd8, wr32};
+use crate::io::{rd16, rd32, rd8, wr32, Global};
 use crate::{fail, say, usermode};
 
 /// `orig_video_isVGA` of a VESA linear framebuffer.
 const VIDEO_TYPE_VLFB: u8 = 0x23;
 /// `capabilities`: `ext_lfb_base` holds the base's high half.
 const VIDEO_CAPABILITY_64BIT_BASE: u32 = 2;
+
+/// Colour `fbfill` paints (XRGB8888).
+pub const FILL: u32 = 0x336699;
+
+/// The framebuffer `fb` found: base, width, height, stride (0 = none).
+static FOUND: Global<(u64, u32, u32, u32)> = Global::new((0, 0, 0, 0));
 
 /// The colour bars of the top half, left to right (XRGB8888).
 const BARS: [u32; 8] = [0xffffff, 0xffff00, 0x00ffff, 0x00ff00, 0xff00ff, 0xff0000, 0x0000ff, 0x000000];
@@ -60,13 +66,31 @@ pub fn act_fb() {
         fail!("fb geometry w={} h={} stride={} size={} base=0x{:x}", w, h, stride, size, base);
         return;
     }
+    *FOUND.get() = (base, w, h, stride);
+    paint(|x, y| pattern(x, y, w, h));
+    say!("fb painted");
+}
+
+/// Action `fbfill`: paints the framebuffer `fb` found in one colour,
+/// 0x336699, then `tg: fb filled`.
+pub fn act_fbfill() {
+    if FOUND.get().0 == 0 {
+        fail!("fb fill without a framebuffer (run fb first)");
+        return;
+    }
+    paint(|_, _| FILL);
+    say!("fb filled");
+}
+
+/// Sets every pixel to `f(x, y)`, at CPL 3 (where stores run at full speed).
+fn paint(f: impl Fn(u32, u32) -> u32) {
+    let (base, w, h, stride) = *FOUND.get();
     usermode::run(|| {
         for y in 0..h {
             let line = base + u64::from(y) * u64::from(stride);
             for x in 0..w {
-                wr32(line + u64::from(x) * 4, pattern(x, y, w, h));
+                wr32(line + u64::from(x) * 4, f(x, y));
             }
         }
     });
-    say!("fb painted");
 }

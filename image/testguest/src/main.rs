@@ -120,6 +120,7 @@ fn run_actions() {
             "kbd" => kbd::act_kbd(),
             "keys" => kbd::act_keys(),
             "fb" => fb::act_fb(),
+            "fbfill" => fb::act_fbfill(),
             "echo" => serial::act_echo(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);

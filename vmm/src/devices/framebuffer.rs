@@ -8,8 +8,18 @@
 //! guest's stores land in it without a VM exit, and the RFB server copies
 //! pixels out of it from its own threads. It lives as long as the VMM
 //! process, across guest reboots, so the RFB server keeps one for all boots.
+//!
+//! KVM logs which of its pages the guest wrote ([`Framebuffer::changes`]),
+//! so a client watching an idle screen costs one small ioctl a poll rather
+//! than a comparison of every pixel.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
 
 use crate::arch::layout::FRAMEBUFFER_MAX_SIZE;
+use crate::bus::lock;
 
 /// Bytes a pixel takes.
 pub const BYTES_PER_PIXEL: u32 = 4;
@@ -21,6 +31,10 @@ pub const MIN_SIDE: u32 = 16;
 /// Largest width or height accepted (Linux's screen_info holds u16 sides
 /// and a u16 line length).
 pub const MAX_SIDE: u32 = 4096;
+/// The unit KVM logs writes in.
+pub const PAGE_SIZE: u64 = 4096;
+/// KVM's dirty log is fetched at most this often, however many clients ask.
+const DIRTY_POLL_MIN: Duration = Duration::from_millis(10);
 
 /// Errors creating a framebuffer.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +60,18 @@ pub struct Framebuffer {
     len: usize,
     width: u32,
     height: u32,
+    tracking: Mutex<Tracking>,
+}
+
+/// What is known of the guest's writes.
+struct Tracking {
+    /// The VM whose memory slot logs them, and the slot.
+    vm: Option<(Arc<VmFd>, u32)>,
+    /// Per page, the generation in which a write to it was last seen.
+    pages: Vec<u64>,
+    /// Counts dirty-log fetches (and host-side writes).
+    generation: u64,
+    polled: Option<Instant>,
 }
 
 // SAFETY: the mapping is plain memory owned by this value until drop; all
@@ -89,7 +115,65 @@ impl Framebuffer {
             len,
             width,
             height,
+            tracking: Mutex::new(Tracking {
+                vm: None,
+                pages: vec![0; (size / PAGE_SIZE) as usize],
+                generation: 0,
+                polled: None,
+            }),
         })
+    }
+
+    /// From now on learns of the guest's writes from `vm`'s dirty log of
+    /// memory slot `slot`, which maps this framebuffer with
+    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub fn track(&self, vm: Arc<VmFd>, slot: u32) {
+        let mut t = lock(&self.tracking);
+        t.vm = Some((vm, slot));
+        t.polled = None;
+    }
+
+    /// Stops asking the VM (it is being torn down); until the next
+    /// [`Self::track`], every page counts as possibly changed.
+    pub fn untrack(&self) {
+        lock(&self.tracking).vm = None;
+    }
+
+    /// When each page last changed: fills `out` with a generation per page
+    /// ([`PAGE_SIZE`] bytes from the start) and returns the current one;
+    /// a page changed after a reader's last look when its generation is
+    /// greater than the one returned then. `None` when no VM reports its
+    /// writes: then any page may have changed.
+    pub fn changes(&self, out: &mut Vec<u64>) -> Option<u64> {
+        let mut t = lock(&self.tracking);
+        let (vm, slot) = t.vm.clone()?;
+        if t.polled.is_none_or(|p| p.elapsed() >= DIRTY_POLL_MIN) {
+            match vm.get_dirty_log(slot, self.len) {
+                Ok(bitmap) => {
+                    t.generation += 1;
+                    let g = t.generation;
+                    for (i, word) in bitmap.iter().enumerate() {
+                        let mut bits = *word;
+                        while bits != 0 {
+                            let page = i * 64 + bits.trailing_zeros() as usize;
+                            if let Some(p) = t.pages.get_mut(page) {
+                                *p = g;
+                            }
+                            bits &= bits - 1;
+                        }
+                    }
+                    t.polled = Some(Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "KVM gives no dirty log of the framebuffer; comparing every pixel instead");
+                    t.vm = None;
+                    return None;
+                }
+            }
+        }
+        out.clear();
+        out.extend_from_slice(&t.pages);
+        Some(t.generation)
     }
 
     /// Width in pixels.
@@ -121,6 +205,11 @@ impl Framebuffer {
     pub fn clear(&self) {
         // SAFETY: the mapping is `len` writable bytes, alive while self is.
         unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) };
+        // KVM logs only the guest's writes: this one marks every page.
+        let mut t = lock(&self.tracking);
+        t.generation += 1;
+        let g = t.generation;
+        t.pages.fill(g);
     }
 
     /// Copies the pixels of the rectangle at (`x`, `y`) of `w` x `h` into

@@ -1,11 +1,12 @@
 //! What one client is sent: which parts of the framebuffer changed since
-//! its last update (compared tile by tile with the frame last sent to it),
-//! and their pixels in the client's pixel format, Raw encoded.
+//! its last update (compared tile by tile with the frame last sent to it,
+//! looking only at tiles whose pages KVM saw written), and their pixels in
+//! the client's pixel format, Raw encoded.
 
 use std::io::Write;
 
 use super::wire::{PixelFormat, Rect, RectHeader, UpdateHeader, ENCODING_RAW};
-use crate::devices::framebuffer::Framebuffer;
+use crate::devices::framebuffer::{Framebuffer, PAGE_SIZE};
 
 /// Side of the square tiles compared between frames.
 pub const TILE: u32 = 64;
@@ -74,6 +75,12 @@ pub struct ClientFrame {
     last: Vec<u32>,
     /// Per tile: sent at least once (else it counts as changed).
     sent: Vec<bool>,
+    /// Per tile: the framebuffer's change generation when it was last
+    /// compared whole.
+    seen: Vec<u64>,
+    /// Per page: generation of its last change (from the framebuffer).
+    pages: Vec<u64>,
+    stride: u64,
     tiles_x: u32,
     scratch: Vec<u32>,
     out: Vec<u8>,
@@ -90,6 +97,9 @@ impl ClientFrame {
             height,
             last: vec![0; width as usize * height as usize],
             sent: vec![false; tiles],
+            seen: vec![0; tiles],
+            pages: Vec::new(),
+            stride: u64::from(fb.stride()),
             tiles_x,
             scratch: vec![0; (TILE * TILE) as usize],
             out: Vec::new(),
@@ -108,12 +118,14 @@ impl ClientFrame {
     /// Reads the tiles of `area` from `fb` and returns the rectangles to
     /// send: the tiles whose pixels differ from what the client was last
     /// sent (every tile when `full`), adjacent ones in a row merged. The
-    /// pixels read become the client's last frame.
+    /// pixels read become the client's last frame. Tiles on pages the
+    /// guest has not written since their last comparison are not read.
     pub fn changed(&mut self, fb: &Framebuffer, area: Rect, full: bool) -> Vec<Rect> {
         let mut rects: Vec<Rect> = Vec::new();
         let Some((x0, y0, x1, y1)) = self.clip(area) else {
             return rects;
         };
+        let generation = fb.changes(&mut self.pages);
         for ty in y0 / TILE..=(y1 - 1) / TILE {
             let ry0 = (ty * TILE).max(y0);
             let ry1 = ((ty + 1) * TILE).min(y1);
@@ -123,8 +135,24 @@ impl ClientFrame {
                 let rx1 = ((tx + 1) * TILE).min(x1);
                 let (w, h) = (rx1 - rx0, ry1 - ry0);
                 let tile = (ty * self.tiles_x + tx) as usize;
-                let dirty = fb.read_rect(rx0, ry0, w, h, &mut self.scratch)
-                    && self.take(rx0, ry0, w, h, full || !self.sent[tile]);
+                let force = full || !self.sent[tile];
+                let written = match generation {
+                    Some(g) => {
+                        let touched = self.written(rx0, ry0, rx1, ry1, self.seen[tile]);
+                        let whole = rx0 == tx * TILE
+                            && ry0 == ty * TILE
+                            && rx1 == ((tx + 1) * TILE).min(self.width)
+                            && ry1 == ((ty + 1) * TILE).min(self.height);
+                        if whole {
+                            self.seen[tile] = g;
+                        }
+                        touched
+                    }
+                    None => true,
+                };
+                let dirty = (force || written)
+                    && fb.read_rect(rx0, ry0, w, h, &mut self.scratch)
+                    && self.take(rx0, ry0, w, h, force);
                 if dirty {
                     self.sent[tile] = true;
                     run = match run {
@@ -142,6 +170,19 @@ impl ClientFrame {
             }
         }
         rects
+    }
+
+    /// Whether a page holding part of the rectangle [x0, x1) x [y0, y1)
+    /// changed after generation `seen`.
+    fn written(&self, x0: u32, y0: u32, x1: u32, y1: u32, seen: u64) -> bool {
+        let first = (u64::from(y0) * self.stride + u64::from(x0) * 4) / PAGE_SIZE;
+        let last = ((u64::from(y1) - 1) * self.stride + u64::from(x1) * 4 - 1) / PAGE_SIZE;
+        let pages = self
+            .pages
+            .get(first as usize..=last as usize)
+            .unwrap_or(&[]);
+        // Outside what the log covers (cannot happen): look anyway.
+        pages.is_empty() || pages.iter().any(|&g| g > seen)
     }
 
     /// Compares the scratch tile with the last frame; if it differs (or
@@ -234,6 +275,43 @@ mod tests {
         // Outside the screen: nothing.
         assert!(c.changed(&fb, rect(300, 0, 10, 10), true).is_empty());
         assert!(c.changed(&fb, rect(0, 0, 0, 10), true).is_empty());
+    }
+
+    #[test]
+    fn only_tiles_on_written_pages_are_compared() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("SKIPPED: no /dev/kvm for a dirty log");
+            return;
+        }
+        let fb = Framebuffer::new(256, 64).unwrap();
+        let vm = std::sync::Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: fb.size(),
+            userspace_addr: fb.host_address(),
+            flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        };
+        // SAFETY: fb outlives vm here (declared before it, dropped after).
+        unsafe { vm.set_user_memory_region(r) }.unwrap();
+        fb.track(vm.clone(), 0);
+        let mut c = ClientFrame::new(&fb);
+        assert_eq!(c.changed(&fb, whole(&fb), false).len(), 1);
+        // A write KVM did not see (no guest ran) is not looked for...
+        fb.put(10, 10, 0xffffff);
+        assert!(c.changed(&fb, whole(&fb), false).is_empty());
+        // ...but a full request reads everything, and the host's own
+        // clear marks every page (only the tile that was not black differs).
+        assert_eq!(
+            c.changed(&fb, rect(0, 0, 64, 64), true),
+            vec![rect(0, 0, 64, 64)]
+        );
+        fb.clear();
+        assert_eq!(c.changed(&fb, whole(&fb), false), vec![rect(0, 0, 64, 64)]);
+        // Without a VM, every tile is compared.
+        fb.untrack();
+        fb.put(100, 10, 0xffffff);
+        assert_eq!(c.changed(&fb, whole(&fb), false), vec![rect(64, 0, 64, 64)]);
     }
 
     #[test]
