@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--timeout SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
 # --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
 # it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
+# --extra puts another program (a test tool) in the test host's /usr/local/bin.
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
 # scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout, 125 when the test host
@@ -17,11 +18,12 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive= forwards=
+scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive= forwards= extras=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
     --enspeed) enspeed=${2:?--enspeed needs a path}; shift 2 ;;
+    --extra) extras+=("${2:?--extra needs a path}"); shift 2 ;;
     --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
     --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
     --smp) smp=${2:?--smp needs a count}; shift 2 ;;
@@ -34,6 +36,9 @@ done
 [ -n "$scenario" ] || usage
 [ -f "$scenario" ] || die "scenario $scenario: no such file"
 [ -z "$enspeed" ] || [ -x "$enspeed" ] || die "enspeed binary $enspeed: not an executable file"
+for extra in ${extras[@]+"${extras[@]}"}; do
+    [ -x "$extra" ] || die "extra program $extra: not an executable file"
+done
 
 ensure_tool qemu-system-x86_64 qemu-system-x86
 ensure_tool cpio cpio
@@ -48,6 +53,9 @@ trap 'rm -rf "$work"' EXIT
 mkdir "$work/extra"
 install -m 0755 "$scenario" "$work/extra/scenario.sh"
 [ -z "$enspeed" ] || stage_elf "$work/extra" "$enspeed" usr/local/bin/enspeed
+for extra in ${extras[@]+"${extras[@]}"}; do
+    stage_elf "$work/extra" "$extra" "usr/local/bin/$(basename "$extra")"
+done
 cpio_dir "$work/extra" >"$work/extra.cpio"
 cpio_cat "$TH/initrd.img" "$work/extra.cpio" >"$work/initrd.img"
 

@@ -12,18 +12,25 @@ use enspeed_tests::{enspeed_bin, repo_root};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn scenario(name: &str) {
+    scenario_with(name, &[]);
+}
+
+/// A scenario that needs test tools (`run.sh --extra`) besides `enspeed`.
+fn scenario_with(name: &str, extras: &[&str]) {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let root = repo_root();
     let run = || {
-        Command::new("bash")
-            .arg(root.join("image/testhost/run.sh"))
+        let mut cmd = Command::new("bash");
+        cmd.arg(root.join("image/testhost/run.sh"))
             .arg("--scenario")
             .arg(root.join("tests/testhost").join(name))
             .arg("--enspeed")
             .arg(enspeed_bin())
-            .args(["--timeout", "900"])
-            .output()
-            .expect("run image/testhost/run.sh")
+            .args(["--timeout", "900"]);
+        for e in extras {
+            cmd.args(["--extra", e]);
+        }
+        cmd.output().expect("run image/testhost/run.sh")
     };
     let mut out = run();
     // 125: the test host stopped without a scenario result; 126: its own kernel locked up or
@@ -79,4 +86,9 @@ fn real_debian_guest_formats_writes_and_reads_its_livesync_disk() {
 #[test]
 fn real_debian_guest_fails_over_after_a_power_cut_with_its_disk_data() {
     scenario("enspeed-failover.sh");
+}
+
+#[test]
+fn real_debian_guest_draws_its_console_on_the_framebuffer_and_reads_rfb_keys() {
+    scenario_with("enspeed-console.sh", &[env!("CARGO_BIN_EXE_rfb-probe")]);
 }
