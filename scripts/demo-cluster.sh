@@ -23,7 +23,8 @@ if [ $# -eq 0 ] && [ -n "${KIT:-}" ] && [ -n "${ENSPEED:-}" ]; then
 fi
 [ $# -ge 4 ] || { echo "usage: $0 ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]" >&2; exit 2; }
 ENSPEED=$1 KERNEL=$2 INITRD=$3 DIR=$4 HTTPS_IP=${5:-127.0.0.1}
-CMDLINE=${DEMO_CMDLINE:-console=ttyS0 quiet kit.task=wait}
+# Kernel messages on the screen (tty0) and the serial port; ttyS0, last, is /dev/console.
+CMDLINE=${DEMO_CMDLINE:-console=tty0 console=ttyS0 quiet kit.task=wait}
 mkdir -p "$DIR"
 pw="$DIR/admin-password"
 if [ ! -s "$pw" ]; then
