@@ -1966,7 +1966,7 @@ mod tests {
         for id in 1..=2 {
             sm.add_server(&server(id, false), &mut w);
         }
-        let mut act = |sm: &mut StateMachine, actor: u64, action: Action| {
+        let act = |sm: &mut StateMachine, actor: u64, action: Action| {
             let mut w = Vec::new();
             sm.apply(
                 &Command::Act {
