@@ -14,6 +14,8 @@
 //!   {"op":"console","vm":NAME,"console":"serial"|"vnc"}  then the VM's console bytes (see
 //!                                                      `console`), on its primary server only
 //!   {"op":"iso_file","sha256":HASH}                    then the ISO image's bytes (`library`)
+//!   {"op":"invite","token":T,"cluster":ADDR}           a server started with --await-join
+//!                                                      joins the cluster at ADDR
 //! answers
 //!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
 //! ```
@@ -81,6 +83,14 @@ pub enum Request {
     Heartbeat {
         /// The server whose agent sends it.
         server: u64,
+    },
+    /// Asks a server waiting to be added (`enspeed server --await-join`) to join the cluster
+    /// of the server at `cluster`; `token` must be the one it shows.
+    Invite {
+        /// Its join token.
+        token: String,
+        /// Any server of the cluster to join.
+        cluster: String,
     },
     /// Answers one line with the size of the library's image with `sha256`, then its bytes.
     IsoFile {
@@ -196,6 +206,8 @@ pub struct Local {
     pub agent_dir: Option<std::path::PathBuf>,
     /// Its ISO library's directory.
     pub library_dir: Option<std::path::PathBuf>,
+    /// Set while it waits to be added to a cluster.
+    pub awaiting: Option<std::sync::Arc<crate::server::Awaiting>>,
 }
 
 /// Serves one client connection: a request per line, an answer per line, until it closes; or,
@@ -238,6 +250,18 @@ pub fn serve_client(
                 request: Request::IsoFile { sha256 },
                 ..
             }) => return crate::library::serve_file(w, local.library_dir.as_deref(), &sha256),
+            Ok(Envelope {
+                request: Request::Invite { token, cluster },
+                ..
+            }) => match &local.awaiting {
+                None => Response::err(
+                    "this server was not started to wait for a cluster (--await-join)",
+                ),
+                Some(a) => match a.invite(&token, &cluster) {
+                    Ok(id) => Response::ok(json!({ "joining": cluster, "id": id })),
+                    Err(e) => Response::err(e),
+                },
+            },
             Ok(env) => handle(env, node, book, timeout),
             Err(e) => Response::err(format!("bad request: {e}")),
         };
@@ -295,6 +319,9 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
             Request::Console { .. } | Request::IsoFile { .. } => {
                 return Response::err("a stream is asked for as the first line of a connection")
+            }
+            Request::Invite { .. } => {
+                return Response::err("an invitation goes to the invited server itself")
             }
         };
         let leader = match local {

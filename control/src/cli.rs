@@ -32,6 +32,11 @@ pub struct ServerArgs {
     /// Join the cluster of the server at this address (ignored once DATA holds a state).
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
+    /// Wait to be added to a cluster by a Manager (VM Servers, Add server: this server's
+    /// address and the token in DATA/join-token, also in the log); ignored once DATA holds a
+    /// state.
+    #[arg(long, conflicts_with_all = ["init", "join"])]
+    await_join: bool,
     /// Join as a witness: a voter that runs no VMs.
     #[arg(long)]
     witness: bool,
@@ -131,10 +136,11 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     node.heartbeat_ticks = a.heartbeat_ticks;
     node.snapshot_every = a.snapshot_every.max(1);
     node.request_timeout = Duration::from_millis(a.request_timeout_ms);
-    let bootstrap = match (a.init, a.join) {
-        (true, _) => Bootstrap::Init,
-        (false, Some(addr)) => Bootstrap::Join(addr),
-        (false, None) => Bootstrap::Restart,
+    let bootstrap = match (a.init, a.join, a.await_join) {
+        (true, _, _) => Bootstrap::Init,
+        (false, Some(addr), _) => Bootstrap::Join(addr),
+        (false, None, true) => Bootstrap::Await,
+        (false, None, false) => Bootstrap::Restart,
     };
     let capacity = if a.witness {
         Capacity::default()

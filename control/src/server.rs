@@ -33,6 +33,69 @@ pub enum Bootstrap {
     Join(String),
     /// Restart from the data directory, which must hold a Raft state.
     Restart,
+    /// Wait (with an empty data directory) until a Manager adds this server to a cluster
+    /// through the API, showing this token (`{"op":"invite"}`); then join it.
+    Await,
+}
+
+/// A server waiting to be added: the token an invitation must carry, and who it is.
+#[derive(Debug)]
+pub struct Awaiting {
+    /// The token, as the operator read it on this server (DATA/join-token).
+    pub token: String,
+    me: ServerRecord,
+    timeout: Duration,
+    invited: std::sync::atomic::AtomicBool,
+}
+
+impl Awaiting {
+    /// Answers an invitation into the cluster at `cluster` carrying `token`: joins it in the
+    /// background if the token is this server's and no invitation came before.
+    pub fn invite(&self, token: &str, cluster: &str) -> Result<u64, String> {
+        let same = token.len() == self.token.len()
+            && token
+                .bytes()
+                .zip(self.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err("wrong join token".into());
+        }
+        if self.invited.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err("already joining a cluster".into());
+        }
+        let (cluster, me, timeout) = (cluster.to_string(), self.me.clone(), self.timeout);
+        tracing::info!(server = me.id, via = %cluster, "invited into a cluster: joining");
+        std::thread::Builder::new()
+            .name("join".into())
+            .spawn(move || join(&cluster, &me, timeout))
+            .map_err(|e| e.to_string())?;
+        Ok(self.me.id)
+    }
+}
+
+/// The join token of the server with data directory `data`: made on first use, kept in
+/// `DATA/join-token` (owner-only).
+pub fn join_token(data: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let path = data.join("join-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+    Ok(token)
 }
 
 /// Everything `enspeed server` is told.
@@ -149,6 +212,28 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         }
         (Bootstrap::Join(addr), false) => Some(addr.clone()),
         (Bootstrap::Restart, false) => return Err(Error::Empty(store.path().to_path_buf())),
+        (Bootstrap::Await, false) => None,
+    };
+    let awaiting = match (&cfg.bootstrap, store.is_initialized()) {
+        (Bootstrap::Await, false) => {
+            let token = join_token(&cfg.data_dir).map_err(|source| Error::DataDir {
+                path: cfg.data_dir.join("join-token"),
+                source,
+            })?;
+            tracing::info!(
+                server = id,
+                listen = %cfg.listen,
+                token = %token,
+                "waiting to be added to a cluster: a Manager adds this address with this token (DATA/join-token)"
+            );
+            Some(Arc::new(Awaiting {
+                token,
+                me: me.clone(),
+                timeout: cfg.node.request_timeout,
+                invited: Default::default(),
+            }))
+        }
+        _ => None,
     };
     let listener = TcpListener::bind(&cfg.listen).map_err(|source| Error::Listen {
         address: cfg.listen.clone(),
@@ -184,6 +269,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
                 .map(|a| a.dir.clone()),
             // Every server keeps the uploads it takes (a witness too, for the others to copy).
             library_dir: Some(crate::library::dir(&cfg.data_dir)),
+            awaiting,
         };
         std::thread::Builder::new()
             .name("accept".into())

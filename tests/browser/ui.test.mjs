@@ -21,6 +21,9 @@ const bases = (process.env.ENSPEED_WEB ?? "")
   .filter(Boolean);
 const managerName = process.env.ENSPEED_MANAGER ?? "admin";
 const managerPassword = process.env.ENSPEED_MANAGER_PASSWORD ?? "";
+// A server started with --await-join, and its token.
+const newServer = process.env.ENSPEED_NEW_SERVER ?? "";
+const newServerToken = process.env.ENSPEED_NEW_SERVER_TOKEN ?? "";
 if (bases.length === 0 || !managerPassword) {
   console.error("ui.test.mjs: set ENSPEED_WEB (base URLs, comma-separated) and ENSPEED_MANAGER_PASSWORD");
   process.exit(2);
@@ -421,6 +424,16 @@ try {
   await shot(m, "manager-server-drained");
   await row2.locator("[data-test=server-remove]").click();
   await until("server 2 gone", async () => (await m.locator("[data-test=server-row]").count()) === 2, 30000);
+
+  step("the Manager adds server 4, which waits for a cluster, by its address and join token");
+  await m.fill("[data-test=server-add-address]", newServer);
+  await m.fill("[data-test=server-add-token]", "not-its-token");
+  await m.click("[data-test=server-add-submit]");
+  await until("a wrong token refused", async () => /wrong join token/.test(await text(m.locator("[data-test=server-add-error]"))));
+  await m.fill("[data-test=server-add-token]", newServerToken);
+  await m.click("[data-test=server-add-submit]");
+  await until("server 4 listed", async () => (await m.locator("[data-test=server-row][data-server='4']").count()) === 1, 30000);
+  await shot(m, "manager-server-added");
 
   step("the Manager logs out");
   await m.click("[data-test=logout]");

@@ -122,6 +122,19 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
     for base in &cluster.web {
         ui_files_are_served(base);
     }
+    // A fourth server waiting to be added through the UI (a witness: it runs no VMs).
+    let mut waiting = enspeed_tests::cluster::Server::new(
+        4,
+        format!("127.0.0.1:{}", enspeed_tests::cluster::free_port()),
+        scratch.path("server4"),
+        &["--witness"],
+    );
+    waiting.start(&["--await-join"]);
+    let token = enspeed_tests::cluster::wait_for(
+        "server 4's join token",
+        std::time::Duration::from_secs(30),
+        || std::fs::read_to_string(waiting.data.join("join-token")).ok(),
+    );
     let artifacts = artifacts();
     println!(
         "browser test: servers {:?}; screenshots in {}",
@@ -136,6 +149,8 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_MANAGER_PASSWORD", PASSWORD)
         .env("ENSPEED_ARTIFACTS", &artifacts)
         .env("ENSPEED_CHROMIUM", CHROMIUM)
+        .env("ENSPEED_NEW_SERVER", &waiting.addr)
+        .env("ENSPEED_NEW_SERVER_TOKEN", token.trim())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -686,6 +686,41 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         (s.as_array()?.len() == 2 && s[0]["id"] == 2).then_some(())
     });
 
+    // Adding a server: the Manager's alone. Server 4 waits for a cluster (a witness here).
+    let scratch = Scratch::new("matrix-new-server");
+    let mut s4 = Server::new(
+        4,
+        format!("127.0.0.1:{}", free_port()),
+        scratch.path("server4"),
+        &["--witness"],
+    );
+    s4.start(&["--await-join"]);
+    let token = cluster::wait_for("server 4's join token", WAIT, || {
+        std::fs::read_to_string(s4.data.join("join-token")).ok()
+    });
+    let add = json!({"address": s4.addr, "token": token.trim()});
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/servers",
+            "/api/v1/servers",
+            Some(add.clone()),
+            want,
+        );
+        if want == Allowed {
+            assert_eq!(r.0, 201, "{r:?}");
+            assert_eq!(r.1["id"], 4, "{r:?}");
+        } else {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused addition changed nothing"
+            );
+        }
+    }
+
     // The ISO library: the Manager's to fill and empty; everyone lists it; a VM's CD-ROM is
     // changed by those who operate the VM.
     let iso = |name: &str| format!("/api/v1/isos/{name}");
@@ -1794,4 +1829,101 @@ fn an_iso_uploaded_to_one_server_reaches_every_vm_server_and_the_cd_rom_of_a_run
             "{want} audited"
         );
     }
+}
+
+#[test]
+fn a_manager_adds_a_server_that_waits_for_a_cluster() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("add", &[]);
+    let m = c.manager(1);
+    let scratch = Scratch::new("add-server");
+    let mut s4 = Server::new(
+        4,
+        format!("127.0.0.1:{}", free_port()),
+        scratch.path("server4"),
+        &[
+            "--memory-mib",
+            "2048",
+            "--disk-gib",
+            "32",
+            "--blockd-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+    );
+    s4.log_on_panic = LogOnPanic::Last(30);
+    s4.start(&["--await-join"]);
+    let token = cluster::wait_for("server 4's join token", WAIT, || {
+        std::fs::read_to_string(s4.data.join("join-token")).ok()
+    });
+    let token = token.trim();
+    assert_eq!(token.len(), 32, "{token:?}");
+    let add = |address: &str, token: &str| {
+        m.send(
+            "POST",
+            "/api/v1/servers",
+            Some(json!({ "address": address, "token": token })),
+        )
+    };
+    let before = fingerprint(&m);
+    let r = add(&s4.addr, "0123456789abcdef0123456789abcdef");
+    assert_eq!(r.0, 403, "a wrong token: {r:?}");
+    assert!(r.1["error"].as_str().unwrap().contains("wrong join token"));
+    let r = add(&format!("127.0.0.1:{}", free_port()), token);
+    assert_eq!(r.0, 502, "nobody there: {r:?}");
+    let r = add(&c.servers[0].addr, token);
+    assert_eq!(r.0, 409, "a member: {r:?}");
+    assert!(r.1["error"].as_str().unwrap().contains("taken"), "{r:?}");
+    let r = m.send(
+        "POST",
+        "/api/v1/servers",
+        Some(json!({"address": s4.addr, "token": token, "role": "boss"})),
+    );
+    assert_eq!(r.0, 400, "unknown fields: {r:?}");
+    assert_eq!(fingerprint(&m), before, "refusals changed nothing");
+
+    // Through `enspeed servers add`, as the Manager.
+    let out = std::process::Command::new(enspeed_tests::enspeed_bin())
+        .args(["servers", "add", &s4.addr, "--token", token])
+        .env("ENSPEED_URL", &c.web[1])
+        .env("ENSPEED_USER", "admin")
+        .env("ENSPEED_PASSWORD", PASSWORD)
+        .output()
+        .expect("run enspeed servers add");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&s4.addr), "{text}");
+    // Its agent registers what it offers; new VMs can be placed there.
+    cluster::wait_for("server 4 offering its memory", WAIT, || {
+        let s = m.get("/api/v1/servers").1;
+        s.as_array()?
+            .iter()
+            .any(|s| s["id"] == 4 && s["memory_mib"] == 2048 && s["down"] == false)
+            .then_some(())
+    });
+    let r = add(&s4.addr, token);
+    assert_eq!(r.0, 409, "added once: {r:?}");
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "server.add"
+                && e["target"].as_str().unwrap().contains("server 4"))
+    );
+    // It restarts from its data as a member (no --await-join, no --join).
+    s4.kill9();
+    s4.start(&[]);
+    let client = cluster::Client {
+        connect: None,
+        read: Duration::from_secs(5),
+    };
+    cluster::wait_for("server 4 back in the Raft group", WAIT, || {
+        let st = client.call(&s4.addr, &json!({"op": "status"})).ok()?;
+        (st["voters"].as_array()?.contains(&json!(4)) && st["leader"].is_u64()).then_some(())
+    });
 }

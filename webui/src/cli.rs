@@ -6,7 +6,7 @@
 //!   enspeed vm delete ID
 //!   enspeed user list                   enspeed user create NAME --role regular
 //!   enspeed user delete ID              enspeed user passwd ID
-//!   enspeed servers [drain ID | remove ID]   enspeed audit
+//!   enspeed servers [add ADDR --token T | drain ID | remove ID]   enspeed audit
 //!   enspeed vm cdrom ID [ISO]           (no ISO: eject)
 //!   enspeed vm console ID               (the serial console; Ctrl-] leaves)
 //!   enspeed iso list                    enspeed iso upload FILE [--name NAME]
@@ -887,6 +887,17 @@ pub fn user(l: &Login, cmd: UserCommand) -> ExitCode {
 pub fn servers(l: &Login, cmd: Option<ServerCommand>) -> ExitCode {
     match cmd {
         None => run(l, |s| s.call("GET", "/servers", None), server_table),
+        Some(ServerCommand::Add { address, token }) => run(
+            l,
+            |s| {
+                s.call(
+                    "POST",
+                    "/servers",
+                    Some(json!({ "address": address, "token": token })),
+                )
+            },
+            |v| server_table(&Value::Array(vec![v.clone()])),
+        ),
         Some(ServerCommand::Drain { id }) => run(
             l,
             |s| s.call("POST", &format!("/servers/{id}/drain"), Some(json!({}))),
@@ -900,9 +911,18 @@ pub fn servers(l: &Login, cmd: Option<ServerCommand>) -> ExitCode {
     }
 }
 
-/// `enspeed servers drain|remove`.
+/// `enspeed servers add|drain|remove`.
 #[derive(Subcommand, Debug)]
 pub enum ServerCommand {
+    /// Add a server started with `enspeed server --await-join`, by its address and the join
+    /// token it shows (its DATA/join-token).
+    Add {
+        /// Its address, host:port.
+        address: String,
+        /// Its join token.
+        #[arg(long)]
+        token: String,
+    },
     /// Move a server's VMs to their backups and its backup copies elsewhere.
     Drain {
         /// Server id.

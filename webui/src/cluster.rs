@@ -86,6 +86,66 @@ impl Cluster {
             .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))
     }
 
+    /// Adds the server at `address`, started with `--await-join` and showing `token`, to this
+    /// cluster: checks who it is, invites it, and waits until the cluster has it. Answers its id.
+    pub async fn add_server(&self, address: &str, token: &str) -> Result<u64, ApiError> {
+        let call = |request: Request| {
+            let (address, to) = (address.to_string(), address.to_string());
+            let timeout = self.ctx.timeout;
+            async move {
+                tokio::task::spawn_blocking(move || api::call(&to, &request, timeout))
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::BAD_GATEWAY, format!("server {address}: {e}"))
+                    })
+            }
+        };
+        let refused =
+            |what: &str| ApiError::new(StatusCode::CONFLICT, format!("server {address}: {what}"));
+        let status = call(Request::Status).await?;
+        let id = status
+            .result
+            .as_ref()
+            .and_then(|s| s.get("id"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| refused("it does not say who it is"))?;
+        let state = self.state().await?;
+        if let Some(s) = state.servers.get(&id) {
+            return Err(refused(&format!(
+                "its id {id} is taken by the server at {}",
+                s.address
+            )));
+        }
+        let me = state
+            .servers
+            .get(&self.ctx.id)
+            .map(|s| s.address.clone())
+            .ok_or_else(|| ApiError::unavailable("this server is not in the cluster's state"))?;
+        let r = call(Request::Invite {
+            token: token.to_string(),
+            cluster: me,
+        })
+        .await?;
+        if !r.ok {
+            let e = r.error.unwrap_or_default();
+            return Err(if e.contains("token") {
+                ApiError::forbidden(format!("server {address}: {e}"))
+            } else {
+                refused(&e)
+            });
+        }
+        let joined = self
+            .state_where(Duration::from_secs(20), |s| s.servers.contains_key(&id))
+            .await?;
+        if !joined.servers.contains_key(&id) {
+            return Err(ApiError::unavailable(format!(
+                "server {id} at {address} was invited but has not joined yet: see its log"
+            )));
+        }
+        Ok(id)
+    }
+
     /// Removes server `id` from the Raft group (forwarded to the leader).
     pub async fn remove_server(&self, id: u64) -> Result<(), ApiError> {
         let r = self.request(Request::RemoveServer { id }).await?;

@@ -119,6 +119,15 @@ struct UserChange {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct NewServer {
+    /// Its client address, host:port.
+    address: String,
+    /// The join token it shows.
+    token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Cdrom {
     /// The ISO to insert; null ejects.
     iso: Option<String>,
@@ -365,6 +374,35 @@ impl App {
                 manager_only(&c)?;
                 let leader = self.cluster.status().await?.leader;
                 Ok(ok(&views::servers(&c.state, leader)))
+            }
+            (Method::POST, ["servers"]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let body: NewServer = req.json()?;
+                if body.address.trim().is_empty() || body.token.trim().is_empty() {
+                    return Err(ApiError::bad_request(
+                        "a new server's address and join token (its DATA/join-token)",
+                    ));
+                }
+                let id = self
+                    .cluster
+                    .add_server(body.address.trim(), body.token.trim())
+                    .await?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::Note {
+                            action: "server.add".into(),
+                            target: format!("server {id} ({})", body.address.trim()),
+                        },
+                    )
+                    .await?;
+                let state = self.cluster.state().await?;
+                let leader = self.cluster.status().await?.leader;
+                let view = views::servers(&state, leader)
+                    .into_iter()
+                    .find(|s| s.id == id);
+                Ok(json_response(StatusCode::CREATED, &view))
             }
             (Method::POST, ["servers", id, "drain"]) => {
                 let c = self.caller(&req, true).await?;

@@ -2,7 +2,7 @@
 // the VM copies it holds.
 
 import { api, message } from "../api";
-import { fill, h } from "../dom";
+import { field, fill, h, value } from "../dom";
 import { mib, pool } from "../format";
 import type { PageContext } from "../page";
 import type { Server } from "../types";
@@ -13,15 +13,53 @@ function badge(ok: boolean, yes: string, no: string): HTMLElement {
 
 export function serversPage(ctx: PageContext): void {
   const table = h("div");
+  const addError = h("div", { class: "form-error hidden", role: "alert", "data-test": "server-add-error" });
+  const addSubmit = h("button", { type: "submit", class: "primary", "data-test": "server-add-submit" }, "Add server");
+  const addForm = h(
+    "form",
+    { class: "card form-card spaced", "data-test": "server-add" },
+    h("h2", null, "Add a server"),
+    h(
+      "p",
+      { class: "muted" },
+      "Start the new server with enspeed server --id N --data DIR --listen ADDR --await-join; it shows a join token (also in DIR/join-token).",
+    ),
+    h(
+      "div",
+      { class: "row" },
+      field("Address (host:port)", h("input", { name: "address", required: true, "data-test": "server-add-address" })),
+      field("Join token", h("input", { name: "token", required: true, autocomplete: "off", class: "mono", "data-test": "server-add-token" })),
+      addSubmit,
+    ),
+    addError,
+  );
+  addForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    addError.classList.add("hidden");
+    addSubmit.disabled = true;
+    const address = value(addForm, "address");
+    try {
+      const s = await api<Server>("POST", "/servers", { address, token: value(addForm, "token") });
+      ctx.notify("info", `Added server ${s.id} (${s.address})`);
+      addForm.reset();
+      last = "";
+    } catch (e) {
+      fill(addError, `Could not add the server at ${address}: ${message(e)}`);
+      addError.classList.remove("hidden");
+    } finally {
+      addSubmit.disabled = false;
+    }
+  });
   fill(
     ctx.main,
     h("h1", null, "VM Servers"),
     h("p", { class: "lead" }, "Every server holds a vote in the cluster's Raft group; a witness votes and runs no VMs."),
     table,
+    addForm,
     h(
       "p",
       { class: "muted", "data-test": "join-hint" },
-      "A new server joins from its own console: enspeed server --id N --data DIR --listen ADDR --join ",
+      "Or join from the new server's own console: enspeed server --id N --data DIR --listen ADDR --join ",
       h("span", { class: "mono", "data-test": "join-address" }, ""),
       ". Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
     ),
