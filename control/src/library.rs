@@ -254,7 +254,7 @@ impl Sync {
             }
             self.start_fetch(state, me, dir, iso);
         }
-        self.delete_unlisted(state, dir);
+        delete_unlisted(state, dir);
         held
     }
 
@@ -319,27 +319,27 @@ impl Sync {
             *running = None;
         }
     }
+}
 
-    /// Deletes `<sha256>.iso` files no ISO of the state names, and upload leftovers a day old.
-    fn delete_unlisted(&self, state: &StateMachine, dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let stale_part = name.ends_with(".part")
-                && e.metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(86_400)));
-            let unlisted = name
-                .strip_suffix(".iso")
-                .is_some_and(|sha| is_sha256(sha) && !state.isos.values().any(|i| i.sha256 == sha));
-            if stale_part || unlisted {
-                match std::fs::remove_file(e.path()) {
-                    Ok(()) => tracing::info!(file = %e.path().display(), "library file deleted"),
-                    Err(err) => {
-                        tracing::warn!(file = %e.path().display(), error = %err, "cannot delete a library file")
-                    }
+/// Deletes `<sha256>.iso` files no ISO of the state names, and upload leftovers a day old.
+pub fn delete_unlisted(state: &StateMachine, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale_part = name.ends_with(".part")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(86_400)));
+        let unlisted = name
+            .strip_suffix(".iso")
+            .is_some_and(|sha| is_sha256(sha) && !state.isos.values().any(|i| i.sha256 == sha));
+        if stale_part || unlisted {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!(file = %e.path().display(), "library file deleted"),
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), error = %err, "cannot delete a library file")
                 }
             }
         }

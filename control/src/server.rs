@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::agent::{self, AgentConfig};
 use crate::api::{self, Request};
 use crate::failover::{self, FailoverTiming};
-use crate::node::{Node, NodeConfig, NodeHandle};
+use crate::node::{Node, NodeConfig, NodeError, NodeHandle};
 use crate::raft_log;
 use crate::state_machine::{Capacity, ServerRecord, StateMachine};
 use crate::storage::RaftStore;
@@ -279,6 +279,21 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     failover::start(cfg.failover, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
     if let Some(a) = cfg.agent.clone().filter(|_| !cfg.witness) {
         agent::start(a, handle.clone(), Arc::clone(&book)).map_err(Error::Thread)?;
+    } else {
+        // No agent to keep the library here: still delete the images deleted from it (this
+        // server may have taken their uploads).
+        let (node, dir) = (handle.clone(), crate::library::dir(&cfg.data_dir));
+        std::thread::Builder::new()
+            .name("library-clean".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                match node.snapshot() {
+                    Ok((_, state)) => crate::library::delete_unlisted(&state, &dir),
+                    Err(NodeError::Stopped) => return,
+                    Err(_) => {}
+                }
+            })
+            .map_err(Error::Thread)?;
     }
     for service in cfg.services {
         (service.0)(ServiceContext {
