@@ -20,33 +20,15 @@ pub fn act_kbd() {
     let limit = cmdline::num("tg.kbdwait", 200_000_000);
     let dl = crate::io::Deadline::after_ms(cmdline::num("tg.kbdms", 60_000));
     let mut release_dl: Option<crate::io::Deadline> = None;
-    let mut codes = [0u8; 64];
-    let mut n = 0;
+    let mut keys = Keys::new();
     // Bits: 0 ctrl, 1 alt, 2 del made; 3 ctrl, 4 alt, 5 del released.
     let mut seen = 0u8;
-    let mut e0 = false;
     say!("kbd waiting");
     let mut polls = 0u64;
     // After the three makes, allow a short extra wait for the releases.
     while polls < limit && !dl.expired() && !release_dl.as_ref().is_some_and(|d| d.expired()) && seen & 0x3f != 0x3f {
         polls += 1;
-        let st = inb(STATUS);
-        if st & ST_OBF == 0 {
-            core::hint::spin_loop();
-            continue;
-        }
-        let b = inb(DATA);
-        if st & ST_AUX != 0 {
-            continue;
-        }
-        if n < codes.len() {
-            codes[n] = b;
-            n += 1;
-        }
-        if b == 0xe0 {
-            e0 = true;
-            continue;
-        }
+        let Some((e0, b)) = keys.poll() else { continue };
         seen |= match (e0, b) {
             (false, 0x1d) => 1,
             (false, 0x38) => 2,
@@ -56,12 +38,11 @@ pub fn act_kbd() {
             (true, 0xd3) => 32,
             _ => 0,
         };
-        e0 = false;
         if seen & 7 == 7 && release_dl.is_none() {
             release_dl = Some(crate::io::Deadline::after_ms(500));
         }
     }
-    let list = heapless_hex(&codes[..n]);
+    let list = heapless_hex(keys.raw());
     say!("kbd scancodes={}", list.as_str());
     if seen & 7 == 7 {
         say!("kbd ctrl-alt-del");
@@ -160,41 +141,23 @@ impl Text {
 pub fn act_keys() {
     let lines = cmdline::num("tg.keylines", 1);
     let dl = crate::io::Deadline::after_ms(cmdline::num("tg.kbdms", 60_000));
-    let mut codes = [0u8; 64];
-    let mut n = 0;
+    let mut keys = Keys::new();
     let mut text = Text { buf: [0; 256], len: 0 };
-    let (mut lshift, mut rshift, mut ctrl, mut e0) = (false, false, false, false);
+    let (mut lshift, mut rshift, mut ctrl) = (false, false, false);
     let mut done = 0;
     say!("keys waiting");
     while done < lines && !dl.expired() {
-        let st = inb(STATUS);
-        if st & ST_OBF == 0 {
-            core::hint::spin_loop();
-            continue;
-        }
-        let b = inb(DATA);
-        if st & ST_AUX != 0 {
-            continue;
-        }
-        if n < codes.len() {
-            codes[n] = b;
-            n += 1;
-        }
-        if b == 0xe0 {
-            e0 = true;
-            continue;
-        }
+        let Some((ext, b)) = keys.poll() else { continue };
         let (code, make) = (b & 0x7f, b & 0x80 == 0);
-        let ext = core::mem::replace(&mut e0, false);
         match (ext, code) {
             (false, 0x2a) => lshift = make,
             (false, 0x36) => rshift = make,
             (_, 0x1d) => ctrl = make,
             _ if !make => {}
             (_, 0x1c) => {
-                let list = heapless_hex(&codes[..n]);
+                let list = heapless_hex(keys.raw());
                 say!("keys scancodes={} line={}", list.as_str(), text.as_str());
-                n = 0;
+                keys.n = 0;
                 text.len = 0;
                 done += 1;
             }
@@ -221,8 +184,49 @@ pub fn act_keys() {
         }
     }
     if done < lines {
-        let list = heapless_hex(&codes[..n]);
+        let list = heapless_hex(keys.raw());
         fail!("keys timeout scancodes={} line={}", list.as_str(), text.as_str());
+    }
+}
+
+/// What the keyboard sends through the i8042, one poll at a time: mouse bytes skipped, the
+/// raw bytes kept (the first 64), an E0 prefix folded into the code after it.
+struct Keys {
+    codes: [u8; 64],
+    n: usize,
+    e0: bool,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys { codes: [0; 64], n: 0, e0: false }
+    }
+
+    /// One look at the controller: the next key code, and whether E0 came before it.
+    fn poll(&mut self) -> Option<(bool, u8)> {
+        let st = inb(STATUS);
+        if st & ST_OBF == 0 {
+            core::hint::spin_loop();
+            return None;
+        }
+        let b = inb(DATA);
+        if st & ST_AUX != 0 {
+            return None;
+        }
+        if self.n < self.codes.len() {
+            self.codes[self.n] = b;
+            self.n += 1;
+        }
+        if b == 0xe0 {
+            self.e0 = true;
+            return None;
+        }
+        Some((core::mem::replace(&mut self.e0, false), b))
+    }
+
+    /// The bytes kept so far.
+    fn raw(&self) -> &[u8] {
+        &self.codes[..self.n]
     }
 }
 
