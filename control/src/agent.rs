@@ -331,6 +331,8 @@ struct Reconciler {
     registered: bool,
     /// Copies the ISO library's images to this server.
     library: crate::library::Sync,
+    /// When the state of the current pass was asked for.
+    read_at: std::time::SystemTime,
     /// Each running VM's CD-ROM media as its VMM last said or was told, and when it was
     /// last asked (a guest reboot rebuilds the VM with its first media).
     media: HashMap<String, (Option<PathBuf>, Instant)>,
@@ -359,6 +361,7 @@ impl Reconciler {
             last_report: None,
             registered: false,
             library: crate::library::Sync::default(),
+            read_at: std::time::UNIX_EPOCH,
             media: HashMap::new(),
         }
     }
@@ -388,6 +391,10 @@ impl Reconciler {
             if fresh.sent.elapsed() > self.s.cfg.timing.fence_timeout {
                 continue;
             }
+            // When the state was read: the library's clean-up judges files placed before it.
+            self.read_at = std::time::SystemTime::now()
+                .checked_sub(fresh.sent.elapsed())
+                .unwrap_or(std::time::UNIX_EPOCH);
             self.pass(&fresh.state);
         }
     }
@@ -456,7 +463,10 @@ impl Reconciler {
         }
         self.vms(state, &ready, &copies);
         self.cdroms(state);
-        for iso in self.library.pass(state, id, &self.s.cfg.library_dir) {
+        for iso in self
+            .library
+            .pass(state, self.read_at, id, &self.s.cfg.library_dir)
+        {
             self.s.propose(StateCommand::IsoHeld {
                 name: iso.name,
                 sha256: iso.sha256,

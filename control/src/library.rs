@@ -16,7 +16,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -239,9 +239,16 @@ pub struct Sync {
 }
 
 impl Sync {
-    /// One pass over `state` for server `me` with library directory `dir`: answers the ISOs
-    /// this server now holds but the state does not say so (to record with `IsoHeld`).
-    pub fn pass(&self, state: &StateMachine, me: u64, dir: &Path) -> Vec<IsoRecord> {
+    /// One pass over `state` (read at `read_at`) for server `me` with library directory `dir`:
+    /// answers the ISOs this server now holds but the state does not say so (to record with
+    /// `IsoHeld`).
+    pub fn pass(
+        &self,
+        state: &StateMachine,
+        read_at: SystemTime,
+        me: u64,
+        dir: &Path,
+    ) -> Vec<IsoRecord> {
         let mut held = Vec::new();
         for iso in state.isos.values() {
             if iso.servers.contains(&me) {
@@ -254,7 +261,7 @@ impl Sync {
             }
             self.start_fetch(state, me, dir, iso);
         }
-        delete_unlisted(state, dir);
+        delete_unlisted(state, read_at, dir);
         held
     }
 
@@ -321,13 +328,29 @@ impl Sync {
     }
 }
 
-/// Deletes `<sha256>.iso` files no ISO of the state names, and upload leftovers a day old.
-pub fn delete_unlisted(state: &StateMachine, dir: &Path) {
+/// Deletes `<sha256>.iso` files no ISO of `state` names, and upload leftovers a day old.
+///
+/// `state` was read at `read_at`: a file put in place since then (its inode changed by the
+/// rename, after the commit that listed it) may be listed in a newer state, so it is kept (with
+/// a second's margin).
+pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    // A second's margin: file times come from the kernel's coarse clock, a tick behind.
+    let before = read_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+        - 1_000_000_000;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        let placed_before = e.metadata().is_ok_and(|m| {
+            i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()) < before
+        });
+        if !placed_before {
+            continue;
+        }
         let stale_part = name.ends_with(".part")
             && e.metadata()
                 .and_then(|m| m.modified())

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::agent::{self, AgentConfig};
 use crate::api::{self, Request};
 use crate::failover::{self, FailoverTiming};
-use crate::node::{Node, NodeConfig, NodeError, NodeHandle};
+use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::raft_log;
 use crate::state_machine::{Capacity, ServerRecord, StateMachine};
 use crate::storage::RaftStore;
@@ -282,15 +282,28 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     } else {
         // No agent to keep the library here: still delete the images deleted from it (this
         // server may have taken their uploads).
-        let (node, dir) = (handle.clone(), crate::library::dir(&cfg.data_dir));
+        // A linearizable read: this server's own applied state may lag a commit it just made.
+        let (node, book, dir) = (
+            handle.clone(),
+            Arc::clone(&book),
+            crate::library::dir(&cfg.data_dir),
+        );
         std::thread::Builder::new()
             .name("library-clean".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_secs(5));
-                match node.snapshot() {
-                    Ok((_, state)) => crate::library::delete_unlisted(&state, &dir),
-                    Err(NodeError::Stopped) => return,
-                    Err(_) => {}
+                let read_at = std::time::SystemTime::now();
+                let read = Request::Read {
+                    query: crate::state_machine::Query::State,
+                    local: false,
+                };
+                let r = api::request(read, &node, &book, timeout);
+                let state = r
+                    .result
+                    .filter(|_| r.ok)
+                    .and_then(|v| serde_json::from_value::<StateMachine>(v).ok());
+                if let Some(state) = state {
+                    crate::library::delete_unlisted(&state, read_at, &dir);
                 }
             })
             .map_err(Error::Thread)?;
