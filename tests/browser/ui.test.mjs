@@ -333,6 +333,19 @@ try {
   await r.keyboard.press("Enter");
   await until("the guest echoes the line", async () => (await terminal.innerText()).includes(`tg: echo typed by ${REGULAR}`), 30000);
   await shot(r, "regular-serial-console");
+
+  step("the Manager migrates the VM back while its owner watches the serial console: the console reconnects to the VM's new boot");
+  await openTab(m, "vms");
+  const back = vmRow(m, VM).locator("[data-test=migrate]");
+  await until("Migrate enabled again (the backup in sync)", async () => !(await back.isDisabled()), 90000);
+  await back.click();
+  await until("the console says it closed", async () => ["closed", "failed", "connecting"].includes(await r.locator("[data-test=console-state]").getAttribute("data-state")), 30000);
+  await until("the console connected again, to the new boot", async () => {
+    if ((await r.locator("[data-test=console-state]").getAttribute("data-state")) !== "connected") return false;
+    const t = await terminal.innerText();
+    return t.includes("tg: keys waiting") && !t.includes(`typed by ${REGULAR}`);
+  }, 90000);
+  await shot(r, "regular-serial-console-reconnected");
   await r.click("[data-test=console-back]");
   await r.waitForSelector("[data-test=page][data-page=vms]");
 

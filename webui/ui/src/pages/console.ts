@@ -41,6 +41,10 @@ export function consolePage(ctx: PageContext): void {
   /** Closes the open console, if any. */
   let close: (() => void) | null = null;
   let vm: Vm | null = null;
+  /** Which connection is current: callbacks of an older one are ignored. */
+  let generation = 0;
+  let left = false;
+  let retryTimer = 0;
 
   const title = h("h1", { "data-test": "console-title" }, `Console of VM ${id}`);
   const state = h("span", { class: "console-state", "data-test": "console-state", "data-state": "connecting" }, "connecting");
@@ -65,7 +69,11 @@ export function consolePage(ctx: PageContext): void {
     h("div", { class: "console-bar" }, vncTab, serialTab, cad, reconnect, h("span", { class: "muted" }, "VM: "), vmStatus, h("span", { class: "muted" }, " console: "), state),
     screen,
   );
-  ctx.onLeave(() => close?.());
+  ctx.onLeave(() => {
+    left = true;
+    window.clearTimeout(retryTimer);
+    close?.();
+  });
 
   if (!Number.isInteger(id) || id <= 0) {
     setState("failed", "no VM given: open a console from the Virtual Machines page");
@@ -96,6 +104,8 @@ export function consolePage(ctx: PageContext): void {
   }
 
   function open(): void {
+    window.clearTimeout(retryTimer);
+    generation += 1;
     close?.();
     close = null;
     vncTab.classList.toggle("active", kind === "vnc");
@@ -108,16 +118,23 @@ export function consolePage(ctx: PageContext): void {
     else openSerial();
   }
 
-  async function closed(clean: boolean, k: Kind): Promise<void> {
-    if (k !== kind) return;
-    if (clean) {
-      setState("closed", "closed");
-      return;
+  /** Connection `gen` ended. While the VM should run (it may be restarting on its backup
+   * server after a failover or a migration), it is tried again every 3 s. */
+  async function closed(clean: boolean, gen: number): Promise<void> {
+    if (left || gen !== generation) return;
+    const again = vm?.power === "on";
+    const why = clean ? "closed" : `not connected: ${await whyRefused(id, kind)}`;
+    if (left || gen !== generation) return;
+    setState(clean ? "closed" : "failed", again ? `${why}; trying again` : why);
+    if (again) {
+      retryTimer = window.setTimeout(() => {
+        if (!left && gen === generation) open();
+      }, 3000);
     }
-    setState("failed", `not connected: ${await whyRefused(id, k)}`);
   }
 
   function openVnc(): void {
+    const gen = generation;
     const target = h("div", { class: "vnc", "data-test": "vnc-screen" });
     screen.appendChild(target);
     let rfb: RFB;
@@ -136,7 +153,7 @@ export function consolePage(ctx: PageContext): void {
       rfb.focus();
     });
     rfb.addEventListener("disconnect", (e: CustomEvent<{ clean: boolean }>) => {
-      void closed(connected && e.detail.clean, "vnc");
+      void closed(connected && e.detail.clean, gen);
     });
     rfb.addEventListener("securityfailure", (e: CustomEvent<{ reason?: string }>) => {
       setState("failed", `refused by the VM's console: ${e.detail.reason ?? "security failure"}`);
@@ -149,6 +166,7 @@ export function consolePage(ctx: PageContext): void {
   }
 
   function openSerial(): void {
+    const gen = generation;
     const target = h("div", { class: "serial", "data-test": "serial-terminal" });
     screen.appendChild(target);
     // convertEol: a bare "\n" starts a new line too (Linux's serial output has "\r\n" anyway).
@@ -169,7 +187,7 @@ export function consolePage(ctx: PageContext): void {
       term.focus();
     };
     ws.onmessage = (e: MessageEvent<ArrayBuffer>) => term.write(new Uint8Array(e.data));
-    ws.onclose = (e) => void closed(connected && e.wasClean, "serial");
+    ws.onclose = (e) => void closed(connected && e.wasClean, gen);
     const typed = term.onData((d) => {
       if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(d));
     });
