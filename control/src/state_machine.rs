@@ -506,6 +506,14 @@ pub enum Action {
         #[serde(default)]
         iso: Option<String>,
     },
+    /// Records that the actor opened a VM's console (`serial` or `vnc`): who saw or typed
+    /// into which VM belongs in the audit log, though nothing changes.
+    OpenConsole {
+        /// VMID.
+        vm: u64,
+        /// Which console.
+        console: String,
+    },
     /// Records a change made outside the state machine (a membership change).
     Note {
         /// What, e.g. `server.add`.
@@ -1516,6 +1524,25 @@ impl StateMachine {
                     "vm.migrate",
                     format!("vm {vm} ({}) to server {to}", v.name),
                     json!({ "server": to }),
+                )
+            }
+            Action::OpenConsole { vm, console } => {
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                if let Some(u) = &who {
+                    if !access::may_operate_vm(self, u, &v) {
+                        return Err(access::refuse(format!("VM {vm}")));
+                    }
+                }
+                if console != "serial" && console != "vnc" {
+                    return Err(format!("no console {console:?}"));
+                }
+                (
+                    "vm.console",
+                    format!("vm {vm} ({}): {console}", v.name),
+                    Value::Null,
                 )
             }
             Action::Note { action, target } => {

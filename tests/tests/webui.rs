@@ -1664,6 +1664,36 @@ fn a_vm_s_serial_and_graphical_consoles_open_from_any_server_for_its_users_alone
     let e = wo.console(vm, "vnc", None).err().expect("refused");
     assert_eq!(e.0, 404, "another user's VM is hidden: {e:?}");
 
+    // Each opening is in the audit log: who, which VM, which console.
+    let audit = m.get("/api/v1/audit?limit=1000").1;
+    let opened: Vec<(String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "vm.console")
+        .map(|e| {
+            (
+                e["actor_name"].as_str().unwrap().to_string(),
+                e["target"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (who, target) in [
+        ("r", format!("vm {vm} (con): serial")),
+        ("p", format!("vm {vm} (con): serial")),
+        ("admin", format!("vm {vm} (con): serial")),
+        ("r", format!("vm {vm} (con): vnc")),
+    ] {
+        assert!(
+            opened.iter().any(|(a, t)| a == who && *t == target),
+            "{who} opening {target} audited: {opened:?}"
+        );
+    }
+    assert!(
+        !opened.iter().any(|(a, _)| a == "o"),
+        "refused openings are not: {opened:?}"
+    );
+
     // The guest's "bye" ends its echo loop; the console stays open for output.
     let mut con = wr.console(vm, "serial", None).expect("console");
     con.read_until("tg: echo ready", WAIT);

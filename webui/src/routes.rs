@@ -281,6 +281,16 @@ impl App {
                 let accept = console::check_handshake(&req)?;
                 let (server, address) = self.vmm_server(&c.state, vm)?;
                 let stream = console::connect(&address, server, &vm.name, kind).await?;
+                // Who opened which VM's console goes into the audit log.
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::OpenConsole {
+                            vm: vm.id,
+                            console: kind.name().into(),
+                        },
+                    )
+                    .await?;
                 console::upgrade(
                     &mut req,
                     accept,
