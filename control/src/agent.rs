@@ -278,16 +278,12 @@ impl Shared {
 /// long as the process): a control plane that dies leaves no VMM or blockd running unfenced.
 /// One request to a VMM's control socket; its answer, or why there is none (or a refusal).
 fn vmm_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+    let v = crate::console::read_answer(&mut s).map_err(|e| e.to_string())?;
     if v["ok"] != serde_json::json!(true) {
         return Err(v["error"].as_str().unwrap_or("refused").to_string());
     }
@@ -842,13 +838,7 @@ impl Reconciler {
     }
 
     fn is_primary_here(&self, state: &StateMachine, vm: &VmRecord) -> bool {
-        !vm.disks.is_empty()
-            && vm.disks.iter().all(|d| {
-                state
-                    .disks
-                    .get(d)
-                    .is_some_and(|d| d.primary == self.s.cfg.id)
-            })
+        state.vm_primary(vm) == Some(self.s.cfg.id)
     }
 
     fn start_vm(&mut self, state: &StateMachine, vm: &VmRecord, copies: &BTreeMap<String, Copy>) {

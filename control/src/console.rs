@@ -122,12 +122,7 @@ pub fn open(
         .vms
         .get(vm)
         .ok_or_else(|| Error::NoVm(vm.to_string()))?;
-    let here = !record.disks.is_empty()
-        && record
-            .disks
-            .iter()
-            .all(|d| state.disks.get(d).is_some_and(|d| d.primary == me));
-    if !here || !record.running {
+    if state.vm_primary(record) != Some(me) || !record.running {
         return Err(Error::NotHere {
             vm: vm.to_string(),
             server: me,

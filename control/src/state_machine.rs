@@ -1004,6 +1004,31 @@ impl StateMachine {
         self.vms.values().find(|vm| vm.id == id && id != 0)
     }
 
+    /// VM `vm` (VMID), if `who` may operate it (the cluster itself, `None`, may).
+    fn operable_vm(&self, who: Option<&UserRecord>, vm: u64) -> Result<VmRecord, String> {
+        let v = self
+            .vm_by_id(vm)
+            .cloned()
+            .ok_or_else(|| format!("no VM {vm}"))?;
+        match who {
+            Some(u) if !access::may_operate_vm(self, u, &v) => {
+                Err(access::refuse(format!("VM {vm}")))
+            }
+            _ => Ok(v),
+        }
+    }
+
+    /// The server that runs VM `vm`'s VMM: the primary of its disks, when they all have the
+    /// same one.
+    pub fn vm_primary(&self, vm: &VmRecord) -> Option<u64> {
+        let mut primaries = vm
+            .disks
+            .iter()
+            .map(|d| self.disks.get(d).map(|d| d.primary));
+        let first = primaries.next()??;
+        primaries.all(|p| p == Some(first)).then_some(first)
+    }
+
     /// Whether some server's agent reports the VMM of VM `name` running.
     pub fn vm_observed_running(&self, name: &str) -> bool {
         self.observed
@@ -1246,15 +1271,7 @@ impl StateMachine {
                 ("vm.create", target, r)
             }
             Action::PowerVm { vm, running, force } => {
-                let v = self
-                    .vm_by_id(*vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
-                if let Some(u) = &who {
-                    if !access::may_operate_vm(self, u, &v) {
-                        return Err(access::refuse(format!("VM {vm}")));
-                    }
-                }
+                let v = self.operable_vm(who.as_ref(), *vm)?;
                 let r = self.vms.get_mut(&v.name).expect("found");
                 r.running = *running;
                 if !*running {
@@ -1317,15 +1334,7 @@ impl StateMachine {
                 ("iso.delete", format!("iso {name}"), Value::Null)
             }
             Action::SetCdrom { vm, iso } => {
-                let v = self
-                    .vm_by_id(*vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
-                if let Some(u) = &who {
-                    if !access::may_operate_vm(self, u, &v) {
-                        return Err(access::refuse(format!("VM {vm}")));
-                    }
-                }
+                let v = self.operable_vm(who.as_ref(), *vm)?;
                 if let Some(name) = iso {
                     if !self.isos.contains_key(name) {
                         return Err(format!("no ISO {name}"));
@@ -1527,15 +1536,7 @@ impl StateMachine {
                 )
             }
             Action::OpenConsole { vm, console } => {
-                let v = self
-                    .vm_by_id(*vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
-                if let Some(u) = &who {
-                    if !access::may_operate_vm(self, u, &v) {
-                        return Err(access::refuse(format!("VM {vm}")));
-                    }
-                }
+                let v = self.operable_vm(who.as_ref(), *vm)?;
                 if console != "serial" && console != "vnc" {
                     return Err(format!("no console {console:?}"));
                 }

@@ -253,24 +253,22 @@ async fn handle(
         .contains_key(hyper::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    if is_upload(&parts.method, parts.uri.path()) {
-        let req = Request {
-            method: parts.method,
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().unwrap_or("").to_string(),
-            headers: parts.headers,
-            body: Bytes::new(),
-            peer,
-            secure,
-            upgrade,
-            stream: Some(body),
-        };
-        return finish(
-            app.route(req).await.unwrap_or_else(|e| error_response(&e)),
-            secure,
-        );
+    let mut req = Request {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: parts.headers,
+        body: Bytes::new(),
+        peer,
+        secure,
+        upgrade,
+        stream: None,
+    };
+    if is_upload(&req.method, &req.path) {
+        req.stream = Some(body);
+        return finish(answer(&app, req).await, secure);
     }
-    let declared = parts
+    let declared = req
         .headers
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -292,32 +290,27 @@ async fn handle(
         match Limited::new(body, MAX_BODY).collect().await {
             Err(_) => error_response(&too_big()),
             Ok(b) => {
-                let req = Request {
-                    method: parts.method,
-                    path: parts.uri.path().to_string(),
-                    query: parts.uri.query().unwrap_or("").to_string(),
-                    headers: parts.headers,
-                    body: b.to_bytes(),
-                    peer,
-                    secure,
-                    upgrade,
-                    stream: None,
-                };
-                let method = req.method.clone();
-                let path = req.path.clone();
-                match app.route(req).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        if e.status.is_server_error() {
-                            tracing::warn!(%method, %path, status = %e.status, error = %e.message, "API request failed");
-                        }
-                        error_response(&e)
-                    }
-                }
+                req.body = b.to_bytes();
+                answer(&app, req).await
             }
         }
     };
     finish(r, secure)
+}
+
+/// `app`'s answer to `req`; a server-side failure is logged.
+async fn answer(app: &App, req: Request) -> Response<Body> {
+    let method = req.method.clone();
+    let path = req.path.clone();
+    match app.route(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(%method, %path, status = %e.status, error = %e.message, "API request failed");
+            }
+            error_response(&e)
+        }
+    }
 }
 
 /// The headers every answer gets.

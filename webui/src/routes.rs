@@ -319,14 +319,7 @@ impl App {
                 Ok(ok(&views::isos(&c.state)))
             }
             (Method::PUT, ["isos", name]) => {
-                let name = name.to_string();
-                let r = match self.caller(&req, true).await {
-                    Ok(c) => match manager_only(&c) {
-                        Ok(()) => self.upload_iso(&c, &mut req, name).await,
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
+                let r = self.upload_iso(&mut req, name.to_string()).await;
                 if r.is_err() {
                     crate::http::drain_upload(&mut req).await;
                 }
@@ -666,11 +659,8 @@ impl App {
                 vm.name
             )));
         }
-        let server = vm
-            .disks
-            .first()
-            .and_then(|d| state.disks.get(d))
-            .map(|d| d.primary)
+        let server = state
+            .vm_primary(vm)
             .ok_or_else(|| conflict(format!("VM {} has no disk yet", vm.name)))?;
         match state.servers.get(&server) {
             Some(s) if !s.down => Ok((server, s.address.clone())),
@@ -681,15 +671,16 @@ impl App {
         }
     }
 
-    /// Takes an ISO image upload: its body is written to this server's library as it arrives
-    /// (hashed on the way), then added to the library as held here.
+    /// Takes a Manager's ISO image upload: its body is written to this server's library as it
+    /// arrives (hashed on the way), then added to the library as held here.
     async fn upload_iso(
         &self,
-        c: &Caller,
         req: &mut Request,
         name: String,
     ) -> Result<Response<Body>, ApiError> {
         use http_body_util::BodyExt;
+        let c = self.caller(req, true).await?;
+        manager_only(&c)?;
         access::check_name("ISO", &name).map_err(ApiError::bad_request)?;
         if c.state.isos.contains_key(&name) {
             return Err(ApiError::new(
