@@ -329,6 +329,8 @@ struct Reconciler {
     library: crate::library::Sync,
     /// When the state of the current pass was asked for.
     read_at: std::time::SystemTime,
+    /// The library as the last look at its files saw it, and when.
+    library_seen: (BTreeMap<String, crate::state_machine::IsoRecord>, Instant),
     /// Each running VM's CD-ROM media as its VMM last said or was told, and when it was
     /// last asked (a guest reboot rebuilds the VM with its first media).
     media: HashMap<String, (Option<PathBuf>, Instant)>,
@@ -358,6 +360,7 @@ impl Reconciler {
             registered: false,
             library: crate::library::Sync::default(),
             read_at: std::time::UNIX_EPOCH,
+            library_seen: (BTreeMap::new(), Instant::now()),
             media: HashMap::new(),
         }
     }
@@ -459,15 +462,21 @@ impl Reconciler {
         }
         self.vms(state, &ready, &copies);
         self.cdroms(state);
-        for iso in self
-            .library
-            .pass(state, self.read_at, id, &self.s.cfg.library_dir)
-        {
-            self.s.propose(StateCommand::IsoHeld {
-                name: iso.name,
-                sha256: iso.sha256,
-                server: id,
-            });
+        // The library's files are looked at when its list changes, else once a second (a copy
+        // that ended, a retry): not on every heartbeat.
+        let (seen, at) = &self.library_seen;
+        if *seen != state.isos || at.elapsed() >= Duration::from_secs(1) {
+            self.library_seen = (state.isos.clone(), Instant::now());
+            for iso in self
+                .library
+                .pass(state, self.read_at, id, &self.s.cfg.library_dir)
+            {
+                self.s.propose(StateCommand::IsoHeld {
+                    name: iso.name,
+                    sha256: iso.sha256,
+                    server: id,
+                });
+            }
         }
         self.forget_deleted(state, &copies);
         for name in std::mem::take(&mut self.powered_off) {
