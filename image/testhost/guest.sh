@@ -6,6 +6,7 @@
 # loop below uses only shell builtins.
 
 FAILS=0
+rm -f /tmp/testhost.fails
 CR=$(printf '\r')
 
 # now_cs: sets NOW_CS to the time since boot in centiseconds (/proc/uptime has two decimals;
@@ -20,28 +21,47 @@ secs() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }
 
 fail() {
     echo "FAIL: $*"
+    echo "$*" >>/tmp/testhost.fails
     FAILS=$((FAILS + 1))
 }
 
 # run_guest NAME LIMIT CMD...: runs CMD (a VMM whose guest console is on its stdout) for at
 # most LIMIT seconds. Its output is streamed as "[NAME seconds] line", seconds counted from
-# the start of CMD; the time of every "KIT: " line is kept in /tmp/NAME.marks for expect and
-# bench. Returns CMD's exit code (143 if the limit killed it).
+# the start of CMD, and kept in /tmp/guest-NAME.log; the time of every "KIT: " line is kept in
+# /tmp/NAME.marks for expect and bench. Five seconds before the limit, what the VMM's threads
+# are doing is written to /tmp/guest-NAME.stuck (see stuck_report). Returns CMD's exit code
+# (143 if the limit killed it).
 run_guest() {
     _name=$1 _limit=$2
     shift 2
     : >"/tmp/$_name.marks"
+    : >"/tmp/guest-$_name.log"
+    rm -f "/tmp/guest-$_name.stuck"
     echo "GUEST $_name: $*"
     now_cs
     _t0=$NOW_CS
     {
-        timeout "$_limit" "$@" </dev/null 2>&1
+        timeout "$_limit" "$@" </dev/null 2>&1 &
+        _pid=$!
+        (
+            _at=$((_t0 + (_limit - 5) * 100))
+            while kill -0 "$_pid"; do
+                now_cs
+                if [ "$NOW_CS" -ge "$_at" ]; then
+                    stuck_report "$_pid" >"/tmp/guest-$_name.stuck" 2>&1
+                    break
+                fi
+                sleep 1
+            done
+        ) >/dev/null 2>&1 &
+        wait "$_pid"
         echo $? >"/tmp/$_name.rc"
     } | while IFS= read -r _line; do
         _line=${_line%"$CR"}
         now_cs
         _d=$((NOW_CS - _t0))
         printf '[%s %d.%02d] %s\n' "$_name" $((_d / 100)) $((_d % 100)) "$_line"
+        printf '[%d.%02d] %s\n' $((_d / 100)) $((_d % 100)) "$_line" >>"/tmp/guest-$_name.log"
         case "$_line" in
         *"KIT: "*) printf '%d KIT: %s\n' "$_d" "${_line#*KIT: }" >>"/tmp/$_name.marks" ;;
         esac
@@ -49,6 +69,61 @@ run_guest() {
     _rc=$(cat "/tmp/$_name.rc")
     [ "$_rc" = 143 ] && echo "GUEST $_name: killed after ${_limit}s"
     return "$_rc"
+}
+
+# stuck_report PID: what the VMM started by `timeout` as PID is doing, for a guest about to be
+# killed by run_guest's limit: each thread's state and CPU time used over one second, the
+# vCPU threads' kernel stacks (a vCPU spinning in KVM_RUN and one blocked with a halted guest
+# look different), and the test host's last kernel messages.
+stuck_report() {
+    # Busybox's timeout execs the command in its own process; another timeout forks it.
+    _parent=$1 _vmm=
+    [ "$(cat "/proc/$1/comm")" = timeout ] || _vmm=$1
+    [ -n "$_vmm" ] || for _p in /proc/[0-9]*; do
+        read -r _st 2>/dev/null <"$_p/stat" || continue
+        set -- ${_st##*) }
+        [ "$2" = "$_parent" ] && _vmm=${_p#/proc/} && break
+    done
+    [ -n "$_vmm" ] || { echo "no VMM process under $_parent"; return; }
+    echo "VMM process $_vmm: $(tr '\0' ' ' <"/proc/$_vmm/cmdline" | cut -c1-120)"
+    for _t in /proc/$_vmm/task/*; do
+        read -r _s0 <"$_t/stat"
+        echo "${_t##*/} $_s0" >>/tmp/stuck.before
+    done
+    sleep 1
+    for _t in /proc/$_vmm/task/*; do
+        read -r _s1 <"$_t/stat"
+        _s0=$(grep "^${_t##*/} " /tmp/stuck.before | cut -d' ' -f2-)
+        # /proc/PID/task/TID/stat after the ")" of the name: state is field 1, utime 12, stime 13.
+        set -- ${_s1##*) }
+        _state=$1 _cpu1=$((${12} + ${13}))
+        set -- ${_s0##*) }
+        _cpu0=$((${12:-0} + ${13:-0}))
+        read -r _comm <"$_t/comm"
+        echo "thread ${_t##*/} $_comm: state $_state, $((_cpu1 - _cpu0)) ticks of CPU in 1 s"
+        case "$_comm" in
+        vcpu*) head -n 5 "$_t/stack" 2>/dev/null | sed 's/^/    /' ;;
+        esac
+    done
+    rm -f /tmp/stuck.before
+    echo "the test host's last kernel messages:"
+    dmesg | tail -n 4
+}
+
+# failure_summary NAME: for a failed scenario, at the end of its output: the failed checks and
+# the last lines of each guest (and what its VMM was doing if the limit killed it).
+failure_summary() {
+    echo "=== why $1 failed ==="
+    sed 's/^/failed: /' /tmp/testhost.fails 2>/dev/null
+    for _log in /tmp/guest-*.log; do
+        [ -f "$_log" ] || continue
+        _g=${_log#/tmp/guest-}
+        _g=${_g%.log}
+        echo "--- guest $_g (exit code $(cat "/tmp/$_g.rc" 2>/dev/null)), its last lines:"
+        tail -n 8 "$_log" | cut -c1-160
+        [ -f "/tmp/guest-$_g.stuck" ] && cat "/tmp/guest-$_g.stuck"
+    done
+    echo "=== end of why $1 failed ==="
 }
 
 # mark NAME TEXT: prints the centiseconds at which guest NAME first printed a line starting
@@ -106,5 +181,6 @@ finish() {
         exit 0
     fi
     echo "FAIL $1 ($FAILS failed checks)"
+    failure_summary "$1"
     exit 1
 }

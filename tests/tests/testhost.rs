@@ -51,16 +51,34 @@ fn scenario_with(name: &str, extras: &[&str]) {
     let console = String::from_utf8_lossy(&out.stdout);
     // Shown on failure (and with --nocapture): the whole test-host console.
     println!("{console}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "scenario {name} failed with {:?}",
-        out.status.code()
-    );
     let pass = format!("PASS {}", name.trim_end_matches(".sh"));
-    assert!(
-        console.contains(&pass),
-        "scenario {name} did not report {pass:?}"
-    );
+    if !out.status.success() || !console.contains(&pass) {
+        // The scenario's own account of its failure (guest.sh's failure_summary), again at the
+        // very end, where a log cut to its head and tail still shows it.
+        if let Some(why) = failure_summary(&console) {
+            println!("\n{why}");
+        }
+        println!(
+            "scenario {name} failed with exit code {:?}{}",
+            out.status.code(),
+            if console.contains(&pass) {
+                ""
+            } else {
+                ", without its PASS line"
+            }
+        );
+        // A failure without a backtrace: it says nothing the lines above do not.
+        std::panic::resume_unwind(Box::new(format!("scenario {name} failed")));
+    }
+}
+
+/// The part of a test-host console between guest.sh's "=== why" and "=== end of why" lines.
+fn failure_summary(console: &str) -> Option<&str> {
+    let start = console.find("=== why ")?;
+    let end = console[start..]
+        .find("=== end of why")
+        .map_or(console.len(), |e| start + e);
+    Some(console[start..end].trim_end())
 }
 
 #[test]
