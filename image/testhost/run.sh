@@ -84,12 +84,16 @@ else
     # The test host's own kernel now and then locks up or panics under the emulated AMD-V
     # while a nested guest boots: stop QEMU then, rather than wait for the timeout, and say
     # so (exit 126), so a caller can tell the test host's failure from the scenario's.
+    # Only the test host's own kernel lines count ("[   12.345678] ..." at the start of a
+    # line): a nested guest's console, streamed by a scenario as "[NAME 1.23] ...", is the
+    # scenario's to judge.
     : >"$work/console.log"
+    own_failure='^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing)'
     (
         while sleep 5; do
             [ -d "$work" ] || exit 0
-            if grep -qE "watchdog: BUG: soft lockup|Kernel panic - not syncing" "$work/console.log" 2>/dev/null; then
-                grep -m1 -E "watchdog: BUG: soft lockup|Kernel panic - not syncing" "$work/console.log" >"$work/broken"
+            if grep -qE "$own_failure" "$work/console.log" 2>/dev/null; then
+                grep -m1 -E "$own_failure" "$work/console.log" >"$work/broken"
                 pkill -f "testhost-$$-qemu" || true
                 exit 0
             fi

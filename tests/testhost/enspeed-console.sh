@@ -16,6 +16,7 @@ typed=hello-Console_42
     rfb-probe /tmp/vnc.sock bar 240 || exit 1
     rfb-probe /tmp/vnc.sock type "$typed"
 ) >/tmp/probe.log 2>&1 &
+probe=$!
 
 {
     run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
@@ -25,6 +26,11 @@ typed=hello-Console_42
 } | tee /tmp/enspeed.out
 rc=$(cat /tmp/enspeed.vmmrc)
 [ "$rc" = 0 ] || fail "enspeed vmm exited with $rc (expected 0 when the guest powers off)"
+# The probe is done once the guest has read its line; if the guest never got that far, the
+# probe has nothing left to wait for.
+i=0
+while kill -0 "$probe" 2>/dev/null && [ $i -lt 10 ]; do sleep 1; i=$((i + 1)); done
+kill "$probe" 2>/dev/null && killall rfb-probe 2>/dev/null
 wait
 cat /tmp/probe.log
 
