@@ -13,23 +13,27 @@ use serde_json::{json, Value};
 
 use crate::enspeed_bin;
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, for a server a test starts.
+///
+/// Ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768
+/// and up on Linux), which the kernel never gives to outgoing connections: a port found free
+/// here cannot be taken by a client's connection before the server binds it. One process
+/// never hands out the same port twice; each process starts at its own place in the range.
 pub fn free_port() -> u16 {
-    // The port is free only now: the kernel may offer it again to the next call before anyone
-    // binds it, so one process never hands out the same port twice.
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut offset = next.unwrap_or((std::process::id() % u32::from(COUNT)) as u16);
+    for _ in 0..COUNT {
+        let port = FIRST + offset;
+        offset = (offset + 1) % COUNT;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some(offset);
             return port;
         }
     }
+    panic!("no free TCP port on loopback in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Polls `f` every 50 ms until it returns something, or panics after `timeout`.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enspeed_tests::cluster::free_port;
 use enspeed_tests::*;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -17,10 +18,6 @@ struct Blockd {
     dir: PathBuf,
     addr: String,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Blockd {
