@@ -3,6 +3,8 @@
 //! boots the unmodified Debian kernel of the guest kit on the test host's
 //! KVM. The scenarios live in tests/testhost/; see image/testhost/README.md.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -49,10 +51,12 @@ fn scenario_with(name: &str, extras: &[&str]) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!(
-            "\n!!!!!!!! {name}: {why} (exit {:?}), not the scenario's checks; running it again (attempt {attempt} of 3) !!!!!!!!\n",
+        let line = format!(
+            "{name}: {why} (exit {:?}), not the scenario's checks; running it again (attempt {attempt} of 3)",
             out.status.code()
         );
+        eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
+        note_retry(&line);
         out = run();
     }
     let console = String::from_utf8_lossy(&out.stdout);
@@ -76,6 +80,28 @@ fn scenario_with(name: &str, extras: &[&str]) {
         );
         // A failure without a backtrace: it says nothing the lines above do not.
         std::panic::resume_unwind(Box::new(format!("scenario {name} failed")));
+    }
+}
+
+/// The file where runs of scenarios again are noted, for test.sh to show even when every test
+/// passes: target/<profile>/testhost-retries.log.
+fn retries_log() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/testhost-<hash>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from target/<profile>/deps")
+        .join("testhost-retries.log")
+}
+
+fn note_retry(line: &str) {
+    let path = retries_log();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path);
+    if let Err(e) = file.and_then(|mut f| writeln!(f, "{line}")) {
+        eprintln!("cannot note the retry in {}: {e}", path.display());
     }
 }
 
