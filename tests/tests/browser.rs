@@ -175,4 +175,31 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         "the browser test failed ({status}); screenshots in {}",
         artifacts.display()
     );
+    // noVNC lists Zlib among its encodings: the VMMs sent the screens it showed compressed.
+    let logs: Vec<String> = cluster
+        .servers
+        .iter()
+        .flat_map(|s| files_named(&s.data, "vmm.log"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("RFB client's updates change encoding")
+                && l.contains("encoding=\"zlib\"")),
+        "no VMM log says a console client got Zlib-encoded updates"
+    );
+}
+
+/// The files called `name` under `dir`, at any depth.
+fn files_named(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_named(&path, name));
+        } else if path.file_name().is_some_and(|n| n == name) {
+            found.push(path);
+        }
+    }
+    found
 }

@@ -468,11 +468,34 @@ fn framebuffer_and_keyboard_over_rfb() {
         !c.pending(Duration::from_millis(300)).unwrap(),
         "update without a change"
     );
-    // Other clients at once, in other formats.
-    for f in [PixelFormat::BGR32_BE, PixelFormat::RGB565] {
+    // Other clients at once, in other formats, and Zlib encoded (two full
+    // updates through one zlib stream).
+    for (f, encodings) in [
+        (PixelFormat::BGR32_BE, &[0, -223][..]),
+        (PixelFormat::RGB565, &[0]),
+        (PixelFormat::XRGB32, &[7, 6, 0, -256 + 6]),
+        (PixelFormat::RGB565, &[6]),
+    ] {
         let mut other = RfbClient::connect(&sock).unwrap();
         other.set_pixel_format(f).unwrap();
+        other.set_encodings(encodings).unwrap();
         assert_pattern(&mut other);
+        let raw_size = u64::from(other.width) * u64::from(other.height) * f.bytes() as u64;
+        if encodings.contains(&6) {
+            assert_pattern(&mut other);
+            // The pattern's bars and gradients shrink too, if less than text.
+            assert!(
+                other.update_bytes < raw_size,
+                "{f:?}, Zlib: {} bytes for two full updates of {raw_size}",
+                other.update_bytes
+            );
+        } else {
+            assert!(
+                other.update_bytes > raw_size,
+                "{f:?}, Raw: {} bytes",
+                other.update_bytes
+            );
+        }
     }
 
     vm.wait_for("tg: keys waiting", BOOT);

@@ -147,6 +147,8 @@ struct Client<'a> {
     frame: ClientFrame,
     keyboard: Keyboard,
     pending: Option<Pending>,
+    /// The encoding of this client's updates, by name.
+    encoding: &'static str,
 }
 
 impl<'a> Client<'a> {
@@ -160,6 +162,7 @@ impl<'a> Client<'a> {
             frame: ClientFrame::new(&shared.fb),
             keyboard: Keyboard::default(),
             pending: None,
+            encoding: "raw",
         }
     }
 
@@ -291,8 +294,12 @@ impl<'a> Client<'a> {
                 self.converter = Converter::new(&f);
             }
             ClientMessage::SetEncodings(list) => {
-                // Raw is what every client decodes; it is all we send.
+                let before = self.encoding;
+                self.encoding = self.frame.choose_encoding(&list);
                 tracing::debug!(encodings = ?list, "RFB client encodings");
+                if self.encoding != before {
+                    tracing::info!(vm = %self.shared.name, encoding = self.encoding, "RFB client's updates change encoding");
+                }
             }
             ClientMessage::FramebufferUpdateRequest { incremental, rect } => {
                 let full = !incremental || self.pending.as_ref().is_some_and(|p| p.full);

@@ -1,11 +1,18 @@
 //! What one client is sent: which parts of the framebuffer changed since
 //! its last update (compared tile by tile with the frame last sent to it,
 //! looking only at tiles whose pages KVM saw written), and their pixels in
-//! the client's pixel format, Raw encoded.
+//! the client's pixel format, Raw encoded or, for a client that lists it,
+//! through the connection's zlib stream (the Zlib encoding: a text console's
+//! screen is mostly one colour and shrinks a hundredfold).
 
 use std::io::Write;
 
-use super::wire::{PixelFormat, Rect, RectHeader, UpdateHeader, ENCODING_RAW};
+use flate2::{Compress, Compression, FlushCompress};
+
+use super::wire::{
+    PixelFormat, Rect, RectHeader, UpdateHeader, ENCODING_COMPRESS_LEVEL_0, ENCODING_RAW,
+    ENCODING_ZLIB,
+};
 use crate::devices::framebuffer::{Framebuffer, PAGE_SIZE};
 
 /// Side of the square tiles compared between frames.
@@ -84,6 +91,13 @@ pub struct ClientFrame {
     tiles_x: u32,
     scratch: Vec<u32>,
     out: Vec<u8>,
+    /// A rectangle's converted pixels, before they go through `zlib`.
+    pixels: Vec<u8>,
+    /// The connection's zlib stream, once the client chose Zlib: it lasts
+    /// as long as the connection, as the client's inflater does.
+    zlib: Option<Compress>,
+    /// Whether rectangles are sent Zlib encoded (else Raw).
+    use_zlib: bool,
 }
 
 impl ClientFrame {
@@ -103,6 +117,33 @@ impl ClientFrame {
             tiles_x,
             scratch: vec![0; (TILE * TILE) as usize],
             out: Vec::new(),
+            pixels: Vec::new(),
+            zlib: None,
+            use_zlib: false,
+        }
+    }
+
+    /// Chooses the encoding from a SetEncodings list: Zlib if it is listed
+    /// (compressing at the client's CompressLevel, else 1, the fastest),
+    /// else Raw. The level is fixed when the stream starts, at the first
+    /// list naming Zlib.
+    /// Returns the encoding's name.
+    pub fn choose_encoding(&mut self, list: &[i32]) -> &'static str {
+        self.use_zlib = list.contains(&ENCODING_ZLIB);
+        if self.use_zlib && self.zlib.is_none() {
+            let level = list
+                .iter()
+                .find_map(|&e| {
+                    let l = e.wrapping_sub(ENCODING_COMPRESS_LEVEL_0);
+                    (0..=9).contains(&l).then_some(l as u32)
+                })
+                .unwrap_or(1);
+            self.zlib = Some(Compress::new(Compression::new(level), true));
+        }
+        if self.use_zlib {
+            "zlib"
+        } else {
+            "raw"
         }
     }
 
@@ -202,7 +243,7 @@ impl ClientFrame {
     }
 
     /// Writes a FramebufferUpdate of `rects` (from [`Self::changed`]) in
-    /// Raw encoding, converted by `conv`.
+    /// the chosen encoding, converted by `conv`.
     pub fn send(
         &mut self,
         rects: &[Rect],
@@ -212,15 +253,32 @@ impl ClientFrame {
         self.out.clear();
         let count = u16::try_from(rects.len()).unwrap_or(u16::MAX);
         UpdateHeader { rects: count }.encode(&mut self.out);
+        let zlib = self.zlib.as_mut().filter(|_| self.use_zlib);
+        let encoding = if zlib.is_some() {
+            ENCODING_ZLIB
+        } else {
+            ENCODING_RAW
+        };
+        let mut zlib = zlib;
         for r in &rects[..usize::from(count)] {
-            RectHeader {
-                rect: *r,
-                encoding: ENCODING_RAW,
-            }
-            .encode(&mut self.out);
+            RectHeader { rect: *r, encoding }.encode(&mut self.out);
+            let pixels = if zlib.is_some() {
+                self.pixels.clear();
+                &mut self.pixels
+            } else {
+                &mut self.out
+            };
             for row in 0..u32::from(r.h) {
                 let at = (u32::from(r.y) + row) as usize * self.width as usize + usize::from(r.x);
-                conv.convert(&self.last[at..at + usize::from(r.w)], &mut self.out);
+                conv.convert(&self.last[at..at + usize::from(r.w)], pixels);
+            }
+            if let Some(z) = zlib.as_deref_mut() {
+                let len_at = self.out.len();
+                self.out.extend([0u8; 4]);
+                deflate(z, &self.pixels, &mut self.out)?;
+                let len = u32::try_from(self.out.len() - len_at - 4)
+                    .map_err(|_| std::io::Error::other("compressed rectangle over 4 GiB"))?;
+                self.out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
             }
             // Flush a rectangle at a time: memory stays bounded by one run
             // of tiles, whatever the screen size.
@@ -228,6 +286,22 @@ impl ClientFrame {
             self.out.clear();
         }
         w.write_all(&self.out)
+    }
+}
+
+/// Compresses `input` into `out` through the stream `z`, ending with a sync
+/// flush so that the client can inflate all of it now.
+fn deflate(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+    let start = z.total_in();
+    loop {
+        let done = usize::try_from(z.total_in() - start).unwrap_or(input.len());
+        out.reserve(input.len() - done + 1024);
+        z.compress_vec(&input[done..], out, FlushCompress::Sync)
+            .map_err(std::io::Error::other)?;
+        // Done once every byte went in and the flush did not fill the room.
+        if z.total_in() - start == input.len() as u64 && out.len() < out.capacity() {
+            return Ok(());
+        }
     }
 }
 
@@ -337,6 +411,95 @@ mod tests {
                 0, 0x40, 0x80, 0xff, // BGR, big endian
             ]
         );
+    }
+
+    /// Splits an update into its rectangles' (header, payload) for one
+    /// encoding; Zlib payloads are inflated through `inflate`, the client's
+    /// stream.
+    fn parse(
+        out: &[u8],
+        bpp: usize,
+        inflate: &mut flate2::Decompress,
+    ) -> Vec<(Rect, i32, Vec<u8>)> {
+        assert_eq!(out[0], 0, "a FramebufferUpdate");
+        let count = u16::from_be_bytes([out[2], out[3]]);
+        let mut at = 4;
+        let mut rects = Vec::new();
+        for _ in 0..count {
+            let h = &out[at..at + 12];
+            let v = |i: usize| u16::from_be_bytes([h[i], h[i + 1]]);
+            let r = rect(v(0).into(), v(2).into(), v(4).into(), v(6).into());
+            let enc = i32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            at += 12;
+            let raw_len = usize::from(r.w) * usize::from(r.h) * bpp;
+            let pixels = if enc == ENCODING_ZLIB {
+                let len = u32::from_be_bytes(out[at..at + 4].try_into().unwrap()) as usize;
+                at += 4;
+                let mut raw = Vec::with_capacity(raw_len);
+                inflate
+                    .decompress_vec(&out[at..at + len], &mut raw, flate2::FlushDecompress::Sync)
+                    .unwrap();
+                at += len;
+                raw
+            } else {
+                at += raw_len;
+                out[at - raw_len..at].to_vec()
+            };
+            assert_eq!(pixels.len(), raw_len, "a whole rectangle of pixels");
+            rects.push((r, enc, pixels));
+        }
+        assert_eq!(at, out.len(), "nothing after the last rectangle");
+        rects
+    }
+
+    #[test]
+    fn zlib_update_inflates_to_the_raw_pixels_through_one_stream() {
+        let fb = Framebuffer::new(320, 200).unwrap();
+        for x in 0..320 {
+            fb.put(x, 70, 0x00aa_aaaa);
+        }
+        let conv = Converter::new(&PixelFormat::XRGB8888);
+        let mut raw = ClientFrame::new(&fb);
+        let mut zlib = ClientFrame::new(&fb);
+        zlib.choose_encoding(&[
+            7,
+            ENCODING_ZLIB,
+            ENCODING_RAW,
+            ENCODING_COMPRESS_LEVEL_0 + 6,
+        ]);
+        let mut inflate = flate2::Decompress::new(true);
+        let mut no_stream = flate2::Decompress::new(true);
+        for round in 0..3 {
+            // A change between rounds: the stream carries on from the last update.
+            fb.put(round * 10, 150, 0x0012_3456);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let rects = raw.changed(&fb, whole(&fb), round == 0);
+            raw.send(&rects, &conv, &mut a).unwrap();
+            let rects = zlib.changed(&fb, whole(&fb), round == 0);
+            zlib.send(&rects, &conv, &mut b).unwrap();
+            let a = parse(&a, 4, &mut no_stream);
+            let b = parse(&b, 4, &mut inflate);
+            assert_eq!(a.len(), b.len());
+            for ((ra, ea, pa), (rb, eb, pb)) in a.iter().zip(&b) {
+                assert_eq!((ra, *ea, *eb), (rb, ENCODING_RAW, ENCODING_ZLIB));
+                assert!(pa == pb, "round {round}: {ra:?} inflates to other pixels");
+            }
+        }
+        // A mostly black screen: the whole of it in a small fraction of its raw size.
+        let mut z = ClientFrame::new(&fb);
+        z.choose_encoding(&[ENCODING_ZLIB]);
+        let mut out = Vec::new();
+        let rects = z.changed(&fb, whole(&fb), true);
+        z.send(&rects, &conv, &mut out).unwrap();
+        assert!(out.len() * 50 < 320 * 200 * 4, "{} bytes", out.len());
+        // A client that drops Zlib gets Raw again.
+        z.choose_encoding(&[ENCODING_RAW]);
+        let mut out = Vec::new();
+        let rects = z.changed(&fb, whole(&fb), true);
+        z.send(&rects, &conv, &mut out).unwrap();
+        assert!(parse(&out, 4, &mut no_stream)
+            .iter()
+            .all(|(_, e, _)| *e == ENCODING_RAW));
     }
 
     #[test]

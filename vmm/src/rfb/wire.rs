@@ -13,8 +13,14 @@ pub const VERSION_LEN: usize = 12;
 pub const SECURITY_NONE: u8 = 1;
 /// The Raw encoding: pixels as they are, line after line.
 pub const ENCODING_RAW: i32 = 0;
+/// The Zlib encoding: Raw pixels through one zlib stream that lasts as long
+/// as the connection, each rectangle's part preceded by its length (u32).
+pub const ENCODING_ZLIB: i32 = 6;
 /// The DesktopSize pseudo-encoding (the server may change the size).
 pub const ENCODING_DESKTOP_SIZE: i32 = -223;
+/// The CompressLevel pseudo-encodings: -256 + the level (0 to 9) the client
+/// asks for.
+pub const ENCODING_COMPRESS_LEVEL_0: i32 = -256;
 /// Most encodings a SetEncodings may list (real clients send a few dozen).
 pub const MAX_ENCODINGS: u16 = 1024;
 /// Longest ClientCutText accepted; its text is skipped, never buffered.
