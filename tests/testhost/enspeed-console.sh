@@ -3,8 +3,9 @@
 # --extra PATH/rfb-probe): the graphical console of a real Debian guest. EnSpeed's VMM gives it
 # a framebuffer (--vnc); Linux finds it in boot_params.screen_info (vesafb) and its framebuffer
 # console draws the kernel's messages (console=tty0) and the kit's bar of 16 reverse-video
-# cells; rfb-probe sees both through the RFB socket, then types a line there that the guest's
-# own keyboard driver (atkbd on the i8042) must deliver to /dev/tty1.
+# cells; rfb-probe sees both through the RFB socket, compares the screen's size Raw and Zlib
+# encoded, then types a line there that the guest's own keyboard driver (atkbd on the i8042)
+# must deliver to /dev/tty1.
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
@@ -14,6 +15,7 @@ typed=hello-Console_42
 (
     # The bar comes after the kernel's messages; polling stops as soon as it is on the screen.
     rfb-probe /tmp/vnc.sock bar 240 || exit 1
+    rfb-probe /tmp/vnc.sock sizes
     rfb-probe /tmp/vnc.sock type "$typed"
 ) >/tmp/probe.log 2>&1 &
 probe=$!
@@ -55,5 +57,16 @@ else
     fail "rfb-probe found no bar on the screen"
 fi
 grep -q "^RFB: typed" /tmp/probe.log || fail "rfb-probe could not type"
+# The kernel's text console, Zlib encoded, in a small part of its Raw size.
+sizes=$(sed -n 's/^RFB: full screen raw=\([0-9]*\) zlib=\([0-9]*\) bytes.*$/\1 \2/p' /tmp/probe.log)
+if [ -n "$sizes" ]; then
+    set -- $sizes
+    echo "BENCH console-full-screen-raw-bytes $1"
+    echo "BENCH console-full-screen-zlib-bytes $2"
+    [ $(($2 * 10)) -lt "$1" ] && echo "ok: the console's screen Zlib encoded: $2 bytes, Raw $1" ||
+        fail "the console's screen Zlib encoded: $2 bytes, not under a tenth of Raw's $1"
+else
+    fail "rfb-probe could not compare Raw and Zlib of the same screen"
+fi
 
 finish enspeed-console

@@ -9,6 +9,9 @@
 //!                               pixels outside the bar) and exits 0; else prints
 //!                               "RFB: no bar ..." and exits 1
 //! rfb-probe SOCKET type TEXT    types TEXT (printable ASCII) and Enter
+//! rfb-probe SOCKET sizes        reads the whole screen Raw, then Zlib encoded, and prints
+//!                               "RFB: full screen raw=N zlib=M bytes" (the same pixels, or
+//!                               it fails)
 //! ```
 
 use std::path::Path;
@@ -26,7 +29,7 @@ const BAR_CELLS: u16 = 16;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (Some(socket), Some(cmd)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: rfb-probe SOCKET bar SECS | rfb-probe SOCKET type TEXT");
+        eprintln!("usage: rfb-probe SOCKET bar SECS | rfb-probe SOCKET type TEXT | rfb-probe SOCKET sizes");
         return ExitCode::from(2);
     };
     let result = match (cmd.as_str(), args.get(3)) {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
             Err(_) => Err(format!("bar: {secs:?} is not a number of seconds")),
         },
         ("type", Some(text)) => type_line(Path::new(socket), text),
+        ("sizes", None) => sizes(Path::new(socket)),
         _ => Err(format!("unknown command {cmd:?}")),
     };
     match result {
@@ -124,6 +128,34 @@ fn find_bar(c: &RfbClient) -> Option<(u16, u16, (u16, u16, u16))> {
         }
     }
     None
+}
+
+/// One full update of the screen with `encodings`: the client (holding the
+/// screen) and the update's size in bytes.
+fn full_screen(socket: &Path, encodings: &[i32]) -> Result<(RfbClient, u64), String> {
+    let mut c = connect(socket, Duration::from_secs(10))?;
+    c.set_encodings(encodings).map_err(|e| e.to_string())?;
+    let (w, h) = (c.width, c.height);
+    c.request(false, 0, 0, w, h).map_err(|e| e.to_string())?;
+    c.read_update().map_err(|e| e.to_string())?;
+    let bytes = c.update_bytes;
+    Ok((c, bytes))
+}
+
+fn sizes(socket: &Path) -> Result<(), String> {
+    let (raw, raw_bytes) = full_screen(socket, &[0])?;
+    let (zlib, zlib_bytes) = full_screen(socket, &[6, 0])?;
+    // The screen may change between the two: compare only if both show the same.
+    let same = (0..raw.height).all(|y| (0..raw.width).all(|x| raw.pixel(x, y) == zlib.pixel(x, y)));
+    println!(
+        "RFB: full screen raw={raw_bytes} zlib={zlib_bytes} bytes{}",
+        if same {
+            ""
+        } else {
+            " (the screen changed between them)"
+        }
+    );
+    Ok(())
 }
 
 fn type_line(socket: &Path, text: &str) -> Result<(), String> {
