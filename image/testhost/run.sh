@@ -80,6 +80,7 @@ if [ -n "$interactive" ]; then
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
         -append "console=ttyS0 panic=-1 quiet no_timer_check testhost.interactive" \
         2> >(grep -v "TCG doesn't support requested feature" >&2) | tee "$work/console.log"
+    qemu_rc=${PIPESTATUS[0]}
 else
     # The test host's own kernel now and then locks up or panics under the emulated AMD-V
     # while a nested guest boots: stop QEMU then, rather than wait for the timeout, and say
@@ -106,9 +107,15 @@ else
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
         -append "console=ttyS0 panic=-1 quiet no_timer_check" \
         </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee -a "$work/console.log"
+    # Taken at once: any later command resets PIPESTATUS (a timeout then read as 125).
+    qemu_rc=${PIPESTATUS[0]}
     kill "$watcher" 2>/dev/null || true
+    # A panic reboots the test host at once (panic=-1, -no-reboot: QEMU exits) before the
+    # watcher's next look: the console says what happened.
+    if [ ! -s "$work/broken" ]; then
+        grep -m1 -E "$own_failure" "$work/console.log" >"$work/broken" 2>/dev/null || true
+    fi
 fi
-qemu_rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
