@@ -205,6 +205,20 @@ impl Server {
         }
     }
 
+    /// Starts the process waiting to be added to a cluster (`--await-join`) and returns the
+    /// join token it then shows in its data directory.
+    pub fn start_awaiting_join(&mut self) -> String {
+        self.start(&["--await-join"]);
+        let file = self.data.join("join-token");
+        wait_for(
+            &format!("server {}'s join token", self.id),
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&file).ok(),
+        )
+        .trim()
+        .to_string()
+    }
+
     /// Starts the process with `bootstrap` (`--init`, `--join ADDR`, or nothing to restart).
     pub fn start(&mut self, bootstrap: &[&str]) {
         assert!(self.child.is_none(), "server {} already running", self.id);

@@ -26,19 +26,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `enspeed` binary next to the test executable (built by the test
-/// command before the tests run), or `$ENSPEED_BIN`.
-pub fn enspeed_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("ENSPEED_BIN") {
-        return p.into();
-    }
+/// The Cargo profile directory (target/<profile>) the running test or tool was built into.
+pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools)
     let mut dir = exe.parent().expect("executable has a directory");
     if dir.ends_with("deps") {
         dir = dir.parent().expect("target profile dir");
     }
-    let bin = dir.join("enspeed");
+    dir.to_path_buf()
+}
+
+/// The `enspeed` binary next to the test executable (built by the test
+/// command before the tests run), or `$ENSPEED_BIN`.
+pub fn enspeed_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENSPEED_BIN") {
+        return p.into();
+    }
+    let bin = profile_dir().join("enspeed");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p enspeed), or set ENSPEED_BIN",

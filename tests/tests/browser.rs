@@ -129,12 +129,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         scratch.path("server4"),
         &["--witness"],
     );
-    waiting.start(&["--await-join"]);
-    let token = enspeed_tests::cluster::wait_for(
-        "server 4's join token",
-        std::time::Duration::from_secs(30),
-        || std::fs::read_to_string(waiting.data.join("join-token")).ok(),
-    );
+    let token = waiting.start_awaiting_join();
     let artifacts = artifacts();
     println!(
         "browser test: servers {:?}; screenshots in {}",
@@ -150,7 +145,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_ARTIFACTS", &artifacts)
         .env("ENSPEED_CHROMIUM", CHROMIUM)
         .env("ENSPEED_NEW_SERVER", &waiting.addr)
-        .env("ENSPEED_NEW_SERVER_TOKEN", token.trim())
+        .env("ENSPEED_NEW_SERVER_TOKEN", &token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -176,11 +171,17 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         artifacts.display()
     );
     // noVNC lists Zlib among its encodings: the VMMs sent the screens it showed compressed.
+    // Each VM's VMM logs to agent/vms/NAME/vmm.log in its server's data directory.
     let logs: Vec<String> = cluster
         .servers
         .iter()
-        .flat_map(|s| files_named(&s.data, "vmm.log"))
-        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|s| {
+            std::fs::read_dir(s.data.join("agent/vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|vm| std::fs::read_to_string(vm.path().join("vmm.log")).ok())
         .collect();
     assert!(
         logs.iter()
@@ -188,18 +189,4 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
                 && l.contains("encoding=\"zlib\"")),
         "no VMM log says a console client got Zlib-encoded updates"
     );
-}
-
-/// The files called `name` under `dir`, at any depth.
-fn files_named(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files_named(&path, name));
-        } else if path.file_name().is_some_and(|n| n == name) {
-            found.push(path);
-        }
-    }
-    found
 }

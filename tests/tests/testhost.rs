@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-use enspeed_tests::{enspeed_bin, repo_root};
+use enspeed_tests::{enspeed_bin, profile_dir, repo_root};
 
 /// One test host at a time: each uses both cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -88,12 +88,7 @@ fn scenario_with(name: &str, extras: &[&str]) {
 /// The file where runs of scenarios again are noted, for test.sh to show even when every test
 /// passes: target/<profile>/testhost-retries.log.
 fn retries_log() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/testhost-<hash>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test runs from target/<profile>/deps")
-        .join("testhost-retries.log")
+    profile_dir().join("testhost-retries.log")
 }
 
 fn note_retry(line: &str) {

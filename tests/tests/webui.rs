@@ -694,11 +694,8 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         scratch.path("server4"),
         &["--witness"],
     );
-    s4.start(&["--await-join"]);
-    let token = cluster::wait_for("server 4's join token", WAIT, || {
-        std::fs::read_to_string(s4.data.join("join-token")).ok()
-    });
-    let add = json!({"address": s4.addr, "token": token.trim()});
+    let token = s4.start_awaiting_join();
+    let add = json!({"address": s4.addr, "token": token});
     for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
         let before = fingerprint(&m);
         let r = x.case(
@@ -1881,11 +1878,8 @@ fn a_manager_adds_a_server_that_waits_for_a_cluster() {
         ],
     );
     s4.log_on_panic = LogOnPanic::Last(30);
-    s4.start(&["--await-join"]);
-    let token = cluster::wait_for("server 4's join token", WAIT, || {
-        std::fs::read_to_string(s4.data.join("join-token")).ok()
-    });
-    let token = token.trim();
+    let token = s4.start_awaiting_join();
+    let token = token.as_str();
     assert_eq!(token.len(), 32, "{token:?}");
     let add = |address: &str, token: &str| {
         m.send(
