@@ -17,12 +17,18 @@ use enspeed_tests::{guest_args, linux64_testguest, Scratch, Vmm};
 const WIDTH: u16 = 1024;
 const HEIGHT: u16 = 768;
 
+/// One client and what it measured.
 struct Encoding {
     name: &'static str,
-    list: &'static [i32],
-    client: Option<RfbClient>,
+    client: RfbClient,
     times: Vec<Duration>,
     bytes: Vec<u64>,
+}
+
+fn median<T: Ord + Copy>(v: &[T]) -> T {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
 }
 
 fn main() {
@@ -48,28 +54,28 @@ fn main() {
     let mut vm = Vmm::start(&args);
     vm.wait_for("tg: fb painted", Duration::from_secs(30));
 
-    let mut encodings = [
+    let mut encodings: Vec<Encoding> = [
         ("Raw", &[0][..]),
         ("Zlib, level 1 (the VMM's default)", &[6, 0]),
         ("Zlib, level 6 (asked by the client)", &[6, 0, -256 + 6]),
     ]
-    .map(|(name, list)| Encoding {
-        name,
-        list,
-        client: None,
-        times: Vec::new(),
-        bytes: Vec::new(),
-    });
-    for e in &mut encodings {
-        let mut c = RfbClient::connect(&sock).expect("connect to the VMM's RFB socket");
-        assert_eq!((c.width, c.height), (WIDTH, HEIGHT));
-        c.set_encodings(e.list).expect("SetEncodings");
-        e.client = Some(c);
-    }
+    .into_iter()
+    .map(|(name, list)| {
+        let mut client = RfbClient::connect(&sock).expect("connect to the VMM's RFB socket");
+        assert_eq!((client.width, client.height), (WIDTH, HEIGHT));
+        client.set_encodings(list).expect("SetEncodings");
+        Encoding {
+            name,
+            client,
+            times: Vec::new(),
+            bytes: Vec::new(),
+        }
+    })
+    .collect();
     // One warm-up update each, then the measured ones, interleaved.
     for round in 0..=runs {
         for e in &mut encodings {
-            let c = e.client.as_mut().expect("connected");
+            let c = &mut e.client;
             let before = c.update_bytes;
             let t = Instant::now();
             c.request(false, 0, 0, WIDTH, HEIGHT).expect("request");
@@ -80,25 +86,16 @@ fn main() {
             }
         }
     }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
-    let raw_time = median(&mut encodings[0].times.clone());
-    let raw_bytes = encodings[0].bytes[0];
+    let raw_time = median(&encodings[0].times);
+    let raw_bytes = median(&encodings[0].bytes);
     println!(
         "Full {WIDTH}x{HEIGHT} screen of the test guest's pattern, {runs} updates per encoding, \
          over the VMM's RFB socket (medians):\n"
     );
     println!("| encoding | bytes per full screen | vs Raw | request to last byte | vs Raw |");
     println!("|---|---|---|---|---|");
-    for e in &mut encodings {
-        let t = median(&mut e.times);
-        let b = {
-            let mut b = e.bytes.clone();
-            b.sort();
-            b[b.len() / 2]
-        };
+    for e in &encodings {
+        let (t, b) = (median(&e.times), median(&e.bytes));
         println!(
             "| {} | {b} | {:.3}x | {:.2} ms | {:.2}x |",
             e.name,

@@ -126,8 +126,7 @@ impl ClientFrame {
     /// Chooses the encoding from a SetEncodings list: Zlib if it is listed
     /// (compressing at the client's CompressLevel, else 1, the fastest),
     /// else Raw. The level is fixed when the stream starts, at the first
-    /// list naming Zlib.
-    /// Returns the encoding's name.
+    /// list naming Zlib. Returns the encoding's name.
     pub fn choose_encoding(&mut self, list: &[i32]) -> &'static str {
         self.use_zlib = list.contains(&ENCODING_ZLIB);
         if self.use_zlib && self.zlib.is_none() {
@@ -253,13 +252,12 @@ impl ClientFrame {
         self.out.clear();
         let count = u16::try_from(rects.len()).unwrap_or(u16::MAX);
         UpdateHeader { rects: count }.encode(&mut self.out);
-        let zlib = self.zlib.as_mut().filter(|_| self.use_zlib);
+        let mut zlib = self.zlib.as_mut().filter(|_| self.use_zlib);
         let encoding = if zlib.is_some() {
             ENCODING_ZLIB
         } else {
             ENCODING_RAW
         };
-        let mut zlib = zlib;
         for r in &rects[..usize::from(count)] {
             RectHeader { rect: *r, encoding }.encode(&mut self.out);
             let pixels = if zlib.is_some() {
