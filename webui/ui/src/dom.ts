@@ -51,3 +51,34 @@ export function value(form: HTMLFormElement, name: string): string {
   const el = form.elements.namedItem(name);
   return el && "value" in el ? String(el.value).trim() : "";
 }
+
+/** Shows `text` in the error box `box`. */
+export function showError(box: HTMLElement, text: string): void {
+  fill(box, text);
+  box.classList.remove("hidden");
+}
+
+/**
+ * Runs `action` on each submit of `form`, with the error box `box` hidden and `button`
+ * disabled while it runs; if it throws, the box shows what `failure` makes of the error.
+ */
+export function onSubmit(
+  form: HTMLFormElement,
+  button: HTMLButtonElement,
+  box: HTMLElement,
+  action: () => Promise<void>,
+  failure: (e: unknown) => string,
+): void {
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    box.classList.add("hidden");
+    button.disabled = true;
+    try {
+      await action();
+    } catch (e) {
+      showError(box, failure(e));
+    } finally {
+      button.disabled = false;
+    }
+  });
+}

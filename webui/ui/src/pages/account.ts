@@ -1,7 +1,7 @@
 // Your account: who you are, and changing your own password (every role may).
 
 import { api, message } from "../api";
-import { field, fill, h } from "../dom";
+import { field, fill, h, onSubmit, showError } from "../dom";
 import { mib, ROLE_NAMES } from "../format";
 import type { PageContext } from "../page";
 import type { User } from "../types";
@@ -22,27 +22,22 @@ export function accountPage(ctx: PageContext): void {
     error,
     h("div", { class: "row" }, save),
   );
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    error.classList.add("hidden");
-    if (pw.value !== again.value) {
-      fill(error, "The two passwords differ.");
-      error.classList.remove("hidden");
-      return;
-    }
-    save.disabled = true;
-    try {
+  onSubmit(
+    form,
+    save,
+    error,
+    async () => {
+      if (pw.value !== again.value) {
+        showError(error, "The two passwords differ.");
+        return;
+      }
       await api<User>("PATCH", `/users/${me.id}`, { password: pw.value });
       pw.value = "";
       again.value = "";
       ctx.notify("info", "Your password is changed. Your other sessions were logged out.");
-    } catch (e) {
-      fill(error, `Could not change your password: ${message(e)}`);
-      error.classList.remove("hidden");
-    } finally {
-      save.disabled = false;
-    }
-  });
+    },
+    (e) => `Could not change your password: ${message(e)}`,
+  );
   fill(ctx.main, h("h1", null, "Your account"), about, form);
 
   let last = "";

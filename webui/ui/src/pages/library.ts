@@ -3,7 +3,7 @@
 // list shows on how many VM servers each image is ready.
 
 import { api, message, upload } from "../api";
-import { field, fill, h } from "../dom";
+import { field, fill, h, showError } from "../dom";
 import { bytes, time } from "../format";
 import type { PageContext } from "../page";
 import type { Iso } from "../types";
@@ -39,8 +39,7 @@ export function libraryPage(ctx: PageContext): void {
     const f = file.files?.[0];
     const n = name.value.trim();
     if (!f || !NAME.test(n)) {
-      fill(error, "Choose a file and a name of letters, digits, '.', '_' or '-'.");
-      error.classList.remove("hidden");
+      showError(error, "Choose a file and a name of letters, digits, '.', '_' or '-'.");
       return;
     }
     submit.disabled = true;
@@ -58,8 +57,7 @@ export function libraryPage(ctx: PageContext): void {
       form.reset();
       refresh();
     } catch (e) {
-      fill(error, `Could not upload ${n}: ${message(e)}`);
-      error.classList.remove("hidden");
+      showError(error, `Could not upload ${n}: ${message(e)}`);
       fill(progressText, "");
     } finally {
       submit.disabled = false;

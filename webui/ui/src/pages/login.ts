@@ -1,7 +1,7 @@
 // The login page: name and password; the API sets the session cookie.
 
 import { api, message } from "../api";
-import { field, fill, h, value } from "../dom";
+import { field, fill, h, onSubmit, value } from "../dom";
 import type { Session } from "../types";
 
 export function loginPage(main: HTMLElement, onLogin: (s: Session) => void): void {
@@ -18,22 +18,19 @@ export function loginPage(main: HTMLElement, onLogin: (s: Session) => void): voi
     error,
     submit,
   );
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    error.classList.add("hidden");
-    submit.disabled = true;
-    try {
+  onSubmit(
+    form,
+    submit,
+    error,
+    async () => {
       const s = await api<Session>("POST", "/session", {
         name: value(form, "name"),
         password: (form.elements.namedItem("password") as HTMLInputElement).value,
       });
       onLogin(s);
-    } catch (e) {
-      fill(error, message(e));
-      error.classList.remove("hidden");
-      submit.disabled = false;
-    }
-  });
+    },
+    message,
+  );
   fill(
     main,
     h(

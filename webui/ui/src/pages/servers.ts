@@ -2,7 +2,7 @@
 // the VM copies it holds.
 
 import { api, message } from "../api";
-import { field, fill, h, value } from "../dom";
+import { field, fill, h, onSubmit, value } from "../dom";
 import { mib, pool } from "../format";
 import type { PageContext } from "../page";
 import type { Server } from "../types";
@@ -33,23 +33,18 @@ export function serversPage(ctx: PageContext): void {
     ),
     addError,
   );
-  addForm.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    addError.classList.add("hidden");
-    addSubmit.disabled = true;
-    const address = value(addForm, "address");
-    try {
-      const s = await api<Server>("POST", "/servers", { address, token: value(addForm, "token") });
+  onSubmit(
+    addForm,
+    addSubmit,
+    addError,
+    async () => {
+      const s = await api<Server>("POST", "/servers", { address: value(addForm, "address"), token: value(addForm, "token") });
       ctx.notify("info", `Added server ${s.id} (${s.address})`);
       addForm.reset();
       last = "";
-    } catch (e) {
-      fill(addError, `Could not add the server at ${address}: ${message(e)}`);
-      addError.classList.remove("hidden");
-    } finally {
-      addSubmit.disabled = false;
-    }
-  });
+    },
+    (e) => `Could not add the server at ${value(addForm, "address")}: ${message(e)}`,
+  );
   fill(
     ctx.main,
     h("h1", null, "VM Servers"),

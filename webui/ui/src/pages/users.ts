@@ -3,7 +3,7 @@
 // a Manager on a Power User) and deletion.
 
 import { api, message } from "../api";
-import { field, fill, h, value } from "../dom";
+import { field, fill, h, onSubmit, value } from "../dom";
 import { mib, ROLE_NAMES } from "../format";
 import type { PageContext } from "../page";
 import type { Role, User, Vm } from "../types";
@@ -79,11 +79,6 @@ export function usersPage(ctx: PageContext): void {
     return h("div", { class: "form-error hidden", role: "alert", "data-test": "form-error" });
   }
 
-  function showError(el: HTMLElement, text: string): void {
-    fill(el, text);
-    el.classList.remove("hidden");
-  }
-
   function createForm(): HTMLFormElement {
     const error = formError();
     const submit = h("button", { type: "submit", class: "primary", "data-test": "user-create-submit" }, "Create user");
@@ -116,30 +111,29 @@ export function usersPage(ctx: PageContext): void {
     f.addEventListener("change", (ev) => {
       if ((ev.target as HTMLElement).getAttribute("name") === "role") showFor();
     });
-    f.addEventListener("submit", async (ev) => {
-      ev.preventDefault();
-      error.classList.add("hidden");
-      const r = roleChosen();
-      const body: Record<string, unknown> = {
-        name: value(f, "name"),
-        password: (f.elements.namedItem("password") as HTMLInputElement).value,
-        role: r,
-      };
-      if (manager && r === "regular" && value(f, "parent")) body.parent = Number(value(f, "parent"));
-      if (manager && r === "power_user") body.quota = quotaOf(f);
-      submit.disabled = true;
-      try {
+    let name = "";
+    onSubmit(
+      f,
+      submit,
+      error,
+      async () => {
+        const r = roleChosen();
+        name = value(f, "name");
+        const body: Record<string, unknown> = {
+          name,
+          password: (f.elements.namedItem("password") as HTMLInputElement).value,
+          role: r,
+        };
+        if (manager && r === "regular" && value(f, "parent")) body.parent = Number(value(f, "parent"));
+        if (manager && r === "power_user") body.quota = quotaOf(f);
         const u = await api<User>("POST", "/users", body);
         ctx.notify("info", `Created ${ROLE_NAMES[u.role]} ${u.name} (user ${u.id})`);
         (f.elements.namedItem("name") as HTMLInputElement).value = "";
         (f.elements.namedItem("password") as HTMLInputElement).value = "";
         refresh();
-      } catch (e) {
-        showError(error, `Could not create user ${String(body.name)}: ${message(e)}`);
-      } finally {
-        submit.disabled = false;
-      }
-    });
+      },
+      (e) => `Could not create user ${name}: ${message(e)}`,
+    );
     return f;
   }
 
@@ -167,24 +161,22 @@ export function usersPage(ctx: PageContext): void {
       h("div", { class: "row" }, inputs, save, cancel),
       error,
     );
-    f.addEventListener("submit", async (ev) => {
-      ev.preventDefault();
-      error.classList.add("hidden");
-      const body =
-        p.kind === "password"
-          ? { password: (f.elements.namedItem("password") as HTMLInputElement).value }
-          : { quota: quotaOf(f) };
-      save.disabled = true;
-      try {
+    onSubmit(
+      f,
+      save,
+      error,
+      async () => {
+        const body =
+          p.kind === "password"
+            ? { password: (f.elements.namedItem("password") as HTMLInputElement).value }
+            : { quota: quotaOf(f) };
         await api<User>("PATCH", `/users/${u.id}`, body);
         ctx.notify("info", p.kind === "password" ? `Set the password of ${u.name}` : `Set the quota of ${u.name}`);
         openPanel(null);
         refresh();
-      } catch (e) {
-        showError(error, `Could not set the ${p.kind} of ${u.name}: ${message(e)}`);
-        save.disabled = false;
-      }
-    });
+      },
+      (e) => `Could not set the ${p.kind} of ${u.name}: ${message(e)}`,
+    );
     fill(panel, f);
     panel.classList.remove("hidden");
     (f.querySelector("input") as HTMLInputElement | null)?.focus();

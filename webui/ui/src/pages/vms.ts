@@ -3,7 +3,7 @@
 // Power User a form to create one.
 
 import { api, message } from "../api";
-import { field, fill, h, value } from "../dom";
+import { field, fill, h, onSubmit, value } from "../dom";
 import { bytes, copyPlace, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
 import type { Iso, User, Vm } from "../types";
@@ -107,12 +107,13 @@ export function vmsPage(ctx: PageContext): void {
       ),
       error,
     );
-    f.addEventListener("submit", async (ev) => {
-      ev.preventDefault();
-      error.classList.add("hidden");
-      submit.disabled = true;
-      const name = value(f, "name");
-      try {
+    let name = "";
+    onSubmit(
+      f,
+      submit,
+      error,
+      async () => {
+        name = value(f, "name");
         const vm = await api<Vm>("POST", "/vms", {
           name,
           memory_mib: Number(value(f, "memory_mib")),
@@ -124,13 +125,9 @@ export function vmsPage(ctx: PageContext): void {
         ctx.notify("info", `Created VM ${vm.id} (${vm.name})`);
         (f.elements.namedItem("name") as HTMLInputElement).value = "";
         refresh();
-      } catch (e) {
-        fill(error, `Could not create VM ${name}: ${message(e)}`);
-        error.classList.remove("hidden");
-      } finally {
-        submit.disabled = false;
-      }
-    });
+      },
+      (e) => `Could not create VM ${name}: ${message(e)}`,
+    );
     return f;
   }
 
