@@ -4,5 +4,6 @@
 pub mod acpi_pm;
 pub mod framebuffer;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 pub mod virtio;

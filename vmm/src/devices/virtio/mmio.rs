@@ -1,45 +1,23 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x "MMIO Device Register
 //! Layout"). Every register access comes from the guest and is checked:
 //! out-of-range queue selectors, odd widths and writes in the wrong device
-//! state are ignored, never trusted.
-//!
-//! Device status, as the driver moves it:
-//!
-//! ```text
-//!   0 --ACK--> ACKNOWLEDGE --DRIVER--> DRIVER --FEATURES_OK--> FEATURES_OK
-//!                                                                 |
-//!        any state --write 0--> reset                        DRIVER_OK: activate
-//!        activation refused --> DEVICE_NEEDS_RESET (+ config interrupt)
-//! ```
+//! state are ignored, never trusted. The device status machine is in
+//! [`super::transport`].
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, Interrupt, VirtioDevice};
+use super::transport::VirtioState;
+pub use super::transport::status;
+use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976;
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e45_5053; // "SPEN"
-
-/// Device status bits.
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
-    /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
-}
 
 /// Register offsets.
 pub mod reg {
@@ -72,17 +50,7 @@ pub mod reg {
 
 /// One virtio device behind its MMIO register window.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
+    state: VirtioState,
 }
 
 impl MmioTransport {
@@ -92,150 +60,37 @@ impl MmioTransport {
         mem: GuestMemory,
         irqfd: EventFd,
     ) -> std::io::Result<Self> {
-        let mut queues = Vec::new();
-        let mut queue_evts = Vec::new();
-        for &max in device.queue_max_sizes() {
-            queues.push(
-                Queue::new(max)
-                    .map_err(|e| std::io::Error::other(format!("queue size {max}: {e:?}")))?,
-            );
-            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
-        }
         Ok(MmioTransport {
-            device,
-            mem,
-            interrupt: Interrupt::new(irqfd),
-            queues,
-            queue_evts,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            config_generation: 0,
+            state: VirtioState::new(device, mem, Interrupt::new(irqfd))?,
         })
     }
 
     /// The eventfd of each queue, to register as ioeventfds on QueueNotify.
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.state.queue_evts()
     }
 
     /// The device's interrupt, for configuration-change notices.
     pub fn interrupt(&self) -> Arc<Interrupt> {
-        self.interrupt.clone()
+        self.state.interrupt().clone()
     }
 
     /// The device itself.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+        self.state.device_mut()
     }
 
     /// Notes a configuration change and tells the guest.
     pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if self.status & status::DRIVER_OK != 0 {
-            self.interrupt.signal_config();
-        }
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
-    fn queue_config_allowed(&self) -> bool {
-        self.status & (status::FEATURES_OK | status::DRIVER_OK | status::FAILED)
-            == status::FEATURES_OK
-    }
-
-    fn reset(&mut self) {
-        self.device.reset();
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.interrupt.ack(u32::MAX);
-    }
-
-    fn set_status(&mut self, new: u32) {
-        if new == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        // Bits are only ever added, one step at a time (spec 3.1.1).
-        if new & old != old {
-            return;
-        }
-        let added = new & !old;
-        if added & status::FEATURES_OK != 0 {
-            let offered = self.device.features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & features::VERSION_1 == 0
-            {
-                // Leave FEATURES_OK clear: the driver sees negotiation failed.
-                self.status = new & !status::FEATURES_OK;
-                return;
-            }
-        }
-        if added & status::DRIVER_OK != 0 {
-            if new & status::FEATURES_OK == 0 {
-                return;
-            }
-            if let Err(e) = self.activate() {
-                tracing::warn!(device = self.device.device_type(), error = %e, "virtio activation refused");
-                self.status = new | status::DEVICE_NEEDS_RESET;
-                self.config_changed();
-                return;
-            }
-        }
-        self.status = new;
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::new();
-        let mut evts = Vec::new();
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            if !q.ready() {
-                continue;
-            }
-            if !q.is_valid(&self.mem) {
-                return Err(format!(
-                    "queue {i} lies outside guest memory or is misaligned"
-                ));
-            }
-            q.set_event_idx(event_idx);
-            let q = Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e:?}"))?;
-            queues.push(q);
-            evts.push(self.queue_evts[i].try_clone().map_err(|e| e.to_string())?);
-        }
-        if queues.len() != self.queues.len() {
-            return Err(format!(
-                "only {} of {} queues are ready",
-                queues.len(),
-                self.queues.len()
-            ));
-        }
-        self.device.activate(
-            self.mem.clone(),
-            self.driver_features,
-            queues,
-            evts,
-            self.interrupt.clone(),
-        )
+        self.state.config_changed();
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let st = &mut self.state;
         if offset >= reg::CONFIG {
-            self.device.read_config(offset - reg::CONFIG, data);
+            st.device().read_config(offset - reg::CONFIG, data);
             return;
         }
         data.fill(0);
@@ -245,27 +100,24 @@ impl BusDevice for MmioTransport {
         let v: u32 = match offset {
             reg::MAGIC => MAGIC,
             reg::VERSION => VERSION,
-            reg::DEVICE_ID => self.device.device_type(),
+            reg::DEVICE_ID => st.device().device_type(),
             reg::VENDOR_ID => VENDOR,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
-            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => self.config_generation,
+            reg::DEVICE_FEATURES => st.device_features_word(),
+            reg::QUEUE_NUM_MAX => st.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => st.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => st.interrupt().status(),
+            reg::STATUS => st.status(),
+            reg::CONFIG_GENERATION => st.config_generation(),
             _ => 0,
         };
         data.copy_from_slice(&v.to_le_bytes());
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let st = &mut self.state;
         if offset >= reg::CONFIG {
-            if self.status & status::DRIVER != 0 {
-                self.device.write_config(offset - reg::CONFIG, data);
+            if st.status() & status::DRIVER != 0 {
+                st.device_mut().write_config(offset - reg::CONFIG, data);
             }
             return;
         }
@@ -273,34 +125,20 @@ impl BusDevice for MmioTransport {
             return;
         };
         let v = u32::from_le_bytes(bytes);
-        let allowed = self.queue_config_allowed();
+        let allowed = st.queue_config_allowed();
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => {
-                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::DEVICE_FEATURES_SEL => st.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => st.driver_features_sel = v,
+            reg::DRIVER_FEATURES => st.set_driver_features_word(v),
+            reg::QUEUE_SEL => st.queue_sel = v,
             reg::QUEUE_NUM if allowed => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = st.selected_queue() {
                     // A size the queue refuses leaves it unusable: is_valid fails later.
                     q.set_size(v.min(u32::from(u16::MAX)) as u16);
                 }
             }
             reg::QUEUE_READY if allowed => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = st.selected_queue() {
                     q.set_ready(v == 1);
                 }
             }
@@ -312,7 +150,7 @@ impl BusDevice for MmioTransport {
             | reg::QUEUE_USED_HIGH
                 if allowed =>
             {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = st.selected_queue() {
                     let (lo, hi) = if offset & 4 == 0 {
                         (Some(v), None)
                     } else {
@@ -325,14 +163,10 @@ impl BusDevice for MmioTransport {
                     }
                 }
             }
-            reg::QUEUE_NOTIFY => {
-                // Reached only when KVM did not take the ioeventfd.
-                if let Some(e) = self.queue_evts.get(v as usize) {
-                    let _ = e.write(1);
-                }
-            }
-            reg::INTERRUPT_ACK => self.interrupt.ack(v),
-            reg::STATUS => self.set_status(v),
+            // Reached only when KVM did not take the ioeventfd.
+            reg::QUEUE_NOTIFY => st.notify(v),
+            reg::INTERRUPT_ACK => st.interrupt().ack(v),
+            reg::STATUS => st.set_status(v),
             _ => {}
         }
     }
@@ -341,6 +175,8 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::super::features;
+    use virtio_queue::Queue;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Dummy {

@@ -1,4 +1,5 @@
-//! Virtio devices and their MMIO transport.
+//! Virtio devices and their transports (MMIO for direct kernel boot, PCI
+//! for firmware boot).
 //!
 //! A device runs its queues on a worker thread of its own, woken by the
 //! ioeventfd KVM signals when the guest writes QueueNotify, and raises its
@@ -7,15 +8,18 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
+pub mod transport;
 pub mod vhost_user_blk;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::pci::msix::Msix;
 use crate::memory::GuestMemory;
 
 /// Device IDs from the virtio specification.
@@ -41,11 +45,49 @@ pub const INT_VRING: u32 = 0x1;
 /// InterruptStatus bit: the configuration changed.
 pub const INT_CONFIG: u32 = 0x2;
 
+/// MSI-X vector number that means "no vector".
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Drives a PCI function's INTx line (level: true asserts).
+pub type IntxLine = Box<dyn Fn(bool) + Send + Sync>;
+
+/// How a virtio-pci function reaches the guest: MSI-X vectors chosen per
+/// queue and for configuration changes by the driver, else its INTx line.
+pub struct PciVectors {
+    /// The function's MSI-X table.
+    pub msix: Arc<Msix>,
+    /// Vector of configuration changes.
+    pub config: AtomicU16,
+    /// Vector of each queue.
+    pub queues: Vec<AtomicU16>,
+    /// The INTx line, used while MSI-X is off.
+    pub intx: IntxLine,
+}
+
+impl PciVectors {
+    /// `queues` queues, no vectors chosen yet.
+    pub fn new(msix: Arc<Msix>, queues: usize, intx: IntxLine) -> Self {
+        PciVectors {
+            msix,
+            config: AtomicU16::new(NO_VECTOR),
+            queues: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            intx,
+        }
+    }
+}
+
+enum Line {
+    /// An edge-triggered line raised through an irqfd (virtio-mmio).
+    Irqfd(EventFd),
+    /// MSI-X or INTx (virtio-pci).
+    Pci(PciVectors),
+}
+
 /// The interrupt of one device: the status register the guest reads and
-/// acknowledges, and the irqfd that raises the line.
+/// acknowledges, and how the guest is told.
 pub struct Interrupt {
     status: AtomicU32,
-    irqfd: EventFd,
+    line: Line,
 }
 
 impl Interrupt {
@@ -53,24 +95,58 @@ impl Interrupt {
     pub fn new(irqfd: EventFd) -> Arc<Self> {
         Arc::new(Interrupt {
             status: AtomicU32::new(0),
-            irqfd,
+            line: Line::Irqfd(irqfd),
         })
     }
 
-    /// Tells the guest that used buffers are waiting.
-    pub fn signal_used(&self) {
-        self.signal(INT_VRING);
+    /// The interrupt of a virtio-pci function.
+    pub fn pci(vectors: PciVectors) -> Arc<Self> {
+        Arc::new(Interrupt {
+            status: AtomicU32::new(0),
+            line: Line::Pci(vectors),
+        })
+    }
+
+    /// The PCI vectors, for the transport's registers.
+    pub fn pci_vectors(&self) -> Option<&PciVectors> {
+        match &self.line {
+            Line::Pci(v) => Some(v),
+            Line::Irqfd(_) => None,
+        }
+    }
+
+    /// Tells the guest that used buffers are waiting on `queue`.
+    pub fn signal_used(&self, queue: usize) {
+        self.signal(INT_VRING, Some(queue));
     }
 
     /// Tells the guest the configuration space changed.
     pub fn signal_config(&self) {
-        self.signal(INT_CONFIG);
+        self.signal(INT_CONFIG, None);
     }
 
-    fn signal(&self, bit: u32) {
-        self.status.fetch_or(bit, Ordering::SeqCst);
-        if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!(error = %e, "cannot raise virtio interrupt");
+    fn signal(&self, bit: u32, queue: Option<usize>) {
+        match &self.line {
+            Line::Irqfd(fd) => {
+                self.status.fetch_or(bit, Ordering::SeqCst);
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!(error = %e, "cannot raise virtio interrupt");
+                }
+            }
+            Line::Pci(v) => {
+                let vector = match queue {
+                    Some(q) => v.queues.get(q).map_or(NO_VECTOR, |a| a.load(Ordering::SeqCst)),
+                    None => v.config.load(Ordering::SeqCst),
+                };
+                if v.msix.enabled() {
+                    if vector != NO_VECTOR {
+                        v.msix.signal(vector);
+                    }
+                } else {
+                    self.status.fetch_or(bit, Ordering::SeqCst);
+                    (v.intx)(true);
+                }
+            }
         }
     }
 
@@ -82,6 +158,16 @@ impl Interrupt {
     /// The guest acknowledges `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The virtio-pci ISR register: reading it acknowledges every bit and
+    /// lowers INTx.
+    pub fn take_isr(&self) -> u32 {
+        let v = self.status.swap(0, Ordering::SeqCst);
+        if let Line::Pci(p) = &self.line {
+            (p.intx)(false);
+        }
+        v
     }
 }
 

@@ -378,7 +378,7 @@ impl QueueHandler for CallRelay {
             // written after the read wakes the relay again. Linux's
             // virtio-mmio driver reads InterruptStatus, so the bit must be
             // set: the irqfd alone would not do.
-            Self::CALL if self.call.read().is_ok() => self.interrupt.signal_used(),
+            Self::CALL if self.call.read().is_ok() => self.interrupt.signal_used(0),
             // Logged once, however often the socket wakes the relay.
             Self::SOCKET
                 if self.backend_hung_up() && !self.hung_up.swap(true, Ordering::SeqCst) =>

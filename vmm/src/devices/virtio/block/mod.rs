@@ -360,7 +360,7 @@ impl BlockWorker {
             }
         }
         if self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used(0);
         }
     }
 }

@@ -165,7 +165,7 @@ impl NetWorker {
             }
         }
         if sent && self.tx.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used(TX);
         }
     }
 
@@ -227,7 +227,7 @@ impl NetWorker {
             delivered = true;
         }
         if delivered && self.rx.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used(RX);
         }
     }
 }
