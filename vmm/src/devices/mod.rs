@@ -2,6 +2,9 @@
 //! and virtio on MMIO.
 
 pub mod acpi_pm;
+pub mod cmos;
+pub mod debugcon;
+pub mod fw_cfg;
 pub mod framebuffer;
 pub mod i8042;
 pub mod pci;
