@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
-    parse_disk, parse_framebuffer, parse_net, parse_serial, DiskConfig, NetConfig, SerialTarget,
-    VmConfig, VncConfig,
+    parse_disk, parse_firmware, parse_framebuffer, parse_net, parse_serial, Boot, DiskConfig,
+    Firmware, NetConfig, SerialTarget, VmConfig, VncConfig,
 };
 
 #[derive(Parser)]
@@ -182,15 +182,25 @@ fn disk_command(a: DiskArgs) -> ExitCode {
 
 #[derive(Args)]
 struct VmmArgs {
-    /// Kernel image: a bzImage, or an ELF (PVH entry if it has one, else 64-bit entry).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
+    /// Kernel image for direct boot: a bzImage, or an ELF (PVH entry if it has one, else 64-bit
+    /// entry); its devices are virtio-mmio. Without it the VM starts in its firmware and boots
+    /// from its disks, in order, with its devices on PCI.
+    #[arg(long, conflicts_with = "firmware")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (with --kernel).
+    #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line; the VMM appends `virtio_mmio.device=` entries for its devices.
+    /// Kernel command line (with --kernel); the VMM appends `virtio_mmio.device=` entries for
+    /// its devices.
     #[arg(long, default_value = "console=ttyS0")]
     cmdline: String,
+    /// Firmware when there is no --kernel: bios (SeaBIOS, the default) or uefi.
+    #[arg(long, value_parser = parse_firmware)]
+    firmware: Option<Firmware>,
+    /// The firmware image, when not the one Debian's package installs
+    /// (/usr/share/seabios/bios-256k.bin).
+    #[arg(long, conflicts_with = "kernel")]
+    firmware_image: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
@@ -298,11 +308,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Vmm(a) => {
+            let boot = match a.kernel {
+                Some(kernel) => Boot::Kernel {
+                    kernel,
+                    initrd: a.initrd,
+                    cmdline: a.cmdline,
+                },
+                None => Boot::Firmware {
+                    firmware: a.firmware.unwrap_or(Firmware::Bios),
+                    image: a.firmware_image,
+                },
+            };
             let cfg = VmConfig {
                 name: a.name,
-                kernel: a.kernel,
-                initrd: a.initrd,
-                cmdline: a.cmdline,
+                boot,
                 memory_mib: a.memory,
                 vcpus: a.vcpus,
                 disks: a.disks,

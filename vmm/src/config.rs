@@ -57,17 +57,54 @@ pub struct VncConfig {
     pub height: u32,
 }
 
+/// Which firmware starts a VM that boots from its disks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, from Debian's `seabios` package.
+    Bios,
+    /// OVMF, from Debian's `ovmf` package.
+    Uefi,
+}
+
+/// Parses `bios` or `uefi`.
+pub fn parse_firmware(s: &str) -> Result<Firmware, String> {
+    match s {
+        "bios" => Ok(Firmware::Bios),
+        "uefi" => Ok(Firmware::Uefi),
+        other => Err(format!("unknown firmware {other:?} (expected bios or uefi)")),
+    }
+}
+
+/// How a VM starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// The VMM loads a Linux kernel and enters it directly; devices are
+    /// virtio-mmio.
+    Kernel {
+        /// Kernel image (bzImage or ELF).
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+        /// Kernel command line, before the VMM appends its device list.
+        cmdline: String,
+    },
+    /// The firmware starts from the reset vector and boots from the disks,
+    /// in order; devices are on PCI.
+    Firmware {
+        /// Which firmware.
+        firmware: Firmware,
+        /// The image, when not the distribution's.
+        image: Option<PathBuf>,
+    },
+}
+
 /// A whole VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     /// The VM's name, as its console shows it.
     pub name: String,
-    /// Kernel image (bzImage or ELF).
-    pub kernel: PathBuf,
-    /// Initial ramdisk.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line, before the VMM appends its device list.
-    pub cmdline: String,
+    /// How it starts.
+    pub boot: Boot,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// Number of vCPUs.
@@ -249,6 +286,13 @@ mod tests {
         for bad in ["", "1024", "x768", "1024x", "-1x5", "1024x768x2", "1e3x5"] {
             assert!(parse_framebuffer(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn firmwares() {
+        assert_eq!(parse_firmware("bios").unwrap(), Firmware::Bios);
+        assert_eq!(parse_firmware("uefi").unwrap(), Firmware::Uefi);
+        assert!(parse_firmware("BIOS").is_err());
     }
 
     #[test]

@@ -29,7 +29,14 @@ use crate::api::{self, DiskStatus, Request, Response, Status};
 use crate::arch::layout::*;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
-use crate::config::{DiskKind, SerialTarget, VmConfig};
+use crate::arch::firmware;
+use crate::config::{Boot, DiskKind, Firmware, SerialTarget, VmConfig};
+use crate::devices::cmos::{self, Cmos};
+use crate::devices::debugcon::{self, DebugCon};
+use crate::devices::fw_cfg::{self, FwCfg};
+use crate::devices::pci::{PciBus, PciConfigIo, PciWindow};
+use crate::devices::virtio::pci::VirtioPci;
+use crate::devices::virtio::{VirtioDevice, VirtioTransport};
 use crate::devices::acpi_pm::{AcpiPm, ResetPort};
 use crate::devices::framebuffer::{Framebuffer, FramebufferError};
 use crate::devices::i8042::{KeyStroke, I8042};
@@ -98,6 +105,9 @@ pub enum VmError {
     /// The framebuffer.
     #[error(transparent)]
     Framebuffer(#[from] FramebufferError),
+    /// The firmware.
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareError),
     /// Too many devices, a bad vCPU count, a bus clash.
     #[error("invalid VM configuration: {0}")]
     Config(String),
@@ -132,10 +142,162 @@ pub enum Exit {
     Stopped,
 }
 
-/// A virtio device with the index it has among its kind.
+/// A virtio device (behind either transport) with the index it has among its kind.
 enum VirtioSlot {
-    Disk(usize, Arc<Mutex<MmioTransport>>),
-    Net(Arc<Mutex<MmioTransport>>),
+    Disk(usize, Arc<Mutex<dyn VirtioTransport>>),
+    Net(Arc<Mutex<dyn VirtioTransport>>),
+}
+
+/// The firmware image mapped at the top of the 32-bit space; unmapped
+/// with the VM.
+struct Rom {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing else
+// frees it, and KVM reads it only while the VM (which owns this) lives.
+unsafe impl Send for Rom {}
+
+impl Drop for Rom {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned in map_rom.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Maps `image` read-only (where KVM can) ending at 4 GiB, as memory slot `slot`.
+fn map_rom(vm: &VmFd, image: &firmware::Image, slot: u32) -> Result<Rom, VmError> {
+    let len = image.bytes().len();
+    // SAFETY: an anonymous private mapping of `len` bytes; the result is checked.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(VmError::Io {
+            what: "map the firmware".into(),
+            err: std::io::Error::last_os_error(),
+        });
+    }
+    let rom = Rom { ptr, len };
+    // SAFETY: the mapping is `len` bytes long and ours alone.
+    unsafe { std::ptr::copy_nonoverlapping(image.bytes().as_ptr(), ptr.cast::<u8>(), len) };
+    let readonly = Kvm::new()
+        .map(|k| k.check_extension(kvm_ioctls::Cap::ReadonlyMem))
+        .unwrap_or(false);
+    let r = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: image.base(),
+        memory_size: len as u64,
+        userspace_addr: ptr as u64,
+        flags: if readonly { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+    };
+    // SAFETY: the mapping lives in the returned Rom, which the Vm keeps
+    // until after its VM fd is closed.
+    unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map the firmware"))?;
+    Ok(rom)
+}
+
+/// The VM's disks (first) and NICs as virtio-mmio transports on `mmio`.
+fn mmio_virtio(
+    cfg: &VmConfig,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+) -> Result<Vec<VirtioSlot>, VmError> {
+    let mut virtio = Vec::new();
+    let mut slot = 0usize;
+    let mut add = |dev: Box<dyn VirtioDevice>| -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+        let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&irq, VIRTIO_IRQS[slot]).map_err(kvm_err("wire a virtio IRQ"))?;
+        let t = MmioTransport::new(dev, mem.clone(), irq).map_err(io_err("virtio transport"))?;
+        for (i, e) in t.queue_evts().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+            if let Err(err) = vm.register_ioevent(e, &addr, i as u32) {
+                // The MMIO handler forwards notifies itself; only slower.
+                tracing::warn!(error = %err, "no ioeventfd for a virtio queue");
+            }
+        }
+        let t = Arc::new(Mutex::new(t));
+        mmio.insert(t.clone(), base, VIRTIO_MMIO_SIZE)
+            .map_err(|e| VmError::Config(e.to_string()))?;
+        slot += 1;
+        Ok(t)
+    };
+    for (i, d) in cfg.disks.iter().enumerate() {
+        virtio.push(VirtioSlot::Disk(i, add(disk_device(d)?)?));
+    }
+    for n in &cfg.nets {
+        virtio.push(VirtioSlot::Net(add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?));
+    }
+    Ok(virtio)
+}
+
+/// The device serving a disk.
+fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, VmError> {
+    Ok(match d.kind {
+        DiskKind::File => Box::new(Block::new(&d.path, d.readonly)?),
+        DiskKind::VhostUser => Box::new(VhostUserBlk::connect(&d.path)?),
+    })
+}
+
+/// The VM's disks (first) and NICs as virtio-pci functions on a new PCI
+/// bus; returns the bus, the devices and the disks' slots in boot order.
+fn pci_virtio(
+    cfg: &VmConfig,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+) -> Result<(PciBus, Vec<VirtioSlot>, Vec<u8>), VmError> {
+    let mut bus = PciBus::new();
+    let mut virtio = Vec::new();
+    let mut disk_slots = Vec::new();
+    let mut add = |dev: Box<dyn VirtioDevice>| -> Result<(u8, Arc<Mutex<VirtioPci>>), VmError> {
+        let msi_vm = vm.clone();
+        let send = Box::new(move |addr: u64, data: u32| {
+            let msi = kvm_bindings::kvm_msi {
+                address_lo: addr as u32,
+                address_hi: (addr >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            if let Err(e) = msi_vm.signal_msi(msi) {
+                tracing::warn!(error = %e, "cannot deliver an MSI");
+            }
+        });
+        // The slot is known once the device is on the bus; the INTx line reads it then.
+        let gsi = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (intx_vm, intx_gsi) = (vm.clone(), gsi.clone());
+        let intx = Box::new(move |level: bool| {
+            let g = intx_gsi.load(std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = intx_vm.set_irq_line(g, level) {
+                tracing::warn!(error = %e, gsi = g, "cannot drive a PCI INTx line");
+            }
+        });
+        let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
+            .map_err(|e| VmError::Config(e.to_string()))?;
+        let t = Arc::new(Mutex::new(t));
+        let slot = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
+        gsi.store(acpi::pci_intx_gsi(slot, 0), std::sync::atomic::Ordering::SeqCst);
+        Ok((slot, t))
+    };
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let (slot, t) = add(disk_device(d)?)?;
+        disk_slots.push(slot);
+        virtio.push(VirtioSlot::Disk(i, t));
+    }
+    for n in &cfg.nets {
+        let (_, t) = add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?;
+        virtio.push(VirtioSlot::Net(t));
+    }
+    Ok((bus, virtio, disk_slots))
 }
 
 /// A built VM: memory, vCPUs and devices.
@@ -143,6 +305,8 @@ struct Vm {
     _vm: Arc<VmFd>,
     _mem: GuestMemory,
     _memfd: std::fs::File,
+    /// The firmware's mapping, if it boots from firmware.
+    _rom: Vec<Rom>,
     /// Mapped into the VM as a memory slot; told when the VM goes.
     fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
@@ -218,31 +382,16 @@ impl Vm {
             // only after vCPU threads are joined).
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
         }
+        let bus_err = |e: crate::bus::BusError| VmError::Config(e.to_string());
+        let mut rom_keep = Vec::new();
         let lfb = match fb {
             Some(fb) => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
             None => None,
         };
 
-        // Boot.
-        let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-        let initrd = cfg
-            .initrd
-            .as_deref()
-            .map(|p| boot::load_initrd(&mem, p))
-            .transpose()?;
-        let mmio_devices: Vec<acpi::MmioDevice> = (0..device_count)
-            .map(|i| acpi::MmioDevice {
-                base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
-                len: VIRTIO_MMIO_SIZE,
-                irq: VIRTIO_IRQS[i],
-            })
-            .collect();
-        let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
-        let cmdline = cmdline_with_devices(&cfg.cmdline, device_count);
-        boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp, lfb.as_ref())?;
-
-        // Legacy devices.
+        // Legacy devices, on every PC.
         let mut pio = Bus::default();
+        let mut mmio = Bus::default();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("wire the serial IRQ"))?;
@@ -260,53 +409,105 @@ impl Vm {
             }),
             events.clone(),
         )));
-        let bus_err = |e: crate::bus::BusError| VmError::Config(e.to_string());
+        let reset = Arc::new(Mutex::new(ResetPort::new(events.clone())));
         pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
             .map_err(bus_err)?;
         pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)
             .map_err(bus_err)?;
         pio.insert(pm.clone(), u64::from(PM1A_EVT_PORT), u64::from(ACPI_PM_LEN))
             .map_err(bus_err)?;
-        pio.insert(
-            Arc::new(Mutex::new(ResetPort::new(events.clone()))),
-            u64::from(RESET_PORT),
-            1,
-        )
-        .map_err(bus_err)?;
 
-        // Virtio devices: disks first, then NICs, in command-line order.
-        let mut mmio = Bus::default();
-        let mut virtio = Vec::new();
-        let mut slot = 0usize;
-        let mut add = |dev: Box<dyn crate::devices::virtio::VirtioDevice>| -> Result<Arc<Mutex<MmioTransport>>, VmError> {
-            let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-            vm.register_irqfd(&irq, VIRTIO_IRQS[slot]).map_err(kvm_err("wire a virtio IRQ"))?;
-            let t = MmioTransport::new(dev, mem.clone(), irq).map_err(io_err("virtio transport"))?;
-            for (i, e) in t.queue_evts().iter().enumerate() {
-                let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
-                if let Err(err) = vm.register_ioevent(e, &addr, i as u32) {
-                    // The MMIO handler forwards notifies itself; only slower.
-                    tracing::warn!(error = %err, "no ioeventfd for a virtio queue");
-                }
+        // Boot, and the devices each way of booting has.
+        let (entry, virtio) = match &cfg.boot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                pio.insert(reset, u64::from(RESET_PORT), 1).map_err(bus_err)?;
+                let kernel = boot::load_kernel(&mem, kernel)?;
+                let initrd = initrd
+                    .as_deref()
+                    .map(|p| boot::load_initrd(&mem, p))
+                    .transpose()?;
+                let mmio_devices: Vec<acpi::MmioDevice> = (0..device_count)
+                    .map(|i| acpi::MmioDevice {
+                        base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+                        len: VIRTIO_MMIO_SIZE,
+                        irq: VIRTIO_IRQS[i],
+                    })
+                    .collect();
+                let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
+                let cmdline = cmdline_with_devices(cmdline, device_count);
+                boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp, lfb.as_ref())?;
+                let virtio = mmio_virtio(cfg, &vm, &mem, &mut mmio)?;
+                (Some(kernel.entry), virtio)
             }
-            let t = Arc::new(Mutex::new(t));
-            mmio.insert(t.clone(), base, VIRTIO_MMIO_SIZE).map_err(bus_err)?;
-            slot += 1;
-            Ok(t)
+            Boot::Firmware { firmware, image } => {
+                if lfb.is_some() {
+                    return Err(VmError::Config(
+                        "a graphical console with firmware boot needs the VGA device, which is not built yet"
+                            .into(),
+                    ));
+                }
+                if *firmware == Firmware::Uefi {
+                    return Err(VmError::Config(
+                        "UEFI firmware (OVMF) is not supported yet; use --firmware bios".into(),
+                    ));
+                }
+                let image = firmware::Image::load(
+                    image
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(firmware::SEABIOS)),
+                )?;
+                let rom = map_rom(&vm, &image, mem.num_regions() as u32)?;
+                image.copy_low(&mem)?;
+                let ram_bytes = cfg.memory_mib << 20;
+                let below_4g = ram_bytes.min(MMIO_GAP_START);
+                let window = (firmware::pci_window_start(below_4g), firmware::PCI_WINDOW_END);
+                let (bus, virtio, boot_slots) = pci_virtio(cfg, &vm, &mem)?;
+                let bus = Arc::new(bus);
+                pio.insert(
+                    Arc::new(Mutex::new(PciConfigIo::new(bus.clone(), reset))),
+                    u64::from(PCI_CONFIG_PORT),
+                    8,
+                )
+                .map_err(bus_err)?;
+                mmio.insert(
+                    Arc::new(Mutex::new(PciWindow::new(bus, u64::from(window.0)))),
+                    u64::from(window.0),
+                    u64::from(window.1 - window.0) + 1,
+                )
+                .map_err(bus_err)?;
+                let mut fw = FwCfg::new(mem.clone(), cfg.vcpus);
+                let platform = acpi::Platform {
+                    vcpus: cfg.vcpus,
+                    mmio: &[],
+                    pci_window: Some(window),
+                };
+                firmware::describe(&mut fw, ram_bytes, &platform, &boot_slots)?;
+                pio.insert(Arc::new(Mutex::new(fw)), u64::from(fw_cfg::PORT), fw_cfg::PORT_LEN)
+                    .map_err(bus_err)?;
+                pio.insert(
+                    Arc::new(Mutex::new(Cmos::new(
+                        below_4g,
+                        ram_bytes - below_4g,
+                        cfg.vcpus,
+                    ))),
+                    u64::from(cmos::PORT),
+                    2,
+                )
+                .map_err(bus_err)?;
+                pio.insert(
+                    Arc::new(Mutex::new(DebugCon::default())),
+                    u64::from(debugcon::PORT),
+                    1,
+                )
+                .map_err(bus_err)?;
+                rom_keep.push(rom);
+                (None, virtio)
+            }
         };
-        for (i, d) in cfg.disks.iter().enumerate() {
-            let dev: Box<dyn crate::devices::virtio::VirtioDevice> = match d.kind {
-                DiskKind::File => Box::new(Block::new(&d.path, d.readonly)?),
-                DiskKind::VhostUser => Box::new(VhostUserBlk::connect(&d.path)?),
-            };
-            let t = add(dev)?;
-            virtio.push(VirtioSlot::Disk(i, t));
-        }
-        for n in &cfg.nets {
-            let t = add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?;
-            virtio.push(VirtioSlot::Net(t));
-        }
 
         // vCPUs.
         let pio = Arc::new(pio);
@@ -324,9 +525,12 @@ impl Vm {
             cpuid::patch(&mut c, id, cfg.vcpus);
             fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
             regs::setup_msrs(&fd)?;
-            regs::setup_regs(&fd, kernel.entry)?;
-            regs::setup_sregs(&mem, &fd, kernel.entry)?;
-            regs::setup_fpu(&fd)?;
+            // Firmware starts from the reset state KVM gives a new vCPU.
+            if let Some(entry) = entry {
+                regs::setup_regs(&fd, entry)?;
+                regs::setup_sregs(&mem, &fd, entry)?;
+                regs::setup_fpu(&fd)?;
+            }
             regs::setup_lapic(&fd)?;
             fds.push(fd);
         }
@@ -344,11 +548,12 @@ impl Vm {
                 .map_err(io_err("start a vCPU thread"))?,
             );
         }
-        tracing::info!(vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, entry = ?kernel.entry, "VM started");
+        tracing::info!(vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, ?entry, "VM started");
         Ok(Vm {
             _vm: vm,
             _mem: mem,
             _memfd: memfd,
+            _rom: rom_keep,
             fb: fb.cloned(),
             vcpus,
             control,
@@ -385,7 +590,7 @@ impl Vm {
         }
     }
 
-    fn disk(&self, index: usize) -> Option<&Arc<Mutex<MmioTransport>>> {
+    fn disk(&self, index: usize) -> Option<&Arc<Mutex<dyn VirtioTransport>>> {
         self.virtio.iter().find_map(|v| match v {
             VirtioSlot::Disk(i, t) if *i == index => Some(t),
             _ => None,
@@ -702,7 +907,7 @@ fn handle_api(
     }
 }
 
-fn disk_media(t: &Arc<Mutex<MmioTransport>>) -> Option<std::path::PathBuf> {
+fn disk_media(t: &Arc<Mutex<dyn VirtioTransport>>) -> Option<std::path::PathBuf> {
     as_block(lock(t).device_mut()).and_then(|b| b.media())
 }
 

@@ -78,5 +78,7 @@ pub const PM1A_CNT_PORT: u16 = 0x604;
 pub const PM_TMR_PORT: u16 = 0x608;
 /// Length of our ACPI fixed-hardware I/O block.
 pub const ACPI_PM_LEN: u16 = 0xc;
+/// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// PC reset control register, named as the FADT reset register.
 pub const RESET_PORT: u16 = 0xcf9;

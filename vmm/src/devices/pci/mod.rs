@@ -94,15 +94,22 @@ impl Default for PciBus {
 
 /// Configuration mechanism #1: the address register at 0xCF8 and the data
 /// window at 0xCFC-0xCFF. Insert at 0xCF8 with length 8.
+/// A byte access at 0xCF9 is the PC's reset control register, not part of
+/// the address: it goes to `reset`.
 pub struct PciConfigIo {
     bus: Arc<PciBus>,
     address: u32,
+    reset: crate::bus::SharedDevice,
 }
 
 impl PciConfigIo {
-    /// The configuration ports of `bus`.
-    pub fn new(bus: Arc<PciBus>) -> Self {
-        PciConfigIo { bus, address: 0 }
+    /// The configuration ports of `bus`, with the reset register `reset`.
+    pub fn new(bus: Arc<PciBus>, reset: crate::bus::SharedDevice) -> Self {
+        PciConfigIo {
+            bus,
+            address: 0,
+            reset,
+        }
     }
 
     /// The selected device and register, if the address is enabled and on bus 0, function 0.
@@ -123,6 +130,10 @@ impl PciConfigIo {
 
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset == 1 && data.len() == 1 {
+            lock(&self.reset).read(0, data);
+            return;
+        }
         if offset < 4 {
             // The address register, read whole or in part.
             let bytes = self.address.to_le_bytes();
@@ -138,6 +149,10 @@ impl BusDevice for PciConfigIo {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 1 && data.len() == 1 {
+            lock(&self.reset).write(0, data);
+            return;
+        }
         if offset < 4 {
             if offset == 0 && data.len() == 4 {
                 self.address = u32::from_le_bytes(data.try_into().expect("4 bytes"));
@@ -269,7 +284,19 @@ mod tests {
         }));
         assert_eq!(bus.add(dev.clone()).unwrap(), 1);
         let bus = Arc::new(bus);
-        let mut io = PciConfigIo::new(bus.clone());
+        struct Reset(Vec<u8>);
+        impl BusDevice for Reset {
+            fn read(&mut self, _o: u64, d: &mut [u8]) {
+                d.fill(0);
+            }
+            fn write(&mut self, _o: u64, d: &[u8]) {
+                self.0.extend_from_slice(d);
+            }
+        }
+        let reset = Arc::new(Mutex::new(Reset(vec![])));
+        let mut io = PciConfigIo::new(bus.clone(), reset.clone());
+        io.write(1, &[6]);
+        assert_eq!(lock(&reset).0, vec![6], "0xCF9 is the reset register");
         let mut d = [0u8; 4];
         io.write(0, &cfg_addr(0, 0));
         io.read(4, &mut d);

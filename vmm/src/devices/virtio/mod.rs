@@ -198,6 +198,32 @@ pub trait VirtioDevice: Send {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
+/// A transport around a device: what the VM does with either kind.
+pub trait VirtioTransport: Send {
+    /// The device itself.
+    fn device_mut(&mut self) -> &mut dyn VirtioDevice;
+    /// Notes a configuration change and tells the guest.
+    fn config_changed(&mut self);
+}
+
+impl VirtioTransport for mmio::MmioTransport {
+    fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        mmio::MmioTransport::device_mut(self)
+    }
+    fn config_changed(&mut self) {
+        mmio::MmioTransport::config_changed(self)
+    }
+}
+
+impl VirtioTransport for pci::VirtioPci {
+    fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        pci::VirtioPci::device_mut(self)
+    }
+    fn config_changed(&mut self) {
+        pci::VirtioPci::config_changed(self)
+    }
+}
+
 /// Copies `src` (a config structure's bytes) at `offset` into `data`; bytes
 /// beyond the structure read as zero.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
