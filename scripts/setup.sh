@@ -15,6 +15,8 @@ needs=(
     "ping iputils-ping"
     "curl curl"
     "cc gcc"
+    "as binutils"
+    "/usr/share/seabios/bios-256k.bin seabios"
     "/usr/include/rocksdb/c.h librocksdb-dev"
     "/usr/lib/llvm-*/lib/libclang.so libclang-dev"
     "chromium chromium"

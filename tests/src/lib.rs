@@ -77,6 +77,24 @@ pub fn testguest() -> PathBuf {
     .clone()
 }
 
+/// The firmware tests' boot disk (image/testguest/bootdisk), assembled once
+/// per test process: a 1 MiB raw image the BIOS boots.
+pub fn bootdisk() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = repo_root().join("image/testguest/bootdisk/build.sh");
+        let out = Command::new("sh")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run bootdisk build.sh");
+        assert!(out.status.success(), "assembling the boot disk failed");
+        let s = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(s.lines().last().expect("build.sh prints the image path").trim())
+    })
+    .clone()
+}
+
 /// Whether /dev/kvm can run guests here. Tests that boot guests skip only
 /// when it is missing, and say so loudly.
 pub fn kvm_available(test: &str) -> bool {

@@ -1,0 +1,261 @@
+/*
+ * A disk the firmware boots, for the level-1 firmware tests: a master boot
+ * record that the BIOS loads at 0x7c00, which reads its second stage from
+ * the disk through the BIOS (int 13h extended read), prints through the
+ * BIOS (int 10h teletype, which SeaBIOS's serial console forwards to COM1),
+ * then goes to 32-bit protected mode, finds the ACPI tables the firmware
+ * placed (RSDP, XSDT or RSDT, FADT with checksums, the DSDT's _S5_ package)
+ * and powers the machine off the way an OS does: SLP_TYP | SLP_EN into
+ * PM1a_CNT. Every step says what it did on the serial console, so a test
+ * reads where it got to.
+ */
+    .code16
+    .section .text
+    .globl _start
+_start:
+    cli
+    xorw %ax, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw $0x7c00, %sp
+    sti
+    movb %dl, drive
+    movw $msg_hello, %si
+    call print16
+    /* Stage 2: the sectors after this one, read to 0x7e00. */
+    movw $dap, %si
+    movb $0x42, %ah
+    movb drive, %dl
+    int $0x13
+    jc read_failed
+    cmpl $0x32544f42, stage2_magic
+    jne bad_stage2
+    jmp stage2
+
+read_failed:
+    movw $msg_readfail, %si
+    call print16
+    jmp hang16
+bad_stage2:
+    movw $msg_badstage2, %si
+    call print16
+hang16:
+    hlt
+    jmp hang16
+
+/* Prints the NUL-terminated string at SI through the BIOS. */
+print16:
+    lodsb
+    testb %al, %al
+    jz 1f
+    movb $0x0e, %ah
+    movw $0x0007, %bx
+    int $0x10
+    jmp print16
+1:  ret
+
+drive: .byte 0
+    .balign 4
+dap:
+    .byte 0x10, 0
+    .word (stage2_end - stage2_magic + 511) / 512
+    .word 0x7e00, 0x0000
+    .quad 1
+msg_hello: .asciz "bootdisk: started by the firmware\r\n"
+msg_readfail: .asciz "bootdisk: FAIL int 13h could not read stage 2\r\n"
+msg_badstage2: .asciz "bootdisk: FAIL stage 2 has the wrong signature\r\n"
+
+    .org 510
+    .word 0xaa55
+
+/* Stage 2, at 0x7e00. */
+stage2_magic:
+    .long 0x32544f42
+stage2:
+    movw $msg_stage2, %si
+    call print16
+    /* SeaBIOS's serial console sends text on its timer: wait for three
+     * ticks of the BIOS clock (0x46c, 18.2 Hz from the PIT) so the line is
+     * out before the BIOS is left. */
+    movw $3, %cx
+1:  movw 0x46c, %ax
+2:  hlt
+    cmpw 0x46c, %ax
+    je 2b
+    loop 1b
+    cli
+    lgdt gdt_desc
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmp $0x08, $pm32
+
+    .code32
+pm32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl $0x7c00, %esp
+
+    /* The RSDP: "RSD PTR " on a 16-byte boundary in 0xe0000-0xfffff. */
+    movl $0xe0000, %esi
+1:  cmpl $0x20445352, (%esi)
+    jne 2f
+    cmpl $0x20525450, 4(%esi)
+    jne 2f
+    movl %esi, %edi
+    movl $20, %ecx
+    call sum8
+    testb %al, %al
+    jz found_rsdp
+2:  addl $16, %esi
+    cmpl $0x100000, %esi
+    jb 1b
+    movl $msg_nordsp, %esi
+    jmp fail32
+
+found_rsdp:
+    movl 24(%esi), %ebx
+    movl $8, %ebp
+    testl %ebx, %ebx
+    jnz have_sdt
+    movl 16(%esi), %ebx
+    movl $4, %ebp
+have_sdt:
+    movl %ebx, %edi
+    call table_ok
+    leal 36(%ebx), %esi
+    movl 4(%ebx), %edx
+    addl %ebx, %edx
+3:  cmpl %edx, %esi
+    jae no_fadt
+    movl (%esi), %edi
+    cmpl $0x50434146, (%edi)
+    je got_fadt
+    addl %ebp, %esi
+    jmp 3b
+no_fadt:
+    movl $msg_nofadt, %esi
+    jmp fail32
+
+got_fadt:
+    call table_ok
+    movl 64(%edi), %eax
+    movw %ax, pm1a_cnt
+    movl 140(%edi), %ebx
+    testl %ebx, %ebx
+    jnz 4f
+    movl 40(%edi), %ebx
+4:  movl %ebx, %edi
+    call table_ok
+    cmpl $0x54445344, (%ebx)
+    jne no_s5
+    leal 36(%ebx), %esi
+    movl 4(%ebx), %edx
+    addl %ebx, %edx
+    subl $8, %edx
+5:  cmpl %edx, %esi
+    jae no_s5
+    cmpl $0x5f35535f, (%esi)
+    je got_s5
+    incl %esi
+    jmp 5b
+no_s5:
+    movl $msg_nos5, %esi
+    jmp fail32
+
+    /* _S5_: PackageOp, PkgLength, NumElements, then SLP_TYPa as a
+     * BytePrefix constant or a Zero/One op. */
+got_s5:
+    addl $4, %esi
+    cmpb $0x12, (%esi)
+    jne no_s5
+    incl %esi
+    movzbl (%esi), %eax
+    shrl $6, %eax
+    leal 2(%esi,%eax), %esi
+    movb (%esi), %al
+    cmpb $0x0a, %al
+    jne 6f
+    movb 1(%esi), %al
+6:  movzbl %al, %eax
+    movl %eax, %ebp
+    addb $'0', %al
+    movb %al, msg_acpi_typ
+    movl $msg_acpi, %esi
+    call print32
+    movl %ebp, %eax
+    shll $10, %eax
+    orl $0x2000, %eax
+    movw pm1a_cnt, %dx
+    outw %ax, %dx
+    /* The VMM stops the VM from another thread: give it time before
+     * calling the power-off failed. */
+    movl $0x20000000, %ecx
+7:  pause
+    loop 7b
+    movl $msg_alive, %esi
+fail32:
+    call print32
+hang32:
+    hlt
+    jmp hang32
+
+/* Checks the checksum of the table at EDI (length at +4); fails if bad. */
+table_ok:
+    pushl %edi
+    movl 4(%edi), %ecx
+    call sum8
+    popl %edi
+    testb %al, %al
+    jnz 1f
+    ret
+1:  movl $msg_badsum, %esi
+    jmp fail32
+
+/* AL = sum of ECX bytes at EDI. */
+sum8:
+    xorl %eax, %eax
+1:  addb (%edi), %al
+    incl %edi
+    loop 1b
+    ret
+
+/* Prints the NUL-terminated string at ESI on COM1, straight to the UART;
+ * uses EAX, EBX, EDX. */
+print32:
+    movb (%esi), %bl
+    testb %bl, %bl
+    jz 2f
+    movw $0x3fd, %dx
+1:  inb %dx, %al
+    testb $0x20, %al
+    jz 1b
+    movw $0x3f8, %dx
+    movb %bl, %al
+    outb %al, %dx
+    incl %esi
+    jmp print32
+2:  ret
+
+    .balign 8
+gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff
+    .quad 0x00cf92000000ffff
+gdt_desc:
+    .word gdt_desc - gdt - 1
+    .long gdt
+pm1a_cnt: .word 0
+msg_stage2: .asciz "bootdisk: stage 2 read through int 13h\r\n"
+msg_nordsp: .asciz "bootdisk: FAIL no ACPI RSDP in 0xe0000-0xfffff\r\n"
+msg_nofadt: .asciz "bootdisk: FAIL no FADT in the XSDT\r\n"
+msg_nos5: .asciz "bootdisk: FAIL no _S5_ package in the DSDT\r\n"
+msg_badsum: .asciz "bootdisk: FAIL an ACPI table's checksum is wrong\r\n"
+msg_acpi: .ascii "bootdisk: ACPI tables valid, S5 sleep type "
+msg_acpi_typ: .asciz "?; powering off\r\n"
+msg_alive: .asciz "bootdisk: FAIL still running after the S5 write\r\n"
+    .balign 512
+stage2_end:

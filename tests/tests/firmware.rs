@@ -1,0 +1,132 @@
+//! Level 1, firmware boot: `enspeed vmm` without `--kernel` starts SeaBIOS
+//! (Debian's, as the product ships it) on this machine's /dev/kvm, which
+//! finds the VM's virtio-pci disks, boots the project's boot disk through
+//! them, and hands it the ACPI tables it powers off with. Bad media and
+//! empty machines end in the firmware's own message, with the VMM still
+//! obeying its control socket.
+
+use std::io::Write;
+use std::time::Duration;
+
+use enspeed_tests::{bootdisk, enspeed_bin, kvm_available, Scratch, Vmm};
+
+fn firmware_args(memory: u32, vcpus: u32, disks: &[&std::path::Path]) -> Vec<String> {
+    let mut a = vec![
+        "--memory".to_string(),
+        memory.to_string(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+    ];
+    for d in disks {
+        a.push("--disk".into());
+        a.push(d.display().to_string());
+    }
+    a
+}
+
+fn assert_no_failure(vmm: &Vmm) {
+    let out = vmm.output();
+    assert!(!out.contains("bootdisk: FAIL"), "the boot disk failed:\n{out}");
+}
+
+#[test]
+fn seabios_boots_a_virtio_pci_disk_and_the_guest_powers_off_through_acpi() {
+    if !kvm_available("seabios_boots_a_virtio_pci_disk") {
+        return;
+    }
+    let s = Scratch::new("fw-boot");
+    let disk = s.path("boot.img");
+    std::fs::copy(bootdisk(), &disk).unwrap();
+    let mut vmm = Vmm::start(&firmware_args(256, 2, &[&disk]));
+    // The firmware's own text, forwarded to COM1 (sercon).
+    vmm.wait_for("SeaBIOS (version", Duration::from_secs(60));
+    vmm.wait_for("bootdisk: started by the firmware", Duration::from_secs(60));
+    // Stage 2 came through SeaBIOS's virtio-blk driver on our virtio-pci transport.
+    vmm.wait_for("stage 2 read through int 13", Duration::from_secs(30));
+    // The ACPI tables SeaBIOS placed from fw_cfg's loader script chain and check.
+    vmm.wait_for("S5 sleep type 5; powering off", Duration::from_secs(30));
+    let st = vmm.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "VMM exit {st:?}:\n{}", vmm.output());
+    assert_no_failure(&vmm);
+    eprintln!("firmware boot to ACPI power-off: {:?}", vmm.elapsed());
+}
+
+#[test]
+fn bad_media_is_reported_by_the_firmware_and_the_vmm_still_obeys() {
+    if !kvm_available("bad_media_is_reported_by_the_firmware") {
+        return;
+    }
+    let s = Scratch::new("fw-bad");
+    // Random bytes, with no boot signature where the BIOS looks for one.
+    let junk = s.path("junk.img");
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    bytes[510] = 0;
+    std::fs::File::create(&junk).unwrap().write_all(&bytes).unwrap();
+    let sock = s.path("api.sock");
+    let mut args = firmware_args(128, 1, &[&junk]);
+    args.extend(["--api-socket".into(), sock.display().to_string()]);
+    let mut vmm = Vmm::start(&args);
+    vmm.wait_for("Boot failed: not a bootable disk", Duration::from_secs(60));
+    vmm.wait_for("No bootable device", Duration::from_secs(60));
+    let st = vmm.api(r#"{"cmd":"status"}"#);
+    assert_eq!(st["status"]["state"], "running", "{st}");
+    assert_eq!(st["status"]["boots"], 1, "{st}");
+    // Ctrl-Alt-Del reaches the firmware's keyboard handler, which resets the machine:
+    // the VMM builds it again and the firmware starts over.
+    let r = vmm.api(r#"{"cmd":"ctrl-alt-del"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = vmm.api(r#"{"cmd":"status"}"#);
+        if st["status"]["boots"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reboot after Ctrl-Alt-Del: {st}\n{}",
+            vmm.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(vmm.api(r#"{"cmd":"stop"}"#)["ok"], true);
+    let st = vmm.wait_exit(Duration::from_secs(20));
+    assert!(st.success(), "VMM exit {st:?}:\n{}", vmm.output());
+    assert!(
+        !vmm.output().contains("panicked"),
+        "the VMM panicked:\n{}",
+        vmm.output()
+    );
+}
+
+#[test]
+fn firmware_options_that_cannot_be_served_are_refused_clearly() {
+    let s = Scratch::new("fw-refused");
+    let disk = s.disk("d.img", 1 << 20);
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(enspeed_bin())
+            .arg("vmm")
+            .args(["--memory", "64", "--disk"])
+            .arg(&disk)
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, err) = run(&["--firmware-image", "/nonexistent/bios.bin"]);
+    assert!(!ok && err.contains("/nonexistent/bios.bin"), "{err}");
+    let (ok, err) = run(&["--firmware", "floppy"]);
+    assert!(!ok && err.contains("bios or uefi"), "{err}");
+    let (ok, err) = run(&["--firmware", "bios", "--kernel", "/k"]);
+    assert!(!ok && err.contains("--kernel"), "{err}");
+    if kvm_available("firmware_options_refused (uefi)") {
+        let (ok, err) = run(&["--firmware", "uefi"]);
+        assert!(!ok && err.contains("OVMF"), "{err}");
+    }
+}
