@@ -112,6 +112,12 @@ fn failure_summary(console: &str) -> Option<&str> {
 }
 
 #[test]
+fn seabios_boots_a_virtio_pci_disk_under_real_amd_v() {
+    let disk = enspeed_tests::bootdisk();
+    scenario_with("enspeed-firmware.sh", &[disk.to_str().expect("a UTF-8 path")]);
+}
+
+#[test]
 fn real_debian_guest_boots_and_writes_its_ext4_disk() {
     scenario("enspeed-boot.sh");
 }

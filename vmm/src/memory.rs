@@ -73,6 +73,68 @@ pub fn create(mib: u64) -> Result<(GuestMemory, File), MemoryError> {
     Ok((mem, file))
 }
 
+/// Anonymous private memory outside guest RAM (the framebuffer, the
+/// firmware image), mapped at an address the kernel chooses and unmapped
+/// when dropped.
+pub struct AnonMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value until drop; its
+// users copy in and out through raw pointers, never handing out references.
+unsafe impl Send for AnonMapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for AnonMapping {}
+
+impl AnonMapping {
+    /// Maps `len` zeroed, writable bytes.
+    pub fn new(len: usize) -> std::io::Result<AnonMapping> {
+        // SAFETY: an anonymous private mapping at an address the kernel
+        // chooses; the result is checked before use and unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(AnonMapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Where it is mapped.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr and len are what mmap returned in `new`; whoever gave
+        // the mapping to a VM keeps it until that VM is gone.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::net::{tap::Tap, Net};
 use crate::devices::virtio::vhost_user_blk::VhostUserBlk;
-use crate::memory::{self, GuestMemory};
+use crate::memory::{self, AnonMapping, GuestMemory};
 use crate::rfb;
 use crate::vcpu::{self, Control, Run, VcpuThread};
 
@@ -148,47 +148,12 @@ enum VirtioSlot {
     Net(Arc<Mutex<dyn VirtioTransport>>),
 }
 
-/// The firmware image mapped at the top of the 32-bit space; unmapped
-/// with the VM.
-struct Rom {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; nothing else
-// frees it, and KVM reads it only while the VM (which owns this) lives.
-unsafe impl Send for Rom {}
-
-impl Drop for Rom {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned in map_rom.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// Maps `image` read-only (where KVM can) ending at 4 GiB, as memory slot `slot`.
-fn map_rom(vm: &VmFd, image: &firmware::Image, slot: u32) -> Result<Rom, VmError> {
+fn map_rom(vm: &VmFd, image: &firmware::Image, slot: u32) -> Result<AnonMapping, VmError> {
     let len = image.bytes().len();
-    // SAFETY: an anonymous private mapping of `len` bytes; the result is checked.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(VmError::Io {
-            what: "map the firmware".into(),
-            err: std::io::Error::last_os_error(),
-        });
-    }
-    let rom = Rom { ptr, len };
+    let rom = AnonMapping::new(len).map_err(io_err("map the firmware"))?;
     // SAFETY: the mapping is `len` bytes long and ours alone.
-    unsafe { std::ptr::copy_nonoverlapping(image.bytes().as_ptr(), ptr.cast::<u8>(), len) };
+    unsafe { std::ptr::copy_nonoverlapping(image.bytes().as_ptr(), rom.as_ptr(), len) };
     let readonly = Kvm::new()
         .map(|k| k.check_extension(kvm_ioctls::Cap::ReadonlyMem))
         .unwrap_or(false);
@@ -196,10 +161,10 @@ fn map_rom(vm: &VmFd, image: &firmware::Image, slot: u32) -> Result<Rom, VmError
         slot,
         guest_phys_addr: image.base(),
         memory_size: len as u64,
-        userspace_addr: ptr as u64,
+        userspace_addr: rom.as_ptr() as u64,
         flags: if readonly { kvm_bindings::KVM_MEM_READONLY } else { 0 },
     };
-    // SAFETY: the mapping lives in the returned Rom, which the Vm keeps
+    // SAFETY: the mapping lives in the returned mapping, which the Vm keeps
     // until after its VM fd is closed.
     unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map the firmware"))?;
     Ok(rom)
@@ -306,7 +271,7 @@ struct Vm {
     _mem: GuestMemory,
     _memfd: std::fs::File,
     /// The firmware's mapping, if it boots from firmware.
-    _rom: Vec<Rom>,
+    _rom: Vec<AnonMapping>,
     /// Mapped into the VM as a memory slot; told when the VM goes.
     fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,

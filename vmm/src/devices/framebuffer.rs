@@ -20,6 +20,7 @@ use kvm_ioctls::VmFd;
 
 use crate::arch::layout::FRAMEBUFFER_MAX_SIZE;
 use crate::bus::lock;
+use crate::memory::AnonMapping;
 
 /// Bytes a pixel takes.
 pub const BYTES_PER_PIXEL: u32 = 4;
@@ -56,8 +57,7 @@ pub enum FramebufferError {
 
 /// A framebuffer's memory and shape.
 pub struct Framebuffer {
-    ptr: *mut u8,
-    len: usize,
+    map: AnonMapping,
     width: u32,
     height: u32,
     tracking: Mutex<Tracking>,
@@ -74,14 +74,6 @@ struct Tracking {
     polled: Option<Instant>,
 }
 
-// SAFETY: the mapping is plain memory owned by this value until drop; all
-// access goes through raw-pointer copies of whole pixels, which the guest
-// races with anyway (it writes through KVM whenever it likes), so a torn
-// pixel is the worst outcome, as on real hardware.
-unsafe impl Send for Framebuffer {}
-// SAFETY: as for Send: no method hands out references into the mapping.
-unsafe impl Sync for Framebuffer {}
-
 impl Framebuffer {
     /// Maps a black framebuffer of `width` x `height` pixels.
     pub fn new(width: u32, height: u32) -> Result<Framebuffer, FramebufferError> {
@@ -95,24 +87,9 @@ impl Framebuffer {
             return Err(bad);
         }
         let len = usize::try_from(size).map_err(|_| bad)?;
-        // SAFETY: an anonymous private mapping at an address the kernel
-        // chooses; the result is checked before use and unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(FramebufferError::Map(size, std::io::Error::last_os_error()));
-        }
+        let map = AnonMapping::new(len).map_err(|e| FramebufferError::Map(size, e))?;
         Ok(Framebuffer {
-            ptr: ptr.cast(),
-            len,
+            map,
             width,
             height,
             tracking: Mutex::new(Tracking {
@@ -148,7 +125,7 @@ impl Framebuffer {
         let mut t = lock(&self.tracking);
         let (vm, slot) = t.vm.clone()?;
         if t.polled.is_none_or(|p| p.elapsed() >= DIRTY_POLL_MIN) {
-            match vm.get_dirty_log(slot, self.len) {
+            match vm.get_dirty_log(slot, self.map.len()) {
                 Ok(bitmap) => {
                     t.generation += 1;
                     let g = t.generation;
@@ -193,18 +170,18 @@ impl Framebuffer {
 
     /// Size of the mapping: what the guest sees, a multiple of 64 KiB.
     pub fn size(&self) -> u64 {
-        self.len as u64
+        self.map.len() as u64
     }
 
     /// Host address of the mapping, for KVM's memory slot.
     pub fn host_address(&self) -> u64 {
-        self.ptr as u64
+        self.map.as_ptr() as u64
     }
 
     /// Paints everything black, as firmware does before a boot.
     pub fn clear(&self) {
         // SAFETY: the mapping is `len` writable bytes, alive while self is.
-        unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) };
+        unsafe { std::ptr::write_bytes(self.map.as_ptr(), 0, self.map.len()) };
         // KVM logs only the guest's writes: this one marks every page.
         let mut t = lock(&self.tracking);
         t.generation += 1;
@@ -230,7 +207,7 @@ impl Framebuffer {
             // and does not overlap `out`, which is ours.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    self.ptr.add(offset).cast::<u32>(),
+                    self.map.as_ptr().add(offset).cast::<u32>(),
                     out.as_mut_ptr(),
                     w as usize,
                 )
@@ -245,15 +222,7 @@ impl Framebuffer {
         assert!(x < self.width && y < self.height);
         let offset = (y as usize * self.width as usize + x as usize) * 4;
         // SAFETY: inside the mapping (asserted), aligned to 4.
-        unsafe { self.ptr.add(offset).cast::<u32>().write(xrgb) };
-    }
-}
-
-impl Drop for Framebuffer {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by `new` with this length, and no
-        // VM maps it any more (a VM holds the framebuffer while it runs).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { self.map.as_ptr().add(offset).cast::<u32>().write(xrgb) };
     }
 }
 
