@@ -8,6 +8,7 @@
 //! the time of the access, so a guest that moves a BAR moves the device.
 
 pub mod config;
+pub mod msi;
 pub mod msix;
 
 use std::sync::{Arc, Mutex};
