@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
-    parse_disk, parse_firmware, parse_framebuffer, parse_net, parse_serial, Boot, DiskConfig,
-    Firmware, NetConfig, SerialTarget, VmConfig, VncConfig,
+    parse_boot_order, parse_cdrom, parse_disk, parse_firmware, parse_framebuffer, parse_net,
+    parse_serial, Boot, BootOrder, CdromMedia, DiskConfig, Firmware, NetConfig, SerialTarget, VmConfig,
+    VncConfig,
 };
 
 #[derive(Parser)]
@@ -201,14 +202,21 @@ struct VmmArgs {
     /// (/usr/share/seabios/bios-256k.bin).
     #[arg(long, conflicts_with = "kernel")]
     firmware_image: Option<PathBuf>,
+    /// A SATA CD-ROM drive (firmware boot) with this ISO image in it, or `empty`; its media
+    /// is changed on the control socket as the drive after the disks.
+    #[arg(long, value_parser = parse_cdrom, conflicts_with = "kernel")]
+    cdrom: Option<CdromMedia>,
+    /// What the firmware boots first: disk,cdrom (the default) or cdrom,disk.
+    #[arg(long, value_parser = parse_boot_order, conflicts_with = "kernel")]
+    boot: Option<BootOrder>,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// A disk: PATH[,readonly] (served by the VMM from a file; read-only disks are removable
-    /// media), or vhost-user=SOCKET (served by a vhost-user-blk backend such as `enspeed blockd`,
+    /// A disk: PATH[,readonly][,bus=virtio|sata] (served by the VMM from a file; read-only
+    /// virtio disks are removable media; SATA disks need firmware boot), or vhost-user=SOCKET (served by a vhost-user-blk backend such as `enspeed blockd`,
     /// which decides whether it is read-only). Repeat for more.
     #[arg(long = "disk", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
@@ -317,6 +325,8 @@ fn main() -> ExitCode {
                 None => Boot::Firmware {
                     firmware: a.firmware.unwrap_or(Firmware::Bios),
                     image: a.firmware_image,
+                    cdrom: a.cdrom.map(CdromMedia::into_path),
+                    order: a.boot.unwrap_or(BootOrder::DiskFirst),
                 },
             };
             let cfg = VmConfig {

@@ -95,6 +95,71 @@ pub fn bootdisk() -> PathBuf {
     .clone()
 }
 
+/// An ISO 9660 image whose only content is `boot`, an El Torito
+/// no-emulation boot image (the BIOS loads it whole at 0x7c00): a primary
+/// volume descriptor, the boot record, the boot catalog and the image.
+pub fn eltorito_iso(boot: &[u8]) -> Vec<u8> {
+    const S: usize = 2048;
+    let image_sectors = boot.len().div_ceil(S);
+    let total = 20 + image_sectors;
+    let mut iso = vec![0u8; total * S];
+    let both32 = |v: u32| {
+        let mut b = v.to_le_bytes().to_vec();
+        b.extend_from_slice(&v.to_be_bytes());
+        b
+    };
+    // Sector 16: the primary volume descriptor.
+    let pvd = &mut iso[16 * S..17 * S];
+    pvd[0] = 1;
+    pvd[1..6].copy_from_slice(b"CD001");
+    pvd[6] = 1;
+    pvd[40..48].copy_from_slice(b"BOOTDISK");
+    pvd[80..88].copy_from_slice(&both32(total as u32));
+    pvd[120..124].copy_from_slice(&[1, 0, 0, 1]);
+    pvd[124..128].copy_from_slice(&[1, 0, 0, 1]);
+    pvd[128..132].copy_from_slice(&[0, 8, 8, 0]);
+    pvd[881] = 1;
+    // Sector 17: the El Torito boot record, pointing at the catalog in sector 19.
+    let br = &mut iso[17 * S..18 * S];
+    br[1..6].copy_from_slice(b"CD001");
+    br[6] = 1;
+    br[7..30].copy_from_slice(b"EL TORITO SPECIFICATION");
+    br[0x47..0x4b].copy_from_slice(&19u32.to_le_bytes());
+    // Sector 18: the set terminator.
+    let t = &mut iso[18 * S..19 * S];
+    t[0] = 255;
+    t[1..6].copy_from_slice(b"CD001");
+    t[6] = 1;
+    // Sector 19: the catalog: validation entry (its words sum to zero), default entry.
+    let cat = &mut iso[19 * S..20 * S];
+    cat[0] = 1;
+    cat[4..12].copy_from_slice(b"ENSPEED ");
+    cat[30] = 0x55;
+    cat[31] = 0xaa;
+    let sum = cat[..32]
+        .chunks(2)
+        .fold(0u16, |a, w| a.wrapping_add(u16::from_le_bytes([w[0], w[1]])));
+    cat[28..30].copy_from_slice(&0u16.wrapping_sub(sum).to_le_bytes());
+    cat[32] = 0x88;
+    cat[38..40].copy_from_slice(&(boot.len().div_ceil(512) as u16).to_le_bytes());
+    cat[40..44].copy_from_slice(&20u32.to_le_bytes());
+    iso[20 * S..20 * S + boot.len()].copy_from_slice(boot);
+    iso
+}
+
+/// The boot disk's program as an El Torito CD image, written once per test process.
+pub fn bootdisk_iso() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let img = bootdisk();
+        let bin = std::fs::read(img.with_file_name("bootdisk.bin")).expect("read bootdisk.bin");
+        let iso = img.with_file_name("bootdisk.iso");
+        std::fs::write(&iso, eltorito_iso(&bin)).expect("write bootdisk.iso");
+        iso
+    })
+    .clone()
+}
+
 /// Whether /dev/kvm can run guests here. Tests that boot guests skip only
 /// when it is missing, and say so loudly.
 pub fn kvm_available(test: &str) -> bool {

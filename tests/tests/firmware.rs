@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use enspeed_tests::{bootdisk, enspeed_bin, kvm_available, Scratch, Vmm};
+use enspeed_tests::{bootdisk, bootdisk_iso, enspeed_bin, kvm_available, Scratch, Vmm};
 
 fn firmware_args(memory: u32, vcpus: u32, disks: &[&std::path::Path]) -> Vec<String> {
     let mut a = vec![
@@ -42,13 +42,117 @@ fn seabios_boots_a_virtio_pci_disk_and_the_guest_powers_off_through_acpi() {
     vmm.wait_for("SeaBIOS (version", Duration::from_secs(60));
     vmm.wait_for("bootdisk: started by the firmware", Duration::from_secs(60));
     // Stage 2 came through SeaBIOS's virtio-blk driver on our virtio-pci transport.
-    vmm.wait_for("stage 2 read through int 13", Duration::from_secs(30));
+    vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(30));
+    vmm.wait_for("bootdisk: stage 2 running", Duration::from_secs(30));
     // The ACPI tables SeaBIOS placed from fw_cfg's loader script chain and check.
     vmm.wait_for("S5 sleep type 5; powering off", Duration::from_secs(30));
     let st = vmm.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "VMM exit {st:?}:\n{}", vmm.output());
     assert_no_failure(&vmm);
     eprintln!("firmware boot to ACPI power-off: {:?}", vmm.elapsed());
+}
+
+/// Boots the El Torito image from the SATA CD-ROM drive: `before` are the
+/// disks, `extra` further arguments; returns the VMM's output.
+fn boot_from_cd(name: &str, disks: &[&std::path::Path], extra: &[&str]) -> String {
+    let s = Scratch::new(name);
+    let mut args = firmware_args(128, 1, disks);
+    args.extend(["--cdrom".to_string(), bootdisk_iso().display().to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut vmm = Vmm::start(&args);
+    vmm.wait_for("bootdisk: loaded whole from a CD (El Torito)", Duration::from_secs(60));
+    // SeaBIOS's AHCI driver read sector 16 through our ATAPI READ(10).
+    vmm.wait_for("CD volume descriptor read through int 13h", Duration::from_secs(30));
+    vmm.wait_for("powering off", Duration::from_secs(30));
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_no_failure(&vmm);
+    drop(s);
+    vmm.output()
+}
+
+#[test]
+fn an_el_torito_cd_boots_from_the_sata_cdrom_after_a_blank_disk() {
+    if !kvm_available("an_el_torito_cd_boots") {
+        return;
+    }
+    let s = Scratch::new("fw-cd-blank");
+    let blank = s.disk("blank.img", 64 << 20);
+    // Default order, disks first: the blank disk is tried and falls through to the CD.
+    let out = boot_from_cd("fw-cd-a", &[&blank], &[]);
+    let failed = out.find("not a bootable disk").expect("the blank disk was tried first");
+    assert!(failed < out.find("loaded whole from a CD").unwrap(), "{out}");
+}
+
+#[test]
+fn cdrom_first_boots_the_cd_before_a_bootable_disk() {
+    if !kvm_available("cdrom_first_boots_the_cd") {
+        return;
+    }
+    let s = Scratch::new("fw-cd-first");
+    let disk = s.path("boot.img");
+    std::fs::copy(bootdisk(), &disk).unwrap();
+    let out = boot_from_cd("fw-cd-b", &[&disk], &["--boot", "cdrom,disk"]);
+    assert!(!out.contains("stage 2 read through int 13h"), "the disk booted:\n{out}");
+}
+
+#[test]
+fn a_sata_disk_boots_like_a_virtio_one() {
+    if !kvm_available("a_sata_disk_boots") {
+        return;
+    }
+    let s = Scratch::new("fw-sata");
+    let disk = s.path("boot.img");
+    std::fs::copy(bootdisk(), &disk).unwrap();
+    let mut vmm = Vmm::start(&firmware_args(
+        128,
+        1,
+        &[std::path::Path::new(&format!("{},bus=sata", disk.display()))],
+    ));
+    vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(60));
+    vmm.wait_for("powering off", Duration::from_secs(30));
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_no_failure(&vmm);
+}
+
+#[test]
+fn the_cdrom_media_changes_and_ejects_on_the_control_socket() {
+    if !kvm_available("the_cdrom_media_changes") {
+        return;
+    }
+    let s = Scratch::new("fw-cd-media");
+    let blank = s.disk("blank.img", 1 << 20);
+    let sock = s.path("api.sock");
+    let mut vmm = Vmm::start(&[
+        firmware_args(128, 1, &[&blank]),
+        vec![
+            "--cdrom".into(),
+            "empty".into(),
+            "--api-socket".into(),
+            sock.display().to_string(),
+        ],
+    ]
+    .concat());
+    vmm.wait_for("No bootable device", Duration::from_secs(60));
+    let st = vmm.api(r#"{"cmd":"status"}"#);
+    let disks = st["status"]["disks"].as_array().unwrap().clone();
+    assert_eq!(disks.len(), 2, "{st}");
+    assert_eq!(disks[1]["path"], serde_json::Value::Null, "an empty drive: {st}");
+    let iso = bootdisk_iso().display().to_string();
+    let r = vmm.api(&format!(r#"{{"cmd":"media","disk":1,"path":"{iso}"}}"#));
+    assert_eq!(r["ok"], true, "{r}");
+    let st = vmm.api(r#"{"cmd":"status"}"#);
+    assert_eq!(st["status"]["disks"][1]["path"], iso.as_str(), "{st}");
+    let r = vmm.api(r#"{"cmd":"media","disk":0,"path":null}"#);
+    assert_eq!(r["ok"], false, "disk 0 is not removable: {r}");
+    let r = vmm.api(r#"{"cmd":"media","disk":1,"path":"/nonexistent.iso"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("/nonexistent.iso"), "{r}");
+    // Ctrl-Alt-Del: the firmware starts over and now boots the CD.
+    assert_eq!(vmm.api(r#"{"cmd":"ctrl-alt-del"}"#)["ok"], true);
+    vmm.wait_for("bootdisk: loaded whole from a CD (El Torito)", Duration::from_secs(60));
+    vmm.wait_for("powering off", Duration::from_secs(30));
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_no_failure(&vmm);
 }
 
 #[test]

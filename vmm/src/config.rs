@@ -1,5 +1,6 @@
 //! What a VM is made of, and the parsing of the command-line forms of its
-//! devices (`--disk PATH[,readonly]`, `--disk empty,readonly`, `--disk vhost-user=SOCKET`,
+//! devices (`--disk PATH[,readonly][,bus=virtio|sata]`, `--disk empty,readonly`,
+//! `--disk vhost-user=SOCKET`, `--cdrom PATH|empty`, `--boot disk,cdrom|cdrom,disk`,
 //! `--net tap=NAME[,mac=MAC]`, `--serial stdout|FILE`, `--framebuffer WxH`). These forms are a
 //! stable interface: scripts and the node agent rely on them.
 
@@ -16,6 +17,15 @@ pub enum DiskKind {
     VhostUser,
 }
 
+/// Which controller a disk hangs on, with firmware boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskBus {
+    /// virtio-blk (virtio-pci with firmware boot, virtio-mmio with --kernel).
+    Virtio,
+    /// A SATA port of the AHCI controller, for guests without virtio drivers.
+    Sata,
+}
+
 /// A disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -26,6 +36,56 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Who serves the blocks.
     pub kind: DiskKind,
+    /// Its controller.
+    pub bus: DiskBus,
+}
+
+/// The order the firmware tries the boot devices in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootOrder {
+    /// The disks, in order, then the CD-ROM (the default).
+    DiskFirst,
+    /// The CD-ROM, then the disks.
+    CdromFirst,
+}
+
+/// Parses `disk,cdrom` or `cdrom,disk`.
+pub fn parse_boot_order(s: &str) -> Result<BootOrder, String> {
+    match s {
+        "disk,cdrom" | "disk" => Ok(BootOrder::DiskFirst),
+        "cdrom,disk" | "cdrom" => Ok(BootOrder::CdromFirst),
+        other => Err(format!(
+            "unknown boot order {other:?} (expected disk,cdrom or cdrom,disk)"
+        )),
+    }
+}
+
+/// What `--cdrom` puts in the drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CdromMedia {
+    /// Nothing: an empty drive.
+    Empty,
+    /// An ISO image.
+    Image(PathBuf),
+}
+
+impl CdromMedia {
+    /// The image, if any.
+    pub fn into_path(self) -> Option<PathBuf> {
+        match self {
+            CdromMedia::Empty => None,
+            CdromMedia::Image(p) => Some(p),
+        }
+    }
+}
+
+/// Parses `--cdrom PATH|empty`: the image in the drive, or none.
+pub fn parse_cdrom(s: &str) -> Result<CdromMedia, String> {
+    match s {
+        "" => Err("CD-ROM image path is empty (write empty for an empty drive)".into()),
+        "empty" => Ok(CdromMedia::Empty),
+        p => Ok(CdromMedia::Image(p.into())),
+    }
 }
 
 /// A network card.
@@ -95,6 +155,10 @@ pub enum Boot {
         firmware: Firmware,
         /// The image, when not the distribution's.
         image: Option<PathBuf>,
+        /// The CD-ROM drive (SATA), if the VM has one: the image in it, or empty.
+        cdrom: Option<Option<PathBuf>>,
+        /// What the firmware boots first.
+        order: BootOrder,
     },
 }
 
@@ -121,7 +185,7 @@ pub struct VmConfig {
     pub vnc: Option<VncConfig>,
 }
 
-/// Parses `PATH[,readonly]` or `vhost-user=SOCKET`.
+/// Parses `PATH[,readonly][,bus=virtio|sata]` or `vhost-user=SOCKET`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     if let Some(socket) = s.strip_prefix("vhost-user=") {
         let mut parts = socket.split(',');
@@ -131,13 +195,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
             .ok_or("vhost-user socket path is empty")?;
         if let Some(opt) = parts.next() {
             return Err(format!(
-                "unknown vhost-user disk option {opt:?} (none are accepted: the backend decides read-only)"
+                "unknown vhost-user disk option {opt:?} (none are accepted: the backend decides read-only, and a vhost-user disk is virtio)"
             ));
         }
         return Ok(DiskConfig {
             path: socket.into(),
             readonly: false,
             kind: DiskKind::VhostUser,
+            bus: DiskBus::Virtio,
         });
     }
     let mut parts = s.split(',');
@@ -146,10 +211,17 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         .filter(|p| !p.is_empty())
         .ok_or("disk path is empty")?;
     let mut readonly = false;
+    let mut bus = DiskBus::Virtio;
     for opt in parts {
         match opt {
             "readonly" | "ro" => readonly = true,
-            other => return Err(format!("unknown disk option {other:?} (expected readonly)")),
+            "bus=virtio" => bus = DiskBus::Virtio,
+            "bus=sata" => bus = DiskBus::Sata,
+            other => {
+                return Err(format!(
+                    "unknown disk option {other:?} (expected readonly, bus=virtio or bus=sata)"
+                ))
+            }
         }
     }
     // `empty,readonly`: a removable drive with no media yet (an empty path; a file named
@@ -159,10 +231,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         "empty" => return Err("an empty drive is removable media: write empty,readonly".into()),
         p => p.into(),
     };
+    if bus == DiskBus::Sata && path.as_os_str().is_empty() {
+        return Err("an empty drive is the CD-ROM: use --cdrom empty".into());
+    }
     Ok(DiskConfig {
         path,
         readonly,
         kind: DiskKind::File,
+        bus,
     })
 }
 
@@ -238,6 +314,7 @@ mod tests {
                 path: "/a.img".into(),
                 readonly: false,
                 kind: DiskKind::File,
+                bus: DiskBus::Virtio,
             }
         );
         assert!(parse_disk("/a.iso,readonly").unwrap().readonly);
@@ -256,10 +333,16 @@ mod tests {
                 path: "/run/enspeed/vm1-disk0.sock".into(),
                 readonly: false,
                 kind: DiskKind::VhostUser,
+                bus: DiskBus::Virtio,
             }
         );
         assert!(parse_disk("vhost-user=").is_err());
         assert!(parse_disk("vhost-user=/s.sock,readonly").is_err());
+        assert_eq!(parse_disk("/w.img,bus=sata").unwrap().bus, DiskBus::Sata);
+        assert_eq!(parse_disk("/w.img,ro,bus=virtio").unwrap().bus, DiskBus::Virtio);
+        assert!(parse_disk("/w.img,bus=scsi").is_err());
+        assert!(parse_disk("empty,readonly,bus=sata").is_err());
+        assert!(parse_disk("vhost-user=/s.sock,bus=sata").is_err());
         // A file whose name merely contains the word stays a file.
         assert_eq!(parse_disk("./vhost-user=x").unwrap().kind, DiskKind::File);
     }
@@ -286,6 +369,19 @@ mod tests {
         for bad in ["", "1024", "x768", "1024x", "-1x5", "1024x768x2", "1e3x5"] {
             assert!(parse_framebuffer(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn boot_orders_and_cdroms() {
+        assert_eq!(parse_boot_order("disk,cdrom").unwrap(), BootOrder::DiskFirst);
+        assert_eq!(parse_boot_order("cdrom,disk").unwrap(), BootOrder::CdromFirst);
+        assert!(parse_boot_order("net").is_err());
+        assert_eq!(parse_cdrom("empty").unwrap(), CdromMedia::Empty);
+        assert_eq!(
+            parse_cdrom("/x.iso").unwrap().into_path(),
+            Some(PathBuf::from("/x.iso"))
+        );
+        assert!(parse_cdrom("").is_err());
     }
 
     #[test]

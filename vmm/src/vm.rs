@@ -30,7 +30,13 @@ use crate::arch::layout::*;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
 use crate::arch::firmware;
-use crate::config::{Boot, DiskKind, Firmware, SerialTarget, VmConfig};
+use crate::arch::firmware::BootDevice;
+use crate::config::{Boot, BootOrder, DiskBus, DiskKind, Firmware, SerialTarget, VmConfig};
+use crate::devices::ahci::ata::AtaDisk;
+use crate::devices::ahci::atapi::Cdrom;
+use crate::devices::ahci::{Ahci, AhciError, Drive};
+use crate::devices::pci::msix::MsiSender;
+use crate::devices::virtio::IntxLine;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::debugcon::{self, DebugCon};
 use crate::devices::fw_cfg::{self, FwCfg};
@@ -108,6 +114,9 @@ pub enum VmError {
     /// The firmware.
     #[error(transparent)]
     Firmware(#[from] firmware::FirmwareError),
+    /// The SATA controller or one of its drives.
+    #[error(transparent)]
+    Sata(#[from] AhciError),
     /// Too many devices, a bad vCPU count, a bus clash.
     #[error("invalid VM configuration: {0}")]
     Config(String),
@@ -206,6 +215,111 @@ fn mmio_virtio(
     Ok(virtio)
 }
 
+/// How a PCI function in the next free slot of `bus` interrupts the guest:
+/// MSI messages (KVM_SIGNAL_MSI) and its INTx line (the GSI the DSDT routes
+/// that slot's INTA to). Returns the slot too.
+fn pci_interrupts(vm: &Arc<VmFd>, bus: &PciBus) -> (MsiSender, IntxLine, u8) {
+    let slot = bus.next_slot().unwrap_or(0);
+    let msi_vm = vm.clone();
+    let send = Box::new(move |addr: u64, data: u32| {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = msi_vm.signal_msi(msi) {
+            tracing::warn!(error = %e, "cannot deliver an MSI");
+        }
+    });
+    let gsi = acpi::pci_intx_gsi(slot, 0);
+    let intx_vm = vm.clone();
+    let intx = Box::new(move |level: bool| {
+        if let Err(e) = intx_vm.set_irq_line(gsi, level) {
+            tracing::warn!(error = %e, gsi, "cannot drive a PCI INTx line");
+        }
+    });
+    (send, intx, slot)
+}
+
+/// The SATA controller and where its drives are.
+struct SataDevices {
+    ahci: Arc<Mutex<Ahci>>,
+    slot: u8,
+    /// Each SATA disk's index among the VM's disks, and its port.
+    disks: Vec<(usize, usize)>,
+    /// The CD-ROM drive's port.
+    cdrom: Option<usize>,
+}
+
+/// The AHCI controller with the VM's SATA disks (first) and its CD-ROM
+/// drive, on `bus`; none if the VM has neither.
+fn sata_devices(
+    cfg: &VmConfig,
+    cdrom: Option<&Option<std::path::PathBuf>>,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    bus: &mut PciBus,
+) -> Result<Option<SataDevices>, VmError> {
+    let mut drives = Vec::new();
+    let mut disks = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        if d.bus == DiskBus::Sata {
+            disks.push((i, drives.len()));
+            drives.push(Drive::Disk(
+                AtaDisk::open(&d.path, d.readonly).map_err(AhciError::from)?,
+            ));
+        }
+    }
+    let cd_port = match cdrom {
+        Some(media) => {
+            drives.push(Drive::Cdrom(
+                Cdrom::new(media.as_deref()).map_err(AhciError::from)?,
+            ));
+            Some(drives.len() - 1)
+        }
+        None => None,
+    };
+    if drives.is_empty() {
+        return Ok(None);
+    }
+    let (send, intx, slot) = pci_interrupts(vm, bus);
+    let ahci = Arc::new(Mutex::new(Ahci::new(mem.clone(), drives, send, intx)?));
+    bus.add(ahci.clone())
+        .map_err(|e| VmError::Config(e.to_string()))?;
+    Ok(Some(SataDevices {
+        ahci,
+        slot,
+        disks,
+        cdrom: cd_port,
+    }))
+}
+
+/// The firmware's boot order: the disks in their order and the CD-ROM, first or last.
+fn boot_devices(
+    cfg: &VmConfig,
+    order: BootOrder,
+    virtio: &[(usize, u8)],
+    sata: Option<&SataDevices>,
+) -> Vec<BootDevice> {
+    let mut disks = Vec::new();
+    for i in 0..cfg.disks.len() {
+        if let Some((_, slot)) = virtio.iter().find(|(d, _)| *d == i) {
+            disks.push(BootDevice::Virtio(*slot));
+        } else if let Some(s) = sata {
+            if let Some((_, port)) = s.disks.iter().find(|(d, _)| *d == i) {
+                disks.push(BootDevice::Sata(s.slot, *port));
+            }
+        }
+    }
+    let cd = sata.and_then(|s| s.cdrom.map(|p| BootDevice::Sata(s.slot, p)));
+    match (order, cd) {
+        (BootOrder::CdromFirst, Some(cd)) => std::iter::once(cd).chain(disks).collect(),
+        (_, Some(cd)) => disks.into_iter().chain(std::iter::once(cd)).collect(),
+        (_, None) => disks,
+    }
+}
+
 /// The device serving a disk.
 fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, VmError> {
     Ok(match d.kind {
@@ -214,48 +328,31 @@ fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, V
     })
 }
 
-/// The VM's disks (first) and NICs as virtio-pci functions on a new PCI
-/// bus; returns the bus, the devices and the disks' slots in boot order.
+/// The VM's virtio disks (first) and NICs as virtio-pci functions on a new
+/// PCI bus; returns the bus, the devices and each virtio disk's index and slot.
 fn pci_virtio(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
-) -> Result<(PciBus, Vec<VirtioSlot>, Vec<u8>), VmError> {
+) -> Result<(PciBus, Vec<VirtioSlot>, Vec<(usize, u8)>), VmError> {
     let mut bus = PciBus::new();
     let mut virtio = Vec::new();
     let mut disk_slots = Vec::new();
     let mut add = |dev: Box<dyn VirtioDevice>| -> Result<(u8, Arc<Mutex<VirtioPci>>), VmError> {
-        let msi_vm = vm.clone();
-        let send = Box::new(move |addr: u64, data: u32| {
-            let msi = kvm_bindings::kvm_msi {
-                address_lo: addr as u32,
-                address_hi: (addr >> 32) as u32,
-                data,
-                ..Default::default()
-            };
-            if let Err(e) = msi_vm.signal_msi(msi) {
-                tracing::warn!(error = %e, "cannot deliver an MSI");
-            }
-        });
-        // The slot is known once the device is on the bus; the INTx line reads it then.
-        let gsi = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let (intx_vm, intx_gsi) = (vm.clone(), gsi.clone());
-        let intx = Box::new(move |level: bool| {
-            let g = intx_gsi.load(std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = intx_vm.set_irq_line(g, level) {
-                tracing::warn!(error = %e, gsi = g, "cannot drive a PCI INTx line");
-            }
-        });
+        let (send, intx, slot) = pci_interrupts(vm, &bus);
         let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
             .map_err(|e| VmError::Config(e.to_string()))?;
         let t = Arc::new(Mutex::new(t));
-        let slot = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
-        gsi.store(acpi::pci_intx_gsi(slot, 0), std::sync::atomic::Ordering::SeqCst);
+        let at = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
+        debug_assert_eq!(at, slot);
         Ok((slot, t))
     };
     for (i, d) in cfg.disks.iter().enumerate() {
+        if d.bus != DiskBus::Virtio {
+            continue;
+        }
         let (slot, t) = add(disk_device(d)?)?;
-        disk_slots.push(slot);
+        disk_slots.push((i, slot));
         virtio.push(VirtioSlot::Disk(i, t));
     }
     for n in &cfg.nets {
@@ -272,6 +369,8 @@ struct Vm {
     _memfd: std::fs::File,
     /// The firmware's mapping, if it boots from firmware.
     _rom: Vec<AnonMapping>,
+    /// The SATA controller, if the VM has SATA disks or a CD-ROM drive.
+    ahci: Option<SataDevices>,
     /// Mapped into the VM as a memory slot; told when the VM goes.
     fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
@@ -349,6 +448,7 @@ impl Vm {
         }
         let bus_err = |e: crate::bus::BusError| VmError::Config(e.to_string());
         let mut rom_keep = Vec::new();
+        let mut ahci = None;
         let lfb = match fb {
             Some(fb) => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
             None => None,
@@ -389,6 +489,12 @@ impl Vm {
                 initrd,
                 cmdline,
             } => {
+                if cfg.disks.iter().any(|d| d.bus == DiskBus::Sata) {
+                    return Err(VmError::Config(
+                        "SATA disks (bus=sata) need firmware boot; with --kernel disks are virtio"
+                            .into(),
+                    ));
+                }
                 pio.insert(reset, u64::from(RESET_PORT), 1).map_err(bus_err)?;
                 let kernel = boot::load_kernel(&mem, kernel)?;
                 let initrd = initrd
@@ -408,7 +514,12 @@ impl Vm {
                 let virtio = mmio_virtio(cfg, &vm, &mem, &mut mmio)?;
                 (Some(kernel.entry), virtio)
             }
-            Boot::Firmware { firmware, image } => {
+            Boot::Firmware {
+                firmware,
+                image,
+                cdrom,
+                order,
+            } => {
                 if lfb.is_some() {
                     return Err(VmError::Config(
                         "a graphical console with firmware boot needs the VGA device, which is not built yet"
@@ -430,7 +541,10 @@ impl Vm {
                 let ram_bytes = cfg.memory_mib << 20;
                 let below_4g = ram_bytes.min(MMIO_GAP_START);
                 let window = (firmware::pci_window_start(below_4g), firmware::PCI_WINDOW_END);
-                let (bus, virtio, boot_slots) = pci_virtio(cfg, &vm, &mem)?;
+                let (mut bus, virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem)?;
+                let sata = sata_devices(cfg, cdrom.as_ref(), &vm, &mem, &mut bus)?;
+                let boot = boot_devices(cfg, *order, &virtio_slots, sata.as_ref());
+                ahci = sata;
                 let bus = Arc::new(bus);
                 pio.insert(
                     Arc::new(Mutex::new(PciConfigIo::new(bus.clone(), reset))),
@@ -450,7 +564,7 @@ impl Vm {
                     mmio: &[],
                     pci_window: Some(window),
                 };
-                firmware::describe(&mut fw, ram_bytes, &platform, &boot_slots)?;
+                firmware::describe(&mut fw, ram_bytes, &platform, &boot)?;
                 pio.insert(Arc::new(Mutex::new(fw)), u64::from(fw_cfg::PORT), fw_cfg::PORT_LEN)
                     .map_err(bus_err)?;
                 pio.insert(
@@ -519,6 +633,7 @@ impl Vm {
             _mem: mem,
             _memfd: memfd,
             _rom: rom_keep,
+            ahci,
             fb: fb.cloned(),
             vcpus,
             control,
@@ -555,6 +670,18 @@ impl Vm {
         }
     }
 
+    /// Writes the media now in each removable drive into `cfg`.
+    fn keep_media(&self, cfg: &mut VmConfig) {
+        for (i, d) in cfg.disks.iter_mut().enumerate() {
+            if d.readonly && d.kind == DiskKind::File && d.bus == DiskBus::Virtio {
+                d.path = self.disk(i).and_then(disk_media).unwrap_or_default();
+            }
+        }
+        if let (Boot::Firmware { cdrom: Some(media), .. }, Some(s)) = (&mut cfg.boot, &self.ahci) {
+            *media = s.cdrom.and_then(|p| lock(&s.ahci).cdrom_media(p));
+        }
+    }
+
     fn disk(&self, index: usize) -> Option<&Arc<Mutex<dyn VirtioTransport>>> {
         self.virtio.iter().find_map(|v| match v {
             VirtioSlot::Disk(i, t) if *i == index => Some(t),
@@ -571,7 +698,7 @@ enum Next {
 
 /// Runs the VM described by `cfg` until it powers off or is stopped; a
 /// guest reset rebuilds it and boots again.
-pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
+pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
     let sink: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
@@ -607,6 +734,8 @@ pub fn run(cfg: VmConfig) -> Result<Exit, VmError> {
         boots += 1;
         let vm = Vm::build(&cfg, &console, &tx, fb.as_ref())?;
         let next = run_until_exit(&cfg, &vm, &rx, boots);
+        // Removable media stays in its drive across a guest reset, as in a real one.
+        vm.keep_media(&mut cfg);
         vm.teardown();
         // Device and vCPU events of the old VM are stale; requests are kept
         // for the next boot, so a stop sent during a reboot is not lost.
@@ -782,6 +911,10 @@ fn handle_api(
                     },
                     readonly: d.readonly,
                 })
+                .chain(vm.ahci.as_ref().filter(|s| s.cdrom.is_some()).map(|s| DiskStatus {
+                    path: s.cdrom.and_then(|p| lock(&s.ahci).cdrom_media(p)),
+                    readonly: true,
+                }))
                 .collect();
             let status = Status {
                 state: state.into(),
@@ -843,6 +976,26 @@ fn handle_api(
             (Response::ok(), None)
         }
         Request::Media { disk, path } => {
+            // The CD-ROM drive comes after the disks.
+            if let Some(s) = vm.ahci.as_ref() {
+                if let (Some(port), true) = (s.cdrom, disk == cfg.disks.len()) {
+                    let mut a = lock(&s.ahci);
+                    let r = match a.drive_mut(port) {
+                        Some(Drive::Cdrom(c)) => c.change(path.as_deref()).map_err(|e| e.to_string()),
+                        _ => Err("the CD-ROM drive is missing".to_string()),
+                    };
+                    return match r {
+                        Ok(()) => (Response::ok(), None),
+                        Err(e) => (Response::err(e), None),
+                    };
+                }
+                if s.disks.iter().any(|(d, _)| *d == disk) {
+                    return (
+                        Response::err(format!("disk {disk} is a SATA disk, not removable media")),
+                        None,
+                    );
+                }
+            }
             let Some(t) = vm.disk(disk) else {
                 return (
                     Response::err(format!("no disk {disk}; the VM has {}", cfg.disks.len())),

@@ -1,7 +1,9 @@
 /*
  * A disk the firmware boots, for the level-1 firmware tests: a master boot
  * record that the BIOS loads at 0x7c00, which reads its second stage from
- * the disk through the BIOS (int 13h extended read), prints through the
+ * the disk through the BIOS (int 13h extended read), or, booted from a CD
+ * as an El Torito no-emulation image that the BIOS loaded whole, reads the
+ * CD's volume descriptor (2048-byte sectors) instead; prints through the
  * BIOS (int 10h teletype, which SeaBIOS's serial console forwards to COM1),
  * then goes to 32-bit protected mode, finds the ACPI tables the firmware
  * placed (RSDP, XSDT or RSDT, FADT with checksums, the DSDT's _S5_ package)
@@ -23,6 +25,9 @@ _start:
     movb %dl, drive
     movw $msg_hello, %si
     call print16
+    /* From a CD the BIOS loaded the whole image: stage 2 is there. */
+    cmpl $0x32544f42, stage2_magic
+    je from_cd
     /* Stage 2: the sectors after this one, read to 0x7e00. */
     movw $dap, %si
     movb $0x42, %ah
@@ -31,8 +36,29 @@ _start:
     jc read_failed
     cmpl $0x32544f42, stage2_magic
     jne bad_stage2
+    movw $msg_disk, %si
+    call print16
     jmp stage2
 
+from_cd:
+    movw $msg_cd, %si
+    call print16
+    /* The primary volume descriptor, sector 16, to 0x9000. */
+    movw $cd_dap, %si
+    movb $0x42, %ah
+    movb drive, %dl
+    int $0x13
+    jc read_failed
+    cmpl $0x30304443, 0x9001
+    jne bad_pvd
+    movw $msg_pvd, %si
+    call print16
+    jmp stage2
+
+bad_pvd:
+    movw $msg_badpvd, %si
+    call print16
+    jmp hang16
 read_failed:
     movw $msg_readfail, %si
     call print16
@@ -62,7 +88,16 @@ dap:
     .word (stage2_end - stage2_magic + 511) / 512
     .word 0x7e00, 0x0000
     .quad 1
+cd_dap:
+    .byte 0x10, 0
+    .word 1
+    .word 0x9000, 0x0000
+    .quad 16
 msg_hello: .asciz "bootdisk: started by the firmware\r\n"
+msg_disk: .asciz "bootdisk: stage 2 read through int 13h\r\n"
+msg_cd: .asciz "bootdisk: loaded whole from a CD (El Torito)\r\n"
+msg_pvd: .asciz "bootdisk: CD volume descriptor read through int 13h\r\n"
+msg_badpvd: .asciz "bootdisk: FAIL no CD001 in sector 16\r\n"
 msg_readfail: .asciz "bootdisk: FAIL int 13h could not read stage 2\r\n"
 msg_badstage2: .asciz "bootdisk: FAIL stage 2 has the wrong signature\r\n"
 
@@ -249,7 +284,7 @@ gdt_desc:
     .word gdt_desc - gdt - 1
     .long gdt
 pm1a_cnt: .word 0
-msg_stage2: .asciz "bootdisk: stage 2 read through int 13h\r\n"
+msg_stage2: .asciz "bootdisk: stage 2 running\r\n"
 msg_nordsp: .asciz "bootdisk: FAIL no ACPI RSDP in 0xe0000-0xfffff\r\n"
 msg_nofadt: .asciz "bootdisk: FAIL no FADT in the XSDT\r\n"
 msg_nos5: .asciz "bootdisk: FAIL no _S5_ package in the DSDT\r\n"

@@ -112,19 +112,35 @@ fn e820(ram_bytes: u64) -> Vec<u8> {
     v
 }
 
-/// Fills `fw` for a VM of `ram_bytes` of RAM whose bootable devices are in
-/// PCI slots `boot_slots`, in boot order.
+/// A bootable device, as the firmware's boot order names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootDevice {
+    /// A virtio-blk function in a PCI slot.
+    Virtio(u8),
+    /// A drive on a port of the AHCI controller in a PCI slot.
+    Sata(u8, usize),
+}
+
+impl BootDevice {
+    /// The OpenFirmware-style path SeaBIOS matches its devices against.
+    fn path(&self) -> String {
+        match self {
+            BootDevice::Virtio(slot) => format!("/pci@i0cf8/*@{slot:x}"),
+            BootDevice::Sata(slot, port) => format!("/pci@i0cf8/*@{slot:x}/drive@{port:x}/disk@0"),
+        }
+    }
+}
+
+/// Fills `fw` for a VM of `ram_bytes` of RAM whose bootable devices are
+/// `boot`, in boot order.
 pub fn describe(
     fw: &mut FwCfg,
     ram_bytes: u64,
     platform: &Platform,
-    boot_slots: &[u8],
+    boot: &[BootDevice],
 ) -> Result<(), FirmwareError> {
     fw.add_file("etc/e820", e820(ram_bytes))?;
-    let order: String = boot_slots
-        .iter()
-        .map(|s| format!("/pci@i0cf8/*@{s:x}\n"))
-        .collect();
+    let order: String = boot.iter().map(|d| d.path() + "\n").collect();
     fw.add_file("bootorder", order.into_bytes())?;
     // No "Press ESC for boot menu" pause; the firmware's text also on COM1.
     fw.add_file("etc/show-boot-menu", 0u16.to_le_bytes().to_vec())?;
@@ -167,5 +183,7 @@ mod tests {
         assert_eq!(pci_window_start(1 << 30), 0x8000_0000);
         assert_eq!(pci_window_start(0xc000_0000), 0xc000_0000);
         assert_eq!(e820(5 << 30).len(), 40);
+        assert_eq!(BootDevice::Virtio(0x1a).path(), "/pci@i0cf8/*@1a");
+        assert_eq!(BootDevice::Sata(3, 1).path(), "/pci@i0cf8/*@3/drive@1/disk@0");
     }
 }

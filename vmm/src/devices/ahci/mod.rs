@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::pci::config::{BarKind, ConfigError, Identity, PciConfig};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::MsiSender;
+use crate::devices::virtio::IntxLine;
 use crate::devices::pci::PciDevice;
 use crate::memory::GuestMemory;
 use ata::{status, AtaDisk, ABRT};
@@ -187,7 +188,7 @@ pub struct Ahci {
     config: PciConfig,
     mem: GuestMemory,
     msi: Msi,
-    intx: Box<dyn Fn(bool) + Send + Sync>,
+    intx: IntxLine,
     ghc: u32,
     is: u32,
     ports: Vec<Port>,
@@ -200,7 +201,7 @@ impl Ahci {
         mem: GuestMemory,
         drives: Vec<Drive>,
         send: MsiSender,
-        intx: Box<dyn Fn(bool) + Send + Sync>,
+        intx: IntxLine,
     ) -> Result<Ahci, AhciError> {
         if drives.len() > PORTS {
             return Err(AhciError::TooMany(drives.len()));

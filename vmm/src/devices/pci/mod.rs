@@ -67,6 +67,11 @@ impl PciBus {
         Ok(slot as u8)
     }
 
+    /// The slot the next device added goes in.
+    pub fn next_slot(&self) -> Option<u8> {
+        self.slots.iter().position(Option::is_none).map(|s| s as u8)
+    }
+
     fn device(&self, slot: usize) -> Option<&SharedPciDevice> {
         self.slots.get(slot).and_then(Option::as_ref)
     }
