@@ -42,8 +42,20 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+/// Where the legacy VGA window lies: with a VGA device, guest RAM leaves it
+/// out so the device sees the accesses.
+pub const VGA_WINDOW: (u64, u64) = (0xa_0000, 0xc_0000);
+
 /// Creates guest RAM of `mib` MiB backed by one memfd.
 pub fn create(mib: u64) -> Result<(GuestMemory, File), MemoryError> {
+    create_with(mib, false)
+}
+
+/// Creates guest RAM of `mib` MiB backed by one memfd, leaving the legacy
+/// VGA window out if `vga_hole`. A region's offset in the memfd is always
+/// its guest address below 4 GiB, so a backend mapping the memfd finds the
+/// same bytes.
+pub fn create_with(mib: u64, vga_hole: bool) -> Result<(GuestMemory, File), MemoryError> {
     if !(16..=1 << 20).contains(&mib) {
         return Err(MemoryError::BadSize(mib));
     }
@@ -61,11 +73,23 @@ pub fn create(mib: u64) -> Result<(GuestMemory, File), MemoryError> {
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (base, len) in ram_ranges(size) {
-        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
-        let region =
-            GuestRegionMmap::from_range(base, len as usize, Some(FileOffset::new(clone, offset)))
-                .map_err(MemoryError::Map)?;
-        regions.push(region);
+        let mut pieces = vec![(base.0, len, offset)];
+        if vga_hole && base.0 == 0 && len > VGA_WINDOW.1 {
+            pieces = vec![
+                (0, VGA_WINDOW.0, offset),
+                (VGA_WINDOW.1, len - VGA_WINDOW.1, offset + VGA_WINDOW.1),
+            ];
+        }
+        for (at, n, off) in pieces {
+            let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+            let region = GuestRegionMmap::from_range(
+                GuestAddress(at),
+                n as usize,
+                Some(FileOffset::new(clone, off)),
+            )
+            .map_err(MemoryError::Map)?;
+            regions.push(region);
+        }
         offset += len;
     }
     let mem = GuestMemoryMmap::from_regions(regions)
@@ -139,6 +163,16 @@ impl Drop for AnonMapping {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn the_vga_window_is_left_out_at_its_own_offset() {
+        let (mem, _f) = create_with(64, true).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert!(mem.read_obj::<u8>(GuestAddress(0xb_8000)).is_err());
+        mem.write_obj(7u8, GuestAddress(0xc_0000)).unwrap();
+        let r = mem.find_region(GuestAddress(0xc_0000)).unwrap();
+        assert_eq!(r.file_offset().unwrap().start(), 0xc_0000);
+    }
 
     #[test]
     fn small_ram_is_one_region() {

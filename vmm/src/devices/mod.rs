@@ -2,6 +2,7 @@
 //! and virtio on MMIO.
 
 pub mod acpi_pm;
+pub mod vga;
 pub mod ahci;
 pub mod cmos;
 pub mod debugcon;

@@ -45,6 +45,8 @@ pub const STATUS_INTERRUPT: u16 = 1 << 3;
 const CAP_START: usize = 0x40;
 /// Number of BARs in a type 0 header.
 pub const BAR_COUNT: usize = 6;
+/// The expansion ROM, addressed as BAR number 6 by [`PciConfig::bar_window`].
+pub const ROM_BAR: usize = 6;
 
 /// What a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub enum BarKind {
     Memory32,
     /// 64-bit memory (takes this BAR and the next), not prefetchable.
     Memory64,
+    /// 32-bit memory, prefetchable (a framebuffer).
+    Prefetchable32,
 }
 
 /// A BAR the device declared.
@@ -100,6 +104,8 @@ pub struct PciConfig {
     regs: [u8; 256],
     wmask: [u8; 256],
     bars: [Option<Bar>; BAR_COUNT],
+    /// Size of the expansion ROM, if any.
+    rom: Option<u64>,
     /// BAR slots in use, the upper halves of 64-bit BARs included.
     taken: [bool; BAR_COUNT],
     next_cap: usize,
@@ -113,6 +119,7 @@ impl PciConfig {
             regs: [0; 256],
             wmask: [0; 256],
             bars: [None; BAR_COUNT],
+            rom: None,
             taken: [false; BAR_COUNT],
             next_cap: CAP_START,
             last_cap_ptr: reg::CAPABILITIES,
@@ -138,7 +145,7 @@ impl PciConfig {
         let bad = || ConfigError::Bar { index, size };
         if !size.is_power_of_two()
             || size < 16
-            || (kind == BarKind::Memory32 && size > 1 << 31)
+            || (kind != BarKind::Memory64 && size > 1 << 31)
             || index + slots > BAR_COUNT
             || self.taken[index..index + slots].iter().any(|t| *t)
         {
@@ -148,12 +155,27 @@ impl PciConfig {
         self.bars[index] = Some(Bar { size, kind });
         let off = reg::BAR0 + 4 * index;
         let mask = !(size - 1);
-        let flags: u32 = if kind == BarKind::Memory64 { 0b100 } else { 0 };
+        let flags: u32 = match kind {
+            BarKind::Memory32 => 0,
+            BarKind::Memory64 => 0b100,
+            BarKind::Prefetchable32 => 0b1000,
+        };
         self.set_u32(off, flags);
         self.wmask[off..off + 4].copy_from_slice(&((mask as u32) & !0xf).to_le_bytes());
         if kind == BarKind::Memory64 {
             self.wmask[off + 4..off + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
         }
+        Ok(())
+    }
+
+    /// Declares an expansion ROM of `size` bytes (a power of two, at least 2 KiB).
+    pub fn add_rom(&mut self, size: u64) -> Result<(), ConfigError> {
+        if !size.is_power_of_two() || !(2048..=1 << 24).contains(&size) || self.rom.is_some() {
+            return Err(ConfigError::Bar { index: ROM_BAR, size });
+        }
+        self.rom = Some(size);
+        let mask = (!(size - 1) as u32) | 1;
+        self.wmask[reg::ROM_BAR..reg::ROM_BAR + 4].copy_from_slice(&mask.to_le_bytes());
         Ok(())
     }
 
@@ -248,10 +270,16 @@ impl PciConfig {
     /// Where memory BAR `index` is decoded now: `None` while memory decoding
     /// is off or the guest has not placed it (address zero or all ones).
     pub fn bar_window(&self, index: usize) -> Option<(u64, u64)> {
-        let bar = self.bars.get(index).copied().flatten()?;
         if self.command() & command::MEMORY == 0 {
             return None;
         }
+        if index == ROM_BAR {
+            let size = self.rom?;
+            let v = self.u32(reg::ROM_BAR);
+            let addr = u64::from(v & !0x7ff);
+            return (v & 1 != 0 && addr != 0).then_some((addr, size));
+        }
+        let bar = self.bars.get(index).copied().flatten()?;
         let off = reg::BAR0 + 4 * index;
         let mut addr = u64::from(self.u32(off) & !0xf);
         if bar.kind == BarKind::Memory64 {
@@ -302,6 +330,24 @@ mod tests {
         assert_eq!(c.bar_window(0), Some((0xc000_0000, 0x8000)));
         assert_eq!(c.bar_window(2), Some((0x1_c001_0000, 0x4000)));
         assert_eq!(c.bar_window(1), None);
+    }
+
+    #[test]
+    fn the_rom_decodes_only_when_enabled() {
+        let mut c = PciConfig::new(id(), 0);
+        c.add_rom(0x10000).unwrap();
+        assert!(c.add_rom(0x10000).is_err());
+        c.write(reg::ROM_BAR, &[0xff; 4]);
+        assert_eq!(c.u32(reg::ROM_BAR), 0xffff_0001);
+        c.write(reg::ROM_BAR, &0xfeb0_0000u32.to_le_bytes());
+        c.write(reg::COMMAND, &command::MEMORY.to_le_bytes());
+        assert_eq!(c.bar_window(ROM_BAR), None, "not enabled");
+        c.write(reg::ROM_BAR, &0xfeb0_0001u32.to_le_bytes());
+        assert_eq!(c.bar_window(ROM_BAR), Some((0xfeb0_0000, 0x10000)));
+        let mut p = PciConfig::new(id(), 0);
+        p.add_bar(0, 1 << 24, BarKind::Prefetchable32).unwrap();
+        p.write(reg::BAR0, &[0xff; 4]);
+        assert_eq!(p.u32(reg::BAR0), 0xff00_0008);
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl PciBus {
     fn decode(&self, addr: u64, len: usize) -> Option<(&SharedPciDevice, usize, u64)> {
         for dev in self.slots.iter().flatten() {
             let d = lock(dev);
-            for bar in 0..config::BAR_COUNT {
+            for bar in 0..=config::ROM_BAR {
                 if let Some((base, size)) = d.config().bar_window(bar) {
                     if addr >= base && addr - base + len as u64 <= size {
                         return Some((dev, bar, addr - base));
