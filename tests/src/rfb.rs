@@ -289,6 +289,14 @@ impl RfbClient {
             let v = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
             let (x, y, w, hh) = (v(0), v(2), v(4), v(6));
             let enc = i32::from_be_bytes([r[8], r[9], r[10], r[11]]);
+            if enc == -223 {
+                // DesktopSize: the screen is now w x hh; its pixels follow in later rectangles.
+                self.width = w;
+                self.height = hh;
+                self.screen = vec![0; usize::from(w) * usize::from(hh) * bpp];
+                rects.push((x, y, w, hh));
+                continue;
+            }
             if u32::from(x) + u32::from(w) > u32::from(self.width)
                 || u32::from(y) + u32::from(hh) > u32::from(self.height)
             {
@@ -333,6 +341,20 @@ impl RfbClient {
             rects.push((x, y, w, hh));
         }
         Ok(rects)
+    }
+
+    /// The screen as a binary PPM image, to look at when a test fails.
+    pub fn ppm(&self) -> Vec<u8> {
+        let mut out = format!("P6\n{} {}\n255\n", self.width, self.height).into_bytes();
+        for y in 0..self.height {
+            for x in 0..self.width {
+                let (r, g, b) = self.pixel(x, y);
+                let f = self.format;
+                let scale = |v: u16, max: u16| (u32::from(v) * 255 / u32::from(max.max(1))) as u8;
+                out.extend([scale(r, f.red_max), scale(g, f.green_max), scale(b, f.blue_max)]);
+            }
+        }
+        out
     }
 
     /// Whether a message arrives within `wait`, without reading it.

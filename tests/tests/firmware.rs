@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use enspeed_tests::rfb::RfbClient;
 use enspeed_tests::{bootdisk, bootdisk_iso, enspeed_bin, kvm_available, Scratch, Vmm};
 
 fn firmware_args(memory: u32, vcpus: u32, disks: &[&std::path::Path]) -> Vec<String> {
@@ -152,6 +153,76 @@ fn the_cdrom_media_changes_and_ejects_on_the_control_socket() {
     vmm.wait_for("bootdisk: loaded whole from a CD (El Torito)", Duration::from_secs(60));
     vmm.wait_for("powering off", Duration::from_secs(30));
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_no_failure(&vmm);
+}
+
+/// Reads screens until `done` holds for the client's copy, or panics after `limit`.
+fn watch(rfb: &mut RfbClient, limit: Duration, what: &str, done: impl Fn(&RfbClient) -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        rfb.request(true, 0, 0, rfb.width, rfb.height).unwrap();
+        if rfb.pending(Duration::from_millis(500)).unwrap() {
+            rfb.read_update().unwrap();
+        }
+        if done(rfb) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let shot = std::env::temp_dir().join("enspeed-vga-failed.ppm");
+            let _ = std::fs::write(&shot, rfb.ppm());
+            panic!("the screen never showed {what} ({}x{}); it is in {}", rfb.width, rfb.height, shot.display());
+        }
+    }
+}
+
+#[test]
+fn the_vga_shows_the_firmwares_text_then_a_vbe_mode_over_rfb() {
+    if !kvm_available("the_vga_shows_the_firmwares_text") {
+        return;
+    }
+    let s = Scratch::new("fw-vga");
+    let disk = s.path("boot.img");
+    let mut img = std::fs::read(bootdisk()).unwrap();
+    img[0x204] = 1; // the boot disk's display test
+    std::fs::write(&disk, &img).unwrap();
+    let sock = s.path("vnc.sock");
+    let api = s.path("api.sock");
+    let mut args = firmware_args(128, 1, &[&disk]);
+    args.extend([
+        "--vnc".into(),
+        sock.display().to_string(),
+        "--api-socket".into(),
+        api.display().to_string(),
+    ]);
+    let mut vmm = Vmm::start(&args);
+    let mut rfb = RfbClient::connect(&sock).unwrap();
+    rfb.set_encodings(&[6, 0, -223]).unwrap();
+    rfb.request(false, 0, 0, rfb.width, rfb.height).unwrap();
+    rfb.read_update().unwrap();
+    // Text mode 3 once the VGA BIOS ran: 80x25 cells of 9x16, and the firmware's banner
+    // drawn with the font the BIOS loaded (light grey on black in its first rows).
+    watch(&mut rfb, Duration::from_secs(60), "the 720x400 text screen with text", |r| {
+        r.width == 720
+            && r.height == 400
+            && (0..48u16).any(|y| (0..720u16).any(|x| r.pixel(x, y).0 > 100))
+    });
+    let shots = enspeed_tests::profile_dir().join("vga-screenshots");
+    let _ = std::fs::create_dir_all(&shots);
+    let _ = std::fs::write(shots.join("firmware-text.ppm"), rfb.ppm());
+    vmm.wait_for("bootdisk: drew colour bars in 1024x768x32", Duration::from_secs(60));
+    // VBE through the VGA BIOS: the screen grows to 1024x768 (DesktopSize) and shows
+    // the bars the boot disk drew in the linear framebuffer.
+    watch(&mut rfb, Duration::from_secs(30), "the colour bars at 1024x768", |r| {
+        r.width == 1024
+            && r.height == 768
+            && r.pixel(100, 300) == (255, 0, 0)
+            && r.pixel(300, 300) == (0, 255, 0)
+            && r.pixel(600, 700) == (0, 0, 255)
+            && r.pixel(1000, 10) == (255, 255, 255)
+    });
+    let _ = std::fs::write(shots.join("vbe-bars.ppm"), rfb.ppm());
+    assert_eq!(vmm.api(r#"{"cmd":"stop"}"#)["ok"], true);
+    assert!(vmm.wait_exit(Duration::from_secs(20)).success());
     assert_no_failure(&vmm);
 }
 

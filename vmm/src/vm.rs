@@ -36,6 +36,7 @@ use crate::devices::ahci::ata::AtaDisk;
 use crate::devices::ahci::atapi::Cdrom;
 use crate::devices::ahci::{Ahci, AhciError, Drive};
 use crate::devices::pci::msix::MsiSender;
+use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
 use crate::devices::virtio::IntxLine;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::debugcon::{self, DebugCon};
@@ -117,6 +118,9 @@ pub enum VmError {
     /// The SATA controller or one of its drives.
     #[error(transparent)]
     Sata(#[from] AhciError),
+    /// The VGA.
+    #[error(transparent)]
+    Vga(#[from] VgaError),
     /// Too many devices, a bad vCPU count, a bus clash.
     #[error("invalid VM configuration: {0}")]
     Config(String),
@@ -213,6 +217,43 @@ fn mmio_virtio(
         virtio.push(VirtioSlot::Net(add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?));
     }
     Ok(virtio)
+}
+
+/// Draws the VGA's screen into the RFB server's framebuffer, 25 times a
+/// second, while the VM runs.
+struct Display {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Display {
+    const PERIOD: Duration = Duration::from_millis(40);
+    /// Frames a blink phase lasts (about 0.5 s, as a VGA's text cursor).
+    const BLINK_FRAMES: u32 = 12;
+
+    fn start(state: Arc<Mutex<VgaState>>, fb: Arc<Framebuffer>) -> std::io::Result<Display> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("display".into())
+            .spawn(move || {
+                let mut pixels = Vec::new();
+                let mut frame = 0u32;
+                while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                    let blink = (frame / Self::BLINK_FRAMES) % 2 == 0;
+                    let (w, h) = vga::render::render(&lock(&state), blink, &mut pixels);
+                    fb.show(w, h, &pixels);
+                    frame = frame.wrapping_add(1);
+                    std::thread::sleep(Self::PERIOD);
+                }
+            })?;
+        Ok(Display { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
 }
 
 /// How a PCI function in the next free slot of `bus` interrupts the guest:
@@ -328,18 +369,18 @@ fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, V
     })
 }
 
-/// The VM's virtio disks (first) and NICs as virtio-pci functions on a new
-/// PCI bus; returns the bus, the devices and each virtio disk's index and slot.
+/// The VM's virtio disks (first) and NICs as virtio-pci functions on `bus`;
+/// returns the devices and each virtio disk's index and slot.
 fn pci_virtio(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
-) -> Result<(PciBus, Vec<VirtioSlot>, Vec<(usize, u8)>), VmError> {
-    let mut bus = PciBus::new();
+    bus: &mut PciBus,
+) -> Result<(Vec<VirtioSlot>, Vec<(usize, u8)>), VmError> {
     let mut virtio = Vec::new();
     let mut disk_slots = Vec::new();
     let mut add = |dev: Box<dyn VirtioDevice>| -> Result<(u8, Arc<Mutex<VirtioPci>>), VmError> {
-        let (send, intx, slot) = pci_interrupts(vm, &bus);
+        let (send, intx, slot) = pci_interrupts(vm, bus);
         let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
             .map_err(|e| VmError::Config(e.to_string()))?;
         let t = Arc::new(Mutex::new(t));
@@ -359,7 +400,7 @@ fn pci_virtio(
         let (_, t) = add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?;
         virtio.push(VirtioSlot::Net(t));
     }
-    Ok((bus, virtio, disk_slots))
+    Ok((virtio, disk_slots))
 }
 
 /// A built VM: memory, vCPUs and devices.
@@ -371,6 +412,8 @@ struct Vm {
     _rom: Vec<AnonMapping>,
     /// The SATA controller, if the VM has SATA disks or a CD-ROM drive.
     ahci: Option<SataDevices>,
+    /// The thread drawing the VGA's screen into the framebuffer.
+    display: Option<Display>,
     /// Mapped into the VM as a memory slot; told when the VM goes.
     fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
@@ -429,7 +472,9 @@ impl Vm {
         })
         .map_err(kvm_err("create the in-kernel PIT"))?;
 
-        let (mem, memfd) = memory::create(cfg.memory_mib)?;
+        // With firmware boot the VGA's legacy window is the VGA's, not RAM.
+        let vga = fb.is_some() && matches!(cfg.boot, Boot::Firmware { .. });
+        let (mem, memfd) = memory::create_with(cfg.memory_mib, vga)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -450,9 +495,10 @@ impl Vm {
         let mut rom_keep = Vec::new();
         let mut ahci = None;
         let lfb = match fb {
-            Some(fb) => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
-            None => None,
+            Some(fb) if !vga => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
+            _ => None,
         };
+        let mut display = None;
 
         // Legacy devices, on every PC.
         let mut pio = Bus::default();
@@ -520,28 +566,46 @@ impl Vm {
                 cdrom,
                 order,
             } => {
-                if lfb.is_some() {
-                    return Err(VmError::Config(
-                        "a graphical console with firmware boot needs the VGA device, which is not built yet"
-                            .into(),
-                    ));
-                }
                 if *firmware == Firmware::Uefi {
                     return Err(VmError::Config(
                         "UEFI firmware (OVMF) is not supported yet; use --firmware bios".into(),
                     ));
                 }
-                let image = firmware::Image::load(
+                let bios_image = firmware::Image::load(
                     image
                         .as_deref()
                         .unwrap_or(std::path::Path::new(firmware::SEABIOS)),
                 )?;
-                let rom = map_rom(&vm, &image, mem.num_regions() as u32)?;
-                image.copy_low(&mem)?;
+                let rom = map_rom(&vm, &bios_image, mem.num_regions() as u32)?;
+                bios_image.copy_low(&mem)?;
                 let ram_bytes = cfg.memory_mib << 20;
                 let below_4g = ram_bytes.min(MMIO_GAP_START);
                 let window = (firmware::pci_window_start(below_4g), firmware::PCI_WINDOW_END);
-                let (mut bus, virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem)?;
+                let mut bus = PciBus::new();
+                if let Some(fb) = fb {
+                    // Memory slots: RAM, then the firmware, then the VGA's framebuffer.
+                    let bios = image
+                        .as_deref()
+                        .and_then(|p| p.parent())
+                        .map(|d| d.join("vgabios-stdvga.bin"))
+                        .unwrap_or_else(|| vga::VGA_BIOS.into());
+                    let dev = VgaPci::new(&bios, Some(vm.clone()), mem.num_regions() as u32 + 1)?;
+                    let state = dev.state();
+                    bus.add(Arc::new(Mutex::new(dev)))
+                        .map_err(|e| VmError::Config(e.to_string()))?;
+                    pio.insert(Arc::new(Mutex::new(VgaPorts(state.clone()))), 0x3b0, 0x30)
+                        .map_err(bus_err)?;
+                    pio.insert(Arc::new(Mutex::new(DispiPorts(state.clone()))), 0x1ce, 3)
+                        .map_err(bus_err)?;
+                    mmio.insert(
+                        Arc::new(Mutex::new(VgaWindow(state.clone()))),
+                        memory::VGA_WINDOW.0,
+                        memory::VGA_WINDOW.1 - memory::VGA_WINDOW.0,
+                    )
+                    .map_err(bus_err)?;
+                    display = Some(Display::start(state, fb.clone()).map_err(io_err("start the display"))?);
+                }
+                let (virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
                 let sata = sata_devices(cfg, cdrom.as_ref(), &vm, &mem, &mut bus)?;
                 let boot = boot_devices(cfg, *order, &virtio_slots, sata.as_ref());
                 ahci = sata;
@@ -634,6 +698,7 @@ impl Vm {
             _memfd: memfd,
             _rom: rom_keep,
             ahci,
+            display,
             fb: fb.cloned(),
             vcpus,
             control,
@@ -656,6 +721,9 @@ impl Vm {
 
     /// Stops every vCPU thread and device worker.
     fn teardown(self) {
+        if let Some(d) = self.display {
+            d.stop();
+        }
         if let Some(fb) = &self.fb {
             fb.untrack();
         }
@@ -721,7 +789,15 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     }
     let fb = match &cfg.vnc {
         Some(v) => {
-            let fb = Arc::new(Framebuffer::new(v.width, v.height)?);
+            // With firmware boot the guest sets the VGA's mode: room for the largest.
+            let fb = match cfg.boot {
+                Boot::Firmware { .. } => {
+                    let fb = Framebuffer::new(u32::from(vga::MAX_XRES), u32::from(vga::MAX_YRES))?;
+                    fb.show(640, 480, &vec![0; 640 * 480]);
+                    Arc::new(fb)
+                }
+                Boot::Kernel { .. } => Arc::new(Framebuffer::new(v.width, v.height)?),
+            };
             rfb::serve(&v.socket, fb.clone(), cfg.name.clone(), tx.clone())
                 .map_err(io_err(format!("serve {}", v.socket.display())))?;
             tracing::info!(vm = %cfg.name, socket = %v.socket.display(), width = v.width, height = v.height, "RFB console");

@@ -107,6 +107,11 @@ msg_badstage2: .asciz "bootdisk: FAIL stage 2 has the wrong signature\r\n"
 /* Stage 2, at 0x7e00. */
 stage2_magic:
     .long 0x32544f42
+/* At byte 0x204 of the image: 1 asks for the display test instead of
+ * the power-off (a test sets it). */
+vbe_flag:
+    .byte 0
+    .balign 4
 stage2:
     movw $msg_stage2, %si
     call print16
@@ -119,20 +124,78 @@ stage2:
     cmpw 0x46c, %ax
     je 2b
     loop 1b
-    cli
+    cmpb $1, vbe_flag
+    jne 3f
+    call vbe_setup
+3:  cli
     lgdt gdt_desc
     movl %cr0, %eax
     orl $1, %eax
     movl %eax, %cr0
     ljmp $0x08, $pm32
 
+/* Display test, through the VGA BIOS: mode 0x144 (1024x768, 32 bits a
+ * pixel) with its linear framebuffer; its address and pitch kept for
+ * drawing from protected mode. */
+vbe_setup:
+    movw $0x4f01, %ax
+    movw $0x144, %cx
+    movw $0x9000, %di
+    int $0x10
+    cmpw $0x004f, %ax
+    jne vbe_failed
+    cmpw $1024, 0x9012
+    jne vbe_failed
+    cmpw $768, 0x9014
+    jne vbe_failed
+    cmpb $32, 0x9019
+    jne vbe_failed
+    movl 0x9028, %eax
+    movl %eax, lfb
+    movw 0x9010, %ax
+    movw %ax, pitch
+    movw $0x4f02, %ax
+    movw $0x4144, %bx
+    int $0x10
+    cmpw $0x004f, %ax
+    jne vbe_failed
+    ret
+vbe_failed:
+    movw $msg_vbefail, %si
+    call print16
+    jmp hang16
+
     .code32
+/* Four vertical bars, red, green, blue, white, 256 pixels each. */
+draw_bars:
+    movl lfb, %edi
+    xorl %ebx, %ebx
+1:  xorl %ecx, %ecx
+2:  movl %ecx, %eax
+    shrl $8, %eax
+    movl colours(,%eax,4), %eax
+    movl %eax, (%edi,%ecx,4)
+    incl %ecx
+    cmpl $1024, %ecx
+    jb 2b
+    movzwl pitch, %eax
+    addl %eax, %edi
+    incl %ebx
+    cmpl $768, %ebx
+    jb 1b
+    movl $msg_bars, %esi
+    call print32
+    jmp hang32
+
 pm32:
     movw $0x10, %ax
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
     movl $0x7c00, %esp
+
+    cmpb $1, vbe_flag
+    je draw_bars
 
     /* The RSDP: "RSD PTR " on a 16-byte boundary in 0xe0000-0xfffff. */
     movl $0xe0000, %esi
@@ -284,6 +347,12 @@ gdt_desc:
     .word gdt_desc - gdt - 1
     .long gdt
 pm1a_cnt: .word 0
+lfb: .long 0
+pitch: .word 0
+    .balign 4
+colours: .long 0x00ff0000, 0x0000ff00, 0x000000ff, 0x00ffffff
+msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"
+msg_bars: .asciz "bootdisk: drew colour bars in 1024x768x32\r\n"
 msg_stage2: .asciz "bootdisk: stage 2 running\r\n"
 msg_nordsp: .asciz "bootdisk: FAIL no ACPI RSDP in 0xe0000-0xfffff\r\n"
 msg_nofadt: .asciz "bootdisk: FAIL no FADT in the XSDT\r\n"

@@ -13,6 +13,7 @@
 //! so a client watching an idle screen costs one small ioctl a poll rather
 //! than a comparison of every pixel.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,8 +59,10 @@ pub enum FramebufferError {
 /// A framebuffer's memory and shape.
 pub struct Framebuffer {
     map: AnonMapping,
-    width: u32,
-    height: u32,
+    width: AtomicU32,
+    height: AtomicU32,
+    /// Counts changes of size, so readers notice one.
+    resizes: AtomicU64,
     tracking: Mutex<Tracking>,
 }
 
@@ -90,8 +93,9 @@ impl Framebuffer {
         let map = AnonMapping::new(len).map_err(|e| FramebufferError::Map(size, e))?;
         Ok(Framebuffer {
             map,
-            width,
-            height,
+            width: AtomicU32::new(width),
+            height: AtomicU32::new(height),
+            resizes: AtomicU64::new(0),
             tracking: Mutex::new(Tracking {
                 vm: None,
                 pages: vec![0; (size / PAGE_SIZE) as usize],
@@ -155,17 +159,49 @@ impl Framebuffer {
 
     /// Width in pixels.
     pub fn width(&self) -> u32 {
-        self.width
+        self.width.load(Ordering::SeqCst)
     }
 
     /// Height in pixels.
     pub fn height(&self) -> u32 {
-        self.height
+        self.height.load(Ordering::SeqCst)
     }
 
     /// Bytes from one line to the next.
     pub fn stride(&self) -> u32 {
-        self.width * BYTES_PER_PIXEL
+        self.width() * BYTES_PER_PIXEL
+    }
+
+    /// How many times the size changed; a reader that saw another count
+    /// must read the size again.
+    pub fn resizes(&self) -> u64 {
+        self.resizes.load(Ordering::SeqCst)
+    }
+
+    /// Shows the `w` x `h` picture `pixels` (XRGB8888, line after line),
+    /// changing the size first if it differs: what a display device that
+    /// draws into this framebuffer itself (the VGA) does. Returns false,
+    /// showing nothing, for a picture that does not fit the mapping.
+    pub fn show(&self, w: u32, h: u32, pixels: &[u32]) -> bool {
+        let n = w as usize * h as usize;
+        if !(MIN_SIDE..=MAX_SIDE).contains(&w)
+            || !(MIN_SIDE..=MAX_SIDE).contains(&h)
+            || n * 4 > self.map.len()
+            || pixels.len() < n
+        {
+            return false;
+        }
+        if (w, h) != (self.width(), self.height()) {
+            self.width.store(w, Ordering::SeqCst);
+            self.height.store(h, Ordering::SeqCst);
+            self.resizes.fetch_add(1, Ordering::SeqCst);
+        }
+        // SAFETY: n pixels fit the mapping (checked), which is ours and
+        // 4-byte aligned; `pixels` does not overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(pixels.as_ptr(), self.map.as_ptr().cast::<u32>(), n)
+        };
+        true
     }
 
     /// Size of the mapping: what the guest sees, a multiple of 64 KiB.
@@ -193,14 +229,15 @@ impl Framebuffer {
     /// `dst`, line after line. Returns false, copying nothing, when the
     /// rectangle does not lie inside the framebuffer or `dst` is too small.
     pub fn read_rect(&self, x: u32, y: u32, w: u32, h: u32, dst: &mut [u32]) -> bool {
-        let inside = x.checked_add(w).is_some_and(|e| e <= self.width)
-            && y.checked_add(h).is_some_and(|e| e <= self.height);
+        let (width, height) = (self.width(), self.height());
+        let inside = x.checked_add(w).is_some_and(|e| e <= width)
+            && y.checked_add(h).is_some_and(|e| e <= height);
         let count = w as usize * h as usize;
         if !inside || dst.len() < count {
             return false;
         }
         for row in 0..h {
-            let offset = ((y + row) as usize * self.width as usize + x as usize) * 4;
+            let offset = ((y + row) as usize * width as usize + x as usize) * 4;
             let out = &mut dst[(row * w) as usize..((row + 1) * w) as usize];
             // SAFETY: the source line lies inside the mapping (checked
             // above), is 4-byte aligned (page-aligned base, whole pixels)
@@ -219,8 +256,8 @@ impl Framebuffer {
     /// Sets one pixel, as the guest would; for tests of the readers.
     #[cfg(test)]
     pub(crate) fn put(&self, x: u32, y: u32, xrgb: u32) {
-        assert!(x < self.width && y < self.height);
-        let offset = (y as usize * self.width as usize + x as usize) * 4;
+        assert!(x < self.width() && y < self.height());
+        let offset = (y as usize * self.width() as usize + x as usize) * 4;
         // SAFETY: inside the mapping (asserted), aligned to 4.
         unsafe { self.map.as_ptr().add(offset).cast::<u32>().write(xrgb) };
     }
@@ -238,6 +275,24 @@ mod tests {
         assert_eq!(Framebuffer::new(100, 100).unwrap().size(), 64 * 1024);
         assert!(Framebuffer::new(0, 768).is_err());
         assert!(Framebuffer::new(1024, 5000).is_err());
+    }
+
+    #[test]
+    fn a_display_shows_pictures_of_any_size_that_fits() {
+        let fb = Framebuffer::new(1024, 768).unwrap();
+        assert_eq!(fb.resizes(), 0);
+        let pic = vec![0x0011_2233u32; 720 * 400];
+        assert!(fb.show(720, 400, &pic));
+        assert_eq!((fb.width(), fb.height(), fb.resizes()), (720, 400, 1));
+        assert!(fb.show(720, 400, &pic));
+        assert_eq!(fb.resizes(), 1, "same size: no resize");
+        let mut d = vec![0u32; 1];
+        assert!(fb.read_rect(719, 399, 1, 1, &mut d));
+        assert_eq!(d[0], 0x0011_2233);
+        assert!(!fb.read_rect(720, 0, 1, 1, &mut d));
+        assert!(!fb.show(2048, 2048, &pic), "larger than the mapping");
+        assert!(!fb.show(720, 400, &pic[..10]), "too few pixels");
+        assert!(!fb.show(8, 8, &pic));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use super::keysym::Keyboard;
 use super::update::{ClientFrame, Converter};
 use super::wire::{
-    ClientInit, ClientMessage, PixelFormat, Rect, SecurityResult, SecurityTypes, ServerInit,
-    Version, WireError, SECURITY_NONE,
+    ClientInit, ClientMessage, PixelFormat, Rect, RectHeader, SecurityResult, SecurityTypes,
+    ServerInit, UpdateHeader, Version, WireError, ENCODING_DESKTOP_SIZE, SECURITY_NONE,
 };
 use crate::devices::framebuffer::Framebuffer;
 use crate::devices::i8042::KeyStroke;
@@ -149,6 +149,10 @@ struct Client<'a> {
     pending: Option<Pending>,
     /// The encoding of this client's updates, by name.
     encoding: &'static str,
+    /// Whether the client follows size changes (the DesktopSize pseudo-encoding).
+    desktop_size: bool,
+    /// The framebuffer's resize count the client's frame is of.
+    resizes: u64,
 }
 
 impl<'a> Client<'a> {
@@ -160,6 +164,8 @@ impl<'a> Client<'a> {
             skip: 0,
             converter: Converter::new(&PixelFormat::XRGB8888),
             frame: ClientFrame::new(&shared.fb),
+            desktop_size: false,
+            resizes: shared.fb.resizes(),
             keyboard: Keyboard::default(),
             pending: None,
             encoding: "raw",
@@ -294,6 +300,7 @@ impl<'a> Client<'a> {
                 self.converter = Converter::new(&f);
             }
             ClientMessage::SetEncodings(list) => {
+                self.desktop_size = list.contains(&ENCODING_DESKTOP_SIZE);
                 let before = self.encoding;
                 self.encoding = self.frame.choose_encoding(&list);
                 tracing::debug!(encodings = ?list, "RFB client encodings");
@@ -323,9 +330,40 @@ impl<'a> Client<'a> {
     /// Answers the pending request if it is a full one, or if something
     /// in its area changed.
     fn update(&mut self) -> Result<(), ClientError> {
-        let Some(p) = self.pending.take() else {
+        let Some(mut p) = self.pending.take() else {
             return Ok(());
         };
+        let fb = &self.shared.fb;
+        let resizes = fb.resizes();
+        if resizes != self.resizes {
+            // The guest changed mode: tell the client the new size, then
+            // send the whole new screen.
+            if !self.desktop_size {
+                tracing::info!(vm = %self.shared.name, "RFB client cannot follow a change of screen size; closing it");
+                return Err(ClientError::Closed);
+            }
+            self.resizes = resizes;
+            let (w, h) = (fb.width(), fb.height());
+            let mut out = Vec::new();
+            UpdateHeader { rects: 1 }.encode(&mut out);
+            let whole = Rect {
+                x: 0,
+                y: 0,
+                w: u16::try_from(w).unwrap_or(u16::MAX),
+                h: u16::try_from(h).unwrap_or(u16::MAX),
+            };
+            RectHeader {
+                rect: whole,
+                encoding: ENCODING_DESKTOP_SIZE,
+            }
+            .encode(&mut out);
+            self.stream.write_all(&out)?;
+            self.frame.resize(fb);
+            p = Pending {
+                area: whole,
+                full: true,
+            };
+        }
         let rects = self.frame.changed(&self.shared.fb, p.area, p.full);
         if rects.is_empty() && !p.full {
             self.pending = Some(p);
@@ -352,7 +390,6 @@ impl<'a> Client<'a> {
 mod tests {
     use super::*;
     use crate::devices::i8042::ScanCode;
-    use crate::rfb::wire::{RectHeader, UpdateHeader};
     use std::sync::mpsc::{channel, Receiver};
 
     fn server(name: &str) -> (std::path::PathBuf, Arc<Framebuffer>, Receiver<VmEvent>) {

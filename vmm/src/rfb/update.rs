@@ -123,6 +123,20 @@ impl ClientFrame {
         }
     }
 
+    /// Starts over for a screen of `fb`'s new size: nothing sent yet. The
+    /// encoding and its zlib stream go on, as the client's inflater does.
+    pub fn resize(&mut self, fb: &Framebuffer) {
+        let fresh = ClientFrame::new(fb);
+        self.width = fresh.width;
+        self.height = fresh.height;
+        self.last = fresh.last;
+        self.sent = fresh.sent;
+        self.seen = fresh.seen;
+        self.pages.clear();
+        self.stride = fresh.stride;
+        self.tiles_x = fresh.tiles_x;
+    }
+
     /// Chooses the encoding from a SetEncodings list: Zlib if it is listed
     /// (compressing at the client's CompressLevel, else 1, the fastest),
     /// else Raw. The level is fixed when the stream starts, at the first

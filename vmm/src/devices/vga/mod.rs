@@ -408,7 +408,8 @@ impl BusDevice for VgaPorts {
     }
 }
 
-/// The DISPI ports (insert at 0x1ce, length 2): a 16-bit index, then data.
+/// The DISPI ports (insert at 0x1ce, length 3): a 16-bit index at 0x1ce, the
+/// data at 0x1cf (and 0x1d0, where some drivers write it).
 pub struct DispiPorts(pub Arc<Mutex<VgaState>>);
 
 impl BusDevice for DispiPorts {
