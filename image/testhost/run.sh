@@ -3,7 +3,8 @@
 #   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
 # --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
 # it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
-# --extra puts another program (a test tool) in the test host's /usr/local/bin.
+# --extra puts another program (a test tool, with its libraries) or a data file (a disk or CD
+# image) in the test host's /usr/local/bin.
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
 # scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout, 125 when the test host
@@ -37,7 +38,7 @@ done
 [ -f "$scenario" ] || die "scenario $scenario: no such file"
 [ -z "$enspeed" ] || [ -x "$enspeed" ] || die "enspeed binary $enspeed: not an executable file"
 for extra in ${extras[@]+"${extras[@]}"}; do
-    [ -x "$extra" ] || die "extra program $extra: not an executable file"
+    [ -f "$extra" ] || die "extra file $extra: not a file"
 done
 
 ensure_tool qemu-system-x86_64 qemu-system-x86
@@ -54,7 +55,11 @@ mkdir "$work/extra"
 install -m 0755 "$scenario" "$work/extra/scenario.sh"
 [ -z "$enspeed" ] || stage_elf "$work/extra" "$enspeed" usr/local/bin/enspeed
 for extra in ${extras[@]+"${extras[@]}"}; do
-    stage_elf "$work/extra" "$extra" "usr/local/bin/$(basename "$extra")"
+    if [ -x "$extra" ]; then
+        stage_elf "$work/extra" "$extra" "usr/local/bin/$(basename "$extra")"
+    else
+        install -D -m 0644 "$extra" "$work/extra/usr/local/bin/$(basename "$extra")"
+    fi
 done
 cpio_dir "$work/extra" >"$work/extra.cpio"
 cpio_cat "$TH/initrd.img" "$work/extra.cpio" >"$work/initrd.img"

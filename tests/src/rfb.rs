@@ -343,6 +343,22 @@ impl RfbClient {
         Ok(rects)
     }
 
+    /// Moves the pointer to (`x`, `y`) with `buttons` held (bit 0 left).
+    pub fn pointer(&mut self, x: u16, y: u16, buttons: u8) -> std::io::Result<()> {
+        let mut m = vec![5u8, buttons];
+        m.extend(x.to_be_bytes());
+        m.extend(y.to_be_bytes());
+        self.stream.write_all(&m)
+    }
+
+    /// Sends clipboard text (ISO 8859-1).
+    pub fn cut_text(&mut self, text: &[u8]) -> std::io::Result<()> {
+        let mut m = vec![6u8, 0, 0, 0];
+        m.extend((text.len() as u32).to_be_bytes());
+        m.extend(text);
+        self.stream.write_all(&m)
+    }
+
     /// The screen as a binary PPM image, to look at when a test fails.
     pub fn ppm(&self) -> Vec<u8> {
         let mut out = format!("P6\n{} {}\n255\n", self.width, self.height).into_bytes();

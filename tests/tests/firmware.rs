@@ -227,6 +227,30 @@ fn the_vga_shows_the_firmwares_text_then_a_vbe_mode_over_rfb() {
 }
 
 #[test]
+fn the_consoles_pointer_moves_the_ps2_mouse_the_firmware_reads() {
+    if !kvm_available("the_consoles_pointer_moves_the_ps2_mouse") {
+        return;
+    }
+    let s = Scratch::new("fw-mouse");
+    let disk = s.path("boot.img");
+    let mut img = std::fs::read(bootdisk()).unwrap();
+    img[0x204] = 2; // the boot disk's mouse test
+    std::fs::write(&disk, &img).unwrap();
+    let sock = s.path("vnc.sock");
+    let mut args = firmware_args(128, 1, &[&disk]);
+    args.extend(["--vnc".into(), sock.display().to_string()]);
+    let mut vmm = Vmm::start(&args);
+    let mut rfb = RfbClient::connect(&sock).unwrap();
+    vmm.wait_for("bootdisk: waiting for the mouse", Duration::from_secs(60));
+    // From (100, 100) to (110, 100) with the left button: a packet of +10 in X, left held
+    // (status 0x09: the always-one bit and the left button).
+    rfb.pointer(100, 100, 0).unwrap();
+    rfb.pointer(110, 100, 1).unwrap();
+    vmm.wait_for("bootdisk: mouse status=09 x=0A", Duration::from_secs(30));
+    assert_no_failure(&vmm);
+}
+
+#[test]
 fn bad_media_is_reported_by_the_firmware_and_the_vmm_still_obeys() {
     if !kvm_available("bad_media_is_reported_by_the_firmware") {
         return;

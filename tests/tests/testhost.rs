@@ -117,6 +117,37 @@ fn seabios_boots_a_virtio_pci_disk_under_real_amd_v() {
     scenario_with("enspeed-firmware.sh", &[disk.to_str().expect("a UTF-8 path")]);
 }
 
+/// The kit on an El Torito CD that GRUB boots, with `tasks` and the kit's disk at `dev`.
+fn kit_iso(name: &str, dev: &str) -> PathBuf {
+    let out = profile_dir().join(name);
+    let proof = name.trim_end_matches(".iso").replace("kit-", "fw");
+    let run = Command::new("bash")
+        .arg(repo_root().join("image/kit/iso.sh"))
+        .arg(&out)
+        .arg(format!(
+            "console=ttyS0 quiet kit.task=pci,cdrom,disk,poweroff kit.dev={dev} kit.proof={proof}"
+        ))
+        .arg("enspeed-cd")
+        .output()
+        .expect("run image/kit/iso.sh");
+    assert!(
+        run.status.success(),
+        "iso.sh failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
+#[test]
+fn real_debian_guest_boots_from_an_el_torito_cd_through_seabios_and_grub() {
+    let virtio = kit_iso("kit-virtio.iso", "/dev/vda");
+    let sata = kit_iso("kit-sata.iso", "/dev/sda");
+    scenario_with(
+        "enspeed-firmware-linux.sh",
+        &[virtio.to_str().expect("UTF-8"), sata.to_str().expect("UTF-8")],
+    );
+}
+
 #[test]
 fn real_debian_guest_boots_and_writes_its_ext4_disk() {
     scenario("enspeed-boot.sh");

@@ -72,6 +72,16 @@ pub enum VmEvent {
     SerialInput(Vec<u8>),
     /// Key presses and releases for the keyboard (from the RFB console).
     Keys(Vec<KeyStroke>),
+    /// The console's pointer: where it is on the screen and the RFB
+    /// button mask (bit 0 left, 1 middle, 2 right, 3 and 4 the wheel).
+    Pointer {
+        /// Position.
+        x: u16,
+        /// Position.
+        y: u16,
+        /// Buttons held.
+        buttons: u8,
+    },
 }
 
 /// Errors building or running a VM.
@@ -145,6 +155,11 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |err| VmError::KvmCall { what, err }
 }
+
+/// Most keystrokes waiting for the guest to read the keyboard (a paste of
+/// the RFB server's largest clipboard text, each key pressed and released,
+/// with Shift).
+const MAX_KEY_BACKLOG: usize = 64 * 1024;
 
 /// Why the VM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -510,7 +525,10 @@ impl Vm {
         let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&kbd_irq, I8042_IRQ)
             .map_err(kvm_err("wire the keyboard IRQ"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, events.clone())));
+        let mouse_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&mouse_irq, MOUSE_IRQ)
+            .map_err(kvm_err("wire the mouse IRQ"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, Some(mouse_irq), events.clone())));
         let sci_vm = vm.clone();
         let pm = Arc::new(Mutex::new(AcpiPm::new(
             Box::new(move |level| {
@@ -905,7 +923,14 @@ fn run_until_exit(
     let mut paused = false;
     let mut shutdown_deadline: Option<Option<Instant>> = None;
     let mut serial_backlog: Vec<u8> = Vec::new();
+    // Where the console's pointer was last: the mouse reports the moves.
+    let mut pointer: Option<(i32, i32)> = None;
+    let mut key_backlog: std::collections::VecDeque<KeyStroke> = Default::default();
     loop {
+        if !key_backlog.is_empty() {
+            let n = lock(&vm.i8042).key_strokes_fitting(key_backlog.make_contiguous());
+            key_backlog.drain(..n);
+        }
         if !serial_backlog.is_empty() {
             let n = lock(&vm.serial).input(&serial_backlog);
             serial_backlog.drain(..n);
@@ -916,7 +941,7 @@ fn run_until_exit(
                 return Ok(Next::Exit(Exit::Stopped));
             }
         }
-        let ev = match rx.recv_timeout(Duration::from_millis(if serial_backlog.is_empty() {
+        let ev = match rx.recv_timeout(Duration::from_millis(if serial_backlog.is_empty() && key_backlog.is_empty() {
             200
         } else {
             5
@@ -933,7 +958,27 @@ fn run_until_exit(
             VmEvent::Reset => return Ok(Next::Reboot),
             VmEvent::Halted(id) => tracing::info!(vcpu = id, "vCPU halted"),
             VmEvent::VcpuFailed(msg) => return Err(VmError::Vcpu(msg)),
-            VmEvent::Keys(strokes) => lock(&vm.i8042).key_strokes(&strokes),
+            VmEvent::Keys(strokes) => {
+                // Bounded: a paste goes in as the guest reads, up to a limit.
+                let room = MAX_KEY_BACKLOG.saturating_sub(key_backlog.len());
+                key_backlog.extend(strokes.into_iter().take(room));
+            }
+            VmEvent::Pointer { x, y, buttons } => {
+                let (dx, dy) = match pointer {
+                    Some((px, py)) => (i32::from(x) - px, i32::from(y) - py),
+                    None => (0, 0),
+                };
+                pointer = Some((i32::from(x), i32::from(y)));
+                // The wheel is a press of button 4 (up) or 5 (down).
+                let dz = match buttons & 0x18 {
+                    0x08 => -1,
+                    0x10 => 1,
+                    _ => 0,
+                };
+                // RFB numbers left, middle, right; PS/2 left, right, middle.
+                let ps2 = (buttons & 1) | (buttons & 4) >> 1 | (buttons & 2) << 1;
+                lock(&vm.i8042).pointer(dx, dy, dz, ps2);
+            }
             VmEvent::SerialInput(bytes) => {
                 // Bounded: a client pasting megabytes must not grow us without limit.
                 if serial_backlog.len() < 1 << 20 {

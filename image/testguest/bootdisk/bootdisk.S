@@ -107,8 +107,8 @@ msg_badstage2: .asciz "bootdisk: FAIL stage 2 has the wrong signature\r\n"
 /* Stage 2, at 0x7e00. */
 stage2_magic:
     .long 0x32544f42
-/* At byte 0x204 of the image: 1 asks for the display test instead of
- * the power-off (a test sets it). */
+/* At byte 0x204 of the image: 1 asks for the display test, 2 for the
+ * mouse test, instead of the power-off (a test sets it). */
 vbe_flag:
     .byte 0
     .balign 4
@@ -127,12 +127,88 @@ stage2:
     cmpb $1, vbe_flag
     jne 3f
     call vbe_setup
-3:  cli
+3:  cmpb $2, vbe_flag
+    je mouse_test
+    cli
     lgdt gdt_desc
     movl %cr0, %eax
     orl $1, %eax
     movl %eax, %cr0
     ljmp $0x08, $pm32
+
+/* Mouse test, through the BIOS's pointing-device services (int 15h C2):
+ * reset, 3-byte packets, a far handler, enable; then waits for a packet
+ * that moved and prints its status and X bytes in hex. */
+mouse_test:
+    movw $0xc205, %ax
+    movb $3, %bh
+    int $0x15
+    jc mouse_failed
+    movw $0xc207, %ax
+    movw $mouse_handler, %bx
+    int $0x15
+    jc mouse_failed
+    movw $0xc200, %ax
+    movb $1, %bh
+    int $0x15
+    jc mouse_failed
+    movw $msg_mousewait, %si
+    call print16
+1:  sti
+    hlt
+    cmpb $0, mouse_got
+    je 1b
+    movw $msg_mouse, %si
+    call print16
+    movb mouse_status, %al
+    call hex16
+    movw $msg_mousex, %si
+    call print16
+    movb mouse_x, %al
+    call hex16
+    movw $msg_crlf, %si
+    call print16
+    jmp hang16
+mouse_failed:
+    movw $msg_mousefail, %si
+    call print16
+    jmp hang16
+
+/* Called by the BIOS for each packet: status, X, Y, 0 on the stack. */
+mouse_handler:
+    pushw %bp
+    movw %sp, %bp
+    pushw %ax
+    pushw %ds
+    xorw %ax, %ax
+    movw %ax, %ds
+    movw 10(%bp), %ax
+    testb %al, %al
+    jz 1f
+    movb %al, mouse_x
+    movw 12(%bp), %ax
+    movb %al, mouse_status
+    movb $1, mouse_got
+1:  popw %ds
+    popw %ax
+    popw %bp
+    lret
+
+/* Prints AL as two hex digits through the BIOS. */
+hex16:
+    pushw %ax
+    shrb $4, %al
+    call 1f
+    popw %ax
+    andb $0x0f, %al
+1:  addb $'0', %al
+    cmpb $'9', %al
+    jbe 2f
+    addb $7, %al
+2:  movb $0x0e, %ah
+    movw $0x0007, %bx
+    int $0x10
+    ret
 
 /* Display test, through the VGA BIOS: mode 0x144 (1024x768, 32 bits a
  * pixel) with its linear framebuffer; its address and pitch kept for
@@ -351,6 +427,14 @@ lfb: .long 0
 pitch: .word 0
     .balign 4
 colours: .long 0x00ff0000, 0x0000ff00, 0x000000ff, 0x00ffffff
+mouse_got: .byte 0
+mouse_status: .byte 0
+mouse_x: .byte 0
+msg_mousewait: .asciz "bootdisk: waiting for the mouse\r\n"
+msg_mouse: .asciz "bootdisk: mouse status="
+msg_mousex: .asciz " x="
+msg_crlf: .asciz "\r\n"
+msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"
 msg_bars: .asciz "bootdisk: drew colour bars in 1024x768x32\r\n"
 msg_stage2: .asciz "bootdisk: stage 2 running\r\n"

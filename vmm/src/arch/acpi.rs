@@ -119,6 +119,7 @@ fn isa_devices() -> Vec<u8> {
             &edge(I8042_IRQ),
         ],
     ));
+    v.extend(device("MOU_", "PNP0F13", &[&edge(MOUSE_IRQ)]));
     v.extend(device(
         "COM1",
         "PNP0501",
@@ -605,7 +606,7 @@ mod tests {
         let dsdt = table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(sum(&dsdt), 0);
-        for name in [&b"PCI0"[..], b"_PRT", b"_CRS", b"KBD_", b"COM1", b"RTC_", b"_S5_"] {
+        for name in [&b"PCI0"[..], b"_PRT", b"_CRS", b"KBD_", b"MOU_", b"COM1", b"RTC_", b"_S5_"] {
             assert!(dsdt.windows(name.len()).any(|w| w == name), "{}", String::from_utf8_lossy(name));
         }
         // PNP0A03 as an EISA ID, and the window's first byte.

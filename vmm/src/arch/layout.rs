@@ -60,6 +60,8 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const SERIAL_IRQ: u32 = 4;
 /// ISA IRQ of the keyboard controller.
 pub const I8042_IRQ: u32 = 1;
+/// ISA IRQ of the PS/2 mouse (the keyboard controller's auxiliary port).
+pub const MOUSE_IRQ: u32 = 12;
 /// ACPI system control interrupt.
 pub const SCI_IRQ: u32 = 9;
 /// IRQs handed to virtio-mmio devices, in order. Kept below 16 so that every

@@ -1,7 +1,9 @@
 //! The i8042 keyboard controller: enough of a PC's for a kernel to find a
 //! keyboard, receive keys from the host (Ctrl-Alt-Del from the control
 //! socket, a console's typing from the RFB server), and reset the machine
-//! by pulsing the CPU reset line (command 0xFE).
+//! by pulsing the CPU reset line (command 0xFE); and, on its auxiliary
+//! port, a PS/2 mouse (an IntelliMouse, with a wheel, once the guest asks
+//! for one) that moves as the console's pointer does.
 
 use std::collections::VecDeque;
 
@@ -19,8 +21,11 @@ const SR_OBF: u8 = 0x01;
 const SR_SYS: u8 = 0x04;
 const SR_CMD: u8 = 0x08;
 const SR_UNLOCKED: u8 = 0x10;
+/// The byte in the output buffer comes from the mouse.
+const SR_AUX_OBF: u8 = 0x20;
 
 const CB_KBD_INT: u8 = 0x01;
+const CB_AUX_INT: u8 = 0x02;
 const CB_SYS: u8 = 0x04;
 const CB_KBD_DISABLE: u8 = 0x10;
 const CB_AUX_DISABLE: u8 = 0x20;
@@ -37,6 +42,7 @@ const CMD_KBD_DISABLE: u8 = 0xad;
 const CMD_KBD_ENABLE: u8 = 0xae;
 const CMD_READ_OUTP: u8 = 0xd0;
 const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_WRITE_AUX_OBUF: u8 = 0xd3;
 const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
@@ -98,7 +104,90 @@ enum Pending {
     CommandByte,
     OutputPort,
     AuxByte,
+    AuxOutput,
     KbdArg,
+}
+
+/// Bytes the mouse may have queued toward the guest (a few hundred packets).
+const AUX_BUF_MAX: usize = 1024;
+
+/// The PS/2 mouse on the auxiliary port.
+#[derive(Default)]
+struct Mouse {
+    /// Data reporting (stream mode) is on.
+    reporting: bool,
+    /// The next byte is the argument of this command.
+    arg_of: Option<u8>,
+    /// The last three sample rates set: 200, 100, 80 asks for the wheel.
+    rates: [u8; 3],
+    /// The guest switched the IntelliMouse protocol (4-byte packets) on.
+    wheel: bool,
+    buttons: u8,
+}
+
+impl Mouse {
+    /// The answer to a byte the guest sent the mouse.
+    fn command(&mut self, b: u8, out: &mut Vec<u8>) {
+        if let Some(cmd) = self.arg_of.take() {
+            if cmd == 0xf3 {
+                self.rates = [self.rates[1], self.rates[2], b];
+                if self.rates == [200, 100, 80] {
+                    self.wheel = true;
+                }
+            }
+            out.push(KBD_ACK);
+            return;
+        }
+        match b {
+            // Set sample rate or resolution: an argument follows.
+            0xf3 | 0xe8 => {
+                self.arg_of = Some(b);
+                out.push(KBD_ACK);
+            }
+            // Get ID: 3 once the wheel is on.
+            0xf2 => out.extend([KBD_ACK, if self.wheel { 3 } else { 0 }]),
+            // Status request: stream mode, reporting, buttons; resolution 2, rate 100.
+            0xe9 => out.extend([KBD_ACK, u8::from(self.reporting) << 5 | self.buttons & 7, 2, 100]),
+            0xf4 => {
+                self.reporting = true;
+                out.push(KBD_ACK);
+            }
+            0xf5 => {
+                self.reporting = false;
+                out.push(KBD_ACK);
+            }
+            0xf6 => {
+                *self = Mouse::default();
+                out.push(KBD_ACK);
+            }
+            0xff => {
+                *self = Mouse::default();
+                out.extend([KBD_ACK, 0xaa, 0x00]);
+            }
+            // Scaling, stream and remote mode, wrap mode off: acknowledged.
+            0xe6 | 0xe7 | 0xea | 0xec | 0xf0 => out.push(KBD_ACK),
+            // Read data (remote mode): an empty packet.
+            0xeb => {
+                out.push(KBD_ACK);
+                out.extend(self.packet(0, 0, 0));
+            }
+            _ => out.push(KBD_RESEND),
+        }
+    }
+
+    /// One movement packet: 3 bytes, 4 with the wheel. `dy` grows upward.
+    fn packet(&self, dx: i32, dy: i32, dz: i32) -> Vec<u8> {
+        let (x, y) = (dx.clamp(-255, 255), dy.clamp(-255, 255));
+        let flags = 0x08
+            | (self.buttons & 7)
+            | if x < 0 { 0x10 } else { 0 }
+            | if y < 0 { 0x20 } else { 0 };
+        let mut p = vec![flags, x as u8, y as u8];
+        if self.wheel {
+            p.push(dz.clamp(-8, 7) as u8 & 0x0f);
+        }
+        p
+    }
 }
 
 /// The controller and its keyboard.
@@ -106,22 +195,29 @@ pub struct I8042 {
     status: u8,
     cb: u8,
     buf: VecDeque<u8>,
+    aux: VecDeque<u8>,
+    mouse: Mouse,
     pending: Pending,
     irq: EventFd,
+    aux_irq: Option<EventFd>,
     events: Sender<VmEvent>,
 }
 
 impl I8042 {
     /// A controller raising `irq` for keyboard data and sending
-    /// [`VmEvent::Reset`] when the guest resets the CPU through it.
-    pub fn new(irq: EventFd, events: Sender<VmEvent>) -> Self {
+    /// [`VmEvent::Reset`] when the guest resets the CPU through it; with
+    /// `aux_irq` (IRQ 12), it has a PS/2 mouse.
+    pub fn new(irq: EventFd, aux_irq: Option<EventFd>, events: Sender<VmEvent>) -> Self {
         I8042 {
             status: SR_SYS | SR_UNLOCKED,
             // What firmware leaves: interrupts on, translation to set 1 on.
             cb: CB_KBD_INT | CB_SYS | CB_XLATE,
             buf: VecDeque::new(),
+            aux: VecDeque::new(),
+            mouse: Mouse::default(),
             pending: Pending::None,
             irq,
+            aux_irq,
             events,
         }
     }
@@ -138,11 +234,53 @@ impl I8042 {
         }
     }
 
-    /// Raises the keyboard IRQ if data waits and interrupts are enabled.
+    /// Whether the next byte the guest reads is the mouse's.
+    fn aux_next(&self) -> bool {
+        self.buf.is_empty() && !self.aux.is_empty()
+    }
+
+    /// Raises the keyboard's or the mouse's IRQ if data waits and its
+    /// interrupt is enabled.
     fn kick(&mut self) {
         if !self.buf.is_empty() && self.cb & CB_KBD_INT != 0 {
             let _ = self.irq.write(1);
+        } else if self.aux_next() && self.cb & CB_AUX_INT != 0 {
+            if let Some(irq) = &self.aux_irq {
+                let _ = irq.write(1);
+            }
         }
+    }
+
+    fn push_aux(&mut self, bytes: &[u8]) {
+        if self.aux.len() + bytes.len() <= AUX_BUF_MAX {
+            self.aux.extend(bytes);
+        }
+    }
+
+    /// The console's pointer moved by (`dx`, `dy`) (`dy` grows downward, as
+    /// on a screen) and turned the wheel by `dz` (negative: up), with
+    /// `buttons` held (bit 0 left, 1 right, 2 middle): movement packets for
+    /// the guest, if it turned the mouse's reporting on.
+    pub fn pointer(&mut self, dx: i32, dy: i32, dz: i32, buttons: u8) {
+        if self.aux_irq.is_none() || !self.mouse.reporting || self.cb & CB_AUX_DISABLE != 0 {
+            return;
+        }
+        self.mouse.buttons = buttons & 7;
+        let (mut x, mut y) = (dx, -dy);
+        let mut z = dz;
+        // Large moves go as several packets, each within a packet's range.
+        loop {
+            let (px, py) = (x.clamp(-255, 255), y.clamp(-255, 255));
+            let p = self.mouse.packet(px, py, z);
+            self.push_aux(&p);
+            x -= px;
+            y -= py;
+            z = 0;
+            if x == 0 && y == 0 {
+                break;
+            }
+        }
+        self.kick();
     }
 
     /// Queues a key's set-2 bytes, translated to set 1 when the guest left
@@ -174,6 +312,25 @@ impl I8042 {
         self.kick();
     }
 
+    /// Presses and releases as many of `strokes` as the queue holds now, in
+    /// order; returns how many. The rest waits with the caller (typed text
+    /// longer than the queue goes in as the guest reads).
+    pub fn key_strokes_fitting(&mut self, strokes: &[KeyStroke]) -> usize {
+        if self.cb & CB_KBD_DISABLE != 0 {
+            return 0;
+        }
+        let mut n = 0;
+        for s in strokes {
+            if self.buf.len() + 3 > KEY_BUF_MAX {
+                break;
+            }
+            self.push_key(s.key, s.release);
+            n += 1;
+        }
+        self.kick();
+        n
+    }
+
     /// Presses and releases Ctrl-Alt-Del.
     pub fn ctrl_alt_del(&mut self) {
         for k in [KEY_CTRL, KEY_ALT, KEY_DEL] {
@@ -191,8 +348,8 @@ impl I8042 {
             CMD_WRITE_CB => self.pending = Pending::CommandByte,
             CMD_AUX_DISABLE => self.cb |= CB_AUX_DISABLE,
             CMD_AUX_ENABLE => self.cb &= !CB_AUX_DISABLE,
-            // No mouse: its interface test fails with "clock line stuck low".
-            CMD_AUX_TEST => self.push(0x01),
+            // Without a mouse its interface test fails ("clock line stuck low").
+            CMD_AUX_TEST => self.push(if self.aux_irq.is_some() { 0x00 } else { 0x01 }),
             CMD_SELF_TEST => self.push(0x55),
             CMD_KBD_TEST => self.push(0x00),
             CMD_KBD_DISABLE => self.cb |= CB_KBD_DISABLE,
@@ -200,6 +357,7 @@ impl I8042 {
             CMD_READ_OUTP => self.push(0x01),
             CMD_WRITE_OUTP => self.pending = Pending::OutputPort,
             CMD_WRITE_AUX => self.pending = Pending::AuxByte,
+            CMD_WRITE_AUX_OBUF => self.pending = Pending::AuxOutput,
             CMD_RESET_CPU => {
                 tracing::info!("guest reset through the keyboard controller");
                 let _ = self.events.send(VmEvent::Reset);
@@ -342,11 +500,18 @@ impl BusDevice for I8042 {
         }
         match offset {
             COMMAND => {
-                let obf = if self.buf.is_empty() { 0 } else { SR_OBF };
+                let obf = match (self.buf.is_empty(), self.aux_next()) {
+                    (false, _) => SR_OBF,
+                    (true, true) => SR_OBF | SR_AUX_OBF,
+                    (true, false) => 0,
+                };
                 data[0] = self.status | obf;
             }
             DATA => {
-                data[0] = self.buf.pop_front().unwrap_or(0);
+                data[0] = match self.buf.pop_front() {
+                    Some(b) => b,
+                    None => self.aux.pop_front().unwrap_or(0),
+                };
                 self.kick();
             }
             _ => {}
@@ -373,7 +538,14 @@ impl BusDevice for I8042 {
                         tracing::info!("guest reset through the keyboard controller's output port");
                         let _ = self.events.send(VmEvent::Reset);
                     }
-                    Pending::OutputPort | Pending::AuxByte => {}
+                    Pending::OutputPort => {}
+                    Pending::AuxByte if self.aux_irq.is_some() => {
+                        let mut out = Vec::new();
+                        self.mouse.command(b, &mut out);
+                        self.push_aux(&out);
+                    }
+                    Pending::AuxByte => {}
+                    Pending::AuxOutput => self.push_aux(&[b]),
                     // The argument of a keyboard command (LEDs, rate, set).
                     Pending::KbdArg => self.push(KBD_ACK),
                     Pending::None => self.keyboard(b),
@@ -392,7 +564,11 @@ mod tests {
     fn dev() -> (I8042, std::sync::mpsc::Receiver<VmEvent>) {
         let (tx, rx) = std::sync::mpsc::channel();
         (
-            I8042::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), tx),
+            I8042::new(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                Some(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                tx,
+            ),
             rx,
         )
     }
@@ -495,5 +671,53 @@ mod tests {
             d.write(DATA, &[0x12, 0x34]);
         }
         assert_eq!(drain(&mut d).len(), BUF_MAX);
+    }
+
+    fn to_mouse(d: &mut I8042, b: u8) {
+        d.write(COMMAND, &[CMD_WRITE_AUX]);
+        d.write(DATA, &[b]);
+    }
+
+    #[test]
+    fn the_mouse_answers_a_driver_and_reports_movement_with_the_wheel() {
+        let (mut d, _rx) = dev();
+        d.write(COMMAND, &[CMD_AUX_TEST]);
+        assert_eq!(drain(&mut d), vec![0x00], "a mouse is there");
+        to_mouse(&mut d, 0xff);
+        assert_eq!(drain(&mut d), vec![0xfa, 0xaa, 0x00]);
+        // Nothing is reported until the guest enables reporting.
+        d.pointer(5, 5, 0, 0);
+        assert!(drain(&mut d).is_empty());
+        // The IntelliMouse knock: sample rates 200, 100, 80, then ID 3.
+        for r in [200, 100, 80] {
+            to_mouse(&mut d, 0xf3);
+            to_mouse(&mut d, r);
+        }
+        to_mouse(&mut d, 0xf2);
+        assert_eq!(drain(&mut d), vec![0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 3]);
+        to_mouse(&mut d, 0xf4);
+        assert_eq!(drain(&mut d), vec![0xfa]);
+        // The status register says which device a byte comes from.
+        d.pointer(3, 4, -1, 1);
+        let mut st = [0u8];
+        d.read(COMMAND, &mut st);
+        assert_eq!(st[0] & (SR_OBF | SR_AUX_OBF), SR_OBF | SR_AUX_OBF);
+        // Left held, x +3, y -4 (screen down is mouse negative), wheel up.
+        assert_eq!(drain(&mut d), vec![0x08 | 0x20 | 1, 3, 0xfc, 0x0f]);
+        // A long move is cut into packets a packet can carry.
+        d.pointer(600, 0, 0, 0);
+        let p = drain(&mut d);
+        assert_eq!(p.len(), 12);
+        assert_eq!([p[1], p[5], p[9]], [255, 255, 90]);
+        // Keyboard bytes go first; then the mouse's.
+        d.pointer(1, 0, 0, 0);
+        d.key_strokes(&[KeyStroke { key: ScanCode::plain(0x1c), release: false }]);
+        let mut b = [0u8];
+        d.read(COMMAND, &mut st);
+        assert_eq!(st[0] & SR_AUX_OBF, 0);
+        d.read(DATA, &mut b);
+        assert_eq!(b[0], 0x1e);
+        d.read(COMMAND, &mut st);
+        assert_ne!(st[0] & SR_AUX_OBF, 0);
     }
 }

@@ -43,6 +43,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// Most bytes buffered from a client: well above the longest message we
 /// decode whole (a SetEncodings of 1024 encodings, 4100 bytes).
 const READ_BUF_MAX: usize = 16 * 1024;
+/// Most clipboard text typed from one paste.
+const MAX_PASTE: usize = 16 * 1024;
 
 /// Why a client was closed.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +73,8 @@ struct Shared {
 
 /// Serves RFB on a unix socket at `path` until the process exits: the
 /// framebuffer `fb` to every client, under the desktop name `name`, and
-/// their keys to the VM as [`VmEvent::Keys`]. Pointer events are accepted
-/// and ignored (the VM has no pointing device yet), as is the clipboard.
+/// their keys to the VM as [`VmEvent::Keys`] and their pointer as
+/// [`VmEvent::Pointer`]; clipboard text a client sends is typed as keys.
 /// There is no authentication (security type None): the socket is made
 /// accessible to its owner only, the local server process, which
 /// authenticates the people it proxies.
@@ -141,8 +143,10 @@ struct Client<'a> {
     stream: UnixStream,
     shared: &'a Shared,
     buf: Vec<u8>,
-    /// Bytes of a ClientCutText's text still to be thrown away.
+    /// Bytes of a ClientCutText's text still to come.
     skip: usize,
+    /// The clipboard text being received, typed into the guest once whole.
+    paste: Option<Vec<u8>>,
     converter: Converter,
     frame: ClientFrame,
     keyboard: Keyboard,
@@ -162,6 +166,7 @@ impl<'a> Client<'a> {
             shared,
             buf: Vec::with_capacity(4096),
             skip: 0,
+            paste: None,
             converter: Converter::new(&PixelFormat::XRGB8888),
             frame: ClientFrame::new(&shared.fb),
             desktop_size: false,
@@ -208,12 +213,46 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// Appends new bytes, first dropping what belongs to skipped text.
+    /// Appends new bytes, first taking out what belongs to clipboard text.
     fn discard_then_keep(&mut self, mut bytes: &[u8]) {
         let drop = self.skip.min(bytes.len());
         self.skip -= drop;
+        self.collect_paste(&bytes[..drop]);
         bytes = &bytes[drop..];
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Keeps clipboard text (up to [`MAX_PASTE`] bytes; the rest is dropped)
+    /// and types it into the guest once all of it came.
+    fn collect_paste(&mut self, bytes: &[u8]) {
+        if let Some(p) = &mut self.paste {
+            let room = MAX_PASTE.saturating_sub(p.len());
+            p.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+        if self.skip == 0 {
+            if let Some(text) = self.paste.take() {
+                self.type_text(&text);
+            }
+        }
+    }
+
+    /// Types clipboard text (ISO 8859-1, as RFB carries it) on the keyboard:
+    /// what a console user pastes reaches the guest as keystrokes.
+    fn type_text(&mut self, text: &[u8]) {
+        let mut strokes = Vec::new();
+        for &b in text {
+            let keysym = match b {
+                b'\n' => 0xff0d,
+                b'\t' => 0xff09,
+                b'\r' => continue,
+                0x20..=0x7e | 0xa0..=0xff => u32::from(b),
+                _ => continue,
+            };
+            strokes.extend(self.keyboard.event(keysym, true));
+            strokes.extend(self.keyboard.event(keysym, false));
+        }
+        tracing::debug!(vm = %self.shared.name, bytes = text.len(), "RFB clipboard typed");
+        self.send_keys(strokes);
     }
 
     /// Reads one handshake message, within the handshake's deadline.
@@ -316,12 +355,16 @@ impl<'a> Client<'a> {
                 let strokes = self.keyboard.event(keysym, down);
                 self.send_keys(strokes);
             }
-            ClientMessage::PointerEvent { .. } => {}
+            ClientMessage::PointerEvent { buttons, x, y } => {
+                let _ = self.shared.events.send(VmEvent::Pointer { x, y, buttons });
+            }
             ClientMessage::ClientCutText { len } => {
                 let len = len as usize;
                 let here = len.min(self.buf.len());
-                self.buf.drain(..here);
+                let taken: Vec<u8> = self.buf.drain(..here).collect();
                 self.skip = len - here;
+                self.paste = Some(Vec::new());
+                self.collect_paste(&taken);
             }
         }
         Ok(())
@@ -456,7 +499,7 @@ mod tests {
             },
         }
         .encode(&mut m);
-        // Some clipboard text, split across writes, is skipped.
+        // Clipboard text, split across writes, is typed once whole.
         ClientMessage::ClientCutText { len: 5 }.encode(&mut m);
         m.extend(b"hel");
         s.write_all(&m).unwrap();
@@ -502,6 +545,13 @@ mod tests {
         assert_eq!((r.rect.x, r.rect.y, r.rect.w, r.rect.h), (0, 0, 64, 64));
         let px = read_n(&mut s, 4 * 64 * 64);
         assert_eq!(&px[4 * 65..4 * 66], &0x0011_2233u32.to_le_bytes());
+
+        let Ok(VmEvent::Keys(typed)) = rx.recv_timeout(Duration::from_secs(5)) else {
+            panic!("the clipboard was not typed")
+        };
+        let downs: Vec<u8> = typed.iter().filter(|k| !k.release).map(|k| k.key.code).collect();
+        assert_eq!(downs, vec![0x33, 0x24, 0x4b, 0x4b, 0x44], "h e l l o");
+        assert_eq!(typed.len(), 10, "each key pressed and released");
 
         // Keys reach the VM as set-2 strokes; held ones are released when
         // the client leaves.
