@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # The drivers a guest of EnSpeed's VMM (or QEMU microvm) needs: virtio-mmio transport,
 # disk, network, ext4 (its crc32c comes from the crypto API, so preload the generic one),
 # the ACPI power button and evdev, through which acpid sees the button.
-KIT_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ahci sd_mod sr_mod isofs ext4 crc32c_generic button evdev"
+KIT_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_input ahci sd_mod sr_mod isofs ext4 crc32c_generic button evdev"
 
 ensure_tool dpkg-deb dpkg
 ensure_tool cpio cpio

@@ -74,12 +74,14 @@ run_guest() {
         _d=$((NOW_CS - _t0))
         printf '[%s %d.%02d] %s\n' "$_name" $((_d / 100)) $((_d % 100)) "$_line"
         printf '[%d.%02d] %s\n' $((_d / 100)) $((_d % 100)) "$_line" >>"/tmp/guest-$_name.log"
-        # Marks: the kit's progress lines, and for firmware guests the firmware's banner and
-        # the boot disk's lines, from their marker on (the firmware's screen codes before it).
+        # Marks: the kit's progress lines, and for firmware guests the firmware's banner, the
+        # boot disk's lines and GRUB's, from their marker on (screen codes before it).
         case "$_line" in
         *"KIT: "*) printf '%d KIT: %s\n' "$_d" "${_line#*KIT: }" ;;
         *"bootdisk: "*) printf '%d bootdisk: %s\n' "$_d" "${_line#*bootdisk: }" ;;
         *"SeaBIOS ("*) printf '%d SeaBIOS (%s\n' "$_d" "${_line#*SeaBIOS (}" ;;
+        *"Welcome to GRUB"*) printf '%d GRUB: welcome\n' "$_d" ;;
+        *"GRUB: "*) printf '%d GRUB: %s\n' "$_d" "${_line#*GRUB: }" ;;
         esac >>"/tmp/$_name.marks"
     done
     _rc=$(cat "/tmp/$_name.rc")

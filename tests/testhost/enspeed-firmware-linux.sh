@@ -12,28 +12,34 @@ for iso in kit-virtio.iso kit-sata.iso; do
     [ -f "/usr/local/bin/$iso" ] || { echo "FAIL: no $iso: give run.sh --extra"; exit 2; }
 done
 
-boot() { # boot NAME ISO DISK-OPTIONS
-    cp "$KIT/disk.ext4" "/tmp/$1.ext4"
-    run_guest "$1" 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk "/tmp/$1.ext4$3" \
-        --cdrom "/usr/local/bin/$2" --serial stdout --api-socket "/tmp/$1.sock" ||
+boot() { # boot NAME ISO DISK-OPTIONS [VMM-ARGUMENTS...]
+    name=$1 iso=$2 opts=$3
+    shift 3
+    cp "$KIT/disk.ext4" "/tmp/$name.ext4"
+    run_guest "$name" 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk "/tmp/$name.ext4$opts" \
+        --cdrom "/usr/local/bin/$iso" --serial stdout --api-socket "/tmp/$name.sock" "$@" ||
         fail "enspeed vmm exited with $? (expected 0 when the guest powers off)"
-    expect "$1" "KIT: init reached"
-    expect "$1" "KIT: cdrom ok proof=enspeed-cd"
-    expect "$1" "KIT: disk ok"
-    expect "$1" "KIT: poweroff"
-    expect_not "$1" "KIT: FAIL"
-    got=$(disk_proof "/tmp/$1.ext4") || fail "$1: cannot read /kit-proof from the disk image"
-    [ "$got" = "$1" ] && echo "ok: $1's disk image holds the proof '$1'" ||
-        fail "$1: the disk image holds '$got', expected '$1'"
+    expect "$name" "KIT: init reached"
+    expect "$name" "KIT: cdrom ok proof=enspeed-cd"
+    expect "$name" "KIT: disk ok"
+    expect "$name" "KIT: poweroff"
+    expect_not "$name" "KIT: FAIL"
+    got=$(disk_proof "/tmp/$name.ext4") || fail "$name: cannot read /kit-proof from the disk image"
+    [ "$got" = "$name" ] && echo "ok: $name's disk image holds the proof '$name'" ||
+        fail "$name: the disk image holds '$got', expected '$name'"
 }
 
-boot fwvirtio kit-virtio.iso ""
+# With a graphical console: the VGA and the virtio tablet are there too.
+boot fwvirtio kit-virtio.iso "" --vnc /tmp/fwvirtio.vnc
 grep -q "KIT: pci virtio-msi=[1-9]" /tmp/guest-fwvirtio.log &&
     echo "ok: virtio-blk interrupts through MSI-X" ||
     fail "fwvirtio: virtio-blk has no MSI interrupts: $(grep 'KIT: pci' /tmp/guest-fwvirtio.log)"
 grep -q "KIT: pci .*ahci-msi=[1-9]" /tmp/guest-fwvirtio.log &&
     echo "ok: the AHCI controller interrupts through MSI" ||
     fail "fwvirtio: AHCI has no MSI interrupt: $(grep 'KIT: pci' /tmp/guest-fwvirtio.log)"
+grep -q "KIT: pci .*tablet=1" /tmp/guest-fwvirtio.log &&
+    echo "ok: Linux's virtio_input has the tablet" ||
+    fail "fwvirtio: no tablet in /proc/bus/input/devices: $(grep 'KIT: pci' /tmp/guest-fwvirtio.log)"
 bench enspeed-firmware-linux-to-init fwvirtio "KIT: init reached"
 
 boot fwsata kit-sata.iso ",bus=sata"

@@ -37,6 +37,7 @@ use crate::devices::ahci::atapi::Cdrom;
 use crate::devices::ahci::{Ahci, AhciError, Drive};
 use crate::devices::pci::msix::MsiSender;
 use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
+use crate::devices::virtio::input::Tablet;
 use crate::devices::virtio::IntxLine;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::debugcon::{self, DebugCon};
@@ -81,6 +82,10 @@ pub enum VmEvent {
         y: u16,
         /// Buttons held.
         buttons: u8,
+        /// The screen's size, for an absolute pointer.
+        width: u32,
+        /// The screen's size.
+        height: u32,
     },
 }
 
@@ -429,6 +434,8 @@ struct Vm {
     ahci: Option<SataDevices>,
     /// The thread drawing the VGA's screen into the framebuffer.
     display: Option<Display>,
+    /// The absolute pointer, with a graphical console and firmware boot.
+    tablet: Option<Tablet>,
     /// Mapped into the VM as a memory slot; told when the VM goes.
     fb: Option<Arc<Framebuffer>>,
     vcpus: Vec<VcpuThread>,
@@ -514,6 +521,7 @@ impl Vm {
             _ => None,
         };
         let mut display = None;
+        let mut tablet = None;
 
         // Legacy devices, on every PC.
         let mut pio = Bus::default();
@@ -622,6 +630,14 @@ impl Vm {
                     )
                     .map_err(bus_err)?;
                     display = Some(Display::start(state, fb.clone()).map_err(io_err("start the display"))?);
+                    // The console's pointer as an absolute tablet, beside the PS/2 mouse.
+                    let t = Tablet::new();
+                    let (send, intx, _) = pci_interrupts(&vm, &bus);
+                    let dev = VirtioPci::new(Box::new(t.clone()), mem.clone(), send, intx, Some(vm.clone()))
+                        .map_err(|e| VmError::Config(e.to_string()))?;
+                    bus.add(Arc::new(Mutex::new(dev)))
+                        .map_err(|e| VmError::Config(e.to_string()))?;
+                    tablet = Some(t);
                 }
                 let (virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
                 let sata = sata_devices(cfg, cdrom.as_ref(), &vm, &mem, &mut bus)?;
@@ -717,6 +733,7 @@ impl Vm {
             _rom: rom_keep,
             ahci,
             display,
+            tablet,
             fb: fb.cloned(),
             vcpus,
             control,
@@ -963,7 +980,13 @@ fn run_until_exit(
                 let room = MAX_KEY_BACKLOG.saturating_sub(key_backlog.len());
                 key_backlog.extend(strokes.into_iter().take(room));
             }
-            VmEvent::Pointer { x, y, buttons } => {
+            VmEvent::Pointer {
+                x,
+                y,
+                buttons,
+                width,
+                height,
+            } => {
                 let (dx, dy) = match pointer {
                     Some((px, py)) => (i32::from(x) - px, i32::from(y) - py),
                     None => (0, 0),
@@ -978,6 +1001,9 @@ fn run_until_exit(
                 // RFB numbers left, middle, right; PS/2 left, right, middle.
                 let ps2 = (buttons & 1) | (buttons & 4) >> 1 | (buttons & 2) << 1;
                 lock(&vm.i8042).pointer(dx, dy, dz, ps2);
+                if let Some(t) = &vm.tablet {
+                    t.pointer(x, y, width, height, buttons & 7, dz);
+                }
             }
             VmEvent::SerialInput(bytes) => {
                 // Bounded: a client pasting megabytes must not grow us without limit.

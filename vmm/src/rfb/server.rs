@@ -356,7 +356,13 @@ impl<'a> Client<'a> {
                 self.send_keys(strokes);
             }
             ClientMessage::PointerEvent { buttons, x, y } => {
-                let _ = self.shared.events.send(VmEvent::Pointer { x, y, buttons });
+                let _ = self.shared.events.send(VmEvent::Pointer {
+                    x,
+                    y,
+                    buttons,
+                    width: self.shared.fb.width(),
+                    height: self.shared.fb.height(),
+                });
             }
             ClientMessage::ClientCutText { len } => {
                 let len = len as usize;

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod transport;

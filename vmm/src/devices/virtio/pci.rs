@@ -82,6 +82,7 @@ fn identity(device_type: u32) -> Identity {
     let class = match device_type {
         ids::BLOCK => (0x01, 0x00, 0x00),
         ids::NET => (0x02, 0x00, 0x00),
+        super::input::ID_INPUT => (0x09, 0x80, 0x00),
         _ => (0xff, 0x00, 0x00),
     };
     Identity {

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Benchmarks firmware boot inside the test host, EnSpeed beside QEMU (-M q35, SeaBIOS) in one
+# run, and prints Markdown for BENCHMARKS.md: a blank disk falling through to an El Torito CD,
+# power-on to GRUB's first output and to the kernel's init (tests/testhost/bench-firmware.sh).
+# Environment: BENCH_BOOTS (boots each, default 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="$(scripts/setup.sh)"
+cargo build --release -p enspeed >&2
+iso="$CARGO_TARGET_DIR/release/kit-bench.iso"
+image/kit/iso.sh "$iso" "console=ttyS0 quiet kit.task=poweroff" >/dev/null
+image/testhost/build.sh >&2
+log=$(mktemp)
+scenario=$(mktemp --suffix=.sh)
+{ echo "BENCH_BOOTS=${BENCH_BOOTS:-5}"; cat tests/testhost/bench-firmware.sh; } >"$scenario"
+image/testhost/run.sh --scenario "$scenario" --enspeed "$CARGO_TARGET_DIR/release/enspeed" \
+    --extra "$iso" --timeout 3000 >"$log" 2>&1 ||
+    { cat "$log" >&2; echo "bench-firmware scenario failed" >&2; exit 1; }
+echo "## Firmware boot inside the test host ($(date -u +%Y-%m-%d), ${BENCH_BOOTS:-5} boots each, alternating)"
+echo
+awk '/^BENCH (enspeed|qemu)-firmware-to-(grub|init) / { v[$2] = v[$2] " " $3 }
+     function median(s,   a, n, i, j, t) {
+         n = split(s, a, " ")
+         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+     }
+     END {
+         print "| measure (s, median) | enspeed | qemu q35 | enspeed / qemu | target |"
+         print "| --- | ---: | ---: | ---: | ---: |"
+         split("grub init", ms, " ")
+         for (k = 1; k <= 2; k++) {
+             e = median(v["enspeed-firmware-to-" ms[k]]); q = median(v["qemu-firmware-to-" ms[k]])
+             printf "| power-on to %s | %.2f | %.2f | %.2f | 0.80 |\n", (ms[k] == "grub" ? "the boot loader'"'"'s first output" : "the kernel'"'"'s init"), e, q, e / q
+         }
+         print ""
+         print "All boots (s): enspeed to GRUB" v["enspeed-firmware-to-grub"] "; qemu to GRUB" v["qemu-firmware-to-grub"] \
+             "; enspeed to init" v["enspeed-firmware-to-init"] "; qemu to init" v["qemu-firmware-to-init"]
+     }' "$log"
+rm -f "$log" "$scenario"
