@@ -31,7 +31,8 @@ use blockrepl::daemon::{self, Request as BlockdRequest};
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    Capacity, Command as StateCommand, DiskObservation, DiskRecord, Observation, StateMachine,
+    BootMode, BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord,
+    Observation, StateMachine,
     VmObservation, VmRecord,
 };
 use crate::transport::AddressBook;
@@ -866,17 +867,29 @@ impl Reconciler {
         let _ = std::fs::remove_file(&api);
         let _ = std::fs::remove_file(&vnc);
         let mut cmd = Command::new(&self.s.cfg.binary);
-        cmd.arg("vmm")
-            .args(["--kernel", &vm.kernel])
-            .args([
-                "--cmdline",
-                &vm.cmdline.replace("{generation}", &generation.to_string()),
-            ])
-            .args(["--memory", &vm.memory_mib.to_string()])
-            .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
-        if !vm.initrd.is_empty() {
-            cmd.args(["--initrd", &vm.initrd]);
+        cmd.arg("vmm");
+        match vm.boot {
+            BootMode::Kernel => {
+                cmd.args(["--kernel", &vm.kernel]).args([
+                    "--cmdline",
+                    &vm.cmdline.replace("{generation}", &generation.to_string()),
+                ]);
+                if !vm.initrd.is_empty() {
+                    cmd.args(["--initrd", &vm.initrd]);
+                }
+            }
+            BootMode::Bios => {
+                cmd.args(["--firmware", "bios"]).args([
+                    "--boot",
+                    match vm.boot_order {
+                        BootOrder::DiskFirst => "disk,cdrom",
+                        BootOrder::CdromFirst => "cdrom,disk",
+                    },
+                ]);
+            }
         }
+        cmd.args(["--memory", &vm.memory_mib.to_string()])
+            .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
         for d in &vm.disks {
             let socket = copies
                 .get(d)
@@ -886,12 +899,16 @@ impl Reconciler {
         }
         // The CD-ROM drive, after the disks: the ISO if this server holds it yet, else empty
         // (`cdroms` inserts it once copied).
+        // With firmware boot the drive is the SATA CD-ROM; either way its media is changed on
+        // the control socket as the drive after the disks.
         let cdrom = self.cdrom_file(state, vm);
-        match &cdrom {
-            Some(path) => cmd
+        match (&cdrom, vm.boot) {
+            (Some(path), BootMode::Kernel) => cmd
                 .arg("--disk")
                 .arg(format!("{},readonly", path.display())),
-            None => cmd.args(["--disk", "empty,readonly"]),
+            (None, BootMode::Kernel) => cmd.args(["--disk", "empty,readonly"]),
+            (Some(path), BootMode::Bios) => cmd.arg("--cdrom").arg(path),
+            (None, BootMode::Bios) => cmd.args(["--cdrom", "empty"]),
         };
         self.media.insert(vm.name.clone(), (cdrom, Instant::now()));
         cmd.arg("--serial")

@@ -196,6 +196,9 @@ mod tests {
                 initrd: String::new(),
                 cmdline: String::new(),
                 running: true,
+                boot: Default::default(),
+                boot_order: Default::default(),
+                cdrom: None,
             }),
             &mut Vec::new(),
         )

@@ -143,6 +143,34 @@ pub struct VmRecord {
     /// The ISO image in its CD-ROM drive (an `IsoRecord`'s name); none: empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdrom: Option<String>,
+    /// How it starts: the cluster's guest kernel, or its firmware from its disks and CD.
+    #[serde(default)]
+    pub boot: BootMode,
+    /// With firmware boot: what the firmware boots first.
+    #[serde(default)]
+    pub boot_order: BootOrder,
+}
+
+/// How a VM starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// The cluster's guest kernel, entered directly (`enspeed server --guest-kernel`).
+    #[default]
+    Kernel,
+    /// A blank PC: SeaBIOS boots its disks or the ISO in its CD-ROM drive.
+    Bios,
+}
+
+/// What the firmware boots first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootOrder {
+    /// The disks, then the CD-ROM.
+    #[default]
+    DiskFirst,
+    /// The CD-ROM, then the disks.
+    CdromFirst,
 }
 
 /// An ISO image of the library: a file every VM server keeps a copy of, named by its
@@ -358,6 +386,15 @@ pub struct NewVm {
     /// Start it once placed.
     #[serde(default)]
     pub running: bool,
+    /// How it starts.
+    #[serde(default)]
+    pub boot: BootMode,
+    /// With firmware boot: what the firmware boots first.
+    #[serde(default)]
+    pub boot_order: BootOrder,
+    /// The ISO in its CD-ROM drive from the start (a library image's name).
+    #[serde(default)]
+    pub cdrom: Option<String>,
 }
 
 impl NewVm {
@@ -375,7 +412,9 @@ impl NewVm {
             id: 0,
             owner,
             graceful_stop: false,
-            cdrom: None,
+            cdrom: self.cdrom.clone(),
+            boot: self.boot,
+            boot_order: self.boot_order,
         }
     }
 }
@@ -963,6 +1002,14 @@ impl StateMachine {
         if self.disks.contains_key(&disk_name) {
             return Err(format!("disk {disk_name} exists"));
         }
+        if let Some(iso) = &vm.cdrom {
+            if !self.isos.contains_key(iso) {
+                return Err(format!("no ISO {iso} in the library"));
+            }
+        }
+        if vm.boot == BootMode::Kernel && vm.kernel.is_empty() {
+            return Err(format!("VM {name} boots the guest kernel, but none is given"));
+        }
         let p = match clone_of {
             None => crate::placement::place(self, vm.memory_mib, disk_size)?,
             Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, disk_size)?,
@@ -1487,6 +1534,9 @@ impl StateMachine {
                     graceful_stop: false,
                     // The same ISO, if any: the library is the same everywhere.
                     cdrom: src.cdrom.clone(),
+                    // It boots as its source does.
+                    boot: src.boot,
+                    boot_order: src.boot_order,
                 };
                 let r = self.create_vm(copy, disk.size, Some(&disk), writes)?;
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
@@ -1796,6 +1846,8 @@ mod tests {
                 owner: None,
                 graceful_stop: false,
                 cdrom: None,
+                boot: BootMode::Kernel,
+                boot_order: BootOrder::DiskFirst,
             }),
         ];
         for c in &cmds {
@@ -2026,6 +2078,9 @@ mod tests {
             initrd: String::new(),
             cmdline: String::new(),
             running: false,
+            boot: Default::default(),
+            boot_order: Default::default(),
+            cdrom: None,
         }
         .record(Some(r));
         vm.id = 7;

@@ -140,6 +140,28 @@ impl Web {
         (status, v)
     }
 
+    /// PUTs `bytes` (binary, application/octet-stream) to `path`, with the CSRF token.
+    pub fn put_bytes(&self, path: &str, bytes: &[u8]) -> Answer {
+        let mut req = self.agent.request("PUT", &format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.set("Cookie", c);
+        }
+        if let Some(t) = &self.csrf {
+            req = req.set("X-CSRF-Token", t);
+        }
+        let r = req
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(bytes);
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("PUT {path}: {e}"),
+        };
+        let status = resp.status();
+        let v = resp.into_json().unwrap_or(Value::Null);
+        (status, v)
+    }
+
     /// [`Web::raw`], with the session cookie the answer sets, if any.
     fn request(
         &self,

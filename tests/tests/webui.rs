@@ -1859,6 +1859,65 @@ fn an_iso_uploaded_to_one_server_reaches_every_vm_server_and_the_cd_rom_of_a_run
 }
 
 #[test]
+fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("blank", &[]);
+    let m = c.manager(0);
+    // The boot disk's program as an El Torito CD: it says where it booted from, checks the
+    // ACPI tables and powers the VM off.
+    let iso = std::fs::read(enspeed_tests::bootdisk_iso()).unwrap();
+    let up = m.put_bytes("/api/v1/isos/bootdisk.iso", &iso);
+    assert_eq!(up.0, 201, "{up:?}");
+    cluster::wait_for("both VM servers hold the ISO", WAIT, || {
+        let l = m.get("/api/v1/isos").1;
+        (l[0]["servers"] == json!([1, 2])).then_some(())
+    });
+    let bad = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "b0", "memory_mib": 128, "disk_gib": 1, "boot": "bios", "iso": "none.iso"})),
+    );
+    assert_eq!(bad.0, 404, "{bad:?}");
+    let bad = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "b0", "memory_mib": 128, "disk_gib": 1, "boot": "uefi"})),
+    );
+    assert_eq!(bad.0, 400, "{bad:?}");
+    let r = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "blank", "memory_mib": 128, "disk_gib": 1, "boot": "bios",
+                    "iso": "bootdisk.iso", "start": true})),
+    );
+    assert_eq!(r.0, 201, "{r:?}");
+    assert_eq!(r.1["boot"], "bios");
+    assert_eq!(r.1["boot_order"], "disk_first");
+    assert_eq!(r.1["cdrom"], "bootdisk.iso");
+    let vm = id(&r);
+    // Its blank disk falls through to the CD; the program runs and powers the VM off, which
+    // the cluster then shows as stopped.
+    let primary = m.get(&format!("/api/v1/vms/{vm}")).1["primary"]["server"]
+        .as_u64()
+        .unwrap() as usize
+        - 1;
+    let serial = c.servers[primary].data.join("agent/vms/blank/serial.log");
+    cluster::wait_for("the CD booted and powered the VM off", WAIT, || {
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        (log.contains("bootdisk: loaded whole from a CD (El Torito)")
+            && log.contains("S5 sleep type 5; powering off"))
+        .then_some(())
+    });
+    cluster::wait_for("the VM stopped", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "stopped").then_some(())
+    });
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(log.contains("Boot failed: not a bootable disk"), "the blank disk came first:\n{log}");
+    assert!(!log.contains("bootdisk: FAIL"), "{log}");
+}
+
+#[test]
 fn a_manager_adds_a_server_that_waits_for_a_cluster() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start("add", &[]);

@@ -80,6 +80,16 @@ pub enum VmCommand {
         /// Power it on once created.
         #[arg(long)]
         start: bool,
+        /// A blank PC that boots its disk or CD through its BIOS, instead of the cluster's
+        /// guest kernel.
+        #[arg(long)]
+        blank: bool,
+        /// An ISO of the library in its CD-ROM drive.
+        #[arg(long)]
+        iso: Option<String>,
+        /// With --blank: boot the CD-ROM before the disk.
+        #[arg(long, requires = "blank")]
+        cdrom_first: bool,
     },
     /// Power on.
     Start {
@@ -531,10 +541,22 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             disk,
             owner,
             start,
+            blank,
+            iso,
+            cdrom_first,
         } => {
             let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
             if let Some(o) = owner {
                 body["owner"] = json!(o);
+            }
+            if blank {
+                body["boot"] = json!("bios");
+                if cdrom_first {
+                    body["boot_order"] = json!("cdrom_first");
+                }
+            }
+            if let Some(iso) = iso {
+                body["iso"] = json!(iso);
             }
             run(l, |s| s.call("POST", "/vms", Some(body)), vm_table)
         }

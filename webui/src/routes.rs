@@ -7,7 +7,8 @@
 //!   DELETE /api/v1/session             log out
 //!   GET    /api/v1/summary             counts of what the caller sees
 //!   GET    /api/v1/vms                 VMs the caller sees
-//!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?}
+//!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?,
+//!                                        boot? (kernel|bios), boot_order? (disk_first|cdrom_first), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
@@ -76,6 +77,15 @@ struct NewVm {
     owner: Option<u64>,
     #[serde(default)]
     start: bool,
+    /// kernel (the cluster's guest kernel, the default) or bios (a blank PC).
+    #[serde(default)]
+    boot: state_machine::BootMode,
+    /// With bios: disk_first (the default) or cdrom_first.
+    #[serde(default)]
+    boot_order: state_machine::BootOrder,
+    /// A library ISO in the CD-ROM drive from the start.
+    #[serde(default)]
+    iso: Option<String>,
 }
 
 fn one() -> u32 {
@@ -815,12 +825,20 @@ impl App {
         if !access::may_administer_vms_of(&c.user, o) {
             return Err(ApiError::forbidden(format!("VMs of user {}", o.name)));
         }
-        if self.cfg.guest.kernel.is_empty() {
+        let kernel = v.boot == state_machine::BootMode::Kernel;
+        if kernel && self.cfg.guest.kernel.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                "this cluster has no guest image to boot VMs from (enspeed server --guest-kernel)",
+                "this cluster has no guest kernel to boot VMs from (enspeed server --guest-kernel); create a blank VM (boot: bios) instead",
             ));
         }
+        if let Some(iso) = &v.iso {
+            if !c.state.isos.contains_key(iso) {
+                return Err(ApiError::not_found(format!("no ISO {iso} in the library")));
+            }
+        }
+        // A blank VM boots from its disk and CD; it carries no kernel of the cluster's.
+        let guest = |s: &String| if kernel { s.clone() } else { String::new() };
         let r = self
             .cluster
             .act(
@@ -832,10 +850,13 @@ impl App {
                         memory_mib: v.memory_mib,
                         vcpus: v.vcpus,
                         disk_size: v.disk_gib << 30,
-                        kernel: self.cfg.guest.kernel.clone(),
-                        initrd: self.cfg.guest.initrd.clone(),
-                        cmdline: self.cfg.guest.cmdline.clone(),
+                        kernel: guest(&self.cfg.guest.kernel),
+                        initrd: guest(&self.cfg.guest.initrd),
+                        cmdline: guest(&self.cfg.guest.cmdline),
                         running: v.start,
+                        boot: v.boot,
+                        boot_order: v.boot_order,
+                        cdrom: v.iso.clone(),
                     },
                 },
             )

@@ -2,7 +2,7 @@
 //! replication health; users without their password hashes; servers.
 
 use control::access::{self, Role, UserRecord};
-use control::state_machine::{StateMachine, VmRecord};
+use control::state_machine::{BootMode, BootOrder, StateMachine, VmRecord};
 use serde::Serialize;
 
 /// A user as the API shows it.
@@ -136,6 +136,10 @@ pub struct VmView {
     pub replication: Replication,
     /// The ISO in its CD-ROM drive; none: empty.
     pub cdrom: Option<String>,
+    /// How it starts: `kernel` (the cluster's guest kernel) or `bios` (its disks and CD).
+    pub boot: BootMode,
+    /// With `bios`: `disk_first` or `cdrom_first`.
+    pub boot_order: BootOrder,
 }
 
 fn copy(
@@ -221,6 +225,8 @@ pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
         backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools))),
         replication,
         cdrom: vm.cdrom.clone(),
+        boot: vm.boot,
+        boot_order: vm.boot_order,
     }
 }
 
