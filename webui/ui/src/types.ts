@@ -55,6 +55,10 @@ export interface Vm {
   replication: Replication;
   /** The ISO in its CD-ROM drive. */
   cdrom?: string | null;
+  /** How it starts: the cluster's guest kernel, or a blank PC's BIOS. */
+  boot: "kernel" | "bios";
+  /** With BIOS boot: what it boots first. */
+  boot_order: "disk_first" | "cdrom_first";
 }
 
 /** An ISO image of the library. */

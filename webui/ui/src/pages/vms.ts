@@ -50,7 +50,10 @@ export function vmsPage(ctx: PageContext): void {
     vms = v;
     users = u;
     drawQuota();
-    if (form) drawOwners(form);
+    if (form) {
+      drawOwners(form);
+      drawIsos(form);
+    }
     drawTable();
   });
 
@@ -63,6 +66,14 @@ export function vmsPage(ctx: PageContext): void {
       `${q.used_vms} of ${q.vms} VMs, ${mib(q.used_memory_mib)} of ${mib(q.memory_mib)} memory, ${q.used_disk_gib} of ${q.disk_gib} GiB disk in use`,
     );
     quota.classList.remove("hidden");
+  }
+
+  /** The library's ISOs as choices for a new VM's CD-ROM, keeping the one chosen. */
+  function drawIsos(f: HTMLFormElement): void {
+    const select = f.elements.namedItem("iso") as HTMLSelectElement;
+    const keep = select.value;
+    fill(select, h("option", { value: "" }, "empty"), ...isos.map((i) => h("option", { value: i.name }, i.name)));
+    select.value = isos.some((i) => i.name === keep) ? keep : "";
   }
 
   function drawOwners(f: HTMLFormElement): void {
@@ -97,6 +108,17 @@ export function vmsPage(ctx: PageContext): void {
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: 1, required: true, "data-test": "vm-vcpus" })),
         field("Disk 0 (GiB)", h("input", { name: "disk_gib", type: "number", min: 1, value: 1, required: true, "data-test": "vm-disk" })),
         field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
+        field(
+          "Boots",
+          h(
+            "select",
+            { name: "boot", "data-test": "vm-boot" },
+            h("option", { value: "kernel" }, "the cluster's guest system"),
+            h("option", { value: "bios:disk_first" }, "blank PC (BIOS): disk, then CD-ROM"),
+            h("option", { value: "bios:cdrom_first" }, "blank PC (BIOS): CD-ROM first"),
+          ),
+        ),
+        field("CD-ROM", h("select", { name: "iso", "data-test": "vm-iso" }, h("option", { value: "" }, "empty"))),
         h(
           "label",
           { class: "check" },
@@ -114,6 +136,8 @@ export function vmsPage(ctx: PageContext): void {
       error,
       async () => {
         name = value(f, "name");
+        const [boot, boot_order] = value(f, "boot").split(":");
+        const iso = value(f, "iso");
         const vm = await api<Vm>("POST", "/vms", {
           name,
           memory_mib: Number(value(f, "memory_mib")),
@@ -121,6 +145,9 @@ export function vmsPage(ctx: PageContext): void {
           disk_gib: Number(value(f, "disk_gib")),
           owner: Number(value(f, "owner")),
           start: (f.elements.namedItem("start") as HTMLInputElement).checked,
+          boot,
+          ...(boot_order ? { boot_order } : {}),
+          ...(iso ? { iso } : {}),
         });
         ctx.notify("info", `Created VM ${vm.id} (${vm.name})`);
         (f.elements.namedItem("name") as HTMLInputElement).value = "";
@@ -237,6 +264,11 @@ export function vmsPage(ctx: PageContext): void {
           { class: "kvs" },
           item("Memory", mib(vm.memory_mib), "vm-memory-size"),
           item("vCPUs", String(vm.vcpus), "vm-vcpu-count"),
+          item(
+            "Boots",
+            vm.boot === "bios" ? `BIOS, ${vm.boot_order === "cdrom_first" ? "CD-ROM first" : "disk first"}` : "guest system",
+            "vm-boot-mode",
+          ),
           disks,
           cdromItem(vm),
           item("MAC", "not known", "vm-mac"),
