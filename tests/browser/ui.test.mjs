@@ -24,6 +24,8 @@ const managerPassword = process.env.ENSPEED_MANAGER_PASSWORD ?? "";
 // A server started with --await-join, and its token.
 const newServer = process.env.ENSPEED_NEW_SERVER ?? "";
 const newServerToken = process.env.ENSPEED_NEW_SERVER_TOKEN ?? "";
+// A bootable CD (El Torito) whose program sets a 1024x768 VBE mode and draws colour bars.
+const barsIso = process.env.ENSPEED_BARS_ISO ?? "";
 if (bases.length === 0 || !managerPassword) {
   console.error("ui.test.mjs: set ENSPEED_WEB (base URLs, comma-separated) and ENSPEED_MANAGER_PASSWORD");
   process.exit(2);
@@ -41,6 +43,8 @@ const POWER = `acme-${tag}`;
 const REGULAR = `alice-${tag}`;
 const VM = `web-${tag}`;
 const ISO = `install-${tag}.iso`;
+const BARS = `bars-${tag}.iso`;
+const BLANK = `blank-${tag}`;
 const PASSWORD = "user-secret-1";
 const NEW_PASSWORD = "user-secret-2";
 
@@ -418,6 +422,39 @@ try {
   await shot(p, "power-user-deleted");
   await until("the Regular User's page empty", async () => (await r.locator("[data-test=vms-empty]").count()) === 1);
   await shot(r, "regular-no-vm");
+
+  if (barsIso) {
+    step("the Manager uploads a bootable CD and creates a blank VM that boots it: the BIOS, the CD's screen in noVNC at the size the guest set");
+    await openTab(m, "library");
+    await m.setInputFiles("[data-test=iso-file]", barsIso);
+    await m.fill("[data-test=iso-name]", BARS);
+    await m.click("[data-test=iso-upload]");
+    await until("the CD uploaded", async () => /Uploaded/.test(await text(m.locator("[data-test=iso-progress-text]"))), 60000);
+    await until("the CD on both VM servers", async () => (await text(m.locator(`[data-test=iso-row][data-name="${BARS}"] [data-test=iso-ready]`))) === "2 of 2 VM servers", 60000);
+    await openTab(m, "vms");
+    await until("the CD among the new VM's choices", async () => (await m.locator(`[data-test=vm-iso] option[value="${BARS}"]`).count()) === 1);
+    await fillForm(m, "vm-create", { "vm-name": BLANK, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1 });
+    await m.selectOption("[data-test=vm-boot]", "bios:cdrom_first");
+    await m.selectOption("[data-test=vm-iso]", BARS);
+    await m.check("[data-test=vm-start]");
+    await m.click("[data-test=vm-create-submit]");
+    await until(`${BLANK} running`, async () => (await vmRow(m, BLANK).count()) === 1 && (await text(vmRow(m, BLANK).locator("[data-test=vm-status]"))) === "running", 60000);
+    await vmRow(m, BLANK).locator("[data-test=console]").click();
+    await m.waitForSelector("[data-test=page][data-page=console]");
+    await until("the blank VM's graphical console connected", async () => (await m.locator("[data-test=console-state]").getAttribute("data-state")) === "connected", 30000);
+    const screenAt = (x, y) =>
+      m.evaluate(([x, y]) => {
+        const c = document.querySelector("[data-test=vnc-screen] canvas");
+        if (!c || c.width !== 1024 || c.height !== 768) return null;
+        const d = c.getContext("2d").getImageData(x, y, 1, 1).data;
+        return [d[0], d[1], d[2]];
+      }, [x, y]);
+    await until("the CD's bars at 1024x768 (DesktopSize) in noVNC", async () =>
+      JSON.stringify(await screenAt(100, 300)) === "[255,0,0]" && JSON.stringify(await screenAt(300, 300)) === "[0,255,0]" &&
+      JSON.stringify(await screenAt(600, 300)) === "[0,0,255]" && JSON.stringify(await screenAt(1000, 766)) === "[255,255,255]", 60000);
+    await shot(m, "manager-blank-vm-console");
+    await m.click("[data-test=console-back]");
+  }
 
   step("the Manager's audit log shows it all");
   await openTab(m, "audit");

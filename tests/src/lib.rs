@@ -160,6 +160,21 @@ pub fn bootdisk_iso() -> PathBuf {
     .clone()
 }
 
+/// The boot disk's display test as an El Torito CD: booted, it sets VBE mode 0x144
+/// (1024x768x32) through the VGA BIOS, draws red, green, blue and white bars and halts.
+pub fn bars_iso() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let img = bootdisk();
+        let mut bin = std::fs::read(img.with_file_name("bootdisk.bin")).expect("read bootdisk.bin");
+        bin[0x204] = 1;
+        let iso = img.with_file_name("bars.iso");
+        std::fs::write(&iso, eltorito_iso(&bin)).expect("write bars.iso");
+        iso
+    })
+    .clone()
+}
+
 /// Whether /dev/kvm can run guests here. Tests that boot guests skip only
 /// when it is missing, and say so loudly.
 pub fn kvm_available(test: &str) -> bool {

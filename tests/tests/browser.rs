@@ -146,6 +146,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_CHROMIUM", CHROMIUM)
         .env("ENSPEED_NEW_SERVER", &waiting.addr)
         .env("ENSPEED_NEW_SERVER_TOKEN", &token)
+        .env("ENSPEED_BARS_ISO", enspeed_tests::bars_iso())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
