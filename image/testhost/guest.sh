@@ -80,7 +80,7 @@ run_guest() {
         *"KIT: "*) printf '%d KIT: %s\n' "$_d" "${_line#*KIT: }" ;;
         *"bootdisk: "*) printf '%d bootdisk: %s\n' "$_d" "${_line#*bootdisk: }" ;;
         *"SeaBIOS ("*) printf '%d SeaBIOS (%s\n' "$_d" "${_line#*SeaBIOS (}" ;;
-        *"Welcome to GRUB"*) printf '%d GRUB: welcome\n' "$_d" ;;
+        *"GNU GRUB  version"*) printf '%d GRUB: menu\n' "$_d" ;;
         *"GRUB: "*) printf '%d GRUB: %s\n' "$_d" "${_line#*GRUB: }" ;;
         esac >>"/tmp/$_name.marks"
     done

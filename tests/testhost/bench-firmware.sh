@@ -2,8 +2,9 @@
 # Test-host benchmark (run by scripts/bench-firmware.sh through image/testhost/run.sh --extra
 # kit-bench.iso): power-on of a VM whose blank virtio disk falls through to an El Torito CD in
 # its SATA CD-ROM drive, GRUB from the CD loading the kit's kernel, to the boot loader's first
-# output ("Welcome to GRUB!") and to the kernel's init, by EnSpeed's VMM (SeaBIOS) and by QEMU
-# (-M q35, SeaBIOS), alternating, 5 times each; same ISO, disk, memory and vCPUs, no display.
+# output on the serial console (its menu, "GNU GRUB version") and to the kernel's init, by
+# EnSpeed's VMM (SeaBIOS) and by QEMU (-M q35, SeaBIOS), alternating, 5 times each; same ISO,
+# disk, memory and vCPUs, no display.
 # Prints "BENCH <vmm>-firmware-to-grub <s>" and "BENCH <vmm>-firmware-to-init <s>" per boot.
 . /usr/lib/testhost/guest.sh
 
@@ -17,14 +18,14 @@ i=0
 while [ $i -lt "$n" ]; do
     run_guest enspeed 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk /tmp/blank.img \
         --cdrom "$iso" --serial stdout >/dev/null || fail "enspeed exited with $?"
-    bench enspeed-firmware-to-grub enspeed "GRUB: welcome"
+    bench enspeed-firmware-to-grub enspeed "GRUB: menu"
     bench enspeed-firmware-to-init enspeed "KIT: init reached"
     run_guest qemu 170 qemu-system-x86_64 -accel kvm -cpu host -M q35 -m 512 -smp 2 \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         -drive id=disk0,file=/tmp/blank.img,format=raw,if=none -device virtio-blk-pci,drive=disk0 \
         -drive id=cd0,file="$iso",media=cdrom,if=none -device ide-cd,drive=cd0,bus=ide.0 \
         >/dev/null || fail "qemu exited with $?"
-    bench qemu-firmware-to-grub qemu "GRUB: welcome"
+    bench qemu-firmware-to-grub qemu "GRUB: menu"
     bench qemu-firmware-to-init qemu "KIT: init reached"
     i=$((i + 1))
 done

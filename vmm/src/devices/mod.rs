@@ -12,3 +12,17 @@ pub mod i8042;
 pub mod pci;
 pub mod serial;
 pub mod virtio;
+
+/// Opens a disk or CD image, read-only or not, and returns it with its length in bytes: what
+/// every device serving an image starts with.
+pub fn open_image(
+    path: &std::path::Path,
+    readonly: bool,
+) -> std::io::Result<(std::fs::File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
+}

@@ -1,7 +1,7 @@
 //! ATA: the IDENTIFY data every driver reads first, and a SATA disk over a
 //! file (READ/WRITE DMA, FLUSH), for guests without virtio drivers.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -129,16 +129,12 @@ pub struct AtaDisk {
 impl AtaDisk {
     /// Opens `path`.
     pub fn open(path: &Path, readonly: bool) -> Result<AtaDisk, AtaError> {
-        let err = |err| AtaError::Open {
-            path: path.into(),
-            err,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
+        let (file, len) = crate::devices::open_image(path, readonly).map_err(|err| {
+            AtaError::Open {
+                path: path.into(),
+                err,
+            }
+        })?;
         Ok(AtaDisk {
             file,
             path: path.into(),

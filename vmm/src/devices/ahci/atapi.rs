@@ -129,12 +129,11 @@ impl Cdrom {
     }
 
     fn open(path: &Path) -> Result<Media, MediaError> {
-        let err = |err| MediaError {
+        let (file, len) = crate::devices::open_image(path, true).map_err(|err| MediaError {
             path: path.into(),
             err,
-        };
-        let file = File::open(path).map_err(err)?;
-        let blocks = file.metadata().map_err(err)?.len() / BLOCK;
+        })?;
+        let blocks = len / BLOCK;
         Ok(Media {
             file,
             path: path.into(),

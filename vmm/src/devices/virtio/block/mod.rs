@@ -2,7 +2,7 @@
 //! mode whose media can be changed or ejected while the guest runs (ISO
 //! images as CD-ROMs).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -48,16 +48,11 @@ struct Backend {
 
 impl Backend {
     fn open(path: &Path, readonly: bool) -> Result<Backend, BlockError> {
-        let err = |err| BlockError::Open {
-            path: path.to_owned(),
-            err,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
+        let (file, len) =
+            crate::devices::open_image(path, readonly).map_err(|err| BlockError::Open {
+                path: path.to_owned(),
+                err,
+            })?;
         Ok(Backend {
             file: Some(file),
             path: Some(path.to_owned()),
