@@ -181,6 +181,32 @@ pub fn company_usage(state: &StateMachine, company: u64) -> (u32, u64, u64) {
     usage
 }
 
+/// Checks that one of `owner`'s VMs can go from `was` to `now` MiB of memory within its
+/// company's quota.
+pub fn check_vm_memory(
+    state: &StateMachine,
+    owner: &UserRecord,
+    was: u64,
+    now: u64,
+) -> Result<(), String> {
+    let Some(c) = company(owner) else {
+        return Ok(());
+    };
+    let Some(q) = state.users.get(&c).and_then(|p| p.quota) else {
+        return Err(format!("company of user {}: no quota set", owner.name));
+    };
+    let (_, mem, _) = company_usage(state, c);
+    let after = mem.saturating_sub(was) + now;
+    if now > was && after > q.memory_mib {
+        return Err(format!(
+            "quota: {mem} MiB of {} MiB memory in use, {} MiB more asked",
+            q.memory_mib,
+            now - was
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that a new VM of `memory_mib` and `disk_size` bytes for `owner` fits: a Regular User
 /// owns one VM at most; a company stays within its Power User's quota.
 pub fn check_new_vm(

@@ -151,6 +151,9 @@ pub struct VmRecord {
     pub boot_order: BootOrder,
 }
 
+/// Most guest RAM a VM is given, MiB (1 TiB, what the VMM maps).
+pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
+
 /// How a VM starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -492,6 +495,24 @@ pub enum Action {
     DeleteVm {
         /// VMID.
         vm: u64,
+    },
+    /// Changes a powered-off VM: its memory, vCPUs, how it boots and what it boots first
+    /// (what is not given stays). Within its company's quota; refused when nothing changes.
+    EditVm {
+        /// VMID.
+        vm: u64,
+        /// Guest RAM, MiB.
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        /// vCPUs.
+        #[serde(default)]
+        vcpus: Option<u32>,
+        /// How it boots.
+        #[serde(default)]
+        boot: Option<BootMode>,
+        /// What its firmware boots first.
+        #[serde(default)]
+        boot_order: Option<BootOrder>,
     },
     /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
     /// there moves to its in-sync backup (its VM restarts there), every backup copy there is
@@ -1431,6 +1452,74 @@ impl StateMachine {
                 }
                 ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
             }
+            Action::EditVm {
+                vm,
+                memory_mib,
+                vcpus,
+                boot,
+                boot_order,
+            } => {
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM {vm}"))?;
+                let owner = v.owner.and_then(|o| self.users.get(&o)).cloned();
+                if let Some(u) = &who {
+                    let allowed = match &owner {
+                        Some(o) => access::may_administer_vms_of(u, o),
+                        None => u.role == Role::Manager,
+                    };
+                    if !allowed || !access::may_operate_vm(self, u, &v) {
+                        return Err(access::refuse(format!("VM {vm}")));
+                    }
+                }
+                if v.running || self.vm_observed_running(&v.name) {
+                    return Err(format!(
+                        "VM {vm} ({}) is powered on: power it off to change it",
+                        v.name
+                    ));
+                }
+                let mut new = v.clone();
+                if let Some(m) = memory_mib {
+                    if !(16..=MAX_VM_MEMORY_MIB).contains(m) {
+                        return Err(format!(
+                            "memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"
+                        ));
+                    }
+                    new.memory_mib = *m;
+                }
+                if let Some(n) = vcpus {
+                    if !(1..=64).contains(n) {
+                        return Err(format!("{n} vCPUs: 1 to 64"));
+                    }
+                    new.vcpus = *n;
+                }
+                if let Some(b) = boot {
+                    if *b == BootMode::Kernel && v.kernel.is_empty() {
+                        return Err(format!(
+                            "VM {vm} ({}) was made blank: it has no guest kernel to boot",
+                            v.name
+                        ));
+                    }
+                    new.boot = *b;
+                }
+                if let Some(o) = boot_order {
+                    new.boot_order = *o;
+                }
+                if new == v {
+                    return Err(format!("VM {vm} ({}): nothing changes", v.name));
+                }
+                if let Some(o) = &owner {
+                    access::check_vm_memory(self, o, v.memory_mib, new.memory_mib)?;
+                }
+                let what = format!(
+                    "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?})",
+                    v.name, new.memory_mib, new.vcpus, new.boot, new.boot_order
+                );
+                writes.push((format!("vm/{}", v.name).into_bytes(), Some(json_bytes(&new))));
+                self.vms.insert(v.name.clone(), new);
+                ("vm.edit", what, Value::Null)
+            }
             Action::DrainServer { id } => {
                 if !manager {
                     return Err(access::refuse("only a Manager drains servers"));
@@ -2131,6 +2220,74 @@ mod tests {
         for want in ["iso.add", "vm.cdrom_insert", "vm.cdrom_eject", "iso.delete"] {
             assert!(audit.contains(&want), "{want} in {audit:?}");
         }
+    }
+
+    #[test]
+    fn a_powered_off_vm_is_changed_by_who_administers_it_within_the_quota() {
+        let mut sm = StateMachine::default();
+        let act = |sm: &mut StateMachine, actor: u64, action: Action| {
+            let mut w = Vec::new();
+            sm.apply(
+                &Command::Act {
+                    actor,
+                    at_ms: 5,
+                    action,
+                },
+                &mut w,
+            )
+        };
+        let user = |name: &str, role: Role, parent: Option<u64>, quota| Action::CreateUser {
+            name: name.into(),
+            role,
+            password: "h".into(),
+            parent,
+            quota,
+        };
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let quota = Quota {
+            vms: 2,
+            memory_mib: 512,
+            disk_gib: 10,
+        };
+        let p = id(act(&mut sm, 0, user("p", Role::PowerUser, None, Some(quota))));
+        let r = id(act(&mut sm, 0, user("r", Role::Regular, Some(p), None)));
+        let other = id(act(&mut sm, 0, user("o", Role::PowerUser, None, Some(quota))));
+        let mut vm = NewVm {
+            name: "v".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            disk_size: 1,
+            kernel: String::new(),
+            initrd: String::new(),
+            cmdline: String::new(),
+            running: false,
+            boot: BootMode::Bios,
+            boot_order: BootOrder::DiskFirst,
+            cdrom: None,
+        }
+        .record(Some(r));
+        vm.id = 7;
+        sm.vms.insert("v".into(), vm);
+        let edit = |memory_mib: Option<u64>, boot: Option<BootMode>| Action::EditVm {
+            vm: 7,
+            memory_mib,
+            vcpus: Some(2),
+            boot,
+            boot_order: Some(BootOrder::CdromFirst),
+        };
+        let refused = |r: Outcome| r.unwrap_err();
+        assert!(refused(act(&mut sm, other, edit(None, None))).starts_with("forbidden"));
+        assert!(refused(act(&mut sm, r, edit(None, None))).starts_with("forbidden"));
+        assert!(refused(act(&mut sm, p, edit(Some(1024), None))).contains("quota"));
+        assert!(refused(act(&mut sm, p, edit(None, Some(BootMode::Kernel)))).contains("blank"));
+        act(&mut sm, p, edit(Some(512), None)).unwrap();
+        let v = &sm.vms["v"];
+        assert_eq!((v.memory_mib, v.vcpus, v.boot_order), (512, 2, BootOrder::CdromFirst));
+        assert!(refused(act(&mut sm, p, edit(Some(512), None))).contains("nothing changes"));
+        sm.vms.get_mut("v").unwrap().running = true;
+        assert!(refused(act(&mut sm, p, edit(Some(256), None))).contains("powered on"));
+        let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
+        assert_eq!(audit.iter().filter(|a| **a == "vm.edit").count(), 1, "{audit:?}");
     }
 
     #[test]

@@ -1915,6 +1915,32 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let log = std::fs::read_to_string(&serial).unwrap();
     assert!(log.contains("Boot failed: not a bootable disk"), "the blank disk came first:\n{log}");
     assert!(!log.contains("bootdisk: FAIL"), "{log}");
+
+    // Powered off, it can be changed: more memory, the CD first. What does not fit is refused.
+    let edit = |body: Value| m.send("PATCH", &format!("/api/v1/vms/{vm}"), Some(body));
+    let r = edit(json!({"memory_mib": 256, "boot_order": "cdrom_first"}));
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!((r.1["memory_mib"].clone(), r.1["boot_order"].clone()), (json!(256), json!("cdrom_first")));
+    for (body, want) in [
+        (json!({"memory_mib": 256}), 409),       // nothing changes
+        (json!({"memory_mib": 8}), 409),         // too little
+        (json!({"boot": "kernel"}), 409),        // made blank: no guest kernel
+        (json!({"memory": 256}), 400),           // unknown field
+    ] {
+        let r = edit(body.clone());
+        assert_eq!(r.0, want, "{body}: {r:?}");
+    }
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("vm.edit") && audit.contains("256 MiB"), "{audit}");
+    // Its next boot goes to the CD at once: the blank disk is not tried again.
+    let r = m.send("POST", &format!("/api/v1/vms/{vm}/power"), Some(json!({"action": "on"})));
+    assert_eq!(r.0, 202, "{r:?}");
+    cluster::wait_for("the second boot, from the CD first", WAIT, || {
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        (log.matches("S5 sleep type 5; powering off").count() == 2).then_some(())
+    });
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert_eq!(log.matches("Boot failed: not a bootable disk").count(), 1, "{log}");
 }
 
 #[test]

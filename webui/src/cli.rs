@@ -91,6 +91,23 @@ pub enum VmCommand {
         #[arg(long, requires = "blank")]
         cdrom_first: bool,
     },
+    /// Change a powered-off VM: memory, vCPUs, how it boots.
+    Edit {
+        /// VMID.
+        id: u64,
+        /// Memory, MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// vCPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Boot: kernel (the cluster's guest system) or bios (a blank PC's disk and CD).
+        #[arg(long)]
+        boot: Option<String>,
+        /// With bios: disk_first or cdrom_first.
+        #[arg(long)]
+        boot_order: Option<String>,
+    },
     /// Power on.
     Start {
         /// VMID.
@@ -559,6 +576,28 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
                 body["iso"] = json!(iso);
             }
             run(l, |s| s.call("POST", "/vms", Some(body)), vm_table)
+        }
+        VmCommand::Edit {
+            id,
+            memory,
+            vcpus,
+            boot,
+            boot_order,
+        } => {
+            let mut body = json!({});
+            if let Some(m) = memory {
+                body["memory_mib"] = json!(m);
+            }
+            if let Some(v) = vcpus {
+                body["vcpus"] = json!(v);
+            }
+            if let Some(b) = boot {
+                body["boot"] = json!(b);
+            }
+            if let Some(o) = boot_order {
+                body["boot_order"] = json!(o);
+            }
+            run(l, |s| s.call("PATCH", &format!("/vms/{id}"), Some(body)), vm_table)
         }
         VmCommand::Start { id } => power(l, id, "on"),
         VmCommand::Stop { id } => power(l, id, "off"),

@@ -7,6 +7,7 @@
 //!   DELETE /api/v1/session             log out
 //!   GET    /api/v1/summary             counts of what the caller sees
 //!   GET    /api/v1/vms                 VMs the caller sees
+//!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?}
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?,
 //!                                        boot? (kernel|bios), boot_order? (disk_first|cdrom_first), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
@@ -86,6 +87,19 @@ struct NewVm {
     /// A library ISO in the CD-ROM drive from the start.
     #[serde(default)]
     iso: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmChange {
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    boot: Option<state_machine::BootMode>,
+    #[serde(default)]
+    boot_order: Option<state_machine::BootOrder>,
 }
 
 fn one() -> u32 {
@@ -347,6 +361,32 @@ impl App {
                     )
                     .await?;
                 Ok(ok(&json!({ "deleted": name })))
+            }
+            (Method::PATCH, ["vms", id]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let body: VmChange = req.json()?;
+                if c.user.role == Role::Regular {
+                    return Err(ApiError::forbidden("a Regular User changes no VM's hardware"));
+                }
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::EditVm {
+                            vm,
+                            memory_mib: body.memory_mib,
+                            vcpus: body.vcpus,
+                            boot: body.boot,
+                            boot_order: body.boot_order,
+                        },
+                    )
+                    .await?;
+                let state = self.cluster.state().await?;
+                let view = state
+                    .vm_by_id(vm)
+                    .map(|v| serde_json::to_value(views::vm(&state, v)).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null);
+                Ok(ok(&view))
             }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
