@@ -1109,6 +1109,37 @@ impl StateMachine {
         self.users.values().find(|u| u.name == name)
     }
 
+    /// VM `vm`, if `who` (none: the cluster itself) administers it (its owner's administrators,
+    /// or a Manager for the cluster's own VMs) and it is powered off; else why not, ending
+    /// "power it off {then}".
+    fn powered_off_vm_administered_by(
+        &self,
+        who: Option<&UserRecord>,
+        vm: u64,
+        then: &str,
+    ) -> Result<VmRecord, String> {
+        let v = self
+            .vm_by_id(vm)
+            .cloned()
+            .ok_or_else(|| format!("no VM {vm}"))?;
+        if let Some(u) = who {
+            let allowed = match v.owner.and_then(|o| self.users.get(&o)) {
+                Some(o) => access::may_administer_vms_of(u, o),
+                None => u.role == Role::Manager,
+            };
+            if !allowed || !access::may_operate_vm(self, u, &v) {
+                return Err(access::refuse(format!("VM {vm}")));
+            }
+        }
+        if v.running || self.vm_observed_running(&v.name) {
+            return Err(format!(
+                "VM {vm} ({}) is powered on: power it off {then}",
+                v.name
+            ));
+        }
+        Ok(v)
+    }
+
     /// Applies a person's change if `actor` may make it (see `access`), with its audit entry.
     fn act(
         &mut self,
@@ -1423,26 +1454,7 @@ impl StateMachine {
                 (verb, target, Value::Null)
             }
             Action::DeleteVm { vm } => {
-                let v = self
-                    .vm_by_id(*vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
-                if let Some(u) = &who {
-                    let owner = v.owner.and_then(|o| self.users.get(&o));
-                    let allowed = match owner {
-                        Some(o) => access::may_administer_vms_of(u, o),
-                        None => u.role == Role::Manager,
-                    };
-                    if !allowed || !access::may_operate_vm(self, u, &v) {
-                        return Err(access::refuse(format!("VM {vm}")));
-                    }
-                }
-                if v.running || self.vm_observed_running(&v.name) {
-                    return Err(format!(
-                        "VM {vm} ({}) is powered on: power it off first",
-                        v.name
-                    ));
-                }
+                let v = self.powered_off_vm_administered_by(who.as_ref(), *vm, "first")?;
                 self.vms.remove(&v.name);
                 writes.push((format!("vm/{}", v.name).into_bytes(), None));
                 for d in &v.disks {
@@ -1459,26 +1471,8 @@ impl StateMachine {
                 boot,
                 boot_order,
             } => {
-                let v = self
-                    .vm_by_id(*vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
+                let v = self.powered_off_vm_administered_by(who.as_ref(), *vm, "to change it")?;
                 let owner = v.owner.and_then(|o| self.users.get(&o)).cloned();
-                if let Some(u) = &who {
-                    let allowed = match &owner {
-                        Some(o) => access::may_administer_vms_of(u, o),
-                        None => u.role == Role::Manager,
-                    };
-                    if !allowed || !access::may_operate_vm(self, u, &v) {
-                        return Err(access::refuse(format!("VM {vm}")));
-                    }
-                }
-                if v.running || self.vm_observed_running(&v.name) {
-                    return Err(format!(
-                        "VM {vm} ({}) is powered on: power it off to change it",
-                        v.name
-                    ));
-                }
                 let mut new = v.clone();
                 if let Some(m) = memory_mib {
                     if !(16..=MAX_VM_MEMORY_MIB).contains(m) {
