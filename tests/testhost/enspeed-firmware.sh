@@ -18,6 +18,7 @@ run_guest firmware 90 "$ENSPEED" vmm --memory 256 --vcpus 2 --disk /tmp/boot.img
 expect firmware "SeaBIOS (version"
 expect firmware "bootdisk: started by the firmware"
 expect firmware "bootdisk: stage 2 read through int 13h"
+expect firmware "bootdisk: waited 50 ms through int 15h"
 expect firmware "S5 sleep type 5; powering off"
 expect_not firmware "bootdisk: FAIL"
 bench enspeed-firmware-to-bootloader firmware "bootdisk: started by the firmware"

@@ -45,6 +45,8 @@ fn seabios_boots_a_virtio_pci_disk_and_the_guest_powers_off_through_acpi() {
     // Stage 2 came through SeaBIOS's virtio-blk driver on our virtio-pci transport.
     vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(30));
     vmm.wait_for("bootdisk: stage 2 running", Duration::from_secs(30));
+    // The BIOS's timed wait, which counts the RTC's periodic interrupt.
+    vmm.wait_for("bootdisk: waited 50 ms through int 15h", Duration::from_secs(30));
     // The ACPI tables SeaBIOS placed from fw_cfg's loader script chain and check.
     vmm.wait_for("S5 sleep type 5; powering off", Duration::from_secs(30));
     let st = vmm.wait_exit(Duration::from_secs(30));

@@ -656,6 +656,9 @@ impl Vm {
                     u64::from(window.1 - window.0) + 1,
                 )
                 .map_err(bus_err)?;
+                let rtc_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+                vm.register_irqfd(&rtc_irq, RTC_IRQ)
+                    .map_err(kvm_err("wire the RTC IRQ"))?;
                 let mut fw = FwCfg::new(mem.clone(), cfg.vcpus);
                 let platform = acpi::Platform {
                     vcpus: cfg.vcpus,
@@ -670,6 +673,7 @@ impl Vm {
                         below_4g,
                         ram_bytes - below_4g,
                         cfg.vcpus,
+                        Some(rtc_irq),
                     ))),
                     u64::from(cmos::PORT),
                     2,

@@ -5,6 +5,7 @@
  * as an El Torito no-emulation image that the BIOS loaded whole, reads the
  * CD's volume descriptor (2048-byte sectors) instead; prints through the
  * BIOS (int 10h teletype, which SeaBIOS's serial console forwards to COM1),
+ * waits 50 ms through the BIOS (int 15h AH=86h, the RTC's periodic interrupt),
  * then goes to 32-bit protected mode, finds the ACPI tables the firmware
  * placed (RSDP, XSDT or RSDT, FADT with checksums, the DSDT's _S5_ package)
  * and powers the machine off the way an OS does: SLP_TYP | SLP_EN into
@@ -115,6 +116,16 @@ vbe_flag:
 stage2:
     movw $msg_stage2, %si
     call print16
+    /* 50 ms through the BIOS (int 15h, AH=86h), which counts the RTC's
+     * periodic interrupt (IRQ 8). */
+    movb $0x86, %ah
+    xorw %cx, %cx
+    movw $50000, %dx
+    int $0x15
+    jc 4f
+    movw $msg_waited, %si
+    call print16
+4:
     /* SeaBIOS's serial console sends text on its timer: wait for three
      * ticks of the BIOS clock (0x46c, 18.2 Hz from the PIT) so the line is
      * out before the BIOS is left. */
@@ -438,6 +449,7 @@ msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"
 msg_bars: .asciz "bootdisk: drew colour bars in 1024x768x32\r\n"
 msg_stage2: .asciz "bootdisk: stage 2 running\r\n"
+msg_waited: .asciz "bootdisk: waited 50 ms through int 15h\r\n"
 msg_nordsp: .asciz "bootdisk: FAIL no ACPI RSDP in 0xe0000-0xfffff\r\n"
 msg_nofadt: .asciz "bootdisk: FAIL no FADT in the XSDT\r\n"
 msg_nos5: .asciz "bootdisk: FAIL no _S5_ package in the DSDT\r\n"

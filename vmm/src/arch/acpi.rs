@@ -128,7 +128,7 @@ fn isa_devices() -> Vec<u8> {
     v.extend(device(
         "RTC_",
         "PNP0B00",
-        &[&aml::IO::new(0x70, 0x70, 1, 2), &edge(8)],
+        &[&aml::IO::new(0x70, 0x70, 1, 2), &edge(RTC_IRQ)],
     ));
     v
 }

@@ -60,6 +60,8 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const SERIAL_IRQ: u32 = 4;
 /// ISA IRQ of the keyboard controller.
 pub const I8042_IRQ: u32 = 1;
+/// ISA IRQ of the real-time clock's periodic interrupt.
+pub const RTC_IRQ: u32 = 8;
 /// ISA IRQ of the PS/2 mouse (the keyboard controller's auxiliary port).
 pub const MOUSE_IRQ: u32 = 12;
 /// ACPI system control interrupt.

@@ -1,8 +1,14 @@
 //! The CMOS RAM and real-time clock (MC146818) at ports 0x70-0x71: the
-//! time the firmware and the OS read at boot (the host's UTC), and the
-//! memory sizes PC firmware reads from their fixed CMOS bytes.
+//! time the firmware and the OS read at boot (the host's UTC), the memory
+//! sizes PC firmware reads from their fixed CMOS bytes, and the periodic
+//! interrupt (IRQ 8) at the rate the guest sets, which BIOS waits (int 15h
+//! AH=86h) and some OSes count time with.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
@@ -26,8 +32,32 @@ mod reg {
 
 /// Register B: 24-hour clock.
 const B_24H: u8 = 0x02;
+/// Register B: periodic interrupt enabled.
+const B_PIE: u8 = 0x40;
+/// Register C: an interrupt is pending (IRQF) because of the periodic timer (PF).
+const C_PERIODIC: u8 = 0xc0;
 /// Register B: binary, not BCD.
 const B_BINARY: u8 = 0x04;
+
+/// The periodic interrupt: what the ticker thread and the registers share.
+struct Periodic {
+    /// Register A's rate (low 4 bits), and register B's PIE as bit 7.
+    setting: AtomicU8,
+    /// Register C's flags, set by the ticker, cleared when the guest reads C.
+    flags: AtomicU8,
+    stop: AtomicBool,
+}
+
+/// The period of rate `r` (register A's low 4 bits): 32768 Hz >> (r - 1), no
+/// faster than the host can sleep (1 ms); 0 is off.
+fn period(r: u8) -> Option<Duration> {
+    let r = r & 0xf;
+    if r == 0 {
+        return None;
+    }
+    let hz = 32_768u64 >> (u64::from(r.max(3)) - 1);
+    Some(Duration::from_micros((1_000_000 / hz).max(1000)))
+}
 
 /// The CMOS.
 pub struct Cmos {
@@ -35,6 +65,13 @@ pub struct Cmos {
     ram: [u8; 128],
     /// What the guest set the clock to, as seconds added to the host's.
     offset_secs: i64,
+    periodic: Arc<Periodic>,
+}
+
+impl Drop for Cmos {
+    fn drop(&mut self) {
+        self.periodic.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -63,8 +100,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 impl Cmos {
     /// A CMOS for `below_4g` bytes of RAM under 4 GiB, `above_4g` over it,
-    /// and `vcpus` CPUs.
-    pub fn new(below_4g: u64, above_4g: u64, vcpus: u8) -> Self {
+    /// and `vcpus` CPUs; its periodic interrupt raises `irq` (IRQ 8), if given.
+    pub fn new(below_4g: u64, above_4g: u64, vcpus: u8, irq: Option<EventFd>) -> Self {
         let mut ram = [0u8; 128];
         ram[reg::A as usize] = 0x26;
         ram[reg::B as usize] = B_24H;
@@ -83,11 +120,51 @@ impl Cmos {
         let high = (above_4g >> 16).min(0xff_ffff) as u32;
         ram[0x5b..0x5e].copy_from_slice(&high.to_le_bytes()[..3]);
         ram[0x5f] = vcpus.saturating_sub(1);
+        let periodic = Arc::new(Periodic {
+            setting: AtomicU8::new(ram[reg::A as usize] & 0xf),
+            flags: AtomicU8::new(0),
+            stop: AtomicBool::new(false),
+        });
+        if let Some(irq) = irq {
+            let p = periodic.clone();
+            let spawned = std::thread::Builder::new()
+                .name("rtc".into())
+                .spawn(move || Self::tick(&p, &irq));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no RTC periodic interrupt: cannot start its thread");
+            }
+        }
         Cmos {
             index: 0,
             ram,
             offset_secs: 0,
+            periodic,
         }
+    }
+
+    /// The ticker: while the guest has the periodic interrupt on, flags it
+    /// and raises IRQ 8 at its rate; until the CMOS goes.
+    fn tick(p: &Periodic, irq: &EventFd) {
+        const IDLE: Duration = Duration::from_millis(20);
+        while !p.stop.load(Ordering::SeqCst) {
+            let s = p.setting.load(Ordering::SeqCst);
+            match period(s) {
+                Some(d) if s & 0x80 != 0 => {
+                    std::thread::sleep(d);
+                    p.flags.fetch_or(C_PERIODIC, Ordering::SeqCst);
+                    let _ = irq.write(1);
+                }
+                _ => std::thread::sleep(IDLE),
+            }
+        }
+    }
+
+    /// Tells the ticker what registers A and B now say.
+    fn update_periodic(&self) {
+        let pie = if self.ram[reg::B as usize] & B_PIE != 0 { 0x80 } else { 0 };
+        self.periodic
+            .setting
+            .store(pie | (self.ram[reg::A as usize] & 0xf), Ordering::SeqCst);
     }
 
     fn now(&self) -> i64 {
@@ -188,7 +265,8 @@ impl BusDevice for Cmos {
             _ if is_clock(r) => self.clock(r, self.now()),
             // Never "update in progress": every read sees a whole second.
             reg::A => self.ram[reg::A as usize] & 0x7f,
-            reg::C => 0,
+            // Reading C acknowledges the interrupt.
+            reg::C => self.periodic.flags.swap(0, Ordering::SeqCst),
             _ => self.ram[usize::from(r)],
         };
     }
@@ -206,6 +284,9 @@ impl BusDevice for Cmos {
                     _ if is_clock(r) && r != reg::WEEKDAY => self.set_clock(r, data[0]),
                     reg::C | reg::D | reg::WEEKDAY => {}
                     _ => self.ram[usize::from(r)] = data[0],
+                }
+                if r == reg::A || r == reg::B {
+                    self.update_periodic();
                 }
             }
             _ => {}
@@ -225,6 +306,32 @@ mod tests {
     }
 
     #[test]
+    fn the_periodic_interrupt_runs_only_while_enabled_and_reading_c_acknowledges_it() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut c = Cmos::new(64 << 20, 0, 1, Some(irq.try_clone().unwrap()));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(irq.read().is_err(), "off until the guest sets PIE");
+        assert_eq!(period(6), Some(Duration::from_micros(1000)), "1024 Hz, as fast as we sleep");
+        assert_eq!(period(0xf), Some(Duration::from_micros(500_000)));
+        assert_eq!(period(0), None);
+        c.write(0, &[reg::A]);
+        c.write(1, &[0x2f]); // 2 Hz
+        c.write(0, &[reg::B]);
+        c.write(1, &[B_24H | B_PIE]);
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(irq.read().unwrap() >= 1);
+        assert_eq!(rd(&mut c, reg::C), C_PERIODIC);
+        assert_eq!(rd(&mut c, reg::C), 0, "read once, acknowledged");
+        c.write(0, &[reg::B]);
+        c.write(1, &[B_24H]);
+        std::thread::sleep(Duration::from_millis(600));
+        let _ = irq.read();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(irq.read().is_err(), "off again");
+        drop(c);
+    }
+
+    #[test]
     fn calendar_round_trips() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
@@ -237,7 +344,7 @@ mod tests {
 
     #[test]
     fn clock_in_bcd_and_binary_and_memory_sizes() {
-        let mut c = Cmos::new(0xc000_0000, 1 << 30, 4);
+        let mut c = Cmos::new(0xc000_0000, 1 << 30, 4, None);
         let t = c.now();
         let bcd = rd(&mut c, reg::YEAR);
         let (y, _, _) = civil_from_days(t.div_euclid(86_400));
