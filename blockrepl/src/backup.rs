@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::meta::{DataState, Role};
 use crate::proto::{Frame, Hello, Kind, Welcome, FLAG_FUA, HEADER_LEN};
 use crate::replica::{lock, Replica};
-use crate::store::check_range;
+use crate::store::{check_range, write_or_punch};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -263,8 +263,12 @@ fn apply(r: &Replica, session: u64, reader: &mut BufReader<TcpStream>, answers: 
                     }
                     marked = true;
                 }
+                // A resync's runs of zeros (most of a new disk) become holes, not dirty pages.
                 let done = check_range(r.capacity, frame.offset, frame.payload.len())
-                    .and_then(|()| r.data.write_all_at(&frame.payload, frame.offset))
+                    .and_then(|()| match frame.kind {
+                        Kind::ResyncWrite => write_or_punch(&r.data, &frame.payload, frame.offset),
+                        _ => r.data.write_all_at(&frame.payload, frame.offset),
+                    })
                     .map_err(|e| format!("writing {} bytes at {}: {e}", frame.payload.len(), frame.offset));
                 let sync = done.is_ok() && frame.flags & FLAG_FUA != 0;
                 answers.push(frame.seq, done.err(), sync)

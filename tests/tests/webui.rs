@@ -424,6 +424,15 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         if want == Allowed {
             let vm = id(&r);
             assert_eq!(r.1["owner"], owner);
+            // Changing a powered-off VM: the same people as deleting it.
+            x.case(
+                who,
+                "PATCH",
+                "/vms/{id}",
+                &format!("/api/v1/vms/{vm}"),
+                Some(json!({"vcpus": 2})),
+                Allowed,
+            );
             // Deleting: the Manager any, the Power User its company's.
             x.case(
                 who,
@@ -442,7 +451,7 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         }
     }
 
-    // Deleting VMs one may not delete: a Regular User its own, anyone a foreign one.
+    // Deleting or changing VMs one may not: a Regular User its own, anyone a foreign one.
     for (who, vm, want) in [
         (rw, vm_r1a, Forbidden),
         (rw, vm_r2, Hidden),
@@ -458,10 +467,18 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             None,
             want,
         );
+        let c = x.case(
+            who,
+            "PATCH",
+            "/vms/{id}",
+            &format!("/api/v1/vms/{vm}"),
+            Some(json!({"memory_mib": 96})),
+            want,
+        );
         assert_eq!(
             fingerprint(&m),
             before,
-            "a refused delete changed nothing: {r:?}"
+            "a refused delete or change changed nothing: {r:?} {c:?}"
         );
     }
 
