@@ -182,14 +182,17 @@ enum VirtioSlot {
 }
 
 /// Maps `image` read-only (where KVM can) ending at 4 GiB, as memory slot `slot`.
-fn map_rom(vm: &VmFd, image: &firmware::Image, slot: u32) -> Result<AnonMapping, VmError> {
+fn map_rom(
+    kvm: &Kvm,
+    vm: &VmFd,
+    image: &firmware::Image,
+    slot: u32,
+) -> Result<AnonMapping, VmError> {
     let len = image.bytes().len();
     let rom = AnonMapping::new(len).map_err(io_err("map the firmware"))?;
     // SAFETY: the mapping is `len` bytes long and ours alone.
     unsafe { std::ptr::copy_nonoverlapping(image.bytes().as_ptr(), rom.as_ptr(), len) };
-    let readonly = Kvm::new()
-        .map(|k| k.check_extension(kvm_ioctls::Cap::ReadonlyMem))
-        .unwrap_or(false);
+    let readonly = kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
     let r = kvm_bindings::kvm_userspace_memory_region {
         slot,
         guest_phys_addr: image.base(),
@@ -240,7 +243,7 @@ fn mmio_virtio(
 }
 
 /// Draws the VGA's screen into the RFB server's framebuffer, 25 times a
-/// second, while the VM runs.
+/// second, while the VM runs and an RFB client watches.
 struct Display {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
@@ -260,9 +263,12 @@ impl Display {
                 let mut pixels = Vec::new();
                 let mut frame = 0u32;
                 while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                    let blink = (frame / Self::BLINK_FRAMES) % 2 == 0;
-                    let (w, h) = vga::render::render(&lock(&state), blink, &mut pixels);
-                    fb.show(w, h, &pixels);
+                    // Nobody watching, nothing to draw: an idle VM costs no rendering.
+                    if fb.viewers() > 0 {
+                        let blink = (frame / Self::BLINK_FRAMES) % 2 == 0;
+                        let (w, h) = vga::render::render(&lock(&state), blink, &mut pixels);
+                        fb.show(w, h, &pixels);
+                    }
                     frame = frame.wrapping_add(1);
                     std::thread::sleep(Self::PERIOD);
                 }
@@ -389,6 +395,23 @@ fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, V
     })
 }
 
+/// Puts `dev` on `bus` as a virtio-pci function in the next free slot;
+/// returns the slot and the function.
+fn add_virtio_pci(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    bus: &mut PciBus,
+    dev: Box<dyn VirtioDevice>,
+) -> Result<(u8, Arc<Mutex<VirtioPci>>), VmError> {
+    let (send, intx, slot) = pci_interrupts(vm, bus);
+    let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
+        .map_err(|e| VmError::Config(e.to_string()))?;
+    let t = Arc::new(Mutex::new(t));
+    let at = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
+    debug_assert_eq!(at, slot);
+    Ok((slot, t))
+}
+
 /// The VM's virtio disks (first) and NICs as virtio-pci functions on `bus`;
 /// returns the devices and each virtio disk's index and slot.
 fn pci_virtio(
@@ -399,25 +422,17 @@ fn pci_virtio(
 ) -> Result<(Vec<VirtioSlot>, Vec<(usize, u8)>), VmError> {
     let mut virtio = Vec::new();
     let mut disk_slots = Vec::new();
-    let mut add = |dev: Box<dyn VirtioDevice>| -> Result<(u8, Arc<Mutex<VirtioPci>>), VmError> {
-        let (send, intx, slot) = pci_interrupts(vm, bus);
-        let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
-            .map_err(|e| VmError::Config(e.to_string()))?;
-        let t = Arc::new(Mutex::new(t));
-        let at = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
-        debug_assert_eq!(at, slot);
-        Ok((slot, t))
-    };
     for (i, d) in cfg.disks.iter().enumerate() {
         if d.bus != DiskBus::Virtio {
             continue;
         }
-        let (slot, t) = add(disk_device(d)?)?;
+        let (slot, t) = add_virtio_pci(vm, mem, bus, disk_device(d)?)?;
         disk_slots.push((i, slot));
         virtio.push(VirtioSlot::Disk(i, t));
     }
     for n in &cfg.nets {
-        let (_, t) = add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?;
+        let dev = Box::new(Net::new(Tap::open(&n.tap)?, n.mac));
+        let (_, t) = add_virtio_pci(vm, mem, bus, dev)?;
         virtio.push(VirtioSlot::Net(t));
     }
     Ok((virtio, disk_slots))
@@ -429,7 +444,7 @@ struct Vm {
     _mem: GuestMemory,
     _memfd: std::fs::File,
     /// The firmware's mapping, if it boots from firmware.
-    _rom: Vec<AnonMapping>,
+    _rom: Option<AnonMapping>,
     /// The SATA controller, if the VM has SATA disks or a CD-ROM drive.
     ahci: Option<SataDevices>,
     /// The thread drawing the VGA's screen into the framebuffer.
@@ -514,7 +529,7 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
         }
         let bus_err = |e: crate::bus::BusError| VmError::Config(e.to_string());
-        let mut rom_keep = Vec::new();
+        let mut rom_keep = None;
         let mut ahci = None;
         let lfb = match fb {
             Some(fb) if !vga => Some(map_framebuffer(&vm, fb, mem.num_regions() as u32)?),
@@ -602,7 +617,7 @@ impl Vm {
                         .as_deref()
                         .unwrap_or(std::path::Path::new(firmware::SEABIOS)),
                 )?;
-                let rom = map_rom(&vm, &bios_image, mem.num_regions() as u32)?;
+                let rom = map_rom(&kvm, &vm, &bios_image, mem.num_regions() as u32)?;
                 bios_image.copy_low(&mem)?;
                 let ram_bytes = cfg.memory_mib << 20;
                 let below_4g = ram_bytes.min(MMIO_GAP_START);
@@ -632,11 +647,7 @@ impl Vm {
                     display = Some(Display::start(state, fb.clone()).map_err(io_err("start the display"))?);
                     // The console's pointer as an absolute tablet, beside the PS/2 mouse.
                     let t = Tablet::new();
-                    let (send, intx, _) = pci_interrupts(&vm, &bus);
-                    let dev = VirtioPci::new(Box::new(t.clone()), mem.clone(), send, intx, Some(vm.clone()))
-                        .map_err(|e| VmError::Config(e.to_string()))?;
-                    bus.add(Arc::new(Mutex::new(dev)))
-                        .map_err(|e| VmError::Config(e.to_string()))?;
+                    add_virtio_pci(&vm, &mem, &mut bus, Box::new(t.clone()))?;
                     tablet = Some(t);
                 }
                 let (virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
@@ -685,7 +696,7 @@ impl Vm {
                     1,
                 )
                 .map_err(bus_err)?;
-                rom_keep.push(rom);
+                rom_keep = Some(rom);
                 (None, virtio)
             }
         };
@@ -949,7 +960,7 @@ fn run_until_exit(
     let mut key_backlog: std::collections::VecDeque<KeyStroke> = Default::default();
     loop {
         if !key_backlog.is_empty() {
-            let n = lock(&vm.i8042).key_strokes_fitting(key_backlog.make_contiguous());
+            let n = lock(&vm.i8042).key_strokes(key_backlog.make_contiguous());
             key_backlog.drain(..n);
         }
         if !serial_backlog.is_empty() {

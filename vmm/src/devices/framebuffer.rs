@@ -13,7 +13,7 @@
 //! so a client watching an idle screen costs one small ioctl a poll rather
 //! than a comparison of every pixel.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ pub struct Framebuffer {
     height: AtomicU32,
     /// Counts changes of size, so readers notice one.
     resizes: AtomicU64,
+    /// RFB clients connected to it: a device drawing into it draws only for them.
+    viewers: AtomicUsize,
     tracking: Mutex<Tracking>,
 }
 
@@ -96,6 +98,7 @@ impl Framebuffer {
             width: AtomicU32::new(width),
             height: AtomicU32::new(height),
             resizes: AtomicU64::new(0),
+            viewers: AtomicUsize::new(0),
             tracking: Mutex::new(Tracking {
                 vm: None,
                 pages: vec![0; (size / PAGE_SIZE) as usize],
@@ -170,6 +173,21 @@ impl Framebuffer {
     /// Bytes from one line to the next.
     pub fn stride(&self) -> u32 {
         self.width() * BYTES_PER_PIXEL
+    }
+
+    /// A viewer (an RFB client) comes; returns how many there were before.
+    pub fn viewer_joined(&self) -> usize {
+        self.viewers.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// A viewer leaves.
+    pub fn viewer_left(&self) {
+        self.viewers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How many viewers it has.
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(Ordering::SeqCst)
     }
 
     /// How many times the size changed; a reader that saw another count

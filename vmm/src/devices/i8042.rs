@@ -304,18 +304,10 @@ impl I8042 {
         }
     }
 
-    /// Presses and releases keys, in order.
-    pub fn key_strokes(&mut self, strokes: &[KeyStroke]) {
-        for s in strokes {
-            self.push_key(s.key, s.release);
-        }
-        self.kick();
-    }
-
     /// Presses and releases as many of `strokes` as the queue holds now, in
     /// order; returns how many. The rest waits with the caller (typed text
     /// longer than the queue goes in as the guest reads).
-    pub fn key_strokes_fitting(&mut self, strokes: &[KeyStroke]) -> usize {
+    pub fn key_strokes(&mut self, strokes: &[KeyStroke]) -> usize {
         if self.cb & CB_KBD_DISABLE != 0 {
             return 0;
         }

@@ -15,7 +15,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +67,6 @@ struct Shared {
     fb: Arc<Framebuffer>,
     name: String,
     events: Sender<VmEvent>,
-    clients: AtomicUsize,
 }
 
 /// Serves RFB on a unix socket at `path` until the process exits: the
@@ -94,15 +92,14 @@ pub fn serve(
         fb,
         name,
         events,
-        clients: AtomicUsize::new(0),
     });
     std::thread::Builder::new()
         .name("rfb".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                if shared.fb.viewer_joined() >= MAX_CLIENTS {
+                    shared.fb.viewer_left();
                     tracing::warn!(vm = %shared.name, max = MAX_CLIENTS, "RFB client refused: too many clients");
                     continue;
                 }
@@ -111,7 +108,7 @@ pub fn serve(
                     .name("rfb-client".into())
                     .spawn(move || serve_client(conn, &shared2));
                 if spawned.is_err() {
-                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                    shared.fb.viewer_left();
                 }
             }
         })?;
@@ -127,7 +124,7 @@ fn serve_client(conn: UnixStream, shared: &Shared) {
         Err(e) => tracing::warn!(%vm, error = %e, "RFB client closed"),
     }
     client.release_keys();
-    shared.clients.fetch_sub(1, Ordering::SeqCst);
+    shared.fb.viewer_left();
 }
 
 type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, WireError>;

@@ -139,11 +139,8 @@ impl Interrupt {
                     Some(q) => v.queues.get(q).map_or(NO_VECTOR, |a| a.load(Ordering::SeqCst)),
                     None => v.config.load(Ordering::SeqCst),
                 };
-                if v.msix.enabled() {
-                    if vector != NO_VECTOR {
-                        v.msix.signal(vector);
-                    }
-                } else {
+                // With MSI-X on, the vector (none: NO_VECTOR, nothing sent); else INTx.
+                if !v.msix.signal(vector) {
                     self.status.fetch_or(bit, Ordering::SeqCst);
                     (v.intx)(true);
                 }
