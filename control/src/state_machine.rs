@@ -1835,6 +1835,30 @@ impl StateMachine {
 mod tests {
     use super::*;
 
+    /// A person's change, as a Raft command from the API would carry it.
+    fn act(sm: &mut StateMachine, actor: u64, action: Action) -> Outcome {
+        let mut w = Vec::new();
+        sm.apply(
+            &Command::Act {
+                actor,
+                at_ms: 5,
+                action,
+            },
+            &mut w,
+        )
+    }
+
+    /// Creating a user (password hash "h").
+    fn new_user(name: &str, role: Role, parent: Option<u64>, quota: Option<Quota>) -> Action {
+        Action::CreateUser {
+            name: name.into(),
+            role,
+            password: "h".into(),
+            parent,
+            quota,
+        }
+    }
+
     #[test]
     fn vm_creations_keep_their_wire_format() {
         let c: Command = serde_json::from_str(
@@ -2129,24 +2153,7 @@ mod tests {
         for id in 1..=2 {
             sm.add_server(&server(id, false), &mut w);
         }
-        let act = |sm: &mut StateMachine, actor: u64, action: Action| {
-            let mut w = Vec::new();
-            sm.apply(
-                &Command::Act {
-                    actor,
-                    at_ms: 5,
-                    action,
-                },
-                &mut w,
-            )
-        };
-        let user = |name: &str, role: Role, parent: Option<u64>| Action::CreateUser {
-            name: name.into(),
-            role,
-            password: "h".into(),
-            parent,
-            quota: None,
-        };
+        let user = |name: &str, role: Role, parent: Option<u64>| new_user(name, role, parent, None);
         let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
         let m = id(act(&mut sm, 0, user("m", Role::Manager, None)));
         let p = id(act(&mut sm, 0, user("p", Role::PowerUser, None)));
@@ -2219,24 +2226,7 @@ mod tests {
     #[test]
     fn a_powered_off_vm_is_changed_by_who_administers_it_within_the_quota() {
         let mut sm = StateMachine::default();
-        let act = |sm: &mut StateMachine, actor: u64, action: Action| {
-            let mut w = Vec::new();
-            sm.apply(
-                &Command::Act {
-                    actor,
-                    at_ms: 5,
-                    action,
-                },
-                &mut w,
-            )
-        };
-        let user = |name: &str, role: Role, parent: Option<u64>, quota| Action::CreateUser {
-            name: name.into(),
-            role,
-            password: "h".into(),
-            parent,
-            quota,
-        };
+        let user = new_user;
         let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
         let quota = Quota {
             vms: 2,

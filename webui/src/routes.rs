@@ -381,12 +381,7 @@ impl App {
                         },
                     )
                     .await?;
-                let state = self.cluster.state().await?;
-                let view = state
-                    .vm_by_id(vm)
-                    .map(|v| serde_json::to_value(views::vm(&state, v)).unwrap_or(Value::Null))
-                    .unwrap_or(Value::Null);
-                Ok(ok(&view))
+                Ok(ok(&self.vm_view(vm).await?))
             }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
@@ -872,11 +867,6 @@ impl App {
                 "this cluster has no guest kernel to boot VMs from (enspeed server --guest-kernel); create a blank VM (boot: bios) instead",
             ));
         }
-        if let Some(iso) = &v.iso {
-            if !c.state.isos.contains_key(iso) {
-                return Err(ApiError::not_found(format!("no ISO {iso} in the library")));
-            }
-        }
         // A blank VM boots from its disk and CD; it carries no kernel of the cluster's.
         let guest = |s: &String| if kernel { s.clone() } else { String::new() };
         let r = self
@@ -907,12 +897,16 @@ impl App {
     /// 201 with the view of the VM a create or clone answered `r` for.
     async fn created_vm(&self, r: &Value) -> Result<Response<Body>, ApiError> {
         let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
+        Ok(json_response(StatusCode::CREATED, &self.vm_view(id).await?))
+    }
+
+    /// The view of VM `id` as the state now is (just `{"id"}` if it is gone).
+    async fn vm_view(&self, id: u64) -> Result<Value, ApiError> {
         let state = self.cluster.state().await?;
-        let view = state
+        Ok(state
             .vm_by_id(id)
             .map(|vm| serde_json::to_value(views::vm(&state, vm)).unwrap_or(Value::Null))
-            .unwrap_or(json!({ "id": id }));
-        Ok(json_response(StatusCode::CREATED, &view))
+            .unwrap_or(json!({ "id": id })))
     }
 
     async fn create_user(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
