@@ -2,8 +2,9 @@
 # iso.sh OUT.iso CMDLINE [PROOF]: an El Torito-only CD (no hybrid MBR, no EFI) that boots the
 # guest kit through GRUB for BIOS: GRUB's El Torito image from Debian's grub-pc-bin (made
 # with grub-mkimage), the kit's kernel and initrd, a grub.cfg booting them with CMDLINE at
-# once (its menu on the console and COM1), and /kit-cd-proof holding PROOF for the kit's
-# cdrom task. Builds the kit first. Host tools: grub-mkimage (grub-common), grub-pc-bin's
+# once (its menu on the console and COM1), /kit-cd-proof holding PROOF for the kit's
+# cdrom task, and in /install what the kit's install task puts on a disk: GRUB's boot.img
+# for the MBR, and a core.img that reads its grub.cfg from the disk's first MBR partition. Builds the kit first. Host tools: grub-mkimage (grub-common), grub-pc-bin's
 # modules, xorriso; installed if missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,6 +36,10 @@ menuentry "EnSpeed kit" {
 CFG
 grub-mkimage -O i386-pc-eltorito -p /boot/grub -o "$work/iso/boot/grub/eltorito.img" \
     biosdisk iso9660 normal linux serial terminal echo configfile test sleep
+mkdir -p "$work/iso/install"
+cp /usr/lib/grub/i386-pc/boot.img "$work/iso/install/"
+grub-mkimage -O i386-pc -p '(hd0,msdos1)/boot/grub' -o "$work/iso/install/core.img" \
+    biosdisk part_msdos ext2 normal linux serial terminal echo configfile test sleep
 xorriso -as mkisofs -quiet -R -J -V ENSPEED_KIT -b boot/grub/eltorito.img -no-emul-boot \
     -boot-load-size 4 -boot-info-table -o "$out" "$work/iso" >&2
 echo "$out"

@@ -117,16 +117,23 @@ fn seabios_boots_a_virtio_pci_disk_under_real_amd_v() {
     scenario_with("enspeed-firmware.sh", &[disk.to_str().expect("a UTF-8 path")]);
 }
 
-/// The kit on an El Torito CD that GRUB boots, with `tasks` and the kit's disk at `dev`.
+/// The kit on an El Torito CD that GRUB boots, checking the PCI devices, the CD and the kit's
+/// disk at `dev`.
 fn kit_iso(name: &str, dev: &str) -> PathBuf {
-    let out = profile_dir().join(name);
     let proof = name.trim_end_matches(".iso").replace("kit-", "fw");
+    iso(
+        name,
+        &format!("pci,cdrom,disk,poweroff kit.dev={dev} kit.proof={proof}"),
+    )
+}
+
+/// The kit on an El Torito CD that GRUB boots, with the kit's arguments `args` after `kit.task=`.
+fn iso(name: &str, args: &str) -> PathBuf {
+    let out = profile_dir().join(name);
     let run = Command::new("bash")
         .arg(repo_root().join("image/kit/iso.sh"))
         .arg(&out)
-        .arg(format!(
-            "console=ttyS0 quiet kit.task=pci,cdrom,disk,poweroff kit.dev={dev} kit.proof={proof}"
-        ))
+        .arg(format!("console=ttyS0 quiet kit.task={args}"))
         .arg("enspeed-cd")
         .output()
         .expect("run image/kit/iso.sh");
@@ -144,6 +151,22 @@ fn real_debian_guest_boots_from_an_el_torito_cd_through_seabios_and_grub() {
     let sata = kit_iso("kit-sata.iso", "/dev/sda");
     scenario_with(
         "enspeed-firmware-linux.sh",
+        &[virtio.to_str().expect("UTF-8"), sata.to_str().expect("UTF-8")],
+    );
+}
+
+#[test]
+fn a_blank_vm_installs_from_its_cd_then_boots_the_installed_disk() {
+    let virtio = iso(
+        "install-virtio.iso",
+        "install,poweroff kit.dev=/dev/vda kit.proof=installed-virtio",
+    );
+    let sata = iso(
+        "install-sata.iso",
+        "install,poweroff kit.dev=/dev/sda kit.proof=installed-sata",
+    );
+    scenario_with(
+        "enspeed-firmware-install.sh",
         &[virtio.to_str().expect("UTF-8"), sata.to_str().expect("UTF-8")],
     );
 }

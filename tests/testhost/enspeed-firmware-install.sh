@@ -1,0 +1,48 @@
+#!/bin/sh
+# Test-host scenario (run with image/testhost/run.sh --scenario ... --enspeed PATH --extra
+# install-virtio.iso --extra install-sata.iso): an install from CD, as a user does in a blank
+# VM. SeaBIOS finds the blank disk unbootable and boots the El Torito-only CD; the kit on it
+# installs itself onto the disk (partition table, GRUB in the MBR, ext2 with kernel, initrd and
+# grub.cfg) and powers off. Then the VM boots what was installed: from the virtio disk with
+# no CD-ROM drive at all; from the SATA disk with the CD still in its drive (the disks come
+# first in the default boot order).
+. /usr/lib/testhost/guest.sh
+
+[ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
+for iso in install-virtio.iso install-sata.iso; do
+    [ -f "/usr/local/bin/$iso" ] || { echo "FAIL: no $iso: give run.sh --extra"; exit 2; }
+done
+
+vmm() { # vmm NAME DISK-OPTIONS [VMM-ARGUMENTS...]: one power-on, until the guest powers off
+    name=$1 opts=$2
+    shift 2
+    run_guest "$name" 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk "/tmp/disk-$bus.img$opts" \
+        --serial stdout "$@" ||
+        fail "$name: enspeed vmm exited with $? (expected 0 when the guest powers off)"
+}
+
+for bus in virtio sata; do
+    rm -f "/tmp/disk-$bus.img"
+    truncate -s 96M "/tmp/disk-$bus.img"
+    opts=""
+    [ $bus = sata ] && opts=",bus=sata"
+    vmm "install-$bus" "$opts" --cdrom "/usr/local/bin/install-$bus.iso"
+    expect "install-$bus" "GRUB: loading the kit"
+    expect "install-$bus" "KIT: install ok onto"
+    expect "install-$bus" "KIT: poweroff"
+    expect_not "install-$bus" "KIT: FAIL"
+
+    if [ $bus = virtio ]; then
+        vmm "installed-$bus" "$opts"
+    else
+        vmm "installed-$bus" "$opts" --cdrom "/usr/local/bin/install-$bus.iso"
+        expect_not "installed-$bus" "GRUB: loading the kit"
+    fi
+    expect "installed-$bus" "GRUB: booting the installed system"
+    expect "installed-$bus" "KIT: installed proof=installed-$bus"
+    expect "installed-$bus" "KIT: poweroff"
+    expect_not "installed-$bus" "KIT: FAIL"
+done
+bench enspeed-firmware-installed-to-init installed-virtio "KIT: init reached"
+
+finish enspeed-firmware-install
