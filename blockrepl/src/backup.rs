@@ -36,13 +36,17 @@ pub fn serve(r: Arc<Replica>, stream: TcpStream, hello: Hello) {
         Ok(x) => x,
         Err(why) => {
             tracing::warn!(disk = %r.name(), generation, why = %why, "primary refused");
-            let _ = Frame::error(1, generation, &why).write_to(&mut out).and_then(|()| out.flush());
+            let _ = Frame::error(1, generation, &why)
+                .write_to(&mut out)
+                .and_then(|()| out.flush());
             return;
         }
     };
     tracing::info!(disk = %r.name(), generation, full = welcome.needs_full_sync, "serving primary");
     let full = welcome.needs_full_sync;
-    let sent = Frame::json(Kind::Welcome, 1, welcome.generation, &welcome).write_to(&mut out).and_then(|()| out.flush());
+    let sent = Frame::json(Kind::Welcome, 1, welcome.generation, &welcome)
+        .write_to(&mut out)
+        .and_then(|()| out.flush());
     if sent.is_ok() {
         let why = run(&r, session, &stream, out, generation, full);
         tracing::warn!(disk = %r.name(), why = %why, "mirror session ended");
@@ -59,7 +63,10 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
     let mut meta = lock(&r.meta);
     let m = meta.get().clone();
     if m.role != Role::Backup {
-        return Err(format!("disk {} is {:?} here, not a backup", m.name, m.role));
+        return Err(format!(
+            "disk {} is {:?} here, not a backup",
+            m.name, m.role
+        ));
     }
     if hello.capacity != m.capacity || hello.region_size != m.region_size {
         return Err(format!(
@@ -78,21 +85,35 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
             return Err("the primary's disk has no identity".into());
         }
         if m.disk_id != hello.disk_id {
-            meta.update(|m| m.disk_id = hello.disk_id.clone()).map_err(|e| e.to_string())?;
+            meta.update(|m| m.disk_id = hello.disk_id.clone())
+                .map_err(|e| e.to_string())?;
         }
     } else if m.disk_id != hello.disk_id {
-        return Err(format!("disk {} here is {}, the primary's is {}", m.name, m.disk_id, hello.disk_id));
+        return Err(format!(
+            "disk {} here is {}, the primary's is {}",
+            m.name, m.disk_id, hello.disk_id
+        ));
     }
     // A partial resync is enough when this copy holds exactly the generation
     // the primary's bitmap runs from, or the primary's own generation.
     let needs_full_sync = match m.data {
         DataState::Empty | DataState::Inconsistent { full: true } => true,
-        _ => hello.bitmap_base == 0 || !(m.generation == hello.generation || m.generation == hello.bitmap_base),
+        _ => {
+            hello.bitmap_base == 0
+                || !(m.generation == hello.generation || m.generation == hello.bitmap_base)
+        }
     };
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     r.core().serving_session = Some(session);
     let bitmap = lock(&r.bitmap).to_bytes();
-    Ok((session, Welcome { generation: m.generation, needs_full_sync, bitmap }))
+    Ok((
+        session,
+        Welcome {
+            generation: m.generation,
+            needs_full_sync,
+            bitmap,
+        },
+    ))
 }
 
 /// Answers waiting to be sent.
@@ -171,7 +192,14 @@ impl Answers<'_> {
 
     /// Makes a taken batch durable if it asks for it and sends its answers.
     fn answer(&self, (acks, sync): Batch) {
-        let synced = if sync { self.r.data.sync_data().map_err(|e| format!("flushing: {e}")) } else { Ok(()) };
+        let synced = if sync {
+            self.r
+                .data
+                .sync_data()
+                .map_err(|e| format!("flushing: {e}"))
+        } else {
+            Ok(())
+        };
         let sent = {
             let mut guard = lock(&self.out);
             let (w, seq) = &mut *guard;
@@ -203,7 +231,14 @@ impl Answers<'_> {
 
 /// Applies frames in arrival order on this thread; a syncer thread answers
 /// them (see [`Answers`]).
-fn run(r: &Replica, session: u64, stream: &TcpStream, out: BufWriter<TcpStream>, generation: u64, full: bool) -> String {
+fn run(
+    r: &Replica,
+    session: u64,
+    stream: &TcpStream,
+    out: BufWriter<TcpStream>,
+    generation: u64,
+    full: bool,
+) -> String {
     let reader = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => return e.to_string(),
@@ -225,7 +260,9 @@ fn run(r: &Replica, session: u64, stream: &TcpStream, out: BufWriter<TcpStream>,
         if let Some(refusal) = &why.1 {
             let mut guard = lock(&answers.out);
             let w = &mut guard.0;
-            let _ = Frame::error(0, generation, refusal).write_to(w).and_then(|()| w.flush());
+            let _ = Frame::error(0, generation, refusal)
+                .write_to(w)
+                .and_then(|()| w.flush());
         }
         why.0
     })
@@ -233,7 +270,14 @@ fn run(r: &Replica, session: u64, stream: &TcpStream, out: BufWriter<TcpStream>,
 
 /// Applies frames until the link ends; returns why, and the refusal to send
 /// the primary if it ended for a frame it sent.
-fn apply(r: &Replica, session: u64, reader: &mut BufReader<TcpStream>, answers: &Answers<'_>, generation: u64, full: bool) -> (String, Option<String>) {
+fn apply(
+    r: &Replica,
+    session: u64,
+    reader: &mut BufReader<TcpStream>,
+    answers: &Answers<'_>,
+    generation: u64,
+    full: bool,
+) -> (String, Option<String>) {
     let mut marked = false;
     let mut synced = false;
     let refuse = |why: String| (why.clone(), Some(why));
@@ -252,13 +296,18 @@ fn apply(r: &Replica, session: u64, reader: &mut BufReader<TcpStream>, answers: 
             }
         }
         if frame.generation != generation {
-            return refuse(format!("frame of generation {} in a session of generation {generation}", frame.generation));
+            return refuse(format!(
+                "frame of generation {} in a session of generation {generation}",
+                frame.generation
+            ));
         }
         let queued = match frame.kind {
             Kind::Write | Kind::ResyncWrite => {
                 if !marked && !synced {
                     // Writes before ResyncDone mix two histories.
-                    if let Err(e) = lock(&r.meta).update(|m| m.data = DataState::Inconsistent { full }) {
+                    if let Err(e) =
+                        lock(&r.meta).update(|m| m.data = DataState::Inconsistent { full })
+                    {
                         return refuse(e.to_string());
                     }
                     marked = true;
@@ -269,7 +318,13 @@ fn apply(r: &Replica, session: u64, reader: &mut BufReader<TcpStream>, answers: 
                         Kind::ResyncWrite => write_or_punch(&r.data, &frame.payload, frame.offset),
                         _ => r.data.write_all_at(&frame.payload, frame.offset),
                     })
-                    .map_err(|e| format!("writing {} bytes at {}: {e}", frame.payload.len(), frame.offset));
+                    .map_err(|e| {
+                        format!(
+                            "writing {} bytes at {}: {e}",
+                            frame.payload.len(),
+                            frame.offset
+                        )
+                    });
                 let sync = done.is_ok() && frame.flags & FLAG_FUA != 0;
                 answers.push(frame.seq, done.err(), sync)
             }

@@ -49,7 +49,12 @@ impl Bitmap {
         for r in regions..(padded as u64 * 8) {
             bits[(r / 8) as usize] &= !(1 << (r % 8));
         }
-        Ok(Bitmap { path: path.to_owned(), file, bits, regions })
+        Ok(Bitmap {
+            path: path.to_owned(),
+            file,
+            bits,
+            regions,
+        })
     }
 
     /// Number of regions.
@@ -99,7 +104,8 @@ impl Bitmap {
 
     /// Sets every region (a full sync is owed) durably.
     pub fn set_all(&mut self) -> io::Result<()> {
-        self.set_range(0, self.regions.saturating_sub(1)).map(|_| ())
+        self.set_range(0, self.regions.saturating_sub(1))
+            .map(|_| ())
     }
 
     /// Clears `regions` durably.
@@ -123,7 +129,9 @@ impl Bitmap {
     fn write_pages(&self, pages: &[usize]) -> io::Result<()> {
         for &p in pages {
             let range = p * PAGE..(p + 1) * PAGE;
-            self.file.write_all_at(&self.bits[range], (p * PAGE) as u64).map_err(|e| err(&self.path, e))?;
+            self.file
+                .write_all_at(&self.bits[range], (p * PAGE) as u64)
+                .map_err(|e| err(&self.path, e))?;
         }
         self.file.sync_data().map_err(|e| err(&self.path, e))
     }
@@ -133,7 +141,11 @@ impl Bitmap {
 /// below `regions`.
 pub fn regions_in(bytes: &[u8], regions: u64) -> Vec<u64> {
     (0..regions)
-        .filter(|&r| bytes.get((r / 8) as usize).is_some_and(|b| b & (1 << (r % 8)) != 0))
+        .filter(|&r| {
+            bytes
+                .get((r / 8) as usize)
+                .is_some_and(|b| b & (1 << (r % 8)) != 0)
+        })
         .collect()
 }
 
@@ -142,7 +154,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("blockrepl-bitmap-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("blockrepl-bitmap-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("bitmap")

@@ -22,7 +22,11 @@ fn next_data(f: &File, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> 
     if start < 0 {
         let e = io::Error::last_os_error();
         // ENXIO: no data after `offset`.
-        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     // SAFETY: as above.
     let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
@@ -71,7 +75,12 @@ mod tests {
         let len = 64u64 << 20;
         let src = File::create(&a).unwrap();
         src.set_len(len).unwrap();
-        for (off, byte) in [(0u64, 1u8), (5 << 20, 2), ((40 << 20) + 4096, 3), (len - 512, 4)] {
+        for (off, byte) in [
+            (0u64, 1u8),
+            (5 << 20, 2),
+            ((40 << 20) + 4096, 3),
+            (len - 512, 4),
+        ] {
             src.write_all_at(&vec![byte; 512], off).unwrap();
         }
         File::create(&b).unwrap().set_len(len).unwrap();
@@ -79,7 +88,10 @@ mod tests {
         assert!(n < len / 4, "only the written extents were read: {n}");
         assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&b).unwrap().blocks() * 512 < len / 4, "the copy stays sparse");
+        assert!(
+            std::fs::metadata(&b).unwrap().blocks() * 512 < len / 4,
+            "the copy stays sparse"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

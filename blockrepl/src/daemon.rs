@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{Frame, Hello, Kind};
 use crate::meta::Role;
+use crate::proto::{Frame, Hello, Kind};
 use crate::replica::{lock, LinkState, NewRole, Replica, Timing};
 use crate::store::BlockStore;
 use crate::vhost_blk::VhostBlkServer;
@@ -36,8 +36,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('T') => (&s[..s.len() - 1], 40),
         _ => (s, 0),
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64M, 10G)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s} is too large"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64M, 10G)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// A request on the control socket; also the subcommands of `enspeed disk`.
@@ -128,11 +131,18 @@ pub struct Response {
 
 impl Response {
     fn ok() -> Self {
-        Response { ok: true, ..Default::default() }
+        Response {
+            ok: true,
+            ..Default::default()
+        }
     }
 
     fn err(msg: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(msg.into()), disks: None }
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            disks: None,
+        }
     }
 }
 
@@ -190,7 +200,8 @@ pub fn vhost_socket(disk_dir: &Path) -> PathBuf {
 fn start_disk(r: Arc<Replica>) -> Result<Disk, String> {
     crate::resync::start(&r).map_err(|e| format!("starting the connector of {}: {e}", r.name()))?;
     let store: Arc<dyn BlockStore> = r.clone();
-    let vhost = crate::vhost_blk::spawn(&vhost_socket(r.dir()), store).map_err(|e| e.to_string())?;
+    let vhost =
+        crate::vhost_blk::spawn(&vhost_socket(r.dir()), store).map_err(|e| e.to_string())?;
     Ok(Disk { replica: r, vhost })
 }
 
@@ -204,7 +215,9 @@ impl Blockd {
     pub fn open(cfg: Config) -> Result<Arc<Blockd>, DaemonError> {
         std::fs::create_dir_all(&cfg.dir).map_err(io(format!("creating {}", cfg.dir.display())))?;
         let mut disks = BTreeMap::new();
-        for entry in std::fs::read_dir(&cfg.dir).map_err(io(format!("reading {}", cfg.dir.display())))? {
+        for entry in
+            std::fs::read_dir(&cfg.dir).map_err(io(format!("reading {}", cfg.dir.display())))?
+        {
             let entry = entry.map_err(io(format!("reading {}", cfg.dir.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !entry.path().join("meta").exists() {
@@ -215,14 +228,19 @@ impl Blockd {
             let d = start_disk(r).map_err(|e| DaemonError::Start(name.clone(), e))?;
             disks.insert(name, d);
         }
-        Ok(Arc::new(Blockd { cfg, disks: Mutex::new(disks) }))
+        Ok(Arc::new(Blockd {
+            cfg,
+            disks: Mutex::new(disks),
+        }))
     }
 
     /// Runs blockd: the mirror listener on a thread, the control socket here.
     pub fn run(self: &Arc<Self>) -> Result<(), DaemonError> {
-        let listener = TcpListener::bind(&self.cfg.listen).map_err(io(format!("listening on {}", self.cfg.listen)))?;
+        let listener = TcpListener::bind(&self.cfg.listen)
+            .map_err(io(format!("listening on {}", self.cfg.listen)))?;
         let _ = std::fs::remove_file(&self.cfg.control);
-        let control = UnixListener::bind(&self.cfg.control).map_err(io(format!("binding {}", self.cfg.control.display())))?;
+        let control = UnixListener::bind(&self.cfg.control)
+            .map_err(io(format!("binding {}", self.cfg.control.display())))?;
         tracing::info!(listen = %self.cfg.listen, control = %self.cfg.control.display(), "blockd ready");
         let me = self.clone();
         std::thread::Builder::new()
@@ -233,7 +251,9 @@ impl Blockd {
             match conn {
                 Ok(c) => {
                     let me = self.clone();
-                    let _ = std::thread::Builder::new().name("control".into()).spawn(move || me.control(c));
+                    let _ = std::thread::Builder::new()
+                        .name("control".into())
+                        .spawn(move || me.control(c));
                 }
                 Err(e) => tracing::warn!(error = %e, "control socket accept"),
             }
@@ -246,7 +266,9 @@ impl Blockd {
             match conn {
                 Ok(c) => {
                     let me = self.clone();
-                    let _ = std::thread::Builder::new().name("mirror-session".into()).spawn(move || me.mirror(c));
+                    let _ = std::thread::Builder::new()
+                        .name("mirror-session".into())
+                        .spawn(move || me.mirror(c));
                 }
                 Err(e) => tracing::warn!(error = %e, "mirror accept"),
             }
@@ -255,14 +277,19 @@ impl Blockd {
 
     /// A primary connected: read its Hello and hand it to the disk it names.
     fn mirror(&self, stream: TcpStream) {
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(self.cfg.timing.link_timeout));
         let refuse = |mut s: &TcpStream, why: String| {
             tracing::warn!(peer = %peer, why = %why, "mirror connection refused");
             let _ = Frame::error(1, 0, &why).write_to(&mut s);
         };
-        let first = match Frame::read_from(&mut (&stream).take(u64::from(crate::proto::MAX_PAYLOAD) + 64)) {
+        let first = match Frame::read_from(
+            &mut (&stream).take(u64::from(crate::proto::MAX_PAYLOAD) + 64),
+        ) {
             Ok(f) if f.kind == Kind::Hello => f,
             Ok(f) => return refuse(&stream, format!("expected Hello, got {:?}", f.kind)),
             Err(e) => return refuse(&stream, format!("bad first frame: {e}")),
@@ -272,7 +299,10 @@ impl Blockd {
             Err(e) => return refuse(&stream, e),
         };
         let Some(disk) = self.get(&hello.disk) else {
-            return refuse(&stream, format!("no disk named {:?} on this server", hello.disk));
+            return refuse(
+                &stream,
+                format!("no disk named {:?} on this server", hello.disk),
+            );
         };
         crate::backup::serve(disk, stream, hello);
     }
@@ -311,25 +341,42 @@ impl Blockd {
     }
 
     fn disk(&self, name: &str) -> Result<Arc<Replica>, String> {
-        self.get(name).ok_or_else(|| format!("no disk named {name:?}"))
+        self.get(name)
+            .ok_or_else(|| format!("no disk named {name:?}"))
     }
 
     /// Carries out one control request.
     pub fn handle(&self, req: Request) -> Response {
         let result: Result<Response, String> = (|| match req {
-            Request::Create { name, size, region_size, backup, pool, from } => {
+            Request::Create {
+                name,
+                size,
+                region_size,
+                backup,
+                pool,
+                from,
+            } => {
                 let mut disks = lock(&self.disks);
                 if disks.contains_key(&name) {
                     return Err(format!("disk {name} already exists"));
                 }
                 let source = match &from {
                     None => None,
-                    Some(_) if backup => return Err(format!("disk {name}: a backup is filled by its primary, not from another disk")),
+                    Some(_) if backup => {
+                        return Err(format!(
+                            "disk {name}: a backup is filled by its primary, not from another disk"
+                        ))
+                    }
                     Some(f) => {
-                        let d = disks.get(f).ok_or_else(|| format!("disk {name}: no disk {f} to copy from"))?;
+                        let d = disks
+                            .get(f)
+                            .ok_or_else(|| format!("disk {name}: no disk {f} to copy from"))?;
                         let st = d.replica.status();
                         if st.capacity > size {
-                            return Err(format!("disk {name}: {size} bytes cannot hold disk {f}'s {}", st.capacity));
+                            return Err(format!(
+                                "disk {name}: {size} bytes cannot hold disk {f}'s {}",
+                                st.capacity
+                            ));
                         }
                         if st.role == Role::Backup {
                             return Err(format!("disk {name}: disk {f} is a backup copy here; clone from its primary"));
@@ -337,7 +384,11 @@ impl Blockd {
                         Some((f.clone(), d.replica.dir().join("data"), st.capacity))
                     }
                 };
-                let role = if backup { NewRole::Backup } else { NewRole::Primary };
+                let role = if backup {
+                    NewRole::Backup
+                } else {
+                    NewRole::Primary
+                };
                 let pool = pool.filter(|p| !p.as_os_str().is_empty() && *p != self.cfg.dir);
                 let home = pool.as_deref().unwrap_or(&self.cfg.dir);
                 if pool.is_some() {
@@ -345,20 +396,34 @@ impl Blockd {
                     if link.symlink_metadata().is_ok() {
                         return Err(format!("{} already exists", link.display()));
                     }
-                    std::fs::create_dir_all(home).map_err(|e| format!("creating pool {}: {e}", home.display()))?;
+                    std::fs::create_dir_all(home)
+                        .map_err(|e| format!("creating pool {}: {e}", home.display()))?;
                 }
-                let r = Replica::create(home, &name, size, region_size.unwrap_or(DEFAULT_REGION), role, self.cfg.timing)
-                    .map_err(|e| e.to_string())?;
+                let r = Replica::create(
+                    home,
+                    &name,
+                    size,
+                    region_size.unwrap_or(DEFAULT_REGION),
+                    role,
+                    self.cfg.timing,
+                )
+                .map_err(|e| e.to_string())?;
                 if let Some((f, src, len)) = &source {
-                    let copied = crate::clone::copy_data(src, &r.dir().join("data"), *len).map_err(|e| {
-                        let _ = std::fs::remove_dir_all(r.dir());
-                        format!("disk {name}: copying disk {f}'s data: {e}")
-                    })?;
+                    let copied = crate::clone::copy_data(src, &r.dir().join("data"), *len)
+                        .map_err(|e| {
+                            let _ = std::fs::remove_dir_all(r.dir());
+                            format!("disk {name}: copying disk {f}'s data: {e}")
+                        })?;
                     tracing::info!(disk = %name, from = %f, copied, "filled from another disk");
                 }
                 if pool.is_some() {
-                    std::os::unix::fs::symlink(r.dir(), self.cfg.dir.join(&name))
-                        .map_err(|e| format!("linking {} into {}: {e}", r.dir().display(), self.cfg.dir.display()))?;
+                    std::os::unix::fs::symlink(r.dir(), self.cfg.dir.join(&name)).map_err(|e| {
+                        format!(
+                            "linking {} into {}: {e}",
+                            r.dir().display(),
+                            self.cfg.dir.display()
+                        )
+                    })?;
                 }
                 tracing::info!(disk = %name, size, backup, "disk created");
                 disks.insert(name, start_disk(r)?);
@@ -366,27 +431,44 @@ impl Blockd {
             }
             Request::Status { name } => {
                 let report = |d: &Disk| {
-                    let mut v = serde_json::to_value(d.replica.status()).expect("status serializes");
+                    let mut v =
+                        serde_json::to_value(d.replica.status()).expect("status serializes");
                     v["vhost_socket"] = d.vhost.socket().display().to_string().into();
                     v
                 };
                 let all = lock(&self.disks);
                 let disks = match name {
-                    Some(n) => vec![report(all.get(&n).ok_or_else(|| format!("no disk named {n:?}"))?)],
+                    Some(n) => vec![report(
+                        all.get(&n).ok_or_else(|| format!("no disk named {n:?}"))?,
+                    )],
                     None => all.values().map(report).collect(),
                 };
-                Ok(Response { ok: true, error: None, disks: Some(disks) })
+                Ok(Response {
+                    ok: true,
+                    error: None,
+                    disks: Some(disks),
+                })
             }
             Request::Attach { name, peer } => {
-                self.disk(&name)?.set_peer(Some(peer)).map_err(|e| e.to_string())?;
+                self.disk(&name)?
+                    .set_peer(Some(peer))
+                    .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
             Request::Detach { name } => {
-                self.disk(&name)?.set_peer(None).map_err(|e| e.to_string())?;
+                self.disk(&name)?
+                    .set_peer(None)
+                    .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
-            Request::Promote { name, generation, force } => {
-                self.disk(&name)?.raise_generation(generation, force).map_err(|e| e.to_string())?;
+            Request::Promote {
+                name,
+                generation,
+                force,
+            } => {
+                self.disk(&name)?
+                    .raise_generation(generation, force)
+                    .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
             Request::Demote { name } => {
@@ -395,15 +477,23 @@ impl Blockd {
             }
             Request::Delete { name } => {
                 let mut disks = lock(&self.disks);
-                let d = disks.get(&name).ok_or_else(|| format!("no disk named {name:?}"))?;
+                let d = disks
+                    .get(&name)
+                    .ok_or_else(|| format!("no disk named {name:?}"))?;
                 if d.replica.status().link != LinkState::Down {
-                    return Err(format!("disk {name} is linked to its peer: detach or demote it first"));
+                    return Err(format!(
+                        "disk {name} is linked to its peer: detach or demote it first"
+                    ));
                 }
                 let d = disks.remove(&name).expect("present");
                 d.replica.stop();
-                let dir = std::fs::canonicalize(d.replica.dir()).unwrap_or_else(|_| d.replica.dir().to_owned());
-                d.vhost.stop().map_err(|e| format!("stopping the vhost-user server of {name}: {e}"))?;
-                std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+                let dir = std::fs::canonicalize(d.replica.dir())
+                    .unwrap_or_else(|_| d.replica.dir().to_owned());
+                d.vhost
+                    .stop()
+                    .map_err(|e| format!("stopping the vhost-user server of {name}: {e}"))?;
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("removing {}: {e}", dir.display()))?;
                 // The link from the data directory, when the copy was in a pool.
                 let _ = std::fs::remove_file(self.cfg.dir.join(&name));
                 Ok(Response::ok())
@@ -427,7 +517,12 @@ pub fn call(socket: &Path, request: &str) -> std::io::Result<Response> {
     s.write_all(b"\n")?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad answer {line:?}: {e}")))
+    serde_json::from_str(&line).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad answer {line:?}: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -436,11 +531,33 @@ mod tests {
 
     #[test]
     fn requests_parse_and_unknowns_are_refused() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"create","name":"d","size":4096}"#).unwrap();
-        assert_eq!(r, Request::Create { name: "d".into(), size: 4096, region_size: None, backup: false, pool: None, from: None });
-        let r: Request = serde_json::from_str(r#"{"cmd":"promote","name":"d","generation":3}"#).unwrap();
-        assert_eq!(r, Request::Promote { name: "d".into(), generation: 3, force: false });
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"create","name":"d","size":1,"color":1}"#).is_err());
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"create","name":"d","size":4096}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Create {
+                name: "d".into(),
+                size: 4096,
+                region_size: None,
+                backup: false,
+                pool: None,
+                from: None
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"promote","name":"d","generation":3}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Promote {
+                name: "d".into(),
+                generation: 3,
+                force: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"create","name":"d","size":1,"color":1}"#
+        )
+        .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"promote","name":"d"}"#).is_err());
     }

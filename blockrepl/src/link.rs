@@ -89,7 +89,11 @@ impl Link {
         frame.seq = seq;
         lock(&self.acks).insert(seq, target);
         let header = frame.header_for(payload);
-        let r = w.out.write_all(&header).and_then(|()| w.out.write_all(payload)).and_then(|()| w.out.flush());
+        let r = w
+            .out
+            .write_all(&header)
+            .and_then(|()| w.out.write_all(payload))
+            .and_then(|()| w.out.flush());
         drop(w);
         match r {
             Ok(()) => Ok(seq),
@@ -103,7 +107,13 @@ impl Link {
     }
 
     /// Sends guest write `id`.
-    pub(crate) fn send_write(&self, id: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), String> {
+    pub(crate) fn send_write(
+        &self,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), String> {
         let mut f = Frame::new(Kind::Write, 0, self.generation);
         f.offset = offset;
         if fua {
@@ -114,11 +124,21 @@ impl Link {
 
     /// Sends guest flush `id`.
     pub(crate) fn send_flush(&self, id: u64) -> Result<(), String> {
-        self.send(Frame::new(Kind::Flush, 0, self.generation), &[], AckTarget::Pending(id)).map(|_| ())
+        self.send(
+            Frame::new(Kind::Flush, 0, self.generation),
+            &[],
+            AckTarget::Pending(id),
+        )
+        .map(|_| ())
     }
 
     /// Sends `kind` (resync steps, barriers); the receiver yields its outcome.
-    pub(crate) fn send_waited(&self, kind: Kind, offset: u64, payload: &[u8]) -> Result<mpsc::Receiver<Result<(), String>>, String> {
+    pub(crate) fn send_waited(
+        &self,
+        kind: Kind,
+        offset: u64,
+        payload: &[u8],
+    ) -> Result<mpsc::Receiver<Result<(), String>>, String> {
         let (tx, rx) = mpsc::channel();
         let mut f = Frame::new(kind, 0, self.generation);
         f.offset = offset;
@@ -134,30 +154,41 @@ impl Link {
 
 /// Waits for an acknowledgement sent to `rx`.
 pub(crate) fn wait(rx: mpsc::Receiver<Result<(), String>>) -> Result<(), String> {
-    rx.recv().unwrap_or_else(|_| Err("link went down before the backup answered".into()))
+    rx.recv()
+        .unwrap_or_else(|_| Err("link went down before the backup answered".into()))
 }
 
 /// Connects to the backup at `peer`, says Hello, and returns the live link
 /// and the backup's Welcome. Receiving and pinging run on their own threads.
-pub(crate) fn connect(replica: &Arc<Replica>, peer: &str, hello: &Hello) -> Result<(Arc<Link>, Welcome), String> {
+pub(crate) fn connect(
+    replica: &Arc<Replica>,
+    peer: &str,
+    hello: &Hello,
+) -> Result<(Arc<Link>, Welcome), String> {
     let t = replica.timing;
     let addr = peer
         .to_socket_addrs()
         .map_err(|e| format!("backup address {peer}: {e}"))?
         .next()
         .ok_or_else(|| format!("backup address {peer} resolves to nothing"))?;
-    let stream = TcpStream::connect_timeout(&addr, t.link_timeout).map_err(|e| format!("connecting to backup {peer}: {e}"))?;
+    let stream = TcpStream::connect_timeout(&addr, t.link_timeout)
+        .map_err(|e| format!("connecting to backup {peer}: {e}"))?;
     let setup = |e: std::io::Error| format!("setting up the link to {peer}: {e}");
     stream.set_nodelay(true).map_err(setup)?;
-    stream.set_read_timeout(Some(t.link_timeout)).map_err(setup)?;
-    stream.set_write_timeout(Some(t.link_timeout)).map_err(setup)?;
+    stream
+        .set_read_timeout(Some(t.link_timeout))
+        .map_err(setup)?;
+    stream
+        .set_write_timeout(Some(t.link_timeout))
+        .map_err(setup)?;
     let mut out = BufWriter::with_capacity(64 << 10, stream.try_clone().map_err(setup)?);
     Frame::json(Kind::Hello, 1, hello.generation, hello)
         .write_to(&mut out)
         .and_then(|()| out.flush())
         .map_err(|e| format!("saying hello to backup {peer}: {e}"))?;
     let mut reader = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(setup)?);
-    let reply = Frame::read_from(&mut reader).map_err(|e| format!("backup {peer} did not answer the hello: {e}"))?;
+    let reply = Frame::read_from(&mut reader)
+        .map_err(|e| format!("backup {peer} did not answer the hello: {e}"))?;
     let welcome: Welcome = match reply.kind {
         Kind::Welcome => reply.parse_json()?,
         Kind::Error => return Err(format!("backup {peer} refused: {}", reply.text())),
@@ -198,7 +229,11 @@ fn receive(link: Arc<Link>, mut reader: BufReader<TcpStream>) {
         match frame.kind {
             Kind::Ack => {
                 let target = lock(&link.acks).remove(&frame.offset);
-                let result = if frame.status == 0 { Ok(()) } else { Err(frame.text()) };
+                let result = if frame.status == 0 {
+                    Ok(())
+                } else {
+                    Err(frame.text())
+                };
                 match (target, result) {
                     (Some(AckTarget::Pending(id)), Ok(())) => {
                         if let Some(r) = link.replica.upgrade() {
@@ -209,7 +244,10 @@ fn receive(link: Arc<Link>, mut reader: BufReader<TcpStream>) {
                         let failed = result.is_err();
                         let _ = tx.send(result.clone());
                         if failed {
-                            link.kill_because(&format!("the backup failed a request: {}", result.unwrap_err()));
+                            link.kill_because(&format!(
+                                "the backup failed a request: {}",
+                                result.unwrap_err()
+                            ));
                             return;
                         }
                     }
@@ -222,7 +260,10 @@ fn receive(link: Arc<Link>, mut reader: BufReader<TcpStream>) {
                     }
                     (Some(AckTarget::Ignore), _) => {}
                     (None, _) => {
-                        link.kill_because(&format!("the backup acknowledged unknown seq {}", frame.offset));
+                        link.kill_because(&format!(
+                            "the backup acknowledged unknown seq {}",
+                            frame.offset
+                        ));
                         return;
                     }
                 }
@@ -242,7 +283,14 @@ fn receive(link: Arc<Link>, mut reader: BufReader<TcpStream>) {
 fn ping(link: Arc<Link>, interval: Duration) {
     while !link.is_dead() {
         std::thread::sleep(interval);
-        if link.send(Frame::new(Kind::Ping, 0, link.generation), &[], AckTarget::Ignore).is_err() {
+        if link
+            .send(
+                Frame::new(Kind::Ping, 0, link.generation),
+                &[],
+                AckTarget::Ignore,
+            )
+            .is_err()
+        {
             return;
         }
     }

@@ -117,18 +117,38 @@ pub struct MetaFile {
 impl MetaFile {
     /// Creates `path` (which must not exist) holding `meta`.
     pub fn create(path: &Path, meta: Meta) -> Result<MetaFile, MetaError> {
-        let io_err = |source| MetaError::Io { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io_err)?;
+        let io_err = |source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err)?;
         file.set_len(2 * SLOT).map_err(io_err)?;
-        let mut mf = MetaFile { path: path.to_owned(), file, seq: 0, meta: meta.clone() };
+        let mut mf = MetaFile {
+            path: path.to_owned(),
+            file,
+            seq: 0,
+            meta: meta.clone(),
+        };
         mf.store(meta)?;
         Ok(mf)
     }
 
     /// Opens `path` and reads its newest complete record.
     pub fn open(path: &Path) -> Result<MetaFile, MetaError> {
-        let io_err = |source| MetaError::Io { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(io_err)?;
+        let io_err = |source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
         let mut best: Option<(u64, Meta)> = None;
         for slot in 0..2 {
             let mut buf = vec![0u8; SLOT as usize];
@@ -144,7 +164,12 @@ impl MetaFile {
             }
         }
         let (seq, meta) = best.ok_or_else(|| MetaError::NoValidRecord(path.to_owned()))?;
-        Ok(MetaFile { path: path.to_owned(), file, seq, meta })
+        Ok(MetaFile {
+            path: path.to_owned(),
+            file,
+            seq,
+            meta,
+        })
     }
 
     /// The current record.
@@ -156,8 +181,13 @@ impl MetaFile {
     pub fn store(&mut self, meta: Meta) -> Result<(), MetaError> {
         let seq = self.seq + 1;
         let slot = encode_slot(seq, &meta)?;
-        let io_err = |source| MetaError::Io { path: self.path.clone(), source };
-        self.file.write_all_at(&slot, (seq % 2) * SLOT).map_err(io_err)?;
+        let io_err = |source| MetaError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file
+            .write_all_at(&slot, (seq % 2) * SLOT)
+            .map_err(io_err)?;
         self.file.sync_data().map_err(io_err)?;
         self.seq = seq;
         self.meta = meta;
@@ -230,7 +260,8 @@ mod tests {
     }
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("blockrepl-meta-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("blockrepl-meta-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("meta")
@@ -266,7 +297,11 @@ mod tests {
                 continue;
             }
             std::fs::write(&p, &bytes).unwrap();
-            assert_eq!(MetaFile::open(&p).unwrap().get().generation, 2, "cut at {cut}");
+            assert_eq!(
+                MetaFile::open(&p).unwrap().get().generation,
+                2,
+                "cut at {cut}"
+            );
         }
         for bit in [0usize, 70, 130, 190, 400] {
             let mut bytes = good.clone();
@@ -280,6 +315,9 @@ mod tests {
     fn no_valid_slot_is_an_error() {
         let p = scratch("empty");
         std::fs::write(&p, vec![0u8; 8192]).unwrap();
-        assert!(matches!(MetaFile::open(&p), Err(MetaError::NoValidRecord(_))));
+        assert!(matches!(
+            MetaFile::open(&p),
+            Err(MetaError::NoValidRecord(_))
+        ));
     }
 }

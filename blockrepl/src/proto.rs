@@ -122,7 +122,15 @@ fn crc(bytes: &[u8]) -> u32 {
 impl Frame {
     /// A frame of `kind` with no payload and zero fields.
     pub fn new(kind: Kind, seq: u64, generation: u64) -> Frame {
-        Frame { kind, flags: 0, seq, generation, offset: 0, status: 0, payload: Vec::new() }
+        Frame {
+            kind,
+            flags: 0,
+            seq,
+            generation,
+            offset: 0,
+            status: 0,
+            payload: Vec::new(),
+        }
     }
 
     /// The header bytes for this frame.
@@ -291,13 +299,22 @@ mod tests {
             generation: 3,
             bitmap_base: 2,
         };
-        let welcome = Welcome { generation: 2, needs_full_sync: false, bitmap: vec![1, 0, 0x80] };
+        let welcome = Welcome {
+            generation: 2,
+            needs_full_sync: false,
+            bitmap: vec![1, 0, 0x80],
+        };
         vec![
             Frame::json(Kind::Hello, 1, 3, &hello),
             Frame::json(Kind::Welcome, 1, 2, &welcome),
             w,
             Frame::new(Kind::Flush, 8, 3),
-            Frame { kind: Kind::ResyncWrite, offset: 1 << 20, payload: vec![1; 1 << 20], ..Frame::new(Kind::ResyncWrite, 9, 3) },
+            Frame {
+                kind: Kind::ResyncWrite,
+                offset: 1 << 20,
+                payload: vec![1; 1 << 20],
+                ..Frame::new(Kind::ResyncWrite, 9, 3)
+            },
             Frame::new(Kind::ResyncDone, 10, 3),
             Frame::ack(11, 3, 7, None),
             Frame::ack(12, 3, 8, Some("disk full")),
@@ -340,7 +357,10 @@ mod tests {
         for bit in 0..good.len() * 8 {
             let mut bad = good.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(Frame::read_from(&mut bad.as_slice()).is_err(), "bit {bit} flipped went unnoticed");
+            assert!(
+                Frame::read_from(&mut bad.as_slice()).is_err(),
+                "bit {bit} flipped went unnoticed"
+            );
         }
     }
 
@@ -350,7 +370,10 @@ mod tests {
         f.payload = vec![9; 100];
         let good = f.to_bytes();
         for len in 0..good.len() {
-            assert!(Frame::read_from(&mut &good[..len]).is_err(), "{len} bytes accepted");
+            assert!(
+                Frame::read_from(&mut &good[..len]).is_err(),
+                "{len} bytes accepted"
+            );
         }
     }
 
@@ -361,13 +384,19 @@ mod tests {
         h[32..36].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         let c = crc(&h[0..44]);
         h[44..48].copy_from_slice(&c.to_le_bytes());
-        assert!(matches!(Frame::read_from(&mut &h[..]), Err(FrameError::TooLong(_))));
+        assert!(matches!(
+            Frame::read_from(&mut &h[..]),
+            Err(FrameError::TooLong(_))
+        ));
 
         let mut h = f.header();
         h[4..6].copy_from_slice(&99u16.to_le_bytes());
         let c = crc(&h[0..44]);
         h[44..48].copy_from_slice(&c.to_le_bytes());
-        assert!(matches!(Frame::read_from(&mut &h[..]), Err(FrameError::UnknownKind(99))));
+        assert!(matches!(
+            Frame::read_from(&mut &h[..]),
+            Err(FrameError::UnknownKind(99))
+        ));
     }
 
     #[test]

@@ -233,18 +233,36 @@ impl Replica {
         role: NewRole,
         timing: Timing,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        let refused = |why: String| ReplicaError::Refused { disk: name.to_owned(), why };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
-            return Err(refused("a disk name is letters, digits, '-', '_' and '.', not starting with '.'".into()));
+        let refused = |why: String| ReplicaError::Refused {
+            disk: name.to_owned(),
+            why,
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || name.starts_with('.')
+        {
+            return Err(refused(
+                "a disk name is letters, digits, '-', '_' and '.', not starting with '.'".into(),
+            ));
         }
         if capacity == 0 || capacity % 512 != 0 {
-            return Err(refused(format!("capacity {capacity} is not a positive multiple of 512")));
+            return Err(refused(format!(
+                "capacity {capacity} is not a positive multiple of 512"
+            )));
         }
         if !region_size.is_power_of_two() || !(4096..=MAX_REGION).contains(&region_size) {
-            return Err(refused(format!("region size {region_size} is not a power of two between 4 KiB and 4 MiB")));
+            return Err(refused(format!(
+                "region size {region_size} is not a power of two between 4 KiB and 4 MiB"
+            )));
         }
         let ddir = dir.join(name);
-        let io_err = |what: &str, source| ReplicaError::Io { disk: name.to_owned(), what: what.to_owned(), source };
+        let io_err = |what: &str, source| ReplicaError::Io {
+            disk: name.to_owned(),
+            what: what.to_owned(),
+            source,
+        };
         std::fs::create_dir(&ddir).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 refused("already exists".into())
@@ -258,8 +276,10 @@ impl Replica {
             .create_new(true)
             .open(ddir.join("data"))
             .map_err(|e| io_err("creating the data file", e))?;
-        data.set_len(capacity).map_err(|e| io_err("sizing the data file", e))?;
-        data.sync_all().map_err(|e| io_err("syncing the data file", e))?;
+        data.set_len(capacity)
+            .map_err(|e| io_err("sizing the data file", e))?;
+        data.sync_all()
+            .map_err(|e| io_err("syncing the data file", e))?;
         let meta = match role {
             NewRole::Primary => Meta {
                 name: name.to_owned(),
@@ -284,7 +304,8 @@ impl Replica {
                 peer: None,
             },
         };
-        Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size)).map_err(|e| io_err("creating the bitmap", e))?;
+        Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size))
+            .map_err(|e| io_err("creating the bitmap", e))?;
         MetaFile::create(&ddir.join("meta"), meta)?;
         Replica::open(dir, name, timing)
     }
@@ -292,7 +313,11 @@ impl Replica {
     /// Opens the existing disk `dir/name`.
     pub fn open(dir: &Path, name: &str, timing: Timing) -> Result<Arc<Replica>, ReplicaError> {
         let ddir = dir.join(name);
-        let io_err = |what: &str, source| ReplicaError::Io { disk: name.to_owned(), what: what.to_owned(), source };
+        let io_err = |what: &str, source| ReplicaError::Io {
+            disk: name.to_owned(),
+            what: what.to_owned(),
+            source,
+        };
         let meta = MetaFile::open(&ddir.join("meta"))?;
         let m = meta.get().clone();
         let data = OpenOptions::new()
@@ -300,7 +325,10 @@ impl Replica {
             .write(true)
             .open(ddir.join("data"))
             .map_err(|e| io_err("opening the data file", e))?;
-        let len = data.metadata().map_err(|e| io_err("reading the data file's size", e))?.len();
+        let len = data
+            .metadata()
+            .map_err(|e| io_err("reading the data file's size", e))?
+            .len();
         if len != m.capacity {
             return Err(ReplicaError::Refused {
                 disk: name.to_owned(),
@@ -361,11 +389,18 @@ impl Replica {
     }
 
     pub(crate) fn refused(&self, why: impl Into<String>) -> ReplicaError {
-        ReplicaError::Refused { disk: self.name.clone(), why: why.into() }
+        ReplicaError::Refused {
+            disk: self.name.clone(),
+            why: why.into(),
+        }
     }
 
     pub(crate) fn io_err(&self, what: &str, source: io::Error) -> ReplicaError {
-        ReplicaError::Io { disk: self.name.clone(), what: what.to_owned(), source }
+        ReplicaError::Io {
+            disk: self.name.clone(),
+            what: what.to_owned(),
+            source,
+        }
     }
 
     /// The regions `offset..offset+len` touches, first and last.
@@ -409,7 +444,9 @@ impl Replica {
     pub fn set_peer(&self, peer: Option<String>) -> Result<(), ReplicaError> {
         let mut meta = lock(&self.meta);
         if meta.get().role == Role::Backup && peer.is_some() {
-            return Err(self.refused("a backup does not connect to a peer; attach it on the primary"));
+            return Err(
+                self.refused("a backup does not connect to a peer; attach it on the primary")
+            );
         }
         meta.update(|m| m.peer = peer)?;
         drop(meta);
@@ -440,7 +477,11 @@ impl Replica {
         }
         // A backup in sync at its generation is the base of the changes from
         // now on; a primary's bitmap already runs from its base.
-        let base = if m.role == Role::Backup { m.generation } else { m.bitmap_base };
+        let base = if m.role == Role::Backup {
+            m.generation
+        } else {
+            m.bitmap_base
+        };
         meta.update(|m| {
             m.generation = generation;
             m.role = Role::Standalone;
@@ -490,12 +531,21 @@ impl Replica {
                 for id in ids {
                     let p = core.pending.remove(&id).expect("listed");
                     release(&mut core.unacked, p.regions);
-                    out.push((p.done, Err(io::Error::other(format!("disk {}: demoted to backup before the write was mirrored", self.name)))));
+                    out.push((
+                        p.done,
+                        Err(io::Error::other(format!(
+                            "disk {}: demoted to backup before the write was mirrored",
+                            self.name
+                        ))),
+                    ));
                 }
                 break out;
             }
             if std::time::Instant::now() >= deadline {
-                return Err(self.refused(format!("{} guest writes are still being written locally", core.pending.len())));
+                return Err(self.refused(format!(
+                    "{} guest writes are still being written locally",
+                    core.pending.len()
+                )));
             }
             drop(core);
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -562,7 +612,9 @@ impl Replica {
     fn finish(&self, id: u64, local: Option<io::Result<()>>, remote: bool) {
         let done = {
             let mut core = self.core();
-            let Some(p) = core.pending.get_mut(&id) else { return };
+            let Some(p) = core.pending.get_mut(&id) else {
+                return;
+            };
             if let Some(r) = local {
                 p.local = Some(r);
             }
@@ -584,7 +636,11 @@ impl Replica {
 
     /// Completes every pending write whose remote half is owed and that was
     /// not sent on `current` (the stalled ones), returning their callbacks.
-    pub(crate) fn complete_stalled(&self, core: &mut Core, current: Option<u64>) -> Vec<(Option<Done>, io::Result<()>)> {
+    pub(crate) fn complete_stalled(
+        &self,
+        core: &mut Core,
+        current: Option<u64>,
+    ) -> Vec<(Option<Done>, io::Result<()>)> {
         let ids: Vec<u64> = core
             .pending
             .iter()
@@ -631,9 +687,15 @@ impl Replica {
         let mut idle = HashMap::with_capacity(set.len());
         let mut candidates = Vec::new();
         for &r in set {
-            let passes = if core.touched.contains(&r) { 0 } else { core.idle_passes.get(&r).copied().unwrap_or(0) + 1 };
+            let passes = if core.touched.contains(&r) {
+                0
+            } else {
+                core.idle_passes.get(&r).copied().unwrap_or(0) + 1
+            };
             idle.insert(r, passes);
-            if passes >= self.timing.clean_after_passes && core.unacked.get(&r).copied().unwrap_or(0) == 0 {
+            if passes >= self.timing.clean_after_passes
+                && core.unacked.get(&r).copied().unwrap_or(0) == 0
+            {
                 candidates.push(r);
             }
         }
@@ -659,13 +721,20 @@ impl Replica {
 
     /// Registers a write (regions given) or flush (None) and returns its id
     /// and the link to send it on, if one is up.
-    fn register(&self, done: Done, regions: Option<(u64, u64)>) -> Result<(u64, Option<Arc<Link>>), Done> {
+    fn register(
+        &self,
+        done: Done,
+        regions: Option<(u64, u64)>,
+    ) -> Result<(u64, Option<Arc<Link>>), Done> {
         let mut core = self.core();
         if core.role == Role::Backup {
             return Err(done);
         }
         if let Some((first, last)) = regions {
-            while core.resync_busy.is_some_and(|r| (first..=last).contains(&r)) {
+            while core
+                .resync_busy
+                .is_some_and(|r| (first..=last).contains(&r))
+            {
                 core = self.cond.wait(core).unwrap_or_else(|p| p.into_inner());
             }
             for r in first..=last {
@@ -748,7 +817,11 @@ impl Replica {
             total_bytes: total,
             done_bytes: done,
             bytes_left: total - done,
-            percent: if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+            percent: if total == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / total as f64
+            },
             rate_bytes_per_sec: (done as f64 / secs) as u64,
         }
     }
@@ -790,7 +863,10 @@ impl BlockStore for Replica {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         check_range(self.capacity, offset, buf.len())?;
         if self.core().role == Role::Backup {
-            return Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name)));
+            return Err(io::Error::other(format!(
+                "disk {} is a backup here: it serves no guest",
+                self.name
+            )));
         }
         self.data.read_exact_at(buf, offset)
     }
@@ -806,7 +882,10 @@ impl BlockStore for Replica {
         let (id, link) = match self.register(done, Some(regions)) {
             Ok(r) => r,
             Err(done) => {
-                return done(Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name))))
+                return done(Err(io::Error::other(format!(
+                    "disk {} is a backup here: it serves no guest",
+                    self.name
+                ))))
             }
         };
         if let Some(link) = link {
@@ -814,7 +893,13 @@ impl BlockStore for Replica {
                 self.mark_sent(id, link.id());
             }
         }
-        let local = self.data.write_all_at(&data, offset).and_then(|()| if fua { self.data.sync_data() } else { Ok(()) });
+        let local = self.data.write_all_at(&data, offset).and_then(|()| {
+            if fua {
+                self.data.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         self.local_finished(regions);
         self.finish(id, Some(local), false);
     }
@@ -823,7 +908,10 @@ impl BlockStore for Replica {
         let (id, link) = match self.register(done, None) {
             Ok(r) => r,
             Err(done) => {
-                return done(Err(io::Error::other(format!("disk {} is a backup here: it serves no guest", self.name))))
+                return done(Err(io::Error::other(format!(
+                    "disk {} is a backup here: it serves no guest",
+                    self.name
+                ))))
             }
         };
         if let Some(link) = link {

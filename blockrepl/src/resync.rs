@@ -28,7 +28,9 @@ const WINDOW: usize = 8;
 /// Starts the connector thread of `replica`; it ends when the replica stops.
 pub fn start(replica: &Arc<Replica>) -> std::io::Result<std::thread::JoinHandle<()>> {
     let r = replica.clone();
-    std::thread::Builder::new().name(format!("connector-{}", replica.name())).spawn(move || run(r))
+    std::thread::Builder::new()
+        .name(format!("connector-{}", replica.name()))
+        .spawn(move || run(r))
 }
 
 fn run(r: Arc<Replica>) {
@@ -72,7 +74,8 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
     let (link, welcome) = link::connect(r, peer, &hello)?;
     let changed = {
         let mut core = r.core();
-        let changed = core.generation != m.generation || core.role == Role::Backup || r.is_stopping();
+        let changed =
+            core.generation != m.generation || core.role == Role::Backup || r.is_stopping();
         if !changed {
             core.link = Some(link.clone());
             core.in_sync = false;
@@ -130,7 +133,9 @@ fn resync(r: &Arc<Replica>, link: &Arc<Link>, welcome: &Welcome) -> Result<(), S
             let mut off = start;
             while off < start + len {
                 let n = chunk.min(start + len - off) as usize;
-                r.data.read_exact_at(&mut buf[..n], off).map_err(|e| format!("reading region {reg}: {e}"))?;
+                r.data
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| format!("reading region {reg}: {e}"))?;
                 window.push_back(link.send_waited(Kind::ResyncWrite, off, &buf[..n])?);
                 off += n as u64;
                 while window.len() > WINDOW {
@@ -204,7 +209,8 @@ fn clean(r: &Arc<Replica>, link: &Arc<Link>) -> Result<(), String> {
     if candidates.is_empty() {
         return Ok(());
     }
-    r.sync_local().map_err(|e| format!("flushing locally: {e}"))?;
+    r.sync_local()
+        .map_err(|e| format!("flushing locally: {e}"))?;
     link.call(Kind::Flush, &[])?;
     let mut bm = lock(&r.bitmap);
     let clean = r.still_clean(&candidates);

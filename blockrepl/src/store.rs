@@ -37,7 +37,9 @@ pub fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
         Some(end) if end <= capacity => Ok(()),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{len} bytes at offset {offset} lie beyond the end of the disk ({capacity} bytes)"),
+            format!(
+                "{len} bytes at offset {offset} lie beyond the end of the disk ({capacity} bytes)"
+            ),
         )),
     }
 }
@@ -52,8 +54,10 @@ pub fn write_or_punch(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     let whole = !data.is_empty() && data.len() % BLOCK == 0 && offset % BLOCK as u64 == 0;
     if whole && data.iter().all(|b| *b == 0) {
         use std::os::fd::AsRawFd;
-        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(data.len()))
-        else {
+        let (Ok(off), Ok(len)) = (
+            libc::off_t::try_from(offset),
+            libc::off_t::try_from(data.len()),
+        ) else {
             return file.write_all_at(data, offset);
         };
         // SAFETY: fallocate on our own open descriptor; it touches no memory of ours.
@@ -89,7 +93,12 @@ impl FileStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Ok(FileStore { file, capacity, read_only, id })
+        Ok(FileStore {
+            file,
+            capacity,
+            read_only,
+            id,
+        })
     }
 }
 
@@ -114,7 +123,10 @@ impl BlockStore for FileStore {
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
         let result = (|| {
             if self.read_only {
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the disk is read-only"));
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the disk is read-only",
+                ));
             }
             check_range(self.capacity, offset, data.len())?;
             self.file.write_all_at(&data, offset)?;
@@ -140,7 +152,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("enspeed-punch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         f.set_len(1 << 20).unwrap();
         write_or_punch(&f, &vec![0xab; 64 << 10], 0).unwrap();
         write_or_punch(&f, &vec![0; 32 << 10], 16 << 10).unwrap();

@@ -37,7 +37,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server {
@@ -48,13 +52,22 @@ struct Server {
 
 fn server(dir: &Path) -> Server {
     let addr = format!("127.0.0.1:{}", free_port());
-    let cfg = Config { dir: dir.to_owned(), listen: addr.clone(), control: dir.join("control.sock"), timing: timing() };
+    let cfg = Config {
+        dir: dir.to_owned(),
+        listen: addr.clone(),
+        control: dir.join("control.sock"),
+        timing: timing(),
+    };
     let blockd = Blockd::open(cfg).unwrap();
     let b = blockd.clone();
     std::thread::spawn(move || b.run().unwrap());
     // The listener is up once the control socket exists.
     wait_for("blockd to listen", || dir.join("control.sock").exists());
-    Server { blockd, addr, dir: dir.to_owned() }
+    Server {
+        blockd,
+        addr,
+        dir: dir.to_owned(),
+    }
 }
 
 impl Server {
@@ -109,9 +122,16 @@ fn proxy(target: String) -> Proxy {
                 drop(inbound);
                 continue;
             }
-            let Ok(outbound) = TcpStream::connect(&target) else { continue };
-            c.lock().unwrap().extend([inbound.try_clone().unwrap(), outbound.try_clone().unwrap()]);
-            for (mut from, mut to) in [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)] {
+            let Ok(outbound) = TcpStream::connect(&target) else {
+                continue;
+            };
+            c.lock()
+                .unwrap()
+                .extend([inbound.try_clone().unwrap(), outbound.try_clone().unwrap()]);
+            for (mut from, mut to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut from, &mut to);
                     let _ = to.shutdown(Shutdown::Both);
@@ -143,13 +163,18 @@ fn submit(d: &Replica, offset: u64, data: Vec<u8>) -> mpsc::Receiver<std::io::Re
 }
 
 fn write(d: &Replica, offset: u64, data: Vec<u8>) {
-    submit(d, offset, data).recv_timeout(Duration::from_secs(10)).expect("write completes").expect("write succeeds");
+    submit(d, offset, data)
+        .recv_timeout(Duration::from_secs(10))
+        .expect("write completes")
+        .expect("write succeeds");
 }
 
 fn flush(d: &Replica) {
     let (tx, rx) = mpsc::channel();
     d.flush(Box::new(move |r| tx.send(r).unwrap()));
-    rx.recv_timeout(Duration::from_secs(10)).expect("flush completes").expect("flush succeeds");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("flush completes")
+        .expect("flush succeeds");
 }
 
 fn block(tag: u8, n: usize) -> Vec<u8> {
@@ -160,10 +185,29 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
     let a = server(&scratch(&format!("{name}-a")));
     let b = server(&scratch(&format!("{name}-b")));
     let p = proxy(b.addr.clone());
-    a.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: false, pool: None, from: None });
-    b.req(Request::Create { name: "d".into(), size, region_size: Some(MIB), backup: true, pool: None, from: None });
-    a.req(Request::Attach { name: "d".into(), peer: p.addr.clone() });
-    wait_for("the first sync", || a.disk("d").status().link == LinkState::InSync);
+    a.req(Request::Create {
+        name: "d".into(),
+        size,
+        region_size: Some(MIB),
+        backup: false,
+        pool: None,
+        from: None,
+    });
+    b.req(Request::Create {
+        name: "d".into(),
+        size,
+        region_size: Some(MIB),
+        backup: true,
+        pool: None,
+        from: None,
+    });
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: p.addr.clone(),
+    });
+    wait_for("the first sync", || {
+        a.disk("d").status().link == LinkState::InSync
+    });
     (a, b, p)
 }
 
@@ -176,14 +220,21 @@ fn writes_reach_both_copies_before_they_complete() {
     }
     // A write completes only when the backup holds it: the backup's file
     // matches right away, before any flush.
-    assert!(a.data("d") == b.data("d"), "backup differs from primary after acknowledged writes");
+    assert!(
+        a.data("d") == b.data("d"),
+        "backup differs from primary after acknowledged writes"
+    );
     flush(&d);
     let sb = b.disk("d").status();
-    assert_eq!((sb.role, sb.data, sb.generation), (Role::Backup, DataState::Consistent, 1));
+    assert_eq!(
+        (sb.role, sb.data, sb.generation),
+        (Role::Backup, DataState::Consistent, 1)
+    );
 }
 
 #[test]
-fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_only_changed_regions() {
+fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_only_changed_regions(
+) {
     let (a, b, p) = pair("cut", 64 * MIB);
     let d = a.disk("d");
     for i in 0..64u64 {
@@ -191,7 +242,9 @@ fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_o
     }
     flush(&d);
     // Let the clean pass clear the bits of those regions: both hold them.
-    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+    wait_for("the bitmap to be clean", || {
+        d.status().out_of_sync_bytes == 0
+    });
 
     p.cut();
     wait_for("the link to go down", || d.status().link == LinkState::Down);
@@ -202,10 +255,20 @@ fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_o
     );
     assert!(d.status().stalled_writes >= 1);
     // The control plane's decision: the backup is out of date, go on alone.
-    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
-    stalled.recv_timeout(Duration::from_secs(5)).expect("the stalled write completes").unwrap();
+    a.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
+    stalled
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the stalled write completes")
+        .unwrap();
     let s = d.status();
-    assert_eq!((s.role, s.generation, s.bitmap_base), (Role::Standalone, 2, 1));
+    assert_eq!(
+        (s.role, s.generation, s.bitmap_base),
+        (Role::Standalone, 2, 1)
+    );
     // Changed while alone: regions 5 (the stalled write), 10, 11 and 40.
     for off in [10 * MIB, 11 * MIB + 8192, 40 * MIB + MIB - 4096] {
         write(&d, off, block(3, 4096));
@@ -228,7 +291,10 @@ fn a_cut_link_stalls_writes_until_the_primary_goes_on_alone_then_resync_copies_o
     // Only the marked regions, plus regions the writer touched meanwhile
     // (the writer marks them too): never the whole 64 MiB.
     let total = d.status().last_resync.expect("a resync ran").total_bytes;
-    assert!((4 * MIB..64 * MIB).contains(&total), "resync copied {total} bytes");
+    assert!(
+        (4 * MIB..64 * MIB).contains(&total),
+        "resync copied {total} bytes"
+    );
     assert!(a.data("d") == b.data("d"), "copies differ after resync");
     let sb = b.disk("d").status();
     assert_eq!((sb.generation, sb.data), (2, DataState::Consistent));
@@ -241,10 +307,16 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
     let d = a.disk("d");
     write(&d, 0, block(1, 4096));
     flush(&d);
-    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+    wait_for("the bitmap to be clean", || {
+        d.status().out_of_sync_bytes == 0
+    });
     p.cut();
     wait_for("the link to go down", || d.status().link == LinkState::Down);
-    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    a.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
     for r in [3u64, 100, 101, 255] {
         write(&d, r * MIB + 512, block(r as u8, 8192));
     }
@@ -253,7 +325,11 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
     wait_for("resync", || d.status().link == LinkState::InSync);
     let took = started.elapsed();
     let last = d.status().last_resync.expect("a resync ran");
-    assert_eq!((last.total_bytes, last.full), (4 * MIB, false), "resync should copy the 4 changed regions");
+    assert_eq!(
+        (last.total_bytes, last.full),
+        (4 * MIB, false),
+        "resync should copy the 4 changed regions"
+    );
     assert!(a.data("d") == b.data("d"));
     eprintln!("resync of 4 changed MiB of 256 MiB took {took:?}");
 }
@@ -262,13 +338,30 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
 fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
     let a = server(&scratch("full-a"));
     let b = server(&scratch("full-b"));
-    a.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: false, pool: None, from: None });
+    a.req(Request::Create {
+        name: "d".into(),
+        size: 128 * MIB,
+        region_size: Some(MIB),
+        backup: false,
+        pool: None,
+        from: None,
+    });
     let d = a.disk("d");
     for i in 0..128u64 {
         write(&d, i * MIB + (i % 7) * 4096, block(i as u8, 65536));
     }
-    b.req(Request::Create { name: "d".into(), size: 128 * MIB, region_size: Some(MIB), backup: true, pool: None, from: None });
-    a.req(Request::Attach { name: "d".into(), peer: b.addr.clone() });
+    b.req(Request::Create {
+        name: "d".into(),
+        size: 128 * MIB,
+        region_size: Some(MIB),
+        backup: true,
+        pool: None,
+        from: None,
+    });
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: b.addr.clone(),
+    });
     let mut saw_full = false;
     for i in 0..300u64 {
         write(&d, ((i * 37) % 128) * MIB + 4096, block(!(i as u8), 4096));
@@ -279,7 +372,10 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
     wait_for("full sync", || d.status().link == LinkState::InSync);
     flush(&d);
     assert!(saw_full || d.status().resync.is_none());
-    assert!(a.data("d") == b.data("d"), "copies differ after a full sync under writes");
+    assert!(
+        a.data("d") == b.data("d"),
+        "copies differ after a full sync under writes"
+    );
 }
 
 #[test]
@@ -289,19 +385,34 @@ fn a_stale_primary_is_refused() {
     write(&d, 0, block(1, 4096));
     p.cut();
     // Failover: the backup is promoted with a higher generation.
-    b.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    b.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
     p.restore();
     wait_for("the old primary to be refused", || {
-        d.status().last_error.is_some_and(|e| e.contains("not a backup"))
+        d.status()
+            .last_error
+            .is_some_and(|e| e.contains("not a backup"))
     });
     // Even as a backup again, the copy at generation 2 refuses generation 1.
     b.req(Request::Demote { name: "d".into() });
     wait_for("the stale primary to be refused", || {
-        d.status().last_error.is_some_and(|e| e.contains("stale primary"))
+        d.status()
+            .last_error
+            .is_some_and(|e| e.contains("stale primary"))
     });
     let stalled = submit(&d, 4096, block(9, 4096));
-    assert!(stalled.recv_timeout(Duration::from_millis(800)).is_err(), "a stale primary's write completed");
-    assert_eq!(b.data("d")[4096..8192], vec![0u8; 4096][..], "the stale primary's write reached the backup");
+    assert!(
+        stalled.recv_timeout(Duration::from_millis(800)).is_err(),
+        "a stale primary's write completed"
+    );
+    assert_eq!(
+        b.data("d")[4096..8192],
+        vec![0u8; 4096][..],
+        "the stale primary's write reached the backup"
+    );
 }
 
 #[test]
@@ -310,34 +421,78 @@ fn a_switchover_demotes_the_old_primary_its_stalled_write_fails_and_the_resync_r
     let d = a.disk("d");
     write(&d, 0, block(1, 4096));
     flush(&d);
-    wait_for("the bitmap to be clean", || d.status().out_of_sync_bytes == 0);
+    wait_for("the bitmap to be clean", || {
+        d.status().out_of_sync_bytes == 0
+    });
     // The control plane moves the disk: the backup is promoted first; the old primary's next
     // write lands locally but is refused by the new primary, so it stalls.
-    b.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    b.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
     let stalled = submit(&d, 3 * MIB, block(7, 4096));
-    assert!(stalled.recv_timeout(Duration::from_millis(800)).is_err(), "a write completed unmirrored");
+    assert!(
+        stalled.recv_timeout(Duration::from_millis(800)).is_err(),
+        "a write completed unmirrored"
+    );
     // Then it stops the guest there and demotes the old primary: the write fails, never acknowledged.
     a.req(Request::Demote { name: "d".into() });
-    let failed = stalled.recv_timeout(Duration::from_secs(5)).expect("the stalled write is answered");
+    let failed = stalled
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the stalled write is answered");
     assert!(failed.is_err(), "the unmirrored write was reported done");
-    assert_eq!(a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096], block(7, 4096)[..]);
+    assert_eq!(
+        a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096],
+        block(7, 4096)[..]
+    );
     assert_eq!(d.status().role, Role::Backup);
     // The new primary takes the old one as its backup: the region the failed write touched is
     // resynced from the new primary, so the copies agree again.
-    b.req(Request::Attach { name: "d".into(), peer: a.addr.clone() });
-    wait_for("the resync to the old primary", || b.disk("d").status().link == LinkState::InSync);
+    b.req(Request::Attach {
+        name: "d".into(),
+        peer: a.addr.clone(),
+    });
+    wait_for("the resync to the old primary", || {
+        b.disk("d").status().link == LinkState::InSync
+    });
     flush(&b.disk("d"));
-    assert!(a.data("d") == b.data("d"), "the old primary kept its unacknowledged write");
-    assert_eq!(a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096], vec![0u8; 4096][..]);
+    assert!(
+        a.data("d") == b.data("d"),
+        "the old primary kept its unacknowledged write"
+    );
+    assert_eq!(
+        a.data("d")[3 * MIB as usize..3 * MIB as usize + 4096],
+        vec![0u8; 4096][..]
+    );
 }
 
 #[test]
 fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
     let b = server(&scratch("refuse-b"));
-    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: None, backup: true, pool: None, from: None });
-    let e = b.try_req(Request::Promote { name: "d".into(), generation: 5, force: false }).unwrap_err();
+    b.req(Request::Create {
+        name: "d".into(),
+        size: 8 * MIB,
+        region_size: None,
+        backup: true,
+        pool: None,
+        from: None,
+    });
+    let e = b
+        .try_req(Request::Promote {
+            name: "d".into(),
+            generation: 5,
+            force: false,
+        })
+        .unwrap_err();
     assert!(e.contains("Empty"), "{e}");
-    let e = b.try_req(Request::Promote { name: "d".into(), generation: 0, force: true }).unwrap_err();
+    let e = b
+        .try_req(Request::Promote {
+            name: "d".into(),
+            generation: 0,
+            force: true,
+        })
+        .unwrap_err();
     assert!(e.contains("not above"), "{e}");
 }
 
@@ -352,7 +507,9 @@ fn raw_session(b: &Server, generation: u64) -> (TcpStream, Welcome) {
         generation,
         bitmap_base: 0,
     };
-    Frame::json(Kind::Hello, 1, generation, &hello).write_to(&mut s).unwrap();
+    Frame::json(Kind::Hello, 1, generation, &hello)
+        .write_to(&mut s)
+        .unwrap();
     let reply = Frame::read_from(&mut s).unwrap();
     assert_eq!(reply.kind, Kind::Welcome, "{}", reply.text());
     (s, reply.parse_json().unwrap())
@@ -372,7 +529,14 @@ fn expect_error(s: &mut TcpStream, what: &str) -> String {
 #[test]
 fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk() {
     let b = server(&scratch("malformed-b"));
-    b.req(Request::Create { name: "d".into(), size: 8 * MIB, region_size: Some(MIB), backup: true, pool: None, from: None });
+    b.req(Request::Create {
+        name: "d".into(),
+        size: 8 * MIB,
+        region_size: Some(MIB),
+        backup: true,
+        pool: None,
+        from: None,
+    });
     let zeros = b.data("d");
 
     // Payload checksum wrong.
@@ -411,7 +575,10 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
     beyond.write_to(&mut s).unwrap();
     let ack = Frame::read_from(&mut s).unwrap();
     assert_eq!(ack.kind, Kind::Ack);
-    assert_ne!(ack.status, 0, "a write beyond the end was acknowledged as done");
+    assert_ne!(
+        ack.status, 0,
+        "a write beyond the end was acknowledged as done"
+    );
 
     // A frame of another generation inside the session.
     let (mut s, _) = raw_session(&b, 1);
@@ -431,8 +598,17 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
     // A Hello for a disk that is not there.
     let mut s = TcpStream::connect(&b.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hello = Hello { disk: "nope".into(), disk_id: "1".into(), capacity: MIB, region_size: MIB, generation: 1, bitmap_base: 0 };
-    Frame::json(Kind::Hello, 1, 1, &hello).write_to(&mut s).unwrap();
+    let hello = Hello {
+        disk: "nope".into(),
+        disk_id: "1".into(),
+        capacity: MIB,
+        region_size: MIB,
+        generation: 1,
+        bitmap_base: 0,
+    };
+    Frame::json(Kind::Hello, 1, 1, &hello)
+        .write_to(&mut s)
+        .unwrap();
     let why = expect_error(&mut s, "unknown disk");
     assert!(why.contains("no disk named"), "{why}");
 
@@ -452,13 +628,20 @@ fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
     let (a, b, _p) = pair("raise", 16 * MIB);
     let d = a.disk("d");
     write(&d, 3 * MIB, block(7, 4096));
-    a.req(Request::Promote { name: "d".into(), generation: 2, force: false });
+    a.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
     wait_for("mirroring at generation 2", || {
         let s = d.status();
         s.link == LinkState::InSync && s.generation == 2
     });
     let last = d.status().last_resync.expect("a resync ran");
-    assert!(!last.full, "the backup was in sync at the base generation: no full sync needed");
+    assert!(
+        !last.full,
+        "the backup was in sync at the base generation: no full sync needed"
+    );
     write(&d, 4 * MIB, block(8, 4096));
     assert!(a.data("d") == b.data("d"));
     let sb = b.disk("d").status();
@@ -472,8 +655,18 @@ fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
 fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_it() {
     let a = server(&scratch("pool-a"));
     let pool = scratch("pool-vms1");
-    a.req(Request::Create { name: "p".into(), size: 8 * MIB, region_size: None, backup: false, pool: Some(pool.clone()), from: None });
-    assert!(pool.join("p").join("data").exists(), "the copy is not in the pool");
+    a.req(Request::Create {
+        name: "p".into(),
+        size: 8 * MIB,
+        region_size: None,
+        backup: false,
+        pool: Some(pool.clone()),
+        from: None,
+    });
+    assert!(
+        pool.join("p").join("data").exists(),
+        "the copy is not in the pool"
+    );
     let link = a.dir.join("p");
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     write(&a.disk("p"), 4096, block(5, 4096));
@@ -484,5 +677,8 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
     assert_eq!(buf, block(5, 4096));
     drop(again);
     a.req(Request::Delete { name: "p".into() });
-    assert!(!pool.join("p").exists() && link.symlink_metadata().is_err(), "delete left the copy or its link");
+    assert!(
+        !pool.join("p").exists() && link.symlink_metadata().is_err(),
+        "delete left the copy or its link"
+    );
 }

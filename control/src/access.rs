@@ -207,6 +207,27 @@ pub fn check_vm_memory(
     Ok(())
 }
 
+/// Checks that `more` bytes of disk for one of `owner`'s VMs fit its company's quota.
+pub fn check_more_disk(state: &StateMachine, owner: &UserRecord, more: u64) -> Result<(), String> {
+    let Some(c) = company(owner) else {
+        return Ok(());
+    };
+    let Some(q) = state.users.get(&c).and_then(|p| p.quota) else {
+        return Err(format!("company of user {}: no quota set", owner.name));
+    };
+    let (_, _, disk) = company_usage(state, c);
+    let gib = 1u64 << 30;
+    if more > 0 && disk.saturating_add(more) > q.disk_gib.saturating_mul(gib) {
+        return Err(format!(
+            "quota: {} GiB of {} GiB disk in use, {} GiB more asked",
+            disk.div_ceil(gib),
+            q.disk_gib,
+            more.div_ceil(gib)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that a new VM of `memory_mib` and `disk_size` bytes for `owner` fits: a Regular User
 /// owns one VM at most; a company stays within its Power User's quota.
 pub fn check_new_vm(
@@ -227,8 +248,7 @@ pub fn check_new_vm(
     let Some(q) = state.users.get(&c).and_then(|p| p.quota) else {
         return Err(format!("company of user {}: no quota set", owner.name));
     };
-    let (vms, mem, disk) = company_usage(state, c);
-    let gib = 1u64 << 30;
+    let (vms, mem, _) = company_usage(state, c);
     if vms + 1 > q.vms {
         return Err(format!("quota: {} of {} VMs in use", vms, q.vms));
     }
@@ -238,15 +258,7 @@ pub fn check_new_vm(
             q.memory_mib
         ));
     }
-    if disk.saturating_add(disk_size) > q.disk_gib.saturating_mul(gib) {
-        return Err(format!(
-            "quota: {} GiB of {} GiB disk in use, {} GiB asked",
-            disk.div_ceil(gib),
-            q.disk_gib,
-            disk_size.div_ceil(gib)
-        ));
-    }
-    Ok(())
+    check_more_disk(state, owner, disk_size)
 }
 
 /// A name a person chose for a user or a VM: 1 to 63 of `A-Z a-z 0-9 . _ -`, not starting

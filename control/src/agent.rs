@@ -32,8 +32,7 @@ use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
     BootMode, BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord,
-    Observation, StateMachine,
-    VmObservation, VmRecord,
+    Observation, StateMachine, VmObservation, VmRecord,
 };
 use crate::transport::AddressBook;
 

@@ -115,15 +115,42 @@ pub fn place_on(
     })
 }
 
+/// Checks that the servers and pools of `first` (a VM's first disk) hold `size` more bytes
+/// on each copy, for a disk added beside it.
+pub fn check_room_beside(sm: &StateMachine, first: &DiskRecord, size: u64) -> Result<(), String> {
+    for id in std::iter::once(first.primary).chain(first.backup) {
+        let pool = first
+            .pools
+            .get(&id)
+            .ok_or_else(|| format!("disk {}: no pool recorded on server {id}", first.name))?;
+        let capacity = sm
+            .servers
+            .get(&id)
+            .and_then(|s| s.capacity.pools().into_iter().find(|p| &p.path == pool))
+            .map_or(0, |p| p.disk_gib * GIB);
+        let free = capacity.saturating_sub(pool_used(sm, id, pool));
+        if free < size {
+            return Err(format!(
+                "server {id}'s pool {pool} has {free} bytes free, {size} asked beside disk {}",
+                first.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A new backup for `disk` (which has none): the roomiest server other than its primary, or
-/// None while no server has room.
+/// None while no server has room. A VM's other disks follow its first: theirs goes where the
+/// first disk's backup is (None until it has one), so the VM's disks fail over together.
 pub fn pick_backup(sm: &StateMachine, disk: &DiskRecord) -> Option<(u64, String)> {
-    let memory = sm
-        .vms
-        .values()
-        .filter(|vm| vm.disks.first() == Some(&disk.name))
-        .map(|vm| vm.memory_mib)
-        .sum();
+    let vm = sm.vms.values().find(|vm| vm.disks.contains(&disk.name));
+    if let Some(vm) = vm.filter(|vm| vm.disks.first() != Some(&disk.name)) {
+        let first = vm.disks.first().and_then(|d| sm.disks.get(d))?;
+        let b = first.backup.filter(|b| *b != disk.primary)?;
+        let s = sm.servers.get(&b).filter(|s| eligible(s))?;
+        return best_pool(sm, s, disk.size).map(|(pool, _)| (b, pool));
+    }
+    let memory = vm.map_or(0, |vm| vm.memory_mib);
     candidates(sm, memory, disk.size)
         .into_iter()
         .find(|(id, _)| *id != disk.primary)
@@ -186,12 +213,23 @@ mod tests {
         memory_mib: u64,
         gib: u64,
     ) -> Result<serde_json::Value, String> {
+        create_with(sm, name, memory_mib, &[gib])
+    }
+
+    /// Creates VM `name` with a disk of each of `gib`.
+    fn create_with(
+        sm: &mut StateMachine,
+        name: &str,
+        memory_mib: u64,
+        gib: &[u64],
+    ) -> Result<serde_json::Value, String> {
         sm.apply(
             &Command::CreateVm(NewVm {
                 name: name.into(),
                 memory_mib,
                 vcpus: 1,
-                disk_size: gib * GIB,
+                disk_size: gib[0] * GIB,
+                extra_disks: gib[1..].iter().map(|g| g * GIB).collect(),
                 kernel: "/k".into(),
                 initrd: String::new(),
                 cmdline: String::new(),
@@ -246,5 +284,87 @@ mod tests {
         sm.servers.get_mut(&b.0).unwrap().down = true;
         let b2 = pick_backup(&sm, &d).unwrap();
         assert!(b2.0 != b.0 && b2.0 != d.primary);
+    }
+
+    #[test]
+    fn a_vms_disks_share_two_servers_and_move_together() {
+        let mut sm = cluster(&[
+            (1, false, 4096, &[("/vms", 40)]),
+            (2, false, 4096, &[("/vms", 40)]),
+            (3, false, 4096, &[("/vms", 40)]),
+        ]);
+        // Four disks of 10 GiB fit one pool of 40 only all together; a fifth is refused.
+        assert!(create_with(&mut sm, "x", 64, &[1; 5])
+            .unwrap_err()
+            .contains("1 to 4"));
+        assert!(create_with(&mut sm, "x", 64, &[1, 0])
+            .unwrap_err()
+            .contains("Disk1"));
+        let r = create_with(&mut sm, "a", 1024, &[10, 20]).unwrap();
+        assert_eq!(r["disks"], serde_json::json!(["a-0", "a-1"]));
+        let (d0, d1) = (sm.disks["a-0"].clone(), sm.disks["a-1"].clone());
+        assert_eq!(
+            (d1.size, d1.primary, d1.backup),
+            (20 * GIB, d0.primary, d0.backup)
+        );
+        assert_eq!(sm.vm_primary(&sm.vms["a"]), Some(d0.primary));
+
+        // A disk added beside them: same servers; no more than the pools hold, nor past Disk3.
+        let vm = sm.vms["a"].clone();
+        let mut new = vm.clone();
+        let mut w = Vec::new();
+        assert!(sm
+            .add_disks(&mut new, &[11 * GIB], &mut w)
+            .unwrap_err()
+            .contains("free"));
+        assert!(sm
+            .add_disks(&mut new, &[GIB; 3], &mut w)
+            .unwrap_err()
+            .contains("Disk3"));
+        assert!(
+            w.is_empty() && new == vm,
+            "a refused addition changes nothing"
+        );
+        sm.add_disks(&mut new, &[5 * GIB], &mut w).unwrap();
+        assert_eq!(new.disks, ["a-0", "a-1", "a-2"]);
+        let d2 = &sm.disks["a-2"];
+        assert_eq!(
+            (d2.primary, d2.backup, &d2.pools),
+            (d0.primary, d0.backup, &d0.pools)
+        );
+        sm.vms.insert("a".into(), new);
+
+        // The primary fails while Disk2 is still syncing: no disk of the VM moves (it would be
+        // split over two servers), the VM waits for its server.
+        for d in ["a-0", "a-1"] {
+            sm.disks.get_mut(d).unwrap().backup_synced = true;
+        }
+        let mut down = sm.clone();
+        let r = down.server_down(d0.primary, &mut Vec::new());
+        assert_eq!(r["stranded"].as_array().unwrap().len(), 3, "{r}");
+        assert_eq!(down.vm_primary(&down.vms["a"]), Some(d0.primary));
+        // Once all three are in sync, all three move, to the same server.
+        sm.disks.get_mut("a-2").unwrap().backup_synced = true;
+        let r = sm.server_down(d0.primary, &mut Vec::new());
+        assert_eq!(r["promoted"].as_array().unwrap().len(), 3, "{r}");
+        assert_eq!(sm.vm_primary(&sm.vms["a"]), d0.backup);
+
+        // Their new backups: the first disk's is picked; the others wait for it, then follow.
+        sm.servers.get_mut(&d0.primary).unwrap().down = true;
+        assert_eq!(pick_backup(&sm, &sm.disks["a-1"]), None);
+        let (b, pool) = pick_backup(&sm, &sm.disks["a-0"]).unwrap();
+        assert!(b != d0.primary && Some(b) != d0.backup);
+        sm.apply(
+            &Command::SetDiskBackup {
+                name: "a-0".into(),
+                backup: b,
+                pool,
+                generation: sm.disks["a-0"].generation,
+            },
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(pick_backup(&sm, &sm.disks["a-1"]).map(|x| x.0), Some(b));
+        assert_eq!(pick_backup(&sm, &sm.disks["a-2"]).map(|x| x.0), Some(b));
     }
 }

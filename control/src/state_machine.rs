@@ -5,7 +5,7 @@
 //! batch as the applied index (see `storage`). Applying is deterministic: a command that does
 //! not fit the current state is rejected with a reason, identically everywhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -153,6 +153,9 @@ pub struct VmRecord {
 
 /// Most guest RAM a VM is given, MiB (1 TiB, what the VMM maps).
 pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
+
+/// Disks a VM has at most (Disk0-3, as the VMM takes them).
+pub const MAX_VM_DISKS: usize = 4;
 
 /// How a VM starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,8 +379,11 @@ pub struct NewVm {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
-    /// Its disk's size, bytes.
+    /// Its disk's size (Disk0), bytes.
     pub disk_size: u64,
+    /// Its other disks' sizes (Disk1-3), bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<u64>,
     /// The kernel it boots.
     pub kernel: String,
     /// Its initramfs, if any.
@@ -401,6 +407,13 @@ pub struct NewVm {
 }
 
 impl NewVm {
+    /// The sizes of its disks, Disk0 first.
+    pub fn disk_sizes(&self) -> Vec<u64> {
+        std::iter::once(self.disk_size)
+            .chain(self.extra_disks.iter().copied())
+            .collect()
+    }
+
     /// Its record, owned by `owner`, before placement fills in its id and disks.
     fn record(&self, owner: Option<u64>) -> VmRecord {
         VmRecord {
@@ -513,6 +526,9 @@ pub enum Action {
         /// What its firmware boots first.
         #[serde(default)]
         boot_order: Option<BootOrder>,
+        /// New blank disks, bytes each, after the ones it has (up to Disk3).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        add_disks: Vec<u64>,
     },
     /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
     /// there moves to its in-sync backup (its VM restarts there), every backup copy there is
@@ -894,7 +910,9 @@ impl StateMachine {
                 writes.push((server_key(*id), Some(json_bytes(s))));
                 Ok(Value::Null)
             }
-            Command::CreateVm(vm) => self.create_vm(vm.record(None), vm.disk_size, None, writes),
+            Command::CreateVm(vm) => {
+                self.create_vm(vm.record(None), &vm.disk_sizes(), None, writes)
+            }
             Command::SetVmRunning { name, running } => {
                 let vm = self
                     .vms
@@ -1005,13 +1023,15 @@ impl StateMachine {
         }
     }
 
-    /// Creates `vm` (its id and disks filled in here) with one disk of `disk_size` bytes,
-    /// `NAME-0`, placed on two servers with room. Answers its VMID and placement.
+    /// Creates `vm` (its id and disks filled in here) with a disk of each of `sizes` bytes,
+    /// `NAME-0` to `NAME-3`, all placed on the same two servers with room (the VM moves as
+    /// one). A clone's disks (`clone_of`, the source's, one for each size) are filled with the
+    /// sources' data. Answers its VMID and placement.
     fn create_vm(
         &mut self,
         mut vm: VmRecord,
-        disk_size: u64,
-        clone_of: Option<&DiskRecord>,
+        sizes: &[u64],
+        clone_of: Option<&[DiskRecord]>,
         writes: &mut Vec<RecordWrite>,
     ) -> Outcome {
         let name = vm.name.clone();
@@ -1019,9 +1039,18 @@ impl StateMachine {
         if self.vms.contains_key(&name) {
             return Err(format!("VM {name} exists"));
         }
-        let disk_name = format!("{name}-0");
-        if self.disks.contains_key(&disk_name) {
-            return Err(format!("disk {disk_name} exists"));
+        if sizes.is_empty() || sizes.len() > MAX_VM_DISKS {
+            return Err(format!(
+                "VM {name}: {} disks asked, 1 to {MAX_VM_DISKS}",
+                sizes.len()
+            ));
+        }
+        if let Some(i) = sizes.iter().position(|s| *s == 0) {
+            return Err(format!("VM {name}: Disk{i} has no size"));
+        }
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("{name}-{i}")).collect();
+        if let Some(d) = names.iter().find(|d| self.disks.contains_key(*d)) {
+            return Err(format!("disk {d} exists"));
         }
         if let Some(iso) = &vm.cdrom {
             if !self.isos.contains_key(iso) {
@@ -1029,42 +1058,107 @@ impl StateMachine {
             }
         }
         if vm.boot == BootMode::Kernel && vm.kernel.is_empty() {
-            return Err(format!("VM {name} boots the guest kernel, but none is given"));
+            return Err(format!(
+                "VM {name} boots the guest kernel, but none is given"
+            ));
         }
-        let p = match clone_of {
-            None => crate::placement::place(self, vm.memory_mib, disk_size)?,
-            Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, disk_size)?,
+        let total: u64 = sizes.iter().sum();
+        let p = match clone_of.and_then(|c| c.first()) {
+            None => crate::placement::place(self, vm.memory_mib, total)?,
+            Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, total)?,
         };
         let mut pools = BTreeMap::new();
         pools.insert(p.primary.0, p.primary.1.clone());
         pools.insert(p.backup.0, p.backup.1.clone());
-        let disk = DiskRecord {
-            name: disk_name.clone(),
-            size: disk_size,
-            primary: p.primary.0,
-            backup: Some(p.backup.0),
-            generation: 1,
-            pools,
-            backup_synced: false,
-            clone_of: clone_of.map(|d| d.name.clone()),
-        };
         self.counters.vm += 1;
         vm.id = self.counters.vm;
-        vm.disks = vec![disk_name.clone()];
+        vm.disks = names.clone();
         writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
-        writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
+        for (i, (disk_name, size)) in names.iter().zip(sizes).enumerate() {
+            let disk = DiskRecord {
+                name: disk_name.clone(),
+                size: *size,
+                primary: p.primary.0,
+                backup: Some(p.backup.0),
+                generation: 1,
+                pools: pools.clone(),
+                backup_synced: false,
+                clone_of: clone_of.and_then(|c| c.get(i)).map(|d| d.name.clone()),
+            };
+            writes.push((disk_key(disk_name), Some(json_bytes(&disk))));
+            self.disks.insert(disk_name.clone(), disk);
+        }
         writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(&vm))));
         let id = vm.id;
-        self.disks.insert(disk_name.clone(), disk);
         self.vms.insert(name.clone(), vm);
         Ok(json!({
             "id": id,
-            "disk": disk_name,
+            "disk": names[0],
+            "disks": names,
             "primary": p.primary.0,
             "primary_pool": p.primary.1,
             "backup": p.backup.0,
             "backup_pool": p.backup.1,
         }))
+    }
+
+    /// Adds blank disks of `sizes` bytes to powered-off VM `vm` (its record `new`, changed in
+    /// place), beside its first disk: on the same primary and backup, in the same pools.
+    pub(crate) fn add_disks(
+        &mut self,
+        new: &mut VmRecord,
+        sizes: &[u64],
+        writes: &mut Vec<RecordWrite>,
+    ) -> Result<(), String> {
+        let (id, name) = (new.id, new.name.clone());
+        if new.disks.len() + sizes.len() > MAX_VM_DISKS {
+            return Err(format!(
+                "VM {id} ({name}) has {} disks: {} more would pass Disk{}",
+                new.disks.len(),
+                sizes.len(),
+                MAX_VM_DISKS - 1
+            ));
+        }
+        if let Some(s) = sizes.iter().find(|s| **s == 0) {
+            return Err(format!("VM {id} ({name}): a new disk of {s} bytes"));
+        }
+        let first = new
+            .disks
+            .first()
+            .and_then(|d| self.disks.get(d))
+            .cloned()
+            .ok_or_else(|| format!("VM {id} ({name}) has no disk to add others beside"))?;
+        if first.backup.is_none() {
+            return Err(format!(
+                "VM {id} ({name}): its disk {} has no backup now; disks are added while it is mirrored",
+                first.name
+            ));
+        }
+        crate::placement::check_room_beside(self, &first, sizes.iter().sum())?;
+        let free: Vec<String> = (0..MAX_VM_DISKS)
+            .map(|i| format!("{name}-{i}"))
+            .filter(|d| !new.disks.contains(d) && !self.disks.contains_key(d))
+            .take(sizes.len())
+            .collect();
+        if free.len() < sizes.len() {
+            return Err(format!("VM {id} ({name}): no free disk names"));
+        }
+        for (size, disk_name) in sizes.iter().zip(free) {
+            let disk = DiskRecord {
+                name: disk_name.clone(),
+                size: *size,
+                primary: first.primary,
+                backup: first.backup,
+                generation: 1,
+                pools: first.pools.clone(),
+                backup_synced: false,
+                clone_of: None,
+            };
+            writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
+            self.disks.insert(disk_name.clone(), disk);
+            new.disks.push(disk_name);
+        }
+        Ok(())
     }
 
     /// The VM with VMID `id`.
@@ -1095,6 +1189,11 @@ impl StateMachine {
             .map(|d| self.disks.get(d).map(|d| d.primary));
         let first = primaries.next()??;
         primaries.all(|p| p == Some(first)).then_some(first)
+    }
+
+    /// Where VM `vm`'s first disk has its backup, if it has one.
+    pub fn vm_backup(&self, vm: &VmRecord) -> Option<u64> {
+        vm.disks.first().and_then(|d| self.disks.get(d))?.backup
     }
 
     /// Whether some server's agent reports the VMM of VM `name` running.
@@ -1364,8 +1463,9 @@ impl StateMachine {
                         return Err(access::refuse(format!("VMs of user {}", o.name)));
                     }
                 }
-                access::check_new_vm(self, &o, vm.memory_mib, vm.disk_size)?;
-                let r = self.create_vm(vm.record(Some(*owner)), vm.disk_size, None, writes)?;
+                let sizes = vm.disk_sizes();
+                access::check_new_vm(self, &o, vm.memory_mib, sizes.iter().sum())?;
+                let r = self.create_vm(vm.record(Some(*owner)), &sizes, None, writes)?;
                 let target = format!("vm {} ({}) of user {}", r["id"], vm.name, o.name);
                 ("vm.create", target, r)
             }
@@ -1470,15 +1570,14 @@ impl StateMachine {
                 vcpus,
                 boot,
                 boot_order,
+                add_disks,
             } => {
                 let v = self.powered_off_vm_administered_by(who.as_ref(), *vm, "to change it")?;
                 let owner = v.owner.and_then(|o| self.users.get(&o)).cloned();
                 let mut new = v.clone();
                 if let Some(m) = memory_mib {
                     if !(16..=MAX_VM_MEMORY_MIB).contains(m) {
-                        return Err(format!(
-                            "memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"
-                        ));
+                        return Err(format!("memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"));
                     }
                     new.memory_mib = *m;
                 }
@@ -1500,17 +1599,30 @@ impl StateMachine {
                 if let Some(o) = boot_order {
                     new.boot_order = *o;
                 }
-                if new == v {
+                if new == v && add_disks.is_empty() {
                     return Err(format!("VM {vm} ({}): nothing changes", v.name));
                 }
                 if let Some(o) = &owner {
                     access::check_vm_memory(self, o, v.memory_mib, new.memory_mib)?;
+                    access::check_more_disk(self, o, add_disks.iter().sum())?;
                 }
-                let what = format!(
+                let mut what = format!(
                     "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?})",
                     v.name, new.memory_mib, new.vcpus, new.boot, new.boot_order
                 );
-                writes.push((format!("vm/{}", v.name).into_bytes(), Some(json_bytes(&new))));
+                if !add_disks.is_empty() {
+                    let gib: Vec<String> = add_disks
+                        .iter()
+                        .map(|s| format!("{}", s.div_ceil(1 << 30)))
+                        .collect();
+                    what += &format!(", disks added: {} GiB", gib.join(", "));
+                    // Last: it writes the new disks' records once everything else passed.
+                    self.add_disks(&mut new, add_disks, writes)?;
+                }
+                writes.push((
+                    format!("vm/{}", v.name).into_bytes(),
+                    Some(json_bytes(&new)),
+                ));
                 self.vms.insert(v.name.clone(), new);
                 ("vm.edit", what, Value::Null)
             }
@@ -1589,19 +1701,27 @@ impl StateMachine {
                         src.name
                     ));
                 }
-                let disk = src
+                let disks = src
                     .disks
-                    .first()
-                    .and_then(|d| self.disks.get(d))
-                    .cloned()
-                    .ok_or_else(|| format!("VM {vm} has no disk"))?;
-                if src.disks.len() > 1 {
+                    .iter()
+                    .map(|d| {
+                        self.disks
+                            .get(d)
+                            .cloned()
+                            .ok_or_else(|| format!("VM {vm}: no disk {d}"))
+                    })
+                    .collect::<Result<Vec<DiskRecord>, String>>()?;
+                if disks.is_empty() {
+                    return Err(format!("VM {vm} has no disk"));
+                }
+                if disks.iter().any(|d| d.primary != disks[0].primary) {
                     return Err(format!(
-                        "VM {vm}: clones of VMs with several disks are not built yet"
+                        "VM {vm}: its disks' primaries are on different servers"
                     ));
                 }
+                let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
                 if let Some(o) = &o {
-                    access::check_new_vm(self, o, src.memory_mib, disk.size)?;
+                    access::check_new_vm(self, o, src.memory_mib, sizes.iter().sum())?;
                 }
                 let copy = VmRecord {
                     name: name.clone(),
@@ -1621,7 +1741,7 @@ impl StateMachine {
                     boot: src.boot,
                     boot_order: src.boot_order,
                 };
-                let r = self.create_vm(copy, disk.size, Some(&disk), writes)?;
+                let r = self.create_vm(copy, &sizes, Some(&disks), writes)?;
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
                 ("vm.clone", target, r)
             }
@@ -1742,16 +1862,35 @@ impl StateMachine {
     /// ```
     ///
     /// Answers the disks that moved and those that wait.
-    fn server_down(&mut self, id: u64, writes: &mut Vec<RecordWrite>) -> Value {
+    pub(crate) fn server_down(&mut self, id: u64, writes: &mut Vec<RecordWrite>) -> Value {
         let mut promoted = Vec::new();
         let mut alone = Vec::new();
         let mut stranded = Vec::new();
+        let usable = |d: &DiskRecord| {
+            d.backup
+                .filter(|b| d.backup_synced && self.servers.get(b).is_some_and(|s| !s.down))
+        };
+        // A VM's disks move together or not at all: one of them without a usable backup holds
+        // back the others, which would otherwise leave the VM split over two servers.
+        let held: HashSet<String> = self
+            .vms
+            .values()
+            .filter(|vm| {
+                vm.disks.iter().filter_map(|d| self.disks.get(d)).any(|d| {
+                    d.primary == id && usable(d).is_none_or(|b| Some(b) != self.vm_backup(vm))
+                })
+            })
+            .flat_map(|vm| vm.disks.iter().cloned())
+            .collect();
+        let moves: HashMap<String, u64> = self
+            .disks
+            .values()
+            .filter(|d| d.primary == id && !held.contains(&d.name))
+            .filter_map(|d| Some((d.name.clone(), usable(d)?)))
+            .collect();
         for d in self.disks.values_mut() {
             if d.primary == id {
-                let usable = d
-                    .backup
-                    .filter(|b| d.backup_synced && self.servers.get(b).is_some_and(|s| !s.down));
-                let Some(b) = usable else {
+                let Some(&b) = moves.get(&d.name) else {
                     stranded.push(d.name.clone());
                     continue;
                 };
@@ -2164,6 +2303,7 @@ mod tests {
             memory_mib: 64,
             vcpus: 1,
             disk_size: 1,
+            extra_disks: Vec::new(),
             kernel: String::new(),
             initrd: String::new(),
             cmdline: String::new(),
@@ -2233,14 +2373,23 @@ mod tests {
             memory_mib: 512,
             disk_gib: 10,
         };
-        let p = id(act(&mut sm, 0, user("p", Role::PowerUser, None, Some(quota))));
+        let p = id(act(
+            &mut sm,
+            0,
+            user("p", Role::PowerUser, None, Some(quota)),
+        ));
         let r = id(act(&mut sm, 0, user("r", Role::Regular, Some(p), None)));
-        let other = id(act(&mut sm, 0, user("o", Role::PowerUser, None, Some(quota))));
+        let other = id(act(
+            &mut sm,
+            0,
+            user("o", Role::PowerUser, None, Some(quota)),
+        ));
         let mut vm = NewVm {
             name: "v".into(),
             memory_mib: 256,
             vcpus: 1,
             disk_size: 1,
+            extra_disks: Vec::new(),
             kernel: String::new(),
             initrd: String::new(),
             cmdline: String::new(),
@@ -2258,20 +2407,38 @@ mod tests {
             vcpus: Some(2),
             boot,
             boot_order: Some(BootOrder::CdromFirst),
+            add_disks: Vec::new(),
         };
         let refused = |r: Outcome| r.unwrap_err();
         assert!(refused(act(&mut sm, other, edit(None, None))).starts_with("forbidden"));
         assert!(refused(act(&mut sm, r, edit(None, None))).starts_with("forbidden"));
         assert!(refused(act(&mut sm, p, edit(Some(1024), None))).contains("quota"));
         assert!(refused(act(&mut sm, p, edit(None, Some(BootMode::Kernel)))).contains("blank"));
+        let add = |gib: u64| Action::EditVm {
+            vm: 7,
+            memory_mib: None,
+            vcpus: None,
+            boot: None,
+            boot_order: None,
+            add_disks: vec![gib << 30],
+        };
+        assert!(refused(act(&mut sm, p, add(11))).contains("quota"));
+        assert!(refused(act(&mut sm, p, add(1))).contains("no disk"));
         act(&mut sm, p, edit(Some(512), None)).unwrap();
         let v = &sm.vms["v"];
-        assert_eq!((v.memory_mib, v.vcpus, v.boot_order), (512, 2, BootOrder::CdromFirst));
+        assert_eq!(
+            (v.memory_mib, v.vcpus, v.boot_order),
+            (512, 2, BootOrder::CdromFirst)
+        );
         assert!(refused(act(&mut sm, p, edit(Some(512), None))).contains("nothing changes"));
         sm.vms.get_mut("v").unwrap().running = true;
         assert!(refused(act(&mut sm, p, edit(Some(256), None))).contains("powered on"));
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
-        assert_eq!(audit.iter().filter(|a| **a == "vm.edit").count(), 1, "{audit:?}");
+        assert_eq!(
+            audit.iter().filter(|a| **a == "vm.edit").count(),
+            1,
+            "{audit:?}"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
     parse_boot_order, parse_cdrom, parse_disk, parse_firmware, parse_framebuffer, parse_net,
-    parse_serial, Boot, BootOrder, CdromMedia, DiskConfig, Firmware, NetConfig, SerialTarget, VmConfig,
-    VncConfig,
+    parse_serial, Boot, BootOrder, CdromMedia, DiskConfig, Firmware, NetConfig, SerialTarget,
+    VmConfig, VncConfig,
 };
 
 #[derive(Parser)]

@@ -246,7 +246,7 @@ try {
 
   step(`it creates the VM ${VM} owned by ${REGULAR}`);
   const owner = await p.locator("[data-test=vm-owner] option", { hasText: REGULAR }).getAttribute("value");
-  await fillForm(p, "vm-create", { "vm-name": VM, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-owner": owner });
+  await fillForm(p, "vm-create", { "vm-name": VM, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-owner": owner, "vm-boot": "kernel" });
   await p.click("[data-test=vm-create-submit]");
   await until(`${VM} in the table`, async () => (await vmRow(p, VM).count()) === 1);
   assert.match(await text(vmRow(p, VM).locator("[data-test=vm-owner-name]")), new RegExp(`\\(${REGULAR}\\)`));
@@ -433,7 +433,8 @@ try {
     await until("the CD on both VM servers", async () => (await text(m.locator(`[data-test=iso-row][data-name="${BARS}"] [data-test=iso-ready]`))) === "2 of 2 VM servers", 60000);
     await openTab(m, "vms");
     await until("the CD among the new VM's choices", async () => (await m.locator(`[data-test=vm-iso] option[value="${BARS}"]`).count()) === 1);
-    await fillForm(m, "vm-create", { "vm-name": BLANK, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1 });
+    assert.equal(await m.locator("[data-test=vm-boot]").inputValue(), "bios:disk_first", "a blank PC is the default");
+    await fillForm(m, "vm-create", { "vm-name": BLANK, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-disk1-size": 1 });
     await m.selectOption("[data-test=vm-boot]", "bios:cdrom_first");
     await m.selectOption("[data-test=vm-iso]", BARS);
     await m.check("[data-test=vm-start]");
@@ -454,6 +455,24 @@ try {
       JSON.stringify(await screenAt(600, 300)) === "[0,0,255]" && JSON.stringify(await screenAt(1000, 766)) === "[255,255,255]", 60000);
     await shot(m, "manager-blank-vm-console");
     await m.click("[data-test=console-back]");
+
+    step("powered off, the blank VM is changed in its detail row: more memory, a third disk");
+    const blankRow = vmRow(m, BLANK);
+    await blankRow.locator("[data-test=power-off]").click();
+    // Its program ignores the ACPI power button: Force Off once it is stopping.
+    await blankRow.locator("[data-test=force-off]").click();
+    await until(`${BLANK} stopped`, async () => (await text(blankRow.locator("[data-test=vm-status]"))) === "stopped", 60000);
+    await blankRow.locator("[data-test=vm-details-toggle]").click();
+    const blankDetail = m.locator(`[data-test=vm-detail][data-vmid="${await blankRow.getAttribute("data-vmid")}"]`);
+    const blankShown = (test) => text(blankDetail.locator(`[data-test=${test}] .v`));
+    assert.equal(await blankShown("vm-disk1"), "1 GiB");
+    assert.equal(await blankShown("vm-disk2"), "--");
+    await until("Change VM enabled", async () => !(await blankDetail.locator("[data-test=vm-edit-submit]").isDisabled()));
+    await blankDetail.locator("[data-test=vm-edit-memory]").fill("256");
+    await blankDetail.locator("[data-test=vm-edit-add-disk]").fill("2");
+    await blankDetail.locator("[data-test=vm-edit-submit]").click();
+    await until("the change shown", async () => (await blankShown("vm-memory-size")) === "256 MiB" && (await blankShown("vm-disk2")) === "2 GiB", 30000);
+    await shot(m, "manager-blank-vm-changed");
   }
 
   step("the Manager's audit log shows it all");

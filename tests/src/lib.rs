@@ -90,7 +90,12 @@ pub fn bootdisk() -> PathBuf {
             .expect("run bootdisk build.sh");
         assert!(out.status.success(), "assembling the boot disk failed");
         let s = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(s.lines().last().expect("build.sh prints the image path").trim())
+        PathBuf::from(
+            s.lines()
+                .last()
+                .expect("build.sh prints the image path")
+                .trim(),
+        )
     })
     .clone()
 }
@@ -136,9 +141,9 @@ pub fn eltorito_iso(boot: &[u8]) -> Vec<u8> {
     cat[4..12].copy_from_slice(b"ENSPEED ");
     cat[30] = 0x55;
     cat[31] = 0xaa;
-    let sum = cat[..32]
-        .chunks(2)
-        .fold(0u16, |a, w| a.wrapping_add(u16::from_le_bytes([w[0], w[1]])));
+    let sum = cat[..32].chunks(2).fold(0u16, |a, w| {
+        a.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
+    });
     cat[28..30].copy_from_slice(&0u16.wrapping_sub(sum).to_le_bytes());
     cat[32] = 0x88;
     cat[38..40].copy_from_slice(&(boot.len().div_ceil(512) as u16).to_le_bytes());

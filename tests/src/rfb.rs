@@ -367,7 +367,11 @@ impl RfbClient {
                 let (r, g, b) = self.pixel(x, y);
                 let f = self.format;
                 let scale = |v: u16, max: u16| (u32::from(v) * 255 / u32::from(max.max(1))) as u8;
-                out.extend([scale(r, f.red_max), scale(g, f.green_max), scale(b, f.blue_max)]);
+                out.extend([
+                    scale(r, f.red_max),
+                    scale(g, f.green_max),
+                    scale(b, f.blue_max),
+                ]);
             }
         }
         out

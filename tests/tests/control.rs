@@ -144,7 +144,6 @@ fn pick<'a>(servers: &'a [Server], ids: &[u64]) -> Vec<&'a Server> {
     ids.iter().map(|&i| &servers[i as usize - 1]).collect()
 }
 
-
 #[test]
 fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());

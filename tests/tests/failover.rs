@@ -472,13 +472,22 @@ fn partition_of_the_primary_it_stops_the_vm_itself_and_returns_as_the_backup() {
     });
     // The returning server held the generation the new primary's bitmap starts
     // from: only the changed regions were copied back, not the whole disk.
-    let socket = c.servers[backup as usize - 1].data.join("agent/blockd.sock");
-    let status = blockrepl::daemon::call(&socket, &format!(r#"{{"cmd":"status","name":"{DISK}"}}"#))
-        .unwrap_or_else(|e| panic!("blockd of server {backup} at {}: {e}", socket.display()));
+    let socket = c.servers[backup as usize - 1]
+        .data
+        .join("agent/blockd.sock");
+    let status =
+        blockrepl::daemon::call(&socket, &format!(r#"{{"cmd":"status","name":"{DISK}"}}"#))
+            .unwrap_or_else(|e| panic!("blockd of server {backup} at {}: {e}", socket.display()));
     let disks = status.disks.expect("a status answer lists the disk");
     let last = &disks[0]["last_resync"];
-    assert_eq!(last["full"], false, "the returning primary got a full sync: {last}");
-    eprintln!("partition healed: resync copied {} bytes back", last["total_bytes"]);
+    assert_eq!(
+        last["full"], false,
+        "the returning primary got a full sync: {last}"
+    );
+    eprintln!(
+        "partition healed: resync copied {} bytes back",
+        last["total_bytes"]
+    );
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
         assert!(!c.net.vmm_running(primary));

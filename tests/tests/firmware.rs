@@ -27,7 +27,10 @@ fn firmware_args(memory: u32, vcpus: u32, disks: &[&std::path::Path]) -> Vec<Str
 
 fn assert_no_failure(vmm: &Vmm) {
     let out = vmm.output();
-    assert!(!out.contains("bootdisk: FAIL"), "the boot disk failed:\n{out}");
+    assert!(
+        !out.contains("bootdisk: FAIL"),
+        "the boot disk failed:\n{out}"
+    );
 }
 
 #[test]
@@ -46,7 +49,10 @@ fn seabios_boots_a_virtio_pci_disk_and_the_guest_powers_off_through_acpi() {
     vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(30));
     vmm.wait_for("bootdisk: stage 2 running", Duration::from_secs(30));
     // The BIOS's timed wait, which counts the RTC's periodic interrupt.
-    vmm.wait_for("bootdisk: waited 50 ms through int 15h", Duration::from_secs(30));
+    vmm.wait_for(
+        "bootdisk: waited 50 ms through int 15h",
+        Duration::from_secs(30),
+    );
     // The ACPI tables SeaBIOS placed from fw_cfg's loader script chain and check.
     vmm.wait_for("S5 sleep type 5; powering off", Duration::from_secs(30));
     let st = vmm.wait_exit(Duration::from_secs(30));
@@ -63,9 +69,15 @@ fn boot_from_cd(name: &str, disks: &[&std::path::Path], extra: &[&str]) -> Strin
     args.extend(["--cdrom".to_string(), bootdisk_iso().display().to_string()]);
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut vmm = Vmm::start(&args);
-    vmm.wait_for("bootdisk: loaded whole from a CD (El Torito)", Duration::from_secs(60));
+    vmm.wait_for(
+        "bootdisk: loaded whole from a CD (El Torito)",
+        Duration::from_secs(60),
+    );
     // SeaBIOS's AHCI driver read sector 16 through our ATAPI READ(10).
-    vmm.wait_for("CD volume descriptor read through int 13h", Duration::from_secs(30));
+    vmm.wait_for(
+        "CD volume descriptor read through int 13h",
+        Duration::from_secs(30),
+    );
     vmm.wait_for("powering off", Duration::from_secs(30));
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
     assert_no_failure(&vmm);
@@ -82,8 +94,13 @@ fn an_el_torito_cd_boots_from_the_sata_cdrom_after_a_blank_disk() {
     let blank = s.disk("blank.img", 64 << 20);
     // Default order, disks first: the blank disk is tried and falls through to the CD.
     let out = boot_from_cd("fw-cd-a", &[&blank], &[]);
-    let failed = out.find("not a bootable disk").expect("the blank disk was tried first");
-    assert!(failed < out.find("loaded whole from a CD").unwrap(), "{out}");
+    let failed = out
+        .find("not a bootable disk")
+        .expect("the blank disk was tried first");
+    assert!(
+        failed < out.find("loaded whole from a CD").unwrap(),
+        "{out}"
+    );
 }
 
 #[test]
@@ -95,7 +112,10 @@ fn cdrom_first_boots_the_cd_before_a_bootable_disk() {
     let disk = s.path("boot.img");
     std::fs::copy(bootdisk(), &disk).unwrap();
     let out = boot_from_cd("fw-cd-b", &[&disk], &["--boot", "cdrom,disk"]);
-    assert!(!out.contains("stage 2 read through int 13h"), "the disk booted:\n{out}");
+    assert!(
+        !out.contains("stage 2 read through int 13h"),
+        "the disk booted:\n{out}"
+    );
 }
 
 #[test]
@@ -109,7 +129,10 @@ fn a_sata_disk_boots_like_a_virtio_one() {
     let mut vmm = Vmm::start(&firmware_args(
         128,
         1,
-        &[std::path::Path::new(&format!("{},bus=sata", disk.display()))],
+        &[std::path::Path::new(&format!(
+            "{},bus=sata",
+            disk.display()
+        ))],
     ));
     vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(60));
     vmm.wait_for("powering off", Duration::from_secs(30));
@@ -125,21 +148,27 @@ fn the_cdrom_media_changes_and_ejects_on_the_control_socket() {
     let s = Scratch::new("fw-cd-media");
     let blank = s.disk("blank.img", 1 << 20);
     let sock = s.path("api.sock");
-    let mut vmm = Vmm::start(&[
-        firmware_args(128, 1, &[&blank]),
-        vec![
-            "--cdrom".into(),
-            "empty".into(),
-            "--api-socket".into(),
-            sock.display().to_string(),
-        ],
-    ]
-    .concat());
+    let mut vmm = Vmm::start(
+        &[
+            firmware_args(128, 1, &[&blank]),
+            vec![
+                "--cdrom".into(),
+                "empty".into(),
+                "--api-socket".into(),
+                sock.display().to_string(),
+            ],
+        ]
+        .concat(),
+    );
     vmm.wait_for("No bootable device", Duration::from_secs(60));
     let st = vmm.api(r#"{"cmd":"status"}"#);
     let disks = st["status"]["disks"].as_array().unwrap().clone();
     assert_eq!(disks.len(), 2, "{st}");
-    assert_eq!(disks[1]["path"], serde_json::Value::Null, "an empty drive: {st}");
+    assert_eq!(
+        disks[1]["path"],
+        serde_json::Value::Null,
+        "an empty drive: {st}"
+    );
     let iso = bootdisk_iso().display().to_string();
     let r = vmm.api(&format!(r#"{{"cmd":"media","disk":1,"path":"{iso}"}}"#));
     assert_eq!(r["ok"], true, "{r}");
@@ -149,10 +178,16 @@ fn the_cdrom_media_changes_and_ejects_on_the_control_socket() {
     assert_eq!(r["ok"], false, "disk 0 is not removable: {r}");
     let r = vmm.api(r#"{"cmd":"media","disk":1,"path":"/nonexistent.iso"}"#);
     assert_eq!(r["ok"], false, "{r}");
-    assert!(r["error"].as_str().unwrap().contains("/nonexistent.iso"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("/nonexistent.iso"),
+        "{r}"
+    );
     // Ctrl-Alt-Del: the firmware starts over and now boots the CD.
     assert_eq!(vmm.api(r#"{"cmd":"ctrl-alt-del"}"#)["ok"], true);
-    vmm.wait_for("bootdisk: loaded whole from a CD (El Torito)", Duration::from_secs(60));
+    vmm.wait_for(
+        "bootdisk: loaded whole from a CD (El Torito)",
+        Duration::from_secs(60),
+    );
     vmm.wait_for("powering off", Duration::from_secs(30));
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
     assert_no_failure(&vmm);
@@ -172,7 +207,12 @@ fn watch(rfb: &mut RfbClient, limit: Duration, what: &str, done: impl Fn(&RfbCli
         if std::time::Instant::now() > deadline {
             let shot = std::env::temp_dir().join("enspeed-vga-failed.ppm");
             let _ = std::fs::write(&shot, rfb.ppm());
-            panic!("the screen never showed {what} ({}x{}); it is in {}", rfb.width, rfb.height, shot.display());
+            panic!(
+                "the screen never showed {what} ({}x{}); it is in {}",
+                rfb.width,
+                rfb.height,
+                shot.display()
+            );
         }
     }
 }
@@ -203,25 +243,38 @@ fn the_vga_shows_the_firmwares_text_then_a_vbe_mode_over_rfb() {
     rfb.read_update().unwrap();
     // Text mode 3 once the VGA BIOS ran: 80x25 cells of 9x16, and the firmware's banner
     // drawn with the font the BIOS loaded (light grey on black in its first rows).
-    watch(&mut rfb, Duration::from_secs(60), "the 720x400 text screen with text", |r| {
-        r.width == 720
-            && r.height == 400
-            && (0..48u16).any(|y| (0..720u16).any(|x| r.pixel(x, y).0 > 100))
-    });
+    watch(
+        &mut rfb,
+        Duration::from_secs(60),
+        "the 720x400 text screen with text",
+        |r| {
+            r.width == 720
+                && r.height == 400
+                && (0..48u16).any(|y| (0..720u16).any(|x| r.pixel(x, y).0 > 100))
+        },
+    );
     let shots = enspeed_tests::profile_dir().join("vga-screenshots");
     let _ = std::fs::create_dir_all(&shots);
     let _ = std::fs::write(shots.join("firmware-text.ppm"), rfb.ppm());
-    vmm.wait_for("bootdisk: drew colour bars in 1024x768x32", Duration::from_secs(60));
+    vmm.wait_for(
+        "bootdisk: drew colour bars in 1024x768x32",
+        Duration::from_secs(60),
+    );
     // VBE through the VGA BIOS: the screen grows to 1024x768 (DesktopSize) and shows
     // the bars the boot disk drew in the linear framebuffer.
-    watch(&mut rfb, Duration::from_secs(30), "the colour bars at 1024x768", |r| {
-        r.width == 1024
-            && r.height == 768
-            && r.pixel(100, 300) == (255, 0, 0)
-            && r.pixel(300, 300) == (0, 255, 0)
-            && r.pixel(600, 700) == (0, 0, 255)
-            && r.pixel(1000, 10) == (255, 255, 255)
-    });
+    watch(
+        &mut rfb,
+        Duration::from_secs(30),
+        "the colour bars at 1024x768",
+        |r| {
+            r.width == 1024
+                && r.height == 768
+                && r.pixel(100, 300) == (255, 0, 0)
+                && r.pixel(300, 300) == (0, 255, 0)
+                && r.pixel(600, 700) == (0, 0, 255)
+                && r.pixel(1000, 10) == (255, 255, 255)
+        },
+    );
     let _ = std::fs::write(shots.join("vbe-bars.ppm"), rfb.ppm());
     assert_eq!(vmm.api(r#"{"cmd":"stop"}"#)["ok"], true);
     assert!(vmm.wait_exit(Duration::from_secs(20)).success());
@@ -269,7 +322,10 @@ fn bad_media_is_reported_by_the_firmware_and_the_vmm_still_obeys() {
         *b = x as u8;
     }
     bytes[510] = 0;
-    std::fs::File::create(&junk).unwrap().write_all(&bytes).unwrap();
+    std::fs::File::create(&junk)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
     let sock = s.path("api.sock");
     let mut args = firmware_args(128, 1, &[&junk]);
     args.extend(["--api-socket".into(), sock.display().to_string()]);
@@ -318,7 +374,10 @@ fn firmware_options_that_cannot_be_served_are_refused_clearly() {
             .args(extra)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (ok, err) = run(&["--firmware-image", "/nonexistent/bios.bin"]);
     assert!(!ok && err.contains("/nonexistent/bios.bin"), "{err}");

@@ -23,7 +23,12 @@ struct Blockd {
 impl Blockd {
     fn start(dir: &Path) -> Blockd {
         std::fs::create_dir_all(dir).unwrap();
-        let mut b = Blockd { child: None, dir: dir.to_owned(), addr: format!("127.0.0.1:{}", free_port()), log: dir.join("blockd.log") };
+        let mut b = Blockd {
+            child: None,
+            dir: dir.to_owned(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: dir.join("blockd.log"),
+        };
         b.restart();
         b
     }
@@ -34,7 +39,11 @@ impl Blockd {
 
     fn restart(&mut self) {
         let _ = std::fs::remove_file(self.control());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(enspeed_bin())
             .args(["blockd", "--dir"])
             .arg(self.dir.join("disks"))
@@ -50,7 +59,11 @@ impl Blockd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(self.control()).is_err() {
-            assert!(Instant::now() < deadline, "blockd did not start:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "blockd did not start:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -83,7 +96,12 @@ impl Blockd {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        self.disk(args).unwrap_or_else(|e| panic!("enspeed disk {args:?}: {e}\nblockd log:\n{}", self.log_text()))
+        self.disk(args).unwrap_or_else(|e| {
+            panic!(
+                "enspeed disk {args:?}: {e}\nblockd log:\n{}",
+                self.log_text()
+            )
+        })
     }
 
     fn status(&self, name: &str) -> serde_json::Value {
@@ -92,20 +110,32 @@ impl Blockd {
         v[0].clone()
     }
 
-    fn wait_status(&self, name: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let s = self.status(name);
             if f(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}\nblockd log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s}\nblockd log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     fn vhost_socket(&self, name: &str) -> String {
-        self.status(name)["vhost_socket"].as_str().unwrap().to_owned()
+        self.status(name)["vhost_socket"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     fn data(&self, name: &str) -> Vec<u8> {
@@ -171,13 +201,20 @@ fn the_guest_writes_through_vmm_and_the_backup_matches_byte_for_byte() {
     vm.wait_for("tg: done ok", BOOT);
     assert!(vm.wait_exit(BOOT).success());
     let (pa, pb) = (a.data("d"), b.data("d"));
-    assert!(pa.iter().any(|x| *x != 0), "the guest's writes are not on the primary");
+    assert!(
+        pa.iter().any(|x| *x != 0),
+        "the guest's writes are not on the primary"
+    );
     let first_diff = pa.iter().zip(&pb).position(|(x, y)| x != y);
     assert_eq!(first_diff, None, "the backup differs from the primary");
     let mut acks = vec![0u64; 256];
     record_acks(&mut acks, 1, highest_ack(&vm.output()));
     for (i, &seq) in acks.iter().enumerate() {
-        let want = if seq > 0 { Stamp::Seq(seq) } else { Stamp::Empty };
+        let want = if seq > 0 {
+            Stamp::Seq(seq)
+        } else {
+            Stamp::Empty
+        };
         assert_eq!(read_stamp(&pb, i as u64), want, "block {i} on the backup");
     }
 }
@@ -187,7 +224,10 @@ fn acknowledged_writes_survive_kill_9_of_the_primary() {
     if !kvm_available("acknowledged_writes_survive_kill_9_of_the_primary") {
         return;
     }
-    let rounds: u64 = std::env::var("LIVESYNC_CRASHES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let rounds: u64 = std::env::var("LIVESYNC_CRASHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
     let s = Scratch::new("livesync-crash");
     let mut servers = [Blockd::start(&s.path("a")), Blockd::start(&s.path("b"))];
     mirrored_pair(&servers[0], &servers[1], "64M");
@@ -233,9 +273,13 @@ fn acknowledged_writes_survive_kill_9_of_the_primary() {
             let want = acks[blk as usize];
             match got {
                 Stamp::Torn => panic!("round {round}: block {blk} is torn on the promoted backup"),
-                Stamp::Empty if want > 0 => panic!("round {round}: block {blk} acknowledged at seq {want} is empty"),
+                Stamp::Empty if want > 0 => {
+                    panic!("round {round}: block {blk} acknowledged at seq {want} is empty")
+                }
                 Stamp::Seq(s) if s < want => {
-                    panic!("round {round}: block {blk} holds seq {s}, below the acknowledged {want}")
+                    panic!(
+                        "round {round}: block {blk} holds seq {s}, below the acknowledged {want}"
+                    )
                 }
                 _ => {}
             }
@@ -250,8 +294,14 @@ fn acknowledged_writes_survive_kill_9_of_the_primary() {
             partial_resyncs += 1;
         }
     }
-    assert!(total_acks as u64 > rounds, "the guest acknowledged too few writes ({total_acks}) to test anything");
-    assert_eq!(partial_resyncs, rounds, "a returning primary needed a full sync");
+    assert!(
+        total_acks as u64 > rounds,
+        "the guest acknowledged too few writes ({total_acks}) to test anything"
+    );
+    assert_eq!(
+        partial_resyncs, rounds,
+        "a returning primary needed a full sync"
+    );
     // Both copies are identical once the last resync finished.
     let (a, b) = (servers[0].data("d"), servers[1].data("d"));
     assert!(a == b, "copies differ after the last resync");

@@ -114,7 +114,10 @@ fn failure_summary(console: &str) -> Option<&str> {
 #[test]
 fn seabios_boots_a_virtio_pci_disk_under_real_amd_v() {
     let disk = enspeed_tests::bootdisk();
-    scenario_with("enspeed-firmware.sh", &[disk.to_str().expect("a UTF-8 path")]);
+    scenario_with(
+        "enspeed-firmware.sh",
+        &[disk.to_str().expect("a UTF-8 path")],
+    );
 }
 
 /// The kit on an El Torito CD that GRUB boots, checking the PCI devices, the CD and the kit's
@@ -151,7 +154,10 @@ fn real_debian_guest_boots_from_an_el_torito_cd_through_seabios_and_grub() {
     let sata = kit_iso("kit-sata.iso", "/dev/sda");
     scenario_with(
         "enspeed-firmware-linux.sh",
-        &[virtio.to_str().expect("UTF-8"), sata.to_str().expect("UTF-8")],
+        &[
+            virtio.to_str().expect("UTF-8"),
+            sata.to_str().expect("UTF-8"),
+        ],
     );
 }
 
@@ -167,7 +173,10 @@ fn a_blank_vm_installs_from_its_cd_then_boots_the_installed_disk() {
     );
     scenario_with(
         "enspeed-firmware-install.sh",
-        &[virtio.to_str().expect("UTF-8"), sata.to_str().expect("UTF-8")],
+        &[
+            virtio.to_str().expect("UTF-8"),
+            sata.to_str().expect("UTF-8"),
+        ],
     );
 }
 

@@ -1904,10 +1904,17 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let r = m.send(
         "POST",
         "/api/v1/vms",
-        Some(json!({"name": "blank", "memory_mib": 128, "disk_gib": 1, "boot": "bios",
-                    "iso": "bootdisk.iso", "start": true})),
+        Some(
+            json!({"name": "blank", "memory_mib": 128, "disk_gib": 1, "extra_disks_gib": [1],
+                    "boot": "bios", "iso": "bootdisk.iso", "start": true}),
+        ),
     );
     assert_eq!(r.0, 201, "{r:?}");
+    assert_eq!(
+        r.1["disks"],
+        json!([1u64 << 30, 1u64 << 30]),
+        "Disk0 and Disk1: {r:?}"
+    );
     assert_eq!(r.1["boot"], "bios");
     assert_eq!(r.1["boot_order"], "disk_first");
     assert_eq!(r.1["cdrom"], "bootdisk.iso");
@@ -1930,34 +1937,76 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
         (v["status"] == "stopped").then_some(())
     });
     let log = std::fs::read_to_string(&serial).unwrap();
-    assert!(log.contains("Boot failed: not a bootable disk"), "the blank disk came first:\n{log}");
+    let blank_disks = |log: &str| log.matches("Boot failed: not a bootable disk").count();
+    assert_eq!(blank_disks(&log), 1, "the blank disks came first:\n{log}");
+    assert!(
+        log.contains("bootdisk: hard disks 02"),
+        "the BIOS found Disk0 and Disk1:\n{log}"
+    );
     assert!(!log.contains("bootdisk: FAIL"), "{log}");
 
     // Powered off, it can be changed: more memory, the CD first. What does not fit is refused.
     let edit = |body: Value| m.send("PATCH", &format!("/api/v1/vms/{vm}"), Some(body));
     let r = edit(json!({"memory_mib": 256, "boot_order": "cdrom_first"}));
     assert_eq!(r.0, 200, "{r:?}");
-    assert_eq!((r.1["memory_mib"].clone(), r.1["boot_order"].clone()), (json!(256), json!("cdrom_first")));
+    assert_eq!(
+        (r.1["memory_mib"].clone(), r.1["boot_order"].clone()),
+        (json!(256), json!("cdrom_first"))
+    );
     for (body, want) in [
-        (json!({"memory_mib": 256}), 409),       // nothing changes
-        (json!({"memory_mib": 8}), 409),         // too little
-        (json!({"boot": "kernel"}), 409),        // made blank: no guest kernel
-        (json!({"memory": 256}), 400),           // unknown field
+        (json!({"memory_mib": 256}), 409),          // nothing changes
+        (json!({"memory_mib": 8}), 409),            // too little
+        (json!({"boot": "kernel"}), 409),           // made blank: no guest kernel
+        (json!({"memory": 256}), 400),              // unknown field
+        (json!({"add_disks_gib": [0]}), 400),       // a disk of no size
+        (json!({"add_disks_gib": [1, 1, 1]}), 409), // past Disk3
     ] {
         let r = edit(body.clone());
         assert_eq!(r.0, want, "{body}: {r:?}");
     }
     let audit = m.get("/api/v1/audit").1.to_string();
-    assert!(audit.contains("vm.edit") && audit.contains("256 MiB"), "{audit}");
+    assert!(
+        audit.contains("vm.edit") && audit.contains("256 MiB"),
+        "{audit}"
+    );
     // Its next boot goes to the CD at once: the blank disk is not tried again.
-    let r = m.send("POST", &format!("/api/v1/vms/{vm}/power"), Some(json!({"action": "on"})));
+    let r = m.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/power"),
+        Some(json!({"action": "on"})),
+    );
     assert_eq!(r.0, 202, "{r:?}");
     cluster::wait_for("the second boot, from the CD first", WAIT, || {
         let log = std::fs::read_to_string(&serial).unwrap_or_default();
         (log.matches("S5 sleep type 5; powering off").count() == 2).then_some(())
     });
     let log = std::fs::read_to_string(&serial).unwrap();
-    assert_eq!(log.matches("Boot failed: not a bootable disk").count(), 1, "{log}");
+    assert_eq!(blank_disks(&log), 1, "{log}");
+    cluster::wait_for("the VM stopped again", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "stopped").then_some(())
+    });
+
+    // A third disk, and the disks first again: the BIOS now finds three blank disks, mirrored
+    // like the others, and boots the CD after them.
+    let r = edit(json!({"add_disks_gib": [1], "boot_order": "disk_first"}));
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1["disks"].as_array().map(Vec::len), Some(3), "{r:?}");
+    let r = m.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/power"),
+        Some(json!({"action": "on"})),
+    );
+    assert_eq!(r.0, 202, "{r:?}");
+    cluster::wait_for("the third boot, with three disks", WAIT, || {
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        (log.matches("S5 sleep type 5; powering off").count() == 3).then_some(())
+    });
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert_eq!(blank_disks(&log), 2, "{log}");
+    assert!(log.contains("bootdisk: hard disks 03"), "{log}");
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("disks added: 1 GiB"), "{audit}");
 }
 
 #[test]

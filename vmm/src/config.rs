@@ -131,7 +131,9 @@ pub fn parse_firmware(s: &str) -> Result<Firmware, String> {
     match s {
         "bios" => Ok(Firmware::Bios),
         "uefi" => Ok(Firmware::Uefi),
-        other => Err(format!("unknown firmware {other:?} (expected bios or uefi)")),
+        other => Err(format!(
+            "unknown firmware {other:?} (expected bios or uefi)"
+        )),
     }
 }
 
@@ -339,7 +341,10 @@ mod tests {
         assert!(parse_disk("vhost-user=").is_err());
         assert!(parse_disk("vhost-user=/s.sock,readonly").is_err());
         assert_eq!(parse_disk("/w.img,bus=sata").unwrap().bus, DiskBus::Sata);
-        assert_eq!(parse_disk("/w.img,ro,bus=virtio").unwrap().bus, DiskBus::Virtio);
+        assert_eq!(
+            parse_disk("/w.img,ro,bus=virtio").unwrap().bus,
+            DiskBus::Virtio
+        );
         assert!(parse_disk("/w.img,bus=scsi").is_err());
         assert!(parse_disk("empty,readonly,bus=sata").is_err());
         assert!(parse_disk("vhost-user=/s.sock,bus=sata").is_err());
@@ -373,8 +378,14 @@ mod tests {
 
     #[test]
     fn boot_orders_and_cdroms() {
-        assert_eq!(parse_boot_order("disk,cdrom").unwrap(), BootOrder::DiskFirst);
-        assert_eq!(parse_boot_order("cdrom,disk").unwrap(), BootOrder::CdromFirst);
+        assert_eq!(
+            parse_boot_order("disk,cdrom").unwrap(),
+            BootOrder::DiskFirst
+        );
+        assert_eq!(
+            parse_boot_order("cdrom,disk").unwrap(),
+            BootOrder::CdromFirst
+        );
         assert!(parse_boot_order("net").is_err());
         assert_eq!(parse_cdrom("empty").unwrap(), CdromMedia::Empty);
         assert_eq!(

@@ -26,33 +26,33 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{self, DiskStatus, Request, Response, Status};
+use crate::arch::firmware;
+use crate::arch::firmware::BootDevice;
 use crate::arch::layout::*;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
-use crate::arch::firmware;
-use crate::arch::firmware::BootDevice;
 use crate::config::{Boot, BootOrder, DiskBus, DiskKind, Firmware, SerialTarget, VmConfig};
+use crate::devices::acpi_pm::{AcpiPm, ResetPort};
 use crate::devices::ahci::ata::AtaDisk;
 use crate::devices::ahci::atapi::Cdrom;
 use crate::devices::ahci::{Ahci, AhciError, Drive};
-use crate::devices::pci::msix::MsiSender;
-use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
-use crate::devices::virtio::input::Tablet;
-use crate::devices::virtio::IntxLine;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::debugcon::{self, DebugCon};
-use crate::devices::fw_cfg::{self, FwCfg};
-use crate::devices::pci::{PciBus, PciConfigIo, PciWindow};
-use crate::devices::virtio::pci::VirtioPci;
-use crate::devices::virtio::{VirtioDevice, VirtioTransport};
-use crate::devices::acpi_pm::{AcpiPm, ResetPort};
 use crate::devices::framebuffer::{Framebuffer, FramebufferError};
+use crate::devices::fw_cfg::{self, FwCfg};
 use crate::devices::i8042::{KeyStroke, I8042};
+use crate::devices::pci::msix::MsiSender;
+use crate::devices::pci::{PciBus, PciConfigIo, PciWindow};
 use crate::devices::serial::{Console, SerialDevice};
+use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::input::Tablet;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::net::{tap::Tap, Net};
+use crate::devices::virtio::pci::VirtioPci;
 use crate::devices::virtio::vhost_user_blk::VhostUserBlk;
+use crate::devices::virtio::IntxLine;
+use crate::devices::virtio::{VirtioDevice, VirtioTransport};
 use crate::memory::{self, AnonMapping, GuestMemory};
 use crate::rfb;
 use crate::vcpu::{self, Control, Run, VcpuThread};
@@ -198,7 +198,11 @@ fn map_rom(
         guest_phys_addr: image.base(),
         memory_size: len as u64,
         userspace_addr: rom.as_ptr() as u64,
-        flags: if readonly { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+        flags: if readonly {
+            kvm_bindings::KVM_MEM_READONLY
+        } else {
+            0
+        },
     };
     // SAFETY: the mapping lives in the returned mapping, which the Vm keeps
     // until after its VM fd is closed.
@@ -218,7 +222,8 @@ fn mmio_virtio(
     let mut add = |dev: Box<dyn VirtioDevice>| -> Result<Arc<Mutex<MmioTransport>>, VmError> {
         let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        vm.register_irqfd(&irq, VIRTIO_IRQS[slot]).map_err(kvm_err("wire a virtio IRQ"))?;
+        vm.register_irqfd(&irq, VIRTIO_IRQS[slot])
+            .map_err(kvm_err("wire a virtio IRQ"))?;
         let t = MmioTransport::new(dev, mem.clone(), irq).map_err(io_err("virtio transport"))?;
         for (i, e) in t.queue_evts().iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
@@ -237,7 +242,10 @@ fn mmio_virtio(
         virtio.push(VirtioSlot::Disk(i, add(disk_device(d)?)?));
     }
     for n in &cfg.nets {
-        virtio.push(VirtioSlot::Net(add(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)))?));
+        virtio.push(VirtioSlot::Net(add(Box::new(Net::new(
+            Tap::open(&n.tap)?,
+            n.mac,
+        )))?));
     }
     Ok(virtio)
 }
@@ -407,7 +415,9 @@ fn add_virtio_pci(
     let t = VirtioPci::new(dev, mem.clone(), send, intx, Some(vm.clone()))
         .map_err(|e| VmError::Config(e.to_string()))?;
     let t = Arc::new(Mutex::new(t));
-    let at = bus.add(t.clone()).map_err(|e| VmError::Config(e.to_string()))?;
+    let at = bus
+        .add(t.clone())
+        .map_err(|e| VmError::Config(e.to_string()))?;
     debug_assert_eq!(at, slot);
     Ok((slot, t))
 }
@@ -551,7 +561,11 @@ impl Vm {
         let mouse_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&mouse_irq, MOUSE_IRQ)
             .map_err(kvm_err("wire the mouse IRQ"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, Some(mouse_irq), events.clone())));
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            kbd_irq,
+            Some(mouse_irq),
+            events.clone(),
+        )));
         let sci_vm = vm.clone();
         let pm = Arc::new(Mutex::new(AcpiPm::new(
             Box::new(move |level| {
@@ -582,7 +596,8 @@ impl Vm {
                             .into(),
                     ));
                 }
-                pio.insert(reset, u64::from(RESET_PORT), 1).map_err(bus_err)?;
+                pio.insert(reset, u64::from(RESET_PORT), 1)
+                    .map_err(bus_err)?;
                 let kernel = boot::load_kernel(&mem, kernel)?;
                 let initrd = initrd
                     .as_deref()
@@ -621,7 +636,10 @@ impl Vm {
                 bios_image.copy_low(&mem)?;
                 let ram_bytes = cfg.memory_mib << 20;
                 let below_4g = ram_bytes.min(MMIO_GAP_START);
-                let window = (firmware::pci_window_start(below_4g), firmware::PCI_WINDOW_END);
+                let window = (
+                    firmware::pci_window_start(below_4g),
+                    firmware::PCI_WINDOW_END,
+                );
                 let mut bus = PciBus::new();
                 if let Some(fb) = fb {
                     // Memory slots: RAM, then the firmware, then the VGA's framebuffer.
@@ -644,7 +662,9 @@ impl Vm {
                         memory::VGA_WINDOW.1 - memory::VGA_WINDOW.0,
                     )
                     .map_err(bus_err)?;
-                    display = Some(Display::start(state, fb.clone()).map_err(io_err("start the display"))?);
+                    display = Some(
+                        Display::start(state, fb.clone()).map_err(io_err("start the display"))?,
+                    );
                     // The console's pointer as an absolute tablet, beside the PS/2 mouse.
                     let t = Tablet::new();
                     add_virtio_pci(&vm, &mem, &mut bus, Box::new(t.clone()))?;
@@ -677,8 +697,12 @@ impl Vm {
                     pci_window: Some(window),
                 };
                 firmware::describe(&mut fw, ram_bytes, &platform, &boot)?;
-                pio.insert(Arc::new(Mutex::new(fw)), u64::from(fw_cfg::PORT), fw_cfg::PORT_LEN)
-                    .map_err(bus_err)?;
+                pio.insert(
+                    Arc::new(Mutex::new(fw)),
+                    u64::from(fw_cfg::PORT),
+                    fw_cfg::PORT_LEN,
+                )
+                .map_err(bus_err)?;
                 pio.insert(
                     Arc::new(Mutex::new(Cmos::new(
                         below_4g,
@@ -740,7 +764,12 @@ impl Vm {
                 .map_err(io_err("start a vCPU thread"))?,
             );
         }
-        tracing::info!(vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, ?entry, "VM started");
+        tracing::info!(
+            vcpus = cfg.vcpus,
+            memory_mib = cfg.memory_mib,
+            ?entry,
+            "VM started"
+        );
         Ok(Vm {
             _vm: vm,
             _mem: mem,
@@ -795,7 +824,13 @@ impl Vm {
                 d.path = self.disk(i).and_then(disk_media).unwrap_or_default();
             }
         }
-        if let (Boot::Firmware { cdrom: Some(media), .. }, Some(s)) = (&mut cfg.boot, &self.ahci) {
+        if let (
+            Boot::Firmware {
+                cdrom: Some(media), ..
+            },
+            Some(s),
+        ) = (&mut cfg.boot, &self.ahci)
+        {
             *media = s.cdrom.and_then(|p| lock(&s.ahci).cdrom_media(p));
         }
     }
@@ -973,11 +1008,13 @@ fn run_until_exit(
                 return Ok(Next::Exit(Exit::Stopped));
             }
         }
-        let ev = match rx.recv_timeout(Duration::from_millis(if serial_backlog.is_empty() && key_backlog.is_empty() {
-            200
-        } else {
-            5
-        })) {
+        let ev = match rx.recv_timeout(Duration::from_millis(
+            if serial_backlog.is_empty() && key_backlog.is_empty() {
+                200
+            } else {
+                5
+            },
+        )) {
             Ok(ev) => ev,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return Ok(Next::Exit(Exit::Stopped)),
@@ -1073,10 +1110,15 @@ fn handle_api(
                     },
                     readonly: d.readonly,
                 })
-                .chain(vm.ahci.as_ref().filter(|s| s.cdrom.is_some()).map(|s| DiskStatus {
-                    path: s.cdrom.and_then(|p| lock(&s.ahci).cdrom_media(p)),
-                    readonly: true,
-                }))
+                .chain(
+                    vm.ahci
+                        .as_ref()
+                        .filter(|s| s.cdrom.is_some())
+                        .map(|s| DiskStatus {
+                            path: s.cdrom.and_then(|p| lock(&s.ahci).cdrom_media(p)),
+                            readonly: true,
+                        }),
+                )
                 .collect();
             let status = Status {
                 state: state.into(),
@@ -1143,7 +1185,9 @@ fn handle_api(
                 if let (Some(port), true) = (s.cdrom, disk == cfg.disks.len()) {
                     let mut a = lock(&s.ahci);
                     let r = match a.drive_mut(port) {
-                        Some(Drive::Cdrom(c)) => c.change(path.as_deref()).map_err(|e| e.to_string()),
+                        Some(Drive::Cdrom(c)) => {
+                            c.change(path.as_deref()).map_err(|e| e.to_string())
+                        }
                         _ => Err("the CD-ROM drive is missing".to_string()),
                     };
                     return match r {

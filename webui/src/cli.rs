@@ -71,9 +71,12 @@ pub enum VmCommand {
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Disk, GiB.
+        /// Disk0, GiB.
         #[arg(long, default_value_t = 8)]
         disk: u64,
+        /// Disk1-3, GiB each: repeat it for each disk (up to three).
+        #[arg(long = "extra-disk", value_name = "GIB")]
+        extra_disk: Vec<u64>,
         /// Owner's user id (default: you).
         #[arg(long)]
         owner: Option<u64>,
@@ -91,7 +94,7 @@ pub enum VmCommand {
         #[arg(long, requires = "blank")]
         cdrom_first: bool,
     },
-    /// Change a powered-off VM: memory, vCPUs, how it boots.
+    /// Change a powered-off VM: memory, vCPUs, how it boots, more disks.
     Edit {
         /// VMID.
         id: u64,
@@ -107,6 +110,9 @@ pub enum VmCommand {
         /// With bios: disk_first or cdrom_first.
         #[arg(long)]
         boot_order: Option<String>,
+        /// A new blank disk of this many GiB after its others (repeat it for more, up to Disk3).
+        #[arg(long = "add-disk", value_name = "GIB")]
+        add_disk: Vec<u64>,
     },
     /// Power on.
     Start {
@@ -556,6 +562,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             memory,
             vcpus,
             disk,
+            extra_disk,
             owner,
             start,
             blank,
@@ -563,6 +570,9 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             cdrom_first,
         } => {
             let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
+            if !extra_disk.is_empty() {
+                body["extra_disks_gib"] = json!(extra_disk);
+            }
             if let Some(o) = owner {
                 body["owner"] = json!(o);
             }
@@ -583,8 +593,12 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             vcpus,
             boot,
             boot_order,
+            add_disk,
         } => {
             let mut body = json!({});
+            if !add_disk.is_empty() {
+                body["add_disks_gib"] = json!(add_disk);
+            }
             if let Some(m) = memory {
                 body["memory_mib"] = json!(m);
             }
@@ -597,7 +611,11 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             if let Some(o) = boot_order {
                 body["boot_order"] = json!(o);
             }
-            run(l, |s| s.call("PATCH", &format!("/vms/{id}"), Some(body)), vm_table)
+            run(
+                l,
+                |s| s.call("PATCH", &format!("/vms/{id}"), Some(body)),
+                vm_table,
+            )
         }
         VmCommand::Start { id } => power(l, id, "on"),
         VmCommand::Stop { id } => power(l, id, "off"),

@@ -7,8 +7,9 @@
 //!   DELETE /api/v1/session             log out
 //!   GET    /api/v1/summary             counts of what the caller sees
 //!   GET    /api/v1/vms                 VMs the caller sees
-//!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?}
-//!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, owner?, start?,
+//!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?,
+//!                                        add_disks_gib? (new blank disks, up to Disk3)}
+//!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, extra_disks_gib?, owner?, start?,
 //!                                        boot? (kernel|bios), boot_order? (disk_first|cdrom_first), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
@@ -74,6 +75,9 @@ struct NewVm {
     #[serde(default = "one")]
     vcpus: u32,
     disk_gib: u64,
+    /// Disk1-3, GiB each.
+    #[serde(default)]
+    extra_disks_gib: Vec<u64>,
     #[serde(default)]
     owner: Option<u64>,
     #[serde(default)]
@@ -100,6 +104,27 @@ struct VmChange {
     boot: Option<state_machine::BootMode>,
     #[serde(default)]
     boot_order: Option<state_machine::BootOrder>,
+    /// New blank disks, GiB each, after the VM's others.
+    #[serde(default)]
+    add_disks_gib: Vec<u64>,
+}
+
+/// Disk sizes in bytes from `field`, a list of at most `most` sizes in GiB.
+fn disk_sizes(field: &str, gib: &[u64], most: usize) -> Result<Vec<u64>, ApiError> {
+    if gib.len() > most {
+        return Err(ApiError::bad_request(format!(
+            "{field}: {} disks, at most {most}",
+            gib.len()
+        )));
+    }
+    gib.iter()
+        .map(|g| match g {
+            1..=MAX_DISK_GIB => Ok(g << 30),
+            _ => Err(ApiError::bad_request(format!(
+                "{field}: {g} GiB, 1 to {MAX_DISK_GIB}"
+            ))),
+        })
+        .collect()
 }
 
 fn one() -> u32 {
@@ -367,7 +392,9 @@ impl App {
                 let vm = self.visible_vm(&c, id)?.id;
                 let body: VmChange = req.json()?;
                 if c.user.role == Role::Regular {
-                    return Err(ApiError::forbidden("a Regular User changes no VM's hardware"));
+                    return Err(ApiError::forbidden(
+                        "a Regular User changes no VM's hardware",
+                    ));
                 }
                 self.cluster
                     .act(
@@ -378,6 +405,11 @@ impl App {
                             vcpus: body.vcpus,
                             boot: body.boot,
                             boot_order: body.boot_order,
+                            add_disks: disk_sizes(
+                                "add_disks_gib",
+                                &body.add_disks_gib,
+                                state_machine::MAX_VM_DISKS - 1,
+                            )?,
                         },
                     )
                     .await?;
@@ -841,6 +873,7 @@ impl App {
                 v.vcpus
             )));
         }
+        let extra_disks = disk_sizes("extra_disks_gib", &v.extra_disks_gib, 3)?;
         if v.disk_gib == 0 || v.disk_gib > MAX_DISK_GIB {
             return Err(ApiError::bad_request(format!(
                 "disk_gib {}: 1 to {MAX_DISK_GIB}",
@@ -880,6 +913,7 @@ impl App {
                         memory_mib: v.memory_mib,
                         vcpus: v.vcpus,
                         disk_size: v.disk_gib << 30,
+                        extra_disks,
                         kernel: guest(&self.cfg.guest.kernel),
                         initrd: guest(&self.cfg.guest.initrd),
                         cmdline: guest(&self.cfg.guest.cmdline),

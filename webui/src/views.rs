@@ -2,7 +2,7 @@
 //! replication health; users without their password hashes; servers.
 
 use control::access::{self, Role, UserRecord};
-use control::state_machine::{BootMode, BootOrder, StateMachine, VmRecord};
+use control::state_machine::{BootMode, BootOrder, DiskRecord, StateMachine, VmRecord};
 use serde::Serialize;
 
 /// A user as the API shows it.
@@ -157,6 +157,79 @@ fn copy(
 }
 
 /// A VM's view.
+/// A VM's replication: that of its least healthy disk (degraded, then unknown, then
+/// resyncing, then in sync); while resyncing, the share of all its disks' bytes in sync.
+fn vm_replication(state: &StateMachine, vm: &VmRecord) -> Replication {
+    let disks: Vec<&DiskRecord> = vm.disks.iter().filter_map(|d| state.disks.get(d)).collect();
+    let each: Vec<(u64, Replication)> = disks
+        .iter()
+        .map(|d| (d.size, disk_replication(state, d)))
+        .collect();
+    let rank = |s: &str| match s {
+        "degraded" => 0,
+        "unknown" => 1,
+        "resyncing" => 2,
+        _ => 3,
+    };
+    let generation = disks.first().map_or(0, |d| d.generation);
+    let Some(worst) = each.iter().map(|(_, r)| r.state).min_by_key(|s| rank(s)) else {
+        return Replication {
+            state: "unknown",
+            percent: None,
+            generation,
+        };
+    };
+    let percent = (worst == "resyncing").then(|| {
+        let total: u64 = each.iter().map(|(size, _)| size).sum();
+        let synced: f64 = each
+            .iter()
+            .map(|(size, r)| *size as f64 * r.percent.unwrap_or(100.0) / 100.0)
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            (synced * 1000.0 / total as f64).floor() / 10.0
+        }
+    });
+    Replication {
+        state: worst,
+        percent,
+        generation,
+    }
+}
+
+/// One disk's replication, from its record and what its primary's agent reports.
+fn disk_replication(state: &StateMachine, d: &DiskRecord) -> Replication {
+    let seen = state
+        .observed
+        .get(&d.primary)
+        .and_then(|o| o.disks.get(&d.name));
+    let (st, percent) = match (d.backup, seen) {
+        (None, _) => ("degraded", None),
+        (Some(_), _) if d.backup_synced && seen.is_none_or(|o| o.link == "in-sync") => {
+            ("in-sync", None)
+        }
+        (Some(_), Some(o)) if o.link == "resyncing" || o.out_of_sync_bytes > 0 => {
+            // The resync's own progress when one runs; else how much of the disk is not
+            // marked out of sync.
+            let pct = match o.resync_percent {
+                Some(p) => f64::from(p),
+                None if d.size == 0 => 0.0,
+                None => d.size.saturating_sub(o.out_of_sync_bytes) as f64 * 100.0 / d.size as f64,
+            };
+            ("resyncing", Some((pct * 10.0).floor() / 10.0))
+        }
+        (Some(_), Some(o)) if o.link == "in-sync" => ("in-sync", None),
+        (Some(_), Some(_)) => ("degraded", None),
+        (Some(_), None) => ("unknown", None),
+    };
+    Replication {
+        state: st,
+        percent,
+        generation: d.generation,
+    }
+}
+
 pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
     let disk = vm.disks.first().and_then(|d| state.disks.get(d));
     let status = match (vm.running, state.vm_observed_running(&vm.name)) {
@@ -165,46 +238,7 @@ pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
         (false, true) => "stopping",
         (false, false) => "stopped",
     };
-    let replication = match disk {
-        None => Replication {
-            state: "unknown",
-            percent: None,
-            generation: 0,
-        },
-        Some(d) => {
-            let seen = state
-                .observed
-                .get(&d.primary)
-                .and_then(|o| o.disks.get(&d.name));
-            let (st, percent) = match (d.backup, seen) {
-                (None, _) => ("degraded", None),
-                (Some(_), _) if d.backup_synced && seen.is_none_or(|o| o.link == "in-sync") => {
-                    ("in-sync", None)
-                }
-                (Some(_), Some(o)) if o.link == "resyncing" || o.out_of_sync_bytes > 0 => {
-                    // The resync's own progress when one runs; else how much of the disk is
-                    // not marked out of sync.
-                    let pct = match o.resync_percent {
-                        Some(p) => f64::from(p),
-                        None if d.size == 0 => 0.0,
-                        None => {
-                            d.size.saturating_sub(o.out_of_sync_bytes) as f64 * 100.0
-                                / d.size as f64
-                        }
-                    };
-                    ("resyncing", Some((pct * 10.0).floor() / 10.0))
-                }
-                (Some(_), Some(o)) if o.link == "in-sync" => ("in-sync", None),
-                (Some(_), Some(_)) => ("degraded", None),
-                (Some(_), None) => ("unknown", None),
-            };
-            Replication {
-                state: st,
-                percent,
-                generation: d.generation,
-            }
-        }
-    };
+    let replication = vm_replication(state, vm);
     let owner = vm.owner.and_then(|o| state.users.get(&o));
     VmView {
         id: vm.id,

@@ -116,6 +116,13 @@ vbe_flag:
 stage2:
     movw $msg_stage2, %si
     call print16
+    /* How many hard disks the BIOS found (its data area, 0x475), in hex. */
+    movw $msg_disks, %si
+    call print16
+    movb 0x475, %al
+    call hex16
+    movw $msg_crlf, %si
+    call print16
     /* 50 ms through the BIOS (int 15h, AH=86h), which counts the RTC's
      * periodic interrupt (IRQ 8). */
     movb $0x86, %ah
@@ -444,6 +451,7 @@ mouse_x: .byte 0
 msg_mousewait: .asciz "bootdisk: waiting for the mouse\r\n"
 msg_mouse: .asciz "bootdisk: mouse status="
 msg_mousex: .asciz " x="
+msg_disks: .asciz "bootdisk: hard disks "
 msg_crlf: .asciz "\r\n"
 msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"

@@ -37,8 +37,6 @@ fn server(scratch: &Scratch, id: u64) -> Server {
     s
 }
 
-
-
 /// `clients` threads, each sending `ops / clients` requests made by `req` to `addr` one after
 /// another; the throughput and the sorted latencies.
 fn measure(

@@ -26,25 +26,50 @@ const NS_HOST_IP: &str = "10.199.0.1";
 const NS_PEER_IP: &str = "10.199.0.2";
 
 fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().expect("run a setup command");
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .expect("run a setup command");
     assert!(st.success(), "{args:?} failed");
 }
 
 fn teardown_ns() {
-    let _ = Command::new("ip").args(["link", "del", "esb0"]).stderr(Stdio::null()).status();
-    let _ = Command::new("ip").args(["netns", "del", NS]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", "esb0"])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", NS])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Sets up the namespace and its veth pair; returns whether netem delays it.
 fn setup_ns() -> bool {
     teardown_ns();
     sh(&["ip", "netns", "add", NS]);
-    sh(&["ip", "link", "add", "esb0", "type", "veth", "peer", "name", "esb1"]);
+    sh(&[
+        "ip", "link", "add", "esb0", "type", "veth", "peer", "name", "esb1",
+    ]);
     sh(&["ip", "link", "set", "esb1", "netns", NS]);
-    sh(&["ip", "addr", "add", &format!("{NS_HOST_IP}/30"), "dev", "esb0"]);
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{NS_HOST_IP}/30"),
+        "dev",
+        "esb0",
+    ]);
     sh(&["ip", "link", "set", "esb0", "up"]);
     for c in [
-        vec!["ip", "addr", "add", &format!("{NS_PEER_IP}/30"), "dev", "esb1"],
+        vec![
+            "ip",
+            "addr",
+            "add",
+            &format!("{NS_PEER_IP}/30"),
+            "dev",
+            "esb1",
+        ],
         vec!["ip", "link", "set", "esb1", "up"],
         vec!["ip", "link", "set", "lo", "up"],
     ] {
@@ -52,9 +77,19 @@ fn setup_ns() -> bool {
         a.extend(c);
         sh(&a);
     }
-    let netem = |args: &[&str]| Command::new(args[0]).args(&args[1..]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    netem(&["tc", "qdisc", "add", "dev", "esb0", "root", "netem", "delay", "100us"])
-        && netem(&["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "esb1", "root", "netem", "delay", "100us"])
+    let netem = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    netem(&[
+        "tc", "qdisc", "add", "dev", "esb0", "root", "netem", "delay", "100us",
+    ]) && netem(&[
+        "ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "esb1", "root", "netem", "delay",
+        "100us",
+    ])
 }
 
 /// A TCP echo server on `addr` (run in the namespace: `livesync-bench echo ADDR`).
@@ -110,8 +145,13 @@ fn delay_relay(target: String, delay: Duration) -> String {
     std::thread::spawn(move || {
         for inbound in l.incoming() {
             let Ok(inbound) = inbound else { continue };
-            let Ok(outbound) = std::net::TcpStream::connect(&target) else { continue };
-            for (from, to) in [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)] {
+            let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            for (from, to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
                 relay_one_way(from, to, delay);
             }
         }
@@ -127,7 +167,11 @@ fn relay_one_way(mut from: std::net::TcpStream, mut to: std::net::TcpStream, del
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 << 10];
         while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            if n == 0
+                || tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
                 return;
             }
         }
@@ -175,7 +219,11 @@ fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
     let port = if in_ns {
         7700
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     };
     let addr = format!("{ip}:{port}");
     let control = dir.join("control.sock");
@@ -186,11 +234,22 @@ fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
     } else {
         Command::new(enspeed_bin())
     };
-    cmd.arg("blockd").arg("--dir").arg(dir.join("disks")).args(["--listen", &addr, "--control"]).arg(&control);
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("spawn blockd");
+    cmd.arg("blockd")
+        .arg("--dir")
+        .arg(dir.join("disks"))
+        .args(["--listen", &addr, "--control"])
+        .arg(&control);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn blockd");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = blockrepl::daemon::call(&control, &format!(r#"{{"cmd":"create","name":"d","size":{DISK},"backup":true}}"#));
+        let r = blockrepl::daemon::call(
+            &control,
+            &format!(r#"{{"cmd":"create","name":"d","size":{DISK},"backup":true}}"#),
+        );
         match r {
             Ok(resp) if resp.ok => break,
             Ok(resp) => panic!("creating the backup disk: {:?}", resp.error),
@@ -198,7 +257,13 @@ fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
             Err(e) => panic!("blockd did not start: {e}"),
         }
     }
-    (Backup { child, _dir: dir.to_owned() }, addr)
+    (
+        Backup {
+            child,
+            _dir: dir.to_owned(),
+        },
+        addr,
+    )
 }
 
 /// A primary in this process mirrored to `peer`, in sync.
@@ -209,7 +274,11 @@ fn primary(dir: &Path, peer: &str) -> Arc<Replica> {
     r.set_peer(Some(peer.to_owned())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while r.status().link != LinkState::InSync {
-        assert!(Instant::now() < deadline, "no sync with {peer}: {:?}", r.status().last_error);
+        assert!(
+            Instant::now() < deadline,
+            "no sync with {peer}: {:?}",
+            r.status().last_error
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     r
@@ -249,7 +318,10 @@ fn sync_writes(s: Arc<dyn BlockStore>, ops: usize, qd: usize) -> Lat {
             })
         })
         .collect();
-    let mut all: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<f64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     let secs = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Lat {
@@ -300,11 +372,17 @@ impl TwoFiles {
             let (b, shared) = (b.clone(), shared.clone());
             std::thread::spawn(move || loop {
                 let job = shared.lock().unwrap().recv();
-                let Ok((off, data, fua, reply)) = job else { return };
+                let Ok((off, data, fua, reply)) = job else {
+                    return;
+                };
                 b.write(off, data, fua, Box::new(move |r| drop(reply.send(r))));
             });
         }
-        TwoFiles { a: FileStore::open(a, false).unwrap(), b, jobs: std::sync::Mutex::new(tx) }
+        TwoFiles {
+            a: FileStore::open(a, false).unwrap(),
+            b,
+            jobs: std::sync::Mutex::new(tx),
+        }
     }
 }
 
@@ -320,9 +398,14 @@ impl BlockStore for TwoFiles {
     }
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: blockrepl::store::Done) {
         let (tx, rx) = mpsc::channel();
-        self.jobs.lock().unwrap().send((offset, data.clone(), fua, tx)).unwrap();
+        self.jobs
+            .lock()
+            .unwrap()
+            .send((offset, data.clone(), fua, tx))
+            .unwrap();
         let (dtx, drx) = mpsc::channel();
-        self.a.write(offset, data, fua, Box::new(move |r| drop(dtx.send(r))));
+        self.a
+            .write(offset, data, fua, Box::new(move |r| drop(dtx.send(r))));
         let first = drx.recv().unwrap();
         let second = rx.recv().unwrap();
         done(first.and(second));
@@ -330,7 +413,8 @@ impl BlockStore for TwoFiles {
     fn flush(&self, done: blockrepl::store::Done) {
         let (tx, rx) = mpsc::channel();
         self.b.flush(Box::new(move |r| drop(tx.send(r))));
-        self.a.flush(Box::new(move |r| done(r.and(rx.recv().unwrap()))));
+        self.a
+            .flush(Box::new(move |r| done(r.and(rx.recv().unwrap()))));
     }
 }
 
@@ -368,7 +452,11 @@ fn measure_all(stores: &[(&str, Arc<dyn BlockStore>)], ops: usize, rounds: usize
     for round in 0..rounds {
         for (i, (name, s)) in stores.iter().enumerate() {
             eprintln!("round {round}: {name}");
-            runs[i].push((sync_writes(s.clone(), ops, 1), sync_writes(s.clone(), ops, 32), seq_write(s.clone())));
+            runs[i].push((
+                sync_writes(s.clone(), ops, 1),
+                sync_writes(s.clone(), ops, 32),
+                seq_write(s.clone()),
+            ));
         }
     }
     stores
@@ -378,8 +466,16 @@ fn measure_all(stores: &[(&str, Arc<dyn BlockStore>)], ops: usize, rounds: usize
             let lat = |f: &dyn Fn(&(Lat, Lat, f64)) -> f64| median(r.iter().map(f).collect());
             Row {
                 name: name.to_string(),
-                qd1: Lat { median_us: lat(&|x| x.0.median_us), p99_us: lat(&|x| x.0.p99_us), iops: lat(&|x| x.0.iops) },
-                qd32: Lat { median_us: lat(&|x| x.1.median_us), p99_us: lat(&|x| x.1.p99_us), iops: lat(&|x| x.1.iops) },
+                qd1: Lat {
+                    median_us: lat(&|x| x.0.median_us),
+                    p99_us: lat(&|x| x.0.p99_us),
+                    iops: lat(&|x| x.0.iops),
+                },
+                qd32: Lat {
+                    median_us: lat(&|x| x.1.median_us),
+                    p99_us: lat(&|x| x.1.p99_us),
+                    iops: lat(&|x| x.1.iops),
+                },
                 seq: lat(&|x| x.2),
             }
         })
@@ -392,22 +488,41 @@ fn main() {
         echo_server(&args[2]);
         return;
     }
-    let ops: usize = std::env::var("BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+    let ops: usize = std::env::var("BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
     std::env::set_var("TMPDIR", &base);
     let scratch = Scratch::new("livesync-bench");
     let dir = scratch.0.clone();
 
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     for f in ["local.img", "two-a.img", "two-b.img"] {
-        std::fs::File::create(dir.join(f)).unwrap().set_len(DISK).unwrap();
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(DISK)
+            .unwrap();
     }
-    let local: Arc<dyn BlockStore> = Arc::new(FileStore::open(&dir.join("local.img"), false).unwrap());
-    let two: Arc<dyn BlockStore> = Arc::new(TwoFiles::new(&dir.join("two-a.img"), &dir.join("two-b.img")));
+    let local: Arc<dyn BlockStore> =
+        Arc::new(FileStore::open(&dir.join("local.img"), false).unwrap());
+    let two: Arc<dyn BlockStore> = Arc::new(TwoFiles::new(
+        &dir.join("two-a.img"),
+        &dir.join("two-b.img"),
+    ));
 
     let (_b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false);
     let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1);
-    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     {
         let a = echo_lo.clone();
         std::thread::spawn(move || echo_server(&a));
@@ -422,10 +537,18 @@ fn main() {
         .expect("start the echo server in the namespace");
     let (_b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true);
     let (peer, echo_addr, how) = if netem {
-        (addr2, format!("{NS_PEER_IP}:7701"), "tc netem 0.1 ms each way")
+        (
+            addr2,
+            format!("{NS_PEER_IP}:7701"),
+            "tc netem 0.1 ms each way",
+        )
     } else {
         let d = Duration::from_micros(100);
-        (delay_relay(addr2, d), delay_relay(format!("{NS_PEER_IP}:7701"), d), "a relay holding each chunk 0.1 ms each way (no netem in this kernel)")
+        (
+            delay_relay(addr2, d),
+            delay_relay(format!("{NS_PEER_IP}:7701"), d),
+            "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
+        )
     };
     let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer);
 
@@ -450,10 +573,23 @@ fn main() {
     println!();
     println!("| setup | RTT (ms) | 4K sync write qd1 median (us) | p99 (us) | qd1 IOPS | qd32 median (us) | qd32 p99 (us) | qd32 IOPS | seq write MB/s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (r, rtt) in [(&local, 0.0), (&two, 0.0), (&lo_row, rtt_lo), (&ns_row, rtt_ns)] {
+    for (r, rtt) in [
+        (&local, 0.0),
+        (&two, 0.0),
+        (&lo_row, rtt_lo),
+        (&ns_row, rtt_ns),
+    ] {
         println!(
             "| {} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            r.name, rtt, r.qd1.median_us, r.qd1.p99_us, r.qd1.iops, r.qd32.median_us, r.qd32.p99_us, r.qd32.iops, r.seq
+            r.name,
+            rtt,
+            r.qd1.median_us,
+            r.qd1.p99_us,
+            r.qd1.iops,
+            r.qd32.median_us,
+            r.qd32.p99_us,
+            r.qd32.iops,
+            r.seq
         );
     }
     println!();

@@ -123,7 +123,10 @@ fn isa_devices() -> Vec<u8> {
     v.extend(device(
         "COM1",
         "PNP0501",
-        &[&aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8), &edge(SERIAL_IRQ)],
+        &[
+            &aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8),
+            &edge(SERIAL_IRQ),
+        ],
     ));
     v.extend(device(
         "RTC_",
@@ -547,7 +550,9 @@ mod tests {
         let get = |n: &str| files.iter().find(|f| f.0 == n).unwrap().1.clone();
         let (mut rsdp, mut tables) = (get(files::RSDP), get(files::TABLES));
         let script = get(files::LOADER);
-        let cname = |b: &[u8]| String::from_utf8(b.iter().take_while(|c| **c != 0).copied().collect()).unwrap();
+        let cname = |b: &[u8]| {
+            String::from_utf8(b.iter().take_while(|c| **c != 0).copied().collect()).unwrap()
+        };
         for c in script.chunks(128) {
             let cmd = u32::from_le_bytes(c[..4].try_into().unwrap());
             let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
@@ -557,15 +562,31 @@ mod tests {
                     let (dest, src) = (cname(&c[4..60]), cname(&c[60..116]));
                     let (off, size) = (u32_at(116) as usize, c[120] as usize);
                     assert_eq!(size, 8);
-                    let base = if src == files::RSDP { rsdp_at } else { tables_at };
-                    let buf = if dest == files::RSDP { &mut rsdp } else { &mut tables };
+                    let base = if src == files::RSDP {
+                        rsdp_at
+                    } else {
+                        tables_at
+                    };
+                    let buf = if dest == files::RSDP {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
                     let v = u64::from_le_bytes(buf[off..off + 8].try_into().unwrap()) + base;
                     buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
                 }
                 3 => {
                     let file = cname(&c[4..60]);
-                    let (off, start, len) = (u32_at(60) as usize, u32_at(64) as usize, u32_at(68) as usize);
-                    let buf = if file == files::RSDP { &mut rsdp } else { &mut tables };
+                    let (off, start, len) = (
+                        u32_at(60) as usize,
+                        u32_at(64) as usize,
+                        u32_at(68) as usize,
+                    );
+                    let buf = if file == files::RSDP {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
                     let s = sum(&buf[start..start + len]);
                     buf[off] = buf[off].wrapping_sub(s);
                 }
@@ -606,8 +627,21 @@ mod tests {
         let dsdt = table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(sum(&dsdt), 0);
-        for name in [&b"PCI0"[..], b"_PRT", b"_CRS", b"KBD_", b"MOU_", b"COM1", b"RTC_", b"_S5_"] {
-            assert!(dsdt.windows(name.len()).any(|w| w == name), "{}", String::from_utf8_lossy(name));
+        for name in [
+            &b"PCI0"[..],
+            b"_PRT",
+            b"_CRS",
+            b"KBD_",
+            b"MOU_",
+            b"COM1",
+            b"RTC_",
+            b"_S5_",
+        ] {
+            assert!(
+                dsdt.windows(name.len()).any(|w| w == name),
+                "{}",
+                String::from_utf8_lossy(name)
+            );
         }
         // PNP0A03 as an EISA ID, and the window's first byte.
         assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]));

@@ -32,7 +32,9 @@ pub enum FirmwareError {
         err: std::io::Error,
     },
     /// The image's size is not a multiple of 64 KiB between 128 KiB and 16 MiB.
-    #[error("firmware {path} is {size} bytes; a BIOS image is a multiple of 64 KiB, 128 KiB to 16 MiB")]
+    #[error(
+        "firmware {path} is {size} bytes; a BIOS image is a multiple of 64 KiB, 128 KiB to 16 MiB"
+    )]
     Size {
         /// The image.
         path: PathBuf,
@@ -184,6 +186,9 @@ mod tests {
         assert_eq!(pci_window_start(0xc000_0000), 0xc000_0000);
         assert_eq!(e820(5 << 30).len(), 40);
         assert_eq!(BootDevice::Virtio(0x1a).path(), "/pci@i0cf8/*@1a");
-        assert_eq!(BootDevice::Sata(3, 1).path(), "/pci@i0cf8/*@3/drive@1/disk@0");
+        assert_eq!(
+            BootDevice::Sata(3, 1).path(),
+            "/pci@i0cf8/*@3/drive@1/disk@0"
+        );
     }
 }

@@ -161,7 +161,11 @@ impl Cmos {
 
     /// Tells the ticker what registers A and B now say.
     fn update_periodic(&self) {
-        let pie = if self.ram[reg::B as usize] & B_PIE != 0 { 0x80 } else { 0 };
+        let pie = if self.ram[reg::B as usize] & B_PIE != 0 {
+            0x80
+        } else {
+            0
+        };
         self.periodic
             .setting
             .store(pie | (self.ram[reg::A as usize] & 0xf), Ordering::SeqCst);
@@ -311,7 +315,11 @@ mod tests {
         let mut c = Cmos::new(64 << 20, 0, 1, Some(irq.try_clone().unwrap()));
         std::thread::sleep(Duration::from_millis(60));
         assert!(irq.read().is_err(), "off until the guest sets PIE");
-        assert_eq!(period(6), Some(Duration::from_micros(1000)), "1024 Hz, as fast as we sleep");
+        assert_eq!(
+            period(6),
+            Some(Duration::from_micros(1000)),
+            "1024 Hz, as fast as we sleep"
+        );
         assert_eq!(period(0xf), Some(Duration::from_micros(500_000)));
         assert_eq!(period(0), None);
         c.write(0, &[reg::A]);

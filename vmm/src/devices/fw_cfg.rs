@@ -260,12 +260,17 @@ mod tests {
         let (mem, _m) = crate::memory::create(16).unwrap();
         let mut f = FwCfg::new(mem.clone(), 2);
         f.add_file("etc/zeta", vec![1, 2, 3]).unwrap();
-        f.add_file("bootorder", b"/pci@i0cf8/*@3\n".to_vec()).unwrap();
+        f.add_file("bootorder", b"/pci@i0cf8/*@3\n".to_vec())
+            .unwrap();
         assert!(f.add_file("bootorder", vec![]).is_err());
         assert!(f.add_file(&"x".repeat(56), vec![]).is_err());
         assert_eq!(read_item(&mut f, key::SIGNATURE, 4), b"QEMU");
         assert_eq!(read_item(&mut f, key::NB_CPUS, 2), [2, 0]);
-        assert_eq!(read_item(&mut f, 0x1234, 2), [0, 0], "unknown keys read as zero");
+        assert_eq!(
+            read_item(&mut f, 0x1234, 2),
+            [0, 0],
+            "unknown keys read as zero"
+        );
         let dir = read_item(&mut f, key::FILE_DIR, 4 + 2 * 64);
         assert_eq!(dir[..4], [0, 0, 0, 2]);
         // Sorted by name: bootorder first, with its size and key.
@@ -282,7 +287,14 @@ mod tests {
             d
         };
         w(0x9000, &[0xaa; 32]);
-        w(0x1000, &desc(u32::from(bootorder_key) << 16 | dma::SELECT | dma::SKIP, 1, 0));
+        w(
+            0x1000,
+            &desc(
+                u32::from(bootorder_key) << 16 | dma::SELECT | dma::SKIP,
+                1,
+                0,
+            ),
+        );
         f.write(4, &0u32.to_be_bytes());
         f.write(8, &0x1000u32.to_be_bytes());
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);

@@ -147,7 +147,12 @@ impl Mouse {
             // Get ID: 3 once the wheel is on.
             0xf2 => out.extend([KBD_ACK, if self.wheel { 3 } else { 0 }]),
             // Status request: stream mode, reporting, buttons; resolution 2, rate 100.
-            0xe9 => out.extend([KBD_ACK, u8::from(self.reporting) << 5 | self.buttons & 7, 2, 100]),
+            0xe9 => out.extend([
+                KBD_ACK,
+                u8::from(self.reporting) << 5 | self.buttons & 7,
+                2,
+                100,
+            ]),
             0xf4 => {
                 self.reporting = true;
                 out.push(KBD_ACK);
@@ -178,10 +183,8 @@ impl Mouse {
     /// One movement packet: 3 bytes, 4 with the wheel. `dy` grows upward.
     fn packet(&self, dx: i32, dy: i32, dz: i32) -> Vec<u8> {
         let (x, y) = (dx.clamp(-255, 255), dy.clamp(-255, 255));
-        let flags = 0x08
-            | (self.buttons & 7)
-            | if x < 0 { 0x10 } else { 0 }
-            | if y < 0 { 0x20 } else { 0 };
+        let flags =
+            0x08 | (self.buttons & 7) | if x < 0 { 0x10 } else { 0 } | if y < 0 { 0x20 } else { 0 };
         let mut p = vec![flags, x as u8, y as u8];
         if self.wheel {
             p.push(dz.clamp(-8, 7) as u8 & 0x0f);
@@ -686,7 +689,10 @@ mod tests {
             to_mouse(&mut d, r);
         }
         to_mouse(&mut d, 0xf2);
-        assert_eq!(drain(&mut d), vec![0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 3]);
+        assert_eq!(
+            drain(&mut d),
+            vec![0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 3]
+        );
         to_mouse(&mut d, 0xf4);
         assert_eq!(drain(&mut d), vec![0xfa]);
         // The status register says which device a byte comes from.
@@ -703,7 +709,10 @@ mod tests {
         assert_eq!([p[1], p[5], p[9]], [255, 255, 90]);
         // Keyboard bytes go first; then the mouse's.
         d.pointer(1, 0, 0, 0);
-        d.key_strokes(&[KeyStroke { key: ScanCode::plain(0x1c), release: false }]);
+        d.key_strokes(&[KeyStroke {
+            key: ScanCode::plain(0x1c),
+            release: false,
+        }]);
         let mut b = [0u8];
         d.read(COMMAND, &mut st);
         assert_eq!(st[0] & SR_AUX_OBF, 0);

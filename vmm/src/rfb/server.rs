@@ -88,11 +88,7 @@ pub fn serve(
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let shared = Arc::new(Shared {
-        fb,
-        name,
-        events,
-    });
+    let shared = Arc::new(Shared { fb, name, events });
     std::thread::Builder::new()
         .name("rfb".into())
         .spawn(move || {
@@ -552,7 +548,11 @@ mod tests {
         let Ok(VmEvent::Keys(typed)) = rx.recv_timeout(Duration::from_secs(5)) else {
             panic!("the clipboard was not typed")
         };
-        let downs: Vec<u8> = typed.iter().filter(|k| !k.release).map(|k| k.key.code).collect();
+        let downs: Vec<u8> = typed
+            .iter()
+            .filter(|k| !k.release)
+            .map(|k| k.key.code)
+            .collect();
         assert_eq!(downs, vec![0x33, 0x24, 0x4b, 0x4b, 0x44], "h e l l o");
         assert_eq!(typed.len(), 10, "each key pressed and released");
 

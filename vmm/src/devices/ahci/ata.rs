@@ -129,12 +129,11 @@ pub struct AtaDisk {
 impl AtaDisk {
     /// Opens `path`.
     pub fn open(path: &Path, readonly: bool) -> Result<AtaDisk, AtaError> {
-        let (file, len) = crate::devices::open_image(path, readonly).map_err(|err| {
-            AtaError::Open {
+        let (file, len) =
+            crate::devices::open_image(path, readonly).map_err(|err| AtaError::Open {
                 path: path.into(),
                 err,
-            }
-        })?;
+            })?;
         Ok(AtaDisk {
             file,
             path: path.into(),
@@ -155,7 +154,8 @@ impl AtaDisk {
 
     /// Whether `count` sectors from `lba` lie on the disk.
     pub fn in_range(&self, lba: u64, count: u64) -> bool {
-        lba.checked_add(count).is_some_and(|end| end <= self.sectors)
+        lba.checked_add(count)
+            .is_some_and(|end| end <= self.sectors)
     }
 
     /// Reads `count` sectors from `lba`.

@@ -109,7 +109,12 @@ fn be32(b: &[u8]) -> u32 {
 /// An LBA as minutes, seconds, frames (75 frames a second, 2 s pregap).
 fn msf(lba: u64) -> [u8; 4] {
     let f = lba + 150;
-    [0, (f / (75 * 60)) as u8, (f / 75 % 60) as u8, (f % 75) as u8]
+    [
+        0,
+        (f / (75 * 60)) as u8,
+        (f / 75 % 60) as u8,
+        (f % 75) as u8,
+    ]
 }
 
 impl Cdrom {
@@ -331,8 +336,28 @@ impl Cdrom {
                 }
                 // The CD capabilities page: reads CD-R/RW, can lock and eject.
                 let caps = [
-                    0x2a, 0x14, 0x3b, 0, 0x71, 0x5f, 0x29 | (u8::from(self.locked) << 1), 0,
-                    0x02, 0xc2, 0, 2, 2, 0, 0x02, 0xc2, 0, 0, 0, 0, 0, 0,
+                    0x2a,
+                    0x14,
+                    0x3b,
+                    0,
+                    0x71,
+                    0x5f,
+                    0x29 | (u8::from(self.locked) << 1),
+                    0,
+                    0x02,
+                    0xc2,
+                    0,
+                    2,
+                    2,
+                    0,
+                    0x02,
+                    0xc2,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
                 ];
                 let mut d = if cdb[0] == op::MODE_SENSE_10 {
                     let mut h = vec![0u8; 8];
@@ -400,7 +425,11 @@ mod tests {
         let sense = cd.packet(&cdb(&[3, 0, 0, 0, 18])).unwrap();
         assert_eq!((sense[2], sense[12]), (2, 0x3a));
         cd.change(Some(&iso)).unwrap();
-        assert_eq!(cd.packet(&cdb(&[0])), Err(Sense::CHANGED), "unit attention once");
+        assert_eq!(
+            cd.packet(&cdb(&[0])),
+            Err(Sense::CHANGED),
+            "unit attention once"
+        );
         assert_eq!(cd.packet(&cdb(&[0])), Ok(vec![]));
         let ev = cd.packet(&cdb(&[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8])).unwrap();
         assert_eq!((ev[4], ev[5]), (2, 2), "new media, present");
@@ -420,7 +449,10 @@ mod tests {
         assert_eq!(cd.packet(&cdb(&[0xff])), Err(Sense::BAD_OPCODE));
         // Locked: the guest cannot eject; unlocked it can, and the drive reports removal.
         cd.packet(&cdb(&[0x1e, 0, 0, 0, 1])).unwrap();
-        assert_eq!(cd.packet(&cdb(&[0x1b, 0, 0, 0, 2])), Err(Sense::REMOVAL_PREVENTED));
+        assert_eq!(
+            cd.packet(&cdb(&[0x1b, 0, 0, 0, 2])),
+            Err(Sense::REMOVAL_PREVENTED)
+        );
         cd.packet(&cdb(&[0x1e, 0, 0, 0, 0])).unwrap();
         cd.packet(&cdb(&[0x1b, 0, 0, 0, 2])).unwrap();
         assert_eq!(cd.media(), None);
@@ -428,7 +460,12 @@ mod tests {
         assert_eq!((ev[4], ev[5]), (3, 0));
         // Short allocation lengths cut the data.
         assert_eq!(cd.packet(&cdb(&[0x12, 0, 0, 0, 5])).unwrap().len(), 5);
-        assert_eq!(cd.packet(&cdb(&[0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 4])).unwrap().len(), 4);
+        assert_eq!(
+            cd.packet(&cdb(&[0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 4]))
+                .unwrap()
+                .len(),
+            4
+        );
         assert!(cd.change(Some(&dir.join("missing.iso"))).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

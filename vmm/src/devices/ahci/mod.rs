@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::pci::config::{BarKind, ConfigError, Identity, PciConfig};
 use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::MsiSender;
-use crate::devices::virtio::IntxLine;
 use crate::devices::pci::PciDevice;
+use crate::devices::virtio::IntxLine;
 use crate::memory::GuestMemory;
 use ata::{status, AtaDisk, ABRT};
 use atapi::Cdrom;
@@ -280,7 +280,9 @@ impl Ahci {
         fis[5] = (sig >> 16) as u8;
         fis[6] = (sig >> 24) as u8;
         fis[12] = (sig >> 8) as u8;
-        let _ = self.mem.write_slice(&fis, GuestAddress(p.fb.wrapping_add(0x40)));
+        let _ = self
+            .mem
+            .write_slice(&fis, GuestAddress(p.fb.wrapping_add(0x40)));
     }
 
     /// Recomputes the controller's interrupt from the ports'.
@@ -297,7 +299,8 @@ impl Ahci {
                 self.msi.signal(&self.config);
             }
         } else {
-            let disabled = self.config.command() & crate::devices::pci::config::command::INTX_DISABLE != 0;
+            let disabled =
+                self.config.command() & crate::devices::pci::config::command::INTX_DISABLE != 0;
             (self.intx)(pending && !disabled);
         }
     }
@@ -305,8 +308,14 @@ impl Ahci {
     fn read_command(&self, p: &Port, slot: usize) -> Option<Command> {
         let hdr = GuestAddress(p.clb.checked_add(slot as u64 * 32)?);
         let dw0: u32 = self.mem.read_obj(hdr).ok()?;
-        let ctba_lo: u32 = self.mem.read_obj(GuestAddress(hdr.0.checked_add(8)?)).ok()?;
-        let ctba_hi: u32 = self.mem.read_obj(GuestAddress(hdr.0.checked_add(12)?)).ok()?;
+        let ctba_lo: u32 = self
+            .mem
+            .read_obj(GuestAddress(hdr.0.checked_add(8)?))
+            .ok()?;
+        let ctba_hi: u32 = self
+            .mem
+            .read_obj(GuestAddress(hdr.0.checked_add(12)?))
+            .ok()?;
         let ctba = u64::from(ctba_hi) << 32 | u64::from(ctba_lo & !0x7f);
         let mut cfis = [0u8; 64];
         self.mem.read_slice(&mut cfis, GuestAddress(ctba)).ok()?;
@@ -540,14 +549,18 @@ impl Ahci {
                 pio[3] = d.error;
                 pio[15] = d.status;
                 pio[16..18].copy_from_slice(&(d.bytes as u16).to_le_bytes());
-                let _ = self.mem.write_slice(&pio, GuestAddress(p.fb.wrapping_add(0x20)));
+                let _ = self
+                    .mem
+                    .write_slice(&pio, GuestAddress(p.fb.wrapping_add(0x20)));
             }
             let mut reg = [0u8; 20];
             reg[0] = 0x34;
             reg[1] = 0x40;
             reg[2] = d.status;
             reg[3] = d.error;
-            let _ = self.mem.write_slice(&reg, GuestAddress(p.fb.wrapping_add(0x40)));
+            let _ = self
+                .mem
+                .write_slice(&reg, GuestAddress(p.fb.wrapping_add(0x40)));
         }
         p.is |= px::IS_DHRS;
         if d.pio {

@@ -22,7 +22,11 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let dir = std::env::temp_dir().join(format!("enspeed-ahci-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir = std::env::temp_dir().join(format!(
+        "enspeed-ahci-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
     let mut d = vec![0u8; 1 << 20];
@@ -81,12 +85,21 @@ impl Rig {
 
     /// Issues one command in slot 0 of port `p`: the FIS `cfis`, the packet
     /// `acmd`, buffers of `lens` at BUF; returns PxTFD and the byte count.
-    fn issue(&mut self, p: usize, cfis: &[u8], acmd: &[u8], lens: &[u32], write: bool) -> (u32, u32) {
+    fn issue(
+        &mut self,
+        p: usize,
+        cfis: &[u8],
+        acmd: &[u8],
+        lens: &[u32],
+        write: bool,
+    ) -> (u32, u32) {
         let clb = CLB + p as u64 * 0x400;
         let dw0 = 5 | u32::from(write) << 6 | (lens.len() as u32) << 16;
         self.mem.write_obj(dw0, GuestAddress(clb)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(clb + 4)).unwrap();
-        self.mem.write_obj(CTBA as u32, GuestAddress(clb + 8)).unwrap();
+        self.mem
+            .write_obj(CTBA as u32, GuestAddress(clb + 8))
+            .unwrap();
         self.mem.write_obj(0u32, GuestAddress(clb + 12)).unwrap();
         let mut f = [0u8; 64];
         f[..cfis.len()].copy_from_slice(cfis);
@@ -118,7 +131,9 @@ impl Rig {
 fn h2d(command: u8, lba: u64, count: u16) -> Vec<u8> {
     let l = lba.to_le_bytes();
     let c = count.to_le_bytes();
-    vec![0x27, 0x80, command, 0, l[0], l[1], l[2], 0x40, l[3], l[4], l[5], 0, c[0], c[1]]
+    vec![
+        0x27, 0x80, command, 0, l[0], l[1], l[2], 0x40, l[3], l[4], l[5], 0, c[0], c[1],
+    ]
 }
 
 #[test]
@@ -137,7 +152,11 @@ fn a_driver_finds_both_drives_reads_writes_and_reads_the_cd() {
     let (tfd, n) = t.issue(1, &h2d(ata::cmd::IDENTIFY, 0, 0), &[], &[512], false);
     assert_eq!((tfd, n), (0x50, 512));
     let id = t.buf(512);
-    assert_eq!(u16::from_le_bytes([id[200], id[201]]), 2048, "sectors (LBA48 words)");
+    assert_eq!(
+        u16::from_le_bytes([id[200], id[201]]),
+        2048,
+        "sectors (LBA48 words)"
+    );
     assert_ne!(t.r(t.port(1, px::IS)) & px::IS_PSS, 0);
     assert_eq!(t.r(hba::IS), 0b10);
     assert!(t.line.load(Ordering::SeqCst), "INTx while MSI is off");
@@ -146,7 +165,13 @@ fn a_driver_finds_both_drives_reads_writes_and_reads_the_cd() {
     assert!(!t.line.load(Ordering::SeqCst));
 
     // READ DMA EXT of sector 1 over two scatter entries.
-    let (tfd, n) = t.issue(1, &h2d(ata::cmd::READ_DMA_EXT, 1, 1), &[], &[256, 256], false);
+    let (tfd, n) = t.issue(
+        1,
+        &h2d(ata::cmd::READ_DMA_EXT, 1, 1),
+        &[],
+        &[256, 256],
+        false,
+    );
     assert_eq!((tfd, n), (0x50, 512));
     assert_eq!(&t.buf(4), b"SECT");
     // WRITE DMA EXT of sector 5 lands in the file.
@@ -155,9 +180,18 @@ fn a_driver_finds_both_drives_reads_writes_and_reads_the_cd() {
     assert_eq!(tfd, 0x50);
     let (tfd, _) = t.issue(1, &h2d(ata::cmd::FLUSH_CACHE_EXT, 0, 0), &[], &[], false);
     assert_eq!(tfd, 0x50);
-    assert_eq!(std::fs::read(&t.disk).unwrap()[5 * 512..6 * 512], [0xab; 512]);
+    assert_eq!(
+        std::fs::read(&t.disk).unwrap()[5 * 512..6 * 512],
+        [0xab; 512]
+    );
     // Past the end, and an unknown command: aborted with the error in the task file.
-    let (tfd, _) = t.issue(1, &h2d(ata::cmd::READ_DMA_EXT, 2047, 2), &[], &[1024], false);
+    let (tfd, _) = t.issue(
+        1,
+        &h2d(ata::cmd::READ_DMA_EXT, 2047, 2),
+        &[],
+        &[1024],
+        false,
+    );
     assert_eq!(tfd & 0xff, 0x41);
     assert_ne!(t.r(t.port(1, px::IS)) & px::IS_TFES, 0);
     let (tfd, _) = t.issue(1, &h2d(0x99, 0, 0), &[], &[], false);
@@ -186,7 +220,11 @@ fn a_driver_finds_both_drives_reads_writes_and_reads_the_cd() {
 fn msi_replaces_intx_and_bad_guest_addresses_only_fail_the_command() {
     let mut t = rig();
     let cap = {
-        let mut p = t.ahci.config().u16(crate::devices::pci::config::reg::CAPABILITIES) as usize & 0xff;
+        let mut p = t
+            .ahci
+            .config()
+            .u16(crate::devices::pci::config::reg::CAPABILITIES) as usize
+            & 0xff;
         loop {
             let mut c = [0u8; 2];
             t.ahci.config().read(p, &mut c);
@@ -209,11 +247,15 @@ fn msi_replaces_intx_and_bad_guest_addresses_only_fail_the_command() {
     // A scatter entry beyond guest memory: the command fails, the controller goes on.
     let clb = CLB + 0x400;
     t.mem.write_obj(5u32 | 1 << 16, GuestAddress(clb)).unwrap();
-    t.mem.write_obj(0xffff_0000u32, GuestAddress(CTBA + 0x80)).unwrap();
+    t.mem
+        .write_obj(0xffff_0000u32, GuestAddress(CTBA + 0x80))
+        .unwrap();
     t.w(t.port(1, px::CI), 1);
     assert_eq!(t.r(t.port(1, px::TFD)) & 1, 1);
     // A command table beyond guest memory, likewise.
-    t.mem.write_obj(0xfff0_0000u32, GuestAddress(clb + 8)).unwrap();
+    t.mem
+        .write_obj(0xfff0_0000u32, GuestAddress(clb + 8))
+        .unwrap();
     t.w(t.port(1, px::CI), 1);
     assert_eq!(t.r(t.port(1, px::TFD)) & 1, 1);
     assert_eq!(t.r(t.port(1, px::CI)), 0);

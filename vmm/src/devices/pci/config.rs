@@ -171,7 +171,10 @@ impl PciConfig {
     /// Declares an expansion ROM of `size` bytes (a power of two, at least 2 KiB).
     pub fn add_rom(&mut self, size: u64) -> Result<(), ConfigError> {
         if !size.is_power_of_two() || !(2048..=1 << 24).contains(&size) || self.rom.is_some() {
-            return Err(ConfigError::Bar { index: ROM_BAR, size });
+            return Err(ConfigError::Bar {
+                index: ROM_BAR,
+                size,
+            });
         }
         self.rom = Some(size);
         let mask = (!(size - 1) as u32) | 1;
@@ -313,7 +316,10 @@ mod tests {
         let mut c = PciConfig::new(id(), 1);
         c.add_bar(0, 0x8000, BarKind::Memory32).unwrap();
         c.add_bar(2, 0x4000, BarKind::Memory64).unwrap();
-        assert!(c.add_bar(3, 0x1000, BarKind::Memory32).is_err(), "upper half of BAR 2");
+        assert!(
+            c.add_bar(3, 0x1000, BarKind::Memory32).is_err(),
+            "upper half of BAR 2"
+        );
         assert!(c.add_bar(4, 0x1001, BarKind::Memory32).is_err());
         c.write(reg::BAR0, &[0xff; 4]);
         assert_eq!(c.u32(reg::BAR0), 0xffff_8000);
@@ -357,7 +363,9 @@ mod tests {
         assert_eq!(c.u16(reg::VENDOR_ID), 0x1af4);
         assert_eq!(c.u16(reg::DEVICE_ID), 0x1042);
         let a = c.add_capability(0x09, &[4, 1, 0, 0], &[]).unwrap();
-        let b = c.add_capability(0x11, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 0xc0]).unwrap();
+        let b = c
+            .add_capability(0x11, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 0xc0])
+            .unwrap();
         assert_eq!(c.regs[reg::CAPABILITIES] as usize, a);
         assert_eq!(c.regs[a + 1] as usize, b);
         assert_eq!(c.regs[b + 1], 0);

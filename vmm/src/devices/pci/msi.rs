@@ -2,9 +2,9 @@
 //! MSI-X offers, as the AHCI controller does. The guest writes the message
 //! into the capability; the device signals it on each event.
 
+use super::config::ConfigError;
 use super::config::PciConfig;
 use super::msix::MsiSender;
-use super::config::ConfigError;
 
 /// PCI capability ID of MSI.
 pub const CAP_ID: u8 = 0x05;

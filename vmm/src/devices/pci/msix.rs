@@ -79,7 +79,9 @@ impl Msix {
         body.extend_from_slice(&(self.vectors() - 1).to_le_bytes());
         body.extend_from_slice(&(table_offset | u32::from(bar)).to_le_bytes());
         body.extend_from_slice(&(pba_offset | u32::from(bar)).to_le_bytes());
-        let writable = (CONTROL_ENABLE | CONTROL_FUNCTION_MASK).to_le_bytes().to_vec();
+        let writable = (CONTROL_ENABLE | CONTROL_FUNCTION_MASK)
+            .to_le_bytes()
+            .to_vec();
         (body, writable)
     }
 
@@ -196,10 +198,7 @@ mod tests {
         let sent = Arc::new(Mutex::new(vec![]));
         let s = sent.clone();
         (
-            Msix::new(
-                3,
-                Box::new(move |a, d| lock(&s).push((a, d))),
-            ),
+            Msix::new(3, Box::new(move |a, d| lock(&s).push((a, d)))),
             sent,
         )
     }
@@ -217,7 +216,11 @@ mod tests {
         m.read_pba(0, &mut pba);
         assert_eq!(pba, [0b010]);
         m.write_table(16 + 12, &0u32.to_le_bytes());
-        assert_eq!(*lock(&sent), vec![(0xfee0_0000, 0x4041)], "pending delivered on unmask");
+        assert_eq!(
+            *lock(&sent),
+            vec![(0xfee0_0000, 0x4041)],
+            "pending delivered on unmask"
+        );
         m.read_pba(0, &mut pba);
         assert_eq!(pba, [0]);
         m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);

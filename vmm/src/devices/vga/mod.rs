@@ -286,7 +286,11 @@ impl VgaState {
         if self.gc[5] & 0x10 != 0 {
             // Odd/even: A0 picks plane 0 or 1 (2 or 3 with the page bit).
             let plane = (usize::from(self.gc[4]) & 2) | (a & 1);
-            return self.planes.get((a & !1) * 4 + plane).copied().unwrap_or(0xff);
+            return self
+                .planes
+                .get((a & !1) * 4 + plane)
+                .copied()
+                .unwrap_or(0xff);
         }
         let o = a & 0xffff;
         let l = u32::from_le_bytes([
@@ -351,7 +355,13 @@ impl VgaState {
         let o = a & 0xffff;
         let expand = |b: u8| u32::from(b) * 0x0101_0101;
         let mask4 = |m: u8| {
-            (0..4).fold(0u32, |acc, p| acc | if m & (1 << p) != 0 { 0xff << (8 * p) } else { 0 })
+            (0..4).fold(0u32, |acc, p| {
+                acc | if m & (1 << p) != 0 {
+                    0xff << (8 * p)
+                } else {
+                    0
+                }
+            })
         };
         let set_reset = mask4(self.gc[0]);
         let enable_sr = mask4(self.gc[1]);
@@ -633,7 +643,10 @@ impl PciDevice for VgaPci {
                 }
             }
             (2, 0x500..=0x515) if data.len() == 2 => {
-                s.write_dispi(((offset - 0x500) / 2) as usize, u16::from_le_bytes([data[0], data[1]]));
+                s.write_dispi(
+                    ((offset - 0x500) / 2) as usize,
+                    u16::from_le_bytes([data[0], data[1]]),
+                );
             }
             _ => {}
         }

@@ -72,14 +72,20 @@ fn start(out: &mut Vec<u32>, w: u32, h: u32) -> bool {
 }
 
 fn render_dispi(s: &VgaState, out: &mut Vec<u32>) -> (u32, u32) {
-    let (w, h) = (u32::from(s.dispi[dispi::XRES]), u32::from(s.dispi[dispi::YRES]));
+    let (w, h) = (
+        u32::from(s.dispi[dispi::XRES]),
+        u32::from(s.dispi[dispi::YRES]),
+    );
     let bpp = s.dispi[dispi::BPP];
     if !start(out, w, h) {
         return (0, 0);
     }
     let bytes = usize::from(bpp).div_ceil(8);
     let stride = usize::from(s.dispi[dispi::VIRT_WIDTH].max(s.dispi[dispi::XRES])) * bytes;
-    let (xo, yo) = (usize::from(s.dispi[dispi::X_OFFSET]), usize::from(s.dispi[dispi::Y_OFFSET]));
+    let (xo, yo) = (
+        usize::from(s.dispi[dispi::X_OFFSET]),
+        usize::from(s.dispi[dispi::Y_OFFSET]),
+    );
     // SAFETY: the mapping is VRAM_SIZE bytes and lives as long as `s`;
     // reads race with the guest's writes, which can only tear a pixel.
     let vram = unsafe { std::slice::from_raw_parts(s.vram.as_ptr(), VRAM_SIZE) };
@@ -125,7 +131,11 @@ fn render_text(s: &VgaState, blink: bool, out: &mut Vec<u32>) -> (u32, u32) {
     }
     let origin = usize::from(c[0xc]) << 8 | usize::from(c[0xd]);
     // The offset register counts words; a text cell is one word.
-    let stride = if c[0x13] == 0 { cols as usize } else { usize::from(c[0x13]) };
+    let stride = if c[0x13] == 0 {
+        cols as usize
+    } else {
+        usize::from(c[0x13])
+    };
     let cursor = usize::from(c[0xe]) << 8 | usize::from(c[0xf]);
     let cursor_on = c[0xa] & 0x20 == 0 && blink;
     let (cur_start, cur_end) = (u32::from(c[0xa] & 0x1f), u32::from(c[0xb] & 0x1f));

@@ -3,7 +3,11 @@
 use super::*;
 
 fn vga() -> VgaPci {
-    let dir = std::env::temp_dir().join(format!("enspeed-vga-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir = std::env::temp_dir().join(format!(
+        "enspeed-vga-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let bios = dir.join("vgabios.bin");
     let mut rom = vec![0u8; 40 << 10];
@@ -49,7 +53,10 @@ fn text_written_through_the_window_is_drawn_with_the_loaded_font() {
     s.write_port(0x3ce, 8);
     s.write_port(0x3cf, 0xff);
     for line in 0..16u64 {
-        s.write_window(u64::from(b'A') * 32 + line, if line == 3 { 0xff } else { 0x81 });
+        s.write_window(
+            u64::from(b'A') * 32 + line,
+            if line == 3 { 0xff } else { 0x81 },
+        );
     }
     // Back to text: planes 0 and 1, odd/even, window at 0xB8000.
     s.write_port(0x3c4, 2);

@@ -91,23 +91,45 @@ impl Tablet {
     /// `buttons` held (bit 0 left, 1 middle, 2 right: RFB's), `wheel` clicks
     /// (negative: up).
     pub fn pointer(&self, x: u16, y: u16, width: u32, height: u32, buttons: u8, wheel: i32) {
-        let scale = |v: u16, size: u32| u32::from(v).min(size.saturating_sub(1)) * ABS_MAX / size.saturating_sub(1).max(1);
+        let scale = |v: u16, size: u32| {
+            u32::from(v).min(size.saturating_sub(1)) * ABS_MAX / size.saturating_sub(1).max(1)
+        };
         let mut s = lock(&self.state);
         let mut events = vec![
-            Event { kind: ev::ABS, code: ev::ABS_X, value: scale(x, width) },
-            Event { kind: ev::ABS, code: ev::ABS_Y, value: scale(y, height) },
+            Event {
+                kind: ev::ABS,
+                code: ev::ABS_X,
+                value: scale(x, width),
+            },
+            Event {
+                kind: ev::ABS,
+                code: ev::ABS_Y,
+                value: scale(y, height),
+            },
         ];
         for (mask, code) in [(1u8, ev::BTN_LEFT), (2, ev::BTN_MIDDLE), (4, ev::BTN_RIGHT)] {
             if (s.buttons ^ buttons) & mask != 0 {
-                events.push(Event { kind: ev::KEY, code, value: u32::from(buttons & mask != 0) });
+                events.push(Event {
+                    kind: ev::KEY,
+                    code,
+                    value: u32::from(buttons & mask != 0),
+                });
             }
         }
         s.buttons = buttons;
         if wheel != 0 {
             // REL_WHEEL grows upward.
-            events.push(Event { kind: ev::REL, code: ev::REL_WHEEL, value: (-wheel) as u32 });
+            events.push(Event {
+                kind: ev::REL,
+                code: ev::REL_WHEEL,
+                value: (-wheel) as u32,
+            });
         }
-        events.push(Event { kind: ev::SYN, code: 0, value: 0 });
+        events.push(Event {
+            kind: ev::SYN,
+            code: 0,
+            value: 0,
+        });
         if s.pending.len() + events.len() <= PENDING_MAX {
             s.pending.extend(events);
         }
@@ -116,7 +138,9 @@ impl Tablet {
 
     /// Moves pending events into the buffers the guest posted.
     fn flush(s: &mut State) {
-        let State { running, pending, .. } = s;
+        let State {
+            running, pending, ..
+        } = s;
         let Some(r) = running.as_mut() else {
             return;
         };
@@ -294,20 +318,32 @@ mod tests {
         let mq = MockSplitQueue::new(&mem, 16);
         let descs: Vec<RawDescriptor> = (0..8)
             .map(|i| {
-                RawDescriptor::from(SplitDescriptor::new(0x10000 + i * 8, 8, VRING_DESC_F_WRITE as u16, 0))
+                RawDescriptor::from(SplitDescriptor::new(
+                    0x10000 + i * 8,
+                    8,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
             })
             .collect();
         mq.build_multiple_desc_chains(&descs).unwrap();
         let q: Queue = mq.create_queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Interrupt::new(irq.try_clone().unwrap());
-        t.activate(mem.clone(), 0, vec![q, Queue::new(16).unwrap()], vec![], interrupt)
-            .unwrap();
+        t.activate(
+            mem.clone(),
+            0,
+            vec![q, Queue::new(16).unwrap()],
+            vec![],
+            interrupt,
+        )
+        .unwrap();
         // The middle of a 1024x768 screen with the left button: X, Y, BTN_LEFT down, SYN.
         t.pointer(512, 384, 1024, 768, 1, 0);
         let ev = |i: u64| {
             let mut b = [0u8; 8];
-            mem.read_slice(&mut b, GuestAddress(0x10000 + i * 8)).unwrap();
+            mem.read_slice(&mut b, GuestAddress(0x10000 + i * 8))
+                .unwrap();
             (
                 u16::from_le_bytes([b[0], b[1]]),
                 u16::from_le_bytes([b[2], b[3]]),

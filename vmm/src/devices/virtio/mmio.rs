@@ -9,8 +9,8 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::VirtioState;
 pub use super::transport::status;
+use super::transport::VirtioState;
 use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::memory::GuestMemory;
@@ -174,10 +174,10 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::features;
-    use virtio_queue::Queue;
+    use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtio_queue::Queue;
 
     struct Dummy {
         activations: Arc<AtomicUsize>,

@@ -6,8 +6,8 @@
 //! interrupt through an irqfd, so the vCPU does not leave KVM for either.
 
 pub mod block;
-pub mod mmio;
 pub mod input;
+pub mod mmio;
 pub mod net;
 pub mod pci;
 pub mod transport;
@@ -136,7 +136,10 @@ impl Interrupt {
             }
             Line::Pci(v) => {
                 let vector = match queue {
-                    Some(q) => v.queues.get(q).map_or(NO_VECTOR, |a| a.load(Ordering::SeqCst)),
+                    Some(q) => v
+                        .queues
+                        .get(q)
+                        .map_or(NO_VECTOR, |a| a.load(Ordering::SeqCst)),
                     None => v.config.load(Ordering::SeqCst),
                 };
                 // With MSI-X on, the vector (none: NO_VECTOR, nothing sent); else INTx.

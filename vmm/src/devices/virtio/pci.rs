@@ -17,7 +17,7 @@ use virtio_queue::QueueT;
 use super::transport::{status, VirtioState};
 use super::{ids, Interrupt, IntxLine, PciVectors, VirtioDevice, NO_VECTOR};
 use crate::devices::pci::config::{reg as pcireg, BarKind, ConfigError, Identity, PciConfig};
-use crate::devices::pci::msix::{self, Msix, MsiSender};
+use crate::devices::pci::msix::{self, MsiSender, Msix};
 use crate::devices::pci::PciDevice;
 use crate::memory::GuestMemory;
 
@@ -132,7 +132,11 @@ impl VirtioPci {
             ),
             &[],
         )?;
-        config.add_capability(cap::VENDOR, &vendor_cap(cap::ISR_CFG, bar::ISR, 1, &[]), &[])?;
+        config.add_capability(
+            cap::VENDOR,
+            &vendor_cap(cap::ISR_CFG, bar::ISR, 1, &[]),
+            &[],
+        )?;
         config.add_capability(
             cap::VENDOR,
             &vendor_cap(cap::DEVICE_CFG, bar::DEVICE, bar::DEVICE_LEN, &[]),
@@ -167,7 +171,10 @@ impl VirtioPci {
         let Some(vm) = &self.vm else {
             return;
         };
-        let now = self.config.bar_window(0).map(|(base, _)| base + bar::NOTIFY);
+        let now = self
+            .config
+            .bar_window(0)
+            .map(|(base, _)| base + bar::NOTIFY);
         if now == self.notify_base {
             return;
         }
@@ -215,7 +222,9 @@ impl VirtioPci {
                 self.vectors()
                     .queues
                     .get(sel)
-                    .map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::SeqCst)))
+                    .map_or(u64::from(NO_VECTOR), |v| {
+                        u64::from(v.load(Ordering::SeqCst))
+                    })
             }
             common::QUEUE_ENABLE => st.selected_queue().map_or(0, |q| u64::from(q.ready())),
             common::QUEUE_NOTIFY_OFF => u64::from(st.queue_sel),
@@ -346,7 +355,9 @@ impl PciDevice for VirtioPci {
             }
             bar::DEVICE..0x3000 => {
                 if self.state.status() & status::DRIVER != 0 {
-                    self.state.device_mut().write_config(offset - bar::DEVICE, data);
+                    self.state
+                        .device_mut()
+                        .write_config(offset - bar::DEVICE, data);
                 }
             }
             bar::NOTIFY..bar::MSIX_TABLE => {
@@ -477,7 +488,10 @@ mod tests {
         w(&mut t, common::QUEUE_MSIX_VECTOR, 1, 2);
         assert_eq!(r(&mut t, common::QUEUE_MSIX_VECTOR, 2), 1);
         w(&mut t, common::QUEUE_MSIX_VECTOR, 7, 2);
-        assert_eq!(r(&mut t, common::QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+        assert_eq!(
+            r(&mut t, common::QUEUE_MSIX_VECTOR, 2),
+            u64::from(NO_VECTOR)
+        );
         w(&mut t, common::QUEUE_MSIX_VECTOR, 1, 2);
         w(&mut t, common::QUEUE_ENABLE, 1, 2);
         w(&mut t, common::DEVICE_STATUS, 0xf, 1);

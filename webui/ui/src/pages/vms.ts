@@ -23,6 +23,9 @@ export function vmsPage(ctx: PageContext): void {
   let confirming: number | null = null;
   /** VMs with a request under way. */
   const busy = new Set<number>();
+  /** The change form of each VM whose detail row was drawn: kept across redraws, so what
+   * the user typed stays while the table refreshes. */
+  const editForms = new Map<number, HTMLFormElement>();
   let lastData = "";
 
   const quota = h("p", { class: "quota hidden", "data-test": "quota" });
@@ -107,15 +110,18 @@ export function vmsPage(ctx: PageContext): void {
         field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 1, value: 128, required: true, "data-test": "vm-memory" })),
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: 1, required: true, "data-test": "vm-vcpus" })),
         field("Disk 0 (GiB)", h("input", { name: "disk_gib", type: "number", min: 1, value: 1, required: true, "data-test": "vm-disk" })),
+        [1, 2, 3].map((i) =>
+          field(`Disk ${i} (GiB)`, h("input", { name: `disk${i}_gib`, type: "number", min: 1, placeholder: "none", "data-test": `vm-disk${i}-size` })),
+        ),
         field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
         field(
           "Boots",
           h(
             "select",
             { name: "boot", "data-test": "vm-boot" },
-            h("option", { value: "kernel" }, "the cluster's guest system"),
             h("option", { value: "bios:disk_first" }, "blank PC (BIOS): disk, then CD-ROM"),
             h("option", { value: "bios:cdrom_first" }, "blank PC (BIOS): CD-ROM first"),
+            h("option", { value: "kernel" }, "the cluster's guest system"),
           ),
         ),
         field("CD-ROM", h("select", { name: "iso", "data-test": "vm-iso" }, h("option", { value: "" }, "empty"))),
@@ -138,11 +144,13 @@ export function vmsPage(ctx: PageContext): void {
         name = value(f, "name");
         const [boot, boot_order] = value(f, "boot").split(":");
         const iso = value(f, "iso");
+        const extra = [1, 2, 3].map((i) => value(f, `disk${i}_gib`)).filter((v) => v !== "").map(Number);
         const vm = await api<Vm>("POST", "/vms", {
           name,
           memory_mib: Number(value(f, "memory_mib")),
           vcpus: Number(value(f, "vcpus")),
           disk_gib: Number(value(f, "disk_gib")),
+          ...(extra.length ? { extra_disks_gib: extra } : {}),
           owner: Number(value(f, "owner")),
           start: (f.elements.namedItem("start") as HTMLInputElement).checked,
           boot,
@@ -151,6 +159,7 @@ export function vmsPage(ctx: PageContext): void {
         });
         ctx.notify("info", `Created VM ${vm.id} (${vm.name})`);
         (f.elements.namedItem("name") as HTMLInputElement).value = "";
+        for (const i of [1, 2, 3]) (f.elements.namedItem(`disk${i}_gib`) as HTMLInputElement).value = "";
         refresh();
       },
       (e) => `Could not create VM ${name}: ${message(e)}`,
@@ -276,8 +285,67 @@ export function vmsPage(ctx: PageContext): void {
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
         me.role === "regular" ? null : cloneButton(vm),
+        me.role === "regular" ? null : editForm(vm),
       ),
     );
+  }
+
+  // Change a powered-off VM: memory, vCPUs, how it boots, and new blank disks up to Disk3.
+  function editForm(vm: Vm): HTMLFormElement {
+    const stopped = vm.status === "stopped" && vm.power === "off";
+    const bootNow = vm.boot === "bios" ? `bios:${vm.boot_order}` : "kernel";
+    let f = editForms.get(vm.id);
+    if (!f) {
+      const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "form-error" });
+      const submit = h("button", { type: "submit", "data-test": "vm-edit-submit" }, "Change VM");
+      const form = h(
+        "form",
+        { class: "ops edit", "data-test": "vm-edit" },
+        field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 16, value: vm.memory_mib, required: true, "data-test": "vm-edit-memory" })),
+        field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: vm.vcpus, required: true, "data-test": "vm-edit-vcpus" })),
+        field(
+          "Boots",
+          h(
+            "select",
+            { name: "boot", "data-test": "vm-edit-boot" },
+            h("option", { value: "bios:disk_first" }, "BIOS: disk, then CD-ROM"),
+            h("option", { value: "bios:cdrom_first" }, "BIOS: CD-ROM first"),
+            h("option", { value: "kernel" }, "the cluster's guest system"),
+          ),
+        ),
+        field("Add a disk (GiB)", h("input", { name: "add_gib", type: "number", min: 1, placeholder: "none", "data-test": "vm-edit-add-disk" })),
+        submit,
+        error,
+      );
+      (form.elements.namedItem("boot") as HTMLSelectElement).value = bootNow;
+      onSubmit(
+        form,
+        submit,
+        error,
+        async () => {
+          const [boot, boot_order] = value(form, "boot").split(":");
+          const add = value(form, "add_gib");
+          const body: Record<string, unknown> = {
+            memory_mib: Number(value(form, "memory_mib")),
+            vcpus: Number(value(form, "vcpus")),
+            boot,
+            ...(boot_order ? { boot_order } : {}),
+            ...(add ? { add_disks_gib: [Number(add)] } : {}),
+          };
+          const changed = await api<Vm>("PATCH", `/vms/${vm.id}`, body);
+          ctx.notify("info", `Changed VM ${changed.id} (${changed.name})`);
+          editForms.delete(vm.id);
+          refresh();
+        },
+        (e) => `Could not change VM ${vm.id} (${vm.name}): ${message(e)}`,
+      );
+      editForms.set(vm.id, form);
+      f = form;
+    }
+    const submit = f.querySelector("[data-test=vm-edit-submit]") as HTMLButtonElement;
+    submit.disabled = !stopped || busy.has(vm.id);
+    submit.title = stopped ? "change this VM" : "power it off first: only a stopped VM is changed";
+    return f;
   }
 
   // The CD-ROM drive: any ISO of the library, or empty; whoever operates the VM changes it.
