@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Runs the product on this machine: a local cluster of three EnSpeed servers (separate data
 # directories and ports on loopback), each serving the web UI and API, a Manager account, and a
-# demo VM booted from the guest kit (Debian) on a disk mirrored between two of them. Installs
-# what it needs, builds, prints the UI's address and the Manager's password, and runs until
-# Ctrl-C. Where this machine's KVM cannot run an unmodified Linux (a nested software
-# hypervisor, kvm_pvm), the cluster runs inside the test host (QEMU with an emulated AMD-V)
-# and its UI is forwarded here to https://127.0.0.1:8443.
+# demo VM booted from the guest kit (Debian) on a disk mirrored between two of them. Installs what it needs, builds, prints the UI's address and the
+# Manager's password, and runs until Ctrl-C. Where this machine's KVM cannot run an unmodified
+# Linux (a nested software hypervisor, kvm_pvm), the cluster runs inside the test host (QEMU
+# with an emulated AMD-V) and its UI is forwarded here to https://127.0.0.1:8443.
 set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
@@ -14,10 +13,21 @@ bin="$CARGO_TARGET_DIR/release/enspeed"
 image/kit/build.sh
 cache="${ENSPEED_CACHE:-$HOME/.cache/enspeed}"
 kit="$cache/kit"
+# With ENSPEED_DEMO_INSTALL=1, the demo VM is a blank PC installed from a CD: the kit, which
+# installs itself onto the VM's disk (GRUB, kernel, initrd), powers off, and once booted from
+# the disk waits with a shell on its consoles. Not yet the default: inside the test host the
+# test host itself has stopped during that install (see scripts/demo-cluster.sh).
+extra=()
+if [ "${ENSPEED_DEMO_INSTALL:-}" = 1 ]; then
+    iso="$cache/demo-install.iso"
+    image/kit/iso.sh "$iso" "console=tty0 console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda kit.proof=demo kit.then=wait" >/dev/null
+    export DEMO_ISO=$iso
+    extra=(--extra "$iso")
+fi
 
 if [ -c /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then
     exec scripts/demo-cluster.sh "$bin" "$kit/vmlinuz" "$kit/initrd.img" "$cache/demo"
 fi
 echo "run.sh: this machine's KVM cannot boot Linux itself; the cluster runs inside the test host (slower)" >&2
-exec image/testhost/run.sh --scenario scripts/demo-cluster.sh --enspeed "$bin" \
+exec image/testhost/run.sh --scenario scripts/demo-cluster.sh --enspeed "$bin" ${extra[@]+"${extra[@]}"} \
     --timeout 86400 --forward 8443 --forward 8444 --forward 8445
