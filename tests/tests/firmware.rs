@@ -326,11 +326,21 @@ fn bad_media_is_reported_by_the_firmware_and_the_vmm_still_obeys() {
         .unwrap()
         .write_all(&bytes)
         .unwrap();
+    // A CD that is not bootable: ISO 9660, but no El Torito boot record.
+    let mut iso = enspeed_tests::eltorito_iso(&[0u8; 512]);
+    iso[17 * 2048..18 * 2048].fill(0);
+    let data_cd = s.path("data.iso");
+    std::fs::write(&data_cd, &iso).unwrap();
     let sock = s.path("api.sock");
     let mut args = firmware_args(128, 1, &[&junk]);
     args.extend(["--api-socket".into(), sock.display().to_string()]);
+    args.extend(["--cdrom".into(), data_cd.display().to_string()]);
     let mut vmm = Vmm::start(&args);
     vmm.wait_for("Boot failed: not a bootable disk", Duration::from_secs(60));
+    vmm.wait_for(
+        "Boot failed: Could not read from CDROM",
+        Duration::from_secs(60),
+    );
     vmm.wait_for("No bootable device", Duration::from_secs(60));
     let st = vmm.api(r#"{"cmd":"status"}"#);
     assert_eq!(st["status"]["state"], "running", "{st}");
