@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks firmware boot inside the test host, EnSpeed beside QEMU (-M q35, SeaBIOS) in one
 # run, and prints Markdown for BENCHMARKS.md: a blank disk falling through to an El Torito CD,
-# power-on to GRUB's first output and to the kernel's init (tests/testhost/bench-firmware.sh).
+# power-on to GRUB's first output and to the kernel's init; and power-on of a system installed
+# on the disk (no CD) to its kernel's init (tests/testhost/bench-firmware.sh).
 # Environment: BENCH_BOOTS (boots each, default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ export CARGO_TARGET_DIR="$(scripts/setup.sh)"
 cargo build --release -p enspeed >&2
 iso="$CARGO_TARGET_DIR/release/kit-bench.iso"
 image/kit/iso.sh "$iso" "console=ttyS0 quiet kit.task=poweroff" >/dev/null
+installer="$CARGO_TARGET_DIR/release/kit-install-bench.iso"
+image/kit/iso.sh "$installer" "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda" >/dev/null
 image/testhost/build.sh >&2
 log=$(mktemp)
 scenario=$(mktemp --suffix=.sh)
@@ -18,7 +21,7 @@ scenario=$(mktemp --suffix=.sh)
 for attempt in 1 2 3; do
     rc=0
     image/testhost/run.sh --scenario "$scenario" --enspeed "$CARGO_TARGET_DIR/release/enspeed" \
-        --extra "$iso" --timeout 3000 >"$log" 2>&1 || rc=$?
+        --extra "$iso" --extra "$installer" --timeout 3000 >"$log" 2>&1 || rc=$?
     case $rc in
     0) break ;;
     125 | 126) echo "bench-firmware: the test host failed itself (exit $rc), attempt $attempt of 3" >&2 ;;
@@ -28,7 +31,7 @@ done
 [ "$rc" = 0 ] || { cat "$log" >&2; echo "bench-firmware: the test host failed three times" >&2; exit 1; }
 echo "## Firmware boot inside the test host ($(date -u +%Y-%m-%d), ${BENCH_BOOTS:-5} boots each, alternating)"
 echo
-awk '/^BENCH (enspeed|qemu)-firmware-to-(grub|init) / { v[$2] = v[$2] " " $3 }
+awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
          for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
@@ -37,13 +40,17 @@ awk '/^BENCH (enspeed|qemu)-firmware-to-(grub|init) / { v[$2] = v[$2] " " $3 }
      END {
          print "| measure (s, median) | enspeed | qemu q35 | enspeed / qemu | target |"
          print "| --- | ---: | ---: | ---: | ---: |"
-         split("grub init", ms, " ")
-         for (k = 1; k <= 2; k++) {
-             e = median(v["enspeed-firmware-to-" ms[k]]); q = median(v["qemu-firmware-to-" ms[k]])
-             printf "| power-on to %s | %.2f | %.2f | %.2f | 0.80 |\n", (ms[k] == "grub" ? "the boot loader'"'"'s first output" : "the kernel'"'"'s init"), e, q, e / q
+         split("to-grub to-init installed-to-init", ms, " ")
+         what["to-grub"] = "power-on to the boot loader'"'"'s first output (CD)"
+         what["to-init"] = "power-on to the kernel'"'"'s init (CD)"
+         what["installed-to-init"] = "power-on to the installed system'"'"'s init (disk)"
+         for (k = 1; k <= 3; k++) {
+             e = median(v["enspeed-firmware-" ms[k]]); q = median(v["qemu-firmware-" ms[k]])
+             printf "| %s | %.2f | %.2f | %.2f | 0.80 |\n", what[ms[k]], e, q, e / q
          }
          print ""
          print "All boots (s): enspeed to GRUB" v["enspeed-firmware-to-grub"] "; qemu to GRUB" v["qemu-firmware-to-grub"] \
-             "; enspeed to init" v["enspeed-firmware-to-init"] "; qemu to init" v["qemu-firmware-to-init"]
+             "; enspeed to init" v["enspeed-firmware-to-init"] "; qemu to init" v["qemu-firmware-to-init"] \
+             "; enspeed installed to init" v["enspeed-firmware-installed-to-init"] "; qemu installed to init" v["qemu-firmware-installed-to-init"]
      }' "$log"
 rm -f "$log" "$scenario"

@@ -4,13 +4,19 @@
 # its SATA CD-ROM drive, GRUB from the CD loading the kit's kernel, to the boot loader's first
 # output on the serial console (its menu, "GNU GRUB version") and to the kernel's init, by
 # EnSpeed's VMM (SeaBIOS) and by QEMU (-M q35, SeaBIOS), alternating, 5 times each; same ISO,
-# disk, memory and vCPUs, no display.
-# Prints "BENCH <vmm>-firmware-to-grub <s>" and "BENCH <vmm>-firmware-to-init <s>" per boot.
+# disk, memory and vCPUs, no display. Then an installed system: the kit installed once (from
+# kit-install-bench.iso, by EnSpeed) onto a virtio disk, booted from that disk without a CD,
+# to the installed kernel's init, alternating the same way.
+# Prints "BENCH <vmm>-firmware-to-grub <s>", "BENCH <vmm>-firmware-to-init <s>" and
+# "BENCH <vmm>-firmware-installed-to-init <s>" per boot.
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
 iso=/usr/local/bin/kit-bench.iso
-[ -f "$iso" ] || { echo "FAIL: no $iso: give run.sh --extra"; exit 2; }
+installer=/usr/local/bin/kit-install-bench.iso
+for f in "$iso" "$installer"; do
+    [ -f "$f" ] || { echo "FAIL: no $f: give run.sh --extra"; exit 2; }
+done
 n=${BENCH_BOOTS:-5}
 truncate -s 64M /tmp/blank.img
 
@@ -27,6 +33,23 @@ while [ $i -lt "$n" ]; do
         >/dev/null || fail "qemu exited with $?"
     bench qemu-firmware-to-grub qemu "GRUB: menu"
     bench qemu-firmware-to-init qemu "KIT: init reached"
+    i=$((i + 1))
+done
+
+truncate -s 96M /tmp/installed.img
+run_guest install 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk /tmp/installed.img \
+    --cdrom "$installer" --serial stdout >/dev/null || fail "the install exited with $?"
+expect install "KIT: install ok onto"
+i=0
+while [ $i -lt "$n" ]; do
+    run_guest enspeed 170 "$ENSPEED" vmm --memory 512 --vcpus 2 --disk /tmp/installed.img \
+        --serial stdout >/dev/null || fail "enspeed exited with $?"
+    bench enspeed-firmware-installed-to-init enspeed "KIT: init reached"
+    run_guest qemu 170 qemu-system-x86_64 -accel kvm -cpu host -M q35 -m 512 -smp 2 \
+        -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+        -drive id=disk0,file=/tmp/installed.img,format=raw,if=none -device virtio-blk-pci,drive=disk0 \
+        >/dev/null || fail "qemu exited with $?"
+    bench qemu-firmware-installed-to-init qemu "KIT: init reached"
     i=$((i + 1))
 done
 finish bench-firmware
