@@ -111,12 +111,19 @@ pub const LOGIN_FAILURES: usize = 5;
 /// The window.
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
-/// Counts failed logins per user name and per client address; past `LOGIN_FAILURES` in
+/// Keys (names and addresses) the rate limit remembers at most: past it, stale ones are
+/// dropped, then those with the fewest attempts (one each, what an attacker spraying names or
+/// addresses leaves), so the ones close to their limit still count.
+pub const LOGIN_KEYS: usize = 100_000;
+
+/// Counts login attempts per user name and per client address; past `LOGIN_FAILURES` in
 /// `LOGIN_WINDOW`, logins from there or for that name are refused until the window moves on.
-/// Per server: each server limits what it is sent.
+/// An attempt counts from before its password is checked (`begin`), so guesses sent at once
+/// all count, and stops counting only once it succeeded (`succeeded`). Per server: each
+/// server limits what it is sent.
 #[derive(Default)]
 pub struct RateLimit {
-    failures: Mutex<HashMap<String, Vec<Instant>>>,
+    attempts: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
 impl RateLimit {
@@ -124,9 +131,10 @@ impl RateLimit {
         [format!("name:{name}"), format!("ip:{ip}")]
     }
 
-    /// Seconds to wait, if logins for `name` or from `ip` are blocked now.
-    pub fn blocked(&self, name: &str, ip: IpAddr) -> Option<u64> {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+    /// Starts a login attempt for `name` from `ip`: `Err(seconds to wait)` if they are blocked
+    /// now; else it is counted, until `succeeded` takes it back, and `Ok(its time)`.
+    pub fn begin(&self, name: &str, ip: IpAddr) -> Result<Instant, u64> {
+        let mut f = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut wait = None;
         for k in Self::keys(name, ip) {
@@ -139,21 +147,63 @@ impl RateLimit {
                 }
             }
         }
-        wait
-    }
-
-    /// Records a failed login.
-    pub fn failed(&self, name: &str, ip: IpAddr) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: forget everything stale when the map grows.
-        if f.len() > 100_000 {
-            let now = Instant::now();
+        if let Some(w) = wait {
+            return Err(w);
+        }
+        if f.len() + 2 > LOGIN_KEYS {
             f.retain(|_, v| v.iter().any(|t| now.duration_since(*t) < LOGIN_WINDOW));
+            let mut fewest = 1;
+            while f.len() + 2 > LOGIN_KEYS && fewest <= LOGIN_FAILURES {
+                f.retain(|_, v| v.len() > fewest);
+                fewest += 1;
+            }
         }
         for k in Self::keys(name, ip) {
-            f.entry(k).or_default().push(Instant::now());
+            f.entry(k).or_default().push(now);
+        }
+        Ok(now)
+    }
+
+    /// The attempt `begin` answered `at` for succeeded: it no longer counts.
+    pub fn succeeded(&self, name: &str, ip: IpAddr, at: Instant) {
+        let mut f = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        for k in Self::keys(name, ip) {
+            if let Some(v) = f.get_mut(&k) {
+                if let Some(i) = v.iter().position(|t| *t == at) {
+                    v.remove(i);
+                }
+                if v.is_empty() {
+                    f.remove(&k);
+                }
+            }
         }
     }
+
+    /// Keys remembered now.
+    pub fn keys_held(&self) -> usize {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// Password hashes (argon2id, 19 MiB each) that run at once in this process at most: the
+/// server also runs Raft and the VMs' agent. Logins and password changes wait their turn.
+pub const HASHES_AT_ONCE: usize = 2;
+
+/// Runs `f` (a password hash or check) on the blocking pool once one of `permits` is free, or
+/// `None` if none was within `patience`.
+pub async fn hash_bounded<T: Send + 'static>(
+    permits: &tokio::sync::Semaphore,
+    patience: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let _permit = tokio::time::timeout(patience, permits.acquire())
+        .await
+        .ok()?
+        .ok()?;
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 #[cfg(test)]
@@ -184,16 +234,56 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_blocks_after_five_failures() {
+    fn rate_limit_counts_attempts_before_their_check_and_forgives_successes() {
         let r = RateLimit::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        for _ in 0..LOGIN_FAILURES {
-            assert!(r.blocked("alice", ip).is_none());
-            r.failed("alice", ip);
+        // Successes do not count.
+        for _ in 0..2 * LOGIN_FAILURES {
+            let at = r.begin("alice", ip).unwrap();
+            r.succeeded("alice", ip, at);
         }
-        assert!(r.blocked("alice", ip).is_some());
-        assert!(r.blocked("bob", ip).is_some(), "the address is blocked too");
+        assert_eq!(r.keys_held(), 0);
+        // Five attempts begun at once, none finished yet: the sixth is refused already.
+        for _ in 0..LOGIN_FAILURES {
+            r.begin("alice", ip).unwrap();
+        }
+        let wait = r.begin("alice", ip).unwrap_err();
+        assert!((1..=LOGIN_WINDOW.as_secs() + 1).contains(&wait), "{wait}");
+        assert!(r.begin("bob", ip).is_err(), "the address is blocked too");
         let other: IpAddr = "10.0.0.1".parse().unwrap();
-        assert!(r.blocked("bob", other).is_none());
+        assert!(r.begin("bob", other).is_ok());
+    }
+
+    #[test]
+    fn rate_limit_keys_are_bounded_and_keep_the_addresses() {
+        let r = RateLimit::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..LOGIN_FAILURES {
+            r.begin("alice", ip).unwrap();
+        }
+        // Sprayed: a new name from a new address each time.
+        for i in 0..LOGIN_KEYS as u32 {
+            let _ = r.begin(&format!("n{i}"), IpAddr::from((10 << 24 | i).to_be_bytes()));
+            assert!(r.keys_held() <= LOGIN_KEYS, "{}", r.keys_held());
+        }
+        assert!(
+            r.begin("alice", ip).is_err(),
+            "alice or her guesser is still counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn hashes_wait_for_a_permit_and_give_up_after_their_patience() {
+        let permits = tokio::sync::Semaphore::new(1);
+        let held = permits.acquire().await.unwrap();
+        assert_eq!(
+            hash_bounded(&permits, Duration::from_millis(50), || 1).await,
+            None
+        );
+        drop(held);
+        assert_eq!(
+            hash_bounded(&permits, Duration::from_millis(50), || 2).await,
+            Some(2)
+        );
     }
 }

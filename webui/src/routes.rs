@@ -51,6 +51,8 @@ pub struct App {
     cfg: WebConfig,
     cluster: Cluster,
     logins: RateLimit,
+    /// The password hashes that may run at once (`auth::HASHES_AT_ONCE`).
+    hashes: tokio::sync::Semaphore,
 }
 
 /// A logged-in caller.
@@ -200,7 +202,19 @@ impl App {
             cfg,
             cluster,
             logins: RateLimit::default(),
+            hashes: tokio::sync::Semaphore::new(auth::HASHES_AT_ONCE),
         }
+    }
+
+    /// Runs a password hash or check `f` once a hashing permit is free: 503 if none was free
+    /// for 10 s (the server is busy with others).
+    async fn hash<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        auth::hash_bounded(&self.hashes, std::time::Duration::from_secs(10), f)
+            .await
+            .ok_or_else(|| ApiError::unavailable("too many password checks at once: try again"))
     }
 
     /// Answers one request.
@@ -630,14 +644,14 @@ impl App {
     async fn login(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         let l: Login = req.json()?;
         let ip = req.peer.ip();
-        if let Some(wait) = self.logins.blocked(&l.name, ip) {
+        let attempt = self.logins.begin(&l.name, ip).map_err(|wait| {
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("too many failed logins: try again in {wait} s"),
             );
             e.retry_after = Some(wait);
-            return Err(e);
-        }
+            e
+        })?;
         // A user created through another server may take a moment to arrive here.
         let user = self
             .cluster
@@ -647,15 +661,14 @@ impl App {
             .cloned();
         let hash = user.as_ref().map(|u| u.password.clone());
         let password = l.password.clone();
-        let good =
-            tokio::task::spawn_blocking(move || auth::verify_password(&password, hash.as_deref()))
-                .await
-                .map_err(|e| ApiError::unavailable(format!("checking the password: {e}")))?;
+        let good = self
+            .hash(move || auth::verify_password(&password, hash.as_deref()))
+            .await?;
         let Some(user) = user.filter(|_| good) else {
-            self.logins.failed(&l.name, ip);
             tracing::info!(name = %l.name, %ip, "failed login");
             return Err(ApiError::unauthorized("wrong name or password"));
         };
+        self.logins.succeeded(&l.name, ip, attempt);
         let token = auth::new_token();
         let now = now_ms();
         let session = SessionRecord {
@@ -964,9 +977,9 @@ impl App {
             ));
         }
         let password = u.password.clone();
-        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
-            .await
-            .map_err(|e| ApiError::unavailable(format!("hashing the password: {e}")))?
+        let hash = self
+            .hash(move || auth::hash_password(&password))
+            .await?
             .map_err(ApiError::unavailable)?;
         let parent = match c.user.role {
             Role::PowerUser => Some(c.user.id),
@@ -1030,9 +1043,9 @@ impl App {
                 .await?;
         }
         if let Some(p) = ch.password {
-            let hash = tokio::task::spawn_blocking(move || auth::hash_password(&p))
-                .await
-                .map_err(|e| ApiError::unavailable(format!("hashing the password: {e}")))?
+            let hash = self
+                .hash(move || auth::hash_password(&p))
+                .await?
                 .map_err(ApiError::unavailable)?;
             self.cluster
                 .act(
