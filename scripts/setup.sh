@@ -18,7 +18,7 @@ needs=(
     "as binutils"
     "/usr/share/seabios/bios-256k.bin seabios"
     "grub-mkimage grub-common"
-    "/usr/lib/grub/i386-pc/eltorito.img grub-pc-bin"
+    "/usr/lib/grub/i386-pc/cdboot.img grub-pc-bin"
     "xorriso xorriso"
     "/usr/include/rocksdb/c.h librocksdb-dev"
     "/usr/lib/llvm-*/lib/libclang.so libclang-dev"

@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 out=$1 cmdline=$2 proof=${3:-cd-proof}
 ensure_tool grub-mkimage grub-common
-if [ ! -e /usr/lib/grub/i386-pc/eltorito.img ]; then
+if [ ! -e /usr/lib/grub/i386-pc/cdboot.img ]; then
     log "installing host package grub-pc-bin (GRUB's BIOS modules)"
     apt-get install -y grub-pc-bin >&2 || { apt_update && apt-get install -y grub-pc-bin >&2; } ||
         die "cannot install grub-pc-bin"
