@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--silence SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
 # --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
 # it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
 # --extra puts another program (a test tool, with its libraries) or a data file (a disk or CD
@@ -8,7 +8,9 @@
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
 # scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout, 125 when the test host
-# stopped without that line, 126 when its own kernel locked up or panicked.
+# stopped without that line, 126 when its own kernel locked up or panicked, or (--silence SECS)
+# when its console printed nothing for SECS: the test host hung. Only for scenarios whose guests
+# always print within that time (guest.sh's run_guest reports a stuck guest itself).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,13 +21,14 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 mem=3072 smp=2 interactive= forwards= extras=()
+scenario='' enspeed='' timeout=900 silence=0 mem=3072 smp=2 interactive= forwards= extras=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
     --enspeed) enspeed=${2:?--enspeed needs a path}; shift 2 ;;
     --extra) extras+=("${2:?--extra needs a path}"); shift 2 ;;
     --timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
+    --silence) silence=${2:?--silence needs seconds}; shift 2 ;;
     --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
     --smp) smp=${2:?--smp needs a count}; shift 2 ;;
     --interactive) interactive=1; shift ;;
@@ -96,10 +99,18 @@ else
     : >"$work/console.log"
     own_failure='^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing)'
     (
+        size=0 quiet=0
         while sleep 5; do
             [ -d "$work" ] || exit 0
             if grep -qE "$own_failure" "$work/console.log" 2>/dev/null; then
                 grep -m1 -E "$own_failure" "$work/console.log" >"$work/broken"
+                pkill -f "testhost-$$-qemu" || true
+                exit 0
+            fi
+            now=$(stat -c %s "$work/console.log" 2>/dev/null || echo 0)
+            if [ "$now" = "$size" ]; then quiet=$((quiet + 5)); else size=$now quiet=0; fi
+            if [ "$silence" -gt 0 ] && [ "$quiet" -ge "$silence" ]; then
+                echo "the test host hung: nothing on its console for $quiet s" >"$work/broken"
                 pkill -f "testhost-$$-qemu" || true
                 exit 0
             fi
@@ -125,7 +136,7 @@ set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
 if [ -s "$work/broken" ]; then
-    log "the test host's own kernel failed ($(tr -d '\r' <"$work/broken")); QEMU stopped after $elapsed s"
+    log "the test host failed itself ($(tr -d '\r' <"$work/broken")); QEMU stopped after $elapsed s"
     exit 126
 fi
 if [ "$qemu_rc" = 124 ]; then

@@ -28,16 +28,21 @@ fn scenario_with(name: &str, extras: &[&str]) {
             .arg(root.join("tests/testhost").join(name))
             .arg("--enspeed")
             .arg(enspeed_bin())
-            .args(["--timeout", "900"]);
+            .args(["--timeout", "900"])
+            // Every scenario's guests stream their consoles, and a stuck guest is reported
+            // within its run_guest limit (at most 300 s): five minutes of silence is the test
+            // host itself hung (exit 126, run again like its other failures).
+            .args(["--silence", "300"]);
         for e in extras {
             cmd.args(["--extra", e]);
         }
         cmd.output().expect("run image/testhost/run.sh")
     };
     // 125: the test host stopped without a scenario result; 126: its own kernel locked up or
-    // panicked (under the emulated AMD-V while nested guests run: about one test-host boot in
-    // fifteen overall, but one in three or four for the failover scenario, whose three servers
-    // boot a guest again and again). 122: a nested guest stalled before its init (guest.sh's
+    // panicked, or its console stayed silent for five minutes (it hung). Under the emulated
+    // AMD-V while nested guests run: about one test-host boot in fifteen overall, but one in
+    // three or four for the failover scenario, whose three servers boot a guest again and
+    // again. 122: a nested guest stalled before its init (guest.sh's
     // finish: the emulated AMD-V's early-boot glitch, which more often triple-faults it). Not
     // the scenario's failure: up to ATTEMPTS in all, loudly. Any other failure is never retried.
     const ATTEMPTS: u32 = 5;
