@@ -11,6 +11,26 @@ import type { Iso, User, Vm } from "../types";
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
 
+/** How a VM boots, as the create and change forms offer it: "bios:ORDER" or "kernel". */
+function bootField(test: string): HTMLElement {
+  return field(
+    "Boots",
+    h(
+      "select",
+      { name: "boot", "data-test": test },
+      h("option", { value: "bios:disk_first" }, "blank PC (BIOS): disk, then CD-ROM"),
+      h("option", { value: "bios:cdrom_first" }, "blank PC (BIOS): CD-ROM first"),
+      h("option", { value: "kernel" }, "the cluster's guest system"),
+    ),
+  );
+}
+
+/** The boot mode and order a form's `bootField` names. */
+function bootChoice(f: HTMLFormElement): { boot: string; boot_order?: string } {
+  const [boot, boot_order] = value(f, "boot").split(":");
+  return { boot, boot_order };
+}
+
 export function vmsPage(ctx: PageContext): void {
   const me = ctx.me;
   const creates = me.role !== "regular";
@@ -114,16 +134,7 @@ export function vmsPage(ctx: PageContext): void {
           field(`Disk ${i} (GiB)`, h("input", { name: `disk${i}_gib`, type: "number", min: 1, placeholder: "none", "data-test": `vm-disk${i}-size` })),
         ),
         field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
-        field(
-          "Boots",
-          h(
-            "select",
-            { name: "boot", "data-test": "vm-boot" },
-            h("option", { value: "bios:disk_first" }, "blank PC (BIOS): disk, then CD-ROM"),
-            h("option", { value: "bios:cdrom_first" }, "blank PC (BIOS): CD-ROM first"),
-            h("option", { value: "kernel" }, "the cluster's guest system"),
-          ),
-        ),
+        bootField("vm-boot"),
         field("CD-ROM", h("select", { name: "iso", "data-test": "vm-iso" }, h("option", { value: "" }, "empty"))),
         h(
           "label",
@@ -142,7 +153,7 @@ export function vmsPage(ctx: PageContext): void {
       error,
       async () => {
         name = value(f, "name");
-        const [boot, boot_order] = value(f, "boot").split(":");
+        const { boot, boot_order } = bootChoice(f);
         const iso = value(f, "iso");
         const extra = [1, 2, 3].map((i) => value(f, `disk${i}_gib`)).filter((v) => v !== "").map(Number);
         const vm = await api<Vm>("POST", "/vms", {
@@ -303,16 +314,7 @@ export function vmsPage(ctx: PageContext): void {
         { class: "ops edit", "data-test": "vm-edit" },
         field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 16, value: vm.memory_mib, required: true, "data-test": "vm-edit-memory" })),
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: vm.vcpus, required: true, "data-test": "vm-edit-vcpus" })),
-        field(
-          "Boots",
-          h(
-            "select",
-            { name: "boot", "data-test": "vm-edit-boot" },
-            h("option", { value: "bios:disk_first" }, "BIOS: disk, then CD-ROM"),
-            h("option", { value: "bios:cdrom_first" }, "BIOS: CD-ROM first"),
-            h("option", { value: "kernel" }, "the cluster's guest system"),
-          ),
-        ),
+        bootField("vm-edit-boot"),
         field("Add a disk (GiB)", h("input", { name: "add_gib", type: "number", min: 1, placeholder: "none", "data-test": "vm-edit-add-disk" })),
         submit,
         error,
@@ -323,7 +325,7 @@ export function vmsPage(ctx: PageContext): void {
         submit,
         error,
         async () => {
-          const [boot, boot_order] = value(form, "boot").split(":");
+          const { boot, boot_order } = bootChoice(form);
           const add = value(form, "add_gib");
           const body: Record<string, unknown> = {
             memory_mib: Number(value(form, "memory_mib")),
