@@ -1979,17 +1979,21 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
         "{audit}"
     );
     // Its next boot goes to the CD at once: the blank disk is not tried again.
-    let r = m.send(
-        "POST",
-        &format!("/api/v1/vms/{vm}/power"),
-        Some(json!({"action": "on"})),
-    );
-    assert_eq!(r.0, 202, "{r:?}");
-    cluster::wait_for("the second boot, from the CD first", WAIT, || {
-        let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        (log.matches("S5 sleep type 5; powering off").count() == 2).then_some(())
-    });
-    let log = std::fs::read_to_string(&serial).unwrap();
+    // Powers the VM on and waits for its program's `n`th power-off; answers the serial log.
+    let boot = |n: usize, what: &str| {
+        let r = m.send(
+            "POST",
+            &format!("/api/v1/vms/{vm}/power"),
+            Some(json!({"action": "on"})),
+        );
+        assert_eq!(r.0, 202, "{r:?}");
+        cluster::wait_for(what, WAIT, || {
+            let log = std::fs::read_to_string(&serial).unwrap_or_default();
+            (log.matches("S5 sleep type 5; powering off").count() == n).then_some(())
+        });
+        std::fs::read_to_string(&serial).unwrap()
+    };
+    let log = boot(2, "the second boot, from the CD first");
     assert_eq!(blank_disks(&log), 1, "{log}");
     cluster::wait_for("the VM stopped again", WAIT, || {
         let v = m.get(&format!("/api/v1/vms/{vm}")).1;
@@ -2001,17 +2005,7 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let r = edit(json!({"add_disks_gib": [1], "boot_order": "disk_first"}));
     assert_eq!(r.0, 200, "{r:?}");
     assert_eq!(r.1["disks"].as_array().map(Vec::len), Some(3), "{r:?}");
-    let r = m.send(
-        "POST",
-        &format!("/api/v1/vms/{vm}/power"),
-        Some(json!({"action": "on"})),
-    );
-    assert_eq!(r.0, 202, "{r:?}");
-    cluster::wait_for("the third boot, with three disks", WAIT, || {
-        let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        (log.matches("S5 sleep type 5; powering off").count() == 3).then_some(())
-    });
-    let log = std::fs::read_to_string(&serial).unwrap();
+    let log = boot(3, "the third boot, with three disks");
     assert_eq!(blank_disks(&log), 2, "{log}");
     assert!(log.contains("bootdisk: hard disks 03"), "{log}");
     let audit = m.get("/api/v1/audit").1.to_string();
