@@ -395,8 +395,15 @@ fn firmware_options_that_cannot_be_served_are_refused_clearly() {
     assert!(!ok && err.contains("bios or uefi"), "{err}");
     let (ok, err) = run(&["--firmware", "bios", "--kernel", "/k"]);
     assert!(!ok && err.contains("--kernel"), "{err}");
-    if kvm_available("firmware_options_refused (uefi)") {
-        let (ok, err) = run(&["--firmware", "uefi"]);
-        assert!(!ok && err.contains("OVMF"), "{err}");
-    }
+    // UEFI runs in the test host (tests/tests/testhost.rs); here only its image is checked.
+    let (ok, err) = run(&[
+        "--firmware",
+        "uefi",
+        "--firmware-image",
+        "/nonexistent/OVMF.fd",
+    ]);
+    assert!(
+        !ok && err.contains("/nonexistent/OVMF.fd") && err.contains("ovmf package"),
+        "{err}"
+    );
 }

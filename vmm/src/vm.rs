@@ -31,7 +31,7 @@ use crate::arch::firmware::BootDevice;
 use crate::arch::layout::*;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::bus::{lock, Bus};
-use crate::config::{Boot, BootOrder, DiskBus, DiskKind, Firmware, SerialTarget, VmConfig};
+use crate::config::{Boot, BootOrder, DiskBus, DiskKind, SerialTarget, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ResetPort};
 use crate::devices::ahci::ata::AtaDisk;
 use crate::devices::ahci::atapi::Cdrom;
@@ -42,7 +42,8 @@ use crate::devices::framebuffer::{Framebuffer, FramebufferError};
 use crate::devices::fw_cfg::{self, FwCfg};
 use crate::devices::i8042::{KeyStroke, I8042};
 use crate::devices::pci::msix::MsiSender;
-use crate::devices::pci::{PciBus, PciConfigIo, PciWindow};
+use crate::devices::pci::piix::{self, ChipsetFunction};
+use crate::devices::pci::{PciBus, PciConfigIo, PciWindow, SharedPciDevice};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
 use crate::devices::virtio::block::Block;
@@ -622,15 +623,10 @@ impl Vm {
                 cdrom,
                 order,
             } => {
-                if *firmware == Firmware::Uefi {
-                    return Err(VmError::Config(
-                        "UEFI firmware (OVMF) is not supported yet; use --firmware bios".into(),
-                    ));
-                }
                 let bios_image = firmware::Image::load(
                     image
                         .as_deref()
-                        .unwrap_or(std::path::Path::new(firmware::SEABIOS)),
+                        .unwrap_or(firmware::default_image(*firmware)),
                 )?;
                 let rom = map_rom(&kvm, &vm, &bios_image, mem.num_regions() as u32)?;
                 bios_image.copy_low(&mem)?;
@@ -641,6 +637,18 @@ impl Vm {
                     firmware::PCI_WINDOW_END,
                 );
                 let mut bus = PciBus::new();
+                // Slot 1: the PIIX's ISA bridge and power management, where
+                // both firmwares look for the chipset's legacy side.
+                let chipset = |f: ChipsetFunction| -> SharedPciDevice { Arc::new(Mutex::new(f)) };
+                bus.add_function(piix::SLOT, 0, chipset(ChipsetFunction::isa_bridge()))
+                    .and_then(|()| {
+                        bus.add_function(
+                            piix::SLOT,
+                            piix::PM_FUNCTION,
+                            chipset(ChipsetFunction::power_management()),
+                        )
+                    })
+                    .map_err(|e| VmError::Config(e.to_string()))?;
                 if let Some(fb) = fb {
                     // Memory slots: RAM, then the firmware, then the VGA's framebuffer.
                     let bios = image

@@ -1,8 +1,8 @@
-//! Firmware boot: the BIOS image at the top of the 32-bit address space
-//! (its last 128 KiB also below 1 MiB, where a PC's CPU finds its first
-//! instructions after reset), and what the firmware reads from fw_cfg: the
-//! memory map, the boot order, the ACPI tables with their loader script,
-//! and its console settings.
+//! Firmware boot: the firmware image (SeaBIOS or OVMF) at the top of the
+//! 32-bit address space (its last 128 KiB also below 1 MiB, where a PC's
+//! CPU finds its first instructions after reset in real mode), and what the
+//! firmware reads from fw_cfg: the memory map, the boot order, the ACPI
+//! tables with their loader script, and its console settings.
 
 use std::path::{Path, PathBuf};
 
@@ -10,11 +10,24 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::acpi::{self, Platform};
 use super::layout::SERIAL_PORT;
+use crate::config::Firmware;
 use crate::devices::fw_cfg::{FwCfg, FwCfgError};
 use crate::memory::{ram_ranges, GuestMemory};
 
 /// Where Debian's `seabios` package puts the BIOS QEMU's PC machines use.
 pub const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+/// Where Debian's `ovmf` package puts UEFI firmware for x86-64 with its
+/// variable store in the same image (QEMU's `-bios`): with no flash device
+/// to write them to, OVMF keeps its variables in memory for the boot.
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// The image `firmware` boots from when none is named.
+pub fn default_image(firmware: Firmware) -> &'static Path {
+    Path::new(match firmware {
+        Firmware::Bios => SEABIOS,
+        Firmware::Uefi => OVMF,
+    })
+}
 /// The part of the image also mapped below 1 MiB.
 const LOW_ALIAS: u64 = 128 << 10;
 /// Largest image accepted (16 MiB, the flash window below 4 GiB).
@@ -24,7 +37,10 @@ const MAX_IMAGE: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
     /// The image cannot be read.
-    #[error("cannot read firmware {path}: {err} (Debian's seabios package provides it)")]
+    #[error(
+        "cannot read firmware {path}: {err} (Debian's seabios package provides {SEABIOS}, \
+         its ovmf package {OVMF})"
+    )]
     Read {
         /// The image.
         path: PathBuf,
@@ -124,11 +140,17 @@ pub enum BootDevice {
 }
 
 impl BootDevice {
-    /// The OpenFirmware-style path SeaBIOS matches its devices against.
+    /// The OpenFirmware-style path both firmwares match their devices
+    /// against: SeaBIOS by its own patterns (`/pci@i0cf8/*@5`) as prefixes,
+    /// OVMF by translating it to a UEFI device path. OVMF knows SATA ports
+    /// under the name of QEMU's AHCI controller, and a PCI function by any
+    /// other name (its whole disk, whatever the partitions).
     fn path(&self) -> String {
         match self {
-            BootDevice::Virtio(slot) => format!("/pci@i0cf8/*@{slot:x}"),
-            BootDevice::Sata(slot, port) => format!("/pci@i0cf8/*@{slot:x}/drive@{port:x}/disk@0"),
+            BootDevice::Virtio(slot) => format!("/pci@i0cf8/virtio-blk@{slot:x}"),
+            BootDevice::Sata(slot, port) => {
+                format!("/pci@i0cf8/pci8086,2922@{slot:x}/drive@{port:x}/disk@0")
+            }
         }
     }
 }
@@ -169,7 +191,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string()
-            .contains("seabios"));
+            .contains("seabios package provides"));
         let good = dir.join("bios.bin");
         let mut img = vec![0u8; 256 << 10];
         img[(256 << 10) - 16] = 0xea; // the reset vector's far jump
@@ -185,10 +207,11 @@ mod tests {
         assert_eq!(pci_window_start(1 << 30), 0x8000_0000);
         assert_eq!(pci_window_start(0xc000_0000), 0xc000_0000);
         assert_eq!(e820(5 << 30).len(), 40);
-        assert_eq!(BootDevice::Virtio(0x1a).path(), "/pci@i0cf8/*@1a");
+        assert_eq!(BootDevice::Virtio(0x1a).path(), "/pci@i0cf8/virtio-blk@1a");
         assert_eq!(
             BootDevice::Sata(3, 1).path(),
-            "/pci@i0cf8/*@3/drive@1/disk@0"
+            "/pci@i0cf8/pci8086,2922@3/drive@1/disk@0"
         );
+        assert!(Image::load(default_image(Firmware::Uefi)).is_ok() || !Path::new(OVMF).exists());
     }
 }

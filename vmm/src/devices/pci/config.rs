@@ -244,6 +244,11 @@ impl PciConfig {
         u32::from_le_bytes(self.regs[offset..offset + 4].try_into().expect("4 bytes"))
     }
 
+    /// Sets an 8-bit register as the device (no mask).
+    pub fn set_u8(&mut self, offset: usize, v: u8) {
+        self.regs[offset] = v;
+    }
+
     /// Sets a 16-bit register as the device (no mask).
     pub fn set_u16(&mut self, offset: usize, v: u16) {
         self.regs[offset..offset + 2].copy_from_slice(&v.to_le_bytes());

@@ -2,7 +2,8 @@
 //! it: configuration mechanism #1 on ports 0xCF8/0xCFC, an i440FX-compatible
 //! host bridge at 00:00.0 (with the subsystem IDs SeaBIOS looks for to know
 //! its platform), and devices in slots 1-31 whose memory BARs the firmware
-//! places inside the 32-bit PCI window.
+//! places inside the 32-bit PCI window. A slot holds one function, or up to
+//! eight when its function 0 says it is multi-function (the PIIX's slot 1).
 //!
 //! Guest accesses to the window are dispatched by the BARs as they stand at
 //! the time of the access, so a guest that moves a BAR moves the device.
@@ -10,6 +11,7 @@
 pub mod config;
 pub mod msi;
 pub mod msix;
+pub mod piix;
 
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +20,8 @@ pub use config::{BarKind, Identity, PciConfig};
 
 /// Devices on the bus: slot 0 is the host bridge.
 pub const SLOTS: usize = 32;
+/// Functions in a slot.
+pub const FUNCTIONS: usize = 8;
 
 /// A PCI function.
 pub trait PciDevice: Send {
@@ -35,9 +39,9 @@ pub trait PciDevice: Send {
 /// A shared PCI function.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
-/// Bus 0: the host bridge and up to 31 devices, function 0 each.
+/// Bus 0: the host bridge and up to 31 devices, indexed by slot and function.
 pub struct PciBus {
-    slots: Vec<Option<SharedPciDevice>>,
+    functions: Vec<Option<SharedPciDevice>>,
 }
 
 /// Errors while wiring the bus.
@@ -46,39 +50,69 @@ pub enum PciError {
     /// Every slot is taken.
     #[error("no free PCI slot for another device (at most {} devices)", SLOTS - 1)]
     Full,
+    /// A function's place is taken or out of range.
+    #[error("PCI function {slot:02x}.{function} is taken or does not exist")]
+    Taken {
+        /// The slot.
+        slot: u8,
+        /// The function.
+        function: u8,
+    },
 }
 
 impl PciBus {
     /// A bus with only the host bridge.
     pub fn new() -> Self {
-        let mut slots: Vec<Option<SharedPciDevice>> = vec![None; SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
-        PciBus { slots }
+        let mut functions: Vec<Option<SharedPciDevice>> = vec![None; SLOTS * FUNCTIONS];
+        functions[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        PciBus { functions }
     }
 
-    /// Puts `dev` in the first free slot and returns the slot.
+    /// Puts `dev` as function 0 of the first free slot and returns the slot.
     pub fn add(&mut self, dev: SharedPciDevice) -> Result<u8, PciError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::Full)?;
-        self.slots[slot] = Some(dev);
-        Ok(slot as u8)
+        let slot = self.next_slot().ok_or(PciError::Full)?;
+        self.functions[usize::from(slot) * FUNCTIONS] = Some(dev);
+        Ok(slot)
+    }
+
+    /// Puts `dev` at `slot`.`function`, which must be free.
+    pub fn add_function(
+        &mut self,
+        slot: u8,
+        function: u8,
+        dev: SharedPciDevice,
+    ) -> Result<(), PciError> {
+        let taken = PciError::Taken { slot, function };
+        if usize::from(function) >= FUNCTIONS {
+            return Err(taken);
+        }
+        let place = self
+            .functions
+            .get_mut(usize::from(slot) * FUNCTIONS + usize::from(function))
+            .ok_or(PciError::Taken { slot, function })?;
+        if place.is_some() {
+            return Err(taken);
+        }
+        *place = Some(dev);
+        Ok(())
     }
 
     /// The slot the next device added goes in.
     pub fn next_slot(&self) -> Option<u8> {
-        self.slots.iter().position(Option::is_none).map(|s| s as u8)
+        (0..SLOTS)
+            .find(|s| self.functions[s * FUNCTIONS..(s + 1) * FUNCTIONS].iter().all(Option::is_none))
+            .map(|s| s as u8)
     }
 
-    fn device(&self, slot: usize) -> Option<&SharedPciDevice> {
-        self.slots.get(slot).and_then(Option::as_ref)
+    fn device(&self, slot: usize, function: usize) -> Option<&SharedPciDevice> {
+        self.functions
+            .get(slot * FUNCTIONS + function)
+            .and_then(Option::as_ref)
     }
 
     /// The device whose memory BAR holds `addr`, with the BAR and offset.
     fn decode(&self, addr: u64, len: usize) -> Option<(&SharedPciDevice, usize, u64)> {
-        for dev in self.slots.iter().flatten() {
+        for dev in self.functions.iter().flatten() {
             let d = lock(dev);
             for bar in 0..=config::ROM_BAR {
                 if let Some((base, size)) = d.config().bar_window(bar) {
@@ -118,7 +152,7 @@ impl PciConfigIo {
         }
     }
 
-    /// The selected device and register, if the address is enabled and on bus 0, function 0.
+    /// The selected function and register, if the address is enabled and on bus 0.
     fn target(&self, offset: u64) -> Option<(&SharedPciDevice, usize)> {
         if self.address & 0x8000_0000 == 0 {
             return None;
@@ -126,11 +160,11 @@ impl PciConfigIo {
         let bus = (self.address >> 16) & 0xff;
         let slot = (self.address >> 11) & 0x1f;
         let function = (self.address >> 8) & 0x7;
-        if bus != 0 || function != 0 {
+        if bus != 0 {
             return None;
         }
         let reg = (self.address & 0xfc) as usize + (offset - 4) as usize;
-        Some((self.bus.device(slot as usize)?, reg))
+        Some((self.bus.device(slot as usize, function as usize)?, reg))
     }
 }
 
