@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test host into $ENSPEED_CACHE/testhost (default ~/.cache/enspeed/testhost): the
 # Debian kernel and a busybox initramfs with KVM (kvm_amd), tun, loop, ext4, QEMU with its
-# libraries and x86 firmware (for the reference benchmark), the guest kit under /kit and the
+# libraries and x86 firmware (for the reference benchmark), SeaBIOS and OVMF (for EnSpeed's
+# firmware boots and QEMU's), the guest kit under /kit and the
 # scenario helpers. run.sh boots it under QEMU TCG with an emulated AMD-V.
 # Idempotent: rebuilds only when its inputs (scripts, package versions, the kit, the host
 # libraries copied in) change.
@@ -34,7 +35,7 @@ OUT=$CACHE/testhost
 mkdir -p "$CACHE/debs"
 
 kpkg=$(kernel_package)
-pkgs="$kpkg busybox-static qemu-system-x86 qemu-system-data seabios"
+pkgs="$kpkg busybox-static qemu-system-x86 qemu-system-data seabios ovmf"
 deb_resolve $pkgs
 qemu_root=$(deb_unpack qemu-system-x86)
 qemu_bin=$qemu_root/usr/bin/qemu-system-x86_64
@@ -58,6 +59,7 @@ bbroot=$(deb_unpack busybox-static)
 deb_unpack qemu-system-x86 >/dev/null
 dataroot=$(deb_unpack qemu-system-data)
 seabiosroot=$(deb_unpack seabios)
+ovmfroot=$(deb_unpack ovmf)
 kver=$(ls "$kroot/lib/modules")
 printf 'kernel-release %s\n' "$kver" >>"$MANIFEST_FILE"
 sed 's/^/kit: /' "$KIT/MANIFEST" >>"$MANIFEST_FILE"
@@ -80,6 +82,10 @@ for f in $QEMU_DATA; do
     cp -P "$dataroot/$f" "$root/$f"
 done
 cp "$seabiosroot"/usr/share/seabios/*.bin "$root/usr/share/seabios/"
+# OVMF with its variables in the same image, as `enspeed vmm --firmware uefi` and QEMU's
+# -bios take it.
+mkdir -p "$root/usr/share/ovmf"
+cp "$ovmfroot/usr/share/ovmf/OVMF.fd" "$root/usr/share/ovmf/"
 
 cp "$KIT/vmlinuz" "$KIT/initrd.img" "$KIT/disk.ext4" "$KIT/MANIFEST" "$root/kit/"
 install -m 0644 "$here/guest.sh" "$root/usr/lib/testhost/guest.sh"
