@@ -877,8 +877,8 @@ impl Reconciler {
                     cmd.args(["--initrd", &vm.initrd]);
                 }
             }
-            BootMode::Bios => {
-                cmd.args(["--firmware", "bios"]).args([
+            BootMode::Bios | BootMode::Uefi => {
+                cmd.args(["--firmware", vm.boot.firmware().unwrap_or("bios")]).args([
                     "--boot",
                     match vm.boot_order {
                         BootOrder::DiskFirst => "disk,cdrom",
@@ -906,8 +906,8 @@ impl Reconciler {
                 .arg("--disk")
                 .arg(format!("{},readonly", path.display())),
             (None, BootMode::Kernel) => cmd.args(["--disk", "empty,readonly"]),
-            (Some(path), BootMode::Bios) => cmd.arg("--cdrom").arg(path),
-            (None, BootMode::Bios) => cmd.args(["--cdrom", "empty"]),
+            (Some(path), BootMode::Bios | BootMode::Uefi) => cmd.arg("--cdrom").arg(path),
+            (None, BootMode::Bios | BootMode::Uefi) => cmd.args(["--cdrom", "empty"]),
         };
         self.media.insert(vm.name.clone(), (cdrom, Instant::now()));
         cmd.arg("--serial")

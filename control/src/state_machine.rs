@@ -166,6 +166,20 @@ pub enum BootMode {
     Kernel,
     /// A blank PC: SeaBIOS boots its disks or the ISO in its CD-ROM drive.
     Bios,
+    /// A blank PC with UEFI firmware: OVMF boots its disks or the ISO in its CD-ROM drive.
+    Uefi,
+}
+
+impl BootMode {
+    /// The firmware that starts the VM (`enspeed vmm --firmware`), or none for the
+    /// cluster's guest kernel.
+    pub fn firmware(self) -> Option<&'static str> {
+        match self {
+            BootMode::Kernel => None,
+            BootMode::Bios => Some("bios"),
+            BootMode::Uefi => Some("uefi"),
+        }
+    }
 }
 
 /// What the firmware boots first.
@@ -2431,12 +2445,14 @@ mod tests {
             (512, 2, BootOrder::CdromFirst)
         );
         assert!(refused(act(&mut sm, p, edit(Some(512), None))).contains("nothing changes"));
+        act(&mut sm, p, edit(None, Some(BootMode::Uefi))).unwrap();
+        assert_eq!(sm.vms["v"].boot.firmware(), Some("uefi"));
         sm.vms.get_mut("v").unwrap().running = true;
         assert!(refused(act(&mut sm, p, edit(Some(256), None))).contains("powered on"));
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
         assert_eq!(
             audit.iter().filter(|a| **a == "vm.edit").count(),
-            1,
+            2,
             "{audit:?}"
         );
     }

@@ -1907,7 +1907,7 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let bad = m.send(
         "POST",
         "/api/v1/vms",
-        Some(json!({"name": "b0", "memory_mib": 128, "disk_gib": 1, "boot": "uefi"})),
+        Some(json!({"name": "b0", "memory_mib": 128, "disk_gib": 1, "boot": "coreboot"})),
     );
     assert_eq!(bad.0, 400, "{bad:?}");
     let r = m.send(
@@ -2010,6 +2010,20 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     assert!(log.contains("bootdisk: hard disks 03"), "{log}");
     let audit = m.get("/api/v1/audit").1.to_string();
     assert!(audit.contains("disks added: 1 GiB"), "{audit}");
+
+    // Its firmware becomes UEFI (OVMF runs only in the test host: here the VM stays off).
+    cluster::wait_for("the VM stopped a third time", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "stopped").then_some(())
+    });
+    let r = edit(json!({"boot": "uefi"}));
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(
+        (r.1["boot"].clone(), r.1["boot_order"].clone()),
+        (json!("uefi"), json!("disk_first"))
+    );
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("boots Uefi"), "{audit}");
 }
 
 #[test]

@@ -93,6 +93,9 @@ pub enum VmCommand {
         /// With --blank: boot the CD-ROM before the disk.
         #[arg(long, requires = "blank")]
         cdrom_first: bool,
+        /// With --blank: UEFI firmware (OVMF) instead of the BIOS.
+        #[arg(long, requires = "blank")]
+        uefi: bool,
     },
     /// Change a powered-off VM: memory, vCPUs, how it boots, more disks.
     Edit {
@@ -104,10 +107,11 @@ pub enum VmCommand {
         /// vCPUs.
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Boot: kernel (the cluster's guest system) or bios (a blank PC's disk and CD).
+        /// Boot: kernel (the cluster's guest system), or bios or uefi (a blank PC's disk and CD
+        /// through that firmware).
         #[arg(long)]
         boot: Option<String>,
-        /// With bios: disk_first or cdrom_first.
+        /// With bios or uefi: disk_first or cdrom_first.
         #[arg(long)]
         boot_order: Option<String>,
         /// A new blank disk of this many GiB after its others (repeat it for more, up to Disk3).
@@ -568,6 +572,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             blank,
             iso,
             cdrom_first,
+            uefi,
         } => {
             let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
             if !extra_disk.is_empty() {
@@ -577,7 +582,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
                 body["owner"] = json!(o);
             }
             if blank {
-                body["boot"] = json!("bios");
+                body["boot"] = json!(if uefi { "uefi" } else { "bios" });
                 if cdrom_first {
                     body["boot_order"] = json!("cdrom_first");
                 }

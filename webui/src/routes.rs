@@ -10,7 +10,7 @@
 //!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?,
 //!                                        add_disks_gib? (new blank disks, up to Disk3)}
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, extra_disks_gib?, owner?, start?,
-//!                                        boot? (kernel|bios), boot_order? (disk_first|cdrom_first), iso?}
+//!                                        boot? (kernel|bios|uefi), boot_order? (disk_first|cdrom_first), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
@@ -84,10 +84,10 @@ struct NewVm {
     owner: Option<u64>,
     #[serde(default)]
     start: bool,
-    /// kernel (the cluster's guest kernel, the default) or bios (a blank PC).
+    /// kernel (the cluster's guest kernel, the default), or bios or uefi (a blank PC).
     #[serde(default)]
     boot: state_machine::BootMode,
-    /// With bios: disk_first (the default) or cdrom_first.
+    /// With bios or uefi: disk_first (the default) or cdrom_first.
     #[serde(default)]
     boot_order: state_machine::BootOrder,
     /// A library ISO in the CD-ROM drive from the start.
@@ -910,7 +910,7 @@ impl App {
         if kernel && self.cfg.guest.kernel.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                "this cluster has no guest kernel to boot VMs from (enspeed server --guest-kernel); create a blank VM (boot: bios) instead",
+                "this cluster has no guest kernel to boot VMs from (enspeed server --guest-kernel); create a blank VM (boot: bios or uefi) instead",
             ));
         }
         // A blank VM boots from its disk and CD; it carries no kernel of the cluster's.

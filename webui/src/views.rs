@@ -136,9 +136,10 @@ pub struct VmView {
     pub replication: Replication,
     /// The ISO in its CD-ROM drive; none: empty.
     pub cdrom: Option<String>,
-    /// How it starts: `kernel` (the cluster's guest kernel) or `bios` (its disks and CD).
+    /// How it starts: `kernel` (the cluster's guest kernel), or `bios` or `uefi` (its disks
+    /// and CD, through that firmware).
     pub boot: BootMode,
-    /// With `bios`: `disk_first` or `cdrom_first`.
+    /// With `bios` or `uefi`: `disk_first` or `cdrom_first`.
     pub boot_order: BootOrder,
 }
 

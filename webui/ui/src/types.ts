@@ -55,9 +55,9 @@ export interface Vm {
   replication: Replication;
   /** The ISO in its CD-ROM drive. */
   cdrom?: string | null;
-  /** How it starts: the cluster's guest kernel, or a blank PC's BIOS. */
-  boot: "kernel" | "bios";
-  /** With BIOS boot: what it boots first. */
+  /** How it starts: the cluster's guest kernel, or a blank PC's BIOS or UEFI firmware. */
+  boot: "kernel" | "bios" | "uefi";
+  /** With firmware boot: what it boots first. */
   boot_order: "disk_first" | "cdrom_first";
 }
 

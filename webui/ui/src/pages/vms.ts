@@ -11,7 +11,7 @@ import type { Iso, User, Vm } from "../types";
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
 
-/** How a VM boots, as the create and change forms offer it: "bios:ORDER" or "kernel". */
+/** How a VM boots, as the create and change forms offer it: "bios:ORDER", "uefi:ORDER" or "kernel". */
 function bootField(test: string): HTMLElement {
   return field(
     "Boots",
@@ -20,6 +20,8 @@ function bootField(test: string): HTMLElement {
       { name: "boot", "data-test": test },
       h("option", { value: "bios:disk_first" }, "blank PC (BIOS): disk, then CD-ROM"),
       h("option", { value: "bios:cdrom_first" }, "blank PC (BIOS): CD-ROM first"),
+      h("option", { value: "uefi:disk_first" }, "blank PC (UEFI): disk, then CD-ROM"),
+      h("option", { value: "uefi:cdrom_first" }, "blank PC (UEFI): CD-ROM first"),
       h("option", { value: "kernel" }, "the cluster's guest system"),
     ),
   );
@@ -286,7 +288,9 @@ export function vmsPage(ctx: PageContext): void {
           item("vCPUs", String(vm.vcpus), "vm-vcpu-count"),
           item(
             "Boots",
-            vm.boot === "bios" ? `BIOS, ${vm.boot_order === "cdrom_first" ? "CD-ROM first" : "disk first"}` : "guest system",
+            vm.boot === "kernel"
+              ? "guest system"
+              : `${vm.boot.toUpperCase()}, ${vm.boot_order === "cdrom_first" ? "CD-ROM first" : "disk first"}`,
             "vm-boot-mode",
           ),
           disks,
@@ -304,7 +308,7 @@ export function vmsPage(ctx: PageContext): void {
   // Change a powered-off VM: memory, vCPUs, how it boots, and new blank disks up to Disk3.
   function editForm(vm: Vm): HTMLFormElement {
     const stopped = vm.status === "stopped" && vm.power === "off";
-    const bootNow = vm.boot === "bios" ? `bios:${vm.boot_order}` : "kernel";
+    const bootNow = vm.boot === "kernel" ? "kernel" : `${vm.boot}:${vm.boot_order}`;
     let f = editForms.get(vm.id);
     if (!f) {
       const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "form-error" });
