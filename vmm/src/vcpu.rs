@@ -92,6 +92,20 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// The size of each access in the port I/O exit `run` describes (1, 2 or 4 bytes; a string
+/// instruction's exit carries several).
+fn pio_access_size(run: *const kvm_bindings::kvm_run) -> usize {
+    // SAFETY: `run` is the vCPU's kvm_run mapping, alive for the vCPU's life, and the exit
+    // being handled is KVM_EXIT_IO, so the `io` member of the union is the valid one. Only
+    // its `size` field is read, through a raw pointer: the exit's data (a different part of
+    // the mapping) is borrowed mutably meanwhile.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
+    match size {
+        1 | 2 | 4 => usize::from(size),
+        _ => 1,
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuThread {
     handle: JoinHandle<()>,
@@ -129,13 +143,21 @@ impl VcpuThread {
                         }
                         Run::Go => {}
                     }
+                    let run_area: *const kvm_bindings::kvm_run = fd.get_kvm_run();
                     match fd.run() {
                         Ok(exit) => match exit {
+                            // A string instruction (`rep insb`) exits once for many
+                            // accesses: each goes to the device on its own, as the
+                            // guest made them (fw_cfg's data port is read this way).
                             VcpuExit::IoIn(port, data) => {
-                                pio.read(u64::from(port), data);
+                                for one in data.chunks_mut(pio_access_size(run_area)) {
+                                    pio.read(u64::from(port), one);
+                                }
                             }
                             VcpuExit::IoOut(port, data) => {
-                                pio.write(u64::from(port), data);
+                                for one in data.chunks(pio_access_size(run_area)) {
+                                    pio.write(u64::from(port), one);
+                                }
                             }
                             VcpuExit::MmioRead(addr, data) => {
                                 tracing::trace!(vcpu = id, addr, len = data.len(), "mmio read");

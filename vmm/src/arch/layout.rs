@@ -75,11 +75,11 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 /// i8042 data port; the command/status port is at +4.
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI PM1a event block (status u16, enable u16).
-pub const PM1A_EVT_PORT: u16 = 0xb000;
+pub const PM1A_EVT_PORT: u16 = 0x600;
 /// ACPI PM1a control block.
-pub const PM1A_CNT_PORT: u16 = 0xb004;
+pub const PM1A_CNT_PORT: u16 = 0x604;
 /// ACPI PM timer.
-pub const PM_TMR_PORT: u16 = 0xb008;
+pub const PM_TMR_PORT: u16 = 0x608;
 /// Length of our ACPI fixed-hardware I/O block.
 pub const ACPI_PM_LEN: u16 = 0xc;
 /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC.

@@ -5,9 +5,11 @@
 //! firmware where the ACPI fixed hardware is.
 //!
 //! The ACPI block does not move: the PM function reports it enabled at
-//! [`PM1A_EVT_PORT`] from power-on, which is where SeaBIOS and OVMF put it
-//! themselves on QEMU, so their PM timer and the FADT's agree with no
-//! relocation. What the guest writes to the base register is ignored.
+//! [`PM1A_EVT_PORT`] (0x600) from power-on. SeaBIOS puts it there itself
+//! when it finds ACPI tables in fw_cfg, and OVMF leaves an enabled block
+//! where it is and reads its timer at the base the register gives, so both
+//! firmwares' PM timer and the FADT agree. What the guest writes to the base
+//! register is ignored.
 
 use super::config::{reg, Identity, PciConfig};
 use super::PciDevice;
