@@ -878,13 +878,14 @@ impl Reconciler {
                 }
             }
             BootMode::Bios | BootMode::Uefi => {
-                cmd.args(["--firmware", vm.boot.firmware().unwrap_or("bios")]).args([
-                    "--boot",
-                    match vm.boot_order {
-                        BootOrder::DiskFirst => "disk,cdrom",
-                        BootOrder::CdromFirst => "cdrom,disk",
-                    },
-                ]);
+                cmd.args(["--firmware", vm.boot.firmware().unwrap_or("bios")])
+                    .args([
+                        "--boot",
+                        match vm.boot_order {
+                            BootOrder::DiskFirst => "disk,cdrom",
+                            BootOrder::CdromFirst => "cdrom,disk",
+                        },
+                    ]);
             }
         }
         cmd.args(["--memory", &vm.memory_mib.to_string()])

@@ -48,6 +48,8 @@ fn seabios_boots_a_virtio_pci_disk_and_the_guest_powers_off_through_acpi() {
     // Stage 2 came through SeaBIOS's virtio-blk driver on our virtio-pci transport.
     vmm.wait_for("stage 2 read through int 13h", Duration::from_secs(30));
     vmm.wait_for("bootdisk: stage 2 running", Duration::from_secs(30));
+    // Four bytes of fw_cfg's data port in one `rep insb`: each byte reaches the device.
+    vmm.wait_for("bootdisk: fw_cfg signature QEMU", Duration::from_secs(30));
     // The BIOS's timed wait, which counts the RTC's periodic interrupt.
     vmm.wait_for(
         "bootdisk: waited 50 ms through int 15h",

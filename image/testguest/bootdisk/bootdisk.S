@@ -123,6 +123,24 @@ stage2:
     call hex16
     movw $msg_crlf, %si
     call print16
+    /* fw_cfg's signature, read as OVMF reads it: one string instruction
+     * (rep insb) for four bytes of its data port. */
+    movw $0x510, %dx
+    xorw %ax, %ax
+    outw %ax, %dx
+    movw $0x511, %dx
+    xorw %ax, %ax
+    movw %ax, %es
+    movw $fwcfg_sig, %di
+    movw $4, %cx
+    cld
+    rep insb
+    movw $msg_fwcfg, %si
+    call print16
+    movw $fwcfg_sig, %si
+    call print16
+    movw $msg_crlf, %si
+    call print16
     /* 50 ms through the BIOS (int 15h, AH=86h), which counts the RTC's
      * periodic interrupt (IRQ 8). */
     movb $0x86, %ah
@@ -452,6 +470,8 @@ msg_mousewait: .asciz "bootdisk: waiting for the mouse\r\n"
 msg_mouse: .asciz "bootdisk: mouse status="
 msg_mousex: .asciz " x="
 msg_disks: .asciz "bootdisk: hard disks "
+msg_fwcfg: .asciz "bootdisk: fw_cfg signature "
+fwcfg_sig: .asciz "????"
 msg_crlf: .asciz "\r\n"
 msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"

@@ -415,7 +415,14 @@ pub mod files {
 /// the firmware to allocate both, add their addresses to every pointer and
 /// fix the checksums. Returns (name, contents) for each fw_cfg file.
 pub fn loader_files(p: &Platform) -> Vec<(&'static str, Vec<u8>)> {
-    let t = build(p, 0);
+    let mut t = build(p, 0);
+    // The checksums start at zero: OVMF writes the range's checksum over the field (the
+    // field counted in the sum), SeaBIOS subtracts the sum from it; both agree only then.
+    for &(at, _) in &t.tables {
+        t.blob[at as usize + 9] = 0;
+    }
+    t.rsdp[8] = 0;
+    t.rsdp[32] = 0;
     let name = |n: &str| {
         let mut b = [0u8; 56];
         b[..n.len()].copy_from_slice(n.as_bytes());
@@ -544,9 +551,23 @@ mod tests {
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
     }
 
+    /// How a firmware carries out ADD_CHECKSUM.
+    #[derive(Clone, Copy)]
+    enum Checksum {
+        /// SeaBIOS: subtracts the range's sum from the field.
+        Subtract,
+        /// OVMF: writes the value that makes the range sum to zero, the field included.
+        Overwrite,
+    }
+
     /// Runs the loader script the way firmware does, with the RSDP placed at
     /// `rsdp_at` and the tables at `tables_at`.
-    fn run_loader(files: &[(&str, Vec<u8>)], rsdp_at: u64, tables_at: u64) -> (Vec<u8>, Vec<u8>) {
+    fn run_loader(
+        files: &[(&str, Vec<u8>)],
+        rsdp_at: u64,
+        tables_at: u64,
+        how: Checksum,
+    ) -> (Vec<u8>, Vec<u8>) {
         let get = |n: &str| files.iter().find(|f| f.0 == n).unwrap().1.clone();
         let (mut rsdp, mut tables) = (get(files::RSDP), get(files::TABLES));
         let script = get(files::LOADER);
@@ -588,7 +609,10 @@ mod tests {
                         &mut tables
                     };
                     let s = sum(&buf[start..start + len]);
-                    buf[off] = buf[off].wrapping_sub(s);
+                    buf[off] = match how {
+                        Checksum::Subtract => buf[off].wrapping_sub(s),
+                        Checksum::Overwrite => 0u8.wrapping_sub(s),
+                    };
                 }
                 other => panic!("unknown loader command {other}"),
             }
@@ -605,47 +629,52 @@ mod tests {
         };
         let files = loader_files(&p);
         let tables_at = 0x7ffe_0000u64;
-        let (rsdp, tables) = run_loader(&files, 0xf5000, tables_at);
-        assert_eq!(&rsdp[..8], b"RSD PTR ");
-        assert_eq!(sum(&rsdp[..20]), 0);
-        assert_eq!(sum(&rsdp), 0);
-        let at = |addr: u64| (addr - tables_at) as usize;
-        let table = |addr: u64| {
-            let o = at(addr);
-            let len = u32::from_le_bytes(tables[o + 4..o + 8].try_into().unwrap()) as usize;
-            tables[o..o + len].to_vec()
-        };
-        let xsdt = table(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
-        assert_eq!(&xsdt[..4], b"XSDT");
-        assert_eq!(sum(&xsdt), 0);
-        let fadt = table(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
-        assert_eq!(&fadt[..4], b"FACP");
-        assert_eq!(sum(&fadt), 0);
-        let madt = table(u64::from_le_bytes(xsdt[44..52].try_into().unwrap()));
-        assert_eq!(&madt[..4], b"APIC");
-        assert_eq!(sum(&madt), 0);
-        let dsdt = table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
-        assert_eq!(&dsdt[..4], b"DSDT");
-        assert_eq!(sum(&dsdt), 0);
-        for name in [
-            &b"PCI0"[..],
-            b"_PRT",
-            b"_CRS",
-            b"KBD_",
-            b"MOU_",
-            b"COM1",
-            b"RTC_",
-            b"_S5_",
-        ] {
-            assert!(
-                dsdt.windows(name.len()).any(|w| w == name),
-                "{}",
-                String::from_utf8_lossy(name)
-            );
+        // The checksums start at zero, so both firmwares' ways of filling them agree.
+        let tables0 = &files.iter().find(|f| f.0 == files::TABLES).unwrap().1;
+        assert_eq!(tables0[9], 0, "the XSDT's checksum before the loader");
+        for how in [Checksum::Subtract, Checksum::Overwrite] {
+            let (rsdp, tables) = run_loader(&files, 0xf5000, tables_at, how);
+            assert_eq!(&rsdp[..8], b"RSD PTR ");
+            assert_eq!(sum(&rsdp[..20]), 0);
+            assert_eq!(sum(&rsdp), 0);
+            let at = |addr: u64| (addr - tables_at) as usize;
+            let table = |addr: u64| {
+                let o = at(addr);
+                let len = u32::from_le_bytes(tables[o + 4..o + 8].try_into().unwrap()) as usize;
+                tables[o..o + len].to_vec()
+            };
+            let xsdt = table(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+            assert_eq!(&xsdt[..4], b"XSDT");
+            assert_eq!(sum(&xsdt), 0);
+            let fadt = table(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+            assert_eq!(&fadt[..4], b"FACP");
+            assert_eq!(sum(&fadt), 0);
+            let madt = table(u64::from_le_bytes(xsdt[44..52].try_into().unwrap()));
+            assert_eq!(&madt[..4], b"APIC");
+            assert_eq!(sum(&madt), 0);
+            let dsdt = table(u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+            assert_eq!(&dsdt[..4], b"DSDT");
+            assert_eq!(sum(&dsdt), 0);
+            for name in [
+                &b"PCI0"[..],
+                b"_PRT",
+                b"_CRS",
+                b"KBD_",
+                b"MOU_",
+                b"COM1",
+                b"RTC_",
+                b"_S5_",
+            ] {
+                assert!(
+                    dsdt.windows(name.len()).any(|w| w == name),
+                    "{}",
+                    String::from_utf8_lossy(name)
+                );
+            }
+            // PNP0A03 as an EISA ID, and the window's first byte.
+            assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]));
+            assert!(dsdt.windows(4).any(|w| w == 0xc000_0000u32.to_le_bytes()));
         }
-        // PNP0A03 as an EISA ID, and the window's first byte.
-        assert!(dsdt.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]));
-        assert!(dsdt.windows(4).any(|w| w == 0xc000_0000u32.to_le_bytes()));
         // Slot 3's INTB is GSI 20.
         assert_eq!(pci_intx_gsi(3, 1), 20);
     }

@@ -132,6 +132,7 @@ impl FwCfg {
     }
 
     fn select(&mut self, k: u16) {
+        tracing::trace!(target: "fw_cfg", key = k, "select");
         self.selected = k;
         self.offset = 0;
     }
@@ -161,6 +162,7 @@ impl FwCfg {
     /// Does what `control` asks; returns the control word to write back
     /// (0 when done, the error bit if not).
     fn transfer(&mut self, control: u32, len: u32, addr: u64) -> u32 {
+        tracing::trace!(target: "fw_cfg", control, len, addr, key = self.selected, offset = self.offset, "dma");
         if control & dma::SELECT != 0 {
             self.select((control >> 16) as u16);
         }

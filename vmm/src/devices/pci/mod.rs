@@ -100,7 +100,11 @@ impl PciBus {
     /// The slot the next device added goes in.
     pub fn next_slot(&self) -> Option<u8> {
         (0..SLOTS)
-            .find(|s| self.functions[s * FUNCTIONS..(s + 1) * FUNCTIONS].iter().all(Option::is_none))
+            .find(|s| {
+                self.functions[s * FUNCTIONS..(s + 1) * FUNCTIONS]
+                    .iter()
+                    .all(Option::is_none)
+            })
             .map(|s| s as u8)
     }
 
