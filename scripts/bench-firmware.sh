@@ -3,19 +3,23 @@
 # run, and prints Markdown for BENCHMARKS.md: a blank disk falling through to an El Torito CD,
 # power-on to GRUB's first output and to the kernel's init; and power-on of a system installed
 # on the disk (no CD) to its kernel's init (tests/testhost/bench-firmware.sh).
-# Environment: BENCH_BOOTS (boots each, default 5).
+# Environment: BENCH_BOOTS (boots each, default 5); BENCH_FIRMWARE=uefi for OVMF on both
+# sides (Debian's OVMF.fd; UEFI-only ISOs) instead of SeaBIOS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
 cargo build --release -p enspeed >&2
+fw=${BENCH_FIRMWARE:-bios}
+isoflag=()
+[ "$fw" = uefi ] && isoflag=(--uefi)
 iso="$CARGO_TARGET_DIR/release/kit-bench.iso"
-image/kit/iso.sh "$iso" "console=ttyS0 quiet kit.task=poweroff" >/dev/null
+image/kit/iso.sh "${isoflag[@]}" "$iso" "console=ttyS0 quiet kit.task=poweroff" >/dev/null
 installer="$CARGO_TARGET_DIR/release/kit-install-bench.iso"
-image/kit/iso.sh "$installer" "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda" >/dev/null
+image/kit/iso.sh "${isoflag[@]}" "$installer" "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda" >/dev/null
 image/testhost/build.sh >&2
 log=$(mktemp)
 scenario=$(mktemp --suffix=.sh)
-{ echo "BENCH_BOOTS=${BENCH_BOOTS:-5}"; cat tests/testhost/bench-firmware.sh; } >"$scenario"
+{ echo "BENCH_BOOTS=${BENCH_BOOTS:-5} BENCH_FIRMWARE=$fw"; cat tests/testhost/bench-firmware.sh; } >"$scenario"
 # The test host itself fails now and then under the emulated AMD-V (125: it stopped without a
 # result, 126: its kernel locked up): run it again then, at most three times, and say so.
 for attempt in 1 2 3; do
@@ -29,7 +33,7 @@ for attempt in 1 2 3; do
     esac
 done
 [ "$rc" = 0 ] || { cat "$log" >&2; echo "bench-firmware: the test host failed three times" >&2; exit 1; }
-echo "## Firmware boot inside the test host ($(date -u +%Y-%m-%d), ${BENCH_BOOTS:-5} boots each, alternating)"
+echo "## Firmware boot ($fw) inside the test host ($(date -u +%Y-%m-%d), ${BENCH_BOOTS:-5} boots each, alternating)"
 echo
 awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {

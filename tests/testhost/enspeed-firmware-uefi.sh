@@ -6,10 +6,6 @@
 # the disk (an EFI system partition with GRUB, ext2 with kernel, initrd and grub.cfg) and
 # powers off. Then OVMF boots the installed disk: the virtio one with no CD-ROM drive at all,
 # the SATA one with the CD still in its drive (the disks come first in the boot order).
-#
-# Not in the test suite yet (see scripts/drill-uefi.sh): under the test host's QEMU 7.2 TCG,
-# OVMF's interrupt return (it restores CR8) aborts the test host itself in most runs, and
-# Linux started by OVMF finds no ACPI tables yet, so its power-off halts instead.
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
