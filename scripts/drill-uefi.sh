@@ -1,32 +1,28 @@
 #!/usr/bin/env bash
-# drill-uefi.sh [RUNS]: the UEFI install scenario (tests/testhost/enspeed-firmware-uefi.sh) in
-# the test host, up to RUNS times (default 5) until one run ends with the scenario's own
-# verdict, counting the runs the test host itself aborted in. Not part of ./test.sh: QEMU
-# 7.2's TCG (Debian 12's, which runs the test host) aborts with "tcg_handle_interrupt:
-# assertion failed: (qemu_mutex_iothread_locked())" when a nested guest writes CR8 while a
-# virtual interrupt is pending (helper_write_crN calls cpu_interrupt without the BQL), and
-# OVMF writes CR8 on every interrupt return: most runs abort. QEMU itself booting OVMF in the
-# test host aborts the same way.
+# drill-uefi.sh [RUNS]: the UEFI install scenario (tests/testhost/enspeed-firmware-uefi.sh,
+# also a test of ./test.sh) in the test host, up to RUNS times (default 5) until one run ends
+# with the scenario's own verdict, counting the runs in which the test host's QEMU aborted
+# itself: QEMU 7.2's TCG (Debian 12's, which runs the test host) aborts with
+# "tcg_handle_interrupt: assertion failed: (qemu_mutex_iothread_locked())" when a nested
+# guest writes CR8 while a virtual interrupt is pending (helper_write_crN calls cpu_interrupt
+# without the BQL), and OVMF writes CR8 on every interrupt return. QEMU itself booting OVMF
+# in the test host aborts the same way. For counting how often that happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
 cargo build --release -p enspeed >&2
 R=$CARGO_TARGET_DIR/release
-for bus in virtio sata; do
-    dev=/dev/vda
-    [ $bus = sata ] && dev=/dev/sda
-    image/kit/iso.sh --uefi "$R/uefi-$bus.iso" \
-        "console=ttyS0 quiet kit.task=install,poweroff kit.dev=$dev kit.proof=uefi-installed-$bus" \
-        enspeed-cd >/dev/null
-done
+image/kit/iso.sh --uefi "$R/uefi-virtio.iso" \
+    "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda kit.proof=uefi-installed-virtio" \
+    enspeed-cd >/dev/null
 image/testhost/build.sh
 aborted=0
 for i in $(seq 1 "$runs"); do
     set +e
     out=$(bash image/testhost/run.sh --scenario tests/testhost/enspeed-firmware-uefi.sh \
         --enspeed "$R/enspeed" --timeout 1400 --silence 300 \
-        --extra "$R/uefi-virtio.iso" --extra "$R/uefi-sata.iso" 2>&1)
+        --extra "$R/uefi-virtio.iso" 2>&1)
     rc=$?
     set -e
     if grep -q "qemu_mutex_iothread_locked" <<<"$out"; then

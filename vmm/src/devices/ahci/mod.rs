@@ -392,6 +392,7 @@ impl Ahci {
         let count48 = u64::from(u16::from_le_bytes([f[12], f[13]]));
         let lba28 = lba48 & 0xff_ffff | u64::from(f[7] & 0xf) << 24;
         let count28 = u64::from(f[12]);
+        tracing::trace!(target: "ahci", port, command, lba48, count48, "ATA command");
         let Some(drive) = self.ports[port].drive.as_mut() else {
             return Done::error(ABRT);
         };
