@@ -5,9 +5,9 @@
 # (on the SATA CD-ROM drive): its El Torito EFI image, GRUB for UEFI; the kit on the CD
 # installs itself onto the disk (an EFI system partition with GRUB, ext2 with kernel, initrd
 # and grub.cfg) and powers off. Then OVMF boots the installed disk, with no CD-ROM drive.
-# One vCPU: with two, the test host's QEMU 7.2 aborts far more often under OVMF (see
-# scripts/drill-uefi.sh). Not yet here: a SATA disk, which OVMF identifies and then never
-# reads, so it does not boot from one.
+# One vCPU: with two, the test host's QEMU 7.2 aborts far more often under OVMF. Run by
+# scripts/drill-uefi.sh, not by ./test.sh (see there why). Not yet here: a SATA disk, which
+# OVMF identifies and then never reads, so it does not boot from one.
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
