@@ -31,8 +31,8 @@ use blockrepl::daemon::{self, Request as BlockdRequest};
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    BootMode, BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord,
-    Observation, StateMachine, VmObservation, VmRecord,
+    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, Observation,
+    StateMachine, VmObservation, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -867,8 +867,8 @@ impl Reconciler {
         let _ = std::fs::remove_file(&vnc);
         let mut cmd = Command::new(&self.s.cfg.binary);
         cmd.arg("vmm");
-        match vm.boot {
-            BootMode::Kernel => {
+        match vm.boot.firmware() {
+            None => {
                 cmd.args(["--kernel", &vm.kernel]).args([
                     "--cmdline",
                     &vm.cmdline.replace("{generation}", &generation.to_string()),
@@ -877,15 +877,14 @@ impl Reconciler {
                     cmd.args(["--initrd", &vm.initrd]);
                 }
             }
-            BootMode::Bios | BootMode::Uefi => {
-                cmd.args(["--firmware", vm.boot.firmware().unwrap_or("bios")])
-                    .args([
-                        "--boot",
-                        match vm.boot_order {
-                            BootOrder::DiskFirst => "disk,cdrom",
-                            BootOrder::CdromFirst => "cdrom,disk",
-                        },
-                    ]);
+            Some(firmware) => {
+                cmd.args(["--firmware", firmware]).args([
+                    "--boot",
+                    match vm.boot_order {
+                        BootOrder::DiskFirst => "disk,cdrom",
+                        BootOrder::CdromFirst => "cdrom,disk",
+                    },
+                ]);
             }
         }
         cmd.args(["--memory", &vm.memory_mib.to_string()])
@@ -902,13 +901,13 @@ impl Reconciler {
         // With firmware boot the drive is the SATA CD-ROM; either way its media is changed on
         // the control socket as the drive after the disks.
         let cdrom = self.cdrom_file(state, vm);
-        match (&cdrom, vm.boot) {
-            (Some(path), BootMode::Kernel) => cmd
+        match (&cdrom, vm.boot.firmware()) {
+            (Some(path), None) => cmd
                 .arg("--disk")
                 .arg(format!("{},readonly", path.display())),
-            (None, BootMode::Kernel) => cmd.args(["--disk", "empty,readonly"]),
-            (Some(path), BootMode::Bios | BootMode::Uefi) => cmd.arg("--cdrom").arg(path),
-            (None, BootMode::Bios | BootMode::Uefi) => cmd.args(["--cdrom", "empty"]),
+            (None, None) => cmd.args(["--disk", "empty,readonly"]),
+            (Some(path), Some(_)) => cmd.arg("--cdrom").arg(path),
+            (None, Some(_)) => cmd.args(["--cdrom", "empty"]),
         };
         self.media.insert(vm.name.clone(), (cdrom, Instant::now()));
         cmd.arg("--serial")

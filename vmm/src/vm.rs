@@ -42,8 +42,7 @@ use crate::devices::framebuffer::{Framebuffer, FramebufferError};
 use crate::devices::fw_cfg::{self, FwCfg};
 use crate::devices::i8042::{KeyStroke, I8042};
 use crate::devices::pci::msix::MsiSender;
-use crate::devices::pci::piix::{self, ChipsetFunction};
-use crate::devices::pci::{PciBus, PciConfigIo, PciWindow, SharedPciDevice};
+use crate::devices::pci::{piix, PciBus, PciConfigIo, PciWindow};
 use crate::devices::serial::{Console, SerialDevice};
 use crate::devices::vga::{self, DispiPorts, VgaError, VgaPci, VgaPorts, VgaState, VgaWindow};
 use crate::devices::virtio::block::Block;
@@ -639,16 +638,7 @@ impl Vm {
                 let mut bus = PciBus::new();
                 // Slot 1: the PIIX's ISA bridge and power management, where
                 // both firmwares look for the chipset's legacy side.
-                let chipset = |f: ChipsetFunction| -> SharedPciDevice { Arc::new(Mutex::new(f)) };
-                bus.add_function(piix::SLOT, 0, chipset(ChipsetFunction::isa_bridge()))
-                    .and_then(|()| {
-                        bus.add_function(
-                            piix::SLOT,
-                            piix::PM_FUNCTION,
-                            chipset(ChipsetFunction::power_management()),
-                        )
-                    })
-                    .map_err(|e| VmError::Config(e.to_string()))?;
+                piix::install(&mut bus).map_err(|e| VmError::Config(e.to_string()))?;
                 if let Some(fb) = fb {
                     // Memory slots: RAM, then the firmware, then the VGA's framebuffer.
                     let bios = image

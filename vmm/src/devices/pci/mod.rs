@@ -64,7 +64,7 @@ impl PciBus {
     /// A bus with only the host bridge.
     pub fn new() -> Self {
         let mut functions: Vec<Option<SharedPciDevice>> = vec![None; SLOTS * FUNCTIONS];
-        functions[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        functions[0] = Some(Arc::new(Mutex::new(ChipsetFunction::host_bridge())));
         PciBus { functions }
     }
 
@@ -238,16 +238,23 @@ impl BusDevice for PciWindow {
     }
 }
 
-/// The host bridge: Intel 440FX identity, so firmware knows the chipset,
-/// with QEMU's subsystem IDs, so SeaBIOS takes the paravirtual paths
-/// (fw_cfg) it takes on QEMU. Its PAM registers are plain storage: guest
-/// RAM below 1 MiB is always RAM here.
-struct HostBridge {
+/// A chipset function whose configuration space is all there is to it: the
+/// host bridge here, the PIIX functions in [`piix`].
+pub struct ChipsetFunction {
     config: PciConfig,
 }
 
-impl HostBridge {
-    fn new() -> Self {
+impl ChipsetFunction {
+    /// A function with configuration space `config`, made by the caller.
+    pub fn new(config: PciConfig) -> Self {
+        ChipsetFunction { config }
+    }
+
+    /// The host bridge: Intel 440FX identity, so firmware knows the chipset,
+    /// with QEMU's subsystem IDs, so SeaBIOS takes the paravirtual paths
+    /// (fw_cfg) it takes on QEMU. Its PAM registers are plain storage: guest
+    /// RAM below 1 MiB is always RAM here.
+    fn host_bridge() -> Self {
         let mut config = PciConfig::new(
             Identity {
                 vendor: 0x8086,
@@ -262,11 +269,11 @@ impl HostBridge {
         // PAM0-6 (0x59-0x5f) and SMRAM (0x72): firmware writes them; they are kept.
         config.make_writable(0x59..0x60);
         config.make_writable(0x72..0x73);
-        HostBridge { config }
+        ChipsetFunction { config }
     }
 }
 
-impl PciDevice for HostBridge {
+impl PciDevice for ChipsetFunction {
     fn config(&self) -> &PciConfig {
         &self.config
     }

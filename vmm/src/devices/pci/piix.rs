@@ -11,14 +11,16 @@
 //! firmwares' PM timer and the FADT agree. What the guest writes to the base
 //! register is ignored.
 
+use std::sync::{Arc, Mutex};
+
 use super::config::{reg, Identity, PciConfig};
-use super::PciDevice;
+use super::{ChipsetFunction, PciBus, PciError};
 use crate::arch::layout::PM1A_EVT_PORT;
 
 /// The slot both functions are in.
-pub const SLOT: u8 = 1;
+const SLOT: u8 = 1;
 /// The power-management function's number.
-pub const PM_FUNCTION: u8 = 3;
+const PM_FUNCTION: u8 = 3;
 
 /// Header type bit: the slot has more functions than 0.
 const MULTI_FUNCTION: u8 = 0x80;
@@ -31,78 +33,65 @@ const PMREGMISC: usize = 0x80;
 /// SMM, so SeaBIOS does not wait for an SMI handler that never runs.
 const DEVACTB_TOP: usize = 0x5b;
 
-/// A function whose configuration space is all there is to it.
-pub struct ChipsetFunction {
-    config: PciConfig,
+/// Puts both functions in slot 1 of `bus`, which must be free.
+pub fn install(bus: &mut PciBus) -> Result<(), PciError> {
+    bus.add_function(SLOT, 0, Arc::new(Mutex::new(isa_bridge())))?;
+    bus.add_function(SLOT, PM_FUNCTION, Arc::new(Mutex::new(power_management())))
 }
 
-impl ChipsetFunction {
-    /// The PIIX3 PCI-to-ISA bridge, function 0 of a multi-function slot.
-    pub fn isa_bridge() -> Self {
-        let mut config = PciConfig::new(
-            Identity {
-                vendor: 0x8086,
-                device: 0x7000,
-                revision: 0,
-                class: (0x06, 0x01, 0x00),
-                subsystem_vendor: 0x1af4,
-                subsystem: 0x1100,
-            },
-            0,
-        );
-        config.set_u8(reg::HEADER_TYPE, MULTI_FUNCTION);
-        // PIRQ routing (0x60-0x63), top of memory and the APIC base: firmware
-        // writes them; they are kept.
-        config.make_writable(0x60..0x64);
-        config.make_writable(0x69..0x6a);
-        config.make_writable(0x80..0x81);
-        ChipsetFunction { config }
-    }
-
-    /// The PIIX4 power-management function, its ACPI block enabled at
-    /// [`PM1A_EVT_PORT`].
-    pub fn power_management() -> Self {
-        let mut config = PciConfig::new(
-            Identity {
-                vendor: 0x8086,
-                device: 0x7113,
-                revision: 3,
-                class: (0x06, 0x80, 0x00),
-                subsystem_vendor: 0x1af4,
-                subsystem: 0x1100,
-            },
-            0,
-        );
-        config.set_u32(PMBA, u32::from(PM1A_EVT_PORT) | 1);
-        config.set_u8(PMREGMISC, 1);
-        config.set_u8(DEVACTB_TOP, 0x02);
-        // The SMBus base and enable (0x90-0x93, 0xd2): kept, unused.
-        config.make_writable(0x90..0x94);
-        config.make_writable(0xd2..0xd3);
-        ChipsetFunction { config }
-    }
+/// The PIIX3 PCI-to-ISA bridge, function 0 of a multi-function slot.
+fn isa_bridge() -> ChipsetFunction {
+    let mut config = PciConfig::new(
+        Identity {
+            vendor: 0x8086,
+            device: 0x7000,
+            revision: 0,
+            class: (0x06, 0x01, 0x00),
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+        },
+        0,
+    );
+    config.set_u8(reg::HEADER_TYPE, MULTI_FUNCTION);
+    // PIRQ routing (0x60-0x63), top of memory and the APIC base: firmware
+    // writes them; they are kept.
+    config.make_writable(0x60..0x64);
+    config.make_writable(0x69..0x6a);
+    config.make_writable(0x80..0x81);
+    ChipsetFunction::new(config)
 }
 
-impl PciDevice for ChipsetFunction {
-    fn config(&self) -> &PciConfig {
-        &self.config
-    }
-    fn write_config(&mut self, offset: usize, data: &[u8]) {
-        self.config.write(offset, data);
-    }
-    fn read_bar(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+/// The PIIX4 power-management function, its ACPI block enabled at
+/// [`PM1A_EVT_PORT`].
+fn power_management() -> ChipsetFunction {
+    let mut config = PciConfig::new(
+        Identity {
+            vendor: 0x8086,
+            device: 0x7113,
+            revision: 3,
+            class: (0x06, 0x80, 0x00),
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+        },
+        0,
+    );
+    config.set_u32(PMBA, u32::from(PM1A_EVT_PORT) | 1);
+    config.set_u8(PMREGMISC, 1);
+    config.set_u8(DEVACTB_TOP, 0x02);
+    // The SMBus base and enable (0x90-0x93, 0xd2): kept, unused.
+    config.make_writable(0x90..0x94);
+    config.make_writable(0xd2..0xd3);
+    ChipsetFunction::new(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::pci::PciDevice;
 
     #[test]
     fn the_pm_function_reports_the_acpi_block_where_it_is_and_keeps_it_there() {
-        let mut pm = ChipsetFunction::power_management();
+        let mut pm = power_management();
         let mut d = [0u8; 4];
         pm.config().read(PMBA, &mut d);
         assert_eq!(u32::from_le_bytes(d), u32::from(PM1A_EVT_PORT) | 1);
@@ -114,7 +103,7 @@ mod tests {
         let mut b = [0u8; 1];
         pm.config().read(PMREGMISC, &mut b);
         assert_eq!(b, [1]);
-        let mut isa = ChipsetFunction::isa_bridge();
+        let mut isa = isa_bridge();
         isa.config().read(reg::HEADER_TYPE, &mut b);
         assert_eq!(b, [MULTI_FUNCTION]);
         isa.write_config(0x60, &[10, 10, 11, 11]);
