@@ -52,8 +52,20 @@ stop() {
 trap stop INT TERM EXIT
 
 for i in 1 2 3; do
-    if [ "$i" = 1 ]; then boot="--init"; else boot="--join 127.0.0.1:7401"; fi
-    # shellcheck disable=SC2086 # $boot is two words
+    if [ "$i" = 1 ]; then
+        boot="--init"
+    else
+        # The others join with the cluster's join token, made by server 1 with the cluster's CA
+        # (an empty one once their data directories hold a state: then it is not asked for).
+        n=0
+        until [ -s "$DIR/server1/tls/cluster-token" ]; do
+            n=$((n + 1))
+            [ $n -lt 300 ] || { echo "demo: server 1 made no cluster token; see $DIR/server1.log" >&2; exit 1; }
+            sleep 0.1
+        done
+        boot="--join 127.0.0.1:7401 --token $(cat "$DIR/server1/tls/cluster-token")"
+    fi
+    # shellcheck disable=SC2086 # $boot is several words
     ENSPEED_LOG=${ENSPEED_LOG:-info} "$ENSPEED" server --id "$i" --data "$DIR/server$i" \
         --listen "127.0.0.1:740$i" $boot \
         --memory-mib 1024 --disk-gib 16 --vcpus 4 \

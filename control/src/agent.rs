@@ -467,10 +467,13 @@ impl Reconciler {
         let (seen, at) = &self.library_seen;
         if *seen != state.isos || at.elapsed() >= Duration::from_secs(1) {
             self.library_seen = (state.isos.clone(), Instant::now());
-            for iso in self
-                .library
-                .pass(state, self.read_at, id, &self.s.cfg.library_dir)
-            {
+            for iso in self.library.pass(
+                self.s.node.peers(),
+                state,
+                self.read_at,
+                id,
+                &self.s.cfg.library_dir,
+            ) {
                 self.s.propose(StateCommand::IsoHeld {
                     name: iso.name,
                     sha256: iso.sha256,

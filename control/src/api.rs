@@ -1,5 +1,11 @@
 //! The client protocol: one JSON object per line each way, on the server's listen address (a
-//! connection whose first byte is `{`).
+//! connection whose first byte, after the TLS handshake, is `{`).
+//!
+//! Only servers speak it: a client is a server whose certificate the roster admits (the web
+//! server, the node agent, `enspeed cluster` run on a server with its data directory), with
+//! two exceptions for a client with no certificate: a server joining with the cluster token
+//! (`enroll`), and, on a server waiting to be added, the server inviting it (`status`,
+//! `invite`).
 //!
 //! ```text
 //!   {"op":"status"}                                    this server's view
@@ -14,8 +20,10 @@
 //!   {"op":"console","vm":NAME,"console":"serial"|"vnc"}  then the VM's console bytes (see
 //!                                                      `console`), on its primary server only
 //!   {"op":"iso_file","sha256":HASH}                    then the ISO image's bytes (`library`)
-//!   {"op":"invite","token":T,"cluster":ADDR}           a server started with --await-join
+//!   {"op":"invite","token":T,"cluster":ADDR,"cluster_token":C}
+//!                                                      a server started with --await-join
 //!                                                      joins the cluster at ADDR
+//!   {"op":"enroll","id":N,"token":C}                   a joining server's certificate
 //! answers
 //!   {"ok":true,"result":...}   {"ok":false,"error":"..."}
 //! ```
@@ -24,14 +32,16 @@
 //! while an election runs, until the request timeout).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+use enspeed_trust::{Connector, Peer, TlsStream};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::console::{self, ConsoleKind};
 use crate::node::{NodeError, NodeHandle};
+use crate::peers::Peers;
 use crate::state_machine::{Command, Query, ServerRecord};
 use crate::transport::AddressBook;
 
@@ -91,6 +101,16 @@ pub enum Request {
         token: String,
         /// Any server of the cluster to join.
         cluster: String,
+        /// The cluster's join token, to enroll with there.
+        cluster_token: String,
+    },
+    /// A joining server asks for its certificate, showing the cluster's join token; answers an
+    /// `enspeed_trust::Enrollment`.
+    Enroll {
+        /// The id it joins as.
+        id: u64,
+        /// The cluster's join token.
+        token: String,
     },
     /// Answers one line with the size of the library's image with `sha256`, then its bytes.
     IsoFile {
@@ -114,6 +134,15 @@ struct Envelope {
     request: Request,
     #[serde(default)]
     forwarded: bool,
+}
+
+impl Envelope {
+    fn new(request: Request) -> Envelope {
+        Envelope {
+            request,
+            forwarded: false,
+        }
+    }
 }
 
 /// An answer.
@@ -146,26 +175,38 @@ impl Response {
     }
 }
 
-/// Sends one request to the server at `address` and waits up to `timeout` for its answer.
-pub fn call(address: &str, request: &Request, timeout: Duration) -> io::Result<Response> {
-    call_envelope(
-        address,
-        &Envelope {
-            request: request.clone(),
-            forwarded: false,
-        },
-        timeout,
-    )
+/// Sends one request, as this member, to the server at `address` and waits up to `timeout`
+/// for its answer.
+pub fn call(
+    peers: &Peers,
+    address: &str,
+    request: &Request,
+    timeout: Duration,
+) -> io::Result<Response> {
+    let s = peers.connect(address, timeout.min(Duration::from_secs(2)))?;
+    exchange(s, address, &Envelope::new(request.clone()), timeout)
 }
 
-fn call_envelope(address: &str, env: &Envelope, timeout: Duration) -> io::Result<Response> {
-    use std::net::ToSocketAddrs;
-    let sa = address
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::other(format!("{address} resolves to nothing")))?;
-    let s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(2)))?;
-    exchange(s, address, env, timeout).map_err(|e| io::Error::new(io::ErrorKind::Other, Sent(e)))
+/// Sends one request to the server at `address` through `connector` (a joining server's, or
+/// one that reaches a waiting server) and waits up to `timeout` for its answer.
+pub fn call_with(
+    connector: &Connector,
+    address: &str,
+    request: &Request,
+    timeout: Duration,
+) -> io::Result<Response> {
+    let (s, _) = connector.connect(address, timeout.min(Duration::from_secs(2)))?;
+    exchange(s, address, &Envelope::new(request.clone()), timeout)
+}
+
+fn call_envelope(
+    peers: &Peers,
+    address: &str,
+    env: &Envelope,
+    timeout: Duration,
+) -> io::Result<Response> {
+    let s = peers.connect(address, timeout.min(Duration::from_secs(2)))?;
+    exchange(s, address, env, timeout)
 }
 
 /// A request that reached the other end's socket before the error: it may have been carried out.
@@ -180,21 +221,25 @@ impl std::fmt::Display for Sent {
 
 impl std::error::Error for Sent {}
 
+/// Sends the request on a connection made; a failure from here on is [`Sent`].
 fn exchange(
-    mut s: TcpStream,
+    mut s: TlsStream,
     address: &str,
     env: &Envelope,
     timeout: Duration,
 ) -> io::Result<Response> {
-    s.set_read_timeout(Some(timeout))?;
-    s.set_nodelay(true)?;
+    let sent = |e: io::Error| io::Error::other(Sent(e));
+    s.set_read_timeout(Some(timeout)).map_err(sent)?;
     let mut line = serde_json::to_vec(env).expect("request serializes");
     line.push(b'\n');
-    s.write_all(&line)?;
+    s.write_all(&line).map_err(sent)?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
+    BufReader::new(s)
+        .take(MAX_LINE)
+        .read_line(&mut answer)
+        .map_err(sent)?;
     serde_json::from_str(&answer)
-        .map_err(|e| io::Error::other(format!("bad answer from {address}: {e}")))
+        .map_err(|e| sent(io::Error::other(format!("bad answer from {address}: {e}"))))
 }
 
 /// What a server's client port needs beyond the node: who it is and where its VMMs live.
@@ -210,20 +255,19 @@ pub struct Local {
     pub awaiting: Option<std::sync::Arc<crate::server::Awaiting>>,
 }
 
-/// Serves one client connection: a request per line, an answer per line, until it closes; or,
-/// after a console request, the console's bytes.
+/// Serves one client connection from `peer`: a request per line, an answer per line, until it
+/// closes; or, after a console or ISO request, that stream's bytes.
 pub fn serve_client(
-    stream: TcpStream,
+    mut r: BufReader<TlsStream>,
+    peer: Peer,
     node: &NodeHandle,
     book: &AddressBook,
     local: &Local,
     timeout: Duration,
 ) {
-    let _ = stream.set_nodelay(true);
-    let Ok(mut w) = stream.try_clone() else {
+    let Ok(mut w) = r.get_ref().try_clone() else {
         return;
     };
-    let mut r = BufReader::new(stream);
     loop {
         let mut line = String::new();
         match (&mut r).take(MAX_LINE).read_line(&mut line) {
@@ -238,38 +282,134 @@ pub fn serve_client(
             );
             return;
         }
-        let answer = match serde_json::from_str::<Envelope>(&line) {
-            Ok(Envelope {
-                request: Request::Console { vm, console },
-                ..
-            }) => {
+        let env = match serde_json::from_str::<Envelope>(&line) {
+            Ok(env) => env,
+            Err(e) => {
+                let answer = Response::err(format!("bad request: {e}"));
+                if write_answer(&mut w, &answer).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let answer = match (peer, env.request) {
+            (Peer::Server { .. }, Request::Console { vm, console }) => {
                 let agent_dir = local.agent_dir.as_deref();
                 return console::serve(w, r, local.id, node, agent_dir, &vm, console);
             }
-            Ok(Envelope {
-                request: Request::IsoFile { sha256 },
-                ..
-            }) => return crate::library::serve_file(w, local.library_dir.as_deref(), &sha256),
-            Ok(Envelope {
-                request: Request::Invite { token, cluster },
-                ..
-            }) => match &local.awaiting {
+            (Peer::Server { .. }, Request::IsoFile { sha256 }) => {
+                return crate::library::serve_file(w, local.library_dir.as_deref(), &sha256)
+            }
+            (
+                _,
+                Request::Invite {
+                    token,
+                    cluster,
+                    cluster_token,
+                },
+            ) => match &local.awaiting {
                 None => Response::err(
                     "this server was not started to wait for a cluster (--await-join)",
                 ),
-                Some(a) => match a.invite(&token, &cluster) {
+                Some(a) => match a.invite(&token, &cluster, &cluster_token) {
                     Ok(id) => Response::ok(json!({ "joining": cluster, "id": id })),
                     Err(e) => Response::err(e),
                 },
             },
-            Ok(env) => handle(env, node, book, timeout),
-            Err(e) => Response::err(format!("bad request: {e}")),
+            (Peer::Anonymous, Request::Status) if local.awaiting.is_some() => {
+                handle(Envelope::new(Request::Status), node, book, timeout)
+            }
+            (Peer::Anonymous, Request::Enroll { id, token }) => enroll(node, id, &token),
+            (Peer::Anonymous | Peer::Waiting, request) => {
+                let from = r
+                    .get_ref()
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::info!(%from, "refused a request from a client without a certificate");
+                drop(request);
+                let _ = write_answer(
+                    &mut w,
+                    &Response::err(
+                        "refused: a client without a cluster certificate may only enroll",
+                    ),
+                );
+                return;
+            }
+            (Peer::Server { id, fingerprint }, Request::AddServer { mut server })
+                if !env.forwarded =>
+            {
+                if server.id != id {
+                    Response::err(format!(
+                        "refused: server {id} may add only itself, not server {}",
+                        server.id
+                    ))
+                } else {
+                    server.cert = fingerprint.hex();
+                    handle(
+                        Envelope::new(Request::AddServer { server }),
+                        node,
+                        book,
+                        timeout,
+                    )
+                }
+            }
+            (Peer::Server { .. }, request) => handle(
+                Envelope {
+                    request,
+                    forwarded: env.forwarded,
+                },
+                node,
+                book,
+                timeout,
+            ),
         };
-        let mut out = serde_json::to_vec(&answer).expect("response serializes");
-        out.push(b'\n');
-        if w.write_all(&out).is_err() {
+        if write_answer(&mut w, &answer).is_err() {
             return;
         }
+    }
+}
+
+fn write_answer(w: &mut impl Write, answer: &Response) -> io::Result<()> {
+    let mut out = serde_json::to_vec(answer).expect("response serializes");
+    out.push(b'\n');
+    w.write_all(&out)
+}
+
+/// A joining server's certificate, if it shows the cluster's join token and its id is free.
+fn enroll(node: &NodeHandle, id: u64, token: &str) -> Response {
+    let peers = node.peers();
+    let token = match enspeed_trust::ClusterToken::parse(token) {
+        Ok(t) => t,
+        Err(e) => return Response::err(e),
+    };
+    match peers.dir().admits(&token) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(server = id, "refused an enrollment: wrong cluster token");
+            return Response::err("refused: not this cluster's join token");
+        }
+        Err(e) => return Response::err(format!("this server cannot enroll servers: {e}")),
+    }
+    if id == 0 {
+        return Response::err("server ids start at 1");
+    }
+    let state = node
+        .read(Query::State, true)
+        .ok()
+        .and_then(|v| serde_json::from_value::<crate::state_machine::StateMachine>(v).ok());
+    if let Some(s) = state.as_ref().and_then(|st| st.servers.get(&id)) {
+        return Response::err(format!(
+            "refused: server id {id} belongs to the member at {}",
+            s.address
+        ));
+    }
+    match peers.dir().enroll(id) {
+        Ok(e) => {
+            tracing::info!(server = id, "enrolled a joining server");
+            Response::ok(serde_json::to_value(e).expect("enrollment serializes"))
+        }
+        Err(e) => Response::err(format!("issuing a certificate: {e}")),
     }
 }
 
@@ -323,6 +463,9 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::Invite { .. } => {
                 return Response::err("an invitation goes to the invited server itself")
             }
+            Request::Enroll { .. } => {
+                return Response::err("a server enrolls on a connection without a certificate")
+            }
         };
         let leader = match local {
             Ok(r) => return r,
@@ -345,7 +488,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
                     request: env.request.clone(),
                     forwarded: true,
                 };
-                match call_envelope(&address, &fwd, left) {
+                match call_envelope(node.peers(), &address, &fwd, left) {
                     // The leader stepped down meanwhile: look again.
                     Ok(r)
                         if r.error
@@ -406,6 +549,7 @@ mod tests {
                     mirror: String::new(),
                     down: false,
                     draining: false,
+                    cert: String::new(),
                 },
             },
             Request::RemoveServer { id: 4 },

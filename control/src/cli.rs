@@ -12,7 +12,7 @@ use crate::api::{self, Request};
 use crate::failover::FailoverTiming;
 use crate::node::NodeConfig;
 use crate::server::{self, Bootstrap, ServerConfig};
-use crate::state_machine::{Capacity, Command, Pool, Query, ServerRecord};
+use crate::state_machine::{Capacity, Command, Pool, Query};
 
 /// `enspeed server`.
 #[derive(Args, Debug)]
@@ -29,9 +29,18 @@ pub struct ServerArgs {
     /// Start a new cluster with this server as its only voter (ignored once DATA holds a state).
     #[arg(long, conflicts_with = "join")]
     init: bool,
-    /// Join the cluster of the server at this address (ignored once DATA holds a state).
-    #[arg(long, value_name = "ADDR")]
+    /// Join the cluster of the server at this address (ignored once DATA holds a state), with
+    /// the cluster's join token (--token).
+    #[arg(long, value_name = "ADDR", requires = "token")]
     join: Option<String>,
+    /// The cluster's join token, for --join: any member's DATA/tls/cluster-token.
+    #[arg(
+        long,
+        env = "ENSPEED_CLUSTER_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Wait to be added to a cluster by a Manager (VM Servers, Add server: this server's
     /// address and the token in DATA/join-token, also in the log); ignored once DATA holds a
     /// state.
@@ -138,7 +147,10 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     node.request_timeout = Duration::from_millis(a.request_timeout_ms);
     let bootstrap = match (a.init, a.join, a.await_join) {
         (true, _, _) => Bootstrap::Init,
-        (false, Some(addr), _) => Bootstrap::Join(addr),
+        (false, Some(address), _) => Bootstrap::Join {
+            address,
+            token: a.token.unwrap_or_default(),
+        },
         (false, None, true) => Bootstrap::Await,
         (false, None, false) => Bootstrap::Restart,
     };
@@ -217,12 +229,16 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     }
 }
 
-/// `enspeed cluster`.
+/// `enspeed cluster`: run on a server, as that server (its certificate, from its data
+/// directory).
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
     /// Any server of the cluster.
     #[arg(long, default_value = "127.0.0.1:7400")]
     server: String,
+    /// The data directory of the server this runs on: its certificate is the one presented.
+    #[arg(long, default_value = "/var/lib/enspeed")]
+    data: PathBuf,
     /// How long to wait for an answer, milliseconds.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
@@ -257,16 +273,6 @@ enum ClusterOp {
         /// The command.
         command: String,
     },
-    /// Add a voter.
-    AddServer {
-        /// Its Raft id.
-        id: u64,
-        /// Its listen address.
-        address: String,
-        /// A witness: votes, runs no VMs.
-        #[arg(long)]
-        witness: bool,
-    },
     /// Remove a voter.
     RemoveServer {
         /// Its Raft id.
@@ -291,24 +297,24 @@ pub fn cluster(a: ClusterArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        ClusterOp::AddServer {
-            id,
-            address,
-            witness,
-        } => Request::AddServer {
-            server: ServerRecord {
-                id,
-                address,
-                witness,
-                capacity: Capacity::default(),
-                mirror: String::new(),
-                down: false,
-                draining: false,
-            },
-        },
         ClusterOp::RemoveServer { id } => Request::RemoveServer { id },
     };
-    match api::call(&a.server, &request, Duration::from_millis(a.timeout_ms)) {
+    let peers = match crate::peers::Peers::member(&a.data) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "enspeed cluster: this server's certificate (--data {}): {e}",
+                a.data.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match api::call(
+        &peers,
+        &a.server,
+        &request,
+        Duration::from_millis(a.timeout_ms),
+    ) {
         Ok(r) if r.ok => {
             let result = r.result.unwrap_or_default();
             println!(

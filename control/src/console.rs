@@ -12,7 +12,9 @@
 //! its first byte (the VMM's server, `enspeed vmm --vnc`).
 
 use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+
+use enspeed_trust::TlsStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -163,8 +165,8 @@ pub fn open(
 /// Serves a console request that arrived on client connection `client` (its request line
 /// already read from `reader`): answers one line, then relays bytes both ways.
 pub fn serve(
-    client: TcpStream,
-    reader: BufReader<TcpStream>,
+    client: TlsStream,
+    reader: BufReader<TlsStream>,
     me: u64,
     node: &NodeHandle,
     agent_dir: Option<&Path>,
@@ -196,7 +198,7 @@ pub fn serve(
 
 /// Copies bytes between the client (whose reader may hold bytes already read) and the VMM
 /// until either side closes; then closes both.
-fn relay(mut from_client: BufReader<TcpStream>, client: TcpStream, vmm: UnixStream) {
+fn relay(mut from_client: BufReader<TlsStream>, client: TlsStream, vmm: UnixStream) {
     let (Ok(mut to_vmm), Ok(mut from_vmm)) = (vmm.try_clone(), vmm.try_clone()) else {
         return;
     };

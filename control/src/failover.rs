@@ -141,6 +141,7 @@ mod tests {
                     mirror: String::new(),
                     down: false,
                     draining: false,
+                    cert: String::new(),
                 },
             );
         }

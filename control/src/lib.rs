@@ -22,6 +22,7 @@ pub mod console;
 pub mod failover;
 pub mod library;
 pub mod node;
+pub mod peers;
 pub mod placement;
 mod raft_log;
 pub mod server;

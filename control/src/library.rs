@@ -13,7 +13,10 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::net::TcpStream;
+
+use enspeed_trust::TlsStream;
+
+use crate::peers::Peers;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -148,7 +151,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Serves `{"op":"iso_file","sha256":...}` on a client connection: one answer line with the
 /// size, then the file's bytes.
-pub fn serve_file(mut w: TcpStream, dir: Option<&Path>, sha256: &str) {
+pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
     let open = || -> Result<(File, u64), String> {
         if !is_sha256(sha256) {
             return Err(format!("{sha256:?} is not a SHA-256"));
@@ -174,13 +177,16 @@ pub fn serve_file(mut w: TcpStream, dir: Option<&Path>, sha256: &str) {
 /// Copies the image `iso` from the server at `address` into library directory `dir`,
 /// checking its size and SHA-256; `progress` gets the bytes copied so far.
 pub fn fetch(
+    peers: &Peers,
     address: &str,
     dir: &Path,
     iso: &IsoRecord,
     progress: &dyn Fn(u64),
 ) -> Result<(), String> {
     let what = |e: String| format!("ISO {} from {address}: {e}", iso.name);
-    let mut s = TcpStream::connect(address).map_err(|e| what(e.to_string()))?;
+    let mut s = peers
+        .connect(address, Duration::from_secs(5))
+        .map_err(|e| what(e.to_string()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| what(e.to_string()))?;
     let req = json!({"op": "iso_file", "sha256": iso.sha256});
@@ -244,6 +250,7 @@ impl Sync {
     /// `IsoHeld`).
     pub fn pass(
         &self,
+        peers: &Arc<Peers>,
         state: &StateMachine,
         read_at: SystemTime,
         me: u64,
@@ -259,7 +266,7 @@ impl Sync {
                 held.push(iso.clone());
                 continue;
             }
-            self.start_fetch(state, me, dir, iso);
+            self.start_fetch(peers, state, me, dir, iso);
         }
         delete_unlisted(state, read_at, dir);
         held
@@ -270,7 +277,14 @@ impl Sync {
         self.running.lock().expect("library lock").clone()
     }
 
-    fn start_fetch(&self, state: &StateMachine, me: u64, dir: &Path, iso: &IsoRecord) {
+    fn start_fetch(
+        &self,
+        peers: &Arc<Peers>,
+        state: &StateMachine,
+        me: u64,
+        dir: &Path,
+        iso: &IsoRecord,
+    ) {
         let mut running = self.running.lock().expect("library lock");
         if running.is_some() {
             return;
@@ -296,7 +310,7 @@ impl Sync {
         *running = Some((iso.name.clone(), 0));
         let (address, dir, iso, me_) = (from.address.clone(), dir.to_path_buf(), iso.clone(), me);
         let from_id = from.id;
-        let this = self.clone();
+        let (this, peers) = (self.clone(), Arc::clone(peers));
         let spawned = std::thread::Builder::new()
             .name("library-fetch".into())
             .spawn(move || {
@@ -306,7 +320,7 @@ impl Sync {
                     *this.running.lock().expect("library lock") = Some((iso.name.clone(), n));
                     tracing::debug!(iso = %iso.name, bytes = n, of = iso.size, "ISO copy progress");
                 };
-                match fetch(&address, &dir, &iso, &progress) {
+                match fetch(&peers, &address, &dir, &iso, &progress) {
                     Ok(()) => tracing::info!(
                         server = me_, iso = %iso.name, ms = t.elapsed().as_millis() as u64,
                         "ISO image copied and checked"

@@ -197,9 +197,15 @@ struct PendingRead {
 pub struct NodeHandle {
     tx: Sender<Event>,
     timeout: Duration,
+    peers: Arc<crate::peers::Peers>,
 }
 
 impl NodeHandle {
+    /// This server's certificates, for connections to the other servers.
+    pub fn peers(&self) -> &Arc<crate::peers::Peers> {
+        &self.peers
+    }
+
     fn call<T>(
         &self,
         make: impl FnOnce(Sender<Result<T, NodeError>>) -> Event,
@@ -343,6 +349,7 @@ impl Node {
         let handle = NodeHandle {
             tx: events.0,
             timeout: cfg.request_timeout,
+            peers: Arc::clone(transport.peers()),
         };
         let node = Node {
             cfg,
@@ -657,12 +664,14 @@ impl Node {
         }
     }
 
-    /// Publishes the committed servers' addresses to the transport.
+    /// Publishes the committed servers' addresses to the transport, and their certificates
+    /// (and the revoked ones) to the roster.
     fn publish_addresses(&self) {
         let mut book = self.book.write().expect("address book lock");
         for s in self.sm.servers.values() {
             book.insert(s.id, s.address.clone());
         }
+        self.transport.peers().publish(&self.sm);
     }
 
     fn on_ready(&mut self) -> Result<(), Error> {
@@ -779,6 +788,7 @@ impl Node {
                             self.sm.remove_server(cc.node_id, &mut writes)
                         }
                     }
+                    self.transport.peers().publish(&self.sm);
                     tracing::info!(change = ?cc.get_change_type(), server = cc.node_id, voters = ?cs.voters, "membership changed");
                     if let Some(c) = ctx.filter(|c| c.origin == self.cfg.id) {
                         replies.push((c.request, Ok(json!({ "voters": cs.voters }))));

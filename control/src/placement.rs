@@ -177,6 +177,7 @@ mod tests {
                     mirror: String::new(),
                     down: false,
                     draining: false,
+                    cert: String::new(),
                 },
                 &mut w,
             );

@@ -2,13 +2,21 @@
 //! other servers (Raft messages, see `transport`) and clients (JSON lines, see `api`), told
 //! apart by the first byte of a connection.
 //!
-//! A cluster starts with one server run with `--init`; every other server is started with
-//! `--join ADDR` (any member), asks the leader to add it as a voter, and catches up from the
-//! leader's log or a snapshot. Membership and addresses then live in the committed state, so a
-//! restart needs neither flag (they are ignored once the data directory holds a Raft state).
+//! A cluster starts with one server run with `--init`, which makes the cluster's CA; every
+//! other server is started with `--join ADDR --token TOKEN` (any member, and the cluster's join
+//! token from a member's DATA/tls/cluster-token): it enrolls for its certificate, asks the
+//! leader to add it as a voter, and catches up from the leader's log or a snapshot. Or it waits
+//! (`--await-join`) until a Manager adds it with the token it shows. Membership, addresses and
+//! certificates then live in the committed state, so a restart needs no flag (they are ignored
+//! once the data directory holds a Raft state).
+//!
+//! Every connection, from servers and clients alike, is TLS (see `peers`).
 
 use std::collections::HashMap;
+use std::io::BufRead;
 use std::net::{TcpListener, TcpStream};
+
+use enspeed_trust::{ClusterToken, Connector, Enrollment, InviteToken, Peer, TrustDir};
 use std::path::PathBuf;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, RwLock};
@@ -18,6 +26,7 @@ use crate::agent::{self, AgentConfig};
 use crate::api::{self, Request};
 use crate::failover::{self, FailoverTiming};
 use crate::node::{Node, NodeConfig, NodeHandle};
+use crate::peers::Peers;
 use crate::raft_log;
 use crate::state_machine::{Capacity, ServerRecord, StateMachine};
 use crate::storage::RaftStore;
@@ -28,9 +37,14 @@ use crate::transport::{AddressBook, Transport};
 pub enum Bootstrap {
     /// Start a new cluster with this server as its only voter (if the data directory is empty).
     Init,
-    /// Join the cluster that the server at this address belongs to (if the data directory is
-    /// empty).
-    Join(String),
+    /// Join the cluster that the server at `address` belongs to, enrolling with the cluster's
+    /// join token (if the data directory is empty).
+    Join {
+        /// Any member's address.
+        address: String,
+        /// The cluster's join token.
+        token: String,
+    },
     /// Restart from the data directory, which must hold a Raft state.
     Restart,
     /// Wait (with an empty data directory) until a Manager adds this server to a cluster
@@ -42,59 +56,93 @@ pub enum Bootstrap {
 #[derive(Debug)]
 pub struct Awaiting {
     /// The token, as the operator read it on this server (DATA/join-token).
-    pub token: String,
+    pub token: InviteToken,
     me: ServerRecord,
+    peers: Arc<Peers>,
     timeout: Duration,
     invited: std::sync::atomic::AtomicBool,
 }
 
 impl Awaiting {
-    /// Answers an invitation into the cluster at `cluster` carrying `token`: joins it in the
-    /// background if the token is this server's and no invitation came before.
-    pub fn invite(&self, token: &str, cluster: &str) -> Result<u64, String> {
-        let same = token.len() == self.token.len()
-            && token
-                .bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+    /// Answers an invitation into the cluster at `cluster` carrying `token`: if the token is
+    /// this server's and no invitation came before, enrolls there with `cluster_token` and
+    /// joins, in the background.
+    pub fn invite(&self, token: &str, cluster: &str, cluster_token: &str) -> Result<u64, String> {
+        let token = InviteToken::parse(token).map_err(|e| e.to_string())?;
+        if !self.token.matches(&token) {
             return Err("wrong join token".into());
         }
+        let cluster_token = ClusterToken::parse(cluster_token).map_err(|e| e.to_string())?;
         if self.invited.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err("already joining a cluster".into());
         }
-        let (cluster, me, timeout) = (cluster.to_string(), self.me.clone(), self.timeout);
+        let (cluster, mut me, timeout) = (cluster.to_string(), self.me.clone(), self.timeout);
+        let peers = Arc::clone(&self.peers);
         tracing::info!(server = me.id, via = %cluster, "invited into a cluster: joining");
         std::thread::Builder::new()
             .name("join".into())
-            .spawn(move || join(&cluster, &me, timeout))
+            .spawn(move || {
+                enroll(&peers, &cluster, &cluster_token, &mut me, timeout);
+                join(&peers, &cluster, &me, timeout)
+            })
             .map_err(|e| e.to_string())?;
         Ok(self.me.id)
     }
 }
 
-/// The join token of the server with data directory `data`: made on first use, kept in
-/// `DATA/join-token` (owner-only).
-pub fn join_token(data: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let path = data.join("join-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
+/// Gets this server's certificate from the cluster at `addr` with the cluster's join `token`,
+/// until it has one; records its fingerprint in `me`.
+fn enroll(
+    peers: &Peers,
+    addr: &str,
+    token: &ClusterToken,
+    me: &mut ServerRecord,
+    timeout: Duration,
+) {
+    let req = Request::Enroll {
+        id: me.id,
+        token: token.to_string(),
+    };
+    let connector = Connector::enrolling(token.ca);
+    loop {
+        let got = api::call_with(&connector, addr, &req, timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|r| match (r.ok, r.result) {
+                (true, Some(v)) => {
+                    serde_json::from_value::<Enrollment>(v).map_err(|e| e.to_string())
+                }
+                _ => Err(r.error.unwrap_or_default()),
+            })
+            .and_then(|e| peers.dir().install(&e).map_err(|e| e.to_string()))
+            .and_then(|()| peers.become_member().map_err(|e| e.to_string()));
+        match got {
+            Ok(()) => {
+                me.cert = peers.fingerprint().unwrap_or_default();
+                tracing::info!(server = me.id, via = addr, cert = %me.cert, "enrolled: this server holds a certificate of the cluster");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(server = me.id, via = addr, error = %e, "enrollment failed; retrying")
+            }
         }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+}
+
+/// The join token of a waiting server with data directory `data`: made on first use with its
+/// self-signed certificate, kept in `DATA/join-token` (owner-only) for the operator to read.
+pub fn join_token(data: &std::path::Path) -> Result<InviteToken, enspeed_trust::Error> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let token = TrustDir::of(data).pending()?;
+    let path = data.join("join-token");
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)?;
-    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()));
+    written.map_err(|source| enspeed_trust::Error::File { path, source })?;
     Ok(token)
 }
 
@@ -180,6 +228,15 @@ pub enum Error {
     /// A thread (agent, failure detector) cannot start.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// The server's certificates cannot be made or read.
+    #[error("certificates: {0}")]
+    Trust(#[from] enspeed_trust::Error),
+    /// The data directory holds a Raft state but no certificate to reach the others with.
+    #[error("{0} holds no server certificate: this server cannot reach its cluster")]
+    NoCertificate(PathBuf),
+    /// The join token given is not a cluster token.
+    #[error("--token: {0}")]
+    Token(enspeed_trust::Error),
 }
 
 /// Runs the server until its node stops (on a storage failure).
@@ -202,24 +259,38 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .unwrap_or_default(),
         down: false,
         draining: false,
+        cert: String::new(),
     };
+    let mut me = me;
+    let trust = TrustDir::of(&cfg.data_dir);
     let must_join = match (&cfg.bootstrap, store.is_initialized()) {
+        (_, true) if !trust.is_member() => return Err(Error::NoCertificate(trust.0.clone())),
         (_, true) => None,
         (Bootstrap::Init, false) => {
+            if !trust.is_member() {
+                trust.create_cluster(id)?;
+            }
+            me.cert = enspeed_trust::Identity::load(&trust)?.fingerprint.hex();
             store.bootstrap(id, &StateMachine::initial_records(&me))?;
             tracing::info!(server = id, "new cluster");
             None
         }
-        (Bootstrap::Join(addr), false) => Some(addr.clone()),
+        (Bootstrap::Join { address, token }, false) => Some((
+            address.clone(),
+            ClusterToken::parse(token).map_err(Error::Token)?,
+        )),
         (Bootstrap::Restart, false) => return Err(Error::Empty(store.path().to_path_buf())),
         (Bootstrap::Await, false) => None,
     };
+    // A member, or a server that has yet to become one.
+    let peers = if trust.is_member() {
+        Peers::member(&cfg.data_dir)?
+    } else {
+        Peers::waiting(&cfg.data_dir)?
+    };
     let awaiting = match (&cfg.bootstrap, store.is_initialized()) {
-        (Bootstrap::Await, false) => {
-            let token = join_token(&cfg.data_dir).map_err(|source| Error::DataDir {
-                path: cfg.data_dir.join("join-token"),
-                source,
-            })?;
+        (Bootstrap::Await, false) if !peers.is_member() => {
+            let token = join_token(&cfg.data_dir)?;
             tracing::info!(
                 server = id,
                 listen = %cfg.listen,
@@ -229,6 +300,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             Some(Arc::new(Awaiting {
                 token,
                 me: me.clone(),
+                peers: Arc::clone(&peers),
                 timeout: cfg.node.request_timeout,
                 invited: Default::default(),
             }))
@@ -242,7 +314,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
 
     let book: AddressBook = Arc::new(RwLock::new(HashMap::new()));
     let (tx, rx) = channel();
-    let transport = Transport::new(id, cfg.listen.clone(), Arc::clone(&book), tx.clone());
+    let transport = Transport::new(
+        id,
+        cfg.listen.clone(),
+        Arc::clone(&book),
+        Arc::clone(&peers),
+        tx.clone(),
+    );
     let (node, handle) = Node::new(
         cfg.node.clone(),
         store,
@@ -320,8 +398,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     }
     tracing::info!(server = id, listen = %cfg.listen, "server up");
 
-    if let Some(addr) = must_join {
-        join(&addr, &me, timeout);
+    if let Some((addr, token)) = must_join {
+        if !peers.is_member() {
+            enroll(&peers, &addr, &token, &mut me, timeout);
+        } else {
+            me.cert = peers.fingerprint().unwrap_or_default();
+        }
+        join(&peers, &addr, &me, timeout);
     }
     drop(handle);
     node_thread.join().expect("raft thread panicked")?;
@@ -329,10 +412,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
 }
 
 /// Asks the cluster at `addr` to add this server, until it answers yes.
-fn join(addr: &str, me: &ServerRecord, timeout: Duration) {
+fn join(peers: &Peers, addr: &str, me: &ServerRecord, timeout: Duration) {
     let req = Request::AddServer { server: me.clone() };
     loop {
-        match api::call(addr, &req, timeout) {
+        match api::call(peers, addr, &req, timeout) {
             Ok(r) if r.ok => {
                 tracing::info!(server = me.id, via = addr, "joined the cluster");
                 return;
@@ -379,7 +462,8 @@ fn accept(
     }
 }
 
-/// Tells a client (`{`) from a peer (the transport's preface) by the first byte.
+/// Completes the TLS handshake, then tells a client (`{`) from a peer (the transport's
+/// preface) by the first byte.
 fn serve(
     stream: TcpStream,
     transport: &Transport,
@@ -388,10 +472,23 @@ fn serve(
     local: &api::Local,
     timeout: Duration,
 ) {
-    let mut first = [0u8; 1];
-    match stream.peek(&mut first) {
-        Ok(1) if first[0] == b'{' => api::serve_client(stream, node, book, local, timeout),
-        Ok(1) => transport.serve_peer(stream),
-        _ => {}
+    let (stream, peer) = match node.peers().accept(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a connection");
+            return;
+        }
+    };
+    let mut r = std::io::BufReader::with_capacity(64 << 10, stream);
+    let first = match r.fill_buf() {
+        Ok([first, ..]) => *first,
+        _ => return,
+    };
+    match peer {
+        _ if first == b'{' => api::serve_client(r, peer, node, book, local, timeout),
+        Peer::Server { id, .. } => transport.serve_peer(r, id),
+        Peer::Anonymous | Peer::Waiting => {
+            tracing::warn!("refused a Raft connection from a client without a certificate")
+        }
     }
 }

@@ -76,6 +76,10 @@ pub struct ServerRecord {
     /// Being emptied by a Manager: nothing new is placed here.
     #[serde(default)]
     pub draining: bool,
+    /// The SHA-256 fingerprint (hex) of the certificate it joined with: the one other servers
+    /// accept from it. Revoked when it is removed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert: String,
 }
 
 /// A replicated (LiveSync) disk.
@@ -673,6 +677,9 @@ pub struct StateMachine {
     /// The ISO library, by name.
     #[serde(default)]
     pub isos: BTreeMap<String, IsoRecord>,
+    /// Certificates of removed servers (fingerprint to the server's id): refused for good.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, u64>,
     /// Users, by id (not in `Query::State`: it holds password hashes).
     #[serde(skip)]
     pub users: BTreeMap<u64, UserRecord>,
@@ -765,6 +772,10 @@ impl StateMachine {
                 "iso" => {
                     let i: IsoRecord = record(v).map_err(err)?;
                     sm.isos.insert(i.name.clone(), i);
+                }
+                "revoked" => {
+                    let id = record(v).map_err(err)?;
+                    sm.revoked.insert(name.to_string(), id);
                 }
                 "observed" => {
                     let id = name.parse().map_err(|_| err("bad server id".into()))?;
@@ -1953,10 +1964,17 @@ impl StateMachine {
         self.servers.insert(s.id, s.clone());
     }
 
-    /// Forgets a member removed by a committed conf change.
+    /// Forgets a member removed by a committed conf change, and revokes its certificate.
     pub fn remove_server(&mut self, id: u64, writes: &mut Vec<RecordWrite>) {
-        if self.servers.remove(&id).is_some() {
+        if let Some(s) = self.servers.remove(&id) {
             writes.push((server_key(id), None));
+            if !s.cert.is_empty() {
+                writes.push((
+                    format!("revoked/{}", s.cert).into_bytes(),
+                    Some(json_bytes(&id)),
+                ));
+                self.revoked.insert(s.cert, id);
+            }
         }
     }
 
@@ -2039,6 +2057,7 @@ mod tests {
             mirror: String::new(),
             down: false,
             draining: false,
+            cert: String::new(),
         }
     }
 

@@ -1,17 +1,20 @@
-//! Raft messages between servers over TCP.
+//! Raft messages between servers over mutual TLS (see `peers`).
 //!
 //! A connection opens with the preface `ENSPRAFT`, then a hello (sender's id, u64 BE; its
 //! address, u16 BE length and bytes), then frames: a u32 BE length and that many bytes of a
 //! raft-rs protobuf `Message`. Connections are one-way: each server dials every peer it sends
 //! to, and reads what peers send on the connections they dialled.
 //!
+//! The sender is the server its certificate names: a hello naming another id is refused, and
+//! the address a hello gives only fills a gap in the address book (committed server records
+//! are what it holds).
+//!
 //! Sending never blocks the Raft thread: each peer has a bounded queue and a thread that
 //! (re)connects and writes. Raft tolerates lost messages, so a full queue or a broken link drops
 //! them and tells the node (`report_unreachable`, and `report_snapshot` for snapshots).
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -19,7 +22,10 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 
+use enspeed_trust::TlsStream;
+
 use crate::node::Event;
+use crate::peers::Peers;
 
 /// The first bytes of a peer connection (a client's first byte is `{`).
 pub const PREFACE: &[u8; 8] = b"ENSPRAFT";
@@ -119,26 +125,34 @@ pub struct Transport {
     id: u64,
     address: String,
     book: AddressBook,
+    trust: Arc<Peers>,
     events: Sender<Event>,
     peers: Mutex<HashMap<u64, SyncSender<Message>>>,
 }
 
 impl Transport {
-    /// A transport for server `id`, listening on `address`, feeding received messages to
-    /// `events`.
+    /// A transport for server `id`, listening on `address`, connecting with `peers`, feeding
+    /// received messages to `events`.
     pub fn new(
         id: u64,
         address: String,
         book: AddressBook,
+        peers: Arc<Peers>,
         events: Sender<Event>,
     ) -> Arc<Transport> {
         Arc::new(Transport {
             id,
             address,
             book,
+            trust: peers,
             events,
             peers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This server's certificates and the roster.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.trust
     }
 
     /// Queues a message for its peer; drops it (and says so to the node) if the queue is full.
@@ -178,7 +192,7 @@ impl Transport {
         }
     }
 
-    fn dial(&self, to: u64) -> io::Result<BufWriter<TcpStream>> {
+    fn dial(&self, to: u64) -> io::Result<BufWriter<TlsStream>> {
         let addr = self
             .book
             .read()
@@ -186,12 +200,7 @@ impl Transport {
             .get(&to)
             .cloned()
             .ok_or_else(|| io::Error::other(format!("no address for server {to}")))?;
-        let sa = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other(format!("{addr} resolves to nothing")))?;
-        let s = TcpStream::connect_timeout(&sa, Duration::from_millis(500))?;
-        s.set_nodelay(true)?;
+        let s = self.trust.connect(&addr, Duration::from_millis(500))?;
         s.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut w = BufWriter::with_capacity(64 << 10, s);
         write_hello(&mut w, self.id, &self.address)?;
@@ -199,7 +208,7 @@ impl Transport {
     }
 
     fn peer_loop(&self, to: u64, rx: Receiver<Message>) {
-        let mut conn: Option<BufWriter<TcpStream>> = None;
+        let mut conn: Option<BufWriter<TlsStream>> = None;
         let mut redial_at = Instant::now();
         let mut logged_down = false;
         while let Ok(first) = rx.recv() {
@@ -258,24 +267,25 @@ impl Transport {
         }
     }
 
-    /// Reads an accepted peer connection until it closes or sends something malformed.
-    pub fn serve_peer(&self, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let mut r = BufReader::with_capacity(64 << 10, stream);
+    /// Reads an accepted connection from server `id` (as its certificate says) until it
+    /// closes or sends something malformed.
+    pub fn serve_peer(&self, mut r: impl BufRead, id: u64) {
         let (from, address) = match read_hello(&mut r) {
+            Ok((from, _)) if from != id => {
+                tracing::warn!(server = id, claims = from, "refused a peer connection: its hello names another server than its certificate");
+                return;
+            }
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "refused a peer connection");
+                tracing::warn!(server = id, error = %e, "refused a peer connection");
                 return;
             }
         };
         self.book
             .write()
             .expect("address book lock")
-            .insert(from, address);
+            .entry(from)
+            .or_insert(address);
         loop {
             match read_frame(&mut r) {
                 Ok(m) if m.to != self.id || m.from != from => {

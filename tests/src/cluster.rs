@@ -1,11 +1,17 @@
 //! `enspeed server` processes for the whole-system tests and tools: start one (here or in a
 //! network namespace), kill it, restart it on the same data directory, form a cluster, and
-//! talk to it over the JSON-lines client protocol, as `enspeed cluster` does.
+//! talk to it over the JSON-lines client protocol, as `enspeed cluster` does: over mutual TLS,
+//! with the certificate of the server spoken to (read from its data directory, as an operator
+//! on that server would).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use enspeed_trust::{Connector, Identity, TlsStream, TrustDir};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,18 +111,72 @@ pub struct Client {
     pub read: Duration,
 }
 
+/// The data directory of the server started at each address, for its certificate.
+static DATA_DIRS: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+
+/// Says that the server at `addr` keeps its data (and certificates) in `data`.
+pub fn register(addr: &str, data: &Path) {
+    DATA_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(addr.to_string(), data.to_path_buf());
+}
+
+/// How to reach the server at `addr`: with its own certificate if it is a member, or by the
+/// certificate its join token names if it waits to be added.
+pub fn connector_for(addr: &str) -> Result<Connector, String> {
+    let data = DATA_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(addr).cloned())
+        .ok_or_else(|| format!("{addr}: no server of this test listens there"))?;
+    let dir = TrustDir::of(&data);
+    if dir.is_member() {
+        return Identity::load(&dir)
+            .map(|i| i.connector())
+            .map_err(|e| format!("{addr}: {e}"));
+    }
+    let token = std::fs::read_to_string(data.join("join-token"))
+        .map_err(|e| format!("{addr}: no certificate and no join token yet: {e}"))?;
+    enspeed_trust::InviteToken::parse(&token)
+        .map(|t| Connector::to_waiting(t.server))
+        .map_err(|e| format!("{addr}: {e}"))
+}
+
+/// The cluster's join token, from the data directory of a member (waiting for it to be made).
+pub fn cluster_token(data: &Path) -> String {
+    let file = data.join("tls/cluster-token");
+    wait_for(
+        &format!("the cluster token in {}", file.display()),
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&file).ok(),
+    )
+    .trim()
+    .to_string()
+}
+
 impl Client {
     /// A kept-open connection to `addr`.
     pub fn open(&self, addr: &str) -> Result<Conn, CallError> {
+        let connector = connector_for(addr).map_err(CallError::NotSent)?;
+        self.open_with(&connector, addr)
+    }
+
+    /// A kept-open connection to `addr`, made with `connector` (another server's certificate,
+    /// or none).
+    pub fn open_with(&self, connector: &Connector, addr: &str) -> Result<Conn, CallError> {
         let not_sent = |e: std::io::Error| CallError::NotSent(format!("{addr}: {e}"));
-        let w = match self.connect {
+        let tcp = match self.connect {
             Some(t) => {
                 let sa: SocketAddr = addr.parse().unwrap();
                 TcpStream::connect_timeout(&sa, t).map_err(not_sent)?
             }
             None => TcpStream::connect(addr).map_err(not_sent)?,
         };
-        w.set_nodelay(true).unwrap();
+        let handshake = self.connect.unwrap_or(Duration::from_secs(5));
+        let (w, _) = connector.handshake(tcp, handshake).map_err(not_sent)?;
         w.set_read_timeout(Some(self.read)).unwrap();
         let r = BufReader::new(w.try_clone().unwrap());
         Ok(Conn {
@@ -131,6 +191,16 @@ impl Client {
         self.open(addr)?.call(req)
     }
 
+    /// One request on a new connection made with `connector`.
+    pub fn call_with(
+        &self,
+        connector: &Connector,
+        addr: &str,
+        req: &Value,
+    ) -> Result<Value, CallError> {
+        self.open_with(connector, addr)?.call(req)
+    }
+
     /// The server's status, if it answers.
     pub fn status(&self, addr: &str) -> Option<Value> {
         self.call(addr, &json!({"op": "status"})).ok()
@@ -140,8 +210,8 @@ impl Client {
 /// A kept-open client connection: one JSON line out, one back, per request.
 pub struct Conn {
     addr: String,
-    w: TcpStream,
-    r: BufReader<TcpStream>,
+    w: TlsStream,
+    r: BufReader<TlsStream>,
 }
 
 impl Conn {
@@ -219,10 +289,26 @@ impl Server {
         .to_string()
     }
 
-    /// Starts the process with `bootstrap` (`--init`, `--join ADDR`, or nothing to restart).
+    /// Starts the process joining the cluster of `seed` (a member: its address and its data
+    /// directory, for the cluster's join token), with `more` arguments.
+    pub fn start_joining(&mut self, seed: &Server, more: &[&str]) {
+        self.start_joining_at(&seed.addr, &seed.data, more)
+    }
+
+    /// [`Server::start_joining`] through the member at `addr`, the token read from `data`.
+    pub fn start_joining_at(&mut self, addr: &str, data: &Path, more: &[&str]) {
+        let token = cluster_token(data);
+        let mut args = vec!["--join", addr, "--token", &token];
+        args.extend_from_slice(more);
+        self.start(&args);
+    }
+
+    /// Starts the process with `bootstrap` (`--init`, `--join ADDR --token T`, or nothing to
+    /// restart).
     pub fn start(&mut self, bootstrap: &[&str]) {
         assert!(self.child.is_none(), "server {} already running", self.id);
         std::fs::create_dir_all(&self.data).unwrap();
+        register(&self.addr, &self.data);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -298,7 +384,8 @@ pub fn bootstrap(servers: &mut [Server], client: &Client, timeout: Duration) {
     wait_for("server 1 to lead", timeout, || {
         (client.status(&seed)?["leader"] == 1).then_some(())
     });
+    let data = servers[0].data.clone();
     for s in servers.iter_mut().skip(1) {
-        s.start(&["--join", &seed]);
+        s.start_joining_at(&seed, &data, &[]);
     }
 }

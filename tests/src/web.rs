@@ -338,9 +338,9 @@ impl WebCluster {
             read: Duration::from_secs(10),
         };
         cluster::bootstrap(&mut servers[..1], &client, WAIT);
-        let seed = servers[0].addr.clone();
-        servers[1].start(&["--join", &seed]);
-        servers[2].start(&["--join", &seed, "--witness"]);
+        let (seed, data) = (servers[0].addr.clone(), servers[0].data.clone());
+        servers[1].start_joining_at(&seed, &data, &[]);
+        servers[2].start_joining_at(&seed, &data, &["--witness"]);
         let c = WebCluster {
             servers,
             web,

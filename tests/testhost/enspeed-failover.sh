@@ -44,7 +44,8 @@ start_server() {
 }
 
 # cluster ARGS...: `enspeed cluster` through the witness (never killed).
-cluster() { "$ENSPEED" cluster --server "$(addr 3)" "$@"; }
+# As server 3 (its certificate, in its data directory).
+cluster() { "$ENSPEED" cluster --server "$(addr 3)" --data /tmp/server3 "$@"; }
 
 # disk_state: the VM's disk record, "backup:B backup_synced:true generation:G primary:P ..."
 # (read linearizably; "disks" is the first record of the state, "kv" the next).
@@ -138,9 +139,11 @@ has_mirrors() { _s=$(cluster state 2>/dev/null) && case "$_s" in
     *'"mirror": "127.0.0.1:7301"'*'"mirror": "127.0.0.1:7302"'*) true ;; *) false ;; esac; }
 
 start_server 1 --init
-wait_until 60 "server 1 to lead" eval '"$ENSPEED" cluster --server "$(addr 1)" status 2>/dev/null | grep -q "\"role\": \"Leader\""'
-start_server 2 --join "$(addr 1)"
-start_server 3 --join "$(addr 1)"
+wait_until 60 "server 1 to lead" eval '"$ENSPEED" cluster --server "$(addr 1)" --data /tmp/server1 status 2>/dev/null | grep -q "\"role\": \"Leader\""'
+# The others join with the cluster's join token, made with its CA by server 1.
+token=$(cat /tmp/server1/tls/cluster-token)
+start_server 2 --join "$(addr 1)" --token "$token"
+start_server 3 --join "$(addr 1)" --token "$token"
 wait_until 60 "server 3 to know the leader" leads 1
 wait_until 60 "both agents registered" has_mirrors
 echo "ok: three servers, two with an agent, one witness"

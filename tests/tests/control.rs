@@ -280,15 +280,11 @@ fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     // A fourth server, a witness, joins through a follower; the log it would need is gone, so
     // it must be sent a snapshot.
     let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
-    let via = servers
-        .iter()
-        .find(|s| s.id != leader)
-        .unwrap()
-        .addr
-        .clone();
+    let via = servers.iter().find(|s| s.id != leader).unwrap();
+    let (via, via_data) = (via.addr.clone(), via.data.clone());
     let mut s4 = server(&scratch, &net, 4, &compact);
     s4.extra.push("--witness".into());
-    s4.start(&["--join", &via]);
+    s4.start_joining_at(&via, &via_data, &[]);
     servers.push(s4);
     converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3, 4]);
     let st4 = servers[3].status().unwrap();

@@ -96,8 +96,9 @@ impl Cluster {
                 .ok()
                 .filter(|s| s["role"] == "Leader")
         });
-        c.servers[1].start(&["--join", &first]);
-        c.servers[2].start(&["--join", &first, "--witness"]);
+        let data = c.servers[0].data.clone();
+        c.servers[1].start_joining_at(&first, &data, &[]);
+        c.servers[2].start_joining_at(&first, &data, &["--witness"]);
         c.wait("both agents registered", |c| {
             let s = c.state()?;
             let ok = (1..=2).all(|i| {

@@ -2048,7 +2048,9 @@ fn a_manager_adds_a_server_that_waits_for_a_cluster() {
     s4.log_on_panic = LogOnPanic::Last(30);
     let token = s4.start_awaiting_join();
     let token = token.as_str();
-    assert_eq!(token.len(), 32, "{token:?}");
+    // W1.<its certificate's SHA-256>.<a secret>
+    assert_eq!(token.len(), 100, "{token:?}");
+    assert!(token.starts_with("W1."), "{token:?}");
     let add = |address: &str, token: &str| {
         m.send(
             "POST",
@@ -2058,13 +2060,31 @@ fn a_manager_adds_a_server_that_waits_for_a_cluster() {
     };
     let before = fingerprint(&m);
     let r = add(&s4.addr, "0123456789abcdef0123456789abcdef");
+    assert_eq!(r.0, 400, "not a token: {r:?}");
+    // The right certificate, a wrong secret: the waiting server refuses.
+    let wrong_secret = format!("{}{}", &token[..68], "0".repeat(32));
+    let r = add(&s4.addr, &wrong_secret);
     assert_eq!(r.0, 403, "a wrong token: {r:?}");
     assert!(r.1["error"].as_str().unwrap().contains("wrong join token"));
+    // Another certificate than the token names: not the server the operator read it on.
+    let other_cert = format!("W1.{}{}", "0".repeat(64), &token[67..]);
+    let r = add(&s4.addr, &other_cert);
+    assert_eq!(r.0, 502, "another server's certificate: {r:?}");
+    assert!(
+        r.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the one its token names"),
+        "{r:?}"
+    );
     let r = add(&format!("127.0.0.1:{}", free_port()), token);
     assert_eq!(r.0, 502, "nobody there: {r:?}");
     let r = add(&c.servers[0].addr, token);
     assert_eq!(r.0, 409, "a member: {r:?}");
-    assert!(r.1["error"].as_str().unwrap().contains("taken"), "{r:?}");
+    assert!(
+        r.1["error"].as_str().unwrap().contains("a member already"),
+        "{r:?}"
+    );
     let r = m.send(
         "POST",
         "/api/v1/servers",

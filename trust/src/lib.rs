@@ -12,7 +12,8 @@
 //!   ca.pem  ca.key          the cluster CA (every member holds it, so any member can enroll)
 //!   server.pem server.key   this server's certificate (then the CA's) and key
 //!   pending.pem pending.key a server waiting to be added: its self-signed certificate
-//!   join-token              the cluster's join token (members) or this server's (waiting)
+//!   cluster-token           the cluster's join token (members)
+//!   pending.secret          the secret of a waiting server's join token
 //! ```
 
 mod pki;

@@ -4,8 +4,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -145,7 +145,8 @@ pub struct InviteToken {
 impl InviteToken {
     /// Parses a token as [`InviteToken::to_string`] writes it.
     pub fn parse(s: &str) -> Result<InviteToken, Error> {
-        let bad = || Error::Token("a server's join token is W1.<64 hex digits>.<32 hex digits>".into());
+        let bad =
+            || Error::Token("a server's join token is W1.<64 hex digits>.<32 hex digits>".into());
         let mut parts = s.trim().split('.');
         let (Some("W1"), Some(fp), Some(secret), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -287,12 +288,14 @@ impl TrustDir {
         self.write("server.key", &e.key_pem, true)?;
         self.write("server.pem", &e.cert_pem, false)?;
         let token = self.cluster_token()?;
-        self.write("join-token", &format!("{token}\n"), true)
+        self.write("cluster-token", &format!("{token}\n"), true)
     }
 
     /// The CA certificate's fingerprint.
     pub fn ca_fingerprint(&self) -> Result<Fingerprint, Error> {
-        Ok(Fingerprint::of(&crate::tls::pem_certs(&self.file("ca.pem"))?[0]))
+        Ok(Fingerprint::of(
+            &crate::tls::pem_certs(&self.file("ca.pem"))?[0],
+        ))
     }
 
     /// The cluster's join token, from this server's copy of the CA key.
@@ -394,7 +397,13 @@ mod tests {
         };
         assert_eq!(ClusterToken::parse(&t.to_string()).unwrap(), t);
         assert!(!format!("{t:?}").contains("0909"), "Debug hides the secret");
-        for bad in ["", "K1", "K1.00.11", "W1.aa.bb", &t.to_string().replace("K1", "K2")] {
+        for bad in [
+            "",
+            "K1",
+            "K1.00.11",
+            "W1.aa.bb",
+            &t.to_string().replace("K1", "K2"),
+        ] {
             assert!(ClusterToken::parse(bad).is_err(), "{bad:?}");
         }
         let w = InviteToken {

@@ -132,10 +132,7 @@ impl TlsStream {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The records rustls has ready to send, and their ticket.

@@ -53,8 +53,11 @@ fn members_know_each_other_by_certificate_and_strangers_are_refused() {
     let (id1, id2) = (Identity::load(&d1).unwrap(), Identity::load(&d2).unwrap());
     assert_eq!((id1.id, id2.id), (1, 2));
     use std::os::unix::fs::PermissionsExt;
-    for key in ["ca.key", "server.key", "join-token"] {
-        let mode = std::fs::metadata(d2.file(key)).unwrap().permissions().mode();
+    for key in ["ca.key", "server.key", "cluster-token"] {
+        let mode = std::fs::metadata(d2.file(key))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "{key} is private");
     }
 
@@ -89,10 +92,16 @@ fn members_know_each_other_by_certificate_and_strangers_are_refused() {
     let server = id1.clone();
     let (addr, t) = serve_once(move |tcp| server.accept(tcp));
     assert!(stranger.connector().connect(&addr, T).is_err());
-    assert!(t.join().unwrap().is_err(), "the server refused the stranger");
+    assert!(
+        t.join().unwrap().is_err(),
+        "the server refused the stranger"
+    );
     let server = stranger.clone();
     let (addr, t) = serve_once(move |tcp| server.accept(tcp));
-    assert!(id1.connector().connect(&addr, T).is_err(), "and the client refuses it");
+    assert!(
+        id1.connector().connect(&addr, T).is_err(),
+        "and the client refuses it"
+    );
     let _ = t.join();
 
     // The roster: a revoked certificate, or another one than the state records, is refused.
@@ -105,7 +114,10 @@ fn members_know_each_other_by_certificate_and_strangers_are_refused() {
     roster.set([(2, id2.fingerprint)], []);
     assert!(roster.check(&p2).is_ok());
     roster.set([(2, id1.fingerprint)], []);
-    assert!(roster.check(&p2).unwrap_err().contains("another certificate"));
+    assert!(roster
+        .check(&p2)
+        .unwrap_err()
+        .contains("another certificate"));
     roster.set([], [id2.fingerprint]);
     assert!(roster.check(&p2).unwrap_err().contains("revoked"));
     assert!(roster.check(&Peer::Anonymous).is_err());
@@ -120,7 +132,7 @@ fn joining_and_waiting_servers_pin_what_their_tokens_name() {
     let d1 = TrustDir::of(&one);
     d1.create_cluster(1).unwrap();
     let id1 = Identity::load(&d1).unwrap();
-    let token = ClusterToken::parse(&d1.read("join-token").unwrap()).unwrap();
+    let token = ClusterToken::parse(&d1.read("cluster-token").unwrap()).unwrap();
     assert!(d1.admits(&token).unwrap());
 
     // A joining server reaches the cluster's server without a certificate of its own.
@@ -149,13 +161,17 @@ fn joining_and_waiting_servers_pin_what_their_tokens_name() {
     assert!(dw.pending().unwrap().matches(&invite), "made once, kept");
     let pending = Pending::load(&dw).unwrap();
     let (addr, t) = serve_once(move |tcp| pending.accept(tcp));
-    let (mut c, _) = Connector::to_waiting(invite.server).connect(&addr, T).unwrap();
+    let (mut c, _) = Connector::to_waiting(invite.server)
+        .connect(&addr, T)
+        .unwrap();
     c.write_all(b"y").unwrap();
     c.read_exact(&mut [0u8; 1]).unwrap();
     drop(c);
     let _ = t.join();
     let (addr, t) = serve_once(move |tcp| id1.accept(tcp));
-    assert!(Connector::to_waiting(invite.server).connect(&addr, T).is_err());
+    assert!(Connector::to_waiting(invite.server)
+        .connect(&addr, T)
+        .is_err());
     let _ = t.join();
     for d in [one, wait, other] {
         std::fs::remove_dir_all(d).unwrap();

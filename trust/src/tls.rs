@@ -57,7 +57,9 @@ pub fn server_id(der: &CertificateDer<'_>) -> Result<u64, Error> {
     match ids[..] {
         [id] => Ok(id),
         [] => Err(Error::Certificate("names no server".into())),
-        _ => Err(Error::Certificate(format!("names several servers: {ids:?}"))),
+        _ => Err(Error::Certificate(format!(
+            "names several servers: {ids:?}"
+        ))),
     }
 }
 
@@ -80,7 +82,8 @@ pub enum Peer {
 }
 
 impl Peer {
-    fn of(certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, Error> {
+    /// Who presented `certs` (verified by rustls already): a server, or nobody.
+    pub fn of(certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, Error> {
         match certs.and_then(|c| c.first()) {
             None => Ok(Peer::Anonymous),
             Some(der) => Ok(Peer::Server {

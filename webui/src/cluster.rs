@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use control::api::{self, Request};
 use control::server::ServiceContext;
 use control::state_machine::{Action, Command, StateMachine};
+use enspeed_trust::{Connector, InviteToken};
 use hyper::StatusCode;
 use serde_json::Value;
 
@@ -73,6 +74,11 @@ impl Cluster {
         })
     }
 
+    /// This server's certificates, for connections to the other servers.
+    pub fn peers(&self) -> Arc<control::peers::Peers> {
+        Arc::clone(self.ctx.node.peers())
+    }
+
     /// Carries out `request` through this server (forwarded to the leader), off the async
     /// threads: it may wait for an election.
     async fn request(&self, request: Request) -> Result<api::Response, ApiError> {
@@ -89,20 +95,37 @@ impl Cluster {
     /// Adds the server at `address`, started with `--await-join` and showing `token`, to this
     /// cluster: checks who it is, invites it, and waits until the cluster has it. Answers its id.
     pub async fn add_server(&self, address: &str, token: &str) -> Result<u64, ApiError> {
+        let invite = InviteToken::parse(token).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let cluster_token = self.ctx.node.peers().dir().cluster_token().map_err(|e| {
+            ApiError::unavailable(format!("this server cannot enroll servers: {e}"))
+        })?;
+        // Only the server whose certificate the token names is spoken to.
+        let connector = Connector::to_waiting(invite.server);
         let call = |request: Request| {
             let (address, to) = (address.to_string(), address.to_string());
-            let timeout = self.ctx.timeout;
+            let (timeout, connector) = (self.ctx.timeout, connector.clone());
             async move {
-                tokio::task::spawn_blocking(move || api::call(&to, &request, timeout))
-                    .await
-                    .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
-                    .map_err(|e| {
-                        ApiError::new(StatusCode::BAD_GATEWAY, format!("server {address}: {e}"))
-                    })
+                tokio::task::spawn_blocking(move || {
+                    api::call_with(&connector, &to, &request, timeout)
+                })
+                .await
+                .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_GATEWAY, format!("server {address}: {e}"))
+                })
             }
         };
         let refused =
             |what: &str| ApiError::new(StatusCode::CONFLICT, format!("server {address}: {what}"));
+        if let Some(s) = self
+            .state()
+            .await?
+            .servers
+            .values()
+            .find(|s| s.address == address)
+        {
+            return Err(refused(&format!("it is server {}, a member already", s.id)));
+        }
         let status = call(Request::Status).await?;
         let id = status
             .result
@@ -125,6 +148,7 @@ impl Cluster {
         let r = call(Request::Invite {
             token: token.to_string(),
             cluster: me,
+            cluster_token: cluster_token.to_string(),
         })
         .await?;
         if !r.ok {

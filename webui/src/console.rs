@@ -20,6 +20,8 @@ use tokio_tungstenite::WebSocketStream;
 
 use control::api::Request as ControlRequest;
 use control::console::ConsoleKind;
+use control::peers::Peers;
+use enspeed_trust::{Connector, Peer};
 
 use crate::http::{ApiError, Body, Request};
 
@@ -73,14 +75,18 @@ pub fn check_handshake(req: &Request) -> Result<String, ApiError> {
     Ok(derive_accept_key(key.as_bytes()))
 }
 
-/// Opens VM `vm`'s `kind` console on the server at `address` (its primary): answers the
-/// connection, now carrying the console's bytes.
+/// A console's connection to the server its VMM runs on (mutual TLS, as between all servers).
+pub type ConsoleStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Opens VM `vm`'s `kind` console on the server at `address` (its primary), as this server
+/// (`peers`): answers the connection, now carrying the console's bytes.
 pub async fn connect(
+    peers: &Peers,
     address: &str,
     server: u64,
     vm: &str,
     kind: ConsoleKind,
-) -> Result<TcpStream, ApiError> {
+) -> Result<ConsoleStream, ApiError> {
     let fail = |what: String| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -90,11 +96,18 @@ pub async fn connect(
             ),
         )
     };
+    let connector = peers.connector().map_err(|e| fail(e.to_string()))?;
     let open = async {
-        let mut s = TcpStream::connect(address)
+        let tcp = TcpStream::connect(address)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let _ = s.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut s = tokio_rustls::TlsConnector::from(connector.config())
+            .connect(Connector::server_name(), tcp)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        let peer = Peer::of(s.get_ref().1.peer_certificates()).map_err(|e| fail(e.to_string()))?;
+        peers.roster().check(&peer).map_err(fail)?;
         let request = ControlRequest::Console {
             vm: vm.to_string(),
             console: kind,
@@ -128,7 +141,7 @@ pub async fn connect(
 pub fn upgrade(
     req: &mut Request,
     accept: String,
-    console: TcpStream,
+    console: ConsoleStream,
     vm: String,
     user: String,
 ) -> Result<Response<Body>, ApiError> {
@@ -175,12 +188,12 @@ pub fn upgrade(
 
 /// Copies until either side ends: browser messages (binary or text) to the console, the
 /// console's bytes to the browser as binary messages.
-async fn relay<S>(ws: WebSocketStream<S>, console: TcpStream)
+async fn relay<S>(ws: WebSocketStream<S>, console: ConsoleStream)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut ws_tx, mut ws_rx) = ws.split();
-    let (mut con_rx, mut con_tx) = console.into_split();
+    let (mut con_rx, mut con_tx) = tokio::io::split(console);
     let inbound = async {
         while let Some(m) = ws_rx.next().await {
             let bytes = match m {

@@ -98,7 +98,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "delete",
         "/servers/{id}",
-        "Remove a drained server from the cluster (Manager); a new server joins with enspeed server --join",
+        "Remove a drained server from the cluster (Manager); a new server joins with enspeed server --join ADDR --token T (T: a member's DATA/tls/cluster-token)",
     ),
     (
         "get",

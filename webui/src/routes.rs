@@ -343,7 +343,8 @@ impl App {
                 let vm = self.visible_vm(&c, id)?;
                 let accept = console::check_handshake(&req)?;
                 let (server, address) = self.vmm_server(&c.state, vm)?;
-                let stream = console::connect(&address, server, &vm.name, kind).await?;
+                let peers = self.cluster.peers();
+                let stream = console::connect(&peers, &address, server, &vm.name, kind).await?;
                 // Who opened which VM's console goes into the audit log.
                 self.cluster
                     .act(

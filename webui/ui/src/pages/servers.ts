@@ -56,7 +56,7 @@ export function serversPage(ctx: PageContext): void {
       { class: "muted", "data-test": "join-hint" },
       "Or join from the new server's own console: enspeed server --id N --data DIR --listen ADDR --join ",
       h("span", { class: "mono", "data-test": "join-address" }, ""),
-      ". Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
+      " --token T, with the cluster's join token T from any member's DIR/tls/cluster-token. Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
     ),
   );
   let last = "";
