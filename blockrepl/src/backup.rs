@@ -10,12 +10,13 @@
 //! copy was promoted or a newer session replaced this one.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::meta::{DataState, Role};
+use crate::net::MirrorStream;
 use crate::proto::{Frame, Hello, Kind, Welcome, FLAG_FUA, HEADER_LEN};
 use crate::replica::{lock, Replica};
 use crate::store::{check_range, write_or_punch};
@@ -23,7 +24,7 @@ use crate::store::{check_range, write_or_punch};
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Serves the primary that said `hello` on `stream` until the link ends.
-pub fn serve(r: Arc<Replica>, stream: TcpStream, hello: Hello) {
+pub fn serve(r: Arc<Replica>, stream: MirrorStream, hello: Hello) {
     let mut out = match stream.try_clone() {
         Ok(s) => BufWriter::with_capacity(64 << 10, s),
         Err(e) => {
@@ -144,8 +145,8 @@ struct Answers<'a> {
     cond: Condvar,
     r: &'a Replica,
     /// The connection and the seq of the last frame sent on it.
-    out: Mutex<(BufWriter<TcpStream>, u64)>,
-    stream: &'a TcpStream,
+    out: Mutex<(BufWriter<MirrorStream>, u64)>,
+    stream: &'a MirrorStream,
     generation: u64,
 }
 
@@ -234,8 +235,8 @@ impl Answers<'_> {
 fn run(
     r: &Replica,
     session: u64,
-    stream: &TcpStream,
-    out: BufWriter<TcpStream>,
+    stream: &MirrorStream,
+    out: BufWriter<MirrorStream>,
     generation: u64,
     full: bool,
 ) -> String {
@@ -273,7 +274,7 @@ fn run(
 fn apply(
     r: &Replica,
     session: u64,
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<MirrorStream>,
     answers: &Answers<'_>,
     generation: u64,
     full: bool,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::meta::Role;
+use crate::net::{MirrorNet, MirrorStream};
 use crate::proto::{Frame, Hello, Kind};
 use crate::replica::{lock, LinkState, NewRole, Replica, Timing};
 use crate::store::BlockStore;
@@ -73,6 +74,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[arg(long)]
         from: Option<String>,
+        /// The server at the other end, as its certificate names it: for a backup, the only
+        /// primary it takes a link from (any server of the cluster when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        peer_server: Option<u64>,
     },
     /// Show one disk, or all: role, generation, link, resync progress.
     Status {
@@ -86,6 +92,11 @@ pub enum Request {
         name: String,
         /// The backup server's blockd mirror address.
         peer: String,
+        /// The backup's server, as its certificate must name it (any server of the cluster
+        /// when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        peer_server: Option<u64>,
     },
     /// Stop mirroring a primary (its writes stall until it is promoted to go on alone).
     Detach {
@@ -108,6 +119,11 @@ pub enum Request {
     Demote {
         /// The disk.
         name: String,
+        /// The new primary's server: the only one it takes a link from from now on (any
+        /// server of the cluster when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        primary_server: Option<u64>,
     },
     /// Delete a disk that is not linked.
     Delete {
@@ -157,6 +173,8 @@ pub struct Config {
     pub control: PathBuf,
     /// Link timings.
     pub timing: Timing,
+    /// How mirror links are made: mutual TLS with the server's certificate.
+    pub net: MirrorNet,
 }
 
 /// Errors starting blockd.
@@ -187,6 +205,7 @@ struct Disk {
 /// The server's disks.
 pub struct Blockd {
     cfg: Config,
+    net: Arc<MirrorNet>,
     disks: Mutex<BTreeMap<String, Disk>>,
 }
 
@@ -214,6 +233,7 @@ impl Blockd {
     /// Opens every disk under the data directory and starts their connectors.
     pub fn open(cfg: Config) -> Result<Arc<Blockd>, DaemonError> {
         std::fs::create_dir_all(&cfg.dir).map_err(io(format!("creating {}", cfg.dir.display())))?;
+        let net = Arc::new(cfg.net.clone());
         let mut disks = BTreeMap::new();
         for entry in
             std::fs::read_dir(&cfg.dir).map_err(io(format!("reading {}", cfg.dir.display())))?
@@ -223,13 +243,14 @@ impl Blockd {
             if !entry.path().join("meta").exists() {
                 continue;
             }
-            let r = Replica::open(&cfg.dir, &name, cfg.timing)?;
+            let r = Replica::open(&cfg.dir, &name, cfg.timing, Arc::clone(&net))?;
             tracing::info!(disk = %name, role = ?r.meta().role, generation = r.meta().generation, "disk opened");
             let d = start_disk(r).map_err(|e| DaemonError::Start(name.clone(), e))?;
             disks.insert(name, d);
         }
         Ok(Arc::new(Blockd {
             cfg,
+            net,
             disks: Mutex::new(disks),
         }))
     }
@@ -275,35 +296,53 @@ impl Blockd {
         }
     }
 
-    /// A primary connected: read its Hello and hand it to the disk it names.
-    fn mirror(&self, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(self.cfg.timing.link_timeout));
-        let refuse = |mut s: &TcpStream, why: String| {
-            tracing::warn!(peer = %peer, why = %why, "mirror connection refused");
-            let _ = Frame::error(1, 0, &why).write_to(&mut s);
+    /// A primary connected: check who it is, read its Hello and hand it to the disk it names
+    /// if that disk takes a link from this server.
+    fn mirror(&self, tcp: TcpStream) {
+        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_read_timeout(Some(self.cfg.timing.link_timeout));
+        let (mut stream, server) = match self.net.accept(tcp) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(peer = %peer, why = %why, "mirror connection refused");
+                return;
+            }
+        };
+        let refuse = |s: &mut MirrorStream, why: String| {
+            tracing::warn!(peer = %peer, ?server, why = %why, "mirror connection refused");
+            let _ = Frame::error(1, 0, &why)
+                .write_to(s)
+                .and_then(|()| s.flush());
         };
         let first = match Frame::read_from(
-            &mut (&stream).take(u64::from(crate::proto::MAX_PAYLOAD) + 64),
+            &mut (&mut stream).take(u64::from(crate::proto::MAX_PAYLOAD) + 64),
         ) {
             Ok(f) if f.kind == Kind::Hello => f,
-            Ok(f) => return refuse(&stream, format!("expected Hello, got {:?}", f.kind)),
-            Err(e) => return refuse(&stream, format!("bad first frame: {e}")),
+            Ok(f) => return refuse(&mut stream, format!("expected Hello, got {:?}", f.kind)),
+            Err(e) => return refuse(&mut stream, format!("bad first frame: {e}")),
         };
         let hello: Hello = match first.parse_json() {
             Ok(h) => h,
-            Err(e) => return refuse(&stream, e),
+            Err(e) => return refuse(&mut stream, e),
         };
         let Some(disk) = self.get(&hello.disk) else {
             return refuse(
-                &stream,
+                &mut stream,
                 format!("no disk named {:?} on this server", hello.disk),
             );
         };
+        if let (Some(want), Some(got)) = (disk.peer_server(), server) {
+            if want != got {
+                return refuse(
+                    &mut stream,
+                    format!(
+                        "disk {} takes its link from server {want}, not from server {got}",
+                        hello.disk
+                    ),
+                );
+            }
+        }
         crate::backup::serve(disk, stream, hello);
     }
 
@@ -355,6 +394,7 @@ impl Blockd {
                 backup,
                 pool,
                 from,
+                peer_server,
             } => {
                 let mut disks = lock(&self.disks);
                 if disks.contains_key(&name) {
@@ -405,7 +445,9 @@ impl Blockd {
                     size,
                     region_size.unwrap_or(DEFAULT_REGION),
                     role,
+                    peer_server,
                     self.cfg.timing,
+                    Arc::clone(&self.net),
                 )
                 .map_err(|e| e.to_string())?;
                 if let Some((f, src, len)) = &source {
@@ -449,15 +491,19 @@ impl Blockd {
                     disks: Some(disks),
                 })
             }
-            Request::Attach { name, peer } => {
+            Request::Attach {
+                name,
+                peer,
+                peer_server,
+            } => {
                 self.disk(&name)?
-                    .set_peer(Some(peer))
+                    .set_peer(Some(peer), peer_server)
                     .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
             Request::Detach { name } => {
                 self.disk(&name)?
-                    .set_peer(None)
+                    .set_peer(None, None)
                     .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
@@ -471,8 +517,14 @@ impl Blockd {
                     .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
-            Request::Demote { name } => {
-                self.disk(&name)?.demote().map_err(|e| e.to_string())?;
+            Request::Demote {
+                name,
+                primary_server,
+            } => {
+                let d = self.disk(&name)?;
+                d.demote().map_err(|e| e.to_string())?;
+                d.set_peer_server(primary_server)
+                    .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
             Request::Delete { name } => {
@@ -541,7 +593,8 @@ mod tests {
                 region_size: None,
                 backup: false,
                 pool: None,
-                from: None
+                from: None,
+                peer_server: None,
             }
         );
         let r: Request =

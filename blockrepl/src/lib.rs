@@ -9,7 +9,8 @@
 //! - [`replica`]: one copy and its write path; [`link`] and [`resync`]: the
 //!   primary's side of the mirror; [`backup`]: the backup's side;
 //! - [`vhost_blk`]: the vhost-user-blk backend that serves a store to a VMM;
-//! - [`daemon`]: `enspeed blockd`, the server's disks and their control socket.
+//! - [`daemon`]: `enspeed blockd`, the server's disks and their control socket;
+//! - [`net`]: the mirror links' connections, mutual TLS between the cluster's servers.
 
 pub mod backup;
 pub mod bitmap;
@@ -18,6 +19,7 @@ pub mod daemon;
 
 pub mod link;
 pub mod meta;
+pub mod net;
 pub mod proto;
 pub mod replica;
 pub mod resync;

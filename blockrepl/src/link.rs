@@ -7,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use crate::net::MirrorStream;
 use crate::proto::{Frame, Hello, Kind, Welcome, FLAG_FUA};
 use crate::replica::{lock, Replica};
 
@@ -29,7 +30,7 @@ pub(crate) enum AckTarget {
 }
 
 struct Writer {
-    out: BufWriter<TcpStream>,
+    out: BufWriter<MirrorStream>,
     next_seq: u64,
 }
 
@@ -39,7 +40,7 @@ pub struct Link {
     generation: u64,
     writer: Mutex<Writer>,
     acks: Mutex<HashMap<u64, AckTarget>>,
-    stream: TcpStream,
+    stream: MirrorStream,
     dead: AtomicBool,
     replica: Weak<Replica>,
 }
@@ -166,13 +167,17 @@ pub(crate) fn connect(
     hello: &Hello,
 ) -> Result<(Arc<Link>, Welcome), String> {
     let t = replica.timing;
-    let addr = peer
-        .to_socket_addrs()
-        .map_err(|e| format!("backup address {peer}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("backup address {peer} resolves to nothing"))?;
-    let stream = TcpStream::connect_timeout(&addr, t.link_timeout)
+    let (stream, server) = replica
+        .net
+        .connect(peer, t.link_timeout)
         .map_err(|e| format!("connecting to backup {peer}: {e}"))?;
+    if let (Some(want), Some(got)) = (replica.peer_server(), server) {
+        if want != got {
+            return Err(format!(
+                "the blockd at {peer} is server {got}'s, not the backup's (server {want})"
+            ));
+        }
+    }
     let setup = |e: std::io::Error| format!("setting up the link to {peer}: {e}");
     stream.set_nodelay(true).map_err(setup)?;
     stream
@@ -217,7 +222,7 @@ pub(crate) fn connect(
     Ok((link, welcome))
 }
 
-fn receive(link: Arc<Link>, mut reader: BufReader<TcpStream>) {
+fn receive(link: Arc<Link>, mut reader: BufReader<MirrorStream>) {
     loop {
         let frame = match Frame::read_from(&mut reader) {
             Ok(f) => f,

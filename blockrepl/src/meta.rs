@@ -85,6 +85,10 @@ pub struct Meta {
     pub bitmap_base: u64,
     /// The backup's mirror address (host:port), on a primary.
     pub peer: Option<String>,
+    /// The server at the other end, as its certificate names it: on a primary, its backup's;
+    /// on a backup, the only primary it takes a link from. Any server of the cluster if none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_server: Option<u64>,
 }
 
 /// Errors of the metadata file.
@@ -256,6 +260,7 @@ mod tests {
             data: DataState::Consistent,
             bitmap_base: 0,
             peer: Some("10.0.0.2:7400".into()),
+            peer_server: Some(2),
         }
     }
 

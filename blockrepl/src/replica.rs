@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::bitmap::Bitmap;
 use crate::link::Link;
 use crate::meta::{DataState, Meta, MetaError, MetaFile, Role};
+use crate::net::MirrorNet;
 use crate::store::{check_range, BlockStore, Done};
 
 /// Timings of the mirror link.
@@ -141,6 +142,9 @@ pub struct Status {
     pub bitmap_base: u64,
     /// Backup address (primary side).
     pub peer: Option<String>,
+    /// The server at the other end (the backup's, or the only primary a backup takes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_server: Option<u64>,
     /// Link state.
     pub link: LinkState,
     /// Regions marked in the bitmap, in bytes.
@@ -201,6 +205,7 @@ pub struct Replica {
     pub(crate) core: Mutex<Core>,
     pub(crate) cond: Condvar,
     pub(crate) timing: Timing,
+    pub(crate) net: Arc<MirrorNet>,
     pub(crate) stopping: AtomicBool,
 }
 
@@ -231,7 +236,9 @@ impl Replica {
         capacity: u64,
         region_size: u64,
         role: NewRole,
+        peer_server: Option<u64>,
         timing: Timing,
+        net: Arc<MirrorNet>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         let refused = |why: String| ReplicaError::Refused {
             disk: name.to_owned(),
@@ -291,6 +298,7 @@ impl Replica {
                 data: DataState::Consistent,
                 bitmap_base: 0,
                 peer: None,
+                peer_server,
             },
             NewRole::Backup => Meta {
                 name: name.to_owned(),
@@ -302,16 +310,22 @@ impl Replica {
                 data: DataState::Empty,
                 bitmap_base: 0,
                 peer: None,
+                peer_server,
             },
         };
         Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size))
             .map_err(|e| io_err("creating the bitmap", e))?;
         MetaFile::create(&ddir.join("meta"), meta)?;
-        Replica::open(dir, name, timing)
+        Replica::open(dir, name, timing, net)
     }
 
-    /// Opens the existing disk `dir/name`.
-    pub fn open(dir: &Path, name: &str, timing: Timing) -> Result<Arc<Replica>, ReplicaError> {
+    /// Opens the existing disk `dir/name`, its mirror links made with `net`.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        timing: Timing,
+        net: Arc<MirrorNet>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
         let ddir = dir.join(name);
         let io_err = |what: &str, source| ReplicaError::Io {
             disk: name.to_owned(),
@@ -365,6 +379,7 @@ impl Replica {
             core: Mutex::new(core),
             cond: Condvar::new(),
             timing,
+            net,
             stopping: AtomicBool::new(false),
         }))
     }
@@ -431,6 +446,7 @@ impl Replica {
             data: m.data,
             bitmap_base: m.bitmap_base,
             peer: m.peer,
+            peer_server: m.peer_server,
             link,
             out_of_sync_bytes: out_of_sync.min(self.capacity),
             stalled_writes: core.pending.values().filter(|p| !p.remote).count(),
@@ -440,19 +456,41 @@ impl Replica {
         }
     }
 
-    /// Sets (or with None, removes) the backup's mirror address.
-    pub fn set_peer(&self, peer: Option<String>) -> Result<(), ReplicaError> {
+    /// Sets (or with None, removes) the backup's mirror address, and the server it must be
+    /// (any of the cluster if `None`).
+    pub fn set_peer(
+        &self,
+        peer: Option<String>,
+        peer_server: Option<u64>,
+    ) -> Result<(), ReplicaError> {
         let mut meta = lock(&self.meta);
         if meta.get().role == Role::Backup && peer.is_some() {
             return Err(
                 self.refused("a backup does not connect to a peer; attach it on the primary")
             );
         }
-        meta.update(|m| m.peer = peer)?;
+        meta.update(|m| {
+            m.peer = peer;
+            if m.peer.is_some() {
+                m.peer_server = peer_server;
+            }
+        })?;
         drop(meta);
         self.drop_link("the backup was changed");
         self.cond.notify_all();
         Ok(())
+    }
+
+    /// Sets the server at the other end: on a backup, the only primary it takes a link from
+    /// (any server of the cluster if `None`).
+    pub fn set_peer_server(&self, server: Option<u64>) -> Result<(), ReplicaError> {
+        lock(&self.meta).update(|m| m.peer_server = server)?;
+        Ok(())
+    }
+
+    /// The server at the other end, if one is named.
+    pub fn peer_server(&self) -> Option<u64> {
+        lock(&self.meta).get().peer_server
     }
 
     /// Raises the generation to `generation`: a backup is promoted, a primary

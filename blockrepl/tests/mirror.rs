@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use blockrepl::daemon::{Blockd, Config, Request};
 use blockrepl::meta::{DataState, Role};
+use blockrepl::net::{MirrorNet, MirrorStream};
 use blockrepl::proto::{Frame, Hello, Kind, Welcome};
 use blockrepl::replica::{LinkState, Replica, Timing};
 use blockrepl::store::BlockStore;
@@ -27,6 +28,22 @@ fn timing() -> Timing {
         clean_interval: Duration::from_millis(200),
         clean_after_passes: 2,
     }
+}
+
+/// The certificate every blockd here presents: server 1's, under a CA made once for the
+/// test process (the links are mutual TLS, as in a cluster).
+fn certificate() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch("certificate");
+        let t = enspeed_trust::TrustDir::of(&d);
+        t.create_cluster(1).unwrap();
+        t.0
+    })
+}
+
+fn net() -> MirrorNet {
+    MirrorNet::tls(certificate()).unwrap()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -57,6 +74,7 @@ fn server(dir: &Path) -> Server {
         listen: addr.clone(),
         control: dir.join("control.sock"),
         timing: timing(),
+        net: net(),
     };
     let blockd = Blockd::open(cfg).unwrap();
     let b = blockd.clone();
@@ -192,6 +210,7 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         backup: false,
         pool: None,
         from: None,
+        peer_server: None,
     });
     b.req(Request::Create {
         name: "d".into(),
@@ -200,10 +219,12 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         backup: true,
         pool: None,
         from: None,
+        peer_server: None,
     });
     a.req(Request::Attach {
         name: "d".into(),
         peer: p.addr.clone(),
+        peer_server: None,
     });
     wait_for("the first sync", || {
         a.disk("d").status().link == LinkState::InSync
@@ -345,6 +366,7 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         backup: false,
         pool: None,
         from: None,
+        peer_server: None,
     });
     let d = a.disk("d");
     for i in 0..128u64 {
@@ -357,10 +379,12 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         backup: true,
         pool: None,
         from: None,
+        peer_server: None,
     });
     a.req(Request::Attach {
         name: "d".into(),
         peer: b.addr.clone(),
+        peer_server: None,
     });
     let mut saw_full = false;
     for i in 0..300u64 {
@@ -397,7 +421,10 @@ fn a_stale_primary_is_refused() {
             .is_some_and(|e| e.contains("not a backup"))
     });
     // Even as a backup again, the copy at generation 2 refuses generation 1.
-    b.req(Request::Demote { name: "d".into() });
+    b.req(Request::Demote {
+        name: "d".into(),
+        primary_server: None,
+    });
     wait_for("the stale primary to be refused", || {
         d.status()
             .last_error
@@ -437,7 +464,10 @@ fn a_switchover_demotes_the_old_primary_its_stalled_write_fails_and_the_resync_r
         "a write completed unmirrored"
     );
     // Then it stops the guest there and demotes the old primary: the write fails, never acknowledged.
-    a.req(Request::Demote { name: "d".into() });
+    a.req(Request::Demote {
+        name: "d".into(),
+        primary_server: None,
+    });
     let failed = stalled
         .recv_timeout(Duration::from_secs(5))
         .expect("the stalled write is answered");
@@ -452,6 +482,7 @@ fn a_switchover_demotes_the_old_primary_its_stalled_write_fails_and_the_resync_r
     b.req(Request::Attach {
         name: "d".into(),
         peer: a.addr.clone(),
+        peer_server: None,
     });
     wait_for("the resync to the old primary", || {
         b.disk("d").status().link == LinkState::InSync
@@ -477,6 +508,7 @@ fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
         backup: true,
         pool: None,
         from: None,
+        peer_server: None,
     });
     let e = b
         .try_req(Request::Promote {
@@ -496,8 +528,8 @@ fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
     assert!(e.contains("not above"), "{e}");
 }
 
-fn raw_session(b: &Server, generation: u64) -> (TcpStream, Welcome) {
-    let mut s = TcpStream::connect(&b.addr).unwrap();
+fn raw_session(b: &Server, generation: u64) -> (MirrorStream, Welcome) {
+    let (mut s, _) = net().connect(&b.addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let hello = Hello {
         disk: "d".into(),
@@ -515,7 +547,7 @@ fn raw_session(b: &Server, generation: u64) -> (TcpStream, Welcome) {
     (s, reply.parse_json().unwrap())
 }
 
-fn expect_error(s: &mut TcpStream, what: &str) -> String {
+fn expect_error(s: &mut MirrorStream, what: &str) -> String {
     loop {
         match Frame::read_from(s) {
             Ok(f) if f.kind == Kind::Error => return f.text(),
@@ -536,6 +568,7 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
         backup: true,
         pool: None,
         from: None,
+        peer_server: None,
     });
     let zeros = b.data("d");
 
@@ -589,14 +622,14 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
     assert!(why.contains("generation"), "{why}");
 
     // Garbage instead of a Hello.
-    let mut g = TcpStream::connect(&b.addr).unwrap();
+    let (mut g, _) = net().connect(&b.addr, Duration::from_secs(5)).unwrap();
     g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     g.write_all(&[0x55; 200]).unwrap();
     let why = expect_error(&mut g, "garbage hello");
     assert!(why.contains("magic"), "{why}");
 
     // A Hello for a disk that is not there.
-    let mut s = TcpStream::connect(&b.addr).unwrap();
+    let (mut s, _) = net().connect(&b.addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let hello = Hello {
         disk: "nope".into(),
@@ -647,7 +680,10 @@ fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
     let sb = b.disk("d").status();
     assert_eq!((sb.generation, sb.data), (2, DataState::Consistent));
     // Demoting the primary while it is linked ends the link without hanging.
-    a.req(Request::Demote { name: "d".into() });
+    a.req(Request::Demote {
+        name: "d".into(),
+        primary_server: None,
+    });
     assert_eq!(d.status().role, Role::Backup);
 }
 
@@ -662,6 +698,7 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
         backup: false,
         pool: Some(pool.clone()),
         from: None,
+        peer_server: None,
     });
     assert!(
         pool.join("p").join("data").exists(),
@@ -671,7 +708,7 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     write(&a.disk("p"), 4096, block(5, 4096));
     // Found again through the link, as blockd does at start.
-    let again = Replica::open(&a.dir, "p", timing()).unwrap();
+    let again = Replica::open(&a.dir, "p", timing(), Arc::new(net())).unwrap();
     let mut buf = vec![0u8; 4096];
     again.read(4096, &mut buf).unwrap();
     assert_eq!(buf, block(5, 4096));

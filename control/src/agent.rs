@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub blockd_listen: String,
     /// blockd's mirror link timeout.
     pub link_timeout: Duration,
+    /// The server's certificates (DATA/tls): blockd's mirror links are mutual TLS with them.
+    pub tls_dir: PathBuf,
     /// The `enspeed` binary that blockd and the VMMs run from.
     pub binary: PathBuf,
     /// What this server offers to VMs.
@@ -503,6 +505,9 @@ impl Reconciler {
             if self.s.fenced.load(Ordering::SeqCst) {
                 return false;
             }
+            if !self.s.node.peers().is_member() {
+                return false;
+            }
             let _ = std::fs::remove_file(&socket);
             let cfg = &self.s.cfg;
             let mut cmd = Command::new(&cfg.binary);
@@ -516,6 +521,8 @@ impl Reconciler {
                     "--link-timeout-ms",
                     &cfg.link_timeout.as_millis().to_string(),
                 ])
+                .arg("--tls")
+                .arg(&cfg.tls_dir)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(&cfg.dir.join("blockd.log")));
@@ -601,6 +608,8 @@ impl Reconciler {
                 pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
                 // A clone's primary copy starts as its source's data (here, by placement).
                 from: d.clone_of.clone().filter(|_| !backup),
+                // A backup takes its link from the disk's primary server only.
+                peer_server: if backup { Some(d.primary) } else { d.backup },
             },
         )
     }
@@ -642,15 +651,16 @@ impl Reconciler {
         let want = d
             .backup
             .and_then(|b| state.servers.get(&b))
-            .map(|s| s.mirror.clone())
-            .filter(|m| !m.is_empty());
-        if current == want.as_deref() {
+            .map(|s| (s.mirror.clone(), s.id))
+            .filter(|(m, _)| !m.is_empty());
+        if current == want.as_ref().map(|(m, _)| m.as_str()) {
             return true;
         }
         let req = match want {
-            Some(peer) => BlockdRequest::Attach {
+            Some((peer, server)) => BlockdRequest::Attach {
                 name: d.name.clone(),
                 peer,
+                peer_server: Some(server),
             },
             None => BlockdRequest::Detach {
                 name: d.name.clone(),
@@ -671,7 +681,13 @@ impl Reconciler {
                 for vm in state.vms.values().filter(|vm| vm.disks.contains(name)) {
                     self.stop_vm(&vm.name, "its disk is a backup here now");
                 }
-                self.request(name, BlockdRequest::Demote { name: name.clone() });
+                self.request(
+                    name,
+                    BlockdRequest::Demote {
+                        name: name.clone(),
+                        primary_server: Some(d.primary),
+                    },
+                );
             }
             Some(_) => {}
         }

@@ -202,6 +202,7 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
             .clone()
             .unwrap_or_else(|| default_blockd_listen(&a.listen)),
         link_timeout: Duration::from_millis(a.link_timeout_ms),
+        tls_dir: a.data.join("tls"),
         binary,
         capacity: capacity.clone(),
         timing,

@@ -34,6 +34,10 @@ enum Command {
     Blockd(BlockdArgs),
     /// Manage the replicated disks of a blockd (create, attach a backup, status, promote, demote).
     Disk(DiskArgs),
+    /// Certificates for blockds run on their own, outside a cluster (a server makes its own:
+    /// the cluster's CA with --init, its certificate when it joins).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Run this server's member of the control plane (Raft over RocksDB): start a cluster with
     /// --init, join one with --join ADDR, or restart from --data.
     Server(ServerCmd),
@@ -103,6 +107,54 @@ struct BlockdArgs {
     /// A mirror link is declared down after this long without traffic.
     #[arg(long, default_value_t = 2000)]
     link_timeout_ms: u64,
+    /// The server's certificate directory (its DATA/tls): mirror links are mutual TLS under
+    /// the cluster's CA.
+    #[arg(long, value_name = "DIR", required_unless_present = "plaintext_mirror")]
+    tls: Option<PathBuf>,
+    /// Mirror links over plain TCP, no peer authenticated: for measuring what TLS costs only.
+    #[arg(long, conflicts_with = "tls")]
+    plaintext_mirror: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// A new CA and server ID's certificate under it, in DIR (as `enspeed server --init`
+    /// makes in DATA/tls).
+    Init {
+        /// The directory.
+        dir: PathBuf,
+        /// The server's id.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+    /// Server ID's certificate under the CA in --ca (a directory made by `init`), into DIR.
+    Issue {
+        /// The directory of the CA.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The server's id.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+        /// Where its certificate goes.
+        dir: PathBuf,
+    },
+}
+
+fn certs_command(c: CertsCommand) -> ExitCode {
+    use enspeed_trust::TrustDir;
+    let done = match c {
+        CertsCommand::Init { dir, id } => TrustDir(dir).create_cluster(id),
+        CertsCommand::Issue { ca, id, dir } => TrustDir(ca)
+            .enroll(id)
+            .and_then(|e| TrustDir(dir).install(&e)),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enspeed certs: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -282,7 +334,21 @@ fn main() -> ExitCode {
             limit,
         } => webui::cli::audit(&login, after, limit),
         Command::Blockd(a) => {
+            let net = match &a.tls {
+                Some(dir) => match blockrepl::net::MirrorNet::tls(dir) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("enspeed blockd: --tls {}: {e}", dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => {
+                    tracing::warn!("mirror links over plain TCP: no peer is authenticated (--plaintext-mirror)");
+                    blockrepl::net::MirrorNet::Plain
+                }
+            };
             let cfg = blockrepl::daemon::Config {
+                net,
                 dir: a.dir,
                 listen: a.listen,
                 control: a.control,
@@ -301,6 +367,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Disk(a) => disk_command(a),
+        Command::Certs(c) => certs_command(c),
         Command::VmmApi { socket, request } => match vmm_api(&socket, &request) {
             Ok((answer, ok)) => {
                 println!("{answer}");

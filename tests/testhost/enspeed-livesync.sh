@@ -10,10 +10,14 @@
 proof=livesync-$$
 
 ip link set lo up
+# Their mirror link is mutual TLS, as between a cluster's servers: a CA and server a's
+# certificate, then server b's under it.
+"$ENSPEED" certs init /tmp/certs-a --id 1 || fail "make the CA"
+"$ENSPEED" certs issue --ca /tmp/certs-a --id 2 /tmp/certs-b || fail "issue server b's certificate"
 start_blockd() { # NAME PORT
     mkdir -p "/tmp/$1"
     ENSPEED_LOG=info "$ENSPEED" blockd --dir "/tmp/$1/disks" --listen "127.0.0.1:$2" \
-        --control "/tmp/$1/control.sock" >"/tmp/$1/blockd.log" 2>&1 &
+        --control "/tmp/$1/control.sock" --tls "/tmp/certs-$1" >"/tmp/$1/blockd.log" 2>&1 &
     i=0
     until [ -S "/tmp/$1/control.sock" ]; do
         i=$((i + 1))
@@ -28,8 +32,8 @@ disk() { # SERVER ARGS...
 start_blockd a 7400
 start_blockd b 7401
 disk a create d --size 64M || fail "create the primary"
-disk b create d --size 64M --backup || fail "create the backup"
-disk a attach d 127.0.0.1:7401 || fail "attach the backup"
+disk b create d --size 64M --backup --peer-server 1 || fail "create the backup"
+disk a attach d 127.0.0.1:7401 --peer-server 2 || fail "attach the backup"
 i=0
 until disk a status d | grep -q "link in-sync"; do
     i=$((i + 1))

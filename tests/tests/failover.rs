@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use enspeed_tests::cluster::{parse_answer, wait_for_explained, Server};
+use enspeed_tests::cluster::{wait_for_explained, Server};
 use enspeed_tests::netns::{run, Net};
 use enspeed_tests::*;
 use serde_json::{json, Value};
@@ -124,24 +124,24 @@ impl Cluster {
         out
     }
 
-    /// One request through `enspeed cluster`-style JSON lines, from server `via`'s namespace.
+    /// One request through `enspeed cluster`, run in server `via`'s namespace as that server
+    /// (its certificate, from its data directory): `status`, `read` of the state, or `propose`.
     fn call(&self, via: usize, req: Value) -> Result<Value, String> {
-        let script = format!(
-            "exec 3<>/dev/tcp/{}/7300; printf '%s\\n' '{}' >&3; head -n1 <&3",
-            self.net.addr(via),
-            req
-        );
-        let out = run(Command::new("ip").args([
-            "netns",
-            "exec",
-            self.net.ns(via),
-            "timeout",
-            "10",
-            "bash",
-            "-c",
-            &script,
-        ]))?;
-        parse_answer(out.trim()).map_err(|e| e.to_string())
+        let op: Vec<String> = match req["op"].as_str() {
+            Some("status") => vec!["status".into()],
+            Some("read") => vec!["state".into()],
+            Some("propose") => vec!["propose".into(), req["command"].to_string()],
+            other => panic!("no `enspeed cluster` operation for {other:?}"),
+        };
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", self.net.ns(via), "timeout", "10"])
+            .arg(enspeed_tests::enspeed_bin())
+            .args(["cluster", "--timeout-ms", "8000", "--server"])
+            .arg(format!("{}:7300", self.net.addr(via)))
+            .arg("--data")
+            .arg(&self.servers[via - 1].data)
+            .args(&op))?;
+        serde_json::from_str(&out).map_err(|e| format!("{e}: {out:?}"))
     }
 
     /// The state, read linearizably through the witness.

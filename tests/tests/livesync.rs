@@ -1,6 +1,8 @@
 //! LiveSync with real processes: two `enspeed blockd` servers on loopback,
 //! the test guest writing through `enspeed vmm` and vhost-user-blk, and the
-//! primary killed with SIGKILL at random moments.
+//! primary killed with SIGKILL at random moments. Their mirror links are mutual
+//! TLS under a CA made for the test (the blockds are servers 1 and 2); strangers'
+//! hellos are refused.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,16 +20,32 @@ struct Blockd {
     dir: PathBuf,
     addr: String,
     log: PathBuf,
+    tls: PathBuf,
+}
+
+/// Certificates for servers 1..=n under a new CA, in `s`: their `tls` directories.
+fn certificates(s: &Scratch, n: u64) -> Vec<PathBuf> {
+    let first = enspeed_trust::TrustDir::of(&s.path("cert1"));
+    first.create_cluster(1).unwrap();
+    let mut dirs = vec![first.0.clone()];
+    for id in 2..=n {
+        let d = enspeed_trust::TrustDir::of(&s.path(&format!("cert{id}")));
+        d.install(&first.enroll(id).unwrap()).unwrap();
+        dirs.push(d.0);
+    }
+    dirs
 }
 
 impl Blockd {
-    fn start(dir: &Path) -> Blockd {
+    /// A blockd in `dir`, its mirror links made with the certificate in `tls`.
+    fn start(dir: &Path, tls: &Path) -> Blockd {
         std::fs::create_dir_all(dir).unwrap();
         let mut b = Blockd {
             child: None,
             dir: dir.to_owned(),
             addr: format!("127.0.0.1:{}", free_port()),
             log: dir.join("blockd.log"),
+            tls: tls.to_owned(),
         };
         b.restart();
         b
@@ -50,6 +68,8 @@ impl Blockd {
             .args(["--listen", &self.addr, "--control"])
             .arg(self.control())
             .args(["--link-timeout-ms", "1000"])
+            .arg("--tls")
+            .arg(&self.tls)
             .env("ENSPEED_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -188,8 +208,9 @@ fn the_guest_writes_through_vmm_and_the_backup_matches_byte_for_byte() {
         return;
     }
     let s = Scratch::new("livesync-match");
-    let a = Blockd::start(&s.path("a"));
-    let b = Blockd::start(&s.path("b"));
+    let certs = certificates(&s, 2);
+    let a = Blockd::start(&s.path("a"), &certs[0]);
+    let b = Blockd::start(&s.path("b"), &certs[1]);
     mirrored_pair(&a, &b, "32M");
     let mut vm = Vmm::start(&guest_args(
         "tg.run=stamp,blkid tg.blocks=256 tg.ops=2048 tg.ackevery=256 tg.flushevery=16 tg.end=poweroff",
@@ -229,7 +250,11 @@ fn acknowledged_writes_survive_kill_9_of_the_primary() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let s = Scratch::new("livesync-crash");
-    let mut servers = [Blockd::start(&s.path("a")), Blockd::start(&s.path("b"))];
+    let certs = certificates(&s, 2);
+    let mut servers = [
+        Blockd::start(&s.path("a"), &certs[0]),
+        Blockd::start(&s.path("b"), &certs[1]),
+    ];
     mirrored_pair(&servers[0], &servers[1], "64M");
     let mut acks = vec![0u64; BLOCKS as usize];
     let mut base = 0u64;
@@ -306,4 +331,119 @@ fn acknowledged_writes_survive_kill_9_of_the_primary() {
     let (a, b) = (servers[0].data("d"), servers[1].data("d"));
     assert!(a == b, "copies differ after the last resync");
     eprintln!("{rounds} kills, {total_acks} acknowledged writes checked, every resync partial");
+}
+
+/// Says `hello` to the blockd at `addr`, over plain TCP or with the certificate in `tls`:
+/// answers the first frame back, or why there was none.
+fn say_hello(
+    addr: &str,
+    tls: Option<&Path>,
+    hello: &blockrepl::proto::Hello,
+) -> Result<blockrepl::proto::Frame, String> {
+    use blockrepl::proto::{Frame, Kind};
+    use std::io::Write;
+    let timeout = Duration::from_secs(5);
+    let mut s: Box<dyn ReadWrite> = match tls {
+        None => {
+            let s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(timeout)).unwrap();
+            Box::new(s)
+        }
+        Some(dir) => {
+            let id = enspeed_trust::Identity::load(&enspeed_trust::TrustDir(dir.to_owned()))
+                .map_err(|e| e.to_string())?;
+            let (s, _) = id
+                .connector()
+                .connect(addr, timeout)
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(timeout)).unwrap();
+            Box::new(s)
+        }
+    };
+    Frame::json(Kind::Hello, 1, hello.generation, hello)
+        .write_to(&mut s)
+        .and_then(|()| s.flush())
+        .map_err(|e| e.to_string())?;
+    Frame::read_from(&mut s).map_err(|e| e.to_string())
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+#[test]
+fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
+    use blockrepl::proto::{Hello, Kind};
+    let s = Scratch::new("livesync-strangers");
+    // Servers 1 (the primary), 2 (the backup) and 3 (another server of the same cluster).
+    let certs = certificates(&s, 3);
+    let a = Blockd::start(&s.path("a"), &certs[0]);
+    let b = Blockd::start(&s.path("b"), &certs[1]);
+    a.ok(&["create", "d", "--size", "8M"]);
+    b.ok(&[
+        "create",
+        "d",
+        "--size",
+        "8M",
+        "--backup",
+        "--peer-server",
+        "1",
+    ]);
+    let primary = a.status("d");
+    let hello = |generation: u64| Hello {
+        disk: "d".into(),
+        disk_id: primary["disk_id"].as_str().unwrap().into(),
+        capacity: 8 << 20,
+        region_size: 1 << 20,
+        generation,
+        bitmap_base: 0,
+    };
+    let strangers = |generation: u64, copy: &str| {
+        // No certificate at all: the TLS handshake fails, nothing is answered.
+        let plain = say_hello(&b.addr, None, &hello(generation));
+        assert!(
+            plain.as_ref().is_err(),
+            "plain TCP on the {copy} copy: {plain:?}"
+        );
+        // Another server of the cluster: refused, the copy takes its link from server 1.
+        let other = say_hello(&b.addr, Some(&certs[2]), &hello(generation))
+            .unwrap_or_else(|e| panic!("server 3 on the {copy} copy: {e}"));
+        assert_eq!(other.kind, Kind::Error, "server 3 on the {copy} copy");
+        assert!(
+            other
+                .text()
+                .contains("takes its link from server 1, not from server 3"),
+            "{}",
+            other.text()
+        );
+    };
+    strangers(1, "empty");
+    let st = b.status("d");
+    assert_eq!(
+        (st["data"].as_str(), st["generation"].as_u64()),
+        (Some("empty"), Some(0)),
+        "{st}"
+    );
+
+    // The primary's data, then its link: with the wrong backup server named it refuses the
+    // blockd it reaches; with the right one it syncs.
+    let pattern: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(a.dir.join("disks/d/data"), &pattern).unwrap();
+    a.ok(&["attach", "d", &b.addr, "--peer-server", "3"]);
+    a.wait_status("d", "the link refused for naming another server", |st| {
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is server 2's, not the backup's (server 3)"))
+    });
+    a.ok(&["attach", "d", &b.addr, "--peer-server", "2"]);
+    a.wait_status("d", "the first full sync", in_sync);
+    assert!(
+        b.data("d") == pattern,
+        "the backup holds the primary's data"
+    );
+
+    // On the full copy, at a higher generation that would take it over: refused as well.
+    strangers(7, "full");
+    assert!(b.data("d") == pattern, "strangers changed nothing");
+    assert!(in_sync(&a.status("d")), "the primary's link stays up");
+    assert!(b.log_text().contains("mirror connection refused"));
 }

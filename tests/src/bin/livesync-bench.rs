@@ -7,6 +7,10 @@
 //! write path (the one blockd serves over vhost-user-blk); every file lives
 //! on the same filesystem. Prints Markdown.
 //!
+//! Mirror links are mutual TLS under a CA made for the run, as between a cluster's servers;
+//! each LiveSync setup runs a second time over plain TCP (`--plaintext-mirror`), and the
+//! second table gives what TLS costs.
+//!
 //! Run with `scripts/bench-livesync.sh` (root, for the namespace). Knobs:
 //! BENCH_OPS (4 KiB writes per measurement, default 2000), BENCH_ROUNDS (3).
 
@@ -16,6 +20,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockrepl::net::MirrorNet;
 use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
 use blockrepl::store::{BlockStore, FileStore};
 use enspeed_tests::{enspeed_bin, Scratch};
@@ -212,12 +217,17 @@ impl Drop for Backup {
 }
 
 /// Starts a backup blockd listening on `ip`, optionally in the namespace,
-/// with an empty backup disk `d`.
-fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
+/// with an empty backup disk `d`; mirror links over TLS with the certificate in `tls`, or
+/// plain TCP.
+fn backup(dir: &Path, ip: &str, in_ns: bool, tls: Option<&Path>) -> (Backup, String) {
     std::fs::create_dir_all(dir).unwrap();
     // A fresh namespace has every port free; on loopback ask for one.
     let port = if in_ns {
-        7700
+        if tls.is_some() {
+            7700
+        } else {
+            7702
+        }
     } else {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -239,6 +249,10 @@ fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
         .arg(dir.join("disks"))
         .args(["--listen", &addr, "--control"])
         .arg(&control);
+    match tls {
+        Some(d) => cmd.arg("--tls").arg(d),
+        None => cmd.arg("--plaintext-mirror"),
+    };
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -266,12 +280,22 @@ fn backup(dir: &Path, ip: &str, in_ns: bool) -> (Backup, String) {
     )
 }
 
-/// A primary in this process mirrored to `peer`, in sync.
-fn primary(dir: &Path, peer: &str) -> Arc<Replica> {
+/// A primary in this process mirrored to `peer` (over `net`), in sync.
+fn primary(dir: &Path, peer: &str, net: MirrorNet) -> Arc<Replica> {
     std::fs::create_dir_all(dir).unwrap();
-    let r = Replica::create(dir, "d", DISK, 1 << 20, NewRole::Primary, Timing::default()).unwrap();
+    let r = Replica::create(
+        dir,
+        "d",
+        DISK,
+        1 << 20,
+        NewRole::Primary,
+        None,
+        Timing::default(),
+        Arc::new(net),
+    )
+    .unwrap();
     blockrepl::resync::start(&r).unwrap();
-    r.set_peer(Some(peer.to_owned())).unwrap();
+    r.set_peer(Some(peer.to_owned()), None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while r.status().link != LinkState::InSync {
         assert!(
@@ -516,8 +540,19 @@ fn main() {
         &dir.join("two-b.img"),
     ));
 
-    let (_b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false);
-    let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1);
+    // The cluster's CA, made for the run: the primary is server 1, the backups server 2.
+    let (one, two_tls) = (
+        enspeed_trust::TrustDir::of(&dir.join("server1")),
+        enspeed_trust::TrustDir::of(&dir.join("server2")),
+    );
+    one.create_cluster(1).unwrap();
+    two_tls.install(&one.enroll(2).unwrap()).unwrap();
+    let tls = || MirrorNet::tls(&one.0).unwrap();
+    let (_b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false, Some(&two_tls.0));
+    let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1, tls());
+    let (_b1p, addr1p) = backup(&dir.join("backup-lo-plain"), "127.0.0.1", false, None);
+    let lo_plain: Arc<dyn BlockStore> =
+        primary(&dir.join("primary-lo-plain"), &addr1p, MirrorNet::Plain);
     let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -535,10 +570,12 @@ fn main() {
         .args(["echo", &format!("{NS_PEER_IP}:7701")])
         .spawn()
         .expect("start the echo server in the namespace");
-    let (_b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true);
-    let (peer, echo_addr, how) = if netem {
+    let (_b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true, Some(&two_tls.0));
+    let (_b2p, addr2p) = backup(&dir.join("backup-ns-plain"), NS_PEER_IP, true, None);
+    let (peer, peer_plain, echo_addr, how) = if netem {
         (
             addr2,
+            addr2p,
             format!("{NS_PEER_IP}:7701"),
             "tc netem 0.1 ms each way",
         )
@@ -546,18 +583,26 @@ fn main() {
         let d = Duration::from_micros(100);
         (
             delay_relay(addr2, d),
+            delay_relay(addr2p, d),
             delay_relay(format!("{NS_PEER_IP}:7701"), d),
             "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
         )
     };
-    let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer);
+    let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer, tls());
+    let ns_plain: Arc<dyn BlockStore> =
+        primary(&dir.join("primary-ns-plain"), &peer_plain, MirrorNet::Plain);
 
     let rows = measure_all(
         &[
             ("local disk", local),
             ("two local files in parallel (two copies, one disk)", two),
             ("LiveSync, backup on loopback", lo),
+            ("LiveSync, backup on loopback, plain TCP", lo_plain),
             ("LiveSync, backup in another netns, +0.2 ms RTT", ns),
+            (
+                "LiveSync, backup in another netns, +0.2 ms RTT, plain TCP",
+                ns_plain,
+            ),
         ],
         ops,
         rounds,
@@ -567,7 +612,8 @@ fn main() {
     let _ = echo.kill();
     let _ = echo.wait();
     teardown_ns();
-    let [local, two, lo_row, ns_row] = <[Row; 4]>::try_from(rows).ok().expect("four rows");
+    let [local, two, lo_row, lo_plain, ns_row, ns_plain] =
+        <[Row; 6]>::try_from(rows).ok().expect("six rows");
 
     println!("Delay added by {how}; RTT is the median TCP round trip of 64 bytes on the same path. Each figure is the median of {rounds} rounds; in each round every setup runs in turn.");
     println!();
@@ -577,7 +623,9 @@ fn main() {
         (&local, 0.0),
         (&two, 0.0),
         (&lo_row, rtt_lo),
+        (&lo_plain, rtt_lo),
         (&ns_row, rtt_ns),
+        (&ns_plain, rtt_ns),
     ] {
         println!(
             "| {} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
@@ -607,6 +655,22 @@ fn main() {
             r.qd32.iops / two.qd32.iops,
             r.seq / local.seq,
             r.seq / two.seq
+        );
+    }
+    println!();
+    println!("What TLS costs on the mirror path (TLS over plain TCP, same run; target: under 5%):");
+    println!();
+    println!("| path | 4K sync write qd1 median | qd32 IOPS | seq write MB/s |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, tls, plain) in [
+        ("loopback", &lo_row, &lo_plain),
+        ("another netns, +0.2 ms RTT", &ns_row, &ns_plain),
+    ] {
+        println!(
+            "| {name} | {:+.1}% latency | {:+.1}% | {:+.1}% |",
+            (tls.qd1.median_us / plain.qd1.median_us - 1.0) * 100.0,
+            (tls.qd32.iops / plain.qd32.iops - 1.0) * 100.0,
+            (tls.seq / plain.seq - 1.0) * 100.0
         );
     }
 }
