@@ -85,6 +85,13 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
         if hello.disk_id.is_empty() {
             return Err("the primary's disk has no identity".into());
         }
+        if !m.disk_id.is_empty() && m.disk_id != hello.disk_id {
+            // Made for one disk: a primary of another by the same name never fills it.
+            return Err(format!(
+                "disk {} here was made for disk identity {}, the primary's is {}",
+                m.name, m.disk_id, hello.disk_id
+            ));
+        }
         if m.disk_id != hello.disk_id {
             meta.update(|m| m.disk_id = hello.disk_id.clone())
                 .map_err(|e| e.to_string())?;

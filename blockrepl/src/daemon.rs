@@ -79,6 +79,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[arg(long)]
         peer_server: Option<u64>,
+        /// The disk's identity (hex, the control plane's): a primary carries it, a backup
+        /// takes a link only from a primary that carries it. Random for a primary when absent;
+        /// a backup then takes the first primary's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        disk_id: Option<String>,
     },
     /// Show one disk, or all: role, generation, link, resync progress.
     Status {
@@ -395,6 +401,7 @@ impl Blockd {
                 pool,
                 from,
                 peer_server,
+                disk_id,
             } => {
                 let mut disks = lock(&self.disks);
                 if disks.contains_key(&name) {
@@ -446,6 +453,7 @@ impl Blockd {
                     region_size.unwrap_or(DEFAULT_REGION),
                     role,
                     peer_server,
+                    disk_id,
                     self.cfg.timing,
                     Arc::clone(&self.net),
                 )
@@ -595,6 +603,7 @@ mod tests {
                 pool: None,
                 from: None,
                 peer_server: None,
+                disk_id: None,
             }
         );
         let r: Request =

@@ -237,6 +237,7 @@ impl Replica {
         region_size: u64,
         role: NewRole,
         peer_server: Option<u64>,
+        disk_id: Option<String>,
         timing: Timing,
         net: Arc<MirrorNet>,
     ) -> Result<Arc<Replica>, ReplicaError> {
@@ -258,6 +259,13 @@ impl Replica {
             return Err(refused(format!(
                 "capacity {capacity} is not a positive multiple of 512"
             )));
+        }
+        if let Some(id) = &disk_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(refused(format!(
+                    "disk identity {id:?} is not 1 to 64 hex digits"
+                )));
+            }
         }
         if !region_size.is_power_of_two() || !(4096..=MAX_REGION).contains(&region_size) {
             return Err(refused(format!(
@@ -290,7 +298,10 @@ impl Replica {
         let meta = match role {
             NewRole::Primary => Meta {
                 name: name.to_owned(),
-                disk_id: random_id().map_err(|e| io_err("reading /dev/urandom", e))?,
+                disk_id: match disk_id {
+                    Some(id) => id,
+                    None => random_id().map_err(|e| io_err("reading /dev/urandom", e))?,
+                },
                 capacity,
                 region_size,
                 generation: 1,
@@ -302,7 +313,7 @@ impl Replica {
             },
             NewRole::Backup => Meta {
                 name: name.to_owned(),
-                disk_id: String::new(),
+                disk_id: disk_id.unwrap_or_default(),
                 capacity,
                 region_size,
                 generation: 0,

@@ -211,6 +211,7 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     b.req(Request::Create {
         name: "d".into(),
@@ -220,6 +221,7 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     a.req(Request::Attach {
         name: "d".into(),
@@ -367,6 +369,7 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     let d = a.disk("d");
     for i in 0..128u64 {
@@ -380,6 +383,7 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     a.req(Request::Attach {
         name: "d".into(),
@@ -509,6 +513,7 @@ fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     let e = b
         .try_req(Request::Promote {
@@ -569,6 +574,7 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
         pool: None,
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     let zeros = b.data("d");
 
@@ -699,6 +705,7 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
         pool: Some(pool.clone()),
         from: None,
         peer_server: None,
+        disk_id: None,
     });
     assert!(
         pool.join("p").join("data").exists(),

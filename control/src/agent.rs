@@ -341,6 +341,9 @@ struct Reconciler {
 /// A disk copy as blockd reports it.
 #[derive(Clone, Debug, Default)]
 struct Copy {
+    /// The disk's identity the copy carries (empty on a backup not yet filled, from before
+    /// identities).
+    disk_id: String,
     role: String,
     generation: u64,
     link: String,
@@ -454,12 +457,17 @@ impl Reconciler {
         let Some(copies) = copies else { return };
         let mut ready = HashSet::new();
         for d in state.disks.values() {
+            let copy = copies.get(&d.name);
+            if copy.is_some_and(|c| !d.holds(&c.disk_id)) {
+                // Another disk's copy by this name: `forget_deleted` removes it first.
+                continue;
+            }
             if d.primary == id {
-                if self.primary_copy(state, d, copies.get(&d.name)) {
+                if self.primary_copy(state, d, copy) {
                     ready.insert(d.name.clone());
                 }
             } else if d.backup == Some(id) {
-                self.backup_copy(state, d, copies.get(&d.name));
+                self.backup_copy(state, d, copy);
             }
         }
         self.vms(state, &ready, &copies);
@@ -569,6 +577,7 @@ impl Reconciler {
             out.insert(
                 text("name"),
                 Copy {
+                    disk_id: text("disk_id"),
                     role: text("role"),
                     generation: d["generation"].as_u64().unwrap_or(0),
                     link: text("link"),
@@ -610,6 +619,9 @@ impl Reconciler {
                 from: d.clone_of.clone().filter(|_| !backup),
                 // A backup takes its link from the disk's primary server only.
                 peer_server: if backup { Some(d.primary) } else { d.backup },
+                // Both copies carry the disk's identity: a copy left by a deleted disk of the
+                // same name is never taken for this one's.
+                disk_id: d.copy_id(),
             },
         )
     }
@@ -700,7 +712,7 @@ impl Reconciler {
     /// then needs only a partial resync.
     fn forget_deleted(&self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
         for (name, c) in copies {
-            if state.disks.contains_key(name) {
+            if state.disks.get(name).is_some_and(|d| d.holds(&c.disk_id)) {
                 continue;
             }
             if c.link != "down" {
@@ -710,7 +722,7 @@ impl Reconciler {
                 continue;
             }
             if self.request(name, BlockdRequest::Delete { name: name.clone() }) {
-                tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk");
+                tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk (or has another disk by its name)");
             }
         }
     }

@@ -107,6 +107,26 @@ pub struct DiskRecord {
     /// server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<String>,
+    /// The disk's identity: a number the cluster never gives another disk, so a copy left by a
+    /// deleted disk of the same name is never taken for this one's. 0 on a record from before.
+    #[serde(default)]
+    pub uid: u64,
+}
+
+impl DiskRecord {
+    /// The identity its copies carry in blockd (`disk_id`), if it has one.
+    pub fn copy_id(&self) -> Option<String> {
+        (self.uid != 0).then(|| format!("{:032x}", self.uid))
+    }
+
+    /// Whether a copy with blockd's `disk_id` is a copy of this disk (a copy or a record from
+    /// before identities is taken at its name).
+    pub fn holds(&self, disk_id: &str) -> bool {
+        match self.copy_id() {
+            Some(id) => disk_id.is_empty() || disk_id == id,
+            None => true,
+        }
+    }
 }
 
 /// A virtual machine, minimal for now.
@@ -654,6 +674,9 @@ pub struct Counters {
     pub user: u64,
     /// The last audit seq.
     pub audit: u64,
+    /// The last disk identity (`DiskRecord::uid`).
+    #[serde(default)]
+    pub disk: u64,
 }
 
 /// The result of applying a command: a value, or a reason it was refused (the same on every
@@ -863,8 +886,13 @@ impl StateMachine {
                     return Err(format!("disk {} exists", d.name));
                 }
                 self.check_replicas(&d.name, d.primary, d.backup)?;
-                writes.push((format!("disk/{}", d.name).into_bytes(), Some(json_bytes(d))));
-                self.disks.insert(d.name.clone(), d.clone());
+                let mut d = d.clone();
+                d.uid = self.next_disk_uid(writes);
+                writes.push((
+                    format!("disk/{}", d.name).into_bytes(),
+                    Some(json_bytes(&d)),
+                ));
+                self.disks.insert(d.name.clone(), d);
                 Ok(Value::Null)
             }
             Command::SetDiskReplicas {
@@ -1109,6 +1137,7 @@ impl StateMachine {
                 pools: pools.clone(),
                 backup_synced: false,
                 clone_of: clone_of.and_then(|c| c.get(i)).map(|d| d.name.clone()),
+                uid: self.next_disk_uid(writes),
             };
             writes.push((disk_key(disk_name), Some(json_bytes(&disk))));
             self.disks.insert(disk_name.clone(), disk);
@@ -1178,12 +1207,20 @@ impl StateMachine {
                 pools: first.pools.clone(),
                 backup_synced: false,
                 clone_of: None,
+                uid: self.next_disk_uid(writes),
             };
             writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
             self.disks.insert(disk_name.clone(), disk);
             new.disks.push(disk_name);
         }
         Ok(())
+    }
+
+    /// A new disk identity, never given before in this cluster.
+    fn next_disk_uid(&mut self, writes: &mut Vec<RecordWrite>) -> u64 {
+        self.counters.disk += 1;
+        writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+        self.counters.disk
     }
 
     /// The VM with VMID `id`.
@@ -2105,6 +2142,7 @@ mod tests {
                 pools: Default::default(),
                 backup_synced: false,
                 clone_of: None,
+                uid: 0,
             }),
             Command::SetDiskReplicas {
                 name: "d0".into(),
@@ -2156,6 +2194,7 @@ mod tests {
             pools: Default::default(),
             backup_synced: false,
             clone_of: None,
+            uid: 0,
         };
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)
@@ -2205,6 +2244,7 @@ mod tests {
             pools: Default::default(),
             backup_synced: synced,
             clone_of: None,
+            uid: 0,
         };
         sm.disks.insert("a".into(), disk("a", 1, 2, true));
         sm.disks.insert("b".into(), disk("b", 2, 1, true));
@@ -2277,6 +2317,7 @@ mod tests {
                 pools: Default::default(),
                 backup_synced: false,
                 clone_of: None,
+                uid: 0,
             },
         );
         let report = |link: &str, generation, peer: &str| Command::Observe {

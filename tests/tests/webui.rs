@@ -2139,3 +2139,70 @@ fn a_manager_adds_a_server_that_waits_for_a_cluster() {
         (st["voters"].as_array()?.contains(&json!(4)) && st["leader"].is_u64()).then_some(())
     });
 }
+
+/// `enspeed disk` on the blockd of server `s` (its agent's control socket).
+fn disk_cmd(s: &Server, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(enspeed_tests::enspeed_bin())
+        .arg("disk")
+        .arg("--control")
+        .arg(s.data.join("agent/blockd.sock"))
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn a_vm_name_reused_after_a_delete_never_meets_the_old_disk_s_copies() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("reuse", &[]);
+    let m = c.manager(0);
+    // What a deleted VM "reuse" of another tenant left on both VM servers while they were
+    // down: copies of its disk reuse-0, holding its data.
+    const OLD: &str = "0123456789abcdef0123456789abcdef";
+    const SECRET: &[u8] = b"the previous tenant's secret";
+    const AT: u64 = 512 << 20;
+    for s in &c.servers[..2] {
+        cluster::wait_for("the agent's blockd", WAIT, || disk_cmd(s, &["status"]).ok());
+        disk_cmd(s, &["create", "reuse-0", "--size", "1G", "--disk-id", OLD]).unwrap();
+        let data = s.data.join("disks/reuse-0/data");
+        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, SECRET, AT).unwrap();
+    }
+    // A new VM by that name: its disk is another disk, whatever its name.
+    let vm = id(&m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "reuse", "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "start": true})),
+    ));
+    cluster::wait_for("the new VM running and mirrored", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "running" && v["replication"]["state"] == "in-sync").then_some(())
+    });
+    let mut ids = Vec::new();
+    for s in &c.servers[..2] {
+        let st: Value =
+            serde_json::from_str(&disk_cmd(s, &["status", "reuse-0", "--json"]).unwrap()).unwrap();
+        let disk_id = st[0]["disk_id"].as_str().unwrap().to_string();
+        assert_ne!(disk_id, OLD, "server {} serves the old copy", s.id);
+        ids.push(disk_id);
+        let data = std::fs::read(s.data.join("disks/reuse-0/data")).unwrap();
+        let at = AT as usize;
+        assert_ne!(
+            &data[at..at + SECRET.len()],
+            SECRET,
+            "server {}'s copy holds the old data",
+            s.id
+        );
+        assert!(
+            s.log().contains("has another disk by its name"),
+            "server {} says it removed the old copy",
+            s.id
+        );
+    }
+    assert_eq!(ids[0], ids[1], "both copies carry the new disk's identity");
+}

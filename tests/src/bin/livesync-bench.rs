@@ -290,6 +290,7 @@ fn primary(dir: &Path, peer: &str, net: MirrorNet) -> Arc<Replica> {
         1 << 20,
         NewRole::Primary,
         None,
+        None,
         Timing::default(),
         Arc::new(net),
     )
