@@ -47,6 +47,8 @@ use crate::transport::AddressBook;
 
 /// The longest request line accepted.
 const MAX_LINE: u64 = 1 << 20;
+/// How long a client connection may wait between requests.
+const CLIENT_IDLE: Duration = Duration::from_secs(300);
 
 /// A client request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -124,6 +126,22 @@ pub enum Request {
         /// Which console.
         console: ConsoleKind,
     },
+}
+
+impl Request {
+    /// The server this request speaks for, where it names one: a server's heartbeat, and its
+    /// agent's reports (registration, observations, ISO copies held).
+    pub fn speaks_for(&self) -> Option<u64> {
+        match self {
+            Request::Heartbeat { server } => Some(*server),
+            Request::Propose { command } => match command {
+                Command::Register { id, .. } | Command::Observe { id, .. } => Some(*id),
+                Command::IsoHeld { server, .. } => Some(*server),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// A request as sent on the wire: `forwarded` is set by the server that forwards it, so the
@@ -268,6 +286,8 @@ pub fn serve_client(
     let Ok(mut w) = r.get_ref().try_clone() else {
         return;
     };
+    // An idle client is let go; a stream (console, ISO) sets its own timeouts.
+    let _ = r.get_ref().set_read_timeout(Some(CLIENT_IDLE));
     loop {
         let mut line = String::new();
         match (&mut r).take(MAX_LINE).read_line(&mut line) {
@@ -353,6 +373,15 @@ pub fn serve_client(
                         timeout,
                     )
                 }
+            }
+            // A server speaks for itself only (one that forwards checked it already).
+            (Peer::Server { id, .. }, request)
+                if !env.forwarded && request.speaks_for().is_some_and(|s| s != id) =>
+            {
+                Response::err(format!(
+                    "refused: server {id} speaks for itself only, not for server {}",
+                    request.speaks_for().unwrap_or_default()
+                ))
             }
             (Peer::Server { .. }, request) => handle(
                 Envelope {

@@ -174,6 +174,8 @@ pub fn serve(
     kind: ConsoleKind,
 ) {
     let mut w = client;
+    // A console may sit idle as long as its user likes: no client idle timeout here.
+    let _ = w.set_read_timeout(None);
     let vmm = match open(me, node, agent_dir, vm, kind) {
         Ok(s) => s,
         Err(e) => {

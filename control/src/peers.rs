@@ -11,6 +11,54 @@ use enspeed_trust::{Connector, Identity, Peer, Pending, Roster, TlsStream, Trust
 
 use crate::state_machine::StateMachine;
 
+/// A connection refused: from where, and why.
+#[derive(Debug)]
+pub struct Refused {
+    /// The peer's address.
+    pub from: String,
+    /// Why.
+    pub why: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.from, self.why)
+    }
+}
+
+/// Logs each kind of refusal at most once a minute (a removed server retries all the time):
+/// the log stays bounded, with the count of those not logged.
+#[derive(Default)]
+pub struct RefusalLog(
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+);
+
+impl RefusalLog {
+    /// The most kinds of refusal remembered.
+    const KINDS: usize = 256;
+
+    /// Logs `r` unless its kind was logged less than a minute ago.
+    pub fn log(&self, r: &Refused) {
+        let now = std::time::Instant::now();
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= Self::KINDS && !seen.contains_key(&r.why) {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(60));
+            if seen.len() >= Self::KINDS {
+                return;
+            }
+        }
+        let (at, skipped) = seen.entry(r.why.clone()).or_insert((now, u64::MAX));
+        if *skipped != u64::MAX && now.duration_since(*at) < Duration::from_secs(60) {
+            *skipped += 1;
+            return;
+        }
+        let before = if *skipped == u64::MAX { 0 } else { *skipped };
+        *at = now;
+        *skipped = 0;
+        tracing::warn!(from = %r.from, why = %r.why, like_it_in_the_last_minute = before, "refused a connection");
+    }
+}
+
 /// What this server can show.
 enum Role {
     /// A member's certificate, under the cluster CA.
@@ -90,17 +138,20 @@ impl Peers {
     /// at the other end if they may speak to this server at all: a server whose certificate
     /// the roster admits, or a client with no certificate (which may only enroll, or, on a
     /// waiting server, invite it).
-    pub fn accept(&self, tcp: TcpStream) -> Result<(TlsStream, Peer), String> {
+    pub fn accept(&self, tcp: TcpStream) -> Result<(TlsStream, Peer), Refused> {
         let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let accepted = match &*self.role.read().expect("role lock") {
             Role::Member(i) => i.accept(tcp),
             Role::Waiting(p) => p.accept(tcp),
         };
-        let (stream, peer) = accepted.map_err(|e| format!("TLS from {from}: {e}"))?;
+        let (stream, peer) = accepted.map_err(|e| Refused {
+            from: from.clone(),
+            why: format!("TLS: {e}"),
+        })?;
         if matches!(peer, Peer::Server { .. }) {
             self.roster
                 .check(&peer)
-                .map_err(|e| format!("refused {from}: {e}"))?;
+                .map_err(|why| Refused { from, why })?;
         }
         Ok((stream, peer))
     }

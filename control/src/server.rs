@@ -434,6 +434,14 @@ fn join(peers: &Peers, addr: &str, me: &ServerRecord, timeout: Duration) {
     }
 }
 
+/// Refused connections, logged a kind at a time.
+static REFUSALS: std::sync::LazyLock<crate::peers::RefusalLog> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The most connections the cluster port serves at once (each has a thread); more are closed
+/// at once. Servers keep a few each (Raft, forwarded requests, consoles, copies).
+pub const MAX_CONNECTIONS: usize = 1024;
+
 fn accept(
     listener: TcpListener,
     transport: Arc<Transport>,
@@ -442,6 +450,7 @@ fn accept(
     local: api::Local,
     timeout: Duration,
 ) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -451,12 +460,22 @@ fn accept(
                 continue;
             }
         };
+        use std::sync::atomic::Ordering::SeqCst;
+        if open.fetch_add(1, SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, SeqCst);
+            tracing::warn!(peer = ?stream.peer_addr().ok(), max = MAX_CONNECTIONS, "connection refused: too many open");
+            continue;
+        }
         let (transport, node, book) = (Arc::clone(&transport), node.clone(), Arc::clone(&book));
-        let local = local.clone();
+        let (local, count) = (local.clone(), Arc::clone(&open));
         let spawned = std::thread::Builder::new()
             .name("conn".into())
-            .spawn(move || serve(stream, &transport, &node, &book, &local, timeout));
+            .spawn(move || {
+                serve(stream, &transport, &node, &book, &local, timeout);
+                count.fetch_sub(1, SeqCst);
+            });
         if let Err(e) = spawned {
+            open.fetch_sub(1, SeqCst);
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
@@ -475,7 +494,7 @@ fn serve(
     let (stream, peer) = match node.peers().accept(stream) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "refused a connection");
+            REFUSALS.log(&e);
             return;
         }
     };

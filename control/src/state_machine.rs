@@ -1533,6 +1533,11 @@ impl StateMachine {
             }
             Action::PowerVm { vm, running, force } => {
                 let v = self.operable_vm(who.as_ref(), *vm)?;
+                if v.running == *running && (*running || v.graceful_stop == !*force) {
+                    // Asked for what it is already asked to be: nothing changes, and nothing
+                    // is written to the audit log (looping it pushes no entry out).
+                    return Ok(json!({ "audit": self.counters.audit, "unchanged": true }));
+                }
                 let r = self.vms.get_mut(&v.name).expect("found");
                 r.running = *running;
                 if !*running {
@@ -2225,7 +2230,11 @@ mod tests {
             value: Some("y".into()),
         };
         assert_eq!(sm.apply(&cas, &mut w).unwrap()["set"], false);
-        assert_eq!(w.len(), 1, "only the disk was written");
+        assert_eq!(
+            w.len(),
+            2,
+            "only the disk (and the identity counter) was written"
+        );
     }
 
     #[test]

@@ -278,6 +278,9 @@ struct VmmArgs {
     /// Serial console: stdout, or a file to append to.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialTarget,
+    /// The most a serial log FILE keeps, KiB: FILE and FILE.1 hold the newest output.
+    #[arg(long, default_value_t = vmm::config::SERIAL_MAX >> 10, value_parser = clap::value_parser!(u64).range(4..))]
+    serial_max_kib: u64,
     /// Control socket (JSON lines): status, pause, resume, shutdown, stop, ctrl-alt-del, media, serial.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -404,6 +407,7 @@ fn main() -> ExitCode {
                 disks: a.disks,
                 nets: a.nets,
                 serial: a.serial,
+                serial_max: a.serial_max_kib << 10,
                 api_socket: a.api_socket,
                 vnc: a.vnc.map(|socket| VncConfig {
                     socket,

@@ -276,7 +276,8 @@ try {
   assert.equal(await shown("vm-mac"), "not known");
   assert.equal(await shown("vm-ip"), "not known");
   assert.equal(await r.locator("[data-test=vm-row] [data-test=delete]").count(), 0, "a Regular User has no Delete");
-  assert.match(await text(r.locator("[data-test=vm-primary]")), /^127\.0\.0\.1:\d+ \(default pool\)$/);
+  // A Regular User sees which server, not its address or pool.
+  assert.match(await text(r.locator("[data-test=vm-primary]")), /^server \d+$/);
 
   step("it powers the VM on; the status turns running without a reload");
   await r.evaluate(() => {
@@ -299,13 +300,15 @@ try {
   step("the Manager migrates the running VM to its backup server once in sync; the Regular User sees it move");
   const primaryOf = async (page) => text(vmRow(page, VM).locator("[data-test=vm-primary]"));
   const backupBefore = await text(vmRow(m, VM).locator("[data-test=vm-backup]"));
+  assert.match(backupBefore, /^127\.0\.0\.1:\d+ \(default pool\)$/, "a Manager sees the address and pool");
+  const backupServer = await vmRow(m, VM).locator("[data-test=vm-backup] .place").getAttribute("data-server");
   const migrate = vmRow(m, VM).locator("[data-test=migrate]");
   await until("Migrate enabled (the backup in sync)", async () => !(await migrate.isDisabled()), 90000);
   assert.equal(await vmRow(p, VM).locator("[data-test=migrate]").count(), 0, "a Power User has no Migrate");
   await migrate.click();
   await until("the VM on its old backup server", async () => (await primaryOf(m)) === backupBefore, 30000);
   await until("the VM running again after the move", async () => (await text(vmRow(m, VM).locator("[data-test=vm-status]"))) === "running", 90000);
-  await until("the owner sees the new primary, without a reload", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-primary]"))) === backupBefore);
+  await until("the owner sees the new primary, without a reload", async () => (await text(r.locator("[data-test=vm-row] [data-test=vm-primary]"))) === `server ${backupServer}`);
   await shot(m, "manager-migrated");
 
   step("the Regular User opens its VM's graphical console from the VMs page: the guest's screen, and its keyboard");
@@ -387,8 +390,14 @@ try {
   step("the Regular User changes its own password");
   await r.click("[data-test=account]");
   await r.waitForSelector("[data-test=page][data-page=account]");
+  // A wrong current password is refused and shown.
+  await r.fill("[data-test=account-current-password]", "not-my-password");
   await r.fill("[data-test=account-password]", NEW_PASSWORD);
   await r.fill("[data-test=account-password-again]", NEW_PASSWORD);
+  await r.click("[data-test=account-save]");
+  await r.waitForSelector("[data-test=account-password-form] [data-test=form-error]:not(.hidden)");
+  assert.match(await text(r.locator("[data-test=account-password-form] [data-test=form-error]")), /current password/);
+  await r.fill("[data-test=account-current-password]", PASSWORD);
   await r.click("[data-test=account-save]");
   await r.waitForSelector("[data-test=info]");
   await until("its account details", async () => /Regular User/.test(await text(r.locator("[data-test=account-about]"))));
@@ -497,6 +506,10 @@ try {
   step("the Manager adds server 4, which waits for a cluster, by its address and join token");
   await m.fill("[data-test=server-add-address]", newServer);
   await m.fill("[data-test=server-add-token]", "not-its-token");
+  await m.click("[data-test=server-add-submit]");
+  await until("a malformed token refused", async () => /not a join token/.test(await text(m.locator("[data-test=server-add-error]"))));
+  // Its certificate's fingerprint, another secret: the waiting server itself refuses.
+  await m.fill("[data-test=server-add-token]", newServerToken.slice(0, -32) + "0".repeat(32));
   await m.click("[data-test=server-add-submit]");
   await until("a wrong token refused", async () => /wrong join token/.test(await text(m.locator("[data-test=server-add-error]"))));
   await m.fill("[data-test=server-add-token]", newServerToken);

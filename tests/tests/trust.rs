@@ -180,7 +180,30 @@ fn servers_believe_only_servers_of_their_cluster() {
             .then_some(())
     });
 
-    // 5. A removed server's certificate is refused for good, though it still holds it.
+    // 5. A server of the cluster speaks for itself only: server 2 neither heartbeats nor
+    //    reports for server 1; its own heartbeat is answered.
+    let two = Identity::load(&TrustDir::of(&servers[1].data))
+        .unwrap()
+        .connector();
+    for req in [
+        json!({"op": "heartbeat", "server": 1}),
+        json!({"op": "propose", "command": {"cmd": "iso_held", "name": "x",
+               "sha256": "00".repeat(32), "server": 1}}),
+    ] {
+        let e = refused(
+            "server 2 for server 1",
+            CLIENT.call_with(&two, &leader, &req),
+        );
+        assert!(
+            e.to_string().contains("speaks for itself only"),
+            "{req}: {e}"
+        );
+    }
+    CLIENT
+        .call_with(&two, &leader, &json!({"op": "heartbeat", "server": 2}))
+        .expect("server 2's own heartbeat");
+
+    // 6. A removed server's certificate is refused for good, though it still holds it.
     let mut gone = servers.pop().unwrap();
     CLIENT
         .call(&leader, &json!({"op": "remove_server", "id": gone.id}))

@@ -602,3 +602,60 @@ fn hostile_rfb_clients_are_closed_and_the_vm_runs_on() {
     vm.wait_for("tg: done ok", BOOT);
     assert!(vm.wait_exit(BOOT).success());
 }
+
+/// A guest flooding its serial port fills no disk: the serial log keeps the newest
+/// `--serial-max-kib` of output, in FILE and FILE.1, and the VMM goes on and obeys the guest.
+#[test]
+fn a_guest_flooding_its_serial_port_keeps_to_the_log_s_bound() {
+    if !kvm_available("a_guest_flooding_its_serial_port_keeps_to_the_log_s_bound") {
+        return;
+    }
+    let s = Scratch::new("flood");
+    let log = s.path("serial.log");
+    let mut child = Command::new(enspeed_bin())
+        .arg("vmm")
+        .args(guest_args(
+            "tg.run=flood tg.floodkib=3072 tg.end=poweroff",
+            &["--serial", log.to_str().unwrap(), "--serial-max-kib", "512"],
+        ))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start enspeed vmm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the flooding guest did not power off in 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "guest poweroff must exit 0: {status}");
+    let old = s.path("serial.log.1");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (new_len, old_len) = (size(&log), size(&old));
+    assert!(
+        new_len + old_len <= 512 << 10,
+        "the log holds {new_len} + {old_len} bytes, over 512 KiB"
+    );
+    assert!(
+        old_len == 256 << 10,
+        "the log was rotated: {old_len}; the log ends {:?}",
+        String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default())
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
+    );
+    let newest = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(
+        newest.contains("tg: flood done bytes=3145"),
+        "the newest output is kept: {:?}",
+        &newest[newest.len().saturating_sub(300)..]
+    );
+}

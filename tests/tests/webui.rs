@@ -544,7 +544,19 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     // Throwaway users to change and delete: one in each company.
     let t1 = id(&wp1.send("POST", "/api/v1/users", Some(new_user("tmp1", "regular"))));
     let t2 = id(&wp2.send("POST", "/api/v1/users", Some(new_user("tmp2", "regular"))));
-    let pw_change = json!({"password": "another-secret-9"});
+    // One's own password changes only with the current one; another's without it.
+    let own = |body: Value| wr.send("PATCH", &format!("/api/v1/users/{r1a}"), Some(body));
+    let before = fingerprint(&m);
+    let r = own(json!({"password": "another-secret-9"}));
+    assert_eq!(r.0, 400, "no current password: {r:?}");
+    let r = own(json!({"password": "another-secret-9", "current_password": "not-it-at-all"}));
+    assert_eq!(r.0, 403, "a wrong current password: {r:?}");
+    assert_eq!(
+        fingerprint(&m),
+        before,
+        "refused password changes changed nothing"
+    );
+    let pw_change = json!({"password": "another-secret-9", "current_password": USER_PASSWORD});
     for (who, user, want) in [
         (pw, t1, Allowed),
         (pw, t2, Hidden),
@@ -1153,6 +1165,14 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
     cluster::wait_for("the VM running again", WAIT, || {
         (wr.get(&format!("/api/v1/vms/{vm}")).1["status"] == "running").then_some(())
     });
+    // Powering on what runs changes nothing, and writes nothing to the audit log: looping it
+    // pushes no one's entries out.
+    let newest = || m.get("/api/v1/audit?newest=1").1[0]["seq"].clone();
+    let before = newest();
+    for _ in 0..5 {
+        power("on");
+    }
+    assert_eq!(newest(), before, "no-op power actions are not audited");
     let t = std::time::Instant::now();
     power("force-off");
     cluster::wait_for("the VM stopped", WAIT, || {

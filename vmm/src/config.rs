@@ -181,6 +181,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Serial console destination.
     pub serial: SerialTarget,
+    /// The most a serial log file keeps, in bytes: `FILE` and `FILE.1` hold the newest output
+    /// up to this much (a guest cannot fill the host's disk through its serial port).
+    pub serial_max: u64,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
     /// Graphical console, if any.
@@ -281,6 +284,9 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     }
     Ok(NetConfig { tap, mac })
 }
+
+/// The default bound of a serial log file: 16 MiB of the newest output.
+pub const SERIAL_MAX: u64 = 16 << 20;
 
 /// Parses `stdout` or a file path.
 pub fn parse_serial(s: &str) -> Result<SerialTarget, String> {

@@ -13,7 +13,6 @@
 //!   Running --guest reset / Ctrl-Alt-Del reboot--> rebuilt, Running
 //! ```
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -854,10 +853,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     let sink: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            crate::devices::serial::BoundedLog::open(p, cfg.serial_max)
                 .map_err(io_err(format!("open serial log {}", p.display())))?,
         ),
     };

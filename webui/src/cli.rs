@@ -949,15 +949,15 @@ pub fn user(l: &Login, cmd: UserCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // One's own password changes only with the current one: the one logged in with.
+            let current = password(&l.password_file, "ENSPEED_PASSWORD", "your password").ok();
+            let mut body = json!({ "password": pw });
+            if let Some(c) = current {
+                body["current_password"] = json!(c);
+            }
             run(
                 l,
-                |s| {
-                    s.call(
-                        "PATCH",
-                        &format!("/users/{id}"),
-                        Some(json!({ "password": pw })),
-                    )
-                },
+                |s| s.call("PATCH", &format!("/users/{id}"), Some(body)),
                 user_table,
             )
         }

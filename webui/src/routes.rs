@@ -164,6 +164,9 @@ struct NewUser {
 struct UserChange {
     #[serde(default)]
     password: Option<String>,
+    /// One's own password, to change it (a session left open is not enough).
+    #[serde(default)]
+    current_password: Option<String>,
     #[serde(default)]
     quota: Option<Quota>,
 }
@@ -268,7 +271,7 @@ impl App {
             (Method::GET, ["vms", id]) => {
                 let c = self.caller(&req, false).await?;
                 let vm = self.visible_vm(&c, id)?;
-                Ok(ok(&views::vm(&c.state, vm)))
+                Ok(ok(&views::vm(&c.state, vm, &c.user)))
             }
             (Method::POST, ["vms", id, "power"]) => {
                 let c = self.caller(&req, true).await?;
@@ -322,7 +325,7 @@ impl App {
                         },
                     )
                     .await?;
-                self.created_vm(&r).await
+                self.created_vm(&r, &c.user).await
             }
             (Method::POST, ["vms", id, "migrate"]) => {
                 let c = self.caller(&req, true).await?;
@@ -380,7 +383,7 @@ impl App {
             }
             (Method::GET, ["isos"]) => {
                 let c = self.caller(&req, false).await?;
-                Ok(ok(&views::isos(&c.state)))
+                Ok(ok(&views::isos(&c.state, &c.user)))
             }
             (Method::PUT, ["isos", name]) => {
                 let r = self.upload_iso(&mut req, name.to_string()).await;
@@ -428,7 +431,7 @@ impl App {
                         },
                     )
                     .await?;
-                Ok(ok(&self.vm_view(vm).await?))
+                Ok(ok(&self.vm_view(vm, &c.user).await?))
             }
             (Method::DELETE, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
@@ -939,21 +942,25 @@ impl App {
                 },
             )
             .await?;
-        self.created_vm(&r).await
+        self.created_vm(&r, &c.user).await
     }
 
     /// 201 with the view of the VM a create or clone answered `r` for.
-    async fn created_vm(&self, r: &Value) -> Result<Response<Body>, ApiError> {
+    async fn created_vm(&self, r: &Value, viewer: &UserRecord) -> Result<Response<Body>, ApiError> {
         let id = r.get("id").and_then(Value::as_u64).unwrap_or(0);
-        Ok(json_response(StatusCode::CREATED, &self.vm_view(id).await?))
+        Ok(json_response(
+            StatusCode::CREATED,
+            &self.vm_view(id, viewer).await?,
+        ))
     }
 
-    /// The view of VM `id` as the state now is (just `{"id"}` if it is gone).
-    async fn vm_view(&self, id: u64) -> Result<Value, ApiError> {
+    /// The view of VM `id` as the state now is, as `viewer` sees it (just `{"id"}` if it is
+    /// gone).
+    async fn vm_view(&self, id: u64, viewer: &UserRecord) -> Result<Value, ApiError> {
         let state = self.cluster.state().await?;
         Ok(state
             .vm_by_id(id)
-            .map(|vm| serde_json::to_value(views::vm(&state, vm)).unwrap_or(Value::Null))
+            .map(|vm| serde_json::to_value(views::vm(&state, vm, viewer)).unwrap_or(Value::Null))
             .unwrap_or(json!({ "id": id })))
     }
 
@@ -1031,6 +1038,29 @@ impl App {
         }
         if let Some(p) = &ch.password {
             auth::check_password(p).map_err(ApiError::bad_request)?;
+        }
+        if own && ch.password.is_some() {
+            // As a login: counted before its check, against the name and the address.
+            let current = ch.current_password.clone().ok_or_else(|| {
+                ApiError::bad_request("changing your password takes your current one too")
+            })?;
+            let ip = req.peer.ip();
+            let attempt = self.logins.begin(&target.name, ip).map_err(|wait| {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many wrong passwords: try again in {wait} s"),
+                );
+                e.retry_after = Some(wait);
+                e
+            })?;
+            let hash = target.password.clone();
+            let good = self
+                .hash(move || auth::verify_password(&current, Some(&hash)))
+                .await?;
+            if !good {
+                return Err(ApiError::forbidden("your current password is not that"));
+            }
+            self.logins.succeeded(&target.name, ip, attempt);
         }
         if let Some(q) = ch.quota {
             self.cluster

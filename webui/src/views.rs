@@ -82,15 +82,17 @@ pub fn users(state: &StateMachine, me: &UserRecord) -> Vec<UserView> {
         .collect()
 }
 
-/// Where a copy of a VM's disk lives.
+/// Where a copy of a VM's disk lives. Its address and pool only a Manager sees.
 #[derive(Debug, Serialize)]
 pub struct Copy {
     /// The server.
     pub server: u64,
-    /// Its address.
-    pub address: String,
-    /// The pool on it.
-    pub pool: String,
+    /// Its address (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The pool on it (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The server is declared down.
     pub down: bool,
 }
@@ -147,12 +149,13 @@ fn copy(
     state: &StateMachine,
     server: u64,
     pools: &std::collections::BTreeMap<u64, String>,
+    manager: bool,
 ) -> Copy {
     let s = state.servers.get(&server);
     Copy {
         server,
-        address: s.map(|s| s.address.clone()).unwrap_or_default(),
-        pool: pools.get(&server).cloned().unwrap_or_default(),
+        address: manager.then(|| s.map(|s| s.address.clone()).unwrap_or_default()),
+        pool: manager.then(|| pools.get(&server).cloned().unwrap_or_default()),
         down: s.is_none_or(|s| s.down),
     }
 }
@@ -231,7 +234,9 @@ fn disk_replication(state: &StateMachine, d: &DiskRecord) -> Replication {
     }
 }
 
-pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
+/// VM `vm` as `viewer` sees it: servers' addresses and pools only for a Manager.
+pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
+    let manager = viewer.role == Role::Manager;
     let disk = vm.disks.first().and_then(|d| state.disks.get(d));
     let status = match (vm.running, state.vm_observed_running(&vm.name)) {
         (true, true) => "running",
@@ -256,8 +261,8 @@ pub fn vm(state: &StateMachine, vm: &VmRecord) -> VmView {
             .collect(),
         power: if vm.running { "on" } else { "off" },
         status,
-        primary: disk.map(|d| copy(state, d.primary, &d.pools)),
-        backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools))),
+        primary: disk.map(|d| copy(state, d.primary, &d.pools, manager)),
+        backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools, manager))),
         replication,
         cdrom: vm.cdrom.clone(),
         boot: vm.boot,
@@ -286,8 +291,8 @@ pub struct IsoView {
     pub in_use_by: Vec<u64>,
 }
 
-/// The library's ISO images, by name.
-pub fn isos(state: &StateMachine) -> Vec<IsoView> {
+/// The library's ISO images, by name, as `viewer` sees them: in use by the VMs it may see.
+pub fn isos(state: &StateMachine, viewer: &UserRecord) -> Vec<IsoView> {
     let vm_servers: Vec<u64> = state
         .servers
         .values()
@@ -314,6 +319,7 @@ pub fn isos(state: &StateMachine) -> Vec<IsoView> {
                 .vms
                 .values()
                 .filter(|v| v.cdrom.as_ref() == Some(&i.name))
+                .filter(|v| access::may_operate_vm(state, viewer, v))
                 .map(|v| v.id)
                 .collect(),
         })
@@ -326,7 +332,7 @@ pub fn vms(state: &StateMachine, me: &UserRecord) -> Vec<VmView> {
         .vms
         .values()
         .filter(|v| access::may_operate_vm(state, me, v))
-        .map(|v| vm(state, v))
+        .map(|v| vm(state, v, me))
         .collect();
     v.sort_by_key(|v| v.id);
     v

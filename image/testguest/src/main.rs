@@ -122,6 +122,7 @@ fn run_actions() {
             "fb" => fb::act_fb(),
             "fbfill" => fb::act_fbfill(),
             "echo" => serial::act_echo(),
+            "flood" => serial::act_flood(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);
                 for _ in 0..n {

@@ -174,6 +174,19 @@ impl fmt::Display for Mac {
     }
 }
 
+/// Action `flood`: writes `tg.floodkib` KiB (default 1024) of text to the serial port as fast
+/// as it goes, then `tg: flood done bytes=N`: a guest that floods its console.
+pub fn act_flood() {
+    let total = crate::cmdline::num("tg.floodkib", 1024) * 1024;
+    let line = b"flood: a guest writes its serial port as fast as it can, line after line.\n";
+    let mut n = 0u64;
+    while n < total {
+        write_bytes(line);
+        n += line.len() as u64;
+    }
+    say!("flood done bytes={}", n);
+}
+
 /// Action `echo`: reads lines typed on the serial port and prints each back as
 /// `tg: echo LINE` (printable ASCII only, at most 64 bytes), until the line `bye` or
 /// `tg.echoms` milliseconds (default 30 s) pass. Polls the UART: the guest has no interrupts.

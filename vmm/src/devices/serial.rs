@@ -28,6 +28,65 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// A serial log file that keeps only the newest output: when `FILE` reaches half the bound it
+/// becomes `FILE.1` (replacing the one before) and a new `FILE` begins, so the two hold at
+/// most the bound, and always the newest output.
+pub struct BoundedLog {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    written: u64,
+    half: u64,
+}
+
+impl BoundedLog {
+    /// Opens (appends to) `path`, keeping at most `max` bytes in it and `path.1`.
+    pub fn open(path: &std::path::Path, max: u64) -> std::io::Result<BoundedLog> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let written = file.metadata()?.len();
+        let mut log = BoundedLog {
+            path: path.to_path_buf(),
+            file,
+            written,
+            half: (max / 2).max(1),
+        };
+        if log.written >= log.half {
+            log.rotate()?;
+        }
+        Ok(log)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Write for BoundedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written >= self.half {
+            self.rotate()?;
+        }
+        let room = (self.half - self.written).max(1) as usize;
+        let n = self.file.write(&buf[..buf.len().min(room)])?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Console output fan-out, shared by the serial device and the control socket.
 pub struct Console {
     sink: Mutex<Box<dyn Write + Send>>,

@@ -30,13 +30,20 @@ export function pool(path: string): string {
   return path === "" ? "default pool" : path;
 }
 
-/** "address:pool", as the white paper's "192.168.1.162:/vms1". */
+/** "address:pool", as the white paper's "192.168.1.162:/vms1" (a Manager's view); "server N"
+ * for the others, who see no server addresses. */
 export function copyPlace(c: Copy | null, none: string): HTMLElement {
   if (!c) return h("span", { class: "muted" }, none);
+  const where =
+    c.address === undefined || c.pool === undefined
+      ? `server ${c.server}`
+      : c.pool === ""
+        ? [c.address, h("span", { class: "muted" }, ` (${pool(c.pool)})`)]
+        : `${c.address}:${c.pool}`;
   return h(
     "span",
-    { class: c.down ? "place down" : "place" },
-    c.pool === "" ? [c.address, h("span", { class: "muted" }, ` (${pool(c.pool)})`)] : `${c.address}:${c.pool}`,
+    { class: c.down ? "place down" : "place", "data-server": String(c.server) },
+    where,
     c.down ? h("span", { class: "badge bad" }, "down") : null,
   );
 }

@@ -26,8 +26,9 @@ export interface User {
 /** Where one copy of a VM's disk lives. */
 export interface Copy {
   server: number;
-  address: string;
-  pool: string;
+  /** A Manager's view only. */
+  address?: string;
+  pool?: string;
   down: boolean;
 }
 

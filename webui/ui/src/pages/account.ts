@@ -11,12 +11,14 @@ export function accountPage(ctx: PageContext): void {
   const about = h("dl", { class: "about", "data-test": "account-about" });
   const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "form-error" });
   const save = h("button", { type: "submit", class: "primary", "data-test": "account-save" }, "Change password");
+  const current = h("input", { name: "current", type: "password", required: true, autocomplete: "current-password", "data-test": "account-current-password" });
   const pw = h("input", { name: "password", type: "password", required: true, minlength: 8, autocomplete: "new-password", "data-test": "account-password" });
   const again = h("input", { name: "again", type: "password", required: true, minlength: 8, autocomplete: "new-password", "data-test": "account-password-again" });
   const form = h(
     "form",
     { class: "card form-card narrow", "data-test": "account-password-form" },
     h("h2", null, "Change your password"),
+    field("Current password", current),
     field("New password", pw, "8 characters or more"),
     field("New password, again", again),
     error,
@@ -31,7 +33,8 @@ export function accountPage(ctx: PageContext): void {
         showError(error, "The two passwords differ.");
         return;
       }
-      await api<User>("PATCH", `/users/${me.id}`, { password: pw.value });
+      await api<User>("PATCH", `/users/${me.id}`, { password: pw.value, current_password: current.value });
+      current.value = "";
       pw.value = "";
       again.value = "";
       ctx.notify("info", "Your password is changed. Your other sessions were logged out.");
