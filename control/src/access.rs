@@ -103,8 +103,8 @@ pub struct AuditEntry {
 pub const AUDIT_KEEP: u64 = 100_000;
 
 /// Why an actor may not do something.
-pub fn refuse(what: impl Into<String>) -> String {
-    format!("forbidden: {}", what.into())
+pub fn refuse(what: impl Into<String>) -> crate::state_machine::Refusal {
+    crate::state_machine::Refusal::forbidden(format!("forbidden: {}", what.into()))
 }
 
 /// The company a user belongs to: a Power User's own id, its Regular Users' parent.

@@ -174,6 +174,24 @@ pub struct Response {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What kind of failure, where it has one: the state machine's refusal, or a server that
+    /// is not the leader. Callers decide by this, never by the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+/// What kind of failure an answer reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The state machine refused it: the actor may not.
+    Forbidden,
+    /// The state machine refused it: what it names does not exist.
+    NotFound,
+    /// The state machine refused it: it does not fit the state.
+    Conflict,
+    /// The server is not the leader (forwarding goes on elsewhere).
+    NotLeader,
 }
 
 impl Response {
@@ -182,6 +200,7 @@ impl Response {
             ok: true,
             result: Some(result),
             error: None,
+            failure: None,
         }
     }
     fn err(error: impl ToString) -> Response {
@@ -189,6 +208,28 @@ impl Response {
             ok: false,
             result: None,
             error: Some(error.to_string()),
+            failure: None,
+        }
+    }
+    fn failed(error: impl ToString, failure: Failure) -> Response {
+        Response {
+            failure: Some(failure),
+            ..Response::err(error)
+        }
+    }
+    fn refused(r: crate::state_machine::Refusal) -> Response {
+        use crate::state_machine::RefusalKind;
+        let failure = match r.kind {
+            RefusalKind::Forbidden => Failure::Forbidden,
+            RefusalKind::NotFound => Failure::NotFound,
+            RefusalKind::Conflict => Failure::Conflict,
+        };
+        Response::failed(format!("rejected: {}", r.reason), failure)
+    }
+    fn node_error(e: NodeError) -> Response {
+        match e {
+            e @ NodeError::NotLeader { .. } => Response::failed(e, Failure::NotLeader),
+            e => Response::err(e),
         }
     }
 }
@@ -333,7 +374,7 @@ pub fn serve_client(
                 ),
                 Some(a) => match a.invite(&token, &cluster, &cluster_token) {
                     Ok(id) => Response::ok(json!({ "joining": cluster, "id": id })),
-                    Err(e) => Response::err(e),
+                    Err(r) => Response::refused(r),
                 },
             },
             (Peer::Anonymous, Request::Status) if local.awaiting.is_some() => {
@@ -499,9 +540,11 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
         let leader = match local {
             Ok(r) => return r,
             // The server that forwarded it knows better where to go next.
-            Err(e @ NodeError::NotLeader { .. }) if env.forwarded => return Response::err(e),
+            Err(e @ NodeError::NotLeader { .. }) if env.forwarded => {
+                return Response::node_error(e)
+            }
             Err(NodeError::NotLeader { leader }) => leader,
-            Err(e) => return Response::err(e),
+            Err(e) => return Response::node_error(e),
         };
         if let Some(leader) = leader {
             let address = book
@@ -519,10 +562,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
                 };
                 match call_envelope(node.peers(), &address, &fwd, left) {
                     // The leader stepped down meanwhile: look again.
-                    Ok(r)
-                        if r.error
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("server is not the leader")) => {}
+                    Ok(r) if r.failure == Some(Failure::NotLeader) => {}
                     Ok(r) => return r,
                     // Sent and unanswered: the leader may have committed it. Forwarding it
                     // again could apply it twice (a put over a later write, a compare-and-set
@@ -539,7 +579,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             }
         }
         if Instant::now() >= deadline {
-            return Response::err(NodeError::NotLeader { leader });
+            return Response::node_error(NodeError::NotLeader { leader });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -548,7 +588,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
 fn outcome(o: crate::state_machine::Outcome) -> Response {
     match o {
         Ok(v) => Response::ok(v),
-        Err(reason) => Response::err(format!("rejected: {reason}")),
+        Err(r) => Response::refused(r),
     }
 }
 

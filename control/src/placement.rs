@@ -241,6 +241,7 @@ mod tests {
             }),
             &mut Vec::new(),
         )
+        .map_err(|r| r.reason)
     }
 
     #[test]
@@ -317,10 +318,12 @@ mod tests {
         assert!(sm
             .add_disks(&mut new, &[11 * GIB], &mut w)
             .unwrap_err()
+            .reason
             .contains("free"));
         assert!(sm
             .add_disks(&mut new, &[GIB; 3], &mut w)
             .unwrap_err()
+            .reason
             .contains("Disk3"));
         assert!(
             w.is_empty() && new == vm,

@@ -67,14 +67,21 @@ impl Awaiting {
     /// Answers an invitation into the cluster at `cluster` carrying `token`: if the token is
     /// this server's and no invitation came before, enrolls there with `cluster_token` and
     /// joins, in the background.
-    pub fn invite(&self, token: &str, cluster: &str, cluster_token: &str) -> Result<u64, String> {
-        let token = InviteToken::parse(token).map_err(|e| e.to_string())?;
+    pub fn invite(
+        &self,
+        token: &str,
+        cluster: &str,
+        cluster_token: &str,
+    ) -> Result<u64, crate::state_machine::Refusal> {
+        use crate::state_machine::Refusal;
+        let token = InviteToken::parse(token).map_err(|e| Refusal::forbidden(e.to_string()))?;
         if !self.token.matches(&token) {
-            return Err("wrong join token".into());
+            return Err(Refusal::forbidden("wrong join token"));
         }
-        let cluster_token = ClusterToken::parse(cluster_token).map_err(|e| e.to_string())?;
+        let cluster_token =
+            ClusterToken::parse(cluster_token).map_err(|e| Refusal::conflict(e.to_string()))?;
         if self.invited.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err("already joining a cluster".into());
+            return Err(Refusal::conflict("already joining a cluster"));
         }
         let (cluster, mut me, timeout) = (cluster.to_string(), self.me.clone(), self.timeout);
         let peers = Arc::clone(&self.peers);
@@ -85,7 +92,7 @@ impl Awaiting {
                 enroll(&peers, &cluster, &cluster_token, &mut me, timeout);
                 join(&peers, &cluster, &me, timeout)
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::state_machine::Refusal::conflict(e.to_string()))?;
         Ok(self.me.id)
     }
 }

@@ -679,9 +679,69 @@ pub struct Counters {
     pub disk: u64,
 }
 
-/// The result of applying a command: a value, or a reason it was refused (the same on every
-/// server, since applying is deterministic).
-pub type Outcome = Result<Value, String>;
+/// The result of applying a command: a value, or why it was refused (the same on every server,
+/// since applying is deterministic).
+pub type Outcome = Result<Value, Refusal>;
+
+/// What kind of refusal: the API answers 403, 404 or 409 by it, never by the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// The actor may not do it.
+    Forbidden,
+    /// What it names does not exist.
+    NotFound,
+    /// It does not fit the state as it is.
+    Conflict,
+}
+
+/// Why a command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// What kind.
+    pub kind: RefusalKind,
+    /// What it says, for people.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// The actor may not do it.
+    pub fn forbidden(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            kind: RefusalKind::Forbidden,
+            reason: reason.into(),
+        }
+    }
+
+    /// What it names does not exist.
+    pub fn not_found(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            kind: RefusalKind::NotFound,
+            reason: reason.into(),
+        }
+    }
+
+    /// It does not fit the state.
+    pub fn conflict(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            kind: RefusalKind::Conflict,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A check's reason: it does not fit the state.
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal::conflict(reason)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
 
 /// The applied state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -873,9 +933,11 @@ impl StateMachine {
                 let s = self
                     .servers
                     .get_mut(id)
-                    .ok_or_else(|| format!("no server {id}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no server {id}")))?;
                 if s.witness && *capacity != Capacity::default() {
-                    return Err(format!("server {id} is a witness: it runs no VMs"));
+                    return Err(Refusal::conflict(format!(
+                        "server {id} is a witness: it runs no VMs"
+                    )));
                 }
                 s.capacity = capacity.clone();
                 writes.push((server_key(*id), Some(json_bytes(s))));
@@ -883,7 +945,7 @@ impl StateMachine {
             }
             Command::CreateDisk(d) => {
                 if self.disks.contains_key(&d.name) {
-                    return Err(format!("disk {} exists", d.name));
+                    return Err(Refusal::conflict(format!("disk {} exists", d.name)));
                 }
                 self.check_replicas(&d.name, d.primary, d.backup)?;
                 let mut d = d.clone();
@@ -905,12 +967,12 @@ impl StateMachine {
                 let d = self
                     .disks
                     .get_mut(name)
-                    .ok_or_else(|| format!("no disk {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no disk {name}")))?;
                 if *generation <= d.generation {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "disk {name}: generation {generation} is not above the current {}",
                         d.generation
-                    ));
+                    )));
                 }
                 if d.primary != *primary || d.backup != *backup {
                     d.backup_synced = false;
@@ -923,17 +985,20 @@ impl StateMachine {
             }
             Command::DeleteDisk { name } => {
                 if let Some(vm) = self.vms.values().find(|vm| vm.disks.contains(name)) {
-                    return Err(format!("disk {name} belongs to VM {}", vm.name));
+                    return Err(Refusal::conflict(format!(
+                        "disk {name} belongs to VM {}",
+                        vm.name
+                    )));
                 }
                 self.disks
                     .remove(name)
-                    .ok_or_else(|| format!("no disk {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no disk {name}")))?;
                 writes.push((format!("disk/{name}").into_bytes(), None));
                 Ok(Value::Null)
             }
             Command::PutVm(vm) => {
                 if let Some(d) = vm.disks.iter().find(|d| !self.disks.contains_key(*d)) {
-                    return Err(format!("VM {}: no disk {d}", vm.name));
+                    return Err(Refusal::conflict(format!("VM {}: no disk {d}", vm.name)));
                 }
                 writes.push((format!("vm/{}", vm.name).into_bytes(), Some(json_bytes(vm))));
                 self.vms.insert(vm.name.clone(), vm.clone());
@@ -942,7 +1007,7 @@ impl StateMachine {
             Command::DeleteVm { name } => {
                 self.vms
                     .remove(name)
-                    .ok_or_else(|| format!("no VM {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
                 writes.push((format!("vm/{name}").into_bytes(), None));
                 Ok(Value::Null)
             }
@@ -954,9 +1019,11 @@ impl StateMachine {
                 let s = self
                     .servers
                     .get_mut(id)
-                    .ok_or_else(|| format!("no server {id}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no server {id}")))?;
                 if s.witness && *capacity != Capacity::default() {
-                    return Err(format!("server {id} is a witness: it runs no VMs"));
+                    return Err(Refusal::conflict(format!(
+                        "server {id} is a witness: it runs no VMs"
+                    )));
                 }
                 s.mirror = mirror.clone();
                 s.capacity = capacity.clone();
@@ -970,7 +1037,7 @@ impl StateMachine {
                 let vm = self
                     .vms
                     .get_mut(name)
-                    .ok_or_else(|| format!("no VM {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
                 vm.running = *running;
                 writes.push((format!("vm/{name}").into_bytes(), Some(json_bytes(vm))));
                 Ok(Value::Null)
@@ -979,7 +1046,7 @@ impl StateMachine {
                 let s = self
                     .servers
                     .get_mut(id)
-                    .ok_or_else(|| format!("no server {id}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no server {id}")))?;
                 if s.down == *down {
                     return Ok(json!({ "changed": false }));
                 }
@@ -999,19 +1066,23 @@ impl StateMachine {
                 let d = self
                     .disks
                     .get(name)
-                    .ok_or_else(|| format!("no disk {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no disk {name}")))?;
                 if d.generation != *generation {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "disk {name} is at generation {}, not {generation}",
                         d.generation
-                    ));
+                    )));
                 }
                 if let Some(b) = d.backup {
-                    return Err(format!("disk {name} has a backup: server {b}"));
+                    return Err(Refusal::conflict(format!(
+                        "disk {name} has a backup: server {b}"
+                    )));
                 }
                 self.check_replicas(name, d.primary, Some(*backup))?;
                 if self.servers[backup].down {
-                    return Err(format!("disk {name}: server {backup} is down"));
+                    return Err(Refusal::conflict(format!(
+                        "disk {name}: server {backup} is down"
+                    )));
                 }
                 let d = self.disks.get_mut(name).expect("checked");
                 d.backup = Some(*backup);
@@ -1022,7 +1093,7 @@ impl StateMachine {
             }
             Command::Observe { id, observation } => {
                 if !self.servers.contains_key(id) {
-                    return Err(format!("no server {id}"));
+                    return Err(Refusal::not_found(format!("no server {id}")));
                 }
                 for d in self.disks.values_mut().filter(|d| d.primary == *id) {
                     let Some(o) = observation.disks.get(&d.name) else {
@@ -1051,17 +1122,17 @@ impl StateMachine {
                 server,
             } => {
                 if !self.servers.contains_key(server) {
-                    return Err(format!("no server {server}"));
+                    return Err(Refusal::not_found(format!("no server {server}")));
                 }
                 let iso = self
                     .isos
                     .get_mut(name)
-                    .ok_or_else(|| format!("no ISO {name}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no ISO {name}")))?;
                 if iso.sha256 != *sha256 {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "ISO {name} is {}, not {sha256}: replaced meanwhile",
                         iso.sha256
-                    ));
+                    )));
                 }
                 if iso.servers.insert(*server) {
                     writes.push((iso_key(name), Some(json_bytes(iso))));
@@ -1090,30 +1161,30 @@ impl StateMachine {
         let name = vm.name.clone();
         access::check_name("VM", &name)?;
         if self.vms.contains_key(&name) {
-            return Err(format!("VM {name} exists"));
+            return Err(Refusal::conflict(format!("VM {name} exists")));
         }
         if sizes.is_empty() || sizes.len() > MAX_VM_DISKS {
-            return Err(format!(
+            return Err(Refusal::conflict(format!(
                 "VM {name}: {} disks asked, 1 to {MAX_VM_DISKS}",
                 sizes.len()
-            ));
+            )));
         }
         if let Some(i) = sizes.iter().position(|s| *s == 0) {
-            return Err(format!("VM {name}: Disk{i} has no size"));
+            return Err(Refusal::conflict(format!("VM {name}: Disk{i} has no size")));
         }
         let names: Vec<String> = (0..sizes.len()).map(|i| format!("{name}-{i}")).collect();
         if let Some(d) = names.iter().find(|d| self.disks.contains_key(*d)) {
-            return Err(format!("disk {d} exists"));
+            return Err(Refusal::conflict(format!("disk {d} exists")));
         }
         if let Some(iso) = &vm.cdrom {
             if !self.isos.contains_key(iso) {
-                return Err(format!("no ISO {iso} in the library"));
+                return Err(Refusal::not_found(format!("no ISO {iso} in the library")));
             }
         }
         if vm.boot == BootMode::Kernel && vm.kernel.is_empty() {
-            return Err(format!(
+            return Err(Refusal::conflict(format!(
                 "VM {name} boots the guest kernel, but none is given"
-            ));
+            )));
         }
         let total: u64 = sizes.iter().sum();
         let p = match clone_of.and_then(|c| c.first()) {
@@ -1163,18 +1234,20 @@ impl StateMachine {
         new: &mut VmRecord,
         sizes: &[u64],
         writes: &mut Vec<RecordWrite>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let (id, name) = (new.id, new.name.clone());
         if new.disks.len() + sizes.len() > MAX_VM_DISKS {
-            return Err(format!(
+            return Err(Refusal::conflict(format!(
                 "VM {id} ({name}) has {} disks: {} more would pass Disk{}",
                 new.disks.len(),
                 sizes.len(),
                 MAX_VM_DISKS - 1
-            ));
+            )));
         }
         if let Some(s) = sizes.iter().find(|s| **s == 0) {
-            return Err(format!("VM {id} ({name}): a new disk of {s} bytes"));
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}): a new disk of {s} bytes"
+            )));
         }
         let first = new
             .disks
@@ -1183,10 +1256,10 @@ impl StateMachine {
             .cloned()
             .ok_or_else(|| format!("VM {id} ({name}) has no disk to add others beside"))?;
         if first.backup.is_none() {
-            return Err(format!(
+            return Err(Refusal::conflict(format!(
                 "VM {id} ({name}): its disk {} has no backup now; disks are added while it is mirrored",
                 first.name
-            ));
+            )));
         }
         crate::placement::check_room_beside(self, &first, sizes.iter().sum())?;
         let free: Vec<String> = (0..MAX_VM_DISKS)
@@ -1195,7 +1268,9 @@ impl StateMachine {
             .take(sizes.len())
             .collect();
         if free.len() < sizes.len() {
-            return Err(format!("VM {id} ({name}): no free disk names"));
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}): no free disk names"
+            )));
         }
         for (size, disk_name) in sizes.iter().zip(free) {
             let disk = DiskRecord {
@@ -1229,11 +1304,11 @@ impl StateMachine {
     }
 
     /// VM `vm` (VMID), if `who` may operate it (the cluster itself, `None`, may).
-    fn operable_vm(&self, who: Option<&UserRecord>, vm: u64) -> Result<VmRecord, String> {
+    fn operable_vm(&self, who: Option<&UserRecord>, vm: u64) -> Result<VmRecord, Refusal> {
         let v = self
             .vm_by_id(vm)
             .cloned()
-            .ok_or_else(|| format!("no VM {vm}"))?;
+            .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
         match who {
             Some(u) if !access::may_operate_vm(self, u, &v) => {
                 Err(access::refuse(format!("VM {vm}")))
@@ -1278,11 +1353,11 @@ impl StateMachine {
         who: Option<&UserRecord>,
         vm: u64,
         then: &str,
-    ) -> Result<VmRecord, String> {
+    ) -> Result<VmRecord, Refusal> {
         let v = self
             .vm_by_id(vm)
             .cloned()
-            .ok_or_else(|| format!("no VM {vm}"))?;
+            .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
         if let Some(u) = who {
             let allowed = match v.owner.and_then(|o| self.users.get(&o)) {
                 Some(o) => access::may_administer_vms_of(u, o),
@@ -1293,10 +1368,10 @@ impl StateMachine {
             }
         }
         if v.running || self.vm_observed_running(&v.name) {
-            return Err(format!(
+            return Err(Refusal::conflict(format!(
                 "VM {vm} ({}) is powered on: power it off {then}",
                 v.name
-            ));
+            )));
         }
         Ok(v)
     }
@@ -1330,7 +1405,7 @@ impl StateMachine {
             } => {
                 access::check_name("user", name)?;
                 if self.user_by_name(name).is_some() {
-                    return Err(format!("user {name} exists"));
+                    return Err(Refusal::conflict(format!("user {name} exists")));
                 }
                 // A Power User creates Regular Users under itself, and nothing else.
                 let parent = match &who {
@@ -1349,10 +1424,12 @@ impl StateMachine {
                 };
                 if let Some(p) = parent {
                     if *role != Role::Regular {
-                        return Err("only a Regular User has a Power User above it".into());
+                        return Err(Refusal::conflict(
+                            "only a Regular User has a Power User above it",
+                        ));
                     }
                     if self.users.get(&p).is_none_or(|u| u.role != Role::PowerUser) {
-                        return Err(format!("user {p} is not a Power User"));
+                        return Err(Refusal::conflict(format!("user {p} is not a Power User")));
                     }
                 }
                 let quota = match (role, &who) {
@@ -1361,7 +1438,7 @@ impl StateMachine {
                     _ => None,
                 };
                 if password.is_empty() {
-                    return Err("a user needs a password".into());
+                    return Err(Refusal::conflict("a user needs a password"));
                 }
                 self.counters.user += 1;
                 let u = UserRecord {
@@ -1389,14 +1466,14 @@ impl StateMachine {
                     .users
                     .get(user)
                     .cloned()
-                    .ok_or_else(|| format!("no user {user}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no user {user}")))?;
                 if let Some(u) = &who {
                     if u.id != *user && !access::may_manage_user(u, &target) {
                         return Err(access::refuse(format!("user {user}")));
                     }
                 }
                 if password.is_empty() {
-                    return Err("a user needs a password".into());
+                    return Err(Refusal::conflict("a user needs a password"));
                 }
                 let u = self.users.get_mut(user).expect("checked");
                 u.password = password.clone();
@@ -1420,9 +1497,11 @@ impl StateMachine {
                 let u = self
                     .users
                     .get_mut(user)
-                    .ok_or_else(|| format!("no user {user}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no user {user}")))?;
                 if u.role != Role::PowerUser {
-                    return Err(format!("user {user} is not a Power User"));
+                    return Err(Refusal::conflict(format!(
+                        "user {user} is not a Power User"
+                    )));
                 }
                 u.quota = Some(*quota);
                 writes.push((user_key(*user), Some(json_bytes(u))));
@@ -1437,26 +1516,26 @@ impl StateMachine {
                     .users
                     .get(user)
                     .cloned()
-                    .ok_or_else(|| format!("no user {user}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no user {user}")))?;
                 if let Some(u) = &who {
                     if u.id == *user {
-                        return Err("a user cannot delete itself".into());
+                        return Err(Refusal::conflict("a user cannot delete itself"));
                     }
                     if !access::may_manage_user(u, &target) {
                         return Err(access::refuse(format!("user {user}")));
                     }
                 }
                 if let Some(vm) = self.vms.values().find(|vm| vm.owner == Some(*user)) {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "user {} owns VM {} ({}): delete it first",
                         target.name, vm.id, vm.name
-                    ));
+                    )));
                 }
                 if self.users.values().any(|u| u.parent == Some(*user)) {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "user {} has users under it: delete them first",
                         target.name
-                    ));
+                    )));
                 }
                 if target.role == Role::Manager
                     && self
@@ -1466,7 +1545,7 @@ impl StateMachine {
                         .count()
                         == 1
                 {
-                    return Err("the last Manager cannot be deleted".into());
+                    return Err(Refusal::conflict("the last Manager cannot be deleted"));
                 }
                 self.users.remove(user);
                 writes.push((user_key(*user), None));
@@ -1505,7 +1584,10 @@ impl StateMachine {
                 )
             }
             Action::Logout { token_hash } => {
-                let s = self.sessions.get(token_hash).ok_or("no such session")?;
+                let s = self
+                    .sessions
+                    .get(token_hash)
+                    .ok_or_else(|| Refusal::not_found("no such session"))?;
                 if who.as_ref().is_some_and(|u| u.id != s.user) {
                     return Err(access::refuse("another user's session"));
                 }
@@ -1519,7 +1601,7 @@ impl StateMachine {
                     .users
                     .get(owner)
                     .cloned()
-                    .ok_or_else(|| format!("no user {owner}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no user {owner}")))?;
                 if let Some(u) = &who {
                     if !access::may_administer_vms_of(u, &o) {
                         return Err(access::refuse(format!("VMs of user {}", o.name)));
@@ -1562,13 +1644,17 @@ impl StateMachine {
                 }
                 access::check_name("ISO", name)?;
                 if self.isos.contains_key(name) {
-                    return Err(format!("ISO {name} exists: delete it first"));
+                    return Err(Refusal::conflict(format!(
+                        "ISO {name} exists: delete it first"
+                    )));
                 }
                 if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(format!("ISO {name}: {sha256:?} is not a SHA-256"));
+                    return Err(Refusal::conflict(format!(
+                        "ISO {name}: {sha256:?} is not a SHA-256"
+                    )));
                 }
                 if !self.servers.contains_key(server) {
-                    return Err(format!("no server {server}"));
+                    return Err(Refusal::not_found(format!("no server {server}")));
                 }
                 let iso = IsoRecord {
                     name: name.clone(),
@@ -1587,13 +1673,13 @@ impl StateMachine {
                     return Err(access::refuse("only a Manager deletes from the library"));
                 }
                 if !self.isos.contains_key(name) {
-                    return Err(format!("no ISO {name}"));
+                    return Err(Refusal::not_found(format!("no ISO {name}")));
                 }
                 if let Some(v) = self.vms.values().find(|v| v.cdrom.as_ref() == Some(name)) {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "ISO {name} is in the CD-ROM drive of VM {} ({}): eject it first",
                         v.id, v.name
-                    ));
+                    )));
                 }
                 self.isos.remove(name);
                 writes.push((iso_key(name), None));
@@ -1603,7 +1689,7 @@ impl StateMachine {
                 let v = self.operable_vm(who.as_ref(), *vm)?;
                 if let Some(name) = iso {
                     if !self.isos.contains_key(name) {
-                        return Err(format!("no ISO {name}"));
+                        return Err(Refusal::not_found(format!("no ISO {name}")));
                     }
                 }
                 let r = self.vms.get_mut(&v.name).expect("found");
@@ -1644,22 +1730,24 @@ impl StateMachine {
                 let mut new = v.clone();
                 if let Some(m) = memory_mib {
                     if !(16..=MAX_VM_MEMORY_MIB).contains(m) {
-                        return Err(format!("memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"));
+                        return Err(Refusal::conflict(format!(
+                            "memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"
+                        )));
                     }
                     new.memory_mib = *m;
                 }
                 if let Some(n) = vcpus {
                     if !(1..=64).contains(n) {
-                        return Err(format!("{n} vCPUs: 1 to 64"));
+                        return Err(Refusal::conflict(format!("{n} vCPUs: 1 to 64")));
                     }
                     new.vcpus = *n;
                 }
                 if let Some(b) = boot {
                     if *b == BootMode::Kernel && v.kernel.is_empty() {
-                        return Err(format!(
+                        return Err(Refusal::conflict(format!(
                             "VM {vm} ({}) was made blank: it has no guest kernel to boot",
                             v.name
-                        ));
+                        )));
                     }
                     new.boot = *b;
                 }
@@ -1667,7 +1755,10 @@ impl StateMachine {
                     new.boot_order = *o;
                 }
                 if new == v && add_disks.is_empty() {
-                    return Err(format!("VM {vm} ({}): nothing changes", v.name));
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} ({}): nothing changes",
+                        v.name
+                    )));
                 }
                 if let Some(o) = &owner {
                     access::check_vm_memory(self, o, v.memory_mib, new.memory_mib)?;
@@ -1700,9 +1791,11 @@ impl StateMachine {
                 let s = self
                     .servers
                     .get(id)
-                    .ok_or_else(|| format!("no server {id}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no server {id}")))?;
                 if s.witness {
-                    return Err(format!("server {id} is a witness: it holds no disks"));
+                    return Err(Refusal::conflict(format!(
+                        "server {id} is a witness: it holds no disks"
+                    )));
                 }
                 let mut moves = Vec::new();
                 for d in self.disks.values() {
@@ -1743,14 +1836,14 @@ impl StateMachine {
                 let src = self
                     .vm_by_id(*vm)
                     .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
                 let owner = owner.or(who.as_ref().map(|u| u.id)).or(src.owner);
                 let o = match owner {
                     Some(id) => Some(
                         self.users
                             .get(&id)
                             .cloned()
-                            .ok_or_else(|| format!("no user {id}"))?,
+                            .ok_or_else(|| Refusal::not_found(format!("no user {id}")))?,
                     ),
                     None => None,
                 };
@@ -1763,10 +1856,10 @@ impl StateMachine {
                     }
                 }
                 if src.running || self.vm_observed_running(&src.name) {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "VM {vm} ({}) is powered on: power it off to clone it",
                         src.name
-                    ));
+                    )));
                 }
                 let disks = src
                     .disks
@@ -1779,12 +1872,12 @@ impl StateMachine {
                     })
                     .collect::<Result<Vec<DiskRecord>, String>>()?;
                 if disks.is_empty() {
-                    return Err(format!("VM {vm} has no disk"));
+                    return Err(Refusal::conflict(format!("VM {vm} has no disk")));
                 }
                 if disks.iter().any(|d| d.primary != disks[0].primary) {
-                    return Err(format!(
+                    return Err(Refusal::conflict(format!(
                         "VM {vm}: its disks' primaries are on different servers"
-                    ));
+                    )));
                 }
                 let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
                 if let Some(o) = &o {
@@ -1819,7 +1912,7 @@ impl StateMachine {
                 let v = self
                     .vm_by_id(*vm)
                     .cloned()
-                    .ok_or_else(|| format!("no VM {vm}"))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
                 let mut moves = Vec::new();
                 for name in &v.disks {
                     let d = self
@@ -1830,12 +1923,12 @@ impl StateMachine {
                         .backup
                         .ok_or_else(|| format!("VM {vm}: disk {name} has no backup to move to"))?;
                     if !d.backup_synced {
-                        return Err(format!(
+                        return Err(Refusal::conflict(format!(
                             "VM {vm}: disk {name}'s backup on server {b} is not in sync yet"
-                        ));
+                        )));
                     }
                     if self.servers.get(&b).is_none_or(|s| s.down) {
-                        return Err(format!("VM {vm}: server {b} is down"));
+                        return Err(Refusal::conflict(format!("VM {vm}: server {b} is down")));
                     }
                     moves.push((name.clone(), d.primary, b));
                 }
@@ -1858,7 +1951,7 @@ impl StateMachine {
             Action::OpenConsole { vm, console } => {
                 let v = self.operable_vm(who.as_ref(), *vm)?;
                 if console != "serial" && console != "vnc" {
-                    return Err(format!("no console {console:?}"));
+                    return Err(Refusal::not_found(format!("no console {console:?}")));
                 }
                 (
                     "vm.console",
@@ -2204,6 +2297,7 @@ mod tests {
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)
             .unwrap_err()
+            .reason
             .contains("witness"));
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(1))), &mut w)
@@ -2220,7 +2314,11 @@ mod tests {
             backup: None,
             generation: 5,
         };
-        assert!(sm.apply(&lower, &mut w).unwrap_err().contains("generation"));
+        assert!(sm
+            .apply(&lower, &mut w)
+            .unwrap_err()
+            .reason
+            .contains("generation"));
         assert!(sm
             .apply(&Command::DeleteVm { name: "x".into() }, &mut w)
             .is_err());
@@ -2406,11 +2504,17 @@ mod tests {
             server: 1,
         };
         let refused = |r: Outcome| r.unwrap_err();
-        assert!(refused(act(&mut sm, p, add("a.iso", &sha))).starts_with("forbidden"));
-        assert!(refused(act(&mut sm, m, add("../a", &sha))).contains("name"));
-        assert!(refused(act(&mut sm, m, add("a.iso", "zz"))).contains("SHA-256"));
+        assert!(refused(act(&mut sm, p, add("a.iso", &sha))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, m, add("../a", &sha)))
+            .reason
+            .contains("name"));
+        assert!(refused(act(&mut sm, m, add("a.iso", "zz")))
+            .reason
+            .contains("SHA-256"));
         act(&mut sm, m, add("a.iso", &sha)).unwrap();
-        assert!(refused(act(&mut sm, m, add("a.iso", &sha))).contains("exists"));
+        assert!(refused(act(&mut sm, m, add("a.iso", &sha)))
+            .reason
+            .contains("exists"));
         assert_eq!(sm.isos["a.iso"].servers, [1].into());
         // Server 2's agent copied it; a copy of other bytes is not taken.
         let held = |sha: &str| Command::IsoHeld {
@@ -2426,18 +2530,20 @@ mod tests {
             vm: 7,
             iso: iso.map(str::to_string),
         };
-        assert!(refused(act(&mut sm, other, cdrom(Some("a.iso")))).starts_with("forbidden"));
-        assert!(refused(act(&mut sm, r, cdrom(Some("b.iso")))).contains("no ISO"));
+        assert!(refused(act(&mut sm, other, cdrom(Some("a.iso")))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, r, cdrom(Some("b.iso"))))
+            .reason
+            .contains("no ISO"));
         act(&mut sm, r, cdrom(Some("a.iso"))).unwrap();
         assert_eq!(sm.vms["v"].cdrom.as_deref(), Some("a.iso"));
         // In a drive, it cannot be deleted; ejected, it can, by a Manager only.
         let delete = || Action::DeleteIso {
             name: "a.iso".into(),
         };
-        assert!(refused(act(&mut sm, m, delete())).contains("eject"));
+        assert!(refused(act(&mut sm, m, delete())).reason.contains("eject"));
         act(&mut sm, p, cdrom(None)).unwrap();
         assert_eq!(sm.vms["v"].cdrom, None);
-        assert!(refused(act(&mut sm, p, delete())).starts_with("forbidden"));
+        assert!(refused(act(&mut sm, p, delete())).kind == RefusalKind::Forbidden);
         act(&mut sm, m, delete()).unwrap();
         assert!(sm.isos.is_empty());
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
@@ -2493,10 +2599,14 @@ mod tests {
             add_disks: Vec::new(),
         };
         let refused = |r: Outcome| r.unwrap_err();
-        assert!(refused(act(&mut sm, other, edit(None, None))).starts_with("forbidden"));
-        assert!(refused(act(&mut sm, r, edit(None, None))).starts_with("forbidden"));
-        assert!(refused(act(&mut sm, p, edit(Some(1024), None))).contains("quota"));
-        assert!(refused(act(&mut sm, p, edit(None, Some(BootMode::Kernel)))).contains("blank"));
+        assert!(refused(act(&mut sm, other, edit(None, None))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, r, edit(None, None))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, p, edit(Some(1024), None)))
+            .reason
+            .contains("quota"));
+        assert!(refused(act(&mut sm, p, edit(None, Some(BootMode::Kernel))))
+            .reason
+            .contains("blank"));
         let add = |gib: u64| Action::EditVm {
             vm: 7,
             memory_mib: None,
@@ -2505,19 +2615,23 @@ mod tests {
             boot_order: None,
             add_disks: vec![gib << 30],
         };
-        assert!(refused(act(&mut sm, p, add(11))).contains("quota"));
-        assert!(refused(act(&mut sm, p, add(1))).contains("no disk"));
+        assert!(refused(act(&mut sm, p, add(11))).reason.contains("quota"));
+        assert!(refused(act(&mut sm, p, add(1))).reason.contains("no disk"));
         act(&mut sm, p, edit(Some(512), None)).unwrap();
         let v = &sm.vms["v"];
         assert_eq!(
             (v.memory_mib, v.vcpus, v.boot_order),
             (512, 2, BootOrder::CdromFirst)
         );
-        assert!(refused(act(&mut sm, p, edit(Some(512), None))).contains("nothing changes"));
+        assert!(refused(act(&mut sm, p, edit(Some(512), None)))
+            .reason
+            .contains("nothing changes"));
         act(&mut sm, p, edit(None, Some(BootMode::Uefi))).unwrap();
         assert_eq!(sm.vms["v"].boot.firmware(), Some("uefi"));
         sm.vms.get_mut("v").unwrap().running = true;
-        assert!(refused(act(&mut sm, p, edit(Some(256), None))).contains("powered on"));
+        assert!(refused(act(&mut sm, p, edit(Some(256), None)))
+            .reason
+            .contains("powered on"));
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
         assert_eq!(
             audit.iter().filter(|a| **a == "vm.edit").count(),

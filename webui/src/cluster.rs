@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use control::api::{self, Request};
+use control::api::{self, Failure, Request};
 use control::server::ServiceContext;
 use control::state_machine::{Action, Command, StateMachine};
 use enspeed_trust::{Connector, InviteToken};
@@ -66,11 +66,14 @@ impl Cluster {
             return Ok(v);
         }
         let e = r.error.unwrap_or_default();
-        Err(match e.strip_prefix("rejected: ") {
-            Some(reason) if reason.starts_with("forbidden") => ApiError::forbidden(reason),
-            Some(reason) if reason.starts_with("no ") => ApiError::not_found(reason),
-            Some(reason) => ApiError::new(StatusCode::CONFLICT, reason),
-            None => ApiError::unavailable(format!("the cluster cannot take it now: {e}")),
+        let reason = e.strip_prefix("rejected: ").unwrap_or(&e);
+        Err(match r.failure {
+            Some(Failure::Forbidden) => ApiError::forbidden(reason),
+            Some(Failure::NotFound) => ApiError::not_found(reason),
+            Some(Failure::Conflict) => ApiError::new(StatusCode::CONFLICT, reason),
+            Some(Failure::NotLeader) | None => {
+                ApiError::unavailable(format!("the cluster cannot take it now: {e}"))
+            }
         })
     }
 
@@ -153,10 +156,10 @@ impl Cluster {
         .await?;
         if !r.ok {
             let e = r.error.unwrap_or_default();
-            return Err(if e.contains("token") {
-                ApiError::forbidden(format!("server {address}: {e}"))
-            } else {
-                refused(&e)
+            let e = e.strip_prefix("rejected: ").unwrap_or(&e);
+            return Err(match r.failure {
+                Some(Failure::Forbidden) => ApiError::forbidden(format!("server {address}: {e}")),
+                _ => refused(e),
             });
         }
         let joined = self

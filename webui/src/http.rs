@@ -184,6 +184,9 @@ fn harden(r: &mut Response<Body>) {
         .or_insert(HeaderValue::from_static("no-store"));
 }
 
+/// The most connections one listener serves at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// Accepts connections on `listener` and serves `app` on each, HTTP/1.1; over TLS when `tls`
 /// is given.
 pub async fn serve(
@@ -192,6 +195,7 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     tracing::info!(address = ?listener.local_addr().ok(), https = tls.is_some(), "web server listening");
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -201,10 +205,15 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            tracing::debug!(%peer, max = MAX_CONNECTIONS, "web connection refused: too many open");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tls {
                 None => connection(stream, peer, app, false).await,
                 Some(acceptor) => {
