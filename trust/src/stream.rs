@@ -14,8 +14,8 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use rustls::Connection;
 
-/// The most ciphertext read from the socket at once (one full TLS record and its overhead).
-const READ_CHUNK: usize = 18 * 1024;
+/// The most ciphertext read from the socket at once (several full TLS records).
+const READ_CHUNK: usize = 64 * 1024;
 
 struct State {
     conn: Connection,
@@ -38,6 +38,8 @@ struct Shared {
 pub struct TlsStream {
     shared: Arc<Shared>,
     sock: TcpStream,
+    /// Where this handle reads ciphertext into.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -78,6 +80,7 @@ impl TlsStream {
                 turn: Condvar::new(),
             }),
             sock,
+            scratch: Vec::new(),
         })
     }
 
@@ -94,6 +97,7 @@ impl TlsStream {
         Ok(TlsStream {
             shared: Arc::clone(&self.shared),
             sock: self.sock.try_clone()?,
+            scratch: Vec::new(),
         })
     }
 
@@ -187,17 +191,71 @@ impl TlsStream {
     }
 }
 
+impl TlsStream {
+    /// After a read got `n` bytes into `out`: as much more as is already here, decrypted or in
+    /// the socket, without waiting (as a TCP read returns all the socket holds; a reader that
+    /// looks at what is buffered, a backup's group commit, sees the same).
+    fn read_more(&self, st: &mut State, out: &mut [u8], mut n: usize) -> io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        while n < out.len() {
+            match st.conn.reader().read(&mut out[n..]) {
+                Ok(0) => break,
+                Ok(m) => {
+                    n += m;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+            if !st.raw.is_empty() && st.conn.wants_read() {
+                TlsStream::feed(st)?;
+                continue;
+            }
+            if st.eof || !st.raw.is_empty() {
+                break;
+            }
+            use std::os::fd::AsRawFd;
+            // SAFETY: `chunk` is valid for writes of its length; MSG_DONTWAIT never blocks.
+            let got = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if got <= 0 {
+                // Nothing more now (or the end, which the next read finds).
+                break;
+            }
+            st.raw.extend_from_slice(&chunk[..got as usize]);
+            TlsStream::feed(st)?;
+        }
+        Ok(n)
+    }
+}
+
 impl Read for TlsStream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
-        let mut chunk = vec![0u8; READ_CHUNK];
+        let mut chunk = std::mem::take(&mut self.scratch);
+        chunk.resize(READ_CHUNK, 0);
+        let got = self.read_into(out, &mut chunk);
+        self.scratch = chunk;
+        got
+    }
+}
+
+impl TlsStream {
+    fn read_into(&mut self, out: &mut [u8], chunk: &mut [u8]) -> io::Result<usize> {
         loop {
             let reply = {
                 let mut st = self.state();
                 match st.conn.reader().read(out) {
-                    Ok(n) => return Ok(n),
+                    Ok(0) => return Ok(0),
+                    Ok(n) => return self.read_more(&mut st, out, n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
@@ -218,7 +276,7 @@ impl Read for TlsStream {
             if let Some((ticket, bytes)) = reply {
                 self.send(ticket, &bytes)?;
             }
-            let n = (&self.sock).read(&mut chunk)?;
+            let n = (&self.sock).read(chunk)?;
             let mut st = self.state();
             if n == 0 {
                 st.eof = true;

@@ -217,3 +217,38 @@ fn both_directions_flow_at_once() {
     assert_eq!(t.join().unwrap(), N);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_read_returns_all_that_has_arrived_as_a_tcp_read_does() {
+    // A backup's group commit looks at what its reader holds: a read that stopped at one TLS
+    // record would make it answer frame by frame.
+    let dir = scratch("all-arrived");
+    let d = TrustDir::of(&dir);
+    d.create_cluster(1).unwrap();
+    let id = Identity::load(&d).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = id.clone();
+    let t = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().unwrap();
+        let (mut s, _) = server.accept(tcp).unwrap();
+        for i in 0..24u8 {
+            s.write_all(&[i; 4096]).unwrap();
+        }
+        let mut done = [0u8; 1];
+        s.read_exact(&mut done).unwrap();
+    });
+    let (mut c, _) = id.connector().connect(&addr, T).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut buf = vec![0u8; 256 << 10];
+    let n = c.read(&mut buf).unwrap();
+    assert_eq!(
+        n,
+        24 * 4096,
+        "24 records (96 KiB, more than one socket read), one read"
+    );
+    assert!(buf[..4096].iter().all(|&b| b == 0) && buf[n - 4096..n].iter().all(|&b| b == 23));
+    c.write_all(b"k").unwrap();
+    t.join().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

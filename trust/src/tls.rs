@@ -24,7 +24,12 @@ use crate::Error;
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first (both ends are ours): the mirror path is bound by the CPU on small
+    // servers, and it costs about a third less per byte than AES-256-GCM.
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 pub(crate) fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
