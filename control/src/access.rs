@@ -99,6 +99,9 @@ pub struct AuditEntry {
     pub target: String,
 }
 
+/// How many sessions one user keeps; a login beyond it ends the oldest.
+pub const MAX_SESSIONS: usize = 16;
+
 /// How many audit entries the state keeps; older ones are dropped as new ones come.
 pub const AUDIT_KEEP: u64 = 100_000;
 

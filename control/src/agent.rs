@@ -722,7 +722,14 @@ impl Reconciler {
                 continue;
             }
             if self.request(name, BlockdRequest::Delete { name: name.clone() }) {
-                tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk (or has another disk by its name)");
+                match state.disks.get(name).and_then(|d| d.copy_id()) {
+                    Some(id) => {
+                        tracing::info!(server = self.s.cfg.id, disk = %name, copy = %c.disk_id, disk_id = %id, "disk copy deleted: a copy of another disk by this name")
+                    }
+                    None => {
+                        tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk")
+                    }
+                }
             }
         }
     }

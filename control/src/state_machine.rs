@@ -1574,6 +1574,19 @@ impl StateMachine {
                     self.sessions.remove(&hash);
                     writes.push((session_key(&hash), None));
                 }
+                // A user keeps at most `access::MAX_SESSIONS`: the oldest ones end first.
+                let mut mine: Vec<(u64, String)> = self
+                    .sessions
+                    .values()
+                    .filter(|s| s.user == session.user)
+                    .map(|s| (s.created_ms, s.token_hash.clone()))
+                    .collect();
+                mine.sort();
+                let over = (mine.len() + 1).saturating_sub(access::MAX_SESSIONS);
+                for (_, hash) in mine.into_iter().take(over) {
+                    self.sessions.remove(&hash);
+                    writes.push((session_key(&hash), None));
+                }
                 writes.push((session_key(&session.token_hash), Some(json_bytes(session))));
                 self.sessions
                     .insert(session.token_hash.clone(), session.clone());

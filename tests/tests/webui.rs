@@ -1103,7 +1103,18 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
     let c = Cluster::start("quota", &["--shutdown-timeout-secs", "2"]);
     let m = c.manager(2); // through the witness: it serves the API too
     let p = id(&m.send("POST", "/api/v1/users", Some(json!({"name": "p", "password": USER_PASSWORD, "role": "power_user", "quota": {"vms": 2, "memory_mib": 128, "disk_gib": 2}}))));
-    let wp = Web::logged_in(&c.web[2], "p", USER_PASSWORD);
+    // A user keeps at most 16 sessions: sixteen more logins end the oldest, and only it.
+    let oldest = Web::logged_in(&c.web[2], "p", USER_PASSWORD);
+    let newer: Vec<Web> = (0..16)
+        .map(|_| Web::logged_in(&c.web[2], "p", USER_PASSWORD))
+        .collect();
+    let gone = oldest.get("/api/v1/session");
+    assert_eq!(gone.0, 401, "{gone:?}");
+    assert!(gone.1.to_string().contains("no such session"), "{gone:?}");
+    for w in &newer {
+        assert_eq!(w.get("/api/v1/session").0, 200, "the newest sixteen stay");
+    }
+    let wp = newer.last().unwrap();
     let r = id(&wp.send("POST", "/api/v1/users", Some(new_user("r", "regular"))));
     let a = wp.send("POST", "/api/v1/vms", Some(new_vm("a", r)));
     assert_eq!(a.0, 201, "{a:?}");
@@ -1649,6 +1660,34 @@ fn a_vm_s_serial_and_graphical_consoles_open_from_any_server_for_its_users_alone
         .expect("the Manager's console");
     con.read_until("tg: echo ready", WAIT);
 
+    // A user keeps at most 8 consoles open through one server; closing one frees its place.
+    // (The Power User, through server 2, where it has none open.)
+    let wp2 = Web::logged_in(&c.web[1], "p", USER_PASSWORD);
+    let mut open: Vec<_> = (0..8)
+        .map(|i| {
+            wp2.console(vm, "serial", None)
+                .unwrap_or_else(|e| panic!("console {i}: {e:?}"))
+        })
+        .collect();
+    let e = wp2
+        .console(vm, "serial", None)
+        .err()
+        .expect("a ninth console refused");
+    assert_eq!(e.0, 429, "{e:?}");
+    assert!(e.1.contains("consoles open already"), "{e:?}");
+    // Another user is not held back by it.
+    let mut other = m
+        .console(vm, "serial", None)
+        .expect("the Manager's second console");
+    other.read_until("tg: echo ready", WAIT);
+    drop(other);
+    // A closed console gives its place back as its relay ends.
+    drop(open.pop());
+    cluster::wait_for("a console's place given back", WAIT, || {
+        wp2.console(vm, "serial", None).ok()
+    });
+    drop(open);
+
     // Refusals, each with its reason and before any upgrade.
     let wo = Web::logged_in(&c.web[1], "o", USER_PASSWORD);
     let e = wo.console(vm, "serial", None).err().expect("refused");
@@ -2189,48 +2228,73 @@ fn a_vm_name_reused_after_a_delete_never_meets_the_old_disk_s_copies() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start("reuse", &[]);
     let m = c.manager(0);
-    // What a deleted VM "reuse" of another tenant left on both VM servers while they were
-    // down: copies of its disk reuse-0, holding its data.
+    // What a deleted VM of another tenant left on both VM servers while they were down:
+    // copies of its disk, holding its data, by the name a new VM's disk gets. The agents
+    // remove such copies on their own too (the state has no disk by that name): the copies
+    // are planted right before the new VM is created, and an attempt counts only where a
+    // server found its copy still there when the new disk came (its log says so).
     const OLD: &str = "0123456789abcdef0123456789abcdef";
     const SECRET: &[u8] = b"the previous tenant's secret";
     const AT: u64 = 512 << 20;
     for s in &c.servers[..2] {
         cluster::wait_for("the agent's blockd", WAIT, || disk_cmd(s, &["status"]).ok());
-        disk_cmd(s, &["create", "reuse-0", "--size", "1G", "--disk-id", OLD]).unwrap();
-        let data = s.data.join("disks/reuse-0/data");
-        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, SECRET, AT).unwrap();
     }
-    // A new VM by that name: its disk is another disk, whatever its name.
-    let vm = id(&m.send(
-        "POST",
-        "/api/v1/vms",
-        Some(json!({"name": "reuse", "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "start": true})),
-    ));
-    cluster::wait_for("the new VM running and mirrored", WAIT, || {
-        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
-        (v["status"] == "running" && v["replication"]["state"] == "in-sync").then_some(())
-    });
-    let mut ids = Vec::new();
-    for s in &c.servers[..2] {
-        let st: Value =
-            serde_json::from_str(&disk_cmd(s, &["status", "reuse-0", "--json"]).unwrap()).unwrap();
-        let disk_id = st[0]["disk_id"].as_str().unwrap().to_string();
-        assert_ne!(disk_id, OLD, "server {} serves the old copy", s.id);
-        ids.push(disk_id);
-        let data = std::fs::read(s.data.join("disks/reuse-0/data")).unwrap();
-        let at = AT as usize;
-        assert_ne!(
-            &data[at..at + SECRET.len()],
-            SECRET,
-            "server {}'s copy holds the old data",
-            s.id
-        );
-        assert!(
-            s.log().contains("has another disk by its name"),
-            "server {} says it removed the old copy",
-            s.id
-        );
+    let met = "disk copy deleted: a copy of another disk by this name";
+    let mut found = None;
+    for attempt in 0..8 {
+        let name = format!("reuse{attempt}");
+        let disk = format!("{name}-0");
+        let before: Vec<usize> = c.servers[..2]
+            .iter()
+            .map(|s| s.log().matches(met).count())
+            .collect();
+        for s in &c.servers[..2] {
+            if disk_cmd(s, &["create", &disk, "--size", "1G", "--disk-id", OLD]).is_err() {
+                continue;
+            }
+            let data = s.data.join(format!("disks/{disk}/data"));
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&data) {
+                let _ = std::os::unix::fs::FileExt::write_all_at(&f, SECRET, AT);
+            }
+        }
+        let vm = id(&m.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": name, "memory_mib": 64, "vcpus": 1, "disk_gib": 1, "start": true})),
+        ));
+        cluster::wait_for("the new VM running and mirrored", WAIT, || {
+            let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+            (v["status"] == "running" && v["replication"]["state"] == "in-sync").then_some(())
+        });
+        let mut ids = Vec::new();
+        for s in &c.servers[..2] {
+            let st: Value =
+                serde_json::from_str(&disk_cmd(s, &["status", &disk, "--json"]).unwrap()).unwrap();
+            let disk_id = st[0]["disk_id"].as_str().unwrap().to_string();
+            assert_ne!(disk_id, OLD, "server {} serves the old copy", s.id);
+            ids.push(disk_id);
+            let data = std::fs::read(s.data.join(format!("disks/{disk}/data"))).unwrap();
+            let at = AT as usize;
+            assert_ne!(
+                &data[at..at + SECRET.len()],
+                SECRET,
+                "server {}'s copy holds the old data",
+                s.id
+            );
+        }
+        assert_eq!(ids[0], ids[1], "both copies carry the new disk's identity");
+        let after: Vec<usize> = c.servers[..2]
+            .iter()
+            .map(|s| s.log().matches(met).count())
+            .collect();
+        if before.iter().zip(&after).any(|(b, a)| a > b) {
+            found = Some(attempt);
+            break;
+        }
     }
-    assert_eq!(ids[0], ids[1], "both copies carry the new disk's identity");
+    assert!(
+        found.is_some(),
+        "in 8 attempts no agent met an old copy when the new disk came (each time both were \
+         removed first, as copies of no disk)"
+    );
 }

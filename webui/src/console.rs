@@ -4,6 +4,7 @@
 //! 101; from there, binary WebSocket messages carry the console's bytes both ways (the serial
 //! port's text, or RFB for noVNC).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -27,6 +28,50 @@ use crate::http::{ApiError, Body, Request};
 
 /// How long reaching the VM's server and its VMM may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many consoles one user keeps open through one server at once.
+pub const MAX_PER_USER: usize = 8;
+
+/// The consoles open through this server, by user; a slot is given back when its console ends.
+#[derive(Clone, Default)]
+pub struct Slots(Arc<std::sync::Mutex<std::collections::HashMap<u64, usize>>>);
+
+/// One open console's place in [`Slots`].
+pub struct Slot {
+    slots: Slots,
+    user: u64,
+}
+
+impl Slots {
+    /// A slot for `user`, unless it has `MAX_PER_USER` consoles open already (429).
+    pub fn take(&self, user: u64) -> Result<Slot, ApiError> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(user).or_insert(0);
+        if *n >= MAX_PER_USER {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{MAX_PER_USER} consoles open already: close one first"),
+            ));
+        }
+        *n += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            user,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
 
 /// The largest message taken from the browser: keystrokes and RFB client messages are small.
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -144,6 +189,7 @@ pub fn upgrade(
     console: ConsoleStream,
     vm: String,
     user: String,
+    slot: Slot,
 ) -> Result<Response<Body>, ApiError> {
     let on_upgrade = req
         .upgrade
@@ -154,6 +200,7 @@ pub fn upgrade(
         .header("sec-websocket-protocol")
         .is_some_and(|p| p.split(',').any(|p| p.trim() == "binary"));
     tokio::spawn(async move {
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

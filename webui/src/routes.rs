@@ -53,6 +53,8 @@ pub struct App {
     logins: RateLimit,
     /// The password hashes that may run at once (`auth::HASHES_AT_ONCE`).
     hashes: tokio::sync::Semaphore,
+    /// The consoles open through this server, by user.
+    consoles: console::Slots,
 }
 
 /// A logged-in caller.
@@ -206,6 +208,7 @@ impl App {
             cluster,
             logins: RateLimit::default(),
             hashes: tokio::sync::Semaphore::new(auth::HASHES_AT_ONCE),
+            consoles: console::Slots::default(),
         }
     }
 
@@ -345,6 +348,7 @@ impl App {
                 let c = self.caller(&req, false).await?;
                 let vm = self.visible_vm(&c, id)?;
                 let accept = console::check_handshake(&req)?;
+                let slot = self.consoles.take(c.user.id)?;
                 let (server, address) = self.vmm_server(&c.state, vm)?;
                 let peers = self.cluster.peers();
                 let stream = console::connect(&peers, &address, server, &vm.name, kind).await?;
@@ -364,6 +368,7 @@ impl App {
                     stream,
                     vm.name.clone(),
                     c.user.name.clone(),
+                    slot,
                 )
             }
             (Method::POST, ["vms", id, "cdrom"]) => {
