@@ -60,7 +60,7 @@ pub struct Awaiting {
     me: ServerRecord,
     peers: Arc<Peers>,
     timeout: Duration,
-    invited: std::sync::atomic::AtomicBool,
+    invited: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Awaiting {
@@ -84,56 +84,60 @@ impl Awaiting {
             return Err(Refusal::conflict("already joining a cluster"));
         }
         let (cluster, mut me, timeout) = (cluster.to_string(), self.me.clone(), self.timeout);
-        let peers = Arc::clone(&self.peers);
+        let (peers, invited) = (Arc::clone(&self.peers), Arc::clone(&self.invited));
         tracing::info!(server = me.id, via = %cluster, "invited into a cluster: joining");
         std::thread::Builder::new()
             .name("join".into())
-            .spawn(move || {
-                enroll(&peers, &cluster, &cluster_token, &mut me, timeout);
-                join(&peers, &cluster, &me, timeout)
+            .spawn(move || match enroll(&peers, &cluster, &cluster_token, &mut me, timeout) {
+                Ok(()) => join(&peers, &cluster, &me, timeout),
+                Err(e) => {
+                    tracing::error!(server = me.id, error = %e, "not joining; waiting for another invitation");
+                    invited.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
             })
             .map_err(|e| crate::state_machine::Refusal::conflict(e.to_string()))?;
         Ok(self.me.id)
     }
 }
 
-/// Gets this server's certificate from the cluster at `addr` with the cluster's join `token`,
-/// until it has one; records its fingerprint in `me`.
+/// Gets this server's certificate from the cluster at `addr` with the cluster's join `token`
+/// (retrying while the cluster cannot be reached); records its fingerprint in `me`. Answers
+/// why not if the cluster refused (a wrong token, an id taken): retrying cannot change that.
 fn enroll(
     peers: &Peers,
     addr: &str,
     token: &ClusterToken,
     me: &mut ServerRecord,
     timeout: Duration,
-) {
+) -> Result<(), String> {
     let req = Request::Enroll {
         id: me.id,
         token: token.to_string(),
     };
     let connector = Connector::enrolling(token.ca);
-    loop {
-        let got = api::call_with(&connector, addr, &req, timeout)
-            .map_err(|e| e.to_string())
-            .and_then(|r| match (r.ok, r.result) {
-                (true, Some(v)) => {
-                    serde_json::from_value::<Enrollment>(v).map_err(|e| e.to_string())
-                }
-                _ => Err(r.error.unwrap_or_default()),
-            })
-            .and_then(|e| peers.dir().install(&e).map_err(|e| e.to_string()))
-            .and_then(|()| peers.become_member().map_err(|e| e.to_string()));
-        match got {
-            Ok(()) => {
-                me.cert = peers.fingerprint().unwrap_or_default();
-                tracing::info!(server = me.id, via = addr, cert = %me.cert, "enrolled: this server holds a certificate of the cluster");
-                return;
-            }
+    let r = loop {
+        match api::call_with(&connector, addr, &req, timeout) {
+            Ok(r) => break r,
             Err(e) => {
-                tracing::warn!(server = me.id, via = addr, error = %e, "enrollment failed; retrying")
+                tracing::warn!(server = me.id, via = addr, error = %e, "cannot reach the cluster to enroll; retrying");
+                std::thread::sleep(Duration::from_millis(500));
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    };
+    let refused = |what: String| format!("enrolling with the cluster at {addr}: {what}");
+    let enrollment = match (r.ok, r.result) {
+        (true, Some(v)) => serde_json::from_value::<Enrollment>(v)
+            .map_err(|e| refused(format!("a bad answer: {e}")))?,
+        _ => return Err(refused(r.error.unwrap_or_else(|| "refused".into()))),
+    };
+    peers
+        .dir()
+        .install(&enrollment)
+        .and_then(|()| peers.become_member())
+        .map_err(|e| refused(e.to_string()))?;
+    me.cert = peers.fingerprint().unwrap_or_default();
+    tracing::info!(server = me.id, via = addr, cert = %me.cert, "enrolled: this server holds a certificate of the cluster");
+    Ok(())
 }
 
 /// The join token of a waiting server with data directory `data`: made on first use with its
@@ -241,6 +245,9 @@ pub enum Error {
     /// The data directory holds a Raft state but no certificate to reach the others with.
     #[error("{0} holds no server certificate: this server cannot reach its cluster")]
     NoCertificate(PathBuf),
+    /// The cluster refused to enroll this server.
+    #[error("{0}")]
+    Enroll(String),
     /// The join token given is not a cluster token.
     #[error("--token: {0}")]
     Token(enspeed_trust::Error),
@@ -407,7 +414,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
 
     if let Some((addr, token)) = must_join {
         if !peers.is_member() {
-            enroll(&peers, &addr, &token, &mut me, timeout);
+            enroll(&peers, &addr, &token, &mut me, timeout).map_err(Error::Enroll)?;
         } else {
             me.cert = peers.fingerprint().unwrap_or_default();
         }

@@ -136,6 +136,25 @@ fn servers_believe_only_servers_of_their_cluster() {
     );
     let e = refused("a member's id", enroll(2, &token));
     assert!(e.to_string().contains("belongs to the member"), "{e}");
+    // A server started with a wrong token stops with the cluster's refusal (retrying could
+    // not change it), and is not added.
+    let mut wrong_join = Server::new(
+        8,
+        format!("127.0.0.1:{}", cluster::free_port()),
+        scratch.path("server8"),
+        &[],
+    );
+    wrong_join.start(&["--join", &leader, "--token", &forged.to_string()]);
+    let st = wrong_join
+        .wait_exit(WAIT)
+        .expect("the server with a wrong token stops");
+    assert!(!st.success(), "{st}");
+    let log = wrong_join.log();
+    assert!(
+        log.contains("enrolling with the cluster at")
+            && log.contains("not this cluster's join token"),
+        "{log}"
+    );
 
     // 3. Another cluster's server: its certificate does not chain to this cluster's CA.
     let foreign = Identity::load(&TrustDir::of(&scratch.path("another-cluster"))).unwrap();

@@ -703,9 +703,11 @@ fn console_session(l: &Login, s: &Session, id: u64) -> Result<(), String> {
     h.insert("cookie", s.cookie.parse().map_err(|_| "a bad cookie")?);
     h.insert("origin", s.base.parse().map_err(|_| "a bad URL")?);
     let tcp = std::net::TcpStream::connect(&hostport).map_err(|e| format!("{hostport}: {e}"))?;
-    // Short reads, so that one thread both reads the socket and sends what was typed.
-    tcp.set_read_timeout(Some(Duration::from_millis(20)))
+    // The handshake may wait for the VM's server (a TLS connection there, an audit entry);
+    // after it, short reads, so that one thread both reads the socket and sends what was typed.
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
+    let same_socket = tcp.try_clone().map_err(|e| e.to_string())?;
     let stream: Box<dyn Stream> = if tls {
         let ca = l.ca_cert.as_ref().ok_or("HTTPS: give --ca-cert")?;
         let host = hostport.rsplit_once(':').map_or(hostport.as_str(), |h| h.0);
@@ -730,6 +732,9 @@ fn console_session(l: &Login, s: &Session, id: u64) -> Result<(), String> {
         }
         Err(e) => return Err(e.to_string()),
     };
+    same_socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
     let raw = RawTerminal::enter();
     if raw.is_some() {
         eprint!("[connected to VM {id}'s serial console; Ctrl-] leaves]\r\n");
