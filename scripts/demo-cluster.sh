@@ -56,7 +56,8 @@ for i in 1 2 3; do
         boot="--init"
     else
         # The others join with the cluster's join token, made by server 1 with the cluster's CA
-        # (an empty one once their data directories hold a state: then it is not asked for).
+        # (on a restart their data directories hold a state, and --join and --token are
+        # ignored).
         n=0
         until [ -s "$DIR/server1/tls/cluster-token" ]; do
             n=$((n + 1))
