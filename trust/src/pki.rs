@@ -103,19 +103,23 @@ pub struct ClusterToken {
 impl ClusterToken {
     /// Parses a token as [`ClusterToken::to_string`] writes it.
     pub fn parse(s: &str) -> Result<ClusterToken, Error> {
-        let bad = || Error::Token("a cluster token is K1.<64 hex digits>.<32 hex digits>".into());
-        let mut parts = s.trim().split('.');
-        let (Some("K1"), Some(ca), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        Ok(ClusterToken {
-            ca: Fingerprint::parse(ca).ok_or_else(bad)?,
-            secret: unhex(secret)
+        let (ca, secret) = parse_token(s, "K1", "a cluster token")?;
+        Ok(ClusterToken { ca, secret })
+    }
+}
+
+/// The fingerprint and secret of a token `<tag>.<64 hex digits>.<32 hex digits>`.
+fn parse_token(s: &str, tag: &str, what: &str) -> Result<(Fingerprint, [u8; 16]), Error> {
+    let bad = || Error::Token(format!("{what} is {tag}.<64 hex digits>.<32 hex digits>"));
+    let mut parts = s.trim().split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(t), Some(fp), Some(secret), None) if t == tag => Ok((
+            Fingerprint::parse(fp).ok_or_else(bad)?,
+            unhex(secret)
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(bad)?,
-        })
+        )),
+        _ => Err(bad()),
     }
 }
 
@@ -145,20 +149,8 @@ pub struct InviteToken {
 impl InviteToken {
     /// Parses a token as [`InviteToken::to_string`] writes it.
     pub fn parse(s: &str) -> Result<InviteToken, Error> {
-        let bad =
-            || Error::Token("a server's join token is W1.<64 hex digits>.<32 hex digits>".into());
-        let mut parts = s.trim().split('.');
-        let (Some("W1"), Some(fp), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        Ok(InviteToken {
-            server: Fingerprint::parse(fp).ok_or_else(bad)?,
-            secret: unhex(secret)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(bad)?,
-        })
+        let (server, secret) = parse_token(s, "W1", "a server's join token")?;
+        Ok(InviteToken { server, secret })
     }
 
     /// Whether `other` is this token.
