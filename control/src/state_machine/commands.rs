@@ -1,0 +1,425 @@
+//! The commands the Raft log carries (`Command`), the changes a person asks for inside them
+//! (`Action`) and the reads (`Query`): the wire format every server applies alike.
+
+use serde::{Deserialize, Serialize};
+
+use super::observations::Observation;
+use super::records::{BootMode, BootOrder, Capacity, DiskRecord, VmRecord};
+use crate::access::{Quota, Role, SessionRecord};
+
+/// A change to the cluster's state, proposed through Raft and applied once committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Sets a key (tests, small settings). Answers the previous value.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: String,
+    },
+    /// Deletes a key. Answers the previous value.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Sets a key only if it holds `expected` (`None`: absent). Answers whether it did, and the
+    /// value before.
+    CompareAndSet {
+        /// The key.
+        key: String,
+        /// The value it must hold.
+        expected: Option<String>,
+        /// The new value (`None` deletes).
+        value: Option<String>,
+    },
+    /// Changes what a member offers.
+    SetCapacity {
+        /// The server.
+        id: u64,
+        /// What it now offers.
+        capacity: Capacity,
+    },
+    /// Creates a disk record.
+    CreateDisk(DiskRecord),
+    /// Moves a disk's copies; the generation must rise.
+    SetDiskReplicas {
+        /// The disk.
+        name: String,
+        /// The new primary.
+        primary: u64,
+        /// The new backup.
+        backup: Option<u64>,
+        /// The new generation, above the current one.
+        generation: u64,
+    },
+    /// Deletes a disk record.
+    DeleteDisk {
+        /// The disk.
+        name: String,
+    },
+    /// A server's node agent holds a checked copy of an ISO image.
+    IsoHeld {
+        /// The ISO's name.
+        name: String,
+        /// The SHA-256 the copy has: it must be the ISO's.
+        sha256: String,
+        /// The server.
+        server: u64,
+    },
+    /// Creates or replaces a VM record.
+    PutVm(VmRecord),
+    /// Deletes a VM record.
+    DeleteVm {
+        /// The VM.
+        name: String,
+    },
+    /// A server's node agent says where its blockd listens and what it offers.
+    Register {
+        /// The server.
+        id: u64,
+        /// Its blockd's mirror address.
+        mirror: String,
+        /// What it offers to VMs.
+        capacity: Capacity,
+    },
+    /// Creates a VM and its disk (`NAME-0`), placed by `placement`: a primary and a backup on
+    /// two different servers with room.
+    CreateVm(NewVm),
+    /// Sets a VM's desired power state.
+    SetVmRunning {
+        /// The VM.
+        name: String,
+        /// Whether it should run.
+        running: bool,
+    },
+    /// The leader declares a server down (its lease ran out) or up again. Down moves every
+    /// disk it held, in this one entry (see `StateMachine::server_down`).
+    SetServerDown {
+        /// The server.
+        id: u64,
+        /// Down, or up again.
+        down: bool,
+    },
+    /// Gives a disk without a backup a new one (the leader, once a server has room).
+    SetDiskBackup {
+        /// The disk.
+        name: String,
+        /// The new backup server.
+        backup: u64,
+        /// The pool there.
+        pool: String,
+        /// The disk's current generation: a decision taken on an older state is refused.
+        generation: u64,
+    },
+    /// A server's node agent reports what runs there.
+    Observe {
+        /// The server.
+        id: u64,
+        /// What it saw.
+        observation: Observation,
+    },
+    /// A change a person asked for: checked against what `actor` may do, applied, and
+    /// written to the audit log in the same batch (see `access`).
+    Act {
+        /// The user (0: the cluster itself, through its own protocol: may do anything).
+        actor: u64,
+        /// When it was asked for, ms since the epoch (set by the server that took it).
+        at_ms: u64,
+        /// What.
+        action: Action,
+    },
+}
+
+/// A VM to create with one disk (`NAME-0`), placed by `placement`: a primary and a backup on
+/// two different servers with room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewVm {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Its disk's size (Disk0), bytes.
+    pub disk_size: u64,
+    /// Its other disks' sizes (Disk1-3), bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<u64>,
+    /// The kernel it boots.
+    pub kernel: String,
+    /// Its initramfs, if any.
+    #[serde(default)]
+    pub initrd: String,
+    /// Its kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Start it once placed.
+    #[serde(default)]
+    pub running: bool,
+    /// How it starts.
+    #[serde(default)]
+    pub boot: BootMode,
+    /// With firmware boot: what the firmware boots first.
+    #[serde(default)]
+    pub boot_order: BootOrder,
+    /// The ISO in its CD-ROM drive from the start (a library image's name).
+    #[serde(default)]
+    pub cdrom: Option<String>,
+}
+
+impl NewVm {
+    /// The sizes of its disks, Disk0 first.
+    pub fn disk_sizes(&self) -> Vec<u64> {
+        std::iter::once(self.disk_size)
+            .chain(self.extra_disks.iter().copied())
+            .collect()
+    }
+
+    /// Its record, owned by `owner`, before placement fills in its id and disks.
+    pub(super) fn record(&self, owner: Option<u64>) -> VmRecord {
+        VmRecord {
+            name: self.name.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disks: Vec::new(),
+            running: self.running,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            id: 0,
+            owner,
+            graceful_stop: false,
+            cdrom: self.cdrom.clone(),
+            boot: self.boot,
+            boot_order: self.boot_order,
+        }
+    }
+}
+
+/// What a person can change (inside `Command::Act`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// Creates a user. Answers `{"id": N}`.
+    CreateUser {
+        /// Login name.
+        name: String,
+        /// Privilege level.
+        role: Role,
+        /// argon2id PHC string.
+        password: String,
+        /// A Regular User's Power User.
+        #[serde(default)]
+        parent: Option<u64>,
+        /// A Power User's quota.
+        #[serde(default)]
+        quota: Option<Quota>,
+    },
+    /// Sets a user's password (its own, or one the actor manages); ends its other sessions.
+    SetPassword {
+        /// The user.
+        user: u64,
+        /// argon2id PHC string.
+        password: String,
+        /// The session to keep (the one asking), by token hash.
+        #[serde(default)]
+        keep_session: Option<String>,
+    },
+    /// Sets a Power User's quota (Managers).
+    SetQuota {
+        /// The Power User.
+        user: u64,
+        /// The quota.
+        quota: Quota,
+    },
+    /// Deletes a user who owns no VM and has no users under it; ends its sessions.
+    DeleteUser {
+        /// The user.
+        user: u64,
+    },
+    /// Opens a session for `actor`, whose password the server taking the request checked.
+    Login {
+        /// The session.
+        session: SessionRecord,
+    },
+    /// Ends a session.
+    Logout {
+        /// SHA-256 of its token, hex.
+        token_hash: String,
+    },
+    /// Creates a VM for `owner`, placed like `Command::CreateVm`. Answers its VMID.
+    CreateVm {
+        /// Owner.
+        owner: u64,
+        /// The VM.
+        #[serde(flatten)]
+        vm: NewVm,
+    },
+    /// Powers a VM on or off.
+    PowerVm {
+        /// VMID.
+        vm: u64,
+        /// On or off.
+        running: bool,
+        /// Off at once, without asking the guest.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Deletes a powered-off VM and its disks.
+    DeleteVm {
+        /// VMID.
+        vm: u64,
+    },
+    /// Changes a powered-off VM: its memory, vCPUs, how it boots and what it boots first
+    /// (what is not given stays). Within its company's quota; refused when nothing changes.
+    EditVm {
+        /// VMID.
+        vm: u64,
+        /// Guest RAM, MiB.
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        /// vCPUs.
+        #[serde(default)]
+        vcpus: Option<u32>,
+        /// How it boots.
+        #[serde(default)]
+        boot: Option<BootMode>,
+        /// What its firmware boots first.
+        #[serde(default)]
+        boot_order: Option<BootOrder>,
+        /// New blank disks, bytes each, after the ones it has (up to Disk3).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        add_disks: Vec<u64>,
+    },
+    /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
+    /// there moves to its in-sync backup (its VM restarts there), every backup copy there is
+    /// dropped, and the leader gives those disks new backups elsewhere. Refused, changing
+    /// nothing, when a primary there has no in-sync backup to move to.
+    DrainServer {
+        /// The server.
+        id: u64,
+    },
+    /// Creates a copy of a powered-off VM: same memory, vCPUs and boot, its disk filled with
+    /// the source's data on the source's primary server, mirrored to another. Answers its
+    /// VMID.
+    CloneVm {
+        /// The source's VMID.
+        vm: u64,
+        /// The new VM's name.
+        name: String,
+        /// Its owner (default: the actor; for the cluster itself, the source's owner).
+        #[serde(default)]
+        owner: Option<u64>,
+    },
+    /// Moves a VM to its backup server (Managers): every disk's in-sync backup becomes its
+    /// primary, with a raised generation, and the old primary its backup; a running VM
+    /// restarts there.
+    MigrateVm {
+        /// VMID.
+        vm: u64,
+    },
+    /// Adds an uploaded ISO image to the library (Managers), held so far by the server that
+    /// took the upload; the other servers' agents copy it from there.
+    AddIso {
+        /// Its name.
+        name: String,
+        /// Bytes.
+        size: u64,
+        /// SHA-256, hex.
+        sha256: String,
+        /// The server holding it.
+        server: u64,
+    },
+    /// Removes an ISO image from the library (Managers); refused while a VM's CD-ROM holds it.
+    DeleteIso {
+        /// Its name.
+        name: String,
+    },
+    /// Puts an ISO image of the library into a VM's CD-ROM drive, or ejects it (`None`).
+    SetCdrom {
+        /// VMID.
+        vm: u64,
+        /// The ISO's name.
+        #[serde(default)]
+        iso: Option<String>,
+    },
+    /// Records that the actor opened a VM's console (`serial` or `vnc`): who saw or typed
+    /// into which VM belongs in the audit log, though nothing changes.
+    OpenConsole {
+        /// VMID.
+        vm: u64,
+        /// Which console.
+        console: String,
+    },
+    /// Records a change made outside the state machine (a membership change).
+    Note {
+        /// What, e.g. `server.add`.
+        action: String,
+        /// On what.
+        target: String,
+    },
+}
+
+/// A read of the applied state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "query", rename_all = "snake_case")]
+pub enum Query {
+    /// One key's value (null when absent).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Every record but users, sessions and the audit log.
+    State,
+    /// The users, without their password hashes.
+    Users,
+    /// Audit entries after `after` (a seq), oldest first, at most `limit`.
+    Audit {
+        /// Entries with a higher seq.
+        #[serde(default)]
+        after: u64,
+        /// At most this many (capped at 1000).
+        #[serde(default = "default_audit_limit")]
+        limit: u64,
+    },
+}
+
+fn default_audit_limit() -> u64 {
+    100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_creations_keep_their_wire_format() {
+        let c: Command = serde_json::from_str(
+            r#"{"cmd":"create_vm","name":"a","memory_mib":64,"vcpus":1,"disk_size":512,"kernel":"/k"}"#,
+        )
+        .unwrap();
+        assert!(matches!(&c, Command::CreateVm(v) if v.name == "a" && v.initrd.is_empty()));
+        let a: Command = serde_json::from_str(
+            r#"{"cmd":"act","actor":0,"at_ms":1,"action":{"kind":"create_vm","owner":2,"name":"b","memory_mib":64,"vcpus":1,"disk_size":512,"kernel":"/k","running":true}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&a, Command::Act { action: Action::CreateVm { owner: 2, vm }, .. } if vm.name == "b" && vm.running)
+        );
+        let back = serde_json::to_value(&a).unwrap();
+        assert_eq!(back["action"]["name"], "b", "flattened: {back}");
+    }
+
+    #[test]
+    fn commands_round_trip_as_json() {
+        let c = Command::Put {
+            key: "k".into(),
+            value: "v".into(),
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(s, r#"{"cmd":"put","key":"k","value":"v"}"#);
+        assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c);
+        assert!(serde_json::from_str::<Command>(r#"{"cmd":"launch_missiles"}"#).is_err());
+    }
+}

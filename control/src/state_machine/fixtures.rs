@@ -1,0 +1,61 @@
+//! What the state machine's tests share: a person's change as the API sends it, a new user, a
+//! server, and writes replayed the way storage does.
+
+use std::collections::BTreeMap;
+
+use super::{Action, Capacity, Command, Outcome, ServerRecord, StateMachine};
+use crate::access::{Quota, Role};
+use crate::storage::RecordWrite;
+
+/// A person's change, as a Raft command from the API would carry it.
+pub(super) fn act(sm: &mut StateMachine, actor: u64, action: Action) -> Outcome {
+    let mut w = Vec::new();
+    sm.apply(
+        &Command::Act {
+            actor,
+            at_ms: 5,
+            action,
+        },
+        &mut w,
+    )
+}
+
+/// Creating a user (password hash "h").
+pub(super) fn new_user(
+    name: &str,
+    role: Role,
+    parent: Option<u64>,
+    quota: Option<Quota>,
+) -> Action {
+    Action::CreateUser {
+        name: name.into(),
+        role,
+        password: "h".into(),
+        parent,
+        quota,
+    }
+}
+
+/// Server `id` (a witness or not), offering nothing yet.
+pub(super) fn server(id: u64, witness: bool) -> ServerRecord {
+    ServerRecord {
+        id,
+        address: format!("127.0.0.1:{}", 7000 + id),
+        witness,
+        capacity: Capacity::default(),
+        mirror: String::new(),
+        down: false,
+        draining: false,
+        cert: String::new(),
+    }
+}
+
+/// Applies `writes` to a record list the way storage does.
+pub(super) fn replay(records: &mut BTreeMap<Vec<u8>, Vec<u8>>, writes: Vec<RecordWrite>) {
+    for (k, v) in writes {
+        match v {
+            Some(v) => records.insert(k, v),
+            None => records.remove(&k),
+        };
+    }
+}

@@ -1,0 +1,441 @@
+//! The cluster's state machine: every committed command is applied here, in log order, on every
+//! server, so every server holds the same records.
+//!
+//! Records are kept in memory and written to RocksDB (`sm/<kind>/<name>`, JSON) in the same
+//! batch as the applied index (see `storage`). Applying is deterministic: a command that does
+//! not fit the current state is rejected with a reason, identically everywhere.
+//!
+//! Its parts, one concern each:
+//!
+//! - `records`: what is stored (servers, disks, VMs, ISO images, id counters);
+//! - `observations`: what the servers' node agents report;
+//! - `commands`: the commands, the actions of people and the queries (the wire format);
+//! - `refusal`: what applying answers;
+//! - `keys`: where each record is stored;
+//! - `rights`: who may operate or administer a VM;
+//! - `kv`, `servers`, `disks`, `vms`, `users`, `isos`: the commands and actions on each;
+//! - `audit`: the audit log every change a person makes is written to.
+
+mod audit;
+mod commands;
+mod disks;
+#[cfg(test)]
+mod fixtures;
+mod isos;
+mod keys;
+mod kv;
+mod observations;
+mod records;
+mod refusal;
+mod rights;
+mod servers;
+mod users;
+mod vms;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
+use crate::storage::{Record, RecordWrite};
+
+pub use commands::{Action, Command, NewVm, Query};
+pub use observations::{DiskObservation, Observation, VmObservation};
+pub use records::{
+    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, Pool, ServerRecord, VmRecord,
+    MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+};
+pub use refusal::{Outcome, Refusal, RefusalKind};
+
+use keys::{json_bytes, record, server_key};
+
+/// The applied state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateMachine {
+    /// Key/value section.
+    pub kv: BTreeMap<String, String>,
+    /// Members, by Raft id.
+    pub servers: BTreeMap<u64, ServerRecord>,
+    /// Replicated disks, by name.
+    pub disks: BTreeMap<String, DiskRecord>,
+    /// VMs, by name.
+    pub vms: BTreeMap<String, VmRecord>,
+    /// What each server's node agent last reported.
+    #[serde(default)]
+    pub observed: BTreeMap<u64, Observation>,
+    /// The ISO library, by name.
+    #[serde(default)]
+    pub isos: BTreeMap<String, IsoRecord>,
+    /// Certificates of removed servers (fingerprint to the server's id): refused for good.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, u64>,
+    /// Users, by id (not in `Query::State`: it holds password hashes).
+    #[serde(skip)]
+    pub users: BTreeMap<u64, UserRecord>,
+    /// Sessions, by token hash.
+    #[serde(skip)]
+    pub sessions: BTreeMap<String, SessionRecord>,
+    /// The newest `access::AUDIT_KEEP` audit entries, by seq.
+    #[serde(skip)]
+    pub audit: BTreeMap<u64, AuditEntry>,
+    /// Ids handed out so far.
+    #[serde(skip)]
+    pub counters: Counters,
+}
+
+/// What went wrong loading the stored records.
+#[derive(Debug, thiserror::Error)]
+#[error("state machine record {key}: {what}")]
+pub struct LoadError {
+    key: String,
+    what: String,
+}
+
+impl StateMachine {
+    /// Rebuilds the state from its stored records (`storage::RaftStore::records`).
+    pub fn load(records: &[Record]) -> Result<StateMachine, LoadError> {
+        let mut sm = StateMachine::default();
+        for (k, v) in records {
+            let key = String::from_utf8_lossy(k).into_owned();
+            let err = |what: String| LoadError {
+                key: key.clone(),
+                what,
+            };
+            let (kind, name) = key.split_once('/').ok_or_else(|| err("no kind".into()))?;
+            match kind {
+                "kv" => {
+                    let value = String::from_utf8(v.clone()).map_err(|e| err(e.to_string()))?;
+                    sm.kv.insert(name.to_string(), value);
+                }
+                "server" => {
+                    let s: ServerRecord = record(v).map_err(err)?;
+                    sm.servers.insert(s.id, s);
+                }
+                "disk" => {
+                    let d: DiskRecord = record(v).map_err(err)?;
+                    sm.disks.insert(d.name.clone(), d);
+                }
+                "vm" => {
+                    let vm: VmRecord = record(v).map_err(err)?;
+                    sm.vms.insert(vm.name.clone(), vm);
+                }
+                "iso" => {
+                    let i: IsoRecord = record(v).map_err(err)?;
+                    sm.isos.insert(i.name.clone(), i);
+                }
+                "revoked" => {
+                    let id = record(v).map_err(err)?;
+                    sm.revoked.insert(name.to_string(), id);
+                }
+                "observed" => {
+                    let id = name.parse().map_err(|_| err("bad server id".into()))?;
+                    let o: Observation = record(v).map_err(err)?;
+                    sm.observed.insert(id, o);
+                }
+                "user" => {
+                    let u: UserRecord = record(v).map_err(err)?;
+                    sm.users.insert(u.id, u);
+                }
+                "session" => {
+                    let s: SessionRecord = record(v).map_err(err)?;
+                    sm.sessions.insert(s.token_hash.clone(), s);
+                }
+                "audit" => {
+                    let a: AuditEntry = record(v).map_err(err)?;
+                    sm.audit.insert(a.seq, a);
+                }
+                "meta" if name == "counters" => sm.counters = record(v).map_err(err)?,
+                _ => return Err(err("unknown kind".into())),
+            }
+        }
+        Ok(sm)
+    }
+
+    /// The records of a new cluster's first state: its first server.
+    pub fn initial_records(first: &ServerRecord) -> Vec<Record> {
+        vec![(server_key(first.id), json_bytes(first))]
+    }
+
+    /// Applies one committed command; the record changes go to `writes`.
+    pub fn apply(&mut self, cmd: &Command, writes: &mut Vec<RecordWrite>) -> Outcome {
+        match cmd {
+            Command::Put { key, value } => self.put(key, value, writes),
+            Command::Delete { key } => self.delete(key, writes),
+            Command::CompareAndSet {
+                key,
+                expected,
+                value,
+            } => self.compare_and_set(key, expected.as_deref(), value.as_deref(), writes),
+            Command::SetCapacity { id, capacity } => self.set_capacity(*id, capacity, writes),
+            Command::CreateDisk(d) => self.create_disk(d, writes),
+            Command::SetDiskReplicas {
+                name,
+                primary,
+                backup,
+                generation,
+            } => self.set_disk_replicas(name, *primary, *backup, *generation, writes),
+            Command::DeleteDisk { name } => self.delete_disk(name, writes),
+            Command::PutVm(vm) => self.put_vm_record(vm, writes),
+            Command::DeleteVm { name } => self.delete_vm_record(name, writes),
+            Command::Register {
+                id,
+                mirror,
+                capacity,
+            } => self.register(*id, mirror, capacity, writes),
+            Command::CreateVm(vm) => {
+                self.create_vm(vm.record(None), &vm.disk_sizes(), None, writes)
+            }
+            Command::SetVmRunning { name, running } => self.set_vm_running(name, *running, writes),
+            Command::SetServerDown { id, down } => self.set_server_down(*id, *down, writes),
+            Command::SetDiskBackup {
+                name,
+                backup,
+                pool,
+                generation,
+            } => self.set_disk_backup(name, *backup, pool, *generation, writes),
+            Command::Observe { id, observation } => self.observe(*id, observation, writes),
+            Command::IsoHeld {
+                name,
+                sha256,
+                server,
+            } => self.iso_held(name, sha256, *server, writes),
+            Command::Act {
+                actor,
+                at_ms,
+                action,
+            } => self.act(*actor, *at_ms, action, writes),
+        }
+    }
+
+    /// Applies a person's change if `actor` may make it (see `access`), with its audit entry.
+    fn act(
+        &mut self,
+        actor: u64,
+        at_ms: u64,
+        action: &Action,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let by = self.actor(actor, at_ms)?;
+        let acted = match action {
+            Action::CreateUser { .. }
+            | Action::SetPassword { .. }
+            | Action::SetQuota { .. }
+            | Action::DeleteUser { .. }
+            | Action::Login { .. }
+            | Action::Logout { .. } => self.act_on_user(&by, action, writes)?,
+            Action::CreateVm { .. }
+            | Action::PowerVm { .. }
+            | Action::DeleteVm { .. }
+            | Action::EditVm { .. }
+            | Action::CloneVm { .. }
+            | Action::MigrateVm { .. }
+            | Action::OpenConsole { .. } => self.act_on_vm(&by, action, writes)?,
+            Action::AddIso { .. } | Action::DeleteIso { .. } | Action::SetCdrom { .. } => {
+                self.act_on_iso(&by, action, writes)?
+            }
+            Action::DrainServer { id } => self.drain_server(&by, *id, writes)?,
+            Action::Note { action, target } => {
+                if !by.is_manager() {
+                    return Err(access::refuse("only a Manager changes the cluster"));
+                }
+                Acted::Changed {
+                    verb: action.as_str(),
+                    target: target.clone(),
+                    result: Value::Null,
+                }
+            }
+        };
+        let (verb, target, result) = match acted {
+            Acted::Changed {
+                verb,
+                target,
+                result,
+            } => (verb, target, result),
+            Acted::Unchanged(answer) => return Ok(answer),
+        };
+        self.audit(actor, at_ms, verb, target, writes);
+        // The audit seq tells the server that took the request when its own state has it.
+        let mut result = match result {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        result.insert("audit".into(), json!(self.counters.audit));
+        Ok(Value::Object(result))
+    }
+
+    /// Answers a read.
+    pub fn query(&self, q: &Query) -> Value {
+        match q {
+            Query::Get { key } => json!({ "value": self.kv.get(key) }),
+            Query::State => serde_json::to_value(self).expect("state serializes"),
+            Query::Users => Value::Array(
+                self.users
+                    .values()
+                    .map(|u| {
+                        json!({ "id": u.id, "name": u.name, "role": u.role, "parent": u.parent, "quota": u.quota })
+                    })
+                    .collect(),
+            ),
+            Query::Audit { after, limit } => Value::Array(
+                self.audit
+                    .range(after.saturating_add(1)..)
+                    .take((*limit).min(1000) as usize)
+                    .map(|(_, e)| serde_json::to_value(e).expect("audit serializes"))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// What an applied action did.
+enum Acted<'a> {
+    /// It changed the state: `verb` on `target` goes to the audit log, and `result` is
+    /// answered with the entry's seq.
+    Changed {
+        /// What was done, e.g. `vm.power_on`.
+        verb: &'a str,
+        /// On what, for people.
+        target: String,
+        /// What it answers.
+        result: Value,
+    },
+    /// It asked for what already is: answered as it is, with no audit entry (looping it pushes
+    /// no entry out).
+    Unchanged(Value),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{replay, server};
+    use super::*;
+
+    #[test]
+    fn stored_records_rebuild_the_same_state() {
+        let mut sm = StateMachine::default();
+        let mut records: BTreeMap<_, _> = StateMachine::initial_records(&server(1, false))
+            .into_iter()
+            .collect();
+        sm.servers.insert(1, server(1, false));
+        let mut w = Vec::new();
+        sm.add_server(&server(2, false), &mut w);
+        sm.add_server(&server(3, true), &mut w);
+        let cmds = [
+            Command::Put {
+                key: "a".into(),
+                value: "1".into(),
+            },
+            Command::Put {
+                key: "b".into(),
+                value: "2".into(),
+            },
+            Command::Delete { key: "a".into() },
+            Command::CompareAndSet {
+                key: "b".into(),
+                expected: Some("2".into()),
+                value: Some("3".into()),
+            },
+            Command::CreateDisk(DiskRecord {
+                name: "d0".into(),
+                size: 1 << 30,
+                primary: 1,
+                backup: Some(2),
+                generation: 1,
+                pools: Default::default(),
+                backup_synced: false,
+                clone_of: None,
+                uid: 0,
+            }),
+            Command::SetDiskReplicas {
+                name: "d0".into(),
+                primary: 2,
+                backup: Some(1),
+                generation: 2,
+            },
+            Command::PutVm(VmRecord {
+                name: "vm0".into(),
+                memory_mib: 512,
+                vcpus: 1,
+                disks: vec!["d0".into()],
+                running: true,
+                kernel: String::new(),
+                initrd: String::new(),
+                cmdline: String::new(),
+                id: 1,
+                owner: None,
+                graceful_stop: false,
+                cdrom: None,
+                boot: BootMode::Kernel,
+                boot_order: BootOrder::DiskFirst,
+            }),
+        ];
+        for c in &cmds {
+            sm.apply(c, &mut w).unwrap();
+        }
+        replay(&mut records, w);
+        let loaded = StateMachine::load(&records.into_iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(loaded, sm);
+        assert_eq!(loaded.kv.get("b").map(String::as_str), Some("3"));
+        assert_eq!(loaded.disks["d0"].generation, 2);
+    }
+
+    #[test]
+    fn commands_that_do_not_fit_are_refused_without_writes() {
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        sm.add_server(&server(1, false), &mut w);
+        sm.add_server(&server(2, false), &mut w);
+        sm.add_server(&server(3, true), &mut w);
+        w.clear();
+        let disk = |primary, backup| DiskRecord {
+            name: "d".into(),
+            size: 1,
+            primary,
+            backup,
+            generation: 5,
+            pools: Default::default(),
+            backup_synced: false,
+            clone_of: None,
+            uid: 0,
+        };
+        assert!(sm
+            .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)
+            .unwrap_err()
+            .reason
+            .contains("witness"));
+        assert!(sm
+            .apply(&Command::CreateDisk(disk(1, Some(1))), &mut w)
+            .is_err());
+        assert!(sm
+            .apply(&Command::CreateDisk(disk(1, Some(9))), &mut w)
+            .is_err());
+        assert!(w.is_empty());
+        sm.apply(&Command::CreateDisk(disk(1, Some(2))), &mut w)
+            .unwrap();
+        let lower = Command::SetDiskReplicas {
+            name: "d".into(),
+            primary: 2,
+            backup: None,
+            generation: 5,
+        };
+        assert!(sm
+            .apply(&lower, &mut w)
+            .unwrap_err()
+            .reason
+            .contains("generation"));
+        assert!(sm
+            .apply(&Command::DeleteVm { name: "x".into() }, &mut w)
+            .is_err());
+        let cas = Command::CompareAndSet {
+            key: "k".into(),
+            expected: Some("x".into()),
+            value: Some("y".into()),
+        };
+        assert_eq!(sm.apply(&cas, &mut w).unwrap()["set"], false);
+        assert_eq!(
+            w.len(),
+            2,
+            "only the disk (and the identity counter) was written"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! What the servers' node agents report of the VMs and disk copies they run, and how a report
+//! is taken in.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::keys::{disk_key, json_bytes, observed_key};
+use super::{Outcome, RecordWrite, Refusal, StateMachine};
+
+/// What a server's node agent saw of one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmObservation {
+    /// Its VMM process runs here.
+    pub running: bool,
+    /// The VMM's process id.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The disk generation it booted on.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// What a server's node agent saw of one disk copy (from its blockd).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskObservation {
+    /// primary, backup or standalone.
+    pub role: String,
+    /// The copy's generation.
+    pub generation: u64,
+    /// down, resyncing, in-sync or serving.
+    pub link: String,
+    /// The backup it mirrors to (primary side).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Bytes marked out of sync.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+    /// While a resync runs: how much of it is done, whole percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_percent: Option<u8>,
+}
+
+/// A server's report of what runs there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    /// VMs whose VMM runs (or ran) here, by name.
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmObservation>,
+    /// Disk copies in its blockd, by name.
+    #[serde(default)]
+    pub disks: BTreeMap<String, DiskObservation>,
+    /// Its blockd answers.
+    #[serde(default)]
+    pub blockd_up: bool,
+}
+
+impl StateMachine {
+    /// Server `id`'s node agent reports what runs there (`Command::Observe`). A primary's
+    /// report of its link says whether its backup is in sync: set when the link is in sync with
+    /// this backup at this generation, cleared only once a resync starts (a link merely down
+    /// keeps the backup's data).
+    pub(super) fn observe(
+        &mut self,
+        id: u64,
+        observation: &Observation,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        if !self.servers.contains_key(&id) {
+            return Err(Refusal::not_found(format!("no server {id}")));
+        }
+        for d in self.disks.values_mut().filter(|d| d.primary == id) {
+            let Some(o) = observation.disks.get(&d.name) else {
+                continue;
+            };
+            let backup_mirror = d
+                .backup
+                .and_then(|b| self.servers.get(&b))
+                .map(|s| s.mirror.as_str());
+            let synced = o.generation == d.generation
+                && o.link == "in-sync"
+                && backup_mirror.is_some()
+                && o.peer.as_deref() == backup_mirror;
+            if synced != d.backup_synced && (synced || o.link == "resyncing") {
+                d.backup_synced = synced;
+                writes.push((disk_key(&d.name), Some(json_bytes(d))));
+            }
+        }
+        writes.push((observed_key(id), Some(json_bytes(observation))));
+        self.observed.insert(id, observation.clone());
+        Ok(Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_machine::fixtures::server;
+    use crate::state_machine::{Command, DiskRecord};
+
+    #[test]
+    fn the_primary_reports_its_backup_in_sync() {
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=2 {
+            let mut s = server(id, false);
+            s.mirror = format!("10.0.0.{id}:7400");
+            sm.add_server(&s, &mut w);
+        }
+        sm.disks.insert(
+            "a".into(),
+            DiskRecord {
+                name: "a".into(),
+                size: 1,
+                primary: 1,
+                backup: Some(2),
+                generation: 2,
+                pools: Default::default(),
+                backup_synced: false,
+                clone_of: None,
+                uid: 0,
+            },
+        );
+        let report = |link: &str, generation, peer: &str| Command::Observe {
+            id: 1,
+            observation: Observation {
+                disks: [(
+                    "a".to_string(),
+                    DiskObservation {
+                        role: "primary".into(),
+                        generation,
+                        link: link.into(),
+                        peer: Some(peer.into()),
+                        out_of_sync_bytes: 0,
+                        resync_percent: None,
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            },
+        };
+        sm.apply(&report("in-sync", 1, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced, "an older generation");
+        sm.apply(&report("in-sync", 2, "10.0.0.9:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced, "another peer");
+        sm.apply(&report("in-sync", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(sm.disks["a"].backup_synced);
+        sm.apply(&report("down", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(
+            sm.disks["a"].backup_synced,
+            "a link down keeps the backup's data"
+        );
+        sm.apply(&report("resyncing", 2, "10.0.0.2:7400"), &mut w)
+            .unwrap();
+        assert!(!sm.disks["a"].backup_synced);
+        assert!(sm.observed.contains_key(&1));
+    }
+}

@@ -1,0 +1,243 @@
+//! The records the cluster stores: servers and their capacity, disks, VMs and how they boot,
+//! ISO images, and the id counters.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What a server offers to VMs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Memory for guests, MiB.
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// Disk space for replicated disks, GiB.
+    #[serde(default)]
+    pub disk_gib: u64,
+    /// vCPUs for guests.
+    #[serde(default)]
+    pub vcpus: u32,
+    /// Storage pools (e.g. /vms1, /vms2) that disk copies are placed in; when empty, one pool
+    /// named "" of `disk_gib`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
+}
+
+/// A storage pool of a server: a file system that holds disk copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Its path on the server, e.g. /vms1.
+    pub path: String,
+    /// Space for disk copies, GiB.
+    pub disk_gib: u64,
+}
+
+impl Capacity {
+    /// The pools disk copies go to: the listed ones, or one pool "" of `disk_gib`.
+    pub fn pools(&self) -> Vec<Pool> {
+        if self.pools.is_empty() {
+            vec![Pool {
+                path: String::new(),
+                disk_gib: self.disk_gib,
+            }]
+        } else {
+            self.pools.clone()
+        }
+    }
+}
+
+/// A member of the Raft group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    /// Raft id, unique in the cluster.
+    pub id: u64,
+    /// Address other servers and clients reach it on, host:port.
+    pub address: String,
+    /// A witness votes but runs no VMs (the third vote of a two-server site).
+    #[serde(default)]
+    pub witness: bool,
+    /// What it offers to VMs (nothing for a witness).
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Its blockd's mirror address (host:port), where primaries reach its backup copies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mirror: String,
+    /// Declared down by the leader when its lease ran out; its VMs moved to their backups.
+    #[serde(default)]
+    pub down: bool,
+    /// Being emptied by a Manager: nothing new is placed here.
+    #[serde(default)]
+    pub draining: bool,
+    /// The SHA-256 fingerprint (hex) of the certificate it joined with: the one other servers
+    /// accept from it. Revoked when it is removed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert: String,
+}
+
+/// A replicated (LiveSync) disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Name, the same on both servers.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The server holding the primary copy.
+    pub primary: u64,
+    /// The server holding the backup copy, if any.
+    #[serde(default)]
+    pub backup: Option<u64>,
+    /// Raised only by a committed command; mirror frames from an older generation are refused.
+    pub generation: u64,
+    /// The pool each copy lives in, by server.
+    #[serde(default)]
+    pub pools: BTreeMap<u64, String>,
+    /// The primary reported its link to this backup in sync at this generation: the backup
+    /// holds every acknowledged write and may be promoted.
+    #[serde(default)]
+    pub backup_synced: bool,
+    /// A clone's disk: the disk whose data its primary copy is first filled with (on the same
+    /// server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
+    /// The disk's identity: a number the cluster never gives another disk, so a copy left by a
+    /// deleted disk of the same name is never taken for this one's. 0 on a record from before.
+    #[serde(default)]
+    pub uid: u64,
+}
+
+impl DiskRecord {
+    /// The identity its copies carry in blockd (`disk_id`), if it has one.
+    pub fn copy_id(&self) -> Option<String> {
+        (self.uid != 0).then(|| format!("{:032x}", self.uid))
+    }
+
+    /// Whether a copy with blockd's `disk_id` is a copy of this disk (a copy or a record from
+    /// before identities is taken at its name).
+    pub fn holds(&self, disk_id: &str) -> bool {
+        match self.copy_id() {
+            Some(id) => disk_id.is_empty() || disk_id == id,
+            None => true,
+        }
+    }
+}
+
+/// A virtual machine, minimal for now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Its disks, by name.
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Whether it should be running.
+    #[serde(default)]
+    pub running: bool,
+    /// The kernel (path on every server) it boots.
+    #[serde(default)]
+    pub kernel: String,
+    /// Its initramfs (path on every server), or empty for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub initrd: String,
+    /// Its kernel command line; `{generation}` is replaced by its first disk's generation at
+    /// each boot, so a guest can tell boots on different copies apart.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Its VMID, unique in the cluster and never reused (0 for VMs made before VMIDs).
+    #[serde(default)]
+    pub id: u64,
+    /// The user who owns it; `None`: the cluster's own, seen by Managers only.
+    #[serde(default)]
+    pub owner: Option<u64>,
+    /// While it should be stopped: the guest is asked first (ACPI power button) and stopped
+    /// hard only after the agent's shutdown timeout; when false, stopped at once.
+    #[serde(default)]
+    pub graceful_stop: bool,
+    /// The ISO image in its CD-ROM drive (an `IsoRecord`'s name); none: empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<String>,
+    /// How it starts: the cluster's guest kernel, or its firmware from its disks and CD.
+    #[serde(default)]
+    pub boot: BootMode,
+    /// With firmware boot: what the firmware boots first.
+    #[serde(default)]
+    pub boot_order: BootOrder,
+}
+
+/// Most guest RAM a VM is given, MiB (1 TiB, what the VMM maps).
+pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
+
+/// Disks a VM has at most (Disk0-3, as the VMM takes them).
+pub const MAX_VM_DISKS: usize = 4;
+
+/// How a VM starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// The cluster's guest kernel, entered directly (`enspeed server --guest-kernel`).
+    #[default]
+    Kernel,
+    /// A blank PC: SeaBIOS boots its disks or the ISO in its CD-ROM drive.
+    Bios,
+    /// A blank PC with UEFI firmware: OVMF boots its disks or the ISO in its CD-ROM drive.
+    Uefi,
+}
+
+impl BootMode {
+    /// The firmware that starts the VM (`enspeed vmm --firmware`), or none for the
+    /// cluster's guest kernel.
+    pub fn firmware(self) -> Option<&'static str> {
+        match self {
+            BootMode::Kernel => None,
+            BootMode::Bios => Some("bios"),
+            BootMode::Uefi => Some("uefi"),
+        }
+    }
+}
+
+/// What the firmware boots first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootOrder {
+    /// The disks, then the CD-ROM.
+    #[default]
+    DiskFirst,
+    /// The CD-ROM, then the disks.
+    CdromFirst,
+}
+
+/// An ISO image of the library: a file every VM server keeps a copy of, named by its
+/// SHA-256, so that a VM finds its CD-ROM on whichever server it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoRecord {
+    /// Its name in the library, e.g. `debian-12.iso`.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// Who uploaded it.
+    pub uploaded_by: u64,
+    /// When, ms since the epoch.
+    pub uploaded_ms: u64,
+    /// The servers holding a checked copy.
+    #[serde(default)]
+    pub servers: std::collections::BTreeSet<u64>,
+}
+
+/// Ids handed out so far: never reused, even after a delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// The last VMID.
+    pub vm: u64,
+    /// The last user id.
+    pub user: u64,
+    /// The last audit seq.
+    pub audit: u64,
+    /// The last disk identity (`DiskRecord::uid`).
+    #[serde(default)]
+    pub disk: u64,
+}

@@ -1,0 +1,587 @@
+//! Virtual machines: created (or cloned) with their disks placed, powered on and off, edited
+//! while powered off, migrated to their backup server, deleted; and where each runs.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
+use super::rights::Actor;
+use super::{
+    Acted, Action, BootMode, DiskRecord, Outcome, RecordWrite, Refusal, StateMachine, VmRecord,
+    MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+};
+use crate::access;
+
+impl StateMachine {
+    /// Creates or replaces VM record `vm`, whose disks must exist (`Command::PutVm`).
+    pub(super) fn put_vm_record(
+        &mut self,
+        vm: &VmRecord,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        if let Some(d) = vm.disks.iter().find(|d| !self.disks.contains_key(*d)) {
+            return Err(Refusal::conflict(format!("VM {}: no disk {d}", vm.name)));
+        }
+        writes.push((vm_key(&vm.name), Some(json_bytes(vm))));
+        self.vms.insert(vm.name.clone(), vm.clone());
+        Ok(Value::Null)
+    }
+
+    /// Deletes VM record `name`, leaving its disks (`Command::DeleteVm`).
+    pub(super) fn delete_vm_record(
+        &mut self,
+        name: &str,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        self.vms
+            .remove(name)
+            .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
+        writes.push((vm_key(name), None));
+        Ok(Value::Null)
+    }
+
+    /// Sets VM `name`'s desired power state (`Command::SetVmRunning`).
+    pub(super) fn set_vm_running(
+        &mut self,
+        name: &str,
+        running: bool,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let vm = self
+            .vms
+            .get_mut(name)
+            .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
+        vm.running = running;
+        writes.push((vm_key(name), Some(json_bytes(vm))));
+        Ok(Value::Null)
+    }
+
+    /// Creates `vm` (its id and disks filled in here) with a disk of each of `sizes` bytes,
+    /// `NAME-0` to `NAME-3`, all placed on the same two servers with room (the VM moves as
+    /// one). A clone's disks (`clone_of`, the source's, one for each size) are filled with the
+    /// sources' data. Answers its VMID and placement.
+    pub(super) fn create_vm(
+        &mut self,
+        mut vm: VmRecord,
+        sizes: &[u64],
+        clone_of: Option<&[DiskRecord]>,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let name = vm.name.clone();
+        access::check_name("VM", &name)?;
+        if self.vms.contains_key(&name) {
+            return Err(Refusal::conflict(format!("VM {name} exists")));
+        }
+        if sizes.is_empty() || sizes.len() > MAX_VM_DISKS {
+            return Err(Refusal::conflict(format!(
+                "VM {name}: {} disks asked, 1 to {MAX_VM_DISKS}",
+                sizes.len()
+            )));
+        }
+        if let Some(i) = sizes.iter().position(|s| *s == 0) {
+            return Err(Refusal::conflict(format!("VM {name}: Disk{i} has no size")));
+        }
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("{name}-{i}")).collect();
+        if let Some(d) = names.iter().find(|d| self.disks.contains_key(*d)) {
+            return Err(Refusal::conflict(format!("disk {d} exists")));
+        }
+        if let Some(iso) = &vm.cdrom {
+            if !self.isos.contains_key(iso) {
+                return Err(Refusal::not_found(format!("no ISO {iso} in the library")));
+            }
+        }
+        if vm.boot == BootMode::Kernel && vm.kernel.is_empty() {
+            return Err(Refusal::conflict(format!(
+                "VM {name} boots the guest kernel, but none is given"
+            )));
+        }
+        let total: u64 = sizes.iter().sum();
+        let p = match clone_of.and_then(|c| c.first()) {
+            None => crate::placement::place(self, vm.memory_mib, total)?,
+            Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, total)?,
+        };
+        let mut pools = BTreeMap::new();
+        pools.insert(p.primary.0, p.primary.1.clone());
+        pools.insert(p.backup.0, p.backup.1.clone());
+        self.counters.vm += 1;
+        vm.id = self.counters.vm;
+        vm.disks = names.clone();
+        writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+        for (i, (disk_name, size)) in names.iter().zip(sizes).enumerate() {
+            let disk = DiskRecord {
+                name: disk_name.clone(),
+                size: *size,
+                primary: p.primary.0,
+                backup: Some(p.backup.0),
+                generation: 1,
+                pools: pools.clone(),
+                backup_synced: false,
+                clone_of: clone_of.and_then(|c| c.get(i)).map(|d| d.name.clone()),
+                uid: self.next_disk_uid(writes),
+            };
+            writes.push((disk_key(disk_name), Some(json_bytes(&disk))));
+            self.disks.insert(disk_name.clone(), disk);
+        }
+        writes.push((vm_key(&name), Some(json_bytes(&vm))));
+        let id = vm.id;
+        self.vms.insert(name.clone(), vm);
+        Ok(json!({
+            "id": id,
+            "disk": names[0],
+            "disks": names,
+            "primary": p.primary.0,
+            "primary_pool": p.primary.1,
+            "backup": p.backup.0,
+            "backup_pool": p.backup.1,
+        }))
+    }
+
+    /// Adds blank disks of `sizes` bytes to powered-off VM `vm` (its record `new`, changed in
+    /// place), beside its first disk: on the same primary and backup, in the same pools.
+    pub(crate) fn add_disks(
+        &mut self,
+        new: &mut VmRecord,
+        sizes: &[u64],
+        writes: &mut Vec<RecordWrite>,
+    ) -> Result<(), Refusal> {
+        let (id, name) = (new.id, new.name.clone());
+        if new.disks.len() + sizes.len() > MAX_VM_DISKS {
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}) has {} disks: {} more would pass Disk{}",
+                new.disks.len(),
+                sizes.len(),
+                MAX_VM_DISKS - 1
+            )));
+        }
+        if let Some(s) = sizes.iter().find(|s| **s == 0) {
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}): a new disk of {s} bytes"
+            )));
+        }
+        let first = new
+            .disks
+            .first()
+            .and_then(|d| self.disks.get(d))
+            .cloned()
+            .ok_or_else(|| format!("VM {id} ({name}) has no disk to add others beside"))?;
+        if first.backup.is_none() {
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}): its disk {} has no backup now; disks are added while it is mirrored",
+                first.name
+            )));
+        }
+        crate::placement::check_room_beside(self, &first, sizes.iter().sum())?;
+        let free: Vec<String> = (0..MAX_VM_DISKS)
+            .map(|i| format!("{name}-{i}"))
+            .filter(|d| !new.disks.contains(d) && !self.disks.contains_key(d))
+            .take(sizes.len())
+            .collect();
+        if free.len() < sizes.len() {
+            return Err(Refusal::conflict(format!(
+                "VM {id} ({name}): no free disk names"
+            )));
+        }
+        for (size, disk_name) in sizes.iter().zip(free) {
+            let disk = DiskRecord {
+                name: disk_name.clone(),
+                size: *size,
+                primary: first.primary,
+                backup: first.backup,
+                generation: 1,
+                pools: first.pools.clone(),
+                backup_synced: false,
+                clone_of: None,
+                uid: self.next_disk_uid(writes),
+            };
+            writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
+            self.disks.insert(disk_name.clone(), disk);
+            new.disks.push(disk_name);
+        }
+        Ok(())
+    }
+
+    /// The VM with VMID `id`.
+    pub fn vm_by_id(&self, id: u64) -> Option<&VmRecord> {
+        self.vms.values().find(|vm| vm.id == id && id != 0)
+    }
+
+    /// The server that runs VM `vm`'s VMM: the primary of its disks, when they all have the
+    /// same one.
+    pub fn vm_primary(&self, vm: &VmRecord) -> Option<u64> {
+        let mut primaries = vm
+            .disks
+            .iter()
+            .map(|d| self.disks.get(d).map(|d| d.primary));
+        let first = primaries.next()??;
+        primaries.all(|p| p == Some(first)).then_some(first)
+    }
+
+    /// Where VM `vm`'s first disk has its backup, if it has one.
+    pub fn vm_backup(&self, vm: &VmRecord) -> Option<u64> {
+        vm.disks.first().and_then(|d| self.disks.get(d))?.backup
+    }
+
+    /// Whether some server's agent reports the VMM of VM `name` running.
+    pub fn vm_observed_running(&self, name: &str) -> bool {
+        self.observed
+            .values()
+            .any(|o| o.vms.get(name).is_some_and(|v| v.running))
+    }
+
+    /// Applies an action on VMs for `by` (`act` routes them here).
+    pub(super) fn act_on_vm(
+        &mut self,
+        by: &Actor,
+        action: &Action,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Result<Acted<'static>, Refusal> {
+        let (verb, target, result) = match action {
+            Action::CreateVm { owner, vm } => {
+                let o = self
+                    .users
+                    .get(owner)
+                    .cloned()
+                    .ok_or_else(|| Refusal::not_found(format!("no user {owner}")))?;
+                if let Some(u) = &by.who {
+                    if !access::may_administer_vms_of(u, &o) {
+                        return Err(access::refuse(format!("VMs of user {}", o.name)));
+                    }
+                }
+                let sizes = vm.disk_sizes();
+                access::check_new_vm(self, &o, vm.memory_mib, sizes.iter().sum())?;
+                let r = self.create_vm(vm.record(Some(*owner)), &sizes, None, writes)?;
+                let target = format!("vm {} ({}) of user {}", r["id"], vm.name, o.name);
+                ("vm.create", target, r)
+            }
+            Action::PowerVm { vm, running, force } => {
+                let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                if v.running == *running && (*running || v.graceful_stop == !*force) {
+                    // Asked for what it is already asked to be: nothing changes, and nothing
+                    // is written to the audit log (looping it pushes no entry out).
+                    return Ok(Acted::Unchanged(
+                        json!({ "audit": self.counters.audit, "unchanged": true }),
+                    ));
+                }
+                let r = self.vms.get_mut(&v.name).expect("found");
+                r.running = *running;
+                if !*running {
+                    r.graceful_stop = !*force;
+                }
+                writes.push((vm_key(&v.name), Some(json_bytes(r))));
+                let verb = match (*running, *force) {
+                    (true, _) => "vm.power_on",
+                    (false, false) => "vm.power_off",
+                    (false, true) => "vm.force_off",
+                };
+                (verb, format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::DeleteVm { vm } => {
+                let v = self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "first")?;
+                self.vms.remove(&v.name);
+                writes.push((vm_key(&v.name), None));
+                for d in &v.disks {
+                    if self.disks.remove(d).is_some() {
+                        writes.push((disk_key(d), None));
+                    }
+                }
+                ("vm.delete", format!("vm {vm} ({})", v.name), Value::Null)
+            }
+            Action::EditVm {
+                vm,
+                memory_mib,
+                vcpus,
+                boot,
+                boot_order,
+                add_disks,
+            } => {
+                let v =
+                    self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "to change it")?;
+                let owner = v.owner.and_then(|o| self.users.get(&o)).cloned();
+                let mut new = v.clone();
+                if let Some(m) = memory_mib {
+                    if !(16..=MAX_VM_MEMORY_MIB).contains(m) {
+                        return Err(Refusal::conflict(format!(
+                            "memory {m} MiB: 16 to {MAX_VM_MEMORY_MIB} MiB"
+                        )));
+                    }
+                    new.memory_mib = *m;
+                }
+                if let Some(n) = vcpus {
+                    if !(1..=64).contains(n) {
+                        return Err(Refusal::conflict(format!("{n} vCPUs: 1 to 64")));
+                    }
+                    new.vcpus = *n;
+                }
+                if let Some(b) = boot {
+                    if *b == BootMode::Kernel && v.kernel.is_empty() {
+                        return Err(Refusal::conflict(format!(
+                            "VM {vm} ({}) was made blank: it has no guest kernel to boot",
+                            v.name
+                        )));
+                    }
+                    new.boot = *b;
+                }
+                if let Some(o) = boot_order {
+                    new.boot_order = *o;
+                }
+                if new == v && add_disks.is_empty() {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} ({}): nothing changes",
+                        v.name
+                    )));
+                }
+                if let Some(o) = &owner {
+                    access::check_vm_memory(self, o, v.memory_mib, new.memory_mib)?;
+                    access::check_more_disk(self, o, add_disks.iter().sum())?;
+                }
+                let mut what = format!(
+                    "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?})",
+                    v.name, new.memory_mib, new.vcpus, new.boot, new.boot_order
+                );
+                if !add_disks.is_empty() {
+                    let gib: Vec<String> = add_disks
+                        .iter()
+                        .map(|s| format!("{}", s.div_ceil(1 << 30)))
+                        .collect();
+                    what += &format!(", disks added: {} GiB", gib.join(", "));
+                    // Last: it writes the new disks' records once everything else passed.
+                    self.add_disks(&mut new, add_disks, writes)?;
+                }
+                writes.push((vm_key(&v.name), Some(json_bytes(&new))));
+                self.vms.insert(v.name.clone(), new);
+                ("vm.edit", what, Value::Null)
+            }
+            Action::CloneVm { vm, name, owner } => {
+                let src = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
+                let owner = owner.or(by.who.as_ref().map(|u| u.id)).or(src.owner);
+                let o = match owner {
+                    Some(id) => Some(
+                        self.users
+                            .get(&id)
+                            .cloned()
+                            .ok_or_else(|| Refusal::not_found(format!("no user {id}")))?,
+                    ),
+                    None => None,
+                };
+                if let Some(u) = &by.who {
+                    let allowed = access::may_operate_vm(self, u, &src)
+                        && o.as_ref()
+                            .is_some_and(|o| access::may_administer_vms_of(u, o));
+                    if !allowed {
+                        return Err(access::refuse(format!("cloning VM {vm}")));
+                    }
+                }
+                if src.running || self.vm_observed_running(&src.name) {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} ({}) is powered on: power it off to clone it",
+                        src.name
+                    )));
+                }
+                let disks = src
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        self.disks
+                            .get(d)
+                            .cloned()
+                            .ok_or_else(|| format!("VM {vm}: no disk {d}"))
+                    })
+                    .collect::<Result<Vec<DiskRecord>, String>>()?;
+                if disks.is_empty() {
+                    return Err(Refusal::conflict(format!("VM {vm} has no disk")));
+                }
+                if disks.iter().any(|d| d.primary != disks[0].primary) {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm}: its disks' primaries are on different servers"
+                    )));
+                }
+                let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+                if let Some(o) = &o {
+                    access::check_new_vm(self, o, src.memory_mib, sizes.iter().sum())?;
+                }
+                let copy = VmRecord {
+                    name: name.clone(),
+                    memory_mib: src.memory_mib,
+                    vcpus: src.vcpus,
+                    disks: Vec::new(),
+                    running: false,
+                    kernel: src.kernel.clone(),
+                    initrd: src.initrd.clone(),
+                    cmdline: src.cmdline.clone(),
+                    id: 0,
+                    owner,
+                    graceful_stop: false,
+                    // The same ISO, if any: the library is the same everywhere.
+                    cdrom: src.cdrom.clone(),
+                    // It boots as its source does.
+                    boot: src.boot,
+                    boot_order: src.boot_order,
+                };
+                let r = self.create_vm(copy, &sizes, Some(&disks), writes)?;
+                let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
+                ("vm.clone", target, r)
+            }
+            Action::MigrateVm { vm } => {
+                if !by.is_manager() {
+                    return Err(access::refuse("only a Manager migrates VMs"));
+                }
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
+                let mut moves = Vec::new();
+                for name in &v.disks {
+                    let d = self
+                        .disks
+                        .get(name)
+                        .ok_or_else(|| format!("VM {vm}: no disk {name}"))?;
+                    let b = d
+                        .backup
+                        .ok_or_else(|| format!("VM {vm}: disk {name} has no backup to move to"))?;
+                    if !d.backup_synced {
+                        return Err(Refusal::conflict(format!(
+                            "VM {vm}: disk {name}'s backup on server {b} is not in sync yet"
+                        )));
+                    }
+                    if self.servers.get(&b).is_none_or(|s| s.down) {
+                        return Err(Refusal::conflict(format!("VM {vm}: server {b} is down")));
+                    }
+                    moves.push((name.clone(), d.primary, b));
+                }
+                let mut to = 0;
+                for (name, from, b) in moves {
+                    let d = self.disks.get_mut(&name).expect("checked");
+                    d.primary = b;
+                    d.backup = Some(from);
+                    d.generation += 1;
+                    d.backup_synced = false;
+                    writes.push((disk_key(&name), Some(json_bytes(d))));
+                    to = b;
+                }
+                (
+                    "vm.migrate",
+                    format!("vm {vm} ({}) to server {to}", v.name),
+                    json!({ "server": to }),
+                )
+            }
+            Action::OpenConsole { vm, console } => {
+                let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                if console != "serial" && console != "vnc" {
+                    return Err(Refusal::not_found(format!("no console {console:?}")));
+                }
+                (
+                    "vm.console",
+                    format!("vm {vm} ({}): {console}", v.name),
+                    Value::Null,
+                )
+            }
+            _ => unreachable!("act routes no other action here: {action:?}"),
+        };
+        Ok(Acted::Changed {
+            verb,
+            target,
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::access::{Quota, Role};
+    use crate::state_machine::fixtures::{act, new_user};
+    use crate::state_machine::{
+        Action, BootMode, BootOrder, NewVm, Outcome, RefusalKind, StateMachine,
+    };
+
+    #[test]
+    fn a_powered_off_vm_is_changed_by_who_administers_it_within_the_quota() {
+        let mut sm = StateMachine::default();
+        let user = new_user;
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let quota = Quota {
+            vms: 2,
+            memory_mib: 512,
+            disk_gib: 10,
+        };
+        let p = id(act(
+            &mut sm,
+            0,
+            user("p", Role::PowerUser, None, Some(quota)),
+        ));
+        let r = id(act(&mut sm, 0, user("r", Role::Regular, Some(p), None)));
+        let other = id(act(
+            &mut sm,
+            0,
+            user("o", Role::PowerUser, None, Some(quota)),
+        ));
+        let mut vm = NewVm {
+            name: "v".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            disk_size: 1,
+            extra_disks: Vec::new(),
+            kernel: String::new(),
+            initrd: String::new(),
+            cmdline: String::new(),
+            running: false,
+            boot: BootMode::Bios,
+            boot_order: BootOrder::DiskFirst,
+            cdrom: None,
+        }
+        .record(Some(r));
+        vm.id = 7;
+        sm.vms.insert("v".into(), vm);
+        let edit = |memory_mib: Option<u64>, boot: Option<BootMode>| Action::EditVm {
+            vm: 7,
+            memory_mib,
+            vcpus: Some(2),
+            boot,
+            boot_order: Some(BootOrder::CdromFirst),
+            add_disks: Vec::new(),
+        };
+        let refused = |r: Outcome| r.unwrap_err();
+        assert!(refused(act(&mut sm, other, edit(None, None))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, r, edit(None, None))).kind == RefusalKind::Forbidden);
+        assert!(refused(act(&mut sm, p, edit(Some(1024), None)))
+            .reason
+            .contains("quota"));
+        assert!(refused(act(&mut sm, p, edit(None, Some(BootMode::Kernel))))
+            .reason
+            .contains("blank"));
+        let add = |gib: u64| Action::EditVm {
+            vm: 7,
+            memory_mib: None,
+            vcpus: None,
+            boot: None,
+            boot_order: None,
+            add_disks: vec![gib << 30],
+        };
+        assert!(refused(act(&mut sm, p, add(11))).reason.contains("quota"));
+        assert!(refused(act(&mut sm, p, add(1))).reason.contains("no disk"));
+        act(&mut sm, p, edit(Some(512), None)).unwrap();
+        let v = &sm.vms["v"];
+        assert_eq!(
+            (v.memory_mib, v.vcpus, v.boot_order),
+            (512, 2, BootOrder::CdromFirst)
+        );
+        assert!(refused(act(&mut sm, p, edit(Some(512), None)))
+            .reason
+            .contains("nothing changes"));
+        act(&mut sm, p, edit(None, Some(BootMode::Uefi))).unwrap();
+        assert_eq!(sm.vms["v"].boot.firmware(), Some("uefi"));
+        sm.vms.get_mut("v").unwrap().running = true;
+        assert!(refused(act(&mut sm, p, edit(Some(256), None)))
+            .reason
+            .contains("powered on"));
+        let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
+        assert_eq!(
+            audit.iter().filter(|a| **a == "vm.edit").count(),
+            2,
+            "{audit:?}"
+        );
+    }
+}
