@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::meta::Role;
 use crate::net::{MirrorNet, MirrorStream};
 use crate::proto::{Frame, Hello, Kind};
-use crate::replica::{lock, LinkState, NewRole, Replica, Timing};
+use crate::replica::{lock, LinkState, NewRole, Replica, Status, Timing};
 use crate::store::BlockStore;
 use crate::vhost_blk::VhostBlkServer;
 
@@ -147,8 +147,8 @@ pub struct Response {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Disks, for `status`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disks: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<Status>>,
 }
 
 impl Response {
@@ -480,11 +480,9 @@ impl Blockd {
                 Ok(Response::ok())
             }
             Request::Status { name } => {
-                let report = |d: &Disk| {
-                    let mut v =
-                        serde_json::to_value(d.replica.status()).expect("status serializes");
-                    v["vhost_socket"] = d.vhost.socket().display().to_string().into();
-                    v
+                let report = |d: &Disk| Status {
+                    vhost_socket: Some(d.vhost.socket().to_path_buf()),
+                    ..d.replica.status()
                 };
                 let all = lock(&self.disks);
                 let disks = match name {
@@ -569,14 +567,15 @@ fn reply(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     w.write_all(&line)
 }
 
-/// Sends one request line to the blockd control socket at `socket`; returns
-/// the answer.
-pub fn call(socket: &Path, request: &str) -> std::io::Result<Response> {
+/// Sends `request` to the blockd control socket at `socket`; returns the answer (which may
+/// be a refusal: `ok` false and its `error`).
+pub fn call(socket: &Path, request: &Request) -> std::io::Result<Response> {
     let mut s = UnixStream::connect(socket)?;
-    s.write_all(request.trim().as_bytes())?;
-    s.write_all(b"\n")?;
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    s.write_all(&line)?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
+    BufReader::new(s).take(MAX_LINE * 16).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,

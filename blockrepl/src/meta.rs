@@ -46,6 +46,23 @@ pub enum Role {
     Standalone,
 }
 
+impl Role {
+    /// The role as the wire and the CLI name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::Standalone => "standalone",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Whether the data on this copy is usable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +77,17 @@ pub enum DataState {
     },
     /// A new backup that never received a sync.
     Empty,
+}
+
+impl std::fmt::Display for DataState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataState::Consistent => f.write_str("consistent"),
+            DataState::Inconsistent { full: true } => f.write_str("inconsistent (full sync cut)"),
+            DataState::Inconsistent { full: false } => f.write_str("inconsistent"),
+            DataState::Empty => f.write_str("empty"),
+        }
+    }
 }
 
 /// The durable record.

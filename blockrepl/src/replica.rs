@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bitmap::Bitmap;
 use crate::link::Link;
@@ -91,7 +91,7 @@ pub enum ReplicaError {
 }
 
 /// Progress of a running resync, as the CLI shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ResyncProgress {
     /// Whether every region is copied (new or diverged backup).
     pub full: bool,
@@ -108,7 +108,7 @@ pub struct ResyncProgress {
 }
 
 /// The state of the mirror link, seen from this copy.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum LinkState {
     /// No connection.
@@ -121,8 +121,26 @@ pub enum LinkState {
     Serving,
 }
 
-/// What `enspeed disk status` shows.
-#[derive(Clone, Debug, Serialize)]
+impl LinkState {
+    /// The link state as the wire and the CLI name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Down => "down",
+            LinkState::Resyncing => "resyncing",
+            LinkState::InSync => "in-sync",
+            LinkState::Serving => "serving",
+        }
+    }
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What `enspeed disk status` shows, and what blockd's control socket reports of a copy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     /// Disk name.
     pub name: String,
@@ -157,6 +175,9 @@ pub struct Status {
     pub last_resync: Option<ResyncProgress>,
     /// The last link or resync error.
     pub last_error: Option<String>,
+    /// The vhost-user-blk socket a VMM reaches the disk on (blockd's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<PathBuf>,
 }
 
 /// A pending guest write or flush.
@@ -464,6 +485,7 @@ impl Replica {
             resync: core.resync.clone(),
             last_resync: core.last_resync.clone(),
             last_error: core.last_error.clone(),
+            vhost_socket: None,
         }
     }
 

@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blockrepl::daemon::{self, Request as BlockdRequest};
+use blockrepl::meta::Role;
+use blockrepl::replica::LinkState;
+use vmm_api::Request as VmmRequest;
 
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
@@ -279,17 +282,8 @@ impl Shared {
 /// Runs a command whose process dies with this server's (the thread that spawns it lives as
 /// long as the process): a control plane that dies leaves no VMM or blockd running unfenced.
 /// One request to a VMM's control socket; its answer, or why there is none (or a refusal).
-fn vmm_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    let v = crate::console::read_answer(&mut s).map_err(|e| e.to_string())?;
-    if v["ok"] != serde_json::json!(true) {
-        return Err(v["error"].as_str().unwrap_or("refused").to_string());
-    }
-    Ok(v)
+fn vmm_call(socket: &Path, req: &VmmRequest) -> Result<vmm_api::Response, vmm_api::CallError> {
+    vmm_api::call(socket, req, Duration::from_secs(5))
 }
 
 fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
@@ -339,20 +333,7 @@ struct Reconciler {
 }
 
 /// A disk copy as blockd reports it.
-#[derive(Clone, Debug, Default)]
-struct Copy {
-    /// The disk's identity the copy carries (empty on a backup not yet filled, from before
-    /// identities).
-    disk_id: String,
-    role: String,
-    generation: u64,
-    link: String,
-    peer: Option<String>,
-    out_of_sync_bytes: u64,
-    /// Percent done of the resync running now.
-    resync_percent: Option<f64>,
-    vhost_socket: String,
-}
+type Copy = blockrepl::replica::Status;
 
 impl Reconciler {
     fn new(s: Arc<Shared>) -> Reconciler {
@@ -557,8 +538,7 @@ impl Reconciler {
     }
 
     fn blockd(&self, req: &BlockdRequest) -> Result<daemon::Response, String> {
-        let line = serde_json::to_string(req).expect("blockd requests serialize");
-        match daemon::call(&self.s.blockd_socket(), &line) {
+        match daemon::call(&self.s.blockd_socket(), req) {
             Ok(r) if r.ok => Ok(r),
             Ok(r) => Err(r.error.unwrap_or_default()),
             Err(e) => Err(e.to_string()),
@@ -571,23 +551,8 @@ impl Reconciler {
             .blockd(&BlockdRequest::Status { name: None })
             .map_err(|e| tracing::warn!(server = self.s.cfg.id, error = %e, "blockd status"))
             .ok()?;
-        let mut out = BTreeMap::new();
-        for d in r.disks.unwrap_or_default() {
-            let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
-            out.insert(
-                text("name"),
-                Copy {
-                    disk_id: text("disk_id"),
-                    role: text("role"),
-                    generation: d["generation"].as_u64().unwrap_or(0),
-                    link: text("link"),
-                    peer: d["peer"].as_str().map(str::to_string),
-                    out_of_sync_bytes: d["out_of_sync_bytes"].as_u64().unwrap_or(0),
-                    resync_percent: d["resync"]["percent"].as_f64(),
-                    vhost_socket: text("vhost_socket"),
-                },
-            );
-        }
+        let copies = r.disks.unwrap_or_default().into_iter();
+        let out = copies.map(|c| (c.name.clone(), c)).collect();
         Some(out)
     }
 
@@ -650,7 +615,7 @@ impl Reconciler {
                 },
             ) && self.attach(state, d, None);
         }
-        if copy.generation > d.generation || copy.role == "backup" {
+        if copy.generation > d.generation || copy.role == Role::Backup {
             tracing::error!(disk = %name, generation = copy.generation, role = %copy.role, want = d.generation, "copy does not fit the state");
             return false;
         }
@@ -688,7 +653,7 @@ impl Reconciler {
             None => {
                 self.create_copy(d, true);
             }
-            Some(c) if c.role != "backup" => {
+            Some(c) if c.role != Role::Backup => {
                 // Nothing here may write it any more.
                 for vm in state.vms.values().filter(|vm| vm.disks.contains(name)) {
                     self.stop_vm(&vm.name, "its disk is a backup here now");
@@ -715,8 +680,8 @@ impl Reconciler {
             if state.disks.get(name).is_some_and(|d| d.holds(&c.disk_id)) {
                 continue;
             }
-            if c.link != "down" {
-                if c.role != "backup" {
+            if c.link != LinkState::Down {
+                if c.role != Role::Backup {
                     self.request(name, BlockdRequest::Detach { name: name.clone() });
                 }
                 continue;
@@ -749,23 +714,17 @@ impl Reconciler {
                 self.stopping.insert(name.to_string(), Instant::now());
                 let socket = crate::console::api_socket(&self.s.vm_dir(name));
                 let (vm, server) = (name.to_string(), self.s.cfg.id);
-                let request = format!(
-                    "{{\"cmd\":\"shutdown\",\"timeout_secs\":{}}}\n",
-                    timeout.as_secs().max(1)
-                );
-                // The VMM answers once the guest is off or the timeout passed: not on this thread.
+                let request = VmmRequest::Shutdown {
+                    timeout_secs: Some(timeout.as_secs().max(1)),
+                };
+                // Not on this thread: a VMM that hangs must not hold the reconcile pass.
+                let wait = Duration::from_secs(5);
                 let _ = std::thread::Builder::new()
                     .name("shutdown".into())
                     .spawn(move || {
-                        use std::io::{Read, Write};
-                        let sent = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut s| {
-                            s.write_all(request.as_bytes())?;
-                            let mut answer = String::new();
-                            let _ = s.read_to_string(&mut answer);
-                            Ok(answer)
-                        });
+                        let sent = vmm_api::call(&socket, &request, wait);
                         match sent {
-                            Ok(a) => tracing::info!(server, vm = %vm, answer = %a.trim(), "guest asked to shut down"),
+                            Ok(a) => tracing::info!(server, vm = %vm, note = ?a.error, "guest asked to shut down"),
                             Err(e) => tracing::warn!(server, vm = %vm, error = %e, "cannot ask the guest to shut down"),
                         }
                     });
@@ -798,11 +757,12 @@ impl Reconciler {
                 .is_none_or(|(_, at)| at.elapsed() > Duration::from_secs(5));
             let mut has = known.and_then(|(m, _)| m);
             if stale {
-                match vmm_call(&socket, &serde_json::json!({"cmd": "status"})) {
+                match vmm_call(&socket, &VmmRequest::Status {}) {
                     Ok(v) => {
-                        has = v["status"]["disks"][drive]["path"]
-                            .as_str()
-                            .map(PathBuf::from);
+                        has = v
+                            .status
+                            .and_then(|st| st.disks.into_iter().nth(drive))
+                            .and_then(|d| d.path);
                         self.media
                             .insert(name.clone(), (has.clone(), Instant::now()));
                     }
@@ -813,7 +773,10 @@ impl Reconciler {
             if has == want {
                 continue;
             }
-            let req = serde_json::json!({"cmd": "media", "disk": drive, "path": want});
+            let req = VmmRequest::Media {
+                disk: drive,
+                path: want.clone(),
+            };
             match vmm_call(&socket, &req) {
                 Ok(_) => {
                     tracing::info!(server = self.s.cfg.id, vm = %name, media = ?want, "CD-ROM media changed");
@@ -928,11 +891,10 @@ impl Reconciler {
         cmd.args(["--memory", &vm.memory_mib.to_string()])
             .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
         for d in &vm.disks {
-            let socket = copies
-                .get(d)
-                .map(|c| c.vhost_socket.clone())
-                .unwrap_or_default();
-            cmd.arg("--disk").arg(format!("vhost-user={socket}"));
+            let socket = copies.get(d).and_then(|c| c.vhost_socket.clone());
+            let socket = socket.unwrap_or_default();
+            cmd.arg("--disk")
+                .arg(format!("vhost-user={}", socket.display()));
         }
         // The CD-ROM drive, after the disks: the ISO if this server holds it yet, else empty
         // (`cdroms` inserts it once copied).
@@ -996,7 +958,7 @@ impl Reconciler {
                     // Rounded (to MiB, to whole percent) so a resync in progress does not
                     // report every pass.
                     out_of_sync_bytes: c.out_of_sync_bytes >> 20 << 20,
-                    resync_percent: c.resync_percent.map(|p| p.clamp(0.0, 100.0) as u8),
+                    resync_percent: c.resync.map(|r| r.percent.clamp(0.0, 100.0) as u8),
                 },
             );
         }

@@ -141,25 +141,21 @@ pub fn open(
         path: path.clone(),
         source,
     };
-    let mut s = UnixStream::connect(&path).map_err(vmm_err)?;
-    if kind == ConsoleKind::Serial {
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(vmm_err)?;
-        s.write_all(b"{\"cmd\":\"serial\"}\n").map_err(vmm_err)?;
-        let answer = read_answer(&mut s).map_err(vmm_err)?;
-        if answer.get("ok") != Some(&json!(true)) {
-            return Err(Error::Refused {
-                vm: vm.to_string(),
-                reason: answer
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("no reason given")
-                    .to_string(),
-            });
-        }
-        s.set_read_timeout(None).map_err(vmm_err)?;
+    if kind == ConsoleKind::Vnc {
+        return UnixStream::connect(&path).map_err(vmm_err);
     }
-    Ok(s)
+    match vmm_api::open(&path, &vmm_api::Request::Serial {}, Duration::from_secs(5)) {
+        Ok((s, _)) => Ok(s),
+        Err(vmm_api::CallError::Refused(reason)) => Err(Error::Refused {
+            vm: vm.to_string(),
+            reason,
+        }),
+        Err(vmm_api::CallError::Io { source, .. }) => Err(vmm_err(source)),
+        Err(e @ vmm_api::CallError::BadAnswer { .. }) => Err(vmm_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))),
+    }
 }
 
 /// Serves a console request that arrived on client connection `client` (its request line

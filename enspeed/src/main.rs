@@ -170,47 +170,34 @@ struct DiskArgs {
 }
 
 /// One line per disk, as `enspeed disk status` prints it.
-fn disk_line(d: &serde_json::Value) -> String {
+fn disk_line(d: &blockrepl::replica::Status) -> String {
     let mut line = format!(
-        "{name}  {role} gen {gen}  data {data}  link {link}  out-of-sync {oos} B",
-        name = d["name"].as_str().unwrap_or("?"),
-        role = d["role"].as_str().unwrap_or("?"),
-        gen = d["generation"],
-        data = d["data"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| d["data"].to_string()),
-        link = d["link"].as_str().unwrap_or("?"),
-        oos = d["out_of_sync_bytes"],
+        "{}  {} gen {}  data {}  link {}  out-of-sync {} B",
+        d.name, d.role, d.generation, d.data, d.link, d.out_of_sync_bytes
     );
-    if let Some(p) = d["peer"].as_str() {
+    if let Some(p) = &d.peer {
         line += &format!("  peer {p}");
     }
-    if let Some(r) = d["resync"].as_object() {
+    if let Some(r) = &d.resync {
         line += &format!(
             "  resync{} {:.1}% ({} B left, {:.1} MB/s)",
-            if r["full"].as_bool() == Some(true) {
-                " (full)"
-            } else {
-                ""
-            },
-            r["percent"].as_f64().unwrap_or(0.0),
-            r["bytes_left"],
-            r["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6
+            if r.full { " (full)" } else { "" },
+            r.percent,
+            r.bytes_left,
+            r.rate_bytes_per_sec as f64 / 1e6
         );
     }
-    if d["stalled_writes"].as_u64().unwrap_or(0) > 0 {
-        line += &format!("  stalled writes {}", d["stalled_writes"]);
+    if d.stalled_writes > 0 {
+        line += &format!("  stalled writes {}", d.stalled_writes);
     }
-    if let Some(e) = d["last_error"].as_str() {
+    if let Some(e) = &d.last_error {
         line += &format!("  last error: {e}");
     }
     line
 }
 
 fn disk_command(a: DiskArgs) -> ExitCode {
-    let request = serde_json::to_string(&a.op).expect("requests serialize");
-    match blockrepl::daemon::call(&a.control, &request) {
+    match blockrepl::daemon::call(&a.control, &a.op) {
         Ok(resp) if resp.ok => {
             match resp.disks {
                 Some(disks) if a.json => println!(
@@ -297,15 +284,14 @@ struct VmmArgs {
 }
 
 /// Sends `request` on the control socket; returns the answer line and its `ok`.
-fn vmm_api(socket: &std::path::Path, request: &str) -> std::io::Result<(String, bool)> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.write_all(request.trim().as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    let ok = line.contains("\"ok\":true");
-    Ok((line.trim_end().to_string(), ok))
+/// Sends one request (JSON text, checked against the protocol first) to a VMM's control
+/// socket; the answer as JSON text.
+fn vmm_api(socket: &std::path::Path, request: &str) -> Result<String, String> {
+    let req: vmm_api::Request =
+        serde_json::from_str(request.trim()).map_err(|e| format!("not a VMM request: {e}"))?;
+    let answer = vmm_api::call(socket, &req, std::time::Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    serde_json::to_string(&answer).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -372,13 +358,9 @@ fn main() -> ExitCode {
         Command::Disk(a) => disk_command(a),
         Command::Certs(c) => certs_command(c),
         Command::VmmApi { socket, request } => match vmm_api(&socket, &request) {
-            Ok((answer, ok)) => {
+            Ok(answer) => {
                 println!("{answer}");
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("enspeed vmm-api: {}: {e}", socket.display());

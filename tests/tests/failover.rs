@@ -476,18 +476,25 @@ fn partition_of_the_primary_it_stops_the_vm_itself_and_returns_as_the_backup() {
     let socket = c.servers[backup as usize - 1]
         .data
         .join("agent/blockd.sock");
-    let status =
-        blockrepl::daemon::call(&socket, &format!(r#"{{"cmd":"status","name":"{DISK}"}}"#))
-            .unwrap_or_else(|e| panic!("blockd of server {backup} at {}: {e}", socket.display()));
+    let status = blockrepl::daemon::call(
+        &socket,
+        &blockrepl::daemon::Request::Status {
+            name: Some(DISK.into()),
+        },
+    )
+    .unwrap_or_else(|e| panic!("blockd of server {backup} at {}: {e}", socket.display()));
     let disks = status.disks.expect("a status answer lists the disk");
-    let last = &disks[0]["last_resync"];
-    assert_eq!(
-        last["full"], false,
-        "the returning primary got a full sync: {last}"
+    let last = disks[0]
+        .last_resync
+        .as_ref()
+        .expect("the returning copy was resynced");
+    assert!(
+        !last.full,
+        "the returning primary got a full sync: {last:?}"
     );
     eprintln!(
         "partition healed: resync copied {} bytes back",
-        last["total_bytes"]
+        last.total_bytes
     );
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {

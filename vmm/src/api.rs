@@ -1,123 +1,19 @@
-//! The per-VM control socket: a unix socket speaking one JSON object per
-//! line. A request names its command in `cmd`; the answer carries `ok` and
-//! either the result or `error`.
-//!
-//! ```text
-//! {"cmd":"status"}                       -> {"ok":true,"state":"running",...}
-//! {"cmd":"pause"} / {"cmd":"resume"}
-//! {"cmd":"shutdown","timeout_secs":30}   graceful (ACPI power button), then hard stop
-//! {"cmd":"stop"}                         hard stop
-//! {"cmd":"ctrl-alt-del"}
-//! {"cmd":"media","disk":1,"path":"/x.iso"}   change; "path":null ejects
-//! {"cmd":"serial"}                       -> {"ok":true}, then the connection is the
-//!                                           console: history and live output out,
-//!                                           keystrokes in
-//! ```
+//! The per-VM control socket: a unix socket speaking one JSON object per line, the messages
+//! of [`vmm_api`] (shared with the processes that drive the VMM).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+pub use vmm_api::{DiskStatus, Request, Response, RunState, Status};
 
 use crate::devices::serial::Console;
 use crate::vm::VmEvent;
 
 /// Longest request line accepted; anything longer is refused unread.
-const MAX_LINE: u64 = 64 * 1024;
-
-/// A request on the control socket.
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Report the VM's state.
-    Status {},
-    /// Stop the vCPUs.
-    Pause {},
-    /// Restart the vCPUs.
-    Resume {},
-    /// Ask the guest to power off; force it after `timeout_secs` if given.
-    Shutdown {
-        /// Seconds to wait before a hard stop.
-        #[serde(default)]
-        timeout_secs: Option<u64>,
-    },
-    /// Power off at once.
-    Stop {},
-    /// Send Ctrl-Alt-Del to the keyboard.
-    CtrlAltDel {},
-    /// Change (`path`) or eject (`null`) removable media.
-    Media {
-        /// Disk index, in command-line order.
-        disk: usize,
-        /// New image, or none to eject.
-        path: Option<PathBuf>,
-    },
-    /// Attach to the serial console.
-    Serial {},
-}
-
-/// The answer to a request.
-#[derive(Debug, Serialize, Deserialize, Default, PartialEq)]
-pub struct Response {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// What went wrong, when it did not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The status report, for `status`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
-}
-
-impl Response {
-    /// Success with nothing to report.
-    pub fn ok() -> Self {
-        Response {
-            ok: true,
-            ..Default::default()
-        }
-    }
-
-    /// Failure.
-    pub fn err(msg: impl Into<String>) -> Self {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            status: None,
-        }
-    }
-}
-
-/// The VM as `status` reports it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
-pub struct Status {
-    /// running, paused or shutting-down.
-    pub state: String,
-    /// vCPU count.
-    pub vcpus: u8,
-    /// Guest RAM.
-    pub memory_mib: u64,
-    /// How many times the guest has booted (1 + reboots).
-    pub boots: u64,
-    /// Seconds since this boot.
-    pub uptime_secs: f64,
-    /// Disks in order.
-    pub disks: Vec<DiskStatus>,
-    /// VMM process id.
-    pub pid: u32,
-}
-
-/// One disk in a status report.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
-pub struct DiskStatus {
-    /// Current backing file; none when ejected.
-    pub path: Option<PathBuf>,
-    /// Read-only removable media.
-    pub readonly: bool,
-}
+const MAX_LINE: u64 = vmm_api::MAX_LINE as u64;
 
 /// Serves the control socket at `path` until the process exits.
 pub fn serve(path: &Path, events: Sender<VmEvent>, console: Arc<Console>) -> std::io::Result<()> {
@@ -223,27 +119,6 @@ fn stream_serial(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_and_unknowns_are_refused() {
-        let p = |s: &str| serde_json::from_str::<Request>(s);
-        assert_eq!(p(r#"{"cmd":"status"}"#).unwrap(), Request::Status {});
-        assert_eq!(
-            p(r#"{"cmd":"shutdown"}"#).unwrap(),
-            Request::Shutdown { timeout_secs: None }
-        );
-        assert_eq!(
-            p(r#"{"cmd":"media","disk":1,"path":null}"#).unwrap(),
-            Request::Media {
-                disk: 1,
-                path: None
-            }
-        );
-        assert!(p(r#"{"cmd":"format-disk"}"#).is_err());
-        assert!(p(r#"{"cmd":"status","extra":1}"#).is_err());
-        assert!(p(r#"{"cmd":"media","disk":-1,"path":null}"#).is_err());
-        assert!(p(r#"not json"#).is_err());
-    }
 
     #[test]
     fn socket_answers_bad_requests_and_forwards_good_ones() {

@@ -24,7 +24,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{self, DiskStatus, Request, Response, Status};
+use crate::api::{self, DiskStatus, Request, Response, RunState, Status};
 use crate::arch::firmware;
 use crate::arch::firmware::BootDevice;
 use crate::arch::layout::*;
@@ -1088,9 +1088,9 @@ fn handle_api(
     match req {
         Request::Status {} => {
             let state = match (shutdown.is_some(), *paused) {
-                (true, _) => "shutting-down",
-                (false, true) => "paused",
-                (false, false) => "running",
+                (true, _) => RunState::ShuttingDown,
+                (false, true) => RunState::Paused,
+                (false, false) => RunState::Running,
             };
             let disks = cfg
                 .disks
@@ -1115,7 +1115,7 @@ fn handle_api(
                 )
                 .collect();
             let status = Status {
-                state: state.into(),
+                state,
                 vcpus: cfg.vcpus,
                 memory_mib: cfg.memory_mib,
                 boots,

@@ -38,12 +38,13 @@ use control::access::{self, Quota, Role, SessionRecord, UserRecord};
 use control::state_machine::{self, Action, StateMachine};
 use hyper::header::{HeaderValue, SET_COOKIE};
 use hyper::{Method, Response, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::auth::{self, RateLimit};
 use crate::cluster::{now_ms, Cluster};
 use crate::http::{json_response, ok, ApiError, Body, Request};
+use crate::views::{ReplicationState, VmStatus};
 use crate::{console, openapi, views, WebConfig};
 
 /// The web service's state.
@@ -55,6 +56,8 @@ pub struct App {
     hashes: tokio::sync::Semaphore,
     /// The consoles open through this server, by user.
     consoles: console::Slots,
+    /// Each user's requests per second on this server.
+    pace: crate::pace::Pace,
 }
 
 /// A logged-in caller.
@@ -146,7 +149,19 @@ struct Clone {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Power {
-    action: String,
+    action: PowerAction,
+}
+
+/// What `POST /api/v1/vms/{id}/power` asks.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum PowerAction {
+    /// Start it.
+    On,
+    /// Ask the guest to shut down (ACPI), stop it hard after the server's timeout.
+    Off,
+    /// Stop it at once.
+    ForceOff,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +224,7 @@ impl App {
             logins: RateLimit::default(),
             hashes: tokio::sync::Semaphore::new(auth::HASHES_AT_ONCE),
             consoles: console::Slots::default(),
+            pace: crate::pace::Pace::default(),
         }
     }
 
@@ -280,15 +296,10 @@ impl App {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
                 let p: Power = req.json()?;
-                let (running, force) = match p.action.as_str() {
-                    "on" => (true, false),
-                    "off" => (false, false),
-                    "force-off" => (false, true),
-                    other => {
-                        return Err(ApiError::bad_request(format!(
-                            "power action {other:?}: \"on\", \"off\" (the guest shuts down) or \"force-off\""
-                        )))
-                    }
+                let (running, force) = match p.action {
+                    PowerAction::On => (true, false),
+                    PowerAction::Off => (false, false),
+                    PowerAction::ForceOff => (false, true),
                 };
                 self.cluster
                     .act(c.user.id, Action::PowerVm { vm, running, force })
@@ -609,6 +620,11 @@ impl App {
         }
     }
 
+    /// How long a request's parts may take to arrive (the web timeout).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.cfg.timeout
+    }
+
     /// The logged-in caller, and for a change (`change`), its CSRF token checked.
     async fn caller(&self, req: &Request, change: bool) -> Result<Caller, ApiError> {
         let token = auth::session_cookie(req.header("cookie"))
@@ -632,6 +648,17 @@ impl App {
             .get(&session.user)
             .cloned()
             .ok_or_else(|| ApiError::unauthorized("the session's user was deleted"))?;
+        self.pace.take(user.id).map_err(|wait| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "more than {} requests a second: try again in {wait} s",
+                    crate::pace::RATE
+                ),
+            );
+            e.retry_after = Some(wait);
+            e
+        })?;
         if change {
             let sent = req.header("x-csrf-token").unwrap_or("");
             if sent.is_empty() {
@@ -706,13 +733,13 @@ impl App {
         let mut s = json!({
             "vms": {
                 "total": vms.len(),
-                "running": count(&|v| v.status == "running"),
-                "stopped": count(&|v| v.status == "stopped"),
+                "running": count(&|v| v.status == VmStatus::Running),
+                "stopped": count(&|v| v.status == VmStatus::Stopped),
             },
             "replication": {
-                "in_sync": count(&|v| v.replication.state == "in-sync"),
-                "resyncing": count(&|v| v.replication.state == "resyncing"),
-                "degraded": count(&|v| v.replication.state == "degraded"),
+                "in_sync": count(&|v| v.replication.state == ReplicationState::InSync),
+                "resyncing": count(&|v| v.replication.state == ReplicationState::Resyncing),
+                "degraded": count(&|v| v.replication.state == ReplicationState::Degraded),
             },
         });
         if c.user.role == Role::Manager {
@@ -819,7 +846,21 @@ impl App {
         let mut up = control::library::Upload::new(&dir).map_err(store)?;
         let started = std::time::Instant::now();
         let mut told = started;
-        while let Some(frame) = body.frame().await {
+        // An upload may be long, never idle: each part must come within the web timeout.
+        loop {
+            let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "ISO {name}: nothing arrived for {} s after {} of {length} bytes",
+                            self.cfg.timeout.as_secs(),
+                            up.size()
+                        ),
+                    )
+                })?;
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| {
                 ApiError::bad_request(format!(
                     "ISO {name}: the upload broke off after {} of {length} bytes: {e}",

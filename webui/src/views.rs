@@ -2,7 +2,7 @@
 //! replication health; users without their password hashes; servers.
 
 use control::access::{self, Role, UserRecord};
-use control::state_machine::{BootMode, BootOrder, DiskRecord, StateMachine, VmRecord};
+use control::state_machine::{BootMode, BootOrder, DiskRecord, LinkState, StateMachine, VmRecord};
 use serde::Serialize;
 
 /// A user as the API shows it.
@@ -97,16 +97,54 @@ pub struct Copy {
     pub down: bool,
 }
 
+/// How well a VM's disks are replicated, worst first.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicationState {
+    /// No usable backup: one copy only.
+    Degraded,
+    /// Its primary's server has not reported the disk.
+    Unknown,
+    /// The backup is being brought up to date.
+    Resyncing,
+    /// Both copies hold every acknowledged write.
+    InSync,
+}
+
 /// A VM's replication health, as its owner sees it.
 #[derive(Debug, Serialize)]
 pub struct Replication {
-    /// `in-sync`, `resyncing`, `degraded` (no usable backup: one copy only) or `unknown`.
-    pub state: &'static str,
+    /// The worst of its disks'.
+    pub state: ReplicationState,
     /// While resyncing: how much of the disk is in sync, percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
     /// The disk's generation.
     pub generation: u64,
+}
+
+/// Whether a VM should run.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Power {
+    /// It should run.
+    On,
+    /// It should not.
+    Off,
+}
+
+/// What runs of a VM.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmStatus {
+    /// Its VMM runs on its primary.
+    Running,
+    /// It should run and does not yet.
+    Starting,
+    /// It should not run and still does.
+    Stopping,
+    /// It does not run.
+    Stopped,
 }
 
 /// A VM as the API shows it.
@@ -127,9 +165,9 @@ pub struct VmView {
     /// Disk sizes, bytes, disk 0 first.
     pub disks: Vec<u64>,
     /// Whether it should run.
-    pub power: &'static str,
-    /// What runs: `running` (on its primary), `starting`, `stopping` or `stopped`.
-    pub status: &'static str,
+    pub power: Power,
+    /// What runs.
+    pub status: VmStatus,
     /// Its primary copy.
     pub primary: Option<Copy>,
     /// Its backup copy.
@@ -169,21 +207,15 @@ fn vm_replication(state: &StateMachine, vm: &VmRecord) -> Replication {
         .iter()
         .map(|d| (d.size, disk_replication(state, d)))
         .collect();
-    let rank = |s: &str| match s {
-        "degraded" => 0,
-        "unknown" => 1,
-        "resyncing" => 2,
-        _ => 3,
-    };
     let generation = disks.first().map_or(0, |d| d.generation);
-    let Some(worst) = each.iter().map(|(_, r)| r.state).min_by_key(|s| rank(s)) else {
+    let Some(worst) = each.iter().map(|(_, r)| r.state).min() else {
         return Replication {
-            state: "unknown",
+            state: ReplicationState::Unknown,
             percent: None,
             generation,
         };
     };
-    let percent = (worst == "resyncing").then(|| {
+    let percent = (worst == ReplicationState::Resyncing).then(|| {
         let total: u64 = each.iter().map(|(size, _)| size).sum();
         let synced: f64 = each
             .iter()
@@ -208,12 +240,13 @@ fn disk_replication(state: &StateMachine, d: &DiskRecord) -> Replication {
         .observed
         .get(&d.primary)
         .and_then(|o| o.disks.get(&d.name));
+    use ReplicationState::*;
     let (st, percent) = match (d.backup, seen) {
-        (None, _) => ("degraded", None),
-        (Some(_), _) if d.backup_synced && seen.is_none_or(|o| o.link == "in-sync") => {
-            ("in-sync", None)
+        (None, _) => (Degraded, None),
+        (Some(_), _) if d.backup_synced && seen.is_none_or(|o| o.link == LinkState::InSync) => {
+            (InSync, None)
         }
-        (Some(_), Some(o)) if o.link == "resyncing" || o.out_of_sync_bytes > 0 => {
+        (Some(_), Some(o)) if o.link == LinkState::Resyncing || o.out_of_sync_bytes > 0 => {
             // The resync's own progress when one runs; else how much of the disk is not
             // marked out of sync.
             let pct = match o.resync_percent {
@@ -221,11 +254,11 @@ fn disk_replication(state: &StateMachine, d: &DiskRecord) -> Replication {
                 None if d.size == 0 => 0.0,
                 None => d.size.saturating_sub(o.out_of_sync_bytes) as f64 * 100.0 / d.size as f64,
             };
-            ("resyncing", Some((pct * 10.0).floor() / 10.0))
+            (Resyncing, Some((pct * 10.0).floor() / 10.0))
         }
-        (Some(_), Some(o)) if o.link == "in-sync" => ("in-sync", None),
-        (Some(_), Some(_)) => ("degraded", None),
-        (Some(_), None) => ("unknown", None),
+        (Some(_), Some(o)) if o.link == LinkState::InSync => (InSync, None),
+        (Some(_), Some(_)) => (Degraded, None),
+        (Some(_), None) => (Unknown, None),
     };
     Replication {
         state: st,
@@ -239,10 +272,10 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
     let manager = viewer.role == Role::Manager;
     let disk = vm.disks.first().and_then(|d| state.disks.get(d));
     let status = match (vm.running, state.vm_observed_running(&vm.name)) {
-        (true, true) => "running",
-        (true, false) => "starting",
-        (false, true) => "stopping",
-        (false, false) => "stopped",
+        (true, true) => VmStatus::Running,
+        (true, false) => VmStatus::Starting,
+        (false, true) => VmStatus::Stopping,
+        (false, false) => VmStatus::Stopped,
     };
     let replication = vm_replication(state, vm);
     let owner = vm.owner.and_then(|o| state.users.get(&o));
@@ -259,7 +292,7 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
             .filter_map(|d| state.disks.get(d))
             .map(|d| d.size)
             .collect(),
-        power: if vm.running { "on" } else { "off" },
+        power: if vm.running { Power::On } else { Power::Off },
         status,
         primary: disk.map(|d| copy(state, d.primary, &d.pools, manager)),
         backup: disk.and_then(|d| d.backup.map(|b| copy(state, b, &d.pools, manager))),

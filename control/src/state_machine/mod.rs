@@ -41,7 +41,7 @@ use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
 pub use commands::{Action, Command, NewVm, Query};
-pub use observations::{DiskObservation, Observation, VmObservation};
+pub use observations::{CopyRole, DiskObservation, LinkState, Observation, VmObservation};
 pub use records::{
     BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, Pool, ServerRecord, VmRecord,
     MAX_VM_DISKS, MAX_VM_MEMORY_MIB,

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+pub use blockrepl::meta::Role as CopyRole;
+pub use blockrepl::replica::LinkState;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -23,14 +25,14 @@ pub struct VmObservation {
 }
 
 /// What a server's node agent saw of one disk copy (from its blockd).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskObservation {
-    /// primary, backup or standalone.
-    pub role: String,
+    /// The copy's role.
+    pub role: CopyRole,
     /// The copy's generation.
     pub generation: u64,
-    /// down, resyncing, in-sync or serving.
-    pub link: String,
+    /// Its mirror link.
+    pub link: LinkState,
     /// The backup it mirrors to (primary side).
     #[serde(default)]
     pub peer: Option<String>,
@@ -79,10 +81,10 @@ impl StateMachine {
                 .and_then(|b| self.servers.get(&b))
                 .map(|s| s.mirror.as_str());
             let synced = o.generation == d.generation
-                && o.link == "in-sync"
+                && o.link == LinkState::InSync
                 && backup_mirror.is_some()
                 && o.peer.as_deref() == backup_mirror;
-            if synced != d.backup_synced && (synced || o.link == "resyncing") {
+            if synced != d.backup_synced && (synced || o.link == LinkState::Resyncing) {
                 d.backup_synced = synced;
                 writes.push((disk_key(&d.name), Some(json_bytes(d))));
             }
@@ -122,15 +124,15 @@ mod tests {
                 uid: 0,
             },
         );
-        let report = |link: &str, generation, peer: &str| Command::Observe {
+        let report = |link: LinkState, generation, peer: &str| Command::Observe {
             id: 1,
             observation: Observation {
                 disks: [(
                     "a".to_string(),
                     DiskObservation {
-                        role: "primary".into(),
+                        role: CopyRole::Primary,
                         generation,
-                        link: link.into(),
+                        link,
                         peer: Some(peer.into()),
                         out_of_sync_bytes: 0,
                         resync_percent: None,
@@ -140,22 +142,22 @@ mod tests {
                 ..Default::default()
             },
         };
-        sm.apply(&report("in-sync", 1, "10.0.0.2:7400"), &mut w)
+        sm.apply(&report(LinkState::InSync, 1, "10.0.0.2:7400"), &mut w)
             .unwrap();
         assert!(!sm.disks["a"].backup_synced, "an older generation");
-        sm.apply(&report("in-sync", 2, "10.0.0.9:7400"), &mut w)
+        sm.apply(&report(LinkState::InSync, 2, "10.0.0.9:7400"), &mut w)
             .unwrap();
         assert!(!sm.disks["a"].backup_synced, "another peer");
-        sm.apply(&report("in-sync", 2, "10.0.0.2:7400"), &mut w)
+        sm.apply(&report(LinkState::InSync, 2, "10.0.0.2:7400"), &mut w)
             .unwrap();
         assert!(sm.disks["a"].backup_synced);
-        sm.apply(&report("down", 2, "10.0.0.2:7400"), &mut w)
+        sm.apply(&report(LinkState::Down, 2, "10.0.0.2:7400"), &mut w)
             .unwrap();
         assert!(
             sm.disks["a"].backup_synced,
             "a link down keeps the backup's data"
         );
-        sm.apply(&report("resyncing", 2, "10.0.0.2:7400"), &mut w)
+        sm.apply(&report(LinkState::Resyncing, 2, "10.0.0.2:7400"), &mut w)
             .unwrap();
         assert!(!sm.disks["a"].backup_synced);
         assert!(sm.observed.contains_key(&1));

@@ -256,7 +256,7 @@ impl StateMachine {
             }
             Action::PowerVm { vm, running, force } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
-                if v.running == *running && (*running || v.graceful_stop == !*force) {
+                if v.running == *running && (*running || v.graceful_stop != *force) {
                     // Asked for what it is already asked to be: nothing changes, and nothing
                     // is written to the audit log (looping it pushes no entry out).
                     return Ok(Acted::Unchanged(

@@ -262,7 +262,16 @@ fn backup(dir: &Path, ip: &str, in_ns: bool, tls: Option<&Path>) -> (Backup, Str
     loop {
         let r = blockrepl::daemon::call(
             &control,
-            &format!(r#"{{"cmd":"create","name":"d","size":{DISK},"backup":true}}"#),
+            &blockrepl::daemon::Request::Create {
+                name: "d".into(),
+                size: DISK,
+                region_size: None,
+                backup: true,
+                pool: None,
+                from: None,
+                peer_server: None,
+                disk_id: None,
+            },
         );
         match r {
             Ok(resp) if resp.ok => break,

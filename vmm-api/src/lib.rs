@@ -1,0 +1,275 @@
+//! The control socket of `enspeed vmm` (`--api-socket`): one JSON object per line each way.
+//! A request names its command in `cmd`; the answer carries `ok` and either the result or
+//! `error`. Both sides use these types: the VMM serves [`Request`], the agent, the console
+//! relay and `enspeed vmm-api` send it with [`call`].
+//!
+//! ```text
+//! {"cmd":"status"}                       -> {"ok":true,"status":{"state":"running",...}}
+//! {"cmd":"pause"} / {"cmd":"resume"}
+//! {"cmd":"shutdown","timeout_secs":30}   graceful (ACPI power button), then hard stop
+//! {"cmd":"stop"}                         hard stop
+//! {"cmd":"ctrl-alt-del"}
+//! {"cmd":"media","disk":1,"path":"/x.iso"}   change; "path":null ejects
+//! {"cmd":"serial"}                       -> {"ok":true}, then the connection is the
+//!                                           console: history and live output out,
+//!                                           keystrokes in
+//! ```
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest line either side accepts; anything longer is refused unread.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Report the VM's state.
+    Status {},
+    /// Stop the vCPUs.
+    Pause {},
+    /// Restart the vCPUs.
+    Resume {},
+    /// Ask the guest to power off; force it after `timeout_secs` if given.
+    Shutdown {
+        /// Seconds to wait before a hard stop.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
+    /// Power off at once.
+    Stop {},
+    /// Send Ctrl-Alt-Del to the keyboard.
+    CtrlAltDel {},
+    /// Change (`path`) or eject (`null`) removable media.
+    Media {
+        /// Disk index, in command-line order (the CD-ROM drive after the disks).
+        disk: usize,
+        /// New image, or none to eject.
+        path: Option<PathBuf>,
+    },
+    /// Attach to the serial console.
+    Serial {},
+}
+
+/// The answer to a request.
+#[derive(Debug, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What went wrong, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The status report, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    /// Success with nothing to report.
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    /// Failure.
+    pub fn err(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            status: None,
+        }
+    }
+}
+
+/// Whether the vCPUs run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// The guest runs.
+    Running,
+    /// Stopped by `pause`.
+    Paused,
+    /// Asked to power off; stopped hard when its time is up.
+    ShuttingDown,
+}
+
+/// The VM as `status` reports it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
+pub struct Status {
+    /// Whether the vCPUs run.
+    pub state: RunState,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// How many times the guest has booted (1 + reboots).
+    pub boots: u64,
+    /// Seconds since this boot.
+    pub uptime_secs: f64,
+    /// Disks in order, the CD-ROM drive last.
+    pub disks: Vec<DiskStatus>,
+    /// VMM process id.
+    pub pid: u32,
+}
+
+/// One disk in a status report.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
+pub struct DiskStatus {
+    /// Current backing file; none when ejected.
+    pub path: Option<PathBuf>,
+    /// Read-only removable media.
+    pub readonly: bool,
+}
+
+/// Why a request got no answer, or a refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The socket could not be reached, or the connection broke.
+    #[error("VMM control socket {socket}: {source}")]
+    Io {
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The answer was not a response line.
+    #[error("VMM control socket {socket}: unreadable answer: {reason}")]
+    BadAnswer {
+        /// The socket.
+        socket: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The VMM refused the request.
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+}
+
+/// Sends `req` on the control socket at `socket` and reads its answer, waiting at most
+/// `timeout` for it. A refusal is [`CallError::Refused`].
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, CallError> {
+    let (_, answer) = open(socket, req, timeout)?;
+    Ok(answer)
+}
+
+/// Like [`call`], but also hands back the connection: after `serial` it is the console.
+pub fn open(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(UnixStream, Response), CallError> {
+    let io_err = |source| CallError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(io_err)?;
+    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| io_err(io::Error::other(e)))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io_err)?;
+    let line = read_line(&mut s).map_err(io_err)?;
+    let answer: Response = serde_json::from_slice(&line).map_err(|e| CallError::BadAnswer {
+        socket: socket.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if !answer.ok {
+        return Err(CallError::Refused(
+            answer.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    s.set_read_timeout(None).map_err(io_err)?;
+    Ok((s, answer))
+}
+
+/// Reads one line, byte by byte: what follows it (console output) stays in the socket.
+pub fn read_line(s: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() >= MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("answer longer than {MAX_LINE} bytes"),
+            ));
+        }
+        if s.read(&mut b)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(b[0]);
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknowns_are_refused() {
+        let p = |s: &str| serde_json::from_str::<Request>(s);
+        assert_eq!(p(r#"{"cmd":"status"}"#).unwrap(), Request::Status {});
+        assert_eq!(
+            p(r#"{"cmd":"shutdown"}"#).unwrap(),
+            Request::Shutdown { timeout_secs: None }
+        );
+        assert_eq!(
+            p(r#"{"cmd":"media","disk":1,"path":null}"#).unwrap(),
+            Request::Media {
+                disk: 1,
+                path: None
+            }
+        );
+        assert!(p(r#"{"cmd":"format-disk"}"#).is_err());
+        assert!(p(r#"{"cmd":"status","extra":1}"#).is_err());
+        assert!(p(r#"{"cmd":"media","disk":-1,"path":null}"#).is_err());
+        assert!(p(r#"not json"#).is_err());
+        for r in [
+            Request::Shutdown {
+                timeout_secs: Some(30),
+            },
+            Request::CtrlAltDel {},
+            Request::Media {
+                disk: 4,
+                path: Some("/x.iso".into()),
+            },
+        ] {
+            let text = serde_json::to_string(&r).unwrap();
+            assert_eq!(p(&text).unwrap(), r, "{text}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Request::CtrlAltDel {}).unwrap(),
+            r#"{"cmd":"ctrl-alt-del"}"#
+        );
+    }
+
+    #[test]
+    fn a_status_keeps_its_wire_format() {
+        let text = r#"{"ok":true,"status":{"state":"shutting-down","vcpus":2,"memory_mib":512,"boots":1,"uptime_secs":1.5,"disks":[{"path":null,"readonly":true}],"pid":7}}"#;
+        let r: Response = serde_json::from_str(text).unwrap();
+        assert_eq!(r.status.as_ref().unwrap().state, RunState::ShuttingDown);
+        assert_eq!(serde_json::to_string(&r).unwrap(), text);
+        assert!(
+            serde_json::from_str::<Response>(r#"{"ok":true,"status":{"state":"melting"}}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn answers_are_read_to_their_line_only() {
+        let mut r: &[u8] = b"{\"ok\":true}\nconsole bytes";
+        assert_eq!(read_line(&mut r).unwrap(), b"{\"ok\":true}\n");
+        assert_eq!(r, b"console bytes");
+        let long = vec![b'x'; MAX_LINE + 1];
+        assert!(read_line(&mut long.as_slice()).is_err());
+        let mut short: &[u8] = b"{\"ok\":";
+        assert!(read_line(&mut short).is_err());
+    }
+}
