@@ -891,7 +891,10 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("bad", &["--session-ttl-secs", "3"]);
+    let c = Cluster::start(
+        "bad",
+        &["--session-ttl-secs", "3", "--web-timeout-secs", "3"],
+    );
     let m = c.manager(0);
     let vm = id(&m.send("POST", "/api/v1/vms", Some(new_vm("v", 1))));
     let before = fingerprint(&m);
@@ -1001,7 +1004,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
             Some(json!({"action": "explode"})),
         ),
         400,
-        "power action",
+        "unknown variant `explode`, expected one of `on`, `off`, `force-off`",
     );
     expect(
         "no such VM",
@@ -1081,6 +1084,57 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     // Another server keeps its own count: the Manager still gets in there.
     assert_eq!(Web::new(&c.web[1]).login("admin", PASSWORD).0, 200);
 
+    // A client that sends the headers but not the body it announced is answered 408, and one
+    // that never finishes its headers is cut off, within the web timeout (3 s here).
+    let addr = c.web[0].trim_start_matches("http://").to_string();
+    let slow = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let t = std::time::Instant::now();
+        let mut body = std::net::TcpStream::connect(&addr).unwrap();
+        body.write_all(b"POST /api/v1/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\"").unwrap();
+        let mut headers = std::net::TcpStream::connect(&addr).unwrap();
+        headers
+            .write_all(b"GET /api/v1/session HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        for s in [&body, &headers] {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        }
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("did not arrive") {
+            match body.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body_after = t.elapsed();
+        let cut = headers.read(&mut buf);
+        (
+            String::from_utf8_lossy(&answer).to_string(),
+            body_after,
+            cut.map_err(|e| e.kind()),
+            t.elapsed(),
+        )
+    });
+    let (answer, body_after, cut, headers_after) = slow.join().unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "a body that never came: {answer:?}"
+    );
+    assert!(answer.contains("did not arrive within 3 s"), "{answer:?}");
+    assert!(
+        body_after >= Duration::from_millis(2500) && body_after < Duration::from_secs(15),
+        "answered after {body_after:?}"
+    );
+    assert!(
+        matches!(cut, Ok(0) | Err(std::io::ErrorKind::ConnectionReset)),
+        "headers that never ended: {cut:?}"
+    );
+    assert!(
+        headers_after < Duration::from_secs(15),
+        "cut off after {headers_after:?}"
+    );
+
     // An expired session (the servers here give sessions 3 s).
     let w = c.manager(1);
     assert_eq!(w.get("/api/v1/vms").0, 200);
@@ -1115,6 +1169,55 @@ fn a_power_user_s_company_stays_within_its_quota_and_a_regular_user_owns_one_vm(
         assert_eq!(w.get("/api/v1/session").0, 200, "the newest sixteen stay");
     }
     let wp = newer.last().unwrap();
+    // A user's requests are paced (a burst, then a steady rate per second, per server):
+    // flooding one server gets 429 with Retry-After, and slows no other user.
+    let flood = id(&wp.send("POST", "/api/v1/users", Some(new_user("flood", "regular"))));
+    let fw = Web::logged_in(&c.web[2], "flood", USER_PASSWORD);
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let mut w = Web::new(&c.web[2]);
+            (w.cookie, w.csrf) = (fw.cookie.clone(), fw.csrf.clone());
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| w.get("/api/v1/session"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let other = wp.get("/api/v1/session");
+    assert_eq!(other.0, 200, "another user during the flood: {other:?}");
+    let answers: Vec<Answer> = floods.into_iter().flat_map(|f| f.join().unwrap()).collect();
+    let passed = answers.iter().filter(|a| a.0 == 200).count();
+    let paced: Vec<&Answer> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(
+        passed + paced.len(),
+        800,
+        "only 200 or 429: {:?}",
+        answers.iter().find(|a| a.0 != 200 && a.0 != 429)
+    );
+    assert!(
+        passed >= 200 && !paced.is_empty(),
+        "{passed} passed, {} paced",
+        paced.len()
+    );
+    assert!(
+        paced[0].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("requests a second"),
+        "{:?}",
+        paced[0]
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        fw.get("/api/v1/session").0,
+        200,
+        "the pace lets the user in again"
+    );
+    assert_eq!(
+        m.send("DELETE", &format!("/api/v1/users/{flood}"), None).0,
+        200
+    );
     let r = id(&wp.send("POST", "/api/v1/users", Some(new_user("r", "regular"))));
     let a = wp.send("POST", "/api/v1/vms", Some(new_vm("a", r)));
     assert_eq!(a.0, 201, "{a:?}");

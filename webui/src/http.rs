@@ -217,10 +217,7 @@ pub async fn serve(
             match tls {
                 None => connection(stream, peer, app, false).await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_secs(20),
-                        acceptor.accept(stream),
-                    );
+                    let handshake = tokio::time::timeout(app.timeout(), acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(s)) => connection(s, peer, app, true).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -237,13 +234,14 @@ async fn connection<S>(stream: S, peer: SocketAddr, app: Arc<App>, secure: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let timeout = app.timeout();
     let svc = hyper::service::service_fn(move |req| {
         let app = Arc::clone(&app);
         async move { Ok::<_, Infallible>(handle(app, req, peer, secure).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(20))
+        .header_read_timeout(timeout)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -296,9 +294,17 @@ async fn handle(
         }
         error_response(&too_big())
     } else {
-        match Limited::new(body, MAX_BODY).collect().await {
-            Err(_) => error_response(&too_big()),
-            Ok(b) => {
+        let timeout = app.timeout();
+        match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY).collect()).await {
+            Err(_) => error_response(&ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
+            )),
+            Ok(Err(_)) => error_response(&too_big()),
+            Ok(Ok(b)) => {
                 req.body = b.to_bytes();
                 answer(&app, req).await
             }

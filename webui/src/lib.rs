@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod console;
 pub mod http;
 pub mod openapi;
+pub mod pace;
 pub mod routes;
 pub mod tls;
 pub mod views;
@@ -47,6 +48,10 @@ pub struct WebArgs {
     /// How long a session lasts, seconds.
     #[arg(long, default_value_t = 12 * 3600)]
     pub session_ttl_secs: u64,
+    /// How long a client may take to send a request's headers, or its body, or to complete
+    /// the TLS handshake, and how long an upload may stay idle, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub web_timeout_secs: u64,
     /// The kernel VMs created through the API boot (a path on every server).
     #[arg(long, default_value = "")]
     pub guest_kernel: String,
@@ -74,6 +79,8 @@ pub struct WebConfig {
     pub http: Option<SocketAddr>,
     /// Session lifetime.
     pub session_ttl: Duration,
+    /// A request's headers, its body, a TLS handshake, an upload's silence: at most this.
+    pub timeout: Duration,
     /// What API-created VMs boot.
     pub guest: GuestBoot,
     /// A Manager to create if missing: name and password.
@@ -119,6 +126,7 @@ impl WebArgs {
             https: self.https,
             http: self.http,
             session_ttl: Duration::from_secs(self.session_ttl_secs.max(1)),
+            timeout: Duration::from_secs(self.web_timeout_secs.max(1)),
             guest: GuestBoot {
                 kernel: self.guest_kernel.clone(),
                 initrd: self.guest_initrd.clone(),
