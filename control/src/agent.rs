@@ -310,15 +310,28 @@ fn log_file(path: &Path) -> Stdio {
     }
 }
 
+/// What the reconcile loop remembers of one VM between passes (none: nothing to remember:
+/// not run here, or stopped as the state asked).
+#[derive(Clone, Debug, PartialEq)]
+enum VmState {
+    /// Its VMM runs here (the process itself is in `Processes`, where the watchdog finds it).
+    Running {
+        /// The CD-ROM's media as the VMM last said or was told, and when.
+        media: (Option<PathBuf>, Instant),
+        /// When its guest was asked to shut down, if it was.
+        stopping: Option<Instant>,
+    },
+    /// Its guest powered off by itself: reported until the state says stopped.
+    PoweredOff,
+    /// Its VMM failed to start or ended with a failure, then: restarted after the backoff.
+    Crashed(Instant),
+}
+
 /// The reconcile loop and what it remembers between passes.
 struct Reconciler {
     s: Arc<Shared>,
-    /// When each VM's VMM last exited with a failure (restart backoff).
-    crashed: HashMap<String, Instant>,
-    /// VMs whose guest powered off, reported until the state says stopped.
-    powered_off: HashSet<String>,
-    /// VMs whose guest was asked to shut down, and when.
-    stopping: HashMap<String, Instant>,
+    /// Each VM's state here, by name.
+    vms: HashMap<String, VmState>,
     last_report: Option<(Instant, Observation)>,
     registered: bool,
     /// Copies the ISO library's images to this server.
@@ -327,9 +340,6 @@ struct Reconciler {
     read_at: std::time::SystemTime,
     /// The library as the last look at its files saw it, and when.
     library_seen: (BTreeMap<String, crate::state_machine::IsoRecord>, Instant),
-    /// Each running VM's CD-ROM media as its VMM last said or was told, and when it was
-    /// last asked (a guest reboot rebuilds the VM with its first media).
-    media: HashMap<String, (Option<PathBuf>, Instant)>,
 }
 
 /// A disk copy as blockd reports it.
@@ -339,15 +349,12 @@ impl Reconciler {
     fn new(s: Arc<Shared>) -> Reconciler {
         Reconciler {
             s,
-            crashed: HashMap::new(),
-            powered_off: HashSet::new(),
-            stopping: HashMap::new(),
+            vms: HashMap::new(),
             last_report: None,
             registered: false,
             library: crate::library::Sync::default(),
             read_at: std::time::UNIX_EPOCH,
             library_seen: (BTreeMap::new(), Instant::now()),
-            media: HashMap::new(),
         }
     }
 
@@ -403,17 +410,27 @@ impl Reconciler {
             p.vmms.remove(&name);
             // A shutdown the state asked for is not news to report (and the VM may have been
             // powered on again meanwhile).
-            let asked = self.stopping.remove(&name).is_some();
+            let asked = matches!(
+                self.vms.get(&name),
+                Some(VmState::Running {
+                    stopping: Some(_),
+                    ..
+                })
+            );
             if st.success() && asked {
                 tracing::info!(vm = %name, "guest shut down");
+                self.vms.remove(&name);
             } else if st.success() {
                 tracing::info!(vm = %name, "guest powered off");
-                self.powered_off.insert(name);
+                self.vms.insert(name, VmState::PoweredOff);
             } else {
                 tracing::warn!(vm = %name, status = %st, "VMM ended");
-                self.crashed.insert(name, Instant::now());
+                self.vms.insert(name, VmState::Crashed(Instant::now()));
             }
         }
+        // VMMs the watchdog killed (fenced) run no more.
+        self.vms
+            .retain(|name, st| !matches!(st, VmState::Running { .. }) || p.vmms.contains_key(name));
     }
 
     fn pass(&mut self, state: &StateMachine) {
@@ -473,14 +490,21 @@ impl Reconciler {
             }
         }
         self.forget_deleted(state, &copies);
-        for name in std::mem::take(&mut self.powered_off) {
-            if state.vms.get(&name).is_some_and(|vm| vm.running)
-                && !self.s.propose(StateCommand::SetVmRunning {
+        let powered_off: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, st)| **st == VmState::PoweredOff)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in powered_off {
+            // Reported until the state says stopped (or the VM is gone).
+            if state.vms.get(&name).is_none_or(|vm| !vm.running)
+                || self.s.propose(StateCommand::SetVmRunning {
                     name: name.clone(),
                     running: false,
                 })
             {
-                self.powered_off.insert(name);
+                self.vms.remove(&name);
             }
         }
         self.report(state);
@@ -647,7 +671,7 @@ impl Reconciler {
     }
 
     /// Makes the copy here the disk's backup: created empty, or a returning primary demoted.
-    fn backup_copy(&self, state: &StateMachine, d: &DiskRecord, copy: Option<&Copy>) {
+    fn backup_copy(&mut self, state: &StateMachine, d: &DiskRecord, copy: Option<&Copy>) {
         let name = &d.name;
         match copy {
             None => {
@@ -704,14 +728,16 @@ impl Reconciler {
     /// still running well after that.
     fn shut_down(&mut self, name: &str) {
         let timeout = self.s.cfg.timing.shutdown_timeout;
-        match self.stopping.get(name) {
+        let Some(VmState::Running { stopping, .. }) = self.vms.get_mut(name) else {
+            return;
+        };
+        match *stopping {
             Some(since) if since.elapsed() > timeout + Duration::from_secs(5) => {
                 self.stop_vm(name, "the guest did not shut down in time");
-                self.stopping.remove(name);
             }
             Some(_) => {}
             None => {
-                self.stopping.insert(name.to_string(), Instant::now());
+                *stopping = Some(Instant::now());
                 let socket = crate::console::api_socket(&self.s.vm_dir(name));
                 let (vm, server) = (name.to_string(), self.s.cfg.id);
                 let request = VmmRequest::Shutdown {
@@ -742,20 +768,24 @@ impl Reconciler {
     /// Puts into each running VM's CD-ROM drive the ISO the state says (once this server
     /// holds it), or ejects it; checks the VMM's media every few seconds.
     fn cdroms(&mut self, state: &StateMachine) {
-        let running: Vec<String> = lock(&self.s.procs).vmms.keys().cloned().collect();
-        self.media.retain(|name, _| running.contains(name));
-        for name in running {
+        let running: Vec<(String, (Option<PathBuf>, Instant))> = self
+            .vms
+            .iter()
+            .filter_map(|(name, st)| match st {
+                VmState::Running { media, .. } => Some((name.clone(), media.clone())),
+                _ => None,
+            })
+            .collect();
+        for (name, known) in running {
             let Some(vm) = state.vms.get(&name) else {
                 continue;
             };
             let want = self.cdrom_file(state, vm);
             let drive = vm.disks.len();
             let socket = crate::console::api_socket(&self.s.vm_dir(&name));
-            let known = self.media.get(&name).cloned();
-            let stale = known
-                .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() > Duration::from_secs(5));
-            let mut has = known.and_then(|(m, _)| m);
+            // Asked again every few seconds: a guest reboot rebuilds the VM with its first media.
+            let stale = known.1.elapsed() > Duration::from_secs(5);
+            let mut has = known.0;
             if stale {
                 match vmm_call(&socket, &VmmRequest::Status {}) {
                     Ok(v) => {
@@ -763,8 +793,7 @@ impl Reconciler {
                             .status
                             .and_then(|st| st.disks.into_iter().nth(drive))
                             .and_then(|d| d.path);
-                        self.media
-                            .insert(name.clone(), (has.clone(), Instant::now()));
+                        self.set_media(&name, has.clone());
                     }
                     // Starting, or gone: the next pass asks again.
                     Err(_) => continue,
@@ -780,7 +809,7 @@ impl Reconciler {
             match vmm_call(&socket, &req) {
                 Ok(_) => {
                     tracing::info!(server = self.s.cfg.id, vm = %name, media = ?want, "CD-ROM media changed");
-                    self.media.insert(name, (want, Instant::now()));
+                    self.set_media(&name, want);
                 }
                 Err(e) => {
                     tracing::warn!(server = self.s.cfg.id, vm = %name, error = %e, "cannot change the CD-ROM media")
@@ -789,7 +818,17 @@ impl Reconciler {
         }
     }
 
-    fn stop_vm(&self, name: &str, why: &str) {
+    /// Records running VM `name`'s CD-ROM media as its VMM said or was told now.
+    fn set_media(&mut self, name: &str, now: Option<PathBuf>) {
+        if let Some(VmState::Running { media, .. }) = self.vms.get_mut(name) {
+            *media = (now, Instant::now());
+        }
+    }
+
+    fn stop_vm(&mut self, name: &str, why: &str) {
+        if matches!(self.vms.get(name), Some(VmState::Running { .. })) {
+            self.vms.remove(name);
+        }
         let mut p = lock(&self.s.procs);
         if let Some(mut vm) = p.vmms.remove(name) {
             let _ = vm.child.kill();
@@ -832,16 +871,15 @@ impl Reconciler {
                 || !self.is_primary_here(state, vm)
                 || !vm.disks.iter().all(|d| ready.contains(d))
                 || lock(&self.s.procs).vmms.contains_key(&vm.name)
-                || self.powered_off.contains(&vm.name)
             {
                 continue;
             }
-            if self
-                .crashed
-                .get(&vm.name)
-                .is_some_and(|t| t.elapsed() < self.s.cfg.timing.restart_backoff)
-            {
-                continue;
+            match self.vms.get(&vm.name) {
+                Some(VmState::PoweredOff | VmState::Running { .. }) => continue,
+                Some(VmState::Crashed(at)) if at.elapsed() < self.s.cfg.timing.restart_backoff => {
+                    continue
+                }
+                _ => {}
             }
             self.start_vm(state, vm, copies);
         }
@@ -909,7 +947,6 @@ impl Reconciler {
             (Some(path), Some(_)) => cmd.arg("--cdrom").arg(path),
             (None, Some(_)) => cmd.args(["--cdrom", "empty"]),
         };
-        self.media.insert(vm.name.clone(), (cdrom, Instant::now()));
         cmd.arg("--serial")
             .arg(dir.join("serial.log"))
             .arg("--api-socket")
@@ -931,11 +968,18 @@ impl Reconciler {
                 tracing::info!(server = self.s.cfg.id, vm = %vm.name, pid = child.id(), generation, "VMM started");
                 p.vmms
                     .insert(vm.name.clone(), VmProcess { child, generation });
-                self.crashed.remove(&vm.name);
+                self.vms.insert(
+                    vm.name.clone(),
+                    VmState::Running {
+                        media: (cdrom, Instant::now()),
+                        stopping: None,
+                    },
+                );
             }
             Err(e) => {
                 tracing::error!(vm = %vm.name, error = %e, "cannot start the VMM");
-                self.crashed.insert(vm.name.clone(), Instant::now());
+                self.vms
+                    .insert(vm.name.clone(), VmState::Crashed(Instant::now()));
             }
         }
     }
