@@ -102,7 +102,8 @@ pub struct AuditEntry {
 /// How many sessions one user keeps; a login beyond it ends the oldest.
 pub const MAX_SESSIONS: usize = 16;
 
-/// How many audit entries the state keeps; older ones are dropped as new ones come.
+/// How many audit entries the state keeps in memory; older ones move to the archive in the
+/// store (`state_machine::ARCHIVED_AUDIT_PREFIX`), still read by `GET /api/v1/audit?after=`.
 pub const AUDIT_KEEP: u64 = 100_000;
 
 /// Why an actor may not do something.

@@ -87,6 +87,9 @@ pub enum NodeError {
     /// The node's thread is gone.
     #[error("the raft node has stopped")]
     Stopped,
+    /// This server's store could not be read.
+    #[error("the store: {0}")]
+    Store(String),
 }
 
 /// One server's view of the group. `commit`, `applied` and `last_index` are what is on disk.
@@ -515,7 +518,7 @@ impl Node {
                 reply,
             } => {
                 if local {
-                    let _ = reply.send(Ok(self.sm.query(&query)));
+                    let _ = reply.send(self.answer(&query));
                     return;
                 }
                 if let Some(e) = self.not_leader() {
@@ -824,8 +827,32 @@ impl Node {
             .collect();
         for id in ready {
             let r = self.reads.remove(&id).expect("listed");
-            let _ = r.waiter.reply.send(Ok(self.sm.query(&r.query)));
+            let _ = r.waiter.reply.send(self.answer(&r.query));
         }
+    }
+
+    /// The answer to a read: from the state, or for the audit archive, from the store.
+    fn answer(&self, query: &Query) -> Result<Value, NodeError> {
+        let Query::ArchivedAudit { after, limit } = query else {
+            return Ok(self.sm.query(query));
+        };
+        let prefix = crate::state_machine::ARCHIVED_AUDIT_PREFIX;
+        let start = format!("{prefix}{:020}", after.saturating_add(1));
+        let records = self
+            .raw
+            .store()
+            .state_range(
+                prefix.as_bytes(),
+                start.as_bytes(),
+                (*limit).min(1000) as usize,
+            )
+            .map_err(|e| NodeError::Store(e.to_string()))?;
+        let entries = records
+            .iter()
+            .map(|(_, v)| serde_json::from_slice::<Value>(v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NodeError::Store(format!("an archived audit entry: {e}")))?;
+        Ok(Value::Array(entries))
     }
 
     fn maybe_compact(&mut self) -> Result<(), Error> {

@@ -226,6 +226,28 @@ impl Cluster {
         }
     }
 
+    /// Archived audit entries (rotated out of the state) after seq `after`, oldest first, at
+    /// most `limit`: from this server's store (every server holds the same archive).
+    pub async fn archived_audit(
+        &self,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<control::access::AuditEntry>, ApiError> {
+        let node = self.ctx.node.clone();
+        let read = move || {
+            node.read(
+                control::state_machine::Query::ArchivedAudit { after, limit },
+                true,
+            )
+        };
+        let v = tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))?
+            .map_err(|e| ApiError::unavailable(format!("the audit archive: {e}")))?;
+        serde_json::from_value(v)
+            .map_err(|e| ApiError::unavailable(format!("the audit archive: {e}")))
+    }
+
     /// This server's Raft status (leader, terms, indexes).
     pub async fn status(&self) -> Result<control::Status, ApiError> {
         let node = self.ctx.node.clone();

@@ -103,7 +103,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "get",
         "/audit",
-        "The audit log (Manager): ?after=SEQ&limit=N oldest first from a seq, or ?newest=N its last N entries",
+        "The audit log (Manager), whole: ?after=SEQ&limit=N oldest first from a seq (archived entries included), or ?newest=N its last N entries",
     ),
     ("get", "/openapi.json", "This document"),
 ];

@@ -34,7 +34,7 @@
 
 use std::sync::Arc;
 
-use control::access::{self, Quota, Role, SessionRecord, UserRecord};
+use control::access::{self, AuditEntry, Quota, Role, SessionRecord, UserRecord};
 use control::state_machine::{self, Action, StateMachine};
 use hyper::header::{HeaderValue, SET_COOKIE};
 use hyper::{Method, Response, StatusCode};
@@ -569,7 +569,7 @@ impl App {
                 manager_only(&c)?;
                 let limit = number_param(&req, "limit")?.unwrap_or(100).min(1000) as usize;
                 // `newest`: the last entries (a first page); `after`: what came since a seq.
-                let entries: Vec<_> = match number_param(&req, "newest")? {
+                let entries: Vec<AuditEntry> = match number_param(&req, "newest")? {
                     Some(n) => {
                         let mut v: Vec<_> = c
                             .state
@@ -577,18 +577,29 @@ impl App {
                             .values()
                             .rev()
                             .take(n.min(1000) as usize)
+                            .cloned()
                             .collect();
                         v.reverse();
                         v
                     }
                     None => {
                         let after = number_param(&req, "after")?.unwrap_or(0);
-                        c.state
-                            .audit
-                            .range(after.saturating_add(1)..)
-                            .take(limit)
-                            .map(|(_, e)| e)
-                            .collect()
+                        // Entries older than the state keeps come from the archive first.
+                        let kept = c.state.audit.keys().next().copied().unwrap_or(u64::MAX);
+                        let mut v = Vec::new();
+                        if after.saturating_add(1) < kept {
+                            v = self.cluster.archived_audit(after, limit as u64).await?;
+                        }
+                        let after = v.last().map_or(after, |e| e.seq);
+                        let left = limit - v.len();
+                        v.extend(
+                            c.state
+                                .audit
+                                .range(after.saturating_add(1)..)
+                                .take(left)
+                                .map(|(_, e)| e.clone()),
+                        );
+                        v
                     }
                 };
                 Ok(ok(&entries))

@@ -1,12 +1,14 @@
 //! The audit log: every action a person (or the cluster) takes that changes something is
-//! appended here, in the same batch as the change; the newest `access::AUDIT_KEEP` are kept.
+//! appended here, in the same batch as the change. The newest `access::AUDIT_KEEP` are kept in
+//! the state; older ones move, in the same batch, to the archive (`keys::ARCHIVED_AUDIT_PREFIX`),
+//! which stays in the store and is never loaded: nothing is ever dropped.
 
-use super::keys::{audit_key, json_bytes, COUNTERS_KEY};
+use super::keys::{archived_audit_key, audit_key, json_bytes, COUNTERS_KEY};
 use super::{RecordWrite, StateMachine};
 use crate::access::{self, AuditEntry};
 
 impl StateMachine {
-    /// Appends an audit entry, dropping the oldest beyond `access::AUDIT_KEEP`.
+    /// Appends an audit entry, archiving the oldest beyond `access::AUDIT_KEEP`.
     pub(super) fn audit(
         &mut self,
         actor: u64,
@@ -33,10 +35,71 @@ impl StateMachine {
         writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
         writes.push((audit_key(e.seq), Some(json_bytes(&e))));
         self.audit.insert(e.seq, e);
-        while self.audit.len() as u64 > access::AUDIT_KEEP {
-            let (&oldest, _) = self.audit.iter().next().expect("not empty");
-            self.audit.remove(&oldest);
-            writes.push((audit_key(oldest), None));
+        while self.audit.len() as u64 > self.audit_keep() {
+            let Some((seq, oldest)) = self.audit.pop_first() else {
+                break;
+            };
+            writes.push((audit_key(seq), None));
+            writes.push((archived_audit_key(seq), Some(json_bytes(&oldest))));
         }
+    }
+
+    /// How many audit entries the state keeps (fewer in tests).
+    fn audit_keep(&self) -> u64 {
+        #[cfg(test)]
+        if let Some(keep) = self.audit_keep {
+            return keep;
+        }
+        access::AUDIT_KEEP
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{act, new_user, replay};
+    use super::super::keys::ARCHIVED_AUDIT_PREFIX;
+    use super::super::{Command, StateMachine};
+    use crate::access::{AuditEntry, Role};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn entries_rotated_out_of_the_state_are_archived_whole_and_not_loaded() {
+        let mut sm = StateMachine {
+            audit_keep: Some(3),
+            ..Default::default()
+        };
+        let mut records = BTreeMap::new();
+        for i in 0..8 {
+            let mut w = Vec::new();
+            let create = Command::Act {
+                actor: 0,
+                at_ms: 5,
+                action: new_user(&format!("u{i}"), Role::Regular, None, None),
+            };
+            sm.apply(&create, &mut w).unwrap();
+            replay(&mut records, w);
+        }
+        // A refused change writes no entry, so archives none.
+        assert!(act(&mut sm, 0, new_user("u0", Role::Regular, None, None)).is_err());
+        assert_eq!(sm.audit.keys().copied().collect::<Vec<_>>(), [6, 7, 8]);
+        let archived: Vec<AuditEntry> = records
+            .iter()
+            .filter(|(k, _)| k.starts_with(ARCHIVED_AUDIT_PREFIX.as_bytes()))
+            .map(|(_, v)| serde_json::from_slice(v).unwrap())
+            .collect();
+        assert_eq!(
+            archived.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5],
+            "every rotated entry, in order"
+        );
+        assert!(
+            archived.iter().all(|e| e.action == "user.create"),
+            "{archived:?}"
+        );
+        // Loading the records keeps the newest only: the archive stays in the store.
+        let records: Vec<_> = records.into_iter().collect();
+        let loaded = StateMachine::load(&records).unwrap();
+        assert_eq!(loaded.audit.keys().copied().collect::<Vec<_>>(), [6, 7, 8]);
+        assert_eq!(loaded.users.len(), 8);
     }
 }

@@ -383,8 +383,19 @@ pub enum Query {
         #[serde(default = "default_audit_limit")]
         limit: u64,
     },
+    /// Archived audit entries (rotated out of the state) after `after`, oldest first, at most
+    /// `limit` (capped at 1000): read from this server's store.
+    ArchivedAudit {
+        /// Entries with a higher seq.
+        #[serde(default)]
+        after: u64,
+        /// At most this many (capped at 1000).
+        #[serde(default = "default_audit_limit")]
+        limit: u64,
+    },
 }
 
+/// `Query::Audit` and `Query::ArchivedAudit`: 100 entries unless asked.
 fn default_audit_limit() -> u64 {
     100
 }

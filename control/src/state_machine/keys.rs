@@ -55,6 +55,15 @@ pub(super) fn audit_key(seq: u64) -> Vec<u8> {
     format!("audit/{seq:020}").into_bytes()
 }
 
+/// Where audit entries rotated out of the state go: kept in the store (and in snapshots, so
+/// every server has them), never loaded into memory; read by `Query::ArchivedAudit`.
+pub const ARCHIVED_AUDIT_PREFIX: &str = "archive/audit/";
+
+/// An archived audit entry, by its seq.
+pub fn archived_audit_key(seq: u64) -> Vec<u8> {
+    format!("{ARCHIVED_AUDIT_PREFIX}{seq:020}").into_bytes()
+}
+
 /// The ids handed out so far (`Counters`).
 pub(super) const COUNTERS_KEY: &[u8] = b"meta/counters";
 
