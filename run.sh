@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Runs the product on this machine: a local cluster of three EnSpeed servers (separate data
 # directories and ports on loopback), each serving the web UI and API, a Manager account, and a
-# demo VM booted from the guest kit (Debian) on a disk mirrored between two of them. Installs what it needs, builds, prints the UI's address and the
-# Manager's password, and runs until Ctrl-C. Where this machine's KVM cannot run an unmodified
+# demo VM booted from the guest kit (Debian) on a disk mirrored between two of them. Installs
+# what it needs, builds, prints the UI's address and the Manager's password, and runs until
+# Ctrl-C or SIGTERM, which stop all of it within seconds: it returns 130 after Ctrl-C, 0 after
+# SIGTERM, and leaves no process behind. Where this machine's KVM cannot run an unmodified
 # Linux (a nested software hypervisor, kvm_pvm), the cluster runs inside the test host (QEMU
 # with an emulated AMD-V) and its UI is forwarded here to https://127.0.0.1:8443.
 set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
-cargo build --release -p enspeed
+# The same build as ./test.sh's (the whole workspace's programs): one set of artifacts for both.
+cargo build --release --workspace --bins
 bin="$CARGO_TARGET_DIR/release/enspeed"
 image/kit/build.sh
 cache="${ENSPEED_CACHE:-$HOME/.cache/enspeed}"
@@ -29,5 +32,22 @@ if [ -c /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then
     exec scripts/demo-cluster.sh "$bin" "$kit/vmlinuz" "$kit/initrd.img" "$cache/demo"
 fi
 echo "run.sh: this machine's KVM cannot boot Linux itself; the cluster runs inside the test host (slower)" >&2
-exec image/testhost/run.sh --scenario scripts/demo-cluster.sh --enspeed "$bin" ${extra[@]+"${extra[@]}"} \
-    --timeout 86400 --forward 8443 --forward 8444 --forward 8445
+# The test host's kernel messages go to a file, named in the banner, not to this terminal.
+mkdir -p "$cache/demo"
+console="$cache/demo/testhost-console.log"
+printf 'TESTHOST_LOG=%s\n' "$console" >"$cache/demo/demo-host.env"
+# Run as a child, stopped with SIGTERM whichever signal comes here (a background child of a
+# script ignores SIGINT): it stops QEMU, the whole test host with it.
+image/testhost/run.sh --scenario scripts/demo-cluster.sh --enspeed "$bin" ${extra[@]+"${extra[@]}"} \
+    --extra "$cache/demo/demo-host.env" --kernel-log "$console" \
+    --timeout 86400 --forward 8443 --forward 8444 --forward 8445 &
+child=$!
+stop() {
+    trap - INT TERM HUP
+    kill -TERM "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+    exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 0' TERM HUP
+wait "$child"

@@ -29,6 +29,9 @@ if [ $# -eq 0 ] && [ -n "${KIT:-}" ] && [ -n "${ENSPEED:-}" ]; then
     set -- "$ENSPEED" "$KIT/vmlinuz" "$KIT/initrd.img" /tmp/demo 0.0.0.0
     IN_TESTHOST=1
     [ ! -f /usr/local/bin/demo-install.iso ] || DEMO_ISO=/usr/local/bin/demo-install.iso
+    # Where ./run.sh keeps the test host's console (TESTHOST_LOG), to name it in the banner.
+    # shellcheck disable=SC1091
+    [ ! -f /usr/local/bin/demo-host.env ] || . /usr/local/bin/demo-host.env
 fi
 [ $# -ge 4 ] || { echo "usage: $0 ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]" >&2; exit 2; }
 ENSPEED=$1 KERNEL=$2 INITRD=$3 DIR=$4 HTTPS_IP=${5:-127.0.0.1}
@@ -41,15 +44,21 @@ if [ ! -s "$pw" ]; then
 fi
 PASSWORD=$(head -n1 "$pw")
 
-pids=""
+# Ctrl-C (SIGINT), SIGTERM or SIGHUP: the servers stop (their VMMs and blockd die with them;
+# RocksDB and the disk copies are left as after a power cut, which they survive), then the
+# script ends: 130 after Ctrl-C, 0 when asked to stop otherwise.
+pids="" helpers=""
 stop() {
-    trap - INT TERM EXIT
+    trap - INT TERM HUP EXIT
     echo
     echo "demo: stopping the servers (their VMs and disks stop with them)"
-    for p in $pids; do kill "$p" 2>/dev/null || true; done
+    for p in $helpers $pids; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    echo "demo: stopped"
 }
-trap stop INT TERM EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 0' TERM HUP
+trap stop EXIT
 
 for i in 1 2 3; do
     if [ "$i" = 1 ]; then
@@ -144,16 +153,29 @@ fi)
   Its disk is mirrored between two servers.
   From a shell:  ENSPEED_URL=$ENSPEED_URL ENSPEED_PASSWORD=$PASSWORD $ENSPEED vm list
   Its serial console is logged on its primary server: $DIR/server*/agent/vms/demo/serial.log
+  Servers' logs: $DIR/server*.log$(if [ -n "${TESTHOST_LOG:-}" ]; then
+    echo
+    echo "  The test host's console and kernel messages: $TESTHOST_LOG"
+fi)
 
-  Ctrl-C stops the cluster; ./run.sh again starts the same one.
+  Ctrl-C stops the cluster; $(if [ -n "${IN_TESTHOST:-}" ]; then
+    echo "its data lives in the test host's memory: ./run.sh again starts a new one."
+else
+    echo "./run.sh again starts the same one."
+fi)
 
 BANNER
 "$ENSPEED" servers || true
 "$ENSPEED" vm list || true
 [ -z "$serial" ] || echo "serial console: $serial"
-[ -z "$installing" ] || install_demo &
-# Keep running until interrupted; show the VM list now and then.
+if [ -n "$installing" ]; then
+    install_demo &
+    helpers=$!
+fi
+# Keep running until interrupted; show the VM list now and then. The sleep is waited for in
+# the background so that a signal is taken at once.
 while :; do
-    sleep 30
+    sleep 30 &
+    wait $! || true
     "$ENSPEED" vm list 2>/dev/null | tail -n +2 || true
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--silence SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]...
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--silence SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]... [--kernel-log FILE]
 # --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
 # it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
 # --extra puts another program (a test tool, with its libraries) or a data file (a disk or CD
@@ -11,6 +11,10 @@
 # stopped without that line, 126 when its own kernel locked up or panicked, or (--silence SECS)
 # when its console printed nothing for SECS: the test host hung. Only for scenarios whose guests
 # always print within that time (guest.sh's run_guest reports a stuck guest itself).
+# --kernel-log FILE: the test host kernel's own lines ("[   1.234] ...") and its firmware's
+# screen go only to FILE (the whole console is kept there), not to the terminal.
+# SIGINT, SIGTERM or SIGHUP stop QEMU at once and exit 130, 143 or 129; so does the end of the
+# process that started this script (checked every 5 s): no QEMU outlives its caller.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,7 +25,7 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 silence=0 mem=3072 smp=2 interactive= forwards= extras=()
+scenario='' enspeed='' timeout=900 silence=0 mem=3072 smp=2 interactive= forwards= kernel_log= extras=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
@@ -33,6 +37,7 @@ while [ $# -gt 0 ]; do
     --smp) smp=${2:?--smp needs a count}; shift 2 ;;
     --interactive) interactive=1; shift ;;
     --forward) forwards="$forwards,hostfwd=tcp:127.0.0.1:${2:?--forward needs a port}-:$2"; shift 2 ;;
+    --kernel-log) kernel_log=${2:?--kernel-log needs a file}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -50,7 +55,25 @@ ensure_tool cpio cpio
 TH=$CACHE/testhost
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/testhost-run.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+caller=$PPID qemu_pid='' watcher=''
+# QEMU runs under `timeout`, in a process group of its own that a terminal's Ctrl-C does not
+# reach: a signal here, or this script's end, stops that whole group.
+stop_qemu() {
+    [ -z "$qemu_pid" ] || kill -TERM -- "-$qemu_pid" 2>/dev/null || true
+    [ -z "$watcher" ] || kill "$watcher" 2>/dev/null || true
+}
+on_signal() {
+    trap - INT TERM HUP
+    log "$1: stopping the test host"
+    stop_qemu
+    wait 2>/dev/null || true
+    rm -rf "$work"
+    exit "$2"
+}
+trap 'on_signal SIGINT 130' INT
+trap 'on_signal SIGTERM 143' TERM
+trap 'on_signal SIGHUP 129' HUP
+trap 'stop_qemu; rm -rf "$work"' EXIT
 
 # Left uncompressed: it may carry a large debug build of enspeed, and under TCG copying is
 # cheaper than decompressing.
@@ -96,18 +119,28 @@ else
     # Only the test host's own kernel lines count ("[   12.345678] ..." at the start of a
     # line): a nested guest's console, streamed by a scenario as "[NAME 1.23] ...", is the
     # scenario's to judge.
-    : >"$work/console.log"
+    console="$work/console.log"
+    if [ -n "$kernel_log" ]; then
+        console=$kernel_log
+        log "the test host's console (its kernel's messages included): $console"
+    fi
+    : >"$console"
     own_failure='^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing)'
     (
         size=0 quiet=0
         while sleep 5; do
             [ -d "$work" ] || exit 0
-            if grep -qE "$own_failure" "$work/console.log" 2>/dev/null; then
-                grep -m1 -E "$own_failure" "$work/console.log" >"$work/broken"
+            if ! kill -0 "$caller" 2>/dev/null; then
+                echo "the process that started the test host ($caller) ended" >"$work/orphaned"
                 pkill -f "testhost-$$-qemu" || true
                 exit 0
             fi
-            now=$(stat -c %s "$work/console.log" 2>/dev/null || echo 0)
+            if grep -qE "$own_failure" "$console" 2>/dev/null; then
+                grep -m1 -E "$own_failure" "$console" >"$work/broken"
+                pkill -f "testhost-$$-qemu" || true
+                exit 0
+            fi
+            now=$(stat -c %s "$console" 2>/dev/null || echo 0)
             if [ "$now" = "$size" ]; then quiet=$((quiet + 5)); else size=$now quiet=0; fi
             if [ "$silence" -gt 0 ] && [ "$quiet" -ge "$silence" ]; then
                 echo "the test host hung: nothing on its console for $quiet s" >"$work/broken"
@@ -117,24 +150,43 @@ else
         done
     ) &
     watcher=$!
+    # In the background, waited for: a signal's trap then runs at once, not after QEMU.
     timeout -k 10 "$timeout" qemu-system-x86_64 -name "testhost-$$-qemu" \
         -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
         -nographic -no-reboot "${nic[@]}" \
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
         -append "console=ttyS0 panic=-1 quiet no_timer_check" \
-        </dev/null 2> >(grep -v "TCG doesn't support requested feature" >&2) | tee -a "$work/console.log"
-    # Taken at once: any later command resets PIPESTATUS (a timeout then read as 125).
-    qemu_rc=${PIPESTATUS[0]}
+        </dev/null >>"$console" 2> >(grep -v "TCG doesn't support requested feature" >&2) &
+    qemu_pid=$!
+    # The console, as it comes, on this script's output (without the kernel's own lines when
+    # they go to --kernel-log).
+    if [ -n "$kernel_log" ]; then
+        # Nor the firmware's screen before the test host's init.
+        tail -n +1 -f --pid="$qemu_pid" "$console" |
+            awk 'on && !/^\[ *[0-9]+\.[0-9]+\] / { print; fflush() } /TESTHOST: init reached/ { on = 1 }' &
+    else
+        tail -n +1 -f --pid="$qemu_pid" "$console" &
+    fi
+    shower=$!
+    wait "$qemu_pid"
+    qemu_rc=$?
+    qemu_pid=''
+    wait "$shower" 2>/dev/null || true
     kill "$watcher" 2>/dev/null || true
     # A panic reboots the test host at once (panic=-1, -no-reboot: QEMU exits) before the
     # watcher's next look: the console says what happened.
     if [ ! -s "$work/broken" ]; then
-        grep -m1 -E "$own_failure" "$work/console.log" >"$work/broken" 2>/dev/null || true
+        grep -m1 -E "$own_failure" "$console" >"$work/broken" 2>/dev/null || true
     fi
+    cp "$console" "$work/console.log" 2>/dev/null || true
 fi
 set -e
 elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
+if [ -s "$work/orphaned" ]; then
+    log "$(cat "$work/orphaned"): QEMU stopped after $elapsed s"
+    exit 129
+fi
 if [ -s "$work/broken" ]; then
     log "the test host failed itself ($(tr -d '\r' <"$work/broken")); QEMU stopped after $elapsed s"
     exit 126
