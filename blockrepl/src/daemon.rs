@@ -45,7 +45,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// A request on the control socket; also the subcommands of `enspeed disk`.
-#[derive(Debug, Serialize, Deserialize, PartialEq, clap::Subcommand)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, clap::Subcommand)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Create a disk: a primary (the first copy), or with --backup an empty backup.
@@ -135,6 +135,15 @@ pub enum Request {
     Delete {
         /// The disk.
         name: String,
+    },
+    /// The cluster's roster, from the node agent: mirror links are made only with these
+    /// certificates (hex SHA-256 by server id), never with a revoked one.
+    #[command(skip)]
+    Roster {
+        /// Each member's certificate, by server id.
+        members: BTreeMap<u64, String>,
+        /// Removed servers' certificates.
+        revoked: Vec<String>,
     },
 }
 
@@ -554,6 +563,24 @@ impl Blockd {
                     .map_err(|e| format!("removing {}: {e}", dir.display()))?;
                 // The link from the data directory, when the copy was in a pool.
                 let _ = std::fs::remove_file(self.cfg.dir.join(&name));
+                Ok(Response::ok())
+            }
+            Request::Roster { members, revoked } => {
+                let fp = |hex: &String| {
+                    enspeed_trust::Fingerprint::parse(hex)
+                        .ok_or_else(|| format!("{hex:?} is not a certificate fingerprint"))
+                };
+                let members = members
+                    .iter()
+                    .map(|(id, hex)| Ok((*id, fp(hex)?)))
+                    .collect::<Result<Vec<_>, String>>()?;
+                let revoked = revoked.iter().map(fp).collect::<Result<Vec<_>, String>>()?;
+                tracing::info!(
+                    members = members.len(),
+                    revoked = revoked.len(),
+                    "roster set"
+                );
+                self.net.set_roster(members, revoked);
                 Ok(Response::ok())
             }
         })();

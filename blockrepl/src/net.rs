@@ -1,18 +1,21 @@
 //! The mirror links' connections: mutual TLS under the cluster's CA (`enspeed_trust`), so a
-//! backup copy hears only from a server of its cluster, and a primary sends only to one.
+//! backup copy hears only from a server of its cluster, and a primary sends only to one; and
+//! only from or to a certificate the cluster's roster admits (the one each member holds; never
+//! a removed server's), as the node agent tells blockd (`daemon::Request::Roster`).
 //! Plain TCP remains for measuring what TLS costs (`enspeed blockd --plaintext-mirror`).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use enspeed_trust::{Identity, Peer, TlsStream, TrustDir};
+use enspeed_trust::{Fingerprint, Identity, Peer, Roster, TlsStream, TrustDir};
 
 /// How a blockd's mirror links are made.
 #[derive(Clone, Debug)]
 pub enum MirrorNet {
-    /// Mutual TLS with this server's certificate (its `DATA/tls`).
-    Tls(Identity),
+    /// Mutual TLS with this server's certificate (its `DATA/tls`), checked against the roster
+    /// (shared by every clone).
+    Tls(Identity, Roster),
     /// Plain TCP: no peer is authenticated. For benchmarks only.
     Plain,
 }
@@ -20,7 +23,19 @@ pub enum MirrorNet {
 impl MirrorNet {
     /// Mutual TLS with the certificate in `dir` (a server's `DATA/tls`).
     pub fn tls(dir: &std::path::Path) -> Result<MirrorNet, enspeed_trust::Error> {
-        Identity::load(&TrustDir(dir.to_path_buf())).map(MirrorNet::Tls)
+        Identity::load(&TrustDir(dir.to_path_buf())).map(|i| MirrorNet::Tls(i, Roster::default()))
+    }
+
+    /// Replaces the roster: each member's certificate by server id, and removed servers' ones.
+    /// Until it is first set, any certificate of the cluster's CA is taken.
+    pub fn set_roster(
+        &self,
+        members: impl IntoIterator<Item = (u64, Fingerprint)>,
+        revoked: impl IntoIterator<Item = Fingerprint>,
+    ) {
+        if let MirrorNet::Tls(_, roster) = self {
+            roster.set(members, revoked);
+        }
     }
 
     /// Completes an accepted connection: the stream, and the server at the other end (`None`
@@ -28,8 +43,11 @@ impl MirrorNet {
     pub fn accept(&self, tcp: TcpStream) -> Result<(MirrorStream, Option<u64>), String> {
         match self {
             MirrorNet::Plain => Ok((MirrorStream::Plain(tcp), None)),
-            MirrorNet::Tls(identity) => match identity.accept(tcp) {
-                Ok((s, Peer::Server { id, .. })) => Ok((MirrorStream::Tls(s), Some(id))),
+            MirrorNet::Tls(identity, roster) => match identity.accept(tcp) {
+                Ok((s, peer @ Peer::Server { id, .. })) => {
+                    roster.check(&peer)?;
+                    Ok((MirrorStream::Tls(s), Some(id)))
+                }
                 Ok(_) => Err("a primary without a cluster certificate".into()),
                 Err(e) => Err(format!("TLS: {e}")),
             },
@@ -54,10 +72,15 @@ impl MirrorNet {
                     None,
                 ))
             }
-            MirrorNet::Tls(identity) => match identity.connector().connect(addr, timeout)? {
-                (s, Peer::Server { id, .. }) => Ok((MirrorStream::Tls(s), Some(id))),
-                _ => Err(io::Error::other("the backup shows no server certificate")),
-            },
+            MirrorNet::Tls(identity, roster) => {
+                match identity.connector().connect(addr, timeout)? {
+                    (s, peer @ Peer::Server { id, .. }) => {
+                        roster.check(&peer).map_err(io::Error::other)?;
+                        Ok((MirrorStream::Tls(s), Some(id)))
+                    }
+                    _ => Err(io::Error::other("the backup shows no server certificate")),
+                }
+            }
         }
     }
 }

@@ -726,3 +726,68 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
         "delete left the copy or its link"
     );
 }
+
+#[test]
+fn a_removed_server_s_certificate_is_refused_until_the_roster_admits_it() {
+    let a = server(&scratch("roster-a"));
+    let b = server(&scratch("roster-b"));
+    let fp = enspeed_trust::Identity::load(&enspeed_trust::TrustDir(certificate().to_owned()))
+        .unwrap()
+        .fingerprint
+        .to_string();
+    // The backup's roster lists the primary's certificate as a removed server's.
+    b.req(Request::Roster {
+        members: Default::default(),
+        revoked: vec![fp.clone()],
+    });
+    let bad = b.try_req(Request::Roster {
+        members: Default::default(),
+        revoked: vec!["not-a-fingerprint".into()],
+    });
+    assert!(bad.unwrap_err().contains("not a certificate fingerprint"));
+    for (s, backup) in [(&a, false), (&b, true)] {
+        s.req(Request::Create {
+            name: "d".into(),
+            size: 4 * MIB,
+            region_size: Some(MIB),
+            backup,
+            pool: None,
+            from: None,
+            peer_server: None,
+            disk_id: None,
+        });
+    }
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: b.addr.clone(),
+        peer_server: None,
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(a.disk("d").status().link, LinkState::Down, "refused");
+    assert_eq!(
+        b.disk("d").status().data,
+        DataState::Empty,
+        "nothing written"
+    );
+    // The primary refuses a backup whose certificate its roster revokes, too.
+    a.req(Request::Roster {
+        members: Default::default(),
+        revoked: vec![fp.clone()],
+    });
+    b.req(Request::Roster {
+        members: [(1, fp.clone())].into(),
+        revoked: vec![],
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(a.disk("d").status().link, LinkState::Down);
+    let err = a.disk("d").status().last_error.unwrap_or_default();
+    assert!(err.contains("revoked"), "{err}");
+    // Once both rosters admit it (server 1 holds it), the link comes up and syncs.
+    a.req(Request::Roster {
+        members: [(1, fp)].into(),
+        revoked: vec![],
+    });
+    wait_for("the link, once admitted", || {
+        a.disk("d").status().link == LinkState::InSync
+    });
+}

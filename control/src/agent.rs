@@ -332,6 +332,8 @@ struct Reconciler {
     s: Arc<Shared>,
     /// Each VM's state here, by name.
     vms: HashMap<String, VmState>,
+    /// The roster last given to blockd, and that blockd's process id.
+    roster_sent: Option<(u32, BlockdRequest)>,
     last_report: Option<(Instant, Observation)>,
     registered: bool,
     /// Copies the ISO library's images to this server.
@@ -350,6 +352,7 @@ impl Reconciler {
         Reconciler {
             s,
             vms: HashMap::new(),
+            roster_sent: None,
             last_report: None,
             registered: false,
             library: crate::library::Sync::default(),
@@ -451,6 +454,7 @@ impl Reconciler {
         if !self.ensure_blockd() {
             return;
         }
+        self.roster(state);
         let copies = self.copies();
         let Some(copies) = copies else { return };
         let mut ready = HashSet::new();
@@ -508,6 +512,32 @@ impl Reconciler {
             }
         }
         self.report(state);
+    }
+
+    /// Gives blockd the cluster's roster (each member's certificate, the removed servers'),
+    /// when it changed or blockd restarted: its mirror links take no other certificate.
+    fn roster(&mut self, state: &StateMachine) {
+        let roster = BlockdRequest::Roster {
+            members: state
+                .servers
+                .values()
+                .filter(|s| !s.cert.is_empty())
+                .map(|s| (s.id, s.cert.clone()))
+                .collect(),
+            revoked: state.revoked.keys().cloned().collect(),
+        };
+        let Some(pid) = lock(&self.s.procs).blockd.as_ref().map(|c| c.id()) else {
+            return;
+        };
+        if self.roster_sent.as_ref() == Some(&(pid, roster.clone())) {
+            return;
+        }
+        match self.blockd(&roster) {
+            Ok(_) => self.roster_sent = Some((pid, roster)),
+            Err(e) => {
+                tracing::warn!(server = self.s.cfg.id, error = %e, "cannot give blockd the roster")
+            }
+        }
     }
 
     /// Starts blockd if it is not running; whether it answers.
