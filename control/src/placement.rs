@@ -238,6 +238,7 @@ mod tests {
                 boot: Default::default(),
                 boot_order: Default::default(),
                 cdrom: None,
+                networks: Vec::new(),
             }),
             &mut Vec::new(),
         )

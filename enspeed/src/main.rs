@@ -58,6 +58,13 @@ enum Command {
         #[command(subcommand)]
         command: webui::cli::UserCommand,
     },
+    /// The networks, through the API: list; create or delete (Managers).
+    Network {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::NetworkCommand,
+    },
     /// The ISO library, through the API: list; upload or delete (Managers).
     Iso {
         #[command(flatten)]
@@ -317,6 +324,7 @@ fn main() -> ExitCode {
         Command::User { login, command } => webui::cli::user(&login, command),
         Command::Servers { login, command } => webui::cli::servers(&login, command),
         Command::Iso { login, command } => webui::cli::iso(&login, command),
+        Command::Network { login, command } => webui::cli::network(&login, command),
         Command::Audit {
             login,
             after,

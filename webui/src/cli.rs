@@ -96,6 +96,9 @@ pub enum VmCommand {
         /// With --blank: UEFI firmware (OVMF) instead of the BIOS.
         #[arg(long, requires = "blank")]
         uefi: bool,
+        /// A network card on this network (again for more cards, up to 4, in order).
+        #[arg(long = "net", value_name = "NETWORK")]
+        net: Vec<String>,
     },
     /// Change a powered-off VM: memory, vCPUs, how it boots, more disks.
     Edit {
@@ -182,6 +185,38 @@ pub enum IsoCommand {
         name: Option<String>,
     },
     /// Delete an ISO image no VM's CD-ROM holds (Managers).
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `enspeed network`.
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// The networks you may put VMs on.
+    List,
+    /// Define a network (Managers): a bridge of that name on every VM server.
+    Create {
+        /// Its name.
+        name: String,
+        /// The bridge each VM server builds for it (at most 15 characters).
+        #[arg(long)]
+        bridge: String,
+        /// The host NIC the bridge is built over, the same on every VM server.
+        #[arg(long)]
+        uplink: Option<String>,
+        /// Its 802.1Q VLAN on the uplink (1-4094).
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// Its IPv4 subnet, A.B.C.D/N.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Only this Power User's company's VMs may use it (its id).
+        #[arg(long)]
+        company: Option<u64>,
+    },
+    /// Delete a network no VM is on (Managers).
     Delete {
         /// Its name.
         name: String,
@@ -573,8 +608,12 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             iso,
             cdrom_first,
             uefi,
+            net,
         } => {
             let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
+            if !net.is_empty() {
+                body["networks"] = json!(net);
+            }
             if !extra_disk.is_empty() {
                 body["extra_disks_gib"] = json!(extra_disk);
             }
@@ -838,6 +877,62 @@ impl Drop for RawTerminal {
         unsafe {
             libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
+    }
+}
+
+/// `enspeed network`.
+pub fn network(l: &Login, cmd: NetworkCommand) -> ExitCode {
+    match cmd {
+        NetworkCommand::List => run(l, |s| s.call("GET", "/networks", None), network_table),
+        NetworkCommand::Create {
+            name,
+            bridge,
+            uplink,
+            vlan,
+            subnet,
+            company,
+        } => {
+            let mut body = json!({"name": name, "bridge": bridge});
+            for (k, v) in [
+                ("uplink", uplink.map(Value::from)),
+                ("vlan", vlan.map(Value::from)),
+                ("subnet", subnet.map(Value::from)),
+                ("company", company.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            run(
+                l,
+                |s| s.call("POST", "/networks", Some(body)),
+                network_table,
+            )
+        }
+        NetworkCommand::Delete { name } => run(
+            l,
+            |s| s.call("DELETE", &format!("/networks/{name}"), None),
+            done,
+        ),
+    }
+}
+
+fn network_table(v: &Value) {
+    let rows = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+    println!(
+        "{:<20} {:<18} {:<15} {:<15} {:>5} {:>4}",
+        "NAME", "SUBNET", "BRIDGE", "UPLINK", "VLAN", "VMS"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<18} {:<15} {:<15} {:>5} {:>4}",
+            s(&r["name"]),
+            s(&r["subnet"]),
+            s(&r["bridge"]),
+            s(&r["uplink"]),
+            s(&r["vlan"]),
+            s(&r["vms"]),
+        );
     }
 }
 

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// Requests a second a user may keep up, on one server.
-pub const RATE: f64 = 50.0;
+pub const RATE: f64 = 100.0;
 /// Requests a user may send at once after a pause.
-pub const BURST: f64 = 200.0;
+pub const BURST: f64 = 400.0;
 /// Users remembered at most; full buckets are forgotten first when there are more.
 const USERS: usize = 16 * 1024;
 

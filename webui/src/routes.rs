@@ -98,6 +98,25 @@ struct NewVm {
     /// A library ISO in the CD-ROM drive from the start.
     #[serde(default)]
     iso: Option<String>,
+    /// Its network cards: each one's network, in order.
+    #[serde(default)]
+    networks: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewNetwork {
+    name: String,
+    bridge: String,
+    #[serde(default)]
+    uplink: Option<String>,
+    #[serde(default)]
+    vlan: Option<u16>,
+    #[serde(default)]
+    subnet: Option<String>,
+    /// A Power User's id: only its company's VMs may use the network.
+    #[serde(default)]
+    company: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -397,6 +416,46 @@ impl App {
                     .await?;
                 Ok(ok(&json!({ "id": vm, "cdrom": body.iso })))
             }
+            (Method::GET, ["networks"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::networks(&c.state, &c.user)))
+            }
+            (Method::POST, ["networks"]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let n: NewNetwork = req.json()?;
+                let network = state_machine::NetworkRecord {
+                    name: n.name,
+                    bridge: n.bridge,
+                    uplink: n.uplink,
+                    vlan: n.vlan,
+                    subnet: n.subnet,
+                    company: n.company,
+                };
+                let name = network.name.clone();
+                self.cluster
+                    .act(c.user.id, Action::CreateNetwork { network })
+                    .await?;
+                let state = self.cluster.state().await?;
+                let view = views::networks(&state, &c.user)
+                    .into_iter()
+                    .find(|v| v.name == name)
+                    .ok_or_else(|| ApiError::unavailable(format!("network {name} is gone")))?;
+                Ok(json_response(StatusCode::CREATED, &view))
+            }
+            (Method::DELETE, ["networks", name]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::DeleteNetwork {
+                            name: name.to_string(),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "deleted": name })))
+            }
             (Method::GET, ["isos"]) => {
                 let c = self.caller(&req, false).await?;
                 Ok(ok(&views::isos(&c.state, &c.user)))
@@ -607,7 +666,7 @@ impl App {
             (
                 _,
                 ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit"
-                | "isos", ..],
+                | "isos" | "networks", ..],
             ) => {
                 let known = openapi::known_path(&parts);
                 if known {
@@ -995,6 +1054,7 @@ impl App {
                         boot: v.boot,
                         boot_order: v.boot_order,
                         cdrom: v.iso.clone(),
+                        networks: v.networks.clone(),
                     },
                 },
             )

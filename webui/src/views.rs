@@ -181,6 +181,69 @@ pub struct VmView {
     pub boot: BootMode,
     /// With `bios` or `uefi`: `disk_first` or `cdrom_first`.
     pub boot_order: BootOrder,
+    /// Its network cards, in order.
+    pub nics: Vec<NicView>,
+}
+
+/// A VM's network card as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct NicView {
+    /// Its network.
+    pub network: String,
+    /// Its MAC address.
+    pub mac: String,
+}
+
+/// A network as the API shows it: where it is built only to a Manager.
+#[derive(Debug, Serialize)]
+pub struct NetworkView {
+    /// Its name.
+    pub name: String,
+    /// Its IPv4 subnet, if it has one.
+    pub subnet: Option<String>,
+    /// Whether only one company's VMs use it.
+    pub private: bool,
+    /// The bridge on every VM server (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The uplink NIC (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// Its VLAN (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// The Power User whose company it is (Managers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub company: Option<u64>,
+    /// How many VMs `viewer` may see have a card on it.
+    pub vms: usize,
+}
+
+/// The networks `viewer` may put VMs on: a Manager sees them all, with where they are built;
+/// others see the shared ones and their company's.
+pub fn networks(state: &StateMachine, viewer: &UserRecord) -> Vec<NetworkView> {
+    let manager = viewer.role == Role::Manager;
+    let company = access::company(viewer);
+    state
+        .networks
+        .values()
+        .filter(|n| manager || n.company.is_none() || n.company == company)
+        .map(|n| NetworkView {
+            name: n.name.clone(),
+            subnet: n.subnet.clone(),
+            private: n.company.is_some(),
+            bridge: manager.then(|| n.bridge.clone()),
+            uplink: if manager { n.uplink.clone() } else { None },
+            vlan: if manager { n.vlan } else { None },
+            company: if manager { n.company } else { None },
+            vms: state
+                .vms
+                .values()
+                .filter(|v| v.nics.iter().any(|c| c.network == n.name))
+                .filter(|v| access::may_operate_vm(state, viewer, v))
+                .count(),
+        })
+        .collect()
 }
 
 fn copy(
@@ -300,6 +363,14 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
         cdrom: vm.cdrom.clone(),
         boot: vm.boot,
         boot_order: vm.boot_order,
+        nics: vm
+            .nics
+            .iter()
+            .map(|n| NicView {
+                network: n.network.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
     }
 }
 

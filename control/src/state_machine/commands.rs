@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::observations::Observation;
-use super::records::{BootMode, BootOrder, Capacity, DiskRecord, VmRecord};
+use super::records::{BootMode, BootOrder, Capacity, DiskRecord, NetworkRecord, Nic, VmRecord};
 use crate::access::{Quota, Role, SessionRecord};
 
 /// A change to the cluster's state, proposed through Raft and applied once committed.
@@ -166,6 +166,9 @@ pub struct NewVm {
     /// The ISO in its CD-ROM drive from the start (a library image's name).
     #[serde(default)]
     pub cdrom: Option<String>,
+    /// Its network cards: the network of each, in order (the cluster gives their MACs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
 }
 
 impl NewVm {
@@ -193,6 +196,14 @@ impl NewVm {
             cdrom: self.cdrom.clone(),
             boot: self.boot,
             boot_order: self.boot_order,
+            nics: self
+                .networks
+                .iter()
+                .map(|n| Nic {
+                    network: n.clone(),
+                    mac: String::new(),
+                })
+                .collect(),
         }
     }
 }
@@ -318,6 +329,16 @@ pub enum Action {
     MigrateVm {
         /// VMID.
         vm: u64,
+    },
+    /// Defines a network (Managers).
+    CreateNetwork {
+        /// Its definition.
+        network: NetworkRecord,
+    },
+    /// Deletes a network no VM is on (Managers).
+    DeleteNetwork {
+        /// Its name.
+        name: String,
     },
     /// Adds an uploaded ISO image to the library (Managers), held so far by the server that
     /// took the upload; the other servers' agents copy it from there.

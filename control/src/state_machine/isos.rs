@@ -160,6 +160,7 @@ mod tests {
             boot: Default::default(),
             boot_order: Default::default(),
             cdrom: None,
+            networks: Vec::new(),
         }
         .record(Some(r));
         vm.id = 7;

@@ -35,6 +35,11 @@ pub(super) fn iso_key(name: &str) -> Vec<u8> {
     format!("iso/{name}").into_bytes()
 }
 
+/// A network's record.
+pub(super) fn network_key(name: &str) -> Vec<u8> {
+    format!("network/{name}").into_bytes()
+}
+
 /// A removed server's certificate, by its fingerprint.
 pub(super) fn revoked_key(cert: &str) -> Vec<u8> {
     format!("revoked/{cert}").into_bytes()

@@ -25,6 +25,7 @@ mod isos;
 mod keys;
 pub use keys::ARCHIVED_AUDIT_PREFIX;
 mod kv;
+mod networks;
 mod observations;
 mod records;
 mod refusal;
@@ -44,8 +45,8 @@ use crate::storage::{Record, RecordWrite};
 pub use commands::{Action, Command, NewVm, Query};
 pub use observations::{CopyRole, DiskObservation, LinkState, Observation, VmObservation};
 pub use records::{
-    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, Pool, ServerRecord, VmRecord,
-    MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, NetworkRecord, Nic, Pool,
+    ServerRecord, VmRecord, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 
@@ -68,6 +69,9 @@ pub struct StateMachine {
     /// The ISO library, by name.
     #[serde(default)]
     pub isos: BTreeMap<String, IsoRecord>,
+    /// The networks, by name.
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkRecord>,
     /// Certificates of removed servers (fingerprint to the server's id): refused for good.
     #[serde(default)]
     pub revoked: BTreeMap<String, u64>,
@@ -124,6 +128,10 @@ impl StateMachine {
                 "vm" => {
                     let vm: VmRecord = record(v).map_err(err)?;
                     sm.vms.insert(vm.name.clone(), vm);
+                }
+                "network" => {
+                    let n: NetworkRecord = record(v).map_err(err)?;
+                    sm.networks.insert(n.name.clone(), n);
                 }
                 "iso" => {
                     let i: IsoRecord = record(v).map_err(err)?;
@@ -240,6 +248,9 @@ impl StateMachine {
             | Action::OpenConsole { .. } => self.act_on_vm(&by, action, writes)?,
             Action::AddIso { .. } | Action::DeleteIso { .. } | Action::SetCdrom { .. } => {
                 self.act_on_iso(&by, action, writes)?
+            }
+            Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {
+                self.act_on_network(&by, action, writes)?
             }
             Action::DrainServer { id } => self.drain_server(&by, *id, writes)?,
             Action::Note { action, target } => {
@@ -376,6 +387,7 @@ mod tests {
                 cdrom: None,
                 boot: BootMode::Kernel,
                 boot_order: BootOrder::DiskFirst,
+                nics: Vec::new(),
             }),
         ];
         for c in &cmds {

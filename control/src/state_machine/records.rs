@@ -165,6 +165,45 @@ pub struct VmRecord {
     /// With firmware boot: what the firmware boots first.
     #[serde(default)]
     pub boot_order: BootOrder,
+    /// Its network cards, in order (the guest's first NIC first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+}
+
+/// A VM's network card: the network it is on and the MAC the cluster gave it (kept across
+/// reboots, failovers and migrations; a clone gets new ones).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// The network's name.
+    pub network: String,
+    /// Its MAC address, `02:45:53:xx:xx:xx` (locally administered, unique in the cluster).
+    pub mac: String,
+}
+
+/// Network cards a VM has at most.
+pub const MAX_VM_NICS: usize = 4;
+
+/// A network the VMs' NICs attach to, defined by a Manager: on every VM server, a Linux bridge
+/// of the same name over the same uplink NIC, optionally on an 802.1Q VLAN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// Its name, unique in the cluster.
+    pub name: String,
+    /// The bridge each VM server builds (and the VMs' taps join), e.g. `br-lan`.
+    pub bridge: String,
+    /// The host NIC the bridge is built over, the same name on every VM server; none: a
+    /// bridge with no uplink (its VMs reach only VMs of the same server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// The VLAN its frames carry on the uplink (1-4094); none: untagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// Its IPv4 subnet (`10.20.0.0/24`), served by the cluster's DHCP service when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The company (its Power User's id) whose VMs alone may use it; none: every tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company: Option<u64>,
 }
 
 /// Most guest RAM a VM is given, MiB (1 TiB, what the VMM maps).
@@ -240,4 +279,7 @@ pub struct Counters {
     /// The last disk identity (`DiskRecord::uid`).
     #[serde(default)]
     pub disk: u64,
+    /// The last MAC address handed out (its low 24 bits).
+    #[serde(default)]
+    pub mac: u64,
 }

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
-    Acted, Action, BootMode, DiskRecord, Outcome, RecordWrite, Refusal, StateMachine, VmRecord,
-    MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    Acted, Action, BootMode, DiskRecord, Nic, Outcome, RecordWrite, Refusal, StateMachine,
+    VmRecord, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
 };
 use crate::access;
 
@@ -96,6 +96,7 @@ impl StateMachine {
                 "VM {name} boots the guest kernel, but none is given"
             )));
         }
+        self.check_nics(&vm)?;
         let total: u64 = sizes.iter().sum();
         let p = match clone_of.and_then(|c| c.first()) {
             None => crate::placement::place(self, vm.memory_mib, total)?,
@@ -107,6 +108,9 @@ impl StateMachine {
         self.counters.vm += 1;
         vm.id = self.counters.vm;
         vm.disks = names.clone();
+        for nic in &mut vm.nics {
+            nic.mac = self.next_mac();
+        }
         writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
         for (i, (disk_name, size)) in names.iter().zip(sizes).enumerate() {
             let disk = DiskRecord {
@@ -420,6 +424,15 @@ impl StateMachine {
                     // It boots as its source does.
                     boot: src.boot,
                     boot_order: src.boot_order,
+                    // On the same networks, with MACs of its own (`create_vm` gives them).
+                    nics: src
+                        .nics
+                        .iter()
+                        .map(|n| Nic {
+                            network: n.network.clone(),
+                            mac: String::new(),
+                        })
+                        .collect(),
                 };
                 let r = self.create_vm(copy, &sizes, Some(&disks), writes)?;
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
@@ -531,6 +544,7 @@ mod tests {
             boot: BootMode::Bios,
             boot_order: BootOrder::DiskFirst,
             cdrom: None,
+            networks: Vec::new(),
         }
         .record(Some(r));
         vm.id = 7;
