@@ -359,10 +359,20 @@ fn virtio_net_exchanges_arp_and_icmp_with_the_host_over_a_tap() {
     let guest_ip = format!("10.{n}.77.2");
     ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &tap]);
     ip(&["link", "set", &tap, "up"]);
+    let rarp = RarpListener::on(&tap);
     let mut vm = Vmm::start(&guest_args(
         &format!("tg.run=net tg.ip={guest_ip} tg.peer={host_ip} tg.end=wait"),
         &["--net", &format!("tap={tap},mac=52:54:00:aa:bb:cc")],
     ));
+    // The VMM announced the VM's MAC at once (RARP, as switches learn from), several times.
+    let announced = rarp.frames(Duration::from_secs(3));
+    assert!(
+        announced.len() >= 3
+            && announced
+                .iter()
+                .all(|src| *src == [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]),
+        "RARP announcements from the VM's MAC: {announced:x?}"
+    );
     vm.wait_for("tg: net ok", BOOT);
     // And the host reaches the guest.
     let ping = Command::new("ping")
@@ -376,6 +386,71 @@ fn virtio_net_exchanges_arp_and_icmp_with_the_host_over_a_tap() {
             vm.output()
         ),
         Err(e) => eprintln!("ping is not installed ({e}); guest-to-host path was checked"),
+    }
+}
+
+/// A raw socket on a tap that hears RARP frames (what a VMM announces a MAC with).
+struct RarpListener(std::os::fd::OwnedFd);
+
+impl RarpListener {
+    fn on(tap: &str) -> RarpListener {
+        use std::os::fd::FromRawFd;
+        const ETH_P_RARP: u16 = 0x8035;
+        let name = std::ffi::CString::new(tap).unwrap();
+        // SAFETY: plain socket calls with valid, properly sized arguments; the descriptor is
+        // owned from here on.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from(ETH_P_RARP.to_be()),
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = ETH_P_RARP.to_be();
+            sa.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            let r = libc::bind(
+                fd,
+                &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind to {tap}: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            RarpListener(owned)
+        }
+    }
+
+    /// The source MACs of the RARP frames heard within `window`.
+    fn frames(&self, window: Duration) -> Vec<[u8; 6]> {
+        use std::os::fd::AsRawFd;
+        let until = std::time::Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < until {
+            // SAFETY: reads into a buffer of its stated size.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 14 && buf[12..14] == [0x80, 0x35] {
+                out.push(buf[6..12].try_into().unwrap());
+            }
+        }
+        out
     }
 }
 

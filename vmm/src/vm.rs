@@ -241,10 +241,12 @@ fn mmio_virtio(
         virtio.push(VirtioSlot::Disk(i, add(disk_device(d)?)?));
     }
     for n in &cfg.nets {
-        virtio.push(VirtioSlot::Net(add(Box::new(Net::new(
-            Tap::open(&n.tap)?,
-            n.mac,
-        )))?));
+        let tap = Tap::open(&n.tap)?;
+        // The VM may have run elsewhere a moment ago (a failover, a migration): its MAC is
+        // announced here at once.
+        tap.announce(n.mac)
+            .map_err(|e| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap)))?;
+        virtio.push(VirtioSlot::Net(add(Box::new(Net::new(tap, n.mac)))?));
     }
     Ok(virtio)
 }
