@@ -17,3 +17,7 @@ if [ -s "$retries" ]; then
     echo "test.sh: level-2 scenarios run again in this run:"
     sed 's/^/    /' "$retries"
 fi
+# Coverage-guided fuzzing of what takes untrusted bytes (mirror frames, RFB client messages,
+# virtio-blk chains, the vhost-user-blk request path, the API's JSON), 10 s a target; the
+# fuzz crate (fuzz/) builds outside the workspace. scripts/fuzz.sh alone runs longer.
+scripts/fuzz.sh 10

@@ -33,7 +33,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_blk::{status, Op, Request, ID_LEN, SECTOR_SIZE};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -350,6 +350,31 @@ fn serve_connection(
     Ok(())
 }
 
+/// Serves, on this thread and with no socket or frontend, the requests a guest made available
+/// on the split ring of `size` descriptors in `mem` whose descriptor table, available ring and
+/// used ring are at `rings`, as the vring worker serves them when the guest kicks. Writes and
+/// flushes complete whenever `store` calls back, possibly after this returns. Not an interface:
+/// it lets the fuzz target `fuzz/fuzz_targets/vhost_user_blk.rs` drive the request path.
+#[doc(hidden)]
+pub fn serve_ring(
+    store: Arc<dyn BlockStore>,
+    mem: &GuestMemoryMmap,
+    size: u16,
+    rings: [GuestAddress; 3],
+) -> io::Result<()> {
+    let mem = GuestMemoryAtomic::new(mem.clone());
+    let backend = BlkBackend::new("in-process".into(), store, mem.clone())?;
+    let vring = VringRwLock::new(mem, QUEUE_SIZE).map_err(io::Error::other)?;
+    vring.set_queue_size(size);
+    let [desc, avail, used] = rings.map(|a| a.0);
+    vring
+        .set_queue_info(desc, avail, used)
+        .map_err(io::Error::other)?;
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    backend.handle_event(0, EventSet::IN, &[vring], 0)
+}
+
 /// Requests taken off the ring and not yet completed.
 #[derive(Default)]
 struct Inflight {
@@ -386,6 +411,8 @@ struct BlkBackend {
     id: [u8; ID_LEN],
     /// A request without a status byte was logged as a warning.
     warned: AtomicBool,
+    /// A malformed ring was logged as a warning.
+    ring_warned: AtomicBool,
 }
 
 impl BlkBackend {
@@ -428,6 +455,7 @@ impl BlkBackend {
             config,
             id,
             warned: AtomicBool::new(false),
+            ring_warned: AtomicBool::new(false),
         })
     }
 
@@ -442,16 +470,28 @@ impl BlkBackend {
         }
     }
 
-    /// Serves the ring until it is empty (notifications back on), or the
-    /// write budget is spent (the resume eventfd brings the worker back).
+    /// Serves the ring until it is empty (notifications back on), the write
+    /// budget is spent (the resume eventfd brings the worker back), or the
+    /// ring is malformed (the guest's next kick tries again).
     fn process(&self, vring: &VringRwLock) {
         loop {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!(disk = %self.disk, error = ?e, "cannot read the guest's ring");
                 return;
             }
-            if !self.drain(vring) {
-                return;
+            match self.drain(vring) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    // Nothing can be taken off it (its available index is more
+                    // than a ring ahead of the requests taken, say), yet it
+                    // never looks empty, so going on would spin. Once per
+                    // connection: a guest must not flood the host's log.
+                    if !self.ring_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(disk = %self.disk, error = ?e, "the guest's ring is malformed; served again at its next kick");
+                    }
+                    return;
+                }
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
@@ -465,9 +505,10 @@ impl BlkBackend {
     }
 
     /// Takes up to a ring's worth of requests; false when the write budget
-    /// stopped it.
-    fn drain(&self, vring: &VringRwLock) -> bool {
+    /// stopped it, an error when the ring is malformed.
+    fn drain(&self, vring: &VringRwLock) -> Result<bool, virtio_queue::Error> {
         let mut throttled = false;
+        let mut malformed = None;
         // Synchronous completions are signalled once, after the batch.
         let mut completed = false;
         // Bounded: at most one ring's worth per call; the caller loops.
@@ -482,8 +523,16 @@ impl BlkBackend {
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
-                    .pop_descriptor_chain(self.mem.memory());
-                let Some(chain) = chain else { break };
+                    .iter(self.mem.memory())
+                    .map(|mut avail| avail.next());
+                let chain = match chain {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        malformed = Some(e);
+                        break;
+                    }
+                };
                 // Counted under the same lock as the pop: stopping the ring
                 // sees every request taken off it.
                 inflight.requests += 1;
@@ -526,7 +575,10 @@ impl BlkBackend {
         if completed && vring.needs_notification().unwrap_or(true) {
             signal(&self.disk, vring);
         }
-        !throttled
+        match malformed {
+            Some(e) => Err(e),
+            None => Ok(!throttled),
+        }
     }
 
     /// Runs one request. Returns whether it completed before returning, so
