@@ -320,11 +320,19 @@ enum VmState {
         media: (Option<PathBuf>, Instant),
         /// When its guest was asked to shut down, if it was.
         stopping: Option<Instant>,
+        /// Its network cards' taps, removed once it stops.
+        taps: Vec<String>,
     },
     /// Its guest powered off by itself: reported until the state says stopped.
     PoweredOff,
-    /// Its VMM failed to start or ended with a failure, then: restarted after the backoff.
-    Crashed(Instant),
+    /// Its VMM failed to start or ended with a failure, then: restarted after the backoff;
+    /// `why` it could not start, when that is known (reported on the VM).
+    Crashed {
+        /// When.
+        at: Instant,
+        /// Why, if it never started.
+        why: Option<String>,
+    },
 }
 
 /// The reconcile loop and what it remembers between passes.
@@ -411,6 +419,9 @@ impl Reconciler {
         }
         for (name, st) in ended {
             p.vmms.remove(&name);
+            if let Some(VmState::Running { taps, .. }) = self.vms.get(&name) {
+                taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
+            }
             // A shutdown the state asked for is not news to report (and the VM may have been
             // powered on again meanwhile).
             let asked = matches!(
@@ -428,12 +439,23 @@ impl Reconciler {
                 self.vms.insert(name, VmState::PoweredOff);
             } else {
                 tracing::warn!(vm = %name, status = %st, "VMM ended");
-                self.vms.insert(name, VmState::Crashed(Instant::now()));
+                self.vms.insert(
+                    name,
+                    VmState::Crashed {
+                        at: Instant::now(),
+                        why: None,
+                    },
+                );
             }
         }
         // VMMs the watchdog killed (fenced) run no more.
-        self.vms
-            .retain(|name, st| !matches!(st, VmState::Running { .. }) || p.vmms.contains_key(name));
+        self.vms.retain(|name, st| match st {
+            VmState::Running { taps, .. } if !p.vmms.contains_key(name) => {
+                taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
+                false
+            }
+            _ => true,
+        });
     }
 
     fn pass(&mut self, state: &StateMachine) {
@@ -856,15 +878,22 @@ impl Reconciler {
     }
 
     fn stop_vm(&mut self, name: &str, why: &str) {
-        if matches!(self.vms.get(name), Some(VmState::Running { .. })) {
-            self.vms.remove(name);
-        }
+        let taps = match self.vms.get(name) {
+            Some(VmState::Running { taps, .. }) => {
+                let taps = taps.clone();
+                self.vms.remove(name);
+                taps
+            }
+            _ => Vec::new(),
+        };
         let mut p = lock(&self.s.procs);
         if let Some(mut vm) = p.vmms.remove(name) {
             let _ = vm.child.kill();
             let _ = vm.child.wait();
             tracing::info!(server = self.s.cfg.id, vm = %name, why, "VMM stopped");
         }
+        drop(p);
+        taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
     }
 
     /// Starts the VMs whose disks' primary copies are ready here; stops the others.
@@ -906,7 +935,9 @@ impl Reconciler {
             }
             match self.vms.get(&vm.name) {
                 Some(VmState::PoweredOff | VmState::Running { .. }) => continue,
-                Some(VmState::Crashed(at)) if at.elapsed() < self.s.cfg.timing.restart_backoff => {
+                Some(VmState::Crashed { at, .. })
+                    if at.elapsed() < self.s.cfg.timing.restart_backoff =>
+                {
                     continue
                 }
                 _ => {}
@@ -919,12 +950,48 @@ impl Reconciler {
         state.vm_primary(vm) == Some(self.s.cfg.id)
     }
 
+    /// Plugs VM `vm`'s network cards here: each network's bridge made, each card's tap in
+    /// it. The VMM's `--net` arguments, or why the VM cannot run here.
+    fn plug(
+        &self,
+        state: &StateMachine,
+        vm: &VmRecord,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        let (mut nets, mut taps) = (Vec::new(), Vec::new());
+        for (i, nic) in vm.nics.iter().enumerate() {
+            let net = state
+                .networks
+                .get(&nic.network)
+                .ok_or_else(|| format!("its network {} is gone", nic.network))?;
+            crate::netdev::ensure_bridge(net)?;
+            let tap = crate::netdev::tap_name(vm.id, i);
+            crate::netdev::plug_tap(&tap, &net.bridge)?;
+            nets.push(format!("tap={tap},mac={}", nic.mac));
+            taps.push(tap);
+        }
+        Ok((nets, taps))
+    }
+
     fn start_vm(&mut self, state: &StateMachine, vm: &VmRecord, copies: &BTreeMap<String, Copy>) {
         let dir = self.s.vm_dir(&vm.name);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(vm = %vm.name, error = %e, "cannot create the VM's directory");
             return;
         }
+        let (nets, taps) = match self.plug(state, vm) {
+            Ok(n) => n,
+            Err(why) => {
+                tracing::error!(server = self.s.cfg.id, vm = %vm.name, error = %why, "the VM's network cannot be plugged in here");
+                self.vms.insert(
+                    vm.name.clone(),
+                    VmState::Crashed {
+                        at: Instant::now(),
+                        why: Some(format!("its network: {why}")),
+                    },
+                );
+                return;
+            }
+        };
         let generation = vm
             .disks
             .first()
@@ -977,6 +1044,9 @@ impl Reconciler {
             (Some(path), Some(_)) => cmd.arg("--cdrom").arg(path),
             (None, Some(_)) => cmd.args(["--cdrom", "empty"]),
         };
+        for n in &nets {
+            cmd.arg("--net").arg(n);
+        }
         cmd.arg("--serial")
             .arg(dir.join("serial.log"))
             .arg("--api-socket")
@@ -1003,13 +1073,19 @@ impl Reconciler {
                     VmState::Running {
                         media: (cdrom, Instant::now()),
                         stopping: None,
+                        taps,
                     },
                 );
             }
             Err(e) => {
                 tracing::error!(vm = %vm.name, error = %e, "cannot start the VMM");
-                self.vms
-                    .insert(vm.name.clone(), VmState::Crashed(Instant::now()));
+                self.vms.insert(
+                    vm.name.clone(),
+                    VmState::Crashed {
+                        at: Instant::now(),
+                        why: Some(format!("its VMM: {e}")),
+                    },
+                );
             }
         }
     }
@@ -1043,8 +1119,27 @@ impl Reconciler {
                     running: true,
                     pid: Some(vm.child.id()),
                     generation: vm.generation,
+                    error: None,
                 },
             );
+        }
+        // VMs that should run here and cannot: why, on the VM.
+        for (name, st) in &self.vms {
+            if let VmState::Crashed { why: Some(why), .. } = st {
+                let wanted = state
+                    .vms
+                    .get(name)
+                    .is_some_and(|vm| vm.running && self.is_primary_here(state, vm));
+                if wanted && !o.vms.contains_key(name) {
+                    o.vms.insert(
+                        name.clone(),
+                        VmObservation {
+                            error: Some(why.clone()),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
         }
         let committed = state.observed.get(&self.s.cfg.id);
         if committed == Some(&o) {

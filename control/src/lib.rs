@@ -21,6 +21,7 @@ pub mod cli;
 pub mod console;
 pub mod failover;
 pub mod library;
+pub mod netdev;
 pub mod node;
 pub mod peers;
 pub mod placement;

@@ -2561,6 +2561,82 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
         .collect();
     assert_eq!(cmacs.len(), 2);
     assert!(cmacs.is_disjoint(&macs), "{cmacs:?} {macs:?}");
+    // Started, a VM whose network's uplink NIC its server lacks does not run, and says why:
+    // the details to a Manager, the gist to its owner.
+    let web_id = id(&web);
+    let on = wp.send(
+        "POST",
+        &format!("/api/v1/vms/{web_id}/power"),
+        Some(json!({"action": "on"})),
+    );
+    assert_eq!(on.0, 202, "{on:?}");
+    let why = cluster::wait_for("the VM's error", Duration::from_secs(30), || {
+        let v = m.get(&format!("/api/v1/vms/{web_id}")).1;
+        v["error"].as_str().map(str::to_string)
+    });
+    assert!(
+        why.contains("uplink NIC eth1 is not on this server"),
+        "{why}"
+    );
+    let told = wp.get(&format!("/api/v1/vms/{web_id}")).1;
+    assert_eq!(told["status"], "starting", "{told}");
+    assert!(
+        told["error"]
+            .as_str()
+            .unwrap()
+            .contains("its network is not available"),
+        "{told}"
+    );
+    assert!(!told["error"].as_str().unwrap().contains("eth1"), "{told}");
+    let off = wp.send(
+        "POST",
+        &format!("/api/v1/vms/{web_id}/power"),
+        Some(json!({"action": "force-off"})),
+    );
+    assert_eq!(off.0, 202, "{off:?}");
+    // On a network of its server's own bridge, a running VM's card is a tap in that bridge,
+    // given to its VMM with its MAC; stopped, the tap is gone.
+    let bridge = format!("esbr{}", std::process::id() % 100_000);
+    let local = json!({"name": "local", "bridge": bridge});
+    assert_eq!(m.send("POST", "/api/v1/networks", Some(local)).0, 201);
+    let mut vm = new_vm("plugged", q);
+    vm["networks"] = json!(["local"]);
+    vm["start"] = json!(true);
+    let plugged = wq.send("POST", "/api/v1/vms", Some(vm));
+    let pid_ = id(&plugged);
+    let tap = format!("es{pid_}n0");
+    let mac = wq.get(&format!("/api/v1/vms/{pid_}")).1["nics"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster::wait_for("the VM running", Duration::from_secs(60), || {
+        (wq.get(&format!("/api/v1/vms/{pid_}")).1["status"] == "running").then_some(())
+    });
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap_or_default();
+    assert!(
+        master.ends_with(&bridge),
+        "tap {tap} in {master:?}, not {bridge}"
+    );
+    let vmm = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .find(|c| c.contains(" vmm ") && c.contains(&format!("tap={tap},mac={mac}")));
+    assert!(vmm.is_some(), "no VMM was given --net tap={tap},mac={mac}");
+    let off = wq.send(
+        "POST",
+        &format!("/api/v1/vms/{pid_}/power"),
+        Some(json!({"action": "force-off"})),
+    );
+    assert_eq!(off.0, 202);
+    cluster::wait_for("the tap removed", Duration::from_secs(30), || {
+        (!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists()).then_some(())
+    });
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &bridge])
+        .status();
+
     // A network with VMs on it stays; the CLI lists and deletes.
     let del = m.send("DELETE", "/api/v1/networks/lan", None);
     assert_eq!(del.0, 409, "{del:?}");

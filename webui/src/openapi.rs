@@ -170,7 +170,8 @@ fn schemas() -> Value {
                 "percent": {"type": "number"}, "generation": {"type": "integer"}}},
             "cdrom": {"type": "string", "nullable": true},
             "nics": {"type": "array", "items": {"type": "object", "properties": {
-                "network": {"type": "string"}, "mac": {"type": "string"}}}}}},
+                "network": {"type": "string"}, "mac": {"type": "string"}}}},
+            "error": {"type": "string", "description": "why it does not run though it should"}}},
         "NewVm": {"type": "object", "required": ["name", "memory_mib", "disk_gib"], "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},

@@ -183,6 +183,10 @@ pub struct VmView {
     pub boot_order: BootOrder,
     /// Its network cards, in order.
     pub nics: Vec<NicView>,
+    /// Why it does not run though it should (its primary server cannot start it): the
+    /// details for a Manager, the gist for others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A VM's network card as the API shows it.
@@ -371,7 +375,30 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
                 mac: n.mac.clone(),
             })
             .collect(),
+        error: vm_error(state, vm, manager),
     }
+}
+
+/// Why VM `vm` does not run though it should, as its primary server's agent reports it.
+fn vm_error(state: &StateMachine, vm: &VmRecord, manager: bool) -> Option<String> {
+    if !vm.running {
+        return None;
+    }
+    let primary = state.vm_primary(vm)?;
+    let why = state
+        .observed
+        .get(&primary)?
+        .vms
+        .get(&vm.name)?
+        .error
+        .clone()?;
+    Some(if manager {
+        format!("server {primary}: {why}")
+    } else if why.starts_with("its network") {
+        "its network is not available on its server (a Manager can see why)".into()
+    } else {
+        "its server cannot start it (a Manager can see why)".into()
+    })
 }
 
 /// An ISO image of the library as the API shows it.

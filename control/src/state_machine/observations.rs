@@ -22,6 +22,10 @@ pub struct VmObservation {
     /// The disk generation it booted on.
     #[serde(default)]
     pub generation: u64,
+    /// Why it does not run here though it should (its VMM could not start, e.g. its network
+    /// is missing on this server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a server's node agent saw of one disk copy (from its blockd).
