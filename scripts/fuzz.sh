@@ -4,6 +4,7 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default: 300 s, every target)
 #
 # 0 seconds builds, replays the regressions and runs each corpus input once, without fuzzing.
+# FUZZ_PROFILE=quick builds with fuzz/Cargo.toml's quicker profile (./test.sh's short runs).
 #
 # Builds the fuzz crate in release mode with the instrumentation cargo-fuzz passes (minus its
 # nightly-only AddressSanitizer; the targets' unsafe code is the project's own few blocks),
@@ -52,8 +53,9 @@ for t in "${targets[@]}"; do
     bins+=(--bin "$t")
 done
 echo "fuzz.sh: building ${targets[*]}" >&2
-(cd fuzz && cargo build --release --target "$host" "${bins[@]}" ${FUZZ_CARGO_FLAGS:-})
-bindir="$CARGO_TARGET_DIR/$host/release"
+profile="${FUZZ_PROFILE:-release}"
+(cd fuzz && cargo build --profile "$profile" --target "$host" "${bins[@]}" ${FUZZ_CARGO_FLAGS:-})
+bindir="$CARGO_TARGET_DIR/$host/$profile"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
