@@ -225,6 +225,19 @@ impl VirtioTransport for pci::VirtioPci {
     }
 }
 
+/// Whether `queue`'s ring is malformed so that nothing can be taken off it though it never
+/// looks empty (its available index runs more than a ring ahead of the requests taken): after
+/// `enable_notification` said more requests are there, a worker that sees this stops rather
+/// than spin, and the guest's next kick tries again.
+pub fn ring_broken(queue: &mut virtio_queue::Queue, mem: &crate::memory::GuestMemory) -> bool {
+    use virtio_queue::QueueOwnedT;
+    let broken = queue.iter(mem).is_err();
+    if broken {
+        tracing::debug!("a virtio ring's available index runs more than a ring ahead: left alone");
+    }
+    broken
+}
+
 /// Copies `src` (a config structure's bytes) at `offset` into `data`; bytes
 /// beyond the structure read as zero.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {

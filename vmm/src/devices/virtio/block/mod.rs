@@ -350,7 +350,7 @@ impl BlockWorker {
                 }
             }
             match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
+                Ok(true) if !super::ring_broken(&mut self.queue, &self.mem) => continue,
                 _ => break,
             }
         }
@@ -424,6 +424,34 @@ mod tests {
         );
         let used_len: u32 = mem.read_obj(q.used_addr().unchecked_add(4 + 4)).unwrap();
         (mem.read_obj(GuestAddress(0x30000)).unwrap(), used_len, mem)
+    }
+
+    #[test]
+    fn a_ring_whose_available_index_runs_a_ring_ahead_is_left_alone_not_spun_on() {
+        let p = tmp("broken-ring", 1 << 20);
+        let mem = crate::memory::create(16).unwrap().0;
+        let q = MockSplitQueue::new(&mem, 16);
+        // The guest says 40 requests are there, on a ring of 16.
+        mem.write_obj(40u16, q.avail_addr().unchecked_add(2))
+            .unwrap();
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut w = BlockWorker {
+            mem: mem.clone(),
+            queue: q.create_queue().unwrap(),
+            backend: Arc::new(Mutex::new(Backend::open(&p, false).unwrap())),
+            readonly: false,
+            id: [0; ID_LEN],
+            interrupt,
+            iovecs: Vec::new(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            w.process();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the worker returned instead of spinning on the ring");
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

@@ -160,7 +160,9 @@ impl NetWorker {
                 let _ = self.tx.add_used(&self.mem, head, 0);
                 sent = true;
             }
-            if !matches!(self.tx.enable_notification(&self.mem), Ok(true)) {
+            if !matches!(self.tx.enable_notification(&self.mem), Ok(true))
+                || super::ring_broken(&mut self.tx, &self.mem)
+            {
                 break;
             }
         }
@@ -219,7 +221,9 @@ impl NetWorker {
             if !self.deliver(len) {
                 self.pending = Some(len);
                 // Ask to be notified when the guest adds buffers, then re-check.
-                if matches!(self.rx.enable_notification(&self.mem), Ok(true)) {
+                if matches!(self.rx.enable_notification(&self.mem), Ok(true))
+                    && !super::ring_broken(&mut self.rx, &self.mem)
+                {
                     continue;
                 }
                 break;
