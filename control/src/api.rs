@@ -195,7 +195,8 @@ pub enum Failure {
 }
 
 impl Response {
-    fn ok(result: Value) -> Response {
+    /// Success with `result`.
+    pub fn ok(result: Value) -> Response {
         Response {
             ok: true,
             result: Some(result),
@@ -203,7 +204,8 @@ impl Response {
             failure: None,
         }
     }
-    fn err(error: impl ToString) -> Response {
+    /// Failure, with why.
+    pub fn err(error: impl ToString) -> Response {
         Response {
             ok: false,
             result: None,
@@ -232,6 +234,56 @@ impl Response {
             e => Response::err(e),
         }
     }
+}
+
+/// Writes `response` as one line on `w` (the answer before a stream: an ISO's bytes, a console).
+pub fn answer_line(w: &mut impl Write, response: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response).expect("answers serialize");
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+/// Sends `request` (one that turns the connection into a stream: `IsoFile`, `Console`), as
+/// this member, to the server at `address`; its answer line, read byte by byte so that the
+/// stream after it stays in the connection, and the connection. A refusal is an error.
+pub fn open_stream(
+    peers: &Peers,
+    address: &str,
+    request: &Request,
+    timeout: Duration,
+) -> io::Result<(TlsStream, Value)> {
+    let mut s = peers.connect(address, timeout.min(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(&Envelope::new(request.clone())).expect("requests serialize");
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let answer = read_answer(&mut s)?;
+    if !answer.ok {
+        return Err(io::Error::other(
+            answer.error.unwrap_or_else(|| "refused".into()),
+        ));
+    }
+    Ok((s, answer.result.unwrap_or(Value::Null)))
+}
+
+/// Reads one answer line from `s`, byte by byte: what follows it is the stream.
+pub fn read_answer(s: &mut impl Read) -> io::Result<Response> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() as u64 > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer line too long",
+            ));
+        }
+        if s.read(&mut b)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(b[0]);
+    }
+    serde_json::from_slice(&line)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad answer: {e}")))
 }
 
 /// Sends one request, as this member, to the server at `address` and waits up to `timeout`

@@ -11,7 +11,7 @@
 //! The serial stream starts with the console's recent history; the VNC stream is RFB from
 //! its first byte (the VMM's server, `enspeed vmm --vnc`).
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader};
 use std::net::Shutdown;
 
 use enspeed_trust::TlsStream;
@@ -176,17 +176,12 @@ pub fn serve(
         Ok(s) => s,
         Err(e) => {
             tracing::info!(vm, console = kind.name(), error = %e, "console refused");
-            let _ = writeln!(w, "{}", json!({"ok": false, "error": e.to_string()}));
+            let _ = crate::api::answer_line(&mut w, &crate::api::Response::err(e));
             return;
         }
     };
-    if writeln!(
-        w,
-        "{}",
-        json!({"ok": true, "result": {"vm": vm, "console": kind.name(), "server": me}})
-    )
-    .is_err()
-    {
+    let opened = json!({"vm": vm, "console": kind.name(), "server": me});
+    if crate::api::answer_line(&mut w, &crate::api::Response::ok(opened)).is_err() {
         return;
     }
     tracing::info!(vm, console = kind.name(), "console opened");
@@ -215,23 +210,6 @@ fn relay(mut from_client: BufReader<TlsStream>, client: TlsStream, vmm: UnixStre
     }
 }
 
-/// Reads one JSON answer line from `s`, byte by byte: what follows it is console output, not
-/// to be lost in a buffer.
-pub fn read_answer(s: &mut impl Read) -> io::Result<serde_json::Value> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        if line.len() > 64 * 1024 {
-            return Err(io::Error::other("console answer line too long"));
-        }
-        if s.read(&mut b)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        line.push(b[0]);
-    }
-    serde_json::from_slice(&line).map_err(|e| io::Error::other(format!("bad console answer: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,12 +217,15 @@ mod tests {
     #[test]
     fn answer_lines_stop_at_the_newline() {
         let mut r: &[u8] = b"{\"ok\":true}\nRFB 003.008\n";
-        assert_eq!(read_answer(&mut r).unwrap(), json!({"ok": true}));
+        assert!(crate::api::read_answer(&mut r).unwrap().ok);
         assert_eq!(r, b"RFB 003.008\n");
         let mut short: &[u8] = b"{\"ok\":tr";
-        assert!(read_answer(&mut short).is_err());
+        assert!(crate::api::read_answer(&mut short).is_err());
         let long = vec![b'x'; 70 * 1024];
-        assert!(read_answer(&mut long.as_slice()).is_err());
+        assert!(crate::api::read_answer(&mut long.as_slice()).is_err());
+        let mut refused: &[u8] = b"{\"ok\":false,\"error\":\"no VM x\"}\n";
+        let r = crate::api::read_answer(&mut refused).unwrap();
+        assert_eq!((r.ok, r.error.as_deref()), (false, Some("no VM x")));
     }
 
     #[test]

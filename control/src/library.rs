@@ -149,6 +149,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What an `iso_file` answer says before the image's bytes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct IsoFileHead {
+    /// The image's bytes that follow.
+    size: u64,
+}
+
 /// Serves `{"op":"iso_file","sha256":...}` on a client connection: one answer line with the
 /// size, then the file's bytes.
 pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
@@ -164,10 +171,11 @@ pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
     };
     match open() {
         Err(e) => {
-            let _ = writeln!(w, "{}", json!({"ok": false, "error": e}));
+            let _ = crate::api::answer_line(&mut w, &crate::api::Response::err(e));
         }
         Ok((mut f, size)) => {
-            if writeln!(w, "{}", json!({"ok": true, "result": {"size": size}})).is_ok() {
+            let head = crate::api::Response::ok(json!(IsoFileHead { size }));
+            if crate::api::answer_line(&mut w, &head).is_ok() {
                 let _ = io::copy(&mut f, &mut w);
             }
         }
@@ -184,20 +192,14 @@ pub fn fetch(
     progress: &dyn Fn(u64),
 ) -> Result<(), String> {
     let what = |e: String| format!("ISO {} from {address}: {e}", iso.name);
-    let mut s = peers
-        .connect(address, Duration::from_secs(5))
+    let req = crate::api::Request::IsoFile {
+        sha256: iso.sha256.clone(),
+    };
+    let (s, head) = crate::api::open_stream(peers, address, &req, Duration::from_secs(30))
         .map_err(|e| what(e.to_string()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| what(e.to_string()))?;
-    let req = json!({"op": "iso_file", "sha256": iso.sha256});
-    writeln!(s, "{req}").map_err(|e| what(e.to_string()))?;
-    let answer = crate::console::read_answer(&mut s).map_err(|e| what(e.to_string()))?;
-    if answer["ok"] != json!(true) {
-        return Err(what(
-            answer["error"].as_str().unwrap_or("refused").to_string(),
-        ));
-    }
-    let size = answer["result"]["size"].as_u64().unwrap_or(u64::MAX);
+    let size = serde_json::from_value::<IsoFileHead>(head)
+        .map_err(|e| what(format!("its answer: {e}")))?
+        .size;
     if size != iso.size {
         return Err(what(format!(
             "it has {size} bytes, the library says {}",

@@ -11,7 +11,6 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -169,10 +168,10 @@ pub async fn connect(
             let b = s.read_u8().await.map_err(|e| fail(e.to_string()))?;
             answer.push(b);
         }
-        let v: Value = serde_json::from_slice(&answer).map_err(|e| fail(e.to_string()))?;
-        if v.get("ok") != Some(&Value::Bool(true)) {
-            let why = v.get("error").and_then(Value::as_str).unwrap_or("refused");
-            return Err(fail(why.to_string()));
+        let v: control::api::Response =
+            serde_json::from_slice(&answer).map_err(|e| fail(e.to_string()))?;
+        if !v.ok {
+            return Err(fail(v.error.unwrap_or_else(|| "refused".into())));
         }
         Ok(s)
     };
