@@ -162,8 +162,9 @@ else
     # they go to --kernel-log).
     if [ -n "$kernel_log" ]; then
         # Nor the firmware's screen before the test host's init.
-        tail -n +1 -f --pid="$qemu_pid" "$console" |
-            awk 'on && !/^\[ *[0-9]+\.[0-9]+\] / { print; fflush() } /TESTHOST: init reached/ { on = 1 }' &
+        # (sed -u and grep --line-buffered: each line as it comes, not a buffer's worth.)
+        tail -n +1 -f --pid="$qemu_pid" "$console" | sed -u '0,/TESTHOST: init reached/d' |
+            grep --line-buffered -vE '^\[ *[0-9]+\.[0-9]+\] ' &
     else
         tail -n +1 -f --pid="$qemu_pid" "$console" &
     fi

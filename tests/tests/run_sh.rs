@@ -91,7 +91,7 @@ fn lines(out: impl Read + Send + 'static) -> Receiver<String> {
 }
 
 /// Reads the demo's output until its banner has been shown; all of it so far.
-fn until_banner(rx: &Receiver<String>, child: &mut Child) -> String {
+fn until_banner(rx: &Receiver<String>, child: &mut Child) -> Result<String, String> {
     let deadline = Instant::now() + BANNER_WITHIN;
     let mut seen = String::new();
     while Instant::now() < deadline {
@@ -100,17 +100,47 @@ fn until_banner(rx: &Receiver<String>, child: &mut Child) -> String {
                 eprint!("run.sh| {l}");
                 seen.push_str(&l);
                 if l.contains("Ctrl-C stops the cluster") {
-                    return seen;
+                    return Ok(seen);
                 }
             }
             Err(_) => {
                 if let Ok(Some(st)) = child.try_wait() {
-                    panic!("./run.sh ended ({st}) before its banner:\n{seen}");
+                    return Err(format!("./run.sh ended ({st}) before its banner:\n{seen}"));
                 }
             }
         }
     }
     panic!("no banner from ./run.sh within {BANNER_WITHIN:?}:\n{seen}");
+}
+
+/// Starts the demo with `start` until it shows its banner: the child, its output and what it
+/// showed. Inside the test host, its own kernel now and then fails under the emulated AMD-V
+/// before the demo is up (see tests/testhost.rs): that is run again, up to three times in all,
+/// and noted in the retries log that test.sh shows.
+fn demo(start: impl Fn() -> Child) -> (Child, Receiver<String>, String) {
+    for attempt in 1..=3 {
+        let mut child = start();
+        let rx = lines(child.stdout.take().unwrap());
+        match until_banner(&rx, &mut child) {
+            Ok(shown) => return (child, rx, shown),
+            Err(why) if attempt < 3 => {
+                eprintln!("!!!! the demo did not come up (attempt {attempt}), run again: {why}");
+                let log = enspeed_tests::profile_dir().join("testhost-retries.log");
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .and_then(|mut f| {
+                        writeln!(
+                            f,
+                            "run_sh: the demo ended before its banner (attempt {attempt})"
+                        )
+                    });
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+    unreachable!("the last attempt panics")
 }
 
 /// Waits for `child` to end after it was asked to stop; its exit code, the rest of its output.
@@ -199,18 +229,29 @@ fn ctrl_c_in_a_terminal_and_sigterm_to_the_process_group_stop_the_whole_demo() {
 
     // A person's terminal: `script` gives ./run.sh a pseudo-terminal; Ctrl-C is the byte 0x03
     // typed into it, which the terminal turns into SIGINT for its foreground process group.
-    let mut child = clean_env(&mut Command::new("script"))
-        .args(["-qfec", "./run.sh", "/dev/null"])
-        .current_dir(repo_root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("script (util-linux)");
-    let rx = lines(child.stdout.take().unwrap());
-    let shown = until_banner(&rx, &mut child);
+    let (mut child, rx, shown) = demo(|| {
+        clean_env(&mut Command::new("script"))
+            .args(["-qfec", "./run.sh", "/dev/null"])
+            .current_dir(repo_root())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("script (util-linux)")
+    });
     std::thread::sleep(Duration::from_secs(2));
     let started = descendants(child.id());
+    if started.len() <= 3 {
+        let out = Command::new("ps")
+            .args(["-eo", "pid,ppid,pgid,sid,stat,comm"])
+            .output();
+        eprintln!(
+            "script is {}; processes:\n{}",
+            child.id(),
+            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        );
+    }
     assert!(started.len() > 3, "the demo's processes: {started:?}");
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"\x03").unwrap();
@@ -240,16 +281,16 @@ fn ctrl_c_in_a_terminal_and_sigterm_to_the_process_group_stop_the_whole_demo() {
     drop(stdin);
 
     // A service manager: SIGTERM to ./run.sh's process group.
-    let mut child = clean_env(&mut Command::new("./run.sh"))
-        .current_dir(repo_root())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("./run.sh");
-    let rx = lines(child.stdout.take().unwrap());
-    until_banner(&rx, &mut child);
+    let (mut child, rx, _) = demo(|| {
+        clean_env(&mut Command::new("./run.sh"))
+            .current_dir(repo_root())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("./run.sh")
+    });
     let started = descendants(child.id());
     unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
     let (code, took) = stopped(&mut child, &rx);
