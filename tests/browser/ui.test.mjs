@@ -273,7 +273,7 @@ try {
   assert.equal(await shown("vm-memory-size"), "128 MiB");
   assert.equal(await shown("vm-disk0"), "1 GiB");
   for (const i of [1, 2, 3]) assert.equal(await shown(`vm-disk${i}`), "--", `disk ${i} absent`);
-  assert.equal(await shown("vm-mac"), "not known");
+  assert.equal(await shown("vm-mac"), "no network card");
   assert.equal(await shown("vm-ip"), "not known");
   assert.equal(await r.locator("[data-test=vm-row] [data-test=delete]").count(), 0, "a Regular User has no Delete");
   // A Regular User sees which server, not its address or pool.

@@ -60,6 +60,16 @@ export interface Vm {
   boot: "kernel" | "bios" | "uefi";
   /** With firmware boot: what it boots first. */
   boot_order: "disk_first" | "cdrom_first";
+  /** Its network cards, in order. */
+  nics: Nic[];
+  /** Why it does not run though it should (details for a Manager). */
+  error?: string;
+}
+
+/** A VM's network card: its network and the MAC the cluster gave it. */
+export interface Nic {
+  network: string;
+  mac: string;
 }
 
 /** An ISO image of the library. */

@@ -295,7 +295,12 @@ export function vmsPage(ctx: PageContext): void {
           ),
           disks,
           cdromItem(vm),
-          item("MAC", "not known", "vm-mac"),
+          item(
+            "MAC",
+            vm.nics.length === 0 ? "no network card" : vm.nics.map((n) => `${n.mac} (${n.network})`).join(", "),
+            "vm-mac",
+          ),
+          vm.error ? item("Not running", vm.error, "vm-error") : null,
           item("IP", "not known", "vm-ip"),
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
