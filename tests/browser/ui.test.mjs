@@ -171,7 +171,7 @@ try {
 
   step("the Manager logs in and sees the cluster's health");
   await login(m, at(0), managerName, managerPassword);
-  assert.deepEqual(await tabs(m), ["Summary", "VM Servers", "Virtual Machines", "Library Mgmt", "Users", "Audit"]);
+  assert.deepEqual(await tabs(m), ["Summary", "VM Servers", "Virtual Machines", "Library Mgmt", "Networks", "Users", "Audit"]);
   await until("the servers card", async () => /3 of 3 up/.test(await text(m.locator("[data-test=summary-servers]"))));
   await until("a Raft leader", async () => /server \d/.test(await text(m.locator("[data-test=summary-leader]"))));
   await shot(m, "manager-summary");
@@ -196,6 +196,25 @@ try {
   await shot(m, "manager-library");
   await m.click("[data-test=iso-upload]");
   await until("a second upload without a file is refused", async () => !(await m.locator("[data-test=iso-error]").evaluate((e) => e.classList.contains("hidden"))) || (await m.locator("[data-test=iso-file]:invalid").count()) === 1);
+
+  step("Networks: the Manager defines one and sees it; a second on its bridge is refused; it deletes it");
+  await openTab(m, "networks");
+  await m.waitForSelector("[data-test=networks-empty]");
+  await m.fill("[data-test=network-name]", "lan");
+  await m.fill("[data-test=network-bridge]", "br-uitest");
+  await m.fill("[data-test=network-vlan]", "10");
+  await m.fill("[data-test=network-subnet]", "10.30.0.0/24");
+  await m.click("[data-test=network-create]");
+  const lan = m.locator('[data-test=network-row][data-name="lan"]');
+  await until("the network listed", async () => (await lan.count()) === 1);
+  assert.match(await text(lan), /br-uitest[\s\S]*10[\s\S]*10\.30\.0\.0\/24[\s\S]*every tenant/);
+  await m.fill("[data-test=network-name]", "lan2");
+  await m.fill("[data-test=network-bridge]", "br-uitest");
+  await m.click("[data-test=network-create]");
+  await until("the second refused", async () => /network lan's/.test(await text(m.locator("[data-test=network-error]"))));
+  await shot(m, "manager-networks");
+  await lan.locator("[data-test=network-delete]").click();
+  await m.waitForSelector("[data-test=networks-empty]");
 
   step(`the Manager creates the Power User ${POWER} with a quota`);
   await openTab(m, "users");

@@ -9,6 +9,7 @@ import { POLL_MS, type Page, type PageContext } from "./page";
 import { accountPage } from "./pages/account";
 import { auditPage } from "./pages/audit";
 import { libraryPage } from "./pages/library";
+import { networksPage } from "./pages/networks";
 import { loginPage } from "./pages/login";
 import { serversPage } from "./pages/servers";
 import { summaryPage } from "./pages/summary";
@@ -32,6 +33,7 @@ const ROUTES: Route[] = [
   { path: "/servers", title: "VM Servers", page: serversPage, roles: ["manager"], tab: true },
   { path: "/vms", title: "Virtual Machines", page: vmsPage, roles: ALL, tab: true },
   { path: "/library", title: "Library Mgmt", page: libraryPage, roles: ["manager"], tab: true },
+  { path: "/networks", title: "Networks", page: networksPage, roles: ["manager"], tab: true },
   { path: "/users", title: "Users", page: usersPage, roles: ["manager", "power_user"], tab: true },
   { path: "/audit", title: "Audit", page: auditPage, roles: ["manager"], tab: true },
   { path: "/account", title: "Your account", page: accountPage, roles: ALL, tab: false },

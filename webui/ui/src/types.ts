@@ -66,6 +66,19 @@ export interface Vm {
   error?: string;
 }
 
+/** A network (the bridge, uplink, VLAN and company are shown to Managers only). */
+export interface Network {
+  name: string;
+  subnet: string | null;
+  private: boolean;
+  bridge?: string;
+  uplink?: string;
+  vlan?: number;
+  company?: number;
+  /** VMs (that the viewer sees) with a card on it. */
+  vms: number;
+}
+
 /** A VM's network card: its network and the MAC the cluster gave it. */
 export interface Nic {
   network: string;
