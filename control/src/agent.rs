@@ -539,15 +539,8 @@ impl Reconciler {
     /// Gives blockd the cluster's roster (each member's certificate, the removed servers'),
     /// when it changed or blockd restarted: its mirror links take no other certificate.
     fn roster(&mut self, state: &StateMachine) {
-        let roster = BlockdRequest::Roster {
-            members: state
-                .servers
-                .values()
-                .filter(|s| !s.cert.is_empty())
-                .map(|s| (s.id, s.cert.clone()))
-                .collect(),
-            revoked: state.revoked.keys().cloned().collect(),
-        };
+        let (members, revoked) = state.certificates();
+        let roster = BlockdRequest::Roster { members, revoked };
         let Some(pid) = lock(&self.s.procs).blockd.as_ref().map(|c| c.id()) else {
             return;
         };

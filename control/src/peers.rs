@@ -178,14 +178,13 @@ impl Peers {
 
     /// Takes the committed state's certificates: the members' and the revoked ones.
     pub fn publish(&self, sm: &StateMachine) {
-        let members = sm
-            .servers
-            .values()
-            .filter_map(|s| enspeed_trust::Fingerprint::parse(&s.cert).map(|fp| (s.id, fp)));
-        let revoked = sm
-            .revoked
-            .keys()
-            .filter_map(|fp| enspeed_trust::Fingerprint::parse(fp));
+        let (members, revoked) = sm.certificates();
+        let members = members
+            .iter()
+            .filter_map(|(id, hex)| enspeed_trust::Fingerprint::parse(hex).map(|fp| (*id, fp)));
+        let revoked = revoked
+            .iter()
+            .filter_map(|hex| enspeed_trust::Fingerprint::parse(hex));
         self.roster.set(members, revoked);
     }
 }

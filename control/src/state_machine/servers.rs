@@ -1,7 +1,7 @@
 //! The members: what each offers, added and removed by conf changes, declared down (and the
 //! hand-over of its disks that follows) or drained by a Manager.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{json, Value};
 
@@ -13,6 +13,19 @@ use super::{
 use crate::access;
 
 impl StateMachine {
+    /// The certificates the cluster admits and refuses (hex SHA-256): each member's, by server
+    /// id (a member with none recorded yet left out), and removed servers'. Both the cluster
+    /// port's roster and blockd's take them from here.
+    pub fn certificates(&self) -> (BTreeMap<u64, String>, Vec<String>) {
+        let members = self
+            .servers
+            .values()
+            .filter(|s| !s.cert.is_empty())
+            .map(|s| (s.id, s.cert.clone()))
+            .collect();
+        (members, self.revoked.keys().cloned().collect())
+    }
+
     /// Changes what server `id` offers (`Command::SetCapacity`).
     pub(super) fn set_capacity(
         &mut self,
