@@ -12,6 +12,8 @@ needs=(
     "cpio cpio"
     "mkfs.ext4 e2fsprogs"
     "ip iproute2"
+    "nft nftables"
+    "busybox busybox"
     "ping iputils-ping"
     "curl curl"
     "cc gcc"

@@ -34,8 +34,8 @@ use vmm_api::Request as VmmRequest;
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, Observation,
-    StateMachine, VmObservation, VmRecord,
+    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, NicAddresses,
+    Observation, StateMachine, VmObservation, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -312,7 +312,7 @@ fn log_file(path: &Path) -> Stdio {
 
 /// What the reconcile loop remembers of one VM between passes (none: nothing to remember:
 /// not run here, or stopped as the state asked).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 enum VmState {
     /// Its VMM runs here (the process itself is in `Processes`, where the watchdog finds it).
     Running {
@@ -320,8 +320,8 @@ enum VmState {
         media: (Option<PathBuf>, Instant),
         /// When its guest was asked to shut down, if it was.
         stopping: Option<Instant>,
-        /// Its network cards' taps, removed once it stops.
-        taps: Vec<String>,
+        /// Its network cards, unplugged when this state is dropped (once its VMM ended).
+        cards: Vec<crate::netdev::Card>,
     },
     /// Its guest powered off by itself: reported until the state says stopped.
     PoweredOff,
@@ -419,9 +419,6 @@ impl Reconciler {
         }
         for (name, st) in ended {
             p.vmms.remove(&name);
-            if let Some(VmState::Running { taps, .. }) = self.vms.get(&name) {
-                taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
-            }
             // A shutdown the state asked for is not news to report (and the VM may have been
             // powered on again meanwhile).
             let asked = matches!(
@@ -449,13 +446,8 @@ impl Reconciler {
             }
         }
         // VMMs the watchdog killed (fenced) run no more.
-        self.vms.retain(|name, st| match st {
-            VmState::Running { taps, .. } if !p.vmms.contains_key(name) => {
-                taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
-                false
-            }
-            _ => true,
-        });
+        self.vms
+            .retain(|name, st| !matches!(st, VmState::Running { .. }) || p.vmms.contains_key(name));
     }
 
     fn pass(&mut self, state: &StateMachine) {
@@ -519,7 +511,7 @@ impl Reconciler {
         let powered_off: Vec<String> = self
             .vms
             .iter()
-            .filter(|(_, st)| **st == VmState::PoweredOff)
+            .filter(|(_, st)| matches!(st, VmState::PoweredOff))
             .map(|(name, _)| name.clone())
             .collect();
         for name in powered_off {
@@ -871,13 +863,14 @@ impl Reconciler {
     }
 
     fn stop_vm(&mut self, name: &str, why: &str) {
-        let taps = match self.vms.get(name) {
-            Some(VmState::Running { taps, .. }) => {
-                let taps = taps.clone();
-                self.vms.remove(name);
-                taps
+        // Its cards are unplugged (dropped) once the VMM no longer holds their taps.
+        let _cards = match self.vms.remove(name) {
+            Some(VmState::Running { cards, .. }) => cards,
+            Some(other) => {
+                self.vms.insert(name.to_string(), other);
+                Vec::new()
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let mut p = lock(&self.s.procs);
         if let Some(mut vm) = p.vmms.remove(name) {
@@ -886,7 +879,6 @@ impl Reconciler {
             tracing::info!(server = self.s.cfg.id, vm = %name, why, "VMM stopped");
         }
         drop(p);
-        taps.iter().for_each(|t| crate::netdev::unplug_tap(t));
     }
 
     /// Starts the VMs whose disks' primary copies are ready here; stops the others.
@@ -943,26 +935,24 @@ impl Reconciler {
         state.vm_primary(vm) == Some(self.s.cfg.id)
     }
 
-    /// Plugs VM `vm`'s network cards here: each network's bridge made, each card's tap in
-    /// it. The VMM's `--net` arguments, or why the VM cannot run here.
+    /// Plugs VM `vm`'s network cards here (`netdev::Card`): the VMM's `--net` arguments and
+    /// the cards, or why the VM cannot run here.
     fn plug(
         &self,
         state: &StateMachine,
         vm: &VmRecord,
-    ) -> Result<(Vec<String>, Vec<String>), String> {
-        let (mut nets, mut taps) = (Vec::new(), Vec::new());
+    ) -> Result<(Vec<String>, Vec<crate::netdev::Card>), String> {
+        let (mut nets, mut cards) = (Vec::new(), Vec::new());
         for (i, nic) in vm.nics.iter().enumerate() {
             let net = state
                 .networks
                 .get(&nic.network)
                 .ok_or_else(|| format!("its network {} is gone", nic.network))?;
-            crate::netdev::ensure_bridge(net)?;
-            let tap = crate::netdev::tap_name(vm.id, i);
-            crate::netdev::plug_tap(&tap, &net.bridge)?;
-            nets.push(format!("tap={tap},mac={}", nic.mac));
-            taps.push(tap);
+            let card = crate::netdev::Card::plug(vm.id, i, nic, net)?;
+            nets.push(format!("tap={},mac={}", card.tap(), card.mac()));
+            cards.push(card);
         }
-        Ok((nets, taps))
+        Ok((nets, cards))
     }
 
     fn start_vm(&mut self, state: &StateMachine, vm: &VmRecord, copies: &BTreeMap<String, Copy>) {
@@ -971,7 +961,7 @@ impl Reconciler {
             tracing::error!(vm = %vm.name, error = %e, "cannot create the VM's directory");
             return;
         }
-        let (nets, taps) = match self.plug(state, vm) {
+        let (nets, cards) = match self.plug(state, vm) {
             Ok(n) => n,
             Err(why) => {
                 tracing::error!(server = self.s.cfg.id, vm = %vm.name, error = %why, "the VM's network cannot be plugged in here");
@@ -1066,7 +1056,7 @@ impl Reconciler {
                     VmState::Running {
                         media: (cdrom, Instant::now()),
                         stopping: None,
-                        taps,
+                        cards,
                     },
                 );
             }
@@ -1113,6 +1103,17 @@ impl Reconciler {
                     pid: Some(vm.child.id()),
                     generation: vm.generation,
                     error: None,
+                    addresses: match self.vms.get(name) {
+                        Some(VmState::Running { cards, .. }) => cards
+                            .iter()
+                            .map(|c| NicAddresses {
+                                mac: c.mac().to_string(),
+                                ips: c.addresses(),
+                            })
+                            .filter(|a| !a.ips.is_empty())
+                            .collect(),
+                        _ => Vec::new(),
+                    },
                 },
             );
         }

@@ -30,6 +30,7 @@ pub mod server;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
+pub mod vmnet;
 
 pub use node::{NodeConfig, NodeError, Status};
 pub use server::{Bootstrap, ServerConfig};

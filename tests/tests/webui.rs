@@ -2533,6 +2533,11 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
             .all(|m| m.starts_with("02:45:53:") && m.len() == 17),
         "{macs:?}"
     );
+    // On "lan" (a subnet, its router the first address) the card is leased the next one;
+    // "p-net" has no subnet, so no lease.
+    assert_eq!(nics[0]["ip"], "10.20.0.2", "{nics:?}");
+    assert!(nics[1].get("ip").is_none(), "{nics:?}");
+    assert_eq!(nics[0]["addresses"], json!([]), "not running: nothing seen");
     // Another company's network is not there for q; five cards are too many.
     let mut vm = new_vm("other", q);
     vm["networks"] = json!(["p-net"]);
@@ -2561,6 +2566,7 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
         .collect();
     assert_eq!(cmacs.len(), 2);
     assert!(cmacs.is_disjoint(&macs), "{cmacs:?} {macs:?}");
+    assert_eq!(cl["nics"][0]["ip"], "10.20.0.3", "a clone gets its own lease");
     // Started, a VM whose network's uplink NIC its server lacks does not run, and says why:
     // the details to a Manager, the gist to its owner.
     let web_id = id(&web);
@@ -2597,8 +2603,12 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
     // On a network of its server's own bridge, a running VM's card is a tap in that bridge,
     // given to its VMM with its MAC; stopped, the tap is gone.
     let bridge = format!("esbr{}", std::process::id() % 100_000);
-    let local = json!({"name": "local", "bridge": bridge});
-    assert_eq!(m.send("POST", "/api/v1/networks", Some(local)).0, 201);
+    let local = json!({"name": "local", "bridge": bridge, "subnet": "10.21.0.0/24",
+        "gateway": "10.21.0.254", "dns": ["10.21.0.53"]});
+    let made = m.send("POST", "/api/v1/networks", Some(local));
+    assert_eq!(made.0, 201, "{made:?}");
+    assert_eq!(made.1["gateway"], "10.21.0.254");
+    assert_eq!(made.1["dns"], json!(["10.21.0.53"]));
     let mut vm = new_vm("plugged", q);
     vm["networks"] = json!(["local"]);
     vm["start"] = json!(true);
@@ -2624,6 +2634,17 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .find(|c| c.contains(" vmm ") && c.contains(&format!("tap={tap},mac={mac}")));
     assert!(vmm.is_some(), "no VMM was given --net tap={tap},mac={mac}");
+    // Its bridge filter: its MAC, its lease (10.21.0.1: the router is .254), nothing else.
+    let chain = std::process::Command::new("nft")
+        .args(["list", "chain", "bridge", "enspeed", &format!("card-{tap}")])
+        .output()
+        .unwrap();
+    let chain = String::from_utf8_lossy(&chain.stdout);
+    assert!(
+        chain.contains(&format!("ether saddr != {mac} drop"))
+            && chain.contains("ip saddr != 10.21.0.1 drop"),
+        "{chain}"
+    );
     let off = wq.send(
         "POST",
         &format!("/api/v1/vms/{pid_}/power"),
@@ -2633,6 +2654,14 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
     cluster::wait_for("the tap removed", Duration::from_secs(30), || {
         (!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists()).then_some(())
     });
+    let table = std::process::Command::new("nft")
+        .args(["list", "table", "bridge", "enspeed"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&table.stdout).contains(&tap),
+        "tap {tap}'s filter stayed"
+    );
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &bridge])
         .status();

@@ -209,9 +209,16 @@ pub enum NetworkCommand {
         /// Its 802.1Q VLAN on the uplink (1-4094).
         #[arg(long)]
         vlan: Option<u16>,
-        /// Its IPv4 subnet, A.B.C.D/N.
+        /// Its IPv4 subnet, A.B.C.D/N: the cluster leases each VM card on it an address by
+        /// DHCP (and lets it send from no other).
         #[arg(long)]
         subnet: Option<String>,
+        /// The router the DHCP service names (default: the subnet's first address).
+        #[arg(long, requires = "subnet")]
+        gateway: Option<std::net::Ipv4Addr>,
+        /// A DNS server the DHCP service names. Repeat for more (at most 4).
+        #[arg(long, requires = "subnet")]
+        dns: Vec<std::net::Ipv4Addr>,
         /// Only this Power User's company's VMs may use it (its id).
         #[arg(long)]
         company: Option<u64>,
@@ -890,13 +897,19 @@ pub fn network(l: &Login, cmd: NetworkCommand) -> ExitCode {
             uplink,
             vlan,
             subnet,
+            gateway,
+            dns,
             company,
         } => {
             let mut body = json!({"name": name, "bridge": bridge});
+            if !dns.is_empty() {
+                body["dns"] = json!(dns);
+            }
             for (k, v) in [
                 ("uplink", uplink.map(Value::from)),
                 ("vlan", vlan.map(Value::from)),
                 ("subnet", subnet.map(Value::from)),
+                ("gateway", gateway.map(|g| Value::from(g.to_string()))),
                 ("company", company.map(Value::from)),
             ] {
                 if let Some(v) = v {
@@ -920,14 +933,15 @@ pub fn network(l: &Login, cmd: NetworkCommand) -> ExitCode {
 fn network_table(v: &Value) {
     let rows = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
     println!(
-        "{:<20} {:<18} {:<15} {:<15} {:>5} {:>4}",
-        "NAME", "SUBNET", "BRIDGE", "UPLINK", "VLAN", "VMS"
+        "{:<20} {:<18} {:<15} {:<15} {:<15} {:>5} {:>4}",
+        "NAME", "SUBNET", "GATEWAY", "BRIDGE", "UPLINK", "VLAN", "VMS"
     );
     for r in rows {
         println!(
-            "{:<20} {:<18} {:<15} {:<15} {:>5} {:>4}",
+            "{:<20} {:<18} {:<15} {:<15} {:<15} {:>5} {:>4}",
             s(&r["name"]),
             s(&r["subnet"]),
+            s(&r["gateway"]),
             s(&r["bridge"]),
             s(&r["uplink"]),
             s(&r["vlan"]),

@@ -114,6 +114,10 @@ struct NewNetwork {
     vlan: Option<u16>,
     #[serde(default)]
     subnet: Option<String>,
+    #[serde(default)]
+    gateway: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    dns: Vec<std::net::Ipv4Addr>,
     /// A Power User's id: only its company's VMs may use the network.
     #[serde(default)]
     company: Option<u64>,
@@ -430,6 +434,8 @@ impl App {
                     uplink: n.uplink,
                     vlan: n.vlan,
                     subnet: n.subnet,
+                    gateway: n.gateway,
+                    dns: n.dns,
                     company: n.company,
                 };
                 let name = network.name.clone();

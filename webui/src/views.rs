@@ -196,6 +196,12 @@ pub struct NicView {
     pub network: String,
     /// Its MAC address.
     pub mac: String,
+    /// The address the cluster's DHCP service leases it, on a network with a subnet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The addresses its guest is seen to use, newest last: the lease once the guest took
+    /// it, or what it claims in its ARP traffic (as its running server's agent saw them).
+    pub addresses: Vec<std::net::Ipv4Addr>,
 }
 
 /// A network as the API shows it: where it is built only to a Manager.
@@ -205,6 +211,12 @@ pub struct NetworkView {
     pub name: String,
     /// Its IPv4 subnet, if it has one.
     pub subnet: Option<String>,
+    /// The router its DHCP service names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The DNS servers its DHCP service names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// Whether only one company's VMs use it.
     pub private: bool,
     /// The bridge on every VM server (Managers).
@@ -235,6 +247,8 @@ pub fn networks(state: &StateMachine, viewer: &UserRecord) -> Vec<NetworkView> {
         .map(|n| NetworkView {
             name: n.name.clone(),
             subnet: n.subnet.clone(),
+            gateway: n.router(),
+            dns: n.dns.clone(),
             private: n.company.is_some(),
             bridge: manager.then(|| n.bridge.clone()),
             uplink: if manager { n.uplink.clone() } else { None },
@@ -373,10 +387,26 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
             .map(|n| NicView {
                 network: n.network.clone(),
                 mac: n.mac.clone(),
+                ip: n.ip,
+                addresses: observed_addresses(state, vm, &n.mac),
             })
             .collect(),
         error: vm_error(state, vm, manager),
     }
+}
+
+/// The addresses VM `vm`'s card `mac` is seen to use, as its running server's agent reports.
+fn observed_addresses(state: &StateMachine, vm: &VmRecord, mac: &str) -> Vec<std::net::Ipv4Addr> {
+    if !vm.running {
+        return Vec::new();
+    }
+    state
+        .vm_primary(vm)
+        .and_then(|p| state.observed.get(&p))
+        .and_then(|o| o.vms.get(&vm.name))
+        .and_then(|o| o.addresses.iter().find(|a| a.mac == mac))
+        .map(|a| a.ips.clone())
+        .unwrap_or_default()
 }
 
 /// Why VM `vm` does not run though it should, as its primary server's agent reports it.

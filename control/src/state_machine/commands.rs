@@ -202,6 +202,7 @@ impl NewVm {
                 .map(|n| Nic {
                     network: n.clone(),
                     mac: String::new(),
+                    ip: None,
                 })
                 .collect(),
         }

@@ -43,7 +43,11 @@ use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
 pub use commands::{Action, Command, NewVm, Query};
-pub use observations::{CopyRole, DiskObservation, LinkState, Observation, VmObservation};
+pub use networks::Subnet;
+pub use observations::{
+    CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmObservation,
+    MAX_SEEN_ADDRESSES,
+};
 pub use records::{
     BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, NetworkRecord, Nic, Pool,
     ServerRecord, VmRecord, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,

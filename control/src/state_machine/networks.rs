@@ -2,11 +2,16 @@
 //! uplink NIC, optionally on a VLAN), shared by every tenant or given to one company; and the
 //! VMs' network cards on them, with the MACs the cluster hands out.
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
 use serde_json::{json, Value};
 
 use super::keys::{json_bytes, network_key};
 use super::rights::Actor;
-use super::{Acted, Action, RecordWrite, Refusal, StateMachine, VmRecord, MAX_VM_NICS};
+use super::{
+    Acted, Action, NetworkRecord, RecordWrite, Refusal, StateMachine, VmRecord, MAX_VM_NICS,
+};
 use crate::access;
 
 /// The first three bytes of every MAC the cluster hands out: locally administered (0x02),
@@ -31,21 +36,66 @@ fn interface_name(what: &str, name: &str) -> Result<(), Refusal> {
     }
 }
 
-/// Checks an IPv4 subnet, `A.B.C.D/N` with N from 8 to 30 and no host bits set.
-fn check_subnet(s: &str) -> Result<(), Refusal> {
-    let bad = |why: &str| Refusal::conflict(format!("subnet {s:?}: {why}"));
-    let (addr, len) = s.split_once('/').ok_or_else(|| bad("not A.B.C.D/N"))?;
-    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
-    let len: u32 = len
-        .parse()
-        .map_err(|_| bad("its prefix length is not a number"))?;
-    if !(8..=30).contains(&len) {
-        return Err(bad("its prefix length is not 8 to 30"));
+/// An IPv4 subnet, `A.B.C.D/N` with N from 8 to 30 and no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// Its network address.
+    pub addr: Ipv4Addr,
+    /// Its prefix length.
+    pub len: u32,
+}
+
+impl Subnet {
+    /// Parses and checks `s`.
+    pub fn parse(s: &str) -> Result<Subnet, Refusal> {
+        let bad = |why: &str| Refusal::conflict(format!("subnet {s:?}: {why}"));
+        let (addr, len) = s.split_once('/').ok_or_else(|| bad("not A.B.C.D/N"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
+        let len: u32 = len
+            .parse()
+            .map_err(|_| bad("its prefix length is not a number"))?;
+        if !(8..=30).contains(&len) {
+            return Err(bad("its prefix length is not 8 to 30"));
+        }
+        if u32::from(addr) & (u32::MAX >> len) != 0 {
+            return Err(bad("host bits are set"));
+        }
+        Ok(Subnet { addr, len })
     }
-    if u32::from(addr) & (u32::MAX >> len) != 0 {
-        return Err(bad("host bits are set"));
+
+    /// Its netmask.
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX << (32 - self.len))
     }
-    Ok(())
+
+    /// Its broadcast address.
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | (u32::MAX >> self.len))
+    }
+
+    /// Whether `ip` is one of its host addresses (neither the network nor the broadcast
+    /// address).
+    pub fn holds(&self, ip: Ipv4Addr) -> bool {
+        let (n, ip) = (u32::from(self.addr), u32::from(ip));
+        ip & !(u32::MAX >> self.len) == n && ip != n && ip != u32::from(self.broadcast())
+    }
+
+    /// Its first host address (the router's, unless the network names another).
+    pub fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) + 1)
+    }
+}
+
+impl NetworkRecord {
+    /// Its subnet, if it has one (checked when the network was created).
+    pub fn subnet(&self) -> Option<Subnet> {
+        self.subnet.as_deref().and_then(|s| Subnet::parse(s).ok())
+    }
+
+    /// The router its DHCP service names: the one given, or the subnet's first address.
+    pub fn router(&self) -> Option<Ipv4Addr> {
+        self.gateway.or_else(|| self.subnet().map(|s| s.first()))
+    }
 }
 
 impl StateMachine {
@@ -60,6 +110,41 @@ impl StateMachine {
             (n >> 8) & 0xff,
             n & 0xff
         )
+    }
+
+    /// Gives each of `vm`'s network cards on a network with a subnet the lowest address of it
+    /// that no other card there holds (nor the router, the network or broadcast address).
+    pub(super) fn lease_addresses(&self, vm: &mut VmRecord) -> Result<(), Refusal> {
+        for i in 0..vm.nics.len() {
+            let name = vm.nics[i].network.clone();
+            let Some(net) = self.networks.get(&name) else {
+                continue;
+            };
+            let Some(subnet) = net.subnet() else {
+                vm.nics[i].ip = None;
+                continue;
+            };
+            let mut taken: BTreeSet<Ipv4Addr> = self
+                .vms
+                .values()
+                .flat_map(|v| v.nics.iter())
+                .chain(vm.nics[..i].iter())
+                .filter(|n| n.network == name)
+                .filter_map(|n| n.ip)
+                .collect();
+            taken.extend(net.router());
+            let free = (u32::from(subnet.addr) + 1..u32::from(subnet.broadcast()))
+                .map(Ipv4Addr::from)
+                .find(|ip| !taken.contains(ip))
+                .ok_or_else(|| {
+                    Refusal::conflict(format!(
+                        "network {name}: every address of subnet {}/{} is taken",
+                        subnet.addr, subnet.len
+                    ))
+                })?;
+            vm.nics[i].ip = Some(free);
+        }
+        Ok(())
     }
 
     /// Whether `vm`'s network cards fit: at most `MAX_VM_NICS`, each on a network that exists
@@ -117,8 +202,23 @@ impl StateMachine {
                         return Err(Refusal::conflict(format!("VLAN {v}: 1 to 4094")));
                     }
                 }
-                if let Some(s) = &n.subnet {
-                    check_subnet(s)?;
+                let subnet = n.subnet.as_deref().map(Subnet::parse).transpose()?;
+                if subnet.is_none() && (n.gateway.is_some() || !n.dns.is_empty()) {
+                    return Err(Refusal::conflict(format!(
+                        "network {}: a gateway and DNS servers are for its DHCP service, which needs a subnet",
+                        n.name
+                    )));
+                }
+                if let (Some(s), Some(g)) = (subnet, n.gateway) {
+                    if !s.holds(g) {
+                        return Err(Refusal::conflict(format!(
+                            "gateway {g} is not a host address of subnet {}/{}",
+                            s.addr, s.len
+                        )));
+                    }
+                }
+                if n.dns.len() > 4 {
+                    return Err(Refusal::conflict("at most 4 DNS servers".to_string()));
                 }
                 if let Some(c) = n.company {
                     if self.users.get(&c).and_then(access::company) != Some(c) {
@@ -181,6 +281,8 @@ mod tests {
                 uplink: Some("eth1".into()),
                 vlan: Some(10),
                 subnet: Some("10.20.0.0/24".into()),
+                gateway: None,
+                dns: Vec::new(),
                 company,
             },
         }
@@ -221,6 +323,8 @@ mod tests {
             uplink: None,
             vlan: Some(4095),
             subnet: None,
+            gateway: None,
+            dns: Vec::new(),
             company: None,
         };
         let create = |n: &NetworkRecord| Action::CreateNetwork { network: n.clone() };
@@ -235,6 +339,13 @@ mod tests {
             bad.subnet = Some(s.into());
             assert!(refused(&mut sm, create(&bad)).contains(says), "{s}");
         }
+        bad.subnet = None;
+        bad.gateway = Some(Ipv4Addr::new(10, 20, 0, 1));
+        assert!(refused(&mut sm, create(&bad)).contains("needs a subnet"));
+        bad.subnet = Some("10.30.0.0/24".into());
+        assert!(refused(&mut sm, create(&bad)).contains("not a host address"));
+        bad.gateway = Some(Ipv4Addr::new(10, 30, 0, 255));
+        assert!(refused(&mut sm, create(&bad)).contains("not a host address"));
         // VMs get MACs of their own, unique, on networks their company may use.
         let vm = |name: &str, networks: &[&str]| NewVm {
             name: name.into(),
@@ -285,6 +396,7 @@ mod tests {
                 nics: vec![super::super::Nic {
                     network: "lan".into(),
                     mac: "02:45:53:00:00:01".into(),
+                    ip: None,
                 }],
                 ..sm2
                     .vms
@@ -300,5 +412,86 @@ mod tests {
             act(&mut sm, m, del("p-net")).unwrap_err().kind,
             RefusalKind::NotFound
         );
+    }
+
+    #[test]
+    fn each_card_on_a_subnet_is_leased_the_lowest_free_address() {
+        let mut sm = StateMachine::default();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut small = NetworkRecord {
+            name: "small".into(),
+            bridge: "br-s".into(),
+            uplink: None,
+            vlan: None,
+            subnet: Some("10.9.0.0/30".into()),
+            gateway: None,
+            dns: Vec::new(),
+            company: None,
+        };
+        act(
+            &mut sm,
+            m,
+            Action::CreateNetwork {
+                network: small.clone(),
+            },
+        )
+        .unwrap();
+        small.name = "wide".into();
+        small.bridge = "br-w".into();
+        small.subnet = Some("10.8.0.0/24".into());
+        small.gateway = Some(Ipv4Addr::new(10, 8, 0, 2));
+        act(&mut sm, m, Action::CreateNetwork { network: small }).unwrap();
+        let vm = |networks: &[&str]| {
+            NewVm {
+                name: "a".into(),
+                memory_mib: 64,
+                vcpus: 1,
+                disk_size: 1 << 20,
+                extra_disks: Vec::new(),
+                kernel: "/k".into(),
+                initrd: String::new(),
+                cmdline: String::new(),
+                running: false,
+                boot: Default::default(),
+                boot_order: Default::default(),
+                cdrom: None,
+                networks: networks.iter().map(|n| n.to_string()).collect(),
+            }
+            .record(None)
+        };
+        let mut first = vm(&["wide", "wide", "small"]);
+        sm.lease_addresses(&mut first).unwrap();
+        let ips: Vec<_> = first
+            .nics
+            .iter()
+            .map(|n| n.ip.unwrap().to_string())
+            .collect();
+        // The router (.2 given; .1 by default on "small") is never leased.
+        assert_eq!(ips, ["10.8.0.1", "10.8.0.3", "10.9.0.2"]);
+        sm.vms.insert("a".into(), first);
+        // A /30 has two host addresses: the router's and the one leased.
+        let mut next = vm(&["wide", "small"]);
+        let refused = sm.lease_addresses(&mut next).unwrap_err();
+        assert!(
+            refused
+                .reason
+                .contains("every address of subnet 10.9.0.0/30"),
+            "{}",
+            refused.reason
+        );
+        next.nics.pop();
+        sm.lease_addresses(&mut next).unwrap();
+        assert_eq!(next.nics[0].ip, Some(Ipv4Addr::new(10, 8, 0, 4)));
+    }
+
+    #[test]
+    fn a_subnet_knows_its_hosts() {
+        let s = Subnet::parse("192.168.4.0/22").unwrap();
+        assert_eq!(s.mask(), Ipv4Addr::new(255, 255, 252, 0));
+        assert_eq!(s.broadcast(), Ipv4Addr::new(192, 168, 7, 255));
+        assert!(s.holds(Ipv4Addr::new(192, 168, 5, 0)));
+        assert!(!s.holds(Ipv4Addr::new(192, 168, 4, 0)));
+        assert!(!s.holds(Ipv4Addr::new(192, 168, 7, 255)));
+        assert!(!s.holds(Ipv4Addr::new(192, 168, 8, 1)));
     }
 }

@@ -26,7 +26,24 @@ pub struct VmObservation {
     /// is missing on this server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The addresses its guest uses, per network card, as its tap shows them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NicAddresses>,
 }
+
+/// The IPv4 addresses a VM's network card is seen to use: the one the DHCP service leased it
+/// once the guest took it, or, on a network without DHCP, those its ARP traffic claims
+/// (newest last, at most `MAX_SEEN_ADDRESSES`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAddresses {
+    /// The card's MAC.
+    pub mac: String,
+    /// Its addresses.
+    pub ips: Vec<std::net::Ipv4Addr>,
+}
+
+/// Addresses reported per network card at most.
+pub const MAX_SEEN_ADDRESSES: usize = 4;
 
 /// What a server's node agent saw of one disk copy (from its blockd).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -178,6 +178,10 @@ pub struct Nic {
     pub network: String,
     /// Its MAC address, `02:45:53:xx:xx:xx` (locally administered, unique in the cluster).
     pub mac: String,
+    /// On a network with a subnet: the address the cluster's DHCP service leases it (the
+    /// only one it may send from), kept like its MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Network cards a VM has at most.
@@ -201,6 +205,12 @@ pub struct NetworkRecord {
     /// Its IPv4 subnet (`10.20.0.0/24`), served by the cluster's DHCP service when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
+    /// The router the DHCP service names (in the subnet); none: the subnet's first address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The DNS servers the DHCP service names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// The company (its Power User's id) whose VMs alone may use it; none: every tenant's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub company: Option<u64>,

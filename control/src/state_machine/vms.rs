@@ -97,6 +97,7 @@ impl StateMachine {
             )));
         }
         self.check_nics(&vm)?;
+        self.lease_addresses(&mut vm)?;
         let total: u64 = sizes.iter().sum();
         let p = match clone_of.and_then(|c| c.first()) {
             None => crate::placement::place(self, vm.memory_mib, total)?,
@@ -431,6 +432,7 @@ impl StateMachine {
                         .map(|n| Nic {
                             network: n.network.clone(),
                             mac: String::new(),
+                            ip: None,
                         })
                         .collect(),
                 };
