@@ -267,8 +267,12 @@ impl Card {
 impl Drop for Card {
     fn drop(&mut self) {
         self.service = None;
-        unfilter_tap(&self.tap);
         unplug_tap(&self.tap);
+        // A tap another VMM holds (another server's, on one machine that runs several) keeps
+        // the filter that server gave it.
+        if !exists(&self.tap) {
+            unfilter_tap(&self.tap);
+        }
     }
 }
 

@@ -215,6 +215,15 @@ try {
   await shot(m, "manager-networks");
   await lan.locator("[data-test=network-delete]").click();
   await m.waitForSelector("[data-test=networks-empty]");
+  step("it defines it again, with DHCP: a gateway and DNS servers; the VMs below are on it");
+  await m.fill("[data-test=network-name]", "lan");
+  await m.fill("[data-test=network-bridge]", "br-uitest");
+  await m.fill("[data-test=network-subnet]", "10.30.0.0/24");
+  await m.fill("[data-test=network-gateway]", "10.30.0.254");
+  await m.fill("[data-test=network-dns]", "10.30.0.53 10.30.0.54");
+  await m.click("[data-test=network-create]");
+  await until("the network listed again", async () => (await lan.count()) === 1);
+  assert.match(await text(lan), /10\.30\.0\.0\/24 \(DHCP\)[\s\S]*10\.30\.0\.254, 10\.30\.0\.53, 10\.30\.0\.54/);
 
   step(`the Manager creates the Power User ${POWER} with a quota`);
   await openTab(m, "users");
@@ -265,7 +274,8 @@ try {
 
   step(`it creates the VM ${VM} owned by ${REGULAR}`);
   const owner = await p.locator("[data-test=vm-owner] option", { hasText: REGULAR }).getAttribute("value");
-  await fillForm(p, "vm-create", { "vm-name": VM, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-owner": owner, "vm-boot": "kernel" });
+  await until("the network among the new VM's choices", async () => (await p.locator('[data-test=vm-nic0] option[value="lan"]').count()) === 1);
+  await fillForm(p, "vm-create", { "vm-name": VM, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-owner": owner, "vm-boot": "kernel", "vm-nic0": "lan" });
   await p.click("[data-test=vm-create-submit]");
   await until(`${VM} in the table`, async () => (await vmRow(p, VM).count()) === 1);
   assert.match(await text(vmRow(p, VM).locator("[data-test=vm-owner-name]")), new RegExp(`\\(${REGULAR}\\)`));
@@ -292,8 +302,8 @@ try {
   assert.equal(await shown("vm-memory-size"), "128 MiB");
   assert.equal(await shown("vm-disk0"), "1 GiB");
   for (const i of [1, 2, 3]) assert.equal(await shown(`vm-disk${i}`), "--", `disk ${i} absent`);
-  assert.equal(await shown("vm-mac"), "no network card");
-  assert.equal(await shown("vm-ip"), "not known");
+  assert.match(await shown("vm-mac"), /^02:45:53:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2} \(lan\)$/);
+  assert.equal(await shown("vm-ip"), "10.30.0.1 (lan, leased, not yet taken)");
   assert.equal(await r.locator("[data-test=vm-row] [data-test=delete]").count(), 0, "a Regular User has no Delete");
   // A Regular User sees which server, not its address or pool.
   assert.match(await text(r.locator("[data-test=vm-primary]")), /^server \d+$/);

@@ -166,6 +166,10 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
     }
     let status = child.wait().expect("wait for node");
     errs.join().expect("stderr reader");
+    // The bridge the test's network had on this machine.
+    let _ = Command::new("ip")
+        .args(["link", "del", "br-uitest"])
+        .status();
     assert!(
         status.success(),
         "the browser test failed ({status}); screenshots in {}",

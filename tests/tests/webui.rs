@@ -2566,7 +2566,10 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
         .collect();
     assert_eq!(cmacs.len(), 2);
     assert!(cmacs.is_disjoint(&macs), "{cmacs:?} {macs:?}");
-    assert_eq!(cl["nics"][0]["ip"], "10.20.0.3", "a clone gets its own lease");
+    assert_eq!(
+        cl["nics"][0]["ip"], "10.20.0.3",
+        "a clone gets its own lease"
+    );
     // Started, a VM whose network's uplink NIC its server lacks does not run, and says why:
     // the details to a Manager, the gist to its owner.
     let web_id = id(&web);

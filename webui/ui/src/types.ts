@@ -70,6 +70,10 @@ export interface Vm {
 export interface Network {
   name: string;
   subnet: string | null;
+  /** The router its DHCP service names. */
+  gateway?: string;
+  /** The DNS servers its DHCP service names. */
+  dns?: string[];
   private: boolean;
   bridge?: string;
   uplink?: string;
@@ -83,6 +87,10 @@ export interface Network {
 export interface Nic {
   network: string;
   mac: string;
+  /** The address the cluster's DHCP service leases it, on a network with a subnet. */
+  ip?: string;
+  /** The addresses its guest is seen to use, newest last. */
+  addresses: string[];
 }
 
 /** An ISO image of the library. */

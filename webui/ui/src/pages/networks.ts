@@ -16,6 +16,8 @@ export function networksPage(ctx: PageContext): void {
   const uplink = input("uplink", { maxlength: 15, placeholder: "eth1 (none: no uplink)" });
   const vlan = input("vlan", { type: "number", min: 1, max: 4094, placeholder: "untagged" });
   const subnet = input("subnet", { placeholder: "10.20.0.0/24" });
+  const gateway = input("gateway", { placeholder: "its first address" });
+  const dns = input("dns", { placeholder: "10.20.0.53, 10.20.0.54" });
   const company = input("company", { type: "number", min: 1, placeholder: "every tenant" });
   const submit = h("button", { type: "submit", class: "primary", "data-test": "network-create" }, "Create");
   const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "network-error" });
@@ -24,16 +26,20 @@ export function networksPage(ctx: PageContext): void {
     { class: "card form-card", "data-test": "network-form" },
     h("h2", null, "Define a network"),
     h("div", { class: "row" }, field("Name", name), field("Bridge", bridge), field("Uplink NIC", uplink)),
-    h("div", { class: "row" }, field("VLAN", vlan), field("Subnet", subnet), field("Company (Power User id)", company), submit),
+    h("div", { class: "row" }, field("VLAN", vlan), field("Subnet (DHCP)", subnet), field("Gateway", gateway), field("DNS servers", dns)),
+    h("div", { class: "row" }, field("Company (Power User id)", company), submit),
     error,
   );
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     error.classList.add("hidden");
-    const body: Record<string, string | number> = { name: name.value.trim(), bridge: bridge.value.trim() };
+    const body: Record<string, string | number | string[]> = { name: name.value.trim(), bridge: bridge.value.trim() };
     if (uplink.value.trim()) body.uplink = uplink.value.trim();
     if (vlan.value) body.vlan = Number(vlan.value);
     if (subnet.value.trim()) body.subnet = subnet.value.trim();
+    if (gateway.value.trim()) body.gateway = gateway.value.trim();
+    const servers = dns.value.split(/[\s,]+/).filter((d) => d !== "");
+    if (servers.length) body.dns = servers;
     if (company.value) body.company = Number(company.value);
     submit.disabled = true;
     try {
@@ -84,7 +90,7 @@ export function networksPage(ctx: PageContext): void {
       h(
         "table",
         { class: "grid", "data-test": "networks-table" },
-        h("thead", null, h("tr", null, ["Name", "Bridge", "Uplink", "VLAN", "Subnet", "For", "VMs", ""].map((t) => h("th", null, t)))),
+        h("thead", null, h("tr", null, ["Name", "Bridge", "Uplink", "VLAN", "Subnet", "Gateway, DNS", "For", "VMs", ""].map((t) => h("th", null, t)))),
         h(
           "tbody",
           null,
@@ -96,7 +102,8 @@ export function networksPage(ctx: PageContext): void {
               h("td", { class: "mono" }, n.bridge ?? "--"),
               h("td", { class: "mono" }, n.uplink ?? "--"),
               h("td", { class: "num" }, n.vlan !== undefined ? String(n.vlan) : "untagged"),
-              h("td", { class: "mono" }, n.subnet ?? "--"),
+              h("td", { class: "mono" }, n.subnet ? `${n.subnet} (DHCP)` : "--"),
+              h("td", { class: "mono" }, n.gateway ? [n.gateway, ...(n.dns ?? [])].join(", ") : "--"),
               h("td", null, n.company !== undefined ? `Power User ${n.company}'s company` : "every tenant"),
               h("td", { class: "num", "data-test": "network-vms" }, String(n.vms)),
               h(

@@ -6,10 +6,24 @@ import { api, message } from "../api";
 import { field, fill, h, onSubmit, value } from "../dom";
 import { bytes, copyPlace, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
-import type { Iso, User, Vm } from "../types";
+import type { Iso, Network, User, Vm } from "../types";
 
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
+/** A VM's network cards: 0-3. */
+const NIC_SLOTS = [0, 1, 2, 3];
+
+/** The addresses a VM's cards use, as its server sees them; a lease not yet taken says so. */
+function ipText(vm: Vm): string {
+  const parts = vm.nics
+    .map((n) => {
+      if (n.addresses.length > 0) return `${n.addresses.join(", ")} (${n.network})`;
+      if (n.ip) return `${n.ip} (${n.network}, leased, not yet taken)`;
+      return null;
+    })
+    .filter((p): p is string => p !== null);
+  return parts.length > 0 ? parts.join("; ") : "not known";
+}
 
 /** How a VM boots, as the create and change forms offer it: "bios:ORDER", "uefi:ORDER" or "kernel". */
 function bootField(test: string): HTMLElement {
@@ -39,6 +53,7 @@ export function vmsPage(ctx: PageContext): void {
   let vms: Vm[] = [];
   let users: User[] = [];
   let isos: Iso[] = [];
+  let networks: Network[] = [];
   /** VMs whose detail row is open. */
   const expanded = new Set<number>();
   /** A VM whose deletion waits for the user's confirmation. */
@@ -62,15 +77,17 @@ export function vmsPage(ctx: PageContext): void {
   );
 
   const refresh = ctx.poll(async () => {
-    const [v, u, i] = await Promise.all([
+    const [v, u, i, n] = await Promise.all([
       api<Vm[]>("GET", "/vms"),
       creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[]),
       api<Iso[]>("GET", "/isos"),
+      creates ? api<Network[]>("GET", "/networks") : Promise.resolve([] as Network[]),
     ]);
-    const key = JSON.stringify([v, u, i]);
+    const key = JSON.stringify([v, u, i, n]);
     if (key === lastData) return;
     lastData = key;
     isos = i;
+    networks = n;
     if (vms.length === 0 && me.role === "regular") for (const x of v) expanded.add(x.id);
     vms = v;
     users = u;
@@ -78,6 +95,7 @@ export function vmsPage(ctx: PageContext): void {
     if (form) {
       drawOwners(form);
       drawIsos(form);
+      drawNetworks(form);
     }
     drawTable();
   });
@@ -99,6 +117,21 @@ export function vmsPage(ctx: PageContext): void {
     const keep = select.value;
     fill(select, h("option", { value: "" }, "empty"), ...isos.map((i) => h("option", { value: i.name }, i.name)));
     select.value = isos.some((i) => i.name === keep) ? keep : "";
+  }
+
+  /** The networks the user may use, as choices for each of a new VM's cards, keeping those
+   * chosen. */
+  function drawNetworks(f: HTMLFormElement): void {
+    for (const i of NIC_SLOTS) {
+      const select = f.elements.namedItem(`nic${i}`) as HTMLSelectElement;
+      const keep = select.value;
+      fill(
+        select,
+        h("option", { value: "" }, "none"),
+        ...networks.map((n) => h("option", { value: n.name }, n.subnet ? `${n.name} (${n.subnet}, DHCP)` : n.name)),
+      );
+      select.value = networks.some((n) => n.name === keep) ? keep : "";
+    }
   }
 
   function drawOwners(f: HTMLFormElement): void {
@@ -138,6 +171,9 @@ export function vmsPage(ctx: PageContext): void {
         field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
         bootField("vm-boot"),
         field("CD-ROM", h("select", { name: "iso", "data-test": "vm-iso" }, h("option", { value: "" }, "empty"))),
+        NIC_SLOTS.map((i) =>
+          field(`Network card ${i}`, h("select", { name: `nic${i}`, "data-test": `vm-nic${i}` }, h("option", { value: "" }, "none"))),
+        ),
         h(
           "label",
           { class: "check" },
@@ -158,6 +194,7 @@ export function vmsPage(ctx: PageContext): void {
         const { boot, boot_order } = bootChoice(f);
         const iso = value(f, "iso");
         const extra = [1, 2, 3].map((i) => value(f, `disk${i}_gib`)).filter((v) => v !== "").map(Number);
+        const nets = NIC_SLOTS.map((i) => value(f, `nic${i}`)).filter((v) => v !== "");
         const vm = await api<Vm>("POST", "/vms", {
           name,
           memory_mib: Number(value(f, "memory_mib")),
@@ -169,6 +206,7 @@ export function vmsPage(ctx: PageContext): void {
           boot,
           ...(boot_order ? { boot_order } : {}),
           ...(iso ? { iso } : {}),
+          ...(nets.length ? { networks: nets } : {}),
         });
         ctx.notify("info", `Created VM ${vm.id} (${vm.name})`);
         (f.elements.namedItem("name") as HTMLInputElement).value = "";
@@ -301,7 +339,7 @@ export function vmsPage(ctx: PageContext): void {
             "vm-mac",
           ),
           vm.error ? item("Not running", vm.error, "vm-error") : null,
-          item("IP", "not known", "vm-ip"),
+          item("IP", ipText(vm), "vm-ip"),
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
         me.role === "regular" ? null : cloneButton(vm),
