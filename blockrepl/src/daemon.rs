@@ -140,8 +140,9 @@ pub enum Request {
     /// certificates (hex SHA-256 by server id), never with a revoked one.
     #[command(skip)]
     Roster {
-        /// Each member's certificate, by server id.
-        members: BTreeMap<u64, String>,
+        /// Each member's certificate, with its server id. (Pairs, not a map: a map's integer
+        /// keys do not survive this enum's tagged form in JSON.)
+        members: Vec<(u64, String)>,
         /// Removed servers' certificates.
         revoked: Vec<String>,
     },
@@ -648,5 +649,25 @@ mod tests {
         .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"promote","name":"d"}"#).is_err());
+    }
+
+    #[test]
+    fn every_request_survives_its_trip_through_json() {
+        // The agent sends these as JSON: each must come back as it was sent.
+        for r in [
+            Request::Roster {
+                members: vec![(1, "ab".repeat(32)), (7, "cd".repeat(32))],
+                revoked: vec!["ef".repeat(32)],
+            },
+            Request::Promote {
+                name: "d".into(),
+                generation: 3,
+                force: true,
+            },
+        ] {
+            let json = serde_json::to_string(&r).unwrap();
+            let back: Request = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(back, r);
+        }
     }
 }

@@ -775,7 +775,7 @@ fn a_removed_server_s_certificate_is_refused_until_the_roster_admits_it() {
         revoked: vec![fp.clone()],
     });
     b.req(Request::Roster {
-        members: [(1, fp.clone())].into(),
+        members: vec![(1, fp.clone())],
         revoked: vec![],
     });
     std::thread::sleep(Duration::from_millis(1500));
@@ -784,7 +784,7 @@ fn a_removed_server_s_certificate_is_refused_until_the_roster_admits_it() {
     assert!(err.contains("revoked"), "{err}");
     // Once both rosters admit it (server 1 holds it), the link comes up and syncs.
     a.req(Request::Roster {
-        members: [(1, fp)].into(),
+        members: vec![(1, fp)],
         revoked: vec![],
     });
     wait_for("the link, once admitted", || {

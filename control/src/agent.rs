@@ -532,7 +532,10 @@ impl Reconciler {
     /// when it changed or blockd restarted: its mirror links take no other certificate.
     fn roster(&mut self, state: &StateMachine) {
         let (members, revoked) = state.certificates();
-        let roster = BlockdRequest::Roster { members, revoked };
+        let roster = BlockdRequest::Roster {
+            members: members.into_iter().collect(),
+            revoked,
+        };
         let Some(pid) = lock(&self.s.procs).blockd.as_ref().map(|c| c.id()) else {
             return;
         };

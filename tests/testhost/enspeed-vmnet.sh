@@ -20,7 +20,9 @@
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
 command -v nft >/dev/null || { echo "FAIL: no nft: give run.sh --extra /usr/sbin/nft"; exit 2; }
-ip netns list >/dev/null 2>&1 || { echo "FAIL: this ip has no netns: give run.sh --extra /usr/sbin/ip"; exit 2; }
+# Busybox's shell runs its own ip applet before any in PATH: iproute2's by its path.
+[ -x /usr/local/bin/ip ] || { echo "FAIL: no iproute2 ip: give run.sh --extra /usr/sbin/ip"; exit 2; }
+ip() { /usr/local/bin/ip "$@"; }
 echo 5 >/proc/sys/kernel/printk
 ip link set lo up
 
@@ -110,7 +112,7 @@ wait_until() {
 }
 leads() { cluster status 2>/dev/null | grep -q "\"leader\": $1,"; }
 registered() { _s=$(cluster state 2>/dev/null) && case "$_s" in
-    *'"mirror": "10.99.0.1:7301"'*'"mirror": "10.99.0.2:7301"'*) true ;; *) false ;; esac; }
+    *'"mirror": "10.99.0.1:7301"'*'"mirror": "10.99.0.2:7302"'*) true ;; *) false ;; esac; }
 synced() { case "$(disk_state)" in *"backup:$2 backup_synced:true "*"primary:$1 "*) true ;; *) false ;; esac; }
 says() { tr -d '\r' <"$(serial "$1")" 2>/dev/null | tail -c +$(($2 + 1)) | grep -q "$3"; }
 size() { if [ -e "$1" ]; then wc -c <"$1"; else echo 0; fi; }
