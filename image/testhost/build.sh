@@ -14,9 +14,10 @@ kitdir=$(cd "$here/../kit" && pwd)
 
 # kvm_amd for /dev/kvm; tun for the guests' tap devices; loop and ext4 (and the crc32c
 # ext4 asks the crypto API for) to read a guest's disk image back; virtio_pci and virtio_net
-# for the NIC the demo's forwarded ports come in on (run.sh --forward); veth, bridge, 8021q and
-# nf_tables for the VM servers' networks (tests/testhost/enspeed-vmnet.sh).
-TESTHOST_MODULES="kvm_amd tun loop ext4 crc32c_generic virtio_pci virtio_net veth bridge 8021q nf_tables"
+# for the NIC the demo's forwarded ports come in on (run.sh --forward); veth, bridge, 8021q,
+# nf_tables and nft_meta_bridge (meta keys, iifname among them, in the bridge family) for the
+# VM servers' networks (tests/testhost/enspeed-vmnet.sh).
+TESTHOST_MODULES="kvm_amd tun loop ext4 crc32c_generic virtio_pci virtio_net veth bridge 8021q nf_tables nft_meta_bridge"
 
 # QEMU's firmware search path on Debian is /usr/share/qemu then /usr/share/seabios; these
 # are the x86 files that -M pc (SeaBIOS, linuxboot, kvmvapic, VGA BIOS) and -M microvm
