@@ -666,7 +666,8 @@ mod tests {
             },
         ] {
             let json = serde_json::to_string(&r).unwrap();
-            let back: Request = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            let back: Request =
+                serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
             assert_eq!(back, r);
         }
     }

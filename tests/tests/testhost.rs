@@ -203,8 +203,7 @@ fn real_debian_guest_reaches_the_test_host_over_a_tap() {
 }
 
 #[test]
-fn a_vm_on_a_tenant_network_gets_its_lease_cannot_spoof_and_answers_its_router_after_a_power_cut(
-) {
+fn a_vm_on_a_tenant_network_gets_its_lease_cannot_spoof_and_answers_its_router_after_a_power_cut() {
     // iproute2's ip (network namespaces, which busybox's lacks) and nft, as the servers use.
     scenario_with("enspeed-vmnet.sh", &[&which("ip"), &which("nft")]);
 }
@@ -216,7 +215,10 @@ fn which(name: &str) -> String {
         .output()
         .expect("run sh");
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!path.is_empty(), "{name} is not installed (scripts/setup.sh installs it)");
+    assert!(
+        !path.is_empty(),
+        "{name} is not installed (scripts/setup.sh installs it)"
+    );
     path
 }
 
