@@ -26,8 +26,18 @@ if [ $# -eq 0 ] && [ -n "${KIT:-}" ] && [ -n "${ENSPEED:-}" ]; then
     ip link set lo up
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 ||
         { echo "demo: the test host has no NIC (run.sh --forward PORT)" >&2; exit 1; }
-    set -- "$ENSPEED" "$KIT/vmlinuz" "$KIT/initrd.img" /tmp/demo 0.0.0.0
     IN_TESTHOST=1
+    # ./run.sh gives the test host a disk (ext4, made there): the cluster lives on it, so the
+    # next ./run.sh starts the same one. Without one, in the test host's memory.
+    data=/tmp/demo
+    if [ -b /dev/vda ]; then
+        mkdir -p /var/lib/enspeed-demo
+        mount -t ext4 /dev/vda /var/lib/enspeed-demo ||
+            { echo "demo: cannot mount the test host's data disk (/dev/vda)" >&2; exit 1; }
+        data=/var/lib/enspeed-demo/cluster
+        KEPT=1
+    fi
+    set -- "$ENSPEED" "$KIT/vmlinuz" "$KIT/initrd.img" "$data" 0.0.0.0
     [ ! -f /usr/local/bin/demo-install.iso ] || DEMO_ISO=/usr/local/bin/demo-install.iso
     # Where ./run.sh keeps the test host's console (TESTHOST_LOG), to name it in the banner.
     # shellcheck disable=SC1091
@@ -158,7 +168,7 @@ fi)
     echo "  The test host's console and kernel messages: $TESTHOST_LOG"
 fi)
 
-  Ctrl-C stops the cluster; $(if [ -n "${IN_TESTHOST:-}" ]; then
+  Ctrl-C stops the cluster; $(if [ -n "${IN_TESTHOST:-}" ] && [ -z "${KEPT:-}" ]; then
     echo "its data lives in the test host's memory: ./run.sh again starts a new one."
 else
     echo "./run.sh again starts the same one."

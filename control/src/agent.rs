@@ -35,7 +35,7 @@ use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
     BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, NicAddresses,
-    Observation, StateMachine, VmObservation, VmRecord,
+    Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -331,7 +331,7 @@ enum VmState {
         /// When.
         at: Instant,
         /// Why, if it never started.
-        why: Option<String>,
+        why: Option<VmFault>,
     },
 }
 
@@ -972,7 +972,10 @@ impl Reconciler {
                     vm.name.clone(),
                     VmState::Crashed {
                         at: Instant::now(),
-                        why: Some(format!("its network: {why}")),
+                        why: Some(VmFault {
+                            part: VmPart::Network,
+                            detail: why,
+                        }),
                     },
                 );
                 return;
@@ -1069,7 +1072,10 @@ impl Reconciler {
                     vm.name.clone(),
                     VmState::Crashed {
                         at: Instant::now(),
-                        why: Some(format!("its VMM: {e}")),
+                        why: Some(VmFault {
+                            part: VmPart::Vmm,
+                            detail: e.to_string(),
+                        }),
                     },
                 );
             }
@@ -1105,7 +1111,7 @@ impl Reconciler {
                     running: true,
                     pid: Some(vm.child.id()),
                     generation: vm.generation,
-                    error: None,
+                    fault: None,
                     addresses: match self.vms.get(name) {
                         Some(VmState::Running { cards, .. }) => cards
                             .iter()
@@ -1131,7 +1137,7 @@ impl Reconciler {
                     o.vms.insert(
                         name.clone(),
                         VmObservation {
-                            error: Some(why.clone()),
+                            fault: Some(why.clone()),
                             ..Default::default()
                         },
                     );

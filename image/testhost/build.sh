@@ -16,8 +16,9 @@ kitdir=$(cd "$here/../kit" && pwd)
 # ext4 asks the crypto API for) to read a guest's disk image back; virtio_pci and virtio_net
 # for the NIC the demo's forwarded ports come in on (run.sh --forward); veth, bridge, 8021q,
 # nf_tables and nft_meta_bridge (meta keys, iifname among them, in the bridge family) for the
-# VM servers' networks (tests/testhost/enspeed-vmnet.sh).
-TESTHOST_MODULES="kvm_amd tun loop ext4 crc32c_generic virtio_pci virtio_net veth bridge 8021q nf_tables nft_meta_bridge"
+# VM servers' networks (tests/testhost/enspeed-vmnet.sh); vhost_net for QEMU's side of the
+# network benchmark (scripts/bench-net.sh); virtio_blk for the disk ./run.sh gives it (--disk).
+TESTHOST_MODULES="kvm_amd tun loop ext4 crc32c_generic virtio_pci virtio_net veth bridge 8021q nf_tables nft_meta_bridge vhost_net virtio_blk"
 
 # QEMU's firmware search path on Debian is /usr/share/qemu then /usr/share/seabios; these
 # are the x86 files that -M pc (SeaBIOS, linuxboot, kvmvapic, VGA BIOS) and -M microvm

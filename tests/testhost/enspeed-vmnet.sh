@@ -64,12 +64,19 @@ start_server() {
     _id=$1
     shift
     _cap="--memory-mib 1024 --disk-gib 1"
-    [ "$_id" = 3 ] && _cap=--witness
+    # The witness serves the API on its loopback, for the Manager's commands below.
+    [ "$_id" = 3 ] && _cap="--witness --http 127.0.0.1:8080 --manager admin --manager-password-file /tmp/admin-pw"
     # shellcheck disable=SC2086 # one argument per word
     ENSPEED_LOG=info ip netns exec "s$_id" "$ENSPEED" server --id "$_id" --data "/tmp/server$_id" \
         --listen "$(addr "$_id")" $_cap "$@" </dev/null >/dev/null 2>>"/tmp/server$_id.log" &
 }
 cluster() { ip netns exec s3 "$ENSPEED" cluster --server "$(addr 3)" --data /tmp/server3 "$@"; }
+# api ARGS...: the enspeed command as the Manager, through the witness's API.
+echo "manager-password-1" >/tmp/admin-pw
+api() {
+    ip netns exec s3 env ENSPEED_URL=http://127.0.0.1:8080 ENSPEED_USER=admin \
+        ENSPEED_PASSWORD=manager-password-1 "$ENSPEED" "$@"
+}
 server_pids() {
     ps -o pid,args | while read -r _pid _args; do
         case "$_args" in *"/tmp/server$1"*) echo "$_pid" ;; esac
@@ -127,8 +134,10 @@ wait_until 60 "server 3 to know the leader" leads 1
 wait_until 60 "both agents registered" registered
 echo "ok: the cluster formed over the management network"
 
-made=$(cluster propose '{"cmd":"act","actor":0,"at_ms":0,"action":{"kind":"create_network","network":{"name":"lan","bridge":"br-lan","uplink":"eth1","vlan":10,"subnet":"10.50.0.0/24"}}}') ||
-    give_up "create_network refused: $made"
+wait_until 60 "the API" eval 'api network list >/dev/null 2>&1'
+made=$(api network create lan --bridge br-lan --uplink eth1 --vlan 10 --subnet 10.50.0.0/24 2>&1) ||
+    give_up "enspeed network create refused: $made"
+echo "ok: the Manager defined network lan: $(echo "$made" | tail -n 1)"
 placed=$(cluster propose "{\"cmd\":\"create_vm\",\"name\":\"vm1\",\"memory_mib\":256,\"vcpus\":1,\"disk_size\":16777216,\"kernel\":\"$KIT/vmlinuz\",\"initrd\":\"$KIT/initrd.img\",\"cmdline\":\"$cmdline\",\"running\":false,\"networks\":[\"lan\"]}") ||
     give_up "create_vm refused: $placed"
 primary=$(echo "$placed" | sed -n 's/.*"primary": \([0-9]*\).*/\1/p')
@@ -153,8 +162,13 @@ says "$primary" 0 "KIT: FAIL" && fail "the guest: $(tr -d '\r' <"$(serial "$prim
 reaches rt $VM_IP && echo "ok: the router reaches the VM" || fail "the router does not reach the VM"
 reaches x0 $VM_IP && fail "an untagged stranger reaches the VM" || echo "ok: an untagged stranger does not reach the VM"
 reaches x20 $VM_IP && fail "a stranger on VLAN 20 reaches the VM" || echo "ok: a stranger on VLAN 20 does not reach the VM"
-wait_until 30 "the VM's address in the cluster's state" eval 'cluster state 2>/dev/null | grep -A2 "\"ips\"" | grep -q "\"$VM_IP\""'
-echo "ok: the cluster shows the address the guest uses"
+# The API shows the card: its MAC, its lease, and the address its guest took.
+shows_ip() {
+    _v=$(api vm show 1 2>/dev/null) && echo "$_v" | grep -q "\"mac\": \"$mac\"" &&
+        echo "$_v" | grep -q "\"ip\": \"$VM_IP\"" && echo "$_v" | grep -A2 '"addresses"' | grep -q "\"$VM_IP\""
+}
+wait_until 30 "the API to show the VM's address" shows_ip
+echo "ok: the API shows the card's MAC $mac and the address its guest uses, $VM_IP"
 [ "$FAILS" = 0 ] || give_up "the VM's network failed before the power cut"
 
 # The power cut: every process of the primary at once; the router pings the VM's address.

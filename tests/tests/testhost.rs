@@ -198,11 +198,6 @@ fn real_debian_guest_boots_and_writes_its_ext4_disk() {
 }
 
 #[test]
-fn real_debian_guest_reaches_the_test_host_over_a_tap() {
-    scenario("enspeed-net.sh");
-}
-
-#[test]
 fn a_vm_on_a_tenant_network_gets_its_lease_cannot_spoof_and_answers_its_router_after_a_power_cut() {
     // iproute2's ip (network namespaces, which busybox's lacks) and nft, as the servers use.
     scenario_with("enspeed-vmnet.sh", &[&which("ip"), &which("nft")]);

@@ -2,7 +2,9 @@
 //! replication health; users without their password hashes; servers.
 
 use control::access::{self, Role, UserRecord};
-use control::state_machine::{BootMode, BootOrder, DiskRecord, LinkState, StateMachine, VmRecord};
+use control::state_machine::{
+    BootMode, BootOrder, DiskRecord, LinkState, StateMachine, VmPart, VmRecord,
+};
 use serde::Serialize;
 
 /// A user as the API shows it.
@@ -415,19 +417,22 @@ fn vm_error(state: &StateMachine, vm: &VmRecord, manager: bool) -> Option<String
         return None;
     }
     let primary = state.vm_primary(vm)?;
-    let why = state
+    let fault = state
         .observed
         .get(&primary)?
         .vms
         .get(&vm.name)?
-        .error
+        .fault
         .clone()?;
     Some(if manager {
-        format!("server {primary}: {why}")
-    } else if why.starts_with("its network") {
-        "its network is not available on its server (a Manager can see why)".into()
+        format!("server {primary}: {fault}")
     } else {
-        "its server cannot start it (a Manager can see why)".into()
+        match fault.part {
+            VmPart::Network => {
+                "its network is not available on its server (a Manager can see why)".into()
+            }
+            VmPart::Vmm => "its server cannot start it (a Manager can see why)".into(),
+        }
     })
 }
 

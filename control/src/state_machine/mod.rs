@@ -45,8 +45,8 @@ use crate::storage::{Record, RecordWrite};
 pub use commands::{Action, Command, NewVm, Query};
 pub use networks::Subnet;
 pub use observations::{
-    CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmObservation,
-    MAX_SEEN_ADDRESSES,
+    CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmFault, VmObservation,
+    VmPart, MAX_SEEN_ADDRESSES,
 };
 pub use records::{
     BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, NetworkRecord, Nic, Pool,

@@ -25,10 +25,39 @@ pub struct VmObservation {
     /// Why it does not run here though it should (its VMM could not start, e.g. its network
     /// is missing on this server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub fault: Option<VmFault>,
     /// The addresses its guest uses, per network card, as its tap shows them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NicAddresses>,
+}
+
+/// Why a VM does not run on the server that should run it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFault {
+    /// What failed.
+    pub part: VmPart,
+    /// What the server said of it (shown to Managers).
+    pub detail: String,
+}
+
+/// The part of a VM that failed to start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPart {
+    /// A network card: its bridge, tap, filter or DHCP service.
+    Network,
+    /// Its VMM process.
+    Vmm,
+}
+
+impl std::fmt::Display for VmFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let part = match self.part {
+            VmPart::Network => "its network",
+            VmPart::Vmm => "its VMM",
+        };
+        write!(f, "{part}: {}", self.detail)
+    }
 }
 
 /// The IPv4 addresses a VM's network card is seen to use: the one the DHCP service leased it
