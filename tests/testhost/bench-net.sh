@@ -4,8 +4,9 @@
 # time across two VM servers, EnSpeed's virtio-net beside QEMU's virtio-net with vhost-net, on
 # the same taps, rounds alternating. Servers s1 and s2 are network namespaces, each with a
 # bridge br-lan over its uplink eth1 and the VM's tap0 in it; the uplinks meet in the switch
-# namespace's bridge. On s1 a guest sinks one TCP stream (kit.task=netsink); on s2 a guest
-# pings it 20 times and sends it BENCH_MIB MiB through busybox nc (kit.task=netbench).
+# namespace's bridge. On s1 a guest serves BENCH_MIB MiB with busybox's httpd
+# (kit.task=netserve); on s2 a guest pings it 20 times, fetches them with busybox's wget
+# (kit.task=netbench), and stops it.
 # Prints "BENCH KIND-rtt-ms MS" and "BENCH KIND-tcp-mibps MIBPS" per round.
 . /usr/lib/testhost/guest.sh
 
@@ -33,7 +34,7 @@ for i in 1 2; do
 done
 
 KERNEL="$KIT/vmlinuz" INITRD="$KIT/initrd.img"
-SINK="console=ttyS0 quiet kit.task=net,netsink,poweroff kit.ip=10.70.0.1 kit.peer=none"
+SINK="console=ttyS0 quiet kit.task=net,netserve kit.ip=10.70.0.1 kit.peer=none kit.mib=$mib"
 SEND="console=ttyS0 quiet kit.task=net,netbench,poweroff kit.ip=10.70.0.2 kit.peer=10.70.0.1 kit.mib=$mib"
 
 # vmm KIND NS MAC CMDLINE: the command that runs a guest of KIND in server NS on its tap0.
@@ -57,16 +58,16 @@ vmm() {
 round() {
     _k=$1 _r=$2
     # shellcheck disable=SC2046 # the command's words
-    run_guest "$_k-sink-$_r" 300 $(vmm "$_k" s1 02:45:53:00:01:01) "$SINK" >/dev/null &
+    run_guest "$_k-sink-$_r" 300 $(vmm "$_k" s1 02:45:53:00:01:01) "$SINK" &
     _sink=$!
     _i=0
-    until grep -q " KIT: netsink listening" "/tmp/$_k-sink-$_r.marks" 2>/dev/null; do
-        [ $_i -ge 1200 ] && { fail "$_k round $_r: the sink never listened"; kill $_sink; return; }
+    until grep -q " KIT: netserve listening" "/tmp/$_k-sink-$_r.marks" 2>/dev/null; do
+        [ $_i -ge 1200 ] && { fail "$_k round $_r: the server never listened"; kill $_sink; return; }
         sleep 0.1
         _i=$((_i + 1))
     done
     # shellcheck disable=SC2046
-    run_guest "$_k-send-$_r" 300 $(vmm "$_k" s2 02:45:53:00:01:02) "$SEND" >/dev/null ||
+    run_guest "$_k-send-$_r" 300 $(vmm "$_k" s2 02:45:53:00:01:02) "$SEND" ||
         fail "$_k round $_r: the sender's VMM exited with $?"
     wait $_sink || fail "$_k round $_r: the sink's VMM exited with $?"
     _m="/tmp/$_k-send-$_r.marks"
