@@ -1,9 +1,9 @@
 //! What the state machine's tests share: a person's change as the API sends it, a new user, a
-//! server, and writes replayed the way storage does.
+//! new VM, a server, and writes replayed the way storage does.
 
 use std::collections::BTreeMap;
 
-use super::{Action, Capacity, Command, Outcome, ServerRecord, StateMachine};
+use super::{Action, Capacity, Command, NewVm, Outcome, ServerRecord, StateMachine};
 use crate::access::{Quota, Role};
 use crate::storage::RecordWrite;
 
@@ -33,6 +33,25 @@ pub(super) fn new_user(
         password: "h".into(),
         parent,
         quota,
+    }
+}
+
+/// A small stopped VM that boots the kernel `/k`, with a card on each of `networks`.
+pub(super) fn new_vm(name: &str, networks: &[&str]) -> NewVm {
+    NewVm {
+        name: name.into(),
+        memory_mib: 64,
+        vcpus: 1,
+        disk_size: 1 << 20,
+        extra_disks: Vec::new(),
+        kernel: "/k".into(),
+        initrd: String::new(),
+        cmdline: String::new(),
+        running: false,
+        boot: Default::default(),
+        boot_order: Default::default(),
+        cdrom: None,
+        networks: networks.iter().map(|n| n.to_string()).collect(),
     }
 }
 

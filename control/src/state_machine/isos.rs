@@ -131,8 +131,8 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use crate::access::Role;
-    use crate::state_machine::fixtures::{act, new_user, server};
-    use crate::state_machine::{Action, Command, NewVm, Outcome, RefusalKind, StateMachine};
+    use crate::state_machine::fixtures::{act, new_user, new_vm, server};
+    use crate::state_machine::{Action, Command, Outcome, RefusalKind, StateMachine};
 
     #[test]
     fn the_iso_library_is_the_managers_and_a_cdrom_takes_only_its_images() {
@@ -147,22 +147,7 @@ mod tests {
         let p = id(act(&mut sm, 0, user("p", Role::PowerUser, None)));
         let r = id(act(&mut sm, 0, user("r", Role::Regular, Some(p))));
         let other = id(act(&mut sm, 0, user("o", Role::Regular, None)));
-        let mut vm = NewVm {
-            name: "v".into(),
-            memory_mib: 64,
-            vcpus: 1,
-            disk_size: 1,
-            extra_disks: Vec::new(),
-            kernel: String::new(),
-            initrd: String::new(),
-            cmdline: String::new(),
-            running: false,
-            boot: Default::default(),
-            boot_order: Default::default(),
-            cdrom: None,
-            networks: Vec::new(),
-        }
-        .record(Some(r));
+        let mut vm = new_vm("v", &[]).record(Some(r));
         vm.id = 7;
         sm.vms.insert("v".into(), vm);
         let sha = "ab".repeat(32);

@@ -268,8 +268,8 @@ impl StateMachine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{act, new_user};
-    use super::super::{Action, NetworkRecord, NewVm, RefusalKind, StateMachine};
+    use super::super::fixtures::{act, new_user, new_vm};
+    use super::super::{Action, NetworkRecord, RefusalKind, StateMachine};
     use super::*;
     use crate::access::Role;
 
@@ -347,21 +347,7 @@ mod tests {
         bad.gateway = Some(Ipv4Addr::new(10, 30, 0, 255));
         assert!(refused(&mut sm, create(&bad)).contains("not a host address"));
         // VMs get MACs of their own, unique, on networks their company may use.
-        let vm = |name: &str, networks: &[&str]| NewVm {
-            name: name.into(),
-            memory_mib: 64,
-            vcpus: 1,
-            disk_size: 1 << 20,
-            extra_disks: Vec::new(),
-            kernel: "/k".into(),
-            initrd: String::new(),
-            cmdline: String::new(),
-            running: false,
-            boot: Default::default(),
-            boot_order: Default::default(),
-            cdrom: None,
-            networks: networks.iter().map(|n| n.to_string()).collect(),
-        };
+        let vm = new_vm;
         let mut sm2 = sm.clone();
         let q_on_p = act(
             &mut sm2,
@@ -441,24 +427,7 @@ mod tests {
         small.subnet = Some("10.8.0.0/24".into());
         small.gateway = Some(Ipv4Addr::new(10, 8, 0, 2));
         act(&mut sm, m, Action::CreateNetwork { network: small }).unwrap();
-        let vm = |networks: &[&str]| {
-            NewVm {
-                name: "a".into(),
-                memory_mib: 64,
-                vcpus: 1,
-                disk_size: 1 << 20,
-                extra_disks: Vec::new(),
-                kernel: "/k".into(),
-                initrd: String::new(),
-                cmdline: String::new(),
-                running: false,
-                boot: Default::default(),
-                boot_order: Default::default(),
-                cdrom: None,
-                networks: networks.iter().map(|n| n.to_string()).collect(),
-            }
-            .record(None)
-        };
+        let vm = |networks: &[&str]| new_vm("a", networks).record(None);
         let mut first = vm(&["wide", "wide", "small"]);
         sm.lease_addresses(&mut first).unwrap();
         let ips: Vec<_> = first
