@@ -47,6 +47,7 @@ echo "## VM networking inside the test host ($(date -u +%Y-%m-%d), ${BENCH_ROUND
 echo
 awk '/^BENCH (enspeed|qemu)-(rtt-ms|tcp-mibps) / { v[$2] = v[$2] " " $3 }
      /^VMNET: failover first-ping / { f = f " " $4; m = m " " $6 }
+     /^RESETS / { resets[$2] += $5; told[$2] = told[$2] " " $3 " of round " $4 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
          for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
@@ -62,6 +63,9 @@ awk '/^BENCH (enspeed|qemu)-(rtt-ms|tcp-mibps) / { v[$2] = v[$2] " " $3 }
          print ""
          print "All rounds: enspeed MiB/s" v["enspeed-tcp-mibps"] "; qemu MiB/s" v["qemu-tcp-mibps"] \
              "; enspeed ms" v["enspeed-rtt-ms"] "; qemu ms" v["qemu-rtt-ms"]
+         print ""
+         printf "Guests that reset during a round (triple fault; the VMM booted them again and the round measured again): enspeed %d (%s), qemu %d (%s)\n", \
+             resets["enspeed"], told["enspeed"], resets["qemu"], told["qemu"]
          print ""
          printf "Power cut to the first answered ping on the backup (median of the runs): %.2f s, of which %.2f s until its VMM ran there; each run (s):%s\n", median(f), median(m), f
      }' "$log"

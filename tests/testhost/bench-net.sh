@@ -72,8 +72,14 @@ round() {
     wait $_sink || fail "$_k round $_r: the sink's VMM exited with $?"
     _m="/tmp/$_k-send-$_r.marks"
     grep -q " KIT: FAIL" "$_m" "/tmp/$_k-sink-$_r.marks" && fail "$_k round $_r: $(grep -h " KIT: FAIL" "$_m" "/tmp/$_k-sink-$_r.marks")"
-    _rtt=$(sed -n 's/.* KIT: rtt avg \([0-9.]*\).*/\1/p' "$_m")
-    set -- $(sed -n 's/.* KIT: tcp \([0-9]*\) bytes in \([0-9]*\) cs.*/\1 \2/p' "$_m")
+    # A guest that reset (the VMM boots it again) measures again: its last figures count, and
+    # the resets are told.
+    for _g in send sink; do
+        _n=$(grep -c "triple-faulted\|guest reset" "/tmp/guest-$_k-$_g-$_r.log")
+        [ "$_n" = 0 ] || echo "RESETS $_k $_g $_r $_n"
+    done
+    _rtt=$(sed -n 's/.* KIT: rtt avg \([0-9.]*\).*/\1/p' "$_m" | tail -n 1)
+    set -- $(sed -n 's/.* KIT: tcp \([0-9]*\) bytes in \([0-9]*\) cs.*/\1 \2/p' "$_m" | tail -n 1)
     if [ -n "$_rtt" ] && [ -n "$2" ] && [ "$2" -gt 0 ]; then
         echo "BENCH $_k-rtt-ms $_rtt"
         # MiB/s with two decimals, in integer arithmetic.
