@@ -50,7 +50,11 @@ CMDLINE=${DEMO_CMDLINE:-console=tty0 console=ttyS0 quiet kit.task=wait}
 mkdir -p "$DIR"
 pw="$DIR/admin-password"
 if [ ! -s "$pw" ]; then
-    (umask 077; tr -dc 'A-Za-z0-9' </dev/urandom | head -c 16 >"$pw"; echo >>"$pw")
+    # Whole or not at all, even across a power cut (the test host's stop is one).
+    (umask 077; tr -dc 'A-Za-z0-9' </dev/urandom | head -c 16 >"$pw.new"; echo >>"$pw.new")
+    sync
+    mv "$pw.new" "$pw"
+    sync
 fi
 PASSWORD=$(head -n1 "$pw")
 

@@ -20,7 +20,9 @@ mod pki;
 mod stream;
 mod tls;
 
-pub use pki::{ClusterToken, Enrollment, Fingerprint, InviteToken, TrustDir, ISSUER_NAME};
+pub use pki::{
+    write_durably, ClusterToken, Enrollment, Fingerprint, InviteToken, TrustDir, ISSUER_NAME,
+};
 pub use stream::TlsStream;
 pub use tls::{Connector, Identity, Peer, Pending, Roster};
 

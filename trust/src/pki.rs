@@ -345,23 +345,38 @@ impl TrustDir {
     }
 
     fn write(&self, name: &str, text: &str, private: bool) -> Result<(), Error> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.file(name);
-        let tmp = self.file(&format!(".{name}.tmp"));
-        let done = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if private { 0o600 } else { 0o644 })
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        done.map_err(|source| Error::File { path, source })
+        write_durably(&path, text.as_bytes(), if private { 0o600 } else { 0o644 })
+            .map_err(|source| Error::File { path, source })
     }
+}
+
+/// Writes `bytes` to `path` (mode `mode`) so that a power cut leaves either the old file or
+/// the whole new one: a temporary file beside it, synced, renamed over it, the directory
+/// synced.
+pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })?
+    .sync_all()
 }
 
 /// A certificate for server `id` under the CA (`ca_pem`, `ca_key`), with a new key: the

@@ -40,7 +40,10 @@ pub enum TlsError {
 /// the names `names` (host names and addresses the server is reached by).
 pub fn server_config(dir: &Path, names: &[String]) -> Result<Arc<ServerConfig>, TlsError> {
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    if !cert_path.exists() || !key_path.exists() {
+    // Missing, or empty (what a power cut during an older server's first start could leave):
+    // made anew. Anything else in them is the administrator's and is used, or refused.
+    let blank = |p: &Path| std::fs::metadata(p).map_or(true, |m| m.len() == 0);
+    if blank(&cert_path) || blank(&key_path) {
         generate(dir, &cert_path, &key_path, names)?;
     }
     let pem = |path: &Path, what: String| TlsError::Pem {
@@ -75,23 +78,12 @@ fn generate(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> Result<(),
     sans.dedup();
     let made = rcgen::generate_simple_self_signed(sans.clone())?;
     // The key first, readable by its owner only; the certificate last: it marks the pair done.
-    write_private(key, made.key_pair.serialize_pem().as_bytes()).map_err(file(key))?;
-    std::fs::write(cert, made.cert.pem()).map_err(file(cert))?;
+    // Each whole or not at all, even across a power cut.
+    enspeed_trust::write_durably(key, made.key_pair.serialize_pem().as_bytes(), 0o600)
+        .map_err(file(key))?;
+    enspeed_trust::write_durably(cert, made.cert.pem().as_bytes(), 0o644).map_err(file(cert))?;
     tracing::info!(cert = %cert.display(), names = ?sans, "made a self-signed HTTPS certificate");
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 #[cfg(test)]
@@ -120,6 +112,14 @@ mod tests {
         assert!(
             server_config(&dir, &[]).is_err(),
             "a broken certificate is refused"
+        );
+        // An empty one (a power cut during an older server's first start) is made anew.
+        std::fs::write(dir.join("cert.pem"), "").unwrap();
+        server_config(&dir, &[]).unwrap();
+        assert_ne!(std::fs::read(dir.join("cert.pem")).unwrap(), first);
+        assert!(
+            !dir.join(".cert.pem.tmp").exists(),
+            "no temporary file left"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
