@@ -6,8 +6,7 @@
 # Ctrl-C or SIGTERM, which stop all of it within seconds: it returns 130 after Ctrl-C, 0 after
 # SIGTERM, and leaves no process behind. Where this machine's KVM cannot run an unmodified
 # Linux (a nested software hypervisor, kvm_pvm), the cluster runs inside the test host (QEMU
-# with an emulated AMD-V) and its UI is forwarded here to https://127.0.0.1:8443; its data
-# directories are kept on the test host's disk, ~/.cache/enspeed/demo/testhost-data.img.
+# with an emulated AMD-V) and its UI is forwarded here to https://127.0.0.1:8443.
 set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
@@ -36,19 +35,25 @@ echo "run.sh: this machine's KVM cannot boot Linux itself; the cluster runs insi
 # The test host's kernel messages go to a file, named in the banner, not to this terminal.
 mkdir -p "$cache/demo"
 console="$cache/demo/testhost-console.log"
-# The test host's disk, where the cluster's data directories live (ext4, sparse): the next
-# ./run.sh starts the same cluster.
-data="$cache/demo/testhost-data.img"
-if [ ! -s "$data" ]; then
-    truncate -s 32G "$data.new"
-    mkfs.ext4 -q -F -L enspeed-demo "$data.new"
-    mv "$data.new" "$data"
+# With ENSPEED_DEMO_DISK=1, the test host gets a disk (ext4, sparse) where the cluster's data
+# directories live, so that the next ./run.sh starts the same cluster. Not yet the default:
+# the test host's stop is a power cut for the servers, and the restarted demo is not yet
+# verified by its test (issue 16).
+disk=()
+if [ "${ENSPEED_DEMO_DISK:-}" = 1 ]; then
+    data="$cache/demo/testhost-data.img"
+    if [ ! -s "$data" ]; then
+        truncate -s 32G "$data.new"
+        mkfs.ext4 -q -F -L enspeed-demo "$data.new"
+        mv "$data.new" "$data"
+    fi
+    disk=(--disk "$data")
 fi
 printf 'TESTHOST_LOG=%s\n' "$console" >"$cache/demo/demo-host.env"
 # Run as a child, stopped with SIGTERM whichever signal comes here (a background child of a
 # script ignores SIGINT): it stops QEMU, the whole test host with it.
 image/testhost/run.sh --scenario scripts/demo-cluster.sh --enspeed "$bin" ${extra[@]+"${extra[@]}"} \
-    --extra "$cache/demo/demo-host.env" --kernel-log "$console" --disk "$data" \
+    --extra "$cache/demo/demo-host.env" --kernel-log "$console" ${disk[@]+"${disk[@]}"} \
     --timeout 86400 --forward 8443 --forward 8444 --forward 8445 &
 child=$!
 stop() {
