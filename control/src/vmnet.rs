@@ -17,6 +17,7 @@ use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 
 use crate::state_machine::MAX_SEEN_ADDRESSES;
+pub use vmm_api::parse_mac;
 
 /// The MAC the DHCP service's answers come from (locally administered, outside the range the
 /// cluster gives VMs).
@@ -48,16 +49,6 @@ pub struct Lease {
     pub router: Ipv4Addr,
     /// DNS servers named to the guest.
     pub dns: Vec<Ipv4Addr>,
-}
-
-/// Parses `02:45:53:00:00:01`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// What a frame the guest sent says, as far as this service cares.

@@ -208,6 +208,21 @@ pub fn read_line(s: &mut impl Read) -> io::Result<Vec<u8>> {
     Ok(line)
 }
 
+/// Parses a MAC address as the VMM's `--net ...,mac=` takes it and the cluster writes it:
+/// six hex pairs separated by colons.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,19 +254,7 @@ impl QueueHandler for NetWorker {
     }
 }
 
-/// Parses a MAC address written as six hex pairs separated by colons.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
+pub use vmm_api::parse_mac;
 
 #[cfg(test)]
 mod tests {
