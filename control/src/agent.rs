@@ -404,21 +404,29 @@ impl Reconciler {
 
     /// Reaps exited children.
     fn reap(&mut self) {
-        let mut p = lock(&self.s.procs);
-        if let Some(b) = p.blockd.as_mut() {
-            if let Ok(Some(st)) = b.try_wait() {
-                tracing::warn!(server = self.s.cfg.id, status = %st, "blockd exited");
-                p.blockd = None;
+        // The process table only under its lock (the watchdog takes it to fence); the VMs'
+        // states after, since dropping a running one unplugs its cards (ip, nft).
+        let (ended, alive) = {
+            let mut p = lock(&self.s.procs);
+            if let Some(b) = p.blockd.as_mut() {
+                if let Ok(Some(st)) = b.try_wait() {
+                    tracing::warn!(server = self.s.cfg.id, status = %st, "blockd exited");
+                    p.blockd = None;
+                }
             }
-        }
-        let mut ended = Vec::new();
-        for (name, vm) in p.vmms.iter_mut() {
-            if let Ok(Some(st)) = vm.child.try_wait() {
-                ended.push((name.clone(), st));
+            let mut ended = Vec::new();
+            for (name, vm) in p.vmms.iter_mut() {
+                if let Ok(Some(st)) = vm.child.try_wait() {
+                    ended.push((name.clone(), st));
+                }
             }
-        }
+            for (name, _) in &ended {
+                p.vmms.remove(name);
+            }
+            let alive: HashSet<String> = p.vmms.keys().cloned().collect();
+            (ended, alive)
+        };
         for (name, st) in ended {
-            p.vmms.remove(&name);
             // A shutdown the state asked for is not news to report (and the VM may have been
             // powered on again meanwhile).
             let asked = matches!(
@@ -447,7 +455,7 @@ impl Reconciler {
         }
         // VMMs the watchdog killed (fenced) run no more.
         self.vms
-            .retain(|name, st| !matches!(st, VmState::Running { .. }) || p.vmms.contains_key(name));
+            .retain(|name, st| !matches!(st, VmState::Running { .. }) || alive.contains(name));
     }
 
     fn pass(&mut self, state: &StateMachine) {
