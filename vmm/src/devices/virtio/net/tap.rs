@@ -16,6 +16,18 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 
+/// TUNSETOFFLOAD bits (linux/if_tun.h).
+pub mod offload {
+    /// Frames may come with their checksum left to do.
+    pub const CSUM: u32 = 0x01;
+    /// TCP over IPv4 segments larger than the MTU.
+    pub const TSO4: u32 = 0x02;
+    /// TCP over IPv6 segments larger than the MTU.
+    pub const TSO6: u32 = 0x04;
+    /// Such segments with ECN.
+    pub const TSO_ECN: u32 = 0x08;
+}
+
 #[repr(C)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
@@ -80,15 +92,27 @@ impl Tap {
             if libc::ioctl(fd, TUNSETVNETHDRSZ as _, &hdr) < 0 {
                 return Err(err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
             }
-            // No offloads: we negotiate no checksum or segmentation features.
-            if libc::ioctl(fd, TUNSETOFFLOAD as _, 0 as libc::c_ulong) < 0 {
-                return Err(err("TUNSETOFFLOAD", std::io::Error::last_os_error()));
-            }
         }
-        Ok(Tap {
+        let tap = Tap {
             file,
             name: name.into(),
-        })
+        };
+        // No offloads until a driver says which it takes.
+        tap.set_offloads(0)
+            .map_err(|e| err("TUNSETOFFLOAD", e))?;
+        Ok(tap)
+    }
+
+    /// What the tap may hand us: checksums left to do, and segments above the MTU
+    /// ([`offload`] bits); it does the rest itself.
+    pub fn set_offloads(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) }
+            < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The interface name.
