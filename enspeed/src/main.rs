@@ -90,6 +90,25 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
+    /// Install EnSpeed on this machine's disk: the appliance ISO's installer. Asks on the
+    /// console, or nothing when a filesystem labelled ENSPEED holds enspeed-install.toml.
+    Install(InstallArgs),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// An answer file to use (default: enspeed-install.toml on the ENSPEED filesystem, if any).
+    #[arg(long)]
+    answers: Option<PathBuf>,
+    /// The system to copy onto the disk.
+    #[arg(long, default_value = "/run/live/medium/live/filesystem.squashfs")]
+    squashfs: PathBuf,
+    /// Where the new system is mounted while installing.
+    #[arg(long, default_value = "/run/enspeed-target")]
+    target: PathBuf,
+    /// Return at the end instead of powering off or rebooting.
+    #[arg(long)]
+    no_finish: bool,
 }
 
 #[derive(Args)]
@@ -330,6 +349,12 @@ fn main() -> ExitCode {
             after,
             limit,
         } => webui::cli::audit(&login, after, limit),
+        Command::Install(a) => installer::main(installer::Options {
+            answers: a.answers,
+            squashfs: a.squashfs,
+            target: a.target,
+            finish: !a.no_finish,
+        }),
         Command::Blockd(a) => {
             let net = match &a.tls {
                 Some(dir) => match blockrepl::net::MirrorNet::tls(dir) {
