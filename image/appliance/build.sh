@@ -39,7 +39,13 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/enspeed/Cargo.toml" | head 
 # its squashfs); iproute2 and nftables (VM networks); chrony (leases and certificates need a
 # clock); SeaBIOS and OVMF (VM firmware); GRUB for BIOS and UEFI, sfdisk, mkfs and unsquashfs
 # (the installer; its text UI is enspeed's own).
-packages="systemd systemd-sysv systemd-resolved udev dbus linux-image-amd64 live-boot
+# And the Debian packages of the libraries enspeed links (RocksDB's among them), as this
+# machine's dpkg names them: the binary is built on Debian 12, as the image is.
+libpkgs=$(for l in $(ldd "$bin" | awk '$3 ~ /^\// {print $3}'); do
+    dpkg -S "$(readlink -f "$l")" 2>/dev/null || dpkg -S "$l"
+done | cut -d: -f1 | sort -u | tr '\n' ' ')
+[ -n "$libpkgs" ] || die "cannot tell which packages hold the libraries of $bin"
+packages="$libpkgs systemd systemd-sysv systemd-resolved udev dbus linux-image-amd64 live-boot
     iproute2 nftables chrony seabios ovmf
     grub-pc-bin grub-efi-amd64-bin grub2-common fdisk e2fsprogs dosfstools squashfs-tools
     kmod procps util-linux less ca-certificates"
@@ -85,7 +91,9 @@ kver=$(basename "$(ls -d "$sys"/lib/modules/* | head -n1)")
 cp "$sys/boot/vmlinuz-$kver" "$work/iso/live/vmlinuz"
 cp "$sys/boot/initrd.img-$kver" "$work/iso/live/initrd.img"
 log "squashing the system"
-mksquashfs "$sys" "$work/iso/live/filesystem.squashfs" -comp zstd -noappend -no-progress >&2
+mksquashfs "$sys" "$work/iso/live/filesystem.squashfs" -comp zstd -noappend -no-progress -quiet >/dev/null
+# The system's size, bytes: the installer's progress while it unpacks.
+du -sb "$sys" | cut -f1 >"$work/iso/live/filesystem.size"
 cp "$here/grub.cfg" "$work/iso/boot/grub/grub.cfg"
 sed -i "s/@VERSION@/$version/g" "$work/iso/boot/grub/grub.cfg"
 

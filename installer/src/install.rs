@@ -11,7 +11,6 @@
 //! partition, the system (6 GiB, read-only at run time) and /var, the rest: logs, the server's
 //! state and its storage pool for VM disks.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -247,28 +246,41 @@ fn unmount_all(target: &Path) {
     }
 }
 
-/// Unpacks the system with unsquashfs, telling its percentages.
+/// Unpacks the system with unsquashfs, telling how far it is: the bytes written under `target`
+/// against the system's size, which the ISO carries beside the squashfs (`filesystem.size`,
+/// bytes, as Debian's live images do).
 fn copy_system(
     squashfs: &Path,
     target: &Path,
     progress: &mut dyn Progress,
 ) -> Result<(), InstallError> {
+    let total: Option<u64> = std::fs::read_to_string(squashfs.with_file_name("filesystem.size"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|t| *t > 0);
+    let before = used_bytes(target);
     let mut child = Command::new("unsquashfs")
-        .args(["-f", "-percentage", "-d"])
+        .args(["-f", "-no-progress", "-d"])
         .arg(target)
         .arg(squashfs)
-        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail("copy", format!("unsquashfs: {e}")))?;
-    let mut last = None;
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Ok(p) = line.trim().parse::<u32>() {
-                if last.is_none_or(|l| p >= l + 10 || p == 100) && p <= 100 {
-                    progress.percent(p);
-                    last = Some(p);
-                }
+    let mut told = 0u64;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => return Err(fail("copy", format!("unsquashfs: {e}"))),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        if let Some(total) = total {
+            let p = (used_bytes(target).saturating_sub(before) * 100 / total).min(99);
+            if p >= told + 10 {
+                progress.percent(p as u32);
+                told = p;
             }
         }
     }
@@ -276,16 +288,34 @@ fn copy_system(
         .wait_with_output()
         .map_err(|e| fail("copy", format!("unsquashfs: {e}")))?;
     if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
         return Err(fail(
             "copy",
-            format!(
-                "unsquashfs {}: {}",
-                squashfs.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            format!("unsquashfs {}: {last}", squashfs.display()),
         ));
     }
+    progress.percent(100);
     Ok(())
+}
+
+/// Bytes in use on the filesystems mounted at `target` and `target/var`.
+fn used_bytes(target: &Path) -> u64 {
+    [target.to_path_buf(), target.join("var")]
+        .iter()
+        .filter_map(|p| {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+            // SAFETY: statvfs writes into the zeroed struct it is given; `c` is NUL-terminated.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+                .then(|| (st.f_blocks - st.f_bfree) * st.f_frsize)
+        })
+        .sum()
 }
 
 fn write(target: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), InstallError> {

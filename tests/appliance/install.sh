@@ -41,10 +41,10 @@ token = ""
 [after]
 poweroff = true
 TOML
-rm -f "$work/answers.img" "$work/disk.qcow2"
+rm -f "$work/answers.img" "$work/disk.img"
 mkfs.vfat -n ENSPEED -C "$work/answers.img" 2048 >/dev/null
 mcopy -i "$work/answers.img" "$work/enspeed-install.toml" ::enspeed-install.toml
-qemu-img create -q -f qcow2 "$work/disk.qcow2" 16G
+truncate -s 16G "$work/disk.img"
 echo "APPLIANCE iso-mb $(($(stat -c %s "$iso") / 1048576))"
 
 firmware() {
@@ -61,16 +61,40 @@ qemu() {
     # shellcheck disable=SC2046 # the firmware's words
     timeout -k 10 "$t" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -smp 2 -m 3072 \
         $(firmware "$fw") -display none -no-reboot -serial "file:$log" \
-        -drive "file=$work/disk.qcow2,if=virtio,format=qcow2" "$@" \
+        -monitor "unix:$work/monitor.sock,server=on,wait=off" \
+        -drive "file=$work/disk.img,if=virtio,format=raw" "$@" \
         2> >(grep -v "TCG doesn't support requested feature" >&2)
 }
 
+# screen NAME: the VM's screen as NAME.ppm beside its console (through QEMU's monitor), for a
+# person to look at after a failure.
+screen() {
+    python3 - "$work/monitor.sock" "$work/$1.ppm" <<'PY' >/dev/null 2>&1 || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.send(("screendump %s\n" % sys.argv[2]).encode())
+time.sleep(2)
+PY
+}
+
 t0=$(date +%s)
-set +e
 qemu "$install_fw" "$work/install.log" 1500 \
     -drive "file=$work/answers.img,if=virtio,format=raw,readonly=on" \
     -drive "file=$iso,media=cdrom,readonly=on" -boot order=d \
-    -nic user,model=virtio-net-pci,restrict=on
+    -nic user,model=virtio-net-pci,restrict=on &
+qpid=$!
+# A failed install stays on its console for a person to read: stop it then, not at the timeout.
+while kill -0 $qpid 2>/dev/null; do
+    if grep -qas "ENSPEED-INSTALL: FAILED" "$work/install.log"; then
+        screen install-failed
+        kill $qpid
+        break
+    fi
+    sleep 5
+done
+set +e
+wait $qpid
 rc=$?
 set -e
 t1=$(date +%s)
@@ -92,7 +116,7 @@ until curl -ksf -c "$jar" -H 'Content-Type: application/json' \
     -d "{\"name\":\"admin\",\"password\":\"$password\"}" "$api/session" >"$work/session.json" 2>/dev/null; do
     kill -0 $qpid 2>/dev/null || fail "the installed server stopped before its API answered (see $work/boot.log)"
     n=$((n + 5))
-    [ $n -lt 900 ] || fail "no API on https port 443 after 900 s (see $work/boot.log)"
+    [ $n -lt 900 ] || { screen boot-failed; fail "no API on https port 443 after 900 s (see $work/boot.log, boot-failed.ppm)"; }
     sleep 5
 done
 t2=$(date +%s)
