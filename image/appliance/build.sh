@@ -91,7 +91,7 @@ kver=$(basename "$(ls -d "$sys"/lib/modules/* | head -n1)")
 cp "$sys/boot/vmlinuz-$kver" "$work/iso/live/vmlinuz"
 cp "$sys/boot/initrd.img-$kver" "$work/iso/live/initrd.img"
 log "squashing the system"
-mksquashfs "$sys" "$work/iso/live/filesystem.squashfs" -comp zstd -noappend -no-progress -quiet >/dev/null
+mksquashfs "$sys" "$work/iso/live/filesystem.squashfs" -comp zstd -Xcompression-level 3 -noappend -no-progress -quiet >/dev/null
 # The system's size, bytes: the installer's progress while it unpacks.
 du -sb "$sys" | cut -f1 >"$work/iso/live/filesystem.size"
 cp "$here/grub.cfg" "$work/iso/boot/grub/grub.cfg"
