@@ -35,12 +35,12 @@ echo "run.sh: this machine's KVM cannot boot Linux itself; the cluster runs insi
 # The test host's kernel messages go to a file, named in the banner, not to this terminal.
 mkdir -p "$cache/demo"
 console="$cache/demo/testhost-console.log"
-# With ENSPEED_DEMO_DISK=1, the test host gets a disk (ext4, sparse) where the cluster's data
-# directories live, so that the next ./run.sh starts the same cluster. Not yet the default:
-# the test host's stop is a power cut for the servers, and the restarted demo is not yet
-# verified by its test (issue 16).
+# The test host gets a disk (ext4, sparse) where the cluster's data directories live, so that
+# the next ./run.sh starts the same cluster (the test host's stop is a power cut for the
+# servers, which they survive). ENSPEED_DEMO_DISK=0 keeps the cluster in the test host's
+# memory instead: a new cluster each time.
 disk=()
-if [ "${ENSPEED_DEMO_DISK:-}" = 1 ]; then
+if [ "${ENSPEED_DEMO_DISK:-1}" = 1 ]; then
     data="$cache/demo/testhost-data.img"
     if [ ! -s "$data" ]; then
         truncate -s 32G "$data.new"

@@ -26,11 +26,17 @@ run() {
     shift
     for attempt in 1 2 3; do
         rc=0
+        from=$(($(wc -l <"$log") + 1))
         image/testhost/run.sh --scenario "$s" --enspeed "$CARGO_TARGET_DIR/release/enspeed" \
             "$@" --timeout 2400 >>"$log" 2>&1 || rc=$?
         case $rc in
         0) return 0 ;;
-        125 | 126) echo "bench-net: the test host failed itself (exit $rc), attempt $attempt of 3" >&2 ;;
+        125 | 126)
+            echo "bench-net: the test host failed itself (exit $rc), attempt $attempt of 3" >&2
+            retries=$((retries + 1))
+            # What this attempt measured before failing is not counted.
+            sed -i "$from,\$ s/^\(BENCH \|VMNET: \|RESETS \)/discarded: \1/" "$log"
+            ;;
         *) tail -n 80 "$log" >&2; echo "bench-net: $s failed (exit $rc)" >&2; exit 1 ;;
         esac
     done
@@ -38,6 +44,7 @@ run() {
     echo "bench-net: the test host failed three times" >&2
     exit 1
 }
+retries=0
 run "$scenario" --extra "$ipbin"
 for _ in $(seq "${BENCH_FAILOVERS:-3}"); do
     run tests/testhost/enspeed-vmnet.sh --extra "$ipbin" --extra "$nftbin"
@@ -69,3 +76,5 @@ awk '/^BENCH (enspeed|qemu)-(rtt-ms|tcp-mibps) / { v[$2] = v[$2] " " $3 }
          print ""
          printf "Power cut to the first answered ping on the backup (median of the runs): %.2f s, of which %.2f s until its VMM ran there; each run (s):%s\n", median(f), median(m), f
      }' "$log"
+echo
+echo "Test host runs that failed themselves (its kernel locked up or panicked under the emulated AMD-V) and were run again: $retries"

@@ -15,8 +15,9 @@
 //! [cluster]
 //! create = true                  # a new cluster: this server is its first
 //! manager_password = "..."       # with create = true
-//! join = ""                      # or "10.0.0.11:7400" with token = "..."
-//! token = ""
+//! join = ""                      # or "10.0.0.11:7400" with token = "..." (the cluster's
+//! token = ""                     #   join token: enspeed servers join-info); neither create
+//!                                #   nor join: wait to be added by a Manager
 //! [after]
 //! poweroff = true                # power off when installed (else reboot)
 //! ```
@@ -87,6 +88,9 @@ pub enum ClusterChoice {
         /// The password of the Manager `admin`.
         manager_password: String,
     },
+    /// Nothing yet: wait for a Manager to add this server (VM Servers, Add server) with the
+    /// address and token its console shows (`enspeed server --await-join`).
+    Await,
     /// The cluster of the server at `address`, with that cluster's join token.
     Join {
         /// A member's cluster address (host:port).
@@ -101,6 +105,7 @@ impl std::fmt::Debug for ClusterChoice {
         // Secrets stay out of logs.
         match self {
             ClusterChoice::Create { .. } => write!(f, "Create"),
+            ClusterChoice::Await => write!(f, "Await"),
             ClusterChoice::Join { address, .. } => write!(f, "Join({address})"),
         }
     }
@@ -257,12 +262,7 @@ pub fn parse(text: &str) -> Result<Answers, AnswerError> {
             manager_password: password(&f.cluster.manager_password)?,
         },
         (true, _) => return Err(bad("cluster", "create = true and join: choose one")),
-        (false, "") => {
-            return Err(bad(
-                "cluster",
-                "neither create = true nor join = \"ADDRESS:PORT\"",
-            ))
-        }
+        (false, "") => ClusterChoice::Await,
         (false, join) => join_choice(join, &f.cluster.token)?,
     };
     Ok(Answers {
@@ -570,7 +570,11 @@ poweroff = false
                 "cluster.manager_password",
             ),
             ("join = \"\"", "join = \"10.0.0.1:7400\"", "cluster"),
-            ("create = true", "create = false", "cluster"),
+            (
+                "create = true\nmanager_password = \"correct horse\"\njoin = \"\"",
+                "create = false\nmanager_password = \"\"\njoin = \"x\"",
+                "cluster.join",
+            ),
         ];
         for (from, to, key) in cases {
             let text = FULL.replace(from, to);
@@ -588,6 +592,12 @@ poweroff = false
         );
         assert!(join_choice("10.0.0.1:7400", "").is_err());
         assert!(join_choice("nowhere", "t").is_err());
+        let waiting = parse(&FULL.replace("create = true", "create = false")).unwrap();
+        assert_eq!(
+            waiting.cluster,
+            ClusterChoice::Await,
+            "added by a Manager later"
+        );
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub fn server_env(a: &Answers, id: u64) -> String {
     let _ = writeln!(s, "ENSPEED_CLUSTER_PORT={CLUSTER_PORT}");
     match &a.cluster {
         ClusterChoice::Create { .. } => s.push_str("ENSPEED_BOOT=init\n"),
+        ClusterChoice::Await => s.push_str("ENSPEED_BOOT=await\n"),
         ClusterChoice::Join { address, token } => {
             s.push_str("ENSPEED_BOOT=join\n");
             let _ = writeln!(s, "ENSPEED_JOIN={address}");

@@ -180,13 +180,17 @@ fn ask<R: BufRead, W: Write>(
             c.say("  the two differ; again");
         }
     } else {
-        let address = c.ask("A member's cluster address (ADDRESS:7400)", "")?;
-        let token = c.ask("The cluster's join token", "")?;
-        match answers::join_choice(&address, &token) {
-            Ok(j) => j,
-            Err(e) => {
-                c.say(&format!("  {e}"));
-                return None;
+        c.say("A Manager shows the cluster's address and join token with `enspeed servers join-info`.");
+        c.say("Without them, this server waits to be added by a Manager (VM Servers, Add server).");
+        loop {
+            let address = c.ask("A member's cluster address (ADDRESS:7400; empty: wait)", "")?;
+            if address.is_empty() {
+                break ClusterChoice::Await;
+            }
+            let token = c.ask("The cluster's join token", "")?;
+            match answers::join_choice(&address, &token) {
+                Ok(j) => break j,
+                Err(e) => c.say(&format!("  {e}")),
             }
         }
     };

@@ -3,7 +3,10 @@
 # QEMU TCG with an emulated AMD-V (as the test host: the installed server gets a real /dev/kvm).
 #
 #   tests/appliance/install.sh ISO WORKDIR [--install-firmware bios|uefi] [--boot-firmware bios|uefi]
+#                                          [--usb]
 #
+# Defaults: the install boots the ISO as a CD by UEFI, the installed disk boots by BIOS; --usb
+# gives the ISO as a USB stick (the same file, as `dd` writes it) instead of a CD.
 # 1. The ISO (as a CD) with a blank 16 GiB disk and a small disk labelled ENSPEED holding
 #    enspeed-install.toml: the installer must print "ENSPEED-INSTALL: DONE" and power off.
 # 2. The disk alone: the server must answer https://ADDRESS/api/v1/summary after the Manager's
@@ -13,9 +16,10 @@
 set -euo pipefail
 iso=$1 work=$2
 shift 2
-install_fw=uefi boot_fw=bios
+install_fw=uefi boot_fw=bios medium=cd
 while [ $# -gt 0 ]; do
     case $1 in
+        --usb) medium=usb; shift ;;
         --install-firmware) install_fw=$2; shift 2 ;;
         --boot-firmware) boot_fw=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
@@ -81,7 +85,10 @@ PY
 t0=$(date +%s)
 qemu "$install_fw" "$work/install.log" 1500 \
     -drive "file=$work/answers.img,if=virtio,format=raw,readonly=on" \
-    -drive "file=$iso,media=cdrom,readonly=on" -boot order=d \
+    $(case $medium in
+        cd) echo "-drive file=$iso,media=cdrom,readonly=on -boot order=d" ;;
+        usb) echo "-device qemu-xhci -drive if=none,id=stick,file=$iso,format=raw,readonly=on -device usb-storage,drive=stick" ;;
+    esac) \
     -nic user,model=virtio-net-pci,restrict=on &
 qpid=$!
 # A failed install stays on its console for a person to read: stop it then, not at the timeout.
@@ -102,7 +109,7 @@ grep -a "enspeed install:" "$work/install.log" | tr -d '\r' | sed 's/^/  /'
 grep -qa "ENSPEED-INSTALL: DONE" "$work/install.log" ||
     fail "the install did not finish (QEMU exit $rc; its console: $work/install.log)"
 [ $rc = 0 ] || fail "QEMU exited $rc after the install (powered off? see $work/install.log)"
-echo "APPLIANCE install-s $((t1 - t0))"
+echo "APPLIANCE install-s $((t1 - t0)) ($install_fw from the $medium)"
 
 port=$((20000 + RANDOM % 20000))
 qemu "$boot_fw" "$work/boot.log" 1200 \
@@ -120,7 +127,7 @@ until curl -ksf -c "$jar" -H 'Content-Type: application/json' \
     sleep 5
 done
 t2=$(date +%s)
-echo "APPLIANCE boot-to-api-s $((t2 - t1))"
+echo "APPLIANCE boot-to-api-s $((t2 - t1)) ($boot_fw)"
 curl -ksf -b "$jar" "$api/summary" >"$work/summary.json" || fail "GET /api/v1/summary refused after the login"
 echo "  summary: $(cat "$work/summary.json")"
 curl -ksf -b "$jar" "$api/servers" >"$work/servers.json" || fail "GET /api/v1/servers refused"

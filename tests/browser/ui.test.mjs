@@ -181,6 +181,9 @@ try {
   await until("three server rows", async () => (await m.locator("[data-test=server-row]").count()) === 3);
   assert.equal(await m.locator("[data-test=server-leader]").count(), 1);
   assert.match(await text(m.locator("[data-test=servers-table]")), /witness/);
+  assert.equal(await text(m.locator("[data-test=join-token]")), "T", "the join token is not shown unasked");
+  await m.click("[data-test=join-token-show]");
+  await until("the cluster's join token shown", async () => /^K1\.[0-9a-f]+\.[0-9a-f]+$/.test(await text(m.locator("[data-test=join-token]"))));
   await shot(m, "manager-servers");
 
   step("Library Mgmt: the Manager uploads an ISO image, with its progress; both VM servers get a copy");

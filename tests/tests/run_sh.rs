@@ -281,7 +281,7 @@ fn ctrl_c_in_a_terminal_and_sigterm_to_the_process_group_stop_the_whole_demo() {
     drop(stdin);
 
     // A service manager: SIGTERM to ./run.sh's process group.
-    let (mut child, rx, _) = demo(|| {
+    let (mut child, rx, shown_again) = demo(|| {
         clean_env(&mut Command::new("./run.sh"))
             .current_dir(repo_root())
             .process_group(0)
@@ -297,4 +297,21 @@ fn ctrl_c_in_a_terminal_and_sigterm_to_the_process_group_stop_the_whole_demo() {
     eprintln!("SIGTERM: ./run.sh returned {code:?} after {took:?}");
     assert_eq!(code, Some(0), "./run.sh after SIGTERM");
     nothing_left(&started);
+    // The second ./run.sh started the same cluster: the Manager's password it shows is the
+    // first one's, kept across the first one's stop (a power cut for its servers).
+    let manager = |shown: &str| {
+        shown
+            .lines()
+            .find(|l| l.contains("Manager:"))
+            .map(|l| l.trim().to_string())
+    };
+    assert!(
+        manager(&shown).is_some(),
+        "no Manager line in the banner:\n{shown}"
+    );
+    assert_eq!(
+        manager(&shown),
+        manager(&shown_again),
+        "the second ./run.sh is the same cluster as the first"
+    );
 }

@@ -245,6 +245,27 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             Want::Forbidden
         };
         x.case(who, "GET", "/servers", "/api/v1/servers", None, want);
+        let join = x.case(
+            who,
+            "GET",
+            "/servers/join",
+            "/api/v1/servers/join",
+            None,
+            want,
+        );
+        if manager {
+            let token = join.1["token"].as_str().unwrap_or_default();
+            assert!(
+                enspeed_trust::ClusterToken::parse(token).is_ok(),
+                "the join information's token is the cluster's: {}",
+                join.1
+            );
+            assert!(
+                join.1["address"].as_str().is_some_and(|a| a.contains(':')),
+                "{}",
+                join.1
+            );
+        }
         x.case(who, "GET", "/audit", "/api/v1/audit", None, want);
         x.case(
             who,

@@ -544,6 +544,11 @@ fn done(v: &Value) {
     println!("{}", serde_json::to_string(v).unwrap_or_default());
 }
 
+fn join_info(v: &Value) {
+    println!("address: {}", v["address"].as_str().unwrap_or("?"));
+    println!("token:   {}", v["token"].as_str().unwrap_or("?"));
+}
+
 fn server_table(v: &Value) {
     println!(
         "{:>3}  {:<22} {:<8} {:<6} {:>12}  {:>7} {:>6}  POOLS",
@@ -1096,6 +1101,9 @@ pub fn servers(l: &Login, cmd: Option<ServerCommand>) -> ExitCode {
             },
             |v| server_table(&Value::Array(vec![v.clone()])),
         ),
+        Some(ServerCommand::JoinInfo) => {
+            run(l, |s| s.call("GET", "/servers/join", None), join_info)
+        }
         Some(ServerCommand::Drain { id }) => run(
             l,
             |s| s.call("POST", &format!("/servers/{id}/drain"), Some(json!({}))),
@@ -1109,7 +1117,7 @@ pub fn servers(l: &Login, cmd: Option<ServerCommand>) -> ExitCode {
     }
 }
 
-/// `enspeed servers add|drain|remove`.
+/// `enspeed servers add|join-info|drain|remove`.
 #[derive(Subcommand, Debug)]
 pub enum ServerCommand {
     /// Add a server started with `enspeed server --await-join`, by its address and the join
@@ -1121,6 +1129,9 @@ pub enum ServerCommand {
         #[arg(long)]
         token: String,
     },
+    /// What a new server joins with: an address and the cluster's join token (for
+    /// `enspeed server --join ADDRESS --token TOKEN`, or the installer's join and token).
+    JoinInfo,
     /// Move a server's VMs to their backups and its backup copies elsewhere.
     Drain {
         /// Server id.

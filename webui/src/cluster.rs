@@ -95,6 +95,23 @@ impl Cluster {
             .map_err(|e| ApiError::unavailable(format!("the request's thread: {e}")))
     }
 
+    /// What a new server joins this cluster with (`enspeed server --join ADDRESS --token TOKEN`,
+    /// or the installer's `join` and `token`): this server's cluster address and the cluster's
+    /// join token.
+    pub async fn join_info(&self) -> Result<(String, String), ApiError> {
+        let token = self.ctx.node.peers().dir().cluster_token().map_err(|e| {
+            ApiError::unavailable(format!("this server cannot enroll servers: {e}"))
+        })?;
+        let address = self
+            .state()
+            .await?
+            .servers
+            .get(&self.ctx.id)
+            .map(|s| s.address.clone())
+            .ok_or_else(|| ApiError::unavailable("this server is not in the cluster's state"))?;
+        Ok((address, token.to_string()))
+    }
+
     /// Adds the server at `address`, started with `--await-join` and showing `token`, to this
     /// cluster: checks who it is, invites it, and waits until the cluster has it. Answers its id.
     pub async fn add_server(&self, address: &str, token: &str) -> Result<u64, ApiError> {

@@ -101,6 +101,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ("delete", "/users/{id}", "Delete a user who owns no VM"),
     ("get", "/servers", "The servers (Manager)"),
     (
+        "get",
+        "/servers/join",
+        "What a new server joins with (Manager; audited): this server's cluster address and the cluster's join token, for enspeed server --join ADDRESS --token TOKEN or the installer's join and token",
+    ),
+    (
         "post",
         "/servers",
         "Add a server (Manager): one started with enspeed server --await-join, by its address and the join token it shows (DATA/join-token)",

@@ -22,6 +22,8 @@
 //!   PATCH  /api/v1/users/{id}          {password?, quota?}
 //!   DELETE /api/v1/users/{id}          delete
 //!   GET    /api/v1/servers             servers (Manager)
+//!   GET    /api/v1/servers/join        what a new server joins with: an address, the cluster's
+//!                                        join token (Manager; the read is audited)
 //!   POST   /api/v1/servers/{id}/drain  move every disk copy off it (Manager)
 //!   DELETE /api/v1/servers/{id}        remove a drained server from the cluster (Manager)
 //!   GET    /api/v1/audit?after=&limit= the audit log (Manager), oldest first from a seq;
@@ -553,6 +555,22 @@ impl App {
                 manager_only(&c)?;
                 let leader = self.cluster.status().await?.leader;
                 Ok(ok(&views::servers(&c.state, leader)))
+            }
+            (Method::GET, ["servers", "join"]) => {
+                let c = self.caller(&req, false).await?;
+                manager_only(&c)?;
+                let (address, token) = self.cluster.join_info().await?;
+                // The token lets a machine into the cluster: who read it is on record.
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::Note {
+                            action: "server.join-info".into(),
+                            target: "the cluster's join token".into(),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "address": address, "token": token })))
             }
             (Method::POST, ["servers"]) => {
                 let c = self.caller(&req, true).await?;

@@ -45,6 +45,18 @@ export function serversPage(ctx: PageContext): void {
     },
     (e) => `Could not add the server at ${value(addForm, "address")}: ${message(e)}`,
   );
+  // The cluster's join token, shown on demand (the read is on the audit log): what a new
+  // server, or the appliance's installer, joins with.
+  const joinToken = h("span", { class: "mono", "data-test": "join-token" }, "T");
+  const showToken = h("button", { type: "button", "data-test": "join-token-show" }, "Show the join token");
+  showToken.addEventListener("click", () => {
+    api<{ address: string; token: string }>("GET", "/servers/join").then(
+      (j) => {
+        joinToken.textContent = j.token;
+      },
+      (e) => ctx.notify("error", `Could not read the cluster's join token: ${message(e)}`),
+    );
+  });
   fill(
     ctx.main,
     h("h1", null, "VM Servers"),
@@ -56,7 +68,11 @@ export function serversPage(ctx: PageContext): void {
       { class: "muted", "data-test": "join-hint" },
       "Or join from the new server's own console: enspeed server --id N --data DIR --listen ADDR --join ",
       h("span", { class: "mono", "data-test": "join-address" }, ""),
-      " --token T, with the cluster's join token T from any member's DIR/tls/cluster-token. Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
+      " --token ",
+      joinToken,
+      " (the appliance's installer asks for the same address and token). ",
+      showToken,
+      " Drain a server to move its VMs and disk copies away; a drained server can then be removed.",
     ),
   );
   let last = "";

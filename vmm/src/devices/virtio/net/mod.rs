@@ -346,7 +346,11 @@ impl Rx {
                 let _ = self.queue.add_used(mem, head, n);
             }
         } else {
-            tracing::debug!(len, room, "a received frame did not fit the guest's buffers");
+            tracing::debug!(
+                len,
+                room,
+                "a received frame did not fit the guest's buffers"
+            );
             return self.give_back_empty(mem);
         }
         Delivery::Done
@@ -445,7 +449,8 @@ mod tests {
     }
 
     fn used_idx(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> u16 {
-        mem.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap()
+        mem.read_obj::<u16>(mq.used_addr().unchecked_add(2))
+            .unwrap()
     }
 
     fn read(mem: &GuestMemory, desc: u16, len: usize) -> Vec<u8> {
@@ -490,7 +495,11 @@ mod tests {
         let mut f = frame(3000);
         assert_eq!(rx.deliver(&mem, &mut f), Delivery::NoRoom);
         assert_eq!(used_idx(&mem, &mq), 0, "nothing taken");
-        assert_eq!(rx.queue.next_avail(), 0, "the buffer is still the guest's to fill");
+        assert_eq!(
+            rx.queue.next_avail(),
+            0,
+            "the buffer is still the guest's to fill"
+        );
         assert!(!rx.await_buffers(&mem), "no buffer came meanwhile");
         // The guest must kick when it posts past the one buffer it has posted.
         let avail_event = mq.used_addr().unchecked_add(4 + 8 * 16);
@@ -527,20 +536,30 @@ mod tests {
         let mut rx = Rx::new(mq.create_queue().unwrap(), true);
         assert_eq!(rx.deliver(&mem, &mut frame(100)), Delivery::Done);
         assert_eq!(used(&mem, &mq, 0), (0, 0));
-        assert!(read(&mem, 0, 112).iter().all(|b| *b == 0), "nothing written");
+        assert!(
+            read(&mem, 0, 112).iter().all(|b| *b == 0),
+            "nothing written"
+        );
         assert_eq!(rx.deliver(&mem, &mut frame(100)), Delivery::Done);
         assert_eq!(used(&mem, &mq, 1), (1, 112));
     }
 
     #[test]
     fn the_tap_hands_over_only_what_the_guest_took() {
-        assert_eq!(tap_offloads(bit::GUEST_TSO4), 0, "no segments without checksums");
+        assert_eq!(
+            tap_offloads(bit::GUEST_TSO4),
+            0,
+            "no segments without checksums"
+        );
         assert_eq!(tap_offloads(bit::GUEST_CSUM), offload::CSUM);
         assert_eq!(
             tap_offloads(bit::GUEST_CSUM | bit::GUEST_TSO4 | bit::GUEST_TSO6 | bit::GUEST_ECN),
             offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN
         );
-        assert_eq!(tap_offloads(bit::GUEST_CSUM | bit::GUEST_ECN), offload::CSUM);
+        assert_eq!(
+            tap_offloads(bit::GUEST_CSUM | bit::GUEST_ECN),
+            offload::CSUM
+        );
     }
 
     #[test]

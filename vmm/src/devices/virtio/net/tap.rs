@@ -98,8 +98,7 @@ impl Tap {
             name: name.into(),
         };
         // No offloads until a driver says which it takes.
-        tap.set_offloads(0)
-            .map_err(|e| err("TUNSETOFFLOAD", e))?;
+        tap.set_offloads(0).map_err(|e| err("TUNSETOFFLOAD", e))?;
         Ok(tap)
     }
 
@@ -107,8 +106,13 @@ impl Tap {
     /// ([`offload`] bits); it does the rest itself.
     pub fn set_offloads(&self, flags: u32) -> std::io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) }
-            < 0
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                flags as libc::c_ulong,
+            )
+        } < 0
         {
             return Err(std::io::Error::last_os_error());
         }
