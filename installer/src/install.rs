@@ -288,13 +288,7 @@ fn copy_system(
         .wait_with_output()
         .map_err(|e| fail("copy", format!("unsquashfs: {e}")))?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let last = last_line(&out.stderr);
         return Err(fail(
             "copy",
             format!("unsquashfs {}: {last}", squashfs.display()),
@@ -423,13 +417,7 @@ fn run_cmd(step: &'static str, c: &mut Command) -> Result<(), InstallError> {
     if out.status.success() {
         Ok(())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let last = last_line(&out.stderr);
         Err(fail(
             step,
             format!("{} failed ({}): {last}", describe(c), out.status),
@@ -463,6 +451,17 @@ fn run_input(step: &'static str, c: &mut Command, input: &str) -> Result<(), Ins
             ),
         ))
     }
+}
+
+/// A tool's last words: the last line of what it wrote that is not blank.
+fn last_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 fn describe(c: &Command) -> String {
