@@ -62,8 +62,10 @@ firmware() {
 qemu() {
     local fw=$1 log=$2 t=$3
     shift 3
+    # exec: the background job is QEMU's timeout itself, so killing the job stops QEMU (which
+    # would otherwise live on, holding this script's output open).
     # shellcheck disable=SC2046 # the firmware's words
-    timeout -k 10 "$t" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -smp 2 -m 3072 \
+    exec timeout -k 10 "$t" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -smp 2 -m 3072 \
         $(firmware "$fw") -display none -no-reboot -serial "file:$log" \
         -monitor "unix:$work/monitor.sock,server=on,wait=off" \
         -drive "file=$work/disk.img,if=virtio,format=raw" "$@" \
@@ -115,7 +117,7 @@ port=$((20000 + RANDOM % 20000))
 qemu "$boot_fw" "$work/boot.log" 1200 \
     -nic "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:$port-:443" &
 qpid=$!
-trap 'kill $qpid 2>/dev/null || true' EXIT
+trap 'kill $qpid 2>/dev/null || true; wait $qpid 2>/dev/null || true' EXIT
 jar=$work/cookies
 api=https://127.0.0.1:$port/api/v1
 n=0
