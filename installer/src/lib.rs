@@ -51,11 +51,23 @@ impl Say {
     fn new(unattended: bool) -> Say {
         let mut extra = Vec::new();
         if unattended {
-            let mine = std::fs::read_link("/proc/self/fd/1").ok();
-            for tty in ["/dev/ttyS0", "/dev/tty1"] {
-                let real = std::fs::canonicalize(tty).ok();
-                if real.is_some() && real != mine {
-                    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(tty) {
+            let mine = std::fs::read_link("/proc/self/fd/1")
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // /dev/console is the kernel's last console= (tty0: the screen's foreground
+            // terminal, tty1 at boot).
+            let console = std::fs::read_to_string("/sys/class/tty/console/active")
+                .ok()
+                .and_then(|a| a.split_whitespace().last().map(str::to_string))
+                .map(|c| if c == "tty0" { "tty1".to_string() } else { c });
+            for tty in ["ttyS0", "tty1"] {
+                let same = mine == format!("/dev/{tty}")
+                    || (mine == "/dev/console" && console.as_deref() == Some(tty));
+                if !same {
+                    if let Ok(f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(format!("/dev/{tty}"))
+                    {
                         extra.push(f);
                     }
                 }
