@@ -113,7 +113,7 @@ login() {
 }
 
 # json EXPR: evaluates a Python expression on the JSON read from stdin (as `v`).
-json() { python3 -c "import json,sys; v = json.load(sys.stdin); print($1)"; }
+json() { python3 -c "import json,sys; v = json.load(sys.stdin); print($1)" 2>/dev/null; }
 
 # until_true SECONDS WHAT COMMAND...: polls COMMAND every 2 s.
 until_true() {
@@ -131,7 +131,7 @@ manager_password = \"$password\""
 run 1
 login 1
 join=$(api 1 GET /servers/join)
-token=$(echo "$join" | json 'v["token"]')
+token=$(echo "$join" | json 'v["token"]' 2>/dev/null) || die "no join information: $join"
 address=$(echo "$join" | json 'v["address"]')
 log "the cluster's join address is $address"
 for i in 2 3; do
@@ -150,7 +150,8 @@ ip netns exec "$ns" curl -ksSf -b "$work/jar1" -H "X-CSRF-Token: $(cat "$work/cs
     "https://10.0.0.11/api/v1/isos/kit-keep.iso" >/dev/null
 iso_everywhere() { [ "$(api 1 GET /isos | json '[len(i.get("servers", [])) for i in v if i["name"] == "kit-keep.iso"][0]')" = 3 ]; }
 until_true 600 "the CD on every VM server" iso_everywhere
-vm=$(api 1 POST /vms '{"name":"drill","memory_mib":256,"vcpus":1,"disk_gib":1,"boot":"bios","iso":"kit-keep.iso","start":true}' | json 'v["id"]')
+created=$(api 1 POST /vms '{"name":"drill","memory_mib":256,"vcpus":1,"disk_gib":1,"boot":"bios","iso":"kit-keep.iso","start":true}')
+vm=$(echo "$created" | json 'v["id"]' 2>/dev/null) || die "the VM was not created: $created"
 log "VM $vm created"
 
 # primary: the appliance (1-3) holding the VM's primary copy, asked through appliance $1.
