@@ -6,8 +6,9 @@ a line matches a pattern.
 
 HOST serves the API over HTTPS on port 443 (its certificate is not checked: the cluster made
 it); COOKIE_JAR is curl's, holding a logged-in session. The stream starts with the console's
-recent history. Prints the first line matching PATTERN (a regular expression) and exits 0, or
-exits 1 after TIMEOUT_S seconds (2 when the console cannot be opened).
+recent history. A console that cannot be opened yet (the VM not running: 502) is tried again
+every 3 s. Prints the first line matching PATTERN (a regular expression) and exits 0, or exits
+1 after TIMEOUT_S seconds (2 when the console never opened).
 """
 import base64
 import os
@@ -31,36 +32,48 @@ def cookie(jar):
     sys.exit("serial.py: no cookie in " + jar)
 
 
-def main():
-    host, jar, vm, pattern, timeout = sys.argv[1:6]
-    deadline = time.time() + float(timeout)
+def open_console(host, jar, vm):
+    """The console's socket and the bytes after its handshake, or an error's text."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
         s = ctx.wrap_socket(socket.create_connection((host, 443), timeout=10))
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(
+            (
+                f"GET /api/v1/vms/{vm}/console/serial HTTP/1.1\r\nHost: {host}\r\n"
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nOrigin: https://{host}\r\nCookie: {cookie(jar)}\r\n\r\n"
+            ).encode()
+        )
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
     except OSError as e:
-        print(f"serial.py: {host}: {e}", file=sys.stderr)
-        sys.exit(2)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall(
-        (
-            f"GET /api/v1/vms/{vm}/console/serial HTTP/1.1\r\nHost: {host}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nOrigin: https://{host}\r\nCookie: {cookie(jar)}\r\n\r\n"
-        ).encode()
-    )
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
+        return None, None, str(e)
     head, _, buf = buf.partition(b"\r\n\r\n")
     status = head.split(b"\r\n")[0].decode(errors="replace")
     if " 101 " not in status:
-        print(f"serial.py: {host}: {status}", file=sys.stderr)
-        sys.exit(2)
+        s.close()
+        return None, None, status
+    return s, buf, None
+
+
+def main():
+    host, jar, vm, pattern, timeout = sys.argv[1:6]
+    deadline = time.time() + float(timeout)
+    while True:
+        s, buf, err = open_console(host, jar, vm)
+        if s:
+            break
+        if time.time() + 3 >= deadline:
+            print(f"serial.py: {host}: {err}", file=sys.stderr)
+            sys.exit(2)
+        time.sleep(3)
     want = re.compile(pattern)
     text = ""
     s.settimeout(1)
