@@ -473,18 +473,11 @@ fn describe(c: &Command) -> String {
 }
 
 /// A random Raft id for a new server: unique in a cluster with overwhelming odds, and short
-/// enough to read (below 2^31).
+/// enough to read (below 2^31, never 0).
 pub fn new_server_id() -> u64 {
     let mut b = [0u8; 4];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_ok();
-    let v = u64::from(u32::from_le_bytes(b) & 0x7fff_ffff);
-    if ok && v != 0 {
-        v
-    } else {
-        u64::from(std::process::id()).max(1)
-    }
+    getrandom::getrandom(&mut b).expect("the system's random numbers");
+    u64::from(u32::from_le_bytes(b) & 0x7fff_ffff).max(1)
 }
 
 /// The live system's squashfs, as live-boot mounted its medium.

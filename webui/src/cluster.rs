@@ -116,9 +116,8 @@ impl Cluster {
     /// cluster: checks who it is, invites it, and waits until the cluster has it. Answers its id.
     pub async fn add_server(&self, address: &str, token: &str) -> Result<u64, ApiError> {
         let invite = InviteToken::parse(token).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let cluster_token = self.ctx.node.peers().dir().cluster_token().map_err(|e| {
-            ApiError::unavailable(format!("this server cannot enroll servers: {e}"))
-        })?;
+        // What the invited server joins with: this server's address and the cluster's token.
+        let (me, cluster_token) = self.join_info().await?;
         // Only the server whose certificate the token names is spoken to.
         let connector = Connector::to_waiting(invite.server);
         let call = |request: Request| {
@@ -160,15 +159,10 @@ impl Cluster {
                 s.address
             )));
         }
-        let me = state
-            .servers
-            .get(&self.ctx.id)
-            .map(|s| s.address.clone())
-            .ok_or_else(|| ApiError::unavailable("this server is not in the cluster's state"))?;
         let r = call(Request::Invite {
             token: token.to_string(),
             cluster: me,
-            cluster_token: cluster_token.to_string(),
+            cluster_token,
         })
         .await?;
         if !r.ok {

@@ -328,24 +328,7 @@ impl Rx {
         // A frame that does not fit (a non-mergeable buffer too small, or a chain the device
         // cannot write) is dropped: the buffers go back empty.
         let fits = room == len && len >= VNET_HDR_LEN && !malformed;
-        if fits {
-            let count = self.heads.len() as u16;
-            frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
-            let mut done = 0usize;
-            for &(addr, n) in &self.spans {
-                if mem.write_slice(&frame[done..done + n], addr).is_err() {
-                    break;
-                }
-                done += n;
-            }
-            if done != len {
-                return self.give_back_empty(mem);
-            }
-            for i in 0..self.heads.len() {
-                let (head, n) = self.heads[i];
-                let _ = self.queue.add_used(mem, head, n);
-            }
-        } else {
+        if !fits {
             tracing::debug!(
                 len,
                 room,
@@ -353,12 +336,23 @@ impl Rx {
             );
             return self.give_back_empty(mem);
         }
+        let count = self.heads.len() as u16;
+        frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
+        let mut done = 0usize;
+        for &(addr, n) in &self.spans {
+            if mem.write_slice(&frame[done..done + n], addr).is_err() {
+                return self.give_back_empty(mem);
+            }
+            done += n;
+        }
+        for &(head, n) in &self.heads {
+            let _ = self.queue.add_used(mem, head, n);
+        }
         Delivery::Done
     }
 
     fn give_back_empty(&mut self, mem: &GuestMemory) -> Delivery {
-        for i in 0..self.heads.len() {
-            let head = self.heads[i].0;
+        for &(head, _) in &self.heads {
             let _ = self.queue.add_used(mem, head, 0);
         }
         Delivery::Done
