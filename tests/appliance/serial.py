@@ -2,13 +2,14 @@
 """Reads a VM's serial console through the API's WebSocket (as the browser's console does) until
 a line matches a pattern.
 
-    serial.py HOST COOKIE_JAR VM_ID PATTERN TIMEOUT_S
+    serial.py [--tee FILE] HOST COOKIE_JAR VM_ID PATTERN TIMEOUT_S
 
 HOST serves the API over HTTPS on port 443 (its certificate is not checked: the cluster made
 it); COOKIE_JAR is curl's, holding a logged-in session. The stream starts with the console's
 recent history. A console that cannot be opened yet (the VM not running: 502) is tried again
 every 3 s. Prints the first line matching PATTERN (a regular expression) and exits 0, or exits
-1 after TIMEOUT_S seconds (2 when the console never opened).
+1 after TIMEOUT_S seconds or when the console closes (2 when it never opened). With --tee, every
+line read is also appended to FILE as it comes (a watcher keeping the console's record).
 """
 import base64
 import os
@@ -64,7 +65,12 @@ def open_console(host, jar, vm):
 
 
 def main():
-    host, jar, vm, pattern, timeout = sys.argv[1:6]
+    args = sys.argv[1:]
+    tee = None
+    if args[:1] == ["--tee"]:
+        tee = open(args[1], "a", buffering=1)
+        args = args[2:]
+    host, jar, vm, pattern, timeout = args[:5]
     deadline = time.time() + float(timeout)
     while True:
         s, buf, err = open_console(host, jar, vm)
@@ -99,6 +105,8 @@ def main():
             text += payload.decode(errors="replace")
             *lines, text = text.split("\n")
             for line in lines:
+                if tee:
+                    tee.write(line.rstrip("\r") + "\n")
                 if want.search(line):
                     print(line.strip())
                     sys.exit(0)
