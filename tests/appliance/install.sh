@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# Installs the appliance ISO unattended on a blank disk and boots the installed disk, under
-# QEMU TCG with an emulated AMD-V (as the test host: the installed server gets a real /dev/kvm).
+# Installs the appliance ISO unattended on blank disks and boots the installed disks, under QEMU
+# TCG with an emulated AMD-V (as the test host: an installed server gets a real /dev/kvm). Root:
+# the machines share a bridge in a network namespace of their own, where this machine is
+# 10.0.0.1 and busybox's udhcpd leases addresses.
 #
 #   tests/appliance/install.sh ISO WORKDIR [--install-firmware bios|uefi] [--boot-firmware bios|uefi]
-#                                          [--usb]
+#                                          [--usb] [--pair]
 #
-# Defaults: the install boots the ISO as a CD by UEFI, the installed disk boots by BIOS; --usb
-# gives the ISO as a USB stick (the same file, as `dd` writes it) instead of a CD.
-# 1. The ISO (as a CD) with a blank 16 GiB disk and a small disk labelled ENSPEED holding
+# Server A: the ISO as a CD by UEFI (--usb: as a USB stick, the same file as `dd` writes it),
+# its installed disk booted by BIOS (the options change both); answers: DHCP, a new cluster.
+# 1. The ISO with a blank 16 GiB disk and a small disk labelled ENSPEED holding
 #    enspeed-install.toml: the installer must print "ENSPEED-INSTALL: DONE" and power off.
-# 2. The disk alone: the server must answer https://ADDRESS/api/v1/summary after the Manager's
-#    login, offer its memory to VMs, and show on its console the UI's address and its KVM.
-# Prints "APPLIANCE install-s S", "APPLIANCE boot-to-api-s S", "APPLIANCE iso-mb M" and ends
-# with "APPLIANCE: PASS" (exit 0) or "APPLIANCE: FAIL ..." (exit 1).
+# 2. The disk alone: the server must show on its console the UI's address (its lease) and its
+#    KVM, answer https://ADDRESS/api/v1/summary after the Manager's login and offer its memory
+#    to VMs.
+# --pair: server B is installed at the same time the other way round (the ISO as a USB stick by
+# BIOS, its disk booted by UEFI), and by a person: no answer disk; console.py picks the boot
+# menu's serial-console entry and answers the installer's questions on the serial port (one of
+# them wrongly first): a static address, no cluster (it waits to be added, its console then
+# showing its address and join token), then reboots. The Manager adds it through A's API with
+# what B's console shows; a VM is created through A (a blank PC whose CD, uploaded to the ISO
+# library, boots the guest kit, which formats its LiveSync disk, writes and reads back 4 MiB):
+# it must run on one server's KVM, write its data, and its disk reach "in-sync" on the other.
+# Prints "APPLIANCE install-s S", "APPLIANCE boot-to-api-s S", "APPLIANCE iso-mb M" (and with
+# --pair "APPLIANCE vm-data-s S", "APPLIANCE vm-in-sync-s S") and ends with "APPLIANCE: PASS"
+# (exit 0) or "APPLIANCE: FAIL ..." (exit 1).
 set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
 iso=$1 work=$2
 shift 2
-install_fw=uefi boot_fw=bios medium=cd
+install_fw=uefi boot_fw=bios medium=cd pair=0
 while [ $# -gt 0 ]; do
     case $1 in
         --usb) medium=usb; shift ;;
+        --pair) pair=1; shift ;;
         --install-firmware) install_fw=$2; shift 2 ;;
         --boot-firmware) boot_fw=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
@@ -27,29 +41,65 @@ while [ $# -gt 0 ]; do
 done
 fail() { echo "APPLIANCE: FAIL $*"; exit 1; }
 [ -s "$iso" ] || fail "no ISO at $iso"
+[ "$(id -u)" = 0 ] || fail "needs root (a network namespace and taps)"
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 password=$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
-cat >"$work/enspeed-install.toml" <<TOML
+echo "APPLIANCE iso-mb $(($(stat -c %s "$iso") / 1048576))"
+
+ns=enspeed-appliance-$$
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+}
+trap cleanup EXIT
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" link add br0 type bridge
+ip -n "$ns" addr add 10.0.0.1/24 dev br0
+ip -n "$ns" link set br0 up
+for s in a b; do
+    ip -n "$ns" tuntap add dev "t$s" mode tap
+    ip -n "$ns" link set "t$s" master br0 up
+done
+: >"$work/udhcpd.leases"
+cat >"$work/udhcpd.conf" <<CONF
+interface br0
+start 10.0.0.100
+end 10.0.0.150
+max_leases 51
+lease_file $work/udhcpd.leases
+option subnet 255.255.255.0
+option router 10.0.0.1
+CONF
+ip netns exec "$ns" busybox udhcpd -f "$work/udhcpd.conf" >"$work/udhcpd.log" 2>&1 &
+pids+=($!)
+
+# answers S ADDRESS CLUSTER-TOML: server S's answer disk, answers-S.img.
+answers() {
+    local s=$1 address=$2 gateway=""
+    [ "$address" = dhcp ] || gateway=10.0.0.1
+    cat >"$work/answers-$s.toml" <<TOML
 disk = "/dev/vda"
-hostname = "vmserver1"
+hostname = "vmserver-$s"
 [network]
 interface = "auto"
-address = "dhcp"
-gateway = ""
+address = "$address"
+gateway = "$gateway"
 [cluster]
-create = true
-manager_password = "$password"
-join = ""
-token = ""
+$3
 [after]
 poweroff = true
 TOML
-rm -f "$work/answers.img" "$work/disk.img"
-mkfs.vfat -n ENSPEED -C "$work/answers.img" 2048 >/dev/null
-mcopy -i "$work/answers.img" "$work/enspeed-install.toml" ::enspeed-install.toml
-truncate -s 16G "$work/disk.img"
-echo "APPLIANCE iso-mb $(($(stat -c %s "$iso") / 1048576))"
+    rm -f "$work/answers-$s.img"
+    mkfs.vfat -n ENSPEED -C "$work/answers-$s.img" 2048 >/dev/null
+    mcopy -i "$work/answers-$s.img" "$work/answers-$s.toml" ::enspeed-install.toml
+    rm -f "$work/disk-$s.img"
+    truncate -s 16G "$work/disk-$s.img"
+}
 
 firmware() {
     case $1 in
@@ -58,24 +108,30 @@ firmware() {
         *) fail "firmware $1 is neither bios nor uefi" ;;
     esac
 }
-# qemu FIRMWARE LOG TIMEOUT ARGS...: QEMU TCG with AMD-V, its serial port to LOG.
+# qemu S FIRMWARE LOG TIMEOUT ARGS...: server S's machine on the bridge (QEMU TCG with AMD-V),
+# its serial port to LOG (a Unix socket to serve when LOG ends in .sock), in the background;
+# its pid in qemu-S.pid.
 qemu() {
-    local fw=$1 log=$2 t=$3
-    shift 3
-    # exec: the background job is QEMU's timeout itself, so killing the job stops QEMU (which
-    # would otherwise live on, holding this script's output open).
+    local s=$1 fw=$2 log=$3 t=$4 mac=52:54:00:00:20:0a
+    shift 4
+    [ "$s" = a ] || mac=52:54:00:00:20:0b
+    local serial="file:$log"
+    case $log in *.sock) serial="unix:$log,server=on,wait=off" ;; esac
     # shellcheck disable=SC2046 # the firmware's words
-    exec timeout -k 10 "$t" qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -smp 2 -m 3072 \
-        $(firmware "$fw") -display none -no-reboot -serial "file:$log" \
-        -monitor "unix:$work/monitor.sock,server=on,wait=off" \
-        -drive "file=$work/disk.img,if=virtio,format=raw" "$@" \
-        2> >(grep -v "TCG doesn't support requested feature" >&2)
+    ip netns exec "$ns" timeout -k 10 "$t" qemu-system-x86_64 -name "appliance-$s" -accel tcg \
+        -cpu EPYC,+svm -smp 2 -m 3072 $(firmware "$fw") -display none -no-reboot \
+        -serial "$serial" -monitor "unix:$work/monitor-$s.sock,server=on,wait=off" \
+        -drive "file=$work/disk-$s.img,if=virtio,format=raw" \
+        -netdev "tap,id=n0,ifname=t$s,script=no,downscript=no" -device "virtio-net-pci,netdev=n0,mac=$mac" \
+        "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2) &
+    echo $! >"$work/qemu-$s.pid"
+    pids+=($!)
 }
 
-# screen NAME: the VM's screen as NAME.ppm beside its console (through QEMU's monitor), for a
-# person to look at after a failure.
+# screen S NAME: server S's screen as NAME.ppm beside its console (through QEMU's monitor), for
+# a person to look at after a failure.
 screen() {
-    python3 - "$work/monitor.sock" "$work/$1.ppm" <<'PY' >/dev/null 2>&1 || true
+    python3 - "$work/monitor-$1.sock" "$work/$2.ppm" <<'PY' >/dev/null 2>&1 || true
 import socket, sys, time
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
@@ -84,57 +140,181 @@ time.sleep(2)
 PY
 }
 
-t0=$(date +%s)
-qemu "$install_fw" "$work/install.log" 1500 \
-    -drive "file=$work/answers.img,if=virtio,format=raw,readonly=on" \
-    $(case $medium in
-        cd) echo "-drive file=$iso,media=cdrom,readonly=on -boot order=d" ;;
-        usb) echo "-device qemu-xhci -drive if=none,id=stick,file=$iso,format=raw,readonly=on -device usb-storage,drive=stick" ;;
-    esac) \
-    -nic user,model=virtio-net-pci,restrict=on &
-qpid=$!
-# A failed install stays on its console for a person to read: stop it then, not at the timeout.
-while kill -0 $qpid 2>/dev/null; do
-    if grep -qas "ENSPEED-INSTALL: FAILED" "$work/install.log"; then
-        screen install-failed
-        kill $qpid
-        break
+# install S FIRMWARE MEDIUM: starts server S's install from the ISO (with its answer disk, if
+# any; else its console is install-S.sock, for console.py).
+install() {
+    local s=$1 fw=$2 medium=$3 console=$work/install-$s.log answers=()
+    if [ -f "$work/answers-$s.img" ]; then
+        answers=(-drive "file=$work/answers-$s.img,if=virtio,format=raw,readonly=on")
+    else
+        console=$work/install-$s.sock
     fi
-    sleep 5
-done
-set +e
-wait $qpid
-rc=$?
-set -e
-t1=$(date +%s)
-grep -a "enspeed install:" "$work/install.log" | tr -d '\r' | sed 's/^/  /'
-grep -qa "ENSPEED-INSTALL: DONE" "$work/install.log" ||
-    fail "the install did not finish (QEMU exit $rc; its console: $work/install.log)"
-[ $rc = 0 ] || fail "QEMU exited $rc after the install (powered off? see $work/install.log)"
-echo "APPLIANCE install-s $((t1 - t0)) ($install_fw from the $medium)"
+    # shellcheck disable=SC2046 # the medium's words
+    qemu "$s" "$fw" "$console" 1500 "${answers[@]}" \
+        $(case $medium in
+            cd) echo "-drive file=$iso,media=cdrom,readonly=on -boot order=d" ;;
+            usb) echo "-device qemu-xhci -drive if=none,id=stick,file=$iso,format=raw,readonly=on -device usb-storage,drive=stick" ;;
+        esac)
+}
 
-port=$((20000 + RANDOM % 20000))
-qemu "$boot_fw" "$work/boot.log" 1200 \
-    -nic "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:$port-:443" &
-qpid=$!
-trap 'kill $qpid 2>/dev/null || true; wait $qpid 2>/dev/null || true' EXIT
+# installed S FIRMWARE MEDIUM T0: waits for server S's install (started at T0) and judges it.
+installed() {
+    local s=$1 fw=$2 medium=$3 t0=$4 pid rc
+    pid=$(cat "$work/qemu-$s.pid")
+    # A failed install stays on its console for a person to read: stop it then, not at the timeout;
+    # so too when the person at the console (console.py) gave up.
+    while kill -0 "$pid" 2>/dev/null; do
+        if grep -qas "ENSPEED-INSTALL: FAILED" "$work/install-$s.log"; then
+            screen "$s" "install-$s-failed"
+            kill "$pid"
+            break
+        fi
+        if [ -f "$work/driver-$s.pid" ] && ! kill -0 "$(cat "$work/driver-$s.pid")" 2>/dev/null; then
+            sleep 10
+            if kill -0 "$pid" 2>/dev/null; then
+                screen "$s" "install-$s-failed"
+                kill "$pid"
+                fail "server $s's install: $(cat "$work/console-$s.out") (its console: $work/install-$s.log)"
+            fi
+        fi
+        sleep 5
+    done
+    set +e
+    wait "$pid"
+    rc=$?
+    set -e
+    grep -a "enspeed install:" "$work/install-$s.log" | tr -d '\r' | sed "s/^/  $s: /"
+    grep -qa "ENSPEED-INSTALL: DONE" "$work/install-$s.log" ||
+        fail "server $s's install did not finish (QEMU exit $rc; its console: $work/install-$s.log)"
+    [ "$rc" = 0 ] || fail "QEMU exited $rc after server $s's install (see $work/install-$s.log)"
+    local also=""
+    [ ! -f "$work/driver-$s.pid" ] || also=", answered on its serial console"
+    [ $pair = 0 ] || also="$also, beside the other server's"
+    echo "APPLIANCE install-s $(($(date +%s) - t0)) ($fw from the $medium$also)"
+}
+
+# console_line S PATTERN SECONDS: the first line of server S's console matching PATTERN.
+console_line() {
+    local n=0 line
+    until line=$(grep -aoE "$2" "$work/boot-$1.log" | head -n 1) && [ -n "$line" ]; do
+        kill -0 "$(cat "$work/qemu-$1.pid")" 2>/dev/null ||
+            fail "server $1 stopped (see $work/boot-$1.log)"
+        n=$((n + 2))
+        [ $n -lt "$3" ] || { screen "$1" "boot-$1-failed"; fail "server $1's console showed no '$2' in $3 s (see $work/boot-$1.log, boot-$1-failed.ppm)"; }
+        sleep 2
+    done
+    echo "$line" | tr -d '\r'
+}
+
+answers a dhcp "create = true
+manager_password = \"$password\""
+t0=$(date +%s)
+install a "$install_fw" "$medium"
+if [ $pair = 1 ]; then
+    rm -f "$work/disk-b.img" "$work/install-b.log"
+    truncate -s 16G "$work/disk-b.img"
+    install b bios usb
+    python3 "$root/tests/appliance/console.py" "$work/install-b.sock" "$work/install-b.log" 600 \
+        "(serial console)" '\x1b[B' "" '\r' \
+        "Install on which disk" '/dev/vda\r' \
+        "Host name [" 'not a host name!\r' \
+        "Host name [" 'vmserver-b\r' \
+        "Management network card [" '\r' \
+        "Management address: dhcp, or ADDRESS/PREFIX [" '10.0.0.12/24\r' \
+        "Gateway (empty for none)" '10.0.0.1\r' \
+        "Management VLAN tag" '\r' \
+        "Network card for VM traffic [" '\r' \
+        "Create a new cluster or join one?" 'join\r' \
+        "A member's cluster address" '\r' \
+        "and install EnSpeed? (yes/no)" 'yes\r' \
+        >"$work/console-b.out" 2>&1 &
+    echo $! >"$work/driver-b.pid"
+    pids+=($!)
+fi
+installed a "$install_fw" "$medium" "$t0"
+[ $pair = 0 ] || installed b bios usb "$t0"
+
+t1=$(date +%s)
+qemu a "$boot_fw" "$work/boot-a.log" 1500
+[ $pair = 0 ] || qemu b uefi "$work/boot-b.log" 1500
+# An address of udhcpd's range: the lease.
+address=$(console_line a "Web UI: https://10\.0\.0\.1[0-5][0-9]/" 900)
+address=${address#Web UI: https://}
+address=${address%/}
 jar=$work/cookies
-api=https://127.0.0.1:$port/api/v1
+curl_ns() { ip netns exec "$ns" curl "$@"; }
+api=https://$address/api/v1
 n=0
-until curl -ksf -c "$jar" -H 'Content-Type: application/json' \
+until curl_ns -ksf --max-time 10 -c "$jar" -H 'Content-Type: application/json' \
     -d "{\"name\":\"admin\",\"password\":\"$password\"}" "$api/session" >"$work/session.json" 2>/dev/null; do
-    kill -0 $qpid 2>/dev/null || fail "the installed server stopped before its API answered (see $work/boot.log)"
+    kill -0 "$(cat "$work/qemu-a.pid")" 2>/dev/null || fail "server A stopped before its API answered (see $work/boot-a.log)"
     n=$((n + 5))
-    [ $n -lt 900 ] || { screen boot-failed; fail "no API on https port 443 after 900 s (see $work/boot.log, boot-failed.ppm)"; }
+    [ $n -lt 900 ] || { screen a boot-a-failed; fail "no API on https://$address/ after 900 s (see $work/boot-a.log, boot-a-failed.ppm)"; }
     sleep 5
 done
 t2=$(date +%s)
 echo "APPLIANCE boot-to-api-s $((t2 - t1)) ($boot_fw)"
-curl -ksf -b "$jar" "$api/summary" >"$work/summary.json" || fail "GET /api/v1/summary refused after the login"
+csrf=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["csrf_token"])' "$work/session.json")
+# api METHOD PATH [BODY]: server A's API as the Manager.
+api() {
+    local args=(-ksS --max-time 60 -b "$jar" -X "$1" -H "X-CSRF-Token: $csrf")
+    [ -z "${3:-}" ] || args+=(-H 'Content-Type: application/json' -d "$3")
+    curl_ns "${args[@]}" "$api$2"
+}
+# json EXPR: a Python expression on the JSON read from stdin (as `v`).
+json() { python3 -c "import json,sys; v = json.load(sys.stdin); print($1)" 2>/dev/null; }
+api GET /summary >"$work/summary.json" || fail "GET /api/v1/summary refused after the login"
 echo "  summary: $(cat "$work/summary.json")"
-curl -ksf -b "$jar" "$api/servers" >"$work/servers.json" || fail "GET /api/v1/servers refused"
+api GET /servers >"$work/servers.json" || fail "GET /api/v1/servers refused"
 echo "  servers: $(head -c 600 "$work/servers.json")"
 grep -q '"memory_mib":[1-9]' "$work/servers.json" || fail "the server offers VMs no memory: $(cat "$work/servers.json")"
-grep -qa "Web UI: https://10.0.2.15/" "$work/boot.log" || fail "the console does not show the web UI's address"
-grep -qa "KVM: available (kvm_amd)" "$work/boot.log" || fail "the installed server has no KVM: $(grep -a "KVM:" "$work/boot.log")"
+console_line a "KVM: [A-Za-z]+.*" 60 | grep -q "KVM: available (kvm_amd)" ||
+    fail "server A has no KVM: $(grep -a "KVM:" "$work/boot-a.log")"
+
+if [ $pair = 1 ]; then
+    # B waits to be added: its console shows how.
+    joining=$(console_line b "address: 10\.0\.0\.12:[0-9]+" 900)
+    token=$(console_line b "token: +[^ ]+" 60)
+    console_line b "KVM: [A-Za-z]+.*" 60 | grep -q "KVM: available (kvm_amd)" ||
+        fail "server B has no KVM: $(grep -a "KVM:" "$work/boot-b.log")"
+    joining=${joining#address: }
+    token=$(echo "${token#token:}" | tr -d ' ')
+    added=$(api POST /servers "{\"address\":\"$joining\",\"token\":\"$token\"}") ||
+        fail "adding server B ($joining) failed: $added"
+    echo "  added: $added"
+    n=0
+    until [ "$(api GET /servers | json 'sum(1 for s in v if not s["down"])')" = 2 ]; do
+        n=$((n + 2))
+        [ $n -lt 600 ] || fail "server B did not come up in the cluster: $(api GET /servers)"
+        sleep 2
+    done
+    echo "  two servers up after $((n)) s"
+
+    kit=$work/kit.iso
+    "$root/image/kit/iso.sh" "$kit" "console=ttyS0 quiet kit.task=fs kit.dev=/dev/vda kit.proof=appliance" \
+        enspeed-cd >/dev/null || fail "cannot make the guest kit's CD"
+    curl_ns -ksSf --max-time 300 -b "$jar" -H "X-CSRF-Token: $csrf" -H 'Content-Type: application/octet-stream' \
+        -X PUT --data-binary "@$kit" "$api/isos/kit.iso" >/dev/null || fail "uploading the kit's CD failed"
+    n=0
+    until [ "$(api GET /isos | json '[len(i.get("servers", [])) for i in v if i["name"] == "kit.iso"][0]')" = 2 ]; do
+        n=$((n + 2))
+        [ $n -lt 300 ] || fail "the CD did not reach both servers: $(api GET /isos)"
+        sleep 2
+    done
+    t3=$(date +%s)
+    created=$(api POST /vms '{"name":"kit","memory_mib":256,"vcpus":1,"disk_gib":1,"boot":"bios","iso":"kit.iso","start":true}')
+    vm=$(echo "$created" | json 'v["id"]') || fail "the VM was not created: $created"
+    echo "  VM $vm: $(api GET "/vms/$vm" | json '"primary on " + v["primary"]["address"] + ", backup on " + v["backup"]["address"]')"
+    data=$(ip netns exec "$ns" python3 "$root/tests/appliance/serial.py" "$address" "$jar" "$vm" \
+        "KIT: (fs ok|FAIL)" 600) || fail "the VM told nothing on its console in 600 s: $(api GET "/vms/$vm")"
+    case $data in *"fs ok sha256="*) ;; *) fail "the guest: $data" ;; esac
+    echo "APPLIANCE vm-data-s $(($(date +%s) - t3)) ($data)"
+    n=0
+    until [ "$(api GET "/vms/$vm" | json 'v["replication"]["state"]')" = in-sync ]; do
+        n=$((n + 2))
+        [ $n -lt 600 ] || fail "the VM's disk did not reach in-sync: $(api GET "/vms/$vm")"
+        sleep 2
+    done
+    echo "APPLIANCE vm-in-sync-s $(($(date +%s) - t3))"
+fi
 echo "APPLIANCE: PASS"
