@@ -1403,6 +1403,7 @@ fn https_with_a_certificate_made_on_first_start_and_kept() {
         "admin".into(),
         "--manager-password-file".into(),
         pw.display().to_string(),
+        "--forget-manager-password-file".into(),
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut s = Server::new(
@@ -1430,6 +1431,8 @@ fn https_with_a_certificate_made_on_first_start_and_kept() {
         let a = login();
         a.starts_with("HTTP/1.1 200").then_some(a)
     });
+    // The cluster holds the Manager: the password's file is gone (the appliance's first start).
+    cluster::wait_for("the password file deleted", WAIT, || (!pw.exists()).then_some(()));
     let lower = answer.to_lowercase();
     assert!(lower.contains("set-cookie: enspeed_session="), "{answer}");
     assert!(
@@ -1454,7 +1457,7 @@ fn https_with_a_certificate_made_on_first_start_and_kept() {
         .output()
         .unwrap();
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
-    // Restarted, the server keeps its certificate.
+    // Restarted (the password's file gone), the server keeps its certificate and its Manager.
     let first = std::fs::read(&cert).unwrap();
     s.kill9();
     s.start(&[]);

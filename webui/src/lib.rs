@@ -68,6 +68,11 @@ pub struct WebArgs {
     /// The first Manager's password, in a file (its first line).
     #[arg(long, requires = "manager")]
     pub manager_password_file: Option<std::path::PathBuf>,
+    /// Delete --manager-password-file once the cluster holds that Manager (the appliance's
+    /// installer leaves the first password there; the cluster keeps only its hash); a missing
+    /// file is then one already used.
+    #[arg(long, requires = "manager_password_file")]
+    pub forget_manager_password_file: bool,
 }
 
 /// What the web service needs beyond the node.
@@ -83,8 +88,19 @@ pub struct WebConfig {
     pub timeout: Duration,
     /// What API-created VMs boot.
     pub guest: GuestBoot,
-    /// A Manager to create if missing: name and password.
-    pub manager: Option<(String, String)>,
+    /// A Manager to create if missing.
+    pub manager: Option<FirstManager>,
+}
+
+/// The Manager a server makes sure exists when it starts.
+#[derive(Clone, Debug)]
+pub struct FirstManager {
+    /// The user's name.
+    pub name: String,
+    /// Its password, for a new user.
+    pub password: String,
+    /// The file the password came from, deleted once the cluster holds the user.
+    pub forget: Option<std::path::PathBuf>,
 }
 
 /// What a VM created through the API boots, until the library brings ISOs and appliances.
@@ -110,6 +126,8 @@ impl WebArgs {
             ));
         }
         let manager = match (&self.manager, &self.manager_password_file) {
+            // Forgotten on an earlier start, once the cluster held the Manager: nothing to do.
+            (Some(_), Some(file)) if self.forget_manager_password_file && !file.exists() => None,
             (Some(name), Some(file)) => {
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| format!("--manager-password-file {}: {e}", file.display()))?;
@@ -117,7 +135,11 @@ impl WebArgs {
                 auth::check_password(&password)
                     .map_err(|e| format!("--manager-password-file {}: {e}", file.display()))?;
                 control::access::check_name("user", name).map_err(|e| format!("--manager: {e}"))?;
-                Some((name.clone(), password))
+                Some(FirstManager {
+                    name: name.clone(),
+                    password,
+                    forget: self.forget_manager_password_file.then(|| file.clone()),
+                })
             }
             _ => None,
         };
@@ -168,8 +190,8 @@ pub fn start(cfg: WebConfig, ctx: ServiceContext) -> std::io::Result<()> {
         .name("web".into())
         .spawn(move || {
             rt.block_on(async move {
-                if let Some((name, password)) = manager {
-                    tokio::spawn(routes::ensure_manager(Arc::clone(&app), name, password));
+                if let Some(m) = manager {
+                    tokio::spawn(routes::ensure_manager(Arc::clone(&app), m));
                 }
                 let mut servers = Vec::new();
                 for (l, tls) in http

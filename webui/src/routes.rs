@@ -1241,7 +1241,12 @@ impl App {
 
 /// Creates the Manager `name` (as the cluster itself) unless a user of that name exists;
 /// retries until the cluster has a leader.
-pub async fn ensure_manager(app: Arc<App>, name: String, password: String) {
+pub async fn ensure_manager(app: Arc<App>, first: crate::FirstManager) {
+    let crate::FirstManager {
+        name,
+        password,
+        forget,
+    } = first;
     let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
         Ok(Ok(h)) => h,
         other => {
@@ -1252,7 +1257,7 @@ pub async fn ensure_manager(app: Arc<App>, name: String, password: String) {
     loop {
         if let Ok(state) = app.cluster.state().await {
             if state.user_by_name(&name).is_some() {
-                return;
+                break;
             }
         }
         let action = Action::CreateUser {
@@ -1265,11 +1270,19 @@ pub async fn ensure_manager(app: Arc<App>, name: String, password: String) {
         match app.cluster.act(0, action).await {
             Ok(_) => {
                 tracing::info!(manager = %name, "created the first Manager");
-                return;
+                break;
             }
             Err(e) => tracing::debug!(error = %e.message, "creating the first Manager; retrying"),
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // The cluster holds the user (its password's hash): the password's file has done its work.
+    if let Some(file) = forget {
+        match std::fs::remove_file(&file) {
+            Ok(()) => tracing::info!(file = %file.display(), "deleted the first Manager's password file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(file = %file.display(), error = %e, "cannot delete the first Manager's password file"),
+        }
     }
 }
 
