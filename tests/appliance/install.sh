@@ -317,4 +317,45 @@ if [ $pair = 1 ]; then
     done
     echo "APPLIANCE vm-in-sync-s $(($(date +%s) - t3))"
 fi
+# Server A powered off (the ACPI button: a clean shutdown, its /var unmounted): its first start
+# deleted the Manager's password file once the cluster held the Manager.
+monitor() {
+    python3 - "$work/monitor-$1.sock" "$2" <<'PY' >/dev/null 2>&1 || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.send((sys.argv[2] + "\n").encode())
+time.sleep(1)
+PY
+}
+qa=$(cat "$work/qemu-a.pid")
+monitor a system_powerdown
+n=0
+while kill -0 "$qa" 2>/dev/null; do
+    n=$((n + 2))
+    [ $n -lt 240 ] || fail "server A did not power off on the ACPI button in 240 s (see $work/boot-a.log)"
+    sleep 2
+done
+# The byte offset of the partition named enspeed-var, from the disk's GPT.
+var=$(python3 - "$work/disk-a.img" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb")
+d.seek(512)
+h = d.read(92)
+assert h[:8] == b"EFI PART", "no GPT"
+entries, count, size = struct.unpack_from("<QII", h, 72)
+d.seek(entries * 512)
+for _ in range(count):
+    e = d.read(size)
+    if e[56:128].decode("utf-16-le").rstrip("\0") == "enspeed-var":
+        print(struct.unpack_from("<Q", e, 32)[0] * 512)
+        break
+PY
+)
+[ -n "$var" ] || fail "no enspeed-var partition on server A's disk"
+debugfs -R "ls /lib/enspeed" "$work/disk-a.img?offset=$var" 2>/dev/null | grep -q "tls" ||
+    fail "server A's /var/lib/enspeed cannot be read with debugfs: $(debugfs -R "ls /lib/enspeed" "$work/disk-a.img?offset=$var" 2>&1)"
+! debugfs -R "ls /lib/enspeed" "$work/disk-a.img?offset=$var" 2>/dev/null | grep -q "manager-password" ||
+    fail "the Manager's first password is still in /var/lib/enspeed/manager-password"
+echo "  the Manager's first password file is gone from server A's disk"
 echo "APPLIANCE: PASS"
