@@ -131,6 +131,15 @@ pub enum Request {
         #[arg(long)]
         primary_server: Option<u64>,
     },
+    /// Grow a disk no VM is using to SIZE (each copy is grown by its own blockd; a link between
+    /// copies of different sizes is refused until both are). The same size again is done.
+    Grow {
+        /// The disk.
+        name: String,
+        /// The new size: bytes, or with a K, M, G or T suffix.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Delete a disk that is not linked.
     Delete {
         /// The disk.
@@ -543,6 +552,32 @@ impl Blockd {
                     .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
+            Request::Grow { name, size } => {
+                let mut disks = lock(&self.disks);
+                let d = disks
+                    .get(&name)
+                    .ok_or_else(|| format!("no disk named {name:?}"))?;
+                let capacity = d.replica.meta().capacity;
+                if size == capacity {
+                    return Ok(Response::ok());
+                }
+                if size < capacity || size % 512 != 0 {
+                    return Err(format!(
+                        "disk {name} holds {capacity} bytes: it grows only, to a multiple of 512 ({size} asked)"
+                    ));
+                }
+                // Closed (its links and its vhost-user socket), grown, opened again.
+                let d = disks.remove(&name).expect("present");
+                d.replica.stop();
+                let stopped = d.vhost.stop();
+                let grown = Replica::grow(&self.cfg.dir, &name, size);
+                let r = Replica::open(&self.cfg.dir, &name, self.cfg.timing, Arc::clone(&self.net))
+                    .map_err(|e| format!("disk {name}: opening it again after the grow: {e}"))?;
+                disks.insert(name.clone(), start_disk(r)?);
+                stopped.map_err(|e| format!("stopping the vhost-user server of {name}: {e}"))?;
+                grown.map_err(|e| e.to_string())?;
+                Ok(Response::ok())
+            }
             Request::Delete { name } => {
                 let mut disks = lock(&self.disks);
                 let d = disks
@@ -663,6 +698,10 @@ mod tests {
                 name: "d".into(),
                 generation: 3,
                 force: true,
+            },
+            Request::Grow {
+                name: "d".into(),
+                size: 3 << 30,
             },
         ] {
             let json = serde_json::to_string(&r).unwrap();

@@ -351,6 +351,47 @@ impl Replica {
         Replica::open(dir, name, timing, net)
     }
 
+    /// Grows the disk `dir/name`, not open, to `capacity` bytes: the data file first (the new
+    /// part reads as zeros; synced), then the metadata, which is what makes it so (`open`
+    /// trims a data file that grew without it). Its bitmap grows when it is opened; the new
+    /// regions start clean, since both copies grow with zeros. A copy linked to a peer of
+    /// another size is refused until the peer grows too.
+    pub fn grow(dir: &Path, name: &str, capacity: u64) -> Result<(), ReplicaError> {
+        let ddir = dir.join(name);
+        let refused = |why: String| ReplicaError::Refused {
+            disk: name.to_owned(),
+            why,
+        };
+        let io_err = |what: &str, source| ReplicaError::Io {
+            disk: name.to_owned(),
+            what: what.to_owned(),
+            source,
+        };
+        let mut meta = MetaFile::open(&ddir.join("meta"))?;
+        let old = meta.get().capacity;
+        if capacity < old {
+            return Err(refused(format!(
+                "it holds {old} bytes: a disk only grows, and {capacity} is smaller"
+            )));
+        }
+        if capacity % 512 != 0 {
+            return Err(refused(format!("capacity {capacity} is not a multiple of 512")));
+        }
+        if capacity == old {
+            return Ok(());
+        }
+        let data = OpenOptions::new()
+            .write(true)
+            .open(ddir.join("data"))
+            .map_err(|e| io_err("opening the data file", e))?;
+        data.set_len(capacity)
+            .and_then(|()| data.sync_all())
+            .map_err(|e| io_err("growing the data file", e))?;
+        meta.update(|m| m.capacity = capacity)?;
+        tracing::info!(disk = %name, from = old, to = capacity, "disk grown");
+        Ok(())
+    }
+
     /// Opens the existing disk `dir/name`, its mirror links made with `net`.
     pub fn open(
         dir: &Path,
@@ -375,7 +416,14 @@ impl Replica {
             .metadata()
             .map_err(|e| io_err("reading the data file's size", e))?
             .len();
-        if len != m.capacity {
+        if len > m.capacity {
+            // A grow that stopped between the data file and the metadata (`grow`): the bytes
+            // past the recorded end were never written. Trimmed back; the grow is asked again.
+            tracing::warn!(disk = %name, len, capacity = m.capacity, "an unfinished grow: the data file is trimmed to the recorded size");
+            data.set_len(m.capacity)
+                .and_then(|()| data.sync_all())
+                .map_err(|e| io_err("trimming an unfinished grow", e))?;
+        } else if len != m.capacity {
             return Err(ReplicaError::Refused {
                 disk: name.to_owned(),
                 why: format!("data file holds {len} bytes, metadata says {}", m.capacity),

@@ -694,6 +694,54 @@ fn raising_the_generation_of_a_connected_primary_resyncs_and_mirrors_again() {
 }
 
 #[test]
+fn a_disk_grows_on_both_copies_keeps_its_data_and_mirrors_its_new_end() {
+    let (a, b, _p) = pair("grow", 8 * MIB);
+    write(&a.disk("d"), 4096, block(1, 4096));
+    let grow = |s: &Server, size: u64| {
+        s.try_req(Request::Grow {
+            name: "d".into(),
+            size,
+        })
+    };
+    // Smaller, or not a multiple of 512: refused; the same size: done, nothing changes.
+    assert!(grow(&a, 4 * MIB).unwrap_err().contains("grows only"));
+    assert!(grow(&a, 8 * MIB + 100).is_err());
+    grow(&a, 8 * MIB).unwrap();
+    assert_eq!(a.disk("d").status().link, LinkState::InSync);
+    // The primary first: no link to a backup of another size.
+    grow(&a, 24 * MIB).unwrap();
+    assert_eq!(a.disk("d").status().capacity, 24 * MIB);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(
+        a.disk("d").status().link,
+        LinkState::InSync,
+        "linked to a smaller backup"
+    );
+    grow(&b, 24 * MIB).unwrap();
+    wait_for("the link at the new size", || {
+        a.disk("d").status().link == LinkState::InSync
+    });
+    let d = a.disk("d");
+    write(&d, 20 * MIB, block(2, 4096));
+    let (da, db) = (a.data("d"), b.data("d"));
+    assert_eq!((da.len(), db.len()), (24 * MIB as usize, 24 * MIB as usize));
+    assert!(da == db, "the copies differ after the grow");
+    assert_eq!(&da[4096..8192], &block(1, 4096)[..], "the old data is kept");
+    // A grow cut between the data file and the metadata: the next start trims it back.
+    drop(d);
+    let extra = a.dir.join("d").join("data");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&extra)
+        .unwrap()
+        .set_len(40 * MIB)
+        .unwrap();
+    let again = Replica::open(&a.dir, "d", timing(), Arc::new(net())).unwrap();
+    assert_eq!(again.status().capacity, 24 * MIB);
+    assert_eq!(std::fs::metadata(&extra).unwrap().len(), 24 * MIB);
+}
+
+#[test]
 fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_it() {
     let a = server(&scratch("pool-a"));
     let pool = scratch("pool-vms1");

@@ -692,6 +692,34 @@ impl Reconciler {
             return false;
         }
         self.attach(state, d, copy.peer.as_deref());
+        // A disk grown while its VM was off: its VM starts once the copy here is that size.
+        !self.grow_copy(state, d, copy)
+    }
+
+    /// Grows the copy here to the disk's size when the disk was grown: a primary copy while its
+    /// VM is powered off and not running here, a backup copy at once (no VM reads it; its link
+    /// is down for the moment the grow takes). Whether the copy is still smaller than the disk.
+    fn grow_copy(&self, state: &StateMachine, d: &DiskRecord, copy: &Copy) -> bool {
+        if copy.capacity >= d.size {
+            return false;
+        }
+        let in_use = copy.role != Role::Backup
+            && state
+                .vms
+                .values()
+                .filter(|vm| vm.disks.contains(&d.name))
+                .any(|vm| {
+                    vm.running || matches!(self.vms.get(&vm.name), Some(VmState::Running { .. }))
+                });
+        if !in_use {
+            self.request(
+                &d.name,
+                BlockdRequest::Grow {
+                    name: d.name.clone(),
+                    size: d.size,
+                },
+            );
+        }
         true
     }
 
@@ -724,6 +752,9 @@ impl Reconciler {
         match copy {
             None => {
                 self.create_copy(d, true);
+            }
+            Some(c) if c.role == Role::Backup && c.capacity < d.size => {
+                self.grow_copy(state, d, c);
             }
             Some(c) if c.role != Role::Backup => {
                 // Nothing here may write it any more.

@@ -5,6 +5,8 @@
 //! A VM runs where its disk's primary is and fails over to its backup, so both servers reserve
 //! its memory; each copy reserves the disk's size in one pool of its server.
 
+use std::collections::BTreeMap;
+
 use crate::state_machine::{DiskRecord, ServerRecord, StateMachine};
 
 const GIB: u64 = 1 << 30;
@@ -113,6 +115,35 @@ pub fn place_on(
         primary: p.clone(),
         backup: b.clone(),
     })
+}
+
+/// Checks that every copy of the disks in `growth` (a disk and the bytes it grows by) has
+/// room in its pool for what they grow by together.
+pub fn check_room_to_grow(sm: &StateMachine, growth: &[(&DiskRecord, u64)]) -> Result<(), String> {
+    let mut wanted: BTreeMap<(u64, &str), u64> = BTreeMap::new();
+    for (d, more) in growth {
+        for id in std::iter::once(d.primary).chain(d.backup) {
+            let pool = d
+                .pools
+                .get(&id)
+                .ok_or_else(|| format!("disk {}: no pool recorded on server {id}", d.name))?;
+            *wanted.entry((id, pool.as_str())).or_default() += more;
+        }
+    }
+    for ((id, pool), more) in wanted {
+        let capacity = sm
+            .servers
+            .get(&id)
+            .and_then(|s| s.capacity.pools().into_iter().find(|p| p.path == pool))
+            .map_or(0, |p| p.disk_gib * GIB);
+        let free = capacity.saturating_sub(pool_used(sm, id, pool));
+        if free < more {
+            return Err(format!(
+                "server {id}'s pool {pool} has {free} bytes free; growing the disks takes {more}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the servers and pools of `first` (a VM's first disk) hold `size` more bytes

@@ -497,7 +497,7 @@ try {
     await shot(m, "manager-blank-vm-console");
     await m.click("[data-test=console-back]");
 
-    step("powered off, the blank VM is changed in its detail row: more memory, a third disk");
+    step("powered off, the blank VM is changed in its detail row: more memory, Disk1 grown, a third disk");
     const blankRow = vmRow(m, BLANK);
     await blankRow.locator("[data-test=power-off]").click();
     // Its program ignores the ACPI power button: Force Off once it is stopping.
@@ -510,9 +510,12 @@ try {
     assert.equal(await blankShown("vm-disk2"), "--");
     await until("Change VM enabled", async () => !(await blankDetail.locator("[data-test=vm-edit-submit]").isDisabled()));
     await blankDetail.locator("[data-test=vm-edit-memory]").fill("256");
+    assert.equal(await blankDetail.locator("[data-test=vm-edit-disk1]").inputValue(), "1");
+    await blankDetail.locator("[data-test=vm-edit-disk1]").fill("3");
     await blankDetail.locator("[data-test=vm-edit-add-disk]").fill("2");
     await blankDetail.locator("[data-test=vm-edit-submit]").click();
-    await until("the change shown", async () => (await blankShown("vm-memory-size")) === "256 MiB" && (await blankShown("vm-disk2")) === "2 GiB", 30000);
+    await until("the change shown", async () => (await blankShown("vm-memory-size")) === "256 MiB" && (await blankShown("vm-disk1")) === "3 GiB" &&
+      (await blankShown("vm-disk2")) === "2 GiB", 30000);
     await shot(m, "manager-blank-vm-changed");
   }
 

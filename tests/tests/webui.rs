@@ -2236,8 +2236,42 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let audit = m.get("/api/v1/audit").1.to_string();
     assert!(audit.contains("disks added: 1 GiB"), "{audit}");
 
-    // Its firmware becomes UEFI (OVMF runs only in the test host: here the VM stays off).
+    // Disk1 grown: both its copies grow (each server's agent asks its blockd), and the VM
+    // boots on it. What is not a growth is refused and changes nothing.
     cluster::wait_for("the VM stopped a third time", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "stopped").then_some(())
+    });
+    for (body, want) in [
+        (json!({"grow_disks": [{"disk": 1, "gib": 1}]}), 409), // the size it has
+        (json!({"grow_disks": [{"disk": 3, "gib": 2}]}), 409), // no Disk3
+        (json!({"grow_disks": [{"disk": 1}]}), 400),           // to what size?
+        (json!({"grow_disks": [{"disk": 1, "gib": 0}]}), 400), // no size
+    ] {
+        let r = edit(body.clone());
+        assert_eq!(r.0, want, "{body}: {r:?}");
+    }
+    let r = edit(json!({"grow_disks": [{"disk": 1, "gib": 3}]}));
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1["disks"][1], json!(3u64 << 30), "{r:?}");
+    let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+    let copy_of_disk1 = |at: &str| {
+        let server = v[at]["server"].as_u64().unwrap() as usize - 1;
+        c.servers[server].data.join("disks/blank-1/data")
+    };
+    for at in ["primary", "backup"] {
+        let data = copy_of_disk1(at);
+        cluster::wait_for(&format!("the {at} copy of Disk1 grown"), WAIT, || {
+            (std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0) == 3 << 30).then_some(())
+        });
+    }
+    let log = boot(4, "the fourth boot, Disk1 grown");
+    assert!(log.contains("bootdisk: hard disks 03"), "{log}");
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("Disk1 grown to 3 GiB"), "{audit}");
+
+    // Its firmware becomes UEFI (OVMF runs only in the test host: here the VM stays off).
+    cluster::wait_for("the VM stopped a fourth time", WAIT, || {
         let v = m.get(&format!("/api/v1/vms/{vm}")).1;
         (v["status"] == "stopped").then_some(())
     });

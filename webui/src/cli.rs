@@ -120,6 +120,9 @@ pub enum VmCommand {
         /// A new blank disk of this many GiB after its others (repeat it for more, up to Disk3).
         #[arg(long = "add-disk", value_name = "GIB")]
         add_disk: Vec<u64>,
+        /// Grow disk N (0 for Disk0) to GIB GiB: N=GIB (repeat it for more disks).
+        #[arg(long = "grow-disk", value_name = "N=GIB", value_parser = disk_growth)]
+        grow_disk: Vec<(usize, u64)>,
     },
     /// Power on.
     Start {
@@ -650,10 +653,18 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             boot,
             boot_order,
             add_disk,
+            grow_disk,
         } => {
             let mut body = json!({});
             if !add_disk.is_empty() {
                 body["add_disks_gib"] = json!(add_disk);
+            }
+            if !grow_disk.is_empty() {
+                let g: Vec<_> = grow_disk
+                    .iter()
+                    .map(|(disk, gib)| json!({ "disk": disk, "gib": gib }))
+                    .collect();
+                body["grow_disks"] = json!(g);
             }
             if let Some(m) = memory {
                 body["memory_mib"] = json!(m);
@@ -1151,4 +1162,14 @@ pub fn audit(l: &Login, after: u64, limit: u64) -> ExitCode {
         |s| s.call("GET", &format!("/audit?after={after}&limit={limit}"), None),
         audit_table,
     )
+}
+
+/// `N=GIB` of `--grow-disk`.
+fn disk_growth(s: &str) -> Result<(usize, u64), String> {
+    let (n, gib) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: DISK=GIB, as 1=20 (Disk1 to 20 GiB)"))?;
+    let n = n.trim().parse().map_err(|_| format!("{n:?} is not a disk number (0-3)"))?;
+    let gib = gib.trim().parse().map_err(|_| format!("{gib:?} is not a number of GiB"))?;
+    Ok((n, gib))
 }

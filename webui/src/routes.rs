@@ -8,7 +8,8 @@
 //!   GET    /api/v1/summary             counts of what the caller sees
 //!   GET    /api/v1/vms                 VMs the caller sees
 //!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?,
-//!                                        add_disks_gib? (new blank disks, up to Disk3)}
+//!                                        add_disks_gib? (new blank disks, up to Disk3),
+//!                                        grow_disks? ([{disk, gib}]: disks it has, grown)}
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, extra_disks_gib?, owner?, start?,
 //!                                        boot? (kernel|bios|uefi), boot_order? (disk_first|cdrom_first), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
@@ -139,6 +140,16 @@ struct VmChange {
     /// New blank disks, GiB each, after the VM's others.
     #[serde(default)]
     add_disks_gib: Vec<u64>,
+    /// Disks it has, grown: which (0 for Disk0) and to how many GiB.
+    #[serde(default)]
+    grow_disks: Vec<Growth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Growth {
+    disk: usize,
+    gib: u64,
 }
 
 /// Disk sizes in bytes from `field`, a list of at most `most` sizes in GiB.
@@ -238,7 +249,7 @@ const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The largest VM the API creates: 1 TiB of RAM, 64 vCPUs, 64 TiB of disk.
 const MAX_MEMORY_MIB: u64 = 1 << 20;
 const MAX_VCPUS: u32 = 64;
-const MAX_DISK_GIB: u64 = 64 << 10;
+const MAX_DISK_GIB: u64 = state_machine::MAX_DISK_BYTES >> 30;
 
 impl App {
     /// The service over `cluster`.
@@ -511,6 +522,15 @@ impl App {
                                 &body.add_disks_gib,
                                 state_machine::MAX_VM_DISKS - 1,
                             )?,
+                            grow_disks: {
+                                let gib: Vec<u64> = body.grow_disks.iter().map(|g| g.gib).collect();
+                                let sizes = disk_sizes("grow_disks", &gib, state_machine::MAX_VM_DISKS)?;
+                                body.grow_disks
+                                    .iter()
+                                    .zip(sizes)
+                                    .map(|(g, size)| state_machine::DiskGrowth { disk: g.disk, size })
+                                    .collect()
+                            },
                         },
                     )
                     .await?;

@@ -131,6 +131,16 @@ pub enum Command {
     },
 }
 
+/// A disk of a VM grown: which (0 for Disk0) and its new size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskGrowth {
+    /// The disk's place among the VM's disks (Disk0-3).
+    pub disk: usize,
+    /// Its new size, bytes.
+    pub size: u64,
+}
+
 /// A VM to create with one disk (`NAME-0`), placed by `placement`: a primary and a backup on
 /// two different servers with room.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -303,6 +313,9 @@ pub enum Action {
         /// New blank disks, bytes each, after the ones it has (up to Disk3).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         add_disks: Vec<u64>,
+        /// Disks it has, grown (never shrunk); each copy is grown by its server's agent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        grow_disks: Vec<DiskGrowth>,
     },
     /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
     /// there moves to its in-sync backup (its VM restarts there), every backup copy there is

@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
-pub use commands::{Action, Command, NewVm, Query};
+pub use commands::{Action, Command, DiskGrowth, NewVm, Query};
 pub use networks::Subnet;
 pub use observations::{
     CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmFault, VmObservation,
@@ -50,7 +50,7 @@ pub use observations::{
 };
 pub use records::{
     BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, NetworkRecord, Nic, Pool,
-    ServerRecord, VmRecord, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
+    ServerRecord, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 

@@ -222,6 +222,9 @@ pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
 /// Disks a VM has at most (Disk0-3, as the VMM takes them).
 pub const MAX_VM_DISKS: usize = 4;
 
+/// The largest disk, bytes (64 TiB).
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
 /// How a VM starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
-    Acted, Action, BootMode, DiskRecord, Nic, Outcome, RecordWrite, Refusal, StateMachine,
-    VmRecord, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    Acted, Action, BootMode, DiskGrowth, DiskRecord, Nic, Outcome, RecordWrite, Refusal,
+    StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
 };
 use crate::access;
 
@@ -140,6 +140,47 @@ impl StateMachine {
             "backup": p.backup.0,
             "backup_pool": p.backup.1,
         }))
+    }
+
+    /// The disk records of VM `v` that `growth` names, each with its new size, checked: each
+    /// a disk it has, named once, growing (not shrinking) to at most MAX_DISK_BYTES, with room
+    /// in every copy's pool. Changes nothing.
+    fn disks_grown(
+        &self,
+        v: &VmRecord,
+        growth: &[DiskGrowth],
+    ) -> Result<Vec<(DiskRecord, u64)>, Refusal> {
+        let (id, name) = (v.id, &v.name);
+        let mut out: Vec<(DiskRecord, u64)> = Vec::new();
+        for g in growth {
+            let disk = v.disks.get(g.disk).ok_or_else(|| {
+                Refusal::conflict(format!("VM {id} ({name}) has no Disk{}", g.disk))
+            })?;
+            let d = self
+                .disks
+                .get(disk)
+                .ok_or_else(|| format!("VM {id} ({name}): no record of its disk {disk}"))?;
+            if out.iter().any(|(o, _)| o.name == d.name) {
+                return Err(Refusal::conflict(format!(
+                    "VM {id} ({name}): Disk{} is grown twice",
+                    g.disk
+                )));
+            }
+            if g.size <= d.size || g.size > MAX_DISK_BYTES || g.size % 512 != 0 {
+                return Err(Refusal::conflict(format!(
+                    "VM {id} ({name}): Disk{} holds {} bytes; a disk only grows, to at most {} GiB ({} bytes asked)",
+                    g.disk,
+                    d.size,
+                    MAX_DISK_BYTES >> 30,
+                    g.size
+                )));
+            }
+            out.push((d.clone(), g.size));
+        }
+        let growth: Vec<(&DiskRecord, u64)> =
+            out.iter().map(|(d, size)| (d, size - d.size)).collect();
+        crate::placement::check_room_to_grow(self, &growth)?;
+        Ok(out)
     }
 
     /// Adds blank disks of `sizes` bytes to powered-off VM `vm` (its record `new`, changed in
@@ -299,6 +340,7 @@ impl StateMachine {
                 boot,
                 boot_order,
                 add_disks,
+                grow_disks,
             } => {
                 let v =
                     self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "to change it")?;
@@ -330,15 +372,17 @@ impl StateMachine {
                 if let Some(o) = boot_order {
                     new.boot_order = *o;
                 }
-                if new == v && add_disks.is_empty() {
+                if new == v && add_disks.is_empty() && grow_disks.is_empty() {
                     return Err(Refusal::conflict(format!(
                         "VM {vm} ({}): nothing changes",
                         v.name
                     )));
                 }
+                let grown = self.disks_grown(&v, grow_disks)?;
+                let more: u64 = grown.iter().map(|(d, size)| size - d.size).sum();
                 if let Some(o) = &owner {
                     access::check_vm_memory(self, o, v.memory_mib, new.memory_mib)?;
-                    access::check_more_disk(self, o, add_disks.iter().sum())?;
+                    access::check_more_disk(self, o, add_disks.iter().sum::<u64>() + more)?;
                 }
                 let mut what = format!(
                     "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?})",
@@ -352,6 +396,13 @@ impl StateMachine {
                     what += &format!(", disks added: {} GiB", gib.join(", "));
                     // Last: it writes the new disks' records once everything else passed.
                     self.add_disks(&mut new, add_disks, writes)?;
+                }
+                for (d, size) in grown {
+                    let i = v.disks.iter().position(|n| *n == d.name).unwrap_or_default();
+                    what += &format!(", Disk{i} grown to {} GiB", size.div_ceil(1 << 30));
+                    let record = DiskRecord { size, ..d };
+                    writes.push((disk_key(&record.name), Some(json_bytes(&record))));
+                    self.disks.insert(record.name.clone(), record);
                 }
                 writes.push((vm_key(&v.name), Some(json_bytes(&new))));
                 self.vms.insert(v.name.clone(), new);
@@ -507,10 +558,77 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use crate::access::{Quota, Role};
-    use crate::state_machine::fixtures::{act, new_user};
+    use crate::state_machine::fixtures::{act, new_user, new_vm, server};
     use crate::state_machine::{
-        Action, BootMode, BootOrder, NewVm, Outcome, RefusalKind, StateMachine,
+        Action, BootMode, BootOrder, Capacity, DiskGrowth, NewVm, Outcome, RefusalKind,
+        StateMachine,
     };
+
+    #[test]
+    fn a_powered_off_vm_s_disks_grow_within_its_quota_and_its_servers_room() {
+        const GIB: u64 = 1 << 30;
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=2 {
+            let mut s = server(id, false);
+            s.capacity = Capacity {
+                memory_mib: 4096,
+                disk_gib: 12,
+                vcpus: 4,
+                pools: Vec::new(),
+            };
+            sm.add_server(&s, &mut w);
+        }
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let quota = |disk_gib| Quota {
+            vms: 2,
+            memory_mib: 1024,
+            disk_gib,
+        };
+        let p = id(act(&mut sm, 0, new_user("p", Role::PowerUser, None, Some(quota(8)))));
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.disk_size = GIB;
+        v.extra_disks = vec![GIB];
+        let vm = id(act(&mut sm, p, Action::CreateVm { owner: p, vm: v }));
+        let grow = |disks: &[(usize, u64)]| Action::EditVm {
+            vm,
+            memory_mib: None,
+            vcpus: None,
+            boot: None,
+            boot_order: None,
+            add_disks: Vec::new(),
+            grow_disks: disks
+                .iter()
+                .map(|&(disk, gib)| DiskGrowth {
+                    disk,
+                    size: gib * GIB,
+                })
+                .collect(),
+        };
+        let refused = |r: Outcome| r.unwrap_err().reason;
+        assert!(refused(act(&mut sm, p, grow(&[(2, 4)]))).contains("no Disk2"));
+        assert!(refused(act(&mut sm, p, grow(&[(0, 1)]))).contains("only grows"));
+        assert!(refused(act(&mut sm, p, grow(&[(0, 3), (0, 4)]))).contains("twice"));
+        // 1 + 1 GiB used of the company's 8: 7 more do not fit.
+        assert!(refused(act(&mut sm, p, grow(&[(0, 5), (1, 4)]))).contains("quota"));
+        // The Manager has no quota, but each server's 12 GiB hold at most 10 more.
+        assert!(refused(act(&mut sm, m, grow(&[(0, 7), (1, 6)]))).contains("bytes free"));
+        let sizes = |sm: &StateMachine| -> Vec<u64> {
+            sm.vms["v"].disks.iter().map(|d| sm.disks[d].size).collect()
+        };
+        assert_eq!(sizes(&sm), [GIB, GIB], "a refusal changes nothing");
+        act(&mut sm, p, grow(&[(1, 3), (0, 2)])).unwrap();
+        assert_eq!(sizes(&sm), [2 * GIB, 3 * GIB]);
+        let last = sm.audit.values().last().unwrap();
+        assert!(
+            last.target.contains("Disk1 grown to 3 GiB") && last.target.contains("Disk0 grown to 2 GiB"),
+            "{}",
+            last.target
+        );
+        sm.vms.get_mut("v").unwrap().running = true;
+        assert!(refused(act(&mut sm, p, grow(&[(0, 4)]))).contains("powered on"));
+    }
 
     #[test]
     fn a_powered_off_vm_is_changed_by_who_administers_it_within_the_quota() {
@@ -558,6 +676,7 @@ mod tests {
             boot,
             boot_order: Some(BootOrder::CdromFirst),
             add_disks: Vec::new(),
+            grow_disks: Vec::new(),
         };
         let refused = |r: Outcome| r.unwrap_err();
         assert!(refused(act(&mut sm, other, edit(None, None))).kind == RefusalKind::Forbidden);
@@ -575,6 +694,7 @@ mod tests {
             boot: None,
             boot_order: None,
             add_disks: vec![gib << 30],
+            grow_disks: Vec::new(),
         };
         assert!(refused(act(&mut sm, p, add(11))).reason.contains("quota"));
         assert!(refused(act(&mut sm, p, add(1))).reason.contains("no disk"));

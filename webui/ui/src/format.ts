@@ -9,7 +9,7 @@ export const ROLE_NAMES: Record<Role, string> = {
   regular: "Regular User",
 };
 
-const GIB = 1024 * 1024 * 1024;
+export const GIB = 1024 * 1024 * 1024;
 const MIB = 1024 * 1024;
 
 /** A size in bytes: whole GiB as "8 GiB", else MiB (KiB or bytes when smaller). */

@@ -4,7 +4,7 @@
 
 import { api, message } from "../api";
 import { field, fill, h, onSubmit, value } from "../dom";
-import { bytes, copyPlace, mib, replication, ROLE_NAMES, status } from "../format";
+import { bytes, copyPlace, GIB, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
 import type { Iso, Network, User, Vm } from "../types";
 
@@ -348,7 +348,8 @@ export function vmsPage(ctx: PageContext): void {
     );
   }
 
-  // Change a powered-off VM: memory, vCPUs, how it boots, and new blank disks up to Disk3.
+  // Change a powered-off VM: memory, vCPUs, how it boots, its disks grown, and new blank disks
+  // up to Disk3.
   function editForm(vm: Vm): HTMLFormElement {
     const stopped = vm.status === "stopped" && vm.power === "off";
     const bootNow = vm.boot === "kernel" ? "kernel" : `${vm.boot}:${vm.boot_order}`;
@@ -362,6 +363,12 @@ export function vmsPage(ctx: PageContext): void {
         field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 16, value: vm.memory_mib, required: true, "data-test": "vm-edit-memory" })),
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: vm.vcpus, required: true, "data-test": "vm-edit-vcpus" })),
         bootField("vm-edit-boot"),
+        vm.disks.map((size, i) =>
+          field(
+            `Disk${i} (GiB)`,
+            h("input", { name: `disk${i}_gib`, type: "number", min: Math.ceil(size / GIB), value: Math.ceil(size / GIB), required: true, title: "a disk grows, never shrinks", "data-test": `vm-edit-disk${i}` }),
+          ),
+        ),
         field("Add a disk (GiB)", h("input", { name: "add_gib", type: "number", min: 1, placeholder: "none", "data-test": "vm-edit-add-disk" })),
         submit,
         error,
@@ -374,12 +381,16 @@ export function vmsPage(ctx: PageContext): void {
         async () => {
           const { boot, boot_order } = bootChoice(form);
           const add = value(form, "add_gib");
+          const grow = vm.disks
+            .map((_, disk) => ({ disk, gib: Number(value(form, `disk${disk}_gib`)) }))
+            .filter((g) => g.gib > Math.ceil(vm.disks[g.disk] / GIB));
           const body: Record<string, unknown> = {
             memory_mib: Number(value(form, "memory_mib")),
             vcpus: Number(value(form, "vcpus")),
             boot,
             ...(boot_order ? { boot_order } : {}),
             ...(add ? { add_disks_gib: [Number(add)] } : {}),
+            ...(grow.length ? { grow_disks: grow } : {}),
           };
           const changed = await api<Vm>("PATCH", `/vms/${vm.id}`, body);
           ctx.notify("info", `Changed VM ${changed.id} (${changed.name})`);
