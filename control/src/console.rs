@@ -17,7 +17,7 @@ use std::net::Shutdown;
 use enspeed_trust::TlsStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -141,10 +141,32 @@ pub fn open(
         path: path.clone(),
         source,
     };
+    // A VMM just started (the state says running once it is spawned) makes its sockets in a
+    // moment: a console opened meanwhile waits for them, up to STARTING.
+    let deadline = Instant::now() + STARTING;
+    let starting = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        ) && Instant::now() < deadline
+    };
     if kind == ConsoleKind::Vnc {
-        return UnixStream::connect(&path).map_err(vmm_err);
+        loop {
+            match UnixStream::connect(&path) {
+                Err(e) if starting(&e) => std::thread::sleep(Duration::from_millis(100)),
+                other => return other.map_err(vmm_err),
+            }
+        }
     }
-    match vmm_api::open(&path, &vmm_api::Request::Serial {}, Duration::from_secs(5)) {
+    let opened = loop {
+        match vmm_api::open(&path, &vmm_api::Request::Serial {}, Duration::from_secs(5)) {
+            Err(vmm_api::CallError::Io { source, .. }) if starting(&source) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => break other,
+        }
+    };
+    match opened {
         Ok((s, _)) => Ok(s),
         Err(vmm_api::CallError::Refused(reason)) => Err(Error::Refused {
             vm: vm.to_string(),
@@ -157,6 +179,9 @@ pub fn open(
         ))),
     }
 }
+
+/// How long a console waits for the sockets of a VMM that is starting.
+const STARTING: Duration = Duration::from_secs(10);
 
 /// Serves a console request that arrived on client connection `client` (its request line
 /// already read from `reader`): answers one line, then relays bytes both ways.
