@@ -19,12 +19,22 @@ const READ_CHUNK: usize = 64 * 1024;
 
 struct State {
     conn: Connection,
-    /// Ciphertext read and not yet taken by rustls.
+    /// Ciphertext read; rustls has taken it up to `taken` (moved only when all is taken: rustls
+    /// takes a few KiB at a time, and moving the rest down each time cost more than the
+    /// decryption).
     raw: Vec<u8>,
+    taken: usize,
     /// The socket said end of file.
     eof: bool,
     /// The ticket of the next records made.
     next_ticket: u64,
+}
+
+impl State {
+    /// Whether ciphertext read waits for rustls.
+    fn unread(&self) -> bool {
+        self.taken < self.raw.len()
+    }
 }
 
 struct Shared {
@@ -73,6 +83,7 @@ impl TlsStream {
                 state: Mutex::new(State {
                     conn,
                     raw: Vec::new(),
+                    taken: 0,
                     eof: false,
                     next_ticket: 0,
                 }),
@@ -172,9 +183,13 @@ impl TlsStream {
 
     /// Hands rustls the ciphertext read so far, as much as it takes.
     fn feed(st: &mut State) -> io::Result<()> {
-        while !st.raw.is_empty() && st.conn.wants_read() {
-            let n = st.conn.read_tls(&mut &st.raw[..])?;
-            st.raw.drain(..n);
+        while st.unread() && st.conn.wants_read() {
+            let n = st.conn.read_tls(&mut &st.raw[st.taken..])?;
+            st.taken += n;
+            if st.taken == st.raw.len() {
+                st.raw.clear();
+                st.taken = 0;
+            }
             st.conn
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -182,7 +197,7 @@ impl TlsStream {
                 break;
             }
         }
-        if st.eof && st.raw.is_empty() {
+        if st.eof && !st.unread() {
             // Tell rustls the socket ended: a read then reports a truncated stream.
             let _ = st.conn.read_tls(&mut &[][..]);
             let _ = st.conn.process_new_packets();
@@ -207,11 +222,11 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => break,
             }
-            if !st.raw.is_empty() && st.conn.wants_read() {
+            if st.unread() && st.conn.wants_read() {
                 TlsStream::feed(st)?;
                 continue;
             }
-            if st.eof || !st.raw.is_empty() {
+            if st.eof || st.unread() {
                 break;
             }
             use std::os::fd::AsRawFd;
@@ -259,7 +274,7 @@ impl TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                if !st.raw.is_empty() && st.conn.wants_read() {
+                if st.unread() && st.conn.wants_read() {
                     TlsStream::feed(&mut st)?;
                     continue;
                 }
