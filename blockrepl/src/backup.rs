@@ -44,7 +44,8 @@ pub fn serve(r: Arc<Replica>, stream: MirrorStream, hello: Hello) {
         }
     };
     tracing::info!(disk = %r.name(), generation, full = welcome.needs_full_sync, "serving primary");
-    let full = welcome.needs_full_sync;
+    // A resumed full sync is still one: the copy stays "full sync cut" until it ends.
+    let full = welcome.needs_full_sync || welcome.resumes_fill;
     let sent = Frame::json(Kind::Welcome, 1, welcome.generation, &welcome)
         .write_to(&mut out)
         .and_then(|()| out.flush());
@@ -103,14 +104,27 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
         ));
     }
     // A partial resync is enough when this copy holds exactly the generation
-    // the primary's bitmap runs from, or the primary's own generation.
-    let needs_full_sync = match m.data {
-        DataState::Empty | DataState::Inconsistent { full: true } => true,
-        _ => {
-            hello.bitmap_base == 0
-                || !(m.generation == hello.generation || m.generation == hello.bitmap_base)
+    // the primary's bitmap runs from, or the primary's own generation; or when it is being
+    // filled by the full sync the primary's bitmap was set whole for, which then goes on.
+    let resumes_fill = m.data == (DataState::Inconsistent { full: true })
+        && !m.fill.is_empty()
+        && m.fill == hello.fill;
+    let needs_full_sync = !resumes_fill
+        && match m.data {
+            DataState::Empty | DataState::Inconsistent { full: true } => true,
+            _ => {
+                hello.bitmap_base == 0
+                    || !(m.generation == hello.generation || m.generation == hello.bitmap_base)
+            }
+        };
+    if needs_full_sync {
+        // Filled by a new full sync from now on: only that one may resume here.
+        if hello.new_fill.is_empty() || hello.new_fill.len() > 64 {
+            return Err("the primary names no id for a full sync".into());
         }
-    };
+        meta.update(|m| m.fill = hello.new_fill.clone())
+            .map_err(|e| e.to_string())?;
+    }
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     r.core().serving_session = Some(session);
     let bitmap = lock(&r.bitmap).to_bytes();
@@ -120,6 +134,7 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
             generation: m.generation,
             needs_full_sync,
             bitmap,
+            resumes_fill,
         },
     ))
 }

@@ -117,6 +117,12 @@ pub struct Meta {
     /// on a backup, the only primary it takes a link from. Any server of the cluster if none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_server: Option<u64>,
+    /// The full sync under way (an id the primary drew when it began it): on a primary, the
+    /// one its bitmap was set whole for, so that its clear bits are regions its backup holds;
+    /// on a backup, the one it is being filled by. A cut full sync whose two sides name the
+    /// same one resumes with the regions still owed instead of starting over.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fill: String,
 }
 
 /// Errors of the metadata file.
@@ -289,6 +295,7 @@ mod tests {
             bitmap_base: 0,
             peer: Some("10.0.0.2:7400".into()),
             peer_server: Some(2),
+            fill: String::new(),
         }
     }
 

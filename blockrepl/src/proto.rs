@@ -266,6 +266,13 @@ pub struct Hello {
     /// started: a backup that holds exactly that generation needs only those
     /// regions; 0 = the primary never had a peer, every region is needed.
     pub bitmap_base: u64,
+    /// The full sync the primary's bitmap was set whole for (empty: none): a backup being
+    /// filled by that one resumes it.
+    #[serde(default)]
+    pub fill: String,
+    /// The id a full sync begun now takes.
+    #[serde(default)]
+    pub new_fill: String,
 }
 
 /// How the backup answers a Hello it accepts.
@@ -280,6 +287,10 @@ pub struct Welcome {
     /// Regions the backup may hold differently (its own bitmap), as a bitmap
     /// of the same region size; the primary resyncs their union with its own.
     pub bitmap: Vec<u8>,
+    /// The backup is being filled by the Hello's `fill`: a full sync that was cut goes on with
+    /// the regions still owed.
+    #[serde(default)]
+    pub resumes_fill: bool,
 }
 
 #[cfg(test)]
@@ -298,11 +309,14 @@ mod tests {
             region_size: 1 << 20,
             generation: 3,
             bitmap_base: 2,
+            fill: "0a1b".into(),
+            new_fill: "2c3d".into(),
         };
         let welcome = Welcome {
             generation: 2,
             needs_full_sync: false,
             bitmap: vec![1, 0, 0x80],
+            resumes_fill: true,
         };
         vec![
             Frame::json(Kind::Hello, 1, 3, &hello),

@@ -50,6 +50,9 @@ pub struct Timing {
     /// failure copies at most what was written in that time besides what
     /// changed.
     pub clean_after_passes: u32,
+    /// A resync makes what it copied durable on the backup, and clears those regions' bits,
+    /// after this many regions (so a cut resync resumes past them).
+    pub checkpoint_regions: usize,
 }
 
 impl Default for Timing {
@@ -60,6 +63,7 @@ impl Default for Timing {
             retry_interval: Duration::from_millis(300),
             clean_interval: Duration::from_secs(2),
             clean_after_passes: 15,
+            checkpoint_regions: 256,
         }
     }
 }
@@ -239,7 +243,7 @@ pub enum NewRole {
     Backup,
 }
 
-fn random_id() -> io::Result<String> {
+pub(crate) fn random_id() -> io::Result<String> {
     use std::io::Read;
     let mut b = [0u8; 16];
     File::open("/dev/urandom")?.read_exact(&mut b)?;
@@ -331,6 +335,7 @@ impl Replica {
                 bitmap_base: 0,
                 peer: None,
                 peer_server,
+                fill: String::new(),
             },
             NewRole::Backup => Meta {
                 name: name.to_owned(),
@@ -343,6 +348,7 @@ impl Replica {
                 bitmap_base: 0,
                 peer: None,
                 peer_server,
+                fill: String::new(),
             },
         };
         Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size))
@@ -928,8 +934,14 @@ impl Replica {
         self.data.sync_data()
     }
 
-    /// Computes a progress record.
-    pub(crate) fn progress(full: bool, total: u64, done: u64, started: Instant) -> ResyncProgress {
+    /// Computes a progress record: `done` of `total` bytes, `copied` of them since `started`.
+    pub(crate) fn progress(
+        full: bool,
+        total: u64,
+        done: u64,
+        copied: u64,
+        started: Instant,
+    ) -> ResyncProgress {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         ResyncProgress {
             full,
@@ -941,7 +953,7 @@ impl Replica {
             } else {
                 done as f64 * 100.0 / total as f64
             },
-            rate_bytes_per_sec: (done as f64 / secs) as u64,
+            rate_bytes_per_sec: (copied as f64 / secs) as u64,
         }
     }
 }

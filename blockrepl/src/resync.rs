@@ -24,6 +24,9 @@ use crate::replica::{lock, run_done, Replica};
 
 /// Resync frames in flight at once.
 const WINDOW: usize = 8;
+/// A resync makes its progress durable on the backup (a flush) and clears the bits of what it
+/// copied at least this often (and after `Timing::checkpoint_regions` regions).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Starts the connector thread of `replica`; it ends when the replica stops.
 pub fn start(replica: &Arc<Replica>) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -70,6 +73,8 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
         region_size: m.region_size,
         generation: m.generation,
         bitmap_base: m.bitmap_base,
+        fill: m.fill.clone(),
+        new_fill: crate::replica::random_id().map_err(|e| format!("reading /dev/urandom: {e}"))?,
     };
     let (link, welcome) = link::connect(r, peer, &hello)?;
     let changed = {
@@ -88,8 +93,8 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
         link.kill();
         return Err("the disk changed while connecting".into());
     }
-    tracing::info!(disk = %r.name(), peer, generation = m.generation, full = welcome.needs_full_sync, "mirror link up");
-    let result = resync(r, &link, &welcome);
+    tracing::info!(disk = %r.name(), peer, generation = m.generation, full = welcome.needs_full_sync, resumes = welcome.resumes_fill, "mirror link up");
+    let result = resync(r, &link, &welcome, &hello.new_fill);
     if let Err(e) = &result {
         link.kill();
         r.set_progress(None);
@@ -98,7 +103,12 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn resync(r: &Arc<Replica>, link: &Arc<Link>, welcome: &Welcome) -> Result<(), String> {
+fn resync(
+    r: &Arc<Replica>,
+    link: &Arc<Link>,
+    welcome: &Welcome,
+    new_fill: &str,
+) -> Result<(), String> {
     let regions_total = r.capacity.div_ceil(r.region_size);
     let full = welcome.needs_full_sync;
     // Everything owed is marked in our own bitmap first, so that a crash
@@ -112,13 +122,37 @@ fn resync(r: &Arc<Replica>, link: &Arc<Link>, welcome: &Welcome) -> Result<(), S
                 bm.set_range(reg, reg).map_err(|e| e.to_string())?;
             }
         }
-        bm.set_regions()
+        let owed = bm.set_regions();
+        // Every owed region is marked and will be copied: what counts as touched from here on
+        // is what the guest writes during the copy (a checkpoint leaves those marked).
+        r.reset_touched();
+        owed
     };
-    let total: u64 = regions.iter().map(|&reg| region_len(r, reg)).sum();
+    if full {
+        // After the bits (a crash between leaves the old id, so no resume on half a bitmap):
+        // this full sync is the one the bitmap was set for, and the backup's too.
+        lock(&r.meta)
+            .update(|m| m.fill = new_fill.to_string())
+            .map_err(|e| e.to_string())?;
+    }
+    let owed: u64 = regions.iter().map(|&reg| region_len(r, reg)).sum();
+    // A full sync, begun now or resumed, counts the whole disk: what earlier tries copied is
+    // done already, so its percentage goes on from there. Progress counts what the backup
+    // holds durably (at each checkpoint), never what a cut could take back.
+    let whole = full || welcome.resumes_fill;
+    let (total, before) = if whole {
+        (r.capacity, r.capacity - owed)
+    } else {
+        (owed, 0)
+    };
     let started = Instant::now();
     let mut copied = 0u64;
-    r.set_progress(Some(Replica::progress(full, total, 0, started)));
-    tracing::info!(disk = %r.name(), regions = regions.len(), bytes = total, full, "resync starts");
+    let progress = |copied: u64| Replica::progress(whole, total, before + copied, copied, started);
+    r.set_progress(Some(progress(0)));
+    tracing::info!(disk = %r.name(), regions = regions.len(), bytes = owed, full, resumed = welcome.resumes_fill, "resync starts");
+    // Regions copied since the last checkpoint.
+    let mut unsaved: Vec<u64> = Vec::new();
+    let mut saved_at = Instant::now();
     let mut window = VecDeque::new();
     let chunk = u64::from(MAX_PAYLOAD).min(r.region_size);
     let mut buf = vec![0u8; chunk as usize];
@@ -147,7 +181,13 @@ fn resync(r: &Arc<Replica>, link: &Arc<Link>, welcome: &Welcome) -> Result<(), S
         r.end_copy();
         sent?;
         copied += len;
-        r.set_progress(Some(Replica::progress(full, total, copied, started)));
+        unsaved.push(reg);
+        if unsaved.len() >= r.timing.checkpoint_regions || saved_at.elapsed() >= CHECKPOINT_EVERY {
+            checkpoint(r, link, &mut window, &unsaved)?;
+            unsaved.clear();
+            saved_at = Instant::now();
+            r.set_progress(Some(progress(copied)));
+        }
     }
     for rx in window {
         link::wait(rx)?;
@@ -161,6 +201,25 @@ fn resync(r: &Arc<Replica>, link: &Arc<Link>, welcome: &Welcome) -> Result<(), S
         secs = started.elapsed().as_secs_f64(),
         "resync done: in sync"
     );
+    Ok(())
+}
+
+/// Makes what the resync copied so far durable on the backup and clears those regions' bits
+/// (those no write touched meanwhile): a resync cut after this owes only the rest.
+fn checkpoint(
+    r: &Arc<Replica>,
+    link: &Arc<Link>,
+    window: &mut VecDeque<std::sync::mpsc::Receiver<Result<(), String>>>,
+    copied: &[u64],
+) -> Result<(), String> {
+    for rx in window.drain(..) {
+        link::wait(rx)?;
+    }
+    link.call(Kind::Flush, &[])?;
+    let mut bm = lock(&r.bitmap);
+    let clean = r.still_clean(copied);
+    bm.clear(&clean).map_err(|e| e.to_string())?;
+    r.reset_touched();
     Ok(())
 }
 

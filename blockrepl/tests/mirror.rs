@@ -27,6 +27,7 @@ fn timing() -> Timing {
         retry_interval: Duration::from_millis(100),
         clean_interval: Duration::from_millis(200),
         clean_after_passes: 2,
+        checkpoint_regions: 4,
     }
 }
 
@@ -128,6 +129,11 @@ struct Proxy {
 }
 
 fn proxy(target: String) -> Proxy {
+    proxy_at(target, None)
+}
+
+/// A proxy passing at most `rate` bytes a second each way, if given.
+fn proxy_at(target: String, rate: Option<u64>) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let up = Arc::new(AtomicBool::new(true));
@@ -151,7 +157,21 @@ fn proxy(target: String) -> Proxy {
                 (outbound, inbound),
             ] {
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
+                    match rate {
+                        None => {
+                            let _ = std::io::copy(&mut from, &mut to);
+                        }
+                        Some(rate) => {
+                            use std::io::{Read, Write};
+                            let mut buf = vec![0u8; 16 << 10];
+                            while let Ok(n) = from.read(&mut buf) {
+                                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+                            }
+                        }
+                    }
                     let _ = to.shutdown(Shutdown::Both);
                 });
             }
@@ -407,6 +427,68 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
 }
 
 #[test]
+fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back() {
+    let a = server(&scratch("resume-a"));
+    let b = server(&scratch("resume-b"));
+    // About 3 s of full sync through a link of 16 MiB/s.
+    let p = proxy_at(b.addr.clone(), Some(16 * MIB));
+    let create = |s: &Server, backup: bool| {
+        s.req(Request::Create {
+            name: "d".into(),
+            size: 48 * MIB,
+            region_size: Some(MIB),
+            backup,
+            pool: None,
+            from: None,
+            peer_server: None,
+            disk_id: None,
+        })
+    };
+    create(&a, false);
+    let d = a.disk("d");
+    for i in 0..48u64 {
+        write(&d, i * MIB, block(i as u8, MIB as usize));
+    }
+    create(&b, true);
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: p.addr.clone(),
+        peer_server: None,
+    });
+    // The percentages seen, in order, and the link cut once a third is copied.
+    let mut seen: Vec<f64> = Vec::new();
+    let mut cut = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.status().link != LinkState::InSync {
+        assert!(Instant::now() < deadline, "no sync in 60 s: {seen:?}");
+        if let Some(r) = d.status().resync {
+            assert!(r.full, "a new backup gets a full sync");
+            if seen.last() != Some(&r.percent) {
+                seen.push(r.percent);
+            }
+            if !cut && r.percent > 33.0 {
+                p.cut();
+                cut = true;
+                std::thread::sleep(Duration::from_millis(300));
+                p.restore();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(cut, "the sync ended before a third was copied: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1] >= w[0]),
+        "the percentage went back: {seen:?}"
+    );
+    // The second try began past what the first made durable (4-region checkpoints).
+    let after_cut = seen.iter().skip_while(|p| **p <= 33.0).nth(1).copied();
+    assert!(after_cut.is_some_and(|p| p >= 25.0), "restarted from 0: {seen:?}");
+    flush(&d);
+    assert!(a.data("d") == b.data("d"), "copies differ after a resumed full sync");
+    assert_eq!(b.disk("d").status().data, DataState::Consistent);
+}
+
+#[test]
 fn a_stale_primary_is_refused() {
     let (a, b, p) = pair("stale", 8 * MIB);
     let d = a.disk("d");
@@ -543,6 +625,8 @@ fn raw_session(b: &Server, generation: u64) -> (MirrorStream, Welcome) {
         region_size: MIB,
         generation,
         bitmap_base: 0,
+        fill: String::new(),
+        new_fill: "f111".into(),
     };
     Frame::json(Kind::Hello, 1, generation, &hello)
         .write_to(&mut s)
@@ -644,6 +728,8 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
         region_size: MIB,
         generation: 1,
         bitmap_base: 0,
+        fill: String::new(),
+        new_fill: "f222".into(),
     };
     Frame::json(Kind::Hello, 1, 1, &hello)
         .write_to(&mut s)
