@@ -294,8 +294,7 @@ pub fn call(
     request: &Request,
     timeout: Duration,
 ) -> io::Result<Response> {
-    let s = peers.connect(address, timeout.min(Duration::from_secs(2)))?;
-    exchange(s, address, &Envelope::new(request.clone()), timeout)
+    call_envelope(peers, address, &Envelope::new(request.clone()), timeout)
 }
 
 /// Sends one request to the server at `address` through `connector` (a joining server's, or
@@ -307,17 +306,22 @@ pub fn call_with(
     timeout: Duration,
 ) -> io::Result<Response> {
     let (s, _) = connector.connect(address, timeout.min(Duration::from_secs(2)))?;
-    exchange(s, address, &Envelope::new(request.clone()), timeout)
+    exchange(s, address, &Envelope::new(request.clone()), timeout).map(|(r, _)| r)
 }
 
+/// One request and its answer on a connection of the pool (kept for the next one after).
 fn call_envelope(
     peers: &Peers,
     address: &str,
     env: &Envelope,
     timeout: Duration,
 ) -> io::Result<Response> {
-    let s = peers.connect(address, timeout.min(Duration::from_secs(2)))?;
-    exchange(s, address, env, timeout)
+    let (s, peer) = peers.take(address, timeout.min(Duration::from_secs(2)))?;
+    let (answer, s) = exchange(s, address, env, timeout)?;
+    if let Some(s) = s {
+        peers.keep(address, s, peer);
+    }
+    Ok(answer)
 }
 
 /// A request that reached the other end's socket before the error: it may have been carried out.
@@ -332,25 +336,30 @@ impl std::fmt::Display for Sent {
 
 impl std::error::Error for Sent {}
 
-/// Sends the request on a connection made; a failure from here on is [`Sent`].
+/// Sends the request on a connection made; a failure from here on is [`Sent`]. Answers the
+/// answer, and the connection when it may carry another request (its answer line read whole,
+/// nothing after it).
 fn exchange(
     mut s: TlsStream,
     address: &str,
     env: &Envelope,
     timeout: Duration,
-) -> io::Result<Response> {
+) -> io::Result<(Response, Option<TlsStream>)> {
     let sent = |e: io::Error| io::Error::other(Sent(e));
     s.set_read_timeout(Some(timeout)).map_err(sent)?;
     let mut line = serde_json::to_vec(env).expect("request serializes");
     line.push(b'\n');
     s.write_all(&line).map_err(sent)?;
     let mut answer = String::new();
-    BufReader::new(s)
+    let mut r = BufReader::new(s);
+    (&mut r)
         .take(MAX_LINE)
         .read_line(&mut answer)
         .map_err(sent)?;
-    serde_json::from_str(&answer)
-        .map_err(|e| sent(io::Error::other(format!("bad answer from {address}: {e}"))))
+    let again = (answer.ends_with('\n') && r.buffer().is_empty()).then(|| r.into_inner());
+    let answer = serde_json::from_str(&answer)
+        .map_err(|e| sent(io::Error::other(format!("bad answer from {address}: {e}"))))?;
+    Ok((answer, again))
 }
 
 /// What a server's client port needs beyond the node: who it is and where its VMMs live.

@@ -132,6 +132,30 @@ impl TlsStream {
         self.sock.peer_addr()
     }
 
+    /// Whether the connection can no longer carry a request and its answer: the peer closed
+    /// it, or sent something unasked (an alert), or bytes wait unread here. Looks without
+    /// waiting or taking anything.
+    pub fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        {
+            let st = self.state();
+            if st.eof || st.unread() {
+                return true;
+            }
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: `b` is valid for one byte; MSG_PEEK | MSG_DONTWAIT neither takes nor waits.
+        let got = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        got >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+    }
+
     /// Shuts the socket down (both handles see it); after a write shutdown, the peer reads
     /// the end of the stream.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
