@@ -153,6 +153,15 @@ pub enum AnswerError {
     },
 }
 
+impl AnswerError {
+    /// What is wrong, without where: for a person answering on the console, not in a file.
+    pub fn why(&self) -> &str {
+        match self {
+            AnswerError::Syntax(why) | AnswerError::Value { why, .. } => why,
+        }
+    }
+}
+
 fn bad(key: &'static str, why: impl Into<String>) -> AnswerError {
     AnswerError::Value {
         key,

@@ -107,7 +107,10 @@ pub fn parse_lsblk(json: &str) -> Result<Vec<Disk>, ProbeError> {
         why: format!("unexpected output: {e}"),
     })?;
     let mut disks = Vec::new();
-    for d in l.blockdevices.into_iter().filter(|d| d.kind == "disk") {
+    // Disks that can hold anything: not a CD drive, a floppy drive (a PC's /dev/fd0 is "disk"
+    // to lsblk) or an empty card reader.
+    let real = |d: &Dev| d.kind == "disk" && d.size.unwrap_or(0) > 0 && !d.path.starts_with("/dev/fd");
+    for d in l.blockdevices.into_iter().filter(|d| real(d)) {
         let mut signatures = Vec::new();
         let mut medium = false;
         fn walk(d: &Dev, sig: &mut Vec<String>, medium: &mut bool) {
@@ -202,6 +205,8 @@ mod tests {
     fn disks_are_told_with_what_is_on_them_and_the_medium_is_marked() {
         let json = r#"{"blockdevices": [
           {"path":"/dev/sr0","size":300000000,"type":"rom","fstype":"iso9660","pttype":null,"model":"QEMU DVD-ROM","label":"ENSPEED_INSTALL","mountpoints":["/run/live/medium"]},
+          {"path":"/dev/fd0","size":4096,"type":"disk","fstype":null,"pttype":null,"model":null,"label":null,"mountpoints":[null]},
+          {"path":"/dev/sdc","size":0,"type":"disk","fstype":null,"pttype":null,"model":"Card reader","label":null,"mountpoints":[null]},
           {"path":"/dev/vda","size":21474836480,"type":"disk","fstype":null,"pttype":null,"model":null,"label":null,"mountpoints":[null]},
           {"path":"/dev/vdb","size":10485760,"type":"disk","fstype":"vfat","pttype":null,"model":null,"label":"ENSPEED","mountpoints":[null]},
           {"path":"/dev/sda","size":1000204886016,"type":"disk","fstype":null,"pttype":"gpt","model":"  Samsung SSD  ","label":null,"mountpoints":[null],
@@ -210,7 +215,7 @@ mod tests {
            "children":[{"path":"/dev/sdb1","size":1000,"type":"part","fstype":"iso9660","pttype":"dos","label":"ENSPEED_INSTALL","mountpoints":["/run/live/medium"]}]}
         ]}"#;
         let d = parse_lsblk(json).unwrap();
-        assert_eq!(d.len(), 4, "the CD drive is no disk");
+        assert_eq!(d.len(), 4, "the CD drive, the floppy drive and the empty reader are no disks");
         assert_eq!(d[0].path, "/dev/vda");
         assert!(d[0].signatures.is_empty() && !d[0].is_install_medium);
         assert!(d[1].is_install_medium, "the answer file's disk");

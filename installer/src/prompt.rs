@@ -87,7 +87,7 @@ fn ask<R: BufRead, W: Write>(
                 Ok(n) if (1..=disks.len()).contains(&n) => disks[n - 1].path.clone(),
                 _ => a.to_string(),
             };
-            let choice = answers::disk_choice(&path).map_err(|e| e.to_string())?;
+            let choice = answers::disk_choice(&path).map_err(|e| e.why().to_string())?;
             let d = crate::pick_disk(&choice, disks)?;
             crate::install::check_disk(&d, true).map_err(|e| e.to_string())?;
             Ok(d)
@@ -109,7 +109,7 @@ fn ask<R: BufRead, W: Write>(
         wipe = true;
     }
     let hostname = c.ask_until("Host name", "vmserver1", |a| {
-        answers::hostname(a).map_err(|e| e.to_string())
+        answers::hostname(a).map_err(|e| e.why().to_string())
     })?;
 
     c.say("\nNetwork cards:");
@@ -125,7 +125,7 @@ fn ask<R: BufRead, W: Write>(
             Ok(n) if (1..=nics.len()).contains(&n) => nics[n - 1].name.clone(),
             _ => a.to_string(),
         };
-        let choice = answers::nic_choice("network", &name).map_err(|e| e.to_string())?;
+        let choice = answers::nic_choice("network", &name).map_err(|e| e.why().to_string())?;
         crate::pick_nic(&choice, nics)?;
         Ok(choice)
     };
@@ -140,7 +140,7 @@ fn ask<R: BufRead, W: Write>(
             match answers::addressing(&address, &gw) {
                 Ok(a) => break a,
                 Err(e) => {
-                    c.say(&format!("  {e}"));
+                    c.say(&format!("  {}", e.why()));
                     address = c.ask("Management address: dhcp, or ADDRESS/PREFIX", "dhcp")?;
                     if address == "dhcp" {
                         break answers::addressing("dhcp", "").ok()?;
@@ -169,7 +169,7 @@ fn ask<R: BufRead, W: Write>(
     let cluster = if how {
         loop {
             let p = c.ask_until("The Manager's (admin's) password", "", |a| {
-                answers::password(a).map_err(|e| e.to_string())
+                answers::password(a).map_err(|e| e.why().to_string())
             })?;
             let again = c.ask("The same password again", "")?;
             if again == p {
@@ -190,7 +190,7 @@ fn ask<R: BufRead, W: Write>(
             let token = c.ask("The cluster's join token", "")?;
             match answers::join_choice(&address, &token) {
                 Ok(j) => break j,
-                Err(e) => c.say(&format!("  {e}")),
+                Err(e) => c.say(&format!("  {}", e.why())),
             }
         }
     };

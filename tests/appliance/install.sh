@@ -143,7 +143,8 @@ PY
 # install S FIRMWARE MEDIUM: starts server S's install from the ISO (with its answer disk, if
 # any; else its console is install-S.sock, for console.py).
 install() {
-    local s=$1 fw=$2 medium=$3 console=$work/install-$s.log answers=()
+    local s=$1 fw=$2 medium=$3
+    local console=$work/install-$s.log answers=()
     if [ -f "$work/answers-$s.img" ]; then
         answers=(-drive "file=$work/answers-$s.img,if=virtio,format=raw,readonly=on")
     else
@@ -153,7 +154,7 @@ install() {
     qemu "$s" "$fw" "$console" 1500 "${answers[@]}" \
         $(case $medium in
             cd) echo "-drive file=$iso,media=cdrom,readonly=on -boot order=d" ;;
-            usb) echo "-device qemu-xhci -drive if=none,id=stick,file=$iso,format=raw,readonly=on -device usb-storage,drive=stick" ;;
+            usb) echo "-device qemu-xhci -drive if=none,id=stick,file=$iso,format=raw,readonly=on -device usb-storage,drive=stick,bootindex=0" ;;
         esac)
 }
 
