@@ -197,7 +197,7 @@ installed() {
 # console_line S PATTERN SECONDS: the first line of server S's console matching PATTERN.
 console_line() {
     local n=0 line
-    until line=$(grep -aoE "$2" "$work/boot-$1.log" | head -n 1) && [ -n "$line" ]; do
+    until line=$(grep -aoE "$2" "$work/boot-$1.log" 2>/dev/null | head -n 1) && [ -n "$line" ]; do
         kill -0 "$(cat "$work/qemu-$1.pid")" 2>/dev/null ||
             fail "server $1 stopped (see $work/boot-$1.log)"
         n=$((n + 2))
@@ -307,7 +307,7 @@ if [ $pair = 1 ]; then
     vm=$(echo "$created" | json 'v["id"]') || fail "the VM was not created: $created"
     echo "  VM $vm: $(api GET "/vms/$vm" | json '"primary on " + v["primary"]["address"] + ", backup on " + v["backup"]["address"]')"
     data=$(ip netns exec "$ns" python3 "$root/tests/appliance/serial.py" "$address" "$jar" "$vm" \
-        "KIT: (fs ok|FAIL)" 600) || fail "the VM told nothing on its console in 600 s: $(api GET "/vms/$vm")"
+        "KIT: (fs ok|FAIL)" 600) || fail "no word from the VM's guest (serial.py says why above): $(api GET "/vms/$vm")"
     case $data in *"fs ok sha256="*) ;; *) fail "the guest: $data" ;; esac
     echo "APPLIANCE vm-data-s $(($(date +%s) - t3)) ($data)"
     n=0

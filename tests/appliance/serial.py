@@ -7,9 +7,10 @@ a line matches a pattern.
 HOST serves the API over HTTPS on port 443 (its certificate is not checked: the cluster made
 it); COOKIE_JAR is curl's, holding a logged-in session. The stream starts with the console's
 recent history. A console that cannot be opened yet (the VM not running: 502) is tried again
-every 3 s. Prints the first line matching PATTERN (a regular expression) and exits 0, or exits
-1 after TIMEOUT_S seconds or when the console closes (2 when it never opened). With --tee, every
-line read is also appended to FILE as it comes (a watcher keeping the console's record).
+every 3 s; one that closes (its VM restarted or moved) is opened again. Prints the first line
+matching PATTERN (a regular expression) and exits 0, or exits 1 after TIMEOUT_S seconds (2 when
+the console never opened), saying why on stderr. With --tee, every line read is also appended to
+FILE as it comes (a watcher keeping one VMM's console's record: it ends when that closes).
 """
 import base64
 import os
@@ -72,6 +73,19 @@ def main():
         args = args[2:]
     host, jar, vm, pattern, timeout = args[:5]
     deadline = time.time() + float(timeout)
+    want = re.compile(pattern)
+    while True:
+        why = follow(host, jar, vm, want, deadline, tee)
+        # A console that closed (its VM restarted, moved) is opened again by one who waits
+        # for a line; a watcher (--tee) records one VMM's console only.
+        if tee or time.time() + 3 >= deadline:
+            sys.exit(f"serial.py: {host}: {why}")
+        print(f"serial.py: {host}: {why}; opening it again", file=sys.stderr)
+        time.sleep(3)
+
+
+def follow(host, jar, vm, want, deadline, tee):
+    """Reads one opening of the console until a line matches (printed, exit 0); else why not."""
     while True:
         s, buf, err = open_console(host, jar, vm)
         if s:
@@ -80,7 +94,6 @@ def main():
             print(f"serial.py: {host}: {err}", file=sys.stderr)
             sys.exit(2)
         time.sleep(3)
-    want = re.compile(pattern)
     text = ""
     s.settimeout(1)
     while time.time() < deadline:
@@ -90,17 +103,19 @@ def main():
                 chunk = s.recv(65536)
             except socket.timeout:
                 chunk = None
+            except OSError as e:
+                return f"reading the console: {e} (after {text[-200:]!r})"
             if chunk == b"":
-                sys.exit(1)
+                return f"the console closed (after {text[-200:]!r})"
             if chunk:
                 buf += chunk
             if time.time() >= deadline:
-                sys.exit(1)
+                return f"no {want.pattern!r} in time (last: {text[-200:]!r})"
         n, start = frame_len(buf), header_len(buf)
         opcode = buf[0] & 0x0F
         payload, buf = buf[start:n], buf[n:]
         if opcode == 8:
-            sys.exit(1)
+            return f"the server closed the console (after {text[-200:]!r})"
         if opcode in (1, 2):
             text += payload.decode(errors="replace")
             *lines, text = text.split("\n")
@@ -110,7 +125,7 @@ def main():
                 if want.search(line):
                     print(line.strip())
                     sys.exit(0)
-    sys.exit(1)
+    return f"no {want.pattern!r} in time (last: {text[-200:]!r})"
 
 
 def header_len(b):
