@@ -43,14 +43,9 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
 }
 trap cleanup EXIT
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" link add br0 type bridge
-ip -n "$ns" addr add 10.0.0.1/24 dev br0
-ip -n "$ns" link set br0 up
+. tests/appliance/net.sh
+appliance_net "$ns" t1 t2 t3
 for i in 1 2 3; do
-    ip -n "$ns" tuntap add dev "t$i" mode tap
-    ip -n "$ns" link set "t$i" master br0 up
     truncate -s 16G "$work/disk$i.img"
 done
 password=$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')

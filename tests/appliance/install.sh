@@ -56,15 +56,8 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
 }
 trap cleanup EXIT
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" link add br0 type bridge
-ip -n "$ns" addr add 10.0.0.1/24 dev br0
-ip -n "$ns" link set br0 up
-for s in a b; do
-    ip -n "$ns" tuntap add dev "t$s" mode tap
-    ip -n "$ns" link set "t$s" master br0 up
-done
+. "$root/tests/appliance/net.sh"
+appliance_net "$ns" ta tb
 : >"$work/udhcpd.leases"
 cat >"$work/udhcpd.conf" <<CONF
 interface br0
