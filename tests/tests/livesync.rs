@@ -396,6 +396,8 @@ fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
         region_size: 1 << 20,
         generation,
         bitmap_base: 0,
+        fill: String::new(),
+        new_fill: "5eed".into(),
     };
     let strangers = |generation: u64, copy: &str| {
         // No certificate at all: the TLS handshake fails, nothing is answered.
