@@ -473,3 +473,18 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
 pub fn ms(d: std::time::Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
+
+/// Notes a scenario run again because the machine under test failed by itself (the emulated
+/// AMD-V), in target/<profile>/testhost-retries.log, for test.sh to show even when every test
+/// passes: a rising count is a bug to find.
+pub fn note_retry(line: &str) {
+    use std::io::Write;
+    let path = profile_dir().join("testhost-retries.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path);
+    if let Err(e) = file.and_then(|mut f| writeln!(f, "{line}")) {
+        eprintln!("cannot note the retry in {}: {e}", path.display());
+    }
+}

@@ -3,7 +3,6 @@
 //! boots the unmodified Debian kernel of the guest kit on the test host's
 //! KVM. The scenarios live in tests/testhost/; see image/testhost/README.md.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -70,7 +69,7 @@ fn scenario_with(name: &str, extras: &[&str]) {
             out.status.code()
         );
         eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
-        note_retry(&line);
+        enspeed_tests::note_retry(&line);
         out = run();
     }
     let console = String::from_utf8_lossy(&out.stdout);
@@ -94,23 +93,6 @@ fn scenario_with(name: &str, extras: &[&str]) {
         );
         // A failure without a backtrace: it says nothing the lines above do not.
         std::panic::resume_unwind(Box::new(format!("scenario {name} failed")));
-    }
-}
-
-/// The file where runs of scenarios again are noted, for test.sh to show even when every test
-/// passes: target/<profile>/testhost-retries.log.
-fn retries_log() -> PathBuf {
-    profile_dir().join("testhost-retries.log")
-}
-
-fn note_retry(line: &str) {
-    let path = retries_log();
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path);
-    if let Err(e) = file.and_then(|mut f| writeln!(f, "{line}")) {
-        eprintln!("cannot note the retry in {}: {e}", path.display());
     }
 }
 
