@@ -61,7 +61,13 @@ caller=$PPID qemu_pid='' watcher=''
 # QEMU runs under `timeout`, in a process group of its own that a terminal's Ctrl-C does not
 # reach: a signal here, or this script's end, stops that whole group.
 stop_qemu() {
-    [ -z "$qemu_pid" ] || kill -TERM -- "-$qemu_pid" 2>/dev/null || true
+    if [ -n "$qemu_pid" ]; then
+        kill -TERM -- "-$qemu_pid" 2>/dev/null || true
+        # A signal just after the start may come before `timeout` made its group: it, and QEMU
+        # by its name, directly too.
+        kill -TERM "$qemu_pid" 2>/dev/null || true
+        pkill -TERM -f "testhost-$$-qemu" 2>/dev/null || true
+    fi
     [ -z "$watcher" ] || kill "$watcher" 2>/dev/null || true
 }
 on_signal() {
