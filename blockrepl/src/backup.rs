@@ -105,13 +105,16 @@ fn accept(r: &Replica, hello: &Hello) -> Result<(u64, Welcome), String> {
     }
     // A partial resync is enough when this copy holds exactly the generation
     // the primary's bitmap runs from, or the primary's own generation; or when it is being
-    // filled by the full sync the primary's bitmap was set whole for, which then goes on.
+    // filled by the full sync the primary's bitmap was set whole for, which then goes on; or
+    // when it is new (all zeros) and the primary's bitmap marks all it wrote since its own
+    // data was all zeros.
     let resumes_fill = m.data == (DataState::Inconsistent { full: true })
         && !m.fill.is_empty()
         && m.fill == hello.fill;
     let needs_full_sync = !resumes_fill
         && match m.data {
-            DataState::Empty | DataState::Inconsistent { full: true } => true,
+            DataState::Empty => !hello.from_zeros,
+            DataState::Inconsistent { full: true } => true,
             _ => {
                 hello.bitmap_base == 0
                     || !(m.generation == hello.generation || m.generation == hello.bitmap_base)

@@ -478,6 +478,11 @@ impl Blockd {
                 )
                 .map_err(|e| e.to_string())?;
                 if let Some((f, src, len)) = &source {
+                    // Its data is no longer all zeros: a new backup needs a full sync.
+                    r.forget_zeros().map_err(|e| {
+                        let _ = std::fs::remove_dir_all(r.dir());
+                        format!("disk {name}: {e}")
+                    })?;
                     let copied = crate::clone::copy_data(src, &r.dir().join("data"), *len)
                         .map_err(|e| {
                             let _ = std::fs::remove_dir_all(r.dir());

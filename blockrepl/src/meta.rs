@@ -123,6 +123,11 @@ pub struct Meta {
     /// same one resumes with the regions still owed instead of starting over.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fill: String,
+    /// On a primary: its bitmap marks every region written since its data was all zeros (a
+    /// new blank disk whose bits were never cleared), so a new backup, all zeros too, needs
+    /// only those regions instead of a full sync. Cleared before any bit is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_zeros: bool,
 }
 
 /// Errors of the metadata file.
@@ -296,6 +301,7 @@ mod tests {
             peer: Some("10.0.0.2:7400".into()),
             peer_server: Some(2),
             fill: String::new(),
+            from_zeros: false,
         }
     }
 

@@ -273,6 +273,10 @@ pub struct Hello {
     /// The id a full sync begun now takes.
     #[serde(default)]
     pub new_fill: String,
+    /// The primary's bitmap marks every region written since its data was all zeros: a new,
+    /// empty backup needs only those regions.
+    #[serde(default)]
+    pub from_zeros: bool,
 }
 
 /// How the backup answers a Hello it accepts.
@@ -311,6 +315,7 @@ mod tests {
             bitmap_base: 2,
             fill: "0a1b".into(),
             new_fill: "2c3d".into(),
+            from_zeros: true,
         };
         let welcome = Welcome {
             generation: 2,

@@ -336,6 +336,8 @@ impl Replica {
                 peer: None,
                 peer_server,
                 fill: String::new(),
+                // Its data file is all holes, and every write marks its regions.
+                from_zeros: true,
             },
             NewRole::Backup => Meta {
                 name: name.to_owned(),
@@ -349,6 +351,7 @@ impl Replica {
                 peer: None,
                 peer_server,
                 fill: String::new(),
+                from_zeros: false,
             },
         };
         Bitmap::open(&ddir.join("bitmap"), capacity.div_ceil(region_size))
@@ -568,6 +571,17 @@ impl Replica {
         Ok(())
     }
 
+    /// Before a bit of this copy's bitmap is cleared: from then on it no longer marks all that
+    /// was written since the data was all zeros, so a new backup needs a full sync.
+    pub(crate) fn forget_zeros(&self) -> Result<(), String> {
+        let mut meta = lock(&self.meta);
+        if meta.get().from_zeros {
+            meta.update(|m| m.from_zeros = false)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Sets the server at the other end: on a backup, the only primary it takes a link from
     /// (any server of the cluster if `None`).
     pub fn set_peer_server(&self, server: Option<u64>) -> Result<(), ReplicaError> {
@@ -686,6 +700,8 @@ impl Replica {
                 meta.update(|m| {
                     m.role = Role::Backup;
                     m.peer = None;
+                    // A backup's bitmap does not mark what its primary writes into it.
+                    m.from_zeros = false;
                 })
                 .map_err(ReplicaError::from)
             });

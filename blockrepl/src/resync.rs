@@ -75,6 +75,7 @@ fn connect_and_resync(r: &Arc<Replica>, peer: &str) -> Result<(), String> {
         bitmap_base: m.bitmap_base,
         fill: m.fill.clone(),
         new_fill: crate::replica::random_id().map_err(|e| format!("reading /dev/urandom: {e}"))?,
+        from_zeros: m.from_zeros,
     };
     let (link, welcome) = link::connect(r, peer, &hello)?;
     let changed = {
@@ -216,6 +217,7 @@ fn checkpoint(
         link::wait(rx)?;
     }
     link.call(Kind::Flush, &[])?;
+    r.forget_zeros()?;
     let mut bm = lock(&r.bitmap);
     let clean = r.still_clean(copied);
     bm.clear(&clean).map_err(|e| e.to_string())?;
@@ -231,6 +233,10 @@ fn region_len(r: &Replica, reg: u64) -> u64 {
 /// Primary, complete the writes that stalled.
 fn finish(r: &Arc<Replica>, link: &Arc<Link>, copied: &[u64]) -> Result<(), String> {
     let mut meta = lock(&r.meta);
+    if meta.get().from_zeros {
+        meta.update(|m| m.from_zeros = false)
+            .map_err(|e| e.to_string())?;
+    }
     {
         let mut bm = lock(&r.bitmap);
         let clean = r.still_clean(copied);
@@ -271,6 +277,7 @@ fn clean(r: &Arc<Replica>, link: &Arc<Link>) -> Result<(), String> {
     r.sync_local()
         .map_err(|e| format!("flushing locally: {e}"))?;
     link.call(Kind::Flush, &[])?;
+    r.forget_zeros()?;
     let mut bm = lock(&r.bitmap);
     let clean = r.still_clean(&candidates);
     bm.clear(&clean).map_err(|e| e.to_string())?;

@@ -377,13 +377,13 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
     eprintln!("resync of 4 changed MiB of 256 MiB took {took:?}");
 }
 
-#[test]
-fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
-    let a = server(&scratch("full-a"));
-    let b = server(&scratch("full-b"));
-    a.req(Request::Create {
-        name: "d".into(),
-        size: 128 * MIB,
+/// Creates on `s` a disk `name` whose data is not all zeros from its start: a clone of a
+/// written disk, as a VM cloned from another's disk (its backup needs a full sync).
+fn create_clone(s: &Server, name: &str, size: u64) {
+    let src = format!("{name}-src");
+    s.req(Request::Create {
+        name: src.clone(),
+        size,
         region_size: Some(MIB),
         backup: false,
         pool: None,
@@ -391,6 +391,25 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         peer_server: None,
         disk_id: None,
     });
+    write(&s.disk(&src), size / 2, block(0x5a, 8192));
+    s.req(Request::Create {
+        name: name.into(),
+        size,
+        region_size: Some(MIB),
+        backup: false,
+        pool: None,
+        from: Some(src),
+        peer_server: None,
+        disk_id: None,
+    });
+    assert!(!s.disk(name).meta().from_zeros, "a clone's data is not all zeros");
+}
+
+#[test]
+fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
+    let a = server(&scratch("full-a"));
+    let b = server(&scratch("full-b"));
+    create_clone(&a, "d", 128 * MIB);
     let d = a.disk("d");
     for i in 0..128u64 {
         write(&d, i * MIB + (i % 7) * 4096, block(i as u8, 65536));
@@ -427,15 +446,14 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
 }
 
 #[test]
-fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back() {
-    let a = server(&scratch("resume-a"));
-    let b = server(&scratch("resume-b"));
-    // About 3 s of full sync through a link of 16 MiB/s.
-    let p = proxy_at(b.addr.clone(), Some(16 * MIB));
+fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full_sync() {
+    let a = server(&scratch("zeros-a"));
+    let b = server(&scratch("zeros-b"));
+    let c = server(&scratch("zeros-c"));
     let create = |s: &Server, backup: bool| {
         s.req(Request::Create {
             name: "d".into(),
-            size: 48 * MIB,
+            size: 64 * MIB,
             region_size: Some(MIB),
             backup,
             pool: None,
@@ -446,10 +464,63 @@ fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back()
     };
     create(&a, false);
     let d = a.disk("d");
+    assert!(d.meta().from_zeros, "a new blank primary starts from zeros");
+    // The guest writes alone before its backup exists: three regions.
+    for r in [2u64, 9, 30] {
+        write(&d, r * MIB + 512, block(r as u8, 8192));
+    }
+    create(&b, true);
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: b.addr.clone(),
+        peer_server: None,
+    });
+    wait_for("the first sync", || d.status().link == LinkState::InSync);
+    let first = d.status().last_resync.expect("a resync ran");
+    assert!(!first.full, "a blank disk's new backup got a full sync: {first:?}");
+    assert_eq!(first.total_bytes, 3 * MIB, "{first:?}");
+    flush(&d);
+    assert!(a.data("d") == b.data("d"), "the copies differ");
+    assert_eq!(b.disk("d").status().data, DataState::Consistent);
+    // Once the first backup holds it, the bitmap is cleaned: another new backup (the first
+    // one lost) needs the whole disk.
+    assert!(!d.meta().from_zeros, "still claims zeros after its bits were cleared");
+    a.req(Request::Detach { name: "d".into() });
+    create(&c, true);
+    a.req(Request::Attach {
+        name: "d".into(),
+        peer: c.addr.clone(),
+        peer_server: None,
+    });
+    wait_for("the second backup's sync", || {
+        d.status().link == LinkState::InSync
+            && d.status().last_resync.is_some_and(|r| r.full)
+    });
+    flush(&d);
+    assert!(a.data("d") == c.data("d"), "the second backup differs");
+}
+
+#[test]
+fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back() {
+    let a = server(&scratch("resume-a"));
+    let b = server(&scratch("resume-b"));
+    // About 3 s of full sync through a link of 16 MiB/s.
+    let p = proxy_at(b.addr.clone(), Some(16 * MIB));
+    create_clone(&a, "d", 48 * MIB);
+    let d = a.disk("d");
     for i in 0..48u64 {
         write(&d, i * MIB, block(i as u8, MIB as usize));
     }
-    create(&b, true);
+    b.req(Request::Create {
+        name: "d".into(),
+        size: 48 * MIB,
+        region_size: Some(MIB),
+        backup: true,
+        pool: None,
+        from: None,
+        peer_server: None,
+        disk_id: None,
+    });
     a.req(Request::Attach {
         name: "d".into(),
         peer: p.addr.clone(),
@@ -627,6 +698,7 @@ fn raw_session(b: &Server, generation: u64) -> (MirrorStream, Welcome) {
         bitmap_base: 0,
         fill: String::new(),
         new_fill: "f111".into(),
+        from_zeros: false,
     };
     Frame::json(Kind::Hello, 1, generation, &hello)
         .write_to(&mut s)
@@ -730,6 +802,7 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
         bitmap_base: 0,
         fill: String::new(),
         new_fill: "f222".into(),
+        from_zeros: false,
     };
     Frame::json(Kind::Hello, 1, 1, &hello)
         .write_to(&mut s)

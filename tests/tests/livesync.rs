@@ -378,7 +378,12 @@ fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
     let certs = certificates(&s, 3);
     let a = Blockd::start(&s.path("a"), &certs[0]);
     let b = Blockd::start(&s.path("b"), &certs[1]);
-    a.ok(&["create", "d", "--size", "8M"]);
+    // The primary's data: a clone of a disk holding a pattern (a new disk's own data would be
+    // all zeros, which its backup needs no full sync for).
+    let pattern: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    a.ok(&["create", "src", "--size", "8M"]);
+    std::fs::write(a.dir.join("disks/src/data"), &pattern).unwrap();
+    a.ok(&["create", "d", "--size", "8M", "--from", "src"]);
     b.ok(&[
         "create",
         "d",
@@ -398,6 +403,7 @@ fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
         bitmap_base: 0,
         fill: String::new(),
         new_fill: "5eed".into(),
+        from_zeros: false,
     };
     let strangers = |generation: u64, copy: &str| {
         // No certificate at all: the TLS handshake fails, nothing is answered.
@@ -426,10 +432,8 @@ fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
         "{st}"
     );
 
-    // The primary's data, then its link: with the wrong backup server named it refuses the
-    // blockd it reaches; with the right one it syncs.
-    let pattern: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
-    std::fs::write(a.dir.join("disks/d/data"), &pattern).unwrap();
+    // The primary's link: with the wrong backup server named it refuses the blockd it
+    // reaches; with the right one it syncs.
     a.ok(&["attach", "d", &b.addr, "--peer-server", "3"]);
     a.wait_status("d", "the link refused for naming another server", |st| {
         st["last_error"]
