@@ -19,12 +19,17 @@ part "guest kits and test host"
 # Level-2 scenarios that had to run again (their test host, or a nested guest's early boot,
 # failed under the emulated AMD-V; see tests/tests/testhost.rs) are listed at the end.
 retries="$CARGO_TARGET_DIR/release/testhost-retries.log"
-rm -f "$retries"
+times="$CARGO_TARGET_DIR/release/testhost-times.log"
+rm -f "$retries" "$times"
 cargo test --release --workspace
 part "cargo test (unit, level 1, level 2, appliance)"
 if [ -s "$retries" ]; then
     echo "test.sh: level-2 scenarios run again in this run:"
     sed 's/^/    /' "$retries"
+fi
+if [ -s "$times" ]; then
+    echo "test.sh: the scenarios that boot machines under QEMU took:"
+    sed 's/^/    /' "$times"
 fi
 # Coverage-guided fuzzing of what takes untrusted bytes (mirror frames, RFB client messages,
 # virtio-blk chains, the vhost-user-blk request path, the API's JSON), 8 s a target, built

@@ -474,17 +474,64 @@ pub fn ms(d: std::time::Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Runs `run` (a scenario that boots machines under QEMU with an emulated AMD-V) up to
+/// `attempts` times: again only while `machine_failed` names a failure of the machine under
+/// test itself, not of the scenario's checks. Each retry is said loudly and noted
+/// (`note_retry`), and the time of all attempts is noted (`note_time`). The last outcome.
+pub fn run_retrying(
+    name: &str,
+    attempts: u32,
+    mut run: impl FnMut() -> std::process::Output,
+    machine_failed: impl Fn(&std::process::Output) -> Option<String>,
+) -> std::process::Output {
+    let began = std::time::Instant::now();
+    let mut out = run();
+    for attempt in 2..=attempts {
+        let Some(why) = machine_failed(&out) else {
+            break;
+        };
+        println!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = format!(
+            "{name}: {why} (exit {:?}), not the scenario's checks; running it again (attempt {attempt} of {attempts})",
+            out.status.code()
+        );
+        eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
+        note_retry(&line);
+        out = run();
+    }
+    note_time(&format!(
+        "{name}: {} s in all, exit {:?}",
+        began.elapsed().as_secs(),
+        out.status.code()
+    ));
+    out
+}
+
 /// Notes a scenario run again because the machine under test failed by itself (the emulated
 /// AMD-V), in target/<profile>/testhost-retries.log, for test.sh to show even when every test
 /// passes: a rising count is a bug to find.
 pub fn note_retry(line: &str) {
+    append_line("testhost-retries.log", line);
+}
+
+/// Notes how long a scenario that boots machines under QEMU took, attempts included, in
+/// target/<profile>/testhost-times.log, which test.sh shows at the end: where CI's minutes go.
+pub fn note_time(line: &str) {
+    append_line("testhost-times.log", line);
+}
+
+fn append_line(file: &str, line: &str) {
     use std::io::Write;
-    let path = profile_dir().join("testhost-retries.log");
+    let path = profile_dir().join(file);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path);
     if let Err(e) = file.and_then(|mut f| writeln!(f, "{line}")) {
-        eprintln!("cannot note the retry in {}: {e}", path.display());
+        eprintln!("cannot note {line:?} in {}: {e}", path.display());
     }
 }

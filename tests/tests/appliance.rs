@@ -41,22 +41,16 @@ fn two_servers_install_from_the_iso_join_and_run_a_mirrored_vm() {
     };
     // 126: an appliance's QEMU ended by itself; 122: the VM's guest stalled before its init.
     // Both are the emulated AMD-V's failures (see testhost.rs), not the product's: the test runs
-    // again, loudly and counted, up to ATTEMPTS in all. Any other failure is never retried.
-    const ATTEMPTS: u32 = 3;
-    let mut out = run();
-    for attempt in 2..=ATTEMPTS {
-        if !matches!(out.status.code(), Some(122 | 126)) {
-            break;
-        }
-        println!("{}", String::from_utf8_lossy(&out.stdout));
-        let line = format!(
-            "appliance: a machine under test failed by itself (exit {:?}), not the test's checks; running it again (attempt {attempt} of {ATTEMPTS})",
-            out.status.code()
-        );
-        eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
-        enspeed_tests::note_retry(&line);
-        out = run();
-    }
+    // again, loudly and counted, up to three attempts in all. Any other failure is never retried.
+    let out = enspeed_tests::run_retrying("appliance", 3, run, |out| {
+        matches!(out.status.code(), Some(122 | 126)).then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.starts_with("APPLIANCE: MACHINE-FAILED"))
+                .unwrap_or("a machine under test failed by itself")
+                .to_string()
+        })
+    });
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
     assert!(

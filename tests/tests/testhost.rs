@@ -5,12 +5,51 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use enspeed_tests::{enspeed_bin, profile_dir, repo_root};
 
-/// One test host at a time: each uses both cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// Test hosts running at once. A test host keeps about one core busy (its vCPU running the
+/// nested guest; the other is mostly idle), so two share this machine's two cores; more would
+/// slow each one's nested guests past their limits. ENSPEED_TESTHOSTS sets another count.
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static FREED: Condvar = Condvar::new();
+
+/// A test host's turn: held while it runs.
+struct Turn;
+
+impl Turn {
+    fn take() -> Turn {
+        let most = std::env::var("ENSPEED_TESTHOSTS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(2);
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        while *running >= most {
+            running = FREED.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
+        *running += 1;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *RUNNING.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        FREED.notify_one();
+    }
+}
+
+/// run.sh's last account of itself ("run.sh: ..."): how the test host ended and after how long.
+fn run_sh_said(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("run.sh: "))
+        .unwrap_or("run.sh said nothing")
+        .to_string()
+}
 
 fn scenario(name: &str) {
     scenario_with(name, &[]);
@@ -18,7 +57,7 @@ fn scenario(name: &str) {
 
 /// A scenario that needs test tools (`run.sh --extra`) besides `enspeed`.
 fn scenario_with(name: &str, extras: &[&str]) {
-    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = Turn::take();
     let root = repo_root();
     let run = || {
         let mut cmd = Command::new("bash");
@@ -43,10 +82,8 @@ fn scenario_with(name: &str, extras: &[&str]) {
     // three or four for the failover scenario, whose three servers boot a guest again and
     // again. 122: a nested guest stalled before its init (guest.sh's
     // finish: the emulated AMD-V's early-boot glitch, which more often triple-faults it). Not
-    // the scenario's failure: up to ATTEMPTS in all, loudly. Any other failure is never retried.
-    const ATTEMPTS: u32 = 5;
-    let mut out = run();
-    for attempt in 2..=ATTEMPTS {
+    // the scenario's failure: up to five attempts in all, loudly. Any other failure is never retried.
+    let out = enspeed_tests::run_retrying(name, 5, run, |out| {
         let why = match out.status.code() {
             // Debian 12's QEMU 7.2 (TCG) asserts when a nested guest writes CR8 with a virtual
             // interrupt pending (OVMF does on every interrupt return: scripts/drill-uefi.sh).
@@ -57,21 +94,10 @@ fn scenario_with(name: &str, extras: &[&str]) {
             }
             Some(125 | 126) => "the test host itself failed",
             Some(122) => "a nested guest stalled in its early boot",
-            _ => break,
+            _ => return None,
         };
-        println!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = format!(
-            "{name}: {why} (exit {:?}), not the scenario's checks; running it again (attempt {attempt} of {ATTEMPTS})",
-            out.status.code()
-        );
-        eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
-        enspeed_tests::note_retry(&line);
-        out = run();
-    }
+        Some(format!("{why}; {}", run_sh_said(&out.stderr)))
+    });
     let console = String::from_utf8_lossy(&out.stdout);
     // Shown on failure (and with --nocapture): the whole test-host console.
     println!("{console}\n{}", String::from_utf8_lossy(&out.stderr));
