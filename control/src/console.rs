@@ -180,8 +180,9 @@ pub fn open(
     }
 }
 
-/// How long a console waits for the sockets of a VMM that is starting.
-const STARTING: Duration = Duration::from_secs(10);
+/// How long a console waits for the sockets of a VMM that is starting (what opens a console
+/// through another server waits longer).
+pub const STARTING: Duration = Duration::from_secs(10);
 
 /// Serves a console request that arrived on client connection `client` (its request line
 /// already read from `reader`): answers one line, then relays bytes both ways.

@@ -25,8 +25,9 @@ use enspeed_trust::{Connector, Peer};
 
 use crate::http::{ApiError, Body, Request};
 
-/// How long reaching the VM's server and its VMM may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reaching the VM's server and its VMM may take: longer than that server waits for
+/// the sockets of a VMM that is starting, so that its own answer, not this limit, says why.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(control::console::STARTING.as_secs() + 5);
 
 /// How many consoles one user keeps open through one server at once.
 pub const MAX_PER_USER: usize = 8;
