@@ -77,6 +77,20 @@ impl Blockd {
         b
     }
 
+    /// Deletes backup disk `name` once the backup has seen its primary's link go.
+    fn delete(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = Request::Delete { name: name.into() };
+            let resp = call(&self.control, &r).expect("blockd answers");
+            if resp.ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{r:?}: {:?}", resp.error);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn req(&self, r: Request) {
         let resp = call(&self.control, &r).expect("blockd answers");
         assert!(resp.ok, "{r:?}: {:?}", resp.error);
@@ -237,7 +251,7 @@ fn main() {
         d.set_peer(Some(backup.addr.clone()), Some(2)).unwrap();
         wait_in_sync(&d, "the first backup");
         d.set_peer(None, None).unwrap();
-        backup.req(Request::Delete { name: name.clone() });
+        backup.delete(&name);
         let cp = local_copy(&pdir.join(&name).join("data"), &dir.join("copy"));
         create_backup();
         drop_caches();
@@ -283,7 +297,7 @@ fn main() {
             }
         }
         d.set_peer(None, None).unwrap();
-        backup.req(Request::Delete { name: name.clone() });
+        backup.delete(&name);
         drop(d);
         std::fs::remove_dir_all(pdir.join(&name)).unwrap();
     }
