@@ -11,5 +11,6 @@ pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod rfb;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
