@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod migration;
 pub mod rfb;
 pub mod snapshot;
 pub mod vcpu;

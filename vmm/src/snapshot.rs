@@ -123,7 +123,11 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)], of: &str) -> Result<usize, Sna
             .map_err(failed("writing the MSRs", of))?;
         if n < batch.len() {
             refused += 1;
-            tracing::debug!(vcpu = of, msr = format_args!("{:#x}", batch[n].0), "KVM refused an MSR");
+            tracing::debug!(
+                vcpu = of,
+                msr = format_args!("{:#x}", batch[n].0),
+                "KVM refused an MSR"
+            );
             i += n + 1;
         } else {
             i += n;
@@ -141,7 +145,9 @@ impl VcpuState {
             mp_state: vcpu
                 .get_mp_state()
                 .map_err(failed("reading the MP state", of))?,
-            regs: vcpu.get_regs().map_err(failed("reading the registers", of))?,
+            regs: vcpu
+                .get_regs()
+                .map_err(failed("reading the registers", of))?,
             sregs: vcpu
                 .get_sregs()
                 .map_err(failed("reading the special registers", of))?,
@@ -185,7 +191,11 @@ impl VcpuState {
             .map_err(failed("writing the local APIC", of))?;
         let refused = write_msrs(vcpu, &self.msrs, of)?;
         if refused > 0 {
-            tracing::warn!(vcpu = id, refused, "KVM refused some MSRs of the saved state");
+            tracing::warn!(
+                vcpu = id,
+                refused,
+                "KVM refused some MSRs of the saved state"
+            );
         }
         vcpu.set_vcpu_events(&self.events)
             .map_err(failed("writing the pending events", of))?;
@@ -233,7 +243,9 @@ impl VmState {
             pic_slave: chip(vm, KVM_IRQCHIP_PIC_SLAVE, "reading the slave PIC")?,
             ioapic: chip(vm, KVM_IRQCHIP_IOAPIC, "reading the IOAPIC")?,
             pit: vm.get_pit2().map_err(failed("reading the PIT", "the VM"))?,
-            clock: vm.get_clock().map_err(failed("reading the clock", "the VM"))?,
+            clock: vm
+                .get_clock()
+                .map_err(failed("reading the clock", "the VM"))?,
         })
     }
 

@@ -232,7 +232,10 @@ fn main() {
         let mut noise = Noise(0x9e37_79b9_7f4a_7c15 ^ gib);
         let t = Instant::now();
         write_regions(&d, 0..size / MIB, &mut noise);
-        eprintln!("resync-bench: {gib} GiB written in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "resync-bench: {gib} GiB written in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let create_backup = || {
             backup.req(Request::Create {
                 name: name.clone(),
@@ -286,7 +289,10 @@ fn main() {
                 wait_in_sync(&d, "the resync");
                 let took = t.elapsed();
                 let last = d.status().last_resync.expect("a resync ran");
-                assert!(!last.full, "going alone then back gave a full sync: {last:?}");
+                assert!(
+                    !last.full,
+                    "going alone then back gave a full sync: {last:?}"
+                );
                 assert_eq!(last.total_bytes, regions * MIB, "{last:?}");
                 println!(
                     "resync of {mib} MiB changed on {gib} GiB: {:.2} s ({:.0} MB/s)",

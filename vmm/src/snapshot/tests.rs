@@ -5,7 +5,9 @@
 use super::*;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VcpuExit;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _,
+};
 
 const CODE: u64 = 0x1000;
 /// inc eax; out 0x10, al; jmp back (16-bit real mode).
@@ -96,7 +98,8 @@ fn a_vcpu_s_state_carried_to_another_vm_goes_on_where_it_stopped() {
     // Carried as the migration stream carries it.
     let vcpu_state: VcpuState =
         serde_json::from_slice(&serde_json::to_vec(&vcpu_state).unwrap()).unwrap();
-    let vm_state: VmState = serde_json::from_slice(&serde_json::to_vec(&vm_state).unwrap()).unwrap();
+    let vm_state: VmState =
+        serde_json::from_slice(&serde_json::to_vec(&vm_state).unwrap()).unwrap();
     let mut ram = vec![0u8; 0x10000];
     a.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
     drop(a);
@@ -105,7 +108,11 @@ fn a_vcpu_s_state_carried_to_another_vm_goes_on_where_it_stopped() {
     b.mem.write_slice(&ram, GuestAddress(0)).unwrap();
     vm_state.restore(&b.vm).unwrap();
     vcpu_state.restore(&b.vcpu, 0).unwrap();
-    assert_eq!(next_count(&mut b.vcpu), 11, "the count starts over in the new VM");
+    assert_eq!(
+        next_count(&mut b.vcpu),
+        11,
+        "the count starts over in the new VM"
+    );
     assert_eq!(next_count(&mut b.vcpu), 12);
     let got = read_msrs(&b.vcpu, &[MSR_KERNEL_GS_BASE], "vCPU 0").unwrap();
     assert_eq!(got, vec![(MSR_KERNEL_GS_BASE, 0x1234_5678_9abc)]);

@@ -1,0 +1,423 @@
+//! Live migration's stream and its pre-copy of guest RAM (issue 13).
+//!
+//! The source keeps its VM running while it sends all of guest RAM, then, round after round,
+//! the pages the guest wrote meanwhile (KVM's dirty log), until what is left would go within
+//! the downtime budget at the rate measured so far. The caller then parks the vCPUs; the last
+//! dirty pages and the paused VM's state ([`crate::snapshot`]) follow, and the target resumes.
+//!
+//! The stream is one [`Message`] after another, each a little-endian u32 length and that many
+//! bytes of JSON, a [`Message::Pages`] followed by its raw bytes. Both ends use this one enum.
+//! The target checks every message against its own memory: a page outside it, a length past
+//! the limit or a message out of order ends the migration with an error, never a write
+//! elsewhere.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use crate::snapshot::{VcpuState, VmState};
+
+/// The page size of the dirty log.
+pub const PAGE: u64 = 4096;
+/// The most bytes one [`Message::Pages`] carries.
+pub const MAX_PAGES_BYTES: u64 = 1 << 20;
+/// The most bytes of one message's JSON header.
+const MAX_HEADER: u32 = 1 << 20;
+
+/// One message of the migration stream, source to target.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// First: what the target's VM must match.
+    Hello {
+        /// Guest RAM, bytes.
+        memory_bytes: u64,
+        /// vCPUs.
+        vcpus: u32,
+    },
+    /// Guest RAM from guest-physical `gpa`: `len` raw bytes follow (whole pages).
+    Pages {
+        /// Where.
+        gpa: u64,
+        /// How many bytes follow.
+        len: u64,
+    },
+    /// A pre-copy round ended.
+    RoundDone {
+        /// Its number, from 0 (all of RAM).
+        round: u32,
+        /// Pages it sent.
+        pages: u64,
+    },
+    /// The paused VM's KVM state.
+    Vm(Box<VmState>),
+    /// A paused vCPU's state.
+    Vcpu {
+        /// Its number.
+        id: u32,
+        /// Its state.
+        state: Box<VcpuState>,
+    },
+    /// Everything was sent: the target may resume.
+    Done,
+}
+
+/// Errors of a migration stream.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Reading or writing the stream.
+    #[error("the migration stream: {0}")]
+    Io(#[from] io::Error),
+    /// A message the target cannot take.
+    #[error("the migration stream: {0}")]
+    Bad(String),
+    /// KVM refused an operation.
+    #[error("{what}: {err}")]
+    Kvm {
+        /// What.
+        what: String,
+        /// KVM's answer.
+        err: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be read or written.
+    #[error("guest memory at {gpa:#x}: {why}")]
+    Memory {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Writes `m` (and nothing else: a `Pages` message's bytes are the caller's to write).
+pub fn write_message(w: &mut impl Write, m: &Message) -> io::Result<()> {
+    let json = serde_json::to_vec(m).map_err(io::Error::other)?;
+    w.write_all(&(json.len() as u32).to_le_bytes())?;
+    w.write_all(&json)
+}
+
+/// Reads one message's header.
+pub fn read_message(r: &mut impl Read) -> Result<Message, MigrationError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(MigrationError::Bad(format!(
+            "a message of {len} bytes (at most {MAX_HEADER})"
+        )));
+    }
+    let mut json = vec![0u8; len as usize];
+    r.read_exact(&mut json)?;
+    serde_json::from_slice(&json).map_err(|e| MigrationError::Bad(format!("a bad message: {e}")))
+}
+
+/// Sends pages `pages` (page numbers from `region`'s start) of `region` of `mem`, runs of
+/// consecutive pages together; the bytes sent.
+fn send_pages(
+    w: &mut impl Write,
+    mem: &GuestMemoryMmap<()>,
+    region: usize,
+    pages: &[u64],
+    buf: &mut Vec<u8>,
+) -> Result<u64, MigrationError> {
+    let r = mem
+        .iter()
+        .nth(region)
+        .ok_or_else(|| MigrationError::Bad(format!("no memory region {region}")))?;
+    let base = r.start_addr().raw_value();
+    let mut sent = 0;
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i];
+        let mut n = 1;
+        while i + (n as usize) < pages.len()
+            && pages[i + n as usize] == first + n
+            && (n + 1) * PAGE <= MAX_PAGES_BYTES
+        {
+            n += 1;
+        }
+        let off = first * PAGE;
+        let len = (n * PAGE).min(r.len() - off);
+        buf.resize(len as usize, 0);
+        r.read_slice(buf, MemoryRegionAddress(off))
+            .map_err(|e| MigrationError::Memory {
+                gpa: base + off,
+                why: e.to_string(),
+            })?;
+        write_message(
+            w,
+            &Message::Pages {
+                gpa: base + off,
+                len,
+            },
+        )?;
+        w.write_all(buf)?;
+        sent += len;
+        i += n as usize;
+    }
+    Ok(sent)
+}
+
+/// Turns KVM's dirty log on (or off) for every RAM region of `mem`, registered as KVM slots
+/// 0, 1, ... in order.
+pub fn log_dirty_pages(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap<()>,
+    on: bool,
+) -> Result<(), MigrationError> {
+    for (slot, r) in mem.iter().enumerate() {
+        let host =
+            r.get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| MigrationError::Memory {
+                    gpa: r.start_addr().raw_value(),
+                    why: e.to_string(),
+                })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.start_addr().raw_value(),
+            memory_size: r.len(),
+            userspace_addr: host as u64,
+            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        };
+        // SAFETY: the same mapping the slot already has, alive as long as `mem`; only the
+        // dirty-log flag changes.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|err| MigrationError::Kvm {
+            what: format!("switching the dirty log of memory slot {slot}"),
+            err,
+        })?;
+    }
+    Ok(())
+}
+
+/// The pages of slot `slot` (`len` bytes) written since the last call, and the log cleared.
+fn dirty_pages(vm: &VmFd, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError> {
+    let bitmap =
+        vm.get_dirty_log(slot as u32, len as usize)
+            .map_err(|err| MigrationError::Kvm {
+                what: format!("reading the dirty log of memory slot {slot}"),
+                err,
+            })?;
+    let mut pages = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            pages.push(w as u64 * 64 + b);
+            bits &= bits - 1;
+        }
+    }
+    Ok(pages)
+}
+
+/// Where a pre-copy stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The round under way (0: all of RAM).
+    pub round: u32,
+    /// Bytes sent so far.
+    pub transferred_bytes: u64,
+    /// Bytes the guest dirtied in the last round: what the next one sends.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirties memory, bytes a second.
+    pub dirty_rate_bytes_per_sec: u64,
+    /// How fast the stream took the last round, bytes a second.
+    pub rate_bytes_per_sec: u64,
+    /// The pause the remaining bytes would take at that rate, milliseconds.
+    pub expected_downtime_ms: u64,
+}
+
+/// How a pre-copy ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Converged {
+    /// What is left fits the budget: pause, then [`last_pages`].
+    Yes,
+    /// The guest dirtied memory faster than the stream takes it for every round allowed.
+    No,
+}
+
+/// Pages dirtied during the last round, read from the log (which that read cleared) and not
+/// sent yet: [`last_pages`] sends them with what the log holds by then.
+#[derive(Debug, Default)]
+pub struct Unsent(Vec<(usize, Vec<u64>)>);
+
+/// Sends all of guest RAM, then the pages dirtied meanwhile, round after round, while the
+/// vCPUs run, until what is left would take at most `budget` at the rate the stream reached,
+/// or `max_rounds` rounds passed. The dirty log must be on ([`log_dirty_pages`]) before the
+/// guest may write anything not yet sent: call that first. `progress` hears of each round.
+pub fn precopy(
+    w: &mut impl Write,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap<()>,
+    budget: Duration,
+    max_rounds: u32,
+    mut progress: impl FnMut(&Progress),
+) -> Result<(Converged, Unsent), MigrationError> {
+    let mut p = Progress::default();
+    let mut buf = Vec::with_capacity(MAX_PAGES_BYTES as usize);
+    let regions: Vec<(usize, u64)> = mem.iter().enumerate().map(|(i, r)| (i, r.len())).collect();
+    // Round 0: every page; the log collects what changes meanwhile.
+    for &(slot, len) in &regions {
+        dirty_pages(vm, slot, len)?;
+    }
+    let mut round_started = Instant::now();
+    let mut sent = 0;
+    let mut pages = 0;
+    for &(slot, len) in &regions {
+        let all: Vec<u64> = (0..len.div_ceil(PAGE)).collect();
+        pages += all.len() as u64;
+        sent += send_pages(w, mem, slot, &all, &mut buf)?;
+    }
+    loop {
+        let took = round_started.elapsed().max(Duration::from_micros(1));
+        p.transferred_bytes += sent;
+        p.rate_bytes_per_sec = (sent as f64 / took.as_secs_f64()) as u64;
+        write_message(
+            w,
+            &Message::RoundDone {
+                round: p.round,
+                pages,
+            },
+        )?;
+        w.flush()?;
+        // What the guest wrote while that round was sent.
+        let mut dirty = Vec::new();
+        for &(slot, len) in &regions {
+            dirty.push((slot, dirty_pages(vm, slot, len)?));
+        }
+        let remaining: u64 = dirty.iter().map(|(_, d)| d.len() as u64).sum::<u64>() * PAGE;
+        p.remaining_bytes = remaining;
+        p.dirty_rate_bytes_per_sec = (remaining as f64 / took.as_secs_f64()) as u64;
+        p.expected_downtime_ms =
+            (remaining as f64 / p.rate_bytes_per_sec.max(1) as f64 * 1000.0).ceil() as u64;
+        progress(&p);
+        if Duration::from_millis(p.expected_downtime_ms) <= budget {
+            return Ok((Converged::Yes, Unsent(dirty)));
+        }
+        if p.round + 1 >= max_rounds {
+            return Ok((Converged::No, Unsent(dirty)));
+        }
+        p.round += 1;
+        round_started = Instant::now();
+        sent = 0;
+        pages = 0;
+        for (slot, d) in &dirty {
+            pages += d.len() as u64;
+            sent += send_pages(w, mem, *slot, d, &mut buf)?;
+        }
+    }
+}
+
+/// With every vCPU parked: the pages the pre-copy left unsent and those dirtied since; the
+/// bytes sent.
+pub fn last_pages(
+    w: &mut impl Write,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap<()>,
+    unsent: Unsent,
+) -> Result<u64, MigrationError> {
+    let mut buf = Vec::new();
+    let mut sent = 0;
+    for (slot, r) in mem.iter().enumerate() {
+        let mut d = dirty_pages(vm, slot, r.len())?;
+        if let Some((_, before)) = unsent.0.iter().find(|(s, _)| *s == slot) {
+            d.extend_from_slice(before);
+            d.sort_unstable();
+            d.dedup();
+        }
+        sent += send_pages(w, mem, slot, &d, &mut buf)?;
+    }
+    Ok(sent)
+}
+
+/// What the target received, for its VM to take before it resumes.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// The VM's KVM state.
+    pub vm: Option<Box<VmState>>,
+    /// Each vCPU's, by number.
+    pub vcpus: Vec<Option<Box<VcpuState>>>,
+    /// Pre-copy rounds seen.
+    pub rounds: u32,
+    /// Bytes of RAM written.
+    pub ram_bytes: u64,
+}
+
+/// The target's side: takes the stream into `mem` (a VM of `vcpus` vCPUs, not running) until
+/// [`Message::Done`], checking every message; what came besides RAM.
+pub fn receive(
+    r: &mut impl Read,
+    mem: &GuestMemoryMmap<()>,
+    vcpus: u32,
+) -> Result<Received, MigrationError> {
+    let bad = |s: String| Err(MigrationError::Bad(s));
+    let memory_bytes: u64 = mem.iter().map(|r| r.len()).sum();
+    match read_message(r)? {
+        Message::Hello {
+            memory_bytes: m,
+            vcpus: v,
+        } if m == memory_bytes && v == vcpus => {}
+        Message::Hello {
+            memory_bytes: m,
+            vcpus: v,
+        } => {
+            return bad(format!(
+                "the source's VM has {m} bytes of RAM and {v} vCPUs, this one {memory_bytes} and {vcpus}"
+            ))
+        }
+        other => return bad(format!("{other:?} before Hello")),
+    }
+    let mut got = Received {
+        vcpus: (0..vcpus).map(|_| None).collect(),
+        ..Default::default()
+    };
+    let mut buf = Vec::new();
+    loop {
+        match read_message(r)? {
+            Message::Pages { gpa, len } => {
+                if len == 0 || len > MAX_PAGES_BYTES || gpa % PAGE != 0 {
+                    return bad(format!(
+                        "{len} bytes at {gpa:#x}: not whole pages within 1 MiB"
+                    ));
+                }
+                // Inside one region of this VM's RAM, whole.
+                let fits = mem.iter().any(|r| {
+                    let s = r.start_addr().raw_value();
+                    gpa >= s && gpa.checked_add(len).is_some_and(|e| e <= s + r.len())
+                });
+                if !fits {
+                    return bad(format!("{len} bytes at {gpa:#x}: outside guest RAM"));
+                }
+                buf.resize(len as usize, 0);
+                r.read_exact(&mut buf)?;
+                mem.write_slice(&buf, GuestAddress(gpa))
+                    .map_err(|e| MigrationError::Memory {
+                        gpa,
+                        why: e.to_string(),
+                    })?;
+                got.ram_bytes += len;
+            }
+            Message::RoundDone { round, .. } => got.rounds = got.rounds.max(round + 1),
+            Message::Vm(s) => got.vm = Some(s),
+            Message::Vcpu { id, state } => match got.vcpus.get_mut(id as usize) {
+                Some(slot) => *slot = Some(state),
+                None => return bad(format!("vCPU {id} of a VM of {vcpus}")),
+            },
+            Message::Done => {
+                if got.vm.is_none() || got.vcpus.iter().any(Option::is_none) {
+                    return bad("Done before the VM's and every vCPU's state".into());
+                }
+                return Ok(got);
+            }
+            Message::Hello { .. } => return bad("a second Hello".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
