@@ -25,6 +25,19 @@ const SLP_TYP_SHIFT: u16 = 10;
 /// PM timer frequency fixed by the ACPI specification.
 const PM_TIMER_HZ: u128 = 3_579_545;
 
+/// The PM block's state as a migration carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmSnapshot {
+    /// PM1 status.
+    pub sts: u16,
+    /// PM1 enable.
+    pub en: u16,
+    /// PM1 control.
+    pub cnt: u16,
+    /// How long the PM timer had run, nanoseconds.
+    pub timer_nanos: u64,
+}
+
 /// Drives the SCI line (level-triggered).
 pub type SciLine = Box<dyn Fn(bool) + Send>;
 
@@ -61,6 +74,28 @@ impl AcpiPm {
         self.sts |= PWRBTN;
         self.update_sci();
         self.en & PWRBTN != 0
+    }
+
+    /// The registers and the PM timer's count, for a migration.
+    pub fn state(&self) -> PmSnapshot {
+        PmSnapshot {
+            sts: self.sts,
+            en: self.en,
+            cnt: self.cnt,
+            timer_nanos: self.start.elapsed().as_nanos() as u64,
+        }
+    }
+
+    /// Takes `state` (from [`AcpiPm::state`] on another VM): the timer goes on from its count.
+    pub fn restore(&mut self, state: &PmSnapshot) {
+        self.sts = state.sts;
+        self.en = state.en;
+        self.cnt = state.cnt | SCI_EN;
+        let now = Instant::now();
+        self.start = now
+            .checked_sub(std::time::Duration::from_nanos(state.timer_nanos))
+            .unwrap_or(now);
+        self.update_sci();
     }
 
     fn timer(&self) -> u32 {
@@ -161,6 +196,30 @@ mod tests {
             line,
             rx,
         )
+    }
+
+    #[test]
+    fn a_pm_block_s_state_carried_to_another_keeps_its_pending_button_and_its_timer() {
+        let (mut a, _, _rx) = pm();
+        a.write(PM1_EN, &PWRBTN.to_le_bytes());
+        a.press_power_button();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let state: PmSnapshot =
+            serde_json::from_str(&serde_json::to_string(&a.state()).unwrap()).unwrap();
+        let mut t = [0u8; 4];
+        let at_state = (u128::from(state.timer_nanos) * PM_TIMER_HZ / 1_000_000_000) as u32;
+        let (mut b, line, _rx2) = pm();
+        b.restore(&state);
+        // The pending, enabled button is on the new SCI at once.
+        assert!(line.load(Ordering::SeqCst));
+        // The timer goes on from about where it was (30 ms is about 107,000 ticks), not from 0.
+        b.read(PM_TMR, &mut t);
+        let after = u32::from_le_bytes(t);
+        assert!(after >= 100_000, "the timer started over: {after}");
+        assert!(
+            after >= at_state && after - at_state < 3_579_545,
+            "{at_state} in the state, then {after}"
+        );
     }
 
     #[test]

@@ -98,7 +98,7 @@ const KEY_ALT: ScanCode = ScanCode::plain(0x11);
 const KEY_DEL: ScanCode = ScanCode::extended(0x71);
 
 /// What a byte written to the data port means.
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Pending {
     None,
     CommandByte,
@@ -112,7 +112,7 @@ enum Pending {
 const AUX_BUF_MAX: usize = 1024;
 
 /// The PS/2 mouse on the auxiliary port.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Mouse {
     /// Data reporting (stream mode) is on.
     reporting: bool,
@@ -206,7 +206,41 @@ pub struct I8042 {
     events: Sender<VmEvent>,
 }
 
+/// The controller's state as a migration carries it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    status: u8,
+    command_byte: u8,
+    keyboard: Vec<u8>,
+    aux: Vec<u8>,
+    mouse: Mouse,
+    pending: Pending,
+}
+
 impl I8042 {
+    /// Its registers, queues and the mouse's mode, for a migration.
+    pub fn state(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            status: self.status,
+            command_byte: self.cb,
+            keyboard: self.buf.iter().copied().collect(),
+            aux: self.aux.iter().copied().collect(),
+            mouse: self.mouse.clone(),
+            pending: self.pending,
+        }
+    }
+
+    /// Takes `state` (from [`I8042::state`] on another VM's controller), its queues bounded
+    /// as the controller's own.
+    pub fn restore(&mut self, state: &I8042Snapshot) {
+        self.status = state.status;
+        self.cb = state.command_byte;
+        self.buf = state.keyboard.iter().copied().take(KEY_BUF_MAX).collect();
+        self.aux = state.aux.iter().copied().take(AUX_BUF_MAX).collect();
+        self.mouse = state.mouse.clone();
+        self.pending = state.pending;
+    }
+
     /// A controller raising `irq` for keyboard data and sending
     /// [`VmEvent::Reset`] when the guest resets the CPU through it; with
     /// `aux_irq` (IRQ 12), it has a PS/2 mouse.
@@ -566,6 +600,41 @@ mod tests {
             ),
             rx,
         )
+    }
+
+    #[test]
+    fn a_controller_s_state_carried_to_another_keeps_its_queues_and_modes() {
+        let (mut a, _rx) = dev();
+        // The guest turns the mouse's wheel on (rates 200, 100, 80) and reporting, leaves a
+        // command-byte write half done, and two keys wait unread.
+        for rate in [200u8, 100, 80] {
+            a.write(COMMAND, &[0xd4]);
+            a.write(DATA, &[0xf3]);
+            a.write(COMMAND, &[0xd4]);
+            a.write(DATA, &[rate]);
+        }
+        a.write(COMMAND, &[0xd4]);
+        a.write(DATA, &[0xf4]);
+        drain(&mut a);
+        a.key_strokes(&[KeyStroke {
+            key: ScanCode::plain(0x1c),
+            release: false,
+        }]);
+        a.write(COMMAND, &[0x60]);
+        let state: I8042Snapshot =
+            serde_json::from_str(&serde_json::to_string(&a.state()).unwrap()).unwrap();
+        let (mut b, _rx2) = dev();
+        b.restore(&state);
+        assert_eq!(b.state(), state);
+        // The half-done command takes its byte on the new controller.
+        b.write(DATA, &[0x47]);
+        assert_eq!(b.state().command_byte, 0x47);
+        // The waiting key is read there.
+        assert!(!drain(&mut b).is_empty());
+        // The mouse still has its wheel: Get ID answers 3.
+        b.write(COMMAND, &[0xd4]);
+        b.write(DATA, &[0xf2]);
+        assert_eq!(drain(&mut b), vec![KBD_ACK, 3]);
     }
 
     fn drain(d: &mut I8042) -> Vec<u8> {

@@ -170,6 +170,67 @@ impl SerialDevice {
     pub fn input(&mut self, data: &[u8]) -> usize {
         self.serial.enqueue_raw_bytes(data).unwrap_or(0)
     }
+
+    /// The UART's registers and receive FIFO, for a migration.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes `state` (from [`SerialDevice::state`] on another VM's UART), keeping this one's
+    /// interrupt line and console; an interrupt the state had pending is raised again.
+    pub fn restore(&mut self, state: &SerialSnapshot) -> std::io::Result<()> {
+        let irq = self.serial.interrupt_evt().0.try_clone()?;
+        let console = self.serial.writer().0.clone();
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        self.serial = Serial::from_state(&s, IrqTrigger(irq), NoEvents, ConsoleWriter(console))
+            .map_err(|e| std::io::Error::other(format!("the serial port's state: {e:?}")))?;
+        Ok(())
+    }
+}
+
+/// A UART's state as a migration carries it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// The divisor latch, low then high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes received, not yet read by the guest (at most the FIFO's 64).
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {
@@ -205,6 +266,48 @@ mod tests {
         let h = c.history();
         assert_eq!(h.len(), LOG_CAPACITY);
         assert!(h.iter().all(|b| *b == b'x'));
+    }
+
+    #[test]
+    fn a_uart_s_state_carried_to_another_goes_on_as_it_was() {
+        let c = Console::new(Box::new(std::io::sink()));
+        let mut a = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), c.clone());
+        // The guest sets 8N1 at 115200 (DLAB, divisor 1), enables the receive interrupt and
+        // writes its scratch register; two bytes arrive, one is read.
+        a.write(3, &[0x80]);
+        a.write(0, &[1]);
+        a.write(1, &[0]);
+        a.write(3, &[0x03]);
+        a.write(1, &[0x01]);
+        a.write(7, &[0x5a]);
+        assert_eq!(a.input(b"xy"), 2);
+        let mut d = [0u8];
+        a.read(0, &mut d);
+        assert_eq!(d, [b'x']);
+        let state: SerialSnapshot =
+            serde_json::from_str(&serde_json::to_string(&a.state()).unwrap()).unwrap();
+        let c2 = Console::new(Box::new(std::io::sink()));
+        let mut b = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), c2.clone());
+        b.restore(&state).unwrap();
+        assert_eq!(b.state(), state);
+        // The byte not yet read is there to read: data ready in the line status.
+        b.read(5, &mut d);
+        assert_eq!(d[0] & 1, 1, "LSR {:#x}", d[0]);
+        b.read(0, &mut d);
+        assert_eq!(d, [b'y']);
+        b.read(7, &mut d);
+        assert_eq!(d, [0x5a]);
+        b.read(3, &mut d);
+        assert_eq!(d, [0x03]);
+        // Output goes to the new VM's console.
+        b.write(0, b"z");
+        assert_eq!(c2.history(), b"z");
+        assert!(!c.history().contains(&b'z'));
+        // A state with more bytes than the FIFO holds is refused, the UART left as it was.
+        let mut big = state.clone();
+        big.in_buffer = vec![0; 65];
+        assert!(b.restore(&big).is_err());
+        assert_eq!(b.state().scratch, 0x5a);
     }
 
     #[test]
