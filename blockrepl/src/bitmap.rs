@@ -86,9 +86,11 @@ impl Bitmap {
     /// returns false (and writes nothing) when they were all set already.
     pub fn set_range(&mut self, first: u64, last: u64) -> io::Result<bool> {
         let mut dirty_pages = Vec::new();
+        let mut newly = Vec::new();
         for r in first..=last.min(self.regions.saturating_sub(1)) {
             if !self.get(r) {
                 self.bits[(r / 8) as usize] |= 1 << (r % 8);
+                newly.push(r);
                 let page = (r / 8) as usize / PAGE;
                 if dirty_pages.last() != Some(&page) {
                     dirty_pages.push(page);
@@ -98,7 +100,14 @@ impl Bitmap {
         if dirty_pages.is_empty() {
             return Ok(false);
         }
-        self.write_pages(&dirty_pages)?;
+        if let Err(e) = self.write_pages(&dirty_pages) {
+            // Not durable: not set either, so the next write to these regions tries again
+            // rather than taking them for marked.
+            for r in newly {
+                self.bits[(r / 8) as usize] &= !(1 << (r % 8));
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 

@@ -274,8 +274,9 @@ pub struct Hello {
     #[serde(default)]
     pub new_fill: String,
     /// The primary's bitmap marks every region written since its data was all zeros: a new,
-    /// empty backup needs only those regions.
-    #[serde(default)]
+    /// empty backup needs only those regions. (Absent when false, for a backup of the version
+    /// before, which knows no such field.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_zeros: bool,
 }
 

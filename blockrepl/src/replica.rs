@@ -414,7 +414,7 @@ impl Replica {
             what: what.to_owned(),
             source,
         };
-        let meta = MetaFile::open(&ddir.join("meta"))?;
+        let mut meta = MetaFile::open(&ddir.join("meta"))?;
         let m = meta.get().clone();
         let data = OpenOptions::new()
             .read(true)
@@ -438,8 +438,14 @@ impl Replica {
                 why: format!("data file holds {len} bytes, metadata says {}", m.capacity),
             });
         }
+        let bitmap_lost = !ddir.join("bitmap").exists();
         let bitmap = Bitmap::open(&ddir.join("bitmap"), m.capacity.div_ceil(m.region_size))
             .map_err(|e| io_err("opening the bitmap", e))?;
+        if bitmap_lost && m.from_zeros {
+            // A bitmap made anew marks nothing: it cannot tell a new backup what was written.
+            tracing::warn!(disk = name, "the bitmap was missing: a new backup will need a full sync");
+            meta.update(|m| m.from_zeros = false)?;
+        }
         let core = Core {
             role: m.role,
             generation: m.generation,

@@ -135,6 +135,14 @@ fn resync(
         lock(&r.meta)
             .update(|m| m.fill = new_fill.to_string())
             .map_err(|e| e.to_string())?;
+    } else if !welcome.resumes_fill {
+        // A partial resync to a backup other than the one a full sync was filling clears bits
+        // that one may not hold: that full sync can no longer resume (before any bit is
+        // cleared).
+        let mut meta = lock(&r.meta);
+        if !meta.get().fill.is_empty() {
+            meta.update(|m| m.fill.clear()).map_err(|e| e.to_string())?;
+        }
     }
     let owed: u64 = regions.iter().map(|&reg| region_len(r, reg)).sum();
     // A full sync, begun now or resumed, counts the whole disk: what earlier tries copied is
