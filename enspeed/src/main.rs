@@ -294,9 +294,14 @@ struct VmmArgs {
     /// The most a serial log FILE keeps, KiB: FILE and FILE.1 hold the newest output.
     #[arg(long, default_value_t = vmm::config::SERIAL_MAX >> 10, value_parser = clap::value_parser!(u64).range(4..))]
     serial_max_kib: u64,
-    /// Control socket (JSON lines): status, pause, resume, shutdown, stop, ctrl-alt-del, media, serial.
+    /// Control socket (JSON lines): status, pause, resume, shutdown, stop, ctrl-alt-del, media,
+    /// serial, migrate.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Do not boot: wait on this unix socket (owner-only) for a VMM of the same configuration
+    /// to migrate its running VM here (its `migrate` request), then run it.
+    #[arg(long)]
+    incoming: Option<PathBuf>,
     /// Graphical console: a framebuffer for the guest (Linux finds it through boot_params, vesafb)
     /// and an RFB (VNC) server on this unix socket, no authentication, owner-only access.
     #[arg(long)]
@@ -424,6 +429,7 @@ fn main() -> ExitCode {
                 serial: a.serial,
                 serial_max: a.serial_max_kib << 10,
                 api_socket: a.api_socket,
+                incoming: a.incoming,
                 vnc: a.vnc.map(|socket| VncConfig {
                     socket,
                     width: a.framebuffer.0,

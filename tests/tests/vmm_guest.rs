@@ -734,3 +734,135 @@ fn a_guest_flooding_its_serial_port_keeps_to_the_log_s_bound() {
         &newest[newest.len().saturating_sub(300)..]
     );
 }
+
+/// The `tick` line's count: `tg: tick n=N maxgap-us=G`.
+fn tick_count(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("n="))
+        .and_then(|n| n.parse().ok())
+}
+
+/// Live migration (issue 13), level 1: the test guest counts and keeps rewriting 4 MiB of its
+/// memory, checking each page held what it wrote the pass before; its VMM moves it to a second
+/// VMM started with `--incoming`. The second goes on counting from where the first stopped,
+/// without booting again, every page as written; the first ends. A migration to nobody, of a
+/// paused VM or of a VM with a disk is refused and the VM runs on where it was.
+#[test]
+fn a_running_guest_moves_live_to_another_vmm_and_counts_on() {
+    if !kvm_available("a_running_guest_moves_live_to_another_vmm_and_counts_on") {
+        return;
+    }
+    let s = Scratch::new("migrate");
+    let cmdline = "tg.run=tick tg.tickms=120000";
+    let src_api = s.path("src.sock");
+    let mut src = Vmm::start(&guest_args(
+        cmdline,
+        &["--api-socket", src_api.to_str().unwrap()],
+    ));
+    src.wait_for("tg: tick ready", BOOT);
+    src.wait_for("tg: tick n=", BOOT);
+
+    // Refused, and nothing changes: nobody at the target socket; a paused VM.
+    let nobody = s.path("nobody.sock");
+    let r = src.api(&format!(
+        r#"{{"cmd":"migrate","to":"{}"}}"#,
+        nobody.display()
+    ));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("reaching the target VMM"),
+        "{r}"
+    );
+    assert_eq!(src.api(r#"{"cmd":"pause"}"#)["ok"], true);
+    let r = src.api(&format!(
+        r#"{{"cmd":"migrate","to":"{}"}}"#,
+        nobody.display()
+    ));
+    assert!(
+        r["error"].as_str().unwrap().contains("only a running VM"),
+        "{r}"
+    );
+    assert_eq!(src.api(r#"{"cmd":"resume"}"#)["ok"], true);
+    let before = tick_count(&src.wait_for("tg: tick n=", BOOT)).unwrap();
+
+    let incoming = s.path("incoming.sock");
+    let dst_api = s.path("dst.sock");
+    let mut dst = Vmm::start(&guest_args(
+        cmdline,
+        &[
+            "--api-socket",
+            dst_api.to_str().unwrap(),
+            "--incoming",
+            incoming.to_str().unwrap(),
+        ],
+    ));
+    let deadline = std::time::Instant::now() + BOOT;
+    while !incoming.exists() {
+        assert!(std::time::Instant::now() < deadline, "no incoming socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = src.api(&format!(
+        r#"{{"cmd":"migrate","to":"{}"}}"#,
+        incoming.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}\n{}", src.output());
+    let m = &r["migrated"];
+    eprintln!(
+        "migrated: downtime {} ms, total {} ms, {} rounds, {} bytes",
+        m["downtime_ms"], m["total_ms"], m["rounds"], m["transferred_bytes"]
+    );
+    assert!(m["transferred_bytes"].as_u64().unwrap() >= 128 << 20, "{r}");
+    assert!(m["rounds"].as_u64().unwrap() >= 1, "{r}");
+    assert!(
+        src.wait_exit(BOOT).success(),
+        "the source VMM must end once the VM runs elsewhere:\n{}",
+        src.output()
+    );
+    let last_here = src.output().lines().filter_map(tick_count).max().unwrap();
+    assert!(last_here > before);
+
+    // The copy counts on from there, page checks holding, and never boots again.
+    let mut after = Vec::new();
+    while after.len() < 5 {
+        after.push(tick_count(&dst.wait_for("tg: tick n=", BOOT)).unwrap());
+    }
+    assert!(
+        after[0] > last_here && after.windows(2).all(|w| w[1] > w[0]),
+        "the count did not go on from {last_here}: {after:?}\n{}",
+        dst.output()
+    );
+    let out = dst.output();
+    assert!(!out.contains("tg: entry"), "the guest booted again:\n{out}");
+    assert!(!out.contains("tg: FAIL"), "{out}");
+    let st = dst.api(r#"{"cmd":"status"}"#);
+    assert_eq!(st["status"]["state"], "running", "{st}");
+
+    // A VM with a disk: not yet carried, refused with the reason, and it runs on.
+    let disk = s.disk("d.img", 1 << 20);
+    let with_disk_api = s.path("disk.sock");
+    let mut with_disk = Vmm::start(&guest_args(
+        cmdline,
+        &[
+            "--api-socket",
+            with_disk_api.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    ));
+    with_disk.wait_for("tg: tick n=", BOOT);
+    let r = with_disk.api(&format!(
+        r#"{{"cmd":"migrate","to":"{}"}}"#,
+        nobody.display()
+    ));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("disks is not built yet"),
+        "{r}"
+    );
+    with_disk.wait_for("tg: tick n=", BOOT);
+}

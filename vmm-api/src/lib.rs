@@ -10,6 +10,8 @@
 //! {"cmd":"stop"}                         hard stop
 //! {"cmd":"ctrl-alt-del"}
 //! {"cmd":"media","disk":1,"path":"/x.iso"}   change; "path":null ejects
+//! {"cmd":"migrate","to":"/run/x.sock","downtime_ms":50}
+//!                                        -> {"ok":true,"migrated":{"downtime_ms":...}}
 //! {"cmd":"serial"}                       -> {"ok":true}, then the connection is the
 //!                                           console: history and live output out,
 //!                                           keystrokes in
@@ -54,6 +56,16 @@ pub enum Request {
     },
     /// Attach to the serial console.
     Serial {},
+    /// Move the running VM to the VMM listening on `to` (`enspeed vmm --incoming`), live;
+    /// answered when it runs there (or, on failure, with why and where it is).
+    Migrate {
+        /// The target VMM's migration socket.
+        to: PathBuf,
+        /// The longest pause allowed for the last pages and the state, milliseconds (50 if
+        /// absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
+    },
 }
 
 /// The answer to a request.
@@ -68,6 +80,22 @@ pub struct Response {
     /// The status report, for `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// What a live migration took, for `migrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<Migrated>,
+}
+
+/// What a live migration took.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Migrated {
+    /// How long the vCPUs stood still: from the pause here to the target's word that it runs.
+    pub downtime_ms: f64,
+    /// From the request to the end.
+    pub total_ms: f64,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Bytes of guest RAM sent.
+    pub transferred_bytes: u64,
 }
 
 impl Response {
@@ -84,7 +112,7 @@ impl Response {
         Response {
             ok: false,
             error: Some(msg.into()),
-            status: None,
+            ..Default::default()
         }
     }
 }

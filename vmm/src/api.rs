@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
-pub use vmm_api::{DiskStatus, Request, Response, RunState, Status};
+pub use vmm_api::{DiskStatus, Migrated, Request, Response, RunState, Status};
 
 use crate::devices::serial::Console;
 use crate::vm::VmEvent;

@@ -188,6 +188,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Graphical console, if any.
     pub vnc: Option<VncConfig>,
+    /// Take the VM from a source VMM migrating it to this socket, instead of booting it.
+    pub incoming: Option<PathBuf>,
 }
 
 /// Parses `PATH[,readonly][,bus=virtio|sata]` or `vhost-user=SOCKET`.

@@ -22,7 +22,21 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
+use crate::devices::acpi_pm::PmSnapshot;
+use crate::devices::i8042::I8042Snapshot;
+use crate::devices::serial::SerialSnapshot;
 use crate::snapshot::{VcpuState, VmState};
+
+/// The device models' state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The serial port.
+    pub serial: SerialSnapshot,
+    /// The keyboard controller and its mouse.
+    pub i8042: I8042Snapshot,
+    /// The ACPI PM block.
+    pub pm: PmSnapshot,
+}
 
 /// The page size of the dirty log.
 pub const PAGE: u64 = 4096;
@@ -64,8 +78,14 @@ pub enum Message {
         /// Its state.
         state: Box<VcpuState>,
     },
+    /// The device models' state.
+    Devices(Box<DeviceStates>),
     /// Everything was sent: the target may resume.
     Done,
+    /// Target to source: the VM runs here now; the source must not run it again.
+    Resumed,
+    /// Target to source: the target could not take it (the source resumes it).
+    Failed(String),
 }
 
 /// Errors of a migration stream.
@@ -342,6 +362,8 @@ pub struct Received {
     pub vm: Option<Box<VmState>>,
     /// Each vCPU's, by number.
     pub vcpus: Vec<Option<Box<VcpuState>>>,
+    /// The device models'.
+    pub devices: Option<Box<DeviceStates>>,
     /// Pre-copy rounds seen.
     pub rounds: u32,
     /// Bytes of RAM written.
@@ -404,6 +426,7 @@ pub fn receive(
             }
             Message::RoundDone { round, .. } => got.rounds = got.rounds.max(round + 1),
             Message::Vm(s) => got.vm = Some(s),
+            Message::Devices(d) => got.devices = Some(d),
             Message::Vcpu { id, state } => match got.vcpus.get_mut(id as usize) {
                 Some(slot) => *slot = Some(state),
                 None => return bad(format!("vCPU {id} of a VM of {vcpus}")),
@@ -415,6 +438,9 @@ pub fn receive(
                 return Ok(got);
             }
             Message::Hello { .. } => return bad("a second Hello".into()),
+            m @ (Message::Resumed | Message::Failed(_)) => {
+                return bad(format!("{m:?} from the source"))
+            }
         }
     }
 }

@@ -36,8 +36,17 @@ pub struct Control {
 impl Control {
     /// Everyone running.
     pub fn new() -> Arc<Self> {
+        Self::with(Run::Go)
+    }
+
+    /// Every vCPU parked from the start (a VM taking a migrated state before it runs).
+    pub fn parked_at_start() -> Arc<Self> {
+        Self::with(Run::Pause)
+    }
+
+    fn with(run: Run) -> Arc<Self> {
         Arc::new(Control {
-            want: AtomicU8::new(Run::Go as u8),
+            want: AtomicU8::new(run as u8),
             parked: Mutex::new(0),
             changed: Condvar::new(),
         })
@@ -109,18 +118,23 @@ fn pio_access_size(run: *const kvm_bindings::kvm_run) -> usize {
 /// A running vCPU thread.
 pub struct VcpuThread {
     handle: JoinHandle<()>,
+    /// Held by the thread while it runs the guest; free while it is parked, when the VM may
+    /// take or put back the vCPU's state.
+    fd: Arc<Mutex<VcpuFd>>,
 }
 
 impl VcpuThread {
     /// Starts vCPU `id`.
     pub fn spawn(
         id: u8,
-        mut fd: VcpuFd,
+        fd: VcpuFd,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         control: Arc<Control>,
         events: Sender<VmEvent>,
     ) -> std::io::Result<VcpuThread> {
+        let fd = Arc::new(Mutex::new(fd));
+        let shared = fd.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -143,6 +157,7 @@ impl VcpuThread {
                         }
                         Run::Go => {}
                     }
+                    let mut fd = lock(&shared);
                     let run_area: *const kvm_bindings::kvm_run = fd.get_kvm_run();
                     match fd.run() {
                         Ok(exit) => match exit {
@@ -223,7 +238,12 @@ impl VcpuThread {
                     }
                 }
             })?;
-        Ok(VcpuThread { handle })
+        Ok(VcpuThread { handle, fd })
+    }
+
+    /// The vCPU's fd, for its state: lock it only while the vCPU is parked.
+    pub fn fd(&self) -> &Arc<Mutex<VcpuFd>> {
+        &self.fd
     }
 
     /// Interrupts KVM_RUN so the thread looks at its orders.

@@ -149,6 +149,9 @@ pub enum VmError {
     /// A vCPU died.
     #[error("{0}")]
     Vcpu(String),
+    /// A VM migrated in could not be taken.
+    #[error("taking the migrated VM: {0}")]
+    Migration(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -172,6 +175,8 @@ pub enum Exit {
     PowerOff,
     /// The host stopped it.
     Stopped,
+    /// It moved, running, to the VMM that took it (live migration).
+    Migrated,
 }
 
 /// A virtio device (behind either transport) with the index it has among its kind.
@@ -492,6 +497,7 @@ impl Vm {
         console: &Arc<Console>,
         events: &Sender<VmEvent>,
         fb: Option<&Arc<Framebuffer>>,
+        parked: bool,
     ) -> Result<Vm, VmError> {
         if cfg.vcpus == 0 || cfg.vcpus > 64 {
             return Err(VmError::Config(format!(
@@ -727,7 +733,12 @@ impl Vm {
         // vCPUs.
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
-        let control = Control::new();
+        // A VM that takes a migrated state first starts with its vCPUs parked.
+        let control = if parked {
+            Control::parked_at_start()
+        } else {
+            Control::new()
+        };
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report CPUID"))?;
@@ -797,6 +808,220 @@ impl Vm {
         self.control.set(Run::Go);
     }
 
+    /// Why this VM cannot move live yet, if it cannot: the device models whose state
+    /// migration does not carry yet.
+    fn not_migratable(cfg: &VmConfig) -> Option<String> {
+        let mut not = Vec::new();
+        if matches!(cfg.boot, Boot::Firmware { .. }) {
+            not.push("firmware boot (its PCI, SATA, VGA and RTC state)");
+        }
+        if !cfg.disks.is_empty() {
+            not.push("disks");
+        }
+        if !cfg.nets.is_empty() {
+            not.push("network cards");
+        }
+        if cfg.vnc.is_some() {
+            not.push("a graphical console");
+        }
+        (!not.is_empty()).then(|| {
+            format!(
+                "live migration of a VM with {} is not built yet",
+                not.join(", ")
+            )
+        })
+    }
+
+    /// Moves this VM, running, to the VMM listening on `to` (`enspeed vmm --incoming`): guest
+    /// RAM copied while it runs, then a pause for the last pages and the state. Fails safe:
+    /// a failure before the whole state was sent leaves it running here; after that, without
+    /// the target's word that it runs the VM, it stays paused here (the target may run it:
+    /// never on both), and the failure says so.
+    fn migrate_out(
+        &self,
+        cfg: &VmConfig,
+        to: &std::path::Path,
+        downtime: Duration,
+    ) -> Result<crate::api::Migrated, MigrateFailure> {
+        use crate::migration::{self as mig, Message};
+        use std::io::BufWriter;
+        let refused = |why: String| MigrateFailure { why, paused: false };
+        if let Some(why) = Vm::not_migratable(cfg) {
+            return Err(refused(why));
+        }
+        let started = Instant::now();
+        let stream = std::os::unix::net::UnixStream::connect(to)
+            .map_err(|e| refused(format!("reaching the target VMM at {}: {e}", to.display())))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(60)));
+        let mut reader = stream
+            .try_clone()
+            .map_err(|e| refused(format!("the migration stream: {e}")))?;
+        let mut w = BufWriter::with_capacity(1 << 20, stream);
+        let memory_bytes: u64 = self._mem.iter().map(|r| r.len()).sum();
+        let mut paused_at = None;
+        let mut rounds = 0;
+        let mut transferred = 0;
+        let mut all_sent = false;
+        let result = (|| -> Result<(), String> {
+            mig::write_message(
+                &mut w,
+                &Message::Hello {
+                    memory_bytes,
+                    vcpus: u32::from(cfg.vcpus),
+                },
+            )
+            .map_err(|e| format!("the migration stream: {e}"))?;
+            mig::log_dirty_pages(&self._vm, &self._mem, true).map_err(|e| e.to_string())?;
+            let (converged, unsent) = mig::precopy(
+                &mut w,
+                &self._vm,
+                &self._mem,
+                downtime,
+                MIGRATION_ROUNDS,
+                |p| {
+                    rounds = p.round + 1;
+                    transferred = p.transferred_bytes;
+                    tracing::info!(
+                        round = p.round,
+                        transferred = p.transferred_bytes,
+                        remaining = p.remaining_bytes,
+                        dirty_rate = p.dirty_rate_bytes_per_sec,
+                        expected_downtime_ms = p.expected_downtime_ms,
+                        "migration round"
+                    );
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            if converged == mig::Converged::No {
+                return Err(format!(
+                    "the guest writes its memory faster than the migration stream takes it: after {MIGRATION_ROUNDS} rounds the rest would still take more than {downtime:?}"
+                ));
+            }
+            let msrs = {
+                let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+                crate::snapshot::msr_list(&kvm).map_err(|e| e.to_string())?
+            };
+            paused_at = Some(Instant::now());
+            self.pause();
+            transferred += mig::last_pages(&mut w, &self._vm, &self._mem, unsent)
+                .map_err(|e| e.to_string())?;
+            let vm_state = crate::snapshot::VmState::save(&self._vm).map_err(|e| e.to_string())?;
+            mig::write_message(&mut w, &Message::Vm(Box::new(vm_state)))
+                .map_err(|e| format!("the migration stream: {e}"))?;
+            for (id, t) in self.vcpus.iter().enumerate() {
+                let state = crate::snapshot::VcpuState::save(&lock(t.fd()), id, &msrs)
+                    .map_err(|e| e.to_string())?;
+                mig::write_message(
+                    &mut w,
+                    &Message::Vcpu {
+                        id: id as u32,
+                        state: Box::new(state),
+                    },
+                )
+                .map_err(|e| format!("the migration stream: {e}"))?;
+            }
+            let devices = mig::DeviceStates {
+                serial: lock(&self.serial).state(),
+                i8042: lock(&self.i8042).state(),
+                pm: lock(&self.pm).state(),
+            };
+            mig::write_message(&mut w, &Message::Devices(Box::new(devices)))
+                .and_then(|()| mig::write_message(&mut w, &Message::Done))
+                .map_err(|e| format!("the migration stream: {e}"))?;
+            // From the flush on, the target may hold all it needs to run the VM.
+            all_sent = true;
+            std::io::Write::flush(&mut w).map_err(|e| format!("the migration stream: {e}"))?;
+            match mig::read_message(&mut reader) {
+                Ok(Message::Resumed) => Ok(()),
+                Ok(Message::Failed(why)) => Err(format!("the target VMM refused the VM: {why}")),
+                Ok(other) => Err(format!("the target VMM answered {other:?}")),
+                Err(e) => Err(format!("no answer from the target VMM: {e}")),
+            }
+        })();
+        match result {
+            Ok(()) => {
+                let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+                Ok(crate::api::Migrated {
+                    downtime_ms: downtime.as_secs_f64() * 1e3,
+                    total_ms: started.elapsed().as_secs_f64() * 1e3,
+                    rounds,
+                    transferred_bytes: transferred,
+                })
+            }
+            Err(why) if !all_sent => {
+                // Still ours: it runs here as before.
+                let _ = mig::log_dirty_pages(&self._vm, &self._mem, false);
+                self.resume();
+                tracing::warn!(why = %why, "live migration failed; the VM runs on here");
+                Err(MigrateFailure { why, paused: false })
+            }
+            Err(why) => {
+                tracing::error!(why = %why, "live migration: the target had the whole VM but did not say it runs it; the VM stays paused here");
+                Err(MigrateFailure {
+                    why: format!(
+                        "{why}; the target VMM may be running the VM, so it stays paused here"
+                    ),
+                    paused: true,
+                })
+            }
+        }
+    }
+
+    /// Takes a VM migrated from another VMM on `stream`, its vCPUs parked since it was built,
+    /// and runs it.
+    fn migrate_in(
+        &self,
+        cfg: &VmConfig,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<(), String> {
+        use crate::migration::{self as mig, Message};
+        let mut writer = stream
+            .try_clone()
+            .map_err(|e| format!("the migration stream: {e}"))?;
+        let result = (|| -> Result<(), String> {
+            if let Some(why) = Vm::not_migratable(cfg) {
+                return Err(why);
+            }
+            let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
+            let got = mig::receive(&mut r, &self._mem, u32::from(cfg.vcpus))
+                .map_err(|e| e.to_string())?;
+            let devices = got.devices.ok_or("no device state in the stream")?;
+            got.vm
+                .expect("receive checks it came")
+                .restore(&self._vm)
+                .map_err(|e| e.to_string())?;
+            for (id, (t, state)) in self.vcpus.iter().zip(&got.vcpus).enumerate() {
+                state
+                    .as_ref()
+                    .expect("receive checks every one came")
+                    .restore(&lock(t.fd()), id)
+                    .map_err(|e| e.to_string())?;
+            }
+            lock(&self.serial)
+                .restore(&devices.serial)
+                .map_err(|e| e.to_string())?;
+            lock(&self.i8042).restore(&devices.i8042);
+            lock(&self.pm).restore(&devices.pm);
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                // The source hears it first: should it not, it stays paused and this one does
+                // not run either (never on both).
+                mig::write_message(&mut writer, &Message::Resumed)
+                    .map_err(|e| format!("telling the source VMM: {e}"))?;
+                self.resume();
+                tracing::info!("the migrated VM runs here");
+                Ok(())
+            }
+            Err(why) => {
+                let _ = mig::write_message(&mut writer, &Message::Failed(why.clone()));
+                Err(why)
+            }
+        }
+    }
+
     /// Stops every vCPU thread and device worker.
     fn teardown(self) {
         if let Some(d) = self.display {
@@ -842,6 +1067,17 @@ impl Vm {
     }
 }
 
+/// A live migration that did not happen.
+#[derive(Debug)]
+struct MigrateFailure {
+    why: String,
+    /// The VM stays paused here (the target may run it).
+    paused: bool,
+}
+
+/// The most pre-copy rounds a live migration takes before it gives up.
+const MIGRATION_ROUNDS: u32 = 30;
+
 /// What the run loop decided.
 enum Next {
     Exit(Exit),
@@ -886,10 +1122,21 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
         }
         None => None,
     };
+    // A VM migrated in: its state comes on the one connection to this socket.
+    let mut incoming = match &cfg.incoming {
+        Some(path) => Some(await_migration(path)?),
+        None => None,
+    };
     let mut boots = 0u64;
     loop {
         boots += 1;
-        let vm = Vm::build(&cfg, &console, &tx, fb.as_ref())?;
+        let vm = Vm::build(&cfg, &console, &tx, fb.as_ref(), incoming.is_some())?;
+        if let Some(stream) = incoming.take() {
+            if let Err(why) = vm.migrate_in(&cfg, stream) {
+                vm.teardown();
+                return Err(VmError::Migration(why));
+            }
+        }
         let next = run_until_exit(&cfg, &vm, &rx, boots);
         // Removable media stays in its drive across a guest reset, as in a real one.
         vm.keep_media(&mut cfg);
@@ -916,6 +1163,27 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
             Next::Reboot => tracing::info!("guest reset; booting again"),
         }
     }
+}
+
+/// Listens on `path` for the one connection a source VMM migrates its VM on, and takes it.
+fn await_migration(path: &std::path::Path) -> Result<std::os::unix::net::UnixStream, VmError> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err(format!(
+        "listen for a migration on {}",
+        path.display()
+    )))?;
+    // Owner-only: whoever connects hands this VMM a whole VM.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("restrict {}", path.display())))?;
+    tracing::info!(socket = %path.display(), "waiting for a migrated VM");
+    let (stream, _) = listener
+        .accept()
+        .map_err(io_err(format!("accept a migration on {}", path.display())))?;
+    let _ = std::fs::remove_file(path);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(60)));
+    Ok(stream)
 }
 
 /// Gives the framebuffer to the VM as memory slot `slot` at
@@ -1128,8 +1396,8 @@ fn handle_api(
             (
                 Response {
                     ok: true,
-                    error: None,
                     status: Some(status),
+                    ..Default::default()
                 },
                 None,
             )
@@ -1165,7 +1433,7 @@ fn handle_api(
                     Response {
                         ok: true,
                         error: Some("power button pressed, but the guest has not enabled ACPI power-button events".into()),
-                        status: None,
+                        ..Default::default()
                     },
                     None,
                 )
@@ -1224,6 +1492,40 @@ fn handle_api(
             Response::err("serial is handled by the socket itself"),
             None,
         ),
+        Request::Migrate { to, downtime_ms } => {
+            if *paused || shutdown.is_some() {
+                return (
+                    Response::err(
+                        "only a running VM moves live; this one is paused or shutting down",
+                    ),
+                    None,
+                );
+            }
+            let downtime = Duration::from_millis(downtime_ms.unwrap_or(50));
+            match vm.migrate_out(cfg, &to, downtime) {
+                Ok(m) => {
+                    tracing::info!(
+                        downtime_ms = m.downtime_ms,
+                        total_ms = m.total_ms,
+                        rounds = m.rounds,
+                        bytes = m.transferred_bytes,
+                        "migrated"
+                    );
+                    (
+                        Response {
+                            ok: true,
+                            migrated: Some(m),
+                            ..Default::default()
+                        },
+                        Some(Next::Exit(Exit::Migrated)),
+                    )
+                }
+                Err(f) => {
+                    *paused |= f.paused;
+                    (Response::err(f.why), None)
+                }
+            }
+        }
     }
 }
 

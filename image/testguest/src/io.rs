@@ -212,7 +212,7 @@ pub fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
 }
 
 /// TSC ticks per second (see `tsc_init`).
-static TSC_HZ: Global<u64> = Global::new(3_000_000_000);
+pub static TSC_HZ: Global<u64> = Global::new(3_000_000_000);
 
 /// Works out the TSC frequency from CPUID: leaf 0x15 (crystal ratio), leaf
 /// 0x16 (base MHz), the hypervisor leaf 0x40000010 (kHz), else a 3 GHz

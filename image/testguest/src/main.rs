@@ -20,6 +20,7 @@ mod kbd;
 mod mem;
 mod net;
 mod serial;
+mod tick;
 mod usermode;
 mod virtio;
 
@@ -123,6 +124,7 @@ fn run_actions() {
             "fbfill" => fb::act_fbfill(),
             "echo" => serial::act_echo(),
             "flood" => serial::act_flood(),
+            "tick" => tick::act_tick(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);
                 for _ in 0..n {
