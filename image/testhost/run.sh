@@ -71,7 +71,10 @@ stop_qemu() {
     [ -z "$watcher" ] || kill "$watcher" 2>/dev/null || true
 }
 on_signal() {
-    trap - INT TERM HUP
+    # Ignored from here on, not reset: a second signal (the caller's own SIGTERM after the one
+    # its process group got) would otherwise end this script before it stopped QEMU, which
+    # `timeout` keeps in a process group of its own, left running.
+    trap '' INT TERM HUP
     log "$1: stopping the test host"
     stop_qemu
     wait 2>/dev/null || true
