@@ -384,7 +384,9 @@ impl Replica {
             )));
         }
         if capacity % 512 != 0 {
-            return Err(refused(format!("capacity {capacity} is not a multiple of 512")));
+            return Err(refused(format!(
+                "capacity {capacity} is not a multiple of 512"
+            )));
         }
         if capacity == old {
             return Ok(());
@@ -443,7 +445,10 @@ impl Replica {
             .map_err(|e| io_err("opening the bitmap", e))?;
         if bitmap_lost && m.from_zeros {
             // A bitmap made anew marks nothing: it cannot tell a new backup what was written.
-            tracing::warn!(disk = name, "the bitmap was missing: a new backup will need a full sync");
+            tracing::warn!(
+                disk = name,
+                "the bitmap was missing: a new backup will need a full sync"
+            );
             meta.update(|m| m.from_zeros = false)?;
         }
         let core = Core {

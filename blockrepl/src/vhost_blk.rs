@@ -31,10 +31,17 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_blk::{status, Op, Request, ID_LEN, SECTOR_SIZE};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+/// Guest memory as the backend maps it: every write the backend makes into it (read data, status
+/// bytes, the used ring) is marked in the frontend's dirty log while it keeps one (live migration:
+/// `VHOST_USER_PROTOCOL_F_LOG_SHMFD`, `VHOST_F_LOG_ALL`).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+type VringRwLock = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -431,6 +438,8 @@ impl BlkBackend {
             | blk::F_BLK_SIZE
             | blk::F_FLUSH
             | ro
+            // The frontend's dirty log (live migration); never offered to the guest.
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let mut config = [0u8; blk::CONFIG_LEN];
         config[0..8].copy_from_slice(&(store.capacity() / SECTOR_SIZE).to_le_bytes());
@@ -552,7 +561,7 @@ impl BlkBackend {
                 finished: false,
             };
             let mem = self.mem.memory();
-            match virtio_blk::parse(chain, &mem, MAX_REQUEST_BYTES) {
+            match virtio_blk::parse(chain, &*mem, MAX_REQUEST_BYTES) {
                 Ok(req) => {
                     done.status = Some(req.status);
                     completed |= self.execute(&mem, req, done);
@@ -762,7 +771,7 @@ impl Drop for Completion {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -778,7 +787,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     // EVENT_IDX is not offered.

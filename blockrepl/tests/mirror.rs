@@ -402,7 +402,10 @@ fn create_clone(s: &Server, name: &str, size: u64) {
         peer_server: None,
         disk_id: None,
     });
-    assert!(!s.disk(name).meta().from_zeros, "a clone's data is not all zeros");
+    assert!(
+        !s.disk(name).meta().from_zeros,
+        "a clone's data is not all zeros"
+    );
 }
 
 #[test]
@@ -477,14 +480,20 @@ fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full
     });
     wait_for("the first sync", || d.status().link == LinkState::InSync);
     let first = d.status().last_resync.expect("a resync ran");
-    assert!(!first.full, "a blank disk's new backup got a full sync: {first:?}");
+    assert!(
+        !first.full,
+        "a blank disk's new backup got a full sync: {first:?}"
+    );
     assert_eq!(first.total_bytes, 3 * MIB, "{first:?}");
     flush(&d);
     assert!(a.data("d") == b.data("d"), "the copies differ");
     assert_eq!(b.disk("d").status().data, DataState::Consistent);
     // Once the first backup holds it, the bitmap is cleaned: another new backup (the first
     // one lost) needs the whole disk.
-    assert!(!d.meta().from_zeros, "still claims zeros after its bits were cleared");
+    assert!(
+        !d.meta().from_zeros,
+        "still claims zeros after its bits were cleared"
+    );
     a.req(Request::Detach { name: "d".into() });
     create(&c, true);
     a.req(Request::Attach {
@@ -493,8 +502,7 @@ fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full
         peer_server: None,
     });
     wait_for("the second backup's sync", || {
-        d.status().link == LinkState::InSync
-            && d.status().last_resync.is_some_and(|r| r.full)
+        d.status().link == LinkState::InSync && d.status().last_resync.is_some_and(|r| r.full)
     });
     flush(&d);
     assert!(a.data("d") == c.data("d"), "the second backup differs");
@@ -553,9 +561,15 @@ fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back()
     );
     // The second try began past what the first made durable (4-region checkpoints).
     let after_cut = seen.iter().skip_while(|p| **p <= 33.0).nth(1).copied();
-    assert!(after_cut.is_some_and(|p| p >= 25.0), "restarted from 0: {seen:?}");
+    assert!(
+        after_cut.is_some_and(|p| p >= 25.0),
+        "restarted from 0: {seen:?}"
+    );
     flush(&d);
-    assert!(a.data("d") == b.data("d"), "copies differ after a resumed full sync");
+    assert!(
+        a.data("d") == b.data("d"),
+        "copies differ after a resumed full sync"
+    );
     assert_eq!(b.disk("d").status().data, DataState::Consistent);
 }
 

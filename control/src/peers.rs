@@ -253,7 +253,10 @@ mod tests {
     fn a_connection_is_kept_for_the_next_request_and_one_closed_or_revoked_is_not() {
         let base = std::env::temp_dir().join(format!("enspeed-peers-pool-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
-        let (one, two) = (TrustDir::of(&base.join("one")), TrustDir::of(&base.join("two")));
+        let (one, two) = (
+            TrustDir::of(&base.join("one")),
+            TrustDir::of(&base.join("two")),
+        );
         one.create_cluster(1).unwrap();
         two.install(&one.enroll(2).unwrap()).unwrap();
         let server = Identity::load(&one).unwrap();
@@ -304,7 +307,9 @@ mod tests {
         peers.keep(&address, s, peer);
         // The server's certificate revoked meanwhile: its kept connection is dropped, and a new
         // one is refused.
-        peers.roster().set([], [peers_fingerprint(&base.join("one"))]);
+        peers
+            .roster()
+            .set([], [peers_fingerprint(&base.join("one"))]);
         assert!(peers.take(&address, t).is_err());
         let _ = std::fs::remove_dir_all(&base);
     }

@@ -19,9 +19,9 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use blockrepl::store::{BlockStore, Done};
-use blockrepl::vhost_blk::serve_ring;
+use blockrepl::vhost_blk::{serve_ring, GuestMemoryMmap};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const QUEUE_SIZE: u16 = 16;
 const MEMORY: usize = 0x1_0000;

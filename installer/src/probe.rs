@@ -109,7 +109,8 @@ pub fn parse_lsblk(json: &str) -> Result<Vec<Disk>, ProbeError> {
     let mut disks = Vec::new();
     // Disks that can hold anything: not a CD drive, a floppy drive (a PC's /dev/fd0 is "disk"
     // to lsblk) or an empty card reader.
-    let real = |d: &Dev| d.kind == "disk" && d.size.unwrap_or(0) > 0 && !d.path.starts_with("/dev/fd");
+    let real =
+        |d: &Dev| d.kind == "disk" && d.size.unwrap_or(0) > 0 && !d.path.starts_with("/dev/fd");
     for d in l.blockdevices.into_iter().filter(|d| real(d)) {
         let mut signatures = Vec::new();
         let mut medium = false;
@@ -215,7 +216,11 @@ mod tests {
            "children":[{"path":"/dev/sdb1","size":1000,"type":"part","fstype":"iso9660","pttype":"dos","label":"ENSPEED_INSTALL","mountpoints":["/run/live/medium"]}]}
         ]}"#;
         let d = parse_lsblk(json).unwrap();
-        assert_eq!(d.len(), 4, "the CD drive, the floppy drive and the empty reader are no disks");
+        assert_eq!(
+            d.len(),
+            4,
+            "the CD drive, the floppy drive and the empty reader are no disks"
+        );
         assert_eq!(d[0].path, "/dev/vda");
         assert!(d[0].signatures.is_empty() && !d[0].is_install_medium);
         assert!(d[1].is_install_medium, "the answer file's disk");

@@ -55,7 +55,10 @@ fn two_servers_install_from_the_iso_join_and_run_a_mirrored_vm() {
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
     // The VM powered off and on again in place after its guest stalled: counted too.
-    for line in report.lines().filter(|l| l.starts_with("APPLIANCE retry: ")) {
+    for line in report
+        .lines()
+        .filter(|l| l.starts_with("APPLIANCE retry: "))
+    {
         let line = format!("appliance: {}", &line["APPLIANCE retry: ".len()..]);
         eprintln!("\n!!!!!!!! {line} !!!!!!!!\n");
         enspeed_tests::note_retry(&line);
@@ -72,7 +75,10 @@ fn two_servers_install_from_the_iso_join_and_run_a_mirrored_vm() {
         .expect("the ISO's size");
     assert!(mb < 700, "the ISO is {mb} MB; the target is under 700");
     for line in ["APPLIANCE vm-data-s ", "APPLIANCE vm-in-sync-s "] {
-        assert!(report.contains(line), "no '{line}' in the report:\n{report}");
+        assert!(
+            report.contains(line),
+            "no '{line}' in the report:\n{report}"
+        );
     }
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -111,7 +111,9 @@ fn until_banner(rx: &Receiver<String>, child: &mut Child) -> Result<String, Stri
             }
         }
     }
-    Err(format!("no banner from ./run.sh within {BANNER_WITHIN:?}:\n{seen}"))
+    Err(format!(
+        "no banner from ./run.sh within {BANNER_WITHIN:?}:\n{seen}"
+    ))
 }
 
 /// Stops a demo that did not come up, and everything it started: SIGTERM, then SIGKILL to

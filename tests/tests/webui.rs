@@ -1432,7 +1432,9 @@ fn https_with_a_certificate_made_on_first_start_and_kept() {
         a.starts_with("HTTP/1.1 200").then_some(a)
     });
     // The cluster holds the Manager: the password's file is gone (the appliance's first start).
-    cluster::wait_for("the password file deleted", WAIT, || (!pw.exists()).then_some(()));
+    cluster::wait_for("the password file deleted", WAIT, || {
+        (!pw.exists()).then_some(())
+    });
     let lower = answer.to_lowercase();
     assert!(lower.contains("set-cookie: enspeed_session="), "{answer}");
     assert!(

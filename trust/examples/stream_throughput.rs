@@ -53,10 +53,15 @@ fn main() {
         args.first().copied().unwrap_or(2048),
         args.get(1).copied().unwrap_or(3),
     );
-    let base = std::env::temp_dir().join(format!("enspeed-stream-throughput-{}", std::process::id()));
-    let (one, two) = (TrustDir::of(&base.join("one")), TrustDir::of(&base.join("two")));
+    let base =
+        std::env::temp_dir().join(format!("enspeed-stream-throughput-{}", std::process::id()));
+    let (one, two) = (
+        TrustDir::of(&base.join("one")),
+        TrustDir::of(&base.join("two")),
+    );
     one.create_cluster(1).expect("a cluster");
-    two.install(&one.enroll(2).expect("enroll")).expect("install");
+    two.install(&one.enroll(2).expect("enroll"))
+        .expect("install");
     let (id1, id2) = (Identity::load(&one).unwrap(), Identity::load(&two).unwrap());
     let mut tls = Vec::new();
     let mut plain = Vec::new();
@@ -65,7 +70,10 @@ fn main() {
         let addr = l.local_addr().unwrap().to_string();
         let server = id1.clone();
         let t = std::thread::spawn(move || server.accept(l.accept().unwrap().0).unwrap().0);
-        let (c, _) = id2.connector().connect(&addr, Duration::from_secs(5)).unwrap();
+        let (c, _) = id2
+            .connector()
+            .connect(&addr, Duration::from_secs(5))
+            .unwrap();
         let s = t.join().unwrap();
         tls.push(run(mib, c, s));
 

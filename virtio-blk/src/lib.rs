@@ -12,7 +12,7 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Request types (virtio spec 5.2.6).
 pub mod kind {
@@ -137,7 +137,7 @@ fn total(segs: &[Segment]) -> u64 {
 /// bytes are refused (a device that promises no limit passes `u64::MAX`).
 pub fn parse<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &(impl GuestMemoryBackend + ?Sized),
     max_data: u64,
 ) -> Result<Request, Refused>
 where
@@ -258,7 +258,7 @@ pub fn disk_range(req: &Request, capacity: u64) -> Option<u64> {
 
 /// Copies the request's data out of guest memory.
 pub fn gather(
-    mem: &GuestMemoryMmap,
+    mem: &(impl GuestMemoryBackend + ?Sized),
     segs: &[Segment],
     len: u64,
 ) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
@@ -274,7 +274,7 @@ pub fn gather(
 
 /// Copies `buf` into the request's data buffers, as far as they reach.
 pub fn scatter(
-    mem: &GuestMemoryMmap,
+    mem: &(impl GuestMemoryBackend + ?Sized),
     segs: &[Segment],
     buf: &[u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
@@ -297,6 +297,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestMemoryMmap;
 
     const R: u16 = 0;
     const W: u16 = VRING_DESC_F_WRITE as u16;

@@ -5,12 +5,15 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Guest memory as the rest of the VMM sees it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as the rest of the VMM sees it. Every write the VMM itself makes into it (its
+/// devices' data, used rings, status bytes) is marked in each region's bitmap, one bit a page:
+/// what KVM's dirty log does not see, and a live migration must send again.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors while setting up guest RAM.
 #[derive(Debug, thiserror::Error)]

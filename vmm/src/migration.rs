@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -36,6 +37,17 @@ pub struct DeviceStates {
     pub i8042: I8042Snapshot,
     /// The ACPI PM block.
     pub pm: PmSnapshot,
+    /// Each virtio device (disks, then NICs, in the VM's order).
+    pub virtio: Vec<VirtioDeviceState>,
+}
+
+/// A virtio device's part of a migrated VM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    /// What a removable drive holds: the target's drive takes the same media.
+    pub media: Option<std::path::PathBuf>,
+    /// The transport's and the device's state.
+    pub state: crate::devices::virtio::VirtioSnapshot,
 }
 
 /// The page size of the dirty log.
@@ -80,6 +92,11 @@ pub enum Message {
     },
     /// The device models' state.
     Devices(Box<DeviceStates>),
+    /// The graphical console's framebuffer: `len` raw bytes follow.
+    Framebuffer {
+        /// How many bytes follow.
+        len: u64,
+    },
     /// Everything was sent: the target may resume.
     Done,
     /// Target to source: the VM runs here now; the source must not run it again.
@@ -139,9 +156,9 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, MigrationError> {
 
 /// Sends pages `pages` (page numbers from `region`'s start) of `region` of `mem`, runs of
 /// consecutive pages together; the bytes sent.
-fn send_pages(
+fn send_pages<B: Bitmap>(
     w: &mut impl Write,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<B>,
     region: usize,
     pages: &[u64],
     buf: &mut Vec<u8>,
@@ -186,9 +203,9 @@ fn send_pages(
 
 /// Turns KVM's dirty log on (or off) for every RAM region of `mem`, registered as KVM slots
 /// 0, 1, ... in order.
-pub fn log_dirty_pages(
+pub fn log_dirty_pages<B: Bitmap>(
     vm: &VmFd,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<B>,
     on: bool,
 ) -> Result<(), MigrationError> {
     for (slot, r) in mem.iter().enumerate() {
@@ -215,16 +232,158 @@ pub fn log_dirty_pages(
     Ok(())
 }
 
-/// The pages of slot `slot` (`len` bytes) written since the last call, and the log cleared.
-fn dirty_pages(vm: &VmFd, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError> {
-    let bitmap =
-        vm.get_dirty_log(slot as u32, len as usize)
+/// Where a migration learns which pages of guest RAM were written since it last looked: KVM's
+/// dirty log sees the vCPUs' writes; the VMM's own devices and a vhost-user backend write guest
+/// memory too, and keep logs of their own ([`KvmLog`] is the first; the VM adds the others).
+pub trait DirtyLog {
+    /// The pages of RAM region `slot` (KVM's slot of that number, `len` bytes) written since
+    /// the last call, as bitmap words (bit `i` of word `w`: page `64 w + i` of the region); the
+    /// log cleared.
+    fn take(&self, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError>;
+}
+
+/// KVM's dirty log of a VM: what its vCPUs wrote.
+pub struct KvmLog<'a>(pub &'a VmFd);
+
+impl DirtyLog for KvmLog<'_> {
+    fn take(&self, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError> {
+        self.0
+            .get_dirty_log(slot as u32, len as usize)
             .map_err(|err| MigrationError::Kvm {
                 what: format!("reading the dirty log of memory slot {slot}"),
                 err,
-            })?;
+            })
+    }
+}
+
+/// A dirty log another process writes: one bit for each page of guest-physical memory from
+/// address 0, in a memfd both map (a vhost-user backend's writes into guest memory, the
+/// protocol's `SET_LOG_BASE`).
+pub struct SharedLog {
+    file: std::fs::File,
+    ptr: *mut u64,
+    words: usize,
+    /// Each RAM region's guest-physical start, by slot.
+    bases: Vec<u64>,
+}
+
+// SAFETY: the mapping is owned by this value until drop and only ever touched through atomic
+// operations on its words.
+unsafe impl Send for SharedLog {}
+// SAFETY: as above.
+unsafe impl Sync for SharedLog {}
+
+impl SharedLog {
+    /// A cleared log covering every page of `mem`.
+    pub fn new<B: Bitmap>(mem: &GuestMemoryMmap<B>) -> io::Result<SharedLog> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let end = mem
+            .iter()
+            .map(|r| r.start_addr().raw_value() + r.len())
+            .max()
+            .unwrap_or(0);
+        let words = end.div_ceil(PAGE).div_ceil(64) as usize;
+        let bytes = (words * 8).next_multiple_of(PAGE as usize);
+        // SAFETY: a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"enspeed-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(bytes as u64)?;
+        // SAFETY: maps the whole file, shared, checked below; unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedLog {
+            file,
+            ptr: ptr.cast(),
+            words,
+            bases: mem.iter().map(|r| r.start_addr().raw_value()).collect(),
+        })
+    }
+
+    /// The memfd to hand the other process.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    /// Bytes of the log's mapping.
+    pub fn size(&self) -> u64 {
+        (self.words as u64 * 8).next_multiple_of(PAGE)
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.words, "dirty log word {i} of {}", self.words);
+        // SAFETY: in bounds (checked), aligned (mmap's pages), and shared memory is only ever
+        // accessed atomically here; the other process sets bits with atomic operations too.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.add(i)) }
+    }
+}
+
+impl DirtyLog for SharedLog {
+    fn take(&self, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError> {
+        let base = *self
+            .bases
+            .get(slot)
+            .ok_or_else(|| MigrationError::Bad(format!("no memory region {slot}")))?;
+        let first = base / PAGE;
+        let pages = len.div_ceil(PAGE);
+        let mut out = vec![0u64; pages.div_ceil(64) as usize];
+        if first.is_multiple_of(64) {
+            for (w, o) in out.iter_mut().enumerate() {
+                *o = self
+                    .word(first as usize / 64 + w)
+                    .swap(0, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Bits past the region's end belong to whatever follows it: put them back.
+            let tail = pages % 64;
+            if tail != 0 {
+                let last = out.last_mut().expect("a region has pages");
+                let theirs = *last & !((1u64 << tail) - 1);
+                *last &= (1u64 << tail) - 1;
+                self.word(((first + pages) / 64) as usize)
+                    .fetch_or(theirs, std::sync::atomic::Ordering::SeqCst);
+            }
+        } else {
+            for p in 0..pages {
+                let g = first + p;
+                let bit = 1u64 << (g % 64);
+                let was = self
+                    .word((g / 64) as usize)
+                    .fetch_and(!bit, std::sync::atomic::Ordering::SeqCst);
+                if was & bit != 0 {
+                    out[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for SharedLog {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of that size, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.size() as usize) };
+    }
+}
+
+/// The page numbers set in bitmap words.
+pub fn pages_of(words: &[u64]) -> Vec<u64> {
     let mut pages = Vec::new();
-    for (w, &word) in bitmap.iter().enumerate() {
+    for (w, &word) in words.iter().enumerate() {
         let mut bits = word;
         while bits != 0 {
             let b = bits.trailing_zeros() as u64;
@@ -232,7 +391,12 @@ fn dirty_pages(vm: &VmFd, slot: usize, len: u64) -> Result<Vec<u64>, MigrationEr
             bits &= bits - 1;
         }
     }
-    Ok(pages)
+    pages
+}
+
+/// The pages of slot `slot` (`len` bytes) written since the last call, and the log cleared.
+fn dirty_pages(log: &dyn DirtyLog, slot: usize, len: u64) -> Result<Vec<u64>, MigrationError> {
+    Ok(pages_of(&log.take(slot, len)?))
 }
 
 /// Where a pre-copy stands.
@@ -270,10 +434,10 @@ pub struct Unsent(Vec<(usize, Vec<u64>)>);
 /// vCPUs run, until what is left would take at most `budget` at the rate the stream reached,
 /// or `max_rounds` rounds passed. The dirty log must be on ([`log_dirty_pages`]) before the
 /// guest may write anything not yet sent: call that first. `progress` hears of each round.
-pub fn precopy(
+pub fn precopy<B: Bitmap>(
     w: &mut impl Write,
-    vm: &VmFd,
-    mem: &GuestMemoryMmap<()>,
+    log: &dyn DirtyLog,
+    mem: &GuestMemoryMmap<B>,
     budget: Duration,
     max_rounds: u32,
     mut progress: impl FnMut(&Progress),
@@ -283,7 +447,7 @@ pub fn precopy(
     let regions: Vec<(usize, u64)> = mem.iter().enumerate().map(|(i, r)| (i, r.len())).collect();
     // Round 0: every page; the log collects what changes meanwhile.
     for &(slot, len) in &regions {
-        dirty_pages(vm, slot, len)?;
+        dirty_pages(log, slot, len)?;
     }
     let mut round_started = Instant::now();
     let mut sent = 0;
@@ -308,7 +472,7 @@ pub fn precopy(
         // What the guest wrote while that round was sent.
         let mut dirty = Vec::new();
         for &(slot, len) in &regions {
-            dirty.push((slot, dirty_pages(vm, slot, len)?));
+            dirty.push((slot, dirty_pages(log, slot, len)?));
         }
         let remaining: u64 = dirty.iter().map(|(_, d)| d.len() as u64).sum::<u64>() * PAGE;
         p.remaining_bytes = remaining;
@@ -335,16 +499,16 @@ pub fn precopy(
 
 /// With every vCPU parked: the pages the pre-copy left unsent and those dirtied since; the
 /// bytes sent.
-pub fn last_pages(
+pub fn last_pages<B: Bitmap>(
     w: &mut impl Write,
-    vm: &VmFd,
-    mem: &GuestMemoryMmap<()>,
+    log: &dyn DirtyLog,
+    mem: &GuestMemoryMmap<B>,
     unsent: Unsent,
 ) -> Result<u64, MigrationError> {
     let mut buf = Vec::new();
     let mut sent = 0;
     for (slot, r) in mem.iter().enumerate() {
-        let mut d = dirty_pages(vm, slot, r.len())?;
+        let mut d = dirty_pages(log, slot, r.len())?;
         if let Some((_, before)) = unsent.0.iter().find(|(s, _)| *s == slot) {
             d.extend_from_slice(before);
             d.sort_unstable();
@@ -364,18 +528,22 @@ pub struct Received {
     pub vcpus: Vec<Option<Box<VcpuState>>>,
     /// The device models'.
     pub devices: Option<Box<DeviceStates>>,
+    /// The framebuffer's memory.
+    pub framebuffer: Option<Vec<u8>>,
     /// Pre-copy rounds seen.
     pub rounds: u32,
     /// Bytes of RAM written.
     pub ram_bytes: u64,
 }
 
-/// The target's side: takes the stream into `mem` (a VM of `vcpus` vCPUs, not running) until
-/// [`Message::Done`], checking every message; what came besides RAM.
-pub fn receive(
+/// The target's side: takes the stream into `mem` (a VM of `vcpus` vCPUs, not running, with a
+/// framebuffer of `framebuffer` bytes if any) until [`Message::Done`], checking every message;
+/// what came besides RAM.
+pub fn receive<B: Bitmap>(
     r: &mut impl Read,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<B>,
     vcpus: u32,
+    framebuffer: Option<u64>,
 ) -> Result<Received, MigrationError> {
     let bad = |s: String| Err(MigrationError::Bad(s));
     let memory_bytes: u64 = mem.iter().map(|r| r.len()).sum();
@@ -427,6 +595,17 @@ pub fn receive(
             Message::RoundDone { round, .. } => got.rounds = got.rounds.max(round + 1),
             Message::Vm(s) => got.vm = Some(s),
             Message::Devices(d) => got.devices = Some(d),
+            Message::Framebuffer { len } => {
+                if Some(len) != framebuffer {
+                    return bad(format!(
+                        "a framebuffer of {len} bytes for one of {}",
+                        framebuffer.map_or("none".into(), |f| format!("{f} bytes"))
+                    ));
+                }
+                let mut fb = vec![0u8; len as usize];
+                r.read_exact(&mut fb)?;
+                got.framebuffer = Some(fb);
+            }
             Message::Vcpu { id, state } => match got.vcpus.get_mut(id as usize) {
                 Some(slot) => *slot = Some(state),
                 None => return bad(format!("vCPU {id} of a VM of {vcpus}")),
@@ -434,6 +613,9 @@ pub fn receive(
             Message::Done => {
                 if got.vm.is_none() || got.vcpus.iter().any(Option::is_none) {
                     return bad("Done before the VM's and every vCPU's state".into());
+                }
+                if framebuffer.is_some() && got.framebuffer.is_none() {
+                    return bad("Done before the framebuffer".into());
                 }
                 return Ok(got);
             }

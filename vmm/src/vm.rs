@@ -185,6 +185,16 @@ enum VirtioSlot {
     Net(Arc<Mutex<dyn VirtioTransport>>),
 }
 
+impl VirtioSlot {
+    /// How errors name it.
+    fn name(&self) -> String {
+        match self {
+            VirtioSlot::Disk(i, _) => format!("disk {i}"),
+            VirtioSlot::Net(_) => "a NIC".into(),
+        }
+    }
+}
+
 /// Maps `image` read-only (where KVM can) ending at 4 GiB, as memory slot `slot`.
 fn map_rom(
     kvm: &Kvm,
@@ -220,7 +230,9 @@ fn mmio_virtio(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     mmio: &mut Bus,
+    incoming: Option<&mut Vec<(Tap, [u8; 6])>>,
 ) -> Result<Vec<VirtioSlot>, VmError> {
+    let deferred = incoming.is_some();
     let mut virtio = Vec::new();
     let mut slot = 0usize;
     let mut add = |dev: Box<dyn VirtioDevice>| -> Result<Arc<Mutex<MmioTransport>>, VmError> {
@@ -243,14 +255,21 @@ fn mmio_virtio(
         Ok(t)
     };
     for (i, d) in cfg.disks.iter().enumerate() {
-        virtio.push(VirtioSlot::Disk(i, add(disk_device(d)?)?));
+        virtio.push(VirtioSlot::Disk(i, add(disk_device(d, deferred)?)?));
     }
+    let mut announce = incoming;
     for n in &cfg.nets {
         let tap = Tap::open(&n.tap)?;
-        // The VM may have run elsewhere a moment ago (a failover, a migration): its MAC is
-        // announced here at once.
-        tap.announce(n.mac)
-            .map_err(|e| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap)))?;
+        let cannot =
+            |e: std::io::Error| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap));
+        match announce.as_deref_mut() {
+            // A VM migrating in announces its MACs when it runs here, not while it still runs
+            // at the source.
+            Some(later) => later.push((tap.try_clone().map_err(cannot)?, n.mac)),
+            // The VM may have run elsewhere a moment ago (a failover): its MAC is announced
+            // here at once.
+            None => tap.announce(n.mac).map_err(cannot)?,
+        }
         virtio.push(VirtioSlot::Net(add(Box::new(Net::new(tap, n.mac)))?));
     }
     Ok(virtio)
@@ -401,10 +420,15 @@ fn boot_devices(
     }
 }
 
-/// The device serving a disk.
-fn disk_device(d: &crate::config::DiskConfig) -> Result<Box<dyn VirtioDevice>, VmError> {
+/// The device serving a disk. A `deferred` one (a VM migrating in) reaches its vhost-user
+/// backend only once the source let it go.
+fn disk_device(
+    d: &crate::config::DiskConfig,
+    deferred: bool,
+) -> Result<Box<dyn VirtioDevice>, VmError> {
     Ok(match d.kind {
         DiskKind::File => Box::new(Block::new(&d.path, d.readonly)?),
+        DiskKind::VhostUser if deferred => Box::new(VhostUserBlk::deferred(&d.path)),
         DiskKind::VhostUser => Box::new(VhostUserBlk::connect(&d.path)?),
     })
 }
@@ -442,7 +466,7 @@ fn pci_virtio(
         if d.bus != DiskBus::Virtio {
             continue;
         }
-        let (slot, t) = add_virtio_pci(vm, mem, bus, disk_device(d)?)?;
+        let (slot, t) = add_virtio_pci(vm, mem, bus, disk_device(d, false)?)?;
         disk_slots.push((i, slot));
         virtio.push(VirtioSlot::Disk(i, t));
     }
@@ -475,6 +499,8 @@ struct Vm {
     i8042: Arc<Mutex<I8042>>,
     pm: Arc<Mutex<AcpiPm>>,
     virtio: Vec<VirtioSlot>,
+    /// A VM migrating in: its NICs' taps and MACs, announced once it runs here.
+    announce: Vec<(Tap, [u8; 6])>,
 }
 
 /// Appends the virtio-mmio device list to the command line, the form
@@ -554,6 +580,7 @@ impl Vm {
         };
         let mut display = None;
         let mut tablet = None;
+        let mut announce = Vec::new();
 
         // Legacy devices, on every PC.
         let mut pio = Bus::default();
@@ -620,7 +647,8 @@ impl Vm {
                 let rsdp = acpi::write_tables(&mem, cfg.vcpus, &mmio_devices)?;
                 let cmdline = cmdline_with_devices(cmdline, device_count);
                 boot::write_boot_data(&mem, &kernel, &cmdline, initrd, rsdp, lfb.as_ref())?;
-                let virtio = mmio_virtio(cfg, &vm, &mem, &mut mmio)?;
+                let virtio =
+                    mmio_virtio(cfg, &vm, &mem, &mut mmio, parked.then_some(&mut announce))?;
                 (Some(kernel.entry), virtio)
             }
             Boot::Firmware {
@@ -795,6 +823,7 @@ impl Vm {
             i8042,
             pm,
             virtio,
+            announce,
         })
     }
 
@@ -814,15 +843,6 @@ impl Vm {
         let mut not = Vec::new();
         if matches!(cfg.boot, Boot::Firmware { .. }) {
             not.push("firmware boot (its PCI, SATA, VGA and RTC state)");
-        }
-        if !cfg.disks.is_empty() {
-            not.push("disks");
-        }
-        if !cfg.nets.is_empty() {
-            not.push("network cards");
-        }
-        if cfg.vnc.is_some() {
-            not.push("a graphical console");
         }
         (!not.is_empty()).then(|| {
             format!(
@@ -859,10 +879,35 @@ impl Vm {
             .map_err(|e| refused(format!("the migration stream: {e}")))?;
         let mut w = BufWriter::with_capacity(1 << 20, stream);
         let memory_bytes: u64 = self._mem.iter().map(|r| r.len()).sum();
+        // Guest RAM changes besides the vCPUs' writes (KVM's log): this VMM's own devices
+        // write it (the memory's bitmap), and so does each vhost-user backend (a log it
+        // shares, which it marks from now until the migration ends).
+        let vhost: Vec<&Arc<Mutex<dyn VirtioTransport>>> = self
+            .virtio
+            .iter()
+            .filter_map(|v| match v {
+                VirtioSlot::Disk(_, t) if as_vhost_user(lock(t).device_mut()).is_some() => Some(t),
+                _ => None,
+            })
+            .collect();
+        let shared = if vhost.is_empty() {
+            None
+        } else {
+            Some(
+                mig::SharedLog::new(&self._mem)
+                    .map_err(|e| refused(format!("the vhost-user dirty log: {e}")))?,
+            )
+        };
+        let log = VmDirtyLog {
+            kvm: mig::KvmLog(&self._vm),
+            mem: &self._mem,
+            shared: shared.as_ref(),
+        };
         let mut paused_at = None;
         let mut rounds = 0;
         let mut transferred = 0;
         let mut all_sent = false;
+        let mut paused_devices: Vec<&Arc<Mutex<dyn VirtioTransport>>> = Vec::new();
         let result = (|| -> Result<(), String> {
             mig::write_message(
                 &mut w,
@@ -873,13 +918,15 @@ impl Vm {
             )
             .map_err(|e| format!("the migration stream: {e}"))?;
             mig::log_dirty_pages(&self._vm, &self._mem, true).map_err(|e| e.to_string())?;
-            let (converged, unsent) = mig::precopy(
-                &mut w,
-                &self._vm,
-                &self._mem,
-                downtime,
-                MIGRATION_ROUNDS,
-                |p| {
+            if let Some(shared) = &shared {
+                for t in &vhost {
+                    if let Some(d) = as_vhost_user(lock(t).device_mut()) {
+                        d.start_log(shared)?;
+                    }
+                }
+            }
+            let (converged, unsent) =
+                mig::precopy(&mut w, &log, &self._mem, downtime, MIGRATION_ROUNDS, |p| {
                     rounds = p.round + 1;
                     transferred = p.transferred_bytes;
                     tracing::info!(
@@ -890,9 +937,8 @@ impl Vm {
                         expected_downtime_ms = p.expected_downtime_ms,
                         "migration round"
                     );
-                },
-            )
-            .map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
             if converged == mig::Converged::No {
                 return Err(format!(
                     "the guest writes its memory faster than the migration stream takes it: after {MIGRATION_ROUNDS} rounds the rest would still take more than {downtime:?}"
@@ -904,8 +950,20 @@ impl Vm {
             };
             paused_at = Some(Instant::now());
             self.pause();
-            transferred += mig::last_pages(&mut w, &self._vm, &self._mem, unsent)
-                .map_err(|e| e.to_string())?;
+            // The devices stop where they stand: nothing in flight, no more writes to RAM.
+            let mut virtio = Vec::new();
+            for v in &self.virtio {
+                let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                paused_devices.push(t);
+                let state = lock(t).pause().map_err(|e| format!("{}: {e}", v.name()))?;
+                let media = match v {
+                    VirtioSlot::Disk(..) => disk_media(t),
+                    VirtioSlot::Net(_) => None,
+                };
+                virtio.push(mig::VirtioDeviceState { media, state });
+            }
+            transferred +=
+                mig::last_pages(&mut w, &log, &self._mem, unsent).map_err(|e| e.to_string())?;
             let vm_state = crate::snapshot::VmState::save(&self._vm).map_err(|e| e.to_string())?;
             mig::write_message(&mut w, &Message::Vm(Box::new(vm_state)))
                 .map_err(|e| format!("the migration stream: {e}"))?;
@@ -925,9 +983,23 @@ impl Vm {
                 serial: lock(&self.serial).state(),
                 i8042: lock(&self.i8042).state(),
                 pm: lock(&self.pm).state(),
+                virtio,
             };
             mig::write_message(&mut w, &Message::Devices(Box::new(devices)))
-                .and_then(|()| mig::write_message(&mut w, &Message::Done))
+                .map_err(|e| format!("the migration stream: {e}"))?;
+            if let Some(fb) = &self.fb {
+                let bytes = fb.save();
+                mig::write_message(
+                    &mut w,
+                    &Message::Framebuffer {
+                        len: bytes.len() as u64,
+                    },
+                )
+                .and_then(|()| std::io::Write::write_all(&mut w, &bytes))
+                .map_err(|e| format!("the migration stream: {e}"))?;
+                transferred += bytes.len() as u64;
+            }
+            mig::write_message(&mut w, &Message::Done)
                 .map_err(|e| format!("the migration stream: {e}"))?;
             // From the flush on, the target may hold all it needs to run the VM.
             all_sent = true;
@@ -950,7 +1022,17 @@ impl Vm {
                 })
             }
             Err(why) if !all_sent => {
-                // Still ours: it runs here as before.
+                // Still ours: it runs here as before, its devices from where they stopped.
+                for t in &vhost {
+                    if let Some(d) = as_vhost_user(lock(t).device_mut()) {
+                        d.stop_log();
+                    }
+                }
+                for t in paused_devices {
+                    if let Err(e) = lock(t).unpause() {
+                        tracing::error!(error = %e, "a device paused for the migration does not run again");
+                    }
+                }
                 let _ = mig::log_dirty_pages(&self._vm, &self._mem, false);
                 self.resume();
                 tracing::warn!(why = %why, "live migration failed; the VM runs on here");
@@ -984,8 +1066,13 @@ impl Vm {
                 return Err(why);
             }
             let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
-            let got = mig::receive(&mut r, &self._mem, u32::from(cfg.vcpus))
-                .map_err(|e| e.to_string())?;
+            let got = mig::receive(
+                &mut r,
+                &self._mem,
+                u32::from(cfg.vcpus),
+                self.fb.as_ref().map(|f| f.size()),
+            )
+            .map_err(|e| e.to_string())?;
             let devices = got.devices.ok_or("no device state in the stream")?;
             got.vm
                 .expect("receive checks it came")
@@ -1003,6 +1090,31 @@ impl Vm {
                 .map_err(|e| e.to_string())?;
             lock(&self.i8042).restore(&devices.i8042);
             lock(&self.pm).restore(&devices.pm);
+            if let (Some(fb), Some(bytes)) = (&self.fb, &got.framebuffer) {
+                if !fb.load(bytes) {
+                    return Err("the framebuffer differs in size".into());
+                }
+            }
+            if devices.virtio.len() != self.virtio.len() {
+                return Err(format!(
+                    "{} virtio devices at the source, {} here",
+                    devices.virtio.len(),
+                    self.virtio.len()
+                ));
+            }
+            // All of RAM is here: the devices may start (the vCPUs stay parked).
+            for (v, d) in self.virtio.iter().zip(&devices.virtio) {
+                let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                let mut t = lock(t);
+                if let Some(b) = as_block(t.device_mut()) {
+                    if b.readonly() && b.media() != d.media {
+                        b.change_media(d.media.as_deref())
+                            .map_err(|e| format!("{}: {e}", v.name()))?;
+                    }
+                }
+                t.restore(&d.state)
+                    .map_err(|e| format!("{}: {e}", v.name()))?;
+            }
             Ok(())
         })();
         match result {
@@ -1012,6 +1124,11 @@ impl Vm {
                 mig::write_message(&mut writer, &Message::Resumed)
                     .map_err(|e| format!("telling the source VMM: {e}"))?;
                 self.resume();
+                for (tap, mac) in &self.announce {
+                    if let Err(e) = tap.announce(*mac) {
+                        tracing::warn!(tap = tap.name(), error = %e, "cannot announce the VM's MAC");
+                    }
+                }
                 tracing::info!("the migrated VM runs here");
                 Ok(())
             }
@@ -1535,6 +1652,36 @@ fn disk_media(t: &Arc<Mutex<dyn VirtioTransport>>) -> Option<std::path::PathBuf>
 
 fn as_block(dev: &mut dyn crate::devices::virtio::VirtioDevice) -> Option<&mut Block> {
     dev.as_any_mut().downcast_mut::<Block>()
+}
+
+fn as_vhost_user(dev: &mut dyn crate::devices::virtio::VirtioDevice) -> Option<&mut VhostUserBlk> {
+    dev.as_any_mut().downcast_mut::<VhostUserBlk>()
+}
+
+/// Where a live migration learns what changed in guest RAM: KVM's log (the vCPUs), the
+/// memory's own bitmap (this VMM's devices) and the vhost-user backends' shared log.
+struct VmDirtyLog<'a> {
+    kvm: crate::migration::KvmLog<'a>,
+    mem: &'a GuestMemory,
+    shared: Option<&'a crate::migration::SharedLog>,
+}
+
+impl crate::migration::DirtyLog for VmDirtyLog<'_> {
+    fn take(&self, slot: usize, len: u64) -> Result<Vec<u64>, crate::migration::MigrationError> {
+        let mut words = self.kvm.take(slot, len)?;
+        let mut or = |more: Vec<u64>| {
+            for (w, m) in words.iter_mut().zip(more) {
+                *w |= m;
+            }
+        };
+        if let Some(r) = self.mem.iter().nth(slot) {
+            or(std::ops::Deref::deref(r).bitmap().get_and_reset());
+        }
+        if let Some(shared) = self.shared {
+            or(shared.take(slot, len)?);
+        }
+        Ok(words)
+    }
 }
 
 #[cfg(test)]

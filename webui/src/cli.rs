@@ -1169,7 +1169,13 @@ fn disk_growth(s: &str) -> Result<(usize, u64), String> {
     let (n, gib) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: DISK=GIB, as 1=20 (Disk1 to 20 GiB)"))?;
-    let n = n.trim().parse().map_err(|_| format!("{n:?} is not a disk number (0-3)"))?;
-    let gib = gib.trim().parse().map_err(|_| format!("{gib:?} is not a number of GiB"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a disk number (0-3)"))?;
+    let gib = gib
+        .trim()
+        .parse()
+        .map_err(|_| format!("{gib:?} is not a number of GiB"))?;
     Ok((n, gib))
 }

@@ -524,11 +524,15 @@ impl App {
                             )?,
                             grow_disks: {
                                 let gib: Vec<u64> = body.grow_disks.iter().map(|g| g.gib).collect();
-                                let sizes = disk_sizes("grow_disks", &gib, state_machine::MAX_VM_DISKS)?;
+                                let sizes =
+                                    disk_sizes("grow_disks", &gib, state_machine::MAX_VM_DISKS)?;
                                 body.grow_disks
                                     .iter()
                                     .zip(sizes)
-                                    .map(|(g, size)| state_machine::DiskGrowth { disk: g.disk, size })
+                                    .map(|(g, size)| state_machine::DiskGrowth {
+                                        disk: g.disk,
+                                        size,
+                                    })
                                     .collect()
                             },
                         },
@@ -1299,9 +1303,13 @@ pub async fn ensure_manager(app: Arc<App>, first: crate::FirstManager) {
     // The cluster holds the user (its password's hash): the password's file has done its work.
     if let Some(file) = forget {
         match std::fs::remove_file(&file) {
-            Ok(()) => tracing::info!(file = %file.display(), "deleted the first Manager's password file"),
+            Ok(()) => {
+                tracing::info!(file = %file.display(), "deleted the first Manager's password file")
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!(file = %file.display(), error = %e, "cannot delete the first Manager's password file"),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "cannot delete the first Manager's password file")
+            }
         }
     }
 }

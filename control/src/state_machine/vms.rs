@@ -398,7 +398,11 @@ impl StateMachine {
                     self.add_disks(&mut new, add_disks, writes)?;
                 }
                 for (d, size) in grown {
-                    let i = v.disks.iter().position(|n| *n == d.name).unwrap_or_default();
+                    let i = v
+                        .disks
+                        .iter()
+                        .position(|n| *n == d.name)
+                        .unwrap_or_default();
                     what += &format!(", Disk{i} grown to {} GiB", size.div_ceil(1 << 30));
                     let record = DiskRecord { size, ..d };
                     writes.push((disk_key(&record.name), Some(json_bytes(&record))));
@@ -585,7 +589,11 @@ mod tests {
             memory_mib: 1024,
             disk_gib,
         };
-        let p = id(act(&mut sm, 0, new_user("p", Role::PowerUser, None, Some(quota(8)))));
+        let p = id(act(
+            &mut sm,
+            0,
+            new_user("p", Role::PowerUser, None, Some(quota(8))),
+        ));
         let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
         let mut v = new_vm("v", &[]);
         v.disk_size = GIB;
@@ -622,7 +630,8 @@ mod tests {
         assert_eq!(sizes(&sm), [2 * GIB, 3 * GIB]);
         let last = sm.audit.values().last().unwrap();
         assert!(
-            last.target.contains("Disk1 grown to 3 GiB") && last.target.contains("Disk0 grown to 2 GiB"),
+            last.target.contains("Disk1 grown to 3 GiB")
+                && last.target.contains("Disk0 grown to 2 GiB"),
             "{}",
             last.target
         );

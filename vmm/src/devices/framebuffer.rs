@@ -232,6 +232,29 @@ impl Framebuffer {
         self.map.as_ptr() as u64
     }
 
+    /// Its whole memory, for a live migration (with the vCPUs paused).
+    pub fn save(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.map.len()];
+        // SAFETY: the mapping is `len` readable bytes, alive while self is; `out` is ours.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr(), out.as_mut_ptr(), out.len()) };
+        out
+    }
+
+    /// Takes a migrated framebuffer's memory; false, changing nothing, when its size differs.
+    pub fn load(&self, bytes: &[u8]) -> bool {
+        if bytes.len() != self.map.len() {
+            return false;
+        }
+        // SAFETY: the mapping is `len` writable bytes, alive while self is; `bytes` is not it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_ptr(), bytes.len()) };
+        // KVM logs only the guest's writes: this one marks every page.
+        let mut t = lock(&self.tracking);
+        t.generation += 1;
+        let g = t.generation;
+        t.pages.fill(g);
+        true
+    }
+
     /// Paints everything black, as firmware does before a boot.
     pub fn clear(&self) {
         // SAFETY: the mapping is `len` writable bytes, alive while self is.

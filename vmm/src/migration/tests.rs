@@ -100,7 +100,7 @@ fn a_running_guest_s_ram_is_precopied_in_rounds_and_the_copy_goes_on_counting() 
     let (dst_vm, mut dst_vcpu, dst_mem) = vm(&kvm);
     let target = {
         let dst_mem = dst_mem.clone();
-        std::thread::spawn(move || receive(&mut rx, &dst_mem, 1))
+        std::thread::spawn(move || receive(&mut rx, &dst_mem, 1, None))
     };
     write_message(
         &mut tx,
@@ -113,15 +113,22 @@ fn a_running_guest_s_ram_is_precopied_in_rounds_and_the_copy_goes_on_counting() 
     let mut rounds = Vec::new();
     // A budget no round meets while the guest dirties memory; between rounds the guest is let
     // count on (20 counts: two pages or more), so each round after the first has pages to send.
-    let (converged, unsent) = precopy(&mut tx, &src_vm, &src_mem, Duration::ZERO, 4, |p| {
-        rounds.push(*p);
-        let from = last.load(Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while last.load(Ordering::SeqCst).wrapping_sub(from) % 256 < 20 {
-            assert!(Instant::now() < deadline, "the guest stopped counting");
-            std::thread::yield_now();
-        }
-    })
+    let (converged, unsent) = precopy(
+        &mut tx,
+        &KvmLog(&src_vm),
+        &src_mem,
+        Duration::ZERO,
+        4,
+        |p| {
+            rounds.push(*p);
+            let from = last.load(Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while last.load(Ordering::SeqCst).wrapping_sub(from) % 256 < 20 {
+                assert!(Instant::now() < deadline, "the guest stopped counting");
+                std::thread::yield_now();
+            }
+        },
+    )
     .unwrap();
     assert!(!rounds.is_empty() && rounds.len() <= 4, "{rounds:?}");
     assert!(rounds[0].transferred_bytes >= RAM, "{rounds:?}");
@@ -147,7 +154,7 @@ fn a_running_guest_s_ram_is_precopied_in_rounds_and_the_copy_goes_on_counting() 
     park.store(true, Ordering::SeqCst);
     let vcpu = runner.join().unwrap();
     let stopped_at = last.load(Ordering::SeqCst) as u8;
-    last_pages(&mut tx, &src_vm, &src_mem, unsent).unwrap();
+    last_pages(&mut tx, &KvmLog(&src_vm), &src_mem, unsent).unwrap();
     let msrs = msr_list(&kvm).unwrap();
     write_message(
         &mut tx,
@@ -199,7 +206,9 @@ fn a_stream_that_writes_outside_guest_ram_or_skips_its_hello_is_refused() {
             write_message(&mut s, m).unwrap();
         }
         s.extend_from_slice(extra);
-        receive(&mut s.as_slice(), &mem, 1).unwrap_err().to_string()
+        receive(&mut s.as_slice(), &mem, 1, None)
+            .unwrap_err()
+            .to_string()
     };
     let hello = Message::Hello {
         memory_bytes: 0x10000,
@@ -254,7 +263,9 @@ fn a_stream_that_writes_outside_guest_ram_or_skips_its_hello_is_refused() {
     // A header claiming more than the limit is refused before anything is read for it.
     let mut s = (u32::MAX).to_le_bytes().to_vec();
     s.extend_from_slice(b"{}");
-    let e = receive(&mut s.as_slice(), &mem, 1).unwrap_err().to_string();
+    let e = receive(&mut s.as_slice(), &mem, 1, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("at most"), "{e}");
     // Nothing was written into guest RAM by any of them.
     let mut back = vec![1u8; 0x10000];

@@ -84,6 +84,11 @@ impl MmioTransport {
     pub fn config_changed(&mut self) {
         self.state.config_changed();
     }
+
+    /// The transport's state, for a live migration.
+    pub fn state_mut(&mut self) -> &mut VirtioState {
+        &mut self.state
+    }
 }
 
 impl BusDevice for MmioTransport {

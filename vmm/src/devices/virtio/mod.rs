@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
+
+pub use transport::VirtioSnapshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::msix::Msix;
@@ -156,6 +158,19 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Takes a migrated device's InterruptStatus; set bits are raised again (a guest that had
+    /// not handled them yet is told once more; one with nothing to do ignores it).
+    pub fn restore(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            if let Line::Irqfd(fd) = &self.line {
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!(error = %e, "cannot raise virtio interrupt");
+                }
+            }
+        }
+    }
+
     /// The guest acknowledges `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -169,6 +184,27 @@ impl Interrupt {
             (p.intx)(false);
         }
         v
+    }
+}
+
+/// Where a device stands in one ring: the next descriptor chain it takes off the available ring
+/// and the next entry it writes in the used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RingPosition {
+    /// Next available index.
+    pub next_avail: u16,
+    /// Next used index.
+    pub next_used: u16,
+}
+
+impl RingPosition {
+    /// Where a worker's `queue` stands.
+    pub fn of(queue: &Queue) -> RingPosition {
+        use virtio_queue::QueueT;
+        RingPosition {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
     }
 }
 
@@ -195,6 +231,21 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), String>;
     /// Stops the device after a reset; its worker must be gone on return.
     fn reset(&mut self);
+    /// Stops the running device where it stands, for a live migration: on return nothing is
+    /// in flight and it writes guest memory no more. Where it stands in each ring: the next
+    /// available and the next used index. `activate` with queues at those places starts it
+    /// again. A device that cannot be migrated refuses, saying why.
+    fn pause(&mut self, _mem: &GuestMemory) -> Result<Vec<RingPosition>, String> {
+        Err(format!(
+            "a virtio device of type {} cannot be migrated",
+            self.device_type()
+        ))
+    }
+    /// Reaches what the device needs outside this process (a vhost-user backend) before it
+    /// takes a migrated state, so that its features and configuration are known.
+    fn connect(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// For device-specific control (media change).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
@@ -205,6 +256,13 @@ pub trait VirtioTransport: Send {
     fn device_mut(&mut self) -> &mut dyn VirtioDevice;
     /// Notes a configuration change and tells the guest.
     fn config_changed(&mut self);
+    /// Stops the device where it stands for a live migration; its state and the transport's
+    /// ([`transport::VirtioState::pause`]).
+    fn pause(&mut self) -> Result<VirtioSnapshot, String>;
+    /// Runs a paused device again here: the migration failed.
+    fn unpause(&mut self) -> Result<(), String>;
+    /// Takes a migrated device's state, on a device no guest has touched.
+    fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String>;
 }
 
 impl VirtioTransport for mmio::MmioTransport {
@@ -214,6 +272,15 @@ impl VirtioTransport for mmio::MmioTransport {
     fn config_changed(&mut self) {
         mmio::MmioTransport::config_changed(self)
     }
+    fn pause(&mut self) -> Result<VirtioSnapshot, String> {
+        self.state_mut().pause()
+    }
+    fn unpause(&mut self) -> Result<(), String> {
+        self.state_mut().unpause()
+    }
+    fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String> {
+        self.state_mut().restore(snap)
+    }
 }
 
 impl VirtioTransport for pci::VirtioPci {
@@ -222,6 +289,17 @@ impl VirtioTransport for pci::VirtioPci {
     }
     fn config_changed(&mut self) {
         pci::VirtioPci::config_changed(self)
+    }
+    // The PCI function's own state (its configuration space, BARs and MSI-X table) is not
+    // carried yet: firmware-booted VMs are refused before any device is paused.
+    fn pause(&mut self) -> Result<VirtioSnapshot, String> {
+        Err("live migration of virtio-pci devices is not built yet".into())
+    }
+    fn unpause(&mut self) -> Result<(), String> {
+        Err("live migration of virtio-pci devices is not built yet".into())
+    }
+    fn restore(&mut self, _snap: &VirtioSnapshot) -> Result<(), String> {
+        Err("live migration of virtio-pci devices is not built yet".into())
     }
 }
 

@@ -13,10 +13,11 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, Interrupt, VirtioDevice};
+use super::{features, Interrupt, RingPosition, VirtioDevice};
 use crate::memory::GuestMemory;
 
 /// Device status bits.
@@ -33,6 +34,58 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     /// The driver gave up on the device.
     pub const FAILED: u32 = 0x80;
+}
+
+/// Bytes of a device's configuration space a migration compares: the target's device must
+/// show the guest what the source's did (a disk's capacity, a NIC's address).
+const CONFIG_COMPARED: usize = 64;
+
+/// One queue as the driver set it up, and where the device stood in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The size the device offers.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver finished setting it up.
+    pub ready: bool,
+    /// Guest-physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Of the available ring.
+    pub avail_ring: u64,
+    /// Of the used ring.
+    pub used_ring: u64,
+    /// Where the device stood.
+    pub position: RingPosition,
+    /// Notification suppression by event index.
+    pub event_idx: bool,
+}
+
+/// A virtio device's state as a live migration carries it: the transport's registers and each
+/// queue. The device's own state is its configuration space (compared, not carried: the
+/// target's device is the same disk or NIC) and where it stands in its rings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    /// The device type, checked by the target.
+    pub device_type: u32,
+    /// The first bytes of its configuration space.
+    pub config: Vec<u8>,
+    /// The device status register.
+    pub status: u32,
+    /// The features the driver took.
+    pub driver_features: u64,
+    /// The driver's selectors.
+    pub queue_sel: u32,
+    /// Which word of the device's features the driver reads.
+    pub device_features_sel: u32,
+    /// Which word of its own features the driver writes.
+    pub driver_features_sel: u32,
+    /// The configuration generation counter.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Each queue.
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// A device and the transport-independent state around it.
@@ -224,6 +277,160 @@ impl VirtioState {
             }
         }
         self.status = new;
+    }
+
+    /// Whether the device runs: the driver finished and activation succeeded.
+    fn running(&self) -> bool {
+        self.status & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET) == status::DRIVER_OK
+    }
+
+    fn config_bytes(&self) -> Vec<u8> {
+        let mut c = vec![0u8; CONFIG_COMPARED];
+        self.device.read_config(0, &mut c);
+        c
+    }
+
+    /// Stops the device where it stands for a live migration (nothing in flight on return,
+    /// no more writes to guest memory) and says what a target needs to take it over.
+    pub fn pause(&mut self) -> Result<VirtioSnapshot, String> {
+        if self.running() {
+            let at = self.device.pause(&self.mem)?;
+            if at.len() != self.queues.len() {
+                return Err(format!(
+                    "the device stood in {} rings of {}",
+                    at.len(),
+                    self.queues.len()
+                ));
+            }
+            for (q, p) in self.queues.iter_mut().zip(at) {
+                q.set_next_avail(p.next_avail);
+                q.set_next_used(p.next_used);
+            }
+        }
+        Ok(VirtioSnapshot {
+            device_type: self.device.device_type(),
+            config: self.config_bytes(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    position: RingPosition::of(q),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Runs a device [`VirtioState::pause`] stopped again, from where it stood: the migration
+    /// failed and the VM goes on here.
+    pub fn unpause(&mut self) -> Result<(), String> {
+        if !self.running() {
+            return Ok(());
+        }
+        self.activate().inspect_err(|_| {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            self.config_changed();
+        })
+    }
+
+    /// Takes a migrated device's state, on a device no guest has touched, and runs it if it ran
+    /// at the source. Everything in `snap` came over the wire: checked, never trusted (a queue
+    /// outside guest memory, features this device does not offer, a different device).
+    pub fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String> {
+        if self.status != 0 {
+            return Err("the device was already in use here".into());
+        }
+        self.device.connect()?;
+        let ty = self.device.device_type();
+        if snap.device_type != ty {
+            return Err(format!(
+                "the source's device is of type {}, this one of type {ty}",
+                snap.device_type
+            ));
+        }
+        if snap.config != self.config_bytes() {
+            return Err(
+                "the device here differs from the source's (its configuration space: a disk of another size, or a NIC with another address)"
+                    .into(),
+            );
+        }
+        if snap.driver_features & !self.device.features() != 0 {
+            return Err(format!(
+                "the driver took features {:#x} this device does not offer",
+                snap.driver_features & !self.device.features()
+            ));
+        }
+        if snap.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues at the source, {} here",
+                snap.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::new();
+        for (i, (q, mine)) in snap.queues.iter().zip(&self.queues).enumerate() {
+            if q.max_size != mine.max_size() {
+                return Err(format!(
+                    "queue {i} holds {} descriptors at the source, {} here",
+                    q.max_size,
+                    mine.max_size()
+                ));
+            }
+            let mut restored = Queue::new(q.max_size).map_err(|e| format!("queue {i}: {e:?}"))?;
+            if !q.ready {
+                // What the driver wrote so far, checked as its register writes are.
+                let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+                restored.set_size(q.size);
+                let (lo, hi) = split(q.desc_table);
+                restored.set_desc_table_address(lo, hi);
+                let (lo, hi) = split(q.avail_ring);
+                restored.set_avail_ring_address(lo, hi);
+                let (lo, hi) = split(q.used_ring);
+                restored.set_used_ring_address(lo, hi);
+            } else {
+                restored = Queue::try_from(QueueState {
+                    max_size: q.max_size,
+                    next_avail: q.position.next_avail,
+                    next_used: q.position.next_used,
+                    event_idx_enabled: q.event_idx,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .map_err(|e| format!("queue {i}: {e:?}"))?;
+            }
+            queues.push(restored);
+        }
+        self.queues = queues;
+        self.queue_sel = snap.queue_sel;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.driver_features = snap.driver_features;
+        self.config_generation = snap.config_generation;
+        self.status = snap.status;
+        if self.running() {
+            if let Err(e) = self.activate() {
+                self.status = 0;
+                return Err(e);
+            }
+        }
+        self.interrupt.restore(snap.interrupt_status);
+        Ok(())
     }
 
     fn activate(&mut self) -> Result<(), String> {

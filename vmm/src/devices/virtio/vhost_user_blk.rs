@@ -28,13 +28,13 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{QueueHandler, Worker};
-use super::{features, ids, read_config_bytes, Interrupt, VirtioDevice};
+use super::{features, ids, read_config_bytes, Interrupt, RingPosition, VirtioDevice};
 use crate::memory::GuestMemory;
 
 /// Queue size offered to the guest; the backend may take up to this.
@@ -90,16 +90,36 @@ pub struct VhostUserBlk {
     /// Declared before `frontend`: the relay watches the socket and must
     /// stop before it closes.
     started: Option<Started>,
-    frontend: Frontend,
+    /// None before a migrated VM's disk reaches its backend, and after a live migration
+    /// handed the backend over.
+    frontend: Option<Frontend>,
     features: u64,
     config: [u8; CONFIG_LEN],
     hung_up: Arc<AtomicBool>,
+    /// The backend keeps a dirty log of its writes into guest memory when asked (live
+    /// migration: the LOG_SHMFD protocol feature and VHOST_F_LOG_ALL).
+    can_log: bool,
+    /// The log of a live migration under way (its memfd and size), also handed to a ring the
+    /// guest starts meanwhile.
+    log: Option<(RawFd, u64)>,
 }
 
 /// A ring the backend is serving.
 struct Started {
     queues: usize,
     relay: Worker<CallRelay>,
+    /// The features the driver took.
+    acked: u64,
+    /// Each queue's used ring, guest-physical.
+    used_rings: Vec<u64>,
+}
+
+/// What the handshake with a backend learnt.
+struct Handshake {
+    frontend: Frontend,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    can_log: bool,
 }
 
 /// Connects to `socket`, waiting for it to appear for a while.
@@ -124,6 +144,36 @@ fn connect_socket(socket: &Path) -> std::io::Result<UnixStream> {
 impl VhostUserBlk {
     /// Connects to the backend at `socket` and learns the disk from it.
     pub fn connect(socket: &Path) -> Result<VhostUserBlk, VhostUserBlkError> {
+        let h = Self::handshake(socket)?;
+        Ok(VhostUserBlk {
+            socket: socket.to_path_buf(),
+            started: None,
+            frontend: Some(h.frontend),
+            features: h.features,
+            config: h.config,
+            hung_up: Arc::new(AtomicBool::new(false)),
+            can_log: h.can_log,
+            log: None,
+        })
+    }
+
+    /// A disk of a VM that comes by live migration: it reaches the backend at `socket` only
+    /// when the migrated state arrives ([`VirtioDevice::connect`]), once the source let the
+    /// backend go.
+    pub fn deferred(socket: &Path) -> VhostUserBlk {
+        VhostUserBlk {
+            socket: socket.to_path_buf(),
+            started: None,
+            frontend: None,
+            features: 0,
+            config: [0; CONFIG_LEN],
+            hung_up: Arc::new(AtomicBool::new(false)),
+            can_log: false,
+            log: None,
+        }
+    }
+
+    fn handshake(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
         let path = socket.to_path_buf();
         let stream = connect_socket(socket)
             .and_then(|s| {
@@ -163,7 +213,11 @@ impl VhostUserBlk {
                 what: "the CONFIG protocol feature (config space)",
             });
         }
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD;
+        let can_log = proto.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            && offered & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         fe.set_protocol_features(proto & wanted)
             .map_err(step("set protocol features"))?;
         let (_, bytes) = fe
@@ -178,19 +232,78 @@ impl VhostUserBlk {
         config.copy_from_slice(&bytes[..CONFIG_LEN]);
         let capacity = u64::from_le_bytes(config[0..8].try_into().expect("8 bytes"));
         tracing::info!(socket = %socket.display(), sectors = capacity, features = format_args!("{offered:#x}"), "vhost-user-blk backend connected");
-        Ok(VhostUserBlk {
-            socket: path,
-            started: None,
+        Ok(Handshake {
             frontend: fe,
             features: offered & GUEST_FEATURES,
             config,
-            hung_up: Arc::new(AtomicBool::new(false)),
+            can_log,
         })
     }
 
-    /// The backend's socket.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The connection to the backend; after a live migration handed it over, a new one.
+    fn frontend(&mut self) -> Result<&mut Frontend, String> {
+        if self.frontend.is_none() {
+            let h = Self::handshake(&self.socket).map_err(|e| e.to_string())?;
+            if self.features != 0 && (h.features != self.features || h.config != self.config) {
+                return Err(format!(
+                    "vhost-user-blk backend {} now offers another disk",
+                    self.socket.display()
+                ));
+            }
+            self.features = h.features;
+            self.config = h.config;
+            self.can_log = h.can_log;
+            self.hung_up.store(false, Ordering::SeqCst);
+            self.frontend = Some(h.frontend);
+        }
+        Ok(self.frontend.as_mut().expect("just set"))
+    }
+
+    /// Has the backend mark every page it writes in guest memory in `log` (live migration),
+    /// from now on (and from its start, should the guest start the disk meanwhile) until the
+    /// disk is handed over; `log` must outlive that or [`VhostUserBlk::stop_log`].
+    pub fn start_log(&mut self, log: &crate::migration::SharedLog) -> Result<(), String> {
+        if !self.can_log && self.frontend.is_some() {
+            return Err(format!(
+                "vhost-user-blk backend {} keeps no dirty log (LOG_SHMFD, LOG_ALL)",
+                self.socket.display()
+            ));
+        }
+        self.log = Some((log.fd(), log.size()));
+        let Some(acked) = self.started.as_ref().map(|s| s.acked) else {
+            return Ok(());
+        };
+        self.send_log(acked)
+            .map_err(|e| format!("vhost-user-blk backend {}: {e}", self.socket.display()))
+    }
+
+    /// The migration ended here (it failed): the log is the caller's no more. (The backend
+    /// goes on marking the log it mapped until the next connection: harmless.)
+    pub fn stop_log(&mut self) {
+        self.log = None;
+    }
+
+    fn send_log(&mut self, acked: u64) -> Result<(), String> {
+        let Some((fd, size)) = self.log else {
+            return Ok(());
+        };
+        let fe = self.frontend()?;
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: size,
+                mmap_offset: 0,
+                mmap_handle: fd,
+            }),
+        )
+        .and_then(|()| {
+            fe.set_features(
+                acked
+                    | VhostUserVirtioFeatures::LOG_ALL.bits()
+                    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            )
+        })
+        .map_err(|e| format!("its dirty log: {e}"))
     }
 
     /// Hands the started queues to the backend.
@@ -202,7 +315,7 @@ impl VhostUserBlk {
         kicks: &[EventFd],
         call: &EventFd,
     ) -> Result<(), String> {
-        let fe = &mut self.frontend;
+        let fe = self.frontend()?;
         let fail = |what: &str| {
             let what = what.to_string();
             move |e: vhost::Error| format!("{what}: {e}")
@@ -218,6 +331,8 @@ impl VhostUserBlk {
             .map_err(fail("describe guest RAM"))?;
         fe.set_mem_table(&regions)
             .map_err(fail("share guest RAM"))?;
+        self.send_log(acked)?;
+        let fe = self.frontend()?;
         let host = |a: u64| {
             mem.get_host_address(GuestAddress(a))
                 .map(|p| p as u64)
@@ -285,10 +400,11 @@ impl VirtioDevice for VhostUserBlk {
         let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("call eventfd: {e}"))?;
         self.start(&mem, features, &queues, &queue_evts, &call)
             .map_err(|e| format!("vhost-user-blk backend {socket}: {e}"))?;
+        let socket_fd = self.frontend()?.as_raw_fd();
         let relay = CallRelay {
             call,
             interrupt,
-            socket_fd: self.frontend.as_raw_fd(),
+            socket_fd,
             socket: socket.clone(),
             hung_up: self.hung_up.clone(),
         };
@@ -300,8 +416,47 @@ impl VirtioDevice for VhostUserBlk {
         self.started = Some(Started {
             queues: queues.len(),
             relay,
+            acked: features,
+            used_rings: queues.iter().map(|q| q.used_ring()).collect(),
         });
         Ok(())
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        self.frontend().map(|_| ())
+    }
+
+    // The backend finishes every request it took before it answers GET_VRING_BASE; then the
+    // connection is closed, so that the target's VMM may take the backend (it serves one
+    // frontend at a time). `activate` connects again should the migration fail.
+    fn pause(&mut self, mem: &GuestMemory) -> Result<Vec<RingPosition>, String> {
+        let socket = self.socket.display().to_string();
+        let started = self
+            .started
+            .take()
+            .ok_or_else(|| format!("vhost-user-blk backend {socket}: the disk is not running"))?;
+        started.relay.stop();
+        if self.hung_up.load(Ordering::SeqCst) {
+            self.frontend = None;
+            return Err(format!("vhost-user-blk backend {socket} is gone"));
+        }
+        let fe = self.frontend()?;
+        let mut at = Vec::new();
+        for (i, used) in started.used_rings.iter().enumerate() {
+            let next_avail = fe
+                .set_vring_enable(i, false)
+                .and_then(|()| fe.get_vring_base(i))
+                .map_err(|e| format!("vhost-user-blk backend {socket}: stopping its ring: {e}"))?;
+            let next_used: u16 = mem
+                .read_obj(GuestAddress(used + 2))
+                .map_err(|e| format!("the disk's used ring at {used:#x}: {e}"))?;
+            at.push(RingPosition {
+                next_avail: next_avail as u16,
+                next_used,
+            });
+        }
+        self.frontend = None;
+        Ok(at)
     }
 
     fn reset(&mut self) {
@@ -314,12 +469,14 @@ impl VirtioDevice for VhostUserBlk {
         if self.hung_up.load(Ordering::SeqCst) {
             return;
         }
+        let Some(fe) = self.frontend.as_mut() else {
+            return;
+        };
         for i in 0..started.queues {
             // GET_VRING_BASE returns once the backend finished the requests it took.
-            let r = self
-                .frontend
+            let r = fe
                 .set_vring_enable(i, false)
-                .and_then(|()| self.frontend.get_vring_base(i));
+                .and_then(|()| fe.get_vring_base(i));
             if let Err(e) = r {
                 tracing::error!(socket = %self.socket.display(), queue = i, error = %e, "cannot stop the vhost-user-blk ring");
             }
@@ -493,6 +650,79 @@ mod tests {
             interrupt.ack(u32::MAX);
             dev.reset();
         }
+        drop(dev);
+        server.stop().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Live migration's part of the device: the backend marks in a log shared with the VMM
+    /// the pages it writes into guest memory (the data it read, the status byte, the used
+    /// ring), once asked and not before, and never a page it only reads; a paused ring says
+    /// where it stood and lets the backend go to another frontend.
+    #[test]
+    fn the_backend_logs_its_writes_once_asked_and_a_paused_ring_says_where_it_stood() {
+        use crate::migration::{pages_of, DirtyLog, SharedLog};
+        use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+        let (dir, server, mut dev) = backend("log");
+        let mem = crate::memory::create(16).unwrap().0;
+        let log = SharedLog::new(&mem).unwrap();
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let used = start_read(&mut dev, &mem, &interrupt, &kick);
+        let used_idx = || mem.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+        wait_until("first read", || used_idx() == 1);
+        assert_eq!(pages_of(&log.take(0, 16 << 20).unwrap()), Vec::<u64>::new());
+
+        // Asked while the ring runs; a second read on it, descriptors 3 to 5.
+        dev.start_log(&log).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x40000)).unwrap();
+        let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        for (i, d) in [
+            SplitDescriptor::new(0x20000, 16, n, 4),
+            SplitDescriptor::new(0x30000, 512, w | n, 5),
+            SplitDescriptor::new(0x40000, 1, w, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(RawDescriptor::from(d), GuestAddress(16 * (3 + i as u64)))
+                .unwrap();
+        }
+        // MockSplitQueue's layout: 16 descriptors from 0, then the available ring (its flags,
+        // its index, its entries).
+        let avail = GuestAddress(16 * 16);
+        mem.write_obj(3u16, avail.unchecked_add(4 + 2)).unwrap();
+        mem.write_obj(2u16, avail.unchecked_add(2)).unwrap();
+        kick.write(1).unwrap();
+        wait_until("second read", || used_idx() == 2);
+        let pages = pages_of(&log.take(0, 16 << 20).unwrap());
+        for (what, page) in [
+            ("data", 0x30),
+            ("status", 0x40),
+            ("used ring", used.0 / 4096),
+        ] {
+            assert!(
+                pages.contains(&page),
+                "the {what} page {page:#x} is not in {pages:x?}"
+            );
+        }
+        assert!(
+            !pages.contains(&0x20),
+            "the header, only read, is marked: {pages:x?}"
+        );
+        assert_eq!(pages_of(&log.take(0, 16 << 20).unwrap()), Vec::<u64>::new());
+
+        let at = dev.pause(&mem).unwrap();
+        assert_eq!(
+            at,
+            vec![RingPosition {
+                next_avail: 2,
+                next_used: 2
+            }]
+        );
+        // The backend serves another frontend now (it serves one at a time).
+        let other = VhostUserBlk::connect(server.socket()).unwrap();
+        drop(other);
         drop(dev);
         server.stop().unwrap();
         std::fs::remove_dir_all(dir).unwrap();

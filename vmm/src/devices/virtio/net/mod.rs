@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::tap::{offload, Tap, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
-use super::{features, ids, read_config_bytes, Interrupt, VirtioDevice};
+use super::{features, ids, read_config_bytes, Interrupt, RingPosition, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
@@ -167,6 +167,19 @@ impl VirtioDevice for Net {
                 self.tap = Some(tap);
             }
         }
+    }
+
+    // A frame read from the tap and waiting for room in the guest's receive ring is dropped,
+    // as a full ring drops it: nothing in a ring is lost.
+    fn pause(&mut self, _mem: &GuestMemory) -> Result<Vec<RingPosition>, String> {
+        let w = self
+            .worker
+            .take()
+            .ok_or("the NIC's worker is not running")?;
+        let h = w.stop().ok_or("the NIC's worker had failed")?;
+        let at = vec![RingPosition::of(&h.rx.queue), RingPosition::of(&h.tx)];
+        self.tap = Some(h.tap);
+        Ok(at)
     }
 }
 

@@ -143,6 +143,15 @@ impl Tap {
         self.file.as_raw_fd()
     }
 
+    /// A second handle on the same tap (to announce a MAC from while the NIC's worker holds
+    /// the first).
+    pub fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// Announces `mac` on the tap's network, as QEMU's announce-self does after a migration:
     /// a RARP frame from it, five times (50, 150, 250, 350 and 450 ms from now), from a thread
     /// of its own, so that switches learn the VM's new port before its guest speaks (after a
