@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         1 => 128 << 10,
         _ => 4096,
     };
-    let mem = GuestMemoryMmap::from_ranges(&[
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
         (GuestAddress(0), REGION),
         (GuestAddress(SECOND_REGION), REGION),
     ])
