@@ -902,6 +902,51 @@ fn a_guest_writing_its_disk_moves_live(kind: &str) {
     for _ in 0..3 {
         src.wait_for("tg: ack ", BOOT);
     }
+    if kind == "file" {
+        // A target whose disk differs (another size) refuses the VM once it has all of it,
+        // and says so: the VM runs on at the source, writing on.
+        let other = s.disk("other.img", 8 << 20);
+        let incoming = s.path("refusing.sock");
+        let mut args = guest_args(
+            &format!("tg.run=fb,stamp tg.blocks={BLOCKS} tg.ops=0 tg.ackevery=16"),
+            &[
+                "--vnc",
+                s.path("refusing-vnc.sock").to_str().unwrap(),
+                "--framebuffer",
+                "640x480",
+                "--disk",
+                other.to_str().unwrap(),
+                "--incoming",
+                incoming.to_str().unwrap(),
+            ],
+        );
+        args[1] = linux64_testguest(&s).display().to_string();
+        let mut refusing = Vmm::start(&args);
+        let deadline = std::time::Instant::now() + BOOT;
+        while !incoming.exists() {
+            assert!(std::time::Instant::now() < deadline, "no incoming socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = src.api(&format!(
+            r#"{{"cmd":"migrate","to":"{}"}}"#,
+            incoming.display()
+        ));
+        assert_eq!(r["ok"], false, "{r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.contains("the target refused the VM") && e.contains("differs"),
+            "{r}"
+        );
+        assert!(
+            !refusing.wait_exit(BOOT).success(),
+            "the refusing target must fail"
+        );
+        let before = last_ack(&src.output()).unwrap();
+        let mut now = before;
+        while now <= before + 3 * 16 {
+            now = last_ack(&src.wait_for("tg: ack ", BOOT)).unwrap();
+        }
+    }
     let incoming = s.path("incoming.sock");
     let (mut dst, dst_vnc) = vmm("dst", Some(&incoming));
     let deadline = std::time::Instant::now() + BOOT;

@@ -316,3 +316,78 @@ mod tests {
         assert!(read_line(&mut short).is_err());
     }
 }
+
+/// A live migration's stream back from the target: what the target VMM (and a relay between
+/// servers) tells the source. The stream forth is the VMM's own (`vmm::migration::Message`),
+/// which ends with `Done`; then the target answers [`Reply::Ready`] and resumes the VM only
+/// once the source says `Go`. A relay between servers holds `Ready` back until the cluster has
+/// handed the VM's disks to the target, or answers [`Reply::Failed`] in its place when it
+/// could not, so that a source seeing `Ready` knows its VM is the target's to run.
+pub mod migration {
+    use std::io::{self, Read, Write};
+
+    use serde::{Deserialize, Serialize};
+
+    /// The longest reply accepted.
+    const MAX_REPLY: u32 = 64 << 10;
+
+    /// Target to source.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum Reply {
+        /// The whole VM is here, its devices restored: it runs once the source says `Go`.
+        Ready,
+        /// It runs here now: the source must never run it again.
+        Resumed,
+        /// The target did not take the VM and never will: the source runs it on.
+        Failed(String),
+    }
+
+    /// Writes one reply: a little-endian u32 length, then its JSON.
+    pub fn write_reply(w: &mut impl Write, r: &Reply) -> io::Result<()> {
+        let json = serde_json::to_vec(r).map_err(io::Error::other)?;
+        w.write_all(&(json.len() as u32).to_le_bytes())?;
+        w.write_all(&json)?;
+        w.flush()
+    }
+
+    /// Reads one reply; a malformed or overlong one is an error.
+    pub fn read_reply(r: &mut impl Read) -> io::Result<Reply> {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len);
+        if len > MAX_REPLY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a reply of {len} bytes (at most {MAX_REPLY})"),
+            ));
+        }
+        let mut json = vec![0u8; len as usize];
+        r.read_exact(&mut json)?;
+        serde_json::from_slice(&json)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("a bad reply: {e}")))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn replies_round_trip_and_bad_ones_are_refused() {
+            for r in [
+                Reply::Ready,
+                Reply::Resumed,
+                Reply::Failed("no disk".into()),
+            ] {
+                let mut b = Vec::new();
+                write_reply(&mut b, &r).unwrap();
+                assert_eq!(read_reply(&mut b.as_slice()).unwrap(), r);
+            }
+            let mut long = (MAX_REPLY + 1).to_le_bytes().to_vec();
+            long.extend([b'x'; 8]);
+            assert!(read_reply(&mut long.as_slice()).is_err());
+            let mut bad = 3u32.to_le_bytes().to_vec();
+            bad.extend(b"Go!");
+            assert!(read_reply(&mut bad.as_slice()).is_err());
+        }
+    }
+}

@@ -97,12 +97,11 @@ pub enum Message {
         /// How many bytes follow.
         len: u64,
     },
-    /// Everything was sent: the target may resume.
+    /// Everything was sent: the target restores it and answers `Ready`
+    /// (`vmm_api::migration::Reply`).
     Done,
-    /// Target to source: the VM runs here now; the source must not run it again.
-    Resumed,
-    /// Target to source: the target could not take it (the source resumes it).
-    Failed(String),
+    /// After `Ready`: the target runs the VM; from here on the source never does.
+    Go,
 }
 
 /// Errors of a migration stream.
@@ -519,6 +518,15 @@ pub fn last_pages<B: Bitmap>(
     Ok(sent)
 }
 
+/// The target's side, once it answered `Ready`: whether the source said `Go` (anything else,
+/// or the stream's end, is a no).
+pub fn await_go(r: &mut impl Read) -> Result<(), MigrationError> {
+    match read_message(r)? {
+        Message::Go => Ok(()),
+        other => Err(MigrationError::Bad(format!("{other:?} instead of Go"))),
+    }
+}
+
 /// What the target received, for its VM to take before it resumes.
 #[derive(Debug, Default)]
 pub struct Received {
@@ -620,9 +628,7 @@ pub fn receive<B: Bitmap>(
                 return Ok(got);
             }
             Message::Hello { .. } => return bad("a second Hello".into()),
-            m @ (Message::Resumed | Message::Failed(_)) => {
-                return bad(format!("{m:?} from the source"))
-            }
+            Message::Go => return bad("Go before Done".into()),
         }
     }
 }

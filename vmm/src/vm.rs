@@ -865,6 +865,7 @@ impl Vm {
     ) -> Result<crate::api::Migrated, MigrateFailure> {
         use crate::migration::{self as mig, Message};
         use std::io::BufWriter;
+        use vmm_api::migration::{read_reply, Reply};
         let refused = |why: String| MigrateFailure { why, paused: false };
         if let Some(why) = Vm::not_migratable(cfg) {
             return Err(refused(why));
@@ -908,6 +909,7 @@ impl Vm {
         let mut transferred = 0;
         let mut all_sent = false;
         let mut paused_devices: Vec<&Arc<Mutex<dyn VirtioTransport>>> = Vec::new();
+        let mut target_refused = false;
         let result = (|| -> Result<(), String> {
             mig::write_message(
                 &mut w,
@@ -1001,14 +1003,26 @@ impl Vm {
             }
             mig::write_message(&mut w, &Message::Done)
                 .map_err(|e| format!("the migration stream: {e}"))?;
-            // From the flush on, the target may hold all it needs to run the VM.
+            // From here the target may hold the whole VM: only its word that it will not run
+            // it lets the VM run on here.
             all_sent = true;
             std::io::Write::flush(&mut w).map_err(|e| format!("the migration stream: {e}"))?;
-            match mig::read_message(&mut reader) {
-                Ok(Message::Resumed) => Ok(()),
-                Ok(Message::Failed(why)) => Err(format!("the target VMM refused the VM: {why}")),
-                Ok(other) => Err(format!("the target VMM answered {other:?}")),
-                Err(e) => Err(format!("no answer from the target VMM: {e}")),
+            match read_reply(&mut reader) {
+                Ok(Reply::Ready) => {}
+                Ok(Reply::Failed(why)) => {
+                    target_refused = true;
+                    return Err(format!("the target refused the VM: {why}"));
+                }
+                Ok(other) => return Err(format!("the target VMM answered {other:?} before Go")),
+                Err(e) => return Err(format!("no answer from the target VMM: {e}")),
+            }
+            mig::write_message(&mut w, &Message::Go)
+                .and_then(|()| std::io::Write::flush(&mut w))
+                .map_err(|e| format!("the migration stream: {e}"))?;
+            match read_reply(&mut reader) {
+                Ok(Reply::Resumed) => Ok(()),
+                Ok(other) => Err(format!("the target VMM answered {other:?} after Go")),
+                Err(e) => Err(format!("no word from the target VMM after Go: {e}")),
             }
         })();
         match result {
@@ -1021,7 +1035,7 @@ impl Vm {
                     transferred_bytes: transferred,
                 })
             }
-            Err(why) if !all_sent => {
+            Err(why) if !all_sent || target_refused => {
                 // Still ours: it runs here as before, its devices from where they stopped.
                 for t in &vhost {
                     if let Some(d) = as_vhost_user(lock(t).device_mut()) {
@@ -1057,15 +1071,16 @@ impl Vm {
         cfg: &VmConfig,
         stream: std::os::unix::net::UnixStream,
     ) -> Result<(), String> {
-        use crate::migration::{self as mig, Message};
+        use crate::migration as mig;
+        use vmm_api::migration::{write_reply, Reply};
         let mut writer = stream
             .try_clone()
             .map_err(|e| format!("the migration stream: {e}"))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
         let result = (|| -> Result<(), String> {
             if let Some(why) = Vm::not_migratable(cfg) {
                 return Err(why);
             }
-            let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
             let got = mig::receive(
                 &mut r,
                 &self._mem,
@@ -1119,9 +1134,14 @@ impl Vm {
         })();
         match result {
             Ok(()) => {
+                // Ready, then it runs only on the source's Go (a relay between servers holds
+                // Ready back until the VM's disks are this server's).
+                write_reply(&mut writer, &Reply::Ready)
+                    .map_err(|e| format!("telling the source VMM: {e}"))?;
+                mig::await_go(&mut r).map_err(|e| format!("waiting for the source's go: {e}"))?;
                 // The source hears it first: should it not, it stays paused and this one does
                 // not run either (never on both).
-                mig::write_message(&mut writer, &Message::Resumed)
+                write_reply(&mut writer, &Reply::Resumed)
                     .map_err(|e| format!("telling the source VMM: {e}"))?;
                 self.resume();
                 for (tap, mac) in &self.announce {
@@ -1133,7 +1153,7 @@ impl Vm {
                 Ok(())
             }
             Err(why) => {
-                let _ = mig::write_message(&mut writer, &Message::Failed(why.clone()));
+                let _ = write_reply(&mut writer, &Reply::Failed(why.clone()));
                 Err(why)
             }
         }
