@@ -34,8 +34,8 @@ use vmm_api::Request as VmmRequest;
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, NicAddresses,
-    Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
+    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, MoveOutcome,
+    NicAddresses, Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -127,6 +127,19 @@ struct Shared {
     fenced_at: Mutex<Option<Instant>>,
     /// When the last answered heartbeat was sent.
     last_quorum: Mutex<Instant>,
+    /// VMs moving live from here, by name: their migration's thread decides what becomes of
+    /// their VMM, not the reconcile loop.
+    outgoing: Mutex<HashMap<String, Outgoing>>,
+}
+
+/// A live migration from here.
+#[derive(Clone, Copy, Debug)]
+struct Outgoing {
+    /// Its move.
+    move_id: u64,
+    /// How it ended: `Some(true)` the VM runs elsewhere now (its VMM here ends), `Some(false)`
+    /// it runs on here.
+    ended: Option<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,6 +158,7 @@ pub fn start(cfg: AgentConfig, node: NodeHandle, book: AddressBook) -> std::io::
         fenced: AtomicBool::new(false),
         fenced_at: Mutex::new(None),
         last_quorum: Mutex::new(Instant::now()),
+        outgoing: Mutex::new(HashMap::new()),
     });
     let (tx, rx) = channel();
     {
@@ -427,6 +441,12 @@ impl Reconciler {
             (ended, alive)
         };
         for (name, st) in ended {
+            // A VM that moved live: its VMM ends once it runs elsewhere.
+            if lock(&self.s.outgoing).contains_key(&name) {
+                tracing::info!(vm = %name, status = %st, "VMM ended after a live migration");
+                self.vms.remove(&name);
+                continue;
+            }
             // A shutdown the state asked for is not news to report (and the VM may have been
             // powered on again meanwhile).
             let asked = matches!(
@@ -757,9 +777,12 @@ impl Reconciler {
                 self.grow_copy(state, d, c);
             }
             Some(c) if c.role != Role::Backup => {
-                // Nothing here may write it any more.
+                // Nothing here may write it any more. (A VM that moved live from here has let
+                // its disk go at its pause; its migration ends its VMM.)
                 for vm in state.vms.values().filter(|vm| vm.disks.contains(name)) {
-                    self.stop_vm(&vm.name, "its disk is a backup here now");
+                    if !lock(&self.s.outgoing).contains_key(&vm.name) {
+                        self.stop_vm(&vm.name, "its disk is a backup here now");
+                    }
                 }
                 self.request(
                     name,
@@ -936,6 +959,19 @@ impl Reconciler {
         for name in running {
             let why = match state.vms.get(&name) {
                 None => Some("the VM was deleted"),
+                // Its live migration decides.
+                Some(_) if lock(&self.s.outgoing).contains_key(&name) => None,
+                // Coming here live: its VMM waits for the VM.
+                Some(vm)
+                    if vm.running
+                        && vm
+                            .moving
+                            .as_ref()
+                            .is_some_and(|m| m.to == id && !m.switched)
+                        && !me_down =>
+                {
+                    None
+                }
                 Some(vm) if !vm.running && vm.graceful_stop && !me_down => {
                     self.shut_down(&name);
                     None
@@ -952,6 +988,7 @@ impl Reconciler {
         if me_down {
             return;
         }
+        self.live_moves(state, copies);
         for vm in state.vms.values() {
             if !vm.running
                 || !self.is_primary_here(state, vm)
@@ -969,7 +1006,74 @@ impl Reconciler {
                 }
                 _ => {}
             }
-            self.start_vm(state, vm, copies);
+            self.start_vm(state, vm, copies, None);
+        }
+    }
+
+    /// Live migrations: a VM coming here gets a VMM waiting for it (`--incoming`); one leaving
+    /// from here gets a thread that has its VMM send it (`move_out`).
+    fn live_moves(&mut self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
+        let id = self.s.cfg.id;
+        // Moves that ended: forgotten once their VMM is gone or runs on here.
+        {
+            let alive: HashSet<String> = lock(&self.s.procs).vmms.keys().cloned().collect();
+            lock(&self.s.outgoing).retain(|name, o| match o.ended {
+                None => true,
+                Some(true) => alive.contains(name),
+                Some(false) => false,
+            });
+        }
+        for vm in state.vms.values() {
+            let Some(m) = vm.moving.as_ref().filter(|m| !m.switched) else {
+                continue;
+            };
+            let has_vmm = lock(&self.s.procs).vmms.contains_key(&vm.name);
+            if m.to == id {
+                let recently_crashed = matches!(
+                    self.vms.get(&vm.name),
+                    Some(VmState::Crashed { at, .. }) if at.elapsed() < self.s.cfg.timing.restart_backoff
+                );
+                if vm.running
+                    && !has_vmm
+                    && !recently_crashed
+                    && vm.disks.iter().all(|d| copies.contains_key(d))
+                {
+                    self.start_vm(state, vm, copies, Some(m.id));
+                }
+            } else if has_vmm
+                && self.is_primary_here(state, vm)
+                && matches!(self.vms.get(&vm.name), Some(VmState::Running { stopping: None, .. }))
+            {
+                let mut out = lock(&self.s.outgoing);
+                if out.get(&vm.name).is_some_and(|o| o.move_id == m.id) {
+                    continue;
+                }
+                let Some(address) = state.servers.get(&m.to).map(|s| s.address.clone()) else {
+                    continue;
+                };
+                out.insert(
+                    vm.name.clone(),
+                    Outgoing {
+                        move_id: m.id,
+                        ended: None,
+                    },
+                );
+                drop(out);
+                let (s, name, move_id, dir) =
+                    (Arc::clone(&self.s), vm.name.clone(), m.id, self.s.vm_dir(&vm.name));
+                let spawned = std::thread::Builder::new()
+                    .name(format!("move-{name}"))
+                    .spawn(move || {
+                        let moved = move_out(&s, &name, move_id, &address, &dir);
+                        if let Some(o) = lock(&s.outgoing).get_mut(&name) {
+                            o.ended = Some(moved);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(vm = %vm.name, error = %e, "cannot start the live migration's thread");
+                    lock(&self.s.outgoing).remove(&vm.name);
+                }
+            }
         }
     }
 
@@ -997,7 +1101,15 @@ impl Reconciler {
         Ok((nets, cards))
     }
 
-    fn start_vm(&mut self, state: &StateMachine, vm: &VmRecord, copies: &BTreeMap<String, Copy>) {
+    /// Starts VM `vm`'s VMM here; with `incoming` (a live move), one that waits for the VM to
+    /// come from its source's VMM (`--incoming`).
+    fn start_vm(
+        &mut self,
+        state: &StateMachine,
+        vm: &VmRecord,
+        copies: &BTreeMap<String, Copy>,
+        incoming: Option<u64>,
+    ) {
         let dir = self.s.vm_dir(&vm.name);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(vm = %vm.name, error = %e, "cannot create the VM's directory");
@@ -1075,6 +1187,11 @@ impl Reconciler {
         for n in &nets {
             cmd.arg("--net").arg(n);
         }
+        if incoming.is_some() {
+            let sock = crate::livemove::incoming_socket(&dir);
+            let _ = std::fs::remove_file(&sock);
+            cmd.arg("--incoming").arg(&sock);
+        }
         cmd.arg("--serial")
             .arg(dir.join("serial.log"))
             .arg("--api-socket")
@@ -1093,7 +1210,7 @@ impl Reconciler {
         }
         match spawn_tied(&mut cmd) {
             Ok(child) => {
-                tracing::info!(server = self.s.cfg.id, vm = %vm.name, pid = child.id(), generation, "VMM started");
+                tracing::info!(server = self.s.cfg.id, vm = %vm.name, pid = child.id(), generation, live_move = ?incoming, "VMM started");
                 p.vmms
                     .insert(vm.name.clone(), VmProcess { child, generation });
                 self.vms.insert(
@@ -1202,5 +1319,211 @@ impl Reconciler {
             observation: o.clone(),
         });
         self.last_report = Some((Instant::now(), o));
+    }
+}
+
+/// Promotes this server's copies of `vm`'s disks to the generation the state gives them (a
+/// live migration's target, at the switch, while the VM is paused: the agent's next pass would
+/// do the same, later). A copy there already is left alone.
+pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord, me: u64) {
+    let socket = agent_dir.join("blockd.sock");
+    for name in &vm.disks {
+        let Some(d) = state.disks.get(name).filter(|d| d.primary == me) else {
+            continue;
+        };
+        let req = BlockdRequest::Promote {
+            name: name.clone(),
+            generation: d.generation,
+            force: false,
+        };
+        match daemon::call(&socket, &req) {
+            Ok(r) if r.ok => {
+                tracing::info!(server = me, disk = %name, generation = d.generation, "disk promoted for a live migration")
+            }
+            Ok(r) => {
+                tracing::debug!(server = me, disk = %name, error = ?r.error, "disk not promoted here (the agent's pass may have)")
+            }
+            Err(e) => tracing::warn!(server = me, disk = %name, error = %e, "blockd"),
+        }
+    }
+}
+
+/// How long a live migration may take, from the request to the target's word.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Has VM `name`'s VMM (in `dir`) send it, live, to the server at `address`, over mutual TLS
+/// (see `livemove`); then tells the cluster how it ended. Whether the VM runs elsewhere now.
+fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> bool {
+    let me = s.cfg.id;
+    let api_sock = crate::console::api_socket(dir);
+    let started = Instant::now();
+    let result = send_vm(s, name, move_id, address, dir, &api_sock);
+    let at_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let end = |outcome: MoveOutcome| {
+        for _ in 0..20 {
+            if s.propose(StateCommand::EndMove {
+                vm: name.to_string(),
+                move_id,
+                at_ms: at_ms(),
+                outcome: outcome.clone(),
+            }) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        false
+    };
+    let why = match result {
+        Ok(m) => {
+            tracing::info!(server = me, vm = %name, downtime_ms = m.downtime_ms, total_ms = m.total_ms, rounds = m.rounds, bytes = m.transferred_bytes, "VM moved live");
+            end(MoveOutcome::Done {
+                downtime_ms: m.downtime_ms,
+                total_ms: m.total_ms,
+                transferred_bytes: m.transferred_bytes,
+                rounds: m.rounds,
+            });
+            return true;
+        }
+        Err(why) => why,
+    };
+    tracing::warn!(server = me, vm = %name, why = %why, took_ms = started.elapsed().as_millis() as u64, "live migration failed");
+    // Where is the VM? A VMM still running it here: it stays. One paused after sending all of
+    // it: the state says whose it is (the switch committed or not), and the move's end makes
+    // that final before it runs again here.
+    let status = vmm_call(&api_sock, &VmmRequest::Status {})
+        .ok()
+        .and_then(|r| r.status);
+    match status.map(|st| st.state) {
+        Some(vmm_api::RunState::Paused) => {}
+        Some(_) => {
+            end(MoveOutcome::Failed { why });
+            return false;
+        }
+        None => {
+            end(MoveOutcome::Failed { why });
+            return false;
+        }
+    }
+    let deadline = Instant::now() + MOVE_TIMEOUT;
+    while Instant::now() < deadline {
+        let Some(state) = crate::livemove::read_state(&s.node, &s.book, Duration::from_secs(2))
+        else {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        };
+        let Some(vm) = state.vms.get(name) else {
+            return false;
+        };
+        if state.vm_primary(vm) != Some(me) {
+            // The target holds its disks: it is the target's to run; this copy ends.
+            let _ = vmm_call(&api_sock, &VmmRequest::Stop {});
+            end(MoveOutcome::Failed { why });
+            return true;
+        }
+        // Still here: once the move's end is committed no switch can follow, and it runs on.
+        if vm.moving.as_ref().is_none_or(|m| m.id != move_id) || end(MoveOutcome::Failed {
+            why: why.clone(),
+        }) {
+            let again = crate::livemove::read_state(&s.node, &s.book, Duration::from_secs(2));
+            let ours = again
+                .as_ref()
+                .and_then(|st| st.vms.get(name).map(|vm| st.vm_primary(vm) == Some(me)));
+            if ours == Some(true) {
+                match vmm_call(&api_sock, &VmmRequest::Resume {}) {
+                    Ok(_) => tracing::info!(server = me, vm = %name, "the VM runs on here after its failed live migration"),
+                    Err(e) => tracing::error!(server = me, vm = %name, error = %e, "cannot resume the VM after its failed live migration"),
+                }
+                return false;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    tracing::error!(server = me, vm = %name, "cannot learn whether the VM moved; it stays paused here");
+    false
+}
+
+/// The migration itself: the stream relayed from the VMM's migration socket to the target
+/// server over mutual TLS.
+fn send_vm(
+    s: &Shared,
+    name: &str,
+    move_id: u64,
+    address: &str,
+    dir: &Path,
+    api_sock: &Path,
+) -> Result<vmm_api::Migrated, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tls = s
+        .node
+        .peers()
+        .connect(address, Duration::from_secs(5))
+        .map_err(|e| format!("reaching the target server at {address}: {e}"))?;
+    crate::livemove::write_opening(
+        &mut tls,
+        &crate::livemove::Opening {
+            vm: name.to_string(),
+            move_id,
+        },
+    )
+    .map_err(|e| format!("the target server at {address}: {e}"))?;
+    // The target's replies come only at the end, however long the copy takes.
+    let _ = tls.set_read_timeout(None);
+    let sock = dir.join("outgoing.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock)
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let relay_sock = sock.clone();
+    let relay = std::thread::Builder::new()
+        .name(format!("move-relay-{name}"))
+        .spawn(move || {
+            // The VMM connects once asked to migrate; it was asked right after this started.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let vmm = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return,
+                }
+            };
+            let _ = std::fs::remove_file(&relay_sock);
+            let _ = vmm.set_nonblocking(false);
+            let (Ok(mut vmm_r), Ok(mut tls_r)) = (vmm.try_clone(), tls.try_clone()) else {
+                return;
+            };
+            let mut vmm_w = vmm;
+            let back = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut tls_r, &mut vmm_w);
+                let _ = vmm_w.shutdown(std::net::Shutdown::Write);
+            });
+            let _ = std::io::copy(&mut vmm_r, &mut tls);
+            let _ = tls.shutdown(std::net::Shutdown::Write);
+            let _ = back.join();
+        })
+        .map_err(|e| format!("cannot start the relay: {e}"))?;
+    let answer = vmm_api::call(
+        api_sock,
+        &VmmRequest::Migrate {
+            to: sock.clone(),
+            downtime_ms: None,
+        },
+        MOVE_TIMEOUT,
+    );
+    let _ = relay.join();
+    let _ = std::fs::remove_file(&sock);
+    match answer {
+        Ok(r) => r
+            .migrated
+            .ok_or_else(|| "the VMM answered without the migration's figures".to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -12,6 +12,7 @@
 //! - `library`: the ISO images' files, uploaded to one server and copied to the others;
 //! - `placement`: which servers hold a VM's disk copies;
 //! - `failover`: the leader's failure detector, which declares servers down;
+//! - `livemove`: a running VM's live migration between servers, relayed over mutual TLS;
 //! - `server`: `enspeed server`, which puts them together.
 
 pub mod access;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod console;
 pub mod failover;
 pub mod library;
+pub mod livemove;
 pub mod netdev;
 pub mod node;
 pub mod peers;

@@ -519,6 +519,17 @@ fn serve(
     };
     match peer {
         _ if first == b'{' => api::serve_client(r, peer, node, book, local, timeout),
+        Peer::Server { id, .. } if first == crate::livemove::PREFACE[0] => {
+            crate::livemove::serve_target(
+                r,
+                id,
+                local.id,
+                node,
+                book,
+                local.agent_dir.as_deref(),
+                timeout,
+            )
+        }
         Peer::Server { id, .. } => transport.serve_peer(r, id),
         Peer::Anonymous | Peer::Waiting => {
             tracing::warn!("refused a Raft connection from a client without a certificate")

@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::observations::Observation;
-use super::records::{BootMode, BootOrder, Capacity, DiskRecord, NetworkRecord, Nic, VmRecord};
+use super::records::{
+    BootMode, BootOrder, Capacity, DiskRecord, MoveOutcome, NetworkRecord, Nic, VmRecord,
+};
 use crate::access::{Quota, Role, SessionRecord};
 
 /// A change to the cluster's state, proposed through Raft and applied once committed.
@@ -112,6 +114,27 @@ pub enum Command {
         /// The disk's current generation: a decision taken on an older state is refused.
         generation: u64,
     },
+    /// A live migration's target hands VM `vm`'s disks to itself: once its VMM holds the
+    /// whole VM, before it runs it (see `LiveMove`). Each disk's backup (the target) becomes
+    /// its primary with a raised generation, the old primary its backup. Refused, changing
+    /// nothing, unless move `move_id` is under way; the same again is done already.
+    SwitchVm {
+        /// The VM.
+        vm: String,
+        /// The move.
+        move_id: u64,
+    },
+    /// A live migration's source says how it ended; written to the audit log.
+    EndMove {
+        /// The VM.
+        vm: String,
+        /// The move.
+        move_id: u64,
+        /// When, ms since the epoch.
+        at_ms: u64,
+        /// How.
+        outcome: MoveOutcome,
+    },
     /// A server's node agent reports what runs there.
     Observe {
         /// The server.
@@ -206,6 +229,7 @@ impl NewVm {
             cdrom: self.cdrom.clone(),
             boot: self.boot,
             boot_order: self.boot_order,
+            moving: None,
             nics: self
                 .networks
                 .iter()
@@ -338,8 +362,9 @@ pub enum Action {
         owner: Option<u64>,
     },
     /// Moves a VM to its backup server (Managers): every disk's in-sync backup becomes its
-    /// primary, with a raised generation, and the old primary its backup; a running VM
-    /// restarts there.
+    /// primary, with a raised generation, and the old primary its backup. A running VM moves
+    /// live (`LiveMove`), without a restart; one whose state cannot move live yet (firmware
+    /// boot) restarts there, and the answer says why.
     MigrateVm {
         /// VMID.
         vm: u64,

@@ -49,8 +49,9 @@ pub use observations::{
     VmPart, MAX_SEEN_ADDRESSES,
 };
 pub use records::{
-    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, NetworkRecord, Nic, Pool,
-    ServerRecord, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
+    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, LiveMove, MoveOutcome,
+    NetworkRecord, Nic, Pool, ServerRecord, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS,
+    MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 
@@ -213,6 +214,13 @@ impl StateMachine {
                 pool,
                 generation,
             } => self.set_disk_backup(name, *backup, pool, *generation, writes),
+            Command::SwitchVm { vm, move_id } => self.switch_vm(vm, *move_id, writes),
+            Command::EndMove {
+                vm,
+                move_id,
+                at_ms,
+                outcome,
+            } => self.end_move(vm, *move_id, *at_ms, outcome, writes),
             Command::Observe { id, observation } => self.observe(*id, observation, writes),
             Command::IsoHeld {
                 name,
@@ -391,6 +399,7 @@ mod tests {
                 cdrom: None,
                 boot: BootMode::Kernel,
                 boot_order: BootOrder::DiskFirst,
+                moving: None,
                 nics: Vec::new(),
             }),
         ];

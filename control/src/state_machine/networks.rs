@@ -379,6 +379,7 @@ mod tests {
         sm.vms.insert(
             "v".into(),
             VmRecord {
+                moving: None,
                 nics: vec![super::super::Nic {
                     network: "lan".into(),
                     mac: "02:45:53:00:00:01".into(),

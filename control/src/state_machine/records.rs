@@ -168,6 +168,47 @@ pub struct VmRecord {
     /// Its network cards, in order (the guest's first NIC first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<Nic>,
+    /// A live migration under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<LiveMove>,
+}
+
+/// A running VM moving live to its disks' backup server: its memory copied there while it runs
+/// at its disks' primary, then, in one committed entry, its disks handed over
+/// (`Command::SwitchVm`), and it runs there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveMove {
+    /// Which move (the audit number of the request that began it): the commands that carry it
+    /// on name it, so that one for an older move changes nothing.
+    pub id: u64,
+    /// Where it goes.
+    pub to: u64,
+    /// The disks were handed over: the VM is the target's to run.
+    #[serde(default)]
+    pub switched: bool,
+}
+
+/// How a live migration ended, as its source's agent saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum MoveOutcome {
+    /// It runs at the target.
+    Done {
+        /// How long the guest was paused, ms.
+        downtime_ms: f64,
+        /// From the request to the end, ms.
+        total_ms: f64,
+        /// Bytes sent.
+        transferred_bytes: u64,
+        /// Pre-copy rounds.
+        rounds: u32,
+    },
+    /// It did not move (or, if its disks were handed over already, it runs at the target
+    /// anyway).
+    Failed {
+        /// Why.
+        why: String,
+    },
 }
 
 /// A VM's network card: the network it is on and the MAC the cluster gave it (kept across

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::keys::{disk_key, json_bytes, revoked_key, server_key};
+use super::keys::{disk_key, json_bytes, revoked_key, server_key, vm_key};
 use super::rights::Actor;
 use super::{
     Acted, Capacity, DiskRecord, Outcome, RecordWrite, Refusal, ServerRecord, StateMachine,
@@ -106,6 +106,23 @@ impl StateMachine {
     ///
     /// Answers the disks that moved and those that wait.
     pub(crate) fn server_down(&mut self, id: u64, writes: &mut Vec<RecordWrite>) -> Value {
+        // A live migration from or to it ends here: its source's agent finds the move gone
+        // (and its VM, if still paused there, runs on where its disks are).
+        let ended: Vec<String> = self
+            .vms
+            .values()
+            .filter(|vm| {
+                vm.moving
+                    .as_ref()
+                    .is_some_and(|m| m.to == id || self.vm_primary(vm) == Some(id))
+            })
+            .map(|vm| vm.name.clone())
+            .collect();
+        for name in ended {
+            let vm = self.vms.get_mut(&name).expect("listed above");
+            vm.moving = None;
+            writes.push((vm_key(&name), Some(json_bytes(vm))));
+        }
         let mut promoted = Vec::new();
         let mut alone = Vec::new();
         let mut stranded = Vec::new();

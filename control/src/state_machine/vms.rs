@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
-    Acted, Action, BootMode, DiskGrowth, DiskRecord, Nic, Outcome, RecordWrite, Refusal,
-    StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    Acted, Action, BootMode, DiskGrowth, DiskRecord, LiveMove, MoveOutcome, Nic, Outcome,
+    RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS,
+    MAX_VM_MEMORY_MIB,
 };
 use crate::access;
 
@@ -268,6 +269,137 @@ impl StateMachine {
         vm.disks.first().and_then(|d| self.disks.get(d))?.backup
     }
 
+    /// Where VM `v` can move: the server holding every one of its disks' backup copies, in
+    /// sync and up.
+    fn move_target(&self, v: &VmRecord) -> Result<u64, Refusal> {
+        let vm = v.id;
+        let mut to = None;
+        for name in &v.disks {
+            let d = self
+                .disks
+                .get(name)
+                .ok_or_else(|| format!("VM {vm}: no disk {name}"))?;
+            let b = d
+                .backup
+                .ok_or_else(|| format!("VM {vm}: disk {name} has no backup to move to"))?;
+            if !d.backup_synced {
+                return Err(Refusal::conflict(format!(
+                    "VM {vm}: disk {name}'s backup on server {b} is not in sync yet"
+                )));
+            }
+            if self.servers.get(&b).is_none_or(|s| s.down) {
+                return Err(Refusal::conflict(format!("VM {vm}: server {b} is down")));
+            }
+            if to.is_some_and(|t| t != b) {
+                return Err(Refusal::conflict(format!(
+                    "VM {vm}: its disks' backups are on different servers"
+                )));
+            }
+            to = Some(b);
+        }
+        to.ok_or_else(|| Refusal::conflict(format!("VM {vm} has no disk to move with")))
+    }
+
+    /// Hands VM `v`'s disks to their backup server: each backup becomes the primary with a
+    /// raised generation, the old primary its backup (resynced before it counts as in sync).
+    fn hand_over(&mut self, v: &VmRecord, writes: &mut Vec<RecordWrite>) -> Result<u64, Refusal> {
+        let to = self.move_target(v)?;
+        for name in &v.disks {
+            let d = self.disks.get_mut(name).expect("move_target found it");
+            d.backup = Some(d.primary);
+            d.primary = to;
+            d.generation += 1;
+            d.backup_synced = false;
+            writes.push((disk_key(name), Some(json_bytes(d))));
+        }
+        Ok(to)
+    }
+
+    /// `Command::SwitchVm`: a live migration's target takes the VM's disks.
+    pub(super) fn switch_vm(
+        &mut self,
+        name: &str,
+        move_id: u64,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let v = self
+            .vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
+        let m = match &v.moving {
+            Some(m) if m.id == move_id => m.clone(),
+            _ => {
+                return Err(Refusal::conflict(format!(
+                    "VM {name} is not moving live as move {move_id}"
+                )))
+            }
+        };
+        if m.switched {
+            return Ok(json!({ "server": m.to, "changed": false }));
+        }
+        if self.move_target(&v)? != m.to {
+            return Err(Refusal::conflict(format!(
+                "VM {name}: its disks' backups are no longer on server {}",
+                m.to
+            )));
+        }
+        self.hand_over(&v, writes)?;
+        let r = self.vms.get_mut(name).expect("found above");
+        r.moving = Some(LiveMove {
+            switched: true,
+            ..m.clone()
+        });
+        writes.push((vm_key(name), Some(json_bytes(r))));
+        Ok(json!({ "server": m.to, "changed": true }))
+    }
+
+    /// `Command::EndMove`: a live migration's source says how it ended; audited.
+    pub(super) fn end_move(
+        &mut self,
+        name: &str,
+        move_id: u64,
+        at_ms: u64,
+        outcome: &MoveOutcome,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let r = self
+            .vms
+            .get_mut(name)
+            .ok_or_else(|| Refusal::not_found(format!("no VM {name}")))?;
+        let Some(m) = r.moving.clone().filter(|m| m.id == move_id) else {
+            return Ok(json!({ "changed": false }));
+        };
+        r.moving = None;
+        writes.push((vm_key(name), Some(json_bytes(r))));
+        let (id, to) = (r.id, m.to);
+        let (verb, target) = match outcome {
+            MoveOutcome::Done {
+                downtime_ms,
+                total_ms,
+                transferred_bytes,
+                rounds,
+            } => (
+                "vm.migrated",
+                format!(
+                    "vm {id} ({name}) runs on server {to}: paused {downtime_ms:.1} ms, moved in {:.2} s, {} MiB in {rounds} rounds",
+                    total_ms / 1e3,
+                    transferred_bytes >> 20
+                ),
+            ),
+            MoveOutcome::Failed { why } if m.switched => (
+                "vm.migrated",
+                format!("vm {id} ({name}) runs on server {to}; its source said: {why}"),
+            ),
+            MoveOutcome::Failed { why } => (
+                "vm.migrate.failed",
+                format!("vm {id} ({name}) stays where it runs: {why}"),
+            ),
+        };
+        self.audit(0, at_ms, verb, target, writes);
+        Ok(json!({ "changed": true }))
+    }
+
     /// Whether some server's agent reports the VMM of VM `name` running.
     pub fn vm_observed_running(&self, name: &str) -> bool {
         self.observed
@@ -302,6 +434,12 @@ impl StateMachine {
             }
             Action::PowerVm { vm, running, force } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                if let Some(m) = v.moving.as_ref().filter(|_| !*running) {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} is moving live to server {}: power it off once it is there",
+                        m.to
+                    )));
+                }
                 if v.running == *running && (*running || v.graceful_stop != *force) {
                     // Asked for what it is already asked to be: nothing changes, and nothing
                     // is written to the audit log (looping it pushes no entry out).
@@ -481,6 +619,7 @@ impl StateMachine {
                     boot: src.boot,
                     boot_order: src.boot_order,
                     // On the same networks, with MACs of its own (`create_vm` gives them).
+                    moving: None,
                     nics: src
                         .nics
                         .iter()
@@ -503,40 +642,41 @@ impl StateMachine {
                     .vm_by_id(*vm)
                     .cloned()
                     .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
-                let mut moves = Vec::new();
-                for name in &v.disks {
-                    let d = self
-                        .disks
-                        .get(name)
-                        .ok_or_else(|| format!("VM {vm}: no disk {name}"))?;
-                    let b = d
-                        .backup
-                        .ok_or_else(|| format!("VM {vm}: disk {name} has no backup to move to"))?;
-                    if !d.backup_synced {
-                        return Err(Refusal::conflict(format!(
-                            "VM {vm}: disk {name}'s backup on server {b} is not in sync yet"
-                        )));
-                    }
-                    if self.servers.get(&b).is_none_or(|s| s.down) {
-                        return Err(Refusal::conflict(format!("VM {vm}: server {b} is down")));
-                    }
-                    moves.push((name.clone(), d.primary, b));
+                if v.moving.is_some() {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} is moving live already"
+                    )));
                 }
-                let mut to = 0;
-                for (name, from, b) in moves {
-                    let d = self.disks.get_mut(&name).expect("checked");
-                    d.primary = b;
-                    d.backup = Some(from);
-                    d.generation += 1;
-                    d.backup_synced = false;
-                    writes.push((disk_key(&name), Some(json_bytes(d))));
-                    to = b;
+                let to = self.move_target(&v)?;
+                if v.running && v.boot.firmware().is_none() {
+                    // Live: the agents carry it (`LiveMove`); the audit number of this
+                    // request names the move.
+                    let id = self.counters.audit + 1;
+                    let r = self.vms.get_mut(&v.name).expect("found above");
+                    r.moving = Some(LiveMove {
+                        id,
+                        to,
+                        switched: false,
+                    });
+                    writes.push((vm_key(&v.name), Some(json_bytes(r))));
+                    (
+                        "vm.migrate",
+                        format!("vm {vm} ({}) to server {to}, live", v.name),
+                        json!({ "server": to, "live": true, "move": id }),
+                    )
+                } else {
+                    self.hand_over(&v, writes)?;
+                    let why = if v.running {
+                        "live migration of a VM booted by its firmware is not built yet: it restarts there"
+                    } else {
+                        "powered off: nothing to carry but its disks"
+                    };
+                    (
+                        "vm.migrate",
+                        format!("vm {vm} ({}) to server {to}, restarted", v.name),
+                        json!({ "server": to, "live": false, "why": why }),
+                    )
                 }
-                (
-                    "vm.migrate",
-                    format!("vm {vm} ({}) to server {to}", v.name),
-                    json!({ "server": to }),
-                )
             }
             Action::OpenConsole { vm, console } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
