@@ -1042,7 +1042,10 @@ impl Reconciler {
                 }
             } else if has_vmm
                 && self.is_primary_here(state, vm)
-                && matches!(self.vms.get(&vm.name), Some(VmState::Running { stopping: None, .. }))
+                && matches!(
+                    self.vms.get(&vm.name),
+                    Some(VmState::Running { stopping: None, .. })
+                )
             {
                 let mut out = lock(&self.s.outgoing);
                 if out.get(&vm.name).is_some_and(|o| o.move_id == m.id) {
@@ -1059,8 +1062,12 @@ impl Reconciler {
                     },
                 );
                 drop(out);
-                let (s, name, move_id, dir) =
-                    (Arc::clone(&self.s), vm.name.clone(), m.id, self.s.vm_dir(&vm.name));
+                let (s, name, move_id, dir) = (
+                    Arc::clone(&self.s),
+                    vm.name.clone(),
+                    m.id,
+                    self.s.vm_dir(&vm.name),
+                );
                 let spawned = std::thread::Builder::new()
                     .name(format!("move-{name}"))
                     .spawn(move || {
@@ -1425,17 +1432,21 @@ fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> 
             return true;
         }
         // Still here: once the move's end is committed no switch can follow, and it runs on.
-        if vm.moving.as_ref().is_none_or(|m| m.id != move_id) || end(MoveOutcome::Failed {
-            why: why.clone(),
-        }) {
+        if vm.moving.as_ref().is_none_or(|m| m.id != move_id)
+            || end(MoveOutcome::Failed { why: why.clone() })
+        {
             let again = crate::livemove::read_state(&s.node, &s.book, Duration::from_secs(2));
             let ours = again
                 .as_ref()
                 .and_then(|st| st.vms.get(name).map(|vm| st.vm_primary(vm) == Some(me)));
             if ours == Some(true) {
                 match vmm_call(&api_sock, &VmmRequest::Resume {}) {
-                    Ok(_) => tracing::info!(server = me, vm = %name, "the VM runs on here after its failed live migration"),
-                    Err(e) => tracing::error!(server = me, vm = %name, error = %e, "cannot resume the VM after its failed live migration"),
+                    Ok(_) => {
+                        tracing::info!(server = me, vm = %name, "the VM runs on here after its failed live migration")
+                    }
+                    Err(e) => {
+                        tracing::error!(server = me, vm = %name, error = %e, "cannot resume the VM after its failed live migration")
+                    }
                 }
                 return false;
             }
@@ -1489,7 +1500,10 @@ fn send_vm(
             let vmm = loop {
                 match listener.accept() {
                     Ok((c, _)) => break c,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(5))
                     }
                     Err(_) => return,

@@ -82,7 +82,11 @@ pub fn read_opening(r: &mut impl Read) -> io::Result<Opening> {
 }
 
 /// The state, read linearizably.
-pub fn read_state(node: &NodeHandle, book: &AddressBook, timeout: Duration) -> Option<StateMachine> {
+pub fn read_state(
+    node: &NodeHandle,
+    book: &AddressBook,
+    timeout: Duration,
+) -> Option<StateMachine> {
     let r = api::request(
         Request::Read {
             query: Query::State,
@@ -147,7 +151,10 @@ pub fn serve_target(
         Some(_) => {
             return refuse(
                 &mut back,
-                format!("the cluster has no move {} of {} from server {from} to server {me}", o.move_id, o.vm),
+                format!(
+                    "the cluster has no move {} of {} from server {from} to server {me}",
+                    o.move_id, o.vm
+                ),
             )
         }
         None => return refuse(&mut back, "no quorum to check the move against".into()),
@@ -261,12 +268,17 @@ fn switch(
         // Certain only once a read after the answer says whose the VM is: an earlier attempt
         // may have committed even when this one was refused.
         if let Some(s) = read_state(node, book, timeout) {
-            let here = s.vms.get(&o.vm).is_some_and(|vm| s.vm_primary(vm) == Some(me));
+            let here = s
+                .vms
+                .get(&o.vm)
+                .is_some_and(|vm| s.vm_primary(vm) == Some(me));
             if here {
                 break s;
             }
             if r.ok || refused.is_some() {
-                return Switched::No(refused.unwrap_or_else(|| "the VM stayed where it was".into()));
+                return Switched::No(
+                    refused.unwrap_or_else(|| "the VM stayed where it was".into()),
+                );
             }
         }
         if Instant::now() > deadline {

@@ -1627,6 +1627,10 @@ fn a_manager_migrates_a_running_vm_to_its_backup_server() {
     let r = m.send("POST", &format!("{path}/migrate"), Some(json!({})));
     assert_eq!(r.0, 202, "{r:?}");
     assert_eq!(r.1["server"], to);
+    assert_eq!(
+        r.1["live"], true,
+        "a running VM booted by the kernel moves live: {r:?}"
+    );
     let after = cluster::wait_for_explained(
         "the VM running on its old backup, in sync again",
         Duration::from_secs(60),
@@ -1651,6 +1655,37 @@ fn a_manager_migrates_a_running_vm_to_its_backup_server() {
             .count()
     };
     assert!(vmm_on(to) >= 1, "a VMM started on server {to}");
+    // Live: its guest went on (no second boot there), and the audit log has the pause.
+    let moved = cluster::wait_for_explained(
+        "the move's end in the audit log",
+        Duration::from_secs(30),
+        || {
+            let audit = m.get("/api/v1/audit?limit=1000").1;
+            audit
+                .as_array()?
+                .iter()
+                .find(|e| e["action"] == "vm.migrated")
+                .cloned()
+        },
+        || {
+            let logs: Vec<String> = c.servers.iter().map(|s| s.log()).collect();
+            format!(
+                "audit: {}\n{}",
+                m.get("/api/v1/audit?limit=1000").1,
+                logs.join("\n----\n")
+            )
+        },
+    );
+    let target = moved["target"].as_str().unwrap();
+    eprintln!("audit: {target}");
+    assert!(
+        target.contains(&format!("runs on server {to}: paused")),
+        "{moved}"
+    );
+    assert!(
+        c.servers[from as usize - 1].log().contains("VM moved live"),
+        "the source's agent moved it live"
+    );
     // Not yet in sync, or asked by someone else: refused, and nothing moves.
     let p = id(&m.send("POST", "/api/v1/users", Some(json!({"name": "pp", "password": USER_PASSWORD, "role": "power_user", "quota": {"vms": 2, "memory_mib": 512, "disk_gib": 4}}))));
     let wp = Web::logged_in(&c.web[0], "pp", USER_PASSWORD);

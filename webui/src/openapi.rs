@@ -43,7 +43,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "post",
         "/vms/{id}/migrate",
-        "Move a VM to its backup server, which must be in sync (Manager); a running VM restarts there",
+        "Move a VM to its backup server, which must be in sync (Manager): a running VM moves live (answer: live true; the audit log records its pause), one booted by its firmware restarts there (live false, and why)",
     ),
     (
         "get",

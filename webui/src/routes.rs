@@ -385,9 +385,15 @@ impl App {
                     .cluster
                     .act(c.user.id, Action::MigrateVm { vm })
                     .await?;
+                // Live (the agents carry it on), or restarted there and why.
                 Ok(json_response(
                     StatusCode::ACCEPTED,
-                    &json!({ "id": vm, "server": r.get("server") }),
+                    &json!({
+                        "id": vm,
+                        "server": r.get("server"),
+                        "live": r.get("live"),
+                        "why": r.get("why"),
+                    }),
                 ))
             }
             (Method::GET, ["vms", id, "console", kind]) => {

@@ -9,8 +9,7 @@ use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
     Acted, Action, BootMode, DiskGrowth, DiskRecord, LiveMove, MoveOutcome, Nic, Outcome,
-    RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS,
-    MAX_VM_MEMORY_MIB,
+    RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
 };
 use crate::access;
 
@@ -643,9 +642,7 @@ impl StateMachine {
                     .cloned()
                     .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
                 if v.moving.is_some() {
-                    return Err(Refusal::conflict(format!(
-                        "VM {vm} is moving live already"
-                    )));
+                    return Err(Refusal::conflict(format!("VM {vm} is moving live already")));
                 }
                 let to = self.move_target(&v)?;
                 if v.running && v.boot.firmware().is_none() {
