@@ -11,6 +11,9 @@
 //!   itself, the backup takes over, and when the link returns the old primary does not resume
 //!   the VM and becomes the resynced backup. Both namespaces are watched throughout: the VM
 //!   never runs in two places.
+//! - live migration: the VM moves to its backup server and back while its guest writes, over
+//!   the servers' mutual-TLS links, without booting again; a move whose target VMM is killed
+//!   during the copy leaves it running where it was.
 //!
 //! Needs root (network namespaces) and /dev/kvm.
 
@@ -174,13 +177,17 @@ impl Cluster {
     }
 
     fn create_vm(&self) {
+        self.create_vm_of(64);
+    }
+
+    fn create_vm_of(&self, memory_mib: u64) {
         let cmdline = format!(
             "console=ttyS0 tg.run=verify,stamp tg.blocks={BLOCKS} tg.ops=0 tg.ackevery=4 tg.flushevery=4 tg.seqbase={{generation}}000000 tg.end=halt"
         );
         let r = self.call(
             3,
             json!({"op": "propose", "command": {
-                "cmd": "create_vm", "name": VM, "memory_mib": 64, "vcpus": 1,
+                "cmd": "create_vm", "name": VM, "memory_mib": memory_mib, "vcpus": 1,
                 "disk_size": 16u64 << 20, "kernel": testguest().display().to_string(),
                 "cmdline": cmdline, "running": true,
             }}),
@@ -500,5 +507,144 @@ fn partition_of_the_primary_it_stops_the_vm_itself_and_returns_as_the_backup() {
     while Instant::now() < until {
         assert!(!c.net.vmm_running(primary));
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM's VMID.
+fn vm_id(c: &Cluster) -> u64 {
+    c.state().expect("the state")["vms"][VM]["id"]
+        .as_u64()
+        .expect("the VM's id")
+}
+
+/// Asks the cluster to migrate the VM (as a Manager would, through the cluster's protocol).
+fn migrate(c: &Cluster) -> Value {
+    let id = vm_id(c);
+    c.call(
+        3,
+        json!({"op": "propose", "command": {
+            "cmd": "act", "actor": 0, "at_ms": 0,
+            "action": {"kind": "migrate_vm", "vm": id},
+        }}),
+    )
+    .unwrap_or_else(|e| panic!("migrate: {e}"))
+}
+
+/// The lines of server `i`'s log that contain `what`.
+fn log_lines(c: &Cluster, i: usize, what: &str) -> Vec<String> {
+    c.servers[i - 1]
+        .log()
+        .lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Live migration with real processes (issue 13): the stamping guest (256 MiB) moves to its
+/// backup server and back while it writes, each time without booting again (no second
+/// `tg: entry` anywhere), acknowledging on past its last acknowledgement at the source, with
+/// its pause in the audit log; before that, a move whose target VMM is killed during the copy
+/// fails and the VM runs on where it was. At the end every acknowledged write is on the disk.
+#[test]
+fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
+    if !kvm_available("a_running_vm_moves_live") {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("m");
+    c.create_vm_of(256);
+    let mut primary = c.disk()["primary"].as_u64().unwrap() as usize;
+    c.wait_protected(primary);
+    let boots = |c: &Cluster| -> usize {
+        c.servers[..2]
+            .iter()
+            .map(|s| s.serial().matches("tg: entry").count())
+            .sum()
+    };
+    assert_eq!(boots(&c), 1, "one boot so far");
+
+    // The target's VMM stopped (SIGSTOP) as soon as it waits for the VM, so that the copy
+    // stalls, then killed: the move fails, the VM runs on where it was.
+    let target = 3 - primary;
+    let r = migrate(&c);
+    assert_eq!(r["live"], true, "{r}");
+    let started = Instant::now();
+    let signal = |sig: i32| {
+        for (pid, cmd) in c.net.processes(target) {
+            if cmd.contains(" vmm ") {
+                // SAFETY: kill(2) on a pid read from the namespace.
+                unsafe { libc::kill(pid as i32, sig) };
+            }
+        }
+    };
+    c.poll(started, "no VMM waited on the target", || {
+        c.net.vmm_running(target)
+    });
+    signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(1));
+    signal(libc::SIGKILL);
+    c.wait("the failed move ended", |c| {
+        let s = c.state()?;
+        s["vms"][VM]["moving"].is_null().then_some(())
+    });
+    assert_eq!(c.disk()["primary"], primary as u64, "the disks stayed");
+    let failed = log_lines(&c, primary, "live migration failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    eprintln!("killed target: {}", failed[0]);
+    let last = highest_ack(&c.servers[primary - 1].serial(), 0);
+    c.wait("the guest writing on at the source", |c| {
+        (highest_ack(&c.servers[primary - 1].serial(), 0) > last + 8).then_some(())
+    });
+    assert!(!c.net.vmm_running(target), "the target's VMM is gone");
+    assert_eq!(boots(&c), 1, "the guest did not boot again");
+
+    // There and back.
+    for round in 0..2 {
+        let to = 3 - primary;
+        c.wait_protected(primary);
+        let before = highest_ack(&c.servers[primary - 1].serial(), 0);
+        let r = migrate(&c);
+        assert_eq!(r["live"], true, "{r}");
+        c.wait(
+            &format!("round {round}: the VM running on server {to}"),
+            |c| {
+                let s = c.state()?;
+                let here =
+                    s["disks"][DISK]["primary"] == to as u64 && s["vms"][VM]["moving"].is_null();
+                (here && c.net.vmm_running(to) && !c.net.vmm_running(primary)).then_some(())
+            },
+        );
+        c.wait(
+            &format!("round {round}: the guest writing on at server {to}"),
+            |c| (highest_ack(&c.servers[to - 1].serial(), before) > before + 8).then_some(()),
+        );
+        assert_eq!(boots(&c), 1, "round {round}: the guest booted again");
+        let moved = log_lines(&c, primary, "VM moved live");
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        eprintln!("round {round}: {}", moved[0]);
+        primary = to;
+    }
+
+    // Every acknowledged write is on the disk, once the guest stopped.
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": false}}),
+    );
+    r.unwrap_or_else(|e| panic!("stop: {e}"));
+    c.wait("the VM stopped", |c| {
+        (!c.net.vmm_running(primary)).then_some(())
+    });
+    let last = c
+        .servers
+        .iter()
+        .map(|s| highest_ack(&s.serial(), 0))
+        .max()
+        .unwrap();
+    let image = c.servers[primary - 1].disk_data();
+    for (blk, want) in acked_blocks(0, last) {
+        match read_stamp(&image, blk) {
+            Stamp::Seq(got) if got >= want => {}
+            other => panic!("block {blk}: {other:?}, acknowledged seq {want}"),
+        }
     }
 }
