@@ -705,6 +705,146 @@ mod tests {
         StateMachine,
     };
 
+    /// A running VM's migration is live: the move is recorded and nothing else changes until
+    /// its target switches the disks (once; a switch of another move, or after the move ended,
+    /// is refused); its end is audited with the pause; the VM cannot be powered off or moved
+    /// again meanwhile; a server declared down ends the moves it takes part in.
+    #[test]
+    fn a_running_vm_moves_live_switch_then_end_and_a_stopped_one_moves_at_once() {
+        use crate::state_machine::{Command, MoveOutcome};
+        let mut sm = StateMachine::default();
+        let mut w = Vec::new();
+        for id in 1..=2 {
+            let mut s = server(id, false);
+            s.capacity = Capacity {
+                memory_mib: 4096,
+                disk_gib: 12,
+                vcpus: 4,
+                pools: Vec::new(),
+            };
+            sm.add_server(&s, &mut w);
+        }
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.running = true;
+        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
+        let disk = sm.vms["v"].disks[0].clone();
+        let (from, to) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
+        let refused = |r: Outcome| r.unwrap_err();
+        assert_eq!(
+            refused(act(&mut sm, m, Action::MigrateVm { vm })).kind,
+            RefusalKind::Conflict,
+            "a backup not yet in sync"
+        );
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let gen = sm.disks[&disk].generation;
+        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        assert_eq!(r["live"], true, "{r}");
+        let move_id = r["move"].as_u64().unwrap();
+        assert_eq!(
+            sm.disks[&disk].primary, from,
+            "nothing moves before the switch"
+        );
+        assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, to);
+        assert!(refused(act(&mut sm, m, Action::MigrateVm { vm }))
+            .reason
+            .contains("already"));
+        let off = Action::PowerVm {
+            vm,
+            running: false,
+            force: true,
+        };
+        assert!(refused(act(&mut sm, m, off.clone()))
+            .reason
+            .contains("moving live"));
+
+        let mut apply = |sm: &mut StateMachine, c: Command| sm.apply(&c, &mut Vec::new());
+        let switch = |move_id| Command::SwitchVm {
+            vm: "v".into(),
+            move_id,
+        };
+        assert!(
+            apply(&mut sm, switch(move_id + 1)).is_err(),
+            "another move's"
+        );
+        assert_eq!(apply(&mut sm, switch(move_id)).unwrap()["changed"], true);
+        let d = &sm.disks[&disk];
+        assert_eq!(
+            (d.primary, d.backup, d.generation),
+            (to, Some(from), gen + 1)
+        );
+        assert_eq!(apply(&mut sm, switch(move_id)).unwrap()["changed"], false);
+        assert_eq!(
+            sm.disks[&disk].generation,
+            gen + 1,
+            "the same switch again changes nothing"
+        );
+        let end = |move_id, outcome| Command::EndMove {
+            vm: "v".into(),
+            move_id,
+            at_ms: 9,
+            outcome,
+        };
+        let done = MoveOutcome::Done {
+            downtime_ms: 12.5,
+            total_ms: 800.0,
+            transferred_bytes: 64 << 20,
+            rounds: 2,
+        };
+        assert_eq!(
+            apply(&mut sm, end(move_id + 1, done.clone())).unwrap()["changed"],
+            false
+        );
+        apply(&mut sm, end(move_id, done)).unwrap();
+        assert!(sm.vms["v"].moving.is_none());
+        let last = sm.audit.values().last().unwrap();
+        assert_eq!(last.action, "vm.migrated");
+        assert!(
+            last.target
+                .contains(&format!("runs on server {to}: paused 12.5 ms")),
+            "{}",
+            last.target
+        );
+        assert!(
+            apply(&mut sm, switch(move_id)).is_err(),
+            "no switch after the end"
+        );
+
+        // Back, and the target declared down during the move: the move ends, nothing moved.
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, from, "{r}");
+        apply(
+            &mut sm,
+            Command::SetServerDown {
+                id: from,
+                down: true,
+            },
+        )
+        .unwrap();
+        assert!(sm.vms["v"].moving.is_none());
+        assert_eq!(sm.disks[&disk].primary, to);
+
+        // A stopped VM moves at once: nothing to carry but its disks.
+        act(&mut sm, m, off).unwrap();
+        apply(
+            &mut sm,
+            Command::SetServerDown {
+                id: from,
+                down: false,
+            },
+        )
+        .unwrap();
+        let d = sm.disks.get_mut(&disk).unwrap();
+        d.backup = Some(from);
+        d.backup_synced = true;
+        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        assert_eq!(r["live"], false, "{r}");
+        assert_eq!(sm.disks[&disk].primary, from);
+        assert!(sm.vms["v"].moving.is_none());
+    }
+
     #[test]
     fn a_powered_off_vm_s_disks_grow_within_its_quota_and_its_servers_room() {
         const GIB: u64 = 1 << 30;
