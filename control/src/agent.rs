@@ -1051,6 +1051,10 @@ impl Reconciler {
                 if out.get(&vm.name).is_some_and(|o| o.move_id == m.id) {
                     continue;
                 }
+                // Two at a time (a drain moves every VM): the others wait for a later pass.
+                if out.values().filter(|o| o.ended.is_none()).count() >= MOVES_AT_ONCE {
+                    continue;
+                }
                 let Some(address) = state.servers.get(&m.to).map(|s| s.address.clone()) else {
                     continue;
                 };
@@ -1354,6 +1358,9 @@ pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord
         }
     }
 }
+
+/// Live migrations from one server at once.
+const MOVES_AT_ONCE: usize = 2;
 
 /// How long a live migration may take, from the request to the target's word.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);

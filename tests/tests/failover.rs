@@ -543,8 +543,9 @@ fn log_lines(c: &Cluster, i: usize, what: &str) -> Vec<String> {
 /// Live migration with real processes (issue 13): the stamping guest (256 MiB) moves to its
 /// backup server and back while it writes, each time without booting again (no second
 /// `tg: entry` anywhere), acknowledging on past its last acknowledgement at the source, with
-/// its pause in the audit log; before that, a move whose target VMM is killed during the copy
-/// fails and the VM runs on where it was. At the end every acknowledged write is on the disk.
+/// its pause in the server's log; before that, a move whose target VMM is killed during the copy
+/// fails and the VM runs on where it was; after, a drain of its server moves it live once more.
+/// At the end every acknowledged write is on the disk.
 #[test]
 fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
     if !kvm_available("a_running_vm_moves_live") {
@@ -624,6 +625,31 @@ fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
         eprintln!("round {round}: {}", moved[0]);
         primary = to;
     }
+
+    // A drain moves it live too, and leaves no copy on the drained server.
+    let to = 3 - primary;
+    c.wait_protected(primary);
+    let before = highest_ack(&c.servers[primary - 1].serial(), 0);
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {
+            "cmd": "act", "actor": 0, "at_ms": 0,
+            "action": {"kind": "drain_server", "id": primary},
+        }}),
+    );
+    let r = r.unwrap_or_else(|e| panic!("drain: {e}"));
+    assert_eq!(r["moving_live"], 1, "{r}");
+    c.wait(&format!("the drained VM running on server {to}"), |c| {
+        let s = c.state()?;
+        let d = &s["disks"][DISK];
+        let moved = d["primary"] == to as u64 && d["backup"].is_null();
+        (moved && s["vms"][VM]["moving"].is_null() && c.net.vmm_running(to)).then_some(())
+    });
+    c.wait("the guest writing on after the drain", |c| {
+        (highest_ack(&c.servers[to - 1].serial(), before) > before + 8).then_some(())
+    });
+    assert_eq!(boots(&c), 1, "the drain rebooted the guest");
+    primary = to;
 
     // Every acknowledged write is on the disk, once the guest stopped.
     let r = c.call(

@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, revoked_key, server_key, vm_key};
 use super::rights::Actor;
 use super::{
-    Acted, Capacity, DiskRecord, Outcome, RecordWrite, Refusal, ServerRecord, StateMachine,
+    Acted, Capacity, DiskRecord, LiveMove, Outcome, RecordWrite, Refusal, ServerRecord,
+    StateMachine,
 };
 use crate::access;
 
@@ -211,8 +212,31 @@ impl StateMachine {
                 "server {id} is a witness: it holds no disks"
             )));
         }
+        // Its running VMs booted by the kernel move live, their disks at their switch; the
+        // others' disks move now (a running one restarts there).
+        let live: Vec<String> = self
+            .vms
+            .values()
+            .filter(|vm| {
+                vm.running
+                    && vm.moving.is_none()
+                    && vm.boot.firmware().is_none()
+                    && self.vm_primary(vm) == Some(id)
+            })
+            .map(|vm| vm.name.clone())
+            .collect();
+        let mut carried = HashSet::new();
+        let mut targets = Vec::new();
+        for name in &live {
+            let to = self.move_target(&self.vms[name])?;
+            carried.extend(self.vms[name].disks.iter().cloned());
+            targets.push((name.clone(), to));
+        }
         let mut moves = Vec::new();
         for d in self.disks.values() {
+            if carried.contains(&d.name) {
+                continue;
+            }
             if d.primary == id {
                 let b = d
                     .backup
@@ -240,10 +264,24 @@ impl StateMachine {
             d.pools.remove(&id);
             writes.push((disk_key(&name), Some(json_bytes(d))));
         }
+        // Each move is named by the audit number this drain gets.
+        let move_id = self.counters.audit + 1;
+        for (name, to) in &targets {
+            let vm = self.vms.get_mut(name).expect("listed");
+            vm.moving = Some(LiveMove {
+                id: move_id,
+                to: *to,
+                switched: false,
+            });
+            writes.push((vm_key(name), Some(json_bytes(vm))));
+        }
         Ok(Acted::Changed {
             verb: "server.drain",
-            target: format!("server {id}"),
-            result: json!({ "disks_moved": n }),
+            target: format!(
+                "server {id}: {} VMs moving live, {n} disks moved",
+                targets.len()
+            ),
+            result: json!({ "disks_moved": n, "moving_live": targets.len() }),
         })
     }
 }

@@ -270,7 +270,7 @@ impl StateMachine {
 
     /// Where VM `v` can move: the server holding every one of its disks' backup copies, in
     /// sync and up.
-    fn move_target(&self, v: &VmRecord) -> Result<u64, Refusal> {
+    pub(super) fn move_target(&self, v: &VmRecord) -> Result<u64, Refusal> {
         let vm = v.id;
         let mut to = None;
         for name in &v.disks {
@@ -305,7 +305,14 @@ impl StateMachine {
         let to = self.move_target(v)?;
         for name in &v.disks {
             let d = self.disks.get_mut(name).expect("move_target found it");
-            d.backup = Some(d.primary);
+            let from = d.primary;
+            // A server being drained keeps no copy: the leader gives the disk a new backup.
+            if self.servers.get(&from).is_some_and(|s| s.draining) {
+                d.backup = None;
+                d.pools.remove(&from);
+            } else {
+                d.backup = Some(from);
+            }
             d.primary = to;
             d.generation += 1;
             d.backup_synced = false;
