@@ -1023,3 +1023,90 @@ fn a_guest_writing_its_vhost_user_disk_moves_live_with_its_screen() {
     }
     a_guest_writing_its_disk_moves_live("vhost-user");
 }
+
+/// One request to a VMM's control socket at `path`, from any thread.
+fn call(path: &std::path::Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("the control socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+}
+
+/// A migration says where it stands while it copies (phase, bytes sent, the VM's size) and is
+/// cancelled while it still copies: the VM runs on where it was. The target here is a socket
+/// that takes the stream slowly (about 30 MB/s), so that the copy lasts seconds.
+#[test]
+fn a_migration_reports_its_progress_and_is_cancelled_while_it_copies() {
+    if !kvm_available("a_migration_reports_its_progress_and_is_cancelled_while_it_copies") {
+        return;
+    }
+    let s = Scratch::new("migrate-cancel");
+    let api = s.path("api.sock");
+    let mut src = Vmm::start(&guest_args(
+        "tg.run=tick tg.tickms=120000",
+        &["--api-socket", api.to_str().unwrap()],
+    ));
+    src.wait_for("tg: tick n=", BOOT);
+    let slow = s.path("slow.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&slow).unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        got
+    });
+    let r = call(&api, r#"{"cmd":"cancel-migration"}"#);
+    assert!(
+        r["error"].as_str().unwrap().contains("no live migration"),
+        "{r}"
+    );
+    let migrate = {
+        let (api, slow) = (api.clone(), slow.clone());
+        std::thread::spawn(move || {
+            call(
+                &api,
+                &format!(r#"{{"cmd":"migrate","to":"{}"}}"#, slow.display()),
+            )
+        })
+    };
+    let deadline = std::time::Instant::now() + BOOT;
+    let seen = loop {
+        let r = call(&api, r#"{"cmd":"migration-status"}"#);
+        let m = &r["migration"];
+        if m["phase"] == "copying" && m["transferred_bytes"].as_u64().unwrap_or(0) >= 16 << 20 {
+            break m.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(seen["memory_bytes"], 128u64 << 20, "{seen}");
+    assert_eq!(seen["round"], 0, "{seen}");
+    let r = call(&api, r#"{"cmd":"cancel-migration"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = migrate.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
+    let got = reader.join().unwrap();
+    assert!(
+        got < 128 << 20,
+        "the copy stopped before the end: {got} bytes"
+    );
+    // It runs on here, and nothing is under way any more.
+    let before = tick_count(&src.wait_for("tg: tick n=", BOOT)).unwrap();
+    let after = tick_count(&src.wait_for("tg: tick n=", BOOT)).unwrap();
+    assert!(after > before);
+    assert_eq!(src.api(r#"{"cmd":"status"}"#)["status"]["state"], "running");
+    assert!(call(&api, r#"{"cmd":"migration-status"}"#)["migration"].is_null());
+}

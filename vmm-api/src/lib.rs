@@ -12,6 +12,8 @@
 //! {"cmd":"media","disk":1,"path":"/x.iso"}   change; "path":null ejects
 //! {"cmd":"migrate","to":"/run/x.sock","downtime_ms":50}
 //!                                        -> {"ok":true,"migrated":{"downtime_ms":...}}
+//! {"cmd":"migration-status"}             -> {"ok":true,"migration":{"phase":"copying",...}}
+//! {"cmd":"cancel-migration"}             while it still copies
 //! {"cmd":"serial"}                       -> {"ok":true}, then the connection is the
 //!                                           console: history and live output out,
 //!                                           keystrokes in
@@ -66,6 +68,10 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         downtime_ms: Option<u64>,
     },
+    /// Where a live migration under way stands (answered while `migrate` runs).
+    MigrationStatus {},
+    /// Gives up a live migration under way while it still copies memory: the VM runs on here.
+    CancelMigration {},
 }
 
 /// The answer to a request.
@@ -83,6 +89,42 @@ pub struct Response {
     /// What a live migration took, for `migrate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrated: Option<Migrated>,
+    /// Where a live migration under way stands, for `migration-status` (none: none is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
+}
+
+/// What a live migration under way is doing.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Copying memory while the guest runs; it can still be cancelled.
+    Copying,
+    /// The guest is paused: the last pages and the devices' state go.
+    Paused,
+    /// All of it went: waiting for the target to take the disks and run it.
+    Handover,
+}
+
+/// Where a live migration under way stands.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationProgress {
+    /// What it is doing.
+    pub phase: MigrationPhase,
+    /// The pre-copy round (0: all of memory).
+    pub round: u32,
+    /// Guest RAM, bytes.
+    pub memory_bytes: u64,
+    /// Bytes sent so far.
+    pub transferred_bytes: u64,
+    /// What the guest dirtied during the last round: what the next one sends.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirties memory, bytes a second.
+    pub dirty_rate_bytes_per_sec: u64,
+    /// The pause the remaining bytes would take now, ms.
+    pub expected_downtime_ms: u64,
+    /// Since the request, ms.
+    pub elapsed_ms: u64,
 }
 
 /// What a live migration took.

@@ -10,13 +10,19 @@ use std::sync::Arc;
 pub use vmm_api::{DiskStatus, Migrated, Request, Response, RunState, Status};
 
 use crate::devices::serial::Console;
+use crate::migration::MigrationWatch;
 use crate::vm::VmEvent;
 
 /// Longest request line accepted; anything longer is refused unread.
 const MAX_LINE: u64 = vmm_api::MAX_LINE as u64;
 
 /// Serves the control socket at `path` until the process exits.
-pub fn serve(path: &Path, events: Sender<VmEvent>, console: Arc<Console>) -> std::io::Result<()> {
+pub fn serve(
+    path: &Path,
+    events: Sender<VmEvent>,
+    console: Arc<Console>,
+    watch: Arc<MigrationWatch>,
+) -> std::io::Result<()> {
     // A stale socket from a crashed VMM would make bind fail.
     if path.exists() {
         std::fs::remove_file(path)?;
@@ -29,10 +35,11 @@ pub fn serve(path: &Path, events: Sender<VmEvent>, console: Arc<Console>) -> std
                 let Ok(conn) = conn else { continue };
                 let events = events.clone();
                 let console = console.clone();
+                let watch = watch.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, events, console) {
+                        if let Err(e) = handle(conn, events, console, &watch) {
                             tracing::debug!(error = %e, "control connection ended");
                         }
                     });
@@ -47,7 +54,12 @@ fn reply(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     w.write_all(&line)
 }
 
-fn handle(conn: UnixStream, events: Sender<VmEvent>, console: Arc<Console>) -> std::io::Result<()> {
+fn handle(
+    conn: UnixStream,
+    events: Sender<VmEvent>,
+    console: Arc<Console>,
+    watch: &MigrationWatch,
+) -> std::io::Result<()> {
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
     loop {
@@ -70,6 +82,27 @@ fn handle(conn: UnixStream, events: Sender<VmEvent>, console: Arc<Console>) -> s
                 continue;
             }
         };
+        // Answered here: the VM's loop is busy with the migration they ask about.
+        match req {
+            Request::MigrationStatus {} => {
+                let r = Response {
+                    ok: true,
+                    migration: watch.progress(),
+                    ..Default::default()
+                };
+                reply(&mut writer, &r)?;
+                continue;
+            }
+            Request::CancelMigration {} => {
+                let r = match watch.cancel() {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::err(e),
+                };
+                reply(&mut writer, &r)?;
+                continue;
+            }
+            _ => {}
+        }
         if matches!(req, Request::Serial {}) {
             reply(&mut writer, &Response::ok())?;
             return stream_serial(reader, writer, events, console);
@@ -124,7 +157,13 @@ mod tests {
     fn socket_answers_bad_requests_and_forwards_good_ones() {
         let dir = std::env::temp_dir().join(format!("enspeed-api-{}", std::process::id()));
         let (tx, rx) = channel();
-        serve(&dir, tx, Console::new(Box::new(std::io::sink()))).unwrap();
+        serve(
+            &dir,
+            tx,
+            Console::new(Box::new(std::io::sink())),
+            Default::default(),
+        )
+        .unwrap();
         std::thread::spawn(move || {
             for ev in rx {
                 if let VmEvent::Api(Request::Pause {}, r) = ev {

@@ -28,6 +28,54 @@ use crate::devices::i8042::I8042Snapshot;
 use crate::devices::serial::SerialSnapshot;
 use crate::snapshot::{VcpuState, VmState};
 
+/// What the control socket's threads see of a live migration under way (the VM's loop is busy
+/// with it): where it stands, and a request to give up.
+#[derive(Debug, Default)]
+pub struct MigrationWatch {
+    state: std::sync::Mutex<(Option<vmm_api::MigrationProgress>, bool)>,
+}
+
+impl MigrationWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<vmm_api::MigrationProgress>, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the migration under way stands, if one is.
+    pub fn progress(&self) -> Option<vmm_api::MigrationProgress> {
+        self.lock().0.clone()
+    }
+
+    /// Asks the migration to give up; refused once the guest was paused for it (or when none
+    /// is under way).
+    pub fn cancel(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        match st.0.as_ref().map(|p| p.phase) {
+            Some(vmm_api::MigrationPhase::Copying) => {
+                st.1 = true;
+                Ok(())
+            }
+            Some(_) => Err("too late: the guest is paused for the migration's last pages".into()),
+            None => Err("no live migration is under way".into()),
+        }
+    }
+
+    /// Notes where the migration stands; false, changing nothing, when it was cancelled (the
+    /// caller gives up).
+    pub fn update(&self, p: vmm_api::MigrationProgress) -> bool {
+        let mut st = self.lock();
+        if st.1 {
+            return false;
+        }
+        st.0 = Some(p);
+        true
+    }
+
+    /// A migration begins (nothing asked of an earlier one counts) or ended (`None`).
+    pub fn reset(&self, p: Option<vmm_api::MigrationProgress>) {
+        *self.lock() = (p, false);
+    }
+}
+
 /// The device models' state.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeviceStates {
@@ -121,6 +169,9 @@ pub enum MigrationError {
         /// KVM's answer.
         err: kvm_ioctls::Error,
     },
+    /// Cancelled through the control socket.
+    #[error("cancelled")]
+    Cancelled,
     /// Guest memory could not be read or written.
     #[error("guest memory at {gpa:#x}: {why}")]
     Memory {
@@ -413,6 +464,8 @@ pub struct Progress {
     pub rate_bytes_per_sec: u64,
     /// The pause the remaining bytes would take at that rate, milliseconds.
     pub expected_downtime_ms: u64,
+    /// The round ended (else: a step within round 0, which sends all of RAM).
+    pub round_done: bool,
 }
 
 /// How a pre-copy ended.
@@ -432,14 +485,16 @@ pub struct Unsent(Vec<(usize, Vec<u64>)>);
 /// Sends all of guest RAM, then the pages dirtied meanwhile, round after round, while the
 /// vCPUs run, until what is left would take at most `budget` at the rate the stream reached,
 /// or `max_rounds` rounds passed. The dirty log must be on ([`log_dirty_pages`]) before the
-/// guest may write anything not yet sent: call that first. `progress` hears of each round.
+/// guest may write anything not yet sent: call that first. `progress` hears of each round, and
+/// of the copy's progress within round 0 (all of RAM), every 16 MiB; when it answers
+/// false, the pre-copy gives up ([`MigrationError::Cancelled`]).
 pub fn precopy<B: Bitmap>(
     w: &mut impl Write,
     log: &dyn DirtyLog,
     mem: &GuestMemoryMmap<B>,
     budget: Duration,
     max_rounds: u32,
-    mut progress: impl FnMut(&Progress),
+    mut progress: impl FnMut(&Progress) -> bool,
 ) -> Result<(Converged, Unsent), MigrationError> {
     let mut p = Progress::default();
     let mut buf = Vec::with_capacity(MAX_PAGES_BYTES as usize);
@@ -451,11 +506,20 @@ pub fn precopy<B: Bitmap>(
     let mut round_started = Instant::now();
     let mut sent = 0;
     let mut pages = 0;
+    const CHUNK_PAGES: u64 = (16 << 20) / PAGE;
     for &(slot, len) in &regions {
         let all: Vec<u64> = (0..len.div_ceil(PAGE)).collect();
         pages += all.len() as u64;
-        sent += send_pages(w, mem, slot, &all, &mut buf)?;
+        for chunk in all.chunks(CHUNK_PAGES as usize) {
+            sent += send_pages(w, mem, slot, chunk, &mut buf)?;
+            p.transferred_bytes = sent;
+            p.round_done = false;
+            if !progress(&p) {
+                return Err(MigrationError::Cancelled);
+            }
+        }
     }
+    p.transferred_bytes = 0;
     loop {
         let took = round_started.elapsed().max(Duration::from_micros(1));
         p.transferred_bytes += sent;
@@ -478,7 +542,10 @@ pub fn precopy<B: Bitmap>(
         p.dirty_rate_bytes_per_sec = (remaining as f64 / took.as_secs_f64()) as u64;
         p.expected_downtime_ms =
             (remaining as f64 / p.rate_bytes_per_sec.max(1) as f64 * 1000.0).ceil() as u64;
-        progress(&p);
+        p.round_done = true;
+        if !progress(&p) {
+            return Err(MigrationError::Cancelled);
+        }
         if Duration::from_millis(p.expected_downtime_ms) <= budget {
             return Ok((Converged::Yes, Unsent(dirty)));
         }

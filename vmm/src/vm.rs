@@ -501,6 +501,8 @@ struct Vm {
     virtio: Vec<VirtioSlot>,
     /// A VM migrating in: its NICs' taps and MACs, announced once it runs here.
     announce: Vec<(Tap, [u8; 6])>,
+    /// What the control socket sees of a live migration from here.
+    watch: Arc<crate::migration::MigrationWatch>,
 }
 
 /// Appends the virtio-mmio device list to the command line, the form
@@ -524,6 +526,7 @@ impl Vm {
         events: &Sender<VmEvent>,
         fb: Option<&Arc<Framebuffer>>,
         parked: bool,
+        watch: &Arc<crate::migration::MigrationWatch>,
     ) -> Result<Vm, VmError> {
         if cfg.vcpus == 0 || cfg.vcpus > 64 {
             return Err(VmError::Config(format!(
@@ -824,6 +827,7 @@ impl Vm {
             pm,
             virtio,
             announce,
+            watch: watch.clone(),
         })
     }
 
@@ -908,6 +912,22 @@ impl Vm {
         let mut rounds = 0;
         let mut transferred = 0;
         let mut all_sent = false;
+        let watch = &self.watch;
+        let progress = |phase, p: &mig::Progress| vmm_api::MigrationProgress {
+            phase,
+            round: p.round,
+            memory_bytes,
+            transferred_bytes: p.transferred_bytes,
+            remaining_bytes: p.remaining_bytes,
+            dirty_rate_bytes_per_sec: p.dirty_rate_bytes_per_sec,
+            expected_downtime_ms: p.expected_downtime_ms,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        watch.reset(Some(progress(
+            vmm_api::MigrationPhase::Copying,
+            &mig::Progress::default(),
+        )));
+        let mut last = mig::Progress::default();
         let mut paused_devices: Vec<&Arc<Mutex<dyn VirtioTransport>>> = Vec::new();
         let mut target_refused = false;
         let result = (|| -> Result<(), String> {
@@ -929,18 +949,25 @@ impl Vm {
             }
             let (converged, unsent) =
                 mig::precopy(&mut w, &log, &self._mem, downtime, MIGRATION_ROUNDS, |p| {
-                    rounds = p.round + 1;
-                    transferred = p.transferred_bytes;
-                    tracing::info!(
-                        round = p.round,
-                        transferred = p.transferred_bytes,
-                        remaining = p.remaining_bytes,
-                        dirty_rate = p.dirty_rate_bytes_per_sec,
-                        expected_downtime_ms = p.expected_downtime_ms,
-                        "migration round"
-                    );
+                    last = *p;
+                    if p.round_done {
+                        rounds = p.round + 1;
+                        transferred = p.transferred_bytes;
+                        tracing::info!(
+                            round = p.round,
+                            transferred = p.transferred_bytes,
+                            remaining = p.remaining_bytes,
+                            dirty_rate = p.dirty_rate_bytes_per_sec,
+                            expected_downtime_ms = p.expected_downtime_ms,
+                            "migration round"
+                        );
+                    }
+                    watch.update(progress(vmm_api::MigrationPhase::Copying, p))
                 })
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match e {
+                    mig::MigrationError::Cancelled => "cancelled".to_string(),
+                    e => e.to_string(),
+                })?;
             if converged == mig::Converged::No {
                 return Err(format!(
                     "the guest writes its memory faster than the migration stream takes it: after {MIGRATION_ROUNDS} rounds the rest would still take more than {downtime:?}"
@@ -950,6 +977,10 @@ impl Vm {
                 let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
                 crate::snapshot::msr_list(&kvm).map_err(|e| e.to_string())?
             };
+            // A cancel that came in time wins; from the pause on, none does.
+            if !watch.update(progress(vmm_api::MigrationPhase::Paused, &last)) {
+                return Err("cancelled".into());
+            }
             paused_at = Some(Instant::now());
             self.pause();
             // The devices stop where they stand: nothing in flight, no more writes to RAM.
@@ -1006,6 +1037,7 @@ impl Vm {
             // From here the target may hold the whole VM: only its word that it will not run
             // it lets the VM run on here.
             all_sent = true;
+            watch.update(progress(vmm_api::MigrationPhase::Handover, &last));
             std::io::Write::flush(&mut w).map_err(|e| format!("the migration stream: {e}"))?;
             match read_reply(&mut reader) {
                 Ok(Reply::Ready) => {}
@@ -1025,6 +1057,7 @@ impl Vm {
                 Err(e) => Err(format!("no word from the target VMM after Go: {e}")),
             }
         })();
+        watch.reset(None);
         match result {
             Ok(()) => {
                 let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
@@ -1225,6 +1258,7 @@ enum Next {
 /// guest reset rebuilds it and boots again.
 pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
+    let watch = Arc::new(crate::migration::MigrationWatch::default());
     let sink: Box<dyn Write + Send> = match &cfg.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(p) => Box::new(
@@ -1235,7 +1269,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     let console = Console::new(sink);
     let (tx, rx) = channel();
     if let Some(sock) = &cfg.api_socket {
-        api::serve(sock, tx.clone(), console.clone())
+        api::serve(sock, tx.clone(), console.clone(), watch.clone())
             .map_err(io_err(format!("serve {}", sock.display())))?;
     }
     if cfg.serial == SerialTarget::Stdout && unsafe_isatty_stdin() {
@@ -1267,7 +1301,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Exit, VmError> {
     let mut boots = 0u64;
     loop {
         boots += 1;
-        let vm = Vm::build(&cfg, &console, &tx, fb.as_ref(), incoming.is_some())?;
+        let vm = Vm::build(&cfg, &console, &tx, fb.as_ref(), incoming.is_some(), &watch)?;
         if let Some(stream) = incoming.take() {
             if let Err(why) = vm.migrate_in(&cfg, stream) {
                 vm.teardown();
@@ -1629,6 +1663,9 @@ fn handle_api(
             Response::err("serial is handled by the socket itself"),
             None,
         ),
+        // Between migrations (the socket answers these itself while one runs).
+        Request::MigrationStatus {} => (Response::ok(), None),
+        Request::CancelMigration {} => (Response::err("no live migration is under way"), None),
         Request::Migrate { to, downtime_ms } => {
             if *paused || shutdown.is_some() {
                 return (

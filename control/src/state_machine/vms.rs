@@ -766,7 +766,7 @@ mod tests {
             .reason
             .contains("moving live"));
 
-        let mut apply = |sm: &mut StateMachine, c: Command| sm.apply(&c, &mut Vec::new());
+        let apply = |sm: &mut StateMachine, c: Command| sm.apply(&c, &mut Vec::new());
         let switch = |move_id| Command::SwitchVm {
             vm: "v".into(),
             move_id,

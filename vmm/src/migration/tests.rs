@@ -120,6 +120,9 @@ fn a_running_guest_s_ram_is_precopied_in_rounds_and_the_copy_goes_on_counting() 
         Duration::ZERO,
         4,
         |p| {
+            if !p.round_done {
+                return true;
+            }
             rounds.push(*p);
             let from = last.load(Ordering::SeqCst);
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -127,6 +130,7 @@ fn a_running_guest_s_ram_is_precopied_in_rounds_and_the_copy_goes_on_counting() 
                 assert!(Instant::now() < deadline, "the guest stopped counting");
                 std::thread::yield_now();
             }
+            true
         },
     )
     .unwrap();
