@@ -130,6 +130,8 @@ struct Shared {
     /// VMs moving live from here, by name: their migration's thread decides what becomes of
     /// their VMM, not the reconcile loop.
     outgoing: Mutex<HashMap<String, Outgoing>>,
+    /// Where each of those migrations stands, as its VMM last said (reported to the cluster).
+    progress: Mutex<HashMap<String, vmm_api::MigrationProgress>>,
 }
 
 /// A live migration from here.
@@ -140,6 +142,8 @@ struct Outgoing {
     /// How it ended: `Some(true)` the VM runs elsewhere now (its VMM here ends), `Some(false)`
     /// it runs on here.
     ended: Option<bool>,
+    /// A Manager asked to give it up.
+    cancel: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,6 +163,7 @@ pub fn start(cfg: AgentConfig, node: NodeHandle, book: AddressBook) -> std::io::
         fenced_at: Mutex::new(None),
         last_quorum: Mutex::new(Instant::now()),
         outgoing: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
     });
     let (tx, rx) = channel();
     {
@@ -1048,7 +1053,8 @@ impl Reconciler {
                 )
             {
                 let mut out = lock(&self.s.outgoing);
-                if out.get(&vm.name).is_some_and(|o| o.move_id == m.id) {
+                if let Some(o) = out.get_mut(&vm.name).filter(|o| o.move_id == m.id) {
+                    o.cancel |= m.cancel;
                     continue;
                 }
                 // Two at a time (a drain moves every VM): the others wait for a later pass.
@@ -1063,6 +1069,7 @@ impl Reconciler {
                     Outgoing {
                         move_id: m.id,
                         ended: None,
+                        cancel: m.cancel,
                     },
                 );
                 drop(out);
@@ -1105,7 +1112,7 @@ impl Reconciler {
                 .networks
                 .get(&nic.network)
                 .ok_or_else(|| format!("its network {} is gone", nic.network))?;
-            let card = crate::netdev::Card::plug(vm.id, i, nic, net)?;
+            let card = crate::netdev::Card::plug(self.s.cfg.id, vm.id, i, nic, net)?;
             nets.push(format!("tap={},mac={}", card.tap(), card.mac()));
             cards.push(card);
         }
@@ -1279,6 +1286,7 @@ impl Reconciler {
                     pid: Some(vm.child.id()),
                     generation: vm.generation,
                     fault: None,
+                    migration: lock(&self.s.progress).get(name).cloned(),
                     addresses: match self.vms.get(name) {
                         Some(VmState::Running { cards, .. }) => cards
                             .iter()
@@ -1371,7 +1379,34 @@ fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> 
     let me = s.cfg.id;
     let api_sock = crate::console::api_socket(dir);
     let started = Instant::now();
-    let result = send_vm(s, name, move_id, address, dir, &api_sock);
+    // While it runs: where it stands, for the cluster to show; a cancel, passed on once.
+    let running = AtomicBool::new(true);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut cancelled = false;
+            while running.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(300));
+                if let Some(p) = vmm_call(&api_sock, &VmmRequest::MigrationStatus {})
+                    .ok()
+                    .and_then(|r| r.migration)
+                {
+                    lock(&s.progress).insert(name.to_string(), p);
+                }
+                let asked = lock(&s.outgoing).get(name).is_some_and(|o| o.cancel);
+                if asked && !cancelled {
+                    cancelled = true;
+                    match vmm_call(&api_sock, &VmmRequest::CancelMigration {}) {
+                        Ok(_) => tracing::info!(server = me, vm = %name, "live migration cancelled"),
+                        Err(e) => tracing::warn!(server = me, vm = %name, error = %e, "live migration not cancelled"),
+                    }
+                }
+            }
+        });
+        let r = send_vm(s, name, move_id, address, dir, &api_sock);
+        running.store(false, Ordering::SeqCst);
+        r
+    });
+    lock(&s.progress).remove(name);
     let at_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

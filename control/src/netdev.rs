@@ -11,10 +11,11 @@ use std::process::{Command, Stdio};
 use crate::state_machine::{NetworkRecord, Nic};
 use crate::vmnet::{CardService, Lease};
 
-/// The tap of VM `vmid`'s card `index` (the same name on every server: at most one of them
-/// runs the VM).
-pub fn tap_name(vmid: u64, index: usize) -> String {
-    format!("es{vmid}n{index}")
+/// The tap of VM `vmid`'s card `index` on server `server`, in hexadecimal (15 bytes at most
+/// for any 32-bit VMID): each server's own, since during a live migration the VM has a VMM on
+/// two servers at once, which may share a machine.
+pub fn tap_name(server: u64, vmid: u64, index: usize) -> String {
+    format!("e{vmid:x}n{index}s{server:x}")
 }
 
 fn ip(args: &[&str]) -> Result<String, String> {
@@ -215,9 +216,15 @@ pub struct Card {
 impl Card {
     /// Plugs card `index` (`nic`) of VM `vmid` into network `net` here: its bridge made, its
     /// tap in it, filtered, and served.
-    pub fn plug(vmid: u64, index: usize, nic: &Nic, net: &NetworkRecord) -> Result<Card, String> {
+    pub fn plug(
+        server: u64,
+        vmid: u64,
+        index: usize,
+        nic: &Nic,
+        net: &NetworkRecord,
+    ) -> Result<Card, String> {
         ensure_bridge(net)?;
-        let tap = tap_name(vmid, index);
+        let tap = tap_name(server, vmid, index);
         let mac = crate::vmnet::parse_mac(&nic.mac)
             .ok_or_else(|| format!("card {index}: its MAC {:?} is not one", nic.mac))?;
         plug_tap(&tap, &net.bridge)?;
@@ -288,7 +295,7 @@ mod tests {
 
     #[test]
     fn tap_names_fit_an_interface_name() {
-        assert_eq!(tap_name(12, 3), "es12n3");
-        assert!(tap_name(u64::from(u32::MAX), 3).len() <= 15);
+        assert_eq!(tap_name(2, 26, 3), "e1an3s2");
+        assert!(tap_name(255, u64::from(u32::MAX), 3).len() <= 15);
     }
 }

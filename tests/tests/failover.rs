@@ -599,6 +599,54 @@ fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
     assert!(!c.net.vmm_running(target), "the target's VMM is gone");
     assert_eq!(boots(&c), 1, "the guest did not boot again");
 
+    // Progress and cancel: the target's VMM stopped (SIGSTOP) so that the copy stalls; the
+    // source's progress reaches the state; a cancel asked meanwhile takes effect once the copy
+    // goes on (SIGCONT): the move fails, the VM runs on where it was.
+    c.wait_protected(primary);
+    let r = migrate(&c);
+    assert_eq!(r["live"], true, "{r}");
+    let started = Instant::now();
+    c.poll(started, "no VMM waited on the target", || {
+        c.net.vmm_running(target)
+    });
+    signal(libc::SIGSTOP);
+    let seen = c.wait("the move's progress in the state", |c| {
+        let s = c.state()?;
+        let p = s["observed"][primary.to_string()]["vms"][VM]["migration"].clone();
+        (p["phase"] == "copying").then_some(p)
+    });
+    assert_eq!(seen["memory_bytes"], 256u64 << 20, "{seen}");
+    let id = vm_id(&c);
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {
+            "cmd": "act", "actor": 0, "at_ms": 0,
+            "action": {"kind": "cancel_migration", "vm": id},
+        }}),
+    );
+    r.unwrap_or_else(|e| panic!("cancel: {e}"));
+    c.wait("the cancel passed to the source's VMM", |_| {
+        log_lines(&c, primary, "live migration cancelled")
+            .first()
+            .cloned()
+    });
+    signal(libc::SIGCONT);
+    c.wait("the cancelled move ended", |c| {
+        let s = c.state()?;
+        s["vms"][VM]["moving"].is_null().then_some(())
+    });
+    assert_eq!(c.disk()["primary"], primary as u64, "the disks stayed");
+    let failed = log_lines(&c, primary, "live migration failed");
+    assert!(
+        failed.len() == 2 && failed[1].contains("cancelled"),
+        "{failed:?}"
+    );
+    let last = highest_ack(&c.servers[primary - 1].serial(), 0);
+    c.wait("the guest writing on at the source", |c| {
+        (highest_ack(&c.servers[primary - 1].serial(), 0) > last + 8).then_some(())
+    });
+    assert_eq!(boots(&c), 1, "the guest did not boot again");
+
     // There and back.
     for round in 0..2 {
         let to = 3 - primary;

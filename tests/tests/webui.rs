@@ -388,6 +388,28 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             );
         }
     }
+    // Cancelling one: the Manager's alone too.
+    for (who, vm, want) in [
+        (pw, vm_p1, Forbidden),
+        (pw, vm_r2, Hidden),
+        (rw, vm_r1a, Forbidden),
+        (rw, vm_r2, Hidden),
+    ] {
+        let before = fingerprint(&m);
+        let r = x.case(
+            who,
+            "POST",
+            "/vms/{id}/migrate/cancel",
+            &format!("/api/v1/vms/{vm}/migrate/cancel"),
+            Some(json!({})),
+            want,
+        );
+        assert_eq!(
+            fingerprint(&m),
+            before,
+            "a refused cancel changed nothing: {r:?}"
+        );
+    }
 
     // Cloning a powered-off VM: one's own or a subordinate's; the clone is then deleted.
     for (n, (who, vm, want)) in [
@@ -2715,14 +2737,17 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
     vm["start"] = json!(true);
     let plugged = wq.send("POST", "/api/v1/vms", Some(vm));
     let pid_ = id(&plugged);
-    let tap = format!("es{pid_}n0");
     let mac = wq.get(&format!("/api/v1/vms/{pid_}")).1["nics"][0]["mac"]
         .as_str()
         .unwrap()
         .to_string();
-    cluster::wait_for("the VM running", Duration::from_secs(60), || {
-        (wq.get(&format!("/api/v1/vms/{pid_}")).1["status"] == "running").then_some(())
+    let running = cluster::wait_for("the VM running", Duration::from_secs(60), || {
+        let v = wq.get(&format!("/api/v1/vms/{pid_}")).1;
+        (v["status"] == "running").then_some(v)
     });
+    // Its server's own tap (netdev::tap_name: VMID, card, server, in hexadecimal).
+    let server = running["primary"]["server"].as_u64().unwrap();
+    let tap = format!("e{pid_:x}n0s{server:x}");
     let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap_or_default();
     assert!(
         master.ends_with(&bridge),

@@ -107,7 +107,7 @@ pub enum MigrationPhase {
 }
 
 /// Where a live migration under way stands.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MigrationProgress {
     /// What it is doing.
     pub phase: MigrationPhase,

@@ -154,8 +154,15 @@ pub enum VmCommand {
         #[arg(long)]
         owner: Option<u64>,
     },
-    /// Move a VM to its backup server (its disk's in-sync copy); a running VM restarts there.
+    /// Move a VM to its backup server (its disk's in-sync copy): a running VM moves live (`vm
+    /// show` tells how far it is), one booted by its firmware restarts there.
     Migrate {
+        /// VMID.
+        id: u64,
+    },
+    /// Give up a VM's live migration while its memory is still being copied: it runs on where
+    /// it was.
+    MigrateCancel {
         /// VMID.
         id: u64,
     },
@@ -702,6 +709,17 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
         VmCommand::Migrate { id } => run(
             l,
             |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),
+            done,
+        ),
+        VmCommand::MigrateCancel { id } => run(
+            l,
+            |s| {
+                s.call(
+                    "POST",
+                    &format!("/vms/{id}/migrate/cancel"),
+                    Some(json!({})),
+                )
+            },
             done,
         ),
         VmCommand::Console { id } => console(l, id),

@@ -42,6 +42,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ),
     (
         "post",
+        "/vms/{id}/migrate/cancel",
+        "Give up a VM's live migration while its memory is still being copied (Manager): it runs on where it was",
+    ),
+    (
+        "post",
         "/vms/{id}/migrate",
         "Move a VM to its backup server, which must be in sync (Manager): a running VM moves live (answer: live true; the audit log records its pause), one booted by its firmware restarts there (live false, and why)",
     ),

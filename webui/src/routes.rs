@@ -15,6 +15,7 @@
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
+//!   POST   /api/v1/vms/{id}/migrate/cancel   give up its live migration while it copies
 //!   POST   /api/v1/vms/{id}/clone      {name, owner?}: a copy of a powered-off VM
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
 //!   GET    /api/v1/users               users the caller sees
@@ -395,6 +396,15 @@ impl App {
                         "why": r.get("why"),
                     }),
                 ))
+            }
+            (Method::POST, ["vms", id, "migrate", "cancel"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                manager_only(&c)?;
+                self.cluster
+                    .act(c.user.id, Action::CancelMigration { vm })
+                    .await?;
+                Ok(json_response(StatusCode::ACCEPTED, &json!({ "id": vm })))
             }
             (Method::GET, ["vms", id, "console", kind]) => {
                 let kind = console::kind(kind)?;

@@ -189,6 +189,22 @@ pub struct VmView {
     /// details for a Manager, the gist for others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Its live migration, while one is under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationView>,
+}
+
+/// A live migration under way, as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct MigrationView {
+    /// The server it moves to.
+    pub to: u64,
+    /// Its disks were handed over: it is the target's now.
+    pub switched: bool,
+    /// A Manager asked to give it up.
+    pub cancel_asked: bool,
+    /// Where it stands, as the source's VMM last said (none before it began).
+    pub progress: Option<vmm_api::MigrationProgress>,
 }
 
 /// A VM's network card as the API shows it.
@@ -394,6 +410,15 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
             })
             .collect(),
         error: vm_error(state, vm, manager),
+        migration: vm.moving.as_ref().map(|m| MigrationView {
+            to: m.to,
+            switched: m.switched,
+            cancel_asked: m.cancel,
+            progress: state
+                .observed
+                .values()
+                .find_map(|o| o.vms.get(&vm.name)?.migration.clone()),
+        }),
     }
 }
 

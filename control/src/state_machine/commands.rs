@@ -369,6 +369,12 @@ pub enum Action {
         /// VMID.
         vm: u64,
     },
+    /// Gives up a VM's live migration while its memory is still being copied (Managers): the
+    /// VM runs on where it was. Refused when none is under way or its disks were handed over.
+    CancelMigration {
+        /// VMID.
+        vm: u64,
+    },
     /// Defines a network (Managers).
     CreateNetwork {
         /// Its definition.

@@ -257,6 +257,7 @@ impl StateMachine {
             | Action::EditVm { .. }
             | Action::CloneVm { .. }
             | Action::MigrateVm { .. }
+            | Action::CancelMigration { .. }
             | Action::OpenConsole { .. } => self.act_on_vm(&by, action, writes)?,
             Action::AddIso { .. } | Action::DeleteIso { .. } | Action::SetCdrom { .. } => {
                 self.act_on_iso(&by, action, writes)?

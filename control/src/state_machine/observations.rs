@@ -29,6 +29,9 @@ pub struct VmObservation {
     /// The addresses its guest uses, per network card, as its tap shows them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NicAddresses>,
+    /// Where its live migration from here stands, as its VMM says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<vmm_api::MigrationProgress>,
 }
 
 /// Why a VM does not run on the server that should run it.

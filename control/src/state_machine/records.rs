@@ -186,6 +186,9 @@ pub struct LiveMove {
     /// The disks were handed over: the VM is the target's to run.
     #[serde(default)]
     pub switched: bool,
+    /// A Manager asked to give it up (honoured while memory is still being copied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
 }
 
 /// How a live migration ended, as its source's agent saw it.

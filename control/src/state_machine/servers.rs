@@ -272,6 +272,7 @@ impl StateMachine {
                 id: move_id,
                 to: *to,
                 switched: false,
+                cancel: false,
             });
             writes.push((vm_key(name), Some(json_bytes(vm))));
         }

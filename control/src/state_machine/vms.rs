@@ -661,6 +661,7 @@ impl StateMachine {
                         id,
                         to,
                         switched: false,
+                        cancel: false,
                     });
                     writes.push((vm_key(&v.name), Some(json_bytes(r))));
                     (
@@ -681,6 +682,32 @@ impl StateMachine {
                         json!({ "server": to, "live": false, "why": why }),
                     )
                 }
+            }
+            Action::CancelMigration { vm } => {
+                if !by.is_manager() {
+                    return Err(access::refuse("only a Manager cancels migrations"));
+                }
+                let v = self
+                    .vm_by_id(*vm)
+                    .cloned()
+                    .ok_or_else(|| Refusal::not_found(format!("no VM {vm}")))?;
+                let Some(m) = v.moving.clone() else {
+                    return Err(Refusal::conflict(format!("VM {vm} is not moving")));
+                };
+                if m.switched {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm} is server {}'s already",
+                        m.to
+                    )));
+                }
+                let r = self.vms.get_mut(&v.name).expect("found above");
+                r.moving = Some(LiveMove { cancel: true, ..m });
+                writes.push((vm_key(&v.name), Some(json_bytes(r))));
+                (
+                    "vm.migrate.cancel",
+                    format!("vm {vm} ({})", v.name),
+                    Value::Null,
+                )
             }
             Action::OpenConsole { vm, console } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;

@@ -1,7 +1,7 @@
 // How values read on screen: roles, sizes, where a copy lives, replication and power states.
 
 import { h } from "./dom";
-import type { Copy, Replication, Role, VmStatus } from "./types";
+import type { Copy, Migration, Replication, Role, VmStatus } from "./types";
 
 export const ROLE_NAMES: Record<Role, string> = {
   manager: "Manager",
@@ -81,6 +81,23 @@ const STATUS_CLASS: Record<VmStatus, string> = {
 /** A VM's power state as a badge. */
 export function status(s: VmStatus): HTMLElement {
   return h("span", { class: `badge ${STATUS_CLASS[s] ?? ""}`, "data-test": "vm-status" }, s);
+}
+
+/** A live migration's progress, in a line: where to, how far, what it would pause now. */
+export function migrationLine(m: Migration): HTMLElement {
+  const p = m.progress;
+  let text = `moving live to server ${m.to}`;
+  if (m.switched) text += ": handing over";
+  else if (p) {
+    const pct = p.memory_bytes > 0 ? Math.min(100, Math.floor((p.transferred_bytes * 100) / p.memory_bytes)) : 0;
+    text +=
+      p.round === 0
+        ? `: ${pct}% of memory copied`
+        : `: round ${p.round}, ${bytes(p.remaining_bytes)} left, dirtied at ${bytes(p.dirty_rate_bytes_per_sec)}/s, pause ~${p.expected_downtime_ms} ms`;
+    if (p.phase !== "copying") text += ` (${p.phase})`;
+  }
+  if (m.cancel_asked) text += ", cancelling";
+  return h("div", { class: "muted", "data-test": "vm-migration" }, text);
 }
 
 /** A time in ms since the epoch, local. */

@@ -64,6 +64,32 @@ export interface Vm {
   nics: Nic[];
   /** Why it does not run though it should (details for a Manager). */
   error?: string;
+  /** Its live migration, while one is under way. */
+  migration?: Migration;
+}
+
+/** A live migration under way. */
+export interface Migration {
+  /** The server it moves to. */
+  to: number;
+  /** Its disks were handed over: it is the target's now. */
+  switched: boolean;
+  /** A Manager asked to give it up. */
+  cancel_asked: boolean;
+  /** Where it stands, as the source's VMM last said. */
+  progress: MigrationProgress | null;
+}
+
+/** Where a live migration stands. */
+export interface MigrationProgress {
+  phase: "copying" | "paused" | "handover";
+  round: number;
+  memory_bytes: number;
+  transferred_bytes: number;
+  remaining_bytes: number;
+  dirty_rate_bytes_per_sec: number;
+  expected_downtime_ms: number;
+  elapsed_ms: number;
 }
 
 /** A network (the bridge, uplink, VLAN and company are shown to Managers only). */

@@ -4,7 +4,7 @@
 
 import { api, message } from "../api";
 import { field, fill, h, onSubmit, value } from "../dom";
-import { bytes, copyPlace, GIB, mib, replication, ROLE_NAMES, status } from "../format";
+import { bytes, copyPlace, GIB, migrationLine, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
 import type { Iso, Network, User, Vm } from "../types";
 
@@ -272,9 +272,24 @@ export function vmsPage(ctx: PageContext): void {
         vm.status === "running" ? "its screen and keyboard, and its serial console" : "power it on first",
       ),
     );
-    if (me.role === "manager" && vm.backup) {
+    const m = vm.migration;
+    if (me.role === "manager" && m) {
+      // A live migration gives up only while memory is still being copied.
+      const can = !m.switched && !m.cancel_asked && (!m.progress || m.progress.phase === "copying");
+      ops.push(
+        button(
+          "Cancel Migration",
+          "migrate-cancel",
+          "",
+          () => void act(vm, "cancel the migration of", "POST", `/vms/${vm.id}/migrate/cancel`, {}),
+          b || !can,
+          can ? "give the migration up: the VM runs on where it is" : "too late: it is handing over",
+        ),
+      );
+    } else if (me.role === "manager" && vm.backup) {
       // Moves the VM to its backup server; refused by the API until the backup is in sync.
       const ready = vm.replication.state === "in-sync" && !vm.backup.down;
+      const how = vm.boot === "kernel" ? "a running VM moves live, without a restart" : "a running VM restarts there";
       ops.push(
         button(
           "Migrate",
@@ -282,9 +297,7 @@ export function vmsPage(ctx: PageContext): void {
           "",
           () => void act(vm, "migrate", "POST", `/vms/${vm.id}/migrate`, {}),
           b || !ready,
-          ready
-            ? `move it to its backup server ${vm.backup.address} (a running VM restarts there)`
-            : "its backup is not in sync yet",
+          ready ? `move it to its backup server ${vm.backup.address} (${how})` : "its backup is not in sync yet",
         ),
       );
     }
@@ -484,7 +497,7 @@ export function vmsPage(ctx: PageContext): void {
           h("td", { class: "num", "data-test": "vm-id" }, String(vm.id)),
           h("td", null, toggle, h("span", { class: "muted", "data-test": "vm-owner-name" }, ` (${vm.owner_name ?? "nobody"})`)),
           h("td", null, operations(vm)),
-          h("td", null, status(vm.status)),
+          h("td", null, status(vm.status), vm.migration ? migrationLine(vm.migration) : null),
           h("td", { "data-test": "vm-primary" }, copyPlace(vm.primary, "--")),
           h("td", { "data-test": "vm-backup" }, copyPlace(vm.backup, "No Backup VMM")),
           h("td", null, replication(vm.replication)),
