@@ -116,6 +116,23 @@ impl Net {
         &self.servers[i - 1]
     }
 
+    /// Limits what server `i` sends to `mbit` Mbit/s (a token bucket on its cable), or lifts
+    /// the limit (`None`).
+    pub fn rate(&self, i: usize, mbit: Option<u32>) {
+        let ns = self.ns(i);
+        let _ = run(Command::new("ip").args([
+            "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+        ]));
+        if let Some(m) = mbit {
+            let rate = format!("{m}mbit");
+            let r = run(Command::new("ip").args([
+                "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                &rate, "burst", "256kb", "latency", "200ms",
+            ]));
+            r.unwrap_or_else(|e| panic!("tc on {ns}: {e}"));
+        }
+    }
+
     /// Cuts (or restores) server `i`'s cable at the bridge.
     pub fn link(&self, i: usize, up: bool) {
         ip(&[
