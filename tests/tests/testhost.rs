@@ -220,6 +220,13 @@ fn real_debian_guest_fails_over_after_a_power_cut_with_its_disk_data() {
     scenario("enspeed-failover.sh");
 }
 
+/// Live migration (issue 13): a real Debian guest writing its disk moves between two VMMs while
+/// the test host pings it.
+#[test]
+fn real_debian_guest_moves_live_writing_its_disk_and_answering_pings() {
+    scenario_with("enspeed-migrate.sh", &[&which("ip")]);
+}
+
 #[test]
 fn real_debian_guest_draws_its_console_on_the_framebuffer_and_reads_rfb_keys() {
     scenario_with("enspeed-console.sh", &[env!("CARGO_BIN_EXE_rfb-probe")]);
