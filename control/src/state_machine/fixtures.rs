@@ -69,6 +69,21 @@ pub(super) fn server(id: u64, witness: bool) -> ServerRecord {
     }
 }
 
+/// Servers 1 and 2, each offering 4 GiB of memory, 12 GiB of disk and 4 vCPUs.
+pub(super) fn two_servers_with_room(sm: &mut StateMachine) {
+    let mut w = Vec::new();
+    for id in 1..=2 {
+        let mut s = server(id, false);
+        s.capacity = Capacity {
+            memory_mib: 4096,
+            disk_gib: 12,
+            vcpus: 4,
+            pools: Vec::new(),
+        };
+        sm.add_server(&s, &mut w);
+    }
+}
+
 /// Applies `writes` to a record list the way storage does.
 pub(super) fn replay(records: &mut BTreeMap<Vec<u8>, Vec<u8>>, writes: Vec<RecordWrite>) {
     for (k, v) in writes {

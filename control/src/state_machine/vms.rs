@@ -733,10 +733,9 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use crate::access::{Quota, Role};
-    use crate::state_machine::fixtures::{act, new_user, new_vm, server};
+    use crate::state_machine::fixtures::{act, new_user, new_vm, two_servers_with_room};
     use crate::state_machine::{
-        Action, BootMode, BootOrder, Capacity, DiskGrowth, NewVm, Outcome, RefusalKind,
-        StateMachine,
+        Action, BootMode, BootOrder, DiskGrowth, NewVm, Outcome, RefusalKind, StateMachine,
     };
 
     /// A running VM's migration is live: the move is recorded and nothing else changes until
@@ -747,17 +746,7 @@ mod tests {
     fn a_running_vm_moves_live_switch_then_end_and_a_stopped_one_moves_at_once() {
         use crate::state_machine::{Command, MoveOutcome};
         let mut sm = StateMachine::default();
-        let mut w = Vec::new();
-        for id in 1..=2 {
-            let mut s = server(id, false);
-            s.capacity = Capacity {
-                memory_mib: 4096,
-                disk_gib: 12,
-                vcpus: 4,
-                pools: Vec::new(),
-            };
-            sm.add_server(&s, &mut w);
-        }
+        two_servers_with_room(&mut sm);
         let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
         let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
         let mut v = new_vm("v", &[]);
@@ -883,17 +872,7 @@ mod tests {
     fn a_powered_off_vm_s_disks_grow_within_its_quota_and_its_servers_room() {
         const GIB: u64 = 1 << 30;
         let mut sm = StateMachine::default();
-        let mut w = Vec::new();
-        for id in 1..=2 {
-            let mut s = server(id, false);
-            s.capacity = Capacity {
-                memory_mib: 4096,
-                disk_gib: 12,
-                vcpus: 4,
-                pools: Vec::new(),
-            };
-            sm.add_server(&s, &mut w);
-        }
+        two_servers_with_room(&mut sm);
         let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
         let quota = |disk_gib| Quota {
             vms: 2,
