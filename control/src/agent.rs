@@ -887,6 +887,12 @@ impl Reconciler {
             let Some(vm) = state.vms.get(&name) else {
                 continue;
             };
+            // A VMM busy with a live migration (or waiting for one) answers nothing else.
+            if vm.moving.as_ref().is_some_and(|m| !m.switched)
+                || lock(&self.s.outgoing).contains_key(&name)
+            {
+                continue;
+            }
             let want = self.cdrom_file(state, vm);
             let drive = vm.disks.len();
             let socket = crate::console::api_socket(&self.s.vm_dir(&name));
@@ -1053,8 +1059,9 @@ impl Reconciler {
                 )
             {
                 let mut out = lock(&self.s.outgoing);
-                if let Some(o) = out.get_mut(&vm.name).filter(|o| o.move_id == m.id) {
-                    o.cancel |= m.cancel;
+                if let Some(o) = out.get_mut(&vm.name) {
+                    // Its move's thread, or an earlier move's still deciding: one at a time.
+                    o.cancel |= m.cancel && o.move_id == m.id;
                     continue;
                 }
                 // Two at a time (a drain moves every VM): the others wait for a later pass.
@@ -1083,7 +1090,10 @@ impl Reconciler {
                     .name(format!("move-{name}"))
                     .spawn(move || {
                         let moved = move_out(&s, &name, move_id, &address, &dir);
-                        if let Some(o) = lock(&s.outgoing).get_mut(&name) {
+                        if let Some(o) = lock(&s.outgoing)
+                            .get_mut(&name)
+                            .filter(|o| o.move_id == move_id)
+                        {
                             o.ended = Some(moved);
                         }
                     });
@@ -1343,13 +1353,29 @@ impl Reconciler {
 
 /// Promotes this server's copies of `vm`'s disks to the generation the state gives them (a
 /// live migration's target, at the switch, while the VM is paused: the agent's next pass would
-/// do the same, later). A copy there already is left alone.
-pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord, me: u64) {
+/// do the same, later). Whether every copy serves as primary at that generation now.
+pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord, me: u64) -> bool {
     let socket = agent_dir.join("blockd.sock");
+    let mut all = true;
     for name in &vm.disks {
         let Some(d) = state.disks.get(name).filter(|d| d.primary == me) else {
+            all = false;
             continue;
         };
+        let status = daemon::call(
+            &socket,
+            &BlockdRequest::Status {
+                name: Some(name.clone()),
+            },
+        );
+        let at = status
+            .ok()
+            .and_then(|r| r.disks)
+            .and_then(|c| c.into_iter().next())
+            .map(|c| (c.generation, c.role));
+        if at.is_some_and(|(g, role)| g == d.generation && role != Role::Backup) {
+            continue;
+        }
         let req = BlockdRequest::Promote {
             name: name.clone(),
             generation: d.generation,
@@ -1360,11 +1386,16 @@ pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord
                 tracing::info!(server = me, disk = %name, generation = d.generation, "disk promoted for a live migration")
             }
             Ok(r) => {
-                tracing::debug!(server = me, disk = %name, error = ?r.error, "disk not promoted here (the agent's pass may have)")
+                all = false;
+                tracing::warn!(server = me, disk = %name, error = ?r.error, "disk not promoted for a live migration")
             }
-            Err(e) => tracing::warn!(server = me, disk = %name, error = %e, "blockd"),
+            Err(e) => {
+                all = false;
+                tracing::warn!(server = me, disk = %name, error = %e, "blockd")
+            }
         }
     }
+    all
 }
 
 /// Live migrations from one server at once.
@@ -1440,6 +1471,21 @@ fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> 
         Err(why) => why,
     };
     tracing::warn!(server = me, vm = %name, why = %why, took_ms = started.elapsed().as_millis() as u64, "live migration failed");
+    // A call that timed out while the VMM still migrates: given up, and waited for, before its
+    // state can be judged.
+    let settle = Instant::now() + Duration::from_secs(120);
+    while let Some(p) = vmm_call(&api_sock, &VmmRequest::MigrationStatus {})
+        .ok()
+        .and_then(|r| r.migration)
+    {
+        if p.phase == vmm_api::MigrationPhase::Copying {
+            let _ = vmm_call(&api_sock, &VmmRequest::CancelMigration {});
+        }
+        if Instant::now() > settle {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Where is the VM? A VMM still running it here: it stays. One paused after sending all of
     // it: the state says whose it is (the switch committed or not), and the move's end makes
     // that final before it runs again here.
@@ -1562,7 +1608,9 @@ fn send_vm(
                 let _ = vmm_w.shutdown(std::net::Shutdown::Write);
             });
             let _ = std::io::copy(&mut vmm_r, &mut tls);
-            let _ = tls.shutdown(std::net::Shutdown::Write);
+            // The VMM is done with the stream: its replies too (a target gone silent must not
+            // hold the reader until TCP gives up).
+            let _ = tls.shutdown(std::net::Shutdown::Both);
             let _ = back.join();
         })
         .map_err(|e| format!("cannot start the relay: {e}"))?;

@@ -286,9 +286,14 @@ fn switch(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // The agent's next pass would promote them too; done here, the pause is shorter.
+    // The agent's next pass would promote them too; done here, the pause is shorter. The VM is
+    // this server's now whatever happens: Ready goes on once the copies serve (or after a while
+    // regardless, the agent's pass then finishing the promotion).
     if let Some(vm) = state.vms.get(&o.vm) {
-        crate::agent::promote_here(agent_dir, &state, vm, me);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !crate::agent::promote_here(agent_dir, &state, vm, me) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     tracing::info!(vm = %o.vm, took_ms = started.elapsed().as_millis() as u64, "live migration: the disks are this server's");
     Switched::Yes

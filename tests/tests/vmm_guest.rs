@@ -1110,3 +1110,68 @@ fn a_migration_reports_its_progress_and_is_cancelled_while_it_copies() {
     assert_eq!(src.api(r#"{"cmd":"status"}"#)["status"]["state"], "running");
     assert!(call(&api, r#"{"cmd":"migration-status"}"#)["migration"].is_null());
 }
+
+/// A target that takes the whole VM and then says nothing, and goes: the source cannot know
+/// whether it runs the VM, so the VM stays paused there; resumed (its driver learnt the target
+/// never will), the guest goes on writing its disk, its devices started again from where they
+/// stopped.
+#[test]
+fn a_vm_left_paused_by_a_silent_target_resumes_with_its_devices() {
+    if !kvm_available("a_vm_left_paused_by_a_silent_target_resumes_with_its_devices") {
+        return;
+    }
+    let s = Scratch::new("migrate-silent");
+    let api = s.path("api.sock");
+    let disk = s.disk("disk.img", 16 << 20);
+    let mut src = Vmm::start(&guest_args(
+        "tg.run=stamp tg.blocks=64 tg.ops=0 tg.ackevery=16",
+        &[
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    ));
+    src.wait_for("tg: ack ", BOOT);
+    let silent = s.path("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let taker = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = listener.accept().unwrap();
+        // Everything the source sends, until it waits for an answer; then gone, unanswered.
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        got
+    });
+    let r = call(
+        &api,
+        &format!(r#"{{"cmd":"migrate","to":"{}"}}"#, silent.display()),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("stays paused"), "{r}");
+    assert!(
+        taker.join().unwrap() >= 128 << 20,
+        "the target took the whole VM"
+    );
+    assert_eq!(src.api(r#"{"cmd":"status"}"#)["status"]["state"], "paused");
+    let before = last_ack(&src.output()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        last_ack(&src.output()).unwrap(),
+        before,
+        "a paused guest writes nothing"
+    );
+    assert_eq!(src.api(r#"{"cmd":"resume"}"#)["ok"], true);
+    let mut now = before;
+    while now <= before + 3 * 16 {
+        now = last_ack(&src.wait_for("tg: ack ", BOOT)).unwrap();
+    }
+}

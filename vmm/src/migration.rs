@@ -667,7 +667,9 @@ pub fn receive<B: Bitmap>(
                     })?;
                 got.ram_bytes += len;
             }
-            Message::RoundDone { round, .. } => got.rounds = got.rounds.max(round + 1),
+            Message::RoundDone { round, .. } => {
+                got.rounds = got.rounds.max(round.saturating_add(1))
+            }
             Message::Vm(s) => got.vm = Some(s),
             Message::Devices(d) => got.devices = Some(d),
             Message::Framebuffer { len } => {

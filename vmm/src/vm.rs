@@ -503,6 +503,9 @@ struct Vm {
     announce: Vec<(Tap, [u8; 6])>,
     /// What the control socket sees of a live migration from here.
     watch: Arc<crate::migration::MigrationWatch>,
+    /// A live migration failed after its handover began: the devices stand stopped until a
+    /// `resume` starts them again.
+    devices_paused: std::sync::atomic::AtomicBool,
 }
 
 /// Appends the virtio-mmio device list to the command line, the form
@@ -828,6 +831,7 @@ impl Vm {
             virtio,
             announce,
             watch: watch.clone(),
+            devices_paused: Default::default(),
         })
     }
 
@@ -987,8 +991,10 @@ impl Vm {
             let mut virtio = Vec::new();
             for v in &self.virtio {
                 let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
-                paused_devices.push(t);
+                // Only a device that stopped where it stood starts again from there (one that
+                // failed to stop is left as it is: its old ring position would replay requests).
                 let state = lock(t).pause().map_err(|e| format!("{}: {e}", v.name()))?;
+                paused_devices.push(t);
                 let media = match v {
                     VirtioSlot::Disk(..) => disk_media(t),
                     VirtioSlot::Net(_) => None,
@@ -1087,6 +1093,16 @@ impl Vm {
             }
             Err(why) => {
                 tracing::error!(why = %why, "live migration: the target had the whole VM but did not say it runs it; the VM stays paused here");
+                // Should it run here after all (whoever drives the VMM learnt the target never
+                // will), `resume` starts its devices again first.
+                for t in &vhost {
+                    if let Some(d) = as_vhost_user(lock(t).device_mut()) {
+                        d.stop_log();
+                    }
+                }
+                let _ = mig::log_dirty_pages(&self._vm, &self._mem, false);
+                self.devices_paused
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 Err(MigrateFailure {
                     why: format!(
                         "{why}; the target VMM may be running the VM, so it stays paused here"
@@ -1154,9 +1170,12 @@ impl Vm {
             for (v, d) in self.virtio.iter().zip(&devices.virtio) {
                 let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
                 let mut t = lock(t);
+                // A removable drive keeps this side's own media (the same image may lie elsewhere
+                // here; a path from the stream is never opened): only an ejection follows the
+                // source. Different media then show as a different device below.
                 if let Some(b) = as_block(t.device_mut()) {
-                    if b.readonly() && b.media() != d.media {
-                        b.change_media(d.media.as_deref())
+                    if b.readonly() && d.media.is_none() && b.media().is_some() {
+                        b.change_media(None)
                             .map_err(|e| format!("{}: {e}", v.name()))?;
                     }
                 }
@@ -1582,6 +1601,18 @@ fn handle_api(
         }
         Request::Resume {} => {
             if *paused {
+                // After a handover that failed, the devices first, from where they stopped.
+                if vm
+                    .devices_paused
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    for v in &vm.virtio {
+                        let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                        if let Err(e) = lock(t).unpause() {
+                            tracing::error!(device = %v.name(), error = %e, "a device stopped for a migration does not run again");
+                        }
+                    }
+                }
                 vm.resume();
                 *paused = false;
             }

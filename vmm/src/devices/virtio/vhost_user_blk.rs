@@ -361,6 +361,11 @@ impl VhostUserBlk {
             fe.set_vring_enable(i, true)
                 .map_err(fail("enable the ring"))?;
         }
+        // A ring started again (after a reset or a live migration) may hold requests the guest
+        // made available while notifications were off: the backend looks once by itself.
+        for kick in kicks {
+            let _ = kick.write(1);
+        }
         Ok(())
     }
 }
