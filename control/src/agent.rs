@@ -1086,10 +1086,11 @@ impl Reconciler {
                     m.id,
                     self.s.vm_dir(&vm.name),
                 );
+                let downtime_ms = m.downtime_ms;
                 let spawned = std::thread::Builder::new()
                     .name(format!("move-{name}"))
                     .spawn(move || {
-                        let moved = move_out(&s, &name, move_id, &address, &dir);
+                        let moved = move_out(&s, &name, move_id, downtime_ms, &address, &dir);
                         if let Some(o) = lock(&s.outgoing)
                             .get_mut(&name)
                             .filter(|o| o.move_id == move_id)
@@ -1406,7 +1407,14 @@ const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Has VM `name`'s VMM (in `dir`) send it, live, to the server at `address`, over mutual TLS
 /// (see `livemove`); then tells the cluster how it ended. Whether the VM runs elsewhere now.
-fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> bool {
+fn move_out(
+    s: &Shared,
+    name: &str,
+    move_id: u64,
+    downtime_ms: Option<u64>,
+    address: &str,
+    dir: &Path,
+) -> bool {
     let me = s.cfg.id;
     let api_sock = crate::console::api_socket(dir);
     let started = Instant::now();
@@ -1433,7 +1441,7 @@ fn move_out(s: &Shared, name: &str, move_id: u64, address: &str, dir: &Path) -> 
                 }
             }
         });
-        let r = send_vm(s, name, move_id, address, dir, &api_sock);
+        let r = send_vm(s, name, move_id, downtime_ms, address, dir, &api_sock);
         running.store(false, Ordering::SeqCst);
         r
     });
@@ -1551,6 +1559,7 @@ fn send_vm(
     s: &Shared,
     name: &str,
     move_id: u64,
+    downtime_ms: Option<u64>,
     address: &str,
     dir: &Path,
     api_sock: &Path,
@@ -1618,7 +1627,7 @@ fn send_vm(
         api_sock,
         &VmmRequest::Migrate {
             to: sock.clone(),
-            downtime_ms: None,
+            downtime_ms,
         },
         MOVE_TIMEOUT,
     );

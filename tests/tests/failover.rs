@@ -524,7 +524,7 @@ fn migrate(c: &Cluster) -> Value {
         3,
         json!({"op": "propose", "command": {
             "cmd": "act", "actor": 0, "at_ms": 0,
-            "action": {"kind": "migrate_vm", "vm": id},
+            "action": {"kind": "migrate_vm", "vm": id, "downtime_ms": 100},
         }}),
     )
     .unwrap_or_else(|e| panic!("migrate: {e}"))

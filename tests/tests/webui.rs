@@ -1589,7 +1589,8 @@ fn the_enspeed_command_is_a_client_of_the_api() {
     });
     ok(&["vm", "delete", &id]);
     assert!(!ok(&["vm", "list"]).contains("web1"));
-    let audit = ok(&["audit"]);
+    // Every CLI call logs in and out (two entries each): all of them, not the first 100.
+    let audit = ok(&["audit", "--limit", "1000"]);
     for line in [
         "user.create",
         "vm.create",
@@ -1632,7 +1633,22 @@ fn a_manager_migrates_a_running_vm_to_its_backup_server() {
         before["backup"]["server"].as_u64().unwrap(),
     );
     let gen = before["replication"]["generation"].as_u64().unwrap();
-    let r = m.send("POST", &format!("{path}/migrate"), Some(json!({})));
+    // A pause budget out of range is refused with the range; within it, it is the move's.
+    let r = m.send(
+        "POST",
+        &format!("{path}/migrate"),
+        Some(json!({"downtime_ms": 0})),
+    );
+    assert_eq!(r.0, 409, "{r:?}");
+    assert!(
+        r.1["error"].as_str().unwrap().contains("1 to 10000"),
+        "{r:?}"
+    );
+    let r = m.send(
+        "POST",
+        &format!("{path}/migrate"),
+        Some(json!({"downtime_ms": 100})),
+    );
     assert_eq!(r.0, 202, "{r:?}");
     assert_eq!(r.1["server"], to);
     assert_eq!(

@@ -159,6 +159,9 @@ pub enum VmCommand {
     Migrate {
         /// VMID.
         id: u64,
+        /// The longest pause a live migration may take, ms (50 by default).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
     },
     /// Give up a VM's live migration while its memory is still being copied: it runs on where
     /// it was.
@@ -706,11 +709,17 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
                 vm_table,
             )
         }
-        VmCommand::Migrate { id } => run(
-            l,
-            |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(json!({}))),
-            done,
-        ),
+        VmCommand::Migrate { id, downtime_ms } => {
+            let body = match downtime_ms {
+                Some(d) => json!({ "downtime_ms": d }),
+                None => json!({}),
+            };
+            run(
+                l,
+                |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(body)),
+                done,
+            )
+        }
         VmCommand::MigrateCancel { id } => run(
             l,
             |s| {

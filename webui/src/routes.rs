@@ -183,6 +183,15 @@ struct Clone {
     owner: Option<u64>,
 }
 
+/// What `POST /api/v1/vms/{id}/migrate` may ask.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Migrate {
+    /// The longest pause allowed, ms.
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Power {
@@ -382,9 +391,16 @@ impl App {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
                 manager_only(&c)?;
+                let m: Migrate = req.json()?;
                 let r = self
                     .cluster
-                    .act(c.user.id, Action::MigrateVm { vm })
+                    .act(
+                        c.user.id,
+                        Action::MigrateVm {
+                            vm,
+                            downtime_ms: m.downtime_ms,
+                        },
+                    )
                     .await?;
                 // Live (the agents carry it on), or restarted there and why.
                 Ok(json_response(

@@ -368,6 +368,9 @@ pub enum Action {
     MigrateVm {
         /// VMID.
         vm: u64,
+        /// The longest pause allowed, ms (1 to 10000; the VMM's 50 when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
     },
     /// Gives up a VM's live migration while its memory is still being copied (Managers): the
     /// VM runs on where it was. Refused when none is under way or its disks were handed over.

@@ -189,6 +189,9 @@ pub struct LiveMove {
     /// A Manager asked to give it up (honoured while memory is still being copied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel: bool,
+    /// The longest pause allowed, ms (the VMM's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
 }
 
 /// How a live migration ended, as its source's agent saw it.

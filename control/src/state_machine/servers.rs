@@ -273,6 +273,7 @@ impl StateMachine {
                 to: *to,
                 switched: false,
                 cancel: false,
+                downtime_ms: None,
             });
             writes.push((vm_key(name), Some(json_bytes(vm))));
         }

@@ -640,9 +640,15 @@ impl StateMachine {
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
                 ("vm.clone", target, r)
             }
-            Action::MigrateVm { vm } => {
+            Action::MigrateVm { vm, downtime_ms } => {
                 if !by.is_manager() {
                     return Err(access::refuse("only a Manager migrates VMs"));
+                }
+                if downtime_ms.is_some_and(|d| !(1..=10_000).contains(&d)) {
+                    return Err(Refusal::conflict(format!(
+                        "a pause of {} ms: the budget is 1 to 10000 ms",
+                        downtime_ms.unwrap_or_default()
+                    )));
                 }
                 let v = self
                     .vm_by_id(*vm)
@@ -662,6 +668,7 @@ impl StateMachine {
                         to,
                         switched: false,
                         cancel: false,
+                        downtime_ms: *downtime_ms,
                     });
                     writes.push((vm_key(&v.name), Some(json_bytes(r))));
                     (
@@ -756,13 +763,32 @@ mod tests {
         let (from, to) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
         let refused = |r: Outcome| r.unwrap_err();
         assert_eq!(
-            refused(act(&mut sm, m, Action::MigrateVm { vm })).kind,
+            refused(act(
+                &mut sm,
+                m,
+                Action::MigrateVm {
+                    vm,
+                    downtime_ms: None
+                }
+            ))
+            .kind,
             RefusalKind::Conflict,
             "a backup not yet in sync"
         );
         sm.disks.get_mut(&disk).unwrap().backup_synced = true;
         let gen = sm.disks[&disk].generation;
-        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        let budget = |ms| Action::MigrateVm {
+            vm,
+            downtime_ms: Some(ms),
+        };
+        assert!(refused(act(&mut sm, m, budget(0)))
+            .reason
+            .contains("1 to 10000"));
+        assert!(refused(act(&mut sm, m, budget(10_001)))
+            .reason
+            .contains("1 to 10000"));
+        let r = act(&mut sm, m, budget(200)).unwrap();
+        assert_eq!(sm.vms["v"].moving.as_ref().unwrap().downtime_ms, Some(200));
         assert_eq!(r["live"], true, "{r}");
         let move_id = r["move"].as_u64().unwrap();
         assert_eq!(
@@ -770,9 +796,16 @@ mod tests {
             "nothing moves before the switch"
         );
         assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, to);
-        assert!(refused(act(&mut sm, m, Action::MigrateVm { vm }))
-            .reason
-            .contains("already"));
+        assert!(refused(act(
+            &mut sm,
+            m,
+            Action::MigrateVm {
+                vm,
+                downtime_ms: None
+            }
+        ))
+        .reason
+        .contains("already"));
         let off = Action::PowerVm {
             vm,
             running: false,
@@ -836,7 +869,15 @@ mod tests {
 
         // Back, and the target declared down during the move: the move ends, nothing moved.
         sm.disks.get_mut(&disk).unwrap().backup_synced = true;
-        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        let r = act(
+            &mut sm,
+            m,
+            Action::MigrateVm {
+                vm,
+                downtime_ms: None,
+            },
+        )
+        .unwrap();
         assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, from, "{r}");
         apply(
             &mut sm,
@@ -862,7 +903,15 @@ mod tests {
         let d = sm.disks.get_mut(&disk).unwrap();
         d.backup = Some(from);
         d.backup_synced = true;
-        let r = act(&mut sm, m, Action::MigrateVm { vm }).unwrap();
+        let r = act(
+            &mut sm,
+            m,
+            Action::MigrateVm {
+                vm,
+                downtime_ms: None,
+            },
+        )
+        .unwrap();
         assert_eq!(r["live"], false, "{r}");
         assert_eq!(sm.disks[&disk].primary, from);
         assert!(sm.vms["v"].moving.is_none());
