@@ -1080,20 +1080,21 @@ impl Reconciler {
                     },
                 );
                 drop(out);
-                let (s, name, move_id, dir) = (
-                    Arc::clone(&self.s),
-                    vm.name.clone(),
-                    m.id,
-                    self.s.vm_dir(&vm.name),
-                );
-                let downtime_ms = m.downtime_ms;
+                let s = Arc::clone(&self.s);
+                let out = MoveOut {
+                    name: vm.name.clone(),
+                    id: m.id,
+                    downtime_ms: m.downtime_ms,
+                    address,
+                    dir: self.s.vm_dir(&vm.name),
+                };
                 let spawned = std::thread::Builder::new()
-                    .name(format!("move-{name}"))
+                    .name(format!("move-{}", vm.name))
                     .spawn(move || {
-                        let moved = move_out(&s, &name, move_id, downtime_ms, &address, &dir);
+                        let moved = move_out(&s, &out);
                         if let Some(o) = lock(&s.outgoing)
-                            .get_mut(&name)
-                            .filter(|o| o.move_id == move_id)
+                            .get_mut(&out.name)
+                            .filter(|o| o.move_id == out.id)
                         {
                             o.ended = Some(moved);
                         }
@@ -1405,18 +1406,25 @@ const MOVES_AT_ONCE: usize = 2;
 /// How long a live migration may take, from the request to the target's word.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Has VM `name`'s VMM (in `dir`) send it, live, to the server at `address`, over mutual TLS
-/// (see `livemove`); then tells the cluster how it ended. Whether the VM runs elsewhere now.
-fn move_out(
-    s: &Shared,
-    name: &str,
-    move_id: u64,
+/// A live migration from here, as its thread carries it out.
+struct MoveOut {
+    /// The VM.
+    name: String,
+    /// The move (`LiveMove::id`).
+    id: u64,
+    /// The longest pause allowed, ms (the VMM's default when none).
     downtime_ms: Option<u64>,
-    address: &str,
-    dir: &Path,
-) -> bool {
-    let me = s.cfg.id;
-    let api_sock = crate::console::api_socket(dir);
+    /// The target server's address.
+    address: String,
+    /// The VM's directory here (its VMM's control socket).
+    dir: PathBuf,
+}
+
+/// Has the VMM of `out`'s VM send it, live, to the target server over mutual TLS (see
+/// `livemove`); then tells the cluster how it ended. Whether the VM runs elsewhere now.
+fn move_out(s: &Shared, out: &MoveOut) -> bool {
+    let (me, name, move_id) = (s.cfg.id, out.name.as_str(), out.id);
+    let api_sock = crate::console::api_socket(&out.dir);
     let started = Instant::now();
     // While it runs: where it stands, for the cluster to show; a cancel, passed on once.
     let running = AtomicBool::new(true);
@@ -1441,7 +1449,7 @@ fn move_out(
                 }
             }
         });
-        let r = send_vm(s, name, move_id, downtime_ms, address, dir, &api_sock);
+        let r = send_vm(s, out, &api_sock);
         running.store(false, Ordering::SeqCst);
         r
     });
@@ -1513,8 +1521,7 @@ fn move_out(
     }
     let deadline = Instant::now() + MOVE_TIMEOUT;
     while Instant::now() < deadline {
-        let Some(state) = crate::livemove::read_state(&s.node, &s.book, Duration::from_secs(2))
-        else {
+        let Some(state) = api::read_state(&s.node, &s.book, Duration::from_secs(2)) else {
             std::thread::sleep(Duration::from_millis(250));
             continue;
         };
@@ -1531,7 +1538,7 @@ fn move_out(
         if vm.moving.as_ref().is_none_or(|m| m.id != move_id)
             || end(MoveOutcome::Failed { why: why.clone() })
         {
-            let again = crate::livemove::read_state(&s.node, &s.book, Duration::from_secs(2));
+            let again = api::read_state(&s.node, &s.book, Duration::from_secs(2));
             let ours = again
                 .as_ref()
                 .and_then(|st| st.vms.get(name).map(|vm| st.vm_primary(vm) == Some(me)));
@@ -1555,15 +1562,8 @@ fn move_out(
 
 /// The migration itself: the stream relayed from the VMM's migration socket to the target
 /// server over mutual TLS.
-fn send_vm(
-    s: &Shared,
-    name: &str,
-    move_id: u64,
-    downtime_ms: Option<u64>,
-    address: &str,
-    dir: &Path,
-    api_sock: &Path,
-) -> Result<vmm_api::Migrated, String> {
+fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrated, String> {
+    let (name, address) = (out.name.as_str(), out.address.as_str());
     use std::os::unix::fs::PermissionsExt;
     let mut tls = s
         .node
@@ -1574,13 +1574,13 @@ fn send_vm(
         &mut tls,
         &crate::livemove::Opening {
             vm: name.to_string(),
-            move_id,
+            move_id: out.id,
         },
     )
     .map_err(|e| format!("the target server at {address}: {e}"))?;
     // The target's replies come only at the end, however long the copy takes.
     let _ = tls.set_read_timeout(None);
-    let sock = dir.join("outgoing.sock");
+    let sock = out.dir.join("outgoing.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock)
         .map_err(|e| format!("{}: {e}", sock.display()))?;
@@ -1627,7 +1627,7 @@ fn send_vm(
         api_sock,
         &VmmRequest::Migrate {
             to: sock.clone(),
-            downtime_ms,
+            downtime_ms: out.downtime_ms,
         },
         MOVE_TIMEOUT,
     );

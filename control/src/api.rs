@@ -563,6 +563,23 @@ pub fn request(
     )
 }
 
+/// The cluster's state, read linearizably through [`request`]; none when no quorum answered
+/// in `timeout`.
+pub fn read_state(
+    node: &NodeHandle,
+    book: &AddressBook,
+    timeout: Duration,
+) -> Option<crate::state_machine::StateMachine> {
+    let read = Request::Read {
+        query: Query::State,
+        local: false,
+    };
+    let r = request(read, node, book, timeout);
+    r.result
+        .filter(|_| r.ok)
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
 /// Answers a request here, or forwards it to the leader; retries while there is none.
 fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duration) -> Response {
     let deadline = Instant::now() + timeout;

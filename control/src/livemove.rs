@@ -28,7 +28,7 @@ use enspeed_trust::TlsStream;
 
 use crate::api::{self, Failure, Request};
 use crate::node::NodeHandle;
-use crate::state_machine::{Command, Query, StateMachine};
+use crate::state_machine::{Command, StateMachine};
 use crate::transport::AddressBook;
 
 /// The first bytes of a live migration's connection between servers (a client's first byte is
@@ -81,26 +81,6 @@ pub fn read_opening(r: &mut impl Read) -> io::Result<Opening> {
     serde_json::from_slice(&json).map_err(|e| bad(format!("a bad opening: {e}")))
 }
 
-/// The state, read linearizably.
-pub fn read_state(
-    node: &NodeHandle,
-    book: &AddressBook,
-    timeout: Duration,
-) -> Option<StateMachine> {
-    let r = api::request(
-        Request::Read {
-            query: Query::State,
-            local: false,
-        },
-        node,
-        book,
-        timeout,
-    );
-    r.result
-        .filter(|_| r.ok)
-        .and_then(|v| serde_json::from_value(v).ok())
-}
-
 /// The incoming VMM's migration socket in its VM's directory.
 pub fn incoming_socket(vm_dir: &Path) -> std::path::PathBuf {
     vm_dir.join("incoming.sock")
@@ -146,7 +126,7 @@ pub fn serve_target(
         (m.id == o.move_id && m.to == me && !m.switched && s.vm_primary(vm) == Some(from))
             .then_some(())
     };
-    match read_state(node, book, timeout) {
+    match api::read_state(node, book, timeout) {
         Some(s) if fits(&s).is_some() => {}
         Some(_) => {
             return refuse(
@@ -267,7 +247,7 @@ fn switch(
         }
         // Certain only once a read after the answer says whose the VM is: an earlier attempt
         // may have committed even when this one was refused.
-        if let Some(s) = read_state(node, book, timeout) {
+        if let Some(s) = api::read_state(node, book, timeout) {
             let here = s
                 .vms
                 .get(&o.vm)

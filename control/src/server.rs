@@ -385,16 +385,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_secs(5));
                 let read_at = std::time::SystemTime::now();
-                let read = Request::Read {
-                    query: crate::state_machine::Query::State,
-                    local: false,
-                };
-                let r = api::request(read, &node, &book, timeout);
-                let state = r
-                    .result
-                    .filter(|_| r.ok)
-                    .and_then(|v| serde_json::from_value::<StateMachine>(v).ok());
-                if let Some(state) = state {
+                if let Some(state) = api::read_state(&node, &book, timeout) {
                     crate::library::delete_unlisted(&state, read_at, &dir);
                 }
             })

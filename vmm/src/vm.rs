@@ -186,6 +186,12 @@ enum VirtioSlot {
 }
 
 impl VirtioSlot {
+    /// Its transport.
+    fn transport(&self) -> &Arc<Mutex<dyn VirtioTransport>> {
+        let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = self;
+        t
+    }
+
     /// How errors name it.
     fn name(&self) -> String {
         match self {
@@ -990,7 +996,7 @@ impl Vm {
             // The devices stop where they stand: nothing in flight, no more writes to RAM.
             let mut virtio = Vec::new();
             for v in &self.virtio {
-                let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                let t = v.transport();
                 // Only a device that stopped where it stood starts again from there (one that
                 // failed to stop is left as it is: its old ring position would replay requests).
                 let state = lock(t).pause().map_err(|e| format!("{}: {e}", v.name()))?;
@@ -1076,17 +1082,12 @@ impl Vm {
             }
             Err(why) if !all_sent || target_refused => {
                 // Still ours: it runs here as before, its devices from where they stopped.
-                for t in &vhost {
-                    if let Some(d) = as_vhost_user(lock(t).device_mut()) {
-                        d.stop_log();
-                    }
-                }
+                self.end_dirty_logs(&vhost);
                 for t in paused_devices {
                     if let Err(e) = lock(t).unpause() {
                         tracing::error!(error = %e, "a device paused for the migration does not run again");
                     }
                 }
-                let _ = mig::log_dirty_pages(&self._vm, &self._mem, false);
                 self.resume();
                 tracing::warn!(why = %why, "live migration failed; the VM runs on here");
                 Err(MigrateFailure { why, paused: false })
@@ -1095,12 +1096,7 @@ impl Vm {
                 tracing::error!(why = %why, "live migration: the target had the whole VM but did not say it runs it; the VM stays paused here");
                 // Should it run here after all (whoever drives the VMM learnt the target never
                 // will), `resume` starts its devices again first.
-                for t in &vhost {
-                    if let Some(d) = as_vhost_user(lock(t).device_mut()) {
-                        d.stop_log();
-                    }
-                }
-                let _ = mig::log_dirty_pages(&self._vm, &self._mem, false);
+                self.end_dirty_logs(&vhost);
                 self.devices_paused
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 Err(MigrateFailure {
@@ -1111,6 +1107,17 @@ impl Vm {
                 })
             }
         }
+    }
+
+    /// A migration from here ended without the VM leaving: KVM's log off, and the vhost-user
+    /// backends' log no longer the VMM's (`vhost`, the VM's vhost-user disks).
+    fn end_dirty_logs(&self, vhost: &[&Arc<Mutex<dyn VirtioTransport>>]) {
+        for t in vhost {
+            if let Some(d) = as_vhost_user(lock(t).device_mut()) {
+                d.stop_log();
+            }
+        }
+        let _ = crate::migration::log_dirty_pages(&self._vm, &self._mem, false);
     }
 
     /// Takes a VM migrated from another VMM on `stream`, its vCPUs parked since it was built,
@@ -1168,7 +1175,7 @@ impl Vm {
             }
             // All of RAM is here: the devices may start (the vCPUs stay parked).
             for (v, d) in self.virtio.iter().zip(&devices.virtio) {
-                let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                let t = v.transport();
                 let mut t = lock(t);
                 // A removable drive keeps this side's own media (the same image may lie elsewhere
                 // here; a path from the stream is never opened): only an ejection follows the
@@ -1225,7 +1232,7 @@ impl Vm {
             t.join();
         }
         for v in &self.virtio {
-            let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+            let t = v.transport();
             lock(t).device_mut().reset();
         }
     }
@@ -1607,7 +1614,7 @@ fn handle_api(
                     .swap(false, std::sync::atomic::Ordering::SeqCst)
                 {
                     for v in &vm.virtio {
-                        let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = v;
+                        let t = v.transport();
                         if let Err(e) = lock(t).unpause() {
                             tracing::error!(device = %v.name(), error = %e, "a device stopped for a migration does not run again");
                         }

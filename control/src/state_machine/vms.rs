@@ -762,16 +762,12 @@ mod tests {
         let disk = sm.vms["v"].disks[0].clone();
         let (from, to) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
         let refused = |r: Outcome| r.unwrap_err();
+        let migrate = || Action::MigrateVm {
+            vm,
+            downtime_ms: None,
+        };
         assert_eq!(
-            refused(act(
-                &mut sm,
-                m,
-                Action::MigrateVm {
-                    vm,
-                    downtime_ms: None
-                }
-            ))
-            .kind,
+            refused(act(&mut sm, m, migrate())).kind,
             RefusalKind::Conflict,
             "a backup not yet in sync"
         );
@@ -796,16 +792,9 @@ mod tests {
             "nothing moves before the switch"
         );
         assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, to);
-        assert!(refused(act(
-            &mut sm,
-            m,
-            Action::MigrateVm {
-                vm,
-                downtime_ms: None
-            }
-        ))
-        .reason
-        .contains("already"));
+        assert!(refused(act(&mut sm, m, migrate()))
+            .reason
+            .contains("already"));
         let off = Action::PowerVm {
             vm,
             running: false,
@@ -836,6 +825,7 @@ mod tests {
             gen + 1,
             "the same switch again changes nothing"
         );
+        let server_down = |id, down| Command::SetServerDown { id, down };
         let end = |move_id, outcome| Command::EndMove {
             vm: "v".into(),
             move_id,
@@ -869,49 +859,19 @@ mod tests {
 
         // Back, and the target declared down during the move: the move ends, nothing moved.
         sm.disks.get_mut(&disk).unwrap().backup_synced = true;
-        let r = act(
-            &mut sm,
-            m,
-            Action::MigrateVm {
-                vm,
-                downtime_ms: None,
-            },
-        )
-        .unwrap();
+        let r = act(&mut sm, m, migrate()).unwrap();
         assert_eq!(sm.vms["v"].moving.as_ref().unwrap().to, from, "{r}");
-        apply(
-            &mut sm,
-            Command::SetServerDown {
-                id: from,
-                down: true,
-            },
-        )
-        .unwrap();
+        apply(&mut sm, server_down(from, true)).unwrap();
         assert!(sm.vms["v"].moving.is_none());
         assert_eq!(sm.disks[&disk].primary, to);
 
         // A stopped VM moves at once: nothing to carry but its disks.
         act(&mut sm, m, off).unwrap();
-        apply(
-            &mut sm,
-            Command::SetServerDown {
-                id: from,
-                down: false,
-            },
-        )
-        .unwrap();
+        apply(&mut sm, server_down(from, false)).unwrap();
         let d = sm.disks.get_mut(&disk).unwrap();
         d.backup = Some(from);
         d.backup_synced = true;
-        let r = act(
-            &mut sm,
-            m,
-            Action::MigrateVm {
-                vm,
-                downtime_ms: None,
-            },
-        )
-        .unwrap();
+        let r = act(&mut sm, m, migrate()).unwrap();
         assert_eq!(r["live"], false, "{r}");
         assert_eq!(sm.disks[&disk].primary, from);
         assert!(sm.vms["v"].moving.is_none());
