@@ -28,7 +28,7 @@
 # (the emulated AMD-V), "APPLIANCE: MACHINE-FAILED ..." with exit 126 (an appliance's QEMU
 # ended, or its own kernel panicked or locked up) or 122 (the nested guest stalled before its
 # init).
-set -euo pipefail
+set -Eeuo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 iso=$1 work=$2
 shift 2
@@ -42,22 +42,36 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-fail() {
-    # An appliance whose own kernel panicked or locked up (the emulated AMD-V's failure, which
-    # no real server has; the test host's run.sh tells it the same way) failed by itself: that
-    # is said as such (exit 126), so that the test runs again, counted.
+# say LINE: the report's LINE; from within a command substitution, whose output is a value, on
+# stderr as well (the test shows both), so that a failure's words are not lost.
+say() {
+    echo "$1"
+    [ "$BASH_SUBSHELL" = 0 ] || echo "$1" >&2
+}
+# own_failure [THEN]: an appliance whose own kernel panicked or locked up (the emulated AMD-V's
+# failure, which no real server has; the test host's run.sh tells it the same way) failed by
+# itself: that is said as such (exit 126), so that the test runs again, counted. Checked while
+# waiting, so that a dead machine is not waited for, and by every failure.
+own_failure() {
     local f own
     for f in "${work:-/nonexistent}"/install-?.log "${work:-/nonexistent}"/boot-?.log; do
         [ -f "$f" ] || continue
-        own=$(tr -d '\r' <"$f" | grep -m1 -E '^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing)' || true)
+        own=$(tr -d '\r' <"$f" | grep -a -m1 -E '^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing)' || true)
         if [ -n "$own" ]; then
-            echo "APPLIANCE: MACHINE-FAILED $(basename "$f" .log)'s own kernel: $own (then: $*)"
+            say "APPLIANCE: MACHINE-FAILED $(basename "$f" .log)'s own kernel: $own${1:+ (then: $1)}"
             exit 126
         fi
     done
-    echo "APPLIANCE: FAIL $*"
+}
+fail() {
+    own_failure "$*"
+    say "APPLIANCE: FAIL $*"
     exit 1
 }
+# A command that fails where no check names it (in a function or a command substitution too:
+# set -E) fails the test with its line, never silently with the command's own exit code, which a
+# caller could take for a machine's failure.
+trap 'fail "line $LINENO: a command failed (exit $?)"' ERR
 [ -s "$iso" ] || fail "no ISO at $iso"
 [ "$(id -u)" = 0 ] || fail "needs root (a network namespace and taps)"
 mkdir -p "$work"
@@ -134,7 +148,7 @@ qemu() {
         -serial "$serial" -monitor "unix:$work/monitor-$s.sock,server=on,wait=off" \
         -drive "file=$work/disk-$s.img,if=virtio,format=raw" \
         -netdev "tap,id=n0,ifname=t$s,script=no,downscript=no" -device "virtio-net-pci,netdev=n0,mac=$mac" \
-        "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2) &
+        "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2 || true) &
     echo $! >"$work/qemu-$s.pid"
     pids+=($!)
 }
@@ -191,10 +205,8 @@ installed() {
         fi
         sleep 5
     done
-    set +e
-    wait "$pid"
-    rc=$?
-    set -e
+    rc=0
+    wait "$pid" || rc=$?
     grep -a "enspeed install:" "$work/install-$s.log" | tr -d '\r' | sed "s/^/  $s: /"
     grep -qa "ENSPEED-INSTALL: DONE" "$work/install-$s.log" ||
         fail "server $s's install did not finish (QEMU exit $rc; its console: $work/install-$s.log)"
@@ -209,6 +221,7 @@ installed() {
 console_line() {
     local n=0 line
     until line=$(grep -aoE "$2" "$work/boot-$1.log" 2>/dev/null | head -n 1) && [ -n "$line" ]; do
+        own_failure "waiting for '$2' on server $1's console"
         kill -0 "$(cat "$work/qemu-$1.pid")" 2>/dev/null ||
             fail "server $1 stopped (see $work/boot-$1.log)"
         n=$((n + 2))
@@ -259,6 +272,7 @@ api=https://$address/api/v1
 n=0
 until curl_ns -ksf --max-time 10 -c "$jar" -H 'Content-Type: application/json' \
     -d "{\"name\":\"admin\",\"password\":\"$password\"}" "$api/session" >"$work/session.json" 2>/dev/null; do
+    own_failure "waiting for server A's API"
     kill -0 "$(cat "$work/qemu-a.pid")" 2>/dev/null || fail "server A stopped before its API answered (see $work/boot-a.log)"
     n=$((n + 5))
     [ $n -lt 900 ] || { screen a boot-a-failed; fail "no API on https://$address/ after 900 s (see $work/boot-a.log, boot-a-failed.ppm)"; }
@@ -333,7 +347,8 @@ if [ $pair = 1 ]; then
                 exit 126
             }
         done
-        v=$(api GET "/vms/$vm")
+        own_failure "while the VM booted"
+        v=$(api GET "/vms/$vm") || fail "server A's API did not answer while the VM booted"
         case $v in *'"status":"running"'*) ;; *) fail "the VM's guest never reached its init: $v" ;; esac
         [ $boots -lt 3 ] || {
             echo "APPLIANCE: MACHINE-FAILED the VM's guest stalled before its init $boots times: $v"
