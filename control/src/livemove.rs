@@ -14,11 +14,16 @@
 //! target that owns the disks. When the cluster refused the switch, the relay answers
 //! `Failed` instead and the VM runs on at the source; when it cannot tell (no quorum), it
 //! answers nothing and hangs up: the source's VM stays paused and its agent decides by the
-//! state, which is never ambiguous once read.
+//! state, which is never ambiguous once read. After the switch the source can no longer run
+//! the VM; should its go not come (its VMM or server died, or the link was cut, in the moment
+//! between), the relay gives the go to its VMM itself (`migration-go` on its control socket),
+//! and the VM runs on without a reboot.
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +47,8 @@ const INCOMING_WAIT: Duration = Duration::from_secs(30);
 const SWITCH_WAIT: Duration = Duration::from_secs(10);
 /// A stream that carries nothing for this long is dead (the pre-copy sends continuously).
 const IDLE: Duration = Duration::from_secs(60);
+/// How long after the switch the relay waits for the source's go before giving it itself.
+const GO_WAIT: Duration = Duration::from_secs(2);
 
 /// What the source says first, after the preface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,14 +162,24 @@ pub fn serve_target(
     };
     let _ = r.get_ref().set_read_timeout(Some(IDLE));
     tracing::info!(vm = %o.vm, server = from, "live migration: relaying into the incoming VMM");
+    // Once the VMM holds the whole VM (its Ready), the source's end no longer ends the VMM's
+    // wait: this relay decides (below).
+    let holding = Arc::new(AtomicBool::new(false));
+    let forth_ended = Arc::new(AtomicBool::new(false));
     // Forth: the VMMs' stream, untouched.
     let forth = match vmm.try_clone() {
-        Ok(mut w) => std::thread::Builder::new()
-            .name("move-forth".into())
-            .spawn(move || {
-                let _ = io::copy(&mut r, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            }),
+        Ok(mut w) => {
+            let (holding, ended) = (holding.clone(), forth_ended.clone());
+            std::thread::Builder::new()
+                .name("move-forth".into())
+                .spawn(move || {
+                    let _ = io::copy(&mut r, &mut w);
+                    ended.store(true, Ordering::SeqCst);
+                    if !holding.load(Ordering::SeqCst) {
+                        let _ = w.shutdown(std::net::Shutdown::Write);
+                    }
+                })
+        }
         Err(e) => return refuse(&mut back, format!("the incoming VMM's socket: {e}")),
     };
     if let Err(e) = forth {
@@ -170,6 +187,10 @@ pub fn serve_target(
     }
     // Back: the target's replies, Ready held until the disks are here.
     let mut from_vmm = vmm;
+    let hold_and_switch = || {
+        holding.store(true, Ordering::SeqCst);
+        switch(node, book, timeout, me, agent_dir, &o)
+    };
     loop {
         let reply = match read_reply(&mut from_vmm) {
             Ok(reply) => reply,
@@ -179,7 +200,7 @@ pub fn serve_target(
             }
         };
         let pass = match reply {
-            Reply::Ready => match switch(node, book, timeout, me, agent_dir, &o) {
+            Reply::Ready => match hold_and_switch() {
                 Switched::Yes => Reply::Ready,
                 Switched::No(why) => {
                     // The target VMM never hears Go: it gives up when the stream closes.
@@ -198,12 +219,45 @@ pub fn serve_target(
         let end = !matches!(pass, Reply::Ready);
         if let Err(e) = write_reply(&mut back, &pass) {
             tracing::warn!(vm = %o.vm, error = %e, "live migration: cannot answer the source");
-            break;
+            if end {
+                break;
+            }
         }
         if end {
             break;
         }
+        // Ready went on and the VM is this server's: the source, paused, can no longer run it.
+        // Its go normally follows at once; a source that died or was cut off after the switch
+        // sends none, and the VM runs here on this relay's word instead of booting again.
+        let deadline = Instant::now() + GO_WAIT;
+        while !readable(&from_vmm, Duration::from_millis(50)) {
+            if forth_ended.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                let sock = crate::console::api_socket(&crate::console::vm_dir(agent_dir, &o.vm));
+                match vmm_api::call(&sock, &vmm_api::Request::MigrationGo {}, timeout) {
+                    Ok(_) => {
+                        tracing::warn!(vm = %o.vm, server = from, source_gone = forth_ended.load(Ordering::SeqCst), "live migration: no go from the source after the switch; the VM runs here on the relay's word")
+                    }
+                    Err(e) => {
+                        tracing::info!(vm = %o.vm, error = %e, "live migration: the incoming VMM took no go from the relay")
+                    }
+                }
+                break;
+            }
+        }
     }
+}
+
+/// Whether `s` has bytes (or its end) to read within `wait`.
+fn readable(s: &UnixStream, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut p, 1, wait.as_millis() as libc::c_int) };
+    n != 0
 }
 
 /// Whether the switch committed.

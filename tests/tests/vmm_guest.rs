@@ -1024,6 +1024,117 @@ fn a_guest_writing_its_vhost_user_disk_moves_live_with_its_screen() {
     a_guest_writing_its_disk_moves_live("vhost-user");
 }
 
+/// A target that holds the whole VM but never hears its source's go (the source died after the
+/// target's Ready: between servers, after the cluster gave the target the disks) runs the VM on
+/// the go of its control socket, where the guest stood: no reboot, its writes going on. The go
+/// is refused where no VM waits for it. The test stands between the two VMMs as the relay
+/// between servers does, and keeps the target's Ready from the source.
+#[test]
+fn a_target_whose_source_died_after_its_ready_runs_on_the_go_of_its_control_socket() {
+    if !kvm_available(
+        "a_target_whose_source_died_after_its_ready_runs_on_the_go_of_its_control_socket",
+    ) {
+        return;
+    }
+    use vmm_api::migration::{read_reply, Reply};
+    let s = Scratch::new("migrate-go");
+    let disk = s.disk("disk.img", 16 << 20);
+    let vmm = |side: &str, incoming: Option<&std::path::Path>| {
+        let api = s.path(&format!("{side}-api.sock"));
+        let mut extra = vec![
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+        ];
+        if let Some(i) = incoming {
+            extra.extend(["--incoming", i.to_str().unwrap()]);
+        }
+        (
+            Vmm::start(&guest_args(
+                "tg.run=stamp tg.blocks=64 tg.ops=0 tg.ackevery=16",
+                &extra,
+            )),
+            api,
+        )
+    };
+    let (mut src, src_api) = vmm("src", None);
+    for _ in 0..3 {
+        src.wait_for("tg: ack ", BOOT);
+    }
+    let r = call(&src_api, r#"{"cmd":"migration-go"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("no migrated VM waits"),
+        "{r}"
+    );
+    let incoming = s.path("incoming.sock");
+    let (mut dst, dst_api) = vmm("dst", Some(&incoming));
+    let deadline = std::time::Instant::now() + BOOT;
+    while !incoming.exists() {
+        assert!(std::time::Instant::now() < deadline, "no incoming socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = call(&dst_api, r#"{"cmd":"migration-go"}"#);
+    assert_eq!(
+        r["ok"], false,
+        "a target that holds nothing yet takes no go: {r}"
+    );
+    // The relay: the stream forth untouched; the target's Ready kept from the source.
+    let relay = s.path("relay.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&relay).unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let relaying = {
+        let incoming = incoming.clone();
+        std::thread::spawn(move || {
+            let (mut from_src, _) = listener.accept().unwrap();
+            let mut to_dst = std::os::unix::net::UnixStream::connect(&incoming).unwrap();
+            let mut back = to_dst.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_src, &mut to_dst);
+            });
+            let _ = ready_tx.send(read_reply(&mut back).map_err(|e| e.to_string()));
+            read_reply(&mut back).map_err(|e| e.to_string())
+        })
+    };
+    {
+        let (api, relay) = (src_api.clone(), relay.clone());
+        // Its answer never comes: the source dies waiting for the target's Ready.
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let Ok(mut c) = std::os::unix::net::UnixStream::connect(&api) else {
+                return;
+            };
+            let _ = writeln!(c, r#"{{"cmd":"migrate","to":"{}"}}"#, relay.display());
+            let _ = std::io::BufReader::new(c).read_line(&mut String::new());
+        });
+    }
+    let ready = ready_rx
+        .recv_timeout(BOOT)
+        .expect("the target's first reply");
+    assert_eq!(ready, Ok(Reply::Ready), "\n{}", dst.output());
+    src.kill9();
+    let last_at_source = last_ack(&src.output()).expect("acknowledgements at the source");
+    let r = call(&dst_api, r#"{"cmd":"migration-go"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", dst.output());
+    assert_eq!(
+        relaying.join().unwrap(),
+        Ok(Reply::Resumed),
+        "\n{}",
+        dst.output()
+    );
+    let mut after = 0;
+    while after <= last_at_source + 3 * 16 {
+        after = last_ack(&dst.wait_for("tg: ack ", BOOT)).unwrap();
+    }
+    let out = dst.output();
+    assert!(!out.contains("tg: entry"), "the guest booted again:\n{out}");
+    assert!(!out.contains("tg: FAIL"), "{out}");
+}
+
 /// One request to a VMM's control socket at `path`, from any thread.
 fn call(path: &std::path::Path, request: &str) -> serde_json::Value {
     use std::io::{BufRead, Write};

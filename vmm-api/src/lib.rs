@@ -72,6 +72,10 @@ pub enum Request {
     MigrationStatus {},
     /// Gives up a live migration under way while it still copies memory: the VM runs on here.
     CancelMigration {},
+    /// On the target (`--incoming`): the VM, received whole, runs now without its source's go.
+    /// Only for whoever knows the source can no longer run it (between servers, the relay once
+    /// the cluster gave the VM's disks to this server); refused unless a VM waits for its go.
+    MigrationGo {},
 }
 
 /// The answer to a request.

@@ -101,6 +101,14 @@ fn handle(
                 reply(&mut writer, &r)?;
                 continue;
             }
+            Request::MigrationGo {} => {
+                let r = match watch.go() {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::err(e),
+                };
+                reply(&mut writer, &r)?;
+                continue;
+            }
             _ => {}
         }
         if matches!(req, Request::Serial {}) {

@@ -29,29 +29,39 @@ use crate::devices::serial::SerialSnapshot;
 use crate::snapshot::{VcpuState, VmState};
 
 /// What the control socket's threads see of a live migration under way (the VM's loop is busy
-/// with it): where it stands, and a request to give up.
+/// with it): where it stands, and a request to give up; on the target, a VM that waits for its
+/// source's go, and a go given instead by whoever knows the source can no longer run it.
 #[derive(Debug, Default)]
 pub struct MigrationWatch {
-    state: std::sync::Mutex<(Option<vmm_api::MigrationProgress>, bool)>,
+    state: std::sync::Mutex<Watched>,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    progress: Option<vmm_api::MigrationProgress>,
+    cancelled: bool,
+    /// The incoming stream, while the VM waits for the go on it.
+    awaiting_go: Option<std::os::unix::net::UnixStream>,
+    go: bool,
 }
 
 impl MigrationWatch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<vmm_api::MigrationProgress>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where the migration under way stands, if one is.
     pub fn progress(&self) -> Option<vmm_api::MigrationProgress> {
-        self.lock().0.clone()
+        self.lock().progress.clone()
     }
 
     /// Asks the migration to give up; refused once the guest was paused for it (or when none
     /// is under way).
     pub fn cancel(&self) -> Result<(), String> {
         let mut st = self.lock();
-        match st.0.as_ref().map(|p| p.phase) {
+        match st.progress.as_ref().map(|p| p.phase) {
             Some(vmm_api::MigrationPhase::Copying) => {
-                st.1 = true;
+                st.cancelled = true;
                 Ok(())
             }
             Some(_) => Err("too late: the guest is paused for the migration's last pages".into()),
@@ -63,16 +73,45 @@ impl MigrationWatch {
     /// caller gives up).
     pub fn update(&self, p: vmm_api::MigrationProgress) -> bool {
         let mut st = self.lock();
-        if st.1 {
+        if st.cancelled {
             return false;
         }
-        st.0 = Some(p);
+        st.progress = Some(p);
         true
     }
 
     /// A migration begins (nothing asked of an earlier one counts) or ended (`None`).
     pub fn reset(&self, p: Option<vmm_api::MigrationProgress>) {
-        *self.lock() = (p, false);
+        *self.lock() = Watched {
+            progress: p,
+            ..Default::default()
+        };
+    }
+
+    /// The target holds the whole VM and waits for the go on `stream` (a clone of the incoming
+    /// connection, which [`go`](Self::go) closes for reading to end the wait).
+    pub fn awaiting_go(&self, stream: std::os::unix::net::UnixStream) {
+        let mut st = self.lock();
+        st.awaiting_go = Some(stream);
+        st.go = false;
+    }
+
+    /// The go, given on the control socket: refused unless a VM waits for it.
+    pub fn go(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        let Some(s) = st.awaiting_go.take() else {
+            return Err("no migrated VM waits for its go here".into());
+        };
+        st.go = true;
+        let _ = s.shutdown(std::net::Shutdown::Read);
+        Ok(())
+    }
+
+    /// The wait for the go ended: whether the control socket gave it.
+    pub fn end_wait(&self) -> bool {
+        let mut st = self.lock();
+        st.awaiting_go = None;
+        std::mem::take(&mut st.go)
     }
 }
 

@@ -1197,7 +1197,17 @@ impl Vm {
                 // Ready back until the VM's disks are this server's).
                 write_reply(&mut writer, &Reply::Ready)
                     .map_err(|e| format!("telling the source VMM: {e}"))?;
-                mig::await_go(&mut r).map_err(|e| format!("waiting for the source's go: {e}"))?;
+                if let Ok(s) = r.get_ref().try_clone() {
+                    self.watch.awaiting_go(s);
+                }
+                let went = mig::await_go(&mut r);
+                match (went, self.watch.end_wait()) {
+                    (Ok(()), _) => {}
+                    (Err(e), true) => {
+                        tracing::info!(stream = %e, "going on without the source's go, as the control socket said")
+                    }
+                    (Err(e), false) => return Err(format!("waiting for the source's go: {e}")),
+                }
                 // The source hears it first: should it not, it stays paused and this one does
                 // not run either (never on both).
                 write_reply(&mut writer, &Reply::Resumed)
@@ -1271,6 +1281,8 @@ struct MigrateFailure {
     paused: bool,
 }
 
+/// How long `--incoming` waits for its source to connect.
+const INCOMING_ACCEPT: Duration = Duration::from_secs(120);
 /// The most pre-copy rounds a live migration takes before it gives up.
 const MIGRATION_ROUNDS: u32 = 30;
 
@@ -1374,10 +1386,40 @@ fn await_migration(path: &std::path::Path) -> Result<std::os::unix::net::UnixStr
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("restrict {}", path.display())))?;
     tracing::info!(socket = %path.display(), "waiting for a migrated VM");
-    let (stream, _) = listener
-        .accept()
-        .map_err(io_err(format!("accept a migration on {}", path.display())))?;
+    // Not for ever: a source that never comes leaves no VMM waiting behind.
+    listener.set_nonblocking(true).map_err(io_err(format!(
+        "listen for a migration on {}",
+        path.display()
+    )))?;
+    let deadline = std::time::Instant::now() + INCOMING_ACCEPT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = std::fs::remove_file(path);
+                return Err(VmError::Config(format!(
+                    "no migration came to {} in {} s",
+                    path.display(),
+                    INCOMING_ACCEPT.as_secs()
+                )));
+            }
+            Err(e) => {
+                return Err(io_err(format!("accept a migration on {}", path.display()))(
+                    e,
+                ))
+            }
+        }
+    };
     let _ = std::fs::remove_file(path);
+    stream
+        .set_nonblocking(false)
+        .map_err(io_err(format!("the migration on {}", path.display())))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(60)));
     Ok(stream)
@@ -1704,6 +1746,7 @@ fn handle_api(
         // Between migrations (the socket answers these itself while one runs).
         Request::MigrationStatus {} => (Response::ok(), None),
         Request::CancelMigration {} => (Response::err("no live migration is under way"), None),
+        Request::MigrationGo {} => (Response::err("no migrated VM waits for its go here"), None),
         Request::Migrate { to, downtime_ms } => {
             if *paused || shutdown.is_some() {
                 return (
