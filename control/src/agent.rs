@@ -18,6 +18,7 @@
 //! only what that (linearizable) state says is its own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1406,6 +1407,17 @@ const MOVES_AT_ONCE: usize = 2;
 /// How long a live migration may take, from the request to the target's word.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long a live migration's stream may carry nothing in each phase before the source's agent
+/// cuts it: while the guest runs on, a while; while it is paused, little; while the target takes
+/// the disks, longer than its relay tries (`livemove`: the switch, then the copies promoted).
+fn stall_limit(phase: vmm_api::MigrationPhase) -> Duration {
+    match phase {
+        vmm_api::MigrationPhase::Copying => Duration::from_secs(10),
+        vmm_api::MigrationPhase::Paused => Duration::from_secs(5),
+        vmm_api::MigrationPhase::Handover => Duration::from_secs(20),
+    }
+}
+
 /// A live migration from here, as its thread carries it out.
 struct MoveOut {
     /// The VM.
@@ -1426,17 +1438,42 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
     let (me, name, move_id) = (s.cfg.id, out.name.as_str(), out.id);
     let api_sock = crate::console::api_socket(&out.dir);
     let started = Instant::now();
-    // While it runs: where it stands, for the cluster to show; a cancel, passed on once.
+    // While it runs: where it stands, for the cluster to show; a cancel, passed on once; a
+    // stream that stopped moving (the link to the target cut, the target's server gone) cut
+    // here, so that the VMM's send fails now rather than when TCP gives up.
     let running = AtomicBool::new(true);
+    let stream: Arc<Mutex<Option<Flowing>>> = Arc::default();
+    let stalled: Mutex<Option<String>> = Mutex::new(None);
     let result = std::thread::scope(|scope| {
         scope.spawn(|| {
             let mut cancelled = false;
+            let mut last = None;
+            let mut since = Instant::now();
             while running.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(300));
                 if let Some(p) = vmm_call(&api_sock, &VmmRequest::MigrationStatus {})
                     .ok()
                     .and_then(|r| r.migration)
                 {
+                    let now = (p.phase, p.transferred_bytes);
+                    if last != Some(now) {
+                        (last, since) = (Some(now), Instant::now());
+                    } else if since.elapsed() >= stall_limit(p.phase) {
+                        if let Some(flowing) = lock(&stream).take() {
+                            let why = format!(
+                                "nothing went to the target for {} s while {}",
+                                since.elapsed().as_secs(),
+                                match p.phase {
+                                    vmm_api::MigrationPhase::Copying => "copying memory",
+                                    vmm_api::MigrationPhase::Paused => "sending the last pages",
+                                    vmm_api::MigrationPhase::Handover => "waiting for the target",
+                                }
+                            );
+                            tracing::warn!(server = me, vm = %name, why = %why, "live migration stalled: its stream is cut");
+                            flowing.cut();
+                            *lock(&stalled) = Some(why);
+                        }
+                    }
                     lock(&s.progress).insert(name.to_string(), p);
                 }
                 let asked = lock(&s.outgoing).get(name).is_some_and(|o| o.cancel);
@@ -1449,9 +1486,12 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
                 }
             }
         });
-        let r = send_vm(s, out, &api_sock);
+        let r = send_vm(s, out, &api_sock, &stream);
         running.store(false, Ordering::SeqCst);
-        r
+        r.map_err(|e| match lock(&stalled).take() {
+            Some(why) => format!("{why} ({e})"),
+            None => e,
+        })
     });
     lock(&s.progress).remove(name);
     let at_ms = || {
@@ -1562,7 +1602,28 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
 
 /// The migration itself: the stream relayed from the VMM's migration socket to the target
 /// server over mutual TLS.
-fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrated, String> {
+/// Both ends of a live migration's stream at the source, while it flows.
+struct Flowing {
+    vmm: UnixStream,
+    tls: enspeed_trust::TlsStream,
+}
+
+impl Flowing {
+    /// Ends the stream at once: the VMM's send fails, and so does a send to the target that
+    /// waits on a silent peer.
+    fn cut(self) {
+        let _ = self.vmm.shutdown(std::net::Shutdown::Both);
+        let _ = self.tls.abort();
+    }
+}
+
+/// Both ends of the stream are kept in `stream` while it flows, for the caller to cut.
+fn send_vm(
+    s: &Shared,
+    out: &MoveOut,
+    api_sock: &Path,
+    stream: &Arc<Mutex<Option<Flowing>>>,
+) -> Result<vmm_api::Migrated, String> {
     let (name, address) = (out.name.as_str(), out.address.as_str());
     use std::os::unix::fs::PermissionsExt;
     let mut tls = s
@@ -1578,8 +1639,10 @@ fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrat
         },
     )
     .map_err(|e| format!("the target server at {address}: {e}"))?;
-    // The target's replies come only at the end, however long the copy takes.
+    // The target's replies come only at the end, however long the copy takes; a send that
+    // cannot go on for this long has a silent peer.
     let _ = tls.set_read_timeout(None);
+    let _ = tls.set_write_timeout(Some(Duration::from_secs(30)));
     let sock = out.dir.join("outgoing.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock)
@@ -1589,6 +1652,7 @@ fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrat
         .set_nonblocking(true)
         .map_err(|e| format!("{}: {e}", sock.display()))?;
     let relay_sock = sock.clone();
+    let slot = stream.clone();
     let relay = std::thread::Builder::new()
         .name(format!("move-relay-{name}"))
         .spawn(move || {
@@ -1608,6 +1672,9 @@ fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrat
             };
             let _ = std::fs::remove_file(&relay_sock);
             let _ = vmm.set_nonblocking(false);
+            if let (Ok(vmm), Ok(tls)) = (vmm.try_clone(), tls.try_clone()) {
+                *lock(&slot) = Some(Flowing { vmm, tls });
+            }
             let (Ok(mut vmm_r), Ok(mut tls_r)) = (vmm.try_clone(), tls.try_clone()) else {
                 return;
             };
@@ -1617,9 +1684,20 @@ fn send_vm(s: &Shared, out: &MoveOut, api_sock: &Path) -> Result<vmm_api::Migrat
                 let _ = vmm_w.shutdown(std::net::Shutdown::Write);
             });
             let _ = std::io::copy(&mut vmm_r, &mut tls);
-            // The VMM is done with the stream: its replies too (a target gone silent must not
-            // hold the reader until TCP gives up).
-            let _ = tls.shutdown(std::net::Shutdown::Both);
+            // The VMM is done with the stream, or the target with it: the replies too (a target
+            // gone silent must not hold the reader until TCP gives up), and the VMM's end (a
+            // VMM still sending must hear it now: the clones kept for cutting hold it open).
+            // A stream cut for standing still is not closed politely: nothing goes through.
+            match lock(&slot).take() {
+                Some(flowing) => {
+                    let _ = tls.shutdown(std::net::Shutdown::Both);
+                    let _ = flowing.vmm.shutdown(std::net::Shutdown::Both);
+                }
+                None => {
+                    let _ = tls.abort();
+                    let _ = vmm_r.shutdown(std::net::Shutdown::Both);
+                }
+            }
             let _ = back.join();
         })
         .map_err(|e| format!("cannot start the relay: {e}"))?;

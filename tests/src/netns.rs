@@ -145,6 +145,51 @@ impl Net {
         ]);
     }
 
+    /// The local ports of server `i`'s established TCP connections to `to` ("ADDR:PORT").
+    pub fn connections(&self, i: usize, to: &str) -> Vec<u16> {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            self.ns(i),
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+        ]))
+        .unwrap_or_default();
+        // Recv-Q Send-Q Local:Port Peer:Port
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (local, peer) = (f.get(2)?, f.get(3)?);
+                (*peer == to).then(|| local.rsplit(':').next()?.parse().ok())?
+            })
+            .collect()
+    }
+
+    /// Drops every packet of server `i`'s TCP connections from the local `ports` (both ways,
+    /// in its namespace): those connections go silent, as over a cut link, and nothing else
+    /// does. An empty list lifts it.
+    pub fn drop_flows(&self, i: usize, ports: &[u16]) {
+        let ns = self.ns(i);
+        let nft = |script: &str| run(Command::new("ip").args(["netns", "exec", ns, "nft", script]));
+        let _ = nft("delete table inet enspeed_test_cut");
+        if ports.is_empty() {
+            return;
+        }
+        let set = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let script = format!(
+            "table inet enspeed_test_cut {{ \
+               chain i {{ type filter hook input priority -10; tcp dport {{ {set} }} drop; }}; \
+               chain o {{ type filter hook output priority -10; tcp sport {{ {set} }} drop; }}; }}"
+        );
+        nft(&script).unwrap_or_else(|e| panic!("nft on {ns}: {e}"));
+    }
+
     /// The processes in server `i`'s namespace: (pid, command line).
     pub fn processes(&self, i: usize) -> Vec<(u32, String)> {
         let out = run(Command::new("ip").args(["netns", "pids", self.ns(i)])).unwrap_or_default();

@@ -544,7 +544,8 @@ fn log_lines(c: &Cluster, i: usize, what: &str) -> Vec<String> {
 /// backup server and back while it writes, each time without booting again (no second
 /// `tg: entry` anywhere), acknowledging on past its last acknowledgement at the source, with
 /// its pause in the server's log; before that, a move whose target VMM is killed during the copy
-/// fails and the VM runs on where it was, and so does a cancelled one; a move whose source VMM
+/// fails and the VM runs on where it was, and so do a cancelled one and one whose link is cut
+/// in the middle of the copy; a move whose source VMM
 /// stops and is killed after it sent the whole VM ends with the VM running on at the target (its
 /// relay gives the go); after, a drain of its server moves it live once more.
 /// At the end every acknowledged write is on the disk.
@@ -635,6 +636,64 @@ fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
     assert!(
         failed.len() == 2 && failed[1].contains("cancelled"),
         "{failed:?}"
+    );
+    let last = highest_ack(&c.servers[primary - 1].serial(), 0);
+    c.wait("the guest writing on at the source", |c| {
+        (highest_ack(&c.servers[primary - 1].serial(), 0) > last + 8).then_some(())
+    });
+    assert_eq!(boots(&c), 1, "the guest did not boot again");
+
+    // The link between the two cut in the middle of the copy (the migration's connection goes
+    // silent; Raft's do not): the source's agent sees the copy stand still, cuts the stream after
+    // 10 s, the move fails, and the VM, never paused, runs on where it was.
+    c.wait_protected(primary);
+    let target = 3 - primary;
+    let to = c.servers[target - 1].addr.clone();
+    let before: Vec<u16> = c.net.connections(primary, &to);
+    let r = migrate(&c);
+    assert_eq!(r["live"], true, "{r}");
+    // Asked of the source's VMM itself (the state's copy of its progress may still be the last
+    // move's).
+    let api = c.servers[primary - 1]
+        .data
+        .join("agent/vms")
+        .join(VM)
+        .join("api.sock");
+    let flows = c.wait("the copy under way on a new connection", |c| {
+        let r = vmm_api::call(
+            &api,
+            &vmm_api::Request::MigrationStatus {},
+            Duration::from_secs(1),
+        );
+        let p = r.ok()?.migration?;
+        if p.phase != vmm_api::MigrationPhase::Copying || p.transferred_bytes == 0 {
+            return None;
+        }
+        let flows: Vec<u16> = c
+            .net
+            .connections(primary, &to)
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        (!flows.is_empty()).then_some(flows)
+    });
+    c.net.drop_flows(primary, &flows);
+    let cut = Instant::now();
+    c.wait("the stalled move ended", |c| {
+        let s = c.state()?;
+        s["vms"][VM]["moving"].is_null().then_some(())
+    });
+    c.net.drop_flows(primary, &[]);
+    assert_eq!(c.disk()["primary"], primary as u64, "the disks stayed");
+    let failed = log_lines(&c, primary, "live migration failed");
+    assert!(
+        failed.len() == 3 && failed[2].contains("nothing went to the target for"),
+        "{failed:?}"
+    );
+    eprintln!(
+        "cut link, move ended after {:?}: {}",
+        cut.elapsed(),
+        failed[2]
     );
     let last = highest_ack(&c.servers[primary - 1].serial(), 0);
     c.wait("the guest writing on at the source", |c| {

@@ -156,6 +156,12 @@ impl TlsStream {
         got >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
     }
 
+    /// Ends the connection at once, both ways, without TLS's `close_notify`: for a peer gone
+    /// silent, whose full send buffer would hold a polite close; a send blocked on it returns.
+    pub fn abort(&self) -> io::Result<()> {
+        self.sock.shutdown(Shutdown::Both)
+    }
+
     /// Shuts the socket down (both handles see it); after a write shutdown, the peer reads
     /// the end of the stream.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
