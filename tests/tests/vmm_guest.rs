@@ -753,7 +753,8 @@ fn a_running_guest_moves_live_to_another_vmm_and_counts_on() {
         return;
     }
     let s = Scratch::new("migrate");
-    let cmdline = "tg.run=tick tg.tickms=120000";
+    // 64 MiB of it carry data, the rest was never touched.
+    let cmdline = "tg.run=fill,tick tg.fillmib=64 tg.tickms=120000";
     let src_api = s.path("src.sock");
     let mut src = Vmm::start(&guest_args(
         cmdline,
@@ -814,7 +815,9 @@ fn a_running_guest_moves_live_to_another_vmm_and_counts_on() {
         "migrated: downtime {} ms, total {} ms, {} rounds, {} bytes",
         m["downtime_ms"], m["total_ms"], m["rounds"], m["transferred_bytes"]
     );
-    assert!(m["transferred_bytes"].as_u64().unwrap() >= 128 << 20, "{r}");
+    // The data went; memory never touched did not (the guest has 128 MiB).
+    let sent = m["transferred_bytes"].as_u64().unwrap();
+    assert!((64 << 20..128 << 20).contains(&sent), "{r}");
     assert!(m["rounds"].as_u64().unwrap() >= 1, "{r}");
     assert!(
         src.wait_exit(BOOT).success(),
@@ -1158,7 +1161,7 @@ fn a_migration_reports_its_progress_and_is_cancelled_while_it_copies() {
     let s = Scratch::new("migrate-cancel");
     let api = s.path("api.sock");
     let mut src = Vmm::start(&guest_args(
-        "tg.run=tick tg.tickms=120000",
+        "tg.run=fill,tick tg.fillmib=64 tg.tickms=120000",
         &["--api-socket", api.to_str().unwrap()],
     ));
     src.wait_for("tg: tick n=", BOOT);
@@ -1211,8 +1214,8 @@ fn a_migration_reports_its_progress_and_is_cancelled_while_it_copies() {
     assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
     let got = reader.join().unwrap();
     assert!(
-        got < 128 << 20,
-        "the copy stopped before the end: {got} bytes"
+        got < 64 << 20,
+        "the copy stopped before the end of the guest's 64 MiB of data: {got} bytes"
     );
     // It runs on here, and nothing is under way any more.
     let before = tick_count(&src.wait_for("tg: tick n=", BOOT)).unwrap();
@@ -1235,7 +1238,7 @@ fn a_vm_left_paused_by_a_silent_target_resumes_with_its_devices() {
     let api = s.path("api.sock");
     let disk = s.disk("disk.img", 16 << 20);
     let mut src = Vmm::start(&guest_args(
-        "tg.run=stamp tg.blocks=64 tg.ops=0 tg.ackevery=16",
+        "tg.run=fill,stamp tg.fillmib=32 tg.blocks=64 tg.ops=0 tg.ackevery=16",
         &[
             "--api-socket",
             api.to_str().unwrap(),
@@ -1269,8 +1272,8 @@ fn a_vm_left_paused_by_a_silent_target_resumes_with_its_devices() {
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("stays paused"), "{r}");
     assert!(
-        taker.join().unwrap() >= 128 << 20,
-        "the target took the whole VM"
+        taker.join().unwrap() >= 32 << 20,
+        "the target took the whole VM (its 32 MiB of data at least)"
     );
     assert_eq!(src.api(r#"{"cmd":"status"}"#)["status"]["state"], "paused");
     let before = last_ack(&src.output()).unwrap();

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 use crate::devices::acpi_pm::PmSnapshot;
@@ -161,6 +161,14 @@ pub enum Message {
         /// How many bytes follow.
         len: u64,
     },
+    /// Guest RAM from guest-physical `gpa`, `len` bytes (whole pages), all zero: nothing
+    /// follows (most of a guest's memory, never touched, costs the link nothing).
+    Zeros {
+        /// Where.
+        gpa: u64,
+        /// How many bytes.
+        len: u64,
+    },
     /// A pre-copy round ended.
     RoundDone {
         /// Its number, from 0 (all of RAM).
@@ -269,25 +277,179 @@ fn send_pages<B: Bitmap>(
             n += 1;
         }
         let off = first * PAGE;
-        let len = (n * PAGE).min(r.len() - off);
-        buf.resize(len as usize, 0);
-        r.read_slice(buf, MemoryRegionAddress(off))
-            .map_err(|e| MigrationError::Memory {
-                gpa: base + off,
-                why: e.to_string(),
-            })?;
-        write_message(
-            w,
-            &Message::Pages {
-                gpa: base + off,
-                len,
-            },
-        )?;
-        w.write_all(buf)?;
-        sent += len;
+        let end = off + (n * PAGE).min(r.len() - off);
+        // Holes in the memfd behind the region (memory never touched) are zero without a look
+        // (reading them would give them pages); the rest is read, its zero pages named only.
+        let mut at = off;
+        while at < end {
+            let (data, upto) = extent(r, at, end);
+            if data {
+                sent += send_data(w, r, at, upto, buf)?;
+            } else {
+                write_message(
+                    w,
+                    &Message::Zeros {
+                        gpa: base + at,
+                        len: upto - at,
+                    },
+                )?;
+            }
+            at = upto;
+        }
         i += n as usize;
     }
     Ok(sent)
+}
+
+/// Whether bytes `from..` of region `r` hold data in the memfd behind it (else they are a
+/// hole: zero, never touched), and up to where that holds, before `to`. A region without a
+/// file, or a file that cannot tell, is data.
+fn extent<B: Bitmap>(r: &GuestRegionMmap<B>, from: u64, to: u64) -> (bool, u64) {
+    use std::os::fd::AsRawFd;
+    let Some(fo) = r.file_offset() else {
+        return (true, to);
+    };
+    let (fd, start) = (fo.file().as_raw_fd(), fo.start());
+    let seek = |whence| {
+        // SAFETY: lseek on a descriptor the region owns; the result is checked.
+        let at = unsafe { libc::lseek(fd, (start + from) as libc::off_t, whence) };
+        if at < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(at as u64 - start)
+        }
+    };
+    let aligned = |at: u64| (at % PAGE == 0).then_some(at.min(to));
+    match seek(libc::SEEK_DATA) {
+        // No data from here to the file's end.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (false, to),
+        Ok(d) if d > from => aligned(d).map_or((true, to), |d| (false, d)),
+        Ok(_) => match seek(libc::SEEK_HOLE) {
+            Ok(h) if h > from => aligned(h).map_or((true, to), |h| (true, h)),
+            _ => (true, to),
+        },
+        Err(_) => (true, to),
+    }
+}
+
+/// Sends bytes `from..to` of region `r` (whole pages, read into `buf`): runs of pages with data
+/// as [`Message::Pages`], runs of zero pages as [`Message::Zeros`]; the bytes of data sent.
+fn send_data<B: Bitmap>(
+    w: &mut impl Write,
+    r: &GuestRegionMmap<B>,
+    from: u64,
+    to: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64, MigrationError> {
+    let base = r.start_addr().raw_value();
+    buf.resize((to - from) as usize, 0);
+    r.read_slice(buf, MemoryRegionAddress(from))
+        .map_err(|e| MigrationError::Memory {
+            gpa: base + from,
+            why: e.to_string(),
+        })?;
+    let mut sent = 0;
+    let mut at = 0;
+    while at < buf.len() {
+        let zero = is_zero(&buf[at..(at + PAGE as usize).min(buf.len())]);
+        let mut end = at;
+        while end < buf.len() {
+            let page = &buf[end..(end + PAGE as usize).min(buf.len())];
+            if is_zero(page) != zero {
+                break;
+            }
+            end += page.len();
+        }
+        let (gpa, len) = (base + from + at as u64, (end - at) as u64);
+        if zero {
+            write_message(w, &Message::Zeros { gpa, len })?;
+        } else {
+            write_message(w, &Message::Pages { gpa, len })?;
+            w.write_all(&buf[at..end])?;
+            sent += len;
+        }
+        at = end;
+    }
+    Ok(sent)
+}
+
+/// Takes a [`Message::Pages`] (its bytes read from `r` through `buf`) or [`Message::Zeros`]
+/// into `mem`, checked: whole pages, within 1 MiB, inside one region of guest RAM. The bytes of
+/// RAM it covered.
+fn take_ram<B: Bitmap>(
+    r: &mut impl Read,
+    mem: &GuestMemoryMmap<B>,
+    m: &Message,
+    buf: &mut Vec<u8>,
+) -> Result<u64, MigrationError> {
+    let (gpa, len, zeros) = match *m {
+        Message::Pages { gpa, len } => (gpa, len, false),
+        Message::Zeros { gpa, len } => (gpa, len, true),
+        _ => return Err(MigrationError::Bad(format!("{m:?} is not guest RAM"))),
+    };
+    let what = if zeros { "zero bytes" } else { "bytes" };
+    if len == 0 || len > MAX_PAGES_BYTES || gpa % PAGE != 0 || len % PAGE != 0 {
+        return Err(MigrationError::Bad(format!(
+            "{len} {what} at {gpa:#x}: not whole pages within 1 MiB"
+        )));
+    }
+    let fits = mem.iter().any(|r| {
+        let s = r.start_addr().raw_value();
+        gpa >= s && gpa.checked_add(len).is_some_and(|e| e <= s + r.len())
+    });
+    if !fits {
+        return Err(MigrationError::Bad(format!(
+            "{len} {what} at {gpa:#x}: outside guest RAM"
+        )));
+    }
+    let memory = |gpa: u64| {
+        move |e: vm_memory::GuestMemoryError| MigrationError::Memory {
+            gpa,
+            why: e.to_string(),
+        }
+    };
+    if !zeros {
+        buf.resize(len as usize, 0);
+        r.read_exact(buf)?;
+        mem.write_slice(buf, GuestAddress(gpa))
+            .map_err(memory(gpa))?;
+        return Ok(len);
+    }
+    // Given back to the memfd (its pages read as zero after, and memory never touched here
+    // stays untouched); where that cannot be, zeros written over whatever page holds something.
+    if zero_range(mem, gpa, len) {
+        return Ok(len);
+    }
+    let mut page = vec![0u8; PAGE as usize];
+    for p in (gpa..gpa + len).step_by(PAGE as usize) {
+        mem.read_slice(&mut page, GuestAddress(p))
+            .map_err(memory(p))?;
+        if !is_zero(&page) {
+            page.fill(0);
+            mem.write_slice(&page, GuestAddress(p)).map_err(memory(p))?;
+        }
+    }
+    Ok(len)
+}
+
+/// Makes guest RAM `gpa..gpa + len` (whole pages of one region, checked) read as zero by
+/// removing its pages from the memfd behind it (`MADV_REMOVE`); false where that cannot be done.
+fn zero_range<B: Bitmap>(mem: &GuestMemoryMmap<B>, gpa: u64, len: u64) -> bool {
+    let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else {
+        return false;
+    };
+    let shared = mem
+        .find_region(GuestAddress(gpa))
+        .is_some_and(|r| r.file_offset().is_some());
+    // SAFETY: the range lies within one region of guest RAM (the caller checked), a shared
+    // mapping of the memfd that stays mapped while `mem` lives; its pages read as zero after.
+    shared && unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_REMOVE) } == 0
+}
+
+/// Whether `b` holds only zero bytes (64 at a time: the OR of a block vectorizes; the first
+/// block with data ends the look).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// Turns KVM's dirty log on (or off) for every RAM region of `mem`, registered as KVM slots
@@ -683,28 +845,8 @@ pub fn receive<B: Bitmap>(
     let mut buf = Vec::new();
     loop {
         match read_message(r)? {
-            Message::Pages { gpa, len } => {
-                if len == 0 || len > MAX_PAGES_BYTES || gpa % PAGE != 0 {
-                    return bad(format!(
-                        "{len} bytes at {gpa:#x}: not whole pages within 1 MiB"
-                    ));
-                }
-                // Inside one region of this VM's RAM, whole.
-                let fits = mem.iter().any(|r| {
-                    let s = r.start_addr().raw_value();
-                    gpa >= s && gpa.checked_add(len).is_some_and(|e| e <= s + r.len())
-                });
-                if !fits {
-                    return bad(format!("{len} bytes at {gpa:#x}: outside guest RAM"));
-                }
-                buf.resize(len as usize, 0);
-                r.read_exact(&mut buf)?;
-                mem.write_slice(&buf, GuestAddress(gpa))
-                    .map_err(|e| MigrationError::Memory {
-                        gpa,
-                        why: e.to_string(),
-                    })?;
-                got.ram_bytes += len;
+            m @ (Message::Pages { .. } | Message::Zeros { .. }) => {
+                got.ram_bytes += take_ram(r, mem, &m, &mut buf)?
             }
             Message::RoundDone { round, .. } => {
                 got.rounds = got.rounds.max(round.saturating_add(1))

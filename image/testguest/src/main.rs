@@ -125,6 +125,7 @@ fn run_actions() {
             "echo" => serial::act_echo(),
             "flood" => serial::act_flood(),
             "tick" => tick::act_tick(),
+            "fill" => tick::act_fill(),
             "sleep" => {
                 let n = cmdline::num("tg.spin", 100_000_000);
                 for _ in 0..n {

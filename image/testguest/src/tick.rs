@@ -70,3 +70,14 @@ pub fn act_tick() {
     }
     say!("tick done n={}", n);
 }
+
+/// Action `fill`: writes `tg.fillmib` MiB (default 64) from the tick region's start once, a
+/// word in every page, none of them zero: memory a live migration must carry (pages never
+/// touched it may skip). Prints `tg: fill pages=N`.
+pub fn act_fill() {
+    let pages = crate::cmdline::num("tg.fillmib", 64) * (1 << 20) / PAGE;
+    for p in 0..pages {
+        wr32(REGION + p * PAGE, pattern(u32::MAX, p) | 1);
+    }
+    say!("fill pages={}", pages);
+}
