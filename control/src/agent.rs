@@ -1086,6 +1086,7 @@ impl Reconciler {
                     name: vm.name.clone(),
                     id: m.id,
                     downtime_ms: m.downtime_ms,
+                    auto_converge: m.auto_converge,
                     address,
                     dir: self.s.vm_dir(&vm.name),
                 };
@@ -1426,6 +1427,8 @@ struct MoveOut {
     id: u64,
     /// The longest pause allowed, ms (the VMM's default when none).
     downtime_ms: Option<u64>,
+    /// Slow the guest down if the copy does not converge.
+    auto_converge: bool,
     /// The target server's address.
     address: String,
     /// The VM's directory here (its VMM's control socket).
@@ -1706,6 +1709,7 @@ fn send_vm(
         &VmmRequest::Migrate {
             to: sock.clone(),
             downtime_ms: out.downtime_ms,
+            auto_converge: out.auto_converge,
         },
         MOVE_TIMEOUT,
     );

@@ -1138,6 +1138,105 @@ fn a_target_whose_source_died_after_its_ready_runs_on_the_go_of_its_control_sock
     assert!(!out.contains("tg: FAIL"), "{out}");
 }
 
+/// Auto-converge: a guest that rewrites 16 MiB at 256 MB/s moves over a link of about 40 MB/s
+/// (a relay the test holds to that rate), which never catches up with it; asked to, the source
+/// holds the vCPUs back a growing share of the time (its progress says how much) until what
+/// is left fits a 300 ms pause. The guest counts on at the target, its memory checks holding,
+/// and runs freely there.
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_slowed_until_its_move_converges() {
+    if !kvm_available("a_guest_dirtying_faster_than_the_link_is_slowed_until_its_move_converges") {
+        return;
+    }
+    let s = Scratch::new("migrate-converge");
+    let cmdline = "tg.run=tick tg.tickmib=16 tg.tickpages=64 tg.tickms=120000";
+    let src_api = s.path("src.sock");
+    let mut src = Vmm::start(&guest_args(
+        cmdline,
+        &["--api-socket", src_api.to_str().unwrap()],
+    ));
+    src.wait_for("tg: tick n=", BOOT);
+    let incoming = s.path("incoming.sock");
+    let mut dst = Vmm::start(&guest_args(
+        cmdline,
+        &["--incoming", incoming.to_str().unwrap()],
+    ));
+    let deadline = std::time::Instant::now() + BOOT;
+    while !incoming.exists() {
+        assert!(std::time::Instant::now() < deadline, "no incoming socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The link: 256 KiB every 6.5 ms forth, the replies back as they come.
+    let relay = s.path("relay.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&relay).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = std::os::unix::net::UnixStream::connect(&incoming).unwrap();
+        let (mut back_r, mut back_w) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_r, &mut back_w);
+        });
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let t = std::time::Instant::now();
+            let n = match from_src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to_dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let due = Duration::from_micros(6500) * n as u32 / (256 << 10);
+            std::thread::sleep(due.saturating_sub(t.elapsed()));
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Write);
+    });
+    let migrate = {
+        let (api, relay) = (src_api.clone(), relay.clone());
+        std::thread::spawn(move || {
+            call(
+                &api,
+                &format!(
+                    r#"{{"cmd":"migrate","to":"{}","downtime_ms":300,"auto_converge":true}}"#,
+                    relay.display()
+                ),
+            )
+        })
+    };
+    let mut held = 0;
+    while !migrate.is_finished() {
+        let r = call(&src_api, r#"{"cmd":"migration-status"}"#);
+        if let Some(t) = r["migration"]["throttle_pct"].as_u64() {
+            held = held.max(t);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = migrate.join().unwrap();
+    assert_eq!(r["ok"], true, "{r}\n{}", src.output());
+    eprintln!(
+        "auto-converge: {}, the vCPUs held back up to {held}%",
+        r["migrated"]
+    );
+    assert!(
+        held >= 20,
+        "the guest was never held back: {held}%\n{}",
+        src.output()
+    );
+    // At the target: counting on, at full speed (a step a millisecond: 100 a line).
+    let first = tick_count(&dst.wait_for("tg: tick n=", BOOT)).unwrap();
+    let mut last = first;
+    for _ in 0..5 {
+        last = tick_count(&dst.wait_for("tg: tick n=", BOOT)).unwrap();
+    }
+    assert!(
+        last - first >= 5 * 70,
+        "the guest runs slowly at the target: {first} to {last}"
+    );
+    let out = dst.output();
+    assert!(!out.contains("tg: FAIL"), "{out}");
+}
+
 /// One request to a VMM's control socket at `path`, from any thread.
 fn call(path: &std::path::Path, request: &str) -> serde_json::Value {
     use std::io::{BufRead, Write};

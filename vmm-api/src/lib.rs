@@ -67,6 +67,11 @@ pub enum Request {
         /// absent).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         downtime_ms: Option<u64>,
+        /// A guest that dirties its memory faster than the stream takes it is slowed down (its
+        /// vCPUs held back a growing share of the time) until the copy converges, instead of
+        /// the migration giving up.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        auto_converge: bool,
     },
     /// Where a live migration under way stands (answered while `migrate` runs).
     MigrationStatus {},
@@ -129,6 +134,10 @@ pub struct MigrationProgress {
     pub expected_downtime_ms: u64,
     /// Since the request, ms.
     pub elapsed_ms: u64,
+    /// The share of time the vCPUs are held back for the copy to catch up (auto-converge),
+    /// percent; 0 when they run freely.
+    #[serde(default)]
+    pub throttle_pct: u8,
 }
 
 /// What a live migration took.

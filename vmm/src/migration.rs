@@ -319,7 +319,7 @@ fn extent<B: Bitmap>(r: &GuestRegionMmap<B>, from: u64, to: u64) -> (bool, u64) 
             Ok(at as u64 - start)
         }
     };
-    let aligned = |at: u64| (at % PAGE == 0).then_some(at.min(to));
+    let aligned = |at: u64| at.is_multiple_of(PAGE).then_some(at.min(to));
     match seek(libc::SEEK_DATA) {
         // No data from here to the file's end.
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (false, to),

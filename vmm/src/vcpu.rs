@@ -31,7 +31,12 @@ pub struct Control {
     want: AtomicU8,
     parked: Mutex<usize>,
     changed: Condvar,
+    /// Percent of each [`THROTTLE_PERIOD`] the vCPUs sleep instead of running the guest.
+    throttle: AtomicU8,
 }
+
+/// The period over which a throttled vCPU runs, then sleeps its share.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 impl Control {
     /// Everyone running.
@@ -49,6 +54,7 @@ impl Control {
             want: AtomicU8::new(run as u8),
             parked: Mutex::new(0),
             changed: Condvar::new(),
+            throttle: AtomicU8::new(0),
         })
     }
 
@@ -81,6 +87,18 @@ impl Control {
             let _g = lock(&self.parked);
             self.changed.notify_all();
         }
+    }
+
+    /// Holds the vCPUs back `pct` percent of the time (at most 99; 0: they run freely). A
+    /// vCPU sleeps when it leaves KVM_RUN after running its share: a guest that never exits
+    /// needs kicks every [`THROTTLE_PERIOD`] to be held back.
+    pub fn set_throttle(&self, pct: u8) {
+        self.throttle.store(pct.min(99), Ordering::SeqCst);
+    }
+
+    /// The share of the time the vCPUs are held back, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
     }
 
     /// How many vCPUs are parked.
@@ -139,6 +157,7 @@ impl VcpuThread {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 // SIGRTMIN is blocked by default in no thread; nothing to unblock.
+                let mut running_since = std::time::Instant::now();
                 loop {
                     match control.want() {
                         Run::Exit => return,
@@ -156,6 +175,13 @@ impl VcpuThread {
                             continue;
                         }
                         Run::Go => {}
+                    }
+                    let pct = u32::from(control.throttle());
+                    if pct > 0 && running_since.elapsed() >= THROTTLE_PERIOD * (100 - pct) / 100 {
+                        std::thread::sleep(THROTTLE_PERIOD * pct / 100);
+                        running_since = std::time::Instant::now();
+                    } else if pct == 0 {
+                        running_since = std::time::Instant::now();
                     }
                     let mut fd = lock(&shared);
                     let run_area: *const kvm_bindings::kvm_run = fd.get_kvm_run();

@@ -15,6 +15,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -876,6 +877,7 @@ impl Vm {
         cfg: &VmConfig,
         to: &std::path::Path,
         downtime: Duration,
+        auto_converge: bool,
     ) -> Result<crate::api::Migrated, MigrateFailure> {
         use crate::migration::{self as mig, Message};
         use std::io::BufWriter;
@@ -932,6 +934,7 @@ impl Vm {
             dirty_rate_bytes_per_sec: p.dirty_rate_bytes_per_sec,
             expected_downtime_ms: p.expected_downtime_ms,
             elapsed_ms: started.elapsed().as_millis() as u64,
+            throttle_pct: self.control.throttle(),
         };
         watch.reset(Some(progress(
             vmm_api::MigrationPhase::Copying,
@@ -957,30 +960,78 @@ impl Vm {
                     }
                 }
             }
-            let (converged, unsent) =
-                mig::precopy(&mut w, &log, &self._mem, downtime, MIGRATION_ROUNDS, |p| {
+            // Auto-converge: while the vCPUs are held back, a kicker makes every one of them
+            // leave KVM_RUN each period, where it sleeps its share (a guest that never exits
+            // would otherwise run on unthrottled).
+            let copying = AtomicBool::new(true);
+            let precopied = std::thread::scope(|scope| {
+                if auto_converge {
+                    scope.spawn(|| {
+                        while copying.load(Ordering::SeqCst) {
+                            if self.control.throttle() > 0 {
+                                for t in &self.vcpus {
+                                    t.kick();
+                                }
+                            }
+                            std::thread::sleep(vcpu::THROTTLE_PERIOD);
+                        }
+                    });
+                }
+                let r = mig::precopy(&mut w, &log, &self._mem, downtime, MIGRATION_ROUNDS, |p| {
                     last = *p;
                     if p.round_done {
                         rounds = p.round + 1;
                         transferred = p.transferred_bytes;
+                        // Dirtying faster than half of what the stream takes: held back
+                        // more (20%, then 10 points a round, up to 99%).
+                        let held = self.control.throttle();
+                        if auto_converge
+                            && p.round >= 1
+                            && p.dirty_rate_bytes_per_sec > p.rate_bytes_per_sec / 2
+                        {
+                            let more = if held == 0 {
+                                20
+                            } else {
+                                held.saturating_add(10)
+                            };
+                            self.control.set_throttle(more);
+                        }
                         tracing::info!(
                             round = p.round,
                             transferred = p.transferred_bytes,
                             remaining = p.remaining_bytes,
                             dirty_rate = p.dirty_rate_bytes_per_sec,
                             expected_downtime_ms = p.expected_downtime_ms,
+                            throttle_pct = self.control.throttle(),
                             "migration round"
                         );
                     }
                     watch.update(progress(vmm_api::MigrationPhase::Copying, p))
-                })
-                .map_err(|e| match e {
-                    mig::MigrationError::Cancelled => "cancelled".to_string(),
-                    e => e.to_string(),
-                })?;
+                });
+                copying.store(false, Ordering::SeqCst);
+                r
+            });
+            // Whatever comes next (the pause, or running on here), the vCPUs run freely.
+            let throttled = self.control.throttle();
+            self.control.set_throttle(0);
+            if throttled > 0 {
+                tracing::info!(
+                    throttle_pct = throttled,
+                    "the guest was held back for the copy to converge"
+                );
+            }
+            let (converged, unsent) = precopied.map_err(|e| match e {
+                mig::MigrationError::Cancelled => "cancelled".to_string(),
+                e => e.to_string(),
+            })?;
             if converged == mig::Converged::No {
                 return Err(format!(
-                    "the guest writes its memory faster than the migration stream takes it: after {MIGRATION_ROUNDS} rounds the rest would still take more than {downtime:?}"
+                    "the guest writes its memory faster than the migration stream takes it: after {MIGRATION_ROUNDS} rounds the rest would still take more than {downtime:?}{}",
+                    if auto_converge {
+                        format!(", its vCPUs held back {throttled}% of the time")
+                    } else {
+                        " (auto-converge would slow the guest down until it fits)".to_string()
+                    }
                 ));
             }
             let msrs = {
@@ -1747,7 +1798,11 @@ fn handle_api(
         Request::MigrationStatus {} => (Response::ok(), None),
         Request::CancelMigration {} => (Response::err("no live migration is under way"), None),
         Request::MigrationGo {} => (Response::err("no migrated VM waits for its go here"), None),
-        Request::Migrate { to, downtime_ms } => {
+        Request::Migrate {
+            to,
+            downtime_ms,
+            auto_converge,
+        } => {
             if *paused || shutdown.is_some() {
                 return (
                     Response::err(
@@ -1757,7 +1812,7 @@ fn handle_api(
                 );
             }
             let downtime = Duration::from_millis(downtime_ms.unwrap_or(50));
-            match vm.migrate_out(cfg, &to, downtime) {
+            match vm.migrate_out(cfg, &to, downtime, auto_converge) {
                 Ok(m) => {
                     tracing::info!(
                         downtime_ms = m.downtime_ms,

@@ -162,6 +162,10 @@ pub enum VmCommand {
         /// The longest pause a live migration may take, ms (50 by default).
         #[arg(long)]
         downtime_ms: Option<u64>,
+        /// Slow a guest whose memory changes faster than the copy goes until it converges,
+        /// instead of giving up.
+        #[arg(long)]
+        auto_converge: bool,
     },
     /// Give up a VM's live migration while its memory is still being copied: it runs on where
     /// it was.
@@ -709,11 +713,18 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
                 vm_table,
             )
         }
-        VmCommand::Migrate { id, downtime_ms } => {
-            let body = match downtime_ms {
-                Some(d) => json!({ "downtime_ms": d }),
-                None => json!({}),
-            };
+        VmCommand::Migrate {
+            id,
+            downtime_ms,
+            auto_converge,
+        } => {
+            let mut body = json!({});
+            if let Some(d) = downtime_ms {
+                body["downtime_ms"] = json!(d);
+            }
+            if auto_converge {
+                body["auto_converge"] = json!(true);
+            }
             run(
                 l,
                 |s| s.call("POST", &format!("/vms/{id}/migrate"), Some(body)),

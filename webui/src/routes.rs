@@ -190,6 +190,9 @@ struct Migrate {
     /// The longest pause allowed, ms.
     #[serde(default)]
     downtime_ms: Option<u64>,
+    /// Slow a guest whose memory changes faster than the copy goes until it converges.
+    #[serde(default)]
+    auto_converge: bool,
 }
 
 #[derive(Deserialize)]
@@ -399,6 +402,7 @@ impl App {
                         Action::MigrateVm {
                             vm,
                             downtime_ms: m.downtime_ms,
+                            auto_converge: m.auto_converge,
                         },
                     )
                     .await?;

@@ -371,6 +371,10 @@ pub enum Action {
         /// The longest pause allowed, ms (1 to 10000; the VMM's 50 when absent).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         downtime_ms: Option<u64>,
+        /// Slow a guest that dirties memory faster than the copy goes down until it converges
+        /// (auto-converge), instead of giving up.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        auto_converge: bool,
     },
     /// Gives up a VM's live migration while its memory is still being copied (Managers): the
     /// VM runs on where it was. Refused when none is under way or its disks were handed over.

@@ -192,6 +192,9 @@ pub struct LiveMove {
     /// The longest pause allowed, ms (the VMM's default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// A guest dirtying memory faster than the copy goes is slowed down until it converges.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_converge: bool,
 }
 
 /// How a live migration ended, as its source's agent saw it.

@@ -274,6 +274,7 @@ impl StateMachine {
                 switched: false,
                 cancel: false,
                 downtime_ms: None,
+                auto_converge: false,
             });
             writes.push((vm_key(name), Some(json_bytes(vm))));
         }

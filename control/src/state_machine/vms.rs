@@ -640,7 +640,11 @@ impl StateMachine {
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
                 ("vm.clone", target, r)
             }
-            Action::MigrateVm { vm, downtime_ms } => {
+            Action::MigrateVm {
+                vm,
+                downtime_ms,
+                auto_converge,
+            } => {
                 if !by.is_manager() {
                     return Err(access::refuse("only a Manager migrates VMs"));
                 }
@@ -669,6 +673,7 @@ impl StateMachine {
                         switched: false,
                         cancel: false,
                         downtime_ms: *downtime_ms,
+                        auto_converge: *auto_converge,
                     });
                     writes.push((vm_key(&v.name), Some(json_bytes(r))));
                     (
@@ -765,6 +770,7 @@ mod tests {
         let migrate = || Action::MigrateVm {
             vm,
             downtime_ms: None,
+            auto_converge: false,
         };
         assert_eq!(
             refused(act(&mut sm, m, migrate())).kind,
@@ -776,6 +782,7 @@ mod tests {
         let budget = |ms| Action::MigrateVm {
             vm,
             downtime_ms: Some(ms),
+            auto_converge: ms == 200,
         };
         assert!(refused(act(&mut sm, m, budget(0)))
             .reason
@@ -785,6 +792,7 @@ mod tests {
             .contains("1 to 10000"));
         let r = act(&mut sm, m, budget(200)).unwrap();
         assert_eq!(sm.vms["v"].moving.as_ref().unwrap().downtime_ms, Some(200));
+        assert!(sm.vms["v"].moving.as_ref().unwrap().auto_converge);
         assert_eq!(r["live"], true, "{r}");
         let move_id = r["move"].as_u64().unwrap();
         assert_eq!(
