@@ -1305,6 +1305,11 @@ fn a_migration_reports_its_progress_and_is_cancelled_while_it_copies() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(seen["memory_bytes"], 128u64 << 20, "{seen}");
+    // How far through memory round 0 is: at least what went whole.
+    assert!(
+        seen["covered_bytes"].as_u64().unwrap() >= seen["transferred_bytes"].as_u64().unwrap(),
+        "{seen}"
+    );
     assert_eq!(seen["round"], 0, "{seen}");
     let r = call(&api, r#"{"cmd":"cancel-migration"}"#);
     assert_eq!(r["ok"], true, "{r}");

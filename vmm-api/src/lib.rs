@@ -126,6 +126,10 @@ pub struct MigrationProgress {
     pub memory_bytes: u64,
     /// Bytes sent so far.
     pub transferred_bytes: u64,
+    /// Bytes of guest RAM the round under way went through so far, sent or (all zero) named
+    /// only: in round 0, how far the copy is through memory.
+    #[serde(default)]
+    pub covered_bytes: u64,
     /// What the guest dirtied during the last round: what the next one sends.
     pub remaining_bytes: u64,
     /// How fast the guest dirties memory, bytes a second.

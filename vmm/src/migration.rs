@@ -657,6 +657,8 @@ pub struct Progress {
     pub round: u32,
     /// Bytes sent so far.
     pub transferred_bytes: u64,
+    /// Bytes of guest RAM the round under way went through (sent, or named as zero).
+    pub covered_bytes: u64,
     /// Bytes the guest dirtied in the last round: what the next one sends.
     pub remaining_bytes: u64,
     /// How fast the guest dirties memory, bytes a second.
@@ -684,11 +686,12 @@ pub enum Converged {
 pub struct Unsent(Vec<(usize, Vec<u64>)>);
 
 /// Sends all of guest RAM, then the pages dirtied meanwhile, round after round, while the
-/// vCPUs run, until what is left would take at most `budget` at the rate the stream reached,
-/// or `max_rounds` rounds passed. The dirty log must be on ([`log_dirty_pages`]) before the
-/// guest may write anything not yet sent: call that first. `progress` hears of each round, and
-/// of the copy's progress within round 0 (all of RAM), every 16 MiB; when it answers
-/// false, the pre-copy gives up ([`MigrationError::Cancelled`]).
+/// vCPUs run, until what is left would take at most `budget` at the rate the stream reached
+/// and a further round would no longer halve it, or `max_rounds` rounds passed. The dirty log
+/// must be on ([`log_dirty_pages`]) before the guest may write anything not yet sent: call
+/// that first. `progress` hears of each round, and of the copy's progress within round 0 (all
+/// of RAM), every 16 MiB; when it answers false, the pre-copy gives up
+/// ([`MigrationError::Cancelled`]).
 pub fn precopy<B: Bitmap>(
     w: &mut impl Write,
     log: &dyn DirtyLog,
@@ -713,6 +716,7 @@ pub fn precopy<B: Bitmap>(
         pages += all.len() as u64;
         for chunk in all.chunks(CHUNK_PAGES as usize) {
             sent += send_pages(w, mem, slot, chunk, &mut buf)?;
+            p.covered_bytes += chunk.len() as u64 * PAGE;
             p.transferred_bytes = sent;
             p.round_done = false;
             if !progress(&p) {
@@ -747,7 +751,13 @@ pub fn precopy<B: Bitmap>(
         if !progress(&p) {
             return Err(MigrationError::Cancelled);
         }
-        if Duration::from_millis(p.expected_downtime_ms) <= budget {
+        // What is left fits the pause: it pauses now, unless another round is worth it (it
+        // halved what is left, and the pause would not already be a millisecond or less): a
+        // round whose set shrinks that fast costs little and shortens the pause.
+        let shrinking = remaining * 2 <= pages * PAGE;
+        if Duration::from_millis(p.expected_downtime_ms) <= budget
+            && (!shrinking || p.expected_downtime_ms <= 1)
+        {
             return Ok((Converged::Yes, Unsent(dirty)));
         }
         if p.round + 1 >= max_rounds {
@@ -761,6 +771,7 @@ pub fn precopy<B: Bitmap>(
             pages += d.len() as u64;
             sent += send_pages(w, mem, *slot, d, &mut buf)?;
         }
+        p.covered_bytes = pages * PAGE;
     }
 }
 

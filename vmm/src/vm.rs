@@ -930,6 +930,7 @@ impl Vm {
             round: p.round,
             memory_bytes,
             transferred_bytes: p.transferred_bytes,
+            covered_bytes: p.covered_bytes,
             remaining_bytes: p.remaining_bytes,
             dirty_rate_bytes_per_sec: p.dirty_rate_bytes_per_sec,
             expected_downtime_ms: p.expected_downtime_ms,

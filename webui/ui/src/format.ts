@@ -89,11 +89,12 @@ export function migrationLine(m: Migration): HTMLElement {
   let text = `moving live to server ${m.to}`;
   if (m.switched) text += ": handing over";
   else if (p) {
-    const pct = p.memory_bytes > 0 ? Math.min(100, Math.floor((p.transferred_bytes * 100) / p.memory_bytes)) : 0;
+    const pct = p.memory_bytes > 0 ? Math.min(100, Math.floor((p.covered_bytes * 100) / p.memory_bytes)) : 0;
     text +=
       p.round === 0
-        ? `: ${pct}% of memory copied`
+        ? `: ${pct}% of memory copied (${bytes(p.transferred_bytes)} sent)`
         : `: round ${p.round}, ${bytes(p.remaining_bytes)} left, dirtied at ${bytes(p.dirty_rate_bytes_per_sec)}/s, pause ~${p.expected_downtime_ms} ms`;
+    if (p.throttle_pct > 0) text += `, guest slowed ${p.throttle_pct}%`;
     if (p.phase !== "copying") text += ` (${p.phase})`;
   }
   if (m.cancel_asked) text += ", cancelling";

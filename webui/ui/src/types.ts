@@ -86,10 +86,14 @@ export interface MigrationProgress {
   round: number;
   memory_bytes: number;
   transferred_bytes: number;
+  /** Guest RAM the round under way went through (pages of zeros are named, not sent). */
+  covered_bytes: number;
   remaining_bytes: number;
   dirty_rate_bytes_per_sec: number;
   expected_downtime_ms: number;
   elapsed_ms: number;
+  /** The share of the time the guest is held back for the copy to converge, percent. */
+  throttle_pct: number;
 }
 
 /** A network (the bridge, uplink, VLAN and company are shown to Managers only). */
