@@ -1039,6 +1039,10 @@ impl Reconciler {
             let Some(m) = vm.moving.as_ref().filter(|m| !m.switched) else {
                 continue;
             };
+            // A move to another server than the disks' backup waits for the new copies there.
+            if !state.live_move_ready(vm) {
+                continue;
+            }
             let has_vmm = lock(&self.s.procs).vmms.contains_key(&vm.name);
             if m.to == id {
                 let recently_crashed = matches!(

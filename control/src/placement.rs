@@ -117,6 +117,68 @@ pub fn place_on(
     })
 }
 
+/// The pools of server `server` for new copies of `disks` (one each, in order) of a VM of
+/// `memory_mib`: the server must take copies (a member, up, not a witness, not draining) and have
+/// room for the VM's memory and every copy, the roomiest pool first.
+pub fn place_copies_on(
+    sm: &StateMachine,
+    server: u64,
+    memory_mib: u64,
+    disks: &[&DiskRecord],
+) -> Result<Vec<String>, String> {
+    let s = sm
+        .servers
+        .get(&server)
+        .ok_or_else(|| format!("no server {server}"))?;
+    if !eligible(s) {
+        return Err(format!(
+            "server {server} takes no copies ({})",
+            if s.witness {
+                "a witness"
+            } else if s.down {
+                "down"
+            } else {
+                "being drained"
+            }
+        ));
+    }
+    let free = s
+        .capacity
+        .memory_mib
+        .saturating_sub(memory_used(sm, server));
+    if free < memory_mib {
+        return Err(format!(
+            "server {server} has {free} MiB free for VMs; this one takes {memory_mib}"
+        ));
+    }
+    // Each pool's free space, less what the copies placed before took.
+    let mut taken: BTreeMap<String, u64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for d in disks {
+        let pool = s
+            .capacity
+            .pools()
+            .into_iter()
+            .filter_map(|p| {
+                let free = (p.disk_gib * GIB)
+                    .checked_sub(pool_used(sm, server, &p.path))?
+                    .checked_sub(taken.get(&p.path).copied().unwrap_or(0))?;
+                (free >= d.size).then_some((p.path, free))
+            })
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+            .map(|(p, _)| p)
+            .ok_or_else(|| {
+                format!(
+                    "server {server} has no pool with room for disk {} ({} bytes)",
+                    d.name, d.size
+                )
+            })?;
+        *taken.entry(pool.clone()).or_default() += d.size;
+        out.push(pool);
+    }
+    Ok(out)
+}
+
 /// Checks that every copy of the disks in `growth` (a disk and the bytes it grows by) has
 /// room in its pool for what they grow by together.
 pub fn check_room_to_grow(sm: &StateMachine, growth: &[(&DiskRecord, u64)]) -> Result<(), String> {

@@ -75,12 +75,17 @@ struct Cluster {
 impl Cluster {
     /// Servers 1 and 2 run VMs; server 3 is the witness.
     fn start(tag: &str) -> Cluster {
+        Cluster::start_with(tag, true)
+    }
+
+    /// Servers 1 and 2 run VMs; server 3 is the witness, or runs VMs too.
+    fn start_with(tag: &str, witness: bool) -> Cluster {
         let scratch = Scratch::new(&format!("failover-{tag}"));
         let net = Net::new(tag, 3, if tag == "a" { 1 } else { 2 });
         let common = ["--memory-mib", "1024", "--disk-gib", "1"];
         let mut servers: Vec<Server> = (1..=3)
             .map(|i| {
-                if i == 3 {
+                if i == 3 && witness {
                     server(&net, &scratch, i, &[])
                 } else {
                     server(&net, &scratch, i, &common)
@@ -101,10 +106,11 @@ impl Cluster {
         });
         let data = c.servers[0].data.clone();
         c.servers[1].start_joining_at(&first, &data, &[]);
-        c.servers[2].start_joining_at(&first, &data, &["--witness"]);
-        c.wait("both agents registered", |c| {
+        c.servers[2].start_joining_at(&first, &data, if witness { &["--witness"] } else { &[] });
+        let vm_servers = if witness { 2 } else { 3 };
+        c.wait("the agents registered", |c| {
             let s = c.state()?;
-            let ok = (1..=2).all(|i| {
+            let ok = (1..=vm_servers).all(|i| {
                 s["servers"][i.to_string()]["mirror"]
                     .as_str()
                     .is_some_and(|m| !m.is_empty())
@@ -871,6 +877,92 @@ fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
         .max()
         .unwrap();
     let image = c.servers[primary - 1].disk_data();
+    for (blk, want) in acked_blocks(0, last) {
+        match read_stamp(&image, blk) {
+            Stamp::Seq(got) if got >= want => {}
+            other => panic!("block {blk}: {other:?}, acknowledged seq {want}"),
+        }
+    }
+}
+
+/// Live migration to a third server (issue 13): three servers run VMs; the VM (256 MiB, writing
+/// its disk) moves to the one that holds no copy of its disk. That server first gets a new
+/// backup copy, synced from the primary while the guest runs on; then the VM moves there live
+/// as to a backup: no reboot, its writes going on, every acknowledged write on the disk.
+#[test]
+fn a_running_vm_moves_live_to_a_third_server_after_its_new_copy_syncs() {
+    if !kvm_available("a_running_vm_moves_live_to_a_third_server") {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start_with("t", false);
+    c.create_vm_of(256);
+    let placed = c.wait("the disk placed, its backup in sync", |c| {
+        let d = c.disk();
+        (d["backup_synced"] == true).then_some(d)
+    });
+    let primary = placed["primary"].as_u64().unwrap() as usize;
+    let old = placed["backup"].as_u64().unwrap() as usize;
+    let third = 6 - primary - old;
+    c.wait("the guest's acknowledged writes", |c| {
+        (highest_ack(&c.servers[primary - 1].serial(), 0) > 0).then_some(())
+    });
+    let before = highest_ack(&c.servers[primary - 1].serial(), 0);
+    let id = vm_id(&c);
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {
+            "cmd": "act", "actor": 0, "at_ms": 0,
+            "action": {"kind": "migrate_vm", "vm": id, "to": third},
+        }}),
+    );
+    let r = r.unwrap_or_else(|e| panic!("migrate: {e}"));
+    assert_eq!(r["live"], true, "{r}");
+    assert_eq!(r["copying_disks"], true, "{r}");
+    let d = c.disk();
+    assert_eq!(
+        (d["primary"].as_u64(), d["backup"].as_u64()),
+        (Some(primary as u64), Some(third as u64)),
+        "{d}"
+    );
+    let started = Instant::now();
+    c.wait(&format!("the VM running on server {third}"), |c| {
+        let s = c.state()?;
+        let d = &s["disks"][DISK];
+        let here = d["primary"] == third as u64 && s["vms"][VM]["moving"].is_null();
+        (here && c.net.vmm_running(third) && !c.net.vmm_running(primary)).then_some(())
+    });
+    eprintln!("moved to the third server in {:?}", started.elapsed());
+    c.wait("the guest writing on at the third server", |c| {
+        (highest_ack(&c.servers[third - 1].serial(), before) > before + 8).then_some(())
+    });
+    let boots: usize = c
+        .servers
+        .iter()
+        .map(|s| s.serial().matches("tg: entry").count())
+        .sum();
+    assert_eq!(boots, 1, "the guest booted again");
+    let moved = log_lines(&c, primary, "VM moved live");
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    eprintln!("{}", moved[0]);
+    assert!(!c.net.vmm_running(old), "a VM runs on the old backup");
+
+    // Every acknowledged write is on the disk, once the guest stopped.
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": false}}),
+    );
+    r.unwrap_or_else(|e| panic!("stop: {e}"));
+    c.wait("the VM stopped", |c| {
+        (!c.net.vmm_running(third)).then_some(())
+    });
+    let last = c
+        .servers
+        .iter()
+        .map(|s| highest_ack(&s.serial(), 0))
+        .max()
+        .unwrap();
+    let image = c.servers[third - 1].disk_data();
     for (blk, want) in acked_blocks(0, last) {
         match read_stamp(&image, blk) {
             Stamp::Seq(got) if got >= want => {}

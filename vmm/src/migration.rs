@@ -687,7 +687,8 @@ pub struct Unsent(Vec<(usize, Vec<u64>)>);
 
 /// Sends all of guest RAM, then the pages dirtied meanwhile, round after round, while the
 /// vCPUs run, until what is left would take at most `budget` at the rate the stream reached
-/// and a further round would no longer halve it, or `max_rounds` rounds passed. The dirty log
+/// and a further round would no longer halve it (three more at most), or `max_rounds` rounds
+/// passed. The dirty log
 /// must be on ([`log_dirty_pages`]) before the guest may write anything not yet sent: call
 /// that first. `progress` hears of each round, and of the copy's progress within round 0 (all
 /// of RAM), every 16 MiB; when it answers false, the pre-copy gives up
@@ -725,10 +726,17 @@ pub fn precopy<B: Bitmap>(
         }
     }
     p.transferred_bytes = 0;
+    // Rounds taken after one already fitted the budget, and whether one did.
+    let (mut extra, mut fitted) = (0, false);
     loop {
         let took = round_started.elapsed().max(Duration::from_micros(1));
         p.transferred_bytes += sent;
-        p.rate_bytes_per_sec = (sent as f64 / took.as_secs_f64()) as u64;
+        // How fast this round went through guest RAM, in the measure of what is left (pages,
+        // zero or not, as the dirty log counts them): from round 1 on, every page of the
+        // round was read (and its zeros named, not sent); round 0 skipped memory never
+        // touched, so only what it sent counts there (a rate too low, never too high).
+        let moved = if p.round == 0 { sent } else { pages * PAGE };
+        p.rate_bytes_per_sec = (moved as f64 / took.as_secs_f64()) as u64;
         write_message(
             w,
             &Message::RoundDone {
@@ -752,13 +760,19 @@ pub fn precopy<B: Bitmap>(
             return Err(MigrationError::Cancelled);
         }
         // What is left fits the pause: it pauses now, unless another round is worth it (it
-        // halved what is left, and the pause would not already be a millisecond or less): a
-        // round whose set shrinks that fast costs little and shortens the pause.
+        // halved what is left, the pause would not already be a millisecond or less, and at
+        // most three such rounds): a round whose set shrinks that fast costs little and
+        // shortens the pause. Once a round fitted, the first that no longer does pauses too
+        // (its estimate is then the rounds' own overhead more than the pages left).
+        let fits = Duration::from_millis(p.expected_downtime_ms) <= budget;
         let shrinking = remaining * 2 <= pages * PAGE;
-        if Duration::from_millis(p.expected_downtime_ms) <= budget
-            && (!shrinking || p.expected_downtime_ms <= 1)
-        {
+        let another = fits && shrinking && p.expected_downtime_ms > 1 && extra < 3;
+        if (fits || fitted) && !another {
             return Ok((Converged::Yes, Unsent(dirty)));
+        }
+        if fits {
+            fitted = true;
+            extra += 1;
         }
         if p.round + 1 >= max_rounds {
             return Ok((Converged::No, Unsent(dirty)));

@@ -166,6 +166,10 @@ pub enum VmCommand {
         /// instead of giving up.
         #[arg(long)]
         auto_converge: bool,
+        /// The server to move to (its disks' backup server by default); another server first
+        /// gets new copies of the disks, synced while the VM runs.
+        #[arg(long)]
+        to: Option<u64>,
     },
     /// Give up a VM's live migration while its memory is still being copied: it runs on where
     /// it was.
@@ -717,6 +721,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             id,
             downtime_ms,
             auto_converge,
+            to,
         } => {
             let mut body = json!({});
             if let Some(d) = downtime_ms {
@@ -724,6 +729,9 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             }
             if auto_converge {
                 body["auto_converge"] = json!(true);
+            }
+            if let Some(t) = to {
+                body["to"] = json!(t);
             }
             run(
                 l,

@@ -221,6 +221,7 @@ fn schemas() -> Value {
         "Migrate": {"type": "object", "additionalProperties": false,
             "properties": {"downtime_ms": {"type": "integer", "minimum": 1, "maximum": 10000,
                 "description": "the longest pause a live migration may take (50 when absent)"},
+                "to": {"type": "integer", "description": "the server to move to (its disks' backup server when absent); another server first gets new copies of the disks, synced while the VM runs (a running VM booted by the kernel only)"},
                 "auto_converge": {"type": "boolean",
                 "description": "slow a guest whose memory changes faster than the copy goes (its vCPUs held back a growing share of the time) until it converges, instead of giving up"}}},
         "Power": {"type": "object", "required": ["action"], "additionalProperties": false,

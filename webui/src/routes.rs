@@ -193,6 +193,9 @@ struct Migrate {
     /// Slow a guest whose memory changes faster than the copy goes until it converges.
     #[serde(default)]
     auto_converge: bool,
+    /// The server to move to (its disks' backup server when absent).
+    #[serde(default)]
+    to: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +406,7 @@ impl App {
                             vm,
                             downtime_ms: m.downtime_ms,
                             auto_converge: m.auto_converge,
+                            to: m.to,
                         },
                     )
                     .await?;

@@ -203,6 +203,9 @@ pub struct MigrationView {
     pub switched: bool,
     /// A Manager asked to give it up.
     pub cancel_asked: bool,
+    /// It waits for its disks' new copies on the target to be in sync (a move to a server
+    /// other than its disks' backup).
+    pub copying_disks: bool,
     /// Where it stands, as the source's VMM last said (none before it began).
     pub progress: Option<vmm_api::MigrationProgress>,
 }
@@ -414,6 +417,7 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
             to: m.to,
             switched: m.switched,
             cancel_asked: m.cancel,
+            copying_disks: !m.switched && !state.live_move_ready(vm),
             progress: state
                 .observed
                 .values()

@@ -375,6 +375,11 @@ pub enum Action {
         /// (auto-converge), instead of giving up.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         auto_converge: bool,
+        /// The server to move to; its disks' backup server when absent. Another server (a
+        /// running VM booted by the kernel only) first gets new backup copies, synced while
+        /// the VM runs, then the VM moves there live as to a backup.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
     },
     /// Gives up a VM's live migration while its memory is still being copied (Managers): the
     /// VM runs on where it was. Refused when none is under way or its disks were handed over.

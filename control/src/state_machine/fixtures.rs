@@ -71,8 +71,13 @@ pub(super) fn server(id: u64, witness: bool) -> ServerRecord {
 
 /// Servers 1 and 2, each offering 4 GiB of memory, 12 GiB of disk and 4 vCPUs.
 pub(super) fn two_servers_with_room(sm: &mut StateMachine) {
+    servers_with_room(sm, 2);
+}
+
+/// Servers 1 to `n`, each with room for a few VMs.
+pub(super) fn servers_with_room(sm: &mut StateMachine, n: u64) {
     let mut w = Vec::new();
-    for id in 1..=2 {
+    for id in 1..=n {
         let mut s = server(id, false);
         s.capacity = Capacity {
             memory_mib: 4096,

@@ -299,6 +299,53 @@ impl StateMachine {
         to.ok_or_else(|| Refusal::conflict(format!("VM {vm} has no disk to move with")))
     }
 
+    /// Whether VM `v`'s live move may begin: its disks' backups, in sync, are on the server it
+    /// moves to (a move to another server first waits for new copies there).
+    pub fn live_move_ready(&self, v: &VmRecord) -> bool {
+        v.moving
+            .as_ref()
+            .is_some_and(|m| self.move_target(v).ok() == Some(m.to))
+    }
+
+    /// Gives every disk of VM `v` a new backup on server `to` (its pools chosen by placement;
+    /// the old backups' records dropped, their copies kept where they are, as copies of disks
+    /// the state still has are): each in sync only once its primary's link says so.
+    fn rebackup(
+        &mut self,
+        v: &VmRecord,
+        to: u64,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Result<(), Refusal> {
+        let disks: Vec<&DiskRecord> = v
+            .disks
+            .iter()
+            .map(|n| {
+                self.disks
+                    .get(n)
+                    .ok_or_else(|| format!("VM {}: no disk {n}", v.id))
+            })
+            .collect::<Result<_, _>>()?;
+        if let Some(d) = disks.iter().find(|d| d.primary == to) {
+            return Err(Refusal::conflict(format!(
+                "VM {} runs on server {to} already (disk {})",
+                v.id, d.name
+            )));
+        }
+        let pools = crate::placement::place_copies_on(self, to, v.memory_mib, &disks)
+            .map_err(Refusal::conflict)?;
+        for (name, pool) in v.disks.iter().zip(pools) {
+            let d = self.disks.get_mut(name).expect("found above");
+            if let Some(old) = d.backup.take() {
+                d.pools.remove(&old);
+            }
+            d.backup = Some(to);
+            d.backup_synced = false;
+            d.pools.insert(to, pool);
+            writes.push((disk_key(name), Some(json_bytes(d))));
+        }
+        Ok(())
+    }
+
     /// Hands VM `v`'s disks to their backup server: each backup becomes the primary with a
     /// raised generation, the old primary its backup (resynced before it counts as in sync).
     fn hand_over(&mut self, v: &VmRecord, writes: &mut Vec<RecordWrite>) -> Result<u64, Refusal> {
@@ -644,6 +691,7 @@ impl StateMachine {
                 vm,
                 downtime_ms,
                 auto_converge,
+                to: wanted,
             } => {
                 if !by.is_manager() {
                     return Err(access::refuse("only a Manager migrates VMs"));
@@ -661,8 +709,27 @@ impl StateMachine {
                 if v.moving.is_some() {
                     return Err(Refusal::conflict(format!("VM {vm} is moving live already")));
                 }
-                let to = self.move_target(&v)?;
-                if v.running && v.boot.firmware().is_none() {
+                let live = v.running && v.boot.firmware().is_none();
+                let backups = self.move_target(&v);
+                let (to, placed) = match *wanted {
+                    Some(t) if backups.as_ref().ok() != Some(&t) => {
+                        if !live {
+                            return Err(Refusal::conflict(format!(
+                                "VM {vm} moves to a server other than its disks' backup only live (running, booted by the kernel); {}",
+                                match &backups {
+                                    Ok(b) => format!("it can move to server {b}"),
+                                    Err(e) => e.reason.clone(),
+                                }
+                            )));
+                        }
+                        // New backups there first (synced while it runs); the agents carry
+                        // the move once they are in sync.
+                        self.rebackup(&v, t, writes)?;
+                        (t, true)
+                    }
+                    _ => (backups?, false),
+                };
+                if live {
                     // Live: the agents carry it (`LiveMove`); the audit number of this
                     // request names the move.
                     let id = self.counters.audit + 1;
@@ -676,10 +743,15 @@ impl StateMachine {
                         auto_converge: *auto_converge,
                     });
                     writes.push((vm_key(&v.name), Some(json_bytes(r))));
+                    let how = if placed {
+                        ", live once its disks' new copies there are in sync"
+                    } else {
+                        ", live"
+                    };
                     (
                         "vm.migrate",
-                        format!("vm {vm} ({}) to server {to}, live", v.name),
-                        json!({ "server": to, "live": true, "move": id }),
+                        format!("vm {vm} ({}) to server {to}{how}", v.name),
+                        json!({ "server": to, "live": true, "move": id, "copying_disks": placed }),
                     )
                 } else {
                     self.hand_over(&v, writes)?;
@@ -712,8 +784,15 @@ impl StateMachine {
                         m.to
                     )));
                 }
+                // Still waiting for its disks' new copies, nothing under way yet: it ends here
+                // (the copies stay the disks' backups).
+                let waiting = !self.live_move_ready(&v);
                 let r = self.vms.get_mut(&v.name).expect("found above");
-                r.moving = Some(LiveMove { cancel: true, ..m });
+                r.moving = if waiting {
+                    None
+                } else {
+                    Some(LiveMove { cancel: true, ..m })
+                };
                 writes.push((vm_key(&v.name), Some(json_bytes(r))));
                 (
                     "vm.migrate.cancel",
@@ -755,6 +834,85 @@ mod tests {
     /// is refused); its end is audited with the pause; the VM cannot be powered off or moved
     /// again meanwhile; a server declared down ends the moves it takes part in.
     #[test]
+    fn a_running_vm_moves_live_to_a_third_server_once_its_new_copies_there_are_in_sync() {
+        use crate::state_machine::Command;
+        let mut sm = StateMachine::default();
+        super::super::fixtures::servers_with_room(&mut sm, 3);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.running = true;
+        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
+        let disk = sm.vms["v"].disks[0].clone();
+        let (from, old) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
+        let third = 6 - from - old;
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let refused = |r: Outcome| r.unwrap_err().reason;
+        let to = |t| Action::MigrateVm {
+            vm,
+            downtime_ms: None,
+            auto_converge: false,
+            to: Some(t),
+        };
+        assert!(refused(act(&mut sm, m, to(from))).contains("runs on server"));
+        assert!(refused(act(&mut sm, m, to(9))).contains("no server 9"));
+
+        // There: new backups on the third server, not in sync; the move waits for them.
+        let r = act(&mut sm, m, to(third)).unwrap();
+        assert_eq!(
+            (r["server"].as_u64(), r["copying_disks"].as_bool()),
+            (Some(third), Some(true)),
+            "{r}"
+        );
+        let d = &sm.disks[&disk];
+        assert_eq!(
+            (d.primary, d.backup, d.backup_synced),
+            (from, Some(third), false)
+        );
+        assert!(
+            d.pools.contains_key(&third) && !d.pools.contains_key(&old),
+            "{:?}",
+            d.pools
+        );
+        assert!(!sm.live_move_ready(&sm.vms["v"]));
+        let move_id = sm.vms["v"].moving.as_ref().unwrap().id;
+        let apply = |sm: &mut StateMachine, c: Command| sm.apply(&c, &mut Vec::new());
+        let switch = |move_id| Command::SwitchVm {
+            vm: "v".into(),
+            move_id,
+        };
+        assert!(
+            apply(&mut sm, switch(move_id)).is_err(),
+            "no switch before the copies are in sync"
+        );
+        // In sync: the move goes on as to a backup.
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        assert!(sm.live_move_ready(&sm.vms["v"]));
+        apply(&mut sm, switch(move_id)).unwrap();
+        let d = &sm.disks[&disk];
+        assert_eq!((d.primary, d.backup), (third, Some(from)));
+        sm.vms.get_mut("v").unwrap().moving = None;
+
+        // Cancelled while its new copies sync: it ends at once, the copies stay its backups.
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        act(&mut sm, m, to(old)).unwrap();
+        assert_eq!(sm.disks[&disk].backup, Some(old));
+        act(&mut sm, m, Action::CancelMigration { vm }).unwrap();
+        assert!(sm.vms["v"].moving.is_none());
+        assert_eq!(sm.disks[&disk].backup, Some(old));
+
+        // A powered-off VM moves to its disks' backup server only.
+        let off = Action::PowerVm {
+            vm,
+            running: false,
+            force: true,
+        };
+        act(&mut sm, m, off).unwrap();
+        let e = refused(act(&mut sm, m, to(from)));
+        assert!(e.contains("only live"), "{e}");
+    }
+
+    #[test]
     fn a_running_vm_moves_live_switch_then_end_and_a_stopped_one_moves_at_once() {
         use crate::state_machine::{Command, MoveOutcome};
         let mut sm = StateMachine::default();
@@ -771,6 +929,7 @@ mod tests {
             vm,
             downtime_ms: None,
             auto_converge: false,
+            to: None,
         };
         assert_eq!(
             refused(act(&mut sm, m, migrate())).kind,
@@ -783,6 +942,7 @@ mod tests {
             vm,
             downtime_ms: Some(ms),
             auto_converge: ms == 200,
+            to: None,
         };
         assert!(refused(act(&mut sm, m, budget(0)))
             .reason

@@ -88,6 +88,7 @@ export function migrationLine(m: Migration): HTMLElement {
   const p = m.progress;
   let text = `moving live to server ${m.to}`;
   if (m.switched) text += ": handing over";
+  else if (m.copying_disks) text += ": its disks' new copies there syncing first";
   else if (p) {
     const pct = p.memory_bytes > 0 ? Math.min(100, Math.floor((p.covered_bytes * 100) / p.memory_bytes)) : 0;
     text +=

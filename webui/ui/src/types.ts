@@ -76,6 +76,8 @@ export interface Migration {
   switched: boolean;
   /** A Manager asked to give it up. */
   cancel_asked: boolean;
+  /** It waits for its disks' new copies on the target to be in sync. */
+  copying_disks: boolean;
   /** Where it stands, as the source's VMM last said. */
   progress: MigrationProgress | null;
 }
