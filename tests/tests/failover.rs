@@ -120,6 +120,30 @@ impl Cluster {
         c
     }
 
+    /// Stops the VM (running on server `at`) and checks that its disk there holds every write
+    /// the guest acknowledged on any server.
+    fn stop_and_check_acknowledged(&self, at: usize) {
+        let r = self.call(
+            3,
+            json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": false}}),
+        );
+        r.unwrap_or_else(|e| panic!("stop: {e}"));
+        self.wait("the VM stopped", |c| (!c.net.vmm_running(at)).then_some(()));
+        let last = self
+            .servers
+            .iter()
+            .map(|s| highest_ack(&s.serial(), 0))
+            .max()
+            .unwrap();
+        let image = self.servers[at - 1].disk_data();
+        for (blk, want) in acked_blocks(0, last) {
+            match read_stamp(&image, blk) {
+                Stamp::Seq(got) if got >= want => {}
+                other => panic!("block {blk}: {other:?}, acknowledged seq {want}"),
+            }
+        }
+    }
+
     fn dump(&self) -> String {
         let mut out = String::new();
         for s in &self.servers {
@@ -862,27 +886,7 @@ fn a_running_vm_moves_live_there_and_back_without_a_reboot_or_a_lost_write() {
     primary = to;
 
     // Every acknowledged write is on the disk, once the guest stopped.
-    let r = c.call(
-        3,
-        json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": false}}),
-    );
-    r.unwrap_or_else(|e| panic!("stop: {e}"));
-    c.wait("the VM stopped", |c| {
-        (!c.net.vmm_running(primary)).then_some(())
-    });
-    let last = c
-        .servers
-        .iter()
-        .map(|s| highest_ack(&s.serial(), 0))
-        .max()
-        .unwrap();
-    let image = c.servers[primary - 1].disk_data();
-    for (blk, want) in acked_blocks(0, last) {
-        match read_stamp(&image, blk) {
-            Stamp::Seq(got) if got >= want => {}
-            other => panic!("block {blk}: {other:?}, acknowledged seq {want}"),
-        }
-    }
+    c.stop_and_check_acknowledged(primary);
 }
 
 /// Live migration to a third server (issue 13): three servers run VMs; the VM (256 MiB, writing
@@ -948,25 +952,5 @@ fn a_running_vm_moves_live_to_a_third_server_after_its_new_copy_syncs() {
     assert!(!c.net.vmm_running(old), "a VM runs on the old backup");
 
     // Every acknowledged write is on the disk, once the guest stopped.
-    let r = c.call(
-        3,
-        json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": false}}),
-    );
-    r.unwrap_or_else(|e| panic!("stop: {e}"));
-    c.wait("the VM stopped", |c| {
-        (!c.net.vmm_running(third)).then_some(())
-    });
-    let last = c
-        .servers
-        .iter()
-        .map(|s| highest_ack(&s.serial(), 0))
-        .max()
-        .unwrap();
-    let image = c.servers[third - 1].disk_data();
-    for (blk, want) in acked_blocks(0, last) {
-        match read_stamp(&image, blk) {
-            Stamp::Seq(got) if got >= want => {}
-            other => panic!("block {blk}: {other:?}, acknowledged seq {want}"),
-        }
-    }
+    c.stop_and_check_acknowledged(third);
 }

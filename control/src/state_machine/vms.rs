@@ -824,26 +824,33 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use crate::access::{Quota, Role};
-    use crate::state_machine::fixtures::{act, new_user, new_vm, two_servers_with_room};
+    use crate::state_machine::fixtures::{
+        act, new_user, new_vm, servers_with_room, two_servers_with_room,
+    };
     use crate::state_machine::{
         Action, BootMode, BootOrder, DiskGrowth, NewVm, Outcome, RefusalKind, StateMachine,
     };
 
-    /// A running VM's migration is live: the move is recorded and nothing else changes until
-    /// its target switches the disks (once; a switch of another move, or after the move ended,
-    /// is refused); its end is audited with the pause; the VM cannot be powered off or moved
-    /// again meanwhile; a server declared down ends the moves it takes part in.
+    /// A Manager and a running VM `v` placed on `servers` servers with room: (manager, VMID,
+    /// its disk).
+    fn running_vm(sm: &mut StateMachine, servers: u64) -> (u64, u64, String) {
+        servers_with_room(sm, servers);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.running = true;
+        let vm = id(act(sm, m, Action::CreateVm { owner: m, vm: v }));
+        (m, vm, sm.vms["v"].disks[0].clone())
+    }
+
+    /// A running VM moves live to a server other than its disks' backup: new backups there
+    /// first, the move waiting until they are in sync; a cancel meanwhile ends it at once; a
+    /// powered-off VM moves to its disks' backup server only.
     #[test]
     fn a_running_vm_moves_live_to_a_third_server_once_its_new_copies_there_are_in_sync() {
         use crate::state_machine::Command;
         let mut sm = StateMachine::default();
-        super::super::fixtures::servers_with_room(&mut sm, 3);
-        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
-        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
-        let mut v = new_vm("v", &[]);
-        v.running = true;
-        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
-        let disk = sm.vms["v"].disks[0].clone();
+        let (m, vm, disk) = running_vm(&mut sm, 3);
         let (from, old) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
         let third = 6 - from - old;
         sm.disks.get_mut(&disk).unwrap().backup_synced = true;
@@ -912,17 +919,15 @@ mod tests {
         assert!(e.contains("only live"), "{e}");
     }
 
+    /// A running VM's migration is live: the move is recorded and nothing else changes until
+    /// its target switches the disks (once; a switch of another move, or after the move ended,
+    /// is refused); its end is audited with the pause; the VM cannot be powered off or moved
+    /// again meanwhile; a server declared down ends the moves it takes part in.
     #[test]
     fn a_running_vm_moves_live_switch_then_end_and_a_stopped_one_moves_at_once() {
         use crate::state_machine::{Command, MoveOutcome};
         let mut sm = StateMachine::default();
-        two_servers_with_room(&mut sm);
-        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
-        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
-        let mut v = new_vm("v", &[]);
-        v.running = true;
-        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
-        let disk = sm.vms["v"].disks[0].clone();
+        let (m, vm, disk) = running_vm(&mut sm, 2);
         let (from, to) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
         let refused = |r: Outcome| r.unwrap_err();
         let migrate = || Action::MigrateVm {
