@@ -30,7 +30,28 @@ fn two_servers_install_from_the_iso_join_and_run_a_mirrored_vm() {
         .expect("build.sh prints the ISO's path last");
     assert!(iso.ends_with("-amd64.iso"), "{iso}");
     let work = std::env::temp_dir().join(format!("appliance-test-{}", std::process::id()));
+    let mut attempt = 0;
     let run = || {
+        // An earlier attempt's consoles (a machine that failed by itself) stay beside, for a
+        // person to read: the disks, gigabytes each, go.
+        attempt += 1;
+        if attempt > 1 {
+            let kept = work.with_file_name(format!(
+                "appliance-test-{}-attempt-{}",
+                std::process::id(),
+                attempt - 1
+            ));
+            if std::fs::rename(&work, &kept).is_ok() {
+                for img in ["disk-a.img", "disk-b.img"] {
+                    let _ = std::fs::remove_file(kept.join(img));
+                }
+                eprintln!(
+                    "appliance: attempt {} left its consoles in {}",
+                    attempt - 1,
+                    kept.display()
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(&work);
         Command::new(root.join("tests/appliance/install.sh"))
             .arg(&iso)
