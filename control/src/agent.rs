@@ -1450,6 +1450,9 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
     // here, so that the VMM's send fails now rather than when TCP gives up.
     let running = AtomicBool::new(true);
     let stream: Arc<Mutex<Option<Flowing>>> = Arc::default();
+    // Bytes the relay passed on to the target: what "nothing went" is measured by (the VMM's
+    // own figures move only every 16 MiB of memory, or once a round).
+    let relayed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stalled: Mutex<Option<String>> = Mutex::new(None);
     let result = std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -1462,7 +1465,7 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
                     .ok()
                     .and_then(|r| r.migration)
                 {
-                    let now = (p.phase, p.transferred_bytes);
+                    let now = (p.phase, relayed.load(Ordering::Relaxed));
                     if last != Some(now) {
                         (last, since) = (Some(now), Instant::now());
                     } else if since.elapsed() >= stall_limit(p.phase) {
@@ -1493,7 +1496,7 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
                 }
             }
         });
-        let r = send_vm(s, out, &api_sock, &stream);
+        let r = send_vm(s, out, &api_sock, &stream, &relayed);
         running.store(false, Ordering::SeqCst);
         r.map_err(|e| match lock(&stalled).take() {
             Some(why) => format!("{why} ({e})"),
@@ -1624,12 +1627,14 @@ impl Flowing {
     }
 }
 
-/// Both ends of the stream are kept in `stream` while it flows, for the caller to cut.
+/// Both ends of the stream are kept in `stream` while it flows, for the caller to cut; the
+/// bytes passed on to the target are counted in `relayed`.
 fn send_vm(
     s: &Shared,
     out: &MoveOut,
     api_sock: &Path,
     stream: &Arc<Mutex<Option<Flowing>>>,
+    relayed: &Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<vmm_api::Migrated, String> {
     let (name, address) = (out.name.as_str(), out.address.as_str());
     use std::os::unix::fs::PermissionsExt;
@@ -1660,6 +1665,7 @@ fn send_vm(
         .map_err(|e| format!("{}: {e}", sock.display()))?;
     let relay_sock = sock.clone();
     let slot = stream.clone();
+    let counted = relayed.clone();
     let relay = std::thread::Builder::new()
         .name(format!("move-relay-{name}"))
         .spawn(move || {
@@ -1690,7 +1696,18 @@ fn send_vm(
                 let _ = std::io::copy(&mut tls_r, &mut vmm_w);
                 let _ = vmm_w.shutdown(std::net::Shutdown::Write);
             });
-            let _ = std::io::copy(&mut vmm_r, &mut tls);
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = match std::io::Read::read(&mut vmm_r, &mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if std::io::Write::write_all(&mut tls, &buf[..n]).is_err() {
+                    break;
+                }
+                counted.fetch_add(n as u64, Ordering::Relaxed);
+            }
             // The VMM is done with the stream, or the target with it: the replies too (a target
             // gone silent must not hold the reader until TCP gives up), and the VMM's end (a
             // VMM still sending must hear it now: the clones kept for cutting hold it open).
