@@ -83,33 +83,20 @@ fn handle(
             }
         };
         // Answered here: the VM's loop is busy with the migration they ask about.
-        match req {
-            Request::MigrationStatus {} => {
-                let r = Response {
-                    ok: true,
-                    migration: watch.progress(),
-                    ..Default::default()
-                };
-                reply(&mut writer, &r)?;
-                continue;
-            }
-            Request::CancelMigration {} => {
-                let r = match watch.cancel() {
-                    Ok(()) => Response::ok(),
-                    Err(e) => Response::err(e),
-                };
-                reply(&mut writer, &r)?;
-                continue;
-            }
-            Request::MigrationGo {} => {
-                let r = match watch.go() {
-                    Ok(()) => Response::ok(),
-                    Err(e) => Response::err(e),
-                };
-                reply(&mut writer, &r)?;
-                continue;
-            }
-            _ => {}
+        let done = |r: Result<(), String>| r.map_or_else(Response::err, |()| Response::ok());
+        let answered = match req {
+            Request::MigrationStatus {} => Some(Response {
+                ok: true,
+                migration: watch.progress(),
+                ..Default::default()
+            }),
+            Request::CancelMigration {} => Some(done(watch.cancel())),
+            Request::MigrationGo {} => Some(done(watch.go())),
+            _ => None,
+        };
+        if let Some(r) = answered {
+            reply(&mut writer, &r)?;
+            continue;
         }
         if matches!(req, Request::Serial {}) {
             reply(&mut writer, &Response::ok())?;
