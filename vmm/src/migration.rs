@@ -663,7 +663,7 @@ pub struct Progress {
     pub remaining_bytes: u64,
     /// How fast the guest dirties memory, bytes a second.
     pub dirty_rate_bytes_per_sec: u64,
-    /// How fast the stream took the last round, bytes a second.
+    /// How fast the stream took guest RAM since the copy began, bytes a second.
     pub rate_bytes_per_sec: u64,
     /// The pause the remaining bytes would take at that rate, milliseconds.
     pub expected_downtime_ms: u64,
@@ -708,7 +708,8 @@ pub fn precopy<B: Bitmap>(
     for &(slot, len) in &regions {
         dirty_pages(log, slot, len)?;
     }
-    let mut round_started = Instant::now();
+    let started = Instant::now();
+    let mut round_started = started;
     let mut sent = 0;
     let mut pages = 0;
     const CHUNK_PAGES: u64 = (16 << 20) / PAGE;
@@ -730,13 +731,14 @@ pub fn precopy<B: Bitmap>(
     let (mut extra, mut fitted) = (0, false);
     loop {
         let took = round_started.elapsed().max(Duration::from_micros(1));
+        // How fast the stream takes guest RAM: every byte sent since the copy began over
+        // the time it took. A round's own rate misleads both ways: a small one that fits in
+        // the sockets' buffers looks fast, and its fixed cost (reading the log, the flush, a
+        // nested guest's scheduling) makes a small one look slow, round after round. The
+        // whole copy weighs each round by what it sent; a zero page counts its name only.
         p.transferred_bytes += sent;
-        // How fast this round went through guest RAM, in the measure of what is left (pages,
-        // zero or not, as the dirty log counts them): from round 1 on, every page of the
-        // round was read (and its zeros named, not sent); round 0 skipped memory never
-        // touched, so only what it sent counts there (a rate too low, never too high).
-        let moved = if p.round == 0 { sent } else { pages * PAGE };
-        p.rate_bytes_per_sec = (moved as f64 / took.as_secs_f64()) as u64;
+        let since = started.elapsed().max(Duration::from_micros(1));
+        p.rate_bytes_per_sec = (p.transferred_bytes as f64 / since.as_secs_f64()) as u64;
         write_message(
             w,
             &Message::RoundDone {
