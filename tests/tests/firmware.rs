@@ -409,3 +409,156 @@ fn firmware_options_that_cannot_be_served_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// The count in a boot disk's "bootdisk: tick n=XXXX" line (hex).
+fn tick_of(line: &str) -> Option<u32> {
+    let n = line.split("tick n=").nth(1)?;
+    u32::from_str_radix(n.trim().get(..4)?, 16).ok()
+}
+
+/// The last count the boot disk printed.
+fn last_tick(out: &str) -> Option<u32> {
+    out.lines().rev().find_map(tick_of)
+}
+
+/// Starts a firmware-booted VM on `disk` (with `extra` arguments) and a second VMM with the
+/// same command line waiting for it (`--incoming`), moves the VM live once it counted a few
+/// times, and returns both, the target's screen client and the move's answer.
+fn move_counting_vm(
+    s: &Scratch,
+    disk: &std::path::Path,
+    extra: &[&str],
+) -> (Vmm, Vmm, RfbClient, serde_json::Value) {
+    let args = |side: &str| {
+        let mut a = firmware_args(128, 1, &[]);
+        a.extend(["--disk".into(), disk.display().to_string()]);
+        a.extend(extra.iter().map(|e| e.to_string()));
+        a.extend([
+            "--vnc".into(),
+            s.path(&format!("{side}-vnc.sock")).display().to_string(),
+            "--api-socket".into(),
+            s.path(&format!("{side}.sock")).display().to_string(),
+        ]);
+        a
+    };
+    let mut src = Vmm::start(&args("src"));
+    src.wait_for("bootdisk: started by the firmware", Duration::from_secs(60));
+    for _ in 0..3 {
+        src.wait_for("bootdisk: tick n=", Duration::from_secs(30));
+    }
+    let incoming = s.path("incoming.sock");
+    let mut dst_args = args("dst");
+    dst_args.extend(["--incoming".into(), incoming.display().to_string()]);
+    let dst = Vmm::start(&dst_args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !incoming.exists() {
+        assert!(std::time::Instant::now() < deadline, "no incoming socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = last_tick(&src.output()).expect("the source counted");
+    let r = src.api(&format!(
+        r#"{{"cmd":"migrate","to":"{}"}}"#,
+        incoming.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}\nsource:\n{}", src.output());
+    assert!(
+        last_tick(&src.output()).unwrap() >= before,
+        "the source's count went back"
+    );
+    let mut rfb = RfbClient::connect(&s.path("dst-vnc.sock")).unwrap();
+    rfb.set_encodings(&[6, 0, -223]).unwrap();
+    (src, dst, rfb, r)
+}
+
+/// Live migration of a firmware-booted VM (issue 13): the boot disk counts on the BIOS clock
+/// (the PIT's interrupt through the PIC), reads its disk through SeaBIOS's driver at each
+/// count (virtio-pci, then the SATA controller in a second run) and writes the count on the
+/// VGA's text screen. Moved live to a second VMM, it counts on from where it was, never
+/// started again, its disk reads still answered by the device whose rings and registers
+/// SeaBIOS set up at the source, and the target's screen shows the text it had.
+#[test]
+fn a_firmware_booted_vm_moves_live_counting_on_its_bios_clock_and_reading_its_disk() {
+    if !kvm_available("a_firmware_booted_vm_moves_live") {
+        return;
+    }
+    for bus in ["virtio", "sata"] {
+        let s = Scratch::new(&format!("fw-move-{bus}"));
+        let disk = s.path("boot.img");
+        let mut img = std::fs::read(bootdisk()).unwrap();
+        img[0x204] = 3; // count on the BIOS clock
+        std::fs::write(&disk, &img).unwrap();
+        let disk_arg = std::path::PathBuf::from(format!("{},bus={bus}", disk.display()));
+        // A CD-ROM drive too: the SATA controller's ports travel with the VM.
+        let (mut src, mut dst, mut rfb, r) = move_counting_vm(&s, &disk_arg, &["--cdrom", "empty"]);
+        eprintln!("firmware VM on {bus} moved: {}", r["migrated"]);
+        let first = tick_of(&dst.wait_for("bootdisk: tick n=", Duration::from_secs(30))).unwrap();
+        let later = tick_of(&dst.wait_for("bootdisk: tick n=", Duration::from_secs(30))).unwrap();
+        let had = last_tick(&src.output()).unwrap();
+        assert!(
+            first > had && later > first,
+            "the count at the target ({first}, {later}) does not go on from the source's {had}"
+        );
+        let out = dst.output();
+        assert!(
+            !out.contains("started by the firmware") && !out.contains("SeaBIOS (version"),
+            "the target booted the VM again:\n{out}"
+        );
+        assert!(
+            !out.contains("FAIL"),
+            "the boot disk failed at the target:\n{out}"
+        );
+        assert!(src.wait_exit(Duration::from_secs(20)).success());
+        // The text screen: 720x400, "TICK nnnn" in white on blue at its top left.
+        watch(
+            &mut rfb,
+            Duration::from_secs(30),
+            "the count on the target's text screen",
+            |r| r.width == 720 && r.height == 400 && r.pixel(1, 1) == (0, 0, 170),
+        );
+        assert_eq!(dst.api(r#"{"cmd":"stop"}"#)["ok"], true);
+        assert!(dst.wait_exit(Duration::from_secs(20)).success());
+    }
+}
+
+/// Live migration of a firmware-booted VM in a VBE mode: the colour bars the boot disk drew
+/// in the linear framebuffer (memory KVM maps where the guest put the VGA's BAR) are on the
+/// target's screen, and the count on the RTC's seconds goes on.
+#[test]
+fn a_firmware_booted_vm_moves_live_with_its_vbe_screen_and_its_rtc() {
+    if !kvm_available("a_firmware_booted_vm_moves_live_with_its_vbe_screen") {
+        return;
+    }
+    let s = Scratch::new("fw-move-vbe");
+    let disk = s.path("boot.img");
+    let mut img = std::fs::read(bootdisk()).unwrap();
+    img[0x204] = 4; // colour bars, then count on the RTC
+    std::fs::write(&disk, &img).unwrap();
+    let (mut src, mut dst, mut rfb, r) = move_counting_vm(&s, &disk, &[]);
+    eprintln!("firmware VM in VBE mode moved: {}", r["migrated"]);
+    let first = tick_of(&dst.wait_for("bootdisk: tick n=", Duration::from_secs(30))).unwrap();
+    let had = last_tick(&src.output()).unwrap();
+    assert!(
+        first > had,
+        "the count at the target ({first}) does not go on from {had}"
+    );
+    assert!(src.wait_exit(Duration::from_secs(20)).success());
+    watch(
+        &mut rfb,
+        Duration::from_secs(30),
+        "the colour bars at 1024x768 on the target",
+        |r| {
+            r.width == 1024
+                && r.height == 768
+                && r.pixel(100, 300) == (255, 0, 0)
+                && r.pixel(300, 300) == (0, 255, 0)
+                && r.pixel(600, 700) == (0, 0, 255)
+                && r.pixel(1000, 10) == (255, 255, 255)
+        },
+    );
+    let out = dst.output();
+    assert!(
+        !out.contains("started by the firmware"),
+        "the target booted the VM again:\n{out}"
+    );
+    dst.kill9();
+}

@@ -126,6 +126,28 @@ pub struct DeviceStates {
     pub pm: PmSnapshot,
     /// Each virtio device (disks, then NICs, in the VM's order).
     pub virtio: Vec<VirtioDeviceState>,
+    /// A firmware-booted VM's chipset and PCI devices.
+    #[serde(default)]
+    pub platform: Option<PlatformState>,
+}
+
+/// What a firmware-booted VM has beside a kernel-booted one: the PCI bus and the functions on
+/// it, the RTC, fw_cfg, the display and the SATA controller.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlatformState {
+    /// Every PCI function's configuration space.
+    pub pci: Vec<crate::devices::pci::PciFunctionState>,
+    /// The configuration address register (0xCF8).
+    pub config_address: u32,
+    /// The CMOS and RTC.
+    pub cmos: crate::devices::cmos::CmosSnapshot,
+    /// fw_cfg.
+    pub fw_cfg: crate::devices::fw_cfg::FwCfgSnapshot,
+    /// The VGA's registers (its planes and framebuffer follow as [`Message::VgaPlanes`] and
+    /// [`Message::Vram`]).
+    pub vga: Option<crate::devices::vga::VgaSnapshot>,
+    /// The SATA controller.
+    pub ahci: Option<crate::devices::ahci::AhciSnapshot>,
 }
 
 /// A virtio device's part of a migrated VM.
@@ -135,6 +157,50 @@ pub struct VirtioDeviceState {
     pub media: Option<std::path::PathBuf>,
     /// The transport's and the device's state.
     pub state: crate::devices::virtio::VirtioSnapshot,
+}
+
+/// The VGA's planes, bytes.
+const VGA_PLANES_BYTES: u64 = 4 * 64 * 1024;
+/// The VGA's framebuffer, bytes.
+const VRAM_BYTES: u64 = crate::devices::vga::VRAM_SIZE as u64;
+
+/// Sends the VGA's planes and the runs of its framebuffer that are not zero (most of it, in
+/// text modes and small resolutions); the bytes sent.
+pub fn send_vga(w: &mut impl Write, planes: &[u8], vram: &[u8]) -> Result<u64, MigrationError> {
+    write_message(
+        w,
+        &Message::VgaPlanes {
+            len: planes.len() as u64,
+        },
+    )?;
+    w.write_all(planes)?;
+    let mut sent = planes.len() as u64;
+    let page = PAGE as usize;
+    let mut at = 0;
+    while at < vram.len() {
+        if is_zero(&vram[at..(at + page).min(vram.len())]) {
+            at += page;
+            continue;
+        }
+        let start = at;
+        while at < vram.len()
+            && !is_zero(&vram[at..(at + page).min(vram.len())])
+            && at - start < MAX_PAGES_BYTES as usize
+        {
+            at += page;
+        }
+        let run = &vram[start..at.min(vram.len())];
+        write_message(
+            w,
+            &Message::Vram {
+                offset: start as u64,
+                len: run.len() as u64,
+            },
+        )?;
+        w.write_all(run)?;
+        sent += run.len() as u64;
+    }
+    Ok(sent)
 }
 
 /// The page size of the dirty log.
@@ -189,6 +255,19 @@ pub enum Message {
     Devices(Box<DeviceStates>),
     /// The graphical console's framebuffer: `len` raw bytes follow.
     Framebuffer {
+        /// How many bytes follow.
+        len: u64,
+    },
+    /// The VGA's four planes: `len` raw bytes follow.
+    VgaPlanes {
+        /// How many bytes follow.
+        len: u64,
+    },
+    /// A run of the VGA's framebuffer memory holding something other than zeros: `len` raw
+    /// bytes follow, for `offset` on (the rest of it is zero).
+    Vram {
+        /// Where in the framebuffer.
+        offset: u64,
         /// How many bytes follow.
         len: u64,
     },
@@ -833,6 +912,10 @@ pub struct Received {
     pub devices: Option<Box<DeviceStates>>,
     /// The framebuffer's memory.
     pub framebuffer: Option<Vec<u8>>,
+    /// The VGA's planes.
+    pub vga_planes: Option<Vec<u8>>,
+    /// The VGA framebuffer's runs that are not zero, by offset.
+    pub vram: Vec<(u64, Vec<u8>)>,
     /// Pre-copy rounds seen.
     pub rounds: u32,
     /// Bytes of RAM written.
@@ -890,6 +973,28 @@ pub fn receive<B: Bitmap>(
                 let mut fb = vec![0u8; len as usize];
                 r.read_exact(&mut fb)?;
                 got.framebuffer = Some(fb);
+            }
+            Message::VgaPlanes { len } => {
+                if len != VGA_PLANES_BYTES || got.vga_planes.is_some() {
+                    return bad(format!("VGA planes of {len} bytes"));
+                }
+                let mut planes = vec![0u8; len as usize];
+                r.read_exact(&mut planes)?;
+                got.vga_planes = Some(planes);
+            }
+            Message::Vram { offset, len } => {
+                let had: u64 = got.vram.iter().map(|(_, b)| b.len() as u64).sum();
+                let fits = offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= VRAM_BYTES && had + len <= VRAM_BYTES);
+                if !fits {
+                    return bad(format!(
+                        "{len} bytes of the VGA framebuffer at {offset:#x} (of {VRAM_BYTES})"
+                    ));
+                }
+                let mut run = vec![0u8; len as usize];
+                r.read_exact(&mut run)?;
+                got.vram.push((offset, run));
             }
             Message::Vcpu { id, state } => match got.vcpus.get_mut(id as usize) {
                 Some(slot) => *slot = Some(state),

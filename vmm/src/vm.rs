@@ -184,12 +184,14 @@ pub enum Exit {
 enum VirtioSlot {
     Disk(usize, Arc<Mutex<dyn VirtioTransport>>),
     Net(Arc<Mutex<dyn VirtioTransport>>),
+    /// The console's absolute pointer (firmware boot with a display).
+    Pointer(Arc<Mutex<dyn VirtioTransport>>),
 }
 
 impl VirtioSlot {
     /// Its transport.
     fn transport(&self) -> &Arc<Mutex<dyn VirtioTransport>> {
-        let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t)) = self;
+        let (VirtioSlot::Disk(_, t) | VirtioSlot::Net(t) | VirtioSlot::Pointer(t)) = self;
         t
     }
 
@@ -198,6 +200,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Disk(i, _) => format!("disk {i}"),
             VirtioSlot::Net(_) => "a NIC".into(),
+            VirtioSlot::Pointer(_) => "the tablet".into(),
         }
     }
 }
@@ -485,6 +488,71 @@ fn pci_virtio(
     Ok((virtio, disk_slots))
 }
 
+/// What a firmware-booted VM has beside a kernel-booted one, kept for a live migration.
+struct Platform {
+    pci: Arc<PciBus>,
+    config_io: Arc<Mutex<PciConfigIo>>,
+    cmos: Arc<Mutex<Cmos>>,
+    fw_cfg: Arc<Mutex<FwCfg>>,
+    vga: Option<Arc<Mutex<VgaState>>>,
+}
+
+impl Platform {
+    /// Its state, every vCPU parked.
+    fn save(&self, ahci: Option<&SataDevices>) -> crate::migration::PlatformState {
+        crate::migration::PlatformState {
+            pci: self.pci.save(),
+            config_address: lock(&self.config_io).address(),
+            cmos: lock(&self.cmos).snapshot(),
+            fw_cfg: lock(&self.fw_cfg).snapshot(),
+            vga: self.vga.as_ref().map(|v| lock(v).snapshot()),
+            ahci: ahci.map(|a| lock(&a.ahci).snapshot()),
+        }
+    }
+
+    /// Takes a migrated VM's chipset and display, before its virtio devices: the PCI
+    /// functions' configuration first (BARs, MSI-X on), then what each device holds.
+    fn restore(
+        &self,
+        st: &crate::migration::PlatformState,
+        ahci: Option<&SataDevices>,
+        planes: Option<&[u8]>,
+        vram: &[(u64, Vec<u8>)],
+    ) -> Result<(), String> {
+        self.pci.restore(&st.pci)?;
+        lock(&self.config_io).set_address(st.config_address);
+        lock(&self.cmos)
+            .restore(&st.cmos)
+            .map_err(|e| format!("the RTC: {e}"))?;
+        lock(&self.fw_cfg).restore(&st.fw_cfg);
+        match (&self.vga, &st.vga, planes) {
+            (Some(v), Some(regs), Some(planes)) => {
+                let mut v = lock(v);
+                v.restore(regs).map_err(|e| format!("the VGA: {e}"))?;
+                v.set_planes(planes).map_err(|e| format!("the VGA: {e}"))?;
+                let mem = v.vram();
+                mem.fill(0);
+                for (at, run) in vram {
+                    let at = *at as usize;
+                    mem.get_mut(at..at + run.len())
+                        .ok_or("the VGA's framebuffer: a run beyond its end")?
+                        .copy_from_slice(run);
+                }
+            }
+            (None, None, None) if vram.is_empty() => {}
+            _ => return Err("a VGA on one side only, or its memory missing".into()),
+        }
+        match (ahci, &st.ahci) {
+            (Some(a), Some(s)) => lock(&a.ahci)
+                .restore(s)
+                .map_err(|e| format!("the SATA controller: {e}"))?,
+            (None, None) => {}
+            _ => return Err("a SATA controller on one side only".into()),
+        }
+        Ok(())
+    }
+}
+
 /// A built VM: memory, vCPUs and devices.
 struct Vm {
     _vm: Arc<VmFd>,
@@ -494,6 +562,8 @@ struct Vm {
     _rom: Option<AnonMapping>,
     /// The SATA controller, if the VM has SATA disks or a CD-ROM drive.
     ahci: Option<SataDevices>,
+    /// The chipset and display of a firmware-booted VM.
+    platform: Option<Platform>,
     /// The thread drawing the VGA's screen into the framebuffer.
     display: Option<Display>,
     /// The absolute pointer, with a graphical console and firmware boot.
@@ -593,6 +663,9 @@ impl Vm {
         };
         let mut display = None;
         let mut tablet = None;
+        let mut pointer = None;
+        let mut vga_state = None;
+        let mut chipset = None;
         let mut announce = Vec::new();
 
         // Legacy devices, on every PC.
@@ -708,27 +781,29 @@ impl Vm {
                         memory::VGA_WINDOW.1 - memory::VGA_WINDOW.0,
                     )
                     .map_err(bus_err)?;
+                    vga_state = Some(state.clone());
                     display = Some(
                         Display::start(state, fb.clone()).map_err(io_err("start the display"))?,
                     );
                     // The console's pointer as an absolute tablet, beside the PS/2 mouse.
                     let t = Tablet::new();
-                    add_virtio_pci(&vm, &mem, &mut bus, Box::new(t.clone()))?;
+                    let (_, transport) = add_virtio_pci(&vm, &mem, &mut bus, Box::new(t.clone()))?;
+                    pointer = Some(transport);
                     tablet = Some(t);
                 }
-                let (virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
+                let (mut virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
+                if let Some(p) = pointer {
+                    virtio.push(VirtioSlot::Pointer(p));
+                }
                 let sata = sata_devices(cfg, cdrom.as_ref(), &vm, &mem, &mut bus)?;
                 let boot = boot_devices(cfg, *order, &virtio_slots, sata.as_ref());
                 ahci = sata;
                 let bus = Arc::new(bus);
-                pio.insert(
-                    Arc::new(Mutex::new(PciConfigIo::new(bus.clone(), reset))),
-                    u64::from(PCI_CONFIG_PORT),
-                    8,
-                )
-                .map_err(bus_err)?;
+                let config_io = Arc::new(Mutex::new(PciConfigIo::new(bus.clone(), reset)));
+                pio.insert(config_io.clone(), u64::from(PCI_CONFIG_PORT), 8)
+                    .map_err(bus_err)?;
                 mmio.insert(
-                    Arc::new(Mutex::new(PciWindow::new(bus, u64::from(window.0)))),
+                    Arc::new(Mutex::new(PciWindow::new(bus.clone(), u64::from(window.0)))),
                     u64::from(window.0),
                     u64::from(window.1 - window.0) + 1,
                 )
@@ -743,23 +818,24 @@ impl Vm {
                     pci_window: Some(window),
                 };
                 firmware::describe(&mut fw, ram_bytes, &platform, &boot)?;
-                pio.insert(
-                    Arc::new(Mutex::new(fw)),
-                    u64::from(fw_cfg::PORT),
-                    fw_cfg::PORT_LEN,
-                )
-                .map_err(bus_err)?;
-                pio.insert(
-                    Arc::new(Mutex::new(Cmos::new(
-                        below_4g,
-                        ram_bytes - below_4g,
-                        cfg.vcpus,
-                        Some(rtc_irq),
-                    ))),
-                    u64::from(cmos::PORT),
-                    2,
-                )
-                .map_err(bus_err)?;
+                let fw = Arc::new(Mutex::new(fw));
+                pio.insert(fw.clone(), u64::from(fw_cfg::PORT), fw_cfg::PORT_LEN)
+                    .map_err(bus_err)?;
+                let cmos = Arc::new(Mutex::new(Cmos::new(
+                    below_4g,
+                    ram_bytes - below_4g,
+                    cfg.vcpus,
+                    Some(rtc_irq),
+                )));
+                pio.insert(cmos.clone(), u64::from(cmos::PORT), 2)
+                    .map_err(bus_err)?;
+                chipset = Some(Platform {
+                    pci: bus,
+                    config_io,
+                    cmos,
+                    fw_cfg: fw,
+                    vga: vga_state.take(),
+                });
                 pio.insert(
                     Arc::new(Mutex::new(DebugCon::default())),
                     u64::from(debugcon::PORT),
@@ -827,6 +903,7 @@ impl Vm {
             _memfd: memfd,
             _rom: rom_keep,
             ahci,
+            platform: chipset,
             display,
             tablet,
             fb: fb.cloned(),
@@ -852,21 +929,6 @@ impl Vm {
         self.control.set(Run::Go);
     }
 
-    /// Why this VM cannot move live yet, if it cannot: the device models whose state
-    /// migration does not carry yet.
-    fn not_migratable(cfg: &VmConfig) -> Option<String> {
-        let mut not = Vec::new();
-        if matches!(cfg.boot, Boot::Firmware { .. }) {
-            not.push("firmware boot (its PCI, SATA, VGA and RTC state)");
-        }
-        (!not.is_empty()).then(|| {
-            format!(
-                "live migration of a VM with {} is not built yet",
-                not.join(", ")
-            )
-        })
-    }
-
     /// Moves this VM, running, to the VMM listening on `to` (`enspeed vmm --incoming`): guest
     /// RAM copied while it runs, then a pause for the last pages and the state. Fails safe:
     /// a failure before the whole state was sent leaves it running here; after that, without
@@ -883,9 +945,6 @@ impl Vm {
         use std::io::BufWriter;
         use vmm_api::migration::{read_reply, Reply};
         let refused = |why: String| MigrateFailure { why, paused: false };
-        if let Some(why) = Vm::not_migratable(cfg) {
-            return Err(refused(why));
-        }
         let started = Instant::now();
         let stream = std::os::unix::net::UnixStream::connect(to)
             .map_err(|e| refused(format!("reaching the target VMM at {}: {e}", to.display())))?;
@@ -1055,7 +1114,7 @@ impl Vm {
                 paused_devices.push(t);
                 let media = match v {
                     VirtioSlot::Disk(..) => disk_media(t),
-                    VirtioSlot::Net(_) => None,
+                    VirtioSlot::Net(_) | VirtioSlot::Pointer(_) => None,
                 };
                 virtio.push(mig::VirtioDeviceState { media, state });
             }
@@ -1081,9 +1140,16 @@ impl Vm {
                 i8042: lock(&self.i8042).state(),
                 pm: lock(&self.pm).state(),
                 virtio,
+                platform: self.platform.as_ref().map(|p| p.save(self.ahci.as_ref())),
             };
             mig::write_message(&mut w, &Message::Devices(Box::new(devices)))
                 .map_err(|e| format!("the migration stream: {e}"))?;
+            if let Some(vga) = self.platform.as_ref().and_then(|p| p.vga.as_ref()) {
+                let mut v = lock(vga);
+                let planes = v.planes().to_vec();
+                transferred += mig::send_vga(&mut w, &planes, v.vram())
+                    .map_err(|e| format!("the migration stream: {e}"))?;
+            }
             if let Some(fb) = &self.fb {
                 let bytes = fb.save();
                 mig::write_message(
@@ -1186,9 +1252,6 @@ impl Vm {
             .map_err(|e| format!("the migration stream: {e}"))?;
         let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
         let result = (|| -> Result<(), String> {
-            if let Some(why) = Vm::not_migratable(cfg) {
-                return Err(why);
-            }
             let got = mig::receive(
                 &mut r,
                 &self._mem,
@@ -1213,6 +1276,22 @@ impl Vm {
                 .map_err(|e| e.to_string())?;
             lock(&self.i8042).restore(&devices.i8042);
             lock(&self.pm).restore(&devices.pm);
+            match (&self.platform, &devices.platform) {
+                (Some(p), Some(st)) => {
+                    p.restore(st, self.ahci.as_ref(), got.vga_planes.as_deref(), &got.vram)?
+                }
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(
+                        "the source's VM boots its kernel directly, this one its firmware".into(),
+                    )
+                }
+                (None, Some(_)) => {
+                    return Err(
+                        "the source's VM boots its firmware, this one its kernel directly".into(),
+                    )
+                }
+            }
             if let (Some(fb), Some(bytes)) = (&self.fb, &got.framebuffer) {
                 if !fb.load(bytes) {
                     return Err("the framebuffer differs in size".into());

@@ -11,6 +11,12 @@
  * and powers the machine off the way an OS does: SLP_TYP | SLP_EN into
  * PM1a_CNT. Every step says what it did on the serial console, so a test
  * reads where it got to.
+ *
+ * Two modes keep running instead, for the live-migration tests: one counts
+ * in real mode on the BIOS clock (the PIT's interrupt), reading its disk
+ * through the BIOS at each step and keeping the count on the VGA's text
+ * screen; the other draws the colour bars and counts in protected mode on
+ * the RTC's seconds.
  */
     .code16
     .section .text
@@ -109,7 +115,8 @@ msg_badstage2: .asciz "bootdisk: FAIL stage 2 has the wrong signature\r\n"
 stage2_magic:
     .long 0x32544f42
 /* At byte 0x204 of the image: 1 asks for the display test, 2 for the
- * mouse test, instead of the power-off (a test sets it). */
+ * mouse test, 3 for counting on the BIOS clock, 4 for the colour bars and
+ * counting on the RTC, instead of the power-off (a test sets it). */
 vbe_flag:
     .byte 0
     .balign 4
@@ -160,9 +167,13 @@ stage2:
     cmpw 0x46c, %ax
     je 2b
     loop 1b
+    cmpb $3, vbe_flag
+    je tick_test
     cmpb $1, vbe_flag
+    je 5f
+    cmpb $4, vbe_flag
     jne 3f
-    call vbe_setup
+5:  call vbe_setup
 3:  cmpb $2, vbe_flag
     je mouse_test
     cli
@@ -209,6 +220,72 @@ mouse_failed:
     movw $msg_mousefail, %si
     call print16
     jmp hang16
+
+/* Counting on the BIOS clock: every 9 ticks (half a second) reads the
+ * disk's second sector through the BIOS (int 13h) and checks it, counts,
+ * prints the count on the serial console and on the text screen's first
+ * line. */
+tick_test:
+1:  movw $9, %cx
+2:  movw 0x46c, %ax
+3:  sti
+    hlt
+    cmpw 0x46c, %ax
+    je 3b
+    loop 2b
+    movw $tick_dap, %si
+    movb $0x42, %ah
+    movb drive, %dl
+    int $0x13
+    jc tick_failed
+    cmpl $0x32544f42, 0x8800
+    jne tick_failed
+    incw tick_n
+    movw $msg_tick, %si
+    call print16
+    movb tick_n+1, %al
+    call hex16
+    movb tick_n, %al
+    call hex16
+    movw $msg_crlf, %si
+    call print16
+    /* "TICK nnnn" at the screen's top left, white on blue. */
+    pushw %es
+    movw $0xb800, %ax
+    movw %ax, %es
+    xorw %di, %di
+    movw $msg_screen, %si
+4:  lodsb
+    testb %al, %al
+    jz 5f
+    movb $0x1f, %ah
+    stosw
+    jmp 4b
+5:  movw tick_n, %dx
+    movw $4, %cx
+6:  rolw $4, %dx
+    movb %dl, %al
+    andb $0x0f, %al
+    addb $'0', %al
+    cmpb $'9', %al
+    jbe 7f
+    addb $7, %al
+7:  movb $0x1f, %ah
+    stosw
+    loop 6b
+    popw %es
+    jmp 1b
+tick_failed:
+    movw $msg_tickfail, %si
+    call print16
+    jmp hang16
+    .balign 4
+tick_dap:
+    .byte 0x10, 0
+    .word 1
+    .word 0x8800, 0x0000
+    .quad 1
+tick_n: .word 0
 
 /* Called by the BIOS for each packet: status, X, Y, 0 on the stack. */
 mouse_handler:
@@ -297,7 +374,37 @@ draw_bars:
     jb 1b
     movl $msg_bars, %esi
     call print32
-    jmp hang32
+    cmpb $4, vbe_flag
+    jne hang32
+/* Counting on the RTC: each new second read from the CMOS, the count goes
+ * out on the serial console. */
+rtc_ticks:
+    movb $0x00, %al
+    outb %al, $0x70
+    inb $0x71, %al
+    cmpb rtc_last, %al
+    je rtc_ticks
+    movb %al, rtc_last
+    incw tick_n
+    movl $msg_tick, %esi
+    call print32
+    movw tick_n, %bp
+    movl $4, %edi
+1:  rolw $4, %bp
+    movw %bp, %ax
+    andb $0x0f, %al
+    addb $'0', %al
+    cmpb $'9', %al
+    jbe 2f
+    addb $7, %al
+2:  movb %al, rtc_digit
+    movl $rtc_digit, %esi
+    call print32
+    decl %edi
+    jnz 1b
+    movl $msg_crlf, %esi
+    call print32
+    jmp rtc_ticks
 
 pm32:
     movw $0x10, %ax
@@ -307,6 +414,8 @@ pm32:
     movl $0x7c00, %esp
 
     cmpb $1, vbe_flag
+    je draw_bars
+    cmpb $4, vbe_flag
     je draw_bars
 
     /* The RSDP: "RSD PTR " on a 16-byte boundary in 0xe0000-0xfffff. */
@@ -473,6 +582,11 @@ msg_disks: .asciz "bootdisk: hard disks "
 msg_fwcfg: .asciz "bootdisk: fw_cfg signature "
 fwcfg_sig: .asciz "????"
 msg_crlf: .asciz "\r\n"
+msg_tick: .asciz "bootdisk: tick n="
+msg_screen: .asciz "TICK "
+msg_tickfail: .asciz "bootdisk: FAIL int 13h could not read the disk while counting\r\n"
+rtc_last: .byte 0xff
+rtc_digit: .asciz "?"
 msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"
 msg_bars: .asciz "bootdisk: drew colour bars in 1024x768x32\r\n"

@@ -98,7 +98,44 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The CMOS as a live migration carries it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosSnapshot {
+    /// The index register.
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM.
+    pub ram: Vec<u8>,
+    /// The guest's clock, in seconds from the host's (both hosts keep UTC).
+    pub offset_secs: i64,
+    /// Register C's pending flags.
+    pub flags: u8,
+}
+
 impl Cmos {
+    /// The CMOS, for a live migration.
+    pub fn snapshot(&self) -> CmosSnapshot {
+        CmosSnapshot {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            offset_secs: self.offset_secs,
+            flags: self.periodic.flags.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Takes a migrated CMOS; the periodic interrupt runs at the rate it had.
+    pub fn restore(&mut self, s: &CmosSnapshot) -> Result<(), String> {
+        self.ram = s
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("CMOS RAM of {} bytes", s.ram.len()))?;
+        self.index = s.index & 0x7f;
+        self.offset_secs = s.offset_secs;
+        self.periodic.flags.store(s.flags, Ordering::SeqCst);
+        self.update_periodic();
+        Ok(())
+    }
+
     /// A CMOS for `below_4g` bytes of RAM under 4 GiB, `above_4g` over it,
     /// and `vcpus` CPUs; its periodic interrupt raises `irq` (IRQ 8), if given.
     pub fn new(below_4g: u64, above_4g: u64, vcpus: u8, irq: Option<EventFd>) -> Self {

@@ -69,7 +69,35 @@ pub struct FwCfg {
     dma_addr: u64,
 }
 
+/// Where the guest stands in fw_cfg, as a live migration carries it (the items are the
+/// target's own, made from the same configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FwCfgSnapshot {
+    /// The selected item.
+    pub selected: u16,
+    /// How far into it the guest read.
+    pub offset: u64,
+    /// The DMA address's high half, written, its low half not yet.
+    pub dma_addr: u64,
+}
+
 impl FwCfg {
+    /// Where the guest stands, for a live migration.
+    pub fn snapshot(&self) -> FwCfgSnapshot {
+        FwCfgSnapshot {
+            selected: self.selected,
+            offset: self.offset as u64,
+            dma_addr: self.dma_addr,
+        }
+    }
+
+    /// Takes where a migrated guest stood.
+    pub fn restore(&mut self, s: &FwCfgSnapshot) {
+        self.selected = s.selected;
+        self.offset = usize::try_from(s.offset).unwrap_or(usize::MAX);
+        self.dma_addr = s.dma_addr;
+    }
+
     /// A device for a VM of `vcpus` CPUs, with no files yet.
     pub fn new(mem: GuestMemory, vcpus: u8) -> Self {
         let mut f = FwCfg {

@@ -80,6 +80,21 @@ struct Media {
     blocks: u64,
 }
 
+/// The drive's state as a live migration carries it (the media stays the target's own).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CdromSnapshot {
+    /// Whether media was in the drive.
+    pub media: bool,
+    /// The sense data: key, additional sense code, qualifier.
+    pub sense: [u8; 3],
+    /// The guest is still to be told the media changed.
+    pub unit_attention: bool,
+    /// A media event not polled yet: 1 new media, 2 removal.
+    pub event: u8,
+    /// The guest locked the tray.
+    pub locked: bool,
+}
+
 /// The drive.
 pub struct Cdrom {
     media: Option<Media>,
@@ -166,6 +181,38 @@ impl Cdrom {
             }
         }
         Ok(())
+    }
+
+    /// The drive's state, for a live migration.
+    pub fn snapshot(&self) -> CdromSnapshot {
+        CdromSnapshot {
+            media: self.media.is_some(),
+            sense: [self.sense.key, self.sense.asc, self.sense.ascq],
+            unit_attention: self.unit_attention,
+            event: match self.event {
+                None => 0,
+                Some(MediaEvent::New) => 1,
+                Some(MediaEvent::Removal) => 2,
+            },
+            locked: self.locked,
+        }
+    }
+
+    /// Takes a migrated drive's state; media the source's drive no longer held is ejected
+    /// here too (media is never opened from a path in the stream).
+    pub fn restore(&mut self, snap: &CdromSnapshot) {
+        if !snap.media {
+            self.media = None;
+        }
+        let [key, asc, ascq] = snap.sense;
+        self.sense = Sense::new(key, asc, ascq);
+        self.unit_attention = snap.unit_attention;
+        self.event = match snap.event {
+            1 => Some(MediaEvent::New),
+            2 => Some(MediaEvent::Removal),
+            _ => None,
+        };
+        self.locked = snap.locked;
     }
 
     /// The sense key the ATA error register carries after a failed packet.

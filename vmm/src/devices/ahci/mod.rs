@@ -128,6 +128,43 @@ impl Port {
     }
 }
 
+/// One port's registers as a live migration carries them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortSnapshot {
+    /// PxCLB and PxCLBU.
+    pub clb: u64,
+    /// PxFB and PxFBU.
+    pub fb: u64,
+    /// PxIS.
+    pub is: u32,
+    /// PxIE.
+    pub ie: u32,
+    /// PxCMD.
+    pub cmd: u32,
+    /// PxTFD.
+    pub tfd: u32,
+    /// PxSCTL.
+    pub sctl: u32,
+    /// PxSERR.
+    pub serr: u32,
+    /// PxCI (a command runs as it is issued: set only while the port is stopped).
+    pub ci: u32,
+    /// The CD-ROM drive on it, if it is that one.
+    pub cdrom: Option<atapi::CdromSnapshot>,
+}
+
+/// The controller's state as a live migration carries it; commands run on the vCPU that
+/// issues them, so none is ever in flight while the vCPUs are parked.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AhciSnapshot {
+    /// GHC.
+    pub ghc: u32,
+    /// IS.
+    pub is: u32,
+    /// Each port.
+    pub ports: Vec<PortSnapshot>,
+}
+
 /// How one command ended.
 struct Done {
     status: u8,
@@ -249,6 +286,75 @@ impl Ahci {
             Some(Drive::Cdrom(c)) => c.media().map(Path::to_path_buf),
             _ => None,
         }
+    }
+
+    /// The controller's state, for a live migration.
+    pub fn snapshot(&self) -> AhciSnapshot {
+        AhciSnapshot {
+            ghc: self.ghc,
+            is: self.is,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| PortSnapshot {
+                    clb: p.clb,
+                    fb: p.fb,
+                    is: p.is,
+                    ie: p.ie,
+                    cmd: p.cmd,
+                    tfd: p.tfd,
+                    sctl: p.sctl,
+                    serr: p.serr,
+                    ci: p.ci,
+                    cdrom: match &p.drive {
+                        Some(Drive::Cdrom(c)) => Some(c.snapshot()),
+                        _ => None,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes a migrated controller's state, after its configuration space: the same drives
+    /// on the same ports (the target's VM is built from the same configuration).
+    pub fn restore(&mut self, snap: &AhciSnapshot) -> Result<(), String> {
+        if snap.ports.len() != self.ports.len() {
+            return Err(format!(
+                "{} SATA ports at the source, {} here",
+                snap.ports.len(),
+                self.ports.len()
+            ));
+        }
+        for (i, (p, s)) in self.ports.iter().zip(&snap.ports).enumerate() {
+            let here = match &p.drive {
+                None => "nothing",
+                Some(Drive::Disk(_)) => "a disk",
+                Some(Drive::Cdrom(_)) => "the CD-ROM drive",
+            };
+            if matches!(p.drive, Some(Drive::Cdrom(_))) != s.cdrom.is_some() {
+                return Err(format!(
+                    "SATA port {i} holds {here} here, not at the source"
+                ));
+            }
+        }
+        self.ghc = hba::GHC_AE | (snap.ghc & hba::GHC_IE);
+        self.is = snap.is & ((1 << PORTS) - 1);
+        for (p, s) in self.ports.iter_mut().zip(&snap.ports) {
+            p.clb = s.clb;
+            p.fb = s.fb;
+            p.is = s.is;
+            p.ie = s.ie;
+            p.cmd = s.cmd;
+            p.tfd = s.tfd;
+            p.sctl = s.sctl;
+            p.serr = s.serr;
+            p.ci = s.ci;
+            if let (Some(Drive::Cdrom(c)), Some(cs)) = (&mut p.drive, &s.cdrom) {
+                c.restore(cs);
+            }
+        }
+        self.update_irq(false);
+        Ok(())
     }
 
     fn reset_port(&mut self, i: usize) {
@@ -658,6 +764,10 @@ impl PciDevice for Ahci {
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         self.update_irq(false);
+    }
+
+    fn restore_config(&mut self, regs: &[u8]) -> Result<(), String> {
+        self.config.restore(regs)
     }
 
     fn read_bar(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {

@@ -234,6 +234,26 @@ impl PciConfig {
         }
     }
 
+    /// The registers as they stand, for a live migration.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Takes what the guest wrote into a migrated function's configuration space: only the
+    /// bits the guest may write are taken, so the identity, the capabilities and the BARs'
+    /// sizes stay this function's own whatever the stream says.
+    pub fn restore(&mut self, regs: &[u8]) -> Result<(), String> {
+        if regs.len() != self.regs.len() {
+            return Err(format!(
+                "a configuration space of {} bytes, not {}",
+                regs.len(),
+                self.regs.len()
+            ));
+        }
+        self.write(0, regs);
+        Ok(())
+    }
+
     /// A 16-bit register.
     pub fn u16(&self, offset: usize) -> u16 {
         u16::from_le_bytes([self.regs[offset], self.regs[offset + 1]])

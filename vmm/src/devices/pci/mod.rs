@@ -34,6 +34,21 @@ pub trait PciDevice: Send {
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// The guest writes BAR `bar` at `offset`.
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// Takes a migrated function's configuration space ([`PciConfig::restore`]), then does
+    /// what the guest's writes to it would have done (MSI-X turned on, BARs mapped where
+    /// they now lie).
+    fn restore_config(&mut self, regs: &[u8]) -> Result<(), String>;
+}
+
+/// One function's configuration space, as a live migration carries it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciFunctionState {
+    /// Its slot.
+    pub slot: u8,
+    /// Its function.
+    pub function: u8,
+    /// The 256 bytes of its configuration space.
+    pub regs: Vec<u8>,
 }
 
 /// A shared PCI function.
@@ -114,6 +129,43 @@ impl PciBus {
             .and_then(Option::as_ref)
     }
 
+    /// Every function's configuration space, for a live migration (the vCPUs parked).
+    pub fn save(&self) -> Vec<PciFunctionState> {
+        self.functions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                f.as_ref().map(|dev| PciFunctionState {
+                    slot: (i / FUNCTIONS) as u8,
+                    function: (i % FUNCTIONS) as u8,
+                    regs: lock(dev).config().snapshot(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes a migrated bus's configuration spaces: the same functions in the same places
+    /// as here (the target's VM is built from the same configuration), each checked.
+    pub fn restore(&self, states: &[PciFunctionState]) -> Result<(), String> {
+        let here = self.functions.iter().filter(|f| f.is_some()).count();
+        if states.len() != here {
+            return Err(format!(
+                "{} PCI functions at the source, {here} here",
+                states.len()
+            ));
+        }
+        for st in states {
+            let name = format!("PCI function {:02x}.{}", st.slot, st.function);
+            let dev = self
+                .device(usize::from(st.slot), usize::from(st.function))
+                .ok_or_else(|| format!("{name} of the source is not here"))?;
+            lock(dev)
+                .restore_config(&st.regs)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// The device whose memory BAR holds `addr`, with the BAR and offset.
     fn decode(&self, addr: u64, len: usize) -> Option<(&SharedPciDevice, usize, u64)> {
         for dev in self.functions.iter().flatten() {
@@ -154,6 +206,17 @@ impl PciConfigIo {
             address: 0,
             reset,
         }
+    }
+
+    /// The address register, for a live migration (a guest paused between choosing a
+    /// register and reading it reads the same one at the target).
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Sets the address register of a migrated VM.
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
     }
 
     /// The selected function and register, if the address is enabled and on bus 0.
@@ -284,6 +347,9 @@ impl PciDevice for ChipsetFunction {
         data.fill(0xff);
     }
     fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn restore_config(&mut self, regs: &[u8]) -> Result<(), String> {
+        self.config.restore(regs)
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +373,9 @@ mod tests {
         }
         fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last.push((bar, offset, data.to_vec()));
+        }
+        fn restore_config(&mut self, regs: &[u8]) -> Result<(), String> {
+            self.config.restore(regs)
         }
     }
 

@@ -37,6 +37,16 @@ struct State {
     function_masked: bool,
 }
 
+/// A function's MSI-X table and pending bits, as a live migration carries them (whether
+/// MSI-X is on, and the function's mask, are in its configuration space).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    /// Each vector: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// Each vector's pending bit.
+    pub pending: Vec<bool>,
+}
+
 /// The MSI-X state of one function.
 pub struct Msix {
     state: Mutex<State>,
@@ -83,6 +93,43 @@ impl Msix {
             .to_le_bytes()
             .to_vec();
         (body, writable)
+    }
+
+    /// The table and pending bits, for a live migration.
+    pub fn snapshot(&self) -> MsixSnapshot {
+        let s = lock(&self.state);
+        MsixSnapshot {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: s.pending.clone(),
+        }
+    }
+
+    /// Takes a migrated table (checked as the guest's writes are); pending vectors the guest
+    /// may now take are delivered.
+    pub fn restore(&self, snap: &MsixSnapshot) -> Result<(), String> {
+        let mut s = lock(&self.state);
+        if snap.entries.len() != s.entries.len() || snap.pending.len() != s.pending.len() {
+            return Err(format!(
+                "an MSI-X table of {} vectors at the source, {} here",
+                snap.entries.len(),
+                s.entries.len()
+            ));
+        }
+        for (e, &[addr_lo, addr_hi, data, control]) in s.entries.iter_mut().zip(&snap.entries) {
+            *e = Entry {
+                addr_lo: addr_lo & !3,
+                addr_hi,
+                data,
+                control: control & VECTOR_MASKED,
+            };
+        }
+        s.pending.clone_from(&snap.pending);
+        self.deliver_pending(&mut s);
+        Ok(())
     }
 
     /// The guest wrote the capability's message control register.

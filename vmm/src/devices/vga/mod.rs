@@ -91,7 +91,110 @@ pub struct VgaState {
     pub dispi: [u16; dispi::COUNT],
 }
 
+/// The VGA's registers as a live migration carries them (the planes and the framebuffer go
+/// as raw bytes beside).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VgaSnapshot {
+    /// The read latch.
+    pub latch: u32,
+    /// Miscellaneous output.
+    pub misc: u8,
+    /// Sequencer index and registers.
+    pub seq: (u8, [u8; 8]),
+    /// Graphics controller index and registers.
+    pub gc: (u8, [u8; 16]),
+    /// CRT controller index and registers.
+    pub crtc: (u8, Vec<u8>),
+    /// Attribute controller index, flip-flop and registers.
+    pub attr: (u8, bool, Vec<u8>),
+    /// DAC read index, write index, sub-index.
+    pub dac_index: (u16, u16, u8),
+    /// The palette.
+    pub dac: Vec<[u8; 3]>,
+    /// Input status 1's toggle.
+    pub retrace: u8,
+    /// DISPI index and registers.
+    pub dispi: (u16, [u16; dispi::COUNT]),
+}
+
 impl VgaState {
+    /// The registers, for a live migration.
+    pub fn snapshot(&self) -> VgaSnapshot {
+        VgaSnapshot {
+            latch: self.latch,
+            misc: self.misc,
+            seq: (self.seq_index, self.seq),
+            gc: (self.gc_index, self.gc),
+            crtc: (self.crtc_index, self.crtc.to_vec()),
+            attr: (self.attr_index, self.attr_flip, self.attr.to_vec()),
+            dac_index: (self.dac_read, self.dac_write, self.dac_sub),
+            dac: self.dac.to_vec(),
+            retrace: self.retrace,
+            dispi: (self.dispi_index, self.dispi),
+        }
+    }
+
+    /// Takes a migrated VGA's registers, checked as the guest's writes are.
+    pub fn restore(&mut self, s: &VgaSnapshot) -> Result<(), String> {
+        let crtc: [u8; 32] = s
+            .crtc
+            .1
+            .as_slice()
+            .try_into()
+            .map_err(|_| "CRTC registers")?;
+        let attr: [u8; 32] = s
+            .attr
+            .2
+            .as_slice()
+            .try_into()
+            .map_err(|_| "attribute registers")?;
+        let dac: [[u8; 3]; 256] = s.dac.as_slice().try_into().map_err(|_| "the palette")?;
+        let d = s.dispi.1;
+        if d[dispi::VIDEO_MEMORY_64K] != self.dispi[dispi::VIDEO_MEMORY_64K]
+            || d[dispi::XRES] > MAX_XRES
+            || d[dispi::YRES] > MAX_YRES
+            || d[dispi::VIRT_WIDTH] > MAX_XRES
+            || !matches!(d[dispi::BPP], 0 | 4 | 8 | 15 | 16 | 24 | 32)
+            || usize::from(d[dispi::BANK]) >= VRAM_SIZE >> 16
+        {
+            return Err(format!("DISPI registers this VGA cannot take: {d:?}"));
+        }
+        self.latch = s.latch;
+        self.misc = s.misc;
+        (self.seq_index, self.seq) = s.seq;
+        (self.gc_index, self.gc) = s.gc;
+        (self.crtc_index, self.crtc) = (s.crtc.0, crtc);
+        (self.attr_index, self.attr_flip, self.attr) = (s.attr.0 & 0x3f, s.attr.1, attr);
+        (self.dac_read, self.dac_write, self.dac_sub) = (
+            s.dac_index.0 & 0xff,
+            s.dac_index.1 & 0xff,
+            s.dac_index.2 % 3,
+        );
+        self.dac = dac.map(|c| c.map(|v| v & 0x3f));
+        self.retrace = s.retrace;
+        (self.dispi_index, self.dispi) = s.dispi;
+        Ok(())
+    }
+
+    /// The four planes, interleaved.
+    pub fn planes(&self) -> &[u8] {
+        &self.planes
+    }
+
+    /// Takes a migrated VGA's planes.
+    pub fn set_planes(&mut self, planes: &[u8]) -> Result<(), String> {
+        if planes.len() != self.planes.len() {
+            return Err(format!("VGA planes of {} bytes", planes.len()));
+        }
+        self.planes.copy_from_slice(planes);
+        Ok(())
+    }
+
+    /// The framebuffer's memory, as the guest last wrote it.
+    pub fn vram(&mut self) -> &mut [u8] {
+        self.vram_bytes()
+    }
+
     fn new() -> std::io::Result<Self> {
         let mut d = [0u16; dispi::COUNT];
         d[dispi::ID] = dispi::ID5;
@@ -590,6 +693,12 @@ impl PciDevice for VgaPci {
         {
             self.place_vram();
         }
+    }
+
+    fn restore_config(&mut self, regs: &[u8]) -> Result<(), String> {
+        self.config.restore(regs)?;
+        self.place_vram();
+        Ok(())
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -163,10 +163,15 @@ impl Interrupt {
     pub fn restore(&self, status: u32) {
         self.status.store(status, Ordering::SeqCst);
         if status != 0 {
-            if let Line::Irqfd(fd) = &self.line {
-                if let Err(e) = fd.write(1) {
-                    tracing::warn!(error = %e, "cannot raise virtio interrupt");
+            match &self.line {
+                Line::Irqfd(fd) => {
+                    if let Err(e) = fd.write(1) {
+                        tracing::warn!(error = %e, "cannot raise virtio interrupt");
+                    }
                 }
+                // INTx is a level: still asserted until the guest reads the ISR.
+                Line::Pci(v) if !v.msix.enabled() => (v.intx)(true),
+                Line::Pci(_) => {}
             }
         }
     }
@@ -290,16 +295,14 @@ impl VirtioTransport for pci::VirtioPci {
     fn config_changed(&mut self) {
         pci::VirtioPci::config_changed(self)
     }
-    // The PCI function's own state (its configuration space, BARs and MSI-X table) is not
-    // carried yet: firmware-booted VMs are refused before any device is paused.
     fn pause(&mut self) -> Result<VirtioSnapshot, String> {
-        Err("live migration of virtio-pci devices is not built yet".into())
+        pci::VirtioPci::pause(self)
     }
     fn unpause(&mut self) -> Result<(), String> {
-        Err("live migration of virtio-pci devices is not built yet".into())
+        pci::VirtioPci::unpause(self)
     }
-    fn restore(&mut self, _snap: &VirtioSnapshot) -> Result<(), String> {
-        Err("live migration of virtio-pci devices is not built yet".into())
+    fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String> {
+        pci::VirtioPci::restore(self, snap)
     }
 }
 

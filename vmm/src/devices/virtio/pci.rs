@@ -66,6 +66,18 @@ mod common {
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
+/// What a virtio-pci function adds to a migrated device's state: its MSI-X table and the
+/// vectors the driver chose (its configuration space travels with the bus's).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciTransportSnapshot {
+    /// The MSI-X table.
+    pub msix: msix::MsixSnapshot,
+    /// The vector of configuration changes.
+    pub config_vector: u16,
+    /// Each queue's vector.
+    pub queue_vectors: Vec<u16>,
+}
+
 /// One virtio device as a PCI function.
 pub struct VirtioPci {
     config: PciConfig,
@@ -195,6 +207,53 @@ impl VirtioPci {
             }
             self.notify_base = Some(base);
         }
+    }
+
+    /// Stops the device where it stands for a live migration; its state, the PCI parts with it.
+    pub fn pause(&mut self) -> Result<super::VirtioSnapshot, String> {
+        let mut snap = self.state.pause()?;
+        let v = self.vectors();
+        snap.pci = Some(PciTransportSnapshot {
+            msix: self.msix.snapshot(),
+            config_vector: v.config.load(Ordering::SeqCst),
+            queue_vectors: v.queues.iter().map(|q| q.load(Ordering::SeqCst)).collect(),
+        });
+        Ok(snap)
+    }
+
+    /// Runs a paused device again here: the migration failed.
+    pub fn unpause(&mut self) -> Result<(), String> {
+        self.state.unpause()
+    }
+
+    /// Takes a migrated device's state, after its configuration space
+    /// ([`PciDevice::restore_config`]): the MSI-X table and vectors first, so that the device,
+    /// running again, signals where the driver said.
+    pub fn restore(&mut self, snap: &super::VirtioSnapshot) -> Result<(), String> {
+        let pci = snap
+            .pci
+            .as_ref()
+            .ok_or("the source's device is not on PCI")?;
+        let vectors = self.msix.vectors();
+        let vector_ok = |v: u16| v < vectors || v == NO_VECTOR;
+        if pci.queue_vectors.len() != self.state.num_queues()
+            || !vector_ok(pci.config_vector)
+            || !pci.queue_vectors.iter().all(|&v| vector_ok(v))
+        {
+            return Err(format!(
+                "MSI-X vectors {:?} and {} do not fit {} queues and {vectors} vectors",
+                pci.queue_vectors,
+                pci.config_vector,
+                self.state.num_queues()
+            ));
+        }
+        self.msix.restore(&pci.msix)?;
+        let v = self.vectors();
+        v.config.store(pci.config_vector, Ordering::SeqCst);
+        for (q, &n) in v.queues.iter().zip(&pci.queue_vectors) {
+            q.store(n, Ordering::SeqCst);
+        }
+        self.state.restore(snap)
     }
 
     fn vectors(&self) -> &PciVectors {
@@ -368,6 +427,13 @@ impl PciDevice for VirtioPci {
             bar::MSIX_TABLE..bar::MSIX_PBA => self.msix.write_table(offset - bar::MSIX_TABLE, data),
             _ => {}
         }
+    }
+
+    fn restore_config(&mut self, regs: &[u8]) -> Result<(), String> {
+        self.config.restore(regs)?;
+        self.msix.set_control(self.config.u16(self.msix_cap + 2));
+        self.place_notifiers();
+        Ok(())
     }
 }
 

@@ -86,6 +86,9 @@ pub struct VirtioSnapshot {
     pub interrupt_status: u32,
     /// Each queue.
     pub queues: Vec<QueueSnapshot>,
+    /// What a virtio-pci transport adds (none for virtio-mmio).
+    #[serde(default)]
+    pub pci: Option<super::pci::PciTransportSnapshot>,
 }
 
 /// A device and the transport-independent state around it.
@@ -331,6 +334,7 @@ impl VirtioState {
                     event_idx: q.event_idx_enabled(),
                 })
                 .collect(),
+            pci: None,
         })
     }
 
