@@ -742,9 +742,10 @@ pub struct Progress {
     pub remaining_bytes: u64,
     /// How fast the guest dirties memory, bytes a second.
     pub dirty_rate_bytes_per_sec: u64,
-    /// How fast the stream took guest RAM since the copy began, bytes a second.
+    /// How fast the stream took guest RAM since the copy began, bytes a second of sending.
     pub rate_bytes_per_sec: u64,
-    /// The pause the remaining bytes would take at that rate, milliseconds.
+    /// The pause the remaining bytes would take at that rate, with a read of the dirty log,
+    /// milliseconds.
     pub expected_downtime_ms: u64,
     /// The round ended (else: a step within round 0, which sends all of RAM).
     pub round_done: bool,
@@ -787,8 +788,9 @@ pub fn precopy<B: Bitmap>(
     for &(slot, len) in &regions {
         dirty_pages(log, slot, len)?;
     }
-    let started = Instant::now();
-    let mut round_started = started;
+    let mut round_started = Instant::now();
+    // Time spent sending pages (reading them and the stream taking them), over every round.
+    let mut sending = Duration::ZERO;
     let mut sent = 0;
     let mut pages = 0;
     const CHUNK_PAGES: u64 = (16 << 20) / PAGE;
@@ -796,7 +798,7 @@ pub fn precopy<B: Bitmap>(
         let all: Vec<u64> = (0..len.div_ceil(PAGE)).collect();
         pages += all.len() as u64;
         for chunk in all.chunks(CHUNK_PAGES as usize) {
-            sent += send_pages(w, mem, slot, chunk, &mut buf)?;
+            sent += timed(&mut sending, || send_pages(w, mem, slot, chunk, &mut buf))?;
             p.covered_bytes += chunk.len() as u64 * PAGE;
             p.transferred_bytes = sent;
             p.round_done = false;
@@ -810,14 +812,14 @@ pub fn precopy<B: Bitmap>(
     let (mut extra, mut fitted) = (0, false);
     loop {
         let took = round_started.elapsed().max(Duration::from_micros(1));
-        // How fast the stream takes guest RAM: every byte sent since the copy began over
-        // the time it took. A round's own rate misleads both ways: a small one that fits in
-        // the sockets' buffers looks fast, and its fixed cost (reading the log, the flush, a
+        // How fast the stream takes guest RAM: every byte sent since the copy began over the
+        // time spent sending it. A round's own rate misleads both ways: a small one that fits
+        // in the sockets' buffers looks fast, and its fixed cost (the log read, the flush, a
         // nested guest's scheduling) makes a small one look slow, round after round. The
-        // whole copy weighs each round by what it sent; a zero page counts its name only.
+        // pause pays the log's read once, measured below; a zero page counts its name only.
         p.transferred_bytes += sent;
-        let since = started.elapsed().max(Duration::from_micros(1));
-        p.rate_bytes_per_sec = (p.transferred_bytes as f64 / since.as_secs_f64()) as u64;
+        let busy = sending.max(Duration::from_micros(1));
+        p.rate_bytes_per_sec = (p.transferred_bytes as f64 / busy.as_secs_f64()) as u64;
         write_message(
             w,
             &Message::RoundDone {
@@ -827,15 +829,19 @@ pub fn precopy<B: Bitmap>(
         )?;
         w.flush()?;
         // What the guest wrote while that round was sent.
+        let reading = Instant::now();
         let mut dirty = Vec::new();
         for &(slot, len) in &regions {
             dirty.push((slot, dirty_pages(log, slot, len)?));
         }
+        let read_log = reading.elapsed();
         let remaining: u64 = dirty.iter().map(|(_, d)| d.len() as u64).sum::<u64>() * PAGE;
         p.remaining_bytes = remaining;
         p.dirty_rate_bytes_per_sec = (remaining as f64 / took.as_secs_f64()) as u64;
-        p.expected_downtime_ms =
-            (remaining as f64 / p.rate_bytes_per_sec.max(1) as f64 * 1000.0).ceil() as u64;
+        // The pause: a last read of the log, then what is left at the stream's rate.
+        let expected =
+            read_log.as_secs_f64() + remaining as f64 / p.rate_bytes_per_sec.max(1) as f64;
+        p.expected_downtime_ms = (expected * 1000.0).ceil() as u64;
         p.round_done = true;
         if !progress(&p) {
             return Err(MigrationError::Cancelled);
@@ -864,10 +870,18 @@ pub fn precopy<B: Bitmap>(
         pages = 0;
         for (slot, d) in &dirty {
             pages += d.len() as u64;
-            sent += send_pages(w, mem, *slot, d, &mut buf)?;
+            sent += timed(&mut sending, || send_pages(w, mem, *slot, d, &mut buf))?;
         }
         p.covered_bytes = pages * PAGE;
     }
+}
+
+/// Runs `f`, adding the time it took to `total`.
+fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    *total += t.elapsed();
+    r
 }
 
 /// With every vCPU parked: the pages the pre-copy left unsent and those dirtied since; the
