@@ -155,7 +155,7 @@ pub enum VmCommand {
         owner: Option<u64>,
     },
     /// Move a VM to its backup server (its disk's in-sync copy): a running VM moves live (`vm
-    /// show` tells how far it is), one booted by its firmware restarts there.
+    /// show` tells how far it is).
     Migrate {
         /// VMID.
         id: u64,

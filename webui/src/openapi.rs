@@ -48,7 +48,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "post",
         "/vms/{id}/migrate",
-        "Move a VM to its backup server, which must be in sync (Manager): a running VM moves live (answer: live true; the audit log records its pause), one booted by its firmware restarts there (live false, and why)",
+        "Move a VM to its backup server, which must be in sync (Manager): a running VM moves live (answer: live true; the audit log records its pause), a powered-off one moves its disks (live false, and why)",
     ),
     (
         "get",

@@ -342,7 +342,7 @@ pub enum Action {
         grow_disks: Vec<DiskGrowth>,
     },
     /// Empties a server (Managers): nothing new is placed on it; every disk whose primary is
-    /// there moves to its in-sync backup (its VM restarts there), every backup copy there is
+    /// there moves to its in-sync backup (a running VM live), every backup copy there is
     /// dropped, and the leader gives those disks new backups elsewhere. Refused, changing
     /// nothing, when a primary there has no in-sync backup to move to.
     DrainServer {
@@ -363,8 +363,8 @@ pub enum Action {
     },
     /// Moves a VM to its backup server (Managers): every disk's in-sync backup becomes its
     /// primary, with a raised generation, and the old primary its backup. A running VM moves
-    /// live (`LiveMove`), without a restart; one whose state cannot move live yet (firmware
-    /// boot) restarts there, and the answer says why.
+    /// live (`LiveMove`), without a restart; a powered-off one moves its disks, and the answer
+    /// says so.
     MigrateVm {
         /// VMID.
         vm: u64,

@@ -212,17 +212,11 @@ impl StateMachine {
                 "server {id} is a witness: it holds no disks"
             )));
         }
-        // Its running VMs booted by the kernel move live, their disks at their switch; the
-        // others' disks move now (a running one restarts there).
+        // Its running VMs move live, their disks at their switch; the others' disks move now.
         let live: Vec<String> = self
             .vms
             .values()
-            .filter(|vm| {
-                vm.running
-                    && vm.moving.is_none()
-                    && vm.boot.firmware().is_none()
-                    && self.vm_primary(vm) == Some(id)
-            })
+            .filter(|vm| vm.running && vm.moving.is_none() && self.vm_primary(vm) == Some(id))
             .map(|vm| vm.name.clone())
             .collect();
         let mut carried = HashSet::new();

@@ -709,13 +709,13 @@ impl StateMachine {
                 if v.moving.is_some() {
                     return Err(Refusal::conflict(format!("VM {vm} is moving live already")));
                 }
-                let live = v.running && v.boot.firmware().is_none();
+                let live = v.running;
                 let backups = self.move_target(&v);
                 let (to, placed) = match *wanted {
                     Some(t) if backups.as_ref().ok() != Some(&t) => {
                         if !live {
                             return Err(Refusal::conflict(format!(
-                                "VM {vm} moves to a server other than its disks' backup only live (running, booted by the kernel); {}",
+                                "VM {vm} moves to a server other than its disks' backup only live (running); {}",
                                 match &backups {
                                     Ok(b) => format!("it can move to server {b}"),
                                     Err(e) => e.reason.clone(),
@@ -755,11 +755,7 @@ impl StateMachine {
                     )
                 } else {
                     self.hand_over(&v, writes)?;
-                    let why = if v.running {
-                        "live migration of a VM booted by its firmware is not built yet: it restarts there"
-                    } else {
-                        "powered off: nothing to carry but its disks"
-                    };
+                    let why = "powered off: nothing to carry but its disks";
                     (
                         "vm.migrate",
                         format!("vm {vm} ({}) to server {to}, restarted", v.name),
@@ -841,6 +837,46 @@ mod tests {
         v.running = true;
         let vm = id(act(sm, m, Action::CreateVm { owner: m, vm: v }));
         (m, vm, sm.vms["v"].disks[0].clone())
+    }
+
+    /// A running VM booted by its firmware moves live like one booted by the kernel (its
+    /// chipset's and display's state travel with it), and a drain moves it live.
+    #[test]
+    fn a_running_vm_booted_by_its_firmware_moves_live_and_a_drain_moves_it_live() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.running = true;
+        v.boot = BootMode::Bios;
+        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
+        let disk = sm.vms["v"].disks[0].clone();
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let (from, to) = (sm.disks[&disk].primary, sm.disks[&disk].backup.unwrap());
+        let migrate = Action::MigrateVm {
+            vm,
+            downtime_ms: None,
+            auto_converge: false,
+            to: None,
+        };
+        let r = act(&mut sm, m, migrate.clone()).unwrap();
+        assert_eq!(
+            (r["live"].as_bool(), r["server"].as_u64()),
+            (Some(true), Some(to)),
+            "{r}"
+        );
+        assert_eq!(
+            sm.disks[&disk].primary, from,
+            "the disks switch only with the VM"
+        );
+        act(&mut sm, m, Action::CancelMigration { vm }).unwrap();
+        let cancelled = sm.vms["v"].moving.as_ref().map(|mv| mv.cancel);
+        assert_eq!(cancelled, Some(true));
+        sm.vms.get_mut("v").unwrap().moving = None;
+        act(&mut sm, m, Action::DrainServer { id: from }).unwrap();
+        let moving = sm.vms["v"].moving.as_ref().map(|mv| mv.to);
+        assert_eq!(moving, Some(to), "the drain moves it live");
     }
 
     /// A running VM moves live to a server other than its disks' backup: new backups there

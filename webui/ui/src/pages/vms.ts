@@ -289,7 +289,7 @@ export function vmsPage(ctx: PageContext): void {
     } else if (me.role === "manager" && vm.backup) {
       // Moves the VM to its backup server; refused by the API until the backup is in sync.
       const ready = vm.replication.state === "in-sync" && !vm.backup.down;
-      const how = vm.boot === "kernel" ? "a running VM moves live, without a restart" : "a running VM restarts there";
+      const how = "a running VM moves live, without a restart";
       ops.push(
         button(
           "Migrate",
