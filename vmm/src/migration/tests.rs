@@ -325,7 +325,7 @@ fn zero_pages_go_as_their_place_alone_and_end_zero_at_the_target() {
     let pages: Vec<u64> = (0..LEN / PAGE).collect();
     let mut stream = Vec::new();
     let mut buf = Vec::new();
-    let sent = send_pages(&mut stream, &src, 0, &pages, &mut buf).unwrap();
+    let sent = send_pages(&mut stream, &src, 0, &pages, &mut buf, Holes::Skip).unwrap();
     assert_eq!(sent, 8 * PAGE, "only the pages with data went whole");
     assert!(
         stream.len() < (9 * PAGE) as usize,
