@@ -530,8 +530,9 @@ impl Platform {
                 let mut v = lock(v);
                 v.restore(regs).map_err(|e| format!("the VGA: {e}"))?;
                 v.set_planes(planes).map_err(|e| format!("the VGA: {e}"))?;
+                // The framebuffer here is fresh, all zeros (the guest never ran here): only the
+                // source's runs that are not zero are written.
                 let mem = v.vram();
-                mem.fill(0);
                 for (at, run) in vram {
                     let at = *at as usize;
                     mem.get_mut(at..at + run.len())
@@ -1150,7 +1151,7 @@ impl Vm {
                 transferred += mig::send_vga(&mut w, &planes, v.vram())
                     .map_err(|e| format!("the migration stream: {e}"))?;
             }
-            if let Some(fb) = &self.fb {
+            if let Some(fb) = self.guest_framebuffer() {
                 let bytes = fb.save();
                 mig::write_message(
                     &mut w,
@@ -1256,7 +1257,7 @@ impl Vm {
                 &mut r,
                 &self._mem,
                 u32::from(cfg.vcpus),
-                self.fb.as_ref().map(|f| f.size()),
+                self.guest_framebuffer().map(|f| f.size()),
             )
             .map_err(|e| e.to_string())?;
             let devices = got.devices.ok_or("no device state in the stream")?;
@@ -1292,7 +1293,7 @@ impl Vm {
                     )
                 }
             }
-            if let (Some(fb), Some(bytes)) = (&self.fb, &got.framebuffer) {
+            if let (Some(fb), Some(bytes)) = (self.guest_framebuffer(), &got.framebuffer) {
                 if !fb.load(bytes) {
                     return Err("the framebuffer differs in size".into());
                 }
@@ -1357,6 +1358,13 @@ impl Vm {
                 Err(why)
             }
         }
+    }
+
+    /// The framebuffer, where it is the guest's own memory (a kernel-booted VM's): what a
+    /// live migration carries. A VGA's picture is drawn from the VGA's state, which travels.
+    fn guest_framebuffer(&self) -> Option<&Arc<Framebuffer>> {
+        let vga = self.platform.as_ref().is_some_and(|p| p.vga.is_some());
+        self.fb.as_ref().filter(|_| !vga)
     }
 
     /// Stops every vCPU thread and device worker.
