@@ -1305,7 +1305,7 @@ impl Vm {
                     self.virtio.len()
                 ));
             }
-            // All of RAM is here: the devices may start (the vCPUs stay parked).
+            // All of RAM is here: the devices take their state; they start on the go.
             for (v, d) in self.virtio.iter().zip(&devices.virtio) {
                 let t = v.transport();
                 let mut t = lock(t);
@@ -1339,6 +1339,13 @@ impl Vm {
                         tracing::info!(stream = %e, "going on without the source's go, as the control socket said")
                     }
                     (Err(e), false) => return Err(format!("waiting for the source's go: {e}")),
+                }
+                // The VM is this side's now: its devices start taking requests off their rings
+                // (none did before: the source could still have run the VM).
+                for v in &self.virtio {
+                    if let Err(e) = lock(v.transport()).unpause() {
+                        tracing::error!(device = %v.name(), error = %e, "a migrated device does not run here; its driver is told to reset it");
+                    }
                 }
                 // The source hears it first: should it not, it stays paused and this one does
                 // not run either (never on both).

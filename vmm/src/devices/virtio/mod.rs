@@ -264,9 +264,11 @@ pub trait VirtioTransport: Send {
     /// Stops the device where it stands for a live migration; its state and the transport's
     /// ([`transport::VirtioState::pause`]).
     fn pause(&mut self) -> Result<VirtioSnapshot, String>;
-    /// Runs a paused device again here: the migration failed.
+    /// Runs a device stopped where it stood: paused for a migration that failed, or restored
+    /// from one once the VM runs here.
     fn unpause(&mut self) -> Result<(), String>;
-    /// Takes a migrated device's state, on a device no guest has touched.
+    /// Takes a migrated device's state, on a device no guest has touched; it runs on
+    /// [`VirtioTransport::unpause`].
     fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String>;
 }
 

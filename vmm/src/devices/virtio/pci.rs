@@ -221,7 +221,8 @@ impl VirtioPci {
         Ok(snap)
     }
 
-    /// Runs a paused device again here: the migration failed.
+    /// Runs a device stopped where it stood: paused for a migration that failed, or restored
+    /// from one once the VM runs here.
     pub fn unpause(&mut self) -> Result<(), String> {
         self.state.unpause()
     }

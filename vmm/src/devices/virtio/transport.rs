@@ -338,8 +338,10 @@ impl VirtioState {
         })
     }
 
-    /// Runs a device [`VirtioState::pause`] stopped again, from where it stood: the migration
-    /// failed and the VM goes on here.
+    /// Runs a device stopped where it stood, from there: one [`VirtioState::pause`] stopped
+    /// (the migration failed and the VM goes on here), or one [`VirtioState::restore`] set up
+    /// (the migrated VM runs here now). A device that cannot run says so to its driver
+    /// (DEVICE_NEEDS_RESET), which resets it.
     pub fn unpause(&mut self) -> Result<(), String> {
         if !self.running() {
             return Ok(());
@@ -350,9 +352,11 @@ impl VirtioState {
         })
     }
 
-    /// Takes a migrated device's state, on a device no guest has touched, and runs it if it ran
-    /// at the source. Everything in `snap` came over the wire: checked, never trusted (a queue
-    /// outside guest memory, features this device does not offer, a different device).
+    /// Takes a migrated device's state, on a device no guest has touched; it runs once
+    /// [`VirtioState::unpause`] starts it, when the VM runs here (before that it takes nothing
+    /// off its rings: nothing reaches a disk or the network while the source may still run the
+    /// VM). Everything in `snap` came over the wire: checked, never trusted (a queue outside
+    /// guest memory, features this device does not offer, a different device).
     pub fn restore(&mut self, snap: &VirtioSnapshot) -> Result<(), String> {
         if self.status != 0 {
             return Err("the device was already in use here".into());
@@ -418,6 +422,11 @@ impl VirtioState {
                 })
                 .map_err(|e| format!("queue {i}: {e:?}"))?;
             }
+            if restored.ready() && !restored.is_valid(&self.mem) {
+                return Err(format!(
+                    "queue {i} lies outside guest memory or is misaligned"
+                ));
+            }
             queues.push(restored);
         }
         self.queues = queues;
@@ -427,12 +436,6 @@ impl VirtioState {
         self.driver_features = snap.driver_features;
         self.config_generation = snap.config_generation;
         self.status = snap.status;
-        if self.running() {
-            if let Err(e) = self.activate() {
-                self.status = 0;
-                return Err(e);
-            }
-        }
         self.interrupt.restore(snap.interrupt_status);
         Ok(())
     }
