@@ -802,14 +802,20 @@ impl Reconciler {
         }
     }
 
-    /// Deletes the copies of disks the state no longer has (their VM was deleted): a primary
-    /// copy is detached from its backup first, and a copy is deleted once its link is down,
-    /// on this pass or a later one. Copies of disks the state still has are kept, even where
-    /// it names other servers now: a returning server's copy may become a backup again and
-    /// then needs only a partial resync.
+    /// Deletes the copies of disks the state no longer has (their VM was deleted), and those
+    /// it no longer places here once the disk is in sync on two other servers (a move to a
+    /// third server, a drain, a backup placed elsewhere while this server was down): a primary
+    /// copy is detached from its backup first, and a copy is deleted once its link is down, on
+    /// this pass or a later one. A copy the state no longer places here is kept while its disk
+    /// has no in-sync backup: it may become the backup again and then needs only a partial
+    /// resync.
     fn forget_deleted(&self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
+        let me = self.s.cfg.id;
         for (name, c) in copies {
-            if state.disks.get(name).is_some_and(|d| d.holds(&c.disk_id)) {
+            let kept = state.disks.get(name).is_some_and(|d| {
+                d.holds(&c.disk_id) && (d.pools.contains_key(&me) || !d.backup_synced)
+            });
+            if kept {
                 continue;
             }
             if c.link != LinkState::Down {
@@ -819,12 +825,15 @@ impl Reconciler {
                 continue;
             }
             if self.request(name, BlockdRequest::Delete { name: name.clone() }) {
-                match state.disks.get(name).and_then(|d| d.copy_id()) {
-                    Some(id) => {
-                        tracing::info!(server = self.s.cfg.id, disk = %name, copy = %c.disk_id, disk_id = %id, "disk copy deleted: a copy of another disk by this name")
+                match state.disks.get(name) {
+                    Some(d) if d.holds(&c.disk_id) => {
+                        tracing::info!(server = me, disk = %name, primary = d.primary, backup = ?d.backup, "disk copy deleted: the disk is in sync on two other servers")
+                    }
+                    Some(d) => {
+                        tracing::info!(server = me, disk = %name, copy = %c.disk_id, disk_id = ?d.copy_id(), "disk copy deleted: a copy of another disk by this name")
                     }
                     None => {
-                        tracing::info!(server = self.s.cfg.id, disk = %name, "disk copy deleted: the state no longer has its disk")
+                        tracing::info!(server = me, disk = %name, "disk copy deleted: the state no longer has its disk")
                     }
                 }
             }
