@@ -950,7 +950,108 @@ fn a_running_vm_moves_live_to_a_third_server_after_its_new_copy_syncs() {
     assert_eq!(moved.len(), 1, "{moved:?}");
     eprintln!("{}", moved[0]);
     assert!(!c.net.vmm_running(old), "a VM runs on the old backup");
+    // The old backup's copy goes once the disk is in sync on the two servers it is on now.
+    let old_copy = c.servers[old - 1].data.join("disks").join(DISK);
+    c.wait("the old backup's copy deleted", |c| {
+        (c.disk()["backup_synced"] == true && !old_copy.exists()).then_some(())
+    });
+    assert_eq!(
+        log_lines(
+            &c,
+            old,
+            "disk copy deleted: the disk is in sync on two other servers"
+        )
+        .len(),
+        1
+    );
 
     // Every acknowledged write is on the disk, once the guest stopped.
     c.stop_and_check_acknowledged(third);
+}
+
+/// The count in the boot disk's last "bootdisk: tick n=XXXX" line of `serial` (hex).
+fn last_bootdisk_tick(serial: &str) -> Option<u32> {
+    serial.lines().rev().find_map(|l| {
+        let n = l.split("tick n=").nth(1)?;
+        u32::from_str_radix(n.trim().get(..4)?, 16).ok()
+    })
+}
+
+/// A running VM booted by its firmware moves live between servers and back (issue 13): the
+/// project's boot disk, on the VM's LiveSync disk, counts on SeaBIOS's clock and reads that
+/// disk through SeaBIOS's virtio-pci driver at every count (vhost-user to blockd). After each
+/// move it counts on at the other server from where it was, never started again, its reads
+/// answered there by the copy that became primary.
+#[test]
+fn a_firmware_booted_vm_moves_live_there_and_back_counting_on() {
+    if !kvm_available("a_firmware_booted_vm_moves_live_there_and_back") {
+        return;
+    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("w");
+    let r = c.call(
+        3,
+        json!({"op": "propose", "command": {
+            "cmd": "create_vm", "name": VM, "memory_mib": 128, "vcpus": 1,
+            "disk_size": 16u64 << 20, "kernel": "", "boot": "bios", "running": false,
+        }}),
+    );
+    eprintln!("placed: {}", r.unwrap_or_else(|e| panic!("create_vm: {e}")));
+    let placed = c.wait("the disk placed, its backup in sync", |c| {
+        let d = c.disk();
+        (d["backup_synced"] == true).then_some(d)
+    });
+    // The boot disk (counting, mode 3) written into both copies alike while the VM is off:
+    // they stay equal, as LiveSync keeps them.
+    let mut img = std::fs::read(bootdisk()).unwrap();
+    img[0x204] = 3;
+    for s in &c.servers[..2] {
+        let path = s.data.join("disks").join(DISK).join("data");
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &img, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    c.call(
+        3,
+        json!({"op": "propose", "command": {"cmd": "set_vm_running", "name": VM, "running": true}}),
+    )
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut at = placed["primary"].as_u64().unwrap() as usize;
+    c.wait("the boot disk counting", |c| {
+        (last_bootdisk_tick(&c.servers[at - 1].serial()).unwrap_or(0) >= 3).then_some(())
+    });
+    for leg in ["there", "back"] {
+        let to = 3 - at;
+        c.wait("the disk's backup in sync", |c| {
+            (c.disk()["backup_synced"] == true).then_some(())
+        });
+        let before = last_bootdisk_tick(&c.servers[at - 1].serial()).unwrap();
+        let r = migrate(&c);
+        assert_eq!(r["live"], true, "{r}");
+        c.wait(&format!("the move {leg} ended"), |c| {
+            let s = c.state()?;
+            (s["vms"][VM]["moving"].is_null() && c.disk()["primary"] == to as u64).then_some(())
+        });
+        let moved = log_lines(&c, at, "VM moved live");
+        eprintln!("firmware VM moved {leg}: {moved:?}");
+        c.wait(&format!("the count going on at server {to}"), |c| {
+            let n = last_bootdisk_tick(&c.servers[to - 1].serial())?;
+            (n > before + 1).then_some(())
+        });
+        let serial = c.servers[to - 1].serial();
+        assert!(
+            !serial.contains("FAIL"),
+            "the boot disk failed at server {to}:\n{serial}"
+        );
+        assert!(
+            !c.net.vmm_running(at),
+            "the VM still runs at server {at} too"
+        );
+        at = to;
+    }
+    let serials: usize = c.servers[..2]
+        .iter()
+        .map(|s| s.serial().matches("started by the firmware").count())
+        .sum();
+    assert_eq!(serials, 1, "the VM was started again\n{}", c.dump());
 }
