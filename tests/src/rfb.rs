@@ -19,6 +19,8 @@ pub mod keysym {
     pub const BACKSPACE: u32 = 0xff08;
     /// Up arrow.
     pub const UP: u32 = 0xff52;
+    /// Down arrow.
+    pub const DOWN: u32 = 0xff54;
     /// F1.
     pub const F1: u32 = 0xffbe;
 }

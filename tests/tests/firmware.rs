@@ -195,6 +195,16 @@ fn the_cdrom_media_changes_and_ejects_on_the_control_socket() {
     assert_no_failure(&vmm);
 }
 
+/// Whether the screen is the boot disk's red, green, blue and white bars at 1024x768.
+fn shows_the_bars(r: &RfbClient) -> bool {
+    r.width == 1024
+        && r.height == 768
+        && r.pixel(100, 300) == (255, 0, 0)
+        && r.pixel(300, 300) == (0, 255, 0)
+        && r.pixel(600, 700) == (0, 0, 255)
+        && r.pixel(1000, 10) == (255, 255, 255)
+}
+
 /// Reads screens until `done` holds for the client's copy, or panics after `limit`.
 fn watch(rfb: &mut RfbClient, limit: Duration, what: &str, done: impl Fn(&RfbClient) -> bool) {
     let deadline = std::time::Instant::now() + limit;
@@ -268,14 +278,7 @@ fn the_vga_shows_the_firmwares_text_then_a_vbe_mode_over_rfb() {
         &mut rfb,
         Duration::from_secs(30),
         "the colour bars at 1024x768",
-        |r| {
-            r.width == 1024
-                && r.height == 768
-                && r.pixel(100, 300) == (255, 0, 0)
-                && r.pixel(300, 300) == (0, 255, 0)
-                && r.pixel(600, 700) == (0, 0, 255)
-                && r.pixel(1000, 10) == (255, 255, 255)
-        },
+        shows_the_bars,
     );
     let _ = std::fs::write(shots.join("vbe-bars.ppm"), rfb.ppm());
     assert_eq!(vmm.api(r#"{"cmd":"stop"}"#)["ok"], true);
@@ -546,14 +549,7 @@ fn a_firmware_booted_vm_moves_live_with_its_vbe_screen_and_its_rtc() {
         &mut rfb,
         Duration::from_secs(30),
         "the colour bars at 1024x768 on the target",
-        |r| {
-            r.width == 1024
-                && r.height == 768
-                && r.pixel(100, 300) == (255, 0, 0)
-                && r.pixel(300, 300) == (0, 255, 0)
-                && r.pixel(600, 700) == (0, 0, 255)
-                && r.pixel(1000, 10) == (255, 255, 255)
-        },
+        shows_the_bars,
     );
     let out = dst.output();
     assert!(

@@ -227,6 +227,31 @@ fn real_debian_guest_moves_live_writing_its_disk_and_answering_pings() {
     scenario_with("enspeed-migrate.sh", &[&which("ip")]);
 }
 
+/// Debian's own graphical installer (from Debian's debian-installer-12-netboot-amd64, on a CD
+/// the test makes) reaches its first screen in a blank VM's graphical console: the RFB pixels
+/// show its list, Down and Up typed over RFB move its selection, the pointer moves.
+#[test]
+fn debian_s_graphical_installer_shows_its_first_screen_and_takes_keys_and_the_pointer() {
+    let iso = profile_dir().join("debian-installer.iso");
+    let run = Command::new("bash")
+        .arg(repo_root().join("image/kit/installer-iso.sh"))
+        .arg(&iso)
+        .output()
+        .expect("run image/kit/installer-iso.sh");
+    assert!(
+        run.status.success(),
+        "installer-iso.sh failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    scenario_with(
+        "enspeed-installer.sh",
+        &[
+            env!("CARGO_BIN_EXE_rfb-probe"),
+            iso.to_str().expect("UTF-8"),
+        ],
+    );
+}
+
 #[test]
 fn real_debian_guest_draws_its_console_on_the_framebuffer_and_reads_rfb_keys() {
     scenario_with("enspeed-console.sh", &[env!("CARGO_BIN_EXE_rfb-probe")]);
