@@ -168,7 +168,7 @@ fn picture(c: &RfbClient) -> String {
                     n += 10;
                 }
             }
-            let mean = if n == 0 { 0 } else { sum / n };
+            let mean = sum.checked_div(n).unwrap_or(0);
             let i = (mean * (SHADES.len() as u64 - 1) / 255) as usize;
             line.push(SHADES[i.min(SHADES.len() - 1)] as char);
         }
