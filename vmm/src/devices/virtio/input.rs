@@ -59,6 +59,8 @@ struct Event {
 struct Running {
     mem: GuestMemory,
     eventq: Queue,
+    /// The status queue (LEDs): taken, never read; kept for where it stands.
+    statusq: Option<Queue>,
     interrupt: Arc<Interrupt>,
 }
 
@@ -256,11 +258,13 @@ impl VirtioDevice for Tablet {
         if queues.is_empty() {
             return Err("the tablet needs its event queue".into());
         }
-        let eventq = queues.swap_remove(0);
+        let eventq = queues.remove(0);
+        let statusq = queues.pop();
         let mut s = lock(&self.state);
         s.running = Some(Running {
             mem,
             eventq,
+            statusq,
             interrupt,
         });
         s.pending.clear();
@@ -272,6 +276,24 @@ impl VirtioDevice for Tablet {
         s.running = None;
         s.pending.clear();
         s.buttons = 0;
+    }
+
+    /// Events go into the guest's buffers as they come, under the state's lock: once
+    /// `running` is taken, nothing more is written. Moves not delivered yet are dropped (the
+    /// pointer's next move supersedes them).
+    fn pause(&mut self, _mem: &GuestMemory) -> Result<Vec<super::RingPosition>, String> {
+        let mut s = lock(&self.state);
+        let r = s.running.take().ok_or("the tablet is not running")?;
+        s.pending.clear();
+        let mut at = vec![super::RingPosition::of(&r.eventq)];
+        at.extend(r.statusq.as_ref().map(super::RingPosition::of));
+        Ok(at)
+    }
+
+    fn restore_config(&mut self, source: &[u8]) {
+        if let [select, subsel, ..] = *source {
+            self.select = (select, subsel);
+        }
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -358,5 +380,24 @@ mod tests {
         // Off-screen coordinates clamp to the edge.
         t.pointer(5000, 0, 1024, 768, 1, 0);
         assert_eq!(ev(4), (ev::ABS, ev::ABS_X, ABS_MAX));
+
+        assert_eq!(ev(6), (ev::SYN, 0, 0));
+        // Paused for a live migration: where it stood in both rings (7 events used), and
+        // nothing more is written.
+        let at = t.pause(&mem).unwrap();
+        assert_eq!(at.len(), 2);
+        assert_eq!((at[0].next_avail, at[0].next_used), (7, 7));
+        t.pointer(0, 0, 1024, 768, 0, 0);
+        assert_eq!(ev(7), (0, 0, 0), "nothing written after the pause");
+        assert!(t.pause(&mem).is_err(), "paused already");
+        // The target's tablet reads its configuration where the guest had selected it.
+        let mut there = Tablet::new();
+        t.write_config(0, &[cfg::ID_NAME, 0]);
+        let mut source = vec![0u8; 64];
+        t.read_config(0, &mut source);
+        there.restore_config(&source);
+        let mut here = vec![0u8; 64];
+        there.read_config(0, &mut here);
+        assert_eq!(here, source);
     }
 }

@@ -246,6 +246,10 @@ pub trait VirtioDevice: Send {
             self.device_type()
         ))
     }
+    /// Takes what a guest wrote into a migrated device's configuration space (`source`: its
+    /// first bytes as the source's device read them), so that it reads as it did there; most
+    /// devices' configuration is the device's own, with nothing to take.
+    fn restore_config(&mut self, _source: &[u8]) {}
     /// Reaches what the device needs outside this process (a vhost-user backend) before it
     /// takes a migrated state, so that its features and configuration are known.
     fn connect(&mut self) -> Result<(), String> {

@@ -369,6 +369,7 @@ impl VirtioState {
                 snap.device_type
             ));
         }
+        self.device.restore_config(&snap.config);
         if snap.config != self.config_bytes() {
             return Err(
                 "the device here differs from the source's (its configuration space: a disk of another size, or a NIC with another address)"
