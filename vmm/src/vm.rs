@@ -463,26 +463,37 @@ fn add_virtio_pci(
 }
 
 /// The VM's virtio disks (first) and NICs as virtio-pci functions on `bus`;
-/// returns the devices and each virtio disk's index and slot.
+/// returns the devices and each virtio disk's index and slot. A VM migrating in
+/// (`incoming`) reaches its vhost-user disks' backends only when its state comes, and
+/// announces its MACs when it runs here; any other announces them at once.
 fn pci_virtio(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     bus: &mut PciBus,
+    incoming: Option<&mut Vec<(Tap, [u8; 6])>>,
 ) -> Result<(Vec<VirtioSlot>, Vec<(usize, u8)>), VmError> {
+    let deferred = incoming.is_some();
     let mut virtio = Vec::new();
     let mut disk_slots = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         if d.bus != DiskBus::Virtio {
             continue;
         }
-        let (slot, t) = add_virtio_pci(vm, mem, bus, disk_device(d, false)?)?;
+        let (slot, t) = add_virtio_pci(vm, mem, bus, disk_device(d, deferred)?)?;
         disk_slots.push((i, slot));
         virtio.push(VirtioSlot::Disk(i, t));
     }
+    let mut announce = incoming;
     for n in &cfg.nets {
-        let dev = Box::new(Net::new(Tap::open(&n.tap)?, n.mac));
-        let (_, t) = add_virtio_pci(vm, mem, bus, dev)?;
+        let tap = Tap::open(&n.tap)?;
+        let cannot =
+            |e: std::io::Error| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap));
+        match announce.as_deref_mut() {
+            Some(later) => later.push((tap.try_clone().map_err(cannot)?, n.mac)),
+            None => tap.announce(n.mac).map_err(cannot)?,
+        }
+        let (_, t) = add_virtio_pci(vm, mem, bus, Box::new(Net::new(tap, n.mac)))?;
         virtio.push(VirtioSlot::Net(t));
     }
     Ok((virtio, disk_slots))
@@ -792,7 +803,8 @@ impl Vm {
                     pointer = Some(transport);
                     tablet = Some(t);
                 }
-                let (mut virtio, virtio_slots) = pci_virtio(cfg, &vm, &mem, &mut bus)?;
+                let (mut virtio, virtio_slots) =
+                    pci_virtio(cfg, &vm, &mem, &mut bus, parked.then_some(&mut announce))?;
                 if let Some(p) = pointer {
                     virtio.push(VirtioSlot::Pointer(p));
                 }
