@@ -947,6 +947,8 @@ pub struct Received {
     pub vga_planes: Option<Vec<u8>>,
     /// The VGA framebuffer's runs that are not zero, by offset.
     pub vram: Vec<(u64, Vec<u8>)>,
+    /// Their bytes in all.
+    pub vram_bytes: u64,
     /// Pre-copy rounds seen.
     pub rounds: u32,
     /// Bytes of RAM written.
@@ -1014,10 +1016,14 @@ pub fn receive<B: Bitmap>(
                 got.vga_planes = Some(planes);
             }
             Message::Vram { offset, len } => {
-                let had: u64 = got.vram.iter().map(|(_, b)| b.len() as u64).sum();
-                let fits = offset
-                    .checked_add(len)
-                    .is_some_and(|end| end <= VRAM_BYTES && had + len <= VRAM_BYTES);
+                // Whole pages, none empty, no more than the framebuffer holds in all.
+                let had: u64 = got.vram_bytes;
+                let fits = len > 0
+                    && len.is_multiple_of(PAGE)
+                    && offset.is_multiple_of(PAGE)
+                    && offset
+                        .checked_add(len)
+                        .is_some_and(|end| end <= VRAM_BYTES && had + len <= VRAM_BYTES);
                 if !fits {
                     return bad(format!(
                         "{len} bytes of the VGA framebuffer at {offset:#x} (of {VRAM_BYTES})"
@@ -1025,6 +1031,7 @@ pub fn receive<B: Bitmap>(
                 }
                 let mut run = vec![0u8; len as usize];
                 r.read_exact(&mut run)?;
+                got.vram_bytes += len;
                 got.vram.push((offset, run));
             }
             Message::Vcpu { id, state } => match got.vcpus.get_mut(id as usize) {

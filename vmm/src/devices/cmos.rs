@@ -129,6 +129,12 @@ impl Cmos {
             .as_slice()
             .try_into()
             .map_err(|_| format!("CMOS RAM of {} bytes", s.ram.len()))?;
+        // A guest sets its clock to a year of 0 to 9999 (century and year bytes): an offset
+        // beyond ten thousand years came from no guest.
+        const LIMIT_SECS: i64 = 10_000 * 366 * 86_400;
+        if s.offset_secs.abs() > LIMIT_SECS {
+            return Err(format!("a clock {} s away from the host's", s.offset_secs));
+        }
         self.index = s.index & 0x7f;
         self.offset_secs = s.offset_secs;
         self.periodic.flags.store(s.flags, Ordering::SeqCst);

@@ -199,7 +199,9 @@ impl Cdrom {
     }
 
     /// Takes a migrated drive's state; media the source's drive no longer held is ejected
-    /// here too (media is never opened from a path in the stream).
+    /// here too (media is never opened from a path in the stream). Media the source held and
+    /// this side lacks (its server has no copy of the image yet) reads as removed: the guest is
+    /// told, as when the host ejects it.
     pub fn restore(&mut self, snap: &CdromSnapshot) {
         if !snap.media {
             self.media = None;
@@ -213,6 +215,9 @@ impl Cdrom {
             _ => None,
         };
         self.locked = snap.locked;
+        if snap.media && self.media.is_none() {
+            self.event = Some(MediaEvent::Removal);
+        }
     }
 
     /// The sense key the ATA error register carries after a failed packet.

@@ -154,8 +154,12 @@ impl PciBus {
                 states.len()
             ));
         }
+        let mut seen = std::collections::HashSet::new();
         for st in states {
             let name = format!("PCI function {:02x}.{}", st.slot, st.function);
+            if usize::from(st.function) >= FUNCTIONS || !seen.insert((st.slot, st.function)) {
+                return Err(format!("{name} twice, or no such function"));
+            }
             let dev = self
                 .device(usize::from(st.slot), usize::from(st.function))
                 .ok_or_else(|| format!("{name} of the source is not here"))?;
