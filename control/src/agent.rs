@@ -811,9 +811,19 @@ impl Reconciler {
     /// resync.
     fn forget_deleted(&self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
         let me = self.s.cfg.id;
+        // Disks a VM of this server runs from (or is moving from, or waits to take).
+        let in_use: HashSet<&String> = self
+            .vms
+            .iter()
+            .filter(|(_, st)| !matches!(st, VmState::PoweredOff))
+            .filter_map(|(vm, _)| state.vms.get(vm))
+            .flat_map(|vm| &vm.disks)
+            .collect();
         for (name, c) in copies {
             let kept = state.disks.get(name).is_some_and(|d| {
-                d.holds(&c.disk_id) && (d.pools.contains_key(&me) || !d.backup_synced)
+                let placed_here =
+                    d.primary == me || d.backup == Some(me) || d.pools.contains_key(&me);
+                d.holds(&c.disk_id) && (placed_here || !d.backup_synced || in_use.contains(name))
             });
             if kept {
                 continue;
