@@ -235,6 +235,23 @@ fn map_rom(
 }
 
 /// The VM's disks (first) and NICs as virtio-mmio transports on `mmio`.
+/// Opens NIC `n`'s tap. A VM migrating in (`later`) announces its MAC when it runs here, not
+/// while it still runs at the source; any other at once (it may have run elsewhere a moment
+/// ago: a failover).
+fn open_announced(
+    n: &crate::config::NetConfig,
+    later: Option<&mut Vec<(Tap, [u8; 6])>>,
+) -> Result<Tap, VmError> {
+    let tap = Tap::open(&n.tap)?;
+    let cannot =
+        |e: std::io::Error| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap));
+    match later {
+        Some(later) => later.push((tap.try_clone().map_err(cannot)?, n.mac)),
+        None => tap.announce(n.mac).map_err(cannot)?,
+    }
+    Ok(tap)
+}
+
 fn mmio_virtio(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
@@ -269,17 +286,7 @@ fn mmio_virtio(
     }
     let mut announce = incoming;
     for n in &cfg.nets {
-        let tap = Tap::open(&n.tap)?;
-        let cannot =
-            |e: std::io::Error| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap));
-        match announce.as_deref_mut() {
-            // A VM migrating in announces its MACs when it runs here, not while it still runs
-            // at the source.
-            Some(later) => later.push((tap.try_clone().map_err(cannot)?, n.mac)),
-            // The VM may have run elsewhere a moment ago (a failover): its MAC is announced
-            // here at once.
-            None => tap.announce(n.mac).map_err(cannot)?,
-        }
+        let tap = open_announced(n, announce.as_deref_mut())?;
         virtio.push(VirtioSlot::Net(add(Box::new(Net::new(tap, n.mac)))?));
     }
     Ok(virtio)
@@ -486,13 +493,7 @@ fn pci_virtio(
     }
     let mut announce = incoming;
     for n in &cfg.nets {
-        let tap = Tap::open(&n.tap)?;
-        let cannot =
-            |e: std::io::Error| VmError::Config(format!("tap {}: cannot announce MAC: {e}", n.tap));
-        match announce.as_deref_mut() {
-            Some(later) => later.push((tap.try_clone().map_err(cannot)?, n.mac)),
-            None => tap.announce(n.mac).map_err(cannot)?,
-        }
+        let tap = open_announced(n, announce.as_deref_mut())?;
         let (_, t) = add_virtio_pci(vm, mem, bus, Box::new(Net::new(tap, n.mac)))?;
         virtio.push(VirtioSlot::Net(t));
     }
