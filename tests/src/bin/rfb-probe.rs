@@ -178,17 +178,21 @@ fn picture(c: &RfbClient) -> String {
     out
 }
 
-fn look(socket: &Path, wait: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + wait;
+/// Connects (waiting up to `wait`) to watch the screen: 32-bit pixels, Raw, and the screen's
+/// size as it changes (DesktopSize).
+fn watcher(socket: &Path, wait: Duration) -> Result<RfbClient, String> {
     let mut c = connect(socket, wait)?;
     c.set_pixel_format(PixelFormat::XRGB32)
         .map_err(|e| e.to_string())?;
-    // Raw, and the screen's size as it changes (DesktopSize).
     c.set_encodings(&[0, -223]).map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+fn look(socket: &Path, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    let mut c = watcher(socket, wait)?;
     loop {
-        let (w, h) = (c.width, c.height);
-        c.request(false, 0, 0, w, h).map_err(|e| e.to_string())?;
-        c.read_update().map_err(|e| e.to_string())?;
+        refresh(&mut c)?;
         println!(
             "RFB: the screen, {}x{}:\n{}",
             c.width,
@@ -335,10 +339,7 @@ fn until(
 
 fn installer(socket: &Path, wait: Duration) -> Result<(), String> {
     let deadline = Instant::now() + wait;
-    let mut c = connect(socket, wait)?;
-    c.set_pixel_format(PixelFormat::XRGB32)
-        .map_err(|e| e.to_string())?;
-    c.set_encodings(&[0, -223]).map_err(|e| e.to_string())?;
+    let mut c = watcher(socket, wait)?;
     // The list screen, settled: the same selected row 5 s apart.
     let first = loop {
         refresh(&mut c)?;
@@ -415,18 +416,14 @@ fn installer(socket: &Path, wait: Duration) -> Result<(), String> {
     let before = pixels(&c);
     c.pointer(b.0, b.1, 0).map_err(|e| e.to_string())?;
     let mut seen = (0, None);
-    let changed = until(&mut c, Duration::from_secs(30), |c| {
+    until(&mut c, Duration::from_secs(30), |c| {
         seen = differences(&before, c);
         seen.0 > 0
     })?;
     let (n, Some(bbox)) = seen else {
         return Err("moving the pointer changed nothing on the screen".into());
     };
-    if !changed {
-        return Err("moving the pointer changed nothing on the screen".into());
-    }
-    // Both places, a pointer's size around each, and little else.
-    let near = |p: (u16, u16), x: u16, y: u16| x.abs_diff(p.0) < 64 && y.abs_diff(p.1) < 64;
+    // On both halves of the screen (where it was and where it went), and little else.
     let spans = bbox.2 - bbox.0 > (b.0 - a.0) / 2;
     if !spans || n > usize::from(w) * usize::from(h) / 50 {
         return Err(format!(
@@ -437,8 +434,8 @@ fn installer(socket: &Path, wait: Duration) -> Result<(), String> {
     for y in bbox.1..=bbox.3 {
         for x in bbox.0..=bbox.2 {
             if before[usize::from(y) * usize::from(w) + usize::from(x)] != c.pixel(x, y) {
-                ends.0 |= near(a, x, y) || x < w / 2;
-                ends.1 |= near(b, x, y) || x >= w / 2;
+                ends.0 |= x < w / 2;
+                ends.1 |= x >= w / 2;
             }
         }
     }
