@@ -1355,11 +1355,7 @@ impl Vm {
                 }
                 // The VM is this side's now: its devices start taking requests off their rings
                 // (none did before: the source could still have run the VM).
-                for v in &self.virtio {
-                    if let Err(e) = lock(v.transport()).unpause() {
-                        tracing::error!(device = %v.name(), error = %e, "a migrated device does not run here; its driver is told to reset it");
-                    }
-                }
+                self.start_devices();
                 // The source hears it first: should it not, it stays paused and this one does
                 // not run either (never on both).
                 write_reply(&mut writer, &Reply::Resumed)
@@ -1385,6 +1381,17 @@ impl Vm {
     fn guest_framebuffer(&self) -> Option<&Arc<Framebuffer>> {
         let vga = self.platform.as_ref().is_some_and(|p| p.vga.is_some());
         self.fb.as_ref().filter(|_| !vga)
+    }
+
+    /// Runs every virtio device from where it stood: restored from a migration (the VM is this
+    /// side's now), or stopped for one whose handover failed. One that cannot run has its
+    /// driver told to reset it.
+    fn start_devices(&self) {
+        for v in &self.virtio {
+            if let Err(e) = lock(v.transport()).unpause() {
+                tracing::error!(device = %v.name(), error = %e, "a device stopped where it stood does not run; its driver is told to reset it");
+            }
+        }
     }
 
     /// Stops every vCPU thread and device worker.
@@ -1814,12 +1821,7 @@ fn handle_api(
                     .devices_paused
                     .swap(false, std::sync::atomic::Ordering::SeqCst)
                 {
-                    for v in &vm.virtio {
-                        let t = v.transport();
-                        if let Err(e) = lock(t).unpause() {
-                            tracing::error!(device = %v.name(), error = %e, "a device stopped for a migration does not run again");
-                        }
-                    }
+                    vm.start_devices();
                 }
                 vm.resume();
                 *paused = false;
