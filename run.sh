@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the product on this machine: a local cluster of three EnSpeed servers (separate data
 # directories and ports on loopback), each serving the web UI and API, a Manager account, and a
-# demo VM booted from the guest kit (Debian) on a disk mirrored between two of them. Installs
-# what it needs, builds, prints the UI's address and the Manager's password, and runs until
-# Ctrl-C or SIGTERM, which stop all of it within seconds: it returns 130 after Ctrl-C, 0 after
+# demo VM, a blank PC that installs the guest kit (Debian) from a CD onto a disk mirrored
+# between two of them and boots it. Installs what it needs, builds, prints the UI's address
+# and the Manager's password, and runs until Ctrl-C or SIGTERM, which stop all of it within seconds: it returns 130 after Ctrl-C, 0 after
 # SIGTERM, and leaves no process behind. Where this machine's KVM cannot run an unmodified
 # Linux (a nested software hypervisor, kvm_pvm), the cluster runs inside the test host (QEMU
 # with an emulated AMD-V) and its UI is forwarded here to https://127.0.0.1:8443.
@@ -16,12 +16,12 @@ bin="$CARGO_TARGET_DIR/release/enspeed"
 image/kit/build.sh
 cache="${ENSPEED_CACHE:-$HOME/.cache/enspeed}"
 kit="$cache/kit"
-# With ENSPEED_DEMO_INSTALL=1, the demo VM is a blank PC installed from a CD: the kit, which
-# installs itself onto the VM's disk (GRUB, kernel, initrd), powers off, and once booted from
-# the disk waits with a shell on its consoles. Not yet the default: inside the test host the
-# test host itself has stopped during that install (see scripts/demo-cluster.sh).
+# The demo VM is a blank PC installed from a CD in the ISO library: the kit (Debian's kernel,
+# from Debian's packages), which installs itself onto the VM's disk (GRUB, kernel, initrd),
+# powers off, and once booted from the disk waits with a shell on its consoles. With
+# ENSPEED_DEMO_INSTALL=0 it boots the cluster's guest kernel instead, with no install.
 extra=()
-if [ "${ENSPEED_DEMO_INSTALL:-}" = 1 ]; then
+if [ "${ENSPEED_DEMO_INSTALL:-1}" = 1 ]; then
     iso="$cache/demo-install.iso"
     image/kit/iso.sh "$iso" "console=tty0 console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda kit.proof=demo kit.then=wait" >/dev/null
     export DEMO_ISO=$iso

@@ -7,13 +7,11 @@
 #
 #   scripts/demo-cluster.sh ENSPEED KERNEL INITRD DIR [HTTPS_ADDRESS]
 #
-# With DEMO_ISO (./run.sh with ENSPEED_DEMO_INSTALL=1), the demo VM is a blank PC installed
-# from that CD (image/kit/iso.sh's, whose kit installs itself onto the disk and powers off):
-# uploaded to the ISO library, in the VM's CD-ROM drive at its first power-on; once installed,
-# the CD is ejected and the VM boots its disk. Without it, the VM boots KERNEL (and INITRD),
-# the cluster's guest kernel. Inside the test host (image/testhost/run.sh --timeout 86400, as
-# ./run.sh starts it) the test host itself has stopped during that install, silently, in every
-# try; with --timeout 300 the same install ran through: not understood yet.
+# With DEMO_ISO (./run.sh's default), the demo VM is a blank PC installed from that CD
+# (image/kit/iso.sh's, whose kit installs itself onto the disk and powers off): uploaded to the
+# ISO library, in the VM's CD-ROM drive at its first power-on; once installed, the CD is
+# ejected and the VM boots its disk. Without it (ENSPEED_DEMO_INSTALL=0 ./run.sh), the VM boots
+# KERNEL (and INITRD), the cluster's guest kernel.
 #
 # ./run.sh calls it, here or inside the test host. POSIX sh: it runs under busybox too.
 # HTTPS_ADDRESS is where server 1's HTTPS listens (default 127.0.0.1; servers 2 and 3 use the

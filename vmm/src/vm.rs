@@ -879,7 +879,8 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
             let mut c = base_cpuid.clone();
-            cpuid::patch(&mut c, id, cfg.vcpus);
+            let pv_clock = !matches!(cfg.boot, Boot::Firmware { .. });
+            cpuid::patch(&mut c, id, cfg.vcpus, pv_clock);
             fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
             regs::setup_msrs(&fd)?;
             // Firmware starts from the reset state KVM gives a new vCPU.

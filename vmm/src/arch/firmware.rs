@@ -155,6 +155,16 @@ impl BootDevice {
     }
 }
 
+/// The `bootorder` file: the devices' paths one per line, ended by a NUL, as
+/// QEMU writes it. OVMF refuses a file without the NUL whole (it then
+/// ignores the order and tries every device it finds); SeaBIOS takes both.
+fn bootorder(boot: &[BootDevice]) -> Vec<u8> {
+    let paths: Vec<String> = boot.iter().map(BootDevice::path).collect();
+    let mut file = paths.join("\n").into_bytes();
+    file.push(0);
+    file
+}
+
 /// Fills `fw` for a VM of `ram_bytes` of RAM whose bootable devices are
 /// `boot`, in boot order.
 pub fn describe(
@@ -164,8 +174,7 @@ pub fn describe(
     boot: &[BootDevice],
 ) -> Result<(), FirmwareError> {
     fw.add_file("etc/e820", e820(ram_bytes))?;
-    let order: String = boot.iter().map(|d| d.path() + "\n").collect();
-    fw.add_file("bootorder", order.into_bytes())?;
+    fw.add_file("bootorder", bootorder(boot))?;
     // No "Press ESC for boot menu" pause; the firmware's text also on COM1.
     fw.add_file("etc/show-boot-menu", 0u16.to_le_bytes().to_vec())?;
     fw.add_file("etc/sercon-port", SERIAL_PORT.to_le_bytes().to_vec())?;
@@ -178,6 +187,16 @@ pub fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_order_is_qemu_s_lines_ended_by_a_nul() {
+        let order = bootorder(&[BootDevice::Sata(5, 1), BootDevice::Virtio(0x1f)]);
+        assert_eq!(
+            order,
+            b"/pci@i0cf8/pci8086,2922@5/drive@1/disk@0\n/pci@i0cf8/virtio-blk@1f\0"
+        );
+        assert_eq!(bootorder(&[]), b"\0");
+    }
 
     #[test]
     fn images_are_checked_and_the_low_copy_is_the_tail() {
