@@ -144,6 +144,14 @@ install_demo() {
     echo "demo: VM $id (demo) installed and powered off; ejecting the CD and booting its disk"
     "$ENSPEED" vm cdrom "$id" >/dev/null
     "$ENSPEED" vm start "$id" >/dev/null
+    # The installed system says so on its serial console (logged on the VM's primary server).
+    n=0
+    until cat "$DIR"/server*/agent/vms/demo/serial.log 2>/dev/null | grep -qa "KIT: installed proof=demo"; do
+        n=$((n + 1))
+        [ $n -lt 300 ] || { echo "demo: the installed system did not start in 600 s" >&2; return 1; }
+        sleep 2
+    done
+    echo "demo: VM $id (demo) runs the system installed on its disk: its console shows a shell"
 }
 
 serial=$(ls "$DIR"/server*/agent/vms/demo/serial.log 2>/dev/null | head -n1 || true)

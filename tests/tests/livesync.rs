@@ -453,3 +453,48 @@ fn mirror_hellos_from_strangers_are_refused_on_an_empty_and_a_full_copy() {
     assert!(in_sync(&a.status("d")), "the primary's link stays up");
     assert!(b.log_text().contains("mirror connection refused"));
 }
+
+/// A firmware-booted VM's disk on the SATA controller, served by blockd over vhost-user (a
+/// cluster VM's LiveSync disk with `bus=sata`): SeaBIOS reads the project's boot disk from it
+/// through int 13h (the AHCI's commands turned into virtio-blk requests on a ring of the VMM's
+/// own), and the mirrored backup holds what the primary holds.
+#[test]
+fn a_firmware_vm_boots_its_sata_disk_from_blockd() {
+    if !kvm_available("a_firmware_vm_boots_its_sata_disk_from_blockd") {
+        return;
+    }
+    let s = Scratch::new("livesync-sata");
+    let certs = certificates(&s, 2);
+    let a = Blockd::start(&s.path("a"), &certs[0]);
+    let b = Blockd::start(&s.path("b"), &certs[1]);
+    mirrored_pair(&a, &b, "4M");
+    // The boot disk's bytes in both copies (they are in sync: the same blocks on each).
+    let image = std::fs::read(bootdisk()).unwrap();
+    for d in [&a, &b] {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.dir.join("disks/d/data"))
+            .unwrap();
+        f.write_all_at(&image, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let socket = a.vhost_socket("d");
+    let mut vm = Vmm::start(&[
+        "--memory".to_string(),
+        "128".into(),
+        "--vcpus".into(),
+        "1".into(),
+        "--disk".into(),
+        format!("vhost-user={socket},bus=sata"),
+    ]);
+    vm.wait_for("stage 2 read through int 13h", BOOT);
+    vm.wait_for("powering off", BOOT);
+    assert!(vm.wait_exit(BOOT).success());
+    let out = vm.output();
+    // The boot disk's bytes are only in blockd's copies: what booted came through it.
+    assert!(
+        !out.contains("bootdisk: FAIL"),
+        "the boot disk failed:\n{out}"
+    );
+}

@@ -192,7 +192,7 @@ pub struct VmConfig {
     pub incoming: Option<PathBuf>,
 }
 
-/// Parses `PATH[,readonly][,bus=virtio|sata]` or `vhost-user=SOCKET`.
+/// Parses `PATH[,readonly][,bus=virtio|sata]` or `vhost-user=SOCKET[,bus=virtio|sata]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     if let Some(socket) = s.strip_prefix("vhost-user=") {
         let mut parts = socket.split(',');
@@ -200,16 +200,23 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
             .next()
             .filter(|p| !p.is_empty())
             .ok_or("vhost-user socket path is empty")?;
-        if let Some(opt) = parts.next() {
-            return Err(format!(
-                "unknown vhost-user disk option {opt:?} (none are accepted: the backend decides read-only, and a vhost-user disk is virtio)"
-            ));
+        let mut bus = DiskBus::Virtio;
+        for opt in parts {
+            match opt {
+                "bus=virtio" => bus = DiskBus::Virtio,
+                "bus=sata" => bus = DiskBus::Sata,
+                other => {
+                    return Err(format!(
+                        "unknown vhost-user disk option {other:?} (expected bus=virtio or bus=sata; the backend decides read-only)"
+                    ))
+                }
+            }
         }
         return Ok(DiskConfig {
             path: socket.into(),
             readonly: false,
             kind: DiskKind::VhostUser,
-            bus: DiskBus::Virtio,
+            bus,
         });
     }
     let mut parts = s.split(',');
@@ -355,7 +362,11 @@ mod tests {
         );
         assert!(parse_disk("/w.img,bus=scsi").is_err());
         assert!(parse_disk("empty,readonly,bus=sata").is_err());
-        assert!(parse_disk("vhost-user=/s.sock,bus=sata").is_err());
+        assert_eq!(
+            parse_disk("vhost-user=/s.sock,bus=sata").unwrap().bus,
+            DiskBus::Sata
+        );
+        assert!(parse_disk("vhost-user=/s.sock,bus=ide").is_err());
         // A file whose name merely contains the word stays a file.
         assert_eq!(parse_disk("./vhost-user=x").unwrap().kind, DiskKind::File);
     }

@@ -373,6 +373,7 @@ struct SataDevices {
 /// drive, on `bus`; none if the VM has neither.
 fn sata_devices(
     cfg: &VmConfig,
+    deferred: bool,
     cdrom: Option<&Option<std::path::PathBuf>>,
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
@@ -383,9 +384,11 @@ fn sata_devices(
     for (i, d) in cfg.disks.iter().enumerate() {
         if d.bus == DiskBus::Sata {
             disks.push((i, drives.len()));
-            drives.push(Drive::Disk(
-                AtaDisk::open(&d.path, d.readonly).map_err(AhciError::from)?,
-            ));
+            let disk = match d.kind {
+                DiskKind::File => AtaDisk::open(&d.path, d.readonly),
+                DiskKind::VhostUser => AtaDisk::vhost_user(&d.path, deferred),
+            };
+            drives.push(Drive::Disk(disk.map_err(AhciError::from)?));
         }
     }
     let cd_port = match cdrom {
@@ -809,7 +812,7 @@ impl Vm {
                 if let Some(p) = pointer {
                     virtio.push(VirtioSlot::Pointer(p));
                 }
-                let sata = sata_devices(cfg, cdrom.as_ref(), &vm, &mem, &mut bus)?;
+                let sata = sata_devices(cfg, parked, cdrom.as_ref(), &vm, &mem, &mut bus)?;
                 let boot = boot_devices(cfg, *order, &virtio_slots, sata.as_ref());
                 ahci = sata;
                 let bus = Arc::new(bus);
@@ -1157,6 +1160,12 @@ impl Vm {
                 virtio,
                 platform: self.platform.as_ref().map(|p| p.save(self.ahci.as_ref())),
             };
+            // SATA disks on vhost-user backends let them go for the target's VMM (their
+            // commands ran to their end: nothing is in flight); should the move fail, the next
+            // command here connects again.
+            if let Some(s) = &self.ahci {
+                lock(&s.ahci).hand_over();
+            }
             mig::write_message(&mut w, &Message::Devices(Box::new(devices)))
                 .map_err(|e| format!("the migration stream: {e}"))?;
             if let Some(vga) = self.platform.as_ref().and_then(|p| p.vga.as_ref()) {

@@ -5,6 +5,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::vhost::{Request, VhostUserStore, REQUEST_BYTES};
+
 /// Sector size of disks.
 pub const SECTOR: u64 = 512;
 
@@ -116,14 +118,29 @@ pub enum AtaError {
         /// Why.
         err: std::io::Error,
     },
+    /// The disk's vhost-user-blk backend cannot be reached or refused.
+    #[error("SATA disk: {0}")]
+    Backend(String),
 }
 
-/// A SATA disk over a file.
+/// Where a SATA disk's blocks are.
+enum Store {
+    /// A file of this server's.
+    File {
+        /// The file.
+        file: File,
+        /// Writes are refused.
+        readonly: bool,
+    },
+    /// A vhost-user-blk backend (a cluster VM's LiveSync disk).
+    VhostUser(VhostUserStore),
+}
+
+/// A SATA disk over a file or a vhost-user-blk backend.
 pub struct AtaDisk {
-    file: File,
+    store: Store,
     path: PathBuf,
     sectors: u64,
-    readonly: bool,
 }
 
 impl AtaDisk {
@@ -135,47 +152,112 @@ impl AtaDisk {
                 err,
             })?;
         Ok(AtaDisk {
-            file,
+            store: Store::File { file, readonly },
             path: path.into(),
             sectors: len / SECTOR,
-            readonly,
         })
     }
 
-    /// The backing file.
+    /// The disk a vhost-user-blk backend at `socket` serves, connected now; or, for a VM that
+    /// comes by live migration (`deferred`), at its first command, once the source let the
+    /// backend go.
+    pub fn vhost_user(socket: &Path, deferred: bool) -> Result<AtaDisk, AtaError> {
+        let (store, sectors) = if deferred {
+            (VhostUserStore::deferred(socket), 0)
+        } else {
+            let mut s = VhostUserStore::connect(socket).map_err(AtaError::Backend)?;
+            let n = s.sectors().map_err(AtaError::Backend)?;
+            (s, n)
+        };
+        Ok(AtaDisk {
+            store: Store::VhostUser(store),
+            path: socket.into(),
+            sectors,
+        })
+    }
+
+    /// The backing file, or the backend's socket.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// A live migration's handover: a backend's connection is let go, for the target's VMM.
+    pub fn hand_over(&mut self) {
+        if let Store::VhostUser(s) = &mut self.store {
+            s.hand_over();
+        }
+    }
+
+    /// The size in sectors; a deferred backend's is learnt by connecting.
+    fn size(&mut self) -> Result<u64, String> {
+        if let Store::VhostUser(s) = &mut self.store {
+            if self.sectors == 0 {
+                self.sectors = s.sectors()?;
+            }
+        }
+        Ok(self.sectors)
+    }
+
     /// IDENTIFY DEVICE data.
-    pub fn identify(&self) -> [u8; 512] {
-        identify("ENSPEED-SATA", "EnSpeed SATA disk", Some(self.sectors))
+    pub fn identify(&mut self) -> Result<[u8; 512], String> {
+        let n = self.size()?;
+        Ok(identify("ENSPEED-SATA", "EnSpeed SATA disk", Some(n)))
     }
 
     /// Whether `count` sectors from `lba` lie on the disk.
-    pub fn in_range(&self, lba: u64, count: u64) -> bool {
-        lba.checked_add(count)
-            .is_some_and(|end| end <= self.sectors)
+    pub fn in_range(&mut self, lba: u64, count: u64) -> Result<bool, String> {
+        let n = self.size()?;
+        Ok(lba.checked_add(count).is_some_and(|end| end <= n))
     }
 
     /// Reads `count` sectors from `lba`.
-    pub fn read(&self, lba: u64, count: u64) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; (count * SECTOR) as usize];
-        self.file.read_exact_at(&mut buf, lba * SECTOR)?;
-        Ok(buf)
+    pub fn read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>, String> {
+        let len = (count * SECTOR) as usize;
+        match &mut self.store {
+            Store::File { file, .. } => {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, lba * SECTOR)
+                    .map_err(|e| e.to_string())?;
+                Ok(buf)
+            }
+            Store::VhostUser(s) => {
+                let mut out = Vec::with_capacity(len);
+                let step = (REQUEST_BYTES as u64) / SECTOR;
+                let mut at = 0;
+                while at < count {
+                    let n = step.min(count - at);
+                    let part = s.request(Request::Read, lba + at, &[], (n * SECTOR) as usize)?;
+                    out.extend_from_slice(&part);
+                    at += n;
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Writes `data` (whole sectors) at `lba`.
-    pub fn write(&self, lba: u64, data: &[u8]) -> std::io::Result<()> {
-        if self.readonly {
-            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+    pub fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), String> {
+        match &mut self.store {
+            Store::File { readonly: true, .. } => Err("the disk is read-only".into()),
+            Store::File { file, .. } => file
+                .write_all_at(data, lba * SECTOR)
+                .map_err(|e| e.to_string()),
+            Store::VhostUser(s) => {
+                for (i, part) in data.chunks(REQUEST_BYTES).enumerate() {
+                    let sector = lba + (i * REQUEST_BYTES) as u64 / SECTOR;
+                    s.request(Request::Write, sector, part, 0)?;
+                }
+                Ok(())
+            }
         }
-        self.file.write_all_at(data, lba * SECTOR)
     }
 
     /// Makes written data durable.
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+    pub fn flush(&mut self) -> Result<(), String> {
+        match &mut self.store {
+            Store::File { file, .. } => file.sync_data().map_err(|e| e.to_string()),
+            Store::VhostUser(s) => s.request(Request::Flush, 0, &[], 0).map(|_| ()),
+        }
     }
 }
 

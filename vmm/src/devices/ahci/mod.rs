@@ -11,6 +11,7 @@
 
 pub mod ata;
 pub mod atapi;
+pub mod vhost;
 
 use std::path::{Path, PathBuf};
 
@@ -280,6 +281,15 @@ impl Ahci {
         self.ports.get_mut(port).and_then(|p| p.drive.as_mut())
     }
 
+    /// A live migration's handover: every SATA disk on a vhost-user backend lets it go.
+    pub fn hand_over(&mut self) {
+        for p in &mut self.ports {
+            if let Some(Drive::Disk(d)) = &mut p.drive {
+                d.hand_over();
+            }
+        }
+    }
+
     /// The CD-ROM's image, if the drive on `port` is the CD-ROM.
     pub fn cdrom_media(&self, port: usize) -> Option<PathBuf> {
         match self.ports.get(port).and_then(|p| p.drive.as_ref()) {
@@ -503,10 +513,13 @@ impl Ahci {
             return Done::error(ABRT);
         };
         match (drive, command) {
-            (Drive::Disk(d), ata::cmd::IDENTIFY) => {
-                let id = d.identify();
-                self.answer(c, &id, true)
-            }
+            (Drive::Disk(d), ata::cmd::IDENTIFY) => match d.identify() {
+                Ok(id) => self.answer(c, &id, true),
+                Err(e) => {
+                    tracing::warn!(disk = %d.path().display(), error = %e, "SATA disk cannot say its size");
+                    Done::error(ABRT)
+                }
+            },
             (Drive::Cdrom(_), ata::cmd::IDENTIFY) => {
                 // An ATAPI device aborts IDENTIFY DEVICE; its signature says what it is.
                 Done::error(ABRT)
@@ -575,11 +588,16 @@ impl Ahci {
     }
 
     fn disk_read(&mut self, port: usize, c: &Command, lba: u64, count: u64) -> Done {
-        let Some(Drive::Disk(d)) = &self.ports[port].drive else {
+        let Some(Drive::Disk(d)) = &mut self.ports[port].drive else {
             return Done::error(ABRT);
         };
-        if !d.in_range(lba, count) || (count * ata::SECTOR) as usize > MAX_TRANSFER {
-            return Done::error(ABRT | 0x10);
+        match d.in_range(lba, count) {
+            Ok(true) if (count * ata::SECTOR) as usize <= MAX_TRANSFER => {}
+            Ok(_) => return Done::error(ABRT | 0x10),
+            Err(e) => {
+                tracing::warn!(disk = %d.path().display(), error = %e, "SATA disk cannot say its size");
+                return Done::error(ABRT);
+            }
         }
         match d.read(lba, count) {
             Ok(data) => self.answer(c, &data, false),
@@ -591,14 +609,23 @@ impl Ahci {
     }
 
     fn disk_write(&mut self, port: usize, c: &Command, lba: u64, count: u64) -> Done {
-        let Some(Drive::Disk(d)) = &self.ports[port].drive else {
-            return Done::error(ABRT);
-        };
         let len = (count * ata::SECTOR) as usize;
-        if !d.in_range(lba, count) || len > MAX_TRANSFER || !c.write {
-            return Done::error(ABRT | 0x10);
+        let fits = match &mut self.ports[port].drive {
+            Some(Drive::Disk(d)) => d.in_range(lba, count),
+            _ => return Done::error(ABRT),
+        };
+        match fits {
+            Ok(true) if len <= MAX_TRANSFER && c.write => {}
+            Ok(_) => return Done::error(ABRT | 0x10),
+            Err(e) => {
+                tracing::warn!(port, error = %e, "SATA disk cannot say its size");
+                return Done::error(ABRT);
+            }
         }
         let Some(data) = self.from_guest(c, len) else {
+            return Done::error(ABRT);
+        };
+        let Some(Drive::Disk(d)) = &mut self.ports[port].drive else {
             return Done::error(ABRT);
         };
         match d.write(lba, &data) {

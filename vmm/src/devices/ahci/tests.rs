@@ -22,6 +22,12 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(1 << 20, |disk| AtaDisk::open(disk, false).unwrap())
+}
+
+/// A controller with the CD-ROM on port 0 and on port 1 the disk `open` makes of a file of
+/// `size` bytes whose sector 1 starts with "SECT".
+fn rig_with(size: usize, open: impl FnOnce(&Path) -> AtaDisk) -> Rig {
     let dir = std::env::temp_dir().join(format!(
         "enspeed-ahci-{}-{:?}",
         std::process::id(),
@@ -29,7 +35,7 @@ fn rig() -> Rig {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
-    let mut d = vec![0u8; 1 << 20];
+    let mut d = vec![0u8; size];
     d[512..516].copy_from_slice(b"SECT");
     std::fs::write(&disk, &d).unwrap();
     let iso = dir.join("cd.iso");
@@ -45,7 +51,7 @@ fn rig() -> Rig {
         mem.clone(),
         vec![
             Drive::Cdrom(Cdrom::new(Some(&iso)).unwrap()),
-            Drive::Disk(AtaDisk::open(&disk, false).unwrap()),
+            Drive::Disk(open(&disk)),
         ],
         Box::new(move |a, d| lock(&s).push((a, d))),
         Box::new(move |up| l.store(up, Ordering::SeqCst)),
@@ -274,4 +280,74 @@ fn msi_replaces_intx_and_bad_guest_addresses_only_fail_the_command() {
     let mut b = [0u8; 2];
     t.ahci.read_bar(ABAR, 0, &mut b);
     assert_eq!(b, [0, 0]);
+}
+
+#[test]
+fn a_sata_disk_on_a_vhost_user_backend_reads_writes_flushes_and_survives_a_handover() {
+    use blockrepl::store::FileStore;
+    let sock = std::env::temp_dir().join(format!("enspeed-ahci-vhost-{}.sock", std::process::id()));
+    let mut server = None;
+    let mut t = rig_with(4 << 20, |disk| {
+        let store = Arc::new(FileStore::open(disk, false).unwrap());
+        let s = blockrepl::vhost_blk::spawn(&sock, store).unwrap();
+        let d = AtaDisk::vhost_user(s.socket(), false).unwrap();
+        server = Some(s);
+        d
+    });
+    t.w(hba::GHC, hba::GHC_IE);
+    t.start(1);
+    let (tfd, n) = t.issue(1, &h2d(ata::cmd::IDENTIFY, 0, 0), &[], &[512], false);
+    assert_eq!((tfd, n), (0x50, 512));
+    let id = t.buf(512);
+    assert_eq!(
+        u16::from_le_bytes([id[200], id[201]]),
+        8192,
+        "the backend's size"
+    );
+    let (tfd, n) = t.issue(1, &h2d(ata::cmd::READ_DMA_EXT, 1, 1), &[], &[512], false);
+    assert_eq!((tfd, n), (0x50, 512));
+    assert_eq!(&t.buf(4), b"SECT");
+
+    // 2 MiB and a sector: more than one request to the backend takes.
+    let len = (2 << 20) + 512;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    t.mem.write_slice(&data, GuestAddress(BUF)).unwrap();
+    let count = (len / 512) as u16;
+    let (tfd, n) = t.issue(
+        1,
+        &h2d(ata::cmd::WRITE_DMA_EXT, 10, count),
+        &[],
+        &[len as u32],
+        true,
+    );
+    assert_eq!((tfd, n as usize), (0x50, len));
+    let (tfd, _) = t.issue(1, &h2d(ata::cmd::FLUSH_CACHE_EXT, 0, 0), &[], &[], false);
+    assert_eq!(tfd, 0x50);
+    assert_eq!(
+        std::fs::read(&t.disk).unwrap()[10 * 512..10 * 512 + len],
+        data[..]
+    );
+    t.mem
+        .write_slice(&vec![0u8; len], GuestAddress(BUF))
+        .unwrap();
+    let (tfd, n) = t.issue(
+        1,
+        &h2d(ata::cmd::READ_DMA_EXT, 10, count),
+        &[],
+        &[len as u32],
+        false,
+    );
+    assert_eq!((tfd, n as usize), (0x50, len));
+    assert_eq!(t.buf(len), data);
+
+    // A live migration's handover lets the backend go; the next command connects again.
+    t.ahci.hand_over();
+    let (tfd, _) = t.issue(1, &h2d(ata::cmd::READ_DMA_EXT, 1, 1), &[], &[512], false);
+    assert_eq!(tfd, 0x50);
+    assert_eq!(&t.buf(4), b"SECT");
+
+    // The backend gone: the command fails with an error in the task file; nothing panics.
+    drop(server.take());
+    let (tfd, _) = t.issue(1, &h2d(ata::cmd::READ_DMA_EXT, 1, 1), &[], &[512], false);
+    assert_eq!(tfd & 0x41, 0x41, "error status: {tfd:#x}");
 }

@@ -115,10 +115,10 @@ struct Started {
 }
 
 /// What the handshake with a backend learnt.
-struct Handshake {
-    frontend: Frontend,
+pub(crate) struct Handshake {
+    pub(crate) frontend: Frontend,
     features: u64,
-    config: [u8; CONFIG_LEN],
+    pub(crate) config: [u8; CONFIG_LEN],
     can_log: bool,
 }
 
@@ -171,6 +171,12 @@ impl VhostUserBlk {
             can_log: false,
             log: None,
         }
+    }
+
+    /// Connects to the backend at `socket` for a disk of the VMM's own (the SATA disk's
+    /// ring): the handshake alone.
+    pub(crate) fn handshake_for(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
+        Self::handshake(socket)
     }
 
     fn handshake(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
