@@ -35,8 +35,8 @@ use vmm_api::Request as VmmRequest;
 use crate::api::{self, Request};
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    BootOrder, Capacity, Command as StateCommand, DiskObservation, DiskRecord, MoveOutcome,
-    NicAddresses, Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
+    BootOrder, Capacity, Command as StateCommand, DiskBus, DiskObservation, DiskRecord,
+    MoveOutcome, NicAddresses, Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -1220,11 +1220,17 @@ impl Reconciler {
         }
         cmd.args(["--memory", &vm.memory_mib.to_string()])
             .args(["--vcpus", &vm.vcpus.max(1).to_string()]);
+        // Virtio unless said otherwise; a VM booted by the guest kernel has its disks on
+        // virtio (the state refuses SATA for it).
+        let bus = match (vm.boot.firmware(), vm.disk_bus) {
+            (Some(_), DiskBus::Sata) => ",bus=sata",
+            _ => "",
+        };
         for d in &vm.disks {
             let socket = copies.get(d).and_then(|c| c.vhost_socket.clone());
             let socket = socket.unwrap_or_default();
             cmd.arg("--disk")
-                .arg(format!("vhost-user={}", socket.display()));
+                .arg(format!("vhost-user={}{bus}", socket.display()));
         }
         // The CD-ROM drive, after the disks: the ISO if this server holds it yet, else empty
         // (`cdroms` inserts it once copied).

@@ -330,6 +330,7 @@ mod tests {
                 running: true,
                 boot: Default::default(),
                 boot_order: Default::default(),
+                disk_bus: Default::default(),
                 cdrom: None,
                 networks: Vec::new(),
             }),

@@ -467,7 +467,7 @@ try {
   await shot(r, "regular-no-vm");
 
   if (barsIso) {
-    step("the Manager uploads a bootable CD and creates a blank VM that boots it: the BIOS, the CD's screen in noVNC at the size the guest set");
+    step("the Manager uploads a bootable CD and creates a blank VM (its disks on SATA) that boots it: the BIOS, the CD's screen in noVNC at the size the guest set");
     await openTab(m, "library");
     await m.setInputFiles("[data-test=iso-file]", barsIso);
     await m.fill("[data-test=iso-name]", BARS);
@@ -479,6 +479,8 @@ try {
     assert.equal(await m.locator("[data-test=vm-boot]").inputValue(), "bios:disk_first", "a blank PC is the default");
     await fillForm(m, "vm-create", { "vm-name": BLANK, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1, "vm-disk1-size": 1 });
     await m.selectOption("[data-test=vm-boot]", "bios:cdrom_first");
+    assert.equal(await m.locator("[data-test=vm-disk-bus]").inputValue(), "virtio", "virtio disks are the default");
+    await m.selectOption("[data-test=vm-disk-bus]", "sata");
     await m.selectOption("[data-test=vm-iso]", BARS);
     await m.check("[data-test=vm-start]");
     await m.click("[data-test=vm-create-submit]");
@@ -510,14 +512,17 @@ try {
     const blankShown = (test) => text(blankDetail.locator(`[data-test=${test}] .v`));
     assert.equal(await blankShown("vm-disk1"), "1 GiB");
     assert.equal(await blankShown("vm-disk2"), "--");
+    assert.equal(await blankShown("vm-boot-mode"), "BIOS, CD-ROM first, disks on SATA");
     await until("Change VM enabled", async () => !(await blankDetail.locator("[data-test=vm-edit-submit]").isDisabled()));
     await blankDetail.locator("[data-test=vm-edit-memory]").fill("256");
     assert.equal(await blankDetail.locator("[data-test=vm-edit-disk1]").inputValue(), "1");
     await blankDetail.locator("[data-test=vm-edit-disk1]").fill("3");
     await blankDetail.locator("[data-test=vm-edit-add-disk]").fill("2");
+    assert.equal(await blankDetail.locator("[data-test=vm-edit-disk-bus]").inputValue(), "sata");
+    await blankDetail.locator("[data-test=vm-edit-disk-bus]").selectOption("virtio");
     await blankDetail.locator("[data-test=vm-edit-submit]").click();
     await until("the change shown", async () => (await blankShown("vm-memory-size")) === "256 MiB" && (await blankShown("vm-disk1")) === "3 GiB" &&
-      (await blankShown("vm-disk2")) === "2 GiB", 30000);
+      (await blankShown("vm-disk2")) === "2 GiB" && (await blankShown("vm-boot-mode")) === "BIOS, CD-ROM first, disks on virtio", 30000);
     await shot(m, "manager-blank-vm-changed");
   }
 

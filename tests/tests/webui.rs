@@ -2331,8 +2331,44 @@ fn a_blank_vm_boots_the_iso_in_its_cd_rom_through_its_bios() {
     let audit = m.get("/api/v1/audit").1.to_string();
     assert!(audit.contains("Disk1 grown to 3 GiB"), "{audit}");
 
-    // Its firmware becomes UEFI (OVMF runs only in the test host: here the VM stays off).
+    // Its disks onto the SATA controller: the BIOS finds the three of them there, each served
+    // from its LiveSync copies through the VMM's own vhost-user ring.
     cluster::wait_for("the VM stopped a fourth time", WAIT, || {
+        let v = m.get(&format!("/api/v1/vms/{vm}")).1;
+        (v["status"] == "stopped").then_some(())
+    });
+    let threes = log.matches("bootdisk: hard disks 03").count();
+    let r = edit(json!({"disk_bus": "sata"}));
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1["disk_bus"], "sata", "{r:?}");
+    let log = boot(5, "the fifth boot, its disks on SATA");
+    assert_eq!(
+        log.matches("bootdisk: hard disks 03").count(),
+        threes + 1,
+        "{log}"
+    );
+    let vmm_log = c.servers[primary].data.join("agent/vms/blank/vmm.log");
+    let vmm_log = std::fs::read_to_string(vmm_log).unwrap_or_default();
+    assert_eq!(
+        vmm_log
+            .matches("SATA disk on its vhost-user-blk backend")
+            .count(),
+        3,
+        "{vmm_log}"
+    );
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("disks on Sata"), "{audit}");
+    // The cluster's guest kernel never has its disks on SATA.
+    let r = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "kernel-sata", "memory_mib": 64, "disk_gib": 1, "disk_bus": "sata"})),
+    );
+    assert_eq!(r.0, 409, "{r:?}");
+    assert!(r.1.to_string().contains("booted by its firmware"), "{r:?}");
+
+    // Its firmware becomes UEFI (OVMF runs only in the test host: here the VM stays off).
+    cluster::wait_for("the VM stopped a fifth time", WAIT, || {
         let v = m.get(&format!("/api/v1/vms/{vm}")).1;
         (v["status"] == "stopped").then_some(())
     });

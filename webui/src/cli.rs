@@ -96,6 +96,10 @@ pub enum VmCommand {
         /// With --blank: UEFI firmware (OVMF) instead of the BIOS.
         #[arg(long, requires = "blank")]
         uefi: bool,
+        /// With --blank: its disks on the SATA controller instead of virtio (for installers
+        /// without virtio drivers).
+        #[arg(long, requires = "blank")]
+        sata: bool,
         /// A network card on this network (again for more cards, up to 4, in order).
         #[arg(long = "net", value_name = "NETWORK")]
         net: Vec<String>,
@@ -117,6 +121,9 @@ pub enum VmCommand {
         /// With bios or uefi: disk_first or cdrom_first.
         #[arg(long)]
         boot_order: Option<String>,
+        /// With bios or uefi: the controller of its disks, virtio or sata.
+        #[arg(long)]
+        disk_bus: Option<String>,
         /// A new blank disk of this many GiB after its others (repeat it for more, up to Disk3).
         #[arg(long = "add-disk", value_name = "GIB")]
         add_disk: Vec<u64>,
@@ -641,6 +648,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             iso,
             cdrom_first,
             uefi,
+            sata,
             net,
         } => {
             let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
@@ -658,6 +666,9 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
                 if cdrom_first {
                     body["boot_order"] = json!("cdrom_first");
                 }
+                if sata {
+                    body["disk_bus"] = json!("sata");
+                }
             }
             if let Some(iso) = iso {
                 body["iso"] = json!(iso);
@@ -670,6 +681,7 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             vcpus,
             boot,
             boot_order,
+            disk_bus,
             add_disk,
             grow_disk,
         } => {
@@ -695,6 +707,9 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             }
             if let Some(o) = boot_order {
                 body["boot_order"] = json!(o);
+            }
+            if let Some(b) = disk_bus {
+                body["disk_bus"] = json!(b);
             }
             run(
                 l,

@@ -7,11 +7,12 @@
 //!   DELETE /api/v1/session             log out
 //!   GET    /api/v1/summary             counts of what the caller sees
 //!   GET    /api/v1/vms                 VMs the caller sees
-//!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?,
+//!   PATCH  /api/v1/vms/{id}            change a powered-off VM {memory_mib?, vcpus?, boot?, boot_order?, disk_bus?,
 //!                                        add_disks_gib? (new blank disks, up to Disk3),
 //!                                        grow_disks? ([{disk, gib}]: disks it has, grown)}
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, extra_disks_gib?, owner?, start?,
-//!                                        boot? (kernel|bios|uefi), boot_order? (disk_first|cdrom_first), iso?}
+//!                                        boot? (kernel|bios|uefi), boot_order? (disk_first|cdrom_first),
+//!                                        disk_bus? (virtio|sata, with bios or uefi), iso?}
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
@@ -99,6 +100,9 @@ struct NewVm {
     /// With bios or uefi: disk_first (the default) or cdrom_first.
     #[serde(default)]
     boot_order: state_machine::BootOrder,
+    /// With bios or uefi: virtio (the default) or sata.
+    #[serde(default)]
+    disk_bus: state_machine::DiskBus,
     /// A library ISO in the CD-ROM drive from the start.
     #[serde(default)]
     iso: Option<String>,
@@ -138,6 +142,8 @@ struct VmChange {
     boot: Option<state_machine::BootMode>,
     #[serde(default)]
     boot_order: Option<state_machine::BootOrder>,
+    #[serde(default)]
+    disk_bus: Option<state_machine::DiskBus>,
     /// New blank disks, GiB each, after the VM's others.
     #[serde(default)]
     add_disks_gib: Vec<u64>,
@@ -557,6 +563,7 @@ impl App {
                             vcpus: body.vcpus,
                             boot: body.boot,
                             boot_order: body.boot_order,
+                            disk_bus: body.disk_bus,
                             add_disks: disk_sizes(
                                 "add_disks_gib",
                                 &body.add_disks_gib,
@@ -1141,6 +1148,7 @@ impl App {
                         running: v.start,
                         boot: v.boot,
                         boot_order: v.boot_order,
+                        disk_bus: v.disk_bus,
                         cdrom: v.iso.clone(),
                         networks: v.networks.clone(),
                     },

@@ -3,7 +3,7 @@
 
 use control::access::{self, Role, UserRecord};
 use control::state_machine::{
-    BootMode, BootOrder, DiskRecord, LinkState, StateMachine, VmPart, VmRecord,
+    BootMode, BootOrder, DiskBus, DiskRecord, LinkState, StateMachine, VmPart, VmRecord,
 };
 use serde::Serialize;
 
@@ -183,6 +183,8 @@ pub struct VmView {
     pub boot: BootMode,
     /// With `bios` or `uefi`: `disk_first` or `cdrom_first`.
     pub boot_order: BootOrder,
+    /// With `bios` or `uefi`: the controller its disks are on, `virtio` or `sata`.
+    pub disk_bus: DiskBus,
     /// Its network cards, in order.
     pub nics: Vec<NicView>,
     /// Why it does not run though it should (its primary server cannot start it): the
@@ -402,6 +404,7 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
         cdrom: vm.cdrom.clone(),
         boot: vm.boot,
         boot_order: vm.boot_order,
+        disk_bus: vm.disk_bus,
         nics: vm
             .nics
             .iter()

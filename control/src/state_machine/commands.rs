@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::observations::Observation;
 use super::records::{
-    BootMode, BootOrder, Capacity, DiskRecord, MoveOutcome, NetworkRecord, Nic, VmRecord,
+    BootMode, BootOrder, Capacity, DiskBus, DiskRecord, MoveOutcome, NetworkRecord, Nic, VmRecord,
 };
 use crate::access::{Quota, Role, SessionRecord};
 
@@ -196,6 +196,9 @@ pub struct NewVm {
     /// With firmware boot: what the firmware boots first.
     #[serde(default)]
     pub boot_order: BootOrder,
+    /// With firmware boot: the controller its disks are on.
+    #[serde(default)]
+    pub disk_bus: DiskBus,
     /// The ISO in its CD-ROM drive from the start (a library image's name).
     #[serde(default)]
     pub cdrom: Option<String>,
@@ -229,6 +232,7 @@ impl NewVm {
             cdrom: self.cdrom.clone(),
             boot: self.boot,
             boot_order: self.boot_order,
+            disk_bus: self.disk_bus,
             moving: None,
             nics: self
                 .networks
@@ -334,6 +338,9 @@ pub enum Action {
         /// What its firmware boots first.
         #[serde(default)]
         boot_order: Option<BootOrder>,
+        /// The controller its disks are on.
+        #[serde(default)]
+        disk_bus: Option<DiskBus>,
         /// New blank disks, bytes each, after the ones it has (up to Disk3).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         add_disks: Vec<u64>,

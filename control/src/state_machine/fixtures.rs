@@ -50,6 +50,7 @@ pub(super) fn new_vm(name: &str, networks: &[&str]) -> NewVm {
         running: false,
         boot: Default::default(),
         boot_order: Default::default(),
+        disk_bus: Default::default(),
         cdrom: None,
         networks: networks.iter().map(|n| n.to_string()).collect(),
     }

@@ -49,7 +49,7 @@ pub use observations::{
     VmPart, MAX_SEEN_ADDRESSES,
 };
 pub use records::{
-    BootMode, BootOrder, Capacity, Counters, DiskRecord, IsoRecord, LiveMove, MoveOutcome,
+    BootMode, BootOrder, Capacity, Counters, DiskBus, DiskRecord, IsoRecord, LiveMove, MoveOutcome,
     NetworkRecord, Nic, Pool, ServerRecord, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS,
     MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
@@ -400,6 +400,7 @@ mod tests {
                 cdrom: None,
                 boot: BootMode::Kernel,
                 boot_order: BootOrder::DiskFirst,
+                disk_bus: Default::default(),
                 moving: None,
                 nics: Vec::new(),
             }),

@@ -165,6 +165,9 @@ pub struct VmRecord {
     /// With firmware boot: what the firmware boots first.
     #[serde(default)]
     pub boot_order: BootOrder,
+    /// With firmware boot: the controller its disks are on.
+    #[serde(default)]
+    pub disk_bus: DiskBus,
     /// Its network cards, in order (the guest's first NIC first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<Nic>,
@@ -309,6 +312,18 @@ pub enum BootOrder {
     DiskFirst,
     /// The CD-ROM, then the disks.
     CdromFirst,
+}
+
+/// The controller a firmware-booted VM's disks are on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// virtio-blk (virtio-pci): every modern OS has its driver.
+    #[default]
+    Virtio,
+    /// The SATA (AHCI) controller beside the CD-ROM drive: for installers without virtio
+    /// drivers (Windows setup).
+    Sata,
 }
 
 /// An ISO image of the library: a file every VM server keeps a copy of, named by its

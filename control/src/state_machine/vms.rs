@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
-    Acted, Action, BootMode, DiskGrowth, DiskRecord, LiveMove, MoveOutcome, Nic, Outcome,
+    Acted, Action, BootMode, DiskBus, DiskGrowth, DiskRecord, LiveMove, MoveOutcome, Nic, Outcome,
     RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
 };
 use crate::access;
@@ -96,6 +96,7 @@ impl StateMachine {
                 "VM {name} boots the guest kernel, but none is given"
             )));
         }
+        check_disk_bus(&vm)?;
         self.check_nics(&vm)?;
         self.lease_addresses(&mut vm)?;
         let total: u64 = sizes.iter().sum();
@@ -530,6 +531,7 @@ impl StateMachine {
                 vcpus,
                 boot,
                 boot_order,
+                disk_bus,
                 add_disks,
                 grow_disks,
             } => {
@@ -563,6 +565,10 @@ impl StateMachine {
                 if let Some(o) = boot_order {
                     new.boot_order = *o;
                 }
+                if let Some(b) = disk_bus {
+                    new.disk_bus = *b;
+                }
+                check_disk_bus(&new)?;
                 if new == v && add_disks.is_empty() && grow_disks.is_empty() {
                     return Err(Refusal::conflict(format!(
                         "VM {vm} ({}): nothing changes",
@@ -576,8 +582,8 @@ impl StateMachine {
                     access::check_more_disk(self, o, add_disks.iter().sum::<u64>() + more)?;
                 }
                 let mut what = format!(
-                    "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?})",
-                    v.name, new.memory_mib, new.vcpus, new.boot, new.boot_order
+                    "vm {vm} ({}): {} MiB, {} vCPUs, boots {:?} ({:?}), disks on {:?}",
+                    v.name, new.memory_mib, new.vcpus, new.boot, new.boot_order, new.disk_bus
                 );
                 if !add_disks.is_empty() {
                     let gib: Vec<String> = add_disks
@@ -671,6 +677,7 @@ impl StateMachine {
                     // It boots as its source does.
                     boot: src.boot,
                     boot_order: src.boot_order,
+                    disk_bus: src.disk_bus,
                     // On the same networks, with MACs of its own (`create_vm` gives them).
                     moving: None,
                     nics: src
@@ -817,6 +824,18 @@ impl StateMachine {
     }
 }
 
+/// SATA disks need a firmware to boot from them: a VM started with the guest kernel has its
+/// disks on virtio.
+fn check_disk_bus(vm: &VmRecord) -> Result<(), Refusal> {
+    if vm.disk_bus == DiskBus::Sata && vm.boot == BootMode::Kernel {
+        return Err(Refusal::conflict(format!(
+            "VM {}: SATA disks are for a VM booted by its firmware (BIOS or UEFI), not the guest kernel",
+            vm.name
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::access::{Quota, Role};
@@ -824,7 +843,7 @@ mod tests {
         act, new_user, new_vm, servers_with_room, two_servers_with_room,
     };
     use crate::state_machine::{
-        Action, BootMode, BootOrder, DiskGrowth, NewVm, Outcome, RefusalKind, StateMachine,
+        Action, BootMode, BootOrder, DiskBus, DiskGrowth, NewVm, Outcome, RefusalKind, StateMachine,
     };
 
     /// A Manager and a running VM `v` placed on `servers` servers with room: (manager, VMID,
@@ -1113,6 +1132,7 @@ mod tests {
             vcpus: None,
             boot: None,
             boot_order: None,
+            disk_bus: None,
             add_disks: Vec::new(),
             grow_disks: disks
                 .iter()
@@ -1180,6 +1200,7 @@ mod tests {
             running: false,
             boot: BootMode::Bios,
             boot_order: BootOrder::DiskFirst,
+            disk_bus: DiskBus::Virtio,
             cdrom: None,
             networks: Vec::new(),
         }
@@ -1192,6 +1213,7 @@ mod tests {
             vcpus: Some(2),
             boot,
             boot_order: Some(BootOrder::CdromFirst),
+            disk_bus: None,
             add_disks: Vec::new(),
             grow_disks: Vec::new(),
         };
@@ -1210,6 +1232,7 @@ mod tests {
             vcpus: None,
             boot: None,
             boot_order: None,
+            disk_bus: None,
             add_disks: vec![gib << 30],
             grow_disks: Vec::new(),
         };
@@ -1226,6 +1249,24 @@ mod tests {
             .contains("nothing changes"));
         act(&mut sm, p, edit(None, Some(BootMode::Uefi))).unwrap();
         assert_eq!(sm.vms["v"].boot.firmware(), Some("uefi"));
+        // Its disks onto the SATA controller; the guest kernel never has them there.
+        let bus = |boot: Option<BootMode>| Action::EditVm {
+            vm: 7,
+            memory_mib: None,
+            vcpus: None,
+            boot,
+            boot_order: None,
+            disk_bus: Some(DiskBus::Sata),
+            add_disks: Vec::new(),
+            grow_disks: Vec::new(),
+        };
+        act(&mut sm, p, bus(None)).unwrap();
+        assert_eq!(sm.vms["v"].disk_bus, DiskBus::Sata);
+        sm.vms.get_mut("v").unwrap().kernel = "/boot/vmlinuz".into();
+        assert!(refused(act(&mut sm, p, bus(Some(BootMode::Kernel))))
+            .reason
+            .contains("SATA disks are for a VM booted by its firmware"));
+        assert_eq!(sm.vms["v"].boot, BootMode::Uefi, "nothing changed");
         sm.vms.get_mut("v").unwrap().running = true;
         assert!(refused(act(&mut sm, p, edit(Some(256), None)))
             .reason
@@ -1233,8 +1274,14 @@ mod tests {
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
         assert_eq!(
             audit.iter().filter(|a| **a == "vm.edit").count(),
-            2,
+            3,
             "{audit:?}"
+        );
+        assert!(
+            sm.audit
+                .values()
+                .any(|a| a.target.contains("disks on Sata")),
+            "the audit says where the disks went"
         );
     }
 }

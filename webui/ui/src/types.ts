@@ -60,6 +60,7 @@ export interface Vm {
   boot: "kernel" | "bios" | "uefi";
   /** With firmware boot: what it boots first. */
   boot_order: "disk_first" | "cdrom_first";
+  disk_bus: "virtio" | "sata";
   /** Its network cards, in order. */
   nics: Nic[];
   /** Why it does not run though it should (details for a Manager). */

@@ -41,6 +41,24 @@ function bootField(test: string): HTMLElement {
   );
 }
 
+/** The controller a blank PC's disks are on (the guest system's are always virtio). */
+function diskBusField(test: string): HTMLElement {
+  return field(
+    "Disk bus",
+    h(
+      "select",
+      { name: "disk_bus", "data-test": test, title: "SATA: for installers without virtio drivers (Windows setup)" },
+      h("option", { value: "virtio" }, "virtio (fastest; every modern OS)"),
+      h("option", { value: "sata" }, "SATA (installers without virtio drivers)"),
+    ),
+  );
+}
+
+/** The disk bus a form's `diskBusField` names, for a blank PC only. */
+function busChoice(f: HTMLFormElement, boot: string): { disk_bus?: string } {
+  return boot === "kernel" ? {} : { disk_bus: value(f, "disk_bus") };
+}
+
 /** The boot mode and order a form's `bootField` names. */
 function bootChoice(f: HTMLFormElement): { boot: string; boot_order?: string } {
   const [boot, boot_order] = value(f, "boot").split(":");
@@ -170,6 +188,7 @@ export function vmsPage(ctx: PageContext): void {
         ),
         field("Owner", h("select", { name: "owner", "data-test": "vm-owner" }, h("option", { value: me.id }, me.name))),
         bootField("vm-boot"),
+        diskBusField("vm-disk-bus"),
         field("CD-ROM", h("select", { name: "iso", "data-test": "vm-iso" }, h("option", { value: "" }, "empty"))),
         NIC_SLOTS.map((i) =>
           field(`Network card ${i}`, h("select", { name: `nic${i}`, "data-test": `vm-nic${i}` }, h("option", { value: "" }, "none"))),
@@ -205,6 +224,7 @@ export function vmsPage(ctx: PageContext): void {
           start: (f.elements.namedItem("start") as HTMLInputElement).checked,
           boot,
           ...(boot_order ? { boot_order } : {}),
+          ...busChoice(f, boot),
           ...(iso ? { iso } : {}),
           ...(nets.length ? { networks: nets } : {}),
         });
@@ -341,7 +361,7 @@ export function vmsPage(ctx: PageContext): void {
             "Boots",
             vm.boot === "kernel"
               ? "guest system"
-              : `${vm.boot.toUpperCase()}, ${vm.boot_order === "cdrom_first" ? "CD-ROM first" : "disk first"}`,
+              : `${vm.boot.toUpperCase()}, ${vm.boot_order === "cdrom_first" ? "CD-ROM first" : "disk first"}, disks on ${vm.disk_bus === "sata" ? "SATA" : "virtio"}`,
             "vm-boot-mode",
           ),
           disks,
@@ -376,6 +396,7 @@ export function vmsPage(ctx: PageContext): void {
         field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 16, value: vm.memory_mib, required: true, "data-test": "vm-edit-memory" })),
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: vm.vcpus, required: true, "data-test": "vm-edit-vcpus" })),
         bootField("vm-edit-boot"),
+        diskBusField("vm-edit-disk-bus"),
         vm.disks.map((size, i) =>
           field(
             `Disk${i} (GiB)`,
@@ -387,6 +408,7 @@ export function vmsPage(ctx: PageContext): void {
         error,
       );
       (form.elements.namedItem("boot") as HTMLSelectElement).value = bootNow;
+      (form.elements.namedItem("disk_bus") as HTMLSelectElement).value = vm.disk_bus;
       onSubmit(
         form,
         submit,
@@ -402,6 +424,7 @@ export function vmsPage(ctx: PageContext): void {
             vcpus: Number(value(form, "vcpus")),
             boot,
             ...(boot_order ? { boot_order } : {}),
+            ...busChoice(form, boot),
             ...(add ? { add_disks_gib: [Number(add)] } : {}),
             ...(grow.length ? { grow_disks: grow } : {}),
           };
