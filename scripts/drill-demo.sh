@@ -32,7 +32,16 @@ for i in $(seq 1 "$runs"); do
     done
     kill -TERM -- -"$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
-    case $verdict in installed*) ;; *) failed=$((failed + 1)) ;; esac
+    case $verdict in
+        installed*) ;;
+        *)
+            failed=$((failed + 1))
+            # The test host's console (its kernel's messages) of a failed run, kept.
+            kept="${ENSPEED_CACHE:-$HOME/.cache/enspeed}/demo/drill-demo-run$i-console.log"
+            cp "${ENSPEED_CACHE:-$HOME/.cache/enspeed}/demo/testhost-console.log" "$kept" 2>/dev/null &&
+                verdict="$verdict (the test host's console: $kept)"
+            ;;
+    esac
     echo "drill-demo: run $i: $verdict"
 done
 echo "drill-demo: $ok of $runs runs installed the demo VM and ran it; $broken ended in the test host's own failure"

@@ -17,13 +17,16 @@ R=$CARGO_TARGET_DIR/release
 image/kit/iso.sh --uefi "$R/uefi-virtio.iso" \
     "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/vda kit.proof=uefi-installed-virtio" \
     enspeed-cd >/dev/null
+image/kit/iso.sh --uefi "$R/uefi-sata.iso" \
+    "console=ttyS0 quiet kit.task=install,poweroff kit.dev=/dev/sda kit.proof=uefi-installed-sata" \
+    enspeed-cd >/dev/null
 image/testhost/build.sh
 aborted=0
 for i in $(seq 1 "$runs"); do
     set +e
     out=$(bash image/testhost/run.sh --scenario tests/testhost/enspeed-firmware-uefi.sh \
-        --enspeed "$R/enspeed" --timeout 1400 --silence 300 \
-        --extra "$R/uefi-virtio.iso" 2>&1)
+        --enspeed "$R/enspeed" --smp 1 --timeout 1400 --silence 300 \
+        --extra "$R/uefi-virtio.iso" --extra "$R/uefi-sata.iso" 2>&1)
     rc=$?
     set -e
     if grep -q "qemu_mutex_iothread_locked" <<<"$out"; then

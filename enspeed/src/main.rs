@@ -281,8 +281,9 @@ struct VmmArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// A disk: PATH[,readonly][,bus=virtio|sata] (served by the VMM from a file; read-only
-    /// virtio disks are removable media; SATA disks need firmware boot), or vhost-user=SOCKET (served by a vhost-user-blk backend such as `enspeed blockd`,
-    /// which decides whether it is read-only). Repeat for more.
+    /// virtio disks are removable media; SATA disks need firmware boot), or
+    /// vhost-user=SOCKET[,bus=virtio|sata] (served by a vhost-user-blk backend such as
+    /// `enspeed blockd`, which decides whether it is read-only). Repeat for more.
     #[arg(long = "disk", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
     /// A network card: tap=NAME[,mac=MAC]. Repeat for more.

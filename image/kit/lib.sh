@@ -26,17 +26,21 @@ apt_update() {
     APT_UPDATED=1
 }
 
-# deb_resolve PKG...: looks up the candidate versions apt would download, all in one
-# apt-cache call (each reads every package list, about 0.3 s), into DEB_VER. A fresh machine
-# may have no package lists yet, so one apt-get update is tried before giving up.
+# deb_resolve PKG...: looks up the versions to unpack, all in one apt-cache call (each reads
+# every package list, about 0.3 s), into DEB_VER: each package's newest version in Debian 12's
+# own archives (bookworm and its security and point updates), never one from backports, even
+# where this machine has installed a newer one from there (QEMU: scripts/setup.sh): the guests
+# and the test host are Debian 12 as released. A fresh machine may have no package lists yet,
+# so one apt-get update is tried before giving up.
 declare -A DEB_VER=()
 deb_resolve() {
     local pkg ver missing=()
     while read -r pkg ver; do
         if [ -n "$pkg" ]; then DEB_VER[$pkg]=$ver; fi
-    done < <(apt-cache policy "$@" 2>/dev/null |
-        awk '/^[^ ]/ { name = $1; sub(/:$/, "", name) }
-             /Candidate:/ && $2 != "(none)" { print name, $2 }')
+    done < <(apt-cache madison "$@" 2>/dev/null |
+        awk -F'|' '$3 ~ / Packages$/ && $3 !~ /backports/ {
+                       gsub(/ /, "", $1); gsub(/ /, "", $2)
+                       if (!($1 in seen)) { seen[$1] = 1; print $1, $2 } }')
     for pkg in "$@"; do
         [ -n "${DEB_VER[$pkg]:-}" ] || missing+=("$pkg")
     done
@@ -49,7 +53,7 @@ deb_resolve() {
     die "no candidate version for Debian package(s) ${missing[*]} (check apt sources)"
 }
 
-# deb_version PKG: PKG's candidate version (looked up unless deb_resolve already did).
+# deb_version PKG: PKG's version to unpack (looked up unless deb_resolve already did).
 deb_version() {
     [ -n "${DEB_VER[$1]:-}" ] || deb_resolve "$1"
     printf '%s\n' "${DEB_VER[$1]}"

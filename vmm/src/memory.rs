@@ -62,7 +62,16 @@ pub fn create_with(mib: u64, vga_hole: bool) -> Result<(GuestMemory, File), Memo
     if !(16..=1 << 20).contains(&mib) {
         return Err(MemoryError::BadSize(mib));
     }
-    let size = mib << 20;
+    create_bytes(mib << 20, vga_hole)
+}
+
+/// Memory of the VMM's own that a vhost-user backend maps like guest RAM (a SATA disk's ring
+/// and buffer): `bytes` long, a whole number of pages, at addresses from 0.
+pub fn private(bytes: u64) -> Result<(GuestMemory, File), MemoryError> {
+    create_bytes(bytes.next_multiple_of(4096), false)
+}
+
+fn create_bytes(size: u64, vga_hole: bool) -> Result<(GuestMemory, File), MemoryError> {
     let name = CString::new("enspeed-guest-ram").expect("no NUL in literal");
     // SAFETY: name is a valid NUL-terminated string; the returned fd is checked.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -99,6 +108,7 @@ pub fn create_with(mib: u64, vga_hole: bool) -> Result<(GuestMemory, File), Memo
         .map_err(|e| MemoryError::Map(vm_memory::mmap::FromRangesError::Collection(e)))?;
     Ok((mem, file))
 }
+
 
 /// Anonymous private memory outside guest RAM (the framebuffer, the
 /// firmware image), mapped at an address the kernel chooses and unmapped

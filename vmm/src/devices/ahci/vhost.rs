@@ -52,10 +52,6 @@ mod at {
     pub const DATA: u64 = 0x1000;
 }
 
-/// Private memory: 16 MiB of memfd (the smallest `memory::create` makes), of which the ring's
-/// page and the buffer are ever touched.
-const PRIVATE_MIB: u64 = 16;
-
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 
@@ -157,7 +153,7 @@ impl VhostUserStore {
             let socket = socket.clone();
             move |e: vhost::Error| format!("vhost-user-blk backend {socket}: cannot {what}: {e}")
         };
-        let (mem, _file) = crate::memory::create(PRIVATE_MIB)
+        let (mem, _file) = crate::memory::private(at::DATA + REQUEST_BYTES as u64)
             .map_err(|e| format!("memory for the SATA disk's ring: {e}"))?;
         let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
         let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
