@@ -25,7 +25,7 @@ aborted=0
 for i in $(seq 1 "$runs"); do
     set +e
     out=$(bash image/testhost/run.sh --scenario tests/testhost/enspeed-firmware-uefi.sh \
-        --enspeed "$R/enspeed" --smp 1 --timeout 1400 --silence 300 \
+        --enspeed "$R/enspeed" --timeout 1400 --silence 300 \
         --extra "$R/uefi-virtio.iso" --extra "$R/uefi-sata.iso" 2>&1)
     rc=$?
     set -e
