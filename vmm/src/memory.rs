@@ -109,7 +109,6 @@ fn create_bytes(size: u64, vga_hole: bool) -> Result<(GuestMemory, File), Memory
     Ok((mem, file))
 }
 
-
 /// Anonymous private memory outside guest RAM (the framebuffer, the
 /// firmware image), mapped at an address the kernel chooses and unmapped
 /// when dropped.

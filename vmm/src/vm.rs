@@ -234,7 +234,6 @@ fn map_rom(
     Ok(rom)
 }
 
-/// The VM's disks (first) and NICs as virtio-mmio transports on `mmio`.
 /// Opens NIC `n`'s tap. A VM migrating in (`later`) announces its MAC when it runs here, not
 /// while it still runs at the source; any other at once (it may have run elsewhere a moment
 /// ago: a failover).
@@ -252,6 +251,7 @@ fn open_announced(
     Ok(tap)
 }
 
+/// The VM's disks (first) and NICs as virtio-mmio transports on `mmio`.
 fn mmio_virtio(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
@@ -876,13 +876,13 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report CPUID"))?;
+        let pv_clock = !matches!(cfg.boot, Boot::Firmware { .. });
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
             let mut c = base_cpuid.clone();
-            let pv_clock = !matches!(cfg.boot, Boot::Firmware { .. });
             cpuid::patch(&mut c, id, cfg.vcpus, pv_clock);
             fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
             regs::setup_msrs(&fd)?;

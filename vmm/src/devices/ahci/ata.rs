@@ -131,6 +131,8 @@ enum Store {
         file: File,
         /// Writes are refused.
         readonly: bool,
+        /// Its size in sectors.
+        sectors: u64,
     },
     /// A vhost-user-blk backend (a cluster VM's LiveSync disk).
     VhostUser(VhostUserStore),
@@ -140,7 +142,6 @@ enum Store {
 pub struct AtaDisk {
     store: Store,
     path: PathBuf,
-    sectors: u64,
 }
 
 impl AtaDisk {
@@ -152,9 +153,12 @@ impl AtaDisk {
                 err,
             })?;
         Ok(AtaDisk {
-            store: Store::File { file, readonly },
+            store: Store::File {
+                file,
+                readonly,
+                sectors: len / SECTOR,
+            },
             path: path.into(),
-            sectors: len / SECTOR,
         })
     }
 
@@ -162,17 +166,14 @@ impl AtaDisk {
     /// comes by live migration (`deferred`), at its first command, once the source let the
     /// backend go.
     pub fn vhost_user(socket: &Path, deferred: bool) -> Result<AtaDisk, AtaError> {
-        let (store, sectors) = if deferred {
-            (VhostUserStore::deferred(socket), 0)
+        let store = if deferred {
+            VhostUserStore::deferred(socket)
         } else {
-            let mut s = VhostUserStore::connect(socket).map_err(AtaError::Backend)?;
-            let n = s.sectors().map_err(AtaError::Backend)?;
-            (s, n)
+            VhostUserStore::connect(socket).map_err(AtaError::Backend)?
         };
         Ok(AtaDisk {
             store: Store::VhostUser(store),
             path: socket.into(),
-            sectors,
         })
     }
 
@@ -190,12 +191,10 @@ impl AtaDisk {
 
     /// The size in sectors; a deferred backend's is learnt by connecting.
     fn size(&mut self) -> Result<u64, String> {
-        if let Store::VhostUser(s) = &mut self.store {
-            if self.sectors == 0 {
-                self.sectors = s.sectors()?;
-            }
+        match &mut self.store {
+            Store::File { sectors, .. } => Ok(*sectors),
+            Store::VhostUser(s) => s.sectors(),
         }
-        Ok(self.sectors)
     }
 
     /// IDENTIFY DEVICE data.

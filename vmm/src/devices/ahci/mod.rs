@@ -587,18 +587,29 @@ impl Ahci {
         }
     }
 
+    /// How a transfer of `count` sectors from `lba` on `port`'s disk ends before it starts:
+    /// none if it lies on the disk, fits `MAX_TRANSFER` and its direction is `right`.
+    fn refuse_transfer(&mut self, port: usize, lba: u64, count: u64, right: bool) -> Option<Done> {
+        let Some(Drive::Disk(d)) = &mut self.ports[port].drive else {
+            return Some(Done::error(ABRT));
+        };
+        match d.in_range(lba, count) {
+            Ok(true) if (count * ata::SECTOR) as usize <= MAX_TRANSFER && right => None,
+            Ok(_) => Some(Done::error(ABRT | 0x10)),
+            Err(e) => {
+                tracing::warn!(disk = %d.path().display(), error = %e, "SATA disk cannot say its size");
+                Some(Done::error(ABRT))
+            }
+        }
+    }
+
     fn disk_read(&mut self, port: usize, c: &Command, lba: u64, count: u64) -> Done {
+        if let Some(refused) = self.refuse_transfer(port, lba, count, true) {
+            return refused;
+        }
         let Some(Drive::Disk(d)) = &mut self.ports[port].drive else {
             return Done::error(ABRT);
         };
-        match d.in_range(lba, count) {
-            Ok(true) if (count * ata::SECTOR) as usize <= MAX_TRANSFER => {}
-            Ok(_) => return Done::error(ABRT | 0x10),
-            Err(e) => {
-                tracing::warn!(disk = %d.path().display(), error = %e, "SATA disk cannot say its size");
-                return Done::error(ABRT);
-            }
-        }
         match d.read(lba, count) {
             Ok(data) => self.answer(c, &data, false),
             Err(e) => {
@@ -610,17 +621,8 @@ impl Ahci {
 
     fn disk_write(&mut self, port: usize, c: &Command, lba: u64, count: u64) -> Done {
         let len = (count * ata::SECTOR) as usize;
-        let fits = match &mut self.ports[port].drive {
-            Some(Drive::Disk(d)) => d.in_range(lba, count),
-            _ => return Done::error(ABRT),
-        };
-        match fits {
-            Ok(true) if len <= MAX_TRANSFER && c.write => {}
-            Ok(_) => return Done::error(ABRT | 0x10),
-            Err(e) => {
-                tracing::warn!(port, error = %e, "SATA disk cannot say its size");
-                return Done::error(ABRT);
-            }
+        if let Some(refused) = self.refuse_transfer(port, lba, count, c.write) {
+            return refused;
         }
         let Some(data) = self.from_guest(c, len) else {
             return Done::error(ABRT);

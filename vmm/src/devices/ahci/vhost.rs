@@ -19,16 +19,17 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
-use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::Frontend;
+use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::features;
-use crate::devices::virtio::vhost_user_blk::VhostUserBlk;
+use crate::devices::virtio::vhost_user_blk::{
+    share_memory, start_ring, VhostUserBlk, REPLY_TIMEOUT,
+};
 use crate::memory::GuestMemory;
 
 /// Descriptors in the ring: a request's header, data and status.
@@ -39,8 +40,6 @@ const SEGMENT: usize = 128 << 10;
 const DATA_SEGMENTS: usize = 8;
 /// Bytes one request moves at most; longer commands take several.
 pub const REQUEST_BYTES: usize = SEGMENT * DATA_SEGMENTS;
-/// How long the backend may take to answer one request (it bounds the store's at 30 s).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where things lie in the private memory (its own addresses, from 0).
 mod at {
@@ -112,11 +111,6 @@ impl VhostUserStore {
         }
     }
 
-    /// The backend's socket.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// The disk's size in 512-byte sectors (connecting if need be).
     pub fn sectors(&mut self) -> Result<u64, String> {
         if self.sectors.is_none() {
@@ -141,7 +135,7 @@ impl VhostUserStore {
 
     fn open(&mut self) -> Result<Connection, String> {
         let socket = self.socket.display().to_string();
-        let h = VhostUserBlk::handshake_for(&self.socket).map_err(|e| e.to_string())?;
+        let h = VhostUserBlk::handshake(&self.socket).map_err(|e| e.to_string())?;
         let sectors = u64::from_le_bytes(h.config[0..8].try_into().expect("8 bytes"));
         if self.sectors.is_some_and(|s| s != sectors) {
             return Err(format!(
@@ -149,24 +143,15 @@ impl VhostUserStore {
                 self.sectors.unwrap_or(0)
             ));
         }
-        let fail = |what: &'static str| {
-            let socket = socket.clone();
-            move |e: vhost::Error| format!("vhost-user-blk backend {socket}: cannot {what}: {e}")
-        };
+        let fail = |e: String| format!("vhost-user-blk backend {socket}: cannot {e}");
         let (mem, _file) = crate::memory::private(at::DATA + REQUEST_BYTES as u64)
             .map_err(|e| format!("memory for the SATA disk's ring: {e}"))?;
         let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
         let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
         let mut fe = h.frontend;
         fe.set_features(features::VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-            .map_err(fail("set its features"))?;
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(fail("describe the ring's memory"))?;
-        fe.set_mem_table(&regions)
-            .map_err(fail("share the ring's memory"))?;
+            .map_err(|e| fail(format!("set its features: {e}")))?;
+        share_memory(&mut fe, &mem).map_err(fail)?;
         let host = |a: u64| {
             mem.get_host_address(GuestAddress(a))
                 .map(|p| p as u64)
@@ -181,17 +166,7 @@ impl VhostUserStore {
             avail_ring_addr: host(at::AVAIL)?,
             log_addr: None,
         };
-        fe.set_vring_num(0, RING_SIZE)
-            .map_err(fail("set the queue size"))?;
-        fe.set_vring_addr(0, &ring)
-            .map_err(fail("set the ring addresses"))?;
-        fe.set_vring_base(0, 0).map_err(fail("set the ring base"))?;
-        fe.set_vring_call(0, &call)
-            .map_err(fail("set the call eventfd"))?;
-        fe.set_vring_kick(0, &kick)
-            .map_err(fail("set the kick eventfd"))?;
-        fe.set_vring_enable(0, true)
-            .map_err(fail("enable the ring"))?;
+        start_ring(&mut fe, 0, &ring, 0, &call, &kick).map_err(fail)?;
         self.sectors = Some(sectors);
         tracing::info!(socket = %socket, sectors, "SATA disk on its vhost-user-blk backend");
         Ok(Connection {

@@ -47,7 +47,7 @@ const CONFIG_LEN: usize = 24;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one answer from the backend may take; stopping a ring waits for
 /// the store's requests in flight, which the backend bounds at 30 s.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Feature bits passed from the backend to the guest: the device's own
 /// (0-23) and the ring features the VMM's transport allows.
 const GUEST_FEATURES: u64 =
@@ -173,13 +173,9 @@ impl VhostUserBlk {
         }
     }
 
-    /// Connects to the backend at `socket` for a disk of the VMM's own (the SATA disk's
-    /// ring): the handshake alone.
-    pub(crate) fn handshake_for(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
-        Self::handshake(socket)
-    }
-
-    fn handshake(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
+    /// Connects to the backend at `socket` and learns the disk from it (also for a ring of the
+    /// VMM's own: the SATA disk's).
+    pub(crate) fn handshake(socket: &Path) -> Result<Handshake, VhostUserBlkError> {
         let path = socket.to_path_buf();
         let stream = connect_socket(socket)
             .and_then(|s| {
@@ -328,15 +324,7 @@ impl VhostUserBlk {
         };
         fe.set_features(acked | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
             .map_err(fail("set features"))?;
-        // One entry per RAM region: the same memfd at different offsets
-        // when RAM skips the 32-bit MMIO hole.
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(fail("describe guest RAM"))?;
-        fe.set_mem_table(&regions)
-            .map_err(fail("share guest RAM"))?;
+        share_memory(fe, mem)?;
         self.send_log(acked)?;
         let fe = self.frontend()?;
         let host = |a: u64| {
@@ -354,18 +342,7 @@ impl VhostUserBlk {
                 avail_ring_addr: host(q.avail_ring())?,
                 log_addr: None,
             };
-            fe.set_vring_num(i, q.size())
-                .map_err(fail("set the queue size"))?;
-            fe.set_vring_addr(i, &ring)
-                .map_err(fail("set the ring addresses"))?;
-            fe.set_vring_base(i, q.next_avail())
-                .map_err(fail("set the ring base"))?;
-            fe.set_vring_call(i, call)
-                .map_err(fail("set the call eventfd"))?;
-            fe.set_vring_kick(i, kick)
-                .map_err(fail("set the kick eventfd"))?;
-            fe.set_vring_enable(i, true)
-                .map_err(fail("enable the ring"))?;
+            start_ring(fe, i, &ring, q.next_avail(), call, kick)?;
         }
         // A ring started again (after a reset or a live migration) may hold requests the guest
         // made available while notifications were off: the backend looks once by itself.
@@ -374,6 +351,47 @@ impl VhostUserBlk {
         }
         Ok(())
     }
+}
+
+/// Shares `mem` with the backend: one entry per region (for guest RAM, the same memfd at
+/// different offsets when RAM skips the 32-bit MMIO hole).
+pub(crate) fn share_memory(fe: &mut Frontend, mem: &GuestMemory) -> Result<(), String> {
+    let regions = mem
+        .iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("describe the memory: {e}"))?;
+    fe.set_mem_table(&regions)
+        .map(|_| ())
+        .map_err(|e| format!("share the memory: {e}"))
+}
+
+/// Hands ring `i` (at `ring`, its next request at `base`) to the backend with its eventfds,
+/// and enables it.
+pub(crate) fn start_ring(
+    fe: &mut Frontend,
+    i: usize,
+    ring: &VringConfigData,
+    base: u16,
+    call: &EventFd,
+    kick: &EventFd,
+) -> Result<(), String> {
+    let fail = |what: &str| {
+        let what = what.to_string();
+        move |e: vhost::Error| format!("{what}: {e}")
+    };
+    fe.set_vring_num(i, ring.queue_size)
+        .map_err(fail("set the queue size"))?;
+    fe.set_vring_addr(i, ring)
+        .map_err(fail("set the ring addresses"))?;
+    fe.set_vring_base(i, base)
+        .map_err(fail("set the ring base"))?;
+    fe.set_vring_call(i, call)
+        .map_err(fail("set the call eventfd"))?;
+    fe.set_vring_kick(i, kick)
+        .map_err(fail("set the kick eventfd"))?;
+    fe.set_vring_enable(i, true)
+        .map_err(fail("enable the ring"))
 }
 
 impl VirtioDevice for VhostUserBlk {
