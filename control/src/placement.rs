@@ -96,19 +96,25 @@ pub fn place(sm: &StateMachine, memory_mib: u64, size: u64) -> Result<Placement,
     }
 }
 
-/// Places a clone's disk: its primary on `primary` (where the source's data is, so the copy is
-/// local), if it has room; its backup on the roomiest other server.
+/// Places a VM whose disks start from data already on some servers (a clone's source, an
+/// appliance's images): its primary on the roomiest of `primaries` with room, so the copy is
+/// local; its backup on the roomiest other server.
 pub fn place_on(
     sm: &StateMachine,
-    primary: u64,
+    primaries: &[u64],
     memory_mib: u64,
     size: u64,
 ) -> Result<Placement, String> {
     let c = candidates(sm, memory_mib, size);
-    let p = c.iter().find(|(id, _)| *id == primary).ok_or_else(|| {
-        format!("server {primary} has no room for {memory_mib} MiB and a {size}-byte disk")
-    })?;
-    let b = c.iter().find(|(id, _)| *id != primary).ok_or_else(|| {
+    let p = c
+        .iter()
+        .find(|(id, _)| primaries.contains(id))
+        .ok_or_else(|| {
+            format!(
+                "no server of {primaries:?} (where its data is) has room for {memory_mib} MiB and a {size}-byte disk"
+            )
+        })?;
+    let b = c.iter().find(|(id, _)| *id != p.0).ok_or_else(|| {
         format!("no other server has room for {memory_mib} MiB and a {size}-byte disk")
     })?;
     Ok(Placement {
@@ -333,6 +339,7 @@ mod tests {
                 disk_bus: Default::default(),
                 cdrom: None,
                 networks: Vec::new(),
+                appliance: None,
             }),
             &mut Vec::new(),
         )

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::observations::Observation;
 use super::records::{
-    BootMode, BootOrder, Capacity, DiskBus, DiskRecord, MoveOutcome, NetworkRecord, Nic, VmRecord,
+    ApplianceDisk, BootMode, BootOrder, Capacity, DiskBus, DiskRecord, MoveOutcome, NetworkRecord,
+    Nic, VmRecord,
 };
 use crate::access::{Quota, Role, SessionRecord};
 
@@ -66,6 +67,16 @@ pub enum Command {
         name: String,
         /// The SHA-256 the copy has: it must be the ISO's.
         sha256: String,
+        /// The server.
+        server: u64,
+    },
+    /// A server's node agent holds a checked copy of every disk image of an appliance.
+    ApplianceHeld {
+        /// The appliance's name.
+        name: String,
+        /// The SHA-256 of each image the copies have, Disk0 first: they must be the
+        /// appliance's.
+        disks: Vec<String>,
         /// The server.
         server: u64,
     },
@@ -205,6 +216,38 @@ pub struct NewVm {
     /// Its network cards: the network of each, in order (the cluster gives their MACs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// The library appliance whose disk images its disks start as (each disk at least its
+    /// image's size); its primary is a server holding them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appliance: Option<String>,
+}
+
+/// An appliance to add to the library (`Action::AddAppliance`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAppliance {
+    /// Its name.
+    pub name: String,
+    /// What it is.
+    #[serde(default)]
+    pub description: String,
+    /// Guest RAM of the VMs made from it, MiB.
+    pub memory_mib: u64,
+    /// Their vCPUs.
+    pub vcpus: u32,
+    /// Their firmware (`bios` or `uefi`).
+    pub boot: BootMode,
+    /// The controller their disks are on.
+    #[serde(default)]
+    pub disk_bus: DiskBus,
+    /// Their network cards.
+    #[serde(default)]
+    pub nics: u32,
+    /// Its disk images, Disk0 first.
+    pub disks: Vec<ApplianceDisk>,
+    /// Where it came from.
+    #[serde(default)]
+    pub origin: String,
 }
 
 impl NewVm {
@@ -415,6 +458,38 @@ pub enum Action {
         sha256: String,
         /// The server holding it.
         server: u64,
+    },
+    /// Adds an appliance to the library (Managers), its disk images held so far by the server
+    /// that imported them; the other servers' agents copy them from there.
+    AddAppliance {
+        /// What it is.
+        appliance: NewAppliance,
+        /// The server holding its disk images.
+        server: u64,
+    },
+    /// Changes an appliance's description, the VM it makes, or whom it is shared with
+    /// (Managers); what is not given stays. Its disk images never change.
+    EditAppliance {
+        /// Its name.
+        name: String,
+        /// Its new description.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        /// Guest RAM of the VMs made from it, MiB.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_mib: Option<u64>,
+        /// vCPUs of the VMs made from it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vcpus: Option<u32>,
+        /// The Power Users whose companies may use it (the whole set; empty: Managers only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shared_with: Option<Vec<u64>>,
+    },
+    /// Removes an appliance from the library (Managers); refused while a VM is still being
+    /// made from it.
+    DeleteAppliance {
+        /// Its name.
+        name: String,
     },
     /// Removes an ISO image from the library (Managers); refused while a VM's CD-ROM holds it.
     DeleteIso {

@@ -53,6 +53,7 @@ pub(super) fn new_vm(name: &str, networks: &[&str]) -> NewVm {
         disk_bus: Default::default(),
         cdrom: None,
         networks: networks.iter().map(|n| n.to_string()).collect(),
+        appliance: None,
     }
 }
 

@@ -35,6 +35,11 @@ pub(super) fn iso_key(name: &str) -> Vec<u8> {
     format!("iso/{name}").into_bytes()
 }
 
+/// An appliance's record.
+pub(super) fn appliance_key(name: &str) -> Vec<u8> {
+    format!("appliance/{name}").into_bytes()
+}
+
 /// A network's record.
 pub(super) fn network_key(name: &str) -> Vec<u8> {
     format!("network/{name}").into_bytes()

@@ -13,9 +13,11 @@
 //! - `refusal`: what applying answers;
 //! - `keys`: where each record is stored;
 //! - `rights`: who may operate or administer a VM;
-//! - `kv`, `servers`, `disks`, `vms`, `users`, `isos`: the commands and actions on each;
+//! - `kv`, `servers`, `disks`, `vms`, `users`, `isos`, `appliances`: the commands and actions
+//!   on each;
 //! - `audit`: the audit log every change a person makes is written to.
 
+mod appliances;
 mod audit;
 mod commands;
 mod disks;
@@ -42,16 +44,16 @@ use serde_json::{json, Value};
 use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
-pub use commands::{Action, Command, DiskGrowth, NewVm, Query};
+pub use commands::{Action, Command, DiskGrowth, NewAppliance, NewVm, Query};
 pub use networks::Subnet;
 pub use observations::{
     CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmFault, VmObservation,
     VmPart, MAX_SEEN_ADDRESSES,
 };
 pub use records::{
-    BootMode, BootOrder, Capacity, Counters, DiskBus, DiskRecord, IsoRecord, LiveMove, MoveOutcome,
-    NetworkRecord, Nic, Pool, ServerRecord, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS,
-    MAX_VM_MEMORY_MIB, MAX_VM_NICS,
+    ApplianceDisk, ApplianceRecord, BootMode, BootOrder, Capacity, Counters, DiskBus, DiskRecord,
+    IsoRecord, LiveMove, MoveOutcome, NetworkRecord, Nic, Pool, ServerRecord, VmRecord,
+    MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 
@@ -74,6 +76,9 @@ pub struct StateMachine {
     /// The ISO library, by name.
     #[serde(default)]
     pub isos: BTreeMap<String, IsoRecord>,
+    /// The Virtual Appliance library, by name.
+    #[serde(default)]
+    pub appliances: BTreeMap<String, ApplianceRecord>,
     /// The networks, by name.
     #[serde(default)]
     pub networks: BTreeMap<String, NetworkRecord>,
@@ -142,6 +147,10 @@ impl StateMachine {
                     let i: IsoRecord = record(v).map_err(err)?;
                     sm.isos.insert(i.name.clone(), i);
                 }
+                "appliance" => {
+                    let a: ApplianceRecord = record(v).map_err(err)?;
+                    sm.appliances.insert(a.name.clone(), a);
+                }
                 "revoked" => {
                     let id = record(v).map_err(err)?;
                     sm.revoked.insert(name.to_string(), id);
@@ -204,7 +213,19 @@ impl StateMachine {
                 capacity,
             } => self.register(*id, mirror, capacity, writes),
             Command::CreateVm(vm) => {
-                self.create_vm(vm.record(None), &vm.disk_sizes(), None, writes)
+                let appliance = match &vm.appliance {
+                    Some(a) => Some(self.appliances.get(a).cloned().ok_or_else(|| {
+                        Refusal::not_found(format!("no appliance {a} in the library"))
+                    })?),
+                    None => None,
+                };
+                self.create_vm(
+                    vm.record(None),
+                    &vm.disk_sizes(),
+                    None,
+                    appliance.as_ref(),
+                    writes,
+                )
             }
             Command::SetVmRunning { name, running } => self.set_vm_running(name, *running, writes),
             Command::SetServerDown { id, down } => self.set_server_down(*id, *down, writes),
@@ -227,6 +248,11 @@ impl StateMachine {
                 sha256,
                 server,
             } => self.iso_held(name, sha256, *server, writes),
+            Command::ApplianceHeld {
+                name,
+                disks,
+                server,
+            } => self.appliance_held(name, disks, *server, writes),
             Command::Act {
                 actor,
                 at_ms,
@@ -262,6 +288,9 @@ impl StateMachine {
             Action::AddIso { .. } | Action::DeleteIso { .. } | Action::SetCdrom { .. } => {
                 self.act_on_iso(&by, action, writes)?
             }
+            Action::AddAppliance { .. }
+            | Action::EditAppliance { .. }
+            | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {
                 self.act_on_network(&by, action, writes)?
             }
@@ -378,6 +407,7 @@ mod tests {
                 backup_synced: false,
                 clone_of: None,
                 uid: 0,
+                image: None,
             }),
             Command::SetDiskReplicas {
                 name: "d0".into(),
@@ -433,6 +463,7 @@ mod tests {
             backup_synced: false,
             clone_of: None,
             uid: 0,
+            image: None,
         };
         assert!(sm
             .apply(&Command::CreateDisk(disk(1, Some(3))), &mut w)

@@ -129,6 +129,11 @@ impl StateMachine {
             let Some(o) = observation.disks.get(&d.name) else {
                 continue;
             };
+            if d.image.is_some() && o.role == CopyRole::Primary {
+                // Its copy is made, from the appliance's image: the image is no longer needed.
+                d.image = None;
+                writes.push((disk_key(&d.name), Some(json_bytes(d))));
+            }
             let backup_mirror = d
                 .backup
                 .and_then(|b| self.servers.get(&b))
@@ -175,6 +180,7 @@ mod tests {
                 backup_synced: false,
                 clone_of: None,
                 uid: 0,
+                image: None,
             },
         );
         let report = |link: LinkState, generation, peer: &str| Command::Observe {

@@ -103,6 +103,11 @@ pub struct DiskRecord {
     /// deleted disk of the same name is never taken for this one's. 0 on a record from before.
     #[serde(default)]
     pub uid: u64,
+    /// A disk made from an appliance: the SHA-256 of the library's disk image its primary copy
+    /// is first filled with. Cleared once the primary reports its copy made (the image may
+    /// then go with its appliance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl DiskRecord {
@@ -343,6 +348,55 @@ pub struct IsoRecord {
     /// The servers holding a checked copy.
     #[serde(default)]
     pub servers: std::collections::BTreeSet<u64>,
+}
+
+/// A Virtual Appliance of the library: a VM's description and the images of its disks, from
+/// which VMs are created. Each disk image is a raw file every VM server keeps a copy of, named
+/// by its SHA-256, as ISO images are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceRecord {
+    /// Its name in the library.
+    pub name: String,
+    /// What it is, for the people choosing one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Guest RAM of a VM made from it, MiB.
+    pub memory_mib: u64,
+    /// vCPUs of a VM made from it.
+    pub vcpus: u32,
+    /// How a VM made from it starts (its firmware; never the cluster's guest kernel).
+    pub boot: BootMode,
+    /// The controller its disks are on.
+    #[serde(default)]
+    pub disk_bus: DiskBus,
+    /// Network cards a VM made from it has.
+    #[serde(default)]
+    pub nics: u32,
+    /// Its disk images, Disk0 first.
+    pub disks: Vec<ApplianceDisk>,
+    /// Where it came from, e.g. `import of web.ova`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub origin: String,
+    /// Who added it.
+    pub created_by: u64,
+    /// When, ms since the epoch.
+    pub created_ms: u64,
+    /// The servers holding a checked copy of every one of its disk images.
+    #[serde(default)]
+    pub servers: std::collections::BTreeSet<u64>,
+    /// The Power Users whose companies may create VMs from it (Managers always may).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub shared_with: std::collections::BTreeSet<u64>,
+}
+
+/// One disk image of an appliance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceDisk {
+    /// Bytes (the disk's size; a multiple of 512).
+    pub size: u64,
+    /// SHA-256 of the raw image, hex: its file's name in every server's library.
+    pub sha256: String,
 }
 
 /// Ids handed out so far: never reused, even after a delete.

@@ -305,6 +305,7 @@ mod tests {
             backup_synced: synced,
             clone_of: None,
             uid: 0,
+            image: None,
         };
         sm.disks.insert("a".into(), disk("a", 1, 2, true));
         sm.disks.insert("b".into(), disk("b", 2, 1, true));

@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use super::keys::{disk_key, json_bytes, vm_key, COUNTERS_KEY};
 use super::rights::Actor;
 use super::{
-    Acted, Action, BootMode, DiskBus, DiskGrowth, DiskRecord, LiveMove, MoveOutcome, Nic, Outcome,
-    RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    Acted, Action, ApplianceRecord, BootMode, DiskBus, DiskGrowth, DiskRecord, LiveMove,
+    MoveOutcome, Nic, Outcome, RecordWrite, Refusal, StateMachine, VmRecord, MAX_DISK_BYTES,
+    MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
 };
 use crate::access;
 
@@ -60,12 +61,14 @@ impl StateMachine {
     /// Creates `vm` (its id and disks filled in here) with a disk of each of `sizes` bytes,
     /// `NAME-0` to `NAME-3`, all placed on the same two servers with room (the VM moves as
     /// one). A clone's disks (`clone_of`, the source's, one for each size) are filled with the
-    /// sources' data. Answers its VMID and placement.
+    /// sources' data; a VM made from an appliance starts with its disk images, on a server
+    /// holding them. Answers its VMID and placement.
     pub(super) fn create_vm(
         &mut self,
         mut vm: VmRecord,
         sizes: &[u64],
         clone_of: Option<&[DiskRecord]>,
+        appliance: Option<&ApplianceRecord>,
         writes: &mut Vec<RecordWrite>,
     ) -> Outcome {
         let name = vm.name.clone();
@@ -99,10 +102,17 @@ impl StateMachine {
         check_disk_bus(&vm)?;
         self.check_nics(&vm)?;
         self.lease_addresses(&mut vm)?;
+        let images = self.appliance_images(&name, appliance, sizes)?;
         let total: u64 = sizes.iter().sum();
-        let p = match clone_of.and_then(|c| c.first()) {
-            None => crate::placement::place(self, vm.memory_mib, total)?,
-            Some(src) => crate::placement::place_on(self, src.primary, vm.memory_mib, total)?,
+        let p = match (clone_of.and_then(|c| c.first()), appliance) {
+            (Some(src), _) => {
+                crate::placement::place_on(self, &[src.primary], vm.memory_mib, total)?
+            }
+            (None, Some(a)) => {
+                let holders: Vec<u64> = a.servers.iter().copied().collect();
+                crate::placement::place_on(self, &holders, vm.memory_mib, total)?
+            }
+            (None, None) => crate::placement::place(self, vm.memory_mib, total)?,
         };
         let mut pools = BTreeMap::new();
         pools.insert(p.primary.0, p.primary.1.clone());
@@ -125,6 +135,7 @@ impl StateMachine {
                 backup_synced: false,
                 clone_of: clone_of.and_then(|c| c.get(i)).map(|d| d.name.clone()),
                 uid: self.next_disk_uid(writes),
+                image: images.get(i).cloned(),
             };
             writes.push((disk_key(disk_name), Some(json_bytes(&disk))));
             self.disks.insert(disk_name.clone(), disk);
@@ -240,6 +251,7 @@ impl StateMachine {
                 backup_synced: false,
                 clone_of: None,
                 uid: self.next_disk_uid(writes),
+                image: None,
             };
             writes.push((disk_key(&disk_name), Some(json_bytes(&disk))));
             self.disks.insert(disk_name.clone(), disk);
@@ -480,9 +492,19 @@ impl StateMachine {
                         return Err(access::refuse(format!("VMs of user {}", o.name)));
                     }
                 }
+                let appliance = match &vm.appliance {
+                    Some(a) => Some(self.usable_appliance(by, &o, a)?),
+                    None => None,
+                };
                 let sizes = vm.disk_sizes();
                 access::check_new_vm(self, &o, vm.memory_mib, sizes.iter().sum())?;
-                let r = self.create_vm(vm.record(Some(*owner)), &sizes, None, writes)?;
+                let r = self.create_vm(
+                    vm.record(Some(*owner)),
+                    &sizes,
+                    None,
+                    appliance.as_ref(),
+                    writes,
+                )?;
                 let target = format!("vm {} ({}) of user {}", r["id"], vm.name, o.name);
                 ("vm.create", target, r)
             }
@@ -690,7 +712,7 @@ impl StateMachine {
                         })
                         .collect(),
                 };
-                let r = self.create_vm(copy, &sizes, Some(&disks), writes)?;
+                let r = self.create_vm(copy, &sizes, Some(&disks), None, writes)?;
                 let target = format!("vm {} ({name}) from vm {vm} ({})", r["id"], src.name);
                 ("vm.clone", target, r)
             }
@@ -1203,6 +1225,7 @@ mod tests {
             disk_bus: DiskBus::Virtio,
             cdrom: None,
             networks: Vec::new(),
+            appliance: None,
         }
         .record(Some(r));
         vm.id = 7;
