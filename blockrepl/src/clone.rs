@@ -12,7 +12,7 @@ use std::path::Path;
 const CHUNK: usize = 1 << 20;
 
 /// Where the next data at or after `offset` starts, and where it ends; `None` past the last.
-fn next_data(f: &File, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+pub fn next_data(f: &File, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
     if offset >= len {
         return Ok(None);
     }

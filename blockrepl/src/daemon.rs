@@ -74,6 +74,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[arg(long)]
         from: Option<String>,
+        /// Fill the new primary copy with the raw disk image in file IMAGE (an appliance's,
+        /// from the library; at most the disk's size).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long)]
+        image: Option<PathBuf>,
         /// The server at the other end, as its certificate names it: for a backup, the only
         /// primary it takes a link from (any server of the cluster when absent).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -419,6 +424,7 @@ impl Blockd {
                 backup,
                 pool,
                 from,
+                image,
                 peer_server,
                 disk_id,
             } => {
@@ -426,14 +432,31 @@ impl Blockd {
                 if disks.contains_key(&name) {
                     return Err(format!("disk {name} already exists"));
                 }
-                let source = match &from {
-                    None => None,
-                    Some(_) if backup => {
+                let source = match (&from, &image) {
+                    (None, None) => None,
+                    (Some(_), Some(_)) => {
                         return Err(format!(
-                            "disk {name}: a backup is filled by its primary, not from another disk"
+                            "disk {name}: filled from another disk or from an image, not both"
                         ))
                     }
-                    Some(f) => {
+                    (_, _) if backup => {
+                        return Err(format!(
+                            "disk {name}: a backup is filled by its primary, not from another disk or an image"
+                        ))
+                    }
+                    (None, Some(i)) => {
+                        let len = std::fs::metadata(i)
+                            .map_err(|e| format!("disk {name}: image {}: {e}", i.display()))?
+                            .len();
+                        if len > size {
+                            return Err(format!(
+                                "disk {name}: {size} bytes cannot hold image {}'s {len}",
+                                i.display()
+                            ));
+                        }
+                        Some((format!("image {}", i.display()), i.clone(), len))
+                    }
+                    (Some(f), None) => {
                         let d = disks
                             .get(f)
                             .ok_or_else(|| format!("disk {name}: no disk {f} to copy from"))?;
@@ -447,7 +470,7 @@ impl Blockd {
                         if st.role == Role::Backup {
                             return Err(format!("disk {name}: disk {f} is a backup copy here; clone from its primary"));
                         }
-                        Some((f.clone(), d.replica.dir().join("data"), st.capacity))
+                        Some((format!("disk {f}"), d.replica.dir().join("data"), st.capacity))
                     }
                 };
                 let role = if backup {
@@ -486,9 +509,9 @@ impl Blockd {
                     let copied = crate::clone::copy_data(src, &r.dir().join("data"), *len)
                         .map_err(|e| {
                             let _ = std::fs::remove_dir_all(r.dir());
-                            format!("disk {name}: copying disk {f}'s data: {e}")
+                            format!("disk {name}: copying the data of {f}: {e}")
                         })?;
-                    tracing::info!(disk = %name, from = %f, copied, "filled from another disk");
+                    tracing::info!(disk = %name, from = %f, copied, "filled with data");
                 }
                 if pool.is_some() {
                     std::os::unix::fs::symlink(r.dir(), self.cfg.dir.join(&name)).map_err(|e| {
@@ -669,6 +692,7 @@ mod tests {
                 backup: false,
                 pool: None,
                 from: None,
+                image: None,
                 peer_server: None,
                 disk_id: None,
             }

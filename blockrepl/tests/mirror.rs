@@ -230,6 +230,7 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         backup: false,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -240,6 +241,7 @@ fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
         backup: true,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -388,6 +390,7 @@ fn create_clone(s: &Server, name: &str, size: u64) {
         backup: false,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -399,6 +402,7 @@ fn create_clone(s: &Server, name: &str, size: u64) {
         backup: false,
         pool: None,
         from: Some(src),
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -424,6 +428,7 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
         backup: true,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -461,6 +466,7 @@ fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full
             backup,
             pool: None,
             from: None,
+            image: None,
             peer_server: None,
             disk_id: None,
         })
@@ -526,6 +532,7 @@ fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back()
         backup: true,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -679,6 +686,7 @@ fn promotion_of_an_inconsistent_or_empty_backup_is_refused() {
         backup: true,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -743,6 +751,7 @@ fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk(
         backup: true,
         pool: None,
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -925,6 +934,7 @@ fn a_disk_in_a_storage_pool_is_linked_from_the_data_directory_and_deleted_with_i
         backup: false,
         pool: Some(pool.clone()),
         from: None,
+        image: None,
         peer_server: None,
         disk_id: None,
     });
@@ -974,6 +984,7 @@ fn a_removed_server_s_certificate_is_refused_until_the_roster_admits_it() {
             backup,
             pool: None,
             from: None,
+            image: None,
             peer_server: None,
             disk_id: None,
         });

@@ -120,6 +120,12 @@ pub fn company(u: &UserRecord) -> Option<u64> {
     }
 }
 
+/// Whether user `u` may see appliance `a` and have VMs made from it: Managers any, others those
+/// shared with their company.
+pub fn may_use_appliance(u: &UserRecord, a: &crate::state_machine::ApplianceRecord) -> bool {
+    u.role == Role::Manager || company(u).is_some_and(|c| a.shared_with.contains(&c))
+}
+
 /// Whether `actor` may see and administer user `target` (edit, delete, reset its password).
 pub fn may_manage_user(actor: &UserRecord, target: &UserRecord) -> bool {
     match actor.role {

@@ -33,12 +33,19 @@ use blockrepl::replica::LinkState;
 use vmm_api::Request as VmmRequest;
 
 use crate::api::{self, Request};
+use crate::library::Shelf;
 use crate::node::NodeHandle;
 use crate::state_machine::{
     BootOrder, Capacity, Command as StateCommand, DiskBus, DiskObservation, DiskRecord,
     MoveOutcome, NicAddresses, Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
 };
 use crate::transport::AddressBook;
+
+/// The library's lists as the agent last looked at its files: ISOs and appliances.
+type LibraryList = (
+    BTreeMap<String, crate::state_machine::IsoRecord>,
+    BTreeMap<String, crate::state_machine::ApplianceRecord>,
+);
 
 /// What the agent is told.
 #[derive(Clone, Debug)]
@@ -369,7 +376,7 @@ struct Reconciler {
     /// When the state of the current pass was asked for.
     read_at: std::time::SystemTime,
     /// The library as the last look at its files saw it, and when.
-    library_seen: (BTreeMap<String, crate::state_machine::IsoRecord>, Instant),
+    library_seen: (LibraryList, Instant),
 }
 
 /// A disk copy as blockd reports it.
@@ -385,7 +392,7 @@ impl Reconciler {
             registered: false,
             library: crate::library::Sync::default(),
             read_at: std::time::UNIX_EPOCH,
-            library_seen: (BTreeMap::new(), Instant::now()),
+            library_seen: (Default::default(), Instant::now()),
         }
     }
 
@@ -525,18 +532,31 @@ impl Reconciler {
         // The library's files are looked at when its list changes, else once a second (a copy
         // that ended, a retry): not on every heartbeat.
         let (seen, at) = &self.library_seen;
-        if *seen != state.isos || at.elapsed() >= Duration::from_secs(1) {
-            self.library_seen = (state.isos.clone(), Instant::now());
-            for iso in self.library.pass(
+        if (&seen.0, &seen.1) != (&state.isos, &state.appliances)
+            || at.elapsed() >= Duration::from_secs(1)
+        {
+            self.library_seen = (
+                (state.isos.clone(), state.appliances.clone()),
+                Instant::now(),
+            );
+            let held = self.library.pass(
                 self.s.node.peers(),
                 state,
                 self.read_at,
                 id,
                 &self.s.cfg.library_dir,
-            ) {
+            );
+            for iso in held.isos {
                 self.s.propose(StateCommand::IsoHeld {
                     name: iso.name,
                     sha256: iso.sha256,
+                    server: id,
+                });
+            }
+            for a in held.appliances {
+                self.s.propose(StateCommand::ApplianceHeld {
+                    name: a.name,
+                    disks: a.disks.into_iter().map(|d| d.sha256).collect(),
                     server: id,
                 });
             }
@@ -668,8 +688,21 @@ impl Reconciler {
         }
     }
 
-    /// Creates this server's copy of `d`, empty, in the pool placement chose here.
+    /// Creates this server's copy of `d`, in the pool placement chose here: empty, or a
+    /// primary filled with its clone source's data or its appliance's disk image.
     fn create_copy(&self, d: &DiskRecord, backup: bool) -> bool {
+        let image = match d.image.as_ref().filter(|_| !backup) {
+            None => None,
+            Some(sha) => {
+                let f = crate::library::file(&self.s.cfg.library_dir, Shelf::Image, sha);
+                if !f.exists() {
+                    // Placement chose a server holding it: it comes back after a clean-up only.
+                    tracing::warn!(server = self.s.cfg.id, disk = %d.name, image = %sha, "the disk's appliance image is not here yet");
+                    return false;
+                }
+                Some(f)
+            }
+        };
         self.request(
             &d.name,
             BlockdRequest::Create {
@@ -680,6 +713,7 @@ impl Reconciler {
                 pool: d.pools.get(&self.s.cfg.id).map(PathBuf::from),
                 // A clone's primary copy starts as its source's data (here, by placement).
                 from: d.clone_of.clone().filter(|_| !backup),
+                image,
                 // A backup takes its link from the disk's primary server only.
                 peer_server: if backup { Some(d.primary) } else { d.backup },
                 // Both copies carry the disk's identity: a copy left by a deleted disk of the
@@ -888,7 +922,7 @@ impl Reconciler {
     /// The file of the ISO in VM `vm`'s CD-ROM drive, if it has one this server holds.
     fn cdrom_file(&self, state: &StateMachine, vm: &VmRecord) -> Option<PathBuf> {
         let iso = state.isos.get(vm.cdrom.as_ref()?)?;
-        let path = crate::library::file(&self.s.cfg.library_dir, &iso.sha256);
+        let path = crate::library::file(&self.s.cfg.library_dir, Shelf::Iso, &iso.sha256);
         path.exists().then_some(path)
     }
 

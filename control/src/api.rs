@@ -114,9 +114,12 @@ pub enum Request {
         /// The cluster's join token.
         token: String,
     },
-    /// Answers one line with the size of the library's image with `sha256`, then its bytes.
-    IsoFile {
-        /// The image's SHA-256.
+    /// Answers one line with the size of the library's `shelf` file with `sha256`, then its
+    /// bytes.
+    LibraryFile {
+        /// An ISO image or an appliance's disk image.
+        shelf: crate::library::Shelf,
+        /// The file's SHA-256.
         sha256: String,
     },
     /// Turns the connection into VM `vm`'s console, on the server its VMM runs on.
@@ -136,7 +139,9 @@ impl Request {
             Request::Heartbeat { server } => Some(*server),
             Request::Propose { command } => match command {
                 Command::Register { id, .. } | Command::Observe { id, .. } => Some(*id),
-                Command::IsoHeld { server, .. } => Some(*server),
+                Command::IsoHeld { server, .. } | Command::ApplianceHeld { server, .. } => {
+                    Some(*server)
+                }
                 _ => None,
             },
             _ => None,
@@ -243,7 +248,7 @@ pub fn answer_line(w: &mut impl Write, response: &Response) -> io::Result<()> {
     w.write_all(&line)
 }
 
-/// Sends `request` (one that turns the connection into a stream: `IsoFile`, `Console`), as
+/// Sends `request` (one that turns the connection into a stream: `LibraryFile`, `Console`), as
 /// this member, to the server at `address`; its answer line, read byte by byte so that the
 /// stream after it stays in the connection, and the connection. A refusal is an error.
 pub fn open_stream(
@@ -419,8 +424,8 @@ pub fn serve_client(
                 let agent_dir = local.agent_dir.as_deref();
                 return console::serve(w, r, local.id, node, agent_dir, &vm, console);
             }
-            (Peer::Server { .. }, Request::IsoFile { sha256 }) => {
-                return crate::library::serve_file(w, local.library_dir.as_deref(), &sha256)
+            (Peer::Server { .. }, Request::LibraryFile { shelf, sha256 }) => {
+                return crate::library::serve_file(w, local.library_dir.as_deref(), shelf, &sha256)
             }
             (
                 _,
@@ -605,7 +610,7 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
             Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
-            Request::Console { .. } | Request::IsoFile { .. } => {
+            Request::Console { .. } | Request::LibraryFile { .. } => {
                 return Response::err("a stream is asked for as the first line of a connection")
             }
             Request::Invite { .. } => {

@@ -25,6 +25,7 @@ pub mod library;
 pub mod livemove;
 pub mod netdev;
 pub mod node;
+pub mod ova;
 pub mod peers;
 pub mod placement;
 mod raft_log;

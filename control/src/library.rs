@@ -1,14 +1,16 @@
-//! The ISO library's files. Every VM server keeps a copy of every ISO image in its data
-//! directory's `isos/`, named by the image's SHA-256 (`<sha256>.iso`), so a VM's CD-ROM is
-//! found on whichever server the VM runs, after a failover too.
+//! The library's files: ISO images and appliances' disk images. Every VM server keeps a copy
+//! of each in its data directory's `isos/`, named by the file's SHA-256 (`<sha256>.iso` for an
+//! ISO image, `<sha256>.raw` for a raw disk image), so a VM's CD-ROM is found on whichever
+//! server the VM runs, after a failover too, and a VM is made from an appliance on any server.
 //!
-//! - An upload is written by the server that takes it (`Upload`): into a `.part` file, hashed
-//!   as it arrives and synced; the API records it (`Action::AddIso`) as held by that server,
-//!   then renames it into place (before, the clean-up below could take it for a deleted one).
+//! - An upload (or an imported appliance's converted disk) is written by the server that takes
+//!   it (`Upload`): into a `.part` file, hashed as it arrives and synced; the API records it
+//!   (`Action::AddIso`, `Action::AddAppliance`) as held by that server, then renames it into
+//!   place (before, the clean-up below could take it for a deleted one).
 //! - The other servers' agents (`Sync`) copy it from a server holding it, over its client
-//!   port (`{"op":"iso_file","sha256":...}`, answered by one line, then the bytes), check its
-//!   SHA-256 and size, and record that they hold it (`Command::IsoHeld`).
-//! - Files no ISO names any more are deleted.
+//!   port (`Request::LibraryFile`, answered by one line, then the bytes), check its SHA-256 and
+//!   size, and record that they hold it (`Command::IsoHeld`, `Command::ApplianceHeld`).
+//! - Files nothing names any more are deleted.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,10 +23,32 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::state_machine::{IsoRecord, StateMachine};
+use crate::state_machine::{ApplianceRecord, IsoRecord, StateMachine};
+
+/// What a library file is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shelf {
+    /// An ISO image, for CD-ROM drives.
+    #[default]
+    Iso,
+    /// A raw disk image of an appliance.
+    Image,
+}
+
+impl Shelf {
+    /// Its files' extension.
+    fn extension(self) -> &'static str {
+        match self {
+            Shelf::Iso => "iso",
+            Shelf::Image => "raw",
+        }
+    }
+}
 
 /// The library's directory under a server's data directory.
 pub fn dir(data_dir: &Path) -> PathBuf {
@@ -36,24 +60,152 @@ pub fn is_sha256(sha256: &str) -> bool {
     sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The file of the image with `sha256` in library directory `dir`.
-pub fn file(dir: &Path, sha256: &str) -> PathBuf {
-    dir.join(format!("{}.iso", sha256.to_ascii_lowercase()))
+/// The file of the `shelf` file with `sha256` in library directory `dir`.
+pub fn file(dir: &Path, shelf: Shelf, sha256: &str) -> PathBuf {
+    dir.join(format!(
+        "{}.{}",
+        sha256.to_ascii_lowercase(),
+        shelf.extension()
+    ))
 }
 
-/// A file being received: hashed as written, put in place only when whole.
+/// The chunks a disk image is hashed in.
+pub const IMAGE_CHUNK: u64 = 1 << 20;
+
+/// A library file's hash, as it is written: the SHA-256 of an ISO image's bytes; for a disk
+/// image, the SHA-256 of the SHA-256s of its 1 MiB chunks (the last one may be shorter), so
+/// that a sparse image is hashed reading only its data (a chunk of zeros has a known hash).
+#[derive(Clone)]
+pub struct Hasher {
+    shelf: Shelf,
+    whole: Sha256,
+    chunk: Sha256,
+    in_chunk: u64,
+}
+
+impl Hasher {
+    /// A hash of nothing yet.
+    pub fn new(shelf: Shelf) -> Hasher {
+        Hasher {
+            shelf,
+            whole: Sha256::new(),
+            chunk: Sha256::new(),
+            in_chunk: 0,
+        }
+    }
+
+    /// Adds `bytes`.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        if self.shelf == Shelf::Iso {
+            self.whole.update(bytes);
+            return;
+        }
+        while !bytes.is_empty() {
+            let n = ((IMAGE_CHUNK - self.in_chunk) as usize).min(bytes.len());
+            self.chunk.update(&bytes[..n]);
+            self.in_chunk += n as u64;
+            bytes = &bytes[n..];
+            if self.in_chunk == IMAGE_CHUNK {
+                let c = self.chunk.finalize_reset();
+                self.whole.update(c);
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    /// Adds `n` zero bytes: whole chunks of them without hashing them again.
+    pub fn zeros(&mut self, mut n: u64) {
+        static ZERO_CHUNK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let zero_chunk =
+            ZERO_CHUNK.get_or_init(|| Sha256::digest(vec![0u8; IMAGE_CHUNK as usize]).into());
+        let zeros = [0u8; 64 << 10];
+        while n > 0 {
+            if self.shelf == Shelf::Image && self.in_chunk == 0 && n >= IMAGE_CHUNK {
+                self.whole.update(zero_chunk);
+                n -= IMAGE_CHUNK;
+                continue;
+            }
+            let k = (zeros.len() as u64).min(n);
+            let k = match self.shelf {
+                Shelf::Image => k.min(IMAGE_CHUNK - self.in_chunk),
+                Shelf::Iso => k,
+            };
+            self.update(&zeros[..k as usize]);
+            n -= k;
+        }
+    }
+
+    /// The hash, hex.
+    pub fn hex(&self) -> String {
+        let mut whole = self.whole.clone();
+        if self.in_chunk > 0 {
+            whole.update(self.chunk.clone().finalize());
+        }
+        hex(&whole.finalize())
+    }
+}
+
+/// The hash (`Hasher`) and size of library file `path` of `shelf`: a disk image read only
+/// where it holds data.
+pub fn hash_file(path: &Path, shelf: Shelf) -> io::Result<(String, u64)> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = Hasher::new(shelf);
+    let mut buf = vec![0u8; IMAGE_CHUNK as usize];
+    let mut at = 0u64;
+    // The data extents, each widened to whole chunks (the rest reads as zeros).
+    let extents: Vec<(u64, u64)> = match shelf {
+        Shelf::Iso => vec![(0, len)],
+        Shelf::Image => {
+            let mut v = Vec::new();
+            let mut from = 0;
+            while let Some((s, e)) = blockrepl::clone::next_data(&f, from, len)? {
+                v.push((
+                    s / IMAGE_CHUNK * IMAGE_CHUNK,
+                    e.div_ceil(IMAGE_CHUNK) * IMAGE_CHUNK,
+                ));
+                from = e;
+            }
+            v
+        }
+    };
+    for (start, end) in extents {
+        let (start, end) = (start.max(at), end.min(len));
+        if start >= end {
+            continue;
+        }
+        h.zeros(start - at);
+        at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            f.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    h.zeros(len - at);
+    Ok((h.hex(), len))
+}
+
+/// A file being received: hashed as written, put in place only when whole. A disk image is
+/// written sparse: its blocks of zeros are left as holes.
 pub struct Upload {
     dir: PathBuf,
+    shelf: Shelf,
     part: PathBuf,
     out: File,
-    hash: Sha256,
+    hash: Hasher,
     size: u64,
     sealed: bool,
 }
 
+/// The blocks a disk image's zeros are left unwritten in.
+const SPARSE_BLOCK: usize = 4096;
+
 impl Upload {
-    /// Starts a file in library directory `dir`.
-    pub fn new(dir: &Path) -> io::Result<Upload> {
+    /// Starts a `shelf` file in library directory `dir`.
+    pub fn new(dir: &Path, shelf: Shelf) -> io::Result<Upload> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         std::fs::create_dir_all(dir)?;
         // A unique name per upload: several may run at once.
@@ -66,9 +218,10 @@ impl Upload {
             .open(&part)?;
         Ok(Upload {
             dir: dir.to_path_buf(),
+            shelf,
             part,
             out,
-            hash: Sha256::new(),
+            hash: Hasher::new(shelf),
             size: 0,
             sealed: false,
         })
@@ -76,7 +229,24 @@ impl Upload {
 
     /// Appends `bytes`.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
+        use std::os::unix::fs::FileExt;
+        match self.shelf {
+            Shelf::Iso => self.out.write_all(bytes)?,
+            Shelf::Image => {
+                // Block by block of the file (the first may be short), zeros skipped.
+                let mut at = 0;
+                while at < bytes.len() {
+                    let pos = self.size + at as u64;
+                    let n =
+                        (SPARSE_BLOCK - (pos % SPARSE_BLOCK as u64) as usize).min(bytes.len() - at);
+                    let block = &bytes[at..at + n];
+                    if block.iter().any(|b| *b != 0) {
+                        self.out.write_all_at(block, pos)?;
+                    }
+                    at += n;
+                }
+            }
+        }
         self.hash.update(bytes);
         self.size += bytes.len() as u64;
         Ok(())
@@ -87,21 +257,24 @@ impl Upload {
         self.size
     }
 
-    /// The SHA-256 of the bytes so far, hex.
+    /// The hash (`Hasher`) of the bytes so far, hex.
     pub fn sha256(&self) -> String {
-        hex(&self.hash.clone().finalize())
+        self.hash.hex()
     }
 
     /// Makes the file durable, still under its temporary name: an image is put in place
     /// (`Sealed::place`) only once the library lists it, or the agent's clean-up, which deletes
     /// unlisted images, could take it first.
     pub fn seal(mut self) -> io::Result<Sealed> {
+        // A disk image's zeros at its end are a hole too.
+        self.out.set_len(self.size)?;
         self.out.sync_all()?;
         self.sealed = true;
         Ok(Sealed {
             sha256: self.sha256(),
             size: self.size,
             dir: self.dir.clone(),
+            shelf: self.shelf,
             part: self.part.clone(),
             placed: false,
         })
@@ -117,21 +290,39 @@ impl Drop for Upload {
     }
 }
 
-/// A whole, durable upload waiting to be put in place; dropped, it is deleted.
+/// A whole, durable library file waiting to be put in place; dropped, it is deleted.
 pub struct Sealed {
-    /// SHA-256 of its content, hex.
+    /// Its hash (`Hasher`), hex.
     pub sha256: String,
     /// Bytes.
     pub size: u64,
     dir: PathBuf,
+    shelf: Shelf,
     part: PathBuf,
     placed: bool,
 }
 
 impl Sealed {
-    /// Renames it to `<sha256>.iso`, durably.
+    /// Takes file `part` (in library directory `dir`, on its file system) as a `shelf` file:
+    /// hashes it and makes it durable.
+    pub fn adopt(dir: &Path, shelf: Shelf, part: PathBuf) -> io::Result<Sealed> {
+        let mut sealed = Sealed {
+            sha256: String::new(),
+            size: 0,
+            dir: dir.to_path_buf(),
+            shelf,
+            part,
+            placed: false,
+        };
+        // Dropped on an error: the file goes.
+        (sealed.sha256, sealed.size) = hash_file(&sealed.part, shelf)?;
+        File::open(&sealed.part)?.sync_all()?;
+        Ok(sealed)
+    }
+
+    /// Renames it to its place (`<sha256>.iso` or `.raw`), durably.
     pub fn place(mut self) -> io::Result<()> {
-        std::fs::rename(&self.part, file(&self.dir, &self.sha256))?;
+        std::fs::rename(&self.part, file(&self.dir, self.shelf, &self.sha256))?;
         self.placed = true;
         File::open(&self.dir)?.sync_all()
     }
@@ -149,22 +340,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What an `iso_file` answer says before the image's bytes.
+/// What a `LibraryFile` answer says before the file's bytes.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct IsoFileHead {
-    /// The image's bytes that follow.
+struct LibraryFileHead {
+    /// The file's bytes that follow.
     size: u64,
 }
 
-/// Serves `{"op":"iso_file","sha256":...}` on a client connection: one answer line with the
-/// size, then the file's bytes.
-pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
+/// Serves `Request::LibraryFile` on a client connection: one answer line with the size, then
+/// the file's bytes.
+pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, shelf: Shelf, sha256: &str) {
     let open = || -> Result<(File, u64), String> {
         if !is_sha256(sha256) {
             return Err(format!("{sha256:?} is not a SHA-256"));
         }
         let dir = dir.ok_or("this server keeps no library")?;
-        let path = file(dir, sha256);
+        let path = file(dir, shelf, sha256);
         let f = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let size = f.metadata().map_err(|e| e.to_string())?.len();
         Ok((f, size))
@@ -174,7 +365,7 @@ pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
             let _ = crate::api::answer_line(&mut w, &crate::api::Response::err(e));
         }
         Ok((mut f, size)) => {
-            let head = crate::api::Response::ok(json!(IsoFileHead { size }));
+            let head = crate::api::Response::ok(json!(LibraryFileHead { size }));
             if crate::api::answer_line(&mut w, &head).is_ok() {
                 let _ = io::copy(&mut f, &mut w);
             }
@@ -182,31 +373,46 @@ pub fn serve_file(mut w: TlsStream, dir: Option<&Path>, sha256: &str) {
     }
 }
 
-/// Copies the image `iso` from the server at `address` into library directory `dir`,
+/// A library file a server lacks: what it is, for messages (`ISO x`, `appliance y's Disk0`),
+/// and its shelf, SHA-256 and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// What it is, for messages.
+    pub what: String,
+    /// Its shelf.
+    pub shelf: Shelf,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// Copies library file `want` from the server at `address` into library directory `dir`,
 /// checking its size and SHA-256; `progress` gets the bytes copied so far.
 pub fn fetch(
     peers: &Peers,
     address: &str,
     dir: &Path,
-    iso: &IsoRecord,
+    want: &Wanted,
     progress: &dyn Fn(u64),
 ) -> Result<(), String> {
-    let what = |e: String| format!("ISO {} from {address}: {e}", iso.name);
-    let req = crate::api::Request::IsoFile {
-        sha256: iso.sha256.clone(),
+    let what = |e: String| format!("{} from {address}: {e}", want.what);
+    let req = crate::api::Request::LibraryFile {
+        shelf: want.shelf,
+        sha256: want.sha256.clone(),
     };
     let (s, head) = crate::api::open_stream(peers, address, &req, Duration::from_secs(30))
         .map_err(|e| what(e.to_string()))?;
-    let size = serde_json::from_value::<IsoFileHead>(head)
+    let size = serde_json::from_value::<LibraryFileHead>(head)
         .map_err(|e| what(format!("its answer: {e}")))?
         .size;
-    if size != iso.size {
+    if size != want.size {
         return Err(what(format!(
             "it has {size} bytes, the library says {}",
-            iso.size
+            want.size
         )));
     }
-    let mut up = Upload::new(dir).map_err(|e| what(e.to_string()))?;
+    let mut up = Upload::new(dir, want.shelf).map_err(|e| what(e.to_string()))?;
     let mut r = BufReader::with_capacity(1 << 20, s).take(size);
     let mut buf = vec![0u8; 1 << 20];
     let mut told = Instant::now();
@@ -226,8 +432,8 @@ pub fn fetch(
     }
     // Checked before it is put in place: the name is the hash.
     let sha = up.sha256();
-    if sha != iso.sha256 {
-        return Err(what(format!("its SHA-256 is {sha}, not {}", iso.sha256)));
+    if sha != want.sha256 {
+        return Err(what(format!("its SHA-256 is {sha}, not {}", want.sha256)));
     }
     up.seal()
         .and_then(Sealed::place)
@@ -236,20 +442,29 @@ pub fn fetch(
     Ok(())
 }
 
-/// What a server's agent does for the library: copies missing images (one at a time, in the
-/// background) and deletes images no longer in it.
+/// What a library pass found this server holds that the state does not say yet.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// ISO images (to record with `IsoHeld`).
+    pub isos: Vec<IsoRecord>,
+    /// Appliances, every disk image of each (to record with `ApplianceHeld`).
+    pub appliances: Vec<ApplianceRecord>,
+}
+
+/// What a server's agent does for the library: copies missing files (one at a time, in the
+/// background) and deletes files no longer in it.
 #[derive(Clone, Default)]
 pub struct Sync {
-    /// The copy under way: the ISO's name and bytes so far.
+    /// The copy under way: what it is and bytes so far.
     running: Arc<Mutex<Option<(String, u64)>>>,
-    /// When a copy of an ISO last failed, to wait before trying again.
+    /// When a copy of a file (by SHA-256) last failed, to wait before trying again.
     failed: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Sync {
     /// One pass over `state` (read at `read_at`) for server `me` with library directory `dir`:
-    /// answers the ISOs this server now holds but the state does not say so (to record with
-    /// `IsoHeld`).
+    /// starts a copy of a file it lacks, deletes files nothing names, and answers the ISOs and
+    /// appliances this server now holds but the state does not say so.
     pub fn pass(
         &self,
         peers: &Arc<Peers>,
@@ -257,35 +472,59 @@ impl Sync {
         read_at: SystemTime,
         me: u64,
         dir: &Path,
-    ) -> Vec<IsoRecord> {
-        let mut held = Vec::new();
-        for iso in state.isos.values() {
-            if iso.servers.contains(&me) {
-                continue;
+    ) -> Held {
+        let mut held = Held::default();
+        let here = |w: &Wanted| {
+            std::fs::metadata(file(dir, w.shelf, &w.sha256)).is_ok_and(|m| m.len() == w.size)
+        };
+        for iso in state.isos.values().filter(|i| !i.servers.contains(&me)) {
+            let want = Wanted {
+                what: format!("ISO {}", iso.name),
+                shelf: Shelf::Iso,
+                sha256: iso.sha256.clone(),
+                size: iso.size,
+            };
+            if here(&want) {
+                held.isos.push(iso.clone());
+            } else {
+                self.start_fetch(peers, state, me, dir, &iso.servers, want);
             }
-            let path = file(dir, &iso.sha256);
-            if std::fs::metadata(&path).is_ok_and(|m| m.len() == iso.size) {
-                held.push(iso.clone());
-                continue;
+        }
+        for a in state
+            .appliances
+            .values()
+            .filter(|a| !a.servers.contains(&me))
+        {
+            let missing = a.disks.iter().enumerate().map(|(i, d)| Wanted {
+                what: format!("appliance {}'s Disk{i}", a.name),
+                shelf: Shelf::Image,
+                sha256: d.sha256.clone(),
+                size: d.size,
+            });
+            match missing.filter(|w| !here(w)).next() {
+                None => held.appliances.push(a.clone()),
+                Some(want) => self.start_fetch(peers, state, me, dir, &a.servers, want),
             }
-            self.start_fetch(peers, state, me, dir, iso);
         }
         delete_unlisted(state, read_at, dir);
         held
     }
 
-    /// The copy under way, if any: the ISO's name and bytes so far.
+    /// The copy under way, if any: what it is and bytes so far.
     pub fn progress(&self) -> Option<(String, u64)> {
         self.running.lock().expect("library lock").clone()
     }
 
+    /// Starts copying `want` from one of `holders` (up, not `me`), unless a copy runs or one of
+    /// it failed in the last ten seconds.
     fn start_fetch(
         &self,
         peers: &Arc<Peers>,
         state: &StateMachine,
         me: u64,
         dir: &Path,
-        iso: &IsoRecord,
+        holders: &std::collections::BTreeSet<u64>,
+        want: Wanted,
     ) {
         let mut running = self.running.lock().expect("library lock");
         if running.is_some() {
@@ -295,13 +534,12 @@ impl Sync {
             .failed
             .lock()
             .expect("library lock")
-            .get(&iso.name)
+            .get(&want.sha256)
             .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
         if recent {
             return;
         }
-        let Some(from) = iso
-            .servers
+        let Some(from) = holders
             .iter()
             .filter(|s| **s != me)
             .filter_map(|s| state.servers.get(s))
@@ -309,42 +547,59 @@ impl Sync {
         else {
             return;
         };
-        *running = Some((iso.name.clone(), 0));
-        let (address, dir, iso, me_) = (from.address.clone(), dir.to_path_buf(), iso.clone(), me);
-        let from_id = from.id;
+        *running = Some((want.what.clone(), 0));
+        let (address, dir, from_id) = (from.address.clone(), dir.to_path_buf(), from.id);
         let (this, peers) = (self.clone(), Arc::clone(peers));
         let spawned = std::thread::Builder::new()
             .name("library-fetch".into())
             .spawn(move || {
-                tracing::info!(server = me_, iso = %iso.name, from = from_id, bytes = iso.size, "copying an ISO image");
+                tracing::info!(server = me, file = %want.what, from = from_id, bytes = want.size, "copying a library file");
                 let t = Instant::now();
                 let progress = |n: u64| {
-                    *this.running.lock().expect("library lock") = Some((iso.name.clone(), n));
-                    tracing::debug!(iso = %iso.name, bytes = n, of = iso.size, "ISO copy progress");
+                    *this.running.lock().expect("library lock") = Some((want.what.clone(), n));
+                    tracing::debug!(file = %want.what, bytes = n, of = want.size, "library copy progress");
                 };
-                match fetch(&peers, &address, &dir, &iso, &progress) {
+                match fetch(&peers, &address, &dir, &want, &progress) {
                     Ok(()) => tracing::info!(
-                        server = me_, iso = %iso.name, ms = t.elapsed().as_millis() as u64,
-                        "ISO image copied and checked"
+                        server = me, file = %want.what, ms = t.elapsed().as_millis() as u64,
+                        "library file copied and checked"
                     ),
                     Err(e) => {
-                        tracing::warn!(server = me_, error = %e, "copying an ISO image failed");
+                        tracing::warn!(server = me, error = %e, "copying a library file failed");
                         this.failed
                             .lock()
                             .expect("library lock")
-                            .insert(iso.name.clone(), Instant::now());
+                            .insert(want.sha256.clone(), Instant::now());
                     }
                 }
                 *this.running.lock().expect("library lock") = None;
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start an ISO copy");
+            tracing::warn!(error = %e, "cannot start a library copy");
             *running = None;
         }
     }
 }
 
-/// Deletes `<sha256>.iso` files no ISO of `state` names, and upload leftovers a day old.
+/// Whether `state` names library file `sha256` of `shelf`: an ISO image; an appliance's disk
+/// image, or one a disk is still to be made from.
+fn listed(state: &StateMachine, shelf: Shelf, sha256: &str) -> bool {
+    match shelf {
+        Shelf::Iso => state.isos.values().any(|i| i.sha256 == sha256),
+        Shelf::Image => {
+            state
+                .appliances
+                .values()
+                .any(|a| a.disks.iter().any(|d| d.sha256 == sha256))
+                || state
+                    .disks
+                    .values()
+                    .any(|d| d.image.as_deref() == Some(sha256))
+        }
+    }
+}
+
+/// Deletes library files `state` does not name, and upload leftovers a day old.
 ///
 /// `state` was read at `read_at`: a file put in place since then (its inode changed by the
 /// rename, after the commit that listed it) may be listed in a newer state, so it is kept (with
@@ -371,9 +626,11 @@ pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
             && e.metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(86_400)));
-        let unlisted = name
-            .strip_suffix(".iso")
-            .is_some_and(|sha| is_sha256(sha) && !state.isos.values().any(|i| i.sha256 == sha));
+        let unlisted = [Shelf::Iso, Shelf::Image].into_iter().any(|shelf| {
+            name.strip_suffix(shelf.extension())
+                .and_then(|n| n.strip_suffix('.'))
+                .is_some_and(|sha| is_sha256(sha) && !listed(state, shelf, sha))
+        });
         if stale_part || unlisted {
             match std::fs::remove_file(e.path()) {
                 Ok(()) => tracing::info!(file = %e.path().display(), "library file deleted"),
@@ -393,17 +650,23 @@ mod tests {
     fn uploads_land_under_their_hash_and_abandoned_ones_leave_nothing() {
         let dir = std::env::temp_dir().join(format!("enspeed-library-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut up = Upload::new(&dir).unwrap();
+        let mut up = Upload::new(&dir, Shelf::Iso).unwrap();
         up.write(b"hello ").unwrap();
         up.write(b"iso").unwrap();
         let sealed = up.seal().unwrap();
         let (sha, size) = (sealed.sha256.clone(), sealed.size);
         assert_eq!(size, 9);
         assert!(is_sha256(&sha));
-        assert!(!file(&dir, &sha).exists(), "in place only once listed");
+        assert!(
+            !file(&dir, Shelf::Iso, &sha).exists(),
+            "in place only once listed"
+        );
         sealed.place().unwrap();
-        assert_eq!(std::fs::read(file(&dir, &sha)).unwrap(), b"hello iso");
-        let mut gone = Upload::new(&dir).unwrap();
+        assert_eq!(
+            std::fs::read(file(&dir, Shelf::Iso, &sha)).unwrap(),
+            b"hello iso"
+        );
+        let mut gone = Upload::new(&dir, Shelf::Iso).unwrap();
         gone.write(b"half").unwrap();
         drop(gone);
         let names: Vec<_> = std::fs::read_dir(&dir)
@@ -411,6 +674,49 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec![format!("{sha}.iso")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_disk_image_is_written_sparse_and_hashed_alike_from_its_data_or_its_stream() {
+        let dir = std::env::temp_dir().join(format!("enspeed-library-img-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // 5 MiB and a half: data in chunk 0, a chunk of zeros, data across chunks 3 and 4, a
+        // short tail of zeros.
+        let len = (5 << 20) + (512 << 10);
+        let mut bytes = vec![0u8; len];
+        bytes[100..200].fill(7);
+        bytes[(3 << 20) + 4000..(4 << 20) + 9000].fill(9);
+        let mut up = Upload::new(&dir, Shelf::Image).unwrap();
+        // In uneven pieces, as a network delivers them.
+        for piece in bytes.chunks(300_007) {
+            up.write(piece).unwrap();
+        }
+        let sealed = up.seal().unwrap();
+        let (sha, size) = (sealed.sha256.clone(), sealed.size);
+        sealed.place().unwrap();
+        let path = file(&dir, Shelf::Image, &sha);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            allocated < 2 << 20,
+            "{allocated} bytes allocated: zeros left as holes"
+        );
+        // From the file, reading only its data, the same hash; any change of a byte, another.
+        assert_eq!(hash_file(&path, Shelf::Image).unwrap(), (sha.clone(), size));
+        let mut h = Hasher::new(Shelf::Image);
+        h.update(&bytes);
+        assert_eq!(h.hex(), sha);
+        bytes[(2 << 20) + 1] = 1;
+        let mut h = Hasher::new(Shelf::Image);
+        h.update(&bytes);
+        assert_ne!(h.hex(), sha);
+        // An ISO's hash is the plain SHA-256 of its bytes.
+        let mut iso = Hasher::new(Shelf::Iso);
+        iso.update(b"abc");
+        iso.zeros(3);
+        assert_eq!(iso.hex(), hex(&Sha256::digest(b"abc\0\0\0")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -83,26 +83,35 @@ struct Login {
 #[serde(deny_unknown_fields)]
 struct NewVm {
     name: String,
-    memory_mib: u64,
-    #[serde(default = "one")]
-    vcpus: u32,
-    disk_gib: u64,
-    /// Disk1-3, GiB each.
+    /// Required, unless the appliance's is taken.
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    /// 1, or the appliance's.
+    #[serde(default)]
+    vcpus: Option<u32>,
+    /// Required, unless Disk0 is the size of the appliance's.
+    #[serde(default)]
+    disk_gib: Option<u64>,
+    /// Disk1-3, GiB each (an appliance's other disks their images' sizes when not given).
     #[serde(default)]
     extra_disks_gib: Vec<u64>,
     #[serde(default)]
     owner: Option<u64>,
     #[serde(default)]
     start: bool,
-    /// kernel (the cluster's guest kernel, the default), or bios or uefi (a blank PC).
+    /// kernel (the cluster's guest kernel, the default), or bios or uefi (a blank PC; an
+    /// appliance's firmware by default).
     #[serde(default)]
-    boot: state_machine::BootMode,
+    boot: Option<state_machine::BootMode>,
     /// With bios or uefi: disk_first (the default) or cdrom_first.
     #[serde(default)]
     boot_order: state_machine::BootOrder,
-    /// With bios or uefi: virtio (the default) or sata.
+    /// With bios or uefi: virtio (the default, or the appliance's) or sata.
     #[serde(default)]
-    disk_bus: state_machine::DiskBus,
+    disk_bus: Option<state_machine::DiskBus>,
+    /// A library appliance whose disk images its disks start as.
+    #[serde(default)]
+    appliance: Option<String>,
     /// A library ISO in the CD-ROM drive from the start.
     #[serde(default)]
     iso: Option<String>,
@@ -175,10 +184,6 @@ fn disk_sizes(field: &str, gib: &[u64], most: usize) -> Result<Vec<u64>, ApiErro
             ))),
         })
         .collect()
-}
-
-fn one() -> u32 {
-    1
 }
 
 #[derive(Deserialize)]
@@ -1008,7 +1013,8 @@ impl App {
                 format!("storing ISO {name} in {}: {e}", dir.display()),
             )
         };
-        let mut up = control::library::Upload::new(&dir).map_err(store)?;
+        let mut up =
+            control::library::Upload::new(&dir, control::library::Shelf::Iso).map_err(store)?;
         let started = std::time::Instant::now();
         let mut told = started;
         // An upload may be long, never idle: each part must come within the web timeout.
@@ -1089,25 +1095,6 @@ impl App {
     async fn create_vm(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
         let v: NewVm = req.json()?;
         access::check_name("VM", &v.name).map_err(ApiError::bad_request)?;
-        if v.memory_mib == 0 || v.memory_mib > MAX_MEMORY_MIB {
-            return Err(ApiError::bad_request(format!(
-                "memory_mib {}: 1 to {MAX_MEMORY_MIB}",
-                v.memory_mib
-            )));
-        }
-        if v.vcpus == 0 || v.vcpus > MAX_VCPUS {
-            return Err(ApiError::bad_request(format!(
-                "vcpus {}: 1 to {MAX_VCPUS}",
-                v.vcpus
-            )));
-        }
-        let extra_disks = disk_sizes("extra_disks_gib", &v.extra_disks_gib, 3)?;
-        if v.disk_gib == 0 || v.disk_gib > MAX_DISK_GIB {
-            return Err(ApiError::bad_request(format!(
-                "disk_gib {}: 1 to {MAX_DISK_GIB}",
-                v.disk_gib
-            )));
-        }
         if c.user.role == Role::Regular {
             return Err(ApiError::forbidden("a Regular User creates no VMs"));
         }
@@ -1121,7 +1108,57 @@ impl App {
         if !access::may_administer_vms_of(&c.user, o) {
             return Err(ApiError::forbidden(format!("VMs of user {}", o.name)));
         }
-        let kernel = v.boot == state_machine::BootMode::Kernel;
+        // What is not given comes from the appliance, if there is one.
+        let appliance = match &v.appliance {
+            None => None,
+            Some(name) => Some(
+                c.state
+                    .appliances
+                    .get(name)
+                    .filter(|a| access::may_use_appliance(&c.user, a))
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("no appliance {name} in the library"))
+                    })?,
+            ),
+        };
+        let memory_mib = v
+            .memory_mib
+            .or(appliance.map(|a| a.memory_mib))
+            .ok_or_else(|| ApiError::bad_request("memory_mib: needed (1 to 1048576)"))?;
+        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+            return Err(ApiError::bad_request(format!(
+                "memory_mib {memory_mib}: 1 to {MAX_MEMORY_MIB}"
+            )));
+        }
+        let vcpus = v.vcpus.or(appliance.map(|a| a.vcpus)).unwrap_or(1);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(ApiError::bad_request(format!(
+                "vcpus {vcpus}: 1 to {MAX_VCPUS}"
+            )));
+        }
+        let images: Vec<u64> = appliance
+            .map(|a| a.disks.iter().map(|d| d.size).collect())
+            .unwrap_or_default();
+        let disk_size = match (v.disk_gib, images.first()) {
+            (Some(g), _) if g == 0 || g > MAX_DISK_GIB => {
+                return Err(ApiError::bad_request(format!(
+                    "disk_gib {g}: 1 to {MAX_DISK_GIB}"
+                )))
+            }
+            (Some(g), _) => g << 30,
+            (None, Some(image)) => *image,
+            (None, None) => return Err(ApiError::bad_request("disk_gib: needed (1 to 65536)")),
+        };
+        let mut extra_disks = disk_sizes("extra_disks_gib", &v.extra_disks_gib, 3)?;
+        if extra_disks.is_empty() && images.len() > 1 {
+            extra_disks = images[1..].to_vec();
+        }
+        let boot = v.boot.or(appliance.map(|a| a.boot)).unwrap_or_default();
+        let disk_bus = v
+            .disk_bus
+            .or(appliance.map(|a| a.disk_bus))
+            .unwrap_or_default();
+        let kernel = boot == state_machine::BootMode::Kernel;
         if kernel && self.cfg.guest.kernel.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -1138,19 +1175,20 @@ impl App {
                     owner,
                     vm: state_machine::NewVm {
                         name: v.name.clone(),
-                        memory_mib: v.memory_mib,
-                        vcpus: v.vcpus,
-                        disk_size: v.disk_gib << 30,
+                        memory_mib,
+                        vcpus,
+                        disk_size,
                         extra_disks,
                         kernel: guest(&self.cfg.guest.kernel),
                         initrd: guest(&self.cfg.guest.initrd),
                         cmdline: guest(&self.cfg.guest.cmdline),
                         running: v.start,
-                        boot: v.boot,
+                        boot,
                         boot_order: v.boot_order,
-                        disk_bus: v.disk_bus,
+                        disk_bus,
                         cdrom: v.iso.clone(),
                         networks: v.networks.clone(),
+                        appliance: v.appliance.clone(),
                     },
                 },
             )

@@ -3,7 +3,8 @@
 
 use control::access::{self, Role, UserRecord};
 use control::state_machine::{
-    BootMode, BootOrder, DiskBus, DiskRecord, LinkState, StateMachine, VmPart, VmRecord,
+    ApplianceDisk, BootMode, BootOrder, DiskBus, DiskRecord, LinkState, StateMachine, VmPart,
+    VmRecord,
 };
 use serde::Serialize;
 
@@ -466,6 +467,77 @@ fn vm_error(state: &StateMachine, vm: &VmRecord, manager: bool) -> Option<String
             VmPart::Vmm => "its server cannot start it (a Manager can see why)".into(),
         }
     })
+}
+
+/// An appliance of the library as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct ApplianceView {
+    /// Its name.
+    pub name: String,
+    /// What it is.
+    pub description: String,
+    /// Guest RAM of the VMs made from it, MiB.
+    pub memory_mib: u64,
+    /// Their vCPUs.
+    pub vcpus: u32,
+    /// Their firmware.
+    pub boot: BootMode,
+    /// The controller their disks are on.
+    pub disk_bus: DiskBus,
+    /// Their network cards.
+    pub nics: u32,
+    /// Its disk images, Disk0 first: size and SHA-256.
+    pub disks: Vec<ApplianceDisk>,
+    /// Where it came from.
+    pub origin: String,
+    /// Who added it, by name (none once deleted).
+    pub created_by: Option<String>,
+    /// When, ms since the epoch.
+    pub created_ms: u64,
+    /// The VM servers holding every disk image.
+    pub servers: Vec<u64>,
+    /// How many VM servers there are.
+    pub vm_servers: usize,
+    /// The Power Users (ids) whose companies may use it: shown to Managers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<Vec<u64>>,
+}
+
+/// The library's appliances `viewer` may use, by name.
+pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceView> {
+    let vm_servers: Vec<u64> = state
+        .servers
+        .values()
+        .filter(|s| !s.witness)
+        .map(|s| s.id)
+        .collect();
+    state
+        .appliances
+        .values()
+        .filter(|a| access::may_use_appliance(viewer, a))
+        .map(|a| ApplianceView {
+            name: a.name.clone(),
+            description: a.description.clone(),
+            memory_mib: a.memory_mib,
+            vcpus: a.vcpus,
+            boot: a.boot,
+            disk_bus: a.disk_bus,
+            nics: a.nics,
+            disks: a.disks.clone(),
+            origin: a.origin.clone(),
+            created_by: state.users.get(&a.created_by).map(|u| u.name.clone()),
+            created_ms: a.created_ms,
+            servers: a
+                .servers
+                .iter()
+                .copied()
+                .filter(|s| vm_servers.contains(s))
+                .collect(),
+            vm_servers: vm_servers.len(),
+            shared_with: (viewer.role == Role::Manager)
+                .then(|| a.shared_with.iter().copied().collect()),
+        })
+        .collect()
 }
 
 /// An ISO image of the library as the API shows it.

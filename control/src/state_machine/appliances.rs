@@ -57,10 +57,7 @@ impl StateMachine {
             .appliances
             .get(name)
             .ok_or_else(|| Refusal::not_found(format!("no appliance {name} in the library")))?;
-        let shared = |u: &UserRecord| {
-            u.role == Role::Manager
-                || access::company(u).is_some_and(|c| a.shared_with.contains(&c))
-        };
+        let shared = |u: &UserRecord| access::may_use_appliance(u, a);
         if !by.who.as_ref().is_none_or(shared) || !(by.is_manager() || shared(owner)) {
             // Not shared: to this user it is not there.
             return Err(Refusal::not_found(format!(

@@ -269,6 +269,7 @@ fn backup(dir: &Path, ip: &str, in_ns: bool, tls: Option<&Path>) -> (Backup, Str
                 backup: true,
                 pool: None,
                 from: None,
+                image: None,
                 peer_server: None,
                 disk_id: None,
             },

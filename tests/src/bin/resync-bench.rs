@@ -244,6 +244,7 @@ fn main() {
                 backup: true,
                 pool: None,
                 from: None,
+                image: None,
                 peer_server: None,
                 disk_id: Some(d.status().disk_id),
             })

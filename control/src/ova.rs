@@ -1,0 +1,1026 @@
+//! Virtual Appliances as files: OVA archives (a tar of an OVF 1.x or 2.0 descriptor, an
+//! optional `.mf` manifest and the disk images) read into the library, and written from it.
+//!
+//! Everything in an archive is untrusted. Its entries must be plain files at its top (no
+//! directories, links, devices, sparse entries, `..` or absolute names), at most
+//! `MAX_ENTRIES`; the descriptor at most `MAX_OVF_BYTES`, XML without a DTD (so no entity
+//! expansion) and at most `MAX_XML_NODES` nodes; a manifest, when there is one, must list the
+//! descriptor and every disk with digests that match. A disk image is a single file (raw,
+//! qcow2, or a monolithic-sparse or stream-optimized VMDK), never one that names others
+//! (backing files, data files, extents): `qemu-img info` says, before `qemu-img convert`
+//! makes it raw. What the disks expand to is bounded: by `MAX_EXPANSION` times the archive's
+//! bytes (above a floor) and by the library's free space.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use sha2::Digest;
+
+use crate::library::{Sealed, Shelf};
+use crate::state_machine::{ApplianceRecord, BootMode, DiskBus, MAX_DISK_BYTES, MAX_VM_DISKS};
+
+/// The most entries an archive may have.
+pub const MAX_ENTRIES: usize = 64;
+/// The largest descriptor read, bytes.
+pub const MAX_OVF_BYTES: u64 = 1 << 20;
+/// The most XML nodes a descriptor may have.
+pub const MAX_XML_NODES: u32 = 100_000;
+/// How many times its archive's bytes an appliance's disks may expand to...
+pub const MAX_EXPANSION: u64 = 4096;
+/// ...when they are larger than this (a small archive of a thin disk is no bomb).
+pub const EXPANSION_FLOOR: u64 = 64 << 30;
+
+/// Why an import or export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OvaError {
+    /// The archive is not one we take: what is wrong with it.
+    #[error("{0}")]
+    Refused(String),
+    /// This server failed: what it was doing, and why.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed, on what.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn refused<T>(what: impl Into<String>) -> Result<T, OvaError> {
+    Err(OvaError::Refused(what.into()))
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvaError {
+    let what = what.into();
+    move |source| OvaError::Io { what, source }
+}
+
+/// A disk of a descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OvfDisk {
+    /// Its file in the archive.
+    pub file: String,
+    /// Its capacity as the descriptor states it, bytes (the image itself decides).
+    pub capacity: u64,
+}
+
+/// What a descriptor says of its virtual machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Its virtual system's name (`ovf:id`, or its `Name`).
+    pub name: String,
+    /// Its annotation or product description.
+    pub description: String,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Network cards.
+    pub nics: u32,
+    /// Its firmware: `uefi` when it says EFI, else `bios`.
+    pub boot: BootMode,
+    /// `virtio` when its disks' controller says so, else `sata` (every OS has an AHCI driver).
+    pub disk_bus: DiskBus,
+    /// Its disks, in the order its hardware attaches them.
+    pub disks: Vec<OvfDisk>,
+}
+
+/// The local name of an attribute `name` of `n`, in any namespace.
+fn attr<'a>(n: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    n.attributes().find(|a| a.name() == name).map(|a| a.value())
+}
+
+/// The text of the child element `name` of `n`, trimmed.
+fn child_text<'a>(n: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    n.children()
+        .find(|c| c.is_element() && c.tag_name().name() == name)
+        .and_then(|c| c.text())
+        .map(str::trim)
+}
+
+/// The elements named `name` (local name) in `n`, itself included.
+fn elements<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Vec<roxmltree::Node<'a, 'i>> {
+    n.descendants()
+        .filter(|c| c.is_element() && c.tag_name().name() == name)
+        .collect()
+}
+
+/// Bytes in one of `units` (`byte * 2^20`, `MegaBytes`, `GB`, ...); `None` if unknown.
+pub fn unit_bytes(units: &str) -> Option<u64> {
+    let u: String = units.chars().filter(|c| !c.is_whitespace()).collect();
+    let u = u.to_ascii_lowercase();
+    if let Some(rest) = u.strip_prefix("byte*2^") {
+        return rest
+            .parse::<u32>()
+            .ok()
+            .filter(|p| *p <= 60)
+            .map(|p| 1u64 << p);
+    }
+    Some(match u.as_str() {
+        "" | "byte" | "bytes" => 1,
+        "kilobytes" | "kb" | "kib" => 1 << 10,
+        "megabytes" | "mb" | "mib" => 1 << 20,
+        "gigabytes" | "gb" | "gib" => 1 << 30,
+        "terabytes" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    })
+}
+
+/// Reads an OVF descriptor (1.x or 2.0, any vendor's): one virtual system's memory, CPUs,
+/// network cards, firmware and disks.
+pub fn parse_ovf(xml: &str) -> Result<Descriptor, OvaError> {
+    let opt = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: MAX_XML_NODES,
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, opt)
+        .or_else(|e| refused(format!("the OVF descriptor is not XML we read: {e}")))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "Envelope" {
+        return refused(format!(
+            "the OVF descriptor's root is <{}>, not an OVF <Envelope>",
+            root.tag_name().name()
+        ));
+    }
+    // Files by id, disks by id.
+    let files: BTreeMap<&str, &str> = elements(root, "File")
+        .into_iter()
+        .filter_map(|f| Some((attr(f, "id")?, attr(f, "href")?)))
+        .collect();
+    let mut disks: Vec<(String, OvfDisk)> = Vec::new();
+    for d in elements(root, "Disk") {
+        let id = attr(d, "diskId").unwrap_or_default();
+        let file_ref = attr(d, "fileRef").ok_or_else(|| {
+            OvaError::Refused(format!(
+                "disk {id:?} of the descriptor has no file (a blank disk)"
+            ))
+        })?;
+        let file = files.get(file_ref).ok_or_else(|| {
+            OvaError::Refused(format!(
+                "disk {id:?} names file {file_ref:?}, which the descriptor does not list"
+            ))
+        })?;
+        let units = attr(d, "capacityAllocationUnits").unwrap_or("byte");
+        let capacity = attr(d, "capacity")
+            .and_then(|c| c.trim().parse::<u64>().ok())
+            .zip(unit_bytes(units))
+            .and_then(|(c, u)| c.checked_mul(u))
+            .ok_or_else(|| {
+                OvaError::Refused(format!(
+                    "disk {id:?}: its capacity is not a number of {units:?}"
+                ))
+            })?;
+        disks.push((
+            id.to_string(),
+            OvfDisk {
+                file: file.to_string(),
+                capacity,
+            },
+        ));
+    }
+    let systems = elements(root, "VirtualSystem");
+    let system = match systems.as_slice() {
+        [one] => *one,
+        [] => return refused("the descriptor has no VirtualSystem"),
+        many => {
+            return refused(format!(
+                "the descriptor has {} virtual systems: an appliance is one VM",
+                many.len()
+            ))
+        }
+    };
+    let name = attr(system, "id")
+        .or_else(|| child_text(system, "Name"))
+        .unwrap_or_default()
+        .to_string();
+    let description = elements(system, "Annotation")
+        .first()
+        .or(elements(system, "Description").first())
+        .and_then(|n| n.text())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let (mut memory_mib, mut vcpus, mut nics) = (None, None, 0u32);
+    let mut attached: Vec<String> = Vec::new();
+    let mut virtio = false;
+    // Items of VirtualHardwareSection: OVF 1.x's <Item>, OVF 2.0's <StorageItem> and
+    // <EthernetPortItem> too.
+    let items = system.descendants().filter(|c| {
+        c.is_element()
+            && matches!(
+                c.tag_name().name(),
+                "Item" | "StorageItem" | "EthernetPortItem"
+            )
+    });
+    for item in items {
+        let kind: u32 = child_text(item, "ResourceType")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let quantity = child_text(item, "VirtualQuantity").and_then(|t| t.parse::<u64>().ok());
+        match kind {
+            3 => vcpus = quantity,
+            4 => {
+                let units = child_text(item, "AllocationUnits").unwrap_or("byte * 2^20");
+                let bytes = quantity
+                    .zip(unit_bytes(units))
+                    .and_then(|(q, u)| q.checked_mul(u));
+                memory_mib = bytes.map(|b| b >> 20);
+            }
+            10 => nics += 1,
+            5 | 6 | 20 => {
+                let sub = child_text(item, "ResourceSubType").unwrap_or_default();
+                virtio |= sub.to_ascii_lowercase().contains("virtio");
+            }
+            17 => {
+                // ovf:/disk/<id>, or (some exporters) ovf:/file/<id>.
+                if let Some(r) = child_text(item, "HostResource") {
+                    let id = r.rsplit('/').next().unwrap_or_default();
+                    attached.push(id.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    let memory_mib = memory_mib
+        .filter(|m| *m > 0)
+        .ok_or_else(|| OvaError::Refused("the descriptor gives the VM no memory".into()))?;
+    let vcpus = vcpus.unwrap_or(1).clamp(1, 255) as u32;
+    // Disks in the order the hardware attaches them; any not attached after.
+    let mut ordered = Vec::new();
+    for id in &attached {
+        if let Some(i) = disks.iter().position(|(d, _)| d == id) {
+            ordered.push(disks.remove(i).1);
+        } else if let Some(i) = disks
+            .iter()
+            .position(|(_, d)| files.get(id.as_str()) == Some(&d.file.as_str()))
+        {
+            ordered.push(disks.remove(i).1);
+        }
+    }
+    ordered.extend(disks.into_iter().map(|(_, d)| d));
+    if ordered.is_empty() || ordered.len() > MAX_VM_DISKS {
+        return refused(format!(
+            "the descriptor has {} disks with images: 1 to {MAX_VM_DISKS}",
+            ordered.len()
+        ));
+    }
+    // UEFI as VMware (`<vmw:Config vmw:key="firmware" vmw:value="efi"/>`) and VirtualBox
+    // (`<Firmware type="EFI"/>`) write it.
+    let efi = root.descendants().filter(|n| n.is_element()).any(|n| {
+        (attr(n, "key") == Some("firmware")
+            && attr(n, "value").is_some_and(|v| v.eq_ignore_ascii_case("efi")))
+            || (n.tag_name().name() == "Firmware"
+                && attr(n, "type").is_some_and(|t| t.to_ascii_lowercase().starts_with("efi")))
+    });
+    Ok(Descriptor {
+        name,
+        description,
+        memory_mib,
+        vcpus,
+        nics,
+        boot: if efi { BootMode::Uefi } else { BootMode::Bios },
+        disk_bus: if virtio {
+            DiskBus::Virtio
+        } else {
+            DiskBus::Sata
+        },
+        disks: ordered,
+    })
+}
+
+/// A digest algorithm of a manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigestKind {
+    /// SHA-1 (OVF 1.x).
+    Sha1,
+    /// SHA-256 (OVF 2.0, and 1.x exporters since).
+    Sha256,
+}
+
+/// Reads a manifest: `SHA256(file)= hex` lines (or `SHA1`), by file.
+pub fn parse_manifest(text: &str) -> Result<BTreeMap<String, (DigestKind, String)>, OvaError> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let bad = || OvaError::Refused(format!("manifest line {line:?} is not ALGO(file)= digest"));
+        let (algo, rest) = line.split_once('(').ok_or_else(bad)?;
+        let (file, rest) = rest.rsplit_once(')').ok_or_else(bad)?;
+        let digest = rest.trim_start().strip_prefix('=').ok_or_else(bad)?.trim();
+        let kind = match algo.trim().to_ascii_uppercase().as_str() {
+            "SHA1" => DigestKind::Sha1,
+            "SHA256" => DigestKind::Sha256,
+            other => return refused(format!("manifest: digest {other} is not SHA1 or SHA256")),
+        };
+        let len = if kind == DigestKind::Sha1 { 40 } else { 64 };
+        if digest.len() != len || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        if out
+            .insert(file.trim().to_string(), (kind, digest.to_ascii_lowercase()))
+            .is_some()
+        {
+            return refused(format!("manifest lists {file:?} twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// An archive's files, unpacked into a work directory.
+#[derive(Debug)]
+pub struct Unpacked {
+    /// The work directory holding them.
+    pub dir: PathBuf,
+    /// Each file's path, by its name in the archive.
+    pub files: BTreeMap<String, PathBuf>,
+    /// The descriptor's name.
+    pub ovf: String,
+    /// The archive's bytes.
+    pub packed: u64,
+}
+
+/// Unpacks OVA `archive` into `dir` (which it creates), checking every entry.
+pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
+    let f = File::open(archive).map_err(io_err(format!("opening {}", archive.display())))?;
+    let packed = f.metadata().map_err(io_err("the archive"))?.len();
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let mut tar = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    let damaged =
+        |e: io::Error| OvaError::Refused(format!("the archive is cut short or damaged: {e}"));
+    let mut files = BTreeMap::new();
+    let mut entries = 0;
+    for entry in tar.entries().map_err(damaged)? {
+        let mut entry = entry.map_err(damaged)?;
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::XGlobalHeader {
+            continue;
+        }
+        let path = entry.path().map_err(damaged)?.into_owned();
+        let shown = path.display().to_string();
+        if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+            return refused(format!(
+                "archive entry {shown:?} is a {kind:?}: an OVA holds plain files only"
+            ));
+        }
+        let mut parts = path.components();
+        let name = match (parts.next(), parts.next()) {
+            (Some(Component::Normal(n)), None) => n.to_string_lossy().into_owned(),
+            _ => {
+                return refused(format!(
+                    "archive entry {shown:?}: only plain file names, at the archive's top"
+                ))
+            }
+        };
+        if name.starts_with('.') || name.contains('\\') {
+            return refused(format!("archive entry {shown:?}: a hidden or odd name"));
+        }
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return refused(format!("the archive has more than {MAX_ENTRIES} entries"));
+        }
+        if files.contains_key(&name) {
+            return refused(format!("archive entry {name:?} comes twice"));
+        }
+        let size = entry.header().size().map_err(damaged)?;
+        if size > packed {
+            return refused(format!(
+                "archive entry {name:?} claims {size} bytes, more than the archive's {packed}"
+            ));
+        }
+        let to = dir.join(&name);
+        let mut out = File::create(&to).map_err(io_err(format!("creating {}", to.display())))?;
+        let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(damaged)?;
+        if copied != size {
+            return refused(format!(
+                "archive entry {name:?} is cut short: {copied} of {size} bytes"
+            ));
+        }
+        files.insert(name, to);
+    }
+    let ovfs: Vec<&String> = files.keys().filter(|n| n.ends_with(".ovf")).collect();
+    let ovf = match ovfs.as_slice() {
+        [one] => (*one).clone(),
+        [] => return refused("the archive has no .ovf descriptor: is it an OVA?"),
+        _ => return refused("the archive has more than one .ovf descriptor"),
+    };
+    Ok(Unpacked {
+        dir: dir.to_path_buf(),
+        files,
+        ovf,
+        packed,
+    })
+}
+
+/// The digest of file `path` of `kind`, hex.
+fn digest_file(path: &Path, kind: DigestKind) -> io::Result<String> {
+    let mut f = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sha1 = sha1::Sha1::new();
+    let mut sha256 = sha2::Sha256::new();
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        match kind {
+            DigestKind::Sha1 => sha1.update(&buf[..n]),
+            DigestKind::Sha256 => sha256.update(&buf[..n]),
+        }
+    }
+    let bytes: Vec<u8> = match kind {
+        DigestKind::Sha1 => sha1.finalize().to_vec(),
+        DigestKind::Sha256 => sha256.finalize().to_vec(),
+    };
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks the archive's manifest, if it has one: it lists the descriptor and each of `disks`,
+/// and each file it lists is there with its digest.
+fn check_manifest(u: &Unpacked, disks: &[OvfDisk]) -> Result<(), OvaError> {
+    let Some((mf_name, mf)) = u.files.iter().find(|(n, _)| n.ends_with(".mf")) else {
+        return Ok(());
+    };
+    let mut text = String::new();
+    File::open(mf)
+        .and_then(|f| f.take(MAX_OVF_BYTES).read_to_string(&mut text))
+        .map_err(|e| OvaError::Refused(format!("manifest {mf_name}: {e}")))?;
+    let listed = parse_manifest(&text)?;
+    let needed = std::iter::once(&u.ovf).chain(disks.iter().map(|d| &d.file));
+    for n in needed {
+        if !listed.contains_key(n) {
+            return refused(format!("manifest {mf_name} does not list {n}"));
+        }
+    }
+    for (name, (kind, want)) in &listed {
+        let path = u.files.get(name).ok_or_else(|| {
+            OvaError::Refused(format!(
+                "manifest {mf_name} lists {name}, which the archive lacks"
+            ))
+        })?;
+        let got = digest_file(path, *kind).map_err(io_err(format!("reading {name}")))?;
+        if &got != want {
+            return refused(format!(
+                "{name} does not match the manifest: its {kind:?} is {got}, the manifest says {want}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A disk image format qemu-img is told (never left to guess).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Raw bytes.
+    Raw,
+    /// QEMU's qcow2.
+    Qcow2,
+    /// VMware's VMDK, single file.
+    Vmdk,
+}
+
+impl ImageFormat {
+    fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk => "vmdk",
+        }
+    }
+}
+
+/// The format of image `path`, from its first bytes.
+pub fn probe(path: &Path) -> Result<ImageFormat, OvaError> {
+    let mut head = [0u8; 32];
+    let mut f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let n = f
+        .read(&mut head)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    let head = &head[..n];
+    Ok(if head.starts_with(b"QFI\xfb") {
+        ImageFormat::Qcow2
+    } else if head.starts_with(b"KDMV") {
+        ImageFormat::Vmdk
+    } else if head.starts_with(b"# Disk DescriptorFile") {
+        return refused(format!(
+            "{}: a VMDK descriptor naming other files; only single-file VMDKs (monolithic sparse, stream-optimized) are taken",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// What `qemu-img info` says of an image.
+#[derive(Debug, Deserialize)]
+struct ImageInfo {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "backing-filename")]
+    backing_filename: Option<String>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<serde_json::Value>,
+}
+
+/// The size of the disk image `path` of `format`, checked to be a single file: no backing
+/// file, no external data file, no extent elsewhere.
+pub fn inspect(path: &Path, format: ImageFormat) -> Result<u64, OvaError> {
+    let shown = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format.name()])
+        .arg(path)
+        .output()
+        .map_err(io_err("running qemu-img info (Debian's qemu-utils)"))?;
+    if !out.status.success() {
+        return refused(format!(
+            "{shown} is not a {} image qemu-img reads: {}",
+            format.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let info: ImageInfo = serde_json::from_slice(&out.stdout)
+        .or_else(|e| refused(format!("{shown}: qemu-img info: {e}")))?;
+    if let Some(b) = info.backing_filename {
+        return refused(format!(
+            "{shown} names a backing file ({b:?}): an image must stand alone"
+        ));
+    }
+    let data = info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.get("data"))
+        .cloned()
+        .unwrap_or_default();
+    if let Some(d) = data.get("data-file") {
+        return refused(format!(
+            "{shown} keeps its data in another file ({d}): an image must stand alone"
+        ));
+    }
+    if format == ImageFormat::Vmdk {
+        let me = path
+            .canonicalize()
+            .map_err(io_err(format!("resolving {shown}")))?;
+        let extents = data
+            .get("extents")
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for e in &extents {
+            let file = e
+                .get("filename")
+                .and_then(|f| f.as_str())
+                .unwrap_or_default();
+            if Path::new(file).canonicalize().ok().as_deref() != Some(me.as_path()) {
+                return refused(format!(
+                    "{shown} has an extent in another file ({file:?}): an image must stand alone"
+                ));
+            }
+        }
+    }
+    if info.virtual_size == 0 || info.virtual_size > MAX_DISK_BYTES {
+        return refused(format!(
+            "{shown}: a disk of {} bytes (1 to {} GiB)",
+            info.virtual_size,
+            MAX_DISK_BYTES >> 30
+        ));
+    }
+    Ok(info.virtual_size)
+}
+
+/// Free bytes of the file system holding `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Runs qemu-img `args`; its error output on a failure.
+fn qemu_img(args: &[&std::ffi::OsStr], what: &str) -> Result<(), OvaError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(io_err(format!("running qemu-img to {what}")))?;
+    if !out.status.success() {
+        return Err(OvaError::Io {
+            what: what.to_string(),
+            source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// An archive read into the library's files: its descriptor and its disks, raw, hashed and
+/// durable, each waiting to be put in place once the library lists the appliance.
+pub struct Imported {
+    /// What its descriptor says.
+    pub descriptor: Descriptor,
+    /// Its disks, Disk0 first.
+    pub disks: Vec<Sealed>,
+}
+
+/// Imports OVA `archive`: unpacks and checks it in `work` (a new directory inside library
+/// directory `library`, removed by the caller), converts each disk to a raw image and seals
+/// it there. `progress` hears what it is doing.
+pub fn import(
+    archive: &Path,
+    work: &Path,
+    library: &Path,
+    progress: &dyn Fn(String),
+) -> Result<Imported, OvaError> {
+    let u = unpack(archive, work)?;
+    let ovf_path = &u.files[&u.ovf];
+    let len = std::fs::metadata(ovf_path)
+        .map_err(io_err("the descriptor"))?
+        .len();
+    if len > MAX_OVF_BYTES {
+        return refused(format!(
+            "the descriptor {} has {len} bytes, at most {MAX_OVF_BYTES}",
+            u.ovf
+        ));
+    }
+    let text = std::fs::read_to_string(ovf_path)
+        .or_else(|e| refused(format!("the descriptor {} is not UTF-8 text: {e}", u.ovf)))?;
+    let descriptor = parse_ovf(&text)?;
+    check_manifest(&u, &descriptor.disks)?;
+    let mut images = Vec::new();
+    for (i, d) in descriptor.disks.iter().enumerate() {
+        let path = u.files.get(&d.file).ok_or_else(|| {
+            OvaError::Refused(format!("Disk{i}'s image {} is not in the archive", d.file))
+        })?;
+        let format = probe(path)?;
+        let size = inspect(path, format)?;
+        if size % 512 != 0 {
+            return refused(format!(
+                "{}: {size} bytes is not whole 512-byte sectors",
+                d.file
+            ));
+        }
+        images.push((path.clone(), format, size));
+    }
+    let expanded: u64 = images.iter().map(|i| i.2).sum();
+    if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > u.packed {
+        return refused(format!(
+            "its disks expand to {expanded} bytes from an archive of {}: more than {MAX_EXPANSION} times",
+            u.packed
+        ));
+    }
+    let free =
+        free_bytes(library).map_err(io_err(format!("the free space of {}", library.display())))?;
+    if expanded > free {
+        return refused(format!(
+            "its disks expand to {expanded} bytes; the library at {} has {free} free",
+            library.display()
+        ));
+    }
+    let mut disks = Vec::new();
+    for (i, (path, format, size)) in images.into_iter().enumerate() {
+        progress(format!(
+            "converting Disk{i} ({}, {size} bytes) to raw",
+            format.name()
+        ));
+        let raw = work.join(format!("disk{i}.raw.part"));
+        qemu_img(
+            &[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                format.name().as_ref(),
+                "-O".as_ref(),
+                "raw".as_ref(),
+                path.as_os_str(),
+                raw.as_os_str(),
+            ],
+            &format!("converting Disk{i}"),
+        )?;
+        // The unpacked file is no longer needed: its space goes back now.
+        let _ = std::fs::remove_file(&path);
+        progress(format!("hashing Disk{i}"));
+        let sealed = Sealed::adopt(library, Shelf::Image, raw)
+            .map_err(io_err(format!("hashing Disk{i}")))?;
+        disks.push(sealed);
+    }
+    Ok(Imported { descriptor, disks })
+}
+
+/// XML text with its special characters escaped.
+fn xml_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&apos;".to_string(),
+            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t') => " ".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// The OVF 2.0 descriptor of appliance `a`, its disks in files `disk_files` (of their sizes).
+pub fn write_ovf(a: &ApplianceRecord, disk_files: &[(String, u64)]) -> String {
+    let mut refs = String::new();
+    let mut disks = String::new();
+    let mut items = String::new();
+    let mut id = 1;
+    let mut item = |body: String| {
+        items.push_str(&format!(
+            "      <Item>\n        <rasd:InstanceID>{id}</rasd:InstanceID>\n{body}      </Item>\n"
+        ));
+        id += 1;
+        id - 1
+    };
+    item(format!(
+        "        <rasd:ElementName>{} virtual CPUs</rasd:ElementName>\n        <rasd:ResourceType>3</rasd:ResourceType>\n        <rasd:VirtualQuantity>{}</rasd:VirtualQuantity>\n",
+        a.vcpus, a.vcpus
+    ));
+    item(format!(
+        "        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>\n        <rasd:ElementName>{} MB of memory</rasd:ElementName>\n        <rasd:ResourceType>4</rasd:ResourceType>\n        <rasd:VirtualQuantity>{}</rasd:VirtualQuantity>\n",
+        a.memory_mib, a.memory_mib
+    ));
+    let sub = match a.disk_bus {
+        DiskBus::Sata => "AHCI",
+        DiskBus::Virtio => "virtio",
+    };
+    let controller = item(format!(
+        "        <rasd:ElementName>disk controller</rasd:ElementName>\n        <rasd:ResourceSubType>{sub}</rasd:ResourceSubType>\n        <rasd:ResourceType>20</rasd:ResourceType>\n"
+    ));
+    for (i, (file, bytes)) in disk_files.iter().enumerate() {
+        let size = a.disks.get(i).map_or(0, |d| d.size);
+        refs.push_str(&format!(
+            "    <File ovf:id=\"file{i}\" ovf:href=\"{}\" ovf:size=\"{bytes}\"/>\n",
+            xml_escape(file)
+        ));
+        disks.push_str(&format!(
+            "    <Disk ovf:capacity=\"{size}\" ovf:capacityAllocationUnits=\"byte\" ovf:diskId=\"disk{i}\" ovf:fileRef=\"file{i}\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n"
+        ));
+        item(format!(
+            "        <rasd:AddressOnParent>{i}</rasd:AddressOnParent>\n        <rasd:ElementName>Disk{i}</rasd:ElementName>\n        <rasd:HostResource>ovf:/disk/disk{i}</rasd:HostResource>\n        <rasd:Parent>{controller}</rasd:Parent>\n        <rasd:ResourceType>17</rasd:ResourceType>\n"
+        ));
+    }
+    for n in 0..a.nics {
+        item(format!(
+            "        <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>\n        <rasd:Connection>network</rasd:Connection>\n        <rasd:ElementName>NIC{n}</rasd:ElementName>\n        <rasd:ResourceSubType>virtio</rasd:ResourceSubType>\n        <rasd:ResourceType>10</rasd:ResourceType>\n"
+        ));
+    }
+    let firmware = if a.boot == BootMode::Uefi {
+        "      <vmw:Config ovf:required=\"false\" vmw:key=\"firmware\" vmw:value=\"efi\"/>\n"
+    } else {
+        ""
+    };
+    let name = xml_escape(&a.name);
+    let network = if a.nics > 0 {
+        "  <NetworkSection>\n    <Info>The networks the VM's cards are on</Info>\n    <Network ovf:name=\"network\">\n      <Description>The VM's network</Description>\n    </Network>\n  </NetworkSection>\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/2" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/2" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>
+{refs}  </References>
+  <DiskSection>
+    <Info>The VM's disks</Info>
+{disks}  </DiskSection>
+{network}  <VirtualSystem ovf:id="{name}">
+    <Info>An EnSpeed Virtual Appliance</Info>
+    <Name>{name}</Name>
+    <AnnotationSection>
+      <Info>What it is</Info>
+      <Annotation>{}</Annotation>
+    </AnnotationSection>
+    <OperatingSystemSection ovf:id="1">
+      <Info>Its operating system</Info>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>Its hardware</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-13</vssd:VirtualSystemType>
+      </System>
+{items}{firmware}    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#,
+        xml_escape(&a.description)
+    )
+}
+
+/// Writes appliance `a` (its disk images in library directory `library`) as an OVA at `out`:
+/// its descriptor, its manifest (SHA-256), its disks as stream-optimized VMDKs, made in
+/// `work` (a directory the caller removes). `progress` hears what it is doing.
+pub fn export(
+    a: &ApplianceRecord,
+    library: &Path,
+    work: &Path,
+    out: &Path,
+    progress: &dyn Fn(String),
+) -> Result<(), OvaError> {
+    std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
+    let mut files = Vec::new();
+    for (i, d) in a.disks.iter().enumerate() {
+        let src = crate::library::file(library, Shelf::Image, &d.sha256);
+        if !src.exists() {
+            return Err(OvaError::Io {
+                what: format!("appliance {}'s Disk{i}", a.name),
+                source: io::Error::new(io::ErrorKind::NotFound, "not copied to this server yet"),
+            });
+        }
+        let name = format!("{}-disk{i}.vmdk", a.name);
+        let vmdk = work.join(&name);
+        progress(format!("converting Disk{i} to a stream-optimized VMDK"));
+        qemu_img(
+            &[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "vmdk".as_ref(),
+                "-o".as_ref(),
+                "subformat=streamOptimized".as_ref(),
+                src.as_os_str(),
+                vmdk.as_os_str(),
+            ],
+            &format!("converting Disk{i} of appliance {}", a.name),
+        )?;
+        let bytes = std::fs::metadata(&vmdk).map_err(io_err(&name))?.len();
+        files.push((name, vmdk, bytes));
+    }
+    let listed: Vec<(String, u64)> = files.iter().map(|(n, _, b)| (n.clone(), *b)).collect();
+    let ovf_name = format!("{}.ovf", a.name);
+    let ovf = write_ovf(a, &listed);
+    let ovf_path = work.join(&ovf_name);
+    std::fs::write(&ovf_path, &ovf).map_err(io_err(&ovf_name))?;
+    let mut mf = String::new();
+    for (n, p) in
+        std::iter::once((&ovf_name, &ovf_path)).chain(files.iter().map(|(n, p, _)| (n, p)))
+    {
+        let d = digest_file(p, DigestKind::Sha256).map_err(io_err(format!("hashing {n}")))?;
+        mf.push_str(&format!("SHA256({n})= {d}\n"));
+    }
+    let mf_name = format!("{}.mf", a.name);
+    let mf_path = work.join(&mf_name);
+    std::fs::write(&mf_path, mf).map_err(io_err(&mf_name))?;
+    progress("writing the archive".into());
+    let file = File::create(out).map_err(io_err(format!("creating {}", out.display())))?;
+    let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, file));
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // The descriptor first, as OVF asks; then the manifest; then the disks in order.
+    let order = [(ovf_name, ovf_path), (mf_name, mf_path)]
+        .into_iter()
+        .chain(files.into_iter().map(|(n, p, _)| (n, p)));
+    for (name, path) in order {
+        let mut f = File::open(&path).map_err(io_err(&name))?;
+        let len = f.metadata().map_err(io_err(&name))?.len();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(len);
+        h.set_mode(0o644);
+        h.set_mtime(mtime);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, &name, &mut f)
+            .map_err(io_err(format!("adding {name} to the archive")))?;
+    }
+    let mut w = tar.into_inner().map_err(io_err("finishing the archive"))?;
+    w.flush().map_err(io_err("writing the archive"))?;
+    w.get_ref()
+        .sync_all()
+        .map_err(io_err("writing the archive"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VBOX: &str = r#"<?xml version="1.0"?>
+<Envelope ovf:version="1.0" xml:lang="en-US" xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vbox="http://www.virtualbox.org/ovf/machine">
+  <References>
+    <File ovf:id="file1" ovf:href="web-disk001.vmdk"/>
+    <File ovf:id="file2" ovf:href="web-disk002.vmdk"/>
+  </References>
+  <DiskSection>
+    <Info>List of the virtual disks used in the package</Info>
+    <Disk ovf:capacity="2" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="vmdisk2" ovf:fileRef="file2" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+    <Disk ovf:capacity="10737418240" ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="web">
+    <Info>A virtual machine</Info>
+    <AnnotationSection><Annotation>A web server &amp; its database</Annotation></AnnotationSection>
+    <VirtualHardwareSection>
+      <Item><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>1024</rasd:VirtualQuantity></Item>
+      <Item><rasd:InstanceID>5</rasd:InstanceID><rasd:ResourceSubType>AHCI</rasd:ResourceSubType><rasd:ResourceType>20</rasd:ResourceType></Item>
+      <Item><rasd:ResourceType>10</rasd:ResourceType></Item>
+      <Item><rasd:HostResource>/disk/vmdisk1</rasd:HostResource><rasd:Parent>5</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:HostResource>/disk/vmdisk2</rasd:HostResource><rasd:Parent>5</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+    </VirtualHardwareSection>
+    <vbox:Machine><Hardware><Firmware type="EFI"/></Hardware></vbox:Machine>
+  </VirtualSystem>
+</Envelope>"#;
+
+    #[test]
+    fn a_virtualbox_descriptor_is_read() {
+        let d = parse_ovf(VBOX).unwrap();
+        assert_eq!(d.name, "web");
+        assert_eq!(d.description, "A web server & its database");
+        assert_eq!((d.memory_mib, d.vcpus, d.nics), (1024, 2, 1));
+        assert_eq!((d.boot, d.disk_bus), (BootMode::Uefi, DiskBus::Sata));
+        // In the order the hardware attaches them, not the DiskSection's.
+        let files: Vec<(&str, u64)> = d
+            .disks
+            .iter()
+            .map(|d| (d.file.as_str(), d.capacity))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("web-disk001.vmdk", 10 << 30),
+                ("web-disk002.vmdk", 2 << 30)
+            ]
+        );
+    }
+
+    #[test]
+    fn hostile_descriptors_are_refused_with_a_reason() {
+        let refused = |xml: &str| match parse_ovf(xml) {
+            Err(OvaError::Refused(why)) => why,
+            other => panic!("{xml:.60}: {other:?}"),
+        };
+        // Entity expansion: a DTD is never read.
+        let laughs = r#"<?xml version="1.0"?><!DOCTYPE Envelope [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><Envelope>&c;</Envelope>"#;
+        assert!(refused(laughs).contains("not XML we read"));
+        let external = r#"<?xml version="1.0"?><!DOCTYPE Envelope [<!ENTITY x SYSTEM "file:///etc/passwd">]><Envelope>&x;</Envelope>"#;
+        assert!(refused(external).contains("not XML we read"));
+        // Too many nodes.
+        let many = format!(
+            "<Envelope>{}</Envelope>",
+            "<a/>".repeat(MAX_XML_NODES as usize + 1)
+        );
+        assert!(refused(&many).contains("not XML we read"));
+        assert!(refused("<html/>").contains("Envelope"));
+        assert!(
+            refused("<Envelope><VirtualSystem/><VirtualSystem/></Envelope>")
+                .contains("2 virtual systems")
+        );
+        let no_memory = VBOX.replace(
+            "<rasd:ResourceType>4</rasd:ResourceType>",
+            "<rasd:ResourceType>99</rasd:ResourceType>",
+        );
+        assert!(refused(&no_memory).contains("no memory"));
+        let dangling = VBOX.replace("ovf:fileRef=\"file2\"", "ovf:fileRef=\"file9\"");
+        assert!(refused(&dangling).contains("file9"));
+        let huge = VBOX.replace(
+            "ovf:capacity=\"2\"",
+            "ovf:capacity=\"99999999999999999999\"",
+        );
+        assert!(refused(&huge).contains("capacity"));
+    }
+
+    #[test]
+    fn manifests_are_read_and_bad_lines_refused() {
+        let sha = "ab".repeat(32);
+        let m = parse_manifest(&format!(
+            "SHA256(a.ovf)= {sha}\nSHA1 (b.vmdk) = {}\n",
+            "cd".repeat(20)
+        ))
+        .unwrap();
+        assert_eq!(m["a.ovf"], (DigestKind::Sha256, sha.clone()));
+        assert_eq!(m["b.vmdk"].0, DigestKind::Sha1);
+        for bad in [
+            "MD5(a)= 00".to_string(),
+            format!("SHA256(a.ovf) {sha}"),
+            "SHA256(a.ovf)= zz".to_string(),
+            format!("SHA256(a)= {sha}\nSHA256(a)= {sha}"),
+        ] {
+            assert!(
+                matches!(parse_manifest(&bad), Err(OvaError::Refused(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn units_are_read() {
+        assert_eq!(unit_bytes("byte * 2^20"), Some(1 << 20));
+        assert_eq!(unit_bytes("byte*2^30"), Some(1 << 30));
+        assert_eq!(unit_bytes("MegaBytes"), Some(1 << 20));
+        assert_eq!(unit_bytes("byte * 2^99"), None);
+        assert_eq!(unit_bytes("furlongs"), None);
+    }
+}
