@@ -320,6 +320,11 @@ impl Sealed {
         Ok(sealed)
     }
 
+    /// Where it waits.
+    pub fn path(&self) -> &Path {
+        &self.part
+    }
+
     /// Renames it to its place (`<sha256>.iso` or `.raw`), durably.
     pub fn place(mut self) -> io::Result<()> {
         std::fs::rename(&self.part, file(&self.dir, self.shelf, &self.sha256))?;
@@ -333,6 +338,34 @@ impl Drop for Sealed {
         if !self.placed {
             let _ = std::fs::remove_file(&self.part);
         }
+    }
+}
+
+/// A scratch directory inside a library directory (on its file system, so what is made there
+/// is put in place by a rename), for an import or export; removed with what it holds when
+/// dropped.
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// A new, empty one in library directory `dir`.
+    pub fn new(dir: &Path) -> io::Result<WorkDir> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!(".work-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(WorkDir(path))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -599,7 +632,7 @@ fn listed(state: &StateMachine, shelf: Shelf, sha256: &str) -> bool {
     }
 }
 
-/// Deletes library files `state` does not name, and upload leftovers a day old.
+/// Deletes library files `state` does not name, and upload and work leftovers a day old.
 ///
 /// `state` was read at `read_at`: a file put in place since then (its inode changed by the
 /// rename, after the commit that listed it) may be listed in a newer state, so it is kept (with
@@ -622,7 +655,8 @@ pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
         if !placed_before {
             continue;
         }
-        let stale_part = name.ends_with(".part")
+        // An upload or a work directory a day old was left by a server that stopped.
+        let stale_part = (name.ends_with(".part") || name.starts_with(".work-"))
             && e.metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(86_400)));
@@ -632,7 +666,12 @@ pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
                 .is_some_and(|sha| is_sha256(sha) && !listed(state, shelf, sha))
         });
         if stale_part || unlisted {
-            match std::fs::remove_file(e.path()) {
+            let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+            match gone {
                 Ok(()) => tracing::info!(file = %e.path().display(), "library file deleted"),
                 Err(err) => {
                     tracing::warn!(file = %e.path().display(), error = %err, "cannot delete a library file")

@@ -5,7 +5,6 @@
 //! the rest is revalidated on every load, so a new binary's UI shows at once.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Response, StatusCode};
 
@@ -70,7 +69,7 @@ pub fn serve(req: &Request) -> Result<Response<Body>, ApiError> {
 }
 
 fn answer(content_type: &'static str, bytes: &'static [u8], cache: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(bytes)));
+    let mut r = Response::new(crate::http::full(Bytes::from_static(bytes)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(CACHE_CONTROL, HeaderValue::from_static(cache));

@@ -218,7 +218,7 @@ pub fn upgrade(
         relay(ws, console).await;
         tracing::info!(%vm, %user, "console detached");
     });
-    let mut r = Response::new(Body::default());
+    let mut r = Response::new(crate::http::full(bytes::Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));

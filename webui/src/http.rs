@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -23,8 +24,24 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Bodies up to this size that are too large are read and dropped before the refusal.
 const DRAIN_BODY: usize = 1 << 20;
 
-/// A response body.
-pub type Body = Full<Bytes>;
+/// A response body: bytes in memory (`full`), or a stream (`stream`) for a download.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A body of the chunks `rx` delivers, until it closes; an error ends it broken (the client
+/// sees the transfer cut, not a whole file).
+pub fn stream(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
+    let mut rx = rx;
+    let chunks = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|r| r.map(hyper::body::Frame::data));
+    BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+}
 
 /// A request, read whole.
 pub struct Request {
@@ -68,9 +85,10 @@ pub async fn drain_upload(req: &mut Request) {
 }
 
 /// Whether a request's body is an upload, streamed to its handler rather than read whole:
-/// an ISO image (`PUT /api/v1/isos/{name}`).
+/// an ISO image (`PUT /api/v1/isos/{name}`) or an appliance (`PUT /api/v1/appliances/{name}`).
 fn is_upload(method: &Method, path: &str) -> bool {
-    *method == Method::PUT && path.starts_with("/api/v1/isos/")
+    *method == Method::PUT
+        && (path.starts_with("/api/v1/isos/") || path.starts_with("/api/v1/appliances/"))
 }
 
 impl Request {
@@ -151,7 +169,7 @@ impl ApiError {
 /// A JSON answer with `status`.
 pub fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
     let body = serde_json::to_vec(v).expect("answers serialize");
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

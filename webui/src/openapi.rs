@@ -82,6 +82,31 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ),
     (
         "get",
+        "/appliances",
+        "The Virtual Appliance library, as far as the caller may use it (a Manager: all, with whom each is shared): each one's memory, vCPUs, firmware, disk bus, network cards, disk images (size, SHA-256), origin and the VM servers holding it",
+    ),
+    (
+        "put",
+        "/appliances/{name}",
+        "Import an OVA (Manager): the archive as the body (application/octet-stream, Content-Length required, up to 256 GiB); OVF 1.x or 2.0 of any vendor, disks as VMDK, qcow2 or raw (converted to raw with qemu-img), its manifest checked; 422 with the reason when refused, nothing kept",
+    ),
+    (
+        "patch",
+        "/appliances/{name}",
+        "Change an appliance's description, memory, vCPUs, or the Power Users whose companies may use it (Manager)",
+    ),
+    (
+        "delete",
+        "/appliances/{name}",
+        "Delete an appliance (Manager); refused while a VM is still being made from it",
+    ),
+    (
+        "get",
+        "/appliances/{name}/ova",
+        "Download an appliance as an OVA (Manager): OVF 2.0, a SHA-256 manifest, stream-optimized VMDKs",
+    ),
+    (
+        "get",
         "/networks",
         "The networks the caller may put VMs on (a Manager: all, with their bridge, uplink, VLAN and company)",
     ),
@@ -185,7 +210,13 @@ fn schemas() -> Value {
             "nics": {"type": "array", "items": {"type": "object", "properties": {
                 "network": {"type": "string"}, "mac": {"type": "string"}}}},
             "error": {"type": "string", "description": "why it does not run though it should"}}},
-        "NewVm": {"type": "object", "required": ["name", "memory_mib", "disk_gib"], "additionalProperties": false,
+        "ApplianceChange": {"type": "object", "additionalProperties": false,
+            "properties": {"description": {"type": "string", "maxLength": 4096},
+                "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 255},
+                "shared_with": {"type": "array", "items": {"type": "integer"},
+                    "description": "the Power Users whose companies may make VMs from it: the whole set"}}},
+        "NewVm": {"type": "object", "required": ["name"], "additionalProperties": false,
+            "description": "memory_mib and disk_gib are required unless an appliance gives them",
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
                 "disk_gib": {"type": "integer", "minimum": 1},
@@ -195,6 +226,7 @@ fn schemas() -> Value {
                 "boot_order": {"type": "string", "enum": ["disk_first", "cdrom_first"]},
                 "disk_bus": {"type": "string", "enum": ["virtio", "sata"]},
                 "iso": {"type": "string"},
+                "appliance": {"type": "string", "description": "a library appliance: its disk images are the VM's disks' first data; its memory, vCPUs, firmware and disk bus the defaults"},
                 "networks": {"type": "array", "maxItems": 4, "items": {"type": "string"},
                     "description": "a network card on each, in order; the cluster gives their MACs"}}},
         "NewNetwork": {"type": "object", "required": ["name", "bridge"], "additionalProperties": false,
@@ -239,6 +271,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
     match (method, path) {
         ("post", "/session") => Some("Login"),
         ("post", "/vms") => Some("NewVm"),
+        ("patch", "/appliances/{name}") => Some("ApplianceChange"),
         ("post", "/vms/{id}/power") => Some("Power"),
         ("post", "/vms/{id}/clone") => Some("Clone"),
         ("post", "/vms/{id}/migrate") => Some("Migrate"),
@@ -282,7 +315,10 @@ pub fn document() -> Value {
             op["parameters"] = json!([{"name": "name", "in": "path", "required": true,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"}}]);
         }
-        if (*method, *path) == ("put", "/isos/{name}") {
+        if matches!(
+            (*method, *path),
+            ("put", "/isos/{name}") | ("put", "/appliances/{name}")
+        ) {
             op["requestBody"] = json!({"required": true, "content": {"application/octet-stream":
                 {"schema": {"type": "string", "format": "binary"}}}});
         }

@@ -12,7 +12,8 @@
 //!                                        grow_disks? ([{disk, gib}]: disks it has, grown)}
 //!   POST   /api/v1/vms                 create {name, memory_mib, vcpus, disk_gib, extra_disks_gib?, owner?, start?,
 //!                                        boot? (kernel|bios|uefi), boot_order? (disk_first|cdrom_first),
-//!                                        disk_bus? (virtio|sata, with bios or uefi), iso?}
+//!                                        disk_bus? (virtio|sata, with bios or uefi), iso?,
+//!                                        appliance? (its disks start as its images)}
 //!   GET    /api/v1/vms/{id}            one VM
 //!   POST   /api/v1/vms/{id}/power      {"action": "on" | "off" | "force-off"}
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
@@ -29,6 +30,11 @@
 //!                                        join token (Manager; the read is audited)
 //!   POST   /api/v1/servers/{id}/drain  move every disk copy off it (Manager)
 //!   DELETE /api/v1/servers/{id}        remove a drained server from the cluster (Manager)
+//!   GET    /api/v1/appliances          the appliance library, as far as the caller may use it
+//!   PUT    /api/v1/appliances/{name}   import an OVA (Manager; the archive is the body)
+//!   PATCH  /api/v1/appliances/{name}   {description?, memory_mib?, vcpus?, shared_with?} (Manager)
+//!   DELETE /api/v1/appliances/{name}   delete (Manager)
+//!   GET    /api/v1/appliances/{name}/ova  download as an OVA (Manager)
 //!   GET    /api/v1/audit?after=&limit= the audit log (Manager), oldest first from a seq;
 //!          /api/v1/audit?newest=N       or its last N entries
 //!   GET    /api/v1/openapi.json        this API's OpenAPI document
@@ -118,6 +124,21 @@ struct NewVm {
     /// Its network cards: each one's network, in order.
     #[serde(default)]
     networks: Vec<String>,
+}
+
+/// A change to an appliance (`PATCH /api/v1/appliances/{name}`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplianceChange {
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    /// The Power Users (ids) whose companies may use it: the whole set.
+    #[serde(default)]
+    shared_with: Option<Vec<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +290,8 @@ struct Cdrom {
 
 /// The largest ISO image taken: 64 GiB.
 const MAX_ISO: u64 = 64 << 30;
+/// The largest OVA taken, bytes.
+const MAX_OVA: u64 = 256 << 30;
 
 /// How long a server waits for what another server has just committed (a session, a user).
 const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -550,6 +573,53 @@ impl App {
                     .await?;
                 Ok(ok(&json!({ "deleted": name })))
             }
+            (Method::GET, ["appliances"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::appliances(&c.state, &c.user)))
+            }
+            (Method::PUT, ["appliances", name]) => {
+                let r = self.import_appliance(&mut req, name.to_string()).await;
+                if r.is_err() {
+                    crate::http::drain_upload(&mut req).await;
+                }
+                r
+            }
+            (Method::PATCH, ["appliances", name]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let body: ApplianceChange = req.json()?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::EditAppliance {
+                            name: name.to_string(),
+                            description: body.description,
+                            memory_mib: body.memory_mib,
+                            vcpus: body.vcpus,
+                            shared_with: body.shared_with,
+                        },
+                    )
+                    .await?;
+                self.appliance_view(name, &c.user).await
+            }
+            (Method::DELETE, ["appliances", name]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::DeleteAppliance {
+                            name: name.to_string(),
+                        },
+                    )
+                    .await?;
+                Ok(ok(&json!({ "deleted": name })))
+            }
+            (Method::GET, ["appliances", name, "ova"]) => {
+                let c = self.caller(&req, false).await?;
+                manager_only(&c)?;
+                self.export_appliance(&c, name).await
+            }
             (Method::PATCH, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
@@ -766,7 +836,7 @@ impl App {
             (
                 _,
                 ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit"
-                | "isos" | "networks", ..],
+                | "isos" | "appliances" | "networks", ..],
             ) => {
                 let known = openapi::known_path(&parts);
                 if known {
@@ -974,7 +1044,6 @@ impl App {
         req: &mut Request,
         name: String,
     ) -> Result<Response<Body>, ApiError> {
-        use http_body_util::BodyExt;
         let c = self.caller(req, true).await?;
         manager_only(&c)?;
         access::check_name("ISO", &name).map_err(ApiError::bad_request)?;
@@ -984,28 +1053,6 @@ impl App {
                 format!("ISO {name} exists: delete it first"),
             ));
         }
-        let length: u64 = req
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::LENGTH_REQUIRED,
-                    "an upload needs its Content-Length",
-                )
-            })?;
-        if length > MAX_ISO {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("ISO {name}: {length} bytes is over the {MAX_ISO}-byte limit"),
-            ));
-        }
-        if length == 0 {
-            return Err(ApiError::bad_request(format!("ISO {name} is empty")));
-        }
-        let mut body = req
-            .stream
-            .take()
-            .ok_or_else(|| ApiError::bad_request("no upload body"))?;
         let dir = self.cluster.library_dir();
         let store = |e: std::io::Error| {
             ApiError::new(
@@ -1013,51 +1060,10 @@ impl App {
                 format!("storing ISO {name} in {}: {e}", dir.display()),
             )
         };
-        let mut up =
-            control::library::Upload::new(&dir, control::library::Shelf::Iso).map_err(store)?;
         let started = std::time::Instant::now();
-        let mut told = started;
-        // An upload may be long, never idle: each part must come within the web timeout.
-        loop {
-            let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
-                .await
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        format!(
-                            "ISO {name}: nothing arrived for {} s after {} of {length} bytes",
-                            self.cfg.timeout.as_secs(),
-                            up.size()
-                        ),
-                    )
-                })?;
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| {
-                ApiError::bad_request(format!(
-                    "ISO {name}: the upload broke off after {} of {length} bytes: {e}",
-                    up.size()
-                ))
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if up.size() + data.len() as u64 > length {
-                return Err(ApiError::bad_request(format!(
-                    "ISO {name}: more bytes than its Content-Length of {length}"
-                )));
-            }
-            tokio::task::block_in_place(|| up.write(&data)).map_err(store)?;
-            if told.elapsed() > std::time::Duration::from_secs(2) {
-                told = std::time::Instant::now();
-                tracing::info!(iso = %name, bytes = up.size(), of = length, "ISO upload progress");
-            }
-        }
-        if up.size() != length {
-            return Err(ApiError::bad_request(format!(
-                "ISO {name}: the upload ended after {} of {length} bytes",
-                up.size()
-            )));
-        }
+        let up = self
+            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir)
+            .await?;
         let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
         let (sha256, size) = (sealed.sha256.clone(), sealed.size);
         tracing::info!(iso = %name, bytes = size, %sha256, ms = started.elapsed().as_millis() as u64, "ISO uploaded");
@@ -1078,6 +1084,289 @@ impl App {
             StatusCode::CREATED,
             &json!({ "name": name, "size": size, "sha256": sha256, "server": self.cluster.id() }),
         ))
+    }
+
+    /// The view of appliance `name` as `viewer` sees it now (404 when it may not).
+    async fn appliance_view(
+        &self,
+        name: &str,
+        viewer: &UserRecord,
+    ) -> Result<Response<Body>, ApiError> {
+        let state = self.cluster.state().await?;
+        views::appliances(&state, viewer)
+            .into_iter()
+            .find(|a| a.name == name)
+            .map(|a| ok(&a))
+            .ok_or_else(|| ApiError::not_found(format!("no appliance {name}")))
+    }
+
+    /// Takes a Manager's OVA upload: written to a work directory of this server's library as it
+    /// arrives, unpacked and checked, its disks converted to raw images (`control::ova`), then
+    /// added to the library as held here. Answers 201 with the appliance; a refused archive
+    /// 422 with why, leaving nothing behind.
+    async fn import_appliance(
+        &self,
+        req: &mut Request,
+        name: String,
+    ) -> Result<Response<Body>, ApiError> {
+        let c = self.caller(req, true).await?;
+        manager_only(&c)?;
+        access::check_name("appliance", &name).map_err(ApiError::bad_request)?;
+        if c.state.appliances.contains_key(&name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("appliance {name} exists: delete it first"),
+            ));
+        }
+        let dir = self.cluster.library_dir();
+        let internal = |what: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, what);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
+        let work = control::library::WorkDir::new(&dir)
+            .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))?;
+        let started = std::time::Instant::now();
+        let what = format!("appliance {name}");
+        let up = self.receive(req, &what, MAX_OVA, work.path()).await?;
+        let archive = tokio::task::block_in_place(|| up.seal())
+            .map_err(|e| internal(format!("{what}: storing its archive: {e}")))?;
+        let (archive_sha, archive_bytes) = (archive.sha256.clone(), archive.size);
+        tracing::info!(appliance = %name, bytes = archive_bytes, ms = started.elapsed().as_millis() as u64, "OVA received; importing");
+        let unpack_to = work.path().join("unpacked");
+        let library = dir.clone();
+        let who = name.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            let progress = |step: String| tracing::info!(appliance = %who, %step, "import");
+            let r = control::ova::import(archive.path(), &unpack_to, &library, &progress);
+            drop(archive);
+            r
+        })
+        .await
+        .map_err(|e| internal(format!("{what}: the import stopped: {e}")))?
+        .map_err(|e| match e {
+            control::ova::OvaError::Refused(why) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{what}: refused: {why}"),
+            ),
+            e @ control::ova::OvaError::Io { .. } => internal(format!("{what}: {e}")),
+        })?;
+        let d = &imported.descriptor;
+        let mut description = d.description.clone();
+        if description.len() > control::state_machine::MAX_APPLIANCE_DESCRIPTION {
+            let mut end = control::state_machine::MAX_APPLIANCE_DESCRIPTION;
+            while !description.is_char_boundary(end) {
+                end -= 1;
+            }
+            description.truncate(end);
+        }
+        let appliance = state_machine::NewAppliance {
+            name: name.clone(),
+            description,
+            memory_mib: d.memory_mib.min(MAX_MEMORY_MIB),
+            vcpus: d.vcpus.min(MAX_VCPUS),
+            boot: d.boot,
+            disk_bus: d.disk_bus,
+            nics: d.nics.min(state_machine::MAX_VM_NICS as u32),
+            disks: imported
+                .disks
+                .iter()
+                .map(|s| state_machine::ApplianceDisk {
+                    size: s.size,
+                    sha256: s.sha256.clone(),
+                })
+                .collect(),
+            origin: format!(
+                "OVA upload of {archive_bytes} bytes (SHA-256 {archive_sha}){}",
+                if d.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(", virtual system {:?}", d.name)
+                }
+            ),
+        };
+        self.cluster
+            .act(
+                c.user.id,
+                Action::AddAppliance {
+                    appliance,
+                    server: self.cluster.id(),
+                },
+            )
+            .await?;
+        // Listed now: in place, they are not taken for a deleted appliance's files.
+        tokio::task::block_in_place(|| {
+            for s in imported.disks {
+                s.place()?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .map_err(|e| internal(format!("{what}: putting its disks in place: {e}")))?;
+        drop(work);
+        tracing::info!(appliance = %name, ms = started.elapsed().as_millis() as u64, "appliance imported");
+        let mut r = self.appliance_view(&name, &c.user).await?;
+        *r.status_mut() = StatusCode::CREATED;
+        Ok(r)
+    }
+
+    /// Answers appliance `name` as an OVA (OVF 2.0, stream-optimized VMDKs), made on this
+    /// server from its copies of the disk images, streamed as it is read.
+    async fn export_appliance(&self, c: &Caller, name: &str) -> Result<Response<Body>, ApiError> {
+        let a = c
+            .state
+            .appliances
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no appliance {name}")))?;
+        let dir = self.cluster.library_dir();
+        let internal = |what: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, what);
+        if !a.servers.contains(&self.cluster.id()) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("appliance {name}: this server has no copy of its disks yet; ask again shortly, or ask a server that holds them"),
+            ));
+        }
+        let work = control::library::WorkDir::new(&dir)
+            .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))?;
+        let out = work.path().join(format!("{name}.ova"));
+        let (w, o, who) = (work.path().to_path_buf(), out.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            let progress = |step: String| tracing::info!(appliance = %who, %step, "export");
+            control::ova::export(&a, &dir, &w.join("parts"), &o, &progress)
+        })
+        .await
+        .map_err(|e| internal(format!("exporting appliance {name}: {e}")))?
+        .map_err(|e| internal(format!("exporting appliance {name}: {e}")))?;
+        let file = std::fs::File::open(&out)
+            .map_err(|e| internal(format!("exporting appliance {name}: {e}")))?;
+        let length = file
+            .metadata()
+            .map_err(|e| internal(format!("exporting appliance {name}: {e}")))?
+            .len();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let who = name.to_string();
+        std::thread::Builder::new()
+            .name("ova-export".into())
+            .spawn(move || {
+                use std::io::Read;
+                // The work directory (and the archive) goes when the last chunk is sent.
+                let _work = work;
+                let mut file = file;
+                let mut sent = 0u64;
+                loop {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let n = match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            break;
+                        }
+                    };
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                        tracing::info!(appliance = %who, sent, of = length, "OVA download given up by the client");
+                        return;
+                    }
+                    sent += n as u64;
+                }
+                tracing::info!(appliance = %who, bytes = sent, "OVA sent");
+            })
+            .map_err(|e| internal(format!("exporting appliance {name}: {e}")))?;
+        let mut r = Response::new(crate::http::stream(rx));
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-tar"),
+        );
+        h.insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
+        if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}.ova\"")) {
+            h.insert(hyper::header::CONTENT_DISPOSITION, v);
+        }
+        Ok(r)
+    }
+
+    /// Receives an upload's body (`what`, at most `max` bytes, its Content-Length exact) into
+    /// a new file in directory `dir`, hashed as it arrives; each part must come within the web
+    /// timeout.
+    async fn receive(
+        &self,
+        req: &mut Request,
+        what: &str,
+        max: u64,
+        dir: &std::path::Path,
+    ) -> Result<control::library::Upload, ApiError> {
+        use http_body_util::BodyExt;
+        let length: u64 = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::LENGTH_REQUIRED,
+                    "an upload needs its Content-Length",
+                )
+            })?;
+        if length > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what}: {length} bytes is over the {max}-byte limit"),
+            ));
+        }
+        if length == 0 {
+            return Err(ApiError::bad_request(format!("{what} is empty")));
+        }
+        let mut body = req
+            .stream
+            .take()
+            .ok_or_else(|| ApiError::bad_request("no upload body"))?;
+        let store = |e: std::io::Error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storing {what} in {}: {e}", dir.display()),
+            )
+        };
+        let mut up =
+            control::library::Upload::new(dir, control::library::Shelf::Iso).map_err(store)?;
+        let mut told = std::time::Instant::now();
+        loop {
+            let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "{what}: nothing arrived for {} s after {} of {length} bytes",
+                            self.cfg.timeout.as_secs(),
+                            up.size()
+                        ),
+                    )
+                })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(format!(
+                    "{what}: the upload broke off after {} of {length} bytes: {e}",
+                    up.size()
+                ))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if up.size() + data.len() as u64 > length {
+                return Err(ApiError::bad_request(format!(
+                    "{what}: more bytes than its Content-Length of {length}"
+                )));
+            }
+            tokio::task::block_in_place(|| up.write(&data)).map_err(store)?;
+            if told.elapsed() > std::time::Duration::from_secs(2) {
+                told = std::time::Instant::now();
+                tracing::info!(upload = %what, bytes = up.size(), of = length, "upload progress");
+            }
+        }
+        if up.size() != length {
+            return Err(ApiError::bad_request(format!(
+                "{what}: the upload ended after {} of {length} bytes",
+                up.size()
+            )));
+        }
+        Ok(up)
     }
 
     /// The user `id` if the caller may see it; 404 otherwise.

@@ -18,6 +18,7 @@
 //! - `audit`: the audit log every change a person makes is written to.
 
 mod appliances;
+pub use appliances::MAX_DESCRIPTION as MAX_APPLIANCE_DESCRIPTION;
 mod audit;
 mod commands;
 mod disks;
