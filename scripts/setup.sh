@@ -9,6 +9,7 @@ set -euo pipefail
 # command (or a file's path, globs allowed)  debian-package
 needs=(
     "qemu-system-x86_64 qemu-system-x86"
+    "qemu-img qemu-utils"
     "cpio cpio"
     "mkfs.ext4 e2fsprogs"
     "ip iproute2"

@@ -346,6 +346,16 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
     let f = File::open(archive).map_err(io_err(format!("opening {}", archive.display())))?;
     let packed = f.metadata().map_err(io_err("the archive"))?.len();
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    // An OVA is a ustar archive (OVF's own rule): its first header says so.
+    let mut head = [0u8; 512];
+    let mut f = f;
+    let is_tar = f.read_exact(&mut head).is_ok() && &head[257..262] == b"ustar";
+    if !is_tar {
+        return refused(
+            "this is not an OVA: not a tar (ustar) archive, and so no .ovf descriptor in it",
+        );
+    }
+    io::Seek::seek(&mut f, io::SeekFrom::Start(0)).map_err(io_err("the archive"))?;
     let mut tar = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
     let damaged =
         |e: io::Error| OvaError::Refused(format!("the archive is cut short or damaged: {e}"));
@@ -386,7 +396,7 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
         let size = entry.header().size().map_err(damaged)?;
         if size > packed {
             return refused(format!(
-                "archive entry {name:?} claims {size} bytes, more than the archive's {packed}"
+                "archive entry {name:?} claims {size} bytes, more than the archive's {packed}: it is cut short or damaged"
             ));
         }
         let to = dir.join(&name);

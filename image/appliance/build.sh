@@ -37,7 +37,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/enspeed/Cargo.toml" | head 
 
 # What the appliance runs: systemd and udev; the kernel and live-boot (the ISO's initramfs finds
 # its squashfs); iproute2 and nftables (VM networks); chrony (leases and certificates need a
-# clock); SeaBIOS and OVMF (VM firmware); GRUB for BIOS and UEFI, sfdisk, mkfs and unsquashfs
+# clock); SeaBIOS and OVMF (VM firmware); qemu-img (appliances' disk formats); GRUB for BIOS and UEFI, sfdisk, mkfs and unsquashfs
 # (the installer; its text UI is enspeed's own).
 # And the Debian packages of the libraries enspeed links (RocksDB's among them), as this
 # machine's dpkg names them: the binary is built on Debian 12, as the image is.
@@ -46,7 +46,7 @@ libpkgs=$(for l in $(ldd "$bin" | awk '$3 ~ /^\// {print $3}'); do
 done | cut -d: -f1 | sort -u | tr '\n' ' ')
 [ -n "$libpkgs" ] || die "cannot tell which packages hold the libraries of $bin"
 packages="$libpkgs systemd systemd-sysv systemd-resolved udev dbus linux-image-amd64 live-boot
-    iproute2 nftables chrony seabios ovmf
+    iproute2 nftables chrony seabios ovmf qemu-utils
     grub-pc-bin grub-efi-amd64-bin grub2-common fdisk e2fsprogs dosfstools squashfs-tools
     kmod procps util-linux less ca-certificates"
 packages=$(echo $packages | tr ' ' ',')

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod linearizability;
 pub mod netns;
+pub mod ova;
 pub mod rfb;
 pub mod web;
 

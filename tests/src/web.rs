@@ -118,6 +118,23 @@ impl Web {
         (status, n)
     }
 
+    /// GET `path`, its body as bytes (a download): its status and the bytes.
+    pub fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let mut req = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.set("Cookie", c);
+        }
+        let resp = match req.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body)
+            .unwrap_or_else(|e| panic!("GET {path}: reading the body: {e}"));
+        (status, body)
+    }
+
     /// `method` `path` with a JSON `body`, the cookie and the CSRF token.
     pub fn send(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         self.raw(

@@ -850,6 +850,74 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     }
     assert_eq!(m.get("/api/v1/isos").1, json!([]));
 
+    // The appliance library: the Manager's to fill, change, share, export and empty; the
+    // others see what is shared with their company.
+    let ovas = Scratch::new("matrix-ova");
+    let raw = ovas.path("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let ova = enspeed_tests::ova::one_disk("matrix-app", &raw, "raw", &ovas.path(""), true);
+    let app = |tail: &str| format!("/api/v1/appliances/matrix-app{tail}");
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        let before = fingerprint(&m);
+        let r = who.1.put_bytes(&app(""), &ova);
+        x.check(who.0, "PUT", "/appliances/{name}", &app(""), &r, want);
+        if want != Allowed {
+            assert_eq!(fingerprint(&m), before, "a refused import changed nothing");
+        }
+    }
+    let listed = |who: (&str, &Web), x: &mut Matrix| {
+        let l = x.case(
+            who,
+            "GET",
+            "/appliances",
+            "/api/v1/appliances",
+            None,
+            Allowed,
+        );
+        l.1.as_array().map_or(0, Vec::len)
+    };
+    for (who, n) in [(mw, 1), (pw, 0), (rw, 0)] {
+        assert_eq!(listed(who, &mut x), n, "{}: not shared yet", who.0);
+    }
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        x.case(
+            who,
+            "PATCH",
+            "/appliances/{name}",
+            &app(""),
+            Some(json!({"shared_with": [p1]})),
+            want,
+        );
+    }
+    for who in [pw, rw] {
+        assert_eq!(
+            listed(who, &mut x),
+            1,
+            "{}: shared with p1's company",
+            who.0
+        );
+    }
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        let (status, bytes) = who.1.get_bytes(&app("/ova"));
+        let body = if status == 200 {
+            json!({ "bytes": bytes.len() })
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        x.check(
+            who.0,
+            "GET",
+            "/appliances/{name}/ova",
+            &app("/ova"),
+            &(status, body),
+            want,
+        );
+    }
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        x.case(who, "DELETE", "/appliances/{name}", &app(""), None, want);
+    }
+    assert_eq!(m.get("/api/v1/appliances").1, json!([]));
+
     // Networks: a Manager's to define and delete; everyone lists those they may use.
     for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
         let before = fingerprint(&m);
@@ -2857,4 +2925,304 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
     assert!(ok);
     let (ok, again) = cli(&["network", "delete", "spare"]);
     assert!(!ok && again.contains("no network spare"), "{again}");
+}
+
+/// The files of server `s`'s library directory that are not `<sha>.iso` or `<sha>.raw` of
+/// `listed` (work directories, uploads, unlisted images): what a refused import must not leave.
+fn library_leftovers(s: &Server, listed: &[String]) -> Vec<String> {
+    let dir = s.data.join("isos");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !listed
+                .iter()
+                .any(|sha| *n == format!("{sha}.raw") || *n == format!("{sha}.iso"))
+        })
+        .collect()
+}
+
+/// The entries of tar archive `bytes` (ustar, as the export writes it): names and contents.
+fn untar(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() && bytes[at] != 0 {
+        let h = &bytes[at..at + 512];
+        let name = String::from_utf8_lossy(&h[..100])
+            .trim_end_matches('\0')
+            .to_string();
+        let size_text = String::from_utf8_lossy(&h[124..136]);
+        let size = u64::from_str_radix(size_text.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+            .unwrap() as usize;
+        out.push((name, bytes[at + 512..at + 512 + size].to_vec()));
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    out
+}
+
+#[test]
+fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("appliance", &[]);
+    let m = c.manager(0);
+    let scratch = Scratch::new("appliance-ovas");
+    // The boot disk (a BIOS boots it from a hard disk, it powers the VM off): as qcow2, as a
+    // stream-optimized VMDK and raw, each in an OVA as other vendors' tools make them.
+    let raw = enspeed_tests::bootdisk();
+    let mut sha = None;
+    for (name, format, manifest) in [
+        ("app-qcow2", "qcow2", true),
+        ("app-vmdk", "vmdk", true),
+        ("app-raw", "raw", false),
+    ] {
+        let dir = scratch.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ova = enspeed_tests::ova::one_disk(name, &raw, format, &dir, manifest);
+        let r = m.put_bytes(&format!("/api/v1/appliances/{name}"), &ova);
+        assert_eq!(r.0, 201, "{name}: {r:?}");
+        assert_eq!(
+            (
+                &r.1["memory_mib"],
+                &r.1["vcpus"],
+                &r.1["boot"],
+                &r.1["disk_bus"]
+            ),
+            (&json!(128), &json!(1), &json!("bios"), &json!("sata")),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.1["disks"][0]["size"],
+            json!(std::fs::metadata(&raw).unwrap().len())
+        );
+        // Every format gives the same raw image, to the byte.
+        let s = r.1["disks"][0]["sha256"].as_str().unwrap().to_string();
+        assert_eq!(sha.get_or_insert(s.clone()), &s, "{name}");
+    }
+    let sha = sha.unwrap();
+    let again = m.put_bytes("/api/v1/appliances/app-raw", b"x");
+    assert_eq!(again.0, 409, "{again:?}");
+    let copy = |s: &Server| s.data.join("isos").join(format!("{sha}.raw"));
+    assert_eq!(
+        std::fs::read(copy(&c.servers[0])).unwrap(),
+        std::fs::read(&raw).unwrap(),
+        "the library's image is the disk, raw"
+    );
+
+    // Hostile archives: each refused with the reason, nothing listed, nothing left behind.
+    let disk = std::fs::read(&raw).unwrap();
+    let ovf = enspeed_tests::ova::ovf("evil", 128, 1, 0, &[("d.raw", disk.len() as u64)]);
+    let tar = enspeed_tests::ova::tar;
+    let good = |d: &[u8]| tar(&[("evil.ovf", ovf.as_bytes()), ("d.raw", d)]);
+    let dir = scratch.path("evil");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img {args:?}");
+        std::fs::read(dir.join(args[args.len() - if args.contains(&"-b") { 1 } else { 2 }]))
+            .unwrap_or_default()
+    };
+    let backed = run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/hostname",
+        "-F",
+        "raw",
+        "backed.qcow2",
+    ]);
+    let huge = run(&["create", "-q", "-f", "qcow2", "huge.qcow2", "60T"]);
+    let laughs = r#"<?xml version="1.0"?><!DOCTYPE Envelope [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><Envelope>&b;</Envelope>"#;
+    let descriptor = b"# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"/etc/passwd\" 0\n";
+    let mf =
+        enspeed_tests::ova::manifest(&[("evil.ovf", ovf.as_bytes()), ("d.raw", b"other bytes")]);
+    let wrong_mf = tar(&[
+        ("evil.ovf", ovf.as_bytes()),
+        ("evil.mf", mf.as_bytes()),
+        ("d.raw", &disk),
+    ]);
+    let whole = good(&disk);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dotdot",
+            tar(&[("../evil.ovf", ovf.as_bytes()), ("d.raw", &disk)]),
+            "only plain file names",
+        ),
+        (
+            "absolute",
+            tar(&[("/tmp/evil.ovf", ovf.as_bytes()), ("d.raw", &disk)]),
+            "only plain file names",
+        ),
+        (
+            "symlink",
+            enspeed_tests::ova::tar_typed(&[
+                ("evil.ovf", ovf.as_bytes(), b'0'),
+                ("d.raw", b"", b'2'),
+            ]),
+            "plain files only",
+        ),
+        ("manifest", wrong_mf, "does not match the manifest"),
+        (
+            "truncated",
+            whole[..whole.len() / 2 + 100].to_vec(),
+            "cut short",
+        ),
+        (
+            "laughs",
+            tar(&[("evil.ovf", laughs.as_bytes()), ("d.raw", &disk)]),
+            "not XML we read",
+        ),
+        ("backing", good(&backed), "backing file"),
+        ("bomb", good(&huge), "expand"),
+        ("descriptor", good(descriptor), "naming other files"),
+        ("noova", b"this is no archive at all".repeat(40), "no .ovf"),
+        (
+            "nodisk",
+            tar(&[("evil.ovf", ovf.as_bytes())]),
+            "not in the archive",
+        ),
+    ];
+    for (name, bytes, why) in &cases {
+        let r = m.put_bytes(&format!("/api/v1/appliances/{name}"), bytes);
+        assert_eq!(r.0, 422, "{name}: {r:?}");
+        let e = r.1["error"].as_str().unwrap_or_default();
+        assert!(e.contains(why), "{name}: {e:?} should say {why:?}");
+    }
+    let listed = m.get("/api/v1/appliances").1;
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["app-qcow2", "app-raw", "app-vmdk"]);
+    assert_eq!(
+        library_leftovers(&c.servers[0], &[sha.clone()]),
+        Vec::<String>::new()
+    );
+
+    // Shared with a Power User's company only when a Manager says so.
+    let quota = json!({"vms": 2, "memory_mib": 1024, "disk_gib": 4});
+    let p = id(&m.send(
+        "POST",
+        "/api/v1/users",
+        Some(json!({"name": "apower", "password": USER_PASSWORD, "role": "power_user", "quota": quota})),
+    ));
+    let pw = Web::logged_in(&c.web[0], "apower", USER_PASSWORD);
+    assert_eq!(pw.get("/api/v1/appliances").1, json!([]));
+    let from = |w: &Web, vm: &str, app: &str| {
+        w.send(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": vm, "appliance": app, "start": true})),
+        )
+    };
+    assert_eq!(from(&pw, "pvm", "app-qcow2").0, 404);
+    let r = m.send(
+        "PATCH",
+        "/api/v1/appliances/app-qcow2",
+        Some(json!({"shared_with": [p], "description": "the boot disk"})),
+    );
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1["shared_with"], json!([p]));
+    let seen = pw.get("/api/v1/appliances").1;
+    assert_eq!(seen[0]["name"], "app-qcow2", "{seen}");
+    assert!(
+        seen[0].get("shared_with").is_none(),
+        "whom it is shared with is the Manager's: {seen}"
+    );
+
+    // A VM from it: once both VM servers hold the image, on either; its disk starts as the
+    // image, its BIOS boots it, and it powers itself off.
+    cluster::wait_for("both VM servers hold the appliance", WAIT, || {
+        let l = m.get("/api/v1/appliances").1;
+        (l[0]["servers"] == json!([1, 2])).then_some(())
+    });
+    assert_eq!(
+        std::fs::read(copy(&c.servers[1])).unwrap(),
+        disk,
+        "copied whole"
+    );
+    let r = from(&pw, "pvm", "app-qcow2");
+    assert_eq!(r.0, 201, "{r:?}");
+    assert_eq!(
+        (&r.1["boot"], &r.1["disk_bus"]),
+        (&json!("bios"), &json!("sata"))
+    );
+    let vm = id(&r);
+    let primary = m.get(&format!("/api/v1/vms/{vm}")).1["primary"]["server"]
+        .as_u64()
+        .unwrap() as usize
+        - 1;
+    let serial = c.servers[primary].data.join("agent/vms/pvm/serial.log");
+    cluster::wait_for(
+        "the appliance's disk booted and powered the VM off",
+        WAIT,
+        || {
+            let log = std::fs::read_to_string(&serial).unwrap_or_default();
+            (log.contains("bootdisk: stage 2 read through int 13h")
+                && log.contains("S5 sleep type 5; powering off"))
+            .then_some(())
+        },
+    );
+    assert!(!std::fs::read_to_string(&serial)
+        .unwrap()
+        .contains("bootdisk: FAIL"));
+    let audit = m.get("/api/v1/audit").1.to_string();
+    for want in ["appliance.add", "appliance.edit", "vm.create"] {
+        assert!(audit.contains(want), "{want} in {audit}");
+    }
+
+    // Exported: an OVA whose descriptor comes first, whose VMDK QEMU reads as the same disk,
+    // and which, imported again, gives the same image to the bit.
+    let (status, ova) = m.get_bytes("/api/v1/appliances/app-qcow2/ova");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&ova));
+    let entries = untar(&ova);
+    let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["app-qcow2.ovf", "app-qcow2.mf", "app-qcow2-disk0.vmdk"]
+    );
+    let vmdk = scratch.path("exported.vmdk");
+    std::fs::write(&vmdk, &entries[2].1).unwrap();
+    let same = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "vmdk", "-F", "raw"])
+        .arg(&vmdk)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(
+        same.success(),
+        "qemu-img reads the exported VMDK as the disk"
+    );
+    assert_eq!(pw.get_bytes("/api/v1/appliances/app-qcow2/ova").0, 403);
+    let r = m.put_bytes("/api/v1/appliances/again", &ova);
+    assert_eq!(r.0, 201, "{r:?}");
+    assert_eq!(
+        r.1["disks"][0]["sha256"],
+        json!(sha),
+        "exported and imported back, bit-identical"
+    );
+    assert_eq!(r.1["description"], "the boot disk");
+
+    // Deleted by a Manager only; once no appliance names the image, no server keeps it.
+    assert_eq!(pw.send("DELETE", "/api/v1/appliances/again", None).0, 403);
+    for name in ["app-qcow2", "app-vmdk", "app-raw", "again"] {
+        let r = m.send("DELETE", &format!("/api/v1/appliances/{name}"), None);
+        assert_eq!(r.0, 200, "{name}: {r:?}");
+    }
+    cluster::wait_for("no server keeps the image", WAIT, || {
+        c.servers.iter().all(|s| !copy(s).exists()).then_some(())
+    });
+    assert_eq!(m.get("/api/v1/appliances").1, json!([]));
+    // The VM made from it runs on: its disk is its own.
+    assert_eq!(m.get(&format!("/api/v1/vms/{vm}")).0, 200);
 }
