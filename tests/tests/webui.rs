@@ -1059,9 +1059,15 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     );
     expect(
         "a missing field",
+        m.send("POST", "/api/v1/networks", Some(json!({"name": "x"}))),
+        400,
+        "missing field `bridge`",
+    );
+    expect(
+        "no memory, and no appliance to take it from",
         m.send("POST", "/api/v1/vms", Some(json!({"name": "x"}))),
         400,
-        "missing field",
+        "memory_mib: needed",
     );
     expect(
         "a wrong type",

@@ -80,6 +80,26 @@ pub enum Command {
         /// The server.
         server: u64,
     },
+    /// A task's server says how far it got.
+    TaskProgress {
+        /// The task.
+        id: u64,
+        /// The server running it (only it reports).
+        server: u64,
+        /// Bytes done so far.
+        done_bytes: u64,
+    },
+    /// A task's server says how it ended.
+    TaskEnded {
+        /// The task.
+        id: u64,
+        /// The server running it (only it reports).
+        server: u64,
+        /// When, ms since the epoch.
+        at_ms: u64,
+        /// How.
+        outcome: TaskOutcome,
+    },
     /// Creates or replaces a VM record.
     PutVm(VmRecord),
     /// Deletes a VM record.
@@ -162,6 +182,22 @@ pub enum Command {
         at_ms: u64,
         /// What.
         action: Action,
+    },
+}
+
+/// How a task ended (`Command::TaskEnded`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TaskOutcome {
+    /// A copy back's disks are in this server's library: the images, Disk0 first.
+    CopiedBack {
+        /// Their sizes and hashes.
+        disks: Vec<ApplianceDisk>,
+    },
+    /// It failed, or stopped when cancelled.
+    Failed {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -490,6 +526,23 @@ pub enum Action {
     DeleteAppliance {
         /// Its name.
         name: String,
+    },
+    /// "Copy back": a powered-off VM becomes a new appliance (who administers the VM), its
+    /// disks copied into the library by its primary server's agent (`TaskKind::CopyBack`); the
+    /// appliance is shared with the VM owner's company. Answers the task's id.
+    CopyBack {
+        /// VMID.
+        vm: u64,
+        /// The new appliance's name.
+        name: String,
+        /// Its description.
+        #[serde(default)]
+        description: String,
+    },
+    /// Stops a running task (a Manager, or who asked for it); its server ends it, failed.
+    CancelTask {
+        /// The task.
+        id: u64,
     },
     /// Removes an ISO image from the library (Managers); refused while a VM's CD-ROM holds it.
     DeleteIso {

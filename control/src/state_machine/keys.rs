@@ -40,6 +40,11 @@ pub(super) fn appliance_key(name: &str) -> Vec<u8> {
     format!("appliance/{name}").into_bytes()
 }
 
+/// A task's record.
+pub(super) fn task_key(id: u64) -> Vec<u8> {
+    format!("task/{id:020}").into_bytes()
+}
+
 /// A network's record.
 pub(super) fn network_key(name: &str) -> Vec<u8> {
     format!("network/{name}").into_bytes()

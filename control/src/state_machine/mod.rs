@@ -34,6 +34,8 @@ mod records;
 mod refusal;
 mod rights;
 mod servers;
+mod tasks;
+pub use tasks::KEEP_ENDED_TASKS;
 mod users;
 mod vms;
 
@@ -45,7 +47,7 @@ use serde_json::{json, Value};
 use crate::access::{self, AuditEntry, SessionRecord, UserRecord};
 use crate::storage::{Record, RecordWrite};
 
-pub use commands::{Action, Command, DiskGrowth, NewAppliance, NewVm, Query};
+pub use commands::{Action, Command, DiskGrowth, NewAppliance, NewVm, Query, TaskOutcome};
 pub use networks::Subnet;
 pub use observations::{
     CopyRole, DiskObservation, LinkState, NicAddresses, Observation, VmFault, VmObservation,
@@ -53,8 +55,8 @@ pub use observations::{
 };
 pub use records::{
     ApplianceDisk, ApplianceRecord, BootMode, BootOrder, Capacity, Counters, DiskBus, DiskRecord,
-    IsoRecord, LiveMove, MoveOutcome, NetworkRecord, Nic, Pool, ServerRecord, VmRecord,
-    MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
+    IsoRecord, LiveMove, MoveOutcome, NetworkRecord, Nic, Pool, ServerRecord, TaskKind, TaskRecord,
+    TaskState, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 
@@ -80,6 +82,9 @@ pub struct StateMachine {
     /// The Virtual Appliance library, by name.
     #[serde(default)]
     pub appliances: BTreeMap<String, ApplianceRecord>,
+    /// Long operations, running and the last ended ones, by id.
+    #[serde(default)]
+    pub tasks: BTreeMap<u64, TaskRecord>,
     /// The networks, by name.
     #[serde(default)]
     pub networks: BTreeMap<String, NetworkRecord>,
@@ -151,6 +156,10 @@ impl StateMachine {
                 "appliance" => {
                     let a: ApplianceRecord = record(v).map_err(err)?;
                     sm.appliances.insert(a.name.clone(), a);
+                }
+                "task" => {
+                    let t: TaskRecord = record(v).map_err(err)?;
+                    sm.tasks.insert(t.id, t);
                 }
                 "revoked" => {
                     let id = record(v).map_err(err)?;
@@ -249,6 +258,17 @@ impl StateMachine {
                 sha256,
                 server,
             } => self.iso_held(name, sha256, *server, writes),
+            Command::TaskProgress {
+                id,
+                server,
+                done_bytes,
+            } => self.task_progress(*id, *server, *done_bytes, writes),
+            Command::TaskEnded {
+                id,
+                server,
+                at_ms,
+                outcome,
+            } => self.task_ended(*id, *server, *at_ms, outcome, writes),
             Command::ApplianceHeld {
                 name,
                 disks,
@@ -292,6 +312,9 @@ impl StateMachine {
             Action::AddAppliance { .. }
             | Action::EditAppliance { .. }
             | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
+            Action::CopyBack { .. } | Action::CancelTask { .. } => {
+                self.act_on_task(&by, action, writes)?
+            }
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {
                 self.act_on_network(&by, action, writes)?
             }

@@ -414,4 +414,88 @@ pub struct Counters {
     /// The last MAC address handed out (its low 24 bits).
     #[serde(default)]
     pub mac: u64,
+    /// The last task id.
+    #[serde(default)]
+    pub task: u64,
+}
+
+/// A long operation run by one server's agent (`Command::TaskProgress`, `Command::TaskEnded`),
+/// kept in the state so that every server shows it and its progress, a person may cancel it,
+/// and it ends, failed, if its server goes down: never half done without anyone knowing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Its id, never reused.
+    pub id: u64,
+    /// What it does.
+    pub kind: TaskKind,
+    /// The server running it.
+    pub server: u64,
+    /// Who asked for it.
+    pub by: u64,
+    /// When, ms since the epoch.
+    pub started_ms: u64,
+    /// Bytes done so far, as its server last said.
+    #[serde(default)]
+    pub done_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Running, done or failed.
+    pub state: TaskState,
+    /// A person asked to stop it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+}
+
+/// What a task does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// "Copy back": a powered-off VM's disks copied into a new appliance, on the VM's primary
+    /// server; the VM stays off meanwhile.
+    CopyBack {
+        /// The VM (VMID).
+        vm: u64,
+        /// The appliance it becomes.
+        appliance: String,
+        /// The appliance's description.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        description: String,
+    },
+}
+
+impl TaskKind {
+    /// The VM it works on, if any.
+    pub fn vm(&self) -> Option<u64> {
+        match self {
+            TaskKind::CopyBack { vm, .. } => Some(*vm),
+        }
+    }
+
+    /// The appliance it makes, if any.
+    pub fn appliance(&self) -> Option<&str> {
+        match self {
+            TaskKind::CopyBack { appliance, .. } => Some(appliance),
+        }
+    }
+}
+
+/// Where a task is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TaskState {
+    /// Under way.
+    Running,
+    /// Done, at this time (ms since the epoch).
+    Done {
+        /// When.
+        ended_ms: u64,
+    },
+    /// Failed or cancelled: why, and when (unknown when its server went down).
+    Failed {
+        /// Why.
+        reason: String,
+        /// When.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ended_ms: Option<u64>,
+    },
 }

@@ -107,6 +107,7 @@ impl StateMachine {
     ///
     /// Answers the disks that moved and those that wait.
     pub(crate) fn server_down(&mut self, id: u64, writes: &mut Vec<RecordWrite>) -> Value {
+        self.fail_tasks_of(id, writes);
         // A live migration from or to it ends here: its source's agent finds the move gone
         // (and its VM, if still paused there, runs on where its disks are).
         let ended: Vec<String> = self

@@ -510,6 +510,9 @@ impl StateMachine {
             }
             Action::PowerVm { vm, running, force } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                if *running {
+                    self.check_no_task(*vm, "power it on")?;
+                }
                 if let Some(m) = v.moving.as_ref().filter(|_| !*running) {
                     return Err(Refusal::conflict(format!(
                         "VM {vm} is moving live to server {}: power it off once it is there",
@@ -538,6 +541,7 @@ impl StateMachine {
             }
             Action::DeleteVm { vm } => {
                 let v = self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "first")?;
+                self.check_no_task(*vm, "delete it")?;
                 self.vms.remove(&v.name);
                 writes.push((vm_key(&v.name), None));
                 for d in &v.disks {
@@ -559,6 +563,7 @@ impl StateMachine {
             } => {
                 let v =
                     self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "to change it")?;
+                self.check_no_task(*vm, "change it")?;
                 let owner = v.owner.and_then(|o| self.users.get(&o)).cloned();
                 let mut new = v.clone();
                 if let Some(m) = memory_mib {
@@ -725,6 +730,7 @@ impl StateMachine {
                 if !by.is_manager() {
                     return Err(access::refuse("only a Manager migrates VMs"));
                 }
+                self.check_no_task(*vm, "move it")?;
                 if downtime_ms.is_some_and(|d| !(1..=10_000).contains(&d)) {
                     return Err(Refusal::conflict(format!(
                         "a pause of {} ms: the budget is 1 to 10000 ms",

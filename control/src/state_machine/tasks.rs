@@ -1,0 +1,462 @@
+//! Long operations: asked for by a person (`Action::CopyBack`), run by one server's agent,
+//! which reports progress and the end (`Command::TaskProgress`, `Command::TaskEnded`); a task
+//! whose server goes down fails. The VM a task works on stays as it is meanwhile.
+
+use serde_json::{json, Value};
+
+use super::keys::{appliance_key, json_bytes, task_key, COUNTERS_KEY};
+use super::rights::Actor;
+use super::{
+    Acted, Action, ApplianceRecord, Outcome, RecordWrite, Refusal, StateMachine, TaskKind,
+    TaskOutcome, TaskRecord, TaskState,
+};
+use crate::access::{self, Role};
+
+/// Ended tasks kept in the state (the oldest go first).
+pub const KEEP_ENDED_TASKS: usize = 100;
+
+impl StateMachine {
+    /// The running task that works on VM `vm` (VMID), if one does.
+    pub fn vm_task(&self, vm: u64) -> Option<&TaskRecord> {
+        self.tasks
+            .values()
+            .find(|t| t.state == TaskState::Running && t.kind.vm() == Some(vm))
+    }
+
+    /// Refuses a change to VM `vm` while a task works on it.
+    pub(super) fn check_no_task(&self, vm: u64, what: &str) -> Result<(), Refusal> {
+        match self.vm_task(vm) {
+            Some(t) => Err(Refusal::conflict(format!(
+                "VM {vm}: task {} is {}; {what} once it ends (or cancel it)",
+                t.id,
+                describe(&t.kind)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The running task `id` run by `server`.
+    fn running_task(&mut self, id: u64, server: u64) -> Result<&mut TaskRecord, Refusal> {
+        let t = self
+            .tasks
+            .get_mut(&id)
+            .ok_or_else(|| Refusal::not_found(format!("no task {id}")))?;
+        if t.server != server {
+            return Err(Refusal::conflict(format!(
+                "task {id} runs on server {}, not {server}",
+                t.server
+            )));
+        }
+        if t.state != TaskState::Running {
+            return Err(Refusal::conflict(format!("task {id} has ended")));
+        }
+        Ok(t)
+    }
+
+    /// A task's server says how far it got (`Command::TaskProgress`).
+    pub(super) fn task_progress(
+        &mut self,
+        id: u64,
+        server: u64,
+        done_bytes: u64,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let t = self.running_task(id, server)?;
+        // Never backwards.
+        if done_bytes > t.done_bytes {
+            t.done_bytes = done_bytes.min(t.total_bytes);
+            writes.push((task_key(id), Some(json_bytes(t))));
+        }
+        Ok(Value::Null)
+    }
+
+    /// A task's server says how it ended (`Command::TaskEnded`): a copy back's appliance
+    /// joins the library, held by that server.
+    pub(super) fn task_ended(
+        &mut self,
+        id: u64,
+        server: u64,
+        at_ms: u64,
+        outcome: &TaskOutcome,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Outcome {
+        let t = self.running_task(id, server)?.clone();
+        let state = match (outcome, &t.kind) {
+            (TaskOutcome::Failed { reason }, _) => TaskState::Failed {
+                reason: reason.clone(),
+                ended_ms: Some(at_ms),
+            },
+            (
+                TaskOutcome::CopiedBack { disks },
+                TaskKind::CopyBack {
+                    vm,
+                    appliance,
+                    description,
+                },
+            ) => match self.copied_back(&t, *vm, appliance, description, disks) {
+                Ok(a) => {
+                    writes.push((appliance_key(appliance), Some(json_bytes(&a))));
+                    self.appliances.insert(appliance.clone(), a);
+                    TaskState::Done { ended_ms: at_ms }
+                }
+                Err(reason) => TaskState::Failed {
+                    reason,
+                    ended_ms: Some(at_ms),
+                },
+            },
+        };
+        let failed = matches!(state, TaskState::Failed { .. });
+        self.end_task(id, state, writes);
+        Ok(json!({ "failed": failed }))
+    }
+
+    /// The appliance a copy back of VM `vm` into `name` with images `disks` makes, or why not.
+    fn copied_back(
+        &self,
+        t: &TaskRecord,
+        vm: u64,
+        name: &str,
+        description: &str,
+        disks: &[super::ApplianceDisk],
+    ) -> Result<ApplianceRecord, String> {
+        let v = self
+            .vm_by_id(vm)
+            .ok_or_else(|| format!("VM {vm} was deleted meanwhile"))?;
+        if self.appliances.contains_key(name) {
+            return Err(format!("appliance {name} was added meanwhile"));
+        }
+        let sizes: Vec<u64> = v
+            .disks
+            .iter()
+            .filter_map(|d| self.disks.get(d).map(|d| d.size))
+            .collect();
+        let got: Vec<u64> = disks.iter().map(|d| d.size).collect();
+        if got != sizes || disks.iter().any(|d| !crate::library::is_sha256(&d.sha256)) {
+            return Err(format!(
+                "the copies of VM {vm}'s disks are {got:?} bytes, its disks {sizes:?}"
+            ));
+        }
+        let company = v
+            .owner
+            .and_then(|o| self.users.get(&o))
+            .and_then(access::company);
+        Ok(ApplianceRecord {
+            name: name.to_string(),
+            description: description.to_string(),
+            memory_mib: v.memory_mib,
+            vcpus: v.vcpus,
+            boot: v.boot,
+            disk_bus: v.disk_bus,
+            nics: v.nics.len() as u32,
+            disks: disks.to_vec(),
+            origin: format!("copy back of VM {vm} ({})", v.name),
+            created_by: t.by,
+            created_ms: t.started_ms,
+            servers: [t.server].into(),
+            shared_with: company.into_iter().collect(),
+        })
+    }
+
+    /// Ends task `id` in `state`, and lets the oldest ended tasks go past `KEEP_ENDED_TASKS`.
+    fn end_task(&mut self, id: u64, state: TaskState, writes: &mut Vec<RecordWrite>) {
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.state = state;
+            writes.push((task_key(id), Some(json_bytes(t))));
+        }
+        let ended: Vec<u64> = self
+            .tasks
+            .values()
+            .filter(|t| t.state != TaskState::Running)
+            .map(|t| t.id)
+            .collect();
+        for old in ended
+            .iter()
+            .take(ended.len().saturating_sub(KEEP_ENDED_TASKS))
+        {
+            self.tasks.remove(old);
+            writes.push((task_key(*old), None));
+        }
+    }
+
+    /// Server `id` went down: its running tasks end, failed (their partial files are its own
+    /// to delete when it returns).
+    pub(super) fn fail_tasks_of(&mut self, id: u64, writes: &mut Vec<RecordWrite>) {
+        let running: Vec<u64> = self
+            .tasks
+            .values()
+            .filter(|t| t.server == id && t.state == TaskState::Running)
+            .map(|t| t.id)
+            .collect();
+        for t in running {
+            let state = TaskState::Failed {
+                reason: format!("server {id}, which ran it, went down"),
+                ended_ms: None,
+            };
+            self.end_task(t, state, writes);
+        }
+    }
+
+    /// Applies an action on tasks for `by` (`act` routes them here).
+    pub(super) fn act_on_task(
+        &mut self,
+        by: &Actor,
+        action: &Action,
+        writes: &mut Vec<RecordWrite>,
+    ) -> Result<Acted<'static>, Refusal> {
+        match action {
+            Action::CopyBack {
+                vm,
+                name,
+                description,
+            } => {
+                let v = self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "first")?;
+                access::check_name("appliance", name)?;
+                if description.len() > super::MAX_APPLIANCE_DESCRIPTION {
+                    return Err(Refusal::conflict(format!(
+                        "appliance {name}: a description of {} bytes, at most {}",
+                        description.len(),
+                        super::MAX_APPLIANCE_DESCRIPTION
+                    )));
+                }
+                let taken = self.appliances.contains_key(name)
+                    || self
+                        .tasks
+                        .values()
+                        .any(|t| t.state == TaskState::Running && t.kind.appliance() == Some(name));
+                if taken {
+                    return Err(Refusal::conflict(format!(
+                        "appliance {name} exists (or is being made): choose another name"
+                    )));
+                }
+                self.check_no_task(*vm, "copy it back")?;
+                if v.moving.is_some() {
+                    return Err(Refusal::conflict(format!("VM {vm} is moving")));
+                }
+                let server = self.vm_primary(&v).ok_or_else(|| {
+                    Refusal::conflict(format!("VM {vm} has no disks in one place"))
+                })?;
+                if self.servers.get(&server).is_none_or(|s| s.down) {
+                    return Err(Refusal::conflict(format!(
+                        "VM {vm}: its server {server} is down"
+                    )));
+                }
+                let total_bytes = v
+                    .disks
+                    .iter()
+                    .filter_map(|d| self.disks.get(d))
+                    .map(|d| d.size)
+                    .sum();
+                self.counters.task += 1;
+                writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+                let t = TaskRecord {
+                    id: self.counters.task,
+                    kind: TaskKind::CopyBack {
+                        vm: *vm,
+                        appliance: name.clone(),
+                        description: description.clone(),
+                    },
+                    server,
+                    by: by.id,
+                    started_ms: by.at_ms,
+                    done_bytes: 0,
+                    total_bytes,
+                    state: TaskState::Running,
+                    cancel: false,
+                };
+                writes.push((task_key(t.id), Some(json_bytes(&t))));
+                let id = t.id;
+                self.tasks.insert(id, t);
+                Ok(Acted::Changed {
+                    verb: "appliance.copy_back",
+                    target: format!("vm {vm} ({}) into appliance {name}", v.name),
+                    result: json!({ "task": id, "server": server }),
+                })
+            }
+            Action::CancelTask { id } => {
+                let t = self
+                    .tasks
+                    .get_mut(id)
+                    .ok_or_else(|| Refusal::not_found(format!("no task {id}")))?;
+                let allowed = by
+                    .who
+                    .as_ref()
+                    .is_none_or(|u| u.role == Role::Manager || u.id == t.by);
+                if !allowed {
+                    return Err(access::refuse(format!("task {id}")));
+                }
+                if t.state != TaskState::Running {
+                    return Err(Refusal::conflict(format!("task {id} has ended")));
+                }
+                if t.cancel {
+                    return Ok(Acted::Unchanged(
+                        json!({ "audit": self.counters.audit, "unchanged": true }),
+                    ));
+                }
+                t.cancel = true;
+                writes.push((task_key(*id), Some(json_bytes(t))));
+                Ok(Acted::Changed {
+                    verb: "task.cancel",
+                    target: format!("task {id} ({})", describe(&t.kind)),
+                    result: Value::Null,
+                })
+            }
+            _ => unreachable!("act routes no other action here: {action:?}"),
+        }
+    }
+}
+
+/// What a task does, for messages.
+pub fn describe(kind: &TaskKind) -> String {
+    match kind {
+        TaskKind::CopyBack { vm, appliance, .. } => {
+            format!("copying VM {vm} back into appliance {appliance}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::access::Role;
+    use crate::state_machine::fixtures::{act, new_user, new_vm, servers_with_room};
+    use crate::state_machine::{
+        Action, ApplianceDisk, BootMode, Command, Outcome, RefusalKind, StateMachine, TaskOutcome,
+        TaskState,
+    };
+
+    #[test]
+    fn a_copy_back_keeps_its_vm_off_ends_in_an_appliance_and_fails_with_its_server() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let quota = crate::access::Quota {
+            vms: 2,
+            memory_mib: 512,
+            disk_gib: 10,
+        };
+        let p = id(act(
+            &mut sm,
+            0,
+            new_user("p", Role::PowerUser, None, Some(quota)),
+        ));
+        let q = id(act(
+            &mut sm,
+            0,
+            new_user("q", Role::PowerUser, None, Some(quota)),
+        ));
+        let mut v = new_vm("v", &[]);
+        v.boot = BootMode::Bios;
+        v.kernel.clear();
+        let vm = id(act(&mut sm, p, Action::CreateVm { owner: p, vm: v }));
+        let server = sm.vm_primary(&sm.vms["v"]).unwrap();
+        let copy_back = |name: &str| Action::CopyBack {
+            vm,
+            name: name.into(),
+            description: "v, set up".into(),
+        };
+        let refused = |r: Outcome| r.unwrap_err();
+        assert_eq!(
+            refused(act(&mut sm, q, copy_back("t"))).kind,
+            RefusalKind::Forbidden
+        );
+        let r = act(&mut sm, p, copy_back("t")).unwrap();
+        let task = r["task"].as_u64().unwrap();
+        assert_eq!(r["server"].as_u64(), Some(server));
+        assert!(refused(act(&mut sm, p, copy_back("t")))
+            .reason
+            .contains("being made"));
+        // The VM stays off and whole meanwhile.
+        let on = Action::PowerVm {
+            vm,
+            running: true,
+            force: false,
+        };
+        assert!(refused(act(&mut sm, p, on.clone())).reason.contains("task"));
+        assert!(refused(act(&mut sm, p, Action::DeleteVm { vm }))
+            .reason
+            .contains("task"));
+        // Progress from its server only, never backwards.
+        let progress = |server, done_bytes| Command::TaskProgress {
+            id: task,
+            server,
+            done_bytes,
+        };
+        let mut w = Vec::new();
+        assert!(sm.apply(&progress(server % 2 + 1, 5), &mut w).is_err());
+        sm.apply(&progress(server, 600), &mut w).unwrap();
+        sm.apply(&progress(server, 500), &mut w).unwrap();
+        assert_eq!(sm.tasks[&task].done_bytes, 600);
+        // Images of the wrong size end it failed; the right ones make the appliance, shared
+        // with the owner's company.
+        let ended = |size: u64| Command::TaskEnded {
+            id: task,
+            server,
+            at_ms: 9,
+            outcome: TaskOutcome::CopiedBack {
+                disks: vec![ApplianceDisk {
+                    size,
+                    sha256: "ab".repeat(32),
+                }],
+            },
+        };
+        let mut fresh = sm.clone();
+        fresh.apply(&ended(512), &mut w).unwrap();
+        assert!(matches!(fresh.tasks[&task].state, TaskState::Failed { .. }));
+        assert!(fresh.appliances.is_empty());
+        sm.apply(&ended(1 << 20), &mut w).unwrap();
+        assert_eq!(sm.tasks[&task].state, TaskState::Done { ended_ms: 9 });
+        let a = &sm.appliances["t"];
+        assert_eq!(
+            (a.servers.clone(), a.shared_with.clone()),
+            ([server].into(), [p].into())
+        );
+        assert_eq!(a.origin, "copy back of VM 1 (v)");
+        act(&mut sm, p, on).unwrap();
+
+        // Another, cancelled by who asked; a third fails when its server goes down.
+        let off = Action::PowerVm {
+            vm,
+            running: false,
+            force: true,
+        };
+        act(&mut sm, p, off).unwrap();
+        let second = act(&mut sm, m, copy_back("u")).unwrap()["task"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            refused(act(&mut sm, p, Action::CancelTask { id: second })).kind,
+            RefusalKind::Forbidden
+        );
+        act(&mut sm, m, Action::CancelTask { id: second }).unwrap();
+        assert!(sm.tasks[&second].cancel);
+        let cancelled = Command::TaskEnded {
+            id: second,
+            server,
+            at_ms: 10,
+            outcome: TaskOutcome::Failed {
+                reason: "cancelled".into(),
+            },
+        };
+        sm.apply(&cancelled, &mut w).unwrap();
+        let third = act(&mut sm, p, copy_back("w")).unwrap()["task"]
+            .as_u64()
+            .unwrap();
+        sm.apply(
+            &Command::SetServerDown {
+                id: server,
+                down: true,
+            },
+            &mut w,
+        )
+        .unwrap();
+        assert!(
+            matches!(&sm.tasks[&third].state, TaskState::Failed { reason, .. } if reason.contains("went down")),
+            "{:?}",
+            sm.tasks[&third]
+        );
+        let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
+        for want in ["appliance.copy_back", "task.cancel"] {
+            assert!(audit.contains(&want), "{want} in {audit:?}");
+        }
+    }
+}
