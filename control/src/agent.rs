@@ -33,11 +33,13 @@ use blockrepl::replica::LinkState;
 use vmm_api::Request as VmmRequest;
 
 use crate::api::{self, Request};
+use crate::copyback;
 use crate::library::Shelf;
 use crate::node::NodeHandle;
 use crate::state_machine::{
-    BootOrder, Capacity, Command as StateCommand, DiskBus, DiskObservation, DiskRecord,
-    MoveOutcome, NicAddresses, Observation, StateMachine, VmFault, VmObservation, VmPart, VmRecord,
+    ApplianceDisk, BootOrder, Capacity, Command as StateCommand, DiskBus, DiskObservation,
+    DiskRecord, MoveOutcome, NicAddresses, Observation, StateMachine, TaskKind, TaskOutcome,
+    TaskRecord, TaskState, VmFault, VmObservation, VmPart, VmRecord,
 };
 use crate::transport::AddressBook;
 
@@ -46,6 +48,13 @@ type LibraryList = (
     BTreeMap<String, crate::state_machine::IsoRecord>,
     BTreeMap<String, crate::state_machine::ApplianceRecord>,
 );
+
+/// Now, ms since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// What the agent is told.
 #[derive(Clone, Debug)]
@@ -377,6 +386,8 @@ struct Reconciler {
     read_at: std::time::SystemTime,
     /// The library as the last look at its files saw it, and when.
     library_seen: (LibraryList, Instant),
+    /// The tasks running here, by id: each one's cancel flag.
+    tasks: HashMap<u64, Arc<AtomicBool>>,
 }
 
 /// A disk copy as blockd reports it.
@@ -393,6 +404,7 @@ impl Reconciler {
             library: crate::library::Sync::default(),
             read_at: std::time::UNIX_EPOCH,
             library_seen: (Default::default(), Instant::now()),
+            tasks: HashMap::new(),
         }
     }
 
@@ -529,6 +541,7 @@ impl Reconciler {
         }
         self.vms(state, &ready, &copies);
         self.cdroms(state);
+        self.run_tasks(state);
         // The library's files are looked at when its list changes, else once a second (a copy
         // that ended, a retry): not on every heartbeat.
         let (seen, at) = &self.library_seen;
@@ -915,6 +928,94 @@ impl Reconciler {
                             Err(e) => tracing::warn!(server, vm = %vm, error = %e, "cannot ask the guest to shut down"),
                         }
                     });
+            }
+        }
+    }
+
+    /// Starts each task the state gives this server (once), and passes a cancel on to it.
+    fn run_tasks(&mut self, state: &StateMachine) {
+        let me = self.s.cfg.id;
+        let running = |t: &&TaskRecord| t.server == me && t.state == TaskState::Running;
+        self.tasks
+            .retain(|id, _| state.tasks.get(id).as_ref().is_some_and(running));
+        for t in state.tasks.values().filter(running) {
+            if let Some(cancel) = self.tasks.get(&t.id) {
+                if t.cancel {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let TaskKind::CopyBack { vm, .. } = &t.kind;
+            let Some(v) = state.vm_by_id(*vm) else {
+                continue;
+            };
+            if self.vms.contains_key(&v.name) {
+                // Its VMM still runs (or is being stopped) here: the disks wait for it.
+                continue;
+            }
+            let disks: Vec<(PathBuf, u64)> = v
+                .disks
+                .iter()
+                .filter_map(|d| state.disks.get(d))
+                .map(|d| (copyback::data_file(&self.s.cfg.blockd_dir, &d.name), d.size))
+                .collect();
+            let cancel = Arc::new(AtomicBool::new(t.cancel));
+            self.tasks.insert(t.id, Arc::clone(&cancel));
+            let (s, id, library) = (Arc::clone(&self.s), t.id, self.s.cfg.library_dir.clone());
+            tracing::info!(server = me, task = id, vm, "copy back begins");
+            let spawned = std::thread::Builder::new()
+                .name("copy-back".into())
+                .spawn(move || {
+                    let progress = |done_bytes| {
+                        s.propose(StateCommand::TaskProgress {
+                            id,
+                            server: me,
+                            done_bytes,
+                        });
+                    };
+                    let copied = copyback::copy_disks(&disks, &library, &cancel, &progress);
+                    let outcome = match &copied {
+                        Ok(sealed) => TaskOutcome::CopiedBack {
+                            disks: sealed
+                                .iter()
+                                .map(|s| ApplianceDisk {
+                                    size: s.size,
+                                    sha256: s.sha256.clone(),
+                                })
+                                .collect(),
+                        },
+                        Err(reason) => TaskOutcome::Failed {
+                            reason: reason.clone(),
+                        },
+                    };
+                    let ended = StateCommand::TaskEnded {
+                        id,
+                        server: me,
+                        at_ms: now_ms(),
+                        outcome,
+                    };
+                    // Told until the cluster takes it (a task left running is no one's).
+                    let told = (0..10).any(|_| {
+                        s.propose(ended.clone())
+                            || (std::thread::sleep(Duration::from_secs(1)), false).1
+                    });
+                    match copied {
+                        // Listed now (or refused, and then deleted as unlisted files).
+                        Ok(sealed) if told => {
+                            for image in sealed {
+                                if let Err(e) = image.place() {
+                                    tracing::warn!(server = me, task = id, error = %e, "cannot put a copied-back image in place");
+                                }
+                            }
+                            tracing::info!(server = me, task = id, "copy back done");
+                        }
+                        Ok(_) => tracing::warn!(server = me, task = id, "copy back done, but the cluster was not told"),
+                        Err(e) => tracing::warn!(server = me, task = id, error = %e, "copy back failed"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(server = me, task = t.id, error = %e, "cannot start a copy back");
+                self.tasks.remove(&t.id);
             }
         }
     }
@@ -1563,17 +1664,12 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
         })
     });
     lock(&s.progress).remove(name);
-    let at_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    };
     let end = |outcome: MoveOutcome| {
         for _ in 0..20 {
             if s.propose(StateCommand::EndMove {
                 vm: name.to_string(),
                 move_id,
-                at_ms: at_ms(),
+                at_ms: now_ms(),
                 outcome: outcome.clone(),
             }) {
                 return true;

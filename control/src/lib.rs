@@ -20,6 +20,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod console;
+pub mod copyback;
 pub mod failover;
 pub mod library;
 pub mod livemove;

@@ -252,6 +252,12 @@ impl Upload {
         Ok(())
     }
 
+    /// Appends `n` zero bytes without writing them: a hole in the file.
+    pub fn skip_zeros(&mut self, n: u64) {
+        self.hash.zeros(n);
+        self.size += n;
+    }
+
     /// Bytes so far.
     pub fn size(&self) -> u64 {
         self.size

@@ -32,6 +32,8 @@ enum Want {
     Forbidden,
     /// 404: the caller may not even see it.
     Hidden,
+    /// 409: the caller may, but what it names is over (a task that ended).
+    Ended,
 }
 
 /// The matrix's findings: every case run, and those that went wrong.
@@ -86,6 +88,7 @@ impl Matrix {
             Want::Allowed => (200..300).contains(&r.0),
             Want::Forbidden => r.0 == 403,
             Want::Hidden => r.0 == 404,
+            Want::Ended => r.0 == 409,
         };
         let has_error =
             (200..300).contains(&r.0) || r.1["error"].as_str().is_some_and(|e| !e.is_empty());
@@ -917,6 +920,55 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         x.case(who, "DELETE", "/appliances/{name}", &app(""), None, want);
     }
     assert_eq!(m.get("/api/v1/appliances").1, json!([]));
+
+    // Copy back: who administers a powered-off VM makes an appliance of it, a task that who
+    // may see the VM sees; a Manager, or who asked, may cancel it (once ended: 409).
+    for (who, vm, want) in [
+        (rw, vm_r1a, Forbidden),
+        (pw, vm_r2, Hidden),
+        (pw, vm_r1a, Allowed),
+    ] {
+        let before = fingerprint(&m);
+        x.case(
+            who,
+            "POST",
+            "/vms/{id}/copy-back",
+            &format!("/api/v1/vms/{vm}/copy-back"),
+            Some(json!({"name": "matrix-back"})),
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(
+                fingerprint(&m),
+                before,
+                "a refused copy back changed nothing"
+            );
+        }
+    }
+    let task = cluster::wait_for("the copy back ends", WAIT, || {
+        let t = m.get("/api/v1/tasks").1;
+        (t[0]["state"] != "running").then(|| t[0].clone())
+    });
+    assert_eq!(task["state"], "done", "{task}");
+    for who in [mw, pw, rw] {
+        let l = x.case(who, "GET", "/tasks", "/api/v1/tasks", None, Allowed);
+        assert_eq!(l.1[0]["id"], task["id"], "{}: {l:?}", who.0);
+    }
+    let cancel = format!("/api/v1/tasks/{}/cancel", task["id"]);
+    for (who, want) in [(rw, Forbidden), (pw, Ended), (mw, Ended)] {
+        x.case(who, "POST", "/tasks/{id}/cancel", &cancel, None, want);
+    }
+    let back = m.get("/api/v1/appliances").1;
+    assert_eq!(back[0]["name"], "matrix-back", "{back}");
+    assert_eq!(
+        back[0]["shared_with"],
+        json!([p1]),
+        "shared with the VM's company"
+    );
+    assert_eq!(
+        m.send("DELETE", "/api/v1/appliances/matrix-back", None).0,
+        200
+    );
 
     // Networks: a Manager's to define and delete; everyone lists those they may use.
     for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
@@ -3187,6 +3239,52 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         assert!(audit.contains(want), "{want} in {audit}");
     }
 
+    // Copied back, once off, into a new appliance (its Power User's company's): the disk as
+    // it is now (the boot disk writes nothing: the same image); the VM stays off meanwhile.
+    cluster::wait_for("the VM stopped", WAIT, || {
+        (m.get(&format!("/api/v1/vms/{vm}")).1["status"] == "stopped").then_some(())
+    });
+    let r = pw.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/copy-back"),
+        Some(json!({"name": "pvm-tpl", "description": "pvm, set up"})),
+    );
+    assert_eq!(r.0, 202, "{r:?}");
+    assert_eq!(r.1["kind"], "copy_back");
+    let task = r.1["id"].as_u64().unwrap();
+    let again = pw.send(
+        "POST",
+        &format!("/api/v1/vms/{vm}/copy-back"),
+        Some(json!({"name": "app-raw"})),
+    );
+    assert_eq!(again.0, 409, "a name taken: {again:?}");
+    let done = cluster::wait_for("the copy back ends", WAIT, || {
+        let t = pw.get("/api/v1/tasks").1;
+        let t = t.as_array()?.iter().find(|t| t["id"] == task)?.clone();
+        (t["state"] != "running").then_some(t)
+    });
+    assert_eq!(
+        (&done["state"], &done["percent"]),
+        (&json!("done"), &json!(100)),
+        "{done}"
+    );
+    let tpl = pw.get("/api/v1/appliances").1;
+    let tpl = tpl
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "pvm-tpl")
+        .cloned()
+        .unwrap_or_else(|| panic!("pvm-tpl is the company's: {tpl}"));
+    assert_eq!(tpl["disks"][0]["sha256"], json!(sha), "{tpl}");
+    assert_eq!(tpl["description"], "pvm, set up");
+    assert!(tpl["origin"].as_str().unwrap().contains("copy back of VM"));
+    assert!(m
+        .get("/api/v1/audit")
+        .1
+        .to_string()
+        .contains("appliance.copy_back"));
+
     // Exported: an OVA whose descriptor comes first, whose VMDK QEMU reads as the same disk,
     // and which, imported again, gives the same image to the bit.
     let (status, ova) = m.get_bytes("/api/v1/appliances/app-qcow2/ova");
@@ -3221,7 +3319,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
 
     // Deleted by a Manager only; once no appliance names the image, no server keeps it.
     assert_eq!(pw.send("DELETE", "/api/v1/appliances/again", None).0, 403);
-    for name in ["app-qcow2", "app-vmdk", "app-raw", "again"] {
+    for name in ["app-qcow2", "app-vmdk", "app-raw", "again", "pvm-tpl"] {
         let r = m.send("DELETE", &format!("/api/v1/appliances/{name}"), None);
         assert_eq!(r.0, 200, "{name}: {r:?}");
     }

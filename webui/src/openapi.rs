@@ -106,6 +106,21 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Download an appliance as an OVA (Manager): OVF 2.0, a SHA-256 manifest, stream-optimized VMDKs",
     ),
     (
+        "post",
+        "/vms/{id}/copy-back",
+        "Copy a powered-off VM back into a new appliance (who administers it): a task on its primary server, which keeps the VM off until it ends; the appliance is shared with the VM owner's company. 202 with the task",
+    ),
+    (
+        "get",
+        "/tasks",
+        "Long operations the caller may see (a Manager: all), newest first: what, progress in bytes and percent, running, done or failed and why",
+    ),
+    (
+        "post",
+        "/tasks/{id}/cancel",
+        "Stop a running task (a Manager, or who asked for it): it ends, failed, leaving nothing behind",
+    ),
+    (
         "get",
         "/networks",
         "The networks the caller may put VMs on (a Manager: all, with their bridge, uplink, VLAN and company)",
@@ -210,6 +225,9 @@ fn schemas() -> Value {
             "nics": {"type": "array", "items": {"type": "object", "properties": {
                 "network": {"type": "string"}, "mac": {"type": "string"}}}},
             "error": {"type": "string", "description": "why it does not run though it should"}}},
+        "CopyBack": {"type": "object", "required": ["name"], "additionalProperties": false,
+            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
+                "description": {"type": "string", "maxLength": 4096}}},
         "ApplianceChange": {"type": "object", "additionalProperties": false,
             "properties": {"description": {"type": "string", "maxLength": 4096},
                 "memory_mib": {"type": "integer", "minimum": 1}, "vcpus": {"type": "integer", "minimum": 1, "maximum": 255},
@@ -272,6 +290,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
         ("post", "/session") => Some("Login"),
         ("post", "/vms") => Some("NewVm"),
         ("patch", "/appliances/{name}") => Some("ApplianceChange"),
+        ("post", "/vms/{id}/copy-back") => Some("CopyBack"),
         ("post", "/vms/{id}/power") => Some("Power"),
         ("post", "/vms/{id}/clone") => Some("Clone"),
         ("post", "/vms/{id}/migrate") => Some("Migrate"),

@@ -19,6 +19,9 @@
 //!   POST   /api/v1/vms/{id}/migrate    move it to its backup server (Manager)
 //!   POST   /api/v1/vms/{id}/migrate/cancel   give up its live migration while it copies
 //!   POST   /api/v1/vms/{id}/clone      {name, owner?}: a copy of a powered-off VM
+//!   POST   /api/v1/vms/{id}/copy-back  {name, description?}: a powered-off VM into a new appliance
+//!   GET    /api/v1/tasks               long operations the caller may see, with progress
+//!   POST   /api/v1/tasks/{id}/cancel   stop one (a Manager, or who asked for it)
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
 //!   GET    /api/v1/users               users the caller sees
 //!   POST   /api/v1/users               create {name, password, role, parent?, quota?}
@@ -124,6 +127,16 @@ struct NewVm {
     /// Its network cards: each one's network, in order.
     #[serde(default)]
     networks: Vec<String>,
+}
+
+/// A copy back (`POST /api/v1/vms/{id}/copy-back`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyBack {
+    /// The new appliance's name.
+    name: String,
+    #[serde(default)]
+    description: String,
 }
 
 /// A change to an appliance (`PATCH /api/v1/appliances/{name}`).
@@ -394,6 +407,55 @@ impl App {
                     StatusCode::ACCEPTED,
                     &json!({ "id": vm, "power": p.action }),
                 ))
+            }
+            (Method::POST, ["vms", id, "copy-back"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let body: CopyBack = req.json()?;
+                access::check_name("appliance", &body.name).map_err(ApiError::bad_request)?;
+                if c.user.role == Role::Regular {
+                    return Err(ApiError::forbidden(
+                        "a Regular User copies no VM into an appliance",
+                    ));
+                }
+                let r = self
+                    .cluster
+                    .act(
+                        c.user.id,
+                        Action::CopyBack {
+                            vm,
+                            name: body.name,
+                            description: body.description,
+                        },
+                    )
+                    .await?;
+                let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
+                let state = self.cluster.state().await?;
+                let view = views::tasks(&state, &c.user)
+                    .into_iter()
+                    .find(|t| t.id == task);
+                Ok(json_response(StatusCode::ACCEPTED, &view))
+            }
+            (Method::GET, ["tasks"]) => {
+                let c = self.caller(&req, false).await?;
+                Ok(ok(&views::tasks(&c.state, &c.user)))
+            }
+            (Method::POST, ["tasks", id, "cancel"]) => {
+                let c = self.caller(&req, true).await?;
+                let n: u64 = id
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("task {id:?}: a number")))?;
+                if !views::tasks(&c.state, &c.user).iter().any(|t| t.id == n) {
+                    return Err(ApiError::not_found(format!("no task {n}")));
+                }
+                self.cluster
+                    .act(c.user.id, Action::CancelTask { id: n })
+                    .await?;
+                let state = self.cluster.state().await?;
+                let view = views::tasks(&state, &c.user)
+                    .into_iter()
+                    .find(|t| t.id == n);
+                Ok(ok(&view))
             }
             (Method::POST, ["vms", id, "clone"]) => {
                 let c = self.caller(&req, true).await?;
@@ -836,7 +898,7 @@ impl App {
             (
                 _,
                 ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit"
-                | "isos" | "appliances" | "networks", ..],
+                | "isos" | "appliances" | "tasks" | "networks", ..],
             ) => {
                 let known = openapi::known_path(&parts);
                 if known {

@@ -540,6 +540,86 @@ pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceVie
         .collect()
 }
 
+/// A long operation as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct TaskView {
+    /// Its id.
+    pub id: u64,
+    /// What it does: `copy_back`.
+    pub kind: &'static str,
+    /// In words.
+    pub what: String,
+    /// The VM it works on (VMID).
+    pub vm: Option<u64>,
+    /// The appliance it makes.
+    pub appliance: Option<String>,
+    /// Who asked for it, by name.
+    pub by: Option<String>,
+    /// When, ms since the epoch.
+    pub started_ms: u64,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Done so far, 0 to 100.
+    pub percent: u64,
+    /// `running`, `done` or `failed`.
+    pub state: &'static str,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// When it ended, if known.
+    pub ended_ms: Option<u64>,
+    /// Someone asked to stop it.
+    pub cancel: bool,
+}
+
+/// The tasks `viewer` may see: a Manager all; others those they asked for or whose VM they
+/// operate. Newest first.
+pub fn tasks(state: &StateMachine, viewer: &UserRecord) -> Vec<TaskView> {
+    use control::state_machine::{TaskKind, TaskState};
+    state
+        .tasks
+        .values()
+        .rev()
+        .filter(|t| {
+            viewer.role == Role::Manager
+                || t.by == viewer.id
+                || t.kind
+                    .vm()
+                    .and_then(|vm| state.vm_by_id(vm))
+                    .is_some_and(|v| access::may_operate_vm(state, viewer, v))
+        })
+        .map(|t| {
+            let (state_name, reason, ended_ms) = match &t.state {
+                TaskState::Running => ("running", None, None),
+                TaskState::Done { ended_ms } => ("done", None, Some(*ended_ms)),
+                TaskState::Failed { reason, ended_ms } => {
+                    ("failed", Some(reason.clone()), *ended_ms)
+                }
+            };
+            let kind = match &t.kind {
+                TaskKind::CopyBack { .. } => "copy_back",
+            };
+            TaskView {
+                id: t.id,
+                kind,
+                what: control::state_machine::describe_task(&t.kind),
+                vm: t.kind.vm(),
+                appliance: t.kind.appliance().map(str::to_string),
+                by: state.users.get(&t.by).map(|u| u.name.clone()),
+                started_ms: t.started_ms,
+                done_bytes: t.done_bytes,
+                total_bytes: t.total_bytes,
+                percent: (t.done_bytes * 100).checked_div(t.total_bytes).unwrap_or(0),
+                state: state_name,
+                reason,
+                ended_ms,
+                cancel: t.cancel,
+            }
+        })
+        .collect()
+}
+
 /// An ISO image of the library as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct IsoView {

@@ -35,7 +35,7 @@ mod refusal;
 mod rights;
 mod servers;
 mod tasks;
-pub use tasks::KEEP_ENDED_TASKS;
+pub use tasks::{describe as describe_task, KEEP_ENDED_TASKS};
 mod users;
 mod vms;
 
