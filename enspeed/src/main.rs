@@ -72,6 +72,21 @@ enum Command {
         #[command(subcommand)]
         command: webui::cli::IsoCommand,
     },
+    /// The Virtual Appliance library, through the API: list; import, export, change or delete
+    /// (Managers); copy a VM back into one.
+    Appliance {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::ApplianceCommand,
+    },
+    /// Long operations (copy back), through the API: list; cancel one.
+    Task {
+        #[command(flatten)]
+        login: webui::cli::Login,
+        #[command(subcommand)]
+        command: webui::cli::TaskCommand,
+    },
     /// The cluster's servers, through the API (Managers); drain or remove one.
     Servers {
         #[command(flatten)]
@@ -349,6 +364,8 @@ fn main() -> ExitCode {
         Command::User { login, command } => webui::cli::user(&login, command),
         Command::Servers { login, command } => webui::cli::servers(&login, command),
         Command::Iso { login, command } => webui::cli::iso(&login, command),
+        Command::Appliance { login, command } => webui::cli::appliance(&login, command),
+        Command::Task { login, command } => webui::cli::task(&login, command),
         Command::Network { login, command } => webui::cli::network(&login, command),
         Command::Audit {
             login,

@@ -26,6 +26,8 @@ const newServer = process.env.ENSPEED_NEW_SERVER ?? "";
 const newServerToken = process.env.ENSPEED_NEW_SERVER_TOKEN ?? "";
 // A bootable CD (El Torito) whose program sets a 1024x768 VBE mode and draws colour bars.
 const barsIso = process.env.ENSPEED_BARS_ISO ?? "";
+// An OVA whose disk (a stream-optimized VMDK) a BIOS boots; its program powers the VM off.
+const ova = process.env.ENSPEED_OVA ?? "";
 if (bases.length === 0 || !managerPassword) {
   console.error("ui.test.mjs: set ENSPEED_WEB (base URLs, comma-separated) and ENSPEED_MANAGER_PASSWORD");
   process.exit(2);
@@ -45,6 +47,9 @@ const VM = `web-${tag}`;
 const ISO = `install-${tag}.iso`;
 const BARS = `bars-${tag}.iso`;
 const BLANK = `blank-${tag}`;
+const APP = `bootdisk-${tag}`;
+const APPVM = `fromapp-${tag}`;
+const TPL = `tpl-${tag}`;
 const PASSWORD = "user-secret-1";
 const NEW_PASSWORD = "user-secret-2";
 
@@ -465,6 +470,65 @@ try {
   await shot(p, "power-user-deleted");
   await until("the Regular User's page empty", async () => (await r.locator("[data-test=vms-empty]").count()) === 1);
   await shot(r, "regular-no-vm");
+
+  if (ova) {
+    step("Library Mgmt: the Manager imports an OVA (a stream-optimized VMDK inside) and shares it with the Power User's company");
+    await openTab(m, "library");
+    await m.waitForSelector("[data-test=appliances-empty]");
+    await m.setInputFiles("[data-test=ova-file]", ova);
+    assert.equal(await m.inputValue("[data-test=ova-name]"), "boot-disk", "the name comes from the file");
+    await m.fill("[data-test=ova-name]", APP);
+    await m.click("[data-test=ova-import]");
+    await until("the OVA imported", async () => /Imported/.test(await text(m.locator("[data-test=ova-progress-text]"))), 60000);
+    const appRow = m.locator(`[data-test=appliance-row][data-name="${APP}"]`);
+    await until("the appliance on both VM servers", async () => (await text(appRow.locator("[data-test=appliance-ready]"))) === "2 of 2 VM servers", 60000);
+    assert.equal(await text(appRow.locator("[data-test=appliance-disk0]")), "1 MiB");
+    assert.equal(await text(appRow.locator("[data-test=appliance-disk1]")), "--");
+    assert.match(await text(appRow), /128 MiB[\s\S]*BIOS, SATA/);
+    await appRow.locator("[data-test=appliance-modify-open]").click();
+    await m.locator("[data-test=appliance-modify] label", { hasText: POWER }).locator("input").check();
+    await m.fill("[data-test=appliance-description]", "the boot disk");
+    await m.click("[data-test=appliance-modify-save]");
+    await until("the change saved", async () => (await m.locator("[data-test=appliance-modify]").count()) === 0 && /the boot disk/.test(await text(appRow)));
+    await shot(m, "manager-appliances");
+
+    step("the Power User makes a VM of it: the appliance's memory, firmware and disk bus are the form's defaults; its BIOS boots the appliance's disk");
+    await openTab(p, "vms");
+    await until("the appliance among the choices", async () => (await p.locator(`[data-test=vm-appliance] option[value="${APP}"]`).count()) === 1, 30000);
+    await p.fill("[data-test=vm-create] [data-test=vm-name]", APPVM);
+    await p.selectOption("[data-test=vm-appliance]", APP);
+    assert.equal(await p.inputValue("[data-test=vm-memory]"), "128");
+    assert.equal(await p.inputValue("[data-test=vm-boot]"), "bios:disk_first");
+    assert.equal(await p.inputValue("[data-test=vm-disk-bus]"), "sata");
+    assert.equal(await p.inputValue("[data-test=vm-disk]"), "", "Disk0: the image's size");
+    await p.check("[data-test=vm-start]");
+    await p.click("[data-test=vm-create-submit]");
+    const appVm = vmRow(p, APPVM);
+    await until(`${APPVM} listed`, async () => (await appVm.count()) === 1, 30000);
+    // Its program powers the VM off: Power On shows again once the cluster knows.
+    await until(`${APPVM} booted and powered itself off`, async () => (await appVm.locator("[data-test=power-on]").count()) === 1 && (await text(appVm.locator("[data-test=vm-status]"))) === "stopped", 90000);
+
+    step("it copies the VM back into an appliance of its company's: a task the Manager sees end");
+    await appVm.locator("[data-test=vm-details-toggle]").click();
+    const copyBack = p.locator(`[data-test=vm-detail][data-vmid="${await appVm.getAttribute("data-vmid")}"] [data-test=copy-back]`);
+    await until("Copy back enabled", async () => !(await copyBack.isDisabled()));
+    p.once("dialog", (d) => void d.accept(TPL));
+    await copyBack.click();
+    await openTab(m, "library");
+    await until("the task done", async () => (await m.locator("[data-test=task-row][data-state=done]", { hasText: TPL }).count()) === 1, 60000);
+    const tplRow = m.locator(`[data-test=appliance-row][data-name="${TPL}"]`);
+    await until("the copied-back appliance listed", async () => (await tplRow.count()) === 1);
+    assert.match(await text(tplRow), /copy back of VM/);
+    await shot(m, "manager-appliances-copied-back");
+
+    step("the Manager deletes both appliances; the Power User deletes its VM");
+    for (const row of [appRow, tplRow]) await row.locator("[data-test=appliance-select]").check();
+    await m.click("[data-test=appliances-delete]");
+    await m.waitForSelector("[data-test=appliances-empty]");
+    await appVm.locator("[data-test=delete]").click();
+    await appVm.locator("[data-test=confirm-delete-yes]").click();
+    await until(`${APPVM} gone`, async () => (await appVm.count()) === 0);
+  }
 
   if (barsIso) {
     step("the Manager uploads a bootable CD and creates a blank VM (its disks on SATA) that boots it: the BIOS, the CD's screen in noVNC at the size the guest set");

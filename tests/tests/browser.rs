@@ -130,6 +130,22 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         &["--witness"],
     );
     let token = waiting.start_awaiting_join();
+    // An appliance to import: the boot disk (a BIOS boots it, it powers off) in an OVA as
+    // VirtualBox writes one, its disk a stream-optimized VMDK.
+    let ova_dir = scratch.path("ova");
+    std::fs::create_dir_all(&ova_dir).unwrap();
+    let ova = scratch.path("boot-disk.ova");
+    std::fs::write(
+        &ova,
+        enspeed_tests::ova::one_disk(
+            "bootdisk",
+            &enspeed_tests::bootdisk(),
+            "vmdk",
+            &ova_dir,
+            true,
+        ),
+    )
+    .unwrap();
     let artifacts = artifacts();
     println!(
         "browser test: servers {:?}; screenshots in {}",
@@ -147,6 +163,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_NEW_SERVER", &waiting.addr)
         .env("ENSPEED_NEW_SERVER_TOKEN", &token)
         .env("ENSPEED_BARS_ISO", enspeed_tests::bars_iso())
+        .env("ENSPEED_OVA", &ova)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1709,10 +1709,64 @@ fn the_enspeed_command_is_a_client_of_the_api() {
     ok(&["iso", "delete", "tools.iso"]);
     assert!(!ok(&["iso", "list"]).contains("tools.iso"));
 
+    // The appliance library: the Manager imports an OVA (progress on stderr), changes and
+    // exports it; bob imports nothing.
+    let disk = scratch.path("disk.raw");
+    std::fs::write(&disk, vec![0x33u8; 1 << 20]).unwrap();
+    let ova = scratch.path("cli-app.ova");
+    let parts = scratch.path("ova");
+    std::fs::create_dir_all(&parts).unwrap();
+    std::fs::write(
+        &ova,
+        enspeed_tests::ova::one_disk("cli", &disk, "qcow2", &parts, true),
+    )
+    .unwrap();
+    let up = ok(&["appliance", "import", ova.to_str().unwrap()]);
+    assert!(up.contains("100%") && up.contains("cli-app"), "{up}");
+    let (good, text) = run(
+        &["appliance", "import", ova.to_str().unwrap(), "--name", "x"],
+        "bob",
+        USER_PASSWORD,
+    );
+    assert!(!good && text.contains("403"), "bob imports nothing: {text}");
+    let edited = ok(&[
+        "appliance",
+        "edit",
+        "cli-app",
+        "--memory",
+        "64",
+        "--description",
+        "from the CLI",
+    ]);
+    assert!(
+        edited.contains("cli-app") && edited.contains(" 64 "),
+        "{edited}"
+    );
+    let out = scratch.path("exported.ova");
+    ok(&[
+        "appliance",
+        "export",
+        "cli-app",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let exported = std::fs::read(&out).unwrap();
+    assert_eq!(&exported[..11], b"cli-app.ovf", "the descriptor first");
+    ok(&["appliance", "delete", "cli-app"]);
+    assert!(!ok(&["appliance", "list"]).contains("cli-app"));
+
     ok(&["vm", "force-stop", &id]);
     cluster::wait_for("web1 stopped", WAIT, || {
         ok(&["vm", "list"]).contains("stopped").then_some(())
     });
+    // Copied back, powered off, into an appliance: a task to follow with `enspeed task list`.
+    let started = ok(&["appliance", "copy-back", &id, "web1-back"]);
+    assert!(started.contains("copying VM"), "{started}");
+    cluster::wait_for("the copy back done", WAIT, || {
+        ok(&["task", "list"]).contains(" done ").then_some(())
+    });
+    assert!(ok(&["appliance", "list"]).contains("web1-back"));
+    ok(&["appliance", "delete", "web1-back"]);
     ok(&["vm", "delete", &id]);
     assert!(!ok(&["vm", "list"]).contains("web1"));
     // Every CLI call logs in and out (two entries each): all of them, not the first 100.
@@ -1723,6 +1777,9 @@ fn the_enspeed_command_is_a_client_of_the_api() {
         "vm.power_on",
         "vm.force_off",
         "vm.delete",
+        "appliance.add",
+        "appliance.copy_back",
+        "appliance.delete",
     ] {
         assert!(audit.contains(line), "{line} in the audit log:\n{audit}");
     }

@@ -65,15 +65,19 @@ pub enum VmCommand {
     Create {
         /// Name.
         name: String,
-        /// Memory, MiB.
-        #[arg(long, default_value_t = 512)]
-        memory: u64,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Disk0, GiB.
-        #[arg(long, default_value_t = 8)]
-        disk: u64,
+        /// Memory, MiB (default: 512, or the appliance's).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// vCPUs (default: 1, or the appliance's).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Disk0, GiB (default: 8, or the appliance's image's size).
+        #[arg(long)]
+        disk: Option<u64>,
+        /// An appliance of the library: its disks start as its images; its memory, vCPUs,
+        /// firmware and disk bus are the defaults.
+        #[arg(long, conflicts_with = "blank")]
+        appliance: Option<String>,
         /// Disk1-3, GiB each: repeat it for each disk (up to three).
         #[arg(long = "extra-disk", value_name = "GIB")]
         extra_disk: Vec<u64>,
@@ -219,6 +223,76 @@ pub enum IsoCommand {
     },
 }
 
+/// `enspeed appliance`.
+#[derive(Subcommand, Debug)]
+pub enum ApplianceCommand {
+    /// The appliance library (as far as you may use it).
+    List,
+    /// Import an OVA (Managers), showing the upload's progress; its disks are converted to
+    /// raw images, then every VM server copies them.
+    Import {
+        /// The OVA.
+        file: PathBuf,
+        /// Its name in the library (default: the file's name without .ova).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Download an appliance as an OVA (Managers).
+    Export {
+        /// Its name.
+        name: String,
+        /// Where (default: NAME.ova here).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Change an appliance (Managers): its description, the VM it makes, whom it is shared
+    /// with.
+    Edit {
+        /// Its name.
+        name: String,
+        /// Its description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Memory of the VMs made from it, MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Their vCPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Share it with these Power Users' companies (user ids, comma-separated; empty: with
+        /// no one).
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        share: Option<Vec<u64>>,
+    },
+    /// Delete an appliance (Managers).
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// Copy a powered-off VM back into a new appliance (a task: `enspeed task list`).
+    CopyBack {
+        /// The VM's VMID.
+        vm: u64,
+        /// The new appliance's name.
+        name: String,
+        /// Its description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+/// `enspeed task`.
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Long operations you may see, newest first, with their progress.
+    List,
+    /// Stop a running task (a Manager, or who asked for it).
+    Cancel {
+        /// Its id.
+        id: u64,
+    },
+}
+
 /// `enspeed network`.
 #[derive(Subcommand, Debug)]
 pub enum NetworkCommand {
@@ -355,6 +429,29 @@ impl Session {
         answer(r, &what)?
             .into_json()
             .map_err(|e| format!("{what}: the answer: {e}"))
+    }
+
+    /// GETs `path` into file `out` (a download), through a `.part` file renamed when whole;
+    /// answers what was written.
+    fn download(&self, path: &str, out: &std::path::Path) -> Result<Value, String> {
+        let what = format!("GET {path}");
+        let r = self
+            .agent
+            .request("GET", &format!("{}/api/v1{path}", self.base))
+            .timeout(Duration::from_secs(24 * 3600))
+            .set("Cookie", &self.cookie)
+            .call();
+        let resp = answer(r, &what)?;
+        let part = out.with_extension("part");
+        let mut f = std::fs::File::create(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+        let n = std::io::copy(&mut resp.into_reader(), &mut f).map_err(|e| {
+            let _ = std::fs::remove_file(&part);
+            format!("{what}: {e}")
+        })?;
+        f.sync_all()
+            .and_then(|()| std::fs::rename(&part, out))
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        Ok(json!({ "file": out.display().to_string(), "bytes": n }))
     }
 
     /// PUTs `file` as the raw body of `path`, printing its progress on stderr.
@@ -650,8 +747,22 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
             uefi,
             sata,
             net,
+            appliance,
         } => {
-            let mut body = json!({"name": name, "memory_mib": memory, "vcpus": vcpus, "disk_gib": disk, "start": start});
+            let mut body = json!({"name": name, "start": start});
+            let from = appliance.is_some();
+            if let Some(m) = memory.or((!from).then_some(512)) {
+                body["memory_mib"] = json!(m);
+            }
+            if let Some(v) = vcpus {
+                body["vcpus"] = json!(v);
+            }
+            if let Some(d) = disk.or((!from).then_some(8)) {
+                body["disk_gib"] = json!(d);
+            }
+            if let Some(a) = appliance {
+                body["appliance"] = json!(a);
+            }
             if !net.is_empty() {
                 body["networks"] = json!(net);
             }
@@ -1044,6 +1155,150 @@ pub fn iso(l: &Login, cmd: IsoCommand) -> ExitCode {
             |s| s.call("DELETE", &format!("/isos/{name}"), None),
             done,
         ),
+    }
+}
+
+/// `enspeed appliance ...`.
+pub fn appliance(l: &Login, cmd: ApplianceCommand) -> ExitCode {
+    match cmd {
+        ApplianceCommand::List => run(l, |s| s.call("GET", "/appliances", None), appliance_table),
+        ApplianceCommand::Import { file, name } => {
+            let name = name.unwrap_or_else(|| {
+                file.file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            run(
+                l,
+                |s| s.upload(&format!("/appliances/{name}"), &file),
+                appliance_table,
+            )
+        }
+        ApplianceCommand::Export { name, out } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.ova")));
+            run(
+                l,
+                |s| s.download(&format!("/appliances/{name}/ova"), &out),
+                done,
+            )
+        }
+        ApplianceCommand::Edit {
+            name,
+            description,
+            memory,
+            vcpus,
+            share,
+        } => {
+            let mut body = json!({});
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if let Some(m) = memory {
+                body["memory_mib"] = json!(m);
+            }
+            if let Some(v) = vcpus {
+                body["vcpus"] = json!(v);
+            }
+            if let Some(s) = share {
+                body["shared_with"] = json!(s);
+            }
+            run(
+                l,
+                |s| s.call("PATCH", &format!("/appliances/{name}"), Some(body)),
+                appliance_table,
+            )
+        }
+        ApplianceCommand::Delete { name } => run(
+            l,
+            |s| s.call("DELETE", &format!("/appliances/{name}"), None),
+            done,
+        ),
+        ApplianceCommand::CopyBack {
+            vm,
+            name,
+            description,
+        } => run(
+            l,
+            |s| {
+                s.call(
+                    "POST",
+                    &format!("/vms/{vm}/copy-back"),
+                    Some(json!({"name": name, "description": description})),
+                )
+            },
+            task_table,
+        ),
+    }
+}
+
+/// `enspeed task ...`.
+pub fn task(l: &Login, cmd: TaskCommand) -> ExitCode {
+    match cmd {
+        TaskCommand::List => run(l, |s| s.call("GET", "/tasks", None), task_table),
+        TaskCommand::Cancel { id } => run(
+            l,
+            |s| s.call("POST", &format!("/tasks/{id}/cancel"), None),
+            task_table,
+        ),
+    }
+}
+
+fn appliance_table(v: &Value) {
+    println!(
+        "{:<24} {:>7} {:>5} {:<11} {:<23} {:<8} ORIGIN",
+        "NAME", "MiB", "vCPU", "BOOTS", "DISKS (MiB)", "READY ON"
+    );
+    let rows = match v {
+        Value::Array(a) => a.clone(),
+        one => vec![one.clone()],
+    };
+    for r in rows {
+        let disks: Vec<String> = r["disks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| (d["size"].as_u64().unwrap_or(0) >> 20).to_string())
+            .collect();
+        println!(
+            "{:<24} {:>7} {:>5} {:<11} {:<23} {:<8} {}",
+            s(&r["name"]),
+            s(&r["memory_mib"]),
+            s(&r["vcpus"]),
+            format!("{}/{}", s(&r["boot"]), s(&r["disk_bus"])),
+            disks.join(" + "),
+            format!(
+                "{}/{}",
+                r["servers"].as_array().map_or(0, Vec::len),
+                s(&r["vm_servers"])
+            ),
+            s(&r["origin"])
+        );
+    }
+}
+
+fn task_table(v: &Value) {
+    println!(
+        "{:>5} {:<8} {:>4}%  {:<12} WHAT",
+        "TASK", "STATE", "DONE", "BY"
+    );
+    let rows = match v {
+        Value::Array(a) => a.clone(),
+        one => vec![one.clone()],
+    };
+    for r in rows {
+        let reason = r["reason"]
+            .as_str()
+            .map(|w| format!(": {w}"))
+            .unwrap_or_default();
+        println!(
+            "{:>5} {:<8} {:>4}%  {:<12} {}{reason}",
+            s(&r["id"]),
+            s(&r["state"]),
+            s(&r["percent"]),
+            s(&r["by"]),
+            s(&r["what"])
+        );
     }
 }
 

@@ -364,7 +364,8 @@ pub struct ApplianceRecord {
     pub memory_mib: u64,
     /// vCPUs of a VM made from it.
     pub vcpus: u32,
-    /// How a VM made from it starts (its firmware; never the cluster's guest kernel).
+    /// How a VM made from it starts: its firmware (the cluster's guest kernel only for a copy
+    /// back of a VM that boots it).
     pub boot: BootMode,
     /// The controller its disks are on.
     #[serde(default)]

@@ -140,6 +140,51 @@ export interface Iso {
   in_use_by: number[];
 }
 
+/** A disk image of an appliance. */
+export interface ApplianceDisk {
+  size: number;
+  sha256: string;
+}
+
+/** A Virtual Appliance of the library. */
+export interface Appliance {
+  name: string;
+  description: string;
+  memory_mib: number;
+  vcpus: number;
+  boot: "bios" | "uefi" | "kernel";
+  disk_bus: "virtio" | "sata";
+  nics: number;
+  /** Its disk images, Disk0 first. */
+  disks: ApplianceDisk[];
+  origin: string;
+  created_by: string | null;
+  created_ms: number;
+  /** The VM servers holding every disk image. */
+  servers: number[];
+  vm_servers: number;
+  /** The Power Users whose companies may use it (Managers see it). */
+  shared_with?: number[];
+}
+
+/** A long operation (copy back), with its progress. */
+export interface Task {
+  id: number;
+  kind: "copy_back";
+  what: string;
+  vm: number | null;
+  appliance: string | null;
+  by: string | null;
+  started_ms: number;
+  done_bytes: number;
+  total_bytes: number;
+  percent: number;
+  state: "running" | "done" | "failed";
+  reason: string | null;
+  ended_ms: number | null;
+  cancel: boolean;
+}
+
 export interface Server {
   id: number;
   address: string;

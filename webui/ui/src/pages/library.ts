@@ -1,12 +1,13 @@
-// Library Mgmt (Managers): the ISO images VMs boot installers from. An upload goes to the
-// server this page came from, with its progress; the other servers copy it from there, and the
-// list shows on how many VM servers each image is ready.
+// Library Mgmt (Managers): the Virtual Appliances VMs are made from (imported as OVAs, or
+// copied back from VMs), the tasks making them, and the ISO images VMs boot installers from.
+// An upload goes to the server this page came from, with its progress; the other servers copy
+// it from there, and the lists show on how many VM servers each is ready.
 
 import { api, message, upload } from "../api";
 import { field, fill, h, showError } from "../dom";
-import { bytes, time } from "../format";
+import { bytes, mib, time } from "../format";
 import type { PageContext } from "../page";
-import type { Iso } from "../types";
+import type { Appliance, Iso, Task, User } from "../types";
 
 /** The API's name rule for an ISO. */
 const NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$/;
@@ -65,7 +66,16 @@ export function libraryPage(ctx: PageContext): void {
     }
   });
 
-  fill(ctx.main, h("h1", null, "Library Mgmt"), h("p", { class: "lead" }, "ISO images for the VMs' CD-ROM drives. Every VM server keeps a checked copy of each."), form, table);
+  const appliances = appliancesSection(ctx);
+  fill(
+    ctx.main,
+    h("h1", null, "Library Mgmt"),
+    appliances,
+    h("h2", null, "ISO images"),
+    h("p", { class: "lead" }, "ISO images for the VMs' CD-ROM drives. Every VM server keeps a checked copy of each."),
+    form,
+    table,
+  );
 
   const refresh = ctx.poll(async () => {
     const l = await api<Iso[]>("GET", "/isos");
@@ -137,4 +147,296 @@ export function libraryPage(ctx: PageContext): void {
       ),
     );
   }
+}
+
+/** The appliance table (name, memory, Disk0-3 sizes, modify, select for deletion), the OVA
+ * import form and the task list. */
+function appliancesSection(ctx: PageContext): HTMLElement {
+  let list: Appliance[] = [];
+  let tasks: Task[] = [];
+  let powerUsers: User[] = [];
+  let lastData = "";
+  /** The appliance whose Modify form is open. */
+  let modifying: string | null = null;
+  /** Appliances selected for deletion. */
+  const selected = new Set<string>();
+  const table = h("div", { "data-test": "appliances-wrap" });
+  const taskTable = h("div", { "data-test": "tasks-wrap" });
+  const file = h("input", { type: "file", name: "file", accept: ".ova,application/x-tar", required: true, "data-test": "ova-file" });
+  const name = h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": "ova-name" });
+  const submit = h("button", { type: "submit", class: "primary", "data-test": "ova-import" }, "Import");
+  const bar = h("progress", { max: 100, value: 0, class: "hidden", "data-test": "ova-progress" });
+  const progressText = h("span", { class: "muted", "data-test": "ova-progress-text" });
+  const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "ova-error" });
+  const form = h(
+    "form",
+    { class: "card form-card", "data-test": "ova-form" },
+    h("h2", null, "Import a Virtual Appliance"),
+    h("p", { class: "muted" }, "An OVA (OVF 1.x or 2.0) from any vendor: its disks as VMDK, qcow2 or raw."),
+    h("div", { class: "row" }, field("File", file), field("Name in the library", name), submit),
+    h("div", { class: "row" }, bar, progressText),
+    error,
+  );
+  file.addEventListener("change", () => {
+    const f = file.files?.[0];
+    if (f && !name.value) name.value = f.name.replace(/\.ova$/i, "").replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 63);
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    error.classList.add("hidden");
+    const f = file.files?.[0];
+    const n = name.value.trim();
+    if (!f || !NAME.test(n)) {
+      showError(error, "Choose an OVA and a name of letters, digits, '.', '_' or '-'.");
+      return;
+    }
+    submit.disabled = true;
+    bar.classList.remove("hidden");
+    const started = Date.now();
+    try {
+      await upload<Appliance>(`/appliances/${encodeURIComponent(n)}`, f, (sent, total) => {
+        const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
+        bar.value = pct;
+        const secs = Math.max((Date.now() - started) / 1000, 0.001);
+        fill(
+          progressText,
+          sent < total
+            ? `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s`
+            : "Uploaded; checking the archive and converting its disks...",
+        );
+      });
+      fill(progressText, `Imported ${n}; the other servers copy it now.`);
+      ctx.notify("info", `Imported appliance ${n}`);
+      form.reset();
+      refresh();
+    } catch (e) {
+      showError(error, `Could not import ${n}: ${message(e)}`);
+      fill(progressText, "");
+    } finally {
+      submit.disabled = false;
+      bar.classList.add("hidden");
+    }
+  });
+
+  const refresh = ctx.poll(async () => {
+    const [a, t, u] = await Promise.all([
+      api<Appliance[]>("GET", "/appliances"),
+      api<Task[]>("GET", "/tasks"),
+      api<User[]>("GET", "/users"),
+    ]);
+    const key = JSON.stringify([a, t, u]);
+    if (key === lastData) return;
+    lastData = key;
+    list = a;
+    tasks = t;
+    powerUsers = u.filter((x) => x.role === "power_user");
+    for (const n of [...selected]) if (!list.some((x) => x.name === n)) selected.delete(n);
+    draw();
+    drawTasks();
+  });
+
+  async function removeSelected(): Promise<void> {
+    for (const n of [...selected]) {
+      try {
+        await api("DELETE", `/appliances/${encodeURIComponent(n)}`);
+        selected.delete(n);
+        ctx.notify("info", `Deleted appliance ${n}`);
+      } catch (e) {
+        ctx.notify("error", `Could not delete appliance ${n}: ${message(e)}`);
+      }
+    }
+    refresh();
+  }
+
+  function modifyForm(a: Appliance): HTMLElement {
+    const err = h("div", { class: "form-error hidden", role: "alert", "data-test": "appliance-modify-error" });
+    const save = h("button", { type: "submit", class: "primary", "data-test": "appliance-modify-save" }, "Save");
+    const shares = powerUsers.map((p) =>
+      h(
+        "label",
+        { class: "check" },
+        h("input", { type: "checkbox", name: "share", value: p.id, checked: (a.shared_with ?? []).includes(p.id), "data-test": "appliance-share" }),
+        `${p.name}'s company`,
+      ),
+    );
+    const f = h(
+      "form",
+      { class: "card form-card", "data-test": "appliance-modify" },
+      h("h3", null, `Modify ${a.name}`),
+      h(
+        "div",
+        { class: "row" },
+        field("Description", h("input", { name: "description", value: a.description, maxlength: 4096, "data-test": "appliance-description" })),
+        field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 1, value: a.memory_mib, "data-test": "appliance-memory" })),
+        field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 255, value: a.vcpus, "data-test": "appliance-vcpus" })),
+      ),
+      h("div", { class: "row" }, h("span", { class: "label" }, "Shared with: "), shares.length ? shares : h("span", { class: "muted" }, "no Power Users yet")),
+      h(
+        "div",
+        { class: "row" },
+        save,
+        h("button", { type: "button", "data-test": "appliance-modify-cancel", onclick: () => ((modifying = null), draw()) }, "Cancel"),
+      ),
+      err,
+    );
+    f.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      err.classList.add("hidden");
+      const shared = [...f.querySelectorAll<HTMLInputElement>("input[name=share]")].filter((c) => c.checked).map((c) => Number(c.value));
+      const get = (n: string) => (f.elements.namedItem(n) as HTMLInputElement).value;
+      save.disabled = true;
+      try {
+        await api("PATCH", `/appliances/${encodeURIComponent(a.name)}`, {
+          description: get("description"),
+          memory_mib: Number(get("memory_mib")),
+          vcpus: Number(get("vcpus")),
+          shared_with: shared,
+        });
+        ctx.notify("info", `Changed appliance ${a.name}`);
+        modifying = null;
+        refresh();
+      } catch (e) {
+        // An edit that changes nothing is refused: nothing to save.
+        showError(err, `Could not change ${a.name}: ${message(e)}`);
+      } finally {
+        save.disabled = false;
+      }
+    });
+    return f;
+  }
+
+  function draw(): void {
+    if (list.length === 0) {
+      fill(table, h("p", { class: "empty", "data-test": "appliances-empty" }, "No appliances yet: import an OVA above, or copy a VM back."));
+      return;
+    }
+    const disk = (a: Appliance, i: number) => (a.disks[i] ? bytes(a.disks[i].size) : "--");
+    const rows = list.map((a) => {
+      const ready = a.servers.length >= a.vm_servers;
+      const box = h("input", {
+        type: "checkbox",
+        "data-test": "appliance-select",
+        checked: selected.has(a.name),
+        onchange: (ev: Event) => {
+          if ((ev.target as HTMLInputElement).checked) selected.add(a.name);
+          else selected.delete(a.name);
+          draw();
+        },
+      });
+      return h(
+        "tr",
+        { "data-test": "appliance-row", "data-name": a.name },
+        h("td", null, box),
+        h("td", { title: a.description }, h("b", null, a.name), a.description ? h("div", { class: "muted" }, a.description) : null),
+        h("td", { class: "num" }, mib(a.memory_mib)),
+        h("td", { class: "num" }, String(a.vcpus)),
+        [0, 1, 2, 3].map((i) => h("td", { class: "num", "data-test": `appliance-disk${i}` }, disk(a, i))),
+        h("td", null, a.boot.toUpperCase(), ", ", a.disk_bus === "sata" ? "SATA" : "virtio"),
+        h("td", { "data-test": "appliance-ready" }, h("span", { class: `badge ${ready ? "good" : "warn"}` }, `${a.servers.length} of ${a.vm_servers} VM servers`)),
+        h(
+          "td",
+          { class: "muted", title: a.origin },
+          `${(a.origin || "--").replace(/\b([0-9a-f]{12})[0-9a-f]{52}\b/, "$1…")}; ${time(a.created_ms)} by ${a.created_by ?? "a deleted user"}`,
+        ),
+        h(
+          "td",
+          null,
+          h("div", { class: "ops" },
+            h("button", { type: "button", "data-test": "appliance-modify-open", onclick: () => ((modifying = a.name), draw()) }, "Modify"),
+            h("a", { class: "button", href: `/api/v1/appliances/${encodeURIComponent(a.name)}/ova`, download: `${a.name}.ova`, "data-test": "appliance-export" }, "Export OVA"),
+          ),
+        ),
+      );
+    });
+    const open = list.find((a) => a.name === modifying);
+    fill(
+      table,
+      h(
+        "table",
+        { class: "grid", "data-test": "appliances-table" },
+        h("thead", null, h("tr", null, ["", "Name", "Memory", "vCPUs", "Disk0", "Disk1", "Disk2", "Disk3", "Boots", "Ready on", "Origin", ""].map((t) => h("th", null, t)))),
+        h("tbody", null, rows),
+      ),
+      h(
+        "div",
+        { class: "row" },
+        h(
+          "button",
+          { type: "button", class: "danger", "data-test": "appliances-delete", disabled: selected.size === 0, onclick: () => void removeSelected() },
+          selected.size ? `Delete ${selected.size} selected` : "Delete selected",
+        ),
+      ),
+      open ? modifyForm(open) : null,
+    );
+  }
+
+  function drawTasks(): void {
+    if (tasks.length === 0) {
+      fill(taskTable, h("p", { class: "empty", "data-test": "tasks-empty" }, "No tasks."));
+      return;
+    }
+    fill(
+      taskTable,
+      h(
+        "table",
+        { class: "grid", "data-test": "tasks-table" },
+        h("thead", null, h("tr", null, ["Task", "What", "By", "Started", "Progress", "State", ""].map((t) => h("th", null, t)))),
+        h(
+          "tbody",
+          null,
+          tasks.map((t) =>
+            h(
+              "tr",
+              { "data-test": "task-row", "data-id": t.id, "data-state": t.state },
+              h("td", { class: "num" }, String(t.id)),
+              h("td", null, t.what),
+              h("td", null, t.by ?? "--"),
+              h("td", null, time(t.started_ms)),
+              h("td", null, h("progress", { max: 100, value: t.percent }), ` ${t.percent}% of ${bytes(t.total_bytes)}`),
+              h(
+                "td",
+                { "data-test": "task-state" },
+                h("span", { class: `badge ${t.state === "done" ? "good" : t.state === "failed" ? "bad" : "warn"}` }, t.state),
+                t.reason ? h("div", { class: "muted" }, t.reason) : null,
+              ),
+              h(
+                "td",
+                null,
+                t.state === "running"
+                  ? h(
+                      "button",
+                      {
+                        type: "button",
+                        "data-test": "task-cancel",
+                        disabled: t.cancel,
+                        onclick: async () => {
+                          try {
+                            await api("POST", `/tasks/${t.id}/cancel`);
+                          } catch (e) {
+                            ctx.notify("error", `Could not cancel task ${t.id}: ${message(e)}`);
+                          }
+                          refresh();
+                        },
+                      },
+                      t.cancel ? "Cancelling" : "Cancel",
+                    )
+                  : null,
+              ),
+            ),
+          ),
+        ),
+      ),
+    );
+  }
+
+  return h(
+    "section",
+    { "data-test": "appliances" },
+    h("h2", null, "Virtual Appliances"),
+    h("p", { class: "lead" }, "VMs are made from these: their disks start as an appliance's images. Every VM server keeps a checked copy of each."),
+    form,
+    table,
+    h("h2", null, "Tasks"),
+    taskTable,
+  );
 }

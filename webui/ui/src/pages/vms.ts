@@ -6,7 +6,7 @@ import { api, message } from "../api";
 import { field, fill, h, onSubmit, value } from "../dom";
 import { bytes, copyPlace, GIB, migrationLine, mib, replication, ROLE_NAMES, status } from "../format";
 import type { PageContext } from "../page";
-import type { Iso, Network, User, Vm } from "../types";
+import type { Appliance, Iso, Network, User, Vm } from "../types";
 
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
@@ -71,6 +71,7 @@ export function vmsPage(ctx: PageContext): void {
   let vms: Vm[] = [];
   let users: User[] = [];
   let isos: Iso[] = [];
+  let appliances: Appliance[] = [];
   let networks: Network[] = [];
   /** VMs whose detail row is open. */
   const expanded = new Set<number>();
@@ -95,23 +96,26 @@ export function vmsPage(ctx: PageContext): void {
   );
 
   const refresh = ctx.poll(async () => {
-    const [v, u, i, n] = await Promise.all([
+    const [v, u, i, n, a] = await Promise.all([
       api<Vm[]>("GET", "/vms"),
       creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[]),
       api<Iso[]>("GET", "/isos"),
       creates ? api<Network[]>("GET", "/networks") : Promise.resolve([] as Network[]),
+      creates ? api<Appliance[]>("GET", "/appliances") : Promise.resolve([] as Appliance[]),
     ]);
-    const key = JSON.stringify([v, u, i, n]);
+    const key = JSON.stringify([v, u, i, n, a]);
     if (key === lastData) return;
     lastData = key;
     isos = i;
     networks = n;
+    appliances = a;
     if (vms.length === 0 && me.role === "regular") for (const x of v) expanded.add(x.id);
     vms = v;
     users = u;
     drawQuota();
     if (form) {
       drawOwners(form);
+      drawAppliances(form);
       drawIsos(form);
       drawNetworks(form);
     }
@@ -127,6 +131,45 @@ export function vmsPage(ctx: PageContext): void {
       `${q.used_vms} of ${q.vms} VMs, ${mib(q.used_memory_mib)} of ${mib(q.memory_mib)} memory, ${q.used_disk_gib} of ${q.disk_gib} GiB disk in use`,
     );
     quota.classList.remove("hidden");
+  }
+
+  /** The appliances the user may use, as what a new VM starts from, keeping the one chosen. */
+  function drawAppliances(f: HTMLFormElement): void {
+    const select = f.elements.namedItem("appliance") as HTMLSelectElement;
+    const keep = select.value;
+    fill(
+      select,
+      h("option", { value: "" }, "nothing: blank disks"),
+      ...appliances.map((a) =>
+        h(
+          "option",
+          { value: a.name, disabled: a.servers.length === 0 },
+          `${a.name} (${a.disks.map((d) => bytes(d.size)).join(" + ")}${a.description ? `: ${a.description.slice(0, 60)}` : ""})`,
+        ),
+      ),
+    );
+    select.value = appliances.some((a) => a.name === keep) ? keep : "";
+  }
+
+  /** Takes the chosen appliance's VM as the form's defaults: its memory, vCPUs, firmware and
+   * disk bus; its disks are its images' sizes unless the user asks for more. */
+  function applianceChosen(f: HTMLFormElement): void {
+    const a = appliances.find((x) => x.name === value(f, "appliance"));
+    const input = (n: string) => f.elements.namedItem(n) as HTMLInputElement;
+    const disk0 = input("disk_gib");
+    if (!a) {
+      disk0.required = true;
+      disk0.placeholder = "";
+      if (!disk0.value) disk0.value = "1";
+      return;
+    }
+    input("memory_mib").value = String(a.memory_mib);
+    input("vcpus").value = String(a.vcpus);
+    (f.elements.namedItem("boot") as HTMLSelectElement).value = `${a.boot}:disk_first`;
+    (f.elements.namedItem("disk_bus") as HTMLSelectElement).value = a.disk_bus;
+    disk0.required = false;
+    disk0.value = "";
+    disk0.placeholder = `its image: ${bytes(a.disks[0]?.size ?? 0)}`;
   }
 
   /** The library's ISOs as choices for a new VM's CD-ROM, keeping the one chosen. */
@@ -180,6 +223,11 @@ export function vmsPage(ctx: PageContext): void {
         "div",
         { class: "row" },
         field("Name", h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": "vm-name" })),
+        field(
+          "From appliance",
+          h("select", { name: "appliance", "data-test": "vm-appliance", onchange: () => applianceChosen(f) }, h("option", { value: "" }, "nothing: blank disks")),
+          "its disks start as the appliance's",
+        ),
         field("Memory (MiB)", h("input", { name: "memory_mib", type: "number", min: 1, value: 128, required: true, "data-test": "vm-memory" })),
         field("vCPUs", h("input", { name: "vcpus", type: "number", min: 1, max: 64, value: 1, required: true, "data-test": "vm-vcpus" })),
         field("Disk 0 (GiB)", h("input", { name: "disk_gib", type: "number", min: 1, value: 1, required: true, "data-test": "vm-disk" })),
@@ -214,11 +262,14 @@ export function vmsPage(ctx: PageContext): void {
         const iso = value(f, "iso");
         const extra = [1, 2, 3].map((i) => value(f, `disk${i}_gib`)).filter((v) => v !== "").map(Number);
         const nets = NIC_SLOTS.map((i) => value(f, `nic${i}`)).filter((v) => v !== "");
+        const appliance = value(f, "appliance");
+        const disk0 = value(f, "disk_gib");
         const vm = await api<Vm>("POST", "/vms", {
           name,
           memory_mib: Number(value(f, "memory_mib")),
           vcpus: Number(value(f, "vcpus")),
-          disk_gib: Number(value(f, "disk_gib")),
+          ...(disk0 !== "" ? { disk_gib: Number(disk0) } : {}),
+          ...(appliance ? { appliance } : {}),
           ...(extra.length ? { extra_disks_gib: extra } : {}),
           owner: Number(value(f, "owner")),
           start: (f.elements.namedItem("start") as HTMLInputElement).checked,
@@ -376,6 +427,7 @@ export function vmsPage(ctx: PageContext): void {
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
         ),
         me.role === "regular" ? null : cloneButton(vm),
+        me.role === "regular" ? null : copyBackButton(vm),
         me.role === "regular" ? null : editForm(vm),
       ),
     );
@@ -487,6 +539,37 @@ export function vmsPage(ctx: PageContext): void {
         },
         busy.has(vm.id) || !stopped,
         stopped ? "a new VM with a copy of this one's disk" : "power it off first: only a stopped VM is cloned",
+      ),
+    );
+  }
+
+  // Copy back, as the 2008 product had it: a powered-off VM becomes a new appliance of the
+  // library (its company's), a task whose progress the Library Mgmt page shows.
+  function copyBackButton(vm: Vm): HTMLElement {
+    const stopped = vm.status === "stopped" && vm.power === "off";
+    return h(
+      "div",
+      { class: "ops" },
+      button(
+        "Copy back",
+        "copy-back",
+        "",
+        () => {
+          const name = window.prompt(`Name of the appliance ${vm.name} becomes:`, `${vm.name}-appliance`);
+          if (!name) return;
+          busy.add(vm.id);
+          drawTable();
+          api<{ id: number }>("POST", `/vms/${vm.id}/copy-back`, { name })
+            .then((t) => ctx.notify("info", `Copying VM ${vm.id} (${vm.name}) back into appliance ${name}: task ${t.id}`))
+            .catch((e) => ctx.notify("error", `Could not copy VM ${vm.id} (${vm.name}) back: ${message(e)}`))
+            .finally(() => {
+              busy.delete(vm.id);
+              drawTable();
+              refresh();
+            });
+        },
+        busy.has(vm.id) || !stopped,
+        stopped ? "a new appliance of the library with this VM's disks as they are" : "power it off first: only a stopped VM is copied back",
       ),
     );
   }
