@@ -338,8 +338,16 @@ fn apply(
                     }
                     marked = true;
                 }
+                // Between two writes, a snapshot may start (`snapshot`): the gate holds it off
+                // while this one, and the copy before it, are applied.
+                let _gate = lock(&r.gate);
+                let snapshot = lock(&r.snapshot).clone();
                 // A resync's runs of zeros (most of a new disk) become holes, not dirty pages.
                 let done = check_range(r.capacity, frame.offset, frame.payload.len())
+                    .and_then(|()| match &snapshot {
+                        Some(s) => s.preserve(&r.data, frame.offset, frame.payload.len() as u64),
+                        None => Ok(()),
+                    })
                     .and_then(|()| match frame.kind {
                         Kind::ResyncWrite => write_or_punch(&r.data, &frame.payload, frame.offset),
                         _ => r.data.write_all_at(&frame.payload, frame.offset),

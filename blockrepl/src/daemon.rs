@@ -150,6 +150,23 @@ pub enum Request {
         /// The disk.
         name: String,
     },
+    /// Start point-in-time images of backup copies NAMES, together (a VM's disks: crash
+    /// consistent across them), each into DIR/NAME.raw, made while the copies go on taking
+    /// their primary's writes; `status` shows each one's progress.
+    Snapshot {
+        /// The backup copies, in sync.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// A directory for the images (created).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop the snapshots of copies NAMES being made (their images are left to the caller).
+    SnapshotCancel {
+        /// The copies.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// The cluster's roster, from the node agent: mirror links are made only with these
     /// certificates (hex SHA-256 by server id), never with a revoked one.
     #[command(skip)]
@@ -414,6 +431,91 @@ impl Blockd {
             .ok_or_else(|| format!("no disk named {name:?}"))
     }
 
+    /// Starts snapshots of backup copies `names` together into `dir` (`Request::Snapshot`):
+    /// each copy's write gate held at once while they are installed, then one thread copies
+    /// them, one after the other.
+    fn snapshot(&self, names: &[String], dir: &Path) -> Result<Response, String> {
+        use crate::meta::DataState;
+        use crate::snapshot::Snapshot;
+        let mut sorted = names.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != names.len() {
+            return Err("a disk is named twice".into());
+        }
+        let replicas: Vec<Arc<Replica>> = {
+            let disks = lock(&self.disks);
+            sorted
+                .iter()
+                .map(|n| {
+                    let d = disks.get(n).ok_or_else(|| format!("no disk named {n:?}"))?;
+                    let st = d.replica.status();
+                    if st.role != Role::Backup {
+                        return Err(format!("disk {n} is {:?} here, not a backup copy", st.role));
+                    }
+                    if st.data != DataState::Consistent {
+                        return Err(format!(
+                            "disk {n}'s backup copy here is not in sync with its primary ({:?})",
+                            st.data
+                        ));
+                    }
+                    if lock(&d.replica.snapshot).is_some() {
+                        return Err(format!("disk {n}: a snapshot of it is being made"));
+                    }
+                    Ok(Arc::clone(&d.replica))
+                })
+                .collect::<Result<_, String>>()?
+        };
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let made: Vec<(Arc<Replica>, Arc<Snapshot>)> = {
+            // Between two writes on every copy at once.
+            let _gates: Vec<_> = replicas.iter().map(|r| lock(&r.gate)).collect();
+            let mut made = Vec::new();
+            for r in &replicas {
+                let image = dir.join(format!("{}.raw", r.name()));
+                match Snapshot::new(&image, r.capacity) {
+                    Ok(s) => made.push((Arc::clone(r), Arc::new(s))),
+                    Err(e) => {
+                        for (r, _) in &made {
+                            let _ = std::fs::remove_file(dir.join(format!("{}.raw", r.name())));
+                        }
+                        return Err(format!("creating {}: {e}", image.display()));
+                    }
+                }
+            }
+            for (r, s) in &made {
+                *lock(&r.snapshot) = Some(Arc::clone(s));
+                *lock(&r.last_snapshot) = None;
+            }
+            made
+        };
+        tracing::info!(disks = ?sorted, dir = %dir.display(), "snapshot started");
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let mut failed: Option<String> = None;
+                for (r, s) in made {
+                    if let Some(why) = &failed {
+                        s.cancel();
+                        tracing::warn!(disk = %r.name(), why, "snapshot given up");
+                    }
+                    let result = s.run(&r.data);
+                    match &result {
+                        Ok(()) => tracing::info!(disk = %r.name(), saved_by_writes = s.progress().saved_by_writes, "snapshot made"),
+                        Err(e) => {
+                            tracing::warn!(disk = %r.name(), error = %e, "snapshot failed");
+                            failed.get_or_insert_with(|| format!("disk {}: {e}", r.name()));
+                        }
+                    }
+                    let _gate = lock(&r.gate);
+                    *lock(&r.last_snapshot) = Some(s.progress());
+                    *lock(&r.snapshot) = None;
+                }
+            })
+            .map_err(|e| format!("starting the snapshot's copier: {e}"))?;
+        Ok(Response::ok())
+    }
+
     /// Carries out one control request.
     pub fn handle(&self, req: Request) -> Response {
         let result: Result<Response, String> = (|| match req {
@@ -585,6 +687,9 @@ impl Blockd {
                 let d = disks
                     .get(&name)
                     .ok_or_else(|| format!("no disk named {name:?}"))?;
+                if lock(&d.replica.snapshot).is_some() {
+                    return Err(format!("disk {name}: a snapshot of it is being made"));
+                }
                 let capacity = d.replica.meta().capacity;
                 if size == capacity {
                     return Ok(Response::ok());
@@ -606,11 +711,25 @@ impl Blockd {
                 grown.map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
+            Request::Snapshot { names, dir } => self.snapshot(&names, &dir),
+            Request::SnapshotCancel { names } => {
+                let disks = lock(&self.disks);
+                for n in &names {
+                    let d = disks.get(n).ok_or_else(|| format!("no disk named {n:?}"))?;
+                    if let Some(s) = lock(&d.replica.snapshot).as_ref() {
+                        s.cancel();
+                    }
+                }
+                Ok(Response::ok())
+            }
             Request::Delete { name } => {
                 let mut disks = lock(&self.disks);
                 let d = disks
                     .get(&name)
                     .ok_or_else(|| format!("no disk named {name:?}"))?;
+                if lock(&d.replica.snapshot).is_some() {
+                    return Err(format!("disk {name}: a snapshot of it is being made"));
+                }
                 if d.replica.status().link != LinkState::Down {
                     return Err(format!(
                         "disk {name} is linked to its peer: detach or demote it first"

@@ -8,6 +8,7 @@
 //! - [`proto`]: the mirror protocol's frames;
 //! - [`replica`]: one copy and its write path; [`link`] and [`resync`]: the
 //!   primary's side of the mirror; [`backup`]: the backup's side;
+//! - [`snapshot`]: point-in-time images of backup copies taken while they go on (live backup);
 //! - [`vhost_blk`]: the vhost-user-blk backend that serves a store to a VMM;
 //! - [`daemon`]: `enspeed blockd`, the server's disks and their control socket;
 //! - [`net`]: the mirror links' connections, mutual TLS between the cluster's servers.
@@ -23,5 +24,6 @@ pub mod net;
 pub mod proto;
 pub mod replica;
 pub mod resync;
+pub mod snapshot;
 pub mod store;
 pub mod vhost_blk;

@@ -182,6 +182,9 @@ pub struct Status {
     /// The vhost-user-blk socket a VMM reaches the disk on (blockd's report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_socket: Option<PathBuf>,
+    /// The snapshot being made of this backup copy, or the last one, as it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::snapshot::SnapshotProgress>,
 }
 
 /// A pending guest write or flush.
@@ -232,6 +235,13 @@ pub struct Replica {
     pub(crate) timing: Timing,
     pub(crate) net: Arc<MirrorNet>,
     pub(crate) stopping: AtomicBool,
+    /// Held while a mirrored write is applied to a backup copy (with the copy-before-write of
+    /// a snapshot): a snapshot starts between two writes, on several copies at once.
+    pub(crate) gate: Mutex<()>,
+    /// The point-in-time image being made of this backup copy, if one is.
+    pub(crate) snapshot: Mutex<Option<Arc<crate::snapshot::Snapshot>>>,
+    /// The last snapshot's progress (the current one's, while it runs).
+    pub(crate) last_snapshot: Mutex<Option<crate::snapshot::SnapshotProgress>>,
 }
 
 /// How a new disk starts.
@@ -481,6 +491,9 @@ impl Replica {
             timing,
             net,
             stopping: AtomicBool::new(false),
+            gate: Mutex::new(()),
+            snapshot: Mutex::new(None),
+            last_snapshot: Mutex::new(None),
         }))
     }
 
@@ -554,6 +567,10 @@ impl Replica {
             last_resync: core.last_resync.clone(),
             last_error: core.last_error.clone(),
             vhost_socket: None,
+            snapshot: match lock(&self.snapshot).as_ref() {
+                Some(s) => Some(s.progress()),
+                None => lock(&self.last_snapshot).clone(),
+            },
         }
     }
 

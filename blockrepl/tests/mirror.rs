@@ -1023,3 +1023,137 @@ fn a_removed_server_s_certificate_is_refused_until_the_roster_admits_it() {
         a.disk("d").status().link == LinkState::InSync
     });
 }
+
+/// A 4 KiB block stamped with write number `seq`.
+fn stamped(seq: u64) -> Vec<u8> {
+    let mut b = block(seq as u8, 4096);
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&(!seq).to_le_bytes());
+    b
+}
+
+/// The write number a block of an image holds: 0 for the blocks written before the stamps
+/// began, None for anything else (a torn or foreign block).
+fn stamp_of(b: &[u8]) -> Option<u64> {
+    let seq = u64::from_le_bytes(b[..8].try_into().unwrap());
+    let check = u64::from_le_bytes(b[8..16].try_into().unwrap());
+    if check == !seq && b == stamped(seq).as_slice() {
+        Some(seq)
+    } else if b.iter().all(|x| *x == 0xab) {
+        Some(0)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn a_live_snapshot_of_two_backup_copies_holds_exactly_the_writes_before_one_point() {
+    let size = 128 * MIB;
+    let (a, b, _p) = pair("snapshot", size);
+    for s in [&a, &b] {
+        s.req(Request::Create {
+            name: "e".into(),
+            size,
+            region_size: Some(MIB),
+            backup: std::ptr::eq(s, &b),
+            pool: None,
+            from: None,
+            image: None,
+            peer_server: None,
+            disk_id: None,
+        });
+    }
+    a.req(Request::Attach {
+        name: "e".into(),
+        peer: b.addr.clone(),
+        peer_server: None,
+    });
+    wait_for("e in sync", || {
+        a.disk("e").status().link == LinkState::InSync
+    });
+    // Both disks full of data, so that the copier has work while the stamps go on.
+    for name in ["d", "e"] {
+        for m in 0..size / MIB {
+            write(&a.disk(name), m * MIB, vec![0xab; MIB as usize]);
+        }
+    }
+    // Writes one after the other, each once the previous one completed, alternating disks,
+    // to blocks from the end of the disks (where the copier comes last).
+    let blocks = 512u64;
+    let place = move |seq: u64| {
+        let name = ["d", "e"][(seq % 2) as usize];
+        (name, (blocks - 1 - (seq / 2) % blocks) * 4096 * 61)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (disks, stop2, done2) = (
+        [a.disk("d"), a.disk("e")],
+        Arc::clone(&stop),
+        Arc::clone(&done),
+    );
+    let writer = std::thread::spawn(move || {
+        let mut seq = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            seq += 1;
+            let (name, at) = place(seq);
+            write(&disks[usize::from(name == "e")], at, stamped(seq));
+            done2.store(seq, Ordering::Relaxed);
+        }
+    });
+    wait_for("writes under way", || done.load(Ordering::Relaxed) > 200);
+    let before = done.load(Ordering::Relaxed);
+    let images = scratch("snapshot-images");
+    b.req(Request::Snapshot {
+        names: vec!["e".into(), "d".into()],
+        dir: images.clone(),
+    });
+    let refused = b.try_req(Request::Snapshot {
+        names: vec!["d".into()],
+        dir: scratch("snapshot-again"),
+    });
+    assert!(refused.unwrap_err().contains("being made"));
+    wait_for("both images made", || {
+        ["d", "e"]
+            .iter()
+            .all(|n| b.disk(n).status().snapshot.is_some_and(|s| s.finished))
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let after = done.load(Ordering::Relaxed);
+    // The point: the newest write found; every write up to it is there, none after it.
+    let image = |n: &str| std::fs::read(images.join(format!("{n}.raw"))).unwrap();
+    let (d, e) = (image("d"), image("e"));
+    let found = |seq: u64| {
+        let (name, at) = place(seq);
+        let img = if name == "d" { &d } else { &e };
+        stamp_of(&img[at as usize..at as usize + 4096])
+    };
+    let k = (1..=after)
+        .filter(|s| found(*s) == Some(*s))
+        .max()
+        .expect("stamps in the images");
+    assert!(
+        k >= before,
+        "the writes completed before the start are there: {k} < {before}"
+    );
+    assert!(k < after, "writes went on after the start: {k} of {after}");
+    // Each place is written by writes 2 * blocks apart: it holds the last of them at or
+    // before the point (the filler, 0, if none).
+    let period = 2 * blocks;
+    for first in 1..=period {
+        let want = (first..=k).step_by(period as usize).last().unwrap_or(0);
+        assert_eq!(
+            found(first),
+            Some(want),
+            "the place of write {first}, cut at {k}"
+        );
+    }
+    for n in ["d", "e"] {
+        assert_eq!(image(n).len() as u64, size);
+    }
+    let saved: u64 = ["d", "e"]
+        .iter()
+        .map(|n| b.disk(n).status().snapshot.unwrap().saved_by_writes)
+        .sum();
+    assert!(saved > 0, "writes met chunks not copied yet");
+}
