@@ -49,6 +49,154 @@ type LibraryList = (
     BTreeMap<String, crate::state_machine::ApplianceRecord>,
 );
 
+/// What a task does on this server.
+enum Job {
+    /// A copy back: each disk's data file and size.
+    CopyBack(Vec<(PathBuf, u64)>),
+    /// A live backup: the disks' names (their backup copies are here).
+    Backup(Vec<String>),
+}
+
+/// Runs task `id` here, reporting its progress, and ends it: its images are put in the
+/// library once the cluster knows of them.
+fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
+    let me = s.cfg.id;
+    let library = s.cfg.library_dir.clone();
+    let progress = |done_bytes| {
+        s.propose(StateCommand::TaskProgress {
+            id,
+            server: me,
+            done_bytes,
+        });
+    };
+    let work = library.join(format!(".work-task-{id}"));
+    let made = match job {
+        Job::CopyBack(files) => copyback::copy_disks(&files, &library, cancel, &progress),
+        Job::Backup(names) => backup_disks(s, &names, &work, &library, cancel, &progress),
+    };
+    let outcome = match &made {
+        Ok(sealed) => TaskOutcome::CopiedBack {
+            disks: sealed
+                .iter()
+                .map(|s| ApplianceDisk {
+                    size: s.size,
+                    sha256: s.sha256.clone(),
+                })
+                .collect(),
+        },
+        Err(reason) => TaskOutcome::Failed {
+            reason: reason.clone(),
+        },
+    };
+    let ended = StateCommand::TaskEnded {
+        id,
+        server: me,
+        at_ms: now_ms(),
+        outcome,
+    };
+    // Told until the cluster takes it (a task left running is no one's).
+    let told = (0..10)
+        .any(|_| s.propose(ended.clone()) || (std::thread::sleep(Duration::from_secs(1)), false).1);
+    match made {
+        // Listed now (or refused, and then deleted as unlisted files).
+        Ok(sealed) if told => {
+            for image in sealed {
+                if let Err(e) = image.place() {
+                    tracing::warn!(server = me, task = id, error = %e, "cannot put an image in place");
+                }
+            }
+            tracing::info!(server = me, task = id, "task done");
+        }
+        Ok(_) => tracing::warn!(
+            server = me,
+            task = id,
+            "task done, but the cluster was not told"
+        ),
+        Err(e) => tracing::warn!(server = me, task = id, error = %e, "task failed"),
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A live backup of backup copies `names` here: blockd snapshots them together into `work`
+/// (inside library directory `library`), then each image is hashed into the library's.
+fn backup_disks(
+    s: &Shared,
+    names: &[String],
+    work: &Path,
+    library: &Path,
+    cancel: &AtomicBool,
+    progress: &dyn Fn(u64),
+) -> Result<Vec<crate::library::Sealed>, String> {
+    let socket = s.blockd_socket();
+    let call = |req: &BlockdRequest| match daemon::call(&socket, req) {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => Err(r.error.unwrap_or_default()),
+        Err(e) => Err(format!("blockd: {e}")),
+    };
+    let snapshots = || -> Result<Vec<blockrepl::snapshot::SnapshotProgress>, String> {
+        let disks = call(&BlockdRequest::Status { name: None })?
+            .disks
+            .unwrap_or_default();
+        names
+            .iter()
+            .map(|n| {
+                disks
+                    .iter()
+                    .find(|d| &d.name == n)
+                    .ok_or_else(|| format!("no copy of disk {n} here"))
+                    .map(|d| d.snapshot.clone().unwrap_or_default())
+            })
+            .collect()
+    };
+    // One left by an earlier attempt (this agent restarted) goes first.
+    let _ = call(&BlockdRequest::SnapshotCancel {
+        names: names.to_vec(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while snapshots()?
+        .iter()
+        .any(|p| !p.image.as_os_str().is_empty() && !p.finished && p.error.is_none())
+    {
+        if Instant::now() > deadline {
+            return Err("an earlier snapshot of these disks does not stop".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(work);
+    call(&BlockdRequest::Snapshot {
+        names: names.to_vec(),
+        dir: work.to_path_buf(),
+    })?;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            let _ = call(&BlockdRequest::SnapshotCancel {
+                names: names.to_vec(),
+            });
+            return Err("cancelled".into());
+        }
+        let now = snapshots()?;
+        if let Some((n, e)) = names
+            .iter()
+            .zip(&now)
+            .find_map(|(n, p)| p.error.as_ref().map(|e| (n, e)))
+        {
+            return Err(format!("disk {n}: {e}"));
+        }
+        progress(now.iter().map(|p| p.done).sum());
+        if now.iter().all(|p| p.finished) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    names
+        .iter()
+        .map(|n| {
+            crate::library::Sealed::adopt(library, Shelf::Image, work.join(format!("{n}.raw")))
+                .map_err(|e| format!("disk {n}'s image: {e}"))
+        })
+        .collect()
+}
+
 /// Now, ms since the epoch.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -936,8 +1084,14 @@ impl Reconciler {
     fn run_tasks(&mut self, state: &StateMachine) {
         let me = self.s.cfg.id;
         let running = |t: &&TaskRecord| t.server == me && t.state == TaskState::Running;
-        self.tasks
-            .retain(|id, _| state.tasks.get(id).as_ref().is_some_and(running));
+        // A task no longer running (cancelled, failed by the cluster) stops here too.
+        self.tasks.retain(|id, cancel| {
+            let on = state.tasks.get(id).as_ref().is_some_and(running);
+            if !on {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            on
+        });
         for t in state.tasks.values().filter(running) {
             if let Some(cancel) = self.tasks.get(&t.id) {
                 if t.cancel {
@@ -945,76 +1099,36 @@ impl Reconciler {
                 }
                 continue;
             }
-            let TaskKind::CopyBack { vm, .. } = &t.kind;
-            let Some(v) = state.vm_by_id(*vm) else {
+            let Some(v) = t.kind.vm().and_then(|vm| state.vm_by_id(vm)) else {
                 continue;
             };
-            if self.vms.contains_key(&v.name) {
-                // Its VMM still runs (or is being stopped) here: the disks wait for it.
-                continue;
-            }
-            let disks: Vec<(PathBuf, u64)> = v
-                .disks
-                .iter()
-                .filter_map(|d| state.disks.get(d))
-                .map(|d| (copyback::data_file(&self.s.cfg.blockd_dir, &d.name), d.size))
-                .collect();
+            let disks: Vec<&DiskRecord> =
+                v.disks.iter().filter_map(|d| state.disks.get(d)).collect();
+            let job = match &t.kind {
+                TaskKind::CopyBack { .. } => {
+                    if self.vms.contains_key(&v.name) {
+                        // Its VMM still runs (or is being stopped) here: the disks wait for it.
+                        continue;
+                    }
+                    let files: Vec<(PathBuf, u64)> = disks
+                        .iter()
+                        .map(|d| (copyback::data_file(&self.s.cfg.blockd_dir, &d.name), d.size))
+                        .collect();
+                    Job::CopyBack(files)
+                }
+                TaskKind::Backup { .. } => {
+                    Job::Backup(disks.iter().map(|d| d.name.clone()).collect())
+                }
+            };
             let cancel = Arc::new(AtomicBool::new(t.cancel));
             self.tasks.insert(t.id, Arc::clone(&cancel));
-            let (s, id, library) = (Arc::clone(&self.s), t.id, self.s.cfg.library_dir.clone());
-            tracing::info!(server = me, task = id, vm, "copy back begins");
+            let (s, id) = (Arc::clone(&self.s), t.id);
+            tracing::info!(server = me, task = id, what = %crate::state_machine::describe_task(&t.kind), "task begins");
             let spawned = std::thread::Builder::new()
-                .name("copy-back".into())
-                .spawn(move || {
-                    let progress = |done_bytes| {
-                        s.propose(StateCommand::TaskProgress {
-                            id,
-                            server: me,
-                            done_bytes,
-                        });
-                    };
-                    let copied = copyback::copy_disks(&disks, &library, &cancel, &progress);
-                    let outcome = match &copied {
-                        Ok(sealed) => TaskOutcome::CopiedBack {
-                            disks: sealed
-                                .iter()
-                                .map(|s| ApplianceDisk {
-                                    size: s.size,
-                                    sha256: s.sha256.clone(),
-                                })
-                                .collect(),
-                        },
-                        Err(reason) => TaskOutcome::Failed {
-                            reason: reason.clone(),
-                        },
-                    };
-                    let ended = StateCommand::TaskEnded {
-                        id,
-                        server: me,
-                        at_ms: now_ms(),
-                        outcome,
-                    };
-                    // Told until the cluster takes it (a task left running is no one's).
-                    let told = (0..10).any(|_| {
-                        s.propose(ended.clone())
-                            || (std::thread::sleep(Duration::from_secs(1)), false).1
-                    });
-                    match copied {
-                        // Listed now (or refused, and then deleted as unlisted files).
-                        Ok(sealed) if told => {
-                            for image in sealed {
-                                if let Err(e) = image.place() {
-                                    tracing::warn!(server = me, task = id, error = %e, "cannot put a copied-back image in place");
-                                }
-                            }
-                            tracing::info!(server = me, task = id, "copy back done");
-                        }
-                        Ok(_) => tracing::warn!(server = me, task = id, "copy back done, but the cluster was not told"),
-                        Err(e) => tracing::warn!(server = me, task = id, error = %e, "copy back failed"),
-                    }
-                });
+                .name("task".into())
+                .spawn(move || run_task(&s, id, job, &cancel));
             if let Err(e) = spawned {
-                tracing::warn!(server = me, task = t.id, error = %e, "cannot start a copy back");
+                tracing::warn!(server = me, task = t.id, error = %e, "cannot start a task");
                 self.tasks.remove(&t.id);
             }
         }

@@ -111,6 +111,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Copy a powered-off VM back into a new appliance (who administers it): a task on its primary server, which keeps the VM off until it ends; the appliance is shared with the VM owner's company. 202 with the task",
     ),
     (
+        "post",
+        "/vms/{id}/backup",
+        "Back a VM up, running or not, into a new appliance (who operates it; default name: the VM's and the time): a crash-consistent image of all its disks at one point, read from its in-sync backup copies so the guest never waits on it; a task on its backup server; the appliance is shared with the VM owner's company. 202 with the task",
+    ),
+    (
         "get",
         "/tasks",
         "Long operations the caller may see (a Manager: all), newest first: what, progress in bytes and percent, running, done or failed and why",
@@ -225,6 +230,9 @@ fn schemas() -> Value {
             "nics": {"type": "array", "items": {"type": "object", "properties": {
                 "network": {"type": "string"}, "mac": {"type": "string"}}}},
             "error": {"type": "string", "description": "why it does not run though it should"}}},
+        "Backup": {"type": "object", "additionalProperties": false,
+            "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
+                "description": {"type": "string", "maxLength": 4096}}},
         "CopyBack": {"type": "object", "required": ["name"], "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "description": {"type": "string", "maxLength": 4096}}},
@@ -291,6 +299,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
         ("post", "/vms") => Some("NewVm"),
         ("patch", "/appliances/{name}") => Some("ApplianceChange"),
         ("post", "/vms/{id}/copy-back") => Some("CopyBack"),
+        ("post", "/vms/{id}/backup") => Some("Backup"),
         ("post", "/vms/{id}/power") => Some("Power"),
         ("post", "/vms/{id}/clone") => Some("Clone"),
         ("post", "/vms/{id}/migrate") => Some("Migrate"),

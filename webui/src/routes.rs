@@ -20,6 +20,7 @@
 //!   POST   /api/v1/vms/{id}/migrate/cancel   give up its live migration while it copies
 //!   POST   /api/v1/vms/{id}/clone      {name, owner?}: a copy of a powered-off VM
 //!   POST   /api/v1/vms/{id}/copy-back  {name, description?}: a powered-off VM into a new appliance
+//!   POST   /api/v1/vms/{id}/backup     {name?, description?}: a live backup into a new appliance
 //!   GET    /api/v1/tasks               long operations the caller may see, with progress
 //!   POST   /api/v1/tasks/{id}/cancel   stop one (a Manager, or who asked for it)
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
@@ -127,6 +128,39 @@ struct NewVm {
     /// Its network cards: each one's network, in order.
     #[serde(default)]
     networks: Vec<String>,
+}
+
+/// A live backup (`POST /api/v1/vms/{id}/backup`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Backup {
+    /// The new appliance's name (default: the VM's, then the time, UTC).
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// `ms` since the epoch as `YYYYMMDD-HHMMSS`, UTC (a backup's default name).
+fn utc_stamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 /// A copy back (`POST /api/v1/vms/{id}/copy-back`).
@@ -425,6 +459,33 @@ impl App {
                         Action::CopyBack {
                             vm,
                             name: body.name,
+                            description: body.description,
+                        },
+                    )
+                    .await?;
+                let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
+                let state = self.cluster.state().await?;
+                let view = views::tasks(&state, &c.user)
+                    .into_iter()
+                    .find(|t| t.id == task);
+                Ok(json_response(StatusCode::ACCEPTED, &view))
+            }
+            (Method::POST, ["vms", id, "backup"]) => {
+                let c = self.caller(&req, true).await?;
+                let v = self.visible_vm(&c, id)?;
+                let (vm, vm_name) = (v.id, v.name.clone());
+                let body: Backup = req.json()?;
+                let name = body
+                    .name
+                    .unwrap_or_else(|| format!("{vm_name}-{}", utc_stamp(now_ms())));
+                access::check_name("appliance", &name).map_err(ApiError::bad_request)?;
+                let r = self
+                    .cluster
+                    .act(
+                        c.user.id,
+                        Action::BackupVm {
+                            vm,
+                            name,
                             description: body.description,
                         },
                     )
@@ -1778,4 +1839,14 @@ fn number_param(req: &Request, name: &str) -> Result<Option<u64>, ApiError> {
                 .map_err(|_| ApiError::bad_request(format!("{name}={v:?}: a number")))
         })
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_backup_s_default_name_carries_the_utc_time() {
+        assert_eq!(super::utc_stamp(0), "19700101-000000");
+        assert_eq!(super::utc_stamp(1_709_210_096_000), "20240229-123456");
+        assert_eq!(super::utc_stamp(1_767_225_599_999), "20251231-235959");
+    }
 }

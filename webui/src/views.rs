@@ -545,7 +545,7 @@ pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceVie
 pub struct TaskView {
     /// Its id.
     pub id: u64,
-    /// What it does: `copy_back`.
+    /// What it does: `copy_back` or `backup`.
     pub kind: &'static str,
     /// In words.
     pub what: String,
@@ -599,6 +599,7 @@ pub fn tasks(state: &StateMachine, viewer: &UserRecord) -> Vec<TaskView> {
             };
             let kind = match &t.kind {
                 TaskKind::CopyBack { .. } => "copy_back",
+                TaskKind::Backup { .. } => "backup",
             };
             TaskView {
                 id: t.id,

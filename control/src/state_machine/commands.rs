@@ -189,7 +189,8 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum TaskOutcome {
-    /// A copy back's disks are in this server's library: the images, Disk0 first.
+    /// A copy back's or a backup's disks are in this server's library: the images, Disk0
+    /// first.
     CopiedBack {
         /// Their sizes and hashes.
         disks: Vec<ApplianceDisk>,
@@ -531,6 +532,18 @@ pub enum Action {
     /// disks copied into the library by its primary server's agent (`TaskKind::CopyBack`); the
     /// appliance is shared with the VM owner's company. Answers the task's id.
     CopyBack {
+        /// VMID.
+        vm: u64,
+        /// The new appliance's name.
+        name: String,
+        /// Its description.
+        #[serde(default)]
+        description: String,
+    },
+    /// "Live backup": VM `vm`, running or not, into a new appliance (who operates the VM),
+    /// from its disks' in-sync backup copies, by its backup server's agent
+    /// (`TaskKind::Backup`); shared with the VM owner's company. Answers the task's id.
+    BackupVm {
         /// VMID.
         vm: u64,
         /// The new appliance's name.

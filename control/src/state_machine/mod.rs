@@ -312,7 +312,7 @@ impl StateMachine {
             Action::AddAppliance { .. }
             | Action::EditAppliance { .. }
             | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
-            Action::CopyBack { .. } | Action::CancelTask { .. } => {
+            Action::CopyBack { .. } | Action::BackupVm { .. } | Action::CancelTask { .. } => {
                 self.act_on_task(&by, action, writes)?
             }
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {

@@ -462,21 +462,40 @@ pub enum TaskKind {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         description: String,
     },
+    /// "Live backup": a VM's disks, running or not, copied into a new appliance as they were
+    /// at one point (crash-consistent across them), from their backup copies on the backup
+    /// server (`blockd snapshot`), so that the guest never waits on the copying.
+    Backup {
+        /// The VM (VMID).
+        vm: u64,
+        /// The appliance it becomes.
+        appliance: String,
+        /// The appliance's description.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        description: String,
+    },
 }
 
 impl TaskKind {
     /// The VM it works on, if any.
     pub fn vm(&self) -> Option<u64> {
         match self {
-            TaskKind::CopyBack { vm, .. } => Some(*vm),
+            TaskKind::CopyBack { vm, .. } | TaskKind::Backup { vm, .. } => Some(*vm),
         }
     }
 
     /// The appliance it makes, if any.
     pub fn appliance(&self) -> Option<&str> {
         match self {
-            TaskKind::CopyBack { appliance, .. } => Some(appliance),
+            TaskKind::CopyBack { appliance, .. } | TaskKind::Backup { appliance, .. } => {
+                Some(appliance)
+            }
         }
+    }
+
+    /// Whether its VM must stay powered off while it runs.
+    pub fn holds_vm_off(&self) -> bool {
+        matches!(self, TaskKind::CopyBack { .. })
     }
 }
 

@@ -23,6 +23,14 @@ impl StateMachine {
             .find(|t| t.state == TaskState::Running && t.kind.vm() == Some(vm))
     }
 
+    /// Refuses powering VM `vm` on while a task keeps it off (a copy back).
+    pub(super) fn check_not_held_off(&self, vm: u64) -> Result<(), Refusal> {
+        match self.vm_task(vm).filter(|t| t.kind.holds_vm_off()) {
+            Some(_) => self.check_no_task(vm, "power it on"),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses a change to VM `vm` while a task works on it.
     pub(super) fn check_no_task(&self, vm: u64, what: &str) -> Result<(), Refusal> {
         match self.vm_task(vm) {
@@ -92,6 +100,11 @@ impl StateMachine {
                     vm,
                     appliance,
                     description,
+                }
+                | TaskKind::Backup {
+                    vm,
+                    appliance,
+                    description,
                 },
             ) => match self.copied_back(&t, *vm, appliance, description, disks) {
                 Ok(a) => {
@@ -149,7 +162,10 @@ impl StateMachine {
             disk_bus: v.disk_bus,
             nics: v.nics.len() as u32,
             disks: disks.to_vec(),
-            origin: format!("copy back of VM {vm} ({})", v.name),
+            origin: match t.kind {
+                TaskKind::Backup { .. } => format!("live backup of VM {vm} ({})", v.name),
+                TaskKind::CopyBack { .. } => format!("copy back of VM {vm} ({})", v.name),
+            },
             created_by: t.by,
             created_ms: t.started_ms,
             servers: [t.server].into(),
@@ -179,21 +195,95 @@ impl StateMachine {
     }
 
     /// Server `id` went down: its running tasks end, failed (their partial files are its own
-    /// to delete when it returns).
+    /// to delete when it returns), and so do the backups of the VMs it ran (their backup
+    /// copies become primaries: no longer a point in time to copy).
     pub(super) fn fail_tasks_of(&mut self, id: u64, writes: &mut Vec<RecordWrite>) {
-        let running: Vec<u64> = self
+        let running: Vec<(u64, String)> = self
             .tasks
             .values()
-            .filter(|t| t.server == id && t.state == TaskState::Running)
-            .map(|t| t.id)
+            .filter(|t| t.state == TaskState::Running)
+            .filter_map(|t| {
+                if t.server == id {
+                    return Some((t.id, format!("server {id}, which ran it, went down")));
+                }
+                let vm = self.vm_by_id(t.kind.vm()?)?;
+                (matches!(t.kind, TaskKind::Backup { .. }) && self.vm_primary(vm) == Some(id))
+                    .then(|| {
+                        (
+                            t.id,
+                            format!("server {id}, the VM's primary, went down: its backup copies took over"),
+                        )
+                    })
+            })
             .collect();
-        for t in running {
+        for (t, reason) in running {
             let state = TaskState::Failed {
-                reason: format!("server {id}, which ran it, went down"),
+                reason,
                 ended_ms: None,
             };
             self.end_task(t, state, writes);
         }
+    }
+
+    /// Whether a task may make appliance `name` with `description`: a valid name no
+    /// appliance has and no running task makes.
+    fn check_new_task_appliance(&self, name: &str, description: &str) -> Result<(), Refusal> {
+        access::check_name("appliance", name)?;
+        if description.len() > super::MAX_APPLIANCE_DESCRIPTION {
+            return Err(Refusal::conflict(format!(
+                "appliance {name}: a description of {} bytes, at most {}",
+                description.len(),
+                super::MAX_APPLIANCE_DESCRIPTION
+            )));
+        }
+        let taken = self.appliances.contains_key(name)
+            || self
+                .tasks
+                .values()
+                .any(|t| t.state == TaskState::Running && t.kind.appliance() == Some(name));
+        if taken {
+            return Err(Refusal::conflict(format!(
+                "appliance {name} exists (or is being made): choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The bytes of VM `v`'s disks.
+    fn vm_disk_bytes(&self, v: &super::VmRecord) -> u64 {
+        v.disks
+            .iter()
+            .filter_map(|d| self.disks.get(d))
+            .map(|d| d.size)
+            .sum()
+    }
+
+    /// Records a new running task of `kind` on `server`, asked for by `by`; answers its id.
+    fn start_task(
+        &mut self,
+        by: &Actor,
+        server: u64,
+        total_bytes: u64,
+        kind: TaskKind,
+        writes: &mut Vec<RecordWrite>,
+    ) -> u64 {
+        self.counters.task += 1;
+        writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
+        let t = TaskRecord {
+            id: self.counters.task,
+            kind,
+            server,
+            by: by.id,
+            started_ms: by.at_ms,
+            done_bytes: 0,
+            total_bytes,
+            state: TaskState::Running,
+            cancel: false,
+        };
+        writes.push((task_key(t.id), Some(json_bytes(&t))));
+        let id = t.id;
+        self.tasks.insert(id, t);
+        id
     }
 
     /// Applies an action on tasks for `by` (`act` routes them here).
@@ -210,24 +300,7 @@ impl StateMachine {
                 description,
             } => {
                 let v = self.powered_off_vm_administered_by(by.who.as_ref(), *vm, "first")?;
-                access::check_name("appliance", name)?;
-                if description.len() > super::MAX_APPLIANCE_DESCRIPTION {
-                    return Err(Refusal::conflict(format!(
-                        "appliance {name}: a description of {} bytes, at most {}",
-                        description.len(),
-                        super::MAX_APPLIANCE_DESCRIPTION
-                    )));
-                }
-                let taken = self.appliances.contains_key(name)
-                    || self
-                        .tasks
-                        .values()
-                        .any(|t| t.state == TaskState::Running && t.kind.appliance() == Some(name));
-                if taken {
-                    return Err(Refusal::conflict(format!(
-                        "appliance {name} exists (or is being made): choose another name"
-                    )));
-                }
+                self.check_new_task_appliance(name, description)?;
                 self.check_no_task(*vm, "copy it back")?;
                 if v.moving.is_some() {
                     return Err(Refusal::conflict(format!("VM {vm} is moving")));
@@ -240,34 +313,55 @@ impl StateMachine {
                         "VM {vm}: its server {server} is down"
                     )));
                 }
-                let total_bytes = v
-                    .disks
-                    .iter()
-                    .filter_map(|d| self.disks.get(d))
-                    .map(|d| d.size)
-                    .sum();
-                self.counters.task += 1;
-                writes.push((COUNTERS_KEY.to_vec(), Some(json_bytes(&self.counters))));
-                let t = TaskRecord {
-                    id: self.counters.task,
-                    kind: TaskKind::CopyBack {
+                let total_bytes = self.vm_disk_bytes(&v);
+                let id = self.start_task(
+                    by,
+                    server,
+                    total_bytes,
+                    TaskKind::CopyBack {
                         vm: *vm,
                         appliance: name.clone(),
                         description: description.clone(),
                     },
-                    server,
-                    by: by.id,
-                    started_ms: by.at_ms,
-                    done_bytes: 0,
-                    total_bytes,
-                    state: TaskState::Running,
-                    cancel: false,
-                };
-                writes.push((task_key(t.id), Some(json_bytes(&t))));
-                let id = t.id;
-                self.tasks.insert(id, t);
+                    writes,
+                );
                 Ok(Acted::Changed {
                     verb: "appliance.copy_back",
+                    target: format!("vm {vm} ({}) into appliance {name}", v.name),
+                    result: json!({ "task": id, "server": server }),
+                })
+            }
+            Action::BackupVm {
+                vm,
+                name,
+                description,
+            } => {
+                let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                self.check_new_task_appliance(name, description)?;
+                self.check_no_task(*vm, "back it up")?;
+                if v.moving.is_some() {
+                    return Err(Refusal::conflict(format!("VM {vm} is moving")));
+                }
+                let server = self.move_target(&v).map_err(|r| {
+                    Refusal::conflict(format!(
+                        "{}: a live backup is taken from in-sync backup copies",
+                        r.reason
+                    ))
+                })?;
+                let total_bytes = self.vm_disk_bytes(&v);
+                let id = self.start_task(
+                    by,
+                    server,
+                    total_bytes,
+                    TaskKind::Backup {
+                        vm: *vm,
+                        appliance: name.clone(),
+                        description: description.clone(),
+                    },
+                    writes,
+                );
+                Ok(Acted::Changed {
+                    verb: "appliance.backup",
                     target: format!("vm {vm} ({}) into appliance {name}", v.name),
                     result: json!({ "task": id, "server": server }),
                 })
@@ -310,6 +404,9 @@ pub fn describe(kind: &TaskKind) -> String {
     match kind {
         TaskKind::CopyBack { vm, appliance, .. } => {
             format!("copying VM {vm} back into appliance {appliance}")
+        }
+        TaskKind::Backup { vm, appliance, .. } => {
+            format!("backing VM {vm} up into appliance {appliance}")
         }
     }
 }
@@ -454,8 +551,60 @@ mod tests {
             "{:?}",
             sm.tasks[&third]
         );
+        // A live backup: from the backup copies, in sync only; the VM may run meanwhile; it
+        // fails when its VM's primary goes down (the backup copies take over).
+        sm.apply(
+            &Command::SetServerDown {
+                id: server,
+                down: false,
+            },
+            &mut w,
+        )
+        .unwrap();
+        let backup = |name: &str| Action::BackupVm {
+            vm,
+            name: name.into(),
+            description: String::new(),
+        };
+        let disk = sm.vms["v"].disks[0].clone();
+        assert!(refused(act(&mut sm, p, backup("b1")))
+            .reason
+            .contains("not in sync"));
+        let d = sm.disks.get_mut(&disk).unwrap();
+        d.backup_synced = true;
+        let (primary, backup_server) = (d.primary, d.backup.unwrap());
+        assert_eq!(
+            refused(act(&mut sm, q, backup("b1"))).kind,
+            RefusalKind::Forbidden,
+            "another company's VM"
+        );
+        let r = act(&mut sm, p, backup("b1")).unwrap();
+        assert_eq!(r["server"].as_u64(), Some(backup_server));
+        let b1 = r["task"].as_u64().unwrap();
+        let on = Action::PowerVm {
+            vm,
+            running: true,
+            force: false,
+        };
+        act(&mut sm, p, on).unwrap();
+        assert!(refused(act(&mut sm, p, backup("b2")))
+            .reason
+            .contains("task"));
+        sm.apply(
+            &Command::SetServerDown {
+                id: primary,
+                down: true,
+            },
+            &mut w,
+        )
+        .unwrap();
+        assert!(
+            matches!(&sm.tasks[&b1].state, TaskState::Failed { reason, .. } if reason.contains("primary")),
+            "{:?}",
+            sm.tasks[&b1]
+        );
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
-        for want in ["appliance.copy_back", "task.cancel"] {
+        for want in ["appliance.copy_back", "task.cancel", "appliance.backup"] {
             assert!(audit.contains(&want), "{want} in {audit:?}");
         }
     }

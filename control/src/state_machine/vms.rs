@@ -511,7 +511,7 @@ impl StateMachine {
             Action::PowerVm { vm, running, force } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
                 if *running {
-                    self.check_no_task(*vm, "power it on")?;
+                    self.check_not_held_off(*vm)?;
                 }
                 if let Some(m) = v.moving.as_ref().filter(|_| !*running) {
                     return Err(Refusal::conflict(format!(
