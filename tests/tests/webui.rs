@@ -3387,3 +3387,154 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
     // The VM made from it runs on: its disk is its own.
     assert_eq!(m.get(&format!("/api/v1/vms/{vm}")).0, 200);
 }
+
+/// The write number in test guest block `index` of `image` (its `stamp` layout: magic, index,
+/// seq, a CRC-32 of the rest), `Some(0)` if the block is empty, None if torn.
+fn guest_stamp(image: &[u8], index: usize) -> Option<u64> {
+    let b = &image[index * 4096..(index + 1) * 4096];
+    if b.iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    let seq = u64::from_le_bytes(b[16..24].try_into().unwrap());
+    let crc = u32::from_le_bytes(b[24..28].try_into().unwrap());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..24]);
+    h.update(&b[28..]);
+    let ok = &b[..8] == b"ENSPSTMP"
+        && u64::from_le_bytes(b[8..16].try_into().unwrap()) == index as u64
+        && h.finalize() == crc;
+    ok.then_some(seq)
+}
+
+/// The last write the test guest acknowledged in serial log `log` (`tg: ack blk=B seq=S`).
+fn last_ack(log: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find_map(|l| l.split("seq=").nth(1).filter(|_| l.contains("tg: ack")))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_running_vm_is_backed_up_live_with_every_acknowledged_write_and_restored() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    // Its guest writes block seq % 64 for seq = 1, 2, ..., one at a time, and says each
+    // acknowledged write on its serial console.
+    let c = Cluster::start(
+        "backup",
+        &[
+            "--guest-cmdline",
+            "console=ttyS0 tg.run=stamp tg.blocks=64 tg.ops=0 tg.ackevery=1 tg.flushevery=0",
+        ],
+    );
+    let m = c.manager(0);
+    let r = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "busy", "memory_mib": 64, "disk_gib": 1, "start": true})),
+    );
+    let vm = id(&r);
+    let path = format!("/api/v1/vms/{vm}");
+    let refused = m.send(
+        "POST",
+        &format!("{path}/backup"),
+        Some(json!({"name": "early"})),
+    );
+    assert!(
+        refused.0 == 409 || refused.0 == 202,
+        "before its backup is in sync, refused (or taken once it is): {refused:?}"
+    );
+    let v = cluster::wait_for(
+        "the VM running, its disk in sync",
+        Duration::from_secs(120),
+        || {
+            let v = m.get(&path).1;
+            (v["status"] == "running" && v["replication"]["state"] == "in-sync").then_some(v)
+        },
+    );
+    if refused.0 == 202 {
+        cluster::wait_for("the early backup ends", WAIT, || {
+            (m.get("/api/v1/tasks").1[0]["state"] != "running").then_some(())
+        });
+        m.send("DELETE", "/api/v1/appliances/early", None);
+    }
+    let primary = v["primary"]["server"].as_u64().unwrap() as usize - 1;
+    let backup = v["backup"]["server"].as_u64().unwrap() as usize - 1;
+    let serial = c.servers[primary].data.join("agent/vms/busy/serial.log");
+    let log = || std::fs::read_to_string(&serial).unwrap_or_default();
+    cluster::wait_for("the guest writing", WAIT, || {
+        (last_ack(&log()) > 300).then_some(())
+    });
+    let before = last_ack(&log());
+    let r = m.send(
+        "POST",
+        &format!("{path}/backup"),
+        Some(json!({"name": "busy-bk", "description": "while it wrote"})),
+    );
+    assert_eq!(r.0, 202, "{r:?}");
+    assert_eq!(
+        (&r.1["kind"], &r.1["state"]),
+        (&json!("backup"), &json!("running"))
+    );
+    let task = r.1["id"].clone();
+    let done = cluster::wait_for("the backup ends", WAIT, || {
+        let t = m.get("/api/v1/tasks").1;
+        let t = t.as_array()?.iter().find(|t| t["id"] == task)?.clone();
+        (t["state"] != "running").then_some(t)
+    });
+    assert_eq!(done["state"], "done", "{done}");
+    let after = last_ack(&log());
+    let a = m.get("/api/v1/appliances").1[0].clone();
+    assert_eq!(
+        (&a["name"], &a["description"]),
+        (&json!("busy-bk"), &json!("while it wrote"))
+    );
+    assert!(a["origin"]
+        .as_str()
+        .unwrap()
+        .starts_with("live backup of VM"));
+    let sha = a["disks"][0]["sha256"].as_str().unwrap().to_string();
+    assert_eq!(a["disks"][0]["size"], json!(1u64 << 30));
+    // Made on the backup server, from its copy: every write acknowledged before the backup
+    // began is in it, and it is the disk as it was at one point: the newest write found, k,
+    // and before it, for every block, the newest write to that block.
+    let image = std::fs::read(
+        c.servers[backup]
+            .data
+            .join("isos")
+            .join(format!("{sha}.raw")),
+    )
+    .unwrap();
+    let stamps: Vec<u64> = (0..64)
+        .map(|b| guest_stamp(&image, b).unwrap_or_else(|| panic!("block {b} torn")))
+        .collect();
+    let k = *stamps.iter().max().unwrap();
+    assert!(
+        k >= before,
+        "acknowledged before the backup: {before}, found up to {k}"
+    );
+    assert!(after > k, "the guest wrote on meanwhile: {after} after {k}");
+    for (b, s) in stamps.iter().enumerate() {
+        let want = k - (k - b as u64) % 64;
+        assert_eq!(*s, want, "block {b}, the backup cut at {k}");
+    }
+    assert!(m.get(&path).1["status"] == "running", "the VM ran on");
+
+    // Restored: a new VM made from the backup starts with the image's data.
+    let r = m.send(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "restored", "appliance": "busy-bk"})),
+    );
+    assert_eq!(r.0, 201, "{r:?}");
+    let rp = r.1["primary"]["server"].as_u64().unwrap() as usize - 1;
+    let data = c.servers[rp].data.join("disks/restored-0/data");
+    cluster::wait_for("the restored disk made", WAIT, || {
+        let d = std::fs::File::open(&data).ok()?;
+        let mut head = vec![0u8; 64 * 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&d, &mut head, 0).ok()?;
+        (head == image[..64 * 4096]).then_some(())
+    });
+    let audit = m.get("/api/v1/audit").1.to_string();
+    assert!(audit.contains("appliance.backup"), "{audit}");
+}
