@@ -408,6 +408,21 @@ try {
   await r.click("[data-test=vm-detail] [data-test=cdrom-eject]");
   await until("the CD-ROM empty", async () => (await cdrom.inputValue()) === "" && (await r.locator("[data-test=vm-detail] [data-test=cdrom-eject]").count()) === 0);
 
+  step("the Regular User backs its running VM up from its detail row: a task whose end it sees there; the Manager finds the backup in the library");
+  const backupNow = r.locator("[data-test=vm-detail] [data-test=backup]");
+  await until("Back up now enabled (the disks in sync)", async () => !(await backupNow.isDisabled()), 60000);
+  await backupNow.click();
+  await until("the backup done", async () => (await r.locator("[data-test=vm-detail] [data-test=vm-backup-state]").getAttribute("data-state")) === "done", 60000);
+  assert.match(await text(r.locator("[data-test=vm-detail] [data-test=vm-backup-state]")), new RegExp(`^${VM}-\\d{8}-\\d{6}: done`));
+  assert.equal(await text(r.locator("[data-test=vm-row] [data-test=vm-status]")), "running", "it ran on");
+  await shot(r, "regular-backup");
+  await openTab(m, "library");
+  const backupRow = m.locator("[data-test=appliance-row]", { hasText: "live backup of VM" });
+  await until("the backup in the library", async () => (await backupRow.count()) === 1);
+  await backupRow.locator("[data-test=appliance-select]").check();
+  await m.click("[data-test=appliances-delete]");
+  await m.waitForSelector("[data-test=appliances-empty]");
+
   step("the Power User cannot delete a running VM: its Delete waits for power off");
   assert.equal(await vmRow(p, VM).locator("[data-test=delete]").isDisabled(), true);
 

@@ -716,6 +716,33 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             .all(|v| v["replication"]["state"] == "in-sync")
             .then_some(())
     });
+    // A live backup: whoever operates the VM, its Regular User too.
+    for (who, vm, want) in [
+        (pw, vm_r2, Hidden),
+        (rw, vm_p1, Hidden),
+        (rw, vm_r1a, Allowed),
+    ] {
+        let before = fingerprint(&m);
+        x.case(
+            who,
+            "POST",
+            "/vms/{id}/backup",
+            &format!("/api/v1/vms/{vm}/backup"),
+            Some(json!({"name": "matrix-bk"})),
+            want,
+        );
+        if want != Allowed {
+            assert_eq!(fingerprint(&m), before, "a refused backup changed nothing");
+        }
+    }
+    cluster::wait_for("the backup ends", WAIT, || {
+        let t = m.get("/api/v1/tasks").1;
+        (t[0]["kind"] == "backup" && t[0]["state"] != "running").then_some(())
+    });
+    assert_eq!(
+        m.send("DELETE", "/api/v1/appliances/matrix-bk", None).0,
+        200
+    );
     x.case(
         mw,
         "POST",

@@ -4,9 +4,9 @@
 
 import { api, message } from "../api";
 import { field, fill, h, onSubmit, value } from "../dom";
-import { bytes, copyPlace, GIB, migrationLine, mib, replication, ROLE_NAMES, status } from "../format";
+import { bytes, copyPlace, GIB, migrationLine, mib, replication, ROLE_NAMES, status, time } from "../format";
 import type { PageContext } from "../page";
-import type { Appliance, Iso, Network, User, Vm } from "../types";
+import type { Appliance, Iso, Network, Task, User, Vm } from "../types";
 
 /** The white paper's detail row shows four disks. */
 const DISK_SLOTS = 4;
@@ -72,6 +72,7 @@ export function vmsPage(ctx: PageContext): void {
   let users: User[] = [];
   let isos: Iso[] = [];
   let appliances: Appliance[] = [];
+  let tasks: Task[] = [];
   let networks: Network[] = [];
   /** VMs whose detail row is open. */
   const expanded = new Set<number>();
@@ -96,19 +97,21 @@ export function vmsPage(ctx: PageContext): void {
   );
 
   const refresh = ctx.poll(async () => {
-    const [v, u, i, n, a] = await Promise.all([
+    const [v, u, i, n, a, t] = await Promise.all([
       api<Vm[]>("GET", "/vms"),
       creates ? api<User[]>("GET", "/users") : Promise.resolve([] as User[]),
       api<Iso[]>("GET", "/isos"),
       creates ? api<Network[]>("GET", "/networks") : Promise.resolve([] as Network[]),
       creates ? api<Appliance[]>("GET", "/appliances") : Promise.resolve([] as Appliance[]),
+      api<Task[]>("GET", "/tasks"),
     ]);
-    const key = JSON.stringify([v, u, i, n, a]);
+    const key = JSON.stringify([v, u, i, n, a, t]);
     if (key === lastData) return;
     lastData = key;
     isos = i;
     networks = n;
     appliances = a;
+    tasks = t;
     if (vms.length === 0 && me.role === "regular") for (const x of v) expanded.add(x.id);
     vms = v;
     users = u;
@@ -425,6 +428,7 @@ export function vmsPage(ctx: PageContext): void {
           vm.error ? item("Not running", vm.error, "vm-error") : null,
           item("IP", ipText(vm), "vm-ip"),
           item("Disk generation", String(vm.replication.generation), "vm-generation"),
+          backupItem(vm),
         ),
         me.role === "regular" ? null : cloneButton(vm),
         me.role === "regular" ? null : copyBackButton(vm),
@@ -539,6 +543,51 @@ export function vmsPage(ctx: PageContext): void {
         },
         busy.has(vm.id) || !stopped,
         stopped ? "a new VM with a copy of this one's disk" : "power it off first: only a stopped VM is cloned",
+      ),
+    );
+  }
+
+  // Live backup, as the 2008 product had it: the VM, running or not, into a new appliance
+  // (its company's), taken from its backup copies; its latest task's progress beside it.
+  function backupItem(vm: Vm): HTMLElement {
+    const t = tasks.find((x) => x.vm === vm.id);
+    const inSync = vm.replication.state === "in-sync";
+    const running = t?.state === "running";
+    const shown = t
+      ? t.state === "running"
+        ? `${t.what}: ${t.percent}%`
+        : t.state === "done"
+          ? `${t.appliance}: done ${t.ended_ms ? time(t.ended_ms) : ""}`
+          : `${t.appliance}: failed: ${t.reason ?? ""}`
+      : "none yet";
+    return h(
+      "div",
+      { class: "kv", "data-test": "vm-live-backup" },
+      h("span", { class: "k" }, "Backup"),
+      h(
+        "span",
+        { class: "v" },
+        h("span", { "data-test": "vm-backup-state", "data-state": t?.state ?? "none" }, shown),
+        " ",
+        button(
+          "Back up now",
+          "backup",
+          "",
+          () => {
+            busy.add(vm.id);
+            drawTable();
+            api<Task>("POST", `/vms/${vm.id}/backup`, {})
+              .then((x) => ctx.notify("info", `Backing VM ${vm.id} (${vm.name}) up into appliance ${x.appliance}: task ${x.id}`))
+              .catch((e) => ctx.notify("error", `Could not back VM ${vm.id} (${vm.name}) up: ${message(e)}`))
+              .finally(() => {
+                busy.delete(vm.id);
+                drawTable();
+                refresh();
+              });
+          },
+          busy.has(vm.id) || running || !inSync,
+          inSync ? "a crash-consistent copy of its disks now, into a new appliance, while it runs" : "its backup copies are not in sync yet",
+        ),
       ),
     );
   }
