@@ -18,38 +18,60 @@ pub fn tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
     )
 }
 
+/// A ustar header for an entry `name` of `len` bytes and type `kind` (`b'0'` a file, `b'2'`
+/// a symbolic link to /etc/passwd), the name written as given.
+fn tar_header(name: &str, len: u64, kind: u8) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    assert!(name.len() < 100, "a short name: {name}");
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
+        let s = format!("{v:0w$o}\0", w = width - 1);
+        h[at..at + width].copy_from_slice(s.as_bytes());
+    };
+    octal(&mut h, 100, 8, 0o644);
+    octal(&mut h, 108, 8, 0);
+    octal(&mut h, 116, 8, 0);
+    octal(&mut h, 124, 12, len);
+    octal(&mut h, 136, 12, 1_700_000_000);
+    h[156] = kind;
+    if kind == b'2' {
+        h[157..157 + 11].copy_from_slice(b"/etc/passwd");
+    }
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    let s = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(s.as_bytes());
+    h
+}
+
 /// As `tar`, with each entry's type flag (`b'0'` a file, `b'2'` a symbolic link, ...).
 pub fn tar_typed(entries: &[(&str, &[u8], u8)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, bytes, kind) in entries {
-        let mut h = [0u8; 512];
-        assert!(name.len() < 100, "a short name: {name}");
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        let octal = |h: &mut [u8; 512], at: usize, len: usize, v: u64| {
-            let s = format!("{v:0width$o}\0", width = len - 1);
-            h[at..at + len].copy_from_slice(s.as_bytes());
-        };
-        octal(&mut h, 100, 8, 0o644);
-        octal(&mut h, 108, 8, 0);
-        octal(&mut h, 116, 8, 0);
-        octal(&mut h, 124, 12, bytes.len() as u64);
-        octal(&mut h, 136, 12, 1_700_000_000);
-        h[156] = *kind;
-        if *kind == b'2' {
-            h[157..157 + 11].copy_from_slice(b"/etc/passwd");
-        }
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-        let s = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(s.as_bytes());
-        out.extend_from_slice(&h);
+        out.extend_from_slice(&tar_header(name, bytes.len() as u64, *kind));
         out.extend_from_slice(bytes);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
     out.resize(out.len() + 1024, 0);
     out
+}
+
+/// Writes a tar archive of files `entries` (name, path) to `out`, streamed (for archives too
+/// large to hold in memory).
+pub fn tar_files(out: &Path, entries: &[(&str, &Path)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
+    for (name, path) in entries {
+        let len = std::fs::metadata(path)?.len();
+        w.write_all(&tar_header(name, len, b'0'))?;
+        std::io::copy(&mut std::fs::File::open(path)?, &mut w)?;
+        let pad = (512 - len % 512) % 512;
+        w.write_all(&vec![0u8; pad as usize])?;
+    }
+    w.write_all(&[0u8; 1024])?;
+    w.flush()
 }
 
 /// Raw image `raw` converted by qemu-img into `format` (`qcow2`, `vmdk` stream-optimized as
