@@ -160,6 +160,11 @@ pub enum Request {
         /// A directory for the images (created).
         #[arg(long)]
         dir: PathBuf,
+        /// Copy at most this many bytes a second (K, M, G suffixes; default 64M), so that
+        /// the guest's writes keep the disk.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
     },
     /// Stop the snapshots of copies NAMES being made (their images are left to the caller).
     SnapshotCancel {
@@ -434,7 +439,7 @@ impl Blockd {
     /// Starts snapshots of backup copies `names` together into `dir` (`Request::Snapshot`):
     /// each copy's write gate held at once while they are installed, then one thread copies
     /// them, one after the other.
-    fn snapshot(&self, names: &[String], dir: &Path) -> Result<Response, String> {
+    fn snapshot(&self, names: &[String], dir: &Path, rate: u64) -> Result<Response, String> {
         use crate::meta::DataState;
         use crate::snapshot::Snapshot;
         let mut sorted = names.to_vec();
@@ -499,7 +504,7 @@ impl Blockd {
                         s.cancel();
                         tracing::warn!(disk = %r.name(), why, "snapshot given up");
                     }
-                    let result = s.run(&r.data);
+                    let result = s.run(&r.data, rate);
                     match &result {
                         Ok(()) => tracing::info!(disk = %r.name(), saved_by_writes = s.progress().saved_by_writes, "snapshot made"),
                         Err(e) => {
@@ -711,7 +716,9 @@ impl Blockd {
                 grown.map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }
-            Request::Snapshot { names, dir } => self.snapshot(&names, &dir),
+            Request::Snapshot { names, dir, rate } => {
+                self.snapshot(&names, &dir, rate.unwrap_or(crate::snapshot::DEFAULT_RATE))
+            }
             Request::SnapshotCancel { names } => {
                 let disks = lock(&self.disks);
                 for n in &names {

@@ -1,9 +1,9 @@
 //! Point-in-time images of backup copies, made while the copies go on taking their primary's
-//! writes (a live backup): copy before write. From the moment a snapshot starts, each 64 KiB
-//! chunk of the copy goes into the image once, as it was then: by the copier, which walks the
-//! copy's data, or by a mirrored write about to change a chunk not copied yet, which copies it
-//! first. The guest's writes are never held for the copier; the first write to a chunk pays
-//! one read and one write of that chunk.
+//! writes (a live backup): copy before write. From the moment a snapshot starts, each 4 KiB
+//! chunk of the copy (larger past 1 TiB) goes into the image once, as it was then: by the
+//! copier, which walks the copy's data at a bounded rate, or by a mirrored write about to
+//! change a chunk not copied yet, which copies it first. The guest's writes never wait for the
+//! copier's I/O; the first write to a chunk pays one read and one write of that chunk.
 //!
 //! Several copies (a VM's disks) start together, under each copy's write gate at once
 //! (`Replica::gate`): since a backup applies a write before it is acknowledged, and a guest
@@ -22,8 +22,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::replica::lock;
 
-/// The unit copied into an image.
-pub const CHUNK: u64 = 64 << 10;
+/// The smallest unit copied into an image (a disk past 1 TiB uses larger ones, so that the
+/// map of what is copied stays within 32 MiB).
+pub const MIN_CHUNK: u64 = 4 << 10;
+
+/// The copier's reads.
+const BATCH: u64 = 1 << 20;
 
 /// Where a snapshot stands (in a disk's status).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +47,7 @@ pub struct SnapshotProgress {
     pub error: Option<String>,
 }
 
-/// Which chunks are in the image, and how far the copier got.
+/// Which chunks are in the image (or on their way there), and how far the copier got.
 struct Chunks {
     copied: Vec<u64>,
     progress: SnapshotProgress,
@@ -59,10 +63,30 @@ impl Chunks {
     }
 }
 
+/// How fast a copier goes unless told: most of a disk's bandwidth stays the guest's.
+pub const DEFAULT_RATE: u64 = 64 << 20;
+
+/// Has the kernel start writing `f`'s dirty pages out, without waiting for them: the image's
+/// pages never pile up into one long write-out that a sync of the copy would queue behind.
+fn start_writeback(f: &File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: sync_file_range on a descriptor we own, whole file, no memory passed.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// A point-in-time image of one copy, being made.
+///
+/// A chunk is marked (under the lock, nothing else) by whichever comes first: a write about
+/// to change it, which then copies it itself before changing it, or the copier, which read it
+/// before taking the lock: since a write marks a chunk before it changes it, a chunk the
+/// copier finds unmarked was not changed while it read it. Neither holds the lock over I/O.
+/// Both may write the same old bytes to the image; never other bytes.
 pub struct Snapshot {
     image: File,
     capacity: u64,
+    chunk: u64,
     chunks: Mutex<Chunks>,
     cancel: AtomicBool,
 }
@@ -77,10 +101,12 @@ impl Snapshot {
             .create_new(true)
             .open(path)?;
         image.set_len(capacity)?;
-        let chunks = capacity.div_ceil(CHUNK);
+        let chunk = (capacity >> 28).next_power_of_two().max(MIN_CHUNK);
+        let chunks = capacity.div_ceil(chunk);
         Ok(Snapshot {
             image,
             capacity,
+            chunk,
             chunks: Mutex::new(Chunks {
                 copied: vec![0; chunks.div_ceil(64) as usize],
                 progress: SnapshotProgress {
@@ -93,60 +119,98 @@ impl Snapshot {
         })
     }
 
-    /// Copies chunk `c` of `data` into the image unless it is there; whether it copied it.
-    fn copy_chunk(&self, st: &mut Chunks, data: &File, c: u64, buf: &mut [u8]) -> io::Result<bool> {
-        if st.has(c) {
-            return Ok(false);
+    /// Writes `bytes` (what the copy held at `at`) into the image; zeros stay a hole.
+    fn put(&self, bytes: &[u8], at: u64) -> io::Result<()> {
+        if bytes.iter().any(|b| *b != 0) {
+            self.image.write_all_at(bytes, at)?;
         }
-        let at = c * CHUNK;
-        let n = (self.capacity - at).min(CHUNK) as usize;
-        data.read_exact_at(&mut buf[..n], at)?;
-        // Zeros stay a hole: the image reads zeros there already.
-        if buf[..n].iter().any(|b| *b != 0) {
-            self.image.write_all_at(&buf[..n], at)?;
-        }
-        st.mark(c);
-        Ok(true)
+        Ok(())
     }
 
     /// Before `len` bytes of `data` at `offset` change: their chunks not in the image yet are
-    /// copied as they are now.
+    /// copied as they are now. Called by the one thread that changes the copy.
     pub fn preserve(&self, data: &File, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 || offset >= self.capacity {
             return Ok(());
         }
         let end = (offset + len).min(self.capacity);
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut st = lock(&self.chunks);
-        if st.progress.finished || st.progress.error.is_some() {
-            return Ok(());
-        }
-        for c in offset / CHUNK..end.div_ceil(CHUNK) {
-            if self.copy_chunk(&mut st, data, c, &mut buf)? {
-                st.progress.saved_by_writes += 1;
+        let mine: Vec<u64> = {
+            let mut st = lock(&self.chunks);
+            if st.progress.finished || st.progress.error.is_some() {
+                return Ok(());
             }
+            let mine: Vec<u64> = (offset / self.chunk..end.div_ceil(self.chunk))
+                .filter(|c| !st.has(*c))
+                .collect();
+            for c in &mine {
+                st.mark(*c);
+            }
+            st.progress.saved_by_writes += mine.len() as u64;
+            mine
+        };
+        let mut buf = vec![0u8; self.chunk as usize];
+        for c in mine {
+            let at = c * self.chunk;
+            let n = (self.capacity - at).min(self.chunk) as usize;
+            data.read_exact_at(&mut buf[..n], at)?;
+            self.put(&buf[..n], at)?;
         }
         Ok(())
     }
 
     /// The copier: every chunk of `data` that holds data and is not in the image yet, in
-    /// order; then the image is made durable. Stops when cancelled.
-    pub fn run(&self, data: &File) -> Result<(), String> {
-        let mut buf = vec![0u8; CHUNK as usize];
+    /// order, at most `rate` bytes a second, the image's pages written out as it goes (so
+    /// that the disk keeps room for the copy's own syncs); then the image is made durable.
+    /// Stops when cancelled.
+    pub fn run(&self, data: &File, rate: u64) -> Result<(), String> {
+        let mut buf = vec![0u8; BATCH as usize];
         let mut at = 0u64;
+        let started = std::time::Instant::now();
+        let (mut copied, mut unflushed) = (0u64, 0u64);
         let r = (|| {
             while let Some((start, end)) =
                 crate::clone::next_data(data, at, self.capacity).map_err(|e| e.to_string())?
             {
-                for c in start / CHUNK..end.div_ceil(CHUNK) {
+                let mut pos = start / self.chunk * self.chunk;
+                let end = (end.div_ceil(self.chunk) * self.chunk).min(self.capacity);
+                while pos < end {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err("cancelled".to_string());
                     }
-                    // A chunk at a time under the lock: a write waits for one chunk at most.
-                    let mut st = lock(&self.chunks);
-                    self.copy_chunk(&mut st, data, c, &mut buf)
-                        .map_err(|e| format!("copying at {}: {e}", c * CHUNK))?;
-                    st.progress.done = ((c + 1) * CHUNK).min(self.capacity);
+                    let n = (end - pos).min(BATCH);
+                    data.read_exact_at(&mut buf[..n as usize], pos)
+                        .map_err(|e| format!("reading at {pos}: {e}"))?;
+                    let mine: Vec<u64> = {
+                        let mut st = lock(&self.chunks);
+                        let first = pos / self.chunk;
+                        let mine: Vec<u64> = (first..(pos + n).div_ceil(self.chunk))
+                            .filter(|c| !st.has(*c))
+                            .collect();
+                        for c in &mine {
+                            st.mark(*c);
+                        }
+                        st.progress.done = pos + n;
+                        mine
+                    };
+                    for c in mine {
+                        let from = (c * self.chunk - pos) as usize;
+                        let to = (from + self.chunk as usize).min(n as usize);
+                        self.put(&buf[from..to], c * self.chunk)
+                            .map_err(|e| format!("writing the image at {}: {e}", c * self.chunk))?;
+                    }
+                    pos += n;
+                    copied += n;
+                    unflushed += n;
+                    if unflushed >= 8 << 20 {
+                        start_writeback(&self.image);
+                        unflushed = 0;
+                    }
+                    // At most `rate` bytes a second, on average since the start.
+                    let due =
+                        std::time::Duration::from_secs_f64(copied as f64 / rate.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
                 }
                 at = end;
             }
@@ -211,7 +275,7 @@ mod tests {
             s.preserve(&data, off, len).unwrap();
             data.write_all_at(&vec![0xee; len as usize], off).unwrap();
         }
-        s.run(&data).unwrap();
+        s.run(&data, u64::MAX).unwrap();
         let p = s.progress();
         assert!(p.finished && p.error.is_none() && p.done == size, "{p:?}");
         assert!(p.saved_by_writes >= 4, "{p:?}");
@@ -219,7 +283,7 @@ mod tests {
         // Another, cancelled before it runs: it says so.
         let t = Snapshot::new(&dir.join("image2"), size).unwrap();
         t.cancel();
-        assert_eq!(t.run(&data).err().as_deref(), Some("cancelled"));
+        assert_eq!(t.run(&data, u64::MAX).err().as_deref(), Some("cancelled"));
         assert_eq!(t.progress().error.as_deref(), Some("cancelled"));
         assert!(
             Snapshot::new(&dir.join("image"), size).is_err(),

@@ -1106,10 +1106,12 @@ fn a_live_snapshot_of_two_backup_copies_holds_exactly_the_writes_before_one_poin
     b.req(Request::Snapshot {
         names: vec!["e".into(), "d".into()],
         dir: images.clone(),
+        rate: None,
     });
     let refused = b.try_req(Request::Snapshot {
         names: vec!["d".into()],
         dir: scratch("snapshot-again"),
+        rate: None,
     });
     assert!(refused.unwrap_err().contains("being made"));
     wait_for("both images made", || {

@@ -166,6 +166,7 @@ fn backup_disks(
     call(&BlockdRequest::Snapshot {
         names: names.to_vec(),
         dir: work.to_path_buf(),
+        rate: None,
     })?;
     loop {
         if cancel.load(Ordering::Relaxed) {

@@ -60,8 +60,14 @@ pub fn start(timing: FailoverTiming, node: NodeHandle, book: AddressBook) -> std
     Ok(())
 }
 
-/// What the leader decides from one view: the commands to propose, in order.
-pub fn decide(timing: &FailoverTiming, view: &LeaderView, now: Instant) -> Vec<Command> {
+/// What the leader decides from one view at `now` (`now_ms` on the wall clock, for backup
+/// schedules): the commands to propose, in order.
+pub fn decide(
+    timing: &FailoverTiming,
+    view: &LeaderView,
+    now: Instant,
+    now_ms: u64,
+) -> Vec<Command> {
     let state = &view.state;
     let mut out = Vec::new();
     for s in state.servers.values().filter(|s| !s.witness) {
@@ -101,11 +107,22 @@ pub fn decide(timing: &FailoverTiming, view: &LeaderView, now: Instant) -> Vec<C
             });
         }
     }
+    // Scheduled backups that are due, as the cluster's own actions.
+    for action in crate::state_machine::due_backups(state, now_ms) {
+        out.push(Command::Act {
+            actor: 0,
+            at_ms: now_ms,
+            action,
+        });
+    }
     out
 }
 
 fn check(timing: &FailoverTiming, view: &LeaderView, node: &NodeHandle, book: &AddressBook) {
-    for command in decide(timing, view, Instant::now()) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for command in decide(timing, view, Instant::now(), now_ms) {
         let what = format!("{command:?}");
         let r = api::request(
             Request::Propose { command },
@@ -158,12 +175,12 @@ mod tests {
         let since = Instant::now();
         let v = view(since, &[(1, since + Duration::from_millis(500))]);
         // Nothing before the lease from `since` ran out, for anyone.
-        assert!(decide(&t, &v, since + Duration::from_millis(1900)).is_empty());
+        assert!(decide(&t, &v, since + Duration::from_millis(1900), 0).is_empty());
         // Server 2 never heard: down after the lease; server 1 heard later: still up; 3 is a
         // witness: never declared down.
-        let d = decide(&t, &v, since + Duration::from_millis(2100));
+        let d = decide(&t, &v, since + Duration::from_millis(2100), 0);
         assert_eq!(d, vec![Command::SetServerDown { id: 2, down: true }]);
-        let d = decide(&t, &v, since + Duration::from_millis(2600));
+        let d = decide(&t, &v, since + Duration::from_millis(2600), 0);
         assert_eq!(d.len(), 2);
     }
 
@@ -175,7 +192,7 @@ mod tests {
         let mut v = view(since, &[(1, now), (2, now - Duration::from_millis(100))]);
         v.state.servers.get_mut(&2).unwrap().down = true;
         assert_eq!(
-            decide(&t, &v, now),
+            decide(&t, &v, now, 0),
             vec![Command::SetServerDown { id: 2, down: false }]
         );
     }

@@ -743,6 +743,25 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         m.send("DELETE", "/api/v1/appliances/matrix-bk", None).0,
         200
     );
+    // Backups on a schedule: whoever operates the VM (its last backup was just now: none due).
+    let schedule = json!({"schedule": {"every_hours": 24, "keep": 2}});
+    for (who, vm, body, want) in [
+        (pw, vm_r2, schedule.clone(), Hidden),
+        (rw, vm_r1a, schedule.clone(), Allowed),
+        (mw, vm_r1a, json!({"schedule": null}), Allowed),
+    ] {
+        let r = x.case(
+            who,
+            "POST",
+            "/vms/{id}/backup-schedule",
+            &format!("/api/v1/vms/{vm}/backup-schedule"),
+            Some(body.clone()),
+            want,
+        );
+        if want == Allowed {
+            assert_eq!(r.1["backup_schedule"], body["schedule"], "{r:?}");
+        }
+    }
     x.case(
         mw,
         "POST",

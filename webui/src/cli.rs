@@ -155,6 +155,28 @@ pub enum VmCommand {
         /// VMID.
         id: u64,
     },
+    /// Back a VM up now, running or not, into a new appliance (a task: `enspeed task list`).
+    Backup {
+        /// VMID.
+        id: u64,
+        /// The appliance's name (default: the VM's and the time, UTC).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Back a VM up on a schedule: every HOURS, the newest KEEP kept; --off ends it.
+    BackupSchedule {
+        /// VMID.
+        id: u64,
+        /// Hours between backups.
+        #[arg(long, required_unless_present = "off")]
+        every: Option<u32>,
+        /// Backups kept.
+        #[arg(long, default_value_t = 7)]
+        keep: u32,
+        /// No more scheduled backups.
+        #[arg(long, conflicts_with = "every")]
+        off: bool,
+    },
     /// Copy a powered-off VM (its disk's data too) into a new VM.
     Clone {
         /// The source's VMID.
@@ -832,6 +854,39 @@ pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
         VmCommand::Stop { id } => power(l, id, "off"),
         VmCommand::ForceStop { id } => power(l, id, "force-off"),
         VmCommand::Delete { id } => run(l, |s| s.call("DELETE", &format!("/vms/{id}"), None), done),
+        VmCommand::Backup { id, name } => {
+            let body = match name {
+                Some(n) => json!({ "name": n }),
+                None => json!({}),
+            };
+            run(
+                l,
+                |s| s.call("POST", &format!("/vms/{id}/backup"), Some(body)),
+                task_table,
+            )
+        }
+        VmCommand::BackupSchedule {
+            id,
+            every,
+            keep,
+            off,
+        } => {
+            let schedule = match (off, every) {
+                (false, Some(h)) => json!({ "every_hours": h, "keep": keep }),
+                _ => Value::Null,
+            };
+            run(
+                l,
+                |s| {
+                    s.call(
+                        "POST",
+                        &format!("/vms/{id}/backup-schedule"),
+                        Some(json!({ "schedule": schedule })),
+                    )
+                },
+                vm_table,
+            )
+        }
         VmCommand::Clone { id, name, owner } => {
             let mut body = json!({ "name": name });
             if let Some(o) = owner {

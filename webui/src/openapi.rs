@@ -116,6 +116,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Back a VM up, running or not, into a new appliance (who operates it; default name: the VM's and the time): a crash-consistent image of all its disks at one point, read from its in-sync backup copies so the guest never waits on it; a task on its backup server; the appliance is shared with the VM owner's company. 202 with the task",
     ),
     (
+        "post",
+        "/vms/{id}/backup-schedule",
+        "Back a VM up on a schedule (who operates it): every every_hours, the newest keep backups kept (older ones leave the library as new ones are made); null ends it",
+    ),
+    (
         "get",
         "/tasks",
         "Long operations the caller may see (a Manager: all), newest first: what, progress in bytes and percent, running, done or failed and why",
@@ -230,6 +235,10 @@ fn schemas() -> Value {
             "nics": {"type": "array", "items": {"type": "object", "properties": {
                 "network": {"type": "string"}, "mac": {"type": "string"}}}},
             "error": {"type": "string", "description": "why it does not run though it should"}}},
+        "BackupSchedule": {"type": "object", "required": ["schedule"], "additionalProperties": false,
+            "properties": {"schedule": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["every_hours", "keep"],
+                "additionalProperties": false, "properties": {"every_hours": {"type": "integer", "minimum": 1, "maximum": 8760},
+                "keep": {"type": "integer", "minimum": 1, "maximum": 100}}}]}}},
         "Backup": {"type": "object", "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "description": {"type": "string", "maxLength": 4096}}},
@@ -300,6 +309,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
         ("patch", "/appliances/{name}") => Some("ApplianceChange"),
         ("post", "/vms/{id}/copy-back") => Some("CopyBack"),
         ("post", "/vms/{id}/backup") => Some("Backup"),
+        ("post", "/vms/{id}/backup-schedule") => Some("BackupSchedule"),
         ("post", "/vms/{id}/power") => Some("Power"),
         ("post", "/vms/{id}/clone") => Some("Clone"),
         ("post", "/vms/{id}/migrate") => Some("Migrate"),

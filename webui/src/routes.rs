@@ -21,6 +21,7 @@
 //!   POST   /api/v1/vms/{id}/clone      {name, owner?}: a copy of a powered-off VM
 //!   POST   /api/v1/vms/{id}/copy-back  {name, description?}: a powered-off VM into a new appliance
 //!   POST   /api/v1/vms/{id}/backup     {name?, description?}: a live backup into a new appliance
+//!   POST   /api/v1/vms/{id}/backup-schedule  {schedule: {every_hours, keep} | null}
 //!   GET    /api/v1/tasks               long operations the caller may see, with progress
 //!   POST   /api/v1/tasks/{id}/cancel   stop one (a Manager, or who asked for it)
 //!   DELETE /api/v1/vms/{id}            delete a powered-off VM
@@ -141,26 +142,11 @@ struct Backup {
     description: String,
 }
 
-/// `ms` since the epoch as `YYYYMMDD-HHMMSS`, UTC (a backup's default name).
-fn utc_stamp(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Days to a civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+/// A backup schedule (`POST /api/v1/vms/{id}/backup-schedule`): none ends it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    schedule: Option<state_machine::BackupSchedule>,
 }
 
 /// A copy back (`POST /api/v1/vms/{id}/copy-back`).
@@ -477,7 +463,7 @@ impl App {
                 let body: Backup = req.json()?;
                 let name = body
                     .name
-                    .unwrap_or_else(|| format!("{vm_name}-{}", utc_stamp(now_ms())));
+                    .unwrap_or_else(|| state_machine::backup_name(&vm_name, now_ms()));
                 access::check_name("appliance", &name).map_err(ApiError::bad_request)?;
                 let r = self
                     .cluster
@@ -496,6 +482,21 @@ impl App {
                     .into_iter()
                     .find(|t| t.id == task);
                 Ok(json_response(StatusCode::ACCEPTED, &view))
+            }
+            (Method::POST, ["vms", id, "backup-schedule"]) => {
+                let c = self.caller(&req, true).await?;
+                let vm = self.visible_vm(&c, id)?.id;
+                let body: ScheduleBody = req.json()?;
+                self.cluster
+                    .act(
+                        c.user.id,
+                        Action::SetBackupSchedule {
+                            vm,
+                            schedule: body.schedule,
+                        },
+                    )
+                    .await?;
+                Ok(ok(&self.vm_view(vm, &c.user).await?))
             }
             (Method::GET, ["tasks"]) => {
                 let c = self.caller(&req, false).await?;
@@ -1839,14 +1840,4 @@ fn number_param(req: &Request, name: &str) -> Result<Option<u64>, ApiError> {
                 .map_err(|_| ApiError::bad_request(format!("{name}={v:?}: a number")))
         })
         .transpose()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_backup_s_default_name_carries_the_utc_time() {
-        assert_eq!(super::utc_stamp(0), "19700101-000000");
-        assert_eq!(super::utc_stamp(1_709_210_096_000), "20240229-123456");
-        assert_eq!(super::utc_stamp(1_767_225_599_999), "20251231-235959");
-    }
 }

@@ -165,6 +165,10 @@ pub struct VmView {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
+    /// Its live backups on a schedule, if it has one.
+    pub backup_schedule: Option<control::state_machine::BackupSchedule>,
+    /// When its last live backup began, ms since the epoch (none: never).
+    pub last_backup_ms: Option<u64>,
     /// Disk sizes, bytes, disk 0 first.
     pub disks: Vec<u64>,
     /// Whether it should run.
@@ -391,6 +395,8 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
         owner_name: owner.map(|u| u.name.clone()),
         memory_mib: vm.memory_mib,
         vcpus: vm.vcpus,
+        backup_schedule: vm.backup_schedule,
+        last_backup_ms: (vm.last_backup_ms > 0).then_some(vm.last_backup_ms),
         disks: vm
             .disks
             .iter()

@@ -148,6 +148,7 @@ impl StateMachine {
                     created_ms: by.at_ms,
                     servers: [*server].into(),
                     shared_with: Default::default(),
+                    backup_of: None,
                 };
                 writes.push((appliance_key(name), Some(json_bytes(&a))));
                 self.appliances.insert(name.clone(), a);

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::observations::Observation;
 use super::records::{
-    ApplianceDisk, BootMode, BootOrder, Capacity, DiskBus, DiskRecord, MoveOutcome, NetworkRecord,
-    Nic, VmRecord,
+    ApplianceDisk, BackupSchedule, BootMode, BootOrder, Capacity, DiskBus, DiskRecord, MoveOutcome,
+    NetworkRecord, Nic, VmRecord,
 };
 use crate::access::{Quota, Role, SessionRecord};
 
@@ -314,6 +314,8 @@ impl NewVm {
             boot_order: self.boot_order,
             disk_bus: self.disk_bus,
             moving: None,
+            backup_schedule: None,
+            last_backup_ms: 0,
             nics: self
                 .networks
                 .iter()
@@ -551,6 +553,16 @@ pub enum Action {
         /// Its description.
         #[serde(default)]
         description: String,
+    },
+    /// Sets (or with `None`, ends) VM `vm`'s backup schedule (who operates the VM): the leader
+    /// backs it up when due (`tasks::due_backups`), and a backup past the newest `keep` leaves
+    /// the library when a new one is made.
+    SetBackupSchedule {
+        /// VMID.
+        vm: u64,
+        /// The schedule.
+        #[serde(default)]
+        schedule: Option<BackupSchedule>,
     },
     /// Stops a running task (a Manager, or who asked for it); its server ends it, failed.
     CancelTask {

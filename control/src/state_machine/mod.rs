@@ -35,7 +35,7 @@ mod refusal;
 mod rights;
 mod servers;
 mod tasks;
-pub use tasks::{describe as describe_task, KEEP_ENDED_TASKS};
+pub use tasks::{backup_name, describe as describe_task, due_backups, KEEP_ENDED_TASKS};
 mod users;
 mod vms;
 
@@ -54,9 +54,10 @@ pub use observations::{
     VmPart, MAX_SEEN_ADDRESSES,
 };
 pub use records::{
-    ApplianceDisk, ApplianceRecord, BootMode, BootOrder, Capacity, Counters, DiskBus, DiskRecord,
-    IsoRecord, LiveMove, MoveOutcome, NetworkRecord, Nic, Pool, ServerRecord, TaskKind, TaskRecord,
-    TaskState, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB, MAX_VM_NICS,
+    ApplianceDisk, ApplianceRecord, BackupSchedule, BootMode, BootOrder, Capacity, Counters,
+    DiskBus, DiskRecord, IsoRecord, LiveMove, MoveOutcome, NetworkRecord, Nic, Pool, ServerRecord,
+    TaskKind, TaskRecord, TaskState, VmRecord, MAX_DISK_BYTES, MAX_VM_DISKS, MAX_VM_MEMORY_MIB,
+    MAX_VM_NICS,
 };
 pub use refusal::{Outcome, Refusal, RefusalKind};
 
@@ -312,9 +313,10 @@ impl StateMachine {
             Action::AddAppliance { .. }
             | Action::EditAppliance { .. }
             | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
-            Action::CopyBack { .. } | Action::BackupVm { .. } | Action::CancelTask { .. } => {
-                self.act_on_task(&by, action, writes)?
-            }
+            Action::CopyBack { .. }
+            | Action::BackupVm { .. }
+            | Action::SetBackupSchedule { .. }
+            | Action::CancelTask { .. } => self.act_on_task(&by, action, writes)?,
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {
                 self.act_on_network(&by, action, writes)?
             }
@@ -456,6 +458,8 @@ mod tests {
                 boot_order: BootOrder::DiskFirst,
                 disk_bus: Default::default(),
                 moving: None,
+                backup_schedule: None,
+                last_backup_ms: 0,
                 nics: Vec::new(),
             }),
         ];

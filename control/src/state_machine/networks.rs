@@ -380,6 +380,8 @@ mod tests {
             "v".into(),
             VmRecord {
                 moving: None,
+                backup_schedule: None,
+                last_backup_ms: 0,
                 nics: vec![super::super::Nic {
                     network: "lan".into(),
                     mac: "02:45:53:00:00:01".into(),

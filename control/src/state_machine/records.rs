@@ -179,6 +179,27 @@ pub struct VmRecord {
     /// A live migration under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<LiveMove>,
+    /// Its live backups on a schedule, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_schedule: Option<BackupSchedule>,
+    /// When its last live backup began, ms since the epoch (0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_backup_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A VM's live backups on a schedule: one every `every_hours`, the newest `keep` kept (older
+/// backups of the VM go from the library as new ones are made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    /// Hours between backups (1 to 8760).
+    pub every_hours: u32,
+    /// Backups of the VM kept (1 to 100).
+    pub keep: u32,
 }
 
 /// A running VM moving live to its disks' backup server: its memory copied there while it runs
@@ -388,6 +409,9 @@ pub struct ApplianceRecord {
     /// The Power Users whose companies may create VMs from it (Managers always may).
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub shared_with: std::collections::BTreeSet<u64>,
+    /// A live backup's: the VM (VMID) it is a backup of (its schedule's retention counts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_of: Option<u64>,
 }
 
 /// One disk image of an appliance.

@@ -110,6 +110,7 @@ impl StateMachine {
                 Ok(a) => {
                     writes.push((appliance_key(appliance), Some(json_bytes(&a))));
                     self.appliances.insert(appliance.clone(), a);
+                    self.expire_backups(*vm, at_ms, writes);
                     TaskState::Done { ended_ms: at_ms }
                 }
                 Err(reason) => TaskState::Failed {
@@ -121,6 +122,47 @@ impl StateMachine {
         let failed = matches!(state, TaskState::Failed { .. });
         self.end_task(id, state, writes);
         Ok(json!({ "failed": failed }))
+    }
+
+    /// The backups of VM `vm` past the newest its schedule keeps leave the library (not one a
+    /// VM is still being made from); audited as the cluster's own change.
+    fn expire_backups(&mut self, vm: u64, at_ms: u64, writes: &mut Vec<RecordWrite>) {
+        let Some(keep) = self
+            .vm_by_id(vm)
+            .and_then(|v| v.backup_schedule)
+            .map(|s| s.keep as usize)
+        else {
+            return;
+        };
+        let mut backups: Vec<(u64, String)> = self
+            .appliances
+            .values()
+            .filter(|a| a.backup_of == Some(vm))
+            .map(|a| (a.created_ms, a.name.clone()))
+            .collect();
+        backups.sort();
+        let old = backups.len().saturating_sub(keep);
+        for (_, name) in backups.into_iter().take(old) {
+            let in_use = self.appliances.get(&name).is_some_and(|a| {
+                self.disks.values().any(|d| {
+                    d.image
+                        .as_ref()
+                        .is_some_and(|i| a.disks.iter().any(|x| &x.sha256 == i))
+                })
+            });
+            if in_use {
+                continue;
+            }
+            self.appliances.remove(&name);
+            writes.push((appliance_key(&name), None));
+            self.audit(
+                0,
+                at_ms,
+                "appliance.expire",
+                format!("appliance {name}: a backup of VM {vm} past its schedule's keep of {keep}"),
+                writes,
+            );
+        }
     }
 
     /// The appliance a copy back of VM `vm` into `name` with images `disks` makes, or why not.
@@ -170,6 +212,7 @@ impl StateMachine {
             created_ms: t.started_ms,
             servers: [t.server].into(),
             shared_with: company.into_iter().collect(),
+            backup_of: matches!(t.kind, TaskKind::Backup { .. }).then_some(vm),
         })
     }
 
@@ -349,6 +392,10 @@ impl StateMachine {
                     ))
                 })?;
                 let total_bytes = self.vm_disk_bytes(&v);
+                if let Some(r) = self.vms.get_mut(&v.name) {
+                    r.last_backup_ms = by.at_ms;
+                    writes.push((super::keys::vm_key(&v.name), Some(json_bytes(r))));
+                }
                 let id = self.start_task(
                     by,
                     server,
@@ -364,6 +411,37 @@ impl StateMachine {
                     verb: "appliance.backup",
                     target: format!("vm {vm} ({}) into appliance {name}", v.name),
                     result: json!({ "task": id, "server": server }),
+                })
+            }
+            Action::SetBackupSchedule { vm, schedule } => {
+                let v = self.operable_vm(by.who.as_ref(), *vm)?;
+                if let Some(s) = schedule {
+                    if !(1..=8760).contains(&s.every_hours) || !(1..=100).contains(&s.keep) {
+                        return Err(Refusal::conflict(format!(
+                            "VM {vm}: a backup every {} hours keeping {}: every 1 to 8760 hours, 1 to 100 kept",
+                            s.every_hours, s.keep
+                        )));
+                    }
+                }
+                if v.backup_schedule == *schedule {
+                    return Ok(Acted::Unchanged(
+                        json!({ "audit": self.counters.audit, "unchanged": true }),
+                    ));
+                }
+                let r = self.vms.get_mut(&v.name).expect("found");
+                r.backup_schedule = *schedule;
+                writes.push((super::keys::vm_key(&v.name), Some(json_bytes(r))));
+                let target = match schedule {
+                    Some(s) => format!(
+                        "vm {vm} ({}): a backup every {} hours, {} kept",
+                        v.name, s.every_hours, s.keep
+                    ),
+                    None => format!("vm {vm} ({}): no scheduled backups", v.name),
+                };
+                Ok(Acted::Changed {
+                    verb: "vm.backup_schedule",
+                    target,
+                    result: Value::Null,
                 })
             }
             Action::CancelTask { id } => {
@@ -399,6 +477,55 @@ impl StateMachine {
     }
 }
 
+/// The name of a backup of VM `vm` begun at `ms` (since the epoch): the VM's name and the
+/// time, UTC, `NAME-YYYYMMDD-HHMMSS`.
+pub fn backup_name(vm: &str, ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let stamp = format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    );
+    // Within a name's 63 characters.
+    let keep = 63 - stamp.len() - 1;
+    let vm: String = vm.chars().take(keep).collect();
+    format!("{vm}-{stamp}")
+}
+
+/// The scheduled backups due at `now_ms`: the VMs with a schedule whose last backup began an
+/// interval ago (or never), with no task on them and their backups in sync, each with its
+/// backup's action (the leader proposes them as the cluster's own).
+pub fn due_backups(state: &StateMachine, now_ms: u64) -> Vec<Action> {
+    state
+        .vms
+        .values()
+        .filter_map(|v| {
+            let s = v.backup_schedule?;
+            let due = v.last_backup_ms + u64::from(s.every_hours) * 3_600_000 <= now_ms;
+            (due && state.vm_task(v.id).is_none()
+                && v.moving.is_none()
+                && state.move_target(v).is_ok())
+            .then(|| Action::BackupVm {
+                vm: v.id,
+                name: backup_name(&v.name, now_ms),
+                description: format!("scheduled backup of VM {} ({})", v.id, v.name),
+            })
+        })
+        .collect()
+}
+
 /// What a task does, for messages.
 pub fn describe(kind: &TaskKind) -> String {
     match kind {
@@ -413,6 +540,23 @@ pub fn describe(kind: &TaskKind) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_backup_s_name_carries_the_utc_time_within_63_characters() {
+        assert_eq!(super::backup_name("web", 0), "web-19700101-000000");
+        assert_eq!(
+            super::backup_name("web", 1_709_210_096_000),
+            "web-20240229-123456"
+        );
+        assert_eq!(
+            super::backup_name("db", 1_767_225_599_999),
+            "db-20251231-235959"
+        );
+        let long = "v".repeat(63);
+        let name = super::backup_name(&long, 0);
+        assert_eq!(name.len(), 63);
+        assert!(crate::access::check_name("appliance", &name).is_ok());
+    }
+
     use crate::access::Role;
     use crate::state_machine::fixtures::{act, new_user, new_vm, servers_with_room};
     use crate::state_machine::{
@@ -607,5 +751,92 @@ mod tests {
         for want in ["appliance.copy_back", "task.cancel", "appliance.backup"] {
             assert!(audit.contains(&want), "{want} in {audit:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use crate::access::Role;
+    use crate::state_machine::fixtures::{act, new_user, new_vm, servers_with_room};
+    use crate::state_machine::{
+        due_backups, Action, ApplianceDisk, BackupSchedule, BootMode, Command, Outcome,
+        StateMachine, TaskOutcome,
+    };
+
+    #[test]
+    fn scheduled_backups_come_when_due_and_keep_only_the_newest() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let mut v = new_vm("v", &[]);
+        v.boot = BootMode::Bios;
+        v.kernel.clear();
+        let vm = id(act(&mut sm, m, Action::CreateVm { owner: m, vm: v }));
+        let disk = sm.vms["v"].disks[0].clone();
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let hour = 3_600_000;
+        assert!(
+            due_backups(&sm, 10 * hour).is_empty(),
+            "no schedule, none due"
+        );
+        let schedule = |s: Option<BackupSchedule>| Action::SetBackupSchedule { vm, schedule: s };
+        let bad = BackupSchedule {
+            every_hours: 0,
+            keep: 1,
+        };
+        assert!(act(&mut sm, m, schedule(Some(bad))).is_err());
+        let every2 = BackupSchedule {
+            every_hours: 2,
+            keep: 1,
+        };
+        act(&mut sm, m, schedule(Some(every2))).unwrap();
+        let mut w = Vec::new();
+        // Two backups, two hours apart; the second ends with keep 1: the first leaves.
+        for (n, at) in [(1u64, 10 * hour), (2, 12 * hour + 1)] {
+            let due = due_backups(&sm, at);
+            assert_eq!(due.len(), 1, "due at {at}");
+            let r = sm
+                .apply(
+                    &Command::Act {
+                        actor: 0,
+                        at_ms: at,
+                        action: due[0].clone(),
+                    },
+                    &mut w,
+                )
+                .unwrap();
+            let task = r["task"].as_u64().unwrap();
+            assert!(due_backups(&sm, at + 5 * hour).is_empty(), "one at a time");
+            let server = sm.tasks[&task].server;
+            let ended = Command::TaskEnded {
+                id: task,
+                server,
+                at_ms: at + 1000,
+                outcome: TaskOutcome::CopiedBack {
+                    disks: vec![ApplianceDisk {
+                        size: 1 << 20,
+                        sha256: format!("{n:064x}"),
+                    }],
+                },
+            };
+            sm.apply(&ended, &mut w).unwrap();
+            assert!(
+                due_backups(&sm, at + hour).is_empty(),
+                "not due again for two hours"
+            );
+        }
+        let backups: Vec<_> = sm.appliances.values().collect();
+        assert_eq!(backups.len(), 1, "{backups:?}");
+        assert_eq!(backups[0].backup_of, Some(vm));
+        assert!(
+            backups[0].name.starts_with("v-19700101-12"),
+            "{}",
+            backups[0].name
+        );
+        let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
+        assert!(audit.contains(&"appliance.expire"), "{audit:?}");
+        act(&mut sm, m, schedule(None)).unwrap();
+        assert!(due_backups(&sm, 100 * hour).is_empty());
     }
 }

@@ -707,6 +707,8 @@ impl StateMachine {
                     disk_bus: src.disk_bus,
                     // On the same networks, with MACs of its own (`create_vm` gives them).
                     moving: None,
+                    backup_schedule: None,
+                    last_backup_ms: 0,
                     nics: src
                         .nics
                         .iter()

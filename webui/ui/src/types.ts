@@ -47,6 +47,10 @@ export interface Vm {
   owner_name: string | null;
   memory_mib: number;
   vcpus: number;
+  /** Its live backups on a schedule. */
+  backup_schedule: { every_hours: number; keep: number } | null;
+  /** When its last live backup began. */
+  last_backup_ms: number | null;
   /** Disk sizes in bytes, disk 0 first. */
   disks: number[];
   power: "on" | "off";

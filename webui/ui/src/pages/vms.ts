@@ -588,6 +588,34 @@ export function vmsPage(ctx: PageContext): void {
           busy.has(vm.id) || running || !inSync,
           inSync ? "a crash-consistent copy of its disks now, into a new appliance, while it runs" : "its backup copies are not in sync yet",
         ),
+        scheduleControl(vm),
+      ),
+    );
+  }
+
+  /** A VM's backup schedule: every N hours, the newest K kept; set or ended here. */
+  function scheduleControl(vm: Vm): HTMLElement {
+    const s = vm.backup_schedule;
+    const every = h("input", { type: "number", min: 1, max: 8760, value: s?.every_hours ?? 24, "data-test": "backup-every", title: "hours between backups" });
+    const keep = h("input", { type: "number", min: 1, max: 100, value: s?.keep ?? 7, "data-test": "backup-keep", title: "backups kept" });
+    const set = (schedule: unknown) => {
+      busy.add(vm.id);
+      api("POST", `/vms/${vm.id}/backup-schedule`, { schedule })
+        .then(() => ctx.notify("info", schedule ? `VM ${vm.id} (${vm.name}) is backed up on a schedule` : `VM ${vm.id} (${vm.name}): no more scheduled backups`))
+        .catch((e) => ctx.notify("error", `Could not change the backup schedule of VM ${vm.id} (${vm.name}): ${message(e)}`))
+        .finally(() => {
+          busy.delete(vm.id);
+          refresh();
+        });
+    };
+    return h(
+      "div",
+      { class: "schedule", "data-test": "backup-schedule", "data-on": s ? "yes" : "no" },
+      s ? `every ${s.every_hours} h, ${s.keep} kept` : "not on a schedule",
+      h("div", { class: "row" },
+        "every ", every, " h, keep ", keep, " ",
+        button("Schedule", "backup-schedule-set", "", () => set({ every_hours: Number(every.value), keep: Number(keep.value) }), busy.has(vm.id)),
+        s ? button("Stop", "backup-schedule-stop", "", () => set(null), busy.has(vm.id)) : null,
       ),
     );
   }
