@@ -160,7 +160,7 @@ pub enum Request {
         /// A directory for the images (created).
         #[arg(long)]
         dir: PathBuf,
-        /// Copy at most this many bytes a second (K, M, G suffixes; default 64M), so that
+        /// Copy at most this many bytes a second (K, M, G suffixes; default 16M), so that
         /// the guest's writes keep the disk.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[arg(long, value_parser = parse_size)]

@@ -64,7 +64,7 @@ impl Chunks {
 }
 
 /// How fast a copier goes unless told: most of a disk's bandwidth stays the guest's.
-pub const DEFAULT_RATE: u64 = 64 << 20;
+pub const DEFAULT_RATE: u64 = 16 << 20;
 
 /// Has the kernel start writing `f`'s dirty pages out, without waiting for them: the image's
 /// pages never pile up into one long write-out that a sync of the copy would queue behind.

@@ -1106,7 +1106,7 @@ fn a_live_snapshot_of_two_backup_copies_holds_exactly_the_writes_before_one_poin
     b.req(Request::Snapshot {
         names: vec!["e".into(), "d".into()],
         dir: images.clone(),
-        rate: None,
+        rate: Some(64 << 20),
     });
     let refused = b.try_req(Request::Snapshot {
         names: vec!["d".into()],
