@@ -115,9 +115,7 @@ impl Hasher {
 
     /// Adds `n` zero bytes: whole chunks of them without hashing them again.
     pub fn zeros(&mut self, mut n: u64) {
-        static ZERO_CHUNK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-        let zero_chunk =
-            ZERO_CHUNK.get_or_init(|| Sha256::digest(vec![0u8; IMAGE_CHUNK as usize]).into());
+        let zero_chunk = zero_chunk_hash();
         let zeros = [0u8; 64 << 10];
         while n > 0 {
             if self.shelf == Shelf::Image && self.in_chunk == 0 && n >= IMAGE_CHUNK {
@@ -146,46 +144,90 @@ impl Hasher {
 }
 
 /// The hash (`Hasher`) and size of library file `path` of `shelf`: a disk image read only
-/// where it holds data.
+/// where it holds data, its chunks hashed on every core.
 pub fn hash_file(path: &Path, shelf: Shelf) -> io::Result<(String, u64)> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path)?;
     let len = f.metadata()?.len();
-    let mut h = Hasher::new(shelf);
-    let mut buf = vec![0u8; IMAGE_CHUNK as usize];
-    let mut at = 0u64;
-    // The data extents, each widened to whole chunks (the rest reads as zeros).
-    let extents: Vec<(u64, u64)> = match shelf {
-        Shelf::Iso => vec![(0, len)],
-        Shelf::Image => {
-            let mut v = Vec::new();
-            let mut from = 0;
-            while let Some((s, e)) = blockrepl::clone::next_data(&f, from, len)? {
-                v.push((
-                    s / IMAGE_CHUNK * IMAGE_CHUNK,
-                    e.div_ceil(IMAGE_CHUNK) * IMAGE_CHUNK,
-                ));
-                from = e;
-            }
-            v
-        }
-    };
-    for (start, end) in extents {
-        let (start, end) = (start.max(at), end.min(len));
-        if start >= end {
-            continue;
-        }
-        h.zeros(start - at);
-        at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
+    if shelf == Shelf::Iso {
+        let mut h = Hasher::new(shelf);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < len {
+            let n = ((len - at) as usize).min(buf.len());
             f.read_exact_at(&mut buf[..n], at)?;
             h.update(&buf[..n]);
             at += n as u64;
         }
+        return Ok((h.hex(), len));
     }
-    h.zeros(len - at);
-    Ok((h.hex(), len))
+    // Which chunks hold data (the rest read as zeros).
+    let chunks = len.div_ceil(IMAGE_CHUNK);
+    let mut data = vec![false; chunks as usize];
+    let mut from = 0;
+    while let Some((s, e)) = blockrepl::clone::next_data(&f, from, len)? {
+        for c in s / IMAGE_CHUNK..e.div_ceil(IMAGE_CHUNK) {
+            data[c as usize] = true;
+        }
+        from = e;
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let mut whole = Sha256::new();
+    // A window of chunks at a time: every core hashes some, then they go in, in order.
+    const WINDOW: u64 = 256;
+    for first in (0..chunks).step_by(WINDOW as usize) {
+        let last = (first + WINDOW).min(chunks);
+        let parts: Vec<io::Result<Vec<(u64, [u8; 32])>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads as u64)
+                .map(|t| {
+                    let (f, data) = (&f, &data);
+                    scope.spawn(move || {
+                        let mut buf = vec![0u8; IMAGE_CHUNK as usize];
+                        let mut out = Vec::new();
+                        for c in (first + t..last).step_by(threads) {
+                            if !data[c as usize] {
+                                continue;
+                            }
+                            let at = c * IMAGE_CHUNK;
+                            let n = (len - at).min(IMAGE_CHUNK) as usize;
+                            f.read_exact_at(&mut buf[..n], at)?;
+                            out.push((c, Sha256::digest(&buf[..n]).into()));
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a hashing thread"))
+                .collect()
+        });
+        let mut window: Vec<Option<[u8; 32]>> = vec![None; (last - first) as usize];
+        for part in parts {
+            for (c, h) in part? {
+                window[(c - first) as usize] = Some(h);
+            }
+        }
+        for (i, h) in window.into_iter().enumerate() {
+            let c = first + i as u64;
+            let n = (len - c * IMAGE_CHUNK).min(IMAGE_CHUNK);
+            match h {
+                Some(h) => whole.update(h),
+                // A chunk of zeros: as the stream's hasher hashes one.
+                None if n == IMAGE_CHUNK => whole.update(zero_chunk_hash()),
+                None => whole.update(Sha256::digest(vec![0u8; n as usize])),
+            }
+        }
+    }
+    Ok((hex(&whole.finalize()), len))
+}
+
+/// The hash of a whole chunk of zeros.
+fn zero_chunk_hash() -> &'static [u8; 32] {
+    static ZERO_CHUNK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    ZERO_CHUNK.get_or_init(|| Sha256::digest(vec![0u8; IMAGE_CHUNK as usize]).into())
 }
 
 /// A file being received: hashed as written, put in place only when whole. A disk image is
@@ -195,7 +237,8 @@ pub struct Upload {
     shelf: Shelf,
     part: PathBuf,
     out: File,
-    hash: Hasher,
+    /// None for a scratch file (an archive to unpack): not hashed, not synced.
+    hash: Option<Hasher>,
     size: u64,
     sealed: bool,
 }
@@ -221,10 +264,18 @@ impl Upload {
             shelf,
             part,
             out,
-            hash: Hasher::new(shelf),
+            hash: Some(Hasher::new(shelf)),
             size: 0,
             sealed: false,
         })
+    }
+
+    /// Starts a scratch file in directory `dir`: received only to be read (an archive to
+    /// unpack), so neither hashed nor made durable; dropped, it is deleted.
+    pub fn scratch(dir: &Path) -> io::Result<Upload> {
+        let mut up = Upload::new(dir, Shelf::Iso)?;
+        up.hash = None;
+        Ok(up)
     }
 
     /// Appends `bytes`.
@@ -247,14 +298,18 @@ impl Upload {
                 }
             }
         }
-        self.hash.update(bytes);
+        if let Some(h) = &mut self.hash {
+            h.update(bytes);
+        }
         self.size += bytes.len() as u64;
         Ok(())
     }
 
     /// Appends `n` zero bytes without writing them: a hole in the file.
     pub fn skip_zeros(&mut self, n: u64) {
-        self.hash.zeros(n);
+        if let Some(h) = &mut self.hash {
+            h.zeros(n);
+        }
         self.size += n;
     }
 
@@ -263,9 +318,9 @@ impl Upload {
         self.size
     }
 
-    /// The hash (`Hasher`) of the bytes so far, hex.
+    /// The hash (`Hasher`) of the bytes so far, hex (empty for a scratch file).
     pub fn sha256(&self) -> String {
-        self.hash.hex()
+        self.hash.as_ref().map(Hasher::hex).unwrap_or_default()
     }
 
     /// Makes the file durable, still under its temporary name: an image is put in place
@@ -274,7 +329,9 @@ impl Upload {
     pub fn seal(mut self) -> io::Result<Sealed> {
         // A disk image's zeros at its end are a hole too.
         self.out.set_len(self.size)?;
-        self.out.sync_all()?;
+        if self.hash.is_some() {
+            self.out.sync_all()?;
+        }
         self.sealed = true;
         Ok(Sealed {
             sha256: self.sha256(),

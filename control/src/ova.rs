@@ -401,7 +401,18 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
         }
         let to = dir.join(&name);
         let mut out = File::create(&to).map_err(io_err(format!("creating {}", to.display())))?;
-        let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(damaged)?;
+        let mut copied = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut rest = (&mut entry).take(size);
+        loop {
+            let n = rest.read(&mut buf).map_err(damaged)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(io_err(format!("writing {}", to.display())))?;
+            copied += n as u64;
+        }
         if copied != size {
             return refused(format!(
                 "archive entry {name:?} is cut short: {copied} of {size} bytes"

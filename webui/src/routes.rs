@@ -1186,7 +1186,7 @@ impl App {
         };
         let started = std::time::Instant::now();
         let up = self
-            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir)
+            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false)
             .await?;
         let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
         let (sha256, size) = (sealed.sha256.clone(), sealed.size);
@@ -1250,10 +1250,11 @@ impl App {
             .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))?;
         let started = std::time::Instant::now();
         let what = format!("appliance {name}");
-        let up = self.receive(req, &what, MAX_OVA, work.path()).await?;
+        // Only read, to unpack: neither hashed nor synced on the way.
+        let up = self.receive(req, &what, MAX_OVA, work.path(), true).await?;
         let archive = tokio::task::block_in_place(|| up.seal())
             .map_err(|e| internal(format!("{what}: storing its archive: {e}")))?;
-        let (archive_sha, archive_bytes) = (archive.sha256.clone(), archive.size);
+        let archive_bytes = archive.size;
         tracing::info!(appliance = %name, bytes = archive_bytes, ms = started.elapsed().as_millis() as u64, "OVA received; importing");
         let unpack_to = work.path().join("unpacked");
         let library = dir.clone();
@@ -1299,7 +1300,7 @@ impl App {
                 })
                 .collect(),
             origin: format!(
-                "OVA upload of {archive_bytes} bytes (SHA-256 {archive_sha}){}",
+                "OVA upload of {archive_bytes} bytes{}",
                 if d.name.is_empty() {
                     String::new()
                 } else {
@@ -1409,14 +1410,15 @@ impl App {
     }
 
     /// Receives an upload's body (`what`, at most `max` bytes, its Content-Length exact) into
-    /// a new file in directory `dir`, hashed as it arrives; each part must come within the web
-    /// timeout.
+    /// a new file in directory `dir`, hashed as it arrives (unless `scratch`: a file only to be
+    /// read); each part must come within the web timeout.
     async fn receive(
         &self,
         req: &mut Request,
         what: &str,
         max: u64,
         dir: &std::path::Path,
+        scratch: bool,
     ) -> Result<control::library::Upload, ApiError> {
         use http_body_util::BodyExt;
         let length: u64 = req
@@ -1447,8 +1449,12 @@ impl App {
                 format!("storing {what} in {}: {e}", dir.display()),
             )
         };
-        let mut up =
-            control::library::Upload::new(dir, control::library::Shelf::Iso).map_err(store)?;
+        let mut up = if scratch {
+            control::library::Upload::scratch(dir)
+        } else {
+            control::library::Upload::new(dir, control::library::Shelf::Iso)
+        }
+        .map_err(store)?;
         let mut told = std::time::Instant::now();
         loop {
             let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
