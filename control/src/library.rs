@@ -179,7 +179,7 @@ pub fn hash_file(path: &Path, shelf: Shelf) -> io::Result<(String, u64)> {
     const WINDOW: u64 = 256;
     for first in (0..chunks).step_by(WINDOW as usize) {
         let last = (first + WINDOW).min(chunks);
-        let parts: Vec<io::Result<Vec<(u64, [u8; 32])>>> = std::thread::scope(|scope| {
+        let parts: Vec<io::Result<ChunkHashes>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads as u64)
                 .map(|t| {
                     let (f, data) = (&f, &data);
@@ -223,6 +223,9 @@ pub fn hash_file(path: &Path, shelf: Shelf) -> io::Result<(String, u64)> {
     }
     Ok((hex(&whole.finalize()), len))
 }
+
+/// Chunks hashed by one thread: each one's index and SHA-256.
+type ChunkHashes = Vec<(u64, [u8; 32])>;
 
 /// The hash of a whole chunk of zeros.
 fn zero_chunk_hash() -> &'static [u8; 32] {
@@ -597,7 +600,7 @@ impl Sync {
                 sha256: d.sha256.clone(),
                 size: d.size,
             });
-            match missing.filter(|w| !here(w)).next() {
+            match missing.into_iter().find(|w| !here(w)) {
                 None => held.appliances.push(a.clone()),
                 Some(want) => self.start_fetch(peers, state, me, dir, &a.servers, want),
             }

@@ -3266,7 +3266,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         .collect();
     assert_eq!(names, ["app-qcow2", "app-raw", "app-vmdk"]);
     assert_eq!(
-        library_leftovers(&c.servers[0], &[sha.clone()]),
+        library_leftovers(&c.servers[0], std::slice::from_ref(&sha)),
         Vec::<String>::new()
     );
 
