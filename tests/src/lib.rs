@@ -470,6 +470,30 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// A benchmark's knob: environment variable `name` as a number, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `bytes` in `d`, MiB a second.
+pub fn mib_per_s(bytes: u64, d: std::time::Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+/// Runs shell command `cmd`, which must succeed; how long it took.
+pub fn sh_timed(cmd: &str) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let st = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .expect("run sh");
+    assert!(st.success(), "{cmd} failed");
+    t.elapsed()
+}
+
 /// A duration in milliseconds, two decimals, for the benchmark tables.
 pub fn ms(d: std::time::Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)

@@ -27,28 +27,7 @@ use blockrepl::net::MirrorNet;
 use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
 use blockrepl::store::BlockStore;
 use enspeed_tests::web::{Web, WebCluster, PASSWORD};
-use enspeed_tests::{enspeed_bin, percentile};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn mbs(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-fn sh(cmd: &str) -> Duration {
-    let t = Instant::now();
-    let st = Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .expect("run sh");
-    assert!(st.success(), "{cmd} failed");
-    t.elapsed()
-}
+use enspeed_tests::{enspeed_bin, env_u64, mib_per_s, percentile, sh_timed};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -66,15 +45,15 @@ fn sha256_hex(path: &Path) -> String {
 
 /// The import half: answers its Markdown rows.
 fn import(dir: &Path, rounds: usize) -> String {
-    let mib = env("BENCH_DISK_MIB", 2048);
+    let mib = env_u64("BENCH_DISK_MIB", 2048);
     let raw = dir.join("disk.raw");
-    sh(&format!(
+    sh_timed(&format!(
         "head -c {} /dev/urandom > {}",
         mib << 20,
         raw.display()
     ));
     let vmdk = dir.join("bench-disk1.vmdk");
-    sh(&format!(
+    sh_timed(&format!(
         "qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized {} {}",
         raw.display(),
         vmdk.display()
@@ -108,15 +87,15 @@ fn import(dir: &Path, rounds: usize) -> String {
     let mut reference_synced = Vec::new();
     for _ in 0..rounds {
         let _ = std::fs::remove_file(&out);
-        sh("sync");
-        reference.push(sh(&format!(
+        sh_timed("sync");
+        reference.push(sh_timed(&format!(
             "qemu-img convert -q -f vmdk -O raw {} {}",
             vmdk.display(),
             out.display()
         )));
         let _ = std::fs::remove_file(&out);
-        sh("sync");
-        reference_synced.push(sh(&format!(
+        sh_timed("sync");
+        reference_synced.push(sh_timed(&format!(
             "qemu-img convert -q -f vmdk -O raw {} {} && sync -f {}",
             vmdk.display(),
             out.display(),
@@ -130,7 +109,7 @@ fn import(dir: &Path, rounds: usize) -> String {
     let (cookie, csrf) = (m.cookie.clone().unwrap(), m.csrf.clone().unwrap());
     let mut ours = Vec::new();
     for round in 0..rounds {
-        sh("sync");
+        sh_timed("sync");
         let name = format!("bench-{round}");
         let t = Instant::now();
         let r = ureq::AgentBuilder::new()
@@ -154,9 +133,9 @@ fn import(dir: &Path, rounds: usize) -> String {
     drop(c);
     let (ours, reference, reference_synced) =
         (median(ours), median(reference), median(reference_synced));
-    let ours_rate = mbs(ova_bytes, ours);
-    let ref_rate = mbs(vmdk_bytes, reference);
-    let synced_rate = mbs(vmdk_bytes, reference_synced);
+    let ours_rate = mib_per_s(ova_bytes, ours);
+    let ref_rate = mib_per_s(vmdk_bytes, reference);
+    let synced_rate = mib_per_s(vmdk_bytes, reference_synced);
     format!(
         "| import of a {} MiB OVA through the API (received, unpacked, checked, converted, hashed, synced) | {:.2} s | {ours_rate:.0} MB/s | {:.2}x |\n\
          | `qemu-img convert` of its VMDK ({} MiB) alone to raw (reference) | {:.2} s | {ref_rate:.0} MB/s | 1.00x |\n\
@@ -197,7 +176,7 @@ fn writes(s: &dyn BlockStore, size: u64, most: usize, until: &dyn Fn() -> bool) 
 
 /// The live backup half: answers its Markdown rows.
 fn backup(dir: &Path) -> String {
-    let size = env("BENCH_BACKUP_MIB", 4096) << 20;
+    let size = env_u64("BENCH_BACKUP_MIB", 4096) << 20;
     let bdir = dir.join("backup");
     std::fs::create_dir_all(&bdir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -268,7 +247,7 @@ fn backup(dir: &Path) -> String {
         write_wait(&*p, m << 20, vec![(m as u8) | 0x80; 1 << 20], false);
     }
     let store: &dyn BlockStore = &*p;
-    let ops = env("BENCH_OPS", 20_000) as usize;
+    let ops = env_u64("BENCH_OPS", 20_000) as usize;
     let _ = writes(store, size, 2000, &|| false);
     let without = writes(store, size, ops, &|| false);
     // During a snapshot of the backup copy: the writes made while its copier runs.
@@ -327,7 +306,7 @@ fn backup(dir: &Path) -> String {
 }
 
 fn main() {
-    let rounds = env("BENCH_ROUNDS", 3) as usize;
+    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
     let dir = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
         .join(format!("enspeed-appliance-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

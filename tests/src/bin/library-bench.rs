@@ -16,40 +16,19 @@ use std::time::{Duration, Instant};
 
 use enspeed_tests::cluster;
 use enspeed_tests::web::{Web, WebCluster, PASSWORD};
-use enspeed_tests::{ms, percentile};
+use enspeed_tests::{env_u64, mib_per_s, ms, percentile, sh_timed};
 use serde_json::json;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn mbs(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-fn sh(cmd: &str) -> Duration {
-    let t = Instant::now();
-    let st = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .expect("run sh");
-    assert!(st.success(), "{cmd} failed");
-    t.elapsed()
-}
-
 fn main() {
-    let mib = env("BENCH_ISO_MIB", 512);
-    let lines = env("BENCH_LINES", 200) as usize;
+    let mib = env_u64("BENCH_ISO_MIB", 512);
+    let lines = env_u64("BENCH_LINES", 200) as usize;
     let dir =
         std::path::PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .join(format!("enspeed-library-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let iso = dir.join("bench.iso");
     // Incompressible content, made once.
-    sh(&format!(
+    sh_timed(&format!(
         "head -c {} /dev/urandom > {}",
         mib << 20,
         iso.display()
@@ -58,8 +37,8 @@ fn main() {
 
     // The local reference.
     let copy = dir.join("copy.iso");
-    let cp = sh(&format!("cp {} {} && sync", iso.display(), copy.display()));
-    let hash = sh(&format!("sha256sum {} > /dev/null", iso.display()));
+    let cp = sh_timed(&format!("cp {} {} && sync", iso.display(), copy.display()));
+    let hash = sh_timed(&format!("sha256sum {} > /dev/null", iso.display()));
     std::fs::remove_file(&copy).unwrap();
 
     let c = WebCluster::start(
@@ -168,24 +147,24 @@ fn main() {
     println!(
         "| local: `cp` + `sync` | {:.2} s | {:.0} | 1.00x |",
         cp.as_secs_f64(),
-        mbs(size, cp)
+        mib_per_s(size, cp)
     );
     println!(
         "| local: `sha256sum` | {:.2} s | {:.0} | |",
         hash.as_secs_f64(),
-        mbs(size, hash)
+        mib_per_s(size, hash)
     );
     println!(
         "| upload through the API (stream, SHA-256, fsync) | {:.2} s | {:.0} | {:.2}x |",
         upload.as_secs_f64(),
-        mbs(size, upload),
-        mbs(size, upload) / mbs(size, cp)
+        mib_per_s(size, upload),
+        mib_per_s(size, upload) / mib_per_s(size, cp)
     );
     println!(
         "| copy to the other VM server (agent, checked, fsync) | {:.2} s | {:.0} | {:.2}x |",
         replicate.as_secs_f64(),
-        mbs(size, replicate),
-        mbs(size, replicate) / mbs(size, cp)
+        mib_per_s(size, replicate),
+        mib_per_s(size, replicate) / mib_per_s(size, cp)
     );
     println!();
     println!(

@@ -16,54 +16,20 @@ export function libraryPage(ctx: PageContext): void {
   let isos: Iso[] = [];
   let lastData = "";
   const table = h("div", { "data-test": "isos-wrap" });
-  const file = h("input", { type: "file", name: "file", accept: ".iso,application/x-iso9660-image", required: true, "data-test": "iso-file" });
-  const name = h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": "iso-name" });
-  const submit = h("button", { type: "submit", class: "primary", "data-test": "iso-upload" }, "Upload");
-  const bar = h("progress", { max: 100, value: 0, class: "hidden", "data-test": "iso-progress" });
-  const progressText = h("span", { class: "muted", "data-test": "iso-progress-text" });
-  const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "iso-error" });
-  const form = h(
-    "form",
-    { class: "card form-card", "data-test": "iso-form" },
-    h("h2", null, "Upload an ISO image"),
-    h("div", { class: "row" }, field("File", file), field("Name in the library", name), submit),
-    h("div", { class: "row" }, bar, progressText),
-    error,
-  );
-  file.addEventListener("change", () => {
-    const f = file.files?.[0];
-    if (f && !name.value) name.value = f.name.replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 63);
-  });
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    error.classList.add("hidden");
-    const f = file.files?.[0];
-    const n = name.value.trim();
-    if (!f || !NAME.test(n)) {
-      showError(error, "Choose a file and a name of letters, digits, '.', '_' or '-'.");
-      return;
-    }
-    submit.disabled = true;
-    bar.classList.remove("hidden");
-    const started = Date.now();
-    try {
-      await upload<Iso>(`/isos/${encodeURIComponent(n)}`, f, (sent, total) => {
-        const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
-        bar.value = pct;
-        const secs = Math.max((Date.now() - started) / 1000, 0.001);
-        fill(progressText, `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s`);
-      });
-      fill(progressText, `Uploaded ${n}; the other servers copy it now.`);
+  const form = uploadForm({
+    test: "iso",
+    title: "Upload an ISO image",
+    accept: ".iso,application/x-iso9660-image",
+    button: ["upload", "Upload"],
+    name: (file) => file,
+    path: (n) => `/isos/${encodeURIComponent(n)}`,
+    received: "Uploaded; checking it...",
+    done: (n) => {
       ctx.notify("info", `Uploaded ISO ${n}`);
-      form.reset();
       refresh();
-    } catch (e) {
-      showError(error, `Could not upload ${n}: ${message(e)}`);
-      fill(progressText, "");
-    } finally {
-      submit.disabled = false;
-      bar.classList.add("hidden");
-    }
+      return `Uploaded ${n}; the other servers copy it now.`;
+    },
+    failed: (n, e) => `Could not upload ${n}: ${message(e)}`,
   });
 
   const appliances = appliancesSection(ctx);
@@ -162,60 +128,21 @@ function appliancesSection(ctx: PageContext): HTMLElement {
   const selected = new Set<string>();
   const table = h("div", { "data-test": "appliances-wrap" });
   const taskTable = h("div", { "data-test": "tasks-wrap" });
-  const file = h("input", { type: "file", name: "file", accept: ".ova,application/x-tar", required: true, "data-test": "ova-file" });
-  const name = h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": "ova-name" });
-  const submit = h("button", { type: "submit", class: "primary", "data-test": "ova-import" }, "Import");
-  const bar = h("progress", { max: 100, value: 0, class: "hidden", "data-test": "ova-progress" });
-  const progressText = h("span", { class: "muted", "data-test": "ova-progress-text" });
-  const error = h("div", { class: "form-error hidden", role: "alert", "data-test": "ova-error" });
-  const form = h(
-    "form",
-    { class: "card form-card", "data-test": "ova-form" },
-    h("h2", null, "Import a Virtual Appliance"),
-    h("p", { class: "muted" }, "An OVA (OVF 1.x or 2.0) from any vendor: its disks as VMDK, qcow2 or raw."),
-    h("div", { class: "row" }, field("File", file), field("Name in the library", name), submit),
-    h("div", { class: "row" }, bar, progressText),
-    error,
-  );
-  file.addEventListener("change", () => {
-    const f = file.files?.[0];
-    if (f && !name.value) name.value = f.name.replace(/\.ova$/i, "").replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 63);
-  });
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    error.classList.add("hidden");
-    const f = file.files?.[0];
-    const n = name.value.trim();
-    if (!f || !NAME.test(n)) {
-      showError(error, "Choose an OVA and a name of letters, digits, '.', '_' or '-'.");
-      return;
-    }
-    submit.disabled = true;
-    bar.classList.remove("hidden");
-    const started = Date.now();
-    try {
-      await upload<Appliance>(`/appliances/${encodeURIComponent(n)}`, f, (sent, total) => {
-        const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
-        bar.value = pct;
-        const secs = Math.max((Date.now() - started) / 1000, 0.001);
-        fill(
-          progressText,
-          sent < total
-            ? `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s`
-            : "Uploaded; checking the archive and converting its disks...",
-        );
-      });
-      fill(progressText, `Imported ${n}; the other servers copy it now.`);
+  const form = uploadForm({
+    test: "ova",
+    title: "Import a Virtual Appliance",
+    hint: "An OVA (OVF 1.x or 2.0) from any vendor: its disks as VMDK, qcow2 or raw.",
+    accept: ".ova,application/x-tar",
+    button: ["import", "Import"],
+    name: (file) => file.replace(/\.ova$/i, ""),
+    path: (n) => `/appliances/${encodeURIComponent(n)}`,
+    received: "Uploaded; checking the archive and converting its disks...",
+    done: (n) => {
       ctx.notify("info", `Imported appliance ${n}`);
-      form.reset();
       refresh();
-    } catch (e) {
-      showError(error, `Could not import ${n}: ${message(e)}`);
-      fill(progressText, "");
-    } finally {
-      submit.disabled = false;
-      bar.classList.add("hidden");
-    }
+      return `Imported ${n}; the other servers copy it now.`;
+    },
+    failed: (n, e) => `Could not import ${n}: ${message(e)}`,
   });
 
   const refresh = ctx.poll(async () => {
@@ -439,4 +366,79 @@ function appliancesSection(ctx: PageContext): HTMLElement {
     h("h2", null, "Tasks"),
     taskTable,
   );
+}
+
+/** What an upload form of the library sends, and says. */
+interface UploadForm {
+  /** Its data-test prefix: `${test}-file`, `${test}-name`, `${test}-progress`, ... */
+  test: string;
+  title: string;
+  hint?: string;
+  accept: string;
+  /** The submit button's data-test suffix and label. */
+  button: [string, string];
+  /** The library name a file's name suggests (before characters are replaced). */
+  name: (file: string) => string;
+  /** The API path a name is uploaded to. */
+  path: (name: string) => string;
+  /** What the progress line says once every byte is sent, while the server works. */
+  received: string;
+  /** Called once the server took it; what the progress line then says. */
+  done: (name: string) => string;
+  /** The error shown when the upload failed. */
+  failed: (name: string, e: unknown) => string;
+}
+
+/** A file and a name, uploaded to the server this page came from, with its progress. */
+function uploadForm(o: UploadForm): HTMLFormElement {
+  const file = h("input", { type: "file", name: "file", accept: o.accept, required: true, "data-test": `${o.test}-file` });
+  const name = h("input", { name: "name", required: true, maxlength: 63, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]*", title: "letters, digits, '.', '_' or '-'", "data-test": `${o.test}-name` });
+  const submit = h("button", { type: "submit", class: "primary", "data-test": `${o.test}-${o.button[0]}` }, o.button[1]);
+  const bar = h("progress", { max: 100, value: 0, class: "hidden", "data-test": `${o.test}-progress` });
+  const progressText = h("span", { class: "muted", "data-test": `${o.test}-progress-text` });
+  const error = h("div", { class: "form-error hidden", role: "alert", "data-test": `${o.test}-error` });
+  const form = h(
+    "form",
+    { class: "card form-card", "data-test": `${o.test}-form` },
+    h("h2", null, o.title),
+    o.hint ? h("p", { class: "muted" }, o.hint) : null,
+    h("div", { class: "row" }, field("File", file), field("Name in the library", name), submit),
+    h("div", { class: "row" }, bar, progressText),
+    error,
+  );
+  file.addEventListener("change", () => {
+    const f = file.files?.[0];
+    if (f && !name.value) name.value = o.name(f.name).replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 63);
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    error.classList.add("hidden");
+    const f = file.files?.[0];
+    const n = name.value.trim();
+    if (!f || !NAME.test(n)) {
+      showError(error, "Choose a file and a name of letters, digits, '.', '_' or '-'.");
+      return;
+    }
+    submit.disabled = true;
+    bar.classList.remove("hidden");
+    const started = Date.now();
+    try {
+      await upload<unknown>(o.path(n), f, (sent, total) => {
+        const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
+        bar.value = pct;
+        const secs = Math.max((Date.now() - started) / 1000, 0.001);
+        fill(progressText, sent < total ? `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s` : o.received);
+      });
+      const said = o.done(n);
+      form.reset();
+      fill(progressText, said);
+    } catch (e) {
+      showError(error, o.failed(n, e));
+      fill(progressText, "");
+    } finally {
+      submit.disabled = false;
+      bar.classList.add("hidden");
+    }
+  });
+  return form;
 }
