@@ -448,8 +448,10 @@ impl Blockd {
         if sorted.len() != names.len() {
             return Err("a disk is named twice".into());
         }
+        // The disks stay locked until the snapshots are in place: none is grown, deleted or
+        // snapshotted by another request meanwhile.
+        let disks = lock(&self.disks);
         let replicas: Vec<Arc<Replica>> = {
-            let disks = lock(&self.disks);
             sorted
                 .iter()
                 .map(|n| {
@@ -494,6 +496,7 @@ impl Blockd {
             }
             made
         };
+        drop(disks);
         tracing::info!(disks = ?sorted, dir = %dir.display(), "snapshot started");
         std::thread::Builder::new()
             .name("snapshot".into())
@@ -504,7 +507,16 @@ impl Blockd {
                         s.cancel();
                         tracing::warn!(disk = %r.name(), why, "snapshot given up");
                     }
-                    let result = s.run(&r.data, rate);
+                    let walked = s.run(&r.data, rate);
+                    {
+                        // Out of the write path, between two writes: no write copies ahead
+                        // from now on, so the image's bytes are final.
+                        let _gate = lock(&r.gate);
+                        *lock(&r.last_snapshot) = Some(s.progress());
+                        *lock(&r.snapshot) = None;
+                    }
+                    let result = walked.and_then(|()| s.finish());
+                    *lock(&r.last_snapshot) = Some(s.progress());
                     match &result {
                         Ok(()) => tracing::info!(disk = %r.name(), saved_by_writes = s.progress().saved_by_writes, "snapshot made"),
                         Err(e) => {
@@ -512,12 +524,14 @@ impl Blockd {
                             failed.get_or_insert_with(|| format!("disk {}: {e}", r.name()));
                         }
                     }
-                    let _gate = lock(&r.gate);
-                    *lock(&r.last_snapshot) = Some(s.progress());
-                    *lock(&r.snapshot) = None;
                 }
             })
-            .map_err(|e| format!("starting the snapshot's copier: {e}"))?;
+            .map_err(|e| {
+                for r in &replicas {
+                    *lock(&r.snapshot) = None;
+                }
+                format!("starting the snapshot's copier: {e}")
+            })?;
         Ok(Response::ok())
     }
 
@@ -672,8 +686,14 @@ impl Blockd {
                 generation,
                 force,
             } => {
-                self.disk(&name)?
-                    .raise_generation(generation, force)
+                let d = self.disk(&name)?;
+                if let Some(s) = lock(&d.snapshot).as_ref() {
+                    // Writes no longer come through the mirror: no point in time to copy.
+                    s.fail(format!(
+                        "disk {name} was promoted to generation {generation}"
+                    ));
+                }
+                d.raise_generation(generation, force)
                     .map_err(|e| e.to_string())?;
                 Ok(Response::ok())
             }

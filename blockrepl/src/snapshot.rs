@@ -152,16 +152,30 @@ impl Snapshot {
         for c in mine {
             let at = c * self.chunk;
             let n = (self.capacity - at).min(self.chunk) as usize;
-            data.read_exact_at(&mut buf[..n], at)?;
-            self.put(&buf[..n], at)?;
+            let copied = data
+                .read_exact_at(&mut buf[..n], at)
+                .and_then(|()| self.put(&buf[..n], at));
+            if let Err(e) = copied {
+                // Marked but not copied: the image is not the copy at its start any more.
+                self.fail(format!("copying {n} bytes at {at} ahead of a write: {e}"));
+                return Err(e);
+            }
         }
         Ok(())
     }
 
+    /// Ends it failed (the image is no longer the copy at the start): the copier stops.
+    pub fn fail(&self, why: String) {
+        let mut st = lock(&self.chunks);
+        st.progress.error.get_or_insert(why);
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
     /// The copier: every chunk of `data` that holds data and is not in the image yet, in
     /// order, at most `rate` bytes a second, the image's pages written out as it goes (so
-    /// that the disk keeps room for the copy's own syncs); then the image is made durable.
-    /// Stops when cancelled.
+    /// that the disk keeps room for the copy's own syncs). Stops when cancelled. Once it is
+    /// through, the snapshot is taken out of its copy's write path and `finish` makes the
+    /// image whole.
     pub fn run(&self, data: &File, rate: u64) -> Result<(), String> {
         let mut buf = vec![0u8; BATCH as usize];
         let mut at = 0u64;
@@ -214,19 +228,35 @@ impl Snapshot {
                 }
                 at = end;
             }
-            self.image
-                .sync_all()
-                .map_err(|e| format!("making the image durable: {e}"))
+            Ok(())
         })();
         let mut st = lock(&self.chunks);
-        match &r {
-            Ok(()) => {
-                st.progress.done = self.capacity;
-                st.progress.finished = true;
+        match (&r, &st.progress.error) {
+            (Ok(()), Some(e)) => Err(e.clone()),
+            (Ok(()), None) => Ok(()),
+            (Err(e), _) => {
+                st.progress.error.get_or_insert(e.clone());
+                r
             }
-            Err(e) => st.progress.error = Some(e.clone()),
         }
-        r
+    }
+
+    /// Makes the image durable and says it is whole: once the copier is through and no write
+    /// can copy ahead any more (the snapshot is out of its copy's write path), so that the
+    /// image's bytes never change after it says so.
+    pub fn finish(&self) -> Result<(), String> {
+        if let Err(e) = self.image.sync_all() {
+            let why = format!("making the image durable: {e}");
+            self.fail(why.clone());
+            return Err(why);
+        }
+        let mut st = lock(&self.chunks);
+        if let Some(e) = &st.progress.error {
+            return Err(e.clone());
+        }
+        st.progress.done = self.capacity;
+        st.progress.finished = true;
+        Ok(())
     }
 
     /// Stops the copier.
@@ -276,6 +306,8 @@ mod tests {
             data.write_all_at(&vec![0xee; len as usize], off).unwrap();
         }
         s.run(&data, u64::MAX).unwrap();
+        assert!(!s.progress().finished, "whole only once finished");
+        s.finish().unwrap();
         let p = s.progress();
         assert!(p.finished && p.error.is_none() && p.done == size, "{p:?}");
         assert!(p.saved_by_writes >= 4, "{p:?}");
@@ -289,6 +321,12 @@ mod tests {
             Snapshot::new(&dir.join("image"), size).is_err(),
             "never over a file"
         );
+        // One failed ahead of a write (or promoted): the copier says so, never "finished".
+        let u = Snapshot::new(&dir.join("image3"), size).unwrap();
+        u.fail("the copy was promoted".into());
+        assert!(u.run(&data, u64::MAX).is_err());
+        assert!(u.finish().is_err());
+        assert!(!u.progress().finished);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -94,8 +94,9 @@ fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
         at_ms: now_ms(),
         outcome,
     };
-    // Told until the cluster takes it (a task left running is no one's).
-    let told = (0..10)
+    // Told until the cluster takes it (a task left running is no one's): for ten minutes at
+    // most, when this server, without a quorum that long, has fenced itself anyway.
+    let told = (0..600)
         .any(|_| s.propose(ended.clone()) || (std::thread::sleep(Duration::from_secs(1)), false).1);
     match made {
         // Listed now (or refused, and then deleted as unlisted files).
@@ -176,6 +177,15 @@ fn backup_disks(
             return Err("cancelled".into());
         }
         let now = snapshots()?;
+        if let Some(n) = names
+            .iter()
+            .zip(&now)
+            .find_map(|(n, p)| p.image.as_os_str().is_empty().then_some(n))
+        {
+            return Err(format!(
+                "blockd has no snapshot of disk {n} any more (it restarted?)"
+            ));
+        }
         if let Some((n, e)) = names
             .iter()
             .zip(&now)

@@ -721,8 +721,15 @@ pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
         if !placed_before {
             continue;
         }
+        // A task's work directory lasts as long as its task runs.
+        let task_running = name
+            .strip_prefix(".work-task-")
+            .and_then(|id| id.parse::<u64>().ok())
+            .and_then(|id| state.tasks.get(&id))
+            .is_some_and(|t| t.state == crate::state_machine::TaskState::Running);
         // An upload or a work directory a day old was left by a server that stopped.
-        let stale_part = (name.ends_with(".part") || name.starts_with(".work-"))
+        let stale_part = !task_running
+            && (name.ends_with(".part") || name.starts_with(".work-"))
             && e.metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(86_400)));

@@ -174,6 +174,11 @@ pub fn parse_ovf(xml: &str) -> Result<Descriptor, OvaError> {
                     "disk {id:?}: its capacity is not a number of {units:?}"
                 ))
             })?;
+        if disks.iter().any(|(_, d)| d.file == *file) {
+            return refused(format!(
+                "disk {id:?} names file {file:?}, which another disk names too"
+            ));
+        }
         disks.push((
             id.to_string(),
             OvfDisk {
@@ -710,7 +715,13 @@ pub fn import(
             "converting Disk{i} ({}, {size} bytes) to raw",
             format.name()
         ));
-        let raw = work.join(format!("disk{i}.raw.part"));
+        // A name no entry of the archive can have (entries starting with '.' are refused):
+        // a converted disk never replaces an entry still to be checked or converted.
+        let raw = work.join(format!(".disk{i}.raw.part"));
+        // Checked again right before: what is converted is what was inspected.
+        if inspect(&path, format)? != size {
+            return refused(format!("Disk{i} changed while it was imported"));
+        }
         qemu_img(
             &[
                 "convert".as_ref(),
@@ -723,7 +734,14 @@ pub fn import(
                 raw.as_os_str(),
             ],
             &format!("converting Disk{i}"),
-        )?;
+        )
+        .map_err(|e| match e {
+            // An image whose headers pass but whose tables do not: the archive's fault.
+            OvaError::Io { what, source } if source.kind() == io::ErrorKind::Other => {
+                OvaError::Refused(format!("{what}: qemu-img cannot read it: {source}"))
+            }
+            e => e,
+        })?;
         // The unpacked file is no longer needed: its space goes back now.
         let _ = std::fs::remove_file(&path);
         progress(format!("hashing Disk{i}"));
@@ -1011,6 +1029,8 @@ mod tests {
             "ovf:capacity=\"99999999999999999999\"",
         );
         assert!(refused(&huge).contains("capacity"));
+        let twice = VBOX.replace("ovf:fileRef=\"file2\"", "ovf:fileRef=\"file1\"");
+        assert!(refused(&twice).contains("another disk names too"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::keys::{disk_key, json_bytes, revoked_key, server_key, vm_key};
 use super::rights::Actor;
 use super::{
     Acted, Capacity, DiskRecord, LiveMove, Outcome, RecordWrite, Refusal, ServerRecord,
-    StateMachine,
+    StateMachine, TaskState,
 };
 use crate::access;
 
@@ -212,6 +212,28 @@ impl StateMachine {
             return Err(Refusal::conflict(format!(
                 "server {id} is a witness: it holds no disks"
             )));
+        }
+        // A task copying a VM's disks (a copy back, a backup) needs them where they are.
+        for t in self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running)
+        {
+            let Some(vm) = t.kind.vm().and_then(|vm| self.vm_by_id(vm)) else {
+                continue;
+            };
+            let here = vm
+                .disks
+                .iter()
+                .filter_map(|d| self.disks.get(d))
+                .any(|d| d.primary == id || d.backup == Some(id));
+            if here {
+                return Err(Refusal::conflict(format!(
+                    "server {id}: task {} is {} there: wait for it or cancel it, then drain",
+                    t.id,
+                    super::describe_task(&t.kind)
+                )));
+            }
         }
         // Its running VMs move live, their disks at their switch; the others' disks move now.
         let live: Vec<String> = self

@@ -734,6 +734,11 @@ mod tests {
         assert!(refused(act(&mut sm, p, backup("b2")))
             .reason
             .contains("task"));
+        let drain = Action::DrainServer { id: backup_server };
+        assert!(
+            refused(act(&mut sm, m, drain)).reason.contains("task"),
+            "its disks stay where the backup reads them"
+        );
         sm.apply(
             &Command::SetServerDown {
                 id: primary,
