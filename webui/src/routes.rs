@@ -1169,14 +1169,7 @@ impl App {
         name: String,
     ) -> Result<Response<Body>, ApiError> {
         let c = self.caller(req, true).await?;
-        manager_only(&c)?;
-        access::check_name("ISO", &name).map_err(ApiError::bad_request)?;
-        if c.state.isos.contains_key(&name) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("ISO {name} exists: delete it first"),
-            ));
-        }
+        new_library_entry(&c, "ISO", &name, c.state.isos.contains_key(&name))?;
         let dir = self.cluster.library_dir();
         let store = |e: std::io::Error| {
             ApiError::new(
@@ -1234,14 +1227,12 @@ impl App {
         name: String,
     ) -> Result<Response<Body>, ApiError> {
         let c = self.caller(req, true).await?;
-        manager_only(&c)?;
-        access::check_name("appliance", &name).map_err(ApiError::bad_request)?;
-        if c.state.appliances.contains_key(&name) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("appliance {name} exists: delete it first"),
-            ));
-        }
+        new_library_entry(
+            &c,
+            "appliance",
+            &name,
+            c.state.appliances.contains_key(&name),
+        )?;
         let dir = self.cluster.library_dir();
         let internal = |what: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, what);
         std::fs::create_dir_all(&dir)
@@ -1829,6 +1820,20 @@ fn server_id(c: &Caller, id: &str) -> Result<u64, ApiError> {
         .contains_key(&n)
         .then_some(n)
         .ok_or_else(|| ApiError::not_found(format!("no server {n}")))
+}
+
+/// Whether `c` may add `what` `name` to the library (`exists`: the name is taken): a Manager,
+/// a valid name, a free one.
+fn new_library_entry(c: &Caller, what: &str, name: &str, exists: bool) -> Result<(), ApiError> {
+    manager_only(c)?;
+    access::check_name(what, name).map_err(ApiError::bad_request)?;
+    if exists {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{what} {name} exists: delete it first"),
+        ));
+    }
+    Ok(())
 }
 
 fn manager_only(c: &Caller) -> Result<(), ApiError> {

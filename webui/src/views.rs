@@ -509,14 +509,28 @@ pub struct ApplianceView {
     pub shared_with: Option<Vec<u64>>,
 }
 
-/// The library's appliances `viewer` may use, by name.
-pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceView> {
-    let vm_servers: Vec<u64> = state
+/// The VM servers (not witnesses), by id.
+fn vm_server_ids(state: &StateMachine) -> Vec<u64> {
+    state
         .servers
         .values()
         .filter(|s| !s.witness)
         .map(|s| s.id)
-        .collect();
+        .collect()
+}
+
+/// Which of `holders` (of a library file) are VM servers.
+fn holding(holders: &std::collections::BTreeSet<u64>, vm_servers: &[u64]) -> Vec<u64> {
+    holders
+        .iter()
+        .copied()
+        .filter(|s| vm_servers.contains(s))
+        .collect()
+}
+
+/// The library's appliances `viewer` may use, by name.
+pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceView> {
+    let vm_servers = vm_server_ids(state);
     state
         .appliances
         .values()
@@ -533,12 +547,7 @@ pub fn appliances(state: &StateMachine, viewer: &UserRecord) -> Vec<ApplianceVie
             origin: a.origin.clone(),
             created_by: state.users.get(&a.created_by).map(|u| u.name.clone()),
             created_ms: a.created_ms,
-            servers: a
-                .servers
-                .iter()
-                .copied()
-                .filter(|s| vm_servers.contains(s))
-                .collect(),
+            servers: holding(&a.servers, &vm_servers),
             vm_servers: vm_servers.len(),
             shared_with: (viewer.role == Role::Manager)
                 .then(|| a.shared_with.iter().copied().collect()),
@@ -650,12 +659,7 @@ pub struct IsoView {
 
 /// The library's ISO images, by name, as `viewer` sees them: in use by the VMs it may see.
 pub fn isos(state: &StateMachine, viewer: &UserRecord) -> Vec<IsoView> {
-    let vm_servers: Vec<u64> = state
-        .servers
-        .values()
-        .filter(|s| !s.witness)
-        .map(|s| s.id)
-        .collect();
+    let vm_servers = vm_server_ids(state);
     state
         .isos
         .values()
@@ -665,12 +669,7 @@ pub fn isos(state: &StateMachine, viewer: &UserRecord) -> Vec<IsoView> {
             sha256: i.sha256.clone(),
             uploaded_by: state.users.get(&i.uploaded_by).map(|u| u.name.clone()),
             uploaded_ms: i.uploaded_ms,
-            servers: i
-                .servers
-                .iter()
-                .copied()
-                .filter(|s| vm_servers.contains(s))
-                .collect(),
+            servers: holding(&i.servers, &vm_servers),
             vm_servers: vm_servers.len(),
             in_use_by: state
                 .vms
