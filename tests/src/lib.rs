@@ -12,6 +12,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod blockd;
 pub mod cluster;
 pub mod linearizability;
 pub mod netns;

@@ -17,17 +17,16 @@
 //! BENCH_ROUNDS, BENCH_ONLY (backup or import), BENCH_DIR (/var/tmp).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use blockrepl::daemon::Request;
 use blockrepl::net::MirrorNet;
-use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
 use blockrepl::store::BlockStore;
 use enspeed_tests::web::{Web, WebCluster, PASSWORD};
-use enspeed_tests::{enspeed_bin, env_u64, mib_per_s, percentile, sh_timed};
+use enspeed_tests::{env_u64, mib_per_s, percentile, sh_timed};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -177,71 +176,11 @@ fn writes(s: &dyn BlockStore, size: u64, most: usize, until: &dyn Fn() -> bool) 
 /// The live backup half: answers its Markdown rows.
 fn backup(dir: &Path) -> String {
     let size = env_u64("BENCH_BACKUP_MIB", 4096) << 20;
-    let bdir = dir.join("backup");
-    std::fs::create_dir_all(&bdir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let control = bdir.join("control.sock");
-    let mut child = Command::new(enspeed_bin())
-        .arg("blockd")
-        .arg("--dir")
-        .arg(bdir.join("disks"))
-        .args(["--listen", &addr, "--plaintext-mirror", "--control"])
-        .arg(&control)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn blockd");
+    let (backup, addr) =
+        enspeed_tests::blockd::backup(&dir.join("backup"), "127.0.0.1", None, None, size);
+    let control = backup.control.clone();
     let call = |r: &Request| blockrepl::daemon::call(&control, r);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = call(&Request::Create {
-            name: "d".into(),
-            size,
-            region_size: None,
-            backup: true,
-            pool: None,
-            from: None,
-            image: None,
-            peer_server: None,
-            disk_id: None,
-        });
-        match r {
-            Ok(resp) if resp.ok => break,
-            Ok(resp) => panic!("creating the backup disk: {:?}", resp.error),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("blockd did not start: {e}"),
-        }
-    }
-    let pdir = dir.join("primary");
-    std::fs::create_dir_all(&pdir).unwrap();
-    let p = Replica::create(
-        &pdir,
-        "d",
-        size,
-        1 << 20,
-        NewRole::Primary,
-        None,
-        None,
-        Timing::default(),
-        Arc::new(MirrorNet::Plain),
-    )
-    .unwrap();
-    blockrepl::resync::start(&p).unwrap();
-    p.set_peer(Some(addr.clone()), None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while p.status().link != LinkState::InSync {
-        assert!(
-            Instant::now() < deadline,
-            "no sync: {:?}",
-            p.status().last_error
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let p = enspeed_tests::blockd::primary(&dir.join("primary"), &addr, MirrorNet::Plain, size);
     // Full of data, as a used disk is: the copier has all of it to copy.
     for m in 0..size >> 20 {
         write_wait(&*p, m << 20, vec![(m as u8) | 0x80; 1 << 20], false);
@@ -282,8 +221,7 @@ fn backup(dir: &Path) -> String {
     });
     let copier = t.elapsed();
     let saved = watcher.join().unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(backup);
     let row = |what: &str, l: &[Duration], base: &[Duration]| {
         let (p50, p99) = (percentile(l, 0.5), percentile(l, 0.99));
         format!(

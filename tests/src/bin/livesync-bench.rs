@@ -15,15 +15,15 @@
 //! BENCH_OPS (4 KiB writes per measurement, default 2000), BENCH_ROUNDS (3).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrepl::net::MirrorNet;
-use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
 use blockrepl::store::{BlockStore, FileStore};
-use enspeed_tests::{enspeed_bin, Scratch};
+use enspeed_tests::blockd::{backup, primary};
+use enspeed_tests::Scratch;
 
 const DISK: u64 = 512 << 20;
 const NS: &str = "enspeed-bench";
@@ -202,121 +202,6 @@ fn relay_one_way(mut from: std::net::TcpStream, mut to: std::net::TcpStream, del
         }
         let _ = to.shutdown(std::net::Shutdown::Both);
     });
-}
-
-struct Backup {
-    child: Child,
-    _dir: PathBuf,
-}
-
-impl Drop for Backup {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a backup blockd listening on `ip`, optionally in the namespace,
-/// with an empty backup disk `d`; mirror links over TLS with the certificate in `tls`, or
-/// plain TCP.
-fn backup(dir: &Path, ip: &str, in_ns: bool, tls: Option<&Path>) -> (Backup, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    // A fresh namespace has every port free; on loopback ask for one.
-    let port = if in_ns {
-        if tls.is_some() {
-            7700
-        } else {
-            7702
-        }
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let addr = format!("{ip}:{port}");
-    let control = dir.join("control.sock");
-    let mut cmd = if in_ns {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", NS]).arg(enspeed_bin());
-        c
-    } else {
-        Command::new(enspeed_bin())
-    };
-    cmd.arg("blockd")
-        .arg("--dir")
-        .arg(dir.join("disks"))
-        .args(["--listen", &addr, "--control"])
-        .arg(&control);
-    match tls {
-        Some(d) => cmd.arg("--tls").arg(d),
-        None => cmd.arg("--plaintext-mirror"),
-    };
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn blockd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = blockrepl::daemon::call(
-            &control,
-            &blockrepl::daemon::Request::Create {
-                name: "d".into(),
-                size: DISK,
-                region_size: None,
-                backup: true,
-                pool: None,
-                from: None,
-                image: None,
-                peer_server: None,
-                disk_id: None,
-            },
-        );
-        match r {
-            Ok(resp) if resp.ok => break,
-            Ok(resp) => panic!("creating the backup disk: {:?}", resp.error),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("blockd did not start: {e}"),
-        }
-    }
-    (
-        Backup {
-            child,
-            _dir: dir.to_owned(),
-        },
-        addr,
-    )
-}
-
-/// A primary in this process mirrored to `peer` (over `net`), in sync.
-fn primary(dir: &Path, peer: &str, net: MirrorNet) -> Arc<Replica> {
-    std::fs::create_dir_all(dir).unwrap();
-    let r = Replica::create(
-        dir,
-        "d",
-        DISK,
-        1 << 20,
-        NewRole::Primary,
-        None,
-        None,
-        Timing::default(),
-        Arc::new(net),
-    )
-    .unwrap();
-    blockrepl::resync::start(&r).unwrap();
-    r.set_peer(Some(peer.to_owned()), None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while r.status().link != LinkState::InSync {
-        assert!(
-            Instant::now() < deadline,
-            "no sync with {peer}: {:?}",
-            r.status().last_error
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    r
 }
 
 fn write_wait(s: &dyn BlockStore, off: u64, data: Vec<u8>, fua: bool) {
@@ -559,11 +444,21 @@ fn main() {
     one.create_cluster(1).unwrap();
     two_tls.install(&one.enroll(2).unwrap()).unwrap();
     let tls = || MirrorNet::tls(&one.0).unwrap();
-    let (_b1, addr1) = backup(&dir.join("backup-lo"), "127.0.0.1", false, Some(&two_tls.0));
-    let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1, tls());
-    let (_b1p, addr1p) = backup(&dir.join("backup-lo-plain"), "127.0.0.1", false, None);
-    let lo_plain: Arc<dyn BlockStore> =
-        primary(&dir.join("primary-lo-plain"), &addr1p, MirrorNet::Plain);
+    let (_b1, addr1) = backup(
+        &dir.join("backup-lo"),
+        "127.0.0.1",
+        None,
+        Some(&two_tls.0),
+        DISK,
+    );
+    let lo: Arc<dyn BlockStore> = primary(&dir.join("primary-lo"), &addr1, tls(), DISK);
+    let (_b1p, addr1p) = backup(&dir.join("backup-lo-plain"), "127.0.0.1", None, None, DISK);
+    let lo_plain: Arc<dyn BlockStore> = primary(
+        &dir.join("primary-lo-plain"),
+        &addr1p,
+        MirrorNet::Plain,
+        DISK,
+    );
     let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -581,8 +476,20 @@ fn main() {
         .args(["echo", &format!("{NS_PEER_IP}:7701")])
         .spawn()
         .expect("start the echo server in the namespace");
-    let (_b2, addr2) = backup(&dir.join("backup-ns"), NS_PEER_IP, true, Some(&two_tls.0));
-    let (_b2p, addr2p) = backup(&dir.join("backup-ns-plain"), NS_PEER_IP, true, None);
+    let (_b2, addr2) = backup(
+        &dir.join("backup-ns"),
+        NS_PEER_IP,
+        Some(NS),
+        Some(&two_tls.0),
+        DISK,
+    );
+    let (_b2p, addr2p) = backup(
+        &dir.join("backup-ns-plain"),
+        NS_PEER_IP,
+        Some(NS),
+        None,
+        DISK,
+    );
     let (peer, peer_plain, echo_addr, how) = if netem {
         (
             addr2,
@@ -599,9 +506,13 @@ fn main() {
             "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
         )
     };
-    let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer, tls());
-    let ns_plain: Arc<dyn BlockStore> =
-        primary(&dir.join("primary-ns-plain"), &peer_plain, MirrorNet::Plain);
+    let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer, tls(), DISK);
+    let ns_plain: Arc<dyn BlockStore> = primary(
+        &dir.join("primary-ns-plain"),
+        &peer_plain,
+        MirrorNet::Plain,
+        DISK,
+    );
 
     let rows = measure_all(
         &[
