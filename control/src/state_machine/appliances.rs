@@ -245,6 +245,11 @@ fn check_vm_shape(
             "appliance {name}: {vcpus} vCPUs, 1 to 255"
         )));
     }
+    check_description(name, description)
+}
+
+/// Whether appliance `name` may have `description` (at most `MAX_DESCRIPTION` bytes).
+pub(super) fn check_description(name: &str, description: &str) -> Result<(), Refusal> {
     if description.len() > MAX_DESCRIPTION {
         return Err(Refusal::conflict(format!(
             "appliance {name}: a description of {} bytes, at most {MAX_DESCRIPTION}",

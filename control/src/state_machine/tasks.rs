@@ -272,13 +272,7 @@ impl StateMachine {
     /// appliance has and no running task makes.
     fn check_new_task_appliance(&self, name: &str, description: &str) -> Result<(), Refusal> {
         access::check_name("appliance", name)?;
-        if description.len() > super::MAX_APPLIANCE_DESCRIPTION {
-            return Err(Refusal::conflict(format!(
-                "appliance {name}: a description of {} bytes, at most {}",
-                description.len(),
-                super::MAX_APPLIANCE_DESCRIPTION
-            )));
-        }
+        super::appliances::check_description(name, description)?;
         let taken = self.appliances.contains_key(name)
             || self
                 .tasks
