@@ -103,6 +103,15 @@ impl StateMachine {
         Ok(a.disks.iter().map(|d| d.sha256.clone()).collect())
     }
 
+    /// A disk still being made from one of appliance `a`'s images, if there is one.
+    pub(super) fn disk_made_from(&self, a: &ApplianceRecord) -> Option<&super::DiskRecord> {
+        self.disks.values().find(|d| {
+            d.image
+                .as_ref()
+                .is_some_and(|i| a.disks.iter().any(|x| &x.sha256 == i))
+        })
+    }
+
     /// Applies an action on the appliance library for `by` (`act` routes them here).
     pub(super) fn act_on_appliance(
         &mut self,
@@ -203,12 +212,7 @@ impl StateMachine {
                     .appliances
                     .get(name)
                     .ok_or_else(|| Refusal::not_found(format!("no appliance {name}")))?;
-                let making = self.disks.values().find(|d| {
-                    d.image
-                        .as_ref()
-                        .is_some_and(|i| a.disks.iter().any(|x| &x.sha256 == i))
-                });
-                if let Some(d) = making {
+                if let Some(d) = self.disk_made_from(a) {
                     return Err(Refusal::conflict(format!(
                         "appliance {name}: disk {} is still being made from it: try again once its VM is created",
                         d.name

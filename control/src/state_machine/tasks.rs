@@ -143,13 +143,10 @@ impl StateMachine {
         backups.sort();
         let old = backups.len().saturating_sub(keep);
         for (_, name) in backups.into_iter().take(old) {
-            let in_use = self.appliances.get(&name).is_some_and(|a| {
-                self.disks.values().any(|d| {
-                    d.image
-                        .as_ref()
-                        .is_some_and(|i| a.disks.iter().any(|x| &x.sha256 == i))
-                })
-            });
+            let in_use = self
+                .appliances
+                .get(&name)
+                .is_some_and(|a| self.disk_made_from(a).is_some());
             if in_use {
                 continue;
             }
