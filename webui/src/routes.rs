@@ -450,10 +450,7 @@ impl App {
                     )
                     .await?;
                 let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
-                let state = self.cluster.state().await?;
-                let view = views::tasks(&state, &c.user)
-                    .into_iter()
-                    .find(|t| t.id == task);
+                let view = self.task_view(task, &c.user).await?;
                 Ok(json_response(StatusCode::ACCEPTED, &view))
             }
             (Method::POST, ["vms", id, "backup"]) => {
@@ -477,10 +474,7 @@ impl App {
                     )
                     .await?;
                 let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
-                let state = self.cluster.state().await?;
-                let view = views::tasks(&state, &c.user)
-                    .into_iter()
-                    .find(|t| t.id == task);
+                let view = self.task_view(task, &c.user).await?;
                 Ok(json_response(StatusCode::ACCEPTED, &view))
             }
             (Method::POST, ["vms", id, "backup-schedule"]) => {
@@ -513,11 +507,7 @@ impl App {
                 self.cluster
                     .act(c.user.id, Action::CancelTask { id: n })
                     .await?;
-                let state = self.cluster.state().await?;
-                let view = views::tasks(&state, &c.user)
-                    .into_iter()
-                    .find(|t| t.id == n);
-                Ok(ok(&view))
+                Ok(ok(&self.task_view(n, &c.user).await?))
             }
             (Method::POST, ["vms", id, "clone"]) => {
                 let c = self.caller(&req, true).await?;
@@ -1201,6 +1191,18 @@ impl App {
             StatusCode::CREATED,
             &json!({ "name": name, "size": size, "sha256": sha256, "server": self.cluster.id() }),
         ))
+    }
+
+    /// Task `id` as `viewer` sees it now (null when it may not).
+    async fn task_view(
+        &self,
+        id: u64,
+        viewer: &UserRecord,
+    ) -> Result<Option<views::TaskView>, ApiError> {
+        let state = self.cluster.state().await?;
+        Ok(views::tasks(&state, viewer)
+            .into_iter()
+            .find(|t| t.id == id))
     }
 
     /// The view of appliance `name` as `viewer` sees it now (404 when it may not).
