@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::process::Command;
 
 use serde::Deserialize;
@@ -333,39 +333,100 @@ pub fn parse_manifest(text: &str) -> Result<BTreeMap<String, (DigestKind, String
     Ok(out)
 }
 
-/// An archive's files, unpacked into a work directory.
+/// An entry of an archive, read where it lies: qemu-img later reads a disk in place.
+#[derive(Clone, Debug, Default)]
+pub struct Entry {
+    /// Where its bytes start in the archive.
+    pub offset: u64,
+    /// Its bytes.
+    pub size: u64,
+    /// Its SHA-1, hex, if it was computed (no manifest read before it, or one asking for it).
+    sha1: Option<String>,
+    /// Its SHA-256, hex, likewise.
+    sha256: Option<String>,
+}
+
+impl Entry {
+    /// Its digest of `kind`, hex, if it was computed.
+    pub fn digest(&self, kind: DigestKind) -> Option<&str> {
+        match kind {
+            DigestKind::Sha1 => self.sha1.as_deref(),
+            DigestKind::Sha256 => self.sha256.as_deref(),
+        }
+    }
+}
+
+/// An archive read once, as it arrived: its entries checked and hashed, its descriptor and
+/// manifest kept.
 #[derive(Debug)]
-pub struct Unpacked {
-    /// The work directory holding them.
-    pub dir: PathBuf,
-    /// Each file's path, by its name in the archive.
-    pub files: BTreeMap<String, PathBuf>,
+pub struct Scanned {
+    /// Every entry, by its name.
+    pub entries: BTreeMap<String, Entry>,
     /// The descriptor's name.
     pub ovf: String,
+    /// The descriptor's text.
+    pub descriptor: String,
+    /// The manifest's name and text, if there is one.
+    pub manifest: Option<(String, String)>,
     /// The archive's bytes.
     pub packed: u64,
 }
 
-/// Unpacks OVA `archive` into `dir` (which it creates), checking every entry.
-pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
-    let f = File::open(archive).map_err(io_err(format!("opening {}", archive.display())))?;
-    let packed = f.metadata().map_err(io_err("the archive"))?.len();
-    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+/// Hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digests asked for, over one reading.
+struct Digests {
+    sha1: Option<sha1::Sha1>,
+    sha256: Option<sha2::Sha256>,
+}
+
+impl Digests {
+    fn new(sha1: bool, sha256: bool) -> Digests {
+        Digests {
+            sha1: sha1.then(sha1::Sha1::new),
+            sha256: sha256.then(sha2::Sha256::new),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(h) = &mut self.sha1 {
+            h.update(bytes);
+        }
+        if let Some(h) = &mut self.sha256 {
+            h.update(bytes);
+        }
+    }
+
+    fn finish(self, e: &mut Entry) {
+        e.sha1 = self.sha1.map(|h| hex(&h.finalize()));
+        e.sha256 = self.sha256.map(|h| hex(&h.finalize()));
+    }
+}
+
+/// Reads OVA `input` (`packed` bytes in all) once, from its start, as it arrives: checks every
+/// entry and where it lies, keeps the descriptor's and manifest's texts, and hashes every other
+/// entry with the digest the manifest names for it (read before it, as OVF orders them) or,
+/// no manifest read yet, with both. Reads `input` to its end.
+pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
     // An OVA is a ustar archive (OVF's own rule): its first header says so.
     let mut head = [0u8; 512];
-    let mut f = f;
-    let is_tar = f.read_exact(&mut head).is_ok() && &head[257..262] == b"ustar";
+    let is_tar = input.read_exact(&mut head).is_ok() && &head[257..262] == b"ustar";
     if !is_tar {
         return refused(
             "this is not an OVA: not a tar (ustar) archive, and so no .ovf descriptor in it",
         );
     }
-    io::Seek::seek(&mut f, io::SeekFrom::Start(0)).map_err(io_err("the archive"))?;
-    let mut tar = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
     let damaged =
         |e: io::Error| OvaError::Refused(format!("the archive is cut short or damaged: {e}"));
-    let mut files = BTreeMap::new();
-    let mut entries = 0;
+    let mut tar = tar::Archive::new(io::Cursor::new(head).chain(input));
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let mut descriptor: Option<(String, String)> = None;
+    let mut manifest: Option<(String, String)> = None;
+    let mut listed: Option<BTreeMap<String, (DigestKind, String)>> = None;
+    let mut buf = vec![0u8; 1 << 20];
     for entry in tar.entries().map_err(damaged)? {
         let mut entry = entry.map_err(damaged)?;
         let kind = entry.header().entry_type();
@@ -391,11 +452,10 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
         if name.starts_with('.') || name.contains('\\') {
             return refused(format!("archive entry {shown:?}: a hidden or odd name"));
         }
-        entries += 1;
-        if entries > MAX_ENTRIES {
+        if entries.len() >= MAX_ENTRIES {
             return refused(format!("the archive has more than {MAX_ENTRIES} entries"));
         }
-        if files.contains_key(&name) {
+        if entries.contains_key(&name) {
             return refused(format!("archive entry {name:?} comes twice"));
         }
         let size = entry.header().size().map_err(damaged)?;
@@ -404,95 +464,144 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, OvaError> {
                 "archive entry {name:?} claims {size} bytes, more than the archive's {packed}: it is cut short or damaged"
             ));
         }
-        let to = dir.join(&name);
-        let mut out = File::create(&to).map_err(io_err(format!("creating {}", to.display())))?;
-        let mut copied = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut e = Entry {
+            offset: entry.raw_file_position(),
+            size,
+            ..Entry::default()
+        };
+        let is_ovf = name.ends_with(".ovf");
+        let is_mf = name.ends_with(".mf");
         let mut rest = (&mut entry).take(size);
-        loop {
-            let n = rest.read(&mut buf).map_err(damaged)?;
-            if n == 0 {
-                break;
+        if is_ovf || is_mf {
+            // Small texts, read whole (and hashed both ways: a manifest lists the descriptor).
+            if size > MAX_OVF_BYTES {
+                return refused(format!("{name} has {size} bytes, at most {MAX_OVF_BYTES}"));
             }
-            out.write_all(&buf[..n])
-                .map_err(io_err(format!("writing {}", to.display())))?;
-            copied += n as u64;
+            let mut bytes = Vec::with_capacity(size as usize);
+            rest.read_to_end(&mut bytes).map_err(damaged)?;
+            if bytes.len() as u64 != size {
+                return refused(format!(
+                    "archive entry {name:?} is cut short: {} of {size} bytes",
+                    bytes.len()
+                ));
+            }
+            let mut d = Digests::new(true, true);
+            d.update(&bytes);
+            d.finish(&mut e);
+            let text = String::from_utf8(bytes)
+                .or_else(|err| refused(format!("{name} is not UTF-8 text: {err}")))?;
+            let slot = if is_ovf {
+                &mut descriptor
+            } else {
+                &mut manifest
+            };
+            if slot.is_some() {
+                return refused(format!(
+                    "the archive has more than one {}",
+                    if is_ovf {
+                        ".ovf descriptor"
+                    } else {
+                        ".mf manifest"
+                    }
+                ));
+            }
+            if is_mf {
+                listed = Some(parse_manifest(&text)?);
+            }
+            *slot = Some((name.clone(), text));
+        } else {
+            let mut d = match listed.as_ref().map(|l| l.get(&name).map(|(k, _)| *k)) {
+                None => Digests::new(true, true),
+                Some(None) => Digests::new(false, false),
+                Some(Some(k)) => Digests::new(k == DigestKind::Sha1, k == DigestKind::Sha256),
+            };
+            let mut read = 0u64;
+            loop {
+                let n = rest.read(&mut buf).map_err(damaged)?;
+                if n == 0 {
+                    break;
+                }
+                d.update(&buf[..n]);
+                read += n as u64;
+            }
+            if read != size {
+                return refused(format!(
+                    "archive entry {name:?} is cut short: {read} of {size} bytes"
+                ));
+            }
+            d.finish(&mut e);
         }
-        if copied != size {
-            return refused(format!(
-                "archive entry {name:?} is cut short: {copied} of {size} bytes"
-            ));
-        }
-        files.insert(name, to);
+        entries.insert(name, e);
     }
-    let ovfs: Vec<&String> = files.keys().filter(|n| n.ends_with(".ovf")).collect();
-    let ovf = match ovfs.as_slice() {
-        [one] => (*one).clone(),
-        [] => return refused("the archive has no .ovf descriptor: is it an OVA?"),
-        _ => return refused("the archive has more than one .ovf descriptor"),
+    // What follows the archive's end (its padding) is read too: a sender is never left waiting.
+    let _ = io::copy(&mut tar.into_inner(), &mut io::sink());
+    let Some((ovf, descriptor)) = descriptor else {
+        return refused("the archive has no .ovf descriptor: is it an OVA?");
     };
-    Ok(Unpacked {
-        dir: dir.to_path_buf(),
-        files,
+    Ok(Scanned {
+        entries,
         ovf,
+        descriptor,
+        manifest,
         packed,
     })
 }
 
-/// The digest of file `path` of `kind`, hex.
-fn digest_file(path: &Path, kind: DigestKind) -> io::Result<String> {
-    let mut f = BufReader::with_capacity(1 << 20, File::open(path)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sha1 = sha1::Sha1::new();
-    let mut sha256 = sha2::Sha256::new();
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        match kind {
-            DigestKind::Sha1 => sha1.update(&buf[..n]),
-            DigestKind::Sha256 => sha256.update(&buf[..n]),
-        }
-    }
-    let bytes: Vec<u8> = match kind {
-        DigestKind::Sha1 => sha1.finalize().to_vec(),
-        DigestKind::Sha256 => sha256.finalize().to_vec(),
-    };
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+/// `scan` of the archive in file `path`.
+pub fn scan_file(path: &Path) -> Result<Scanned, OvaError> {
+    let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let packed = f.metadata().map_err(io_err("the archive"))?.len();
+    scan(BufReader::with_capacity(1 << 20, f), packed)
 }
 
 /// Checks the archive's manifest, if it has one: it lists the descriptor and each of `disks`,
-/// and each file it lists is there with its digest.
-fn check_manifest(u: &Unpacked, disks: &[OvfDisk]) -> Result<(), OvaError> {
-    let Some((mf_name, mf)) = u.files.iter().find(|(n, _)| n.ends_with(".mf")) else {
+/// and each entry it lists is there with its digest.
+fn check_manifest(s: &Scanned, disks: &[OvfDisk]) -> Result<(), OvaError> {
+    let Some((mf_name, text)) = &s.manifest else {
         return Ok(());
     };
-    let mut text = String::new();
-    File::open(mf)
-        .and_then(|f| f.take(MAX_OVF_BYTES).read_to_string(&mut text))
-        .map_err(|e| OvaError::Refused(format!("manifest {mf_name}: {e}")))?;
-    let listed = parse_manifest(&text)?;
-    let needed = std::iter::once(&u.ovf).chain(disks.iter().map(|d| &d.file));
+    let listed = parse_manifest(text)?;
+    let needed = std::iter::once(&s.ovf).chain(disks.iter().map(|d| &d.file));
     for n in needed {
         if !listed.contains_key(n) {
             return refused(format!("manifest {mf_name} does not list {n}"));
         }
     }
     for (name, (kind, want)) in &listed {
-        let path = u.files.get(name).ok_or_else(|| {
+        let entry = s.entries.get(name).ok_or_else(|| {
             OvaError::Refused(format!(
                 "manifest {mf_name} lists {name}, which the archive lacks"
             ))
         })?;
-        let got = digest_file(path, *kind).map_err(io_err(format!("reading {name}")))?;
-        if &got != want {
+        let got = entry.digest(*kind).ok_or_else(|| {
+            OvaError::Refused(format!(
+                "{name}: its {kind:?} was not computed as the archive was read"
+            ))
+        })?;
+        if got != want {
             return refused(format!(
                 "{name} does not match the manifest: its {kind:?} is {got}, the manifest says {want}"
             ));
         }
     }
     Ok(())
+}
+
+/// The digest of file `path` of `kind`, hex.
+fn digest_file(path: &Path, kind: DigestKind) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut d = Digests::new(kind == DigestKind::Sha1, kind == DigestKind::Sha256);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        d.update(&buf[..n]);
+    }
+    let mut e = Entry::default();
+    d.finish(&mut e);
+    Ok(e.digest(kind).unwrap_or_default().to_string())
 }
 
 /// A disk image format qemu-img is told (never left to guess).
@@ -516,26 +625,128 @@ impl ImageFormat {
     }
 }
 
-/// The format of image `path`, from its first bytes.
-pub fn probe(path: &Path) -> Result<ImageFormat, OvaError> {
-    let mut head = [0u8; 32];
-    let mut f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-    let n = f
-        .read(&mut head)
-        .map_err(io_err(format!("reading {}", path.display())))?;
-    let head = &head[..n];
-    Ok(if head.starts_with(b"QFI\xfb") {
-        ImageFormat::Qcow2
-    } else if head.starts_with(b"KDMV") {
-        ImageFormat::Vmdk
-    } else if head.starts_with(b"# Disk DescriptorFile") {
-        return refused(format!(
-            "{}: a VMDK descriptor naming other files; only single-file VMDKs (monolithic sparse, stream-optimized) are taken",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ));
-    } else {
-        ImageFormat::Raw
-    })
+/// A disk image where it lies inside an archive, read there by qemu-img through its raw
+/// driver's offset and size: never copied out.
+pub struct InPlace<'a> {
+    /// The archive.
+    pub archive: &'a Path,
+    /// The entry's name, to speak of it.
+    pub name: &'a str,
+    /// Where it lies.
+    pub entry: &'a Entry,
+}
+
+impl InPlace<'_> {
+    /// The block node of its bytes: the archive's file, from its offset, for its size in whole
+    /// 512-byte blocks (qemu's rule; a tar pads each entry to them).
+    fn bytes_node(&self) -> serde_json::Value {
+        serde_json::json!({
+            "driver": "raw",
+            "offset": self.entry.offset,
+            "size": self.entry.size.div_ceil(512) * 512,
+            "file": {"driver": "file", "filename": self.archive},
+        })
+    }
+
+    /// Its qemu `json:` name, as an image of `format`.
+    fn spec(&self, format: ImageFormat) -> String {
+        let node = match format {
+            ImageFormat::Raw => self.bytes_node(),
+            f => serde_json::json!({"driver": f.name(), "file": self.bytes_node()}),
+        };
+        format!("json:{node}")
+    }
+
+    /// Its format, from its first bytes.
+    pub fn probe(&self) -> Result<ImageFormat, OvaError> {
+        use std::os::unix::fs::FileExt;
+        let mut head = [0u8; 32];
+        let f = File::open(self.archive)
+            .map_err(io_err(format!("opening {}", self.archive.display())))?;
+        let want = (self.entry.size as usize).min(head.len());
+        f.read_exact_at(&mut head[..want], self.entry.offset)
+            .map_err(io_err(format!("reading {}", self.name)))?;
+        let head = &head[..want];
+        Ok(if head.starts_with(b"QFI\xfb") {
+            ImageFormat::Qcow2
+        } else if head.starts_with(b"KDMV") {
+            ImageFormat::Vmdk
+        } else if head.starts_with(b"# Disk DescriptorFile") {
+            return refused(format!(
+                "{}: a VMDK descriptor naming other files; only single-file VMDKs (monolithic sparse, stream-optimized) are taken",
+                self.name
+            ));
+        } else {
+            ImageFormat::Raw
+        })
+    }
+
+    /// Its size as a disk of `format`, checked to stand alone: no backing file, no external
+    /// data file, no extent elsewhere than its own bytes.
+    pub fn inspect(&self, format: ImageFormat) -> Result<u64, OvaError> {
+        let shown = self.name;
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", format.name()])
+            .arg(self.spec(format))
+            .output()
+            .map_err(io_err("running qemu-img info (Debian's qemu-utils)"))?;
+        if !out.status.success() {
+            return refused(format!(
+                "{shown} is not a {} image qemu-img reads: {}",
+                format.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let info: ImageInfo = serde_json::from_slice(&out.stdout)
+            .or_else(|e| refused(format!("{shown}: qemu-img info: {e}")))?;
+        if let Some(b) = info.backing_filename {
+            return refused(format!(
+                "{shown} names a backing file ({b:?}): an image must stand alone"
+            ));
+        }
+        let data = info
+            .format_specific
+            .as_ref()
+            .and_then(|f| f.get("data"))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(d) = data.get("data-file") {
+            return refused(format!(
+                "{shown} keeps its data in another file ({d}): an image must stand alone"
+            ));
+        }
+        if format == ImageFormat::Vmdk {
+            // Each extent must be this entry's own bytes: qemu names them by the same node.
+            let me = self.bytes_node();
+            let extents = data
+                .get("extents")
+                .and_then(|e| e.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for e in &extents {
+                let file = e
+                    .get("filename")
+                    .and_then(|f| f.as_str())
+                    .unwrap_or_default();
+                let node = file
+                    .strip_prefix("json:")
+                    .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
+                if node.as_ref() != Some(&me) {
+                    return refused(format!(
+                        "{shown} has an extent in another file ({file:?}): an image must stand alone"
+                    ));
+                }
+            }
+        }
+        if info.virtual_size == 0 || info.virtual_size > MAX_DISK_BYTES {
+            return refused(format!(
+                "{shown}: a disk of {} bytes (1 to {} GiB)",
+                info.virtual_size,
+                MAX_DISK_BYTES >> 30
+            ));
+        }
+        Ok(info.virtual_size)
+    }
 }
 
 /// What `qemu-img info` says of an image.
@@ -547,75 +758,6 @@ struct ImageInfo {
     backing_filename: Option<String>,
     #[serde(rename = "format-specific")]
     format_specific: Option<serde_json::Value>,
-}
-
-/// The size of the disk image `path` of `format`, checked to be a single file: no backing
-/// file, no external data file, no extent elsewhere.
-pub fn inspect(path: &Path, format: ImageFormat) -> Result<u64, OvaError> {
-    let shown = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", format.name()])
-        .arg(path)
-        .output()
-        .map_err(io_err("running qemu-img info (Debian's qemu-utils)"))?;
-    if !out.status.success() {
-        return refused(format!(
-            "{shown} is not a {} image qemu-img reads: {}",
-            format.name(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let info: ImageInfo = serde_json::from_slice(&out.stdout)
-        .or_else(|e| refused(format!("{shown}: qemu-img info: {e}")))?;
-    if let Some(b) = info.backing_filename {
-        return refused(format!(
-            "{shown} names a backing file ({b:?}): an image must stand alone"
-        ));
-    }
-    let data = info
-        .format_specific
-        .as_ref()
-        .and_then(|f| f.get("data"))
-        .cloned()
-        .unwrap_or_default();
-    if let Some(d) = data.get("data-file") {
-        return refused(format!(
-            "{shown} keeps its data in another file ({d}): an image must stand alone"
-        ));
-    }
-    if format == ImageFormat::Vmdk {
-        let me = path
-            .canonicalize()
-            .map_err(io_err(format!("resolving {shown}")))?;
-        let extents = data
-            .get("extents")
-            .and_then(|e| e.as_array())
-            .cloned()
-            .unwrap_or_default();
-        for e in &extents {
-            let file = e
-                .get("filename")
-                .and_then(|f| f.as_str())
-                .unwrap_or_default();
-            if Path::new(file).canonicalize().ok().as_deref() != Some(me.as_path()) {
-                return refused(format!(
-                    "{shown} has an extent in another file ({file:?}): an image must stand alone"
-                ));
-            }
-        }
-    }
-    if info.virtual_size == 0 || info.virtual_size > MAX_DISK_BYTES {
-        return refused(format!(
-            "{shown}: a disk of {} bytes (1 to {} GiB)",
-            info.virtual_size,
-            MAX_DISK_BYTES >> 30
-        ));
-    }
-    Ok(info.virtual_size)
 }
 
 /// Free bytes of the file system holding `path`.
@@ -655,50 +797,45 @@ pub struct Imported {
     pub disks: Vec<Sealed>,
 }
 
-/// Imports OVA `archive`: unpacks and checks it in `work` (a new directory inside library
-/// directory `library`, removed by the caller), converts each disk to a raw image and seals
-/// it there. `progress` hears what it is doing.
+/// Imports OVA `archive`, read already by `scanned`: checks its descriptor and manifest, and
+/// converts each disk, read in place in the archive, to a raw image sealed in `work` (a new
+/// directory inside library directory `library`, removed by the caller). `progress` hears what
+/// it is doing.
 pub fn import(
     archive: &Path,
+    scanned: &Scanned,
     work: &Path,
     library: &Path,
     progress: &dyn Fn(String),
 ) -> Result<Imported, OvaError> {
-    let u = unpack(archive, work)?;
-    let ovf_path = &u.files[&u.ovf];
-    let len = std::fs::metadata(ovf_path)
-        .map_err(io_err("the descriptor"))?
-        .len();
-    if len > MAX_OVF_BYTES {
-        return refused(format!(
-            "the descriptor {} has {len} bytes, at most {MAX_OVF_BYTES}",
-            u.ovf
-        ));
-    }
-    let text = std::fs::read_to_string(ovf_path)
-        .or_else(|e| refused(format!("the descriptor {} is not UTF-8 text: {e}", u.ovf)))?;
-    let descriptor = parse_ovf(&text)?;
-    check_manifest(&u, &descriptor.disks)?;
+    std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
+    let descriptor = parse_ovf(&scanned.descriptor)?;
+    check_manifest(scanned, &descriptor.disks)?;
     let mut images = Vec::new();
     for (i, d) in descriptor.disks.iter().enumerate() {
-        let path = u.files.get(&d.file).ok_or_else(|| {
+        let entry = scanned.entries.get(&d.file).ok_or_else(|| {
             OvaError::Refused(format!("Disk{i}'s image {} is not in the archive", d.file))
         })?;
-        let format = probe(path)?;
-        let size = inspect(path, format)?;
+        let image = InPlace {
+            archive,
+            name: &d.file,
+            entry,
+        };
+        let format = image.probe()?;
+        let size = image.inspect(format)?;
         if size % 512 != 0 {
             return refused(format!(
                 "{}: {size} bytes is not whole 512-byte sectors",
                 d.file
             ));
         }
-        images.push((path.clone(), format, size));
+        images.push((image, format, size));
     }
     let expanded: u64 = images.iter().map(|i| i.2).sum();
-    if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > u.packed {
+    if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > scanned.packed {
         return refused(format!(
             "its disks expand to {expanded} bytes from an archive of {}: more than {MAX_EXPANSION} times",
-            u.packed
+            scanned.packed
         ));
     }
     let free =
@@ -710,18 +847,12 @@ pub fn import(
         ));
     }
     let mut disks = Vec::new();
-    for (i, (path, format, size)) in images.into_iter().enumerate() {
+    for (i, (image, format, size)) in images.into_iter().enumerate() {
         progress(format!(
             "converting Disk{i} ({}, {size} bytes) to raw",
             format.name()
         ));
-        // A name no entry of the archive can have (entries starting with '.' are refused):
-        // a converted disk never replaces an entry still to be checked or converted.
         let raw = work.join(format!(".disk{i}.raw.part"));
-        // Checked again right before: what is converted is what was inspected.
-        if inspect(&path, format)? != size {
-            return refused(format!("Disk{i} changed while it was imported"));
-        }
         qemu_img(
             &[
                 "convert".as_ref(),
@@ -730,7 +861,7 @@ pub fn import(
                 format.name().as_ref(),
                 "-O".as_ref(),
                 "raw".as_ref(),
-                path.as_os_str(),
+                image.spec(format).as_ref(),
                 raw.as_os_str(),
             ],
             &format!("converting Disk{i}"),
@@ -742,8 +873,6 @@ pub fn import(
             }
             e => e,
         })?;
-        // The unpacked file is no longer needed: its space goes back now.
-        let _ = std::fs::remove_file(&path);
         progress(format!("hashing Disk{i}"));
         let sealed = Sealed::adopt(library, Shelf::Image, raw)
             .map_err(io_err(format!("hashing Disk{i}")))?;
@@ -1052,6 +1181,122 @@ mod tests {
             assert!(
                 matches!(parse_manifest(&bad), Err(OvaError::Refused(_))),
                 "{bad}"
+            );
+        }
+    }
+
+    /// A tar of `entries` (name, bytes) in order, as `tar` writes one.
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, bytes) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, *bytes).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn sha256_hex(b: &[u8]) -> String {
+        hex(&sha2::Sha256::digest(b))
+    }
+
+    #[test]
+    fn an_archive_is_read_once_where_its_entries_lie_and_hashed_as_its_manifest_asks() {
+        let disk: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mf = format!(
+            "SHA256(a.ovf)= {}\nSHA256(a.raw)= {}\n",
+            sha256_hex(VBOX.as_bytes()),
+            sha256_hex(&disk)
+        );
+        let other = b"not listed".to_vec();
+        let ova = tar_of(&[
+            ("a.ovf", VBOX.as_bytes()),
+            ("a.mf", mf.as_bytes()),
+            ("a.raw", &disk),
+            ("notes.txt", &other),
+        ]);
+        // Read in small pieces, as an upload arrives.
+        let s = scan(
+            io::BufReader::with_capacity(1000, &ova[..]),
+            ova.len() as u64,
+        )
+        .unwrap();
+        assert_eq!((s.ovf.as_str(), s.descriptor.as_str()), ("a.ovf", VBOX));
+        assert_eq!(s.manifest.as_ref().map(|m| m.1.as_str()), Some(mf.as_str()));
+        let e = &s.entries["a.raw"];
+        let at = e.offset as usize;
+        assert_eq!(&ova[at..at + e.size as usize], &disk[..]);
+        // The manifest came first: only the digest it names was computed.
+        assert_eq!(
+            e.digest(DigestKind::Sha256),
+            Some(sha256_hex(&disk).as_str())
+        );
+        assert_eq!(e.digest(DigestKind::Sha1), None);
+        assert_eq!(s.entries["notes.txt"].digest(DigestKind::Sha256), None);
+        check_manifest(&s, &[]).unwrap();
+
+        // A manifest after the disks: both digests of every entry before it.
+        let late = tar_of(&[
+            ("a.ovf", VBOX.as_bytes()),
+            ("a.raw", &disk),
+            ("a.mf", mf.as_bytes()),
+        ]);
+        let s = scan(&late[..], late.len() as u64).unwrap();
+        let e = &s.entries["a.raw"];
+        assert!(e.digest(DigestKind::Sha1).is_some() && e.digest(DigestKind::Sha256).is_some());
+        check_manifest(&s, &[]).unwrap();
+
+        // One byte of the disk changed: the manifest refuses it.
+        let mut bad = ova.clone();
+        bad[at + 7] ^= 1;
+        let s = scan(&bad[..], bad.len() as u64).unwrap();
+        match check_manifest(&s, &[]) {
+            Err(OvaError::Refused(why)) => assert!(why.contains("a.raw does not match"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_as_they_arrive() {
+        let refused = |bytes: &[u8], packed: u64| match scan(bytes, packed) {
+            Err(OvaError::Refused(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let ovf = VBOX.as_bytes();
+        assert!(refused(b"PK\x03\x04 a zip", 12).contains("not a tar"));
+        let ova = tar_of(&[("a.ovf", ovf), ("d.raw", &[7u8; 5000])]);
+        // Cut short: its last entry lacks bytes.
+        assert!(refused(&ova[..1536], ova.len() as u64).contains("cut short"));
+        // An entry larger than the whole upload says it is.
+        assert!(refused(&ova, 2000).contains("more than the archive's"));
+        assert!(refused(&tar_of(&[("d.raw", b"x")]), 2048).contains("no .ovf"));
+        let two = tar_of(&[("a.ovf", ovf), ("b.ovf", ovf)]);
+        assert!(refused(&two, two.len() as u64).contains("more than one .ovf"));
+        let twice = tar_of(&[("a.ovf", ovf), ("a.ovf", ovf)]);
+        assert!(refused(&twice, twice.len() as u64).contains("comes twice"));
+        let hidden = tar_of(&[("a.ovf", ovf), (".x", b"x")]);
+        assert!(refused(&hidden, hidden.len() as u64).contains("hidden"));
+        let bad_mf = tar_of(&[("a.ovf", ovf), ("a.mf", b"MD5(a.ovf)= 00")]);
+        assert!(refused(&bad_mf, bad_mf.len() as u64).contains("manifest"));
+        let big = vec![b' '; MAX_OVF_BYTES as usize + 1];
+        let huge = tar_of(&[("a.ovf", &big)]);
+        assert!(refused(&huge, huge.len() as u64).contains("at most"));
+        // `..` and absolute names: the header is written by hand (tar's builder refuses them).
+        for name in ["../evil.ovf", "/etc/evil.ovf", "dir/a.ovf"] {
+            let mut h = tar::Header::new_ustar();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            let mut bytes = h.as_bytes().to_vec();
+            bytes.extend_from_slice(&[b'x'; 512]);
+            bytes.extend_from_slice(&[0; 1024]);
+            assert!(
+                refused(&bytes, bytes.len() as u64).contains("only plain file names"),
+                "{name}"
             );
         }
     }

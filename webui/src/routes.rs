@@ -1169,7 +1169,7 @@ impl App {
         };
         let started = std::time::Instant::now();
         let up = self
-            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false)
+            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false, None)
             .await?;
         let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
         let (sha256, size) = (sealed.sha256.clone(), sealed.size);
@@ -1243,30 +1243,65 @@ impl App {
             .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))?;
         let started = std::time::Instant::now();
         let what = format!("appliance {name}");
-        // Only read, to unpack: neither hashed nor synced on the way.
-        let up = self.receive(req, &what, MAX_OVA, work.path(), true).await?;
-        let archive = tokio::task::block_in_place(|| up.seal())
-            .map_err(|e| internal(format!("{what}: storing its archive: {e}")))?;
-        let archive_bytes = archive.size;
-        tracing::info!(appliance = %name, bytes = archive_bytes, ms = started.elapsed().as_millis() as u64, "OVA received; importing");
-        let unpack_to = work.path().join("unpacked");
-        let library = dir.clone();
-        let who = name.clone();
-        let imported = tokio::task::spawn_blocking(move || {
-            let progress = |step: String| tracing::info!(appliance = %who, %step, "import");
-            let r = control::ova::import(archive.path(), &unpack_to, &library, &progress);
-            drop(archive);
-            r
-        })
-        .await
-        .map_err(|e| internal(format!("{what}: the import stopped: {e}")))?
-        .map_err(|e| match e {
+        let failed = move |what: &str, e: control::ova::OvaError| match e {
             control::ova::OvaError::Refused(why) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("{what}: refused: {why}"),
             ),
             e @ control::ova::OvaError::Io { .. } => internal(format!("{what}: {e}")),
-        })?;
+        };
+        // The archive is read (its entries checked and hashed) as it arrives, on a thread of its
+        // own, while it is written to a scratch file (neither hashed nor synced: only read, its
+        // disks in place, by qemu-img).
+        let packed = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_OVA);
+        let (tee, arriving) = std::sync::mpsc::sync_channel(64);
+        let scan = tokio::task::spawn_blocking(move || {
+            control::ova::scan(crate::http::ChannelReader::new(arriving), packed)
+        });
+        let received = self
+            .receive(req, &what, MAX_OVA, work.path(), true, Some(&tee))
+            .await;
+        drop(tee);
+        let scanned = scan
+            .await
+            .map_err(|e| internal(format!("{what}: reading the archive stopped: {e}")));
+        let up = match received {
+            Ok(up) => up,
+            // The reader stopped first: its reason is the upload's.
+            Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
+                return Err(match scanned {
+                    Ok(Err(why)) => failed(&what, why),
+                    _ => e,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let scanned = scanned?.map_err(|e| failed(&what, e))?;
+        let archive = tokio::task::block_in_place(|| up.seal())
+            .map_err(|e| internal(format!("{what}: storing its archive: {e}")))?;
+        let archive_bytes = archive.size;
+        tracing::info!(appliance = %name, bytes = archive_bytes, ms = started.elapsed().as_millis() as u64, "OVA received and read; importing");
+        let convert_in = work.path().join("disks");
+        let library = dir.clone();
+        let who = name.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            let progress = |step: String| tracing::info!(appliance = %who, %step, ms = started.elapsed().as_millis() as u64, "import");
+            let r = control::ova::import(
+                archive.path(),
+                &scanned,
+                &convert_in,
+                &library,
+                &progress,
+            );
+            drop(archive);
+            r
+        })
+        .await
+        .map_err(|e| internal(format!("{what}: the import stopped: {e}")))?
+        .map_err(|e| failed(&what, e))?;
         let d = &imported.descriptor;
         let mut description = d.description.clone();
         if description.len() > control::state_machine::MAX_APPLIANCE_DESCRIPTION {
@@ -1404,7 +1439,7 @@ impl App {
 
     /// Receives an upload's body (`what`, at most `max` bytes, its Content-Length exact) into
     /// a new file in directory `dir`, hashed as it arrives (unless `scratch`: a file only to be
-    /// read); each part must come within the web timeout.
+    /// read), each part also sent to `tee` if given; each part must come within the web timeout.
     async fn receive(
         &self,
         req: &mut Request,
@@ -1412,6 +1447,7 @@ impl App {
         max: u64,
         dir: &std::path::Path,
         scratch: bool,
+        tee: Option<&std::sync::mpsc::SyncSender<bytes::Bytes>>,
     ) -> Result<control::library::Upload, ApiError> {
         use http_body_util::BodyExt;
         let length: u64 = req
@@ -1449,6 +1485,8 @@ impl App {
         }
         .map_err(store)?;
         let mut told = std::time::Instant::now();
+        // Bytes received; once `tee`'s reader has refused the upload, they are no longer kept.
+        let (mut seen, mut refused) = (0u64, false);
         loop {
             let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
                 .await
@@ -1456,38 +1494,51 @@ impl App {
                     ApiError::new(
                         StatusCode::REQUEST_TIMEOUT,
                         format!(
-                            "{what}: nothing arrived for {} s after {} of {length} bytes",
+                            "{what}: nothing arrived for {} s after {seen} of {length} bytes",
                             self.cfg.timeout.as_secs(),
-                            up.size()
                         ),
                     )
                 })?;
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| {
                 ApiError::bad_request(format!(
-                    "{what}: the upload broke off after {} of {length} bytes: {e}",
-                    up.size()
+                    "{what}: the upload broke off after {seen} of {length} bytes: {e}"
                 ))
             })?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if up.size() + data.len() as u64 > length {
+            seen += data.len() as u64;
+            if seen > length {
                 return Err(ApiError::bad_request(format!(
                     "{what}: more bytes than its Content-Length of {length}"
                 )));
             }
+            if refused {
+                // Read to its end, unkept, so that the client hears why (a browser cut off
+                // mid-upload says only that the network failed).
+                continue;
+            }
             tokio::task::block_in_place(|| up.write(&data)).map_err(store)?;
+            // A reader of the upload as it arrives that has stopped refused it: so does this.
+            if let Some(tee) = tee {
+                refused = tokio::task::block_in_place(|| tee.send(data)).is_err();
+            }
             if told.elapsed() > std::time::Duration::from_secs(2) {
                 told = std::time::Instant::now();
-                tracing::info!(upload = %what, bytes = up.size(), of = length, "upload progress");
+                tracing::info!(upload = %what, bytes = seen, of = length, "upload progress");
             }
         }
-        if up.size() != length {
+        if seen != length {
             return Err(ApiError::bad_request(format!(
-                "{what}: the upload ended after {} of {length} bytes",
-                up.size()
+                "{what}: the upload ended after {seen} of {length} bytes"
             )));
+        }
+        if refused {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{what}: refused as it arrived"),
+            ));
         }
         Ok(up)
     }

@@ -129,6 +129,14 @@ fn import(dir: &Path, rounds: usize) -> String {
             200
         );
     }
+    // Where the time went, as the server logged it (the last import's steps).
+    for l in c.servers[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("appliance=bench-"))
+    {
+        eprintln!("{l}");
+    }
     drop(c);
     let (ours, reference, reference_synced) =
         (median(ours), median(reference), median(reference_synced));
