@@ -55,6 +55,8 @@ enum Job {
     CopyBack(Vec<(PathBuf, u64)>),
     /// A live backup: the disks' names (their backup copies are here).
     Backup(Vec<String>),
+    /// A download: from where, and the SHA-256 the OVA must have.
+    Download { url: String, sha256: Option<String> },
 }
 
 /// Runs task `id` here, reporting its progress, and ends it: its images are put in the
@@ -62,31 +64,51 @@ enum Job {
 fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
     let me = s.cfg.id;
     let library = s.cfg.library_dir.clone();
-    let progress = |done_bytes| {
+    let told_of = |done_bytes, total_bytes| {
         s.propose(StateCommand::TaskProgress {
             id,
             server: me,
             done_bytes,
+            total_bytes,
         });
     };
+    let progress = |done_bytes| told_of(done_bytes, None);
     let work = library.join(format!(".work-task-{id}"));
-    let made = match job {
-        Job::CopyBack(files) => copyback::copy_disks(&files, &library, cancel, &progress),
-        Job::Backup(names) => backup_disks(s, &names, &work, &library, cancel, &progress),
+    let copied = |sealed: Vec<crate::library::Sealed>| {
+        let disks = sealed
+            .iter()
+            .map(|s| ApplianceDisk {
+                size: s.size,
+                sha256: s.sha256.clone(),
+            })
+            .collect();
+        (TaskOutcome::CopiedBack { disks }, sealed)
     };
-    let outcome = match &made {
-        Ok(sealed) => TaskOutcome::CopiedBack {
-            disks: sealed
-                .iter()
-                .map(|s| ApplianceDisk {
-                    size: s.size,
-                    sha256: s.sha256.clone(),
-                })
-                .collect(),
-        },
-        Err(reason) => TaskOutcome::Failed {
-            reason: reason.clone(),
-        },
+    let made = match job {
+        Job::CopyBack(files) => {
+            copyback::copy_disks(&files, &library, cancel, &progress).map(copied)
+        }
+        Job::Backup(names) => {
+            backup_disks(s, &names, &work, &library, cancel, &progress).map(copied)
+        }
+        Job::Download { url, sha256 } => {
+            crate::download::fetch(&url, sha256.as_deref(), &work, &library, cancel, &told_of).map(
+                |d| {
+                    // Its name and origin are the task's.
+                    let appliance = d.imported.appliance("", String::new());
+                    (TaskOutcome::Imported { appliance }, d.imported.disks)
+                },
+            )
+        }
+    };
+    let (outcome, made) = match made {
+        Ok((outcome, sealed)) => (outcome, Ok(sealed)),
+        Err(reason) => (
+            TaskOutcome::Failed {
+                reason: reason.clone(),
+            },
+            Err(reason),
+        ),
     };
     let ended = StateCommand::TaskEnded {
         id,
@@ -1110,25 +1132,32 @@ impl Reconciler {
                 }
                 continue;
             }
-            let Some(v) = t.kind.vm().and_then(|vm| state.vm_by_id(vm)) else {
-                continue;
-            };
-            let disks: Vec<&DiskRecord> =
-                v.disks.iter().filter_map(|d| state.disks.get(d)).collect();
             let job = match &t.kind {
-                TaskKind::CopyBack { .. } => {
-                    if self.vms.contains_key(&v.name) {
+                TaskKind::Download { url, sha256, .. } => Job::Download {
+                    url: url.clone(),
+                    sha256: sha256.clone(),
+                },
+                TaskKind::CopyBack { .. } | TaskKind::Backup { .. } => {
+                    let Some(v) = t.kind.vm().and_then(|vm| state.vm_by_id(vm)) else {
+                        continue;
+                    };
+                    let disks: Vec<&DiskRecord> =
+                        v.disks.iter().filter_map(|d| state.disks.get(d)).collect();
+                    if matches!(t.kind, TaskKind::Backup { .. }) {
+                        Job::Backup(disks.iter().map(|d| d.name.clone()).collect())
+                    } else if self.vms.contains_key(&v.name) {
                         // Its VMM still runs (or is being stopped) here: the disks wait for it.
                         continue;
+                    } else {
+                        Job::CopyBack(
+                            disks
+                                .iter()
+                                .map(|d| {
+                                    (copyback::data_file(&self.s.cfg.blockd_dir, &d.name), d.size)
+                                })
+                                .collect(),
+                        )
                     }
-                    let files: Vec<(PathBuf, u64)> = disks
-                        .iter()
-                        .map(|d| (copyback::data_file(&self.s.cfg.blockd_dir, &d.name), d.size))
-                        .collect();
-                    Job::CopyBack(files)
-                }
-                TaskKind::Backup { .. } => {
-                    Job::Backup(disks.iter().map(|d| d.name.clone()).collect())
                 }
             };
             let cancel = Arc::new(AtomicBool::new(t.cancel));

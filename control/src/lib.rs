@@ -21,6 +21,7 @@ pub mod api;
 pub mod cli;
 pub mod console;
 pub mod copyback;
+pub mod download;
 pub mod failover;
 pub mod library;
 pub mod livemove;

@@ -797,6 +797,82 @@ pub struct Imported {
     pub disks: Vec<Sealed>,
 }
 
+impl Imported {
+    /// Appliance `name` as its descriptor says (within the cluster's limits: its description
+    /// cut, its memory, vCPUs and cards at most what a VM may have), with its images.
+    pub fn appliance(&self, name: &str, origin: String) -> crate::state_machine::NewAppliance {
+        use crate::state_machine as sm;
+        let d = &self.descriptor;
+        let mut description = d.description.clone();
+        let mut end = description.len().min(sm::MAX_APPLIANCE_DESCRIPTION);
+        while !description.is_char_boundary(end) {
+            end -= 1;
+        }
+        description.truncate(end);
+        sm::NewAppliance {
+            name: name.to_string(),
+            description,
+            memory_mib: d.memory_mib.min(sm::MAX_VM_MEMORY_MIB),
+            vcpus: d.vcpus.min(255),
+            boot: d.boot,
+            disk_bus: d.disk_bus,
+            nics: d.nics.min(sm::MAX_VM_NICS as u32),
+            disks: self
+                .disks
+                .iter()
+                .map(|s| sm::ApplianceDisk {
+                    size: s.size,
+                    sha256: s.sha256.clone(),
+                })
+                .collect(),
+            origin: if d.name.is_empty() {
+                origin
+            } else {
+                format!("{origin}, virtual system {:?}", d.name)
+            },
+        }
+    }
+}
+
+/// The bytes a channel delivers, as a blocking reader: what `scan` reads on a thread of its
+/// own while an upload or a download arrives. Its end is the channel's closing.
+pub struct Arriving<T> {
+    rx: std::sync::mpsc::Receiver<T>,
+    chunk: Option<T>,
+    at: usize,
+}
+
+impl<T: AsRef<[u8]>> Arriving<T> {
+    /// Reads what `rx` delivers.
+    pub fn new(rx: std::sync::mpsc::Receiver<T>) -> Arriving<T> {
+        Arriving {
+            rx,
+            chunk: None,
+            at: 0,
+        }
+    }
+}
+
+impl<T: AsRef<[u8]>> Read for Arriving<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(c) = &self.chunk {
+                let rest = &c.as_ref()[self.at..];
+                if !rest.is_empty() {
+                    let n = buf.len().min(rest.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    self.at += n;
+                    return Ok(n);
+                }
+            }
+            match self.rx.recv() {
+                Ok(c) => (self.chunk, self.at) = (Some(c), 0),
+                Err(_) => return Ok(0),
+            }
+        }
+    }
+}
+
 /// Imports OVA `archive`, read already by `scanned`: checks its descriptor and manifest, and
 /// converts each disk, read in place in the archive, to a raw image sealed in `work` (a new
 /// directory inside library directory `library`, removed by the caller). `progress` hears what

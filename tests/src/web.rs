@@ -403,3 +403,48 @@ impl WebCluster {
         Web::logged_in(&self.web[server], "admin", PASSWORD)
     }
 }
+
+/// Serves the files `files` gives (path, bytes; told the server's address first) over plain
+/// HTTP on a port of 127.0.0.1, as a web server an appliance directory lives on would (404 for
+/// any other path), until the process ends; answers its address (`http://127.0.0.1:PORT`).
+pub fn serve_files(files: impl FnOnce(&str) -> Vec<(String, Vec<u8>)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a file server");
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let files = std::sync::Arc::new(files(&addr));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let files = std::sync::Arc::clone(&files);
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                // The rest of the request's head.
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let mut w = conn;
+                match files.iter().find(|(p, _)| *p == path) {
+                    Some((_, body)) => {
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = w.write_all(body);
+                    }
+                    None => {
+                        let _ = w.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

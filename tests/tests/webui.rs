@@ -3420,9 +3420,156 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
     );
     assert_eq!(r.1["description"], "the boot disk");
 
+    // From an appliance directory: its catalogue lists the OVA with its SHA-256; a download
+    // is a task of a VM server, read as it arrives and checked; a wrong checksum, something
+    // not an OVA, a missing file each end the task failed with why, nothing listed.
+    let ova_sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&ova)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let site = enspeed_tests::web::serve_files(|site| {
+        let entry = |name: &str, sha: &str, file: &str| {
+            json!({"name": name, "description": format!("{name} of the directory"),
+                   "size": ova.len(), "sha256": sha, "url": format!("{site}/dir/{file}")})
+        };
+        let catalogue = json!([
+            entry("from-dir", &ova_sha, "app.ova"),
+            entry("wrong-sum", &"0".repeat(64), "app.ova"),
+            entry("not-an-ova", &ova_sha, "junk.ova"),
+            entry("gone", &ova_sha, "gone.ova"),
+        ]);
+        vec![
+            ("/dir/app.ova".into(), ova.clone()),
+            ("/dir/junk.ova".into(), vec![0x5au8; 300_000]),
+            ("/dir/bad.json".into(), b"{\"not\": \"a list\"}".to_vec()),
+            (
+                "/dir/catalogue.json".into(),
+                catalogue.to_string().into_bytes(),
+            ),
+        ]
+    });
+    let dir_url = |file: &str| {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("url", &format!("{site}/dir/{file}"))
+            .finish();
+        format!("/api/v1/appliance-directory?{q}")
+    };
+    let listed = m.get(&dir_url("catalogue.json"));
+    assert_eq!(listed.0, 200, "{listed:?}");
+    let names: Vec<&str> = listed
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["from-dir", "wrong-sum", "not-an-ova", "gone"]);
+    assert_eq!(listed.1[0]["in_library"], json!(false));
+    assert_eq!(pw.get(&dir_url("catalogue.json")).0, 403, "Managers only");
+    let bad = m.get(&dir_url("bad.json"));
+    assert!(
+        bad.0 == 502 && bad.1.to_string().contains("not a catalogue"),
+        "{bad:?}"
+    );
+    assert_eq!(m.get(&dir_url("nothing.json")).0, 502);
+    assert_eq!(
+        m.get("/api/v1/appliance-directory?url=file%3A%2F%2F%2Fetc%2Fpasswd")
+            .0,
+        400
+    );
+    let start = |e: &Value| {
+        let r = m.send(
+            "POST",
+            &format!(
+                "/api/v1/appliances/{}/download",
+                e["name"].as_str().unwrap()
+            ),
+            Some(json!({"url": e["url"], "sha256": e["sha256"]})),
+        );
+        assert_eq!((r.0, &r.1["kind"]), (202, &json!("download")), "{r:?}");
+        r.1["id"].as_u64().unwrap()
+    };
+    let ended = |task: u64| {
+        cluster::wait_for("the download ends", WAIT, || {
+            let t = m.get("/api/v1/tasks").1;
+            let t = t.as_array()?.iter().find(|t| t["id"] == task)?.clone();
+            (t["state"] != "running").then_some(t)
+        })
+    };
+    let entries = listed.1.as_array().unwrap().clone();
+    let tasks: Vec<u64> = entries.iter().map(start).collect();
+    let done = ended(tasks[0]);
+    assert_eq!(
+        (&done["state"], &done["percent"]),
+        (&json!("done"), &json!(100)),
+        "{done}"
+    );
+    assert_eq!(done["total_bytes"], json!(ova.len()), "{done}");
+    for (task, why) in tasks[1..].iter().zip(["SHA-256", "not a tar", "404"]) {
+        let t = ended(*task);
+        assert_eq!(t["state"], "failed", "{t}");
+        assert!(t["reason"].as_str().unwrap().contains(why), "{why}: {t}");
+    }
+    let all = m.get("/api/v1/appliances").1;
+    let a = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "from-dir")
+        .unwrap();
+    assert_eq!(
+        a["disks"][0]["sha256"],
+        json!(sha),
+        "downloaded, the same image: {a}"
+    );
+    assert!(
+        a["origin"]
+            .as_str()
+            .unwrap()
+            .contains("downloaded from http://"),
+        "{a}"
+    );
+    let names: BTreeSet<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["again", "app-qcow2", "app-raw", "app-vmdk", "from-dir", "pvm-tpl"].into(),
+        "no failed download listed"
+    );
+    assert_eq!(
+        m.get(&dir_url("catalogue.json")).1[0]["in_library"],
+        json!(true)
+    );
+    let taken = m.send(
+        "POST",
+        "/api/v1/appliances/from-dir/download",
+        Some(json!({"url": entries[0]["url"]})),
+    );
+    assert_eq!(taken.0, 409, "{taken:?}");
+    let ftp = m.send(
+        "POST",
+        "/api/v1/appliances/x/download",
+        Some(json!({"url": "ftp://host/a.ova"})),
+    );
+    assert_eq!(ftp.0, 400, "{ftp:?}");
+
     // Deleted by a Manager only; once no appliance names the image, no server keeps it.
     assert_eq!(pw.send("DELETE", "/api/v1/appliances/again", None).0, 403);
-    for name in ["app-qcow2", "app-vmdk", "app-raw", "again", "pvm-tpl"] {
+    for name in [
+        "app-qcow2",
+        "app-vmdk",
+        "app-raw",
+        "again",
+        "pvm-tpl",
+        "from-dir",
+    ] {
         let r = m.send("DELETE", &format!("/api/v1/appliances/{name}"), None);
         assert_eq!(r.0, 200, "{name}: {r:?}");
     }

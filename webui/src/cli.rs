@@ -259,6 +259,24 @@ pub enum ApplianceCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Download an OVA from a URL into a new appliance (Managers): a task on a VM server
+    /// (`enspeed task list` shows its progress).
+    Download {
+        /// The new appliance's name.
+        name: String,
+        /// Where the OVA is (http:// or https://).
+        url: String,
+        /// Its SHA-256, hex: refused if the download differs.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// What an appliance directory offers (Managers): its catalogue at URL, a JSON list of
+    /// name, description, size, sha256, url (`appliance download NAME URL --sha256 ...` takes
+    /// one).
+    Directory {
+        /// The catalogue's URL.
+        url: String,
+    },
     /// Download an appliance as an OVA (Managers).
     Export {
         /// Its name.
@@ -1229,6 +1247,27 @@ pub fn appliance(l: &Login, cmd: ApplianceCommand) -> ExitCode {
                 appliance_table,
             )
         }
+        ApplianceCommand::Download { name, url, sha256 } => run(
+            l,
+            |s| {
+                s.call(
+                    "POST",
+                    &format!("/appliances/{name}/download"),
+                    Some(json!({"url": url, "sha256": sha256})),
+                )
+            },
+            task_table,
+        ),
+        ApplianceCommand::Directory { url } => {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("url", &url)
+                .finish();
+            run(
+                l,
+                |s| s.call("GET", &format!("/appliance-directory?{query}"), None),
+                directory_table,
+            )
+        }
         ApplianceCommand::Export { name, out } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.ova")));
             run(
@@ -1295,6 +1334,31 @@ pub fn task(l: &Login, cmd: TaskCommand) -> ExitCode {
             |s| s.call("POST", &format!("/tasks/{id}/cancel"), None),
             task_table,
         ),
+    }
+}
+
+fn directory_table(v: &Value) {
+    println!(
+        "{:<24} {:>9} {:<8} {:<16} URL",
+        "NAME", "MiB", "LIBRARY", "SHA-256"
+    );
+    for r in v.as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<24} {:>9} {:<8} {:<16} {}",
+            s(&r["name"]),
+            r["size"].as_u64().unwrap_or(0) >> 20,
+            if r["in_library"].as_bool() == Some(true) {
+                "has one"
+            } else {
+                "-"
+            },
+            s(&r["sha256"]).chars().take(16).collect::<String>(),
+            s(&r["url"])
+        );
+        let d = s(&r["description"]);
+        if !d.is_empty() {
+            println!("    {d}");
+        }
     }
 }
 

@@ -43,37 +43,6 @@ pub fn stream(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
     BodyExt::boxed(http_body_util::StreamBody::new(chunks))
 }
 
-/// The bytes a channel delivers, as a blocking reader (for a parser running on its own thread
-/// while an upload arrives); its end is the channel's closing.
-pub struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Bytes>,
-    chunk: Bytes,
-}
-
-impl ChannelReader {
-    /// Reads what `rx` delivers.
-    pub fn new(rx: std::sync::mpsc::Receiver<Bytes>) -> ChannelReader {
-        ChannelReader {
-            rx,
-            chunk: Bytes::new(),
-        }
-    }
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.recv() {
-                Ok(c) => self.chunk = c,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk.split_to(n));
-        Ok(n)
-    }
-}
-
 /// A request, read whole.
 pub struct Request {
     /// The method.
@@ -141,12 +110,11 @@ impl Request {
             .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
     }
 
-    /// A query parameter.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.query.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then_some(v)
-        })
+    /// A query parameter, percent-decoded.
+    pub fn param(&self, name: &str) -> Option<String> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     }
 }
 

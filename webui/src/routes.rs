@@ -40,6 +40,9 @@
 //!   PATCH  /api/v1/appliances/{name}   {description?, memory_mib?, vcpus?, shared_with?} (Manager)
 //!   DELETE /api/v1/appliances/{name}   delete (Manager)
 //!   GET    /api/v1/appliances/{name}/ova  download as an OVA (Manager)
+//!   POST   /api/v1/appliances/{name}/download  {url, sha256?}: a task downloads and imports an
+//!          OVA (Manager)
+//!   GET    /api/v1/appliance-directory?url=  an appliance directory's catalogue (Manager)
 //!   GET    /api/v1/audit?after=&limit= the audit log (Manager), oldest first from a seq;
 //!          /api/v1/audit?newest=N       or its last N entries
 //!   GET    /api/v1/openapi.json        this API's OpenAPI document
@@ -157,6 +160,17 @@ struct CopyBack {
     name: String,
     #[serde(default)]
     description: String,
+}
+
+/// A download into a new appliance (`POST /api/v1/appliances/{name}/download`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Download {
+    /// Where the OVA is (http or https).
+    url: String,
+    /// Its SHA-256, hex, if known.
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// A change to an appliance (`PATCH /api/v1/appliances/{name}`).
@@ -729,6 +743,73 @@ impl App {
                     .await?;
                 Ok(ok(&json!({ "deleted": name })))
             }
+            (Method::POST, ["appliances", name, "download"]) => {
+                let c = self.caller(&req, true).await?;
+                manager_only(&c)?;
+                let body: Download = req.json()?;
+                access::check_name("appliance", name).map_err(ApiError::bad_request)?;
+                state_machine::check_download_url(&body.url)
+                    .map_err(|r| ApiError::bad_request(r.reason))?;
+                // This server downloads, if it is a VM server; else the first VM server up.
+                let me = self.cluster.id();
+                let server = std::iter::once(me)
+                    .chain(c.state.servers.keys().copied())
+                    .find(|id| {
+                        c.state
+                            .servers
+                            .get(id)
+                            .is_some_and(|s| !s.witness && !s.down)
+                    })
+                    .ok_or_else(|| {
+                        ApiError::new(StatusCode::CONFLICT, "no VM server is up to download")
+                    })?;
+                let r = self
+                    .cluster
+                    .act(
+                        c.user.id,
+                        Action::DownloadAppliance {
+                            name: name.to_string(),
+                            url: body.url,
+                            sha256: body.sha256,
+                            server,
+                        },
+                    )
+                    .await?;
+                let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
+                let view = self.task_view(task, &c.user).await?;
+                Ok(json_response(StatusCode::ACCEPTED, &view))
+            }
+            (Method::GET, ["appliance-directory"]) => {
+                let c = self.caller(&req, false).await?;
+                manager_only(&c)?;
+                let url = req
+                    .param("url")
+                    .ok_or_else(|| ApiError::bad_request("give the directory's ?url="))?;
+                state_machine::check_download_url(&url)
+                    .map_err(|r| ApiError::bad_request(r.reason))?;
+                let entries =
+                    tokio::task::spawn_blocking(move || control::download::catalogue(&url))
+                        .await
+                        .map_err(|e| {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}"))
+                        })?
+                        .map_err(|why| ApiError::new(StatusCode::BAD_GATEWAY, why))?;
+                let listed: Vec<Value> = entries
+                    .into_iter()
+                    .map(|e| {
+                        let held = c.state.appliances.contains_key(&e.name);
+                        json!({
+                            "name": e.name,
+                            "description": e.description,
+                            "size": e.size,
+                            "sha256": e.sha256,
+                            "url": e.url,
+                            "in_library": held,
+                        })
+                    })
+                    .collect();
+                Ok(ok(&listed))
+            }
             (Method::GET, ["appliances", name, "ova"]) => {
                 let c = self.caller(&req, false).await?;
                 manager_only(&c)?;
@@ -1259,7 +1340,7 @@ impl App {
             .unwrap_or(MAX_OVA);
         let (tee, arriving) = std::sync::mpsc::sync_channel(64);
         let scan = tokio::task::spawn_blocking(move || {
-            control::ova::scan(crate::http::ChannelReader::new(arriving), packed)
+            control::ova::scan(control::ova::Arriving::new(arriving), packed)
         });
         let received = self
             .receive(req, &what, MAX_OVA, work.path(), true, Some(&tee))
@@ -1302,40 +1383,7 @@ impl App {
         .await
         .map_err(|e| internal(format!("{what}: the import stopped: {e}")))?
         .map_err(|e| failed(&what, e))?;
-        let d = &imported.descriptor;
-        let mut description = d.description.clone();
-        if description.len() > control::state_machine::MAX_APPLIANCE_DESCRIPTION {
-            let mut end = control::state_machine::MAX_APPLIANCE_DESCRIPTION;
-            while !description.is_char_boundary(end) {
-                end -= 1;
-            }
-            description.truncate(end);
-        }
-        let appliance = state_machine::NewAppliance {
-            name: name.clone(),
-            description,
-            memory_mib: d.memory_mib.min(MAX_MEMORY_MIB),
-            vcpus: d.vcpus.min(MAX_VCPUS),
-            boot: d.boot,
-            disk_bus: d.disk_bus,
-            nics: d.nics.min(state_machine::MAX_VM_NICS as u32),
-            disks: imported
-                .disks
-                .iter()
-                .map(|s| state_machine::ApplianceDisk {
-                    size: s.size,
-                    sha256: s.sha256.clone(),
-                })
-                .collect(),
-            origin: format!(
-                "OVA upload of {archive_bytes} bytes{}",
-                if d.name.is_empty() {
-                    String::new()
-                } else {
-                    format!(", virtual system {:?}", d.name)
-                }
-            ),
-        };
+        let appliance = imported.appliance(&name, format!("OVA upload of {archive_bytes} bytes"));
         self.cluster
             .act(
                 c.user.id,

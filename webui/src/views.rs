@@ -615,6 +615,7 @@ pub fn tasks(state: &StateMachine, viewer: &UserRecord) -> Vec<TaskView> {
             let kind = match &t.kind {
                 TaskKind::CopyBack { .. } => "copy_back",
                 TaskKind::Backup { .. } => "backup",
+                TaskKind::Download { .. } => "download",
             };
             TaskView {
                 id: t.id,

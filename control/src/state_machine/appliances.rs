@@ -136,29 +136,7 @@ impl StateMachine {
                 if !self.servers.contains_key(server) {
                     return Err(Refusal::not_found(format!("no server {server}")));
                 }
-                let a = ApplianceRecord {
-                    name: name.clone(),
-                    description: appliance.description.clone(),
-                    memory_mib: appliance.memory_mib,
-                    vcpus: appliance.vcpus,
-                    boot: appliance.boot,
-                    disk_bus: appliance.disk_bus,
-                    nics: appliance.nics,
-                    disks: appliance
-                        .disks
-                        .iter()
-                        .map(|d| super::ApplianceDisk {
-                            size: d.size,
-                            sha256: d.sha256.to_ascii_lowercase(),
-                        })
-                        .collect(),
-                    origin: appliance.origin.clone(),
-                    created_by: by.id,
-                    created_ms: by.at_ms,
-                    servers: [*server].into(),
-                    shared_with: Default::default(),
-                    backup_of: None,
-                };
+                let a = appliance_record(appliance, by.id, by.at_ms, *server);
                 writes.push((appliance_key(name), Some(json_bytes(&a))));
                 self.appliances.insert(name.clone(), a);
                 ("appliance.add", name.clone())
@@ -265,7 +243,39 @@ pub(super) fn check_description(name: &str, description: &str) -> Result<(), Ref
 
 /// Whether `a` can be added to the library: a valid name, a VM that can be made, firmware
 /// boot, 1 to 4 disk images of valid sizes and hashes.
-fn check_new_appliance(a: &NewAppliance) -> Result<(), Refusal> {
+/// The record of new appliance `a`, added by user `by` at `at_ms`, held by `server`.
+pub(super) fn appliance_record(
+    a: &NewAppliance,
+    by: u64,
+    at_ms: u64,
+    server: u64,
+) -> ApplianceRecord {
+    ApplianceRecord {
+        name: a.name.clone(),
+        description: a.description.clone(),
+        memory_mib: a.memory_mib,
+        vcpus: a.vcpus,
+        boot: a.boot,
+        disk_bus: a.disk_bus,
+        nics: a.nics,
+        disks: a
+            .disks
+            .iter()
+            .map(|d| super::ApplianceDisk {
+                size: d.size,
+                sha256: d.sha256.to_ascii_lowercase(),
+            })
+            .collect(),
+        origin: a.origin.clone(),
+        created_by: by,
+        created_ms: at_ms,
+        servers: [server].into(),
+        shared_with: Default::default(),
+        backup_of: None,
+    }
+}
+
+pub(super) fn check_new_appliance(a: &NewAppliance) -> Result<(), Refusal> {
     let name = &a.name;
     access::check_name("appliance", name)?;
     check_vm_shape(name, a.memory_mib, a.vcpus, &a.description)?;

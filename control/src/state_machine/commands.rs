@@ -88,6 +88,10 @@ pub enum Command {
         server: u64,
         /// Bytes done so far.
         done_bytes: u64,
+        /// The bytes in all, once the server learns them (a download's length), if the task
+        /// began without.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total_bytes: Option<u64>,
     },
     /// A task's server says how it ended.
     TaskEnded {
@@ -194,6 +198,11 @@ pub enum TaskOutcome {
     CopiedBack {
         /// Their sizes and hashes.
         disks: Vec<ApplianceDisk>,
+    },
+    /// A download's appliance, imported into this server's library (its name is the task's).
+    Imported {
+        /// What its descriptor said, and its images.
+        appliance: NewAppliance,
     },
     /// It failed, or stopped when cancelled.
     Failed {
@@ -553,6 +562,20 @@ pub enum Action {
         /// Its description.
         #[serde(default)]
         description: String,
+    },
+    /// Downloads an OVA from `url` (http or https) into new appliance `name` (Managers): a
+    /// task (`TaskKind::Download`) of VM server `server`'s agent, which checks `sha256` if
+    /// given. Answers the task's id.
+    DownloadAppliance {
+        /// The new appliance's name.
+        name: String,
+        /// Where from.
+        url: String,
+        /// The OVA's SHA-256, hex, if known.
+        #[serde(default)]
+        sha256: Option<String>,
+        /// The VM server to download it (the one asked, when it is one).
+        server: u64,
     },
     /// Sets (or with `None`, ends) VM `vm`'s backup schedule (who operates the VM): the leader
     /// backs it up when due (`tasks::due_backups`), and a backup past the newest `keep` leaves

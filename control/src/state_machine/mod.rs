@@ -35,7 +35,10 @@ mod refusal;
 mod rights;
 mod servers;
 mod tasks;
-pub use tasks::{backup_name, describe as describe_task, due_backups, KEEP_ENDED_TASKS};
+pub use tasks::{
+    backup_name, check_download_url, describe as describe_task, due_backups, KEEP_ENDED_TASKS,
+    MAX_URL,
+};
 mod users;
 mod vms;
 
@@ -263,7 +266,8 @@ impl StateMachine {
                 id,
                 server,
                 done_bytes,
-            } => self.task_progress(*id, *server, *done_bytes, writes),
+                total_bytes,
+            } => self.task_progress(*id, *server, *done_bytes, *total_bytes, writes),
             Command::TaskEnded {
                 id,
                 server,
@@ -315,6 +319,7 @@ impl StateMachine {
             | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
             Action::CopyBack { .. }
             | Action::BackupVm { .. }
+            | Action::DownloadAppliance { .. }
             | Action::SetBackupSchedule { .. }
             | Action::CancelTask { .. } => self.act_on_task(&by, action, writes)?,
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {

@@ -498,6 +498,17 @@ pub enum TaskKind {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         description: String,
     },
+    /// An OVA downloaded from a URL (an appliance directory's entry, or any) and imported into
+    /// a new appliance, by a VM server's agent.
+    Download {
+        /// The appliance it becomes.
+        appliance: String,
+        /// Where from (http or https).
+        url: String,
+        /// The SHA-256 the OVA must have, hex, if known (a directory says it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
 }
 
 impl TaskKind {
@@ -505,15 +516,16 @@ impl TaskKind {
     pub fn vm(&self) -> Option<u64> {
         match self {
             TaskKind::CopyBack { vm, .. } | TaskKind::Backup { vm, .. } => Some(*vm),
+            TaskKind::Download { .. } => None,
         }
     }
 
     /// The appliance it makes, if any.
     pub fn appliance(&self) -> Option<&str> {
         match self {
-            TaskKind::CopyBack { appliance, .. } | TaskKind::Backup { appliance, .. } => {
-                Some(appliance)
-            }
+            TaskKind::CopyBack { appliance, .. }
+            | TaskKind::Backup { appliance, .. }
+            | TaskKind::Download { appliance, .. } => Some(appliance),
         }
     }
 

@@ -67,12 +67,22 @@ impl StateMachine {
         id: u64,
         server: u64,
         done_bytes: u64,
+        total_bytes: Option<u64>,
         writes: &mut Vec<RecordWrite>,
     ) -> Outcome {
         let t = self.running_task(id, server)?;
+        let mut changed = false;
+        // Learnt once, by a task that began without it.
+        if let Some(total) = total_bytes.filter(|_| t.total_bytes == 0) {
+            t.total_bytes = total;
+            changed = true;
+        }
         // Never backwards.
         if done_bytes > t.done_bytes {
             t.done_bytes = done_bytes.min(t.total_bytes);
+            changed = true;
+        }
+        if changed {
             writes.push((task_key(id), Some(json_bytes(t))));
         }
         Ok(Value::Null)
@@ -117,6 +127,41 @@ impl StateMachine {
                     reason,
                     ended_ms: Some(at_ms),
                 },
+            },
+            (
+                TaskOutcome::Imported { appliance },
+                TaskKind::Download {
+                    appliance: name,
+                    url,
+                    ..
+                },
+            ) => {
+                let mut a = appliance.clone();
+                a.name = name.clone();
+                a.origin = format!("downloaded from {url}");
+                match self.imported(&t, &a) {
+                    Ok(record) => {
+                        writes.push((appliance_key(name), Some(json_bytes(&record))));
+                        self.appliances.insert(name.clone(), record);
+                        TaskState::Done { ended_ms: at_ms }
+                    }
+                    Err(reason) => TaskState::Failed {
+                        reason,
+                        ended_ms: Some(at_ms),
+                    },
+                }
+            }
+            (outcome, kind) => TaskState::Failed {
+                reason: format!(
+                    "{} ended with {}, which it does not make",
+                    describe(kind),
+                    match outcome {
+                        TaskOutcome::CopiedBack { .. } => "copied disks",
+                        TaskOutcome::Imported { .. } => "an imported appliance",
+                        TaskOutcome::Failed { .. } => "a failure",
+                    }
+                ),
+                ended_ms: Some(at_ms),
             },
         };
         let failed = matches!(state, TaskState::Failed { .. });
@@ -203,7 +248,7 @@ impl StateMachine {
             disks: disks.to_vec(),
             origin: match t.kind {
                 TaskKind::Backup { .. } => format!("live backup of VM {vm} ({})", v.name),
-                TaskKind::CopyBack { .. } => format!("copy back of VM {vm} ({})", v.name),
+                _ => format!("copy back of VM {vm} ({})", v.name),
             },
             created_by: t.by,
             created_ms: t.started_ms,
@@ -211,6 +256,20 @@ impl StateMachine {
             shared_with: company.into_iter().collect(),
             backup_of: matches!(t.kind, TaskKind::Backup { .. }).then_some(vm),
         })
+    }
+
+    /// The appliance a download task `t` imported as `a`, or why not.
+    fn imported(&self, t: &TaskRecord, a: &super::NewAppliance) -> Result<ApplianceRecord, String> {
+        super::appliances::check_new_appliance(a).map_err(|r| r.reason)?;
+        if self.appliances.contains_key(&a.name) {
+            return Err(format!("appliance {} was added meanwhile", a.name));
+        }
+        Ok(super::appliances::appliance_record(
+            a,
+            t.by,
+            t.started_ms,
+            t.server,
+        ))
     }
 
     /// Ends task `id` in `state`, and lets the oldest ended tasks go past `KEEP_ENDED_TASKS`.
@@ -404,6 +463,50 @@ impl StateMachine {
                     result: json!({ "task": id, "server": server }),
                 })
             }
+            Action::DownloadAppliance {
+                name,
+                url,
+                sha256,
+                server,
+            } => {
+                if !by.is_manager() {
+                    return Err(access::refuse("only a Manager adds to the library"));
+                }
+                self.check_new_task_appliance(name, "")?;
+                check_download_url(url)?;
+                if let Some(sha) = sha256 {
+                    if !crate::library::is_sha256(sha) {
+                        return Err(Refusal::conflict(format!(
+                            "appliance {name}: {sha:?} is not a SHA-256 (64 hex digits)"
+                        )));
+                    }
+                }
+                match self.servers.get(server) {
+                    None => return Err(Refusal::not_found(format!("no server {server}"))),
+                    Some(s) if s.down || s.witness => {
+                        return Err(Refusal::conflict(format!(
+                            "server {server} is down or a witness: a VM server downloads"
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                let id = self.start_task(
+                    by,
+                    *server,
+                    0,
+                    TaskKind::Download {
+                        appliance: name.clone(),
+                        url: url.clone(),
+                        sha256: sha256.as_ref().map(|s| s.to_ascii_lowercase()),
+                    },
+                    writes,
+                );
+                Ok(Acted::Changed {
+                    verb: "appliance.download",
+                    target: format!("appliance {name} from {url}"),
+                    result: json!({ "task": id, "server": server }),
+                })
+            }
             Action::SetBackupSchedule { vm, schedule } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
                 if let Some(s) = schedule {
@@ -517,6 +620,28 @@ pub fn due_backups(state: &StateMachine, now_ms: u64) -> Vec<Action> {
         .collect()
 }
 
+/// The longest download URL taken.
+pub const MAX_URL: usize = 2048;
+
+/// Refuses a download URL that is not http(s), or too long, or has spaces or controls.
+pub fn check_download_url(url: &str) -> Result<(), Refusal> {
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    let host_ok = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
+        .is_some_and(|h| !h.is_empty());
+    if !scheme_ok
+        || !host_ok
+        || url.len() > MAX_URL
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Refusal::conflict(format!(
+            "{url:.100?}: a download URL is http:// or https://, a host, at most {MAX_URL} characters without spaces"
+        )));
+    }
+    Ok(())
+}
+
 /// What a task does, for messages.
 pub fn describe(kind: &TaskKind) -> String {
     match kind {
@@ -525,6 +650,9 @@ pub fn describe(kind: &TaskKind) -> String {
         }
         TaskKind::Backup { vm, appliance, .. } => {
             format!("backing VM {vm} up into appliance {appliance}")
+        }
+        TaskKind::Download { appliance, url, .. } => {
+            format!("downloading appliance {appliance} from {url}")
         }
     }
 }
@@ -554,6 +682,132 @@ mod tests {
         Action, ApplianceDisk, BootMode, Command, Outcome, RefusalKind, StateMachine, TaskOutcome,
         TaskState,
     };
+
+    #[test]
+    fn a_download_is_a_manager_s_task_of_a_vm_server_ending_in_the_appliance_it_imported() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let mut w = Vec::new();
+        sm.add_server(&crate::state_machine::fixtures::server(3, true), &mut w);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let p = id(act(&mut sm, 0, new_user("p", Role::PowerUser, None, None)));
+        let download =
+            |name: &str, url: &str, sha: Option<&str>, server| Action::DownloadAppliance {
+                name: name.into(),
+                url: url.into(),
+                sha256: sha.map(str::to_string),
+                server,
+            };
+        let refused = |r: Outcome| r.unwrap_err();
+        let url = "https://appliances.example/web.ova";
+        assert_eq!(
+            refused(act(&mut sm, p, download("web", url, None, 1))).kind,
+            RefusalKind::Forbidden
+        );
+        for bad in [
+            "ftp://x/a.ova",
+            "http://",
+            "https://a b/c",
+            "file:///etc/passwd",
+        ] {
+            assert!(
+                refused(act(&mut sm, m, download("web", bad, None, 1)))
+                    .reason
+                    .contains("URL"),
+                "{bad}"
+            );
+        }
+        assert!(
+            refused(act(&mut sm, m, download("web", url, Some("zz"), 1)))
+                .reason
+                .contains("SHA-256")
+        );
+        assert!(refused(act(&mut sm, m, download("web", url, None, 3)))
+            .reason
+            .contains("witness"));
+        assert!(refused(act(&mut sm, m, download("../web", url, None, 1)))
+            .reason
+            .contains("name"));
+        let r = act(&mut sm, m, download("web", url, Some(&"AB".repeat(32)), 2)).unwrap();
+        let task = r["task"].as_u64().unwrap();
+        assert_eq!(r["server"].as_u64(), Some(2));
+        assert!(refused(act(&mut sm, m, download("web", url, None, 1)))
+            .reason
+            .contains("being made"));
+        let t = &sm.tasks[&task];
+        assert_eq!(
+            (t.total_bytes, t.kind.vm(), t.kind.appliance()),
+            (0, None, Some("web"))
+        );
+        // Its length learnt once, from its server.
+        let progress = |done_bytes, total_bytes| Command::TaskProgress {
+            id: task,
+            server: 2,
+            done_bytes,
+            total_bytes,
+        };
+        sm.apply(&progress(10, Some(1000)), &mut w).unwrap();
+        sm.apply(&progress(20, Some(5)), &mut w).unwrap();
+        assert_eq!(
+            (sm.tasks[&task].done_bytes, sm.tasks[&task].total_bytes),
+            (20, 1000)
+        );
+        // Ended with what a copy back makes: not a download's; failed, nothing listed.
+        let ended = |outcome| Command::TaskEnded {
+            id: task,
+            server: 2,
+            at_ms: 9,
+            outcome,
+        };
+        let disks = vec![ApplianceDisk {
+            size: 1 << 20,
+            sha256: "cd".repeat(32),
+        }];
+        let imported = crate::state_machine::NewAppliance {
+            name: String::new(),
+            description: "from a directory".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            boot: BootMode::Uefi,
+            disk_bus: Default::default(),
+            nics: 1,
+            disks: disks.clone(),
+            origin: String::new(),
+        };
+        sm.apply(
+            &ended(TaskOutcome::Imported {
+                appliance: imported.clone(),
+            }),
+            &mut w,
+        )
+        .unwrap();
+        let a = &sm.appliances["web"];
+        assert_eq!(
+            (a.memory_mib, a.vcpus, a.boot, a.nics),
+            (256, 2, BootMode::Uefi, 1)
+        );
+        assert_eq!(
+            (&a.disks, a.created_by, &a.servers),
+            (&disks, m, &[2].into())
+        );
+        assert_eq!(a.origin, format!("downloaded from {url}"));
+        assert!(matches!(sm.tasks[&task].state, TaskState::Done { .. }));
+
+        let r = act(&mut sm, m, download("db", url, None, 1)).unwrap();
+        let task = r["task"].as_u64().unwrap();
+        let wrong = Command::TaskEnded {
+            id: task,
+            server: 1,
+            at_ms: 10,
+            outcome: TaskOutcome::CopiedBack { disks },
+        };
+        sm.apply(&wrong, &mut w).unwrap();
+        assert!(
+            matches!(&sm.tasks[&task].state, TaskState::Failed { reason, .. } if reason.contains("does not make"))
+        );
+        assert!(!sm.appliances.contains_key("db"));
+    }
 
     #[test]
     fn a_copy_back_keeps_its_vm_off_ends_in_an_appliance_and_fails_with_its_server() {
@@ -612,6 +866,7 @@ mod tests {
             id: task,
             server,
             done_bytes,
+            total_bytes: None,
         };
         let mut w = Vec::new();
         assert!(sm.apply(&progress(server % 2 + 1, 5), &mut w).is_err());

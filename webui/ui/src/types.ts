@@ -171,10 +171,10 @@ export interface Appliance {
   shared_with?: number[];
 }
 
-/** A long operation (copy back), with its progress. */
+/** A long operation (copy back, live backup, download), with its progress. */
 export interface Task {
   id: number;
-  kind: "copy_back";
+  kind: "copy_back" | "backup" | "download";
   what: string;
   vm: number | null;
   appliance: string | null;

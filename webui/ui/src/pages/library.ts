@@ -145,6 +145,108 @@ function appliancesSection(ctx: PageContext): HTMLElement {
     failed: (n, e) => `Could not import ${n}: ${message(e)}`,
   });
 
+  /** Starts a download of `url` into appliance `name` (a task: its progress is in the list). */
+  async function download(name: string, url: string, sha256: string | null, err: HTMLElement): Promise<boolean> {
+    err.classList.add("hidden");
+    try {
+      await api("POST", `/appliances/${encodeURIComponent(name)}/download`, sha256 ? { url, sha256 } : { url });
+      ctx.notify("info", `Downloading appliance ${name}: see its task below`);
+      refresh();
+      return true;
+    } catch (e) {
+      showError(err, `Could not download ${name}: ${message(e)}`);
+      return false;
+    }
+  }
+
+  const fromUrlError = h("div", { class: "form-error hidden", role: "alert", "data-test": "download-error" });
+  const fromUrl = h(
+    "form",
+    { class: "card form-card", "data-test": "download-form" },
+    h("h3", null, "Download a Virtual Appliance"),
+    h("p", { class: "muted" }, "An OVA at a URL (http or https): a server downloads and imports it as a task."),
+    h(
+      "div",
+      { class: "row" },
+      field("Name", h("input", { name: "name", required: true, pattern: "[A-Za-z0-9_][A-Za-z0-9._\\-]{0,62}", "data-test": "download-name" })),
+      field("URL", h("input", { name: "url", type: "url", required: true, size: 48, "data-test": "download-url" })),
+      field("SHA-256 (optional)", h("input", { name: "sha256", pattern: "[0-9a-fA-F]{64}", size: 24, "data-test": "download-sha256" })),
+      h("button", { type: "submit", class: "primary", "data-test": "download-start" }, "Download"),
+    ),
+    fromUrlError,
+  );
+  fromUrl.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const get = (n: string) => (fromUrl.elements.namedItem(n) as HTMLInputElement).value.trim();
+    if (await download(get("name"), get("url"), get("sha256") || null, fromUrlError)) fromUrl.reset();
+  });
+
+  /** An appliance directory: its catalogue's URL, what it offers, each with a Download. */
+  const directoryList = h("div", { "data-test": "directory-wrap" });
+  const directoryError = h("div", { class: "form-error hidden", role: "alert", "data-test": "directory-error" });
+  const directory = h(
+    "form",
+    { class: "card form-card", "data-test": "directory-form" },
+    h("h3", null, "Appliance directory"),
+    h("p", { class: "muted" }, "A catalogue (a JSON list of name, description, size, sha256, url): what it offers, checked by its SHA-256 when downloaded."),
+    h(
+      "div",
+      { class: "row" },
+      field("Catalogue URL", h("input", { name: "url", type: "url", required: true, size: 48, "data-test": "directory-url" })),
+      h("button", { type: "submit", "data-test": "directory-open" }, "Show"),
+    ),
+    directoryError,
+    directoryList,
+  );
+  directory.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    directoryError.classList.add("hidden");
+    const url = (directory.elements.namedItem("url") as HTMLInputElement).value.trim();
+    try {
+      const entries = await api<DirectoryEntry[]>("GET", `/appliance-directory?url=${encodeURIComponent(url)}`);
+      fill(
+        directoryList,
+        entries.length === 0
+          ? h("p", { class: "empty" }, "The directory offers nothing.")
+          : h(
+              "table",
+              { class: "grid", "data-test": "directory-table" },
+              h("thead", null, h("tr", null, ["Name", "Size", "Description", ""].map((t) => h("th", null, t)))),
+              h(
+                "tbody",
+                null,
+                entries.map((e) =>
+                  h(
+                    "tr",
+                    { "data-test": "directory-row", "data-name": e.name },
+                    h("td", null, h("b", null, e.name)),
+                    h("td", { class: "num" }, bytes(e.size)),
+                    h("td", { class: "muted" }, e.description),
+                    h(
+                      "td",
+                      null,
+                      e.in_library
+                        ? h("span", { class: "badge good" }, "in the library")
+                        : h(
+                            "button",
+                            {
+                              type: "button",
+                              "data-test": "directory-download",
+                              onclick: () => void download(e.name, e.url, e.sha256, directoryError),
+                            },
+                            "Download",
+                          ),
+                    ),
+                  ),
+                ),
+              ),
+            ),
+      );
+    } catch (e) {
+      showError(directoryError, `Could not read the directory: ${message(e)}`);
+    }
+  });
+
   const refresh = ctx.poll(async () => {
     const [a, t, u] = await Promise.all([
       api<Appliance[]>("GET", "/appliances"),
@@ -362,10 +464,22 @@ function appliancesSection(ctx: PageContext): HTMLElement {
     h("h2", null, "Virtual Appliances"),
     h("p", { class: "lead" }, "VMs are made from these: their disks start as an appliance's images. Every VM server keeps a checked copy of each."),
     form,
+    fromUrl,
+    directory,
     table,
     h("h2", null, "Tasks"),
     taskTable,
   );
+}
+
+/** An appliance an appliance directory offers (`GET /api/v1/appliance-directory`). */
+interface DirectoryEntry {
+  name: string;
+  description: string;
+  size: number;
+  sha256: string;
+  url: string;
+  in_library: boolean;
 }
 
 /** What an upload form of the library sends, and says. */
