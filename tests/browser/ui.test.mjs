@@ -28,6 +28,8 @@ const newServerToken = process.env.ENSPEED_NEW_SERVER_TOKEN ?? "";
 const barsIso = process.env.ENSPEED_BARS_ISO ?? "";
 // An OVA whose disk (a stream-optimized VMDK) a BIOS boots; its program powers the VM off.
 const ova = process.env.ENSPEED_OVA ?? "";
+/** An appliance directory's catalogue URL (it offers the same OVA as "from-directory"). */
+const directory = process.env.ENSPEED_DIRECTORY ?? "";
 if (bases.length === 0 || !managerPassword) {
   console.error("ui.test.mjs: set ENSPEED_WEB (base URLs, comma-separated) and ENSPEED_MANAGER_PASSWORD");
   process.exit(2);
@@ -506,6 +508,23 @@ try {
     await m.click("[data-test=appliance-modify-save]");
     await until("the change saved", async () => (await m.locator("[data-test=appliance-modify]").count()) === 0 && /the boot disk/.test(await text(appRow)));
     await shot(m, "manager-appliances");
+
+    if (directory) {
+      step("the Manager opens an appliance directory and downloads what it offers: a task, done, the appliance listed (then deleted)");
+      await m.fill("[data-test=directory-url]", directory);
+      await m.click("[data-test=directory-open]");
+      const entry = m.locator('[data-test=directory-row][data-name="from-directory"]');
+      await until("the directory's offer listed", async () => (await entry.count()) === 1, 30000);
+      assert.match(await text(entry), /the boot disk, from a directory/);
+      await entry.locator("[data-test=directory-download]").click();
+      const got = m.locator('[data-test=appliance-row][data-name="from-directory"]');
+      await until("the downloaded appliance listed", async () => (await got.count()) === 1, 60000);
+      await until("its download task done", async () => (await m.locator("[data-test=task-row][data-state=done]", { hasText: "downloading appliance from-directory" }).count()) === 1, 30000);
+      await shot(m, "manager-directory");
+      await got.locator("[data-test=appliance-select]").check();
+      await m.click("[data-test=appliances-delete]");
+      await until("the downloaded appliance deleted", async () => (await got.count()) === 0, 30000);
+    }
 
     step("the Power User makes a VM of it: the appliance's memory, firmware and disk bus are the form's defaults; its BIOS boots the appliance's disk");
     await openTab(p, "vms");

@@ -146,6 +146,22 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         ),
     )
     .unwrap();
+    // An appliance directory offering the same OVA (its catalogue names it with its SHA-256).
+    let ova_bytes = std::fs::read(&ova).unwrap();
+    let directory = enspeed_tests::web::serve_files(|site| {
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(&ova_bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let catalogue = serde_json::json!([{"name": "from-directory",
+            "description": "the boot disk, from a directory", "size": ova_bytes.len(),
+            "sha256": sha, "url": format!("{site}/boot-disk.ova")}]);
+        vec![
+            ("/boot-disk.ova".into(), ova_bytes.clone()),
+            ("/catalogue.json".into(), catalogue.to_string().into_bytes()),
+        ]
+    });
     let artifacts = artifacts();
     println!(
         "browser test: servers {:?}; screenshots in {}",
@@ -164,6 +180,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_NEW_SERVER_TOKEN", &token)
         .env("ENSPEED_BARS_ISO", enspeed_tests::bars_iso())
         .env("ENSPEED_OVA", &ova)
+        .env("ENSPEED_DIRECTORY", format!("{directory}/catalogue.json"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -3540,7 +3540,15 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         .collect();
     assert_eq!(
         names,
-        ["again", "app-qcow2", "app-raw", "app-vmdk", "from-dir", "pvm-tpl"].into(),
+        [
+            "again",
+            "app-qcow2",
+            "app-raw",
+            "app-vmdk",
+            "from-dir",
+            "pvm-tpl"
+        ]
+        .into(),
         "no failed download listed"
     );
     assert_eq!(
