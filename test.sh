@@ -32,8 +32,8 @@ if [ -s "$times" ]; then
     sed 's/^/    /' "$times"
 fi
 # Coverage-guided fuzzing of what takes untrusted bytes (mirror frames, RFB client messages,
-# virtio-blk chains, the vhost-user-blk request path, the API's JSON), 8 s a target, built
+# virtio-blk chains, the vhost-user-blk request path, the API's JSON), 5 s a target, built
 # with the quicker profile; the fuzz crate (fuzz/) builds outside the workspace.
 # scripts/fuzz.sh alone runs longer, optimized.
-FUZZ_PROFILE=quick scripts/fuzz.sh 8
+FUZZ_PROFILE=quick scripts/fuzz.sh 5
 part "fuzzing"

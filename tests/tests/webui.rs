@@ -1798,6 +1798,42 @@ fn the_enspeed_command_is_a_client_of_the_api() {
     ]);
     let exported = std::fs::read(&out).unwrap();
     assert_eq!(&exported[..11], b"cli-app.ovf", "the descriptor first");
+    // An appliance directory offering that export: listed, downloaded (a task), the same.
+    let site = enspeed_tests::web::serve_files(|site| {
+        let catalogue = json!([{"name": "cli-dir", "description": "the CLI's export",
+            "size": exported.len(), "sha256": "ab".repeat(32), "url": format!("{site}/x.ova")}]);
+        vec![
+            ("/x.ova".into(), exported.clone()),
+            ("/c.json".into(), catalogue.to_string().into_bytes()),
+        ]
+    });
+    let listed = ok(&["appliance", "directory", &format!("{site}/c.json")]);
+    assert!(
+        listed.contains("cli-dir") && listed.contains("the CLI's export"),
+        "{listed}"
+    );
+    let started = ok(&["appliance", "download", "cli-dir", &format!("{site}/x.ova")]);
+    assert!(
+        started.contains("downloading appliance cli-dir"),
+        "{started}"
+    );
+    cluster::wait_for("the download done", WAIT, || {
+        ok(&["appliance", "list"]).contains("cli-dir").then_some(())
+    });
+    let (good, text) = run(
+        &[
+            "appliance",
+            "download",
+            "cli-bad",
+            &format!("{site}/x.ova"),
+            "--sha256",
+            "zz",
+        ],
+        "admin",
+        PASSWORD,
+    );
+    assert!(!good && text.contains("SHA-256"), "{text}");
+    ok(&["appliance", "delete", "cli-dir"]);
     ok(&["appliance", "delete", "cli-app"]);
     assert!(!ok(&["appliance", "list"]).contains("cli-app"));
 
@@ -1809,7 +1845,10 @@ fn the_enspeed_command_is_a_client_of_the_api() {
     let started = ok(&["appliance", "copy-back", &id, "web1-back"]);
     assert!(started.contains("copying VM"), "{started}");
     cluster::wait_for("the copy back done", WAIT, || {
-        ok(&["task", "list"]).contains(" done ").then_some(())
+        ok(&["task", "list"])
+            .lines()
+            .any(|l| l.contains("copying VM") && l.contains(" done "))
+            .then_some(())
     });
     assert!(ok(&["appliance", "list"]).contains("web1-back"));
     ok(&["appliance", "delete", "web1-back"]);

@@ -265,7 +265,7 @@ pub enum ApplianceCommand {
         /// The new appliance's name.
         name: String,
         /// Where the OVA is (http:// or https://).
-        url: String,
+        from: String,
         /// Its SHA-256, hex: refused if the download differs.
         #[arg(long)]
         sha256: Option<String>,
@@ -275,7 +275,7 @@ pub enum ApplianceCommand {
     /// one).
     Directory {
         /// The catalogue's URL.
-        url: String,
+        catalogue: String,
     },
     /// Download an appliance as an OVA (Managers).
     Export {
@@ -1247,20 +1247,20 @@ pub fn appliance(l: &Login, cmd: ApplianceCommand) -> ExitCode {
                 appliance_table,
             )
         }
-        ApplianceCommand::Download { name, url, sha256 } => run(
+        ApplianceCommand::Download { name, from, sha256 } => run(
             l,
             |s| {
                 s.call(
                     "POST",
                     &format!("/appliances/{name}/download"),
-                    Some(json!({"url": url, "sha256": sha256})),
+                    Some(json!({"url": from, "sha256": sha256})),
                 )
             },
             task_table,
         ),
-        ApplianceCommand::Directory { url } => {
+        ApplianceCommand::Directory { catalogue } => {
             let query: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("url", &url)
+                .append_pair("url", &catalogue)
                 .finish();
             run(
                 l,

@@ -481,6 +481,18 @@ impl StateMachine {
                         )));
                     }
                 }
+                let running = self
+                    .tasks
+                    .values()
+                    .filter(|t| {
+                        t.state == TaskState::Running && matches!(t.kind, TaskKind::Download { .. })
+                    })
+                    .count();
+                if running >= MAX_DOWNLOADS {
+                    return Err(Refusal::conflict(format!(
+                        "{running} downloads run already, the most at once: start {name} when one ends"
+                    )));
+                }
                 match self.servers.get(server) {
                     None => return Err(Refusal::not_found(format!("no server {server}"))),
                     Some(s) if s.down || s.witness => {
@@ -620,6 +632,10 @@ pub fn due_backups(state: &StateMachine, now_ms: u64) -> Vec<Action> {
         .collect()
 }
 
+/// The most downloads running at once in the cluster (each holds a connection, a thread and a
+/// work directory on its server).
+pub const MAX_DOWNLOADS: usize = 4;
+
 /// The longest download URL taken.
 pub const MAX_URL: usize = 2048;
 
@@ -735,6 +751,13 @@ mod tests {
         assert!(refused(act(&mut sm, m, download("web", url, None, 1)))
             .reason
             .contains("being made"));
+        // At most MAX_DOWNLOADS at once.
+        for n in 1..super::MAX_DOWNLOADS {
+            act(&mut sm, m, download(&format!("more{n}"), url, None, 1)).unwrap();
+        }
+        assert!(refused(act(&mut sm, m, download("one-more", url, None, 1)))
+            .reason
+            .contains("the most at once"));
         let t = &sm.tasks[&task];
         assert_eq!(
             (t.total_bytes, t.kind.vm(), t.kind.appliance()),
