@@ -140,7 +140,7 @@ pub fn fetch(
     let packed = total.unwrap_or(MAX_OVA);
     let scan = std::thread::Builder::new()
         .name("ova-scan".into())
-        .spawn(move || ova::scan(ova::Arriving::new(arriving), packed))
+        .spawn(move || ova::arrive(ova::Arriving::new(arriving), packed))
         .map_err(|e| format!("starting to read the archive: {e}"))?;
     let mut body = r.into_reader().take(MAX_OVA + 1);
     let mut hash = sha2::Sha256::new();
@@ -210,7 +210,7 @@ pub fn fetch(
     let archive = out
         .seal()
         .map_err(|e| format!("storing the download: {e}"))?;
-    let imported = ova::import(
+    let imported = ova::import_arrived(
         archive.path(),
         &scanned,
         &work.join("disks"),

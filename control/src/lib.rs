@@ -36,6 +36,7 @@ pub mod state_machine;
 pub mod storage;
 pub mod transport;
 pub mod vmnet;
+pub mod zipped;
 
 pub use node::{NodeConfig, NodeError, Status};
 pub use server::{Bootstrap, ServerConfig};

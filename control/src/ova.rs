@@ -50,11 +50,11 @@ pub enum OvaError {
     },
 }
 
-fn refused<T>(what: impl Into<String>) -> Result<T, OvaError> {
+pub(crate) fn refused<T>(what: impl Into<String>) -> Result<T, OvaError> {
     Err(OvaError::Refused(what.into()))
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvaError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvaError {
     let what = what.into();
     move |source| OvaError::Io { what, source }
 }
@@ -347,6 +347,16 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry of `size` bytes at `offset`, hashed by no one here (a zip's, checked by its
+    /// CRC-32 instead).
+    pub(crate) fn at(offset: u64, size: u64) -> Entry {
+        Entry {
+            offset,
+            size,
+            ..Entry::default()
+        }
+    }
+
     /// Its digest of `kind`, hex, if it was computed.
     pub fn digest(&self, kind: DigestKind) -> Option<&str> {
         match kind {
@@ -545,6 +555,44 @@ pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
         manifest,
         packed,
     })
+}
+
+/// What an upload or a download turned out to be, read as it arrived.
+#[derive(Debug)]
+pub enum Arrived {
+    /// An OVA, scanned.
+    Ova(Scanned),
+    /// The original product's zip (`zipped`), only received: its directory is at its end.
+    Zip,
+}
+
+/// Reads an archive as it arrives: `scan` for an OVA; a zip is read to its end, unread.
+pub fn arrive(mut input: impl Read, packed: u64) -> Result<Arrived, OvaError> {
+    let mut head = Vec::with_capacity(4);
+    (&mut input)
+        .take(4)
+        .read_to_end(&mut head)
+        .or_else(|e| refused(format!("the archive is cut short or damaged: {e}")))?;
+    let mut rest = io::Cursor::new(head.clone()).chain(input);
+    if crate::zipped::is_zip(&head) {
+        let _ = io::copy(&mut rest, &mut io::sink());
+        return Ok(Arrived::Zip);
+    }
+    scan(rest, packed).map(Arrived::Ova)
+}
+
+/// Imports what arrived in file `archive` (`import` or `zipped::import`).
+pub fn import_arrived(
+    archive: &Path,
+    arrived: &Arrived,
+    work: &Path,
+    library: &Path,
+    progress: &dyn Fn(String),
+) -> Result<Imported, OvaError> {
+    match arrived {
+        Arrived::Ova(s) => import(archive, s, work, library, progress),
+        Arrived::Zip => crate::zipped::import(archive, work, library, progress),
+    }
 }
 
 /// `scan` of the archive in file `path`.
@@ -884,7 +932,6 @@ pub fn import(
     library: &Path,
     progress: &dyn Fn(String),
 ) -> Result<Imported, OvaError> {
-    std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
     let descriptor = parse_ovf(&scanned.descriptor)?;
     check_manifest(scanned, &descriptor.disks)?;
     let mut images = Vec::new();
@@ -892,26 +939,42 @@ pub fn import(
         let entry = scanned.entries.get(&d.file).ok_or_else(|| {
             OvaError::Refused(format!("Disk{i}'s image {} is not in the archive", d.file))
         })?;
-        let image = InPlace {
+        images.push(InPlace {
             archive,
             name: &d.file,
             entry,
-        };
+        });
+    }
+    let disks = convert_disks(images, scanned.packed, work, library, progress)?;
+    Ok(Imported { descriptor, disks })
+}
+
+/// Converts disk `images` (Disk0 first) of an archive of `packed` bytes, each checked first,
+/// to raw images sealed in `work` (a new directory inside library directory `library`).
+pub(crate) fn convert_disks(
+    images: Vec<InPlace<'_>>,
+    packed: u64,
+    work: &Path,
+    library: &Path,
+    progress: &dyn Fn(String),
+) -> Result<Vec<Sealed>, OvaError> {
+    std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
+    let mut checked = Vec::new();
+    for image in images {
         let format = image.probe()?;
         let size = image.inspect(format)?;
         if size % 512 != 0 {
             return refused(format!(
                 "{}: {size} bytes is not whole 512-byte sectors",
-                d.file
+                image.name
             ));
         }
-        images.push((image, format, size));
+        checked.push((image, format, size));
     }
-    let expanded: u64 = images.iter().map(|i| i.2).sum();
-    if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > scanned.packed {
+    let expanded: u64 = checked.iter().map(|i| i.2).sum();
+    if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > packed {
         return refused(format!(
-            "its disks expand to {expanded} bytes from an archive of {}: more than {MAX_EXPANSION} times",
-            scanned.packed
+            "its disks expand to {expanded} bytes from an archive of {packed}: more than {MAX_EXPANSION} times"
         ));
     }
     let free =
@@ -923,7 +986,7 @@ pub fn import(
         ));
     }
     let mut disks = Vec::new();
-    for (i, (image, format, size)) in images.into_iter().enumerate() {
+    for (i, (image, format, size)) in checked.into_iter().enumerate() {
         progress(format!(
             "converting Disk{i} ({}, {size} bytes) to raw",
             format.name()
@@ -954,7 +1017,7 @@ pub fn import(
             .map_err(io_err(format!("hashing Disk{i}")))?;
         disks.push(sealed);
     }
-    Ok(Imported { descriptor, disks })
+    Ok(disks)
 }
 
 /// XML text with its special characters escaped.

@@ -163,3 +163,29 @@ pub fn one_disk(name: &str, raw: &Path, format: &str, dir: &Path, with_manifest:
     entries.push((&file, &disk));
     tar(&entries)
 }
+
+/// A zip of `entries` (name, bytes, stored rather than deflated), as Python's zipfile writes
+/// one (any name, `..` too), made in directory `dir`.
+pub fn zip(dir: &Path, entries: &[(&str, &[u8], bool)]) -> Vec<u8> {
+    let mut listed = Vec::new();
+    for (i, (name, bytes, stored)) in entries.iter().enumerate() {
+        let part = dir.join(format!("zip-part-{i}"));
+        std::fs::write(&part, bytes).expect("write a zip part");
+        listed.push(serde_json::json!([name, part, stored]));
+    }
+    let out = dir.join("made.zip");
+    let script = "import json, sys, zipfile\n\
+        out, entries = sys.argv[1], json.loads(sys.argv[2])\n\
+        with zipfile.ZipFile(out, 'w') as z:\n\
+        \x20   for name, part, stored in entries:\n\
+        \x20       how = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED\n\
+        \x20       z.writestr(zipfile.ZipInfo(name), open(part, 'rb').read(), compress_type=how)\n";
+    let st = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&out)
+        .arg(serde_json::Value::from(listed).to_string())
+        .status()
+        .expect("run python3");
+    assert!(st.success(), "python3 zipfile");
+    std::fs::read(&out).expect("read the zip")
+}

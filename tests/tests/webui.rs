@@ -3607,6 +3607,67 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
     );
     assert_eq!(ftp.0, 400, "{ftp:?}");
 
+    // The original product's zip of disk images and an appliance.xml: the disk stored (read
+    // in place) or deflated (inflated first), the same image; hostile zips refused.
+    let zdir = scratch.path("zip");
+    std::fs::create_dir_all(&zdir).unwrap();
+    let qcow2 = std::fs::read(enspeed_tests::ova::convert(&raw, "qcow2", &zdir)).unwrap();
+    let xml = |file: &str| {
+        format!(
+            r#"<?xml version="1.0"?>
+<VirtualAppliance name="legacy" memory="96" vcpus="2" firmware="bios" nics="1">
+  <Description>from the original product</Description>
+  <Disk file="{file}"/>
+</VirtualAppliance>"#
+        )
+    };
+    for (name, file, bytes, stored) in [
+        ("zip-stored", "disk0.img", &disk, true),
+        ("zip-deflated", "disk0.qcow2", &qcow2, false),
+    ] {
+        let x = xml(file);
+        let z = enspeed_tests::ova::zip(
+            &zdir,
+            &[
+                ("appliance.xml", x.as_bytes(), false),
+                (file, bytes, stored),
+            ],
+        );
+        let r = m.put_bytes(&format!("/api/v1/appliances/{name}"), &z);
+        assert_eq!(r.0, 201, "{name}: {r:?}");
+        assert_eq!(
+            r.1["disks"][0]["sha256"],
+            json!(sha),
+            "{name}: the same image"
+        );
+        assert_eq!((&r.1["memory_mib"], &r.1["vcpus"]), (&json!(96), &json!(2)));
+        assert_eq!(r.1["description"], "from the original product");
+    }
+    let x = xml("disk0.img");
+    for (why, z) in [
+        (
+            "only plain files",
+            enspeed_tests::ova::zip(
+                &zdir,
+                &[
+                    ("appliance.xml", x.as_bytes(), true),
+                    ("../disk0.img", &disk, true),
+                ],
+            ),
+        ),
+        (
+            "no appliance.xml",
+            enspeed_tests::ova::zip(&zdir, &[("disk0.img", &disk, true)]),
+        ),
+        (
+            "not in the zip",
+            enspeed_tests::ova::zip(&zdir, &[("appliance.xml", x.as_bytes(), true)]),
+        ),
+    ] {
+        let r = m.put_bytes("/api/v1/appliances/zip-bad", &z);
+        assert!(r.0 == 422 && r.1.to_string().contains(why), "{why}: {r:?}");
+    }
+
     // Deleted by a Manager only; once no appliance names the image, no server keeps it.
     assert_eq!(pw.send("DELETE", "/api/v1/appliances/again", None).0, 403);
     for name in [
@@ -3616,6 +3677,8 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         "again",
         "pvm-tpl",
         "from-dir",
+        "zip-stored",
+        "zip-deflated",
     ] {
         let r = m.send("DELETE", &format!("/api/v1/appliances/{name}"), None);
         assert_eq!(r.0, 200, "{name}: {r:?}");

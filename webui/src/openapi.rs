@@ -88,7 +88,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "put",
         "/appliances/{name}",
-        "Import an OVA (Manager): the archive as the body (application/octet-stream, Content-Length required, up to 256 GiB); OVF 1.x or 2.0 of any vendor, disks as VMDK, qcow2 or raw (converted to raw with qemu-img), its manifest checked; 422 with the reason when refused, nothing kept",
+        "Import an OVA (Manager): the archive as the body (application/octet-stream, Content-Length required, up to 256 GiB); OVF 1.x or 2.0 of any vendor, disks as VMDK, qcow2 or raw (converted to raw with qemu-img), its manifest checked; or the original product's zip of disk images and an appliance.xml (stored or deflated entries, their CRC-32 checked); 422 with the reason when refused, nothing kept",
     ),
     (
         "patch",

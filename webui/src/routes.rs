@@ -36,7 +36,8 @@
 //!   POST   /api/v1/servers/{id}/drain  move every disk copy off it (Manager)
 //!   DELETE /api/v1/servers/{id}        remove a drained server from the cluster (Manager)
 //!   GET    /api/v1/appliances          the appliance library, as far as the caller may use it
-//!   PUT    /api/v1/appliances/{name}   import an OVA (Manager; the archive is the body)
+//!   PUT    /api/v1/appliances/{name}   import an OVA, or a zip of images and an appliance.xml
+//!                                      (Manager; the archive is the body)
 //!   PATCH  /api/v1/appliances/{name}   {description?, memory_mib?, vcpus?, shared_with?} (Manager)
 //!   DELETE /api/v1/appliances/{name}   delete (Manager)
 //!   GET    /api/v1/appliances/{name}/ova  download as an OVA (Manager)
@@ -1340,7 +1341,7 @@ impl App {
             .unwrap_or(MAX_OVA);
         let (tee, arriving) = std::sync::mpsc::sync_channel(64);
         let scan = tokio::task::spawn_blocking(move || {
-            control::ova::scan(control::ova::Arriving::new(arriving), packed)
+            control::ova::arrive(control::ova::Arriving::new(arriving), packed)
         });
         let received = self
             .receive(req, &what, MAX_OVA, work.path(), true, Some(&tee))
@@ -1370,7 +1371,7 @@ impl App {
         let who = name.clone();
         let imported = tokio::task::spawn_blocking(move || {
             let progress = |step: String| tracing::info!(appliance = %who, %step, ms = started.elapsed().as_millis() as u64, "import");
-            let r = control::ova::import(
+            let r = control::ova::import_arrived(
                 archive.path(),
                 &scanned,
                 &convert_in,

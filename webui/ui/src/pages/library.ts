@@ -131,10 +131,10 @@ function appliancesSection(ctx: PageContext): HTMLElement {
   const form = uploadForm({
     test: "ova",
     title: "Import a Virtual Appliance",
-    hint: "An OVA (OVF 1.x or 2.0) from any vendor: its disks as VMDK, qcow2 or raw.",
-    accept: ".ova,application/x-tar",
+    hint: "An OVA (OVF 1.x or 2.0) from any vendor, or a zip of disk images and an appliance.xml: disks as VMDK, qcow2 or raw.",
+    accept: ".ova,.zip,application/x-tar,application/zip",
     button: ["import", "Import"],
-    name: (file) => file.replace(/\.ova$/i, ""),
+    name: (file) => file.replace(/\.(ova|zip)$/i, ""),
     path: (n) => `/appliances/${encodeURIComponent(n)}`,
     received: "Uploaded; checking the archive and converting its disks...",
     done: (n) => {
