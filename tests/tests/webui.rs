@@ -967,6 +967,35 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     }
     assert_eq!(m.get("/api/v1/appliances").1, json!([]));
 
+    // Appliance directories and downloads: the Manager's (the file is missing: the task
+    // fails, nothing is added).
+    let site = enspeed_tests::web::serve_files(|site| {
+        let catalogue = json!([{"name": "matrix-dl", "size": 1024, "sha256": "ab".repeat(32),
+            "url": format!("{site}/none.ova")}]);
+        vec![("/c.json".into(), catalogue.to_string().into_bytes())]
+    });
+    let directory = format!("/api/v1/appliance-directory?url={site}/c.json");
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        x.case(who, "GET", "/appliance-directory", &directory, None, want);
+    }
+    let download = Some(json!({"url": format!("{site}/none.ova")}));
+    for (who, want) in [(pw, Forbidden), (rw, Forbidden), (mw, Allowed)] {
+        let path = "/api/v1/appliances/matrix-dl/download";
+        x.case(
+            who,
+            "POST",
+            "/appliances/{name}/download",
+            path,
+            download.clone(),
+            want,
+        );
+    }
+    cluster::wait_for("the download fails", WAIT, || {
+        let t = m.get("/api/v1/tasks").1;
+        (t[0]["state"] == "failed").then_some(())
+    });
+    assert_eq!(m.get("/api/v1/appliances").1, json!([]));
+
     // Copy back: who administers a powered-off VM makes an appliance of it, a task that who
     // may see the VM sees; a Manager, or who asked, may cancel it (once ended: 409).
     for (who, vm, want) in [
