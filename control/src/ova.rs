@@ -89,6 +89,26 @@ pub struct Descriptor {
     pub disks: Vec<OvfDisk>,
 }
 
+/// Untrusted XML `xml` (`what`, to speak of it) read without a DTD (so without entity
+/// expansion) and at most `MAX_XML_NODES` nodes, its root element `root`.
+pub(crate) fn xml_document<'i>(
+    xml: &'i str,
+    what: &str,
+    root: &str,
+) -> Result<roxmltree::Document<'i>, OvaError> {
+    let opt = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: MAX_XML_NODES,
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, opt)
+        .or_else(|e| refused(format!("{what} is not XML we read: {e}")))?;
+    let found = doc.root_element().tag_name().name();
+    if found != root {
+        return refused(format!("{what}'s root is <{found}>, not <{root}>"));
+    }
+    Ok(doc)
+}
+
 /// The local name of an attribute `name` of `n`, in any namespace.
 fn attr<'a>(n: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
     n.attributes().find(|a| a.name() == name).map(|a| a.value())
@@ -133,19 +153,8 @@ pub fn unit_bytes(units: &str) -> Option<u64> {
 /// Reads an OVF descriptor (1.x or 2.0, any vendor's): one virtual system's memory, CPUs,
 /// network cards, firmware and disks.
 pub fn parse_ovf(xml: &str) -> Result<Descriptor, OvaError> {
-    let opt = roxmltree::ParsingOptions {
-        allow_dtd: false,
-        nodes_limit: MAX_XML_NODES,
-    };
-    let doc = roxmltree::Document::parse_with_options(xml, opt)
-        .or_else(|e| refused(format!("the OVF descriptor is not XML we read: {e}")))?;
+    let doc = xml_document(xml, "the OVF descriptor", "Envelope")?;
     let root = doc.root_element();
-    if root.tag_name().name() != "Envelope" {
-        return refused(format!(
-            "the OVF descriptor's root is <{}>, not an OVF <Envelope>",
-            root.tag_name().name()
-        ));
-    }
     // Files by id, disks by id.
     let files: BTreeMap<&str, &str> = elements(root, "File")
         .into_iter()

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ova::{
     self, io_err, refused, Descriptor, Entry, Imported, InPlace, OvaError, OvfDisk, MAX_ENTRIES,
-    MAX_OVF_BYTES, MAX_XML_NODES,
+    MAX_OVF_BYTES,
 };
 use crate::state_machine::{BootMode, DiskBus, MAX_VM_DISKS, MAX_VM_NICS};
 
@@ -42,19 +42,8 @@ pub fn is_zip(head: &[u8]) -> bool {
 
 /// Reads the appliance's XML.
 pub fn parse_xml(xml: &str) -> Result<Descriptor, OvaError> {
-    let opt = roxmltree::ParsingOptions {
-        allow_dtd: false,
-        nodes_limit: MAX_XML_NODES,
-    };
-    let doc = roxmltree::Document::parse_with_options(xml, opt)
-        .or_else(|e| refused(format!("{XML_NAME} is not XML we read: {e}")))?;
+    let doc = ova::xml_document(xml, XML_NAME, "VirtualAppliance")?;
     let root = doc.root_element();
-    if root.tag_name().name() != "VirtualAppliance" {
-        return refused(format!(
-            "{XML_NAME}'s root is <{}>, not <VirtualAppliance>",
-            root.tag_name().name()
-        ));
-    }
     let number = |name: &str, default: Option<u64>, most: u64| -> Result<u64, OvaError> {
         match (root.attribute(name), default) {
             (None, Some(d)) => Ok(d),
