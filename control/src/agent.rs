@@ -1133,6 +1133,8 @@ impl Reconciler {
                 continue;
             }
             let job = match &t.kind {
+                // The web service that received the upload runs it (webui's imports).
+                TaskKind::Import { .. } => continue,
                 TaskKind::Download { url, sha256, .. } => Job::Download {
                     url: url.clone(),
                     sha256: sha256.clone(),

@@ -215,7 +215,12 @@ pub fn fetch(
         &scanned,
         &work.join("disks"),
         library,
-        &|step| tracing::info!(%url, %step, "download"),
+        &ova::Watch {
+            step: &|step| tracing::info!(%url, %step, "download"),
+            // Its progress is the download's, done by now.
+            bytes: &|_, _| {},
+            cancel,
+        },
     )
     .map_err(refused)?;
     Ok(Downloaded {

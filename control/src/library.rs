@@ -5,7 +5,7 @@
 //!
 //! - An upload (or an imported appliance's converted disk) is written by the server that takes
 //!   it (`Upload`): into a `.part` file, hashed as it arrives and synced; the API records it
-//!   (`Action::AddIso`, `Action::AddAppliance`) as held by that server, then renames it into
+//!   (`Action::AddIso`, an import task's end) as held by that server, then renames it into
 //!   place (before, the clean-up below could take it for a deleted one).
 //! - The other servers' agents (`Sync`) copy it from a server holding it, over its client
 //!   port (`Request::LibraryFile`, answered by one line, then the bytes), check its SHA-256 and

@@ -48,6 +48,29 @@ pub enum OvaError {
         /// Why.
         source: io::Error,
     },
+    /// Stopped by its task's cancel.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What a long import hears and tells as it goes.
+pub struct Watch<'a> {
+    /// What it is doing, said as each step begins.
+    pub step: &'a dyn Fn(String),
+    /// Bytes of its disks converted so far, of all of them: told as the conversions go.
+    pub bytes: &'a dyn Fn(u64, u64),
+    /// Set to stop it: it then ends with `OvaError::Cancelled`, its qemu-img stopped.
+    pub cancel: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Watch<'_> {
+    /// `Cancelled` once the cancel is set.
+    fn check(&self) -> Result<(), OvaError> {
+        if self.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(OvaError::Cancelled);
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn refused<T>(what: impl Into<String>) -> Result<T, OvaError> {
@@ -596,11 +619,11 @@ pub fn import_arrived(
     arrived: &Arrived,
     work: &Path,
     library: &Path,
-    progress: &dyn Fn(String),
+    watch: &Watch<'_>,
 ) -> Result<Imported, OvaError> {
     match arrived {
-        Arrived::Ova(s) => import(archive, s, work, library, progress),
-        Arrived::Zip => crate::zipped::import(archive, work, library, progress),
+        Arrived::Ova(s) => import(archive, s, work, library, watch),
+        Arrived::Zip => crate::zipped::import(archive, work, library, watch),
     }
 }
 
@@ -845,6 +868,148 @@ fn qemu_img(args: &[&std::ffi::OsStr], what: &str) -> Result<(), OvaError> {
     Ok(())
 }
 
+/// Runs qemu-img `args` (a `convert -p`), hearing its percentage done in `percent`, stopped
+/// when `cancel` is set; its error output on a failure.
+fn qemu_img_watched(
+    args: &[&std::ffi::OsStr],
+    what: &str,
+    cancel: &std::sync::atomic::AtomicBool,
+    percent: &dyn Fn(f64),
+) -> Result<(), OvaError> {
+    use std::process::Stdio;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let mut child = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(format!("running qemu-img to {what}")))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    // `-p` writes "    (12.34/100%)\r" as it goes: each figure, once read, goes to this thread.
+    let reader = std::thread::spawn(move || {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while let Ok(1) = stdout.read(&mut byte) {
+            if byte[0] != b'\r' && byte[0] != b'\n' {
+                line.push(byte[0]);
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line);
+            let p = text
+                .trim()
+                .strip_prefix('(')
+                .and_then(|t| t.split('/').next())
+                .and_then(|t| t.parse::<f64>().ok());
+            line.clear();
+            if let Some(p) = p.filter(|p| (0.0..=100.0).contains(p)) {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(64 << 10).read_to_string(&mut text);
+        text
+    });
+    let mut cancelled = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(p) => percent(p),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if !cancelled && cancel.load(Ordering::Relaxed) {
+            cancelled = true;
+            let _ = child.kill();
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(io_err(format!("waiting for qemu-img to {what}")))?;
+    let _ = reader.join();
+    let errors = errors.join().unwrap_or_default();
+    if cancelled {
+        return Err(OvaError::Cancelled);
+    }
+    if !status.success() {
+        return Err(OvaError::Io {
+            what: what.to_string(),
+            source: io::Error::other(errors.trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[test]
+fn a_cancelled_conversion_stops_its_qemu_img() {
+    let dir = std::env::temp_dir().join(format!("ova-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("big.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&src)
+        .arg("64G")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    let out = dir.join("big.raw");
+    let started = std::time::Instant::now();
+    let r = qemu_img_watched(
+        &[
+            "convert".as_ref(),
+            "-p".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            src.as_os_str(),
+            out.as_os_str(),
+        ],
+        "converting",
+        &cancel,
+        &|_| {},
+    );
+    assert!(matches!(r, Err(OvaError::Cancelled)), "{r:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Not cancelled, it runs to its end, its progress heard up to 100%.
+    cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+    let small = dir.join("small.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&small)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let heard = std::sync::Mutex::new(Vec::new());
+    qemu_img_watched(
+        &[
+            "convert".as_ref(),
+            "-p".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            small.as_os_str(),
+            out.as_os_str(),
+        ],
+        "converting",
+        &cancel,
+        &|p| heard.lock().unwrap().push(p),
+    )
+    .unwrap();
+    assert_eq!(heard.lock().unwrap().last(), Some(&100.0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An archive read into the library's files: its descriptor and its disks, raw, hashed and
 /// durable, each waiting to be put in place once the library lists the appliance.
 pub struct Imported {
@@ -932,14 +1097,13 @@ impl<T: AsRef<[u8]>> Read for Arriving<T> {
 
 /// Imports OVA `archive`, read already by `scanned`: checks its descriptor and manifest, and
 /// converts each disk, read in place in the archive, to a raw image sealed in `work` (a new
-/// directory inside library directory `library`, removed by the caller). `progress` hears what
-/// it is doing.
+/// directory inside library directory `library`, removed by the caller), told to `watch`.
 pub fn import(
     archive: &Path,
     scanned: &Scanned,
     work: &Path,
     library: &Path,
-    progress: &dyn Fn(String),
+    watch: &Watch<'_>,
 ) -> Result<Imported, OvaError> {
     let descriptor = parse_ovf(&scanned.descriptor)?;
     check_manifest(scanned, &descriptor.disks)?;
@@ -954,18 +1118,19 @@ pub fn import(
             entry,
         });
     }
-    let disks = convert_disks(images, scanned.packed, work, library, progress)?;
+    let disks = convert_disks(images, scanned.packed, work, library, watch)?;
     Ok(Imported { descriptor, disks })
 }
 
 /// Converts disk `images` (Disk0 first) of an archive of `packed` bytes, each checked first,
-/// to raw images sealed in `work` (a new directory inside library directory `library`).
+/// to raw images sealed in `work` (a new directory inside library directory `library`), told
+/// to `watch` as they go.
 pub(crate) fn convert_disks(
     images: Vec<InPlace<'_>>,
     packed: u64,
     work: &Path,
     library: &Path,
-    progress: &dyn Fn(String),
+    watch: &Watch<'_>,
 ) -> Result<Vec<Sealed>, OvaError> {
     std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
     let mut checked = Vec::new();
@@ -995,16 +1160,20 @@ pub(crate) fn convert_disks(
         ));
     }
     let mut disks = Vec::new();
+    let mut before = 0u64;
+    (watch.bytes)(0, expanded);
     for (i, (image, format, size)) in checked.into_iter().enumerate() {
-        progress(format!(
+        watch.check()?;
+        (watch.step)(format!(
             "converting Disk{i} ({}, {size} bytes) to raw",
             format.name()
         ));
         let raw = work.join(format!(".disk{i}.raw.part"));
-        qemu_img(
+        let percent = |p: f64| (watch.bytes)(before + (size as f64 * p / 100.0) as u64, expanded);
+        qemu_img_watched(
             &[
                 "convert".as_ref(),
-                "-q".as_ref(),
+                "-p".as_ref(),
                 "-f".as_ref(),
                 format.name().as_ref(),
                 "-O".as_ref(),
@@ -1013,6 +1182,8 @@ pub(crate) fn convert_disks(
                 raw.as_os_str(),
             ],
             &format!("converting Disk{i}"),
+            watch.cancel,
+            &percent,
         )
         .map_err(|e| match e {
             // An image whose headers pass but whose tables do not: the archive's fault.
@@ -1021,10 +1192,13 @@ pub(crate) fn convert_disks(
             }
             e => e,
         })?;
-        progress(format!("hashing Disk{i}"));
+        watch.check()?;
+        (watch.step)(format!("hashing Disk{i}"));
         let sealed = Sealed::adopt(library, Shelf::Image, raw)
             .map_err(io_err(format!("hashing Disk{i}")))?;
         disks.push(sealed);
+        before += size;
+        (watch.bytes)(before, expanded);
     }
     Ok(disks)
 }

@@ -125,7 +125,7 @@ pub fn import(
     archive: &Path,
     work: &Path,
     library: &Path,
-    progress: &dyn Fn(String),
+    watch: &ova::Watch<'_>,
 ) -> Result<Imported, OvaError> {
     let f = File::open(archive).map_err(io_err(format!("opening {}", archive.display())))?;
     let packed = f.metadata().map_err(io_err("the archive"))?.len();
@@ -201,7 +201,10 @@ pub fn import(
                 ova::MAX_EXPANSION
             ));
         }
-        progress(format!("checking Disk{i} ({})", d.file));
+        if watch.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(OvaError::Cancelled);
+        }
+        (watch.step)(format!("checking Disk{i} ({})", d.file));
         let mut r = z.by_index(e.index).map_err(bad)?;
         let mut out: Box<dyn io::Write> = if e.stored {
             Box::new(io::sink())
@@ -248,7 +251,7 @@ pub fn import(
             },
         })
         .collect();
-    let disks = ova::convert_disks(images, packed, work, library, progress)?;
+    let disks = ova::convert_disks(images, packed, work, library, watch)?;
     Ok(Imported { descriptor, disks })
 }
 

@@ -193,14 +193,23 @@ try {
   await until("the cluster's join token shown", async () => /^K1\.[0-9a-f]+\.[0-9a-f]+$/.test(await text(m.locator("[data-test=join-token]"))));
   await shot(m, "manager-servers");
 
-  step("Library Mgmt: the Manager uploads an ISO image, with its progress; both VM servers get a copy");
+  step("Library Mgmt: the Manager uploads an ISO image, with its progress, resumed after the network fails under it; both VM servers get a copy");
   await openTab(m, "library");
   await m.waitForSelector("[data-test=isos-empty]");
   await m.setInputFiles("[data-test=iso-file]", { name: "installer disc.iso", mimeType: "application/x-iso9660-image", buffer: Buffer.alloc(6 << 20, 0x41) });
   assert.equal(await m.inputValue("[data-test=iso-name]"), "installer_disc.iso", "the name comes from the file");
   await m.fill("[data-test=iso-name]", ISO);
+  // The upload's first part never reaches the server, as if the network failed.
+  let cut = 0;
+  await m.route("**/api/v1/uploads/*", (route) => {
+    if (route.request().method() === "PATCH" && cut++ === 0) return route.abort("connectionreset");
+    return route.continue();
+  });
   await m.click("[data-test=iso-upload]");
+  await until("the upload resumed", async () => /resuming from/.test(await text(m.locator("[data-test=iso-progress-text]"))), 30000);
   await until("the upload done", async () => /Uploaded/.test(await text(m.locator("[data-test=iso-progress-text]"))), 60000);
+  assert.equal(cut, 2, "one part cut, then sent again whole");
+  await m.unroute("**/api/v1/uploads/*");
   await until("the ISO on both VM servers", async () => (await text(m.locator(`[data-test=iso-row][data-name="${ISO}"] [data-test=iso-ready]`))) === "2 of 2 VM servers", 60000);
   assert.match(await text(m.locator(`[data-test=iso-row][data-name="${ISO}"]`)), /6 MiB/);
   await shot(m, "manager-library");

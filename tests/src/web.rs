@@ -159,7 +159,48 @@ impl Web {
 
     /// PUTs `bytes` (binary, application/octet-stream) to `path`, with the CSRF token.
     pub fn put_bytes(&self, path: &str, bytes: &[u8]) -> Answer {
-        let mut req = self.agent.request("PUT", &format!("{}{path}", self.base));
+        self.send_bytes("PUT", path, None, bytes)
+    }
+
+    /// A part of resumable upload `id` (`PATCH /api/v1/uploads/{id}`) starting at `offset`.
+    pub fn upload_part(&self, id: &str, offset: u64, bytes: &[u8]) -> Answer {
+        let path = format!("/api/v1/uploads/{id}");
+        self.send_bytes("PATCH", &path, Some(offset), bytes)
+    }
+
+    /// A part of resumable upload `id` from `offset` that says it is `length` bytes long but
+    /// breaks off after `sent`: its connection closed, as a network failure would. The
+    /// server's answer, if it gave one before the close.
+    pub fn upload_part_cut_off(&self, id: &str, offset: u64, length: u64, sent: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let host = self.base.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(host).expect("connect to the API");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = format!(
+            "PATCH /api/v1/uploads/{id} HTTP/1.1\r\nHost: {host}\r\nUpload-Offset: {offset}\r\nContent-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
+        );
+        if let Some(c) = &self.cookie {
+            head.push_str(&format!("Cookie: {c}\r\n"));
+        }
+        if let Some(t) = &self.csrf {
+            head.push_str(&format!("X-CSRF-Token: {t}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(sent).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    }
+
+    /// `bytes` as the body of a `method` request to `path` (with `offset` as its
+    /// Upload-Offset header, if given).
+    fn send_bytes(&self, method: &str, path: &str, offset: Option<u64>, bytes: &[u8]) -> Answer {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(o) = offset {
+            req = req.set("Upload-Offset", &o.to_string());
+        }
         if let Some(c) = &self.cookie {
             req = req.set("Cookie", c);
         }
@@ -172,7 +213,7 @@ impl Web {
         let resp = match r {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("PUT {path}: {e}"),
+            Err(e) => panic!("{method} {path}: {e}"),
         };
         let status = resp.status();
         let v = resp.into_json().unwrap_or(Value::Null);

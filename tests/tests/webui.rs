@@ -967,6 +967,33 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     }
     assert_eq!(m.get("/api/v1/appliances").1, json!([]));
 
+    // Resumable uploads: a Manager's to open; each is its opener's alone (to the others it is
+    // not there).
+    let open = |who: (&str, &Web), x: &mut Matrix, want| {
+        let body = json!({"kind": "appliance", "name": "matrix-up", "size": ova.len()});
+        x.case(who, "POST", "/uploads", "/api/v1/uploads", Some(body), want)
+    };
+    for who in [pw, rw] {
+        open(who, &mut x, Forbidden);
+    }
+    let id = open(mw, &mut x, Allowed).1["id"]
+        .as_str()
+        .expect("an upload's id")
+        .to_string();
+    let upload = format!("/api/v1/uploads/{id}");
+    for (who, want) in [(pw, Hidden), (rw, Hidden), (mw, Allowed)] {
+        x.case(who, "GET", "/uploads/{id}", &upload, None, want);
+    }
+    let half = ova.len() / 2;
+    for (who, want) in [(pw, Hidden), (rw, Hidden), (mw, Allowed)] {
+        let r = who.1.upload_part(&id, 0, &ova[..half]);
+        x.check(who.0, "PATCH", "/uploads/{id}", &upload, &r, want);
+    }
+    for (who, want) in [(pw, Hidden), (rw, Hidden), (mw, Allowed)] {
+        x.case(who, "DELETE", "/uploads/{id}", &upload, None, want);
+    }
+    assert_eq!(m.get(&upload).0, 404, "a deleted upload is gone");
+
     // Appliance directories and downloads: the Manager's (the file is missing: the task
     // fails, nothing is added).
     let site = enspeed_tests::web::serve_files(|site| {
@@ -1891,7 +1918,7 @@ fn the_enspeed_command_is_a_client_of_the_api() {
         "vm.power_on",
         "vm.force_off",
         "vm.delete",
-        "appliance.add",
+        "appliance.import",
         "appliance.copy_back",
         "appliance.delete",
     ] {
@@ -3338,6 +3365,138 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         Vec::<String>::new()
     );
 
+    // Each import was a task of the server that took the upload: those that reached their
+    // conversion are listed, done or failed with why.
+    let tasks = m.get("/api/v1/tasks").1;
+    let imports: Vec<&Value> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "import")
+        .collect();
+    for name in ["app-qcow2", "app-vmdk", "app-raw"] {
+        let t = imports
+            .iter()
+            .find(|t| t["appliance"] == name)
+            .unwrap_or_else(|| panic!("{name}'s import task: {tasks}"));
+        assert_eq!(
+            (&t["state"], &t["percent"]),
+            (&json!("done"), &json!(100)),
+            "{t}"
+        );
+    }
+    let backing = imports
+        .iter()
+        .find(|t| t["appliance"] == "backing")
+        .unwrap_or_else(|| panic!("the backing file's import task: {tasks}"));
+    assert_eq!(backing["state"], "failed", "{backing}");
+    assert!(
+        backing["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("backing file")),
+        "{backing}"
+    );
+
+    // Resumable uploads: an archive sent in parts, one of them cut off on the way and resumed
+    // where the server says; with its last byte its import begins, a task, whose end adds the
+    // appliance.
+    let dir = scratch.path("parts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ova = enspeed_tests::ova::one_disk("app-parts", &raw, "qcow2", &dir, true);
+    let open = |kind: &str, name: &str, size: usize| {
+        m.send(
+            "POST",
+            "/api/v1/uploads",
+            Some(json!({"kind": kind, "name": name, "size": size})),
+        )
+    };
+    let r = open("appliance", "app-parts", ova.len());
+    assert_eq!((r.0, &r.1["received"]), (201, &json!(0)), "{r:?}");
+    let up = r.1["id"].as_str().unwrap().to_string();
+    let third = ova.len() / 3;
+    let r = m.upload_part(&up, 0, &ova[..third]);
+    assert_eq!((r.0, &r.1["received"]), (200, &json!(third)), "{r:?}");
+    let r = m.upload_part(&up, 0, &ova[..10]);
+    assert_eq!(
+        r.0, 409,
+        "a part that starts where the server is not: {r:?}"
+    );
+    let e = r.1["error"].as_str().unwrap_or_default();
+    assert!(e.contains(&format!("Upload-Offset: {third}")), "{e}");
+    let rest = (ova.len() - third) as u64;
+    let answer = m.upload_part_cut_off(&up, third as u64, rest, &ova[third..2 * third]);
+    assert!(answer.is_empty() || answer.contains(" 400 "), "{answer}");
+    let held = m.get(&format!("/api/v1/uploads/{up}"));
+    assert_eq!(
+        held.1["received"],
+        json!(2 * third),
+        "what arrived stays: {held:?}"
+    );
+    let r = m.upload_part(&up, 2 * third as u64, &ova[2 * third..]);
+    assert_eq!((r.0, &r.1["kind"]), (202, &json!("import")), "{r:?}");
+    let task = r.1["id"].as_u64().unwrap();
+    let t = cluster::wait_for("the import of the resumed upload ends", WAIT, || {
+        let t = m.get("/api/v1/tasks").1;
+        let t = t.as_array()?.iter().find(|t| t["id"] == task)?.clone();
+        (t["state"] != "running").then_some(t)
+    });
+    assert_eq!(t["state"], "done", "{t}");
+    let l = m.get("/api/v1/appliances").1;
+    let a = l
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "app-parts");
+    let a = a.unwrap_or_else(|| panic!("app-parts listed: {l}"));
+    assert_eq!(a["disks"][0]["sha256"], json!(sha), "the same image: {a}");
+    assert_eq!(m.get(&format!("/api/v1/uploads/{up}")).0, 404, "ended");
+    let r = m.send("DELETE", "/api/v1/appliances/app-parts", None);
+    assert_eq!(r.0, 200, "{r:?}");
+    // An ISO likewise: added with the last part, its SHA-256 the bytes'.
+    let iso: Vec<u8> = (0..3u32 << 18).flat_map(|i| i.to_le_bytes()).collect();
+    let r = open("iso", "parts.iso", iso.len());
+    let up = r.1["id"].as_str().unwrap().to_string();
+    let half = iso.len() / 2;
+    assert_eq!(m.upload_part(&up, 0, &iso[..half]).0, 200);
+    let r = m.upload_part(&up, half as u64, &iso[half..]);
+    assert_eq!(r.0, 201, "{r:?}");
+    use sha2::Digest;
+    let want: String = sha2::Sha256::digest(&iso)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(r.1["sha256"], json!(want), "{r:?}");
+    // A bad archive is refused by the part that shows it, and the upload ends.
+    let (_, evil, why) = &cases[0];
+    let r = open("appliance", "evil-parts", evil.len());
+    let up = r.1["id"].as_str().unwrap().to_string();
+    let r = m.upload_part(&up, 0, evil);
+    assert_eq!(r.0, 422, "{r:?}");
+    let e = r.1["error"].as_str().unwrap_or_default();
+    assert!(e.contains(why), "{e}");
+    assert_eq!(m.get(&format!("/api/v1/uploads/{up}")).0, 404);
+    // Bounded: eight open on a server at once; a part over the size is refused.
+    let ids: Vec<String> = (0..8)
+        .map(|i| {
+            let r = open("iso", &format!("open{i}.iso"), 10);
+            assert_eq!(r.0, 201, "{i}: {r:?}");
+            r.1["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(open("iso", "open8.iso", 10).0, 503);
+    assert_eq!(m.upload_part(&ids[0], 0, &[0u8; 11]).0, 400);
+    for id in &ids {
+        let r = m.send("DELETE", &format!("/api/v1/uploads/{id}"), None);
+        assert_eq!(r.0, 200, "{r:?}");
+    }
+    let listed: Vec<String> = [sha.clone(), want.clone()].into();
+    assert_eq!(
+        library_leftovers(&c.servers[0], &listed),
+        Vec::<String>::new()
+    );
+    let r = m.send("DELETE", "/api/v1/isos/parts.iso", None);
+    assert_eq!(r.0, 200, "{r:?}");
+
     // Shared with a Power User's company only when a Manager says so.
     let quota = json!({"vms": 2, "memory_mib": 1024, "disk_gib": 4});
     let p = id(&m.send(
@@ -3406,7 +3565,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         .unwrap()
         .contains("bootdisk: FAIL"));
     let audit = m.get("/api/v1/audit").1.to_string();
-    for want in ["appliance.add", "appliance.edit", "vm.create"] {
+    for want in ["appliance.import", "appliance.edit", "vm.create"] {
         assert!(audit.contains(want), "{want} in {audit}");
     }
 

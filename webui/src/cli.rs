@@ -494,34 +494,109 @@ impl Session {
         Ok(json!({ "file": out.display().to_string(), "bytes": n }))
     }
 
-    /// PUTs `file` as the raw body of `path`, printing its progress on stderr.
-    fn upload(&self, path: &str, file: &std::path::Path) -> Result<Value, String> {
-        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let size = f
-            .metadata()
-            .map_err(|e| format!("{}: {e}", file.display()))?
-            .len();
-        let body = Progress {
-            inner: f,
-            sent: 0,
-            size,
-            started: std::time::Instant::now(),
-            told: std::time::Instant::now(),
+    /// Uploads `file` into the library as ISO or appliance (`kind`) `name`: a resumable upload
+    /// (`/uploads`) sent in parts of `UPLOAD_PART` bytes, its progress on stderr; a part that
+    /// fails on the way is sent again from where the server says, up to `UPLOAD_RETRIES` times
+    /// in a row. Answers the ISO; for an appliance, the import's task once it ended, the
+    /// appliance.
+    fn upload(&self, kind: &str, name: &str, file: &std::path::Path) -> Result<Value, String> {
+        use std::io::{Read, Seek};
+        let shown = file.display();
+        let mut f = std::fs::File::open(file).map_err(|e| format!("{shown}: {e}"))?;
+        let size = f.metadata().map_err(|e| format!("{shown}: {e}"))?.len();
+        let opened = self.call(
+            "POST",
+            "/uploads",
+            Some(json!({"kind": kind, "name": name, "size": size})),
+        )?;
+        let id = opened["id"].as_str().unwrap_or_default().to_string();
+        let path = format!("/uploads/{id}");
+        let (started, mut retries, mut received) = (std::time::Instant::now(), 0, 0u64);
+        let end = loop {
+            let length = (size - received).min(UPLOAD_PART);
+            f.seek(std::io::SeekFrom::Start(received))
+                .map_err(|e| format!("{shown}: {e}"))?;
+            let body = Progress {
+                inner: (&mut f).take(length),
+                sent: received,
+                size,
+                started,
+                told: std::time::Instant::now(),
+            };
+            let r = self
+                .agent
+                .request("PATCH", &format!("{}/api/v1{path}", self.base))
+                .timeout(Duration::from_secs(24 * 3600))
+                .set("Cookie", &self.cookie)
+                .set("X-CSRF-Token", &self.csrf)
+                .set("Content-Type", "application/octet-stream")
+                .set("Content-Length", &length.to_string())
+                .set("Upload-Offset", &received.to_string())
+                .send(body);
+            let what = format!("uploading {shown} from byte {received}");
+            match r {
+                Ok(r) if r.status() == 200 => {
+                    let v: Value = r.into_json().map_err(|e| format!("{what}: {e}"))?;
+                    received = v["received"].as_u64().unwrap_or(received);
+                    retries = 0;
+                }
+                Ok(r) => break r.into_json::<Value>().map_err(|e| format!("{what}: {e}"))?,
+                // Broken on the way (the network, a timeout, the server busy): again from where
+                // the server is, while it holds the upload; once it does not (refused, or the
+                // name taken at its end), that is the answer.
+                Err(e) => {
+                    let said = answer(Err(e), &what).map(|_| ()).unwrap_err();
+                    let Ok(held) = self.call("GET", &path, None) else {
+                        eprintln!();
+                        return Err(said);
+                    };
+                    retries += 1;
+                    if retries > UPLOAD_RETRIES {
+                        let _ = self.call("DELETE", &path, None);
+                        return Err(format!("{said} ({UPLOAD_RETRIES} times in a row)"));
+                    }
+                    eprintln!("\n{said}; resuming");
+                    std::thread::sleep(Duration::from_secs(2));
+                    received = held["received"].as_u64().unwrap_or(received);
+                }
+            }
         };
-        let r = self
-            .agent
-            .request("PUT", &format!("{}/api/v1{path}", self.base))
-            .timeout(Duration::from_secs(24 * 3600))
-            .set("Cookie", &self.cookie)
-            .set("X-CSRF-Token", &self.csrf)
-            .set("Content-Type", "application/octet-stream")
-            .set("Content-Length", &size.to_string())
-            .send(body);
         eprintln!();
-        let what = format!("uploading {}", file.display());
-        answer(r, &what)?
-            .into_json()
-            .map_err(|e| format!("{what}: the answer: {e}"))
+        if kind == "iso" {
+            return Ok(end);
+        }
+        // An appliance's import: a task, followed to its end.
+        let task = end["id"].as_u64().unwrap_or(0);
+        loop {
+            let tasks = self.call("GET", "/tasks", None)?;
+            let t = tasks
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["id"] == task))
+                .cloned()
+                .unwrap_or(Value::Null);
+            match t["state"].as_str() {
+                Some("running") | None => {
+                    eprint!("\rimporting: {:>3}% ", t["percent"].as_u64().unwrap_or(0));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Some("done") => {
+                    eprintln!();
+                    let all = self.call("GET", "/appliances", None)?;
+                    return all
+                        .as_array()
+                        .and_then(|l| l.iter().find(|a| a["name"] == name))
+                        .cloned()
+                        .ok_or_else(|| format!("appliance {name}: imported, then gone"));
+                }
+                Some(_) => {
+                    eprintln!();
+                    return Err(format!(
+                        "importing appliance {name}: {}",
+                        t["reason"].as_str().unwrap_or("failed")
+                    ));
+                }
+            }
+        }
     }
 
     fn close(self) {
@@ -529,16 +604,21 @@ impl Session {
     }
 }
 
+/// The bytes of a resumable upload's part (`Session::upload`).
+const UPLOAD_PART: u64 = 256 << 20;
+/// How many times in a row a part is sent again.
+const UPLOAD_RETRIES: u32 = 5;
+
 /// A file being sent, its progress printed on stderr about once a second.
-struct Progress {
-    inner: std::fs::File,
+struct Progress<R> {
+    inner: R,
     sent: u64,
     size: u64,
     started: std::time::Instant,
     told: std::time::Instant,
 }
 
-impl std::io::Read for Progress {
+impl<R: std::io::Read> std::io::Read for Progress<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.sent += n as u64;
@@ -1221,7 +1301,7 @@ pub fn iso(l: &Login, cmd: IsoCommand) -> ExitCode {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             });
-            run(l, |s| s.upload(&format!("/isos/{name}"), &file), done)
+            run(l, |s| s.upload("iso", &name, &file), done)
         }
         IsoCommand::Delete { name } => run(
             l,
@@ -1241,11 +1321,7 @@ pub fn appliance(l: &Login, cmd: ApplianceCommand) -> ExitCode {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             });
-            run(
-                l,
-                |s| s.upload(&format!("/appliances/{name}"), &file),
-                appliance_table,
-            )
+            run(l, |s| s.upload("appliance", &name, &file), appliance_table)
         }
         ApplianceCommand::Download { name, from, sha256 } => run(
             l,

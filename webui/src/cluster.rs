@@ -23,6 +23,32 @@ pub struct Cluster {
     written: AtomicU64,
 }
 
+/// Proposes this server's own commands, from a blocking thread.
+#[derive(Clone)]
+pub struct Proposer {
+    /// This server's Raft id.
+    pub id: u64,
+    node: control::node::NodeHandle,
+    book: control::transport::AddressBook,
+}
+
+impl Proposer {
+    /// Proposes `command` (through the leader); whether the cluster took it.
+    pub fn propose(&self, command: Command) -> bool {
+        let what = format!("{command:?}");
+        let r = api::request(
+            Request::Propose { command },
+            &self.node,
+            &self.book,
+            Duration::from_secs(2),
+        );
+        if !r.ok {
+            tracing::warn!(server = self.id, command = %what.chars().take(120).collect::<String>(), error = ?r.error, "proposal failed");
+        }
+        r.ok
+    }
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -75,6 +101,16 @@ impl Cluster {
                 ApiError::unavailable(format!("the cluster cannot take it now: {e}"))
             }
         })
+    }
+
+    /// What proposes this server's own commands (a task's progress and end) from a blocking
+    /// thread.
+    pub fn proposer(&self) -> Proposer {
+        Proposer {
+            id: self.ctx.id,
+            node: self.ctx.node.clone(),
+            book: Arc::clone(&self.ctx.book),
+        }
     }
 
     /// This server's certificates, for connections to the other servers.

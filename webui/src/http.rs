@@ -85,10 +85,12 @@ pub async fn drain_upload(req: &mut Request) {
 }
 
 /// Whether a request's body is an upload, streamed to its handler rather than read whole:
-/// an ISO image (`PUT /api/v1/isos/{name}`) or an appliance (`PUT /api/v1/appliances/{name}`).
+/// an ISO image (`PUT /api/v1/isos/{name}`), an appliance (`PUT /api/v1/appliances/{name}`),
+/// or a part of a resumable upload (`PATCH /api/v1/uploads/{id}`).
 fn is_upload(method: &Method, path: &str) -> bool {
-    *method == Method::PUT
-        && (path.starts_with("/api/v1/isos/") || path.starts_with("/api/v1/appliances/"))
+    (*method == Method::PUT
+        && (path.starts_with("/api/v1/isos/") || path.starts_with("/api/v1/appliances/")))
+        || (*method == Method::PATCH && path.starts_with("/api/v1/uploads/"))
 }
 
 impl Request {

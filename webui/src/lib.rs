@@ -23,6 +23,7 @@ pub mod cli;
 pub mod cluster;
 pub mod console;
 pub mod http;
+pub mod imports;
 pub mod openapi;
 pub mod pace;
 pub mod routes;
@@ -193,6 +194,7 @@ pub fn start(cfg: WebConfig, ctx: ServiceContext) -> std::io::Result<()> {
                 if let Some(m) = manager {
                     tokio::spawn(routes::ensure_manager(Arc::clone(&app), m));
                 }
+                tokio::spawn(imports::watch(Arc::clone(&app)));
                 let mut servers = Vec::new();
                 for (l, tls) in http
                     .map(|l| (l, None))

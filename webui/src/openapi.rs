@@ -88,7 +88,27 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "put",
         "/appliances/{name}",
-        "Import an OVA (Manager): the archive as the body (application/octet-stream, Content-Length required, up to 256 GiB); OVF 1.x or 2.0 of any vendor, disks as VMDK, qcow2 or raw (converted to raw with qemu-img), its manifest checked; or the original product's zip of disk images and an appliance.xml (stored or deflated entries, their CRC-32 checked); 422 with the reason when refused, nothing kept",
+        "Import an OVA (Manager): the archive as the body (application/octet-stream, Content-Length required, up to 256 GiB); OVF 1.x or 2.0 of any vendor, disks as VMDK, qcow2 or raw (converted to raw with qemu-img), its manifest checked; or the original product's zip of disk images and an appliance.xml (stored or deflated entries, their CRC-32 checked). The archive is read as it arrives, then imported by a task of this server (its progress and cancel in /tasks); answers when the task ends: 201 with the appliance, 422 with the reason when refused, nothing kept. /uploads sends one in resumable parts",
+    ),
+    (
+        "post",
+        "/uploads",
+        "Open a resumable upload (Manager) of an ISO image or an appliance's archive, on this server: {kind: iso|appliance, name, size}. 201 with its id and the bytes this server holds (0). At most 8 open on a server; one idle for an hour is forgotten; a server's restart loses them",
+    ),
+    (
+        "get",
+        "/uploads/{id}",
+        "An open upload (who opened it): its kind, name, size and the bytes this server holds, where the next part starts",
+    ),
+    (
+        "patch",
+        "/uploads/{id}",
+        "Send a part of an open upload (who opened it): the bytes as the body (application/octet-stream, Content-Length required), from the offset its Upload-Offset header names, which must be the bytes this server holds (409 otherwise). A part cut off keeps what arrived. 200 with the bytes held; with the last byte, 201 with the ISO, or 202 with the appliance's import task; an archive is read as it arrives and refused (422, the upload ended) at the part that shows it is bad",
+    ),
+    (
+        "delete",
+        "/uploads/{id}",
+        "Give up an open upload (who opened it): its bytes are deleted",
     ),
     (
         "patch",
@@ -252,6 +272,10 @@ fn schemas() -> Value {
         "Backup": {"type": "object", "additionalProperties": false,
             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
                 "description": {"type": "string", "maxLength": 4096}}},
+        "NewUpload": {"type": "object", "required": ["kind", "name", "size"], "additionalProperties": false,
+            "properties": {"kind": {"type": "string", "enum": ["iso", "appliance"]},
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$"},
+                "size": {"type": "integer", "minimum": 1, "description": "its bytes in all"}}},
         "Download": {"type": "object", "required": ["url"], "additionalProperties": false,
             "properties": {"url": {"type": "string", "description": "where the OVA is: http:// or https://"},
                 "sha256": {"type": "string", "description": "the OVA's SHA-256, hex: the download is refused if it differs"}}},
@@ -322,6 +346,7 @@ fn body_schema(method: &str, path: &str) -> Option<&'static str> {
         ("patch", "/appliances/{name}") => Some("ApplianceChange"),
         ("post", "/vms/{id}/copy-back") => Some("CopyBack"),
         ("post", "/appliances/{name}/download") => Some("Download"),
+        ("post", "/uploads") => Some("NewUpload"),
         ("post", "/vms/{id}/backup") => Some("Backup"),
         ("post", "/vms/{id}/backup-schedule") => Some("BackupSchedule"),
         ("post", "/vms/{id}/power") => Some("Power"),

@@ -69,8 +69,8 @@ use crate::{console, openapi, views, WebConfig};
 
 /// The web service's state.
 pub struct App {
-    cfg: WebConfig,
-    cluster: Cluster,
+    pub(crate) cfg: WebConfig,
+    pub(crate) cluster: Cluster,
     logins: RateLimit,
     /// The password hashes that may run at once (`auth::HASHES_AT_ONCE`).
     hashes: tokio::sync::Semaphore,
@@ -78,13 +78,15 @@ pub struct App {
     consoles: console::Slots,
     /// Each user's requests per second on this server.
     pace: crate::pace::Pace,
+    /// The imports and resumable uploads of this server.
+    pub(crate) uploads: crate::imports::Uploads,
 }
 
 /// A logged-in caller.
-struct Caller {
-    user: UserRecord,
-    session: SessionRecord,
-    state: Arc<StateMachine>,
+pub(crate) struct Caller {
+    pub(crate) user: UserRecord,
+    pub(crate) session: SessionRecord,
+    pub(crate) state: Arc<StateMachine>,
 }
 
 #[derive(Deserialize)]
@@ -337,9 +339,9 @@ struct Cdrom {
 }
 
 /// The largest ISO image taken: 64 GiB.
-const MAX_ISO: u64 = 64 << 30;
+pub(crate) const MAX_ISO: u64 = 64 << 30;
 /// The largest OVA taken, bytes.
-const MAX_OVA: u64 = 256 << 30;
+pub(crate) const MAX_OVA: u64 = 256 << 30;
 
 /// How long a server waits for what another server has just committed (a session, a user).
 const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -359,6 +361,7 @@ impl App {
             hashes: tokio::sync::Semaphore::new(auth::HASHES_AT_ONCE),
             consoles: console::Slots::default(),
             pace: crate::pace::Pace::default(),
+            uploads: crate::imports::Uploads::default(),
         }
     }
 
@@ -702,6 +705,16 @@ impl App {
                     .await?;
                 Ok(ok(&json!({ "deleted": name })))
             }
+            (Method::POST, ["uploads"]) => self.open_upload(&req).await,
+            (Method::GET, ["uploads", id]) => self.upload_status(&req, id).await,
+            (Method::PATCH, ["uploads", id]) => {
+                let r = self.upload_part(&mut req, id).await;
+                if r.is_err() {
+                    crate::http::drain_upload(&mut req).await;
+                }
+                r
+            }
+            (Method::DELETE, ["uploads", id]) => self.close_upload(&req, id).await,
             (Method::GET, ["appliances"]) => {
                 let c = self.caller(&req, false).await?;
                 Ok(ok(&views::appliances(&c.state, &c.user)))
@@ -1032,7 +1045,7 @@ impl App {
             (
                 _,
                 ["openapi.json" | "session" | "summary" | "vms" | "users" | "servers" | "audit"
-                | "isos" | "appliances" | "tasks" | "networks", ..],
+                | "isos" | "appliances" | "uploads" | "tasks" | "networks", ..],
             ) => {
                 let known = openapi::known_path(&parts);
                 if known {
@@ -1062,7 +1075,7 @@ impl App {
     }
 
     /// The logged-in caller, and for a change (`change`), its CSRF token checked.
-    async fn caller(&self, req: &Request, change: bool) -> Result<Caller, ApiError> {
+    pub(crate) async fn caller(&self, req: &Request, change: bool) -> Result<Caller, ApiError> {
         let token = auth::session_cookie(req.header("cookie"))
             .ok_or_else(|| ApiError::unauthorized("not logged in"))?;
         let hash = auth::token_hash(token);
@@ -1243,16 +1256,28 @@ impl App {
         let c = self.caller(req, true).await?;
         new_library_entry(&c, "ISO", &name, c.state.isos.contains_key(&name))?;
         let dir = self.cluster.library_dir();
+        let started = std::time::Instant::now();
+        let up = self
+            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false, None)
+            .await?;
+        self.add_iso(&c, &name, up, started).await
+    }
+
+    /// Adds ISO `name`, whole in `up` (in this server's library), to the library as held here.
+    pub(crate) async fn add_iso(
+        &self,
+        c: &Caller,
+        name: &str,
+        up: control::library::Upload,
+        started: std::time::Instant,
+    ) -> Result<Response<Body>, ApiError> {
+        let dir = self.cluster.library_dir();
         let store = |e: std::io::Error| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("storing ISO {name} in {}: {e}", dir.display()),
             )
         };
-        let started = std::time::Instant::now();
-        let up = self
-            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false, None)
-            .await?;
         let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
         let (sha256, size) = (sealed.sha256.clone(), sealed.size);
         tracing::info!(iso = %name, bytes = size, %sha256, ms = started.elapsed().as_millis() as u64, "ISO uploaded");
@@ -1260,7 +1285,7 @@ impl App {
             .act(
                 c.user.id,
                 Action::AddIso {
-                    name: name.clone(),
+                    name: name.to_string(),
                     size,
                     sha256: sha256.clone(),
                     server: self.cluster.id(),
@@ -1276,7 +1301,7 @@ impl App {
     }
 
     /// Task `id` as `viewer` sees it now (null when it may not).
-    async fn task_view(
+    pub(crate) async fn task_view(
         &self,
         id: u64,
         viewer: &UserRecord,
@@ -1288,7 +1313,7 @@ impl App {
     }
 
     /// The view of appliance `name` as `viewer` sees it now (404 when it may not).
-    async fn appliance_view(
+    pub(crate) async fn appliance_view(
         &self,
         name: &str,
         viewer: &UserRecord,
@@ -1301,10 +1326,10 @@ impl App {
             .ok_or_else(|| ApiError::not_found(format!("no appliance {name}")))
     }
 
-    /// Takes a Manager's OVA upload: written to a work directory of this server's library as it
-    /// arrives, unpacked and checked, its disks converted to raw images (`control::ova`), then
-    /// added to the library as held here. Answers 201 with the appliance; a refused archive
-    /// 422 with why, leaving nothing behind.
+    /// Takes a Manager's archive upload (an OVA, or the original product's zip): written to a
+    /// work directory of this server's library and read as it arrives, then imported, its
+    /// disks converted to raw images, by a task of this server (`imports`). Answers when the
+    /// import ends: 201 with the appliance; a refused archive 422 with why, leaving nothing.
     async fn import_appliance(
         &self,
         req: &mut Request,
@@ -1317,21 +1342,9 @@ impl App {
             &name,
             c.state.appliances.contains_key(&name),
         )?;
-        let dir = self.cluster.library_dir();
-        let internal = |what: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, what);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
-        let work = control::library::WorkDir::new(&dir)
-            .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))?;
+        let work = self.import_work()?;
         let started = std::time::Instant::now();
         let what = format!("appliance {name}");
-        let failed = move |what: &str, e: control::ova::OvaError| match e {
-            control::ova::OvaError::Refused(why) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{what}: refused: {why}"),
-            ),
-            e @ control::ova::OvaError::Io { .. } => internal(format!("{what}: {e}")),
-        };
         // The archive is read (its entries checked and hashed) as it arrives, on a thread of its
         // own, while it is written to a scratch file (neither hashed nor synced: only read, its
         // disks in place, by qemu-img).
@@ -1339,71 +1352,51 @@ impl App {
             .header("content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(MAX_OVA);
-        let (tee, arriving) = std::sync::mpsc::sync_channel(64);
-        let scan = tokio::task::spawn_blocking(move || {
-            control::ova::arrive(control::ova::Arriving::new(arriving), packed)
-        });
+        let reader = crate::imports::Reader::start(packed);
         let received = self
-            .receive(req, &what, MAX_OVA, work.path(), true, Some(&tee))
+            .receive(req, &what, MAX_OVA, work.path(), true, Some(&reader.tee))
             .await;
-        drop(tee);
-        let scanned = scan
-            .await
-            .map_err(|e| internal(format!("{what}: reading the archive stopped: {e}")));
+        let arrived = reader.finish().await;
         let up = match received {
             Ok(up) => up,
             // The reader stopped first: its reason is the upload's.
             Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
-                return Err(match scanned {
-                    Ok(Err(why)) => failed(&what, why),
-                    _ => e,
+                return Err(match arrived {
+                    Err(why) => crate::imports::ova_failure(&what, why),
+                    Ok(_) => e,
                 })
             }
             Err(e) => return Err(e),
         };
-        let scanned = scanned?.map_err(|e| failed(&what, e))?;
-        let archive = tokio::task::block_in_place(|| up.seal())
-            .map_err(|e| internal(format!("{what}: storing its archive: {e}")))?;
-        let archive_bytes = archive.size;
-        tracing::info!(appliance = %name, bytes = archive_bytes, ms = started.elapsed().as_millis() as u64, "OVA received and read; importing");
-        let convert_in = work.path().join("disks");
-        let library = dir.clone();
-        let who = name.clone();
-        let imported = tokio::task::spawn_blocking(move || {
-            let progress = |step: String| tracing::info!(appliance = %who, %step, ms = started.elapsed().as_millis() as u64, "import");
-            let r = control::ova::import_arrived(
-                archive.path(),
-                &scanned,
-                &convert_in,
-                &library,
-                &progress,
-            );
-            drop(archive);
-            r
-        })
-        .await
-        .map_err(|e| internal(format!("{what}: the import stopped: {e}")))?
-        .map_err(|e| failed(&what, e))?;
-        let appliance = imported.appliance(&name, format!("OVA upload of {archive_bytes} bytes"));
-        self.cluster
-            .act(
-                c.user.id,
-                Action::AddAppliance {
-                    appliance,
-                    server: self.cluster.id(),
-                },
-            )
+        let arrived = arrived.map_err(|e| crate::imports::ova_failure(&what, e))?;
+        let (task, done) = self
+            .start_import(&c, &name, work, up, arrived, started)
             .await?;
-        // Listed now: in place, they are not taken for a deleted appliance's files.
-        tokio::task::block_in_place(|| {
-            for s in imported.disks {
-                s.place()?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .map_err(|e| internal(format!("{what}: putting its disks in place: {e}")))?;
-        drop(work);
-        tracing::info!(appliance = %name, ms = started.elapsed().as_millis() as u64, "appliance imported");
+        // This request answers when its task ends.
+        done.await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{what}: the import stopped: {e}"),
+                )
+            })?
+            .map_err(|e| crate::imports::ova_failure(&what, e))?;
+        let state = self
+            .cluster
+            .state_where(std::time::Duration::from_secs(10), |s| {
+                s.tasks
+                    .get(&task)
+                    .is_none_or(|t| t.state != control::state_machine::TaskState::Running)
+            })
+            .await?;
+        if let Some(control::state_machine::TaskState::Failed { reason, .. }) =
+            state.tasks.get(&task).map(|t| &t.state)
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{what}: {reason}"),
+            ));
+        }
         let mut r = self.appliance_view(&name, &c.user).await?;
         *r.status_mut() = StatusCode::CREATED;
         Ok(r)
@@ -1498,16 +1491,7 @@ impl App {
         scratch: bool,
         tee: Option<&std::sync::mpsc::SyncSender<bytes::Bytes>>,
     ) -> Result<control::library::Upload, ApiError> {
-        use http_body_util::BodyExt;
-        let length: u64 = req
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::LENGTH_REQUIRED,
-                    "an upload needs its Content-Length",
-                )
-            })?;
+        let length = crate::imports::content_length(req)?;
         if length > max {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -1533,62 +1517,17 @@ impl App {
             control::library::Upload::new(dir, control::library::Shelf::Iso)
         }
         .map_err(store)?;
-        let mut told = std::time::Instant::now();
-        // Bytes received; once `tee`'s reader has refused the upload, they are no longer kept.
-        let (mut seen, mut refused) = (0u64, false);
-        loop {
-            let frame = tokio::time::timeout(self.cfg.timeout, body.frame())
-                .await
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        format!(
-                            "{what}: nothing arrived for {} s after {seen} of {length} bytes",
-                            self.cfg.timeout.as_secs(),
-                        ),
-                    )
-                })?;
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| {
-                ApiError::bad_request(format!(
-                    "{what}: the upload broke off after {seen} of {length} bytes: {e}"
-                ))
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            seen += data.len() as u64;
-            if seen > length {
-                return Err(ApiError::bad_request(format!(
-                    "{what}: more bytes than its Content-Length of {length}"
-                )));
-            }
-            if refused {
-                // Read to its end, unkept, so that the client hears why (a browser cut off
-                // mid-upload says only that the network failed).
-                continue;
-            }
-            tokio::task::block_in_place(|| up.write(&data)).map_err(store)?;
-            // A reader of the upload as it arrives that has stopped refused it: so does this.
-            if let Some(tee) = tee {
-                refused = tokio::task::block_in_place(|| tee.send(data)).is_err();
-            }
-            if told.elapsed() > std::time::Duration::from_secs(2) {
-                told = std::time::Instant::now();
-                tracing::info!(upload = %what, bytes = seen, of = length, "upload progress");
-            }
-        }
-        if seen != length {
-            return Err(ApiError::bad_request(format!(
-                "{what}: the upload ended after {seen} of {length} bytes"
-            )));
-        }
-        if refused {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{what}: refused as it arrived"),
-            ));
-        }
+        let mut kept = 0;
+        crate::imports::pour(
+            &mut body,
+            what,
+            length,
+            &mut up,
+            tee,
+            self.cfg.timeout,
+            &mut kept,
+        )
+        .await?;
         Ok(up)
     }
 
@@ -1926,7 +1865,12 @@ fn server_id(c: &Caller, id: &str) -> Result<u64, ApiError> {
 
 /// Whether `c` may add `what` `name` to the library (`exists`: the name is taken): a Manager,
 /// a valid name, a free one.
-fn new_library_entry(c: &Caller, what: &str, name: &str, exists: bool) -> Result<(), ApiError> {
+pub(crate) fn new_library_entry(
+    c: &Caller,
+    what: &str,
+    name: &str,
+    exists: bool,
+) -> Result<(), ApiError> {
     manager_only(c)?;
     access::check_name(what, name).map_err(ApiError::bad_request)?;
     if exists {
@@ -1938,7 +1882,7 @@ fn new_library_entry(c: &Caller, what: &str, name: &str, exists: bool) -> Result
     Ok(())
 }
 
-fn manager_only(c: &Caller) -> Result<(), ApiError> {
+pub(crate) fn manager_only(c: &Caller) -> Result<(), ApiError> {
     if c.user.role == Role::Manager {
         Ok(())
     } else {

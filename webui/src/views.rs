@@ -616,6 +616,7 @@ pub fn tasks(state: &StateMachine, viewer: &UserRecord) -> Vec<TaskView> {
                 TaskKind::CopyBack { .. } => "copy_back",
                 TaskKind::Backup { .. } => "backup",
                 TaskKind::Download { .. } => "download",
+                TaskKind::Import { .. } => "import",
             };
             TaskView {
                 id: t.id,

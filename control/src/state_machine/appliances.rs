@@ -125,22 +125,6 @@ impl StateMachine {
             ));
         }
         let (verb, name) = match action {
-            Action::AddAppliance { appliance, server } => {
-                check_new_appliance(appliance)?;
-                let name = &appliance.name;
-                if self.appliances.contains_key(name) {
-                    return Err(Refusal::conflict(format!(
-                        "appliance {name} exists: delete it first"
-                    )));
-                }
-                if !self.servers.contains_key(server) {
-                    return Err(Refusal::not_found(format!("no server {server}")));
-                }
-                let a = appliance_record(appliance, by.id, by.at_ms, *server);
-                writes.push((appliance_key(name), Some(json_bytes(&a))));
-                self.appliances.insert(name.clone(), a);
-                ("appliance.add", name.clone())
-            }
             Action::EditAppliance {
                 name,
                 description,
@@ -320,7 +304,7 @@ mod tests {
     use crate::state_machine::fixtures::{act, new_user, new_vm, servers_with_room};
     use crate::state_machine::{
         Action, ApplianceDisk, BootMode, Command, CopyRole, DiskObservation, LinkState,
-        NewAppliance, Observation, Outcome, RefusalKind, StateMachine,
+        NewAppliance, Observation, Outcome, RefusalKind, StateMachine, TaskOutcome, TaskState,
     };
 
     fn appliance(name: &str, sha: &str) -> NewAppliance {
@@ -364,35 +348,53 @@ mod tests {
             new_user("q", Role::PowerUser, None, Some(quota)),
         ));
         let sha = "ab".repeat(32);
-        let add = |a: NewAppliance| Action::AddAppliance {
-            appliance: a,
-            server: 3,
+        // Added as an upload's import task of server 3 would: refused, or its task failed.
+        let add = |sm: &mut StateMachine, by: u64, a: NewAppliance| {
+            let import = Action::ImportUpload {
+                name: a.name.clone(),
+                upload: "u".into(),
+                bytes: 1,
+                server: 3,
+            };
+            let task = act(sm, by, import).map_err(|r| (r.kind, r.reason))?["task"]
+                .as_u64()
+                .unwrap();
+            let ended = Command::TaskEnded {
+                id: task,
+                server: 3,
+                at_ms: 1,
+                outcome: TaskOutcome::Imported { appliance: a },
+            };
+            sm.apply(&ended, &mut Vec::new()).unwrap();
+            match &sm.tasks[&task].state {
+                TaskState::Failed { reason, .. } => Err((RefusalKind::Conflict, reason.clone())),
+                _ => Ok(()),
+            }
         };
         let refused = |r: Outcome| r.unwrap_err();
         assert_eq!(
-            refused(act(&mut sm, p, add(appliance("web", &sha)))).kind,
+            add(&mut sm, p, appliance("web", &sha)).unwrap_err().0,
             RefusalKind::Forbidden
         );
         let mut bad = appliance("web", "zz");
-        assert!(refused(act(&mut sm, m, add(bad.clone())))
-            .reason
+        assert!(add(&mut sm, m, bad.clone())
+            .unwrap_err()
+            .1
             .contains("SHA-256"));
         bad = appliance("web", &sha);
         bad.disks[0].size = 1000;
-        assert!(refused(act(&mut sm, m, add(bad.clone())))
-            .reason
-            .contains("512"));
+        assert!(add(&mut sm, m, bad.clone()).unwrap_err().1.contains("512"));
         bad = appliance("web", &sha);
         bad.boot = BootMode::Kernel;
-        assert!(refused(act(&mut sm, m, add(bad)))
-            .reason
-            .contains("firmware"));
-        assert!(refused(act(&mut sm, m, add(appliance("../web", &sha))))
-            .reason
+        assert!(add(&mut sm, m, bad).unwrap_err().1.contains("firmware"));
+        assert!(add(&mut sm, m, appliance("../web", &sha))
+            .unwrap_err()
+            .1
             .contains("name"));
-        act(&mut sm, m, add(appliance("web", &sha))).unwrap();
-        assert!(refused(act(&mut sm, m, add(appliance("web", &sha))))
-            .reason
+        add(&mut sm, m, appliance("web", &sha)).unwrap();
+        assert!(add(&mut sm, m, appliance("web", &sha))
+            .unwrap_err()
+            .1
             .contains("exists"));
         // Another server's agent copied it; a copy of other bytes is not taken.
         let held = |s: &str| Command::ApplianceHeld {
@@ -485,7 +487,7 @@ mod tests {
         act(&mut sm, m, delete()).unwrap();
         assert!(sm.appliances.is_empty());
         let audit: Vec<&str> = sm.audit.values().map(|a| a.action.as_str()).collect();
-        for want in ["appliance.add", "appliance.edit", "appliance.delete"] {
+        for want in ["appliance.import", "appliance.edit", "appliance.delete"] {
             assert!(audit.contains(&want), "{want} in {audit:?}");
         }
     }

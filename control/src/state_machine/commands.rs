@@ -268,7 +268,7 @@ pub struct NewVm {
     pub appliance: Option<String>,
 }
 
-/// An appliance to add to the library (`Action::AddAppliance`).
+/// An appliance a task made, to add to the library (`TaskOutcome::Imported`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewAppliance {
@@ -507,14 +507,6 @@ pub enum Action {
         /// The server holding it.
         server: u64,
     },
-    /// Adds an appliance to the library (Managers), its disk images held so far by the server
-    /// that imported them; the other servers' agents copy them from there.
-    AddAppliance {
-        /// What it is.
-        appliance: NewAppliance,
-        /// The server holding its disk images.
-        server: u64,
-    },
     /// Changes an appliance's description, the VM it makes, or whom it is shared with
     /// (Managers); what is not given stays. Its disk images never change.
     EditAppliance {
@@ -575,6 +567,19 @@ pub enum Action {
         #[serde(default)]
         sha256: Option<String>,
         /// The VM server to download it (the one asked, when it is one).
+        server: u64,
+    },
+    /// Imports archive `upload` (`bytes` long), uploaded to server `server` by a Manager, into
+    /// new appliance `name`: a task (`TaskKind::Import`) of that server's web service, which
+    /// received it. Answers the task's id.
+    ImportUpload {
+        /// The new appliance's name.
+        name: String,
+        /// The upload's name on its server (letters, digits and `-`, at most 64).
+        upload: String,
+        /// The archive's bytes.
+        bytes: u64,
+        /// The server holding it.
         server: u64,
     },
     /// Sets (or with `None`, ends) VM `vm`'s backup schedule (who operates the VM): the leader

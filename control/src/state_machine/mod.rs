@@ -37,7 +37,7 @@ mod servers;
 mod tasks;
 pub use tasks::{
     backup_name, check_download_url, describe as describe_task, due_backups, KEEP_ENDED_TASKS,
-    MAX_URL,
+    MAX_UPLOAD_IMPORTS, MAX_URL,
 };
 mod users;
 mod vms;
@@ -314,12 +314,13 @@ impl StateMachine {
             Action::AddIso { .. } | Action::DeleteIso { .. } | Action::SetCdrom { .. } => {
                 self.act_on_iso(&by, action, writes)?
             }
-            Action::AddAppliance { .. }
-            | Action::EditAppliance { .. }
-            | Action::DeleteAppliance { .. } => self.act_on_appliance(&by, action, writes)?,
+            Action::EditAppliance { .. } | Action::DeleteAppliance { .. } => {
+                self.act_on_appliance(&by, action, writes)?
+            }
             Action::CopyBack { .. }
             | Action::BackupVm { .. }
             | Action::DownloadAppliance { .. }
+            | Action::ImportUpload { .. }
             | Action::SetBackupSchedule { .. }
             | Action::CancelTask { .. } => self.act_on_task(&by, action, writes)?,
             Action::CreateNetwork { .. } | Action::DeleteNetwork { .. } => {

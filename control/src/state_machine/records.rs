@@ -509,6 +509,17 @@ pub enum TaskKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sha256: Option<String>,
     },
+    /// An archive (an OVA, or the original product's zip) uploaded to server `server`'s web
+    /// service and imported there into a new appliance: its disks checked and converted.
+    Import {
+        /// The appliance it becomes.
+        appliance: String,
+        /// The upload it imports: a random name the receiving server gave it, which tells the
+        /// import it runs from one a restart left without its server.
+        upload: String,
+        /// The archive's bytes.
+        bytes: u64,
+    },
 }
 
 impl TaskKind {
@@ -516,7 +527,7 @@ impl TaskKind {
     pub fn vm(&self) -> Option<u64> {
         match self {
             TaskKind::CopyBack { vm, .. } | TaskKind::Backup { vm, .. } => Some(*vm),
-            TaskKind::Download { .. } => None,
+            TaskKind::Download { .. } | TaskKind::Import { .. } => None,
         }
     }
 
@@ -525,7 +536,8 @@ impl TaskKind {
         match self {
             TaskKind::CopyBack { appliance, .. }
             | TaskKind::Backup { appliance, .. }
-            | TaskKind::Download { appliance, .. } => Some(appliance),
+            | TaskKind::Download { appliance, .. }
+            | TaskKind::Import { appliance, .. } => Some(appliance),
         }
     }
 

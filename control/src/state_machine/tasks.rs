@@ -151,6 +151,29 @@ impl StateMachine {
                     },
                 }
             }
+            (
+                TaskOutcome::Imported { appliance },
+                TaskKind::Import {
+                    appliance: name,
+                    bytes,
+                    ..
+                },
+            ) => {
+                let mut a = appliance.clone();
+                a.name = name.clone();
+                a.origin = format!("uploaded, an archive of {bytes} bytes");
+                match self.imported(&t, &a) {
+                    Ok(record) => {
+                        writes.push((appliance_key(name), Some(json_bytes(&record))));
+                        self.appliances.insert(name.clone(), record);
+                        TaskState::Done { ended_ms: at_ms }
+                    }
+                    Err(reason) => TaskState::Failed {
+                        reason,
+                        ended_ms: Some(at_ms),
+                    },
+                }
+            }
             (outcome, kind) => TaskState::Failed {
                 reason: format!(
                     "{} ended with {}, which it does not make",
@@ -519,6 +542,63 @@ impl StateMachine {
                     result: json!({ "task": id, "server": server }),
                 })
             }
+            Action::ImportUpload {
+                name,
+                upload,
+                bytes,
+                server,
+            } => {
+                if !by.is_manager() {
+                    return Err(access::refuse("only a Manager adds to the library"));
+                }
+                self.check_new_task_appliance(name, "")?;
+                let plain = |c: char| c.is_ascii_alphanumeric() || c == '-';
+                if upload.is_empty() || upload.len() > 64 || !upload.chars().all(plain) {
+                    return Err(Refusal::conflict(format!(
+                        "upload {upload:.70?}: letters, digits and -, at most 64"
+                    )));
+                }
+                if *bytes == 0 {
+                    return Err(Refusal::conflict(format!(
+                        "appliance {name}: an empty upload"
+                    )));
+                }
+                let running = self
+                    .tasks
+                    .values()
+                    .filter(|t| {
+                        t.state == TaskState::Running && matches!(t.kind, TaskKind::Import { .. })
+                    })
+                    .count();
+                if running >= MAX_UPLOAD_IMPORTS {
+                    return Err(Refusal::conflict(format!(
+                        "{running} uploads are being imported already, the most at once: upload {name} when one ends"
+                    )));
+                }
+                match self.servers.get(server) {
+                    None => return Err(Refusal::not_found(format!("no server {server}"))),
+                    Some(s) if s.down => {
+                        return Err(Refusal::conflict(format!("server {server} is down")))
+                    }
+                    Some(_) => {}
+                }
+                let id = self.start_task(
+                    by,
+                    *server,
+                    0,
+                    TaskKind::Import {
+                        appliance: name.clone(),
+                        upload: upload.clone(),
+                        bytes: *bytes,
+                    },
+                    writes,
+                );
+                Ok(Acted::Changed {
+                    verb: "appliance.import",
+                    target: format!("appliance {name} from an upload of {bytes} bytes"),
+                    result: json!({ "task": id, "server": server }),
+                })
+            }
             Action::SetBackupSchedule { vm, schedule } => {
                 let v = self.operable_vm(by.who.as_ref(), *vm)?;
                 if let Some(s) = schedule {
@@ -636,6 +716,10 @@ pub fn due_backups(state: &StateMachine, now_ms: u64) -> Vec<Action> {
 /// work directory on its server).
 pub const MAX_DOWNLOADS: usize = 4;
 
+/// The most uploads being imported at once in the cluster (each converts disks on its server,
+/// beside its web service).
+pub const MAX_UPLOAD_IMPORTS: usize = 4;
+
 /// The longest download URL taken.
 pub const MAX_URL: usize = 2048;
 
@@ -670,6 +754,9 @@ pub fn describe(kind: &TaskKind) -> String {
         TaskKind::Download { appliance, url, .. } => {
             format!("downloading appliance {appliance} from {url}")
         }
+        TaskKind::Import {
+            appliance, bytes, ..
+        } => format!("importing appliance {appliance} from an upload of {bytes} bytes"),
     }
 }
 
@@ -830,6 +917,82 @@ mod tests {
             matches!(&sm.tasks[&task].state, TaskState::Failed { reason, .. } if reason.contains("does not make"))
         );
         assert!(!sm.appliances.contains_key("db"));
+    }
+
+    #[test]
+    fn an_uploaded_archive_is_imported_by_a_task_of_the_server_that_took_it() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let mut w = Vec::new();
+        // A witness takes uploads too (its web service imports them).
+        sm.add_server(&crate::state_machine::fixtures::server(3, true), &mut w);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        let p = id(act(&mut sm, 0, new_user("p", Role::PowerUser, None, None)));
+        let import = |name: &str, upload: &str, bytes, server| Action::ImportUpload {
+            name: name.into(),
+            upload: upload.into(),
+            bytes,
+            server,
+        };
+        let refused = |r: Outcome| r.unwrap_err();
+        assert_eq!(
+            refused(act(&mut sm, p, import("web", "u1", 10, 3))).kind,
+            RefusalKind::Forbidden
+        );
+        for (upload, bytes) in [("", 10), ("../x", 10), ("u1", 0)] {
+            assert_eq!(
+                refused(act(&mut sm, m, import("web", upload, bytes, 3))).kind,
+                RefusalKind::Conflict,
+                "{upload:?} {bytes}"
+            );
+        }
+        assert_eq!(
+            refused(act(&mut sm, m, import("web", "u1", 10, 9))).kind,
+            RefusalKind::NotFound
+        );
+        let r = act(&mut sm, m, import("web", "u1", 10, 3)).unwrap();
+        let task = r["task"].as_u64().unwrap();
+        assert!(refused(act(&mut sm, m, import("web", "u2", 10, 3)))
+            .reason
+            .contains("being made"));
+        for n in 1..super::MAX_UPLOAD_IMPORTS {
+            act(&mut sm, m, import(&format!("more{n}"), "u", 10, 1)).unwrap();
+        }
+        assert!(refused(act(&mut sm, m, import("one-more", "u", 10, 1)))
+            .reason
+            .contains("the most at once"));
+        // Only its server reports; its end adds the appliance, held there.
+        let ended = |server, outcome| Command::TaskEnded {
+            id: task,
+            server,
+            at_ms: 9,
+            outcome,
+        };
+        let disks = vec![ApplianceDisk {
+            size: 1 << 20,
+            sha256: "cd".repeat(32),
+        }];
+        let imported = crate::state_machine::NewAppliance {
+            name: String::new(),
+            description: "uploaded".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            boot: BootMode::Bios,
+            disk_bus: Default::default(),
+            nics: 0,
+            disks: disks.clone(),
+            origin: String::new(),
+        };
+        let outcome = TaskOutcome::Imported {
+            appliance: imported,
+        };
+        assert!(sm.apply(&ended(1, outcome.clone()), &mut w).is_err());
+        sm.apply(&ended(3, outcome), &mut w).unwrap();
+        let a = &sm.appliances["web"];
+        assert_eq!((&a.disks, &a.servers), (&disks, &[3].into()));
+        assert_eq!(a.origin, "uploaded, an archive of 10 bytes");
+        assert!(matches!(sm.tasks[&task].state, TaskState::Done { .. }));
     }
 
     #[test]

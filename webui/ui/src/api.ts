@@ -2,6 +2,8 @@
 // browser, the CSRF token on every change, and the API's {"error": "..."} turned into an
 // ApiError whose message is shown to the user.
 
+import type { OpenUpload } from "./types";
+
 /** A refused or failed request: `status` 0 when the server could not be reached. */
 export class ApiError extends Error {
   constructor(
@@ -66,18 +68,68 @@ export function message(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+/** The bytes of one part of a resumable upload. */
+const UPLOAD_PART = 64 << 20;
+/** How many times in a row a part is sent again before the upload gives up. */
+const UPLOAD_RETRIES = 5;
+
 /**
- * PUTs `file` as the raw body of /api/v1`path` (an upload), calling `progress` with the
- * bytes sent so far: fetch() cannot tell upload progress, XMLHttpRequest can.
+ * Uploads `file` into the library as ISO or appliance (`kind`) `name`: a resumable upload
+ * (`/api/v1/uploads`) sent in parts, `progress` hearing the bytes the server holds plus those
+ * of the part on the way (fetch() cannot tell upload progress, XMLHttpRequest can). A part that
+ * fails on the way (the network, the server busy) is sent again from where the server says,
+ * while it still holds the upload; `resumed` hears each time. Answers the last part's answer:
+ * the ISO, or the appliance's import task.
  */
-export function upload<T>(path: string, file: Blob, progress: (sent: number, total: number) => void): Promise<T> {
+export async function upload<T>(
+  kind: "iso" | "appliance",
+  name: string,
+  file: Blob,
+  progress: (sent: number, total: number) => void,
+  resumed: (from: number, why: string) => void = () => {},
+): Promise<T> {
+  const open = await api<OpenUpload>("POST", "/uploads", { kind, name, size: file.size });
+  const path = `/uploads/${encodeURIComponent(open.id)}`;
+  let received = 0;
+  let retries = 0;
+  for (;;) {
+    const end = Math.min(file.size, received + UPLOAD_PART);
+    try {
+      const [status, data] = await sendPart(path, received, file.slice(received, end), (n) => progress(received + n, file.size));
+      if (status !== 200) return data as T;
+      received = (data as OpenUpload).received;
+      retries = 0;
+    } catch (e) {
+      // Still held by the server: again from where it is; gone (refused, or the name taken at
+      // its end): that is the answer.
+      let held: OpenUpload;
+      try {
+        held = await api<OpenUpload>("GET", path);
+      } catch {
+        throw e;
+      }
+      retries += 1;
+      if (retries > UPLOAD_RETRIES) {
+        await api("DELETE", path).catch(() => undefined);
+        throw e;
+      }
+      resumed(held.received, message(e));
+      await new Promise((r) => setTimeout(r, 1000 * retries));
+      received = held.received;
+    }
+  }
+}
+
+/** PATCHes `part` of upload `path` from `offset`; its status and JSON, or an ApiError. */
+function sendPart(path: string, offset: number, part: Blob, progress: (sent: number) => void): Promise<[number, unknown]> {
   return new Promise((resolve, reject) => {
     const x = new XMLHttpRequest();
-    x.open("PUT", `/api/v1${path}`);
+    x.open("PATCH", `/api/v1${path}`);
     x.setRequestHeader("Content-Type", "application/octet-stream");
+    x.setRequestHeader("Upload-Offset", String(offset));
     x.setRequestHeader("X-CSRF-Token", csrf);
     x.responseType = "text";
-    x.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size);
+    x.upload.onprogress = (e) => progress(e.loaded);
     x.onerror = () => reject(new ApiError(0, "the upload broke off: cannot reach the server"));
     x.onload = () => {
       let data: unknown = null;
@@ -87,7 +139,7 @@ export function upload<T>(path: string, file: Blob, progress: (sent: number, tot
         data = null;
       }
       if (x.status >= 200 && x.status < 300) {
-        resolve(data as T);
+        resolve([x.status, data]);
         return;
       }
       const said =
@@ -98,6 +150,6 @@ export function upload<T>(path: string, file: Blob, progress: (sent: number, tot
       if (x.status === 401 && onSessionLost) onSessionLost(err);
       reject(err);
     };
-    x.send(file);
+    x.send(part);
   });
 }

@@ -172,9 +172,20 @@ export interface Appliance {
 }
 
 /** A long operation (copy back, live backup, download), with its progress. */
+/** A resumable upload open on a server (`/api/v1/uploads/{id}`). */
+export interface OpenUpload {
+  id: string;
+  kind: "iso" | "appliance";
+  name: string;
+  size: number;
+  /** The bytes the server holds: the next part starts there. */
+  received: number;
+  server: number;
+}
+
 export interface Task {
   id: number;
-  kind: "copy_back" | "backup" | "download";
+  kind: "copy_back" | "backup" | "download" | "import";
   what: string;
   vm: number | null;
   appliance: string | null;

@@ -22,9 +22,9 @@ export function libraryPage(ctx: PageContext): void {
     accept: ".iso,application/x-iso9660-image",
     button: ["upload", "Upload"],
     name: (file) => file,
-    path: (n) => `/isos/${encodeURIComponent(n)}`,
+    kind: "iso",
     received: "Uploaded; checking it...",
-    done: (n) => {
+    done: async (n) => {
       ctx.notify("info", `Uploaded ISO ${n}`);
       refresh();
       return `Uploaded ${n}; the other servers copy it now.`;
@@ -135,9 +135,19 @@ function appliancesSection(ctx: PageContext): HTMLElement {
     accept: ".ova,.zip,application/x-tar,application/zip",
     button: ["import", "Import"],
     name: (file) => file.replace(/\.(ova|zip)$/i, ""),
-    path: (n) => `/appliances/${encodeURIComponent(n)}`,
-    received: "Uploaded; checking the archive and converting its disks...",
-    done: (n) => {
+    kind: "appliance",
+    received: "Uploaded; checking the archive...",
+    done: async (n, answer, say) => {
+      // Its import is a task of the server that took it: followed here to its end.
+      const task = answer as Task;
+      refresh();
+      for (;;) {
+        const t = (await api<Task[]>("GET", "/tasks")).find((x) => x.id === task.id);
+        if (!t || t.state === "failed") throw new Error(t?.reason ?? "its import task is gone");
+        if (t.state === "done") break;
+        say(`Importing ${n}: ${t.percent}% of its disks converted (task ${t.id})`);
+        await new Promise((r) => setTimeout(r, 1000));
+      }
       ctx.notify("info", `Imported appliance ${n}`);
       refresh();
       return `Imported ${n}; the other servers copy it now.`;
@@ -493,12 +503,15 @@ interface UploadForm {
   button: [string, string];
   /** The library name a file's name suggests (before characters are replaced). */
   name: (file: string) => string;
-  /** The API path a name is uploaded to. */
-  path: (name: string) => string;
+  /** What the upload becomes. */
+  kind: "iso" | "appliance";
   /** What the progress line says once every byte is sent, while the server works. */
   received: string;
-  /** Called once the server took it; what the progress line then says. */
-  done: (name: string) => string;
+  /**
+   * Called with the last part's answer once the server took it (`say` updates the progress
+   * line meanwhile); what the progress line then says. Throws if what followed failed.
+   */
+  done: (name: string, answer: unknown, say: (text: string) => void) => Promise<string>;
   /** The error shown when the upload failed. */
   failed: (name: string, e: unknown) => string;
 }
@@ -537,13 +550,19 @@ function uploadForm(o: UploadForm): HTMLFormElement {
     bar.classList.remove("hidden");
     const started = Date.now();
     try {
-      await upload<unknown>(o.path(n), f, (sent, total) => {
-        const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
-        bar.value = pct;
-        const secs = Math.max((Date.now() - started) / 1000, 0.001);
-        fill(progressText, sent < total ? `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s` : o.received);
-      });
-      const said = o.done(n);
+      const answer = await upload<unknown>(
+        o.kind,
+        n,
+        f,
+        (sent, total) => {
+          const pct = total > 0 ? Math.floor((sent * 100) / total) : 0;
+          bar.value = pct;
+          const secs = Math.max((Date.now() - started) / 1000, 0.001);
+          fill(progressText, sent < total ? `${pct}%: ${bytes(sent)} of ${bytes(total)}, ${bytes(sent / secs)}/s` : o.received);
+        },
+        (from, why) => fill(progressText, `${why}: resuming from ${bytes(from)}`),
+      );
+      const said = await o.done(n, answer, (t) => fill(progressText, t));
       form.reset();
       fill(progressText, said);
     } catch (e) {
