@@ -21,35 +21,42 @@ part "guest kits and test host"
 retries="$CARGO_TARGET_DIR/release/testhost-retries.log"
 times="$CARGO_TARGET_DIR/release/testhost-times.log"
 rm -f "$retries" "$times"
-cargo test --release --workspace --no-run
+# Every test program, built once, as "LEVEL<tab>DIRECTORY<tab>PROGRAM" lines: level 2 is
+# tests/tests/testhost.rs and appliance.rs; each runs from its package's directory, as cargo
+# runs it (not through a second cargo, which would wait for the first one's lock).
+programs="$CARGO_TARGET_DIR/release/test-programs"
+cargo test --release --workspace --no-run --message-format=json-render-diagnostics | python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m["profile"]["test"] or not m.get("executable"):
+        continue
+    t = m["target"]
+    level = 2 if t["name"] in ("testhost", "appliance") and "test" in t["kind"] else 1
+    print(level, os.path.dirname(m["manifest_path"]), m["executable"], sep="\t")
+' >"$programs"
 part "building the tests"
+grep -q "^2" "$programs" || { echo "test.sh: no level-2 programs in $programs" >&2; exit 1; }
+# run_level LEVEL [COMMAND...]: runs that level's programs (each under COMMAND, if given);
+# fails if one did.
+run_level() {
+    local want=$1 failed=0 level dir program
+    shift
+    while IFS=$'\t' read -r level dir program; do
+        [ "$level" = "$want" ] || continue
+        echo "     Running $program"
+        (cd "$dir" && "$@" "$program") || failed=1
+    done <"$programs"
+    return "$failed"
+}
 # Level 2 (the test hosts and the appliance's machines: QEMU's emulator, bound by the CPU) runs
 # beside the rest (unit tests and level 1: processes, sockets and guests on this machine's KVM,
 # mostly waiting), niced so that the rest keeps its pace; its output follows the rest's.
-level2=(--test testhost --test appliance) level1=()
-for f in tests/tests/*.rs; do
-    t=$(basename "$f" .rs)
-    case "$t" in testhost | appliance) ;; *) level1+=(--test "$t") ;; esac
-done
-# Its test programs run directly (from tests/, as cargo runs them), not through a second cargo
-# waiting for the first one's lock on the target directory.
-mapfile -t level2_bins < <(cargo test --release -p enspeed-tests "${level2[@]}" --no-run \
-    --message-format=json | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
-[ "${#level2_bins[@]}" -eq 2 ] || { echo "test.sh: level 2's programs: ${level2_bins[*]}" >&2; exit 1; }
 level2_log="$CARGO_TARGET_DIR/release/level2.log"
-(
-    cd tests
-    failed=0
-    for bin in "${level2_bins[@]}"; do
-        echo "     Running $bin"
-        nice -n 10 "$bin" || failed=1
-    done
-    exit "$failed"
-) >"$level2_log" 2>&1 &
+run_level 2 nice -n 10 >"$level2_log" 2>&1 &
 level2_pid=$!
 rest=0
-cargo test --release --workspace --exclude enspeed-tests || rest=$?
-[ "$rest" -ne 0 ] || cargo test --release -p enspeed-tests --lib --bins "${level1[@]}" || rest=$?
+run_level 1 || rest=$?
 part "unit tests and level 1 (level 2 beside)"
 level2=0
 wait "$level2_pid" || level2=$?

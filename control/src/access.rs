@@ -167,7 +167,8 @@ pub fn may_administer_vms_of(actor: &UserRecord, owner: &UserRecord) -> bool {
 }
 
 /// What a company uses now: VMs, memory (MiB) and disk (bytes) of every VM owned by the
-/// Power User `company` or one of its users.
+/// Power User `company` or one of its users; the disk also of the appliances made from its
+/// VMs (copies back and backups), and of those being made.
 pub fn company_usage(state: &StateMachine, company: u64) -> (u32, u64, u64) {
     let members: Vec<u64> = state
         .users
@@ -186,6 +187,23 @@ pub fn company_usage(state: &StateMachine, company: u64) -> (u32, u64, u64) {
                 .filter_map(|d| state.disks.get(d))
                 .map(|d| d.size)
                 .sum::<u64>();
+        }
+    }
+    for a in state.appliances.values() {
+        if a.company == Some(company) {
+            usage.2 += a.disks.iter().map(|d| d.size).sum::<u64>();
+        }
+    }
+    for t in state.tasks.values() {
+        let making = t.state == crate::state_machine::TaskState::Running
+            && t.kind.appliance().is_some();
+        let of_company = t
+            .kind
+            .vm()
+            .and_then(|vm| state.vm_by_id(vm))
+            .is_some_and(|v| v.owner.is_some_and(|o| members.contains(&o)));
+        if making && of_company {
+            usage.2 += t.total_bytes;
         }
     }
     usage

@@ -26,6 +26,10 @@ const newServer = process.env.ENSPEED_NEW_SERVER ?? "";
 const newServerToken = process.env.ENSPEED_NEW_SERVER_TOKEN ?? "";
 // A bootable CD (El Torito) whose program sets a 1024x768 VBE mode and draws colour bars.
 const barsIso = process.env.ENSPEED_BARS_ISO ?? "";
+// An installer CD (El Torito): it writes a system onto the first hard disk and powers off; the
+// installed system counts on the BIOS clock ("TICK nnnn", white on blue, top left of its text
+// screen and on its serial console).
+const installerIso = process.env.ENSPEED_INSTALLER_ISO ?? "";
 // An OVA whose disk (a stream-optimized VMDK) a BIOS boots; its program powers the VM off.
 const ova = process.env.ENSPEED_OVA ?? "";
 /** An appliance directory's catalogue URL (it offers the same OVA as "from-directory"). */
@@ -49,6 +53,8 @@ const VM = `web-${tag}`;
 const ISO = `install-${tag}.iso`;
 const BARS = `bars-${tag}.iso`;
 const BLANK = `blank-${tag}`;
+const INSTALLER = `installer-${tag}.iso`;
+const INSTALLED = `installed-${tag}`;
 const APP = `bootdisk-${tag}`;
 const APPVM = `fromapp-${tag}`;
 const TPL = `tpl-${tag}`;
@@ -631,6 +637,59 @@ try {
     await until("the change shown", async () => (await blankShown("vm-memory-size")) === "256 MiB" && (await blankShown("vm-disk1")) === "3 GiB" &&
       (await blankShown("vm-disk2")) === "2 GiB" && (await blankShown("vm-boot-mode")) === "BIOS, CD-ROM first, disks on virtio", 30000);
     await shot(m, "manager-blank-vm-changed");
+  }
+
+  if (installerIso) {
+    step("the Manager installs a system from a CD in a blank VM: the installer writes the disk and powers off; the CD ejected, the VM boots the installed disk, its screen in noVNC and its words on the serial console");
+    await openTab(m, "library");
+    await m.setInputFiles("[data-test=iso-file]", installerIso);
+    await m.fill("[data-test=iso-name]", INSTALLER);
+    await m.click("[data-test=iso-upload]");
+    await until("the installer uploaded", async () => /Uploaded/.test(await text(m.locator("[data-test=iso-progress-text]"))), 60000);
+    await until("the installer on both VM servers", async () => (await text(m.locator(`[data-test=iso-row][data-name="${INSTALLER}"] [data-test=iso-ready]`))) === "2 of 2 VM servers", 60000);
+    await openTab(m, "vms");
+    await until("the installer among the new VM's choices", async () => (await m.locator(`[data-test=vm-iso] option[value="${INSTALLER}"]`).count()) === 1);
+    // A blank PC, as created by default: its disk first, then the CD.
+    await fillForm(m, "vm-create", { "vm-name": INSTALLED, "vm-memory": 128, "vm-vcpus": 1, "vm-disk": 1 });
+    await m.selectOption("[data-test=vm-boot]", "bios:disk_first");
+    await m.selectOption("[data-test=vm-iso]", INSTALLER);
+    await m.check("[data-test=vm-start]");
+    await m.click("[data-test=vm-create-submit]");
+    const row = vmRow(m, INSTALLED);
+    await until(`${INSTALLED} created`, async () => (await row.count()) === 1, 30000);
+    // The blank disk falls through to the CD, whose installer writes the disk and powers off.
+    await until("the installer done: the VM stopped by itself", async () => (await text(row.locator("[data-test=vm-status]"))) === "stopped" && (await row.locator("[data-test=power-on]").count()) === 1, 90000);
+    await row.locator("[data-test=vm-details-toggle]").click();
+    const detail = m.locator(`[data-test=vm-detail][data-vmid="${await row.getAttribute("data-vmid")}"]`);
+    await detail.locator("[data-test=cdrom-eject]").click();
+    await until("the CD-ROM empty", async () => (await detail.locator("[data-test=cdrom-select]").inputValue()) === "" && (await detail.locator("[data-test=cdrom-eject]").count()) === 0);
+    await row.locator("[data-test=power-on]").click();
+    await until(`${INSTALLED} running from its disk`, async () => (await text(row.locator("[data-test=vm-status]"))) === "running", 60000);
+    await row.locator("[data-test=console]").click();
+    await m.waitForSelector("[data-test=page][data-page=console]");
+    await until("the installed system's console connected", async () => (await m.locator("[data-test=console-state]").getAttribute("data-state")) === "connected", 30000);
+    // Its text screen: "TICK" white on blue at the top left.
+    await until("the installed system's screen in noVNC", async () =>
+      m.evaluate(() => {
+        const c = document.querySelector("[data-test=vnc-screen] canvas");
+        if (!c || c.width < 320) return false;
+        const [r, g, b] = c.getContext("2d").getImageData(1, 1, 1, 1).data;
+        return b > 100 && r < 60 && g < 60;
+      }), 60000);
+    await shot(m, "manager-installed-vm-console");
+    await m.click("[data-test=console-serial]");
+    const serial = m.locator("[data-test=serial-terminal] .xterm-rows");
+    await until("the installed system on its serial console", async () => {
+      const t = await serial.innerText();
+      // Booted from the disk (no CD in the drive), reading it as it counts.
+      return t.includes("bootdisk: stage 2 read through int 13h") && /bootdisk: tick n=[0-9A-F]{4}/.test(t) && !t.includes("FAIL");
+    }, 60000);
+    await shot(m, "manager-installed-vm-serial");
+    await m.click("[data-test=console-back]");
+    // Its system ignores the ACPI power button: Force Off once it is stopping.
+    await row.locator("[data-test=power-off]").click();
+    await row.locator("[data-test=force-off]").click();
+    await until(`${INSTALLED} stopped`, async () => (await text(row.locator("[data-test=vm-status]"))) === "stopped", 60000);
   }
 
   step("the Manager's audit log shows it all");

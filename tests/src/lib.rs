@@ -167,6 +167,22 @@ pub fn bootdisk_iso() -> PathBuf {
     .clone()
 }
 
+/// The boot disk's installer as an El Torito CD: booted, it writes itself onto the first hard
+/// disk as a system that counts on the BIOS clock (`TICK nnnn` on its text screen and serial
+/// console, reading its disk at each step), says so and powers the VM off.
+pub fn installer_iso() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let img = bootdisk();
+        let mut bin = std::fs::read(img.with_file_name("bootdisk.bin")).expect("read bootdisk.bin");
+        bin[0x204] = 5;
+        let iso = img.with_file_name("installer.iso");
+        std::fs::write(&iso, eltorito_iso(&bin)).expect("write installer.iso");
+        iso
+    })
+    .clone()
+}
+
 /// The boot disk's display test as an El Torito CD: booted, it sets VBE mode 0x144
 /// (1024x768x32) through the VGA BIOS, draws red, green, blue and white bars and halts.
 pub fn bars_iso() -> PathBuf {

@@ -179,6 +179,7 @@ fn the_ui_in_chromium_as_manager_power_user_and_regular_user() {
         .env("ENSPEED_NEW_SERVER", &waiting.addr)
         .env("ENSPEED_NEW_SERVER_TOKEN", &token)
         .env("ENSPEED_BARS_ISO", enspeed_tests::bars_iso())
+        .env("ENSPEED_INSTALLER_ISO", enspeed_tests::installer_iso())
         .env("ENSPEED_OVA", &ova)
         .env("ENSPEED_DIRECTORY", format!("{directory}/catalogue.json"))
         .stdout(Stdio::piped())

@@ -3809,6 +3809,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
 </VirtualAppliance>"#
         )
     };
+    let mut deflated = Vec::new();
     for (name, file, bytes, stored) in [
         ("zip-stored", "disk0.img", &disk, true),
         ("zip-deflated", "disk0.qcow2", &qcow2, false),
@@ -3822,6 +3823,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
             ],
         );
         let r = m.put_bytes(&format!("/api/v1/appliances/{name}"), &z);
+        deflated = z;
         assert_eq!(r.0, 201, "{name}: {r:?}");
         assert_eq!(
             r.1["disks"][0]["sha256"],
@@ -3831,6 +3833,24 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         assert_eq!((&r.1["memory_mib"], &r.1["vcpus"]), (&json!(96), &json!(2)));
         assert_eq!(r.1["description"], "from the original product");
     }
+    // A zip downloaded from a directory is imported the same way.
+    let zsite = enspeed_tests::web::serve_files(|_| vec![("/legacy.zip".into(), deflated)]);
+    let r = m.send(
+        "POST",
+        "/api/v1/appliances/zip-dl/download",
+        Some(json!({"url": format!("{zsite}/legacy.zip")})),
+    );
+    assert_eq!(r.0, 202, "{r:?}");
+    let t = ended(r.1["id"].as_u64().unwrap());
+    assert_eq!(t["state"], "done", "{t}");
+    let all = m.get("/api/v1/appliances").1;
+    let z = all.as_array().unwrap().iter().find(|a| a["name"] == "zip-dl");
+    let z = z.unwrap_or_else(|| panic!("zip-dl listed: {all}"));
+    assert_eq!(
+        (&z["disks"][0]["sha256"], &z["memory_mib"]),
+        (&json!(sha), &json!(96)),
+        "{z}"
+    );
     let x = xml("disk0.img");
     for (why, z) in [
         (
@@ -3867,6 +3887,7 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
         "from-dir",
         "zip-stored",
         "zip-deflated",
+        "zip-dl",
     ] {
         let r = m.send("DELETE", &format!("/api/v1/appliances/{name}"), None);
         assert_eq!(r.0, 200, "{name}: {r:?}");

@@ -169,6 +169,9 @@ pub struct VmView {
     pub backup_schedule: Option<control::state_machine::BackupSchedule>,
     /// When its last live backup began, ms since the epoch (none: never).
     pub last_backup_ms: Option<u64>,
+    /// Why its scheduled backup, due, waits (its company's disk quota), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_held: Option<String>,
     /// Disk sizes, bytes, disk 0 first.
     pub disks: Vec<u64>,
     /// Whether it should run.
@@ -397,6 +400,7 @@ pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
         vcpus: vm.vcpus,
         backup_schedule: vm.backup_schedule,
         last_backup_ms: (vm.last_backup_ms > 0).then_some(vm.last_backup_ms),
+        backup_held: state.scheduled_backup_held(vm, crate::cluster::now_ms()),
         disks: vm
             .disks
             .iter()

@@ -256,6 +256,7 @@ pub(super) fn appliance_record(
         servers: [server].into(),
         shared_with: Default::default(),
         backup_of: None,
+        company: None,
     }
 }
 

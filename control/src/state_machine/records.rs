@@ -412,6 +412,10 @@ pub struct ApplianceRecord {
     /// A live backup's: the VM (VMID) it is a backup of (its schedule's retention counts it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_of: Option<u64>,
+    /// A copy back's or a backup's: the company (its Power User) whose VM it was made from;
+    /// its disk images count in that company's disk quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company: Option<u64>,
 }
 
 /// One disk image of an appliance.

@@ -230,6 +230,60 @@ impl StateMachine {
         }
     }
 
+    /// The bytes the backups of VM `vm` past its schedule's keep free when one more is made
+    /// (`expire_backups`): the oldest, not being made into a VM.
+    fn backup_frees(&self, vm: u64) -> u64 {
+        let Some(keep) = self
+            .vm_by_id(vm)
+            .and_then(|v| v.backup_schedule)
+            .map(|s| s.keep as usize)
+        else {
+            return 0;
+        };
+        let mut backups: Vec<&ApplianceRecord> = self
+            .appliances
+            .values()
+            .filter(|a| a.backup_of == Some(vm))
+            .collect();
+        backups.sort_by_key(|a| a.created_ms);
+        let old = (backups.len() + 1).saturating_sub(keep);
+        backups
+            .into_iter()
+            .take(old)
+            .filter(|a| self.disk_made_from(a).is_none())
+            .map(|a| a.disks.iter().map(|d| d.size).sum::<u64>())
+            .sum()
+    }
+
+    /// Why VM `v`'s scheduled backup, due at `now_ms`, waits: its company has no disk quota
+    /// left for it (`None` when it is not due, or fits).
+    pub fn scheduled_backup_held(&self, v: &super::VmRecord, now_ms: u64) -> Option<String> {
+        let s = v.backup_schedule?;
+        let due = v.last_backup_ms + u64::from(s.every_hours) * 3_600_000 <= now_ms;
+        due.then(|| self.check_appliance_quota(v, self.backup_frees(v.id)))?
+            .err()
+            .map(|r| r.reason)
+    }
+
+    /// Refuses an appliance of VM `v`'s disks (a copy back, or a backup freeing `frees` bytes
+    /// of older ones) that its owner's company has no disk quota left for.
+    pub(super) fn check_appliance_quota(
+        &self,
+        v: &super::VmRecord,
+        frees: u64,
+    ) -> Result<(), Refusal> {
+        let Some(owner) = v.owner.and_then(|o| self.users.get(&o)) else {
+            return Ok(());
+        };
+        let bytes = self.vm_disk_bytes(v).saturating_sub(frees);
+        access::check_more_disk(self, owner, bytes).map_err(|why| {
+            Refusal::conflict(format!(
+                "VM {} ({}): its disks' images count in its company's {why}",
+                v.id, v.name
+            ))
+        })
+    }
+
     /// The appliance a copy back of VM `vm` into `name` with images `disks` makes, or why not.
     fn copied_back(
         &self,
@@ -278,6 +332,7 @@ impl StateMachine {
             servers: [t.server].into(),
             shared_with: company.into_iter().collect(),
             backup_of: matches!(t.kind, TaskKind::Backup { .. }).then_some(vm),
+            company,
         })
     }
 
@@ -424,6 +479,7 @@ impl StateMachine {
                 let server = self.vm_primary(&v).ok_or_else(|| {
                     Refusal::conflict(format!("VM {vm} has no disks in one place"))
                 })?;
+                self.check_appliance_quota(&v, 0)?;
                 if self.servers.get(&server).is_none_or(|s| s.down) {
                     return Err(Refusal::conflict(format!(
                         "VM {vm}: its server {server} is down"
@@ -464,6 +520,7 @@ impl StateMachine {
                         r.reason
                     ))
                 })?;
+                self.check_appliance_quota(&v, self.backup_frees(*vm))?;
                 let total_bytes = self.vm_disk_bytes(&v);
                 if let Some(r) = self.vms.get_mut(&v.name) {
                     r.last_backup_ms = by.at_ms;
@@ -700,9 +757,13 @@ pub fn due_backups(state: &StateMachine, now_ms: u64) -> Vec<Action> {
         .filter_map(|v| {
             let s = v.backup_schedule?;
             let due = v.last_backup_ms + u64::from(s.every_hours) * 3_600_000 <= now_ms;
+            // One its company's quota has no room for waits (the VM's view says why not).
             (due && state.vm_task(v.id).is_none()
                 && v.moving.is_none()
-                && state.move_target(v).is_ok())
+                && state.move_target(v).is_ok()
+                && state
+                    .check_appliance_quota(v, state.backup_frees(v.id))
+                    .is_ok())
             .then(|| Action::BackupVm {
                 vm: v.id,
                 name: backup_name(&v.name, now_ms),
@@ -1199,6 +1260,99 @@ mod schedule_tests {
         due_backups, Action, ApplianceDisk, BackupSchedule, BootMode, Command, Outcome,
         StateMachine, TaskOutcome,
     };
+
+    #[test]
+    fn a_company_s_backups_and_copies_back_count_in_its_disk_quota() {
+        let mut sm = StateMachine::default();
+        servers_with_room(&mut sm, 2);
+        let id = |r: Outcome| r.unwrap()["id"].as_u64().unwrap();
+        let quota = crate::access::Quota {
+            vms: 2,
+            memory_mib: 1024,
+            disk_gib: 3,
+        };
+        let p = id(act(
+            &mut sm,
+            0,
+            new_user("p", Role::PowerUser, None, Some(quota)),
+        ));
+        let mut v = new_vm("v", &[]);
+        v.boot = BootMode::Bios;
+        v.kernel.clear();
+        v.disk_size = 1 << 30;
+        let vm = id(act(&mut sm, p, Action::CreateVm { owner: p, vm: v }));
+        let disk = sm.vms["v"].disks[0].clone();
+        sm.disks.get_mut(&disk).unwrap().backup_synced = true;
+        let hour = 3_600_000;
+        let mut w = Vec::new();
+        // Asked for at `at` by `actor` (0: the leader's schedule), and ended: the task.
+        let mut backup = |sm: &mut StateMachine, actor, action: Action, at: u64| {
+            let r = sm.apply(
+                &Command::Act {
+                    actor,
+                    at_ms: at,
+                    action,
+                },
+                &mut w,
+            )?;
+            let task = r["task"].as_u64().unwrap();
+            let server = sm.tasks[&task].server;
+            let ended = Command::TaskEnded {
+                id: task,
+                server,
+                at_ms: at + 1000,
+                outcome: TaskOutcome::CopiedBack {
+                    disks: vec![ApplianceDisk {
+                        size: 1 << 30,
+                        sha256: format!("{at:064x}"),
+                    }],
+                },
+            };
+            sm.apply(&ended, &mut w).map(|_| ())
+        };
+        let now = |name: &str| Action::BackupVm {
+            vm,
+            name: name.into(),
+            description: String::new(),
+        };
+        // The VM's GiB and two backups' fill the company's 3 GiB: a third is refused.
+        backup(&mut sm, p, now("b1"), hour).unwrap();
+        backup(&mut sm, p, now("b2"), 2 * hour).unwrap();
+        assert_eq!(crate::access::company_usage(&sm, p).2, 3 << 30);
+        let full = backup(&mut sm, p, now("b3"), 3 * hour).unwrap_err();
+        assert!(full.reason.contains("quota: 3 GiB of 3 GiB"), "{full:?}");
+        let copy = Action::CopyBack {
+            vm,
+            name: "c".into(),
+            description: String::new(),
+        };
+        assert!(act(&mut sm, p, copy).unwrap_err().reason.contains("quota"));
+        // On a schedule keeping two, the next one fits: it frees the oldest.
+        let schedule = |keep| Action::SetBackupSchedule {
+            vm,
+            schedule: Some(BackupSchedule {
+                every_hours: 1,
+                keep,
+            }),
+        };
+        act(&mut sm, p, schedule(2)).unwrap();
+        let due = due_backups(&sm, 4 * hour);
+        assert_eq!(due.len(), 1);
+        backup(&mut sm, 0, due[0].clone(), 4 * hour).unwrap();
+        assert!(!sm.appliances.contains_key("b1"), "expired");
+        assert_eq!(crate::access::company_usage(&sm, p).2, 3 << 30);
+        // Keeping three, nothing would go: the next waits, and the VM says why.
+        act(&mut sm, p, schedule(3)).unwrap();
+        assert!(due_backups(&sm, 6 * hour).is_empty());
+        let held = sm.scheduled_backup_held(&sm.vms["v"], 6 * hour).unwrap();
+        assert!(held.contains("quota"), "{held}");
+        assert_eq!(sm.scheduled_backup_held(&sm.vms["v"], 4 * hour + 1), None, "not due yet");
+        // Deleting a backup gives its room back.
+        act(&mut sm, p, Action::DeleteAppliance { name: "b2".into() }).unwrap_err();
+        let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
+        act(&mut sm, m, Action::DeleteAppliance { name: "b2".into() }).unwrap();
+        assert_eq!(due_backups(&sm, 6 * hour).len(), 1);
+    }
 
     #[test]
     fn scheduled_backups_come_when_due_and_keep_only_the_newest() {

@@ -12,6 +12,11 @@
  * PM1a_CNT. Every step says what it did on the serial console, so a test
  * reads where it got to.
  *
+ * An install mode, booted from a CD, first writes the image it was loaded
+ * from to the first hard disk (int 13h extended write), as an installer
+ * would, in the mode that counts on the BIOS clock (below), then powers off:
+ * booted again, the disk boots and keeps running.
+ *
  * Two modes keep running instead, for the live-migration tests: one counts
  * in real mode on the BIOS clock (the PIT's interrupt), reading its disk
  * through the BIOS at each step and keeping the count on the VGA's text
@@ -116,7 +121,8 @@ stage2_magic:
     .long 0x32544f42
 /* At byte 0x204 of the image: 1 asks for the display test, 2 for the
  * mouse test, 3 for counting on the BIOS clock, 4 for the colour bars and
- * counting on the RTC, instead of the power-off (a test sets it). */
+ * counting on the RTC, instead of the power-off; 5 for the install before
+ * it (a test sets it). */
 vbe_flag:
     .byte 0
     .balign 4
@@ -158,6 +164,10 @@ stage2:
     movw $msg_waited, %si
     call print16
 4:
+    cmpb $5, vbe_flag
+    jne 1f
+    call install
+1:
     /* SeaBIOS's serial console sends text on its timer: wait for three
      * ticks of the BIOS clock (0x46c, 18.2 Hz from the PIT) so the line is
      * out before the BIOS is left. */
@@ -306,6 +316,32 @@ mouse_handler:
     popw %ax
     popw %bp
     lret
+
+/* The install: this image, as loaded at 0x7c00, written to the first hard
+ * disk's first sectors in the mode that counts on the BIOS clock; this boot
+ * then powers off. */
+install:
+    movw $msg_installing, %si
+    call print16
+    movb $3, vbe_flag
+    movw $install_dap, %si
+    movw $0x4300, %ax
+    movb $0x80, %dl
+    int $0x13
+    jc 1f
+    movb $0, vbe_flag
+    movw $msg_installed, %si
+    call print16
+    ret
+1:  movw $msg_installfail, %si
+    call print16
+    jmp hang16
+    .balign 4
+install_dap:
+    .byte 0x10, 0
+    .word (stage2_end - _start + 511) / 512
+    .word 0x7c00, 0x0000
+    .quad 0
 
 /* Prints AL as two hex digits through the BIOS. */
 hex16:
@@ -591,6 +627,9 @@ msg_mousefail: .asciz "bootdisk: FAIL the BIOS has no mouse\r\n"
 msg_vbefail: .asciz "bootdisk: FAIL VBE mode 0x144 (1024x768x32) refused\r\n"
 msg_bars: .asciz "bootdisk: drew colour bars in 1024x768x32\r\n"
 msg_stage2: .asciz "bootdisk: stage 2 running\r\n"
+msg_installing: .asciz "bootdisk: installing onto the first hard disk\r\n"
+msg_installed: .asciz "bootdisk: installed; the hard disk boots now\r\n"
+msg_installfail: .asciz "bootdisk: FAIL int 13h could not write the hard disk\r\n"
 msg_waited: .asciz "bootdisk: waited 50 ms through int 15h\r\n"
 msg_nordsp: .asciz "bootdisk: FAIL no ACPI RSDP in 0xe0000-0xfffff\r\n"
 msg_nofadt: .asciz "bootdisk: FAIL no FADT in the XSDT\r\n"

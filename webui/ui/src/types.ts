@@ -49,6 +49,8 @@ export interface Vm {
   vcpus: number;
   /** Its live backups on a schedule. */
   backup_schedule: { every_hours: number; keep: number } | null;
+  /** Why its scheduled backup, due, waits (its company's disk quota), if it does. */
+  backup_held?: string;
   /** When its last live backup began. */
   last_backup_ms: number | null;
   /** Disk sizes in bytes, disk 0 first. */

@@ -612,6 +612,7 @@ export function vmsPage(ctx: PageContext): void {
       "div",
       { class: "schedule", "data-test": "backup-schedule", "data-on": s ? "yes" : "no" },
       s ? `every ${s.every_hours} h, ${s.keep} kept` : "not on a schedule",
+      vm.backup_held ? h("div", { class: "form-error", "data-test": "backup-held" }, `The next backup waits: ${vm.backup_held}`) : null,
       h("div", { class: "row" },
         "every ", every, " h, keep ", keep, " ",
         button("Schedule", "backup-schedule-set", "", () => set({ every_hours: Number(every.value), keep: Number(keep.value) }), busy.has(vm.id)),
