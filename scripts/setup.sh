@@ -17,6 +17,7 @@ needs=(
     "busybox busybox"
     "ping iputils-ping"
     "curl curl"
+    "python3 python3"
     "cc gcc"
     "as binutils"
     "/usr/share/seabios/bios-256k.bin seabios"

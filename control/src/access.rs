@@ -40,7 +40,8 @@ pub struct Quota {
     pub vms: u32,
     /// Guest memory of those VMs, MiB.
     pub memory_mib: u64,
-    /// Disk of those VMs, GiB.
+    /// Disk of those VMs and of the appliances made from them (copies back, live backups),
+    /// GiB.
     pub disk_gib: u64,
 }
 
@@ -195,8 +196,8 @@ pub fn company_usage(state: &StateMachine, company: u64) -> (u32, u64, u64) {
         }
     }
     for t in state.tasks.values() {
-        let making = t.state == crate::state_machine::TaskState::Running
-            && t.kind.appliance().is_some();
+        let making =
+            t.state == crate::state_machine::TaskState::Running && t.kind.appliance().is_some();
         let of_company = t
             .kind
             .vm()

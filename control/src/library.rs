@@ -243,11 +243,19 @@ pub struct Upload {
     /// None for a scratch file (an archive to unpack): not hashed, not synced.
     hash: Option<Hasher>,
     size: u64,
+    /// Bytes whose write-out to the disk has been started (`WRITE_OUT_EVERY`).
+    written_out: u64,
     sealed: bool,
 }
 
 /// The blocks a disk image's zeros are left unwritten in.
 const SPARSE_BLOCK: usize = 4096;
+
+/// How many bytes a file being received (to be made durable) gathers in the page cache before
+/// their write-out to the disk is started: so that it is written as it arrives, not all at
+/// once when it is synced. A scratch file is not: deleted soon after, its pages may never
+/// have to reach the disk.
+const WRITE_OUT_EVERY: u64 = 32 << 20;
 
 impl Upload {
     /// Starts a `shelf` file in library directory `dir`.
@@ -269,6 +277,7 @@ impl Upload {
             out,
             hash: Some(Hasher::new(shelf)),
             size: 0,
+            written_out: 0,
             sealed: false,
         })
     }
@@ -305,6 +314,20 @@ impl Upload {
             h.update(bytes);
         }
         self.size += bytes.len() as u64;
+        if self.hash.is_some() && self.size - self.written_out >= WRITE_OUT_EVERY {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range on a descriptor we own, a range of it, no memory passed.
+            // Only starts the write-out; a failure here shows again at the sync.
+            unsafe {
+                libc::sync_file_range(
+                    self.out.as_raw_fd(),
+                    self.written_out as i64,
+                    (self.size - self.written_out) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.written_out = self.size;
+        }
         Ok(())
     }
 

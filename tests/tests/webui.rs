@@ -3844,7 +3844,11 @@ fn an_ova_in_each_disk_format_is_imported_booted_exported_and_imported_back() {
     let t = ended(r.1["id"].as_u64().unwrap());
     assert_eq!(t["state"], "done", "{t}");
     let all = m.get("/api/v1/appliances").1;
-    let z = all.as_array().unwrap().iter().find(|a| a["name"] == "zip-dl");
+    let z = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "zip-dl");
     let z = z.unwrap_or_else(|| panic!("zip-dl listed: {all}"));
     assert_eq!(
         (&z["disks"][0]["sha256"], &z["memory_mib"]),

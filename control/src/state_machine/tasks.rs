@@ -1346,7 +1346,11 @@ mod schedule_tests {
         assert!(due_backups(&sm, 6 * hour).is_empty());
         let held = sm.scheduled_backup_held(&sm.vms["v"], 6 * hour).unwrap();
         assert!(held.contains("quota"), "{held}");
-        assert_eq!(sm.scheduled_backup_held(&sm.vms["v"], 4 * hour + 1), None, "not due yet");
+        assert_eq!(
+            sm.scheduled_backup_held(&sm.vms["v"], 4 * hour + 1),
+            None,
+            "not due yet"
+        );
         // Deleting a backup gives its room back.
         act(&mut sm, p, Action::DeleteAppliance { name: "b2".into() }).unwrap_err();
         let m = id(act(&mut sm, 0, new_user("m", Role::Manager, None, None)));
