@@ -43,7 +43,7 @@ run_level() {
     while IFS=$'\t' read -r level dir program; do
         [ "$level" = "$1" ] || continue
         echo "     Running $program"
-        (cd "$dir" && "$program") || failed=1
+        (cd "$dir" && "$program" </dev/null) || failed=1
     done <"$programs"
     return "$failed"
 }

@@ -567,6 +567,7 @@ impl Session {
         }
         // An appliance's import: a task, followed to its end.
         let task = end["id"].as_u64().unwrap_or(0);
+        let mut unseen = 0;
         loop {
             let tasks = self.call("GET", "/tasks", None)?;
             let t = tasks
@@ -574,6 +575,14 @@ impl Session {
                 .and_then(|l| l.iter().find(|t| t["id"] == task))
                 .cloned()
                 .unwrap_or(Value::Null);
+            if t.is_null() {
+                unseen += 1;
+                if unseen > 10 {
+                    return Err(format!(
+                        "importing appliance {name}: its task {task} is not listed"
+                    ));
+                }
+            }
             match t["state"].as_str() {
                 Some("running") | None => {
                     eprint!("\rimporting: {:>3}% ", t["percent"].as_u64().unwrap_or(0));

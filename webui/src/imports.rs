@@ -248,6 +248,31 @@ pub async fn pour(
     Ok(())
 }
 
+/// The answer when `MAX_OPEN` uploads are open.
+fn too_many_open() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{MAX_OPEN} uploads are open on this server, the most at once: finish or delete one first"),
+    )
+}
+
+/// 503 when the cluster imports the most uploads it does at once already: an archive is not
+/// taken (its bytes sent for nothing) when its import could not begin.
+pub fn imports_have_room(state: &control::state_machine::StateMachine) -> Result<(), ApiError> {
+    let running = state
+        .tasks
+        .values()
+        .filter(|t| t.state == TaskState::Running && matches!(t.kind, TaskKind::Import { .. }))
+        .count();
+    if running >= control::state_machine::MAX_UPLOAD_IMPORTS {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{running} uploads are being imported, the most at once: send this one when one ends"),
+        ));
+    }
+    Ok(())
+}
+
 /// A request's Content-Length, which an upload needs.
 pub fn content_length(req: &Request) -> Result<u64, ApiError> {
     req.header("content-length")
@@ -290,6 +315,18 @@ impl App {
                 format!("{what}: {} bytes is over the {max}-byte limit", n.size),
             ));
         }
+        let open_now = self
+            .uploads
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        if open_now >= MAX_OPEN {
+            return Err(too_many_open());
+        }
+        if n.kind == UploadKind::Appliance {
+            imports_have_room(&c.state)?;
+        }
         let internal = |e: std::io::Error| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -327,10 +364,7 @@ impl App {
         {
             let mut all = self.uploads.open.lock().unwrap_or_else(|p| p.into_inner());
             if all.len() >= MAX_OPEN {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{MAX_OPEN} uploads are open on this server, the most at once: finish or delete one first"),
-                ));
+                return Err(too_many_open());
             }
             all.insert(id.clone(), Arc::new(tokio::sync::Mutex::new(open)));
         }
@@ -469,8 +503,19 @@ impl App {
         drop(tee);
         o.received += kept;
         o.touched = Instant::now();
+        // Its work directory is in use (the library's clean-up takes old ones for leftovers).
+        if let Some(w) = &o.work {
+            if let Ok(d) = std::fs::File::open(w.path()) {
+                let _ = d.set_modified(std::time::SystemTime::now());
+            }
+        }
         match poured {
             Ok(()) => {}
+            // This server could not store it: what it holds is no longer whole; it ends.
+            Err(e) if e.status == StatusCode::INTERNAL_SERVER_ERROR => {
+                self.forget(id);
+                return Err(e);
+            }
             Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
                 // The archive's reader refused it: the upload ends here, with its reason.
                 self.forget(id);
@@ -541,15 +586,12 @@ impl App {
             )
         })?;
         let bytes = archive.size;
-        // Known as running here before its task exists: a task of this server whose upload is
-        // not known here is one a restart left behind.
+        // Known as running here before its task exists, until its import ends (or this request
+        // is dropped before it began, or the import panics): a task of this server whose upload
+        // is not known here is one no import runs for, failed by `watch`.
         let upload = crate::auth::hex(&crate::auth::random_bytes::<16>());
-        let cancel = Arc::new(AtomicBool::new(false));
-        self.uploads
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(upload.clone(), Arc::clone(&cancel));
+        let running = Running::register(&self.uploads.running, &upload);
+        let cancel = Arc::clone(&running.cancel);
         let acted = self
             .cluster
             .act(
@@ -562,21 +604,10 @@ impl App {
                 },
             )
             .await;
-        let task = match acted {
-            Ok(r) => r.get("task").and_then(Value::as_u64).unwrap_or(0),
-            Err(e) => {
-                self.uploads
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&upload);
-                return Err(e);
-            }
-        };
+        let task = acted?.get("task").and_then(Value::as_u64).unwrap_or(0);
         tracing::info!(appliance = %name, task, bytes, ms = started.elapsed().as_millis() as u64, "archive received and read; importing");
         let proposer = self.cluster.proposer();
         let library = self.cluster.library_dir();
-        let running = Arc::clone(&self.uploads.running);
         let who = name.to_string();
         let done = tokio::task::spawn_blocking(move || {
             let r = run_import(
@@ -584,14 +615,41 @@ impl App {
             );
             drop(archive);
             drop(work);
-            running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&upload);
+            drop(running);
             tracing::info!(appliance = %who, task, ms = started.elapsed().as_millis() as u64, ok = r.is_ok(), "import ended");
             r
         });
         Ok((task, done))
+    }
+}
+
+/// An import known to run on this server (`Uploads::running`) for as long as this lives.
+struct Running {
+    all: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    upload: String,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Running {
+    fn register(all: &Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>, upload: &str) -> Running {
+        let cancel = Arc::new(AtomicBool::new(false));
+        all.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(upload.to_string(), Arc::clone(&cancel));
+        Running {
+            all: Arc::clone(all),
+            upload: upload.to_string(),
+            cancel,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.upload);
     }
 }
 
@@ -655,10 +713,25 @@ fn run_import(
         at_ms: now_ms(),
         outcome,
     };
-    // Told until the cluster takes it (a task left running is no one's), for ten minutes at
-    // most.
-    let told = (0..600)
-        .any(|_| p.propose(ended.clone()) || (std::thread::sleep(Duration::from_secs(1)), false).1);
+    // Told until the cluster takes it (a task left running is no one's) or refuses it (it
+    // ended otherwise: failed with its server, or told by an attempt whose answer was lost),
+    // for ten minutes at most.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut told = loop {
+        match p.propose_outcome(ended.clone()) {
+            crate::cluster::Proposed::Taken => break true,
+            crate::cluster::Proposed::Refused => break false,
+            crate::cluster::Proposed::Unknown if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_secs(1))
+            }
+            crate::cluster::Proposed::Unknown => break false,
+        }
+    };
+    if !told {
+        told = p
+            .task(id)
+            .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
+    }
     let imported = imported?;
     if told {
         // Listed now (or refused, and then deleted as unlisted files).

@@ -93,7 +93,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     (
         "post",
         "/uploads",
-        "Open a resumable upload (Manager) of an ISO image or an appliance's archive, on this server: {kind: iso|appliance, name, size}. 201 with its id and the bytes this server holds (0). At most 8 open on a server; one idle for an hour is forgotten; a server's restart loses them",
+        "Open a resumable upload (Manager) of an ISO image or an appliance's archive, on this server: {kind: iso|appliance, name, size}. 201 with its id and the bytes this server holds (0). 503 when 8 are open on this server, or (an appliance) while the cluster imports 4 uploads already; one idle for an hour is forgotten; a server's restart loses them",
     ),
     (
         "get",

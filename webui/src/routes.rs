@@ -1342,6 +1342,7 @@ impl App {
             &name,
             c.state.appliances.contains_key(&name),
         )?;
+        crate::imports::imports_have_room(&c.state)?;
         let work = self.import_work()?;
         let started = std::time::Instant::now();
         let what = format!("appliance {name}");
