@@ -951,19 +951,18 @@ fn qemu_img_watched(
 fn a_cancelled_conversion_stops_its_qemu_img() {
     let dir = std::env::temp_dir().join(format!("ova-cancel-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("big.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&src)
-        .arg("64G")
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let cancel = std::sync::atomic::AtomicBool::new(true);
-    let out = dir.join("big.raw");
-    let started = std::time::Instant::now();
-    let r = qemu_img_watched(
-        &[
+    let out = dir.join("out.raw");
+    // A qcow2 image of `size` (thin), converted to raw under `cancel`, its progress to `heard`.
+    let convert = |size: &str, cancel: &std::sync::atomic::AtomicBool, heard: &dyn Fn(f64)| {
+        let src = dir.join(format!("{size}.qcow2"));
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&src)
+            .arg(size)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let args: [&std::ffi::OsStr; 8] = [
             "convert".as_ref(),
             "-p".as_ref(),
             "-f".as_ref(),
@@ -972,40 +971,18 @@ fn a_cancelled_conversion_stops_its_qemu_img() {
             "raw".as_ref(),
             src.as_os_str(),
             out.as_os_str(),
-        ],
-        "converting",
-        &cancel,
-        &|_| {},
-    );
+        ];
+        qemu_img_watched(&args, "converting", cancel, heard)
+    };
+    let started = std::time::Instant::now();
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    let r = convert("64G", &cancel, &|_| {});
     assert!(matches!(r, Err(OvaError::Cancelled)), "{r:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     // Not cancelled, it runs to its end, its progress heard up to 100%.
     cancel.store(false, std::sync::atomic::Ordering::Relaxed);
-    let small = dir.join("small.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&small)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(made.success());
     let heard = std::sync::Mutex::new(Vec::new());
-    qemu_img_watched(
-        &[
-            "convert".as_ref(),
-            "-p".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            small.as_os_str(),
-            out.as_os_str(),
-        ],
-        "converting",
-        &cancel,
-        &|p| heard.lock().unwrap().push(p),
-    )
-    .unwrap();
+    convert("64M", &cancel, &|p| heard.lock().unwrap().push(p)).unwrap();
     assert_eq!(heard.lock().unwrap().last(), Some(&100.0));
     let _ = std::fs::remove_dir_all(&dir);
 }

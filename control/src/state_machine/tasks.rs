@@ -130,38 +130,23 @@ impl StateMachine {
             },
             (
                 TaskOutcome::Imported { appliance },
-                TaskKind::Download {
-                    appliance: name,
-                    url,
-                    ..
-                },
-            ) => {
-                let mut a = appliance.clone();
-                a.name = name.clone();
-                a.origin = format!("downloaded from {url}");
-                match self.imported(&t, &a) {
-                    Ok(record) => {
-                        writes.push((appliance_key(name), Some(json_bytes(&record))));
-                        self.appliances.insert(name.clone(), record);
-                        TaskState::Done { ended_ms: at_ms }
-                    }
-                    Err(reason) => TaskState::Failed {
-                        reason,
-                        ended_ms: Some(at_ms),
-                    },
+                kind @ (TaskKind::Download {
+                    appliance: name, ..
                 }
-            }
-            (
-                TaskOutcome::Imported { appliance },
-                TaskKind::Import {
-                    appliance: name,
-                    bytes,
-                    ..
-                },
+                | TaskKind::Import {
+                    appliance: name, ..
+                }),
             ) => {
                 let mut a = appliance.clone();
                 a.name = name.clone();
-                a.origin = format!("uploaded, an archive of {bytes} bytes");
+                a.origin = match kind {
+                    TaskKind::Download { url, .. } => format!("downloaded from {url}"),
+                    TaskKind::Import { bytes, .. } => {
+                        format!("uploaded, an archive of {bytes} bytes")
+                    }
+                    // Not among the kinds matched.
+                    TaskKind::CopyBack { .. } | TaskKind::Backup { .. } => String::new(),
+                };
                 match self.imported(&t, &a) {
                     Ok(record) => {
                         writes.push((appliance_key(name), Some(json_bytes(&record))));
