@@ -482,17 +482,7 @@ impl Shared {
 
     /// Proposes a command through the leader; logs a failure.
     fn propose(&self, command: StateCommand) -> bool {
-        let what = format!("{command:?}");
-        let r = api::request(
-            Request::Propose { command },
-            &self.node,
-            &self.book,
-            Duration::from_secs(2),
-        );
-        if !r.ok {
-            tracing::warn!(server = self.cfg.id, command = %what.chars().take(120).collect::<String>(), error = ?r.error, "proposal failed");
-        }
-        r.ok
+        api::propose(command, self.cfg.id, &self.node, &self.book) == api::Proposed::Taken
     }
 }
 

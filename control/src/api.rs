@@ -568,6 +568,37 @@ pub fn request(
     )
 }
 
+/// What became of a proposal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proposed {
+    /// The cluster took it.
+    Taken,
+    /// The state machine refused it.
+    Refused,
+    /// Not known (no leader, or the leader changed before it answered).
+    Unknown,
+}
+
+/// Proposes `command`, one of server `server`'s own (a task's progress, an observation),
+/// through [`request`] with 2 s to wait; a failure is logged. What became of it.
+pub fn propose(command: Command, server: u64, node: &NodeHandle, book: &AddressBook) -> Proposed {
+    let what = format!("{command:?}");
+    let r = request(
+        Request::Propose { command },
+        node,
+        book,
+        Duration::from_secs(2),
+    );
+    if r.ok {
+        return Proposed::Taken;
+    }
+    tracing::warn!(server, command = %what.chars().take(120).collect::<String>(), error = ?r.error, "proposal failed");
+    match r.failure {
+        Some(Failure::Forbidden | Failure::NotFound | Failure::Conflict) => Proposed::Refused,
+        Some(Failure::NotLeader) | None => Proposed::Unknown,
+    }
+}
+
 /// The cluster's state, read linearizably through [`request`]; none when no quorum answered
 /// in `timeout`.
 pub fn read_state(

@@ -32,40 +32,15 @@ pub struct Proposer {
     book: control::transport::AddressBook,
 }
 
-/// What became of a proposal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proposed {
-    /// The cluster took it.
-    Taken,
-    /// The state machine refused it.
-    Refused,
-    /// Not known (no leader, or the leader changed before it answered).
-    Unknown,
-}
-
 impl Proposer {
     /// Proposes `command` (through the leader); whether the cluster took it.
     pub fn propose(&self, command: Command) -> bool {
-        self.propose_outcome(command) == Proposed::Taken
+        self.propose_outcome(command) == api::Proposed::Taken
     }
 
     /// Proposes `command` (through the leader); what became of it.
-    pub fn propose_outcome(&self, command: Command) -> Proposed {
-        let what = format!("{command:?}");
-        let r = api::request(
-            Request::Propose { command },
-            &self.node,
-            &self.book,
-            Duration::from_secs(2),
-        );
-        if r.ok {
-            return Proposed::Taken;
-        }
-        tracing::warn!(server = self.id, command = %what.chars().take(120).collect::<String>(), error = ?r.error, "proposal failed");
-        match r.failure {
-            Some(Failure::Forbidden | Failure::NotFound | Failure::Conflict) => Proposed::Refused,
-            Some(Failure::NotLeader) | None => Proposed::Unknown,
-        }
+    pub fn propose_outcome(&self, command: Command) -> api::Proposed {
+        api::propose(command, self.id, &self.node, &self.book)
     }
 
     /// Task `id` as this server has applied it.

@@ -91,14 +91,16 @@ pub struct UploadView {
 pub struct Uploads {
     /// Imports running here, by their upload's name: their cancels.
     running: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
-    /// Resumable uploads open here, by id.
-    open: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Open>>>>,
+    /// Resumable uploads open here, by id: who opened each (it never changes), and the upload.
+    open: Mutex<HashMap<String, (u64, Shared)>>,
 }
+
+/// An open upload, locked by the request sending a part of it.
+type Shared = Arc<tokio::sync::Mutex<Open>>;
 
 /// A resumable upload open on this server.
 struct Open {
     id: String,
-    owner: u64,
     kind: UploadKind,
     name: String,
     size: u64,
@@ -259,11 +261,7 @@ fn too_many_open() -> ApiError {
 /// 503 when the cluster imports the most uploads it does at once already: an archive is not
 /// taken (its bytes sent for nothing) when its import could not begin.
 pub fn imports_have_room(state: &control::state_machine::StateMachine) -> Result<(), ApiError> {
-    let running = state
-        .tasks
-        .values()
-        .filter(|t| t.state == TaskState::Running && matches!(t.kind, TaskKind::Import { .. }))
-        .count();
+    let running = state.running_tasks(|k| matches!(k, TaskKind::Import { .. }));
     if running >= control::state_machine::MAX_UPLOAD_IMPORTS {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -349,7 +347,6 @@ impl App {
         let id = crate::auth::hex(&crate::auth::random_bytes::<16>());
         let open = Open {
             id: id.clone(),
-            owner: c.user.id,
             kind: n.kind,
             name: n.name,
             size: n.size,
@@ -366,25 +363,23 @@ impl App {
             if all.len() >= MAX_OPEN {
                 return Err(too_many_open());
             }
-            all.insert(id.clone(), Arc::new(tokio::sync::Mutex::new(open)));
+            all.insert(
+                id.clone(),
+                (c.user.id, Arc::new(tokio::sync::Mutex::new(open))),
+            );
         }
         tracing::info!(upload = %id, %what, bytes = view.size, "upload opened");
         Ok(json_response(StatusCode::CREATED, &view))
     }
 
     /// Open upload `id` if the caller opened it; 404 otherwise.
-    fn open_of(&self, c: &Caller, id: &str) -> Result<Arc<tokio::sync::Mutex<Open>>, ApiError> {
+    fn open_of(&self, c: &Caller, id: &str) -> Result<Shared, ApiError> {
         let all = self.uploads.open.lock().unwrap_or_else(|p| p.into_inner());
-        let o = all.get(id).ok_or_else(|| {
-            ApiError::not_found(format!("no open upload {id:.40} on this server"))
-        })?;
-        // An owner is never changed: a try_lock that fails (a part arriving) still knows it.
-        let owner = o.try_lock().map(|o| o.owner).ok();
-        match owner {
-            Some(owner) if owner != c.user.id => Err(ApiError::not_found(format!(
+        match all.get(id) {
+            Some((owner, o)) if *owner == c.user.id => Ok(Arc::clone(o)),
+            _ => Err(ApiError::not_found(format!(
                 "no open upload {id:.40} on this server"
             ))),
-            _ => Ok(Arc::clone(o)),
         }
     }
 
@@ -397,11 +392,6 @@ impl App {
         let c = self.caller(req, false).await?;
         let open = self.open_of(&c, id)?;
         let o = open.lock().await;
-        if o.owner != c.user.id {
-            return Err(ApiError::not_found(format!(
-                "no open upload {id:.40} on this server"
-            )));
-        }
         Ok(ok(&o.view(self.cluster.id())))
     }
 
@@ -419,17 +409,8 @@ impl App {
                 format!("upload {id:.40}: a part is arriving; delete it once that ends"),
             )
         })?;
-        if o.owner != c.user.id {
-            return Err(ApiError::not_found(format!(
-                "no open upload {id:.40} on this server"
-            )));
-        }
         drop(o);
-        self.uploads
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.forget(id);
         tracing::info!(upload = %id, "upload given up");
         Ok(ok(&serde_json::json!({ "deleted": id })))
     }
@@ -450,11 +431,6 @@ impl App {
                 format!("upload {id:.40}: another part is arriving; send this one after it"),
             )
         })?;
-        if o.owner != c.user.id {
-            return Err(ApiError::not_found(format!(
-                "no open upload {id:.40} on this server"
-            )));
-        }
         let what = format!("{} {}", o.kind.word(), o.name);
         let offset: u64 = req
             .header("upload-offset")
@@ -719,12 +695,12 @@ fn run_import(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut told = loop {
         match p.propose_outcome(ended.clone()) {
-            crate::cluster::Proposed::Taken => break true,
-            crate::cluster::Proposed::Refused => break false,
-            crate::cluster::Proposed::Unknown if Instant::now() < deadline => {
+            control::api::Proposed::Taken => break true,
+            control::api::Proposed::Refused => break false,
+            control::api::Proposed::Unknown if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_secs(1))
             }
-            crate::cluster::Proposed::Unknown => break false,
+            control::api::Proposed::Unknown => break false,
         }
     };
     if !told {
@@ -800,7 +776,7 @@ pub async fn watch(app: Arc<App>) {
         let idle: Vec<String> = {
             let open = app.uploads.open.lock().unwrap_or_else(|p| p.into_inner());
             open.iter()
-                .filter(|(_, o)| o.try_lock().is_ok_and(|o| o.touched.elapsed() > IDLE))
+                .filter(|(_, (_, o))| o.try_lock().is_ok_and(|o| o.touched.elapsed() > IDLE))
                 .map(|(id, _)| id.clone())
                 .collect()
         };

@@ -23,6 +23,14 @@ impl StateMachine {
             .find(|t| t.state == TaskState::Running && t.kind.vm() == Some(vm))
     }
 
+    /// How many tasks of a kind `of` says run now.
+    pub fn running_tasks(&self, of: impl Fn(&TaskKind) -> bool) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running && of(&t.kind))
+            .count()
+    }
+
     /// Refuses powering VM `vm` on while a task keeps it off (a copy back).
     pub(super) fn check_not_held_off(&self, vm: u64) -> Result<(), Refusal> {
         match self.vm_task(vm).filter(|t| t.kind.holds_vm_off()) {
@@ -546,13 +554,7 @@ impl StateMachine {
                         )));
                     }
                 }
-                let running = self
-                    .tasks
-                    .values()
-                    .filter(|t| {
-                        t.state == TaskState::Running && matches!(t.kind, TaskKind::Download { .. })
-                    })
-                    .count();
+                let running = self.running_tasks(|k| matches!(k, TaskKind::Download { .. }));
                 if running >= MAX_DOWNLOADS {
                     return Err(Refusal::conflict(format!(
                         "{running} downloads run already, the most at once: start {name} when one ends"
@@ -605,13 +607,7 @@ impl StateMachine {
                         "appliance {name}: an empty upload"
                     )));
                 }
-                let running = self
-                    .tasks
-                    .values()
-                    .filter(|t| {
-                        t.state == TaskState::Running && matches!(t.kind, TaskKind::Import { .. })
-                    })
-                    .count();
+                let running = self.running_tasks(|k| matches!(k, TaskKind::Import { .. }));
                 if running >= MAX_UPLOAD_IMPORTS {
                     return Err(Refusal::conflict(format!(
                         "{running} uploads are being imported already, the most at once: upload {name} when one ends"
