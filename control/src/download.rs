@@ -140,7 +140,14 @@ pub fn fetch(
     let packed = total.unwrap_or(MAX_OVA);
     let scan = std::thread::Builder::new()
         .name("ova-scan".into())
-        .spawn(move || ova::arrive(ova::Arriving::new(arriving), packed))
+        .spawn({
+            let unpack = ova::Unpack {
+                work: work.to_path_buf(),
+                library: library.to_path_buf(),
+                archive: Some(out.path().to_path_buf()),
+            };
+            move || ova::arrive(ova::Arriving::new(arriving), packed, Some(&unpack))
+        })
         .map_err(|e| format!("starting to read the archive: {e}"))?;
     let mut body = r.into_reader().take(MAX_OVA + 1);
     let mut hash = sha2::Sha256::new();
@@ -212,7 +219,7 @@ pub fn fetch(
         .map_err(|e| format!("storing the download: {e}"))?;
     let imported = ova::import_arrived(
         archive.path(),
-        &scanned,
+        scanned,
         &work.join("disks"),
         library,
         &ova::Watch {

@@ -35,6 +35,7 @@ pub mod server;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
+pub mod vmdk;
 pub mod vmnet;
 pub mod zipped;
 

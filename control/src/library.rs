@@ -260,11 +260,17 @@ const WRITE_OUT_EVERY: u64 = 32 << 20;
 impl Upload {
     /// Starts a `shelf` file in library directory `dir`.
     pub fn new(dir: &Path, shelf: Shelf) -> io::Result<Upload> {
+        Upload::new_in(dir, dir, shelf)
+    }
+
+    /// Starts a `shelf` file of library directory `dir` in directory `work` (on its file
+    /// system: a work directory inside it).
+    pub fn new_in(work: &Path, dir: &Path, shelf: Shelf) -> io::Result<Upload> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(work)?;
         // A unique name per upload: several may run at once.
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let part = dir.join(format!(".upload-{}-{n}.part", std::process::id()));
+        let part = work.join(format!(".upload-{}-{n}.part", std::process::id()));
         let out = File::options()
             .write(true)
             .create(true)
@@ -339,6 +345,11 @@ impl Upload {
         self.size += n;
     }
 
+    /// Where it is being written.
+    pub fn path(&self) -> &Path {
+        &self.part
+    }
+
     /// Bytes so far.
     pub fn size(&self) -> u64 {
         self.size
@@ -380,6 +391,7 @@ impl Drop for Upload {
 }
 
 /// A whole, durable library file waiting to be put in place; dropped, it is deleted.
+#[derive(Debug)]
 pub struct Sealed {
     /// Its hash (`Hasher`), hex.
     pub sha256: String,

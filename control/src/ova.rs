@@ -412,6 +412,143 @@ pub struct Scanned {
     pub manifest: Option<(String, String)>,
     /// The archive's bytes.
     pub packed: u64,
+    /// Its stream-optimized VMDKs decoded to raw images as they arrived (`vmdk`), by entry
+    /// name: sealed, waiting to be put in place.
+    pub unpacked: BTreeMap<String, Sealed>,
+}
+
+/// Where `scan` decodes the stream-optimized VMDKs it meets (`vmdk`), as they arrive.
+#[derive(Clone, Debug)]
+pub struct Unpack {
+    /// The directory their raw images are written in (on the library's file system).
+    pub work: std::path::PathBuf,
+    /// The library directory they are put in place in.
+    pub library: std::path::PathBuf,
+    /// The file the archive is being written to, each byte before `scan` reads it: what is
+    /// decoded is dropped from it (a hole), so that its pages need never reach the disk.
+    pub archive: Option<std::path::PathBuf>,
+}
+
+/// How far apart holes are punched in an archive's file behind its decoding.
+const DROP_EVERY: u64 = 16 << 20;
+
+/// Drops bytes `from..to` of file `f` (a hole; its size kept), whole 4 KiB blocks of them.
+fn punch(f: &File, from: u64, to: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (from, to) = (from.next_multiple_of(4096), to / 4096 * 4096);
+    if to <= from {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own, a range of it, no memory passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            from as i64,
+            (to - from) as i64,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An entry's bytes as `scan` reads them: hashed and counted on the way.
+struct Hashing<'a, R> {
+    input: R,
+    digests: &'a mut Digests,
+    read: u64,
+}
+
+impl<R: Read> Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.input.read(buf)?;
+        self.digests.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Decodes entry `name` (at `offset` in an archive of `packed` bytes), read from `input`'s
+/// start, into a raw image in `to` if it is a stream-optimized VMDK `vmdk` takes; `None` if
+/// it is not, or if `vmdk` gave up on it before its first grain (qemu-img then converts it in
+/// place). Once grains are decoded they are dropped from the archive's file (`Unpack::archive`):
+/// a doubt after that refuses the archive.
+fn unpack_entry(
+    input: &mut impl Read,
+    name: &str,
+    offset: u64,
+    packed: u64,
+    to: &Unpack,
+) -> Result<Option<Sealed>, OvaError> {
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match input.read(&mut head[got..]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return refused(format!("the archive is cut short or damaged: {e}")),
+        }
+    }
+    let Some(h) = crate::vmdk::StreamHeader::parse(&head) else {
+        return Ok(None);
+    };
+    // The limits the import checks (`convert_disks`), checked before a byte is written.
+    let free = free_bytes(&to.library).unwrap_or(0);
+    let bomb = h.capacity > EXPANSION_FLOOR && h.capacity / MAX_EXPANSION > packed;
+    if bomb || h.capacity > free {
+        return Ok(None);
+    }
+    let mut out = crate::library::Upload::new_in(&to.work, &to.library, Shelf::Image).map_err(
+        io_err(format!("a file for {name} in {}", to.work.display())),
+    )?;
+    let mut archive = match &to.archive {
+        Some(p) => Some(
+            File::options()
+                .write(true)
+                .open(p)
+                .map_err(io_err(format!("opening {}", p.display())))?,
+        ),
+        None => None,
+    };
+    // The entry's bytes from `offset` up to `dropped` are a hole in the archive's file. A file
+    // system that cannot punch holes keeps them: only the disk's time is lost.
+    let mut dropped = offset;
+    let mut decoded = |at: u64| {
+        let Some(f) = &archive else { return };
+        if offset + at < dropped + DROP_EVERY {
+            return;
+        }
+        match punch(f, dropped, offset + at) {
+            Ok(()) => dropped = offset + at,
+            Err(e) => {
+                tracing::warn!(entry = %name, error = %e, "cannot drop decoded bytes from the archive's file");
+                archive = None;
+            }
+        }
+    };
+    match crate::vmdk::decode(&h, input, &mut out, &mut decoded) {
+        Ok(()) => out
+            .seal()
+            .map(Some)
+            .map_err(io_err(format!("storing {name} decoded"))),
+        Err(crate::vmdk::Stop::Input(e)) => {
+            refused(format!("the archive is cut short or damaged: {e}"))
+        }
+        Err(crate::vmdk::Stop::Output(e)) => Err(OvaError::Io {
+            what: format!("writing {name} decoded in {}", to.work.display()),
+            source: e,
+        }),
+        Err(crate::vmdk::Stop::Doubt(why)) if dropped > offset => refused(format!(
+            "{name}, a stream-optimized VMDK read in order as it arrived: {why}"
+        )),
+        Err(crate::vmdk::Stop::Doubt(why)) => {
+            tracing::info!(entry = %name, %why, "a stream-optimized VMDK left to qemu-img");
+            Ok(None)
+        }
+    }
 }
 
 /// Hex of `bytes`.
@@ -451,8 +588,13 @@ impl Digests {
 /// Reads OVA `input` (`packed` bytes in all) once, from its start, as it arrives: checks every
 /// entry and where it lies, keeps the descriptor's and manifest's texts, and hashes every other
 /// entry with the digest the manifest names for it (read before it, as OVF orders them) or,
-/// no manifest read yet, with both. Reads `input` to its end.
-pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
+/// no manifest read yet, with both. With `unpack`, decodes its stream-optimized VMDKs to raw
+/// images on the way. Reads `input` to its end.
+pub fn scan(
+    mut input: impl Read,
+    packed: u64,
+    unpack: Option<&Unpack>,
+) -> Result<Scanned, OvaError> {
     // An OVA is a ustar archive (OVF's own rule): its first header says so.
     let mut head = [0u8; 512];
     let is_tar = input.read_exact(&mut head).is_ok() && &head[257..262] == b"ustar";
@@ -468,6 +610,7 @@ pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
     let mut descriptor: Option<(String, String)> = None;
     let mut manifest: Option<(String, String)> = None;
     let mut listed: Option<BTreeMap<String, (DigestKind, String)>> = None;
+    let mut unpacked = BTreeMap::new();
     let mut buf = vec![0u8; 1 << 20];
     for entry in tar.entries().map_err(damaged)? {
         let mut entry = entry.map_err(damaged)?;
@@ -557,15 +700,18 @@ pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
                 Some(None) => Digests::new(false, false),
                 Some(Some(k)) => Digests::new(k == DigestKind::Sha1, k == DigestKind::Sha256),
             };
-            let mut read = 0u64;
-            loop {
-                let n = rest.read(&mut buf).map_err(damaged)?;
-                if n == 0 {
-                    break;
+            let mut hashing = Hashing {
+                input: rest,
+                digests: &mut d,
+                read: 0,
+            };
+            if let Some(to) = unpack {
+                if let Some(image) = unpack_entry(&mut hashing, &name, e.offset, packed, to)? {
+                    unpacked.insert(name.clone(), image);
                 }
-                d.update(&buf[..n]);
-                read += n as u64;
             }
+            while hashing.read(&mut buf).map_err(damaged)? > 0 {}
+            let read = hashing.read;
             if read != size {
                 return refused(format!(
                     "archive entry {name:?} is cut short: {read} of {size} bytes"
@@ -586,6 +732,7 @@ pub fn scan(mut input: impl Read, packed: u64) -> Result<Scanned, OvaError> {
         descriptor,
         manifest,
         packed,
+        unpacked,
     })
 }
 
@@ -598,8 +745,13 @@ pub enum Arrived {
     Zip,
 }
 
-/// Reads an archive as it arrives: `scan` for an OVA; a zip is read to its end, unread.
-pub fn arrive(mut input: impl Read, packed: u64) -> Result<Arrived, OvaError> {
+/// Reads an archive as it arrives: `scan` for an OVA (decoding into `unpack`); a zip is read
+/// to its end, unread.
+pub fn arrive(
+    mut input: impl Read,
+    packed: u64,
+    unpack: Option<&Unpack>,
+) -> Result<Arrived, OvaError> {
     let mut head = Vec::with_capacity(4);
     (&mut input)
         .take(4)
@@ -610,13 +762,13 @@ pub fn arrive(mut input: impl Read, packed: u64) -> Result<Arrived, OvaError> {
         let _ = io::copy(&mut rest, &mut io::sink());
         return Ok(Arrived::Zip);
     }
-    scan(rest, packed).map(Arrived::Ova)
+    scan(rest, packed, unpack).map(Arrived::Ova)
 }
 
 /// Imports what arrived in file `archive` (`import` or `zipped::import`).
 pub fn import_arrived(
     archive: &Path,
-    arrived: &Arrived,
+    arrived: Arrived,
     work: &Path,
     library: &Path,
     watch: &Watch<'_>,
@@ -631,7 +783,7 @@ pub fn import_arrived(
 pub fn scan_file(path: &Path) -> Result<Scanned, OvaError> {
     let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
     let packed = f.metadata().map_err(io_err("the archive"))?.len();
-    scan(BufReader::with_capacity(1 << 20, f), packed)
+    scan(BufReader::with_capacity(1 << 20, f), packed, None)
 }
 
 /// Checks the archive's manifest, if it has one: it lists the descriptor and each of `disks`,
@@ -1073,37 +1225,50 @@ impl<T: AsRef<[u8]>> Read for Arriving<T> {
 }
 
 /// Imports OVA `archive`, read already by `scanned`: checks its descriptor and manifest, and
-/// converts each disk, read in place in the archive, to a raw image sealed in `work` (a new
-/// directory inside library directory `library`, removed by the caller), told to `watch`.
+/// converts each disk not decoded as it arrived, read in place in the archive, to a raw image
+/// sealed in `work` (a new directory inside library directory `library`, removed by the
+/// caller), told to `watch`.
 pub fn import(
     archive: &Path,
-    scanned: &Scanned,
+    mut scanned: Scanned,
     work: &Path,
     library: &Path,
     watch: &Watch<'_>,
 ) -> Result<Imported, OvaError> {
     let descriptor = parse_ovf(&scanned.descriptor)?;
-    check_manifest(scanned, &descriptor.disks)?;
+    check_manifest(&scanned, &descriptor.disks)?;
     let mut images = Vec::new();
     for (i, d) in descriptor.disks.iter().enumerate() {
         let entry = scanned.entries.get(&d.file).ok_or_else(|| {
             OvaError::Refused(format!("Disk{i}'s image {} is not in the archive", d.file))
         })?;
-        images.push(InPlace {
-            archive,
-            name: &d.file,
-            entry,
+        // Two disks of one file: the second is read in place.
+        images.push(match scanned.unpacked.remove(&d.file) {
+            Some(image) => Source::Decoded(&d.file, image),
+            None => Source::InPlace(InPlace {
+                archive,
+                name: &d.file,
+                entry,
+            }),
         });
     }
     let disks = convert_disks(images, scanned.packed, work, library, watch)?;
     Ok(Imported { descriptor, disks })
 }
 
+/// A disk of an archive, to import.
+pub(crate) enum Source<'a> {
+    /// Read in place in the archive, to be checked and converted.
+    InPlace(InPlace<'a>),
+    /// Decoded already as the archive arrived (`vmdk`): its entry's name, its raw image.
+    Decoded(&'a str, Sealed),
+}
+
 /// Converts disk `images` (Disk0 first) of an archive of `packed` bytes, each checked first,
 /// to raw images sealed in `work` (a new directory inside library directory `library`), told
-/// to `watch` as they go.
+/// to `watch` as they go; those decoded already are only checked against the same limits.
 pub(crate) fn convert_disks(
-    images: Vec<InPlace<'_>>,
+    images: Vec<Source<'_>>,
     packed: u64,
     work: &Path,
     library: &Path,
@@ -1112,6 +1277,13 @@ pub(crate) fn convert_disks(
     std::fs::create_dir_all(work).map_err(io_err(format!("creating {}", work.display())))?;
     let mut checked = Vec::new();
     for image in images {
+        let image = match image {
+            Source::InPlace(image) => image,
+            Source::Decoded(name, sealed) => {
+                checked.push(Checked::Decoded(name, sealed));
+                continue;
+            }
+        };
         let format = image.probe()?;
         let size = image.inspect(format)?;
         if size % 512 != 0 {
@@ -1120,17 +1292,27 @@ pub(crate) fn convert_disks(
                 image.name
             ));
         }
-        checked.push((image, format, size));
+        checked.push(Checked::InPlace(image, format, size));
     }
-    let expanded: u64 = checked.iter().map(|i| i.2).sum();
+    let size_of = |c: &Checked| match c {
+        Checked::InPlace(_, _, size) => *size,
+        Checked::Decoded(_, sealed) => sealed.size,
+    };
+    let expanded: u64 = checked.iter().map(size_of).sum();
     if expanded > EXPANSION_FLOOR && expanded / MAX_EXPANSION > packed {
         return refused(format!(
             "its disks expand to {expanded} bytes from an archive of {packed}: more than {MAX_EXPANSION} times"
         ));
     }
+    // What is decoded already takes its space.
+    let to_convert: u64 = checked
+        .iter()
+        .filter(|c| matches!(c, Checked::InPlace(..)))
+        .map(size_of)
+        .sum();
     let free =
         free_bytes(library).map_err(io_err(format!("the free space of {}", library.display())))?;
-    if expanded > free {
+    if to_convert > free {
         return refused(format!(
             "its disks expand to {expanded} bytes; the library at {} has {free} free",
             library.display()
@@ -1139,8 +1321,21 @@ pub(crate) fn convert_disks(
     let mut disks = Vec::new();
     let mut before = 0u64;
     (watch.bytes)(0, expanded);
-    for (i, (image, format, size)) in checked.into_iter().enumerate() {
+    for (i, c) in checked.into_iter().enumerate() {
         watch.check()?;
+        let (image, format, size) = match c {
+            Checked::InPlace(image, format, size) => (image, format, size),
+            Checked::Decoded(name, sealed) => {
+                (watch.step)(format!(
+                    "Disk{i} ({name}, {} bytes) was decoded to raw as it arrived",
+                    sealed.size
+                ));
+                before += sealed.size;
+                disks.push(sealed);
+                (watch.bytes)(before, expanded);
+                continue;
+            }
+        };
         (watch.step)(format!(
             "converting Disk{i} ({}, {size} bytes) to raw",
             format.name()
@@ -1178,6 +1373,12 @@ pub(crate) fn convert_disks(
         (watch.bytes)(before, expanded);
     }
     Ok(disks)
+}
+
+/// A disk checked, to convert: in place, its format and size; or decoded already.
+enum Checked<'a> {
+    InPlace(InPlace<'a>, ImageFormat, u64),
+    Decoded(&'a str, Sealed),
 }
 
 /// XML text with its special characters escaped.
@@ -1497,6 +1698,198 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// A stream-optimized VMDK decoded as its archive arrives is the image qemu-img makes of
+    /// it in place: the same hash either way, and the library holds it sealed.
+    #[test]
+    fn a_stream_optimized_disk_is_decoded_as_it_arrives_into_what_qemu_img_makes() {
+        let dir = std::env::temp_dir().join(format!("ova-unpack-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let library = dir.join("library");
+        std::fs::create_dir_all(&library).unwrap();
+        let mut raw = vec![0u8; 3 << 20];
+        for (i, b) in raw[..1 << 20].iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        raw[(2 << 20) + 17] = 1;
+        let raw_path = dir.join("disk.raw");
+        std::fs::write(&raw_path, &raw).unwrap();
+        let vmdk_path = dir.join("disk.vmdk");
+        let made = Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&raw_path)
+            .arg(&vmdk_path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let vmdk = std::fs::read(&vmdk_path).unwrap();
+        let ovf = VBOX
+            .replace(
+                r#"<File ovf:id="file2" ovf:href="web-disk002.vmdk"/>"#,
+                "",
+            )
+            .replace(r#"ovf:href="web-disk001.vmdk""#, r#"ovf:href="d.vmdk""#)
+            .replace(
+                r#"<Item><rasd:HostResource>/disk/vmdisk2</rasd:HostResource><rasd:Parent>5</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>"#,
+                "",
+            );
+        let ovf = ovf
+            .lines()
+            .filter(|l| !l.contains(r#"ovf:diskId="vmdisk2""#))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &vmdk)]);
+        let archive = dir.join("a.ova");
+        std::fs::write(&archive, &ova).unwrap();
+        let want = crate::library::hash_file(&raw_path, Shelf::Image)
+            .unwrap()
+            .0;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let watch = Watch {
+            step: &|_| {},
+            bytes: &|_, _| {},
+            cancel: &cancel,
+        };
+        let work = dir.join("work");
+        let unpack = Unpack {
+            work: work.clone(),
+            library: library.clone(),
+            archive: None,
+        };
+        // Decoded as it arrives, in small pieces: the import converts nothing.
+        let s = scan(
+            io::BufReader::with_capacity(1000, &ova[..]),
+            ova.len() as u64,
+            Some(&unpack),
+        )
+        .unwrap();
+        assert_eq!(s.unpacked.keys().collect::<Vec<_>>(), ["d.vmdk"]);
+        let decoded = import(&archive, s, &work.join("disks"), &library, &watch).unwrap();
+        assert_eq!(decoded.disks.len(), 1);
+        assert_eq!(decoded.disks[0].sha256, want);
+        assert_eq!(decoded.disks[0].size, raw.len() as u64);
+        assert_eq!(std::fs::read(decoded.disks[0].path()).unwrap(), raw);
+        // Not decoded (no `unpack`): qemu-img converts it in place, to the same image.
+        let s = scan(&ova[..], ova.len() as u64, None).unwrap();
+        assert!(s.unpacked.is_empty());
+        let converted = import(&archive, s, &work.join("disks2"), &library, &watch).unwrap();
+        assert_eq!(converted.disks[0].sha256, want);
+        // A damaged grain: left to qemu-img, which refuses it.
+        let mut bad = vmdk.clone();
+        bad[70_000..70_100].fill(0x55);
+        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &bad)]);
+        std::fs::write(&archive, &ova).unwrap();
+        let s = scan(&ova[..], ova.len() as u64, Some(&unpack)).unwrap();
+        assert!(s.unpacked.is_empty());
+        match import(&archive, s, &work.join("disks3"), &library, &watch) {
+            Err(OvaError::Refused(why)) => assert!(why.contains("qemu-img"), "{why}"),
+            other => panic!("a damaged grain imported: {:?}", other.map(|i| i.disks)),
+        }
+        drop((decoded, converted));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An archive being written to a file has its decoded grains dropped from that file as
+    /// they are decoded; a damaged grain after that refuses the archive (qemu-img could no
+    /// longer read it in place).
+    #[test]
+    fn decoded_bytes_leave_the_archive_s_file() {
+        let dir = std::env::temp_dir().join(format!("ova-punch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let library = dir.join("library");
+        std::fs::create_dir_all(&library).unwrap();
+        // 40 MiB that do not compress.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let raw: Vec<u8> = (0..40u64 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let raw_path = dir.join("disk.raw");
+        std::fs::write(&raw_path, &raw).unwrap();
+        let vmdk_path = dir.join("disk.vmdk");
+        let made = Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&raw_path)
+            .arg(&vmdk_path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let vmdk = std::fs::read(&vmdk_path).unwrap();
+        let ovf = VBOX
+            .replace(r#"<File ovf:id="file2" ovf:href="web-disk002.vmdk"/>"#, "")
+            .replace(r#"ovf:href="web-disk001.vmdk""#, r#"ovf:href="d.vmdk""#)
+            .lines()
+            .filter(|l| !l.contains("vmdisk2"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let want = crate::library::hash_file(&raw_path, Shelf::Image)
+            .unwrap()
+            .0;
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let watch = Watch {
+            step: &|_| {},
+            bytes: &|_, _| {},
+            cancel: &cancel,
+        };
+        let work = dir.join("work");
+        let archive = dir.join("a.ova");
+        let unpack = Unpack {
+            work: work.clone(),
+            library: library.clone(),
+            archive: Some(archive.clone()),
+        };
+        let blocks =
+            |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+        // The archive written whole to its file first: `scan` reads only what is written.
+        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &vmdk)]);
+        std::fs::write(&archive, &ova).unwrap();
+        File::open(&archive).unwrap().sync_all().unwrap();
+        let s = scan(&ova[..], ova.len() as u64, Some(&unpack)).unwrap();
+        assert!(
+            blocks(&archive) < (ova.len() as u64) / 4,
+            "{} of {} bytes still held",
+            blocks(&archive),
+            ova.len()
+        );
+        assert_eq!(std::fs::metadata(&archive).unwrap().len(), ova.len() as u64);
+        let decoded = import(&archive, s, &work.join("disks"), &library, &watch).unwrap();
+        assert_eq!(decoded.disks[0].sha256, want);
+        // A grain damaged past the first holes: refused, naming the VMDK.
+        let mut bad = vmdk.clone();
+        let at = vmdk.len() - (4 << 20);
+        bad[at..at + 4096].fill(0x55);
+        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &bad)]);
+        std::fs::write(&archive, &ova).unwrap();
+        match scan(&ova[..], ova.len() as u64, Some(&unpack)) {
+            Err(OvaError::Refused(why)) => assert!(
+                why.contains("d.vmdk, a stream-optimized VMDK read in order"),
+                "{why}"
+            ),
+            other => panic!("a damaged grain scanned: {:?}", other.map(|s| s.unpacked)),
+        }
+        drop(decoded);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn sha256_hex(b: &[u8]) -> String {
         hex(&sha2::Sha256::digest(b))
     }
@@ -1520,6 +1913,7 @@ mod tests {
         let s = scan(
             io::BufReader::with_capacity(1000, &ova[..]),
             ova.len() as u64,
+            None,
         )
         .unwrap();
         assert_eq!((s.ovf.as_str(), s.descriptor.as_str()), ("a.ovf", VBOX));
@@ -1542,7 +1936,7 @@ mod tests {
             ("a.raw", &disk),
             ("a.mf", mf.as_bytes()),
         ]);
-        let s = scan(&late[..], late.len() as u64).unwrap();
+        let s = scan(&late[..], late.len() as u64, None).unwrap();
         let e = &s.entries["a.raw"];
         assert!(e.digest(DigestKind::Sha1).is_some() && e.digest(DigestKind::Sha256).is_some());
         check_manifest(&s, &[]).unwrap();
@@ -1550,7 +1944,7 @@ mod tests {
         // One byte of the disk changed: the manifest refuses it.
         let mut bad = ova.clone();
         bad[at + 7] ^= 1;
-        let s = scan(&bad[..], bad.len() as u64).unwrap();
+        let s = scan(&bad[..], bad.len() as u64, None).unwrap();
         match check_manifest(&s, &[]) {
             Err(OvaError::Refused(why)) => assert!(why.contains("a.raw does not match"), "{why}"),
             other => panic!("{other:?}"),
@@ -1559,7 +1953,7 @@ mod tests {
 
     #[test]
     fn hostile_archives_are_refused_as_they_arrive() {
-        let refused = |bytes: &[u8], packed: u64| match scan(bytes, packed) {
+        let refused = |bytes: &[u8], packed: u64| match scan(bytes, packed, None) {
             Err(OvaError::Refused(why)) => why,
             other => panic!("{other:?}"),
         };

@@ -234,7 +234,7 @@ pub fn import(
             ));
         }
     }
-    let images: Vec<InPlace<'_>> = descriptor
+    let images: Vec<ova::Source<'_>> = descriptor
         .disks
         .iter()
         .enumerate()
@@ -250,6 +250,7 @@ pub fn import(
                 entry: &entries[&d.file].entry,
             },
         })
+        .map(ova::Source::InPlace)
         .collect();
     let disks = ova::convert_disks(images, packed, work, library, watch)?;
     Ok(Imported { descriptor, disks })

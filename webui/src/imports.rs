@@ -136,11 +136,12 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Starts reading an archive of `packed` bytes.
-    pub fn start(packed: u64) -> Reader {
+    /// Starts reading an archive of `packed` bytes, its stream-optimized VMDKs decoded into
+    /// `unpack` on the way.
+    pub fn start(packed: u64, unpack: control::ova::Unpack) -> Reader {
         let (tee, arriving) = std::sync::mpsc::sync_channel(64);
         let read = tokio::task::spawn_blocking(move || {
-            control::ova::arrive(control::ova::Arriving::new(arriving), packed)
+            control::ova::arrive(control::ova::Arriving::new(arriving), packed, Some(&unpack))
         });
         Reader { tee, read }
     }
@@ -294,6 +295,16 @@ impl App {
             .map_err(|e| internal(format!("a work directory in {}: {e}", dir.display())))
     }
 
+    /// Where an archive arriving in `work`, into file `up`, has its stream-optimized VMDKs
+    /// decoded.
+    pub(crate) fn unpack_into(&self, work: &WorkDir, up: &Upload) -> control::ova::Unpack {
+        control::ova::Unpack {
+            work: work.path().to_path_buf(),
+            library: self.cluster.library_dir(),
+            archive: Some(up.path().to_path_buf()),
+        }
+    }
+
     /// `POST /api/v1/uploads`: opens a resumable upload (Managers).
     pub(crate) async fn open_upload(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         let c = self.caller(req, true).await?;
@@ -341,7 +352,8 @@ impl App {
             UploadKind::Appliance => {
                 let work = self.import_work()?;
                 let f = Upload::scratch(work.path()).map_err(internal)?;
-                (f, Some(work), Some(Reader::start(n.size)))
+                let reader = Reader::start(n.size, self.unpack_into(&work, &f));
+                (f, Some(work), Some(reader))
             }
         };
         let id = crate::auth::hex(&crate::auth::random_bytes::<16>());
@@ -587,7 +599,7 @@ impl App {
         let who = name.to_string();
         let done = tokio::task::spawn_blocking(move || {
             let r = run_import(
-                &proposer, task, &who, &archive, &arrived, &work, &library, &cancel,
+                &proposer, task, &who, &archive, arrived, &work, &library, &cancel,
             );
             drop(archive);
             drop(work);
@@ -638,7 +650,7 @@ fn run_import(
     id: u64,
     name: &str,
     archive: &control::library::Sealed,
-    arrived: &Arrived,
+    arrived: Arrived,
     work: &WorkDir,
     library: &std::path::Path,
     cancel: &AtomicBool,

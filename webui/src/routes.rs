@@ -1257,8 +1257,10 @@ impl App {
         new_library_entry(&c, "ISO", &name, c.state.isos.contains_key(&name))?;
         let dir = self.cluster.library_dir();
         let started = std::time::Instant::now();
+        let up = control::library::Upload::new(&dir, control::library::Shelf::Iso)
+            .map_err(|e| storing(&format!("ISO {name}"), &dir, e))?;
         let up = self
-            .receive(req, &format!("ISO {name}"), MAX_ISO, &dir, false, None)
+            .receive(req, &format!("ISO {name}"), MAX_ISO, up, None)
             .await?;
         self.add_iso(&c, &name, up, started).await
     }
@@ -1348,14 +1350,16 @@ impl App {
         let what = format!("appliance {name}");
         // The archive is read (its entries checked and hashed) as it arrives, on a thread of its
         // own, while it is written to a scratch file (neither hashed nor synced: only read, its
-        // disks in place, by qemu-img).
+        // disks in place, by qemu-img); its stream-optimized VMDKs are decoded on the way.
         let packed = req
             .header("content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(MAX_OVA);
-        let reader = crate::imports::Reader::start(packed);
+        let up = control::library::Upload::scratch(work.path())
+            .map_err(|e| storing(&what, work.path(), e))?;
+        let reader = crate::imports::Reader::start(packed, self.unpack_into(&work, &up));
         let received = self
-            .receive(req, &what, MAX_OVA, work.path(), true, Some(&reader.tee))
+            .receive(req, &what, MAX_OVA, up, Some(&reader.tee))
             .await;
         let arrived = reader.finish().await;
         let up = match received {
@@ -1481,15 +1485,14 @@ impl App {
     }
 
     /// Receives an upload's body (`what`, at most `max` bytes, its Content-Length exact) into
-    /// a new file in directory `dir`, hashed as it arrives (unless `scratch`: a file only to be
-    /// read), each part also sent to `tee` if given; each part must come within the web timeout.
+    /// new file `up`, each part also sent to `tee` if given; each part must come within the web
+    /// timeout.
     async fn receive(
         &self,
         req: &mut Request,
         what: &str,
         max: u64,
-        dir: &std::path::Path,
-        scratch: bool,
+        mut up: control::library::Upload,
         tee: Option<&std::sync::mpsc::SyncSender<bytes::Bytes>>,
     ) -> Result<control::library::Upload, ApiError> {
         let length = crate::imports::content_length(req)?;
@@ -1506,18 +1509,6 @@ impl App {
             .stream
             .take()
             .ok_or_else(|| ApiError::bad_request("no upload body"))?;
-        let store = |e: std::io::Error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("storing {what} in {}: {e}", dir.display()),
-            )
-        };
-        let mut up = if scratch {
-            control::library::Upload::scratch(dir)
-        } else {
-            control::library::Upload::new(dir, control::library::Shelf::Iso)
-        }
-        .map_err(store)?;
         let mut kept = 0;
         crate::imports::pour(
             &mut body,
@@ -1898,4 +1889,12 @@ fn number_param(req: &Request, name: &str) -> Result<Option<u64>, ApiError> {
                 .map_err(|_| ApiError::bad_request(format!("{name}={v:?}: a number")))
         })
         .transpose()
+}
+
+/// The error for an upload's file that could not be made in directory `dir`.
+fn storing(what: &str, dir: &std::path::Path, e: std::io::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("storing {what} in {}: {e}", dir.display()),
+    )
 }
