@@ -2,9 +2,9 @@
 //!
 //! - Import: an OVA of a BENCH_DISK_MIB MiB disk (default 2048) of incompressible data as a
 //!   stream-optimized VMDK, uploaded through the API to a server of a three-server cluster on
-//!   loopback until it answers 201 (received and read as it arrives, manifest checked,
-//!   converted to raw where it lies in the archive, hashed, synced, listed), beside `qemu-img convert` of the VMDK alone to raw (the issue's
-//!   reference), and the same followed by a sync of its output. BENCH_ROUNDS runs each (3),
+//!   loopback until it answers 201 (its VMDK decoded to raw and hashed as it arrives, then
+//!   manifest checked, synced, listed), beside `qemu-img convert` of the VMDK alone to raw
+//!   (the issue's reference), and the same followed by a sync of its output. BENCH_ROUNDS runs each (3),
 //!   medians.
 //! - Live backup: 4 KiB FUA writes at queue depth 1 through a primary copy (in this process,
 //!   on the write path blockd serves a VMM) mirrored to an `enspeed blockd` backup on
@@ -144,7 +144,7 @@ fn import(dir: &Path, rounds: usize) -> String {
     let ref_rate = mib_per_s(vmdk_bytes, reference);
     let synced_rate = mib_per_s(vmdk_bytes, reference_synced);
     format!(
-        "| import of a {} MiB OVA through the API (received and read as it arrives, checked, converted in place, hashed, synced) | {:.2} s | {ours_rate:.0} MB/s | {:.2}x |\n\
+        "| import of a {} MiB OVA through the API (its VMDK decoded to raw, hashed and written out as it arrives; then checked and synced) | {:.2} s | {ours_rate:.0} MB/s | {:.2}x |\n\
          | `qemu-img convert` of its VMDK ({} MiB) alone to raw (reference) | {:.2} s | {ref_rate:.0} MB/s | 1.00x |\n\
          | `qemu-img convert` of its VMDK, then `sync` of the output | {:.2} s | {synced_rate:.0} MB/s | {:.2}x |\n",
         ova_bytes >> 20,
