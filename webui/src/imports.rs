@@ -113,6 +113,24 @@ struct Open {
     work: Option<WorkDir>,
     /// An archive's reader, fed as it arrives.
     reader: Option<Reader>,
+    /// Once its last byte is in: what it became, until the cluster takes it.
+    whole: Option<Whole>,
+}
+
+/// An upload whose last byte is in, durable, waiting for the cluster to take it. A refusal
+/// (its name taken meanwhile, the most imports running, no leader for now) keeps it here, and
+/// an empty part at its end asks again; taken, it is `None`.
+enum Whole {
+    /// An ISO, to list.
+    Iso(Option<control::library::Sealed>),
+    /// An archive to import: its work directory, its file, what it was read as.
+    Archive(Option<(WorkDir, control::library::Sealed, Arrived)>),
+}
+
+impl Whole {
+    fn taken(&self) -> bool {
+        matches!(self, Whole::Iso(None) | Whole::Archive(None))
+    }
 }
 
 impl Open {
@@ -368,6 +386,7 @@ impl App {
             file: Some(file),
             work,
             reader,
+            whole: None,
         };
         let view = open.view(self.cluster.id());
         {
@@ -461,11 +480,64 @@ impl App {
         }
         let length = content_length(req)?;
         let left = o.size - o.received;
-        if length == 0 || length > left {
+        // An empty part at the end asks again for what a refusal left waiting.
+        let again = left == 0 && length == 0;
+        if !again && (length == 0 || length > left) {
             return Err(ApiError::bad_request(format!(
                 "{what}: a part of {length} bytes from {offset}: 1 to the {left} bytes left"
             )));
         }
+        if !again {
+            if let Some(r) = self.take_part(req, &what, id, &mut o, length).await? {
+                return Ok(r);
+            }
+        }
+        let (name, started, size) = (o.name.clone(), o.started, o.size);
+        let answer = match o.whole.as_mut() {
+            Some(Whole::Archive(parts)) => {
+                match self.start_import(&c, &name, parts, started).await {
+                    Ok((task, _done)) => self
+                        .task_view(task, &c.user)
+                        .await
+                        .map(|view| json_response(StatusCode::ACCEPTED, &view)),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(Whole::Iso(sealed)) => self.list_iso(&c, &name, sealed, started).await,
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{what}: it is not whole: send its parts first"),
+            )),
+        };
+        match answer {
+            Err(e) if o.whole.as_ref().is_some_and(|w| !w.taken()) => {
+                o.touched = Instant::now();
+                Err(ApiError {
+                    message: format!(
+                        "{} (the upload is kept: send an empty part with Upload-Offset: {size} to ask again, or delete it)",
+                        e.message
+                    ),
+                    ..e
+                })
+            }
+            answer => {
+                self.forget(id);
+                answer
+            }
+        }
+    }
+
+    /// Pours the part of `req` (`length` bytes) into open upload `o` (`what`, `id`). Answers
+    /// what to say when the upload is not whole yet; with its last byte, makes it whole
+    /// (`Open::whole`) and answers nothing.
+    async fn take_part(
+        &self,
+        req: &mut Request,
+        what: &str,
+        id: &str,
+        o: &mut Open,
+        length: u64,
+    ) -> Result<Option<Response<Body>>, ApiError> {
         let mut body = req
             .stream
             .take()
@@ -480,7 +552,7 @@ impl App {
         let mut kept = 0;
         let poured = pour(
             &mut body,
-            &what,
+            what,
             length,
             file,
             tee.as_ref(),
@@ -507,11 +579,9 @@ impl App {
             Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
                 // The archive's reader refused it: the upload ends here, with its reason.
                 self.forget(id);
-                let reader = o.reader.take();
-                drop(o);
-                return Err(match reader {
+                return Err(match o.reader.take() {
                     Some(r) => match r.finish().await {
-                        Err(why) => ova_failure(&what, why),
+                        Err(why) => ova_failure(what, why),
                         Ok(_) => e,
                     },
                     None => e,
@@ -521,27 +591,37 @@ impl App {
             Err(e) => return Err(e),
         }
         if o.received < o.size {
-            return Ok(ok(&o.view(self.cluster.id())));
+            return Ok(Some(ok(&o.view(self.cluster.id()))));
         }
-        // Its last byte: it leaves the open uploads and becomes what it was for.
-        self.forget(id);
-        let (name, started) = (o.name.clone(), o.started);
-        let parts = (o.file.take(), o.work.take(), o.reader.take());
-        drop(o);
-        match parts {
-            (Some(file), Some(work), Some(reader)) => {
-                let arrived = reader.finish().await.map_err(|e| ova_failure(&what, e))?;
-                let (task, _done) = self
-                    .start_import(&c, &name, work, file, arrived, started)
-                    .await?;
-                let view = self.task_view(task, &c.user).await?;
-                Ok(json_response(StatusCode::ACCEPTED, &view))
+        // Its last byte: made whole and durable (an archive read to its end), or it ends.
+        let made = match (o.file.take(), o.work.take(), o.reader.take()) {
+            (Some(file), Some(work), Some(reader)) => match reader.finish().await {
+                Ok(arrived) => match tokio::task::block_in_place(|| file.seal()) {
+                    Ok(archive) => Ok(Whole::Archive(Some((work, archive, arrived)))),
+                    Err(e) => Err(crate::routes::storing(what, work.path(), e)),
+                },
+                Err(why) => Err(ova_failure(what, why)),
+            },
+            (Some(file), None, None) => {
+                let dir = self.cluster.library_dir();
+                tokio::task::block_in_place(|| file.seal())
+                    .map(|sealed| Whole::Iso(Some(sealed)))
+                    .map_err(|e| crate::routes::storing(what, &dir, e))
             }
-            (Some(file), None, None) => self.add_iso(&c, &name, file, started).await,
             _ => Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{what}: its parts were taken"),
             )),
+        };
+        match made {
+            Ok(whole) => {
+                o.whole = Some(whole);
+                Ok(None)
+            }
+            Err(e) => {
+                self.forget(id);
+                Err(e)
+            }
         }
     }
 
@@ -554,26 +634,23 @@ impl App {
             .remove(id);
     }
 
-    /// Begins the import of archive `file` (read as `arrived`, in work directory `work`) into
-    /// appliance `name`, for `c`: a task of this server, run on a thread of its own. Answers
-    /// the task's id and the import's end.
+    /// Begins the import of archive `parts` (in its work directory, the archive, what it was
+    /// read as) into appliance `name`, for `c`: a task of this server, run on a thread of its
+    /// own. Answers the task's id and the import's end. `parts` is taken only once the cluster
+    /// took the task: refused, it is left for another attempt.
     pub(crate) async fn start_import(
         &self,
         c: &Caller,
         name: &str,
-        work: WorkDir,
-        file: Upload,
-        arrived: Arrived,
+        parts: &mut Option<(WorkDir, control::library::Sealed, Arrived)>,
         started: Instant,
     ) -> Result<(u64, tokio::task::JoinHandle<Result<(), OvaError>>), ApiError> {
-        let what = format!("appliance {name}");
-        let archive = tokio::task::block_in_place(|| file.seal()).map_err(|e| {
-            ApiError::new(
+        let Some(bytes) = parts.as_ref().map(|p| p.1.size) else {
+            return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{what}: storing its archive: {e}"),
-            )
-        })?;
-        let bytes = archive.size;
+                format!("appliance {name}: its archive was taken"),
+            ));
+        };
         // Known as running here before its task exists, until its import ends (or this request
         // is dropped before it began, or the import panics): a task of this server whose upload
         // is not known here is one no import runs for, failed by `watch`.
@@ -593,6 +670,7 @@ impl App {
             )
             .await;
         let task = acted?.get("task").and_then(Value::as_u64).unwrap_or(0);
+        let (work, archive, arrived) = parts.take().expect("checked above");
         tracing::info!(appliance = %name, task, bytes, ms = started.elapsed().as_millis() as u64, "archive received and read; importing");
         let proposer = self.cluster.proposer();
         let library = self.cluster.library_dir();

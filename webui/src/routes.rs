@@ -1274,14 +1274,30 @@ impl App {
         started: std::time::Instant,
     ) -> Result<Response<Body>, ApiError> {
         let dir = self.cluster.library_dir();
-        let store = |e: std::io::Error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("storing ISO {name} in {}: {e}", dir.display()),
-            )
+        let sealed = tokio::task::block_in_place(|| up.seal())
+            .map_err(|e| storing(&format!("ISO {name}"), &dir, e))?;
+        self.list_iso(c, name, &mut Some(sealed), started).await
+    }
+
+    /// Lists ISO `name`, whole and durable in `sealed` (in this server's library), as held
+    /// here, and puts it in place; taken from `sealed` only once the cluster listed it.
+    pub(crate) async fn list_iso(
+        &self,
+        c: &Caller,
+        name: &str,
+        sealed: &mut Option<control::library::Sealed>,
+        started: std::time::Instant,
+    ) -> Result<Response<Body>, ApiError> {
+        let dir = self.cluster.library_dir();
+        let (sha256, size) = match sealed {
+            Some(s) => (s.sha256.clone(), s.size),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("ISO {name}: its file was taken"),
+                ))
+            }
         };
-        let sealed = tokio::task::block_in_place(|| up.seal()).map_err(store)?;
-        let (sha256, size) = (sealed.sha256.clone(), sealed.size);
         tracing::info!(iso = %name, bytes = size, %sha256, ms = started.elapsed().as_millis() as u64, "ISO uploaded");
         self.cluster
             .act(
@@ -1295,7 +1311,9 @@ impl App {
             )
             .await?;
         // Listed now: in place, it is not taken for a deleted image's file.
-        tokio::task::block_in_place(|| sealed.place()).map_err(store)?;
+        let sealed = sealed.take().expect("checked above");
+        tokio::task::block_in_place(|| sealed.place())
+            .map_err(|e| storing(&format!("ISO {name}"), &dir, e))?;
         Ok(json_response(
             StatusCode::CREATED,
             &json!({ "name": name, "size": size, "sha256": sha256, "server": self.cluster.id() }),
@@ -1374,8 +1392,10 @@ impl App {
             Err(e) => return Err(e),
         };
         let arrived = arrived.map_err(|e| crate::imports::ova_failure(&what, e))?;
+        let archive = tokio::task::block_in_place(|| up.seal())
+            .map_err(|e| storing(&what, work.path(), e))?;
         let (task, done) = self
-            .start_import(&c, &name, work, up, arrived, started)
+            .start_import(&c, &name, &mut Some((work, archive, arrived)), started)
             .await?;
         // This request answers when its task ends.
         done.await
@@ -1891,8 +1911,8 @@ fn number_param(req: &Request, name: &str) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
-/// The error for an upload's file that could not be made in directory `dir`.
-fn storing(what: &str, dir: &std::path::Path, e: std::io::Error) -> ApiError {
+/// The error for an upload's file that could not be made or stored in directory `dir`.
+pub(crate) fn storing(what: &str, dir: &std::path::Path, e: std::io::Error) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("storing {what} in {}: {e}", dir.display()),
