@@ -37,42 +37,24 @@ for line in sys.stdin:
 ' >"$programs"
 part "building the tests"
 grep -q "^2" "$programs" || { echo "test.sh: no level-2 programs in $programs" >&2; exit 1; }
-# run_level LEVEL JOBS: runs that level's programs, JOBS at once, each one's output shown whole
-# when it ends; fails if one did.
+# run_level LEVEL: runs that level's programs; fails if one did.
 run_level() {
-    local failed=0 level dir program running=0 n=0 done_pid logs
-    local -A log_of=()
-    logs=$(mktemp -d)
+    local failed=0 level dir program
     while IFS=$'\t' read -r level dir program; do
         [ "$level" = "$1" ] || continue
-        if [ "$running" -ge "$2" ]; then
-            wait -n -p done_pid || failed=1
-            cat "$logs/${log_of[$done_pid]}"
-            running=$((running - 1))
-        fi
-        n=$((n + 1))
-        (cd "$dir" && echo "     Running $program" && exec "$program" </dev/null) >"$logs/$n" 2>&1 &
-        log_of[$!]=$n
-        running=$((running + 1))
+        echo "     Running $program"
+        (cd "$dir" && "$program" </dev/null) || failed=1
     done <"$programs"
-    while [ "$running" -gt 0 ]; do
-        wait -n -p done_pid || failed=1
-        cat "$logs/${log_of[$done_pid]}"
-        running=$((running - 1))
-    done
-    rm -rf "$logs"
     return "$failed"
 }
-# Unit tests and level 1, two programs at once (most of their time is spent waiting on guests,
-# timers and sockets), then level 2 (the test hosts and the appliance's machines: QEMU's
-# emulator, which keeps both cores busy) one program at a time. Beside level 1, even niced,
-# level 2's nested guests ran two to three times slower and missed their limits (tried:
-# 2026-12-07).
+# Unit tests and level 1, then level 2 (the test hosts and the appliance's machines: QEMU's
+# emulator, which keeps both cores busy). Beside level 1, even niced, level 2's nested guests
+# ran two to three times slower and missed their limits (tried: 2026-12-07).
 rest=0
-run_level 1 2 || rest=$?
+run_level 1 || rest=$?
 part "unit tests and level 1"
 level2=0
-run_level 2 1 || level2=$?
+run_level 2 || level2=$?
 part "level 2"
 if [ -s "$retries" ]; then
     echo "test.sh: level-2 scenarios run again in this run:"
