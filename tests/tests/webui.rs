@@ -4069,3 +4069,64 @@ fn a_running_vm_is_backed_up_live_with_every_acknowledged_write_and_restored() {
     let audit = m.get("/api/v1/audit").1.to_string();
     assert!(audit.contains("appliance.backup"), "{audit}");
 }
+
+/// An import whose server's process ends (a power cut of it) leaves its task running until that
+/// server is back: its web service then fails the task with the reason, and the appliance is
+/// never listed. Its disk is a qcow2 image, which the import converts after the last byte (with
+/// qemu-img), so that the import is still running when the process is killed.
+#[test]
+fn an_import_cut_short_by_its_server_s_restart_is_failed_with_the_reason() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start("import-restart", &[]);
+    let scratch = Scratch::new("import-restart");
+    let dir = scratch.path("ova");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 256 MiB that do not compress: a conversion of a second or more.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let raw: Vec<u8> = (0..256u64 << 17)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let raw_path = dir.join("disk.raw");
+    std::fs::write(&raw_path, &raw).unwrap();
+    drop(raw);
+    let ova = enspeed_tests::ova::one_disk("cut", &raw_path, "qcow2", &dir, false);
+    let m = c.manager(0);
+    let r = m.send(
+        "POST",
+        "/api/v1/uploads",
+        Some(json!({"kind": "appliance", "name": "cut", "size": ova.len()})),
+    );
+    assert_eq!(r.0, 201, "{r:?}");
+    let up = r.1["id"].as_str().unwrap().to_string();
+    let r = m.upload_part(&up, 0, &ova);
+    assert_eq!((r.0, &r.1["kind"]), (202, &json!("import")), "{r:?}");
+    let task = r.1["id"].as_u64().unwrap();
+    c.servers[0].kill9();
+    // Seen from another server: still running while its server is away.
+    let other = c.manager(1);
+    let state = |m: &Web| {
+        let t = m.get("/api/v1/tasks").1;
+        t.as_array()?.iter().find(|t| t["id"] == task).cloned()
+    };
+    let t = cluster::wait_for("the import's task, seen from server 2", WAIT, || {
+        state(&other)
+    });
+    assert_eq!(t["state"], "running", "{t}");
+    c.servers[0].start(&[]);
+    let t = cluster::wait_for("the import's task failed by its server", WAIT, || {
+        state(&other).filter(|t| t["state"] != "running")
+    });
+    assert_eq!(t["state"], "failed", "{t}");
+    let why = t["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("restarted during the import"), "{t}");
+    let l = other.get("/api/v1/appliances").1;
+    assert!(
+        l.as_array().unwrap().iter().all(|a| a["name"] != "cut"),
+        "never listed: {l}"
+    );
+}
