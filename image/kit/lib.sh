@@ -26,48 +26,6 @@ apt_update() {
     APT_UPDATED=1
 }
 
-# backports_qemu: QEMU's x86 system emulator from Debian 12's backports (10.x), downloaded and
-# unpacked once under $CACHE/debs (it runs on Debian 12's own libraries, which its 7.2 brought;
-# its modules are not unpacked, so it runs with -audio none). Debian 12's QEMU 7.2 aborts its
-# TCG ("qemu_mutex_iothread_locked") when a nested guest writes CR8 with a virtual interrupt
-# pending, which OVMF does on every interrupt return: the test host runs UEFI guests on this
-# one (image/testhost/run.sh --qemu). Adds bookworm-backports to apt's sources the first time
-# (Debian's own archive and key; apt installs nothing from it unless asked by name). Prints
-# the emulator's path.
-backports_qemu() {
-    local list=/etc/apt/sources.list.d/enspeed-bookworm-backports.sources ver dir tmp
-    if [ ! -e "$list" ]; then
-        printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" \
-            "Suites: bookworm-backports" "Components: main" \
-            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" >"$list"
-        APT_UPDATED=
-    fi
-    backports_version() {
-        apt-cache madison qemu-system-x86 2>/dev/null |
-            awk -F'|' '$3 ~ /bookworm-backports/ { gsub(/ /, "", $2); print $2; exit }'
-    }
-    ver=$(backports_version)
-    if [ -z "$ver" ]; then
-        apt_update
-        ver=$(backports_version)
-    fi
-    [ -n "$ver" ] || die "no qemu-system-x86 in bookworm-backports (check apt sources)"
-    dir="$CACHE/debs/qemu-system-x86_${ver//:/%3a}"
-    if [ ! -x "$dir/root/usr/bin/qemu-system-x86_64" ]; then
-        mkdir -p "$CACHE/debs"
-        tmp=$(mktemp -d "$CACHE/debs/.tmp.XXXXXX")
-        log "downloading qemu-system-x86 $ver (bookworm-backports)"
-        (cd "$tmp" && apt-get -o APT::Sandbox::User=root download "qemu-system-x86=$ver" >&2) ||
-            { rm -rf "$tmp"; die "apt-get download qemu-system-x86=$ver failed"; }
-        mkdir "$tmp/root"
-        dpkg-deb -x "$tmp"/*.deb "$tmp/root" || { rm -rf "$tmp"; die "dpkg-deb -x failed for qemu-system-x86 $ver"; }
-        rm -f "$tmp"/*.deb
-        rm -rf "$dir"
-        mv "$tmp" "$dir"
-    fi
-    printf '%s\n' "$dir/root/usr/bin/qemu-system-x86_64"
-}
-
 # deb_resolve PKG...: looks up the versions to unpack, all in one apt-cache call (each reads
 # every package list, about 0.3 s), into DEB_VER: each package's newest version in Debian 12's
 # own archives (bookworm and its security and point updates), never one from backports, even

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # Boots the test host under QEMU TCG with an emulated AMD-V and runs one scenario in it:
-#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--silence SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]... [--kernel-log FILE] [--disk FILE] [--backports-qemu]
+#   image/testhost/run.sh --scenario FILE [--enspeed PATH] [--extra PATH]... [--timeout SECS] [--silence SECS] [--mem MIB] [--smp N] [--interactive] [--forward PORT]... [--kernel-log FILE] [--disk FILE]
 # --forward gives the test host a NIC on QEMU's private user network (10.0.2.15; nothing leaves
 # it) with 127.0.0.1:PORT here forwarded to the test host's PORT; without it, no NIC at all.
 # --extra puts another program (a test tool, with its libraries) or a data file (a disk or CD
 # image) in the test host's /usr/local/bin. --disk gives the test host FILE as its virtio disk
 # /dev/vda (what it writes there outlives it: the demo keeps its cluster there).
-# --backports-qemu runs the test host on QEMU 10 from Debian 12's backports (lib.sh's
-# backports_qemu) instead of Debian 12's QEMU 7.2, whose TCG aborts under nested OVMF guests.
 # The scenario (and the enspeed binary with its shared libraries) travel in a second cpio
 # archive appended to the cached initramfs. Streams the test host's console, exits with the
 # scenario's code from its "TESTHOST-EXIT n" line, 124 on timeout, 125 when the test host
@@ -28,7 +26,7 @@ usage() {
     exit 2
 }
 
-scenario='' enspeed='' timeout=900 silence=0 mem=3072 smp=2 interactive= forwards= kernel_log= extras=() disk=() backports=
+scenario='' enspeed='' timeout=900 silence=0 mem=3072 smp=2 interactive= forwards= kernel_log= extras=() disk=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --scenario) scenario=${2:?--scenario needs a file}; shift 2 ;;
@@ -42,7 +40,6 @@ while [ $# -gt 0 ]; do
     --forward) forwards="$forwards,hostfwd=tcp:127.0.0.1:${2:?--forward needs a port}-:$2"; shift 2 ;;
     --kernel-log) kernel_log=${2:?--kernel-log needs a file}; shift 2 ;;
     --disk) disk=(-drive "file=${2:?--disk needs a file},format=raw,if=virtio"); shift 2 ;;
-    --backports-qemu) backports=1; shift ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -55,10 +52,6 @@ for extra in ${extras[@]+"${extras[@]}"}; do
 done
 
 ensure_tool qemu-system-x86_64 qemu-system-x86
-qemu=(qemu-system-x86_64)
-if [ -n "$backports" ]; then
-    qemu=("$(backports_qemu)" -audio none)
-fi
 ensure_tool cpio cpio
 "$here/build.sh"
 TH=$CACHE/testhost
@@ -123,7 +116,7 @@ set +e
 if [ -n "$interactive" ]; then
     # The terminal talks to the test host's console, and through it to the scenario's
     # terminal; QEMU's escape is Ctrl-A X. --foreground lets QEMU read the terminal.
-    timeout --foreground -k 10 "$timeout" "${qemu[@]}" \
+    timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
         -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
         -nographic -no-reboot "${nic[@]}" ${disk[@]+"${disk[@]}"} \
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
@@ -169,7 +162,7 @@ else
     ) &
     watcher=$!
     # In the background, waited for: a signal's trap then runs at once, not after QEMU.
-    timeout -k 10 "$timeout" "${qemu[@]}" -name "testhost-$$-qemu" \
+    timeout -k 10 "$timeout" qemu-system-x86_64 -name "testhost-$$-qemu" \
         -accel tcg -cpu EPYC,+svm -smp "$smp" -m "$mem" \
         -nographic -no-reboot "${nic[@]}" ${disk[@]+"${disk[@]}"} \
         -kernel "$TH/vmlinuz" -initrd "$work/initrd.img" \
