@@ -1698,6 +1698,22 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// Disk `raw` written in `dir`, as qemu-img makes it a stream-optimized VMDK, and a
+    /// descriptor of one disk, `d.vmdk`: the raw file's path, the VMDK, the descriptor.
+    fn stream_disk(dir: &Path, raw: &[u8]) -> (std::path::PathBuf, Vec<u8>, String) {
+        let raw_path = dir.join("disk.raw");
+        std::fs::write(&raw_path, raw).unwrap();
+        let vmdk = crate::vmdk::stream_of(&raw_path);
+        let ovf = VBOX
+            .replace(r#"<File ovf:id="file2" ovf:href="web-disk002.vmdk"/>"#, "")
+            .replace(r#"ovf:href="web-disk001.vmdk""#, r#"ovf:href="d.vmdk""#)
+            .lines()
+            .filter(|l| !l.contains("vmdisk2"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (raw_path, vmdk, ovf)
+    }
+
     /// A stream-optimized VMDK decoded as its archive arrives is the image qemu-img makes of
     /// it in place: the same hash either way, and the library holds it sealed.
     #[test]
@@ -1711,40 +1727,7 @@ mod tests {
             *b = (i % 253) as u8;
         }
         raw[(2 << 20) + 17] = 1;
-        let raw_path = dir.join("disk.raw");
-        std::fs::write(&raw_path, &raw).unwrap();
-        let vmdk_path = dir.join("disk.vmdk");
-        let made = Command::new("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-            ])
-            .arg(&raw_path)
-            .arg(&vmdk_path)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let vmdk = std::fs::read(&vmdk_path).unwrap();
-        let ovf = VBOX
-            .replace(
-                r#"<File ovf:id="file2" ovf:href="web-disk002.vmdk"/>"#,
-                "",
-            )
-            .replace(r#"ovf:href="web-disk001.vmdk""#, r#"ovf:href="d.vmdk""#)
-            .replace(
-                r#"<Item><rasd:HostResource>/disk/vmdisk2</rasd:HostResource><rasd:Parent>5</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>"#,
-                "",
-            );
-        let ovf = ovf
-            .lines()
-            .filter(|l| !l.contains(r#"ovf:diskId="vmdisk2""#))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let (raw_path, vmdk, ovf) = stream_disk(&dir, &raw);
         let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &vmdk)]);
         let archive = dir.join("a.ova");
         std::fs::write(&archive, &ova).unwrap();
@@ -1815,32 +1798,7 @@ mod tests {
                 x as u8
             })
             .collect();
-        let raw_path = dir.join("disk.raw");
-        std::fs::write(&raw_path, &raw).unwrap();
-        let vmdk_path = dir.join("disk.vmdk");
-        let made = Command::new("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-            ])
-            .arg(&raw_path)
-            .arg(&vmdk_path)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let vmdk = std::fs::read(&vmdk_path).unwrap();
-        let ovf = VBOX
-            .replace(r#"<File ovf:id="file2" ovf:href="web-disk002.vmdk"/>"#, "")
-            .replace(r#"ovf:href="web-disk001.vmdk""#, r#"ovf:href="d.vmdk""#)
-            .lines()
-            .filter(|l| !l.contains("vmdisk2"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let (raw_path, vmdk, ovf) = stream_disk(&dir, &raw);
         let want = crate::library::hash_file(&raw_path, Shelf::Image)
             .unwrap()
             .0;

@@ -280,39 +280,39 @@ pub fn decode(
     }
 }
 
+/// `raw` as qemu-img writes it stream-optimized (for tests).
+#[cfg(test)]
+pub(crate) fn stream_of(raw: &std::path::Path) -> Vec<u8> {
+    let out = raw.with_extension("vmdk");
+    let ok = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+        ])
+        .arg(raw)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::read(out).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::library::Shelf;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmdk-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    /// `raw` as qemu-img writes it stream-optimized.
-    fn stream_of(raw: &Path) -> Vec<u8> {
-        let out = raw.with_extension("vmdk");
-        let ok = Command::new("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-            ])
-            .arg(raw)
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        std::fs::read(out).unwrap()
     }
 
     /// Decodes `vmdk` into a sealed image in `d`; its bytes.
