@@ -264,10 +264,13 @@ impl Upload {
     }
 
     /// Starts a `shelf` file of library directory `dir` in directory `work` (on its file
-    /// system: a work directory inside it).
+    /// system: a work directory inside it, which must exist: one deleted meanwhile, its
+    /// upload given up, is not made again).
     pub fn new_in(work: &Path, dir: &Path, shelf: Shelf) -> io::Result<Upload> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        std::fs::create_dir_all(work)?;
+        if work == dir {
+            std::fs::create_dir_all(dir)?;
+        }
         // A unique name per upload: several may run at once.
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let part = work.join(format!(".upload-{}-{n}.part", std::process::id()));

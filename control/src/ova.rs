@@ -515,25 +515,31 @@ fn unpack_entry(
     };
     // The entry's bytes from `offset` up to `dropped` are a hole in the archive's file. A file
     // system that cannot punch holes keeps them: only the disk's time is lost.
-    let mut dropped = offset;
-    let mut decoded = |at: u64| {
-        let Some(f) = &archive else { return };
-        if offset + at < dropped + DROP_EVERY {
-            return;
-        }
-        match punch(f, dropped, offset + at) {
-            Ok(()) => dropped = offset + at,
+    let (mut dropped, mut seen) = (offset, 0);
+    let drop_decoded = |archive: &mut Option<File>, dropped: &mut u64, to: u64| {
+        let Some(f) = archive.as_ref() else { return };
+        match punch(f, *dropped, to) {
+            Ok(()) => *dropped = to,
             Err(e) => {
                 tracing::warn!(entry = %name, error = %e, "cannot drop decoded bytes from the archive's file");
-                archive = None;
+                *archive = None;
             }
         }
     };
-    match crate::vmdk::decode(&h, input, &mut out, &mut decoded) {
-        Ok(()) => out
-            .seal()
-            .map(Some)
-            .map_err(io_err(format!("storing {name} decoded"))),
+    let decoding = crate::vmdk::decode(&h, input, &mut out, &mut |at| {
+        seen = at;
+        if offset + at >= dropped + DROP_EVERY {
+            drop_decoded(&mut archive, &mut dropped, offset + at);
+        }
+    });
+    match decoding {
+        Ok(()) => {
+            // The rest of what was decoded goes too.
+            drop_decoded(&mut archive, &mut dropped, offset + seen);
+            out.seal()
+                .map(Some)
+                .map_err(io_err(format!("storing {name} decoded")))
+        }
         Err(crate::vmdk::Stop::Input(e)) => {
             refused(format!("the archive is cut short or damaged: {e}"))
         }
@@ -588,8 +594,8 @@ impl Digests {
 /// Reads OVA `input` (`packed` bytes in all) once, from its start, as it arrives: checks every
 /// entry and where it lies, keeps the descriptor's and manifest's texts, and hashes every other
 /// entry with the digest the manifest names for it (read before it, as OVF orders them) or,
-/// no manifest read yet, with both. With `unpack`, decodes its stream-optimized VMDKs to raw
-/// images on the way. Reads `input` to its end.
+/// no manifest read yet, with both. With `unpack`, decodes the stream-optimized VMDKs its
+/// descriptor names as disks to raw images on the way. Reads `input` to its end.
 pub fn scan(
     mut input: impl Read,
     packed: u64,
@@ -705,7 +711,14 @@ pub fn scan(
                 digests: &mut d,
                 read: 0,
             };
-            if let Some(to) = unpack {
+            // Only a disk the descriptor (read first, as OVF orders an OVA) names is decoded.
+            let a_disk = || {
+                descriptor
+                    .as_ref()
+                    .and_then(|(_, text)| parse_ovf(text).ok())
+                    .is_some_and(|d| d.disks.iter().any(|disk| disk.file == name))
+            };
+            if let Some(to) = unpack.filter(|_| a_disk()) {
                 if let Some(image) = unpack_entry(&mut hashing, &name, e.offset, packed, to)? {
                     unpacked.insert(name.clone(), image);
                 }
@@ -1242,7 +1255,6 @@ pub fn import(
         let entry = scanned.entries.get(&d.file).ok_or_else(|| {
             OvaError::Refused(format!("Disk{i}'s image {} is not in the archive", d.file))
         })?;
-        // Two disks of one file: the second is read in place.
         images.push(match scanned.unpacked.remove(&d.file) {
             Some(image) => Source::Decoded(&d.file, image),
             None => Source::InPlace(InPlace {
@@ -1741,6 +1753,7 @@ mod tests {
             cancel: &cancel,
         };
         let work = dir.join("work");
+        std::fs::create_dir_all(&work).unwrap();
         let unpack = Unpack {
             work: work.clone(),
             library: library.clone(),
@@ -1809,6 +1822,7 @@ mod tests {
             cancel: &cancel,
         };
         let work = dir.join("work");
+        std::fs::create_dir_all(&work).unwrap();
         let archive = dir.join("a.ova");
         let unpack = Unpack {
             work: work.clone(),
@@ -1817,18 +1831,32 @@ mod tests {
         };
         let blocks =
             |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
-        // The archive written whole to its file first: `scan` reads only what is written.
-        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &vmdk)]);
+        // The archive written whole to its file first: `scan` reads only what is written. The
+        // descriptor names d.vmdk alone: extra.vmdk, the same VMDK again, is no disk of it.
+        let notes: Vec<u8> = (0..5000u32).map(|i| (i % 241) as u8).collect();
+        let ova = tar_of(&[
+            ("a.ovf", ovf.as_bytes()),
+            ("d.vmdk", &vmdk),
+            ("notes.txt", &notes),
+            ("extra.vmdk", &vmdk),
+        ]);
         std::fs::write(&archive, &ova).unwrap();
         File::open(&archive).unwrap().sync_all().unwrap();
         let s = scan(&ova[..], ova.len() as u64, Some(&unpack)).unwrap();
+        assert_eq!(s.unpacked.keys().collect::<Vec<_>>(), ["d.vmdk"]);
+        let held = blocks(&archive);
         assert!(
-            blocks(&archive) < (ova.len() as u64) / 4,
-            "{} of {} bytes still held",
-            blocks(&archive),
+            held < (ova.len() - vmdk.len()) as u64 + (1 << 20),
+            "{held} of {} bytes still held",
             ova.len()
         );
         assert_eq!(std::fs::metadata(&archive).unwrap().len(), ova.len() as u64);
+        // What lies before and after the decoded entry is untouched.
+        let kept = std::fs::read(&archive).unwrap();
+        let d = &s.entries["d.vmdk"];
+        assert!(kept[..d.offset as usize] == ova[..d.offset as usize]);
+        let after = (d.offset + d.size).next_multiple_of(4096) as usize;
+        assert!(kept[after..] == ova[after..], "bytes after d.vmdk dropped");
         let decoded = import(&archive, s, &work.join("disks"), &library, &watch).unwrap();
         assert_eq!(decoded.disks[0].sha256, want);
         // A grain damaged past the first holes: refused, naming the VMDK.
@@ -1844,6 +1872,21 @@ mod tests {
             ),
             other => panic!("a damaged grain scanned: {:?}", other.map(|s| s.unpacked)),
         }
+        // Doubted before its first grain (its descriptor names a parent): nothing is dropped,
+        // and qemu-img is left to read it in place.
+        let mut parent = vmdk.clone();
+        let at = parent
+            .windows(18)
+            .position(|w| w == b"parentCID=ffffffff")
+            .unwrap();
+        parent[at + 10..at + 18].copy_from_slice(b"12345678");
+        let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &parent)]);
+        std::fs::write(&archive, &ova).unwrap();
+        File::open(&archive).unwrap().sync_all().unwrap();
+        let s = scan(&ova[..], ova.len() as u64, Some(&unpack)).unwrap();
+        assert!(s.unpacked.is_empty());
+        assert!(std::fs::read(&archive).unwrap() == ova);
+        assert!(blocks(&archive) >= ova.len() as u64 / 4096 * 4096);
         drop(decoded);
         let _ = std::fs::remove_dir_all(&dir);
     }

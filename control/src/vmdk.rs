@@ -153,6 +153,21 @@ impl<R: Read> Counted<'_, R> {
         Ok(true)
     }
 
+    /// Reads and drops bytes up to offset `to`, or answers false if the input ends first.
+    fn skip_to_or_end(&mut self, to: u64) -> Result<bool, Stop> {
+        let mut sink = [0u8; 512];
+        while self.at < to {
+            let n = (to - self.at).min(sink.len() as u64) as usize;
+            match self.input.read(&mut sink[..n]) {
+                Ok(0) => return Ok(false),
+                Ok(k) => self.at += k as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Stop::Input(e)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads and drops bytes up to offset `to`.
     fn skip_to(&mut self, to: u64) -> Result<(), Stop> {
         let mut sink = [0u8; 8192];
@@ -211,11 +226,10 @@ pub fn decode(
     let mut grain = vec![0u8; h.grain as usize];
     let mut marker = [0u8; 12];
     loop {
-        // Each marker begins a sector.
-        input.skip_to(input.at.div_ceil(SECTOR) * SECTOR)?;
-        // qemu-img writes no end-of-stream marker (its tables are in its head): the file's
-        // end is the stream's.
-        if !input.fill_or_end(&mut marker)? {
+        // Each marker begins a sector. qemu-img writes no end-of-stream marker (its tables are
+        // in its head): the file's end is the stream's, inside the last sector's padding too.
+        let next = input.at.div_ceil(SECTOR) * SECTOR;
+        if !input.skip_to_or_end(next)? || !input.fill_or_end(&mut marker)? {
             let left = h.capacity - out.size();
             out.skip_zeros(left);
             return Ok(());
@@ -226,8 +240,10 @@ pub fn decode(
             input.fill(&mut kind)?;
             let sectors = val;
             match u32::from_le_bytes(kind) {
-                // The end of the stream: the rest of the disk is zeros.
+                // The end of the stream (its sector read to its end): the rest of the disk is
+                // zeros.
                 0 => {
+                    input.skip_to_or_end(input.at.div_ceil(SECTOR) * SECTOR)?;
                     let left = h.capacity - out.size();
                     out.skip_zeros(left);
                     return Ok(());
@@ -271,6 +287,14 @@ pub fn decode(
             return doubt(format!(
                 "a grain at sector {val} inflates past the grain's {} bytes",
                 h.grain
+            ));
+        }
+        // A whole grain, or the disk's last bytes (qemu-img refuses a short one too).
+        let whole = h.grain.min(h.capacity - start);
+        if inflate.total_out() < whole {
+            return doubt(format!(
+                "a grain at sector {val} inflates to {} bytes, short of its {whole}",
+                inflate.total_out()
             ));
         }
         let n = (inflate.total_out()).min(h.capacity - start) as usize;
@@ -351,6 +375,49 @@ mod tests {
         let vmdk = stream_of(&path);
         let got = decoded(&d, &vmdk).unwrap_or_else(|e| panic!("{e:?}"));
         assert!(got == full, "the decoded image differs from the original");
+        // As VMware and VirtualBox write it: grain tables, the grain directory, the footer
+        // (the header again) and the end-of-stream marker after the grains. Nothing after that
+        // marker is read.
+        let marker = |sectors: u64, kind: u32| {
+            let mut m = vec![0u8; 512];
+            m[..8].copy_from_slice(&sectors.to_le_bytes());
+            m[12..16].copy_from_slice(&kind.to_le_bytes());
+            m
+        };
+        let mut vmware = vmdk.clone();
+        vmware.resize(vmware.len().div_ceil(512) * 512, 0);
+        // qemu-img's zeros after its last grain would read as the end of the stream.
+        while vmware.ends_with(&[0u8; 512]) {
+            vmware.truncate(vmware.len() - 512);
+        }
+        let tables = vmware.len();
+        vmware.extend(marker(4, 1));
+        vmware.extend([0u8; 4 * 512]);
+        vmware.extend(marker(1, 2));
+        vmware.extend([0u8; 512]);
+        vmware.extend(marker(1, 3));
+        vmware.extend(&vmdk[..512]);
+        vmware.extend([0u8; 512]);
+        vmware.extend([0xffu8; 700]);
+        let head: &[u8; 512] = vmware[..512].try_into().unwrap();
+        let h = StreamHeader::parse(head).unwrap();
+        let mut out = Upload::new(&d, Shelf::Image).unwrap();
+        let mut rest = &vmware[512..];
+        decode(&h, &mut rest, &mut out, &mut |_| {}).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(rest.len(), 700, "read past the end-of-stream marker");
+        let sealed = out.seal().unwrap();
+        assert!(std::fs::read(sealed.path()).unwrap() == full);
+        // A marker of a type the format does not have; a table cut short.
+        let mut odd = vmware.clone();
+        odd[tables + 12] = 7;
+        match decoded(&d, &odd) {
+            Err(Stop::Doubt(w)) => assert!(w.contains("unknown type 7"), "{w}"),
+            other => panic!("{other:?}"),
+        }
+        match decoded(&d, &vmware[..tables + 1024]) {
+            Err(Stop::Doubt(w)) => assert!(w.contains("ends at byte"), "{w}"),
+            other => panic!("{other:?}"),
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -391,8 +458,22 @@ mod tests {
             .unwrap();
         parent[at + 10..at + 18].copy_from_slice(b"12345678");
         doubted(&parent, "parent");
-        // Cut inside a grain.
-        doubted(&vmdk[..second - 100], "ends at byte");
+        // Cut inside a grain's deflated bytes.
+        doubted(&vmdk[..overhead + 40], "ends at byte");
+        // A grain that inflates short of a grain, not the disk's last.
+        let c = {
+            use std::io::Write;
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            z.write_all(&[0xab; 4096]).unwrap();
+            z.finish().unwrap()
+        };
+        let mut short = vmdk[..overhead].to_vec();
+        short.extend(0u64.to_le_bytes());
+        short.extend((c.len() as u32).to_le_bytes());
+        short.extend(&c);
+        short.resize(short.len().div_ceil(512) * 512, 0);
+        short.extend(&vmdk[second..]);
+        doubted(&short, "short of its 65536");
         // A header this reader does not take (not compressed) is no stream at all.
         let mut flat = vmdk.clone();
         flat[10] = 0;

@@ -541,9 +541,11 @@ impl Session {
                     retries = 0;
                 }
                 Ok(r) => break r.into_json::<Value>().map_err(|e| format!("{what}: {e}"))?,
-                // Broken on the way (the network, a timeout, the server busy): again from where
-                // the server is, while it holds the upload; once it does not (refused, or the
-                // name taken at its end), that is the answer.
+                // Broken on the way (the network, a timeout, the server busy), or refused at its
+                // end and kept (the name taken meanwhile, the most imports running): again from
+                // where the server is (at the end, an empty part asks again), while it holds the
+                // upload, up to UPLOAD_RETRIES times; once it does not (refused as it arrived),
+                // that is the answer.
                 Err(e) => {
                     let said = answer(Err(e), &what).map(|_| ()).unwrap_err();
                     let Ok(held) = self.call("GET", &path, None) else {

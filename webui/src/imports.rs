@@ -494,6 +494,10 @@ impl App {
         }
         let (name, started, size) = (o.name.clone(), o.started, o.size);
         let answer = match o.whole.as_mut() {
+            Some(w) if w.taken() => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{what}: it was taken already: see its task, or the library"),
+            )),
             Some(Whole::Archive(parts)) => {
                 match self.start_import(&c, &name, parts, started).await {
                     Ok((task, _done)) => self
@@ -504,9 +508,10 @@ impl App {
                 }
             }
             Some(Whole::Iso(sealed)) => self.list_iso(&c, &name, sealed, started).await,
+            // Its last part's request was dropped while the upload was being made whole.
             None => Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!("{what}: it is not whole: send its parts first"),
+                format!("{what}: its end was cut short as it was being stored: upload it again"),
             )),
         };
         match answer {

@@ -100,8 +100,9 @@ export async function upload<T>(
       received = (data as OpenUpload).received;
       retries = 0;
     } catch (e) {
-      // Still held by the server: again from where it is; gone (refused, or the name taken at
-      // its end): that is the answer.
+      // Still held by the server (broken on the way, or refused at its end and kept): again
+      // from where it is (at the end, an empty part asks again), up to UPLOAD_RETRIES times;
+      // gone (refused as it arrived): that is the answer.
       let held: OpenUpload;
       try {
         held = await api<OpenUpload>("GET", path);
