@@ -3937,9 +3937,12 @@ fn guest_stamp(image: &[u8], index: usize) -> Option<u64> {
     ok.then_some(seq)
 }
 
-/// The last write the test guest acknowledged in serial log `log` (`tg: ack blk=B seq=S`).
+/// The last write the test guest acknowledged in serial log `log` (`tg: ack blk=B seq=S`), in
+/// its whole lines: the guest may be writing the last one as it is read ("seq=9" of "seq=912").
 fn last_ack(log: &str) -> u64 {
-    log.lines()
+    let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+    whole
+        .lines()
         .rev()
         .find_map(|l| l.split("seq=").nth(1).filter(|_| l.contains("tg: ack")))
         .and_then(|s| s.trim().parse().ok())
