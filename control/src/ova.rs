@@ -617,6 +617,8 @@ pub fn scan(
     let mut manifest: Option<(String, String)> = None;
     let mut listed: Option<BTreeMap<String, (DigestKind, String)>> = None;
     let mut unpacked = BTreeMap::new();
+    // The entries the descriptor names as disks, read with it (an OVA's first entry).
+    let mut disk_files: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     for entry in tar.entries().map_err(damaged)? {
         let mut entry = entry.map_err(damaged)?;
@@ -698,6 +700,10 @@ pub fn scan(
             }
             if is_mf {
                 listed = Some(parse_manifest(&text)?);
+            } else if unpack.is_some() {
+                disk_files = parse_ovf(&text)
+                    .map(|d| d.disks.into_iter().map(|disk| disk.file).collect())
+                    .unwrap_or_default();
             }
             *slot = Some((name.clone(), text));
         } else {
@@ -712,13 +718,7 @@ pub fn scan(
                 read: 0,
             };
             // Only a disk the descriptor (read first, as OVF orders an OVA) names is decoded.
-            let a_disk = || {
-                descriptor
-                    .as_ref()
-                    .and_then(|(_, text)| parse_ovf(text).ok())
-                    .is_some_and(|d| d.disks.iter().any(|disk| disk.file == name))
-            };
-            if let Some(to) = unpack.filter(|_| a_disk()) {
+            if let Some(to) = unpack.filter(|_| disk_files.contains(&name)) {
                 if let Some(image) = unpack_entry(&mut hashing, &name, e.offset, packed, to)? {
                     unpacked.insert(name.clone(), image);
                 }
