@@ -275,6 +275,11 @@ impl Server {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the process waiting to be added to a cluster (`--await-join`) and returns the
     /// join token it then shows in its data directory.
     pub fn start_awaiting_join(&mut self) -> String {

@@ -10,6 +10,7 @@ use crate::{testguest, Scratch};
 use serde_json::{json, Value};
 
 /// One logged-in (or not) client of one server's API.
+#[derive(Clone)]
 pub struct Web {
     /// `http://host:port`.
     pub base: String,
@@ -488,4 +489,129 @@ pub fn serve_files(files: impl FnOnce(&str) -> Vec<(String, Vec<u8>)>) -> String
         }
     });
     addr
+}
+
+/// Creates Managers `bench1`..`benchN` (password `PASSWORD`) through the API at `base`, logged
+/// in as `admin`, and answers their names: a benchmark's clients, one user each, since every
+/// user is held to its own pace of requests (`webui::pace`).
+pub fn bench_users(base: &str, n: usize) -> Vec<String> {
+    let m = Web::logged_in(base, "admin", PASSWORD);
+    (1..=n)
+        .map(|i| {
+            let name = format!("bench{i}");
+            let r = m.send(
+                "POST",
+                "/api/v1/users",
+                Some(serde_json::json!({"name": name, "password": PASSWORD, "role": "manager"})),
+            );
+            assert!(r.0 == 201 || r.0 == 409, "create {name}: {r:?}");
+            name
+        })
+        .collect()
+}
+
+/// Waits until every server in `servers` has applied user `name`: a login on a server that
+/// has not yet counts as a failed one.
+pub fn wait_for_user(client: &Client, servers: &[Server], name: &str) {
+    for s in servers {
+        cluster::wait_for(&format!("user {name} on server {}", s.id), WAIT, || {
+            let users = client
+                .call(
+                    &s.addr,
+                    &json!({"op": "read", "query": {"query": "users"}, "local": true}),
+                )
+                .ok()?;
+            users
+                .as_array()?
+                .iter()
+                .any(|u| u["name"] == name)
+                .then_some(())
+        });
+    }
+}
+
+/// Requests a second a benchmark's client sends at most: under the pace the API holds each
+/// user to (`webui::pace::RATE`, 100), so that no request is turned away.
+pub const CLIENT_RATE: f64 = 90.0;
+
+/// Holds one client to `CLIENT_RATE` requests a second: each request starts at least
+/// 1/`CLIENT_RATE` s after the one before (never in a burst to catch up after a slow one).
+#[derive(Default)]
+pub struct Pacer {
+    last: Option<std::time::Instant>,
+}
+
+impl Pacer {
+    /// Waits until the next request may start.
+    pub fn wait(&mut self) {
+        let gap = std::time::Duration::from_secs_f64(1.0 / CLIENT_RATE);
+        if let Some(wait) = self
+            .last
+            .and_then(|l| (l + gap).checked_duration_since(std::time::Instant::now()))
+        {
+            std::thread::sleep(wait);
+        }
+        self.last = Some(std::time::Instant::now());
+    }
+}
+
+/// Clients of the API at `base`, logged in as `users` one after the other (logins sent at once
+/// from one address would count against its login limit).
+pub fn bench_clients(base: &str, users: &[String]) -> Vec<Web> {
+    users
+        .iter()
+        .map(|u| Web::logged_in(base, u, PASSWORD))
+        .collect()
+}
+
+/// Runs `op` (a request, answering its status) on the first `clients` of `webs` (see
+/// `bench_clients`), each on its thread and sending at most `CLIENT_RATE` requests a second,
+/// for `secs`; answers (requests, per second, p50, p99). A benchmark's.
+pub fn measure(
+    webs: &[Web],
+    clients: usize,
+    secs: u64,
+    op: std::sync::Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync>,
+) -> (usize, f64, std::time::Duration, std::time::Duration) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (w, op, barrier) = (
+                webs[c].clone(),
+                std::sync::Arc::clone(&op),
+                std::sync::Arc::clone(&barrier),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                let start = std::time::Instant::now();
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                let mut pace = Pacer::default();
+                while start.elapsed() < std::time::Duration::from_secs(secs) {
+                    pace.wait();
+                    let t = std::time::Instant::now();
+                    let status = op(&w, c, n);
+                    assert!((200..300).contains(&status), "a request failed: {status}");
+                    lat.push(t.elapsed());
+                    n += 1;
+                }
+                (lat, start.elapsed())
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut wall = std::time::Duration::ZERO;
+    for t in threads {
+        let (lat, el) = t.join().expect("client thread");
+        all.extend(lat);
+        wall = wall.max(el);
+    }
+    all.sort();
+    let n = all.len();
+    (
+        n,
+        n as f64 / wall.as_secs_f64(),
+        crate::percentile(&all, 0.5),
+        crate::percentile(&all, 0.99),
+    )
 }

@@ -8,12 +8,14 @@
 //! The clients run on the same machine and read each answer whole (without parsing it).
 //! Environment: BENCH_VMS (1000), BENCH_SECS per measurement (5), BENCH_DIR (/var/tmp).
 
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use enspeed_tests::cluster::{self, free_port, Client, Server};
-use enspeed_tests::web::{api_args, Web, PASSWORD};
-use enspeed_tests::{ms, percentile};
+use enspeed_tests::ms;
+use enspeed_tests::web::{
+    api_args, bench_clients, bench_users, measure, wait_for_user, Web, PASSWORD,
+};
 use serde_json::json;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -21,51 +23,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Runs `op` on `clients` threads for `secs`; answers (requests, per second, p50, p99).
-fn measure(
-    base: &str,
-    clients: usize,
-    secs: u64,
-    op: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync>,
-) -> (usize, f64, Duration, Duration) {
-    let barrier = Arc::new(Barrier::new(clients));
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            let (base, op, barrier) = (base.to_string(), Arc::clone(&op), Arc::clone(&barrier));
-            std::thread::spawn(move || {
-                let w = Web::logged_in(&base, "admin", PASSWORD);
-                barrier.wait();
-                let start = Instant::now();
-                let mut lat = Vec::new();
-                let mut n = 0u64;
-                while start.elapsed() < Duration::from_secs(secs) {
-                    let t = Instant::now();
-                    let status = op(&w, c, n);
-                    assert!((200..300).contains(&status), "a request failed: {status}");
-                    lat.push(t.elapsed());
-                    n += 1;
-                }
-                (lat, start.elapsed())
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let mut wall = Duration::ZERO;
-    for t in threads {
-        let (lat, el) = t.join().expect("client thread");
-        all.extend(lat);
-        wall = wall.max(el);
-    }
-    all.sort();
-    let n = all.len();
-    (
-        n,
-        n as f64 / wall.as_secs_f64(),
-        percentile(&all, 0.5),
-        percentile(&all, 0.99),
-    )
 }
 
 fn main() {
@@ -123,6 +80,9 @@ fn main() {
     let (lw, fw) = (web[leader - 1].clone(), web[follower - 1].clone());
 
     let m = Web::logged_in(&lw, "admin", PASSWORD);
+    let users = bench_users(&lw, 8);
+    wait_for_user(&client, &servers, users.last().unwrap());
+    let (at_leader, at_follower) = (bench_clients(&lw, &users), bench_clients(&fw, &users));
     let t = Instant::now();
     for i in 0..vms {
         let r = m.send(
@@ -170,9 +130,9 @@ fn main() {
         (format!("GET /api/v1/vms ({vms} VMs)"), &list_op),
         ("POST /api/v1/vms/{id}/power".to_string(), &power_op),
     ] {
-        for (via, base) in [("leader", &lw), ("follower", &fw)] {
+        for (via, webs) in [("leader", &at_leader), ("follower", &at_follower)] {
             for clients in [1, 8] {
-                let (n, rate, p50, p99) = measure(base, clients, secs, Arc::clone(op));
+                let (n, rate, p50, p99) = measure(webs, clients, secs, Arc::clone(op));
                 println!(
                     "| {what} | {via} | {clients} | {n} | {rate:.0} | {} | {} |",
                     ms(p50),
