@@ -15,8 +15,6 @@
 //! cannot both squeeze under a quota, and a refused change leaves the state as it was. The
 //! audit entry of an accepted change is written in the same batch as the change itself.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::state_machine::{StateMachine, VmRecord};
@@ -309,7 +307,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
 }
 
 /// The sessions of `user`, by token hash.
-pub fn sessions_of(sessions: &BTreeMap<String, SessionRecord>, user: u64) -> Vec<String> {
+pub fn sessions_of(sessions: &imbl::OrdMap<String, SessionRecord>, user: u64) -> Vec<String> {
     sessions
         .values()
         .filter(|s| s.user == user)

@@ -6,7 +6,10 @@
 //!
 //! ```text
 //!   heartbeat  every interval: heartbeat to the leader; the answer is the state, read
-//!              linearizably, so it also proves a quorum still had this server in view
+//!              linearizably, so it also proves a quorum still had this server in view. It
+//!              names the revision held: the leader answers what changed since (records), or
+//!              only the revision while nothing did, or the whole state when it no longer
+//!              keeps the changes from there
 //!   watchdog   no quorum answer for fence_timeout ──> fence: SIGKILL every VMM and blockd
 //!              (nothing here writes a disk any more), before the leader's lease on this
 //!              server (longer) can run out and the backups be promoted
@@ -32,7 +35,7 @@ use blockrepl::meta::Role;
 use blockrepl::replica::LinkState;
 use vmm_api::Request as VmmRequest;
 
-use crate::api::{self, Request};
+use crate::api::{self, HeartbeatAnswer, Request};
 use crate::copyback;
 use crate::library::Shelf;
 use crate::node::NodeHandle;
@@ -45,8 +48,8 @@ use crate::transport::AddressBook;
 
 /// The library's lists as the agent last looked at its files: ISOs and appliances.
 type LibraryList = (
-    BTreeMap<String, crate::state_machine::IsoRecord>,
-    BTreeMap<String, crate::state_machine::ApplianceRecord>,
+    imbl::OrdMap<String, crate::state_machine::IsoRecord>,
+    imbl::OrdMap<String, crate::state_machine::ApplianceRecord>,
 );
 
 /// What a task does on this server.
@@ -312,7 +315,9 @@ struct Processes {
 struct Fresh {
     /// When the heartbeat it answered was sent.
     sent: Instant,
-    state: StateMachine,
+    /// The state as the leader answered it then (the one held already, when it had not
+    /// changed since).
+    state: Arc<StateMachine>,
 }
 
 struct Shared {
@@ -386,19 +391,48 @@ impl Shared {
     fn heartbeats(&self, tx: std::sync::mpsc::Sender<Fresh>) {
         let every = self.cfg.timing.heartbeat;
         let wait = self.cfg.timing.fence_timeout.max(every);
+        // The state last answered, by revision: the leader sends it again only once it changed.
+        let mut held: Option<(u64, Arc<StateMachine>)> = None;
         loop {
             let sent = Instant::now();
             let r = api::request(
                 Request::Heartbeat {
                     server: self.cfg.id,
+                    known: held.as_ref().map(|(revision, _)| *revision),
                 },
                 &self.node,
                 &self.book,
                 wait,
             );
             let state = match (r.ok, r.result) {
-                (true, Some(v)) => match serde_json::from_value::<StateMachine>(v) {
-                    Ok(s) => Some(s),
+                (true, Some(v)) => match serde_json::from_value::<HeartbeatAnswer>(v) {
+                    Ok(answer) => {
+                        // Unless the state comes whole, held again only once it is made.
+                        let revision = answer.revision;
+                        let made = match (answer.state, answer.changes, held.take()) {
+                            (Some(state), _, _) => Ok(state),
+                            (None, None, Some((r, state))) if r == revision => Ok(state),
+                            (None, Some(changes), Some((_, state))) => {
+                                let mut next = StateMachine::clone(&state);
+                                changes
+                                    .iter()
+                                    .try_for_each(|c| next.apply_change(c))
+                                    .map(|()| Arc::new(next))
+                                    .map_err(|e| e.to_string())
+                            }
+                            _ => Err("neither the state nor its changes from the one held".into()),
+                        };
+                        match made {
+                            Ok(state) => {
+                                held = Some((revision, Arc::clone(&state)));
+                                Some(state)
+                            }
+                            Err(e) => {
+                                tracing::error!(server = self.cfg.id, revision, error = %e, "heartbeat answer does not make a state; asking for it whole");
+                                None
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(server = self.cfg.id, error = %e, "heartbeat answer is not a state");
                         None

@@ -16,7 +16,9 @@
 //!   {"op":"read","query":...,"local":true}             this server's applied state, maybe stale
 //!   {"op":"add_server","server":{"id":N,"address":A,"witness":false}}
 //!   {"op":"remove_server","id":N}
-//!   {"op":"heartbeat","server":N}                      a node agent's heartbeat: the state
+//!   {"op":"heartbeat","server":N,"known":R}            a node agent's heartbeat: the state's
+//!                                                      revision, and what changed since R,
+//!                                                      or the whole state (`HeartbeatAnswer`)
 //!   {"op":"console","vm":NAME,"console":"serial"|"vnc"}  then the VM's console bytes (see
 //!                                                      `console`), on its primary server only
 //!   {"op":"iso_file","sha256":HASH}                    then the ISO image's bytes (`library`)
@@ -91,10 +93,14 @@ pub enum Request {
         /// Its id.
         id: u64,
     },
-    /// A node agent's heartbeat; answers the state (linearizable).
+    /// A node agent's heartbeat; answers a `HeartbeatAnswer` (linearizable).
     Heartbeat {
         /// The server whose agent sends it.
         server: u64,
+        /// The revision of the state the agent holds: the answer leaves the state out while
+        /// it is still that one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        known: Option<u64>,
     },
     /// Asks a server waiting to be added (`enspeed server --await-join`) to join the cluster
     /// of the server at `cluster`; `token` must be the one it shows.
@@ -136,7 +142,7 @@ impl Request {
     /// agent's reports (registration, observations, ISO copies held).
     pub fn speaks_for(&self) -> Option<u64> {
         match self {
-            Request::Heartbeat { server } => Some(*server),
+            Request::Heartbeat { server, .. } => Some(*server),
             Request::Propose { command } => match command {
                 Command::Register { id, .. } | Command::Observe { id, .. } => Some(*id),
                 Command::IsoHeld { server, .. } | Command::ApplianceHeld { server, .. } => {
@@ -147,6 +153,24 @@ impl Request {
             _ => None,
         }
     }
+}
+
+/// What a heartbeat answers: the state as the leader applied it when it answered, read
+/// linearizably (so the answer also proves that leader still had a quorum after the heartbeat
+/// arrived). With neither `state` nor `changes`, it is still the revision the heartbeat knew.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    /// The state's revision: the Raft index it was applied to. The same revision is the same
+    /// state on every server.
+    pub revision: u64,
+    /// The whole state, when the heartbeat knew no revision, or one older than the changes
+    /// the leader keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<std::sync::Arc<crate::state_machine::StateMachine>>,
+    /// The records changed since the revision the heartbeat knew: applied to that state, they
+    /// make this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<crate::state_machine::RecordChange>>,
 }
 
 /// A request as sent on the wire: `forwarded` is set by the server that forwards it, so the
@@ -640,7 +664,28 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::Read { query, local } => node.read(query.clone(), *local).map(Response::ok),
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
-            Request::Heartbeat { server } => node.heartbeat(*server).map(Response::ok),
+            Request::Heartbeat { server, known } => node.heartbeat(*server, *known).map(|read| {
+                let answer = if *known == Some(read.revision) {
+                    HeartbeatAnswer {
+                        revision: read.revision,
+                        state: None,
+                        changes: None,
+                    }
+                } else if read.changes.is_some() {
+                    HeartbeatAnswer {
+                        revision: read.revision,
+                        state: None,
+                        changes: read.changes,
+                    }
+                } else {
+                    HeartbeatAnswer {
+                        revision: read.revision,
+                        state: Some(read.state),
+                        changes: None,
+                    }
+                };
+                Response::ok(serde_json::to_value(answer).expect("a state serializes"))
+            }),
             Request::Console { .. } | Request::LibraryFile { .. } => {
                 return Response::err("a stream is asked for as the first line of a connection")
             }

@@ -165,7 +165,7 @@ mod tests {
         LeaderView {
             since,
             heard: heard.iter().copied().collect::<HashMap<_, _>>(),
-            state,
+            state: std::sync::Arc::new(state),
         }
     }
 
@@ -190,7 +190,11 @@ mod tests {
         let since = Instant::now();
         let now = since + Duration::from_secs(10);
         let mut v = view(since, &[(1, now), (2, now - Duration::from_millis(100))]);
-        v.state.servers.get_mut(&2).unwrap().down = true;
+        std::sync::Arc::make_mut(&mut v.state)
+            .servers
+            .get_mut(&2)
+            .unwrap()
+            .down = true;
         assert_eq!(
             decide(&t, &v, now, 0),
             vec![Command::SetServerDown { id: 2, down: false }]

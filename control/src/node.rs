@@ -25,8 +25,8 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::state_machine::{Command, Outcome, Query, ServerRecord, StateMachine};
-use crate::storage::RaftStore;
+use crate::state_machine::{Command, Outcome, Query, RecordChange, ServerRecord, StateMachine};
+use crate::storage::{RaftStore, RecordWrite};
 use crate::transport::{AddressBook, Transport};
 
 /// Raft timing and log compaction.
@@ -134,11 +134,13 @@ pub enum Event {
         local: bool,
         reply: Sender<Result<Value, NodeError>>,
     },
-    /// A server's node agent says it is alive; answered like a linearizable read of the whole
-    /// state, so the answer also proves this leader still had a quorum after it arrived.
+    /// A server's node agent says it is alive, holding the state of revision `known`;
+    /// answered like a linearizable read of the whole state, so the answer also proves this
+    /// leader still had a quorum after it arrived.
     Heartbeat {
         server: u64,
-        reply: Sender<Result<Value, NodeError>>,
+        known: Option<u64>,
+        reply: Sender<Result<HeartbeatRead, NodeError>>,
     },
     /// What the failure detector needs, if this server leads.
     LeaderView(Sender<Option<LeaderView>>),
@@ -160,9 +162,26 @@ pub struct LeaderView {
     pub since: Instant,
     /// The last heartbeat received from each server since then.
     pub heard: HashMap<u64, Instant>,
-    /// The applied state.
-    pub state: StateMachine,
+    /// The applied state, shared.
+    pub state: Arc<StateMachine>,
 }
+
+/// What a heartbeat reads: the state at `revision` (the index it was applied to), and where
+/// the heartbeat's known revision is recent enough, the records changed since.
+pub struct HeartbeatRead {
+    /// The index the state was applied to.
+    pub revision: u64,
+    /// The state, shared.
+    pub state: Arc<StateMachine>,
+    /// The records changed between the known revision and `revision`, last value each; none
+    /// when that revision is older than the changes kept, or too much changed since.
+    pub changes: Option<Vec<RecordChange>>,
+}
+
+/// Changes of applied batches kept for heartbeats at most.
+const HISTORY_CHANGES: usize = 16 * 1024;
+/// Changes answered to one heartbeat at most: past it the whole state is as cheap.
+const CHANGES_AT_MOST: usize = 4 * 1024;
 
 /// A normal entry's data.
 #[derive(Serialize, Deserialize)]
@@ -189,10 +208,38 @@ struct Waiter<T> {
 }
 
 struct PendingRead {
-    query: Query,
-    waiter: Waiter<Value>,
+    reply: ReadReply,
     /// Known once the leader confirmed it still leads (ReadState).
     index: Option<u64>,
+}
+
+/// Who waits for a read, and for what.
+enum ReadReply {
+    /// A query's answer.
+    Query(Query, Waiter<Value>),
+    /// The whole state, shared, with the index it was applied to and the changes since the
+    /// revision known (a heartbeat).
+    State(Option<u64>, Waiter<HeartbeatRead>),
+}
+
+impl PendingRead {
+    fn new(reply: ReadReply) -> PendingRead {
+        PendingRead { reply, index: None }
+    }
+
+    fn deadline(&self) -> Instant {
+        match &self.reply {
+            ReadReply::Query(_, w) => w.deadline,
+            ReadReply::State(_, w) => w.deadline,
+        }
+    }
+
+    fn fail(self, e: NodeError) {
+        match self.reply {
+            ReadReply::Query(_, w) => drop(w.reply.send(Err(e))),
+            ReadReply::State(_, w) => drop(w.reply.send(Err(e))),
+        }
+    }
 }
 
 /// A handle to the node thread, cheap to clone.
@@ -246,9 +293,14 @@ impl NodeHandle {
         })
     }
 
-    /// Sends server `server`'s heartbeat (leader only); answers the state, linearizably.
-    pub fn heartbeat(&self, server: u64) -> Result<Value, NodeError> {
-        self.call(|reply| Event::Heartbeat { server, reply })
+    /// Sends server `server`'s heartbeat (leader only), its agent holding the state of
+    /// revision `known`; answers the state, linearizably, and the changes since `known`.
+    pub fn heartbeat(&self, server: u64, known: Option<u64>) -> Result<HeartbeatRead, NodeError> {
+        self.call(|reply| Event::Heartbeat {
+            server,
+            known,
+            reply,
+        })
     }
 
     /// The failure detector's view, if this server leads and has committed in its term.
@@ -290,6 +342,13 @@ pub struct Node {
     sm: StateMachine,
     /// `sm` as last shared by `Event::Snapshot`; dropped whenever `sm` changes.
     shared: Option<Arc<StateMachine>>,
+    /// What the latest batches of applied entries changed in the state heartbeats carry: the
+    /// revision each batch ended at, and its changes (`remember`).
+    history: std::collections::VecDeque<(u64, Vec<RecordChange>)>,
+    /// The revision before the oldest batch in `history`.
+    history_base: u64,
+    /// Changes held in `history`.
+    history_len: usize,
     transport: Arc<Transport>,
     book: AddressBook,
     rx: Receiver<Event>,
@@ -332,6 +391,7 @@ impl Node {
         logger: &slog::Logger,
     ) -> Result<(Node, NodeHandle), Error> {
         let sm = StateMachine::load(&store.records()?)?;
+        let history_base = store.applied();
         let raft_cfg = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks,
@@ -359,6 +419,9 @@ impl Node {
             raw,
             sm,
             shared: None,
+            history: Default::default(),
+            history_base,
+            history_len: 0,
             transport,
             book,
             rx: events.1,
@@ -526,32 +589,22 @@ impl Node {
                     return;
                 }
                 let id = self.request_id();
-                let waiter = self.waiter(reply);
-                self.reads_queued.push((
-                    id,
-                    PendingRead {
-                        query,
-                        waiter,
-                        index: None,
-                    },
-                ));
+                let read = PendingRead::new(ReadReply::Query(query, self.waiter(reply)));
+                self.reads_queued.push((id, read));
             }
-            Event::Heartbeat { server, reply } => {
+            Event::Heartbeat {
+                server,
+                known,
+                reply,
+            } => {
                 if let Some(e) = self.not_leader() {
                     let _ = reply.send(Err(e));
                     return;
                 }
                 self.heard.insert(server, Instant::now());
                 let id = self.request_id();
-                let waiter = self.waiter(reply);
-                self.reads_queued.push((
-                    id,
-                    PendingRead {
-                        query: Query::State,
-                        waiter,
-                        index: None,
-                    },
-                ));
+                let read = PendingRead::new(ReadReply::State(known, self.waiter(reply)));
+                self.reads_queued.push((id, read));
             }
             Event::LeaderView(reply) => {
                 let view = self
@@ -563,7 +616,7 @@ impl Node {
                     .map(|since| LeaderView {
                         since,
                         heard: self.heard.clone(),
-                        state: self.sm.clone(),
+                        state: self.share(),
                     });
                 let _ = reply.send(view);
             }
@@ -571,11 +624,7 @@ impl Node {
                 let _ = reply.send(self.status());
             }
             Event::Snapshot(reply) => {
-                let sm = self
-                    .shared
-                    .get_or_insert_with(|| Arc::new(self.sm.clone()))
-                    .clone();
-                let _ = reply.send((self.raw.store().applied(), sm));
+                let _ = reply.send((self.raw.store().applied(), self.share()));
             }
             Event::Unreachable(id) => self.raw.report_unreachable(id),
             Event::SnapshotSent { to, ok } => {
@@ -657,8 +706,8 @@ impl Node {
     fn expire(&mut self) {
         let now = Instant::now();
         self.proposals.retain(|_, w| w.deadline > now);
-        self.reads.retain(|_, r| r.waiter.deadline > now);
-        self.reads_queued.retain(|(_, r)| r.waiter.deadline > now);
+        self.reads.retain(|_, r| r.deadline() > now);
+        self.reads_queued.retain(|(_, r)| r.deadline() > now);
     }
 
     fn send(&self, msgs: Vec<Message>) {
@@ -700,7 +749,7 @@ impl Node {
                     let _ = w.reply.send(Err(NodeError::LeadershipLost));
                 }
                 for (_, r) in self.reads.drain().chain(self.reads_queued.drain(..)) {
-                    let _ = r.waiter.reply.send(Err(NodeError::LeadershipLost));
+                    r.fail(NodeError::LeadershipLost);
                 }
             }
         }
@@ -710,6 +759,7 @@ impl Node {
             self.raw.mut_store().apply_snapshot(&snap)?;
             self.sm = StateMachine::load(&self.raw.store().records()?)?;
             self.shared = None;
+            self.forget_changes(snap.get_metadata().index);
             self.publish_addresses();
             tracing::info!(
                 index = snap.get_metadata().index,
@@ -809,6 +859,7 @@ impl Node {
         self.raw
             .mut_store()
             .apply(&writes, last, conf_state.as_ref())?;
+        self.remember(last, &writes);
         for (request, outcome) in replies {
             if let Some(w) = self.proposals.remove(&request) {
                 let _ = w.reply.send(Ok(outcome));
@@ -826,9 +877,89 @@ impl Node {
             .map(|(&id, _)| id)
             .collect();
         for id in ready {
-            let r = self.reads.remove(&id).expect("listed");
-            let _ = r.waiter.reply.send(self.answer(&r.query));
+            match self.reads.remove(&id).expect("listed").reply {
+                ReadReply::Query(q, w) => drop(w.reply.send(self.answer(&q))),
+                ReadReply::State(known, w) => {
+                    let read = HeartbeatRead {
+                        revision: applied,
+                        state: self.share(),
+                        changes: known.and_then(|k| self.changes_since(k, applied)),
+                    };
+                    drop(w.reply.send(Ok(read)))
+                }
+            }
         }
+    }
+
+    /// Keeps what a batch of entries applied up to `revision` changed in the state heartbeats
+    /// carry, dropping the oldest batches past `HISTORY_CHANGES`.
+    fn remember(&mut self, revision: u64, writes: &[RecordWrite]) {
+        let mut changes = Vec::new();
+        for (k, v) in writes {
+            let Ok(key) = String::from_utf8(k.clone()) else {
+                return self.forget_changes(revision);
+            };
+            if !StateMachine::shown(&key) {
+                continue;
+            }
+            let value = match v.as_ref().map(|b| String::from_utf8(b.clone())) {
+                None => None,
+                Some(Ok(text)) => Some(text),
+                Some(Err(_)) => return self.forget_changes(revision),
+            };
+            changes.push(RecordChange { key, value });
+        }
+        self.history_len += changes.len();
+        self.history.push_back((revision, changes));
+        while self.history_len > HISTORY_CHANGES {
+            let Some((rev, dropped)) = self.history.pop_front() else {
+                break;
+            };
+            self.history_len -= dropped.len();
+            self.history_base = rev;
+        }
+    }
+
+    /// Keeps no changes before `revision`: a heartbeat that knows an earlier one gets the
+    /// whole state.
+    fn forget_changes(&mut self, revision: u64) {
+        self.history.clear();
+        self.history_len = 0;
+        self.history_base = revision;
+    }
+
+    /// The records changed after revision `known` up to `applied`, the last value of each;
+    /// none when changes from `known` on are no longer kept, or there are too many.
+    fn changes_since(&self, known: u64, applied: u64) -> Option<Vec<RecordChange>> {
+        if known < self.history_base || known > applied {
+            return None;
+        }
+        // A batch may end past `known` and begin before it: its changes from before `known`
+        // are already in the state known, and setting them again leaves it the same.
+        let mut last: std::collections::BTreeMap<&str, &Option<String>> = Default::default();
+        for (_, changes) in self.history.iter().filter(|(rev, _)| *rev > known) {
+            for c in changes {
+                last.insert(&c.key, &c.value);
+            }
+            if last.len() > CHANGES_AT_MOST {
+                return None;
+            }
+        }
+        Some(
+            last.into_iter()
+                .map(|(key, value)| RecordChange {
+                    key: key.to_string(),
+                    value: value.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The applied state as it is now, shared until the next entry changes it.
+    fn share(&mut self) -> Arc<StateMachine> {
+        self.shared
+            .get_or_insert_with(|| Arc::new(self.sm.clone()))
+            .clone()
     }
 
     /// The answer to a read: from the state, or for the audit archive, from the store.

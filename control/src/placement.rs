@@ -377,8 +377,8 @@ mod tests {
             (2, false, 4096, &[]),
             (3, false, 4096, &[]),
         ]);
-        for s in sm.servers.values_mut() {
-            s.capacity.disk_gib = 10;
+        for id in 1..=3 {
+            sm.servers.get_mut(&id).unwrap().capacity.disk_gib = 10;
         }
         create(&mut sm, "a", 1024, 1).unwrap();
         let mut d = sm.disks["a-0"].clone();

@@ -167,6 +167,50 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
         }
     }
 
+    // A node agent's heartbeat gets the whole state, then only its revision while the state
+    // stays that one, then only what changed: on the leader, and through each follower
+    // (forwarded).
+    for s in &servers {
+        let heartbeat = |known: Option<u64>| {
+            let mut req = json!({"op": "heartbeat", "server": s.id});
+            if let Some(k) = known {
+                req["known"] = json!(k);
+            }
+            s.call(req)
+                .unwrap_or_else(|e| panic!("heartbeat of server {}: {e}", s.id))
+        };
+        let first = heartbeat(None);
+        assert_eq!(first["state"]["kv"]["k0"], "v0", "server {}: {first}", s.id);
+        // The agents' own reports may change the state between two heartbeats: an answer
+        // carries something exactly when its revision is not the one known.
+        wait_for("a heartbeat answered at the revision it knew", || {
+            let known = u(&heartbeat(None), "revision");
+            let again = heartbeat(Some(known));
+            let same = u(&again, "revision") == known;
+            let carries = again.get("state").is_some() || again.get("changes").is_some();
+            assert_eq!(carries, !same, "known {known}: {again}");
+            same.then_some(())
+        });
+        let known = u(&heartbeat(None), "revision");
+        s.put("heartbeat", &s.id.to_string());
+        let changed = heartbeat(Some(known));
+        assert!(u(&changed, "revision") > known, "{changed}");
+        assert!(changed.get("state").is_none(), "{changed}");
+        let change = changed["changes"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["key"] == "kv/heartbeat"))
+            .unwrap_or_else(|| panic!("the put among the changes: {changed}"));
+        assert_eq!(change["value"], s.id.to_string());
+        // A revision the leader cannot answer changes from (here one it has not reached) gets
+        // the whole state.
+        let whole = heartbeat(Some(known + 1_000_000));
+        assert_eq!(
+            whole["state"]["kv"]["heartbeat"],
+            s.id.to_string(),
+            "{whole}"
+        );
+    }
+
     // Commit latency: sequential puts on one connection to the leader.
     let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
     {

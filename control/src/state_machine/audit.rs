@@ -36,7 +36,10 @@ impl StateMachine {
         writes.push((audit_key(e.seq), Some(json_bytes(&e))));
         self.audit.insert(e.seq, e);
         while self.audit.len() as u64 > self.audit_keep() {
-            let Some((seq, oldest)) = self.audit.pop_first() else {
+            let Some(seq) = self.audit.keys().next().copied() else {
+                break;
+            };
+            let Some(oldest) = self.audit.remove(&seq) else {
                 break;
             };
             writes.push((audit_key(seq), None));

@@ -42,7 +42,7 @@ pub use tasks::{
 mod users;
 mod vms;
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -70,40 +70,40 @@ use keys::{json_bytes, record, server_key};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateMachine {
     /// Key/value section.
-    pub kv: BTreeMap<String, String>,
+    pub kv: OrdMap<String, String>,
     /// Members, by Raft id.
-    pub servers: BTreeMap<u64, ServerRecord>,
+    pub servers: OrdMap<u64, ServerRecord>,
     /// Replicated disks, by name.
-    pub disks: BTreeMap<String, DiskRecord>,
+    pub disks: OrdMap<String, DiskRecord>,
     /// VMs, by name.
-    pub vms: BTreeMap<String, VmRecord>,
+    pub vms: OrdMap<String, VmRecord>,
     /// What each server's node agent last reported.
     #[serde(default)]
-    pub observed: BTreeMap<u64, Observation>,
+    pub observed: OrdMap<u64, Observation>,
     /// The ISO library, by name.
     #[serde(default)]
-    pub isos: BTreeMap<String, IsoRecord>,
+    pub isos: OrdMap<String, IsoRecord>,
     /// The Virtual Appliance library, by name.
     #[serde(default)]
-    pub appliances: BTreeMap<String, ApplianceRecord>,
+    pub appliances: OrdMap<String, ApplianceRecord>,
     /// Long operations, running and the last ended ones, by id.
     #[serde(default)]
-    pub tasks: BTreeMap<u64, TaskRecord>,
+    pub tasks: OrdMap<u64, TaskRecord>,
     /// The networks, by name.
     #[serde(default)]
-    pub networks: BTreeMap<String, NetworkRecord>,
+    pub networks: OrdMap<String, NetworkRecord>,
     /// Certificates of removed servers (fingerprint to the server's id): refused for good.
     #[serde(default)]
-    pub revoked: BTreeMap<String, u64>,
+    pub revoked: OrdMap<String, u64>,
     /// Users, by id (not in `Query::State`: it holds password hashes).
     #[serde(skip)]
-    pub users: BTreeMap<u64, UserRecord>,
+    pub users: OrdMap<u64, UserRecord>,
     /// Sessions, by token hash.
     #[serde(skip)]
-    pub sessions: BTreeMap<String, SessionRecord>,
+    pub sessions: OrdMap<String, SessionRecord>,
     /// The newest `access::AUDIT_KEEP` audit entries, by seq.
     #[serde(skip)]
-    pub audit: BTreeMap<u64, AuditEntry>,
+    pub audit: OrdMap<u64, AuditEntry>,
     /// Ids handed out so far.
     #[serde(skip)]
     pub counters: Counters,
@@ -111,6 +111,18 @@ pub struct StateMachine {
     #[cfg(test)]
     #[serde(skip)]
     pub(super) audit_keep: Option<u64>,
+}
+
+/// One record of the state as a batch of applied entries left it: its key in the store
+/// (`keys`) and its stored bytes (JSON, or a key/value entry's text), or none where it was
+/// removed. A heartbeat that knows an earlier revision gets these instead of the whole state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordChange {
+    /// The record's key, `<kind>/<name>`.
+    pub key: String,
+    /// Its new stored bytes, or none: removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// What went wrong loading the stored records.
@@ -126,73 +138,124 @@ impl StateMachine {
     pub fn load(records: &[Record]) -> Result<StateMachine, LoadError> {
         let mut sm = StateMachine::default();
         for (k, v) in records {
-            let key = String::from_utf8_lossy(k).into_owned();
-            let err = |what: String| LoadError {
-                key: key.clone(),
-                what,
-            };
-            let (kind, name) = key.split_once('/').ok_or_else(|| err("no kind".into()))?;
+            sm.apply_record(&String::from_utf8_lossy(k), Some(v))?;
+        }
+        Ok(sm)
+    }
+
+    /// Whether the record stored under `key` is part of the state `Query::State` answers (and a
+    /// heartbeat carries): not users, sessions, the audit log or the counters.
+    pub fn shown(key: &str) -> bool {
+        matches!(
+            key.split_once('/').map(|(kind, _)| kind),
+            Some(
+                "kv" | "server"
+                    | "disk"
+                    | "vm"
+                    | "network"
+                    | "iso"
+                    | "appliance"
+                    | "task"
+                    | "revoked"
+                    | "observed"
+            )
+        )
+    }
+
+    /// Applies one changed record (see `RecordChange`).
+    pub fn apply_change(&mut self, c: &RecordChange) -> Result<(), LoadError> {
+        self.apply_record(&c.key, c.value.as_deref().map(str::as_bytes))
+    }
+
+    /// Sets the record stored under `key` to `value` (its stored bytes), or removes it: the
+    /// state a store holding it would load.
+    pub fn apply_record(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), LoadError> {
+        let err = |what: String| LoadError {
+            key: key.to_string(),
+            what,
+        };
+        let (kind, name) = key.split_once('/').ok_or_else(|| err("no kind".into()))?;
+        let id = || name.parse::<u64>().map_err(|_| err("bad id".into()));
+        let Some(v) = value else {
             match kind {
-                "kv" => {
-                    let value = String::from_utf8(v.clone()).map_err(|e| err(e.to_string()))?;
-                    sm.kv.insert(name.to_string(), value);
-                }
-                "server" => {
-                    let s: ServerRecord = record(v).map_err(err)?;
-                    sm.servers.insert(s.id, s);
-                }
-                "disk" => {
-                    let d: DiskRecord = record(v).map_err(err)?;
-                    sm.disks.insert(d.name.clone(), d);
-                }
-                "vm" => {
-                    let vm: VmRecord = record(v).map_err(err)?;
-                    sm.vms.insert(vm.name.clone(), vm);
-                }
-                "network" => {
-                    let n: NetworkRecord = record(v).map_err(err)?;
-                    sm.networks.insert(n.name.clone(), n);
-                }
-                "iso" => {
-                    let i: IsoRecord = record(v).map_err(err)?;
-                    sm.isos.insert(i.name.clone(), i);
-                }
-                "appliance" => {
-                    let a: ApplianceRecord = record(v).map_err(err)?;
-                    sm.appliances.insert(a.name.clone(), a);
-                }
-                "task" => {
-                    let t: TaskRecord = record(v).map_err(err)?;
-                    sm.tasks.insert(t.id, t);
-                }
-                "revoked" => {
-                    let id = record(v).map_err(err)?;
-                    sm.revoked.insert(name.to_string(), id);
-                }
-                "observed" => {
-                    let id = name.parse().map_err(|_| err("bad server id".into()))?;
-                    let o: Observation = record(v).map_err(err)?;
-                    sm.observed.insert(id, o);
-                }
-                "user" => {
-                    let u: UserRecord = record(v).map_err(err)?;
-                    sm.users.insert(u.id, u);
-                }
-                "session" => {
-                    let s: SessionRecord = record(v).map_err(err)?;
-                    sm.sessions.insert(s.token_hash.clone(), s);
-                }
-                "audit" => {
-                    let a: AuditEntry = record(v).map_err(err)?;
-                    sm.audit.insert(a.seq, a);
-                }
-                "meta" if name == "counters" => sm.counters = record(v).map_err(err)?,
-                // Rotated-out audit entries: read from the store when asked, never held.
+                "kv" => drop(self.kv.remove(name)),
+                "server" => drop(self.servers.remove(&id()?)),
+                "disk" => drop(self.disks.remove(name)),
+                "vm" => drop(self.vms.remove(name)),
+                "network" => drop(self.networks.remove(name)),
+                "iso" => drop(self.isos.remove(name)),
+                "appliance" => drop(self.appliances.remove(name)),
+                "task" => drop(self.tasks.remove(&id()?)),
+                "revoked" => drop(self.revoked.remove(name)),
+                "observed" => drop(self.observed.remove(&id()?)),
+                "user" => drop(self.users.remove(&id()?)),
+                "session" => drop(self.sessions.remove(name)),
+                "audit" => drop(self.audit.remove(&id()?)),
+                "meta" if name == "counters" => self.counters = Counters::default(),
                 "archive" => {}
                 _ => return Err(err("unknown kind".into())),
             }
+            return Ok(());
+        };
+        match kind {
+            "kv" => {
+                let value = String::from_utf8(v.to_vec()).map_err(|e| err(e.to_string()))?;
+                self.kv.insert(name.to_string(), value);
+            }
+            "server" => {
+                let s: ServerRecord = record(v).map_err(err)?;
+                self.servers.insert(s.id, s);
+            }
+            "disk" => {
+                let d: DiskRecord = record(v).map_err(err)?;
+                self.disks.insert(d.name.clone(), d);
+            }
+            "vm" => {
+                let vm: VmRecord = record(v).map_err(err)?;
+                self.vms.insert(vm.name.clone(), vm);
+            }
+            "network" => {
+                let n: NetworkRecord = record(v).map_err(err)?;
+                self.networks.insert(n.name.clone(), n);
+            }
+            "iso" => {
+                let i: IsoRecord = record(v).map_err(err)?;
+                self.isos.insert(i.name.clone(), i);
+            }
+            "appliance" => {
+                let a: ApplianceRecord = record(v).map_err(err)?;
+                self.appliances.insert(a.name.clone(), a);
+            }
+            "task" => {
+                let t: TaskRecord = record(v).map_err(err)?;
+                self.tasks.insert(t.id, t);
+            }
+            "revoked" => {
+                let id = record(v).map_err(err)?;
+                self.revoked.insert(name.to_string(), id);
+            }
+            "observed" => {
+                let o: Observation = record(v).map_err(err)?;
+                self.observed.insert(id()?, o);
+            }
+            "user" => {
+                let u: UserRecord = record(v).map_err(err)?;
+                self.users.insert(u.id, u);
+            }
+            "session" => {
+                let s: SessionRecord = record(v).map_err(err)?;
+                self.sessions.insert(s.token_hash.clone(), s);
+            }
+            "audit" => {
+                let a: AuditEntry = record(v).map_err(err)?;
+                self.audit.insert(a.seq, a);
+            }
+            "meta" if name == "counters" => self.counters = record(v).map_err(err)?,
+            // Rotated-out audit entries: read from the store when asked, never held.
+            "archive" => {}
+            _ => return Err(err("unknown kind".into())),
         }
-        Ok(sm)
+        Ok(())
     }
 
     /// The records of a new cluster's first state: its first server.
@@ -403,6 +466,7 @@ enum Acted<'a> {
 mod tests {
     use super::fixtures::{replay, server};
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn stored_records_rebuild_the_same_state() {
@@ -469,9 +533,30 @@ mod tests {
                 nics: Vec::new(),
             }),
         ];
+        // What an agent holds: the state as a heartbeat carried it (no users, sessions, audit).
+        let mut held: StateMachine =
+            serde_json::from_value(serde_json::to_value(&sm).unwrap()).unwrap();
+        let from = w.len();
         for c in &cmds {
             sm.apply(c, &mut w).unwrap();
         }
+        // The same writes as a heartbeat's changes make the state after them, a removal too.
+        let changes: Vec<RecordChange> = w[from..]
+            .iter()
+            .map(|(k, v)| RecordChange {
+                key: String::from_utf8(k.clone()).unwrap(),
+                value: v.as_ref().map(|b| String::from_utf8(b.clone()).unwrap()),
+            })
+            .filter(|c| StateMachine::shown(&c.key))
+            .collect();
+        assert!(changes.iter().any(|c| c.key == "kv/a" && c.value.is_none()));
+        for c in &changes {
+            held.apply_change(c).unwrap();
+        }
+        assert_eq!(
+            serde_json::to_value(&held).unwrap(),
+            serde_json::to_value(&sm).unwrap()
+        );
         replay(&mut records, w);
         let loaded = StateMachine::load(&records.into_iter().collect::<Vec<_>>()).unwrap();
         assert_eq!(loaded, sm);

@@ -125,7 +125,14 @@ impl StateMachine {
         if !self.servers.contains_key(&id) {
             return Err(Refusal::not_found(format!("no server {id}")));
         }
-        for d in self.disks.values_mut().filter(|d| d.primary == id) {
+        let primaries: Vec<String> = (self.disks.values())
+            .filter(|d| d.primary == id)
+            .map(|d| d.name.clone())
+            .collect();
+        for name in &primaries {
+            let Some(d) = self.disks.get_mut(name) else {
+                continue;
+            };
             let Some(o) = observation.disks.get(&d.name) else {
                 continue;
             };

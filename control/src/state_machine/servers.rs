@@ -150,7 +150,14 @@ impl StateMachine {
             .filter(|d| d.primary == id && !held.contains(&d.name))
             .filter_map(|d| Some((d.name.clone(), usable(d)?)))
             .collect();
-        for d in self.disks.values_mut() {
+        let on_it: Vec<String> = (self.disks.values())
+            .filter(|d| d.primary == id || d.backup == Some(id))
+            .map(|d| d.name.clone())
+            .collect();
+        for name in &on_it {
+            let Some(d) = self.disks.get_mut(name) else {
+                continue;
+            };
             if d.primary == id {
                 let Some(&b) = moves.get(&d.name) else {
                     stranded.push(d.name.clone());
