@@ -293,7 +293,8 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     for s in &servers {
         let st = s.local_state().unwrap();
         assert_eq!(st["kv"]["after-restart"], "yes");
-        assert_eq!(st["kv"].as_object().unwrap().len(), 30 + 200 + 10 + 1);
+        // The puts, the latency writes, `n0`..`n9`, the heartbeats' and this one.
+        assert_eq!(st["kv"].as_object().unwrap().len(), 30 + 200 + 10 + 1 + 1);
         check_indexes(&s.status().unwrap());
     }
 }
