@@ -5,7 +5,9 @@
 //!
 //! The node agents are off (`--no-agent`, and a lease long enough that no server is declared
 //! down): the figures are the API's and the control plane's, not 2,000 disk copies' resyncs.
-//! The clients run on the same machine and read each answer whole (without parsing it).
+//! The clients run on the same machine and read each answer whole (without parsing it). Each
+//! client is a Manager of its own, sending at most 90 requests a second (`web::CLIENT_RATE`),
+//! under the pace the API holds each user to: the rates are capped by it.
 //! Environment: BENCH_VMS (1000), BENCH_SECS per measurement (5), BENCH_DIR (/var/tmp).
 
 use std::sync::Arc;
