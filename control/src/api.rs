@@ -158,7 +158,7 @@ impl Request {
 /// What a heartbeat answers: the state as the leader applied it when it answered, read
 /// linearizably (so the answer also proves that leader still had a quorum after the heartbeat
 /// arrived). With neither `state` nor `changes`, it is still the revision the heartbeat knew.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatAnswer {
     /// The state's revision: the Raft index it was applied to. The same revision is the same
     /// state on every server.
@@ -665,21 +665,22 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
             Request::Heartbeat { server, known } => node.heartbeat(*server, *known).map(|read| {
-                let answer = if *known == Some(read.revision) {
+                let revision = read.revision;
+                let answer = if *known == Some(revision) {
                     HeartbeatAnswer {
-                        revision: read.revision,
+                        revision,
                         state: None,
                         changes: None,
                     }
-                } else if read.changes.is_some() {
+                } else if let Some(changes) = read.changes() {
                     HeartbeatAnswer {
-                        revision: read.revision,
+                        revision,
                         state: None,
-                        changes: read.changes,
+                        changes: Some(changes),
                     }
                 } else {
                     HeartbeatAnswer {
-                        revision: read.revision,
+                        revision,
                         state: Some(read.state),
                         changes: None,
                     }

@@ -167,15 +167,39 @@ pub struct LeaderView {
 }
 
 /// What a heartbeat reads: the state at `revision` (the index it was applied to), and where
-/// the heartbeat's known revision is recent enough, the records changed since.
+/// the heartbeat's known revision is recent enough, the batches of records changed since.
 pub struct HeartbeatRead {
     /// The index the state was applied to.
     pub revision: u64,
     /// The state, shared.
     pub state: Arc<StateMachine>,
-    /// The records changed between the known revision and `revision`, last value each; none
-    /// when that revision is older than the changes kept, or too much changed since.
-    pub changes: Option<Vec<RecordChange>>,
+    /// The batches applied between the known revision and `revision`, in order; none when
+    /// that revision is older than the changes kept.
+    batches: Option<Vec<Arc<Vec<RecordChange>>>>,
+}
+
+impl HeartbeatRead {
+    /// The records changed between the known revision and `revision`, the last value of
+    /// each; none when they are not kept, or too many changed for them to be worth sending.
+    pub fn changes(&self) -> Option<Vec<RecordChange>> {
+        let mut last: std::collections::BTreeMap<&str, &Option<String>> = Default::default();
+        for batch in self.batches.as_ref()? {
+            for c in batch.iter() {
+                last.insert(&c.key, &c.value);
+            }
+            if last.len() > CHANGES_AT_MOST {
+                return None;
+            }
+        }
+        Some(
+            last.into_iter()
+                .map(|(key, value)| RecordChange {
+                    key: key.to_string(),
+                    value: value.clone(),
+                })
+                .collect(),
+        )
+    }
 }
 
 /// Changes of applied batches kept for heartbeats at most.
@@ -344,7 +368,7 @@ pub struct Node {
     shared: Option<Arc<StateMachine>>,
     /// What the latest batches of applied entries changed in the state heartbeats carry: the
     /// revision each batch ended at, and its changes (`remember`).
-    history: std::collections::VecDeque<(u64, Vec<RecordChange>)>,
+    history: std::collections::VecDeque<(u64, Arc<Vec<RecordChange>>)>,
     /// The revision before the oldest batch in `history`.
     history_base: u64,
     /// Changes held in `history`.
@@ -883,7 +907,7 @@ impl Node {
                     let read = HeartbeatRead {
                         revision: applied,
                         state: self.share(),
-                        changes: known.and_then(|k| self.changes_since(k, applied)),
+                        batches: known.and_then(|k| self.changes_since(k, applied)),
                     };
                     drop(w.reply.send(Ok(read)))
                 }
@@ -909,8 +933,13 @@ impl Node {
             };
             changes.push(RecordChange { key, value });
         }
+        // A batch that changed nothing shown (an election's empty entry, a login) adds nothing
+        // a heartbeat needs.
+        if changes.is_empty() {
+            return;
+        }
         self.history_len += changes.len();
-        self.history.push_back((revision, changes));
+        self.history.push_back((revision, Arc::new(changes)));
         while self.history_len > HISTORY_CHANGES {
             let Some((rev, dropped)) = self.history.pop_front() else {
                 break;
@@ -928,29 +957,20 @@ impl Node {
         self.history_base = revision;
     }
 
-    /// The records changed after revision `known` up to `applied`, the last value of each;
-    /// none when changes from `known` on are no longer kept, or there are too many.
-    fn changes_since(&self, known: u64, applied: u64) -> Option<Vec<RecordChange>> {
+    /// The batches of changes applied after revision `known` up to `applied` (shared: merged
+    /// by `HeartbeatRead::changes`, off this thread); none when those from `known` on are no
+    /// longer kept.
+    fn changes_since(&self, known: u64, applied: u64) -> Option<Vec<Arc<Vec<RecordChange>>>> {
         if known < self.history_base || known > applied {
             return None;
         }
         // A batch may end past `known` and begin before it: its changes from before `known`
         // are already in the state known, and setting them again leaves it the same.
-        let mut last: std::collections::BTreeMap<&str, &Option<String>> = Default::default();
-        for (_, changes) in self.history.iter().filter(|(rev, _)| *rev > known) {
-            for c in changes {
-                last.insert(&c.key, &c.value);
-            }
-            if last.len() > CHANGES_AT_MOST {
-                return None;
-            }
-        }
+        let from = self.history.partition_point(|(rev, _)| *rev <= known);
         Some(
-            last.into_iter()
-                .map(|(key, value)| RecordChange {
-                    key: key.to_string(),
-                    value: value.clone(),
-                })
+            self.history
+                .range(from..)
+                .map(|(_, c)| Arc::clone(c))
                 .collect(),
         )
     }

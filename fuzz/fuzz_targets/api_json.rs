@@ -9,14 +9,21 @@
 //! or imply a change are applied in order to one state machine, which starts as a three-server
 //! cluster with room for VMs; queries are answered. Applying never panics, and at the end the
 //! records the applies wrote load back into the same state.
+//!
+//! A line may also be a record change as a heartbeat carries it (`RecordChange`), applied to
+//! a copy of the state as an agent holds it: never a panic. And the changes the applies wrote,
+//! applied to the state as an agent held it at the start, make the state at the end, as a
+//! heartbeat's answer shows it.
 
 #![no_main]
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use control::api::{Request, Response};
-use control::state_machine::{Action, Capacity, Command, Query, ServerRecord, StateMachine};
+use control::api::{HeartbeatAnswer, Request, Response};
+use control::state_machine::{
+    Action, Capacity, Command, Query, RecordChange, ServerRecord, StateMachine,
+};
 use control::storage::RecordWrite;
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
@@ -29,10 +36,21 @@ const MAX_LINES: usize = 32;
 struct Cluster {
     sm: StateMachine,
     records: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The writes a heartbeat would carry as changes, in order.
+    changes: Vec<RecordChange>,
 }
 
 impl Cluster {
     fn write(&mut self, writes: Vec<RecordWrite>) {
+        for (k, v) in &writes {
+            let key = String::from_utf8(k.clone()).expect("record keys are text");
+            if StateMachine::shown(&key) {
+                let value = v
+                    .as_ref()
+                    .map(|b| String::from_utf8(b.clone()).expect("records are text"));
+                self.changes.push(RecordChange { key, value });
+            }
+        }
         for (k, v) in writes {
             match v {
                 Some(v) => self.records.insert(k, v),
@@ -79,14 +97,22 @@ fn cluster() -> &'static Cluster {
         let mut c = Cluster {
             sm,
             records: first.into_iter().collect(),
+            changes: Vec::new(),
         };
         for s in [server(2, false), server(3, true)] {
             let mut writes = Vec::new();
             c.sm.add_server(&s, &mut writes);
             c.write(writes);
         }
+        c.changes.clear();
         c
     })
+}
+
+/// The state as a heartbeat carries it whole: without users, sessions or the audit log.
+fn as_carried(sm: &StateMachine) -> StateMachine {
+    serde_json::from_value(serde_json::to_value(sm).expect("a state serializes"))
+        .expect("a state carried reads back")
 }
 
 /// `line` as a `T`, if it is one; a value that parses round-trips through JSON.
@@ -110,6 +136,8 @@ where
 
 fuzz_target!(|data: &[u8]| {
     let mut c = cluster().clone();
+    let held = as_carried(&c.sm);
+    let mut hostile = held.clone();
     let mut actor = 0;
     for line in data.split(|&b| b == b'\n').take(MAX_LINES) {
         if let Some(req) = parse::<Request>(line) {
@@ -130,6 +158,10 @@ fuzz_target!(|data: &[u8]| {
             c.write(writes);
         }
         let _ = parse::<Response>(line);
+        let _ = parse::<HeartbeatAnswer>(line);
+        if let Some(change) = parse::<RecordChange>(line) {
+            let _ = hostile.apply_change(&change);
+        }
         if let Some(cmd) = parse::<Command>(line) {
             if let Command::Act { actor: a, .. } = &cmd {
                 actor = *a;
@@ -144,6 +176,17 @@ fuzz_target!(|data: &[u8]| {
             });
         }
     }
+    let mut agent = held;
+    for change in &c.changes {
+        agent
+            .apply_change(change)
+            .unwrap_or_else(|e| panic!("{change:?} does not apply: {e}"));
+    }
+    assert_eq!(
+        serde_json::to_value(&agent).unwrap(),
+        serde_json::to_value(&c.sm).unwrap(),
+        "the changes written do not make the state"
+    );
     let records: Vec<_> = c.records.into_iter().collect();
     let loaded = StateMachine::load(&records).expect("the records written load");
     assert_eq!(loaded, c.sm, "the stored records load into another state");
