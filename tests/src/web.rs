@@ -413,17 +413,7 @@ impl WebCluster {
                 // Every server has the Manager before anyone tries to log in: failed logins
                 // count against the rate limit.
                 for s in &c.servers {
-                    let users = client
-                        .call(
-                            &s.addr,
-                            &json!({"op": "read", "query": {"query": "users"}, "local": true}),
-                        )
-                        .ok()?;
-                    users
-                        .as_array()?
-                        .iter()
-                        .any(|u| u["name"] == "admin")
-                        .then_some(())?;
+                    has_user(&client, s, "admin")?;
                 }
                 let mut w = Web::new(&c.web[0]);
                 (w.login("admin", PASSWORD).0 == 200).then_some(())?;
@@ -515,19 +505,68 @@ pub fn bench_users(base: &str, n: usize) -> Vec<String> {
 pub fn wait_for_user(client: &Client, servers: &[Server], name: &str) {
     for s in servers {
         cluster::wait_for(&format!("user {name} on server {}", s.id), WAIT, || {
-            let users = client
-                .call(
-                    &s.addr,
-                    &json!({"op": "read", "query": {"query": "users"}, "local": true}),
-                )
-                .ok()?;
-            users
-                .as_array()?
-                .iter()
-                .any(|u| u["name"] == name)
-                .then_some(())
+            has_user(client, s, name)
         });
     }
+}
+
+/// Whether server `s` has applied user `name`.
+fn has_user(client: &Client, s: &Server, name: &str) -> Option<()> {
+    let users = client
+        .call(
+            &s.addr,
+            &json!({"op": "read", "query": {"query": "users"}, "local": true}),
+        )
+        .ok()?;
+    users
+        .as_array()?
+        .iter()
+        .any(|u| u["name"] == name)
+        .then_some(())
+}
+
+/// A benchmark's cluster on loopback: `n` servers, server `i` given `args(i)` beside the API's
+/// (a Manager `admin` with `PASSWORD`, no usable guest kernel), logging warnings only, their
+/// data under `dir`; started, joined and waited for until all are voters and `admin` logs
+/// in. Answers the servers, their APIs' bases and a client of the cluster protocol.
+pub fn bench_cluster(
+    dir: &std::path::Path,
+    n: u64,
+    args: impl Fn(u64) -> Vec<String>,
+) -> (Vec<Server>, Vec<String>, Client) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let mut servers = Vec::new();
+    let mut web = Vec::new();
+    for i in 1..=n {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut argv = args(i);
+        argv.extend(api_args(&http, &pw, "/nonexistent/kernel"));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut s = Server::new(
+            i,
+            format!("127.0.0.1:{}", free_port()),
+            dir.join(format!("server{i}")),
+            &argv,
+        );
+        s.log_level = Some("warn");
+        servers.push(s);
+        web.push(format!("http://{http}"));
+    }
+    let client = Client {
+        connect: None,
+        read: std::time::Duration::from_secs(30),
+    };
+    let wait = std::time::Duration::from_secs(60);
+    cluster::bootstrap(&mut servers, &client, wait);
+    cluster::wait_for(&format!("{n} voters and the Manager"), wait, || {
+        let st = client.status(&servers[0].addr)?;
+        (st["voters"].as_array()?.len() as u64 == n).then_some(())?;
+        (Web::new(&web[0]).login("admin", PASSWORD).0 == 200).then_some(())
+    });
+    (servers, web, client)
 }
 
 /// Requests a second a benchmark's client sends at most: under the pace the API holds each

@@ -11,12 +11,11 @@
 //! Environment: BENCH_VMS (1000), BENCH_SECS per measurement (5), BENCH_DIR (/var/tmp).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use enspeed_tests::cluster::{self, free_port, Client, Server};
 use enspeed_tests::ms;
 use enspeed_tests::web::{
-    api_args, bench_clients, bench_users, measure, wait_for_user, Web, PASSWORD,
+    bench_clients, bench_cluster, bench_users, measure, wait_for_user, Web, PASSWORD,
 };
 use serde_json::json;
 
@@ -33,47 +32,18 @@ fn main() {
     let base_dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let dir = std::path::PathBuf::from(base_dir)
         .join(format!("enspeed-api-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pw = dir.join("pw");
-    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let mut servers = Vec::new();
-    let mut web = Vec::new();
-    for i in 1..=3u64 {
-        let http = format!("127.0.0.1:{}", free_port());
-        let args = [
-            "--no-agent".to_string(),
-            "--lease-ms".into(),
-            "3600000".into(),
-            "--memory-mib".into(),
-            (vms * 64 + 1024).to_string(),
-            "--disk-gib".into(),
-            (vms + 16).to_string(),
+    let (servers, web, client) = bench_cluster(&dir, 3, |_| {
+        [
+            "--no-agent",
+            "--lease-ms",
+            "3600000",
+            "--memory-mib",
+            &(vms * 64 + 1024).to_string(),
+            "--disk-gib",
+            &(vms + 16).to_string(),
         ]
-        .into_iter()
-        .chain(api_args(&http, &pw, "/nonexistent/kernel"))
-        .collect::<Vec<String>>();
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut s = Server::new(
-            i,
-            format!("127.0.0.1:{}", free_port()),
-            dir.join(format!("server{i}")),
-            &argv,
-        );
-        s.log_level = Some("warn");
-        servers.push(s);
-        web.push(format!("http://{http}"));
-    }
-    let client = Client {
-        connect: None,
-        read: Duration::from_secs(10),
-    };
-    let wait = Duration::from_secs(30);
-    cluster::bootstrap(&mut servers, &client, wait);
-    cluster::wait_for("three voters and the Manager", wait, || {
-        let st = client.status(&servers[0].addr)?;
-        (st["voters"].as_array()?.len() == 3).then_some(())?;
-        (Web::new(&web[0]).login("admin", PASSWORD).0 == 200).then_some(())
+        .map(String::from)
+        .to_vec()
     });
     let leader = client.status(&servers[0].addr).unwrap()["leader"]
         .as_u64()

@@ -16,9 +16,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use enspeed_tests::cluster::{self, free_port, Client, Server};
+use enspeed_tests::cluster::free_port;
 use enspeed_tests::web::{
-    api_args, bench_clients, bench_users, measure, wait_for_user, Pacer, Web, PASSWORD,
+    bench_clients, bench_cluster, bench_users, measure, wait_for_user, Pacer, Web, PASSWORD,
 };
 use enspeed_tests::{env_u64, ms};
 use serde_json::json;
@@ -75,14 +75,7 @@ fn main() {
     let base_dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let dir = std::path::PathBuf::from(base_dir)
         .join(format!("enspeed-scale-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pw = dir.join("pw");
-    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let mut servers = Vec::new();
-    let mut web = Vec::new();
-    for i in 1..=5u64 {
-        let http = format!("127.0.0.1:{}", free_port());
+    let (servers, web, client) = bench_cluster(&dir, 5, |i| {
         let mut args = vec!["--lease-ms".to_string(), "3600000".into()];
         if i <= 3 {
             args.extend([
@@ -98,28 +91,7 @@ fn main() {
                 (most + 16).to_string(),
             ]);
         }
-        args.extend(api_args(&http, &pw, "/nonexistent/kernel"));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut s = Server::new(
-            i,
-            format!("127.0.0.1:{}", free_port()),
-            dir.join(format!("server{i}")),
-            &argv,
-        );
-        s.log_level = Some("warn");
-        servers.push(s);
-        web.push(format!("http://{http}"));
-    }
-    let client = Client {
-        connect: None,
-        read: Duration::from_secs(30),
-    };
-    let wait = Duration::from_secs(60);
-    cluster::bootstrap(&mut servers, &client, wait);
-    cluster::wait_for("five voters and the Manager", wait, || {
-        let st = client.status(&servers[0].addr)?;
-        (st["voters"].as_array()?.len() == 5).then_some(())?;
-        (Web::new(&web[0]).login("admin", PASSWORD).0 == 200).then_some(())
+        args
     });
     let leader = client.status(&servers[0].addr).unwrap()["leader"]
         .as_u64()
