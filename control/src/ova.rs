@@ -1874,12 +1874,7 @@ mod tests {
         }
         // Doubted before its first grain (its descriptor names a parent): nothing is dropped,
         // and qemu-img is left to read it in place.
-        let mut parent = vmdk.clone();
-        let at = parent
-            .windows(18)
-            .position(|w| w == b"parentCID=ffffffff")
-            .unwrap();
-        parent[at + 10..at + 18].copy_from_slice(b"12345678");
+        let parent = crate::vmdk::with_parent(&vmdk);
         let ova = tar_of(&[("a.ovf", ovf.as_bytes()), ("d.vmdk", &parent)]);
         std::fs::write(&archive, &ova).unwrap();
         File::open(&archive).unwrap().sync_all().unwrap();

@@ -326,6 +326,18 @@ pub(crate) fn stream_of(raw: &std::path::Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// `vmdk` (as `stream_of` makes it) with a descriptor that names a parent (for tests).
+#[cfg(test)]
+pub(crate) fn with_parent(vmdk: &[u8]) -> Vec<u8> {
+    let mut parent = vmdk.to_vec();
+    let at = parent
+        .windows(18)
+        .position(|w| w == b"parentCID=ffffffff")
+        .expect("qemu-img's descriptor names no parent");
+    parent[at + 10..at + 18].copy_from_slice(b"12345678");
+    parent
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,13 +463,7 @@ mod tests {
         bad[overhead + 12..overhead + 20].fill(0xff);
         doubted(&bad, "inflate");
         // A descriptor naming a parent.
-        let mut parent = vmdk.clone();
-        let at = parent
-            .windows(18)
-            .position(|w| w == b"parentCID=ffffffff")
-            .unwrap();
-        parent[at + 10..at + 18].copy_from_slice(b"12345678");
-        doubted(&parent, "parent");
+        doubted(&with_parent(&vmdk), "parent");
         // Cut inside a grain's deflated bytes.
         doubted(&vmdk[..overhead + 40], "ends at byte");
         // A grain that inflates short of a grain, not the disk's last.
