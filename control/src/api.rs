@@ -665,25 +665,18 @@ fn handle(env: Envelope, node: &NodeHandle, book: &AddressBook, timeout: Duratio
             Request::AddServer { server } => node.add_server(server.clone()).map(outcome),
             Request::RemoveServer { id } => node.remove_server(*id).map(outcome),
             Request::Heartbeat { server, known } => node.heartbeat(*server, *known).map(|read| {
-                let revision = read.revision;
-                let answer = if *known == Some(revision) {
-                    HeartbeatAnswer {
-                        revision,
-                        state: None,
-                        changes: None,
-                    }
-                } else if let Some(changes) = read.changes() {
-                    HeartbeatAnswer {
-                        revision,
-                        state: None,
-                        changes: Some(changes),
-                    }
+                let (state, changes) = if *known == Some(read.revision) {
+                    (None, None)
                 } else {
-                    HeartbeatAnswer {
-                        revision,
-                        state: Some(read.state),
-                        changes: None,
+                    match read.changes() {
+                        Some(changes) => (None, Some(changes)),
+                        None => (Some(read.state), None),
                     }
+                };
+                let answer = HeartbeatAnswer {
+                    revision: read.revision,
+                    state,
+                    changes,
                 };
                 Response::ok(serde_json::to_value(answer).expect("a state serializes"))
             }),

@@ -919,19 +919,12 @@ impl Node {
     /// carry, dropping the oldest batches past `HISTORY_CHANGES`.
     fn remember(&mut self, revision: u64, writes: &[RecordWrite]) {
         let mut changes = Vec::new();
-        for (k, v) in writes {
-            let Ok(key) = String::from_utf8(k.clone()) else {
-                return self.forget_changes(revision);
-            };
-            if !StateMachine::shown(&key) {
-                continue;
+        for write in writes {
+            match RecordChange::of(write) {
+                Ok(Some(c)) => changes.push(c),
+                Ok(None) => {}
+                Err(_) => return self.forget_changes(revision),
             }
-            let value = match v.as_ref().map(|b| String::from_utf8(b.clone())) {
-                None => None,
-                Some(Ok(text)) => Some(text),
-                Some(Err(_)) => return self.forget_changes(revision),
-            };
-            changes.push(RecordChange { key, value });
         }
         // A batch that changed nothing shown (an election's empty entry, a login) adds nothing
         // a heartbeat needs.

@@ -42,13 +42,9 @@ struct Cluster {
 
 impl Cluster {
     fn write(&mut self, writes: Vec<RecordWrite>) {
-        for (k, v) in &writes {
-            let key = String::from_utf8(k.clone()).expect("record keys are text");
-            if StateMachine::shown(&key) {
-                let value = v
-                    .as_ref()
-                    .map(|b| String::from_utf8(b.clone()).expect("records are text"));
-                self.changes.push(RecordChange { key, value });
+        for write in &writes {
+            if let Some(c) = RecordChange::of(write).expect("records are text") {
+                self.changes.push(c);
             }
         }
         for (k, v) in writes {

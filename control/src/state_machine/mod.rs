@@ -125,6 +125,24 @@ pub struct RecordChange {
     pub value: Option<String>,
 }
 
+impl RecordChange {
+    /// A record write as a heartbeat carries it: none for a record the state it carries does
+    /// not show (users, sessions, the audit log, the counters); `Err` for a key or value that
+    /// is not text, which no record is.
+    pub fn of(write: &RecordWrite) -> Result<Option<RecordChange>, std::string::FromUtf8Error> {
+        let (k, v) = write;
+        let key = String::from_utf8(k.clone())?;
+        if !StateMachine::shown(&key) {
+            return Ok(None);
+        }
+        let value = v
+            .as_ref()
+            .map(|b| String::from_utf8(b.clone()))
+            .transpose()?;
+        Ok(Some(RecordChange { key, value }))
+    }
+}
+
 /// What went wrong loading the stored records.
 #[derive(Debug, thiserror::Error)]
 #[error("state machine record {key}: {what}")]
@@ -543,11 +561,7 @@ mod tests {
         // The same writes as a heartbeat's changes make the state after them, a removal too.
         let changes: Vec<RecordChange> = w[from..]
             .iter()
-            .map(|(k, v)| RecordChange {
-                key: String::from_utf8(k.clone()).unwrap(),
-                value: v.as_ref().map(|b| String::from_utf8(b.clone()).unwrap()),
-            })
-            .filter(|c| StateMachine::shown(&c.key))
+            .filter_map(|write| RecordChange::of(write).unwrap())
             .collect();
         assert!(changes.iter().any(|c| c.key == "kv/a" && c.value.is_none()));
         for c in &changes {
