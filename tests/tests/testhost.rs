@@ -9,9 +9,9 @@ use std::sync::{Condvar, Mutex};
 
 use enspeed_tests::{enspeed_bin, profile_dir, repo_root};
 
-/// Test hosts running at once. A test host keeps about one core busy (its vCPU running the
-/// nested guest; the other is mostly idle), so two share this machine's two cores; more would
-/// slow each one's nested guests past their limits. ENSPEED_TESTHOSTS sets another count.
+/// Test hosts running at once. A test host keeps one core busy (its one vCPU, see
+/// [`testhost_vcpus`]), so two share this machine's two cores; more would slow each one's
+/// nested guests past their limits. ENSPEED_TESTHOSTS sets another count.
 static RUNNING: Mutex<usize> = Mutex::new(0);
 static FREED: Condvar = Condvar::new();
 
@@ -39,6 +39,19 @@ impl Drop for Turn {
         *RUNNING.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
         FREED.notify_one();
     }
+}
+
+/// The test host's vCPUs: ENSPEED_TESTHOST_VCPUS, else 1. Two test hosts run at once, one
+/// core each: with two vCPUs each (2026-12-07, this program alone) the ten scenarios took
+/// 593 s with two test-host panics run again, and the CD install alone failed 4 of 7 runs
+/// (one beside a build) in the test host's kernel or a nested guest; with one, 427 s, none run again, every
+/// scenario quicker. ./run.sh's demo found the same (one vCPU: 3 of 3 installs through).
+fn testhost_vcpus() -> usize {
+    std::env::var("ENSPEED_TESTHOST_VCPUS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
 }
 
 /// run.sh's last account of itself ("run.sh: ..."): how the test host ended and after how long.
@@ -70,7 +83,8 @@ fn scenario_with(name: &str, extras: &[&str]) {
             // Every scenario's guests stream their consoles, and a stuck guest is reported
             // within its run_guest limit (at most 300 s): five minutes of silence is the test
             // host itself hung (exit 126, run again like its other failures).
-            .args(["--silence", "300"]);
+            .args(["--silence", "300"])
+            .args(["--smp", &testhost_vcpus().to_string()]);
         for e in extras {
             cmd.args(["--extra", e]);
         }
