@@ -215,6 +215,30 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     ] {
         let v = x.case(who, "GET", "/vms", "/api/v1/vms", None, Want::Allowed);
         assert_eq!(ids(&v), want_vms, "the VMs {} sees", who.0);
+        // A page at a time, one VM a page: the same VMs, by VMID, each once, then an empty page.
+        let mut paged = Vec::new();
+        loop {
+            let after = paged.last().copied().unwrap_or(0);
+            let page = who.1.get(&format!("/api/v1/vms?after={after}&limit=1"));
+            assert_eq!(page.0, 200, "{page:?}");
+            let got: Vec<u64> = ids(&page).into_iter().collect();
+            assert!(got.len() <= 1, "a page of one held {got:?}");
+            match got.first() {
+                Some(&id) => paged.push(id),
+                None => break,
+            }
+            assert!(
+                paged.len() <= want_vms.len(),
+                "pages past the VMs {} sees: {paged:?}",
+                who.0
+            );
+        }
+        assert_eq!(
+            paged,
+            want_vms.iter().copied().collect::<Vec<_>>(),
+            "the VMs {} sees, a page at a time",
+            who.0
+        );
         let u = x.case(who, "GET", "/users", "/api/v1/users", None, Want::Allowed);
         assert_eq!(ids(&u), want_users, "the users {} sees", who.0);
         let s = x.case(
@@ -1188,6 +1212,15 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(e.contains(says), "{what}: {e:?} should say {says:?}");
     };
     let json_ct = |b: &str| Some(("application/json", b.to_string()));
+
+    for (what, query, says) in [
+        ("an empty page asked for", "limit=0", "limit=0: 1 to 1000"),
+        ("too long a page", "limit=1001", "limit=1001: 1 to 1000"),
+        ("a page after no number", "after=x", "after=\"x\": a number"),
+        ("a negative page", "limit=-1", "a number"),
+    ] {
+        expect(what, m.get(&format!("/api/v1/vms?{query}")), 400, says);
+    }
 
     expect(
         "malformed JSON",

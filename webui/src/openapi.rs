@@ -21,7 +21,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "/summary",
         "Counts of the VMs (and, for a Manager, servers and users) the caller sees",
     ),
-    ("get", "/vms", "The VMs the caller sees"),
+    (
+        "get",
+        "/vms",
+        "The VMs the caller sees, by VMID: all of them, or a page with ?after=VMID&limit=N (those after that VMID, at most N, 1 to 1000, 100 by default; a page shorter than N is the last)",
+    ),
     ("post", "/vms", "Create a VM (Manager, Power User)"),
     ("get", "/vms/{id}", "One VM"),
     (

@@ -338,6 +338,9 @@ struct Cdrom {
     iso: Option<String>,
 }
 
+/// The most VMs a page of the VM list holds (`GET /api/v1/vms?limit=N`).
+const MAX_PAGE: u64 = 1000;
+
 /// The largest ISO image taken: 64 GiB.
 pub(crate) const MAX_ISO: u64 = 64 << 30;
 /// The largest OVA taken, bytes.
@@ -418,7 +421,26 @@ impl App {
             }
             (Method::GET, ["vms"]) => {
                 let c = self.caller(&req, false).await?;
-                Ok(ok(&views::vms(&c.state, &c.user)))
+                let (after, limit) = (number_param(&req, "after")?, number_param(&req, "limit")?);
+                if after.is_none() && limit.is_none() {
+                    return Ok(ok(&views::vms(&c.state, &c.user)));
+                }
+                // A page: the client asks next after the last VMID it got, until a page is
+                // shorter than its limit.
+                let limit = match limit.unwrap_or(100) {
+                    n @ 1..=MAX_PAGE => n as usize,
+                    n => {
+                        return Err(ApiError::bad_request(format!(
+                            "limit={n}: 1 to {MAX_PAGE} VMs a page"
+                        )))
+                    }
+                };
+                Ok(ok(&views::vms_page(
+                    &c.state,
+                    &c.user,
+                    after.unwrap_or(0),
+                    limit,
+                )))
             }
             (Method::POST, ["vms"]) => {
                 let c = self.caller(&req, true).await?;

@@ -690,14 +690,24 @@ pub fn isos(state: &StateMachine, viewer: &UserRecord) -> Vec<IsoView> {
 
 /// The VMs `me` may see, by VMID.
 pub fn vms(state: &StateMachine, me: &UserRecord) -> Vec<VmView> {
-    let mut v: Vec<VmView> = state
+    vms_page(state, me, 0, usize::MAX)
+}
+
+/// A page of the VMs `me` may see, by VMID: the first `limit` after VMID `after`. Only the
+/// page's VMs are viewed (what each one's view costs, its replication and placement, is
+/// most of a whole list's).
+pub fn vms_page(state: &StateMachine, me: &UserRecord, after: u64, limit: usize) -> Vec<VmView> {
+    let mut page: Vec<&VmRecord> = state
         .vms
         .values()
-        .filter(|v| access::may_operate_vm(state, me, v))
-        .map(|v| vm(state, v, me))
+        .filter(|v| v.id > after && access::may_operate_vm(state, me, v))
         .collect();
-    v.sort_by_key(|v| v.id);
-    v
+    if page.len() > limit {
+        page.select_nth_unstable_by_key(limit, |v| v.id);
+        page.truncate(limit);
+    }
+    page.sort_unstable_by_key(|v| v.id);
+    page.into_iter().map(|v| vm(state, v, me)).collect()
 }
 
 /// A server as the Manager sees it.

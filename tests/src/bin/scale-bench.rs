@@ -1,6 +1,7 @@
 //! Benchmarks the control plane as the cluster grows: for 100, 1,000 and 10,000 VMs, the CPU
 //! each idle server spends (its process and its children, over `BENCH_SECS`), and the API's
-//! latency: the VM list at the leader and at a follower, a power operation (one Raft commit)
+//! latency: the VM list at the leader and at a follower, a page of 100 of it at the follower
+//! (`?after=VMID&limit=100`, from a VMID moving through the list), a power operation (one Raft commit)
 //! at the leader with one client and through a follower with 16. Prints Markdown.
 //!
 //! Five `enspeed server`s on loopback. Servers 1-3 run their node agents (heartbeats ten times
@@ -110,8 +111,8 @@ fn main() {
         "Five servers on loopback: 1-3 with their agents (heartbeats every 100 ms, no capacity), 4-5 without agents holding the VMs' disk records; leader: server {leader}, follower measured: server {follower}. CPU over {secs} s, idle (no request), as % of one core, process and children."
     );
     println!();
-    println!("| VMs | state JSON | CPU s1 | CPU s2 | CPU s3 | CPU s4 | CPU s5 | list p50 / p99 (leader, 1) | list p50 / p99 (follower, 1) | power p50 / p99 (leader, 1) | power per s, p50 / p99 (follower, 16) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| VMs | state JSON | CPU s1 | CPU s2 | CPU s3 | CPU s4 | CPU s5 | list p50 / p99 (leader, 1) | list p50 / p99 (follower, 1) | a page of 100 p50 / p99 (follower, 1) | power p50 / p99 (leader, 1) | power per s, p50 / p99 (follower, 16) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 
     let m = Web::logged_in(&lw, "admin", PASSWORD);
     let users = bench_users(&lw, 16);
@@ -176,19 +177,28 @@ fn main() {
             .collect();
         let list: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
             Arc::new(|w: &Web, _, _| w.fetch("/api/v1/vms").0);
+        // A page of 100 from a VMID that moves through the list.
+        let page: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
+            Arc::new(move |w: &Web, _, k: u64| {
+                w.fetch(&format!("/api/v1/vms?after={}&limit=100", k * 37 % n))
+                    .0
+            });
         let power = power_op(n);
         let short = secs.div_ceil(2);
         let (_, _, l50, l99) = measure(&at_leader, 1, short, Arc::clone(&list));
         let (_, _, f50, f99) = measure(&at_follower, 1, short, Arc::clone(&list));
+        let (_, _, g50, g99) = measure(&at_follower, 1, short, Arc::clone(&page));
         let (_, _, p50, p99) = measure(&at_leader, 1, short, Arc::clone(&power));
         let (_, rate, q50, q99) = measure(&at_follower, 16, short, Arc::clone(&power));
         println!(
-            "| {n} | {state_kib} KiB | {} | {} / {} | {} / {} | {} / {} | {rate:.0}, {} / {} |",
+            "| {n} | {state_kib} KiB | {} | {} / {} | {} / {} | {} / {} | {} / {} | {rate:.0}, {} / {} |",
             cpu.join(" | "),
             ms(l50),
             ms(l99),
             ms(f50),
             ms(f99),
+            ms(g50),
+            ms(g99),
             ms(p50),
             ms(p99),
             ms(q50),
