@@ -226,17 +226,18 @@ finish() {
     fi
     echo "FAIL $1 ($FAILS failed checks)"
     failure_summary "$1"
-    for _s in /tmp/guest-*.stalled; do
-        [ -f "$_s" ] || continue
-        _g=${_s#/tmp/guest-}
-        echo "STALLED ${_g%.stalled}: its kernel never reached the kit's init"
-        exit 122
-    done
-    for _s in /tmp/guest-*.faulted; do
-        [ -f "$_s" ] || continue
-        _g=${_s#/tmp/guest-}
-        echo "FAULTED ${_g%.faulted}: its kernel triple-faulted after the kit's init"
-        exit 123
-    done
+    glitch stalled STALLED 122 "never reached the kit's init"
+    glitch faulted FAULTED 123 "triple-faulted after the kit's init"
     exit 1
+}
+
+# glitch KIND WORD CODE WHAT: if run_guest marked a guest KIND (/tmp/guest-NAME.KIND), says
+# "WORD NAME: its kernel WHAT" and exits CODE.
+glitch() {
+    for _s in /tmp/guest-*."$1"; do
+        [ -f "$_s" ] || continue
+        _g=${_s#/tmp/guest-}
+        echo "$2 ${_g%."$1"}: its kernel $4"
+        exit "$3"
+    done
 }
