@@ -35,7 +35,7 @@ shift 2
 install_fw=uefi boot_fw=bios medium=cd pair=0
 # Each machine's vCPUs (APPLIANCE_VCPUS, else 1). With two, a machine's own kernel now and then
 # overran its stack under the emulated AMD-V (2026-12-07: "TASK stack guard page was hit",
-# then "Fatal exception in interrupt", while B still installed), as the test hosts' did. One
+# then "Fatal exception in interrupt", 109 s into server A's boot), as the test hosts' did. One
 # vCPU each is not quicker (the whole test took 269 and 383 s, against 271-322 s with two):
 # it is what ran without such a failure here.
 vcpus=${APPLIANCE_VCPUS:-1}
@@ -196,7 +196,7 @@ installed() {
     # A failed install stays on its console for a person to read: stop it then, not at the timeout;
     # so too when the person at the console (console.py) gave up.
     while kill -0 "$pid" 2>/dev/null; do
-        # The other machine, already booted from its disk, may have failed by itself meanwhile.
+        # Either installer's own kernel may have failed by itself meanwhile.
         own_failure "waiting for server $s's install"
         if grep -qas "ENSPEED-INSTALL: FAILED" "$work/install-$s.log"; then
             screen "$s" "install-$s-failed"
@@ -318,6 +318,7 @@ if [ $pair = 1 ]; then
     echo "  added: $added"
     n=0
     until [ "$(api GET /servers | json 'sum(1 for s in v if not s["down"])')" = 2 ]; do
+        own_failure "waiting for server B in the cluster"
         n=$((n + 2))
         [ $n -lt 600 ] || fail "server B did not come up in the cluster: $(api GET /servers)"
         sleep 2
@@ -331,6 +332,7 @@ if [ $pair = 1 ]; then
         -X PUT --data-binary "@$kit" "$api/isos/kit.iso" >/dev/null || fail "uploading the kit's CD failed"
     n=0
     until [ "$(api GET /isos | json '[len(i.get("servers", [])) for i in v if i["name"] == "kit.iso"][0]')" = 2 ]; do
+        own_failure "waiting for the CD on both servers"
         n=$((n + 2))
         [ $n -lt 300 ] || fail "the CD did not reach both servers: $(api GET /isos)"
         sleep 2
@@ -366,6 +368,7 @@ if [ $pair = 1 ]; then
         api POST "/vms/$vm/power" '{"action":"force-off"}' >/dev/null || fail "forcing the VM off failed"
         n=0
         until api GET "/vms/$vm" | grep -q '"status":"stopped"'; do
+            own_failure "waiting for the VM to stop"
             n=$((n + 2))
             [ $n -lt 120 ] || fail "the VM did not stop on force-off: $(api GET "/vms/$vm")"
             sleep 2
@@ -389,6 +392,7 @@ if [ $pair = 1 ]; then
     echo "APPLIANCE vm-data-s $(($(date +%s) - t3)) ($data)"
     n=0
     until [ "$(api GET "/vms/$vm" | json 'v["replication"]["state"]')" = in-sync ]; do
+        own_failure "waiting for the VM's disk to be in sync"
         n=$((n + 2))
         [ $n -lt 600 ] || fail "the VM's disk did not reach in-sync: $(api GET "/vms/$vm")"
         sleep 2

@@ -92,7 +92,7 @@ fn scenario_with(name: &str, extras: &[&str]) {
         cmd.output().expect("run image/testhost/run.sh")
     };
     // 125: the test host stopped without a scenario result; 126: its own kernel locked up or
-    // panicked, or its console stayed silent for five minutes (it hung). Under the emulated
+    // panicked, or its console stayed silent for 90 s (it hung). Under the emulated
     // AMD-V while nested guests run: about one test-host boot in fifteen overall, but one in
     // three or four for the failover scenario, whose three servers boot a guest again and
     // again. 122: a nested guest stalled before its init (guest.sh's finish: the emulated

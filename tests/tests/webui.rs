@@ -215,30 +215,38 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     ] {
         let v = x.case(who, "GET", "/vms", "/api/v1/vms", None, Want::Allowed);
         assert_eq!(ids(&v), want_vms, "the VMs {} sees", who.0);
-        // A page at a time, one VM a page: the same VMs, by VMID, each once, then an empty page.
-        let mut paged = Vec::new();
-        loop {
-            let after = paged.last().copied().unwrap_or(0);
-            let page = who.1.get(&format!("/api/v1/vms?after={after}&limit=1"));
-            assert_eq!(page.0, 200, "{page:?}");
-            let got: Vec<u64> = ids(&page).into_iter().collect();
-            assert!(got.len() <= 1, "a page of one held {got:?}");
-            match got.first() {
-                Some(&id) => paged.push(id),
-                None => break,
+        // A page at a time, one or two VMs a page: the same VMs, by VMID, each once, until a
+        // page shorter than its limit; `after` alone, a page of the default 100: all of them.
+        let in_order = |path: String| -> Vec<u64> {
+            let page = who.1.get(&path);
+            assert_eq!(page.0, 200, "{path}: {page:?}");
+            page.1
+                .as_array()
+                .unwrap_or_else(|| panic!("{path}: a list: {page:?}"))
+                .iter()
+                .map(|v| v["id"].as_u64().expect("a VMID"))
+                .collect()
+        };
+        let want: Vec<u64> = want_vms.iter().copied().collect();
+        for limit in [1, 2] {
+            let mut paged = Vec::new();
+            loop {
+                let after = paged.last().copied().unwrap_or(0);
+                let got = in_order(format!("/api/v1/vms?after={after}&limit={limit}"));
+                assert!(got.len() <= limit, "a page of {limit} held {got:?}");
+                paged.extend(&got);
+                assert!(
+                    paged.len() <= want.len(),
+                    "pages past the VMs {} sees: {paged:?}",
+                    who.0
+                );
+                if got.len() < limit {
+                    break;
+                }
             }
-            assert!(
-                paged.len() <= want_vms.len(),
-                "pages past the VMs {} sees: {paged:?}",
-                who.0
-            );
+            assert_eq!(paged, want, "the VMs {} sees, {limit} a page", who.0);
         }
-        assert_eq!(
-            paged,
-            want_vms.iter().copied().collect::<Vec<_>>(),
-            "the VMs {} sees, a page at a time",
-            who.0
-        );
+        assert_eq!(in_order("/api/v1/vms?after=0".into()), want, "{}", who.0);
         let u = x.case(who, "GET", "/users", "/api/v1/users", None, Want::Allowed);
         assert_eq!(ids(&u), want_users, "the users {} sees", who.0);
         let s = x.case(

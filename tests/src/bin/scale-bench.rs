@@ -177,11 +177,11 @@ fn main() {
             .collect();
         let list: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
             Arc::new(|w: &Web, _, _| w.fetch("/api/v1/vms").0);
-        // A page of 100 from a VMID that moves through the list.
+        // A whole page of 100 from a VMID that moves through the list (VMIDs are 1 to n).
         let page: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
             Arc::new(move |w: &Web, _, k: u64| {
-                w.fetch(&format!("/api/v1/vms?after={}&limit=100", k * 37 % n))
-                    .0
+                let after = k * 37 % n.saturating_sub(99).max(1);
+                w.fetch(&format!("/api/v1/vms?after={after}&limit=100")).0
             });
         let power = power_op(n);
         let short = secs.div_ceil(2);
