@@ -3107,7 +3107,15 @@ fn networks_are_the_managers_and_every_vm_card_gets_a_mac_of_its_own() {
         why.contains("uplink NIC eth1 is not on this server"),
         "{why}"
     );
-    let told = wp.get(&format!("/api/v1/vms/{web_id}")).1;
+    // The Power User's server may not have applied the agent's report yet: wait for it there.
+    let told = cluster::wait_for(
+        "the VM's error as its Power User sees it",
+        Duration::from_secs(30),
+        || {
+            let v = wp.get(&format!("/api/v1/vms/{web_id}")).1;
+            v["error"].is_string().then_some(v)
+        },
+    );
     assert_eq!(told["status"], "starting", "{told}");
     assert!(
         told["error"]
