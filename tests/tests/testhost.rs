@@ -20,11 +20,7 @@ struct Turn;
 
 impl Turn {
     fn take() -> Turn {
-        let most = std::env::var("ENSPEED_TESTHOSTS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(2);
+        let most = count_from_env("ENSPEED_TESTHOSTS", 2);
         let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
         while *running >= most {
             running = FREED.wait(running).unwrap_or_else(|p| p.into_inner());
@@ -44,14 +40,19 @@ impl Drop for Turn {
 /// The test host's vCPUs: ENSPEED_TESTHOST_VCPUS, else 1. Two test hosts run at once, one
 /// core each: with two vCPUs each (2026-12-07, this program alone) the ten scenarios took
 /// 593 s with two test-host panics run again, and the CD install alone failed 4 of 7 runs
-/// (one beside a build) in the test host's kernel or a nested guest; with one, 427 s, none run again, every
-/// scenario quicker. ./run.sh's demo found the same (one vCPU: 3 of 3 installs through).
+/// (one beside a build) in the test host's kernel or a nested guest; with one, 427 s, none
+/// run again, every scenario quicker. ./run.sh's demo found the same (one vCPU: 3 of 3 installs through).
 fn testhost_vcpus() -> usize {
-    std::env::var("ENSPEED_TESTHOST_VCPUS")
+    count_from_env("ENSPEED_TESTHOST_VCPUS", 1)
+}
+
+/// Environment variable `name` as a count above zero, or `default`.
+fn count_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(1)
+        .unwrap_or(default)
 }
 
 /// run.sh's last account of itself ("run.sh: ..."): how the test host ended and after how long.
