@@ -1,26 +1,28 @@
-//! A LiveSync pair for the benchmarks: an `enspeed blockd` process holding an empty backup
-//! copy, and a primary copy in the benchmark's own process (on the write path blockd serves
-//! a VMM) mirrored to it.
+//! LiveSync pairs for the benchmarks: an `enspeed blockd` process holding an empty backup
+//! copy, and a primary copy mirrored to it, either in the benchmark's own process (on the
+//! write path blockd serves a VMM) or in a second blockd process serving a VMM over
+//! vhost-user-blk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockrepl::daemon::Request;
 use blockrepl::net::MirrorNet;
 use blockrepl::replica::{LinkState, NewRole, Replica, Timing};
 
 use crate::enspeed_bin;
 
-/// A backup blockd process; killed when dropped.
-pub struct Backup {
+/// A blockd process; killed when dropped.
+pub struct Blockd {
     child: Child,
     _dir: PathBuf,
     /// Its control socket.
     pub control: PathBuf,
 }
 
-impl Drop for Backup {
+impl Drop for Blockd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -37,8 +39,7 @@ pub fn backup(
     ns: Option<&str>,
     tls: Option<&Path>,
     size: u64,
-) -> (Backup, String) {
-    std::fs::create_dir_all(dir).unwrap();
+) -> (Blockd, String) {
     let port = match ns {
         Some(_) if tls.is_some() => 7700,
         Some(_) => 7702,
@@ -49,6 +50,58 @@ pub fn backup(
             .port(),
     };
     let addr = format!("{ip}:{port}");
+    let b = spawn(dir, &addr, ns, tls);
+    b.create(size, true);
+    (b, addr)
+}
+
+/// A primary disk `d` of `size` bytes in a blockd process of its own in `dir`, mirrored to
+/// the backup blockd at `peer` (mutual TLS with the certificate in `tls`), once in sync;
+/// with its vhost-user-blk socket, for a VMM.
+pub fn primary_daemon(dir: &Path, peer: &str, tls: &Path, size: u64) -> (Blockd, PathBuf) {
+    let listen = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let b = spawn(dir, &listen, None, Some(tls));
+    b.create(size, false);
+    let r = b.call(&Request::Attach {
+        name: "d".into(),
+        peer: peer.to_owned(),
+        peer_server: None,
+    });
+    assert!(r.ok, "attaching the primary to {peer}: {:?}", r.error);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = b.call(&Request::Status {
+            name: Some("d".into()),
+        });
+        let st = r.disks.and_then(|d| d.into_iter().next());
+        match st {
+            Some(st) if st.link == LinkState::InSync => {
+                let sock = st
+                    .vhost_socket
+                    .expect("blockd reports the disk's vhost-user socket");
+                return (b, sock);
+            }
+            st => assert!(
+                Instant::now() < deadline,
+                "no sync with {peer}: {:?}",
+                st.and_then(|s| s.last_error)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a blockd in `dir` listening for primaries on `addr` (inside network namespace
+/// `ns` when given), its mirror links over TLS with the certificate in `tls`, or plain TCP.
+fn spawn(dir: &Path, addr: &str, ns: Option<&str>, tls: Option<&Path>) -> Blockd {
+    std::fs::create_dir_all(dir).unwrap();
     let control = dir.join("control.sock");
     let mut cmd = match ns {
         Some(ns) => {
@@ -61,7 +114,7 @@ pub fn backup(
     cmd.arg("blockd")
         .arg("--dir")
         .arg(dir.join("disks"))
-        .args(["--listen", &addr, "--control"])
+        .args(["--listen", addr, "--control"])
         .arg(&control);
     match tls {
         Some(d) => cmd.arg("--tls").arg(d),
@@ -72,37 +125,47 @@ pub fn backup(
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn blockd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = blockrepl::daemon::call(
-            &control,
-            &blockrepl::daemon::Request::Create {
-                name: "d".into(),
-                size,
-                region_size: None,
-                backup: true,
-                pool: None,
-                from: None,
-                image: None,
-                peer_server: None,
-                disk_id: None,
-            },
-        );
-        match r {
-            Ok(resp) if resp.ok => break,
-            Ok(resp) => panic!("creating the backup disk: {:?}", resp.error),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("blockd did not start: {e}"),
+    Blockd {
+        child,
+        _dir: dir.to_owned(),
+        control,
+    }
+}
+
+impl Blockd {
+    fn call(&self, req: &Request) -> blockrepl::daemon::Response {
+        blockrepl::daemon::call(&self.control, req)
+            .unwrap_or_else(|e| panic!("blockd at {}: {e}", self.control.display()))
+    }
+
+    /// Creates disk `d` of `size` bytes (an empty backup, or a primary), once blockd answers.
+    fn create(&self, size: u64, backup: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = blockrepl::daemon::call(
+                &self.control,
+                &Request::Create {
+                    name: "d".into(),
+                    size,
+                    region_size: None,
+                    backup,
+                    pool: None,
+                    from: None,
+                    image: None,
+                    peer_server: None,
+                    disk_id: None,
+                },
+            );
+            match r {
+                Ok(resp) if resp.ok => return,
+                Ok(resp) => panic!("creating the disk: {:?}", resp.error),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("blockd did not start: {e}"),
+            }
         }
     }
-    (
-        Backup {
-            child,
-            _dir: dir.to_owned(),
-            control,
-        },
-        addr,
-    )
 }
 
 /// A primary disk `d` of `size` bytes in this process, in `dir`, mirrored to `peer` (over

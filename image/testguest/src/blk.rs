@@ -439,12 +439,32 @@ pub fn act_verify() {
 }
 
 /// Action `bench`: keep `tg.qd` requests of `tg.bs` bytes in flight until
-/// `tg.ops` have completed.
+/// `tg.ops` have completed. With `tg.sync=1` (write modes) an operation is a
+/// write and then a FLUSH (what an O_DSYNC write is on a device with a write
+/// cache): it completes when its flush does. With `tg.flushend=1` a FLUSH
+/// after the last completion is timed too.
 pub fn act_bench() {
     let Some(d) = need_dev("bench") else { return };
     if let Err(e) = bench(d) {
         fail!("bench {}", e);
     }
+}
+
+/// Most operations whose latencies a bench keeps (later ones are counted, not kept).
+const LAT_MAX: usize = 1 << 16;
+
+/// Each kept operation's latency in TSC cycles (saturated at u32::MAX).
+#[repr(C, align(4096))]
+struct Latencies([u32; LAT_MAX]);
+// Written before it is read, so not zeroed at boot.
+#[link_section = ".noinit"]
+static LATENCIES: Global<Latencies> = Global::new(Latencies([0; LAT_MAX]));
+
+/// Per slot: when its operation was submitted, and whether it is now at its flush.
+#[derive(Clone, Copy)]
+struct InFlight {
+    started: u64,
+    flushing: bool,
 }
 
 fn bench(d: &mut Blk) -> Result<(), Error> {
@@ -468,6 +488,14 @@ fn bench(d: &mut Blk) -> Result<(), Error> {
     if ops == 0 {
         return Err(Error::Other("tg.ops must be > 0"));
     }
+    let sync = cmdline::num("tg.sync", 0) != 0;
+    if sync && (typ != T_OUT || !d.flush) {
+        return Err(Error::Other("tg.sync needs a write mode and a device with FLUSH"));
+    }
+    let flush_end = cmdline::num("tg.flushend", 0) != 0;
+    if flush_end && !d.flush {
+        return Err(Error::Other("tg.flushend needs a device with FLUSH"));
+    }
     let disk = d.capacity * 512;
     let span = cmdline::num("tg.span", disk).min(disk);
     let nblk = span / bs;
@@ -485,6 +513,8 @@ fn bench(d: &mut Blk) -> Result<(), Error> {
     // qd * bs exceeds the arena.
     let nbuf = (ARENA_SIZE as u64 / bs).max(1);
     let mut rng = XorShift::new(0x7467_6265_6e63_6821);
+    let mut slots = [InFlight { started: 0, flushing: false }; SLOTS];
+    let lat = &mut LATENCIES.get().0;
     let (mut submitted, mut completed, mut inflight) = (0u64, 0u64, 0u64);
     say!("bench start");
     let t0 = rdtsc();
@@ -493,7 +523,8 @@ fn bench(d: &mut Blk) -> Result<(), Error> {
         while submitted < ops && inflight < qd && d.vq.free_descs() >= descs {
             let blk = if random { rng.next() % nblk } else { submitted % nblk };
             let buf = arena_addr(((submitted % nbuf) * bs) as usize);
-            d.submit(typ, blk * bs / 512, buf, bs as u32)?;
+            let slot = d.submit(typ, blk * bs / 512, buf, bs as u32)?;
+            slots[slot as usize] = InFlight { started: rdtsc(), flushing: false };
             submitted += 1;
             inflight += 1;
             added = true;
@@ -501,22 +532,40 @@ fn bench(d: &mut Blk) -> Result<(), Error> {
         if added {
             d.vq.kick();
         }
-        let (_, st) = d.wait_one()?;
-        let mut st = st;
-        loop {
+        let mut next = Some(d.wait_one()?);
+        let mut flushes = false;
+        while let Some((slot, st)) = next {
             if st != S_OK {
                 return Err(Error::Status(st));
             }
-            completed += 1;
-            inflight -= 1;
-            match d.complete()? {
-                Some((_, s)) => st = s,
-                None => break,
+            let op = slots[slot as usize];
+            if sync && !op.flushing {
+                // The write is done; the operation goes on with its flush.
+                let f = d.submit(T_FLUSH, 0, 0, 0)?;
+                slots[f as usize] = InFlight { started: op.started, flushing: true };
+                flushes = true;
+            } else {
+                if (completed as usize) < LAT_MAX {
+                    lat[completed as usize] = (rdtsc() - op.started).min(u32::MAX as u64) as u32;
+                }
+                completed += 1;
+                inflight -= 1;
             }
+            next = d.complete()?;
         }
+        if flushes {
+            d.vq.kick();
+        }
+    }
+    if flush_end {
+        d.flush_cache()?;
     }
     let cycles = rdtsc() - t0;
     say!("bench done ops={} bytes={}", completed, completed * bs);
     say!("bench info mode={} bs={} qd={} span={} tsc={}", mode, bs, qd, nblk * bs, cycles);
+    let kept = &mut lat[..(completed as usize).min(LAT_MAX)];
+    kept.sort_unstable();
+    let at = |q: usize| kept[(kept.len() * q / 100).min(kept.len() - 1)];
+    say!("bench lat sync={} p50={} p99={} max={}", sync as u8, at(50), at(99), kept[kept.len() - 1]);
     Ok(())
 }

@@ -11,6 +11,12 @@
 //! each LiveSync setup runs a second time over plain TCP (`--plaintext-mirror`), and the
 //! second table gives what TLS costs.
 //!
+//! `livesync-bench guest` measures the whole way a guest's write goes instead: the test guest
+//! doing its I/O on a disk served over vhost-user-blk by a real primary `enspeed blockd`
+//! mirrored to a real backup blockd, beside the same guest on a local file (the VMM's own
+//! virtio-blk) and on two local files written in parallel (a vhost-user-blk backend in this
+//! process), same run ([`guest_main`]).
+//!
 //! Run with `scripts/bench-livesync.sh` (root, for the namespace). Knobs:
 //! BENCH_OPS (4 KiB writes per measurement, default 2000), BENCH_ROUNDS (3).
 
@@ -22,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use blockrepl::net::MirrorNet;
 use blockrepl::store::{BlockStore, FileStore};
-use enspeed_tests::blockd::{backup, primary};
-use enspeed_tests::Scratch;
+use enspeed_tests::blockd::{backup, primary, primary_daemon};
+use enspeed_tests::{guest_args, Scratch, Vmm};
 
 const DISK: u64 = 512 << 20;
 const NS: &str = "enspeed-bench";
@@ -408,6 +414,10 @@ fn main() {
         echo_server(&args[2]);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("guest") {
+        guest_main();
+        return;
+    }
     let ops: usize = std::env::var("BENCH_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -593,6 +603,258 @@ fn main() {
             (tls.qd1.median_us / plain.qd1.median_us - 1.0) * 100.0,
             (tls.qd32.iops / plain.qd32.iops - 1.0) * 100.0,
             (tls.seq / plain.seq - 1.0) * 100.0
+        );
+    }
+}
+
+/// The disk the guest benchmarks write.
+const GUEST_DISK: u64 = 512 << 20;
+
+/// What one `bench` run of the test guest measured.
+struct GuestRun {
+    /// Operations a second, or MB/s for blocks of 64 KiB and more.
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Boots the test guest on `disk` (a `--disk` value) for one `bench` run with `cmdline`.
+fn guest_bench(disk: &str, cmdline: &str) -> GuestRun {
+    let mut vm = Vmm::start(&guest_args(
+        &format!("tg.run=bench {cmdline} tg.end=halt"),
+        &["--disk", disk],
+    ));
+    vm.wait_for("tg: bench start", Duration::from_secs(60));
+    let t0 = Instant::now();
+    let done = vm.wait_for("tg: bench done", Duration::from_secs(600));
+    let secs = t0.elapsed().as_secs_f64();
+    let info = vm.wait_for("tg: bench info", Duration::from_secs(10));
+    let lat = vm.wait_for("tg: bench lat", Duration::from_secs(60));
+    let field = |line: &str, key: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+    };
+    // The guest times each operation in TSC cycles; the run's wall time gives their rate.
+    let tsc_per_us = field(&info, "tsc=") / secs / 1e6;
+    let (ops, bytes) = (field(&done, "ops="), field(&done, "bytes="));
+    let rate = if bytes / ops >= 65536.0 {
+        bytes / secs / 1e6
+    } else {
+        ops / secs
+    };
+    GuestRun {
+        rate,
+        p50_us: field(&lat, "p50=") / tsc_per_us,
+        p99_us: field(&lat, "p99=") / tsc_per_us,
+    }
+}
+
+/// One round's figures for one setup: sync writes at qd1 and qd32, and sequential MB/s.
+struct GuestRow {
+    qd1: GuestRun,
+    qd32: GuestRun,
+    seq: f64,
+}
+
+fn guest_round(disk: &str, ops: usize) -> GuestRow {
+    let sync = |qd: usize, ops: usize| {
+        guest_bench(
+            disk,
+            &format!("tg.mode=randwrite tg.bs=4096 tg.qd={qd} tg.ops={ops} tg.sync=1"),
+        )
+    };
+    GuestRow {
+        qd1: sync(1, ops),
+        qd32: sync(32, ops * 4),
+        // 256 MiB in 1 MiB writes, four in flight, then a flush.
+        seq: guest_bench(
+            disk,
+            "tg.mode=seqwrite tg.bs=1048576 tg.qd=4 tg.ops=256 tg.flushend=1",
+        )
+        .rate,
+    }
+}
+
+/// The whole way a guest's write goes, beside the same guest on local files: see the module
+/// documentation. Prints Markdown.
+fn guest_main() {
+    let ops: usize = std::env::var("BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    std::env::set_var("TMPDIR", &base);
+    let scratch = Scratch::new("livesync-guest-bench");
+    let dir = scratch.0.clone();
+    for f in ["local.img", "two-a.img", "two-b.img"] {
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(GUEST_DISK)
+            .unwrap();
+    }
+    let two = Arc::new(TwoFiles::new(
+        &dir.join("two-a.img"),
+        &dir.join("two-b.img"),
+    ));
+    let two_sock = dir.join("two.sock");
+    let two_server =
+        blockrepl::vhost_blk::spawn(&two_sock, two).expect("serve the two local files");
+
+    let (one, two_tls) = (
+        enspeed_trust::TrustDir::of(&dir.join("server1")),
+        enspeed_trust::TrustDir::of(&dir.join("server2")),
+    );
+    one.create_cluster(1).unwrap();
+    two_tls.install(&one.enroll(2).unwrap()).unwrap();
+    let (_b_lo, addr_lo) = backup(
+        &dir.join("backup-lo"),
+        "127.0.0.1",
+        None,
+        Some(&two_tls.0),
+        GUEST_DISK,
+    );
+    let (_p_lo, sock_lo) = primary_daemon(&dir.join("primary-lo"), &addr_lo, &one.0, GUEST_DISK);
+    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    {
+        let a = echo_lo.clone();
+        std::thread::spawn(move || echo_server(&a));
+    }
+    let netem = setup_ns();
+    let mut echo = Command::new("ip")
+        .args(["netns", "exec", NS])
+        .arg(std::env::current_exe().unwrap())
+        .args(["echo", &format!("{NS_PEER_IP}:7701")])
+        .spawn()
+        .expect("start the echo server in the namespace");
+    let (_b_ns, addr_ns) = backup(
+        &dir.join("backup-ns"),
+        NS_PEER_IP,
+        Some(NS),
+        Some(&two_tls.0),
+        GUEST_DISK,
+    );
+    let (peer, echo_addr, how) = if netem {
+        (
+            addr_ns,
+            format!("{NS_PEER_IP}:7701"),
+            "tc netem 0.1 ms each way",
+        )
+    } else {
+        let d = Duration::from_micros(100);
+        (
+            delay_relay(addr_ns, d),
+            delay_relay(format!("{NS_PEER_IP}:7701"), d),
+            "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
+        )
+    };
+    let (_p_ns, sock_ns) = primary_daemon(&dir.join("primary-ns"), &peer, &one.0, GUEST_DISK);
+
+    let vhost = |p: &Path| format!("vhost-user={}", p.display());
+    let setups = [
+        (
+            "local file (the VMM's own virtio-blk)",
+            dir.join("local.img").display().to_string(),
+        ),
+        (
+            "two local files in parallel (vhost-user-blk)",
+            vhost(&two_sock),
+        ),
+        ("LiveSync, backup on loopback", vhost(&sock_lo)),
+        (
+            "LiveSync, backup in another netns, +0.2 ms RTT",
+            vhost(&sock_ns),
+        ),
+    ];
+    // Every block of every disk written once first (allocated, and every LiveSync bitmap
+    // region marked), unmeasured.
+    for (name, disk) in &setups {
+        eprintln!("filling {name}");
+        guest_bench(
+            disk,
+            &format!(
+                "tg.mode=seqwrite tg.bs=1048576 tg.qd=4 tg.ops={} tg.flushend=1",
+                GUEST_DISK >> 20
+            ),
+        );
+    }
+    let mut runs: Vec<Vec<GuestRow>> = setups.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, disk)) in setups.iter().enumerate() {
+            eprintln!("round {round}: {name}");
+            runs[i].push(guest_round(disk, ops));
+        }
+    }
+    let rtt_lo = tcp_rtt_ms(&echo_lo);
+    let rtt_ns = tcp_rtt_ms(&echo_addr);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    teardown_ns();
+    two_server.stop().expect("the vhost-user-blk backend stops");
+
+    // Each figure's median over the rounds, in the shape of one round.
+    let rows: Vec<GuestRow> = runs
+        .iter()
+        .map(|r| {
+            let m = |f: &dyn Fn(&GuestRow) -> f64| median(r.iter().map(f).collect());
+            let run = |rate: &dyn Fn(&GuestRow) -> &GuestRun| GuestRun {
+                rate: m(&|x| rate(x).rate),
+                p50_us: m(&|x| rate(x).p50_us),
+                p99_us: m(&|x| rate(x).p99_us),
+            };
+            GuestRow {
+                qd1: run(&|x| &x.qd1),
+                qd32: run(&|x| &x.qd32),
+                seq: m(&|x| x.seq),
+            }
+        })
+        .collect();
+    let rtts = [0.0, 0.0, rtt_lo, rtt_ns];
+    println!("The test guest's own I/O (`tg.run=bench`), each operation timed in the guest from its submission to its completion; a sync write is a 4 KiB write and then a FLUSH, as an O_DSYNC write on a disk with a write cache. qd1: {ops} operations; qd32: {} operations; sequential: 256 MiB of 1 MiB writes, four in flight, then a flush. Delay added by {how}; RTT is the median TCP round trip of 64 bytes on the same path. Each figure is the median of {rounds} rounds; in each round every setup runs in turn.", ops * 4);
+    println!();
+    println!("| setup | RTT (ms) | sync write qd1 p50 (us) | p99 (us) | qd1 IOPS | qd32 p50 (us) | qd32 p99 (us) | qd32 IOPS | seq write MB/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for ((name, _), (r, rtt)) in setups.iter().zip(rows.iter().zip(rtts)) {
+        println!(
+            "| {name} | {rtt:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.qd1.p50_us,
+            r.qd1.p99_us,
+            r.qd1.rate,
+            r.qd32.p50_us,
+            r.qd32.p99_us,
+            r.qd32.rate,
+            r.seq
+        );
+    }
+    println!();
+    println!("| setup | qd1 p50 / (local + RTT) | target | qd32 IOPS / two local copies | target | seq MB/s / two local copies | target | qd32 IOPS / local | seq MB/s / local |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let (local, two) = (&rows[0], &rows[1]);
+    for (i, target) in [(2usize, 1.5f64), (3, 1.15)] {
+        let r = &rows[i];
+        let qd1 = r.qd1.p50_us / (local.qd1.p50_us + rtts[i] * 1000.0);
+        let qd32 = r.qd32.rate / two.qd32.rate;
+        let seq = r.seq / two.seq;
+        let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+        println!(
+            "| {} | {qd1:.2} | at most {target} ({}) | {qd32:.2} | at least 0.8 ({}) | {seq:.2} | at least 0.9 ({}) | {:.2} | {:.2} |",
+            setups[i].0,
+            verdict(qd1 <= target),
+            verdict(qd32 >= 0.8),
+            verdict(seq >= 0.9),
+            r.qd32.rate / local.qd32.rate,
+            r.seq / local.seq
         );
     }
 }
