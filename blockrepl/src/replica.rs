@@ -9,6 +9,13 @@
 //! 3. goes to the backup as a Write frame, then to the local file;
 //! 4. completes when the local write is done and the backup acknowledged it.
 //!
+//! A write of at most [`DURABLE_WRITE_MAX`] bytes goes with FUA: the backup makes it durable
+//! (with the writes around it, in one fdatasync) before acknowledging it. A guest flush then
+//! asks nothing of the backup when every larger write completed since the last flush the
+//! backup answered is covered: it is the local fdatasync alone, and a synchronous write
+//! (a write, then a flush) costs one round trip, not two. Larger writes (streams) are
+//! acknowledged once applied, and the next flush goes to the backup too.
+//!
 //! When the link is down, step 3's frame is not sent and the write stalls
 //! until either the backup returns and resync has copied its regions, or the
 //! caller raises the generation and the disk goes on alone.
@@ -32,6 +39,11 @@ use crate::link::Link;
 use crate::meta::{DataState, Meta, MetaError, MetaFile, Role};
 use crate::net::MirrorNet;
 use crate::store::{check_range, BlockStore, Done};
+
+/// The largest guest write the backup makes durable before acknowledging it (see the module
+/// documentation): the size of a database's or a journal's synchronous writes, whose flush
+/// then costs no second round trip; larger writes are streams, whose flushes are rare.
+pub const DURABLE_WRITE_MAX: usize = 64 << 10;
 
 /// Timings of the mirror link.
 #[derive(Clone, Copy, Debug)]
@@ -193,8 +205,16 @@ struct Pending {
     regions: (u64, u64),
     local: Option<io::Result<()>>,
     remote: bool,
-    /// The link its frame went out on.
+    /// The link its frame goes out on: the one up when it was registered. A resync that
+    /// finishes on that link leaves it to that link's answer, even before it is sent (it was
+    /// completed early, before the backup held it, when this was set only once sent).
     sent_on: Option<u64>,
+    /// A write the backup acknowledges once applied, not durable (larger than
+    /// [`DURABLE_WRITE_MAX`]).
+    applied_only: bool,
+    /// A flush sent to the backup: how many applied-only writes had completed when it was
+    /// registered (all of them were sent before it, so its answer covers them).
+    covers: Option<u64>,
 }
 
 /// Volatile state, under one lock.
@@ -213,6 +233,10 @@ pub(crate) struct Core {
     idle_passes: HashMap<u64, u32>,
     /// The region resync is copying now: writes to it wait.
     resync_busy: Option<u64>,
+    /// Applied-only writes completed so far.
+    applied_only_done: u64,
+    /// Of those, how many a flush the backup answered covers.
+    applied_only_flushed: u64,
     pub(crate) link: Option<Arc<Link>>,
     pub(crate) in_sync: bool,
     pub(crate) serving_session: Option<u64>,
@@ -471,6 +495,8 @@ impl Replica {
             touched: HashSet::new(),
             idle_passes: HashMap::new(),
             resync_busy: None,
+            applied_only_done: 0,
+            applied_only_flushed: 0,
             link: None,
             in_sync: false,
             serving_session: None,
@@ -792,7 +818,7 @@ impl Replica {
                 return;
             }
             let p = core.pending.remove(&id).expect("present");
-            release(&mut core.unacked, p.regions);
+            core.completed(&p);
             vec![(p.done, p.local.unwrap_or(Ok(())))]
         };
         run_done(done);
@@ -820,9 +846,11 @@ impl Replica {
         for id in ids {
             let p = core.pending.get_mut(&id).expect("present");
             p.remote = true;
+            // Completed without the backup's answer: a flush covers nothing there.
+            p.covers = None;
             if p.local.is_some() {
                 let p = core.pending.remove(&id).expect("present");
-                release(&mut core.unacked, p.regions);
+                core.completed(&p);
                 out.push((p.done, p.local.unwrap_or(Ok(()))));
             }
         }
@@ -888,12 +916,14 @@ impl Replica {
             .collect()
     }
 
-    /// Registers a write (regions given) or flush (None) and returns its id
-    /// and the link to send it on, if one is up.
+    /// Registers a write (regions given; `applied_only` when the backup does not make it
+    /// durable) or flush (None) and returns its id and the link to send it on, if it goes to
+    /// the backup and a link is up.
     fn register(
         &self,
         done: Done,
         regions: Option<(u64, u64)>,
+        applied_only: bool,
     ) -> Result<(u64, Option<Arc<Link>>), Done> {
         let mut core = self.core();
         if core.role == Role::Backup {
@@ -916,8 +946,13 @@ impl Replica {
         core.next_id += 1;
         // Standalone does not wait for the backup, but a connected backup
         // (being resynced) still gets every write, in order.
-        let remote = core.role == Role::Standalone;
-        let link = core.link.clone();
+        let standalone = core.role == Role::Standalone;
+        // Every write completed so far is durable on the backup: this flush is local.
+        let local_flush =
+            regions.is_none() && !standalone && core.applied_only_flushed == core.applied_only_done;
+        let remote = standalone || local_flush;
+        let covers = (regions.is_none() && !remote).then_some(core.applied_only_done);
+        let link = if local_flush { None } else { core.link.clone() };
         core.pending.insert(
             id,
             Pending {
@@ -925,16 +960,12 @@ impl Replica {
                 regions: regions.unwrap_or((1, 0)),
                 local: None,
                 remote,
-                sent_on: None,
+                sent_on: link.as_ref().map(|l| l.id()),
+                applied_only,
+                covers,
             },
         );
         Ok((id, link))
-    }
-
-    fn mark_sent(&self, id: u64, link_id: u64) {
-        if let Some(p) = self.core().pending.get_mut(&id) {
-            p.sent_on = Some(link_id);
-        }
     }
 
     fn local_finished(&self, regions: (u64, u64)) {
@@ -1002,6 +1033,19 @@ impl Replica {
     }
 }
 
+impl Core {
+    /// Accounts for pending write or flush `p`, just completed.
+    fn completed(&mut self, p: &Pending) {
+        release(&mut self.unacked, p.regions);
+        if p.applied_only {
+            self.applied_only_done += 1;
+        }
+        if let Some(n) = p.covers {
+            self.applied_only_flushed = self.applied_only_flushed.max(n);
+        }
+    }
+}
+
 fn release(unacked: &mut HashMap<u64, u32>, (first, last): (u64, u64)) {
     for r in first..=last {
         if let Some(n) = unacked.get_mut(&r) {
@@ -1054,7 +1098,8 @@ impl BlockStore for Replica {
         if let Err(e) = lock(&self.bitmap).set_range(regions.0, regions.1) {
             return done(Err(e));
         }
-        let (id, link) = match self.register(done, Some(regions)) {
+        let durable = fua || data.len() <= DURABLE_WRITE_MAX;
+        let (id, link) = match self.register(done, Some(regions), !durable) {
             Ok(r) => r,
             Err(done) => {
                 return done(Err(io::Error::other(format!(
@@ -1064,9 +1109,8 @@ impl BlockStore for Replica {
             }
         };
         if let Some(link) = link {
-            if link.send_write(id, offset, &data, fua).is_ok() {
-                self.mark_sent(id, link.id());
-            }
+            // On failure the link is dead: the write stalls like any other.
+            let _ = link.send_write(id, offset, &data, durable);
         }
         let local = self.data.write_all_at(&data, offset).and_then(|()| {
             if fua {
@@ -1080,7 +1124,7 @@ impl BlockStore for Replica {
     }
 
     fn flush(&self, done: Done) {
-        let (id, link) = match self.register(done, None) {
+        let (id, link) = match self.register(done, None, false) {
             Ok(r) => r,
             Err(done) => {
                 return done(Err(io::Error::other(format!(
@@ -1090,9 +1134,7 @@ impl BlockStore for Replica {
             }
         };
         if let Some(link) = link {
-            if link.send_flush(id).is_ok() {
-                self.mark_sent(id, link.id());
-            }
+            let _ = link.send_flush(id);
         }
         let local = self.data.sync_data();
         self.finish(id, Some(local), false);

@@ -121,10 +121,12 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A TCP proxy that can cut the link (dropping connections, refusing new ones).
+/// A TCP proxy that can cut the link (dropping connections, refusing new ones), or hold
+/// what it carries for a while (the link stays up; nothing gets through).
 struct Proxy {
     addr: String,
     up: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -137,8 +139,9 @@ fn proxy_at(target: String, rate: Option<u64>) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let up = Arc::new(AtomicBool::new(true));
+    let held = Arc::new(AtomicBool::new(false));
     let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-    let (u, c) = (up.clone(), conns.clone());
+    let (u, h, c) = (up.clone(), held.clone(), conns.clone());
     std::thread::spawn(move || {
         for inbound in l.incoming() {
             let inbound = inbound.unwrap();
@@ -156,20 +159,18 @@ fn proxy_at(target: String, rate: Option<u64>) -> Proxy {
                 (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
                 (outbound, inbound),
             ] {
+                let held = h.clone();
                 std::thread::spawn(move || {
-                    match rate {
-                        None => {
-                            let _ = std::io::copy(&mut from, &mut to);
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        while held.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(2));
                         }
-                        Some(rate) => {
-                            use std::io::{Read, Write};
-                            let mut buf = vec![0u8; 16 << 10];
-                            while let Ok(n) = from.read(&mut buf) {
-                                if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
-                            }
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if let Some(rate) = rate {
+                            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
                         }
                     }
                     let _ = to.shutdown(Shutdown::Both);
@@ -177,7 +178,12 @@ fn proxy_at(target: String, rate: Option<u64>) -> Proxy {
             }
         }
     });
-    Proxy { addr, up, conns }
+    Proxy {
+        addr,
+        up,
+        held,
+        conns,
+    }
 }
 
 impl Proxy {
@@ -190,6 +196,11 @@ impl Proxy {
 
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds everything either way (true), or lets it through again.
+    fn hold(&self, on: bool) {
+        self.held.store(on, Ordering::SeqCst);
     }
 }
 
@@ -207,10 +218,16 @@ fn write(d: &Replica, offset: u64, data: Vec<u8>) {
         .expect("write succeeds");
 }
 
-fn flush(d: &Replica) {
+/// Flushes through the store; returns a receiver of the outcome.
+fn submit_flush(d: &Replica) -> mpsc::Receiver<std::io::Result<()>> {
     let (tx, rx) = mpsc::channel();
     d.flush(Box::new(move |r| tx.send(r).unwrap()));
-    rx.recv_timeout(Duration::from_secs(10))
+    rx
+}
+
+fn flush(d: &Replica) {
+    submit_flush(d)
+        .recv_timeout(Duration::from_secs(10))
         .expect("flush completes")
         .expect("flush succeeds");
 }
@@ -275,6 +292,46 @@ fn writes_reach_both_copies_before_they_complete() {
         (sb.role, sb.data, sb.generation),
         (Role::Backup, DataState::Consistent, 1)
     );
+}
+
+#[test]
+fn a_flush_after_small_writes_asks_nothing_of_the_backup_and_after_a_large_one_waits_for_it() {
+    let (a, b, p) = pair("flush", 16 * MIB);
+    let d = a.disk("d");
+    // Every hold below is shorter than the link timeout (1 s): the link stays up.
+    let held_for = Duration::from_millis(500);
+    write(&d, 4096, block(1, 4096));
+    // The backup made the small write durable before acknowledging it: the flush is local,
+    // and completes while nothing gets through to the backup.
+    p.hold(true);
+    let local = submit_flush(&d).recv_timeout(held_for);
+    p.hold(false);
+    local
+        .expect("a flush after small writes waited for the backup")
+        .unwrap();
+    // A larger write is acknowledged once applied: the next flush waits for the backup.
+    assert!(blockrepl::replica::DURABLE_WRITE_MAX < MIB as usize);
+    write(&d, 2 * MIB, block(2, MIB as usize));
+    p.hold(true);
+    let remote = submit_flush(&d);
+    assert!(
+        remote.recv_timeout(Duration::from_millis(400)).is_err(),
+        "a flush after a large write completed without the backup's answer"
+    );
+    p.hold(false);
+    remote
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the flush completes once the backup answers")
+        .unwrap();
+    // That answer covers the large write: the next flush is local again.
+    p.hold(true);
+    let again = submit_flush(&d).recv_timeout(held_for);
+    p.hold(false);
+    again
+        .expect("a flush after a covered large write waited for the backup")
+        .unwrap();
+    assert_eq!(d.status().link, LinkState::InSync);
+    assert!(a.data("d") == b.data("d"), "the copies differ");
 }
 
 #[test]
