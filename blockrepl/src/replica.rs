@@ -9,12 +9,14 @@
 //! 3. goes to the backup as a Write frame, then to the local file;
 //! 4. completes when the local write is done and the backup acknowledged it.
 //!
-//! A write of at most [`DURABLE_WRITE_MAX`] bytes goes with FUA: the backup makes it durable
-//! (with the writes around it, in one fdatasync) before acknowledging it. A guest flush then
-//! asks nothing of the backup when every larger write completed since the last flush the
-//! backup answered is covered: it is the local fdatasync alone, and a synchronous write
-//! (a write, then a flush) costs one round trip, not two. Larger writes (streams) are
-//! acknowledged once applied, and the next flush goes to the backup too.
+//! A write of at most [`DURABLE_WRITE_MAX`] bytes is made durable on both copies before it
+//! completes, each side in a group commit (one fdatasync for every write waiting then): the
+//! backup before acknowledging it (the frame goes with FUA), the primary on its own syncer
+//! thread, while the frame is on its way. A guest flush then asks nothing of either copy
+//! when every larger write completed before it is covered by an earlier flush: a
+//! synchronous write (a write, then a flush) costs one round trip and the slower of the two
+//! fdatasyncs, not two round trips and a fdatasync after them. Larger writes (streams) are
+//! acknowledged once applied, and the next flush goes to the backup and the local disk.
 //!
 //! When the link is down, step 3's frame is not sent and the write stalls
 //! until either the backup returns and resync has copied its regions, or the
@@ -212,9 +214,12 @@ struct Pending {
     /// A write the backup acknowledges once applied, not durable (larger than
     /// [`DURABLE_WRITE_MAX`]).
     applied_only: bool,
-    /// A flush sent to the backup: how many applied-only writes had completed when it was
-    /// registered (all of them were sent before it, so its answer covers them).
+    /// A flush: how many applied-only writes had completed when it was registered (all of
+    /// them were sent and written before it, so its fdatasyncs cover them).
     covers: Option<u64>,
+    /// A flush whose backup half is the backup's answer (not skipped, not completed
+    /// without it).
+    answered: bool,
 }
 
 /// Volatile state, under one lock.
@@ -237,6 +242,8 @@ pub(crate) struct Core {
     applied_only_done: u64,
     /// Of those, how many a flush the backup answered covers.
     applied_only_flushed: u64,
+    /// Of those, how many a local fdatasync of a flush covers.
+    applied_only_synced: u64,
     pub(crate) link: Option<Arc<Link>>,
     pub(crate) in_sync: bool,
     pub(crate) serving_session: Option<u64>,
@@ -266,6 +273,63 @@ pub struct Replica {
     pub(crate) snapshot: Mutex<Option<Arc<crate::snapshot::Snapshot>>>,
     /// The last snapshot's progress (the current one's, while it runs).
     pub(crate) last_snapshot: Mutex<Option<crate::snapshot::SnapshotProgress>>,
+    /// Local halves waiting for the group commit's next fdatasync.
+    group: Arc<GroupCommit>,
+    /// Whether the group commit's thread was started (on the first write that needs it).
+    group_started: std::sync::Once,
+    /// This replica, for that thread.
+    me: std::sync::Weak<Replica>,
+}
+
+/// The primary's group commit: ids of pending writes and flushes whose local half completes
+/// with the next fdatasync, which its thread makes for all of them at once.
+#[derive(Default)]
+struct GroupCommit {
+    /// (waiting ids, stopped: new ones are synced by their caller).
+    waiting: Mutex<(Vec<u64>, bool)>,
+    cond: Condvar,
+}
+
+impl GroupCommit {
+    fn stop(&self) {
+        lock(&self.waiting).1 = true;
+        self.cond.notify_all();
+    }
+
+    /// The thread's loop: one fdatasync for all that waits, until stopped and drained or
+    /// the replica is gone.
+    fn run(&self, replica: std::sync::Weak<Replica>) {
+        loop {
+            let ids = {
+                let mut w = lock(&self.waiting);
+                while w.0.is_empty() && !w.1 {
+                    w = self.cond.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+                if w.0.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut w.0)
+            };
+            let Some(r) = replica.upgrade() else { return };
+            let synced = r.data.sync_data();
+            for id in ids {
+                let result = match &synced {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(
+                        e.kind(),
+                        format!("flushing disk {}: {e}", r.name),
+                    )),
+                };
+                r.finish(id, Some(result), false);
+            }
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.group.stop();
+    }
 }
 
 /// How a new disk starts.
@@ -497,6 +561,7 @@ impl Replica {
             resync_busy: None,
             applied_only_done: 0,
             applied_only_flushed: 0,
+            applied_only_synced: 0,
             link: None,
             in_sync: false,
             serving_session: None,
@@ -504,7 +569,10 @@ impl Replica {
             last_resync: None,
             last_error: None,
         };
-        Ok(Arc::new(Replica {
+        Ok(Arc::new_cyclic(|me| Replica {
+            group: Arc::default(),
+            group_started: std::sync::Once::new(),
+            me: me.clone(),
             name: name.to_owned(),
             dir: ddir,
             data,
@@ -847,7 +915,7 @@ impl Replica {
             let p = core.pending.get_mut(&id).expect("present");
             p.remote = true;
             // Completed without the backup's answer: a flush covers nothing there.
-            p.covers = None;
+            p.answered = false;
             if p.local.is_some() {
                 let p = core.pending.remove(&id).expect("present");
                 core.completed(&p);
@@ -916,15 +984,15 @@ impl Replica {
             .collect()
     }
 
-    /// Registers a write (regions given; `applied_only` when the backup does not make it
-    /// durable) or flush (None) and returns its id and the link to send it on, if it goes to
-    /// the backup and a link is up.
+    /// Registers a write (regions given; `applied_only` when it is not made durable before
+    /// it completes) or flush (None) and returns its id, the link to send it on if it goes
+    /// to the backup and a link is up, and for a flush whether it needs a local fdatasync.
     fn register(
         &self,
         done: Done,
         regions: Option<(u64, u64)>,
         applied_only: bool,
-    ) -> Result<(u64, Option<Arc<Link>>), Done> {
+    ) -> Result<(u64, Option<Arc<Link>>, bool), Done> {
         let mut core = self.core();
         if core.role == Role::Backup {
             return Err(done);
@@ -947,12 +1015,15 @@ impl Replica {
         // Standalone does not wait for the backup, but a connected backup
         // (being resynced) still gets every write, in order.
         let standalone = core.role == Role::Standalone;
-        // Every write completed so far is durable on the backup: this flush is local.
-        let local_flush =
-            regions.is_none() && !standalone && core.applied_only_flushed == core.applied_only_done;
-        let remote = standalone || local_flush;
-        let covers = (regions.is_none() && !remote).then_some(core.applied_only_done);
-        let link = if local_flush { None } else { core.link.clone() };
+        let flush = regions.is_none();
+        // Every write completed so far is durable on the backup: the flush skips it.
+        let skip_backup =
+            flush && !standalone && core.applied_only_flushed == core.applied_only_done;
+        // ... and on the local disk: no fdatasync either.
+        let sync_local = flush && core.applied_only_synced != core.applied_only_done;
+        let remote = standalone || skip_backup;
+        let covers = flush.then_some(core.applied_only_done);
+        let link = if skip_backup { None } else { core.link.clone() };
         core.pending.insert(
             id,
             Pending {
@@ -963,9 +1034,33 @@ impl Replica {
                 sent_on: link.as_ref().map(|l| l.id()),
                 applied_only,
                 covers,
+                answered: flush && !remote,
             },
         );
-        Ok((id, link))
+        Ok((id, link, sync_local))
+    }
+
+    /// Completes the local half of pending `id` with the group commit's next fdatasync.
+    fn sync_later(&self, id: u64) {
+        self.group_started.call_once(|| {
+            let (group, me) = (self.group.clone(), self.me.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("sync {}", self.name))
+                .spawn(move || group.run(me));
+            if let Err(e) = spawned {
+                tracing::warn!(disk = %self.name, error = %e, "no group commit thread: each write syncs alone");
+                self.group.stop();
+            }
+        });
+        let mut w = lock(&self.group.waiting);
+        if w.1 {
+            drop(w);
+            let synced = self.data.sync_data();
+            return self.finish(id, Some(synced), false);
+        }
+        w.0.push(id);
+        drop(w);
+        self.group.cond.notify_one();
     }
 
     fn local_finished(&self, regions: (u64, u64)) {
@@ -985,6 +1080,7 @@ impl Replica {
     /// Stops background work (connector, sessions).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.group.stop();
         self.drop_link("stopping");
         self.cond.notify_all();
     }
@@ -1041,7 +1137,12 @@ impl Core {
             self.applied_only_done += 1;
         }
         if let Some(n) = p.covers {
-            self.applied_only_flushed = self.applied_only_flushed.max(n);
+            if p.answered {
+                self.applied_only_flushed = self.applied_only_flushed.max(n);
+            }
+            if matches!(p.local, Some(Ok(()))) {
+                self.applied_only_synced = self.applied_only_synced.max(n);
+            }
         }
     }
 }
@@ -1099,7 +1200,7 @@ impl BlockStore for Replica {
             return done(Err(e));
         }
         let durable = fua || data.len() <= DURABLE_WRITE_MAX;
-        let (id, link) = match self.register(done, Some(regions), !durable) {
+        let (id, link, _) = match self.register(done, Some(regions), !durable) {
             Ok(r) => r,
             Err(done) => {
                 return done(Err(io::Error::other(format!(
@@ -1112,19 +1213,16 @@ impl BlockStore for Replica {
             // On failure the link is dead: the write stalls like any other.
             let _ = link.send_write(id, offset, &data, durable);
         }
-        let local = self.data.write_all_at(&data, offset).and_then(|()| {
-            if fua {
-                self.data.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let local = self.data.write_all_at(&data, offset);
         self.local_finished(regions);
-        self.finish(id, Some(local), false);
+        match local {
+            Ok(()) if durable => self.sync_later(id),
+            local => self.finish(id, Some(local), false),
+        }
     }
 
     fn flush(&self, done: Done) {
-        let (id, link) = match self.register(done, None, false) {
+        let (id, link, sync_local) = match self.register(done, None, false) {
             Ok(r) => r,
             Err(done) => {
                 return done(Err(io::Error::other(format!(
@@ -1136,7 +1234,10 @@ impl BlockStore for Replica {
         if let Some(link) = link {
             let _ = link.send_flush(id);
         }
-        let local = self.data.sync_data();
-        self.finish(id, Some(local), false);
+        if sync_local {
+            self.sync_later(id);
+        } else {
+            self.finish(id, Some(Ok(())), false);
+        }
     }
 }
