@@ -219,6 +219,16 @@ impl Transport {
                     Err(_) => break,
                 }
             }
+            // The peer only reads this connection: anything it shows (its end closed by a
+            // restart, a reset) means it is gone, and a message written into it would be
+            // lost without an error (an election's vote answers among them).
+            if conn.as_ref().is_some_and(|c| c.get_ref().peer_closed()) {
+                tracing::info!(
+                    server = to,
+                    "raft link closed by the peer; connecting again"
+                );
+                conn = None;
+            }
             if conn.is_none() {
                 if Instant::now() < redial_at {
                     self.failed(&batch);
@@ -332,6 +342,90 @@ mod tests {
         };
         m.mut_entries().push(e);
         m
+    }
+
+    /// Server 2's side of the transport on `listener`: accepts and serves peer connections;
+    /// answers the sockets it accepted (to close them as a restart would).
+    fn serve_on(
+        listener: std::net::TcpListener,
+        peers: Arc<Peers>,
+        transport: Arc<Transport>,
+    ) -> Arc<Mutex<Vec<std::net::TcpStream>>> {
+        let accepted: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let list = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                list.lock().unwrap().push(tcp.try_clone().unwrap());
+                let (peers, transport) = (Arc::clone(&peers), Arc::clone(&transport));
+                std::thread::spawn(move || {
+                    if let Ok((s, enspeed_trust::Peer::Server { id, .. })) = peers.accept(tcp) {
+                        transport.serve_peer(std::io::BufReader::new(s), id);
+                    }
+                });
+            }
+        });
+        accepted
+    }
+
+    /// The next Raft message server 2 received, within a second.
+    fn received(events: &std::sync::mpsc::Receiver<Event>) -> Option<Message> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(e) = events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if let Event::Raft(m) = e {
+                return Some(*m);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_first_message_to_a_restarted_peer_is_not_lost() {
+        let base = std::env::temp_dir().join(format!("transport-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (d1, d2) = (base.join("1"), base.join("2"));
+        let one = enspeed_trust::TrustDir::of(&d1);
+        one.create_cluster(1).unwrap();
+        enspeed_trust::TrustDir::of(&d2)
+            .install(&one.enroll(2).unwrap())
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let book: AddressBook = Arc::new(RwLock::new(HashMap::from([(2, addr.clone())])));
+        let (tx1, _rx1) = std::sync::mpsc::channel();
+        let t1 = Transport::new(
+            1,
+            "127.0.0.1:1".into(),
+            book.clone(),
+            Peers::member(&d1).unwrap(),
+            tx1,
+        );
+        let p2 = Peers::member(&d2).unwrap();
+        let (tx2, rx2) = std::sync::mpsc::channel();
+        let t2 = Transport::new(2, addr, book.clone(), Arc::clone(&p2), tx2);
+        let accepted = serve_on(listener, Arc::clone(&p2), Arc::clone(&t2));
+        let mut m = message();
+        t1.send(m.clone());
+        assert_eq!(received(&rx2).map(|r| r.index), Some(41));
+        // Server 2 restarts: its sockets close, a new process listens (on another port here,
+        // which the address book then names).
+        for s in accepted.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        book.write()
+            .unwrap()
+            .insert(2, listener.local_addr().unwrap().to_string());
+        serve_on(listener, p2, t2);
+        std::thread::sleep(Duration::from_millis(100));
+        m.index = 42;
+        t1.send(m);
+        assert_eq!(
+            received(&rx2).map(|r| r.index),
+            Some(42),
+            "the first message after the restart was lost"
+        );
+        std::fs::remove_dir_all(base).unwrap();
     }
 
     #[test]

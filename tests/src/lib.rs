@@ -251,6 +251,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // ENSPEED_KEEP_SCRATCH=1 keeps it (the servers' logs), for reading after the run.
+        if std::env::var_os("ENSPEED_KEEP_SCRATCH").is_some() {
+            eprintln!("scratch kept: {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
