@@ -219,10 +219,7 @@ impl Answers<'_> {
     /// Makes a taken batch durable if it asks for it and sends its answers.
     fn answer(&self, (acks, sync): Batch) {
         let synced = if sync {
-            self.r
-                .data
-                .sync_data()
-                .map_err(|e| format!("flushing: {e}"))
+            self.r.sync_local().map_err(|e| format!("flushing: {e}"))
         } else {
             Ok(())
         };
@@ -368,8 +365,7 @@ fn apply(
                 // Everything applied so far becomes durable here, before the
                 // record says this copy is consistent.
                 let done = r
-                    .data
-                    .sync_data()
+                    .sync_local()
                     .map_err(|e| format!("flushing: {e}"))
                     .and_then(|()| {
                         lock(&r.meta)

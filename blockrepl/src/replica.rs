@@ -279,6 +279,8 @@ pub struct Replica {
     group_started: std::sync::Once,
     /// This replica, for that thread.
     me: std::sync::Weak<Replica>,
+    /// The first local fdatasync that failed, if one did (see [`Replica::sync_local`]).
+    sync_failed: Mutex<Option<String>>,
 }
 
 /// The primary's group commit: ids of pending writes and flushes whose local half completes
@@ -311,7 +313,7 @@ impl GroupCommit {
                 std::mem::take(&mut w.0)
             };
             let Some(r) = replica.upgrade() else { return };
-            let synced = r.data.sync_data();
+            let synced = r.sync_local();
             for id in ids {
                 let result = match &synced {
                     Ok(()) => Ok(()),
@@ -559,7 +561,9 @@ impl Replica {
             touched: HashSet::new(),
             idle_passes: HashMap::new(),
             resync_busy: None,
-            applied_only_done: 0,
+            // What the copy holds from before (a run of this process that ended, or its
+            // writes as a backup) may be in the page cache only: the first flush syncs both.
+            applied_only_done: 1,
             applied_only_flushed: 0,
             applied_only_synced: 0,
             link: None,
@@ -573,6 +577,7 @@ impl Replica {
             group: Arc::default(),
             group_started: std::sync::Once::new(),
             me: me.clone(),
+            sync_failed: Mutex::new(None),
             name: name.to_owned(),
             dir: ddir,
             data,
@@ -756,6 +761,9 @@ impl Replica {
             core.generation = generation;
             core.role = Role::Standalone;
             core.serving_session = None;
+            // A promoted backup applied its primary's larger writes without syncing them:
+            // the first flush from now on syncs.
+            core.applied_only_done += 1;
             core.in_sync = false;
             (self.complete_stalled(&mut core, None), core.link.take())
         };
@@ -815,8 +823,7 @@ impl Replica {
             tracing::warn!(disk = %self.name, writes = abandoned.len(), "demoting: unacknowledged guest writes failed; their regions stay marked for the resync");
         }
         let made_backup = self
-            .data
-            .sync_data()
+            .sync_local()
             .map_err(|e| self.io_err("syncing before demotion", e))
             .and_then(|()| {
                 meta.update(|m| {
@@ -1055,7 +1062,7 @@ impl Replica {
         let mut w = lock(&self.group.waiting);
         if w.1 {
             drop(w);
-            let synced = self.data.sync_data();
+            let synced = self.sync_local();
             return self.finish(id, Some(synced), false);
         }
         w.0.push(id);
@@ -1100,9 +1107,20 @@ impl Replica {
         self.core().resync = p;
     }
 
-    /// Makes the local data durable.
+    /// Makes the local data durable. A failure sticks: the kernel reports a lost write-back
+    /// to one fdatasync only, so every later one fails too (a flush after it must not
+    /// succeed on the strength of a sync that happened not to see the error).
     pub(crate) fn sync_local(&self) -> io::Result<()> {
-        self.data.sync_data()
+        if let Some(e) = lock(&self.sync_failed).as_ref() {
+            return Err(io::Error::other(format!(
+                "disk {}: an earlier flush failed ({e}); its data may be lost",
+                self.name
+            )));
+        }
+        self.data.sync_data().inspect_err(|e| {
+            tracing::error!(disk = %self.name, error = %e, "flush failed: every later flush fails too");
+            *lock(&self.sync_failed) = Some(e.to_string());
+        })
     }
 
     /// Computes a progress record: `done` of `total` bytes, `copied` of them since `started`.

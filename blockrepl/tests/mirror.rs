@@ -300,6 +300,9 @@ fn a_flush_after_small_writes_asks_nothing_of_the_backup_and_after_a_large_one_w
     let d = a.disk("d");
     // Every hold below is shorter than the link timeout (1 s): the link stays up.
     let held_for = Duration::from_millis(500);
+    // The first flush after opening goes to both (the test after this one); this one from
+    // then on.
+    flush(&d);
     write(&d, 4096, block(1, 4096));
     // The backup made the small write durable before acknowledging it: the flush is local,
     // and completes while nothing gets through to the backup.
@@ -332,6 +335,37 @@ fn a_flush_after_small_writes_asks_nothing_of_the_backup_and_after_a_large_one_w
         .unwrap();
     assert_eq!(d.status().link, LinkState::InSync);
     assert!(a.data("d") == b.data("d"), "the copies differ");
+}
+
+#[test]
+fn the_first_flush_after_a_copy_is_opened_or_its_generation_raised_goes_to_both() {
+    let (a, _b, p) = pair("first-flush", 16 * MIB);
+    let d = a.disk("d");
+    let must_wait = |what: &str| {
+        write(&d, 4096, block(1, 4096));
+        p.hold(true);
+        let f = submit_flush(&d);
+        assert!(
+            f.recv_timeout(Duration::from_millis(400)).is_err(),
+            "the first flush {what} completed without the backup"
+        );
+        p.hold(false);
+        f.recv_timeout(Duration::from_secs(5))
+            .expect("the flush completes once the backup answers")
+            .unwrap();
+    };
+    // Just opened: what the copies held before may be in a page cache only.
+    must_wait("after the copy was opened");
+    // Going on alone (then mirrored again): a promoted backup's copy is in that state too.
+    a.req(Request::Promote {
+        name: "d".into(),
+        generation: 2,
+        force: false,
+    });
+    wait_for("the resync after the promotion", || {
+        d.status().link == LinkState::InSync
+    });
+    must_wait("after the generation was raised");
 }
 
 #[test]
