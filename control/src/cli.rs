@@ -178,10 +178,14 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
             a.id, timing.fence_timeout
         );
     }
-    if timing.fence_timeout >= lease {
+    // A new leader counts every lease from `vote_quiet` before its election (see `node`); the
+    // fence must come before the lease runs out even where that bound does not hold.
+    if timing.fence_timeout + node.vote_quiet() >= lease {
         eprintln!(
-            "enspeed server {}: --fence-ms must be below --lease-ms",
-            a.id
+            "enspeed server {}: --fence-ms plus {} ms ({} Raft ticks) must be below --lease-ms",
+            a.id,
+            node.vote_quiet().as_millis(),
+            node.election_ticks.saturating_sub(1)
         );
         return ExitCode::FAILURE;
     }

@@ -1,8 +1,9 @@
 //! Failure detection and failover, run by whichever server leads.
 //!
 //! Each server's node agent heartbeats to the leader (see `agent`). The leader gives every
-//! server a lease: the time since its last heartbeat, counted from the start of this
-//! leadership at the earliest. When a lease runs out, the server has fenced itself already
+//! server a lease: the time since its last heartbeat, counted at the earliest from the start
+//! of this leadership less the quiet its election needed (`NodeConfig::vote_quiet`: a
+//! heartbeat an earlier leader answered was sent before that). When a lease runs out, the server has fenced itself already
 //! (its agent fences at `fence_timeout`, shorter), and the leader commits `SetServerDown`,
 //! which in the same entry promotes the backups of the disks whose primary was there, with a
 //! raised generation (`StateMachine::server_down`). The agents on the new primaries promote
@@ -182,6 +183,29 @@ mod tests {
         assert_eq!(d, vec![Command::SetServerDown { id: 2, down: true }]);
         let d = decide(&t, &v, since + Duration::from_millis(2600), 0);
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn a_new_leader_counts_the_leases_from_the_quiet_its_election_needed() {
+        // What the node does with `since`, with the default timings: the lease of a server
+        // it never heard from runs out `vote_quiet` sooner than a whole lease after it won.
+        let cfg = crate::node::NodeConfig::new(1);
+        assert_eq!(cfg.vote_quiet(), Duration::from_millis(250));
+        let t = FailoverTiming::default();
+        let won = Instant::now() + Duration::from_secs(5);
+        assert_eq!(cfg.lease_start(won), won - cfg.vote_quiet());
+        let v = view(
+            cfg.lease_start(won),
+            &[(1, won + Duration::from_millis(100))],
+        );
+        assert!(decide(&t, &v, won + t.lease - cfg.vote_quiet(), 0).is_empty());
+        let d = decide(
+            &t,
+            &v,
+            won + t.lease - cfg.vote_quiet() + Duration::from_millis(10),
+            0,
+        );
+        assert_eq!(d, vec![Command::SetServerDown { id: 2, down: true }]);
     }
 
     #[test]

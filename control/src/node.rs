@@ -47,6 +47,22 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// How long before a leader's election every server's last heartbeat answered by an
+    /// earlier leader was sent, at the latest: such an answer needed a quorum of that leader's
+    /// followers to have heard from it after the heartbeat was sent, a quorum voted for the
+    /// new leader, and a follower (raft-rs with `check_quorum`) ignores votes until it has not
+    /// heard from its leader for `election_ticks` ticks: at least that many, less one, tick
+    /// intervals. Two cases escape it, a leadership handed over (forced votes) and a voter that
+    /// restarted in between; the lease's margin over the fence timeout covers them.
+    pub fn vote_quiet(&self) -> Duration {
+        self.tick * (self.election_ticks.saturating_sub(1) as u32)
+    }
+
+    /// Where the leases a leadership won at `won` gives every server start.
+    pub fn lease_start(&self, won: Instant) -> Instant {
+        won.checked_sub(self.vote_quiet()).unwrap_or(won)
+    }
+
     /// Defaults: 50 ms ticks, elections 0.5 to 1 s after the leader fell silent, heartbeats
     /// every 50 ms. An election must end well within the node agents' fence timeout, or every
     /// server fences itself while a dead leader is replaced (see `agent`).
@@ -158,7 +174,8 @@ pub enum Event {
 /// server's heartbeat (in this leadership), and its applied state.
 #[derive(Clone, Debug)]
 pub struct LeaderView {
-    /// When this server became the leader (or rather: first saw it had).
+    /// Where the lease this leadership gives every server starts: when this server became the
+    /// leader (or rather: first saw it had), less [`NodeConfig::vote_quiet`].
     pub since: Instant,
     /// The last heartbeat received from each server since then.
     pub heard: HashMap<u64, Instant>,
@@ -383,7 +400,8 @@ pub struct Node {
     reads_queued: Vec<(u64, PendingRead)>,
     reads: HashMap<u64, PendingRead>,
     role: StateRole,
-    /// Since when this server leads (None while it does not).
+    /// Where the lease this leadership gives every server starts: its election, less
+    /// [`NodeConfig::vote_quiet`] (None while it does not lead).
     leading_since: Option<Instant>,
     /// Heartbeats heard in this leadership.
     heard: HashMap<u64, Instant>,
@@ -759,9 +777,9 @@ impl Node {
             let was_leader = self.role == StateRole::Leader;
             self.role = ss.raft_state;
             if ss.raft_state == StateRole::Leader && !was_leader {
-                // Every server gets a whole lease from now: a heartbeat the previous leader
-                // answered was sent before a quorum voted for this one.
-                self.leading_since = Some(Instant::now());
+                // Every server gets a whole lease from here: a heartbeat an earlier leader
+                // answered was sent at least `vote_quiet` before this leadership began.
+                self.leading_since = Some(self.cfg.lease_start(Instant::now()));
                 self.heard.clear();
             } else if ss.raft_state != StateRole::Leader {
                 self.leading_since = None;

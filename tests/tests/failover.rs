@@ -340,14 +340,33 @@ fn power_cut_of_the_primary_the_vm_boots_on_its_backup_with_every_acknowledged_w
     c.create_vm();
     let mut primary = c.disk()["primary"].as_u64().unwrap() as usize;
     let (mut to_vmm, mut to_ready) = (Vec::new(), Vec::new());
+    // FAILOVER_KILL_LEADER=1: before each cut, the primary's server is made the Raft leader
+    // (the leader elsewhere is restarted until it is), so every drill replaces a dead leader.
+    let kill_leader = std::env::var_os("FAILOVER_KILL_LEADER").is_some();
+    let leader_of = |c: &Cluster| {
+        c.call(3, json!({"op": "status"}))
+            .ok()
+            .and_then(|s| s["leader"].as_u64())
+    };
     for drill in 0..drills {
         c.wait_protected(primary);
         let backup = 3 - primary;
+        for _ in 0..10 {
+            match leader_of(&c) {
+                Some(l) if !kill_leader || l as usize == primary => break,
+                Some(l) => {
+                    c.servers[l as usize - 1].kill9();
+                    // Long enough for the others to elect a leader (or the restarted one).
+                    std::thread::sleep(Duration::from_millis(1500));
+                    c.servers[l as usize - 1].start(&[]);
+                    c.wait("a leader again", leader_of);
+                    c.wait_protected(primary);
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
         let generation = c.disk()["generation"].as_u64().unwrap();
-        let leader = c
-            .call(3, json!({"op": "status"}))
-            .ok()
-            .and_then(|s| s["leader"].as_u64());
+        let leader = leader_of(&c);
         std::thread::sleep(Duration::from_millis(300));
         let fences = c.servers[backup - 1].log().matches(FENCED).count();
         let killed = Instant::now();
