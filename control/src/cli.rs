@@ -14,6 +14,11 @@ use crate::node::NodeConfig;
 use crate::server::{self, Bootstrap, ServerConfig};
 use crate::state_machine::{Capacity, Command, Pool, Query};
 
+/// What a lease must keep, beyond the fence timeout and a new leader's quiet, for the server to
+/// have fenced itself: the watchdog's period (20 ms), killing every VMM and blockd, and a
+/// scheduling stall.
+const FENCING_TAKES: Duration = Duration::from_millis(250);
+
 /// `enspeed server`.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -178,14 +183,16 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
             a.id, timing.fence_timeout
         );
     }
-    // A new leader counts every lease from `vote_quiet` before its election (see `node`); the
-    // fence must come before the lease runs out even where that bound does not hold.
-    if timing.fence_timeout + node.vote_quiet() >= lease {
+    // A new leader counts every lease from `vote_quiet` before its election (see `node`), which
+    // is not a bound: the lease's margin over the fence timeout covers that, the watchdog's
+    // period and the time killing the VMMs takes.
+    if timing.fence_timeout + node.vote_quiet() + FENCING_TAKES > lease {
         eprintln!(
-            "enspeed server {}: --fence-ms plus {} ms ({} Raft ticks) must be below --lease-ms",
+            "enspeed server {}: --lease-ms must be at least --fence-ms plus {} ms ({} Raft ticks, the quiet a new leader's election counts on) plus {} ms (to fence)",
             a.id,
             node.vote_quiet().as_millis(),
-            node.election_ticks.saturating_sub(1)
+            node.election_ticks.saturating_sub(2),
+            FENCING_TAKES.as_millis()
         );
         return ExitCode::FAILURE;
     }

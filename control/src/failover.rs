@@ -2,8 +2,9 @@
 //!
 //! Each server's node agent heartbeats to the leader (see `agent`). The leader gives every
 //! server a lease: the time since its last heartbeat, counted at the earliest from the start
-//! of this leadership less the quiet its election needed (`NodeConfig::vote_quiet`: a
-//! heartbeat an earlier leader answered was sent before that). When a lease runs out, the server has fenced itself already
+//! of this leadership less the quiet its election usually needed (`NodeConfig::vote_quiet`: a
+//! heartbeat an earlier leader answered was sent before that; where it was not, the lease's
+//! margin over the fence timeout covers it). When a lease runs out, the server has fenced itself already
 //! (its agent fences at `fence_timeout`, shorter), and the leader commits `SetServerDown`,
 //! which in the same entry promotes the backups of the disks whose primary was there, with a
 //! raised generation (`StateMachine::server_down`). The agents on the new primaries promote
@@ -190,7 +191,7 @@ mod tests {
         // What the node does with `since`, with the default timings: the lease of a server
         // it never heard from runs out `vote_quiet` sooner than a whole lease after it won.
         let cfg = crate::node::NodeConfig::new(1);
-        assert_eq!(cfg.vote_quiet(), Duration::from_millis(250));
+        assert_eq!(cfg.vote_quiet(), Duration::from_millis(200));
         let t = FailoverTiming::default();
         let won = Instant::now() + Duration::from_secs(5);
         assert_eq!(cfg.lease_start(won), won - cfg.vote_quiet());

@@ -47,15 +47,18 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// How long before a leader's election every server's last heartbeat answered by an
-    /// earlier leader was sent, at the latest: such an answer needed a quorum of that leader's
-    /// followers to have heard from it after the heartbeat was sent, a quorum voted for the
-    /// new leader, and a follower (raft-rs with `check_quorum`) ignores votes until it has not
-    /// heard from its leader for `election_ticks` ticks: at least that many, less one, tick
-    /// intervals. Two cases escape it, a leadership handed over (forced votes) and a voter that
-    /// restarted in between; the lease's margin over the fence timeout covers them.
+    /// How long before a leader's election, in the usual case, every server's last heartbeat
+    /// answered by an earlier leader was sent: such an answer needed a quorum of that
+    /// leader's followers to have heard from it after the heartbeat was sent, a quorum voted
+    /// for the new leader, and a follower (raft-rs with `check_quorum`) ignores votes until it
+    /// has not heard from its leader for `election_ticks` ticks: at least that many, less two
+    /// (a late tick runs right before the next), tick intervals. Not a bound: the old leader
+    /// itself, stepped down by a newer term, votes at once; so do a voter that restarted and
+    /// every voter of a handed-over leadership. There the gap can be one round trip, and the
+    /// lease's margin over the fence timeout must cover this much besides the fencing itself
+    /// (`enspeed server` checks it).
     pub fn vote_quiet(&self) -> Duration {
-        self.tick * (self.election_ticks.saturating_sub(1) as u32)
+        self.tick * (self.election_ticks.saturating_sub(2) as u32)
     }
 
     /// Where the leases a leadership won at `won` gives every server start.

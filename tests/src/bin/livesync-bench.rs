@@ -170,6 +170,60 @@ fn delay_relay(target: String, delay: Duration) -> String {
     addr
 }
 
+/// The cluster's CA, made for the run in `dir`: server 1's certificate (the primaries) and
+/// server 2's (the backups).
+fn certificates(dir: &Path) -> (enspeed_trust::TrustDir, enspeed_trust::TrustDir) {
+    let (one, two) = (
+        enspeed_trust::TrustDir::of(&dir.join("server1")),
+        enspeed_trust::TrustDir::of(&dir.join("server2")),
+    );
+    one.create_cluster(1).unwrap();
+    two.install(&one.enroll(2).unwrap()).unwrap();
+    (one, two)
+}
+
+/// The paths the round trips are measured on: an echo server on loopback, then the network
+/// namespace with an echo server of its own. Answers the loopback echo's address, the
+/// namespace's echo process, and whether netem delays the namespace's veth.
+fn echoes_and_namespace() -> (String, std::process::Child, bool) {
+    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    {
+        let a = echo_lo.clone();
+        std::thread::spawn(move || echo_server(&a));
+    }
+    let netem = setup_ns();
+    let echo = Command::new("ip")
+        .args(["netns", "exec", NS])
+        .arg(std::env::current_exe().unwrap())
+        .args(["echo", &format!("{NS_PEER_IP}:7701")])
+        .spawn()
+        .expect("start the echo server in the namespace");
+    (echo_lo, echo, netem)
+}
+
+/// How to reach `addr`, in the namespace, 0.1 ms later each way: itself when netem delays the
+/// veth, else through a relay that holds each chunk.
+fn delayed(addr: String, netem: bool) -> String {
+    if netem {
+        addr
+    } else {
+        delay_relay(addr, Duration::from_micros(100))
+    }
+}
+
+/// What [`delayed`] does, in words.
+fn delay_how(netem: bool) -> &'static str {
+    if netem {
+        "tc netem 0.1 ms each way"
+    } else {
+        "a relay holding each chunk 0.1 ms each way (no netem in this kernel)"
+    }
+}
+
 fn relay_one_way(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
     use std::io::{Read, Write};
     let _ = from.set_nodelay(true);
@@ -447,12 +501,7 @@ fn main() {
     ));
 
     // The cluster's CA, made for the run: the primary is server 1, the backups server 2.
-    let (one, two_tls) = (
-        enspeed_trust::TrustDir::of(&dir.join("server1")),
-        enspeed_trust::TrustDir::of(&dir.join("server2")),
-    );
-    one.create_cluster(1).unwrap();
-    two_tls.install(&one.enroll(2).unwrap()).unwrap();
+    let (one, two_tls) = certificates(&dir);
     let tls = || MirrorNet::tls(&one.0).unwrap();
     let (_b1, addr1) = backup(
         &dir.join("backup-lo"),
@@ -469,23 +518,7 @@ fn main() {
         MirrorNet::Plain,
         DISK,
     );
-    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    {
-        let a = echo_lo.clone();
-        std::thread::spawn(move || echo_server(&a));
-    }
-
-    let netem = setup_ns();
-    let mut echo = Command::new("ip")
-        .args(["netns", "exec", NS])
-        .arg(std::env::current_exe().unwrap())
-        .args(["echo", &format!("{NS_PEER_IP}:7701")])
-        .spawn()
-        .expect("start the echo server in the namespace");
+    let (echo_lo, mut echo, netem) = echoes_and_namespace();
     let (_b2, addr2) = backup(
         &dir.join("backup-ns"),
         NS_PEER_IP,
@@ -500,22 +533,11 @@ fn main() {
         None,
         DISK,
     );
-    let (peer, peer_plain, echo_addr, how) = if netem {
-        (
-            addr2,
-            addr2p,
-            format!("{NS_PEER_IP}:7701"),
-            "tc netem 0.1 ms each way",
-        )
-    } else {
-        let d = Duration::from_micros(100);
-        (
-            delay_relay(addr2, d),
-            delay_relay(addr2p, d),
-            delay_relay(format!("{NS_PEER_IP}:7701"), d),
-            "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
-        )
-    };
+    let (peer, peer_plain) = (delayed(addr2, netem), delayed(addr2p, netem));
+    let (echo_addr, how) = (
+        delayed(format!("{NS_PEER_IP}:7701"), netem),
+        delay_how(netem),
+    );
     let ns: Arc<dyn BlockStore> = primary(&dir.join("primary-ns"), &peer, tls(), DISK);
     let ns_plain: Arc<dyn BlockStore> = primary(
         &dir.join("primary-ns-plain"),
@@ -708,12 +730,7 @@ fn guest_main() {
     let two_server =
         blockrepl::vhost_blk::spawn(&two_sock, two).expect("serve the two local files");
 
-    let (one, two_tls) = (
-        enspeed_trust::TrustDir::of(&dir.join("server1")),
-        enspeed_trust::TrustDir::of(&dir.join("server2")),
-    );
-    one.create_cluster(1).unwrap();
-    two_tls.install(&one.enroll(2).unwrap()).unwrap();
+    let (one, two_tls) = certificates(&dir);
     let (_b_lo, addr_lo) = backup(
         &dir.join("backup-lo"),
         "127.0.0.1",
@@ -722,22 +739,7 @@ fn guest_main() {
         GUEST_DISK,
     );
     let (_p_lo, sock_lo) = primary_daemon(&dir.join("primary-lo"), &addr_lo, &one.0, GUEST_DISK);
-    let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    {
-        let a = echo_lo.clone();
-        std::thread::spawn(move || echo_server(&a));
-    }
-    let netem = setup_ns();
-    let mut echo = Command::new("ip")
-        .args(["netns", "exec", NS])
-        .arg(std::env::current_exe().unwrap())
-        .args(["echo", &format!("{NS_PEER_IP}:7701")])
-        .spawn()
-        .expect("start the echo server in the namespace");
+    let (echo_lo, mut echo, netem) = echoes_and_namespace();
     let (_b_ns, addr_ns) = backup(
         &dir.join("backup-ns"),
         NS_PEER_IP,
@@ -745,20 +747,11 @@ fn guest_main() {
         Some(&two_tls.0),
         GUEST_DISK,
     );
-    let (peer, echo_addr, how) = if netem {
-        (
-            addr_ns,
-            format!("{NS_PEER_IP}:7701"),
-            "tc netem 0.1 ms each way",
-        )
-    } else {
-        let d = Duration::from_micros(100);
-        (
-            delay_relay(addr_ns, d),
-            delay_relay(format!("{NS_PEER_IP}:7701"), d),
-            "a relay holding each chunk 0.1 ms each way (no netem in this kernel)",
-        )
-    };
+    let peer = delayed(addr_ns, netem);
+    let (echo_addr, how) = (
+        delayed(format!("{NS_PEER_IP}:7701"), netem),
+        delay_how(netem),
+    );
     let (_p_ns, sock_ns) = primary_daemon(&dir.join("primary-ns"), &peer, &one.0, GUEST_DISK);
 
     let vhost = |p: &Path| format!("vhost-user={}", p.display());
