@@ -182,10 +182,21 @@ fn certificates(dir: &Path) -> (enspeed_trust::TrustDir, enspeed_trust::TrustDir
     (one, two)
 }
 
+/// The network namespace and its echo server: both go when dropped (a panic too).
+struct Namespace(std::process::Child);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        teardown_ns();
+    }
+}
+
 /// The paths the round trips are measured on: an echo server on loopback, then the network
 /// namespace with an echo server of its own. Answers the loopback echo's address, the
-/// namespace's echo process, and whether netem delays the namespace's veth.
-fn echoes_and_namespace() -> (String, std::process::Child, bool) {
+/// namespace, and whether netem delays the namespace's veth.
+fn echoes_and_namespace() -> (String, Namespace, bool) {
     let echo_lo = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -200,9 +211,12 @@ fn echoes_and_namespace() -> (String, std::process::Child, bool) {
         .args(["netns", "exec", NS])
         .arg(std::env::current_exe().unwrap())
         .args(["echo", &format!("{NS_PEER_IP}:7701")])
-        .spawn()
-        .expect("start the echo server in the namespace");
-    (echo_lo, echo, netem)
+        .spawn();
+    let ns = Namespace(echo.unwrap_or_else(|e| {
+        teardown_ns();
+        panic!("start the echo server in the namespace: {e}")
+    }));
+    (echo_lo, ns, netem)
 }
 
 /// How to reach `addr`, in the namespace, 0.1 ms later each way: itself when netem delays the
@@ -518,7 +532,7 @@ fn main() {
         MirrorNet::Plain,
         DISK,
     );
-    let (echo_lo, mut echo, netem) = echoes_and_namespace();
+    let (echo_lo, namespace, netem) = echoes_and_namespace();
     let (_b2, addr2) = backup(
         &dir.join("backup-ns"),
         NS_PEER_IP,
@@ -563,9 +577,7 @@ fn main() {
     );
     let rtt_lo = tcp_rtt_ms(&echo_lo);
     let rtt_ns = tcp_rtt_ms(&echo_addr);
-    let _ = echo.kill();
-    let _ = echo.wait();
-    teardown_ns();
+    drop(namespace);
     let [local, two, lo_row, lo_plain, ns_row, ns_plain] =
         <[Row; 6]>::try_from(rows).ok().expect("six rows");
 
@@ -739,7 +751,7 @@ fn guest_main() {
         GUEST_DISK,
     );
     let (_p_lo, sock_lo) = primary_daemon(&dir.join("primary-lo"), &addr_lo, &one.0, GUEST_DISK);
-    let (echo_lo, mut echo, netem) = echoes_and_namespace();
+    let (echo_lo, namespace, netem) = echoes_and_namespace();
     let (_b_ns, addr_ns) = backup(
         &dir.join("backup-ns"),
         NS_PEER_IP,
@@ -791,9 +803,7 @@ fn guest_main() {
     }
     let rtt_lo = tcp_rtt_ms(&echo_lo);
     let rtt_ns = tcp_rtt_ms(&echo_addr);
-    let _ = echo.kill();
-    let _ = echo.wait();
-    teardown_ns();
+    drop(namespace);
     two_server.stop().expect("the vhost-user-blk backend stops");
 
     // Each figure's median over the rounds, in the shape of one round.

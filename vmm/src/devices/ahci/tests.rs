@@ -17,8 +17,14 @@ struct Rig {
     mem: GuestMemory,
     line: Arc<AtomicBool>,
     sent: Arc<Mutex<Vec<(u64, u32)>>>,
-    _dir: PathBuf,
+    dir: PathBuf,
     disk: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn rig() -> Rig {
@@ -62,7 +68,7 @@ fn rig_with(size: usize, open: impl FnOnce(&Path) -> AtaDisk) -> Rig {
         mem,
         line,
         sent,
-        _dir: dir,
+        dir,
         disk,
     }
 }
