@@ -264,6 +264,29 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
             who.0,
             s.1
         );
+        // Its counts are the list's.
+        let listed = |key: &str, value: &str| {
+            v.1.as_array()
+                .unwrap()
+                .iter()
+                .filter(|vm| vm.pointer(key).and_then(Value::as_str) == Some(value))
+                .count()
+        };
+        for (at, key, value) in [
+            ("/vms/running", "/status", "running"),
+            ("/vms/stopped", "/status", "stopped"),
+            ("/replication/in_sync", "/replication/state", "in-sync"),
+            ("/replication/resyncing", "/replication/state", "resyncing"),
+            ("/replication/degraded", "/replication/state", "degraded"),
+        ] {
+            assert_eq!(
+                s.1.pointer(at).and_then(Value::as_u64),
+                Some(listed(key, value) as u64),
+                "{}'s summary {at}: {}",
+                who.0,
+                s.1
+            );
+        }
         let me = x.case(
             who,
             "GET",

@@ -1199,18 +1199,27 @@ impl App {
     }
 
     async fn summary(&self, c: &Caller) -> Result<Response<Body>, ApiError> {
-        let vms = views::vms(&c.state, &c.user);
-        let count = |f: &dyn Fn(&views::VmView) -> bool| vms.iter().filter(|v| f(v)).count();
+        // Each VM's status and replication only, not its whole view.
+        let vms: Vec<(VmStatus, ReplicationState)> = views::visible_vms(&c.state, &c.user)
+            .map(|v| {
+                (
+                    views::vm_status(&c.state, v),
+                    views::vm_replication(&c.state, v).state,
+                )
+            })
+            .collect();
+        let count =
+            |f: &dyn Fn(&(VmStatus, ReplicationState)) -> bool| vms.iter().filter(|v| f(v)).count();
         let mut s = json!({
             "vms": {
                 "total": vms.len(),
-                "running": count(&|v| v.status == VmStatus::Running),
-                "stopped": count(&|v| v.status == VmStatus::Stopped),
+                "running": count(&|v| v.0 == VmStatus::Running),
+                "stopped": count(&|v| v.0 == VmStatus::Stopped),
             },
             "replication": {
-                "in_sync": count(&|v| v.replication.state == ReplicationState::InSync),
-                "resyncing": count(&|v| v.replication.state == ReplicationState::Resyncing),
-                "degraded": count(&|v| v.replication.state == ReplicationState::Degraded),
+                "in_sync": count(&|v| v.1 == ReplicationState::InSync),
+                "resyncing": count(&|v| v.1 == ReplicationState::Resyncing),
+                "degraded": count(&|v| v.1 == ReplicationState::Degraded),
             },
         });
         if c.user.role == Role::Manager {

@@ -313,7 +313,18 @@ fn copy(
 /// A VM's view.
 /// A VM's replication: that of its least healthy disk (degraded, then unknown, then
 /// resyncing, then in sync); while resyncing, the share of all its disks' bytes in sync.
-fn vm_replication(state: &StateMachine, vm: &VmRecord) -> Replication {
+/// What VM `vm` is doing: its power as asked, against what its server reports.
+pub fn vm_status(state: &StateMachine, vm: &VmRecord) -> VmStatus {
+    match (vm.running, state.vm_observed_running(&vm.name)) {
+        (true, true) => VmStatus::Running,
+        (true, false) => VmStatus::Starting,
+        (false, true) => VmStatus::Stopping,
+        (false, false) => VmStatus::Stopped,
+    }
+}
+
+/// VM `vm`'s replication: its disks' worst state.
+pub fn vm_replication(state: &StateMachine, vm: &VmRecord) -> Replication {
     let disks: Vec<&DiskRecord> = vm.disks.iter().filter_map(|d| state.disks.get(d)).collect();
     let each: Vec<(u64, Replication)> = disks
         .iter()
@@ -383,12 +394,7 @@ fn disk_replication(state: &StateMachine, d: &DiskRecord) -> Replication {
 pub fn vm(state: &StateMachine, vm: &VmRecord, viewer: &UserRecord) -> VmView {
     let manager = viewer.role == Role::Manager;
     let disk = vm.disks.first().and_then(|d| state.disks.get(d));
-    let status = match (vm.running, state.vm_observed_running(&vm.name)) {
-        (true, true) => VmStatus::Running,
-        (true, false) => VmStatus::Starting,
-        (false, true) => VmStatus::Stopping,
-        (false, false) => VmStatus::Stopped,
-    };
+    let status = vm_status(state, vm);
     let replication = vm_replication(state, vm);
     let owner = vm.owner.and_then(|o| state.users.get(&o));
     VmView {
@@ -697,17 +703,24 @@ pub fn vms(state: &StateMachine, me: &UserRecord) -> Vec<VmView> {
 /// page's VMs are viewed (what each one's view costs, its replication and placement, is
 /// most of a whole list's).
 pub fn vms_page(state: &StateMachine, me: &UserRecord, after: u64, limit: usize) -> Vec<VmView> {
-    let mut page: Vec<&VmRecord> = state
-        .vms
-        .values()
-        .filter(|v| v.id > after && access::may_operate_vm(state, me, v))
-        .collect();
+    let mut page: Vec<&VmRecord> = visible_vms(state, me).filter(|v| v.id > after).collect();
     if page.len() > limit {
         page.select_nth_unstable_by_key(limit, |v| v.id);
         page.truncate(limit);
     }
     page.sort_unstable_by_key(|v| v.id);
     page.into_iter().map(|v| vm(state, v, me)).collect()
+}
+
+/// The VMs `me` may see, unordered.
+pub fn visible_vms<'a>(
+    state: &'a StateMachine,
+    me: &'a UserRecord,
+) -> impl Iterator<Item = &'a VmRecord> {
+    state
+        .vms
+        .values()
+        .filter(move |v| access::may_operate_vm(state, me, v))
 }
 
 /// A server as the Manager sees it.

@@ -1,7 +1,8 @@
 //! Benchmarks the control plane as the cluster grows: for 100, 1,000 and 10,000 VMs, the CPU
 //! each idle server spends (its process and its children, over `BENCH_SECS`), and the API's
 //! latency: the VM list at the leader and at a follower, a page of 100 of it at the follower
-//! (`?after=VMID&limit=100`, from a VMID moving through the list), a power operation (one Raft commit)
+//! (`?after=VMID&limit=100`, from a VMID moving through the list), the summary (the counts the
+//! UI's first screen shows) at the follower, a power operation (one Raft commit)
 //! at the leader with one client and through a follower with 16. Prints Markdown.
 //!
 //! Five `enspeed server`s on loopback. Servers 1-3 run their node agents (heartbeats ten times
@@ -111,8 +112,8 @@ fn main() {
         "Five servers on loopback: 1-3 with their agents (heartbeats every 100 ms, no capacity), 4-5 without agents holding the VMs' disk records; leader: server {leader}, follower measured: server {follower}. CPU over {secs} s, idle (no request), as % of one core, process and children."
     );
     println!();
-    println!("| VMs | state JSON | CPU s1 | CPU s2 | CPU s3 | CPU s4 | CPU s5 | list p50 / p99 (leader, 1) | list p50 / p99 (follower, 1) | a page of 100 p50 / p99 (follower, 1) | power p50 / p99 (leader, 1) | power per s, p50 / p99 (follower, 16) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| VMs | state JSON | CPU s1 | CPU s2 | CPU s3 | CPU s4 | CPU s5 | list p50 / p99 (leader, 1) | list p50 / p99 (follower, 1) | a page of 100 p50 / p99 (follower, 1) | summary p50 / p99 (follower, 1) | power p50 / p99 (leader, 1) | power per s, p50 / p99 (follower, 16) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 
     let m = Web::logged_in(&lw, "admin", PASSWORD);
     let users = bench_users(&lw, 16);
@@ -183,15 +184,18 @@ fn main() {
                 let after = k * 37 % n.saturating_sub(99).max(1);
                 w.fetch(&format!("/api/v1/vms?after={after}&limit=100")).0
             });
+        let summary: Arc<dyn Fn(&Web, usize, u64) -> u16 + Send + Sync> =
+            Arc::new(|w: &Web, _, _| w.fetch("/api/v1/summary").0);
         let power = power_op(n);
         let short = secs.div_ceil(2);
         let (_, _, l50, l99) = measure(&at_leader, 1, short, Arc::clone(&list));
         let (_, _, f50, f99) = measure(&at_follower, 1, short, Arc::clone(&list));
         let (_, _, g50, g99) = measure(&at_follower, 1, short, Arc::clone(&page));
+        let (_, _, s50, s99) = measure(&at_follower, 1, short, Arc::clone(&summary));
         let (_, _, p50, p99) = measure(&at_leader, 1, short, Arc::clone(&power));
         let (_, rate, q50, q99) = measure(&at_follower, 16, short, Arc::clone(&power));
         println!(
-            "| {n} | {state_kib} KiB | {} | {} / {} | {} / {} | {} / {} | {} / {} | {rate:.0}, {} / {} |",
+            "| {n} | {state_kib} KiB | {} | {} / {} | {} / {} | {} / {} | {} / {} | {} / {} | {rate:.0}, {} / {} |",
             cpu.join(" | "),
             ms(l50),
             ms(l99),
@@ -199,6 +203,8 @@ fn main() {
             ms(f99),
             ms(g50),
             ms(g99),
+            ms(s50),
+            ms(s99),
             ms(p50),
             ms(p99),
             ms(q50),
