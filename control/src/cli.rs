@@ -188,10 +188,9 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     // period and the time killing the VMMs takes.
     if timing.fence_timeout + node.vote_quiet() + FENCING_TAKES > lease {
         eprintln!(
-            "enspeed server {}: --lease-ms must be at least --fence-ms plus {} ms ({} Raft ticks, the quiet a new leader's election counts on) plus {} ms (to fence)",
+            "enspeed server {}: --lease-ms must be at least --fence-ms plus {} ms (the quiet a new leader's election counts on, from --tick-ms and --election-ticks) plus {} ms (to fence)",
             a.id,
             node.vote_quiet().as_millis(),
-            node.election_ticks.saturating_sub(2),
             FENCING_TAKES.as_millis()
         );
         return ExitCode::FAILURE;

@@ -4,11 +4,11 @@
 //! server a lease: the time since its last heartbeat, counted at the earliest from the start
 //! of this leadership less the quiet its election usually needed (`NodeConfig::vote_quiet`: a
 //! heartbeat an earlier leader answered was sent before that; where it was not, the lease's
-//! margin over the fence timeout covers it). When a lease runs out, the server has fenced itself already
-//! (its agent fences at `fence_timeout`, shorter), and the leader commits `SetServerDown`,
-//! which in the same entry promotes the backups of the disks whose primary was there, with a
-//! raised generation (`StateMachine::server_down`). The agents on the new primaries promote
-//! their copies and boot the VMs.
+//! margin over the fence timeout covers it). When a lease runs out, the server has fenced
+//! itself already (its agent fences at `fence_timeout`, shorter), and the leader commits
+//! `SetServerDown`, which in the same entry promotes the backups of the disks whose primary
+//! was there, with a raised generation (`StateMachine::server_down`). The agents on the new
+//! primaries promote their copies and boot the VMs.
 //!
 //! ```text
 //!            lease runs out                      heartbeat heard again

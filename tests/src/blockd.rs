@@ -43,11 +43,7 @@ pub fn backup(
     let port = match ns {
         Some(_) if tls.is_some() => 7700,
         Some(_) => 7702,
-        None => std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
+        None => crate::cluster::free_port(),
     };
     let addr = format!("{ip}:{port}");
     let b = spawn(dir, &addr, ns, tls);
@@ -59,14 +55,7 @@ pub fn backup(
 /// the backup blockd at `peer` (mutual TLS with the certificate in `tls`), once in sync;
 /// with its vhost-user-blk socket, for a VMM.
 pub fn primary_daemon(dir: &Path, peer: &str, tls: &Path, size: u64) -> (Blockd, PathBuf) {
-    let listen = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
+    let listen = format!("127.0.0.1:{}", crate::cluster::free_port());
     let b = spawn(dir, &listen, None, Some(tls));
     b.create(size, false);
     let r = b.call(&Request::Attach {

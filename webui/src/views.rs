@@ -310,9 +310,6 @@ fn copy(
     }
 }
 
-/// A VM's view.
-/// A VM's replication: that of its least healthy disk (degraded, then unknown, then
-/// resyncing, then in sync); while resyncing, the share of all its disks' bytes in sync.
 /// What VM `vm` is doing: its power as asked, against what its server reports.
 pub fn vm_status(state: &StateMachine, vm: &VmRecord) -> VmStatus {
     match (vm.running, state.vm_observed_running(&vm.name)) {
@@ -323,7 +320,8 @@ pub fn vm_status(state: &StateMachine, vm: &VmRecord) -> VmStatus {
     }
 }
 
-/// VM `vm`'s replication: its disks' worst state.
+/// A VM's replication: that of its least healthy disk (degraded, then unknown, then
+/// resyncing, then in sync); while resyncing, the share of all its disks' bytes in sync.
 pub fn vm_replication(state: &StateMachine, vm: &VmRecord) -> Replication {
     let disks: Vec<&DiskRecord> = vm.disks.iter().filter_map(|d| state.disks.get(d)).collect();
     let each: Vec<(u64, Replication)> = disks
