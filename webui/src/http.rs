@@ -101,6 +101,11 @@ impl Request {
 
     /// The body as `T`: JSON, `application/json`, no unknown fields (the types deny them).
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        crate::bodies::parse(self.json_body()?)
+    }
+
+    /// The body's bytes, if it says it is JSON (`application/json`).
+    pub fn json_body(&self) -> Result<&[u8], ApiError> {
         let ct = self.header("content-type").unwrap_or("");
         if !ct.starts_with("application/json") {
             return Err(ApiError::new(
@@ -108,8 +113,7 @@ impl Request {
                 "the body must be JSON, with Content-Type: application/json",
             ));
         }
-        serde_json::from_slice(&self.body)
-            .map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+        Ok(&self.body)
     }
 
     /// A query parameter, percent-decoded.

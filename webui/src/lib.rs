@@ -19,6 +19,7 @@
 
 pub mod assets;
 pub mod auth;
+pub mod bodies;
 pub mod cli;
 pub mod cluster;
 pub mod console;

@@ -58,10 +58,11 @@ use control::access::{self, AuditEntry, Quota, Role, SessionRecord, UserRecord};
 use control::state_machine::{self, Action, StateMachine};
 use hyper::header::{HeaderValue, SET_COOKIE};
 use hyper::{Method, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{self, RateLimit};
+use crate::bodies::{self, Ask, Asker, PowerAction};
 use crate::cluster::{now_ms, Cluster};
 use crate::http::{json_response, ok, ApiError, Body, Request};
 use crate::views::{ReplicationState, VmStatus};
@@ -98,220 +99,6 @@ struct Login {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NewVm {
-    name: String,
-    /// Required, unless the appliance's is taken.
-    #[serde(default)]
-    memory_mib: Option<u64>,
-    /// 1, or the appliance's.
-    #[serde(default)]
-    vcpus: Option<u32>,
-    /// Required, unless Disk0 is the size of the appliance's.
-    #[serde(default)]
-    disk_gib: Option<u64>,
-    /// Disk1-3, GiB each (an appliance's other disks their images' sizes when not given).
-    #[serde(default)]
-    extra_disks_gib: Vec<u64>,
-    #[serde(default)]
-    owner: Option<u64>,
-    #[serde(default)]
-    start: bool,
-    /// kernel (the cluster's guest kernel, the default), or bios or uefi (a blank PC; an
-    /// appliance's firmware by default).
-    #[serde(default)]
-    boot: Option<state_machine::BootMode>,
-    /// With bios or uefi: disk_first (the default) or cdrom_first.
-    #[serde(default)]
-    boot_order: state_machine::BootOrder,
-    /// With bios or uefi: virtio (the default, or the appliance's) or sata.
-    #[serde(default)]
-    disk_bus: Option<state_machine::DiskBus>,
-    /// A library appliance whose disk images its disks start as.
-    #[serde(default)]
-    appliance: Option<String>,
-    /// A library ISO in the CD-ROM drive from the start.
-    #[serde(default)]
-    iso: Option<String>,
-    /// Its network cards: each one's network, in order.
-    #[serde(default)]
-    networks: Vec<String>,
-}
-
-/// A live backup (`POST /api/v1/vms/{id}/backup`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Backup {
-    /// The new appliance's name (default: the VM's, then the time, UTC).
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    description: String,
-}
-
-/// A backup schedule (`POST /api/v1/vms/{id}/backup-schedule`): none ends it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScheduleBody {
-    schedule: Option<state_machine::BackupSchedule>,
-}
-
-/// A copy back (`POST /api/v1/vms/{id}/copy-back`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CopyBack {
-    /// The new appliance's name.
-    name: String,
-    #[serde(default)]
-    description: String,
-}
-
-/// A download into a new appliance (`POST /api/v1/appliances/{name}/download`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Download {
-    /// Where the OVA is (http or https).
-    url: String,
-    /// Its SHA-256, hex, if known.
-    #[serde(default)]
-    sha256: Option<String>,
-}
-
-/// A change to an appliance (`PATCH /api/v1/appliances/{name}`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApplianceChange {
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    memory_mib: Option<u64>,
-    #[serde(default)]
-    vcpus: Option<u32>,
-    /// The Power Users (ids) whose companies may use it: the whole set.
-    #[serde(default)]
-    shared_with: Option<Vec<u64>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewNetwork {
-    name: String,
-    bridge: String,
-    #[serde(default)]
-    uplink: Option<String>,
-    #[serde(default)]
-    vlan: Option<u16>,
-    #[serde(default)]
-    subnet: Option<String>,
-    #[serde(default)]
-    gateway: Option<std::net::Ipv4Addr>,
-    #[serde(default)]
-    dns: Vec<std::net::Ipv4Addr>,
-    /// A Power User's id: only its company's VMs may use the network.
-    #[serde(default)]
-    company: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VmChange {
-    #[serde(default)]
-    memory_mib: Option<u64>,
-    #[serde(default)]
-    vcpus: Option<u32>,
-    #[serde(default)]
-    boot: Option<state_machine::BootMode>,
-    #[serde(default)]
-    boot_order: Option<state_machine::BootOrder>,
-    #[serde(default)]
-    disk_bus: Option<state_machine::DiskBus>,
-    /// New blank disks, GiB each, after the VM's others.
-    #[serde(default)]
-    add_disks_gib: Vec<u64>,
-    /// Disks it has, grown: which (0 for Disk0) and to how many GiB.
-    #[serde(default)]
-    grow_disks: Vec<Growth>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Growth {
-    disk: usize,
-    gib: u64,
-}
-
-/// Disk sizes in bytes from `field`, a list of at most `most` sizes in GiB.
-fn disk_sizes(field: &str, gib: &[u64], most: usize) -> Result<Vec<u64>, ApiError> {
-    if gib.len() > most {
-        return Err(ApiError::bad_request(format!(
-            "{field}: {} disks, at most {most}",
-            gib.len()
-        )));
-    }
-    gib.iter()
-        .map(|g| match g {
-            1..=MAX_DISK_GIB => Ok(g << 30),
-            _ => Err(ApiError::bad_request(format!(
-                "{field}: {g} GiB, 1 to {MAX_DISK_GIB}"
-            ))),
-        })
-        .collect()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Clone {
-    name: String,
-    #[serde(default)]
-    owner: Option<u64>,
-}
-
-/// What `POST /api/v1/vms/{id}/migrate` may ask.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Migrate {
-    /// The longest pause allowed, ms.
-    #[serde(default)]
-    downtime_ms: Option<u64>,
-    /// Slow a guest whose memory changes faster than the copy goes until it converges.
-    #[serde(default)]
-    auto_converge: bool,
-    /// The server to move to (its disks' backup server when absent).
-    #[serde(default)]
-    to: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Power {
-    action: PowerAction,
-}
-
-/// What `POST /api/v1/vms/{id}/power` asks.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-enum PowerAction {
-    /// Start it.
-    On,
-    /// Ask the guest to shut down (ACPI), stop it hard after the server's timeout.
-    Off,
-    /// Stop it at once.
-    ForceOff,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewUser {
-    name: String,
-    password: String,
-    role: Role,
-    #[serde(default)]
-    parent: Option<u64>,
-    #[serde(default)]
-    quota: Option<Quota>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct UserChange {
     #[serde(default)]
     password: Option<String>,
@@ -331,13 +118,6 @@ struct NewServer {
     token: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Cdrom {
-    /// The ISO to insert; null ejects.
-    iso: Option<String>,
-}
-
 /// The most VMs a page of the VM list holds (`GET /api/v1/vms?limit=N`).
 const MAX_PAGE: u64 = 1000;
 
@@ -348,11 +128,6 @@ pub(crate) const MAX_OVA: u64 = 256 << 30;
 
 /// How long a server waits for what another server has just committed (a session, a user).
 const ARRIVAL: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The largest VM the API creates: 1 TiB of RAM, 64 vCPUs, 64 TiB of disk.
-const MAX_MEMORY_MIB: u64 = 1 << 20;
-const MAX_VCPUS: u32 = 64;
-const MAX_DISK_GIB: u64 = state_machine::MAX_DISK_BYTES >> 30;
 
 impl App {
     /// The service over `cluster`.
@@ -454,41 +229,22 @@ impl App {
             (Method::POST, ["vms", id, "power"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let p: Power = req.json()?;
-                let (running, force) = match p.action {
-                    PowerAction::On => (true, false),
-                    PowerAction::Off => (false, false),
-                    PowerAction::ForceOff => (false, true),
+                let action = asked(&c, &req, Ask::Power { vm })?;
+                let power = match &action {
+                    Action::PowerVm { running, force, .. } => PowerAction::of(*running, *force),
+                    _ => unreachable!("a power body asks for a power action"),
                 };
-                self.cluster
-                    .act(c.user.id, Action::PowerVm { vm, running, force })
-                    .await?;
+                self.cluster.act(c.user.id, action).await?;
                 Ok(json_response(
                     StatusCode::ACCEPTED,
-                    &json!({ "id": vm, "power": p.action }),
+                    &json!({ "id": vm, "power": power }),
                 ))
             }
             (Method::POST, ["vms", id, "copy-back"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let body: CopyBack = req.json()?;
-                access::check_name("appliance", &body.name).map_err(ApiError::bad_request)?;
-                if c.user.role == Role::Regular {
-                    return Err(ApiError::forbidden(
-                        "a Regular User copies no VM into an appliance",
-                    ));
-                }
-                let r = self
-                    .cluster
-                    .act(
-                        c.user.id,
-                        Action::CopyBack {
-                            vm,
-                            name: body.name,
-                            description: body.description,
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::CopyBack { vm })?;
+                let r = self.cluster.act(c.user.id, action).await?;
                 let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
                 let view = self.task_view(task, &c.user).await?;
                 Ok(json_response(StatusCode::ACCEPTED, &view))
@@ -496,23 +252,13 @@ impl App {
             (Method::POST, ["vms", id, "backup"]) => {
                 let c = self.caller(&req, true).await?;
                 let v = self.visible_vm(&c, id)?;
-                let (vm, vm_name) = (v.id, v.name.clone());
-                let body: Backup = req.json()?;
-                let name = body
-                    .name
-                    .unwrap_or_else(|| state_machine::backup_name(&vm_name, now_ms()));
-                access::check_name("appliance", &name).map_err(ApiError::bad_request)?;
-                let r = self
-                    .cluster
-                    .act(
-                        c.user.id,
-                        Action::BackupVm {
-                            vm,
-                            name,
-                            description: body.description,
-                        },
-                    )
-                    .await?;
+                let ask = Ask::Backup {
+                    vm: v.id,
+                    vm_name: &v.name,
+                    now_ms: now_ms(),
+                };
+                let action = asked(&c, &req, ask)?;
+                let r = self.cluster.act(c.user.id, action).await?;
                 let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
                 let view = self.task_view(task, &c.user).await?;
                 Ok(json_response(StatusCode::ACCEPTED, &view))
@@ -520,16 +266,8 @@ impl App {
             (Method::POST, ["vms", id, "backup-schedule"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let body: ScheduleBody = req.json()?;
-                self.cluster
-                    .act(
-                        c.user.id,
-                        Action::SetBackupSchedule {
-                            vm,
-                            schedule: body.schedule,
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::BackupSchedule { vm })?;
+                self.cluster.act(c.user.id, action).await?;
                 Ok(ok(&self.vm_view(vm, &c.user).await?))
             }
             (Method::GET, ["tasks"]) => {
@@ -552,52 +290,16 @@ impl App {
             (Method::POST, ["vms", id, "clone"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let body: Clone = req.json()?;
-                access::check_name("VM", &body.name).map_err(ApiError::bad_request)?;
-                if c.user.role == Role::Regular {
-                    return Err(ApiError::forbidden("a Regular User clones no VMs"));
-                }
-                if let Some(o) = body.owner {
-                    let owner = c
-                        .state
-                        .users
-                        .get(&o)
-                        .filter(|u| access::may_see_user(&c.user, u))
-                        .ok_or_else(|| ApiError::not_found(format!("no user {o}")))?;
-                    if !access::may_administer_vms_of(&c.user, owner) {
-                        return Err(ApiError::forbidden(format!("VMs of user {}", owner.name)));
-                    }
-                }
-                let r = self
-                    .cluster
-                    .act(
-                        c.user.id,
-                        Action::CloneVm {
-                            vm,
-                            name: body.name,
-                            owner: body.owner,
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::Clone { vm })?;
+                let r = self.cluster.act(c.user.id, action).await?;
                 self.created_vm(&r, &c.user).await
             }
             (Method::POST, ["vms", id, "migrate"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
                 manager_only(&c)?;
-                let m: Migrate = req.json()?;
-                let r = self
-                    .cluster
-                    .act(
-                        c.user.id,
-                        Action::MigrateVm {
-                            vm,
-                            downtime_ms: m.downtime_ms,
-                            auto_converge: m.auto_converge,
-                            to: m.to,
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::Migrate { vm })?;
+                let r = self.cluster.act(c.user.id, action).await?;
                 // Live (the agents carry it on), or restarted there and why.
                 Ok(json_response(
                     StatusCode::ACCEPTED,
@@ -649,17 +351,13 @@ impl App {
             (Method::POST, ["vms", id, "cdrom"]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let body: Cdrom = req.json()?;
-                self.cluster
-                    .act(
-                        c.user.id,
-                        Action::SetCdrom {
-                            vm,
-                            iso: body.iso.clone(),
-                        },
-                    )
-                    .await?;
-                Ok(ok(&json!({ "id": vm, "cdrom": body.iso })))
+                let action = asked(&c, &req, Ask::Cdrom { vm })?;
+                let iso = match &action {
+                    Action::SetCdrom { iso, .. } => iso.clone(),
+                    _ => unreachable!("a CD-ROM body asks for a CD-ROM action"),
+                };
+                self.cluster.act(c.user.id, action).await?;
+                Ok(ok(&json!({ "id": vm, "cdrom": iso })))
             }
             (Method::GET, ["networks"]) => {
                 let c = self.caller(&req, false).await?;
@@ -668,21 +366,12 @@ impl App {
             (Method::POST, ["networks"]) => {
                 let c = self.caller(&req, true).await?;
                 manager_only(&c)?;
-                let n: NewNetwork = req.json()?;
-                let network = state_machine::NetworkRecord {
-                    name: n.name,
-                    bridge: n.bridge,
-                    uplink: n.uplink,
-                    vlan: n.vlan,
-                    subnet: n.subnet,
-                    gateway: n.gateway,
-                    dns: n.dns,
-                    company: n.company,
+                let action = asked(&c, &req, Ask::CreateNetwork)?;
+                let name = match &action {
+                    Action::CreateNetwork { network } => network.name.clone(),
+                    _ => unreachable!("a network body asks for a new network"),
                 };
-                let name = network.name.clone();
-                self.cluster
-                    .act(c.user.id, Action::CreateNetwork { network })
-                    .await?;
+                self.cluster.act(c.user.id, action).await?;
                 let state = self.cluster.state().await?;
                 let view = views::networks(&state, &c.user)
                     .into_iter()
@@ -751,19 +440,8 @@ impl App {
             (Method::PATCH, ["appliances", name]) => {
                 let c = self.caller(&req, true).await?;
                 manager_only(&c)?;
-                let body: ApplianceChange = req.json()?;
-                self.cluster
-                    .act(
-                        c.user.id,
-                        Action::EditAppliance {
-                            name: name.to_string(),
-                            description: body.description,
-                            memory_mib: body.memory_mib,
-                            vcpus: body.vcpus,
-                            shared_with: body.shared_with,
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::EditAppliance { name })?;
+                self.cluster.act(c.user.id, action).await?;
                 self.appliance_view(name, &c.user).await
             }
             (Method::DELETE, ["appliances", name]) => {
@@ -782,35 +460,9 @@ impl App {
             (Method::POST, ["appliances", name, "download"]) => {
                 let c = self.caller(&req, true).await?;
                 manager_only(&c)?;
-                let body: Download = req.json()?;
-                access::check_name("appliance", name).map_err(ApiError::bad_request)?;
-                state_machine::check_download_url(&body.url)
-                    .map_err(|r| ApiError::bad_request(r.reason))?;
-                // This server downloads, if it is a VM server; else the first VM server up.
-                let me = self.cluster.id();
-                let server = std::iter::once(me)
-                    .chain(c.state.servers.keys().copied())
-                    .find(|id| {
-                        c.state
-                            .servers
-                            .get(id)
-                            .is_some_and(|s| !s.witness && !s.down)
-                    })
-                    .ok_or_else(|| {
-                        ApiError::new(StatusCode::CONFLICT, "no VM server is up to download")
-                    })?;
-                let r = self
-                    .cluster
-                    .act(
-                        c.user.id,
-                        Action::DownloadAppliance {
-                            name: name.to_string(),
-                            url: body.url,
-                            sha256: body.sha256,
-                            server,
-                        },
-                    )
-                    .await?;
+                let here = self.cluster.id();
+                let action = asked(&c, &req, Ask::Download { name, here })?;
+                let r = self.cluster.act(c.user.id, action).await?;
                 let task = r.get("task").and_then(Value::as_u64).unwrap_or(0);
                 let view = self.task_view(task, &c.user).await?;
                 Ok(json_response(StatusCode::ACCEPTED, &view))
@@ -854,43 +506,8 @@ impl App {
             (Method::PATCH, ["vms", id]) => {
                 let c = self.caller(&req, true).await?;
                 let vm = self.visible_vm(&c, id)?.id;
-                let body: VmChange = req.json()?;
-                if c.user.role == Role::Regular {
-                    return Err(ApiError::forbidden(
-                        "a Regular User changes no VM's hardware",
-                    ));
-                }
-                self.cluster
-                    .act(
-                        c.user.id,
-                        Action::EditVm {
-                            vm,
-                            memory_mib: body.memory_mib,
-                            vcpus: body.vcpus,
-                            boot: body.boot,
-                            boot_order: body.boot_order,
-                            disk_bus: body.disk_bus,
-                            add_disks: disk_sizes(
-                                "add_disks_gib",
-                                &body.add_disks_gib,
-                                state_machine::MAX_VM_DISKS - 1,
-                            )?,
-                            grow_disks: {
-                                let gib: Vec<u64> = body.grow_disks.iter().map(|g| g.gib).collect();
-                                let sizes =
-                                    disk_sizes("grow_disks", &gib, state_machine::MAX_VM_DISKS)?;
-                                body.grow_disks
-                                    .iter()
-                                    .zip(sizes)
-                                    .map(|(g, size)| state_machine::DiskGrowth {
-                                        disk: g.disk,
-                                        size,
-                                    })
-                                    .collect()
-                            },
-                        },
-                    )
-                    .await?;
+                let action = asked(&c, &req, Ask::EditVm { vm })?;
+                self.cluster.act(c.user.id, action).await?;
                 Ok(ok(&self.vm_view(vm, &c.user).await?))
             }
             (Method::DELETE, ["vms", id]) => {
@@ -1587,106 +1204,11 @@ impl App {
     }
 
     async fn create_vm(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
-        let v: NewVm = req.json()?;
-        access::check_name("VM", &v.name).map_err(ApiError::bad_request)?;
-        if c.user.role == Role::Regular {
-            return Err(ApiError::forbidden("a Regular User creates no VMs"));
-        }
-        let owner = v.owner.unwrap_or(c.user.id);
-        let o = c
-            .state
-            .users
-            .get(&owner)
-            .filter(|u| access::may_see_user(&c.user, u))
-            .ok_or_else(|| ApiError::not_found(format!("no user {owner}")))?;
-        if !access::may_administer_vms_of(&c.user, o) {
-            return Err(ApiError::forbidden(format!("VMs of user {}", o.name)));
-        }
-        // What is not given comes from the appliance, if there is one.
-        let appliance = match &v.appliance {
-            None => None,
-            Some(name) => Some(
-                c.state
-                    .appliances
-                    .get(name)
-                    .filter(|a| access::may_use_appliance(&c.user, a))
-                    .ok_or_else(|| {
-                        ApiError::not_found(format!("no appliance {name} in the library"))
-                    })?,
-            ),
+        let ask = Ask::CreateVm {
+            guest: &self.cfg.guest,
         };
-        let memory_mib = v
-            .memory_mib
-            .or(appliance.map(|a| a.memory_mib))
-            .ok_or_else(|| ApiError::bad_request("memory_mib: needed (1 to 1048576)"))?;
-        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
-            return Err(ApiError::bad_request(format!(
-                "memory_mib {memory_mib}: 1 to {MAX_MEMORY_MIB}"
-            )));
-        }
-        let vcpus = v.vcpus.or(appliance.map(|a| a.vcpus)).unwrap_or(1);
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(ApiError::bad_request(format!(
-                "vcpus {vcpus}: 1 to {MAX_VCPUS}"
-            )));
-        }
-        let images: Vec<u64> = appliance
-            .map(|a| a.disks.iter().map(|d| d.size).collect())
-            .unwrap_or_default();
-        let disk_size = match (v.disk_gib, images.first()) {
-            (Some(g), _) if g == 0 || g > MAX_DISK_GIB => {
-                return Err(ApiError::bad_request(format!(
-                    "disk_gib {g}: 1 to {MAX_DISK_GIB}"
-                )))
-            }
-            (Some(g), _) => g << 30,
-            (None, Some(image)) => *image,
-            (None, None) => return Err(ApiError::bad_request("disk_gib: needed (1 to 65536)")),
-        };
-        let mut extra_disks = disk_sizes("extra_disks_gib", &v.extra_disks_gib, 3)?;
-        if extra_disks.is_empty() && images.len() > 1 {
-            extra_disks = images[1..].to_vec();
-        }
-        let boot = v.boot.or(appliance.map(|a| a.boot)).unwrap_or_default();
-        let disk_bus = v
-            .disk_bus
-            .or(appliance.map(|a| a.disk_bus))
-            .unwrap_or_default();
-        let kernel = boot == state_machine::BootMode::Kernel;
-        if kernel && self.cfg.guest.kernel.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "this cluster has no guest kernel to boot VMs from (enspeed server --guest-kernel); create a blank VM (boot: bios or uefi) instead",
-            ));
-        }
-        // A blank VM boots from its disk and CD; it carries no kernel of the cluster's.
-        let guest = |s: &String| if kernel { s.clone() } else { String::new() };
-        let r = self
-            .cluster
-            .act(
-                c.user.id,
-                Action::CreateVm {
-                    owner,
-                    vm: state_machine::NewVm {
-                        name: v.name.clone(),
-                        memory_mib,
-                        vcpus,
-                        disk_size,
-                        extra_disks,
-                        kernel: guest(&self.cfg.guest.kernel),
-                        initrd: guest(&self.cfg.guest.initrd),
-                        cmdline: guest(&self.cfg.guest.cmdline),
-                        running: v.start,
-                        boot,
-                        boot_order: v.boot_order,
-                        disk_bus,
-                        cdrom: v.iso.clone(),
-                        networks: v.networks.clone(),
-                        appliance: v.appliance.clone(),
-                    },
-                },
-            )
-            .await?;
+        let action = asked(c, req, ask)?;
+        let r = self.cluster.act(c.user.id, action).await?;
         self.created_vm(&r, &c.user).await
     }
 
@@ -1710,34 +1232,12 @@ impl App {
     }
 
     async fn create_user(&self, c: &Caller, req: &Request) -> Result<Response<Body>, ApiError> {
-        let u: NewUser = req.json()?;
-        access::check_name("user", &u.name).map_err(ApiError::bad_request)?;
-        auth::check_password(&u.password).map_err(ApiError::bad_request)?;
-        match c.user.role {
-            Role::Manager => {}
-            Role::PowerUser
-                if u.role == Role::Regular && u.parent.is_none_or(|p| p == c.user.id) => {}
-            Role::PowerUser => {
-                return Err(ApiError::forbidden(
-                    "a Power User creates Regular Users under itself",
-                ))
-            }
-            Role::Regular => return Err(ApiError::forbidden("a Regular User creates no users")),
-        }
-        if u.quota.is_some() && (c.user.role != Role::Manager || u.role != Role::PowerUser) {
-            return Err(ApiError::bad_request(
-                "a quota is set by a Manager on a Power User",
-            ));
-        }
+        let u = bodies::new_user(req.json_body()?, asker(c))?;
         let password = u.password.clone();
         let hash = self
             .hash(move || auth::hash_password(&password))
             .await?
             .map_err(ApiError::unavailable)?;
-        let parent = match c.user.role {
-            Role::PowerUser => Some(c.user.id),
-            _ => u.parent,
-        };
         let r = self
             .cluster
             .act(
@@ -1746,7 +1246,7 @@ impl App {
                     name: u.name,
                     role: u.role,
                     password: hash,
-                    parent,
+                    parent: u.parent,
                     quota: u.quota,
                 },
             )
@@ -1923,6 +1423,19 @@ pub(crate) fn new_library_entry(
         ));
     }
     Ok(())
+}
+
+/// The caller as the body checks see it.
+fn asker(c: &Caller) -> Asker<'_> {
+    Asker {
+        user: &c.user,
+        state: &c.state,
+    }
+}
+
+/// The action a change's JSON body asks for at `ask`, checked (`bodies::action`).
+fn asked(c: &Caller, req: &Request, ask: Ask<'_>) -> Result<Action, ApiError> {
+    bodies::action(ask, req.json_body()?, asker(c))
 }
 
 pub(crate) fn manager_only(c: &Caller) -> Result<(), ApiError> {
