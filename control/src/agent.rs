@@ -63,7 +63,8 @@ enum Job {
 }
 
 /// Runs task `id` here, reporting its progress, and ends it: its images are put in the
-/// library once the cluster knows of them.
+/// library's place, then the cluster is told (so that the task reads "done" only when they
+/// are there).
 fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
     let me = s.cfg.id;
     let library = s.cfg.library_dir.clone();
@@ -104,8 +105,19 @@ fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
             )
         }
     };
+    // Kept from the library's clean-up until the cluster has answered.
+    let made = made.and_then(|(outcome, sealed)| {
+        crate::library::Sealed::place_all(sealed)
+            .map(|placed| (outcome, placed))
+            .map_err(|e| {
+                format!(
+                    "putting the task's images in place in {}: {e}",
+                    library.display()
+                )
+            })
+    });
     let (outcome, made) = match made {
-        Ok((outcome, sealed)) => (outcome, Ok(sealed)),
+        Ok((outcome, placed)) => (outcome, Ok(placed)),
         Err(reason) => (
             TaskOutcome::Failed {
                 reason: reason.clone(),
@@ -125,14 +137,7 @@ fn run_task(s: &Shared, id: u64, job: Job, cancel: &AtomicBool) {
         .any(|_| s.propose(ended.clone()) || (std::thread::sleep(Duration::from_secs(1)), false).1);
     match made {
         // Listed now (or refused, and then deleted as unlisted files).
-        Ok(sealed) if told => {
-            for image in sealed {
-                if let Err(e) = image.place() {
-                    tracing::warn!(server = me, task = id, error = %e, "cannot put an image in place");
-                }
-            }
-            tracing::info!(server = me, task = id, "task done");
-        }
+        Ok(_placed) if told => tracing::info!(server = me, task = id, "task done"),
         Ok(_) => tracing::warn!(
             server = me,
             task = id,

@@ -5,8 +5,10 @@
 //!
 //! - An upload (or an imported appliance's converted disk) is written by the server that takes
 //!   it (`Upload`): into a `.part` file, hashed as it arrives and synced; the API records it
-//!   (`Action::AddIso`, an import task's end) as held by that server, then renames it into
-//!   place (before, the clean-up below could take it for a deleted one).
+//!   (`Action::AddIso`) as held by that server, then renames it into place (before, the
+//!   clean-up below could take it for a deleted one). A task's images (an import, a copy back,
+//!   a backup) are renamed into place first and kept from the clean-up (`Sealed::place_all`)
+//!   until the task's end is committed, so that a task reads "done" only when they are there.
 //! - The other servers' agents (`Sync`) copy it from a server holding it, over its client
 //!   port (`Request::LibraryFile`, answered by one line, then the bytes), check its SHA-256 and
 //!   size, and record that they hold it (`Command::IsoHeld`, `Command::ApplianceHeld`).
@@ -445,6 +447,52 @@ impl Drop for Sealed {
     }
 }
 
+/// Library files of this process put in place before the state lists them (`Placed`): the
+/// clean-up (`delete_unlisted`) leaves them alone.
+static UNLISTED_PLACED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Files put in place ahead of the commit that lists them, kept from the clean-up until this
+/// is dropped: keep it until that commit is answered. If the commit was refused, the files are
+/// unlisted and the clean-up deletes them afterwards.
+#[derive(Debug)]
+#[must_use = "dropped, the files may be taken for deleted ones before they are listed"]
+pub struct Placed {
+    paths: Vec<PathBuf>,
+}
+
+impl Sealed {
+    /// Renames each of `sealed` to its place, durably, before the state lists them; the
+    /// clean-up keeps them while the `Placed` lives. On an error the rest are deleted (and
+    /// those already in place are left to the clean-up).
+    pub fn place_all(sealed: Vec<Sealed>) -> io::Result<Placed> {
+        let paths: Vec<PathBuf> = sealed
+            .iter()
+            .map(|s| file(&s.dir, s.shelf, &s.sha256))
+            .collect();
+        lock_unlisted().extend(paths.iter().cloned());
+        let placed = Placed { paths };
+        for s in sealed {
+            s.place()?;
+        }
+        Ok(placed)
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        let mut held = lock_unlisted();
+        for p in &self.paths {
+            if let Some(i) = held.iter().position(|h| h == p) {
+                held.swap_remove(i);
+            }
+        }
+    }
+}
+
+fn lock_unlisted() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    UNLISTED_PLACED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A scratch directory inside a library directory (on its file system, so what is made there
 /// is put in place by a rename), for an import or export; removed with what it holds when
 /// dropped.
@@ -740,7 +788,8 @@ fn listed(state: &StateMachine, shelf: Shelf, sha256: &str) -> bool {
 ///
 /// `state` was read at `read_at`: a file put in place since then (its inode changed by the
 /// rename, after the commit that listed it) may be listed in a newer state, so it is kept (with
-/// a second's margin).
+/// a second's margin). So are files a task of this process put in place for a commit that is
+/// still to come (`Placed`).
 pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -756,7 +805,7 @@ pub fn delete_unlisted(state: &StateMachine, read_at: SystemTime, dir: &Path) {
         let placed_before = e.metadata().is_ok_and(|m| {
             i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()) < before
         });
-        if !placed_before {
+        if !placed_before || lock_unlisted().contains(&e.path()) {
             continue;
         }
         // A task's work directory lasts as long as its task runs.
@@ -867,6 +916,43 @@ mod tests {
         iso.update(b"abc");
         iso.zeros(3);
         assert_eq!(iso.hex(), hex(&Sha256::digest(b"abc\0\0\0")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn images_placed_before_their_listing_are_kept_from_the_clean_up_until_it_is_answered() {
+        let dir =
+            std::env::temp_dir().join(format!("enspeed-library-early-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let seal = |bytes: &[u8]| {
+            let mut up = Upload::new(&dir, Shelf::Image).unwrap();
+            up.write(bytes).unwrap();
+            up.seal().unwrap()
+        };
+        let sealed = vec![seal(b"disk zero"), seal(b"disk one")];
+        let paths: Vec<PathBuf> = sealed
+            .iter()
+            .map(|s| file(&dir, Shelf::Image, &s.sha256))
+            .collect();
+        let placed = Sealed::place_all(sealed).unwrap();
+        assert!(
+            paths.iter().all(|p| p.exists()),
+            "in place before the commit"
+        );
+        // A state read well after they were placed, that does not list them yet.
+        let state = StateMachine::default();
+        let later = SystemTime::now() + Duration::from_secs(10);
+        delete_unlisted(&state, later, &dir);
+        assert!(
+            paths.iter().all(|p| p.exists()),
+            "kept while the commit is awaited"
+        );
+        drop(placed);
+        delete_unlisted(&state, later, &dir);
+        assert!(
+            paths.iter().all(|p| !p.exists()),
+            "unlisted once the commit is answered: deleted"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1107,6 +1107,18 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
         (t[0]["state"] != "running").then(|| t[0].clone())
     });
     assert_eq!(task["state"], "done", "{task}");
+    // Done means its images are in the library of the server that holds it, already.
+    let back = m.get("/api/v1/appliances").1;
+    let holders = back[0]["servers"].as_array().cloned().unwrap_or_default();
+    assert!(!holders.is_empty(), "{back}");
+    for holder in holders {
+        let s = c.servers.iter().find(|s| json!(s.id) == holder).unwrap();
+        for d in back[0]["disks"].as_array().unwrap() {
+            let sha = d["sha256"].as_str().unwrap();
+            let image = s.data.join("isos").join(format!("{sha}.raw"));
+            assert!(image.exists(), "{} once the task is done", image.display());
+        }
+    }
     for who in [mw, pw, rw] {
         let l = x.case(who, "GET", "/tasks", "/api/v1/tasks", None, Allowed);
         assert_eq!(l.1[0]["id"], task["id"], "{}: {l:?}", who.0);

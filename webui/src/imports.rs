@@ -725,8 +725,8 @@ impl Drop for Running {
 }
 
 /// Imports archive `archive` (read as `arrived`) into this server's `library`, converting in
-/// `work`, as task `id`: tells its progress (at most once a second) and its end; puts its
-/// disks in place once the cluster has them listed.
+/// `work`, as task `id`: tells its progress (at most once a second) and its end, its disks
+/// put in place first (kept from the library's clean-up until the cluster has answered).
 #[allow(clippy::too_many_arguments)]
 fn run_import(
     p: &Proposer,
@@ -766,10 +766,18 @@ fn run_import(
         library,
         &watch,
     );
-    let outcome = match &imported {
+    let imported = imported.and_then(|i| {
         // Its name and origin are the task's.
-        Ok(i) => TaskOutcome::Imported {
-            appliance: i.appliance("", String::new()),
+        let appliance = i.appliance("", String::new());
+        let placed = control::library::Sealed::place_all(i.disks).map_err(|e| OvaError::Io {
+            what: "putting the disks in place".into(),
+            source: e,
+        })?;
+        Ok((appliance, placed))
+    });
+    let outcome = match &imported {
+        Ok((appliance, _)) => TaskOutcome::Imported {
+            appliance: appliance.clone(),
         },
         Err(OvaError::Refused(why)) => TaskOutcome::Failed {
             reason: format!("refused: {why}"),
@@ -803,15 +811,10 @@ fn run_import(
             .task(id)
             .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
     }
-    let imported = imported?;
-    if told {
-        // Listed now (or refused, and then deleted as unlisted files).
-        for disk in imported.disks {
-            disk.place().map_err(|e| OvaError::Io {
-                what: "putting a disk in place".into(),
-                source: e,
-            })?;
-        }
+    // Listed now (or refused, and then deleted as unlisted files).
+    let (_, _placed) = imported?;
+    if !told {
+        tracing::warn!(appliance = %name, task = id, "import ended, but the cluster did not take its end (cancelled or failed meanwhile)");
     }
     Ok(())
 }
