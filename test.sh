@@ -70,8 +70,8 @@ if [ "$rest" -ne 0 ] || [ "$level2" -ne 0 ]; then
 fi
 # Coverage-guided fuzzing of what takes untrusted bytes (mirror frames, RFB client messages,
 # virtio-blk chains, the vhost-user-blk request path, the cluster's JSON, OVAs, the web API's
-# request bodies), 5 s a target, built
-# with the quicker profile; the fuzz crate (fuzz/) builds outside the workspace.
+# request bodies), 5 s a target, built with the quicker profile; the fuzz crate (fuzz/) builds
+# outside the workspace.
 # scripts/fuzz.sh alone runs longer, optimized.
 FUZZ_PROFILE=quick scripts/fuzz.sh 5
 part "fuzzing"
