@@ -30,6 +30,11 @@ pub const S5_SLP_TYP: u16 = 5;
 
 /// FADT IA-PC boot architecture flag: an 8042 keyboard controller exists.
 const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// FADT IA-PC boot architecture flag: there is no CMOS real-time clock (ACPI 5.0). Linux then
+/// registers no `rtc_cmos` device; without the flag its driver probed ports 0x70-0x71, found
+/// nothing, and gave up after 6 s of a direct kernel boot in the test host (QEMU's microvm
+/// machine pays the same).
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 
 /// MADT interrupt source override (ACPI 6.5, 5.2.12.5).
 #[repr(C, packed)]
@@ -313,7 +318,13 @@ pub fn build(p: &Platform, base: u64) -> Tables {
     fadt.pm1_evt_len = 4;
     fadt.pm1_cnt_len = 2;
     fadt.pm_tmr_len = 4;
-    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    // The legacy devices, the RTC among them, come with PCI (firmware boot).
+    fadt.iapc_boot_arch = if p.pci_window.is_some() {
+        IAPC_BOOT_ARCH_8042
+    } else {
+        IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_CMOS_RTC
+    }
+    .into();
     fadt.x_pm1a_evt_blk = GAS::new(
         AddressSpace::SystemIo,
         32,
@@ -546,6 +557,11 @@ mod tests {
                     u32::from_le_bytes(t[56..60].try_into().unwrap()),
                     PM1A_EVT_PORT as u32
                 );
+                // IA-PC boot flags: an 8042, and no CMOS RTC without the PC's legacy devices.
+                assert_eq!(
+                    u16::from_le_bytes(t[109..111].try_into().unwrap()),
+                    IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_CMOS_RTC
+                );
             }
         }
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
@@ -649,6 +665,11 @@ mod tests {
             let fadt = table(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
             assert_eq!(&fadt[..4], b"FACP");
             assert_eq!(sum(&fadt), 0);
+            // The RTC is there (RTC_ below): the boot flags do not deny it.
+            assert_eq!(
+                u16::from_le_bytes(fadt[109..111].try_into().unwrap()),
+                IAPC_BOOT_ARCH_8042
+            );
             let madt = table(u64::from_le_bytes(xsdt[44..52].try_into().unwrap()));
             assert_eq!(&madt[..4], b"APIC");
             assert_eq!(sum(&madt), 0);
