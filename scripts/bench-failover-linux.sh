@@ -34,7 +34,7 @@ tr -d '\r' <"$work/log" | awk '
         n++; vmm[n] = $3; init[n] = $5; boot[n] = $5 - $3; resets += $7; all = all " " $3 "/" $5
     }
     function sort(a, n,   i, j, t) {
-        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     }
     function row(what, a) {
         sort(a, n)

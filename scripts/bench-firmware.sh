@@ -38,7 +38,7 @@ echo
 awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
-         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
          return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
      }
      END {

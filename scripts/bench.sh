@@ -20,10 +20,10 @@ echo
 log=$(mktemp)
 image/testhost/run.sh --scenario tests/testhost/bench-boot.sh --enspeed "$CARGO_TARGET_DIR/release/enspeed" >"$log" 2>&1 ||
     { cat "$log" >&2; echo "bench-boot scenario failed" >&2; exit 1; }
-awk '/^BENCH (enspeed|qemu)-boot-to-init / { v[$2] = v[$2] " " $3 }
+awk '/^BENCH (enspeed|qemu|qemu-rtc)-boot-to-init / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
-         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
          return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
      }
      END {
@@ -31,7 +31,9 @@ awk '/^BENCH (enspeed|qemu)-boot-to-init / { v[$2] = v[$2] " " $3 }
          print "| measure | enspeed | qemu | enspeed / qemu |"
          print "| --- | ---: | ---: | ---: |"
          printf "| Debian 6.1 kernel, start to init (s, median) | %.2f | %.2f | %.2f |\n", e, q, e / q
+         r = median(v["qemu-rtc-boot-to-init"])
+         printf "| the same, QEMU with microvm,rtc=on (a floor beside) | %.2f | %.2f | %.2f |\n", e, r, e / r
          print ""
-         print "All boots (s): enspeed" v["enspeed-boot-to-init"] "; qemu" v["qemu-boot-to-init"]
+         print "All boots (s): enspeed" v["enspeed-boot-to-init"] "; qemu" v["qemu-boot-to-init"] "; qemu rtc=on" v["qemu-rtc-boot-to-init"]
      }' "$log"
 rm -f "$log"
