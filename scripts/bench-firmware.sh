@@ -35,7 +35,8 @@ done
 [ "$rc" = 0 ] || { cat "$log" >&2; echo "bench-firmware: the test host failed three times" >&2; exit 1; }
 echo "## Firmware boot ($fw) inside the test host ($(date -u +%Y-%m-%d), ${BENCH_BOOTS:-5} boots each, alternating)"
 echo
-awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$2] = v[$2] " " $3 }
+# The test host's console ends its lines in CR, which makes awk take the times for text.
+tr -d '\r' <"$log" | awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
          for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
@@ -56,5 +57,5 @@ awk '/^BENCH (enspeed|qemu)-firmware-(to-grub|to-init|installed-to-init) / { v[$
          print "All boots (s): enspeed to GRUB" v["enspeed-firmware-to-grub"] "; qemu to GRUB" v["qemu-firmware-to-grub"] \
              "; enspeed to init" v["enspeed-firmware-to-init"] "; qemu to init" v["qemu-firmware-to-init"] \
              "; enspeed installed to init" v["enspeed-firmware-installed-to-init"] "; qemu installed to init" v["qemu-firmware-installed-to-init"]
-     }' "$log"
+     }'
 rm -f "$log" "$scenario"

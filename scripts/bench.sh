@@ -20,7 +20,8 @@ echo
 log=$(mktemp)
 image/testhost/run.sh --scenario tests/testhost/bench-boot.sh --enspeed "$CARGO_TARGET_DIR/release/enspeed" >"$log" 2>&1 ||
     { cat "$log" >&2; echo "bench-boot scenario failed" >&2; exit 1; }
-awk '/^BENCH (enspeed|qemu|qemu-rtc)-boot-to-init / { v[$2] = v[$2] " " $3 }
+# The test host's console ends its lines in CR, which makes awk take the times for text.
+tr -d '\r' <"$log" | awk '/^BENCH (enspeed|qemu|qemu-rtc)-boot-to-init / { v[$2] = v[$2] " " $3 }
      function median(s,   a, n, i, j, t) {
          n = split(s, a, " ")
          for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
@@ -35,5 +36,5 @@ awk '/^BENCH (enspeed|qemu|qemu-rtc)-boot-to-init / { v[$2] = v[$2] " " $3 }
          printf "| the same, QEMU with microvm,rtc=on (a floor beside) | %.2f | %.2f | %.2f |\n", e, r, e / r
          print ""
          print "All boots (s): enspeed" v["enspeed-boot-to-init"] "; qemu" v["qemu-boot-to-init"] "; qemu rtc=on" v["qemu-rtc-boot-to-init"]
-     }' "$log"
+     }'
 rm -f "$log"

@@ -367,7 +367,8 @@ impl Upload {
 
     /// Makes the file durable, still under its temporary name: an image is put in place
     /// (`Sealed::place`) only once the library lists it, or the agent's clean-up, which deletes
-    /// unlisted images, could take it first.
+    /// unlisted images, could take it first; or before, kept from the clean-up by a `Placed`
+    /// (`Sealed::place_all`) until the commit that lists it is answered.
     pub fn seal(mut self) -> io::Result<Sealed> {
         // A disk image's zeros at its end are a hole too.
         self.out.set_len(self.size)?;
@@ -480,6 +481,14 @@ impl Sealed {
 
 impl Drop for Placed {
     fn drop(&mut self) {
+        // Each file's inode change time becomes now, as a rename after the commit would have
+        // made it: a clean-up judging by a state read before now keeps the file (its second's
+        // margin), though the commit that state lacks has been answered.
+        for p in &self.paths {
+            if let Ok(m) = std::fs::metadata(p) {
+                let _ = std::fs::set_permissions(p, m.permissions());
+            }
+        }
         let mut held = lock_unlisted();
         for p in &self.paths {
             if let Some(i) = held.iter().position(|h| h == p) {
@@ -947,7 +956,16 @@ mod tests {
             paths.iter().all(|p| p.exists()),
             "kept while the commit is awaited"
         );
+        // A state read before the commit was answered, more than a second after the files
+        // were placed, looked at after the answer: it does not list them, and they stay.
+        std::thread::sleep(Duration::from_millis(1100));
+        let read_before = SystemTime::now();
         drop(placed);
+        delete_unlisted(&state, read_before, &dir);
+        assert!(
+            paths.iter().all(|p| p.exists()),
+            "kept from a state read before the answer"
+        );
         delete_unlisted(&state, later, &dir);
         assert!(
             paths.iter().all(|p| !p.exists()),

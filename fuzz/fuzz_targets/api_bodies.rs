@@ -5,14 +5,15 @@
 //! Input: lines (at most 16). A line's first byte chooses the endpoint (its low four bits: 0 to
 //! 11 as in the match below, 12 to 15 a new user), the caller (the next two: the cluster's
 //! Manager, a Power User, a Regular User of that Power User's company, or another company's
-//! Power User) and the VM in the path (the top bit); the rest of the line is the body. The
+//! Power User) and the VM in the path (bit 6); the rest of the line is the body. The
 //! state starts as a three-server cluster with those users, a VM of the Power User's and one
 //! of the other company's, and a network; each action accepted is applied to it in order.
 //!
 //! What must hold: no panic; a body refused is refused with a client error (4xx), never a
-//! server error; a VM created or changed through the checks has its memory, vCPUs and disks
-//! within the API's bounds; and at the end the records the applies wrote load back into the
-//! same state.
+//! server error; a VM created through the checks has its memory and vCPUs within the API's
+//! bounds, and so do its disks where it is not made from an appliance (whose images give their
+//! sizes); disks added or grown are within them; and at the end the records the applies wrote
+//! load back into the same state.
 
 #![no_main]
 
@@ -203,13 +204,17 @@ fuzz_target!(|data: &[u8]| {
         };
         let actor = c.users[usize::from(pick >> 4) & 3];
         let vm = c.vms[usize::from(pick >> 6) & 1];
+        let vm_name =
+            c.sm.vm_by_id(vm)
+                .map(|v| v.name.clone())
+                .unwrap_or_default();
         let ask = match pick & 0x0f {
             0 => Ask::CreateVm { guest: &guest },
             1 => Ask::Power { vm },
             2 => Ask::CopyBack { vm },
             3 => Ask::Backup {
                 vm,
-                vm_name: "web",
+                vm_name: &vm_name,
                 now_ms: 1_700_000_000_000,
             },
             4 => Ask::BackupSchedule { vm },
@@ -267,7 +272,10 @@ fn check_bounds(action: &Action) {
             assert!((1..=MAX_MEMORY_MIB).contains(&vm.memory_mib), "{vm:?}");
             assert!((1..=MAX_VCPUS).contains(&vm.vcpus), "{vm:?}");
             assert!(vm.extra_disks.len() < MAX_VM_DISKS, "{vm:?}");
-            assert!(vm.extra_disks.iter().all(|&s| disk(s)), "{vm:?}");
+            if vm.appliance.is_none() {
+                assert!(disk(vm.disk_size), "{vm:?}");
+                assert!(vm.extra_disks.iter().all(|&s| disk(s)), "{vm:?}");
+            }
         }
         Action::EditVm {
             add_disks,

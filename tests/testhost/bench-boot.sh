@@ -2,8 +2,7 @@
 # Test-host benchmark (run by scripts/bench.sh through image/testhost/run.sh): a real Debian
 # kernel from the guest kit booted to its init, by EnSpeed's VMM and by QEMU (-M microvm, and
 # -M microvm,rtc=on) on the test host's KVM, in turn, 5 times each. Same kernel, initrd,
-# memory, vCPU count and disk. Prints one "BENCH <vmm>-boot-to-init <s>" line per boot and a
-# "BENCH <vmm>-rss-beyond-ram-kib <KiB>" line (private resident memory, guest RAM excluded).
+# memory, vCPU count and disk. Prints one "BENCH <vmm>-boot-to-init <s>" line per boot.
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }

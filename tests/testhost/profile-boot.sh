@@ -8,7 +8,8 @@
 . /usr/lib/testhost/guest.sh
 
 [ -x "$ENSPEED" ] || { echo "FAIL: no $ENSPEED: give run.sh --enspeed PATH"; exit 2; }
-cmd="console=ttyS0 quiet initcall_debug kit.task=dmesg,poweroff"
+# A log buffer large enough for every initcall's lines (the default 128 KiB is not).
+cmd="console=ttyS0 quiet initcall_debug log_buf_len=4M kit.task=dmesg,poweroff"
 cp "$KIT/disk.ext4" /tmp/disk.ext4
 run_guest enspeed 300 "$ENSPEED" vmm --kernel "$KIT/vmlinuz" --initrd "$KIT/initrd.img" \
     --cmdline "$cmd" --memory 256 --vcpus 1 --disk /tmp/disk.ext4 --serial stdout >/dev/null ||

@@ -1108,12 +1108,16 @@ fn every_endpoint_by_every_role_on_own_subordinate_and_foreign_objects() {
     });
     assert_eq!(task["state"], "done", "{task}");
     // Done means its images are in the library of the server that holds it, already.
-    let back = m.get("/api/v1/appliances").1;
-    let holders = back[0]["servers"].as_array().cloned().unwrap_or_default();
-    assert!(!holders.is_empty(), "{back}");
+    let listed = m.get("/api/v1/appliances").1;
+    let made = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|a| a["name"] == "matrix-back"))
+        .unwrap_or_else(|| panic!("the copy back's appliance is listed: {listed}"));
+    let holders = made["servers"].as_array().cloned().unwrap_or_default();
+    assert!(!holders.is_empty(), "{made}");
     for holder in holders {
         let s = c.servers.iter().find(|s| json!(s.id) == holder).unwrap();
-        for d in back[0]["disks"].as_array().unwrap() {
+        for d in made["disks"].as_array().unwrap() {
             let sha = d["sha256"].as_str().unwrap();
             let image = s.data.join("isos").join(format!("{sha}.raw"));
             assert!(image.exists(), "{} once the task is done", image.display());

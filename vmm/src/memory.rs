@@ -103,8 +103,13 @@ fn create_bytes(size: u64, vga_hole: bool) -> Result<(GuestMemory, File), Memory
             // Huge pages where the host's shmem allows them (`shmem_enabled` = advise): the
             // guest's memory is then mapped in 2 MiB pages, as anonymous memory is.
             // SAFETY: the range is the mapping just made; MADV_HUGEPAGE changes no contents.
-            unsafe {
-                libc::madvise(region.as_ptr().cast(), n as usize, libc::MADV_HUGEPAGE);
+            let advised =
+                unsafe { libc::madvise(region.as_ptr().cast(), n as usize, libc::MADV_HUGEPAGE) };
+            if advised != 0 {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "guest RAM gets no huge pages (madvise)"
+                );
             }
             regions.push(region);
         }
@@ -221,7 +226,11 @@ mod tests {
                 found = Some(Some(flags.split_whitespace().any(|f| f == "hg")));
             }
         }
-        assert_eq!(found, Some(Some(true)), "guest RAM's mapping is advised for huge pages");
+        assert_eq!(
+            found,
+            Some(Some(true)),
+            "guest RAM's mapping is advised for huge pages"
+        );
     }
 
     #[test]
