@@ -21,9 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use control::access::{Quota, Role};
-use control::state_machine::{
-    Action, Capacity, Command, NewVm, ServerRecord, StateMachine, MAX_VM_DISKS,
-};
+use control::state_machine::{Action, Command, NewVm, StateMachine, MAX_VM_DISKS};
 use control::storage::RecordWrite;
 use libfuzzer_sys::fuzz_target;
 use webui::bodies::{self, Ask, Asker, MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS};
@@ -76,28 +74,6 @@ impl Cluster {
     }
 }
 
-fn server(id: u64, witness: bool) -> ServerRecord {
-    ServerRecord {
-        id,
-        address: format!("127.0.0.1:{}", 7000 + id),
-        witness,
-        capacity: if witness {
-            Capacity::default()
-        } else {
-            Capacity {
-                memory_mib: 64 << 10,
-                disk_gib: 1 << 10,
-                vcpus: 64,
-                pools: Vec::new(),
-            }
-        },
-        mirror: format!("127.0.0.1:{}", 7100 + id),
-        down: false,
-        draining: false,
-        cert: String::new(),
-    }
-}
-
 fn new_user(name: &str, role: Role, parent: Option<u64>, quota: Option<Quota>) -> Action {
     Action::CreateUser {
         name: name.into(),
@@ -132,15 +108,17 @@ fn new_vm(name: &str) -> NewVm {
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let first = StateMachine::initial_records(&server(1, false));
-        let sm = StateMachine::load(&first).expect("a new cluster's records load");
+        let (sm, first) = enspeed_fuzz::first_server();
         let mut c = Cluster {
             sm,
             records: first.into_iter().collect(),
             users: [0; 4],
             vms: [0; 2],
         };
-        for s in [server(2, false), server(3, true)] {
+        for s in [
+            enspeed_fuzz::server(2, false),
+            enspeed_fuzz::server(3, true),
+        ] {
             let mut writes = Vec::new();
             c.sm.add_server(&s, &mut writes);
             c.write(writes);

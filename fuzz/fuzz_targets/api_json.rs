@@ -21,9 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use control::api::{HeartbeatAnswer, Request, Response};
-use control::state_machine::{
-    Action, Capacity, Command, Query, RecordChange, ServerRecord, StateMachine,
-};
+use control::state_machine::{Action, Command, Query, RecordChange, StateMachine};
 use control::storage::RecordWrite;
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
@@ -62,40 +60,20 @@ impl Cluster {
     }
 }
 
-fn server(id: u64, witness: bool) -> ServerRecord {
-    ServerRecord {
-        id,
-        address: format!("127.0.0.1:{}", 7000 + id),
-        witness,
-        capacity: if witness {
-            Capacity::default()
-        } else {
-            Capacity {
-                memory_mib: 64 << 10,
-                disk_gib: 1 << 10,
-                vcpus: 64,
-                pools: Vec::new(),
-            }
-        },
-        mirror: format!("127.0.0.1:{}", 7100 + id),
-        down: false,
-        draining: false,
-        cert: String::new(),
-    }
-}
-
 /// Two servers that hold VMs and a witness, as a new cluster has them once all joined.
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let first = StateMachine::initial_records(&server(1, false));
-        let sm = StateMachine::load(&first).expect("a new cluster's records load");
+        let (sm, first) = enspeed_fuzz::first_server();
         let mut c = Cluster {
             sm,
             records: first.into_iter().collect(),
             changes: Vec::new(),
         };
-        for s in [server(2, false), server(3, true)] {
+        for s in [
+            enspeed_fuzz::server(2, false),
+            enspeed_fuzz::server(3, true),
+        ] {
             let mut writes = Vec::new();
             c.sm.add_server(&s, &mut writes);
             c.write(writes);
