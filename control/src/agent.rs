@@ -347,9 +347,9 @@ struct Shared {
 struct Outgoing {
     /// Its move.
     move_id: u64,
-    /// How it ended: `Some(true)` the VM runs elsewhere now (its VMM here ends), `Some(false)`
+    /// How it ended, and when: `true` the VM runs elsewhere now (its VMM here ends), `false`
     /// it runs on here.
-    ended: Option<bool>,
+    ended: Option<(bool, Instant)>,
     /// A Manager asked to give it up.
     cancel: bool,
 }
@@ -1365,13 +1365,25 @@ impl Reconciler {
     /// from here gets a thread that has its VMM send it (`move_out`).
     fn live_moves(&mut self, state: &StateMachine, copies: &BTreeMap<String, Copy>) {
         let id = self.s.cfg.id;
-        // Moves that ended: forgotten once their VMM is gone or runs on here.
+        // Moves that ended: forgotten once their VMM is gone or runs on here. A failed one is
+        // kept while the state read for this pass still has it (the move's end, committed by
+        // its thread, not applied here yet), so that it does not start again at once; for a
+        // while only, after which a move whose end never committed is tried again.
         {
             let alive: HashSet<String> = lock(&self.s.procs).vmms.keys().cloned().collect();
+            let still_moving = |name: &str, id: u64| {
+                state
+                    .vms
+                    .get(name)
+                    .and_then(|vm| vm.moving.as_ref())
+                    .is_some_and(|m| m.id == id)
+            };
             lock(&self.s.outgoing).retain(|name, o| match o.ended {
                 None => true,
-                Some(true) => alive.contains(name),
-                Some(false) => false,
+                Some((true, _)) => alive.contains(name),
+                Some((false, at)) => {
+                    still_moving(name, o.move_id) && at.elapsed() < FAILED_MOVE_RETRY
+                }
             });
         }
         for vm in state.vms.values() {
@@ -1441,7 +1453,7 @@ impl Reconciler {
                             .get_mut(&out.name)
                             .filter(|o| o.move_id == out.id)
                         {
-                            o.ended = Some(moved);
+                            o.ended = Some((moved, Instant::now()));
                         }
                     });
                 if let Err(e) = spawned {
@@ -1753,6 +1765,8 @@ pub(crate) fn promote_here(agent_dir: &Path, state: &StateMachine, vm: &VmRecord
 
 /// Live migrations from one server at once.
 const MOVES_AT_ONCE: usize = 2;
+/// How long a failed move whose end the state does not show is left before it is tried again.
+const FAILED_MOVE_RETRY: Duration = Duration::from_secs(10);
 
 /// How long a live migration may take, from the request to the target's word.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);

@@ -4,8 +4,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use vmm_api::{DiskStatus, Migrated, Request, Response, RunState, Status};
 
@@ -46,6 +47,40 @@ pub fn serve(
             }
         })?;
     Ok(())
+}
+
+/// Where the VM's loop answers a request: the connection's thread writes the answer, then says
+/// it did, so that a loop about to end the process (a stop, a VM that moved away) can wait for
+/// its answer to leave first.
+pub struct Reply {
+    answer: Sender<Response>,
+    written: Receiver<()>,
+}
+
+/// An answer handed to its connection, which [`Written::wait`] waits to see written.
+pub struct Written(Receiver<()>);
+
+impl Reply {
+    /// A reply, the end its connection reads the answer from, and the end it says "written" on
+    /// (by sending, or by dropping it).
+    pub fn new() -> (Reply, Receiver<Response>, Sender<()>) {
+        let (answer, rx) = channel();
+        let (done, written) = channel();
+        (Reply { answer, written }, rx, done)
+    }
+
+    /// Hands `r` to the connection.
+    pub fn send(self, r: Response) -> Written {
+        let _ = self.answer.send(r);
+        Written(self.written)
+    }
+}
+
+impl Written {
+    /// Waits, at most `max`, until the connection wrote the answer or gave up on it.
+    pub fn wait(self, max: Duration) {
+        let _ = self.0.recv_timeout(max);
+    }
 }
 
 fn reply(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
@@ -102,7 +137,7 @@ fn handle(
             reply(&mut writer, &Response::ok())?;
             return stream_serial(reader, writer, events, console);
         }
-        let (tx, rx) = channel();
+        let (tx, rx, written) = Reply::new();
         if events.send(VmEvent::Api(req, tx)).is_err() {
             reply(&mut writer, &Response::err("the VM is gone"))?;
             return Ok(());
@@ -111,6 +146,7 @@ fn handle(
             .recv()
             .unwrap_or_else(|_| Response::err("the VM stopped before answering"));
         reply(&mut writer, &r)?;
+        let _ = written.send(());
     }
 }
 

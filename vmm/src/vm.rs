@@ -68,7 +68,7 @@ pub enum VmEvent {
     /// A vCPU cannot go on.
     VcpuFailed(String),
     /// A control-socket request and where to answer it.
-    Api(Request, Sender<Response>),
+    Api(Request, crate::api::Reply),
     /// Keystrokes for the serial console.
     SerialInput(Vec<u8>),
     /// Key presses and releases for the keyboard (from the RFB console).
@@ -1752,8 +1752,12 @@ fn run_until_exit(
                     started,
                     boots,
                 );
-                let _ = reply.send(resp);
+                let written = reply.send(resp);
                 if let Some(n) = next {
+                    if matches!(n, Next::Exit(_)) {
+                        // The process ends after: its answer (a move's figures) leaves first.
+                        written.wait(Duration::from_secs(2));
+                    }
                     return Ok(n);
                 }
             }
