@@ -481,6 +481,42 @@ pub fn crc32_update(crc: u32, data: &[u8]) -> u32 {
     !c
 }
 
+/// The first `len` bytes of the file at `path`, or all of it if it is shorter: what a test
+/// reads of a VM's disk (a gigabyte, mostly a hole) whose guest wrote only its first blocks.
+pub fn read_head(path: &Path, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(len);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path)?, len as u64),
+        &mut head,
+    )?;
+    Ok(head)
+}
+
+/// Whether the files at `a` and `b` hold the same bytes, compared a MiB at a time rather than
+/// each read whole into memory (a VM's disk is a gigabyte).
+pub fn same_contents(a: &Path, b: &Path) -> std::io::Result<bool> {
+    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ra, mut rb) = (
+        std::io::BufReader::with_capacity(1 << 20, fa),
+        std::io::BufReader::with_capacity(1 << 20, fb),
+    );
+    loop {
+        let (x, y) = (ra.fill_buf()?, rb.fill_buf()?);
+        let n = x.len().min(y.len());
+        if n == 0 {
+            return Ok(x.is_empty() && y.is_empty());
+        }
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        ra.consume(n);
+        rb.consume(n);
+    }
+}
+
 /// Decodes stamped block `index` from a disk image.
 pub fn read_stamp(image: &[u8], index: u64) -> Stamp {
     let b = &image[(index * 4096) as usize..((index + 1) * 4096) as usize];
