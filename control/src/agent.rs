@@ -358,6 +358,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether VM `name` is moving out of this server live: its move under way, or ended with the
+/// VM elsewhere. A failed move, kept only so that it does not start again at once, is not: its
+/// VM runs on here like any other.
+fn moving_out(outgoing: &Mutex<HashMap<String, Outgoing>>, name: &str) -> bool {
+    lock(outgoing)
+        .get(name)
+        .is_some_and(|o| !matches!(o.ended, Some((false, _))))
+}
+
 /// Starts the agent's threads.
 pub fn start(cfg: AgentConfig, node: NodeHandle, book: AddressBook) -> std::io::Result<()> {
     std::fs::create_dir_all(&cfg.dir)?;
@@ -677,7 +686,7 @@ impl Reconciler {
         };
         for (name, st) in ended {
             // A VM that moved live: its VMM ends once it runs elsewhere.
-            if lock(&self.s.outgoing).contains_key(&name) {
+            if moving_out(&self.s.outgoing, &name) {
                 tracing::info!(vm = %name, status = %st, "VMM ended after a live migration");
                 self.vms.remove(&name);
                 continue;
@@ -1043,7 +1052,7 @@ impl Reconciler {
                 // Nothing here may write it any more. (A VM that moved live from here has let
                 // its disk go at its pause; its migration ends its VMM.)
                 for vm in state.vms.values().filter(|vm| vm.disks.contains(name)) {
-                    if !lock(&self.s.outgoing).contains_key(&vm.name) {
+                    if !moving_out(&self.s.outgoing, &vm.name) {
                         self.stop_vm(&vm.name, "its disk is a backup here now");
                     }
                 }
@@ -1229,7 +1238,7 @@ impl Reconciler {
             };
             // A VMM busy with a live migration (or waiting for one) answers nothing else.
             if vm.moving.as_ref().is_some_and(|m| !m.switched)
-                || lock(&self.s.outgoing).contains_key(&name)
+                || moving_out(&self.s.outgoing, &name)
             {
                 continue;
             }
@@ -1311,7 +1320,7 @@ impl Reconciler {
             let why = match state.vms.get(&name) {
                 None => Some("the VM was deleted"),
                 // Its live migration decides.
-                Some(_) if lock(&self.s.outgoing).contains_key(&name) => None,
+                Some(_) if moving_out(&self.s.outgoing, &name) => None,
                 // Coming here live: its VMM waits for the VM.
                 Some(vm)
                     if vm.running
@@ -1846,11 +1855,15 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
                     lock(&s.progress).insert(name.to_string(), p);
                 }
                 let asked = lock(&s.outgoing).get(name).is_some_and(|o| o.cancel);
+                // Asked again on the next look until the VMM takes it (it refuses one that
+                // comes before its migration has begun).
                 if asked && !cancelled {
-                    cancelled = true;
                     match vmm_call(&api_sock, &VmmRequest::CancelMigration {}) {
-                        Ok(_) => tracing::info!(server = me, vm = %name, "live migration cancelled"),
-                        Err(e) => tracing::warn!(server = me, vm = %name, error = %e, "live migration not cancelled"),
+                        Ok(_) => {
+                            cancelled = true;
+                            tracing::info!(server = me, vm = %name, "live migration cancelled")
+                        }
+                        Err(e) => tracing::warn!(server = me, vm = %name, error = %e, "live migration not cancelled yet"),
                     }
                 }
             }
