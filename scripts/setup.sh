@@ -27,7 +27,6 @@ needs=(
     "mformat mtools"
     "/usr/share/ovmf/OVMF.fd ovmf"
     "xorriso xorriso"
-    "/usr/lib/debian-installer/images/12/amd64/gtk/debian-installer/amd64/initrd.gz debian-installer-12-netboot-amd64"
     "mmdebstrap mmdebstrap"
     "mksquashfs squashfs-tools"
     "mkfs.vfat dosfstools"
