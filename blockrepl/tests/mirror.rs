@@ -690,6 +690,162 @@ fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back()
     assert_eq!(b.disk("d").status().data, DataState::Consistent);
 }
 
+/// A filesystem whose write-back fails for want of room, as a disk that fails: ext4 (no
+/// journal) on a loop device whose backing file lives in a small tmpfs, filled but for 4 MiB.
+/// Data written and held in the page cache past that fails when written back, and the next
+/// fdatasync reports it; once room is made, a later write and fdatasync succeed, the failed
+/// data gone. Needs root (mount, losetup); `None`, said loudly, where it cannot be made.
+struct FailingFs {
+    /// Where the ext4 is mounted.
+    dir: PathBuf,
+    tmpfs: PathBuf,
+    loop_dev: String,
+}
+
+impl FailingFs {
+    fn mount(base: &Path) -> Option<FailingFs> {
+        let run = |cmd: &str, args: &[&str]| -> Result<String, String> {
+            let out = std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .map_err(|e| format!("{cmd}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{cmd} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let (tmpfs, dir) = (base.join("tmpfs"), base.join("fs"));
+        std::fs::create_dir_all(&tmpfs).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Err(e) = run(
+            "mount",
+            &["-t", "tmpfs", "-o", "size=32m", "tmpfs", tmpfs.to_str()?],
+        ) {
+            eprintln!("\n!!!! SKIPPED: cannot mount a tmpfs for the failing disk ({e}) !!!!\n");
+            return None;
+        }
+        let backing = tmpfs.join("backing");
+        std::fs::File::create(&backing)
+            .and_then(|f| f.set_len(64 * MIB))
+            .unwrap();
+        let loop_dev = match run("losetup", &["-f", "--show", backing.to_str()?]) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = run("umount", &[tmpfs.to_str()?]);
+                eprintln!("\n!!!! SKIPPED: no loop device for the failing disk ({e}) !!!!\n");
+                return None;
+            }
+        };
+        let fs = FailingFs {
+            dir,
+            tmpfs,
+            loop_dev,
+        };
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=0",
+                &fs.loop_dev,
+            ],
+        )
+        .unwrap();
+        run("mount", &[&fs.loop_dev, fs.dir.to_str()?]).unwrap();
+        // The tmpfs filled but for 4 MiB: the room the ext4's blocks have left.
+        let free = free_bytes(&fs.tmpfs);
+        std::fs::write(
+            fs.tmpfs.join("filler"),
+            vec![0u8; free.saturating_sub(4 * MIB) as usize],
+        )
+        .unwrap();
+        Some(fs)
+    }
+
+    /// Frees the tmpfs's filler: write-back has room again.
+    fn make_room(&self) {
+        std::fs::remove_file(self.tmpfs.join("filler")).unwrap();
+    }
+}
+
+impl Drop for FailingFs {
+    fn drop(&mut self) {
+        // Lazily: this process's blockd keeps its files open until the process ends.
+        let run = |args: &[&str]| {
+            let _ = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status();
+        };
+        run(&["umount", "-l", self.dir.to_str().unwrap_or_default()]);
+        run(&["losetup", "-d", &self.loop_dev]);
+        run(&["umount", "-l", self.tmpfs.to_str().unwrap_or_default()]);
+    }
+}
+
+/// Free bytes of the filesystem at `p` (`df`'s figure).
+fn free_bytes(p: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap()
+}
+
+/// A flush that failed fails every later flush of its disk (item 1 of issue 15: a "sticky"
+/// failure). The kernel reports a failed write-back to one fdatasync only: the disk's data
+/// lives on a filesystem whose write-back fails for want of room (`FailingFs`); the first
+/// flush fails; room is made, a new write goes in, and the next flush, whose fdatasync alone
+/// would now succeed although the earlier data is lost, fails too, and says why.
+#[test]
+fn a_failed_flush_fails_every_later_flush_of_its_disk() {
+    let base = scratch("failed-flush");
+    let Some(fs) = FailingFs::mount(&base) else {
+        return;
+    };
+    let s = server(&fs.dir);
+    s.req(Request::Create {
+        name: "d".into(),
+        size: 32 * MIB,
+        region_size: Some(MIB),
+        backup: false,
+        pool: None,
+        from: None,
+        image: None,
+        peer_server: None,
+        disk_id: None,
+    });
+    let d = s.disk("d");
+    // 20 MiB in writes of 1 MiB (larger than a write made durable on its own): in the page
+    // cache, acknowledged, not yet on the disk.
+    for i in 0..20u64 {
+        write(&d, i * MIB, block(i as u8 + 1, MIB as usize));
+    }
+    let first = submit_flush(&d)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the flush completes");
+    let e = first.expect_err("a flush whose write-back failed must fail");
+    eprintln!("the first flush: {e}");
+    fs.make_room();
+    write(&d, 0, block(0xee, MIB as usize));
+    let again = submit_flush(&d)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the flush completes");
+    let e = again.expect_err("a flush after a failed one must fail too");
+    assert!(e.to_string().contains("an earlier flush failed"), "{e}");
+    drop(s);
+    drop(fs);
+}
+
 #[test]
 fn a_stale_primary_is_refused() {
     let (a, b, p) = pair("stale", 8 * MIB);
