@@ -1834,6 +1834,29 @@ fn the_enspeed_command_is_a_client_of_the_api() {
     assert!(list.contains("web1") && list.contains("stopped"), "{list}");
     let json: Value = serde_json::from_str(&ok(&["vm", "list", "--json"])).unwrap();
     let id = json[0]["id"].as_u64().unwrap().to_string();
+    // The list read a VM at a time (`--page 1`: three requests, the last one empty) is the
+    // same list, in VMID order.
+    let out = ok(&["vm", "create", "web2", "--memory", "64", "--disk", "1"]);
+    assert!(out.contains("web2"), "{out}");
+    let names = |args: &[&str]| -> Vec<(u64, String)> {
+        let v: Value = serde_json::from_str(&ok(args)).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| {
+                (
+                    vm["id"].as_u64().unwrap(),
+                    vm["name"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let whole = names(&["vm", "list", "--json"]);
+    assert_eq!(whole.len(), 2, "{whole:?}");
+    assert!(whole[0].0 < whole[1].0, "{whole:?}");
+    assert_eq!(names(&["vm", "list", "--json", "--page", "1"]), whole);
+    let web2 = whole.iter().find(|(_, n)| n == "web2").unwrap().0;
+    ok(&["vm", "delete", &web2.to_string()]);
     // bob sees and starts his VM; acme's quota shows it.
     let (good, text) = run(&["vm", "start", &id], "bob", USER_PASSWORD);
     assert!(good, "{text}");

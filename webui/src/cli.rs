@@ -54,8 +54,12 @@ pub struct Login {
 /// `enspeed vm`.
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
-    /// The VMs you see.
-    List,
+    /// The VMs you see, read from the API a page at a time.
+    List {
+        /// VMs a request reads (1 to 1000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        page: u64,
+    },
     /// One VM, whole.
     Show {
         /// VMID.
@@ -855,10 +859,33 @@ fn audit_table(v: &Value) {
     }
 }
 
+/// Every VM the caller sees, in VMID order, read `page` at a time (`?after=VMID&limit=N`): no
+/// one request's answer grows with the cluster.
+fn vm_pages(s: &Session, page: u64) -> Result<Value, String> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let v = s.call("GET", &format!("/vms?after={after}&limit={page}"), None)?;
+        let Value::Array(rows) = v else {
+            return Err(format!("GET /vms?after={after}: not a list of VMs: {v}"));
+        };
+        let full = rows.len() as u64 >= page;
+        if let Some(last) = rows.last() {
+            after = last["id"]
+                .as_u64()
+                .ok_or_else(|| format!("GET /vms?after={after}: a VM without its VMID"))?;
+        }
+        all.extend(rows);
+        if !full {
+            return Ok(Value::Array(all));
+        }
+    }
+}
+
 /// `enspeed vm ...`.
 pub fn vm(l: &Login, cmd: VmCommand) -> ExitCode {
     match cmd {
-        VmCommand::List => run(l, |s| s.call("GET", "/vms", None), vm_table),
+        VmCommand::List { page } => run(l, |s| vm_pages(s, page), vm_table),
         VmCommand::Show { id } => run(
             l,
             |s| s.call("GET", &format!("/vms/{id}"), None),
