@@ -100,17 +100,6 @@ fn create_bytes(size: u64, vga_hole: bool) -> Result<(GuestMemory, File), Memory
                 Some(FileOffset::new(clone, off)),
             )
             .map_err(MemoryError::Map)?;
-            // Huge pages where the host's shmem allows them (`shmem_enabled` = advise): the
-            // guest's memory is then mapped in 2 MiB pages, as anonymous memory is.
-            // SAFETY: the range is the mapping just made; MADV_HUGEPAGE changes no contents.
-            let advised =
-                unsafe { libc::madvise(region.as_ptr().cast(), n as usize, libc::MADV_HUGEPAGE) };
-            if advised != 0 {
-                tracing::warn!(
-                    error = %std::io::Error::last_os_error(),
-                    "guest RAM gets no huge pages (madvise)"
-                );
-            }
             regions.push(region);
         }
         offset += len;
@@ -207,30 +196,6 @@ mod tests {
             0xdead_beef
         );
         assert!(mem.read_obj::<u8>(GuestAddress(64 << 20)).is_err());
-    }
-
-    #[test]
-    fn guest_ram_asks_for_huge_pages() {
-        let (mem, _f) = create(64).unwrap();
-        let start = mem.find_region(GuestAddress(0)).unwrap().as_ptr() as usize;
-        // The mapping's flags in /proc/self/smaps: "hg" is MADV_HUGEPAGE.
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut found = None;
-        for line in smaps.lines() {
-            let range = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, _)) = range.split_once('-') {
-                if usize::from_str_radix(a, 16) == Ok(start) {
-                    found = Some(None);
-                }
-            } else if let (Some(None), Some(flags)) = (found, line.strip_prefix("VmFlags:")) {
-                found = Some(Some(flags.split_whitespace().any(|f| f == "hg")));
-            }
-        }
-        assert_eq!(
-            found,
-            Some(Some(true)),
-            "guest RAM's mapping is advised for huge pages"
-        );
     }
 
     #[test]

@@ -507,31 +507,35 @@ fn take_ram<B: Bitmap>(
             .map_err(memory(gpa))?;
         return Ok(len);
     }
-    // Zeros written over each page that holds something. Only the memfd's data is looked at
-    // (`extent`): its holes, memory never written here, read as zero already and stay holes.
-    // Nothing is given back to the memfd: punching pages out of a huge page splits it, and the
-    // guest would run on in small pages after its move.
-    let region = mem
-        .find_region(GuestAddress(gpa))
-        .ok_or_else(|| MigrationError::Bad(format!("no memory region at {gpa:#x}")))?;
-    let base = region.start_addr().raw_value();
+    // Given back to the memfd (its pages read as zero after, and memory never touched here
+    // stays untouched); where that cannot be, zeros written over whatever page holds something.
+    if zero_range(mem, gpa, len) {
+        return Ok(len);
+    }
     let mut page = vec![0u8; PAGE as usize];
-    let (mut at, end) = (gpa - base, gpa - base + len);
-    while at < end {
-        let (data, upto) = extent(region, at, end);
-        if data {
-            for p in (base + at..base + upto).step_by(PAGE as usize) {
-                mem.read_slice(&mut page, GuestAddress(p))
-                    .map_err(memory(p))?;
-                if !is_zero(&page) {
-                    page.fill(0);
-                    mem.write_slice(&page, GuestAddress(p)).map_err(memory(p))?;
-                }
-            }
+    for p in (gpa..gpa + len).step_by(PAGE as usize) {
+        mem.read_slice(&mut page, GuestAddress(p))
+            .map_err(memory(p))?;
+        if !is_zero(&page) {
+            page.fill(0);
+            mem.write_slice(&page, GuestAddress(p)).map_err(memory(p))?;
         }
-        at = upto;
     }
     Ok(len)
+}
+
+/// Makes guest RAM `gpa..gpa + len` (whole pages of one region, checked) read as zero by
+/// removing its pages from the memfd behind it (`MADV_REMOVE`); false where that cannot be done.
+fn zero_range<B: Bitmap>(mem: &GuestMemoryMmap<B>, gpa: u64, len: u64) -> bool {
+    let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else {
+        return false;
+    };
+    let shared = mem
+        .find_region(GuestAddress(gpa))
+        .is_some_and(|r| r.file_offset().is_some());
+    // SAFETY: the range lies within one region of guest RAM (the caller checked), a shared
+    // mapping of the memfd that stays mapped while `mem` lives; its pages read as zero after.
+    shared && unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_REMOVE) } == 0
 }
 
 /// Whether `b` holds only zero bytes (64 at a time: the OR of a block vectorizes; the first
