@@ -58,12 +58,13 @@ FUZZ_PROFILE=quick FUZZ_BUILD_ONLY=1 setsid -w chrt --idle 0 ionice -c 3 scripts
     >"$fuzz_build_log" 2>&1 &
 fuzz_build=$!
 # Stopped with test.sh (its own process group: cargo and rustc too).
-trap 'kill -- -"$fuzz_build" 2>/dev/null || true; echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"' EXIT
+trap '[ -z "$fuzz_build" ] || kill -- -"$fuzz_build" 2>/dev/null || true; echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"' EXIT
 rest=0
 run_level 1 || rest=$?
 part "unit tests and level 1"
 fuzz_built=0
 wait "$fuzz_build" || fuzz_built=$?
+fuzz_build=
 part "the fuzz targets' build, finishing"
 level2=0
 run_level 2 || level2=$?

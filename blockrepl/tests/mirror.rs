@@ -255,32 +255,27 @@ fn block(tag: u8, n: usize) -> Vec<u8> {
     (0..n).map(|i| tag ^ (i as u8).wrapping_mul(31)).collect()
 }
 
+/// Creates disk `name` of `size` bytes (regions of 1 MiB) on `s`: a primary, or a backup.
+fn create(s: &Server, name: &str, size: u64, backup: bool) {
+    s.req(Request::Create {
+        name: name.into(),
+        size,
+        region_size: Some(MIB),
+        backup,
+        pool: None,
+        from: None,
+        image: None,
+        peer_server: None,
+        disk_id: None,
+    });
+}
+
 fn pair(name: &str, size: u64) -> (Server, Server, Proxy) {
     let a = server(&scratch(&format!("{name}-a")));
     let b = server(&scratch(&format!("{name}-b")));
     let p = proxy(b.addr.clone());
-    a.req(Request::Create {
-        name: "d".into(),
-        size,
-        region_size: Some(MIB),
-        backup: false,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
-    b.req(Request::Create {
-        name: "d".into(),
-        size,
-        region_size: Some(MIB),
-        backup: true,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&a, "d", size, false);
+    create(&b, "d", size, true);
     a.req(Request::Attach {
         name: "d".into(),
         peer: p.addr.clone(),
@@ -493,17 +488,7 @@ fn resync_after_going_alone_copies_exactly_the_changed_regions() {
 /// written disk, as a VM cloned from another's disk (its backup needs a full sync).
 fn create_clone(s: &Server, name: &str, size: u64) {
     let src = format!("{name}-src");
-    s.req(Request::Create {
-        name: src.clone(),
-        size,
-        region_size: Some(MIB),
-        backup: false,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&s, &src, size, false);
     write(&s.disk(&src), size / 2, block(0x5a, 8192));
     s.req(Request::Create {
         name: name.into(),
@@ -531,17 +516,7 @@ fn a_new_backup_gets_a_full_sync_while_the_guest_writes() {
     for i in 0..128u64 {
         write(&d, i * MIB + (i % 7) * 4096, block(i as u8, 65536));
     }
-    b.req(Request::Create {
-        name: "d".into(),
-        size: 128 * MIB,
-        region_size: Some(MIB),
-        backup: true,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&b, "d", 128 * MIB, true);
     a.req(Request::Attach {
         name: "d".into(),
         peer: b.addr.clone(),
@@ -568,27 +543,14 @@ fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full
     let a = server(&scratch("zeros-a"));
     let b = server(&scratch("zeros-b"));
     let c = server(&scratch("zeros-c"));
-    let create = |s: &Server, backup: bool| {
-        s.req(Request::Create {
-            name: "d".into(),
-            size: 64 * MIB,
-            region_size: Some(MIB),
-            backup,
-            pool: None,
-            from: None,
-            image: None,
-            peer_server: None,
-            disk_id: None,
-        })
-    };
-    create(&a, false);
+    create(&a, "d", 64 * MIB, false);
     let d = a.disk("d");
     assert!(d.meta().from_zeros, "a new blank primary starts from zeros");
     // The guest writes alone before its backup exists: three regions.
     for r in [2u64, 9, 30] {
         write(&d, r * MIB + 512, block(r as u8, 8192));
     }
-    create(&b, true);
+    create(&b, "d", 64 * MIB, true);
     a.req(Request::Attach {
         name: "d".into(),
         peer: b.addr.clone(),
@@ -611,7 +573,7 @@ fn a_blank_disk_s_new_backup_gets_only_what_was_written_and_later_backups_a_full
         "still claims zeros after its bits were cleared"
     );
     a.req(Request::Detach { name: "d".into() });
-    create(&c, true);
+    create(&c, "d", 64 * MIB, true);
     a.req(Request::Attach {
         name: "d".into(),
         peer: c.addr.clone(),
@@ -635,17 +597,7 @@ fn a_cut_full_sync_resumes_where_it_stopped_and_its_percentage_never_goes_back()
     for i in 0..48u64 {
         write(&d, i * MIB, block(i as u8, MIB as usize));
     }
-    b.req(Request::Create {
-        name: "d".into(),
-        size: 48 * MIB,
-        region_size: Some(MIB),
-        backup: true,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&b, "d", 48 * MIB, true);
     a.req(Request::Attach {
         name: "d".into(),
         peer: p.addr.clone(),
@@ -717,6 +669,7 @@ impl FailingFs {
             }
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         };
+        sweep_failing_fs();
         let (tmpfs, dir) = (base.join("tmpfs"), base.join("fs"));
         std::fs::create_dir_all(&tmpfs).unwrap();
         std::fs::create_dir_all(&dir).unwrap();
@@ -744,7 +697,7 @@ impl FailingFs {
             tmpfs,
             loop_dev,
         };
-        run(
+        let made = run(
             "mkfs.ext4",
             &[
                 "-q",
@@ -755,8 +708,16 @@ impl FailingFs {
                 &fs.loop_dev,
             ],
         )
-        .unwrap();
-        run("mount", &[&fs.loop_dev, fs.dir.to_str()?]).unwrap();
+        .and_then(|_| {
+            run(
+                "mount",
+                &[&fs.loop_dev, fs.dir.to_str().unwrap_or_default()],
+            )
+        });
+        if let Err(e) = made {
+            eprintln!("\n!!!! SKIPPED: cannot make the failing disk's ext4 ({e}) !!!!\n");
+            return None;
+        }
         // The tmpfs filled but for 4 MiB: the room the ext4's blocks have left.
         let free = free_bytes(&fs.tmpfs);
         std::fs::write(
@@ -787,6 +748,39 @@ impl Drop for FailingFs {
     }
 }
 
+/// Unmounts what an earlier run of this test, killed before its `FailingFs` was dropped, left
+/// mounted, and detaches its loop device.
+fn sweep_failing_fs() {
+    let ours = format!("/mirror-test-{}-", std::process::id());
+    let left =
+        |p: &str| p.contains("/mirror-test-") && p.contains("-failed-flush/") && !p.contains(&ours);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| left(p))
+        .collect();
+    // The ext4 before the tmpfs its loop device's file lives in.
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", p])
+            .status();
+    }
+    let loops = std::process::Command::new("losetup")
+        .arg("-a")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for l in loops.lines().filter(|l| left(l)) {
+        if let Some((dev, _)) = l.split_once(':') {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", dev])
+                .status();
+        }
+    }
+}
+
 /// Free bytes of the filesystem at `p` (`df`'s figure).
 fn free_bytes(p: &Path) -> u64 {
     let out = std::process::Command::new("df")
@@ -813,17 +807,7 @@ fn a_failed_flush_fails_every_later_flush_of_its_disk() {
         return;
     };
     let s = server(&fs.dir);
-    s.req(Request::Create {
-        name: "d".into(),
-        size: 32 * MIB,
-        region_size: Some(MIB),
-        backup: false,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&s, "d", 32 * MIB, false);
     let d = s.disk("d");
     // 20 MiB in writes of 1 MiB (larger than a write made durable on its own): in the page
     // cache, acknowledged, not yet on the disk.
@@ -1010,17 +994,7 @@ fn expect_error(s: &mut MirrorStream, what: &str) -> String {
 #[test]
 fn malformed_truncated_and_corrupt_frames_are_refused_and_do_not_touch_the_disk() {
     let b = server(&scratch("malformed-b"));
-    b.req(Request::Create {
-        name: "d".into(),
-        size: 8 * MIB,
-        region_size: Some(MIB),
-        backup: true,
-        pool: None,
-        from: None,
-        image: None,
-        peer_server: None,
-        disk_id: None,
-    });
+    create(&b, "d", 8 * MIB, true);
     let zeros = b.data("d");
 
     // Payload checksum wrong.

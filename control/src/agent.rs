@@ -1829,10 +1829,11 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
             let mut since = Instant::now();
             while running.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(300));
-                if let Some(p) = vmm_call(&api_sock, &VmmRequest::MigrationStatus {})
+                let status = vmm_call(&api_sock, &VmmRequest::MigrationStatus {})
                     .ok()
-                    .and_then(|r| r.migration)
-                {
+                    .and_then(|r| r.migration);
+                let phase = status.as_ref().map(|p| p.phase);
+                if let Some(p) = status {
                     let now = (p.phase, relayed.load(Ordering::Relaxed));
                     if last != Some(now) {
                         (last, since) = (Some(now), Instant::now());
@@ -1855,15 +1856,25 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
                     lock(&s.progress).insert(name.to_string(), p);
                 }
                 let asked = lock(&s.outgoing).get(name).is_some_and(|o| o.cancel);
-                // Asked again on the next look until the VMM takes it (it refuses one that
-                // comes before its migration has begun).
                 if asked && !cancelled {
-                    match vmm_call(&api_sock, &VmmRequest::CancelMigration {}) {
-                        Ok(_) => {
-                            cancelled = true;
-                            tracing::info!(server = me, vm = %name, "live migration cancelled")
+                    match phase {
+                        // While it copies; not before its migration has begun (the VMM would
+                        // refuse), asked again on the next look if it refused.
+                        Some(vmm_api::MigrationPhase::Copying) => {
+                            match vmm_call(&api_sock, &VmmRequest::CancelMigration {}) {
+                                Ok(_) => {
+                                    cancelled = true;
+                                    tracing::info!(server = me, vm = %name, "live migration cancelled")
+                                }
+                                Err(e) => tracing::warn!(server = me, vm = %name, error = %e, "live migration not cancelled yet"),
+                            }
                         }
-                        Err(e) => tracing::warn!(server = me, vm = %name, error = %e, "live migration not cancelled yet"),
+                        // Past its copy it is too late: the move goes on to its end.
+                        Some(_) => {
+                            cancelled = true;
+                            tracing::info!(server = me, vm = %name, "live migration not cancelled: past its copy")
+                        }
+                        None => {}
                     }
                 }
             }
@@ -1932,8 +1943,20 @@ fn move_out(s: &Shared, out: &MoveOut) -> bool {
             return false;
         }
         None => {
+            // No VMM answers (it ended): the state says whose the VM is. The target's, its
+            // switch committed before the VMM ended (the move's answer lost): this copy is over,
+            // as after a move. Else it is this server's, to start again.
+            let elsewhere = (0..8)
+                .find_map(|_| {
+                    let st = api::read_state(&s.node, &s.book, Duration::from_secs(2));
+                    if st.is_none() {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    st
+                })
+                .and_then(|st| st.vms.get(name).map(|vm| st.vm_primary(vm) != Some(me)));
             end(MoveOutcome::Failed { why });
-            return false;
+            return elsewhere == Some(true);
         }
     }
     let deadline = Instant::now() + MOVE_TIMEOUT;

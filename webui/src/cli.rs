@@ -871,9 +871,17 @@ fn vm_pages(s: &Session, page: u64) -> Result<Value, String> {
         };
         let full = rows.len() as u64 >= page;
         if let Some(last) = rows.last() {
-            after = last["id"]
+            let id = last["id"]
                 .as_u64()
                 .ok_or_else(|| format!("GET /vms?after={after}: a VM without its VMID"))?;
+            // A server that does not page (one of an older build) would answer the same page
+            // again and again.
+            if id <= after {
+                return Err(format!(
+                    "GET /vms?after={after}: the server answered VMs from {id} on; it does not page"
+                ));
+            }
+            after = id;
         }
         all.extend(rows);
         if !full {
