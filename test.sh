@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 # How long each part took, told at the end (CI's budget is 30 minutes on 2 cores).
 took=() t0=$SECONDS
 part() { took+=("$(printf '%5d s  %s' $((SECONDS - t0)) "$1")"); t0=$SECONDS; }
-trap 'echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"' EXIT
+report() { echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"; }
+trap report EXIT
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
 part "set-up"
 cargo build --release --workspace --bins
@@ -58,7 +59,7 @@ FUZZ_PROFILE=quick FUZZ_BUILD_ONLY=1 setsid -w chrt --idle 0 ionice -c 3 scripts
     >"$fuzz_build_log" 2>&1 &
 fuzz_build=$!
 # Stopped with test.sh (its own process group: cargo and rustc too).
-trap '[ -z "$fuzz_build" ] || kill -- -"$fuzz_build" 2>/dev/null || true; echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"' EXIT
+trap '[ -z "$fuzz_build" ] || kill -- -"$fuzz_build" 2>/dev/null || true; report' EXIT
 rest=0
 run_level 1 || rest=$?
 part "unit tests and level 1"

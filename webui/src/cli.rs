@@ -56,8 +56,12 @@ pub struct Login {
 pub enum VmCommand {
     /// The VMs you see, read from the API a page at a time.
     List {
-        /// VMs a request reads (1 to 1000).
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        /// VMs a request reads (1 to 1000, the API's most).
+        #[arg(
+            long,
+            default_value_t = crate::routes::MAX_PAGE,
+            value_parser = clap::value_parser!(u64).range(1..=crate::routes::MAX_PAGE)
+        )]
         page: u64,
     },
     /// One VM, whole.

@@ -119,7 +119,7 @@ struct NewServer {
 }
 
 /// The most VMs a page of the VM list holds (`GET /api/v1/vms?limit=N`).
-const MAX_PAGE: u64 = 1000;
+pub(crate) const MAX_PAGE: u64 = 1000;
 
 /// The largest ISO image taken: 64 GiB.
 pub(crate) const MAX_ISO: u64 = 64 << 30;
