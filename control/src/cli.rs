@@ -66,8 +66,10 @@ pub struct ServerArgs {
     /// Raft tick, milliseconds.
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
-    /// Ticks without a leader before an election (randomized up to twice that). Short, so that
-    /// two election rounds (a split vote after a leader's death) fit inside the fence timeout.
+    /// Ticks after its leader fell silent before a server votes for another. A VM server
+    /// stands for election N + 2 to 2N + 2 ticks after, a witness 2N + 2 to 3N + 2 (see
+    /// `NodeConfig::election_range`). Short, so that two election rounds (a split vote after a
+    /// leader's death) fit inside the fence timeout.
     #[arg(long, default_value_t = 6)]
     election_ticks: usize,
     /// Ticks between heartbeats.
@@ -97,8 +99,8 @@ pub struct ServerArgs {
     lease_ms: u64,
     /// A server without a quorum answer this long fences itself (kills its VMMs and blockd),
     /// milliseconds; default 70% of the lease. Must be below the lease (the margin covers
-    /// killing them) and above the longest election (2 x election ticks), or a leader's death
-    /// fences every server.
+    /// killing them) and above the longest election (a witness's latest: 3 x election ticks
+    /// + 2), or a leader's death fences every server.
     #[arg(long)]
     fence_ms: Option<u64>,
     /// Between a node agent's heartbeats, milliseconds.
@@ -148,6 +150,7 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     node.tick = Duration::from_millis(a.tick_ms.max(1));
     node.election_ticks = a.election_ticks;
     node.heartbeat_ticks = a.heartbeat_ticks;
+    node.witness = a.witness;
     node.snapshot_every = a.snapshot_every.max(1);
     node.request_timeout = Duration::from_millis(a.request_timeout_ms);
     let bootstrap = match (a.init, a.join, a.await_join) {
@@ -176,7 +179,7 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     if let Some(f) = a.fence_ms {
         timing.fence_timeout = Duration::from_millis(f);
     }
-    let longest_election = node.tick * (2 * node.election_ticks as u32);
+    let longest_election = node.tick * (node.election_range().1 as u32);
     if timing.fence_timeout <= longest_election + timing.heartbeat {
         eprintln!(
             "enspeed server {}: warning: the fence timeout ({:?}) is not above the longest election ({longest_election:?}) plus a heartbeat: a leader's death may fence every server",

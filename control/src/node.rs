@@ -44,6 +44,10 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// How long a request waits to be applied.
     pub request_timeout: Duration,
+    /// A witness (a voter that runs no VMs) stands for election only once a VM server would
+    /// have (see `election_range`), so that the VM server that survives a leader of three
+    /// stands alone instead of splitting the vote with the witness.
+    pub witness: bool,
 }
 
 impl NodeConfig {
@@ -66,8 +70,28 @@ impl NodeConfig {
         won.checked_sub(self.vote_quiet()).unwrap_or(won)
     }
 
-    /// Defaults: 50 ms ticks, elections 0.5 to 1 s after the leader fell silent, heartbeats
-    /// every 50 ms. An election must end well within the node agents' fence timeout, or every
+    /// The ticks an election timeout is randomized in: [n + 2, 2n + 2) for a VM server,
+    /// [2n + 2, 3n + 2) for a witness (n: `election_ticks`).
+    ///
+    /// Not raft-rs's [n, 2n): its voters (with `check_quorum`) ignore a vote request until
+    /// `election_ticks` have passed since they heard their leader, and a server that stood
+    /// right then, on a clock a tick ahead of a voter's, was ignored and stood again only a
+    /// whole timeout later. Meanwhile another survivor stood too, and the two split the vote:
+    /// each round another 0.3 to 0.6 s. In the test host (QEMU's emulated CPU, where a vote
+    /// takes up to 300 ms) the VM server that survived its leader fenced itself after two such
+    /// rounds (2026-12-08). Two ticks later, a vote request finds its voters out of their
+    /// leader's lease; the witness, a whole range later, finds the election over.
+    pub fn election_range(&self) -> (usize, usize) {
+        let n = self.election_ticks;
+        if self.witness {
+            (2 * n + 2, 3 * n + 2)
+        } else {
+            (n + 2, 2 * n + 2)
+        }
+    }
+
+    /// Defaults: 50 ms ticks, elections 0.4 to 0.7 s after the leader fell silent (a witness:
+    /// 0.7 to 1 s), heartbeats every 50 ms. An election must end well within the node agents' fence timeout, or every
     /// server fences itself while a dead leader is replaced (see `agent`).
     pub fn new(id: u64) -> NodeConfig {
         NodeConfig {
@@ -77,6 +101,7 @@ impl NodeConfig {
             heartbeat_ticks: 1,
             snapshot_every: 1000,
             request_timeout: Duration::from_secs(5),
+            witness: false,
         }
     }
 }
@@ -134,6 +159,11 @@ pub struct Status {
     pub voters: Vec<u64>,
     /// Whether this server was removed from the group.
     pub removed: bool,
+    /// How long after its leader fell silent this server stands for election, as last drawn
+    /// (randomized at every election and change of leader; a witness's comes later, see
+    /// `NodeConfig::witness`).
+    #[serde(default)]
+    pub election_timeout_ms: u64,
 }
 
 /// Everything the node thread reacts to.
@@ -437,9 +467,12 @@ impl Node {
     ) -> Result<(Node, NodeHandle), Error> {
         let sm = StateMachine::load(&store.records()?)?;
         let history_base = store.applied();
+        let (min_election_tick, max_election_tick) = cfg.election_range();
         let raft_cfg = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks,
+            min_election_tick,
+            max_election_tick,
             heartbeat_tick: cfg.heartbeat_ticks,
             applied: store.applied(),
             pre_vote: true,
@@ -731,6 +764,9 @@ impl Node {
             first_index: store.log_base() + 1,
             removed: !voters.is_empty() && !voters.contains(&id) && !cs.learners.contains(&id),
             voters,
+            election_timeout_ms: (self.cfg.tick
+                * self.raw.raft.randomized_election_timeout() as u32)
+                .as_millis() as u64,
         }
     }
 

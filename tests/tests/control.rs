@@ -299,6 +299,47 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
     }
 }
 
+/// A witness stands for election only after a VM server would have (`NodeConfig::witness`):
+/// when the leader of three dies, the VM server that survives stands alone instead of splitting
+/// the vote with the witness. Each server's election timeout, as drawn again at every change of
+/// leader (default ticks: 50 ms, 6 to an election): 400 to 700 ms, the witness's 700 to 1000 ms.
+#[test]
+fn a_witness_draws_its_election_timeout_after_the_vm_servers() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("control-witness");
+    let net = network("w");
+    let mut servers: Vec<Server> = (1..=3)
+        .map(|id| {
+            let role: &[&str] = if id == 3 { &["--witness"] } else { &[] };
+            server(&scratch, &net, id, role)
+        })
+        .collect();
+    form_cluster(&mut servers);
+    let drawn = |s: &Server| {
+        let st = wait_for("a status", || s.status());
+        u(&st, "election_timeout_ms")
+    };
+    for round in 0..3 {
+        for s in &servers {
+            let ms = drawn(s);
+            let range = if s.id == 3 { 700..1000 } else { 400..700 };
+            assert!(
+                range.contains(&ms),
+                "round {round}: server {} drew {ms} ms, not in {range:?}",
+                s.id
+            );
+        }
+        // The leader's death makes every survivor draw again; the dead one draws at its start.
+        let leader = agreed_leader(&servers.iter().collect::<Vec<_>>());
+        servers[leader as usize - 1].kill9();
+        let rest: Vec<&Server> = servers.iter().filter(|s| s.id != leader).collect();
+        let next = agreed_leader(&rest);
+        eprintln!("round {round}: leader {leader} killed, server {next} leads");
+        servers[leader as usize - 1].start(&[]);
+        converged(&servers.iter().collect::<Vec<_>>(), &[1, 2, 3]);
+    }
+}
+
 #[test]
 fn a_new_server_catches_up_from_a_snapshot_and_servers_can_be_removed() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
