@@ -161,6 +161,8 @@ failure_summary() {
         tail -n 8 "$_log" | cut -c1-160
         [ -f "/tmp/guest-$_g.stuck" ] && cat "/tmp/guest-$_g.stuck"
     done
+    # A scenario whose guests its cluster runs says what its servers did.
+    if command -v scenario_summary >/dev/null; then scenario_summary; fi
     echo "=== end of why $1 failed ==="
 }
 
@@ -210,6 +212,18 @@ disk_proof() {
     _rc=$?
     umount /tmp/proof-mnt
     return $_rc
+}
+
+# cluster_stalled NAME CONSOLE OFFSET STARTED_CS: for a guest that a scenario's cluster runs
+# (its serial console in file CONSOLE, this boot from byte OFFSET on, its VMM started at
+# STARTED_CS, a now_cs time): true, and the guest marked stalled for finish, if its kernel has
+# not reached the kit's init BOOT_STALL_SECS after its VMM started.
+cluster_stalled() {
+    now_cs
+    [ $((NOW_CS - $4)) -ge $((BOOT_STALL_SECS * 100)) ] || return 1
+    tail -c +$(($3 + 1)) "$2" 2>/dev/null | grep -q "KIT: init reached" && return 1
+    echo "GUEST $1: STALLED: its kernel did not reach the kit's init within ${BOOT_STALL_SECS}s of its VMM's start"
+    : >"/tmp/guest-$1.stalled"
 }
 
 # finish NAME: the scenario's verdict line and exit code: 0 if every check passed; else 1, 122
