@@ -12,21 +12,12 @@ report() { echo "test.sh: time by part"; printf "    %s\n" "${took[@]}"; }
 trap report EXIT
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
 part "set-up"
-cargo build --release --workspace --bins
-part "build"
-image/testguest/build.sh >/dev/null
-image/testhost/build.sh
-part "guest kits and test host"
-# Level-2 scenarios that had to run again (their test host, or a nested guest's early boot,
-# failed under the emulated AMD-V; see tests/tests/testhost.rs) are listed at the end.
-retries="$CARGO_TARGET_DIR/release/testhost-retries.log"
-times="$CARGO_TARGET_DIR/release/testhost-times.log"
-rm -f "$retries" "$times"
-# Every test program, built once, as "LEVEL<tab>DIRECTORY<tab>PROGRAM" lines: level 2 is
-# tests/tests/testhost.rs and appliance.rs; each runs from its package's directory, as cargo
-# runs it, and all of them run even when one fails.
+# The binaries and every test program in one build (cargo overlaps the tests' compiling with
+# the binaries' linking), the test programs listed as "LEVEL<tab>DIRECTORY<tab>PROGRAM" lines:
+# level 2 is tests/tests/testhost.rs and appliance.rs; each runs from its package's directory,
+# as cargo runs it, and all of them run even when one fails.
 programs="$CARGO_TARGET_DIR/release/test-programs"
-cargo test --release --workspace --no-run --message-format=json-render-diagnostics | python3 -c '
+cargo build --release --workspace --bins --tests --examples --message-format=json-render-diagnostics | python3 -c '
 import json, os, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -36,15 +27,30 @@ for line in sys.stdin:
     level = 2 if t["name"] in ("testhost", "appliance") and "test" in t["kind"] else 1
     print(level, os.path.dirname(m["manifest_path"]), m["executable"], sep="\t")
 ' >"$programs"
-part "building the tests"
+part "build"
+image/testguest/build.sh >/dev/null
+image/testhost/build.sh
+part "guest kits and test host"
+# Level-2 scenarios that had to run again (their test host, or a nested guest's early boot,
+# failed under the emulated AMD-V; see tests/tests/testhost.rs) are listed at the end.
+retries="$CARGO_TARGET_DIR/release/testhost-retries.log"
+times="$CARGO_TARGET_DIR/release/testhost-times.log"
+rm -f "$retries" "$times"
 grep -q "^2" "$programs" || { echo "test.sh: no level-2 programs in $programs" >&2; exit 1; }
 # run_level LEVEL: runs that level's programs; fails if one did.
+# Each program's time goes to $program_times, shown at the end.
+program_times="$CARGO_TARGET_DIR/release/test-program-times.log"
+: >"$program_times"
 run_level() {
-    local failed=0 level dir program
+    local failed=0 level dir program start rc
     while IFS=$'\t' read -r level dir program; do
         [ "$level" = "$1" ] || continue
         echo "     Running $program"
-        (cd "$dir" && "$program" </dev/null) || failed=1
+        start=$SECONDS rc=0
+        (cd "$dir" && "$program" </dev/null) || rc=$?
+        [ "$rc" = 0 ] || failed=1
+        printf '%5d s  level %s  %s  (exit %s)\n' $((SECONDS - start)) "$1" \
+            "$(basename "$dir")/$(basename "$program" | sed 's/-[0-9a-f]*$//')" "$rc" >>"$program_times"
     done <"$programs"
     return "$failed"
 }
@@ -58,15 +64,24 @@ fuzz_build_log="$CARGO_TARGET_DIR/release/fuzz-build.log"
 FUZZ_PROFILE=quick FUZZ_BUILD_ONLY=1 setsid -w chrt --idle 0 ionice -c 3 scripts/fuzz.sh 5 \
     >"$fuzz_build_log" 2>&1 &
 fuzz_build=$!
-# Stopped with test.sh (its own process group: cargo and rustc too).
-trap '[ -z "$fuzz_build" ] || kill -- -"$fuzz_build" 2>/dev/null || true; report' EXIT
+# So is the appliance's installer ISO, for the appliance test in level 2 (which then finds it
+# made: image/appliance/build.sh makes it again only when what goes into it changed).
+iso_build_log="$CARGO_TARGET_DIR/release/appliance-iso-build.log"
+setsid -w chrt --idle 0 ionice -c 3 image/appliance/build.sh "$CARGO_TARGET_DIR/release/enspeed" \
+    >"$iso_build_log" 2>&1 &
+iso_build=$!
+# Stopped with test.sh (their own process groups: cargo and rustc too).
+trap 'for p in $fuzz_build $iso_build; do kill -- -"$p" 2>/dev/null || true; done; report' EXIT
 rest=0
 run_level 1 || rest=$?
 part "unit tests and level 1"
 fuzz_built=0
 wait "$fuzz_build" || fuzz_built=$?
 fuzz_build=
-part "the fuzz targets' build, finishing"
+# Not a failure of its own: the appliance test makes the ISO again, and fails if it cannot.
+wait "$iso_build" || { echo "test.sh: the appliance ISO's build beside level 1 failed:"; tail -n 20 "$iso_build_log"; } >&2
+iso_build=
+part "the fuzz targets' and the appliance ISO's builds, finishing"
 level2=0
 run_level 2 || level2=$?
 part "level 2"
@@ -74,6 +89,8 @@ if [ -s "$retries" ]; then
     echo "test.sh: level-2 scenarios run again in this run:"
     sed 's/^/    /' "$retries"
 fi
+echo "test.sh: each test program took:"
+sed 's/^/    /' "$program_times"
 if [ -s "$times" ]; then
     echo "test.sh: the scenarios that boot machines under QEMU took:"
     sed 's/^/    /' "$times"

@@ -72,6 +72,21 @@ if [ "$(cat "$OUT/.tree-inputs" 2>/dev/null)" != "$key" ] || [ ! -s "$tree" ]; t
     echo "$key" >"$OUT/.tree-inputs"
 fi
 
+iso=$OUT/enspeed-$version-amd64.iso
+# The ISO is made again when what goes into it changes: the system's tree, the binary, the
+# appliance's own files and this script (test.sh makes it beside the level-1 tests, and the
+# appliance test then finds it made).
+made=$({
+    echo "$key"
+    for f in "$bin" "$here/build.sh" "$here/grub.cfg"; do sha256sum <"$f"; done
+    (cd "$here/rootfs" && find . -type f -exec sha256sum {} + && find . -type l -printf '%p -> %l\n') |
+        LC_ALL=C sort
+} | sha256sum | cut -d' ' -f1)
+if [ -s "$iso" ] && [ "$(cat "$iso.inputs" 2>/dev/null)" = "$made" ]; then
+    log "up to date: $iso"
+    echo "$iso"
+    exit 0
+fi
 work=$(mktemp -d "$CACHE/.appliance.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 sys=$work/sys
@@ -97,10 +112,10 @@ du -sb "$sys" | cut -f1 >"$work/iso/live/filesystem.size"
 cp "$here/grub.cfg" "$work/iso/boot/grub/grub.cfg"
 sed -i "s/@VERSION@/$version/g" "$work/iso/boot/grub/grub.cfg"
 
-iso=$OUT/enspeed-$version-amd64.iso
 log "making $iso (BIOS and UEFI; CD and USB stick)"
 grub-mkrescue -o "$iso.new" "$work/iso" -- -volid ENSPEED_INSTALL >/dev/null 2>&1 ||
     grub-mkrescue -o "$iso.new" "$work/iso" -- -volid ENSPEED_INSTALL >&2
 mv "$iso.new" "$iso"
+echo "$made" >"$iso.inputs"
 log "$(du -m "$iso" | cut -f1) MB"
 echo "$iso"
