@@ -6,7 +6,9 @@
 # BENCHMARKS.md: median, min and max of the time from the power cut to the VMM running on the
 # backup and to the guest's "KIT: init reached" there. Inside the test host the guest runs
 # under TCG-emulated nested AMD-V, so its kernel boots many times slower than on real KVM.
-# Environment: FAILOVER_DRILLS (10).
+# Environment: FAILOVER_DRILLS (10); FAILOVER_TIMING, the servers' Raft and lease options
+# (unset: the scenario's own, doubled from the defaults for the test host's emulated CPU; empty:
+# the defaults, as on a server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$(scripts/setup.sh)"
@@ -18,6 +20,7 @@ trap 'rm -rf "$work"' EXIT
 {
     echo '#!/bin/sh'
     echo "FAILOVER_DRILLS=$drills"
+    [ -z "${FAILOVER_TIMING+set}" ] || echo "TIMING=\"$FAILOVER_TIMING\""
     cat tests/testhost/enspeed-failover.sh
 } >"$work/scenario.sh"
 image/testhost/run.sh --scenario "$work/scenario.sh" --enspeed "$CARGO_TARGET_DIR/release/enspeed" \

@@ -69,6 +69,7 @@ if [ "$(cat "$OUT/.tree-inputs" 2>/dev/null)" != "$key" ] || [ ! -s "$tree" ]; t
     rm -rf "$tree" "$OUT/tree-new.tar"
     mmdebstrap "${debstrap[@]}" "$OUT/tree-new.tar" "${mirrors[@]}" >&2
     mv "$OUT/tree-new.tar" "$tree"
+    rm -f "$OUT"/*.iso.inputs
     echo "$key" >"$OUT/.tree-inputs"
 fi
 
@@ -79,8 +80,10 @@ iso=$OUT/enspeed-$version-amd64.iso
 made=$({
     echo "$key"
     for f in "$bin" "$here/build.sh" "$here/grub.cfg"; do sha256sum <"$f"; done
-    (cd "$here/rootfs" && find . -type f -exec sha256sum {} + && find . -type l -printf '%p -> %l\n') |
+    (cd "$here/rootfs" && find . -type f -exec sha256sum {} + && find . -printf '%m %p -> %l\n') |
         LC_ALL=C sort
+    # The tools that make it (GRUB's images go into it).
+    dpkg-query -W grub-common grub-pc-bin grub-efi-amd64-bin xorriso squashfs-tools mtools
 } | sha256sum | cut -d' ' -f1)
 if [ -s "$iso" ] && [ "$(cat "$iso.inputs" 2>/dev/null)" = "$made" ]; then
     log "up to date: $iso"

@@ -217,8 +217,11 @@ disk_proof() {
 # cluster_stalled NAME CONSOLE OFFSET STARTED_CS: for a guest that a scenario's cluster runs
 # (its serial console in file CONSOLE, this boot from byte OFFSET on, its VMM started at
 # STARTED_CS, a now_cs time): true, and the guest marked stalled for finish, if its kernel has
-# not reached the kit's init BOOT_STALL_SECS after its VMM started.
+# not reached the kit's init BOOT_STALL_SECS after its VMM started, and nothing failed before.
+# The caller checks first that the guest's VMM still runs where it started it (a VMM that
+# ended, was never started or was fenced away is the product's failure, never a glitch).
 cluster_stalled() {
+    [ "$FAILS" = 0 ] || return 1
     now_cs
     [ $((NOW_CS - $4)) -ge $((BOOT_STALL_SECS * 100)) ] || return 1
     tail -c +$(($3 + 1)) "$2" 2>/dev/null | grep -q "KIT: init reached" && return 1
