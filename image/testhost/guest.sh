@@ -214,6 +214,21 @@ disk_proof() {
     return $_rc
 }
 
+# cluster_summary: for a scenario whose cluster of three runs its VM vm1 (the servers' logs in
+# /tmp/serverN.log, their data in /tmp/serverN): what each server's log says of its role,
+# fencing, disks, VMs and leases, and the end of each console of vm1.
+cluster_summary() {
+    for _i in 1 2 3; do
+        echo "--- server $_i, its last events:"
+        grep -E "WARN|ERROR|fenced|back in the quorum|role=Leader|blockd started|VMM started|DHCP" \
+            "/tmp/server$_i.log" | tail -n 10 | cut -c1-220
+        _c=/tmp/server$_i/agent/vms/vm1/serial.log
+        [ -e "$_c" ] || continue
+        echo "--- server $_i, the end of vm1's console:"
+        tr -d '\r' <"$_c" | tail -n 6 | cut -c1-160
+    done
+}
+
 # cluster_stalled NAME CONSOLE OFFSET STARTED_CS: for a guest that a scenario's cluster runs
 # (its serial console in file CONSOLE, this boot from byte OFFSET on, its VMM started at
 # STARTED_CS, a now_cs time): true, and the guest marked stalled for finish, if its kernel has

@@ -109,18 +109,8 @@ dump() {
     done
     echo "---- disk: $(disk_state)"
 }
-# For the failure summary (guest.sh's finish), at the very end of a failed run's output: what
-# each server's log says of its role, fencing, disks and VMs, and the end of each VM console.
-scenario_summary() {
-    for i in 1 2 3; do
-        echo "--- server $i, its last events:"
-        grep -E "WARN|ERROR|fenced|back in the quorum|role=Leader|blockd started|VMM started|DHCP" \
-            "/tmp/server$i.log" | tail -n 10 | cut -c1-220
-        [ -e "$(serial "$i")" ] || continue
-        echo "--- server $i, the end of vm1's console:"
-        tr -d '\r' <"$(serial "$i")" | tail -n 6 | cut -c1-160
-    done
-}
+# For the failure summary (guest.sh's finish), at the very end of a failed run's output.
+scenario_summary() { cluster_summary; }
 give_up() {
     fail "$1"
     dump
