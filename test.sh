@@ -57,13 +57,16 @@ run_level() {
 # Unit tests and level 1, then level 2 (the test hosts and the appliance's machines: QEMU's
 # emulator, which keeps both cores busy). Beside level 1, even niced, level 2's nested guests
 # ran two to three times slower and missed their limits (tried: 2026-12-07).
-# The fuzz targets (below) build meanwhile, as an idle-class process (SCHED_IDLE, the idle I/O
-# class): on what level 1 leaves idle (its clusters wait on one another part of the time),
-# never in its way.
-fuzz_build_log="$CARGO_TARGET_DIR/release/fuzz-build.log"
-FUZZ_PROFILE=quick FUZZ_BUILD_ONLY=1 setsid -w chrt --idle 0 ionice -c 3 scripts/fuzz.sh 5 \
-    >"$fuzz_build_log" 2>&1 &
-fuzz_build=$!
+# Meanwhile, as an idle-class process (SCHED_IDLE, the idle I/O class), on what level 1 leaves
+# idle (its clusters wait on one another part of the time), never in its way: coverage-guided
+# fuzzing of what takes untrusted bytes (mirror frames, RFB client messages, virtio-blk chains,
+# the vhost-user-blk request path, the cluster's JSON, OVAs, the web API's request bodies),
+# built with the quicker profile, then 5 s a target; the fuzz crate (fuzz/) builds outside the
+# workspace. Its inputs a second are in its log (fewer than alone: it gets the idle time only).
+# scripts/fuzz.sh alone runs longer, optimized.
+fuzz_log="$CARGO_TARGET_DIR/release/fuzz.log"
+FUZZ_PROFILE=quick setsid -w chrt --idle 0 ionice -c 3 scripts/fuzz.sh 5 >"$fuzz_log" 2>&1 &
+fuzz=$!
 # So is the appliance's installer ISO, for the appliance test in level 2 (which then finds it
 # made: image/appliance/build.sh makes it again only when what goes into it changed).
 iso_build_log="$CARGO_TARGET_DIR/release/appliance-iso-build.log"
@@ -71,17 +74,18 @@ setsid -w chrt --idle 0 ionice -c 3 image/appliance/build.sh "$CARGO_TARGET_DIR/
     >"$iso_build_log" 2>&1 &
 iso_build=$!
 # Stopped with test.sh (their own process groups: cargo and rustc too).
-trap 'for p in $fuzz_build $iso_build; do kill -- -"$p" 2>/dev/null || true; done; report' EXIT
+trap 'for p in $fuzz $iso_build; do kill -- -"$p" 2>/dev/null || true; done; report' EXIT
 rest=0
 run_level 1 || rest=$?
 part "unit tests and level 1"
-fuzz_built=0
-wait "$fuzz_build" || fuzz_built=$?
-fuzz_build=
+fuzzed=0
+wait "$fuzz" || fuzzed=$?
+fuzz=
+grep -a "^fuzz.sh: .*\(fuzzing\|no crash\)\|DONE" "$fuzz_log" || true
 # Not a failure of its own: the appliance test makes the ISO again, and fails if it cannot.
 wait "$iso_build" || { echo "test.sh: the appliance ISO's build beside level 1 failed:"; tail -n 20 "$iso_build_log"; } >&2
 iso_build=
-part "the fuzz targets' and the appliance ISO's builds, finishing"
+part "fuzzing and the appliance ISO's build, finishing"
 level2=0
 run_level 2 || level2=$?
 part "level 2"
@@ -95,18 +99,11 @@ if [ -s "$times" ]; then
     echo "test.sh: the scenarios that boot machines under QEMU took:"
     sed 's/^/    /' "$times"
 fi
-if [ "$fuzz_built" -ne 0 ]; then
-    tail -n 60 "$fuzz_build_log" >&2
+if [ "$fuzzed" -ne 0 ]; then
+    tail -n 60 "$fuzz_log" >&2
 fi
-if [ "$rest" -ne 0 ] || [ "$level2" -ne 0 ] || [ "$fuzz_built" -ne 0 ]; then
+if [ "$rest" -ne 0 ] || [ "$level2" -ne 0 ] || [ "$fuzzed" -ne 0 ]; then
     echo "test.sh: FAILED: unit tests and level 1 exit $rest, level 2 exit $level2," \
-        "the fuzz targets' build exit $fuzz_built" >&2
+        "fuzzing exit $fuzzed" >&2
     exit 1
 fi
-# Coverage-guided fuzzing of what takes untrusted bytes (mirror frames, RFB client messages,
-# virtio-blk chains, the vhost-user-blk request path, the cluster's JSON, OVAs, the web API's
-# request bodies), 5 s a target, built (beside level 1, above) with the quicker profile; the
-# fuzz crate (fuzz/) builds outside the workspace.
-# scripts/fuzz.sh alone runs longer, optimized.
-FUZZ_PROFILE=quick scripts/fuzz.sh 5
-part "fuzzing"

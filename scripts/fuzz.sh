@@ -5,7 +5,6 @@
 #
 # 0 seconds builds, replays the regressions and runs each corpus input once, without fuzzing.
 # FUZZ_PROFILE=quick builds with fuzz/Cargo.toml's quicker profile (./test.sh's short runs).
-# FUZZ_BUILD_ONLY=1 builds the targets and stops there (./test.sh builds them beside level 1).
 #
 # Builds the fuzz crate in release mode with the instrumentation cargo-fuzz passes (minus its
 # nightly-only AddressSanitizer; the targets' unsafe code is the project's own few blocks),
@@ -57,10 +56,6 @@ echo "fuzz.sh: building ${targets[*]}" >&2
 profile="${FUZZ_PROFILE:-release}"
 (cd fuzz && cargo build --profile "$profile" --target "$host" "${bins[@]}" ${FUZZ_CARGO_FLAGS:-})
 bindir="$CARGO_TARGET_DIR/$host/$profile"
-if [ -n "${FUZZ_BUILD_ONLY:-}" ]; then
-    echo "fuzz.sh: built ${#targets[@]} targets" >&2
-    exit 0
-fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -179,7 +179,13 @@ pub fn server_with(a: ServerArgs, services: Vec<crate::server::Service>) -> Exit
     if let Some(f) = a.fence_ms {
         timing.fence_timeout = Duration::from_millis(f);
     }
-    let longest_election = node.tick * (node.election_range().1 as u32);
+    // The longest election: one the witness stands in, at its latest (whatever this server
+    // is, the servers that fence are the VM servers).
+    let witness = NodeConfig {
+        witness: true,
+        ..node.clone()
+    };
+    let longest_election = node.tick * (witness.election_range().1 as u32);
     if timing.fence_timeout <= longest_election + timing.heartbeat {
         eprintln!(
             "enspeed server {}: warning: the fence timeout ({:?}) is not above the longest election ({longest_election:?}) plus a heartbeat: a leader's death may fence every server",

@@ -36,7 +36,8 @@ pub struct NodeConfig {
     pub id: u64,
     /// One Raft tick.
     pub tick: Duration,
-    /// Ticks without a leader before an election (randomized up to twice this).
+    /// Ticks after its leader fell silent before a server votes for another (its own
+    /// election timeout is drawn from `election_range`).
     pub election_ticks: usize,
     /// Ticks between the leader's heartbeats.
     pub heartbeat_ticks: usize,
