@@ -211,7 +211,7 @@ installed() {
                 fail "server $s's install: $(cat "$work/console-$s.out") (its console: $work/install-$s.log)"
             fi
         fi
-        sleep 5
+        sleep 2
     done
     rc=0
     wait "$pid" || rc=$?
