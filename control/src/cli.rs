@@ -67,7 +67,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
     /// Ticks after its leader fell silent before a server votes for another. A VM server
-    /// stands for election N + 2 to 2N + 2 ticks after, a witness 2N + 2 to 3N + 2 (see
+    /// stands for election N + 1 to 2N ticks after, a witness 2N to 3N (see
     /// `NodeConfig::election_range`). Short, so that two election rounds (a split vote after a
     /// leader's death) fit inside the fence timeout.
     #[arg(long, default_value_t = 6)]
@@ -99,8 +99,8 @@ pub struct ServerArgs {
     lease_ms: u64,
     /// A server without a quorum answer this long fences itself (kills its VMMs and blockd),
     /// milliseconds; default 70% of the lease. Must be below the lease (the margin covers
-    /// killing them) and above the longest election (a witness's latest: 3 x election ticks
-    /// + 2), or a leader's death fences every server.
+    /// killing them) and above the longest election (a witness's latest: 3 x election
+    /// ticks), or a leader's death fences every server.
     #[arg(long)]
     fence_ms: Option<u64>,
     /// Between a node agent's heartbeats, milliseconds.

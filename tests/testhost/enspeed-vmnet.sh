@@ -61,7 +61,7 @@ echo "ok: the switch, two VM servers, a witness, the router and two strangers"
 addr() { echo "10.99.0.$1:720$1"; }
 serial() { echo "/tmp/server$1/agent/vms/vm1/serial.log"; }
 # The servers' Raft and lease timings, doubled from their defaults (ticks of 100 ms: a VM server
-# stands for election 0.8 to 1.4 s after its leader fell silent, the witness 1.4 to 2 s; leases
+# stands for election 0.7 to 1.2 s after its leader fell silent, the witness 1.2 to 1.8 s; leases
 # of 5 s, fencing after 3.5 s without a quorum). The test host's one emulated CPU, busy tearing
 # down a killed VMM and its nested guest, delayed a vote by 0.5 s (2026-12-08); with the
 # defaults, made for a server's CPU, the two survivors then split the vote and the VM server

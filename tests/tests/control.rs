@@ -302,7 +302,7 @@ fn three_servers_survive_the_loss_of_the_leader_and_a_full_restart() {
 /// A witness stands for election only after a VM server would have (`NodeConfig::witness`):
 /// when the leader of three dies, the VM server that survives stands alone instead of splitting
 /// the vote with the witness. Each server's election timeout, as drawn again at every change of
-/// leader (default ticks: 50 ms, 6 to an election): 400 to 700 ms, the witness's 700 to 1000 ms.
+/// leader (default ticks: 50 ms, 6 to an election): 350 to 600 ms, the witness's 600 to 900 ms.
 #[test]
 fn a_witness_draws_its_election_timeout_after_the_vm_servers() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -322,7 +322,7 @@ fn a_witness_draws_its_election_timeout_after_the_vm_servers() {
     for round in 0..3 {
         for s in &servers {
             let ms = drawn(s);
-            let range = if s.id == 3 { 700..1000 } else { 400..700 };
+            let range = if s.id == 3 { 600..900 } else { 350..600 };
             assert!(
                 range.contains(&ms),
                 "round {round}: server {} drew {ms} ms, not in {range:?}",
