@@ -178,8 +178,11 @@ fn a_vmm_without_its_backend_refuses_to_start_and_names_the_socket() {
         &["--disk", &disk_arg(&sock)],
     ));
     let st = vm.wait_exit(BOOT);
-    assert!(!st.success());
     let out = vm.output();
+    assert!(
+        !st.success(),
+        "the VMM ended {st} without its backend:\n{out}"
+    );
     assert!(
         out.contains(&sock.display().to_string()) && out.contains("vhost-user-blk backend"),
         "{out}"
