@@ -83,7 +83,7 @@ impl NodeConfig {
     /// rounds (2026-12-08). A tick later, a vote request finds its voters out of their
     /// leader's lease; the witness, standing after every VM server's latest draw, finds the
     /// election over. (A first version, [n + 2, 2n + 2) and [2n + 2, 3n + 2), made a leader's
-    /// death 0.2 s slower to replace than raft-rs's ranges; this one, 0.1 s.)
+    /// death 0.2 s slower to replace than raft-rs's ranges; this one, 0.05 s: BENCHMARKS.md.)
     pub fn election_range(&self) -> (usize, usize) {
         let n = self.election_ticks;
         if self.witness {
@@ -94,8 +94,9 @@ impl NodeConfig {
     }
 
     /// Defaults: 50 ms ticks, elections 0.35 to 0.6 s after the leader fell silent (a witness:
-    /// 0.6 to 0.9 s), heartbeats every 50 ms. An election must end well within the node agents' fence timeout, or every
-    /// server fences itself while a dead leader is replaced (see `agent`).
+    /// 0.6 to 0.9 s), heartbeats every 50 ms. An election must end well within the node
+    /// agents' fence timeout, or every server fences itself while a dead leader is replaced
+    /// (see `agent`).
     pub fn new(id: u64) -> NodeConfig {
         NodeConfig {
             id,

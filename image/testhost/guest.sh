@@ -214,6 +214,11 @@ disk_proof() {
     return $_rc
 }
 
+# What a cluster's server logs when it fenced itself with something running.
+FENCED="fenced: no quorum answer in time; VMMs and blockd killed"
+# fence_count ID: how many times server ID's log (/tmp/serverID.log) says so.
+fence_count() { grep -c "$FENCED" "/tmp/server$1.log"; }
+
 # cluster_summary: for a scenario whose cluster of three runs its VM vm1 (the servers' logs in
 # /tmp/serverN.log, their data in /tmp/serverN): what each server's log says of its role,
 # fencing, disks, VMs and leases, and the end of each console of vm1.

@@ -23,8 +23,6 @@
 drills=${FAILOVER_DRILLS:-1}
 # The proof word each boot writes; {generation} is the disk's generation at that boot.
 cmdline="console=ttyS0 quiet kit.task=keep kit.proof=failover-{generation}"
-# What a server logs when it fenced itself with something running.
-FENCED="fenced: no quorum answer in time; VMMs and blockd killed"
 
 ip link set lo up
 # Kernel warnings (a soft lockup's backtrace) reach the console too.
@@ -209,7 +207,7 @@ while [ "$drill" -lt "$drills" ]; do
     leader=$(cluster status 2>/dev/null | sed -n 's/.*"leader": \([0-9]*\).*/\1/p')
     off=$(size "$(serial "$backup")")
     vmm_off=$(size "/tmp/server$backup/agent/vms/vm1/vmm.log")
-    fences=$(grep -c "$FENCED" "/tmp/server$backup.log")
+    fences=$(fence_count "$backup")
     pids=$(server_pids "$primary")
     # The backup's serial console, read from where it ends now.
     console=$(serial "$backup") opened='' _part=''
@@ -247,10 +245,8 @@ while [ "$drill" -lt "$drills" ]; do
             now_cs
             if [ $((NOW_CS - t0 - vmm_cs)) -ge $((BOOT_STALL_SECS * 100)) ]; then
                 # A stall only if its VMM still runs there and its server did not fence.
-                if [ "$FAILS" = 0 ] && vmm_started "$backup" &&
-                    [ "$(grep -c "$FENCED" "/tmp/server$backup.log")" = "$fences" ]; then
-                    : >"/tmp/guest-vm1-on-server$backup.stalled"
-                fi
+                vmm_started "$backup" && [ "$(fence_count "$backup")" = "$fences" ] &&
+                    cluster_stalled "vm1-on-server$backup" "$console" "$off" $((t0 + vmm_cs))
                 give_up "drill $drill: the guest on server $backup did not reach its init within ${BOOT_STALL_SECS}s of its VMM's start"
             fi
         fi
@@ -279,7 +275,7 @@ while [ "$drill" -lt "$drills" ]; do
     *"generation:$((generation + 1)) primary:$backup "*) ;;
     *) fail "drill $drill: the disk is $(disk_state), expected primary $backup at generation $((generation + 1))" ;;
     esac
-    [ "$(grep -c "$FENCED" "/tmp/server$backup.log")" = "$fences" ] ||
+    [ "$(fence_count "$backup")" = "$fences" ] ||
         fail "drill $drill: server $backup fenced itself: $(grep "$FENCED" "/tmp/server$backup.log" | tail -n 1)"
     [ "$FAILS" = 0 ] || give_up "drill $drill failed"
 

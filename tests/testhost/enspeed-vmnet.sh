@@ -193,8 +193,8 @@ echo "ok: the API shows the card's MAC $mac and the address its guest uses, $VM_
 # The power cut: every process of the primary at once; the router pings the VM's address.
 off=$(size "$(serial "$backup")")
 # fenced ID: server ID fenced itself with something running since the power cut.
-fences=$(grep -c "VMMs and blockd killed" "/tmp/server$backup.log")
-fenced() { [ "$(grep -c "VMMs and blockd killed" "/tmp/server$1.log")" != "$fences" ]; }
+fences=$(fence_count "$backup")
+fenced() { [ "$(fence_count "$1")" != "$fences" ]; }
 now_cs
 t0=$NOW_CS
 # shellcheck disable=SC2046 # one pid per word
